@@ -1,0 +1,76 @@
+import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
+import { compress, decompress } from 'zstd-napi';
+import { chunkIdToBytes, computeChunkId, type ChunkId } from './chunk-id.js';
+import { MAX_CHUNK_SIZE } from './chunking.js';
+import { BlobError } from './errors.js';
+import type { LineageKeys } from './keys.js';
+
+/**
+ * Chunk blob: version(1) ‖ flags(1) ‖ nonce(12) ‖ AES-256-GCM(dataKey, body) ‖ tag(16),
+ * body = zstd(plaintext) when that is smaller, else plaintext; AAD = header ‖ chunk ID.
+ * Made once, then stored, sent and stored again unchanged.
+ */
+export const BLOB_VERSION = 1;
+export const FLAG_ZSTD = 0x01;
+const HEADER = 2;
+const NONCE = 12;
+const TAG = 16;
+export const BLOB_OVERHEAD = HEADER + NONCE + TAG;
+/** Largest blob a receiver accepts: a raw max-size chunk plus overhead. */
+export const MAX_BLOB_SIZE = MAX_CHUNK_SIZE + BLOB_OVERHEAD;
+const ZSTD_LEVEL = 1;
+
+export interface SealedChunk {
+  id: ChunkId;
+  blob: Buffer;
+  /** Whether zstd shrank the chunk. */
+  compressed: boolean;
+}
+
+export function sealChunk(keys: LineageKeys, plaintext: Uint8Array, knownId?: ChunkId): SealedChunk {
+  const id = knownId ?? computeChunkId(keys.idKey, plaintext);
+  const packed = compress(plaintext, { compressionLevel: ZSTD_LEVEL });
+  const compressed = packed.length < plaintext.length;
+  const body = compressed ? packed : plaintext;
+  const header = Buffer.from([BLOB_VERSION, compressed ? FLAG_ZSTD : 0]);
+  const nonce = randomBytes(NONCE);
+  const cipher = createCipheriv('aes-256-gcm', keys.dataKey, nonce);
+  cipher.setAAD(Buffer.concat([header, chunkIdToBytes(id)]));
+  const out = Buffer.allocUnsafe(HEADER + NONCE + body.length + TAG);
+  header.copy(out, 0);
+  nonce.copy(out, HEADER);
+  let off = HEADER + NONCE;
+  off += cipher.update(body).copy(out, off);
+  off += cipher.final().copy(out, off);
+  cipher.getAuthTag().copy(out, off);
+  return { id, blob: out, compressed };
+}
+
+/** Authenticates (GCM), decompresses and re-checks the HMAC; throws BlobError, never returns bad data. */
+export function openBlob(keys: LineageKeys, id: ChunkId, blob: Uint8Array): Buffer {
+  if (blob.length < BLOB_OVERHEAD) throw new BlobError(id, 'truncated', `${blob.length} bytes`);
+  if (blob.length > MAX_BLOB_SIZE) throw new BlobError(id, 'too-large', `${blob.length} bytes`);
+  if (blob[0] !== BLOB_VERSION) throw new BlobError(id, 'version', `version ${blob[0]}`);
+  const flags = blob[1]!;
+  if ((flags & ~FLAG_ZSTD) !== 0) throw new BlobError(id, 'flags', `flags 0x${flags.toString(16)}`);
+  const decipher = createDecipheriv('aes-256-gcm', keys.dataKey, blob.subarray(HEADER, HEADER + NONCE));
+  decipher.setAAD(Buffer.concat([blob.subarray(0, HEADER), chunkIdToBytes(id)]));
+  decipher.setAuthTag(blob.subarray(blob.length - TAG));
+  let body: Buffer;
+  try {
+    body = Buffer.concat([decipher.update(blob.subarray(HEADER + NONCE, blob.length - TAG)), decipher.final()]);
+  } catch {
+    throw new BlobError(id, 'auth', 'GCM tag does not verify (wrong key, wrong ID, or tampered)');
+  }
+  let plaintext = body;
+  if (flags & FLAG_ZSTD) {
+    try {
+      plaintext = decompress(body);
+    } catch (err) {
+      throw new BlobError(id, 'decompress', (err as Error).message);
+    }
+    if (plaintext.length > MAX_CHUNK_SIZE) throw new BlobError(id, 'too-large', `decompresses to ${plaintext.length} bytes`);
+  }
+  if (computeChunkId(keys.idKey, plaintext) !== id) throw new BlobError(id, 'id-mismatch', 'HMAC of plaintext differs from ID');
+  return plaintext;
+}

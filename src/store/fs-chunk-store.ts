@@ -1,0 +1,202 @@
+import { randomBytes } from 'node:crypto';
+import { constants as fsc } from 'node:fs';
+import { mkdir, open, readdir, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
+import { join } from 'node:path';
+import { parseChunkId, type ChunkId } from '../core/chunk-id.js';
+import { ValidationError } from '../core/errors.js';
+import type { ChunkStore } from './chunk-store.js';
+
+const DIGEST_RE = /^[0-9a-f]{64}$/;
+
+/**
+ * Filesystem chunk store: blobs/ab/cd/<id>, written to tmp/ then fsync + rename, so a visible
+ * blob is always whole. Deferred puts are fsynced together at sync() (group commit), which is
+ * what makes bulk import fast without ever exposing a half-written blob.
+ */
+export class FsChunkStore implements ChunkStore {
+  private readonly pending = new Map<ChunkId, string>();
+  private readonly dirsMade = new Set<string>();
+
+  private constructor(readonly root: string) {}
+
+  static async open(root: string): Promise<FsChunkStore> {
+    await mkdir(join(root, 'blobs'), { recursive: true });
+    await mkdir(join(root, 'manifests'), { recursive: true });
+    // Leftover temp files are writes that never committed: discard them.
+    await rm(join(root, 'tmp'), { recursive: true, force: true });
+    await mkdir(join(root, 'tmp'), { recursive: true });
+    return new FsChunkStore(root);
+  }
+
+  private blobDir(id: ChunkId): string {
+    return join(this.root, 'blobs', id.slice(0, 2), id.slice(2, 4));
+  }
+
+  private blobPath(id: ChunkId): string {
+    return join(this.blobDir(id), id);
+  }
+
+  async has(id: ChunkId): Promise<boolean> {
+    parseChunkId(id);
+    if (this.pending.has(id)) return true;
+    return exists(this.blobPath(id));
+  }
+
+  async get(id: ChunkId): Promise<Buffer | null> {
+    parseChunkId(id);
+    const pendingPath = this.pending.get(id);
+    try {
+      return await readFile(pendingPath ?? this.blobPath(id));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+      throw err;
+    }
+  }
+
+  async put(id: ChunkId, blob: Uint8Array, opts: { defer?: boolean } = {}): Promise<boolean> {
+    parseChunkId(id);
+    if (this.pending.has(id) || (await exists(this.blobPath(id)))) return false;
+    const tmp = join(this.root, 'tmp', `${id}.${randomBytes(6).toString('hex')}`);
+    if (opts.defer) {
+      this.pending.set(id, tmp);
+      try {
+        await writeWhole(tmp, blob, false);
+      } catch (err) {
+        this.pending.delete(id);
+        throw err;
+      }
+      return true;
+    }
+    await writeWhole(tmp, blob, true);
+    await this.ensureDir(this.blobDir(id));
+    await rename(tmp, this.blobPath(id));
+    return true;
+  }
+
+  async sync(): Promise<void> {
+    const batch = [...this.pending];
+    if (batch.length === 0) return;
+    // fsync all temp files (in parallel on the thread pool), then publish them by rename.
+    await mapLimit(batch, 16, async ([, tmp]) => fsyncPath(tmp));
+    const dirs = new Set<string>();
+    for (const [id, tmp] of batch) {
+      const dir = this.blobDir(id);
+      await this.ensureDir(dir);
+      await rename(tmp, this.blobPath(id));
+      dirs.add(dir);
+      this.pending.delete(id);
+    }
+    await mapLimit([...dirs], 16, fsyncPath);
+  }
+
+  async delete(id: ChunkId): Promise<void> {
+    parseChunkId(id);
+    const tmp = this.pending.get(id);
+    this.pending.delete(id);
+    await rm(tmp ?? this.blobPath(id), { force: true });
+  }
+
+  async *list(): AsyncIterable<ChunkId> {
+    const top = await readdir(join(this.root, 'blobs'));
+    for (const a of top.sort()) {
+      for (const b of (await readdir(join(this.root, 'blobs', a))).sort()) {
+        for (const name of (await readdir(join(this.root, 'blobs', a, b))).sort()) yield name;
+      }
+    }
+    for (const id of this.pending.keys()) yield id;
+  }
+
+  async missing(ids: readonly ChunkId[]): Promise<ChunkId[]> {
+    const unique = [...new Set(ids)];
+    const present = await mapLimit(unique, 64, (id) => this.has(id));
+    return unique.filter((_, i) => !present[i]);
+  }
+
+  async putManifest(digest: string, encoded: Uint8Array): Promise<void> {
+    const path = this.manifestPath(digest);
+    if (await exists(path)) return;
+    const tmp = join(this.root, 'tmp', `m-${digest}.${randomBytes(6).toString('hex')}`);
+    await writeWhole(tmp, encoded, true);
+    await rename(tmp, path);
+  }
+
+  async getManifest(digest: string): Promise<Buffer | null> {
+    try {
+      return await readFile(this.manifestPath(digest));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+      throw err;
+    }
+  }
+
+  async stats(): Promise<{ chunks: number; bytes: number }> {
+    let chunks = 0;
+    let bytes = 0;
+    for await (const id of this.list()) {
+      chunks++;
+      bytes += (await stat(this.pending.get(id) ?? this.blobPath(id))).size;
+    }
+    return { chunks, bytes };
+  }
+
+  async close(): Promise<void> {
+    await this.sync();
+  }
+
+  private manifestPath(digest: string): string {
+    if (!DIGEST_RE.test(digest)) throw new ValidationError(`not a manifest digest: ${digest.slice(0, 80)}`);
+    return join(this.root, 'manifests', digest);
+  }
+
+  private async ensureDir(dir: string): Promise<void> {
+    if (this.dirsMade.has(dir)) return;
+    await mkdir(dir, { recursive: true });
+    this.dirsMade.add(dir);
+  }
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await stat(path);
+    return true;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
+    throw err;
+  }
+}
+
+async function writeWhole(path: string, data: Uint8Array, durable: boolean): Promise<void> {
+  const fh = await open(path, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL, 0o600);
+  try {
+    await fh.writeFile(data);
+    if (durable) await fh.sync();
+  } catch (err) {
+    await fh.close();
+    await unlink(path).catch(() => undefined);
+    throw err;
+  }
+  await fh.close();
+}
+
+async function fsyncPath(path: string): Promise<void> {
+  const fh = await open(path, fsc.O_RDONLY);
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Runs `fn` over `items` with at most `limit` in flight; results in input order. */
+export async function mapLimit<T, R>(items: readonly T[], limit: number, fn: (item: T) => Promise<R>): Promise<R[]> {
+  const out = new Array<R>(items.length);
+  let next = 0;
+  const workers = Array.from({ length: Math.min(limit, items.length) }, async () => {
+    while (next < items.length) {
+      const i = next++;
+      out[i] = await fn(items[i]!);
+    }
+  });
+  await Promise.all(workers);
+  return out;
+}
