@@ -1,0 +1,41 @@
+/**
+ * The broker's view of the transfer-slot scheduler. The check-out/check-in state machine uses
+ * only this interface; src/broker/transfers/ implements it (SQLite-backed, see docs/api.md).
+ */
+export type JobKind = 'checkout' | 'checkin' | 'replicate';
+export type JobState = 'queued' | 'active' | 'paused' | 'done' | 'cancelled' | 'failed' | 'expired';
+
+export interface JobView {
+  id: string;
+  kind: JobKind;
+  state: JobState;
+  queuePosition?: number;
+  transfer?: {
+    url: string;
+    fingerprint: string;
+    ticket: string;
+    ticketExpiresAt: string;
+    maxStreams: number;
+  };
+}
+
+export interface JobRequest {
+  kind: JobKind;
+  checkoutId: string;
+  desktopId: string;
+  /** Digests of the manifests (already in the chunk store) whose chunks the ticket covers. */
+  manifests: string[];
+  /** Lineage keys wrapped by the datacenter master key (base64). */
+  wrappedKeys: string;
+}
+
+export interface TransferScheduler {
+  /** Queues a job; it becomes active (with a ticket) as soon as a slot is free. */
+  enqueue(req: JobRequest): JobView;
+  /** Current view; renews the ticket of an active job. Null when unknown. */
+  get(jobId: string): JobView | null;
+  /** Ends a job and frees its slot. Idempotent. */
+  finish(jobId: string, outcome: 'done' | 'cancelled' | 'failed'): void;
+  /** Ends every unfinished job of a checkout (cancel, rollback, force-unlock). */
+  finishForCheckout(checkoutId: string, outcome: 'cancelled' | 'failed'): void;
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env node
+import { Command } from 'commander';
+import { registerServerCommands } from './server-commands.js';
+import { registerTransferCommands } from './transfer-commands.js';
+import { registerClientCommands } from './client-commands.js';
+import { registerRunCommands } from './run-commands.js';
+import { registerImportCommands } from './import-commands.js';
+import { CarryonError } from '../core/errors.js';
+
+const program = new Command();
+program.name('carryon').description('Offline desktops: check out, run offline, check in.').version('0.1.0');
+program.showHelpAfterError();
+
+// Each area owns its own commands; the order matters only where one extends another's command.
+registerServerCommands(program);
+registerTransferCommands(program);
+registerClientCommands(program);
+registerRunCommands(program);
+registerImportCommands(program);
+
+program.parseAsync(process.argv).catch((err: unknown) => {
+  const message = err instanceof Error ? err.message : String(err);
+  const code = err instanceof CarryonError ? ` [${err.code}]` : '';
+  process.stderr.write(`carryon: ${message}${code}\n`);
+  process.exitCode = process.exitCode && process.exitCode !== 0 ? process.exitCode : 1;
+});
