@@ -15,6 +15,8 @@ const DIGEST_RE = /^[0-9a-f]{64}$/;
  */
 export class FsChunkStore implements ChunkStore {
   private readonly pending = new Map<ChunkId, string>();
+  /** Deferred blobs a sync() is publishing right now (still readable through their temp path). */
+  private readonly syncing = new Map<ChunkId, string>();
   private readonly dirsMade = new Set<string>();
 
   private constructor(readonly root: string) {}
@@ -38,16 +40,18 @@ export class FsChunkStore implements ChunkStore {
 
   async has(id: ChunkId): Promise<boolean> {
     parseChunkId(id);
-    if (this.pending.has(id)) return true;
+    if (this.pending.has(id) || this.syncing.has(id)) return true;
     return exists(this.blobPath(id));
   }
 
   async get(id: ChunkId): Promise<Buffer | null> {
     parseChunkId(id);
-    const pendingPath = this.pending.get(id);
+    const pendingPath = this.pending.get(id) ?? this.syncing.get(id);
     try {
       return await readFile(pendingPath ?? this.blobPath(id));
     } catch (err) {
+      // A sync may have renamed it between the lookup and the read: try the final path.
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT' && pendingPath) return this.get(id);
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
       throw err;
     }
@@ -55,7 +59,7 @@ export class FsChunkStore implements ChunkStore {
 
   async put(id: ChunkId, blob: Uint8Array, opts: { defer?: boolean } = {}): Promise<boolean> {
     parseChunkId(id);
-    if (this.pending.has(id) || (await exists(this.blobPath(id)))) return false;
+    if (this.pending.has(id) || this.syncing.has(id) || (await exists(this.blobPath(id)))) return false;
     const tmp = join(this.root, 'tmp', `${id}.${randomBytes(6).toString('hex')}`);
     if (opts.defer) {
       this.pending.set(id, tmp);
@@ -74,8 +78,13 @@ export class FsChunkStore implements ChunkStore {
   }
 
   async sync(): Promise<void> {
+    // Each sync publishes what was pending when it started; concurrent syncs take disjoint batches.
     const batch = [...this.pending];
     if (batch.length === 0) return;
+    for (const [id, tmp] of batch) {
+      this.pending.delete(id);
+      this.syncing.set(id, tmp);
+    }
     // fsync all temp files (in parallel on the thread pool), then publish them by rename.
     await mapLimit(batch, 16, async ([, tmp]) => fsyncPath(tmp));
     const dirs = new Set<string>();
@@ -84,7 +93,7 @@ export class FsChunkStore implements ChunkStore {
       await this.ensureDir(dir);
       await rename(tmp, this.blobPath(id));
       dirs.add(dir);
-      this.pending.delete(id);
+      this.syncing.delete(id);
     }
     await mapLimit([...dirs], 16, fsyncPath);
   }

@@ -4,6 +4,7 @@ import { policyValues } from '../../core/policy.js';
 import type { BrokerContext } from '../context.js';
 import { HttpError, parse, requireDevice } from '../http.js';
 import { effectivePolicy } from '../policies.js';
+import { issueLease } from '../checkouts.js';
 
 const Heartbeat = z.object({
   host: z.object({ os: z.string().max(200).optional(), cpus: z.number().int().min(1), ramBytes: z.number().min(0), freeDiskBytes: z.number().min(0), loadAvg: z.array(z.number()).max(3).optional() }),
@@ -29,6 +30,13 @@ export function agentRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     const heartbeatIntervalSec = intervals.length ? Math.min(...intervals) : effectivePolicy(ctx.meta, device.user, null).heartbeatIntervalSec.value;
     const commands = ctx.meta.pendingCommands(device.id).map((c) => ({ id: c.id, type: c.type, desktopId: c.desktopId ?? undefined }));
     return { heartbeatIntervalSec, policies, commands };
+  });
+
+  app.post('/v1/agent/lease', async (req) => {
+    const device = requireDevice(ctx, req);
+    parse(z.object({}).strict(), req.body);
+    // The device proves itself by signature; the lease covers what its user holds on it.
+    return { lease: issueLease(ctx, device.user, device.id)?.lease ?? null };
   });
 
   app.post('/v1/agent/commands/:id/ack', async (req) => {
