@@ -73,7 +73,8 @@ export class VaultDisk implements BlockDevice {
   private dirtyBufferBytes = 0;
   private cache: PlainCache;
   private timer: NodeJS.Timeout | null = null;
-  private flushing: Promise<void> = Promise.resolve();
+  /** One operation at a time: NBD clients may use several connections (multi-conn). */
+  private queue: Promise<unknown> = Promise.resolve();
   private closed = false;
 
   private constructor(private readonly opts: VaultDiskOptions, private base: Manifest, private current: Manifest) {
@@ -158,7 +159,17 @@ export class VaultDisk implements BlockDevice {
     return plain;
   }
 
-  async read(offset: number, length: number): Promise<Buffer> {
+  private serial<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.queue.then(fn, fn);
+    this.queue = run.catch(() => undefined);
+    return run;
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.serial(() => this.readNow(offset, length));
+  }
+
+  private async readNow(offset: number, length: number): Promise<Buffer> {
     this.checkRange(offset, length);
     const out = Buffer.alloc(length);
     const cs = this.current.chunkSize;
@@ -193,16 +204,20 @@ export class VaultDisk implements BlockDevice {
     }
   }
 
-  async write(offset: number, data: Buffer, fua = false): Promise<void> {
-    this.checkRange(offset, data.length);
-    await this.mutate(offset, data.length, (dst, dstOff, srcOff, n) => data.copy(dst, dstOff, srcOff, srcOff + n));
-    if (fua || this.dirtyBufferBytes > (this.opts.maxDirtyBytes ?? 64 * 1024 * 1024)) await this.flush();
+  write(offset: number, data: Buffer, fua = false): Promise<void> {
+    return this.serial(async () => {
+      this.checkRange(offset, data.length);
+      await this.mutate(offset, data.length, (dst, dstOff, srcOff, n) => data.copy(dst, dstOff, srcOff, srcOff + n));
+      if (fua || this.dirtyBufferBytes > (this.opts.maxDirtyBytes ?? 64 * 1024 * 1024)) await this.flushNow();
+    });
   }
 
-  async writeZeroes(offset: number, length: number, fua = false): Promise<void> {
-    this.checkRange(offset, length);
-    await this.mutate(offset, length, (dst, dstOff, _s, n) => dst.fill(0, dstOff, dstOff + n));
-    if (fua) await this.flush();
+  writeZeroes(offset: number, length: number, fua = false): Promise<void> {
+    return this.serial(async () => {
+      this.checkRange(offset, length);
+      await this.mutate(offset, length, (dst, dstOff, _s, n) => dst.fill(0, dstOff, dstOff + n));
+      if (fua) await this.flushNow();
+    });
   }
 
   /** Discarded ranges read back as zeros (whole chunks become holes at flush). */
@@ -212,8 +227,7 @@ export class VaultDisk implements BlockDevice {
 
   /** Seals buffered writes, makes blobs durable, then records manifest + dirty set atomically. */
   flush(): Promise<void> {
-    this.flushing = this.flushing.then(() => this.flushNow());
-    return this.flushing;
+    return this.serial(() => this.flushNow());
   }
 
   private async flushNow(): Promise<void> {
@@ -231,13 +245,8 @@ export class VaultDisk implements BlockDevice {
     }
     await this.opts.store.sync();
     await this.persist();
-    for (const [i, buf] of batch) {
-      // A write that raced with this flush replaced the buffer: keep it for the next flush.
-      if (this.dirtyBuffers.get(i) === buf) {
-        this.dirtyBuffers.delete(i);
-        this.dirtyBufferBytes -= buf.length;
-      }
-    }
+    this.dirtyBuffers.clear();
+    this.dirtyBufferBytes = 0;
   }
 
   private async persist(): Promise<void> {
@@ -253,6 +262,7 @@ export class VaultDisk implements BlockDevice {
   /** After check-in or replication: the current content becomes the new base. */
   async rebase(newBase: Manifest): Promise<void> {
     await this.flush();
+    await this.queue;
     if (manifestDigest(newBase) !== manifestDigest(this.current)) throw new CarryonError('state-mismatch', 'new base differs from the disk content');
     this.base = newBase;
     await this.persist();
@@ -260,6 +270,7 @@ export class VaultDisk implements BlockDevice {
 
   /** Rollback: forget every change since the base. */
   async discard(): Promise<void> {
+    await this.queue;
     this.dirtyBuffers.clear();
     this.dirtyBufferBytes = 0;
     this.current = { ...this.base, chunks: [...this.base.chunks] };
