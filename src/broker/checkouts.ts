@@ -243,8 +243,14 @@ export async function commitUpload(ctx: BrokerContext, user: string, checkoutId:
   const c = ownedCheckout(ctx, user, checkoutId, `${kind}-commit`);
   const expected = kind === 'checkin' ? 'checking_in' : 'checked_out';
   if (c.state !== expected || !c.pendingDisks) deny(ctx, user, c.desktopId, `${kind}-commit`, 409, 'wrong-state', `nothing to commit (checkout is ${c.state})`);
+  // Chunks of the checkpoint are in the store (snapshots are immutable): check only the new ones.
+  const base = ctx.meta.getSnapshot(c.checkpointSnapshot)!;
   const ids = new Set<string>();
-  for (const d of c.pendingDisks) for (const id of referencedChunks(await loadManifest(ctx, d.digest))) ids.add(id);
+  for (const d of c.pendingDisks) {
+    const baseDisk = base.disks.find((b) => b.name === d.name);
+    const known = baseDisk ? referencedChunks(await loadManifest(ctx, baseDisk.digest)) : new Set<string>();
+    for (const id of referencedChunks(await loadManifest(ctx, d.digest))) if (!known.has(id)) ids.add(id);
+  }
   const missing = await ctx.store.missing([...ids]);
   if (missing.length) {
     ctx.audit({ actor: user, desktopId: c.desktopId, action: `${kind}-commit`, outcome: 'denied', detail: `${missing.length} chunks missing` });

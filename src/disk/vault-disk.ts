@@ -165,8 +165,12 @@ export class VaultDisk implements BlockDevice {
     return run;
   }
 
+  /**
+   * Reads run concurrently with each other and with writes (NBD orders nothing between requests
+   * in flight); each chunk is read whole from a dirty buffer or a sealed blob, never half-updated.
+   */
   read(offset: number, length: number): Promise<Buffer> {
-    return this.serial(() => this.readNow(offset, length));
+    return this.readNow(offset, length);
   }
 
   private async readNow(offset: number, length: number): Promise<Buffer> {

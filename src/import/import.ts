@@ -104,6 +104,14 @@ export async function importImage(path: string, opts: ImportOptions): Promise<Im
       stats.bytesRead += piece.length;
       pending.push(piece);
       pendingLen += piece.length;
+      if (pendingLen === batchBytes && pending.length === 1 && piece.byteOffset === 0 && piece.byteLength === piece.buffer.byteLength) {
+        // Exactly one batch in its own buffer (raw files): hand it to a worker without a copy.
+        pending = [];
+        pendingLen = 0;
+        await dispatch(piece);
+        opts.onProgress?.({ bytesDone: stats.bytesRead, bytesTotal: source.size });
+        continue;
+      }
       while (pendingLen >= batchBytes) {
         const all = pending.length === 1 ? pending[0]! : Buffer.concat(pending, pendingLen);
         const batch = new Uint8Array(batchBytes);

@@ -1,5 +1,5 @@
 import { parentPort, workerData } from 'node:worker_threads';
-import { sealChunk } from '../core/blob.js';
+import { BLOB_OVERHEAD, sealChunk } from '../core/blob.js';
 import { isZero } from '../core/chunking.js';
 import type { LineageKeys } from '../core/keys.js';
 
@@ -25,8 +25,10 @@ const keys: LineageKeys = { dataKey: Buffer.from(init.dataKey), idKey: Buffer.fr
 parentPort!.on('message', (req: SealRequest) => {
   const data = Buffer.from(req.data);
   const ids: (string | null)[] = [];
-  const parts: Buffer[] = [];
   const offsets: number[] = [0];
+  // One transferable buffer for all blobs of the batch (a blob is at most its chunk + overhead).
+  const count = Math.ceil(data.length / req.chunkSize);
+  const out = Buffer.from(new ArrayBuffer(data.length + count * BLOB_OVERHEAD));
   let total = 0;
   for (let off = 0; off < data.length; off += req.chunkSize) {
     const chunk = data.subarray(off, Math.min(data.length, off + req.chunkSize));
@@ -35,15 +37,10 @@ parentPort!.on('message', (req: SealRequest) => {
     } else {
       const sealed = sealChunk(keys, chunk);
       ids.push(sealed.id);
-      parts.push(sealed.blob);
-      total += sealed.blob.length;
+      total += sealed.blob.copy(out, total);
     }
     offsets.push(total);
   }
-  const blobs = Buffer.concat(parts, total);
-  // Copy into an exact ArrayBuffer we can transfer (Buffer.concat may use a shared pool).
-  const out = new Uint8Array(total);
-  out.set(blobs);
-  const result: SealResult = { seq: req.seq, ids, blobs: out.buffer, offsets };
-  parentPort!.postMessage(result, [out.buffer]);
+  const result: SealResult = { seq: req.seq, ids, blobs: out.buffer as ArrayBuffer, offsets };
+  parentPort!.postMessage(result, [out.buffer as ArrayBuffer]);
 });

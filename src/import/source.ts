@@ -1,6 +1,5 @@
 import { spawn, execFile } from 'node:child_process';
-import { createReadStream } from 'node:fs';
-import { stat } from 'node:fs/promises';
+import { open, stat } from 'node:fs/promises';
 import { promisify } from 'node:util';
 import { CarryonError, ValidationError } from '../core/errors.js';
 
@@ -60,6 +59,30 @@ export async function detectFormat(path: string): Promise<ImageFormat> {
   return format as ImageFormat;
 }
 
+/** Raw file: whole `readSize` pieces, each in its own ArrayBuffer (transferable to a worker). */
+async function rawSource(path: string, size: number, readSize: number): Promise<ImageSource> {
+  const fh = await open(path, 'r');
+  let closed = false;
+  async function* stream(): AsyncGenerator<Buffer> {
+    try {
+      for (let pos = 0; pos < size && !closed; ) {
+        const buf = Buffer.from(new ArrayBuffer(Math.min(readSize, size - pos)));
+        let got = 0;
+        while (got < buf.length) {
+          const { bytesRead } = await fh.read(buf, got, buf.length - got, pos + got);
+          if (bytesRead === 0) throw new CarryonError('bad-image', `${path} ended at ${pos + got} bytes, expected ${size}`);
+          got += bytesRead;
+        }
+        pos += got;
+        yield buf;
+      }
+    } finally {
+      await fh.close();
+    }
+  }
+  return { format: 'raw', size, stream: stream(), close: () => void (closed = true) };
+}
+
 /**
  * Opens an image for streaming. Raw files are read directly; other formats are decoded by
  * qemu-nbd and streamed by nbdcopy to a pipe, so no full temporary copy is ever written.
@@ -68,10 +91,7 @@ export async function openImageSource(path: string, format: ImageFormat | 'auto'
   const fileSize = await requireFile(path);
   const fmt = format === 'auto' ? await detectFormat(path) : format;
   if (!IMAGE_FORMATS.includes(fmt)) throw new ValidationError(`image format ${String(fmt)} is not supported`);
-  if (fmt === 'raw') {
-    const rs = createReadStream(path, { highWaterMark: readSize });
-    return { format: fmt, size: fileSize, stream: rs, close: () => rs.destroy() };
-  }
+  if (fmt === 'raw') return rawSource(path, fileSize, readSize);
   const { virtualSize, format: actual } = await inspectImage(path);
   if (actual !== fmt) throw new ValidationError(`image ${path} is ${actual}, not ${fmt}`);
   const child = spawn('nbdcopy', ['--', '[', 'qemu-nbd', '-r', '-f', fmt, path, ']', '-'], {

@@ -169,7 +169,13 @@ async function handle(socket: Socket, exports: Map<string, BlockDevice>): Promis
   await transmission(socket, rd, device);
 }
 
+const MAX_READS_IN_FLIGHT = 16;
+
 async function transmission(socket: Socket, rd: SocketReader, dev: BlockDevice): Promise<void> {
+  // Reads are pipelined (replies may come out of order, matched by handle); anything that
+  // changes the disk waits for them, so writes and flushes keep their order.
+  const reads = new Set<Promise<void>>();
+  const drain = () => Promise.all(reads);
   for (;;) {
     const req = parseRequest(await rd.read(28));
     if (!req) throw new ProtocolError('bad request magic');
@@ -178,29 +184,39 @@ async function transmission(socket: Socket, rd: SocketReader, dev: BlockDevice):
     const fua = (req.flags & CMD_FLAG_FUA) !== 0;
     const reply = (err: number, data?: Buffer) => socket.write(simpleReply(err, req.handle, data));
     switch (req.type) {
-      case CMD.READ:
-        if (req.length > MAX_PAYLOAD) reply(ERR.EINVAL);
-        else if (!inRange) reply(ERR.EINVAL);
-        else await dev.read(offset, req.length).then((d) => reply(0, d), () => reply(ERR.EIO));
+      case CMD.READ: {
+        if (req.length > MAX_PAYLOAD || !inRange) {
+          reply(ERR.EINVAL);
+          break;
+        }
+        const p = dev.read(offset, req.length).then((d) => void reply(0, d), () => void reply(ERR.EIO));
+        reads.add(p);
+        void p.finally(() => reads.delete(p));
+        if (reads.size >= MAX_READS_IN_FLIGHT) await Promise.race(reads);
         break;
+      }
       case CMD.WRITE: {
         if (req.length > MAX_PAYLOAD) throw new ProtocolError('write too large'); // cannot skip its payload safely
         const data = await rd.read(req.length);
+        await drain();
         if (dev.readOnly) reply(ERR.EPERM);
         else if (!inRange) reply(ERR.ENOSPC);
         else await dev.write(offset, Buffer.from(data), fua).then(() => reply(0), () => reply(ERR.EIO));
         break;
       }
       case CMD.FLUSH:
+        await drain();
         await dev.flush().then(() => reply(0), () => reply(ERR.EIO));
         break;
       case CMD.TRIM:
       case CMD.WRITE_ZEROES:
+        await drain();
         if (dev.readOnly) reply(ERR.EPERM);
         else if (!inRange) reply(ERR.ENOSPC);
         else await (req.type === CMD.TRIM ? dev.trim(offset, req.length) : dev.writeZeroes(offset, req.length, fua)).then(() => reply(0), () => reply(ERR.EIO));
         break;
       case CMD.DISC:
+        await drain();
         await dev.flush().catch(() => undefined);
         socket.end();
         return;

@@ -57,6 +57,7 @@ test('qemu-img, qemu-io, nbdinfo and nbdcopy agree with the expected image', asy
     writeFileSync(fresh, randomBytes(SIZE));
     await run('nbdcopy', [fresh, s.uri]);
     await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', fresh, s.uri]);
+    await s.disk.flush();
     assert.equal(s.disk.dirtyIndexes().length, SIZE / (256 * 1024), 'every chunk differs from the base');
   } finally {
     await s.server.close();
