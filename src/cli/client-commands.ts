@@ -1,4 +1,167 @@
+import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { hostname } from 'node:os';
+import { join } from 'node:path';
 import type { Command } from 'commander';
+import { runAgent } from '../client/agent.js';
+import { defaultHome, loadDevice } from '../client/home.js';
+import { checkout, enroll, exportDisk, listDesktops, onlineSession, release, status, upload, type ClientEnv } from '../client/ops.js';
+import { Vault } from '../client/vault.js';
+import { CarryonError } from '../core/errors.js';
+import { JobView } from '../client/broker-client.js';
+import { formatBytes, passwordSource, printJsonOr, progressReporter, table } from './common.js';
 
-/** Registers the `carryon` commands of this area (filled in by its issue). */
-export function registerClientCommands(_program: Command): void {}
+interface GlobalOpts { home?: string; user?: string; passwordFile?: string; json?: boolean; quiet?: boolean }
+
+function clientEnv(cmd: Command, signal?: AbortSignal): { env: ClientEnv; json: boolean; stop: () => void } {
+  const o = cmd.optsWithGlobals<GlobalOpts>();
+  const json = Boolean(o.json);
+  const progress = progressReporter(json || Boolean(o.quiet));
+  return {
+    env: {
+      home: o.home ?? defaultHome(),
+      user: o.user ?? process.env.CARRYON_USER,
+      password: passwordSource(o),
+      log: (line) => (json ? undefined : process.stderr.write(`${line}\n`)),
+      onProgress: progress.onProgress,
+      signal,
+    },
+    json,
+    stop: progress.stop,
+  };
+}
+
+/** One transfer at a time per desktop; `pause` finds the running one through this pid file. */
+function pidFile(home: string, desktop: string): string {
+  return join(home, `transfer-${desktop.replace(/[^A-Za-z0-9._-]/g, '_')}.pid`);
+}
+
+async function transferCommand(cmd: Command, desktop: string, run: (env: ClientEnv) => Promise<unknown>, human: (r: unknown) => string) {
+  const abort = new AbortController();
+  const { env, json, stop } = clientEnv(cmd, abort.signal);
+  const pid = pidFile(env.home, desktop);
+  writeFileSync(pid, String(process.pid));
+  const onSignal = () => abort.abort();
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  try {
+    const res = await run(env);
+    stop();
+    printJsonOr(json, res, () => process.stdout.write(`${human(res)}\n`));
+  } catch (err) {
+    stop();
+    if (abort.signal.aborted) throw new CarryonError('paused', `transfer stopped; what arrived is kept — run the same command again to resume`);
+    throw err;
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    rmSync(pid, { force: true });
+  }
+}
+
+export function registerClientCommands(program: Command): void {
+  program
+    .option('--home <dir>', 'client data directory (env CARRYON_HOME, default ~/.carryon)')
+    .option('--user <name>', 'user name (env CARRYON_USER)')
+    .option('--password-file <file>', 'read the password from a file (else CARRYON_PASSWORD or a prompt)')
+    .option('--json', 'machine-readable output')
+    .option('--quiet', 'no progress output');
+
+  program.command('enroll <broker-url>').description('enrol this laptop with a broker (pins its certificate and signing key)')
+    .option('--fingerprint <sha256>', 'expected broker certificate fingerprint (as printed by `carryon server`)')
+    .option('--yes', 'trust the certificate presented now (trust on first use)')
+    .option('--name <name>', 'device name', hostname())
+    .action(async (url: string, o: { fingerprint?: string; yes?: boolean; name: string }, cmd: Command) => {
+      const { env, json } = clientEnv(cmd);
+      const res = await enroll(env, url, { fingerprint: o.fingerprint, acceptFingerprint: o.yes, name: o.name });
+      printJsonOr(json, res, () => process.stdout.write(`device ${res.deviceId} enrolled (${res.host.cpus} CPUs, ${formatBytes(res.host.ramBytes)} RAM, ${formatBytes(res.host.freeDiskBytes)} free)\n`));
+    });
+
+  program.command('login').description('check credentials: online (renews the offline lease) or --offline (vault + lease only)')
+    .option('--offline', 'do not contact the broker')
+    .action(async (o: { offline?: boolean }, cmd: Command) => {
+      const { env, json } = clientEnv(cmd);
+      if (o.offline) {
+        const st = await status(env);
+        printJsonOr(json, st, () => process.stdout.write(`offline login ok: ${st.map((s) => `${s.desktop} (lease ${s.leaseHoursLeft.toFixed(1)} h left)`).join(', ') || 'no desktops held'}\nCheck-in, rollback and replicate will ask for an online login.\n`));
+        return;
+      }
+      const { broker, user } = await onlineSession(env);
+      await broker.close();
+      printJsonOr(json, { user, online: true }, () => process.stdout.write(`logged in as ${user}; offline lease renewed\n`));
+    });
+
+  program.command('list').description('desktops you may use, with the actions allowed now').action(async (_o: unknown, cmd: Command) => {
+    const { env, json } = clientEnv(cmd);
+    const desktops = await listDesktops(env);
+    printJsonOr(json, desktops, () => table(desktops.map((d) => ({ name: d.name, state: d.state, actions: d.actions.join(', ') || '-' }))));
+  });
+
+  program.command('checkout <desktop>').description('check a desktop out to this laptop (resumes an interrupted one)').action(async (desktop: string, _o: unknown, cmd: Command) => {
+    await transferCommand(cmd, desktop, (env) => checkout(env, desktop), (r) => {
+      const x = r as { chunksMoved: number; bytesMoved: number };
+      return `checked out: ${x.chunksMoved} chunks, ${formatBytes(x.bytesMoved)} transferred`;
+    });
+  });
+  for (const kind of ['checkin', 'replicate'] as const) {
+    program.command(`${kind} <desktop>`).description(kind === 'checkin' ? 'send changed blocks back and unlock' : 'send changed blocks as a restore point, stay checked out').action(async (desktop: string, _o: unknown, cmd: Command) => {
+      await transferCommand(cmd, desktop, (env) => upload(env, desktop, kind), (r) => {
+        const x = r as { changedChunks: number; chunksSent: number; bytesSent: number; snapshotId: string };
+        return `${kind}: ${x.changedChunks} changed chunks, ${x.chunksSent} sent (${formatBytes(x.bytesSent)}); snapshot ${x.snapshotId}`;
+      });
+    });
+  }
+  for (const how of ['rollback', 'cancel'] as const) {
+    program.command(`${how} <desktop>`).description(how === 'rollback' ? 'discard offline changes and unlock' : 'stop a check-out in flight and unlock').action(async (desktop: string, _o: unknown, cmd: Command) => {
+      const { env, json } = clientEnv(cmd);
+      const file = pidFile(env.home, desktop);
+      if (how === 'cancel' && existsSync(file)) {
+        try { process.kill(Number(readFileSync(file, 'utf8')), 'SIGTERM'); } catch { /* already gone */ }
+      }
+      const res = await release(env, desktop, how);
+      printJsonOr(json, res, () => process.stdout.write(`${desktop}: ${res.state}\n`));
+    });
+  }
+  for (const op of ['pause', 'resume'] as const) {
+    program.command(`${op} <desktop>`).description(op === 'pause' ? 'pause a running transfer (keeps its slot for the grace time)' : 'resume a paused transfer').action(async (desktop: string, _o: unknown, cmd: Command) => {
+      const { env, json } = clientEnv(cmd);
+      const vault = await Vault.open(env.home);
+      const state = await vault.find(desktop).finally(() => vault.store.close());
+      if (!state.jobId) throw new CarryonError('wrong-state', `${desktop} has no transfer in progress`);
+      const { broker } = await onlineSession(env);
+      try {
+        const job = await broker.call('POST', `/v1/jobs/${state.jobId}/${op}`, {}, JobView);
+        const file = pidFile(env.home, desktop);
+        if (op === 'pause' && existsSync(file)) {
+          try { process.kill(Number(readFileSync(file, 'utf8')), 'SIGINT'); } catch { /* not running */ }
+        }
+        printJsonOr(json, job, () => process.stdout.write(op === 'pause' ? `paused; run \`carryon resume ${desktop}\` to continue\n` : `resumed slot; run \`carryon checkout ${desktop}\` to continue pulling\n`));
+      } finally {
+        await broker.close();
+      }
+    });
+  }
+
+  program.command('status [desktop]').description('state, lease left, dirty bytes, replication, and whether it is safe to go offline (works offline)').action(async (desktop: string | undefined, _o: unknown, cmd: Command) => {
+    const { env, json } = clientEnv(cmd);
+    const st = await status(env, desktop);
+    printJsonOr(json, st, () => table(st.map((s) => ({ desktop: s.desktop, state: s.state, lease: `${s.leaseHoursLeft.toFixed(1)} h`, dirty: formatBytes(s.dirtyBytes), local: `${s.percentLocal.toFixed(1)}%`, replicated: s.lastReplicationAt ?? 'never', offline: s.safeOffline ? 'safe to go offline' : 'NOT yet safe to go offline' }))));
+  });
+
+  program.command('export <desktop> <file>').description('write the desktop disk to a file (raw or qcow2)').option('--format <fmt>', 'raw or qcow2', 'raw').action(async (desktop: string, file: string, o: { format: string }, cmd: Command) => {
+    if (o.format !== 'raw' && o.format !== 'qcow2') throw new CarryonError('invalid', `--format must be raw or qcow2, not ${o.format}`);
+    const { env, json } = clientEnv(cmd);
+    const res = await exportDisk(env, desktop, file, o.format);
+    printJsonOr(json, res, () => process.stdout.write(`wrote ${file} (${o.format}, ${formatBytes(res.bytes)})\n`));
+  });
+
+  program.command('agent').description('heartbeats, policy, remote commands, replication, lease lock (outbound only; never listens)').option('--once', 'one heartbeat round, then exit')
+    .action(async (o: { once?: boolean }, cmd: Command) => {
+      const { env, json } = clientEnv(cmd);
+      await loadDevice(env.home);
+      const abort = new AbortController();
+      process.once('SIGINT', () => abort.abort());
+      process.once('SIGTERM', () => abort.abort());
+      const res = await runAgent(env, { once: Boolean(o.once), signal: abort.signal });
+      if (o.once) printJsonOr(json, res, () => process.stdout.write(`heartbeat sent; ${res.commands} commands run; next in ${res.intervalSec} s\n`));
+    });
+}

@@ -1,4 +1,71 @@
+import { readFileSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { join } from 'node:path';
 import type { Command } from 'commander';
+import { z } from 'zod';
+import { startBroker } from '../broker/start.js';
+import { CarryonError } from '../core/errors.js';
+import { registerAdminCommands } from './admin-commands.js';
+import { passwordSource } from './common.js';
 
-/** Registers the `carryon` commands of this area (filled in by its issue). */
-export function registerServerCommands(_program: Command): void {}
+const ServerConfigFile = z.object({
+  dataDir: z.string().optional(),
+  host: z.string().optional(),
+  port: z.number().int().min(0).max(65535).optional(),
+  certFile: z.string().optional(),
+  keyFile: z.string().optional(),
+  transferSlots: z.number().int().min(0).max(1024).optional(),
+  ldap: z.object({ url: z.string(), userDnTemplate: z.string(), groupBase: z.string().optional(), adminGroup: z.string().optional() }).optional(),
+  hypervisor: z.union([z.object({ kind: z.literal('none') }), z.object({ kind: z.literal('qmp'), socketDir: z.string() })]).optional(),
+}).strict();
+
+function loadConfigFile(path?: string) {
+  if (!path) return {};
+  let raw: unknown;
+  try {
+    raw = JSON.parse(readFileSync(path, 'utf8'));
+  } catch (err) {
+    throw new CarryonError('bad-config', `cannot read config ${path}: ${(err as Error).message}`);
+  }
+  const parsed = ServerConfigFile.safeParse(raw);
+  if (!parsed.success) throw new CarryonError('bad-config', `config ${path}: ${parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
+  return parsed.data;
+}
+
+const int = (name: string) => (v: string) => {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 0) throw new CarryonError('invalid', `${name} must be a non-negative integer, got ${v}`);
+  return n;
+};
+
+export function registerServerCommands(program: Command): void {
+  program
+    .command('server')
+    .description('run the broker (HTTPS) with an embedded transfer server; config: file < environment < flags')
+    .option('--config <file>', 'JSON config file')
+    .option('--data-dir <dir>', 'data directory (env CARRYON_DATA_DIR)')
+    .option('--host <addr>', 'listen address', undefined)
+    .option('--port <n>', 'listen port (env CARRYON_PORT)', int('--port'))
+    .option('--cert <file>', 'TLS certificate (PEM); default: self-signed, generated at first start')
+    .option('--key <file>', 'TLS private key (PEM)')
+    .option('--transfer-slots <n>', 'slots of the embedded transfer server (0: none)', int('--transfer-slots'))
+    .option('--init-admin <name>', 'create this first admin if there are no users (password: CARRYON_ADMIN_PASSWORD or prompt)')
+    .action(async (o: { config?: string; dataDir?: string; host?: string; port?: number; cert?: string; key?: string; transferSlots?: number; initAdmin?: string }) => {
+      const file = loadConfigFile(o.config);
+      const dataDir = o.dataDir ?? process.env.CARRYON_DATA_DIR ?? file.dataDir ?? join(homedir(), '.carryon-server');
+      const port = o.port ?? (process.env.CARRYON_PORT ? int('CARRYON_PORT')(process.env.CARRYON_PORT) : undefined) ?? file.port ?? 8443;
+      const initAdmin = o.initAdmin ? { name: o.initAdmin, password: await passwordSource({}, 'CARRYON_ADMIN_PASSWORD', `Password for ${o.initAdmin}`)() } : undefined;
+      const broker = await startBroker({
+        dataDir, host: o.host ?? file.host ?? '127.0.0.1', port, certFile: o.cert ?? file.certFile, keyFile: o.key ?? file.keyFile,
+        embeddedTransferSlots: o.transferSlots ?? file.transferSlots, hypervisor: file.hypervisor, settings: file.ldap ? { ldap: file.ldap } : undefined, initAdmin,
+      });
+      process.stdout.write(`carryon broker listening on ${broker.url}\ncertificate fingerprint (SHA-256): ${broker.fingerprint}\ndata directory: ${dataDir}\n`);
+      if (broker.transfer) process.stdout.write(`embedded transfer server ${broker.transfer.url} (${broker.transfer.slots} slots)\n`);
+      await new Promise<void>((resolve) => {
+        process.once('SIGINT', resolve);
+        process.once('SIGTERM', resolve);
+      });
+      await broker.close();
+    });
+  registerAdminCommands(program);
+}

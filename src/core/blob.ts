@@ -20,6 +20,19 @@ export const BLOB_OVERHEAD = HEADER + NONCE + TAG;
 export const MAX_BLOB_SIZE = MAX_CHUNK_SIZE + BLOB_OVERHEAD;
 const ZSTD_LEVEL = 1;
 
+const SAMPLE = 8192;
+
+/**
+ * Compressibility probe (as btrfs does): zstd on an 8 KiB sample from the middle of the chunk.
+ * Encrypted, compressed or random data fails it and skips the full compression attempt.
+ */
+function looksCompressible(plaintext: Uint8Array): boolean {
+  if (plaintext.length <= 4 * SAMPLE) return true;
+  const start = Math.floor((plaintext.length - SAMPLE) / 2);
+  const sample = plaintext.subarray(start, start + SAMPLE);
+  return compress(sample, { compressionLevel: ZSTD_LEVEL }).length < SAMPLE * 0.97;
+}
+
 export interface SealedChunk {
   id: ChunkId;
   blob: Buffer;
@@ -29,8 +42,8 @@ export interface SealedChunk {
 
 export function sealChunk(keys: LineageKeys, plaintext: Uint8Array, knownId?: ChunkId): SealedChunk {
   const id = knownId ?? computeChunkId(keys.idKey, plaintext);
-  const packed = compress(plaintext, { compressionLevel: ZSTD_LEVEL });
-  const compressed = packed.length < plaintext.length;
+  const packed = looksCompressible(plaintext) ? compress(plaintext, { compressionLevel: ZSTD_LEVEL }) : null;
+  const compressed = packed !== null && packed.length < plaintext.length;
   const body = compressed ? packed : plaintext;
   const header = Buffer.from([BLOB_VERSION, compressed ? FLAG_ZSTD : 0]);
   const nonce = randomBytes(NONCE);

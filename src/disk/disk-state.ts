@@ -14,10 +14,10 @@ export interface DiskState {
 
 const STATE_FILE = 'disk-state.json';
 const StateJson = z.object({
-  version: z.literal(1),
+  version: z.literal(1).optional(),
   baseDigest: z.string().regex(/^[0-9a-f]{64}$/),
   current: z.string(),
-  changed: z.array(z.number().int().nonnegative()),
+  dirty: z.array(z.number().int().nonnegative()),
 });
 
 export async function loadDiskState(stateDir: string): Promise<DiskState | null> {
@@ -35,10 +35,10 @@ export async function loadDiskState(stateDir: string): Promise<DiskState | null>
     throw new DiskError('state', `disk state in ${stateDir} is unreadable: ${(err as Error).message}`);
   }
   const current = decodeManifest(Buffer.from(parsed.current, 'base64'));
-  for (const i of parsed.changed) {
+  for (const i of parsed.dirty) {
     if (i >= current.chunks.length) throw new DiskError('state', `disk state in ${stateDir} lists chunk ${i} beyond the disk`);
   }
-  return { baseDigest: parsed.baseDigest, current, changed: parsed.changed };
+  return { baseDigest: parsed.baseDigest, current, changed: parsed.dirty };
 }
 
 /** Atomic replace: temp file, fsync, rename, fsync of the directory. */
@@ -48,7 +48,7 @@ export async function saveDiskState(stateDir: string, state: DiskState): Promise
     version: 1,
     baseDigest: state.baseDigest,
     current: encodeManifest(state.current).toString('base64'),
-    changed: state.changed,
+    dirty: state.changed,
   });
   const final = join(stateDir, STATE_FILE);
   const tmp = `${final}.tmp`;

@@ -21,7 +21,7 @@ export interface VaultDiskOptions {
   /** Seal and persist unflushed writes at least this often (default 5000; 0 disables). */
   autoFlushMs?: number;
   /** Unsealed write buffers above this are sealed early (default 64 MiB). */
-  maxDirtyBufferBytes?: number;
+  maxDirtyBytes?: number;
   readOnly?: boolean;
 }
 
@@ -290,7 +290,7 @@ export class VaultDisk implements BlockDevice {
 
   private async afterWrite(fua: boolean): Promise<void> {
     if (fua) return this.flush();
-    if (this.bufferedBytes > (this.opts.maxDirtyBufferBytes ?? 64 * MiB)) await this.serialized(() => this.flushNow());
+    if (this.bufferedBytes > (this.opts.maxDirtyBytes ?? 64 * MiB)) await this.serialized(() => this.flushNow());
   }
 
   /** Sealed plaintext of chunk `index` (shared with the cache: never mutate). */

@@ -25,7 +25,8 @@ export class PinMismatchError extends CarryonError {
  */
 export function pinnedAgent(fingerprint: string, opts: { connections?: number } = {}): Agent {
   const expected = normalise(fingerprint);
-  const base = buildConnector({ rejectUnauthorized: false });
+  // No TLS session resumption: a resumed session may not expose the peer certificate to check.
+  const base = buildConnector({ rejectUnauthorized: false, maxCachedSessions: 0 });
   return new Agent({
     connections: opts.connections ?? 8,
     connect(options, callback) {

@@ -133,7 +133,7 @@ test('state of another base is refused; rebase and discard', async () => {
 
 test('concurrent overlapping writes and reads stay consistent per chunk', async () => {
   const { img, opts } = await setup();
-  const disk = await VaultDisk.open({ ...opts, maxDirtyBufferBytes: 2 * CS });
+  const disk = await VaultDisk.open({ ...opts, maxDirtyBytes: 2 * CS });
   const ops: Promise<unknown>[] = [];
   for (let i = 0; i < 200; i++) {
     const off = (i * 7919) % (img.length - 300);

@@ -25,8 +25,9 @@ export interface JobRequest {
   desktopId: string;
   /** Digests of the manifests (already in the chunk store) whose chunks the ticket covers. */
   manifests: string[];
-  /** Lineage keys wrapped by the datacenter master key (base64). */
+  /** Lineage keys wrapped by the datacenter master key (base64), and the wrap context. */
   wrappedKeys: string;
+  keyContext: string;
 }
 
 export interface TransferScheduler {
@@ -36,6 +37,8 @@ export interface TransferScheduler {
   get(jobId: string): JobView | null;
   /** Ends a job and frees its slot. Idempotent. */
   finish(jobId: string, outcome: 'done' | 'cancelled' | 'failed'): void;
+  pause(jobId: string): JobView | null;
+  resume(jobId: string): JobView | null;
   /** Ends every unfinished job of a checkout (cancel, rollback, force-unlock). */
   finishForCheckout(checkoutId: string, outcome: 'cancelled' | 'failed'): void;
 }

@@ -1,0 +1,140 @@
+import { randomBytes } from 'node:crypto';
+import { open, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { checkout, release, upload, withDisks, type ClientEnv } from '../src/client/ops.js';
+import { Vault } from '../src/client/vault.js';
+import { diffManifests } from '../src/core/manifest.js';
+import { writeTestImage } from '../src/demo/image.js';
+import { MB, repeat, run, stats, timed } from './lib/measure.js';
+import { Rig } from './lib/rig.js';
+import type { BenchRow, BenchSection } from './types.js';
+
+const WRITE = 64 * 1024;
+
+/** `changeBytes` of random 64 KiB writes, applied identically to the vault disk and a raw copy. */
+async function changeOnePercent(env: ClientEnv, rawCopy: string, size: number, changeBytes: number): Promise<number> {
+  const n = Math.round(changeBytes / WRITE);
+  const fh = await open(rawCopy, 'r+');
+  let changedBlobBytes = 0;
+  try {
+    await withDisks(env, 'desk', async ([d]) => {
+      for (let i = 0; i < n; i++) {
+        const off = Math.floor(Math.random() * (size / WRITE)) * WRITE;
+        const data = randomBytes(WRITE);
+        await d!.disk.write(off, data);
+        await fh.write(data, 0, WRITE, off);
+      }
+      await d!.disk.flush();
+      const vault = await Vault.open(env.home);
+      for (const c of diffManifests(d!.disk.baseManifest(), d!.disk.currentManifest())) {
+        if (c.to) changedBlobBytes += (await vault.store.get(c.to))!.length;
+      }
+      await vault.store.close();
+    });
+  } finally {
+    await fh.close();
+  }
+  return changedBlobBytes;
+}
+
+async function rsyncStats(args: string[]): Promise<{ seconds: number; bytes: number }> {
+  const { seconds, value } = await timed(() => run('rsync', ['--stats', ...args], { maxBuffer: 1 << 20 }));
+  const sent = Number(/Total bytes sent: ([\d,]+)/.exec(value.stdout)?.[1]?.replace(/,/g, ''));
+  const recv = Number(/Total bytes received: ([\d,]+)/.exec(value.stdout)?.[1]?.replace(/,/g, ''));
+  return { seconds, bytes: sent + recv };
+}
+
+export interface CheckinFigures { carryonSeconds: number; rsyncSeconds: number }
+
+/** Check-out and check-in at one disk size, next to rsync and cp on the same files. */
+/** `changeGiB`: the same absolute change for every disk size (1% of the smaller disk). */
+export function checkinSection(work: string, sizeGiB: number, changeGiB: number, withCheckout: boolean, figures: Map<number, CheckinFigures>): BenchSection {
+  return {
+    name: `Check-out and check-in of a ${sizeGiB} GiB desktop over loopback HTTPS vs rsync`,
+    async run() {
+      const rows: BenchRow[] = [];
+      const size = sizeGiB * 2 ** 30;
+      const dir = join(work, `checkin-${sizeGiB}`);
+      const image = join(work, `desk-${sizeGiB}.raw`);
+      await writeTestImage(image, size, 'mixed');
+      const rig = await Rig.start(dir, image);
+      try {
+        const label = `${sizeGiB} GiB mixed image`;
+        let env = await rig.laptop();
+        if (withCheckout) {
+          const co = await repeat(3, async (i) => {
+            if (i > 0) {
+              await release(env, 'desk', 'rollback');
+              env = await rig.laptop();
+            }
+            const before = rig.broker.transfer!.stats.bytesOut;
+            const { seconds } = await timed(() => checkout(env, 'desk'));
+            rows.push({ section: 'raw', name: `check-out run ${i}`, value: rig.broker.transfer!.stats.bytesOut - before, unit: 'bytes', runs: 1, spread: 0 });
+            return seconds;
+          });
+          const wire = stats(rows.filter((r) => r.section === 'raw').map((r) => r.value));
+          rows.length = 0;
+          const rs = await repeat(3, async (i) => {
+            const dst = join(work, `rsync-empty-${i}.raw`);
+            const r = await rsyncStats([image, dst]);
+            await rm(dst, { force: true });
+            return r.seconds;
+          });
+          const rsBytes = (await rsyncStats([image, join(work, 'rsync-empty-x.raw')])).bytes;
+          await rm(join(work, 'rsync-empty-x.raw'), { force: true });
+          const cp = await repeat(3, async (i) => {
+            const dst = join(work, `cp-${i}.raw`);
+            const { seconds } = await timed(() => run('cp', ['--sparse=always', image, dst]));
+            await rm(dst, { force: true });
+            return seconds;
+          });
+          rows.push({ section: 'checkout', name: `check-out, ${label}: wall time`, value: co.median, unit: 's', runs: co.runs, spread: co.spread, peer: { name: 'rsync to an empty target', value: rs.median, unit: 's' }, note: `cp --sparse: ${cp.median.toFixed(2)} s` });
+          rows.push({ section: 'checkout', name: `check-out, ${label}: bytes on the wire`, value: wire.median / MB, unit: 'MB', runs: wire.runs, spread: wire.spread, peer: { name: 'rsync to an empty target', value: rsBytes / MB, unit: 'MB' }, note: `image ${(size / MB).toFixed(0)} MB; zero chunks never travel, the rest is compressed` });
+        } else {
+          await checkout(env, 'desk');
+        }
+        // rsync's "previous copy" and the source it syncs from.
+        const prev = join(work, `prev-${sizeGiB}.raw`);
+        const src = join(work, `src-${sizeGiB}.raw`);
+        await run('cp', ['--sparse=always', image, prev]);
+        await run('cp', ['--sparse=always', image, src]);
+        const ours: number[] = [];
+        const wire: number[] = [];
+        const compressed: number[] = [];
+        const theirs: number[] = [];
+        const theirBytes: number[] = [];
+        for (let i = 0; i < 3; i++) {
+          if (i > 0) await checkout(env, 'desk'); // from the vault: nothing new travels
+          compressed.push(await changeOnePercent(env, src, size, changeGiB * 2 ** 30));
+          const before = rig.broker.transfer!.stats.bytesIn;
+          const { seconds } = await timed(() => upload(env, 'desk', 'checkin'));
+          ours.push(seconds);
+          wire.push(rig.broker.transfer!.stats.bytesIn - before);
+          const r = await rsyncStats(['--inplace', '--no-whole-file', src, prev]);
+          theirs.push(r.seconds);
+          theirBytes.push(r.bytes);
+        }
+        const t = stats(ours);
+        const b = stats(wire);
+        const rt = stats(theirs);
+        const rb = stats(theirBytes);
+        const c = stats(compressed);
+        figures.set(sizeGiB, { carryonSeconds: t.median, rsyncSeconds: rt.median });
+        const ratioB = b.median / c.median;
+        rows.push({ section: 'checkin', name: `check-in after ${(changeGiB * 1024).toFixed(0)} MiB of random 64 KiB writes, ${label}: bytes on the wire`, value: b.median / MB, unit: 'MB', runs: b.runs, spread: b.spread,
+          peer: { name: 'rsync --inplace --no-whole-file (local delta mode)', value: rb.median / MB, unit: 'MB' },
+          note: `${ratioB.toFixed(2)}× the compressed size of the changed chunks (target ≤ 1.2: ${ratioB <= 1.2 ? 'met' : 'MISSED'}); ${(rb.median / b.median).toFixed(1)}× fewer bytes than rsync (target ≥ 5: ${rb.median / b.median >= 5 ? 'met' : 'MISSED'})` });
+        rows.push({ section: 'checkin', name: `check-in after ${(changeGiB * 1024).toFixed(0)} MiB of random 64 KiB writes, ${label}: wall time`, value: t.median, unit: 's', runs: t.runs, spread: t.spread,
+          peer: { name: 'rsync --inplace --no-whole-file (local delta mode)', value: rt.median, unit: 's' },
+          note: `${(rt.median / t.median).toFixed(1)}× less time than rsync (target ≥ 3: ${rt.median / t.median >= 3 ? 'met' : 'MISSED'})` });
+        await rm(prev, { force: true });
+        await rm(src, { force: true });
+      } finally {
+        await rig.close();
+        await rm(dir, { recursive: true, force: true });
+        await rm(image, { force: true });
+      }
+      return rows;
+    },
+  };
+}

@@ -1,0 +1,52 @@
+import { execFile } from 'node:child_process';
+import { createReadStream } from 'node:fs';
+import { promisify } from 'node:util';
+
+export const run = promisify(execFile);
+
+export interface Stats {
+  median: number;
+  spread: number;
+  runs: number;
+  values: number[];
+}
+
+export function stats(values: number[]): Stats {
+  const v = [...values].sort((a, b) => a - b);
+  const median = v.length % 2 ? v[(v.length - 1) / 2]! : (v[v.length / 2 - 1]! + v[v.length / 2]!) / 2;
+  return { median, spread: median ? (v[v.length - 1]! - v[0]!) / median : 0, runs: v.length, values };
+}
+
+/** Runs `fn` n times (after `setup` each time) and returns the stats of what it returns. */
+export async function repeat(n: number, fn: (i: number) => Promise<number>): Promise<Stats> {
+  const out: number[] = [];
+  for (let i = 0; i < n; i++) out.push(await fn(i));
+  return stats(out);
+}
+
+export async function timed<T>(fn: () => Promise<T>): Promise<{ seconds: number; value: T }> {
+  const t = process.hrtime.bigint();
+  const value = await fn();
+  return { seconds: Number(process.hrtime.bigint() - t) / 1e9, value };
+}
+
+/** Single-core throughput of an OpenSSL EVP algorithm at 256 KiB blocks, bytes/s. */
+export async function opensslSpeed(alg: 'aes-256-gcm' | 'sha256'): Promise<number> {
+  const { stdout } = await run('openssl', ['speed', '-elapsed', '-seconds', '2', '-bytes', '262144', '-evp', alg], { maxBuffer: 1 << 20 });
+  const line = stdout.split('\n').find((l) => l.toLowerCase().startsWith(alg === 'sha256' ? 'sha256' : 'aes-256-gcm'));
+  const kbps = Number(line?.trim().split(/\s+/).pop()?.replace(/k$/, ''));
+  if (!Number.isFinite(kbps)) throw new Error(`cannot parse openssl speed output: ${stdout}`);
+  return kbps * 1000;
+}
+
+/** Sequential read of a file with 4 MiB reads (page cache as it is: stated in the table). */
+export async function readSpeed(path: string): Promise<number> {
+  const { seconds, value } = await timed(async () => {
+    let n = 0;
+    for await (const piece of createReadStream(path, { highWaterMark: 4 << 20 })) n += (piece as Buffer).length;
+    return n;
+  });
+  return value / seconds;
+}
+
+export const MB = 1e6;

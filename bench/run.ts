@@ -1,0 +1,77 @@
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpus, totalmem } from 'node:os';
+import { join } from 'node:path';
+import { checkinSection, type CheckinFigures } from './checkin.js';
+import { importSection } from './import.js';
+import { nbdSection } from './nbd.js';
+import { sweepSection } from './sweep.js';
+import type { BenchRow, BenchSection } from './types.js';
+
+// BENCH_SCALE shrinks every size (e.g. 0.125 for a quick look); 1 is what BENCHMARKS.md reports.
+const scale = Number(process.env.BENCH_SCALE ?? 1);
+const filter = process.argv.slice(2);
+const work = mkdtempSync(join(process.env.BENCH_DIR ?? '/var/tmp', 'carryon-bench-'));
+const figures = new Map<number, CheckinFigures>();
+
+const sections: BenchSection[] = [
+  importSection(work, 2 * scale),
+  checkinSection(work, 4 * scale, 0.04 * scale, true, figures),
+  checkinSection(work, 16 * scale, 0.04 * scale, false, figures),
+  sweepSection(work, 1 * scale),
+  nbdSection(work, 1 * scale),
+];
+
+function machine(): string {
+  const model = /model name\s*:\s*(.+)/.exec(readFileSync('/proc/cpuinfo', 'utf8'))?.[1] ?? 'unknown CPU';
+  return `${model}, ${cpus().length} cores, ${(totalmem() / 2 ** 30).toFixed(0)} GiB RAM, Node ${process.version}, ${new Date().toISOString().slice(0, 10)}`;
+}
+
+function fmt(n: number): string {
+  return n >= 100 ? n.toFixed(0) : n >= 10 ? n.toFixed(1) : n.toFixed(2);
+}
+
+async function main(): Promise<void> {
+  const results: { section: string; rows: BenchRow[]; seconds: number }[] = [];
+  try {
+    for (const s of sections) {
+      if (filter.length && !filter.some((f) => s.name.toLowerCase().includes(f.toLowerCase()))) continue;
+      process.stderr.write(`bench: ${s.name} …\n`);
+      const t = Date.now();
+      const rows = await s.run();
+      results.push({ section: s.name, rows, seconds: (Date.now() - t) / 1000 });
+      for (const r of rows) process.stderr.write(`  ${r.name}: ${fmt(r.value)} ${r.unit}${r.peer ? ` (${r.peer.name}: ${fmt(r.peer.value)} ${r.peer.unit})` : ''}${r.note ? ` — ${r.note}` : ''}\n`);
+    }
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+  const lines = [
+    '# Carryon benchmarks',
+    '',
+    `Machine: ${machine()}. Written by \`npm run bench\`${scale !== 1 ? ` (BENCH_SCALE=${scale})` : ''}; raw figures in \`bench/results.json\`.`,
+    'Each figure is the median of its runs; spread = (max − min) / median. Peers are measured in the same run on the same files.',
+    '',
+  ];
+  for (const r of results) {
+    lines.push(`## ${r.section}`, '', `(${r.seconds.toFixed(0)} s)`, '', '| measure | Carryon | runs | spread | peer | peer value | note |', '| --- | ---: | ---: | ---: | --- | ---: | --- |');
+    for (const row of r.rows) {
+      lines.push(`| ${row.name} | ${fmt(row.value)} ${row.unit} | ${row.runs} | ${(row.spread * 100).toFixed(0)}% | ${row.peer?.name ?? ''} | ${row.peer ? `${fmt(row.peer.value)} ${row.peer.unit}` : ''} | ${row.note ?? ''} |`);
+    }
+    lines.push('');
+  }
+  const small = figures.get(4 * scale);
+  const big = figures.get(16 * scale);
+  if (small && big) {
+    const ours = big.carryonSeconds / small.carryonSeconds;
+    const theirs = big.rsyncSeconds / small.rsyncSeconds;
+    lines.push('## Scaling of a check-in with disk size (same 41 MiB change)', '', '| | 16 GiB disk / 4 GiB disk |', '| --- | ---: |',
+      `| Carryon check-in time | ${ours.toFixed(2)} (target ≤ 1.3: ${ours <= 1.3 ? 'met' : 'MISSED'}) |`, `| rsync delta time | ${theirs.toFixed(2)} |`, '');
+  }
+  writeFileSync('BENCHMARKS.md', lines.join('\n'));
+  writeFileSync('bench/results.json', `${JSON.stringify({ machine: machine(), scale, results }, null, 2)}\n`);
+  process.stderr.write('bench: wrote BENCHMARKS.md and bench/results.json\n');
+}
+
+main().catch((err: unknown) => {
+  process.stderr.write(`bench failed: ${err instanceof Error ? err.stack : String(err)}\n`);
+  process.exit(1);
+});

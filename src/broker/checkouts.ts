@@ -1,0 +1,277 @@
+import { referencedChunks, decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../core/manifest.js';
+import { signLease, type SignedLease } from '../core/lease.js';
+import { policyHash } from '../core/policy.js';
+import type { CheckoutRow, DesktopConfig, DesktopRow, SnapshotDisk } from '../store/metadata.js';
+import type { BrokerContext } from './context.js';
+import { HttpError } from './http.js';
+import { effectivePolicy } from './policies.js';
+import type { JobView } from './transfers/types.js';
+
+export interface HostFacts {
+  cpus: number;
+  ramBytes: number;
+  freeDiskBytes: number;
+}
+
+export type Action = 'checkout' | 'cancel' | 'checkin' | 'replicate' | 'rollback';
+
+/** Exactly what `user` may do with `desktop` now (drives every client's menus). */
+export function allowedActions(ctx: BrokerContext, user: string, desktop: DesktopRow): Action[] {
+  const policy = effectivePolicy(ctx.meta, user, desktop);
+  const active = ctx.meta.activeCheckout(desktop.id);
+  if (!active) return policy.checkoutAllowed.value && desktop.currentSnapshot ? ['checkout'] : [];
+  if (active.user !== user) return [];
+  switch (active.state) {
+    case 'transferring':
+      return ['cancel'];
+    case 'checked_out':
+      return [
+        ...(policy.checkinAllowed.value ? (['checkin'] as const) : []),
+        'replicate' as const,
+        ...(policy.rollbackAllowed.value ? (['rollback'] as const) : []),
+      ];
+    case 'checking_in':
+      return ['checkin'];
+    default:
+      return [];
+  }
+}
+
+/** Adapts the desktop's config to the laptop: vCPUs ≤ cores − 1, RAM ≤ host RAM − overhead. */
+export function adaptConfig(config: DesktopConfig, host: HostFacts, overheadMiB: number, usbAllowed: boolean) {
+  const vcpus = Math.max(1, Math.min(config.vcpus, host.cpus - 1));
+  const hostMiB = Math.floor(host.ramBytes / (1024 * 1024)) - overheadMiB;
+  const ramMiB = Math.min(config.ramMiB, hostMiB);
+  if (ramMiB < config.minRamMiB) {
+    throw new HttpError(422, 'host-too-small', `the laptop can give this desktop ${Math.max(0, hostMiB)} MiB of RAM; it needs at least ${config.minRamMiB} MiB`);
+  }
+  return { vcpus, ramMiB, usb: usbAllowed && config.usb, nic: config.nic, disks: config.disks };
+}
+
+async function loadManifest(ctx: BrokerContext, digest: string): Promise<Manifest> {
+  const raw = await ctx.store.getManifest(digest);
+  if (!raw) throw new HttpError(500, 'manifest-missing', `manifest ${digest} is missing from the store`);
+  return decodeManifest(raw);
+}
+
+function lineageKeysFor(ctx: BrokerContext, desktop: DesktopRow): { wrappedKeys: string; keyContext: string } {
+  const wrapped = ctx.meta.getLineageKeys(desktop.lineageId);
+  if (!wrapped) throw new HttpError(500, 'lineage-missing', `lineage ${desktop.lineageId} has no keys`);
+  return { wrappedKeys: wrapped.toString('base64'), keyContext: `lineage:${desktop.lineageId}` };
+}
+
+/** Offline lease covering every desktop the user holds on this device. */
+export function issueLease(ctx: BrokerContext, user: string, deviceId: string): { lease: SignedLease; deadline: string } | null {
+  const held = ctx.meta.listCheckouts({ activeOnly: true }).filter((c) => c.user === user && c.deviceId === deviceId);
+  if (held.length === 0) return null;
+  const desktops = held.map((c) => ctx.meta.getDesktop(c.desktopId)!);
+  const policies = desktops.map((d) => effectivePolicy(ctx.meta, user, d));
+  const hours = Math.min(...policies.map((p) => p.maxLeaseHours.value));
+  const deadline = new Date(Date.now() + hours * 3600_000).toISOString();
+  for (const c of held) ctx.meta.transitionCheckout(c.id, [c.state], c.state, { leaseExpiresAt: deadline });
+  const lease = signLease(
+    { v: 1, user, deviceId, desktops: desktops.map((d) => d.id), deadline, issuedAt: new Date().toISOString(), policyHash: policyHash(policies[0]!) },
+    ctx.secrets.signing.privateKey,
+  );
+  return { lease, deadline };
+}
+
+function ownedCheckout(ctx: BrokerContext, user: string, checkoutId: string, action: string): CheckoutRow {
+  const c = ctx.meta.getCheckout(checkoutId);
+  if (!c) throw new HttpError(404, 'not-found', `no checkout ${checkoutId}`);
+  if (c.user !== user) {
+    ctx.audit({ actor: user, desktopId: c.desktopId, action, outcome: 'denied', detail: 'checkout held by another user' });
+    throw new HttpError(403, 'not-holder', 'you do not hold this checkout');
+  }
+  return c;
+}
+
+function deny(ctx: BrokerContext, user: string, desktopId: string | null, action: string, status: number, code: string, message: string): never {
+  ctx.audit({ actor: user, desktopId, action, outcome: 'denied', detail: `${code}: ${message}` });
+  throw new HttpError(status, code, message);
+}
+
+export async function checkOut(ctx: BrokerContext, user: string, desktopRef: string, req: { deviceId: string; host: HostFacts }) {
+  const desktop = ctx.meta.getDesktop(desktopRef);
+  if (!desktop) deny(ctx, user, null, 'checkout', 404, 'not-found', `no desktop ${desktopRef}`);
+  const device = ctx.meta.getDevice(req.deviceId);
+  if (!device || device.user !== user) deny(ctx, user, desktop.id, 'checkout', 403, 'device-not-enrolled', 'this device is not enrolled for you');
+  if (!ctx.meta.isEntitled(user, desktop)) deny(ctx, user, desktop.id, 'checkout', 403, 'not-entitled', `you are not entitled to ${desktop.name}`);
+  const policy = effectivePolicy(ctx.meta, user, desktop);
+  if (!policy.checkoutAllowed.value) deny(ctx, user, desktop.id, 'checkout', 403, 'policy-denied', `policy (${policy.checkoutAllowed.source}) forbids check-out`);
+  if (!desktop.currentSnapshot) deny(ctx, user, desktop.id, 'checkout', 409, 'no-snapshot', 'desktop has no disk image yet');
+  const snapshot = ctx.meta.getSnapshot(desktop.currentSnapshot)!;
+  const manifests = await Promise.all(snapshot.disks.map((d) => loadManifest(ctx, d.digest)));
+  const need = manifests.reduce((sum, m) => sum + referencedChunks(m).size * m.chunkSize, 0);
+  if (req.host.freeDiskBytes < need) deny(ctx, user, desktop.id, 'checkout', 422, 'not-enough-disk', `the laptop has ${req.host.freeDiskBytes} bytes free; this desktop needs up to ${need}`);
+  let config;
+  try {
+    config = adaptConfig(desktop.config, req.host, ctx.settings.hypervisorOverheadMiB, policy.usbAllowed.value);
+  } catch (err) {
+    if (err instanceof HttpError) deny(ctx, user, desktop.id, 'checkout', err.status, err.code, err.message);
+    throw err;
+  }
+  ctx.audit({ actor: user, desktopId: desktop.id, action: 'validate', outcome: 'ok', detail: `device ${device.id}` });
+
+  // Lock first (the database's unique index decides races), then power down and checkpoint.
+  let checkoutId: string;
+  try {
+    checkoutId = ctx.meta.insertCheckout({ desktopId: desktop.id, user, deviceId: device.id, checkpointSnapshot: snapshot.id, leaseExpiresAt: new Date().toISOString() });
+  } catch (err) {
+    if (String((err as Error).message).includes('UNIQUE')) deny(ctx, user, desktop.id, 'checkout', 409, 'already-checked-out', `${desktop.name} is already checked out`);
+    throw err;
+  }
+  ctx.audit({ actor: user, desktopId: desktop.id, action: 'lock', outcome: 'ok', detail: `checkout ${checkoutId}` });
+  try {
+    if (await ctx.hypervisor.isRunning(desktop.id)) {
+      await ctx.hypervisor.powerOff(desktop.id);
+      ctx.meta.setPowerState(desktop.id, 'off');
+      ctx.audit({ actor: user, desktopId: desktop.id, action: 'power-off', outcome: 'ok' });
+    }
+  } catch (err) {
+    ctx.meta.transitionCheckout(checkoutId, ['transferring'], 'cancelled');
+    ctx.audit({ actor: user, desktopId: desktop.id, action: 'power-off', outcome: 'failed', detail: (err as Error).message });
+    throw new HttpError(503, 'power-off-failed', `could not power the datacenter copy down: ${(err as Error).message}`);
+  }
+  const checkpoint = ctx.meta.createSnapshot({ desktopId: desktop.id, parentId: snapshot.id, kind: 'checkpoint', disks: snapshot.disks });
+  ctx.meta.setDesktopSnapshot(desktop.id, checkpoint);
+  ctx.meta.db.prepare('UPDATE checkouts SET checkpoint_snapshot = ? WHERE id = ?').run(checkpoint, checkoutId);
+  ctx.audit({ actor: user, desktopId: desktop.id, action: 'snapshot', outcome: 'ok', detail: `checkpoint ${checkpoint}` });
+  const keyRef = lineageKeysFor(ctx, desktop);
+  const job = ctx.scheduler.enqueue({ kind: 'checkout', checkoutId, desktopId: desktop.id, manifests: snapshot.disks.map((d) => d.digest), ...keyRef });
+  ctx.meta.transitionCheckout(checkoutId, ['transferring'], 'transferring', { jobId: job.id });
+  ctx.audit({ actor: user, desktopId: desktop.id, action: 'transfer-start', outcome: 'ok', detail: `job ${job.id} ${job.state}` });
+  const lease = issueLease(ctx, user, device.id)!;
+  const keys = unwrapForUser(ctx, desktop);
+  return {
+    checkout: checkoutView(ctx.meta.getCheckout(checkoutId)!),
+    lease: lease.lease,
+    keys,
+    config,
+    policy,
+    disks: snapshot.disks.map((d, i) => ({ name: d.name, digest: d.digest, manifest: encodeManifest(manifests[i]!).toString('base64') })),
+    job,
+  };
+}
+
+function unwrapForUser(ctx: BrokerContext, desktop: DesktopRow): string {
+  const { wrappedKeys, keyContext } = lineageKeysFor(ctx, desktop);
+  // Lineage keys go to the authenticated holder over TLS; the laptop re-wraps them at rest.
+  return ctx.keysFor(Buffer.from(wrappedKeys, 'base64'), keyContext);
+}
+
+export function checkoutView(c: CheckoutRow) {
+  return { id: c.id, desktopId: c.desktopId, user: c.user, deviceId: c.deviceId, state: c.state, snapshotId: c.checkpointSnapshot, leaseExpiresAt: c.leaseExpiresAt, jobId: c.jobId };
+}
+
+export function markTransferred(ctx: BrokerContext, user: string, checkoutId: string) {
+  const c = ownedCheckout(ctx, user, checkoutId, 'transfer-end');
+  if (!ctx.meta.transitionCheckout(c.id, ['transferring'], 'checked_out')) {
+    if (c.state === 'checked_out') return checkoutView(c);
+    deny(ctx, user, c.desktopId, 'transfer-end', 409, 'wrong-state', `checkout is ${c.state}`);
+  }
+  if (c.jobId) ctx.scheduler.finish(c.jobId, 'done');
+  ctx.audit({ actor: user, desktopId: c.desktopId, action: 'transfer-end', outcome: 'ok', detail: 'checked out' });
+  return checkoutView(ctx.meta.getCheckout(c.id)!);
+}
+
+export function cancel(ctx: BrokerContext, user: string, checkoutId: string) {
+  const c = ownedCheckout(ctx, user, checkoutId, 'cancel');
+  if (!ctx.meta.transitionCheckout(c.id, ['transferring'], 'cancelled')) deny(ctx, user, c.desktopId, 'cancel', 409, 'wrong-state', `only a check-out in flight can be cancelled (it is ${c.state})`);
+  ctx.scheduler.finishForCheckout(c.id, 'cancelled');
+  ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'cancelled' });
+  return checkoutView(ctx.meta.getCheckout(c.id)!);
+}
+
+export function rollback(ctx: BrokerContext, user: string, checkoutId: string) {
+  const c = ownedCheckout(ctx, user, checkoutId, 'rollback');
+  const desktop = ctx.meta.getDesktop(c.desktopId)!;
+  const policy = effectivePolicy(ctx.meta, user, desktop);
+  if (!policy.rollbackAllowed.value) deny(ctx, user, c.desktopId, 'rollback', 403, 'policy-denied', `policy (${policy.rollbackAllowed.source}) forbids rollback`);
+  if (!ctx.meta.transitionCheckout(c.id, ['checked_out', 'checking_in'], 'rolled_back', { pendingDisks: null })) deny(ctx, user, c.desktopId, 'rollback', 409, 'wrong-state', `checkout is ${c.state}`);
+  ctx.scheduler.finishForCheckout(c.id, 'cancelled');
+  ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'rolled back: offline changes discarded' });
+  return checkoutView(ctx.meta.getCheckout(c.id)!);
+}
+
+export function forceUnlock(ctx: BrokerContext, admin: string, checkoutId: string) {
+  const c = ctx.meta.getCheckout(checkoutId);
+  if (!c) throw new HttpError(404, 'not-found', `no checkout ${checkoutId}`);
+  if (!ctx.meta.transitionCheckout(c.id, ['transferring', 'checked_out', 'checking_in'], 'cancelled', { pendingDisks: null })) throw new HttpError(409, 'wrong-state', `checkout is ${c.state}`);
+  ctx.scheduler.finishForCheckout(c.id, 'cancelled');
+  ctx.audit({ actor: admin, desktopId: c.desktopId, action: 'force-unlock', outcome: 'ok', detail: `checkout ${c.id} held by ${c.user}` });
+  return checkoutView(ctx.meta.getCheckout(c.id)!);
+}
+
+/** Check-in or replicate, step 1: record the laptop's manifests and open an upload job. */
+export async function beginUpload(ctx: BrokerContext, user: string, checkoutId: string, kind: 'checkin' | 'replicate', disks: { name: string; manifest: string }[]): Promise<{ job: JobView }> {
+  const c = ownedCheckout(ctx, user, checkoutId, kind);
+  const desktop = ctx.meta.getDesktop(c.desktopId)!;
+  if (kind === 'checkin') {
+    const policy = effectivePolicy(ctx.meta, user, desktop);
+    if (!policy.checkinAllowed.value) deny(ctx, user, c.desktopId, kind, 403, 'policy-denied', `policy (${policy.checkinAllowed.source}) forbids check-in: discard (rollback) instead`);
+  }
+  const okStates = kind === 'checkin' ? ['checked_out', 'checking_in'] : ['checked_out'];
+  if (!okStates.includes(c.state)) deny(ctx, user, c.desktopId, kind, 409, 'wrong-state', `checkout is ${c.state}`);
+  const base = ctx.meta.getSnapshot(c.checkpointSnapshot)!;
+  const pending: SnapshotDisk[] = [];
+  for (const d of disks) {
+    const baseDisk = base.disks.find((b) => b.name === d.name);
+    if (!baseDisk) deny(ctx, user, c.desktopId, kind, 400, 'unknown-disk', `desktop has no disk ${d.name}`);
+    let m: Manifest;
+    try {
+      m = decodeManifest(Buffer.from(d.manifest, 'base64'));
+    } catch (err) {
+      deny(ctx, user, c.desktopId, kind, 400, 'bad-manifest', (err as Error).message);
+    }
+    if (m.chunkSize !== baseDisk.chunkSize) deny(ctx, user, c.desktopId, kind, 400, 'bad-manifest', `disk ${d.name} uses ${baseDisk.chunkSize}-byte chunks, not ${m.chunkSize}`);
+    const digest = manifestDigest(m);
+    await ctx.store.putManifest(digest, encodeManifest(m));
+    pending.push({ name: d.name, digest, sizeBytes: m.diskSize, chunkSize: m.chunkSize });
+  }
+  if (pending.length !== base.disks.length) deny(ctx, user, c.desktopId, kind, 400, 'missing-disk', `send a manifest for each of ${base.disks.map((b) => b.name).join(', ')}`);
+  if (c.jobId) ctx.scheduler.finish(c.jobId, 'cancelled');
+  const job = ctx.scheduler.enqueue({ kind, checkoutId: c.id, desktopId: c.desktopId, manifests: pending.map((p) => p.digest), ...lineageKeysFor(ctx, desktop) });
+  const to = kind === 'checkin' ? 'checking_in' : 'checked_out';
+  if (!ctx.meta.transitionCheckout(c.id, [c.state], to, { jobId: job.id, pendingDisks: pending })) deny(ctx, user, c.desktopId, kind, 409, 'wrong-state', 'checkout changed meanwhile');
+  ctx.audit({ actor: user, desktopId: c.desktopId, action: 'transfer-start', outcome: 'ok', detail: `${kind} job ${job.id}` });
+  return { job };
+}
+
+/** Step 2: every referenced chunk must be in the store; then the snapshot, and for check-in the unlock. */
+export async function commitUpload(ctx: BrokerContext, user: string, checkoutId: string, kind: 'checkin' | 'replicate') {
+  const c = ownedCheckout(ctx, user, checkoutId, `${kind}-commit`);
+  const expected = kind === 'checkin' ? 'checking_in' : 'checked_out';
+  if (c.state !== expected || !c.pendingDisks) deny(ctx, user, c.desktopId, `${kind}-commit`, 409, 'wrong-state', `nothing to commit (checkout is ${c.state})`);
+  // Chunks of the checkpoint are in the store (snapshots are immutable): check only the new ones.
+  const base = ctx.meta.getSnapshot(c.checkpointSnapshot)!;
+  const ids = new Set<string>();
+  for (const d of c.pendingDisks) {
+    const baseDisk = base.disks.find((b) => b.name === d.name);
+    const known = baseDisk ? referencedChunks(await loadManifest(ctx, baseDisk.digest)) : new Set<string>();
+    for (const id of referencedChunks(await loadManifest(ctx, d.digest))) if (!known.has(id)) ids.add(id);
+  }
+  const missing = await ctx.store.missing([...ids]);
+  if (missing.length) {
+    ctx.audit({ actor: user, desktopId: c.desktopId, action: `${kind}-commit`, outcome: 'denied', detail: `${missing.length} chunks missing` });
+    throw new HttpError(409, 'missing-chunks', `the server lacks ${missing.length} chunks the manifests reference`, { missing: missing.slice(0, 10_000) });
+  }
+  const snapshotId = ctx.meta.createSnapshot({ desktopId: c.desktopId, parentId: c.checkpointSnapshot, kind: kind === 'checkin' ? 'checkin' : 'replica', disks: c.pendingDisks });
+  ctx.audit({ actor: user, desktopId: c.desktopId, action: 'snapshot', outcome: 'ok', detail: `${kind} ${snapshotId}` });
+  if (c.jobId) ctx.scheduler.finish(c.jobId, 'done');
+  ctx.audit({ actor: user, desktopId: c.desktopId, action: 'transfer-end', outcome: 'ok', detail: kind });
+  if (kind === 'checkin') {
+    ctx.meta.transaction(() => {
+      ctx.meta.setDesktopSnapshot(c.desktopId, snapshotId);
+      ctx.meta.transitionCheckout(c.id, ['checking_in'], 'checked_in', { pendingDisks: null, jobId: null });
+    });
+    ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'checked in' });
+  } else {
+    // A restore point: the next diff starts from it; the desktop stays locked.
+    ctx.meta.transaction(() => {
+      ctx.meta.db.prepare('UPDATE checkouts SET checkpoint_snapshot = ?, pending_disks = NULL, job_id = NULL WHERE id = ?').run(snapshotId, c.id);
+      ctx.meta.setDesktopSnapshot(c.desktopId, snapshotId);
+    });
+  }
+  return { snapshotId, checkout: checkoutView(ctx.meta.getCheckout(c.id)!) };
+}

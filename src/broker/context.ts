@@ -1,0 +1,38 @@
+import type { DatacenterHypervisor } from '../hypervisor/datacenter/hypervisor.js';
+import type { ChunkStore } from '../store/chunk-store.js';
+import type { SqliteMetadataStore } from '../store/metadata.js';
+import type { LdapConfig } from './directory.js';
+import type { BrokerSecrets } from './secrets.js';
+import type { SqliteScheduler } from './transfers/scheduler.js';
+
+export interface BrokerSettings {
+  /** Session token lifetime. */
+  sessionTtlSec: number;
+  /** RAM kept back for the laptop's hypervisor and host OS. */
+  hypervisorOverheadMiB: number;
+  /** scrypt cost for new password hashes (tests lower it). */
+  passwordCostN: number;
+  ldap?: LdapConfig;
+  /** Shared secret transfer servers present when they register. */
+  transferSecret: string;
+}
+
+export interface AuditEntry {
+  actor: string;
+  desktopId?: string | null;
+  action: string;
+  outcome: 'ok' | 'denied' | 'failed' | 'info';
+  detail?: string;
+}
+
+export interface BrokerContext {
+  settings: BrokerSettings;
+  meta: SqliteMetadataStore;
+  store: ChunkStore;
+  secrets: BrokerSecrets;
+  scheduler: SqliteScheduler;
+  hypervisor: DatacenterHypervisor;
+  audit(entry: AuditEntry): void;
+  /** Unwraps lineage keys (master key) and encodes them for the authenticated holder. */
+  keysFor(wrapped: Buffer, context: string): string;
+}

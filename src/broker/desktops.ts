@@ -1,0 +1,63 @@
+import { randomUUID } from 'node:crypto';
+import { generateLineageKeys, wrapLineageKeys } from '../core/keys.js';
+import { importImage } from '../import/import.js';
+import type { DesktopConfig } from '../store/metadata.js';
+import type { BrokerContext } from './context.js';
+import { HttpError } from './http.js';
+
+export interface CreateDesktop {
+  name: string;
+  image: string;
+  pool?: string;
+  config: Omit<DesktopConfig, 'disks'>;
+  chunkSize?: number;
+}
+
+/** Imports an image on the broker host as a new desktop with its own lineage (keys). */
+export async function createDesktopFromImage(ctx: BrokerContext, actor: string, req: CreateDesktop) {
+  if (ctx.meta.getDesktop(req.name)) throw new HttpError(409, 'exists', `desktop ${req.name} exists`);
+  const pool = req.pool ? ctx.meta.getPool(req.pool) : null;
+  if (req.pool && !pool) throw new HttpError(404, 'not-found', `no pool ${req.pool}`);
+  const keys = generateLineageKeys();
+  const lineageId = randomUUID();
+  let result;
+  try {
+    result = await importImage(req.image, { store: ctx.store, keys, chunkSize: req.chunkSize });
+  } catch (err) {
+    ctx.audit({ actor, action: 'desktop-import', outcome: 'failed', detail: (err as Error).message });
+    const code = (err as { code?: string }).code;
+    throw new HttpError(code === 'not-found' ? 404 : 400, code ?? 'import-failed', (err as Error).message);
+  }
+  const disks = [{ name: 'disk0', sizeBytes: result.manifest.diskSize }];
+  const id = ctx.meta.transaction(() => {
+    ctx.meta.createLineage(wrapLineageKeys(ctx.secrets.masterKey, keys, `lineage:${lineageId}`), lineageId);
+    const desktopId = ctx.meta.createDesktop({ name: req.name, poolId: pool?.id ?? null, lineageId, config: { ...req.config, disks } });
+    const snap = ctx.meta.createSnapshot({ desktopId, parentId: null, kind: 'import', disks: [{ name: 'disk0', digest: result.digest, sizeBytes: result.manifest.diskSize, chunkSize: result.manifest.chunkSize }] });
+    ctx.meta.setDesktopSnapshot(desktopId, snap);
+    return desktopId;
+  });
+  ctx.audit({ actor, desktopId: id, action: 'desktop-import', outcome: 'ok', detail: `${req.image}: ${result.chunksStored} chunks stored, ${result.chunksDeduped} deduplicated, ${result.holes} holes` });
+  return { id, ...summary(result) };
+}
+
+function summary(r: { bytesRead: number; chunksStored: number; chunksDeduped: number; holes: number; bytesStored: number }) {
+  return { bytesRead: r.bytesRead, chunksStored: r.chunksStored, chunksDeduped: r.chunksDeduped, holes: r.holes, bytesStored: r.bytesStored };
+}
+
+/** Clone: a new desktop sharing the golden image's lineage and current manifests (no data copied). */
+export function cloneDesktop(ctx: BrokerContext, actor: string, sourceRef: string, name: string, pool?: string) {
+  const src = ctx.meta.getDesktop(sourceRef);
+  if (!src || !src.currentSnapshot) throw new HttpError(404, 'not-found', `no desktop ${sourceRef} with an image`);
+  if (ctx.meta.getDesktop(name)) throw new HttpError(409, 'exists', `desktop ${name} exists`);
+  const poolRow = pool ? ctx.meta.getPool(pool) : null;
+  if (pool && !poolRow) throw new HttpError(404, 'not-found', `no pool ${pool}`);
+  const snap = ctx.meta.getSnapshot(src.currentSnapshot)!;
+  const id = ctx.meta.transaction(() => {
+    const desktopId = ctx.meta.createDesktop({ name, poolId: poolRow?.id ?? src.poolId, lineageId: src.lineageId, config: src.config });
+    const s = ctx.meta.createSnapshot({ desktopId, parentId: snap.id, kind: 'clone', disks: snap.disks });
+    ctx.meta.setDesktopSnapshot(desktopId, s);
+    return desktopId;
+  });
+  ctx.audit({ actor, desktopId: id, action: 'desktop-clone', outcome: 'ok', detail: `from ${src.name}` });
+  return { id };
+}

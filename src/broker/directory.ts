@@ -1,0 +1,61 @@
+import { Client } from 'ldapts';
+import type { SqliteMetadataStore } from '../store/metadata.js';
+import { verifyPassword } from './passwords.js';
+
+export interface LdapConfig {
+  url: string;
+  /** e.g. "uid={user},ou=people,dc=example,dc=org" or "{user}@corp.example" for AD. */
+  userDnTemplate: string;
+  /** Base for group search; groups whose `member` is the user's DN. */
+  groupBase?: string;
+  /** Members of this LDAP group get the admin role. */
+  adminGroup?: string;
+}
+
+export interface Authenticated {
+  name: string;
+  role: 'admin' | 'user';
+  groups: string[];
+}
+
+const USER_RE = /^[A-Za-z0-9._@-]{1,64}$/;
+
+/** Escapes a value for an LDAP DN attribute (RFC 4514). */
+function escapeDn(value: string): string {
+  return value.replace(/[,=+<>#;\\"]/g, (c) => `\\${c}`);
+}
+
+/**
+ * Local users (scrypt) first; when LDAP is configured, users unknown locally (or marked as
+ * LDAP users) bind against the directory, and their groups come from it.
+ */
+export async function authenticate(meta: SqliteMetadataStore, ldap: LdapConfig | undefined, username: string, password: string): Promise<Authenticated | null> {
+  if (!USER_RE.test(username) || password.length === 0) return null;
+  const local = meta.getUser(username);
+  if (local && local.disabled) return null;
+  if (local && local.source === 'local') {
+    if (!(await verifyPassword(password, local.passwordHash))) return null;
+    return { name: local.name, role: local.role, groups: meta.groupsOf(local.name) };
+  }
+  if (!ldap) {
+    await verifyPassword(password, null);
+    return null;
+  }
+  const dn = ldap.userDnTemplate.replace('{user}', escapeDn(username));
+  const client = new Client({ url: ldap.url, timeout: 5000, connectTimeout: 5000 });
+  try {
+    await client.bind(dn, password);
+    let groups: string[] = [];
+    if (ldap.groupBase) {
+      const { searchEntries } = await client.search(ldap.groupBase, { scope: 'sub', filter: `(|(member=${dn})(uniqueMember=${dn})(memberUid=${username}))`, attributes: ['cn'] });
+      groups = searchEntries.map((e) => String(e.cn));
+    }
+    const role: 'admin' | 'user' = ldap.adminGroup && groups.includes(ldap.adminGroup) ? 'admin' : local?.role ?? 'user';
+    if (!local) meta.createUser({ name: username, passwordHash: null, role, source: 'ldap' });
+    return { name: username, role, groups: [...new Set([...groups, ...meta.groupsOf(username)])] };
+  } catch {
+    return null;
+  } finally {
+    await client.unbind().catch(() => undefined);
+  }
+}

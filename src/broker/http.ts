@@ -1,0 +1,103 @@
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import { ZodError, type z } from 'zod';
+import { CarryonError } from '../core/errors.js';
+import { checkDeviceSignature, DEVICE_HEADER, SIGNATURE_HEADER, TIME_HEADER } from '../core/device-auth.js';
+import { publicKeyFromBase64 } from '../core/signing.js';
+import type { DeviceRow } from '../store/metadata.js';
+import type { BrokerContext } from './context.js';
+import { readToken, type SessionClaims } from './tokens.js';
+
+/** An error with its HTTP status and stable code: `{error: code, message, ...extra}`. */
+export class HttpError extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: string,
+    message: string,
+    readonly extra: Record<string, unknown> = {},
+  ) {
+    super(message);
+  }
+}
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    rawBody?: string;
+  }
+}
+
+export function parse<T extends z.ZodType>(schema: T, value: unknown): z.infer<T> {
+  const res = schema.safeParse(value ?? {});
+  if (!res.success) {
+    const issue = res.error.issues[0];
+    throw new HttpError(400, 'invalid', `invalid request: ${issue ? `${issue.path.join('.') || 'body'}: ${issue.message}` : 'bad input'}`);
+  }
+  return res.data;
+}
+
+/** JSON bodies keep their raw text (device signatures cover the exact bytes); errors are uniform. */
+export function installHttpBasics(app: FastifyInstance): void {
+  app.removeContentTypeParser('application/json');
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, (req, body, done) => {
+    const text = String(body);
+    req.rawBody = text;
+    if (text.length === 0) return done(null, {});
+    try {
+      done(null, JSON.parse(text));
+    } catch {
+      done(new HttpError(400, 'malformed-json', 'request body is not valid JSON'), undefined);
+    }
+  });
+  app.setErrorHandler((err: Error & { statusCode?: number; code?: string }, _req, reply) => {
+    if (err instanceof HttpError) return reply.status(err.status).send({ error: err.code, message: err.message, ...err.extra });
+    if (err instanceof ZodError) return reply.status(400).send({ error: 'invalid', message: err.message });
+    if (err instanceof CarryonError) return reply.status(400).send({ error: err.code, message: err.message });
+    if (err.statusCode === 413 || err.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return reply.status(413).send({ error: 'too-large', message: 'request body is too large' });
+    if (err.statusCode && err.statusCode >= 400 && err.statusCode < 500) return reply.status(err.statusCode).send({ error: 'invalid', message: err.message });
+    _req.log.error(err);
+    return reply.status(500).send({ error: 'internal', message: 'internal error' });
+  });
+  app.setNotFoundHandler((req, reply) => reply.status(404).send({ error: 'not-found', message: `no route ${req.method} ${req.url}` }));
+}
+
+export function requireUser(ctx: BrokerContext, req: FastifyRequest): SessionClaims {
+  const auth = req.headers.authorization ?? '';
+  const claims = auth.startsWith('Bearer ') ? readToken(ctx.secrets.tokenKey, auth.slice(7)) : null;
+  if (!claims) throw new HttpError(401, 'unauthenticated', 'log in first (missing, invalid or expired session token)');
+  const user = ctx.meta.getUser(claims.sub);
+  if (!user || user.disabled) throw new HttpError(401, 'unauthenticated', 'user is disabled or no longer exists');
+  return { ...claims, role: user.role };
+}
+
+export function requireAdmin(ctx: BrokerContext, req: FastifyRequest): SessionClaims {
+  const claims = requireUser(ctx, req);
+  if (claims.role !== 'admin') {
+    ctx.audit({ actor: claims.sub, action: 'admin-access', outcome: 'denied', detail: `${req.method} ${req.url}` });
+    throw new HttpError(403, 'forbidden', 'this needs the admin role');
+  }
+  return claims;
+}
+
+/** Verifies an agent request signed by an enrolled device's key. */
+export function requireDevice(ctx: BrokerContext, req: FastifyRequest): DeviceRow {
+  const id = req.headers[DEVICE_HEADER];
+  const device = typeof id === 'string' ? ctx.meta.getDevice(id) : null;
+  if (!device) throw new HttpError(401, 'device-unknown', 'device is not enrolled');
+  const failure = checkDeviceSignature(
+    publicKeyFromBase64(device.publicKey),
+    req.method,
+    req.url.split('?')[0]!,
+    header(req, TIME_HEADER),
+    header(req, SIGNATURE_HEADER),
+    req.rawBody ?? '',
+  );
+  if (failure) {
+    ctx.audit({ actor: `device:${device.id}`, action: 'device-auth', outcome: 'denied', detail: failure });
+    throw new HttpError(401, 'device-signature', `device signature refused (${failure})`);
+  }
+  return device;
+}
+
+function header(req: FastifyRequest, name: string): string | undefined {
+  const v = req.headers[name];
+  return typeof v === 'string' ? v : undefined;
+}

@@ -1,0 +1,16 @@
+import { PolicyLayer, resolvePolicy, type ResolvedPolicy } from '../core/policy.js';
+import type { DesktopRow, SqliteMetadataStore } from '../store/metadata.js';
+
+/** Loads the four layers for (user, desktop) and resolves them. */
+export function effectivePolicy(meta: SqliteMetadataStore, user: string | null, desktop: DesktopRow | null): ResolvedPolicy {
+  const layer = (v: unknown) => PolicyLayer.parse(v ?? {});
+  const global = layer(JSON.parse(meta.getSetting('policy.global') ?? '{}'));
+  const pool = desktop?.poolId ? meta.getPool(desktop.poolId) : null;
+  const u = user ? meta.getUser(user) : null;
+  return resolvePolicy({
+    global,
+    pool: pool ? { id: pool.id, values: layer(pool.policy) } : undefined,
+    desktop: desktop ? { id: desktop.id, values: layer(desktop.policy) } : undefined,
+    user: u ? { name: u.name, values: layer(u.policy) } : undefined,
+  });
+}

@@ -1,0 +1,197 @@
+import type { FastifyInstance } from 'fastify';
+import { z } from 'zod';
+import { PolicyLayer } from '../../core/policy.js';
+import { checkoutView, forceUnlock } from '../checkouts.js';
+import type { BrokerContext } from '../context.js';
+import { cloneDesktop, createDesktopFromImage } from '../desktops.js';
+import { HttpError, parse, requireAdmin } from '../http.js';
+import { hashPassword } from '../passwords.js';
+import { effectivePolicy } from '../policies.js';
+
+const Name = z.string().regex(/^[A-Za-z0-9._@-]{1,64}$/, 'letters, digits and . _ @ - only (max 64)');
+const Id = z.object({ id: z.string().min(1).max(200) });
+const Config = z.object({
+  vcpus: z.number().int().min(1).max(256).default(2),
+  ramMiB: z.number().int().min(64).max(1 << 20).default(2048),
+  minRamMiB: z.number().int().min(64).max(1 << 20).default(512),
+  nic: z.enum(['user', 'none']).default('user'),
+  usb: z.boolean().default(false),
+}).strict();
+
+/** Admin API: directory, desktops, entitlements, policies, checkouts, devices, commands, events. */
+export function adminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+  const admin = (req: Parameters<typeof requireAdmin>[1]) => requireAdmin(ctx, req).sub;
+
+  app.get('/v1/admin/users', async (req) => (admin(req), { users: ctx.meta.listUsers().map(({ passwordHash: _, ...u }) => u) }));
+  app.post('/v1/admin/users', async (req, reply) => {
+    const actor = admin(req);
+    const b = parse(z.object({ name: Name, password: z.string().min(8, 'at least 8 characters').max(1024), role: z.enum(['admin', 'user']).default('user') }).strict(), req.body);
+    if (ctx.meta.getUser(b.name)) throw new HttpError(409, 'exists', `user ${b.name} exists`);
+    ctx.meta.createUser({ name: b.name, passwordHash: await hashPassword(b.password, { N: ctx.settings.passwordCostN }), role: b.role });
+    ctx.audit({ actor, action: 'user-create', outcome: 'ok', detail: b.name });
+    return reply.status(201).send({ name: b.name, role: b.role });
+  });
+  app.patch('/v1/admin/users/:id', async (req) => {
+    const actor = admin(req);
+    const { id } = parse(Id, req.params);
+    const b = parse(z.object({ password: z.string().min(8).max(1024).optional(), role: z.enum(['admin', 'user']).optional(), disabled: z.boolean().optional(), policy: PolicyLayer.optional() }).strict(), req.body);
+    const ok = ctx.meta.updateUser(id, { ...b, passwordHash: b.password ? await hashPassword(b.password, { N: ctx.settings.passwordCostN }) : undefined });
+    if (!ok) throw new HttpError(404, 'not-found', `no user ${id}`);
+    ctx.audit({ actor, action: 'user-update', outcome: 'ok', detail: `${id}: ${Object.keys(b).join(', ')}` });
+    return { ok: true };
+  });
+  app.delete('/v1/admin/users/:id', async (req) => {
+    const actor = admin(req);
+    const { id } = parse(Id, req.params);
+    if (ctx.meta.listCheckouts({ activeOnly: true }).some((c) => c.user === id)) throw new HttpError(409, 'busy', `${id} holds a checkout`);
+    if (!ctx.meta.deleteUser(id)) throw new HttpError(404, 'not-found', `no user ${id}`);
+    ctx.audit({ actor, action: 'user-delete', outcome: 'ok', detail: id });
+    return { ok: true };
+  });
+
+  app.get('/v1/admin/groups', async (req) => (admin(req), { groups: ctx.meta.listGroups() }));
+  app.post('/v1/admin/groups', async (req, reply) => {
+    const actor = admin(req);
+    const b = parse(z.object({ name: Name, members: z.array(Name).default([]) }).strict(), req.body);
+    if (!ctx.meta.listGroups().some((g) => g.name === b.name)) ctx.meta.createGroup(b.name);
+    for (const m of b.members) {
+      if (!ctx.meta.getUser(m)) throw new HttpError(404, 'not-found', `no user ${m}`);
+      ctx.meta.addGroupMember(b.name, m);
+    }
+    ctx.audit({ actor, action: 'group-update', outcome: 'ok', detail: `${b.name} += ${b.members.join(',')}` });
+    return reply.status(201).send({ name: b.name });
+  });
+
+  app.get('/v1/admin/pools', async (req) => (admin(req), { pools: ctx.meta.listPools() }));
+  app.post('/v1/admin/pools', async (req, reply) => {
+    const actor = admin(req);
+    const b = parse(z.object({ name: Name, policy: PolicyLayer.default({}) }).strict(), req.body);
+    if (ctx.meta.getPool(b.name)) throw new HttpError(409, 'exists', `pool ${b.name} exists`);
+    const id = ctx.meta.createPool(b.name, b.policy);
+    ctx.audit({ actor, action: 'pool-create', outcome: 'ok', detail: b.name });
+    return reply.status(201).send({ id, name: b.name });
+  });
+
+  app.get('/v1/admin/desktops', async (req) => {
+    admin(req);
+    return { desktops: ctx.meta.listDesktops().map((d) => ({ ...d, checkout: (() => { const c = ctx.meta.activeCheckout(d.id); return c ? checkoutView(c) : null; })() })) };
+  });
+  app.get('/v1/admin/desktops/:id', async (req) => {
+    admin(req);
+    const d = ctx.meta.getDesktop(parse(Id, req.params).id);
+    if (!d) throw new HttpError(404, 'not-found', 'no such desktop');
+    const c = ctx.meta.activeCheckout(d.id);
+    return { ...d, snapshots: ctx.meta.listSnapshots(d.id), checkout: c ? checkoutView(c) : null, policy: effectivePolicy(ctx.meta, null, d) };
+  });
+  app.post('/v1/admin/desktops', async (req, reply) => {
+    const actor = admin(req);
+    const b = parse(z.object({
+      name: Name, image: z.string().min(1).max(4096).optional(), cloneOf: z.string().max(200).optional(), pool: z.string().max(200).optional(),
+      config: Config.default({ vcpus: 2, ramMiB: 2048, minRamMiB: 512, nic: 'user', usb: false }), chunkSize: z.number().int().optional(),
+    }).strict().refine((v) => Boolean(v.image) !== Boolean(v.cloneOf), 'give exactly one of image or cloneOf'), req.body);
+    const res = b.cloneOf ? cloneDesktop(ctx, actor, b.cloneOf, b.name, b.pool) : await createDesktopFromImage(ctx, actor, { name: b.name, image: b.image!, pool: b.pool, config: b.config, chunkSize: b.chunkSize });
+    return reply.status(201).send(res);
+  });
+  app.delete('/v1/admin/desktops/:id', async (req) => {
+    const actor = admin(req);
+    const d = ctx.meta.getDesktop(parse(Id, req.params).id);
+    if (!d) throw new HttpError(404, 'not-found', 'no such desktop');
+    if (ctx.meta.activeCheckout(d.id)) throw new HttpError(409, 'locked', `${d.name} is checked out`);
+    ctx.meta.deleteDesktop(d.id);
+    ctx.audit({ actor, desktopId: d.id, action: 'desktop-delete', outcome: 'ok', detail: d.name });
+    return { ok: true };
+  });
+  app.post('/v1/admin/desktops/:id/power', async (req) => {
+    const actor = admin(req);
+    const d = ctx.meta.getDesktop(parse(Id, req.params).id);
+    if (!d) throw new HttpError(404, 'not-found', 'no such desktop');
+    const b = parse(z.object({ action: z.enum(['on', 'off']) }).strict(), req.body);
+    if (ctx.meta.activeCheckout(d.id)) {
+      ctx.audit({ actor, desktopId: d.id, action: `power-${b.action}`, outcome: 'denied', detail: 'locked by a checkout' });
+      throw new HttpError(409, 'locked', `${d.name} is checked out; its datacenter copy stays off until check-in`);
+    }
+    if (b.action === 'off') await ctx.hypervisor.powerOff(d.id);
+    else if (ctx.hypervisor.kind === 'none') throw new HttpError(409, 'no-hypervisor', 'this broker has no datacenter hypervisor configured');
+    ctx.meta.setPowerState(d.id, b.action);
+    ctx.audit({ actor, desktopId: d.id, action: `power-${b.action}`, outcome: 'ok' });
+    return { ok: true };
+  });
+
+  app.get('/v1/admin/entitlements', async (req) => (admin(req), { entitlements: ctx.meta.listEntitlements() }));
+  app.post('/v1/admin/entitlements', async (req, reply) => {
+    const actor = admin(req);
+    const b = parse(z.object({ principalType: z.enum(['user', 'group']), principal: Name, targetType: z.enum(['desktop', 'pool']), target: z.string().min(1).max(200) }).strict(), req.body);
+    const target = b.targetType === 'desktop' ? ctx.meta.getDesktop(b.target)?.id : ctx.meta.getPool(b.target)?.id;
+    if (!target) throw new HttpError(404, 'not-found', `no ${b.targetType} ${b.target}`);
+    const id = ctx.meta.addEntitlement({ ...b, target });
+    ctx.audit({ actor, action: 'entitle', outcome: 'ok', detail: `${b.principalType}:${b.principal} → ${b.targetType}:${b.target}` });
+    return reply.status(201).send({ id });
+  });
+  app.delete('/v1/admin/entitlements/:id', async (req) => {
+    const actor = admin(req);
+    if (!ctx.meta.removeEntitlement(parse(Id, req.params).id)) throw new HttpError(404, 'not-found', 'no such entitlement');
+    ctx.audit({ actor, action: 'unentitle', outcome: 'ok' });
+    return { ok: true };
+  });
+
+  app.put('/v1/admin/policies/:scope/:id', async (req) => {
+    const actor = admin(req);
+    const p = parse(z.object({ scope: z.enum(['global', 'pool', 'desktop', 'user']), id: z.string().max(200) }), req.params);
+    const values = parse(PolicyLayer, req.body);
+    if (p.scope === 'global') ctx.meta.setSetting('policy.global', JSON.stringify(values));
+    else if (p.scope === 'pool') {
+      const pool = ctx.meta.getPool(p.id) ?? (() => { throw new HttpError(404, 'not-found', `no pool ${p.id}`); })();
+      ctx.meta.setPoolPolicy(pool.id, values);
+    } else if (p.scope === 'desktop') {
+      const d = ctx.meta.getDesktop(p.id) ?? (() => { throw new HttpError(404, 'not-found', `no desktop ${p.id}`); })();
+      ctx.meta.setDesktopPolicy(d.id, values);
+    } else if (!ctx.meta.updateUser(p.id, { policy: values })) throw new HttpError(404, 'not-found', `no user ${p.id}`);
+    ctx.audit({ actor, action: 'policy-set', outcome: 'ok', detail: `${p.scope}:${p.id} ${JSON.stringify(values)}` });
+    return { ok: true };
+  });
+  app.get('/v1/admin/policies/resolve', async (req) => {
+    admin(req);
+    const q = parse(z.object({ user: z.string().max(64).optional(), desktop: z.string().max(200).optional() }), req.query);
+    const d = q.desktop ? ctx.meta.getDesktop(q.desktop) : null;
+    if (q.desktop && !d) throw new HttpError(404, 'not-found', `no desktop ${q.desktop}`);
+    return { policy: effectivePolicy(ctx.meta, q.user ?? null, d) };
+  });
+
+  app.get('/v1/admin/checkouts', async (req) => {
+    admin(req);
+    const q = parse(z.object({ all: z.enum(['true', 'false']).optional() }), req.query);
+    return { checkouts: ctx.meta.listCheckouts({ activeOnly: q.all !== 'true' }).map(checkoutView) };
+  });
+  app.post('/v1/admin/checkouts/:id/force-unlock', async (req) => ({ checkout: forceUnlock(ctx, admin(req), parse(Id, req.params).id) }));
+
+  app.get('/v1/admin/devices', async (req) => {
+    admin(req);
+    return { devices: ctx.meta.listDevices().map((d) => ({ ...d, latest: ctx.meta.latestHeartbeats(d.id, 1)[0] ?? null })) };
+  });
+  app.post('/v1/admin/devices/:id/commands', async (req, reply) => {
+    const actor = admin(req);
+    const { id } = parse(Id, req.params);
+    const b = parse(z.object({ type: z.enum(['lock', 'unlock', 'wipe', 'replicate', 'renew-lease']), desktopId: z.string().max(200).optional() }).strict(), req.body);
+    if (!ctx.meta.getDevice(id)) throw new HttpError(404, 'not-found', `no device ${id}`);
+    const desktop = b.desktopId ? ctx.meta.getDesktop(b.desktopId) : null;
+    if (b.desktopId && !desktop) throw new HttpError(404, 'not-found', `no desktop ${b.desktopId}`);
+    const cmd = ctx.meta.queueCommand({ deviceId: id, desktopId: desktop?.id ?? null, type: b.type });
+    ctx.audit({ actor, desktopId: desktop?.id, action: 'command-queue', outcome: 'ok', detail: `${b.type} → device ${id}` });
+    return reply.status(201).send({ id: cmd });
+  });
+  app.get('/v1/admin/commands', async (req) => (admin(req), { commands: ctx.meta.listCommands() }));
+
+  app.get('/v1/admin/events', async (req) => {
+    admin(req);
+    const q = parse(z.object({ since: z.coerce.number().int().min(0).optional(), desktop: z.string().max(200).optional(), limit: z.coerce.number().int().min(1).max(10_000).optional(), wait: z.coerce.number().int().min(0).max(30).optional() }), req.query);
+    const desktopId = q.desktop ? (ctx.meta.getDesktop(q.desktop)?.id ?? q.desktop) : undefined;
+    // Long poll for `--follow`: wait up to `wait` seconds for something newer than `since`.
+    const deadline = Date.now() + (q.wait ?? 0) * 1000;
+    let events = ctx.meta.listEvents({ sinceId: q.since, desktopId, limit: q.limit });
+    while (events.length === 0 && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 250));
+      events = ctx.meta.listEvents({ sinceId: q.since, desktopId, limit: q.limit });
+    }
+    return { events };
+  });
+}

@@ -1,0 +1,33 @@
+import { timingSafeEqual } from 'node:crypto';
+import type { FastifyInstance } from 'fastify';
+import { z } from 'zod';
+import { publicKeyToBase64 } from '../../core/signing.js';
+import type { BrokerContext } from '../context.js';
+import { HttpError, parse, requireAdmin } from '../http.js';
+
+/** Transfer servers register and heartbeat with a shared secret; admins see the pool. */
+export function transferRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+  const checkSecret = (given: unknown) => {
+    const a = Buffer.from(String(given ?? ''));
+    const b = Buffer.from(ctx.settings.transferSecret);
+    if (a.length !== b.length || !timingSafeEqual(a, b)) throw new HttpError(401, 'bad-secret', 'transfer-server secret does not match');
+  };
+  app.post('/v1/transfer-servers/register', async (req) => {
+    checkSecret(req.headers['x-carryon-transfer-secret']);
+    const body = parse(z.object({ id: z.string().min(1).max(100), url: z.url(), slots: z.number().int().min(1).max(1024), fingerprint: z.string().regex(/^[0-9a-f]{64}$/) }).strict(), req.body);
+    ctx.scheduler.registerServer(body);
+    ctx.audit({ actor: `transfer:${body.id}`, action: 'transfer-server-register', outcome: 'ok', detail: `${body.url} slots=${body.slots}` });
+    return { signingPublicKey: publicKeyToBase64(ctx.secrets.signing.publicKey) };
+  });
+  app.post('/v1/transfer-servers/:id/heartbeat', async (req) => {
+    checkSecret(req.headers['x-carryon-transfer-secret']);
+    const { id } = parse(z.object({ id: z.string().max(100) }), req.params);
+    const body = parse(z.object({ activeStreams: z.number().int().min(0), bytesIn: z.number().min(0), bytesOut: z.number().min(0) }).strict(), req.body);
+    if (!ctx.scheduler.serverHeartbeat(id, body)) throw new HttpError(404, 'not-registered', 'register first');
+    return { ok: true };
+  });
+  app.get('/v1/admin/transfers', async (req) => {
+    requireAdmin(ctx, req);
+    return ctx.scheduler.overview();
+  });
+}

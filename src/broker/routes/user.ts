@@ -1,0 +1,113 @@
+import type { FastifyInstance } from 'fastify';
+import { z } from 'zod';
+import { PACKAGE_VERSION } from '../version.js';
+import { publicKeyFromBase64, publicKeyToBase64 } from '../../core/signing.js';
+import { allowedActions, beginUpload, cancel, checkOut, checkoutView, commitUpload, issueLease, markTransferred, rollback } from '../checkouts.js';
+import type { BrokerContext } from '../context.js';
+import { authenticate } from '../directory.js';
+import { HttpError, parse, requireUser } from '../http.js';
+import { effectivePolicy } from '../policies.js';
+import { issueToken } from '../tokens.js';
+
+const Host = z.object({
+  os: z.string().max(200).optional(),
+  cpus: z.number().int().min(1).max(4096),
+  ramBytes: z.number().int().min(0),
+  freeDiskBytes: z.number().int().min(0),
+});
+const Id = z.object({ id: z.string().min(1).max(200) });
+const Disks = z.object({ disks: z.array(z.object({ name: z.string().min(1).max(64), manifest: z.string().min(1) })).min(1).max(16) }).strict();
+
+/** Routes for users and their laptops: login, enrolment, desktops, check-out life cycle. */
+export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+  app.get('/v1/broker', async () => ({ version: PACKAGE_VERSION, signingPublicKey: publicKeyToBase64(ctx.secrets.signing.publicKey) }));
+
+  app.post('/v1/auth/login', async (req) => {
+    const body = parse(z.object({ username: z.string().min(1).max(64), password: z.string().min(1).max(1024), deviceId: z.string().max(200).optional() }).strict(), req.body);
+    const who = await authenticate(ctx.meta, ctx.settings.ldap, body.username, body.password);
+    if (!who) {
+      ctx.audit({ actor: body.username, action: 'login', outcome: 'denied', detail: 'bad credentials' });
+      throw new HttpError(401, 'bad-credentials', 'unknown user or wrong password');
+    }
+    const exp = Math.floor(Date.now() / 1000) + ctx.settings.sessionTtlSec;
+    const token = issueToken(ctx.secrets.tokenKey, { sub: who.name, role: who.role, exp, dev: body.deviceId });
+    let lease;
+    if (body.deviceId) {
+      const device = ctx.meta.getDevice(body.deviceId);
+      if (device && device.user === who.name) lease = issueLease(ctx, who.name, device.id)?.lease;
+    }
+    ctx.audit({ actor: who.name, action: 'login', outcome: 'ok', detail: body.deviceId ? `device ${body.deviceId}` : undefined });
+    return { token, expiresAt: new Date(exp * 1000).toISOString(), user: who, lease };
+  });
+
+  app.post('/v1/devices', async (req, reply) => {
+    const claims = requireUser(ctx, req);
+    const body = parse(z.object({ name: z.string().min(1).max(128), publicKey: z.string().min(1).max(1024), host: Host }).strict(), req.body);
+    try {
+      publicKeyFromBase64(body.publicKey);
+    } catch (err) {
+      throw new HttpError(400, 'bad-public-key', (err as Error).message);
+    }
+    const deviceId = ctx.meta.createDevice({ user: claims.sub, name: body.name, publicKey: body.publicKey, host: body.host });
+    ctx.audit({ actor: claims.sub, action: 'enroll', outcome: 'ok', detail: `device ${deviceId} (${body.name})` });
+    return reply.status(201).send({ deviceId });
+  });
+
+  app.get('/v1/desktops', async (req) => {
+    const claims = requireUser(ctx, req);
+    const desktops = ctx.meta.listDesktops().filter((d) => ctx.meta.isEntitled(claims.sub, d));
+    return {
+      desktops: desktops.map((d) => {
+        const active = ctx.meta.activeCheckout(d.id);
+        return {
+          id: d.id,
+          name: d.name,
+          pool: d.poolId,
+          state: active ? active.state : 'available',
+          checkout: active ? checkoutView(active) : undefined,
+          actions: allowedActions(ctx, claims.sub, d),
+          policy: effectivePolicy(ctx.meta, claims.sub, d),
+        };
+      }),
+    };
+  });
+
+  app.post('/v1/desktops/:id/checkout', async (req, reply) => {
+    const claims = requireUser(ctx, req);
+    const { id } = parse(Id, req.params);
+    const body = parse(z.object({ deviceId: z.string().min(1).max(200), host: Host }).strict(), req.body);
+    return reply.status(201).send(await checkOut(ctx, claims.sub, id, body));
+  });
+
+  app.get('/v1/jobs/:id', async (req) => {
+    requireUser(ctx, req);
+    const job = ctx.scheduler.get(parse(Id, req.params).id);
+    if (!job) throw new HttpError(404, 'not-found', 'no such job');
+    return job;
+  });
+  for (const op of ['pause', 'resume'] as const) {
+    app.post(`/v1/jobs/:id/${op}`, async (req) => {
+      const claims = requireUser(ctx, req);
+      const job = ctx.scheduler[op](parse(Id, req.params).id);
+      if (!job) throw new HttpError(404, 'not-found', 'no such job');
+      ctx.audit({ actor: claims.sub, action: `transfer-${op}`, outcome: 'ok', detail: `job ${job.id}` });
+      return job;
+    });
+  }
+
+  app.post('/v1/checkouts/:id/transferred', async (req) => ({ checkout: markTransferred(ctx, requireUser(ctx, req).sub, parse(Id, req.params).id) }));
+  app.post('/v1/checkouts/:id/cancel', async (req) => ({ checkout: cancel(ctx, requireUser(ctx, req).sub, parse(Id, req.params).id) }));
+  app.post('/v1/checkouts/:id/rollback', async (req) => ({ checkout: rollback(ctx, requireUser(ctx, req).sub, parse(Id, req.params).id) }));
+  for (const kind of ['checkin', 'replicate'] as const) {
+    app.post(`/v1/checkouts/:id/${kind}`, async (req) => beginUpload(ctx, requireUser(ctx, req).sub, parse(Id, req.params).id, kind, parse(Disks, req.body).disks));
+    app.post(`/v1/checkouts/:id/${kind}/commit`, async (req) => commitUpload(ctx, requireUser(ctx, req).sub, parse(Id, req.params).id, kind));
+  }
+  app.post('/v1/checkouts/:id/lease', async (req) => {
+    const claims = requireUser(ctx, req);
+    const c = ctx.meta.getCheckout(parse(Id, req.params).id);
+    if (!c || c.user !== claims.sub) throw new HttpError(404, 'not-found', 'no such checkout of yours');
+    const lease = issueLease(ctx, claims.sub, c.deviceId);
+    if (!lease) throw new HttpError(409, 'wrong-state', 'no active checkout to lease');
+    return { lease: lease.lease };
+  });
+}

@@ -1,0 +1,123 @@
+import { join } from 'node:path';
+import Fastify from 'fastify';
+import { encodeLineageKeys, unwrapLineageKeys } from '../core/keys.js';
+import { NoHypervisor, QmpHypervisor, type DatacenterHypervisor } from '../hypervisor/datacenter/hypervisor.js';
+import { loadOrCreateTls } from '../net/tls-cert.js';
+import { FsChunkStore } from '../store/fs-chunk-store.js';
+import { SqliteMetadataStore } from '../store/metadata.js';
+import { BROKER_MIGRATIONS } from '../store/metadata-schema.js';
+import { migrate, openSqlite } from '../store/sqlite.js';
+import { startTransferServer, type TransferServer } from '../transfer/server.js';
+import type { BrokerContext, BrokerSettings } from './context.js';
+import { installHttpBasics } from './http.js';
+import { hashPassword } from './passwords.js';
+import { adminRoutes } from './routes/admin.js';
+import { agentRoutes } from './routes/agent.js';
+import { transferRoutes } from './routes/transfers.js';
+import { userRoutes } from './routes/user.js';
+import { loadOrCreateSecrets } from './secrets.js';
+import { SqliteScheduler } from './transfers/scheduler.js';
+import { randomBytes } from 'node:crypto';
+import { readFile, writeFile } from 'node:fs/promises';
+
+export interface BrokerConfig {
+  dataDir: string;
+  host?: string;
+  port?: number;
+  certFile?: string;
+  keyFile?: string;
+  /** Slots of the in-process transfer server; 0 = none (standalone transfer servers only). */
+  embeddedTransferSlots?: number;
+  hypervisor?: { kind: 'none' } | { kind: 'qmp'; socketDir: string };
+  settings?: Partial<BrokerSettings>;
+  /** First admin, created when the directory has no users. */
+  initAdmin?: { name: string; password: string };
+  ticketTtlSec?: number;
+  pauseGraceSec?: number;
+  log?: boolean;
+}
+
+export interface RunningBroker {
+  url: string;
+  fingerprint: string;
+  signingPublicKey: string;
+  ctx: BrokerContext;
+  transfer: TransferServer | null;
+  close(): Promise<void>;
+}
+
+async function transferSecret(dataDir: string, given?: string): Promise<string> {
+  if (given) return given;
+  const path = join(dataDir, 'transfer.secret');
+  try {
+    return (await readFile(path, 'utf8')).trim();
+  } catch {
+    const s = randomBytes(24).toString('base64url');
+    await writeFile(path, `${s}\n`, { mode: 0o600 });
+    return s;
+  }
+}
+
+/** Starts the broker (HTTPS), and by default one transfer server in-process, registered like any other. */
+export async function startBroker(config: BrokerConfig): Promise<RunningBroker> {
+  const secrets = await loadOrCreateSecrets(config.dataDir);
+  const tls = await loadOrCreateTls({ dir: config.dataDir, certFile: config.certFile, keyFile: config.keyFile });
+  const db = openSqlite(join(config.dataDir, 'metadata.db'));
+  migrate(db, 'broker', BROKER_MIGRATIONS);
+  const meta = new SqliteMetadataStore(db);
+  const store = await FsChunkStore.open(join(config.dataDir, 'chunks'));
+  const settings: BrokerSettings = {
+    sessionTtlSec: 3600,
+    hypervisorOverheadMiB: 256,
+    passwordCostN: 1 << 15,
+    ...config.settings,
+    transferSecret: await transferSecret(config.dataDir, config.settings?.transferSecret),
+  };
+  const hypervisor: DatacenterHypervisor = config.hypervisor?.kind === 'qmp' ? new QmpHypervisor(config.hypervisor.socketDir) : new NoHypervisor();
+  const scheduler = new SqliteScheduler(db, { signingKey: secrets.signing.privateKey, ticketTtlSec: config.ticketTtlSec, pauseGraceSec: config.pauseGraceSec });
+  const ctx: BrokerContext = {
+    settings, meta, store, secrets, scheduler, hypervisor,
+    audit: (e) => void meta.addEvent({ actor: e.actor, desktopId: e.desktopId ?? null, action: e.action, outcome: e.outcome, detail: e.detail ?? null }),
+    keysFor: (wrapped, context) => encodeLineageKeys(unwrapLineageKeys(secrets.masterKey, wrapped, context)),
+  };
+  if (config.initAdmin && meta.listUsers().length === 0) {
+    meta.createUser({ name: config.initAdmin.name, passwordHash: await hashPassword(config.initAdmin.password, { N: settings.passwordCostN }), role: 'admin' });
+    ctx.audit({ actor: 'system', action: 'user-create', outcome: 'ok', detail: `initial admin ${config.initAdmin.name}` });
+  }
+
+  const app = Fastify({ https: { cert: tls.cert, key: tls.key }, bodyLimit: 32 * 1024 * 1024, logger: config.log ?? false });
+  installHttpBasics(app);
+  userRoutes(app, ctx);
+  agentRoutes(app, ctx);
+  adminRoutes(app, ctx);
+  transferRoutes(app, ctx);
+  const host = config.host ?? '127.0.0.1';
+  await app.listen({ host, port: config.port ?? 0 });
+  const addr = app.server.address();
+  const url = `https://${host}:${typeof addr === 'object' && addr ? addr.port : config.port}`;
+
+  let transfer: TransferServer | null = null;
+  let beat: NodeJS.Timeout | null = null;
+  const slots = config.embeddedTransferSlots ?? 4;
+  if (slots > 0) {
+    transfer = await startTransferServer({ id: 'embedded', host, slots, store, masterKey: secrets.masterKey, brokerPublicKey: secrets.signing.publicKey, tlsDir: join(config.dataDir, 'transfer-tls') });
+    const t = transfer;
+    scheduler.registerServer({ id: t.id, url: t.url, fingerprint: t.fingerprint, slots });
+    beat = setInterval(() => scheduler.serverHeartbeat(t.id, { bytesIn: t.stats.bytesIn, bytesOut: t.stats.bytesOut }), 5000);
+    beat.unref();
+  }
+  return {
+    url,
+    fingerprint: tls.fingerprint,
+    signingPublicKey: secrets.signing.publicKey.export({ format: 'der', type: 'spki' }).toString('base64'),
+    ctx,
+    transfer,
+    close: async () => {
+      if (beat) clearInterval(beat);
+      await transfer?.close();
+      await app.close();
+      await store.close();
+      db.close();
+    },
+  };
+}

@@ -1,0 +1,86 @@
+import { readFileSync } from 'node:fs';
+import { createInterface } from 'node:readline';
+import { Writable } from 'node:stream';
+import cliProgress from 'cli-progress';
+import { CarryonError } from '../core/errors.js';
+import type { Progress } from '../transfer/client.js';
+
+/** Reads a password: env CARRYON_PASSWORD, a --password-file, or a prompt without echo. */
+export function passwordSource(opts: { passwordFile?: string }, envName = 'CARRYON_PASSWORD', what = 'Password'): () => Promise<string> {
+  let cached: string | null = null;
+  return async () => {
+    if (cached !== null) return cached;
+    if (opts.passwordFile) cached = readFileSync(opts.passwordFile, 'utf8').replace(/\r?\n$/, '');
+    else if (process.env[envName]) cached = process.env[envName]!;
+    else if (process.stdin.isTTY) cached = await prompt(`${what}: `);
+    else throw new CarryonError('no-password', `no password: set ${envName}, use --password-file, or run on a terminal`);
+    return cached;
+  };
+}
+
+function prompt(question: string): Promise<string> {
+  let muted = false;
+  const out = new Writable({ write: (chunk, _enc, cb) => { if (!muted) process.stderr.write(chunk); cb(); } });
+  const rl = createInterface({ input: process.stdin, output: out, terminal: true });
+  return new Promise((resolve) => {
+    rl.question(question, (answer) => {
+      rl.close();
+      process.stderr.write('\n');
+      resolve(answer);
+    });
+    muted = true;
+  });
+}
+
+export function printJsonOr(json: boolean, value: unknown, human: () => void): void {
+  if (json) process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
+  else human();
+}
+
+/** Plain aligned table for humans. */
+export function table(rows: Record<string, unknown>[], columns?: string[]): void {
+  if (rows.length === 0) return void process.stdout.write('(none)\n');
+  const cols = columns ?? Object.keys(rows[0]!);
+  const cell = (v: unknown) => (v === null || v === undefined ? '' : typeof v === 'object' ? JSON.stringify(v) : String(v));
+  const widths = cols.map((c) => Math.max(c.length, ...rows.map((r) => cell(r[c]).length)));
+  const line = (vals: string[]) => vals.map((v, i) => v.padEnd(widths[i]!)).join('  ').trimEnd();
+  process.stdout.write(`${line(cols.map((c) => c.toUpperCase()))}\n${rows.map((r) => line(cols.map((c) => cell(r[c])))).join('\n')}\n`);
+}
+
+export function formatBytes(n: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+/** A progress bar on a terminal (bytes, rate, ETA); a line every few seconds otherwise. */
+export function progressReporter(quiet: boolean): { onProgress: (label: string, p: Progress) => void; stop: () => void } {
+  if (quiet) return { onProgress: () => undefined, stop: () => undefined };
+  if (process.stderr.isTTY) {
+    const bar = new cliProgress.SingleBar({ format: '{label} [{bar}] {percentage}% | {value}/{total} chunks | {done} | {rate}/s | ETA {eta_formatted}', stream: process.stderr, hideCursor: true }, cliProgress.Presets.shades_classic);
+    let started = false;
+    return {
+      onProgress: (label, p) => {
+        const payload = { label, done: formatBytes(p.bytesDone), rate: formatBytes(p.rate) };
+        if (!started) {
+          bar.start(p.chunksTotal, p.chunksDone, payload);
+          started = true;
+        } else bar.update(p.chunksDone, payload);
+      },
+      stop: () => started && bar.stop(),
+    };
+  }
+  let last = 0;
+  return {
+    onProgress: (label, p) => {
+      if (Date.now() - last < 2000 && p.chunksDone < p.chunksTotal) return;
+      last = Date.now();
+      process.stderr.write(`${label}: ${p.chunksDone}/${p.chunksTotal} chunks, ${formatBytes(p.bytesDone)}, ${formatBytes(p.rate)}/s${p.etaSeconds !== null ? `, ETA ${Math.ceil(p.etaSeconds)} s` : ''}\n`);
+    },
+    stop: () => undefined,
+  };
+}

@@ -1,0 +1,89 @@
+import { createPublicKey, randomBytes, type KeyObject } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { mkdir, open, readFile, rename, statfs } from 'node:fs/promises';
+import { cpus, homedir, loadavg, platform, release, totalmem } from 'node:os';
+import { join } from 'node:path';
+import { z } from 'zod';
+import { CarryonError } from '../core/errors.js';
+import { generateSigningKey, privateKeyFromPem, privateKeyToPem, publicKeyToBase64 } from '../core/signing.js';
+
+export function defaultHome(): string {
+  return process.env.CARRYON_HOME ?? join(homedir(), '.carryon');
+}
+
+/** Atomic replace: temp + fsync + rename. A crash leaves the old or the new file, never half. */
+export async function writeFileAtomic(path: string, data: string | Buffer, mode = 0o600): Promise<void> {
+  const tmp = `${path}.${randomBytes(4).toString('hex')}.tmp`;
+  const fh = await open(tmp, 'w', mode);
+  try {
+    await fh.writeFile(data);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  await rename(tmp, path);
+}
+
+export async function readJson<T>(path: string, schema: z.ZodType<T>): Promise<T | null> {
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw err;
+  }
+  const parsed = schema.safeParse(JSON.parse(text));
+  if (!parsed.success) throw new CarryonError('bad-state', `${path} is damaged: ${parsed.error.issues[0]?.message ?? 'invalid'}`);
+  return parsed.data;
+}
+
+export const DeviceFile = z.object({
+  deviceId: z.string().nullable(),
+  name: z.string(),
+  brokerUrl: z.string(),
+  fingerprint: z.string().regex(/^[0-9a-f]{64}$/),
+  signingPublicKey: z.string(),
+  secretStorage: z.enum(['file', 'tpm']),
+});
+export type DeviceFile = z.infer<typeof DeviceFile>;
+
+export interface DeviceIdentity {
+  info: DeviceFile;
+  privateKey: KeyObject;
+  publicKeyB64: string;
+  secret: Buffer;
+}
+
+/** Creates the device key pair and secret (0600 files in a 0700 home). */
+export async function createDeviceKeys(home: string): Promise<{ publicKeyB64: string; secretStorage: 'file' | 'tpm' }> {
+  await mkdir(home, { recursive: true, mode: 0o700 });
+  if (existsSync(join(home, 'device.key'))) throw new CarryonError('already-enrolled', `${home} already holds a device identity`);
+  const { privateKey, publicKey } = generateSigningKey();
+  await writeFileAtomic(join(home, 'device.key'), privateKeyToPem(privateKey));
+  await writeFileAtomic(join(home, 'device.secret'), randomBytes(32));
+  // TPM sealing (tpm2-tools) is used only where a TPM is present; this machine class has none.
+  return { publicKeyB64: publicKeyToBase64(publicKey), secretStorage: 'file' };
+}
+
+export function tpmPresent(): boolean {
+  return existsSync('/dev/tpmrm0');
+}
+
+export async function loadDevice(home: string): Promise<DeviceIdentity> {
+  const info = await readJson(join(home, 'device.json'), DeviceFile);
+  if (!info || !info.deviceId) throw new CarryonError('not-enrolled', `no enrolled device in ${home}: run \`carryon enroll <broker-url>\` first`);
+  const privateKey = privateKeyFromPem(await readFile(join(home, 'device.key'), 'utf8'));
+  const secret = await readFile(join(home, 'device.secret'));
+  return { info, privateKey, publicKeyB64: publicKeyToBase64(createPublicKey(privateKey)), secret };
+}
+
+export async function hostFacts(path: string) {
+  const fs = await statfs(path);
+  return {
+    os: `${platform()} ${release()}`,
+    cpus: cpus().length,
+    ramBytes: totalmem(),
+    freeDiskBytes: fs.bavail * fs.bsize,
+    loadAvg: loadavg(),
+  };
+}

@@ -1,0 +1,71 @@
+import { createHash } from 'node:crypto';
+import { z } from 'zod';
+
+/** Policy values and their defaults. Layers override in order global → pool → desktop → user. */
+export const PolicyValues = z.object({
+  checkoutAllowed: z.boolean(),
+  checkinAllowed: z.boolean(),
+  rollbackAllowed: z.boolean(),
+  maxLeaseHours: z.number().positive().max(24 * 365),
+  heartbeatIntervalSec: z.number().int().min(5).max(86_400),
+  usbAllowed: z.boolean(),
+  printingAllowed: z.boolean(),
+  ssoAllowed: z.boolean(),
+  replicationIntervalMin: z.number().int().min(0).max(7 * 24 * 60),
+  requireOnlineReauth: z.boolean(),
+});
+export type PolicyValues = z.infer<typeof PolicyValues>;
+export type PolicyName = keyof PolicyValues;
+export const PolicyLayer = PolicyValues.partial().strict();
+export type PolicyLayer = z.infer<typeof PolicyLayer>;
+
+export const POLICY_DEFAULTS: PolicyValues = {
+  checkoutAllowed: true,
+  checkinAllowed: true,
+  rollbackAllowed: true,
+  maxLeaseHours: 7 * 24,
+  heartbeatIntervalSec: 300,
+  usbAllowed: false,
+  printingAllowed: true,
+  ssoAllowed: true,
+  replicationIntervalMin: 0,
+  requireOnlineReauth: true,
+};
+
+export type PolicySource = 'default' | 'global' | `pool:${string}` | `desktop:${string}` | `user:${string}`;
+export type ResolvedPolicy = { [K in PolicyName]: { value: PolicyValues[K]; source: PolicySource } };
+
+export interface PolicyLayers {
+  global?: PolicyLayer;
+  pool?: { id: string; values: PolicyLayer };
+  desktop?: { id: string; values: PolicyLayer };
+  user?: { name: string; values: PolicyLayer };
+}
+
+/** Pure: the effective policy for one user on one desktop, each value with where it came from. */
+export function resolvePolicy(layers: PolicyLayers): ResolvedPolicy {
+  const out = {} as Record<PolicyName, { value: unknown; source: PolicySource }>;
+  for (const name of Object.keys(POLICY_DEFAULTS) as PolicyName[]) out[name] = { value: POLICY_DEFAULTS[name], source: 'default' };
+  const apply = (values: PolicyLayer | undefined, source: PolicySource) => {
+    if (!values) return;
+    for (const [name, value] of Object.entries(values) as [PolicyName, unknown][]) {
+      if (value !== undefined) out[name] = { value, source };
+    }
+  };
+  apply(layers.global, 'global');
+  if (layers.pool) apply(layers.pool.values, `pool:${layers.pool.id}`);
+  if (layers.desktop) apply(layers.desktop.values, `desktop:${layers.desktop.id}`);
+  if (layers.user) apply(layers.user.values, `user:${layers.user.name}`);
+  return out as ResolvedPolicy;
+}
+
+export function policyValues(resolved: ResolvedPolicy): PolicyValues {
+  return Object.fromEntries(Object.entries(resolved).map(([k, v]) => [k, v.value])) as PolicyValues;
+}
+
+/** Hash of the effective values (sources excluded), canonical key order. */
+export function policyHash(resolved: ResolvedPolicy): string {
+  const values = policyValues(resolved);
+  const canonical = JSON.stringify(Object.keys(values).sort().map((k) => [k, values[k as PolicyName]]));
+  return createHash('sha256').update(canonical).digest('hex');
+}

@@ -1,0 +1,116 @@
+import { spawn, execFile } from 'node:child_process';
+import { open, stat } from 'node:fs/promises';
+import { promisify } from 'node:util';
+import { CarryonError, ValidationError } from '../core/errors.js';
+
+const run = promisify(execFile);
+
+export type ImageFormat = 'raw' | 'qcow2' | 'vmdk' | 'vdi';
+export const IMAGE_FORMATS: readonly ImageFormat[] = ['raw', 'qcow2', 'vmdk', 'vdi'];
+
+/** A disk image as a stream of its raw (guest-visible) bytes. */
+export interface ImageSource {
+  format: ImageFormat;
+  size: number;
+  stream: AsyncIterable<Buffer>;
+  close(): void;
+}
+
+export class ImageNotFoundError extends CarryonError {
+  constructor(path: string) {
+    super('not-found', `image ${path} does not exist or is not a regular file`);
+  }
+}
+
+async function requireFile(path: string): Promise<number> {
+  try {
+    const st = await stat(path);
+    if (!st.isFile() && !st.isBlockDevice()) throw new ImageNotFoundError(path);
+    return st.size;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new ImageNotFoundError(path);
+    throw err;
+  }
+}
+
+/** Format and virtual size as QEMU sees them. */
+export async function inspectImage(path: string): Promise<{ format: string; virtualSize: number; actualSize: number }> {
+  await requireFile(path);
+  let out: string;
+  try {
+    out = (await run('qemu-img', ['info', '--output=json', path], { maxBuffer: 16 << 20 })).stdout;
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException & { stderr?: string };
+    if (e.code === 'ENOENT') throw new CarryonError('missing-tool', 'qemu-img is not installed (Debian package qemu-utils)');
+    throw new CarryonError('bad-image', `qemu-img cannot read ${path}: ${(e.stderr ?? e.message).trim()}`);
+  }
+  const info = JSON.parse(out) as { format?: string; 'virtual-size'?: number; 'actual-size'?: number };
+  if (typeof info.format !== 'string' || typeof info['virtual-size'] !== 'number') {
+    throw new CarryonError('bad-image', `qemu-img gave no format/size for ${path}`);
+  }
+  return { format: info.format, virtualSize: info['virtual-size'], actualSize: info['actual-size'] ?? 0 };
+}
+
+export async function detectFormat(path: string): Promise<ImageFormat> {
+  const { format } = await inspectImage(path);
+  if (!(IMAGE_FORMATS as readonly string[]).includes(format)) {
+    throw new ValidationError(`image format ${format} is not supported (supported: ${IMAGE_FORMATS.join(', ')})`);
+  }
+  return format as ImageFormat;
+}
+
+/** Raw file: whole `readSize` pieces, each in its own ArrayBuffer (transferable to a worker). */
+async function rawSource(path: string, size: number, readSize: number): Promise<ImageSource> {
+  const fh = await open(path, 'r');
+  let closed = false;
+  async function* stream(): AsyncGenerator<Buffer> {
+    try {
+      for (let pos = 0; pos < size && !closed; ) {
+        const buf = Buffer.from(new ArrayBuffer(Math.min(readSize, size - pos)));
+        let got = 0;
+        while (got < buf.length) {
+          const { bytesRead } = await fh.read(buf, got, buf.length - got, pos + got);
+          if (bytesRead === 0) throw new CarryonError('bad-image', `${path} ended at ${pos + got} bytes, expected ${size}`);
+          got += bytesRead;
+        }
+        pos += got;
+        yield buf;
+      }
+    } finally {
+      await fh.close();
+    }
+  }
+  return { format: 'raw', size, stream: stream(), close: () => void (closed = true) };
+}
+
+/**
+ * Opens an image for streaming. Raw files are read directly; other formats are decoded by
+ * qemu-nbd and streamed by nbdcopy to a pipe, so no full temporary copy is ever written.
+ */
+export async function openImageSource(path: string, format: ImageFormat | 'auto', readSize: number): Promise<ImageSource> {
+  const fileSize = await requireFile(path);
+  const fmt = format === 'auto' ? await detectFormat(path) : format;
+  if (!IMAGE_FORMATS.includes(fmt)) throw new ValidationError(`image format ${String(fmt)} is not supported`);
+  if (fmt === 'raw') return rawSource(path, fileSize, readSize);
+  const { virtualSize, format: actual } = await inspectImage(path);
+  if (actual !== fmt) throw new ValidationError(`image ${path} is ${actual}, not ${fmt}`);
+  const child = spawn('nbdcopy', ['--', '[', 'qemu-nbd', '-r', '-f', fmt, path, ']', '-'], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<void>((resolve, reject) => {
+    child.on('error', (err: NodeJS.ErrnoException) =>
+      reject(err.code === 'ENOENT' ? new CarryonError('missing-tool', 'nbdcopy is not installed (Debian package libnbd-bin)') : err),
+    );
+    child.on('close', (code, signal) =>
+      code === 0 ? resolve() : reject(new CarryonError('bad-image', `nbdcopy failed (${code ?? signal}) on ${path}: ${stderr.trim()}`)),
+    );
+  });
+  exited.catch(() => undefined);
+  async function* stream(): AsyncGenerator<Buffer> {
+    for await (const piece of child.stdout) yield piece as Buffer;
+    await exited;
+  }
+  return { format: fmt, size: virtualSize, stream: stream(), close: () => child.kill('SIGTERM') };
+}

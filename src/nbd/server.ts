@@ -1,0 +1,227 @@
+import { chmod, mkdir, rm } from 'node:fs/promises';
+import { createServer, type Server, type Socket } from 'node:net';
+import { dirname } from 'node:path';
+import type { BlockDevice } from '../disk/block-device.js';
+import {
+  CMD, CMD_FLAG_FUA, ERR, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO, MAX_OPTION, MAX_PAYLOAD, NBDMAGIC, OPT, optionReply,
+  parseRequest, REP, simpleReply, transmissionFlags,
+} from './protocol.js';
+
+class ProtocolError extends Error {}
+
+/** Buffered exact reads from a socket; rejects when the peer goes away. */
+class SocketReader {
+  private chunks: Buffer[] = [];
+  private length = 0;
+  private waiter: (() => void) | null = null;
+  private ended = false;
+
+  constructor(socket: Socket) {
+    socket.on('data', (d: Buffer) => {
+      this.chunks.push(d);
+      this.length += d.length;
+      this.waiter?.();
+    });
+    const end = () => {
+      this.ended = true;
+      this.waiter?.();
+    };
+    socket.on('end', end);
+    socket.on('close', end);
+    socket.on('error', end);
+  }
+
+  async read(n: number): Promise<Buffer> {
+    while (this.length < n) {
+      if (this.ended) throw new ProtocolError('peer closed the connection');
+      await new Promise<void>((r) => (this.waiter = r));
+      this.waiter = null;
+    }
+    const all = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks, this.length);
+    const out = all.subarray(0, n);
+    const rest = all.subarray(n);
+    this.chunks = rest.length ? [rest] : [];
+    this.length = rest.length;
+    return out;
+  }
+}
+
+export interface NbdServer {
+  address: string;
+  close(): Promise<void>;
+}
+
+/**
+ * NBD server (newstyle fixed handshake) over named block devices: on a unix socket (0600, in a
+ * 0700 directory) by default, or TCP on 127.0.0.1 when asked. A malformed or vanished client
+ * costs its own connection only.
+ */
+export async function serveNbd(exports: Map<string, BlockDevice>, where: { socketPath: string } | { tcpPort: number }): Promise<NbdServer> {
+  const sockets = new Set<Socket>();
+  const server: Server = createServer((socket) => {
+    sockets.add(socket);
+    socket.on('close', () => sockets.delete(socket));
+    socket.setNoDelay(true);
+    handle(socket, exports).catch(() => undefined).finally(() => socket.destroy());
+  });
+  server.on('error', () => undefined);
+  let address: string;
+  if ('socketPath' in where) {
+    await mkdir(dirname(where.socketPath), { recursive: true, mode: 0o700 });
+    await rm(where.socketPath, { force: true });
+    await new Promise<void>((resolve, reject) => server.listen(where.socketPath, resolve).once('error', reject));
+    await chmod(where.socketPath, 0o600);
+    address = where.socketPath;
+  } else {
+    await new Promise<void>((resolve, reject) => server.listen(where.tcpPort, '127.0.0.1', resolve).once('error', reject));
+    const a = server.address();
+    address = `127.0.0.1:${typeof a === 'object' && a ? a.port : where.tcpPort}`;
+  }
+  return {
+    address,
+    close: async () => {
+      for (const s of sockets) s.destroy();
+      await new Promise<void>((r) => server.close(() => r()));
+      for (const dev of exports.values()) await dev.flush().catch(() => undefined);
+    },
+  };
+}
+
+async function handle(socket: Socket, exports: Map<string, BlockDevice>): Promise<void> {
+  const rd = new SocketReader(socket);
+  const hello = Buffer.alloc(18);
+  hello.writeBigUInt64BE(NBDMAGIC, 0);
+  hello.writeBigUInt64BE(IHAVEOPT, 8);
+  hello.writeUInt16BE(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES, 16);
+  socket.write(hello);
+  const clientFlags = (await rd.read(4)).readUInt32BE(0);
+  if (clientFlags & ~(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)) throw new ProtocolError('unknown client flags');
+  const noZeroes = (clientFlags & FLAG_NO_ZEROES) !== 0;
+
+  let device: BlockDevice | undefined;
+  while (!device) {
+    const head = await rd.read(16);
+    if (head.readBigUInt64BE(0) !== IHAVEOPT) throw new ProtocolError('bad option magic');
+    const option = head.readUInt32BE(8);
+    const len = head.readUInt32BE(12);
+    if (len > MAX_OPTION) throw new ProtocolError('option too large');
+    const data = await rd.read(len);
+    switch (option) {
+      case OPT.EXPORT_NAME: {
+        device = exports.get(data.toString('utf8')) ?? (data.length === 0 && exports.size === 1 ? [...exports.values()][0] : undefined);
+        if (!device) throw new ProtocolError('unknown export'); // this option has no error reply: close
+        const b = Buffer.alloc(noZeroes ? 10 : 134);
+        b.writeBigUInt64BE(BigInt(device.size), 0);
+        b.writeUInt16BE(transmissionFlags(device.readOnly), 8);
+        socket.write(b);
+        break;
+      }
+      case OPT.ABORT:
+        socket.write(optionReply(option, REP.ACK));
+        socket.end();
+        return;
+      case OPT.LIST:
+        if (len !== 0) {
+          socket.write(optionReply(option, REP.ERR_INVALID));
+          break;
+        }
+        for (const name of exports.keys()) {
+          const n = Buffer.from(name);
+          const d = Buffer.alloc(4 + n.length);
+          d.writeUInt32BE(n.length, 0);
+          n.copy(d, 4);
+          socket.write(optionReply(option, REP.SERVER, d));
+        }
+        socket.write(optionReply(option, REP.ACK));
+        break;
+      case OPT.INFO:
+      case OPT.GO: {
+        const nameLen = len >= 4 ? data.readUInt32BE(0) : -1;
+        if (nameLen < 0 || 4 + nameLen + 2 > len || 4 + nameLen + 2 + 2 * data.readUInt16BE(4 + nameLen) !== len) {
+          socket.write(optionReply(option, REP.ERR_INVALID));
+          break;
+        }
+        const name = data.subarray(4, 4 + nameLen).toString('utf8');
+        const dev = exports.get(name) ?? (name === '' && exports.size === 1 ? [...exports.values()][0] : undefined);
+        if (!dev) {
+          socket.write(optionReply(option, REP.ERR_UNKNOWN, Buffer.from(`no export named "${name}"`)));
+          break;
+        }
+        const info = Buffer.alloc(12);
+        info.writeUInt16BE(INFO.EXPORT, 0);
+        info.writeBigUInt64BE(BigInt(dev.size), 2);
+        info.writeUInt16BE(transmissionFlags(dev.readOnly), 10);
+        socket.write(optionReply(option, REP.INFO, info));
+        const bs = Buffer.alloc(14);
+        bs.writeUInt16BE(INFO.BLOCK_SIZE, 0);
+        bs.writeUInt32BE(1, 2);
+        bs.writeUInt32BE(4096, 6);
+        bs.writeUInt32BE(MAX_PAYLOAD, 10);
+        socket.write(optionReply(option, REP.INFO, bs));
+        socket.write(optionReply(option, REP.ACK));
+        if (option === OPT.GO) device = dev;
+        break;
+      }
+      default:
+        socket.write(optionReply(option, REP.ERR_UNSUP));
+    }
+  }
+  await transmission(socket, rd, device);
+}
+
+const MAX_READS_IN_FLIGHT = 16;
+
+async function transmission(socket: Socket, rd: SocketReader, dev: BlockDevice): Promise<void> {
+  // Reads are pipelined (replies may come out of order, matched by handle); anything that
+  // changes the disk waits for them, so writes and flushes keep their order.
+  const reads = new Set<Promise<void>>();
+  const drain = () => Promise.all(reads);
+  for (;;) {
+    const req = parseRequest(await rd.read(28));
+    if (!req) throw new ProtocolError('bad request magic');
+    const inRange = req.offset + BigInt(req.length) <= BigInt(dev.size);
+    const offset = Number(req.offset);
+    const fua = (req.flags & CMD_FLAG_FUA) !== 0;
+    const reply = (err: number, data?: Buffer) => socket.write(simpleReply(err, req.handle, data));
+    switch (req.type) {
+      case CMD.READ: {
+        if (req.length > MAX_PAYLOAD || !inRange) {
+          reply(ERR.EINVAL);
+          break;
+        }
+        const p = dev.read(offset, req.length).then((d) => void reply(0, d), () => void reply(ERR.EIO));
+        reads.add(p);
+        void p.finally(() => reads.delete(p));
+        if (reads.size >= MAX_READS_IN_FLIGHT) await Promise.race(reads);
+        break;
+      }
+      case CMD.WRITE: {
+        if (req.length > MAX_PAYLOAD) throw new ProtocolError('write too large'); // cannot skip its payload safely
+        const data = await rd.read(req.length);
+        await drain();
+        if (dev.readOnly) reply(ERR.EPERM);
+        else if (!inRange) reply(ERR.ENOSPC);
+        else await dev.write(offset, Buffer.from(data), fua).then(() => reply(0), () => reply(ERR.EIO));
+        break;
+      }
+      case CMD.FLUSH:
+        await drain();
+        await dev.flush().then(() => reply(0), () => reply(ERR.EIO));
+        break;
+      case CMD.TRIM:
+      case CMD.WRITE_ZEROES:
+        await drain();
+        if (dev.readOnly) reply(ERR.EPERM);
+        else if (!inRange) reply(ERR.ENOSPC);
+        else await (req.type === CMD.TRIM ? dev.trim(offset, req.length) : dev.writeZeroes(offset, req.length, fua)).then(() => reply(0), () => reply(ERR.EIO));
+        break;
+      case CMD.DISC:
+        await drain();
+        await dev.flush().catch(() => undefined);
+        socket.end();
+        return;
+      default:
+        reply(ERR.EINVAL);
+    }
+  }
+}

@@ -1,0 +1,245 @@
+import { EventEmitter } from 'node:events';
+import { Agent, request } from 'undici';
+import { openBlob } from '../core/blob.js';
+import type { ChunkId } from '../core/chunk-id.js';
+import { CarryonError } from '../core/errors.js';
+import type { LineageKeys } from '../core/keys.js';
+import { pinnedAgent } from '../net/pinned-agent.js';
+import type { ChunkStore } from '../store/chunk-store.js';
+import { blobFrame, endFrame, FRAME_BLOB, FRAME_ERROR, FrameDecoder } from './frames.js';
+
+export interface TransferEndpoint {
+  url: string;
+  fingerprint: string;
+  ticket: string;
+  maxStreams: number;
+}
+
+export interface Progress {
+  bytesDone: number;
+  chunksDone: number;
+  chunksTotal: number;
+  rate: number;
+  etaSeconds: number | null;
+}
+
+export interface TransferOptions {
+  endpoint: TransferEndpoint;
+  ids: readonly ChunkId[];
+  localStore: ChunkStore;
+  keys: LineageKeys;
+  streams?: number;
+  batchSize?: number;
+  signal?: AbortSignal;
+  onProgress?: (p: Progress) => void;
+  /** Called when the ticket is refused as expired: returns a fresh endpoint (same job). */
+  renew?: () => Promise<TransferEndpoint>;
+  maxRetries?: number;
+}
+
+export interface TransferResult {
+  chunksMoved: number;
+  bytesMoved: number;
+  /** Blobs that failed verification and were fetched again. */
+  refetched: number;
+}
+
+export class TransferFailed extends CarryonError {
+  constructor(message: string, readonly status?: number) {
+    super('transfer-failed', message);
+  }
+}
+
+/** A session with one transfer server: the pinned connection pool and the current ticket. */
+export class TransferSession extends EventEmitter {
+  private agent: Agent;
+  constructor(public endpoint: TransferEndpoint, private readonly renew?: () => Promise<TransferEndpoint>) {
+    super();
+    this.agent = pinnedAgent(endpoint.fingerprint, { connections: endpoint.maxStreams });
+  }
+
+  async call(path: string, body: string | Buffer, signal?: AbortSignal): Promise<{ status: number; body: AsyncIterable<Buffer> & { json(): Promise<unknown>; text(): Promise<string> } }> {
+    for (let attempt = 0; attempt < 50; attempt++) {
+      if (signal?.aborted) throw new CarryonError('aborted', 'transfer paused or cancelled');
+      const res = await request(`${this.endpoint.url}${path}`, {
+        method: 'POST',
+        dispatcher: this.agent,
+        signal,
+        headers: {
+          authorization: `Ticket ${this.endpoint.ticket}`,
+          'content-type': typeof body === 'string' ? 'application/json' : 'application/octet-stream',
+        },
+        body,
+      });
+      if (res.statusCode === 429) {
+        await res.body.dump();
+        await sleep(Number(res.headers['retry-after'] ?? 1) * 200, signal);
+        continue;
+      }
+      if (res.statusCode === 401 && this.renew) {
+        const text = await res.body.text();
+        if (!text.includes('ticket-expired')) throw new TransferFailed(`transfer server refused the ticket: ${text}`, 401);
+        await this.setEndpoint(await this.renew());
+        continue;
+      }
+      if (res.statusCode >= 400) throw new TransferFailed(`transfer server answered ${res.statusCode}: ${await res.body.text()}`, res.statusCode);
+      return { status: res.statusCode, body: res.body };
+    }
+    throw new TransferFailed('transfer server stayed busy');
+  }
+
+  async setEndpoint(e: TransferEndpoint): Promise<void> {
+    if (e.url !== this.endpoint.url || e.fingerprint !== this.endpoint.fingerprint) {
+      await this.agent.close();
+      this.agent = pinnedAgent(e.fingerprint, { connections: e.maxStreams });
+    }
+    this.endpoint = e;
+  }
+
+  async missing(ids: readonly ChunkId[], signal?: AbortSignal): Promise<ChunkId[]> {
+    const out: ChunkId[] = [];
+    for (let i = 0; i < ids.length; i += 4096) {
+      const res = await this.call('/v1/chunks/missing', JSON.stringify({ ids: ids.slice(i, i + 4096) }), signal);
+      out.push(...((await res.body.json()) as { missing: ChunkId[] }).missing);
+    }
+    return out;
+  }
+
+  close(): Promise<void> {
+    return this.agent.close();
+  }
+}
+
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const t = setTimeout(resolve, ms);
+    signal?.addEventListener('abort', () => { clearTimeout(t); resolve(); }, { once: true });
+  });
+}
+
+function progressTracker(total: number, onProgress?: (p: Progress) => void) {
+  const start = Date.now();
+  const state = { bytesDone: 0, chunksDone: 0 };
+  return {
+    state,
+    add(bytes: number, chunks: number) {
+      state.bytesDone += bytes;
+      state.chunksDone += chunks;
+      const secs = (Date.now() - start) / 1000;
+      const rate = secs > 0 ? state.bytesDone / secs : 0;
+      const perChunk = state.chunksDone ? state.bytesDone / state.chunksDone : 0;
+      const eta = rate > 0 ? ((total - state.chunksDone) * perChunk) / rate : null;
+      onProgress?.({ ...state, chunksTotal: total, rate, etaSeconds: eta });
+    },
+  };
+}
+
+/** Runs `worker` over batches of `ids` with `streams` in parallel. */
+async function inBatches(ids: readonly ChunkId[], batchSize: number, streams: number, worker: (batch: ChunkId[]) => Promise<void>): Promise<void> {
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: Math.max(1, streams) }, async () => {
+      while (next < ids.length) {
+        const batch = ids.slice(next, next + batchSize);
+        next += batchSize;
+        await worker(batch);
+      }
+    }),
+  );
+}
+
+/**
+ * Pulls `ids` the local store lacks. Every blob is authenticated before it is stored; a bad one
+ * is refused and fetched again (bounded). Resumable by construction: ask again what is missing.
+ */
+export async function downloadChunks(opts: TransferOptions, shared?: TransferSession): Promise<TransferResult> {
+  const session = shared ?? new TransferSession(opts.endpoint, opts.renew);
+  const want = await opts.localStore.missing(opts.ids);
+  const tracker = progressTracker(want.length, opts.onProgress);
+  const result: TransferResult = { chunksMoved: 0, bytesMoved: 0, refetched: 0 };
+  let queue = want;
+  const maxRetries = opts.maxRetries ?? 3;
+  try {
+    for (let round = 0; queue.length && round <= maxRetries; round++) {
+      const failed: ChunkId[] = [];
+      await inBatches(queue, opts.batchSize ?? 64, opts.streams ?? session.endpoint.maxStreams, async (batch) => {
+        const res = await session.call('/v1/chunks/fetch', JSON.stringify({ ids: batch }), opts.signal);
+        const decoder = new FrameDecoder();
+        const seen = new Set<ChunkId>();
+        for await (const piece of res.body) {
+          for (const frame of decoder.push(piece)) {
+            if (frame.type === FRAME_ERROR) throw new TransferFailed(`server could not send chunk ${frame.id}: ${frame.message}`);
+            if (frame.type !== FRAME_BLOB) continue;
+            seen.add(frame.id);
+            try {
+              openBlob(opts.keys, frame.id, frame.payload);
+            } catch {
+              failed.push(frame.id);
+              result.refetched++;
+              continue;
+            }
+            await opts.localStore.put(frame.id, frame.payload, { defer: true });
+            result.chunksMoved++;
+            result.bytesMoved += frame.payload.length;
+            tracker.add(frame.payload.length, 1);
+          }
+        }
+        decoder.finish();
+        for (const id of batch) if (!seen.has(id)) failed.push(id);
+        // Durable per batch, so an interrupted transfer keeps what it already has.
+        await opts.localStore.sync();
+      });
+      queue = failed;
+    }
+    if (queue.length) throw new TransferFailed(`${queue.length} chunks failed verification ${maxRetries + 1} times`);
+    return result;
+  } finally {
+    await opts.localStore.sync();
+    if (!shared) await session.close();
+  }
+}
+
+/** Pushes the chunks among `ids` that the server lacks (asked first), as framed streams. */
+export async function uploadChunks(opts: TransferOptions, shared?: TransferSession): Promise<TransferResult> {
+  const session = shared ?? new TransferSession(opts.endpoint, opts.renew);
+  const result: TransferResult = { chunksMoved: 0, bytesMoved: 0, refetched: 0 };
+  try {
+    const need = await session.missing([...new Set(opts.ids)], opts.signal);
+    const tracker = progressTracker(need.length, opts.onProgress);
+    await inBatches(need, opts.batchSize ?? 64, opts.streams ?? session.endpoint.maxStreams, async (batch) => {
+      const frames: Buffer[] = [];
+      for (const id of batch) {
+        const blob = await opts.localStore.get(id);
+        if (!blob) throw new TransferFailed(`chunk ${id} is not in the local vault`);
+        frames.push(blobFrame(id, blob));
+      }
+      frames.push(endFrame());
+      const body = Buffer.concat(frames);
+      const res = await session.call('/v1/chunks/push', body, opts.signal);
+      const ans = (await res.body.json()) as { stored: number; duplicate: number; rejected: { id: string; reason: string }[] };
+      if (ans.rejected.length) throw new TransferFailed(`server rejected ${ans.rejected.length} chunks: ${ans.rejected[0]!.reason}`);
+      result.chunksMoved += batch.length;
+      result.bytesMoved += body.length;
+      tracker.add(body.length, batch.length);
+    });
+    return result;
+  } finally {
+    if (!shared) await session.close();
+  }
+}
+
+/** One chunk now (fetch on demand while the background fill runs). */
+export async function fetchOne(session: TransferSession, id: ChunkId, keys: LineageKeys, store: ChunkStore): Promise<void> {
+  const res = await session.call('/v1/chunks/fetch', JSON.stringify({ ids: [id] }));
+  const decoder = new FrameDecoder();
+  for await (const piece of res.body) {
+    for (const frame of decoder.push(piece)) {
+      if (frame.type === FRAME_ERROR) throw new TransferFailed(`server could not send chunk ${id}: ${frame.message}`);
+      if (frame.type === FRAME_BLOB) {
+        openBlob(keys, frame.id, frame.payload);
+        await store.put(frame.id, frame.payload);
+      }
+    }
+  }
+  decoder.finish();
+}

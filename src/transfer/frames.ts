@@ -1,0 +1,76 @@
+import { chunkIdFromBytes, chunkIdToBytes, type ChunkId } from '../core/chunk-id.js';
+import { MAX_BLOB_SIZE } from '../core/blob.js';
+import { CarryonError } from '../core/errors.js';
+
+/** Framed chunk stream: type u8 ‖ id 32 ‖ length u32be ‖ payload. */
+export const FRAME_END = 0;
+export const FRAME_BLOB = 1;
+export const FRAME_ERROR = 2;
+const HEAD = 1 + 32 + 4;
+const MAX_ERROR_PAYLOAD = 4096;
+
+export type Frame =
+  | { type: typeof FRAME_BLOB; id: ChunkId; payload: Buffer }
+  | { type: typeof FRAME_ERROR; id: ChunkId; message: string }
+  | { type: typeof FRAME_END };
+
+export class FrameError extends CarryonError {
+  constructor(message: string) {
+    super('bad-frame', message);
+  }
+}
+
+export function encodeFrame(type: number, id: ChunkId | null, payload: Uint8Array = Buffer.alloc(0)): Buffer {
+  const out = Buffer.allocUnsafe(HEAD + payload.length);
+  out[0] = type;
+  if (id) chunkIdToBytes(id).copy(out, 1);
+  else out.fill(0, 1, 33);
+  out.writeUInt32BE(payload.length, 33);
+  Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength).copy(out, HEAD);
+  return out;
+}
+
+export const endFrame = (): Buffer => encodeFrame(FRAME_END, null);
+export const blobFrame = (id: ChunkId, blob: Uint8Array): Buffer => encodeFrame(FRAME_BLOB, id, blob);
+export const errorFrame = (id: ChunkId, message: string): Buffer =>
+  encodeFrame(FRAME_ERROR, id, Buffer.from(message.slice(0, MAX_ERROR_PAYLOAD)));
+
+/**
+ * Incremental decoder: feed arbitrary pieces, get whole validated frames. Rejects unknown
+ * types, oversize lengths, data after the end frame, and (at finish) a stream cut short.
+ */
+export class FrameDecoder {
+  private buf: Buffer = Buffer.alloc(0);
+  private ended = false;
+
+  push(piece: Uint8Array): Frame[] {
+    if (this.ended && piece.length) throw new FrameError('data after the end frame');
+    this.buf = this.buf.length ? Buffer.concat([this.buf, piece]) : Buffer.from(piece);
+    const frames: Frame[] = [];
+    while (this.buf.length >= HEAD) {
+      const type = this.buf[0]!;
+      const len = this.buf.readUInt32BE(33);
+      if (type !== FRAME_END && type !== FRAME_BLOB && type !== FRAME_ERROR) throw new FrameError(`unknown frame type ${type}`);
+      const max = type === FRAME_BLOB ? MAX_BLOB_SIZE : type === FRAME_ERROR ? MAX_ERROR_PAYLOAD : 0;
+      if (len > max) throw new FrameError(`frame of type ${type} claims ${len} bytes (max ${max})`);
+      if (this.buf.length < HEAD + len) break;
+      const idBytes = this.buf.subarray(1, 33);
+      const payload = Buffer.from(this.buf.subarray(HEAD, HEAD + len));
+      this.buf = this.buf.subarray(HEAD + len);
+      if (type === FRAME_END) {
+        this.ended = true;
+        if (this.buf.length) throw new FrameError('data after the end frame');
+        frames.push({ type: FRAME_END });
+        break;
+      }
+      const id = chunkIdFromBytes(idBytes);
+      frames.push(type === FRAME_BLOB ? { type, id, payload } : { type: FRAME_ERROR, id, message: payload.toString('utf8') });
+    }
+    return frames;
+  }
+
+  /** Call at end of input: throws unless the end frame arrived. */
+  finish(): void {
+    if (!this.ended) throw new FrameError(this.buf.length ? 'stream cut inside a frame' : 'stream ended without an end frame');
+  }
+}

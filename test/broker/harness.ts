@@ -1,0 +1,57 @@
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { request } from 'undici';
+import { startBroker, type BrokerConfig, type RunningBroker } from '../../src/broker/start.js';
+import { pinnedAgent } from '../../src/net/pinned-agent.js';
+
+export const ADMIN = { name: 'root', password: 'root-password-1' };
+
+/** A broker on 127.0.0.1 in a temp dir, with a cheap password hash for speed. */
+export async function testBroker(dir = mkdtempSync(join(tmpdir(), 'carryon-broker-')), extra: Partial<BrokerConfig> = {}): Promise<RunningBroker & { dir: string }> {
+  const b = await startBroker({ dataDir: dir, initAdmin: ADMIN, settings: { passwordCostN: 1024 }, ...extra });
+  return Object.assign(b, { dir });
+}
+
+export function cleanup(dir: string): void {
+  rmSync(dir, { recursive: true, force: true });
+}
+
+export interface Api {
+  call(method: string, path: string, body?: unknown, token?: string): Promise<{ status: number; body: Record<string, unknown> }>;
+  login(username: string, password: string, deviceId?: string): Promise<string>;
+  close(): Promise<void>;
+}
+
+export function api(url: string, fingerprint: string): Api {
+  const agent = pinnedAgent(fingerprint);
+  const call: Api['call'] = async (method, path, body, token) => {
+    const res = await request(`${url}${path}`, {
+      method: method as 'GET',
+      dispatcher: agent,
+      headers: { ...(body !== undefined ? { 'content-type': 'application/json' } : {}), ...(token ? { authorization: `Bearer ${token}` } : {}) },
+      body: body === undefined ? undefined : typeof body === 'string' ? body : JSON.stringify(body),
+    });
+    const text = await res.body.text();
+    return { status: res.statusCode, body: text ? (JSON.parse(text) as Record<string, unknown>) : {} };
+  };
+  return {
+    call,
+    async login(username, password, deviceId) {
+      const r = await call('POST', '/v1/auth/login', { username, password, deviceId });
+      if (r.status !== 200) throw new Error(`login failed: ${JSON.stringify(r.body)}`);
+      return String(r.body.token);
+    },
+    close: () => agent.close(),
+  };
+}
+
+/** A small raw image: random data with holes, `mib` MiB. */
+export function makeImage(dir: string, mib: number, name = 'disk.raw'): string {
+  const path = join(dir, name);
+  const data = Buffer.alloc(mib * 1024 * 1024);
+  for (let off = 0; off < data.length; off += 512 * 1024) randomBytes(256 * 1024).copy(data, off);
+  writeFileSync(path, data);
+  return path;
+}

@@ -1,0 +1,130 @@
+import assert from 'node:assert/strict';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { after, before, test } from 'node:test';
+import { unwrapLineageKeys } from '../../src/core/keys.js';
+import { decodeManifest } from '../../src/core/manifest.js';
+import { exportImage } from '../../src/import/export.js';
+import { checkout, type ClientEnv } from '../../src/client/ops.js';
+import type { RunningBroker } from '../../src/broker/start.js';
+import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
+
+const run = promisify(execFile);
+const CLI = join(process.cwd(), 'dist', 'src', 'cli', 'main.js');
+let broker: RunningBroker & { dir: string };
+let http: Api;
+let image: string;
+let home: string;
+let cliEnv: NodeJS.ProcessEnv;
+
+function carryon(args: string[]) {
+  return run(process.execPath, [CLI, ...args], { env: cliEnv, maxBuffer: 16 << 20 });
+}
+
+function spawnCarryon(args: string[]): ChildProcess {
+  return spawn(process.execPath, [CLI, ...args], { env: cliEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+}
+
+async function waitForOutput(child: ChildProcess, re: RegExp): Promise<string> {
+  let out = '';
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error(`timed out waiting for ${re}: ${out}`)), 30_000);
+    const on = (d: Buffer) => {
+      out += d.toString();
+      if (re.test(out)) { clearTimeout(t); resolve(out); }
+    };
+    child.stdout!.on('data', on);
+    child.stderr!.on('data', on);
+    child.on('exit', () => { clearTimeout(t); reject(new Error(`exited early: ${out}`)); });
+  });
+}
+
+async function serverDisk(): Promise<Buffer> {
+  const d = broker.ctx.meta.getDesktop('win11')!;
+  const snap = broker.ctx.meta.getSnapshot(d.currentSnapshot!)!;
+  const m = decodeManifest((await broker.ctx.store.getManifest(snap.disks[0]!.digest))!);
+  const keys = unwrapLineageKeys(broker.ctx.secrets.masterKey, broker.ctx.meta.getLineageKeys(d.lineageId)!, `lineage:${d.lineageId}`);
+  const out = join(broker.dir, `server-${randomBytes(3).toString('hex')}.raw`);
+  await exportImage(m, { store: broker.ctx.store, keys }, out);
+  return readFileSync(out);
+}
+
+before(async () => {
+  broker = await testBroker();
+  http = api(broker.url, broker.fingerprint);
+  const admin = await http.login(ADMIN.name, ADMIN.password);
+  await http.call('POST', '/v1/admin/users', { name: 'alice', password: 'alice-password' }, admin);
+  image = makeImage(broker.dir, 16);
+  assert.equal((await http.call('POST', '/v1/admin/desktops', { name: 'win11', image, config: { vcpus: 2, ramMiB: 1024, minRamMiB: 256 } }, admin)).status, 201);
+  await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: 'win11' }, admin);
+  home = join(broker.dir, 'cli-home');
+  cliEnv = { ...process.env, CARRYON_HOME: home, CARRYON_USER: 'alice', CARRYON_PASSWORD: 'alice-password', CARRYON_SCRYPT_N: '1024' };
+});
+after(async () => {
+  await http.close();
+  await broker.close();
+  cleanup(broker.dir);
+});
+
+test('CLI: enroll, check-out, write through NBD with qemu-io, check-in killed mid-way then completed', async () => {
+  const bad = await carryon(['enroll', broker.url, '--fingerprint', 'ab'.repeat(32)]).catch((e: { stderr: string; code: number }) => e);
+  assert.match((bad as { stderr: string }).stderr, /not the expected/);
+  await carryon(['enroll', broker.url, '--fingerprint', broker.fingerprint, '--name', 'laptop']);
+  const list = JSON.parse((await carryon(['list', '--json'])).stdout) as { name: string; actions: string[] }[];
+  assert.deepEqual(list.map((d) => [d.name, d.actions]), [['win11', ['checkout']]]);
+  await carryon(['checkout', 'win11', '--quiet']);
+  const st = JSON.parse((await carryon(['status', 'win11', '--json'])).stdout) as { safeOffline: boolean; state: string }[];
+  assert.deepEqual([st[0]!.state, st[0]!.safeOffline], ['checked_out', true]);
+  const dry = (await carryon(['run', 'win11', '--dry-run'])).stdout;
+  assert.match(dry, /qemu-system-x86_64 .*-blockdev .*driver=nbd.*server.path=.*nbd.sock.*export=disk0/);
+  assert.match(dry, /-smp 1 |-smp \d+ /);
+
+  const serve = spawnCarryon(['serve', 'win11']);
+  const out = await waitForOutput(serve, /nbd\+unix:\/\/\/disk0\?socket=\S+/);
+  const uri = /nbd\+unix:\/\/\/disk0\?socket=\S+/.exec(out)![0];
+  await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 100k 3M', '-c', 'flush', uri]);
+  serve.kill('SIGTERM');
+  await new Promise((r) => serve.once('exit', r));
+  const expected = readFileSync(image);
+  expected.fill(0x5a, 100 * 1024, 100 * 1024 + 3 * 1024 * 1024);
+  const dirty = JSON.parse((await carryon(['status', 'win11', '--json'])).stdout) as { dirtyBytes: number }[];
+  assert.ok(dirty[0]!.dirtyBytes >= 3 * 1024 * 1024);
+
+  // Kill the client in the middle of the check-in, then run it again.
+  const ci = spawnCarryon(['checkin', 'win11']);
+  await new Promise((r) => setTimeout(r, 150 + Math.floor(Math.random() * 400)));
+  ci.kill('SIGKILL');
+  await new Promise((r) => ci.once('exit', r));
+  const again = await carryon(['checkin', 'win11', '--json']);
+  assert.ok(JSON.parse(again.stdout).snapshotId);
+  assert.ok((await serverDisk()).equals(expected), "the server's new snapshot holds the qemu-io write");
+});
+
+test('boot while data is in flight: nbdcopy of the whole export with 10% local is byte-identical', async () => {
+  // A second laptop with an empty vault (the first one keeps every blob it has seen).
+  home = join(broker.dir, 'cli-home-2');
+  cliEnv = { ...cliEnv, CARRYON_HOME: home };
+  await carryon(['enroll', broker.url, '--fingerprint', broker.fingerprint, '--name', 'laptop-2']);
+  const env: ClientEnv = { home, user: 'alice', password: async () => 'alice-password', log: () => undefined, pollMs: 20 };
+  const abort = new AbortController();
+  await assert.rejects(checkout({ ...env, signal: abort.signal, onProgress: (_l, p) => p.chunksDone >= p.chunksTotal / 10 && abort.abort() }, 'win11'));
+  const st = JSON.parse((await carryon(['status', 'win11', '--json'])).stdout) as { percentLocal: number; safeOffline: boolean; state: string }[];
+  assert.equal(st[0]!.state, 'transferring');
+  assert.ok(st[0]!.percentLocal < 50, `only ${st[0]!.percentLocal}% local`);
+  assert.equal(st[0]!.safeOffline, false);
+  const serve = spawnCarryon(['serve', 'win11']);
+  const out = await waitForOutput(serve, /nbd\+unix:\/\/\/disk0\?socket=\S+/);
+  const uri = /nbd\+unix:\/\/\/disk0\?socket=\S+/.exec(out)![0];
+  const copy = join(broker.dir, 'inflight.raw');
+  await run('nbdcopy', [uri, copy]);
+  serve.kill('SIGTERM');
+  await new Promise((r) => serve.once('exit', r));
+  assert.ok(readFileSync(copy).equals(await serverDisk()));
+  await carryon(['checkout', 'win11', '--quiet']);
+  const done = JSON.parse((await carryon(['status', 'win11', '--json'])).stdout) as { percentLocal: number; safeOffline: boolean }[];
+  assert.deepEqual([done[0]!.percentLocal, done[0]!.safeOffline], [100, true]);
+  await carryon(['rollback', 'win11']);
+});

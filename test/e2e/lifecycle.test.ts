@@ -1,0 +1,135 @@
+import assert from 'node:assert/strict';
+import { cpSync, readFileSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { decodeLineageKeys, unwrapLineageKeys, encodeLineageKeys } from '../../src/core/keys.js';
+import { decodeManifest } from '../../src/core/manifest.js';
+import { exportImage } from '../../src/import/export.js';
+import { checkout, enroll, release, status, upload, withDisks, type ClientEnv } from '../../src/client/ops.js';
+import type { RunningBroker } from '../../src/broker/start.js';
+import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
+
+process.env.CARRYON_SCRYPT_N = '1024';
+let broker: RunningBroker & { dir: string };
+let http: Api;
+let admin: string;
+const CHUNK = 256 * 1024;
+const logs: string[] = [];
+
+function env(home: string, password = 'alice-password'): ClientEnv {
+  return { home, user: 'alice', password: async () => password, log: (l) => logs.push(l), pollMs: 20 };
+}
+
+before(async () => {
+  broker = await testBroker();
+  http = api(broker.url, broker.fingerprint);
+  admin = await http.login(ADMIN.name, ADMIN.password);
+  await http.call('POST', '/v1/admin/users', { name: 'alice', password: 'alice-password' }, admin);
+  const image = makeImage(broker.dir, 32);
+  for (const name of ['win11', 'ubuntu']) {
+    const r = await http.call('POST', '/v1/admin/desktops', name === 'win11' ? { name, image, config: { vcpus: 2, ramMiB: 1024, minRamMiB: 256 } } : { name, cloneOf: 'win11' }, admin);
+    assert.equal(r.status, 201, JSON.stringify(r.body));
+    await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: name }, admin);
+  }
+});
+after(async () => {
+  await http.close();
+  await broker.close();
+  cleanup(broker.dir);
+});
+
+async function serverDisk(desktop: string): Promise<Buffer> {
+  const d = broker.ctx.meta.getDesktop(desktop)!;
+  const snap = broker.ctx.meta.getSnapshot(d.currentSnapshot!)!;
+  const m = decodeManifest((await broker.ctx.store.getManifest(snap.disks[0]!.digest))!);
+  const keys = unwrapLineageKeys(broker.ctx.secrets.masterKey, broker.ctx.meta.getLineageKeys(d.lineageId)!, `lineage:${d.lineageId}`);
+  const out = join(broker.dir, `export-${randomBytes(4).toString('hex')}.raw`);
+  await exportImage(m, { store: broker.ctx.store, keys }, out);
+  void encodeLineageKeys; void decodeLineageKeys;
+  return readFileSync(out);
+}
+
+test('check-out, change 1% of chunks, check-in moves only those; server snapshot equals the laptop disk', async () => {
+  const home = join(broker.dir, 'laptop');
+  await enroll(env(home), broker.url, { fingerprint: broker.fingerprint, name: 'laptop' });
+  const before = broker.transfer!.stats.bytesOut;
+  const co = await checkout(env(home), 'win11');
+  const out = broker.transfer!.stats.bytesOut - before;
+  assert.ok(co.chunksMoved > 0 && out >= co.bytesMoved, 'blobs travelled');
+  const [st] = await status(env(home), 'win11');
+  assert.equal(st!.safeOffline, true);
+  assert.equal(st!.percentLocal, 100);
+
+  // A clone shares the lineage: checking it out moves nothing new.
+  const clone = await checkout(env(home), 'ubuntu');
+  assert.equal(clone.chunksMoved, 0, 'dedup across desktops of one golden image');
+  await release(env(home), 'ubuntu', 'rollback');
+
+  // Change 1 chunk in 128 (a 32 MiB disk has 128 chunks of 256 KiB): 2 chunks here.
+  const touched = [5, 77];
+  await withDisks(env(home), 'win11', async ([d]) => {
+    for (const i of touched) await d!.disk.write(i * CHUNK + 1000, randomBytes(5000));
+    await d!.disk.flush();
+    assert.deepEqual(d!.disk.dirtyIndexes(), touched);
+  });
+  const laptopDisk = await withDisks(env(home), 'win11', async ([d]) => d!.disk.read(0, d!.disk.size));
+  const inBefore = broker.transfer!.stats.bytesIn;
+  const ci = await upload(env(home), 'win11', 'checkin');
+  const moved = broker.transfer!.stats.bytesIn - inBefore;
+  assert.equal(ci.changedChunks, 2);
+  assert.equal(ci.chunksSent, 2);
+  assert.ok(moved < 2 * (CHUNK + 200), `only changed chunks travelled (${moved} bytes)`);
+  assert.ok((await serverDisk('win11')).equals(laptopDisk), 'server snapshot re-assembles byte-identical');
+});
+
+test('replicate then rollback; offline status with the broker unreachable; lease expiry; copied vault refuses', async () => {
+  const home = join(broker.dir, 'laptop');
+  await checkout(env(home), 'win11');
+  await withDisks(env(home), 'win11', async ([d]) => d!.disk.write(3 * CHUNK, randomBytes(CHUNK)));
+  const rep = await upload(env(home), 'win11', 'replicate');
+  assert.equal(rep.chunksSent, 1);
+  const [afterRep] = await status(env(home), 'win11');
+  assert.equal(afterRep!.dirtyBytes, 0, 'the restore point is the new base');
+  assert.ok(afterRep!.lastReplicationAt);
+
+  // Offline: status opens with the password and the lease, no broker involved.
+  const offlineEnv = env(home);
+  const devFile = join(home, 'device.json');
+  const saved = readFileSync(devFile, 'utf8');
+  writeFileSync(devFile, saved.replace(/"brokerUrl": "[^"]+"/, '"brokerUrl": "https://127.0.0.1:1"'));
+  assert.equal((await status(offlineEnv, 'win11'))[0]!.state, 'checked_out');
+  await assert.rejects(upload(offlineEnv, 'win11', 'checkin'), { code: 'offline' });
+  writeFileSync(devFile, saved);
+
+  // Wrong password and a vault copied to another device do not open.
+  await assert.rejects(status(env(home, 'nope'), 'win11'), { code: 'vault-locked' });
+  const copy = join(broker.dir, 'laptop-copy');
+  cpSync(home, copy, { recursive: true });
+  writeFileSync(join(copy, 'device.secret'), randomBytes(32));
+  await assert.rejects(status(env(copy), 'win11'), { code: 'vault-locked' });
+
+  // Time moves past the lease (the vault's trusted clock): it refuses to open; clock rollback does not help.
+  writeFileSync(join(home, 'clock.json'), JSON.stringify({ lastSeen: new Date(Date.now() + 400 * 24 * 3600_000).toISOString() }));
+  await assert.rejects(status(env(home), 'win11'), { code: 'lease-expired' });
+  writeFileSync(join(home, 'clock.json'), JSON.stringify({ lastSeen: new Date().toISOString() }));
+
+  const rb = await release(env(home), 'win11', 'rollback');
+  assert.equal(rb.state, 'rolled_back');
+  const list = await http.call('GET', '/v1/admin/checkouts', undefined, admin);
+  assert.equal((list.body.checkouts as unknown[]).length, 0, 'unlocked');
+});
+
+test('cancel a check-out in flight', async () => {
+  const home = join(broker.dir, 'laptop2');
+  await http.call('POST', '/v1/admin/users', { name: 'bob', password: 'bob-password' }, admin);
+  await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'bob', targetType: 'desktop', target: 'win11' }, admin);
+  const bob: ClientEnv = { home, user: 'bob', password: async () => 'bob-password', log: () => undefined, pollMs: 20 };
+  await enroll(bob, broker.url, { fingerprint: broker.fingerprint, name: 'laptop2' });
+  const abort = new AbortController();
+  await assert.rejects(checkout({ ...bob, signal: abort.signal, onProgress: (_l, p) => p.chunksDone >= 5 && abort.abort() }, 'win11'));
+  const held = await http.call('GET', '/v1/admin/checkouts', undefined, admin);
+  assert.equal((held.body.checkouts as { state: string }[])[0]!.state, 'transferring');
+  await release(bob, 'win11', 'cancel');
+  assert.equal(((await http.call('GET', '/v1/admin/checkouts', undefined, admin)).body.checkouts as unknown[]).length, 0);
+});

@@ -1,0 +1,124 @@
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { connect } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { after, test } from 'node:test';
+import { generateLineageKeys } from '../../src/core/keys.js';
+import { VaultDisk } from '../../src/disk/vault-disk.js';
+import { importImage } from '../../src/import/import.js';
+import { serveNbd } from '../../src/nbd/server.js';
+import { FsChunkStore } from '../../src/store/fs-chunk-store.js';
+
+const run = promisify(execFile);
+const dir = mkdtempSync(join(tmpdir(), 'carryon-nbd-'));
+after(() => rmSync(dir, { recursive: true, force: true }));
+const keys = generateLineageKeys();
+const SIZE = 8 * 1024 * 1024;
+
+async function setup(name: string) {
+  const image = join(dir, `${name}.raw`);
+  const data = Buffer.alloc(SIZE);
+  randomBytes(SIZE / 2).copy(data, 0);
+  writeFileSync(image, data);
+  const store = await FsChunkStore.open(join(dir, `${name}-store`));
+  const { manifest } = await importImage(image, { store, keys });
+  const disk = await VaultDisk.open({ stateDir: join(dir, `${name}-state`), store, keys, base: manifest, autoFlushMs: 0 });
+  const socketPath = join(dir, `${name}-sock`, 'nbd.sock');
+  const server = await serveNbd(new Map([['disk0', disk]]), { socketPath });
+  return { image, data, store, manifest, disk, socketPath, server, uri: `nbd+unix:///disk0?socket=${socketPath}` };
+}
+
+test('qemu-img, qemu-io, nbdinfo and nbdcopy agree with the expected image', async () => {
+  const s = await setup('peers');
+  try {
+    assert.equal(statSync(s.socketPath).mode & 0o777, 0o600);
+    const info = JSON.parse((await run('qemu-img', ['info', '--output=json', s.uri])).stdout) as { 'virtual-size': number };
+    assert.equal(info['virtual-size'], SIZE);
+    assert.match((await run('nbdinfo', ['--list', `nbd+unix:///?socket=${s.socketPath}`])).stdout, /disk0/);
+    // Writes through qemu-io (unaligned, across a chunk boundary, zeroes, discard) …
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0xab 1000 300k', '-c', 'write -z 5M 512k', '-c', 'discard 6M 256k', '-c', 'flush', s.uri]);
+    s.data.fill(0xab, 1000, 1000 + 300 * 1024);
+    s.data.fill(0, 5 * 1024 * 1024, 5 * 1024 * 1024 + 512 * 1024);
+    s.data.fill(0, 6 * 1024 * 1024, 6 * 1024 * 1024 + 256 * 1024);
+    // … read back by qemu-io and by nbdcopy, and compared by qemu-img.
+    await run('qemu-io', ['-f', 'raw', '-c', 'read -P 0xab 1000 300k', s.uri]);
+    const copy = join(dir, 'copy.raw');
+    await run('nbdcopy', [s.uri, copy]);
+    assert.ok(readFileSync(copy).equals(s.data));
+    const expected = join(dir, 'expected.raw');
+    writeFileSync(expected, s.data);
+    await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', expected, s.uri]);
+    // nbdcopy as writer, qemu-img as reader.
+    const fresh = join(dir, 'fresh.raw');
+    writeFileSync(fresh, randomBytes(SIZE));
+    await run('nbdcopy', [fresh, s.uri]);
+    await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', fresh, s.uri]);
+    await s.disk.flush();
+    assert.equal(s.disk.dirtyIndexes().length, SIZE / (256 * 1024), 'every chunk differs from the base');
+  } finally {
+    await s.server.close();
+    await s.disk.close();
+  }
+});
+
+test('flushed writes survive a crash (re-open without close); unflushed ones are the only loss', async () => {
+  const s = await setup('crash');
+  await s.server.close();
+  await s.disk.write(0, Buffer.alloc(4096, 0x11));
+  await s.disk.flush();
+  await s.disk.write(8192, Buffer.alloc(4096, 0x22)); // never flushed
+  const again = await VaultDisk.open({ stateDir: join(dir, 'crash-state'), store: s.store, keys, base: s.manifest, autoFlushMs: 0 });
+  assert.ok((await again.read(0, 4096)).equals(Buffer.alloc(4096, 0x11)));
+  assert.ok((await again.read(8192, 4096)).equals(s.data.subarray(8192, 12288)));
+  assert.deepEqual(again.dirtyIndexes(), [0]);
+  await again.close();
+});
+
+test('malformed handshakes, unknown options, reads past the end and oversize requests get errors, not crashes', async () => {
+  const s = await setup('bad');
+  try {
+    const talk = (bytes: Buffer[], wait = 300) =>
+      new Promise<Buffer>((resolve) => {
+        const sock = connect(s.socketPath);
+        const got: Buffer[] = [];
+        sock.on('data', (d) => got.push(d));
+        sock.on('connect', () => bytes.forEach((b) => sock.write(b)));
+        const done = () => resolve(Buffer.concat(got));
+        sock.on('close', done);
+        setTimeout(() => { sock.destroy(); done(); }, wait);
+      });
+    const flags = Buffer.from([0, 0, 0, 3]);
+    const opt = (o: number, data = Buffer.alloc(0)) => { const b = Buffer.alloc(16 + data.length); b.write('IHAVEOPT', 0, 'latin1'); b.writeUInt32BE(o, 8); b.writeUInt32BE(data.length, 12); data.copy(b, 16); return b; };
+    // Garbage instead of option magic: the server closes this connection.
+    const g = await talk([flags, Buffer.from('garbage-garbage-garbage')]);
+    assert.equal(g.subarray(0, 8).toString('latin1'), 'NBDMAGIC');
+    // Unknown option → ERR_UNSUP (0x80000001).
+    const u = await talk([flags, opt(99)]);
+    assert.equal(u.readUInt32BE(18 + 12), 0x80000001);
+    // Unknown export via GO → ERR_UNKNOWN.
+    const name = Buffer.from('nope');
+    const goData = Buffer.alloc(4 + name.length + 2); goData.writeUInt32BE(name.length, 0); name.copy(goData, 4);
+    const gu = await talk([flags, opt(7, goData)]);
+    assert.equal(gu.readUInt32BE(18 + 12), 0x80000006);
+    // Read past the end → EINVAL; oversize read → EINVAL; the server is still alive afterwards.
+    const nm = Buffer.from('disk0');
+    const ok = Buffer.alloc(4 + nm.length + 2); ok.writeUInt32BE(nm.length, 0); nm.copy(ok, 4);
+    const req = (type: number, offset: number, length: number, handle: number) => { const b = Buffer.alloc(28); b.writeUInt32BE(0x25609513, 0); b.writeUInt16BE(type, 6); b.writeUInt32BE(handle, 12); b.writeBigUInt64BE(BigInt(offset), 16); b.writeUInt32BE(length, 24); return b; };
+    const r = await talk([flags, opt(7, ok), req(0, SIZE - 10, 100, 1), req(0, 0, 64 * 1024 * 1024, 2), req(0, 0, 16, 3)], 500);
+    const replies = r.subarray(r.length - (16 * 3 + 16));
+    assert.equal(replies.readUInt32BE(4), 22);
+    assert.equal(replies.readUInt32BE(16 + 4), 22);
+    assert.equal(replies.readUInt32BE(32 + 4), 0);
+    // A client that disconnects mid-write loses only that write.
+    const w = req(1, 0, 65536, 4);
+    await talk([flags, opt(7, ok), w, Buffer.alloc(1000, 0x77)], 200);
+    await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', s.image, s.uri]);
+  } finally {
+    await s.server.close();
+    await s.disk.close();
+  }
+});

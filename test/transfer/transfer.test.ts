@@ -1,0 +1,150 @@
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, test } from 'node:test';
+import { request } from 'undici';
+import { SqliteScheduler } from '../../src/broker/transfers/scheduler.js';
+import type { JobView } from '../../src/broker/transfers/types.js';
+import { generateLineageKeys } from '../../src/core/keys.js';
+import { generateSigningKey } from '../../src/core/signing.js';
+import { signTicket } from '../../src/core/ticket.js';
+import { pinnedAgent } from '../../src/net/pinned-agent.js';
+import { FsChunkStore } from '../../src/store/fs-chunk-store.js';
+import { openSqlite } from '../../src/store/sqlite.js';
+import { downloadChunks, TransferSession, uploadChunks, type TransferEndpoint } from '../../src/transfer/client.js';
+import { startTransferServer, type TransferServer } from '../../src/transfer/server.js';
+import { makeDesktopStore, wrapped } from './helpers.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'carryon-transfer-'));
+const servers: TransferServer[] = [];
+after(async () => {
+  await Promise.all(servers.map((s) => s.close()));
+  rmSync(dir, { recursive: true, force: true });
+});
+
+const keys = generateLineageKeys();
+const master = randomBytes(32);
+const broker = generateSigningKey();
+const desk = await makeDesktopStore(dir, keys, 40);
+const ids = desk.manifest.chunks.filter((c): c is string => c !== null);
+
+async function server(id: string, slots: number, tamper?: Parameters<typeof startTransferServer>[0]['tamper']): Promise<TransferServer> {
+  const s = await startTransferServer({ id, slots, store: desk.store, masterKey: master, brokerPublicKey: broker.publicKey, tlsDir: join(dir, `tls-${id}`), tamper });
+  servers.push(s);
+  return s;
+}
+
+function endpoint(j: JobView): TransferEndpoint {
+  assert.ok(j.transfer, `job ${j.id} has no ticket`);
+  return j.transfer;
+}
+
+async function allPresent(store: FsChunkStore): Promise<boolean> {
+  return (await store.missing(ids)).length === 0;
+}
+
+test('three servers with 1, 2 and 4 slots run 10 simultaneous jobs without ever exceeding a slot count', async () => {
+  const db = openSqlite(':memory:');
+  const sched = new SqliteScheduler(db, { signingKey: broker.privateKey, heartbeatSec: 60 });
+  for (const [id, slots] of [['ts-a', 1], ['ts-b', 2], ['ts-c', 4]] as const) {
+    const s = await server(id, slots);
+    sched.registerServer({ id: s.id, url: s.url, fingerprint: s.fingerprint, slots });
+  }
+  const slotsOf: Record<string, number> = { 'ts-a': 1, 'ts-b': 2, 'ts-c': 4 };
+  let maxSeen = 0;
+  const check = () => {
+    const o = sched.overview();
+    for (const s of o.servers) {
+      assert.ok(s.inUse <= slotsOf[s.id]!, `${s.id} runs ${s.inUse} jobs with ${s.slots} slots`);
+    }
+    maxSeen = Math.max(maxSeen, o.active.length);
+  };
+  const req = { checkoutId: 'c', desktopId: 'd', manifests: [desk.digest], ...wrapped(master, keys) };
+  const jobs = Array.from({ length: 10 }, (_, i) => sched.enqueue({ ...req, kind: i % 3 === 0 ? 'checkin' : 'checkout' }));
+  check();
+  const done: string[] = [];
+  await Promise.all(
+    jobs.map(async (job, i) => {
+      const local = await FsChunkStore.open(join(dir, `client-${i}`));
+      for (let tries = 0; tries < 2000; tries++) {
+        const j = sched.get(job.id)!;
+        check();
+        if (j.state === 'active') {
+          if (j.kind === 'checkout') await downloadChunks({ endpoint: endpoint(j), ids, localStore: local, keys });
+          else await uploadChunks({ endpoint: endpoint(j), ids, localStore: desk.store, keys });
+          sched.finish(j.id, 'done');
+          done.push(j.id);
+          if (j.kind === 'checkout') assert.ok(await allPresent(local));
+          return;
+        }
+        await new Promise((r) => setTimeout(r, 10));
+      }
+      assert.fail(`job ${job.id} never became active`);
+    }),
+  );
+  assert.equal(done.length, 10);
+  assert.equal(maxSeen, 7, 'all seven slots were used at once');
+});
+
+test('a transfer killed half-way resumes, fetching only what is missing', async () => {
+  const s = await server('ts-r', 2);
+  const local = await FsChunkStore.open(join(dir, 'resume'));
+  const ticket = (expiresInSec = 600) =>
+    signTicket({ v: 1, jobId: 'job-r', desktopId: 'd', checkoutId: 'c', direction: 'download', manifests: [desk.digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 1, expiresAt: new Date(Date.now() + expiresInSec * 1000).toISOString() }, broker.privateKey);
+  const ep = { url: s.url, fingerprint: s.fingerprint, ticket: ticket(), maxStreams: 1 };
+  const abort = new AbortController();
+  await assert.rejects(
+    downloadChunks({ endpoint: ep, ids, localStore: local, keys, batchSize: 4, streams: 1, signal: abort.signal, onProgress: (p) => p.chunksDone >= 12 && abort.abort() }),
+  );
+  const have = ids.length - (await local.missing(ids)).length;
+  assert.ok(have >= 12 && have < ids.length, `kept ${have} chunks`);
+  const before = s.stats.perJob.get('job-r')!.chunksOut;
+  const res = await downloadChunks({ endpoint: ep, ids, localStore: local, keys });
+  assert.equal(res.chunksMoved, ids.length - have);
+  assert.equal(s.stats.perJob.get('job-r')!.chunksOut - before, ids.length - have, 'nothing sent twice');
+  assert.ok(await allPresent(local));
+});
+
+test('a blob tampered in flight is refused and fetched again', async () => {
+  const hit = new Set<string>();
+  const s = await server('ts-t', 1, (id, blob) => {
+    if (hit.has(id) || hit.size >= 3) return blob;
+    hit.add(id);
+    const bad = Buffer.from(blob);
+    bad[bad.length - 5]! ^= 0xff;
+    return bad;
+  });
+  const t = signTicket({ v: 1, jobId: 'job-t', desktopId: 'd', checkoutId: 'c', direction: 'download', manifests: [desk.digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 2, expiresAt: new Date(Date.now() + 600_000).toISOString() }, broker.privateKey);
+  const local = await FsChunkStore.open(join(dir, 'tamper'));
+  const res = await downloadChunks({ endpoint: { url: s.url, fingerprint: s.fingerprint, ticket: t, maxStreams: 2 }, ids, localStore: local, keys });
+  assert.equal(res.refetched, 3);
+  assert.ok(await allPresent(local));
+});
+
+test('expired, forged, foreign and wrong-direction tickets are refused; out-of-scope chunks are not served', async () => {
+  const s = await server('ts-x', 1);
+  const base = { v: 1 as const, jobId: 'j', desktopId: 'd', checkoutId: 'c', direction: 'download' as const, manifests: [desk.digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 1, expiresAt: new Date(Date.now() + 600_000).toISOString() };
+  const agent = pinnedAgent(s.fingerprint);
+  const call = async (ticket: string, path = '/v1/chunks/missing', body: unknown = { ids: ids.slice(0, 2) }) => {
+    const res = await request(`${s.url}${path}`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${ticket}`, 'content-type': 'application/json' }, body: JSON.stringify(body) });
+    return { status: res.statusCode, body: (await res.body.json()) as { error: string } };
+  };
+  assert.equal((await call(signTicket(base, broker.privateKey))).status, 200);
+  const expired = await call(signTicket({ ...base, expiresAt: new Date(Date.now() - 1000).toISOString() }, broker.privateKey));
+  assert.deepEqual([expired.status, expired.body.error], [401, 'ticket-expired']);
+  const forged = await call(signTicket(base, generateSigningKey().privateKey));
+  assert.deepEqual([forged.status, forged.body.error], [401, 'ticket-signature']);
+  const foreign = await call(signTicket({ ...base, transferServerId: 'other' }, broker.privateKey));
+  assert.deepEqual([foreign.status, foreign.body.error], [403, 'ticket-wrong-server']);
+  const push = await call(signTicket(base, broker.privateKey), '/v1/chunks/push', {});
+  assert.deepEqual([push.status, push.body.error], [403, 'wrong-direction']);
+  const outside = await call(signTicket(base, broker.privateKey), '/v1/chunks/missing', { ids: ['e'.repeat(64)] });
+  assert.equal(outside.status, 403);
+  assert.equal(outside.body.error, 'out-of-scope');
+  await agent.close();
+  const session = new TransferSession({ url: s.url, fingerprint: s.fingerprint, ticket: signTicket(base, broker.privateKey), maxStreams: 1 });
+  assert.deepEqual(await session.missing(ids.slice(0, 3)), []);
+  await session.close();
+});
