@@ -1,291 +1,379 @@
-import { mkdir, open, readFile, rename } from 'node:fs/promises';
-import { join } from 'node:path';
 import { openBlob, sealChunk } from '../core/blob.js';
 import type { ChunkId } from '../core/chunk-id.js';
-import { chunkLength, isZero } from '../core/chunking.js';
-import { CarryonError } from '../core/errors.js';
+import { chunkLength, isZero, MiB } from '../core/chunking.js';
 import type { LineageKeys } from '../core/keys.js';
-import { decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../core/manifest.js';
+import { createManifest, manifestDigest, type Manifest } from '../core/manifest.js';
 import type { ChunkStore } from '../store/chunk-store.js';
-import type { BlockDevice } from './block-device.js';
+import { checkRange, DiskError, type BlockDevice } from './block-device.js';
+import { loadDiskState, saveDiskState } from './disk-state.js';
+import { KeyedMutex } from './keyed-mutex.js';
+import { ByteLru } from './lru.js';
 
 export interface VaultDiskOptions {
   stateDir: string;
   store: ChunkStore;
   keys: LineageKeys;
   base: Manifest;
-  /** Brings a chunk that is not local yet into `store` (boot while data is in flight). */
+  /** Fetches a chunk that is not local yet (fast start); resolves once the blob is in `store`. */
   fetchChunk?: (id: ChunkId, index: number) => Promise<void>;
+  /** Plaintext LRU cache bound (default 64 MiB). */
   cacheBytes?: number;
+  /** Seal and persist unflushed writes at least this often (default 5000; 0 disables). */
   autoFlushMs?: number;
-  /** Seal early when this many bytes of writes are buffered. */
+  /** Unsealed write buffers above this are sealed early (default 64 MiB). */
   maxDirtyBytes?: number;
-}
-
-export class DiskIoError extends CarryonError {
-  constructor(message: string) {
-    super('disk-io', message);
-  }
-}
-
-/** Small LRU of decrypted chunks (reads of the same chunk are common: NBD requests are small). */
-class PlainCache {
-  private readonly map = new Map<number, Buffer>();
-  private bytes = 0;
-  constructor(private readonly limit: number) {}
-  get(i: number): Buffer | undefined {
-    const b = this.map.get(i);
-    if (b) {
-      this.map.delete(i);
-      this.map.set(i, b);
-    }
-    return b;
-  }
-  set(i: number, b: Buffer): void {
-    this.delete(i);
-    this.map.set(i, b);
-    this.bytes += b.length;
-    for (const [k, v] of this.map) {
-      if (this.bytes <= this.limit) break;
-      this.map.delete(k);
-      this.bytes -= v.length;
-    }
-  }
-  delete(i: number): void {
-    const b = this.map.get(i);
-    if (b) {
-      this.map.delete(i);
-      this.bytes -= b.length;
-    }
-  }
+  readOnly?: boolean;
 }
 
 /**
- * Copy-on-write disk over the vault: reads decrypt chunk blobs, writes collect in memory and are
- * sealed into new blobs at flush. The current manifest and the dirty set (chunks that differ from
- * the base) are persisted atomically after the blobs are durable, so a crash loses at most
- * writes not yet flushed, and check-in never rescans the disk.
+ * Copy-on-write disk over a chunk store. Reads decrypt chunk blobs into a bounded cache; writes
+ * modify plaintext chunk buffers in memory, sealed into new blobs on flush/FUA/timer/pressure.
+ * The current manifest and the set of chunks changed vs the base persist in `stateDir`, written
+ * only after the blobs they reference are durable, so a crash never loses flushed data.
  */
 export class VaultDisk implements BlockDevice {
-  readonly readOnly = false;
   readonly size: number;
-  private readonly dirtyBuffers = new Map<number, Buffer>();
-  private dirtyBufferBytes = 0;
-  private cache: PlainCache;
-  private timer: NodeJS.Timeout | null = null;
-  /** One operation at a time: NBD clients may use several connections (multi-conn). */
-  private queue: Promise<unknown> = Promise.resolve();
+  readonly readOnly: boolean;
+  private base: Manifest;
+  private baseDigest: string;
+  private readonly current: (ChunkId | null)[];
+  private readonly changed: Set<number>;
+  private readonly buffers = new Map<number, Buffer>();
+  private bufferedBytes = 0;
+  private stateDirty = false;
+  private readonly locks = new KeyedMutex<number>();
+  private readonly cache: ByteLru<ChunkId>;
+  private readonly loading = new Map<ChunkId, Promise<Buffer>>();
+  private flushChain: Promise<void> = Promise.resolve();
+  private timer: NodeJS.Timeout | undefined;
   private closed = false;
+  /** Last failure of a background (timer or pressure) flush; cleared by a successful flush. */
+  lastFlushError: Error | undefined;
 
-  private constructor(private readonly opts: VaultDiskOptions, private base: Manifest, private current: Manifest) {
-    this.size = current.diskSize;
-    this.cache = new PlainCache(opts.cacheBytes ?? 64 * 1024 * 1024);
-    if ((opts.autoFlushMs ?? 5000) > 0) {
-      this.timer = setInterval(() => void this.flush().catch(() => undefined), opts.autoFlushMs ?? 5000);
+  private constructor(
+    private readonly opts: VaultDiskOptions,
+    current: (ChunkId | null)[],
+    changed: number[],
+  ) {
+    this.base = opts.base;
+    this.baseDigest = manifestDigest(opts.base);
+    this.size = opts.base.diskSize;
+    this.readOnly = opts.readOnly ?? false;
+    this.current = current;
+    this.changed = new Set(changed);
+    this.cache = new ByteLru(opts.cacheBytes ?? 64 * MiB);
+    const every = opts.autoFlushMs ?? 5000;
+    if (every > 0 && !this.readOnly) {
+      this.timer = setInterval(() => {
+        if (this.buffers.size > 0 || this.stateDirty) this.backgroundFlush();
+      }, every);
       this.timer.unref();
     }
   }
 
   static async open(opts: VaultDiskOptions): Promise<VaultDisk> {
-    await mkdir(opts.stateDir, { recursive: true, mode: 0o700 });
-    const baseDigest = manifestDigest(opts.base);
-    let current = opts.base;
-    try {
-      const saved = JSON.parse(await readFile(join(opts.stateDir, 'disk-state.json'), 'utf8')) as { baseDigest: string; current: string };
-      if (saved.baseDigest !== baseDigest) {
-        throw new CarryonError('state-mismatch', `disk state in ${opts.stateDir} belongs to another base snapshot`);
+    const base = createManifest(opts.base.chunkSize, opts.base.diskSize, opts.base.chunks.slice());
+    const digest = manifestDigest(base);
+    const saved = await loadDiskState(opts.stateDir);
+    if (saved) {
+      if (saved.baseDigest !== digest) {
+        throw new DiskError(
+          'state',
+          `disk state in ${opts.stateDir} belongs to base ${saved.baseDigest.slice(0, 12)}…, not ${digest.slice(0, 12)}…`,
+        );
       }
-      current = decodeManifest(Buffer.from(saved.current, 'base64'));
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+      if (saved.current.chunkSize !== base.chunkSize || saved.current.diskSize !== base.diskSize) {
+        throw new DiskError('state', `disk state in ${opts.stateDir} has a different disk geometry than its base`);
+      }
+      return new VaultDisk({ ...opts, base }, saved.current.chunks, saved.changed);
     }
-    return new VaultDisk(opts, opts.base, { ...current, chunks: [...current.chunks] });
+    const disk = new VaultDisk({ ...opts, base }, base.chunks.slice(), []);
+    await saveDiskState(opts.stateDir, disk.snapshotState());
+    return disk;
   }
 
+  get chunkSize(): number {
+    return this.base.chunkSize;
+  }
+
+  /** The manifest as of the last seal (call flush() first to include buffered writes). */
   currentManifest(): Manifest {
-    return { ...this.current, chunks: [...this.current.chunks] };
+    return { chunkSize: this.base.chunkSize, diskSize: this.base.diskSize, chunks: this.current.slice() };
   }
 
   baseManifest(): Manifest {
-    return this.base;
+    return { ...this.base, chunks: this.base.chunks.slice() };
   }
 
-  /** Chunk indexes whose flushed content differs from the base. */
+  /** Chunk indexes that differ from the base (sealed or still buffered), ascending. */
   dirtyIndexes(): number[] {
-    const out: number[] = [];
-    for (let i = 0; i < this.current.chunks.length; i++) if (this.current.chunks[i] !== (this.base.chunks[i] ?? null)) out.push(i);
-    return out;
+    const all = new Set([...this.changed, ...this.buffers.keys()]);
+    return [...all].sort((a, b) => a - b);
   }
 
+  /** Plaintext bytes of the chunks that differ from the base (an upper bound of what check-in sends). */
   dirtyBytes(): number {
-    return this.dirtyIndexes().reduce((sum, i) => sum + chunkLength(i, this.size, this.current.chunkSize), 0) + this.dirtyBufferBytes;
+    return this.dirtyIndexes().reduce((sum, i) => sum + this.lengthOf(i), 0);
+  }
+
+  /** Bytes written but not yet sealed into the store. */
+  unflushedBytes(): number {
+    return this.bufferedBytes;
   }
 
   async missingChunks(): Promise<ChunkId[]> {
-    const ids = [...new Set(this.current.chunks.filter((c): c is ChunkId => c !== null))];
-    return this.opts.store.missing(ids);
+    return this.opts.store.missing(this.referenced());
   }
 
+  /** Percentage (0–100) of the distinct chunks this disk references that are in the store. */
   async percentLocal(): Promise<number> {
-    const ids = new Set(this.current.chunks.filter((c): c is ChunkId => c !== null));
-    if (ids.size === 0) return 100;
-    const missing = await this.opts.store.missing([...ids]);
-    return (100 * (ids.size - missing.length)) / ids.size;
+    const ids = this.referenced();
+    if (ids.length === 0) return 100;
+    const missing = await this.opts.store.missing(ids);
+    return ((ids.length - missing.length) / ids.length) * 100;
   }
 
-  private checkRange(offset: number, length: number): void {
-    if (this.closed) throw new DiskIoError('disk is closed');
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
-      throw new DiskIoError(`range ${offset}+${length} is outside the disk (${this.size} bytes)`);
-    }
-  }
-
-  /** Plaintext of chunk i (its current content), or null for a hole. */
-  private async chunk(i: number): Promise<Buffer | null> {
-    const dirty = this.dirtyBuffers.get(i);
-    if (dirty) return dirty;
-    const id = this.current.chunks[i];
-    if (id === null || id === undefined) return null;
-    const cached = this.cache.get(i);
-    if (cached) return cached;
-    let blob = await this.opts.store.get(id);
-    if (!blob && this.opts.fetchChunk) {
-      await this.opts.fetchChunk(id, i);
-      blob = await this.opts.store.get(id);
-    }
-    if (!blob) throw new DiskIoError(`chunk ${i} (${id}) is not in the vault yet and cannot be fetched`);
-    const plain = openBlob(this.opts.keys, id, blob);
-    this.cache.set(i, plain);
-    return plain;
-  }
-
-  private serial<T>(fn: () => Promise<T>): Promise<T> {
-    const run = this.queue.then(fn, fn);
-    this.queue = run.catch(() => undefined);
-    return run;
-  }
-
-  /**
-   * Reads run concurrently with each other and with writes (NBD orders nothing between requests
-   * in flight); each chunk is read whole from a dirty buffer or a sealed blob, never half-updated.
-   */
-  read(offset: number, length: number): Promise<Buffer> {
-    return this.readNow(offset, length);
-  }
-
-  private async readNow(offset: number, length: number): Promise<Buffer> {
-    this.checkRange(offset, length);
-    const out = Buffer.alloc(length);
-    const cs = this.current.chunkSize;
-    for (let pos = offset; pos < offset + length; ) {
-      const i = Math.floor(pos / cs);
-      const within = pos - i * cs;
-      const n = Math.min(cs - within, offset + length - pos);
-      const plain = await this.chunk(i);
-      if (plain) plain.copy(out, pos - offset, within, within + n);
-      pos += n;
-    }
+  async read(offset: number, length: number): Promise<Buffer> {
+    this.ensureOpen();
+    checkRange(this.size, offset, length);
+    const out = Buffer.allocUnsafe(length);
+    await Promise.all(
+      this.spans(offset, length).map(({ index, inChunk, outOff, len }) =>
+        this.locks.run(index, async () => {
+          const src = this.buffers.get(index) ?? (await this.plaintext(index));
+          src.copy(out, outOff, inChunk, inChunk + len);
+        }),
+      ),
+    );
     return out;
   }
 
-  private async mutate(offset: number, length: number, fill: (dst: Buffer, dstOff: number, srcOff: number, n: number) => void): Promise<void> {
-    const cs = this.current.chunkSize;
-    for (let pos = offset; pos < offset + length; ) {
-      const i = Math.floor(pos / cs);
-      const within = pos - i * cs;
-      const n = Math.min(cs - within, offset + length - pos);
-      let buf = this.dirtyBuffers.get(i);
-      if (!buf) {
-        const len = chunkLength(i, this.size, cs);
-        buf = Buffer.alloc(len);
-        if (n < len) (await this.chunk(i))?.copy(buf);
-        this.dirtyBuffers.set(i, buf);
-        this.dirtyBufferBytes += len;
-        this.cache.delete(i);
-      }
-      fill(buf, within, pos - offset, n);
-      pos += n;
-    }
+  async write(offset: number, data: Buffer, fua = false): Promise<void> {
+    this.ensureWritable();
+    checkRange(this.size, offset, data.length);
+    await Promise.all(
+      this.spans(offset, data.length).map(({ index, inChunk, outOff, len }) =>
+        this.locks.run(index, async () => {
+          const buf = await this.bufferFor(index, inChunk === 0 && len === this.lengthOf(index));
+          data.copy(buf, inChunk, outOff, outOff + len);
+        }),
+      ),
+    );
+    await this.afterWrite(fua);
   }
 
-  write(offset: number, data: Buffer, fua = false): Promise<void> {
-    return this.serial(async () => {
-      this.checkRange(offset, data.length);
-      await this.mutate(offset, data.length, (dst, dstOff, srcOff, n) => data.copy(dst, dstOff, srcOff, srcOff + n));
-      if (fua || this.dirtyBufferBytes > (this.opts.maxDirtyBytes ?? 64 * 1024 * 1024)) await this.flushNow();
-    });
+  async writeZeroes(offset: number, length: number, fua = false): Promise<void> {
+    this.ensureWritable();
+    checkRange(this.size, offset, length);
+    await Promise.all(
+      this.spans(offset, length).map(({ index, inChunk, len }) =>
+        this.locks.run(index, async () => {
+          if (inChunk === 0 && len === this.lengthOf(index)) {
+            this.makeHole(index);
+          } else if (this.buffers.has(index) || this.current[index] !== null) {
+            (await this.bufferFor(index, false)).fill(0, inChunk, inChunk + len);
+          }
+        }),
+      ),
+    );
+    await this.afterWrite(fua);
   }
 
-  writeZeroes(offset: number, length: number, fua = false): Promise<void> {
-    return this.serial(async () => {
-      this.checkRange(offset, length);
-      await this.mutate(offset, length, (dst, dstOff, _s, n) => dst.fill(0, dstOff, dstOff + n));
-      if (fua) await this.flushNow();
-    });
+  async trim(offset: number, length: number): Promise<void> {
+    await this.writeZeroes(offset, length, false);
   }
 
-  /** Discarded ranges read back as zeros (whole chunks become holes at flush). */
-  trim(offset: number, length: number): Promise<void> {
-    return this.writeZeroes(offset, length);
+  /** Seals buffered writes, makes the blobs durable, then persists manifest + dirty set atomically. */
+  async flush(): Promise<void> {
+    this.ensureOpen();
+    await this.serialized(() => this.flushNow());
   }
 
-  /** Seals buffered writes, makes blobs durable, then records manifest + dirty set atomically. */
-  flush(): Promise<void> {
-    return this.serial(() => this.flushNow());
-  }
-
-  private async flushNow(): Promise<void> {
-    if (this.dirtyBuffers.size === 0) return;
-    const batch = [...this.dirtyBuffers];
-    for (const [i, buf] of batch) {
-      if (isZero(buf)) {
-        this.current.chunks[i] = null;
-        continue;
-      }
-      const sealed = sealChunk(this.opts.keys, buf);
-      await this.opts.store.put(sealed.id, sealed.blob, { defer: true });
-      this.current.chunks[i] = sealed.id;
-      this.cache.set(i, Buffer.from(buf));
-    }
-    await this.opts.store.sync();
-    await this.persist();
-    this.dirtyBuffers.clear();
-    this.dirtyBufferBytes = 0;
-  }
-
-  private async persist(): Promise<void> {
-    const path = join(this.opts.stateDir, 'disk-state.json');
-    const tmp = `${path}.tmp`;
-    const fh = await open(tmp, 'w', 0o600);
-    await fh.writeFile(JSON.stringify({ baseDigest: manifestDigest(this.base), current: encodeManifest(this.current).toString('base64'), dirty: this.dirtyIndexes() }));
-    await fh.sync();
-    await fh.close();
-    await rename(tmp, path);
-  }
-
-  /** After check-in or replication: the current content becomes the new base. */
+  /** After check-in/replicate: `newBase` becomes the base; the dirty set is what still differs from it. */
   async rebase(newBase: Manifest): Promise<void> {
-    await this.flush();
-    await this.queue;
-    if (manifestDigest(newBase) !== manifestDigest(this.current)) throw new CarryonError('state-mismatch', 'new base differs from the disk content');
-    this.base = newBase;
-    await this.persist();
+    this.ensureOpen();
+    if (newBase.chunkSize !== this.base.chunkSize || newBase.diskSize !== this.base.diskSize) {
+      throw new DiskError('state', 'rebase to a manifest with a different disk geometry');
+    }
+    const base = createManifest(newBase.chunkSize, newBase.diskSize, newBase.chunks.slice());
+    await this.serialized(async () => {
+      await this.flushNow();
+      this.base = base;
+      this.baseDigest = manifestDigest(base);
+      this.changed.clear();
+      this.current.forEach((id, i) => {
+        if (id !== base.chunks[i]) this.changed.add(i);
+      });
+      await saveDiskState(this.opts.stateDir, this.snapshotState());
+    });
   }
 
-  /** Rollback: forget every change since the base. */
+  /** Rollback: forget every change since the base (buffered and sealed). */
   async discard(): Promise<void> {
-    await this.queue;
-    this.dirtyBuffers.clear();
-    this.dirtyBufferBytes = 0;
-    this.current = { ...this.base, chunks: [...this.base.chunks] };
-    this.cache = new PlainCache(this.opts.cacheBytes ?? 64 * 1024 * 1024);
-    await this.persist();
+    this.ensureOpen();
+    await this.serialized(async () => {
+      this.buffers.clear();
+      this.bufferedBytes = 0;
+      this.base.chunks.forEach((id, i) => (this.current[i] = id));
+      this.changed.clear();
+      this.stateDirty = false;
+      await saveDiskState(this.opts.stateDir, this.snapshotState());
+    });
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     if (this.timer) clearInterval(this.timer);
-    await this.flush();
+    if (!this.readOnly) await this.serialized(() => this.flushNow());
     this.closed = true;
+    this.cache.clear();
+  }
+
+  // ---- internals ----
+
+  private async flushNow(): Promise<void> {
+    for (const index of [...this.buffers.keys()]) await this.locks.run(index, () => this.seal(index));
+    // Snapshot before sync: every blob it references was put before the sync below.
+    const snapshot = this.snapshotState();
+    const wasDirty = this.stateDirty;
+    this.stateDirty = false;
+    try {
+      await this.opts.store.sync();
+      if (wasDirty) await saveDiskState(this.opts.stateDir, snapshot);
+      this.lastFlushError = undefined;
+    } catch (err) {
+      this.stateDirty = true;
+      throw err;
+    }
+  }
+
+  private async seal(index: number): Promise<void> {
+    const buf = this.buffers.get(index);
+    if (!buf) return;
+    let id: ChunkId | null = null;
+    if (!isZero(buf)) {
+      const sealed = sealChunk(this.opts.keys, buf);
+      await this.opts.store.put(sealed.id, sealed.blob, { defer: true });
+      id = sealed.id;
+      this.cache.set(id, buf);
+    }
+    this.buffers.delete(index);
+    this.bufferedBytes -= buf.length;
+    this.setChunk(index, id);
+  }
+
+  private makeHole(index: number): void {
+    const buf = this.buffers.get(index);
+    if (buf) {
+      this.buffers.delete(index);
+      this.bufferedBytes -= buf.length;
+    }
+    if (this.current[index] !== null) this.setChunk(index, null);
+  }
+
+  private setChunk(index: number, id: ChunkId | null): void {
+    this.current[index] = id;
+    if (id === this.base.chunks[index]) this.changed.delete(index);
+    else this.changed.add(index);
+    this.stateDirty = true;
+  }
+
+  /** The writable buffer of a chunk (must hold its lock); `whole` skips loading old content. */
+  private async bufferFor(index: number, whole: boolean): Promise<Buffer> {
+    let buf = this.buffers.get(index);
+    if (buf) return buf;
+    buf = whole ? Buffer.alloc(this.lengthOf(index)) : Buffer.from(await this.plaintext(index));
+    this.buffers.set(index, buf);
+    this.bufferedBytes += buf.length;
+    return buf;
+  }
+
+  private async afterWrite(fua: boolean): Promise<void> {
+    if (fua) return this.flush();
+    if (this.bufferedBytes > (this.opts.maxDirtyBytes ?? 64 * MiB)) await this.serialized(() => this.flushNow());
+  }
+
+  /** Sealed plaintext of chunk `index` (shared with the cache: never mutate). */
+  private async plaintext(index: number): Promise<Buffer> {
+    const id = this.current[index] ?? null;
+    if (id === null) return Buffer.alloc(this.lengthOf(index));
+    const hit = this.cache.get(id);
+    if (hit) return hit;
+    let pending = this.loading.get(id);
+    if (!pending) {
+      pending = this.load(id, index).finally(() => this.loading.delete(id));
+      this.loading.set(id, pending);
+    }
+    return pending;
+  }
+
+  private async load(id: ChunkId, index: number): Promise<Buffer> {
+    let blob = await this.opts.store.get(id);
+    if (!blob) {
+      if (!this.opts.fetchChunk) throw new DiskError('io', `chunk ${index} (${id.slice(0, 12)}…) is not in the vault`);
+      try {
+        await this.opts.fetchChunk(id, index);
+      } catch (err) {
+        throw new DiskError('io', `chunk ${index} could not be fetched: ${(err as Error).message}`);
+      }
+      blob = await this.opts.store.get(id);
+      if (!blob) throw new DiskError('io', `chunk ${index} (${id.slice(0, 12)}…) is still missing after fetch`);
+    }
+    const plain = openBlob(this.opts.keys, id, blob);
+    if (plain.length !== this.lengthOf(index)) {
+      throw new DiskError('io', `chunk ${index} decrypts to ${plain.length} bytes, expected ${this.lengthOf(index)}`);
+    }
+    this.cache.set(id, plain);
+    return plain;
+  }
+
+  private spans(offset: number, length: number): { index: number; inChunk: number; outOff: number; len: number }[] {
+    const cs = this.base.chunkSize;
+    const out: { index: number; inChunk: number; outOff: number; len: number }[] = [];
+    let pos = offset;
+    const end = offset + length;
+    while (pos < end) {
+      const index = Math.floor(pos / cs);
+      const inChunk = pos - index * cs;
+      const len = Math.min(cs - inChunk, end - pos);
+      out.push({ index, inChunk, outOff: pos - offset, len });
+      pos += len;
+    }
+    return out;
+  }
+
+  private lengthOf(index: number): number {
+    return chunkLength(index, this.base.diskSize, this.base.chunkSize);
+  }
+
+  private referenced(): ChunkId[] {
+    return [...new Set(this.current.filter((id): id is ChunkId => id !== null))];
+  }
+
+  private snapshotState(): { baseDigest: string; current: Manifest; changed: number[] } {
+    return {
+      baseDigest: this.baseDigest,
+      current: this.currentManifest(),
+      changed: [...this.changed].sort((a, b) => a - b),
+    };
+  }
+
+  private serialized(fn: () => Promise<void>): Promise<void> {
+    const run = this.flushChain.then(fn);
+    this.flushChain = run.catch(() => undefined);
+    return run;
+  }
+
+  private backgroundFlush(): void {
+    this.serialized(() => this.flushNow()).catch((err: Error) => (this.lastFlushError = err));
+  }
+
+  private ensureOpen(): void {
+    if (this.closed) throw new DiskError('closed', 'disk is closed');
+  }
+
+  private ensureWritable(): void {
+    this.ensureOpen();
+    if (this.readOnly) throw new DiskError('read-only', 'disk is read-only');
   }
 }

@@ -1,0 +1,37 @@
+import { randomBytes } from 'node:crypto';
+import { sealChunk } from '../../src/core/blob.js';
+import type { ChunkId } from '../../src/core/chunk-id.js';
+import { isZero, splitChunks } from '../../src/core/chunking.js';
+import { generateLineageKeys, type LineageKeys } from '../../src/core/keys.js';
+import { createManifest, type Manifest } from '../../src/core/manifest.js';
+import type { ChunkStore } from '../../src/store/chunk-store.js';
+
+/** A raw image with data chunks, all-zero chunks and a partial last chunk, imported into `store`. */
+export function makeImage(size: number, chunkSize: number): Buffer {
+  const img = Buffer.alloc(size);
+  for (let off = 0, i = 0; off < size; off += chunkSize, i++) {
+    if (i % 3 === 1) continue; // hole
+    randomBytes(Math.min(chunkSize, size - off)).copy(img, off);
+  }
+  return img;
+}
+
+export async function importRaw(
+  store: ChunkStore,
+  img: Buffer,
+  chunkSize: number,
+  keys: LineageKeys = generateLineageKeys(),
+): Promise<{ keys: LineageKeys; manifest: Manifest }> {
+  const ids: (ChunkId | null)[] = [];
+  for (const part of splitChunks(img, chunkSize)) {
+    if (isZero(part)) {
+      ids.push(null);
+      continue;
+    }
+    const sealed = sealChunk(keys, part);
+    await store.put(sealed.id, sealed.blob, { defer: true });
+    ids.push(sealed.id);
+  }
+  await store.sync();
+  return { keys, manifest: createManifest(chunkSize, img.length, ids) };
+}
