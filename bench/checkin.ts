@@ -10,6 +10,7 @@ import { Rig } from './lib/rig.js';
 import type { BenchRow, BenchSection } from './types.js';
 
 const WRITE = 64 * 1024;
+const sectionLabel = (gib: number) => `${gib} GiB check-in section`;
 
 /** `changeBytes` of random 64 KiB writes, applied identically to the vault disk and a raw copy. */
 async function changeOnePercent(env: ClientEnv, rawCopy: string, size: number, changeBytes: number): Promise<number> {
@@ -129,9 +130,12 @@ export function checkinSection(work: string, sizeGiB: number, changeGiB: number,
           note: `${(rt.median / t.median).toFixed(1)}× less time than rsync (target ≥ 3: ${rt.median / t.median >= 3 ? 'met' : 'MISSED'})` });
         await rm(prev, { force: true });
         await rm(src, { force: true });
+      } catch (err) {
+        process.stderr.write(`bench: ${sectionLabel(sizeGiB)} failed: ${err instanceof Error ? err.stack : String(err)}\n`);
+        throw err;
       } finally {
         await rig.close();
-        await rm(dir, { recursive: true, force: true });
+        await rm(dir, { recursive: true, force: true, maxRetries: 5 });
         await rm(image, { force: true });
       }
       return rows;

@@ -31,14 +31,21 @@ function fmt(n: number): string {
 }
 
 async function main(): Promise<void> {
-  const results: { section: string; rows: BenchRow[]; seconds: number }[] = [];
+  const results: { section: string; rows: BenchRow[]; seconds: number; error?: string }[] = [];
   try {
     for (const s of sections) {
       if (filter.length && !filter.some((f) => s.name.toLowerCase().includes(f.toLowerCase()))) continue;
       process.stderr.write(`bench: ${s.name} …\n`);
       const t = Date.now();
-      const rows = await s.run();
-      results.push({ section: s.name, rows, seconds: (Date.now() - t) / 1000 });
+      let rows: BenchRow[] = [];
+      try {
+        rows = await s.run();
+        results.push({ section: s.name, rows, seconds: (Date.now() - t) / 1000 });
+      } catch (err) {
+        // One failed section must not cost the others their figures.
+        results.push({ section: s.name, rows, seconds: (Date.now() - t) / 1000, error: err instanceof Error ? err.message : String(err) });
+        process.stderr.write(`bench: section failed: ${err instanceof Error ? err.stack : String(err)}\n`);
+      }
       for (const r of rows) process.stderr.write(`  ${r.name}: ${fmt(r.value)} ${r.unit}${r.peer ? ` (${r.peer.name}: ${fmt(r.peer.value)} ${r.peer.unit})` : ''}${r.note ? ` — ${r.note}` : ''}\n`);
     }
   } finally {
@@ -52,7 +59,7 @@ async function main(): Promise<void> {
     '',
   ];
   for (const r of results) {
-    lines.push(`## ${r.section}`, '', `(${r.seconds.toFixed(0)} s)`, '', '| measure | Carryon | runs | spread | peer | peer value | note |', '| --- | ---: | ---: | ---: | --- | ---: | --- |');
+    lines.push(`## ${r.section}`, '', `(${r.seconds.toFixed(0)} s)${r.error ? ` — **this section failed: ${r.error}**` : ''}`, '', '| measure | Carryon | runs | spread | peer | peer value | note |', '| --- | ---: | ---: | ---: | --- | ---: | --- |');
     for (const row of r.rows) {
       lines.push(`| ${row.name} | ${fmt(row.value)} ${row.unit} | ${row.runs} | ${(row.spread * 100).toFixed(0)}% | ${row.peer?.name ?? ''} | ${row.peer ? `${fmt(row.peer.value)} ${row.peer.unit}` : ''} | ${row.note ?? ''} |`);
     }

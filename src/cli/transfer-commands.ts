@@ -1,4 +1,41 @@
+import { readFileSync } from 'node:fs';
+import { hostname } from 'node:os';
 import type { Command } from 'commander';
+import { CarryonError } from '../core/errors.js';
+import { startStandaloneTransfer } from '../transfer/standalone.js';
 
-/** Registers the `carryon` commands of this area (filled in by its issue). */
-export function registerTransferCommands(_program: Command): void {}
+const int = (name: string) => (v: string) => {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 0) throw new CarryonError('invalid', `${name} must be a non-negative integer, got ${v}`);
+  return n;
+};
+
+export function registerTransferCommands(program: Command): void {
+  program
+    .command('transfer-server')
+    .description('run a transfer server on its own host and register it with the broker')
+    .requiredOption('--broker <url>', 'broker URL')
+    .requiredOption('--broker-fingerprint <sha256>', 'pinned broker certificate fingerprint')
+    .requiredOption('--secret-file <file>', "the broker's transfer.secret")
+    .requiredOption('--master-key-file <file>', "the broker's master.key (datacenter side only)")
+    .requiredOption('--store <dir>', 'the chunk store shared with the broker')
+    .option('--id <id>', 'server id', hostname())
+    .option('--slots <n>', 'transfer slots', int('--slots'), 4)
+    .option('--host <addr>', 'listen address', '127.0.0.1')
+    .option('--public-host <name>', 'host name clients use to reach this server')
+    .option('--port <n>', 'listen port', int('--port'), 9443)
+    .option('--tls-dir <dir>', 'where its certificate lives (self-signed at first start)', './transfer-tls')
+    .action(async (o: { broker: string; brokerFingerprint: string; secretFile: string; masterKeyFile: string; store: string; id: string; slots: number; host: string; publicHost?: string; port: number; tlsDir: string }) => {
+      if (o.slots < 1) throw new CarryonError('invalid', '--slots must be at least 1');
+      const server = await startStandaloneTransfer({
+        id: o.id, brokerUrl: o.broker.replace(/\/$/, ''), brokerFingerprint: o.brokerFingerprint, secret: readFileSync(o.secretFile, 'utf8').trim(),
+        slots: o.slots, storeDir: o.store, masterKeyFile: o.masterKeyFile, host: o.host, publicHost: o.publicHost, port: o.port, tlsDir: o.tlsDir,
+      });
+      process.stdout.write(`transfer server ${o.id} on ${server.url} (${o.slots} slots), certificate ${server.fingerprint}, registered with ${o.broker}\n`);
+      await new Promise<void>((resolve) => {
+        process.once('SIGINT', resolve);
+        process.once('SIGTERM', resolve);
+      });
+      await server.close();
+    });
+}

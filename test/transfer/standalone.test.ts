@@ -1,0 +1,45 @@
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { checkout, enroll, type ClientEnv } from '../../src/client/ops.js';
+import type { RunningBroker } from '../../src/broker/start.js';
+import { startStandaloneTransfer } from '../../src/transfer/standalone.js';
+import type { TransferServer } from '../../src/transfer/server.js';
+import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
+
+process.env.CARRYON_SCRYPT_N = '1024';
+let broker: RunningBroker & { dir: string };
+let http: Api;
+let ts: TransferServer;
+
+before(async () => {
+  broker = await testBroker(undefined, { embeddedTransferSlots: 0 });
+  http = api(broker.url, broker.fingerprint);
+});
+after(async () => {
+  await ts?.close();
+  await http.close();
+  await broker.close();
+  cleanup(broker.dir);
+});
+
+test('a standalone transfer server registers with the broker and serves a check-out', async () => {
+  ts = await startStandaloneTransfer({
+    id: 'ts-remote', brokerUrl: broker.url, brokerFingerprint: broker.fingerprint, secret: broker.ctx.settings.transferSecret,
+    slots: 2, storeDir: join(broker.dir, 'chunks'), masterKeyFile: join(broker.dir, 'master.key'), port: 0, tlsDir: join(broker.dir, 'ts-tls'),
+  });
+  const admin = await http.login(ADMIN.name, ADMIN.password);
+  const overview = (await http.call('GET', '/v1/admin/transfers', undefined, admin)).body as { servers: { id: string; slots: number; alive: boolean }[] };
+  assert.deepEqual(overview.servers.map((s) => [s.id, s.slots, s.alive]), [['ts-remote', 2, true]]);
+  const wrong = await http.call('POST', '/v1/transfer-servers/register', { id: 'evil', url: 'https://127.0.0.1:1', slots: 1, fingerprint: 'a'.repeat(64) });
+  assert.equal(wrong.status, 401);
+
+  await http.call('POST', '/v1/admin/users', { name: 'alice', password: 'alice-password' }, admin);
+  await http.call('POST', '/v1/admin/desktops', { name: 'win11', image: makeImage(broker.dir, 4), config: { vcpus: 1, ramMiB: 512, minRamMiB: 256 } }, admin);
+  await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: 'win11' }, admin);
+  const env: ClientEnv = { home: join(broker.dir, 'laptop'), user: 'alice', password: async () => 'alice-password', log: () => undefined, pollMs: 20 };
+  await enroll(env, broker.url, { fingerprint: broker.fingerprint, name: 'l' });
+  const res = await checkout(env, 'win11');
+  assert.ok(res.chunksMoved > 0);
+  assert.ok(ts.stats.bytesOut >= res.bytesMoved, 'the bytes came from the standalone server');
+});
