@@ -57,3 +57,72 @@ export function parseRequest(b: Buffer): Request | null {
   if (b.readUInt32BE(0) !== REQUEST_MAGIC) return null;
   return { flags: b.readUInt16BE(4), type: b.readUInt16BE(6), handle: Buffer.from(b.subarray(8, 16)), offset: b.readBigUInt64BE(16), length: b.readUInt32BE(24) };
 }
+
+/** The export name (and requested info types) of an NBD_OPT_GO / NBD_OPT_INFO payload, or null if malformed. */
+export function parseGoData(data: Buffer): { name: string; infoRequests: number[] } | null {
+  if (data.length < 6) return null;
+  const nameLen = data.readUInt32BE(0);
+  if (nameLen > data.length - 6) return null;
+  const count = data.readUInt16BE(4 + nameLen);
+  if (4 + nameLen + 2 + 2 * count !== data.length) return null;
+  const infoRequests: number[] = [];
+  for (let i = 0; i < count; i++) infoRequests.push(data.readUInt16BE(4 + nameLen + 2 + 2 * i));
+  return { name: data.subarray(4, 4 + nameLen).toString('utf8'), infoRequests };
+}
+
+/** NBD_INFO_EXPORT payload: size and transmission flags. */
+export function exportInfo(size: number, flags: number): Buffer {
+  const b = Buffer.alloc(12);
+  b.writeUInt16BE(INFO.EXPORT, 0);
+  b.writeBigUInt64BE(BigInt(size), 2);
+  b.writeUInt16BE(flags, 10);
+  return b;
+}
+
+/** NBD_INFO_BLOCK_SIZE payload: minimum, preferred and maximum block sizes. */
+export function blockSizeInfo(min: number, preferred: number, max: number): Buffer {
+  const b = Buffer.alloc(14);
+  b.writeUInt16BE(INFO.BLOCK_SIZE, 0);
+  b.writeUInt32BE(min, 2);
+  b.writeUInt32BE(preferred, 6);
+  b.writeUInt32BE(max, 10);
+  return b;
+}
+
+/** NBD_REP_SERVER payload for NBD_OPT_LIST. */
+export function serverListEntry(name: string): Buffer {
+  const n = Buffer.from(name, 'utf8');
+  const d = Buffer.alloc(4 + n.length);
+  d.writeUInt32BE(n.length, 0);
+  n.copy(d, 4);
+  return d;
+}
+
+/** Reply to NBD_OPT_EXPORT_NAME: size, flags, and 124 zero bytes unless NO_ZEROES was agreed. */
+export function exportNameReply(size: number, flags: number, noZeroes: boolean): Buffer {
+  const b = Buffer.alloc(noZeroes ? 10 : 134);
+  b.writeBigUInt64BE(BigInt(size), 0);
+  b.writeUInt16BE(flags, 8);
+  return b;
+}
+
+/** Server greeting of the newstyle handshake. */
+export function serverHello(): Buffer {
+  const b = Buffer.alloc(18);
+  b.writeBigUInt64BE(NBDMAGIC, 0);
+  b.writeBigUInt64BE(IHAVEOPT, 8);
+  b.writeUInt16BE(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES, 16);
+  return b;
+}
+
+/** Encodes a request (for tests and tools; the server only parses). */
+export function encodeRequest(r: { flags?: number; type: number; handle: bigint; offset: bigint | number; length: number }): Buffer {
+  const b = Buffer.alloc(28);
+  b.writeUInt32BE(REQUEST_MAGIC, 0);
+  b.writeUInt16BE(r.flags ?? 0, 4);
+  b.writeUInt16BE(r.type, 6);
+  b.writeBigUInt64BE(r.handle, 8);
+  b.writeBigUInt64BE(BigInt(r.offset), 16);
+  b.writeUInt32BE(r.length, 24);
+  return b;
+}

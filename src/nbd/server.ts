@@ -1,10 +1,10 @@
 import { chmod, mkdir, rm } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import { dirname } from 'node:path';
-import type { BlockDevice } from '../disk/block-device.js';
+import { DiskError, type BlockDevice } from '../disk/block-device.js';
 import {
-  CMD, CMD_FLAG_FUA, ERR, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO, MAX_OPTION, MAX_PAYLOAD, NBDMAGIC, OPT, optionReply,
-  parseRequest, REP, simpleReply, transmissionFlags,
+  blockSizeInfo, CMD, CMD_FLAG_FUA, ERR, exportInfo, exportNameReply, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, MAX_OPTION,
+  MAX_PAYLOAD, OPT, optionReply, parseGoData, parseRequest, REP, serverHello, serverListEntry, simpleReply, transmissionFlags,
 } from './protocol.js';
 
 class ProtocolError extends Error {}
@@ -89,11 +89,7 @@ export async function serveNbd(exports: Map<string, BlockDevice>, where: { socke
 
 async function handle(socket: Socket, exports: Map<string, BlockDevice>): Promise<void> {
   const rd = new SocketReader(socket);
-  const hello = Buffer.alloc(18);
-  hello.writeBigUInt64BE(NBDMAGIC, 0);
-  hello.writeBigUInt64BE(IHAVEOPT, 8);
-  hello.writeUInt16BE(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES, 16);
-  socket.write(hello);
+  socket.write(serverHello());
   const clientFlags = (await rd.read(4)).readUInt32BE(0);
   if (clientFlags & ~(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)) throw new ProtocolError('unknown client flags');
   const noZeroes = (clientFlags & FLAG_NO_ZEROES) !== 0;
@@ -110,10 +106,7 @@ async function handle(socket: Socket, exports: Map<string, BlockDevice>): Promis
       case OPT.EXPORT_NAME: {
         device = exports.get(data.toString('utf8')) ?? (data.length === 0 && exports.size === 1 ? [...exports.values()][0] : undefined);
         if (!device) throw new ProtocolError('unknown export'); // this option has no error reply: close
-        const b = Buffer.alloc(noZeroes ? 10 : 134);
-        b.writeBigUInt64BE(BigInt(device.size), 0);
-        b.writeUInt16BE(transmissionFlags(device.readOnly), 8);
-        socket.write(b);
+        socket.write(exportNameReply(device.size, transmissionFlags(device.readOnly), noZeroes));
         break;
       }
       case OPT.ABORT:
@@ -125,39 +118,24 @@ async function handle(socket: Socket, exports: Map<string, BlockDevice>): Promis
           socket.write(optionReply(option, REP.ERR_INVALID));
           break;
         }
-        for (const name of exports.keys()) {
-          const n = Buffer.from(name);
-          const d = Buffer.alloc(4 + n.length);
-          d.writeUInt32BE(n.length, 0);
-          n.copy(d, 4);
-          socket.write(optionReply(option, REP.SERVER, d));
-        }
+        for (const name of exports.keys()) socket.write(optionReply(option, REP.SERVER, serverListEntry(name)));
         socket.write(optionReply(option, REP.ACK));
         break;
       case OPT.INFO:
       case OPT.GO: {
-        const nameLen = len >= 4 ? data.readUInt32BE(0) : -1;
-        if (nameLen < 0 || 4 + nameLen + 2 > len || 4 + nameLen + 2 + 2 * data.readUInt16BE(4 + nameLen) !== len) {
+        const go = parseGoData(data);
+        if (!go) {
           socket.write(optionReply(option, REP.ERR_INVALID));
           break;
         }
-        const name = data.subarray(4, 4 + nameLen).toString('utf8');
+        const name = go.name;
         const dev = exports.get(name) ?? (name === '' && exports.size === 1 ? [...exports.values()][0] : undefined);
         if (!dev) {
           socket.write(optionReply(option, REP.ERR_UNKNOWN, Buffer.from(`no export named "${name}"`)));
           break;
         }
-        const info = Buffer.alloc(12);
-        info.writeUInt16BE(INFO.EXPORT, 0);
-        info.writeBigUInt64BE(BigInt(dev.size), 2);
-        info.writeUInt16BE(transmissionFlags(dev.readOnly), 10);
-        socket.write(optionReply(option, REP.INFO, info));
-        const bs = Buffer.alloc(14);
-        bs.writeUInt16BE(INFO.BLOCK_SIZE, 0);
-        bs.writeUInt32BE(1, 2);
-        bs.writeUInt32BE(4096, 6);
-        bs.writeUInt32BE(MAX_PAYLOAD, 10);
-        socket.write(optionReply(option, REP.INFO, bs));
+        socket.write(optionReply(option, REP.INFO, exportInfo(dev.size, transmissionFlags(dev.readOnly))));
+        socket.write(optionReply(option, REP.INFO, blockSizeInfo(1, 4096, MAX_PAYLOAD)));
         socket.write(optionReply(option, REP.ACK));
         if (option === OPT.GO) device = dev;
         break;
@@ -170,6 +148,15 @@ async function handle(socket: Socket, exports: Map<string, BlockDevice>): Promis
 }
 
 const MAX_READS_IN_FLIGHT = 16;
+
+/** The NBD error a client sees for a failed disk operation. */
+function errnoFor(err: unknown): number {
+  if (err instanceof DiskError) {
+    if (err.reason === 'range') return ERR.EINVAL;
+    if (err.reason === 'read-only') return ERR.EPERM;
+  }
+  return ERR.EIO;
+}
 
 async function transmission(socket: Socket, rd: SocketReader, dev: BlockDevice): Promise<void> {
   // Reads are pipelined (replies may come out of order, matched by handle); anything that
@@ -195,7 +182,7 @@ async function transmission(socket: Socket, rd: SocketReader, dev: BlockDevice):
           reply(ERR.EINVAL);
           break;
         }
-        const p = dev.read(offset, req.length).then((d) => void reply(0, d), () => void reply(ERR.EIO));
+        const p = dev.read(offset, req.length).then((d) => void reply(0, d), (e: unknown) => void reply(errnoFor(e)));
         reads.add(p);
         void p.finally(() => reads.delete(p));
         if (reads.size >= MAX_READS_IN_FLIGHT) await Promise.race(reads);
@@ -207,19 +194,19 @@ async function transmission(socket: Socket, rd: SocketReader, dev: BlockDevice):
         await drain();
         if (dev.readOnly) reply(ERR.EPERM);
         else if (!inRange) reply(ERR.ENOSPC);
-        else await dev.write(offset, Buffer.from(data), fua).then(() => reply(0), () => reply(ERR.EIO));
+        else await dev.write(offset, Buffer.from(data), fua).then(() => reply(0), (e: unknown) => reply(errnoFor(e)));
         break;
       }
       case CMD.FLUSH:
         await drain();
-        await dev.flush().then(() => reply(0), () => reply(ERR.EIO));
+        await dev.flush().then(() => reply(0), (e: unknown) => reply(errnoFor(e)));
         break;
       case CMD.TRIM:
       case CMD.WRITE_ZEROES:
         await drain();
         if (dev.readOnly) reply(ERR.EPERM);
         else if (!inRange) reply(ERR.ENOSPC);
-        else await (req.type === CMD.TRIM ? dev.trim(offset, req.length) : dev.writeZeroes(offset, req.length, fua)).then(() => reply(0), () => reply(ERR.EIO));
+        else await (req.type === CMD.TRIM ? dev.trim(offset, req.length) : dev.writeZeroes(offset, req.length, fua)).then(() => reply(0), (e: unknown) => reply(errnoFor(e)));
         break;
       case CMD.DISC:
         await drain();
