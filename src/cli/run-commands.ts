@@ -2,7 +2,8 @@ import { join } from 'node:path';
 import type { Command } from 'commander';
 import { defaultHome } from '../client/home.js';
 import { serveDesktop } from '../client/serve.js';
-import { buildQemuCommand, kvmUsable, launchQemu, type OfflineConfig } from '../hypervisor/launch.js';
+import { runDesktop } from '../hypervisor/launch-desktop.js';
+import { formatCommand, parseOfflineConfig, type RunningDesktop } from '../hypervisor/launch.js';
 import { passwordSource, printJsonOr } from './common.js';
 
 interface GlobalOpts { home?: string; user?: string; passwordFile?: string; json?: boolean }
@@ -30,26 +31,34 @@ export function registerRunCommands(program: Command): void {
       await served.close();
     });
 
-  program.command('run <desktop>').description('run the desktop offline under QEMU/KVM, disks over NBD')
+  program.command('run <desktop>').description('run the desktop offline under QEMU (KVM when usable, else TCG), disks over NBD')
     .option('--dry-run', 'print the QEMU command line and exit')
-    .option('--display <kind>', 'QEMU display (kept as a local setting)', undefined)
+    .option('--display <kind>', 'QEMU display, e.g. gtk, sdl, none (a local setting)')
     .action(async (desktop: string, o: { dryRun?: boolean; display?: string }, cmd: Command) => {
       const { env: e, json } = env(cmd);
+      // serveDesktop refuses a locked/wiped vault and an expired lease before any disk opens.
       const served = await serveDesktop(e, desktop);
+      // Our own NBD server below serves the disks; the one serveDesktop started is not needed.
       try {
-        const config = { ...(served.config as unknown as OfflineConfig), ...(o.display ? { display: o.display } : {}) };
-        const argv = buildQemuCommand(config, served.disks.map((d) => ({ name: d.name, socketPath: served.socketPath })), {
-          kvm: kvmUsable(), qmpSocket: join(served.socketPath, '..', 'qmp.sock'), name: served.name,
+        const config = parseOfflineConfig(served.config);
+        let vm: RunningDesktop | undefined;
+        const stop = () => void vm?.stop(60_000);
+        process.once('SIGINT', stop);
+        process.once('SIGTERM', stop);
+        const result = await runDesktop({
+          name: served.name.replace(/[^A-Za-z0-9._-]/g, '_').slice(0, 64) || 'desktop',
+          disks: served.disks.map((d) => ({ name: d.name, device: d.disk })),
+          config,
+          socketDir: join(served.socketPath, '..', 'vm'),
+          dryRun: o.dryRun,
+          display: o.display,
+          onStarted: (v) => (vm = v),
         });
         if (o.dryRun) {
-          printJsonOr(json, { argv }, () => process.stdout.write(`${argv.map((a) => (/[\s,]/.test(a) ? `'${a}'` : a)).join(' ')}\n`));
+          printJsonOr(json, { argv: result.argv }, () => process.stdout.write(`${formatCommand(result.argv)}\n`));
           return;
         }
-        const abort = new AbortController();
-        process.once('SIGINT', () => abort.abort());
-        process.once('SIGTERM', () => abort.abort());
-        const code = await launchQemu(argv, abort.signal);
-        process.stderr.write(`QEMU exited (${code}); disks flushed and the dirty set recorded\n`);
+        process.stderr.write(`QEMU exited (${result.exitCode}); disks flushed and the dirty set recorded\n`);
       } finally {
         await served.close();
       }

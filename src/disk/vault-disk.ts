@@ -1,9 +1,11 @@
-import { openBlob, sealChunk } from '../core/blob.js';
 import type { ChunkId } from '../core/chunk-id.js';
 import { chunkLength, isZero, MiB } from '../core/chunking.js';
 import type { LineageKeys } from '../core/keys.js';
 import { createManifest, manifestDigest, type Manifest } from '../core/manifest.js';
 import type { ChunkStore } from '../store/chunk-store.js';
+import { availableParallelism } from 'node:os';
+import { mapLimit } from '../store/fs-chunk-store.js';
+import { CryptoPool } from './crypto-pool.js';
 import { checkRange, DiskError, type BlockDevice } from './block-device.js';
 import { loadDiskState, saveDiskState } from './disk-state.js';
 import { KeyedMutex } from './keyed-mutex.js';
@@ -23,6 +25,8 @@ export interface VaultDiskOptions {
   /** Unsealed write buffers above this are sealed early (default 64 MiB). */
   maxDirtyBytes?: number;
   readOnly?: boolean;
+  /** Worker threads that decrypt and seal blobs (default: cores − 1 up to 4 on ≥ 4 cores, else 0 = in-thread). */
+  cryptoWorkers?: number;
 }
 
 /**
@@ -46,6 +50,7 @@ export class VaultDisk implements BlockDevice {
   private readonly loading = new Map<ChunkId, Promise<Buffer>>();
   private flushChain: Promise<void> = Promise.resolve();
   private timer: NodeJS.Timeout | undefined;
+  private readonly crypto: CryptoPool;
   private closed = false;
   /** Last failure of a background (timer or pressure) flush; cleared by a successful flush. */
   lastFlushError: Error | undefined;
@@ -62,6 +67,9 @@ export class VaultDisk implements BlockDevice {
     this.current = current;
     this.changed = new Set(changed);
     this.cache = new ByteLru(opts.cacheBytes ?? 64 * MiB);
+    const cores = availableParallelism();
+    // With 2 cores or fewer, QEMU and the NBD client need the other core: decrypt in-thread.
+    this.crypto = new CryptoPool(opts.keys, opts.cryptoWorkers ?? (cores >= 4 ? Math.min(4, cores - 1) : 0));
     const every = opts.autoFlushMs ?? 5000;
     if (every > 0 && !this.readOnly) {
       this.timer = setInterval(() => {
@@ -136,9 +144,19 @@ export class VaultDisk implements BlockDevice {
   async read(offset: number, length: number): Promise<Buffer> {
     this.ensureOpen();
     checkRange(this.size, offset, length);
+    const spans = this.spans(offset, length);
+    if (spans.length === 1) {
+      // Within one chunk: hand out a view of the (immutable) sealed plaintext, no copy.
+      const { index, inChunk, len } = spans[0]!;
+      return this.locks.run(index, async () => {
+        const buffered = this.buffers.get(index);
+        if (buffered) return Buffer.from(buffered.subarray(inChunk, inChunk + len));
+        return (await this.plaintext(index)).subarray(inChunk, inChunk + len);
+      });
+    }
     const out = Buffer.allocUnsafe(length);
     await Promise.all(
-      this.spans(offset, length).map(({ index, inChunk, outOff, len }) =>
+      spans.map(({ index, inChunk, outOff, len }) =>
         this.locks.run(index, async () => {
           const src = this.buffers.get(index) ?? (await this.plaintext(index));
           src.copy(out, outOff, inChunk, inChunk + len);
@@ -227,12 +245,13 @@ export class VaultDisk implements BlockDevice {
     if (!this.readOnly) await this.serialized(() => this.flushNow());
     this.closed = true;
     this.cache.clear();
+    await this.crypto.close();
   }
 
   // ---- internals ----
 
   private async flushNow(): Promise<void> {
-    for (const index of [...this.buffers.keys()]) await this.locks.run(index, () => this.seal(index));
+    await mapLimit([...this.buffers.keys()], 8, (index) => this.locks.run(index, () => this.seal(index)));
     // Snapshot before sync: every blob it references was put before the sync below.
     const snapshot = this.snapshotState();
     const wasDirty = this.stateDirty;
@@ -252,7 +271,7 @@ export class VaultDisk implements BlockDevice {
     if (!buf) return;
     let id: ChunkId | null = null;
     if (!isZero(buf)) {
-      const sealed = sealChunk(this.opts.keys, buf);
+      const sealed = await this.crypto.seal(buf);
       await this.opts.store.put(sealed.id, sealed.blob, { defer: true });
       id = sealed.id;
       this.cache.set(id, buf);
@@ -319,7 +338,7 @@ export class VaultDisk implements BlockDevice {
       blob = await this.opts.store.get(id);
       if (!blob) throw new DiskError('io', `chunk ${index} (${id.slice(0, 12)}…) is still missing after fetch`);
     }
-    const plain = openBlob(this.opts.keys, id, blob);
+    const plain = await this.crypto.open(id, blob, true);
     if (plain.length !== this.lengthOf(index)) {
       throw new DiskError('io', `chunk ${index} decrypts to ${plain.length} bytes, expected ${this.lengthOf(index)}`);
     }

@@ -1,52 +1,134 @@
 import { spawn } from 'node:child_process';
-import { accessSync, constants } from 'node:fs';
+import { z } from 'zod';
+import { ValidationError } from '../core/errors.js';
+import { QmpConnection } from './datacenter/hypervisor.js';
+import type { HostFacts } from './host.js';
 
-export interface OfflineConfig {
-  vcpus: number;
-  ramMiB: number;
-  usb: boolean;
-  nic: string;
-  /** Local settings kept across check-outs (the broker never overrides them). */
+/** The offline VM config (from the broker, merged with local settings) as `run` accepts it. */
+export const OfflineConfig = z.object({
+  vcpus: z.number().int().min(1).max(256),
+  ramMiB: z.number().int().min(64),
+  usb: z.boolean().default(false),
+  nic: z.enum(['user', 'none']).default('user'),
+  /** Local setting kept across check-outs (the broker never overrides it). */
+  display: z.string().regex(/^[a-z][a-z0-9-]*(,[a-z0-9=._-]+)*$/).optional(),
+  usbDevices: z.array(z.object({ vendorId: z.string().regex(/^[0-9a-f]{4}$/i), productId: z.string().regex(/^[0-9a-f]{4}$/i) })).default([]),
+});
+export type OfflineConfig = z.infer<typeof OfflineConfig>;
+
+export function parseOfflineConfig(raw: unknown): OfflineConfig {
+  const r = OfflineConfig.safeParse(raw);
+  if (!r.success) throw new ValidationError(`offline VM config is invalid: ${r.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
+  return r.data;
+}
+
+export interface LaunchOptions {
+  name: string;
+  qmpSocket: string;
+  /** Overrides config.display (e.g. "none" for headless). */
   display?: string;
-  usbDevices?: { vendorId: string; productId: string }[];
+  /** Start with the CPUs stopped (-S). */
+  paused?: boolean;
 }
 
-export function kvmUsable(): boolean {
-  try {
-    accessSync('/dev/kvm', constants.R_OK | constants.W_OK);
-    return true;
-  } catch {
-    return false;
-  }
-}
+/** RAM left to the host OS and QEMU itself, whatever the config asks for. */
+export const HOST_RAM_RESERVE_MIB = 1024;
+const NAME_RE = /^[A-Za-z0-9._-]{1,64}$/;
 
 /**
- * Pure: the QEMU command line for an offline desktop. Disks come from the NBD socket (never a
- * decrypted file); the NIC is user-mode (no host port opened); USB passthrough only if allowed.
+ * Pure: the QEMU argv for an offline desktop. Disks come over NBD (never a decrypted file); the
+ * NIC is user-mode, which opens no host port; USB passthrough only when the policy allows it.
+ * vCPUs and RAM are clamped to what the host has.
  */
-export function buildQemuCommand(config: OfflineConfig, disks: { name: string; socketPath: string }[], opts: { kvm: boolean; qmpSocket: string; name: string }): string[] {
-  const argv = ['qemu-system-x86_64', '-name', opts.name, '-machine', 'q35', '-accel', opts.kvm ? 'kvm' : 'tcg', '-smp', String(config.vcpus), '-m', `${config.ramMiB}M`];
-  if (opts.kvm) argv.push('-cpu', 'host');
+export function buildQemuCommand(
+  config: OfflineConfig,
+  host: HostFacts,
+  disks: { name: string; socketPath: string }[],
+  opts: LaunchOptions,
+): string[] {
+  if (disks.length === 0) throw new ValidationError('a desktop needs at least one disk');
+  for (const d of [...disks.map((x) => x.name), opts.name]) {
+    if (!NAME_RE.test(d)) throw new ValidationError(`name "${d}" is not usable on a QEMU command line`);
+  }
+  for (const p of [...disks.map((x) => x.socketPath), opts.qmpSocket]) {
+    if (/[,\s]/.test(p)) throw new ValidationError(`socket path "${p}" must not contain commas or spaces`);
+  }
+  const vcpus = Math.max(1, Math.min(config.vcpus, host.cpus));
+  const hostMiB = Math.floor(host.ramBytes / 2 ** 20);
+  const ramMiB = Math.max(64, Math.min(config.ramMiB, hostMiB - HOST_RAM_RESERVE_MIB));
+  const argv = ['qemu-system-x86_64', '-name', opts.name, '-machine', 'q35', '-accel', host.kvm ? 'kvm' : 'tcg'];
+  if (host.kvm) argv.push('-cpu', 'host');
+  argv.push('-smp', String(vcpus), '-m', `${ramMiB}M`, '-nodefaults', '-no-user-config');
   disks.forEach((d, i) => {
     argv.push('-blockdev', `driver=nbd,node-name=disk${i},server.type=unix,server.path=${d.socketPath},export=${d.name},cache.direct=off`);
     argv.push('-device', `virtio-blk-pci,drive=disk${i}${i === 0 ? ',bootindex=0' : ''}`);
   });
-  argv.push(...(config.nic === 'none' ? ['-nic', 'none'] : ['-nic', 'user,model=virtio-net-pci']));
-  argv.push('-display', config.display ?? 'gtk');
+  argv.push('-nic', config.nic === 'none' ? 'none' : 'user,model=virtio-net-pci');
+  const display = opts.display ?? config.display ?? 'gtk';
+  argv.push('-display', display);
+  if (display !== 'none') argv.push('-vga', 'virtio');
   argv.push('-qmp', `unix:${opts.qmpSocket},server=on,wait=off`);
   if (config.usb) {
     argv.push('-device', 'qemu-xhci,id=xhci');
-    for (const u of config.usbDevices ?? []) argv.push('-device', `usb-host,bus=xhci.0,vendorid=0x${u.vendorId},productid=0x${u.productId}`);
+    for (const u of config.usbDevices) argv.push('-device', `usb-host,bus=xhci.0,vendorid=0x${u.vendorId},productid=0x${u.productId}`);
   }
+  if (opts.paused) argv.push('-S');
   return argv;
 }
 
-/** Runs QEMU until it exits; resolves with its exit code. */
-export function launchQemu(argv: string[], signal?: AbortSignal): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(argv[0]!, argv.slice(1), { stdio: 'inherit' });
-    signal?.addEventListener('abort', () => child.kill('SIGTERM'), { once: true });
-    child.on('error', reject);
-    child.on('exit', (code, sig) => resolve(code ?? (sig ? 128 : 1)));
+/** Shell-quoted argv for --dry-run output. */
+export function formatCommand(argv: string[]): string {
+  return argv.map((a) => (/^[A-Za-z0-9_./:=,+-]+$/.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`)).join(' ');
+}
+
+export interface RunningDesktop {
+  pid: number;
+  /** Resolves with QEMU's exit code once it has exited. */
+  exited: Promise<number>;
+  /** ACPI power-down, then QMP quit after `graceMs`, then SIGKILL; resolves with the exit code. */
+  stop(graceMs?: number): Promise<number>;
+  /** A QMP command (e.g. query-status). */
+  qmp(command: string, args?: Record<string, unknown>): Promise<unknown>;
+}
+
+/** Spawns QEMU and connects to its QMP socket. The caller flushes its disks after `exited`. */
+export async function launchDesktop(argv: string[], qmpSocket: string, opts: { stdio?: 'inherit' | 'ignore' } = {}): Promise<RunningDesktop> {
+  const child = spawn(argv[0]!, argv.slice(1), { stdio: opts.stdio ?? 'inherit' });
+  let stderr = '';
+  child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<number>((resolve, reject) => {
+    child.once('error', reject);
+    child.once('exit', (code, sig) => resolve(code ?? (sig ? 128 : 1)));
   });
+  let qmp: QmpConnection | undefined;
+  // QEMU creates the QMP socket shortly after start; give it a bounded number of tries.
+  for (let i = 0; i < 100 && !qmp; i++) {
+    const early = await Promise.race([exited.then((c) => c), new Promise<null>((r) => setTimeout(() => r(null), 100))]);
+    if (early !== null) throw new Error(`QEMU exited at start (code ${early})${stderr ? `: ${stderr.trim()}` : ''}`);
+    qmp = await QmpConnection.open(qmpSocket).catch(() => undefined);
+  }
+  if (!qmp) {
+    child.kill('SIGKILL');
+    throw new Error('QEMU did not open its QMP socket within 10 s');
+  }
+  const conn = qmp;
+  exited.finally(() => conn.close()).catch(() => undefined);
+  const withTimeout = <T>(p: Promise<T>, ms: number) =>
+    Promise.race([p, new Promise<never>((_, rej) => setTimeout(() => rej(new Error('QMP timed out')), ms).unref())]);
+  return {
+    pid: child.pid!,
+    exited,
+    qmp: (command, args) => withTimeout(conn.execute(command, args), 10_000),
+    async stop(graceMs = 60_000) {
+      const done = (ms: number) => Promise.race([exited, new Promise<null>((r) => setTimeout(() => r(null), ms).unref())]);
+      await withTimeout(conn.execute('system_powerdown'), 5_000).catch(() => undefined);
+      let code = await done(graceMs);
+      if (code !== null) return code;
+      await withTimeout(conn.execute('quit'), 5_000).catch(() => undefined);
+      code = await done(10_000);
+      if (code !== null) return code;
+      child.kill('SIGKILL');
+      return exited;
+    },
+  };
 }

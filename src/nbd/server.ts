@@ -182,7 +182,13 @@ async function transmission(socket: Socket, rd: SocketReader, dev: BlockDevice):
     const inRange = req.offset + BigInt(req.length) <= BigInt(dev.size);
     const offset = Number(req.offset);
     const fua = (req.flags & CMD_FLAG_FUA) !== 0;
-    const reply = (err: number, data?: Buffer) => socket.write(simpleReply(err, req.handle, data));
+    const reply = (err: number, data?: Buffer) => {
+      // Header and payload as two writes in one corked batch: the payload is never copied.
+      socket.cork();
+      socket.write(simpleReply(err, req.handle));
+      if (data) socket.write(data);
+      process.nextTick(() => socket.uncork());
+    };
     switch (req.type) {
       case CMD.READ: {
         if (req.length > MAX_PAYLOAD || !inRange) {

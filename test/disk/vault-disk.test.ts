@@ -148,3 +148,26 @@ test('concurrent overlapping writes and reads stay consistent per chunk', async 
   assert.deepEqual(await again.read(0, img.length), img);
   await again.close();
 });
+
+test('worker-thread crypto: same bytes as in-thread, tampered blob is a clear error', async () => {
+  const { img, opts, store, root } = await setup();
+  const disk = await VaultDisk.open({ ...opts, cryptoWorkers: 2 });
+  assert.deepEqual(await disk.read(0, img.length), img);
+  const data = randomBytes(3 * CS);
+  await disk.write(CS / 2, data);
+  await disk.flush();
+  data.copy(img, CS / 2);
+  const again = await VaultDisk.open({ ...opts, cryptoWorkers: 0 });
+  assert.deepEqual(await again.read(0, img.length), img);
+  await again.close();
+  await disk.close();
+  // A blob altered at rest is refused by the worker, never returned as data.
+  const victim = opts.base.chunks[0]!;
+  const bad = Buffer.from((await store.get(victim))!);
+  bad[bad.length - 1]! ^= 1;
+  const evil = await FsChunkStore.open(join(root, 'evil'));
+  await evil.put(victim, bad);
+  const tampered = await VaultDisk.open({ ...opts, store: evil, stateDir: join(root, 's-evil'), cryptoWorkers: 1 });
+  await assert.rejects(tampered.read(0, 10), /blob rejected \(auth\)/);
+  await tampered.close();
+});
