@@ -45,11 +45,9 @@ async function rsyncStats(args: string[]): Promise<{ seconds: number; bytes: num
   return { seconds, bytes: sent + recv };
 }
 
-export interface CheckinFigures { carryonSeconds: number; rsyncSeconds: number }
-
 /** Check-out and check-in at one disk size, next to rsync and cp on the same files. */
 /** `changeGiB`: the same absolute change for every disk size (1% of the smaller disk). */
-export function checkinSection(work: string, sizeGiB: number, changeGiB: number, withCheckout: boolean, figures: Map<number, CheckinFigures>): BenchSection {
+export function checkinSection(work: string, sizeGiB: number, changeGiB: number, withCheckout: boolean): BenchSection {
   return {
     name: `Check-out and check-in of a ${sizeGiB} GiB desktop over loopback HTTPS vs rsync`,
     async run() {
@@ -120,7 +118,6 @@ export function checkinSection(work: string, sizeGiB: number, changeGiB: number,
         const rt = stats(theirs);
         const rb = stats(theirBytes);
         const c = stats(compressed);
-        figures.set(sizeGiB, { carryonSeconds: t.median, rsyncSeconds: rt.median });
         const ratioB = b.median / c.median;
         rows.push({ section: 'checkin', name: `check-in after ${(changeGiB * 1024).toFixed(0)} MiB of random 64 KiB writes, ${label}: bytes on the wire`, value: b.median / MB, unit: 'MB', runs: b.runs, spread: b.spread,
           peer: { name: 'rsync --inplace --no-whole-file (local delta mode)', value: rb.median / MB, unit: 'MB' },

@@ -1,4 +1,3 @@
-import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import type { ChunkId } from '../core/chunk-id.js';
@@ -7,7 +6,7 @@ import { decodeLineageKeys, type LineageKeys } from '../core/keys.js';
 import { decodeManifest, diffManifests, encodeManifest, manifestDigest } from '../core/manifest.js';
 import { exportImage } from '../import/export.js';
 import { probeFingerprint } from '../net/pinned-agent.js';
-import { downloadChunks, fetchOne, TransferSession, uploadChunks, type Progress } from '../transfer/client.js';
+import { downloadChunks, uploadChunks, type Progress } from '../transfer/client.js';
 import { BrokerClient, BrokerError, CheckoutResponse, CheckoutView, DesktopEntry, JobView } from './broker-client.js';
 import { createDeviceKeys, DeviceFile, hostFacts, loadDevice, writeFileAtomic, type DeviceIdentity } from './home.js';
 import { Vault, type DesktopState } from './vault.js';
@@ -156,7 +155,23 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
       manifests.push({ name, manifest: m });
       for (const c of diffManifests(disk.baseManifest(), m)) if (c.to) changed.add(c.to);
     }
-    const begin = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}`, { disks: manifests.map((d) => ({ name: d.name, manifest: encodeManifest(d.manifest).toString('base64') })) }, z.object({ job: JobView }));
+    let begin;
+    try {
+      begin = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}`, { disks: manifests.map((d) => ({ name: d.name, manifest: encodeManifest(d.manifest).toString('base64') })) }, z.object({ job: JobView }));
+    } catch (err) {
+      // Killed after the broker committed but before the vault forgot the desktop: finish that.
+      if (kind === 'checkin' && err instanceof BrokerError && err.code === 'wrong-state') {
+        const desktops = (await broker.call('GET', '/v1/desktops', undefined, z.object({ desktops: z.array(DesktopEntry) }))).desktops;
+        const now = desktops.find((d) => d.id === state.desktopId);
+        if (!now?.checkout || now.checkout.id !== state.checkoutId) {
+          for (const { disk } of disks) await disk.close();
+          await vault.remove(state.desktopId);
+          env.log(`${state.name} was already checked in; local state cleared`);
+          return { snapshotId: now?.checkout?.snapshotId ?? 'unknown', changedChunks: 0, chunksSent: 0, bytesSent: 0 };
+        }
+      }
+      throw err;
+    }
     if (kind === 'checkin') await vault.save({ ...state, state: 'checking_in', jobId: begin.job.id });
     const job = await activeJob(env, broker, begin.job);
     const sent = await uploadChunks({ endpoint: job.transfer!, ids: [...changed], localStore: vault.store, keys, signal: env.signal, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) });
@@ -263,4 +278,3 @@ export async function exportDisk(env: ClientEnv, desktopRef: string, outPath: st
   });
 }
 
-export { BrokerError, fetchOne, TransferSession, writeFile };
