@@ -148,6 +148,7 @@ async function handle(socket: Socket, exports: Map<string, BlockDevice>): Promis
 }
 
 const MAX_READS_IN_FLIGHT = 16;
+const MAX_UNSENT_REPLY_BYTES = 64 * 1024 * 1024;
 
 /** The NBD error a client sees for a failed disk operation. */
 function errnoFor(err: unknown): number {
@@ -164,6 +165,13 @@ async function transmission(socket: Socket, rd: SocketReader, dev: BlockDevice):
   const reads = new Set<Promise<void>>();
   const drain = () => Promise.all(reads);
   for (;;) {
+    // A client that sends requests but does not read replies must not grow our memory without bound.
+    if (socket.writableLength > MAX_UNSENT_REPLY_BYTES) {
+      await new Promise<void>((resolve) => {
+        socket.once('drain', resolve);
+        socket.once('close', resolve);
+      });
+    }
     const req = parseRequest(await rd.read(28));
     if (!req) throw new ProtocolError('bad request magic');
     const inRange = req.offset + BigInt(req.length) <= BigInt(dev.size);
