@@ -171,3 +171,32 @@ test('worker-thread crypto: same bytes as in-thread, tampered blob is a clear er
   await assert.rejects(tampered.read(0, 10), /blob rejected \(auth\)/);
   await tampered.close();
 });
+
+test('writes are sealed and recorded by the timer without an explicit flush', async () => {
+  const { img, opts } = await setup();
+  const disk = await VaultDisk.open({ ...opts, autoFlushMs: 20 });
+  await disk.write(7 * CS + 3, Buffer.from('timer'));
+  Buffer.from('timer').copy(img, 7 * CS + 3);
+  let seen = false;
+  for (let i = 0; i < 200 && !seen; i++) {
+    await new Promise((r) => setTimeout(r, 20));
+    // A second instance sees only what the first persisted (as after a crash).
+    const probe = await VaultDisk.open({ ...opts, stateDir: opts.stateDir });
+    seen = probe.dirtyIndexes().includes(7);
+    if (seen) assert.deepEqual(await probe.read(0, img.length), img);
+    await probe.close();
+  }
+  assert.ok(seen, 'the auto-flush persisted the write');
+  await disk.close();
+});
+
+test('a read-only disk refuses writes, trims and zeroes with a typed error', async () => {
+  const { opts, img } = await setup();
+  const disk = await VaultDisk.open({ ...opts, readOnly: true });
+  const ro = (e: unknown) => e instanceof DiskError && e.reason === 'read-only';
+  await assert.rejects(disk.write(0, Buffer.from('x')), ro);
+  await assert.rejects(disk.trim(0, CS), ro);
+  await assert.rejects(disk.writeZeroes(0, CS), ro);
+  assert.deepEqual(await disk.read(0, img.length), img);
+  await disk.close();
+});
