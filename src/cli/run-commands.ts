@@ -38,7 +38,6 @@ export function registerRunCommands(program: Command): void {
       const { env: e, json } = env(cmd);
       // serveDesktop refuses a locked/wiped vault and an expired lease before any disk opens.
       const served = await serveDesktop(e, desktop);
-      // Our own NBD server below serves the disks; the one serveDesktop started is not needed.
       try {
         const config = parseOfflineConfig(served.config);
         let vm: RunningDesktop | undefined;
@@ -50,6 +49,7 @@ export function registerRunCommands(program: Command): void {
           disks: served.disks.map((d) => ({ name: d.name, device: d.disk })),
           config,
           socketDir: join(served.socketPath, '..', 'vm'),
+          existingNbdSocket: served.socketPath,
           dryRun: o.dryRun,
           display: o.display,
           onStarted: (v) => (vm = v),

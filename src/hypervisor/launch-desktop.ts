@@ -20,6 +20,8 @@ export interface RunDesktopOptions {
   /** Called once QEMU runs (e.g. to stop it from a signal handler). */
   onStarted?: (vm: RunningDesktop) => void;
   stdio?: 'inherit' | 'ignore';
+  /** The disks are already served on this socket (e.g. by the client): start no second server. */
+  existingNbdSocket?: string;
 }
 
 export interface RunDesktopResult {
@@ -34,7 +36,7 @@ export interface RunDesktopResult {
  */
 export async function runDesktop(opts: RunDesktopOptions): Promise<RunDesktopResult> {
   await mkdir(opts.socketDir, { recursive: true, mode: 0o700 });
-  const nbdSocket = join(opts.socketDir, 'nbd.sock');
+  const nbdSocket = opts.existingNbdSocket ?? join(opts.socketDir, 'nbd.sock');
   const qmpSocket = join(opts.socketDir, 'qmp.sock');
   const argv = buildQemuCommand(opts.config, opts.host ?? hostFacts(), opts.disks.map((d) => ({ name: d.name, socketPath: nbdSocket })), {
     name: opts.name,
@@ -43,7 +45,7 @@ export async function runDesktop(opts: RunDesktopOptions): Promise<RunDesktopRes
     paused: opts.paused,
   });
   if (opts.dryRun) return { argv };
-  const server = await serveNbd(new Map(opts.disks.map((d) => [d.name, d.device])), { socketPath: nbdSocket });
+  const server = opts.existingNbdSocket ? null : await serveNbd(new Map(opts.disks.map((d) => [d.name, d.device])), { socketPath: nbdSocket });
   const flushAll = () => Promise.all(opts.disks.map((d) => d.device.flush()));
   const timer = setInterval(() => void flushAll().catch(() => undefined), opts.flushEveryMs ?? 5000);
   timer.unref();
@@ -54,7 +56,7 @@ export async function runDesktop(opts: RunDesktopOptions): Promise<RunDesktopRes
     return { argv, exitCode };
   } finally {
     clearInterval(timer);
-    await server.close();
+    await server?.close();
     await flushAll();
   }
 }
