@@ -42,6 +42,16 @@ async function waitForOutput(child: ChildProcess, re: RegExp): Promise<string> {
   });
 }
 
+/** Signals a child and waits for it to end; a child that already ended returns at once. */
+async function stopChild(child: ChildProcess, signal: NodeJS.Signals): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+  const ended = () => ({ code: child.exitCode, signal: child.signalCode });
+  if (child.exitCode !== null || child.signalCode !== null) return ended();
+  const done = new Promise<void>((r) => child.once('exit', () => r()));
+  child.kill(signal);
+  await done;
+  return ended();
+}
+
 async function serverDisk(): Promise<Buffer> {
   const d = broker.ctx.meta.getDesktop('win11')!;
   const snap = broker.ctx.meta.getSnapshot(d.currentSnapshot!)!;
@@ -86,8 +96,7 @@ test('CLI: enroll, check-out, write through NBD with qemu-io, check-in killed mi
   const out = await waitForOutput(serve, /nbd\+unix:\/\/\/disk0\?socket=\S+/);
   const uri = /nbd\+unix:\/\/\/disk0\?socket=\S+/.exec(out)![0];
   await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 100k 3M', '-c', 'flush', uri]);
-  serve.kill('SIGTERM');
-  await new Promise((r) => serve.once('exit', r));
+  await stopChild(serve, 'SIGTERM');
   const expected = readFileSync(image);
   expected.fill(0x5a, 100 * 1024, 100 * 1024 + 3 * 1024 * 1024);
   const dirty = JSON.parse((await carryon(['status', 'win11', '--json'])).stdout) as { dirtyBytes: number }[];
@@ -96,10 +105,15 @@ test('CLI: enroll, check-out, write through NBD with qemu-io, check-in killed mi
   // Kill the client in the middle of the check-in, then run it again.
   const ci = spawnCarryon(['checkin', 'win11']);
   await new Promise((r) => setTimeout(r, 150 + Math.floor(Math.random() * 400)));
-  ci.kill('SIGKILL');
-  await new Promise((r) => ci.once('exit', r));
-  const again = await carryon(['checkin', 'win11', '--json']);
-  assert.ok(JSON.parse(again.stdout).snapshotId);
+  const killed = await stopChild(ci, 'SIGKILL');
+  if (killed.code === 0) {
+    // It finished before the kill landed: a second check-in is refused clearly.
+    await assert.rejects(carryon(['checkin', 'win11', '--json']), (e: { stderr: string }) => /not checked out to this device/.test(e.stderr));
+  } else {
+    assert.equal(killed.signal, 'SIGKILL');
+    const again = await carryon(['checkin', 'win11', '--json']);
+    assert.ok(JSON.parse(again.stdout).snapshotId);
+  }
   assert.ok((await serverDisk()).equals(expected), "the server's new snapshot holds the qemu-io write");
 });
 
@@ -120,8 +134,7 @@ test('boot while data is in flight: nbdcopy of the whole export with 10% local i
   const uri = /nbd\+unix:\/\/\/disk0\?socket=\S+/.exec(out)![0];
   const copy = join(broker.dir, 'inflight.raw');
   await run('nbdcopy', [uri, copy]);
-  serve.kill('SIGTERM');
-  await new Promise((r) => serve.once('exit', r));
+  await stopChild(serve, 'SIGTERM');
   assert.ok(readFileSync(copy).equals(await serverDisk()));
   await carryon(['checkout', 'win11', '--quiet']);
   const done = JSON.parse((await carryon(['status', 'win11', '--json'])).stdout) as { percentLocal: number; safeOffline: boolean }[];
