@@ -59,8 +59,17 @@ export function sealChunk(keys: LineageKeys, plaintext: Uint8Array, knownId?: Ch
   return { id, blob: out, compressed };
 }
 
+export interface OpenOptions {
+  /**
+   * Re-check HMAC(idKey, plaintext) = ID (default true). Blobs that crossed a trust boundary
+   * (network, import) must be checked; a vault blob that was checked on arrival may skip it on
+   * every later read: GCM with AAD = header ‖ ID already proves it is unchanged since sealing.
+   */
+  checkId?: boolean;
+}
+
 /** Authenticates (GCM), decompresses and re-checks the HMAC; throws BlobError, never returns bad data. */
-export function openBlob(keys: LineageKeys, id: ChunkId, blob: Uint8Array): Buffer {
+export function openBlob(keys: LineageKeys, id: ChunkId, blob: Uint8Array, opts: OpenOptions = {}): Buffer {
   if (blob.length < BLOB_OVERHEAD) throw new BlobError(id, 'truncated', `${blob.length} bytes`);
   if (blob.length > MAX_BLOB_SIZE) throw new BlobError(id, 'too-large', `${blob.length} bytes`);
   if (blob[0] !== BLOB_VERSION) throw new BlobError(id, 'version', `version ${blob[0]}`);
@@ -71,7 +80,9 @@ export function openBlob(keys: LineageKeys, id: ChunkId, blob: Uint8Array): Buff
   decipher.setAuthTag(blob.subarray(blob.length - TAG));
   let body: Buffer;
   try {
-    body = Buffer.concat([decipher.update(blob.subarray(HEADER + NONCE, blob.length - TAG)), decipher.final()]);
+    const head = decipher.update(blob.subarray(HEADER + NONCE, blob.length - TAG));
+    const tail = decipher.final();
+    body = tail.length ? Buffer.concat([head, tail]) : head;
   } catch {
     throw new BlobError(id, 'auth', 'GCM tag does not verify (wrong key, wrong ID, or tampered)');
   }
@@ -84,6 +95,6 @@ export function openBlob(keys: LineageKeys, id: ChunkId, blob: Uint8Array): Buff
     }
     if (plaintext.length > MAX_CHUNK_SIZE) throw new BlobError(id, 'too-large', `decompresses to ${plaintext.length} bytes`);
   }
-  if (computeChunkId(keys.idKey, plaintext) !== id) throw new BlobError(id, 'id-mismatch', 'HMAC of plaintext differs from ID');
+  if (opts.checkId !== false && computeChunkId(keys.idKey, plaintext) !== id) throw new BlobError(id, 'id-mismatch', 'HMAC of plaintext differs from ID');
   return plaintext;
 }

@@ -19,11 +19,14 @@ export class CryptoPool {
     private readonly size: number,
   ) {}
 
-  /** With `handOver`, the blob's memory may move to the worker (the caller must not reuse it). */
-  async open(id: ChunkId, blob: Buffer, handOver = false): Promise<Buffer> {
-    if (this.size === 0) return openBlob(this.keys, id, blob);
+  /**
+   * With `handOver`, the blob's memory may move to the worker (the caller must not reuse it).
+   * `checkId: false` for blobs already verified when they entered the vault (see openBlob).
+   */
+  async open(id: ChunkId, blob: Buffer, handOver = false, checkId = true): Promise<Buffer> {
+    if (this.size === 0) return openBlob(this.keys, id, blob, { checkId });
     const owned = handOver && blob.byteOffset === 0 && blob.byteLength === blob.buffer.byteLength;
-    const r = await this.call({ seq: 0, op: 'open', id, blob: owned ? (blob.buffer as ArrayBuffer) : copyOut(blob) });
+    const r = await this.call({ seq: 0, op: 'open', id, blob: owned ? (blob.buffer as ArrayBuffer) : copyOut(blob), checkId });
     return Buffer.from(r.data);
   }
 

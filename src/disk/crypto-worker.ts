@@ -5,7 +5,7 @@ import type { LineageKeys } from '../core/keys.js';
 
 /** Worker: opens (decrypt, decompress, verify) or seals one chunk blob off the main thread. */
 export type CryptoRequest =
-  | { seq: number; op: 'open'; id: string; blob: ArrayBuffer }
+  | { seq: number; op: 'open'; id: string; blob: ArrayBuffer; checkId: boolean }
   | { seq: number; op: 'seal'; plain: ArrayBuffer };
 
 export type CryptoReply =
@@ -25,7 +25,7 @@ parentPort!.on('message', (req: CryptoRequest) => {
   let reply: CryptoReply;
   try {
     if (req.op === 'open') {
-      reply = { seq: req.seq, ok: true, id: req.id, data: own(openBlob(keys, req.id, Buffer.from(req.blob))) };
+      reply = { seq: req.seq, ok: true, id: req.id, data: own(openBlob(keys, req.id, Buffer.from(req.blob), { checkId: req.checkId })) };
     } else {
       const sealed = sealChunk(keys, Buffer.from(req.plain));
       reply = { seq: req.seq, ok: true, id: sealed.id, data: own(sealed.blob) };

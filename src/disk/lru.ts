@@ -13,6 +13,11 @@ export class ByteLru<K> {
     return v;
   }
 
+  /** Presence without touching recency. */
+  has(key: K): boolean {
+    return this.map.has(key);
+  }
+
   set(key: K, value: Buffer): void {
     this.delete(key);
     if (value.length > this.maxBytes) return;

@@ -49,6 +49,19 @@ test('every tamper case is rejected with a BlobError naming the chunk', () => {
   assert.throws(() => openBlob(keys, id, b), (e: unknown) => e instanceof BlobError && e.reason === 'auth');
 });
 
+test('checkId: false skips only the HMAC re-check; GCM still rejects any change', () => {
+  const data = randomBytes(4096);
+  // A blob sealed under the wrong ID by a holder of the data key: only the HMAC re-check sees it.
+  const mislabelled = sealChunk(keys, data, 'b'.repeat(64));
+  assert.throws(() => openBlob(keys, 'b'.repeat(64), mislabelled.blob), (e: unknown) => e instanceof BlobError && e.reason === 'id-mismatch');
+  assert.ok(openBlob(keys, 'b'.repeat(64), mislabelled.blob, { checkId: false }).equals(data));
+  const { id, blob } = sealChunk(keys, data);
+  const tampered = Buffer.from(blob);
+  tampered[30]! ^= 1;
+  assert.throws(() => openBlob(keys, id, tampered, { checkId: false }), (e: unknown) => e instanceof BlobError && e.reason === 'auth');
+  assert.throws(() => openBlob(keys, 'c'.repeat(64), blob, { checkId: false }), (e: unknown) => e instanceof BlobError && e.reason === 'auth');
+});
+
 test('chunking: sizes, zero detection, last partial chunk', () => {
   for (const ok of [64 * 1024, 256 * 1024, 1 << 20, 4 << 20]) assert.equal(validateChunkSize(ok), ok);
   for (const bad of [0, 1000, 32 * 1024, 8 << 20, 300_000, 1.5]) assert.throws(() => validateChunkSize(bad), /power of two/);

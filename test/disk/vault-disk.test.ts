@@ -111,6 +111,29 @@ test('missing chunk: fetchChunk fills it, without it a clear I/O error', async (
   await noFetch.close();
 });
 
+test('sequential reads fetch the next chunks ahead; random reads do not', async () => {
+  const { root, opts, store } = await setup(40 * CS);
+  const local = await FsChunkStore.open(join(root, 'partial'));
+  const fetched = new Set<number>();
+  const disk = await VaultDisk.open({
+    ...opts, store: local, stateDir: join(root, 'ra'), readAheadChunks: 4,
+    fetchChunk: async (id, index) => {
+      fetched.add(index);
+      await local.put(id, (await store.get(id))!);
+    },
+  });
+  const dataChunks = (from: number, to: number) => [...Array(to - from).keys()].map((i) => from + i).filter((i) => opts.base.chunks[i] !== null);
+  await disk.read(20 * CS, 4096); // random: only chunk 20
+  await new Promise((r) => setTimeout(r, 50));
+  assert.deepEqual([...fetched].sort((a, b) => a - b), dataChunks(20, 21));
+  fetched.clear();
+  await disk.read(0, CS);
+  await disk.read(CS, CS); // sequential from here: chunks 2..5 come ahead of the reads
+  for (let i = 0; i < 100 && dataChunks(2, 6).some((c) => !fetched.has(c)); i++) await new Promise((r) => setTimeout(r, 10));
+  assert.deepEqual([...fetched].sort((a, b) => a - b), dataChunks(0, 6));
+  await disk.close();
+});
+
 test('state of another base is refused; rebase and discard', async () => {
   const { img, opts } = await setup();
   const disk = await VaultDisk.open(opts);
