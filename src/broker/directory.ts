@@ -1,4 +1,5 @@
-import { Client } from 'ldapts';
+import { Client, InvalidCredentialsError } from 'ldapts';
+import { CarryonError } from '../core/errors.js';
 import type { SqliteMetadataStore } from '../store/metadata.js';
 import { verifyPassword } from './passwords.js';
 
@@ -16,6 +17,13 @@ export interface Authenticated {
   name: string;
   role: 'admin' | 'user';
   groups: string[];
+}
+
+/** The directory could not be asked (down, unreachable, misconfigured): not the user's fault. */
+export class DirectoryUnavailableError extends CarryonError {
+  constructor(detail: string) {
+    super('directory-unavailable', `the LDAP directory could not be reached: ${detail}`);
+  }
 }
 
 const USER_RE = /^[A-Za-z0-9._@-]{1,64}$/;
@@ -53,8 +61,9 @@ export async function authenticate(meta: SqliteMetadataStore, ldap: LdapConfig |
     const role: 'admin' | 'user' = ldap.adminGroup && groups.includes(ldap.adminGroup) ? 'admin' : local?.role ?? 'user';
     if (!local) meta.createUser({ name: username, passwordHash: null, role, source: 'ldap' });
     return { name: username, role, groups: [...new Set([...groups, ...meta.groupsOf(username)])] };
-  } catch {
-    return null;
+  } catch (err) {
+    if (err instanceof InvalidCredentialsError) return null;
+    throw new DirectoryUnavailableError((err as Error).message);
   } finally {
     await client.unbind().catch(() => undefined);
   }

@@ -4,7 +4,7 @@ import { PACKAGE_VERSION } from '../version.js';
 import { publicKeyFromBase64, publicKeyToBase64 } from '../../core/signing.js';
 import { allowedActions, beginUpload, cancel, checkOut, checkoutView, commitUpload, issueLease, markTransferred, rollback } from '../checkouts.js';
 import type { BrokerContext } from '../context.js';
-import { authenticate } from '../directory.js';
+import { authenticate, DirectoryUnavailableError } from '../directory.js';
 import { HttpError, parse, requireUser } from '../http.js';
 import { effectivePolicy } from '../policies.js';
 import { issueToken } from '../tokens.js';
@@ -24,7 +24,14 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
 
   app.post('/v1/auth/login', async (req) => {
     const body = parse(z.object({ username: z.string().min(1).max(64), password: z.string().min(1).max(1024), deviceId: z.string().max(200).optional() }).strict(), req.body);
-    const who = await authenticate(ctx.meta, ctx.settings.ldap, body.username, body.password);
+    let who;
+    try {
+      who = await authenticate(ctx.meta, ctx.settings.ldap, body.username, body.password);
+    } catch (err) {
+      if (!(err instanceof DirectoryUnavailableError)) throw err;
+      ctx.audit({ actor: body.username, action: 'login', outcome: 'failed', detail: err.message });
+      throw new HttpError(503, err.code, err.message);
+    }
     if (!who) {
       ctx.audit({ actor: body.username, action: 'login', outcome: 'denied', detail: 'bad credentials' });
       throw new HttpError(401, 'bad-credentials', 'unknown user or wrong password');
