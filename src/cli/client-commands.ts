@@ -70,10 +70,12 @@ export function registerClientCommands(program: Command): void {
     .option('--fingerprint <sha256>', 'expected broker certificate fingerprint (as printed by `carryon server`)')
     .option('--yes', 'trust the certificate presented now (trust on first use)')
     .option('--name <name>', 'device name', hostname())
-    .action(async (url: string, o: { fingerprint?: string; yes?: boolean; name: string }, cmd: Command) => {
+    .option('--secret-storage <where>', 'device secret: auto (TPM when present), tpm, or file', 'auto')
+    .action(async (url: string, o: { fingerprint?: string; yes?: boolean; name: string; secretStorage: string }, cmd: Command) => {
       const { env, json } = clientEnv(cmd);
-      const res = await enroll(env, url, { fingerprint: o.fingerprint, acceptFingerprint: o.yes, name: o.name });
-      printJsonOr(json, res, () => process.stdout.write(`device ${res.deviceId} enrolled (${res.host.cpus} CPUs, ${formatBytes(res.host.ramBytes)} RAM, ${formatBytes(res.host.freeDiskBytes)} free)\n`));
+      if (!['auto', 'tpm', 'file'].includes(o.secretStorage)) throw new CarryonError('invalid', `--secret-storage must be auto, tpm or file, not ${o.secretStorage}`);
+      const res = await enroll(env, url, { fingerprint: o.fingerprint, acceptFingerprint: o.yes, name: o.name, secretStorage: o.secretStorage as 'auto' | 'tpm' | 'file' });
+      printJsonOr(json, res, () => process.stdout.write(`device ${res.deviceId} enrolled (${res.host.cpus} CPUs, ${formatBytes(res.host.ramBytes)} RAM, ${formatBytes(res.host.freeDiskBytes)} free; device secret ${res.secretStorage === 'tpm' ? 'sealed by the TPM' : 'in a 0600 file'})\n`));
     });
 
   program.command('login').description('check credentials: online (renews the offline lease) or --offline (vault + lease only)')

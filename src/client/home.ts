@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { z } from 'zod';
 import { CarryonError } from '../core/errors.js';
 import { generateSigningKey, privateKeyFromPem, privateKeyToPem, publicKeyToBase64 } from '../core/signing.js';
+import { sealToTpm, tpmAvailable, TpmError, unsealFromTpm } from './tpm.js';
 
 export function defaultHome(): string {
   return process.env.CARRYON_HOME ?? join(homedir(), '.carryon');
@@ -54,26 +55,31 @@ export interface DeviceIdentity {
   secret: Buffer;
 }
 
-/** Creates the device key pair and secret (0600 files in a 0700 home). */
-export async function createDeviceKeys(home: string): Promise<{ publicKeyB64: string; secretStorage: 'file' | 'tpm' }> {
+export type SecretStorage = 'file' | 'tpm';
+
+/** `auto`: the TPM when one is usable (device or TPM2TOOLS_TCTI, and tpm2-tools), else a 0600 file. */
+export function chooseSecretStorage(wanted: SecretStorage | 'auto'): SecretStorage {
+  if (wanted === 'tpm' && !tpmAvailable()) throw new TpmError('no usable TPM: needs /dev/tpmrm0 (or TPM2TOOLS_TCTI) and tpm2-tools');
+  return wanted === 'auto' ? (tpmAvailable() ? 'tpm' : 'file') : wanted;
+}
+
+/** Creates the device key pair and secret (0600 files in a 0700 home; the secret sealed by the TPM when asked). */
+export async function createDeviceKeys(home: string, storage: SecretStorage = 'file'): Promise<{ publicKeyB64: string; secretStorage: SecretStorage }> {
   await mkdir(home, { recursive: true, mode: 0o700 });
   if (existsSync(join(home, 'device.key'))) throw new CarryonError('already-enrolled', `${home} already holds a device identity`);
   const { privateKey, publicKey } = generateSigningKey();
+  const secret = randomBytes(32);
+  if (storage === 'tpm') await sealToTpm(home, secret);
+  else await writeFileAtomic(join(home, 'device.secret'), secret);
   await writeFileAtomic(join(home, 'device.key'), privateKeyToPem(privateKey));
-  await writeFileAtomic(join(home, 'device.secret'), randomBytes(32));
-  // TPM sealing (tpm2-tools) is used only where a TPM is present; this machine class has none.
-  return { publicKeyB64: publicKeyToBase64(publicKey), secretStorage: 'file' };
-}
-
-export function tpmPresent(): boolean {
-  return existsSync('/dev/tpmrm0');
+  return { publicKeyB64: publicKeyToBase64(publicKey), secretStorage: storage };
 }
 
 export async function loadDevice(home: string): Promise<DeviceIdentity> {
   const info = await readJson(join(home, 'device.json'), DeviceFile);
   if (!info || !info.deviceId) throw new CarryonError('not-enrolled', `no enrolled device in ${home}: run \`carryon enroll <broker-url>\` first`);
   const privateKey = privateKeyFromPem(await readFile(join(home, 'device.key'), 'utf8'));
-  const secret = await readFile(join(home, 'device.secret'));
+  const secret = info.secretStorage === 'tpm' ? await unsealFromTpm(home) : await readFile(join(home, 'device.secret'));
   return { info, privateKey, publicKeyB64: publicKeyToBase64(createPublicKey(privateKey)), secret };
 }
 

@@ -8,7 +8,7 @@ import { exportImage } from '../import/export.js';
 import { probeFingerprint } from '../net/pinned-agent.js';
 import { downloadChunks, uploadChunks, type Progress } from '../transfer/client.js';
 import { BrokerClient, BrokerError, CheckoutResponse, CheckoutView, DesktopEntry, JobView } from './broker-client.js';
-import { createDeviceKeys, DeviceFile, hostFacts, loadDevice, writeFileAtomic, type DeviceIdentity } from './home.js';
+import { chooseSecretStorage, createDeviceKeys, DeviceFile, type SecretStorage, hostFacts, loadDevice, writeFileAtomic, type DeviceIdentity } from './home.js';
 import { Vault, type DesktopState } from './vault.js';
 
 export interface ClientEnv {
@@ -22,7 +22,7 @@ export interface ClientEnv {
   pollMs?: number;
 }
 
-export async function enroll(env: ClientEnv, brokerUrl: string, opts: { fingerprint?: string; name: string; acceptFingerprint?: boolean }) {
+export async function enroll(env: ClientEnv, brokerUrl: string, opts: { fingerprint?: string; name: string; acceptFingerprint?: boolean; secretStorage?: SecretStorage | 'auto' }) {
   const u = new URL(brokerUrl);
   if (u.protocol !== 'https:') throw new CarryonError('invalid', 'the broker URL must be https://');
   const seen = await probeFingerprint(u.hostname, Number(u.port || 443));
@@ -37,13 +37,13 @@ export async function enroll(env: ClientEnv, brokerUrl: string, opts: { fingerpr
     const info = await broker.call('GET', '/v1/broker', undefined, z.object({ version: z.string(), signingPublicKey: z.string() }));
     const user = env.user ?? (() => { throw new CarryonError('invalid', 'enrolment needs --user'); })();
     await broker.login(user, await env.password());
-    const { publicKeyB64, secretStorage } = await createDeviceKeys(env.home);
+    const { publicKeyB64, secretStorage } = await createDeviceKeys(env.home, chooseSecretStorage(opts.secretStorage ?? 'auto'));
     const host = await hostFacts(env.home);
     const { deviceId } = await broker.call('POST', '/v1/devices', { name: opts.name, publicKey: publicKeyB64, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes } }, z.object({ deviceId: z.string() }));
     const file: DeviceFile = { deviceId, name: opts.name, brokerUrl: u.origin, fingerprint: seen, signingPublicKey: info.signingPublicKey, secretStorage };
     await writeFileAtomic(join(env.home, 'device.json'), JSON.stringify(file, null, 2));
-    env.log(`enrolled device ${deviceId} with ${u.origin} (certificate ${seen}; device secret in a 0600 file${secretStorage === 'tpm' ? ', sealed by the TPM' : ''})`);
-    return { deviceId, fingerprint: seen, host };
+    env.log(`enrolled device ${deviceId} with ${u.origin} (certificate ${seen}; device secret ${secretStorage === 'tpm' ? 'sealed by this TPM' : 'in a 0600 file (no TPM found)'})`);
+    return { deviceId, fingerprint: seen, host, secretStorage };
   } finally {
     await broker.close();
   }
