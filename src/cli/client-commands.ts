@@ -8,9 +8,10 @@ import { checkout, enroll, exportDisk, listDesktops, onlineSession, release, sta
 import { Vault } from '../client/vault.js';
 import { CarryonError } from '../core/errors.js';
 import { JobView } from '../client/broker-client.js';
+import { parseRate, RateLimiter } from '../transfer/rate-limit.js';
 import { formatBytes, passwordSource, printJsonOr, progressReporter, table } from './common.js';
 
-interface GlobalOpts { home?: string; user?: string; passwordFile?: string; json?: boolean; quiet?: boolean }
+interface GlobalOpts { home?: string; user?: string; passwordFile?: string; json?: boolean; quiet?: boolean; limitRate?: string }
 
 function clientEnv(cmd: Command, signal?: AbortSignal): { env: ClientEnv; json: boolean; stop: () => void } {
   const o = cmd.optsWithGlobals<GlobalOpts>();
@@ -24,6 +25,7 @@ function clientEnv(cmd: Command, signal?: AbortSignal): { env: ClientEnv; json: 
       log: (line) => (json ? undefined : process.stderr.write(`${line}\n`)),
       onProgress: progress.onProgress,
       signal,
+      rateLimit: o.limitRate ? new RateLimiter(parseRate(o.limitRate)) : undefined,
     },
     json,
     stop: progress.stop,
@@ -64,7 +66,8 @@ export function registerClientCommands(program: Command): void {
     .option('--user <name>', 'user name (env CARRYON_USER)')
     .option('--password-file <file>', 'read the password from a file (else CARRYON_PASSWORD or a prompt)')
     .option('--json', 'machine-readable output')
-    .option('--quiet', 'no progress output');
+    .option('--quiet', 'no progress output')
+    .option('--limit-rate <rate>', 'cap transfer speed in bytes per second, e.g. 500K, 10M');
 
   program.command('enroll <broker-url>').description('enrol this laptop with a broker (pins its certificate and signing key)')
     .option('--fingerprint <sha256>', 'expected broker certificate fingerprint (as printed by `carryon server`)')

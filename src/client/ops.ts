@@ -7,6 +7,7 @@ import { decodeManifest, diffManifests, encodeManifest, manifestDigest } from '.
 import { exportImage } from '../import/export.js';
 import { probeFingerprint } from '../net/pinned-agent.js';
 import { downloadChunks, uploadChunks, type Progress } from '../transfer/client.js';
+import type { RateLimiter } from '../transfer/rate-limit.js';
 import { BrokerClient, BrokerError, CheckoutResponse, CheckoutView, DesktopEntry, JobView } from './broker-client.js';
 import { chooseSecretStorage, createDeviceKeys, DeviceFile, type SecretStorage, hostFacts, loadDevice, writeFileAtomic, type DeviceIdentity } from './home.js';
 import { Vault, type DesktopState } from './vault.js';
@@ -18,6 +19,8 @@ export interface ClientEnv {
   log: (line: string) => void;
   onProgress?: (label: string, p: Progress) => void;
   signal?: AbortSignal;
+  /** Shared cap on transfer bytes per second (`--limit-rate`). */
+  rateLimit?: RateLimiter;
   /** Poll interval while a job waits for a transfer slot. */
   pollMs?: number;
 }
@@ -127,7 +130,7 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
     const job = await activeJob(env, broker, await broker.call('GET', `/v1/jobs/${state.jobId}`, undefined, JobView));
     const ids = new Set<ChunkId>();
     for (const d of state.disks) for (const id of (await vault.baseManifest(d.baseDigest)).chunks) if (id) ids.add(id);
-    const result = await downloadChunks({ endpoint: job.transfer!, ids: [...ids], localStore: vault.store, keys, signal: env.signal, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.('check-out', p) });
+    const result = await downloadChunks({ endpoint: job.transfer!, ids: [...ids], localStore: vault.store, keys, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.('check-out', p) });
     await broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }));
     await vault.save({ ...state, state: 'checked_out', jobId: null });
     env.log(`${entry.name} is local: ${result.chunksMoved} chunks (${result.bytesMoved} bytes) pulled; safe to go offline`);
@@ -174,7 +177,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
     }
     if (kind === 'checkin') await vault.save({ ...state, state: 'checking_in', jobId: begin.job.id });
     const job = await activeJob(env, broker, begin.job);
-    const sent = await uploadChunks({ endpoint: job.transfer!, ids: [...changed], localStore: vault.store, keys, signal: env.signal, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) });
+    const sent = await uploadChunks({ endpoint: job.transfer!, ids: [...changed], localStore: vault.store, keys, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) });
     const commit = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}/commit`, {}, z.object({ snapshotId: z.string(), checkout: CheckoutView }));
     if (kind === 'checkin') {
       for (const { disk } of disks) await disk.close();

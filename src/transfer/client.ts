@@ -1,3 +1,4 @@
+import { Readable } from 'node:stream';
 import { EventEmitter } from 'node:events';
 import { Agent, request } from 'undici';
 import { openBlob } from '../core/blob.js';
@@ -6,6 +7,7 @@ import { CarryonError } from '../core/errors.js';
 import type { LineageKeys } from '../core/keys.js';
 import { pinnedAgent } from '../net/pinned-agent.js';
 import type { ChunkStore } from '../store/chunk-store.js';
+import type { RateLimiter } from './rate-limit.js';
 import { blobFrame, endFrame, FRAME_BLOB, FRAME_ERROR, FrameDecoder } from './frames.js';
 
 export interface TransferEndpoint {
@@ -35,6 +37,8 @@ export interface TransferOptions {
   /** Called when the ticket is refused as expired: returns a fresh endpoint (same job). */
   renew?: () => Promise<TransferEndpoint>;
   maxRetries?: number;
+  /** Caps the bytes per second of all streams together (`--limit-rate`). */
+  rateLimit?: RateLimiter;
 }
 
 export interface TransferResult {
@@ -58,7 +62,8 @@ export class TransferSession extends EventEmitter {
     this.agent = pinnedAgent(endpoint.fingerprint, { connections: endpoint.maxStreams });
   }
 
-  async call(path: string, body: string | Buffer, signal?: AbortSignal): Promise<{ status: number; body: AsyncIterable<Buffer> & { json(): Promise<unknown>; text(): Promise<string> } }> {
+  /** `body` as a function: a stream made anew for each attempt (a retry cannot replay a used one). */
+  async call(path: string, body: string | Buffer | (() => AsyncIterable<Buffer>), signal?: AbortSignal): Promise<{ status: number; body: AsyncIterable<Buffer> & { json(): Promise<unknown>; text(): Promise<string> } }> {
     for (let attempt = 0; attempt < 50; attempt++) {
       if (signal?.aborted) throw new CarryonError('aborted', 'transfer paused or cancelled');
       const res = await request(`${this.endpoint.url}${path}`, {
@@ -69,7 +74,7 @@ export class TransferSession extends EventEmitter {
           authorization: `Ticket ${this.endpoint.ticket}`,
           'content-type': typeof body === 'string' ? 'application/json' : 'application/octet-stream',
         },
-        body,
+        body: typeof body === 'function' ? Readable.from(body()) : body,
       });
       if (res.statusCode === 429) {
         await res.body.dump();
@@ -179,6 +184,8 @@ export async function downloadChunks(opts: TransferOptions, shared?: TransferSes
               continue;
             }
             await opts.localStore.put(frame.id, frame.payload, { defer: true });
+            // Not reading on while over the limit lets TCP push back on the sender.
+            await opts.rateLimit?.take(frame.payload.length, opts.signal);
             result.chunksMoved++;
             result.bytesMoved += frame.payload.length;
             tracker.add(frame.payload.length, 1);
@@ -207,20 +214,28 @@ export async function uploadChunks(opts: TransferOptions, shared?: TransferSessi
     const need = await session.missing([...new Set(opts.ids)], opts.signal);
     const tracker = progressTracker(need.length, opts.onProgress);
     await inBatches(need, opts.batchSize ?? 64, opts.streams ?? session.endpoint.maxStreams, async (batch) => {
-      const frames: Buffer[] = [];
-      for (const id of batch) {
-        const blob = await opts.localStore.get(id);
-        if (!blob) throw new TransferFailed(`chunk ${id} is not in the local vault`);
-        frames.push(blobFrame(id, blob));
+      let sent = 0;
+      // Streamed: one blob in memory per stream, read from the vault as the socket drains.
+      async function* frames(): AsyncGenerator<Buffer> {
+        sent = 0;
+        for (const id of batch) {
+          const blob = await opts.localStore.get(id);
+          if (!blob) throw new TransferFailed(`chunk ${id} is not in the local vault`);
+          const frame = blobFrame(id, blob);
+          await opts.rateLimit?.take(frame.length, opts.signal);
+          sent += frame.length;
+          yield frame;
+        }
+        const end = endFrame();
+        sent += end.length;
+        yield end;
       }
-      frames.push(endFrame());
-      const body = Buffer.concat(frames);
-      const res = await session.call('/v1/chunks/push', body, opts.signal);
+      const res = await session.call('/v1/chunks/push', frames, opts.signal);
       const ans = (await res.body.json()) as { stored: number; duplicate: number; rejected: { id: string; reason: string }[] };
       if (ans.rejected.length) throw new TransferFailed(`server rejected ${ans.rejected.length} chunks: ${ans.rejected[0]!.reason}`);
       result.chunksMoved += batch.length;
-      result.bytesMoved += body.length;
-      tracker.add(body.length, batch.length);
+      result.bytesMoved += sent;
+      tracker.add(sent, batch.length);
     });
     return result;
   } finally {

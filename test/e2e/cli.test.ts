@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, test } from 'node:test';
@@ -95,16 +95,21 @@ test('CLI: enroll, check-out, write through NBD with qemu-io, check-in killed mi
   const serve = spawnCarryon(['serve', 'win11']);
   const out = await waitForOutput(serve, /nbd\+unix:\/\/\/disk0\?socket=\S+/);
   const uri = /nbd\+unix:\/\/\/disk0\?socket=\S+/.exec(out)![0];
-  await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 100k 3M', '-c', 'flush', uri]);
+  // Random (incompressible) data, so the rate-limited check-in below takes seconds, not milliseconds.
+  const written = randomBytes(3 * 1024 * 1024);
+  const source = join(broker.dir, 'written.bin');
+  writeFileSync(source, written);
+  await run('qemu-io', ['-f', 'raw', '-c', `write -s ${source} 100k 3M`, '-c', 'flush', uri]);
   await stopChild(serve, 'SIGTERM');
   const expected = readFileSync(image);
-  expected.fill(0x5a, 100 * 1024, 100 * 1024 + 3 * 1024 * 1024);
+  written.copy(expected, 100 * 1024);
   const dirty = JSON.parse((await carryon(['status', 'win11', '--json'])).stdout) as { dirtyBytes: number }[];
   assert.ok(dirty[0]!.dirtyBytes >= 3 * 1024 * 1024);
 
   // Kill the client in the middle of the check-in, then run it again.
-  const ci = spawnCarryon(['checkin', 'win11']);
-  await new Promise((r) => setTimeout(r, 150 + Math.floor(Math.random() * 400)));
+  // At 1 MiB/s the 3 MiB upload lasts about two seconds after a one-second burst: the kill lands mid-way.
+  const ci = spawnCarryon(['checkin', 'win11', '--limit-rate', '1M']);
+  await new Promise((r) => setTimeout(r, 900 + Math.floor(Math.random() * 600)));
   await stopChild(ci, 'SIGKILL');
   const held = JSON.parse((await carryon(['status', '--json'])).stdout) as { desktop: string }[];
   if (held.some((d) => d.desktop === 'win11')) {

@@ -1,0 +1,55 @@
+import { ValidationError } from '../core/errors.js';
+
+/**
+ * Token bucket shared by all streams of a transfer, so `--limit-rate` caps the sum (a hotel or
+ * tethered link stays usable). Bursts up to one second's worth; waiting is cut short by abort.
+ */
+export class RateLimiter {
+  private tokens: number;
+  private last: number;
+
+  constructor(
+    readonly bytesPerSecond: number,
+    private readonly clock: { now(): number; sleep(ms: number, signal?: AbortSignal): Promise<void> } = realClock,
+  ) {
+    if (!Number.isFinite(bytesPerSecond) || bytesPerSecond <= 0) throw new ValidationError(`rate limit must be a positive number of bytes per second, not ${bytesPerSecond}`);
+    this.tokens = bytesPerSecond;
+    this.last = clock.now();
+  }
+
+  /** Waits until `bytes` may go (a request larger than the bucket goes once the bucket is full). */
+  async take(bytes: number, signal?: AbortSignal): Promise<void> {
+    for (;;) {
+      const now = this.clock.now();
+      this.tokens = Math.min(this.bytesPerSecond, this.tokens + ((now - this.last) / 1000) * this.bytesPerSecond);
+      this.last = now;
+      const need = Math.min(bytes, this.bytesPerSecond);
+      if (this.tokens >= need) {
+        this.tokens -= bytes; // may go negative for an oversize request: later callers wait it off
+        return;
+      }
+      if (signal?.aborted) return;
+      await this.clock.sleep(Math.ceil(((need - this.tokens) / this.bytesPerSecond) * 1000), signal);
+    }
+  }
+}
+
+const realClock = {
+  now: () => performance.now(),
+  sleep: (ms: number, signal?: AbortSignal) =>
+    new Promise<void>((resolve) => {
+      const t = setTimeout(resolve, ms);
+      signal?.addEventListener('abort', () => { clearTimeout(t); resolve(); }, { once: true });
+    }),
+};
+
+const UNITS: Record<string, number> = { '': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3 };
+
+/** "800K", "10M", "1.5G" or plain bytes, per second (binary units, as rsync/curl read them). */
+export function parseRate(text: string): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?(?:\/s)?\s*$/i.exec(text);
+  if (!m) throw new ValidationError(`rate "${text}" is not understood: use bytes per second, e.g. 500K, 10M, 1G`);
+  const value = Number(m[1]) * UNITS[m[2]!.toLowerCase()]!;
+  if (value < 1024) throw new ValidationError(`rate "${text}" is below 1K per second`);
+  return Math.floor(value);
+}
