@@ -152,11 +152,17 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
     const disks = await vault.openDisks(state, keys);
     const manifests = [];
     const changed = new Set<ChunkId>();
+    // What each changed chunk replaced at its position: the base of a delta (only changed pages travel).
+    const deltaBases = new Map<ChunkId, ChunkId>();
     for (const { name, disk } of disks) {
       await disk.flush();
       const m = disk.currentManifest();
       manifests.push({ name, manifest: m });
-      for (const c of diffManifests(disk.baseManifest(), m)) if (c.to) changed.add(c.to);
+      for (const c of diffManifests(disk.baseManifest(), m)) {
+        if (!c.to) continue;
+        changed.add(c.to);
+        if (c.from && !deltaBases.has(c.to)) deltaBases.set(c.to, c.from);
+      }
     }
     let begin;
     try {
@@ -177,7 +183,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
     }
     if (kind === 'checkin') await vault.save({ ...state, state: 'checking_in', jobId: begin.job.id });
     const job = await activeJob(env, broker, begin.job);
-    const sent = await uploadChunks({ endpoint: job.transfer!, ids: [...changed], localStore: vault.store, keys, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) });
+    const sent = await uploadChunks({ endpoint: job.transfer!, ids: [...changed], deltaBases, localStore: vault.store, keys, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) });
     const commit = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}/commit`, {}, z.object({ snapshotId: z.string(), checkout: CheckoutView }));
     if (kind === 'checkin') {
       for (const { disk } of disks) await disk.close();

@@ -42,21 +42,60 @@ export interface SealedChunk {
 
 export function sealChunk(keys: LineageKeys, plaintext: Uint8Array, knownId?: ChunkId): SealedChunk {
   const id = knownId ?? computeChunkId(keys.idKey, plaintext);
-  const packed = looksCompressible(plaintext) ? compress(plaintext, { compressionLevel: ZSTD_LEVEL }) : null;
-  const compressed = packed !== null && packed.length < plaintext.length;
-  const body = compressed ? packed : plaintext;
-  const header = Buffer.from([BLOB_VERSION, compressed ? FLAG_ZSTD : 0]);
+  const { blob, compressed } = sealBlobEnvelope(keys.dataKey, plaintext, 0, chunkIdToBytes(id));
+  return { id, blob, compressed };
+}
+
+/**
+ * The envelope shared by chunk blobs and delta blobs: header(version, flags) ‖ nonce ‖
+ * AES-256-GCM(zstd-or-raw(body)) ‖ tag, AAD = header ‖ `aadTail`. `kindFlags` separates the
+ * kinds (a delta can never be opened as a chunk blob, nor the reverse).
+ */
+export function sealBlobEnvelope(dataKey: Uint8Array, body: Uint8Array, kindFlags: number, aadTail: Uint8Array): { blob: Buffer; compressed: boolean } {
+  const packed = looksCompressible(body) ? compress(body, { compressionLevel: ZSTD_LEVEL }) : null;
+  const compressed = packed !== null && packed.length < body.length;
+  const inner = compressed ? packed : body;
+  const header = Buffer.from([BLOB_VERSION, kindFlags | (compressed ? FLAG_ZSTD : 0)]);
   const nonce = randomBytes(NONCE);
-  const cipher = createCipheriv('aes-256-gcm', keys.dataKey, nonce);
-  cipher.setAAD(Buffer.concat([header, chunkIdToBytes(id)]));
-  const out = Buffer.allocUnsafe(HEADER + NONCE + body.length + TAG);
+  const cipher = createCipheriv('aes-256-gcm', dataKey, nonce);
+  cipher.setAAD(Buffer.concat([header, aadTail]));
+  const out = Buffer.allocUnsafe(HEADER + NONCE + inner.length + TAG);
   header.copy(out, 0);
   nonce.copy(out, HEADER);
   let off = HEADER + NONCE;
-  off += cipher.update(body).copy(out, off);
+  off += cipher.update(inner).copy(out, off);
   off += cipher.final().copy(out, off);
   cipher.getAuthTag().copy(out, off);
-  return { id, blob: out, compressed };
+  return { blob: out, compressed };
+}
+
+/** Authenticates and decompresses an envelope of kind `kindFlags`; errors name `label` (a chunk ID). */
+export function openBlobEnvelope(dataKey: Uint8Array, blob: Uint8Array, kindFlags: number, aadTail: Uint8Array, label: string, maxBody: number): Buffer {
+  if (blob.length < BLOB_OVERHEAD) throw new BlobError(label, 'truncated', `${blob.length} bytes`);
+  if (blob.length > maxBody + BLOB_OVERHEAD) throw new BlobError(label, 'too-large', `${blob.length} bytes`);
+  if (blob[0] !== BLOB_VERSION) throw new BlobError(label, 'version', `version ${blob[0]}`);
+  const flags = blob[1]!;
+  if ((flags & ~FLAG_ZSTD) !== kindFlags) throw new BlobError(label, 'flags', `flags 0x${flags.toString(16)}`);
+  const decipher = createDecipheriv('aes-256-gcm', dataKey, blob.subarray(HEADER, HEADER + NONCE));
+  decipher.setAAD(Buffer.concat([blob.subarray(0, HEADER), aadTail]));
+  decipher.setAuthTag(blob.subarray(blob.length - TAG));
+  let body: Buffer;
+  try {
+    const head = decipher.update(blob.subarray(HEADER + NONCE, blob.length - TAG));
+    const tail = decipher.final();
+    body = tail.length ? Buffer.concat([head, tail]) : head;
+  } catch {
+    throw new BlobError(label, 'auth', 'GCM tag does not verify (wrong key, wrong ID, or tampered)');
+  }
+  if (!(flags & FLAG_ZSTD)) return body;
+  let plain: Buffer;
+  try {
+    plain = decompress(body);
+  } catch (err) {
+    throw new BlobError(label, 'decompress', (err as Error).message);
+  }
+  if (plain.length > maxBody) throw new BlobError(label, 'too-large', `decompresses to ${plain.length} bytes`);
+  return plain;
 }
 
 export interface OpenOptions {
@@ -70,31 +109,7 @@ export interface OpenOptions {
 
 /** Authenticates (GCM), decompresses and re-checks the HMAC; throws BlobError, never returns bad data. */
 export function openBlob(keys: LineageKeys, id: ChunkId, blob: Uint8Array, opts: OpenOptions = {}): Buffer {
-  if (blob.length < BLOB_OVERHEAD) throw new BlobError(id, 'truncated', `${blob.length} bytes`);
-  if (blob.length > MAX_BLOB_SIZE) throw new BlobError(id, 'too-large', `${blob.length} bytes`);
-  if (blob[0] !== BLOB_VERSION) throw new BlobError(id, 'version', `version ${blob[0]}`);
-  const flags = blob[1]!;
-  if ((flags & ~FLAG_ZSTD) !== 0) throw new BlobError(id, 'flags', `flags 0x${flags.toString(16)}`);
-  const decipher = createDecipheriv('aes-256-gcm', keys.dataKey, blob.subarray(HEADER, HEADER + NONCE));
-  decipher.setAAD(Buffer.concat([blob.subarray(0, HEADER), chunkIdToBytes(id)]));
-  decipher.setAuthTag(blob.subarray(blob.length - TAG));
-  let body: Buffer;
-  try {
-    const head = decipher.update(blob.subarray(HEADER + NONCE, blob.length - TAG));
-    const tail = decipher.final();
-    body = tail.length ? Buffer.concat([head, tail]) : head;
-  } catch {
-    throw new BlobError(id, 'auth', 'GCM tag does not verify (wrong key, wrong ID, or tampered)');
-  }
-  let plaintext = body;
-  if (flags & FLAG_ZSTD) {
-    try {
-      plaintext = decompress(body);
-    } catch (err) {
-      throw new BlobError(id, 'decompress', (err as Error).message);
-    }
-    if (plaintext.length > MAX_CHUNK_SIZE) throw new BlobError(id, 'too-large', `decompresses to ${plaintext.length} bytes`);
-  }
+  const plaintext = openBlobEnvelope(keys.dataKey, blob, 0, chunkIdToBytes(id), id, MAX_CHUNK_SIZE);
   if (opts.checkId !== false && computeChunkId(keys.idKey, plaintext) !== id) throw new BlobError(id, 'id-mismatch', 'HMAC of plaintext differs from ID');
   return plaintext;
 }

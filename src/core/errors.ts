@@ -16,7 +16,7 @@ export class ValidationError extends CarryonError {
   }
 }
 
-export type BlobFailure = 'truncated' | 'version' | 'flags' | 'auth' | 'decompress' | 'id-mismatch' | 'too-large';
+export type BlobFailure = 'truncated' | 'version' | 'flags' | 'auth' | 'decompress' | 'id-mismatch' | 'too-large' | 'delta';
 
 /** A chunk blob that must not be trusted. Never carries data. */
 export class BlobError extends CarryonError {

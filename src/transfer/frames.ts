@@ -1,18 +1,30 @@
 import { chunkIdFromBytes, chunkIdToBytes, type ChunkId } from '../core/chunk-id.js';
-import { MAX_BLOB_SIZE } from '../core/blob.js';
+import { BLOB_OVERHEAD, MAX_BLOB_SIZE } from '../core/blob.js';
+import { MAX_DELTA_BODY } from '../core/delta.js';
 import { CarryonError } from '../core/errors.js';
 
 /** Framed chunk stream: type u8 ‖ id 32 ‖ length u32be ‖ payload. */
 export const FRAME_END = 0;
 export const FRAME_BLOB = 1;
 export const FRAME_ERROR = 2;
+/** A changed chunk as a delta against a base chunk: payload = base ID 32 ‖ delta blob (core/delta). */
+export const FRAME_DELTA = 3;
+const MAX_DELTA_FRAME = 32 + MAX_DELTA_BODY + BLOB_OVERHEAD;
 const HEAD = 1 + 32 + 4;
 const MAX_ERROR_PAYLOAD = 4096;
 
 export type Frame =
   | { type: typeof FRAME_BLOB; id: ChunkId; payload: Buffer }
+  | { type: typeof FRAME_DELTA; id: ChunkId; baseId: ChunkId; payload: Buffer }
   | { type: typeof FRAME_ERROR; id: ChunkId; message: string }
   | { type: typeof FRAME_END };
+
+const MAX_PAYLOAD: Record<number, number> = {
+  [FRAME_END]: 0,
+  [FRAME_BLOB]: MAX_BLOB_SIZE,
+  [FRAME_ERROR]: MAX_ERROR_PAYLOAD,
+  [FRAME_DELTA]: MAX_DELTA_FRAME,
+};
 
 export class FrameError extends CarryonError {
   constructor(message: string) {
@@ -32,6 +44,8 @@ export function encodeFrame(type: number, id: ChunkId | null, payload: Uint8Arra
 
 export const endFrame = (): Buffer => encodeFrame(FRAME_END, null);
 export const blobFrame = (id: ChunkId, blob: Uint8Array): Buffer => encodeFrame(FRAME_BLOB, id, blob);
+export const deltaFrame = (id: ChunkId, baseId: ChunkId, delta: Uint8Array): Buffer =>
+  encodeFrame(FRAME_DELTA, id, Buffer.concat([chunkIdToBytes(baseId), delta]));
 export const errorFrame = (id: ChunkId, message: string): Buffer =>
   encodeFrame(FRAME_ERROR, id, Buffer.from(message.slice(0, MAX_ERROR_PAYLOAD)));
 
@@ -50,8 +64,8 @@ export class FrameDecoder {
     while (this.buf.length >= HEAD) {
       const type = this.buf[0]!;
       const len = this.buf.readUInt32BE(33);
-      if (type !== FRAME_END && type !== FRAME_BLOB && type !== FRAME_ERROR) throw new FrameError(`unknown frame type ${type}`);
-      const max = type === FRAME_BLOB ? MAX_BLOB_SIZE : type === FRAME_ERROR ? MAX_ERROR_PAYLOAD : 0;
+      const max = MAX_PAYLOAD[type];
+      if (max === undefined) throw new FrameError(`unknown frame type ${type}`);
       if (len > max) throw new FrameError(`frame of type ${type} claims ${len} bytes (max ${max})`);
       if (this.buf.length < HEAD + len) break;
       const idBytes = this.buf.subarray(1, 33);
@@ -64,7 +78,11 @@ export class FrameDecoder {
         break;
       }
       const id = chunkIdFromBytes(idBytes);
-      frames.push(type === FRAME_BLOB ? { type, id, payload } : { type: FRAME_ERROR, id, message: payload.toString('utf8') });
+      if (type === FRAME_BLOB) frames.push({ type, id, payload });
+      else if (type === FRAME_DELTA) {
+        if (len < 32) throw new FrameError('delta frame without a base ID');
+        frames.push({ type, id, baseId: chunkIdFromBytes(payload.subarray(0, 32)), payload: payload.subarray(32) });
+      } else frames.push({ type: FRAME_ERROR, id, message: payload.toString('utf8') });
     }
     return frames;
   }

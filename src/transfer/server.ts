@@ -2,7 +2,8 @@ import type { KeyObject } from 'node:crypto';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { PassThrough } from 'node:stream';
 import { z, ZodError } from 'zod';
-import { openBlob } from '../core/blob.js';
+import { openBlob, sealChunk } from '../core/blob.js';
+import { openDelta } from '../core/delta.js';
 import { isChunkId, type ChunkId } from '../core/chunk-id.js';
 import { CarryonError } from '../core/errors.js';
 import { unwrapLineageKeys, type LineageKeys } from '../core/keys.js';
@@ -10,7 +11,7 @@ import { decodeManifest, referencedChunks } from '../core/manifest.js';
 import { TicketError, verifyTicket, type TicketPayload } from '../core/ticket.js';
 import { loadOrCreateTls } from '../net/tls-cert.js';
 import type { ChunkStore } from '../store/chunk-store.js';
-import { blobFrame, endFrame, errorFrame, FRAME_BLOB, FRAME_END, FrameDecoder } from './frames.js';
+import { blobFrame, endFrame, errorFrame, FRAME_BLOB, FRAME_DELTA, FRAME_END, FrameDecoder, type Frame } from './frames.js';
 
 export interface TransferServerOptions {
   id: string;
@@ -175,30 +176,46 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
     if (!release) return reply;
     const js = jobStats(ticket.jobId);
     const decoder = new FrameDecoder();
-    const result = { stored: 0, duplicate: 0, rejected: [] as { id: string; reason: string }[] };
+    const result = { stored: 0, duplicate: 0, rejected: [] as { id: string; reason: string; code: 'invalid' | 'base-missing' }[] };
+    /** The blob to store for a pushed frame: as sent, or rebuilt from a delta and sealed here. */
+    const blobOf = async (frame: Extract<Frame, { type: typeof FRAME_BLOB | typeof FRAME_DELTA }>): Promise<Buffer | 'base-missing'> => {
+      if (frame.type === FRAME_BLOB) {
+        openBlob(scope.keys, frame.id, frame.payload);
+        return frame.payload;
+      }
+      const baseBlob = await opts.store.get(frame.baseId);
+      if (!baseBlob) return 'base-missing';
+      // The stored base was verified when it arrived; the rebuilt chunk is checked against its ID.
+      const base = openBlob(scope.keys, frame.baseId, baseBlob, { checkId: false });
+      return sealChunk(scope.keys, openDelta(scope.keys, frame.id, frame.baseId, frame.payload, base), frame.id).blob;
+    };
     try {
       for await (const piece of req.body as AsyncIterable<Buffer>) {
         stats.bytesIn += piece.length;
         js.bytesIn += piece.length;
         for (const frame of decoder.push(piece)) {
-          if (frame.type === FRAME_END) continue;
-          if (frame.type !== FRAME_BLOB) continue;
-          const reject = (reason: string) => {
+          if (frame.type !== FRAME_BLOB && frame.type !== FRAME_DELTA) continue;
+          const reject = (reason: string, code: 'invalid' | 'base-missing' = 'invalid') => {
             stats.blobsRejected++;
-            result.rejected.push({ id: frame.id, reason });
+            result.rejected.push({ id: frame.id, reason, code });
           };
           if (!scope.allowed.has(frame.id)) {
             reject('not referenced by the ticket');
             continue;
           }
+          let blob: Buffer | 'base-missing';
           try {
-            openBlob(scope.keys, frame.id, frame.payload);
+            blob = await blobOf(frame);
           } catch (err) {
             reject((err as Error).message);
             continue;
           }
+          if (blob === 'base-missing') {
+            reject(`base chunk ${frame.type === FRAME_DELTA ? frame.baseId : ''} is not here: send the whole chunk`, 'base-missing');
+            continue;
+          }
           js.chunksIn++;
-          if (await opts.store.put(frame.id, frame.payload, { defer: true })) result.stored++;
+          if (await opts.store.put(frame.id, blob, { defer: true })) result.stored++;
           else result.duplicate++;
         }
       }

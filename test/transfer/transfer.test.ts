@@ -7,7 +7,9 @@ import { after, test } from 'node:test';
 import { request } from 'undici';
 import { SqliteScheduler } from '../../src/broker/transfers/scheduler.js';
 import type { JobView } from '../../src/broker/transfers/types.js';
+import { openBlob, sealChunk } from '../../src/core/blob.js';
 import { generateLineageKeys } from '../../src/core/keys.js';
+import { createManifest, encodeManifest, manifestDigest } from '../../src/core/manifest.js';
 import { generateSigningKey } from '../../src/core/signing.js';
 import { signTicket } from '../../src/core/ticket.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
@@ -121,6 +123,36 @@ test('a blob tampered in flight is refused and fetched again', async () => {
   const res = await downloadChunks({ endpoint: { url: s.url, fingerprint: s.fingerprint, ticket: t, maxStreams: 2 }, ids, localStore: local, keys });
   assert.equal(res.refetched, 3);
   assert.ok(await allPresent(local));
+});
+
+test('check-in deltas: changed pages travel, the server rebuilds and verifies; a delta without its base goes whole', async () => {
+  const s = await server('ts-d', 2);
+  const CS = 64 * 1024;
+  const laptop = await FsChunkStore.open(join(dir, 'delta-laptop'));
+  const baseIds = ids.slice(0, 3);
+  for (const id of baseIds) await laptop.put(id, (await desk.store.get(id))!);
+  // Three changed chunks: two small edits of chunks the server has, one of a chunk it never saw.
+  const stranger = sealChunk(keys, randomBytes(CS));
+  await laptop.put(stranger.id, stranger.blob);
+  const bases = [...baseIds.slice(0, 2), stranger.id];
+  const next = await Promise.all(bases.map(async (b) => {
+    const plain = Buffer.from(openBlob(keys, b, (await laptop.get(b))!));
+    randomBytes(300).copy(plain, 5000);
+    const sealed = sealChunk(keys, plain);
+    await laptop.put(sealed.id, sealed.blob);
+    return { id: sealed.id, plain };
+  }));
+  const m = createManifest(CS, 3 * CS, next.map((n) => n.id));
+  const digest = manifestDigest(m);
+  await desk.store.putManifest(digest, encodeManifest(m));
+  const t = signTicket({ v: 1, jobId: 'job-d', desktopId: 'd', checkoutId: 'c', direction: 'upload', manifests: [digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 2, expiresAt: new Date(Date.now() + 600_000).toISOString() }, broker.privateKey);
+  const before = s.stats.bytesIn;
+  const res = await uploadChunks({ endpoint: { url: s.url, fingerprint: s.fingerprint, ticket: t, maxStreams: 2 }, ids: next.map((n) => n.id), deltaBases: new Map(next.map((n, i) => [n.id, bases[i]!])), localStore: laptop, keys, streams: 1 });
+  assert.equal(res.chunksMoved, 3);
+  const onWire = s.stats.bytesIn - before;
+  // Two one-page deltas, one refused delta, and that chunk again whole.
+  assert.ok(onWire < 3 * 4096 + CS + 2000 && onWire > CS, `${onWire} bytes on the wire`);
+  for (const n of next) assert.ok(openBlob(keys, n.id, (await desk.store.get(n.id))!).equals(n.plain), 'the server holds the new chunk, sealed and verifiable');
 });
 
 test('expired, forged, foreign and wrong-direction tickets are refused; out-of-scope chunks are not served', async () => {

@@ -1,0 +1,94 @@
+import { openBlobEnvelope, sealBlobEnvelope } from './blob.js';
+import { chunkIdToBytes, computeChunkId, type ChunkId } from './chunk-id.js';
+import { MAX_CHUNK_SIZE } from './chunking.js';
+import { BlobError } from './errors.js';
+import type { LineageKeys } from './keys.js';
+
+/**
+ * Delta blob: a changed chunk sent as the pages that differ from the chunk it replaces.
+ * A guest writing 4 KiB into a 256 KiB chunk should not cost 256 KiB on a hotel link; the
+ * receiver (which holds the base chunk and the lineage keys) rebuilds the new chunk, checks
+ * its HMAC against the new ID, and seals it as an ordinary blob.
+ *
+ * Body: newLength u32 ‖ count u16 ‖ (offset u32, length u32) × count ‖ range bytes, sealed in
+ * the blob envelope with the delta flag and AAD = header ‖ newId ‖ baseId.
+ */
+export const FLAG_DELTA = 0x02;
+export const DELTA_PAGE = 4096;
+const MAX_RANGES = MAX_CHUNK_SIZE / DELTA_PAGE;
+/** Largest delta body: a full chunk of data plus a full range table. */
+export const MAX_DELTA_BODY = MAX_CHUNK_SIZE + 6 + MAX_RANGES * 8;
+
+export interface Range {
+  offset: number;
+  length: number;
+}
+
+/** Byte ranges, aligned to `page`, in which `next` differs from `base` (adjacent pages merged). */
+export function changedRanges(base: Uint8Array, next: Uint8Array, page = DELTA_PAGE): Range[] {
+  const ranges: Range[] = [];
+  const n = next.length;
+  for (let off = 0; off < n; off += page) {
+    const end = Math.min(n, off + page);
+    const same = end <= base.length && Buffer.compare(next.subarray(off, end), base.subarray(off, end)) === 0;
+    if (same) continue;
+    const last = ranges[ranges.length - 1];
+    if (last && last.offset + last.length === off) last.length += end - off;
+    else ranges.push({ offset: off, length: end - off });
+  }
+  return ranges;
+}
+
+function aad(newId: ChunkId, baseId: ChunkId): Buffer {
+  return Buffer.concat([chunkIdToBytes(newId), chunkIdToBytes(baseId)]);
+}
+
+/** Seals the pages of `next` that differ from `base`; null when a delta would not be smaller. */
+export function sealDelta(keys: LineageKeys, newId: ChunkId, baseId: ChunkId, base: Uint8Array, next: Uint8Array, maxFraction = 0.5): Buffer | null {
+  const ranges = changedRanges(base, next);
+  const dataBytes = ranges.reduce((s, r) => s + r.length, 0);
+  if (dataBytes > next.length * maxFraction || ranges.length > MAX_RANGES) return null;
+  const body = Buffer.allocUnsafe(6 + ranges.length * 8 + dataBytes);
+  body.writeUInt32BE(next.length, 0);
+  body.writeUInt16BE(ranges.length, 4);
+  let table = 6;
+  let data = 6 + ranges.length * 8;
+  for (const r of ranges) {
+    body.writeUInt32BE(r.offset, table);
+    body.writeUInt32BE(r.length, table + 4);
+    table += 8;
+    data += Buffer.from(next.buffer, next.byteOffset + r.offset, r.length).copy(body, data);
+  }
+  return sealBlobEnvelope(keys.dataKey, body, FLAG_DELTA, aad(newId, baseId)).blob;
+}
+
+/**
+ * Authenticates a delta, applies it to the base chunk's plaintext and checks the result's HMAC
+ * against `newId`. Throws BlobError (naming the new chunk) on any inconsistency; never returns
+ * data that does not hash to `newId`.
+ */
+export function openDelta(keys: LineageKeys, newId: ChunkId, baseId: ChunkId, delta: Uint8Array, base: Uint8Array): Buffer {
+  const body = openBlobEnvelope(keys.dataKey, delta, FLAG_DELTA, aad(newId, baseId), newId, MAX_DELTA_BODY);
+  const bad = (why: string): never => { throw new BlobError(newId, 'delta', why); };
+  if (body.length < 6) bad('body too short');
+  const length = body.readUInt32BE(0);
+  const count = body.readUInt16BE(4);
+  if (length === 0 || length > MAX_CHUNK_SIZE) bad(`new chunk length ${length}`);
+  if (count > MAX_RANGES || body.length < 6 + count * 8) bad(`range table of ${count} entries does not fit`);
+  const out = Buffer.alloc(length);
+  Buffer.from(base.buffer, base.byteOffset, Math.min(base.length, length)).copy(out);
+  let data = 6 + count * 8;
+  let prevEnd = 0;
+  for (let i = 0; i < count; i++) {
+    const offset = body.readUInt32BE(6 + i * 8);
+    const len = body.readUInt32BE(10 + i * 8);
+    if (len === 0 || offset < prevEnd || offset + len > length) bad(`range ${i} (${offset}+${len}) is empty, overlapping or out of bounds`);
+    if (data + len > body.length) bad(`range ${i} runs past the data`);
+    body.copy(out, offset, data, data + len);
+    data += len;
+    prevEnd = offset + len;
+  }
+  if (data !== body.length) bad(`${body.length - data} bytes after the last range`);
+  if (computeChunkId(keys.idKey, out) !== newId) throw new BlobError(newId, 'id-mismatch', 'delta applied to the base does not hash to the new ID');
+  return out;
+}

@@ -1,0 +1,43 @@
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { test } from 'node:test';
+import { MAX_BLOB_SIZE } from '../../src/core/blob.js';
+import { blobFrame, deltaFrame, encodeFrame, endFrame, errorFrame, FRAME_BLOB, FRAME_DELTA, FRAME_ERROR, FRAME_END, FrameDecoder, FrameError } from '../../src/transfer/frames.js';
+
+const A = 'a'.repeat(64);
+const B = 'b'.repeat(64);
+
+test('frames round-trip whatever way the stream is cut', () => {
+  const blob = randomBytes(3000);
+  const delta = randomBytes(500);
+  const wire = Buffer.concat([blobFrame(A, blob), deltaFrame(B, A, delta), errorFrame(A, 'not in store'), endFrame()]);
+  for (const step of [1, 7, 37, 4096, wire.length]) {
+    const d = new FrameDecoder();
+    const frames = [];
+    for (let i = 0; i < wire.length; i += step) frames.push(...d.push(wire.subarray(i, i + step)));
+    d.finish();
+    assert.deepEqual(frames.map((f) => f.type), [FRAME_BLOB, FRAME_DELTA, FRAME_ERROR, FRAME_END]);
+    const [b, dl, e] = frames as unknown as [{ id: string; payload: Buffer }, { id: string; baseId: string; payload: Buffer }, { message: string }];
+    assert.ok(b.payload.equals(blob) && b.id === A);
+    assert.ok(dl.payload.equals(delta) && dl.id === B && dl.baseId === A);
+    assert.equal(e.message, 'not in store');
+  }
+});
+
+test('malformed streams are refused with a FrameError, never mis-read', () => {
+  const bad = (wire: Buffer, finish = false) => () => {
+    const d = new FrameDecoder();
+    d.push(wire);
+    if (finish) d.finish();
+  };
+  assert.throws(bad(encodeFrame(9, A)), FrameError, 'unknown type');
+  const oversize = blobFrame(A, Buffer.alloc(1));
+  oversize.writeUInt32BE(MAX_BLOB_SIZE + 1, 33);
+  assert.throws(bad(oversize), FrameError, 'length over the limit is refused before buffering it');
+  const endWithBody = encodeFrame(FRAME_END, null, Buffer.alloc(1));
+  assert.throws(bad(endWithBody), FrameError, 'end frame with a payload');
+  assert.throws(bad(Buffer.concat([endFrame(), Buffer.alloc(3)])), FrameError, 'data after the end');
+  assert.throws(bad(blobFrame(A, Buffer.alloc(10)).subarray(0, 20), true), /cut inside a frame/);
+  assert.throws(bad(blobFrame(A, Buffer.alloc(10)), true), /without an end frame/);
+  assert.throws(bad(encodeFrame(FRAME_DELTA, A, Buffer.alloc(31))), /without a base ID/);
+});
