@@ -14,7 +14,7 @@ const work = mkdtempSync(join(process.env.BENCH_DIR ?? '/var/tmp', 'carryon-benc
 
 const sections: BenchSection[] = [
   importSection(work, 2 * scale),
-  checkinSection(work, 4 * scale, 0.04 * scale, true),
+  checkinSection(work, 4 * scale, 0.04 * scale, true, ['random', 'typical']),
   checkinSection(work, 16 * scale, 0.04 * scale, false),
   sweepSection(work, 1 * scale),
   nbdSection(work, 1 * scale),
@@ -96,7 +96,7 @@ async function main(): Promise<void> {
     lines.push('');
   }
   // Check-in time at the two disk sizes (same change), from the rows themselves.
-  const checkinTime = (gib: number) => results.flatMap((r) => r.rows).find((row) => row.name.startsWith('check-in after') && row.name.includes(`, ${gib} GiB`) && row.name.endsWith('wall time'));
+  const checkinTime = (gib: number) => results.flatMap((r) => r.rows).find((row) => row.name.startsWith('check-in after') && row.name.includes('random-content') && row.name.includes(`, ${gib} GiB`) && row.name.endsWith('wall time'));
   const small = checkinTime(4 * scale);
   const big = checkinTime(16 * scale);
   if (small?.peer && big?.peer) {
