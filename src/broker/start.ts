@@ -3,7 +3,7 @@ import Fastify from 'fastify';
 import { encodeLineageKeys, unwrapLineageKeys } from '../core/keys.js';
 import { NoHypervisor, QmpHypervisor, type DatacenterHypervisor } from '../hypervisor/datacenter/hypervisor.js';
 import { loadOrCreateTls } from '../net/tls-cert.js';
-import { FsChunkStore } from '../store/fs-chunk-store.js';
+import { openChunkStore } from '../store/open-store.js';
 import { SqliteMetadataStore } from '../store/metadata.js';
 import { BROKER_MIGRATIONS } from '../store/metadata-schema.js';
 import { migrate, openSqlite } from '../store/sqlite.js';
@@ -65,7 +65,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   const db = openSqlite(join(config.dataDir, 'metadata.db'));
   migrate(db, 'broker', BROKER_MIGRATIONS);
   const meta = new SqliteMetadataStore(db);
-  const store = await FsChunkStore.open(join(config.dataDir, 'chunks'));
+  const store = await openChunkStore(join(config.dataDir, 'chunks'));
   const settings: BrokerSettings = {
     sessionTtlSec: 3600,
     hypervisorOverheadMiB: 256,

@@ -9,7 +9,8 @@ import { SignedLease, verifyLease, type LeasePayload } from '../core/lease.js';
 import { decodeManifest, type Manifest } from '../core/manifest.js';
 import { publicKeyFromBase64 } from '../core/signing.js';
 import { VaultDisk } from '../disk/vault-disk.js';
-import { FsChunkStore } from '../store/fs-chunk-store.js';
+import { openChunkStore } from '../store/open-store.js';
+import type { ChunkStore } from '../store/chunk-store.js';
 import { readJson, writeFileAtomic, type DeviceIdentity } from './home.js';
 
 export const DesktopState = z.object({
@@ -42,11 +43,11 @@ export function vaultScryptN(): number {
  * desktop a state file (wrapped keys, lease, manifests, config), replaced atomically.
  */
 export class Vault {
-  private constructor(readonly home: string, readonly store: FsChunkStore) {}
+  private constructor(readonly home: string, readonly store: ChunkStore) {}
 
   static async open(home: string): Promise<Vault> {
     await mkdir(join(home, 'desktops'), { recursive: true, mode: 0o700 });
-    return new Vault(home, await FsChunkStore.open(join(home, 'chunks')));
+    return new Vault(home, await openChunkStore(join(home, 'chunks')));
   }
 
   desktopDir(desktopId: string): string {

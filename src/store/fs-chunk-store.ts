@@ -5,10 +5,9 @@ import { constants as fsc } from 'node:fs';
 import { mkdir, open, readdir, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseChunkId, type ChunkId } from '../core/chunk-id.js';
-import { ValidationError } from '../core/errors.js';
 import type { ChunkStore } from './chunk-store.js';
+import { ManifestFiles } from './manifest-files.js';
 
-const DIGEST_RE = /^[0-9a-f]{64}$/;
 const SYNCFS_THRESHOLD = 256;
 const execFileP = promisify(execFile);
 
@@ -32,8 +31,11 @@ export class FsChunkStore implements ChunkStore {
   /** Deferred blobs a sync() is publishing right now (still readable through their temp path). */
   private readonly syncing = new Map<ChunkId, string>();
   private readonly dirsMade = new Set<string>();
+  private readonly manifests: ManifestFiles;
 
-  private constructor(readonly root: string) {}
+  private constructor(readonly root: string) {
+    this.manifests = new ManifestFiles(join(root, 'manifests'), join(root, 'tmp'));
+  }
 
   static async open(root: string): Promise<FsChunkStore> {
     await mkdir(join(root, 'blobs'), { recursive: true });
@@ -139,21 +141,12 @@ export class FsChunkStore implements ChunkStore {
     return unique.filter((_, i) => !present[i]);
   }
 
-  async putManifest(digest: string, encoded: Uint8Array): Promise<void> {
-    const path = this.manifestPath(digest);
-    if (await exists(path)) return;
-    const tmp = join(this.root, 'tmp', `m-${digest}.${randomBytes(6).toString('hex')}`);
-    await writeWhole(tmp, encoded, true);
-    await rename(tmp, path);
+  putManifest(digest: string, encoded: Uint8Array): Promise<void> {
+    return this.manifests.put(digest, encoded);
   }
 
-  async getManifest(digest: string): Promise<Buffer | null> {
-    try {
-      return await readFile(this.manifestPath(digest));
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
-      throw err;
-    }
+  getManifest(digest: string): Promise<Buffer | null> {
+    return this.manifests.get(digest);
   }
 
   async stats(): Promise<{ chunks: number; bytes: number }> {
@@ -170,11 +163,6 @@ export class FsChunkStore implements ChunkStore {
     await this.sync();
   }
 
-  private manifestPath(digest: string): string {
-    if (!DIGEST_RE.test(digest)) throw new ValidationError(`not a manifest digest: ${digest.slice(0, 80)}`);
-    return join(this.root, 'manifests', digest);
-  }
-
   private async ensureDir(dir: string): Promise<void> {
     if (this.dirsMade.has(dir)) return;
     await mkdir(dir, { recursive: true });
@@ -182,7 +170,7 @@ export class FsChunkStore implements ChunkStore {
   }
 }
 
-async function exists(path: string): Promise<boolean> {
+export async function exists(path: string): Promise<boolean> {
   try {
     await stat(path);
     return true;
@@ -192,7 +180,7 @@ async function exists(path: string): Promise<boolean> {
   }
 }
 
-async function writeWhole(path: string, data: Uint8Array, durable: boolean): Promise<void> {
+export async function writeWhole(path: string, data: Uint8Array, durable: boolean): Promise<void> {
   const fh = await open(path, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL, 0o600);
   try {
     await fh.writeFile(data);

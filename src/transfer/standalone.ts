@@ -3,7 +3,7 @@ import { z } from 'zod';
 import { BrokerClient } from '../client/broker-client.js';
 import { CarryonError } from '../core/errors.js';
 import { publicKeyFromBase64 } from '../core/signing.js';
-import { FsChunkStore } from '../store/fs-chunk-store.js';
+import { openChunkStore } from '../store/open-store.js';
 import { startTransferServer, type TransferServer } from './server.js';
 
 export interface StandaloneOptions {
@@ -29,7 +29,7 @@ export async function startStandaloneTransfer(o: StandaloneOptions): Promise<Tra
   if (masterKey.length !== 32) throw new CarryonError('bad-config', `${o.masterKeyFile} must hold the broker's 32-byte master key`);
   const broker = new BrokerClient(o.brokerUrl, o.brokerFingerprint);
   const headers = { 'x-carryon-transfer-secret': o.secret };
-  const store = await FsChunkStore.open(o.storeDir);
+  const store = await openChunkStore(o.storeDir);
   // The broker's signing key is learned once, over the pinned connection, before serving anything.
   const info = await broker.call('GET', '/v1/broker', undefined, z.object({ signingPublicKey: z.string() }));
   const server = await startTransferServer({ id: o.id, host: o.host, port: o.port, slots: o.slots, store, masterKey, brokerPublicKey: publicKeyFromBase64(info.signingPublicKey), tlsDir: o.tlsDir });

@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { DiskError } from '../../src/disk/block-device.js';
 import { VaultDisk, type VaultDiskOptions } from '../../src/disk/vault-disk.js';
-import { FsChunkStore } from '../../src/store/fs-chunk-store.js';
+import { PackChunkStore } from '../../src/store/pack-chunk-store.js';
 import { importRaw, makeImage } from './fixtures.js';
 
 const CS = 64 * 1024;
@@ -20,7 +20,7 @@ function tmp(): string {
 
 async function setup(size = 10 * CS + 1000) {
   const root = tmp();
-  const store = await FsChunkStore.open(join(root, 'store'));
+  const store = await PackChunkStore.open(join(root, 'store'));
   const img = makeImage(size, CS);
   const { keys, manifest } = await importRaw(store, img, CS);
   const opts: VaultDiskOptions = { stateDir: join(root, 'state'), store, keys, base: manifest, autoFlushMs: 0 };
@@ -87,7 +87,7 @@ test('trim and write-zeroes: whole chunks become holes, partial ranges read as z
 
 test('missing chunk: fetchChunk fills it, without it a clear I/O error', async () => {
   const { root, img, opts, store } = await setup();
-  const local = await FsChunkStore.open(join(root, 'partial'));
+  const local = await PackChunkStore.open(join(root, 'partial'));
   const first = opts.base.chunks.find((c) => c !== null)!;
   await local.put(first, (await store.get(first))!);
   const noFetch = await VaultDisk.open({ ...opts, store: local, stateDir: join(root, 's1') });
@@ -113,7 +113,7 @@ test('missing chunk: fetchChunk fills it, without it a clear I/O error', async (
 
 test('sequential reads fetch the next chunks ahead; random reads do not', async () => {
   const { root, opts, store } = await setup(40 * CS);
-  const local = await FsChunkStore.open(join(root, 'partial'));
+  const local = await PackChunkStore.open(join(root, 'partial'));
   const fetched = new Set<number>();
   const disk = await VaultDisk.open({
     ...opts, store: local, stateDir: join(root, 'ra'), readAheadChunks: 4,
@@ -188,7 +188,7 @@ test('worker-thread crypto: same bytes as in-thread, tampered blob is a clear er
   const victim = opts.base.chunks[0]!;
   const bad = Buffer.from((await store.get(victim))!);
   bad[bad.length - 1]! ^= 1;
-  const evil = await FsChunkStore.open(join(root, 'evil'));
+  const evil = await PackChunkStore.open(join(root, 'evil'));
   await evil.put(victim, bad);
   const tampered = await VaultDisk.open({ ...opts, store: evil, stateDir: join(root, 's-evil'), cryptoWorkers: 1 });
   await assert.rejects(tampered.read(0, 10), /blob rejected \(auth\)/);

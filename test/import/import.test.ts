@@ -9,13 +9,13 @@ import { generateLineageKeys } from '../../src/core/keys.js';
 import { decodeManifest } from '../../src/core/manifest.js';
 import { exportImage } from '../../src/import/export.js';
 import { importImage } from '../../src/import/import.js';
-import { FsChunkStore } from '../../src/store/fs-chunk-store.js';
+import { PackChunkStore } from '../../src/store/pack-chunk-store.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'carryon-import-'));
 after(() => rmSync(dir, { recursive: true, force: true }));
 const keys = generateLineageKeys();
 
-async function countBlobs(store: FsChunkStore): Promise<number> {
+async function countBlobs(store: PackChunkStore): Promise<number> {
   let n = 0;
   for await (const _ of store.list()) n++;
   return n;
@@ -25,7 +25,7 @@ test('qcow2 made by qemu-img + qemu-io re-assembles equal to qemu-img convert -O
   const img = join(dir, 'disk.qcow2');
   execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', img, '24M']);
   execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0xab 0 1M', '-c', 'write -P 0x11 5M 300k', '-c', 'write -P 0x7f 23M 999k', img]);
-  const store = await FsChunkStore.open(join(dir, 'store1'));
+  const store = await PackChunkStore.open(join(dir, 'store1'));
   const res = await importImage(img, { store, keys });
   assert.equal(res.manifest.diskSize, 24 * 1024 * 1024);
   assert.ok(res.holes > 0, 'unwritten regions are holes');
@@ -51,7 +51,7 @@ test('raw image with holes and an unaligned size; second import dedups everythin
   randomBytes(100_000).copy(data, 10);
   randomBytes(12345).copy(data, size - 12345);
   writeFileSync(img, data);
-  const store = await FsChunkStore.open(join(dir, 'store2'));
+  const store = await PackChunkStore.open(join(dir, 'store2'));
   const first = await importImage(img, { store, keys, workers: 2 });
   assert.equal(first.manifest.chunks.length, 4);
   assert.equal(first.holes, 2);
@@ -66,7 +66,7 @@ test('raw image with holes and an unaligned size; second import dedups everythin
 });
 
 test('bad input: missing path, bad chunk size, unsupported format leave nothing in the store', async () => {
-  const store = await FsChunkStore.open(join(dir, 'store3'));
+  const store = await PackChunkStore.open(join(dir, 'store3'));
   await assert.rejects(importImage(join(dir, 'nope.img'), { store, keys }), { code: 'not-found' });
   const img = join(dir, 'small.raw');
   writeFileSync(img, randomBytes(300_000));

@@ -11,7 +11,7 @@ import { generateLineageKeys } from '../../src/core/keys.js';
 import { VaultDisk } from '../../src/disk/vault-disk.js';
 import { importImage } from '../../src/import/import.js';
 import { serveNbd } from '../../src/nbd/server.js';
-import { FsChunkStore } from '../../src/store/fs-chunk-store.js';
+import { PackChunkStore } from '../../src/store/pack-chunk-store.js';
 
 const run = promisify(execFile);
 const dir = mkdtempSync(join(tmpdir(), 'carryon-nbd-'));
@@ -24,7 +24,7 @@ async function setup(name: string) {
   const data = Buffer.alloc(SIZE);
   randomBytes(SIZE / 2).copy(data, 0);
   writeFileSync(image, data);
-  const store = await FsChunkStore.open(join(dir, `${name}-store`));
+  const store = await PackChunkStore.open(join(dir, `${name}-store`));
   const { manifest } = await importImage(image, { store, keys });
   const disk = await VaultDisk.open({ stateDir: join(dir, `${name}-state`), store, keys, base: manifest, autoFlushMs: 0 });
   const socketPath = join(dir, `${name}-sock`, 'nbd.sock');

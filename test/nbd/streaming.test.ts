@@ -7,7 +7,7 @@ import { promisify } from 'node:util';
 import { after, test } from 'node:test';
 import { VaultDisk } from '../../src/disk/vault-disk.js';
 import { serveNbd } from '../../src/nbd/server.js';
-import { FsChunkStore } from '../../src/store/fs-chunk-store.js';
+import { PackChunkStore } from '../../src/store/pack-chunk-store.js';
 import { importRaw, makeImage } from '../disk/fixtures.js';
 
 const run = promisify(execFile);
@@ -17,10 +17,10 @@ const CS = 64 * 1024;
 
 test('nbdcopy of the whole export while only 10% of the chunks are local is byte-identical', async () => {
   const img = makeImage(6 * 1024 * 1024, CS);
-  const server = await FsChunkStore.open(join(dir, 'server'));
+  const server = await PackChunkStore.open(join(dir, 'server'));
   const { keys, manifest } = await importRaw(server, img, CS);
   const ids = manifest.chunks.filter((c): c is string => c !== null);
-  const local = await FsChunkStore.open(join(dir, 'laptop'));
+  const local = await PackChunkStore.open(join(dir, 'laptop'));
   for (const id of ids.slice(0, Math.ceil(ids.length / 10))) await local.put(id, (await server.get(id))!);
   const onDemand = new Set<number>();
   const copyOne = async (id: string) => {
@@ -63,7 +63,7 @@ test('several exports by name on one socket; TCP on 127.0.0.1 only when asked', 
   const disks = new Map<string, VaultDisk>();
   const images: Record<string, Buffer> = {};
   for (const name of ['system', 'data']) {
-    const store = await FsChunkStore.open(join(dir, `store-${name}`));
+    const store = await PackChunkStore.open(join(dir, `store-${name}`));
     const img = makeImage(1024 * 1024 + (name === 'data' ? CS : 0), CS);
     const { keys, manifest } = await importRaw(store, img, CS);
     images[name] = img;

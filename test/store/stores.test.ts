@@ -4,6 +4,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { FsChunkStore } from '../../src/store/fs-chunk-store.js';
+import { openChunkStore } from '../../src/store/open-store.js';
+import { PackChunkStore } from '../../src/store/pack-chunk-store.js';
+import type { ChunkStore } from '../../src/store/chunk-store.js';
 import { migrate, openSqlite } from '../../src/store/sqlite.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'carryon-store-'));
@@ -45,6 +48,98 @@ test('fs store: leftover temp files from a crash are removed on open', async () 
   writeFileSync(join(root, 'tmp', 'half-written'), 'x');
   await FsChunkStore.open(root);
   assert.deepEqual(readdirSync(join(root, 'tmp')), []);
+});
+
+async function commonContract(s: ChunkStore): Promise<void> {
+  assert.equal(await s.put(id('a'), Buffer.from('A')), true);
+  assert.equal(await s.put(id('a'), Buffer.from('A')), false);
+  assert.equal(await s.put(id('b'), Buffer.from('BB'), { defer: true }), true);
+  assert.equal(await s.has(id('b')), true);
+  assert.deepEqual(await s.get(id('b')), Buffer.from('BB'));
+  await s.sync();
+  assert.deepEqual(await s.missing([id('c'), id('a'), id('c'), id('b'), id('d')]), [id('c'), id('d')]);
+  const listed: string[] = [];
+  for await (const x of s.list()) listed.push(x);
+  assert.deepEqual(listed.sort(), [id('a'), id('b')]);
+  await s.delete(id('a'));
+  assert.equal(await s.get(id('a')), null);
+  assert.deepEqual(await s.stats(), { chunks: 1, bytes: 2 });
+  await assert.rejects(s.put('../../etc/x', Buffer.from('x')), /not a chunk ID/);
+  await assert.rejects(s.getManifest('../x'), /not a manifest digest/);
+  await s.putManifest(id('e'), Buffer.from('M'));
+  assert.deepEqual(await s.getManifest(id('e')), Buffer.from('M'));
+  await Promise.all(['1', '2', '3', '4'].map((c) => s.put(id(c), Buffer.from(c.repeat(1000)), { defer: true })));
+  await Promise.all([s.sync(), s.sync(), s.sync()]);
+  assert.deepEqual(await s.missing(['1', '2', '3', '4'].map(id)), []);
+  assert.deepEqual(await s.get(id('3')), Buffer.from('3'.repeat(1000)));
+}
+
+test('both stores keep the same contract', async () => {
+  for (const [name, open] of [['fs', FsChunkStore.open], ['pack', PackChunkStore.open]] as const) {
+    const s = await open(join(dir, `contract-${name}`));
+    await commonContract(s);
+    await s.close();
+  }
+});
+
+test('pack store: unsynced puts vanish on a crash, synced ones survive; leftovers are only wasted space', async () => {
+  const root = join(dir, 'pack-crash');
+  const s = await PackChunkStore.open(root);
+  await s.put(id('a'), Buffer.from('durable'), { defer: true });
+  await s.sync();
+  await s.put(id('b'), Buffer.from('never synced'), { defer: true });
+  // "Crash": a second opener (another process, or the next start) sees only the synced blob.
+  const after = await PackChunkStore.open(root);
+  assert.deepEqual(await after.get(id('a')), Buffer.from('durable'));
+  assert.equal(await after.get(id('b')), null);
+  const usage = await after.packUsage();
+  assert.ok(usage.packBytes > usage.liveBytes, 'the unsynced record is dead bytes in the pack');
+  await after.close();
+  await s.close();
+});
+
+test('pack store: two writers on one store (checkout + serve) each append to their own pack', async () => {
+  const root = join(dir, 'pack-two');
+  const [a, b] = [await PackChunkStore.open(root), await PackChunkStore.open(root)];
+  await Promise.all([
+    ...['1', '2', '3'].map((c) => a.put(id(c), Buffer.from(`a${c}`), { defer: true })),
+    ...['3', '4', '5'].map((c) => b.put(id(c), Buffer.from(`b${c}`), { defer: true })),
+  ]);
+  await Promise.all([a.sync(), b.sync()]);
+  for (const s of [a, b]) {
+    assert.deepEqual(await s.missing(['1', '2', '3', '4', '5'].map(id)), []);
+    assert.deepEqual(await s.get(id('4')), Buffer.from('b4'));
+    assert.match((await s.get(id('3')))!.toString(), /^[ab]3$/, 'the first writer to commit wins; both copies are whole');
+  }
+  assert.equal((await a.packUsage()).packs, 2);
+  await a.close();
+  await b.close();
+});
+
+test('pack store: a pack that does not hold what the index says is a clear error, not data', async () => {
+  const root = join(dir, 'pack-corrupt');
+  const s = await PackChunkStore.open(root);
+  await s.put(id('a'), Buffer.from('x'.repeat(100)));
+  await s.close();
+  const [pack] = readdirSync(join(root, 'packs'));
+  writeFileSync(join(root, 'packs', pack!), Buffer.alloc(50));
+  const again = await PackChunkStore.open(root);
+  await assert.rejects(again.get(id('a')), /does not hold chunk/);
+  await again.close();
+});
+
+test('openChunkStore: an existing file-per-blob store stays one; new stores are packs', async () => {
+  const old = join(dir, 'legacy');
+  const fsStore = await FsChunkStore.open(old);
+  await fsStore.put(id('a'), Buffer.from('A'));
+  await fsStore.close();
+  const reopened = await openChunkStore(old);
+  assert.ok(reopened instanceof FsChunkStore);
+  assert.deepEqual(await reopened.get(id('a')), Buffer.from('A'));
+  await reopened.close();
+  const fresh = await openChunkStore(join(dir, 'fresh'));
+  assert.ok(fresh instanceof PackChunkStore);
+  await fresh.close();
 });
 
 test('sqlite migrations apply once per version, per component', () => {
