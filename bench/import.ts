@@ -5,13 +5,13 @@ import { join } from 'node:path';
 import { generateLineageKeys } from '../src/core/keys.js';
 import { writeTestImage } from '../src/demo/image.js';
 import { importImage } from '../src/import/import.js';
-import { FsChunkStore } from '../src/store/fs-chunk-store.js';
+import { PackChunkStore } from '../src/store/pack-chunk-store.js';
 import { MB, opensslSpeed, readSpeed, repeat, run, timed } from './lib/measure.js';
 import type { BenchRow, BenchSection } from './types.js';
 
 export function importSection(work: string, sizeGiB: number): BenchSection {
   return {
-    name: 'Import pipeline (zero check, HMAC-SHA-256 ID, zstd-1, AES-256-GCM, fs store with group commit)',
+    name: 'Import pipeline (zero check, HMAC-SHA-256 ID, zstd-1, AES-256-GCM, pack store with group commit)',
     async run() {
       const sha = await opensslSpeed('sha256');
       const aes = await opensslSpeed('aes-256-gcm');
@@ -40,7 +40,7 @@ export function importSection(work: string, sizeGiB: number): BenchSection {
         });
         const s = await repeat(3, async (i) => {
           const dir = join(work, `import-store-${kind}-${i}`);
-          const store = await FsChunkStore.open(dir);
+          const store = await PackChunkStore.open(dir);
           const { seconds } = await timed(() => importImage(image, { store, keys: generateLineageKeys() }));
           await store.close();
           rmSync(dir, { recursive: true, force: true });
@@ -50,7 +50,7 @@ export function importSection(work: string, sizeGiB: number): BenchSection {
           section: 'import', name: `full import ${sizeGiB} GiB ${kind === 'random' ? 'incompressible' : 'mixed (½ zero, ¼ text, ¼ random)'} image, 2 workers`,
           value: s.median, unit: 'MB/s', runs: s.runs, spread: s.spread,
           peer: { name: 'dd conv=fsync write of this disk', value: disk.median, unit: 'MB/s' },
-          note: `into the filesystem chunk store, durable; raw read of the image ${(raw / MB).toFixed(0)} MB/s (page cache warm)`,
+          note: `into the pack chunk store, durable; raw read of the image ${(raw / MB).toFixed(0)} MB/s (page cache warm)`,
         });
         rmSync(image, { force: true });
       }

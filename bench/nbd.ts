@@ -6,7 +6,7 @@ import { generateLineageKeys } from '../src/core/keys.js';
 import { VaultDisk } from '../src/disk/vault-disk.js';
 import { importImage } from '../src/import/import.js';
 import { serveNbd } from '../src/nbd/server.js';
-import { FsChunkStore } from '../src/store/fs-chunk-store.js';
+import { PackChunkStore } from '../src/store/pack-chunk-store.js';
 import { MB, repeat, run, timed } from './lib/measure.js';
 import type { BenchRow, BenchSection } from './types.js';
 
@@ -39,7 +39,7 @@ export function nbdSection(work: string, sizeGiB: number): BenchSection {
       await mkdir(dir, { recursive: true });
       const raw = join(dir, 'disk.raw');
       await randomFile(raw, bytes);
-      const store = await FsChunkStore.open(join(dir, 'store'));
+      const store = await PackChunkStore.open(join(dir, 'store'));
       const keys = generateLineageKeys();
       const { manifest } = await importImage(raw, { store, keys });
       const disk = await VaultDisk.open({ stateDir: join(dir, 'state'), store, keys, base: manifest, autoFlushMs: 0 });

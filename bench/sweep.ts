@@ -6,7 +6,7 @@ import { diffManifests, encodeManifest } from '../src/core/manifest.js';
 import { writeTestImage } from '../src/demo/image.js';
 import { VaultDisk } from '../src/disk/vault-disk.js';
 import { importImage } from '../src/import/import.js';
-import { FsChunkStore } from '../src/store/fs-chunk-store.js';
+import { PackChunkStore } from '../src/store/pack-chunk-store.js';
 import { MB, stats, timed } from './lib/measure.js';
 import type { BenchRow, BenchSection } from './types.js';
 
@@ -24,7 +24,7 @@ export function sweepSection(work: string, sizeGiB: number): BenchSection {
       const rows: BenchRow[] = [];
       for (const chunkSize of [64 * 1024, 256 * 1024, 1 << 20, 4 << 20]) {
         const dir = join(work, `sweep-${chunkSize}`);
-        const store = await FsChunkStore.open(dir);
+        const store = await PackChunkStore.open(dir);
         const keys = generateLineageKeys();
         const imp = await timed(() => importImage(image, { store, keys, chunkSize }));
         const sent: number[] = [];
