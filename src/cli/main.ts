@@ -4,7 +4,6 @@ import { registerServerCommands } from './server-commands.js';
 import { registerTransferCommands } from './transfer-commands.js';
 import { registerClientCommands } from './client-commands.js';
 import { registerRunCommands } from './run-commands.js';
-import { registerImportCommands } from './import-commands.js';
 import { CarryonError } from '../core/errors.js';
 
 const program = new Command();
@@ -16,7 +15,6 @@ registerServerCommands(program);
 registerTransferCommands(program);
 registerClientCommands(program);
 registerRunCommands(program);
-registerImportCommands(program);
 
 program.parseAsync(process.argv).catch((err: unknown) => {
   const message = err instanceof Error ? err.message : String(err);

@@ -1,4 +1,0 @@
-import type { Command } from 'commander';
-
-/** Registers the `carryon` commands of this area (filled in by its issue). */
-export function registerImportCommands(_program: Command): void {}
