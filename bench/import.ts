@@ -6,7 +6,7 @@ import { generateLineageKeys } from '../src/core/keys.js';
 import { writeTestImage } from '../src/demo/image.js';
 import { importImage } from '../src/import/import.js';
 import { PackChunkStore } from '../src/store/pack-chunk-store.js';
-import { MB, opensslSpeed, readSpeed, repeat, run, timed } from './lib/measure.js';
+import { MB, opensslSpeed, readSpeed, repeat, run, settle, timed } from './lib/measure.js';
 import type { BenchRow, BenchSection } from './types.js';
 
 export function importSection(work: string, sizeGiB: number): BenchSection {
@@ -26,7 +26,8 @@ export function importSection(work: string, sizeGiB: number): BenchSection {
         const raw = await readSpeed(image);
         // Compute pipeline alone (sink discards blobs): what the cores can do.
         const sink: ChunkStore = { put: async () => true, sync: async () => undefined, putManifest: async () => undefined, delete: async () => undefined } as unknown as ChunkStore;
-        const p = await repeat(3, async () => bytes / (await timed(() => importImage(image, { store: sink, keys: generateLineageKeys() }))).seconds / MB);
+        await settle();
+        const p = await repeat(3, async () => { const v = bytes / (await timed(() => importImage(image, { store: sink, keys: generateLineageKeys() }))).seconds / MB; if (process.env.BENCH_DEBUG) process.stderr.write(`seal-only run: ${v.toFixed(0)} MB/s\n`); return v; }, { warmup: 1 });
         rows.push({
           section: 'pipeline', name: `seal pipeline only, ${sizeGiB} GiB ${kind} image, 2 workers`, value: p.median, unit: 'MB/s', runs: p.runs, spread: p.spread,
           peer: { name: 'openssl sha256 (1 core)', value: sha / MB, unit: 'MB/s' },

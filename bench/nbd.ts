@@ -7,7 +7,7 @@ import { VaultDisk } from '../src/disk/vault-disk.js';
 import { importImage } from '../src/import/import.js';
 import { serveNbd } from '../src/nbd/server.js';
 import { PackChunkStore } from '../src/store/pack-chunk-store.js';
-import { MB, repeat, run, timed } from './lib/measure.js';
+import { MB, repeat, run, settle, timed } from './lib/measure.js';
 import type { BenchRow, BenchSection } from './types.js';
 
 async function randomFile(path: string, bytes: number): Promise<void> {
@@ -52,7 +52,8 @@ export function nbdSection(work: string, sizeGiB: number): BenchSection {
       const rows: BenchRow[] = [];
       try {
         await waitFor(qsock);
-        const read = async (uri: string) => repeat(3, async () => bytes / (await timed(() => run('nbdcopy', [uri, 'null:']))).seconds / MB);
+        await settle();
+        const read = async (uri: string) => repeat(3, async () => bytes / (await timed(() => run('nbdcopy', [uri, 'null:']))).seconds / MB, { warmup: 1 });
         const r1 = await read(ours);
         const r2 = await read(theirs);
         rows.push({ section: 'nbd', name: 'sequential read (decrypt + decompress + verify per chunk)', value: r1.median, unit: 'MB/s', runs: r1.runs, spread: r1.spread, peer: { name: 'qemu-nbd serving a plain raw file', value: r2.median, unit: 'MB/s' }, note: `${((100 * r1.median) / r2.median).toFixed(0)}% of qemu-nbd (goal ≥ 50%)` });

@@ -17,11 +17,20 @@ export function stats(values: number[]): Stats {
   return { median, spread: median ? (v[v.length - 1]! - v[0]!) / median : 0, runs: v.length, values };
 }
 
-/** Runs `fn` n times (after `setup` each time) and returns the stats of what it returns. */
-export async function repeat(n: number, fn: (i: number) => Promise<number>): Promise<Stats> {
+/**
+ * Runs `fn` n times and returns the stats of what it returns. `warmup` runs come first and are
+ * not counted (JIT, worker start-up, page cache), as the table's method note says.
+ */
+export async function repeat(n: number, fn: (i: number) => Promise<number>, opts: { warmup?: number } = {}): Promise<Stats> {
+  for (let i = 0; i < (opts.warmup ?? 0); i++) await fn(-1 - i);
   const out: number[] = [];
   for (let i = 0; i < n; i++) out.push(await fn(i));
   return stats(out);
+}
+
+/** Writes dirty pages back first, so a measurement does not share the disk with earlier writes. */
+export async function settle(): Promise<void> {
+  await run('sync');
 }
 
 export async function timed<T>(fn: () => Promise<T>): Promise<{ seconds: number; value: T }> {

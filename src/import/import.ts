@@ -51,7 +51,7 @@ export async function importImage(path: string, opts: ImportOptions): Promise<Im
   let sinceSync = 0;
   let failure: unknown = null;
 
-  const storeBatch = async (firstIndex: number, data: Uint8Array): Promise<void> => {
+  const storeBatch = async (firstIndex: number, data: Parameters<SealPool['seal']>[0]): Promise<void> => {
     const res = await pool.seal(data, chunkSize);
     const blobs = Buffer.from(res.blobs);
     const puts: Promise<unknown>[] = [];
@@ -77,7 +77,7 @@ export async function importImage(path: string, opts: ImportOptions): Promise<Im
     let pending: Buffer[] = [];
     let pendingLen = 0;
     let nextIndex = 0;
-    const dispatch = async (data: Uint8Array): Promise<void> => {
+    const dispatch = async (data: Parameters<SealPool['seal']>[0]): Promise<void> => {
       // Read the length first: sealing transfers (detaches) the batch's buffer to a worker.
       const length = data.length;
       const p = storeBatch(nextIndex, data);
@@ -99,7 +99,16 @@ export async function importImage(path: string, opts: ImportOptions): Promise<Im
         sinceSync = 0;
       }
     };
-    for await (const piece of source.stream) {
+    if (source.file) {
+      // Raw file: workers read their own ranges, so the main thread only schedules and stores.
+      for (let offset = 0; offset < source.size; offset += batchBytes) {
+        if (opts.signal?.aborted) throw new CarryonError('aborted', 'import cancelled');
+        const length = Math.min(batchBytes, source.size - offset);
+        stats.bytesRead += length;
+        await dispatch({ file: source.file, offset, length });
+        opts.onProgress?.({ bytesDone: stats.bytesRead, bytesTotal: source.size });
+      }
+    } else for await (const piece of source.stream) {
       if (opts.signal?.aborted) throw new CarryonError('aborted', 'import cancelled');
       stats.bytesRead += piece.length;
       pending.push(piece);

@@ -27,17 +27,24 @@ export class SealPool {
     }
   }
 
-  /** Seals consecutive chunks held in `data` (ownership of its buffer moves to the worker). */
-  seal(data: Uint8Array, chunkSize: number): Promise<SealResult> {
+  /**
+   * Seals consecutive chunks held in `data` (ownership of its buffer moves to the worker), or
+   * read by the worker from a range of a raw file.
+   */
+  seal(data: Uint8Array | { file: string; offset: number; length: number }, chunkSize: number): Promise<SealResult> {
     if (this.failure) return Promise.reject(this.failure);
     const slot = this.workers.reduce((a, b) => (b.busy < a.busy ? b : a));
     const seq = this.seq++;
-    const exact = data.byteOffset === 0 && data.byteLength === data.buffer.byteLength ? data : data.slice();
-    const req: SealRequest = { seq, data: exact.buffer as ArrayBuffer, chunkSize };
+    let payload: SealRequest['data'];
+    if (data instanceof Uint8Array) {
+      const exact = data.byteOffset === 0 && data.byteLength === data.buffer.byteLength ? data : data.slice();
+      payload = exact.buffer as ArrayBuffer;
+    } else payload = data;
+    const req: SealRequest = { seq, data: payload, chunkSize };
     slot.busy++;
     return new Promise((resolve, reject) => {
       this.waiting.set(seq, { resolve, reject });
-      slot.worker.postMessage(req, [req.data]);
+      slot.worker.postMessage(req, payload instanceof ArrayBuffer ? [payload] : []);
     });
   }
 

@@ -1,5 +1,6 @@
 import { spawn, execFile } from 'node:child_process';
-import { open, stat } from 'node:fs/promises';
+import { constants as fsConstants } from 'node:fs';
+import { access, open, stat } from 'node:fs/promises';
 import { promisify } from 'node:util';
 import { CarryonError, ValidationError } from '../core/errors.js';
 
@@ -13,6 +14,8 @@ export interface ImageSource {
   format: ImageFormat;
   size: number;
   stream: AsyncIterable<Buffer>;
+  /** A raw image file that sealing workers may read by range themselves (instead of `stream`). */
+  file?: string;
   close(): void;
 }
 
@@ -61,9 +64,11 @@ export async function detectFormat(path: string): Promise<ImageFormat> {
 
 /** Raw file: whole `readSize` pieces, each in its own ArrayBuffer (transferable to a worker). */
 async function rawSource(path: string, size: number, readSize: number): Promise<ImageSource> {
-  const fh = await open(path, 'r');
+  await access(path, fsConstants.R_OK);
   let closed = false;
+  // Opened only when streamed: importers that read ranges themselves (`file`) never open it here.
   async function* stream(): AsyncGenerator<Buffer> {
+    const fh = await open(path, 'r');
     try {
       for (let pos = 0; pos < size && !closed; ) {
         const buf = Buffer.from(new ArrayBuffer(Math.min(readSize, size - pos)));
@@ -80,7 +85,7 @@ async function rawSource(path: string, size: number, readSize: number): Promise<
       await fh.close();
     }
   }
-  return { format: 'raw', size, stream: stream(), close: () => void (closed = true) };
+  return { format: 'raw', size, stream: stream(), file: path, close: () => void (closed = true) };
 }
 
 /**
