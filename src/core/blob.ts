@@ -40,9 +40,13 @@ export interface SealedChunk {
   compressed: boolean;
 }
 
-export function sealChunk(keys: LineageKeys, plaintext: Uint8Array, knownId?: ChunkId): SealedChunk {
+/**
+ * Seals one chunk. With `into`, the blob is written at `into.offset` of `into.buffer` (which must
+ * have room for plaintext + BLOB_OVERHEAD) and `blob` is a view of it: batch sealers save a copy.
+ */
+export function sealChunk(keys: LineageKeys, plaintext: Uint8Array, knownId?: ChunkId, into?: { buffer: Buffer; offset: number }): SealedChunk {
   const id = knownId ?? computeChunkId(keys.idKey, plaintext);
-  const { blob, compressed } = sealBlobEnvelope(keys.dataKey, plaintext, 0, chunkIdToBytes(id));
+  const { blob, compressed } = sealBlobEnvelope(keys.dataKey, plaintext, 0, chunkIdToBytes(id), into);
   return { id, blob, compressed };
 }
 
@@ -51,7 +55,7 @@ export function sealChunk(keys: LineageKeys, plaintext: Uint8Array, knownId?: Ch
  * AES-256-GCM(zstd-or-raw(body)) ‖ tag, AAD = header ‖ `aadTail`. `kindFlags` separates the
  * kinds (a delta can never be opened as a chunk blob, nor the reverse).
  */
-export function sealBlobEnvelope(dataKey: Uint8Array, body: Uint8Array, kindFlags: number, aadTail: Uint8Array): { blob: Buffer; compressed: boolean } {
+export function sealBlobEnvelope(dataKey: Uint8Array, body: Uint8Array, kindFlags: number, aadTail: Uint8Array, into?: { buffer: Buffer; offset: number }): { blob: Buffer; compressed: boolean } {
   const packed = looksCompressible(body) ? compress(body, { compressionLevel: ZSTD_LEVEL }) : null;
   const compressed = packed !== null && packed.length < body.length;
   const inner = compressed ? packed : body;
@@ -59,7 +63,9 @@ export function sealBlobEnvelope(dataKey: Uint8Array, body: Uint8Array, kindFlag
   const nonce = randomBytes(NONCE);
   const cipher = createCipheriv('aes-256-gcm', dataKey, nonce);
   cipher.setAAD(Buffer.concat([header, aadTail]));
-  const out = Buffer.allocUnsafe(HEADER + NONCE + inner.length + TAG);
+  const size = HEADER + NONCE + inner.length + TAG;
+  const out = into ? into.buffer.subarray(into.offset, into.offset + size) : Buffer.allocUnsafe(size);
+  if (out.length !== size) throw new RangeError(`no room for a ${size}-byte blob at ${into?.offset}`);
   header.copy(out, 0);
   nonce.copy(out, HEADER);
   let off = HEADER + NONCE;

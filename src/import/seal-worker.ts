@@ -55,9 +55,9 @@ parentPort!.on('message', (req: SealRequest) => {
     if (isZero(chunk)) {
       ids.push(null);
     } else {
-      const sealed = sealChunk(keys, chunk);
+      const sealed = sealChunk(keys, chunk, undefined, { buffer: out, offset: total });
       ids.push(sealed.id);
-      total += sealed.blob.copy(out, total);
+      total += sealed.blob.length;
     }
     offsets.push(total);
   }
