@@ -71,6 +71,7 @@ export async function importImage(path: string, opts: ImportOptions): Promise<Im
       );
     });
     await Promise.all(puts);
+    pool.recycle(res.blobs);
   };
 
   try {

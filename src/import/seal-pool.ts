@@ -1,7 +1,7 @@
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import type { LineageKeys } from '../core/keys.js';
-import type { SealRequest, SealResult } from './seal-worker.js';
+import type { RecycleRequest, SealRequest, SealResult } from './seal-worker.js';
 
 /** A fixed pool of sealing workers; each job goes to the least busy worker. */
 export class SealPool {
@@ -46,6 +46,16 @@ export class SealPool {
       this.waiting.set(seq, { resolve, reject });
       slot.worker.postMessage(req, payload instanceof ArrayBuffer ? [payload] : []);
     });
+  }
+
+  /**
+   * Hands a result's blob buffer back for reuse. Only once nothing refers to its blobs any more:
+   * stores copy or write a blob before their put resolves.
+   */
+  recycle(buffer: ArrayBuffer): void {
+    if (this.failure || buffer.byteLength === 0) return;
+    const slot = this.workers.reduce((a, b) => (b.busy < a.busy ? b : a));
+    slot.worker.postMessage({ recycle: buffer } satisfies RecycleRequest, [buffer]);
   }
 
   private fail(err: Error): void {

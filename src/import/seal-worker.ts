@@ -5,6 +5,11 @@ import { isZero } from '../core/chunking.js';
 import type { LineageKeys } from '../core/keys.js';
 
 /** Worker: seals chunks of a batch (zero check, HMAC ID, zstd, AES-GCM) off the main thread. */
+/** A batch's blob buffer handed back once its blobs are stored, for the next batch to reuse. */
+export interface RecycleRequest {
+  recycle: ArrayBuffer;
+}
+
 export interface SealRequest {
   seq: number;
   /** Concatenated plaintext of consecutive chunks, or a range of a raw file to read here. */
@@ -27,10 +32,13 @@ const keys: LineageKeys = { dataKey: Buffer.from(init.dataKey), idKey: Buffer.fr
  * Reads a range of a raw image in this thread: no copy through the main thread, no transfer.
  * Opened per range (two syscalls per 4 MiB), so no descriptor outlives the import.
  */
+let readBuf: Buffer | null = null;
 function readRange(r: { file: string; offset: number; length: number }): Buffer {
   const fd = openSync(r.file, 'r');
   try {
-    const buf = Buffer.allocUnsafe(r.length);
+    // One read buffer for the worker's life: each batch is sealed before the next is read.
+    if (!readBuf || readBuf.length < r.length) readBuf = Buffer.allocUnsafe(r.length);
+    const buf = readBuf.subarray(0, r.length);
     for (let got = 0; got < r.length; ) {
       const n = readSync(fd, buf, got, r.length - got, r.offset + got);
       if (n === 0) throw new Error(`${r.file} ended at ${r.offset + got} bytes while importing`);
@@ -42,13 +50,29 @@ function readRange(r: { file: string; offset: number; length: number }): Buffer 
   }
 }
 
-parentPort!.on('message', (req: SealRequest) => {
+/**
+ * Output buffers come back from the main thread after their blobs are stored: a steady set of
+ * buffers instead of a new 4 MiB ArrayBuffer per batch, whose external-memory growth would
+ * force full garbage collections of the (much larger) main thread heap.
+ */
+const spare: ArrayBuffer[] = [];
+function outputBuffer(size: number): Buffer {
+  const i = spare.findIndex((b) => b.byteLength >= size);
+  return Buffer.from(i >= 0 ? spare.splice(i, 1)[0]! : new ArrayBuffer(size));
+}
+
+parentPort!.on('message', (msg: SealRequest | RecycleRequest) => {
+  if ('recycle' in msg) {
+    if (spare.length < 4) spare.push(msg.recycle);
+    return;
+  }
+  const req = msg;
   const data = req.data instanceof ArrayBuffer ? Buffer.from(req.data) : readRange(req.data);
   const ids: (string | null)[] = [];
   const offsets: number[] = [0];
   // One transferable buffer for all blobs of the batch (a blob is at most its chunk + overhead).
   const count = Math.ceil(data.length / req.chunkSize);
-  const out = Buffer.from(new ArrayBuffer(data.length + count * BLOB_OVERHEAD));
+  const out = outputBuffer(data.length + count * BLOB_OVERHEAD);
   let total = 0;
   for (let off = 0; off < data.length; off += req.chunkSize) {
     const chunk = data.subarray(off, Math.min(data.length, off + req.chunkSize));

@@ -11,6 +11,7 @@ export interface ChunkStore {
   /**
    * Stores a blob; idempotent (a second put of the same ID is a no-op returning false).
    * With `defer`, the blob becomes visible and durable only at the next `sync()` (group commit).
+   * The store keeps no reference to `blob` once the promise settles: callers reuse the memory.
    */
   put(id: ChunkId, blob: Uint8Array, opts?: { defer?: boolean }): Promise<boolean>;
   delete(id: ChunkId): Promise<void>;
