@@ -3,6 +3,7 @@ import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { checkinSection } from './checkin.js';
 import { importSection } from './import.js';
+import { memorySection } from './memory.js';
 import { nbdSection } from './nbd.js';
 import { sweepSection } from './sweep.js';
 import type { BenchRow, BenchSection } from './types.js';
@@ -14,6 +15,7 @@ const work = mkdtempSync(join(process.env.BENCH_DIR ?? '/var/tmp', 'carryon-benc
 
 const sections: BenchSection[] = [
   importSection(work, 2 * scale),
+  memorySection(work, 20 * scale),
   checkinSection(work, 4 * scale, 0.04 * scale, true, ['random', 'typical']),
   checkinSection(work, 16 * scale, 0.04 * scale, false),
   sweepSection(work, 1 * scale),
