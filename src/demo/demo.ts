@@ -1,13 +1,19 @@
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, statSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { promisify } from 'node:util';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { request } from 'undici';
 import { startBroker } from '../broker/start.js';
 import { formatBytes } from '../cli/common.js';
 import { checkout, enroll, upload, withDisks, type ClientEnv } from '../client/ops.js';
+import { exportCurrentSnapshot } from '../broker/snapshot-image.js';
+import { serveDesktop } from '../client/serve.js';
 import { pinnedAgent } from '../net/pinned-agent.js';
 import { writeTestImage } from './image.js';
+
+const run = promisify(execFile);
 
 /**
  * The main job on one box: a broker with its transfer server on 127.0.0.1, a desktop made from
@@ -44,16 +50,35 @@ async function main(): Promise<void> {
     const checkoutMs = Date.now() - t0;
     const bytesOut = broker.transfer!.stats.bytesOut - out0;
 
-    // Work offline: 1% of the disk changes in random 64 KiB writes.
+    // Work offline: 1% of the disk changes in random 64 KiB writes, through NBD as a VM's would
+    // (qemu-io against the served socket), or straight into the vault disk without qemu-io.
     const writes = Math.max(1, Math.round((sizeMiB * 1024 * 1024 * 0.01) / 65536));
-    await withDisks(env, 'win11-finance', async ([d]) => {
-      const disk = d!.disk;
-      for (let i = 0; i < writes; i++) {
-        const off = Math.floor(Math.random() * (disk.size / 65536)) * 65536;
-        await disk.write(off, randomBytes(65536));
+    const offsets = Array.from({ length: writes }, () => Math.floor(Math.random() * ((sizeMiB * 1024 * 1024) / 65536)) * 65536);
+    const served = await serveDesktop(env, 'win11-finance');
+    try {
+      // Each write its own random data (qemu-io reads a write's data from a file).
+      const patterns = offsets.map((_, i) => {
+        const file = join(dir, `write-${i}.bin`);
+        writeFileSync(file, randomBytes(65536));
+        return file;
+      });
+      const uri = `nbd+unix:///disk0?socket=${served.socketPath}`;
+      const args = ['-f', 'raw', ...offsets.flatMap((o, i) => ['-c', `write -q -s ${patterns[i]} ${o} 64k`]), '-c', 'flush', uri];
+      const viaNbd = await run('qemu-io', args).then(() => true, (err: NodeJS.ErrnoException) => {
+        if (err.code !== 'ENOENT') throw err;
+        return false;
+      });
+      if (viaNbd) say(`  laptop: ${writes} writes through NBD (${uri})`);
+      else {
+        const disk = served.disks[0]!.disk;
+        for (const off of offsets) await disk.write(off, randomBytes(65536));
+        await disk.flush();
+        say(`  laptop: ${writes} writes straight into the vault disk (qemu-io is not installed)`);
       }
-      await disk.flush();
-    });
+    } finally {
+      await served.close();
+    }
+    const laptopDisk = await withDisks(env, 'win11-finance', async ([d]) => d!.disk.read(0, d!.disk.size));
     const t1 = Date.now();
     const in0 = broker.transfer!.stats.bytesIn;
     const ci = await upload(env, 'win11-finance', 'checkin');
@@ -66,8 +91,12 @@ async function main(): Promise<void> {
     say('| --- | --- | --- | --- |');
     say(`| check-out | ${formatBytes(bytesOut)} | ${(checkoutMs / 1000).toFixed(2)} s | ${formatBytes(full)} |`);
     say(`| check-in after ${writes} random 64 KiB writes (1%) | ${formatBytes(bytesBack)} (${ci.chunksSent} chunks) | ${(checkinMs / 1000).toFixed(2)} s | ${formatBytes(full)} |`);
+    // Proof: the broker's new snapshot, re-assembled from its store, is the laptop's disk.
+    const serverCopy = join(dir, 'server-snapshot.raw');
+    const { snapshotId } = await exportCurrentSnapshot(broker.ctx, 'win11-finance', serverCopy);
+    if (!readFileSync(serverCopy).equals(laptopDisk)) throw new Error("the server's new snapshot differs from the laptop's disk");
     say('');
-    say('demo complete: checked out, changed, checked in; the broker holds the new snapshot.');
+    say(`demo complete: checked out, changed through NBD, checked in; the broker's new snapshot ${snapshotId.slice(0, 8)}… is byte-identical to the laptop's disk.`);
   } finally {
     await broker.close();
     rmSync(dir, { recursive: true, force: true });

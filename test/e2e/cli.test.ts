@@ -5,11 +5,9 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, test } from 'node:test';
-import { unwrapLineageKeys } from '../../src/core/keys.js';
-import { decodeManifest } from '../../src/core/manifest.js';
-import { exportImage } from '../../src/import/export.js';
 import { checkout, type ClientEnv } from '../../src/client/ops.js';
 import type { RunningBroker } from '../../src/broker/start.js';
+import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
 
 const run = promisify(execFile);
@@ -53,12 +51,8 @@ async function stopChild(child: ChildProcess, signal: NodeJS.Signals): Promise<{
 }
 
 async function serverDisk(): Promise<Buffer> {
-  const d = broker.ctx.meta.getDesktop('win11')!;
-  const snap = broker.ctx.meta.getSnapshot(d.currentSnapshot!)!;
-  const m = decodeManifest((await broker.ctx.store.getManifest(snap.disks[0]!.digest))!);
-  const keys = unwrapLineageKeys(broker.ctx.secrets.masterKey, broker.ctx.meta.getLineageKeys(d.lineageId)!, `lineage:${d.lineageId}`);
   const out = join(broker.dir, `server-${randomBytes(3).toString('hex')}.raw`);
-  await exportImage(m, { store: broker.ctx.store, keys }, out);
+  await exportCurrentSnapshot(broker.ctx, 'win11', out);
   return readFileSync(out);
 }
 

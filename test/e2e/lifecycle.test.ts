@@ -3,11 +3,9 @@ import { cpSync, readFileSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { decodeLineageKeys, unwrapLineageKeys, encodeLineageKeys } from '../../src/core/keys.js';
-import { decodeManifest } from '../../src/core/manifest.js';
-import { exportImage } from '../../src/import/export.js';
 import { checkout, enroll, release, status, upload, withDisks, type ClientEnv } from '../../src/client/ops.js';
 import type { RunningBroker } from '../../src/broker/start.js';
+import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
 
 process.env.CARRYON_SCRYPT_N = '1024';
@@ -40,13 +38,8 @@ after(async () => {
 });
 
 async function serverDisk(desktop: string): Promise<Buffer> {
-  const d = broker.ctx.meta.getDesktop(desktop)!;
-  const snap = broker.ctx.meta.getSnapshot(d.currentSnapshot!)!;
-  const m = decodeManifest((await broker.ctx.store.getManifest(snap.disks[0]!.digest))!);
-  const keys = unwrapLineageKeys(broker.ctx.secrets.masterKey, broker.ctx.meta.getLineageKeys(d.lineageId)!, `lineage:${d.lineageId}`);
   const out = join(broker.dir, `export-${randomBytes(4).toString('hex')}.raw`);
-  await exportImage(m, { store: broker.ctx.store, keys }, out);
-  void encodeLineageKeys; void decodeLineageKeys;
+  await exportCurrentSnapshot(broker.ctx, desktop, out);
   return readFileSync(out);
 }
 
