@@ -88,7 +88,7 @@ function ownedCheckout(ctx: BrokerContext, user: string, checkoutId: string, act
 
 function deny(ctx: BrokerContext, user: string, desktopId: string | null, action: string, status: number, code: string, message: string): never {
   ctx.audit({ actor: user, desktopId, action, outcome: 'denied', detail: `${code}: ${message}` });
-  throw new HttpError(status, code, message);
+  throw new HttpError(status, code, message, {}, true);
 }
 
 export async function checkOut(ctx: BrokerContext, user: string, desktopRef: string, req: { deviceId: string; host: HostFacts }) {

@@ -14,10 +14,15 @@ export class HttpError extends Error {
     readonly code: string,
     message: string,
     readonly extra: Record<string, unknown> = {},
+    /** Already written to the audit trail by the code that refused (see checkouts.deny). */
+    readonly audited = false,
   ) {
     super(message);
   }
 }
+
+/** Called for every refused request (4xx) that its route did not audit itself. */
+export type RefusalAudit = (req: FastifyRequest, status: number, code: string, message: string) => void;
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -35,7 +40,7 @@ export function parse<T extends z.ZodType>(schema: T, value: unknown): z.infer<T
 }
 
 /** JSON bodies keep their raw text (device signatures cover the exact bytes); errors are uniform. */
-export function installHttpBasics(app: FastifyInstance): void {
+export function installHttpBasics(app: FastifyInstance, audit?: RefusalAudit): void {
   app.removeContentTypeParser('application/json');
   app.addContentTypeParser('application/json', { parseAs: 'string' }, (req, body, done) => {
     const text = String(body);
@@ -47,13 +52,17 @@ export function installHttpBasics(app: FastifyInstance): void {
       done(new HttpError(400, 'malformed-json', 'request body is not valid JSON'), undefined);
     }
   });
-  app.setErrorHandler((err: Error & { statusCode?: number; code?: string }, _req, reply) => {
-    if (err instanceof HttpError) return reply.status(err.status).send({ error: err.code, message: err.message, ...err.extra });
-    if (err instanceof ZodError) return reply.status(400).send({ error: 'invalid', message: err.message });
-    if (err instanceof CarryonError) return reply.status(400).send({ error: err.code, message: err.message });
-    if (err.statusCode === 413 || err.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return reply.status(413).send({ error: 'too-large', message: 'request body is too large' });
-    if (err.statusCode && err.statusCode >= 400 && err.statusCode < 500) return reply.status(err.statusCode).send({ error: 'invalid', message: err.message });
-    _req.log.error(err);
+  app.setErrorHandler((err: Error & { statusCode?: number; code?: string }, req, reply) => {
+    const refuse = (status: number, code: string, message: string, extra: Record<string, unknown> = {}) => {
+      if (!(err instanceof HttpError && err.audited)) audit?.(req, status, code, message);
+      return reply.status(status).send({ error: code, message, ...extra });
+    };
+    if (err instanceof HttpError) return refuse(err.status, err.code, err.message, err.extra);
+    if (err instanceof ZodError) return refuse(400, 'invalid', err.message);
+    if (err instanceof CarryonError) return refuse(400, err.code, err.message);
+    if (err.statusCode === 413 || err.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return refuse(413, 'too-large', 'request body is too large');
+    if (err.statusCode && err.statusCode >= 400 && err.statusCode < 500) return refuse(err.statusCode, 'invalid', err.message);
+    req.log.error(err);
     return reply.status(500).send({ error: 'internal', message: 'internal error' });
   });
   app.setNotFoundHandler((req, reply) => reply.status(404).send({ error: 'not-found', message: `no route ${req.method} ${req.url}` }));

@@ -10,6 +10,7 @@ import { migrate, openSqlite } from '../store/sqlite.js';
 import { startTransferServer, type TransferServer } from '../transfer/server.js';
 import type { BrokerContext, BrokerSettings } from './context.js';
 import { installHttpBasics } from './http.js';
+import { readToken } from './tokens.js';
 import { hashPassword } from './passwords.js';
 import { adminRoutes } from './routes/admin.js';
 import { agentRoutes } from './routes/agent.js';
@@ -86,7 +87,12 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   }
 
   const app = Fastify({ https: { cert: tls.cert, key: tls.key }, bodyLimit: 32 * 1024 * 1024, logger: config.log ?? false });
-  installHttpBasics(app);
+  installHttpBasics(app, (req, status, code, message) => {
+    // Refusals the route did not audit itself (malformed or oversize bodies, invalid fields, …).
+    const auth = req.headers.authorization ?? '';
+    const actor = (auth.startsWith('Bearer ') ? readToken(ctx.secrets.tokenKey, auth.slice(7))?.sub : undefined) ?? `anonymous@${req.ip}`;
+    ctx.audit({ actor, action: 'request', outcome: 'denied', detail: `${req.method} ${req.url.split('?')[0]}: ${status} ${code}: ${message.slice(0, 200)}` });
+  });
   userRoutes(app, ctx);
   agentRoutes(app, ctx);
   adminRoutes(app, ctx);

@@ -64,8 +64,13 @@ test('refusals: bad login, not entitled, malformed JSON, small host, no disk, po
   assert.deepEqual((await actions(aliceToken))!.actions, ['checkout']);
   const oversize = await http.call('POST', '/v1/auth/login', JSON.stringify({ username: 'a', password: 'x'.repeat(40 * 1024 * 1024) }));
   assert.equal(oversize.status, 413);
-  const events = (await http.call('GET', '/v1/admin/events?limit=1000', undefined, adminToken)).body.events as { action: string; outcome: string }[];
+  const events = (await http.call('GET', '/v1/admin/events?limit=1000', undefined, adminToken)).body.events as { actor: string; action: string; outcome: string; detail: string | null }[];
   for (const a of ['login', 'checkout']) assert.ok(events.some((e) => e.action === a && e.outcome === 'denied'), `denied ${a} audited`);
+  // Malformed and oversize bodies are audited too, with who sent them when known; each refusal once.
+  const refused = events.filter((e) => e.action === 'request' && e.outcome === 'denied');
+  assert.ok(refused.some((e) => e.actor === 'alice' && /malformed-json/.test(e.detail ?? '')), 'malformed JSON audited with its sender');
+  assert.ok(refused.some((e) => e.actor.startsWith('anonymous@') && /413 too-large/.test(e.detail ?? '')), 'oversize body audited');
+  assert.equal(events.filter((e) => e.action === 'login' && e.actor === 'alice' && e.outcome === 'denied').length, 1, 'a denied login is audited once');
   assert.equal(broker.ctx.meta.listCheckouts().length, 0);
 });
 

@@ -108,7 +108,7 @@ export function adminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     const b = parse(z.object({ action: z.enum(['on', 'off']) }).strict(), req.body);
     if (ctx.meta.activeCheckout(d.id)) {
       ctx.audit({ actor, desktopId: d.id, action: `power-${b.action}`, outcome: 'denied', detail: 'locked by a checkout' });
-      throw new HttpError(409, 'locked', `${d.name} is checked out; its datacenter copy stays off until check-in`);
+      throw new HttpError(409, 'locked', `${d.name} is checked out; its datacenter copy stays off until check-in`, {}, true);
     }
     if (b.action === 'off') await ctx.hypervisor.powerOff(d.id);
     else if (ctx.hypervisor.kind === 'none') throw new HttpError(409, 'no-hypervisor', 'this broker has no datacenter hypervisor configured');

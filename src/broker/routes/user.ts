@@ -30,11 +30,11 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     } catch (err) {
       if (!(err instanceof DirectoryUnavailableError)) throw err;
       ctx.audit({ actor: body.username, action: 'login', outcome: 'failed', detail: err.message });
-      throw new HttpError(503, err.code, err.message);
+      throw new HttpError(503, err.code, err.message, {}, true);
     }
     if (!who) {
       ctx.audit({ actor: body.username, action: 'login', outcome: 'denied', detail: 'bad credentials' });
-      throw new HttpError(401, 'bad-credentials', 'unknown user or wrong password');
+      throw new HttpError(401, 'bad-credentials', 'unknown user or wrong password', {}, true);
     }
     const exp = Math.floor(Date.now() / 1000) + ctx.settings.sessionTtlSec;
     const token = issueToken(ctx.secrets.tokenKey, { sub: who.name, role: who.role, exp, dev: body.deviceId });
