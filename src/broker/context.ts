@@ -2,6 +2,7 @@ import type { DatacenterHypervisor } from '../hypervisor/datacenter/hypervisor.j
 import type { ChunkStore } from '../store/chunk-store.js';
 import type { SqliteMetadataStore } from '../store/metadata.js';
 import type { LdapConfig } from './directory.js';
+import type { ImportJobs } from './imports.js';
 import type { BrokerSecrets } from './secrets.js';
 import type { SqliteScheduler } from './transfers/scheduler.js';
 
@@ -32,6 +33,8 @@ export interface BrokerContext {
   secrets: BrokerSecrets;
   scheduler: SqliteScheduler;
   hypervisor: DatacenterHypervisor;
+  /** Desktop imports running in the background. */
+  imports: ImportJobs;
   audit(entry: AuditEntry): void;
   /** Unwraps lineage keys (master key) and encodes them for the authenticated holder. */
   keysFor(wrapped: Buffer, context: string): string;

@@ -14,7 +14,7 @@ export interface CreateDesktop {
 }
 
 /** Imports an image on the broker host as a new desktop with its own lineage (keys). */
-export async function createDesktopFromImage(ctx: BrokerContext, actor: string, req: CreateDesktop) {
+export async function createDesktopFromImage(ctx: BrokerContext, actor: string, req: CreateDesktop, onProgress?: (p: { bytesDone: number; bytesTotal: number }) => void) {
   if (ctx.meta.getDesktop(req.name)) throw new HttpError(409, 'exists', `desktop ${req.name} exists`);
   const pool = req.pool ? ctx.meta.getPool(req.pool) : null;
   if (req.pool && !pool) throw new HttpError(404, 'not-found', `no pool ${req.pool}`);
@@ -22,7 +22,7 @@ export async function createDesktopFromImage(ctx: BrokerContext, actor: string, 
   const lineageId = randomUUID();
   let result;
   try {
-    result = await importImage(req.image, { store: ctx.store, keys, chunkSize: req.chunkSize });
+    result = await importImage(req.image, { store: ctx.store, keys, chunkSize: req.chunkSize, onProgress });
   } catch (err) {
     ctx.audit({ actor, action: 'desktop-import', outcome: 'failed', detail: (err as Error).message });
     const code = (err as { code?: string }).code;

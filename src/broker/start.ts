@@ -10,6 +10,7 @@ import { migrate, openSqlite } from '../store/sqlite.js';
 import { startTransferServer, type TransferServer } from '../transfer/server.js';
 import type { BrokerContext, BrokerSettings } from './context.js';
 import { installHttpBasics } from './http.js';
+import { ImportJobs } from './imports.js';
 import { readToken } from './tokens.js';
 import { hashPassword } from './passwords.js';
 import { adminRoutes } from './routes/admin.js';
@@ -77,7 +78,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   const hypervisor: DatacenterHypervisor = config.hypervisor?.kind === 'qmp' ? new QmpHypervisor(config.hypervisor.socketDir) : new NoHypervisor();
   const scheduler = new SqliteScheduler(db, { signingKey: secrets.signing.privateKey, ticketTtlSec: config.ticketTtlSec, pauseGraceSec: config.pauseGraceSec });
   const ctx: BrokerContext = {
-    settings, meta, store, secrets, scheduler, hypervisor,
+    settings, meta, store, secrets, scheduler, hypervisor, imports: new ImportJobs(),
     audit: (e) => void meta.addEvent({ actor: e.actor, desktopId: e.desktopId ?? null, action: e.action, outcome: e.outcome, detail: e.detail ?? null }),
     keysFor: (wrapped, context) => encodeLineageKeys(unwrapLineageKeys(secrets.masterKey, wrapped, context)),
   };

@@ -3,7 +3,7 @@ import { z } from 'zod';
 import { BrokerClient } from '../client/broker-client.js';
 import { CarryonError } from '../core/errors.js';
 import { PolicyLayer } from '../core/policy.js';
-import { passwordSource, printJsonOr, table } from './common.js';
+import { byteProgress, passwordSource, printJsonOr, table } from './common.js';
 
 interface AdminOpts { url?: string; fingerprint?: string; user?: string; passwordFile?: string; json?: boolean }
 type Json = Record<string, unknown>;
@@ -83,10 +83,36 @@ export function registerAdminCommands(program: Command): void {
   const desktops = admin.command('desktops').description('desktops');
   endpoint(desktops, { name: 'list', description: 'list desktops', method: 'GET', path: () => '/v1/admin/desktops', list: 'desktops', columns: ['id', 'name', 'poolId', 'currentSnapshot', 'checkout'] });
   endpoint(desktops, { name: 'show <desktop>', description: 'desktop, snapshots, checkout, resolved policy', method: 'GET', path: ([d]) => `/v1/admin/desktops/${enc(d!)}` });
-  endpoint(desktops, { name: 'create <name> <image>', description: 'import an image on the broker host as a new desktop', method: 'POST', path: () => '/v1/admin/desktops',
-    options: [['--pool <pool>', 'pool'], ['--vcpus <n>', 'vCPUs'], ['--ram <mib>', 'RAM in MiB'], ['--min-ram <mib>', 'least RAM offline'], ['--usb', 'USB devices allowed'], ['--chunk-size <bytes>', 'chunk size (power of two, 64 KiB–4 MiB)']],
-    body: ([name, image], o) => ({ name, image, pool: o.pool, chunkSize: o.chunkSize ? Number(o.chunkSize) : undefined,
-      config: { vcpus: Number(o.vcpus ?? 2), ramMiB: Number(o.ram ?? 2048), minRamMiB: Number(o.minRam ?? 512), nic: 'user', usb: Boolean(o.usb) } }) });
+  desktops.command('create <name> <image>').description('import an image (raw, qcow2, vmdk, vdi) on the broker host as a new desktop')
+    .option('--pool <pool>', 'pool').option('--vcpus <n>', 'vCPUs', '2').option('--ram <mib>', 'RAM in MiB', '2048').option('--min-ram <mib>', 'least RAM offline', '512')
+    .option('--usb', 'USB devices allowed').option('--chunk-size <bytes>', 'chunk size (power of two, 64 KiB–4 MiB)').option('--quiet', 'no progress output')
+    .action(async (name: string, image: string, o: { pool?: string; vcpus: string; ram: string; minRam: string; usb?: boolean; chunkSize?: string; quiet?: boolean }, cmd: Command) => {
+      const num = (flag: string, v: string) => {
+        const n = Number(v);
+        if (!Number.isInteger(n) || n <= 0) throw new CarryonError('invalid', `${flag} must be a positive whole number, got ${v}`);
+        return n;
+      };
+      const body = { name, image, pool: o.pool, background: true, chunkSize: o.chunkSize ? num('--chunk-size', o.chunkSize) : undefined,
+        config: { vcpus: num('--vcpus', o.vcpus), ramMiB: num('--ram', o.ram), minRamMiB: num('--min-ram', o.minRam), nic: 'user', usb: Boolean(o.usb) } };
+      await withAdmin(cmd, async (b, g) => {
+        let job = ((await b.call('POST', '/v1/admin/desktops', body, AnyObject)).import ?? {}) as Json;
+        const progress = byteProgress(`import ${name}`, Boolean(o.quiet || g.json));
+        // Poll until the broker says done or failed (bounded by the import itself, not by a timeout).
+        while (job.state === 'running') {
+          progress.update(Number(job.bytesDone), Number(job.bytesTotal));
+          await new Promise((r) => setTimeout(r, 500));
+          job = ((await b.call('GET', `/v1/admin/imports/${enc(String(job.id))}`, undefined, AnyObject)).import ?? {}) as Json;
+        }
+        progress.stop();
+        if (job.state !== 'done') {
+          const e = (job.error ?? {}) as { code?: string; message?: string };
+          throw new CarryonError(e.code ?? 'import-failed', `import of ${image} failed: ${e.message ?? 'unknown error'}`);
+        }
+        const r = (job.result ?? {}) as Json;
+        printJsonOr(Boolean(g.json), r, () => process.stdout.write(`desktop ${name} (${String(r.id)}): ${String(r.chunksStored)} chunks stored, ${String(r.chunksDeduped)} deduplicated, ${String(r.holes)} holes\n`));
+      });
+    });
+  endpoint(admin.command('imports').description('desktop imports running or finished since the broker started'), { name: 'list', description: 'list imports', method: 'GET', path: () => '/v1/admin/imports', list: 'imports', columns: ['id', 'name', 'state', 'bytesDone', 'bytesTotal', 'startedAt'] });
   endpoint(desktops, { name: 'clone <golden> <name>', description: 'clone from a golden image (shares chunks)', method: 'POST', path: () => '/v1/admin/desktops', options: [['--pool <pool>', 'pool']], body: ([golden, name], o) => ({ name, cloneOf: golden, pool: o.pool }) });
   endpoint(desktops, { name: 'delete <desktop>', description: 'delete a desktop (refused while checked out)', method: 'DELETE', path: ([d]) => `/v1/admin/desktops/${enc(d!)}` });
   endpoint(desktops, { name: 'power <desktop> <on|off>', description: 'power the datacenter copy (refused while locked)', method: 'POST', path: ([d]) => `/v1/admin/desktops/${enc(d!)}/power`, body: ([, action]) => ({ action }) });

@@ -84,3 +84,30 @@ export function progressReporter(quiet: boolean): { onProgress: (label: string, 
     stop: () => undefined,
   };
 }
+
+/** A progress display in bytes (server-side work polled by the CLI, e.g. a desktop import). */
+export function byteProgress(label: string, quiet: boolean): { update: (done: number, total: number) => void; stop: () => void } {
+  if (quiet) return { update: () => undefined, stop: () => undefined };
+  const MiB = 1024 * 1024;
+  if (process.stderr.isTTY) {
+    const bar = new cliProgress.SingleBar({ format: `${label} [{bar}] {percentage}% | {value}/{total} MiB | ETA {eta_formatted}`, stream: process.stderr, hideCursor: true }, cliProgress.Presets.shades_classic);
+    let started = false;
+    return {
+      update: (done, total) => {
+        if (!started) bar.start(Math.ceil(total / MiB), Math.floor(done / MiB));
+        else bar.update(Math.floor(done / MiB));
+        started = true;
+      },
+      stop: () => started && bar.stop(),
+    };
+  }
+  let last = 0;
+  return {
+    update: (done, total) => {
+      if (Date.now() - last < 2000 && done < total) return;
+      last = Date.now();
+      process.stderr.write(`${label}: ${formatBytes(done)} of ${formatBytes(total)}\n`);
+    },
+    stop: () => undefined,
+  };
+}

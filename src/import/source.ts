@@ -54,6 +54,28 @@ export async function inspectImage(path: string): Promise<{ format: string; virt
   return { format: info.format, virtualSize: info['virtual-size'], actualSize: info['actual-size'] ?? 0 };
 }
 
+/**
+ * `qemu-img check` (metadata only, fast) before streaming: QEMU reads clusters that lie past the
+ * end of a truncated image as zeros, so a cut-short copy would otherwise import "successfully"
+ * with data silently missing. Leaked clusters (exit 3) are harmless; 63 = no check for the format.
+ */
+async function checkImage(path: string, fmt: ImageFormat): Promise<void> {
+  const res = await new Promise<{ code: number | null; stdout: string }>((resolve) => {
+    execFile('qemu-img', ['check', '--output=json', '-f', fmt, path], { maxBuffer: 64 << 20 }, (err, stdout) =>
+      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout }),
+    );
+  });
+  if (res.code === 0 || res.code === 3 || res.code === 63) return;
+  let detail = `qemu-img check exited with ${res.code}`;
+  try {
+    const j = JSON.parse(res.stdout) as { corruptions?: number; 'check-errors'?: number };
+    detail = `${j.corruptions ?? 0} corrupt clusters, ${j['check-errors'] ?? 0} check errors (truncated or damaged image?)`;
+  } catch {
+    // no JSON: keep the exit code
+  }
+  throw new CarryonError('bad-image', `${path} fails qemu-img check: ${detail}`);
+}
+
 export async function detectFormat(path: string): Promise<ImageFormat> {
   const { format } = await inspectImage(path);
   if (!(IMAGE_FORMATS as readonly string[]).includes(format)) {
@@ -99,6 +121,7 @@ export async function openImageSource(path: string, format: ImageFormat | 'auto'
   if (fmt === 'raw') return rawSource(path, fileSize, readSize);
   const { virtualSize, format: actual } = await inspectImage(path);
   if (actual !== fmt) throw new ValidationError(`image ${path} is ${actual}, not ${fmt}`);
+  await checkImage(path, fmt);
   const child = spawn('nbdcopy', ['--', '[', 'qemu-nbd', '-r', '-f', fmt, path, ']', '-'], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });

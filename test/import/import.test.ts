@@ -76,6 +76,12 @@ test('bad input: missing path, bad chunk size, unsupported format leave nothing 
   execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', truncated, '8M']);
   writeFileSync(truncated, readFileSync(truncated).subarray(0, 100));
   await assert.rejects(importImage(truncated, { store, keys }));
+  // Cut inside the data: QEMU alone would read the lost clusters as zeros; the check refuses it.
+  const cut = join(dir, 'cut.qcow2');
+  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', cut, '16M']);
+  execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 9 0 4M', cut]);
+  writeFileSync(cut, readFileSync(cut).subarray(0, 400_000));
+  await assert.rejects(importImage(cut, { store, keys }), /fails qemu-img check/);
   assert.equal(await countBlobs(store), 0);
   assert.deepEqual(readdirSync(join(dir, 'store3', 'tmp')), []);
 });

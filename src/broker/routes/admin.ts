@@ -88,9 +88,24 @@ export function adminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     const b = parse(z.object({
       name: Name, image: z.string().min(1).max(4096).optional(), cloneOf: z.string().max(200).optional(), pool: z.string().max(200).optional(),
       config: Config.default({ vcpus: 2, ramMiB: 2048, minRamMiB: 512, nic: 'user', usb: false }), chunkSize: z.number().int().optional(),
+      background: z.boolean().optional(),
     }).strict().refine((v) => Boolean(v.image) !== Boolean(v.cloneOf), 'give exactly one of image or cloneOf'), req.body);
-    const res = b.cloneOf ? cloneDesktop(ctx, actor, b.cloneOf, b.name, b.pool) : await createDesktopFromImage(ctx, actor, { name: b.name, image: b.image!, pool: b.pool, config: b.config, chunkSize: b.chunkSize });
-    return reply.status(201).send(res);
+    if (b.cloneOf) return reply.status(201).send(cloneDesktop(ctx, actor, b.cloneOf, b.name, b.pool));
+    const spec = { name: b.name, image: b.image!, pool: b.pool, config: b.config, chunkSize: b.chunkSize };
+    // `background`: answer at once with an import job to poll (large images take minutes).
+    if (b.background) return reply.status(202).send({ import: await ctx.imports.start(ctx, actor, spec) });
+    ctx.imports.ensureNameFree(ctx, b.name);
+    return reply.status(201).send(await createDesktopFromImage(ctx, actor, spec));
+  });
+  app.get('/v1/admin/imports', async (req) => {
+    admin(req);
+    return { imports: ctx.imports.list() };
+  });
+  app.get('/v1/admin/imports/:id', async (req) => {
+    admin(req);
+    const job = ctx.imports.get(parse(Id, req.params).id);
+    if (!job) throw new HttpError(404, 'not-found', 'no such import');
+    return { import: job };
   });
   app.delete('/v1/admin/desktops/:id', async (req) => {
     const actor = admin(req);

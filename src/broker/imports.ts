@@ -1,0 +1,66 @@
+import { randomUUID } from 'node:crypto';
+import { inspectImage } from '../import/source.js';
+import type { BrokerContext } from './context.js';
+import { createDesktopFromImage, type CreateDesktop } from './desktops.js';
+import { HttpError } from './http.js';
+
+export interface ImportJobView {
+  id: string;
+  name: string;
+  image: string;
+  state: 'running' | 'done' | 'failed';
+  bytesDone: number;
+  bytesTotal: number;
+  startedAt: string;
+  finishedAt: string | null;
+  /** The new desktop's id and import summary, once done. */
+  result: Record<string, unknown> | null;
+  error: { code: string; message: string } | null;
+}
+
+/**
+ * Desktop imports that run in the background: a large image takes minutes, longer than an HTTP
+ * request should wait, so the admin gets a job to poll (progress in bytes). Jobs live in memory;
+ * an import cut short by a broker restart leaves no desktop (and its blobs as unreferenced data).
+ */
+export class ImportJobs {
+  private readonly jobs = new Map<string, ImportJobView>();
+
+  /** Checks what can be checked at once (name free, image readable), then imports in the background. */
+  async start(ctx: BrokerContext, actor: string, req: CreateDesktop): Promise<ImportJobView> {
+    this.ensureNameFree(ctx, req.name);
+    let size: number;
+    try {
+      size = (await inspectImage(req.image)).virtualSize;
+    } catch (err) {
+      const code = (err as { code?: string }).code ?? 'bad-image';
+      throw new HttpError(code === 'not-found' ? 404 : 400, code, (err as Error).message);
+    }
+    this.ensureNameFree(ctx, req.name); // again: inspecting took a moment
+    const job: ImportJobView = {
+      id: randomUUID(), name: req.name, image: req.image, state: 'running', bytesDone: 0, bytesTotal: size,
+      startedAt: new Date().toISOString(), finishedAt: null, result: null, error: null,
+    };
+    this.jobs.set(job.id, job);
+    void createDesktopFromImage(ctx, actor, req, (p) => (job.bytesDone = p.bytesDone)).then(
+      (res) => Object.assign(job, { state: 'done', result: res, bytesDone: job.bytesTotal, finishedAt: new Date().toISOString() }),
+      (err: Error & { code?: string }) => Object.assign(job, { state: 'failed', error: { code: err.code ?? 'import-failed', message: err.message }, finishedAt: new Date().toISOString() }),
+    );
+    return { ...job };
+  }
+
+  get(id: string): ImportJobView | undefined {
+    const j = this.jobs.get(id);
+    return j && { ...j };
+  }
+
+  list(): ImportJobView[] {
+    return [...this.jobs.values()].map((j) => ({ ...j }));
+  }
+
+  /** A name is taken by a desktop or by an import still running. */
+  ensureNameFree(ctx: BrokerContext, name: string): void {
+    const running = [...this.jobs.values()].some((j) => j.state === 'running' && j.name === name);
+    if (running || ctx.meta.getDesktop(name)) throw new HttpError(409, 'exists', `desktop ${name} exists or is being imported`);
+  }
+}
