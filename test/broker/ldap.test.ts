@@ -1,7 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
@@ -9,6 +8,7 @@ import { Client } from 'ldapts';
 import { authenticate, DirectoryUnavailableError, type LdapConfig } from '../../src/broker/directory.js';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { api, cleanup, testBroker } from './harness.js';
+import { freePort } from '../support/ports.js';
 
 // A real OpenLDAP slapd (Debian package slapd), started here on 127.0.0.1 with its own config.
 const SLAPD = '/usr/sbin/slapd';
@@ -20,14 +20,6 @@ let dir: string;
 let slapd: ChildProcess | undefined;
 let url: string;
 let ldap: LdapConfig;
-
-async function freePort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const port = (srv.address() as { port: number }).port;
-  await new Promise((r) => srv.close(r));
-  return port;
-}
 
 async function connectable(u: string): Promise<boolean> {
   const c = new Client({ url: u, connectTimeout: 500 });

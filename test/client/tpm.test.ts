@@ -1,12 +1,13 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { createConnection, createServer } from 'node:net';
+import { createConnection } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { chooseSecretStorage, createDeviceKeys, loadDevice, type DeviceFile } from '../../src/client/home.js';
 import { TPM_PRIVATE, TPM_PUBLIC, TpmError } from '../../src/client/tpm.js';
+import { freePort } from '../support/ports.js';
 
 // A software TPM (Debian package swtpm) on 127.0.0.1 stands in for a laptop's TPM 2.0 chip;
 // tpm2-tools reach it through TPM2TOOLS_TCTI exactly as they would reach /dev/tpmrm0.
@@ -26,14 +27,6 @@ function tmp(): string {
   const d = mkdtempSync(join(tmpdir(), 'carryon-tpm-test-'));
   dirs.push(d);
   return d;
-}
-
-async function freePort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const port = (srv.address() as { port: number }).port;
-  await new Promise((r) => srv.close(r));
-  return port;
 }
 
 /** Starts a fresh software TPM (its own state: another machine) and returns its TCTI string. */
