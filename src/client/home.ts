@@ -1,6 +1,6 @@
 import { createPublicKey, randomBytes, type KeyObject } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdir, open, readFile, rename, statfs } from 'node:fs/promises';
+import { mkdir, open, readFile, rename, statfs, unlink } from 'node:fs/promises';
 import { cpus, homedir, loadavg, platform, release, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { z } from 'zod';
@@ -19,9 +19,12 @@ export async function writeFileAtomic(path: string, data: string | Buffer, mode 
   try {
     await fh.writeFile(data);
     await fh.sync();
-  } finally {
+  } catch (err) {
     await fh.close();
+    await unlink(tmp).catch(() => undefined);
+    throw err;
   }
+  await fh.close();
   await rename(tmp, path);
 }
 

@@ -99,6 +99,7 @@ function renewer(broker: BrokerClient, jobId: string) {
 export async function checkout(env: ClientEnv, desktopRef: string) {
   const { device, broker, user } = await onlineSession(env);
   const vault = await Vault.open(env.home);
+  let failed = false;
   try {
     const desktops = (await broker.call('GET', '/v1/desktops', undefined, z.object({ desktops: z.array(DesktopEntry) }))).desktops;
     const entry = desktops.find((d) => d.name === desktopRef || d.id === desktopRef);
@@ -130,14 +131,32 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
     const job = await activeJob(env, broker, await broker.call('GET', `/v1/jobs/${state.jobId}`, undefined, JobView));
     const ids = new Set<ChunkId>();
     for (const d of state.disks) for (const id of (await vault.baseManifest(d.baseDigest)).chunks) if (id) ids.add(id);
-    const result = await downloadChunks({ endpoint: job.transfer!, ids: [...ids], localStore: vault.store, keys, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.('check-out', p) });
+    const result = await diskFullIsClear(env.home, () => downloadChunks({ endpoint: job.transfer!, ids: [...ids], localStore: vault.store, keys, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.('check-out', p) }));
     await broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }));
     await vault.save({ ...state, state: 'checked_out', jobId: null });
     env.log(`${entry.name} is local: ${result.chunksMoved} chunks (${result.bytesMoved} bytes) pulled; safe to go offline`);
     return { desktopId: entry.id, checkoutId: state.checkoutId, ...result };
+  } catch (err) {
+    failed = true;
+    throw err;
   } finally {
     await broker.close();
-    await vault.store.close();
+    // Closing publishes pending blobs; when the transfer already failed (disk full), its error is the one to report.
+    await vault.store.close().catch((err: unknown) => {
+      if (!failed) throw err;
+    });
+  }
+}
+
+/** A full disk mid-transfer says so, and how to go on (what arrived is kept; the rerun resumes). */
+async function diskFullIsClear<T>(home: string, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    const code = (err as { code?: string }).code;
+    if (code !== 'ENOSPC' && code !== 'SQLITE_FULL') throw err;
+    const { freeDiskBytes } = await hostFacts(home).catch(() => ({ freeDiskBytes: 0 }));
+    throw new CarryonError('disk-full', `the disk holding ${home} is full (${Math.floor(freeDiskBytes / 1024)} KiB free): free some space and run \`carryon checkout\` again; what arrived is kept`);
   }
 }
 
@@ -233,7 +252,7 @@ export async function status(env: ClientEnv, desktopRef?: string) {
     const out = [];
     for (const s of states) {
       const { keys, lease } = await vault.unlock(device, await env.password(), s);
-      const disks = await vault.openDisks(s, keys);
+      const disks = await vault.openDisks(s, keys, undefined, { readOnly: true });
       let dirtyBytes = 0;
       let local = 0;
       for (const { disk } of disks) {

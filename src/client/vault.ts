@@ -107,7 +107,13 @@ export class Vault {
     const now = new Date();
     const last = clock ? new Date(clock.lastSeen) : now;
     const t = last > now ? last : now;
-    await writeFileAtomic(join(this.home, 'clock.json'), JSON.stringify({ lastSeen: t.toISOString() }));
+    // The stored time is only a lower bound: not moving it (a full disk, or less than a minute
+    // since the last write) can never extend a lease, so a write failure must not block the user.
+    if (!clock || t.getTime() - last.getTime() >= 60_000) {
+      await writeFileAtomic(join(this.home, 'clock.json'), JSON.stringify({ lastSeen: t.toISOString() })).catch((err: NodeJS.ErrnoException) => {
+        if (err.code !== 'ENOSPC') throw err;
+      });
+    }
     return t;
   }
 
@@ -125,11 +131,12 @@ export class Vault {
     return decodeManifest(raw);
   }
 
-  async openDisks(state: DesktopState, keys: LineageKeys, fetchChunk?: (id: ChunkId, index: number) => Promise<void>): Promise<{ name: string; disk: VaultDisk }[]> {
+  /** `readOnly` for looking only (status): nothing is written, so it works on a full disk too. */
+  async openDisks(state: DesktopState, keys: LineageKeys, fetchChunk?: (id: ChunkId, index: number) => Promise<void>, opts: { readOnly?: boolean } = {}): Promise<{ name: string; disk: VaultDisk }[]> {
     const out: { name: string; disk: VaultDisk }[] = [];
     for (const d of state.disks) {
       const base = await this.baseManifest(d.baseDigest);
-      out.push({ name: d.name, disk: await VaultDisk.open({ stateDir: join(this.desktopDir(state.desktopId), 'disks', d.name), store: this.store, keys, base, fetchChunk, autoFlushMs: 0 }) });
+      out.push({ name: d.name, disk: await VaultDisk.open({ stateDir: join(this.desktopDir(state.desktopId), 'disks', d.name), store: this.store, keys, base, fetchChunk, autoFlushMs: 0, readOnly: opts.readOnly }) });
     }
     return out;
   }

@@ -105,7 +105,8 @@ export class VaultDisk implements BlockDevice {
       return new VaultDisk({ ...opts, base }, saved.current.chunks, saved.changed);
     }
     const disk = new VaultDisk({ ...opts, base }, base.chunks.slice(), []);
-    await saveDiskState(opts.stateDir, disk.snapshotState());
+    // A read-only open records nothing: there is nothing to remember until something is written.
+    if (!disk.readOnly) await saveDiskState(opts.stateDir, disk.snapshotState());
     return disk;
   }
 

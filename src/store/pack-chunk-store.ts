@@ -180,13 +180,17 @@ export class PackChunkStore implements ChunkStore {
     return { packs: names.length, packBytes, liveBytes: live.b };
   }
 
+  /** Publishes what is pending, then releases files and the index even when that fails. */
   async close(): Promise<void> {
-    await this.sync();
-    const handles = await Promise.all([...this.readers.values()].map((p) => p.catch(() => null)));
-    this.readers.clear();
-    await Promise.all(handles.map((h) => h?.close()));
-    this.writer = null;
-    this.db.close();
+    try {
+      await this.sync();
+    } finally {
+      const handles = await Promise.all([...this.readers.values()].map((p) => p.catch(() => null)));
+      this.readers.clear();
+      await Promise.all(handles.map((h) => h?.close()));
+      this.writer = null;
+      this.db.close();
+    }
   }
 
   /** This process's pack, created on first write; a new one past PACK_LIMIT. */

@@ -1,5 +1,7 @@
 import assert from 'node:assert/strict';
-import { cpSync, readFileSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { cpSync, mkdirSync, readFileSync, rmSync, statfsSync, writeFileSync } from 'node:fs';
+import { CarryonError } from '../../src/core/errors.js';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
@@ -126,4 +128,44 @@ test('cancel a check-out in flight', async () => {
   assert.equal((held.body.checkouts as { state: string }[])[0]!.state, 'transferring');
   await release(bob, 'win11', 'cancel');
   assert.equal(((await http.call('GET', '/v1/admin/checkouts', undefined, admin)).body.checkouts as unknown[]).length, 0);
+});
+
+test('disk full during check-out: a clear error, nothing lost, the rerun completes', async (t) => {
+  // The laptop's home on a small tmpfs that a "filler" file runs out of space mid-transfer.
+  const mnt = join(broker.dir, 'small-disk');
+  mkdirSync(mnt);
+  try {
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=48m', 'tmpfs', mnt], { stdio: 'ignore' });
+  } catch {
+    t.skip('cannot mount a tmpfs here (needs root)');
+    return;
+  }
+  try {
+    const home = join(mnt, 'home');
+    await http.call('POST', '/v1/admin/users', { name: 'carol', password: 'carol-password' }, admin);
+    await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'carol', targetType: 'desktop', target: 'ubuntu' }, admin);
+    const carol: ClientEnv = { home, user: 'carol', password: async () => 'carol-password', log: () => undefined, pollMs: 20 };
+    await enroll(carol, broker.url, { fingerprint: broker.fingerprint, name: 'small-laptop' });
+    const filler = join(mnt, 'filler');
+    let filled = false;
+    const fill = () => {
+      if (filled) return;
+      filled = true;
+      const free = statfsSync(mnt).bavail * statfsSync(mnt).bsize;
+      writeFileSync(filler, Buffer.alloc(Math.max(0, free - 64 * 1024)));
+    };
+    await assert.rejects(checkout({ ...carol, onProgress: fill }, 'ubuntu'), (e: unknown) => e instanceof CarryonError && e.code === 'disk-full' && /run `carryon checkout` again/.test(e.message));
+    const [st] = await status(carol, 'ubuntu');
+    assert.equal(st!.state, 'transferring', 'the vault still knows the check-out in flight');
+    rmSync(filler);
+    const done = await checkout(carol, 'ubuntu');
+    assert.ok(done.chunksMoved > 0);
+    const [after] = await status(carol, 'ubuntu');
+    assert.deepEqual([after!.state, after!.safeOffline], ['checked_out', true]);
+    const disk = await withDisks(carol, 'ubuntu', async ([d]) => d!.disk.read(0, d!.disk.size));
+    assert.ok(disk.equals(await serverDisk('ubuntu')), 'byte-identical after the interrupted check-out');
+    await release(carol, 'ubuntu', 'rollback');
+  } finally {
+    execFileSync('umount', [mnt], { stdio: 'ignore' });
+  }
 });
