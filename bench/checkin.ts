@@ -5,7 +5,7 @@ import { checkout, release, upload, withDisks, type ClientEnv } from '../src/cli
 import { Vault } from '../src/client/vault.js';
 import { diffManifests } from '../src/core/manifest.js';
 import { writeTestImage } from '../src/demo/image.js';
-import { MB, repeat, run, stats, timed } from './lib/measure.js';
+import { MB, repeat, run, settle, stats, timed } from './lib/measure.js';
 import { Rig } from './lib/rig.js';
 import type { BenchRow, BenchSection } from './types.js';
 
@@ -79,15 +79,17 @@ export function checkinSection(work: string, sizeGiB: number, changeGiB: number,
               await release(env, 'desk', 'rollback');
               env = await rig.laptop();
             }
-            const before = rig.broker.transfer!.stats.bytesOut;
+            const before = (await rig.wire()).bytesOut;
+            await settle();
             const { seconds } = await timed(() => checkout(env, 'desk'));
-            rows.push({ section: 'raw', name: `check-out run ${i}`, value: rig.broker.transfer!.stats.bytesOut - before, unit: 'bytes', runs: 1, spread: 0 });
+            rows.push({ section: 'raw', name: `check-out run ${i}`, value: (await rig.wire()).bytesOut - before, unit: 'bytes', runs: 1, spread: 0 });
             return seconds;
           });
           const wire = stats(rows.filter((r) => r.section === 'raw').map((r) => r.value));
           rows.length = 0;
           const rs = await repeat(3, async (i) => {
             const dst = join(work, `rsync-empty-${i}.raw`);
+            await settle();
             const r = await rsyncStats([image, dst]);
             await rm(dst, { force: true });
             return r.seconds;
@@ -120,11 +122,13 @@ export function checkinSection(work: string, sizeGiB: number, changeGiB: number,
           for (let i = 0; i < 3; i++) {
             if (!checkedOut) await checkout(env, 'desk'); // from the vault: nothing new travels
             compressed.push(await changeOnePercent(env, src, size, changeGiB * 2 ** 30, kind));
-            const before = rig.broker.transfer!.stats.bytesIn;
+            const before = (await rig.wire()).bytesIn;
+            await settle();
             const { seconds } = await timed(() => upload(env, 'desk', 'checkin'));
             checkedOut = false;
             ours.push(seconds);
-            wire.push(rig.broker.transfer!.stats.bytesIn - before);
+            wire.push((await rig.wire()).bytesIn - before);
+            await settle();
             const r = await rsyncStats(['--inplace', '--no-whole-file', '--ignore-times', src, prev]);
             theirs.push(r.seconds);
             theirBytes.push(r.bytes);

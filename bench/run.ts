@@ -40,10 +40,10 @@ const READING = [
   '  empty target) a check-in is ≈ 100× smaller. The chunk-size sweep counts whole changed chunks (no deltas), the',
   '  cost of a chunk size where deltas do not apply (check-out, replicas of new data).',
   '- Chunks live in pack files (one fdatasync and one SQLite commit per group), not a file per blob.',
-  '- "Seal pipeline only" and NBD reads have one warm-up run that is not counted, after `sync` has written back',
-  '  the image just generated. The machine has 2 cores shared with everything else running at the time; the',
-  '  spread column shows runs that were disturbed. Rerun one section with `npm run bench -- <words of its title>`',
-  '  (other sections are kept).',
+  '- Every timed step starts after `sync` has written back earlier writes (Carryon makes what it receives durable;',
+  '  rsync and cp do not fsync). "Seal pipeline only" and NBD reads have one warm-up run that is not counted.',
+  '- The machine has 2 cores shared with everything else running at the time; the spread column shows runs that',
+  '  were disturbed. Rerun one section with `npm run bench -- <words of its title>` (other sections are kept).',
   '',
 ];
 

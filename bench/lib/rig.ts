@@ -1,17 +1,47 @@
+import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
-import { request } from 'undici';
+import { fileURLToPath } from 'node:url';
+import { request, type Agent } from 'undici';
 import { startBroker, type RunningBroker } from '../../src/broker/start.js';
 import { enroll, type ClientEnv } from '../../src/client/ops.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
 
-/** A broker (embedded transfer server) on 127.0.0.1 with one user and one desktop, for benchmarks. */
+const HEARTBEAT_SEC = 1;
+const CLI = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
+
+/**
+ * A broker on 127.0.0.1 with one user and one desktop, and its transfer server in a process of
+ * its own (`carryon transfer-server` on the broker's store), as in a deployment: the laptop's
+ * work and the server's do not share one event loop, just as rsync's sender and receiver don't.
+ */
 export class Rig {
   private laptops = 0;
-  private constructor(readonly dir: string, readonly broker: RunningBroker) {}
+  private constructor(
+    readonly dir: string,
+    readonly broker: RunningBroker,
+    private readonly transfer: ChildProcess,
+    private readonly agent: Agent,
+    private readonly token: string,
+  ) {}
 
   static async start(dir: string, image: string, chunkSize?: number): Promise<Rig> {
     process.env.CARRYON_SCRYPT_N ??= '16384';
-    const broker = await startBroker({ dataDir: join(dir, 'server'), initAdmin: { name: 'admin', password: 'bench-admin-pw' }, settings: { passwordCostN: 16384 } });
+    const dataDir = join(dir, 'server');
+    const broker = await startBroker({ dataDir, embeddedTransferSlots: 0, initAdmin: { name: 'admin', password: 'bench-admin-pw' }, settings: { passwordCostN: 16384 } });
+    const transfer = spawn(process.execPath, [CLI, 'transfer-server', '--broker', broker.url, '--broker-fingerprint', broker.fingerprint,
+      '--secret-file', join(dataDir, 'transfer.secret'), '--master-key-file', join(dataDir, 'master.key'), '--store', join(dataDir, 'chunks'),
+      '--id', 'bench-transfer', '--slots', '4', '--port', '0', '--tls-dir', join(dir, 'transfer-tls'), '--heartbeat-sec', String(HEARTBEAT_SEC)], { stdio: ['ignore', 'pipe', 'pipe'] });
+    await new Promise<void>((resolve, reject) => {
+      let out = '';
+      const t = setTimeout(() => reject(new Error(`transfer server did not start: ${out}`)), 30_000);
+      const on = (d: Buffer) => {
+        out += d.toString();
+        if (/registered with/.test(out)) { clearTimeout(t); resolve(); }
+      };
+      transfer.stdout!.on('data', on);
+      transfer.stderr!.on('data', on);
+      transfer.once('exit', (code) => { clearTimeout(t); reject(new Error(`transfer server exited (${code}): ${out}`)); });
+    });
     const agent = pinnedAgent(broker.fingerprint);
     const call = async (path: string, body: unknown, token?: string) => {
       const res = await request(`${broker.url}${path}`, { method: 'POST', dispatcher: agent, headers: { 'content-type': 'application/json', ...(token ? { authorization: `Bearer ${token}` } : {}) }, body: JSON.stringify(body) });
@@ -23,8 +53,7 @@ export class Rig {
     await call('/v1/admin/users', { name: 'bench', password: 'bench-user-pw' }, token);
     await call('/v1/admin/desktops', { name: 'desk', image, chunkSize, config: { vcpus: 1, ramMiB: 512, minRamMiB: 256 } }, token);
     await call('/v1/admin/entitlements', { principalType: 'user', principal: 'bench', targetType: 'desktop', target: 'desk' }, token);
-    await agent.close();
-    return new Rig(dir, broker);
+    return new Rig(dir, broker, transfer, agent, token);
   }
 
   /** A freshly enrolled laptop with an empty vault. */
@@ -34,7 +63,24 @@ export class Rig {
     return env;
   }
 
-  close(): Promise<void> {
-    return this.broker.close();
+  /**
+   * The transfer server's byte counters as its latest heartbeat told the broker (waits one
+   * heartbeat first, so what just happened is counted). Not part of any timed step.
+   */
+  async wire(): Promise<{ bytesIn: number; bytesOut: number }> {
+    await new Promise((r) => setTimeout(r, HEARTBEAT_SEC * 1000 + 400));
+    const res = await request(`${this.broker.url}/v1/admin/transfers`, { dispatcher: this.agent, headers: { authorization: `Bearer ${this.token}` } });
+    const body = (await res.body.json()) as { servers: { id: string; bytesIn: number; bytesOut: number }[] };
+    const s = body.servers.find((x) => x.id === 'bench-transfer');
+    if (!s) throw new Error('the bench transfer server is not registered');
+    return { bytesIn: s.bytesIn, bytesOut: s.bytesOut };
+  }
+
+  async close(): Promise<void> {
+    const exited = new Promise((r) => this.transfer.once('exit', r));
+    this.transfer.kill('SIGTERM');
+    await exited;
+    await this.agent.close();
+    await this.broker.close();
   }
 }

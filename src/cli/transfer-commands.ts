@@ -25,11 +25,13 @@ export function registerTransferCommands(program: Command): void {
     .option('--public-host <name>', 'host name clients use to reach this server')
     .option('--port <n>', 'listen port', int('--port'), 9443)
     .option('--tls-dir <dir>', 'where its certificate lives (self-signed at first start)', './transfer-tls')
-    .action(async (o: { broker: string; brokerFingerprint: string; secretFile: string; masterKeyFile: string; store: string; id: string; slots: number; host: string; publicHost?: string; port: number; tlsDir: string }) => {
+    .option('--heartbeat-sec <n>', 'seconds between heartbeats (slots, byte counters) to the broker', int('--heartbeat-sec'), 5)
+    .action(async (o: { broker: string; brokerFingerprint: string; secretFile: string; masterKeyFile: string; store: string; id: string; slots: number; host: string; publicHost?: string; port: number; tlsDir: string; heartbeatSec: number }) => {
       if (o.slots < 1) throw new CarryonError('invalid', '--slots must be at least 1');
+      if (o.heartbeatSec < 1) throw new CarryonError('invalid', '--heartbeat-sec must be at least 1');
       const server = await startStandaloneTransfer({
         id: o.id, brokerUrl: o.broker.replace(/\/$/, ''), brokerFingerprint: o.brokerFingerprint, secret: readFileSync(o.secretFile, 'utf8').trim(),
-        slots: o.slots, storeDir: o.store, masterKeyFile: o.masterKeyFile, host: o.host, publicHost: o.publicHost, port: o.port, tlsDir: o.tlsDir,
+        slots: o.slots, storeDir: o.store, masterKeyFile: o.masterKeyFile, host: o.host, publicHost: o.publicHost, port: o.port, tlsDir: o.tlsDir, heartbeatSec: o.heartbeatSec,
       });
       process.stdout.write(`transfer server ${o.id} on ${server.url} (${o.slots} slots), certificate ${server.fingerprint}, registered with ${o.broker}\n`);
       await new Promise<void>((resolve) => {

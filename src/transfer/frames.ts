@@ -54,30 +54,35 @@ export const errorFrame = (id: ChunkId, message: string): Buffer =>
  * types, oversize lengths, data after the end frame, and (at finish) a stream cut short.
  */
 export class FrameDecoder {
-  private buf: Buffer = Buffer.alloc(0);
+  /** Received, not yet decoded; joined only when a frame is complete (one copy per frame at most). */
+  private pieces: Buffer[] = [];
+  private size = 0;
   private ended = false;
 
   push(piece: Uint8Array): Frame[] {
     if (this.ended && piece.length) throw new FrameError('data after the end frame');
-    this.buf = this.buf.length ? Buffer.concat([this.buf, piece]) : Buffer.from(piece);
+    if (piece.length) {
+      this.pieces.push(Buffer.isBuffer(piece) ? piece : Buffer.from(piece.buffer, piece.byteOffset, piece.byteLength));
+      this.size += piece.length;
+    }
     const frames: Frame[] = [];
-    while (this.buf.length >= HEAD) {
-      const type = this.buf[0]!;
-      const len = this.buf.readUInt32BE(33);
+    while (this.size >= HEAD) {
+      const head = this.peek(HEAD);
+      const type = head[0]!;
+      const len = head.readUInt32BE(33);
       const max = MAX_PAYLOAD[type];
       if (max === undefined) throw new FrameError(`unknown frame type ${type}`);
       if (len > max) throw new FrameError(`frame of type ${type} claims ${len} bytes (max ${max})`);
-      if (this.buf.length < HEAD + len) break;
-      const idBytes = this.buf.subarray(1, 33);
-      const payload = Buffer.from(this.buf.subarray(HEAD, HEAD + len));
-      this.buf = this.buf.subarray(HEAD + len);
+      if (this.size < HEAD + len) break;
+      const whole = this.take(HEAD + len);
+      const payload = whole.subarray(HEAD);
       if (type === FRAME_END) {
         this.ended = true;
-        if (this.buf.length) throw new FrameError('data after the end frame');
+        if (this.size) throw new FrameError('data after the end frame');
         frames.push({ type: FRAME_END });
         break;
       }
-      const id = chunkIdFromBytes(idBytes);
+      const id = chunkIdFromBytes(whole.subarray(1, 33));
       if (type === FRAME_BLOB) frames.push({ type, id, payload });
       else if (type === FRAME_DELTA) {
         if (len < 32) throw new FrameError('delta frame without a base ID');
@@ -87,8 +92,28 @@ export class FrameDecoder {
     return frames;
   }
 
+  /** The first `n` buffered bytes as one buffer (joins only the pieces needed). */
+  private peek(n: number): Buffer {
+    if (this.pieces[0]!.length < n) {
+      let k = 0;
+      for (let got = 0; got < n; k++) got += this.pieces[k]!.length;
+      this.pieces.splice(0, k, Buffer.concat(this.pieces.slice(0, k)));
+    }
+    return this.pieces[0]!;
+  }
+
+  /** Removes and returns the first `n` buffered bytes. */
+  private take(n: number): Buffer {
+    const first = this.peek(n);
+    const out = first.subarray(0, n);
+    if (first.length === n) this.pieces.shift();
+    else this.pieces[0] = first.subarray(n);
+    this.size -= n;
+    return out;
+  }
+
   /** Call at end of input: throws unless the end frame arrived. */
   finish(): void {
-    if (!this.ended) throw new FrameError(this.buf.length ? 'stream cut inside a frame' : 'stream ended without an end frame');
+    if (!this.ended) throw new FrameError(this.size ? 'stream cut inside a frame' : 'stream ended without an end frame');
   }
 }
