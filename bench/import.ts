@@ -6,7 +6,7 @@ import { generateLineageKeys } from '../src/core/keys.js';
 import { writeTestImage } from '../src/demo/image.js';
 import { importImage } from '../src/import/import.js';
 import { PackChunkStore } from '../src/store/pack-chunk-store.js';
-import { MB, opensslSpeed, readSpeed, repeat, run, settle, timed } from './lib/measure.js';
+import { MB, nodeCryptoSpeed, opensslSpeed, readSpeed, repeat, run, settle, timed } from './lib/measure.js';
 import type { BenchRow, BenchSection } from './types.js';
 
 export function importSection(work: string, sizeGiB: number): BenchSection {
@@ -19,6 +19,11 @@ export function importSection(work: string, sizeGiB: number): BenchSection {
         { section: 'limits', name: 'openssl speed sha256, 256 KiB blocks, one core', value: sha / MB, unit: 'MB/s', runs: 1, spread: 0 },
         { section: 'limits', name: 'openssl speed aes-256-gcm, 256 KiB blocks, one core', value: aes / MB, unit: 'MB/s', runs: 1, spread: 0 },
       ];
+      for (const alg of ['hmac-sha256', 'aes-256-gcm', 'aes-256-gcm-decrypt'] as const) {
+        const r = await repeat(3, async () => nodeCryptoSpeed(alg) / MB);
+        const peer = alg === 'hmac-sha256' ? { name: 'openssl speed sha256', value: sha / MB } : { name: 'openssl speed aes-256-gcm', value: aes / MB };
+        rows.push({ section: 'limits', name: `Node's own ${alg}, 256 KiB messages, one core (the runtime's limit)`, value: r.median, unit: 'MB/s', runs: r.runs, spread: r.spread, peer: { ...peer, unit: 'MB/s' }, note: `${((100 * r.median) / peer.value).toFixed(0)}% of the system OpenSSL` });
+      }
       for (const kind of ['random', 'mixed'] as const) {
         const image = join(work, `import-${kind}.raw`);
         const bytes = sizeGiB * 2 ** 30;
