@@ -120,15 +120,17 @@ export class PackChunkStore implements ChunkStore {
       this.pending.delete(id);
       this.syncing.set(id, loc);
     }
+    // A blob whose write failed was never stored: its put rejected and said so; it is dropped here.
+    const settled = await Promise.allSettled(batch.map(([, loc]) => loc.written));
+    const good = batch.filter((_, i) => settled[i]!.status === 'fulfilled');
     try {
-      await Promise.all(batch.map(([, loc]) => loc.written));
-      for (const pack of new Set(batch.map(([, loc]) => loc.pack))) await (await this.reader(pack, true)).datasync();
+      for (const pack of new Set(good.map(([, loc]) => loc.pack))) await (await this.reader(pack, true)).datasync();
       this.db.transaction(() => {
-        for (const [id, loc] of batch) this.q.insert(chunkIdToBytes(id), loc.pack, loc.offset, loc.length);
+        for (const [id, loc] of good) this.q.insert(chunkIdToBytes(id), loc.pack, loc.offset, loc.length);
       })();
     } catch (err) {
-      // Not published: put back, so a later sync retries.
-      for (const [id, loc] of batch) this.pending.set(id, loc);
+      // Not published: put back what was written whole, so a later sync retries it.
+      for (const [id, loc] of good) if (!this.q.get(chunkIdToBytes(id))) this.pending.set(id, loc);
       throw err;
     } finally {
       for (const [id] of batch) this.syncing.delete(id);
