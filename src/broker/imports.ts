@@ -42,11 +42,18 @@ export class ImportJobs {
       startedAt: new Date().toISOString(), finishedAt: null, result: null, error: null,
     };
     this.jobs.set(job.id, job);
+    this.forgetOldest();
     void createDesktopFromImage(ctx, actor, req, (p) => (job.bytesDone = p.bytesDone)).then(
       (res) => Object.assign(job, { state: 'done', result: res, bytesDone: job.bytesTotal, finishedAt: new Date().toISOString() }),
       (err: Error & { code?: string }) => Object.assign(job, { state: 'failed', error: { code: err.code ?? 'import-failed', message: err.message }, finishedAt: new Date().toISOString() }),
     );
     return { ...job };
+  }
+
+  /** Keeps every running job and the latest finished ones (a long-lived broker imports a lot). */
+  private forgetOldest(keepFinished = 100): void {
+    const finished = [...this.jobs.values()].filter((j) => j.state !== 'running');
+    for (const j of finished.slice(0, Math.max(0, finished.length - keepFinished))) this.jobs.delete(j.id);
   }
 
   get(id: string): ImportJobView | undefined {
