@@ -36,3 +36,25 @@ export function checkRange(size: number, offset: number, length: number): void {
     throw new DiskError('range', `range ${offset}+${length} is outside a disk of ${size} bytes`);
   }
 }
+
+/** One piece of a byte range, within one chunk: where it lies in the chunk and in the range. */
+export interface ChunkSpan {
+  index: number;
+  inChunk: number;
+  outOff: number;
+  len: number;
+}
+
+/** Splits [offset, offset + length) at chunk boundaries. */
+export function chunkSpans(chunkSize: number, offset: number, length: number): ChunkSpan[] {
+  const out: ChunkSpan[] = [];
+  const end = offset + length;
+  for (let pos = offset; pos < end; ) {
+    const index = Math.floor(pos / chunkSize);
+    const inChunk = pos - index * chunkSize;
+    const len = Math.min(chunkSize - inChunk, end - pos);
+    out.push({ index, inChunk, outOff: pos - offset, len });
+    pos += len;
+  }
+  return out;
+}

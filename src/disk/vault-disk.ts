@@ -6,7 +6,7 @@ import type { ChunkStore } from '../store/chunk-store.js';
 import { availableParallelism } from 'node:os';
 import { mapLimit } from '../store/fs-chunk-store.js';
 import { CryptoPool } from './crypto-pool.js';
-import { checkRange, DiskError, type BlockDevice } from './block-device.js';
+import { checkRange, chunkSpans, DiskError, type BlockDevice } from './block-device.js';
 import { loadDiskState, saveDiskState } from './disk-state.js';
 import { KeyedMutex } from './keyed-mutex.js';
 import { ByteLru } from './lru.js';
@@ -154,7 +154,7 @@ export class VaultDisk implements BlockDevice {
   async read(offset: number, length: number): Promise<Buffer> {
     this.ensureOpen();
     checkRange(this.size, offset, length);
-    const spans = this.spans(offset, length);
+    const spans = chunkSpans(this.base.chunkSize, offset, length);
     this.readAhead(spans[0]!.index, spans[spans.length - 1]!.index);
     if (spans.length === 1) {
       // Within one chunk: hand out a view of the (immutable) sealed plaintext, no copy.
@@ -181,7 +181,7 @@ export class VaultDisk implements BlockDevice {
     this.ensureWritable();
     checkRange(this.size, offset, data.length);
     await Promise.all(
-      this.spans(offset, data.length).map(({ index, inChunk, outOff, len }) =>
+      chunkSpans(this.base.chunkSize, offset, data.length).map(({ index, inChunk, outOff, len }) =>
         this.locks.run(index, async () => {
           const buf = await this.bufferFor(index, inChunk === 0 && len === this.lengthOf(index));
           data.copy(buf, inChunk, outOff, outOff + len);
@@ -195,7 +195,7 @@ export class VaultDisk implements BlockDevice {
     this.ensureWritable();
     checkRange(this.size, offset, length);
     await Promise.all(
-      this.spans(offset, length).map(({ index, inChunk, len }) =>
+      chunkSpans(this.base.chunkSize, offset, length).map(({ index, inChunk, len }) =>
         this.locks.run(index, async () => {
           if (inChunk === 0 && len === this.lengthOf(index)) {
             this.makeHole(index);
@@ -373,21 +373,6 @@ export class VaultDisk implements BlockDevice {
     }
     this.cache.set(id, plain);
     return plain;
-  }
-
-  private spans(offset: number, length: number): { index: number; inChunk: number; outOff: number; len: number }[] {
-    const cs = this.base.chunkSize;
-    const out: { index: number; inChunk: number; outOff: number; len: number }[] = [];
-    let pos = offset;
-    const end = offset + length;
-    while (pos < end) {
-      const index = Math.floor(pos / cs);
-      const inChunk = pos - index * cs;
-      const len = Math.min(cs - inChunk, end - pos);
-      out.push({ index, inChunk, outOff: pos - offset, len });
-      pos += len;
-    }
-    return out;
   }
 
   private lengthOf(index: number): number {
