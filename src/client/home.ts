@@ -1,31 +1,16 @@
 import { createPublicKey, randomBytes, type KeyObject } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdir, open, readFile, rename, statfs, unlink } from 'node:fs/promises';
+import { mkdir, readFile, statfs } from 'node:fs/promises';
 import { cpus, homedir, loadavg, platform, release, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { CarryonError } from '../core/errors.js';
 import { generateSigningKey, privateKeyFromPem, privateKeyToPem, publicKeyToBase64 } from '../core/signing.js';
+import { writeFileAtomic } from '../store/files.js';
 import { sealToTpm, tpmAvailable, TpmError, unsealFromTpm } from './tpm.js';
 
 export function defaultHome(): string {
   return process.env.CARRYON_HOME ?? join(homedir(), '.carryon');
-}
-
-/** Atomic replace: temp + fsync + rename. A crash leaves the old or the new file, never half. */
-export async function writeFileAtomic(path: string, data: string | Buffer, mode = 0o600): Promise<void> {
-  const tmp = `${path}.${randomBytes(4).toString('hex')}.tmp`;
-  const fh = await open(tmp, 'w', mode);
-  try {
-    await fh.writeFile(data);
-    await fh.sync();
-  } catch (err) {
-    await fh.close();
-    await unlink(tmp).catch(() => undefined);
-    throw err;
-  }
-  await fh.close();
-  await rename(tmp, path);
 }
 
 export async function readJson<T>(path: string, schema: z.ZodType<T>): Promise<T | null> {

@@ -9,7 +9,8 @@ import { probeFingerprint } from '../net/pinned-agent.js';
 import { downloadChunks, uploadChunks, type Progress } from '../transfer/client.js';
 import type { RateLimiter } from '../transfer/rate-limit.js';
 import { BrokerClient, BrokerError, CheckoutResponse, CheckoutView, DesktopEntry, JobView } from './broker-client.js';
-import { chooseSecretStorage, createDeviceKeys, DeviceFile, type SecretStorage, hostFacts, loadDevice, writeFileAtomic, type DeviceIdentity } from './home.js';
+import { chooseSecretStorage, createDeviceKeys, DeviceFile, type SecretStorage, hostFacts, loadDevice, type DeviceIdentity } from './home.js';
+import { writeFileAtomic } from '../store/files.js';
 import { Vault, type DesktopState } from './vault.js';
 
 export interface ClientEnv {

@@ -4,7 +4,7 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { CarryonError } from '../core/errors.js';
-import { writeFileAtomic } from './home.js';
+import { writeFileAtomic } from '../store/files.js';
 
 /**
  * Device secret sealed by the TPM through tpm2-tools: the secret becomes a sealed-data object

@@ -11,7 +11,8 @@ import { publicKeyFromBase64 } from '../core/signing.js';
 import { VaultDisk } from '../disk/vault-disk.js';
 import { openChunkStore } from '../store/open-store.js';
 import type { ChunkStore } from '../store/chunk-store.js';
-import { readJson, writeFileAtomic, type DeviceIdentity } from './home.js';
+import { readJson, type DeviceIdentity } from './home.js';
+import { writeFileAtomic } from '../store/files.js';
 
 export const DesktopState = z.object({
   desktopId: z.string(),

@@ -2,10 +2,11 @@ import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { promisify } from 'node:util';
 import { constants as fsc } from 'node:fs';
-import { mkdir, open, readdir, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
+import { mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseChunkId, type ChunkId } from '../core/chunk-id.js';
 import type { ChunkStore } from './chunk-store.js';
+import { exists, writeWhole } from './files.js';
 import { ManifestFiles } from './manifest-files.js';
 
 const SYNCFS_THRESHOLD = 256;
@@ -168,29 +169,6 @@ export class FsChunkStore implements ChunkStore {
     await mkdir(dir, { recursive: true });
     this.dirsMade.add(dir);
   }
-}
-
-export async function exists(path: string): Promise<boolean> {
-  try {
-    await stat(path);
-    return true;
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
-    throw err;
-  }
-}
-
-export async function writeWhole(path: string, data: Uint8Array, durable: boolean): Promise<void> {
-  const fh = await open(path, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL, 0o600);
-  try {
-    await fh.writeFile(data);
-    if (durable) await fh.sync();
-  } catch (err) {
-    await fh.close();
-    await unlink(path).catch(() => undefined);
-    throw err;
-  }
-  await fh.close();
 }
 
 async function fsyncPath(path: string): Promise<void> {

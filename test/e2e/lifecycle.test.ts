@@ -1,6 +1,5 @@
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import { cpSync, mkdirSync, readFileSync, rmSync, statfsSync, writeFileSync } from 'node:fs';
+import { cpSync, readFileSync, rmSync, statfsSync, writeFileSync } from 'node:fs';
 import { CarryonError } from '../../src/core/errors.js';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
@@ -9,6 +8,7 @@ import { checkout, enroll, release, status, upload, withDisks, type ClientEnv } 
 import type { RunningBroker } from '../../src/broker/start.js';
 import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
+import { withTmpfs } from '../support/tmpfs.js';
 
 process.env.CARRYON_SCRYPT_N = '1024';
 let broker: RunningBroker & { dir: string };
@@ -133,14 +133,7 @@ test('cancel a check-out in flight', async () => {
 test('disk full during check-out: a clear error, nothing lost, the rerun completes', async (t) => {
   // The laptop's home on a small tmpfs that a "filler" file runs out of space mid-transfer.
   const mnt = join(broker.dir, 'small-disk');
-  mkdirSync(mnt);
-  try {
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=48m', 'tmpfs', mnt], { stdio: 'ignore' });
-  } catch {
-    t.skip('cannot mount a tmpfs here (needs root)');
-    return;
-  }
-  try {
+  await withTmpfs(t, mnt, '48m', async () => {
     const home = join(mnt, 'home');
     await http.call('POST', '/v1/admin/users', { name: 'carol', password: 'carol-password' }, admin);
     await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'carol', targetType: 'desktop', target: 'ubuntu' }, admin);
@@ -165,7 +158,5 @@ test('disk full during check-out: a clear error, nothing lost, the rerun complet
     const disk = await withDisks(carol, 'ubuntu', async ([d]) => d!.disk.read(0, d!.disk.size));
     assert.ok(disk.equals(await serverDisk('ubuntu')), 'byte-identical after the interrupted check-out');
     await release(carol, 'ubuntu', 'rollback');
-  } finally {
-    execFileSync('umount', [mnt], { stdio: 'ignore' });
-  }
+  });
 });

@@ -1,5 +1,4 @@
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -9,6 +8,7 @@ import { openChunkStore } from '../../src/store/open-store.js';
 import { PackChunkStore } from '../../src/store/pack-chunk-store.js';
 import type { ChunkStore } from '../../src/store/chunk-store.js';
 import { migrate, openSqlite } from '../../src/store/sqlite.js';
+import { withTmpfs } from '../support/tmpfs.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'carryon-store-'));
 after(() => rmSync(dir, { recursive: true, force: true }));
@@ -140,14 +140,7 @@ test('sqlite migrations apply once per version, per component', () => {
 
 test('pack store: a write that fails (disk full) is reported by its put and never poisons later syncs', async (t) => {
   const mnt = join(dir, 'tiny');
-  mkdirSync(mnt);
-  try {
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', mnt], { stdio: 'ignore' });
-  } catch {
-    t.skip('cannot mount a tmpfs here (needs root)');
-    return;
-  }
-  try {
+  await withTmpfs(t, mnt, '2m', async () => {
     const s = await PackChunkStore.open(join(mnt, 'store'));
     const filler = join(mnt, 'filler');
     writeFileSync(filler, Buffer.alloc(512 * 1024));
@@ -160,7 +153,5 @@ test('pack store: a write that fails (disk full) is reported by its put and neve
     await s.sync(); // publishes what was written whole; the failed puts were already reported
     assert.equal((await s.stats()).chunks, stored);
     await s.close();
-  } finally {
-    execFileSync('umount', ['-l', mnt], { stdio: 'ignore' }); // lazy: an open handle must not hide the real failure
-  }
+  });
 });
