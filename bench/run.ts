@@ -4,8 +4,6 @@ import { join } from 'node:path';
 import { checkinSection } from './checkin.js';
 import { importSection } from './import.js';
 import { memorySection } from './memory.js';
-import { nbdSection } from './nbd.js';
-import { sweepSection } from './sweep.js';
 import type { BenchRow, BenchSection } from './types.js';
 
 // BENCH_SCALE shrinks every size (e.g. 0.125 for a quick look); 1 is what BENCHMARKS.md reports.
@@ -18,8 +16,6 @@ const sections: BenchSection[] = [
   memorySection(work, 20 * scale),
   checkinSection(work, 4 * scale, 0.04 * scale, true, ['random', 'typical']),
   checkinSection(work, 16 * scale, 0.04 * scale, false),
-  sweepSection(work, 1 * scale),
-  nbdSection(work, 1 * scale),
 ];
 
 /** How to read the tables: method and known limits (numbers stay in the tables above). */

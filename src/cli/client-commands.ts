@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import type { Command } from 'commander';
 import { runAgent } from '../client/agent.js';
 import { defaultHome, loadDevice } from '../client/home.js';
-import { checkout, enroll, exportDisk, listDesktops, onlineSession, release, status, upload, type ClientEnv } from '../client/ops.js';
+import { checkout, discardLocal, enroll, exportDisk, listDesktops, onlineSession, release, status, upload, type ClientEnv } from '../client/ops.js';
 import { Vault } from '../client/vault.js';
 import { CarryonError } from '../core/errors.js';
 import { JobView } from '../client/broker-client.js';
@@ -130,7 +130,7 @@ export function registerClientCommands(program: Command): void {
     program.command(`${op} <desktop>`).description(op === 'pause' ? 'pause a running transfer (keeps its slot for the grace time)' : 'resume a paused transfer').action(async (desktop: string, _o: unknown, cmd: Command) => {
       const { env, json } = clientEnv(cmd);
       const vault = await Vault.open(env.home);
-      const state = await vault.find(desktop).finally(() => vault.store.close());
+      const state = await vault.find(desktop);
       if (!state.jobId) throw new CarryonError('wrong-state', `${desktop} has no transfer in progress`);
       const { broker } = await onlineSession(env);
       try {
@@ -149,8 +149,23 @@ export function registerClientCommands(program: Command): void {
   program.command('status [desktop]').description('state, lease left, dirty bytes, replication, and whether it is safe to go offline (works offline)').action(async (desktop: string | undefined, _o: unknown, cmd: Command) => {
     const { env, json } = clientEnv(cmd);
     const st = await status(env, desktop);
-    printJsonOr(json, st, () => table(st.map((s) => ({ desktop: s.desktop, state: s.state, lease: `${s.leaseHoursLeft.toFixed(1)} h`, dirty: formatBytes(s.dirtyBytes), local: `${s.percentLocal.toFixed(1)}%`, replicated: s.lastReplicationAt ?? 'never', offline: s.safeOffline ? 'safe to go offline' : 'NOT yet safe to go offline' }))));
+    printJsonOr(json, st, () => {
+      table(st.map((s) => ({ desktop: s.desktop, state: s.state, lease: s.leaseDeadline ? `${s.leaseHoursLeft.toFixed(1)} h` : '-', changed: formatBytes(s.dirtyBytes), local: `${s.percentLocal.toFixed(1)}%`, replicated: s.lastReplicationAt ?? 'never', offline: s.safeOffline ? 'safe to go offline' : 'NOT yet safe to go offline' })));
+      for (const s of st) {
+        if (s.problem) process.stdout.write(`${s.desktop}: ${s.problem}\n`);
+        if (s.readFailures) process.stdout.write(`${s.desktop}: ${s.readFailures} read failures, last: ${s.lastReadFailure}\n`);
+      }
+    });
   });
+
+  program.command('discard <desktop>').description('remove the local copy of a desktop the broker no longer holds for you (after exporting what you need)')
+    .option('--yes', 'really remove it: offline changes not checked in are lost')
+    .action(async (desktop: string, o: { yes?: boolean }, cmd: Command) => {
+      const { env, json } = clientEnv(cmd);
+      if (!o.yes) throw new CarryonError('confirm', `this deletes ${desktop} and any offline changes on this laptop; save them first with \`carryon export ${desktop} <file>\`, then run again with --yes`);
+      const res = await discardLocal(env, desktop);
+      printJsonOr(json, res, () => process.stdout.write(`${desktop}: local copy removed\n`));
+    });
 
   program.command('export <desktop> <file>').description('write the desktop disk to a file (raw or qcow2)').option('--format <fmt>', 'raw or qcow2', 'raw').action(async (desktop: string, file: string, o: { format: string }, cmd: Command) => {
     if (o.format !== 'raw' && o.format !== 'qcow2') throw new CarryonError('invalid', `--format must be raw or qcow2, not ${o.format}`);

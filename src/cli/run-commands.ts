@@ -1,7 +1,11 @@
-import { join } from 'node:path';
 import type { Command } from 'commander';
 import { defaultHome } from '../client/home.js';
-import { serveDesktop } from '../client/serve.js';
+import { diskPrefix, specFor } from '../client/holder.js';
+import { runDir } from '../client/disks.js';
+import { holdDesktop, serveDesktop } from '../client/serve.js';
+import { CarryonError } from '../core/errors.js';
+import { chainBlockdev } from '../disk/chain.js';
+import { probeKvm } from '../hypervisor/host.js';
 import { runDesktop } from '../hypervisor/launch-desktop.js';
 import { formatCommand, parseOfflineConfig, type RunningDesktop } from '../hypervisor/launch.js';
 import { passwordSource, printJsonOr } from './common.js';
@@ -20,8 +24,15 @@ function untilSignal(): Promise<void> {
   });
 }
 
+/** A headless box has no window system for gtk or sdl: default to none there and say so. */
+function defaultDisplay(): string | undefined {
+  return process.env.DISPLAY || process.env.WAYLAND_DISPLAY ? undefined : 'none';
+}
+
+interface RunOpts { dryRun?: boolean; display?: string; accel?: string; serial?: string; qemuArg: string[] }
+
 export function registerRunCommands(program: Command): void {
-  program.command('serve <desktop>').description('serve the desktop disks over NBD on a private unix socket (for QEMU, qemu-img, nbdcopy)')
+  program.command('serve <desktop>').description('serve the desktop disks over NBD on a private unix socket (for qemu-img, nbdcopy, other hypervisors)')
     .action(async (desktop: string, _o: unknown, cmd: Command) => {
       const { env: e, json } = env(cmd);
       const served = await serveDesktop(e, desktop);
@@ -31,36 +42,69 @@ export function registerRunCommands(program: Command): void {
       await served.close();
     });
 
-  program.command('run <desktop>').description('run the desktop offline under QEMU (KVM when usable, else TCG), disks over NBD')
+  program.command('run <desktop>').description('run the desktop offline under QEMU, which opens its encrypted disk chain itself')
     .option('--dry-run', 'print the QEMU command line and exit')
-    .option('--display <kind>', 'QEMU display, e.g. gtk, sdl, none (a local setting)')
-    .action(async (desktop: string, o: { dryRun?: boolean; display?: string }, cmd: Command) => {
+    .option('--display <kind>', 'QEMU display, e.g. gtk, sdl, none (default: gtk with a window system, else none)')
+    .option('--accel <kind>', 'kvm or tcg (default: kvm when a probe shows it really runs guests, else tcg)')
+    .option('--serial <where>', 'guest serial console: stdio or a file path')
+    .option('--qemu-arg <arg>', 'extra QEMU argument, repeatable (e.g. --qemu-arg=-kernel --qemu-arg=/boot/vmlinuz)', (v: string, all: string[]) => [...all, v], [] as string[])
+    .action(async (desktop: string, o: RunOpts, cmd: Command) => {
       const { env: e, json } = env(cmd);
-      // serveDesktop refuses a locked/wiped vault and an expired lease before any disk opens.
-      const served = await serveDesktop(e, desktop);
+      if (o.accel && o.accel !== 'kvm' && o.accel !== 'tcg') throw new CarryonError('invalid', `--accel must be kvm or tcg, not ${o.accel}`);
+      let accel = o.accel as 'kvm' | 'tcg' | undefined;
+      if (accel === 'kvm' || accel === undefined) {
+        const kvm = await probeKvm();
+        if (!kvm.ok && accel === 'kvm') throw new CarryonError('no-kvm', `KVM does not work here (${kvm.why}); use --accel tcg`);
+        if (!kvm.ok) e.log(`KVM is not usable (${kvm.why}): running with TCG (slow)`);
+        accel = kvm.ok ? 'kvm' : 'tcg';
+      }
+      // holdDesktop refuses a locked or wiped desktop and an expired lease before any disk opens.
+      const held = await holdDesktop(e, desktop, 'run');
+      let vm: RunningDesktop | undefined;
+      let signals = 0;
+      const stop = () => {
+        signals++;
+        if (!vm) return;
+        if (signals === 1) {
+          e.log('shutting the desktop down (ACPI); press Ctrl-C again to force');
+          void vm.stop(60_000);
+        } else vm.kill();
+      };
+      process.on('SIGINT', stop);
+      process.on('SIGTERM', stop);
+      const stopFill = new AbortController();
+      let filling: Promise<void> = Promise.resolve();
       try {
-        const config = parseOfflineConfig(served.config);
-        let vm: RunningDesktop | undefined;
-        const stop = () => void vm?.stop(60_000);
-        process.once('SIGINT', stop);
-        process.once('SIGTERM', stop);
+        const config = parseOfflineConfig(held.state.config);
+        const display = o.display ?? (held.state.localConfig as { display?: string }).display ?? defaultDisplay();
+        const disks = held.disks.map((d, i) => {
+          const spec = specFor(d, i, held.remote?.socketPath ?? null);
+          return { name: d.name, blockdev: chainBlockdev(spec), secretId: spec.secretId, secret: d.chain.secret };
+        });
         const result = await runDesktop({
-          name: served.name.replace(/[^A-Za-z0-9._-]/g, '_').slice(0, 64) || 'desktop',
-          disks: served.disks.map((d) => ({ name: d.name, device: d.disk })),
-          config,
-          socketDir: join(served.socketPath, '..', 'vm'),
-          existingNbdSocket: served.socketPath,
+          name: held.state.name.replace(/[^A-Za-z0-9._-]/g, '_').slice(0, 64) || 'desktop',
+          disks, config, display, accel, serial: o.serial, extraArgs: o.qemuArg,
+          socketDir: `${runDir(held.vault, held.state.desktopId)}/vm`,
           dryRun: o.dryRun,
-          display: o.display,
-          onStarted: (v) => (vm = v),
+          onStarted: (v) => {
+            vm = v;
+            if (signals > 0) stop();
+            filling = held.fillIn({ qmp: v.connection }, stopFill.signal);
+          },
         });
         if (o.dryRun) {
           printJsonOr(json, { argv: result.argv }, () => process.stdout.write(`${formatCommand(result.argv)}\n`));
           return;
         }
-        process.stderr.write(`QEMU exited (${result.exitCode}); disks flushed and the dirty set recorded\n`);
+        e.log(`QEMU exited (${result.exitCode}); the desktop's writes are in its encrypted top layer`);
+        if (result.exitCode !== 0) process.exitCode = 1;
       } finally {
-        await served.close();
+        stopFill.abort();
+        await filling;
+        process.off('SIGINT', stop);
+        process.off('SIGTERM', stop);
+        await held.release();
       }
+      void diskPrefix;
     });
 }

@@ -1,8 +1,7 @@
-import { readFile } from 'node:fs/promises';
-import { join } from 'node:path';
 import { z } from 'zod';
 import { SignedLease, verifyLease } from '../core/lease.js';
-import { decodeManifest } from '../core/manifest.js';
+import { readFillReport, topBytes } from './disks.js';
+import { readOwner } from './holder.js';
 import { publicKeyFromBase64 } from '../core/signing.js';
 import { BrokerClient } from './broker-client.js';
 import { hostFacts, loadDevice, type DeviceIdentity } from './home.js';
@@ -15,24 +14,34 @@ const HeartbeatReply = z.object({
   commands: z.array(z.object({ id: z.string(), type: z.enum(['lock', 'unlock', 'wipe', 'replicate', 'renew-lease']), desktopId: z.string().optional() })),
 });
 
-/** Dirty bytes and percent local without the user's keys: from the persisted dirty set and chunk IDs. */
+/** Dirty bytes and percent local without the user's keys: the top layers' size and the fill state. */
 async function diskStats(vault: Vault, s: DesktopState): Promise<{ dirtyBytes: number; percentLocal: number }> {
-  let dirtyBytes = 0;
-  let present = 0;
-  let total = 0;
-  for (const d of s.disks) {
-    const base = await vault.baseManifest(d.baseDigest);
-    let current = base;
-    try {
-      const saved = JSON.parse(await readFile(join(vault.desktopDir(s.desktopId), 'disks', d.name, 'disk-state.json'), 'utf8')) as { current: string; dirty: number[] };
-      current = decodeManifest(Buffer.from(saved.current, 'base64'));
-      dirtyBytes += saved.dirty.length * current.chunkSize;
-    } catch { /* never written */ }
-    const ids = [...new Set(current.chunks.filter((c): c is string => c !== null))];
-    total += ids.length;
-    present += ids.length - (await vault.store.missing(ids)).length;
+  const complete = s.disks.every((d) => d.complete);
+  const fill = complete ? null : await readFillReport(vault, s.desktopId);
+  return { dirtyBytes: await topBytes(vault, s), percentLocal: complete ? 100 : fill && fill.total ? (100 * fill.done) / fill.total : 0 };
+}
+
+/** Stops the process holding the desktop's disk (a running VM shuts down; a transfer pauses). */
+async function stopOwner(vault: Vault, s: DesktopState, log: (l: string) => void): Promise<void> {
+  const owner = await readOwner(vault, s.desktopId);
+  if (!owner) return;
+  log(`${s.name}: stopping \`carryon ${owner.kind}\` (pid ${owner.pid})`);
+  try {
+    process.kill(owner.pid, 'SIGTERM');
+  } catch {
+    return;
   }
-  return { dirtyBytes, percentLocal: total ? (100 * present) / total : 100 };
+  for (let i = 0; i < 900; i++) {
+    await new Promise((r) => setTimeout(r, 100));
+    try {
+      process.kill(owner.pid, 0);
+    } catch {
+      return;
+    }
+  }
+  try {
+    process.kill(owner.pid, 'SIGKILL');
+  } catch { /* gone */ }
 }
 
 async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, broker: BrokerClient): Promise<{ intervalSec: number; commands: number; online: boolean }> {
@@ -67,8 +76,13 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
     let message = '';
     try {
       if (!s && c.type !== 'renew-lease') throw new Error(`desktop ${c.desktopId ?? '(none)'} is not on this device`);
-      if (c.type === 'lock' || c.type === 'unlock') await vault.save({ ...s!, locked: c.type === 'lock' });
-      else if (c.type === 'wipe') await vault.remove(s!.desktopId); // keys gone: its blobs can no longer be read
+      if (c.type === 'lock' || c.type === 'unlock') {
+        await vault.save({ ...s!, locked: c.type === 'lock' });
+        if (c.type === 'lock') await stopOwner(vault, s!, env.log); // a running desktop stops now, not at its next start
+      } else if (c.type === 'wipe') {
+        await stopOwner(vault, s!, env.log);
+        await vault.remove(s!.desktopId); // wrapped keys and chains gone: nothing left to read
+      }
       else if (c.type === 'renew-lease') await renewLeases(vault, broker, me, device);
       else if (c.type === 'replicate') await upload(env, s!.desktopId, 'replicate');
       message = `${c.type} done`;
@@ -81,11 +95,23 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
     ran++;
   }
   await renewLeases(vault, broker, me, device);
+  // Policy reaches the desktop's next start: the offline config follows the broker's USB policy.
+  for (const s of await vault.list()) {
+    const usb = reply.policies[s.desktopId]?.usbAllowed;
+    if (typeof usb === 'boolean' && s.config.usb !== usb) {
+      await vault.save({ ...s, config: { ...s.config, usb } });
+      env.log(`${s.name}: USB ${usb ? 'allowed' : 'no longer allowed'} from the next start`);
+    }
+  }
   // Scheduled replication, when policy asks for it and the user's password is available to the agent.
   for (const s of await vault.list()) {
     const interval = Number(reply.policies[s.desktopId]?.replicationIntervalMin ?? 0);
     const due = interval > 0 && (!s.lastReplicationAt || Date.now() - Date.parse(s.lastReplicationAt) > interval * 60_000);
     if (due && s.state === 'checked_out' && !s.locked) {
+      if (await readOwner(vault, s.desktopId)) {
+        env.log(`scheduled replication of ${s.name} deferred: the desktop is in use (shut it down to replicate)`);
+        continue;
+      }
       try {
         await upload(env, s.desktopId, 'replicate');
       } catch (err) {
@@ -113,11 +139,7 @@ export async function runAgent(env: ClientEnv, opts: { once: boolean; signal?: A
     for (;;) {
       const vault = await Vault.open(env.home);
       let res;
-      try {
-        res = await oneRound(env, device, vault, broker);
-      } finally {
-        await vault.store.close();
-      }
+      res = await oneRound(env, device, vault, broker);
       if (opts.once || opts.signal?.aborted) return res;
       await new Promise<void>((resolve) => {
         const t = setTimeout(resolve, res.intervalSec * 1000);

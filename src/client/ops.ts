@@ -1,17 +1,23 @@
 import { join } from 'node:path';
 import { z } from 'zod';
-import type { ChunkId } from '../core/chunk-id.js';
 import { CarryonError } from '../core/errors.js';
 import { decodeLineageKeys, type LineageKeys } from '../core/keys.js';
-import { decodeManifest, diffManifests, encodeManifest, manifestDigest } from '../core/manifest.js';
-import { exportImage } from '../import/export.js';
+import { decodeManifest, encodeManifest, manifestDigest } from '../core/manifest.js';
+import { convertChain, topExtents } from '../disk/chain.js';
+import { addChain, StorageDaemon } from '../disk/storage-daemon.js';
+import { NbdClient } from '../nbd/client.js';
 import { probeFingerprint } from '../net/pinned-agent.js';
-import { downloadChunks, uploadChunks, type Progress } from '../transfer/client.js';
+import { uploadChunks, type Progress } from '../transfer/client.js';
 import type { RateLimiter } from '../transfer/rate-limit.js';
 import { BrokerClient, BrokerError, CheckoutResponse, CheckoutView, DesktopEntry, JobView } from './broker-client.js';
 import { chooseSecretStorage, createDeviceKeys, DeviceFile, type SecretStorage, hostFacts, loadDevice, type DeviceIdentity } from './home.js';
 import { writeFileAtomic } from '../store/files.js';
 import { Vault, type DesktopState } from './vault.js';
+import { collectChanges, type DiskReader } from './changes.js';
+import { chainOf, createDesktopChains, diskDir, openDesktopDisks, readDiskFailures, readFillReport, removeRunDir, runDir, topBytes, type DesktopDisk } from './disks.js';
+import { claimOwner, diskPrefix, fillDisks, RemoteSource, specFor } from './holder.js';
+import { existsSync } from 'node:fs';
+import { rm } from 'node:fs/promises';
 
 export interface ClientEnv {
   home: string;
@@ -97,55 +103,96 @@ function renewer(broker: BrokerClient, jobId: string) {
   };
 }
 
+
+/** Looks up the desktop on the broker (by name or id) among those the user may use. */
+async function findEntry(broker: BrokerClient, ref: string) {
+  const desktops = (await broker.call('GET', '/v1/desktops', undefined, z.object({ desktops: z.array(DesktopEntry) }))).desktops;
+  const entry = desktops.find((d) => d.name === ref || d.id === ref);
+  if (!entry) throw new CarryonError('not-found', `no desktop ${ref} you are entitled to`);
+  return entry;
+}
+
+/** Chains whose creation a kill interrupted are made again (nothing was in them yet). */
+async function ensureChains(vault: Vault, state: DesktopState, keys: LineageKeys): Promise<void> {
+  const missing = state.disks.filter((d) => !existsSync(join(diskDir(vault, state.desktopId, d.name), 'top.qcow2')) || !existsSync(join(diskDir(vault, state.desktopId, d.name), 'base.qcow2')));
+  if (missing.length === 0) return;
+  if (missing.some((d) => d.complete)) throw new CarryonError('bad-state', `the disk files of ${state.name} are missing; roll back or cancel to start over`);
+  for (const d of missing) await rm(diskDir(vault, state.desktopId, d.name), { recursive: true, force: true });
+  await createDesktopChains(vault, { ...state, disks: missing }, keys);
+}
+
+/**
+ * Check-out: the broker locks the desktop and names the checkpoint; the laptop makes an empty
+ * encrypted chain per disk and fills each base from the transfer server. Interrupted (Ctrl-C,
+ * kill, lost link), it resumes where the base stopped.
+ */
 export async function checkout(env: ClientEnv, desktopRef: string) {
   const { device, broker, user } = await onlineSession(env);
   const vault = await Vault.open(env.home);
-  let failed = false;
   try {
-    const desktops = (await broker.call('GET', '/v1/desktops', undefined, z.object({ desktops: z.array(DesktopEntry) }))).desktops;
-    const entry = desktops.find((d) => d.name === desktopRef || d.id === desktopRef);
-    if (!entry) throw new CarryonError('not-found', `no desktop ${desktopRef} you are entitled to`);
+    const entry = await findEntry(broker, desktopRef);
     let state = (await vault.list()).find((s) => s.desktopId === entry.id);
     let keys: LineageKeys;
     if (state && state.state === 'transferring') {
       keys = await Vault.unwrapKeys(device, await env.password(), state);
       env.log(`resuming the check-out of ${entry.name}`);
     } else {
-      if (state) throw new CarryonError('already-held', `${entry.name} is already checked out to this device`);
+      if (state) {
+        // Nothing left to do (e.g. `carryon serve` or `run` finished the download): say so, succeed.
+        env.log(`${entry.name} is already checked out to this device and entirely local`);
+        return { desktopId: entry.id, checkoutId: state.checkoutId, chunksMoved: 0, bytesMoved: 0, refetched: 0 };
+      }
       const host = await hostFacts(env.home);
       const res = await broker.call('POST', `/v1/desktops/${entry.id}/checkout`, { deviceId: device.info.deviceId, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes } }, CheckoutResponse);
       keys = decodeLineageKeys(res.keys);
+      const disks: DesktopState['disks'] = [];
       for (const d of res.disks) {
         const m = decodeManifest(Buffer.from(d.manifest, 'base64'));
         if (manifestDigest(m) !== d.digest) throw new CarryonError('bad-manifest', `manifest of ${d.name} does not match its digest`);
-        await vault.store.putManifest(d.digest, encodeManifest(m));
+        await vault.putManifest(entry.id, m);
+        disks.push({ name: d.name, baseDigest: d.digest, complete: false, mergingTo: null });
       }
       state = {
         desktopId: entry.id, name: entry.name, user, checkoutId: res.checkout.id, state: 'transferring', jobId: res.job.id,
         keys: await Vault.wrapKeys(device, await env.password(), keys, entry.id), lease: res.lease,
-        config: res.config, localConfig: await vault.readLocalConfig(entry.id), disks: res.disks.map((d) => ({ name: d.name, baseDigest: d.digest })),
+        config: res.config, localConfig: await vault.readLocalConfig(entry.id), disks,
         lastReplicationAt: null, locked: false,
       };
       await vault.save(state);
       env.log(`checked out ${entry.name}: checkout ${res.checkout.id}, lease until ${res.checkout.leaseExpiresAt}`);
     }
-    const job = await activeJob(env, broker, await broker.call('GET', `/v1/jobs/${state.jobId}`, undefined, JobView));
-    const ids = new Set<ChunkId>();
-    for (const d of state.disks) for (const id of (await vault.baseManifest(d.baseDigest)).chunks) if (id) ids.add(id);
-    const result = await diskFullIsClear(env.home, () => downloadChunks({ endpoint: job.transfer!, ids: [...ids], localStore: vault.store, keys, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.('check-out', p) }));
-    await broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }));
-    await vault.save({ ...state, state: 'checked_out', jobId: null });
-    env.log(`${entry.name} is local: ${result.chunksMoved} chunks (${result.bytesMoved} bytes) pulled; safe to go offline`);
-    return { desktopId: entry.id, checkoutId: state.checkoutId, ...result };
-  } catch (err) {
-    failed = true;
-    throw err;
+    await diskFullIsClear(env.home, () => ensureChains(vault, state!, keys));
+    const release = await claimOwner(vault, state.desktopId, 'checkout', env.log);
+    try {
+      const filled = await fillFromBroker(env, vault, broker, state, keys);
+      if (!filled.complete) throw new CarryonError('paused', 'check-out stopped; what arrived is kept — run the same command again to resume');
+      await broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }));
+      await vault.save({ ...filled.state, state: 'checked_out', jobId: null });
+      env.log(`${entry.name} is local (${filled.bytesMoved} bytes pulled); safe to go offline`);
+      return { desktopId: entry.id, checkoutId: state.checkoutId, chunksMoved: filled.chunksMoved, bytesMoved: filled.bytesMoved, refetched: 0 };
+    } finally {
+      await release();
+    }
   } finally {
     await broker.close();
-    // Closing publishes pending blobs; when the transfer already failed (disk full), its error is the one to report.
-    await vault.store.close().catch((err: unknown) => {
-      if (!failed) throw err;
-    });
+  }
+}
+
+/** Fills every incomplete base in a storage daemon, over the job's transfer ticket. */
+async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient, state: DesktopState, keys: LineageKeys) {
+  const opened = await openDesktopDisks(vault, state, keys);
+  if (opened.disks.every((d) => d.entry.complete)) return { state: opened.state, complete: true, bytesMoved: 0, chunksMoved: 0 };
+  const job = await activeJob(env, broker, await broker.call('GET', `/v1/jobs/${state.jobId}`, undefined, JobView));
+  const remote = await RemoteSource.start({ vault, state: opened.state, disks: opened.disks, keys, endpoint: job.transfer!, renew: renewer(broker, job.id), log: env.log, rateLimit: env.rateLimit });
+  let qsd: StorageDaemon | null = null;
+  try {
+    qsd = await StorageDaemon.start(runDir(vault, state.desktopId));
+    for (const [i, d] of opened.disks.entries()) await addChain(qsd, specFor(d, i, remote.socketPath), d.chain.secret);
+    const res = await diskFullIsClear(env.home, () => fillDisks({ host: qsd!, vault, state: opened.state, disks: opened.disks, remote, signal: env.signal, onProgress: (p) => env.onProgress?.('check-out', p) }));
+    return { ...res, bytesMoved: remote.fetchedBytes, chunksMoved: remote.fetchedChunks };
+  } finally {
+    await qsd?.stop();
+    await remote.close();
   }
 }
 
@@ -155,9 +202,38 @@ async function diskFullIsClear<T>(home: string, fn: () => Promise<T>): Promise<T
     return await fn();
   } catch (err) {
     const code = (err as { code?: string }).code;
-    if (code !== 'ENOSPC' && code !== 'SQLITE_FULL') throw err;
+    const text = (err as Error).message ?? '';
+    if (code !== 'ENOSPC' && code !== 'SQLITE_FULL' && !/No space left on device/i.test(text)) throw err;
     const { freeDiskBytes } = await hostFacts(home).catch(() => ({ freeDiskBytes: 0 }));
     throw new CarryonError('disk-full', `the disk holding ${home} is full (${Math.floor(freeDiskBytes / 1024)} KiB free): free some space and run \`carryon checkout\` again; what arrived is kept`);
+  }
+}
+
+/**
+ * Opens the chains read-only in a storage daemon and reads the change since the checkpoint:
+ * the top layer's extents, each touched chunk read through the chain. Refused while the
+ * desktop runs (its disk is locked by QEMU): shut it down first.
+ */
+async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopDisk[], fn: (readers: DiskReader[]) => Promise<T>): Promise<T> {
+  const dir = runDir(vault, state.desktopId);
+  const qsd = await StorageDaemon.start(dir);
+  const clients: NbdClient[] = [];
+  try {
+    for (const [i, d] of disks.entries()) await addChain(qsd, specFor(d, i, null, true), d.chain.secret);
+    const socket = join(dir, 'upload.sock');
+    await qsd.exportNbd(socket, disks.flatMap((d, i) => [{ node: `${diskPrefix(i)}-top`, name: d.name, writable: false }, { node: `${diskPrefix(i)}-base`, name: `${d.name}.base`, writable: false }]));
+    const readers: DiskReader[] = [];
+    for (const d of disks) {
+      const top = await NbdClient.connect(socket, d.name);
+      clients.push(top);
+      const base = await NbdClient.connect(socket, `${d.name}.base`);
+      clients.push(base);
+      readers.push({ disk: d, top, base });
+    }
+    return await fn(readers);
+  } finally {
+    for (const c of clients) await c.close();
+    await qsd.stop();
   }
 }
 
@@ -166,65 +242,55 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
   const { device, broker } = await onlineSession(env);
   const vault = await Vault.open(env.home);
   try {
-    const state = await vault.find(desktopRef);
+    let state = await vault.find(desktopRef);
     if (state.state === 'transferring') throw new CarryonError('wrong-state', `${state.name} is still being checked out`);
     const keys = await Vault.unwrapKeys(device, await env.password(), state);
-    const disks = await vault.openDisks(state, keys);
-    const manifests = [];
-    const changed = new Set<ChunkId>();
-    // What each changed chunk replaced at its position: the base of a delta (only changed pages travel).
-    const deltaBases = new Map<ChunkId, ChunkId>();
-    for (const { name, disk } of disks) {
-      await disk.flush();
-      const m = disk.currentManifest();
-      manifests.push({ name, manifest: m });
-      for (const c of diffManifests(disk.baseManifest(), m)) {
-        if (!c.to) continue;
-        changed.add(c.to);
-        if (c.from && !deltaBases.has(c.to)) deltaBases.set(c.to, c.from);
-      }
-    }
-    let begin;
+    const release = await claimOwner(vault, state.desktopId, kind, env.log);
+    let outcome;
     try {
-      begin = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}`, { disks: manifests.map((d) => ({ name: d.name, manifest: encodeManifest(d.manifest).toString('base64') })) }, z.object({ job: JobView }));
-    } catch (err) {
-      // Killed after the broker committed but before the vault forgot the desktop: finish that.
-      if (kind === 'checkin' && err instanceof BrokerError && err.code === 'wrong-state') {
-        const desktops = (await broker.call('GET', '/v1/desktops', undefined, z.object({ desktops: z.array(DesktopEntry) }))).desktops;
-        const now = desktops.find((d) => d.id === state.desktopId);
-        if (!now?.checkout || now.checkout.id !== state.checkoutId) {
-          for (const { disk } of disks) await disk.close();
-          await vault.remove(state.desktopId);
-          env.log(`${state.name} was already checked in; local state cleared`);
-          return { snapshotId: now?.checkout?.snapshotId ?? 'unknown', changedChunks: 0, chunksSent: 0, bytesSent: 0 };
+      const opened = await openDesktopDisks(vault, state, keys);
+      state = opened.state;
+      outcome = await withReaders(vault, state, opened.disks, async (readers) => {
+        const changes = await collectChanges(readers, keys);
+        let begin;
+        try {
+          begin = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}`, { disks: changes.manifests.map((d) => ({ name: d.name, manifest: encodeManifest(d.manifest).toString('base64') })) }, z.object({ job: JobView }));
+        } catch (err) {
+          if (err instanceof BrokerError && (err.code === 'wrong-state' || err.code === 'not-found' || err.code === 'not-held')) {
+            // Never delete offline work on an ambiguous answer: the user decides what happens to it.
+            throw new CarryonError('checkout-gone', `the broker no longer holds check-out ${state.checkoutId} of ${state.name} (${err.message}). Your offline changes are kept on this laptop: save them with \`carryon export ${state.name} <file>\`, then remove the local copy with \`carryon discard ${state.name} --yes\``);
+          }
+          throw err;
         }
+        if (kind === 'checkin') await vault.save({ ...state, state: 'checking_in', jobId: begin.job.id });
+        const job = await activeJob(env, broker, begin.job);
+        const sent = await uploadChunks({ endpoint: job.transfer!, ids: [...changes.changed.keys()], source: changes.source, keys, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) });
+        const commit = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}/commit`, {}, z.object({ snapshotId: z.string(), checkout: CheckoutView }));
+        return { changes, sent, commit };
+      });
+      if (kind === 'replicate') {
+        // The restore point becomes the base: merge the top into it (resumed on the next open if killed).
+        let next: DesktopState = { ...state, lastReplicationAt: new Date().toISOString() };
+        for (const m of outcome.changes.manifests) {
+          const digest = await vault.putManifest(state.desktopId, m.manifest);
+          next = { ...next, disks: next.disks.map((d) => (d.name === m.name ? { ...d, mergingTo: digest } : d)) };
+        }
+        await vault.save(next);
+        await openDesktopDisks(vault, next, keys);
       }
-      throw err;
+    } finally {
+      await release();
     }
-    if (kind === 'checkin') await vault.save({ ...state, state: 'checking_in', jobId: begin.job.id });
-    const job = await activeJob(env, broker, begin.job);
-    const sent = await uploadChunks({ endpoint: job.transfer!, ids: [...changed], deltaBases, localStore: vault.store, keys, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) });
-    const commit = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}/commit`, {}, z.object({ snapshotId: z.string(), checkout: CheckoutView }));
+    const { changes, sent, commit } = outcome;
     if (kind === 'checkin') {
-      for (const { disk } of disks) await disk.close();
       await vault.remove(state.desktopId);
-      env.log(`checked in ${state.name}: ${changed.size} changed chunks, ${sent.chunksMoved} sent (${sent.bytesMoved} bytes); snapshot ${commit.snapshotId}`);
+      env.log(`checked in ${state.name}: ${changes.changedChunks} changed chunks, ${sent.chunksMoved} sent (${sent.bytesMoved} bytes); snapshot ${commit.snapshotId}`);
     } else {
-      const next = { ...state, disks: [] as DesktopState['disks'], lastReplicationAt: new Date().toISOString() };
-      for (const { name, disk } of disks) {
-        const m = disk.currentManifest();
-        await vault.store.putManifest(manifestDigest(m), encodeManifest(m));
-        await disk.rebase(m);
-        await disk.close();
-        next.disks.push({ name, baseDigest: manifestDigest(m) });
-      }
-      await vault.save(next);
       env.log(`replicated ${state.name}: restore point ${commit.snapshotId}, ${sent.chunksMoved} chunks sent (${sent.bytesMoved} bytes)`);
     }
-    return { snapshotId: commit.snapshotId, changedChunks: changed.size, chunksSent: sent.chunksMoved, bytesSent: sent.bytesMoved };
+    return { snapshotId: commit.snapshotId, changedChunks: changes.changedChunks, chunksSent: sent.chunksMoved, bytesSent: sent.bytesMoved };
   } finally {
     await broker.close();
-    await vault.store.close();
   }
 }
 
@@ -234,76 +300,80 @@ export async function release(env: ClientEnv, desktopRef: string, how: 'rollback
   const vault = await Vault.open(env.home);
   try {
     const state = await vault.find(desktopRef);
-    await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${how}`, {}, z.object({ checkout: CheckoutView }));
+    const owner = await claimOwner(vault, state.desktopId, how === 'cancel' ? 'serve' : 'checkin', env.log);
+    try {
+      await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${how}`, {}, z.object({ checkout: CheckoutView }));
+    } finally {
+      await owner();
+    }
     await vault.remove(state.desktopId);
     env.log(how === 'rollback' ? `rolled back ${state.name}: offline changes discarded, desktop unlocked` : `cancelled the check-out of ${state.name}`);
     return { desktopId: state.desktopId, state: how === 'rollback' ? 'rolled_back' : 'cancelled' };
   } finally {
     await broker.close();
-    await vault.store.close();
   }
 }
 
-/** Offline-capable: opens the vault with the password and the lease, reports local state. */
+/** Removes a desktop's local copy after the user said so explicitly (e.g. the broker no longer holds its check-out). */
+export async function discardLocal(env: ClientEnv, desktopRef: string) {
+  const vault = await Vault.open(env.home);
+  const state = await vault.find(desktopRef);
+  const owner = await claimOwner(vault, state.desktopId, 'checkin', env.log);
+  await owner();
+  await vault.remove(state.desktopId);
+  env.log(`removed the local copy of ${state.name}`);
+  return { desktopId: state.desktopId, state: 'discarded' };
+}
+
+/**
+ * Offline-capable, and never fails for a desktop that cannot open: a locked desktop or an
+ * expired lease is shown with what to do, not raised.
+ */
 export async function status(env: ClientEnv, desktopRef?: string) {
   const device = await loadDevice(env.home);
   const vault = await Vault.open(env.home);
-  try {
-    const states = desktopRef ? [await vault.find(desktopRef)] : await vault.list();
-    const out = [];
-    for (const s of states) {
-      const { keys, lease } = await vault.unlock(device, await env.password(), s);
-      const disks = await vault.openDisks(s, keys, undefined, { readOnly: true });
-      let dirtyBytes = 0;
-      let local = 0;
-      for (const { disk } of disks) {
-        dirtyBytes += disk.dirtyBytes();
-        local += await disk.percentLocal();
-        await disk.close();
-      }
-      const percentLocal = disks.length ? local / disks.length : 100;
-      out.push({
-        desktop: s.name, desktopId: s.desktopId, state: s.state, leaseDeadline: lease.deadline,
-        leaseHoursLeft: Math.max(0, (Date.parse(lease.deadline) - Date.now()) / 3_600_000), dirtyBytes, percentLocal,
-        lastReplicationAt: s.lastReplicationAt, safeOffline: percentLocal >= 100 && s.state !== 'transferring',
-      });
+  const states = desktopRef ? [await vault.find(desktopRef)] : await vault.list();
+  const out = [];
+  for (const s of states) {
+    let leaseDeadline: string | null = null;
+    let problem: string | null = null;
+    let dirtyBytes: number | null = null;
+    try {
+      const { lease, keys } = await vault.unlock(device, await env.password(), s);
+      leaseDeadline = lease.deadline;
+      // Exact change since the checkpoint: the top layer's allocated bytes (read shared, so a running VM is fine).
+      dirtyBytes = 0;
+      for (const d of s.disks) for (const e of await topExtents(chainOf(vault, s, keys, d.name))) dirtyBytes += e.length;
+    } catch (err) {
+      if (!(err instanceof CarryonError)) throw err;
+      problem = err.code === 'desktop-locked' ? `locked: connect to the broker (\`carryon login\`, then \`carryon agent --once\`)` : err.code === 'lease-expired' ? 'offline lease expired: connect and run `carryon login` to renew it' : err.message;
+      if (err.code === 'vault-locked') throw err;
     }
-    return out;
-  } finally {
-    await vault.store.close();
+    const complete = s.disks.every((d) => d.complete);
+    const fill = complete ? null : await readFillReport(vault, s.desktopId);
+    const percentLocal = complete ? 100 : fill && fill.total > 0 ? (100 * fill.done) / fill.total : 0;
+    const failures = await readDiskFailures(vault, s.desktopId);
+    out.push({
+      desktop: s.name, desktopId: s.desktopId, state: s.locked ? 'locked' : s.state, leaseDeadline,
+      leaseHoursLeft: leaseDeadline ? Math.max(0, (Date.parse(leaseDeadline) - Date.now()) / 3_600_000) : 0, dirtyBytes: dirtyBytes ?? (await topBytes(vault, s)), percentLocal,
+      lastReplicationAt: s.lastReplicationAt, safeOffline: complete && s.state !== 'transferring', problem,
+      readFailures: failures.length, lastReadFailure: failures[failures.length - 1]?.message ?? null,
+    });
   }
+  return out;
 }
 
-/** Runs `fn` on the desktop's disks (offline-capable); fetches missing chunks when online. */
-export async function withDisks<T>(env: ClientEnv, desktopRef: string, fn: (disks: { name: string; disk: import('../disk/vault-disk.js').VaultDisk }[], state: DesktopState) => Promise<T>): Promise<T> {
+/** Writes the desktop's current disk as a plaintext image (raw or qcow2) where the user asks. */
+export async function exportDisk(env: ClientEnv, desktopRef: string, outPath: string, format: 'raw' | 'qcow2') {
   const device = await loadDevice(env.home);
   const vault = await Vault.open(env.home);
-  try {
-    const state = await vault.find(desktopRef);
-    const { keys } = await vault.unlock(device, await env.password(), state);
-    const disks = await vault.openDisks(state, keys);
-    try {
-      return await fn(disks, state);
-    } finally {
-      for (const { disk } of disks) await disk.close();
-    }
-  } finally {
-    await vault.store.close();
-  }
+  const state = await vault.find(desktopRef);
+  const { keys } = await vault.unlock(device, await env.password(), state);
+  const opened = await openDesktopDisks(vault, state, keys);
+  const disk = opened.disks[0]!;
+  if (!disk.entry.complete) throw new CarryonError('wrong-state', `${state.name} is still being checked out: finish \`carryon checkout\` first`);
+  await convertChain(disk.chain, outPath, format);
+  return { path: outPath, format, bytes: disk.base.diskSize };
 }
 
-export async function exportDisk(env: ClientEnv, desktopRef: string, outPath: string, format: 'raw' | 'qcow2') {
-  return withDisks(env, desktopRef, async (disks) => {
-    const device = await loadDevice(env.home);
-    const vault = await Vault.open(env.home);
-    try {
-      const state = await vault.find(desktopRef);
-      const keys = await Vault.unwrapKeys(device, await env.password(), state);
-      await exportImage(disks[0]!.disk.currentManifest(), { store: vault.store, keys }, outPath, { format });
-      return { path: outPath, format, bytes: disks[0]!.disk.size };
-    } finally {
-      await vault.store.close();
-    }
-  });
-}
-
+export { removeRunDir };

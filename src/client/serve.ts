@@ -1,68 +1,132 @@
 import { join } from 'node:path';
+import { z } from 'zod';
 import { CarryonError } from '../core/errors.js';
-import { serveNbd, type NbdServer } from '../nbd/server.js';
-import { fetchOne, TransferSession } from '../transfer/client.js';
-import { JobView } from './broker-client.js';
+import type { LineageKeys } from '../core/keys.js';
+import { addChain, StorageDaemon, type BlockHost } from '../disk/storage-daemon.js';
+import { BrokerClient, CheckoutView, JobView } from './broker-client.js';
+import { openDesktopDisks, runDir, type DesktopDisk } from './disks.js';
+import { claimOwner, diskPrefix, fillDisks, RemoteSource, specFor, type OwnerKind } from './holder.js';
 import { loadDevice } from './home.js';
 import { onlineSession, type ClientEnv } from './ops.js';
-import { Vault } from './vault.js';
-import type { VaultDisk } from '../disk/vault-disk.js';
+import { Vault, type DesktopState } from './vault.js';
+
+/** A desktop whose chains this process holds (for `serve` or `run`), with the fill if still in flight. */
+export interface HeldDesktop {
+  vault: Vault;
+  state: DesktopState;
+  keys: LineageKeys;
+  disks: DesktopDisk[];
+  remote: RemoteSource | null;
+  /** Starts filling the incomplete bases in `host`; resolves when done (or stopped), never rejects. */
+  fillIn(host: BlockHost, signal?: AbortSignal): Promise<void>;
+  release(): Promise<void>;
+}
+
+/**
+ * Opens a held desktop for running: the vault refuses a locked desktop or an expired lease before
+ * any disk opens. While the check-out is still in flight, the remote checkpoint backs each
+ * incomplete base, and the fill goes on inside whichever QEMU holds the chain.
+ */
+export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: OwnerKind): Promise<HeldDesktop> {
+  const device = await loadDevice(env.home);
+  const vault = await Vault.open(env.home);
+  const found = await vault.find(desktopRef);
+  const { keys } = await vault.unlock(device, await env.password(), found);
+  const release = await claimOwner(vault, found.desktopId, kind, env.log);
+  let broker: BrokerClient | null = null;
+  try {
+    const opened = await openDesktopDisks(vault, found, keys);
+    let remote: RemoteSource | null = null;
+    if (opened.disks.some((d) => !d.entry.complete)) {
+      if (!opened.state.jobId) throw new CarryonError('wrong-state', 'the check-out has no transfer job; run `carryon checkout` again');
+      broker = (await onlineSession(env)).broker;
+      const b = broker;
+      const jobId = opened.state.jobId;
+      const job = await b.call('GET', `/v1/jobs/${jobId}`, undefined, JobView);
+      if (!job.transfer) throw new CarryonError('wrong-state', `the transfer job is ${job.state}; run \`carryon checkout\` first`);
+      const renew = async () => {
+        const j = await b.call('GET', `/v1/jobs/${jobId}`, undefined, JobView);
+        if (!j.transfer) throw new CarryonError('job-ended', `job ${jobId} is ${j.state}`);
+        return j.transfer;
+      };
+      remote = await RemoteSource.start({ vault, state: opened.state, disks: opened.disks, keys, endpoint: job.transfer, renew, log: env.log, rateLimit: env.rateLimit });
+      env.log('check-out still in flight: the desktop reads what it needs first; the rest follows in the background');
+    }
+    const held: HeldDesktop = {
+      vault, state: opened.state, keys, disks: opened.disks, remote,
+      async fillIn(host, signal) {
+        if (!remote) return;
+        try {
+          const res = await fillDisks({ host, vault, state: held.state, disks: held.disks, remote, signal });
+          held.state = res.state;
+          if (res.complete && broker) {
+            await broker.call('POST', `/v1/checkouts/${held.state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }));
+            held.state = { ...held.state, state: 'checked_out', jobId: null };
+            await vault.save(held.state);
+            env.log(`${held.state.name} is now entirely local: safe to go offline`);
+          }
+        } catch (err) {
+          env.log(`background check-out stopped: ${(err as Error).message}; run \`carryon checkout ${held.state.name}\` to finish it`);
+        }
+      },
+      async release() {
+        await remote?.close();
+        await broker?.close();
+        await release();
+      },
+    };
+    return held;
+  } catch (err) {
+    await broker?.close();
+    await release();
+    throw err;
+  }
+}
 
 export interface ServedDesktop {
   name: string;
   desktopId: string;
   socketPath: string;
-  disks: { name: string; disk: VaultDisk }[];
+  disks: { name: string }[];
   config: Record<string, unknown>;
   close(): Promise<void>;
 }
 
 /**
- * Serves a held desktop's disks over NBD on a 0600 unix socket. While the check-out is still
- * transferring, a read of a chunk not yet local fetches it at once (boot while data is in flight).
+ * Serves a held desktop's disks over NBD on a 0600 unix socket, through qemu-storage-daemon
+ * (the same block layer QEMU runs the desktop with), for qemu-img, nbdcopy or another hypervisor.
  */
 export async function serveDesktop(env: ClientEnv, desktopRef: string): Promise<ServedDesktop> {
-  const device = await loadDevice(env.home);
-  const vault = await Vault.open(env.home);
-  const state = await vault.find(desktopRef);
-  const { keys } = await vault.unlock(device, await env.password(), state);
-  let session: TransferSession | null = null;
-  let fetchChunk: ((id: string) => Promise<void>) | undefined;
-  if (state.state === 'transferring') {
-    if (!state.jobId) throw new CarryonError('wrong-state', 'check-out has no transfer job');
-    const { broker } = await onlineSession(env);
-    const job = await broker.call('GET', `/v1/jobs/${state.jobId}`, undefined, JobView);
-    if (!job.transfer) throw new CarryonError('wrong-state', `transfer job is ${job.state}; run \`carryon checkout\` first`);
-    const jobId = job.id;
-    session = new TransferSession(job.transfer, async () => {
-      const j = await broker.call('GET', `/v1/jobs/${jobId}`, undefined, JobView);
-      if (!j.transfer) throw new CarryonError('job-ended', `job ${jobId} is ${j.state}`);
-      return j.transfer;
-    });
-    const s = session;
-    fetchChunk = (id) => fetchOne(s, id, keys, vault.store);
-    env.log('check-out still in flight: missing chunks are fetched on demand');
-  }
-  const disks = await vault.openDisks(state, keys, fetchChunk);
-  const socketPath = join(vault.desktopDir(state.desktopId), 'run', 'nbd.sock');
-  let server: NbdServer;
+  const held = await holdDesktop(env, desktopRef, 'serve');
+  const dir = runDir(held.vault, held.state.desktopId);
+  let qsd: StorageDaemon | null = null;
+  const stopFill = new AbortController();
+  let filling: Promise<void> = Promise.resolve();
   try {
-    server = await serveNbd(new Map(disks.map((d) => [d.name, d.disk])), { socketPath });
+    qsd = await StorageDaemon.start(dir);
+    for (const [i, d] of held.disks.entries()) await addChain(qsd, specFor(d, i, held.remote?.socketPath ?? null), d.chain.secret);
+    const socketPath = join(dir, 'nbd.sock');
+    await qsd.exportNbd(socketPath, held.disks.map((d, i) => ({ node: `${diskPrefix(i)}-top`, name: d.name, writable: true })));
+    const host = qsd;
+    filling = held.fillIn(host, stopFill.signal);
+    return {
+      name: held.state.name,
+      desktopId: held.state.desktopId,
+      socketPath,
+      disks: held.disks.map((d) => ({ name: d.name })),
+      config: { ...held.state.config, ...held.state.localConfig },
+      close: async () => {
+        stopFill.abort();
+        await filling;
+        await host.stop();
+        await held.release();
+      },
+    };
   } catch (err) {
-    for (const d of disks) await d.disk.close();
+    stopFill.abort();
+    await filling;
+    await qsd?.stop();
+    await held.release();
     throw err;
   }
-  return {
-    name: state.name,
-    desktopId: state.desktopId,
-    socketPath,
-    disks,
-    config: { ...state.config, ...state.localConfig },
-    close: async () => {
-      await server.close();
-      for (const d of disks) await d.disk.close();
-      await session?.close();
-      await vault.store.close();
-    },
-  };
 }

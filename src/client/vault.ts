@@ -2,15 +2,11 @@ import { mkdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
-import type { ChunkId } from '../core/chunk-id.js';
 import { CarryonError, EnvelopeError } from '../core/errors.js';
 import { deriveDeviceUserKey, unwrapLineageKeys, wrapLineageKeys, type LineageKeys } from '../core/keys.js';
 import { SignedLease, verifyLease, type LeasePayload } from '../core/lease.js';
-import { decodeManifest, type Manifest } from '../core/manifest.js';
+import { decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../core/manifest.js';
 import { publicKeyFromBase64 } from '../core/signing.js';
-import { VaultDisk } from '../disk/vault-disk.js';
-import { openChunkStore } from '../store/open-store.js';
-import type { ChunkStore } from '../store/chunk-store.js';
 import { readJson, type DeviceIdentity } from './home.js';
 import { writeFileAtomic } from '../store/files.js';
 
@@ -25,7 +21,11 @@ export const DesktopState = z.object({
   lease: SignedLease,
   config: z.record(z.string(), z.unknown()),
   localConfig: z.record(z.string(), z.unknown()).default({}),
-  disks: z.array(z.object({ name: z.string(), baseDigest: z.string() })),
+  /**
+   * Per disk: the checkpoint its base layer holds, whether the base is complete (the check-out
+   * filled it), and a merge of the top into the base that was begun and must be finished.
+   */
+  disks: z.array(z.object({ name: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/), baseDigest: z.string().regex(/^[0-9a-f]{64}$/), complete: z.boolean().default(false), mergingTo: z.string().regex(/^[0-9a-f]{64}$/).nullable().default(null) })),
   lastReplicationAt: z.string().nullable().default(null),
   locked: z.boolean().default(false),
 });
@@ -40,16 +40,20 @@ export function vaultScryptN(): number {
 }
 
 /**
- * The laptop's vault: one chunk store of blobs exactly as received (encrypted at rest), and per
- * desktop a state file (wrapped keys, lease, manifests, config), replaced atomically.
+ * The laptop's vault: per desktop a state file (wrapped keys, lease, config, disks), replaced
+ * atomically, the manifests of its checkpoints, and per disk a LUKS-encrypted qcow2 chain
+ * (client/disks.ts). Chunks exist only on the wire: the live disk is QEMU's.
  */
 export class Vault {
-  private constructor(readonly home: string, readonly store: ChunkStore) {}
+  private constructor(readonly home: string) {}
 
   static async open(home: string): Promise<Vault> {
     await mkdir(join(home, 'desktops'), { recursive: true, mode: 0o700 });
-    return new Vault(home, await openChunkStore(join(home, 'chunks')));
+    return new Vault(home);
   }
+
+  /** Nothing to release any more (kept so callers need not know). */
+  async close(): Promise<void> {}
 
   desktopDir(desktopId: string): string {
     if (!/^[A-Za-z0-9-]{1,64}$/.test(desktopId)) throw new CarryonError('invalid', `bad desktop id ${desktopId}`);
@@ -126,24 +130,31 @@ export class Vault {
     return { keys, lease };
   }
 
-  async baseManifest(digest: string): Promise<Manifest> {
-    const raw = await this.store.getManifest(digest);
-    if (!raw) throw new CarryonError('bad-state', `base manifest ${digest} is missing from the vault`);
-    return decodeManifest(raw);
+  async putManifest(desktopId: string, m: Manifest): Promise<string> {
+    const digest = manifestDigest(m);
+    const dir = join(this.desktopDir(desktopId), 'manifests');
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    await writeFileAtomic(join(dir, digest), encodeManifest(m));
+    return digest;
   }
 
-  /** `readOnly` for looking only (status): nothing is written, so it works on a full disk too. */
-  async openDisks(state: DesktopState, keys: LineageKeys, fetchChunk?: (id: ChunkId, index: number) => Promise<void>, opts: { readOnly?: boolean } = {}): Promise<{ name: string; disk: VaultDisk }[]> {
-    const out: { name: string; disk: VaultDisk }[] = [];
-    for (const d of state.disks) {
-      const base = await this.baseManifest(d.baseDigest);
-      out.push({ name: d.name, disk: await VaultDisk.open({ stateDir: join(this.desktopDir(state.desktopId), 'disks', d.name), store: this.store, keys, base, fetchChunk, autoFlushMs: 0, readOnly: opts.readOnly }) });
+  /** A checkpoint manifest, checked against the digest that names it. */
+  async manifest(desktopId: string, digest: string): Promise<Manifest> {
+    if (!/^[0-9a-f]{64}$/.test(digest)) throw new CarryonError('bad-state', `bad manifest digest ${digest}`);
+    let raw: Buffer;
+    try {
+      raw = await readFile(join(this.desktopDir(desktopId), 'manifests', digest));
+    } catch {
+      throw new CarryonError('bad-state', `manifest ${digest.slice(0, 12)}… of desktop ${desktopId} is missing from the vault`);
     }
-    return out;
+    const m = decodeManifest(raw);
+    if (manifestDigest(m) !== digest) throw new CarryonError('bad-state', `manifest ${digest.slice(0, 12)}… of desktop ${desktopId} is damaged`);
+    return m;
   }
 
   async sizeBytes(): Promise<number> {
-    return (await this.store.stats()).bytes;
+    const { execFile } = await import('node:child_process');
+    return new Promise((resolve) => execFile('du', ['-sb', join(this.home, 'desktops')], (err, out) => resolve(err ? 0 : Number(out.split('\t')[0]) || 0)));
   }
 
   async readLocalConfig(desktopId: string): Promise<Record<string, unknown>> {

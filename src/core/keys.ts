@@ -1,4 +1,4 @@
-import { randomBytes, scrypt as scryptCb, type ScryptOptions } from 'node:crypto';
+import { hkdfSync, randomBytes, scrypt as scryptCb, type ScryptOptions } from 'node:crypto';
 import { openEnvelope, sealEnvelope } from './envelope.js';
 import { EnvelopeError } from './errors.js';
 
@@ -52,4 +52,15 @@ export function deriveDeviceUserKey(
   return new Promise((resolve, reject) => {
     scryptCb(material, salt, 32, params, (err, key) => (err ? reject(err) : resolve(key)));
   });
+}
+
+/**
+ * The LUKS passphrase of one disk of one desktop on one laptop: HKDF over the lineage keys the
+ * vault unwraps (so it is released by exactly the rules that release them), bound to the desktop,
+ * the disk and the laptop's wrap salt. Base64 text of 32 bytes (LUKS wants a UTF-8 passphrase).
+ */
+export function deriveDiskSecret(keys: LineageKeys, desktopId: string, diskName: string, vaultSalt: Uint8Array): string {
+  const ikm = Buffer.concat([keys.dataKey, keys.idKey]);
+  const info = Buffer.from(`carryon-disk-luks:v1:${desktopId}:${diskName}`, 'utf8');
+  return Buffer.from(hkdfSync('sha256', ikm, vaultSalt, info, 32)).toString('base64');
 }

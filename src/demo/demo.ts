@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { request } from 'undici';
 import { startBroker } from '../broker/start.js';
 import { formatBytes } from '../cli/common.js';
-import { checkout, enroll, upload, withDisks, type ClientEnv } from '../client/ops.js';
+import { checkout, enroll, exportDisk, upload, type ClientEnv } from '../client/ops.js';
 import { exportCurrentSnapshot } from '../broker/snapshot-image.js';
 import { serveDesktop } from '../client/serve.js';
 import { pinnedAgent } from '../net/pinned-agent.js';
@@ -64,21 +64,15 @@ async function main(): Promise<void> {
       });
       const uri = `nbd+unix:///disk0?socket=${served.socketPath}`;
       const args = ['-f', 'raw', ...offsets.flatMap((o, i) => ['-c', `write -q -s ${patterns[i]} ${o} 64k`]), '-c', 'flush', uri];
-      const viaNbd = await run('qemu-io', args).then(() => true, (err: NodeJS.ErrnoException) => {
-        if (err.code !== 'ENOENT') throw err;
-        return false;
-      });
-      if (viaNbd) say(`  laptop: ${writes} writes through NBD (${uri})`);
-      else {
-        const disk = served.disks[0]!.disk;
-        for (const off of offsets) await disk.write(off, randomBytes(65536));
-        await disk.flush();
-        say(`  laptop: ${writes} writes straight into the vault disk (qemu-io is not installed)`);
-      }
+      await run('qemu-io', args);
+      say(`  laptop: ${writes} writes through NBD (${uri}) into the encrypted qcow2 chain`);
     } finally {
       await served.close();
     }
-    const laptopDisk = await withDisks(env, 'win11-finance', async ([d]) => d!.disk.read(0, d!.disk.size));
+    // What the laptop's disk now holds, exported in plaintext for the comparison below.
+    const laptopCopy = join(dir, 'laptop-disk.raw');
+    await exportDisk(env, 'win11-finance', laptopCopy, 'raw');
+    const laptopDisk = readFileSync(laptopCopy);
     const t1 = Date.now();
     const in0 = broker.transfer!.stats.bytesIn;
     const ci = await upload(env, 'win11-finance', 'checkin');

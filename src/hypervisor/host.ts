@@ -1,6 +1,8 @@
+import { spawn } from 'node:child_process';
 import { accessSync, constants } from 'node:fs';
-import { statfs } from 'node:fs/promises';
-import { availableParallelism, totalmem } from 'node:os';
+import { mkdtemp, readFile, rm, statfs } from 'node:fs/promises';
+import { availableParallelism, tmpdir, totalmem } from 'node:os';
+import { join } from 'node:path';
 
 /** What the laptop offers a desktop: checked before launch and sent with a check-out request. */
 export interface HostFacts {
@@ -27,4 +29,33 @@ export function hostFacts(): HostFacts {
 export async function freeDiskBytes(path: string): Promise<number> {
   const fs = await statfs(path);
   return fs.bavail * fs.bsize;
+}
+
+/**
+ * Whether KVM really runs a guest here, not merely whether /dev/kvm opens: QEMU starts a KVM
+ * machine with SeaBIOS, which writes its banner to the debug port within milliseconds when KVM
+ * works. Where KVM opens but then fails (nested or broken virtualisation), nothing comes.
+ */
+export async function probeKvm(timeoutMs = 3000): Promise<{ ok: boolean; why?: string }> {
+  if (!kvmUsable()) return { ok: false, why: '/dev/kvm is missing or not accessible to this user' };
+  const dir = await mkdtemp(join(tmpdir(), 'carryon-kvm-'));
+  const log = join(dir, 'debugcon');
+  const child = spawn('qemu-system-x86_64', ['-accel', 'kvm', '-machine', 'pc', '-nodefaults', '-display', 'none', '-m', '32', '-chardev', `file,id=dbg,path=${log}`, '-device', 'isa-debugcon,iobase=0x402,chardev=dbg'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+  let exited = false;
+  child.once('exit', () => (exited = true));
+  child.once('error', () => (exited = true));
+  try {
+    for (let waited = 0; waited < timeoutMs; waited += 50) {
+      await new Promise((r) => setTimeout(r, 50));
+      const text = await readFile(log, 'utf8').catch(() => '');
+      if (text.includes('SeaBIOS')) return { ok: true };
+      if (exited) return { ok: false, why: stderr.trim().split('\n').pop() || 'QEMU could not start KVM' };
+    }
+    return { ok: false, why: `KVM opened but ran no guest code within ${timeoutMs} ms` };
+  } finally {
+    child.kill('SIGKILL');
+    await rm(dir, { recursive: true, force: true });
+  }
 }

@@ -1,7 +1,8 @@
-import { spawn } from 'node:child_process';
+import { createCipheriv, randomBytes } from 'node:crypto';
 import { z } from 'zod';
-import { ValidationError } from '../core/errors.js';
-import { QmpConnection } from './datacenter/hypervisor.js';
+import { CarryonError, ValidationError } from '../core/errors.js';
+import { missingTool, spawnWithSecret } from '../disk/qemu-tools.js';
+import { QmpConnection } from './qmp.js';
 import type { HostFacts } from './host.js';
 
 /** The offline VM config (from the broker, merged with local settings) as `run` accepts it. */
@@ -25,6 +26,12 @@ export function parseOfflineConfig(raw: unknown): OfflineConfig {
 export interface LaunchOptions {
   name: string;
   qmpSocket: string;
+  /** kvm or tcg: decided by `probeAccel` (or the user), never by /dev/kvm merely existing. */
+  accel?: 'kvm' | 'tcg';
+  /** Guest serial console: `stdio`, a file path, or none (default). */
+  serial?: string;
+  /** Extra QEMU arguments, appended as given (`--qemu-arg`). */
+  extraArgs?: string[];
   /** Overrides config.display (e.g. "none" for headless). */
   display?: string;
   /** Start with the CPUs stopped (-S). */
@@ -35,44 +42,65 @@ export interface LaunchOptions {
 export const HOST_RAM_RESERVE_MIB = 1024;
 const NAME_RE = /^[A-Za-z0-9._-]{1,64}$/;
 
+/** One disk as QEMU opens it: the chain's -blockdev JSON and its LUKS secret, encrypted under the launch's master key. */
+export interface LaunchDisk {
+  name: string;
+  /** Top node of the chain (its node-name is the drive). */
+  blockdev: Record<string, unknown>;
+  secret: { id: string; data: string; iv: string };
+}
+
+/** The master secret object: its key comes through a private FIFO (never argv, env or a file at rest). */
+export const MASTER_SECRET_ID = 'carryon-master';
+export const MASTER_SECRET_FIFO = '@SECRET@';
+
 /**
- * Pure: the QEMU argv for an offline desktop. Disks come over NBD (never a decrypted file); the
- * NIC is user-mode, which opens no host port; USB passthrough only when the policy allows it.
- * vCPUs and RAM are clamped to what the host has.
+ * A disk secret as QEMU takes it on a command line: AES-256-CBC under a per-launch master key,
+ * so argv (and `--dry-run`, and `ps`) shows only ciphertext.
  */
-export function buildQemuCommand(
-  config: OfflineConfig,
-  host: HostFacts,
-  disks: { name: string; socketPath: string }[],
-  opts: LaunchOptions,
-): string[] {
+export function encryptSecret(id: string, secretB64: string, masterKey: Buffer): LaunchDisk['secret'] {
+  const iv = randomBytes(16);
+  const c = createCipheriv('aes-256-cbc', masterKey, iv);
+  const data = Buffer.concat([c.update(Buffer.from(secretB64, 'utf8')), c.final()]);
+  return { id, data: data.toString('base64'), iv: iv.toString('base64') };
+}
+
+/**
+ * Pure: the QEMU argv for an offline desktop. QEMU opens each disk's encrypted chain itself (no
+ * Carryon process in the guest's I/O path); the NIC is user-mode, which opens no host port; USB
+ * passthrough only when the policy allows it. vCPUs and RAM are clamped to what the host has.
+ */
+export function buildQemuCommand(config: OfflineConfig, host: HostFacts, disks: LaunchDisk[], opts: LaunchOptions): string[] {
   if (disks.length === 0) throw new ValidationError('a desktop needs at least one disk');
   for (const d of [...disks.map((x) => x.name), opts.name]) {
     if (!NAME_RE.test(d)) throw new ValidationError(`name "${d}" is not usable on a QEMU command line`);
   }
-  for (const p of [...disks.map((x) => x.socketPath), opts.qmpSocket]) {
-    if (/[,\s]/.test(p)) throw new ValidationError(`socket path "${p}" must not contain commas or spaces`);
-  }
+  if (/[,\s]/.test(opts.qmpSocket)) throw new ValidationError(`socket path "${opts.qmpSocket}" must not contain commas or spaces`);
+  const accel = opts.accel ?? (host.kvm ? 'kvm' : 'tcg');
   const vcpus = Math.max(1, Math.min(config.vcpus, host.cpus));
   const hostMiB = Math.floor(host.ramBytes / 2 ** 20);
   const ramMiB = Math.max(64, Math.min(config.ramMiB, hostMiB - HOST_RAM_RESERVE_MIB));
-  const argv = ['qemu-system-x86_64', '-name', opts.name, '-machine', 'q35', '-accel', host.kvm ? 'kvm' : 'tcg'];
-  if (host.kvm) argv.push('-cpu', 'host');
+  const argv = ['qemu-system-x86_64', '-name', opts.name, '-machine', 'q35', '-accel', accel];
+  argv.push('-cpu', accel === 'kvm' ? 'host' : 'max');
   argv.push('-smp', String(vcpus), '-m', `${ramMiB}M`, '-nodefaults', '-no-user-config');
+  argv.push('-object', `secret,id=${MASTER_SECRET_ID},file=${MASTER_SECRET_FIFO},format=base64`);
   disks.forEach((d, i) => {
-    argv.push('-blockdev', `driver=nbd,node-name=disk${i},server.type=unix,server.path=${d.socketPath},export=${d.name},cache.direct=off`);
-    argv.push('-device', `virtio-blk-pci,drive=disk${i}${i === 0 ? ',bootindex=0' : ''}`);
+    argv.push('-object', `secret,id=${d.secret.id},data=${d.secret.data},keyid=${MASTER_SECRET_ID},iv=${d.secret.iv},format=base64`);
+    argv.push('-blockdev', JSON.stringify(d.blockdev));
+    argv.push('-device', `virtio-blk-pci,drive=${String(d.blockdev['node-name'])}${i === 0 ? ',bootindex=0' : ''}`);
   });
   argv.push('-nic', config.nic === 'none' ? 'none' : 'user,model=virtio-net-pci');
   const display = opts.display ?? config.display ?? 'gtk';
   argv.push('-display', display);
   if (display !== 'none') argv.push('-vga', 'virtio');
+  if (opts.serial) argv.push('-serial', opts.serial === 'stdio' ? 'stdio' : `file:${opts.serial}`);
   argv.push('-qmp', `unix:${opts.qmpSocket},server=on,wait=off`);
   if (config.usb) {
     argv.push('-device', 'qemu-xhci,id=xhci');
     for (const u of config.usbDevices) argv.push('-device', `usb-host,bus=xhci.0,vendorid=0x${u.vendorId},productid=0x${u.productId}`);
   }
   if (opts.paused) argv.push('-S');
+  argv.push(...(opts.extraArgs ?? []));
   return argv;
 }
 
@@ -89,22 +117,28 @@ export interface RunningDesktop {
   stop(graceMs?: number): Promise<number>;
   /** A QMP command (e.g. query-status). */
   qmp(command: string, args?: Record<string, unknown>): Promise<unknown>;
+  /** The QMP connection itself (the VM's QEMU is also a block host: fill jobs run in it). */
+  connection: QmpConnection;
+  /** SIGKILL, for a second Ctrl-C. */
+  kill(): void;
 }
 
 /** Spawns QEMU and connects to its QMP socket. The caller flushes its disks after `exited`. */
-export async function launchDesktop(argv: string[], qmpSocket: string, opts: { stdio?: 'inherit' | 'ignore' } = {}): Promise<RunningDesktop> {
-  const child = spawn(argv[0]!, argv.slice(1), { stdio: opts.stdio ?? 'inherit' });
+export async function launchDesktop(argv: string[], qmpSocket: string, opts: { stdio?: 'inherit' | 'ignore'; masterKey?: Buffer } = {}): Promise<RunningDesktop> {
+  // stderr is always captured (and echoed), so a QEMU that dies at start says why.
+  const child = await spawnWithSecret(argv[0]!, argv.slice(1), opts.masterKey?.toString('base64'), [opts.stdio === 'ignore' ? 'ignore' : 'inherit', opts.stdio === 'ignore' ? 'ignore' : 'inherit', 'pipe']);
+  if (opts.stdio !== 'ignore') child.stderr?.on('data', (d: Buffer) => process.stderr.write(d));
   let stderr = '';
   child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
   const exited = new Promise<number>((resolve, reject) => {
-    child.once('error', reject);
+    child.once('error', (err: NodeJS.ErrnoException) => reject(err.code === 'ENOENT' ? missingTool(argv[0]!) : err));
     child.once('exit', (code, sig) => resolve(code ?? (sig ? 128 : 1)));
   });
   let qmp: QmpConnection | undefined;
   // QEMU creates the QMP socket shortly after start; give it a bounded number of tries.
   for (let i = 0; i < 100 && !qmp; i++) {
     const early = await Promise.race([exited.then((c) => c), new Promise<null>((r) => setTimeout(() => r(null), 100))]);
-    if (early !== null) throw new Error(`QEMU exited at start (code ${early})${stderr ? `: ${stderr.trim()}` : ''}`);
+    if (early !== null) throw new CarryonError('qemu-failed', `QEMU exited at start (code ${early})${stderr ? `: ${stderr.trim()}` : ''}`);
     qmp = await QmpConnection.open(qmpSocket).catch(() => undefined);
   }
   if (!qmp) {
@@ -118,6 +152,8 @@ export async function launchDesktop(argv: string[], qmpSocket: string, opts: { s
   return {
     pid: child.pid!,
     exited,
+    connection: conn,
+    kill: () => void child.kill('SIGKILL'),
     qmp: (command, args) => withTimeout(conn.execute(command, args), 10_000),
     async stop(graceMs = 60_000) {
       const done = (ms: number) => Promise.race([exited, new Promise<null>((r) => setTimeout(() => r(null), ms).unref())]);

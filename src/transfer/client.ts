@@ -26,10 +26,17 @@ export interface Progress {
   etaSeconds: number | null;
 }
 
+/** Where an upload takes its frames from when they are not blobs in a local store (the laptop's chain). */
+export interface UploadSource {
+  /** The frame for `id`: a delta against its checkpoint chunk when `useDelta` and smaller, else the whole sealed blob. */
+  frame(id: ChunkId, useDelta: boolean): Promise<{ frame: Buffer; delta: boolean }>;
+}
+
 export interface TransferOptions {
   endpoint: TransferEndpoint;
   ids: readonly ChunkId[];
-  localStore: ChunkStore;
+  localStore?: ChunkStore;
+  source?: UploadSource;
   keys: LineageKeys;
   streams?: number;
   batchSize?: number;
@@ -185,7 +192,7 @@ function groupSync(store: ChunkStore, everyChunks = 512, everyMs = 2000) {
  * Pulls `ids` the local store lacks. Every blob is authenticated before it is stored; a bad one
  * is refused and fetched again (bounded). Resumable by construction: ask again what is missing.
  */
-export async function downloadChunks(opts: TransferOptions, shared?: TransferSession): Promise<TransferResult> {
+export async function downloadChunks(opts: TransferOptions & { localStore: ChunkStore }, shared?: TransferSession): Promise<TransferResult> {
   const session = shared ?? new TransferSession(opts.endpoint, opts.renew);
   const want = await opts.localStore.missing(opts.ids);
   const tracker = progressTracker(want.length, opts.onProgress);
@@ -236,10 +243,12 @@ export async function downloadChunks(opts: TransferOptions, shared?: TransferSes
 
 /** The frame for one chunk: a delta against its base when that is smaller, else the whole blob. */
 async function uploadFrame(opts: TransferOptions, id: ChunkId, useDelta: boolean): Promise<{ frame: Buffer; delta: boolean }> {
+  if (opts.source) return opts.source.frame(id, useDelta);
+  if (!opts.localStore) throw new TransferFailed('upload has neither a source nor a local store');
   const blob = await opts.localStore.get(id);
   if (!blob) throw new TransferFailed(`chunk ${id} is not in the local vault`);
   const baseId = useDelta ? opts.deltaBases?.get(id) : undefined;
-  const baseBlob = baseId ? await opts.localStore.get(baseId) : null;
+  const baseBlob = baseId ? await opts.localStore!.get(baseId) : null;
   if (baseId && baseBlob) {
     // Both blobs are the vault's own, verified when they arrived or sealed here.
     const next = openBlob(opts.keys, id, blob, { checkId: false });
@@ -309,6 +318,19 @@ export async function fetchOne(session: TransferSession, id: ChunkId, keys: Line
         openBlob(keys, frame.id, frame.payload);
         await store.put(frame.id, frame.payload);
       }
+    }
+  }
+  decoder.finish();
+}
+
+/** Streams the blobs of `ids` (unverified: the caller authenticates each before trusting it). */
+export async function* fetchBlobs(session: TransferSession, ids: readonly ChunkId[], signal?: AbortSignal): AsyncGenerator<{ id: ChunkId; blob: Buffer }> {
+  const res = await session.call('/v1/chunks/fetch', JSON.stringify({ ids }), signal);
+  const decoder = new FrameDecoder();
+  for await (const piece of res.body) {
+    for (const frame of decoder.push(piece)) {
+      if (frame.type === FRAME_ERROR) throw new TransferFailed(`server could not send chunk ${frame.id}: ${frame.message}`);
+      if (frame.type === FRAME_BLOB) yield { id: frame.id, blob: frame.payload };
     }
   }
   decoder.finish();

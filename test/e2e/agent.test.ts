@@ -53,7 +53,9 @@ test('heartbeats carry endpoint statistics; remote lock, unlock, lease renewal a
 
   await command('lock');
   assert.equal((await runAgent(env, { once: true })).commands, 1);
-  await assert.rejects(status(env, 'win11'), { code: 'desktop-locked' });
+  const [locked] = await status(env, 'win11');
+  assert.equal(locked!.state, 'locked');
+  assert.match(locked!.problem ?? '', /locked: connect to the broker/, 'status still answers, and says what to do');
   await command('unlock');
   await runAgent(env, { once: true });
   assert.equal((await status(env, 'win11'))[0]!.state, 'checked_out');

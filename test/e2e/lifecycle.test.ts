@@ -4,7 +4,8 @@ import { CarryonError } from '../../src/core/errors.js';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { checkout, enroll, release, status, upload, withDisks, type ClientEnv } from '../../src/client/ops.js';
+import { checkout, enroll, release, status, upload, type ClientEnv } from '../../src/client/ops.js';
+import { readDesktop, writeDesktop } from '../support/laptop.js';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
@@ -51,24 +52,19 @@ test('check-out, change 1% of chunks, check-in moves only those; server snapshot
   const before = broker.transfer!.stats.bytesOut;
   const co = await checkout(env(home), 'win11');
   const out = broker.transfer!.stats.bytesOut - before;
-  assert.ok(co.chunksMoved > 0 && out >= co.bytesMoved, 'blobs travelled');
+  assert.ok(co.bytesMoved > 0 && out >= co.bytesMoved, 'blobs travelled');
   const [st] = await status(env(home), 'win11');
   assert.equal(st!.safeOffline, true);
   assert.equal(st!.percentLocal, 100);
 
-  // A clone shares the lineage: checking it out moves nothing new.
-  const clone = await checkout(env(home), 'ubuntu');
-  assert.equal(clone.chunksMoved, 0, 'dedup across desktops of one golden image');
+  // A second desktop on the same laptop has a chain of its own.
+  await checkout(env(home), 'ubuntu');
   await release(env(home), 'ubuntu', 'rollback');
 
   // Change 1 chunk in 128 (a 32 MiB disk has 128 chunks of 256 KiB): 2 chunks here.
   const touched = [5, 77];
-  await withDisks(env(home), 'win11', async ([d]) => {
-    for (const i of touched) await d!.disk.write(i * CHUNK + 1000, randomBytes(5000));
-    await d!.disk.flush();
-    assert.deepEqual(d!.disk.dirtyIndexes(), touched);
-  });
-  const laptopDisk = await withDisks(env(home), 'win11', async ([d]) => d!.disk.read(0, d!.disk.size));
+  await writeDesktop(env(home), 'win11', touched.map((i) => ({ offset: i * CHUNK + 1000, data: randomBytes(5000) })));
+  const laptopDisk = await readDesktop(env(home), 'win11');
   const inBefore = broker.transfer!.stats.bytesIn;
   const ci = await upload(env(home), 'win11', 'checkin');
   const moved = broker.transfer!.stats.bytesIn - inBefore;
@@ -82,7 +78,8 @@ test('check-out, change 1% of chunks, check-in moves only those; server snapshot
 test('replicate then rollback; offline status with the broker unreachable; lease expiry; copied vault refuses', async () => {
   const home = join(broker.dir, 'laptop');
   await checkout(env(home), 'win11');
-  await withDisks(env(home), 'win11', async ([d]) => d!.disk.write(3 * CHUNK, randomBytes(CHUNK)));
+  await writeDesktop(env(home), 'win11', [{ offset: 3 * CHUNK, data: randomBytes(CHUNK) }]);
+  assert.ok((await status(env(home), 'win11'))[0]!.dirtyBytes >= CHUNK, 'the change shows before the replica');
   const rep = await upload(env(home), 'win11', 'replicate');
   assert.equal(rep.chunksSent, 1);
   const [afterRep] = await status(env(home), 'win11');
@@ -107,7 +104,8 @@ test('replicate then rollback; offline status with the broker unreachable; lease
 
   // Time moves past the lease (the vault's trusted clock): it refuses to open; clock rollback does not help.
   writeFileSync(join(home, 'clock.json'), JSON.stringify({ lastSeen: new Date(Date.now() + 400 * 24 * 3600_000).toISOString() }));
-  await assert.rejects(status(env(home), 'win11'), { code: 'lease-expired' });
+  const [expired] = await status(env(home), 'win11');
+  assert.match(expired!.problem ?? '', /lease expired/, 'status still answers, and says what to do');
   writeFileSync(join(home, 'clock.json'), JSON.stringify({ lastSeen: new Date().toISOString() }));
 
   const rb = await release(env(home), 'win11', 'rollback');
@@ -152,10 +150,10 @@ test('disk full during check-out: a clear error, nothing lost, the rerun complet
     assert.equal(st!.state, 'transferring', 'the vault still knows the check-out in flight');
     rmSync(filler);
     const done = await checkout(carol, 'ubuntu');
-    assert.ok(done.chunksMoved > 0);
+    assert.ok(done.bytesMoved > 0);
     const [after] = await status(carol, 'ubuntu');
     assert.deepEqual([after!.state, after!.safeOffline], ['checked_out', true]);
-    const disk = await withDisks(carol, 'ubuntu', async ([d]) => d!.disk.read(0, d!.disk.size));
+    const disk = await readDesktop(carol, 'ubuntu');
     assert.ok(disk.equals(await serverDisk('ubuntu')), 'byte-identical after the interrupted check-out');
     await release(carol, 'ubuntu', 'rollback');
   });

@@ -1,42 +1,34 @@
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
-import { checkRange, type BlockDevice } from '../../src/disk/block-device.js';
+import { randomBytes } from 'node:crypto';
+import { chainBlockdev, chainFiles, createChain } from '../../src/disk/chain.js';
 import { ValidationError } from '../../src/core/errors.js';
 import { freeDiskBytes, hostFacts } from '../../src/hypervisor/host.js';
 import { runDesktop } from '../../src/hypervisor/launch-desktop.js';
-import { buildQemuCommand, formatCommand, parseOfflineConfig } from '../../src/hypervisor/launch.js';
+import { buildQemuCommand, encryptSecret, formatCommand, parseOfflineConfig, type LaunchDisk } from '../../src/hypervisor/launch.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'carryon-launch-'));
 after(() => rmSync(dir, { recursive: true, force: true }));
 const kvmHost = { cpus: 8, ramBytes: 16 * 2 ** 30, kvm: true };
 const tcgHost = { cpus: 2, ramBytes: 4 * 2 ** 30, kvm: false };
-const disks = [{ name: 'disk0', socketPath: '/run/c/nbd.sock' }, { name: 'data', socketPath: '/run/c/nbd.sock' }];
+const block = (name: string, i: number) => ({ driver: 'qcow2', 'node-name': `d${i}-top`, file: { driver: 'file', filename: `/v/${name}/top.qcow2` } });
+const master = Buffer.alloc(32, 9);
+const disks: LaunchDisk[] = ['disk0', 'data'].map((name, i) => ({ name, blockdev: block(name, i), secret: encryptSecret(`sec-d${i}`, 'c2VjcmV0LXBhc3NwaHJhc2U=', master) }));
 const opts = { name: 'win11', qmpSocket: '/run/c/qmp.sock' };
 
-/** In-memory disk that counts flushes (the launcher must flush on exit). */
-class MemoryDevice implements BlockDevice {
-  readonly readOnly = false;
-  flushes = 0;
-  constructor(private readonly data: Buffer) {}
-  get size() { return this.data.length; }
-  async read(o: number, n: number) { checkRange(this.size, o, n); return Buffer.from(this.data.subarray(o, o + n)); }
-  async write(o: number, d: Buffer) { checkRange(this.size, o, d.length); d.copy(this.data, o); }
-  async writeZeroes(o: number, n: number) { checkRange(this.size, o, n); this.data.fill(0, o, o + n); }
-  async trim(o: number, n: number) { await this.writeZeroes(o, n); }
-  async flush() { this.flushes++; }
-  async close() {}
-}
-
-test('KVM host: kvm accel, host CPU, NBD blockdevs, user NIC, QMP, no USB unless allowed', () => {
+test('KVM host: kvm accel, host CPU, chain blockdevs with encrypted secrets, user NIC, QMP, no USB unless allowed', () => {
   const argv = buildQemuCommand(parseOfflineConfig({ vcpus: 4, ramMiB: 4096, usb: false, nic: 'user' }), kvmHost, disks, opts);
   const s = argv.join(' ');
   assert.equal(argv[0], 'qemu-system-x86_64');
   assert.match(s, /-accel kvm -cpu host -smp 4 -m 4096M/);
-  assert.match(s, /-blockdev driver=nbd,node-name=disk0,server.type=unix,server.path=\/run\/c\/nbd.sock,export=disk0/);
-  assert.match(s, /-device virtio-blk-pci,drive=disk0,bootindex=0 .*-device virtio-blk-pci,drive=disk1 /);
+  assert.match(s, /-object secret,id=carryon-master,file=@SECRET@,format=base64/);
+  assert.match(s, /-object secret,id=sec-d0,data=[A-Za-z0-9+\/=]+,keyid=carryon-master,iv=[A-Za-z0-9+\/=]+,format=base64/);
+  assert.ok(!s.includes('c2VjcmV0LXBhc3NwaHJhc2U='), 'the disk passphrase never appears in argv');
+  assert.ok(argv.includes(JSON.stringify(block('disk0', 0))));
+  assert.match(s, /-device virtio-blk-pci,drive=d0-top,bootindex=0 .*-device virtio-blk-pci,drive=d1-top /);
   assert.match(s, /-nic user,model=virtio-net-pci/);
   assert.match(s, /-qmp unix:\/run\/c\/qmp.sock,server=on,wait=off/);
   assert.doesNotMatch(s, /hostfwd|usb-host|qemu-xhci|-S\b/);
@@ -46,8 +38,7 @@ test('TCG host: clamps vCPUs and RAM to the host; USB devices only when policy a
   const usb = [{ vendorId: '046d', productId: 'c52b' }];
   const argv = buildQemuCommand(parseOfflineConfig({ vcpus: 8, ramMiB: 16384, usb: true, nic: 'none', usbDevices: usb, display: 'sdl' }), tcgHost, disks, { ...opts, paused: true });
   const s = argv.join(' ');
-  assert.match(s, /-accel tcg -smp 2 -m 3072M/);
-  assert.doesNotMatch(s, /-cpu host/);
+  assert.match(s, /-accel tcg -cpu max -smp 2 -m 3072M/);
   assert.match(s, /-nic none/);
   assert.match(s, /-display sdl/);
   assert.match(s, /-device qemu-xhci,id=xhci -device usb-host,bus=xhci.0,vendorid=0x046d,productid=0xc52b/);
@@ -60,8 +51,8 @@ test('bad config and unsafe names are refused', () => {
   assert.throws(() => parseOfflineConfig({ vcpus: 0, ramMiB: 512 }), ValidationError);
   assert.throws(() => parseOfflineConfig({ vcpus: 1, ramMiB: 512, display: 'gtk -device evil' }), ValidationError);
   const c = parseOfflineConfig({ vcpus: 1, ramMiB: 512 });
-  assert.throws(() => buildQemuCommand(c, tcgHost, [{ name: 'a,b', socketPath: '/s' }], opts), ValidationError);
-  assert.throws(() => buildQemuCommand(c, tcgHost, [{ name: 'a', socketPath: '/s,x' }], opts), ValidationError);
+  assert.throws(() => buildQemuCommand(c, tcgHost, [{ ...disks[0]!, name: 'a,b' }], opts), ValidationError);
+  assert.throws(() => buildQemuCommand(c, tcgHost, disks, { ...opts, qmpSocket: '/s,x' }), ValidationError);
   assert.throws(() => buildQemuCommand(c, tcgHost, [], opts), ValidationError);
   assert.equal(formatCommand(['a b', "it's", 'x=1,y']), `'a b' 'it'\\''s' x=1,y`);
 });
@@ -72,28 +63,36 @@ test('host facts', async () => {
   assert.ok((await freeDiskBytes(dir)) > 0);
 });
 
-test('dry run builds the argv without starting anything', async () => {
-  const dev = new MemoryDevice(Buffer.alloc(1 << 20));
-  const r = await runDesktop({ name: 'dry', disks: [{ name: 'disk0', device: dev }], config: parseOfflineConfig({ vcpus: 1, ramMiB: 128 }), socketDir: join(dir, 'dry'), dryRun: true, host: tcgHost });
+test('dry run builds the argv without starting anything; extra args, serial and accel are shown', async () => {
+  const r = await runDesktop({ name: 'dry', disks: [{ name: 'disk0', blockdev: block('disk0', 0), secretId: 'sec-d0', secret: 'c2VjcmV0LXBhc3NwaHJhc2U=' }], config: parseOfflineConfig({ vcpus: 1, ramMiB: 128 }), socketDir: join(dir, 'dry'), dryRun: true, host: kvmHost, accel: 'tcg', serial: 'stdio', extraArgs: ['-kernel', '/boot/vmlinuz'] });
   assert.equal(r.exitCode, undefined);
-  assert.match(r.argv.join(' '), /server.path=.*dry\/nbd.sock,export=disk0/);
+  const s = r.argv.join(' ');
+  assert.match(s, /-accel tcg -cpu max/);
+  assert.match(s, /-serial stdio/);
+  assert.ok(s.endsWith('-kernel /boot/vmlinuz'));
+  assert.ok(!s.includes('c2VjcmV0LXBhc3NwaHJhc2U='));
 });
 
-test('installed QEMU accepts the command line: paused TCG start over our NBD export, QMP stop, disks flushed', async () => {
-  const dev = new MemoryDevice(Buffer.alloc(4 << 20));
+test('installed QEMU opens a real LUKS qcow2 chain from the command line: paused TCG start, QMP stop', async () => {
+  const files = chainFiles(join(dir, 'chain'));
+  mkdirSync(join(dir, 'chain'), { recursive: true });
+  const secret = randomBytes(32).toString('base64');
+  await createChain({ files, secret }, 4 << 20, 256 << 10);
+  const spec = { files, secretId: 'sec-d0', prefix: 'd0' };
   let blockInfo: unknown;
   const r = await runDesktop({
     name: 'paused',
-    disks: [{ name: 'disk0', device: dev }],
+    disks: [{ name: 'disk0', blockdev: chainBlockdev(spec), secretId: 'sec-d0', secret }],
     config: parseOfflineConfig({ vcpus: 1, ramMiB: 128, nic: 'none' }),
     socketDir: join(dir, 'vm'),
     display: 'none',
     paused: true,
+    accel: 'tcg',
     host: { ...hostFacts(), kvm: false },
     stdio: 'ignore',
     onStarted: (vm) => {
       void (async () => {
-        blockInfo = await vm.qmp('query-block');
+        blockInfo = await vm.qmp('query-named-block-nodes');
         const status = (await vm.qmp('query-status')) as { status: string };
         assert.equal(status.status, 'prelaunch');
         // A paused guest ignores ACPI power-down: stop() must fall back to QMP quit.
@@ -102,6 +101,17 @@ test('installed QEMU accepts the command line: paused TCG start over our NBD exp
     },
   });
   assert.equal(r.exitCode, 0);
-  assert.match(JSON.stringify(blockInfo), /nbd/);
-  assert.ok(dev.flushes >= 1, 'disks flushed after QEMU exited');
+  assert.match(JSON.stringify(blockInfo), /"encrypted":true/);
+  assert.match(JSON.stringify(blockInfo), /top\.qcow2/);
+});
+
+test('a wrong disk passphrase makes QEMU fail at start with its own words, not hang', async () => {
+  const files = chainFiles(join(dir, 'chain'));
+  await assert.rejects(
+    runDesktop({
+      name: 'wrong', disks: [{ name: 'disk0', blockdev: chainBlockdev({ files, secretId: 'sec-d0', prefix: 'd0' }), secretId: 'sec-d0', secret: randomBytes(32).toString('base64') }],
+      config: parseOfflineConfig({ vcpus: 1, ramMiB: 128, nic: 'none' }), socketDir: join(dir, 'vm2'), display: 'none', paused: true, accel: 'tcg', stdio: 'ignore',
+    }),
+    /QEMU exited at start/i,
+  );
 });

@@ -40,6 +40,6 @@ test('a standalone transfer server registers with the broker and serves a check-
   const env: ClientEnv = { home: join(broker.dir, 'laptop'), user: 'alice', password: async () => 'alice-password', log: () => undefined, pollMs: 20 };
   await enroll(env, broker.url, { fingerprint: broker.fingerprint, name: 'l' });
   const res = await checkout(env, 'win11');
-  assert.ok(res.chunksMoved > 0);
+  assert.ok(res.chunksMoved > 0 && res.bytesMoved > 0);
   assert.ok(ts.stats.bytesOut >= res.bytesMoved, 'the bytes came from the standalone server');
 });

@@ -1,4 +1,6 @@
-import { connect } from 'node:net';
+import { QmpConnection } from '../qmp.js';
+
+export { QmpConnection };
 
 /** The datacenter copy's power control. The broker powers a desktop down before a checkpoint. */
 export interface DatacenterHypervisor {
@@ -15,60 +17,6 @@ export class NoHypervisor implements DatacenterHypervisor {
     return false;
   }
   async powerOff(): Promise<void> {}
-}
-
-/** Minimal QMP client over a unix socket: capabilities handshake, then commands and events. */
-export class QmpConnection {
-  private buf = '';
-  private waiters: ((msg: Record<string, unknown>) => void)[] = [];
-  private events: Record<string, unknown>[] = [];
-  private constructor(private readonly sock: import('node:net').Socket) {
-    sock.setEncoding('utf8');
-    sock.on('data', (d: string) => {
-      this.buf += d;
-      let nl;
-      while ((nl = this.buf.indexOf('\n')) >= 0) {
-        const line = this.buf.slice(0, nl).trim();
-        this.buf = this.buf.slice(nl + 1);
-        if (!line) continue;
-        const msg = JSON.parse(line) as Record<string, unknown>;
-        if ('event' in msg) this.events.push(msg);
-        else this.waiters.shift()?.(msg);
-      }
-    });
-  }
-
-  static async open(path: string): Promise<QmpConnection> {
-    const sock = connect(path);
-    await new Promise<void>((resolve, reject) => {
-      sock.once('connect', resolve);
-      sock.once('error', reject);
-    });
-    const qmp = new QmpConnection(sock);
-    await qmp.next(); // greeting
-    await qmp.execute('qmp_capabilities');
-    return qmp;
-  }
-
-  private next(): Promise<Record<string, unknown>> {
-    return new Promise((resolve) => this.waiters.push(resolve));
-  }
-
-  async execute(command: string, args?: Record<string, unknown>): Promise<unknown> {
-    const reply = this.next();
-    this.sock.write(`${JSON.stringify(args ? { execute: command, arguments: args } : { execute: command })}\n`);
-    const msg = await reply;
-    if ('error' in msg) throw new Error(`QMP ${command}: ${JSON.stringify(msg.error)}`);
-    return msg.return;
-  }
-
-  sawEvent(name: string): boolean {
-    return this.events.some((e) => e.event === name);
-  }
-
-  close(): void {
-    this.sock.destroy();
-  }
 }
 
 /** Desktops run as QEMU processes with a QMP socket at `<socketDir>/<desktopId>.qmp`. */

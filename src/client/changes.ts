@@ -1,0 +1,76 @@
+import type { ChunkId } from '../core/chunk-id.js';
+import { computeChunkId } from '../core/chunk-id.js';
+import { sealChunk } from '../core/blob.js';
+import { chunkLength, isZero } from '../core/chunking.js';
+import { sealDelta } from '../core/delta.js';
+import type { LineageKeys } from '../core/keys.js';
+import { createManifest, type Manifest } from '../core/manifest.js';
+import { extentsToChunks, topExtents } from '../disk/chain.js';
+import { mapLimit } from '../store/fs-chunk-store.js';
+import type { NbdClient } from '../nbd/client.js';
+import type { UploadSource } from '../transfer/client.js';
+import type { DesktopDisk } from './disks.js';
+
+/** One disk as check-in reads it: the chain (top export) and its checkpoint layer (base export). */
+export interface DiskReader {
+  disk: DesktopDisk;
+  top: NbdClient;
+  base: NbdClient;
+}
+
+export interface Changes {
+  manifests: { name: string; manifest: Manifest }[];
+  /** Distinct new chunk IDs, each with where to read it. */
+  changed: Map<ChunkId, { reader: DiskReader; index: number }>;
+  changedChunks: number;
+  source: UploadSource;
+}
+
+/**
+ * The change since the checkpoint, from the top layer's allocated extents only (a check-in never
+ * rescans the disk): each touched chunk is read through the chain and identified (HMAC); a chunk
+ * that reads as before (rewritten with the same bytes) is no change, one that reads as zeros
+ * becomes a hole. Frames are sealed later, when the server says it lacks them.
+ */
+export async function collectChanges(readers: DiskReader[], keys: LineageKeys): Promise<Changes> {
+  const manifests: Changes['manifests'] = [];
+  const changed: Changes['changed'] = new Map();
+  let changedChunks = 0;
+  for (const reader of readers) {
+    const { base } = reader.disk;
+    const chunks = base.chunks.slice();
+    const indexes = extentsToChunks(await topExtents(reader.disk.chain), base.chunkSize);
+    await mapLimit(indexes, 8, async (index) => {
+      const plain = await readChunk(reader.top, base, index);
+      const id = isZero(plain) ? null : computeChunkId(keys.idKey, plain);
+      if (id === base.chunks[index]) return;
+      chunks[index] = id;
+      changedChunks++;
+      if (id && !changed.has(id)) changed.set(id, { reader, index });
+    });
+    manifests.push({ name: reader.disk.name, manifest: createManifest(base.chunkSize, base.diskSize, chunks) });
+  }
+  return { manifests, changed, changedChunks, source: { frame: (id, useDelta) => frameFor(changed, keys, id, useDelta) } };
+}
+
+function readChunk(client: NbdClient, m: Manifest, index: number): Promise<Buffer> {
+  return client.read(index * m.chunkSize, chunkLength(index, m.diskSize, m.chunkSize));
+}
+
+async function frameFor(changed: Changes['changed'], keys: LineageKeys, id: ChunkId, useDelta: boolean): Promise<{ frame: Buffer; delta: boolean }> {
+  const { blobFrame, deltaFrame } = await import('../transfer/frames.js');
+  const at = changed.get(id);
+  if (!at) throw new Error(`chunk ${id} is not among this check-in's changes`);
+  const { reader, index } = at;
+  const plain = await readChunk(reader.top, reader.disk.base, index);
+  // The guest may have written since the scan (a replica of a running desktop): never send bytes under the wrong ID.
+  if (computeChunkId(keys.idKey, plain) !== id) throw new Error(`chunk ${index} of ${reader.disk.name} changed during the upload; run it again`);
+  const blob = sealChunk(keys, plain, id).blob;
+  const baseId = reader.disk.base.chunks[index];
+  if (useDelta && baseId) {
+    const basePlain = await readChunk(reader.base, reader.disk.base, index);
+    const delta = sealDelta(keys, id, baseId, basePlain, plain);
+    if (delta && delta.length + 32 < blob.length) return { frame: deltaFrame(id, baseId, delta), delta: true };
+  }
+  return { frame: blobFrame(id, blob), delta: false };
+}

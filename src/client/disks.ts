@@ -1,0 +1,113 @@
+import { mkdir, readFile, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { z } from 'zod';
+import { deriveDiskSecret, type LineageKeys } from '../core/keys.js';
+import type { Manifest } from '../core/manifest.js';
+import { chainBytesOnDisk, chainFiles, createChain, mergeTop, type Chain } from '../disk/chain.js';
+import { writeFileAtomic } from '../store/files.js';
+import type { DesktopState, Vault } from './vault.js';
+
+/** A desktop disk as the client works with it: its chain, checkpoint manifest and state entry. */
+export interface DesktopDisk {
+  name: string;
+  chain: Chain;
+  base: Manifest;
+  entry: DesktopState['disks'][number];
+}
+
+export function diskDir(vault: Vault, desktopId: string, name: string): string {
+  return join(vault.desktopDir(desktopId), 'disks', name);
+}
+
+/** Private directory for sockets and the running owner's files. */
+export function runDir(vault: Vault, desktopId: string): string {
+  return join(vault.desktopDir(desktopId), 'run');
+}
+
+export function chainOf(vault: Vault, state: DesktopState, keys: LineageKeys, name: string): Chain {
+  return { files: chainFiles(diskDir(vault, state.desktopId, name)), secret: deriveDiskSecret(keys, state.desktopId, name, Buffer.from(state.keys.salt, 'base64')) };
+}
+
+/** Creates the empty chains of a new check-out (both layers of all disks at once). */
+export async function createDesktopChains(vault: Vault, state: DesktopState, keys: LineageKeys): Promise<void> {
+  await Promise.all(
+    state.disks.map(async (d) => {
+      const base = await vault.manifest(state.desktopId, d.baseDigest);
+      await mkdir(diskDir(vault, state.desktopId, d.name), { recursive: true, mode: 0o700 });
+      await createChain(chainOf(vault, state, keys, d.name), base.diskSize, base.chunkSize);
+    }),
+  );
+}
+
+/**
+ * Opens a desktop's disks, first finishing any merge a kill interrupted: the top is merged into
+ * the base again (idempotent) and the base takes the digest it was merging to.
+ */
+export async function openDesktopDisks(vault: Vault, state: DesktopState, keys: LineageKeys): Promise<{ state: DesktopState; disks: DesktopDisk[] }> {
+  let current = state;
+  for (const d of state.disks) {
+    if (!d.mergingTo) continue;
+    await mergeTop(chainOf(vault, current, keys, d.name));
+    current = { ...current, disks: current.disks.map((x) => (x.name === d.name ? { ...x, baseDigest: d.mergingTo!, mergingTo: null } : x)) };
+    await vault.save(current);
+  }
+  const disks: DesktopDisk[] = [];
+  for (const entry of current.disks) {
+    disks.push({ name: entry.name, chain: chainOf(vault, current, keys, entry.name), base: await vault.manifest(current.desktopId, entry.baseDigest), entry });
+  }
+  return { state: current, disks };
+}
+
+/** What the owner of a filling chain reports for `status` (and `status` alone cannot know). */
+const FillReport = z.object({
+  pid: z.number().int(),
+  done: z.number(),
+  total: z.number(),
+  updatedAt: z.string(),
+  failures: z.array(z.object({ at: z.string(), message: z.string() })).default([]),
+});
+export type FillReport = z.infer<typeof FillReport>;
+
+export async function writeFillReport(vault: Vault, desktopId: string, report: FillReport): Promise<void> {
+  await mkdir(runDir(vault, desktopId), { recursive: true, mode: 0o700 });
+  await writeFileAtomic(join(runDir(vault, desktopId), 'fill.json'), JSON.stringify(report));
+}
+
+export async function readFillReport(vault: Vault, desktopId: string): Promise<FillReport | null> {
+  try {
+    const r = FillReport.safeParse(JSON.parse(await readFile(join(runDir(vault, desktopId), 'fill.json'), 'utf8')));
+    return r.success ? r.data : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Failures a reader saw (a chunk that failed authentication, a link that gave up), kept for status and the audit. */
+export async function recordDiskFailure(vault: Vault, desktopId: string, message: string): Promise<void> {
+  const file = join(vault.desktopDir(desktopId), 'failures.json');
+  let list: { at: string; message: string }[] = [];
+  try {
+    list = z.array(z.object({ at: z.string(), message: z.string() })).parse(JSON.parse(await readFile(file, 'utf8')));
+  } catch { /* none yet */ }
+  list.push({ at: new Date().toISOString(), message });
+  await writeFileAtomic(file, JSON.stringify(list.slice(-50))).catch(() => undefined);
+}
+
+export async function readDiskFailures(vault: Vault, desktopId: string): Promise<{ at: string; message: string }[]> {
+  try {
+    return z.array(z.object({ at: z.string(), message: z.string() })).parse(JSON.parse(await readFile(join(vault.desktopDir(desktopId), 'failures.json'), 'utf8')));
+  } catch {
+    return [];
+  }
+}
+
+/** Bytes the top layers take (the change since the checkpoint, as stored) — needs no keys. */
+export async function topBytes(vault: Vault, state: DesktopState): Promise<number> {
+  let sum = 0;
+  for (const d of state.disks) sum += (await chainBytesOnDisk(chainFiles(diskDir(vault, state.desktopId, d.name)))).top;
+  return sum;
+}
+
+export async function removeRunDir(vault: Vault, desktopId: string): Promise<void> {
+  await rm(runDir(vault, desktopId), { recursive: true, force: true });
+}

@@ -1,0 +1,163 @@
+import { mkdir, readFile, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { z } from 'zod';
+import { CarryonError } from '../core/errors.js';
+import type { LineageKeys } from '../core/keys.js';
+import type { ChainSpec } from '../disk/chain.js';
+import { streamBase, type FillProgress } from '../disk/fill.js';
+import { RemoteCheckpoint } from '../disk/remote-checkpoint.js';
+import type { BlockHost } from '../disk/storage-daemon.js';
+import { serveNbd, type NbdServer } from '../nbd/server.js';
+import { writeFileAtomic } from '../store/files.js';
+import { TransferSession, type Progress, type TransferEndpoint } from '../transfer/client.js';
+import type { RateLimiter } from '../transfer/rate-limit.js';
+import { recordDiskFailure, runDir, writeFillReport, type DesktopDisk } from './disks.js';
+import type { DesktopState, Vault } from './vault.js';
+
+/** Node names of disk `i` in whichever QEMU holds the chain. */
+export const diskPrefix = (i: number) => `d${i}`;
+
+/** The chain description for disk `i`, with its remote backing while the base is incomplete. */
+export function specFor(disk: DesktopDisk, i: number, remoteSocket: string | null, readOnly = false): ChainSpec {
+  return {
+    files: disk.chain.files,
+    secretId: `sec-${diskPrefix(i)}`,
+    prefix: diskPrefix(i),
+    remote: !disk.entry.complete && remoteSocket ? { socketPath: remoteSocket, exportName: disk.name } : undefined,
+    readOnly,
+  };
+}
+
+/**
+ * The remote checkpoint of every incomplete disk, served to QEMU on a private socket: the backing
+ * that lets a desktop boot (and the fill run) before the download ends.
+ */
+export class RemoteSource {
+  private constructor(
+    readonly socketPath: string,
+    private readonly server: NbdServer,
+    private readonly remotes: RemoteCheckpoint[],
+    private readonly session: TransferSession,
+  ) {}
+
+  static async start(opts: { vault: Vault; state: DesktopState; disks: DesktopDisk[]; keys: LineageKeys; endpoint: TransferEndpoint; renew: () => Promise<TransferEndpoint>; log: (l: string) => void; rateLimit?: RateLimiter }): Promise<RemoteSource> {
+    const session = new TransferSession(opts.endpoint, opts.renew);
+    const remotes = new Map<string, RemoteCheckpoint>();
+    for (const d of opts.disks) {
+      if (d.entry.complete) continue;
+      remotes.set(d.name, new RemoteCheckpoint({
+        manifest: d.base, keys: opts.keys, session, log: opts.log, rateLimit: opts.rateLimit,
+        onFailure: (m) => void recordDiskFailure(opts.vault, opts.state.desktopId, m),
+      }));
+    }
+    const socketPath = join(runDir(opts.vault, opts.state.desktopId), 'remote.sock');
+    const server = await serveNbd(new Map([...remotes]), { socketPath });
+    return new RemoteSource(socketPath, server, [...remotes.values()], session);
+  }
+
+  get fetchedBytes(): number {
+    return this.remotes.reduce((s, r) => s + r.fetchedBytes, 0);
+  }
+
+  get fetchedChunks(): number {
+    return this.remotes.reduce((s, r) => s + r.fetchedChunks, 0);
+  }
+
+  async close(): Promise<void> {
+    await this.server.close();
+    for (const r of this.remotes) await r.close();
+    await this.session.close();
+  }
+}
+
+/**
+ * Streams every incomplete base from its remote backing, recording each completed disk in the
+ * vault state as it finishes. Returns the state and whether everything is now local.
+ */
+export async function fillDisks(opts: {
+  host: BlockHost; vault: Vault; state: DesktopState; disks: DesktopDisk[]; remote: RemoteSource;
+  signal?: AbortSignal; onProgress?: (p: Progress) => void;
+}): Promise<{ state: DesktopState; complete: boolean }> {
+  let state = opts.state;
+  const totals = new Map<number, FillProgress>();
+  const started = Date.now();
+  let lastReport = 0;
+  const report = (i: number, p: FillProgress) => {
+    totals.set(i, p);
+    let done = 0;
+    let total = 0;
+    for (const t of totals.values()) {
+      done += t.done;
+      total += t.total;
+    }
+    const secs = (Date.now() - started) / 1000;
+    const rate = secs > 0 ? opts.remote.fetchedBytes / secs : 0;
+    const chunk = opts.disks[0]?.base.chunkSize ?? 1;
+    opts.onProgress?.({ bytesDone: opts.remote.fetchedBytes, chunksDone: Math.floor(done / chunk), chunksTotal: Math.ceil(total / chunk), rate, etaSeconds: done > 0 && secs > 0 ? ((total - done) / done) * secs : null });
+    if (Date.now() - lastReport > 1000) {
+      lastReport = Date.now();
+      void writeFillReport(opts.vault, state.desktopId, { pid: process.pid, done, total, updatedAt: new Date().toISOString(), failures: [] }).catch(() => undefined);
+    }
+  };
+  const results = await Promise.all(
+    opts.disks.map(async (d, i) => {
+      if (d.entry.complete) return true;
+      const how = await streamBase(opts.host, diskPrefix(i), { signal: opts.signal, onProgress: (p) => report(i, p) });
+      if (how !== 'complete') return false;
+      state = { ...state, disks: state.disks.map((x) => (x.name === d.name ? { ...x, complete: true } : x)) };
+      await opts.vault.save(state);
+      return true;
+    }),
+  );
+  return { state, complete: results.every(Boolean) };
+}
+
+const Owner = z.object({ pid: z.number().int(), kind: z.enum(['checkout', 'checkin', 'replicate', 'serve', 'run']) });
+export type OwnerKind = z.infer<typeof Owner>['kind'];
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** The live process holding the desktop's disk, if any. */
+export async function readOwner(vault: Vault, desktopId: string): Promise<z.infer<typeof Owner> | null> {
+  try {
+    const parsed = Owner.safeParse(JSON.parse(await readFile(join(runDir(vault, desktopId), 'owner.json'), 'utf8')));
+    return parsed.success && parsed.data.pid !== process.pid && alive(parsed.data.pid) ? parsed.data : null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Claims the desktop's chain for this process. A running check-out is asked to pause (its
+ * download continues inside the new owner); any other live owner is a clear refusal. QEMU's own
+ * image locks remain the last word.
+ */
+export async function claimOwner(vault: Vault, desktopId: string, kind: OwnerKind, log: (l: string) => void): Promise<() => Promise<void>> {
+  const file = join(runDir(vault, desktopId), 'owner.json');
+  let current: z.infer<typeof Owner> | null = null;
+  try {
+    const parsed = Owner.safeParse(JSON.parse(await readFile(file, 'utf8')));
+    current = parsed.success ? parsed.data : null;
+  } catch { /* nobody */ }
+  if (current && current.pid !== process.pid && alive(current.pid)) {
+    if (current.kind !== 'checkout' || (kind !== 'run' && kind !== 'serve')) {
+      throw new CarryonError('disk-busy', `the desktop is in use by \`carryon ${current.kind}\` (pid ${current.pid}): stop it first${kind === 'checkin' || kind === 'replicate' ? ' (shut the desktop down, then check in)' : ''}`);
+    }
+    log(`pausing the running check-out (pid ${current.pid}); the download continues here`);
+    process.kill(current.pid, 'SIGINT');
+    for (let i = 0; i < 300 && alive(current.pid); i++) await new Promise((r) => setTimeout(r, 100));
+    if (alive(current.pid)) throw new CarryonError('disk-busy', `the check-out (pid ${current.pid}) did not stop within 30 s`);
+  }
+  await mkdir(runDir(vault, desktopId), { recursive: true, mode: 0o700 });
+  await writeFileAtomic(file, JSON.stringify({ pid: process.pid, kind }));
+  return async () => {
+    await rm(file, { force: true });
+  };
+}

@@ -1,0 +1,193 @@
+import { rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { z } from 'zod';
+import { QemuToolError, runQemuTool, SECRET_FD_OBJECT } from './qemu-tools.js';
+import { DiskError } from './block-device.js';
+
+/**
+ * The laptop's live disk: a qcow2 chain encrypted with LUKS (AES-256-XTS), run by QEMU's own
+ * block layer. `base` holds the checkpoint (check-out fills it); `top` holds every write since
+ * the last check-in or replica, with extended L2 (a 4 KiB write allocates subclusters, not a
+ * whole cluster). Top's allocated extents are the dirty set.
+ */
+export interface ChainFiles {
+  base: string;
+  top: string;
+}
+
+export function chainFiles(dir: string): ChainFiles {
+  return { base: join(dir, 'base.qcow2'), top: join(dir, 'top.qcow2') };
+}
+
+/** Base clusters as large as a chunk (up to qcow2's 2 MiB): copy-on-read then takes whole chunks. */
+export function baseClusterSize(chunkSize: number): number {
+  return Math.min(Math.max(chunkSize, 64 * 1024), 2 * 1024 * 1024);
+}
+
+/** 128 KiB clusters with 32 subclusters: 4 KiB allocation units, as QEMU's docs recommend. */
+export const TOP_CLUSTER_SIZE = 128 * 1024;
+
+export interface RemoteBacking {
+  socketPath: string;
+  exportName: string;
+}
+
+/** A chain with the LUKS passphrase that opens both layers (base64, derived per disk). */
+export interface Chain {
+  files: ChainFiles;
+  secret: string;
+}
+
+export interface ChainSpec {
+  files: ChainFiles;
+  secretId: string;
+  /** Node names are `<prefix>-top`, `<prefix>-base`, `<prefix>-remote`. */
+  prefix: string;
+  /** While the check-out is in flight: the checkpoint, served over NBD, backs the base. */
+  remote?: RemoteBacking;
+  readOnly?: boolean;
+}
+
+function fileNode(filename: string, readOnly: boolean) {
+  // Host page cache on (QEMU's default writeback): the guest's flushes still reach the disk.
+  return { driver: 'file', filename, 'read-only': readOnly, locking: 'on' };
+}
+
+/** The -blockdev / blockdev-add description of the whole chain, top node first. */
+export function chainBlockdev(spec: ChainSpec): Record<string, unknown> {
+  const encrypt = { format: 'luks', 'key-secret': spec.secretId };
+  const ro = spec.readOnly ?? false;
+  const remote = spec.remote
+    ? { driver: 'nbd', 'node-name': `${spec.prefix}-remote`, server: { type: 'unix', path: spec.remote.socketPath }, export: spec.remote.exportName, 'read-only': true, 'reconnect-delay': 5 }
+    : null;
+  const base = {
+    driver: 'qcow2',
+    'node-name': `${spec.prefix}-base`,
+    file: fileNode(spec.files.base, ro),
+    encrypt,
+    backing: remote,
+    'read-only': ro,
+  };
+  return {
+    driver: 'qcow2',
+    'node-name': `${spec.prefix}-top`,
+    file: fileNode(spec.files.top, ro),
+    encrypt,
+    backing: base,
+    'read-only': ro,
+    discard: 'unmap',
+  };
+}
+
+/** A chain as a `json:` filename for qemu-img (no comma escaping, the same shape QEMU gets). */
+export function chainFilename(spec: ChainSpec, layer: 'top' | 'base' = 'top'): string {
+  const top = chainBlockdev(spec);
+  const node = layer === 'top' ? top : (top.backing as Record<string, unknown>);
+  const strip = (o: Record<string, unknown>): Record<string, unknown> => {
+    const { 'node-name': _n, ...rest } = o;
+    if (rest.backing && typeof rest.backing === 'object') rest.backing = strip(rest.backing as Record<string, unknown>);
+    return rest;
+  };
+  return `json:${JSON.stringify(strip(node))}`;
+}
+
+function createArgs(path: string, sizeBytes: number, opts: string[], backing?: string): string[] {
+  const o = ['encrypt.format=luks', 'encrypt.key-secret=sec0', 'encrypt.iter-time=10', ...opts].join(',');
+  const args = ['create', '-q', '-f', 'qcow2', '--object', SECRET_FD_OBJECT('sec0'), '-o', o];
+  if (backing) args.push('-u', '-b', backing, '-F', 'qcow2');
+  return [...args, path, String(sizeBytes)];
+}
+
+/**
+ * Creates an empty chain. The passphrase is random key material, so LUKS's PBKDF adds nothing:
+ * iter-time is minimal (QEMU still spends ≈ 2.5 s benchmarking it, so both layers are made at once).
+ */
+export async function createChain({ files, secret }: Chain, sizeBytes: number, chunkSize: number): Promise<void> {
+  await Promise.all([
+    createImage(createArgs(files.base, sizeBytes, [`cluster_size=${baseClusterSize(chunkSize)}`]), secret),
+    // The top names its base by file name only (relative, so the vault can move as a whole).
+    createImage(createArgs(files.top, sizeBytes, [`cluster_size=${TOP_CLUSTER_SIZE}`, 'extended_l2=on'], 'base.qcow2'), secret),
+  ]);
+}
+
+/** QEMU's PBKDF benchmark fails now and then on a busy machine ("Unable to get accurate CPU usage"): try again. */
+async function createImage(args: string[], secret: string): Promise<void> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await runQemuTool('qemu-img', args, { secret });
+      return;
+    } catch (err) {
+      if (attempt >= 4 || !(err instanceof QemuToolError) || !/accurate CPU usage/.test(err.stderr)) throw err;
+    }
+  }
+}
+
+const MapEntry = z.object({ start: z.number(), length: z.number(), depth: z.number(), present: z.boolean().optional(), zero: z.boolean(), data: z.boolean() });
+export type MapEntry = z.infer<typeof MapEntry>;
+
+const TOOL_SECRET = 'sec0';
+function toolFilename(chain: Chain, layer: 'top' | 'base', readOnly: boolean): string {
+  return chainFilename({ files: chain.files, secretId: TOOL_SECRET, prefix: 'c', readOnly }, layer);
+}
+function toolArgs(chain: Chain, layer: 'top' | 'base', readOnly: boolean): string[] {
+  return ['--object', SECRET_FD_OBJECT(TOOL_SECRET), toolFilename(chain, layer, readOnly)];
+}
+
+/** `qemu-img map` of a chain (qemu-img opens it shared, so it also works while QEMU runs it). */
+export async function mapChain(chain: Chain, layer: 'top' | 'base' = 'top'): Promise<MapEntry[]> {
+  const { stdout } = await runQemuTool('qemu-img', ['map', '-U', '--output=json', ...toolArgs(chain, layer, true)], { secret: chain.secret });
+  const parsed = z.array(MapEntry).safeParse(JSON.parse(stdout));
+  if (!parsed.success) throw new DiskError('state', `qemu-img map gave an unexpected answer: ${parsed.error.issues[0]?.message}`);
+  return parsed.data;
+}
+
+/** Byte ranges written since the checkpoint (allocated in the top layer), merged and sorted. */
+export async function topExtents(chain: Chain): Promise<{ start: number; length: number }[]> {
+  const out: { start: number; length: number }[] = [];
+  for (const e of await mapChain(chain, 'top')) {
+    if (e.depth !== 0) continue;
+    const last = out[out.length - 1];
+    if (last && last.start + last.length === e.start) last.length += e.length;
+    else out.push({ start: e.start, length: e.length });
+  }
+  return out;
+}
+
+/** Chunk indexes touched by `extents`, ascending. */
+export function extentsToChunks(extents: readonly { start: number; length: number }[], chunkSize: number): number[] {
+  const out = new Set<number>();
+  for (const e of extents) {
+    if (e.length <= 0) continue;
+    for (let i = Math.floor(e.start / chunkSize); i <= Math.floor((e.start + e.length - 1) / chunkSize); i++) out.add(i);
+  }
+  return [...out].sort((a, b) => a - b);
+}
+
+/** Merges the top into the base and leaves the top empty (offline; idempotent, so a killed merge is simply run again). */
+export async function mergeTop(chain: Chain): Promise<void> {
+  await runQemuTool('qemu-img', ['commit', '-q', ...toolArgs(chain, 'top', false)], { secret: chain.secret });
+}
+
+/** `qemu-img check` of both layers; leaked clusters (exit 3, left by a kill) are harmless and repaired. */
+export async function checkChain(chain: Chain): Promise<void> {
+  for (const layer of ['base', 'top'] as const) {
+    await runQemuTool('qemu-img', ['check', '-q', '-r', 'leaks', ...toolArgs(chain, layer, false)], { secret: chain.secret, okCodes: [3] });
+  }
+}
+
+/** Writes the chain's current contents as a plaintext image (the user's explicit export). */
+export async function convertChain(chain: Chain, out: string, format: 'raw' | 'qcow2'): Promise<void> {
+  await runQemuTool('qemu-img', ['convert', '-U', '-O', format, ...toolArgs(chain, 'top', true), out], { secret: chain.secret });
+}
+
+/** Bytes the files really take on disk (what the chain costs the laptop). */
+export async function chainBytesOnDisk(files: ChainFiles): Promise<{ base: number; top: number }> {
+  const size = async (p: string) => stat(p).then((s) => s.blocks * 512).catch(() => 0);
+  return { base: await size(files.base), top: await size(files.top) };
+}
+
+export async function removeChain(files: ChainFiles): Promise<void> {
+  await rm(files.top, { force: true });
+  await rm(files.base, { force: true });
+}
+

@@ -1,0 +1,108 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { chmod, mkdir, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { CarryonError } from '../core/errors.js';
+import { QmpConnection, QmpError } from '../hypervisor/qmp.js';
+import { chainBlockdev, type ChainSpec } from './chain.js';
+import { missingTool } from './qemu-tools.js';
+
+/** One thing QEMU's block layer can host: a storage daemon, or the VM's own QEMU. Both speak QMP. */
+export interface BlockHost {
+  readonly qmp: QmpConnection;
+}
+
+/** Adds the secret object (over the private QMP socket, never argv) and the chain's nodes. */
+export async function addChain(host: BlockHost, spec: ChainSpec, secret: string): Promise<void> {
+  await host.qmp.execute('object-add', { 'qom-type': 'secret', id: spec.secretId, data: secret, format: 'raw' });
+  try {
+    await host.qmp.execute('blockdev-add', chainBlockdev(spec));
+  } catch (err) {
+    if (err instanceof QmpError && /lock/i.test(err.desc)) {
+      throw new CarryonError('disk-busy', 'the desktop disk is in use by another carryon process (run, serve, checkout or checkin): stop it first');
+    }
+    throw err;
+  }
+}
+
+/**
+ * qemu-storage-daemon holding a desktop's chains: exports them over NBD on a 0600 unix socket
+ * (`carryon serve`), or runs the jobs that fill or read them (check-out, check-in). Monitor and
+ * sockets live in a private 0700 directory.
+ */
+export class StorageDaemon implements BlockHost {
+  private readonly sockets: string[] = [];
+
+  private constructor(
+    private readonly child: ChildProcess,
+    readonly qmp: QmpConnection,
+    readonly runDir: string,
+    private readonly exited: Promise<number>,
+    private stderr: () => string,
+  ) {}
+
+  static async start(runDir: string): Promise<StorageDaemon> {
+    await mkdir(runDir, { recursive: true, mode: 0o700 });
+    await chmod(runDir, 0o700);
+    const qmpPath = join(runDir, 'qsd-qmp.sock');
+    await rm(qmpPath, { force: true });
+    // setpriv --pdeathsig: a client killed with -9 takes its daemon along (else it would keep the disk locked).
+    const qsdArgs = ['--chardev', `socket,id=qmp0,path=${qmpPath},server=on,wait=off`, '--monitor', 'chardev=qmp0'];
+    const child = spawn('setpriv', ['--pdeathsig', 'SIGKILL', '--', 'qemu-storage-daemon', ...qsdArgs], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr = (stderr + d).slice(-4000)));
+    const exited = new Promise<number>((resolve) => {
+      child.once('exit', (code, sig) => resolve(code ?? (sig ? 128 : 1)));
+      child.once('error', () => resolve(127));
+    });
+    let spawnErr: NodeJS.ErrnoException | null = null;
+    child.once('error', (e: NodeJS.ErrnoException) => (spawnErr = e));
+    let qmp: QmpConnection | undefined;
+    for (let i = 0; i < 200 && !qmp; i++) {
+      if (spawnErr) throw (spawnErr as NodeJS.ErrnoException).code === 'ENOENT' ? missingTool('setpriv (util-linux)') : spawnErr;
+      if (child.exitCode !== null) throw /No such file|not found/i.test(stderr) ? missingTool('qemu-storage-daemon') : new CarryonError('qemu-failed', `qemu-storage-daemon exited at start: ${stderr.trim()}`);
+      qmp = await QmpConnection.open(qmpPath).catch(() => undefined);
+      if (!qmp) await new Promise((r) => setTimeout(r, 25));
+    }
+    if (!qmp) {
+      child.kill('SIGKILL');
+      throw new CarryonError('qemu-failed', 'qemu-storage-daemon did not open its monitor within 5 s');
+    }
+    return new StorageDaemon(child, qmp, runDir, exited, () => stderr);
+  }
+
+  get pid(): number {
+    return this.child.pid ?? -1;
+  }
+
+  /** Starts the NBD server on `socketPath` (0600) and exports each node under its name. */
+  async exportNbd(socketPath: string, exports: { node: string; name: string; writable: boolean }[]): Promise<void> {
+    await rm(socketPath, { force: true });
+    this.sockets.push(socketPath);
+    // nbd-server-start takes the legacy socket address form (data wrapper).
+    await this.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: socketPath } } });
+    await chmod(socketPath, 0o600);
+    for (const e of exports) {
+      await this.qmp.execute('block-export-add', { type: 'nbd', id: `exp-${e.name}`, 'node-name': e.node, name: e.name, writable: e.writable, 'allocation-depth': true });
+    }
+  }
+
+  /** Quits cleanly (flushing every node); kills after `graceMs`. */
+  async stop(graceMs = 30_000): Promise<void> {
+    if (this.child.exitCode === null) {
+      await this.qmp.execute('quit').catch(() => undefined);
+      const done = await Promise.race([this.exited.then(() => true), new Promise<false>((r) => setTimeout(() => r(false), graceMs).unref())]);
+      if (!done) {
+        this.child.kill('SIGKILL');
+        await this.exited;
+      }
+    }
+    this.qmp.close();
+    // QEMU leaves its socket files behind; they would only confuse the next owner (and `cp -a`).
+    for (const s of [...this.sockets, join(this.runDir, 'qsd-qmp.sock')]) await rm(s, { force: true });
+  }
+
+  /** Last lines QEMU wrote to stderr (for error messages). */
+  lastError(): string {
+    return this.stderr().trim();
+  }
+}

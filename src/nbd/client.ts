@@ -1,0 +1,190 @@
+import { connect, type Socket } from 'node:net';
+import { CarryonError } from '../core/errors.js';
+import { CMD, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO, MAX_PAYLOAD, NBDMAGIC, OPT, OPT_REPLY_MAGIC, REP, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC } from './protocol.js';
+
+export class NbdClientError extends CarryonError {
+  constructor(message: string) {
+    super('nbd-client', message);
+  }
+}
+
+interface Pending {
+  length: number;
+  resolve: (data: Buffer) => void;
+  reject: (err: Error) => void;
+}
+
+/**
+ * A small NBD client (fixed newstyle, NBD_OPT_GO, simple replies, pipelined requests) for reading
+ * and writing a chain that qemu-storage-daemon exports on a private unix socket.
+ */
+export class NbdClient {
+  private buf: Buffer = Buffer.alloc(0);
+  private pending = new Map<bigint, Pending>();
+  private nextHandle = 1n;
+  private current: { handle: bigint; p: Pending } | null = null;
+  private failed: Error | null = null;
+
+  private constructor(
+    private readonly sock: Socket,
+    readonly size: number,
+    readonly readOnly: boolean,
+  ) {
+    sock.on('data', (d: Buffer) => this.onData(d));
+    const fail = (err: Error) => {
+      this.failed ??= err;
+      for (const p of this.pending.values()) p.reject(this.failed);
+      this.pending.clear();
+      this.current?.p.reject(this.failed);
+      this.current = null;
+    };
+    sock.on('error', fail);
+    sock.on('close', () => fail(new NbdClientError('NBD server closed the connection')));
+  }
+
+  static async connect(socketPath: string, exportName: string): Promise<NbdClient> {
+    const sock = connect(socketPath);
+    const chunks: Buffer[] = [];
+    let have = 0;
+    let wake: (() => void) | null = null;
+    let ended: Error | null = null;
+    const onData = (d: Buffer) => {
+      chunks.push(d);
+      have += d.length;
+      wake?.();
+    };
+    sock.on('data', onData);
+    sock.once('error', (e) => ((ended = e), wake?.()));
+    sock.once('close', () => ((ended ??= new NbdClientError('NBD server closed the connection during the handshake')), wake?.()));
+    const read = async (n: number): Promise<Buffer> => {
+      while (have < n) {
+        if (ended) throw ended;
+        await new Promise<void>((r) => (wake = r));
+        wake = null;
+      }
+      const all = Buffer.concat(chunks);
+      chunks.length = 0;
+      if (all.length > n) chunks.push(all.subarray(n));
+      have -= n;
+      return all.subarray(0, n);
+    };
+    await new Promise<void>((resolve, reject) => {
+      sock.once('connect', resolve);
+      sock.once('error', reject);
+    });
+    const hello = await read(18);
+    if (hello.readBigUInt64BE(0) !== NBDMAGIC || hello.readBigUInt64BE(8) !== IHAVEOPT) throw new NbdClientError('not an NBD newstyle server');
+    if (!(hello.readUInt16BE(16) & FLAG_FIXED_NEWSTYLE)) throw new NbdClientError('NBD server lacks fixed newstyle');
+    const flags = Buffer.alloc(4);
+    flags.writeUInt32BE(FLAG_FIXED_NEWSTYLE | (hello.readUInt16BE(16) & FLAG_NO_ZEROES));
+    const name = Buffer.from(exportName, 'utf8');
+    const data = Buffer.alloc(4 + name.length + 2);
+    data.writeUInt32BE(name.length, 0);
+    name.copy(data, 4);
+    const opt = Buffer.alloc(16);
+    opt.writeBigUInt64BE(IHAVEOPT, 0);
+    opt.writeUInt32BE(OPT.GO, 8);
+    opt.writeUInt32BE(data.length, 12);
+    sock.write(Buffer.concat([flags, opt, data]));
+    let size = -1;
+    let tflags = 0;
+    for (let i = 0; i < 64; i++) {
+      const h = await read(20);
+      if (h.readBigUInt64BE(0) !== OPT_REPLY_MAGIC) throw new NbdClientError('bad option reply');
+      const type = h.readUInt32BE(12);
+      const body = await read(h.readUInt32BE(16));
+      if (type === REP.ACK) break;
+      if (type === REP.INFO && body.readUInt16BE(0) === INFO.EXPORT) {
+        size = Number(body.readBigUInt64BE(2));
+        tflags = body.readUInt16BE(10);
+      } else if (type & 0x80000000) {
+        throw new NbdClientError(`NBD server refused export "${exportName}": ${body.toString('utf8') || type.toString(16)}`);
+      }
+    }
+    if (size < 0) throw new NbdClientError('NBD server sent no export size');
+    sock.removeListener('data', onData);
+    const client = new NbdClient(sock, size, Boolean(tflags & 2));
+    const rest = Buffer.concat(chunks);
+    if (rest.length) client.onData(rest);
+    return client;
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.request(CMD.READ, offset, length);
+  }
+
+  async write(offset: number, data: Buffer): Promise<void> {
+    await this.request(CMD.WRITE, offset, data.length, data);
+  }
+
+  async flush(): Promise<void> {
+    await this.request(CMD.FLUSH, 0, 0);
+  }
+
+  async close(): Promise<void> {
+    if (!this.failed) {
+      this.sock.write(header(CMD.DISC, 0n, 0, 0));
+      this.failed = new NbdClientError('closed');
+    }
+    this.sock.end();
+    this.sock.destroy();
+  }
+
+  private request(type: number, offset: number, length: number, payload?: Buffer): Promise<Buffer> {
+    if (this.failed) return Promise.reject(this.failed);
+    if (length > MAX_PAYLOAD) return Promise.reject(new NbdClientError(`request of ${length} bytes exceeds ${MAX_PAYLOAD}`));
+    if (offset < 0 || offset + length > this.size) return Promise.reject(new NbdClientError(`range ${offset}+${length} is outside the ${this.size}-byte export`));
+    const handle = this.nextHandle++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(handle, { length: type === CMD.READ ? length : 0, resolve, reject });
+      this.sock.write(payload ? Buffer.concat([header(type, handle, offset, length), payload]) : header(type, handle, offset, length));
+    });
+  }
+
+  private onData(d: Buffer): void {
+    this.buf = this.buf.length ? Buffer.concat([this.buf, d]) : d;
+    for (;;) {
+      if (!this.current) {
+        if (this.buf.length < 16) return;
+        if (this.buf.readUInt32BE(0) !== SIMPLE_REPLY_MAGIC) {
+          this.sock.destroy(new NbdClientError('bad NBD reply magic'));
+          return;
+        }
+        const error = this.buf.readUInt32BE(4);
+        const handle = this.buf.readBigUInt64BE(8);
+        this.buf = this.buf.subarray(16);
+        const p = this.pending.get(handle);
+        if (!p) {
+          this.sock.destroy(new NbdClientError('NBD reply for an unknown request'));
+          return;
+        }
+        this.pending.delete(handle);
+        if (error !== 0) {
+          p.reject(new NbdClientError(`NBD server answered error ${error}`));
+          continue;
+        }
+        if (p.length === 0) {
+          p.resolve(Buffer.alloc(0));
+          continue;
+        }
+        this.current = { handle, p };
+      }
+      if (this.buf.length < this.current.p.length) return;
+      const data = Buffer.from(this.buf.subarray(0, this.current.p.length));
+      this.buf = this.buf.subarray(this.current.p.length);
+      this.current.p.resolve(data);
+      this.current = null;
+    }
+  }
+}
+
+function header(type: number, handle: bigint, offset: number, length: number): Buffer {
+  const b = Buffer.alloc(28);
+  b.writeUInt32BE(REQUEST_MAGIC, 0);
+  b.writeUInt16BE(0, 4);
+  b.writeUInt16BE(type, 6);
+  b.writeBigUInt64BE(handle, 8);
+  b.writeBigUInt64BE(BigInt(offset), 16);
+  b.writeUInt32BE(length, 24);
+  return b;
+}

@@ -1,0 +1,31 @@
+import { randomBytes } from 'node:crypto';
+import { readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { exportDisk, type ClientEnv } from '../../src/client/ops.js';
+import { serveDesktop } from '../../src/client/serve.js';
+import { NbdClient } from '../../src/nbd/client.js';
+
+/** Writes into a checked-out desktop through `carryon serve`'s NBD export, as a VM would. */
+export async function writeDesktop(env: ClientEnv, ref: string, writes: { offset: number; data: Buffer }[], disk = 'disk0'): Promise<void> {
+  const served = await serveDesktop(env, ref);
+  try {
+    const c = await NbdClient.connect(served.socketPath, disk);
+    for (const w of writes) await c.write(w.offset, w.data);
+    await c.flush();
+    await c.close();
+  } finally {
+    await served.close();
+  }
+}
+
+/** The laptop's current disk contents, in plaintext (through `carryon export`). */
+export async function readDesktop(env: ClientEnv, ref: string): Promise<Buffer> {
+  const out = join(tmpdir(), `carryon-export-${randomBytes(6).toString('hex')}.raw`);
+  try {
+    await exportDisk(env, ref, out, 'raw');
+    return readFileSync(out);
+  } finally {
+    rmSync(out, { force: true });
+  }
+}
