@@ -14,6 +14,7 @@ import { tmpdir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import { gunzipSync, gzipSync } from 'node:zlib';
+import { QemuSecrets } from './qemu-secret.js';
 
 const run = promisify(execFile);
 
@@ -499,10 +500,13 @@ export interface BootOptions {
   /** Kill QEMU after this long; default 120 s (TCG on a loaded 2-core box). */
   timeoutMs?: number;
   memMiB?: number;
-  /** Other QEMU args (e.g. `--object secret,...` for an encrypted disk). */
+  /** Other QEMU args. */
   extraArgs?: string[];
-  /** Extra file descriptors for QEMU (fd 3 onwards), e.g. a pipe carrying a secret. */
-  extraFds?: Array<Buffer | string>;
+  /**
+   * QEMU secret objects by id (e.g. the LUKS passphrase that `diskArgs` name as
+   * `encrypt.key-secret=<id>`), handed over through FIFOs, never argv (see QemuSecrets).
+   */
+  secrets?: Record<string, string | Buffer>;
   /** Resolve with the report instead of throwing when the guest does not print DONE. */
   allowFailure?: boolean;
 }
@@ -524,6 +528,7 @@ export interface GuestRun extends GuestReport {
 export async function bootGuest(opts: BootOptions): Promise<GuestRun> {
   const kernel = opts.kernel ?? guestKernel();
   let tmp: string | null = null;
+  let secrets: QemuSecrets | null = null;
   try {
     let initrd = opts.initrd;
     if (!initrd) {
@@ -545,13 +550,15 @@ export async function bootGuest(opts: BootOptions): Promise<GuestRun> {
       ...opts.diskArgs,
       ...(opts.extraArgs ?? []),
     ];
-    const extra = opts.extraFds ?? [];
+    if (opts.secrets) secrets = await QemuSecrets.create(opts.secrets);
     const started = process.hrtime.bigint();
-    const child = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe', ...extra.map(() => 'pipe' as const)] });
-    for (let i = 0; i < extra.length; i++) {
-      const w = child.stdio[3 + i] as NodeJS.WritableStream | null;
-      w?.end(extra[i]);
-    }
+    const child = spawn('qemu-system-x86_64', [...(secrets?.args() ?? []), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    // a secret QEMU never reads ends the boot now, with the reason, rather than at the timeout
+    let secretError: Error | null = null;
+    secrets?.deliver(child).catch((e: Error) => {
+      secretError = e;
+      child.kill('SIGKILL');
+    });
     const out: Buffer[] = [];
     const err: Buffer[] = [];
     child.stdout!.on('data', (b: Buffer) => out.push(b));
@@ -580,7 +587,9 @@ export async function bootGuest(opts: BootOptions): Promise<GuestRun> {
     const serial = Buffer.concat(out).toString('utf8');
     const result: GuestRun = { ...parseGuestSerial(serial), serial, seconds, exitCode, timedOut };
     if (!result.done && !opts.allowFailure) {
-      const why = timedOut
+      const why = secretError
+        ? (secretError as Error).message
+        : timedOut
         ? `timed out after ${(opts.timeoutMs ?? 120_000) / 1000}s`
         : result.failure
           ? `guest failed: ${result.failure}`
@@ -589,6 +598,7 @@ export async function bootGuest(opts: BootOptions): Promise<GuestRun> {
     }
     return result;
   } finally {
+    await secrets?.close();
     if (tmp) await rm(tmp, { recursive: true, force: true });
   }
 }
