@@ -56,6 +56,12 @@ export async function createLuksQcow2(src: string, dst: string, opts: LuksOption
   }
 }
 
+/** Decrypts the LUKS qcow2 `src` into the raw image `dst` (e.g. to inspect it with debugfs). */
+export async function luksQcow2ToRaw(src: string, dst: string, secret: string): Promise<void> {
+  const opts = `driver=qcow2,encrypt.key-secret=sec0,file.driver=file,file.filename=${src.replace(/,/g, ',,')}`;
+  await runWithSecrets('qemu-img', (secretArgs) => ['convert', ...secretArgs, '--image-opts', opts, '-O', 'raw', dst], { sec0: secret });
+}
+
 /** Runs a QEMU tool to completion with secrets handed over through FIFOs. */
 async function runWithSecrets(cmd: string, args: (secretArgs: string[]) => string[], secrets: Record<string, string>): Promise<void> {
   const s = await QemuSecrets.create(secrets);

@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { execFile, execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, readlink, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -7,6 +8,7 @@ import { join } from 'node:path';
 import { describe, test, type TestContext } from 'node:test';
 import { promisify } from 'node:util';
 import { gunzipSync } from 'node:zlib';
+import { createLuksQcow2, luksQcow2ToRaw } from '../../bench/disk.js';
 import {
   bootGuest,
   buildInitramfs,
@@ -249,6 +251,32 @@ describe('booting the guest (QEMU, TCG)', () => {
       const big = await readExt4File(raw, '/big.bin');
       assert.equal(big.length, 2 * 2 ** 20);
       assert.equal(boot.sha256.get('/big.bin'), createHash('sha256').update(big).digest('hex'));
+    });
+  });
+
+  test('on a LUKS-encrypted qcow2 (secret through a FIFO): the guest writes, the host decrypts and finds it', async (t) => {
+    const kernel = kernelOrSkip(t);
+    if (!kernel) return;
+    await withDir(async (dir) => {
+      const raw = join(dir, 'disk.raw');
+      const enc = join(dir, 'disk.qcow2');
+      await makeExt4Image(raw, 64, { 'etc/motd': 'encrypted at rest\n' });
+      const secret = randomBytes(32).toString('hex');
+      await createLuksQcow2(raw, enc, { secret });
+      await rm(raw);
+      const boot = await bootGuest({
+        kernel,
+        diskArgs: virtioDiskArgs(enc, 'qcow2', { keySecret: 'disk0-key' }),
+        secrets: { 'disk0-key': secret },
+        actions: [{ write: '/luks.txt', content: 'through-luks' }, { read: '/etc/motd' }],
+      });
+      t.diagnostic(`LUKS qcow2 boot: ${boot.seconds.toFixed(1)} s wall`);
+      assert.equal(boot.reads.get('/etc/motd')?.toString(), 'encrypted at rest\n');
+      await luksQcow2ToRaw(enc, raw, secret);
+      assert.equal((await readExt4File(raw, '/luks.txt')).toString(), 'through-luks');
+      const wrong = await bootGuest({ kernel, diskArgs: virtioDiskArgs(enc, 'qcow2', { keySecret: 'k' }), secrets: { k: 'wrong' }, allowFailure: true });
+      assert.equal(wrong.done, false);
+      assert.equal(wrong.serial.includes('CARRYON-GUEST-INIT'), false); // QEMU refused to start
     });
   });
 

@@ -481,9 +481,13 @@ export function guestQemuArgs(opts: { kernel: string; initrd: string; append?: s
 /** QEMU option values escape ',' as ',,'. */
 const qemuOpt = (s: string) => s.replace(/,/g, ',,');
 
-/** `-drive` args attaching `file` as the VM's first virtio-blk disk (/dev/vda in the guest). */
-export function virtioDiskArgs(file: string, format: 'raw' | 'qcow2' = 'raw', cache = 'writeback'): string[] {
-  return ['-drive', `file=${qemuOpt(file)},format=${format},if=virtio,cache=${cache}`];
+/**
+ * `-drive` args attaching `file` as the VM's first virtio-blk disk (/dev/vda in the guest).
+ * `keySecret` names the secret object (see BootOptions.secrets) of a LUKS-encrypted qcow2.
+ */
+export function virtioDiskArgs(file: string, format: 'raw' | 'qcow2' = 'raw', opts: { cache?: string; keySecret?: string } = {}): string[] {
+  const enc = opts.keySecret ? `,encrypt.key-secret=${opts.keySecret}` : '';
+  return ['-drive', `file=${qemuOpt(file)},format=${format},if=virtio,cache=${opts.cache ?? 'writeback'}${enc}`];
 }
 
 export interface BootOptions {
