@@ -1,0 +1,303 @@
+import assert from 'node:assert/strict';
+import { execFile, execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { mkdir, mkdtemp, readFile, readlink, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, test, type TestContext } from 'node:test';
+import { promisify } from 'node:util';
+import { gunzipSync } from 'node:zlib';
+import { createLuksQcow2, luksQcow2ToRaw } from '../../bench/disk.js';
+import {
+  bootGuest,
+  buildInitramfs,
+  guestAppend,
+  guestKernel,
+  kernelRelease,
+  makeExt4Image,
+  newcArchive,
+  parseGuestSerial,
+  readExt4File,
+  resolveModules,
+  S_IFCHR,
+  S_IFDIR,
+  S_IFLNK,
+  S_IFREG,
+  virtioDiskArgs,
+} from './guest.js';
+
+const run = promisify(execFile);
+
+async function withDir(fn: (dir: string) => Promise<void>): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), 'carryon-guest-test-'));
+  try {
+    await fn(dir);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+/** Extracts a cpio archive with busybox (an independent reader of the format) into `dir`. */
+async function extract(archive: Buffer, dir: string, patterns: string[] = []): Promise<void> {
+  await mkdir(dir, { recursive: true });
+  const file = join(dir, '..', 'archive.cpio');
+  await writeFile(file, archive);
+  await run('busybox', ['cpio', '-i', '-d', '-F', file, ...patterns], { cwd: dir });
+}
+
+describe('newc cpio', () => {
+  test('busybox cpio lists and extracts what we write', async () => {
+    await withDir(async (dir) => {
+      const odd = Buffer.from([0, 1, 2, 3, 255]); // lengths not a multiple of 4 exercise the padding
+      const archive = newcArchive([
+        { name: 'bin', mode: S_IFDIR | 0o755 },
+        { name: 'bin/tool', mode: S_IFREG | 0o755, data: Buffer.from('#!/bin/sh\necho hi\n') },
+        { name: 'bin/sh', mode: S_IFLNK | 0o777, data: Buffer.from('tool') },
+        { name: 'data.bin', mode: S_IFREG | 0o644, data: odd },
+        { name: 'empty', mode: S_IFREG | 0o600 },
+        { name: 'console', mode: S_IFCHR | 0o600, rdev: { major: 5, minor: 1 } },
+      ]);
+      assert.equal(archive.length % 4, 0);
+      await writeFile(join(dir, 'a.cpio'), archive);
+      const { stdout } = await run('busybox', ['cpio', '-t', '-v', '-F', join(dir, 'a.cpio')]);
+      const lines = stdout.trim().split('\n');
+      assert.equal(lines.length, 6);
+      assert.match(lines[0]!, /^d.* bin$/);
+      assert.match(lines[2]!, /^l.* bin\/sh -> tool$/);
+      assert.match(lines[5]!, /^c.* console$/);
+      // busybox does not print device numbers: read rdevmajor/rdevminor from the last header
+      const at = archive.lastIndexOf('console\0') - 110;
+      assert.equal(archive.toString('ascii', at + 6 + 9 * 8, at + 6 + 11 * 8), '0000000500000001');
+
+      // extract everything but the device node (mknod needs root)
+      await extract(archive, join(dir, 'x'), ['bin', 'bin/*', 'data.bin', 'empty']);
+      assert.equal(await readFile(join(dir, 'x/bin/tool'), 'utf8'), '#!/bin/sh\necho hi\n');
+      assert.equal(await readlink(join(dir, 'x/bin/sh')), 'tool');
+      assert.deepEqual(await readFile(join(dir, 'x/data.bin')), odd);
+      assert.equal((await readFile(join(dir, 'x/empty'))).length, 0);
+    });
+  });
+
+  test('refuses absolute names', () => {
+    assert.throws(() => newcArchive([{ name: '/init', mode: S_IFREG | 0o755 }]), /relative/);
+  });
+});
+
+describe('kernel modules', () => {
+  /** A fake /lib/modules/<release> with compressed modules, a softdep through an alias and a builtin. */
+  async function fakeTree(root: string): Promise<string> {
+    const dir = join(root, '9.9.9-test');
+    await mkdir(join(dir, 'kernel'), { recursive: true });
+    const mk = async (name: string, how: 'plain' | 'xz' | 'zst') => {
+      const plain = join(dir, 'kernel', `${name}.ko`);
+      await writeFile(plain, `module ${name}\n`);
+      if (how === 'xz') execFileSync('xz', ['-f', plain]) // replaces the file, as gzip does;
+      if (how === 'zst') execFileSync('zstd', ['--rm', '-q', '-f', plain]);
+      return `kernel/${name}.ko${how === 'plain' ? '' : how === 'xz' ? '.xz' : '.zst'}`;
+    };
+    const ring = await mk('virtio_ring', 'xz');
+    const virtio = await mk('virtio', 'zst');
+    const pci = await mk('virtio_pci', 'plain');
+    const blk = await mk('virtio_blk', 'xz');
+    const jbd2 = await mk('jbd2', 'plain');
+    const ext4 = await mk('ext4', 'xz');
+    const crc = await mk('crc32c-generic', 'plain');
+    await writeFile(
+      join(dir, 'modules.dep'),
+      [`${ring}:`, `${virtio}: ${ring}`, `${pci}: ${virtio} ${ring}`, `${blk}: ${virtio} ${ring}`, `${jbd2}:`, `${ext4}: ${jbd2}`, `${crc}:`, ''].join('\n'),
+    );
+    await writeFile(join(dir, 'modules.softdep'), 'softdep ext4 pre: crypto-crc32c\nsoftdep jbd2 pre: crypto-crc32c\n');
+    await writeFile(join(dir, 'modules.alias'), 'alias crypto-crc32c crc32c_generic\nalias crc32c crc32c_generic\n');
+    await writeFile(join(dir, 'modules.builtin'), 'kernel/lib/crc16.ko\nkernel/fs/mbcache.ko\n');
+    return dir;
+  }
+
+  test('dependencies come first, softdeps through aliases, builtins skipped, unknown modules named', async () => {
+    await withDir(async (root) => {
+      const dir = await fakeTree(root);
+      const mods = resolveModules(dir, ['virtio_pci', 'virtio_blk', 'ext4', 'crc16']);
+      assert.deepEqual(
+        mods.map((m) => `${m.name}${m.optional ? '?' : ''}`),
+        ['virtio_ring', 'virtio', 'virtio_pci', 'virtio_blk', 'crc32c_generic?', 'jbd2', 'ext4'],
+      );
+      assert.throws(() => resolveModules(dir, ['nvme']), /nvme/);
+    });
+  });
+
+  test('the initramfs holds busybox, /init and decompressed modules', async () => {
+    await withDir(async (root) => {
+      await fakeTree(root);
+      const out = await buildInitramfs(join(root, 'out'), { kernelRelease: '9.9.9-test', modulesRoot: root });
+      const cpio = gunzipSync(await readFile(out));
+      await extract(cpio, join(root, 'x'), ['init', 'bin/*', 'lib/modules/*']);
+      assert.equal(await readFile(join(root, 'x/lib/modules/ext4.ko'), 'utf8'), 'module ext4\n');
+      assert.equal(await readFile(join(root, 'x/lib/modules/virtio.ko'), 'utf8'), 'module virtio\n');
+      assert.equal(await readFile(join(root, 'x/lib/modules/crc32c_generic.ko'), 'utf8'), 'module crc32c-generic\n');
+      const init = await readFile(join(root, 'x/init'), 'utf8');
+      const order = [...init.matchAll(/insmod \/lib\/modules\/(\w+)\.ko/g)].map((m) => m[1]);
+      assert.deepEqual(order, ['virtio_ring', 'virtio', 'virtio_pci', 'virtio_blk', 'crc32c_generic', 'jbd2', 'ext4']);
+      assert.deepEqual(await readFile(join(root, 'x/bin/busybox')), readFileSync('/bin/busybox'));
+    });
+  });
+
+  test("this machine's kernel has what the guest needs", (t) => {
+    let kernel: string;
+    try {
+      kernel = guestKernel();
+    } catch (e) {
+      t.skip((e as Error).message);
+      return;
+    }
+    const names = resolveModules(join('/lib/modules', kernelRelease(kernel))).map((m) => m.name);
+    for (const n of ['virtio_pci', 'virtio_blk', 'jbd2', 'ext4']) assert.ok(names.includes(n), n);
+    assert.ok(names.indexOf('virtio_blk') > names.indexOf('virtio_ring'));
+    t.diagnostic(`${kernel}: ${names.join(' ')}`);
+  });
+});
+
+describe('guest command line and serial', () => {
+  test('actions become kernel words; unsafe text goes as base64', () => {
+    assert.equal(
+      guestAppend([{ write: '/a/b.txt', content: 'plain-text' }, { write: '/c', content: 'two words\n' }, { read: '/a/b.txt' }, { sha256: '/c' }]),
+      `carryon.write=/a/b.txt:plain-text carryon.write64=/c:${Buffer.from('two words\n').toString('base64')} carryon.read=/a/b.txt carryon.sha256=/c`,
+    );
+    assert.throws(() => guestAppend([{ read: 'relative' }]), /absolute/);
+    assert.throws(() => guestAppend([{ read: '/a b' }]), /spaces/);
+  });
+
+  test('markers are found among kernel messages and CRLFs', () => {
+    const b64 = Buffer.from('x'.repeat(100)).toString('base64');
+    const serial = [
+      '[    1.0] something',
+      'CARRYON-GUEST-INIT uptime=2.50',
+      'CARRYON-READ-BEGIN /f',
+      b64.slice(0, 76),
+      '[    2.1] EXT4-fs (vda): a kernel line in the middle',
+      b64.slice(76),
+      'CARRYON-READ-END /f',
+      `CARRYON-SHA256 ${'ab'.repeat(32)} /f`,
+      'CARRYON-GUEST-DONE rc=0 uptime=3.25',
+    ].join('\r\n');
+    const r = parseGuestSerial(serial);
+    assert.equal(r.done, true);
+    assert.equal(r.reads.get('/f')?.toString(), 'x'.repeat(100));
+    assert.equal(r.sha256.get('/f'), 'ab'.repeat(32));
+    assert.equal(r.uptimeAtInit, 2.5);
+    assert.equal(r.uptimeAtDone, 3.25);
+    const bad = parseGuestSerial('CARRYON-GUEST-FAIL mount /dev/vda as ext4\r\n');
+    assert.equal(bad.done, false);
+    assert.equal(bad.failure, 'mount /dev/vda as ext4');
+  });
+});
+
+describe('booting the guest (QEMU, TCG)', () => {
+  /** Skips where the machine lacks the guest's packages (scripts/install-deps installs them). */
+  function kernelOrSkip(t: TestContext): string | null {
+    try {
+      execFileSync('qemu-system-x86_64', ['--version'], { stdio: 'ignore' });
+      return guestKernel();
+    } catch (e) {
+      t.skip(`cannot boot a guest here: ${(e as Error).message}`);
+      return null;
+    }
+  }
+
+  test('on a raw disk: the guest writes a new file and reads an existing one', async (t) => {
+    const kernel = kernelOrSkip(t);
+    if (!kernel) return;
+    await withDir(async (dir) => {
+      const disk = join(dir, 'disk.raw');
+      await makeExt4Image(disk, 64, { 'etc/motd': 'hello from the host\n', 'data/blob.bin': Buffer.from([0, 10, 13, 255]) });
+      const initrd = await buildInitramfs(dir, { kernelRelease: kernelRelease(kernel) });
+      const boot = await bootGuest({
+        kernel,
+        initrd,
+        diskArgs: virtioDiskArgs(disk, 'raw'),
+        actions: [
+          { write: '/home/user/note.txt', content: 'written by the guest' },
+          { write: '/home/user/multi.txt', content: 'two lines\nand spaces\n' },
+          { read: '/etc/motd' },
+          { read: '/data/blob.bin' },
+        ],
+      });
+      t.diagnostic(`raw boot: ${boot.seconds.toFixed(1)} s wall, /init at ${boot.uptimeAtInit} s and done at ${boot.uptimeAtDone} s guest uptime`);
+      assert.equal(boot.reads.get('/etc/motd')?.toString(), 'hello from the host\n');
+      assert.deepEqual(boot.reads.get('/data/blob.bin'), Buffer.from([0, 10, 13, 255]));
+      assert.equal((await readExt4File(disk, '/home/user/note.txt')).toString(), 'written by the guest');
+      assert.equal((await readExt4File(disk, '/home/user/multi.txt')).toString(), 'two lines\nand spaces\n');
+      await run('e2fsck', ['-f', '-n', disk]); // the guest unmounted cleanly: no errors
+      await assert.rejects(readExt4File(disk, '/nope'), /not found/i);
+    });
+  });
+
+  test('on a qcow2 disk: written data survives, and sha256 matches', async (t) => {
+    const kernel = kernelOrSkip(t);
+    if (!kernel) return;
+    await withDir(async (dir) => {
+      const raw = join(dir, 'disk.raw');
+      const qcow = join(dir, 'disk.qcow2');
+      await makeExt4Image(raw, 64);
+      await run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, qcow]);
+      const boot = await bootGuest({
+        kernel,
+        diskArgs: virtioDiskArgs(qcow, 'qcow2'),
+        actions: [{ fill: '/big.bin', mib: 2 }, { sha256: '/big.bin' }, { write: '/ok', content: 'qcow2' }],
+      });
+      t.diagnostic(`qcow2 boot: ${boot.seconds.toFixed(1)} s wall`);
+      await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', qcow, raw]);
+      assert.equal((await readExt4File(raw, '/ok')).toString(), 'qcow2');
+      const { createHash } = await import('node:crypto');
+      const big = await readExt4File(raw, '/big.bin');
+      assert.equal(big.length, 2 * 2 ** 20);
+      assert.equal(boot.sha256.get('/big.bin'), createHash('sha256').update(big).digest('hex'));
+    });
+  });
+
+  test('on a LUKS-encrypted qcow2 (secret through a FIFO): the guest writes, the host decrypts and finds it', async (t) => {
+    const kernel = kernelOrSkip(t);
+    if (!kernel) return;
+    await withDir(async (dir) => {
+      const raw = join(dir, 'disk.raw');
+      const enc = join(dir, 'disk.qcow2');
+      await makeExt4Image(raw, 64, { 'etc/motd': 'encrypted at rest\n' });
+      const secret = randomBytes(32).toString('hex');
+      await createLuksQcow2(raw, enc, { secret });
+      await rm(raw);
+      const boot = await bootGuest({
+        kernel,
+        diskArgs: virtioDiskArgs(enc, 'qcow2', { keySecret: 'disk0-key' }),
+        secrets: { 'disk0-key': secret },
+        actions: [{ write: '/luks.txt', content: 'through-luks' }, { read: '/etc/motd' }],
+      });
+      t.diagnostic(`LUKS qcow2 boot: ${boot.seconds.toFixed(1)} s wall`);
+      assert.equal(boot.reads.get('/etc/motd')?.toString(), 'encrypted at rest\n');
+      await luksQcow2ToRaw(enc, raw, secret);
+      assert.equal((await readExt4File(raw, '/luks.txt')).toString(), 'through-luks');
+      const wrong = await bootGuest({ kernel, diskArgs: virtioDiskArgs(enc, 'qcow2', { keySecret: 'k' }), secrets: { k: 'wrong' }, allowFailure: true });
+      assert.equal(wrong.done, false);
+      assert.equal(wrong.serial.includes('CARRYON-GUEST-INIT'), false); // QEMU refused to start
+    });
+  });
+
+  test('a failing action is reported by the guest, which still powers off', async (t) => {
+    const kernel = kernelOrSkip(t);
+    if (!kernel) return;
+    await withDir(async (dir) => {
+      const disk = join(dir, 'disk.raw');
+      await makeExt4Image(disk, 32);
+      const boot = await bootGuest({ kernel, diskArgs: virtioDiskArgs(disk), actions: [{ read: '/missing' }], allowFailure: true });
+      assert.equal(boot.done, false);
+      assert.equal(boot.timedOut, false);
+      assert.equal(boot.failure, 'read /missing: no such file');
+      await assert.rejects(bootGuest({ kernel, diskArgs: virtioDiskArgs(disk), actions: [{ read: '/missing' }] }), /guest failed: read \/missing/);
+    });
+  });
+
+  test('no disk: the guest gives up after carryon.wait and says why', async (t) => {
+    const kernel = kernelOrSkip(t);
+    if (!kernel) return;
+    const boot = await bootGuest({ kernel, diskArgs: [], append: 'carryon.wait=1', allowFailure: true });
+    assert.equal(boot.failure, 'no block device /dev/vda after 1s');
+  });
+});
