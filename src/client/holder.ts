@@ -1,4 +1,4 @@
-import { mkdir, readFile, rm } from 'node:fs/promises';
+import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { CarryonError } from '../core/errors.js';
@@ -8,7 +8,6 @@ import { streamBase, type FillProgress } from '../disk/fill.js';
 import { RemoteCheckpoint } from '../disk/remote-checkpoint.js';
 import type { BlockHost } from '../disk/storage-daemon.js';
 import { serveNbd, type NbdServer } from '../nbd/server.js';
-import { writeFileAtomic } from '../store/files.js';
 import { TransferSession, type Progress, type TransferEndpoint } from '../transfer/client.js';
 import type { RateLimiter } from '../transfer/rate-limit.js';
 import { recordDiskFailure, runDir, writeFillReport, type DesktopDisk } from './disks.js';
@@ -141,23 +140,29 @@ export async function readOwner(vault: Vault, desktopId: string): Promise<z.infe
  */
 export async function claimOwner(vault: Vault, desktopId: string, kind: OwnerKind, log: (l: string) => void): Promise<() => Promise<void>> {
   const file = join(runDir(vault, desktopId), 'owner.json');
-  let current: z.infer<typeof Owner> | null = null;
-  try {
-    const parsed = Owner.safeParse(JSON.parse(await readFile(file, 'utf8')));
-    current = parsed.success ? parsed.data : null;
-  } catch { /* nobody */ }
-  if (current && current.pid !== process.pid && alive(current.pid)) {
-    if (current.kind !== 'checkout' || (kind !== 'run' && kind !== 'serve')) {
-      throw new CarryonError('disk-busy', `the desktop is in use by \`carryon ${current.kind}\` (pid ${current.pid}): stop it first${kind === 'checkin' || kind === 'replicate' ? ' (shut the desktop down, then check in)' : ''}`);
-    }
-    log(`pausing the running check-out (pid ${current.pid}); the download continues here`);
-    process.kill(current.pid, 'SIGINT');
-    for (let i = 0; i < 300 && alive(current.pid); i++) await new Promise((r) => setTimeout(r, 100));
-    if (alive(current.pid)) throw new CarryonError('disk-busy', `the check-out (pid ${current.pid}) did not stop within 30 s`);
-  }
   await mkdir(runDir(vault, desktopId), { recursive: true, mode: 0o700 });
-  await writeFileAtomic(file, JSON.stringify({ pid: process.pid, kind }));
-  return async () => {
+  for (let attempt = 0; attempt < 5; attempt++) {
+    try {
+      // Exclusive create: of two processes starting at once, exactly one becomes the owner.
+      await writeFile(file, JSON.stringify({ pid: process.pid, kind }), { flag: 'wx', mode: 0o600 });
+      return async () => {
+        await rm(file, { force: true });
+      };
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    }
+    const current = await readOwner(vault, desktopId);
+    if (current) {
+      if (current.kind !== 'checkout' || (kind !== 'run' && kind !== 'serve')) {
+        throw new CarryonError('disk-busy', `the desktop is in use by \`carryon ${current.kind}\` (pid ${current.pid}): stop it first${kind === 'checkin' || kind === 'replicate' ? ' (shut the desktop down, then check in)' : ''}`);
+      }
+      log(`pausing the running check-out (pid ${current.pid}); the download continues here`);
+      process.kill(current.pid, 'SIGINT');
+      for (let i = 0; i < 300 && alive(current.pid); i++) await new Promise((r) => setTimeout(r, 100));
+      if (alive(current.pid)) throw new CarryonError('disk-busy', `the check-out (pid ${current.pid}) did not stop within 30 s`);
+    }
+    // The owner is gone (finished, or killed with -9): its claim is stale.
     await rm(file, { force: true });
-  };
+  }
+  throw new CarryonError('disk-busy', 'another carryon process keeps claiming this desktop');
 }

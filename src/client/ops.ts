@@ -113,7 +113,7 @@ async function findEntry(broker: BrokerClient, ref: string) {
 }
 
 /** Chains whose creation a kill interrupted are made again (nothing was in them yet). */
-async function ensureChains(vault: Vault, state: DesktopState, keys: LineageKeys): Promise<void> {
+export async function ensureChains(vault: Vault, state: DesktopState, keys: LineageKeys): Promise<void> {
   const missing = state.disks.filter((d) => !existsSync(join(diskDir(vault, state.desktopId, d.name), 'top.qcow2')) || !existsSync(join(diskDir(vault, state.desktopId, d.name), 'base.qcow2')));
   if (missing.length === 0) return;
   if (missing.some((d) => d.complete)) throw new CarryonError('bad-state', `the disk files of ${state.name} are missing; roll back or cancel to start over`);
@@ -161,9 +161,9 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       await vault.save(state);
       env.log(`checked out ${entry.name}: checkout ${res.checkout.id}, lease until ${res.checkout.leaseExpiresAt}`);
     }
-    await diskFullIsClear(env.home, () => ensureChains(vault, state!, keys));
     const release = await claimOwner(vault, state.desktopId, 'checkout', env.log);
     try {
+      await diskFullIsClear(env.home, () => ensureChains(vault, state!, keys));
       const filled = await fillFromBroker(env, vault, broker, state, keys);
       if (!filled.complete) throw new CarryonError('paused', 'check-out stopped; what arrived is kept — run the same command again to resume');
       await broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }));

@@ -7,7 +7,7 @@ import { BrokerClient, CheckoutView, JobView } from './broker-client.js';
 import { openDesktopDisks, runDir, type DesktopDisk } from './disks.js';
 import { claimOwner, diskPrefix, fillDisks, RemoteSource, specFor, type OwnerKind } from './holder.js';
 import { loadDevice } from './home.js';
-import { onlineSession, type ClientEnv } from './ops.js';
+import { ensureChains, onlineSession, type ClientEnv } from './ops.js';
 import { Vault, type DesktopState } from './vault.js';
 
 /** A desktop whose chains this process holds (for `serve` or `run`), with the fill if still in flight. */
@@ -35,6 +35,7 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
   const release = await claimOwner(vault, found.desktopId, kind, env.log);
   let broker: BrokerClient | null = null;
   try {
+    await ensureChains(vault, found, keys);
     const opened = await openDesktopDisks(vault, found, keys);
     let remote: RemoteSource | null = null;
     if (opened.disks.some((d) => !d.entry.complete)) {

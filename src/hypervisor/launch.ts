@@ -87,7 +87,7 @@ export function buildQemuCommand(config: OfflineConfig, host: HostFacts, disks: 
   disks.forEach((d, i) => {
     argv.push('-object', `secret,id=${d.secret.id},data=${d.secret.data},keyid=${MASTER_SECRET_ID},iv=${d.secret.iv},format=base64`);
     argv.push('-blockdev', JSON.stringify(d.blockdev));
-    argv.push('-device', `virtio-blk-pci,drive=${String(d.blockdev['node-name'])}${i === 0 ? ',bootindex=0' : ''}`);
+    argv.push('-device', `virtio-blk-pci,drive=${String(d.blockdev['node-name'])}${i === 0 ? ',bootindex=1' : ''}`);
   });
   argv.push('-nic', config.nic === 'none' ? 'none' : 'user,model=virtio-net-pci');
   const display = opts.display ?? config.display ?? 'gtk';

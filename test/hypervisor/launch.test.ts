@@ -28,7 +28,7 @@ test('KVM host: kvm accel, host CPU, chain blockdevs with encrypted secrets, use
   assert.match(s, /-object secret,id=sec-d0,data=[A-Za-z0-9+\/=]+,keyid=carryon-master,iv=[A-Za-z0-9+\/=]+,format=base64/);
   assert.ok(!s.includes('c2VjcmV0LXBhc3NwaHJhc2U='), 'the disk passphrase never appears in argv');
   assert.ok(argv.includes(JSON.stringify(block('disk0', 0))));
-  assert.match(s, /-device virtio-blk-pci,drive=d0-top,bootindex=0 .*-device virtio-blk-pci,drive=d1-top /);
+  assert.match(s, /-device virtio-blk-pci,drive=d0-top,bootindex=1 .*-device virtio-blk-pci,drive=d1-top /);
   assert.match(s, /-nic user,model=virtio-net-pci/);
   assert.match(s, /-qmp unix:\/run\/c\/qmp.sock,server=on,wait=off/);
   assert.doesNotMatch(s, /hostfwd|usb-host|qemu-xhci|-S\b/);
