@@ -3,7 +3,9 @@ import { join } from 'node:path';
 import { z } from 'zod';
 import { deriveDiskSecret, type LineageKeys } from '../core/keys.js';
 import type { Manifest } from '../core/manifest.js';
-import { chainBytesOnDisk, chainFiles, createChain, mergeTop, type Chain } from '../disk/chain.js';
+import { chainBytesOnDisk, chainFiles, createLayer, mergeTop, type Chain } from '../disk/chain.js';
+import { existsSync } from 'node:fs';
+import { CarryonError } from '../core/errors.js';
 import { writeFileAtomic } from '../store/files.js';
 import type { DesktopState, Vault } from './vault.js';
 
@@ -28,15 +30,26 @@ export function chainOf(vault: Vault, state: DesktopState, keys: LineageKeys, na
   return { files: chainFiles(diskDir(vault, state.desktopId, name)), secret: deriveDiskSecret(keys, state.desktopId, name, Buffer.from(state.keys.salt, 'base64')) };
 }
 
-/** Creates the empty chains of a new check-out (both layers of all disks at once). */
-export async function createDesktopChains(vault: Vault, state: DesktopState, keys: LineageKeys): Promise<void> {
-  await Promise.all(
-    state.disks.map(async (d) => {
-      const base = await vault.manifest(state.desktopId, d.baseDigest);
-      await mkdir(diskDir(vault, state.desktopId, d.name), { recursive: true, mode: 0o700 });
-      await createChain(chainOf(vault, state, keys, d.name), base.diskSize, base.chunkSize);
-    }),
-  );
+/**
+ * Makes the layers a check-out still lacks. Bases are awaited (the fill writes into them); the
+ * tops are returned as one promise, so making them overlaps the download.
+ */
+export async function createMissingLayers(vault: Vault, state: DesktopState, keys: LineageKeys): Promise<{ tops: Promise<void> }> {
+  const tops: Promise<void>[] = [];
+  for (const d of state.disks) {
+    const dir = diskDir(vault, state.desktopId, d.name);
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    const chain = chainOf(vault, state, keys, d.name);
+    const base = await vault.manifest(state.desktopId, d.baseDigest);
+    if (!existsSync(chain.files.top)) tops.push(createLayer(chain, 'top', base.diskSize, base.chunkSize));
+    if (!existsSync(chain.files.base)) {
+      if (d.complete) throw new CarryonError('bad-state', `the disk files of ${state.name} are missing; roll back or cancel to start over`);
+      await createLayer(chain, 'base', base.diskSize, base.chunkSize);
+    }
+  }
+  const all = Promise.all(tops).then(() => undefined);
+  all.catch(() => undefined); // observed by the caller; never an unhandled rejection meanwhile
+  return { tops: all };
 }
 
 /**

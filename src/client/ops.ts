@@ -3,21 +3,20 @@ import { z } from 'zod';
 import { CarryonError } from '../core/errors.js';
 import { decodeLineageKeys, type LineageKeys } from '../core/keys.js';
 import { decodeManifest, encodeManifest, manifestDigest } from '../core/manifest.js';
-import { convertChain, topExtents } from '../disk/chain.js';
-import { addChain, StorageDaemon } from '../disk/storage-daemon.js';
+import { baseBlockdev, convertChain, topExtents } from '../disk/chain.js';
+import { addChain, addLayer, StorageDaemon } from '../disk/storage-daemon.js';
 import { NbdClient } from '../nbd/client.js';
 import { probeFingerprint } from '../net/pinned-agent.js';
-import { uploadChunks, type Progress } from '../transfer/client.js';
+import { TransferSession, uploadChunks, type Progress } from '../transfer/client.js';
+import { fillDirect } from './fill-direct.js';
 import type { RateLimiter } from '../transfer/rate-limit.js';
 import { BrokerClient, BrokerError, CheckoutResponse, CheckoutView, DesktopEntry, JobView } from './broker-client.js';
 import { chooseSecretStorage, createDeviceKeys, DeviceFile, type SecretStorage, hostFacts, loadDevice, type DeviceIdentity } from './home.js';
 import { writeFileAtomic } from '../store/files.js';
 import { Vault, type DesktopState } from './vault.js';
 import { collectChanges, type DiskReader } from './changes.js';
-import { chainOf, createDesktopChains, diskDir, openDesktopDisks, readDiskFailures, readFillReport, removeRunDir, runDir, topBytes, type DesktopDisk } from './disks.js';
-import { claimOwner, diskPrefix, fillDisks, RemoteSource, specFor } from './holder.js';
-import { existsSync } from 'node:fs';
-import { rm } from 'node:fs/promises';
+import { chainOf, createMissingLayers, diskDir, openDesktopDisks, readDiskFailures, readFillReport, removeRunDir, runDir, topBytes, writeFillReport, type DesktopDisk } from './disks.js';
+import { claimOwner, diskPrefix, specFor } from './holder.js';
 
 export interface ClientEnv {
   home: string;
@@ -112,13 +111,9 @@ async function findEntry(broker: BrokerClient, ref: string) {
   return entry;
 }
 
-/** Chains whose creation a kill interrupted are made again (nothing was in them yet). */
-export async function ensureChains(vault: Vault, state: DesktopState, keys: LineageKeys): Promise<void> {
-  const missing = state.disks.filter((d) => !existsSync(join(diskDir(vault, state.desktopId, d.name), 'top.qcow2')) || !existsSync(join(diskDir(vault, state.desktopId, d.name), 'base.qcow2')));
-  if (missing.length === 0) return;
-  if (missing.some((d) => d.complete)) throw new CarryonError('bad-state', `the disk files of ${state.name} are missing; roll back or cancel to start over`);
-  for (const d of missing) await rm(diskDir(vault, state.desktopId, d.name), { recursive: true, force: true });
-  await createDesktopChains(vault, { ...state, disks: missing }, keys);
+/** The layers a new (or interrupted) check-out still lacks; see createMissingLayers. */
+export async function ensureChains(vault: Vault, state: DesktopState, keys: LineageKeys): Promise<{ tops: Promise<void> }> {
+  return createMissingLayers(vault, state, keys);
 }
 
 /**
@@ -163,8 +158,9 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
     }
     const release = await claimOwner(vault, state.desktopId, 'checkout', env.log);
     try {
-      await diskFullIsClear(env.home, () => ensureChains(vault, state!, keys));
+      const { tops } = await diskFullIsClear(env.home, () => ensureChains(vault, state!, keys));
       const filled = await fillFromBroker(env, vault, broker, state, keys);
+      await diskFullIsClear(env.home, () => tops);
       if (!filled.complete) throw new CarryonError('paused', 'check-out stopped; what arrived is kept — run the same command again to resume');
       await broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }));
       await vault.save({ ...filled.state, state: 'checked_out', jobId: null });
@@ -178,21 +174,39 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
   }
 }
 
-/** Fills every incomplete base in a storage daemon, over the job's transfer ticket. */
+/**
+ * Fills every incomplete base over the job's transfer ticket: no VM is attached, so the chunks
+ * go straight into the bases (parallel streams, QEMU encrypting), holes never touched.
+ */
 async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient, state: DesktopState, keys: LineageKeys) {
   const opened = await openDesktopDisks(vault, state, keys);
-  if (opened.disks.every((d) => d.entry.complete)) return { state: opened.state, complete: true, bytesMoved: 0, chunksMoved: 0 };
+  const incomplete = opened.disks.filter((d) => !d.entry.complete);
+  if (incomplete.length === 0) return { state: opened.state, complete: true, bytesMoved: 0, chunksMoved: 0 };
   const job = await activeJob(env, broker, await broker.call('GET', `/v1/jobs/${state.jobId}`, undefined, JobView));
-  const remote = await RemoteSource.start({ vault, state: opened.state, disks: opened.disks, keys, endpoint: job.transfer!, renew: renewer(broker, job.id), log: env.log, rateLimit: env.rateLimit });
+  const session = new TransferSession(job.transfer!, renewer(broker, job.id));
+  const dir = runDir(vault, state.desktopId);
   let qsd: StorageDaemon | null = null;
   try {
-    qsd = await StorageDaemon.start(runDir(vault, state.desktopId));
-    for (const [i, d] of opened.disks.entries()) await addChain(qsd, specFor(d, i, remote.socketPath), d.chain.secret);
-    const res = await diskFullIsClear(env.home, () => fillDisks({ host: qsd!, vault, state: opened.state, disks: opened.disks, remote, signal: env.signal, onProgress: (p) => env.onProgress?.('check-out', p) }));
-    return { ...res, bytesMoved: remote.fetchedBytes, chunksMoved: remote.fetchedChunks };
+    qsd = await StorageDaemon.start(dir);
+    // The bases alone: their tops may still be in the making.
+    for (const [i, d] of opened.disks.entries()) if (!d.entry.complete) await addLayer(qsd, baseBlockdev(specFor(d, i, null)), `sec-${diskPrefix(i)}`, d.chain.secret);
+    const socketPath = join(dir, 'fill.sock');
+    await qsd.exportNbd(socketPath, opened.disks.flatMap((d, i) => (d.entry.complete ? [] : [{ node: `${diskPrefix(i)}-base`, name: `${d.name}.fill`, writable: true }])));
+    const moved = await diskFullIsClear(env.home, () =>
+      fillDirect({ disks: incomplete.map((disk) => ({ disk, dir: diskDir(vault, state.desktopId, disk.name), socketPath })), session, keys, signal: env.signal, rateLimit: env.rateLimit, onProgress: (p) => {
+        env.onProgress?.('check-out', p);
+        void writeFillReport(vault, state.desktopId, { pid: process.pid, done: p.chunksDone, total: p.chunksTotal, updatedAt: new Date().toISOString(), failures: [] }).catch(() => undefined);
+      } }),
+    );
+    const done: DesktopState = { ...opened.state, disks: opened.state.disks.map((d) => ({ ...d, complete: true })) };
+    await vault.save(done);
+    return { state: done, complete: true, ...moved };
+  } catch (err) {
+    if ((err as CarryonError).code === 'aborted') return { state: opened.state, complete: false, bytesMoved: 0, chunksMoved: 0 };
+    throw err;
   } finally {
     await qsd?.stop();
-    await remote.close();
+    await session.close();
   }
 }
 

@@ -35,7 +35,7 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
   const release = await claimOwner(vault, found.desktopId, kind, env.log);
   let broker: BrokerClient | null = null;
   try {
-    await ensureChains(vault, found, keys);
+    await (await ensureChains(vault, found, keys)).tops;
     const opened = await openDesktopDisks(vault, found, keys);
     let remote: RemoteSource | null = null;
     if (opened.disks.some((d) => !d.entry.complete)) {

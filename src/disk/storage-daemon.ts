@@ -13,9 +13,14 @@ export interface BlockHost {
 
 /** Adds the secret object (over the private QMP socket, never argv) and the chain's nodes. */
 export async function addChain(host: BlockHost, spec: ChainSpec, secret: string): Promise<void> {
-  await host.qmp.execute('object-add', { 'qom-type': 'secret', id: spec.secretId, data: secret, format: 'raw' });
+  await addLayer(host, chainBlockdev(spec), spec.secretId, secret);
+}
+
+/** Adds a secret and one node description (a whole chain, or a layer alone). */
+export async function addLayer(host: BlockHost, blockdev: Record<string, unknown>, secretId: string, secret: string): Promise<void> {
+  await host.qmp.execute('object-add', { 'qom-type': 'secret', id: secretId, data: secret, format: 'raw' });
   try {
-    await host.qmp.execute('blockdev-add', chainBlockdev(spec));
+    await host.qmp.execute('blockdev-add', blockdev);
   } catch (err) {
     if (err instanceof QmpError && /lock/i.test(err.desc)) {
       throw new CarryonError('disk-busy', 'the desktop disk is in use by another carryon process (run, serve, checkout or checkin): stop it first');

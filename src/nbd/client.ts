@@ -160,7 +160,7 @@ export class NbdClient {
         }
         this.pending.delete(handle);
         if (error !== 0) {
-          p.reject(new NbdClientError(`NBD server answered error ${error}`));
+          p.reject(new NbdClientError(`NBD server answered error ${error}${ERRNO_TEXT[error] ? ` (${ERRNO_TEXT[error]})` : ''}`));
           continue;
         }
         if (p.length === 0) {
@@ -177,6 +177,9 @@ export class NbdClient {
     }
   }
 }
+
+/** What the NBD errors mean (a full disk must read as one to the caller). */
+const ERRNO_TEXT: Record<number, string> = { 1: 'EPERM: not permitted', 5: 'EIO: I/O error', 12: 'ENOMEM', 22: 'EINVAL: invalid request', 28: 'ENOSPC: No space left on device', 95: 'ENOTSUP' };
 
 function header(type: number, handle: bigint, offset: number, length: number): Buffer {
   const b = Buffer.alloc(28);

@@ -1,0 +1,133 @@
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { z } from 'zod';
+import { openBlob } from '../core/blob.js';
+import type { ChunkId } from '../core/chunk-id.js';
+import { chunkLength } from '../core/chunking.js';
+import { CarryonError } from '../core/errors.js';
+import type { LineageKeys } from '../core/keys.js';
+import { NbdClient } from '../nbd/client.js';
+import { writeFileAtomic } from '../store/files.js';
+import { fetchBlobs, TransferFailed, type Progress, type TransferSession } from '../transfer/client.js';
+import type { RateLimiter } from '../transfer/rate-limit.js';
+import type { DesktopDisk } from './disks.js';
+
+const Filled = z.object({ v: z.literal(1), chunks: z.array(z.number().int().nonnegative()) });
+
+/** Chunk indexes of a base made durable so far (written only after an NBD flush). */
+export async function readFilled(dir: string): Promise<Set<number>> {
+  try {
+    return new Set(Filled.parse(JSON.parse(await readFile(join(dir, 'filled.json'), 'utf8'))).chunks);
+  } catch {
+    return new Set();
+  }
+}
+
+/**
+ * Check-out with no VM attached: blobs come over the transfer's parallel streams, each is
+ * authenticated (GCM, then HMAC = ID), and its plaintext is written into the base through the
+ * storage daemon's NBD export (QEMU encrypts it). Holes are never written: a base without
+ * backing reads them as zeros. Progress is durable in groups (NBD flush, then `filled.json`),
+ * so a kill loses at most the last group. Chunks a running desktop streamed in the meantime
+ * are simply written again, with the same bytes.
+ */
+export async function fillDirect(opts: {
+  disks: { disk: DesktopDisk; dir: string; socketPath: string }[];
+  session: TransferSession;
+  keys: LineageKeys;
+  signal?: AbortSignal;
+  rateLimit?: RateLimiter;
+  onProgress?: (p: Progress) => void;
+}): Promise<{ bytesMoved: number; chunksMoved: number }> {
+  const targets = new Map<ChunkId, { client: NbdClient; offset: number; length: number; disk: number; index: number }[]>();
+  const clients: NbdClient[] = [];
+  const filled: Set<number>[] = [];
+  let total = 0;
+  try {
+    for (const [d, { disk, dir, socketPath }] of opts.disks.entries()) {
+      const client = await NbdClient.connect(socketPath, `${disk.name}.fill`);
+      clients.push(client);
+      const done = await readFilled(dir);
+      filled.push(done);
+      const m = disk.base;
+      m.chunks.forEach((id, index) => {
+        if (!id || done.has(index)) return;
+        const list = targets.get(id) ?? [];
+        list.push({ client, offset: index * m.chunkSize, length: chunkLength(index, m.diskSize, m.chunkSize), disk: d, index });
+        targets.set(id, list);
+        total++;
+      });
+    }
+    const ids = [...targets.keys()];
+    const started = Date.now();
+    let bytesMoved = 0;
+    let chunksMoved = 0;
+    let sinceFlush = 0;
+    let lastFlush = Date.now();
+    let flushing: Promise<void> | null = null;
+    const pendingMarks: { disk: number; index: number }[] = [];
+    const persist = async () => {
+      const marks = pendingMarks.splice(0);
+      await Promise.all(clients.map((c) => c.flush()));
+      for (const m of marks) filled[m.disk]!.add(m.index);
+      await Promise.all(opts.disks.map(({ dir }, d) => writeFileAtomic(join(dir, 'filled.json'), JSON.stringify({ v: 1, chunks: [...filled[d]!] }))));
+    };
+    const maybePersist = async () => {
+      if (flushing) return;
+      if (sinceFlush < 512 && Date.now() - lastFlush < 2000) return;
+      sinceFlush = 0;
+      lastFlush = Date.now();
+      flushing = persist().finally(() => (flushing = null));
+      await flushing;
+    };
+    let next = 0;
+    const batch = 32;
+    const failures = new Map<ChunkId, number>();
+    const worker = async () => {
+      while (next < ids.length) {
+        if (opts.signal?.aborted) throw new CarryonError('aborted', 'check-out paused');
+        const want = ids.slice(next, next + batch);
+        next += batch;
+        let queue = want;
+        for (let attempt = 0; queue.length; attempt++) {
+          const seen = new Set<ChunkId>();
+          for await (const { id, blob } of fetchBlobs(opts.session, queue, opts.signal)) {
+            const places = targets.get(id);
+            if (!places || seen.has(id)) continue;
+            let plain: Buffer;
+            try {
+              plain = openBlob(opts.keys, id, blob);
+              if (plain.length !== places[0]!.length) throw new Error(`chunk has ${plain.length} bytes, expected ${places[0]!.length}`);
+            } catch {
+              failures.set(id, (failures.get(id) ?? 0) + 1);
+              if ((failures.get(id) ?? 0) >= 3) throw new TransferFailed(`chunk ${id.slice(0, 12)}… failed authentication 3 times`);
+              continue;
+            }
+            seen.add(id);
+            await Promise.all(places.map((p) => p.client.write(p.offset, plain)));
+            for (const p of places) pendingMarks.push({ disk: p.disk, index: p.index });
+            await opts.rateLimit?.take(blob.length, opts.signal);
+            bytesMoved += blob.length;
+            chunksMoved += places.length;
+            sinceFlush += places.length;
+            const secs = (Date.now() - started) / 1000;
+            const rate = secs > 0 ? bytesMoved / secs : 0;
+            opts.onProgress?.({ bytesDone: bytesMoved, chunksDone: chunksMoved, chunksTotal: total, rate, etaSeconds: chunksMoved ? ((total - chunksMoved) / chunksMoved) * secs : null });
+          }
+          queue = queue.filter((id) => !seen.has(id));
+          if (queue.length && attempt >= 3) throw new TransferFailed(`${queue.length} chunks did not arrive`);
+        }
+        await maybePersist();
+      }
+    };
+    try {
+      await Promise.all(Array.from({ length: Math.max(1, opts.session.endpoint.maxStreams) }, worker));
+    } finally {
+      await flushing;
+      await persist().catch(() => undefined);
+    }
+    return { bytesMoved, chunksMoved };
+  } finally {
+    for (const c of clients) await c.close();
+  }
+}
