@@ -50,7 +50,7 @@ export async function createLuksQcow2(src: string, dst: string, opts: LuksOption
       });
       return;
     } catch (e) {
-      if (attempt < 4 && /accurate CPU usage/.test((e as Error).message)) continue;
+      if (attempt < 9 && /accurate CPU usage/.test((e as Error).message)) continue;
       throw e;
     }
   }

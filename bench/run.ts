@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { checkinSection } from './checkin.js';
 import { importSection } from './import.js';
 import { memorySection } from './memory.js';
+import { runtimeDiskSection } from './runtime-disk.js';
 import type { BenchRow, BenchSection } from './types.js';
 
 // BENCH_SCALE shrinks every size (e.g. 0.125 for a quick look); 1 is what BENCHMARKS.md reports.
@@ -12,6 +13,7 @@ const filter = process.argv.slice(2);
 const work = mkdtempSync(join(process.env.BENCH_DIR ?? '/var/tmp', 'carryon-bench-'));
 
 const sections: BenchSection[] = [
+  runtimeDiskSection(work, Math.max(64, 256 * scale), 10),
   importSection(work, 2 * scale),
   memorySection(work, 20 * scale),
   checkinSection(work, 4 * scale, 0.04 * scale, true, ['random', 'typical']),

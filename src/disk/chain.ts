@@ -132,7 +132,8 @@ async function createImage(args: string[], secret: string): Promise<void> {
       await runQemuTool('qemu-img', args, { secret });
       return;
     } catch (err) {
-      if (attempt >= 4 || !(err instanceof QemuToolError) || !/accurate CPU usage/.test(err.stderr)) throw err;
+      if (attempt >= 8 || !(err instanceof QemuToolError) || !/accurate CPU usage/.test(err.stderr)) throw err;
+      await new Promise((r) => setTimeout(r, 50 * attempt));
     }
   }
 }
