@@ -1,0 +1,55 @@
+import type { ComponentChildren } from 'preact';
+
+export function Progress({ percent, label }: { percent: number | null; label: string }) {
+  if (percent === null) return <span>{label}</span>;
+  const p = Math.max(0, Math.min(100, percent));
+  return (
+    <span class="progress">
+      <progress max={100} value={p} aria-label={label} />
+      <span class="pct">{`${p.toFixed(p % 1 ? 1 : 0)}%`}</span>
+    </span>
+  );
+}
+
+export function Status({ error, note }: { error?: string | null; note?: string | null }) {
+  return (
+    <>
+      {error && <p class="error" role="alert">{error}</p>}
+      {note && <p class="note" role="status">{note}</p>}
+    </>
+  );
+}
+
+export function Section({ title, children, actions }: { title: string; children: ComponentChildren; actions?: ComponentChildren }) {
+  return (
+    <section aria-label={title}>
+      <div class="section-head">
+        <h2>{title}</h2>
+        {actions}
+      </div>
+      {children}
+    </section>
+  );
+}
+
+export function Field({ label, children, hint }: { label: string; children: ComponentChildren; hint?: string }) {
+  return (
+    <label class="field">
+      <span>{label}</span>
+      {children}
+      {hint && <small>{hint}</small>}
+    </label>
+  );
+}
+
+export function Empty({ cols, text = 'none' }: { cols: number; text?: string }) {
+  return (
+    <tr>
+      <td colSpan={cols} class="muted">{text}</td>
+    </tr>
+  );
+}
+
+export function Badge({ kind, children }: { kind?: string; children: ComponentChildren }) {
+  return <span class={`badge ${kind ?? ''}`}>{children}</span>;
+}
