@@ -51,7 +51,7 @@ export function CheckoutsPage() {
                       <button type="button" class="secondary" onClick={() => setUnlocking(null)}>Cancel</button>
                     </form>
                   ) : (
-                    <button type="button" class="secondary" onClick={() => setUnlocking(c.id)} aria-label={`Force-unlock ${name(c.desktopId)}`}>Force-unlock…</button>
+                    <button type="button" class="secondary" onClick={() => setUnlocking(c.id)} aria-label={`Force-unlock ${name(c.desktopId)}`}>Force-unlock</button>
                   )}
                 </td>
               </tr>

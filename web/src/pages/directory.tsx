@@ -37,7 +37,7 @@ export function DirectoryPage() {
                   <td>{u.disabled ? <Badge kind="bad">disabled</Badge> : <Badge kind="ok">active</Badge>}</td>
                   <td>
                     <button type="button" class="secondary" aria-label={`${u.disabled ? 'Enable' : 'Disable'} ${u.name}`} onClick={() => op(() => api('PATCH', `/v1/admin/users/${enc(u.name)}`, { disabled: !u.disabled }), `${u.name} ${u.disabled ? 'enabled' : 'disabled'}`)}>{u.disabled ? 'Enable' : 'Disable'}</button>{' '}
-                    {u.source === 'local' && <button type="button" class="secondary" aria-label={`Reset the password of ${u.name}`} onClick={() => setResetFor(u.name)}>Reset password</button>}{' '}
+                    {u.source === 'local' && <button type="button" class="secondary" aria-label={`Reset password of ${u.name}`} onClick={() => setResetFor(u.name)}>Reset password</button>}{' '}
                     <button type="button" class="danger" aria-label={`Delete ${u.name}`} onClick={() => confirm(`Delete user ${u.name}?`) && op(() => api('DELETE', `/v1/admin/users/${enc(u.name)}`), `deleted ${u.name}`)}>Delete</button>
                   </td>
                 </tr>
@@ -67,7 +67,7 @@ export function DirectoryPage() {
                 <tr key={g.name}>
                   <td>{g.name}</td>
                   <td>{g.members.map((m) => (
-                    <span key={m} class="badge">{m} <button type="button" class="link" aria-label={`Remove ${m} from ${g.name}`} onClick={() => op(() => api('DELETE', `/v1/admin/groups/${enc(g.name)}/members/${enc(m)}`), `removed ${m} from ${g.name}`)}>×</button></span>
+                    <span key={m} class="badge">{m} <button type="button" class="link" aria-label={`Remove ${m} from ${g.name}`} onClick={() => op(() => api('DELETE', `/v1/admin/groups/${enc(g.name)}/members/${enc(m)}`), `removed ${m} from ${g.name}`)}>Remove</button></span>
                   ))}</td>
                   <td><button type="button" class="danger" aria-label={`Delete group ${g.name}`} onClick={() => op(() => api('DELETE', `/v1/admin/groups/${enc(g.name)}`), `deleted ${g.name}`)}>Delete</button></td>
                 </tr>

@@ -2,7 +2,7 @@ import { useState } from 'preact/hooks';
 import { api, enc, get } from '../api';
 import { bytes, ago, when } from '../format';
 import { useAction, usePoll } from '../hooks';
-import { Badge, Empty, Status } from '../ui';
+import { Badge, Empty, Field, Status } from '../ui';
 import type { RestorePoints } from './types';
 
 /** Restore points of one desktop, each with a Restore button where the broker allows it. */
@@ -48,10 +48,9 @@ export function RestorePointList({ desktopId, name, admin }: { desktopId: string
                       });
                     }}
                   >
-                    <label class="field">
-                      <span>Reason (optional)</span>
+                    <Field label="Reason (optional)">
                       <input value={reason} onInput={(e) => setReason(e.currentTarget.value)} />
-                    </label>
+                    </Field>
                     <button type="submit" disabled={act.busy}>Confirm restore</button>
                     <button type="button" class="secondary" onClick={() => setConfirming(null)}>Cancel</button>
                   </form>
