@@ -1,3 +1,4 @@
+import { stat } from 'node:fs/promises';
 import { isAbsolute } from 'node:path';
 import { inspectImage } from '../import/source.js';
 import { HttpError } from './http.js';
@@ -21,7 +22,10 @@ export async function inspectForImport(image: string, chunkSize?: number): Promi
   if (!isAbsolute(image)) throw new HttpError(400, 'relative-path', `${image} is a relative path; ${WHERE}`);
   let size: number;
   try {
-    size = (await inspectImage(image)).virtualSize;
+    const info = await inspectImage(image);
+    // QEMU rounds a raw file's size up to whole sectors; the file itself says what was copied.
+    const st = await stat(image);
+    size = info.format === 'raw' && st.isFile() ? st.size : info.virtualSize;
   } catch (err) {
     const code = (err as { code?: string }).code ?? 'bad-image';
     const hint = code === 'not-found' ? ` (${WHERE})` : '';
