@@ -1,19 +1,8 @@
 import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
-import type { EventRow } from '../../store/metadata.js';
+import { eventsCsv } from '../../core/audit-csv.js';
 import type { BrokerContext } from '../context.js';
 import { parse, requireAdmin } from '../http.js';
-
-const csvCell = (v: unknown) => {
-  const s = v === null || v === undefined ? '' : String(v);
-  // Quote always; a leading = + - @ would be a formula in a spreadsheet.
-  return `"${(/^[=+\-@]/.test(s) ? `'${s}` : s).replace(/"/g, '""')}"`;
-};
-
-export function eventsCsv(events: EventRow[]): string {
-  const cols: (keyof EventRow)[] = ['id', 'time', 'actor', 'desktopId', 'action', 'outcome', 'detail'];
-  return `${cols.join(',')}\n${events.map((e) => cols.map((c) => csvCell(e[c])).join(',')).join('\n')}\n`;
-}
 
 /** The audit trail newest first, filtered, as JSON or a CSV download. */
 export function auditRoutes(app: FastifyInstance, ctx: BrokerContext): void {
