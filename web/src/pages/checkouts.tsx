@@ -1,6 +1,6 @@
 import { useState } from 'preact/hooks';
 import { api, enc, get } from '../api';
-import { ago, bytes, left, rate } from '../format';
+import { bytes, left, rate } from '../format';
 import { useAction, usePoll } from '../hooks';
 import { Badge, Empty, Field, Progress, Section, Status } from '../ui';
 import type { AdminDesktop, CheckoutView, Transfers } from './types';
@@ -60,7 +60,7 @@ export function CheckoutsPage() {
         </tbody>
       </table>
       <Status error={act.error ?? checkouts.error} note={act.note} />
-      <p class="muted">Updated every second. Last refresh {ago(new Date().toISOString())}.</p>
+      <p class="muted">Updated every second.</p>
     </Section>
   );
 }
