@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import type { Browser, Page } from 'playwright-core';
 import type { RunningBroker } from '../../src/broker/start.js';
+import { runAgent } from '../../src/client/agent.js';
 import { checkout, enroll, upload, type ClientEnv } from '../../src/client/ops.js';
 import { RateLimiter } from '../../src/transfer/rate-limit.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
@@ -128,6 +129,23 @@ test('admin console in a real browser: import, live check-out, force-unlock, pol
   await running;
   await upload(env, 'win11', 'replicate'); // a restore point
 
+  // Devices: the laptop's agent heartbeats (host statistics) and acknowledges a remote command.
+  await go(page, 'Devices');
+  await page.getByRole('table', { name: 'Devices' }).getByText('alice-laptop').waitFor();
+  const cmd = page.getByRole('form', { name: 'Send a remote command' });
+  await cmd.getByLabel('Device').selectOption({ label: 'alice-laptop (alice)' });
+  await cmd.getByLabel('Command').selectOption('renew-lease');
+  await cmd.getByRole('button', { name: 'Send' }).click();
+  const commands = page.getByRole('table', { name: 'Commands' });
+  await commands.getByText('waiting for the agent').waitFor();
+  assert.equal((await runAgent(env, { once: true })).commands, 1);
+  await commands.locator('tr', { hasText: 'renew-lease' }).getByText('done', { exact: true }).waitFor();
+  const devRow = page.getByRole('table', { name: 'Devices' }).locator('tr', { hasText: 'alice-laptop' });
+  await devRow.getByText('just now').waitFor();
+  await devRow.getByText(/win11: checked_out, 100% local/).waitFor();
+  await accessible(page, 'devices');
+  await page.screenshot({ path: join(shots, 'devices.png'), fullPage: true });
+
   // Force-unlock with a reason.
   await go(page, 'Check-outs & locks');
   await page.locator(row).getByText('checked out').waitFor();
@@ -173,19 +191,11 @@ test('admin console in a real browser: import, live check-out, force-unlock, pol
   const snaps = detail.body.snapshots as { id: string; kind: string }[];
   assert.equal(snaps.find((s) => s.id === detail.body.currentSnapshot)?.kind, 'restore');
 
-  // Devices and the audit trail (newest first).
-  await go(page, 'Devices');
-  await page.getByRole('table', { name: 'Devices' }).getByText('alice-laptop').waitFor();
-  const cmd = page.getByRole('form', { name: 'Send a remote command' });
-  await cmd.getByLabel('Device').selectOption({ label: 'alice-laptop (alice)' });
-  await cmd.getByRole('button', { name: 'Send' }).click();
-  await page.getByRole('table', { name: 'Commands' }).getByText('waiting for the agent').waitFor();
-  await accessible(page, 'devices');
-  await page.screenshot({ path: join(shots, 'devices.png'), fullPage: true });
+  // The audit trail (newest first).
   await go(page, 'Audit');
   const firstAction = page.getByRole('table', { name: 'Audit events' }).locator('tbody tr').first().locator('td').nth(2);
   await page.getByRole('table', { name: 'Audit events' }).getByText('laptop stolen', { exact: false }).waitFor();
-  assert.equal(await firstAction.textContent(), 'command-queue', 'newest first');
+  assert.equal(await firstAction.textContent(), 'restore', 'newest first');
   await page.getByLabel('Search').fill('force-unlock');
   await page.getByRole('table', { name: 'Audit events' }).locator('tbody tr').first().getByText('force-unlock').waitFor();
   const [file] = await Promise.all([page.waitForEvent('download'), page.getByRole('button', { name: 'Export CSV' }).click()]);

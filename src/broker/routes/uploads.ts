@@ -97,7 +97,7 @@ export function uploadRoutes(app: FastifyInstance, ctx: BrokerContext, dir: stri
     if (!up.complete) throw new HttpError(409, 'incomplete', `the broker has ${up.received} of ${up.sizeBytes} bytes; finish the upload first`, { received: up.received });
     const job = await ctx.imports.start(ctx, actor, { name: b.name, image: paths(id).data, pool: b.pool, config: b.config, chunkSize: b.chunkSize }, (ok) => {
       // Imported: the upload is no longer needed. Failed: kept, to retry the import without sending it again.
-      if (ok) void rm(paths(id).data, { force: true }).then(() => rm(paths(id).meta, { force: true }));
+      if (ok) void rm(paths(id).meta, { force: true }).then(() => rm(paths(id).data, { force: true }));
     });
     return reply.status(202).send({ import: job });
   });
