@@ -194,12 +194,12 @@ export function rollback(ctx: BrokerContext, user: string, checkoutId: string) {
   return checkoutView(ctx.meta.getCheckout(c.id)!);
 }
 
-export function forceUnlock(ctx: BrokerContext, admin: string, checkoutId: string) {
+export function forceUnlock(ctx: BrokerContext, admin: string, checkoutId: string, reason?: string) {
   const c = ctx.meta.getCheckout(checkoutId);
   if (!c) throw new HttpError(404, 'not-found', `no checkout ${checkoutId}`);
   if (!ctx.meta.transitionCheckout(c.id, ['transferring', 'checked_out', 'checking_in'], 'cancelled', { pendingDisks: null })) throw new HttpError(409, 'wrong-state', `checkout is ${c.state}`);
   ctx.scheduler.finishForCheckout(c.id, 'cancelled');
-  ctx.audit({ actor: admin, desktopId: c.desktopId, action: 'force-unlock', outcome: 'ok', detail: `checkout ${c.id} held by ${c.user}` });
+  ctx.audit({ actor: admin, desktopId: c.desktopId, action: 'force-unlock', outcome: 'ok', detail: `checkout ${c.id} held by ${c.user}${reason ? `: ${reason}` : ''}` });
   return checkoutView(ctx.meta.getCheckout(c.id)!);
 }
 

@@ -4,6 +4,7 @@ import type { SqliteMetadataStore } from '../store/metadata.js';
 import type { LdapConfig } from './directory.js';
 import type { ImportJobs } from './imports.js';
 import type { BrokerSecrets } from './secrets.js';
+import type { JobProgress } from './transfers/progress.js';
 import type { SqliteScheduler } from './transfers/scheduler.js';
 
 export interface BrokerSettings {
@@ -35,6 +36,8 @@ export interface BrokerContext {
   hypervisor: DatacenterHypervisor;
   /** Desktop imports running in the background. */
   imports: ImportJobs;
+  /** Live per-job transfer progress reported by transfer servers. */
+  jobProgress: JobProgress;
   audit(entry: AuditEntry): void;
   /** Unwraps lineage keys (master key) and encodes them for the authenticated holder. */
   keysFor(wrapped: Buffer, context: string): string;

@@ -4,6 +4,7 @@ import { importImage } from '../import/import.js';
 import type { DesktopConfig } from '../store/metadata.js';
 import type { BrokerContext } from './context.js';
 import { HttpError } from './http.js';
+import { inspectForImport } from './image-checks.js';
 
 export interface CreateDesktop {
   name: string;
@@ -16,6 +17,7 @@ export interface CreateDesktop {
 /** Imports an image on the broker host as a new desktop with its own lineage (keys). */
 export async function createDesktopFromImage(ctx: BrokerContext, actor: string, req: CreateDesktop, onProgress?: (p: { bytesDone: number; bytesTotal: number }) => void) {
   if (ctx.meta.getDesktop(req.name)) throw new HttpError(409, 'exists', `desktop ${req.name} exists`);
+  await inspectForImport(req.image, req.chunkSize);
   const pool = req.pool ? ctx.meta.getPool(req.pool) : null;
   if (req.pool && !pool) throw new HttpError(404, 'not-found', `no pool ${req.pool}`);
   const keys = generateLineageKeys();

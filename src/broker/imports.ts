@@ -1,8 +1,8 @@
 import { randomUUID } from 'node:crypto';
-import { inspectImage } from '../import/source.js';
 import type { BrokerContext } from './context.js';
 import { createDesktopFromImage, type CreateDesktop } from './desktops.js';
 import { HttpError } from './http.js';
+import { inspectForImport } from './image-checks.js';
 
 export interface ImportJobView {
   id: string;
@@ -27,15 +27,9 @@ export class ImportJobs {
   private readonly jobs = new Map<string, ImportJobView>();
 
   /** Checks what can be checked at once (name free, image readable), then imports in the background. */
-  async start(ctx: BrokerContext, actor: string, req: CreateDesktop): Promise<ImportJobView> {
+  async start(ctx: BrokerContext, actor: string, req: CreateDesktop, onFinish?: (ok: boolean) => void): Promise<ImportJobView> {
     this.ensureNameFree(ctx, req.name);
-    let size: number;
-    try {
-      size = (await inspectImage(req.image)).virtualSize;
-    } catch (err) {
-      const code = (err as { code?: string }).code ?? 'bad-image';
-      throw new HttpError(code === 'not-found' ? 404 : 400, code, (err as Error).message);
-    }
+    const size = await inspectForImport(req.image, req.chunkSize);
     this.ensureNameFree(ctx, req.name); // again: inspecting took a moment
     const job: ImportJobView = {
       id: randomUUID(), name: req.name, image: req.image, state: 'running', bytesDone: 0, bytesTotal: size,
@@ -46,7 +40,7 @@ export class ImportJobs {
     void createDesktopFromImage(ctx, actor, req, (p) => (job.bytesDone = p.bytesDone)).then(
       (res) => Object.assign(job, { state: 'done', result: res, bytesDone: job.bytesTotal, finishedAt: new Date().toISOString() }),
       (err: Error & { code?: string }) => Object.assign(job, { state: 'failed', error: { code: err.code ?? 'import-failed', message: err.message }, finishedAt: new Date().toISOString() }),
-    );
+    ).finally(() => onFinish?.(job.state === 'done'));
     return { ...job };
   }
 

@@ -11,6 +11,8 @@ import { startTransferServer, type TransferServer } from '../transfer/server.js'
 import type { BrokerContext, BrokerSettings } from './context.js';
 import { installHttpBasics } from './http.js';
 import { ImportJobs } from './imports.js';
+import { consoleRoutes } from './routes/console.js';
+import { JobProgress } from './transfers/progress.js';
 import { readToken } from './tokens.js';
 import { hashPassword } from './passwords.js';
 import { adminRoutes } from './routes/admin.js';
@@ -78,7 +80,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   const hypervisor: DatacenterHypervisor = config.hypervisor?.kind === 'qmp' ? new QmpHypervisor(config.hypervisor.socketDir) : new NoHypervisor();
   const scheduler = new SqliteScheduler(db, { signingKey: secrets.signing.privateKey, ticketTtlSec: config.ticketTtlSec, pauseGraceSec: config.pauseGraceSec });
   const ctx: BrokerContext = {
-    settings, meta, store, secrets, scheduler, hypervisor, imports: new ImportJobs(),
+    settings, meta, store, secrets, scheduler, hypervisor, imports: new ImportJobs(), jobProgress: new JobProgress(),
     audit: (e) => void meta.addEvent({ actor: e.actor, desktopId: e.desktopId ?? null, action: e.action, outcome: e.outcome, detail: e.detail ?? null }),
     keysFor: (wrapped, context) => encodeLineageKeys(unwrapLineageKeys(secrets.masterKey, wrapped, context)),
   };
@@ -98,6 +100,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   agentRoutes(app, ctx);
   adminRoutes(app, ctx);
   transferRoutes(app, ctx);
+  consoleRoutes(app, ctx, { uploadDir: join(config.dataDir, 'uploads') });
   const host = config.host ?? '127.0.0.1';
   await app.listen({ host, port: config.port ?? 0 });
   const addr = app.server.address();
@@ -110,7 +113,12 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     transfer = await startTransferServer({ id: 'embedded', host, slots, store, masterKey: secrets.masterKey, brokerPublicKey: secrets.signing.publicKey, tlsDir: join(config.dataDir, 'transfer-tls') });
     const t = transfer;
     scheduler.registerServer({ id: t.id, url: t.url, fingerprint: t.fingerprint, slots });
-    beat = setInterval(() => scheduler.serverHeartbeat(t.id, { bytesIn: t.stats.bytesIn, bytesOut: t.stats.bytesOut }), 5000);
+    let ticks = 0;
+    // Per-job progress every second (in memory, for live admin views); the scheduler every 5 s.
+    beat = setInterval(() => {
+      ctx.jobProgress.report(t.id, t.stats.perJob);
+      if (++ticks % 5 === 0) scheduler.serverHeartbeat(t.id, { bytesIn: t.stats.bytesIn, bytesOut: t.stats.bytesOut });
+    }, 1000);
     beat.unref();
   }
   return {

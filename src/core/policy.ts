@@ -13,6 +13,8 @@ export const PolicyValues = z.object({
   ssoAllowed: z.boolean(),
   replicationIntervalMin: z.number().int().min(0).max(7 * 24 * 60),
   requireOnlineReauth: z.boolean(),
+  /** Users may make a restore point of their desktop the version their next check-out starts from. */
+  restoreAllowed: z.boolean(),
 });
 export type PolicyValues = z.infer<typeof PolicyValues>;
 export type PolicyName = keyof PolicyValues;
@@ -30,6 +32,7 @@ export const POLICY_DEFAULTS: PolicyValues = {
   ssoAllowed: true,
   replicationIntervalMin: 0,
   requireOnlineReauth: true,
+  restoreAllowed: false,
 };
 
 export type PolicySource = 'default' | 'global' | `pool:${string}` | `desktop:${string}` | `user:${string}`;

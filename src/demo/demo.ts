@@ -23,7 +23,10 @@ async function main(): Promise<void> {
   const sizeMiB = Number(process.env.DEMO_SIZE_MIB ?? 256);
   const dir = mkdtempSync(join(tmpdir(), 'carryon-demo-'));
   const say = (s: string) => process.stdout.write(`${s}\n`);
-  const broker = await startBroker({ dataDir: join(dir, 'server'), initAdmin: { name: 'admin', password: 'demo-admin-password' } });
+  const keep = process.argv.includes('--keep-running');
+  const portArg = process.argv.indexOf('--port');
+  const port = portArg > 0 ? Number(process.argv[portArg + 1]) : Number(process.env.DEMO_PORT ?? 0);
+  const broker = await startBroker({ dataDir: join(dir, 'server'), port, initAdmin: { name: 'admin', password: 'demo-admin-password' } });
   try {
     say(`broker on ${broker.url} (certificate ${broker.fingerprint.slice(0, 16)}…), transfer server ${broker.transfer!.url}`);
     const agent = pinnedAgent(broker.fingerprint);
@@ -91,10 +94,24 @@ async function main(): Promise<void> {
     if (!readFileSync(serverCopy).equals(laptopDisk)) throw new Error("the server's new snapshot differs from the laptop's disk");
     say('');
     say(`demo complete: checked out, changed through NBD, checked in; the broker's new snapshot ${snapshotId.slice(0, 8)}… is byte-identical to the laptop's disk.`);
+    if (keep) await keepRunning(broker.url, broker.fingerprint, say);
   } finally {
     await broker.close();
     rmSync(dir, { recursive: true, force: true });
   }
+}
+
+/** `--keep-running`: the broker stays up for the web console and `carryon admin` until Ctrl-C. */
+async function keepRunning(url: string, fingerprint: string, say: (s: string) => void): Promise<void> {
+  say('');
+  say(`web console: ${url}/   (self-signed certificate, SHA-256 ${fingerprint}: accept it in the browser)`);
+  say('log in as admin / demo-admin-password (or as the user alice / alice-demo-password)');
+  say(`command line: CARRYON_URL=${url} CARRYON_FINGERPRINT=${fingerprint} CARRYON_USER=admin CARRYON_PASSWORD=demo-admin-password carryon admin desktops list`);
+  say('the broker keeps running until Ctrl-C');
+  await new Promise<void>((resolve) => {
+    process.once('SIGINT', resolve);
+    process.once('SIGTERM', resolve);
+  });
 }
 
 main().catch((err: unknown) => {

@@ -259,6 +259,37 @@ export class SqliteMetadataStore {
   private commandRow(r: Raw): CommandRow {
     return { id: String(r.id), deviceId: String(r.device_id), desktopId: (r.desktop_id as string | null) ?? null, type: String(r.type), state: String(r.state), result: (r.result as string | null) ?? null, createdAt: String(r.created_at) };
   }
+
+  // Directory and audit operations of the admin console and CLI
+  /** Deletes a group, its memberships and the entitlements granted to it. */
+  deleteGroup(name: string): boolean {
+    return this.transaction(() => {
+      this.db.prepare("DELETE FROM entitlements WHERE principal_type = 'group' AND principal = ?").run(name);
+      this.db.prepare('DELETE FROM group_members WHERE group_name = ?').run(name);
+      return this.db.prepare('DELETE FROM groups WHERE name = ?').run(name).changes > 0;
+    });
+  }
+  removeGroupMember(group: string, user: string): boolean {
+    return this.db.prepare('DELETE FROM group_members WHERE group_name = ? AND user_name = ?').run(group, user).changes > 0;
+  }
+  /** Deletes an empty pool and the entitlements to it; false when it does not exist. */
+  deletePool(id: string): boolean {
+    return this.transaction(() => {
+      this.db.prepare("DELETE FROM entitlements WHERE target_type = 'pool' AND target = ?").run(id);
+      return this.db.prepare('DELETE FROM pools WHERE id = ?').run(id).changes > 0;
+    });
+  }
+  /** Newest first, filtered; `text` matches actor, action, outcome or detail (case-insensitive). */
+  listEventsNewest(f: { beforeId?: number; desktopId?: string; actor?: string; action?: string; outcome?: string; text?: string; limit?: number } = {}): EventRow[] {
+    const like = f.text ? `%${f.text.replace(/[%_\\]/g, (c) => `\\${c}`)}%` : null;
+    const rows = this.db.prepare(`SELECT * FROM events WHERE (? IS NULL OR id < ?) AND (? IS NULL OR desktop_id = ?) AND (? IS NULL OR actor = ?)
+      AND (? IS NULL OR action = ?) AND (? IS NULL OR outcome = ?)
+      AND (? IS NULL OR actor LIKE ? ESCAPE '\\' OR action LIKE ? ESCAPE '\\' OR outcome LIKE ? ESCAPE '\\' OR detail LIKE ? ESCAPE '\\')
+      ORDER BY id DESC LIMIT ?`).all(
+      f.beforeId ?? null, f.beforeId ?? null, f.desktopId ?? null, f.desktopId ?? null, f.actor ?? null, f.actor ?? null,
+      f.action ?? null, f.action ?? null, f.outcome ?? null, f.outcome ?? null, like, like, like, like, like, f.limit ?? 200) as Raw[];
+    return rows.map((r) => ({ id: Number(r.id), time: String(r.time), actor: String(r.actor), desktopId: (r.desktop_id as string | null) ?? null, action: String(r.action), outcome: String(r.outcome), detail: (r.detail as string | null) ?? null }));
+  }
 }
 
 export type MetadataStore = SqliteMetadataStore;

@@ -38,7 +38,7 @@ export async function startStandaloneTransfer(o: StandaloneOptions): Promise<Tra
   await register();
   const beat = setInterval(() => {
     broker
-      .call('POST', `/v1/transfer-servers/${encodeURIComponent(o.id)}/heartbeat`, { activeStreams: 0, bytesIn: server.stats.bytesIn, bytesOut: server.stats.bytesOut }, z.object({ ok: z.boolean() }), headers)
+      .call('POST', `/v1/transfer-servers/${encodeURIComponent(o.id)}/heartbeat`, { activeStreams: 0, bytesIn: server.stats.bytesIn, bytesOut: server.stats.bytesOut, jobs: [...server.stats.perJob].slice(-1000).map(([id, c]) => ({ id, ...c })) }, z.object({ ok: z.boolean() }), headers)
       .catch(() => register().catch(() => undefined)); // the broker forgot us (restart): register again
   }, (o.heartbeatSec ?? 5) * 1000);
   beat.unref();

@@ -177,7 +177,11 @@ export function adminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     const q = parse(z.object({ all: z.enum(['true', 'false']).optional() }), req.query);
     return { checkouts: ctx.meta.listCheckouts({ activeOnly: q.all !== 'true' }).map(checkoutView) };
   });
-  app.post('/v1/admin/checkouts/:id/force-unlock', async (req) => ({ checkout: forceUnlock(ctx, admin(req), parse(Id, req.params).id) }));
+  app.post('/v1/admin/checkouts/:id/force-unlock', async (req) => {
+    const actor = admin(req);
+    const b = parse(z.object({ reason: z.string().max(500).optional() }).strict(), req.body);
+    return { checkout: forceUnlock(ctx, actor, parse(Id, req.params).id, b.reason) };
+  });
 
   app.get('/v1/admin/devices', async (req) => {
     admin(req);

@@ -4,6 +4,10 @@ import { z } from 'zod';
 import { publicKeyToBase64 } from '../../core/signing.js';
 import type { BrokerContext } from '../context.js';
 import { HttpError, parse, requireAdmin } from '../http.js';
+import { transfersOverview } from '../transfers/overview.js';
+
+const Count = z.number().int().min(0);
+const JobStats = z.object({ id: z.string().min(1).max(100), bytesIn: Count, bytesOut: Count, chunksIn: Count, chunksOut: Count }).strict();
 
 /** Transfer servers register and heartbeat with a shared secret; admins see the pool. */
 export function transferRoutes(app: FastifyInstance, ctx: BrokerContext): void {
@@ -22,12 +26,13 @@ export function transferRoutes(app: FastifyInstance, ctx: BrokerContext): void {
   app.post('/v1/transfer-servers/:id/heartbeat', async (req) => {
     checkSecret(req.headers['x-carryon-transfer-secret']);
     const { id } = parse(z.object({ id: z.string().max(100) }), req.params);
-    const body = parse(z.object({ activeStreams: z.number().int().min(0), bytesIn: z.number().min(0), bytesOut: z.number().min(0) }).strict(), req.body);
+    const body = parse(z.object({ activeStreams: z.number().int().min(0), bytesIn: z.number().min(0), bytesOut: z.number().min(0), jobs: z.array(JobStats).max(10_000).optional() }).strict(), req.body);
     if (!ctx.scheduler.serverHeartbeat(id, body)) throw new HttpError(404, 'not-registered', 'register first');
+    if (body.jobs) ctx.jobProgress.report(id, body.jobs.map(({ id: jobId, ...c }) => [jobId, c]));
     return { ok: true };
   });
   app.get('/v1/admin/transfers', async (req) => {
     requireAdmin(ctx, req);
-    return ctx.scheduler.overview();
+    return transfersOverview(ctx);
   });
 }

@@ -135,6 +135,12 @@ export class SqliteScheduler implements TransferScheduler {
     };
   }
 
+  /** Unfinished jobs with what they belong to (for the admin views). */
+  openJobs(): { id: string; kind: JobKind; state: JobState; checkoutId: string; desktopId: string; serverId: string | null; manifests: string[]; queuedAt: string }[] {
+    const rows = this.db.prepare(`SELECT * FROM transfer_jobs WHERE state IN ('queued','active','paused','expired') ORDER BY seq`).all() as (JobRow & { queued_at: string })[];
+    return rows.map((r) => ({ id: r.id, kind: r.kind, state: r.state, checkoutId: r.checkout_id, desktopId: r.desktop_id, serverId: r.server_id, manifests: JSON.parse(r.manifests) as string[], queuedAt: r.queued_at }));
+  }
+
   /** Sweeps and assigns, atomically. Called on every scheduler operation. */
   pump(): void {
     this.db.transaction(() => {

@@ -1,0 +1,64 @@
+import type { DesktopRow, SnapshotRow } from '../store/metadata.js';
+import type { BrokerContext } from './context.js';
+import { HttpError } from './http.js';
+import { effectivePolicy } from './policies.js';
+
+export interface RestorePoint {
+  id: string;
+  /** import | clone | checkin | replica | restore */
+  kind: string;
+  createdAt: string;
+  parentId: string | null;
+  sizeBytes: number;
+  /** The desktop's current version is this one (a check-out's checkpoint counts as its parent). */
+  current: boolean;
+}
+
+/** Snapshots a desktop can go back to, newest first. Checkpoints repeat their parent and are left out. */
+export function restorePoints(ctx: BrokerContext, desktop: DesktopRow): RestorePoint[] {
+  const snaps = ctx.meta.listSnapshots(desktop.id);
+  const byId = new Map(snaps.map((s) => [s.id, s]));
+  let current: SnapshotRow | undefined = desktop.currentSnapshot ? byId.get(desktop.currentSnapshot) : undefined;
+  while (current && current.kind === 'checkpoint' && current.parentId) current = byId.get(current.parentId);
+  return snaps
+    .filter((s) => s.kind !== 'checkpoint')
+    .map((s) => ({ id: s.id, kind: s.kind, createdAt: s.createdAt, parentId: s.parentId, sizeBytes: s.disks.reduce((n, d) => n + d.sizeBytes, 0), current: s.id === current?.id }))
+    .reverse();
+}
+
+/** Whether `user` (role `role`) may restore `desktop` now, and if not, why. */
+export function restoreRefusal(ctx: BrokerContext, user: string, role: string, desktop: DesktopRow): { status: number; code: string; message: string } | null {
+  if (role !== 'admin') {
+    if (!ctx.meta.isEntitled(user, desktop)) return { status: 404, code: 'not-found', message: `no desktop ${desktop.name} you are entitled to` };
+    const p = effectivePolicy(ctx.meta, user, desktop).restoreAllowed;
+    if (!p.value) return { status: 403, code: 'policy-denied', message: `policy (${p.source}) does not let users restore ${desktop.name}` };
+  }
+  const active = ctx.meta.activeCheckout(desktop.id);
+  if (active) {
+    return { status: 409, code: 'locked', message: `${desktop.name} is checked out by ${active.user}; check it in or roll back first (an admin can force-unlock)` };
+  }
+  return null;
+}
+
+/**
+ * Makes a restore point the desktop's current version: a new snapshot (kind `restore`) with the
+ * chosen one's disks, so history is kept and the next check-out starts from it.
+ */
+export function restore(ctx: BrokerContext, user: string, role: string, desktop: DesktopRow, snapshotId: string, reason?: string) {
+  const refusal = restoreRefusal(ctx, user, role, desktop);
+  if (refusal) {
+    ctx.audit({ actor: user, desktopId: desktop.id, action: 'restore', outcome: 'denied', detail: `${refusal.code}: ${refusal.message}` });
+    throw new HttpError(refusal.status, refusal.code, refusal.message, {}, true);
+  }
+  const point = restorePoints(ctx, desktop).find((p) => p.id === snapshotId);
+  if (!point) throw new HttpError(404, 'not-found', `${desktop.name} has no restore point ${snapshotId}`);
+  const chosen = ctx.meta.getSnapshot(point.id)!;
+  const id = ctx.meta.transaction(() => {
+    if (ctx.meta.activeCheckout(desktop.id)) throw new HttpError(409, 'locked', `${desktop.name} was just checked out`);
+    const s = ctx.meta.createSnapshot({ desktopId: desktop.id, parentId: chosen.id, kind: 'restore', disks: chosen.disks });
+    ctx.meta.setDesktopSnapshot(desktop.id, s);
+    return s;
+  });
+  ctx.audit({ actor: user, desktopId: desktop.id, action: 'restore', outcome: 'ok', detail: `${point.kind} ${point.id} of ${point.createdAt} is now current (${id})${reason ? `: ${reason}` : ''}` });
+  return { snapshotId: id, restoredFrom: point.id };
+}
