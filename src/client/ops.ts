@@ -157,8 +157,10 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       env.log(`checked out ${entry.name}: checkout ${res.checkout.id}, lease until ${res.checkout.leaseExpiresAt}`);
     }
     const release = await claimOwner(vault, state.desktopId, 'checkout', env.log);
+    let making: Promise<void> = Promise.resolve();
     try {
       const { tops } = await diskFullIsClear(env.home, () => ensureChains(vault, state!, keys));
+      making = tops;
       const filled = await fillFromBroker(env, vault, broker, state, keys);
       await diskFullIsClear(env.home, () => tops);
       if (!filled.complete) throw new CarryonError('paused', 'check-out stopped; what arrived is kept — run the same command again to resume');
@@ -167,6 +169,8 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       env.log(`${entry.name} is local (${filled.bytesMoved} bytes pulled); safe to go offline`);
       return { desktopId: entry.id, checkoutId: state.checkoutId, chunksMoved: filled.chunksMoved, bytesMoved: filled.bytesMoved, refetched: 0 };
     } finally {
+      // A top still being made belongs to this run: let it finish (or fail) before anyone else looks.
+      await making.catch(() => undefined);
       await release();
     }
   } finally {

@@ -130,6 +130,13 @@ test('boot while data is in flight: nbdcopy of the whole export with 10% local i
   assert.equal(st[0]!.state, 'transferring');
   assert.ok(st[0]!.percentLocal < 50, `only ${st[0]!.percentLocal}% local`);
   assert.equal(st[0]!.safeOffline, false);
+  // kill -9 of a check-out in the middle: no helper process survives it, and serving and the later rerun still end byte-identical.
+  const killed = spawnCarryon(['checkout', 'win11', '--limit-rate', '1M']);
+  await new Promise((r) => setTimeout(r, 1500));
+  await stopChild(killed, 'SIGKILL');
+  await new Promise((r) => setTimeout(r, 200));
+  const daemons = (await run('pgrep', ['-f', `qemu-storage-daemon.*${home}`]).catch(() => ({ stdout: '' }))).stdout.trim();
+  assert.equal(daemons, '', 'qemu-storage-daemon died with its client');
   const serve = spawnCarryon(['serve', 'win11']);
   const out = await waitForOutput(serve, /nbd\+unix:\/\/\/disk0\?socket=\S+/);
   const uri = /nbd\+unix:\/\/\/disk0\?socket=\S+/.exec(out)![0];
@@ -140,5 +147,8 @@ test('boot while data is in flight: nbdcopy of the whole export with 10% local i
   await carryon(['checkout', 'win11', '--quiet']);
   const done = JSON.parse((await carryon(['status', 'win11', '--json'])).stdout) as { percentLocal: number; safeOffline: boolean }[];
   assert.deepEqual([done[0]!.percentLocal, done[0]!.safeOffline], [100, true]);
+  const exported = join(broker.dir, 'after-kill.raw');
+  await carryon(['export', 'win11', exported]);
+  assert.ok(readFileSync(exported).equals(await serverDisk()), 'byte-identical after a kill -9 mid-check-out');
   await carryon(['rollback', 'win11']);
 });

@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { checkout, enroll, release, status, upload, type ClientEnv } from '../../src/client/ops.js';
 import { readDesktop, writeDesktop } from '../support/laptop.js';
+import { serveDesktop } from '../../src/client/serve.js';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
@@ -65,6 +66,10 @@ test('check-out, change 1% of chunks, check-in moves only those; server snapshot
   const touched = [5, 77];
   await writeDesktop(env(home), 'win11', touched.map((i) => ({ offset: i * CHUNK + 1000, data: randomBytes(5000) })));
   const laptopDisk = await readDesktop(env(home), 'win11');
+  // While the desktop is in use (served, as a running VM would hold it), check-in refuses clearly.
+  const served = await serveDesktop(env(home), 'win11');
+  await assert.rejects(upload(env(home), 'win11', 'checkin'), (e: unknown) => e instanceof CarryonError && e.code === 'disk-busy' && /stop it first/.test(e.message));
+  await served.close();
   const inBefore = broker.transfer!.stats.bytesIn;
   const ci = await upload(env(home), 'win11', 'checkin');
   const moved = broker.transfer!.stats.bytesIn - inBefore;
