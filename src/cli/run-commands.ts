@@ -1,7 +1,8 @@
 import type { Command } from 'commander';
 import { defaultHome } from '../client/home.js';
 import { diskPrefix, specFor } from '../client/holder.js';
-import { runDir } from '../client/disks.js';
+import { socketDir } from '../client/disks.js';
+import { join } from 'node:path';
 import { holdDesktop, serveDesktop } from '../client/serve.js';
 import { CarryonError } from '../core/errors.js';
 import { chainBlockdev } from '../disk/chain.js';
@@ -84,7 +85,7 @@ export function registerRunCommands(program: Command): void {
         const result = await runDesktop({
           name: held.state.name.replace(/[^A-Za-z0-9._-]/g, '_').slice(0, 64) || 'desktop',
           disks, config, display, accel, serial: o.serial, extraArgs: o.qemuArg,
-          socketDir: `${runDir(held.vault, held.state.desktopId)}/vm`,
+          socketDir: join(await socketDir(held.vault, held.state.desktopId), 'vm'),
           dryRun: o.dryRun,
           onStarted: (v) => {
             vm = v;

@@ -1,4 +1,6 @@
-import { mkdir, readFile, rm } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { lstat, mkdir, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { deriveDiskSecret, type LineageKeys } from '../core/keys.js';
@@ -24,6 +26,25 @@ export function diskDir(vault: Vault, desktopId: string, name: string): string {
 /** Private directory for sockets and the running owner's files. */
 export function runDir(vault: Vault, desktopId: string): string {
   return join(vault.desktopDir(desktopId), 'run');
+}
+
+/**
+ * Private directory for the desktop's unix sockets. Socket paths must stay under 108 bytes, which
+ * a deep home would exceed: so a short path in the temp directory, 0700 and ours (checked, so
+ * nobody else can pre-create it), named by a hash of the desktop's directory.
+ */
+export async function socketDir(vault: Vault, desktopId: string): Promise<string> {
+  const uid = process.getuid?.() ?? 0;
+  const parent = join(tmpdir(), `carryon-${uid}`);
+  const dir = join(parent, createHash('sha256').update(vault.desktopDir(desktopId)).digest('hex').slice(0, 16));
+  for (const d of [parent, dir]) {
+    await mkdir(d, { recursive: true, mode: 0o700 });
+    const st = await lstat(d);
+    if (!st.isDirectory() || st.uid !== uid || (st.mode & 0o077) !== 0) {
+      throw new CarryonError('unsafe-socket-dir', `${d} is not a private directory of this user (mode ${(st.mode & 0o777).toString(8)}): remove it and try again`);
+    }
+  }
+  return dir;
 }
 
 export function chainOf(vault: Vault, state: DesktopState, keys: LineageKeys, name: string): Chain {

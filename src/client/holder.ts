@@ -10,7 +10,7 @@ import type { BlockHost } from '../disk/storage-daemon.js';
 import { serveNbd, type NbdServer } from '../nbd/server.js';
 import { TransferSession, type Progress, type TransferEndpoint } from '../transfer/client.js';
 import type { RateLimiter } from '../transfer/rate-limit.js';
-import { recordDiskFailure, runDir, writeFillReport, type DesktopDisk } from './disks.js';
+import { recordDiskFailure, runDir, socketDir, writeFillReport, type DesktopDisk } from './disks.js';
 import type { DesktopState, Vault } from './vault.js';
 
 /** Node names of disk `i` in whichever QEMU holds the chain. */
@@ -49,7 +49,7 @@ export class RemoteSource {
         onFailure: (m) => void recordDiskFailure(opts.vault, opts.state.desktopId, m),
       }));
     }
-    const socketPath = join(runDir(opts.vault, opts.state.desktopId), 'remote.sock');
+    const socketPath = join(await socketDir(opts.vault, opts.state.desktopId), 'remote.sock');
     const server = await serveNbd(new Map([...remotes]), { socketPath });
     return new RemoteSource(socketPath, server, [...remotes.values()], session);
   }

@@ -15,7 +15,7 @@ import { chooseSecretStorage, createDeviceKeys, DeviceFile, type SecretStorage, 
 import { writeFileAtomic } from '../store/files.js';
 import { Vault, type DesktopState } from './vault.js';
 import { collectChanges, type DiskReader } from './changes.js';
-import { chainOf, createMissingLayers, diskDir, openDesktopDisks, readDiskFailures, readFillReport, removeRunDir, runDir, topBytes, writeFillReport, type DesktopDisk } from './disks.js';
+import { chainOf, createMissingLayers, diskDir, openDesktopDisks, readDiskFailures, readFillReport, removeRunDir, runDir, topBytes, writeFillReport, socketDir, type DesktopDisk } from './disks.js';
 import { claimOwner, diskPrefix, specFor } from './holder.js';
 
 export interface ClientEnv {
@@ -188,7 +188,7 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
   if (incomplete.length === 0) return { state: opened.state, complete: true, bytesMoved: 0, chunksMoved: 0 };
   const job = await activeJob(env, broker, await broker.call('GET', `/v1/jobs/${state.jobId}`, undefined, JobView));
   const session = new TransferSession(job.transfer!, renewer(broker, job.id));
-  const dir = runDir(vault, state.desktopId);
+  const dir = await socketDir(vault, state.desktopId);
   let qsd: StorageDaemon | null = null;
   try {
     qsd = await StorageDaemon.start(dir);
@@ -233,7 +233,7 @@ async function diskFullIsClear<T>(home: string, fn: () => Promise<T>): Promise<T
  * desktop runs (its disk is locked by QEMU): shut it down first.
  */
 async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopDisk[], fn: (readers: DiskReader[]) => Promise<T>): Promise<T> {
-  const dir = runDir(vault, state.desktopId);
+  const dir = await socketDir(vault, state.desktopId);
   const qsd = await StorageDaemon.start(dir);
   const clients: NbdClient[] = [];
   try {

@@ -4,7 +4,7 @@ import { CarryonError } from '../core/errors.js';
 import type { LineageKeys } from '../core/keys.js';
 import { addChain, StorageDaemon, type BlockHost } from '../disk/storage-daemon.js';
 import { BrokerClient, CheckoutView, JobView } from './broker-client.js';
-import { openDesktopDisks, runDir, type DesktopDisk } from './disks.js';
+import { openDesktopDisks, socketDir, type DesktopDisk } from './disks.js';
 import { claimOwner, diskPrefix, fillDisks, RemoteSource, specFor, type OwnerKind } from './holder.js';
 import { loadDevice } from './home.js';
 import { ensureChains, onlineSession, type ClientEnv } from './ops.js';
@@ -99,7 +99,7 @@ export interface ServedDesktop {
  */
 export async function serveDesktop(env: ClientEnv, desktopRef: string): Promise<ServedDesktop> {
   const held = await holdDesktop(env, desktopRef, 'serve');
-  const dir = runDir(held.vault, held.state.desktopId);
+  const dir = await socketDir(held.vault, held.state.desktopId);
   let qsd: StorageDaemon | null = null;
   const stopFill = new AbortController();
   let filling: Promise<void> = Promise.resolve();

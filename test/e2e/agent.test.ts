@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
@@ -51,8 +52,20 @@ test('heartbeats carry endpoint statistics; remote lock, unlock, lease renewal a
   assert.equal(mine.latest.stats.desktops[0]!.percentLocal, 100);
   assert.ok(mine.latest.stats.host.cpus >= 1);
 
+  // A lock reaches a desktop that is running now: the process holding its disk is stopped.
+  const served = spawn(process.execPath, [join(process.cwd(), 'dist', 'src', 'cli', 'main.js'), 'serve', 'win11'], {
+    env: { ...process.env, CARRYON_HOME: env.home, CARRYON_USER: 'alice', CARRYON_PASSWORD: 'alice-password' }, stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const servedExit = new Promise<number | null>((r) => served.once('exit', (code) => r(code)));
+  await new Promise<void>((resolve, reject) => {
+    let out = '';
+    const t = setTimeout(() => reject(new Error(`serve did not start: ${out}`)), 30_000);
+    served.stdout!.on('data', (d: Buffer) => { out += d.toString(); if (/nbd\+unix/.test(out)) { clearTimeout(t); resolve(); } });
+    served.once('exit', () => { clearTimeout(t); reject(new Error(`serve exited: ${out}`)); });
+  });
   await command('lock');
   assert.equal((await runAgent(env, { once: true })).commands, 1);
+  assert.equal(await Promise.race([servedExit.then(() => 'stopped'), new Promise((r) => setTimeout(() => r('still running'), 5000))]), 'stopped');
   const [locked] = await status(env, 'win11');
   assert.equal(locked!.state, 'locked');
   assert.match(locked!.problem ?? '', /locked: connect to the broker/, 'status still answers, and says what to do');
