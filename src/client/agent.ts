@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { SignedLease, verifyLease } from '../core/lease.js';
-import { readFillReport, topBytes } from './disks.js';
+import { readDiskFailures, readFillReport, topBytes } from './disks.js';
 import { readOwner } from './holder.js';
 import { publicKeyFromBase64 } from '../core/signing.js';
 import { BrokerClient } from './broker-client.js';
@@ -15,10 +15,12 @@ const HeartbeatReply = z.object({
 });
 
 /** Dirty bytes and percent local without the user's keys: the top layers' size and the fill state. */
-async function diskStats(vault: Vault, s: DesktopState): Promise<{ dirtyBytes: number; percentLocal: number }> {
+async function diskStats(vault: Vault, s: DesktopState): Promise<{ dirtyBytes: number; percentLocal: number; readFailures: number }> {
   const complete = s.disks.every((d) => d.complete);
   const fill = complete ? null : await readFillReport(vault, s.desktopId);
-  return { dirtyBytes: await topBytes(vault, s), percentLocal: complete ? 100 : fill && fill.total ? (100 * fill.done) / fill.total : 0 };
+  // Failures a reader saw offline (a chunk that failed authentication, a link that gave up) reach the broker here.
+  const readFailures = (await readDiskFailures(vault, s.desktopId)).length;
+  return { dirtyBytes: await topBytes(vault, s), percentLocal: complete ? 100 : fill && fill.total ? (100 * fill.done) / fill.total : 0, readFailures };
 }
 
 /** Stops the process holding the desktop's disk (a running VM shuts down; a transfer pauses). */

@@ -17,6 +17,7 @@ import { FsChunkStore } from '../../src/store/fs-chunk-store.js';
 import { openSqlite } from '../../src/store/sqlite.js';
 import { downloadChunks, TransferSession, uploadChunks, type TransferEndpoint } from '../../src/transfer/client.js';
 import { startTransferServer, type TransferServer } from '../../src/transfer/server.js';
+import { RemoteCheckpoint } from '../../src/disk/remote-checkpoint.js';
 import { makeDesktopStore, wrapped } from './helpers.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'carryon-transfer-'));
@@ -179,4 +180,38 @@ test('expired, forged, foreign and wrong-direction tickets are refused; out-of-s
   const session = new TransferSession({ url: s.url, fingerprint: s.fingerprint, ticket: signTicket(base, broker.privateKey), maxStreams: 1 });
   assert.deepEqual(await session.missing(ids.slice(0, 3)), []);
   await session.close();
+});
+
+test('remote checkpoint (boot while in flight): tampered blobs are refused and recorded, reads return the true bytes; holes need no fetch', async () => {
+  const hit = new Set<string>();
+  const s = await server('ts-rc', 2, (id, blob) => {
+    if (hit.has(id) || hit.size >= 2) return blob;
+    hit.add(id);
+    const bad = Buffer.from(blob);
+    bad[bad.length - 5]! ^= 0xff;
+    return bad;
+  });
+  const t = signTicket({ v: 1, jobId: 'job-rc', desktopId: 'd', checkoutId: 'c', direction: 'download', manifests: [desk.digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 2, expiresAt: new Date(Date.now() + 600_000).toISOString() }, broker.privateKey);
+  const session = new TransferSession({ url: s.url, fingerprint: s.fingerprint, ticket: t, maxStreams: 2 });
+  const failures: string[] = [];
+  const logs: string[] = [];
+  const remote = new RemoteCheckpoint({ manifest: desk.manifest, keys, session, log: (l) => logs.push(l), onFailure: (m) => failures.push(m) });
+  try {
+    const CS = desk.manifest.chunkSize;
+    // A random read (demand lane) and a sequential run (which prefetches ahead).
+    const expect = async (i: number) => openBlob(keys, ids[i]!, (await desk.store.get(ids[i]!))!);
+    assert.ok((await remote.read(7 * CS + 100, 1000)).equals((await expect(7)).subarray(100, 1100)));
+    for (let i = 0; i < 6; i++) assert.ok((await remote.read(i * CS, CS)).equals(await expect(i)), `chunk ${i}`);
+    assert.equal(failures.length, 2, 'each refused blob is recorded');
+    assert.match(failures[0]!, /failed authentication/);
+    assert.ok(logs.some((l) => /failed authentication/.test(l)), 'and logged');
+    await assert.rejects(remote.write(), /read-only/);
+  } finally {
+    await remote.close();
+    await session.close();
+  }
+  const holey = createManifest(desk.manifest.chunkSize, 2 * desk.manifest.chunkSize, [null, null]);
+  const idle = new RemoteCheckpoint({ manifest: holey, keys, session: new TransferSession({ url: 'https://127.0.0.1:1', fingerprint: s.fingerprint, ticket: t, maxStreams: 1 }), log: () => undefined });
+  assert.ok((await idle.read(0, holey.diskSize)).equals(Buffer.alloc(holey.diskSize)), 'holes read as zeros without the network');
+  await idle.close();
 });

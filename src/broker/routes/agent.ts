@@ -11,7 +11,7 @@ const Heartbeat = z.object({
   vaultBytes: z.number().min(0),
   desktops: z.array(z.object({
     desktopId: z.string().max(200), checkoutId: z.string().max(200), state: z.string().max(40), dirtyBytes: z.number().min(0),
-    percentLocal: z.number().min(0).max(100), lastReplicationAt: z.string().max(40).optional(),
+    percentLocal: z.number().min(0).max(100), lastReplicationAt: z.string().max(40).optional(), readFailures: z.number().int().min(0).optional(),
   })).max(64),
 }).strict();
 
