@@ -26,6 +26,7 @@ export class Rig {
 
   static async start(dir: string, image: string, chunkSize?: number): Promise<Rig> {
     process.env.CARRYON_SCRYPT_N ??= '16384';
+    process.env.CARRYON_INSECURE_TEST_KDF ??= '1'; // a lowered cost is refused outside tests
     const dataDir = join(dir, 'server');
     const broker = await startBroker({ dataDir, embeddedTransferSlots: 0, initAdmin: { name: 'admin', password: 'bench-admin-pw' }, settings: { passwordCostN: 16384 } });
     const transfer = spawn(process.execPath, [CLI, 'transfer-server', '--broker', broker.url, '--broker-fingerprint', broker.fingerprint,

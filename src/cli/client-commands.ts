@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import type { Command } from 'commander';
 import { runAgent } from '../client/agent.js';
 import { defaultHome, loadDevice } from '../client/home.js';
-import { checkout, discardLocal, enroll, exportDisk, listDesktops, onlineSession, release, status, upload, type ClientEnv } from '../client/ops.js';
+import { checkout, discardLocal, enroll, exportDisk, listDesktops, loginOnline, onlineSession, release, status, upload, type ClientEnv } from '../client/ops.js';
 import { Vault } from '../client/vault.js';
 import { CarryonError } from '../core/errors.js';
 import { JobView } from '../client/broker-client.js';
@@ -90,9 +90,8 @@ export function registerClientCommands(program: Command): void {
         printJsonOr(json, st, () => process.stdout.write(`offline login ok: ${st.map((s) => `${s.desktop} (lease ${s.leaseHoursLeft.toFixed(1)} h left)`).join(', ') || 'no desktops held'}\nCheck-in, rollback and replicate will ask for an online login.\n`));
         return;
       }
-      const { broker, user } = await onlineSession(env);
-      await broker.close();
-      printJsonOr(json, { user, online: true }, () => process.stdout.write(`logged in as ${user}; offline lease renewed\n`));
+      const { user, renewed } = await loginOnline(env);
+      printJsonOr(json, { user, online: true, renewed }, () => process.stdout.write(`logged in as ${user}; offline lease renewed${renewed.length ? ` for ${renewed.join(', ')}` : ''}\n`));
     });
 
   program.command('list').description('desktops you may use, with the actions allowed now').action(async (_o: unknown, cmd: Command) => {
@@ -155,6 +154,7 @@ export function registerClientCommands(program: Command): void {
         if (s.problem) process.stdout.write(`${s.desktop}: ${s.problem}\n`);
         if (s.readFailures) process.stdout.write(`${s.desktop}: ${s.readFailures} read failures, last: ${s.lastReadFailure}\n`);
       }
+      if (st[0]?.advisory) process.stdout.write(`note: ${st[0].advisory}\n`);
     });
   });
 

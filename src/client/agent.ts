@@ -1,6 +1,9 @@
+import { join } from 'node:path';
 import { z } from 'zod';
+import { writeFileAtomic } from '../store/files.js';
 import { SignedLease, verifyLease } from '../core/lease.js';
 import { readDiskFailures, readFillReport, topBytes } from './disks.js';
+import { effectiveConfig, LEASE, lockDesktop, peekClock, writeLockRecord, writePolicy } from './guards.js';
 import { readOwner } from './holder.js';
 import { publicKeyFromBase64 } from '../core/signing.js';
 import { BrokerClient } from './broker-client.js';
@@ -51,19 +54,23 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
   const states = await vault.list();
   const host = await hostFacts(env.home);
   const desktops = [];
-  for (const s of states) desktops.push({ desktopId: s.desktopId, checkoutId: s.checkoutId, state: s.locked ? 'locked' : s.state, ...(await diskStats(vault, s)), lastReplicationAt: s.lastReplicationAt ?? undefined });
+  for (const s of states) desktops.push({ desktopId: s.desktopId, checkoutId: s.checkoutId, state: (await vault.isLocked(s)) ? 'locked' : s.state, ...(await diskStats(vault, s)), lastReplicationAt: s.lastReplicationAt ?? undefined });
   let reply: z.infer<typeof HeartbeatReply>;
   try {
     reply = await broker.signedPost('/v1/agent/heartbeat', { host, vaultBytes: await vault.sizeBytes(), desktops }, me, HeartbeatReply);
   } catch (err) {
-    // No contact: a lease that has run out locks its desktop until the broker is reachable again.
-    const now = await vault.trustedNow();
+    // No contact: a lease that has run out locks its desktop until a renewed lease reaches it.
+    // The agent has no vault key, so it reads time and lease unauthenticated: that can only lock sooner.
     for (const s of states) {
+      const dir = vault.desktopDir(s.desktopId);
+      const now = new Date(Math.max(Date.now(), await peekClock(dir)));
+      const lease = await vault.storedLease(s);
       try {
-        verifyLease(s.lease, publicKeyFromBase64(device.info.signingPublicKey), { now, deviceId: me.id, desktopId: s.desktopId });
+        verifyLease(lease, publicKeyFromBase64(device.info.signingPublicKey), { now, deviceId: me.id, desktopId: s.desktopId });
       } catch {
-        if (!s.locked) {
-          await vault.save({ ...s, locked: true });
+        if (!(await vault.isLocked(s))) {
+          await lockDesktop(dir, device.privateKey, { desktopId: s.desktopId, reason: 'expiry', at: new Date().toISOString(), leaseIssuedAt: leaseIssuedAt(lease) });
+          await stopOwner(vault, s, env.log);
           env.log(`${s.name}: lease expired without contact; desktop locked`);
         }
       }
@@ -78,12 +85,16 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
     let message = '';
     try {
       if (!s && c.type !== 'renew-lease') throw new Error(`desktop ${c.desktopId ?? '(none)'} is not on this device`);
-      if (c.type === 'lock' || c.type === 'unlock') {
-        await vault.save({ ...s!, locked: c.type === 'lock' });
-        if (c.type === 'lock') await stopOwner(vault, s!, env.log); // a running desktop stops now, not at its next start
+      const dir = s ? vault.desktopDir(s.desktopId) : '';
+      if (c.type === 'lock') {
+        await lockDesktop(dir, device.privateKey, { desktopId: s!.desktopId, reason: 'admin', at: new Date().toISOString(), leaseIssuedAt: null });
+        await stopOwner(vault, s!, env.log); // a running desktop stops now, not at its next start
+      } else if (c.type === 'unlock') {
+        // The next open with the password makes a new unlock token (the agent cannot).
+        if (await vault.isLocked(s!)) await writeLockRecord(dir, device.privateKey, { desktopId: s!.desktopId, reason: 'admin-unlocked', at: new Date().toISOString(), leaseIssuedAt: null });
       } else if (c.type === 'wipe') {
         await stopOwner(vault, s!, env.log);
-        await vault.remove(s!.desktopId); // wrapped keys and chains gone: nothing left to read
+        await vault.wipe(s!.desktopId); // crypto-erase: wrapped keys and LUKS headers overwritten, then removed
       }
       else if (c.type === 'renew-lease') await renewLeases(vault, broker, me, device);
       else if (c.type === 'replicate') await upload(env, s!.desktopId, 'replicate');
@@ -97,19 +108,22 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
     ran++;
   }
   await renewLeases(vault, broker, me, device);
-  // Policy reaches the desktop's next start: the offline config follows the broker's USB policy.
+  // Policy reaches the desktop's next start: the offline config follows the broker's USB policy
+  // (restrict-only: what the agent writes can take USB away, never grant it beyond the check-out's config).
   for (const s of await vault.list()) {
     const usb = reply.policies[s.desktopId]?.usbAllowed;
-    if (typeof usb === 'boolean' && s.config.usb !== usb) {
-      await vault.save({ ...s, config: { ...s.config, usb } });
-      env.log(`${s.name}: USB ${usb ? 'allowed' : 'no longer allowed'} from the next start`);
-    }
+    if (typeof usb !== 'boolean') continue;
+    const dir = vault.desktopDir(s.desktopId);
+    const before = (await effectiveConfig(dir, s.config)).usb;
+    await writePolicy(dir, usb);
+    const after = (await effectiveConfig(dir, s.config)).usb;
+    if (before !== after) env.log(`${s.name}: USB ${after ? 'allowed' : 'no longer allowed'} from the next start`);
   }
   // Scheduled replication, when policy asks for it and the user's password is available to the agent.
   for (const s of await vault.list()) {
     const interval = Number(reply.policies[s.desktopId]?.replicationIntervalMin ?? 0);
     const due = interval > 0 && (!s.lastReplicationAt || Date.now() - Date.parse(s.lastReplicationAt) > interval * 60_000);
-    if (due && s.state === 'checked_out' && !s.locked) {
+    if (due && s.state === 'checked_out' && !(await vault.isLocked(s))) {
       if (await readOwner(vault, s.desktopId)) {
         env.log(`scheduled replication of ${s.name} deferred: the desktop is in use (shut it down to replicate)`);
         continue;
@@ -130,7 +144,17 @@ async function renewLeases(vault: Vault, broker: BrokerClient, me: { id: string;
   const { lease } = await broker.signedPost('/v1/agent/lease', {}, me, z.object({ lease: SignedLease.nullable() }));
   if (!lease) return;
   const payload = verifyLease(lease, publicKeyFromBase64(device.info.signingPublicKey), { now: new Date(), deviceId: me.id });
-  for (const s of states) if (payload.desktops.includes(s.desktopId)) await vault.save({ ...s, lease });
+  // Broker-signed, so it needs no MAC: the vault verifies it against the pinned key before use.
+  for (const s of states) if (payload.desktops.includes(s.desktopId)) await writeFileAtomic(join(vault.desktopDir(s.desktopId), LEASE), JSON.stringify(lease));
+}
+
+function leaseIssuedAt(lease: SignedLease): string | null {
+  try {
+    const p = JSON.parse(Buffer.from(lease.payload, 'base64').toString('utf8')) as { issuedAt?: unknown };
+    return typeof p.issuedAt === 'string' ? p.issuedAt : null;
+  } catch {
+    return null;
+  }
 }
 
 /** The agent loop: outbound HTTPS only; it never opens a listening socket. */

@@ -3,7 +3,8 @@ import { lstat, mkdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { deriveDiskSecret, type LineageKeys } from '../core/keys.js';
+import { deriveDiskSecret } from '../core/keys.js';
+import type { DesktopKeys } from './desktop-keys.js';
 import type { Manifest } from '../core/manifest.js';
 import { chainBytesOnDisk, chainFiles, createLayer, mergeTop, type Chain } from '../disk/chain.js';
 import { existsSync } from 'node:fs';
@@ -47,7 +48,7 @@ export async function socketDir(vault: Vault, desktopId: string): Promise<string
   return dir;
 }
 
-export function chainOf(vault: Vault, state: DesktopState, keys: LineageKeys, name: string): Chain {
+export function chainOf(vault: Vault, state: DesktopState, keys: DesktopKeys, name: string): Chain {
   return { files: chainFiles(diskDir(vault, state.desktopId, name)), secret: deriveDiskSecret(keys, state.desktopId, name, Buffer.from(state.keys.salt, 'base64')) };
 }
 
@@ -55,7 +56,7 @@ export function chainOf(vault: Vault, state: DesktopState, keys: LineageKeys, na
  * Makes the layers a check-out still lacks. Bases are awaited (the fill writes into them); the
  * tops are returned as one promise, so making them overlaps the download.
  */
-export async function createMissingLayers(vault: Vault, state: DesktopState, keys: LineageKeys): Promise<{ tops: Promise<void> }> {
+export async function createMissingLayers(vault: Vault, state: DesktopState, keys: DesktopKeys): Promise<{ tops: Promise<void> }> {
   const tops: Promise<void>[] = [];
   for (const d of state.disks) {
     const dir = diskDir(vault, state.desktopId, d.name);
@@ -77,13 +78,13 @@ export async function createMissingLayers(vault: Vault, state: DesktopState, key
  * Opens a desktop's disks, first finishing any merge a kill interrupted: the top is merged into
  * the base again (idempotent) and the base takes the digest it was merging to.
  */
-export async function openDesktopDisks(vault: Vault, state: DesktopState, keys: LineageKeys): Promise<{ state: DesktopState; disks: DesktopDisk[] }> {
+export async function openDesktopDisks(vault: Vault, state: DesktopState, keys: DesktopKeys): Promise<{ state: DesktopState; disks: DesktopDisk[] }> {
   let current = state;
   for (const d of state.disks) {
     if (!d.mergingTo) continue;
     await mergeTop(chainOf(vault, current, keys, d.name));
     current = { ...current, disks: current.disks.map((x) => (x.name === d.name ? { ...x, baseDigest: d.mergingTo!, mergingTo: null } : x)) };
-    await vault.save(current);
+    await vault.save(current, keys);
   }
   const disks: DesktopDisk[] = [];
   for (const entry of current.disks) {

@@ -11,6 +11,7 @@ import { serveNbd, type NbdServer } from '../nbd/server.js';
 import { TransferSession, type Progress, type TransferEndpoint } from '../transfer/client.js';
 import type { RateLimiter } from '../transfer/rate-limit.js';
 import { recordDiskFailure, runDir, socketDir, writeFillReport, type DesktopDisk } from './disks.js';
+import type { DesktopKeys } from './desktop-keys.js';
 import type { DesktopState, Vault } from './vault.js';
 
 /** Node names of disk `i` in whichever QEMU holds the chain. */
@@ -74,7 +75,7 @@ export class RemoteSource {
  * vault state as it finishes. Returns the state and whether everything is now local.
  */
 export async function fillDisks(opts: {
-  host: BlockHost; vault: Vault; state: DesktopState; disks: DesktopDisk[]; remote: RemoteSource;
+  host: BlockHost; vault: Vault; state: DesktopState; keys: DesktopKeys; disks: DesktopDisk[]; remote: RemoteSource;
   signal?: AbortSignal; onProgress?: (p: Progress) => void;
 }): Promise<{ state: DesktopState; complete: boolean }> {
   let state = opts.state;
@@ -104,7 +105,7 @@ export async function fillDisks(opts: {
       const how = await streamBase(opts.host, diskPrefix(i), { signal: opts.signal, onProgress: (p) => report(i, p) });
       if (how !== 'complete') return false;
       state = { ...state, disks: state.disks.map((x) => (x.name === d.name ? { ...x, complete: true } : x)) };
-      await opts.vault.save(state);
+      await opts.vault.save(state, opts.keys);
       return true;
     }),
   );

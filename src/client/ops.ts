@@ -1,7 +1,12 @@
 import { join } from 'node:path';
 import { z } from 'zod';
 import { CarryonError } from '../core/errors.js';
-import { decodeLineageKeys, type LineageKeys } from '../core/keys.js';
+import { decodeLineageKeys } from '../core/keys.js';
+import { verifyLease } from '../core/lease.js';
+import { publicKeyFromBase64 } from '../core/signing.js';
+import { newDesktopKeys, type DesktopKeys } from './desktop-keys.js';
+import { LEASE, mintToken } from './guards.js';
+import { resetClock } from './key-release.js';
 import { decodeManifest, encodeManifest, manifestDigest } from '../core/manifest.js';
 import { baseBlockdev, convertChain, topExtents } from '../disk/chain.js';
 import { addChain, addLayer, StorageDaemon } from '../disk/storage-daemon.js';
@@ -17,6 +22,7 @@ import { Vault, type DesktopState } from './vault.js';
 import { collectChanges, type DiskReader } from './changes.js';
 import { chainOf, createMissingLayers, diskDir, openDesktopDisks, readDiskFailures, readFillReport, removeRunDir, runDir, topBytes, writeFillReport, socketDir, type DesktopDisk } from './disks.js';
 import { claimOwner, diskPrefix, specFor } from './holder.js';
+import { createPublicKey, type KeyObject } from 'node:crypto';
 
 export interface ClientEnv {
   home: string;
@@ -58,6 +64,16 @@ export async function enroll(env: ClientEnv, brokerUrl: string, opts: { fingerpr
   }
 }
 
+/**
+ * The broker's lease-signing key, as the broker states it over the pinned TLS connection; it
+ * must agree with the one pinned at enrolment. It is then pinned again inside each vault wrap.
+ */
+async function pinnedBrokerKey(broker: BrokerClient, device: DeviceIdentity): Promise<KeyObject> {
+  const info = await broker.call('GET', '/v1/broker', undefined, z.object({ signingPublicKey: z.string() }).loose());
+  if (info.signingPublicKey !== device.info.signingPublicKey) throw new CarryonError('pin-mismatch', 'the broker\'s signing key differs from the one pinned at enrolment (device.json altered, or another broker): re-enrol');
+  return publicKeyFromBase64(info.signingPublicKey);
+}
+
 /** An online session for `env.user` on this device (always a fresh password check). */
 export async function onlineSession(env: ClientEnv): Promise<{ device: DeviceIdentity; broker: BrokerClient; user: string }> {
   const device = await loadDevice(env.home);
@@ -70,6 +86,39 @@ export async function onlineSession(env: ClientEnv): Promise<{ device: DeviceIde
     throw err;
   }
   return { device, broker, user };
+}
+
+/**
+ * Online login: checks the password with the broker and, with the fresh lease it returns, renews
+ * each held desktop's lease and re-establishes its trusted clock from the broker's time (the way
+ * back from a missing clock record or a lease that ran out).
+ */
+export async function loginOnline(env: ClientEnv): Promise<{ user: string; renewed: string[] }> {
+  const device = await loadDevice(env.home);
+  const broker = new BrokerClient(device.info.brokerUrl, device.info.fingerprint);
+  const user = env.user ?? (() => { throw new CarryonError('invalid', 'this needs --user (or CARRYON_USER)'); })();
+  const password = await env.password();
+  const renewed: string[] = [];
+  try {
+    const { lease } = await broker.login(user, password, device.info.deviceId!);
+    const vault = await Vault.open(env.home);
+    for (const s of lease ? await vault.list() : []) {
+      const { keys, state } = await vault.openKeys(device, password, s);
+      let issuedAt: string;
+      try {
+        issuedAt = verifyLease(lease, keys.brokerKey, { now: new Date(), deviceId: device.info.deviceId!, desktopId: s.desktopId }).issuedAt;
+      } catch (err) {
+        if ((err as CarryonError).code === 'lease-not-covered') continue;
+        throw err;
+      }
+      await writeFileAtomic(join(vault.desktopDir(s.desktopId), LEASE), JSON.stringify(lease));
+      await resetClock(vault, state, keys, issuedAt);
+      renewed.push(s.name);
+    }
+  } finally {
+    await broker.close();
+  }
+  return { user, renewed };
 }
 
 export async function listDesktops(env: ClientEnv) {
@@ -112,7 +161,7 @@ async function findEntry(broker: BrokerClient, ref: string) {
 }
 
 /** The layers a new (or interrupted) check-out still lacks; see createMissingLayers. */
-export async function ensureChains(vault: Vault, state: DesktopState, keys: LineageKeys): Promise<{ tops: Promise<void> }> {
+export async function ensureChains(vault: Vault, state: DesktopState, keys: DesktopKeys): Promise<{ tops: Promise<void> }> {
   return createMissingLayers(vault, state, keys);
 }
 
@@ -126,20 +175,24 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
   const vault = await Vault.open(env.home);
   try {
     const entry = await findEntry(broker, desktopRef);
-    let state = (await vault.list()).find((s) => s.desktopId === entry.id);
-    let keys: LineageKeys;
-    if (state && state.state === 'transferring') {
-      keys = await Vault.unwrapKeys(device, await env.password(), state);
+    const found = (await vault.list()).find((s) => s.desktopId === entry.id);
+    let state: DesktopState;
+    let keys: DesktopKeys;
+    if (found && found.state === 'transferring') {
+      ({ keys, state } = await vault.openKeys(device, await env.password(), found));
       env.log(`resuming the check-out of ${entry.name}`);
     } else {
-      if (state) {
+      if (found) {
         // Nothing left to do (e.g. `carryon serve` or `run` finished the download): say so, succeed.
         env.log(`${entry.name} is already checked out to this device and entirely local`);
-        return { desktopId: entry.id, checkoutId: state.checkoutId, chunksMoved: 0, bytesMoved: 0, refetched: 0 };
+        return { desktopId: entry.id, checkoutId: found.checkoutId, chunksMoved: 0, bytesMoved: 0, refetched: 0 };
       }
+      const brokerKey = await pinnedBrokerKey(broker, device);
       const host = await hostFacts(env.home);
       const res = await broker.call('POST', `/v1/desktops/${entry.id}/checkout`, { deviceId: device.info.deviceId, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes } }, CheckoutResponse);
-      keys = decodeLineageKeys(res.keys);
+      // The lease must verify against the broker key pinned now, inside the vault, before anything is kept.
+      const lease = verifyLease(res.lease, brokerKey, { now: new Date(), deviceId: device.info.deviceId!, desktopId: entry.id });
+      keys = newDesktopKeys(decodeLineageKeys(res.keys), brokerKey, createPublicKey(device.privateKey));
       const disks: DesktopState['disks'] = [];
       for (const d of res.disks) {
         const m = decodeManifest(Buffer.from(d.manifest, 'base64'));
@@ -151,21 +204,22 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
         desktopId: entry.id, name: entry.name, user, checkoutId: res.checkout.id, state: 'transferring', jobId: res.job.id,
         keys: await Vault.wrapKeys(device, await env.password(), keys, entry.id), lease: res.lease,
         config: res.config, localConfig: await vault.readLocalConfig(entry.id), disks,
-        lastReplicationAt: null, locked: false,
+        lastReplicationAt: null, lockDigest: await mintToken(vault.desktopDir(entry.id)),
       };
-      await vault.save(state);
+      await vault.save(state, keys);
+      await resetClock(vault, state, keys, lease.issuedAt);
       env.log(`checked out ${entry.name}: checkout ${res.checkout.id}, lease until ${res.checkout.leaseExpiresAt}`);
     }
     const release = await claimOwner(vault, state.desktopId, 'checkout', env.log);
     let making: Promise<void> = Promise.resolve();
     try {
-      const { tops } = await diskFullIsClear(env.home, () => ensureChains(vault, state!, keys));
+      const { tops } = await diskFullIsClear(env.home, () => ensureChains(vault, state, keys));
       making = tops;
       const filled = await fillFromBroker(env, vault, broker, state, keys);
       await diskFullIsClear(env.home, () => tops);
       if (!filled.complete) throw new CarryonError('paused', 'check-out stopped; what arrived is kept — run the same command again to resume');
       await broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }));
-      await vault.save({ ...filled.state, state: 'checked_out', jobId: null });
+      await vault.save({ ...filled.state, state: 'checked_out', jobId: null }, keys);
       env.log(`${entry.name} is local (${filled.bytesMoved} bytes pulled); safe to go offline`);
       return { desktopId: entry.id, checkoutId: state.checkoutId, chunksMoved: filled.chunksMoved, bytesMoved: filled.bytesMoved, refetched: 0 };
     } finally {
@@ -182,7 +236,7 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
  * Fills every incomplete base over the job's transfer ticket: no VM is attached, so the chunks
  * go straight into the bases (parallel streams, QEMU encrypting), holes never touched.
  */
-async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient, state: DesktopState, keys: LineageKeys) {
+async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient, state: DesktopState, keys: DesktopKeys) {
   const opened = await openDesktopDisks(vault, state, keys);
   const incomplete = opened.disks.filter((d) => !d.entry.complete);
   if (incomplete.length === 0) return { state: opened.state, complete: true, bytesMoved: 0, chunksMoved: 0 };
@@ -203,7 +257,7 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
       } }),
     );
     const done: DesktopState = { ...opened.state, disks: opened.state.disks.map((d) => ({ ...d, complete: true })) };
-    await vault.save(done);
+    await vault.save(done, keys);
     return { state: done, complete: true, ...moved };
   } catch (err) {
     if ((err as CarryonError).code === 'aborted') return { state: opened.state, complete: false, bytesMoved: 0, chunksMoved: 0 };
@@ -260,9 +314,11 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
   const { device, broker } = await onlineSession(env);
   const vault = await Vault.open(env.home);
   try {
-    let state = await vault.find(desktopRef);
-    if (state.state === 'transferring') throw new CarryonError('wrong-state', `${state.name} is still being checked out`);
-    const keys = await Vault.unwrapKeys(device, await env.password(), state);
+    const found = await vault.find(desktopRef);
+    if (found.state === 'transferring') throw new CarryonError('wrong-state', `${found.name} is still being checked out`);
+    const opened0 = await vault.openKeys(device, await env.password(), found);
+    const keys = opened0.keys;
+    let state = opened0.state;
     const release = await claimOwner(vault, state.desktopId, kind, env.log);
     let outcome;
     try {
@@ -280,7 +336,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
           }
           throw err;
         }
-        if (kind === 'checkin') await vault.save({ ...state, state: 'checking_in', jobId: begin.job.id });
+        if (kind === 'checkin') await vault.save({ ...state, state: 'checking_in', jobId: begin.job.id }, keys);
         const job = await activeJob(env, broker, begin.job);
         const sent = await uploadChunks({ endpoint: job.transfer!, ids: [...changes.changed.keys()], source: changes.source, keys, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) });
         const commit = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}/commit`, {}, z.object({ snapshotId: z.string(), checkout: CheckoutView }));
@@ -293,7 +349,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
           const digest = await vault.putManifest(state.desktopId, m.manifest);
           next = { ...next, disks: next.disks.map((d) => (d.name === m.name ? { ...d, mergingTo: digest } : d)) };
         }
-        await vault.save(next);
+        await vault.save(next, keys);
         await openDesktopDisks(vault, next, keys);
       }
     } finally {
@@ -351,35 +407,40 @@ export async function status(env: ClientEnv, desktopRef?: string) {
   const device = await loadDevice(env.home);
   const vault = await Vault.open(env.home);
   const states = desktopRef ? [await vault.find(desktopRef)] : await vault.list();
+  const password = states.length > 0 ? await env.password() : '';
   const out = [];
   for (const s of states) {
     let leaseDeadline: string | null = null;
     let problem: string | null = null;
     let dirtyBytes: number | null = null;
     try {
-      const { lease, keys } = await vault.unlock(device, await env.password(), s);
+      const { lease, keys } = await vault.unlock(device, password, s);
       leaseDeadline = lease.deadline;
       // Exact change since the checkpoint: the top layer's allocated bytes (read shared, so a running VM is fine).
       dirtyBytes = 0;
       for (const d of s.disks) for (const e of await topExtents(chainOf(vault, s, keys, d.name))) dirtyBytes += e.length;
     } catch (err) {
       if (!(err instanceof CarryonError)) throw err;
-      problem = err.code === 'desktop-locked' ? `locked: connect to the broker (\`carryon login\`, then \`carryon agent --once\`)` : err.code === 'lease-expired' ? 'offline lease expired: connect and run `carryon login` to renew it' : err.message;
-      if (err.code === 'vault-locked') throw err;
+      problem = err.code === 'desktop-locked' ? `locked: connect to the broker (\`carryon login\`, then \`carryon agent --once\`); ${err.message}` : err.code === 'lease-expired' ? `offline lease expired: connect and run \`carryon login\` to renew it (${err.message})` : err.message;
+      if (err.code === 'vault-locked' || err.code === 'kdf-refused') throw err;
     }
     const complete = s.disks.every((d) => d.complete);
     const fill = complete ? null : await readFillReport(vault, s.desktopId);
     const percentLocal = complete ? 100 : fill && fill.total > 0 ? (100 * fill.done) / fill.total : 0;
     const failures = await readDiskFailures(vault, s.desktopId);
     out.push({
-      desktop: s.name, desktopId: s.desktopId, state: s.locked ? 'locked' : s.state, leaseDeadline,
+      desktop: s.name, desktopId: s.desktopId, state: (await vault.isLocked(await vault.find(s.desktopId))) ? 'locked' : s.state, leaseDeadline,
       leaseHoursLeft: leaseDeadline ? Math.max(0, (Date.parse(leaseDeadline) - Date.now()) / 3_600_000) : 0, dirtyBytes: dirtyBytes ?? (await topBytes(vault, s)), percentLocal,
       lastReplicationAt: s.lastReplicationAt, safeOffline: complete && s.state !== 'transferring', problem,
       readFailures: failures.length, lastReadFailure: failures[failures.length - 1]?.message ?? null,
+      advisory: device.info.secretStorage === 'tpm' ? null : NO_TPM_ADVISORY,
     });
   }
   return out;
 }
+
+/** What `status` says on a laptop without a TPM (docs/security.md has the whole picture). */
+export const NO_TPM_ADVISORY = 'no TPM: the device secret and agent key are files, and the clock and lock records can be rolled back by restoring older copies; offline policy is advisory against someone with root on this laptop';
 
 /** Writes the desktop's current disk as a plaintext image (raw or qcow2) where the user asks. */
 export async function exportDisk(env: ClientEnv, desktopRef: string, outPath: string, format: 'raw' | 'qcow2') {

@@ -1,7 +1,8 @@
 import { join } from 'node:path';
 import { z } from 'zod';
 import { CarryonError } from '../core/errors.js';
-import type { LineageKeys } from '../core/keys.js';
+import type { DesktopKeys } from './desktop-keys.js';
+import { effectiveConfig } from './guards.js';
 import { addChain, StorageDaemon, type BlockHost } from '../disk/storage-daemon.js';
 import { BrokerClient, CheckoutView, JobView } from './broker-client.js';
 import { openDesktopDisks, socketDir, type DesktopDisk } from './disks.js';
@@ -14,7 +15,7 @@ import { Vault, type DesktopState } from './vault.js';
 export interface HeldDesktop {
   vault: Vault;
   state: DesktopState;
-  keys: LineageKeys;
+  keys: DesktopKeys;
   disks: DesktopDisk[];
   remote: RemoteSource | null;
   /** Starts filling the incomplete bases in `host`; resolves when done (or stopped), never rejects. */
@@ -31,12 +32,15 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
   const device = await loadDevice(env.home);
   const vault = await Vault.open(env.home);
   const found = await vault.find(desktopRef);
-  const { keys } = await vault.unlock(device, await env.password(), found);
+  const unlocked = await vault.unlock(device, await env.password(), found);
+  const { keys } = unlocked;
+  // The broker's config from check-out (MACed), restricted by what the agent learned since.
+  const state = { ...unlocked.state, config: await effectiveConfig(vault.desktopDir(found.desktopId), unlocked.state.config), localConfig: await vault.readLocalConfig(found.desktopId) };
   const release = await claimOwner(vault, found.desktopId, kind, env.log);
   let broker: BrokerClient | null = null;
   try {
-    await (await ensureChains(vault, found, keys)).tops;
-    const opened = await openDesktopDisks(vault, found, keys);
+    await (await ensureChains(vault, state, keys)).tops;
+    const opened = await openDesktopDisks(vault, state, keys);
     let remote: RemoteSource | null = null;
     if (opened.disks.some((d) => !d.entry.complete)) {
       if (!opened.state.jobId) throw new CarryonError('wrong-state', 'the check-out has no transfer job; run `carryon checkout` again');
@@ -58,12 +62,12 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
       async fillIn(host, signal) {
         if (!remote) return;
         try {
-          const res = await fillDisks({ host, vault, state: held.state, disks: held.disks, remote, signal });
+          const res = await fillDisks({ host, vault, state: held.state, keys, disks: held.disks, remote, signal });
           held.state = res.state;
           if (res.complete && broker) {
             await broker.call('POST', `/v1/checkouts/${held.state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }));
             held.state = { ...held.state, state: 'checked_out', jobId: null };
-            await vault.save(held.state);
+            await vault.save(held.state, keys);
             env.log(`${held.state.name} is now entirely local: safe to go offline`);
           }
         } catch (err) {

@@ -95,3 +95,19 @@ export async function unsealFromTpm(home: string): Promise<Buffer> {
     return secret;
   });
 }
+
+/**
+ * The TPM's clock (milliseconds the TPM has run, kept in its NV memory; software can move it
+ * forward only) and its reset count, or null without a usable TPM.
+ */
+export async function readTpmClock(env: NodeJS.ProcessEnv = process.env): Promise<{ clock: number; resetCount: number } | null> {
+  if (!tpmAvailable(env)) return null;
+  try {
+    const out = (await tool('tpm2_readclock', [])).toString('utf8');
+    const clock = /\bclock:\s*(\d+)/.exec(out)?.[1];
+    const reset = /\breset_count:\s*(\d+)/.exec(out)?.[1];
+    return clock && reset ? { clock: Number(clock), resetCount: Number(reset) } : null;
+  } catch {
+    return null;
+  }
+}

@@ -1,14 +1,21 @@
-import { mkdir, readFile, rm } from 'node:fs/promises';
+import { createPublicKey } from 'node:crypto';
+import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
 import { CarryonError, EnvelopeError } from '../core/errors.js';
-import { deriveDeviceUserKey, unwrapLineageKeys, wrapLineageKeys, type LineageKeys } from '../core/keys.js';
-import { SignedLease, verifyLease, type LeasePayload } from '../core/lease.js';
+import { deriveDeviceUserKey } from '../core/keys.js';
+import { SignedLease, type LeasePayload } from '../core/lease.js';
 import { decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../core/manifest.js';
-import { publicKeyFromBase64 } from '../core/signing.js';
-import { readJson, type DeviceIdentity } from './home.js';
+import { chainFiles, eraseChainKeys } from '../disk/chain.js';
+import { openDesktopKeys, recordMac, recordMacOk, sealDesktopKeys, type DesktopKeys } from './desktop-keys.js';
+import { isLockedByToken, LEASE, presentationOnly, shred, TOKEN } from './guards.js';
+import type { DeviceIdentity } from './home.js';
+import { checkStoredCost, scryptMaxmem, vaultScryptN } from './kdf.js';
+import { releaseKeys } from './key-release.js';
 import { writeFileAtomic } from '../store/files.js';
+
+const Hex64 = z.string().regex(/^[0-9a-f]{64}$/);
 
 export const DesktopState = z.object({
   desktopId: z.string(),
@@ -18,6 +25,7 @@ export const DesktopState = z.object({
   state: z.enum(['transferring', 'checked_out', 'checking_in']),
   jobId: z.string().nullable(),
   keys: z.object({ salt: z.string(), wrapped: z.string(), N: z.number().int() }),
+  /** The lease that came with the check-out (renewals are in lease.json, signed by the broker). */
   lease: SignedLease,
   config: z.record(z.string(), z.unknown()),
   localConfig: z.record(z.string(), z.unknown()).default({}),
@@ -25,24 +33,23 @@ export const DesktopState = z.object({
    * Per disk: the checkpoint its base layer holds, whether the base is complete (the check-out
    * filled it), and a merge of the top into the base that was begun and must be finished.
    */
-  disks: z.array(z.object({ name: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/), baseDigest: z.string().regex(/^[0-9a-f]{64}$/), complete: z.boolean().default(false), mergingTo: z.string().regex(/^[0-9a-f]{64}$/).nullable().default(null) })),
+  disks: z.array(z.object({ name: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/), baseDigest: Hex64, complete: z.boolean().default(false), mergingTo: Hex64.nullable().default(null) })),
   lastReplicationAt: z.string().nullable().default(null),
-  locked: z.boolean().default(false),
+  /** SHA-256 of the unlock token (guards.ts): the desktop is unlocked only while that token exists. */
+  lockDigest: Hex64,
 });
 export type DesktopState = z.infer<typeof DesktopState>;
 
-const Clock = z.object({ lastSeen: z.string() });
+/** state.json: the state as text and its MAC under the vault key (so manifests' digests and disk state are authenticated). */
+const StateFile = z.object({ v: z.literal(2), body: z.string(), mac: z.string() });
 
-/** Scrypt cost for the vault key; tests may lower it through the environment. */
-export function vaultScryptN(): number {
-  const n = Number(process.env.CARRYON_SCRYPT_N ?? 1 << 15);
-  return Number.isInteger(n) && n >= 1024 ? n : 1 << 15;
-}
+export { vaultScryptN };
 
 /**
- * The laptop's vault: per desktop a state file (wrapped keys, lease, config, disks), replaced
- * atomically, the manifests of its checkpoints, and per disk a LUKS-encrypted qcow2 chain
- * (client/disks.ts). Chunks exist only on the wire: the live disk is QEMU's.
+ * The laptop's vault: per desktop a MACed state file (wrapped keys, lease, config, disks),
+ * replaced atomically, the manifests of its checkpoints (named by digest; the MACed state pins
+ * the digests), the policy files of guards.ts, and per disk a LUKS-encrypted qcow2 chain
+ * (client/disks.ts).
  */
 export class Vault {
   private constructor(readonly home: string) {}
@@ -60,12 +67,29 @@ export class Vault {
     return join(this.home, 'desktops', desktopId);
   }
 
+  /** The state as stored, not yet authenticated (enough to list and report; keys come only through openKeys). */
+  private async readState(desktopId: string): Promise<{ state: DesktopState; body: string; mac: string } | null> {
+    const path = join(this.desktopDir(desktopId), 'state.json');
+    let text: string;
+    try {
+      text = await readFile(path, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+      throw err;
+    }
+    try {
+      const file = StateFile.parse(JSON.parse(text));
+      return { state: DesktopState.parse(JSON.parse(file.body)), body: file.body, mac: file.mac };
+    } catch (err) {
+      throw new CarryonError('bad-state', `${path} is damaged or was written by an older Carryon: ${(err as Error).message.split('\n')[0]}`);
+    }
+  }
+
   async list(): Promise<DesktopState[]> {
-    const { readdir } = await import('node:fs/promises');
     const out: DesktopState[] = [];
     for (const id of await readdir(join(this.home, 'desktops'))) {
-      const s = await readJson(join(this.home, 'desktops', id, 'state.json'), DesktopState);
-      if (s) out.push(s);
+      const s = await this.readState(id);
+      if (s) out.push(s.state);
     }
     return out;
   }
@@ -78,56 +102,85 @@ export class Vault {
     return hit;
   }
 
-  async save(state: DesktopState): Promise<void> {
+  async save(state: DesktopState, keys: DesktopKeys): Promise<void> {
     const dir = this.desktopDir(state.desktopId);
     await mkdir(dir, { recursive: true, mode: 0o700 });
-    await writeFileAtomic(join(dir, 'state.json'), JSON.stringify(DesktopState.parse(state)));
+    const body = JSON.stringify(DesktopState.parse(state));
+    await writeFileAtomic(join(dir, 'state.json'), JSON.stringify({ v: 2, body, mac: recordMac(keys, state.desktopId, 'state', body) }));
   }
 
   async remove(desktopId: string): Promise<void> {
     await rm(this.desktopDir(desktopId), { recursive: true, force: true });
   }
 
-  /** Wraps lineage keys for this device and user: scrypt(device secret ‖ password). */
-  static async wrapKeys(device: DeviceIdentity, password: string, keys: LineageKeys, desktopId: string): Promise<DesktopState['keys']> {
+  /**
+   * Crypto-erase: the unlock token, the wrapped keys (and the salt the LUKS secrets derive from)
+   * and the LUKS headers of every chain are overwritten before the files go, so nothing left
+   * behind (a copy, an undeleted block) can be decrypted again.
+   */
+  async wipe(desktopId: string): Promise<void> {
+    const dir = this.desktopDir(desktopId);
+    await shred(join(dir, TOKEN));
+    await shred(join(dir, 'state.json'));
+    const disks = await readdir(join(dir, 'disks')).catch(() => [] as string[]);
+    for (const d of disks) await eraseChainKeys(chainFiles(join(dir, 'disks', d)));
+    await this.remove(desktopId);
+  }
+
+  /** Wraps a desktop's keys for this device and user: scrypt(device secret ‖ password). */
+  static async wrapKeys(device: DeviceIdentity, password: string, keys: DesktopKeys, desktopId: string): Promise<DesktopState['keys']> {
     const salt = randomBytes(16);
     const N = vaultScryptN();
-    const k = await deriveDeviceUserKey(device.secret, password, salt, { N, r: 8, p: 1, maxmem: 128 * 1024 * 1024 });
-    return { salt: salt.toString('base64'), wrapped: wrapLineageKeys(k, keys, `vault:${desktopId}`).toString('base64'), N };
+    const k = await deriveDeviceUserKey(device.secret, password, salt, { N, r: 8, p: 1, maxmem: scryptMaxmem(N) });
+    return { salt: salt.toString('base64'), wrapped: sealDesktopKeys(k, keys, desktopId).toString('base64'), N };
   }
 
-  static async unwrapKeys(device: DeviceIdentity, password: string, state: DesktopState): Promise<LineageKeys> {
-    const k = await deriveDeviceUserKey(device.secret, password, Buffer.from(state.keys.salt, 'base64'), { N: state.keys.N, r: 8, p: 1, maxmem: 128 * 1024 * 1024 });
+  /**
+   * The password and this device's secret open the wrap; the state is then checked against the
+   * vault key. Policy is not checked here: online operations (check-in, resume) use this, the
+   * broker being the authority; offline use goes through unlock().
+   */
+  async openKeys(device: DeviceIdentity, password: string, found: DesktopState): Promise<{ keys: DesktopKeys; state: DesktopState }> {
+    const stored = await this.readState(found.desktopId);
+    if (!stored) throw new CarryonError('not-held', `desktop ${found.name} is not checked out to this device`);
+    const { state } = stored;
+    checkStoredCost(state.keys.N, `the vault of ${state.name}`);
+    const k = await deriveDeviceUserKey(device.secret, password, Buffer.from(state.keys.salt, 'base64'), { N: state.keys.N, r: 8, p: 1, maxmem: scryptMaxmem(state.keys.N) });
+    let keys: DesktopKeys;
     try {
-      return unwrapLineageKeys(k, Buffer.from(state.keys.wrapped, 'base64'), `vault:${state.desktopId}`);
+      keys = openDesktopKeys(k, Buffer.from(state.keys.wrapped, 'base64'), state.desktopId);
     } catch (err) {
-      if (err instanceof EnvelopeError) throw new CarryonError('vault-locked', 'the vault does not open: wrong password, or this vault belongs to another device');
+      if (err instanceof EnvelopeError || err instanceof SyntaxError) throw new CarryonError('vault-locked', 'the vault does not open: wrong password, or this vault belongs to another device');
       throw err;
     }
-  }
-
-  /** Trusted time: never earlier than the latest time this vault has seen (no clock rollback). */
-  async trustedNow(): Promise<Date> {
-    const clock = await readJson(join(this.home, 'clock.json'), Clock);
-    const now = new Date();
-    const last = clock ? new Date(clock.lastSeen) : now;
-    const t = last > now ? last : now;
-    // The stored time is only a lower bound: not moving it (a full disk, or less than a minute
-    // since the last write) can never extend a lease, so a write failure must not block the user.
-    if (!clock || t.getTime() - last.getTime() >= 60_000) {
-      await writeFileAtomic(join(this.home, 'clock.json'), JSON.stringify({ lastSeen: t.toISOString() })).catch((err: NodeJS.ErrnoException) => {
-        if (err.code !== 'ENOSPC') throw err;
-      });
+    if (!recordMacOk(keys, state.desktopId, 'state', stored.body, stored.mac)) {
+      throw new CarryonError('state-tampered', `the state of ${state.name} was altered outside Carryon: refusing to open it (check it in from an unaltered copy, or roll back)`);
     }
-    return t;
+    if (!keys.deviceKey.equals(createPublicKey(device.privateKey))) throw new CarryonError('vault-locked', 'this vault belongs to another device identity');
+    return { keys, state };
   }
 
-  /** Offline open: the password unwraps the keys and the lease must verify and be unexpired. */
-  async unlock(device: DeviceIdentity, password: string, state: DesktopState): Promise<{ keys: LineageKeys; lease: LeasePayload }> {
-    if (state.locked) throw new CarryonError('desktop-locked', `${state.name} is locked by the administrator or by lease expiry; connect to the broker`);
-    const keys = await Vault.unwrapKeys(device, password, state);
-    const lease = verifyLease(state.lease, publicKeyFromBase64(device.info.signingPublicKey), { now: await this.trustedNow(), deviceId: device.info.deviceId!, desktopId: state.desktopId });
-    return { keys, lease };
+  /**
+   * Offline open: the wrap and the state authenticate, then the lease must verify against the
+   * pinned broker key and be unexpired by the trusted clock, and the desktop must not be locked;
+   * only then are the keys (and so the LUKS secrets) handed out.
+   */
+  async unlock(device: DeviceIdentity, password: string, found: DesktopState): Promise<{ keys: DesktopKeys; lease: LeasePayload; state: DesktopState }> {
+    return releaseKeys(this, await this.openKeys(device, password, found));
+  }
+
+  /** Locked unless the unlock token still matches (no keys needed: the agent and status use it). */
+  async isLocked(state: DesktopState): Promise<boolean> {
+    return isLockedByToken(this.desktopDir(state.desktopId), state.lockDigest);
+  }
+
+  /** The newest lease as stored, not verified (for the agent's decisions, which can only lock). */
+  async storedLease(state: DesktopState): Promise<SignedLease> {
+    try {
+      return SignedLease.parse(JSON.parse(await readFile(join(this.desktopDir(state.desktopId), LEASE), 'utf8')));
+    } catch {
+      return state.lease;
+    }
   }
 
   async putManifest(desktopId: string, m: Manifest): Promise<string> {
@@ -138,7 +191,7 @@ export class Vault {
     return digest;
   }
 
-  /** A checkpoint manifest, checked against the digest that names it. */
+  /** A checkpoint manifest, checked against the digest that names it (which the MACed state pins). */
   async manifest(desktopId: string, digest: string): Promise<Manifest> {
     if (!/^[0-9a-f]{64}$/.test(digest)) throw new CarryonError('bad-state', `bad manifest digest ${digest}`);
     let raw: Buffer;
@@ -147,7 +200,12 @@ export class Vault {
     } catch {
       throw new CarryonError('bad-state', `manifest ${digest.slice(0, 12)}… of desktop ${desktopId} is missing from the vault`);
     }
-    const m = decodeManifest(raw);
+    let m: Manifest;
+    try {
+      m = decodeManifest(raw);
+    } catch (err) {
+      throw new CarryonError('bad-state', `manifest ${digest.slice(0, 12)}… of desktop ${desktopId} is damaged: ${(err as Error).message}`);
+    }
     if (manifestDigest(m) !== digest) throw new CarryonError('bad-state', `manifest ${digest.slice(0, 12)}… of desktop ${desktopId} is damaged`);
     return m;
   }
@@ -157,9 +215,10 @@ export class Vault {
     return new Promise((resolve) => execFile('du', ['-sb', join(this.home, 'desktops')], (err, out) => resolve(err ? 0 : Number(out.split('\t')[0]) || 0)));
   }
 
+  /** The user's local settings, presentation only (display, keyboard): never policy. */
   async readLocalConfig(desktopId: string): Promise<Record<string, unknown>> {
     try {
-      return JSON.parse(await readFile(join(this.desktopDir(desktopId), 'local-config.json'), 'utf8')) as Record<string, unknown>;
+      return presentationOnly(JSON.parse(await readFile(join(this.desktopDir(desktopId), 'local-config.json'), 'utf8')) as Record<string, unknown>);
     } catch {
       return {};
     }

@@ -35,8 +35,8 @@ export function decodeLineageKeys(text: string): LineageKeys {
   return { dataKey: raw.subarray(0, 32), idKey: raw.subarray(32, 64) };
 }
 
-/** scrypt cost: ~100 ms on this class of machine; stored with each wrap so it can rise later. */
-export const SCRYPT_PARAMS = { N: 1 << 15, r: 8, p: 1, maxmem: 64 * 1024 * 1024 } as const satisfies ScryptOptions;
+/** scrypt cost (2^17, ≈ 0.6 s here); stored with each wrap so it can rise later. */
+export const SCRYPT_PARAMS = { N: 1 << 17, r: 8, p: 1, maxmem: 256 * 1024 * 1024 } as const satisfies ScryptOptions;
 
 /**
  * Key that opens a laptop vault: scrypt over (device secret ‖ password). Neither alone suffices,
@@ -55,12 +55,14 @@ export function deriveDeviceUserKey(
 }
 
 /**
- * The LUKS passphrase of one disk of one desktop on one laptop: HKDF over the lineage keys the
- * vault unwraps (so it is released by exactly the rules that release them), bound to the desktop,
- * the disk and the laptop's wrap salt. Base64 text of 32 bytes (LUKS wants a UTF-8 passphrase).
+ * The LUKS passphrase of one disk of one desktop on one laptop: HKDF over the keys the vault
+ * unwraps (so it is released by exactly the rules that release them), bound to the desktop,
+ * the disk and the laptop's wrap salt. With the vault's own random key in the input, another
+ * holder of the (fleet-wide) lineage keys cannot derive it. Base64 text of 32 bytes (LUKS
+ * wants a UTF-8 passphrase).
  */
-export function deriveDiskSecret(keys: LineageKeys, desktopId: string, diskName: string, vaultSalt: Uint8Array): string {
-  const ikm = Buffer.concat([keys.dataKey, keys.idKey]);
-  const info = Buffer.from(`carryon-disk-luks:v1:${desktopId}:${diskName}`, 'utf8');
+export function deriveDiskSecret(keys: LineageKeys & { vaultKey?: Uint8Array }, desktopId: string, diskName: string, vaultSalt: Uint8Array): string {
+  const ikm = Buffer.concat([keys.vaultKey ?? Buffer.alloc(0), keys.dataKey, keys.idKey]);
+  const info = Buffer.from(`carryon-disk-luks:${keys.vaultKey ? 'v2' : 'v1'}:${desktopId}:${diskName}`, 'utf8');
   return Buffer.from(hkdfSync('sha256', ikm, vaultSalt, info, 32)).toString('base64');
 }

@@ -1,4 +1,5 @@
-import { rename, rm, stat } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { open, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { QemuToolError, runQemuTool, SECRET_FD_OBJECT } from './qemu-tools.js';
@@ -207,3 +208,54 @@ export async function removeChain(files: ChainFiles): Promise<void> {
   await rm(files.base, { force: true });
 }
 
+
+/** Where qcow2 keeps its LUKS header: the "full disk encryption header pointer" extension. */
+async function luksHeaderRange(path: string): Promise<{ offset: number; length: number } | null> {
+  const fh = await open(path, 'r');
+  try {
+    const head = Buffer.alloc(64 * 1024);
+    const { bytesRead } = await fh.read(head, 0, head.length, 0);
+    if (bytesRead < 104 || head.readUInt32BE(0) !== 0x514649fb || head.readUInt32BE(4) < 3) return null;
+    let off = head.readUInt32BE(100);
+    while (off + 8 <= bytesRead) {
+      const type = head.readUInt32BE(off);
+      const len = head.readUInt32BE(off + 4);
+      if (type === 0) return null;
+      if (type === 0x0537be77 && len >= 16) return { offset: Number(head.readBigUInt64BE(off + 8)), length: Number(head.readBigUInt64BE(off + 16)) };
+      off += 8 + Math.ceil(len / 8) * 8;
+    }
+    return null;
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * Crypto-erase of a chain: the LUKS header (its key slots hold the only copies of the volume key)
+ * is overwritten with random bytes and synced, so the data left in the files cannot be decrypted
+ * with any passphrase. Without a header pointer, the first 16 MiB are overwritten instead.
+ */
+export async function eraseChainKeys(files: ChainFiles): Promise<void> {
+  for (const path of [files.top, files.base]) {
+    let range: { offset: number; length: number } | null;
+    try {
+      range = await luksHeaderRange(path);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
+      throw err;
+    }
+    const size = (await stat(path)).size;
+    const { offset, length } = range ?? { offset: 0, length: 16 * 1024 * 1024 };
+    const fh = await open(path, 'r+');
+    try {
+      const end = Math.min(offset + length, size);
+      for (let at = offset; at < end; at += 1 << 20) {
+        const n = Math.min(1 << 20, end - at);
+        await fh.write(randomBytes(n), 0, n, at);
+      }
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+  }
+}

@@ -1,12 +1,14 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, linkSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chainOf } from '../../src/client/disks.js';
+import { mapChain } from '../../src/disk/chain.js';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { request } from 'undici';
 import { runAgent } from '../../src/client/agent.js';
 import { loadDevice } from '../../src/client/home.js';
-import { checkout, enroll, status, type ClientEnv } from '../../src/client/ops.js';
+import { checkout, enroll, loginOnline, status, type ClientEnv } from '../../src/client/ops.js';
 import { Vault } from '../../src/client/vault.js';
 import { signDeviceRequest } from '../../src/core/device-auth.js';
 import { generateSigningKey } from '../../src/core/signing.js';
@@ -73,17 +75,29 @@ test('heartbeats carry endpoint statistics; remote lock, unlock, lease renewal a
   await runAgent(env, { once: true });
   assert.equal((await status(env, 'win11'))[0]!.state, 'checked_out');
 
-  const before = (await held())[0]!.lease.payload;
+  const vault = await Vault.open(env.home);
+  const before = (await vault.storedLease((await held())[0]!)).payload;
   await new Promise((r) => setTimeout(r, 1100));
   await command('renew-lease');
   await runAgent(env, { once: true });
-  assert.notEqual((await held())[0]!.lease.payload, before, 'a fresh lease was stored');
+  assert.notEqual((await vault.storedLease((await held())[0]!)).payload, before, 'a fresh lease was stored');
 
   const commands = (await http.call('GET', '/v1/admin/commands', undefined, admin)).body.commands as { state: string }[];
   assert.ok(commands.every((c) => c.state === 'done'));
+  const s = (await held())[0]!;
+  const dir = vault.desktopDir(s.desktopId);
+  const { keys } = await vault.unlock(await loadDevice(env.home), 'alice-password', s);
+  const chain = chainOf(vault, s, keys, 'disk0');
+  // A second link keeps the blocks after the files are deleted (as an undeleted block or a backup would).
+  const left = { base: join(env.home, 'left-base.qcow2'), top: join(env.home, 'left-top.qcow2') };
+  linkSync(chain.files.base, left.base);
+  linkSync(chain.files.top, left.top);
+  await mapChain({ files: left, secret: chain.secret }, 'base');
   await command('wipe');
   await runAgent(env, { once: true });
   assert.deepEqual(await held(), []);
+  assert.equal(existsSync(dir), false);
+  await assert.rejects(mapChain({ files: left, secret: chain.secret }, 'base'), 'crypto-erase: the LUKS header is gone, the passphrase opens nothing');
 });
 
 test('forged agent signatures are refused; a lease that runs out without contact locks the desktop', async () => {
@@ -103,9 +117,37 @@ test('forged agent signatures are refused; a lease that runs out without contact
   const devFile = join(env.home, 'device.json');
   const saved = readFileSync(devFile, 'utf8');
   writeFileSync(devFile, saved.replace(/"brokerUrl": "[^"]+"/, '"brokerUrl": "https://127.0.0.1:1"'));
-  writeFileSync(join(env.home, 'clock.json'), JSON.stringify({ lastSeen: new Date(Date.now() + 400 * 24 * 3600_000).toISOString() }));
+  const [s] = await held();
+  const vault = await Vault.open(env.home);
+  // The agent reads the clock record without keys (a later time only locks sooner).
+  writeFileSync(join(vault.desktopDir(s!.desktopId), 'clock.json'), JSON.stringify({ body: JSON.stringify({ lastSeen: new Date(Date.now() + 400 * 24 * 3600_000).toISOString(), tpm: null }), mac: '0'.repeat(64) }));
   const res2 = await runAgent(env, { once: true });
   assert.equal(res2.online, false);
-  assert.equal((await held())[0]!.locked, true);
+  assert.equal(await vault.isLocked(s!), true);
   writeFileSync(devFile, saved);
+
+  // Back online (finding 5): status still answers; an online login renews the lease and the
+  // trusted clock (the planted record does not authenticate), and the desktop opens again.
+  const [stuck] = await status(env, 'win11');
+  assert.equal(stuck!.state, 'locked');
+  assert.match(stuck!.problem ?? '', /clock record .* altered|carryon login/);
+  await loginOnline(env);
+  await runAgent(env, { once: true });
+  const [open] = await status(env, 'win11');
+  assert.equal(open!.problem, null, 'a renewed lease unlocks what expiry locked');
+  assert.equal(open!.state, 'checked_out');
+
+  // An administrator's lock is not lifted by a renewed lease, nor by deleting the lock record.
+  await command('lock');
+  await runAgent(env, { once: true });
+  await loginOnline(env);
+  await runAgent(env, { once: true });
+  assert.equal((await status(env, 'win11'))[0]!.state, 'locked');
+  rmSync(join(vault.desktopDir(s!.desktopId), 'lock.json'));
+  const [still] = await status(env, 'win11');
+  assert.equal(still!.state, 'locked');
+  assert.match(still!.problem ?? '', /lock record is missing or was altered/);
+  await command('unlock');
+  await runAgent(env, { once: true });
+  assert.equal((await status(env, 'win11'))[0]!.state, 'checked_out', 'the administrator\'s unlock (a record signed by the agent) opens it');
 });

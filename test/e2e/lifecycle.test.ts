@@ -4,8 +4,8 @@ import { CarryonError } from '../../src/core/errors.js';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { checkout, enroll, release, status, upload, type ClientEnv } from '../../src/client/ops.js';
-import { readDesktop, writeDesktop } from '../support/laptop.js';
+import { checkout, enroll, loginOnline, release, status, upload, type ClientEnv } from '../../src/client/ops.js';
+import { moveTrustedClock, readDesktop, writeDesktop } from '../support/laptop.js';
 import { serveDesktop } from '../../src/client/serve.js';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
@@ -107,11 +107,13 @@ test('replicate then rollback; offline status with the broker unreachable; lease
   writeFileSync(join(copy, 'device.secret'), randomBytes(32));
   await assert.rejects(status(env(copy), 'win11'), { code: 'vault-locked' });
 
-  // Time moves past the lease (the vault's trusted clock): it refuses to open; clock rollback does not help.
-  writeFileSync(join(home, 'clock.json'), JSON.stringify({ lastSeen: new Date(Date.now() + 400 * 24 * 3600_000).toISOString() }));
+  // Time moves past the lease (the vault's trusted clock records it): it refuses to open; the
+  // system clock, back at today, does not help. An online login re-establishes broker time.
+  await moveTrustedClock(home, 'win11', 400 * 24 * 3600_000);
   const [expired] = await status(env(home), 'win11');
   assert.match(expired!.problem ?? '', /lease expired/, 'status still answers, and says what to do');
-  writeFileSync(join(home, 'clock.json'), JSON.stringify({ lastSeen: new Date().toISOString() }));
+  await loginOnline(env(home));
+  assert.equal((await status(env(home), 'win11'))[0]!.problem, null);
 
   const rb = await release(env(home), 'win11', 'rollback');
   assert.equal(rb.state, 'rolled_back');

@@ -4,6 +4,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { exportDisk, type ClientEnv } from '../../src/client/ops.js';
 import { serveDesktop } from '../../src/client/serve.js';
+import { writeClock } from '../../src/client/guards.js';
+import { loadDevice } from '../../src/client/home.js';
+import { Vault } from '../../src/client/vault.js';
 import { NbdClient } from '../../src/nbd/client.js';
 
 /** Writes into a checked-out desktop through `carryon serve`'s NBD export, as a VM would. */
@@ -17,6 +20,13 @@ export async function writeDesktop(env: ClientEnv, ref: string, writes: { offset
   } finally {
     await served.close();
   }
+}
+
+/** Moves a desktop's trusted clock record ahead by `ms` (as if that much time had passed), MACed as the vault writes it. */
+export async function moveTrustedClock(home: string, ref: string, ms: number, password = 'alice-password'): Promise<void> {
+  const vault = await Vault.open(home);
+  const { keys, state } = await vault.openKeys(await loadDevice(home), password, await vault.find(ref));
+  await writeClock(vault.desktopDir(state.desktopId), keys, state.desktopId, { lastSeen: new Date(Date.now() + ms).toISOString(), tpm: null });
 }
 
 /** The laptop's current disk contents, in plaintext (through `carryon export`). */

@@ -1,0 +1,175 @@
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { loadDevice } from '../../src/client/home.js';
+import { checkout, enroll, status, type ClientEnv } from '../../src/client/ops.js';
+import { serveDesktop } from '../../src/client/serve.js';
+import { Vault, vaultScryptN } from '../../src/client/vault.js';
+import { decodeManifest, encodeManifest, manifestDigest } from '../../src/core/manifest.js';
+import { signLease } from '../../src/core/lease.js';
+import { generateSigningKey, publicKeyToBase64 } from '../../src/core/signing.js';
+import { writeLockRecord } from '../../src/client/guards.js';
+import type { RunningBroker } from '../../src/broker/start.js';
+import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
+import { moveTrustedClock } from '../support/laptop.js';
+
+// The probes of issue 12: each edit, deletion or forgery of a file in the Carryon home ends in a
+// refusal with a clear message, and the keys (so the LUKS secrets) are never handed out.
+process.env.CARRYON_SCRYPT_N = '1024';
+let broker: RunningBroker & { dir: string };
+let http: Api;
+let env: ClientEnv;
+let vault: Vault;
+let dir: string;
+
+before(async () => {
+  broker = await testBroker();
+  http = api(broker.url, broker.fingerprint);
+  const admin = await http.login(ADMIN.name, ADMIN.password);
+  await http.call('POST', '/v1/admin/users', { name: 'alice', password: 'alice-password' }, admin);
+  await http.call('POST', '/v1/admin/desktops', { name: 'win11', image: makeImage(broker.dir, 4), config: { vcpus: 1, ramMiB: 512, minRamMiB: 256 } }, admin);
+  await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: 'win11' }, admin);
+  env = { home: join(broker.dir, 'laptop'), user: 'alice', password: async () => 'alice-password', log: () => undefined, pollMs: 20 };
+  await enroll(env, broker.url, { fingerprint: broker.fingerprint, name: 'laptop' });
+  await checkout(env, 'win11');
+  vault = await Vault.open(env.home);
+  dir = vault.desktopDir((await vault.find('win11')).desktopId);
+});
+after(async () => {
+  await http.close();
+  await broker.close();
+  cleanup(broker.dir);
+});
+
+/** Opens the desktop offline as `run`/`serve` would; resolves only if the keys were released. */
+const open = async (home = env.home) => {
+  const v = await Vault.open(home);
+  return v.unlock(await loadDevice(home), 'alice-password', await v.find('win11'));
+};
+
+/** Runs `fn` against a file changed by `edit`, then puts the original back. */
+async function probe(file: string, edit: (path: string) => void, fn: () => Promise<void>): Promise<void> {
+  const path = join(dir, file);
+  const saved = readFileSync(path);
+  try {
+    edit(path);
+    await fn();
+  } finally {
+    writeFileSync(path, saved);
+  }
+  await open(); // and the untouched home still opens
+}
+
+test('baseline: the untouched home opens', async () => {
+  const { keys } = await open();
+  assert.equal(keys.dataKey.length, 32);
+});
+
+test('state.json edited (policy, disk layout) or deleted: refused', async () => {
+  const edit = (change: (body: Record<string, unknown>) => void) => (path: string) => {
+    const file = JSON.parse(readFileSync(path, 'utf8')) as { body: string };
+    const body = JSON.parse(file.body) as Record<string, unknown>;
+    change(body);
+    writeFileSync(path, JSON.stringify({ ...file, body: JSON.stringify(body) }));
+  };
+  await probe('state.json', edit((b) => { (b.config as Record<string, unknown>).usb = true; }), () => assert.rejects(open(), { code: 'state-tampered', message: /altered outside Carryon/ }));
+  await probe('state.json', edit((b) => { b.lockDigest = 'a'.repeat(64); }), () => assert.rejects(open(), { code: 'state-tampered' }));
+  await probe('state.json', (p) => rmSync(p), () => assert.rejects(open(), { code: 'not-held' }));
+});
+
+test('a manifest with two chunks swapped and its checksums fixed: refused (the MACed state pins its digest)', async () => {
+  const s = await vault.find('win11');
+  const digest = s.disks[0]!.baseDigest;
+  const m = await vault.manifest(s.desktopId, digest);
+  const a = m.chunks.findIndex((c) => c !== null);
+  const b = m.chunks.findIndex((c) => c !== null && c !== m.chunks[a]);
+  assert.ok(a >= 0 && b >= 0, 'two different chunks to swap');
+  [m.chunks[a], m.chunks[b]] = [m.chunks[b]!, m.chunks[a]!];
+  const forged = manifestDigest(m);
+  writeFileSync(join(dir, 'manifests', forged), encodeManifest(m));
+  assert.deepEqual(decodeManifest(readFileSync(join(dir, 'manifests', forged))).chunks[a], m.chunks[a]);
+  await probe('state.json', (p) => writeFileSync(p, readFileSync(p, 'utf8').replace(digest, forged)), () => assert.rejects(open(), { code: 'state-tampered' }));
+  // The same digest name with other bytes is refused by the digest check.
+  await probe(join('manifests', digest), (p) => writeFileSync(p, encodeManifest(m)), () => assert.rejects(vault.manifest(s.desktopId, digest), /damaged/));
+});
+
+test('clock.json deleted, altered, or an older copy put back with the clock moved: refused', async () => {
+  await probe('clock.json', (p) => rmSync(p), () => assert.rejects(open(), { code: 'clock-untrusted', message: /missing: connect to the broker and run `carryon login`/ }));
+  await probe('clock.json', (p) => writeFileSync(p, readFileSync(p, 'utf8').replace(/"mac":"[0-9a-f]/, '"mac":"x')), () => assert.rejects(open(), { code: 'clock-untrusted', message: /altered|damaged/ }));
+  const older = readFileSync(join(dir, 'clock.json'));
+  await moveTrustedClock(env.home, 'win11', 400 * 24 * 3600_000);
+  await assert.rejects(open(), { code: 'lease-expired' }, 'time moved past the lease');
+  const [st] = await status(env, 'win11');
+  assert.match(st!.problem ?? '', /offline lease expired/, 'status still answers');
+  writeFileSync(join(dir, 'clock.json'), older); // without a TPM an older genuine copy is a backup restore (docs/security.md)
+});
+
+test('the unlock token deleted, or a lock record forged: locked', async () => {
+  await probe('unlock.token', (p) => rmSync(p), async () => {
+    await assert.rejects(open(), { code: 'desktop-locked', message: /lock record is missing or was altered/ });
+    assert.equal((await status(env, 'win11'))[0]!.state, 'locked');
+    // An "administrator unlocked it" record signed by any key but this device's changes nothing.
+    await writeLockRecord(dir, generateSigningKey().privateKey, { desktopId: (await vault.find('win11')).desktopId, reason: 'admin-unlocked', at: new Date().toISOString(), leaseIssuedAt: null });
+    await assert.rejects(open(), { code: 'desktop-locked' });
+    rmSync(join(dir, 'lock.json'));
+  });
+  await probe('unlock.token', (p) => writeFileSync(p, randomBytes(32).toString('hex')), () => assert.rejects(open(), { code: 'desktop-locked' }));
+});
+
+test('a lease forged with another key (and device.json pointed at that key): refused', async () => {
+  const s = await vault.find('win11');
+  const forger = generateSigningKey();
+  const device = await loadDevice(env.home);
+  const forged = signLease({ v: 1, user: 'alice', deviceId: device.info.deviceId!, desktops: [s.desktopId], deadline: new Date(Date.now() + 900 * 24 * 3600_000).toISOString(), issuedAt: new Date().toISOString(), policyHash: 'f'.repeat(64) }, forger.privateKey);
+  writeFileSync(join(dir, 'lease.json'), JSON.stringify(forged));
+  const devFile = join(env.home, 'device.json');
+  const saved = readFileSync(devFile, 'utf8');
+  writeFileSync(devFile, saved.replace(/"signingPublicKey": "[^"]+"/, `"signingPublicKey": "${publicKeyToBase64(forger.publicKey)}"`));
+  try {
+    await assert.rejects(open(), { code: 'lease-signature', message: /renewed lease .* pinned broker key/ });
+  } finally {
+    writeFileSync(devFile, saved);
+    rmSync(join(dir, 'lease.json'));
+  }
+});
+
+test('local-config.json changes presentation only: USB stays as the broker set it', async () => {
+  writeFileSync(join(dir, 'local-config.json'), JSON.stringify({ usb: true, display: 'none', ramMiB: 65536 }));
+  const served = await serveDesktop(env, 'win11');
+  try {
+    assert.equal(served.config.usb, false);
+    assert.equal(served.config.ramMiB, 512);
+    assert.equal(served.config.display, 'none');
+  } finally {
+    await served.close();
+    rmSync(join(dir, 'local-config.json'));
+  }
+});
+
+test('the home copied to another machine (cp -a, another device secret): refused', async () => {
+  const copy = join(broker.dir, 'other-laptop');
+  execFileSync('cp', ['-a', env.home, copy]);
+  writeFileSync(join(copy, 'device.secret'), randomBytes(32));
+  await assert.rejects(open(copy), { code: 'vault-locked', message: /another device/ });
+  await assert.rejects(status({ ...env, home: copy }, 'win11'), { code: 'vault-locked' });
+  renameSync(copy, `${copy}-gone`);
+});
+
+test('a lowered KDF cost in production: refused for new wraps and for opening a cheap vault', async () => {
+  const prod = { ...process.env, NODE_ENV: 'production', CARRYON_INSECURE_TEST_KDF: undefined, CARRYON_SCRYPT_N: '1024' };
+  assert.throws(() => vaultScryptN(prod), { code: 'kdf-refused', message: /honoured only in tests/ });
+  assert.equal(vaultScryptN({ NODE_ENV: 'production' }), 1 << 17, 'production default is 2^17');
+  const saved = { NODE_ENV: process.env.NODE_ENV, K: process.env.CARRYON_INSECURE_TEST_KDF };
+  process.env.NODE_ENV = 'production';
+  delete process.env.CARRYON_INSECURE_TEST_KDF;
+  try {
+    await assert.rejects(open(), { code: 'kdf-refused', message: /N=1024, below the minimum/ });
+    await assert.rejects(status(env, 'win11'), { code: 'kdf-refused' });
+  } finally {
+    process.env.NODE_ENV = saved.NODE_ENV;
+    if (saved.K !== undefined) process.env.CARRYON_INSECURE_TEST_KDF = saved.K;
+  }
+});
