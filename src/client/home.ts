@@ -1,4 +1,4 @@
-import { createPublicKey, randomBytes, type KeyObject } from 'node:crypto';
+import { createPrivateKey, createPublicKey, randomBytes, type KeyObject } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdir, readFile, statfs } from 'node:fs/promises';
 import { cpus, homedir, loadavg, platform, release, totalmem } from 'node:os';
@@ -7,7 +7,7 @@ import { z } from 'zod';
 import { CarryonError } from '../core/errors.js';
 import { generateSigningKey, privateKeyFromPem, privateKeyToPem, publicKeyToBase64 } from '../core/signing.js';
 import { writeFileAtomic } from '../store/files.js';
-import { sealToTpm, tpmAvailable, TpmError, unsealFromTpm } from './tpm.js';
+import { sealToTpm, TPM_KEY_PUBLIC, tpmAvailable, TpmError, unsealDeviceKey, unsealFromTpm } from './tpm.js';
 
 export function defaultHome(): string {
   return process.env.CARRYON_HOME ?? join(homedir(), '.carryon');
@@ -40,7 +40,8 @@ export interface DeviceIdentity {
   info: DeviceFile;
   privateKey: KeyObject;
   publicKeyB64: string;
-  secret: Buffer;
+  /** The device secret: from its file, or unsealed by the TPM with the password as authorization value. */
+  secret(password: string): Promise<Buffer>;
 }
 
 export type SecretStorage = 'file' | 'tpm';
@@ -51,23 +52,33 @@ export function chooseSecretStorage(wanted: SecretStorage | 'auto'): SecretStora
   return wanted === 'auto' ? (tpmAvailable() ? 'tpm' : 'file') : wanted;
 }
 
-/** Creates the device key pair and secret (0600 files in a 0700 home; the secret sealed by the TPM when asked). */
-export async function createDeviceKeys(home: string, storage: SecretStorage = 'file'): Promise<{ publicKeyB64: string; secretStorage: SecretStorage }> {
+/**
+ * Creates the device key pair and secret. With a TPM both are sealed by it (device secret: PCR
+ * policy + the password as authorization value; device key: PCR policy), so neither is on disk
+ * in the clear; without one they are 0600 files in a 0700 home.
+ */
+export async function createDeviceKeys(home: string, storage: SecretStorage, password: string): Promise<{ publicKeyB64: string; secretStorage: SecretStorage }> {
   await mkdir(home, { recursive: true, mode: 0o700 });
-  if (existsSync(join(home, 'device.key'))) throw new CarryonError('already-enrolled', `${home} already holds a device identity`);
+  if (existsSync(join(home, 'device.key')) || existsSync(join(home, TPM_KEY_PUBLIC))) throw new CarryonError('already-enrolled', `${home} already holds a device identity`);
   const { privateKey, publicKey } = generateSigningKey();
   const secret = randomBytes(32);
-  if (storage === 'tpm') await sealToTpm(home, secret);
-  else await writeFileAtomic(join(home, 'device.secret'), secret);
-  await writeFileAtomic(join(home, 'device.key'), privateKeyToPem(privateKey));
+  if (storage === 'tpm') {
+    await sealToTpm(home, secret, password, privateKey.export({ format: 'der', type: 'pkcs8' }));
+  } else {
+    await writeFileAtomic(join(home, 'device.secret'), secret);
+    await writeFileAtomic(join(home, 'device.key'), privateKeyToPem(privateKey));
+  }
   return { publicKeyB64: publicKeyToBase64(publicKey), secretStorage: storage };
 }
 
 export async function loadDevice(home: string): Promise<DeviceIdentity> {
   const info = await readJson(join(home, 'device.json'), DeviceFile);
   if (!info || !info.deviceId) throw new CarryonError('not-enrolled', `no enrolled device in ${home}: run \`carryon enroll <broker-url>\` first`);
-  const privateKey = privateKeyFromPem(await readFile(join(home, 'device.key'), 'utf8'));
-  const secret = info.secretStorage === 'tpm' ? await unsealFromTpm(home) : await readFile(join(home, 'device.secret'));
+  // Homes enrolled before the key was sealed keep their PEM.
+  const privateKey = info.secretStorage === 'tpm' && existsSync(join(home, TPM_KEY_PUBLIC))
+    ? createPrivateKey({ key: await unsealDeviceKey(home), format: 'der', type: 'pkcs8' })
+    : privateKeyFromPem(await readFile(join(home, 'device.key'), 'utf8'));
+  const secret = (password: string) => (info.secretStorage === 'tpm' ? unsealFromTpm(home, password) : readFile(join(home, 'device.secret')));
   return { info, privateKey, publicKeyB64: publicKeyToBase64(createPublicKey(privateKey)), secret };
 }
 

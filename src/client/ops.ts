@@ -52,7 +52,7 @@ export async function enroll(env: ClientEnv, brokerUrl: string, opts: { fingerpr
     const info = await broker.call('GET', '/v1/broker', undefined, z.object({ version: z.string(), signingPublicKey: z.string() }));
     const user = env.user ?? (() => { throw new CarryonError('invalid', 'enrolment needs --user'); })();
     await broker.login(user, await env.password());
-    const { publicKeyB64, secretStorage } = await createDeviceKeys(env.home, chooseSecretStorage(opts.secretStorage ?? 'auto'));
+    const { publicKeyB64, secretStorage } = await createDeviceKeys(env.home, chooseSecretStorage(opts.secretStorage ?? 'auto'), await env.password());
     const host = await hostFacts(env.home);
     const { deviceId } = await broker.call('POST', '/v1/devices', { name: opts.name, publicKey: publicKeyB64, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes } }, z.object({ deviceId: z.string() }));
     const file: DeviceFile = { deviceId, name: opts.name, brokerUrl: u.origin, fingerprint: seen, signingPublicKey: info.signingPublicKey, secretStorage };
@@ -422,7 +422,7 @@ export async function status(env: ClientEnv, desktopRef?: string) {
     } catch (err) {
       if (!(err instanceof CarryonError)) throw err;
       problem = err.code === 'desktop-locked' ? `locked: connect to the broker (\`carryon login\`, then \`carryon agent --once\`); ${err.message}` : err.code === 'lease-expired' ? `offline lease expired: connect and run \`carryon login\` to renew it (${err.message})` : err.message;
-      if (err.code === 'vault-locked' || err.code === 'kdf-refused') throw err;
+      if (err.code === 'vault-locked' || err.code === 'kdf-refused' || err.code === 'tpm') throw err;
     }
     const complete = s.disks.every((d) => d.complete);
     const fill = complete ? null : await readFillReport(vault, s.desktopId);

@@ -131,7 +131,7 @@ export class Vault {
   static async wrapKeys(device: DeviceIdentity, password: string, keys: DesktopKeys, desktopId: string): Promise<DesktopState['keys']> {
     const salt = randomBytes(16);
     const N = vaultScryptN();
-    const k = await deriveDeviceUserKey(device.secret, password, salt, { N, r: 8, p: 1, maxmem: scryptMaxmem(N) });
+    const k = await deriveDeviceUserKey(await device.secret(password), password, salt, { N, r: 8, p: 1, maxmem: scryptMaxmem(N) });
     return { salt: salt.toString('base64'), wrapped: sealDesktopKeys(k, keys, desktopId).toString('base64'), N };
   }
 
@@ -145,7 +145,7 @@ export class Vault {
     if (!stored) throw new CarryonError('not-held', `desktop ${found.name} is not checked out to this device`);
     const { state } = stored;
     checkStoredCost(state.keys.N, `the vault of ${state.name}`);
-    const k = await deriveDeviceUserKey(device.secret, password, Buffer.from(state.keys.salt, 'base64'), { N: state.keys.N, r: 8, p: 1, maxmem: scryptMaxmem(state.keys.N) });
+    const k = await deriveDeviceUserKey(await device.secret(password), password, Buffer.from(state.keys.salt, 'base64'), { N: state.keys.N, r: 8, p: 1, maxmem: scryptMaxmem(state.keys.N) });
     let keys: DesktopKeys;
     try {
       keys = openDesktopKeys(k, Buffer.from(state.keys.wrapped, 'base64'), state.desktopId);

@@ -1,24 +1,20 @@
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { createConnection } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { chooseSecretStorage, createDeviceKeys, loadDevice, type DeviceFile } from '../../src/client/home.js';
-import { TPM_PRIVATE, TPM_PUBLIC, TpmError } from '../../src/client/tpm.js';
-import { freePort } from '../support/ports.js';
+import { TPM_KEY_PRIVATE, TPM_KEY_PUBLIC, TPM_PRIVATE, TPM_PUBLIC, TpmError } from '../../src/client/tpm.js';
+import { startTpm, stopTpms, swtpmSkip } from '../support/swtpm.js';
 
 // A software TPM (Debian package swtpm) on 127.0.0.1 stands in for a laptop's TPM 2.0 chip;
 // tpm2-tools reach it through TPM2TOOLS_TCTI exactly as they would reach /dev/tpmrm0.
-const skip = ['/usr/bin/swtpm', '/usr/bin/tpm2_createprimary'].every((p) => existsSync(p))
-  ? false
-  : 'swtpm and tpm2-tools are not installed (Debian packages swtpm, tpm2-tools); .ci/run installs them';
+const skip = swtpmSkip;
 
 const dirs: string[] = [];
-const tpms: ChildProcess[] = [];
 after(() => {
-  for (const t of tpms) t.kill('SIGTERM');
+  stopTpms();
   for (const d of dirs) rmSync(d, { recursive: true, force: true });
   delete process.env.TPM2TOOLS_TCTI;
 });
@@ -27,26 +23,6 @@ function tmp(): string {
   const d = mkdtempSync(join(tmpdir(), 'carryon-tpm-test-'));
   dirs.push(d);
   return d;
-}
-
-/** Starts a fresh software TPM (its own state: another machine) and returns its TCTI string. */
-async function startTpm(): Promise<string> {
-  const state = tmp();
-  // The swtpm TCTI talks to the control channel on port + 1.
-  const port = await freePort();
-  const ctrl = port + 1;
-  const child = spawn('swtpm', ['socket', '--tpm2', '--tpmstate', `dir=${state}`, '--server', `type=tcp,port=${port},bindaddr=127.0.0.1`,
-    '--ctrl', `type=tcp,port=${ctrl},bindaddr=127.0.0.1`, '--flags', 'not-need-init,startup-clear'], { stdio: 'ignore' });
-  tpms.push(child);
-  for (let i = 0; i < 100; i++) {
-    const up = await new Promise<boolean>((r) => {
-      const s = createConnection({ host: '127.0.0.1', port }, () => { s.destroy(); r(true); });
-      s.on('error', () => r(false));
-    });
-    if (up) break;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  return `swtpm:host=127.0.0.1,port=${port}`;
 }
 
 function enrolledHome(home: string, storage: 'tpm' | 'file'): void {
@@ -58,23 +34,36 @@ test('device secret sealed by the TPM: never on disk in the clear, unsealed only
   process.env.TPM2TOOLS_TCTI = await startTpm();
   const home = join(tmp(), 'home');
   assert.equal(chooseSecretStorage('auto'), 'tpm', 'auto picks the TPM when one is reachable');
-  const { secretStorage } = await createDeviceKeys(home, 'tpm');
+  const { secretStorage } = await createDeviceKeys(home, 'tpm', 'pw');
   assert.equal(secretStorage, 'tpm');
   assert.equal(existsSync(join(home, 'device.secret')), false, 'no plaintext secret file');
-  assert.ok(existsSync(join(home, TPM_PUBLIC)) && existsSync(join(home, TPM_PRIVATE)));
+  assert.equal(existsSync(join(home, 'device.key')), false, 'no plaintext device key (the agent identity)');
+  assert.ok([TPM_PUBLIC, TPM_PRIVATE, TPM_KEY_PUBLIC, TPM_KEY_PRIVATE].every((f) => existsSync(join(home, f))));
   enrolledHome(home, 'tpm');
   const first = await loadDevice(home);
   const second = await loadDevice(home);
-  assert.equal(first.secret.length, 32);
-  assert.ok(first.secret.equals(second.secret), 'the same secret every time');
+  assert.equal(first.publicKeyB64, second.publicKeyB64, 'the same sealed device key every time');
+  const secret = await first.secret('pw');
+  assert.equal(secret.length, 32);
+  assert.ok(secret.equals(await second.secret('pw')), 'the same secret every time');
 
-  // The same home on another machine (another TPM) does not yield the secret.
+  // The password is the sealed secret's authorization value: a wrong one is refused by the TPM.
+  await assert.rejects(first.secret('not-the-password'), (e: unknown) => e instanceof TpmError && /wrong password/.test(e.message));
+
+  // Another boot state (PCR 7 extended, as another OS or a changed Secure Boot would) unseals nothing.
+  const tcti = process.env.TPM2TOOLS_TCTI;
+  execFileSync('tpm2_pcrextend', [`7:sha256=${'01'.repeat(32)}`]);
+  await assert.rejects(first.secret('pw'), (e: unknown) => e instanceof TpmError && /PCR|measured boot/.test(e.message));
+  await assert.rejects(loadDevice(home), TpmError, 'the device key is bound to the boot state too');
+
+  // The same home on another machine (another TPM) does not yield the secret or the key.
   process.env.TPM2TOOLS_TCTI = await startTpm();
   await assert.rejects(loadDevice(home), (e: unknown) => e instanceof TpmError && /another machine/.test(e.message));
+  process.env.TPM2TOOLS_TCTI = tcti;
 
   // A damaged sealed object is refused clearly too.
   rmSync(join(home, TPM_PRIVATE));
-  await assert.rejects(loadDevice(home), (e: unknown) => e instanceof TpmError && /missing/.test(e.message));
+  await assert.rejects(first.secret('pw'), (e: unknown) => e instanceof TpmError && /missing/.test(e.message));
 });
 
 test('without a TPM: auto falls back to a 0600 file; asking for tpm is a clear error', async () => {
@@ -86,9 +75,9 @@ test('without a TPM: auto falls back to a 0600 file; asking for tpm is a clear e
     assert.throws(() => chooseSecretStorage('tpm'), TpmError);
     const home = join(tmp(), 'home');
     mkdirSync(home);
-    await createDeviceKeys(home, 'file');
+    await createDeviceKeys(home, 'file', 'pw');
     enrolledHome(home, 'file');
-    assert.equal((await loadDevice(home)).secret.length, 32);
+    assert.equal((await (await loadDevice(home)).secret('pw')).length, 32);
   } finally {
     if (saved) process.env.TPM2TOOLS_TCTI = saved;
   }

@@ -15,6 +15,7 @@ import { writeLockRecord } from '../../src/client/guards.js';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
 import { moveTrustedClock } from '../support/laptop.js';
+import { startTpm, stopTpms, swtpmSkip } from '../support/swtpm.js';
 
 // The probes of issue 12: each edit, deletion or forgery of a file in the Carryon home ends in a
 // refusal with a clear message, and the keys (so the LUKS secrets) are never handed out.
@@ -32,6 +33,8 @@ before(async () => {
   await http.call('POST', '/v1/admin/users', { name: 'alice', password: 'alice-password' }, admin);
   await http.call('POST', '/v1/admin/desktops', { name: 'win11', image: makeImage(broker.dir, 4), config: { vcpus: 1, ramMiB: 512, minRamMiB: 256 } }, admin);
   await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: 'win11' }, admin);
+  await http.call('POST', '/v1/admin/desktops', { name: 'tpmdesk', cloneOf: 'win11' }, admin);
+  await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: 'tpmdesk' }, admin);
   env = { home: join(broker.dir, 'laptop'), user: 'alice', password: async () => 'alice-password', log: () => undefined, pollMs: 20 };
   await enroll(env, broker.url, { fingerprint: broker.fingerprint, name: 'laptop' });
   await checkout(env, 'win11');
@@ -39,6 +42,7 @@ before(async () => {
   dir = vault.desktopDir((await vault.find('win11')).desktopId);
 });
 after(async () => {
+  stopTpms();
   await http.close();
   await broker.close();
   cleanup(broker.dir);
@@ -171,5 +175,29 @@ test('a lowered KDF cost in production: refused for new wraps and for opening a 
   } finally {
     process.env.NODE_ENV = saved.NODE_ENV;
     if (saved.K !== undefined) process.env.CARRYON_INSECURE_TEST_KDF = saved.K;
+  }
+});
+
+test('with a TPM: the home copied to another machine (cp -a, another TPM) refuses; the clock record holds the TPM clock', { skip: swtpmSkip }, async () => {
+  const saved = process.env.TPM2TOOLS_TCTI;
+  process.env.TPM2TOOLS_TCTI = await startTpm();
+  try {
+    const home = join(broker.dir, 'tpm-laptop');
+    const tenv = { ...env, home };
+    await enroll(tenv, broker.url, { fingerprint: broker.fingerprint, name: 'tpm-laptop', secretStorage: 'tpm' });
+    await checkout(tenv, 'tpmdesk');
+    const v = await Vault.open(home);
+    const s = await v.find('tpmdesk');
+    const opened = await v.unlock(await loadDevice(home), 'alice-password', s);
+    assert.equal(opened.lease.desktops.includes(s.desktopId), true);
+    const clock = JSON.parse(JSON.parse(readFileSync(join(v.desktopDir(s.desktopId), 'clock.json'), 'utf8')).body) as { tpm: { clock: number } | null };
+    assert.ok(clock.tpm && clock.tpm.clock > 0, 'the trusted clock is anchored to the TPM clock');
+    const copy = join(broker.dir, 'tpm-laptop-copy');
+    execFileSync('cp', ['-a', home, copy]);
+    process.env.TPM2TOOLS_TCTI = await startTpm();
+    await assert.rejects(loadDevice(copy), { code: 'tpm', message: /another machine/ });
+  } finally {
+    if (saved === undefined) delete process.env.TPM2TOOLS_TCTI;
+    else process.env.TPM2TOOLS_TCTI = saved;
   }
 });
