@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { generateLineageKeys, wrapLineageKeys } from '../core/keys.js';
+import { generateLineageKeys, rotateDataKey, unwrapLineageKeys, wrapLineageKeys } from '../core/keys.js';
 import { importImage } from '../import/import.js';
 import type { DesktopConfig } from '../store/metadata.js';
 import type { BrokerContext } from './context.js';
@@ -62,4 +62,21 @@ export function cloneDesktop(ctx: BrokerContext, actor: string, sourceRef: strin
   });
   ctx.audit({ actor, desktopId: id, action: 'desktop-clone', outcome: 'ok', detail: `from ${src.name}` });
   return { id };
+}
+
+/**
+ * A new data key generation for the desktop's lineage (every desktop cloned from the same image):
+ * blobs sealed from now on use it; older blobs name their generation and stay readable.
+ */
+export function rotateLineageKey(ctx: BrokerContext, actor: string, desktopId: string): { lineageId: string; generation: number } {
+  const d = ctx.meta.getDesktop(desktopId);
+  if (!d) throw new HttpError(404, 'not-found', 'no such desktop');
+  const context = `lineage:${d.lineageId}`;
+  const generation = ctx.meta.transaction(() => {
+    const next = rotateDataKey(unwrapLineageKeys(ctx.secrets.masterKey, ctx.meta.getLineageKeys(d.lineageId)!, context));
+    ctx.meta.setLineageKeys(d.lineageId, wrapLineageKeys(ctx.secrets.masterKey, next, context));
+    return next.dataKeyId!;
+  });
+  ctx.audit({ actor, desktopId: d.id, action: 'lineage-rotate-key', outcome: 'ok', detail: `lineage ${d.lineageId}: data key generation ${generation}` });
+  return { lineageId: d.lineageId, generation };
 }

@@ -23,7 +23,7 @@ export interface DesktopKeys extends LineageKeys {
 const Sealed = z.object({ v: z.literal(2), lineage: z.string(), vaultKey: z.string(), broker: z.string(), device: z.string() });
 
 export function newDesktopKeys(lineage: LineageKeys, brokerKey: KeyObject, deviceKey: KeyObject): DesktopKeys {
-  return { dataKey: lineage.dataKey, idKey: lineage.idKey, vaultKey: randomBytes(32), brokerKey, deviceKey };
+  return { ...lineage, vaultKey: randomBytes(32), brokerKey, deviceKey };
 }
 
 export function sealDesktopKeys(wrappingKey: Uint8Array, k: DesktopKeys, desktopId: string): Buffer {

@@ -59,7 +59,7 @@ export function sealDelta(keys: LineageKeys, newId: ChunkId, baseId: ChunkId, ba
     table += 8;
     data += Buffer.from(next.buffer, next.byteOffset + r.offset, r.length).copy(body, data);
   }
-  return sealBlobEnvelope(keys.dataKey, body, FLAG_DELTA, aad(newId, baseId)).blob;
+  return sealBlobEnvelope(keys, body, FLAG_DELTA, aad(newId, baseId)).blob;
 }
 
 /**
@@ -68,7 +68,7 @@ export function sealDelta(keys: LineageKeys, newId: ChunkId, baseId: ChunkId, ba
  * data that does not hash to `newId`.
  */
 export function openDelta(keys: LineageKeys, newId: ChunkId, baseId: ChunkId, delta: Uint8Array, base: Uint8Array): Buffer {
-  const body = openBlobEnvelope(keys.dataKey, delta, FLAG_DELTA, aad(newId, baseId), newId, MAX_DELTA_BODY);
+  const body = openBlobEnvelope(keys, delta, FLAG_DELTA, aad(newId, baseId), newId, MAX_DELTA_BODY);
   const bad = (why: string): never => { throw new BlobError(newId, 'delta', why); };
   if (body.length < 6) bad('body too short');
   const length = body.readUInt32BE(0);

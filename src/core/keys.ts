@@ -4,35 +4,81 @@ import { EnvelopeError } from './errors.js';
 
 /** Keys of one lineage (a golden image and its clones share them, so their chunks dedup). */
 export interface LineageKeys {
-  /** AES-256-GCM key for chunk blobs. */
+  /** The current data key: blob subkeys derive from it (core/blob.ts). */
   dataKey: Buffer;
-  /** HMAC-SHA-256 key for chunk IDs. */
+  /** HMAC-SHA-256 key for chunk IDs (never rotated: IDs must stay stable for dedup). */
   idKey: Buffer;
+  /** Generation of `dataKey` (0, the lineage's first, when absent); each blob names the generation that sealed it. */
+  dataKeyId?: number;
+  /** Earlier data keys by generation, so blobs sealed before a rotation stay readable. */
+  olderDataKeys?: ReadonlyMap<number, Buffer>;
 }
 
 export function generateLineageKeys(): LineageKeys {
   return { dataKey: randomBytes(32), idKey: randomBytes(32) };
 }
 
+/** The data key of generation `id`, or null when this holder does not have it. */
+export function dataKeyFor(keys: LineageKeys, id: number): Buffer | null {
+  if (id === (keys.dataKeyId ?? 0)) return keys.dataKey;
+  return keys.olderDataKeys?.get(id) ?? null;
+}
+
+/** A new data key generation for the lineage: new blobs use it, the old keys keep opening old blobs. */
+export function rotateDataKey(keys: LineageKeys): LineageKeys {
+  const current = keys.dataKeyId ?? 0;
+  const older = new Map(keys.olderDataKeys ?? []);
+  older.set(current, keys.dataKey);
+  return { dataKey: randomBytes(32), idKey: keys.idKey, dataKeyId: current + 1, olderDataKeys: older };
+}
+
+/**
+ * Binary form: a never-rotated lineage is dataKey ‖ idKey (64 bytes, as before); a rotated one is
+ * 0x02 ‖ idKey ‖ count u8 ‖ count × (generation u32 ‖ key), the current generation last.
+ */
+function lineageKeyBytes(keys: LineageKeys): Buffer {
+  if ((keys.dataKeyId ?? 0) === 0 && !keys.olderDataKeys?.size) return Buffer.concat([keys.dataKey, keys.idKey]);
+  const gens = [...(keys.olderDataKeys ?? new Map<number, Buffer>()).entries()].filter(([g]) => g !== (keys.dataKeyId ?? 0)).sort((a, b) => a[0] - b[0]);
+  gens.push([keys.dataKeyId ?? 0, keys.dataKey]);
+  if (gens.length > 255) throw new EnvelopeError('too many data key generations');
+  const parts = [Buffer.from([2]), keys.idKey, Buffer.from([gens.length])];
+  for (const [g, k] of gens) {
+    const head = Buffer.alloc(4);
+    head.writeUInt32BE(g);
+    parts.push(head, k);
+  }
+  return Buffer.concat(parts);
+}
+
+function lineageKeysFromBytes(raw: Buffer): LineageKeys {
+  if (raw.length === 64) return { dataKey: raw.subarray(0, 32), idKey: raw.subarray(32, 64) };
+  const n = raw[33] ?? 0;
+  if (raw[0] !== 2 || n < 1 || raw.length !== 34 + 36 * n) throw new EnvelopeError(`lineage keys of ${raw.length} bytes are not in a known form`);
+  const older = new Map<number, Buffer>();
+  let current: [number, Buffer] = [0, Buffer.alloc(0)];
+  for (let i = 0; i < n; i++) {
+    const at = 34 + 36 * i;
+    current = [raw.readUInt32BE(at), raw.subarray(at + 4, at + 36)];
+    if (i < n - 1) older.set(current[0], current[1]);
+  }
+  return { dataKey: current[1], idKey: raw.subarray(1, 33), dataKeyId: current[0], olderDataKeys: older };
+}
+
 /** Wraps lineage keys under a 32-byte key (server master key, or a device+password key). */
 export function wrapLineageKeys(wrappingKey: Uint8Array, keys: LineageKeys, context: string): Buffer {
-  return sealEnvelope(wrappingKey, Buffer.concat([keys.dataKey, keys.idKey]), Buffer.from(`carryon-keys:${context}`));
+  return sealEnvelope(wrappingKey, lineageKeyBytes(keys), Buffer.from(`carryon-keys:${context}`));
 }
 
 export function unwrapLineageKeys(wrappingKey: Uint8Array, wrapped: Uint8Array, context: string): LineageKeys {
-  const raw = openEnvelope(wrappingKey, wrapped, Buffer.from(`carryon-keys:${context}`));
-  if (raw.length !== 64) throw new EnvelopeError(`wrapped keys have ${raw.length} bytes, expected 64`);
-  return { dataKey: raw.subarray(0, 32), idKey: raw.subarray(32, 64) };
+  return lineageKeysFromBytes(openEnvelope(wrappingKey, wrapped, Buffer.from(`carryon-keys:${context}`)));
 }
 
 export function encodeLineageKeys(keys: LineageKeys): string {
-  return Buffer.concat([keys.dataKey, keys.idKey]).toString('base64');
+  return lineageKeyBytes(keys).toString('base64');
 }
 
 export function decodeLineageKeys(text: string): LineageKeys {
-  const raw = Buffer.from(text, 'base64');
-  if (raw.length !== 64) throw new EnvelopeError('encoded lineage keys must be 64 bytes');
-  return { dataKey: raw.subarray(0, 32), idKey: raw.subarray(32, 64) };
+  return lineageKeysFromBytes(Buffer.from(text, 'base64'));
 }
 
 /** scrypt cost (2^17, ≈ 0.6 s here); stored with each wrap so it can rise later. */

@@ -1,6 +1,6 @@
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
-import type { LineageKeys } from '../core/keys.js';
+import { encodeLineageKeys, type LineageKeys } from '../core/keys.js';
 import type { RecycleRequest, SealRequest, SealResult } from './seal-worker.js';
 
 /** A fixed pool of sealing workers; each job goes to the least busy worker. */
@@ -13,7 +13,7 @@ export class SealPool {
   constructor(keys: LineageKeys, size = availableParallelism()) {
     for (let i = 0; i < Math.max(1, size); i++) {
       const worker = new Worker(new URL('./seal-worker.js', import.meta.url), {
-        workerData: { dataKey: keys.dataKey, idKey: keys.idKey },
+        workerData: { keys: encodeLineageKeys(keys) },
       });
       const slot = { worker, busy: 0 };
       worker.on('message', (res: SealResult) => {

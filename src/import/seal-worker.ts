@@ -2,7 +2,7 @@ import { closeSync, openSync, readSync } from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
 import { BLOB_OVERHEAD, sealChunk } from '../core/blob.js';
 import { isZero } from '../core/chunking.js';
-import type { LineageKeys } from '../core/keys.js';
+import { decodeLineageKeys, type LineageKeys } from '../core/keys.js';
 
 /** Worker: seals chunks of a batch (zero check, HMAC ID, zstd, AES-GCM) off the main thread. */
 /** A batch's blob buffer handed back once its blobs are stored, for the next batch to reuse. */
@@ -25,8 +25,8 @@ export interface SealResult {
   offsets: number[];
 }
 
-const init = workerData as { dataKey: Uint8Array; idKey: Uint8Array };
-const keys: LineageKeys = { dataKey: Buffer.from(init.dataKey), idKey: Buffer.from(init.idKey) };
+const init = workerData as { keys: string };
+const keys: LineageKeys = decodeLineageKeys(init.keys);
 
 /**
  * Reads a range of a raw image in this thread: no copy through the main thread, no transfer.

@@ -101,6 +101,9 @@ export class SqliteMetadataStore {
     this.db.prepare('INSERT INTO lineages (id, wrapped_keys, created_at) VALUES (?, ?, ?)').run(id, wrappedKeys, now());
     return id;
   }
+  setLineageKeys(id: string, wrappedKeys: Buffer): void {
+    this.db.prepare('UPDATE lineages SET wrapped_keys = ? WHERE id = ?').run(wrappedKeys, id);
+  }
   getLineageKeys(id: string): Buffer | null {
     const r = this.db.prepare('SELECT wrapped_keys FROM lineages WHERE id = ?').get(id) as Raw | undefined;
     return r ? Buffer.from(r.wrapped_keys as Uint8Array) : null;

@@ -56,7 +56,7 @@ test('delta tamper cases: wrong base, wrong IDs, flipped bytes, kind confusion, 
   const blob = sealChunk(keys, next).blob;
   assert.throws(() => openDelta(keys, newId, baseId, blob, base), reason('flags'));
   // Authentic envelopes with nonsense inside (only a key holder could make them) are still refused.
-  const craft = (body: Buffer) => sealBlobEnvelope(keys.dataKey, body, FLAG_DELTA, Buffer.concat([chunkIdToBytes(newId), chunkIdToBytes(baseId)])).blob;
+  const craft = (body: Buffer) => sealBlobEnvelope(keys, body, FLAG_DELTA, Buffer.concat([chunkIdToBytes(newId), chunkIdToBytes(baseId)])).blob;
   const table = (len: number, ranges: [number, number][], data = 0) => {
     const b = Buffer.alloc(6 + ranges.length * 8 + data);
     b.writeUInt32BE(len, 0);

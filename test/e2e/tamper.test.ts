@@ -5,7 +5,7 @@ import { readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { loadDevice } from '../../src/client/home.js';
-import { checkout, enroll, status, type ClientEnv } from '../../src/client/ops.js';
+import { checkout, enroll, status, upload, type ClientEnv } from '../../src/client/ops.js';
 import { serveDesktop } from '../../src/client/serve.js';
 import { Vault, vaultScryptN } from '../../src/client/vault.js';
 import { decodeManifest, encodeManifest, manifestDigest } from '../../src/core/manifest.js';
@@ -14,7 +14,8 @@ import { generateSigningKey, publicKeyToBase64 } from '../../src/core/signing.js
 import { writeLockRecord } from '../../src/client/guards.js';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
-import { moveTrustedClock } from '../support/laptop.js';
+import { moveTrustedClock, readDesktop, writeDesktop } from '../support/laptop.js';
+import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
 import { startTpm, stopTpms, swtpmSkip } from '../support/swtpm.js';
 
 // The probes of issue 12: each edit, deletion or forgery of a file in the Carryon home ends in a
@@ -25,11 +26,12 @@ let http: Api;
 let env: ClientEnv;
 let vault: Vault;
 let dir: string;
+let admin: string;
 
 before(async () => {
   broker = await testBroker();
   http = api(broker.url, broker.fingerprint);
-  const admin = await http.login(ADMIN.name, ADMIN.password);
+  admin = await http.login(ADMIN.name, ADMIN.password);
   await http.call('POST', '/v1/admin/users', { name: 'alice', password: 'alice-password' }, admin);
   await http.call('POST', '/v1/admin/desktops', { name: 'win11', image: makeImage(broker.dir, 4), config: { vcpus: 1, ramMiB: 512, minRamMiB: 256 } }, admin);
   await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: 'win11' }, admin);
@@ -200,4 +202,17 @@ test('with a TPM: the home copied to another machine (cp -a, another TPM) refuse
     if (saved === undefined) delete process.env.TPM2TOOLS_TCTI;
     else process.env.TPM2TOOLS_TCTI = saved;
   }
+});
+
+test('lineage key rotation: blobs sealed after it use the new generation; the snapshot reads old and new blobs alike', async () => {
+  const r = await http.call('POST', '/v1/admin/desktops/win11/rotate-key', {}, admin);
+  assert.equal(r.status, 200, JSON.stringify(r.body));
+  assert.equal((r.body as { generation: number }).generation, 1);
+  // The laptop checked out before the rotation (generation 0 only); the transfer server holds both.
+  await writeDesktop(env, 'win11', [{ offset: 4096, data: randomBytes(8192) }, { offset: 3 * 1024 * 1024, data: randomBytes(300 * 1024) }]);
+  const laptop = await readDesktop(env, 'win11');
+  await upload(env, 'win11', 'checkin');
+  const out = join(broker.dir, 'after-rotation.raw');
+  await exportCurrentSnapshot(broker.ctx, 'win11', out);
+  assert.ok(readFileSync(out).equals(laptop), 'byte-identical across generations');
 });

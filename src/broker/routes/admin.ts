@@ -3,7 +3,7 @@ import { z } from 'zod';
 import { PolicyLayer } from '../../core/policy.js';
 import { checkoutView, forceUnlock } from '../checkouts.js';
 import type { BrokerContext } from '../context.js';
-import { cloneDesktop, createDesktopFromImage } from '../desktops.js';
+import { cloneDesktop, createDesktopFromImage, rotateLineageKey } from '../desktops.js';
 import { HttpError, parse, requireAdmin } from '../http.js';
 import { hashPassword } from '../passwords.js';
 import { effectivePolicy } from '../policies.js';
@@ -116,6 +116,7 @@ export function adminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     ctx.audit({ actor, desktopId: d.id, action: 'desktop-delete', outcome: 'ok', detail: d.name });
     return { ok: true };
   });
+  app.post('/v1/admin/desktops/:id/rotate-key', async (req) => rotateLineageKey(ctx, admin(req), parse(Id, req.params).id));
   app.post('/v1/admin/desktops/:id/power', async (req) => {
     const actor = admin(req);
     const d = ctx.meta.getDesktop(parse(Id, req.params).id);
