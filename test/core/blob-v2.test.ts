@@ -27,6 +27,7 @@ test('version 2: a fresh 192-bit salt (so a fresh subkey) per blob, the key gene
   assert.equal(BLOB_VERSION, 2);
   assert.equal(a.blob.readUInt32BE(2), 0);
   assert.notDeepEqual(a.blob.subarray(6, 30), b.blob.subarray(6, 30), 'salts differ');
+  assert.notDeepEqual(a.blob.subarray(30, 62), b.blob.subarray(30, 62), 'so do the key streams: the same chunk sealed twice never repeats a (key, nonce) pair');
   assert.equal(a.blob.length, data.length + BLOB_OVERHEAD);
   assert.deepEqual(openBlob(keys, a.id, a.blob), data);
   for (const at of [2, 5, 6, 29]) {

@@ -194,6 +194,11 @@ test('with a TPM: the home copied to another machine (cp -a, another TPM) refuse
     assert.equal(opened.lease.desktops.includes(s.desktopId), true);
     const clock = JSON.parse(JSON.parse(readFileSync(join(v.desktopDir(s.desktopId), 'clock.json'), 'utf8')).body) as { tpm: { clock: number } | null };
     assert.ok(clock.tpm && clock.tpm.clock > 0, 'the trusted clock is anchored to the TPM clock');
+    // 400 days pass on the TPM's clock (which software can only advance) while the system clock
+    // and the record say today: the lease has expired.
+    const now = Number(/clock: (\d+)/.exec(execFileSync('tpm2_readclock', { encoding: 'utf8' }))![1]);
+    execFileSync('tpm2_setclock', [String(now + 400 * 24 * 3600_000)]);
+    await assert.rejects(v.unlock(await loadDevice(home), 'alice-password', s), { code: 'lease-expired' });
     const copy = join(broker.dir, 'tpm-laptop-copy');
     execFileSync('cp', ['-a', home, copy]);
     process.env.TPM2TOOLS_TCTI = await startTpm();
