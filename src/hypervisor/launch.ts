@@ -100,6 +100,10 @@ export function buildQemuCommand(config: OfflineConfig, host: HostFacts, disks: 
     for (const u of config.usbDevices) argv.push('-device', `usb-host,bus=xhci.0,vendorid=0x${u.vendorId},productid=0x${u.productId}`);
   }
   if (opts.paused) argv.push('-S');
+  // --qemu-arg is for the user's debugging, not a way around the broker's USB policy.
+  if (!config.usb && (opts.extraArgs ?? []).some((a) => /usb|[xeuo]hci/i.test(a))) {
+    throw new CarryonError('policy', 'USB is not allowed for this desktop by the broker\'s policy: --qemu-arg may not add USB controllers or devices');
+  }
   argv.push(...(opts.extraArgs ?? []));
   return argv;
 }

@@ -45,6 +45,7 @@ test('TCG host: clamps vCPUs and RAM to the host; USB devices only when policy a
   assert.equal(argv.at(-1), '-S');
   const denied = buildQemuCommand(parseOfflineConfig({ vcpus: 1, ramMiB: 512, usb: false, usbDevices: usb }), tcgHost, disks, opts).join(' ');
   assert.doesNotMatch(denied, /usb/);
+  assert.throws(() => buildQemuCommand(parseOfflineConfig({ vcpus: 1, ramMiB: 512, usb: false }), tcgHost, disks, { ...opts, extraArgs: ['-device', 'usb-host,hostbus=1,hostaddr=2'] }), { code: 'policy' });
 });
 
 test('bad config and unsafe names are refused', () => {
