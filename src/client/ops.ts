@@ -357,7 +357,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
     }
     const { changes, sent, commit } = outcome;
     if (kind === 'checkin') {
-      await vault.remove(state.desktopId);
+      await vault.wipe(state.desktopId);
       env.log(`checked in ${state.name}: ${changes.changedChunks} changed chunks, ${sent.chunksMoved} sent (${sent.bytesMoved} bytes); snapshot ${commit.snapshotId}`);
     } else {
       env.log(`replicated ${state.name}: restore point ${commit.snapshotId}, ${sent.chunksMoved} chunks sent (${sent.bytesMoved} bytes)`);
@@ -380,7 +380,7 @@ export async function release(env: ClientEnv, desktopRef: string, how: 'rollback
     } finally {
       await owner();
     }
-    await vault.remove(state.desktopId);
+    await vault.wipe(state.desktopId);
     env.log(how === 'rollback' ? `rolled back ${state.name}: offline changes discarded, desktop unlocked` : `cancelled the check-out of ${state.name}`);
     return { desktopId: state.desktopId, state: how === 'rollback' ? 'rolled_back' : 'cancelled' };
   } finally {
@@ -394,7 +394,7 @@ export async function discardLocal(env: ClientEnv, desktopRef: string) {
   const state = await vault.find(desktopRef);
   const owner = await claimOwner(vault, state.desktopId, 'checkin', env.log);
   await owner();
-  await vault.remove(state.desktopId);
+  await vault.wipe(state.desktopId);
   env.log(`removed the local copy of ${state.name}`);
   return { desktopId: state.desktopId, state: 'discarded' };
 }

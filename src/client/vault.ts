@@ -109,14 +109,10 @@ export class Vault {
     await writeFileAtomic(join(dir, 'state.json'), JSON.stringify({ v: 2, body, mac: recordMac(keys, state.desktopId, 'state', body) }));
   }
 
-  async remove(desktopId: string): Promise<void> {
-    await rm(this.desktopDir(desktopId), { recursive: true, force: true });
-  }
-
   /**
-   * Crypto-erase: the unlock token, the wrapped keys (and the salt the LUKS secrets derive from)
-   * and the LUKS headers of every chain are overwritten before the files go, so nothing left
-   * behind (a copy, an undeleted block) can be decrypted again.
+   * Crypto-erase (every removal: wipe, check-in, rollback, discard): the unlock token, the wrapped
+   * keys (and the salt the LUKS secrets derive from) and the LUKS headers of every chain are
+   * overwritten before the files go, so nothing left behind (an undeleted block) decrypts again.
    */
   async wipe(desktopId: string): Promise<void> {
     const dir = this.desktopDir(desktopId);
@@ -124,7 +120,7 @@ export class Vault {
     await shred(join(dir, 'state.json'));
     const disks = await readdir(join(dir, 'disks')).catch(() => [] as string[]);
     for (const d of disks) await eraseChainKeys(chainFiles(join(dir, 'disks', d)));
-    await this.remove(desktopId);
+    await rm(dir, { recursive: true, force: true });
   }
 
   /** Wraps a desktop's keys for this device and user: scrypt(device secret ‖ password). */
