@@ -14,6 +14,7 @@ import { NbdClient } from '../nbd/client.js';
 import { probeFingerprint } from '../net/pinned-agent.js';
 import { TransferSession, uploadChunks, type Progress } from '../transfer/client.js';
 import { fillDirect } from './fill-direct.js';
+import { retryTransfer } from './retry.js';
 import type { RateLimiter } from '../transfer/rate-limit.js';
 import { BrokerClient, BrokerError, CheckoutResponse, CheckoutView, DesktopEntry, JobView } from './broker-client.js';
 import { chooseSecretStorage, createDeviceKeys, DeviceFile, type SecretStorage, hostFacts, loadDevice, type DeviceIdentity } from './home.js';
@@ -250,12 +251,13 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
     for (const [i, d] of opened.disks.entries()) if (!d.entry.complete) await addLayer(qsd, baseBlockdev(specFor(d, i, null)), `sec-${diskPrefix(i)}`, d.chain.secret);
     const socketPath = join(dir, 'fill.sock');
     await qsd.exportNbd(socketPath, opened.disks.flatMap((d, i) => (d.entry.complete ? [] : [{ node: `${diskPrefix(i)}-base`, name: `${d.name}.fill`, writable: true }])));
-    const moved = await diskFullIsClear(env.home, () =>
+    const renew = renewer(broker, job.id);
+    const moved = await diskFullIsClear(env.home, () => retryTransfer({ what: 'check-out', log: env.log, signal: env.signal, beforeRetry: async () => session.setEndpoint(await renew()) }, () =>
       fillDirect({ disks: incomplete.map((disk) => ({ disk, dir: diskDir(vault, state.desktopId, disk.name), socketPath })), session, keys, signal: env.signal, rateLimit: env.rateLimit, onProgress: (p) => {
         env.onProgress?.('check-out', p);
         void writeFillReport(vault, state.desktopId, { pid: process.pid, done: p.chunksDone, total: p.chunksTotal, updatedAt: new Date().toISOString(), failures: [] }).catch(() => undefined);
       } }),
-    );
+    ));
     const done: DesktopState = { ...opened.state, disks: opened.state.disks.map((d) => ({ ...d, complete: true })) };
     await vault.save(done, keys);
     return { state: done, complete: true, ...moved };
@@ -338,7 +340,8 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
         }
         if (kind === 'checkin') await vault.save({ ...state, state: 'checking_in', jobId: begin.job.id }, keys);
         const job = await activeJob(env, broker, begin.job);
-        const sent = await uploadChunks({ endpoint: job.transfer!, ids: [...changes.changed.keys()], source: changes.source, keys, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) });
+        let endpoint = job.transfer!;
+        const sent = await retryTransfer({ what: kind, log: env.log, signal: env.signal, beforeRetry: async () => { endpoint = await renewer(broker, job.id)(); } }, () => uploadChunks({ endpoint, ids: [...changes.changed.keys()], source: changes.source, keys, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) }));
         const commit = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}/commit`, {}, z.object({ snapshotId: z.string(), checkout: CheckoutView }));
         return { changes, sent, commit };
       });

@@ -43,3 +43,4 @@ test('a standalone transfer server registers with the broker and serves a check-
   assert.ok(res.chunksMoved > 0 && res.bytesMoved > 0);
   assert.ok(ts.stats.bytesOut >= res.bytesMoved, 'the bytes came from the standalone server');
 });
+
