@@ -10,7 +10,8 @@ export const ADMIN = { name: 'root', password: 'root-password-1' };
 
 /** A broker on 127.0.0.1 in a temp dir, with a cheap password hash for speed. */
 export async function testBroker(dir = mkdtempSync(join(tmpdir(), 'carryon-broker-')), extra: Partial<BrokerConfig> = {}): Promise<RunningBroker & { dir: string }> {
-  const b = await startBroker({ dataDir: dir, initAdmin: ADMIN, settings: { passwordCostN: 1024 }, ...extra });
+  // Test images are made in the broker's own temp dir: that is the one import directory.
+  const b = await startBroker({ dataDir: dir, initAdmin: ADMIN, settings: { passwordCostN: 1024 }, importDirs: [dir], ...extra });
   return Object.assign(b, { dir });
 }
 
