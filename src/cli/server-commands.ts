@@ -6,6 +6,7 @@ import { z } from 'zod';
 import { startBroker } from '../broker/start.js';
 import { CarryonError } from '../core/errors.js';
 import { registerAdminCommands } from './admin-commands.js';
+import { registerAdminTrustCommands } from './admin-trust-commands.js';
 import { passwordSource } from './common.js';
 
 const ServerConfigFile = z.object({
@@ -74,4 +75,5 @@ export function registerServerCommands(program: Command): void {
       await broker.close();
     });
   registerAdminCommands(program);
+  registerAdminTrustCommands(program);
 }
