@@ -12,7 +12,7 @@ import { createManifest, encodeManifest, manifestDigest } from '../../src/core/m
 import { generateSigningKey } from '../../src/core/signing.js';
 import { signTicket, type TicketPayload } from '../../src/core/ticket.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
-import { blobFrame, deltaFrame, endFrame } from '../../src/transfer/frames.js';
+import { blobFrame, deltaFrame, endFrame, FRAME_BLOB, FRAME_END, FRAME_ERROR, FrameDecoder } from '../../src/transfer/frames.js';
 import { startTransferServer, type TransferServer } from '../../src/transfer/server.js';
 import { makeDesktopStore, wrapped } from './helpers.js';
 
@@ -162,4 +162,30 @@ test('items 8 and 10: validation errors are one clear {error, message}; a trunca
   const corrupt = await call('/v1/chunks/missing', ticket({ jobId: 'corrupt', manifests: ['c'.repeat(64)] }), JSON.stringify({ ids: [] }));
   assert.deepEqual([corrupt.status, corrupt.body.error], [500, 'store-corrupt']);
   void openBlob;
+});
+
+test('existing guards: pushed blobs are authenticated, pushes and fetches stay inside the ticket\'s manifests', async () => {
+  // A new chunk the user's check-in manifest names, and one it does not.
+  const inScope = sealChunk(keys, randomBytes(CS));
+  const outScope = sealChunk(keys, randomBytes(CS));
+  const t = await uploadTicket('job-guards', [inScope.id]);
+  const forged = Buffer.from(inScope.blob);
+  forged[forged.length - 3]! ^= 1;
+  const r = await call('/v1/chunks/push', t, Buffer.concat([blobFrame(inScope.id, forged), blobFrame(outScope.id, outScope.blob), endFrame()]), 'application/octet-stream');
+  assert.equal(r.status, 200);
+  assert.deepEqual((r.body.rejected as { id: string }[]).map((x) => x.id), [inScope.id, outScope.id]);
+  assert.deepEqual([r.body.stored, r.body.duplicate], [0, 0]);
+  assert.equal(await ours.store.get(inScope.id), null, 'the forged blob was not stored');
+  assert.equal(await ours.store.get(outScope.id), null, 'the out-of-scope blob was not stored');
+  // A wrongly keyed blob (another lineage) under an in-scope ID: refused too.
+  const other = sealChunk(generateLineageKeys(), randomBytes(CS));
+  const t2 = await uploadTicket('job-guards-2', [other.id]);
+  const r2 = await call('/v1/chunks/push', t2, Buffer.concat([blobFrame(other.id, other.blob), endFrame()]), 'application/octet-stream');
+  assert.equal((r2.body.rejected as unknown[]).length, 1);
+
+  // Fetch: a chunk in the store but outside the ticket's manifests comes back as an error frame, never as data.
+  const res = await request(`${s.url}/v1/chunks/fetch`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${ticket({ jobId: 'job-fetch' })}`, 'content-type': 'application/json' }, body: JSON.stringify({ ids: [theirs.id, oursIds[0]] }) });
+  const frames = new FrameDecoder().push(Buffer.from(await res.body.arrayBuffer()));
+  assert.deepEqual(frames.map((f) => f.type), [FRAME_ERROR, FRAME_BLOB, FRAME_END]);
+  assert.ok(!frames.some((f) => f.type === FRAME_BLOB && f.id === theirs.id));
 });
