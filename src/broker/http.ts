@@ -70,6 +70,8 @@ export function requireUser(ctx: BrokerContext, req: FastifyRequest): SessionCla
   if (!claims) throw new HttpError(401, 'unauthenticated', 'log in first (missing, invalid or expired session token)');
   const user = ctx.meta.getUser(claims.sub);
   if (!user || user.disabled) throw new HttpError(401, 'unauthenticated', 'user is disabled or no longer exists');
+  // A session opened on a device that has since been revoked stops at once, like a disabled user's.
+  if (claims.dev && deviceRevokedAt(ctx, claims.dev)) throw new HttpError(403, 'device-revoked', 'this session belongs to a revoked device');
   return { ...claims, role: user.role };
 }
 

@@ -132,8 +132,11 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
           let frame: Buffer;
           if (!scope.allowed.has(id)) frame = errorFrame(id, 'not referenced by the ticket');
           else {
-            const blob = await opts.store.get(id);
+            // A store that cannot read one blob (truncated pack, bad index) fails that chunk with
+            // its reason; the stream and the other chunks go on (the client may try elsewhere).
+            const blob = await opts.store.get(id).catch((err: Error) => new Error(`transfer server store error: ${err.message}`));
             if (!blob) frame = errorFrame(id, 'not in store');
+            else if (blob instanceof Error) frame = errorFrame(id, blob.message);
             else {
               frame = blobFrame(id, opts.tamper ? opts.tamper(id, blob) : blob);
               js.chunksOut++;

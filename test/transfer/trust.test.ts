@@ -189,3 +189,35 @@ test('existing guards: pushed blobs are authenticated, pushes and fetches stay i
   assert.deepEqual(frames.map((f) => f.type), [FRAME_ERROR, FRAME_BLOB, FRAME_END]);
   assert.ok(!frames.some((f) => f.type === FRAME_BLOB && f.id === theirs.id));
 });
+
+test('item 10: a truncated pack in the store fails the chunks it holds with a clear reason; the stream goes on', async () => {
+  const { openChunkStore } = await import('../../src/store/open-store.js');
+  const { readdirSync, truncateSync, statSync } = await import('node:fs');
+  const root = join(dir, 'pack-store');
+  const store = await openChunkStore(root);
+  const chunks = [sealChunk(keys, randomBytes(CS)), sealChunk(keys, randomBytes(CS))];
+  for (const c of chunks) await store.put(c.id, c.blob, { defer: true });
+  await store.sync();
+  const m = createManifest(CS, 2 * CS, chunks.map((c) => c.id));
+  await store.putManifest(manifestDigest(m), encodeManifest(m));
+  const packs: string[] = [];
+  const walk = (d: string) => { for (const e of readdirSync(d, { withFileTypes: true })) e.isDirectory() ? walk(join(d, e.name)) : e.name.endsWith('.pack') && packs.push(join(d, e.name)); };
+  walk(root);
+  assert.equal(packs.length, 1);
+  truncateSync(packs[0]!, statSync(packs[0]!).size - CS / 2); // the second blob is cut
+  const ps = await startTransferServer({ id: 'ts-pack', slots: 1, store, masterKey: master, brokerPublicKey: broker.publicKey, tlsDir: join(dir, 'tls-pack') });
+  servers.push(ps);
+  const a = pinnedAgent(ps.fingerprint);
+  try {
+    const t = signTicket({ v: 1, jobId: 'pack', desktopId: 'd', checkoutId: 'c', direction: 'download', manifests: [manifestDigest(m)], ...wrapped(master, keys), transferServerId: ps.id, maxStreams: 1, expiresAt: new Date(clock + 600_000).toISOString() }, broker.privateKey);
+    const res = await request(`${ps.url}/v1/chunks/fetch`, { method: 'POST', dispatcher: a, headers: { authorization: `Ticket ${t}`, 'content-type': 'application/json' }, body: JSON.stringify({ ids: chunks.map((c) => c.id) }) });
+    assert.equal(res.statusCode, 200);
+    const frames = new FrameDecoder().push(Buffer.from(await res.body.arrayBuffer()));
+    assert.deepEqual(frames.map((f) => f.type), [FRAME_BLOB, FRAME_ERROR, FRAME_END]);
+    const err = frames[1] as { message: string };
+    assert.match(err.message, /transfer server store error/);
+  } finally {
+    await a.close();
+    await store.close();
+  }
+});
