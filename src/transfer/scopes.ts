@@ -16,7 +16,10 @@ export interface Scope {
    * chunks of other desktops in the shared store.
    */
   base: Set<ChunkId>;
-  /** Chunks this job has pushed (or found present while pushing): a resumed upload skips them. */
+  /**
+   * Chunks this checkout has pushed here (any of its upload jobs): a check-in killed and begun
+   * again (a new job) is still told they are present, so it does not send them twice.
+   */
   pushed: Set<ChunkId>;
   keys: LineageKeys;
 }
@@ -51,6 +54,8 @@ interface Entry {
 }
 
 const MAX_PENDING_SUMMARIES = 10_000;
+/** How long a checkout's pushed-chunk set outlives its newest upload ticket. */
+const PUSHED_GRACE_MS = 3600_000;
 
 /**
  * Per-job state of a transfer server, bounded: an entry lives until its newest ticket expires or
@@ -61,6 +66,7 @@ const MAX_PENDING_SUMMARIES = 10_000;
 export class JobScopes {
   private readonly entries = new Map<string, Entry>();
   private revoked = new Set<string>();
+  private readonly pushedByCheckout = new Map<string, { ids: Set<ChunkId>; expiresAt: number }>();
   private summaries: JobSummary[] = [];
   private lastSweep = 0;
   /** Summaries dropped because nobody drained them (broker unreachable for a long time). */
@@ -95,6 +101,10 @@ export class JobScopes {
     }
     e.expiresAt = Math.max(e.expiresAt, expiresAt);
     e.lastAt = this.now();
+    if (t.direction === 'upload') {
+      const p = this.pushedOf(t.checkoutId);
+      p.expiresAt = Math.max(p.expiresAt, expiresAt + PUSHED_GRACE_MS);
+    }
     return { scope: e.scope, counters: e.counters };
   }
 
@@ -112,6 +122,7 @@ export class JobScopes {
   sweep(): void {
     this.lastSweep = this.now();
     for (const [id, e] of this.entries) if (e.expiresAt <= this.lastSweep) this.evict(id, 'expired');
+    for (const [id, p] of this.pushedByCheckout) if (p.expiresAt <= this.lastSweep) this.pushedByCheckout.delete(id);
   }
 
   /** Summaries of jobs evicted since the last call (the heartbeat carries them to the broker). */
@@ -122,8 +133,14 @@ export class JobScopes {
   }
 
   /** How much per-job state is held (the soak test watches these stay flat). */
-  sizes(): { scopes: number; revoked: number; pendingSummaries: number } {
-    return { scopes: this.entries.size, revoked: this.revoked.size, pendingSummaries: this.summaries.length };
+  sizes(): { scopes: number; revoked: number; pendingSummaries: number; checkoutSets: number } {
+    return { scopes: this.entries.size, revoked: this.revoked.size, pendingSummaries: this.summaries.length, checkoutSets: this.pushedByCheckout.size };
+  }
+
+  private pushedOf(checkoutId: string): { ids: Set<ChunkId>; expiresAt: number } {
+    let p = this.pushedByCheckout.get(checkoutId);
+    if (!p) this.pushedByCheckout.set(checkoutId, (p = { ids: new Set(), expiresAt: 0 }));
+    return p;
   }
 
   private maybeSweep(): void {
@@ -165,6 +182,6 @@ export class JobScopes {
     };
     const allowed = await chunksOf(t.manifests);
     const base = t.direction === 'download' ? allowed : await chunksOf(t.baseManifests ?? []);
-    return { allowed, base, pushed: new Set(), keys: unwrapLineageKeys(this.masterKey, Buffer.from(t.wrappedKeys, 'base64'), t.keyContext) };
+    return { allowed, base, pushed: t.direction === 'upload' ? this.pushedOf(t.checkoutId).ids : new Set(), keys: unwrapLineageKeys(this.masterKey, Buffer.from(t.wrappedKeys, 'base64'), t.keyContext) };
   }
 }

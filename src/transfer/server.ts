@@ -48,7 +48,7 @@ export interface TransferServer {
   /** Evicts jobs whose tickets expired (also done on its own, at most once a second and every 30 s). */
   sweep(): void;
   /** Per-job state held now: stays flat however many jobs come and go. */
-  retained(): { scopes: number; revoked: number; pendingSummaries: number; jobCounters: number; streams: number };
+  retained(): { scopes: number; revoked: number; pendingSummaries: number; checkoutSets: number; jobCounters: number; streams: number };
   close(): Promise<void>;
 }
 

@@ -86,6 +86,13 @@ test('item 4: /missing and delta bases are scoped to the checkout\'s checkpoint:
   assert.deepEqual([dup.body.stored, dup.body.duplicate], [1, 0]);
   // Once this job pushed it, asking again says present (a resumed upload does not resend it).
   assert.deepEqual((await call('/v1/chunks/missing', t3, JSON.stringify({ ids: [theirs.id] }))).body.missing, []);
+  // So does a later upload job of the same checkout (a check-in killed and begun again) …
+  const again = await uploadTicket('job-dup-again', [theirs.id]);
+  assert.deepEqual((await call('/v1/chunks/missing', again, JSON.stringify({ ids: [theirs.id] }))).body.missing, []);
+  // … but not another checkout's.
+  const m = createManifest(CS, CS, [theirs.id]);
+  const foreign = ticket({ jobId: 'job-other-checkout', checkoutId: 'c-other', direction: 'upload', manifests: [manifestDigest(m)], baseManifests: [ours.digest] });
+  assert.deepEqual((await call('/v1/chunks/missing', foreign, JSON.stringify({ ids: [theirs.id] }))).body.missing, [theirs.id]);
 
   // A ticket without checkpoint manifests (older broker) tells nothing at all.
   const t4 = await uploadTicket('job-nobase', [oursIds[1]!], false);
@@ -129,6 +136,11 @@ test('item 5: per-job scopes, keys and counters are evicted at ticket expiry and
   assert.ok(ended && ended.chunksOut === 2 && ended.reason === 'ended', JSON.stringify(ended));
   assert.equal(summaries.filter((x) => x.jobId.startsWith('soak-')).length, 0, 'jobs that moved no chunk leave no summary');
   assert.equal(s.retained().pendingSummaries, 0);
+  // A checkout's pushed-chunk sets go an hour after its newest upload ticket.
+  assert.ok(s.retained().checkoutSets > 0);
+  clock += 2 * 3600_000;
+  s.sweep();
+  assert.equal(s.retained().checkoutSets, 0);
 });
 
 test('items 8 and 10: validation errors are one clear {error, message}; a truncated pack is a 400, not a 500', async () => {
