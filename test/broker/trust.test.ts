@@ -172,6 +172,8 @@ test('item 3: disable, un-entitle and revoke cut off leases (agent too), tickets
   // (c) Device revoked: no login on it, no lease, no check-out from it; its heartbeat still brings `lock`.
   assert.equal((await http.call('POST', `/v1/admin/devices/${dev.id}/revoke`, {}, alice)).status, 403, 'admins only');
   assert.equal((await http.call('POST', `/v1/admin/devices/${dev.id}/revoke`, {}, admin)).status, 200);
+  const listed = (await http.call('GET', '/v1/admin/devices', undefined, admin)).body.devices as { id: string; revokedAt: string | null }[];
+  assert.ok(listed.find((d) => d.id === dev.id)!.revokedAt, 'the admin list shows it revoked');
   const open = await http.call('GET', '/v1/desktops', undefined, alice);
   assert.deepEqual([open.status, open.body.error], [403, 'device-revoked'], 'a session opened on that device stops too');
   const login = await http.call('POST', '/v1/auth/login', { username: 'alice', password: 'alice-password', deviceId: dev.id });

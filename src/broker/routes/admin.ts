@@ -8,7 +8,7 @@ import { HttpError, parse, requireAdmin } from '../http.js';
 import { hashPassword } from '../passwords.js';
 import { SafeName } from '../names.js';
 import { resolveImportPath } from '../import-paths.js';
-import { enforceCutOff } from '../trust.js';
+import { deviceRevokedAt, enforceCutOff } from '../trust.js';
 import { effectivePolicy } from '../policies.js';
 
 const Name = SafeName;
@@ -192,7 +192,7 @@ export function adminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
 
   app.get('/v1/admin/devices', async (req) => {
     admin(req);
-    return { devices: ctx.meta.listDevices().map((d) => ({ ...d, latest: ctx.meta.latestHeartbeats(d.id, 1)[0] ?? null })) };
+    return { devices: ctx.meta.listDevices().map((d) => ({ ...d, revokedAt: deviceRevokedAt(ctx, d.id), latest: ctx.meta.latestHeartbeats(d.id, 1)[0] ?? null })) };
   });
   app.post('/v1/admin/devices/:id/commands', async (req, reply) => {
     const actor = admin(req);
