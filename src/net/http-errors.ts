@@ -11,16 +11,17 @@ const STATUS_BY_CODE: Record<string, number> = {
   // 400: the request itself is wrong
   invalid: 400, 'malformed-json': 400, 'bad-blob': 400, 'bad-manifest': 400, 'bad-frame': 400, 'bad-image': 400,
   'bad-envelope': 400, 'bad-public-key': 400, 'unknown-disk': 400, 'missing-disk': 400, 'bad-name': 400,
+  'image-too-small': 400, 'not-whole-sectors': 400, 'relative-path': 400, 'too-long': 400,
   // 401/403: who is asking, and may they
-  unauthenticated: 401, 'bad-credentials': 401, 'ticket-malformed': 401, 'ticket-signature': 401, 'ticket-expired': 401,
+  unauthenticated: 401, 'bad-credentials': 401, 'bad-secret': 401, 'ticket-malformed': 401, 'ticket-signature': 401, 'ticket-expired': 401,
   'ticket-wrong-server': 403, 'ticket-revoked': 403, 'wrong-direction': 403, 'out-of-scope': 403, forbidden: 403,
   'not-holder': 403, 'not-entitled': 403, 'policy-denied': 403, 'device-revoked': 403, 'reauth-required': 403,
   'import-path-refused': 403, 'not-enrolled': 403, 'cut-off': 403, 'device-not-enrolled': 403, 'device-signature': 401, 'device-unknown': 401,
   // 404: it is not there
-  'not-found': 404, 'unknown-manifest': 404, 'missing-chunk': 404,
+  'not-found': 404, 'unknown-manifest': 404, 'missing-chunk': 404, 'not-registered': 404,
   // 409: it is there, but in a state that conflicts
   'wrong-state': 409, exists: 409, 'already-checked-out': 409, 'already-held': 409, 'already-enrolled': 409, busy: 409,
-  locked: 409, 'desktop-locked': 409, 'bad-state': 409, 'job-ended': 409, 'not-held': 409, paused: 409, 'missing-chunks': 409,
+  locked: 409, 'desktop-locked': 409, 'offset-mismatch': 409, incomplete: 409, 'not-empty': 409, 'no-hypervisor': 409, 'disk-busy': 409, 'bad-state': 409, 'job-ended': 409, 'not-held': 409, paused: 409, 'missing-chunks': 409,
   // 413/422/429
   'too-large': 413, 'host-too-small': 422, 'not-enough-disk': 422, 'too-many-attempts': 429, 'too-many-streams': 429,
   // 5xx: our fault, or a dependency's
