@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { request, type Agent } from 'undici';
 import { startBroker, type RunningBroker } from '../../src/broker/start.js';
@@ -28,7 +28,7 @@ export class Rig {
     process.env.CARRYON_SCRYPT_N ??= '16384';
     process.env.CARRYON_INSECURE_TEST_KDF ??= '1'; // a lowered cost is refused outside tests
     const dataDir = join(dir, 'server');
-    const broker = await startBroker({ dataDir, embeddedTransferSlots: 0, initAdmin: { name: 'admin', password: 'bench-admin-pw' }, settings: { passwordCostN: 16384 } });
+    const broker = await startBroker({ dataDir, embeddedTransferSlots: 0, initAdmin: { name: 'admin', password: 'bench-admin-pw' }, settings: { passwordCostN: 16384 }, importDirs: [dirname(image)] });
     const transfer = spawn(process.execPath, [CLI, 'transfer-server', '--broker', broker.url, '--broker-fingerprint', broker.fingerprint,
       '--secret-file', join(dataDir, 'transfer.secret'), '--master-key-file', join(dataDir, 'master.key'), '--store', join(dataDir, 'chunks'),
       '--id', 'bench-transfer', '--slots', '4', '--port', '0', '--tls-dir', join(dir, 'transfer-tls'), '--heartbeat-sec', String(HEARTBEAT_SEC)], { stdio: ['ignore', 'pipe', 'pipe'] });

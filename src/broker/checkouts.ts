@@ -6,6 +6,7 @@ import type { BrokerContext } from './context.js';
 import { HttpError } from './http.js';
 import { effectivePolicy } from './policies.js';
 import type { JobView } from './transfers/types.js';
+import { cutOffReason, deviceRevokedAt } from './trust.js';
 
 export interface HostFacts {
   cpus: number;
@@ -51,7 +52,12 @@ export function adaptConfig(config: DesktopConfig, host: HostFacts, overheadMiB:
 async function loadManifest(ctx: BrokerContext, digest: string): Promise<Manifest> {
   const raw = await ctx.store.getManifest(digest);
   if (!raw) throw new HttpError(500, 'manifest-missing', `manifest ${digest} is missing from the store`);
-  return decodeManifest(raw);
+  try {
+    return decodeManifest(raw);
+  } catch (err) {
+    // A stored manifest that does not decode is the server's fault, not the request's.
+    throw new HttpError(500, 'store-corrupt', `stored manifest ${digest} does not decode: ${(err as Error).message}`);
+  }
 }
 
 function lineageKeysFor(ctx: BrokerContext, desktop: DesktopRow): { wrappedKeys: string; keyContext: string } {
@@ -60,9 +66,9 @@ function lineageKeysFor(ctx: BrokerContext, desktop: DesktopRow): { wrappedKeys:
   return { wrappedKeys: wrapped.toString('base64'), keyContext: `lineage:${desktop.lineageId}` };
 }
 
-/** Offline lease covering every desktop the user holds on this device. */
+/** Offline lease covering every desktop the user holds on this device and may still use (no cut-off). */
 export function issueLease(ctx: BrokerContext, user: string, deviceId: string): { lease: SignedLease; deadline: string } | null {
-  const held = ctx.meta.listCheckouts({ activeOnly: true }).filter((c) => c.user === user && c.deviceId === deviceId);
+  const held = ctx.meta.listCheckouts({ activeOnly: true }).filter((c) => c.user === user && c.deviceId === deviceId && !cutOffReason(ctx, c));
   if (held.length === 0) return null;
   const desktops = held.map((c) => ctx.meta.getDesktop(c.desktopId)!);
   const policies = desktops.map((d) => effectivePolicy(ctx.meta, user, d));
@@ -96,8 +102,14 @@ export async function checkOut(ctx: BrokerContext, user: string, desktopRef: str
   if (!desktop) deny(ctx, user, null, 'checkout', 404, 'not-found', `no desktop ${desktopRef}`);
   const device = ctx.meta.getDevice(req.deviceId);
   if (!device || device.user !== user) deny(ctx, user, desktop.id, 'checkout', 403, 'device-not-enrolled', 'this device is not enrolled for you');
+  if (deviceRevokedAt(ctx, device.id)) deny(ctx, user, desktop.id, 'checkout', 403, 'device-revoked', 'this device has been revoked by an administrator');
   if (!ctx.meta.isEntitled(user, desktop)) deny(ctx, user, desktop.id, 'checkout', 403, 'not-entitled', `you are not entitled to ${desktop.name}`);
   const policy = effectivePolicy(ctx.meta, user, desktop);
+  // The same device coming back to a check-out it began (it died before saving its state): resume it.
+  const held = ctx.meta.activeCheckout(desktop.id);
+  if (held && held.user === user && held.deviceId === device.id && held.state === 'transferring' && held.jobId) {
+    return resumeCheckOut(ctx, held, desktop, req.host, policy);
+  }
   if (!policy.checkoutAllowed.value) deny(ctx, user, desktop.id, 'checkout', 403, 'policy-denied', `policy (${policy.checkoutAllowed.source}) forbids check-out`);
   if (!desktop.currentSnapshot) deny(ctx, user, desktop.id, 'checkout', 409, 'no-snapshot', 'desktop has no disk image yet');
   const snapshot = ctx.meta.getSnapshot(desktop.currentSnapshot)!;
@@ -141,12 +153,49 @@ export async function checkOut(ctx: BrokerContext, user: string, desktopRef: str
   const job = ctx.scheduler.enqueue({ kind: 'checkout', checkoutId, desktopId: desktop.id, manifests: snapshot.disks.map((d) => d.digest), ...keyRef });
   ctx.meta.transitionCheckout(checkoutId, ['transferring'], 'transferring', { jobId: job.id });
   ctx.audit({ actor: user, desktopId: desktop.id, action: 'transfer-start', outcome: 'ok', detail: `job ${job.id} ${job.state}` });
+  auditTicket(ctx, user, desktop.id, job);
   const lease = issueLease(ctx, user, device.id)!;
   const keys = unwrapForUser(ctx, desktop);
   return {
     checkout: checkoutView(ctx.meta.getCheckout(checkoutId)!),
     lease: lease.lease,
     keys,
+    config,
+    policy,
+    disks: snapshot.disks.map((d, i) => ({ name: d.name, digest: d.digest, manifest: encodeManifest(manifests[i]!).toString('base64') })),
+    job,
+  };
+}
+
+/** Every ticket handed out is audited (issue and each renewal). */
+export function auditTicket(ctx: BrokerContext, user: string, desktopId: string, job: JobView): void {
+  if (!job.transfer) return;
+  ctx.audit({ actor: user, desktopId, action: 'ticket-issue', outcome: 'ok', detail: `job ${job.id} (${job.kind}) on ${job.transfer.url}, valid until ${job.transfer.ticketExpiresAt}` });
+}
+
+/** The 201 answer again for a check-out in flight, with a live job (a new one if it had ended). */
+async function resumeCheckOut(ctx: BrokerContext, c: CheckoutRow, desktop: DesktopRow, host: HostFacts, policy: ReturnType<typeof effectivePolicy>) {
+  const snapshot = ctx.meta.getSnapshot(c.checkpointSnapshot)!;
+  const manifests = await Promise.all(snapshot.disks.map((d) => loadManifest(ctx, d.digest)));
+  let config;
+  try {
+    config = adaptConfig(desktop.config, host, ctx.settings.hypervisorOverheadMiB, policy.usbAllowed.value);
+  } catch (err) {
+    if (err instanceof HttpError) deny(ctx, c.user, desktop.id, 'checkout', err.status, err.code, err.message);
+    throw err;
+  }
+  let job = ctx.scheduler.get(c.jobId!);
+  if (!job || ['done', 'cancelled', 'failed'].includes(job.state)) {
+    job = ctx.scheduler.enqueue({ kind: 'checkout', checkoutId: c.id, desktopId: desktop.id, manifests: snapshot.disks.map((d) => d.digest), ...lineageKeysFor(ctx, desktop) });
+    ctx.meta.transitionCheckout(c.id, ['transferring'], 'transferring', { jobId: job.id });
+  }
+  ctx.audit({ actor: c.user, desktopId: desktop.id, action: 'checkout-resume', outcome: 'ok', detail: `checkout ${c.id} on device ${c.deviceId}, job ${job.id} ${job.state}` });
+  auditTicket(ctx, c.user, desktop.id, job);
+  const lease = issueLease(ctx, c.user, c.deviceId)!;
+  return {
+    checkout: checkoutView(ctx.meta.getCheckout(c.id)!),
+    lease: lease.lease,
+    keys: unwrapForUser(ctx, desktop),
     config,
     policy,
     disks: snapshot.disks.map((d, i) => ({ name: d.name, digest: d.digest, manifest: encodeManifest(manifests[i]!).toString('base64') })),
@@ -231,10 +280,11 @@ export async function beginUpload(ctx: BrokerContext, user: string, checkoutId: 
   }
   if (pending.length !== base.disks.length) deny(ctx, user, c.desktopId, kind, 400, 'missing-disk', `send a manifest for each of ${base.disks.map((b) => b.name).join(', ')}`);
   if (c.jobId) ctx.scheduler.finish(c.jobId, 'cancelled');
-  const job = ctx.scheduler.enqueue({ kind, checkoutId: c.id, desktopId: c.desktopId, manifests: pending.map((p) => p.digest), ...lineageKeysFor(ctx, desktop) });
+  const job = ctx.scheduler.enqueue({ kind, checkoutId: c.id, desktopId: c.desktopId, manifests: pending.map((p) => p.digest), baseManifests: base.disks.map((b) => b.digest), ...lineageKeysFor(ctx, desktop) });
   const to = kind === 'checkin' ? 'checking_in' : 'checked_out';
   if (!ctx.meta.transitionCheckout(c.id, [c.state], to, { jobId: job.id, pendingDisks: pending })) deny(ctx, user, c.desktopId, kind, 409, 'wrong-state', 'checkout changed meanwhile');
   ctx.audit({ actor: user, desktopId: c.desktopId, action: 'transfer-start', outcome: 'ok', detail: `${kind} job ${job.id}` });
+  auditTicket(ctx, user, c.desktopId, job);
   return { job };
 }
 

@@ -6,6 +6,8 @@ import type { ImportJobs } from './imports.js';
 import type { BrokerSecrets } from './secrets.js';
 import type { JobProgress } from './transfers/progress.js';
 import type { SqliteScheduler } from './transfers/scheduler.js';
+import type { LoginThrottle } from './throttle.js';
+import type { NonceCache } from './trust.js';
 
 export interface BrokerSettings {
   /** Session token lifetime. */
@@ -15,6 +17,13 @@ export interface BrokerSettings {
   /** scrypt cost for new password hashes (tests lower it). */
   passwordCostN: number;
   ldap?: LdapConfig;
+  /**
+   * Directories admins may import images from (resolved, symlinks followed); none: imports by
+   * path are refused. `carryon server --import-dir`.
+   */
+  importDirs: string[];
+  /** With requireOnlineReauth, check-in / replicate / rollback need a password login this recent. */
+  reauthWindowSec: number;
   /** Shared secret transfer servers present when they register. */
   transferSecret: string;
 }
@@ -38,6 +47,10 @@ export interface BrokerContext {
   imports: ImportJobs;
   /** Live per-job transfer progress reported by transfer servers. */
   jobProgress: JobProgress;
+  /** Agent request nonces seen within the signature window (replays are refused). */
+  nonces: NonceCache;
+  /** Failed-login backoff per user and per source address. */
+  throttle: LoginThrottle;
   audit(entry: AuditEntry): void;
   /** Unwraps lineage keys (master key) and encodes them for the authenticated holder. */
   keysFor(wrapped: Buffer, context: string): string;

@@ -11,6 +11,23 @@ export interface LdapConfig {
   groupBase?: string;
   /** Members of this LDAP group get the admin role. */
   adminGroup?: string;
+  /** Upgrade an ldap:// connection with StartTLS before binding. */
+  startTls?: boolean;
+  /** Allow a plain ldap:// connection without StartTLS (passwords in clear: test labs only). */
+  allowInsecure?: boolean;
+}
+
+/**
+ * Passwords go to the directory in a bind: only over ldaps://, or ldap:// upgraded with StartTLS,
+ * unless the configuration says `allowInsecure: true` explicitly.
+ */
+export function checkLdapConfig(ldap: LdapConfig): void {
+  const scheme = ldap.url.split(':')[0]?.toLowerCase();
+  if (scheme !== 'ldap' && scheme !== 'ldaps') throw new CarryonError('bad-config', `LDAP url must be ldaps:// or ldap://, got ${ldap.url}`);
+  if (scheme === 'ldaps' && ldap.startTls) throw new CarryonError('bad-config', 'startTls is for ldap:// URLs; ldaps:// is TLS already');
+  if (scheme === 'ldap' && !ldap.startTls && !ldap.allowInsecure) {
+    throw new CarryonError('bad-config', `LDAP url ${ldap.url} would send passwords in clear: use ldaps://, set "startTls": true, or (test labs only) "allowInsecure": true`);
+  }
 }
 
 export interface Authenticated {
@@ -50,8 +67,10 @@ export async function authenticate(meta: SqliteMetadataStore, ldap: LdapConfig |
     return null;
   }
   const dn = ldap.userDnTemplate.replace('{user}', escapeDn(username));
+  checkLdapConfig(ldap);
   const client = new Client({ url: ldap.url, timeout: 5000, connectTimeout: 5000 });
   try {
+    if (ldap.startTls) await client.startTLS({});
     await client.bind(dn, password);
     let groups: string[] = [];
     if (ldap.groupBase) {

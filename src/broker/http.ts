@@ -1,11 +1,12 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
-import { ZodError, type z } from 'zod';
-import { CarryonError } from '../core/errors.js';
-import { checkDeviceSignature, DEVICE_HEADER, SIGNATURE_HEADER, TIME_HEADER } from '../core/device-auth.js';
+import type { z } from 'zod';
+import { mapError, zodMessage } from '../net/http-errors.js';
+import { checkDeviceSignature, DEVICE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIME_HEADER } from '../core/device-auth.js';
 import { publicKeyFromBase64 } from '../core/signing.js';
 import type { DeviceRow } from '../store/metadata.js';
 import type { BrokerContext } from './context.js';
 import { readToken, type SessionClaims } from './tokens.js';
+import { deviceRevokedAt } from './trust.js';
 
 /** An error with its HTTP status and stable code: `{error: code, message, ...extra}`. */
 export class HttpError extends Error {
@@ -32,10 +33,7 @@ declare module 'fastify' {
 
 export function parse<T extends z.ZodType>(schema: T, value: unknown): z.infer<T> {
   const res = schema.safeParse(value ?? {});
-  if (!res.success) {
-    const issue = res.error.issues[0];
-    throw new HttpError(400, 'invalid', `invalid request: ${issue ? `${issue.path.join('.') || 'body'}: ${issue.message}` : 'bad input'}`);
-  }
+  if (!res.success) throw new HttpError(400, 'invalid', zodMessage(res.error));
   return res.data;
 }
 
@@ -57,13 +55,11 @@ export function installHttpBasics(app: FastifyInstance, audit?: RefusalAudit): v
       if (!(err instanceof HttpError && err.audited)) audit?.(req, status, code, message);
       return reply.status(status).send({ error: code, message, ...extra });
     };
-    if (err instanceof HttpError) return refuse(err.status, err.code, err.message, err.extra);
-    if (err instanceof ZodError) return refuse(400, 'invalid', err.message);
-    if (err instanceof CarryonError) return refuse(400, err.code, err.message);
-    if (err.statusCode === 413 || err.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return refuse(413, 'too-large', 'request body is too large');
-    if (err.statusCode && err.statusCode >= 400 && err.statusCode < 500) return refuse(err.statusCode, 'invalid', err.message);
+    // One mapping for broker and transfer servers (src/net/http-errors.ts): 4xx client, 5xx server.
+    const m = mapError(err);
+    if (m.status < 500) return refuse(m.status, m.code, m.message, err instanceof HttpError ? err.extra : {});
     req.log.error(err);
-    return reply.status(500).send({ error: 'internal', message: 'internal error' });
+    return reply.status(m.status).send({ error: m.code, message: m.message });
   });
   app.setNotFoundHandler((req, reply) => reply.status(404).send({ error: 'not-found', message: `no route ${req.method} ${req.url}` }));
 }
@@ -74,6 +70,8 @@ export function requireUser(ctx: BrokerContext, req: FastifyRequest): SessionCla
   if (!claims) throw new HttpError(401, 'unauthenticated', 'log in first (missing, invalid or expired session token)');
   const user = ctx.meta.getUser(claims.sub);
   if (!user || user.disabled) throw new HttpError(401, 'unauthenticated', 'user is disabled or no longer exists');
+  // A session opened on a device that has since been revoked stops at once, like a disabled user's.
+  if (claims.dev && deviceRevokedAt(ctx, claims.dev)) throw new HttpError(403, 'device-revoked', 'this session belongs to a revoked device');
   return { ...claims, role: user.role };
 }
 
@@ -86,24 +84,38 @@ export function requireAdmin(ctx: BrokerContext, req: FastifyRequest): SessionCl
   return claims;
 }
 
-/** Verifies an agent request signed by an enrolled device's key. */
-export function requireDevice(ctx: BrokerContext, req: FastifyRequest): DeviceRow {
+/**
+ * Verifies an agent request signed by an enrolled device's key, with a nonce not seen before
+ * (a replay within the time window is refused). A revoked device is refused too, except where
+ * `allowRevoked` (the heartbeat and command acks: how its `lock` reaches it).
+ */
+export function requireDevice(ctx: BrokerContext, req: FastifyRequest, opts: { allowRevoked?: boolean } = {}): DeviceRow & { revoked: boolean } {
   const id = req.headers[DEVICE_HEADER];
   const device = typeof id === 'string' ? ctx.meta.getDevice(id) : null;
   if (!device) throw new HttpError(401, 'device-unknown', 'device is not enrolled');
-  const failure = checkDeviceSignature(
+  const nonce = header(req, NONCE_HEADER);
+  let failure = checkDeviceSignature(
     publicKeyFromBase64(device.publicKey),
     req.method,
     req.url.split('?')[0]!,
     header(req, TIME_HEADER),
     header(req, SIGNATURE_HEADER),
     req.rawBody ?? '',
+    new Date(),
+    nonce,
   );
+  if (!failure && !ctx.nonces.accept(device.id, nonce!)) failure = 'replay';
+  const revoked = Boolean(deviceRevokedAt(ctx, device.id));
+  if (!failure && revoked && !opts.allowRevoked) failure = 'revoked';
+  if (failure === 'revoked') {
+    ctx.audit({ actor: `device:${device.id}`, action: 'device-auth', outcome: 'denied', detail: 'device is revoked' });
+    throw new HttpError(403, 'device-revoked', 'this device has been revoked by an administrator', {}, true);
+  }
   if (failure) {
     ctx.audit({ actor: `device:${device.id}`, action: 'device-auth', outcome: 'denied', detail: failure });
-    throw new HttpError(401, 'device-signature', `device signature refused (${failure})`);
+    throw new HttpError(401, 'device-signature', `device signature refused (${failure})`, {}, true);
   }
-  return device;
+  return { ...device, revoked };
 }
 
 function header(req: FastifyRequest, name: string): string | undefined {

@@ -1,9 +1,10 @@
-import { PolicyLayer, resolvePolicy, type ResolvedPolicy } from '../core/policy.js';
+import { PolicyValues, resolvePolicy, type ResolvedPolicy } from '../core/policy.js';
 import type { DesktopRow, SqliteMetadataStore } from '../store/metadata.js';
 
 /** Loads the four layers for (user, desktop) and resolves them. */
 export function effectivePolicy(meta: SqliteMetadataStore, user: string | null, desktop: DesktopRow | null): ResolvedPolicy {
-  const layer = (v: unknown) => PolicyLayer.parse(v ?? {});
+  // Not strict: a name no longer in the API (printingAllowed, ssoAllowed) left in a stored layer is ignored.
+  const layer = (v: unknown) => PolicyValues.partial().parse(v ?? {});
   const global = layer(JSON.parse(meta.getSetting('policy.global') ?? '{}'));
   const pool = desktop?.poolId ? meta.getPool(desktop.poolId) : null;
   const u = user ? meta.getUser(user) : null;

@@ -6,6 +6,12 @@ import { loadOrCreateTls } from '../net/tls-cert.js';
 import { openChunkStore } from '../store/open-store.js';
 import { SqliteMetadataStore } from '../store/metadata.js';
 import { BROKER_MIGRATIONS } from '../store/metadata-schema.js';
+import { chainUnhashed } from '../store/audit-chain.js';
+import { TRUST_MIGRATIONS } from '../store/trust-schema.js';
+import { MAX_SKEW_MS } from '../core/device-auth.js';
+import { checkLdapConfig } from './directory.js';
+import { DEFAULT_THROTTLE, LoginThrottle, type ThrottleSettings } from './throttle.js';
+import { NonceCache, transferServerSync } from './trust.js';
 import { migrate, openSqlite } from '../store/sqlite.js';
 import { startTransferServer, type TransferServer } from '../transfer/server.js';
 import type { BrokerContext, BrokerSettings } from './context.js';
@@ -16,13 +22,16 @@ import { JobProgress } from './transfers/progress.js';
 import { readToken } from './tokens.js';
 import { hashPassword } from './passwords.js';
 import { adminRoutes } from './routes/admin.js';
+import { adminTrustRoutes } from './routes/admin-trust.js';
+import { jobRoutes } from './routes/jobs.js';
 import { agentRoutes } from './routes/agent.js';
 import { transferRoutes } from './routes/transfers.js';
 import { userRoutes } from './routes/user.js';
 import { loadOrCreateSecrets } from './secrets.js';
 import { SqliteScheduler } from './transfers/scheduler.js';
 import { randomBytes } from 'node:crypto';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, realpath, writeFile } from 'node:fs/promises';
+import { CarryonError } from '../core/errors.js';
 
 export interface BrokerConfig {
   dataDir: string;
@@ -38,6 +47,9 @@ export interface BrokerConfig {
   initAdmin?: { name: string; password: string };
   ticketTtlSec?: number;
   pauseGraceSec?: number;
+  /** Directories images may be imported from (see BrokerSettings.importDirs). */
+  importDirs?: string[];
+  throttle?: Partial<ThrottleSettings>;
   log?: boolean;
 }
 
@@ -62,25 +74,48 @@ async function transferSecret(dataDir: string, given?: string): Promise<string> 
   }
 }
 
+async function resolveImportDirs(dirs: string[]): Promise<string[]> {
+  const out: string[] = [];
+  for (const d of dirs) {
+    try {
+      out.push(await realpath(d));
+    } catch (err) {
+      throw new CarryonError('bad-config', `import directory ${d} cannot be used: ${(err as Error).message}`);
+    }
+  }
+  return out;
+}
+
 /** Starts the broker (HTTPS), and by default one transfer server in-process, registered like any other. */
 export async function startBroker(config: BrokerConfig): Promise<RunningBroker> {
+  if (config.settings?.ldap) checkLdapConfig(config.settings.ldap);
   const secrets = await loadOrCreateSecrets(config.dataDir);
   const tls = await loadOrCreateTls({ dir: config.dataDir, certFile: config.certFile, keyFile: config.keyFile });
   const db = openSqlite(join(config.dataDir, 'metadata.db'));
   migrate(db, 'broker', BROKER_MIGRATIONS);
+  migrate(db, 'trust', TRUST_MIGRATIONS);
+  chainUnhashed(db);
   const meta = new SqliteMetadataStore(db);
   const store = await openChunkStore(join(config.dataDir, 'chunks'));
   const settings: BrokerSettings = {
     sessionTtlSec: 3600,
     hypervisorOverheadMiB: 256,
     passwordCostN: 1 << 15,
+    reauthWindowSec: 900,
     ...config.settings,
+    importDirs: await resolveImportDirs(config.importDirs ?? config.settings?.importDirs ?? []),
     transferSecret: await transferSecret(config.dataDir, config.settings?.transferSecret),
   };
   const hypervisor: DatacenterHypervisor = config.hypervisor?.kind === 'qmp' ? new QmpHypervisor(config.hypervisor.socketDir) : new NoHypervisor();
-  const scheduler = new SqliteScheduler(db, { signingKey: secrets.signing.privateKey, ticketTtlSec: config.ticketTtlSec, pauseGraceSec: config.pauseGraceSec });
+  let transfer: TransferServer | null = null;
+  // The embedded transfer server learns revocations the moment a job ends (standalone ones at their heartbeat).
+  const scheduler: SqliteScheduler = new SqliteScheduler(db, {
+    signingKey: secrets.signing.privateKey, ticketTtlSec: config.ticketTtlSec, pauseGraceSec: config.pauseGraceSec,
+    onJobsEnded: () => transfer?.setRevoked(scheduler.revokedJobIds()),
+  });
   const ctx: BrokerContext = {
     settings, meta, store, secrets, scheduler, hypervisor, imports: new ImportJobs(), jobProgress: new JobProgress(),
+    nonces: new NonceCache(MAX_SKEW_MS), throttle: new LoginThrottle({ ...DEFAULT_THROTTLE, ...config.throttle }),
     audit: (e) => void meta.addEvent({ actor: e.actor, desktopId: e.desktopId ?? null, action: e.action, outcome: e.outcome, detail: e.detail ?? null }),
     keysFor: (wrapped, context) => encodeLineageKeys(unwrapLineageKeys(secrets.masterKey, wrapped, context)),
   };
@@ -99,6 +134,8 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   userRoutes(app, ctx);
   agentRoutes(app, ctx);
   adminRoutes(app, ctx);
+  adminTrustRoutes(app, ctx);
+  jobRoutes(app, ctx);
   transferRoutes(app, ctx);
   consoleRoutes(app, ctx, { uploadDir: join(config.dataDir, 'uploads') });
   const host = config.host ?? '127.0.0.1';
@@ -106,7 +143,6 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   const addr = app.server.address();
   const url = `https://${host}:${typeof addr === 'object' && addr ? addr.port : config.port}`;
 
-  let transfer: TransferServer | null = null;
   let beat: NodeJS.Timeout | null = null;
   const slots = config.embeddedTransferSlots ?? 4;
   if (slots > 0) {
@@ -114,10 +150,15 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     const t = transfer;
     scheduler.registerServer({ id: t.id, url: t.url, fingerprint: t.fingerprint, slots });
     let ticks = 0;
-    // Per-job progress every second (in memory, for live admin views); the scheduler every 5 s.
+    t.setRevoked(scheduler.revokedJobIds());
+    // Per-job progress every second (in memory, for live admin views); the scheduler, the access
+    // summaries of evicted jobs (audit) and the revocation list every 5 s.
     beat = setInterval(() => {
       ctx.jobProgress.report(t.id, t.stats.perJob);
-      if (++ticks % 5 === 0) scheduler.serverHeartbeat(t.id, { bytesIn: t.stats.bytesIn, bytesOut: t.stats.bytesOut });
+      if (++ticks % 5 === 0) {
+        scheduler.serverHeartbeat(t.id, { bytesIn: t.stats.bytesIn, bytesOut: t.stats.bytesOut });
+        t.setRevoked(transferServerSync(ctx, t.id, t.drainSummaries()));
+      }
     }, 1000);
     beat.unref();
   }
@@ -129,6 +170,8 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     transfer,
     close: async () => {
       if (beat) clearInterval(beat);
+      // Per-job summaries still held by the embedded server go to the audit trail before closing.
+      if (transfer) transferServerSync(ctx, transfer.id, (transfer.sweep(), transfer.drainSummaries()));
       await transfer?.close();
       await app.close();
       await store.close();

@@ -6,6 +6,8 @@ export const SessionClaims = z.object({
   role: z.enum(['admin', 'user']),
   /** 'online' sessions come from a password check against the broker. */
   exp: z.number(),
+  /** When the password was checked (seconds): requireOnlineReauth wants it recent. */
+  iat: z.number().optional(),
   dev: z.string().optional(),
 });
 export type SessionClaims = z.infer<typeof SessionClaims>;

@@ -6,6 +6,7 @@ import { z } from 'zod';
 import { startBroker } from '../broker/start.js';
 import { CarryonError } from '../core/errors.js';
 import { registerAdminCommands } from './admin-commands.js';
+import { registerAdminTrustCommands } from './admin-trust-commands.js';
 import { passwordSource } from './common.js';
 
 const ServerConfigFile = z.object({
@@ -15,7 +16,9 @@ const ServerConfigFile = z.object({
   certFile: z.string().optional(),
   keyFile: z.string().optional(),
   transferSlots: z.number().int().min(0).max(1024).optional(),
-  ldap: z.object({ url: z.string(), userDnTemplate: z.string(), groupBase: z.string().optional(), adminGroup: z.string().optional() }).optional(),
+  ldap: z.object({ url: z.string(), userDnTemplate: z.string(), groupBase: z.string().optional(), adminGroup: z.string().optional(), startTls: z.boolean().optional(), allowInsecure: z.boolean().optional() }).strict().optional(),
+  /** Directories `admin desktops create` may import images from. */
+  importDirs: z.array(z.string()).optional(),
   hypervisor: z.union([z.object({ kind: z.literal('none') }), z.object({ kind: z.literal('qmp'), socketDir: z.string() })]).optional(),
 }).strict();
 
@@ -49,8 +52,9 @@ export function registerServerCommands(program: Command): void {
     .option('--cert <file>', 'TLS certificate (PEM); default: self-signed, generated at first start')
     .option('--key <file>', 'TLS private key (PEM)')
     .option('--transfer-slots <n>', 'slots of the embedded transfer server (0: none)', int('--transfer-slots'))
+    .option('--import-dir <dir>', 'a directory images may be imported from (repeatable; none: imports by path are refused)', (v: string, acc: string[] = []) => [...acc, v])
     .option('--init-admin <name>', 'create this first admin if there are no users (password: CARRYON_ADMIN_PASSWORD or prompt)')
-    .action(async (o: { config?: string; dataDir?: string; host?: string; port?: number; cert?: string; key?: string; transferSlots?: number; initAdmin?: string }) => {
+    .action(async (o: { config?: string; dataDir?: string; host?: string; port?: number; cert?: string; key?: string; transferSlots?: number; initAdmin?: string; importDir?: string[] }) => {
       const file = loadConfigFile(o.config);
       const dataDir = o.dataDir ?? process.env.CARRYON_DATA_DIR ?? file.dataDir ?? join(homedir(), '.carryon-server');
       const port = o.port ?? (process.env.CARRYON_PORT ? int('CARRYON_PORT')(process.env.CARRYON_PORT) : undefined) ?? file.port ?? 8443;
@@ -58,8 +62,11 @@ export function registerServerCommands(program: Command): void {
       const broker = await startBroker({
         dataDir, host: o.host ?? file.host ?? '127.0.0.1', port, certFile: o.cert ?? file.certFile, keyFile: o.key ?? file.keyFile,
         embeddedTransferSlots: o.transferSlots ?? file.transferSlots, hypervisor: file.hypervisor, settings: file.ldap ? { ldap: file.ldap } : undefined, initAdmin,
+        importDirs: o.importDir ?? file.importDirs ?? [],
       });
       process.stdout.write(`carryon broker listening on ${broker.url}\ncertificate fingerprint (SHA-256): ${broker.fingerprint}\ndata directory: ${dataDir}\n`);
+      const dirs = broker.ctx.settings.importDirs;
+      process.stdout.write(dirs.length ? `images may be imported from: ${dirs.join(', ')}\n` : 'no --import-dir: admins cannot import images by path\n');
       if (broker.transfer) process.stdout.write(`embedded transfer server ${broker.transfer.url} (${broker.transfer.slots} slots)\n`);
       await new Promise<void>((resolve) => {
         process.once('SIGINT', resolve);
@@ -68,4 +75,5 @@ export function registerServerCommands(program: Command): void {
       await broker.close();
     });
   registerAdminCommands(program);
+  registerAdminTrustCommands(program);
 }

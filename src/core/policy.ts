@@ -9,8 +9,8 @@ export const PolicyValues = z.object({
   maxLeaseHours: z.number().positive().max(24 * 365),
   heartbeatIntervalSec: z.number().int().min(5).max(86_400),
   usbAllowed: z.boolean(),
-  printingAllowed: z.boolean(),
-  ssoAllowed: z.boolean(),
+  /** Whether `carryon export` may write the desktop's disk as a plaintext image (client enforces). */
+  exportAllowed: z.boolean(),
   replicationIntervalMin: z.number().int().min(0).max(7 * 24 * 60),
   requireOnlineReauth: z.boolean(),
   /** Users may make a restore point of their desktop the version their next check-out starts from. */
@@ -28,8 +28,7 @@ export const POLICY_DEFAULTS: PolicyValues = {
   maxLeaseHours: 7 * 24,
   heartbeatIntervalSec: 300,
   usbAllowed: false,
-  printingAllowed: true,
-  ssoAllowed: true,
+  exportAllowed: false,
   replicationIntervalMin: 0,
   requireOnlineReauth: true,
   restoreAllowed: false,

@@ -11,6 +11,8 @@ export const TicketPayload = z.object({
   checkoutId: z.string().min(1),
   direction: z.enum(['download', 'upload']),
   manifests: z.array(z.string().regex(/^[0-9a-f]{64}$/)).min(1),
+  /** Upload tickets: the checkout's checkpoint manifests (the only chunks whose presence is told, and delta bases). */
+  baseManifests: z.array(z.string().regex(/^[0-9a-f]{64}$/)).max(64).optional(),
   /** Lineage keys wrapped by the datacenter master key, and the wrap context. */
   wrappedKeys: z.string().min(1),
   keyContext: z.string().min(1),
@@ -22,7 +24,7 @@ export type TicketPayload = z.infer<typeof TicketPayload>;
 
 export class TicketError extends CarryonError {
   constructor(
-    readonly reason: 'malformed' | 'signature' | 'expired' | 'wrong-server',
+    readonly reason: 'malformed' | 'signature' | 'expired' | 'wrong-server' | 'revoked',
     message: string,
   ) {
     super(`ticket-${reason}`, message);

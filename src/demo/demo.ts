@@ -26,7 +26,7 @@ async function main(): Promise<void> {
   const keep = process.argv.includes('--keep-running');
   const portArg = process.argv.indexOf('--port');
   const port = portArg > 0 ? Number(process.argv[portArg + 1]) : Number(process.env.DEMO_PORT ?? 0);
-  const broker = await startBroker({ dataDir: join(dir, 'server'), port, initAdmin: { name: 'admin', password: 'demo-admin-password' } });
+  const broker = await startBroker({ dataDir: join(dir, 'server'), port, initAdmin: { name: 'admin', password: 'demo-admin-password' }, importDirs: [dir] });
   try {
     say(`broker on ${broker.url} (certificate ${broker.fingerprint.slice(0, 16)}…), transfer server ${broker.transfer!.url}`);
     const agent = pinnedAgent(broker.fingerprint);

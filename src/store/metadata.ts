@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto';
+import { appendEvent } from './audit-chain.js';
 import type { Db } from './sqlite.js';
 
 /** Rows as the broker sees them (JSON columns already parsed). */
@@ -237,7 +238,7 @@ export class SqliteMetadataStore {
 
   // Audit
   addEvent(e: { actor: string; desktopId?: string | null; action: string; outcome: string; detail?: string | null }): number {
-    return Number(this.db.prepare('INSERT INTO events (time, actor, desktop_id, action, outcome, detail) VALUES (?, ?, ?, ?, ?, ?)').run(now(), e.actor, e.desktopId ?? null, e.action, e.outcome, e.detail ?? null).lastInsertRowid);
+    return appendEvent(this.db, e); // hash-chained: see audit-chain.ts
   }
   listEvents(f: { sinceId?: number; desktopId?: string; limit?: number } = {}): EventRow[] {
     const rows = this.db.prepare('SELECT * FROM events WHERE id > ? AND (? IS NULL OR desktop_id = ?) ORDER BY id LIMIT ?').all(f.sinceId ?? 0, f.desktopId ?? null, f.desktopId ?? null, f.limit ?? 1000) as Raw[];

@@ -1,17 +1,17 @@
 import type { KeyObject } from 'node:crypto';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { PassThrough } from 'node:stream';
-import { z, ZodError } from 'zod';
+import { z } from 'zod';
 import { openBlob, sealChunk } from '../core/blob.js';
 import { openDelta } from '../core/delta.js';
 import { isChunkId, type ChunkId } from '../core/chunk-id.js';
 import { CarryonError } from '../core/errors.js';
-import { unwrapLineageKeys, type LineageKeys } from '../core/keys.js';
-import { decodeManifest, referencedChunks } from '../core/manifest.js';
 import { TicketError, verifyTicket, type TicketPayload } from '../core/ticket.js';
+import { mapError, parseOrInvalid } from '../net/http-errors.js';
 import { loadOrCreateTls } from '../net/tls-cert.js';
 import type { ChunkStore } from '../store/chunk-store.js';
-import { blobFrame, endFrame, errorFrame, FRAME_BLOB, FRAME_DELTA, FRAME_END, FrameDecoder, type Frame } from './frames.js';
+import { blobFrame, endFrame, errorFrame, FRAME_BLOB, FRAME_DELTA, FrameDecoder, type Frame } from './frames.js';
+import { JobScopes, type JobSummary } from './scopes.js';
 
 export interface TransferServerOptions {
   id: string;
@@ -24,6 +24,8 @@ export interface TransferServerOptions {
   tlsDir: string;
   /** Test hook: alters a blob on its way out (simulates corruption in flight). */
   tamper?: (id: ChunkId, blob: Buffer) => Buffer;
+  /** Test hook: the clock for ticket expiry and eviction. */
+  now?: () => number;
 }
 
 export interface TransferStats {
@@ -39,16 +41,18 @@ export interface TransferServer {
   fingerprint: string;
   slots: number;
   stats: TransferStats;
+  /** Replaces the broker's revocation list: those jobs' tickets are refused from now on. */
+  setRevoked(jobIds: Iterable<string>): void;
+  /** Per-job summaries of chunk access for jobs evicted since the last call (for the broker's audit). */
+  drainSummaries(): JobSummary[];
+  /** Evicts jobs whose tickets expired (also done on its own, at most once a second and every 30 s). */
+  sweep(): void;
+  /** Per-job state held now: stays flat however many jobs come and go. */
+  retained(): { scopes: number; revoked: number; pendingSummaries: number; checkoutSets: number; jobCounters: number; streams: number };
   close(): Promise<void>;
 }
 
 const IdList = (max: number) => z.object({ ids: z.array(z.string().refine(isChunkId, 'not a chunk ID')).max(max) }).strict();
-
-const STATUS_BY_CODE: Record<string, number> = { 'wrong-direction': 403, 'out-of-scope': 403, 'unknown-manifest': 404 };
-
-class Scope {
-  constructor(readonly allowed: Set<ChunkId>, readonly keys: LineageKeys) {}
-}
 
 /**
  * Stateless transfer server: trusts a ticket by the broker's signature alone, then serves or
@@ -58,51 +62,29 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
   const tls = await loadOrCreateTls({ dir: opts.tlsDir });
   const app: FastifyInstance = Fastify({ https: { cert: tls.cert, key: tls.key }, bodyLimit: 64 * 1024 * 1024, logger: false });
   const stats: TransferStats = { bytesIn: 0, bytesOut: 0, blobsRejected: 0, perJob: new Map() };
-  const scopes = new Map<string, Promise<Scope>>();
+  const now = opts.now ?? Date.now;
   const streams = new Map<string, number>();
+  const scopes = new JobScopes(opts.store, opts.masterKey, now, (jobId) => stats.perJob.delete(jobId));
+  const sweeper = setInterval(() => scopes.sweep(), 30_000);
+  sweeper.unref();
 
   app.addContentTypeParser('application/octet-stream', (_req, payload, done) => done(null, payload));
-  app.setErrorHandler((err: Error & { statusCode?: number }, _req, reply) => {
-    const status =
-      err instanceof TicketError ? (err.reason === 'wrong-server' ? 403 : 401)
-      : err instanceof CarryonError ? (STATUS_BY_CODE[err.code] ?? 400)
-      : err instanceof ZodError ? 400
-      : err.statusCode && err.statusCode < 500 ? err.statusCode : 500;
-    const code = err instanceof CarryonError ? err.code : status === 413 ? 'too-large' : status < 500 ? 'invalid' : 'internal';
-    void reply.status(status).send({ error: code, message: err.message });
+  // The same error → status mapping as the broker (src/net/http-errors.ts).
+  app.setErrorHandler((err, _req, reply) => {
+    const m = mapError(err);
+    if (reply.sent || reply.raw.headersSent) return;
+    void reply.status(m.status).type('application/json').send({ error: m.code, message: m.message });
   });
-
-  const jobStats = (jobId: string) => {
-    let s = stats.perJob.get(jobId);
-    if (!s) stats.perJob.set(jobId, (s = { bytesIn: 0, bytesOut: 0, chunksIn: 0, chunksOut: 0 }));
-    return s;
-  };
-
-  const loadScope = (t: TicketPayload): Promise<Scope> => {
-    const key = `${t.jobId}:${t.manifests.join(',')}`;
-    let scope = scopes.get(key);
-    if (!scope) {
-      scope = (async () => {
-        const allowed = new Set<ChunkId>();
-        for (const digest of t.manifests) {
-          const raw = await opts.store.getManifest(digest);
-          if (!raw) throw new CarryonError('unknown-manifest', `manifest ${digest} is not in this transfer server's store`);
-          for (const id of referencedChunks(decodeManifest(raw))) allowed.add(id);
-        }
-        return new Scope(allowed, unwrapLineageKeys(opts.masterKey, Buffer.from(t.wrappedKeys, 'base64'), t.keyContext));
-      })();
-      scopes.set(key, scope);
-      scope.catch(() => scopes.delete(key));
-    }
-    return scope;
-  };
 
   const authorize = async (req: FastifyRequest, direction?: 'download' | 'upload') => {
     const header = req.headers.authorization ?? '';
     if (!header.startsWith('Ticket ')) throw new TicketError('malformed', 'missing "Authorization: Ticket …" header');
-    const ticket = verifyTicket(header.slice(7), opts.brokerPublicKey, { now: new Date(), serverId: opts.id });
+    const ticket = verifyTicket(header.slice(7), opts.brokerPublicKey, { now: new Date(now()), serverId: opts.id });
     if (direction && ticket.direction !== direction) throw new CarryonError('wrong-direction', `ticket is for ${ticket.direction}, not ${direction}`);
-    return { ticket, scope: await loadScope(ticket) };
+    const { scope, counters } = scopes.get(ticket);
+    // The per-job counters live as long as the job's scope (evicted together).
+    stats.perJob.set(ticket.jobId, counters);
+    return { ticket, scope: await scope, js: counters };
   };
 
   /** Holds one of the ticket's streams for the duration of a request; 429 past maxStreams. */
@@ -126,21 +108,23 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
   app.get('/v1/health', async () => ({ id: opts.id, slots: opts.slots }));
 
   app.post('/v1/chunks/missing', async (req) => {
-    const { ticket, scope } = await authorize(req);
-    const { ids } = IdList(4096).parse(req.body);
+    const { scope } = await authorize(req);
+    const { ids } = parseOrInvalid(IdList(4096), req.body);
     const outside = ids.find((id) => !scope.allowed.has(id));
     if (outside) throw new CarryonError('out-of-scope', `chunk ${outside} is not referenced by the ticket's manifests`);
-    void ticket;
-    return { missing: await opts.store.missing(ids) };
+    // Presence is told only for the checkout's own chunks (its checkpoint, and what this job
+    // pushed); anything else is "missing", so the shared store is no oracle for other desktops.
+    const told = ids.filter((id) => scope.base.has(id) || scope.pushed.has(id));
+    const absent = new Set(await opts.store.missing(told));
+    return { missing: ids.filter((id) => !(scope.base.has(id) || scope.pushed.has(id)) || absent.has(id)) };
   });
 
   app.post('/v1/chunks/fetch', async (req, reply) => {
-    const { ticket, scope } = await authorize(req, 'download');
-    const { ids } = IdList(256).parse(req.body);
+    const { ticket, scope, js } = await authorize(req, 'download');
+    const { ids } = parseOrInvalid(IdList(256), req.body);
     const release = holdStream(ticket, reply);
     if (!release) return reply;
     const out = new PassThrough();
-    const js = jobStats(ticket.jobId);
     void (async () => {
       try {
         for (const id of ids) {
@@ -148,8 +132,11 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
           let frame: Buffer;
           if (!scope.allowed.has(id)) frame = errorFrame(id, 'not referenced by the ticket');
           else {
-            const blob = await opts.store.get(id);
+            // A store that cannot read one blob (truncated pack, bad index) fails that chunk with
+            // its reason; the stream and the other chunks go on (the client may try elsewhere).
+            const blob = await opts.store.get(id).catch((err: Error) => new Error(`transfer server store error: ${err.message}`));
             if (!blob) frame = errorFrame(id, 'not in store');
+            else if (blob instanceof Error) frame = errorFrame(id, blob.message);
             else {
               frame = blobFrame(id, opts.tamper ? opts.tamper(id, blob) : blob);
               js.chunksOut++;
@@ -171,10 +158,12 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
   });
 
   app.post('/v1/chunks/push', async (req, reply) => {
-    const { ticket, scope } = await authorize(req, 'upload');
+    const { ticket, scope, js } = await authorize(req, 'upload');
+    if (!req.body || typeof (req.body as AsyncIterable<Buffer>)[Symbol.asyncIterator] !== 'function') {
+      throw new CarryonError('invalid', 'push needs an application/octet-stream body of frames');
+    }
     const release = holdStream(ticket, reply);
     if (!release) return reply;
-    const js = jobStats(ticket.jobId);
     const decoder = new FrameDecoder();
     const result = { stored: 0, duplicate: 0, rejected: [] as { id: string; reason: string; code: 'invalid' | 'base-missing' }[] };
     /** The blob to store for a pushed frame: as sent, or rebuilt from a delta and sealed here. */
@@ -183,6 +172,8 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
         openBlob(scope.keys, frame.id, frame.payload);
         return frame.payload;
       }
+      // Only a chunk of the checkout's checkpoint may serve as a base (else: an existence oracle).
+      if (!scope.base.has(frame.baseId)) return 'base-missing';
       const baseBlob = await opts.store.get(frame.baseId);
       if (!baseBlob) return 'base-missing';
       // The stored base was verified when it arrived; the rebuilt chunk is checked against its ID.
@@ -215,8 +206,11 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
             continue;
           }
           js.chunksIn++;
-          if (await opts.store.put(frame.id, blob, { defer: true })) result.stored++;
+          const known = scope.base.has(frame.id) || scope.pushed.has(frame.id);
+          // A duplicate of a chunk outside the checkout's own would tell that another desktop has it.
+          if ((await opts.store.put(frame.id, blob, { defer: true })) || !known) result.stored++;
           else result.duplicate++;
+          scope.pushed.add(frame.id);
         }
       }
       decoder.finish();
@@ -236,7 +230,12 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
     fingerprint: tls.fingerprint,
     slots: opts.slots,
     stats,
+    setRevoked: (ids) => scopes.setRevoked(ids),
+    drainSummaries: () => scopes.drainSummaries(),
+    sweep: () => scopes.sweep(),
+    retained: () => ({ ...scopes.sizes(), jobCounters: stats.perJob.size, streams: streams.size }),
     close: async () => {
+      clearInterval(sweeper);
       await app.close();
     },
   };

@@ -24,7 +24,7 @@ export interface StandaloneOptions {
 }
 
 /** A transfer server on its own host: registers with the broker, then heartbeats. */
-export async function startStandaloneTransfer(o: StandaloneOptions): Promise<TransferServer> {
+export async function startStandaloneTransfer(o: StandaloneOptions): Promise<TransferServer & { heartbeat(): Promise<void> }> {
   const masterKey = await readFile(o.masterKeyFile);
   if (masterKey.length !== 32) throw new CarryonError('bad-config', `${o.masterKeyFile} must hold the broker's 32-byte master key`);
   const broker = new BrokerClient(o.brokerUrl, o.brokerFingerprint);
@@ -36,14 +36,27 @@ export async function startStandaloneTransfer(o: StandaloneOptions): Promise<Tra
   const url = o.publicHost ? server.url.replace(/\/\/[^:/]+/, `//${o.publicHost}`) : server.url;
   const register = () => broker.call('POST', '/v1/transfer-servers/register', { id: o.id, url, slots: o.slots, fingerprint: server.fingerprint }, z.object({ signingPublicKey: z.string() }), headers);
   await register();
+  // Each heartbeat carries the per-job access summaries (the broker audits them) and brings back
+  // the revocation list: jobs ended or cut off, whose tickets must stop working before they expire.
+  let unsent: ReturnType<TransferServer['drainSummaries']> = [];
+  const heartbeat = async () => {
+    const evicted = [...unsent, ...server.drainSummaries()].slice(-10_000);
+    unsent = evicted;
+    // `jobs`: live per-job progress (admin views); `evicted`: final per-job summaries (audit).
+    const jobs = [...server.stats.perJob].slice(-1000).map(([id, c]) => ({ id, ...c }));
+    const reply = await broker.call('POST', `/v1/transfer-servers/${encodeURIComponent(o.id)}/heartbeat`, { activeStreams: 0, bytesIn: server.stats.bytesIn, bytesOut: server.stats.bytesOut, jobs, evicted },
+      z.object({ ok: z.boolean(), revokedJobs: z.array(z.string()).optional() }), headers);
+    unsent = [];
+    server.setRevoked(reply.revokedJobs ?? []);
+  };
+  await heartbeat();
   const beat = setInterval(() => {
-    broker
-      .call('POST', `/v1/transfer-servers/${encodeURIComponent(o.id)}/heartbeat`, { activeStreams: 0, bytesIn: server.stats.bytesIn, bytesOut: server.stats.bytesOut, jobs: [...server.stats.perJob].slice(-1000).map(([id, c]) => ({ id, ...c })) }, z.object({ ok: z.boolean() }), headers)
-      .catch(() => register().catch(() => undefined)); // the broker forgot us (restart): register again
+    heartbeat().catch(() => register().catch(() => undefined)); // the broker forgot us (restart): register again
   }, (o.heartbeatSec ?? 5) * 1000);
   beat.unref();
   return {
     ...server,
+    heartbeat,
     close: async () => {
       clearInterval(beat);
       await server.close();

@@ -5,13 +5,22 @@ import { join } from 'node:path';
 import { request } from 'undici';
 import { startBroker, type BrokerConfig, type RunningBroker } from '../../src/broker/start.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
+import { verifyChain } from '../../src/store/audit-chain.js';
 
 export const ADMIN = { name: 'root', password: 'root-password-1' };
 
 /** A broker on 127.0.0.1 in a temp dir, with a cheap password hash for speed. */
 export async function testBroker(dir = mkdtempSync(join(tmpdir(), 'carryon-broker-')), extra: Partial<BrokerConfig> = {}): Promise<RunningBroker & { dir: string }> {
-  const b = await startBroker({ dataDir: dir, initAdmin: ADMIN, settings: { passwordCostN: 1024 }, ...extra });
-  return Object.assign(b, { dir });
+  // Test images are made in the broker's own temp dir: that is the one import directory.
+  const b = await startBroker({ dataDir: dir, initAdmin: ADMIN, settings: { passwordCostN: 1024 }, importDirs: [dir], ...extra });
+  // Whatever a test did, the audit trail must still verify as a chain when its broker stops.
+  const close = b.close;
+  const checkedClose = async () => {
+    const chain = verifyChain(b.ctx.meta.db);
+    await close();
+    if (!chain.ok) throw new Error(`audit chain broken at event ${chain.brokenAt}: ${chain.reason}`);
+  };
+  return Object.assign(b, { dir, close: checkedClose });
 }
 
 export function cleanup(dir: string): void {

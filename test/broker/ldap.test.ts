@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { Client } from 'ldapts';
-import { authenticate, DirectoryUnavailableError, type LdapConfig } from '../../src/broker/directory.js';
+import { authenticate, checkLdapConfig, DirectoryUnavailableError, type LdapConfig } from '../../src/broker/directory.js';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { api, cleanup, testBroker } from './harness.js';
 import { freePort } from '../support/ports.js';
@@ -66,7 +66,8 @@ directory ${join(dir, 'db')}
   await group('travellers', ['ldapalice', 'ldapbob']);
   await group('desktop-admins', ['ldapbob']);
   await c.unbind();
-  ldap = { url, userDnTemplate: `uid={user},ou=people,${SUFFIX}`, groupBase: `ou=groups,${SUFFIX}`, adminGroup: 'desktop-admins' };
+  // This lab slapd speaks plain LDAP: said so explicitly (the broker refuses it otherwise).
+  ldap = { url, userDnTemplate: `uid={user},ou=people,${SUFFIX}`, groupBase: `ou=groups,${SUFFIX}`, adminGroup: 'desktop-admins', allowInsecure: true };
 });
 
 after(() => {
@@ -117,4 +118,14 @@ test('a directory that cannot be reached is a 503 naming LDAP, not a wrong passw
     await broker.close();
     cleanup(broker.dir);
   }
+});
+
+test('LDAP passwords never travel in clear unless configured so: ldap:// needs StartTLS or allowInsecure', async () => {
+  const base = { userDnTemplate: 'uid={user},dc=x' };
+  assert.throws(() => checkLdapConfig({ ...base, url: 'ldap://dir.example' }), { code: 'bad-config' });
+  assert.throws(() => checkLdapConfig({ ...base, url: 'http://dir.example' }), { code: 'bad-config' });
+  checkLdapConfig({ ...base, url: 'ldaps://dir.example' });
+  checkLdapConfig({ ...base, url: 'ldap://dir.example', startTls: true });
+  checkLdapConfig({ ...base, url: 'ldap://dir.example', allowInsecure: true });
+  await assert.rejects(testBroker(undefined, { settings: { passwordCostN: 1024, ldap: { ...base, url: 'ldap://127.0.0.1:1' } } }), { code: 'bad-config' });
 });

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { checkDeviceSignature, signDeviceRequest, SIGNATURE_HEADER, TIME_HEADER } from '../../src/core/device-auth.js';
+import { checkDeviceSignature, NONCE_HEADER, signDeviceRequest, SIGNATURE_HEADER, TIME_HEADER } from '../../src/core/device-auth.js';
 import { signLease, verifyLease, type LeasePayload } from '../../src/core/lease.js';
 import { policyHash, resolvePolicy } from '../../src/core/policy.js';
 import { generateSigningKey } from '../../src/core/signing.js';
@@ -49,15 +49,18 @@ test('ticket verifies, and refuses forgery, expiry and another server', () => {
   assert.ok(body);
 });
 
-test('device signatures bind method, path, time and body', () => {
+test('device signatures bind method, path, time, nonce and body', () => {
   const dev = generateSigningKey();
   const h = signDeviceRequest(dev.privateKey, 'dev1', 'POST', '/v1/agent/heartbeat', '{"a":1}', now);
-  assert.equal(checkDeviceSignature(dev.publicKey, 'POST', '/v1/agent/heartbeat', h[TIME_HEADER], h[SIGNATURE_HEADER], '{"a":1}', now), null);
-  assert.equal(checkDeviceSignature(dev.publicKey, 'POST', '/v1/agent/heartbeat', h[TIME_HEADER], h[SIGNATURE_HEADER], '{"a":2}', now), 'signature');
-  assert.equal(checkDeviceSignature(dev.publicKey, 'POST', '/v1/other', h[TIME_HEADER], h[SIGNATURE_HEADER], '{"a":1}', now), 'signature');
-  assert.equal(checkDeviceSignature(other.publicKey, 'POST', '/v1/agent/heartbeat', h[TIME_HEADER], h[SIGNATURE_HEADER], '{"a":1}', now), 'signature');
+  const n = h[NONCE_HEADER];
+  assert.equal(checkDeviceSignature(dev.publicKey, 'POST', '/v1/agent/heartbeat', h[TIME_HEADER], h[SIGNATURE_HEADER], '{"a":1}', now, 'A'.repeat(24)), 'signature', 'nonce is signed');
+  assert.equal(checkDeviceSignature(dev.publicKey, 'POST', '/v1/agent/heartbeat', h[TIME_HEADER], h[SIGNATURE_HEADER], '{"a":1}', now), 'missing', 'nonce is required');
+  assert.equal(checkDeviceSignature(dev.publicKey, 'POST', '/v1/agent/heartbeat', h[TIME_HEADER], h[SIGNATURE_HEADER], '{"a":1}', now, n), null);
+  assert.equal(checkDeviceSignature(dev.publicKey, 'POST', '/v1/agent/heartbeat', h[TIME_HEADER], h[SIGNATURE_HEADER], '{"a":2}', now, n), 'signature');
+  assert.equal(checkDeviceSignature(dev.publicKey, 'POST', '/v1/other', h[TIME_HEADER], h[SIGNATURE_HEADER], '{"a":1}', now, n), 'signature');
+  assert.equal(checkDeviceSignature(other.publicKey, 'POST', '/v1/agent/heartbeat', h[TIME_HEADER], h[SIGNATURE_HEADER], '{"a":1}', now, n), 'signature');
   const later = new Date(now.getTime() + 10 * 60 * 1000);
-  assert.equal(checkDeviceSignature(dev.publicKey, 'POST', '/v1/agent/heartbeat', h[TIME_HEADER], h[SIGNATURE_HEADER], '{"a":1}', later), 'skew');
+  assert.equal(checkDeviceSignature(dev.publicKey, 'POST', '/v1/agent/heartbeat', h[TIME_HEADER], h[SIGNATURE_HEADER], '{"a":1}', later, n), 'skew');
   assert.equal(checkDeviceSignature(dev.publicKey, 'POST', '/x', undefined, undefined, '', now), 'missing');
 });
 

@@ -20,22 +20,35 @@ export function stopTpms(): void {
   }
 }
 
-/** Starts a fresh software TPM (its own state: another machine) and returns its TCTI string. */
+const connects = (port: number) =>
+  new Promise<boolean>((r) => {
+    const s = createConnection({ host: '127.0.0.1', port }, () => { s.destroy(); r(true); });
+    s.on('error', () => r(false));
+  });
+
+/**
+ * Starts a fresh software TPM (its own state: another machine) and returns its TCTI string. Its
+ * two ports are picked free but may be taken before swtpm binds them (tests run in parallel):
+ * a swtpm that exits at start is tried again on other ports, so a TCTI never reaches another TPM.
+ */
 export async function startTpm(): Promise<string> {
   const state = mkdtempSync(join(tmpdir(), 'carryon-swtpm-'));
-  // The swtpm TCTI talks to the control channel on port + 1.
-  const port = await freePort();
-  const ctrl = port + 1;
-  const child = spawn('swtpm', ['socket', '--tpm2', '--tpmstate', `dir=${state}`, '--server', `type=tcp,port=${port},bindaddr=127.0.0.1`,
-    '--ctrl', `type=tcp,port=${ctrl},bindaddr=127.0.0.1`, '--flags', 'not-need-init,startup-clear'], { stdio: 'ignore' });
-  running.push({ child, dir: state });
-  for (let i = 0; i < 100; i++) {
-    const up = await new Promise<boolean>((r) => {
-      const s = createConnection({ host: '127.0.0.1', port }, () => { s.destroy(); r(true); });
-      s.on('error', () => r(false));
-    });
-    if (up) break;
-    await new Promise((r) => setTimeout(r, 50));
+  for (let attempt = 0; attempt < 10; attempt++) {
+    // The swtpm TCTI talks to the control channel on port + 1.
+    const port = await freePort();
+    const ctrl = port + 1;
+    if (await connects(ctrl)) continue;
+    const child = spawn('swtpm', ['socket', '--tpm2', '--tpmstate', `dir=${state}`, '--server', `type=tcp,port=${port},bindaddr=127.0.0.1`,
+      '--ctrl', `type=tcp,port=${ctrl},bindaddr=127.0.0.1`, '--flags', 'not-need-init,startup-clear'], { stdio: 'ignore' });
+    let exited = false;
+    child.once('exit', () => (exited = true));
+    running.push({ child, dir: state });
+    for (let i = 0; i < 100 && !exited; i++) {
+      if ((await connects(port)) && (await connects(ctrl))) break;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    await new Promise((r) => setTimeout(r, 100));
+    if (!exited) return `swtpm:host=127.0.0.1,port=${port}`;
   }
-  return `swtpm:host=127.0.0.1,port=${port}`;
+  throw new Error('swtpm did not start on free ports in 10 tries');
 }

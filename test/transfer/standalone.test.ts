@@ -5,12 +5,15 @@ import { checkout, enroll, type ClientEnv } from '../../src/client/ops.js';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { startStandaloneTransfer } from '../../src/transfer/standalone.js';
 import type { TransferServer } from '../../src/transfer/server.js';
+import { request } from 'undici';
+import { pinnedAgent } from '../../src/net/pinned-agent.js';
+import { enrolDevice, HOST } from '../broker/trust-helpers.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
 
 process.env.CARRYON_SCRYPT_N = '1024';
 let broker: RunningBroker & { dir: string };
 let http: Api;
-let ts: TransferServer;
+let ts: TransferServer & { heartbeat(): Promise<void> };
 
 before(async () => {
   broker = await testBroker(undefined, { embeddedTransferSlots: 0 });
@@ -44,3 +47,31 @@ test('a standalone transfer server registers with the broker and serves a check-
   assert.ok(ts.stats.bytesOut >= res.bytesMoved, 'the bytes came from the standalone server');
 });
 
+test('a standalone transfer server learns revocations at its heartbeat and reports per-job chunk access', async () => {
+  const admin = await http.login(ADMIN.name, ADMIN.password);
+  for (const c of broker.ctx.meta.listCheckouts({ activeOnly: true })) await http.call('POST', `/v1/admin/checkouts/${c.id}/force-unlock`, {}, admin);
+  const alice = await http.login('alice', 'alice-password');
+  const dev = await enrolDevice(http, broker.url, broker.fingerprint, alice, 'second');
+  const co = await http.call('POST', '/v1/desktops/win11/checkout', { deviceId: dev.id, host: HOST }, alice);
+  assert.equal(co.status, 201);
+  const job = co.body.job as { transfer: { url: string; ticket: string; fingerprint: string } };
+  const agent = pinnedAgent(job.transfer.fingerprint);
+  const ask = async () => {
+    const r = await request(`${job.transfer.url}/v1/chunks/missing`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${job.transfer.ticket}`, 'content-type': 'application/json' }, body: '{"ids":[]}' });
+    return [r.statusCode, ((await r.body.json()) as { error?: string }).error];
+  };
+  try {
+    assert.deepEqual(await ask(), [200, undefined]);
+    assert.equal((await http.call('POST', `/v1/checkouts/${(co.body.checkout as { id: string }).id}/cancel`, {}, alice)).status, 200);
+    // Stateless: until its next heartbeat the server has not heard (at most one interval, 5 s by default).
+    await ts.heartbeat();
+    assert.deepEqual(await ask(), [403, 'ticket-revoked']);
+  } finally {
+    await agent.close();
+  }
+  // The first test's check-out job ended (done) and was evicted: its summary rode the heartbeat.
+  await ts.heartbeat();
+  const events = broker.ctx.meta.listEvents({ limit: 10_000 });
+  const access = events.filter((e) => e.action === 'chunk-access' && e.actor === 'transfer:ts-remote');
+  assert.ok(access.some((e) => /\(download, ended\): [1-9]\d* chunks/.test(e.detail ?? '')), JSON.stringify(access));
+});

@@ -146,7 +146,7 @@ test('check-in deltas: changed pages travel, the server rebuilds and verifies; a
   const m = createManifest(CS, 3 * CS, next.map((n) => n.id));
   const digest = manifestDigest(m);
   await desk.store.putManifest(digest, encodeManifest(m));
-  const t = signTicket({ v: 1, jobId: 'job-d', desktopId: 'd', checkoutId: 'c', direction: 'upload', manifests: [digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 2, expiresAt: new Date(Date.now() + 600_000).toISOString() }, broker.privateKey);
+  const t = signTicket({ v: 1, jobId: 'job-d', desktopId: 'd', checkoutId: 'c', direction: 'upload', manifests: [digest], baseManifests: [desk.digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 2, expiresAt: new Date(Date.now() + 600_000).toISOString() }, broker.privateKey);
   const before = s.stats.bytesIn;
   const res = await uploadChunks({ endpoint: { url: s.url, fingerprint: s.fingerprint, ticket: t, maxStreams: 2 }, ids: next.map((n) => n.id), deltaBases: new Map(next.map((n, i) => [n.id, bases[i]!])), localStore: laptop, keys, streams: 1 });
   assert.equal(res.chunksMoved, 3);

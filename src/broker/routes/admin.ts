@@ -6,9 +6,12 @@ import type { BrokerContext } from '../context.js';
 import { cloneDesktop, createDesktopFromImage, rotateLineageKey } from '../desktops.js';
 import { HttpError, parse, requireAdmin } from '../http.js';
 import { hashPassword } from '../passwords.js';
+import { SafeName } from '../names.js';
+import { resolveImportPath } from '../import-paths.js';
+import { deviceRevokedAt, enforceCutOff } from '../trust.js';
 import { effectivePolicy } from '../policies.js';
 
-const Name = z.string().regex(/^[A-Za-z0-9._@-]{1,64}$/, 'letters, digits and . _ @ - only (max 64)');
+const Name = SafeName;
 const Id = z.object({ id: z.string().min(1).max(200) });
 const Config = z.object({
   vcpus: z.number().int().min(1).max(256).default(2),
@@ -38,6 +41,7 @@ export function adminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     const ok = ctx.meta.updateUser(id, { ...b, passwordHash: b.password ? await hashPassword(b.password, { N: ctx.settings.passwordCostN }) : undefined });
     if (!ok) throw new HttpError(404, 'not-found', `no user ${id}`);
     ctx.audit({ actor, action: 'user-update', outcome: 'ok', detail: `${id}: ${Object.keys(b).join(', ')}` });
+    enforceCutOff(ctx, actor); // a disabled user loses leases, tickets and logins now
     return { ok: true };
   });
   app.delete('/v1/admin/users/:id', async (req) => {
@@ -91,7 +95,8 @@ export function adminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
       background: z.boolean().optional(),
     }).strict().refine((v) => Boolean(v.image) !== Boolean(v.cloneOf), 'give exactly one of image or cloneOf'), req.body);
     if (b.cloneOf) return reply.status(201).send(cloneDesktop(ctx, actor, b.cloneOf, b.name, b.pool));
-    const spec = { name: b.name, image: b.image!, pool: b.pool, config: b.config, chunkSize: b.chunkSize };
+    // A path on the broker host: only inside the configured import directories (uploads have their own route).
+    const spec = { name: b.name, image: await resolveImportPath(ctx, b.image!), pool: b.pool, config: b.config, chunkSize: b.chunkSize };
     // `background`: answer at once with an import job to poll (large images take minutes).
     if (b.background) return reply.status(202).send({ import: await ctx.imports.start(ctx, actor, spec) });
     ctx.imports.ensureNameFree(ctx, b.name);
@@ -147,6 +152,7 @@ export function adminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     const actor = admin(req);
     if (!ctx.meta.removeEntitlement(parse(Id, req.params).id)) throw new HttpError(404, 'not-found', 'no such entitlement');
     ctx.audit({ actor, action: 'unentitle', outcome: 'ok' });
+    enforceCutOff(ctx, actor); // whoever held a desktop through it loses leases and tickets now
     return { ok: true };
   });
 
@@ -186,7 +192,7 @@ export function adminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
 
   app.get('/v1/admin/devices', async (req) => {
     admin(req);
-    return { devices: ctx.meta.listDevices().map((d) => ({ ...d, latest: ctx.meta.latestHeartbeats(d.id, 1)[0] ?? null })) };
+    return { devices: ctx.meta.listDevices().map((d) => ({ ...d, revokedAt: deviceRevokedAt(ctx, d.id), latest: ctx.meta.latestHeartbeats(d.id, 1)[0] ?? null })) };
   });
   app.post('/v1/admin/devices/:id/commands', async (req, reply) => {
     const actor = admin(req);

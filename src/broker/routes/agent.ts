@@ -5,6 +5,7 @@ import type { BrokerContext } from '../context.js';
 import { HttpError, parse, requireDevice } from '../http.js';
 import { effectivePolicy } from '../policies.js';
 import { issueLease } from '../checkouts.js';
+import { cutOffReason, enforceCutOff } from '../trust.js';
 
 const Heartbeat = z.object({
   host: z.object({ os: z.string().max(200).optional(), cpus: z.number().int().min(1), ramBytes: z.number().min(0), freeDiskBytes: z.number().min(0), loadAvg: z.array(z.number()).max(3).optional() }),
@@ -13,16 +14,30 @@ const Heartbeat = z.object({
     desktopId: z.string().max(200), checkoutId: z.string().max(200), state: z.string().max(40), dirtyBytes: z.number().min(0),
     percentLocal: z.number().min(0).max(100), lastReplicationAt: z.string().max(40).optional(), readFailures: z.number().int().min(0).optional(),
   })).max(64),
+  /** What happened offline since the last contact (unlock, run, export, …): goes to the audit trail. */
+  events: z.array(z.object({
+    time: z.string().max(40), action: z.string().regex(/^[a-z][a-z-]{0,39}$/), desktopId: z.string().max(200).optional(), detail: z.string().max(1000).optional(),
+  }).strict()).max(500).optional(),
 }).strict();
 
 /** Agent endpoints: device-signed, outbound from the laptop only. */
 export function agentRoutes(app: FastifyInstance, ctx: BrokerContext): void {
   app.post('/v1/agent/heartbeat', async (req) => {
-    const device = requireDevice(ctx, req);
+    // A revoked device still reaches its heartbeat: that is how its `lock` command gets to it.
+    const device = requireDevice(ctx, req, { allowRevoked: true });
     const body = parse(Heartbeat, req.body);
     ctx.meta.touchDevice(device.id, body.host);
-    ctx.meta.addHeartbeat(device.id, body);
-    const held = ctx.meta.listCheckouts({ activeOnly: true }).filter((c) => c.deviceId === device.id);
+    const { events, ...stats } = body;
+    ctx.meta.addHeartbeat(device.id, stats);
+    for (const e of events ?? []) {
+      ctx.audit({ actor: `device:${device.id}`, desktopId: e.desktopId ?? null, action: `offline-${e.action}`, outcome: 'info', detail: `reported by ${device.user}'s device at ${e.time}${e.detail ? `: ${e.detail}` : ''}` });
+    }
+    enforceCutOff(ctx, 'system', (c) => c.deviceId === device.id);
+    if (device.revoked) {
+      const commands = ctx.meta.pendingCommands(device.id).filter((c) => c.type === 'lock' || c.type === 'wipe').map((c) => ({ id: c.id, type: c.type, desktopId: c.desktopId ?? undefined }));
+      return { heartbeatIntervalSec: effectivePolicy(ctx.meta, device.user, null).heartbeatIntervalSec.value, policies: {}, commands };
+    }
+    const held = ctx.meta.listCheckouts({ activeOnly: true }).filter((c) => c.deviceId === device.id && !cutOffReason(ctx, c));
     for (const c of held) ctx.meta.setCheckoutHeartbeat(c.id);
     const policies: Record<string, ReturnType<typeof policyValues>> = {};
     for (const c of held) policies[c.desktopId] = policyValues(effectivePolicy(ctx.meta, c.user, ctx.meta.getDesktop(c.desktopId)));
@@ -35,12 +50,20 @@ export function agentRoutes(app: FastifyInstance, ctx: BrokerContext): void {
   app.post('/v1/agent/lease', async (req) => {
     const device = requireDevice(ctx, req);
     parse(z.object({}).strict(), req.body);
-    // The device proves itself by signature; the lease covers what its user holds on it.
-    return { lease: issueLease(ctx, device.user, device.id)?.lease ?? null };
+    // The device proves itself by signature; the lease covers what its user holds on it and may
+    // still use (a disabled user, a removed entitlement or a revoked device get nothing).
+    const user = ctx.meta.getUser(device.user);
+    if (!user || user.disabled) {
+      ctx.audit({ actor: `device:${device.id}`, action: 'lease-renew', outcome: 'denied', detail: `user ${device.user} is disabled or gone` });
+      throw new HttpError(403, 'unauthenticated', 'the user of this device is disabled', {}, true);
+    }
+    const lease = issueLease(ctx, device.user, device.id);
+    if (lease) ctx.audit({ actor: `device:${device.id}`, action: 'lease-renew', outcome: 'ok', detail: `agent, for ${device.user} until ${lease.deadline}` });
+    return { lease: lease?.lease ?? null };
   });
 
   app.post('/v1/agent/commands/:id/ack', async (req) => {
-    const device = requireDevice(ctx, req);
+    const device = requireDevice(ctx, req, { allowRevoked: true });
     const { id } = parse(z.object({ id: z.string().max(200) }), req.params);
     const body = parse(z.object({ ok: z.boolean(), message: z.string().max(2000).optional() }).strict(), req.body);
     if (!ctx.meta.ackCommand(id, device.id, body.ok, body.message ?? null)) throw new HttpError(404, 'not-found', 'no pending command with that id for this device');

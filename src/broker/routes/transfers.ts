@@ -5,9 +5,15 @@ import { publicKeyToBase64 } from '../../core/signing.js';
 import type { BrokerContext } from '../context.js';
 import { HttpError, parse, requireAdmin } from '../http.js';
 import { transfersOverview } from '../transfers/overview.js';
+import { transferServerSync } from '../trust.js';
 
 const Count = z.number().int().min(0);
 const JobStats = z.object({ id: z.string().min(1).max(100), bytesIn: Count, bytesOut: Count, chunksIn: Count, chunksOut: Count }).strict();
+const Summary = z.object({
+  jobId: z.string().max(200), checkoutId: z.string().max(200), desktopId: z.string().max(200), direction: z.enum(['download', 'upload']),
+  bytesIn: z.number().min(0), bytesOut: z.number().min(0), chunksIn: z.number().int().min(0), chunksOut: z.number().int().min(0),
+  firstAt: z.string().max(40), lastAt: z.string().max(40), reason: z.enum(['expired', 'ended']),
+}).strict();
 
 /** Transfer servers register and heartbeat with a shared secret; admins see the pool. */
 export function transferRoutes(app: FastifyInstance, ctx: BrokerContext): void {
@@ -26,10 +32,11 @@ export function transferRoutes(app: FastifyInstance, ctx: BrokerContext): void {
   app.post('/v1/transfer-servers/:id/heartbeat', async (req) => {
     checkSecret(req.headers['x-carryon-transfer-secret']);
     const { id } = parse(z.object({ id: z.string().max(100) }), req.params);
-    const body = parse(z.object({ activeStreams: z.number().int().min(0), bytesIn: z.number().min(0), bytesOut: z.number().min(0), jobs: z.array(JobStats).max(10_000).optional() }).strict(), req.body);
+    const body = parse(z.object({ activeStreams: z.number().int().min(0), bytesIn: z.number().min(0), bytesOut: z.number().min(0), jobs: z.array(JobStats).max(10_000).optional(), evicted: z.array(Summary).max(10_000).optional() }).strict(), req.body);
     if (!ctx.scheduler.serverHeartbeat(id, body)) throw new HttpError(404, 'not-registered', 'register first');
     if (body.jobs) ctx.jobProgress.report(id, body.jobs.map(({ id: jobId, ...c }) => [jobId, c]));
-    return { ok: true };
+    // Per-job chunk access of evicted jobs goes to the audit trail; the answer is the current revocation list.
+    return { ok: true, revokedJobs: transferServerSync(ctx, id, body.evicted ?? []) };
   });
   app.get('/v1/admin/transfers', async (req) => {
     requireAdmin(ctx, req);

@@ -8,6 +8,7 @@ import { authenticate, DirectoryUnavailableError } from '../directory.js';
 import { HttpError, parse, requireUser } from '../http.js';
 import { effectivePolicy } from '../policies.js';
 import { issueToken } from '../tokens.js';
+import { deviceRevokedAt, requireFreshLogin } from '../trust.js';
 
 const Host = z.object({
   os: z.string().max(200).optional(),
@@ -22,8 +23,16 @@ const Disks = z.object({ disks: z.array(z.object({ name: z.string().min(1).max(6
 export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
   app.get('/v1/broker', async () => ({ version: PACKAGE_VERSION, signingPublicKey: publicKeyToBase64(ctx.secrets.signing.publicKey) }));
 
-  app.post('/v1/auth/login', async (req) => {
+  app.post('/v1/auth/login', async (req, reply) => {
     const body = parse(z.object({ username: z.string().min(1).max(64), password: z.string().min(1).max(1024), deviceId: z.string().max(200).optional() }).strict(), req.body);
+    // Failed-login backoff per user and per source address (src/broker/throttle.ts).
+    const waitMs = ctx.throttle.retryAfterMs(body.username, req.ip);
+    if (waitMs > 0) {
+      const sec = Math.ceil(waitMs / 1000);
+      ctx.audit({ actor: body.username, action: 'login', outcome: 'denied', detail: `throttled: too many failed logins for this user or from ${req.ip}; retry in ${sec} s` });
+      void reply.header('retry-after', String(sec));
+      throw new HttpError(429, 'too-many-attempts', `too many failed logins: try again in ${sec} s`, { retryAfterSec: sec }, true);
+    }
     let who;
     try {
       who = await authenticate(ctx.meta, ctx.settings.ldap, body.username, body.password);
@@ -33,15 +42,23 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
       throw new HttpError(503, err.code, err.message, {}, true);
     }
     if (!who) {
-      ctx.audit({ actor: body.username, action: 'login', outcome: 'denied', detail: 'bad credentials' });
+      ctx.throttle.fail(body.username, req.ip);
+      ctx.audit({ actor: body.username, action: 'login', outcome: 'denied', detail: `bad credentials from ${req.ip}` });
       throw new HttpError(401, 'bad-credentials', 'unknown user or wrong password', {}, true);
     }
-    const exp = Math.floor(Date.now() / 1000) + ctx.settings.sessionTtlSec;
-    const token = issueToken(ctx.secrets.tokenKey, { sub: who.name, role: who.role, exp, dev: body.deviceId });
+    ctx.throttle.succeed(who.name);
+    if (body.deviceId && deviceRevokedAt(ctx, body.deviceId)) {
+      ctx.audit({ actor: who.name, action: 'login', outcome: 'denied', detail: `device ${body.deviceId} is revoked` });
+      throw new HttpError(403, 'device-revoked', 'this device has been revoked by an administrator', {}, true);
+    }
+    const iat = Math.floor(Date.now() / 1000);
+    const exp = iat + ctx.settings.sessionTtlSec;
+    const token = issueToken(ctx.secrets.tokenKey, { sub: who.name, role: who.role, exp, iat, dev: body.deviceId });
     let lease;
     if (body.deviceId) {
       const device = ctx.meta.getDevice(body.deviceId);
       if (device && device.user === who.name) lease = issueLease(ctx, who.name, device.id)?.lease;
+      if (lease) ctx.audit({ actor: who.name, action: 'lease-renew', outcome: 'ok', detail: `at login on device ${body.deviceId}` });
     }
     ctx.audit({ actor: who.name, action: 'login', outcome: 'ok', detail: body.deviceId ? `device ${body.deviceId}` : undefined });
     return { token, expiresAt: new Date(exp * 1000).toISOString(), user: who, lease };
@@ -71,7 +88,8 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
           name: d.name,
           pool: d.poolId,
           state: active ? active.state : 'available',
-          checkout: active ? checkoutView(active) : undefined,
+          // Someone else's checkout shows who and what state, never its job or device.
+          checkout: active ? (active.user === claims.sub ? checkoutView(active) : { ...checkoutView(active), jobId: undefined, deviceId: undefined }) : undefined,
           actions: allowedActions(ctx, claims.sub, d),
           policy: effectivePolicy(ctx.meta, claims.sub, d),
         };
@@ -86,27 +104,22 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     return reply.status(201).send(await checkOut(ctx, claims.sub, id, body));
   });
 
-  app.get('/v1/jobs/:id', async (req) => {
-    requireUser(ctx, req);
-    const job = ctx.scheduler.get(parse(Id, req.params).id);
-    if (!job) throw new HttpError(404, 'not-found', 'no such job');
-    return job;
-  });
-  for (const op of ['pause', 'resume'] as const) {
-    app.post(`/v1/jobs/:id/${op}`, async (req) => {
-      const claims = requireUser(ctx, req);
-      const job = ctx.scheduler[op](parse(Id, req.params).id);
-      if (!job) throw new HttpError(404, 'not-found', 'no such job');
-      ctx.audit({ actor: claims.sub, action: `transfer-${op}`, outcome: 'ok', detail: `job ${job.id}` });
-      return job;
-    });
-  }
-
   app.post('/v1/checkouts/:id/transferred', async (req) => ({ checkout: markTransferred(ctx, requireUser(ctx, req).sub, parse(Id, req.params).id) }));
   app.post('/v1/checkouts/:id/cancel', async (req) => ({ checkout: cancel(ctx, requireUser(ctx, req).sub, parse(Id, req.params).id) }));
-  app.post('/v1/checkouts/:id/rollback', async (req) => ({ checkout: rollback(ctx, requireUser(ctx, req).sub, parse(Id, req.params).id) }));
+  // Sensitive after an offline login: with requireOnlineReauth they need a recent password login.
+  app.post('/v1/checkouts/:id/rollback', async (req) => {
+    const claims = requireUser(ctx, req);
+    const { id } = parse(Id, req.params);
+    requireFreshLogin(ctx, claims, id, 'rollback');
+    return { checkout: rollback(ctx, claims.sub, id) };
+  });
   for (const kind of ['checkin', 'replicate'] as const) {
-    app.post(`/v1/checkouts/:id/${kind}`, async (req) => beginUpload(ctx, requireUser(ctx, req).sub, parse(Id, req.params).id, kind, parse(Disks, req.body).disks));
+    app.post(`/v1/checkouts/:id/${kind}`, async (req) => {
+      const claims = requireUser(ctx, req);
+      const { id } = parse(Id, req.params);
+      requireFreshLogin(ctx, claims, id, kind);
+      return beginUpload(ctx, claims.sub, id, kind, parse(Disks, req.body).disks);
+    });
     app.post(`/v1/checkouts/:id/${kind}/commit`, async (req) => commitUpload(ctx, requireUser(ctx, req).sub, parse(Id, req.params).id, kind));
   }
   app.post('/v1/checkouts/:id/lease', async (req) => {
@@ -115,6 +128,7 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     if (!c || c.user !== claims.sub) throw new HttpError(404, 'not-found', 'no such checkout of yours');
     const lease = issueLease(ctx, claims.sub, c.deviceId);
     if (!lease) throw new HttpError(409, 'wrong-state', 'no active checkout to lease');
+    ctx.audit({ actor: claims.sub, desktopId: c.desktopId, action: 'lease-renew', outcome: 'ok', detail: `device ${c.deviceId} until ${lease.deadline}` });
     return { lease: lease.lease };
   });
 }

@@ -20,6 +20,13 @@ CREATE TABLE transfer_jobs (
 CREATE INDEX transfer_jobs_state ON transfer_jobs(state, seq);
 `,
   },
+  {
+    version: 2,
+    sql: `
+ALTER TABLE transfer_jobs ADD COLUMN base_manifests TEXT;
+CREATE INDEX transfer_jobs_ended ON transfer_jobs(ended_at);
+`,
+  },
 ];
 
 export interface SchedulerOptions {
@@ -29,11 +36,14 @@ export interface SchedulerOptions {
   heartbeatSec?: number;
   maxStreams?: number;
   now?: () => Date;
+  /** Called after jobs end (finish, cancel): the embedded transfer server learns revocations at once. */
+  onJobsEnded?: () => void;
 }
 
 interface JobRow {
   seq: number; id: string; kind: JobKind; checkout_id: string; desktop_id: string; manifests: string; wrapped_keys: string;
   key_context: string; state: JobState; server_id: string | null; paused_at: string | null; ticket_expires_at: string | null;
+  base_manifests: string | null;
 }
 interface ServerRow { id: string; url: string; fingerprint: string; slots: number; last_heartbeat: string; bytes_in: number; bytes_out: number; rate_in: number; rate_out: number }
 
@@ -78,8 +88,9 @@ export class SqliteScheduler implements TransferScheduler {
 
   enqueue(req: JobRequest): JobView {
     const id = randomUUID();
-    this.db.prepare(`INSERT INTO transfer_jobs (id, kind, checkout_id, desktop_id, manifests, wrapped_keys, key_context, state, queued_at)
-      VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?)`).run(id, req.kind, req.checkoutId, req.desktopId, JSON.stringify(req.manifests), req.wrappedKeys, req.keyContext, this.iso());
+    this.db.prepare(`INSERT INTO transfer_jobs (id, kind, checkout_id, desktop_id, manifests, wrapped_keys, key_context, state, queued_at, base_manifests)
+      VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)`).run(id, req.kind, req.checkoutId, req.desktopId, JSON.stringify(req.manifests), req.wrappedKeys, req.keyContext, this.iso(),
+      req.baseManifests ? JSON.stringify(req.baseManifests) : null);
     this.pump();
     return this.get(id)!;
   }
@@ -111,13 +122,29 @@ export class SqliteScheduler implements TransferScheduler {
   }
 
   finish(jobId: string, outcome: 'done' | 'cancelled' | 'failed'): void {
-    this.db.prepare(`UPDATE transfer_jobs SET state = ?, ended_at = ? WHERE id = ? AND state IN ('queued','active','paused','expired')`).run(outcome, this.iso(), jobId);
+    const n = this.db.prepare(`UPDATE transfer_jobs SET state = ?, ended_at = ? WHERE id = ? AND state IN ('queued','active','paused','expired')`).run(outcome, this.iso(), jobId).changes;
     this.pump();
+    if (n) this.opts.onJobsEnded?.();
   }
 
   finishForCheckout(checkoutId: string, outcome: 'cancelled' | 'failed'): void {
-    this.db.prepare(`UPDATE transfer_jobs SET state = ?, ended_at = ? WHERE checkout_id = ? AND state IN ('queued','active','paused','expired')`).run(outcome, this.iso(), checkoutId);
+    const n = this.db.prepare(`UPDATE transfer_jobs SET state = ?, ended_at = ? WHERE checkout_id = ? AND state IN ('queued','active','paused','expired')`).run(outcome, this.iso(), checkoutId).changes;
     this.pump();
+    if (n) this.opts.onJobsEnded?.();
+  }
+
+  /** The checkout a job belongs to (for the holder check), or null. */
+  checkoutOf(jobId: string): string | null {
+    return this.row(jobId)?.checkout_id ?? null;
+  }
+
+  /**
+   * Jobs whose tickets must stop working before they expire: every job that ended within one
+   * ticket lifetime (older ones' tickets have expired anyway). Transfer servers get this list.
+   */
+  revokedJobIds(): string[] {
+    const rows = this.db.prepare(`SELECT id FROM transfer_jobs WHERE state IN ('done','cancelled','failed') AND ended_at > ?`).all(this.isoIn(-this.ttl - 60)) as { id: string }[];
+    return rows.map((r) => r.id);
   }
 
   /** Servers, slots in use, queue and throughput for `carryon admin transfers`. */
@@ -168,6 +195,7 @@ export class SqliteScheduler implements TransferScheduler {
       const ticket = signTicket({
         v: 1, jobId: row.id, desktopId: row.desktop_id, checkoutId: row.checkout_id,
         direction: row.kind === 'checkout' ? 'download' : 'upload', manifests: JSON.parse(row.manifests) as string[],
+        ...(row.base_manifests ? { baseManifests: JSON.parse(row.base_manifests) as string[] } : {}),
         wrappedKeys: row.wrapped_keys, keyContext: row.key_context, transferServerId: server.id, maxStreams: this.maxStreams, expiresAt,
       }, this.opts.signingKey);
       view.transfer = { url: server.url, fingerprint: server.fingerprint, ticket, ticketExpiresAt: expiresAt, maxStreams: this.maxStreams };

@@ -25,6 +25,8 @@ export interface JobRequest {
   desktopId: string;
   /** Digests of the manifests (already in the chunk store) whose chunks the ticket covers. */
   manifests: string[];
+  /** Upload jobs: the checkout's checkpoint manifests (presence is told, and deltas based, only on these). */
+  baseManifests?: string[];
   /** Lineage keys wrapped by the datacenter master key (base64), and the wrap context. */
   wrappedKeys: string;
   keyContext: string;
