@@ -3,6 +3,7 @@ import { z } from 'zod';
 import { writeFileAtomic } from '../store/files.js';
 import { SignedLease, verifyLease } from '../core/lease.js';
 import { readDiskFailures, readFillReport, topBytes } from './disks.js';
+import { pendingEvents } from './events.js';
 import { effectiveConfig, LEASE, lockDesktop, peekClock, writeLockRecord, writePolicy } from './guards.js';
 import { readOwner } from './holder.js';
 import { publicKeyFromBase64 } from '../core/signing.js';
@@ -57,7 +58,9 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
   for (const s of states) desktops.push({ desktopId: s.desktopId, checkoutId: s.checkoutId, state: (await vault.isLocked(s)) ? 'locked' : s.state, ...(await diskStats(vault, s)), lastReplicationAt: s.lastReplicationAt ?? undefined });
   let reply: z.infer<typeof HeartbeatReply>;
   try {
-    reply = await broker.signedPost('/v1/agent/heartbeat', { host, vaultBytes: await vault.sizeBytes(), desktops }, me, HeartbeatReply);
+    const offline = await pendingEvents(env.home);
+    reply = await broker.signedPost('/v1/agent/heartbeat', { host, vaultBytes: await vault.sizeBytes(), desktops, ...(offline.events.length ? { events: offline.events } : {}) }, me, HeartbeatReply);
+    await offline.sent();
   } catch (err) {
     // No contact: a lease that has run out locks its desktop until a renewed lease reaches it.
     // The agent has no vault key, so it reads time and lease unauthenticated: that can only lock sooner.

@@ -10,6 +10,7 @@ import { chainBytesOnDisk, chainFiles, createLayer, mergeTop, type Chain } from 
 import { existsSync } from 'node:fs';
 import { CarryonError } from '../core/errors.js';
 import { writeFileAtomic } from '../store/files.js';
+import { recordEvent } from './events.js';
 import type { DesktopState, Vault } from './vault.js';
 
 /** A desktop disk as the client works with it: its chain, checkpoint manifest and state entry. */
@@ -125,6 +126,7 @@ export async function recordDiskFailure(vault: Vault, desktopId: string, message
     list = z.array(z.object({ at: z.string(), message: z.string() })).parse(JSON.parse(await readFile(file, 'utf8')));
   } catch { /* none yet */ }
   list.push({ at: new Date().toISOString(), message });
+  await recordEvent(vault.home, 'disk-read-failure', desktopId, message);
   await writeFileAtomic(file, JSON.stringify(list.slice(-50))).catch(() => undefined);
 }
 

@@ -15,6 +15,7 @@ import { probeFingerprint } from '../net/pinned-agent.js';
 import { TransferSession, uploadChunks, type Progress } from '../transfer/client.js';
 import { fillDirect } from './fill-direct.js';
 import { retryTransfer } from './retry.js';
+import { recordEvent } from './events.js';
 import type { RateLimiter } from '../transfer/rate-limit.js';
 import { BrokerClient, BrokerError, CheckoutResponse, CheckoutView, DesktopEntry, JobView } from './broker-client.js';
 import { chooseSecretStorage, createDeviceKeys, DeviceFile, type SecretStorage, hostFacts, loadDevice, type DeviceIdentity } from './home.js';
@@ -204,7 +205,7 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       state = {
         desktopId: entry.id, name: entry.name, user, checkoutId: res.checkout.id, state: 'transferring', jobId: res.job.id,
         keys: await Vault.wrapKeys(device, await env.password(), keys, entry.id), lease: res.lease,
-        config: res.config, localConfig: await vault.readLocalConfig(entry.id), disks,
+        config: { ...res.config, exportAllowed: res.policy?.exportAllowed?.value === true }, localConfig: await vault.readLocalConfig(entry.id), disks,
         lastReplicationAt: null, lockDigest: await mintToken(vault.desktopDir(entry.id)),
       };
       await vault.save(state, keys);
@@ -454,7 +455,13 @@ export async function exportDisk(env: ClientEnv, desktopRef: string, outPath: st
   const opened = await openDesktopDisks(vault, state, keys);
   const disk = opened.disks[0]!;
   if (!disk.entry.complete) throw new CarryonError('wrong-state', `${state.name} is still being checked out: finish \`carryon checkout\` first`);
+  // A plaintext copy leaves the vault's protection: only where the broker's policy allowed it at check-out.
+  if (state.config.exportAllowed !== true) {
+    await recordEvent(env.home, 'export-refused', state.desktopId, outPath);
+    throw new CarryonError('export-denied', `exporting ${state.name} is not allowed by its policy (exportAllowed); ask an administrator`);
+  }
   await convertChain(disk.chain, outPath, format);
+  await recordEvent(env.home, 'export', state.desktopId, `${format} to ${outPath}`);
   return { path: outPath, format, bytes: disk.base.diskSize };
 }
 

@@ -9,6 +9,7 @@ import { openDesktopDisks, socketDir, type DesktopDisk } from './disks.js';
 import { claimOwner, diskPrefix, fillDisks, RemoteSource, specFor, type OwnerKind } from './holder.js';
 import { loadDevice } from './home.js';
 import { ensureChains, onlineSession, type ClientEnv } from './ops.js';
+import { recordEvent } from './events.js';
 import { Vault, type DesktopState } from './vault.js';
 
 /** A desktop whose chains this process holds (for `serve` or `run`), with the fill if still in flight. */
@@ -34,6 +35,7 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
   const found = await vault.find(desktopRef);
   const unlocked = await vault.unlock(device, await env.password(), found);
   const { keys } = unlocked;
+  await recordEvent(env.home, kind, found.desktopId);
   // The broker's config from check-out (MACed), restricted by what the agent learned since.
   const state = { ...unlocked.state, config: await effectiveConfig(vault.desktopDir(found.desktopId), unlocked.state.config), localConfig: await vault.readLocalConfig(found.desktopId) };
   const release = await claimOwner(vault, found.desktopId, kind, env.log);

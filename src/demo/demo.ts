@@ -30,7 +30,7 @@ async function main(): Promise<void> {
   try {
     say(`broker on ${broker.url} (certificate ${broker.fingerprint.slice(0, 16)}…), transfer server ${broker.transfer!.url}`);
     const agent = pinnedAgent(broker.fingerprint);
-    const call = async (method: 'POST' | 'GET', path: string, body?: unknown, token?: string) => {
+    const call = async (method: 'POST' | 'GET' | 'PUT', path: string, body?: unknown, token?: string) => {
       const res = await request(`${broker.url}${path}`, { method, dispatcher: agent, headers: { 'content-type': 'application/json', ...(token ? { authorization: `Bearer ${token}` } : {}) }, body: body ? JSON.stringify(body) : undefined });
       const json = (await res.body.json()) as Record<string, unknown>;
       if (res.statusCode >= 400) throw new Error(`${path}: ${JSON.stringify(json)}`);
@@ -43,6 +43,8 @@ async function main(): Promise<void> {
     const created = await call('POST', '/v1/admin/desktops', { name: 'win11-finance', image, config: { vcpus: 2, ramMiB: 2048, minRamMiB: 512 } }, admin);
     say(`imported a ${sizeMiB} MiB desktop: ${String(created.chunksStored)} chunks stored, ${String(created.holes)} holes, ${formatBytes(Number(created.bytesStored))} in the store`);
     await call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: 'win11-finance' }, admin);
+    // The demo compares the laptop's disk with the server's: that needs a plaintext export, which policy must allow.
+    await call('PUT', '/v1/admin/policies/desktop/win11-finance', { exportAllowed: true }, admin);
     await agent.close();
 
     const env: ClientEnv = { home: join(dir, 'laptop'), user: 'alice', password: async () => 'alice-demo-password', log: (l) => say(`  laptop: ${l}`), pollMs: 200 };

@@ -124,6 +124,9 @@ test('boot while data is in flight: nbdcopy of the whole export with 10% local i
   cliEnv = { ...cliEnv, CARRYON_HOME: home };
   await carryon(['enroll', broker.url, '--fingerprint', broker.fingerprint, '--name', 'laptop-2']);
   const env: ClientEnv = { home, user: 'alice', password: async () => 'alice-password', log: () => undefined, pollMs: 20 };
+  // Export is refused unless policy allows it (the first laptop's check-out had the default, false).
+  const admin = await http.login(ADMIN.name, ADMIN.password);
+  assert.equal((await http.call('PUT', '/v1/admin/policies/desktop/win11', { exportAllowed: true }, admin)).status, 200);
   const abort = new AbortController();
   await assert.rejects(checkout({ ...env, signal: abort.signal, onProgress: (_l, p) => p.chunksDone >= p.chunksTotal / 10 && abort.abort() }, 'win11'));
   const st = JSON.parse((await carryon(['status', 'win11', '--json'])).stdout) as { percentLocal: number; safeOffline: boolean; state: string }[];

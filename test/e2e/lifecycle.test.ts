@@ -4,7 +4,7 @@ import { CarryonError } from '../../src/core/errors.js';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { checkout, enroll, loginOnline, release, status, upload, type ClientEnv } from '../../src/client/ops.js';
+import { checkout, enroll, exportDisk, loginOnline, release, status, upload, type ClientEnv } from '../../src/client/ops.js';
 import { moveTrustedClock, readDesktop, writeDesktop } from '../support/laptop.js';
 import { serveDesktop } from '../../src/client/serve.js';
 import type { RunningBroker } from '../../src/broker/start.js';
@@ -66,6 +66,7 @@ test('check-out, change 1% of chunks, check-in moves only those; server snapshot
   const touched = [5, 77];
   await writeDesktop(env(home), 'win11', touched.map((i) => ({ offset: i * CHUNK + 1000, data: randomBytes(5000) })));
   const laptopDisk = await readDesktop(env(home), 'win11');
+  await assert.rejects(exportDisk(env(home), 'win11', join(broker.dir, 'nope.raw'), 'raw'), (e: unknown) => e instanceof CarryonError && e.code === 'export-denied');
   // While the desktop is in use (served, as a running VM would hold it), check-in refuses clearly.
   const served = await serveDesktop(env(home), 'win11');
   await assert.rejects(upload(env(home), 'win11', 'checkin'), (e: unknown) => e instanceof CarryonError && e.code === 'disk-busy' && /stop it first/.test(e.message));

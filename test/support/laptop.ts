@@ -1,8 +1,4 @@
-import { randomBytes } from 'node:crypto';
-import { readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { exportDisk, type ClientEnv } from '../../src/client/ops.js';
+import type { ClientEnv } from '../../src/client/ops.js';
 import { serveDesktop } from '../../src/client/serve.js';
 import { writeClock } from '../../src/client/guards.js';
 import { loadDevice } from '../../src/client/home.js';
@@ -29,13 +25,16 @@ export async function moveTrustedClock(home: string, ref: string, ms: number, pa
   await writeClock(vault.desktopDir(state.desktopId), keys, state.desktopId, { lastSeen: new Date(Date.now() + ms).toISOString(), tpm: null });
 }
 
-/** The laptop's current disk contents, in plaintext (through `carryon export`). */
-export async function readDesktop(env: ClientEnv, ref: string): Promise<Buffer> {
-  const out = join(tmpdir(), `carryon-export-${randomBytes(6).toString('hex')}.raw`);
+/** The laptop's current disk contents, in plaintext, read through `carryon serve` as a VM would. */
+export async function readDesktop(env: ClientEnv, ref: string, disk = 'disk0'): Promise<Buffer> {
+  const served = await serveDesktop(env, ref);
   try {
-    await exportDisk(env, ref, out, 'raw');
-    return readFileSync(out);
+    const c = await NbdClient.connect(served.socketPath, disk);
+    const parts: Buffer[] = [];
+    for (let off = 0; off < c.size; off += 16 << 20) parts.push(await c.read(off, Math.min(16 << 20, c.size - off)));
+    await c.close();
+    return Buffer.concat(parts);
   } finally {
-    rmSync(out, { force: true });
+    await served.close();
   }
 }
