@@ -27,3 +27,36 @@ export interface ChunkStore {
   stats(): Promise<{ chunks: number; bytes: number }>;
   close(): Promise<void>;
 }
+
+/** A pack file or object: its size and what the index says is still alive in it. */
+export interface PackInfo {
+  name: string;
+  /** Creation time (ms) from the pack's name; null when the name carries none. */
+  createdAt: number | null;
+  bytes: number;
+  liveBytes: number;
+  /** This process may still append to it (never compacted or deleted). */
+  active: boolean;
+}
+
+/**
+ * What garbage collection needs from a store on top of `ChunkStore` (the pack and S3 stores).
+ * Every blob carries a last-use mark (`touched`, ms): set when it is stored, deduplicated
+ * against (`put` of an existing ID) or reported present by `missing`, at most once per
+ * `touchSlackMs`. A sweep deletes only blobs whose mark is still older than its cutoff.
+ */
+export interface CollectableStore extends ChunkStore {
+  usage(): AsyncIterable<{ id: ChunkId; length: number; touched: number }>;
+  sweep(ids: readonly ChunkId[], cutoff: number): Promise<{ blobs: number; bytes: number }>;
+  /** Stops appending to the packs this process has open, so they can be compacted. */
+  sealPacks(): Promise<void>;
+  packs(): Promise<PackInfo[]>;
+  /** Rewrites the live blobs of a pack into new packs, then deletes it; bytes freed. */
+  compactPack(name: string): Promise<{ moved: number; freedBytes: number }>;
+  /** Deletes a pack that holds no live blob (crash leftovers, fully swept); bytes freed. */
+  dropPack(name: string): Promise<number>;
+}
+
+export function isCollectable(s: ChunkStore): s is CollectableStore {
+  return typeof (s as Partial<CollectableStore>).sweep === 'function' && typeof (s as Partial<CollectableStore>).compactPack === 'function';
+}
