@@ -2,12 +2,13 @@ import assert from 'node:assert/strict';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { after, test } from 'node:test';
+import { after, before, test } from 'node:test';
 import { FsChunkStore } from '../../src/store/fs-chunk-store.js';
 import { openChunkStore } from '../../src/store/open-store.js';
 import { PackChunkStore } from '../../src/store/pack-chunk-store.js';
 import type { ChunkStore } from '../../src/store/chunk-store.js';
 import { migrate, openSqlite } from '../../src/store/sqlite.js';
+import { openSwiftStore, startSwift, type SwiftServer } from '../support/swift.js';
 import { withTmpfs } from '../support/tmpfs.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'carryon-store-'));
@@ -57,8 +58,19 @@ async function commonContract(s: ChunkStore): Promise<void> {
   assert.deepEqual(await s.get(id('3')), Buffer.from('3'.repeat(1000)));
 }
 
-test('both stores keep the same contract', async () => {
-  for (const [name, open] of [['fs', FsChunkStore.open], ['pack', PackChunkStore.open]] as const) {
+let swift: SwiftServer;
+before(async () => {
+  swift = await startSwift();
+});
+after(() => swift?.stop());
+
+test('every store keeps the same contract: file per blob, packs, S3 (real Swift + s3api)', async () => {
+  const opens: [string, (root: string) => Promise<ChunkStore>][] = [
+    ['fs', FsChunkStore.open],
+    ['pack', (root) => PackChunkStore.open(root)],
+    ['s3', (root) => openSwiftStore(swift, root, 'contract')],
+  ];
+  for (const [name, open] of opens) {
     const s = await open(join(dir, `contract-${name}`));
     await commonContract(s);
     await s.close();

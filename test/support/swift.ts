@@ -3,6 +3,8 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { connect, createServer } from 'node:net';
 import { tmpdir, userInfo } from 'node:os';
 import { join } from 'node:path';
+import { S3ChunkStore, type S3StoreOptions } from '../../src/store/s3-chunk-store.js';
+import { parseS3Url } from '../../src/store/s3-config.js';
 
 /**
  * A real S3-compatible server for tests and the bench: OpenStack Swift (Debian's python3-swift)
@@ -193,4 +195,11 @@ async function waitTcp(port: number, deadline: number): Promise<void> {
     if (Date.now() > deadline) throw new Error(`swift backend on port ${port} did not start`);
     await new Promise((r) => setTimeout(r, 100));
   }
+}
+
+/** An S3 chunk store in `bucket` (created) of a running Swift, its SQLite pack index under `root`. */
+export async function openSwiftStore(swift: SwiftServer, root: string, bucket: string, extra = '', opts: S3StoreOptions & { endpoint?: string } = {}): Promise<S3ChunkStore> {
+  const url = `s3://${bucket}/carryon?endpoint=${encodeURIComponent(opts.endpoint ?? swift.endpoint)}&region=${swift.region}&create=true${extra}`;
+  const config = { ...parseS3Url(url, { indexPath: join(root, 'index.sqlite') }), credentials: { accessKeyId: swift.accessKeyId, secretAccessKey: swift.secretAccessKey } };
+  return S3ChunkStore.open(config, opts);
 }
