@@ -4,6 +4,7 @@ import { encodeLineageKeys, unwrapLineageKeys } from '../core/keys.js';
 import { NoHypervisor, QmpHypervisor, type DatacenterHypervisor } from '../hypervisor/datacenter/hypervisor.js';
 import { loadOrCreateTls } from '../net/tls-cert.js';
 import { openChunkStore } from '../store/open-store.js';
+import { defaultS3IndexPath } from '../store/s3-chunk-store.js';
 import { SqliteMetadataStore } from '../store/metadata.js';
 import { BROKER_MIGRATIONS } from '../store/metadata-schema.js';
 import { chainUnhashed } from '../store/audit-chain.js';
@@ -25,6 +26,7 @@ import { adminRoutes } from './routes/admin.js';
 import { adminTrustRoutes } from './routes/admin-trust.js';
 import { jobRoutes } from './routes/jobs.js';
 import { agentRoutes } from './routes/agent.js';
+import { maintenanceRoutes } from './routes/maintenance.js';
 import { transferRoutes } from './routes/transfers.js';
 import { userRoutes } from './routes/user.js';
 import { loadOrCreateSecrets } from './secrets.js';
@@ -35,6 +37,10 @@ import { CarryonError } from '../core/errors.js';
 
 export interface BrokerConfig {
   dataDir: string;
+  /** Chunk store: a directory (default `<dataDir>/chunks`, pack store) or an `s3://bucket/prefix?endpoint=…` URL. */
+  chunkStore?: string;
+  /** Pack writers and last-use slack of the chunk store (tests set the slack to 0). */
+  chunkStoreOptions?: { writers?: number; touchSlackMs?: number };
   host?: string;
   port?: number;
   certFile?: string;
@@ -96,7 +102,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   migrate(db, 'trust', TRUST_MIGRATIONS);
   chainUnhashed(db);
   const meta = new SqliteMetadataStore(db);
-  const store = await openChunkStore(join(config.dataDir, 'chunks'));
+  const store = await openChunkStore(config.chunkStore ?? join(config.dataDir, 'chunks'), undefined, { ...config.chunkStoreOptions, s3IndexPath: defaultS3IndexPath(config.dataDir) });
   const settings: BrokerSettings = {
     sessionTtlSec: 3600,
     hypervisorOverheadMiB: 256,
@@ -138,6 +144,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   jobRoutes(app, ctx);
   transferRoutes(app, ctx);
   consoleRoutes(app, ctx, { uploadDir: join(config.dataDir, 'uploads') });
+  maintenanceRoutes(app, ctx);
   const host = config.host ?? '127.0.0.1';
   await app.listen({ host, port: config.port ?? 0 });
   const addr = app.server.address();

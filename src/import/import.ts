@@ -4,6 +4,7 @@ import { CarryonError } from '../core/errors.js';
 import type { LineageKeys } from '../core/keys.js';
 import { createManifest, encodeManifest, manifestDigest, type Manifest } from '../core/manifest.js';
 import type { ChunkStore } from '../store/chunk-store.js';
+import { holdStore } from '../store/in-flight.js';
 import { SealPool } from './seal-pool.js';
 import { openImageSource, type ImageFormat } from './source.js';
 
@@ -40,7 +41,15 @@ const SYNC_EVERY_BYTES = 512 * 1024 * 1024;
 export async function importImage(path: string, opts: ImportOptions): Promise<ImportResult> {
   const chunkSize = validateChunkSize(opts.chunkSize ?? DEFAULT_CHUNK_SIZE);
   const batchBytes = Math.max(chunkSize, BATCH_BYTES - (BATCH_BYTES % chunkSize));
-  const source = await openImageSource(path, opts.format ?? 'auto', batchBytes);
+  // Until its snapshot commits nothing references what it stores: garbage collection waits.
+  const release = holdStore(opts.store);
+  let source;
+  try {
+    source = await openImageSource(path, opts.format ?? 'auto', batchBytes);
+  } catch (err) {
+    release();
+    throw err;
+  }
   const pool = new SealPool(opts.keys, opts.workers);
   const maxInFlight = Math.max(2, (opts.workers ?? 2) * 2);
   const chunks: (ChunkId | null)[] = [];
@@ -152,6 +161,7 @@ export async function importImage(path: string, opts: ImportOptions): Promise<Im
     throw err;
   } finally {
     await pool.close();
+    release();
   }
 }
 

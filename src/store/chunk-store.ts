@@ -1,4 +1,5 @@
 import type { ChunkId } from '../core/chunk-id.js';
+import type { BlobUse } from './pack-index.js';
 
 /**
  * Where chunk blobs (and the manifests that list them) live. Blobs are opaque here: the store
@@ -46,7 +47,9 @@ export interface PackInfo {
  * `touchSlackMs`. A sweep deletes only blobs whose mark is still older than its cutoff.
  */
 export interface CollectableStore extends ChunkStore {
-  usage(): AsyncIterable<{ id: ChunkId; length: number; touched: number }>;
+  /** How stale a last-use mark may be (a sweep's cutoff must lie at least this far back). */
+  readonly touchSlackMs: number;
+  usage(): AsyncIterable<BlobUse>;
   sweep(ids: readonly ChunkId[], cutoff: number): Promise<{ blobs: number; bytes: number }>;
   /** Stops appending to the packs this process has open, so they can be compacted. */
   sealPacks(): Promise<void>;

@@ -152,6 +152,17 @@ export class SqliteMetadataStore {
   listSnapshots(desktopId: string): SnapshotRow[] {
     return (this.db.prepare('SELECT * FROM snapshots WHERE desktop_id = ? ORDER BY created_at, rowid').all(desktopId) as Raw[]).map((r) => this.snapshotRow(r));
   }
+  /**
+   * Deletes snapshots (garbage collection's retention), never a desktop's current snapshot nor
+   * the checkpoint of an active check-out, whatever the caller computed earlier. Returns the
+   * ids really deleted.
+   */
+  deleteSnapshots(ids: readonly string[]): string[] {
+    const del = this.db.prepare(`DELETE FROM snapshots WHERE id = ?
+      AND id NOT IN (SELECT current_snapshot FROM desktops WHERE current_snapshot IS NOT NULL)
+      AND id NOT IN (SELECT checkpoint_snapshot FROM checkouts WHERE state IN ('transferring','checked_out','checking_in'))`);
+    return this.transaction(() => ids.filter((id) => del.run(id).changes === 1));
+  }
   private snapshotRow(r: Raw): SnapshotRow {
     return { id: String(r.id), desktopId: String(r.desktop_id), parentId: (r.parent_id as string | null) ?? null, kind: String(r.kind), disks: parse(r.disks), createdAt: String(r.created_at) };
   }

@@ -5,7 +5,7 @@ import { chunkIdFromBytes, chunkIdToBytes, parseChunkId, type ChunkId } from '..
 import { CarryonError } from '../core/errors.js';
 import type { CollectableStore, PackInfo } from './chunk-store.js';
 import { ManifestFiles } from './manifest-files.js';
-import { packCreatedAt, packWriterPid, RECORD_HEAD, SqlitePackIndex, type Location } from './pack-index.js';
+import { type BlobUse, packCreatedAt, packWriterPid, RECORD_HEAD, SqlitePackIndex, type Location } from './pack-index.js';
 
 /**
  * Pack store: blobs appended to large pack files, located through an SQLite index.
@@ -50,7 +50,7 @@ export class PackChunkStore implements CollectableStore {
   private nextWriter = 0;
   private readonly readers = new Map<string, Promise<FileHandle>>();
   private readonly manifests: ManifestFiles;
-  private readonly touchSlackMs: number;
+  readonly touchSlackMs: number;
   private readonly packMaxAgeMs: number;
 
   private constructor(
@@ -212,7 +212,7 @@ export class PackChunkStore implements CollectableStore {
 
   // Garbage collection (see src/broker/gc/)
 
-  usage(): AsyncIterable<{ id: ChunkId; length: number; touched: number }> {
+  usage(): AsyncIterable<BlobUse> {
     return this.index.list();
   }
 

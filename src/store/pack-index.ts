@@ -21,6 +21,14 @@ export const PACK_INDEX_MIGRATIONS: Migration[] = [
   { version: 2, sql: 'ALTER TABLE blobs ADD COLUMN touched INTEGER NOT NULL DEFAULT 0; CREATE INDEX blobs_pack ON blobs(pack)' },
 ];
 
+/** One indexed blob: its pack, its size and its last-use mark (ms). */
+export interface BlobUse {
+  id: ChunkId;
+  pack: string;
+  length: number;
+  touched: number;
+}
+
 /** Pack files or objects with what the index says lives in them. */
 export interface PackUse {
   name: string;
@@ -44,7 +52,7 @@ export interface PackIndex {
   touch(ids: readonly ChunkId[], now: number, before: number): Promise<void>;
   /** The subset of `ids` present, as a set. */
   present(ids: readonly ChunkId[]): Promise<Set<ChunkId>>;
-  list(): AsyncIterable<{ id: ChunkId; length: number; touched: number }>;
+  list(): AsyncIterable<BlobUse>;
   /** Deletes each id whose mark is still older than `cutoff`; what was deleted. */
   sweep(ids: readonly ChunkId[], cutoff: number): Promise<{ blobs: number; bytes: number }>;
   packs(): Promise<PackUse[]>;
@@ -130,14 +138,14 @@ export class SqlitePackIndex implements PackIndex {
     return out;
   }
 
-  async *list(): AsyncIterable<{ id: ChunkId; length: number; touched: number }> {
+  async *list(): AsyncIterable<BlobUse> {
     // Read in pages so the iteration never holds a read transaction across the caller's awaits.
     let after: Buffer = Buffer.alloc(0);
-    const page = this.db.prepare('SELECT id, length, touched FROM blobs WHERE id > ? ORDER BY id LIMIT 4096');
+    const page = this.db.prepare('SELECT id, pack, length, touched FROM blobs WHERE id > ? ORDER BY id LIMIT 4096');
     for (;;) {
       const rows = page.all(after) as Row[];
       if (rows.length === 0) return;
-      for (const r of rows) yield { id: chunkIdFromBytes(r.id), length: r.length, touched: r.touched };
+      for (const r of rows) yield { id: chunkIdFromBytes(r.id), pack: r.pack, length: r.length, touched: r.touched };
       after = rows[rows.length - 1]!.id;
     }
   }

@@ -4,7 +4,7 @@ import type { S3Client } from '@aws-sdk/client-s3';
 import { chunkIdFromBytes, chunkIdToBytes, parseChunkId, type ChunkId } from '../core/chunk-id.js';
 import { CarryonError, ValidationError } from '../core/errors.js';
 import type { CollectableStore, PackInfo } from './chunk-store.js';
-import { packCreatedAt, packWriterPid, RECORD_HEAD, SqlitePackIndex, type Location, type PackIndex } from './pack-index.js';
+import { type BlobUse, packCreatedAt, packWriterPid, RECORD_HEAD, SqlitePackIndex, type Location, type PackIndex } from './pack-index.js';
 import type { S3StoreConfig } from './s3-config.js';
 
 type Sdk = typeof import('@aws-sdk/client-s3');
@@ -64,7 +64,7 @@ export class S3ChunkStore implements CollectableStore {
   /** Sealed packs (uploading or uploaded) whose blobs are not published yet. */
   private sealed: OpenPack[] = [];
   private lastSync: Promise<void> = Promise.resolve();
-  private readonly touchSlackMs: number;
+  readonly touchSlackMs: number;
   private readonly packMaxAgeMs: number;
 
   private constructor(
@@ -317,7 +317,7 @@ export class S3ChunkStore implements CollectableStore {
 
   // Garbage collection (see src/broker/gc/)
 
-  usage(): AsyncIterable<{ id: ChunkId; length: number; touched: number }> {
+  usage(): AsyncIterable<BlobUse> {
     return this.index.list();
   }
 

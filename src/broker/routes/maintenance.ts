@@ -1,0 +1,41 @@
+import type { FastifyInstance } from 'fastify';
+import { z } from 'zod';
+import { collectGarbage, DEFAULT_GC } from '../gc/collect.js';
+import { verifyStore } from '../gc/verify.js';
+import type { BrokerContext } from '../context.js';
+import { parse, requireAdmin } from '../http.js';
+
+const GcBody = z.object({
+  dryRun: z.boolean().default(false),
+  keepLast: z.number().int().min(1).max(100_000).default(DEFAULT_GC.keepLast),
+  keepReplicaDays: z.number().min(0).max(36_500).default(DEFAULT_GC.keepReplicaDays),
+  graceHours: z.number().min(0).max(24 * 365).default(DEFAULT_GC.graceMs / 3600_000),
+  compactThreshold: z.number().min(0.01).max(1).default(DEFAULT_GC.compactThreshold),
+}).strict();
+
+const VerifyBody = z.object({ samplePercent: z.number().gt(0).max(100).default(100) }).strict();
+
+/** Datacenter maintenance: garbage collection and scrub of the chunk store. */
+export function maintenanceRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+  app.post('/v1/admin/gc', async (req) => {
+    const actor = requireAdmin(ctx, req).sub;
+    const b = parse(GcBody, req.body);
+    try {
+      const report = await collectGarbage(ctx.meta, ctx.store, { dryRun: b.dryRun, keepLast: b.keepLast, keepReplicaDays: b.keepReplicaDays, graceMs: b.graceHours * 3600_000, compactThreshold: b.compactThreshold });
+      ctx.audit({ actor, action: b.dryRun ? 'gc-dry-run' : 'gc', outcome: 'ok', detail: `${report.snapshots.deleted.length} snapshots, ${report.blobs.swept} blobs (${report.blobs.sweptBytes} bytes) swept, ${report.packs.compacted} packs compacted, ${report.packs.dropped} dropped, ${report.reclaimedBytes} bytes reclaimed` });
+      return { report };
+    } catch (err) {
+      ctx.audit({ actor, action: 'gc', outcome: 'failed', detail: (err as Error).message.slice(0, 300) });
+      throw err;
+    }
+  });
+
+  app.post('/v1/admin/verify', async (req) => {
+    const actor = requireAdmin(ctx, req).sub;
+    const b = parse(VerifyBody, req.body);
+    const report = await verifyStore(ctx.meta, ctx.store, ctx.secrets.masterKey, { samplePercent: b.samplePercent });
+    ctx.audit({ actor, action: 'verify', outcome: report.damagedCount || report.damagedSnapshots.length ? 'failed' : 'ok', detail: `${report.chunksChecked} of ${report.chunksReferenced} chunks read, ${report.damagedCount} damaged, ${report.damagedSnapshots.length} snapshots damaged` });
+    for (const s of report.damagedSnapshots) ctx.audit({ actor, desktopId: s.desktopId, action: 'snapshot-damaged', outcome: 'failed', detail: `${s.id} (${s.kind}, ${s.createdAt}): ${s.badChunks} bad chunks${s.manifestProblem ? `; ${s.manifestProblem}` : ''}` });
+    return { report };
+  });
+}
