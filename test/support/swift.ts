@@ -28,7 +28,11 @@ export interface SwiftServer {
 export const SWIFT_PYTHON = process.env.CARRYON_SWIFT_PYTHON ?? '/usr/bin/python3';
 
 const LAUNCHER = `
-import sys
+import ctypes, os, sys
+# Die with the test process even when it is killed outright (PR_SET_PDEATHSIG = 1, SIGKILL).
+ctypes.CDLL(None, use_errno=True).prctl(1, 9)
+if sys.argv[1] == 'exec':
+    os.execvp(sys.argv[2], sys.argv[2:])
 def rings(d, ports):
     from swift.common.ring import RingBuilder
     for name, port in zip(('account', 'container', 'object'), ports):
@@ -171,7 +175,7 @@ use = egg:swift#dlo
       procs.push({ name, p, log: () => log });
     };
     // memcached refuses to run as root unless told which user to be.
-    start('memcached', 'memcached', ['-l', '127.0.0.1', '-p', String(pm), '-U', '0', '-m', '32', ...(process.getuid?.() === 0 ? ['-u', 'root'] : [])]);
+    start('memcached', SWIFT_PYTHON, [join(d, 'launch.py'), 'exec', 'memcached', '-l', '127.0.0.1', '-p', String(pm), '-U', '0', '-m', '32', ...(process.getuid?.() === 0 ? ['-u', 'root'] : [])]);
     for (const s of ['account', 'container', 'object', 'proxy']) start(s, SWIFT_PYTHON, [join(d, 'launch.py'), 'serve', d, join(d, `${s}-server.conf`), `${s}-server`]);
     const deadline = Date.now() + 30_000;
     await waitHttp(`http://127.0.0.1:${pp}/healthcheck`, deadline, procs);
