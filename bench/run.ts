@@ -2,6 +2,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { checkinSection } from './checkin.js';
+import { gcSection } from './gc.js';
 import { importSection } from './import.js';
 import { memorySection } from './memory.js';
 import { runtimeDiskSection } from './runtime-disk.js';
@@ -18,6 +19,7 @@ const sections: BenchSection[] = [
   memorySection(work, 20 * scale),
   checkinSection(work, 4 * scale, 0.04 * scale, true, ['random', 'typical']),
   checkinSection(work, 16 * scale, 0.04 * scale, false),
+  gcSection(work, 1 * scale),
 ];
 
 /** How to read the tables: method and known limits (numbers stay in the tables above). */

@@ -18,7 +18,7 @@ export function registerTransferCommands(program: Command): void {
     .requiredOption('--broker-fingerprint <sha256>', 'pinned broker certificate fingerprint')
     .requiredOption('--secret-file <file>', "the broker's transfer.secret")
     .requiredOption('--master-key-file <file>', "the broker's master.key (datacenter side only)")
-    .requiredOption('--store <dir>', 'the chunk store shared with the broker')
+    .requiredOption('--store <dir|url>', "the chunk store shared with the broker: its directory, or the broker's s3://… URL plus index=<the pack index the broker uses>")
     .option('--id <id>', 'server id', hostname())
     .option('--slots <n>', 'transfer slots', int('--slots'), 4)
     .option('--host <addr>', 'listen address', '127.0.0.1')

@@ -1,3 +1,4 @@
+import { availableParallelism } from 'node:os';
 import { DEFAULT_CHUNK_SIZE, validateChunkSize } from '../core/chunking.js';
 import type { ChunkId } from '../core/chunk-id.js';
 import { CarryonError } from '../core/errors.js';
@@ -13,13 +14,15 @@ export interface ImportOptions {
   keys: LineageKeys;
   chunkSize?: number;
   format?: ImageFormat | 'auto';
-  /** Sealing workers (default: one per core). */
+  /** Sealing workers (default: one per core, at most MAX_IMPORT_WORKERS). */
   workers?: number;
   onProgress?: (p: { bytesDone: number; bytesTotal: number }) => void;
   signal?: AbortSignal;
 }
 
 export interface ImportResult {
+  /** Sealing workers really used. */
+  workers: number;
   manifest: Manifest;
   digest: string;
   bytesRead: number;
@@ -30,6 +33,13 @@ export interface ImportResult {
 }
 
 const BATCH_BYTES = 4 * 1024 * 1024;
+/** Past this many sealing threads the main thread (stores, scheduling) becomes the limit. */
+export const MAX_IMPORT_WORKERS = 16;
+
+/** One sealing worker per core the process may use, bounded. */
+export function defaultImportWorkers(): number {
+  return Math.max(1, Math.min(MAX_IMPORT_WORKERS, availableParallelism()));
+}
 /** Make blobs durable every so often so sync work overlaps reading instead of piling up at the end. */
 const SYNC_EVERY_BYTES = 512 * 1024 * 1024;
 
@@ -50,8 +60,10 @@ export async function importImage(path: string, opts: ImportOptions): Promise<Im
     release();
     throw err;
   }
-  const pool = new SealPool(opts.keys, opts.workers);
-  const maxInFlight = Math.max(2, (opts.workers ?? 2) * 2);
+  const workers = Math.max(1, opts.workers ?? defaultImportWorkers());
+  const pool = new SealPool(opts.keys, workers);
+  // Read-ahead scales with the workers: two batches each, one being sealed and one queued.
+  const maxInFlight = Math.max(2, workers * 2);
   const chunks: (ChunkId | null)[] = [];
   const seen = new Set<ChunkId>();
   const added: ChunkId[] = [];
@@ -152,7 +164,7 @@ export async function importImage(path: string, opts: ImportOptions): Promise<Im
     await opts.store.sync();
     const digest = manifestDigest(manifest);
     await opts.store.putManifest(digest, encodeManifest(manifest));
-    return { manifest, digest, ...stats };
+    return { workers, manifest, digest, ...stats };
   } catch (err) {
     source.close();
     await Promise.allSettled(inFlight);

@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { mkdir, open, readdir, rm, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { chunkIdFromBytes, chunkIdToBytes, parseChunkId, type ChunkId } from '../core/chunk-id.js';
 import { CarryonError } from '../core/errors.js';
@@ -33,6 +34,11 @@ export interface PackStoreOptions {
   packMaxAgeMs?: number;
 }
 
+/** One pack writer per four cores (1 on a laptop), at most 4: fdatasyncs of a group commit run side by side. */
+export function defaultPackWriters(): number {
+  return Math.max(1, Math.min(4, Math.floor(availableParallelism() / 4)));
+}
+
 interface Writer {
   name: string;
   fh: FileHandle;
@@ -59,7 +65,7 @@ export class PackChunkStore implements CollectableStore {
     opts: PackStoreOptions,
   ) {
     this.manifests = new ManifestFiles(join(root, 'manifests'), join(root, 'tmp'));
-    const n = Math.max(1, Math.min(16, opts.writers ?? 1));
+    const n = Math.max(1, Math.min(16, opts.writers ?? defaultPackWriters()));
     this.writers = new Array<Writer | null>(n).fill(null);
     this.opening = new Array<Promise<void> | null>(n).fill(null);
     this.touchSlackMs = opts.touchSlackMs ?? 10 * 60_000;
