@@ -54,10 +54,10 @@ export interface CollectableStore extends ChunkStore {
   /** Stops appending to the packs this process has open, so they can be compacted. */
   sealPacks(): Promise<void>;
   packs(): Promise<PackInfo[]>;
-  /** Rewrites the live blobs of a pack into new packs, then deletes it; bytes freed. */
-  compactPack(name: string): Promise<{ moved: number; freedBytes: number }>;
+  /** Rewrites the live blobs of a pack (as listed by `packs()`) into new packs, then deletes it; bytes freed. */
+  compactPack(pack: PackInfo): Promise<{ moved: number; freedBytes: number }>;
   /** Deletes a pack that holds no live blob (crash leftovers, fully swept); bytes freed. */
-  dropPack(name: string): Promise<number>;
+  dropPack(pack: PackInfo): Promise<number>;
 }
 
 export function isCollectable(s: ChunkStore): s is CollectableStore {

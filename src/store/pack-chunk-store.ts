@@ -96,7 +96,8 @@ export class PackChunkStore implements CollectableStore {
         return await this.readRecord(id, loc);
       } catch (err) {
         // Compaction moved the blob and deleted its old pack between the lookup and the read.
-        if ((err as NodeJS.ErrnoException).code === 'ENOENT' && attempt === 0) continue;
+        const code = (err as NodeJS.ErrnoException).code;
+        if ((code === 'ENOENT' || code === 'EBADF') && attempt === 0) continue;
         throw err;
       }
     }
@@ -233,7 +234,8 @@ export class PackChunkStore implements CollectableStore {
 
   async packs(): Promise<PackInfo[]> {
     const live = new Map((await this.index.packs()).map((p) => [p.name, p.liveBytes]));
-    const own = new Set(this.writers.filter((w): w is Writer => w !== null).map((w) => w.name));
+    // This process's current packs, and packs holding blobs it has written but not published.
+    const own = new Set([...this.writers.filter((w): w is Writer => w !== null).map((w) => w.name), ...[...this.pending.values(), ...this.syncing.values()].map((l) => l.pack)]);
     const out: PackInfo[] = [];
     for (const name of (await readdir(join(this.root, 'packs'))).filter((n) => n.endsWith('.pack')).sort()) {
       const st = await stat(join(this.root, 'packs', name)).catch(() => null);
@@ -248,9 +250,17 @@ export class PackChunkStore implements CollectableStore {
     return out;
   }
 
-  async compactPack(name: string): Promise<{ moved: number; freedBytes: number }> {
-    const info = (await this.packs()).find((p) => p.name === name);
-    if (!info || info.active) return { moved: 0, freedBytes: 0 };
+  /** Whether this process may write `name` right now (a current pack, or unpublished blobs in it). */
+  private busy(name: string): boolean {
+    if (this.writers.some((w) => w?.name === name)) return true;
+    for (const l of this.pending.values()) if (l.pack === name) return true;
+    for (const l of this.syncing.values()) if (l.pack === name) return true;
+    return false;
+  }
+
+  async compactPack(info: PackInfo): Promise<{ moved: number; freedBytes: number }> {
+    const name = info.name;
+    if (info.active || this.busy(name)) return { moved: 0, freedBytes: 0 };
     const rows = await this.index.inPack(name);
     const moves: { id: ChunkId; from: Location; to: Location }[] = [];
     const writes: Promise<void>[] = [];
@@ -267,12 +277,12 @@ export class PackChunkStore implements CollectableStore {
     await Promise.all(writes);
     await this.datasync(moves.map((m) => m.to.pack));
     this.index.relocateSync(moves);
-    return { moved: moves.length, freedBytes: await this.dropPack(name) };
+    return { moved: moves.length, freedBytes: await this.dropPack(info) };
   }
 
-  async dropPack(name: string): Promise<number> {
-    const info = (await this.packs()).find((p) => p.name === name);
-    if (!info || info.active || (await this.index.inPack(name)).length > 0) return 0;
+  async dropPack(info: PackInfo): Promise<number> {
+    const name = info.name;
+    if (info.active || this.busy(name) || (await this.index.inPack(name)).length > 0) return 0;
     const handle = this.readers.get(name);
     this.readers.delete(name);
     await (await handle?.catch(() => null))?.close();

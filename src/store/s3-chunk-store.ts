@@ -348,9 +348,14 @@ export class S3ChunkStore implements CollectableStore {
     return out;
   }
 
-  async compactPack(name: string): Promise<{ moved: number; freedBytes: number }> {
-    const info = (await this.packs()).find((p) => p.name === name);
-    if (!info || info.active) return { moved: 0, freedBytes: 0 };
+  /** Whether this process still uploads or publishes `name`. */
+  private busy(name: string): boolean {
+    return this.current?.name === name || this.sealed.some((p) => p.name === name);
+  }
+
+  async compactPack(info: PackInfo): Promise<{ moved: number; freedBytes: number }> {
+    const name = info.name;
+    if (info.active || this.busy(name)) return { moved: 0, freedBytes: 0 };
     const rows = await this.index.inPack(name);
     if (rows.length) {
       const res = await this.s3.send(new this.sdk.GetObjectCommand({ Bucket: this.config.bucket, Key: this.key('packs', name) }));
@@ -364,12 +369,12 @@ export class S3ChunkStore implements CollectableStore {
       }
       await this.sync();
     }
-    return { moved: rows.length, freedBytes: await this.dropPack(name) };
+    return { moved: rows.length, freedBytes: await this.dropPack(info) };
   }
 
-  async dropPack(name: string): Promise<number> {
-    const info = (await this.packs()).find((p) => p.name === name);
-    if (!info || info.active || (await this.index.inPack(name)).length > 0) return 0;
+  async dropPack(info: PackInfo): Promise<number> {
+    const name = info.name;
+    if (info.active || this.busy(name) || (await this.index.inPack(name)).length > 0) return 0;
     await this.s3.send(new this.sdk.DeleteObjectCommand({ Bucket: this.config.bucket, Key: this.key('packs', name) }));
     return info.bytes;
   }

@@ -88,7 +88,7 @@ test('s3 store: sweep and compaction free the dead share of a pack', async () =>
   assert.ok(pack && !pack.active);
   const swept = await s.sweep(Array.from({ length: 15 }, (_, i) => id(100 + i)), Date.now() + 1);
   assert.equal(swept.blobs, 15);
-  const res = await s.compactPack(pack.name);
+  const res = await s.compactPack(pack);
   assert.equal(res.moved, 5);
   assert.equal(res.freedBytes, pack.bytes);
   const after = await s.packs();

@@ -167,3 +167,23 @@ test('pack store: a write that fails (disk full) is reported by its put and neve
     await s.close();
   });
 });
+
+test('pack store: GC never drops or compacts a pack still holding blobs this process has not published', async () => {
+  const s = await PackChunkStore.open(join(dir, 'pack-gc-pending'), { touchSlackMs: 0 });
+  await s.put(id('1'), Buffer.from('x'.repeat(1000)), { defer: true });
+  await s.sealPacks(); // GC seals first; the unpublished put still sits in that pack
+  const [pack] = await s.packs();
+  assert.equal(pack!.liveBytes, 0, 'nothing in it is published yet');
+  assert.equal(pack!.active, true);
+  assert.equal(await s.dropPack(pack!), 0);
+  assert.deepEqual(await s.compactPack(pack!), { moved: 0, freedBytes: 0 });
+  await s.sync();
+  assert.deepEqual(await s.get(id('1')), Buffer.from('x'.repeat(1000)));
+  // Published and sealed: now it can go once nothing lives in it.
+  await s.sweep([id('1')], Date.now() + 1);
+  const [after] = await s.packs();
+  assert.equal(after!.active, false);
+  assert.equal(await s.dropPack(after!), after!.bytes);
+  assert.deepEqual(await s.packs(), []);
+  await s.close();
+});

@@ -127,13 +127,13 @@ async function run(meta: SqliteMetadataStore, store: CollectableStore, opts: GcO
     if (p.active || p.bytes === 0) continue;
     const liveBytes = opts.dryRun ? Math.max(0, p.liveBytes - (deadPerPack.get(p.name) ?? 0)) : p.liveBytes;
     if (liveBytes === 0) {
-      const freed = opts.dryRun ? p.bytes : await store.dropPack(p.name);
+      const freed = opts.dryRun ? p.bytes : await store.dropPack(p);
       if (freed > 0) {
         packs.dropped++;
         packs.freedBytes += freed;
       }
     } else if ((p.bytes - liveBytes) / p.bytes >= opts.compactThreshold) {
-      const r = opts.dryRun ? { moved: 1, freedBytes: p.bytes } : await store.compactPack(p.name);
+      const r = opts.dryRun ? { moved: 1, freedBytes: p.bytes } : await store.compactPack(p);
       if (r.freedBytes > 0) {
         packs.compacted++;
         packs.freedBytes += r.freedBytes;
