@@ -2,7 +2,9 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, before, test } from 'node:test';
+import { after, before, describe, test } from 'node:test';
+import { GetObjectCommand, ListObjectsV2Command, PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
+import { startSwift, type SwiftServer } from '../support/swift.js';
 import { sealChunk } from '../../src/core/blob.js';
 import { unwrapLineageKeys, type LineageKeys } from '../../src/core/keys.js';
 import { createManifest, decodeManifest, encodeManifest, referencedChunks } from '../../src/core/manifest.js';
@@ -23,20 +25,54 @@ let ctx: BrokerContext;
 let http: Api;
 let admin: string;
 let deviceId: string;
+let swift: SwiftServer | null = null;
 
-before(async () => {
-  broker = await testBroker(undefined, { chunkStoreOptions: { touchSlackMs: 0 } });
+async function startFor(kind: 'pack' | 's3'): Promise<void> {
+  let chunkStore: string | undefined;
+  if (kind === 's3') {
+    swift = await startSwift();
+    // The broker's S3 client finds its credentials the usual way: the environment.
+    Object.assign(process.env, { AWS_ACCESS_KEY_ID: swift.accessKeyId, AWS_SECRET_ACCESS_KEY: swift.secretAccessKey, AWS_REGION: swift.region });
+    chunkStore = `s3://gc-test/dc?endpoint=${encodeURIComponent(swift.endpoint)}&create=true`;
+  }
+  broker = await testBroker(undefined, { chunkStore, chunkStoreOptions: { touchSlackMs: 0 } });
   ctx = broker.ctx;
   http = api(broker.url, broker.fingerprint);
   admin = await http.login(ADMIN.name, ADMIN.password);
   ctx.meta.createUser({ name: 'alice', passwordHash: null, role: 'user' });
   deviceId = ctx.meta.createDevice({ user: 'alice', name: 'laptop', publicKey: 'unused', host: {} });
-});
-after(async () => {
-  await http.close();
-  await broker.close();
-  cleanup(broker.dir);
-});
+}
+
+async function stop(): Promise<void> {
+  await http?.close();
+  await broker?.close();
+  if (broker) cleanup(broker.dir);
+  await swift?.stop();
+  swift = null;
+}
+
+/** Flips one byte inside the first record of every pack (a blob's ciphertext), file or object. */
+async function corruptPacks(kind: 'pack' | 's3'): Promise<void> {
+  const flip = (data: Buffer) => (data.length >= 100 ? ((data[60] = data[60]! ^ 0xff), true) : false);
+  if (kind === 'pack') {
+    const dir = join(broker.dir, 'chunks', 'packs');
+    for (const name of readdirSync(dir)) {
+      const data = readFileSync(join(dir, name));
+      if (flip(data)) writeFileSync(join(dir, name), data);
+    }
+    return;
+  }
+  const s3 = new S3Client({ endpoint: swift!.endpoint, region: swift!.region, forcePathStyle: true, requestChecksumCalculation: 'WHEN_REQUIRED', credentials: { accessKeyId: swift!.accessKeyId, secretAccessKey: swift!.secretAccessKey } });
+  try {
+    const list = await s3.send(new ListObjectsV2Command({ Bucket: 'gc-test', Prefix: 'dc/packs/' }));
+    for (const o of list.Contents ?? []) {
+      const data = Buffer.from(await (await s3.send(new GetObjectCommand({ Bucket: 'gc-test', Key: o.Key! }))).Body!.transformToByteArray());
+      if (flip(data)) await s3.send(new PutObjectCommand({ Bucket: 'gc-test', Key: o.Key!, Body: data }));
+    }
+  } finally {
+    s3.destroy();
+  }
+}
 
 async function desktop(name: string, mib = 2): Promise<{ id: string; keys: LineageKeys }> {
   const r = await http.call('POST', '/v1/admin/desktops', { name, image: makeImage(broker.dir, mib, `${name}.raw`), config: { vcpus: 1, ramMiB: 512, minRamMiB: 256 } }, admin);
@@ -90,119 +126,118 @@ test('retention keeps the last N, young replicas and pinned snapshots', () => {
   assert.deepEqual(drop.map((s) => s.id), ['import', 'r-old']);
 });
 
-test('gc: dry run changes nothing; then retention, sweep and compaction reclaim space; verify finds every kept snapshot whole', async () => {
-  const d = await desktop('twenty', 2);
-  for (let i = 0; i < 10; i++) await cycle('twenty', d.keys, { [i % 4]: 'new', [4 + (i % 2)]: 'new' });
-  const snapshots = ctx.meta.listSnapshots(d.id).length;
-  assert.equal(snapshots, 21, 'import + 10 × (checkpoint + check-in)');
-  const before = await ctx.store.stats();
+for (const kind of ['pack', 's3'] as const) {
+  describe(`gc and verify on the ${kind} store`, () => {
+    before(() => startFor(kind));
+    after(stop);
 
-  const dry = (await http.call('POST', '/v1/admin/gc', { dryRun: true, keepLast: 3, graceHours: 0 }, admin)).body.report as { snapshots: { deleted: unknown[] }; blobs: { swept: number }; reclaimedBytes: number };
-  assert.equal(dry.snapshots.deleted.length, snapshots - 3);
-  assert.ok(dry.blobs.swept > 0 && dry.reclaimedBytes > 0, JSON.stringify(dry));
-  assert.equal(ctx.meta.listSnapshots(d.id).length, snapshots, 'a dry run deletes nothing');
-  assert.deepEqual(await ctx.store.stats(), before);
+    test('gc: dry run changes nothing; then retention, sweep and compaction reclaim space; verify finds every kept snapshot whole', async () => {
+      const d = await desktop('twenty', 2);
+      for (let i = 0; i < 10; i++) await cycle('twenty', d.keys, { [i % 4]: 'new', [4 + (i % 2)]: 'new' });
+      const snapshots = ctx.meta.listSnapshots(d.id).length;
+      assert.equal(snapshots, 21, 'import + 10 × (checkpoint + check-in)');
+      const before = await ctx.store.stats();
 
-  const r = await http.call('POST', '/v1/admin/gc', { keepLast: 3, graceHours: 0, compactThreshold: 0.2 }, admin);
-  assert.equal(r.status, 200, JSON.stringify(r.body));
-  const report = r.body.report as { snapshots: { deleted: unknown[] }; blobs: { swept: number; sweptBytes: number }; packs: { compacted: number; dropped: number }; reclaimedBytes: number };
-  assert.equal(report.snapshots.deleted.length, snapshots - 3);
-  assert.equal(report.blobs.swept, dry.blobs.swept, 'the dry run predicted the sweep');
-  assert.ok(report.packs.compacted + report.packs.dropped > 0 && report.reclaimedBytes > 0, JSON.stringify(report));
-  assert.equal(ctx.meta.listSnapshots(d.id).length, 3);
-  const usage = await (ctx.store as CollectableStore).packs();
-  assert.ok(usage.every((p) => p.active || p.liveBytes >= p.bytes * 0.8), 'what stays is mostly alive');
+      const dry = (await http.call('POST', '/v1/admin/gc', { dryRun: true, keepLast: 3, graceHours: 0 }, admin)).body.report as { snapshots: { deleted: unknown[] }; blobs: { swept: number }; reclaimedBytes: number };
+      assert.equal(dry.snapshots.deleted.length, snapshots - 3);
+      assert.ok(dry.blobs.swept > 0 && dry.reclaimedBytes > 0, JSON.stringify(dry));
+      assert.equal(ctx.meta.listSnapshots(d.id).length, snapshots, 'a dry run deletes nothing');
+      assert.deepEqual(await ctx.store.stats(), before);
 
-  const v = (await http.call('POST', '/v1/admin/verify', {}, admin)).body.report as { damagedCount: number; damagedSnapshots: unknown[]; chunksChecked: number };
-  assert.equal(v.damagedCount, 0);
-  assert.deepEqual(v.damagedSnapshots, []);
-  assert.ok(v.chunksChecked > 0);
-  // Nothing left to collect: a second run sweeps nothing.
-  const again = (await http.call('POST', '/v1/admin/gc', { keepLast: 3, graceHours: 0 }, admin)).body.report as { blobs: { swept: number } };
-  assert.equal(again.blobs.swept, 0);
-});
+      const r = await http.call('POST', '/v1/admin/gc', { keepLast: 3, graceHours: 0, compactThreshold: 0.2 }, admin);
+      assert.equal(r.status, 200, JSON.stringify(r.body));
+      const report = r.body.report as { snapshots: { deleted: unknown[] }; blobs: { swept: number; sweptBytes: number }; packs: { compacted: number; dropped: number }; reclaimedBytes: number };
+      assert.equal(report.snapshots.deleted.length, snapshots - 3);
+      assert.equal(report.blobs.swept, dry.blobs.swept, 'the dry run predicted the sweep');
+      assert.ok(report.packs.compacted + report.packs.dropped > 0 && report.reclaimedBytes > 0, JSON.stringify(report));
+      assert.equal(ctx.meta.listSnapshots(d.id).length, 3);
+      const usage = await (ctx.store as CollectableStore).packs();
+      assert.ok(usage.every((p) => p.active || p.liveBytes >= p.bytes * 0.8), 'what stays is mostly alive');
 
-test('gc never deletes what a check-in in flight or a just-committed snapshot needs (GC and check-ins racing)', async () => {
-  const d = await desktop('race', 2);
-  const original = await currentChunks('race');
-  const old0 = original[0]!;
-  const old4 = original[4]!;
-  // Push the import (the only snapshot naming old0 and old4) out of keepLast = 2.
-  for (let i = 0; i < 3; i++) await cycle('race', d.keys, { 0: 'new', 4: 'new' });
-  assert.ok(!(await currentChunks('race')).includes(old0));
-  const gcNow = () => collectGarbage(ctx.meta, ctx.store, { keepLast: 2, keepReplicaDays: 0, graceMs: 0, compactThreshold: 0.01 });
+      const v = (await http.call('POST', '/v1/admin/verify', {}, admin)).body.report as { damagedCount: number; damagedSnapshots: unknown[]; chunksChecked: number };
+      assert.equal(v.damagedCount, 0);
+      assert.deepEqual(v.damagedSnapshots, []);
+      assert.ok(v.chunksChecked > 0);
+      // Nothing left to collect: a second run sweeps nothing.
+      const again = (await http.call('POST', '/v1/admin/gc', { keepLast: 3, graceHours: 0 }, admin)).body.report as { blobs: { swept: number } };
+      assert.equal(again.blobs.swept, 0);
+    });
 
-  // 0. A check-in was told old4 is present (so the laptop will not send it), then GC runs before
-  //    the commit: the check-in's recorded manifest keeps old4 alive, and the commit succeeds.
-  await cycle('race', d.keys, { 4: old4 }, async () => {
-    await new Promise((r) => setTimeout(r, 5));
-    const r = await gcNow();
-    assert.ok(r.snapshots.deleted.length > 0 && r.blobs.swept > 0);
+    test('gc never deletes what a check-in in flight or a just-committed snapshot needs (GC and check-ins racing)', async () => {
+      const d = await desktop('race', 2);
+      const original = await currentChunks('race');
+      const old0 = original[0]!;
+      const old4 = original[4]!;
+      // Push the import (the only snapshot naming old0 and old4) out of keepLast = 2.
+      for (let i = 0; i < 3; i++) await cycle('race', d.keys, { 0: 'new', 4: 'new' });
+      assert.ok(!(await currentChunks('race')).includes(old0));
+      const gcNow = () => collectGarbage(ctx.meta, ctx.store, { keepLast: 2, keepReplicaDays: 0, graceMs: 0, compactThreshold: 0.01 });
+
+      // 0. A check-in was told old4 is present (so the laptop will not send it), then GC runs before
+      //    the commit: the check-in's recorded manifest keeps old4 alive, and the commit succeeds.
+      await cycle('race', d.keys, { 4: old4 }, async () => {
+        await new Promise((r) => setTimeout(r, 5));
+        const r = await gcNow();
+        assert.ok(r.snapshots.deleted.length > 0 && r.blobs.swept > 0);
+      });
+      assert.ok((await ctx.store.get(old4)) !== null);
+
+      // 1. A check-in starts after GC has marked: it reverts chunk 0 to prev0, which no kept snapshot
+      //    names any more (deduplicated: the laptop sends nothing), and commits while GC sweeps.
+      const prev0 = (await currentChunks('race'))[0]!;
+      for (let i = 0; i < 2; i++) await cycle('race', d.keys, { 0: 'new' });
+      const store = ctx.store as CollectableStore;
+      let raced: Promise<unknown> | null = null;
+      const usage = store.usage.bind(store);
+      store.usage = async function* () {
+        raced ??= cycle('race', d.keys, { 0: prev0, 1: 'new' });
+        await raced; // the check-in asked `missing` (marking old0 used) and committed
+        yield* usage();
+      };
+      try {
+        const report = await gcNow();
+        assert.ok(report.snapshots.deleted.length > 0);
+      } finally {
+        store.usage = usage;
+      }
+      assert.ok((await ctx.store.get(prev0)) !== null, 'the blob the racing check-in deduplicated against survived');
+
+      // 2. Free-running: check-ins (each deduplicating against an unreferenced old blob) and GC runs at once.
+      const pastBlobs = new Set<string>();
+      for (const s of ctx.meta.listSnapshots(d.id)) for (const id of referencedChunks(decodeManifest((await ctx.store.getManifest(s.disks[0]!.digest))!))) pastBlobs.add(id);
+      for (const id of pastBlobs) laptop.set(id, (await ctx.store.get(id))!);
+      const gcs = (async () => {
+        for (let i = 0; i < 6; i++) await collectGarbage(ctx.meta, ctx.store, { keepLast: 1, keepReplicaDays: 0, graceMs: 0, compactThreshold: 0.01 });
+      })();
+      const checkins = (async () => {
+        const old = [...pastBlobs];
+        for (let i = 0; i < 6; i++) await cycle('race', d.keys, { 2: old[i % old.length]!, 3: 'new' });
+      })();
+      await Promise.all([gcs, checkins]);
+
+      // 3. A check-out in flight: its checkpoint is pinned and every chunk stays readable.
+      const co = await checkOut(ctx, 'alice', 'race', { deviceId, host: HOST });
+      await collectGarbage(ctx.meta, ctx.store, { keepLast: 1, keepReplicaDays: 0, graceMs: 0, compactThreshold: 0.01 });
+      for (const id of referencedChunks(decodeManifest(Buffer.from(co.disks[0]!.manifest, 'base64')))) assert.ok(await ctx.store.get(id), `chunk ${id} of the check-out in flight is readable`);
+      markTransferred(ctx, 'alice', co.checkout.id);
+
+      const v = await verifyStore(ctx.meta, ctx.store, ctx.secrets.masterKey);
+      assert.equal(v.damagedCount, 0, JSON.stringify(v.damaged.slice(0, 3)));
+      assert.deepEqual(v.damagedSnapshots, []);
+    });
+
+    test('verify reports a damaged blob and the snapshots it breaks; --sample reads a share', async () => {
+      await desktop('scrub', 2);
+      const sample = (await http.call('POST', '/v1/admin/verify', { samplePercent: 10 }, admin)).body.report as { chunksChecked: number; chunksReferenced: number };
+      assert.ok(sample.chunksChecked < sample.chunksReferenced && sample.chunksChecked >= 1);
+      await corruptPacks(kind);
+      const r = await http.call('POST', '/v1/admin/verify', {}, admin);
+      const report = r.body.report as { damagedCount: number; damaged: { problem: string }[]; damagedSnapshots: { desktop: string; badChunks: number }[] };
+      assert.ok(report.damagedCount >= 1);
+      assert.equal(report.damaged[0]!.problem, 'corrupt');
+      assert.ok(report.damagedSnapshots.length >= 1 && report.damagedSnapshots.every((s) => s.badChunks >= 1));
+      const events = (await http.call('GET', '/v1/admin/events?limit=10000', undefined, admin)).body.events as { action: string }[];
+      assert.ok(events.some((e) => e.action === 'snapshot-damaged'));
+    });
   });
-  assert.ok((await ctx.store.get(old4)) !== null);
-
-  // 1. A check-in starts after GC has marked: it reverts chunk 0 to prev0, which no kept snapshot
-  //    names any more (deduplicated: the laptop sends nothing), and commits while GC sweeps.
-  const prev0 = (await currentChunks('race'))[0]!;
-  for (let i = 0; i < 2; i++) await cycle('race', d.keys, { 0: 'new' });
-  const store = ctx.store as CollectableStore;
-  let raced: Promise<unknown> | null = null;
-  const usage = store.usage.bind(store);
-  store.usage = async function* () {
-    raced ??= cycle('race', d.keys, { 0: prev0, 1: 'new' });
-    await raced; // the check-in asked `missing` (marking old0 used) and committed
-    yield* usage();
-  };
-  try {
-    const report = await gcNow();
-    assert.ok(report.snapshots.deleted.length > 0);
-  } finally {
-    store.usage = usage;
-  }
-  assert.ok((await ctx.store.get(prev0)) !== null, 'the blob the racing check-in deduplicated against survived');
-
-  // 2. Free-running: check-ins (each deduplicating against an unreferenced old blob) and GC runs at once.
-  const pastBlobs = new Set<string>();
-  for (const s of ctx.meta.listSnapshots(d.id)) for (const id of referencedChunks(decodeManifest((await ctx.store.getManifest(s.disks[0]!.digest))!))) pastBlobs.add(id);
-  for (const id of pastBlobs) laptop.set(id, (await ctx.store.get(id))!);
-  const gcs = (async () => {
-    for (let i = 0; i < 6; i++) await collectGarbage(ctx.meta, ctx.store, { keepLast: 1, keepReplicaDays: 0, graceMs: 0, compactThreshold: 0.01 });
-  })();
-  const checkins = (async () => {
-    const old = [...pastBlobs];
-    for (let i = 0; i < 6; i++) await cycle('race', d.keys, { 2: old[i % old.length]!, 3: 'new' });
-  })();
-  await Promise.all([gcs, checkins]);
-
-  // 3. A check-out in flight: its checkpoint is pinned and every chunk stays readable.
-  const co = await checkOut(ctx, 'alice', 'race', { deviceId, host: HOST });
-  await collectGarbage(ctx.meta, ctx.store, { keepLast: 1, keepReplicaDays: 0, graceMs: 0, compactThreshold: 0.01 });
-  for (const id of referencedChunks(decodeManifest(Buffer.from(co.disks[0]!.manifest, 'base64')))) assert.ok(await ctx.store.get(id), `chunk ${id} of the check-out in flight is readable`);
-  markTransferred(ctx, 'alice', co.checkout.id);
-
-  const v = await verifyStore(ctx.meta, ctx.store, ctx.secrets.masterKey);
-  assert.equal(v.damagedCount, 0, JSON.stringify(v.damaged.slice(0, 3)));
-  assert.deepEqual(v.damagedSnapshots, []);
-});
-
-test('verify reports a damaged blob and the snapshots it breaks; --sample reads a share', async () => {
-  await desktop('scrub', 2);
-  const dir = join(broker.dir, 'chunks', 'packs');
-  const sample = (await http.call('POST', '/v1/admin/verify', { samplePercent: 10 }, admin)).body.report as { chunksChecked: number; chunksReferenced: number };
-  assert.ok(sample.chunksChecked < sample.chunksReferenced && sample.chunksChecked >= 1);
-  // Flip one byte inside the first record of every pack (a blob's ciphertext).
-  for (const name of readdirSync(dir)) {
-    const path = join(dir, name);
-    const data = readFileSync(path);
-    if (data.length < 100) continue;
-    data[60] = data[60]! ^ 0xff;
-    writeFileSync(path, data);
-  }
-  const r = await http.call('POST', '/v1/admin/verify', {}, admin);
-  const report = r.body.report as { damagedCount: number; damaged: { problem: string }[]; damagedSnapshots: { desktop: string; badChunks: number }[] };
-  assert.ok(report.damagedCount >= 1);
-  assert.equal(report.damaged[0]!.problem, 'corrupt');
-  assert.ok(report.damagedSnapshots.length >= 1 && report.damagedSnapshots.every((s) => s.badChunks >= 1));
-  const events = (await http.call('GET', '/v1/admin/events?limit=10000', undefined, admin)).body.events as { action: string }[];
-  assert.ok(events.some((e) => e.action === 'snapshot-damaged'));
-});
+}
