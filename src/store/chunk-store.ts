@@ -9,6 +9,8 @@ export interface ChunkStore {
   has(id: ChunkId): Promise<boolean>;
   /** The blob exactly as stored, or null when absent. */
   get(id: ChunkId): Promise<Buffer | null>;
+  /** Several blobs at once, in input order (an object store merges neighbours into one request). */
+  getMany?(ids: readonly ChunkId[]): Promise<(Buffer | null)[]>;
   /**
    * Stores a blob; idempotent (a second put of the same ID is a no-op returning false).
    * With `defer`, the blob becomes visible and durable only at the next `sync()` (group commit).
@@ -27,6 +29,11 @@ export interface ChunkStore {
   /** Total bytes and count of stored blobs (statistics, not hot path). */
   stats(): Promise<{ chunks: number; bytes: number }>;
   close(): Promise<void>;
+}
+
+/** Several blobs in input order: the store's own `getMany`, else parallel `get`s. */
+export function getBlobs(store: ChunkStore, ids: readonly ChunkId[]): Promise<(Buffer | null)[]> {
+  return store.getMany ? store.getMany(ids) : Promise.all(ids.map((id) => store.get(id)));
 }
 
 /** A pack file or object: its size and what the index says is still alive in it. */

@@ -9,7 +9,7 @@ import { CarryonError } from '../core/errors.js';
 import { TicketError, verifyTicket, type TicketPayload } from '../core/ticket.js';
 import { mapError, parseOrInvalid } from '../net/http-errors.js';
 import { loadOrCreateTls } from '../net/tls-cert.js';
-import type { ChunkStore } from '../store/chunk-store.js';
+import { getBlobs, type ChunkStore } from '../store/chunk-store.js';
 import { blobFrame, endFrame, errorFrame, FRAME_BLOB, FRAME_DELTA, FrameDecoder, type Frame } from './frames.js';
 import { JobScopes, type JobSummary } from './scopes.js';
 
@@ -51,6 +51,9 @@ export interface TransferServer {
   retained(): { scopes: number; revoked: number; pendingSummaries: number; checkoutSets: number; jobCounters: number; streams: number };
   close(): Promise<void>;
 }
+
+/** Blobs a fetch reads ahead of what it sends (≤ 8 MiB of 256 KiB chunks). */
+const FETCH_WINDOW = 32;
 
 const IdList = (max: number) => z.object({ ids: z.array(z.string().refine(isChunkId, 'not a chunk ID')).max(max) }).strict();
 
@@ -127,14 +130,32 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
     const out = new PassThrough();
     void (async () => {
       try {
+        // Windows of blobs read ahead while the previous one is sent (an object store answers a
+        // window with a few ranged GETs instead of one request per blob).
+        const allowed = ids.filter((id) => scope.allowed.has(id));
+        const windows: ChunkId[][] = [];
+        for (let i = 0; i < allowed.length; i += FETCH_WINDOW) windows.push(allowed.slice(i, i + FETCH_WINDOW));
+        const blobs = new Map<ChunkId, Buffer | null | Error>();
+        // A store that cannot read one blob (truncated pack, bad index) fails that chunk with its
+        // reason; the stream and the other chunks go on (the client may try elsewhere).
+        const one = (id: ChunkId) => opts.store.get(id).catch((err: Error) => new Error(`transfer server store error: ${err.message}`));
+        const read = (w: number): Promise<(Buffer | null | Error)[]> =>
+          w < windows.length ? getBlobs(opts.store, windows[w]!).catch(() => Promise.all(windows[w]!.map(one))) : Promise.resolve([]);
+        let ahead = read(0);
+        let w = 0;
         for (const id of ids) {
           if (out.destroyed) break;
           let frame: Buffer;
           if (!scope.allowed.has(id)) frame = errorFrame(id, 'not referenced by the ticket');
           else {
-            // A store that cannot read one blob (truncated pack, bad index) fails that chunk with
-            // its reason; the stream and the other chunks go on (the client may try elsewhere).
-            const blob = await opts.store.get(id).catch((err: Error) => new Error(`transfer server store error: ${err.message}`));
+            // The window holding this id's position is at most a few ahead (duplicates may skip some).
+            while (!blobs.has(id) && w < windows.length) {
+              blobs.clear();
+              const got = await ahead;
+              windows[w]!.forEach((x, i) => blobs.set(x, got[i] ?? null));
+              ahead = read(++w);
+            }
+            const blob = blobs.get(id) ?? null;
             if (!blob) frame = errorFrame(id, 'not in store');
             else if (blob instanceof Error) frame = errorFrame(id, blob.message);
             else {
@@ -146,6 +167,7 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
           js.bytesOut += frame.length;
           if (!out.write(frame)) await new Promise((r) => out.once('drain', r));
         }
+        ahead.catch(() => undefined);
         out.end(endFrame());
       } catch (err) {
         out.destroy(err as Error);

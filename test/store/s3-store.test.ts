@@ -98,3 +98,27 @@ test('s3 store: sweep and compaction free the dead share of a pack', async () =>
   assert.equal(await s.get(id(100)), null);
   await s.close();
 });
+
+test('s3 store: getMany answers neighbours in one ranged GET and agrees with get', async () => {
+  const seen: string[] = [];
+  const proxy = await flakyProxy(swift.endpoint, (req) => (seen.push(`${req.method} ${req.headers.range ?? ''}`), 'ok'));
+  try {
+    const s = await openSwiftStore(swift, join(dir, 'many'), 'many', '', { endpoint: proxy.url });
+    const blobs = Array.from({ length: 40 }, () => randomBytes(100 * 1024));
+    await Promise.all(blobs.map((b, i) => s.put(id(500 + i), b, { defer: true })));
+    await s.sync();
+    await s.put(id(999), Buffer.from('pending'), { defer: true });
+    seen.length = 0;
+    const ids = [id(539), ...Array.from({ length: 32 }, (_, i) => id(500 + i)), id(998), id(999), id(510)];
+    const got = await s.getMany(ids);
+    assert.equal(seen.filter((l) => l.startsWith('GET')).length, 2, 'one request for 32 neighbours (and the repeat), one for the distant blob');
+    assert.deepEqual(got[0], blobs[39]);
+    for (let i = 0; i < 32; i++) assert.deepEqual(got[1 + i], blobs[i]);
+    assert.equal(got[33], null, 'absent');
+    assert.deepEqual(got[34], Buffer.from('pending'), 'not yet published: from memory');
+    assert.deepEqual(got[35], blobs[10], 'a repeat');
+    await s.close();
+  } finally {
+    await proxy.close();
+  }
+});

@@ -16,6 +16,7 @@ import { pinnedAgent } from '../../src/net/pinned-agent.js';
 import { FsChunkStore } from '../../src/store/fs-chunk-store.js';
 import { openSqlite } from '../../src/store/sqlite.js';
 import { downloadChunks, TransferSession, uploadChunks, type TransferEndpoint } from '../../src/transfer/client.js';
+import { FRAME_BLOB, FRAME_END, FRAME_ERROR, FrameDecoder } from '../../src/transfer/frames.js';
 import { startTransferServer, type TransferServer } from '../../src/transfer/server.js';
 import { RemoteCheckpoint } from '../../src/disk/remote-checkpoint.js';
 import { makeDesktopStore, wrapped } from './helpers.js';
@@ -214,4 +215,25 @@ test('remote checkpoint (boot while in flight): tampered blobs are refused and r
   const idle = new RemoteCheckpoint({ manifest: holey, keys, session: new TransferSession({ url: 'https://127.0.0.1:1', fingerprint: s.fingerprint, ticket: t, maxStreams: 1 }), log: () => undefined });
   assert.ok((await idle.read(0, holey.diskSize)).equals(Buffer.alloc(holey.diskSize)), 'holes read as zeros without the network');
   await idle.close();
+});
+
+test('fetch answers every requested id in order, across read-ahead windows, with repeats and refusals', async () => {
+  const s = await server('ts-order', 1);
+  const ticket = signTicket({ v: 1, jobId: 'jo', desktopId: 'd', checkoutId: 'c', direction: 'download', manifests: [desk.digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 1, expiresAt: new Date(Date.now() + 600_000).toISOString() }, broker.privateKey);
+  const asked = [...ids, ids[0]!, ids[35]!, 'e'.repeat(64), ...ids.slice(0, 5), ids[39]!];
+  const agent = pinnedAgent(s.fingerprint);
+  const res = await request(`${s.url}/v1/chunks/fetch`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${ticket}`, 'content-type': 'application/json' }, body: JSON.stringify({ ids: asked }) });
+  const decoder = new FrameDecoder();
+  const frames = [];
+  for await (const piece of res.body) frames.push(...decoder.push(piece as Buffer));
+  await agent.close();
+  const answers = frames.filter((f) => f.type !== FRAME_END);
+  assert.deepEqual(answers.map((f) => f.id), asked);
+  for (const f of answers) {
+    if (f.id === 'e'.repeat(64)) assert.equal(f.type, FRAME_ERROR);
+    else {
+      assert.equal(f.type, FRAME_BLOB);
+      if (f.type === FRAME_BLOB) openBlob(keys, f.id, f.payload);
+    }
+  }
 });
