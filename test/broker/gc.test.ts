@@ -52,8 +52,8 @@ async function stop(): Promise<void> {
 }
 
 /** Flips one byte inside the first record of every pack (a blob's ciphertext), file or object. */
-async function corruptPacks(kind: 'pack' | 's3'): Promise<void> {
-  const flip = (data: Buffer) => (data.length >= 100 ? ((data[60] = data[60]! ^ 0xff), true) : false);
+async function corruptPacks(kind: 'pack' | 's3', at = 60): Promise<void> {
+  const flip = (data: Buffer) => (data.length >= 100 ? ((data[at] = data[at]! ^ 0xff), true) : false);
   if (kind === 'pack') {
     const dir = join(broker.dir, 'chunks', 'packs');
     for (const name of readdirSync(dir)) {
@@ -238,6 +238,10 @@ for (const kind of ['pack', 's3'] as const) {
       assert.ok(report.damagedSnapshots.length >= 1 && report.damagedSnapshots.every((s) => s.badChunks >= 1));
       const events = (await http.call('GET', '/v1/admin/events?limit=10000', undefined, admin)).body.events as { action: string }[];
       assert.ok(events.some((e) => e.action === 'snapshot-damaged'));
+      // A record whose header no longer matches the index (byte 5 is inside its ID) is damage too.
+      await corruptPacks(kind, 5);
+      const again = (await http.call('POST', '/v1/admin/verify', {}, admin)).body.report as { damaged: { problem: string; detail: string }[] };
+      assert.ok(again.damaged.some((d) => d.problem === 'corrupt' && /does not hold chunk/.test(d.detail)), JSON.stringify(again.damaged));
     });
   });
 }

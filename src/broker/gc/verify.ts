@@ -3,13 +3,16 @@ import { openBlob } from '../../core/blob.js';
 import type { ChunkId } from '../../core/chunk-id.js';
 import { unwrapLineageKeys, type LineageKeys } from '../../core/keys.js';
 import { decodeManifest, referencedChunks } from '../../core/manifest.js';
-import type { ChunkStore } from '../../store/chunk-store.js';
+import { getBlobs, type ChunkStore } from '../../store/chunk-store.js';
 import type { SqliteMetadataStore } from '../../store/metadata.js';
+
+/** Blobs read per request (an object store merges neighbours into one ranged GET). */
+const WINDOW = 32;
 
 export interface VerifyOptions {
   /** Share of the referenced chunks to read, in percent (100: all). */
   samplePercent: number;
-  /** Reads in flight (an object store wants several). */
+  /** Windows of blobs being read at once. */
   concurrency: number;
 }
 
@@ -35,7 +38,7 @@ export interface VerifyReport {
  * Blobs no snapshot references are not read: garbage collection removes them.
  */
 export async function verifyStore(meta: SqliteMetadataStore, store: ChunkStore, masterKey: Buffer, given: Partial<VerifyOptions> = {}): Promise<VerifyReport> {
-  const opts: VerifyOptions = { samplePercent: 100, concurrency: 8, ...given };
+  const opts: VerifyOptions = { samplePercent: 100, concurrency: 4, ...given };
   const t0 = Date.now();
   const snapshots = meta.transaction(() => meta.listDesktops().flatMap((d) => meta.listSnapshots(d.id).map((s) => ({ s, d }))));
   const keysOf = new Map<string, LineageKeys>();
@@ -77,35 +80,47 @@ export async function verifyStore(meta: SqliteMetadataStore, store: ChunkStore, 
   let toCheck = [...chunkKeys.keys()];
   if (opts.samplePercent < 100) {
     const n = Math.min(toCheck.length, Math.max(1, Math.ceil((toCheck.length * opts.samplePercent) / 100)));
-    for (let i = 0; i < n; i++) {
-      const j = i + randomInt(toCheck.length - i);
-      [toCheck[i], toCheck[j]] = [toCheck[j]!, toCheck[i]!];
-    }
-    toCheck = toCheck.slice(0, n);
+    const picked = new Set<number>();
+    while (picked.size < n) picked.add(randomInt(toCheck.length));
+    // Keep disk order: neighbours in a pack are read together.
+    toCheck = [...picked].sort((a, b) => a - b).map((i) => toCheck[i]!);
   }
   const bad = new Map<ChunkId, { problem: 'missing' | 'corrupt'; detail: string }>();
   let bytesChecked = 0;
+  const check = (id: ChunkId, blob: Buffer | null) => {
+    if (!blob) return void bad.set(id, { problem: 'missing', detail: 'not in the store' });
+    bytesChecked += blob.length;
+    try {
+      openBlob(chunkKeys.get(id)!, id, blob);
+    } catch (err) {
+      bad.set(id, { problem: 'corrupt', detail: (err as Error).message });
+    }
+  };
+  const windows: ChunkId[][] = [];
+  for (let i = 0; i < toCheck.length; i += WINDOW) windows.push(toCheck.slice(i, i + WINDOW));
   let next = 0;
-  await Promise.all(Array.from({ length: Math.max(1, Math.min(opts.concurrency, toCheck.length)) }, async () => {
-    while (next < toCheck.length) {
-      const id = toCheck[next++]!;
-      let blob: Buffer | null;
+  await Promise.all(Array.from({ length: Math.max(1, Math.min(opts.concurrency, windows.length)) }, async () => {
+    while (next < windows.length) {
+      const ids = windows[next++]!;
+      /** undefined: unreadable, already reported. */
+      let blobs: (Buffer | null | undefined)[];
       try {
-        blob = await store.get(id);
-      } catch (err) {
-        bad.set(id, { problem: 'corrupt', detail: (err as Error).message });
-        continue;
+        blobs = await getBlobs(store, ids);
+      } catch {
+        // One unreadable record fails the whole window: read it blob by blob to find which.
+        blobs = [];
+        for (const id of ids) {
+          try {
+            blobs.push(await store.get(id));
+          } catch (err) {
+            bad.set(id, { problem: 'corrupt', detail: (err as Error).message });
+            blobs.push(undefined);
+          }
+        }
       }
-      if (!blob) {
-        bad.set(id, { problem: 'missing', detail: 'not in the store' });
-        continue;
-      }
-      bytesChecked += blob.length;
-      try {
-        openBlob(chunkKeys.get(id)!, id, blob);
-      } catch (err) {
-        bad.set(id, { problem: 'corrupt', detail: (err as Error).message });
-      }
+      ids.forEach((id, i) => {
+        if (blobs[i] !== undefined) check(id, blobs[i]);
+      });
     }
   }));
 
