@@ -34,6 +34,18 @@ interface OpenPack {
   size: number;
   entries: Entry[];
   upload: Promise<void> | null;
+  /** The object is durable (its blobs await only the index commit). */
+  uploaded: boolean;
+}
+
+/**
+ * A blob written here and not yet published: its record in memory until its pack is uploaded,
+ * then (memory released) read back from the uploaded object.
+ */
+interface Pending {
+  pack: OpenPack;
+  entry: Entry;
+  record: Buffer | null;
 }
 
 export interface S3StoreOptions {
@@ -63,7 +75,7 @@ function isNotFound(err: unknown): boolean {
  * next `sync()`.
  */
 export class S3ChunkStore implements CollectableStore {
-  private readonly pending = new Map<ChunkId, { pack: OpenPack; entry: Entry; record: Buffer }>();
+  private readonly pending = new Map<ChunkId, Pending>();
   private current: OpenPack | null = null;
   /** Sealed packs (uploading or uploaded) whose blobs are not published yet. */
   private sealed: OpenPack[] = [];
@@ -123,7 +135,8 @@ export class S3ChunkStore implements CollectableStore {
   async get(id: ChunkId): Promise<Buffer | null> {
     parseChunkId(id);
     const p = this.pending.get(id);
-    if (p) return Buffer.from(p.record.subarray(RECORD_HEAD));
+    if (p?.record) return Buffer.from(p.record.subarray(RECORD_HEAD));
+    if (p) return this.readRecord(id, this.where(p));
     for (let attempt = 0; ; attempt++) {
       const loc = await this.index.get(id);
       if (!loc) return null;
@@ -147,9 +160,9 @@ export class S3ChunkStore implements CollectableStore {
     for (const [i, id] of ids.entries()) {
       parseChunkId(id);
       const p = this.pending.get(id);
-      if (p) out[i] = Buffer.from(p.record.subarray(RECORD_HEAD));
+      if (p?.record) out[i] = Buffer.from(p.record.subarray(RECORD_HEAD));
       else {
-        const loc = await this.index.get(id);
+        const loc = p ? this.where(p) : await this.index.get(id);
         if (loc) wanted.push({ i, id, loc });
       }
     }
@@ -189,6 +202,10 @@ export class S3ChunkStore implements CollectableStore {
     return out;
   }
 
+  private where(p: Pending): Location {
+    return { pack: p.pack.name, offset: p.entry.offset, length: p.entry.length };
+  }
+
   private async readRecord(id: ChunkId, loc: Location): Promise<Buffer> {
     const res = await this.s3.send(new this.sdk.GetObjectCommand({
       Bucket: this.config.bucket, Key: this.key('packs', loc.pack), Range: `bytes=${loc.offset}-${loc.offset + RECORD_HEAD + loc.length - 1}`,
@@ -219,7 +236,7 @@ export class S3ChunkStore implements CollectableStore {
   private append(record: Buffer, e: Omit<Entry, 'offset'>): { pack: OpenPack; entry: Entry } {
     if (!this.current) {
       const createdAt = Date.now();
-      this.current = { name: `${createdAt.toString(36)}-${process.pid}-${randomBytes(4).toString('hex')}.pack`, createdAt, parts: [], size: 0, entries: [], upload: null };
+      this.current = { name: `${createdAt.toString(36)}-${process.pid}-${randomBytes(4).toString('hex')}.pack`, createdAt, parts: [], size: 0, entries: [], upload: null, uploaded: false };
     }
     const pack = this.current;
     const entry: Entry = { ...e, offset: pack.size };
@@ -240,21 +257,37 @@ export class S3ChunkStore implements CollectableStore {
   }
 
   private startUpload(pack: OpenPack): void {
-    pack.upload = this.upload(pack);
+    pack.upload = this.upload(pack).then(() => {
+      // Durable: release the memory; unpublished blobs are read back from the object.
+      pack.uploaded = true;
+      pack.parts = [];
+      for (const e of pack.entries) {
+        const p = this.pending.get(e.id);
+        if (p?.pack === pack) p.record = null;
+      }
+    });
     pack.upload.catch(() => undefined); // reported by the sync that publishes it
   }
 
+  /** `put` waits while more than MAX_UPLOADS packs are on their way (memory stays bounded). */
   private async backpressure(): Promise<void> {
     for (;;) {
-      const uploading = this.sealed.filter((p) => p.upload);
+      const uploading = this.sealed.filter((p) => p.upload && !p.uploaded);
       if (uploading.length <= MAX_UPLOADS) return;
       await Promise.race(uploading.map((p) => p.upload!.catch(() => undefined)));
-      if (this.sealed.filter((p) => p.upload).length >= uploading.length) return; // failed ones wait for sync
+      if (this.sealed.filter((p) => p.upload && !p.uploaded).length >= uploading.length) return; // failed ones wait for sync
     }
   }
 
   private async upload(pack: OpenPack): Promise<void> {
     const body = pack.parts.length === 1 ? pack.parts[0]! : Buffer.concat(pack.parts, pack.size);
+    if (pack.parts.length > 1) {
+      // One copy in memory: pending blobs now point into the pack's body.
+      for (const e of pack.entries) {
+        const p = this.pending.get(e.id);
+        if (p?.pack === pack && p.record) p.record = body.subarray(e.offset, e.offset + RECORD_HEAD + e.length);
+      }
+    }
     pack.parts = [body];
     const Bucket = this.config.bucket;
     const Key = this.key('packs', pack.name);
