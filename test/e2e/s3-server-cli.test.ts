@@ -53,7 +53,7 @@ test('carryon server --chunk-store s3://… imports into Swift; admin gc --dry-r
   assert.match(created.stdout, /desktop win .*8 chunks stored/);
   const dry = await carryon(['admin', 'gc', '--dry-run', '--grace-hours', '0']);
   assert.match(dry.stdout, /dry run: nothing changed/);
-  assert.match(dry.stdout, /snapshots: 1 kept, 0 would delete/);
+  assert.match(dry.stdout, /snapshots: 1 kept, 0 to delete/);
   assert.match(dry.stdout, /8 referenced/);
   const gc = await carryon(['admin', 'gc', '--grace-hours', '0', '--json']);
   const report = JSON.parse(gc.stdout) as { blobs: { referenced: number; swept: number } };
