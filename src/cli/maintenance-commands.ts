@@ -28,11 +28,12 @@ export function registerMaintenanceCommands(program: Command): void {
       await withAdmin(cmd, async (b, g) => {
         const { report } = await b.call('POST', '/v1/admin/gc', { dryRun: Boolean(o.dryRun), keepLast: o.keepLast, keepReplicaDays: o.keepReplicaDays, graceHours: o.graceHours, compactThreshold: o.compactThreshold }, z.object({ report: Report }));
         printJsonOr(Boolean(g.json), report, () => {
-          const r = report as { dryRun: boolean; seconds: number; cutoff: string; snapshots: { kept: number; deleted: Json[] }; blobs: Json & { sweptBytes: number }; packs: Json & { freedBytes: number }; reclaimedBytes: number };
+          const r = report as { dryRun: boolean; seconds: number; cutoff: string; snapshots: { kept: number; deleted: Json[] }; blobs: Json & { sweptBytes: number }; packs: Json & { freedBytes: number }; manifests?: { total: number; deleted: number }; reclaimedBytes: number };
           const verb = r.dryRun ? 'to delete' : 'deleted';
           process.stdout.write(`${r.dryRun ? 'dry run: nothing changed\n' : ''}snapshots: ${r.snapshots.kept} kept, ${r.snapshots.deleted.length} ${verb}\n`);
           if (r.snapshots.deleted.length) table(r.snapshots.deleted, ['id', 'desktopId', 'kind', 'createdAt']);
           process.stdout.write(`blobs: ${String(r.blobs.total)} total, ${String(r.blobs.referenced)} referenced, ${String(r.blobs.spared)} spared (used since ${r.cutoff}, the grace period), ${String(r.blobs.swept)} ${r.dryRun ? 'to sweep' : 'swept'} (${formatBytes(r.blobs.sweptBytes)})\n`);
+          if (r.manifests) process.stdout.write(`manifests: ${r.manifests.total} total, ${r.manifests.deleted} ${r.dryRun ? 'to delete' : 'deleted'}\n`);
           process.stdout.write(`packs: ${String(r.packs.total)} total, ${String(r.packs.compacted)} ${r.dryRun ? 'to compact' : 'compacted'}, ${String(r.packs.dropped)} ${r.dryRun ? 'to delete' : 'deleted'}; ${formatBytes(Math.max(0, r.reclaimedBytes))} ${r.dryRun ? 'reclaimable' : 'reclaimed'} in ${r.seconds.toFixed(1)} s\n`);
         });
       });

@@ -65,6 +65,9 @@ export interface CollectableStore extends ChunkStore {
   compactPack(pack: PackInfo): Promise<{ moved: number; freedBytes: number }>;
   /** Deletes a pack that holds no live blob (crash leftovers, fully swept); bytes freed. */
   dropPack(pack: PackInfo): Promise<number>;
+  /** Every stored manifest with its last modification (ms). */
+  manifests(): AsyncIterable<{ digest: string; modifiedAt: number }>;
+  deleteManifest(digest: string): Promise<void>;
 }
 
 export function isCollectable(s: ChunkStore): s is CollectableStore {

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { readFile, rename } from 'node:fs/promises';
+import { readdir, readFile, rename, rm, stat, utimes } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ValidationError } from '../core/errors.js';
 import { exists, writeWhole } from './files.js';
@@ -20,10 +20,28 @@ export class ManifestFiles {
 
   async put(digest: string, encoded: Uint8Array): Promise<void> {
     const path = this.path(digest);
-    if (await exists(path)) return;
+    if (await exists(path)) {
+      // Stored again (a disk back in an earlier state): used now, as garbage collection sees it.
+      const now = new Date();
+      await utimes(path, now, now).catch(() => undefined);
+      return;
+    }
     const tmp = join(this.tmpDir, `m-${digest}.${randomBytes(6).toString('hex')}`);
     await writeWhole(tmp, encoded, true);
     await rename(tmp, path);
+  }
+
+  /** Every stored manifest with its modification time (ms). */
+  async *list(): AsyncIterable<{ digest: string; modifiedAt: number }> {
+    for (const name of (await readdir(this.dir)).sort()) {
+      if (!DIGEST_RE.test(name)) continue;
+      const st = await stat(join(this.dir, name)).catch(() => null);
+      if (st) yield { digest: name, modifiedAt: st.mtimeMs };
+    }
+  }
+
+  async delete(digest: string): Promise<void> {
+    await rm(this.path(digest), { force: true });
   }
 
   async get(digest: string): Promise<Buffer | null> {

@@ -55,7 +55,7 @@ export class PackChunkStore implements CollectableStore {
   private readonly opening: (Promise<void> | null)[];
   private nextWriter = 0;
   private readonly readers = new Map<string, Promise<FileHandle>>();
-  private readonly manifests: ManifestFiles;
+  private readonly manifestFiles: ManifestFiles;
   readonly touchSlackMs: number;
   private readonly packMaxAgeMs: number;
 
@@ -64,7 +64,7 @@ export class PackChunkStore implements CollectableStore {
     private readonly index: SqlitePackIndex,
     opts: PackStoreOptions,
   ) {
-    this.manifests = new ManifestFiles(join(root, 'manifests'), join(root, 'tmp'));
+    this.manifestFiles = new ManifestFiles(join(root, 'manifests'), join(root, 'tmp'));
     const n = Math.max(1, Math.min(16, opts.writers ?? defaultPackWriters()));
     this.writers = new Array<Writer | null>(n).fill(null);
     this.opening = new Array<Promise<void> | null>(n).fill(null);
@@ -195,11 +195,19 @@ export class PackChunkStore implements CollectableStore {
   }
 
   putManifest(digest: string, encoded: Uint8Array): Promise<void> {
-    return this.manifests.put(digest, encoded);
+    return this.manifestFiles.put(digest, encoded);
   }
 
   getManifest(digest: string): Promise<Buffer | null> {
-    return this.manifests.get(digest);
+    return this.manifestFiles.get(digest);
+  }
+
+  manifests(): AsyncIterable<{ digest: string; modifiedAt: number }> {
+    return this.manifestFiles.list();
+  }
+
+  deleteManifest(digest: string): Promise<void> {
+    return this.manifestFiles.delete(digest);
   }
 
   async stats(): Promise<{ chunks: number; bytes: number }> {

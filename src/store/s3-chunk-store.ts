@@ -390,6 +390,23 @@ export class S3ChunkStore implements CollectableStore {
     }
   }
 
+  async *manifests(): AsyncIterable<{ digest: string; modifiedAt: number }> {
+    const prefix = this.key('manifests', '');
+    let token: string | undefined;
+    do {
+      const res = await this.s3.send(new this.sdk.ListObjectsV2Command({ Bucket: this.config.bucket, Prefix: prefix, ContinuationToken: token }));
+      for (const o of res.Contents ?? []) {
+        const digest = o.Key!.slice(prefix.length);
+        if (DIGEST_RE.test(digest)) yield { digest, modifiedAt: o.LastModified?.getTime() ?? 0 };
+      }
+      token = res.IsTruncated ? res.NextContinuationToken : undefined;
+    } while (token);
+  }
+
+  async deleteManifest(digest: string): Promise<void> {
+    await this.s3.send(new this.sdk.DeleteObjectCommand({ Bucket: this.config.bucket, Key: this.key('manifests', this.digest(digest)) }));
+  }
+
   private digest(d: string): string {
     if (!DIGEST_RE.test(d)) throw new ValidationError(`not a manifest digest: ${d.slice(0, 80)}`);
     return d;

@@ -158,6 +158,10 @@ for (const kind of ['pack', 's3'] as const) {
       assert.equal(v.damagedCount, 0);
       assert.deepEqual(v.damagedSnapshots, []);
       assert.ok(v.chunksChecked > 0);
+      // Manifests no kept snapshot names go too (past their own grace, here none).
+      const m = await collectGarbage(ctx.meta, ctx.store, { keepLast: 3, keepReplicaDays: 0, graceMs: 0, manifestGraceMs: 0 });
+      assert.deepEqual(m.manifests, { total: 11, deleted: 9 }, 'import + 10 check-ins; the last 3 snapshots name 2');
+      assert.equal((await verifyStore(ctx.meta, ctx.store, ctx.secrets.masterKey)).damagedSnapshots.length, 0);
       // Nothing left to collect: a second run sweeps nothing.
       const again = (await http.call('POST', '/v1/admin/gc', { keepLast: 3, graceHours: 0 }, admin)).body.report as { blobs: { swept: number } };
       assert.equal(again.blobs.swept, 0);

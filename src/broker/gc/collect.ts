@@ -13,9 +13,14 @@ export interface GcOptions extends RetentionPolicy {
   graceMs: number;
   /** A pack is rewritten once this share of its bytes is dead (0–1). */
   compactThreshold: number;
+  /**
+   * Unreferenced manifests younger than this stay: a check-in stores its manifests a moment
+   * before the database names them (at least an hour whatever `graceMs`; tests lower it).
+   */
+  manifestGraceMs: number;
 }
 
-export const DEFAULT_GC: GcOptions = { ...DEFAULT_RETENTION, dryRun: false, graceMs: 24 * 3600_000, compactThreshold: 0.3 };
+export const DEFAULT_GC: GcOptions = { ...DEFAULT_RETENTION, dryRun: false, graceMs: 24 * 3600_000, compactThreshold: 0.3, manifestGraceMs: 3600_000 };
 
 export interface GcReport {
   dryRun: boolean;
@@ -25,6 +30,8 @@ export interface GcReport {
   snapshots: { kept: number; deleted: { id: string; desktopId: string; kind: string; createdAt: string }[] };
   blobs: { total: number; referenced: number; swept: number; sweptBytes: number; spared: number };
   packs: { total: number; compacted: number; dropped: number; movedBytes: number; freedBytes: number };
+  /** Manifests no kept snapshot or check-in in flight names (deleted past their grace). */
+  manifests: { total: number; deleted: number };
   /** Store bytes given back: freed pack bytes less the live bytes rewritten by compaction. */
   reclaimedBytes: number;
 }
@@ -118,6 +125,16 @@ async function run(meta: SqliteMetadataStore, store: CollectableStore, opts: GcO
   }
   await flush();
 
+  // Manifests nothing names any more (each is ~32 bytes per chunk of its disk).
+  const manifests = { total: 0, deleted: 0 };
+  const manifestCutoff = Math.min(cutoff, t0 - opts.manifestGraceMs);
+  for await (const m of store.manifests()) {
+    manifests.total++;
+    if (roots.has(m.digest) || m.modifiedAt >= manifestCutoff) continue;
+    if (!opts.dryRun) await store.deleteManifest(m.digest);
+    manifests.deleted++;
+  }
+
   // 4. Compaction.
   const packs = { total: 0, compacted: 0, dropped: 0, movedBytes: 0, freedBytes: 0 };
   // Harmless in a dry run too: this process just starts new packs for its next writes.
@@ -150,6 +167,7 @@ async function run(meta: SqliteMetadataStore, store: CollectableStore, opts: GcO
     snapshots: { kept: plan.reduce((n, p) => n + p.keep.length, 0) + dropping.length - deleted.length, deleted },
     blobs,
     packs,
+    manifests,
     reclaimedBytes: packs.freedBytes - packs.movedBytes,
   };
 }
