@@ -39,6 +39,25 @@ export function registerMaintenanceCommands(program: Command): void {
       });
     });
 
+  admin.command('retention <desktop>').description("a desktop's own snapshot retention for garbage collection (without options: show it)")
+    .option('--keep-last <n>', 'snapshots kept (besides pinned ones)', num('--keep-last', 1, 100_000))
+    .option('--keep-replica-days <d>', 'also keep every replica younger than this', num('--keep-replica-days', 0, 36_500))
+    .option('--reset', "back to each GC run's values")
+    .action(async (desktop: string, o: { keepLast?: number; keepReplicaDays?: number; reset?: boolean }, cmd: Command) => {
+      await withAdmin(cmd, async (b, g) => {
+        const path = `/v1/admin/desktops/${encodeURIComponent(desktop)}/retention`;
+        const Res = z.object({ retention: z.object({ keepLast: z.number(), keepReplicaDays: z.number() }).nullable() });
+        let res;
+        if (o.reset) res = await b.call('PUT', path, { reset: true }, Res);
+        else if (o.keepLast !== undefined || o.keepReplicaDays !== undefined) {
+          if (o.keepLast === undefined || o.keepReplicaDays === undefined) throw new CarryonError('invalid', 'give both --keep-last and --keep-replica-days');
+          res = await b.call('PUT', path, { keepLast: o.keepLast, keepReplicaDays: o.keepReplicaDays }, Res);
+        } else res = await b.call('GET', path, undefined, Res);
+        const r = res.retention;
+        printJsonOr(Boolean(g.json), res, () => process.stdout.write(r ? `${desktop}: keep the last ${r.keepLast} snapshots and replicas younger than ${r.keepReplicaDays} days\n` : `${desktop}: each GC run's retention applies\n`));
+      });
+    });
+
   admin.command('verify').description('scrub: re-read referenced blobs, authenticate each (AES-GCM, then HMAC = ID), report damaged snapshots')
     .option('--sample <percent>', 'read only this share of the chunks, e.g. 10%', num('--sample', 0.001, 100))
     .action(async (o: { sample?: number }, cmd: Command) => {

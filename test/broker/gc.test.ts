@@ -138,6 +138,14 @@ for (const kind of ['pack', 's3'] as const) {
       assert.equal(snapshots, 21, 'import + 10 × (checkpoint + check-in)');
       const before = await ctx.store.stats();
 
+      // Its own retention wins over the run's; reset, the run's applies again.
+      const own = await http.call('PUT', `/v1/admin/desktops/twenty/retention`, { keepLast: 15, keepReplicaDays: 0 }, admin);
+      assert.equal(own.status, 200, JSON.stringify(own.body));
+      const ownDry = (await http.call('POST', '/v1/admin/gc', { dryRun: true, keepLast: 3, graceHours: 0 }, admin)).body.report as { snapshots: { deleted: unknown[] } };
+      assert.equal(ownDry.snapshots.deleted.length, snapshots - 15);
+      await http.call('PUT', `/v1/admin/desktops/twenty/retention`, { reset: true }, admin);
+      assert.deepEqual((await http.call('GET', `/v1/admin/desktops/twenty/retention`, undefined, admin)).body, { retention: null });
+
       const dry = (await http.call('POST', '/v1/admin/gc', { dryRun: true, keepLast: 3, graceHours: 0 }, admin)).body.report as { snapshots: { deleted: unknown[] }; blobs: { swept: number }; reclaimedBytes: number };
       assert.equal(dry.snapshots.deleted.length, snapshots - 3);
       assert.ok(dry.blobs.swept > 0 && dry.reclaimedBytes > 0, JSON.stringify(dry));

@@ -60,6 +60,9 @@ test('carryon server --chunk-store s3://… imports into Swift; admin gc --dry-r
   assert.deepEqual([report.blobs.referenced, report.blobs.swept], [8, 0]);
   const v = await carryon(['admin', 'verify', '--sample', '50%']);
   assert.match(v.stdout, /read 4 of 8 referenced chunks .*: 0 damaged/);
+  const ret = await carryon(['admin', 'retention', 'win', '--keep-last', '5', '--keep-replica-days', '7']);
+  assert.match(ret.stdout, /win: keep the last 5 snapshots and replicas younger than 7 days/);
+  assert.match((await carryon(['admin', 'retention', 'win', '--reset'])).stdout, /each GC run's retention applies/);
   const full = await carryon(['admin', 'verify']);
   assert.match(full.stdout, /read 8 of 8 referenced chunks .*: 0 damaged/);
 });

@@ -4,7 +4,7 @@ import { isCollectable, type ChunkStore, type CollectableStore } from '../../sto
 import { oldestHold } from '../../store/in-flight.js';
 import type { SnapshotDisk, SnapshotRow, SqliteMetadataStore } from '../../store/metadata.js';
 import { HttpError } from '../http.js';
-import { applyRetention, DEFAULT_RETENTION, type RetentionPolicy } from './retention.js';
+import { applyRetention, DEFAULT_RETENTION, desktopRetention, type RetentionPolicy } from './retention.js';
 
 export interface GcOptions extends RetentionPolicy {
   /** Report what would happen; change nothing. */
@@ -76,7 +76,8 @@ async function run(meta: SqliteMetadataStore, store: CollectableStore, opts: GcO
     const active = meta.listCheckouts({ activeOnly: true });
     return meta.listDesktops().map((d) => {
       const pinned = new Set<string>([...(d.currentSnapshot ? [d.currentSnapshot] : []), ...active.filter((c) => c.desktopId === d.id).map((c) => c.checkpointSnapshot)]);
-      return applyRetention(meta.listSnapshots(d.id), pinned, opts, t0);
+      // A desktop's own retention wins over the run's.
+      return applyRetention(meta.listSnapshots(d.id), pinned, desktopRetention(meta, d.id) ?? opts, t0);
     });
   });
   const dropping = plan.flatMap((p) => p.drop);

@@ -3,7 +3,8 @@ import { z } from 'zod';
 import { collectGarbage, DEFAULT_GC } from '../gc/collect.js';
 import { verifyStore } from '../gc/verify.js';
 import type { BrokerContext } from '../context.js';
-import { parse, requireAdmin } from '../http.js';
+import { HttpError, parse, requireAdmin } from '../http.js';
+import { desktopRetention, setDesktopRetention } from '../gc/retention.js';
 
 const GcBody = z.object({
   dryRun: z.boolean().default(false),
@@ -12,6 +13,11 @@ const GcBody = z.object({
   graceHours: z.number().min(0).max(24 * 365).default(DEFAULT_GC.graceMs / 3600_000),
   compactThreshold: z.number().min(0.01).max(1).default(DEFAULT_GC.compactThreshold),
 }).strict();
+
+const RetentionBody = z.union([
+  z.object({ keepLast: z.number().int().min(1).max(100_000), keepReplicaDays: z.number().min(0).max(36_500) }).strict(),
+  z.object({ reset: z.literal(true) }).strict(),
+]);
 
 const VerifyBody = z.object({ samplePercent: z.number().gt(0).max(100).default(100) }).strict();
 
@@ -28,6 +34,24 @@ export function maintenanceRoutes(app: FastifyInstance, ctx: BrokerContext): voi
       ctx.audit({ actor, action: 'gc', outcome: 'failed', detail: (err as Error).message.slice(0, 300) });
       throw err;
     }
+  });
+
+  // A desktop's own retention (else the values of each GC run apply).
+  app.get('/v1/admin/desktops/:id/retention', async (req) => {
+    requireAdmin(ctx, req);
+    const d = ctx.meta.getDesktop(parse(z.object({ id: z.string().max(200) }), req.params).id);
+    if (!d) throw new HttpError(404, 'not-found', 'no such desktop');
+    return { retention: desktopRetention(ctx.meta, d.id) };
+  });
+  app.put('/v1/admin/desktops/:id/retention', async (req) => {
+    const actor = requireAdmin(ctx, req).sub;
+    const d = ctx.meta.getDesktop(parse(z.object({ id: z.string().max(200) }), req.params).id);
+    if (!d) throw new HttpError(404, 'not-found', 'no such desktop');
+    const b = parse(RetentionBody, req.body);
+    const r = 'reset' in b ? null : b;
+    setDesktopRetention(ctx.meta, d.id, r);
+    ctx.audit({ actor, desktopId: d.id, action: 'retention-set', outcome: 'ok', detail: r ? `keep last ${r.keepLast}, replicas ${r.keepReplicaDays} days` : 'reset to the GC run values' });
+    return { retention: r };
   });
 
   app.post('/v1/admin/verify', async (req) => {
