@@ -131,6 +131,13 @@ pipeline = catch_errors gatekeeper healthcheck proxy-logging cache listing_forma
 [app:proxy-server]
 use = egg:swift#proxy
 account_autocreate = true
+# One node on a loaded test machine: be patient with it, and never "error-limit" it (the proxy
+# would then answer 503 for every request for a minute).
+conn_timeout = 5
+node_timeout = 60
+recoverable_node_timeout = 60
+error_suppression_interval = 1
+error_suppression_limit = 1000000
 [filter:catch_errors]
 use = egg:swift#catch_errors
 [filter:gatekeeper]
