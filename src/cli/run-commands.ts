@@ -1,6 +1,6 @@
 import type { Command } from 'commander';
 import { defaultHome } from '../client/home.js';
-import { diskPrefix, specFor } from '../client/holder.js';
+import { specFor } from '../client/holder.js';
 import { socketDir } from '../client/disks.js';
 import { join } from 'node:path';
 import { holdDesktop, serveDesktop } from '../client/serve.js';
@@ -106,6 +106,5 @@ export function registerRunCommands(program: Command): void {
         process.off('SIGTERM', stop);
         await held.release();
       }
-      void diskPrefix;
     });
 }

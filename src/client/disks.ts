@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { lstat, mkdir, readFile, rm } from 'node:fs/promises';
+import { lstat, mkdir, readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { z } from 'zod';
@@ -118,24 +118,23 @@ export async function readFillReport(vault: Vault, desktopId: string): Promise<F
   }
 }
 
-/** Failures a reader saw (a chunk that failed authentication, a link that gave up), kept for status and the audit. */
-export async function recordDiskFailure(vault: Vault, desktopId: string, message: string): Promise<void> {
-  const file = join(vault.desktopDir(desktopId), 'failures.json');
-  let list: { at: string; message: string }[] = [];
-  try {
-    list = z.array(z.object({ at: z.string(), message: z.string() })).parse(JSON.parse(await readFile(file, 'utf8')));
-  } catch { /* none yet */ }
-  list.push({ at: new Date().toISOString(), message });
-  await recordEvent(vault.home, 'disk-read-failure', desktopId, message);
-  await writeFileAtomic(file, JSON.stringify(list.slice(-50))).catch(() => undefined);
-}
+const FailureList = z.array(z.object({ at: z.string(), message: z.string() }));
+const failuresFile = (vault: Vault, desktopId: string) => join(vault.desktopDir(desktopId), 'failures.json');
 
 export async function readDiskFailures(vault: Vault, desktopId: string): Promise<{ at: string; message: string }[]> {
   try {
-    return z.array(z.object({ at: z.string(), message: z.string() })).parse(JSON.parse(await readFile(join(vault.desktopDir(desktopId), 'failures.json'), 'utf8')));
+    return FailureList.parse(JSON.parse(await readFile(failuresFile(vault, desktopId), 'utf8')));
   } catch {
     return [];
   }
+}
+
+/** Failures a reader saw (a chunk that failed authentication, a link that gave up), kept for status and the audit. */
+export async function recordDiskFailure(vault: Vault, desktopId: string, message: string): Promise<void> {
+  const list = await readDiskFailures(vault, desktopId);
+  list.push({ at: new Date().toISOString(), message });
+  await recordEvent(vault.home, 'disk-read-failure', desktopId, message);
+  await writeFileAtomic(failuresFile(vault, desktopId), JSON.stringify(list.slice(-50))).catch(() => undefined);
 }
 
 /** Bytes the top layers take (the change since the checkpoint, as stored) — needs no keys. */
@@ -143,8 +142,4 @@ export async function topBytes(vault: Vault, state: DesktopState): Promise<numbe
   let sum = 0;
   for (const d of state.disks) sum += (await chainBytesOnDisk(chainFiles(diskDir(vault, state.desktopId, d.name)))).top;
   return sum;
-}
-
-export async function removeRunDir(vault: Vault, desktopId: string): Promise<void> {
-  await rm(runDir(vault, desktopId), { recursive: true, force: true });
 }

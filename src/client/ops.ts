@@ -22,7 +22,7 @@ import { chooseSecretStorage, createDeviceKeys, DeviceFile, type SecretStorage, 
 import { writeFileAtomic } from '../store/files.js';
 import { Vault, type DesktopState } from './vault.js';
 import { collectChanges, type DiskReader } from './changes.js';
-import { chainOf, createMissingLayers, diskDir, openDesktopDisks, readDiskFailures, readFillReport, removeRunDir, runDir, topBytes, writeFillReport, socketDir, type DesktopDisk } from './disks.js';
+import { chainOf, createMissingLayers, diskDir, openDesktopDisks, readDiskFailures, readFillReport, topBytes, writeFillReport, socketDir, type DesktopDisk } from './disks.js';
 import { claimOwner, diskPrefix, specFor } from './holder.js';
 import { createPublicKey, type KeyObject } from 'node:crypto';
 
@@ -162,11 +162,6 @@ async function findEntry(broker: BrokerClient, ref: string) {
   return entry;
 }
 
-/** The layers a new (or interrupted) check-out still lacks; see createMissingLayers. */
-export async function ensureChains(vault: Vault, state: DesktopState, keys: DesktopKeys): Promise<{ tops: Promise<void> }> {
-  return createMissingLayers(vault, state, keys);
-}
-
 /**
  * Check-out: the broker locks the desktop and names the checkpoint; the laptop makes an empty
  * encrypted chain per disk and fills each base from the transfer server. Interrupted (Ctrl-C,
@@ -215,7 +210,7 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
     const release = await claimOwner(vault, state.desktopId, 'checkout', env.log);
     let making: Promise<void> = Promise.resolve();
     try {
-      const { tops } = await diskFullIsClear(env.home, () => ensureChains(vault, state, keys));
+      const { tops } = await diskFullIsClear(env.home, () => createMissingLayers(vault, state, keys));
       making = tops;
       const filled = await fillFromBroker(env, vault, broker, state, keys);
       await diskFullIsClear(env.home, () => tops);
@@ -465,4 +460,3 @@ export async function exportDisk(env: ClientEnv, desktopRef: string, outPath: st
   return { path: outPath, format, bytes: disk.base.diskSize };
 }
 
-export { removeRunDir };

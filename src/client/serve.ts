@@ -5,10 +5,10 @@ import type { DesktopKeys } from './desktop-keys.js';
 import { effectiveConfig } from './guards.js';
 import { addChain, StorageDaemon, type BlockHost } from '../disk/storage-daemon.js';
 import { BrokerClient, CheckoutView, JobView } from './broker-client.js';
-import { openDesktopDisks, socketDir, type DesktopDisk } from './disks.js';
+import { createMissingLayers, openDesktopDisks, socketDir, type DesktopDisk } from './disks.js';
 import { claimOwner, diskPrefix, fillDisks, RemoteSource, specFor, type OwnerKind } from './holder.js';
 import { loadDevice } from './home.js';
-import { ensureChains, onlineSession, type ClientEnv } from './ops.js';
+import { onlineSession, type ClientEnv } from './ops.js';
 import { recordEvent } from './events.js';
 import { Vault, type DesktopState } from './vault.js';
 
@@ -41,7 +41,7 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
   const release = await claimOwner(vault, found.desktopId, kind, env.log);
   let broker: BrokerClient | null = null;
   try {
-    await (await ensureChains(vault, state, keys)).tops;
+    await (await createMissingLayers(vault, state, keys)).tops;
     const opened = await openDesktopDisks(vault, state, keys);
     let remote: RemoteSource | null = null;
     if (opened.disks.some((d) => !d.entry.complete)) {

@@ -1,3 +1,4 @@
+import { execFile } from 'node:child_process';
 import { createPublicKey } from 'node:crypto';
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -207,7 +208,6 @@ export class Vault {
   }
 
   async sizeBytes(): Promise<number> {
-    const { execFile } = await import('node:child_process');
     return new Promise((resolve) => execFile('du', ['-sb', join(this.home, 'desktops')], (err, out) => resolve(err ? 0 : Number(out.split('\t')[0]) || 0)));
   }
 

@@ -203,11 +203,6 @@ export async function chainBytesOnDisk(files: ChainFiles): Promise<{ base: numbe
   return { base: await size(files.base), top: await size(files.top) };
 }
 
-export async function removeChain(files: ChainFiles): Promise<void> {
-  await rm(files.top, { force: true });
-  await rm(files.base, { force: true });
-}
-
 
 /** Where qcow2 keeps its LUKS header: the "full disk encryption header pointer" extension. */
 async function luksHeaderRange(path: string): Promise<{ offset: number; length: number } | null> {

@@ -196,15 +196,11 @@ export class RemoteCheckpoint implements BlockDevice {
           this.inflight.delete(id);
         }
       } catch (err) {
-        const message = `fetching ${pending.length} chunks failed (attempt ${attempt + 1}): ${(err as Error).message}`;
-        this.opts.log(message);
-        if (Date.now() - started > (this.opts.giveUpAfterMs ?? 600_000)) {
-          this.opts.onFailure?.(message);
-          break;
-        }
+        this.opts.log(`fetching ${pending.length} chunks failed (attempt ${attempt + 1}): ${(err as Error).message}`);
       }
       pending = pending.filter((id) => this.inflight.has(id));
-      if (pending.length && attempt >= 2 && Date.now() - started > (this.opts.giveUpAfterMs ?? 600_000)) break;
+      // Past the budget the readers get EIO (reported once below), not an endless wait.
+      if (pending.length && Date.now() - started > (this.opts.giveUpAfterMs ?? 600_000)) break;
       if (pending.length) await new Promise((r) => setTimeout(r, Math.min(10_000, 250 * 2 ** Math.min(attempt, 6))));
     }
     const err = new DiskError('io', `${pending.length} chunks could not be fetched from the transfer server`);

@@ -45,6 +45,18 @@ function endpoint(j: JobView): TransferEndpoint {
   return j.transfer;
 }
 
+/** A server-side tamper hook: the first `n` distinct blobs sent get one byte flipped, once each. */
+function tamperFirst(n: number) {
+  const hit = new Set<string>();
+  return (id: string, blob: Buffer): Buffer => {
+    if (hit.has(id) || hit.size >= n) return blob;
+    hit.add(id);
+    const bad = Buffer.from(blob);
+    bad[bad.length - 5]! ^= 0xff;
+    return bad;
+  };
+}
+
 async function allPresent(store: FsChunkStore): Promise<boolean> {
   return (await store.missing(ids)).length === 0;
 }
@@ -112,14 +124,7 @@ test('a transfer killed half-way resumes, fetching only what is missing', async 
 });
 
 test('a blob tampered in flight is refused and fetched again', async () => {
-  const hit = new Set<string>();
-  const s = await server('ts-t', 1, (id, blob) => {
-    if (hit.has(id) || hit.size >= 3) return blob;
-    hit.add(id);
-    const bad = Buffer.from(blob);
-    bad[bad.length - 5]! ^= 0xff;
-    return bad;
-  });
+  const s = await server('ts-t', 1, tamperFirst(3));
   const t = signTicket({ v: 1, jobId: 'job-t', desktopId: 'd', checkoutId: 'c', direction: 'download', manifests: [desk.digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 2, expiresAt: new Date(Date.now() + 600_000).toISOString() }, broker.privateKey);
   const local = await FsChunkStore.open(join(dir, 'tamper'));
   const res = await downloadChunks({ endpoint: { url: s.url, fingerprint: s.fingerprint, ticket: t, maxStreams: 2 }, ids, localStore: local, keys });
@@ -184,14 +189,7 @@ test('expired, forged, foreign and wrong-direction tickets are refused; out-of-s
 });
 
 test('remote checkpoint (boot while in flight): tampered blobs are refused and recorded, reads return the true bytes; holes need no fetch', async () => {
-  const hit = new Set<string>();
-  const s = await server('ts-rc', 2, (id, blob) => {
-    if (hit.has(id) || hit.size >= 2) return blob;
-    hit.add(id);
-    const bad = Buffer.from(blob);
-    bad[bad.length - 5]! ^= 0xff;
-    return bad;
-  });
+  const s = await server('ts-rc', 2, tamperFirst(2));
   const t = signTicket({ v: 1, jobId: 'job-rc', desktopId: 'd', checkoutId: 'c', direction: 'download', manifests: [desk.digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 2, expiresAt: new Date(Date.now() + 600_000).toISOString() }, broker.privateKey);
   const session = new TransferSession({ url: s.url, fingerprint: s.fingerprint, ticket: t, maxStreams: 2 });
   const failures: string[] = [];
