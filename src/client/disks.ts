@@ -66,8 +66,14 @@ export async function createMissingLayers(vault: Vault, state: DesktopState, key
     const base = await vault.manifest(state.desktopId, d.baseDigest);
     if (!existsSync(chain.files.top)) tops.push(createLayer(chain, 'top', base.diskSize, base.chunkSize));
     if (!existsSync(chain.files.base)) {
-      if (d.complete) throw new CarryonError('bad-state', `the disk files of ${state.name} are missing; roll back or cancel to start over`);
-      await createLayer(chain, 'base', base.diskSize, base.chunkSize);
+      try {
+        if (d.complete) throw new CarryonError('bad-state', `the disk files of ${state.name} are missing; roll back or cancel to start over`);
+        await createLayer(chain, 'base', base.diskSize, base.chunkSize);
+      } catch (err) {
+        // Tops already being made finish (or fail) before the caller hears: nothing runs on behind its back.
+        await Promise.allSettled(tops);
+        throw err;
+      }
     }
   }
   const all = Promise.all(tops).then(() => undefined);

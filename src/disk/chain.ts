@@ -133,8 +133,9 @@ async function createImage(args: string[], secret: string): Promise<void> {
       await runQemuTool('qemu-img', args, { secret });
       return;
     } catch (err) {
-      if (attempt >= 8 || !(err instanceof QemuToolError) || !/accurate CPU usage/.test(err.stderr)) throw err;
-      await new Promise((r) => setTimeout(r, 50 * attempt));
+      // Tick-based CPU accounting often reads 0 ms for its first short round when the machine is busy: each try is cheap.
+      if (attempt >= 40 || !(err instanceof QemuToolError) || !/accurate CPU usage/.test(err.stderr)) throw err;
+      await new Promise((r) => setTimeout(r, 20 + Math.random() * 80));
     }
   }
 }
