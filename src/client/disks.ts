@@ -6,7 +6,9 @@ import { z } from 'zod';
 import { deriveDiskSecret } from '../core/keys.js';
 import type { DesktopKeys } from './desktop-keys.js';
 import type { Manifest } from '../core/manifest.js';
-import { chainBytesOnDisk, chainFiles, createLayer, mergeTop, type Chain } from '../disk/chain.js';
+import { chainBytesOnDisk, chainFiles, createLayer, layerShape, mergeTop, type Chain } from '../disk/chain.js';
+import { ensureTemplate } from '../disk/layer-template.js';
+import { DEFAULT_CHUNK_SIZE } from '../core/chunking.js';
 import { existsSync } from 'node:fs';
 import { CarryonError } from '../core/errors.js';
 import { writeFileAtomic } from '../store/files.js';
@@ -54,6 +56,24 @@ export function chainOf(vault: Vault, state: DesktopState, keys: DesktopKeys, na
 }
 
 /**
+ * Layer templates of this laptop (no data, no lasting secret: every copy is re-keyed).
+ * CARRYON_TEMPLATE_DIR shares one directory between homes (the test suite does); it must be
+ * writable by its user alone.
+ */
+export function templatesDir(home: string): string {
+  return process.env.CARRYON_TEMPLATE_DIR || join(home, 'templates');
+}
+
+/**
+ * Makes the templates of the default layer shapes, so the first check-out does not wait for
+ * QEMU's PBKDF benchmark (≈ 2 s of CPU per template). Run at enrolment; missing ones are made
+ * on first need anyway.
+ */
+export async function prepareLayerTemplates(home: string): Promise<void> {
+  await Promise.all([layerShape('base', DEFAULT_CHUNK_SIZE), layerShape('top', DEFAULT_CHUNK_SIZE)].map((shape) => ensureTemplate(templatesDir(home), shape)));
+}
+
+/**
  * Makes the layers a check-out still lacks. Bases are awaited (the fill writes into them); the
  * tops are returned as one promise, so making them overlaps the download.
  */
@@ -64,11 +84,11 @@ export async function createMissingLayers(vault: Vault, state: DesktopState, key
     await mkdir(dir, { recursive: true, mode: 0o700 });
     const chain = chainOf(vault, state, keys, d.name);
     const base = await vault.manifest(state.desktopId, d.baseDigest);
-    if (!existsSync(chain.files.top)) tops.push(createLayer(chain, 'top', base.diskSize, base.chunkSize));
+    if (!existsSync(chain.files.top)) tops.push(createLayer(chain, 'top', base.diskSize, base.chunkSize, templatesDir(vault.home)));
     if (!existsSync(chain.files.base)) {
       try {
         if (d.complete) throw new CarryonError('bad-state', `the disk files of ${state.name} are missing; roll back or cancel to start over`);
-        await createLayer(chain, 'base', base.diskSize, base.chunkSize);
+        await createLayer(chain, 'base', base.diskSize, base.chunkSize, templatesDir(vault.home));
       } catch (err) {
         // Tops already being made finish (or fail) before the caller hears: nothing runs on behind its back.
         await Promise.allSettled(tops);

@@ -83,8 +83,20 @@ export async function fillDirect(opts: {
     let next = 0;
     const batch = 32;
     const failures = new Map<ChunkId, number>();
+    // The first failure stops every stream; none is still writing when the clients close.
+    let stop: { error: unknown } | null = null;
     const worker = async () => {
-      while (next < ids.length) {
+      const writes = new WriteWindow(WRITES_PER_STREAM);
+      try {
+        await stream(writes);
+      } catch (error) {
+        stop ??= { error };
+      } finally {
+        await writes.drain().catch(() => undefined);
+      }
+    };
+    const stream = async (writes: WriteWindow) => {
+      while (next < ids.length && !stop) {
         if (opts.signal?.aborted) throw new CarryonError('aborted', 'check-out paused');
         const want = ids.slice(next, next + batch);
         next += batch;
@@ -92,6 +104,7 @@ export async function fillDirect(opts: {
         for (let attempt = 0; queue.length; attempt++) {
           const seen = new Set<ChunkId>();
           for await (const { id, blob } of fetchBlobs(opts.session, queue, opts.signal)) {
+            if (stop) return;
             const places = targets.get(id);
             if (!places || seen.has(id)) continue;
             let plain: Buffer;
@@ -104,8 +117,10 @@ export async function fillDirect(opts: {
               continue;
             }
             seen.add(id);
-            await Promise.all(places.map((p) => p.client.write(p.offset, plain)));
-            for (const p of places) pendingMarks.push({ disk: p.disk, index: p.index });
+            // Several writes in flight per stream: the storage daemon encrypts them on its thread pool.
+            await writes.add(Promise.all(places.map((p) => p.client.write(p.offset, plain))).then(() => {
+              for (const p of places) pendingMarks.push({ disk: p.disk, index: p.index });
+            }));
             await opts.rateLimit?.take(blob.length, opts.signal);
             bytesMoved += blob.length;
             chunksMoved += places.length;
@@ -117,11 +132,13 @@ export async function fillDirect(opts: {
           queue = queue.filter((id) => !seen.has(id));
           if (queue.length && attempt >= 3) throw new TransferFailed(`${queue.length} chunks did not arrive`);
         }
+        await writes.drain();
         await maybePersist();
       }
     };
     try {
       await Promise.all(Array.from({ length: Math.max(1, opts.session.endpoint.maxStreams) }, worker));
+      if (stop) throw (stop as { error: unknown }).error;
     } finally {
       await flushing;
       await persist().catch(() => undefined);
@@ -129,5 +146,42 @@ export async function fillDirect(opts: {
     return { bytesMoved, chunksMoved };
   } finally {
     for (const c of clients) await c.close();
+  }
+}
+
+/** Writes kept in flight per transfer stream (each holds one chunk's plaintext). */
+const WRITES_PER_STREAM = 8;
+
+/**
+ * A bounded window of writes in flight: `add` waits while the window is full, and the first
+ * failure is thrown by the next `add` or `drain` (never left as an unhandled rejection).
+ */
+export class WriteWindow {
+  private readonly inFlight = new Set<Promise<void>>();
+  private failure: { error: unknown } | null = null;
+
+  constructor(private readonly size: number) {}
+
+  async add(write: Promise<void>): Promise<void> {
+    this.check();
+    const tracked: Promise<void> = write.then(
+      () => void this.inFlight.delete(tracked),
+      (error: unknown) => {
+        this.inFlight.delete(tracked);
+        this.failure ??= { error };
+      },
+    );
+    this.inFlight.add(tracked);
+    while (this.inFlight.size >= this.size) await Promise.race(this.inFlight);
+    this.check();
+  }
+
+  async drain(): Promise<void> {
+    await Promise.all(this.inFlight);
+    this.check();
+  }
+
+  private check(): void {
+    if (this.failure) throw this.failure.error;
   }
 }

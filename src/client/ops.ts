@@ -22,7 +22,7 @@ import { chooseSecretStorage, createDeviceKeys, DeviceFile, type SecretStorage, 
 import { writeFileAtomic } from '../store/files.js';
 import { Vault, type DesktopState } from './vault.js';
 import { collectChanges, type DiskReader } from './changes.js';
-import { chainOf, createMissingLayers, diskDir, openDesktopDisks, readDiskFailures, readFillReport, topBytes, writeFillReport, socketDir, type DesktopDisk } from './disks.js';
+import { chainOf, createMissingLayers, prepareLayerTemplates, diskDir, openDesktopDisks, readDiskFailures, readFillReport, topBytes, writeFillReport, socketDir, type DesktopDisk } from './disks.js';
 import { claimOwner, diskPrefix, specFor } from './holder.js';
 import { createPublicKey, type KeyObject } from 'node:crypto';
 
@@ -59,6 +59,7 @@ export async function enroll(env: ClientEnv, brokerUrl: string, opts: { fingerpr
     const { deviceId } = await broker.call('POST', '/v1/devices', { name: opts.name, publicKey: publicKeyB64, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes } }, z.object({ deviceId: z.string() }));
     const file: DeviceFile = { deviceId, name: opts.name, brokerUrl: u.origin, fingerprint: seen, signingPublicKey: info.signingPublicKey, secretStorage };
     await writeFileAtomic(join(env.home, 'device.json'), JSON.stringify(file, null, 2));
+    await prepareLayerTemplates(env.home);
     env.log(`enrolled device ${deviceId} with ${u.origin} (certificate ${seen}; device secret ${secretStorage === 'tpm' ? 'sealed by this TPM' : 'in a 0600 file (no TPM found)'})`);
     return { deviceId, fingerprint: seen, host, secretStorage };
   } finally {
@@ -248,9 +249,13 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
     const socketPath = join(dir, 'fill.sock');
     await qsd.exportNbd(socketPath, opened.disks.flatMap((d, i) => (d.entry.complete ? [] : [{ node: `${diskPrefix(i)}-base`, name: `${d.name}.fill`, writable: true }])));
     const renew = renewer(broker, job.id);
+    let lastReport = 0;
     const moved = await diskFullIsClear(env.home, () => retryTransfer({ what: 'check-out', log: env.log, signal: env.signal, beforeRetry: async () => session.setEndpoint(await renew()) }, () =>
       fillDirect({ disks: incomplete.map((disk) => ({ disk, dir: diskDir(vault, state.desktopId, disk.name), socketPath })), session, keys, signal: env.signal, rateLimit: env.rateLimit, onProgress: (p) => {
         env.onProgress?.('check-out', p);
+        // For `status` in another process: once a second is enough (each report is a file replaced atomically).
+        if (Date.now() - lastReport < 1000) return;
+        lastReport = Date.now();
         void writeFillReport(vault, state.desktopId, { pid: process.pid, done: p.chunksDone, total: p.chunksTotal, updatedAt: new Date().toISOString(), failures: [] }).catch(() => undefined);
       } }),
     ));

@@ -2,7 +2,8 @@ import { randomBytes } from 'node:crypto';
 import { open, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { QemuToolError, runQemuTool, SECRET_FD_OBJECT } from './qemu-tools.js';
+import { runQemuTool, SECRET_FD_OBJECT } from './qemu-tools.js';
+import { createArgs, createLayerFromTemplate, createWithQemu, luksHeaderRange, type LayerShape } from './layer-template.js';
 import { DiskError } from './block-device.js';
 
 /**
@@ -97,47 +98,29 @@ export function chainFilename(spec: ChainSpec, layer: 'top' | 'base' = 'top'): s
   return `json:${JSON.stringify(strip(node))}`;
 }
 
-function createArgs(path: string, sizeBytes: number, opts: string[], backing?: string): string[] {
-  const o = ['encrypt.format=luks', 'encrypt.key-secret=sec0', 'encrypt.iter-time=10', ...opts].join(',');
-  const args = ['create', '-q', '-f', 'qcow2', '--object', SECRET_FD_OBJECT('sec0'), '-o', o];
-  if (backing) args.push('-u', '-b', backing, '-F', 'qcow2');
-  return [...args, path, String(sizeBytes)];
+/** The shape of a layer: base clusters as large as a chunk; the top with 128 KiB clusters and extended L2. */
+export function layerShape(layer: 'base' | 'top', chunkSize: number): LayerShape {
+  return layer === 'base' ? { kind: 'base', clusterSize: baseClusterSize(chunkSize) } : { kind: 'top', clusterSize: TOP_CLUSTER_SIZE };
 }
 
 /**
  * Creates one empty layer, atomically (a temp file renamed into place, so a kill never leaves a
- * half-made image behind). The passphrase is random key material, so LUKS's PBKDF adds nothing:
- * iter-time is minimal, but QEMU still spends ≈ 1 s of CPU benchmarking it per image.
+ * half-made image behind). With a template directory the layer is a re-keyed copy of a template
+ * (milliseconds); without, qemu-img makes it (≈ 2 s of CPU for QEMU's PBKDF benchmark).
  */
-export async function createLayer({ files, secret }: Chain, layer: 'base' | 'top', sizeBytes: number, chunkSize: number): Promise<void> {
+export async function createLayer({ files, secret }: Chain, layer: 'base' | 'top', sizeBytes: number, chunkSize: number, templates?: string): Promise<void> {
   const path = files[layer];
+  const shape = layerShape(layer, chunkSize);
+  if (templates) return createLayerFromTemplate(templates, shape, path, sizeBytes, secret);
   const tmp = `${path}.new`;
   await rm(tmp, { force: true });
-  const args = layer === 'base'
-    ? createArgs(tmp, sizeBytes, [`cluster_size=${baseClusterSize(chunkSize)}`])
-    // The top names its base by file name only (relative, so the vault can move as a whole).
-    : createArgs(tmp, sizeBytes, [`cluster_size=${TOP_CLUSTER_SIZE}`, 'extended_l2=on'], 'base.qcow2');
-  await createImage(args, secret);
+  await createWithQemu(createArgs(tmp, sizeBytes, shape), secret);
   await rename(tmp, path);
 }
 
 /** Both layers at once. */
-export async function createChain(chain: Chain, sizeBytes: number, chunkSize: number): Promise<void> {
-  await Promise.all([createLayer(chain, 'base', sizeBytes, chunkSize), createLayer(chain, 'top', sizeBytes, chunkSize)]);
-}
-
-/** QEMU's PBKDF benchmark fails now and then on a busy machine ("Unable to get accurate CPU usage"): try again. */
-async function createImage(args: string[], secret: string): Promise<void> {
-  for (let attempt = 1; ; attempt++) {
-    try {
-      await runQemuTool('qemu-img', args, { secret });
-      return;
-    } catch (err) {
-      // Tick-based CPU accounting often reads 0 ms for its first short round when the machine is busy: each try is cheap.
-      if (attempt >= 40 || !(err instanceof QemuToolError) || !/accurate CPU usage/.test(err.stderr)) throw err;
-      await new Promise((r) => setTimeout(r, 20 + Math.random() * 80));
-    }
-  }
+export async function createChain(chain: Chain, sizeBytes: number, chunkSize: number, templates?: string): Promise<void> {
+  await Promise.all([createLayer(chain, 'base', sizeBytes, chunkSize, templates), createLayer(chain, 'top', sizeBytes, chunkSize, templates)]);
 }
 
 const MapEntry = z.object({ start: z.number(), length: z.number(), depth: z.number(), present: z.boolean().optional(), zero: z.boolean(), data: z.boolean() });
@@ -204,27 +187,6 @@ export async function chainBytesOnDisk(files: ChainFiles): Promise<{ base: numbe
   return { base: await size(files.base), top: await size(files.top) };
 }
 
-
-/** Where qcow2 keeps its LUKS header: the "full disk encryption header pointer" extension. */
-async function luksHeaderRange(path: string): Promise<{ offset: number; length: number } | null> {
-  const fh = await open(path, 'r');
-  try {
-    const head = Buffer.alloc(64 * 1024);
-    const { bytesRead } = await fh.read(head, 0, head.length, 0);
-    if (bytesRead < 104 || head.readUInt32BE(0) !== 0x514649fb || head.readUInt32BE(4) < 3) return null;
-    let off = head.readUInt32BE(100);
-    while (off + 8 <= bytesRead) {
-      const type = head.readUInt32BE(off);
-      const len = head.readUInt32BE(off + 4);
-      if (type === 0) return null;
-      if (type === 0x0537be77 && len >= 16) return { offset: Number(head.readBigUInt64BE(off + 8)), length: Number(head.readBigUInt64BE(off + 16)) };
-      off += 8 + Math.ceil(len / 8) * 8;
-    }
-    return null;
-  } finally {
-    await fh.close();
-  }
-}
 
 /**
  * Crypto-erase of a chain: the LUKS header (its key slots hold the only copies of the volume key)

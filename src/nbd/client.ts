@@ -137,7 +137,15 @@ export class NbdClient {
     const handle = this.nextHandle++;
     return new Promise((resolve, reject) => {
       this.pending.set(handle, { length: type === CMD.READ ? length : 0, resolve, reject });
-      this.sock.write(payload ? Buffer.concat([header(type, handle, offset, length), payload]) : header(type, handle, offset, length));
+      if (!payload) {
+        this.sock.write(header(type, handle, offset, length));
+        return;
+      }
+      // Corked: header and payload leave in one writev, without copying the payload.
+      this.sock.cork();
+      this.sock.write(header(type, handle, offset, length));
+      this.sock.write(payload);
+      this.sock.uncork();
     });
   }
 

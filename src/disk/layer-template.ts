@@ -1,0 +1,153 @@
+import { randomBytes } from 'node:crypto';
+import { copyFile, mkdir, open, rename, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { z } from 'zod';
+import { DiskError } from './block-device.js';
+import { rekeyLuksHeader } from './luks-header.js';
+import { runQemuTool, SECRET_FD_OBJECT } from './qemu-tools.js';
+
+/**
+ * Empty LUKS qcow2 layers made by copying a template and giving the copy fresh keys (see
+ * luks-header.ts for why): a layer costs milliseconds instead of QEMU's ≈ 2 s PBKDF benchmark.
+ * Templates hold no data and no secret that survives the re-keying; one per layer shape,
+ * made once per laptop by qemu-img (at enrollment, or on first need).
+ */
+
+export type LayerKind = 'base' | 'top';
+export interface LayerShape {
+  kind: LayerKind;
+  clusterSize: number;
+}
+
+/** A template is made small; each copy is resized to its disk. */
+const TEMPLATE_SIZE = 1 << 20;
+const SECRET_ID = 'sec0';
+
+export function templatePath(dir: string, shape: LayerShape): string {
+  return join(dir, `${shape.kind}-${shape.clusterSize}.qcow2`);
+}
+
+export function createArgs(path: string, sizeBytes: number, shape: LayerShape): string[] {
+  const o = ['encrypt.format=luks', `encrypt.key-secret=${SECRET_ID}`, 'encrypt.iter-time=10', `cluster_size=${shape.clusterSize}`, ...(shape.kind === 'top' ? ['extended_l2=on'] : [])].join(',');
+  const args = ['create', '-q', '-f', 'qcow2', '--object', SECRET_FD_OBJECT(SECRET_ID), '-o', o];
+  // The top names its base by file name only (relative, so the vault can move as a whole).
+  if (shape.kind === 'top') args.push('-u', '-b', 'base.qcow2', '-F', 'qcow2');
+  return [...args, path, String(sizeBytes)];
+}
+
+/** QEMU's PBKDF benchmark fails now and then on a busy machine ("Unable to get accurate CPU usage"): try again. */
+export async function createWithQemu(args: string[], secret: string): Promise<void> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await runQemuTool('qemu-img', args, { secret });
+      return;
+    } catch (err) {
+      // Tick-based CPU accounting often reads 0 ms for its first short round when the machine is busy: each try is cheap.
+      if (attempt >= 40 || !/accurate CPU usage/.test((err as { stderr?: string }).stderr ?? '')) throw err;
+      await new Promise((r) => setTimeout(r, 20 + Math.random() * 80));
+    }
+  }
+}
+
+const Info = z.object({
+  format: z.string(),
+  'cluster-size': z.number().optional(),
+  encrypted: z.boolean().optional(),
+  'backing-filename': z.string().optional(),
+  'format-specific': z.object({ data: z.object({ 'extended-l2': z.boolean().optional(), 'data-file': z.string().optional(), encrypt: z.object({ format: z.string() }).passthrough().optional() }).passthrough() }).passthrough().optional(),
+}).passthrough();
+
+/**
+ * The template for `shape`, made if missing. An existing one is checked before use (the home
+ * is the laptop owner's to edit): exactly the expected shape, no data file, no other backing.
+ */
+export async function ensureTemplate(dir: string, shape: LayerShape): Promise<string> {
+  const path = templatePath(dir, shape);
+  try {
+    await checkTemplate(path, shape);
+    return path;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT' && !(err instanceof DiskError)) throw err;
+  }
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  const tmp = `${path}.${process.pid}.${randomBytes(4).toString('hex')}.new`;
+  try {
+    // The template's own passphrase is thrown away: every copy is re-keyed.
+    await createWithQemu(createArgs(tmp, TEMPLATE_SIZE, shape), randomBytes(32).toString('base64'));
+    await rename(tmp, path);
+  } finally {
+    await rm(tmp, { force: true });
+  }
+  return path;
+}
+
+async function checkTemplate(path: string, shape: LayerShape): Promise<void> {
+  await open(path, 'r').then((fh) => fh.close()); // ENOENT: make it
+  const { stdout } = await runQemuTool('qemu-img', ['info', '--output=json', '-U', path]);
+  const parsed = Info.safeParse(JSON.parse(stdout));
+  const info = parsed.success ? parsed.data : null;
+  const data = info?.['format-specific']?.data;
+  const ok = info !== null && info.format === 'qcow2' && info['cluster-size'] === shape.clusterSize && info.encrypted === true &&
+    data?.encrypt?.format === 'luks' && data['data-file'] === undefined && (data['extended-l2'] ?? false) === (shape.kind === 'top') &&
+    (shape.kind === 'top' ? info['backing-filename'] === 'base.qcow2' : info['backing-filename'] === undefined);
+  if (!ok) throw new DiskError('state', `layer template ${path} is not a ${shape.kind} template: it is made again`);
+}
+
+/** Where qcow2 keeps its LUKS header: the "full disk encryption header pointer" extension. */
+export async function luksHeaderRange(path: string): Promise<{ offset: number; length: number } | null> {
+  const fh = await open(path, 'r');
+  try {
+    const head = Buffer.alloc(64 * 1024);
+    const { bytesRead } = await fh.read(head, 0, head.length, 0);
+    if (bytesRead < 104 || head.readUInt32BE(0) !== 0x514649fb || head.readUInt32BE(4) < 3) return null;
+    let off = head.readUInt32BE(100);
+    while (off + 8 <= bytesRead) {
+      const type = head.readUInt32BE(off);
+      const len = head.readUInt32BE(off + 4);
+      if (type === 0) return null;
+      if (type === 0x0537be77 && len >= 16) return { offset: Number(head.readBigUInt64BE(off + 8)), length: Number(head.readBigUInt64BE(off + 16)) };
+      off += 8 + Math.ceil(len / 8) * 8;
+    }
+    return null;
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Replaces every secret of the LUKS header inside qcow2 file `path`: it now opens with `passphrase` only. */
+export async function rekeyImage(path: string, passphrase: Buffer): Promise<void> {
+  const range = await luksHeaderRange(path);
+  if (!range) throw new DiskError('state', `${path} has no LUKS header`);
+  const fh = await open(path, 'r+');
+  try {
+    const current = Buffer.alloc(range.length);
+    await fh.read(current, 0, range.length, range.offset);
+    const { header, material, layout } = rekeyLuksHeader(current, passphrase);
+    if (layout.slotOffset + material.length > range.length) throw new DiskError('state', `${path}: LUKS key slot lies outside its header area`);
+    await fh.write(material, 0, material.length, range.offset + layout.slotOffset);
+    await fh.write(header, 0, header.length, range.offset);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * An empty layer of `shape` and `sizeBytes` at `path` that opens with `secret`: template copied
+ * to a temp file, re-keyed, resized, then renamed into place (a kill leaves no half-made layer).
+ */
+export async function createLayerFromTemplate(templates: string, shape: LayerShape, path: string, sizeBytes: number, secret: string): Promise<void> {
+  const template = await ensureTemplate(templates, shape);
+  const tmp = `${path}.new`;
+  await rm(tmp, { force: true });
+  try {
+    await copyFile(template, tmp);
+    await rekeyImage(tmp, Buffer.from(secret, 'utf8'));
+    // Opened without its backing: the top's base may not exist yet.
+    const filename = `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: tmp }, encrypt: { format: 'luks', 'key-secret': SECRET_ID }, backing: null })}`;
+    await runQemuTool('qemu-img', ['resize', '-q', '--object', SECRET_FD_OBJECT(SECRET_ID), filename, String(sizeBytes)], { secret });
+    await rename(tmp, path);
+  } finally {
+    await rm(tmp, { force: true });
+  }
+}

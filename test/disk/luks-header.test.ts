@@ -1,0 +1,124 @@
+import assert from 'node:assert/strict';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, test } from 'node:test';
+import { createLayerFromTemplate, ensureTemplate, luksHeaderRange, templatePath } from '../../src/disk/layer-template.js';
+import { afMerge, afSplit, LuksHeaderError, openLuksSlot, rekeyLuksHeader } from '../../src/disk/luks-header.js';
+import { randomBytes } from 'node:crypto';
+
+const dir = mkdtempSync(join(tmpdir(), 'carryon-luks-'));
+after(() => rmSync(dir, { recursive: true, force: true }));
+
+/** A qcow2 image made by QEMU itself, with passphrase `pass` (the peer's LUKS header). */
+function qemuImage(name: string, pass: string): { header: Buffer; material: Buffer } {
+  const path = join(dir, name);
+  // QEMU's PBKDF benchmark may fail on a busy machine: try again, as the product does.
+  for (let i = 0; ; i++) {
+    const r = spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', '--object', `secret,id=s,data=${pass}`, '-o', 'encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10', path, '1M']);
+    if (r.status === 0) break;
+    if (i >= 40) throw new Error(r.stderr.toString());
+  }
+  return headerOf(path);
+}
+
+function headerOf(path: string): { header: Buffer; material: Buffer } {
+  const file = readFileSync(path);
+  // The header pointer extension, read the way layer-template.ts reads it (checked below against QEMU).
+  let off = file.readUInt32BE(100);
+  for (;;) {
+    const type = file.readUInt32BE(off);
+    const len = file.readUInt32BE(off + 4);
+    assert.notEqual(type, 0, 'no LUKS header pointer');
+    if (type === 0x0537be77) {
+      const start = Number(file.readBigUInt64BE(off + 8));
+      const header = file.subarray(start, start + Number(file.readBigUInt64BE(off + 16)));
+      return { header, material: header.subarray(header.readUInt32BE(208 + 40) * 512) };
+    }
+    off += 8 + Math.ceil(len / 8) * 8;
+  }
+}
+
+const qemuOpen = (path: string, pass: string, cmds: string[]) =>
+  spawnSync('qemu-io', ['--object', `secret,id=s,data=${pass}`, ...cmds.flatMap((c) => ['-c', c]), `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: path }, encrypt: { format: 'luks', 'key-secret': 's' }, backing: null })}`], { encoding: 'utf8' });
+
+test('the LUKS1 code opens a header QEMU made (PBKDF2, AF-merge, XTS agree with the peer), and nothing with a wrong passphrase', () => {
+  const { header, material } = qemuImage('peer.qcow2', 'peer-pass');
+  const key = openLuksSlot(header, material, Buffer.from('peer-pass'));
+  assert.ok(key);
+  assert.equal(key.length, 64);
+  assert.equal(openLuksSlot(header, material, Buffer.from('peer-pasS')), null);
+});
+
+test('AF split and merge are inverse; split blocks are random', () => {
+  const key = randomBytes(64);
+  const a = afSplit(key, 4000, 'sha256');
+  const b = afSplit(key, 4000, 'sha256');
+  assert.equal(a.length, 64 * 4000);
+  assert.notDeepEqual(a, b);
+  assert.deepEqual(afMerge(a, 64, 4000, 'sha256'), key);
+  assert.deepEqual(afMerge(b, 64, 4000, 'sha256'), key);
+});
+
+test('re-keying keeps the layout and replaces every secret: new volume key, salts, UUID; only the new passphrase opens it', () => {
+  const { header, material } = qemuImage('tpl.qcow2', 'template-pass');
+  const one = rekeyLuksHeader(header, Buffer.from('pass-one'));
+  const two = rekeyLuksHeader(header, Buffer.from('pass-one'));
+  const k1 = openLuksSlot(one.header, one.material, Buffer.from('pass-one'));
+  const k2 = openLuksSlot(two.header, two.material, Buffer.from('pass-one'));
+  assert.ok(k1 && k2);
+  assert.notDeepEqual(k1, k2, 'each copy gets its own volume key');
+  assert.notDeepEqual(k1, openLuksSlot(header, material, Buffer.from('template-pass')));
+  assert.equal(openLuksSlot(one.header, one.material, Buffer.from('template-pass')), null);
+  // Layout fields (cipher, hash, payload offset, key bytes, slot offsets, stripes) are the template's.
+  assert.deepEqual(one.header.subarray(0, 112), header.subarray(0, 112));
+  for (let i = 0; i < 8; i++) assert.deepEqual(one.header.subarray(208 + i * 48 + 40, 208 + i * 48 + 48), header.subarray(208 + i * 48 + 40, 208 + i * 48 + 48));
+  assert.notDeepEqual(one.header.subarray(132, 164), two.header.subarray(132, 164), 'digest salt');
+  assert.notDeepEqual(one.header.subarray(168, 208), two.header.subarray(168, 208), 'UUID');
+  assert.notDeepEqual(one.header.subarray(216, 248), two.header.subarray(216, 248), 'slot salt');
+  assert.throws(() => rekeyLuksHeader(Buffer.alloc(592), Buffer.from('x')), LuksHeaderError);
+});
+
+test('a layer from a template opens in QEMU with its secret only, reads zeros, keeps writes, passes qemu-img check', async () => {
+  const templates = join(dir, 'templates');
+  const base = join(dir, 'base.qcow2');
+  await createLayerFromTemplate(templates, { kind: 'base', clusterSize: 256 * 1024 }, base, 3 * 2 ** 30 + 512, 'the-disk-secret');
+  const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', '-U', base], { encoding: 'utf8' })) as { 'virtual-size': number; 'cluster-size': number; encrypted: boolean };
+  assert.equal(info['virtual-size'], 3 * 2 ** 30 + 512);
+  assert.equal(info['cluster-size'], 256 * 1024);
+  assert.equal(info.encrypted, true);
+  const ok = qemuOpen(base, 'the-disk-secret', ['read -P 0 0 64k', 'write -P 0x5a 2G 64k', 'read -P 0x5a 2G 64k']);
+  assert.equal(ok.status, 0, ok.stderr + ok.stdout);
+  assert.doesNotMatch(ok.stdout, /Pattern verification failed/);
+  const wrong = qemuOpen(base, 'the-template-secret', ['read 0 4k']);
+  assert.notEqual(wrong.status, 0);
+  assert.match(wrong.stderr, /Invalid password|cannot unlock/i);
+  execFileSync('qemu-img', ['check', '-q', '--object', 'secret,id=s,data=the-disk-secret', `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: base }, encrypt: { format: 'luks', 'key-secret': 's' } })}`]);
+  assert.ok(await luksHeaderRange(base));
+  // The template's own key material is gone from the copy.
+  const tpl = headerOf(templatePath(templates, { kind: 'base', clusterSize: 256 * 1024 }));
+  const copy = headerOf(base);
+  assert.notDeepEqual(copy.material.subarray(0, 256000), tpl.material.subarray(0, 256000));
+});
+
+test('templates are made once and checked before use: one with a foreign backing file is replaced', async () => {
+  const templates = join(dir, 'templates2');
+  const shape = { kind: 'base' as const, clusterSize: 64 * 1024 };
+  const path = await ensureTemplate(templates, shape);
+  const made = statSync(path).mtimeMs;
+  await ensureTemplate(templates, shape);
+  assert.equal(statSync(path).mtimeMs, made, 'a good template is reused');
+  // A laptop owner swaps in an image that reads through to a file of theirs.
+  const evil = join(dir, 'evil.raw');
+  writeFileSync(evil, Buffer.alloc(1 << 20, 0x41));
+  rmSync(path);
+  for (let i = 0; ; i++) {
+    const r = spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', '--object', 'secret,id=s,data=x', '-o', 'encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,cluster_size=65536', '-b', evil, '-F', 'raw', path, '1M']);
+    if (r.status === 0) break;
+    if (i >= 40) throw new Error(r.stderr.toString());
+  }
+  await ensureTemplate(templates, shape);
+  const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', '-U', path], { encoding: 'utf8' })) as { 'backing-filename'?: string };
+  assert.equal(info['backing-filename'], undefined);
+});
