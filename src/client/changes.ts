@@ -20,8 +20,8 @@ export interface DiskReader {
 
 export interface Changes {
   manifests: { name: string; manifest: Manifest }[];
-  /** Distinct new chunk IDs, each with where to read it. */
-  changed: Map<ChunkId, { reader: DiskReader; index: number }>;
+  /** Distinct new chunk IDs, each with where to read it (and its bytes, kept while the budget lasts). */
+  changed: Map<ChunkId, { reader: DiskReader; index: number; plain?: Buffer }>;
   changedChunks: number;
   source: UploadSource;
 }
@@ -36,6 +36,7 @@ export async function collectChanges(readers: DiskReader[], keys: LineageKeys): 
   const manifests: Changes['manifests'] = [];
   const changed: Changes['changed'] = new Map();
   let changedChunks = 0;
+  let kept = 0;
   for (const reader of readers) {
     const { base } = reader.disk;
     const chunks = base.chunks.slice();
@@ -46,12 +47,19 @@ export async function collectChanges(readers: DiskReader[], keys: LineageKeys): 
       if (id === base.chunks[index]) return;
       chunks[index] = id;
       changedChunks++;
-      if (id && !changed.has(id)) changed.set(id, { reader, index });
+      if (!id || changed.has(id)) return;
+      // The chain is open read-only and locked (no VM runs it): bytes read now are the bytes to send.
+      const keep = kept + plain.length <= KEEP_BYTES;
+      if (keep) kept += plain.length;
+      changed.set(id, { reader, index, plain: keep ? plain : undefined });
     });
     manifests.push({ name: reader.disk.name, manifest: createManifest(base.chunkSize, base.diskSize, chunks) });
   }
   return { manifests, changed, changedChunks, source: { frame: (id, useDelta) => frameFor(changed, keys, id, useDelta) } };
 }
+
+/** Changed chunks kept in memory between the scan and the upload (the rest is read again). */
+const KEEP_BYTES = 256 * 1024 * 1024;
 
 function readChunk(client: NbdClient, m: Manifest, index: number): Promise<Buffer> {
   return client.read(index * m.chunkSize, chunkLength(index, m.diskSize, m.chunkSize));
@@ -62,9 +70,13 @@ async function frameFor(changed: Changes['changed'], keys: LineageKeys, id: Chun
   const at = changed.get(id);
   if (!at) throw new Error(`chunk ${id} is not among this check-in's changes`);
   const { reader, index } = at;
-  const plain = await readChunk(reader.top, reader.disk.base, index);
-  // The guest may have written since the scan (a replica of a running desktop): never send bytes under the wrong ID.
-  if (computeChunkId(keys.idKey, plain) !== id) throw new Error(`chunk ${index} of ${reader.disk.name} changed during the upload; run it again`);
+  let plain = at.plain;
+  at.plain = undefined; // sent once; a resend reads it again
+  if (!plain) {
+    plain = await readChunk(reader.top, reader.disk.base, index);
+    // Never send bytes under the wrong ID, whatever happened to the file since the scan.
+    if (computeChunkId(keys.idKey, plain) !== id) throw new Error(`chunk ${index} of ${reader.disk.name} changed during the upload; run it again`);
+  }
   const blob = sealChunk(keys, plain, id).blob;
   const baseId = reader.disk.base.chunks[index];
   if (useDelta && baseId) {

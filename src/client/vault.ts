@@ -117,10 +117,9 @@ export class Vault {
    */
   async wipe(desktopId: string): Promise<void> {
     const dir = this.desktopDir(desktopId);
-    await shred(join(dir, TOKEN));
-    await shred(join(dir, 'state.json'));
     const disks = await readdir(join(dir, 'disks')).catch(() => [] as string[]);
-    for (const d of disks) await eraseChainKeys(chainFiles(join(dir, 'disks', d)));
+    // Independent files, each erased and synced on its own: side by side.
+    await Promise.all([shred(join(dir, TOKEN)), shred(join(dir, 'state.json')), ...disks.map((d) => eraseChainKeys(chainFiles(join(dir, 'disks', d))))]);
     await rm(dir, { recursive: true, force: true });
   }
 

@@ -194,12 +194,12 @@ export async function chainBytesOnDisk(files: ChainFiles): Promise<{ base: numbe
  * with any passphrase. Without a header pointer, the first 16 MiB are overwritten instead.
  */
 export async function eraseChainKeys(files: ChainFiles): Promise<void> {
-  for (const path of [files.top, files.base]) {
+  await Promise.all([files.top, files.base].map(async (path) => {
     let range: { offset: number; length: number } | null;
     try {
       range = await luksHeaderRange(path);
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
       throw err;
     }
     const size = (await stat(path)).size;
@@ -215,5 +215,5 @@ export async function eraseChainKeys(files: ChainFiles): Promise<void> {
     } finally {
       await fh.close();
     }
-  }
+  }));
 }

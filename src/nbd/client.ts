@@ -19,7 +19,9 @@ interface Pending {
  * and writing a chain that qemu-storage-daemon exports on a private unix socket.
  */
 export class NbdClient {
-  private buf: Buffer = Buffer.alloc(0);
+  /** Received bytes not yet consumed: a list of pieces, joined only when one reply is whole. */
+  private pieces: Buffer[] = [];
+  private have = 0;
   private pending = new Map<bigint, Pending>();
   private nextHandle = 1n;
   private current: { handle: bigint; p: Pending } | null = null;
@@ -149,18 +151,43 @@ export class NbdClient {
     });
   }
 
+  /** The next `n` received bytes, as one buffer (copied only when they span pieces). */
+  private take(n: number): Buffer {
+    const first = this.pieces[0]!;
+    let out: Buffer;
+    if (first.length >= n) {
+      out = first.subarray(0, n);
+      if (first.length === n) this.pieces.shift();
+      else this.pieces[0] = first.subarray(n);
+    } else {
+      out = Buffer.allocUnsafe(n);
+      let at = 0;
+      while (at < n) {
+        const p = this.pieces[0]!;
+        const k = Math.min(p.length, n - at);
+        p.copy(out, at, 0, k);
+        at += k;
+        if (k === p.length) this.pieces.shift();
+        else this.pieces[0] = p.subarray(k);
+      }
+    }
+    this.have -= n;
+    return out;
+  }
+
   private onData(d: Buffer): void {
-    this.buf = this.buf.length ? Buffer.concat([this.buf, d]) : d;
+    this.pieces.push(d);
+    this.have += d.length;
     for (;;) {
       if (!this.current) {
-        if (this.buf.length < 16) return;
-        if (this.buf.readUInt32BE(0) !== SIMPLE_REPLY_MAGIC) {
+        if (this.have < 16) return;
+        const head = this.take(16);
+        if (head.readUInt32BE(0) !== SIMPLE_REPLY_MAGIC) {
           this.sock.destroy(new NbdClientError('bad NBD reply magic'));
           return;
         }
-        const error = this.buf.readUInt32BE(4);
-        const handle = this.buf.readBigUInt64BE(8);
-        this.buf = this.buf.subarray(16);
+        const error = head.readUInt32BE(4);
+        const handle = head.readBigUInt64BE(8);
         const p = this.pending.get(handle);
         if (!p) {
           this.sock.destroy(new NbdClientError('NBD reply for an unknown request'));
@@ -177,9 +204,9 @@ export class NbdClient {
         }
         this.current = { handle, p };
       }
-      if (this.buf.length < this.current.p.length) return;
-      const data = Buffer.from(this.buf.subarray(0, this.current.p.length));
-      this.buf = this.buf.subarray(this.current.p.length);
+      if (this.have < this.current.p.length) return;
+      // A view of a socket buffer is the caller's to keep: the socket never reuses it.
+      const data = this.take(this.current.p.length);
       this.current.p.resolve(data);
       this.current = null;
     }
