@@ -7,6 +7,7 @@ import { chunkLength } from '../core/chunking.js';
 import { CarryonError } from '../core/errors.js';
 import type { LineageKeys } from '../core/keys.js';
 import { NbdClient } from '../nbd/client.js';
+import { WriteWindow } from '../core/write-window.js';
 import { writeFileAtomic } from '../store/files.js';
 import { fetchBlobs, TransferFailed, type Progress, type TransferSession } from '../transfer/client.js';
 import type { RateLimiter } from '../transfer/rate-limit.js';
@@ -152,36 +153,3 @@ export async function fillDirect(opts: {
 /** Writes kept in flight per transfer stream (each holds one chunk's plaintext). */
 const WRITES_PER_STREAM = 8;
 
-/**
- * A bounded window of writes in flight: `add` waits while the window is full, and the first
- * failure is thrown by the next `add` or `drain` (never left as an unhandled rejection).
- */
-export class WriteWindow {
-  private readonly inFlight = new Set<Promise<void>>();
-  private failure: { error: unknown } | null = null;
-
-  constructor(private readonly size: number) {}
-
-  async add(write: Promise<void>): Promise<void> {
-    this.check();
-    const tracked: Promise<void> = write.then(
-      () => void this.inFlight.delete(tracked),
-      (error: unknown) => {
-        this.inFlight.delete(tracked);
-        this.failure ??= { error };
-      },
-    );
-    this.inFlight.add(tracked);
-    while (this.inFlight.size >= this.size) await Promise.race(this.inFlight);
-    this.check();
-  }
-
-  async drain(): Promise<void> {
-    await Promise.all(this.inFlight);
-    this.check();
-  }
-
-  private check(): void {
-    if (this.failure) throw this.failure.error;
-  }
-}

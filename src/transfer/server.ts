@@ -5,6 +5,7 @@ import { z } from 'zod';
 import { openBlob, sealChunk } from '../core/blob.js';
 import { openDelta } from '../core/delta.js';
 import { isChunkId, type ChunkId } from '../core/chunk-id.js';
+import { WriteWindow } from '../core/write-window.js';
 import { CarryonError } from '../core/errors.js';
 import { TicketError, verifyTicket, type TicketPayload } from '../core/ticket.js';
 import { mapError, parseOrInvalid } from '../net/http-errors.js';
@@ -179,6 +180,9 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
     return reply.type('application/octet-stream').send(out);
   });
 
+  /** Store appends kept in flight per upload stream. */
+  const PUTS_PER_STREAM = 16;
+
   app.post('/v1/chunks/push', async (req, reply) => {
     const { ticket, scope, js } = await authorize(req, 'upload');
     if (!req.body || typeof (req.body as AsyncIterable<Buffer>)[Symbol.asyncIterator] !== 'function') {
@@ -202,6 +206,9 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
       const base = openBlob(scope.keys, frame.baseId, baseBlob, { checkId: false });
       return sealChunk(scope.keys, openDelta(scope.keys, frame.id, frame.baseId, frame.payload, base), frame.id).blob;
     };
+    // Blobs are appended to the store while the next frames are checked (a window per stream).
+    const puts = new WriteWindow(PUTS_PER_STREAM);
+    const inThisStream = new Set<ChunkId>();
     try {
       for await (const piece of req.body as AsyncIterable<Buffer>) {
         stats.bytesIn += piece.length;
@@ -228,14 +235,22 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
             continue;
           }
           js.chunksIn++;
+          if (inThisStream.has(frame.id)) {
+            result.duplicate++; // sent twice in one stream: its first copy is being stored
+            continue;
+          }
+          inThisStream.add(frame.id);
           const known = scope.base.has(frame.id) || scope.pushed.has(frame.id);
           // A duplicate of a chunk outside the checkout's own would tell that another desktop has it.
-          if ((await opts.store.put(frame.id, blob, { defer: true })) || !known) result.stored++;
-          else result.duplicate++;
-          scope.pushed.add(frame.id);
+          await puts.add(opts.store.put(frame.id, blob, { defer: true }).then((fresh) => {
+            if (fresh || !known) result.stored++;
+            else result.duplicate++;
+            scope.pushed.add(frame.id);
+          }));
         }
       }
       decoder.finish();
+      await puts.drain();
       await opts.store.sync();
       return result;
     } finally {
