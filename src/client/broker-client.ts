@@ -128,7 +128,7 @@ export class BrokerClient {
           break;
         }
       }
-      if (i + 1 < this.endpoints.length) this.log(`broker ${ep.url} did not answer (${attempt.reason}); trying the next one`);
+      if (!attempt.pin && i + 1 < this.endpoints.length) this.log(`broker ${ep.url} did not answer (${attempt.reason}); trying the next one`);
     }
     const where = this.endpoints.length === 1 ? `the broker at ${this.endpoints[0]!.url}` : `any of the ${this.endpoints.length} brokers`;
     const code = pinMismatch && !maybeApplied ? 'pin-mismatch' : 'offline';
