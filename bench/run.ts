@@ -2,6 +2,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { checkinSection } from './checkin.js';
+import { concurrentSection } from './concurrent.js';
 import { gcSection } from './gc.js';
 import { importSection } from './import.js';
 import { memorySection } from './memory.js';
@@ -20,6 +21,7 @@ const sections: BenchSection[] = [
   checkinSection(work, 4 * scale, 0.04 * scale, true, ['random', 'typical']),
   checkinSection(work, 16 * scale, 0.04 * scale, false),
   gcSection(work, 1 * scale),
+  concurrentSection(work, Math.max(64, 512 * scale)),
 ];
 
 /** How to read the tables: method and known limits (numbers stay in the tables above). */
@@ -50,6 +52,10 @@ const READING = [
   '  figure on this CPU (rows "Node\'s own …"; SHA-256 is on par).',
   '- Every timed step starts after `sync` has written back earlier writes (Carryon makes what it receives durable;',
   '  rsync and cp do not fsync). "Seal pipeline only" has one warm-up run that is not counted.',
+  '- Concurrent check-outs: each laptop is a Carryon home of its own and its own `carryon checkout` process on this',
+  '  same 2-core box, with its own qemu-storage-daemon, next to the broker and the transfer server process(es); the',
+  '  figures show how far one box serves N laptops, not what N real laptops would see. A second transfer server adds',
+  '  a process, not cores. The peer is N local rsyncs to empty targets at once (whole files, no encryption).',
   '- The machine has 2 cores shared with everything else running at the time; the spread column shows runs that',
   '  were disturbed. Rerun one section with `npm run bench -- <words of its title>` (other sections are kept).',
   '',

@@ -19,30 +19,23 @@ export class Rig {
   private constructor(
     readonly dir: string,
     readonly broker: RunningBroker,
-    private readonly transfer: ChildProcess,
+    private readonly transfers: ChildProcess[],
     private readonly agent: Agent,
     private readonly token: string,
+    private readonly slots: number,
   ) {}
 
-  static async start(dir: string, image: string, chunkSize?: number): Promise<Rig> {
+  /**
+   * `desktops` > 1: clones `desk-1` … of `desk` (the same chunks), one per laptop that checks out
+   * at the same time. `slots`: of each transfer server.
+   */
+  static async start(dir: string, image: string, chunkSize?: number, opts: { desktops?: number; slots?: number } = {}): Promise<Rig> {
     process.env.CARRYON_SCRYPT_N ??= '16384';
     process.env.CARRYON_INSECURE_TEST_KDF ??= '1'; // a lowered cost is refused outside tests
     const dataDir = join(dir, 'server');
     const broker = await startBroker({ dataDir, embeddedTransferSlots: 0, initAdmin: { name: 'admin', password: 'bench-admin-pw' }, settings: { passwordCostN: 16384 }, importDirs: [dirname(image)] });
-    const transfer = spawn(process.execPath, [CLI, 'transfer-server', '--broker', broker.url, '--broker-fingerprint', broker.fingerprint,
-      '--secret-file', join(dataDir, 'transfer.secret'), '--master-key-file', join(dataDir, 'master.key'), '--store', join(dataDir, 'chunks'),
-      '--id', 'bench-transfer', '--slots', '4', '--port', '0', '--tls-dir', join(dir, 'transfer-tls'), '--heartbeat-sec', String(HEARTBEAT_SEC)], { stdio: ['ignore', 'pipe', 'pipe'] });
-    await new Promise<void>((resolve, reject) => {
-      let out = '';
-      const t = setTimeout(() => reject(new Error(`transfer server did not start: ${out}`)), 30_000);
-      const on = (d: Buffer) => {
-        out += d.toString();
-        if (/registered with/.test(out)) { clearTimeout(t); resolve(); }
-      };
-      transfer.stdout!.on('data', on);
-      transfer.stderr!.on('data', on);
-      transfer.once('exit', (code) => { clearTimeout(t); reject(new Error(`transfer server exited (${code}): ${out}`)); });
-    });
+    const slots = opts.slots ?? 4;
+    const transfer = await startTransfer(dir, broker, 'bench-transfer', slots);
     const agent = pinnedAgent(broker.fingerprint);
     const call = async (path: string, body: unknown, token?: string) => {
       const res = await request(`${broker.url}${path}`, { method: 'POST', dispatcher: agent, headers: { 'content-type': 'application/json', ...(token ? { authorization: `Bearer ${token}` } : {}) }, body: JSON.stringify(body) });
@@ -54,7 +47,16 @@ export class Rig {
     await call('/v1/admin/users', { name: 'bench', password: 'bench-user-pw' }, token);
     await call('/v1/admin/desktops', { name: 'desk', image, chunkSize, config: { vcpus: 1, ramMiB: 512, minRamMiB: 256 } }, token);
     await call('/v1/admin/entitlements', { principalType: 'user', principal: 'bench', targetType: 'desktop', target: 'desk' }, token);
-    return new Rig(dir, broker, transfer, agent, token);
+    for (let i = 1; i < (opts.desktops ?? 1); i++) {
+      await call('/v1/admin/desktops', { name: `desk-${i}`, cloneOf: 'desk' }, token);
+      await call('/v1/admin/entitlements', { principalType: 'user', principal: 'bench', targetType: 'desktop', target: `desk-${i}` }, token);
+    }
+    return new Rig(dir, broker, [transfer], agent, token, slots);
+  }
+
+  /** Another transfer server (a process of its own) on the same store, registered with the broker. */
+  async addTransferServer(): Promise<void> {
+    this.transfers.push(await startTransfer(this.dir, this.broker, `bench-transfer-${this.transfers.length + 1}`, this.slots));
   }
 
   /** A freshly enrolled laptop with an empty vault. */
@@ -72,16 +74,38 @@ export class Rig {
     await new Promise((r) => setTimeout(r, HEARTBEAT_SEC * 1000 + 400));
     const res = await request(`${this.broker.url}/v1/admin/transfers`, { dispatcher: this.agent, headers: { authorization: `Bearer ${this.token}` } });
     const body = (await res.body.json()) as { servers: { id: string; bytesIn: number; bytesOut: number }[] };
-    const s = body.servers.find((x) => x.id === 'bench-transfer');
-    if (!s) throw new Error('the bench transfer server is not registered');
-    return { bytesIn: s.bytesIn, bytesOut: s.bytesOut };
+    const ours = body.servers.filter((x) => x.id.startsWith('bench-transfer'));
+    if (ours.length !== this.transfers.length) throw new Error('a bench transfer server is not registered');
+    return { bytesIn: ours.reduce((n, s) => n + s.bytesIn, 0), bytesOut: ours.reduce((n, s) => n + s.bytesOut, 0) };
   }
 
   async close(): Promise<void> {
-    const exited = new Promise((r) => this.transfer.once('exit', r));
-    this.transfer.kill('SIGTERM');
-    await exited;
+    for (const t of this.transfers) {
+      const exited = new Promise((r) => t.once('exit', r));
+      t.kill('SIGTERM');
+      await exited;
+    }
     await this.agent.close();
     await this.broker.close();
   }
+}
+
+/** `carryon transfer-server` in a process of its own on the broker's store; resolves once it has registered. */
+async function startTransfer(dir: string, broker: RunningBroker, id: string, slots: number): Promise<ChildProcess> {
+  const dataDir = join(dir, 'server');
+  const transfer = spawn(process.execPath, [CLI, 'transfer-server', '--broker', broker.url, '--broker-fingerprint', broker.fingerprint,
+    '--secret-file', join(dataDir, 'transfer.secret'), '--master-key-file', join(dataDir, 'master.key'), '--store', join(dataDir, 'chunks'),
+    '--id', id, '--slots', String(slots), '--port', '0', '--tls-dir', join(dir, `${id}-tls`), '--heartbeat-sec', String(HEARTBEAT_SEC)], { stdio: ['ignore', 'pipe', 'pipe'] });
+  await new Promise<void>((resolve, reject) => {
+    let out = '';
+    const t = setTimeout(() => reject(new Error(`transfer server did not start: ${out}`)), 30_000);
+    const on = (d: Buffer) => {
+      out += d.toString();
+      if (/registered with/.test(out)) { clearTimeout(t); resolve(); }
+    };
+    transfer.stdout!.on('data', on);
+    transfer.stderr!.on('data', on);
+    transfer.once('exit', (code) => { clearTimeout(t); reject(new Error(`transfer server exited (${code}): ${out}`)); });
+  });
+  return transfer;
 }

@@ -306,22 +306,23 @@ export async function commitUpload(ctx: BrokerContext, user: string, checkoutId:
     ctx.audit({ actor: user, desktopId: c.desktopId, action: `${kind}-commit`, outcome: 'denied', detail: `${missing.length} chunks missing` });
     throw new HttpError(409, 'missing-chunks', `the server lacks ${missing.length} chunks the manifests reference`, { missing: missing.slice(0, 10_000) });
   }
-  const snapshotId = ctx.meta.createSnapshot({ desktopId: c.desktopId, parentId: c.checkpointSnapshot, kind: kind === 'checkin' ? 'checkin' : 'replica', disks: c.pendingDisks });
+  // At most once: the snapshot and the state change that consumes the pending disks are one
+  // transaction, so a commit sent twice (a laptop failing over to another broker after a lost
+  // answer, the first still running) records one snapshot and answers the other 409.
+  const pendingDisks = c.pendingDisks;
+  const snapshotId = ctx.meta.transaction(() => {
+    const id = ctx.meta.createSnapshot({ desktopId: c.desktopId, parentId: c.checkpointSnapshot, kind: kind === 'checkin' ? 'checkin' : 'replica', disks: pendingDisks });
+    // Check-in unlocks; a restore point becomes the base of the next diff and the desktop stays locked.
+    const moved = kind === 'checkin'
+      ? ctx.meta.transitionCheckout(c.id, ['checking_in'], 'checked_in', { pendingDisks: null, jobId: null })
+      : ctx.meta.db.prepare('UPDATE checkouts SET checkpoint_snapshot = ?, pending_disks = NULL, job_id = NULL WHERE id = ? AND pending_disks IS NOT NULL').run(id, c.id).changes === 1;
+    if (!moved) throw new HttpError(409, 'wrong-state', 'this upload has been committed meanwhile');
+    ctx.meta.setDesktopSnapshot(c.desktopId, id);
+    return id;
+  });
   ctx.audit({ actor: user, desktopId: c.desktopId, action: 'snapshot', outcome: 'ok', detail: `${kind} ${snapshotId}` });
   if (c.jobId) ctx.scheduler.finish(c.jobId, 'done');
   ctx.audit({ actor: user, desktopId: c.desktopId, action: 'transfer-end', outcome: 'ok', detail: kind });
-  if (kind === 'checkin') {
-    ctx.meta.transaction(() => {
-      ctx.meta.setDesktopSnapshot(c.desktopId, snapshotId);
-      ctx.meta.transitionCheckout(c.id, ['checking_in'], 'checked_in', { pendingDisks: null, jobId: null });
-    });
-    ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'checked in' });
-  } else {
-    // A restore point: the next diff starts from it; the desktop stays locked.
-    ctx.meta.transaction(() => {
-      ctx.meta.db.prepare('UPDATE checkouts SET checkpoint_snapshot = ?, pending_disks = NULL, job_id = NULL WHERE id = ?').run(snapshotId, c.id);
-      ctx.meta.setDesktopSnapshot(c.desktopId, snapshotId);
-    });
-  }
+  if (kind === 'checkin') ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'checked in' });
   return { snapshotId, checkout: checkoutView(ctx.meta.getCheckout(c.id)!) };
 }

@@ -9,8 +9,8 @@ import { registerOpsCommands } from './admin-ops.js';
  */
 export function registerAdminCommands(program: Command): void {
   const admin = program.command('admin').description('administer a broker over its API (the web console at the broker URL does the same)')
-    .option('--url <url>', 'broker URL (env CARRYON_URL)')
-    .option('--fingerprint <sha256>', 'pinned broker certificate fingerprint (env CARRYON_FINGERPRINT)')
+    .option('--url <url>', 'broker URL, or several brokers comma-separated (env CARRYON_URL)')
+    .option('--fingerprint <sha256>', 'pinned broker certificate fingerprint, one per URL comma-separated (env CARRYON_FINGERPRINT)')
     .option('--user <name>', 'admin user (env CARRYON_USER)')
     .option('--password-file <file>', 'read the password from a file (else CARRYON_PASSWORD or a prompt)')
     .option('--json', 'machine-readable output');

@@ -1,6 +1,7 @@
 import type { Command } from 'commander';
 import { z } from 'zod';
 import { BrokerClient } from '../client/broker-client.js';
+import { splitList } from '../client/brokers.js';
 import { CarryonError } from '../core/errors.js';
 import { passwordSource, printJsonOr } from './common.js';
 
@@ -17,10 +18,15 @@ export async function withAdmin<T>(cmd: Command, fn: (b: BrokerClient, o: AdminO
   const fp = o.fingerprint ?? process.env.CARRYON_FINGERPRINT;
   const user = o.user ?? process.env.CARRYON_USER;
   if (!url || !fp || !user) throw new CarryonError('invalid', 'admin commands need --url, --fingerprint and --user (or CARRYON_URL, CARRYON_FINGERPRINT, CARRYON_USER)');
-  const broker = new BrokerClient(url.replace(/\/$/, ''), fp);
+  // Several brokers of one deployment: comma-separated URLs, and a fingerprint for each (or one for all).
+  const urls = splitList(url);
+  const fps = splitList(fp);
+  if (fps.length !== 1 && fps.length !== urls.length) throw new CarryonError('invalid', `${urls.length} broker URLs but ${fps.length} fingerprints: give one per URL, in the same order (or one for all)`);
+  const broker = new BrokerClient(urls.map((u, i) => ({ url: u, fingerprint: fps[fps.length === 1 ? 0 : i]! })), '', (l) => process.stderr.write(`${l}\n`));
   try {
     await broker.login(user, await passwordSource(o)());
-    return await fn(broker, { ...o, url: url.replace(/\/$/, ''), fingerprint: fp });
+    // Uploads and exports talk to the broker that answered the login.
+    return await fn(broker, { ...o, url: broker.url, fingerprint: broker.fingerprint });
   } finally {
     await broker.close();
   }

@@ -3,6 +3,7 @@ import { hostname } from 'node:os';
 import { join } from 'node:path';
 import type { Command } from 'commander';
 import { runAgent } from '../client/agent.js';
+import { addBrokers, listBrokers, removeBrokers, splitList } from '../client/brokers.js';
 import { defaultHome, loadDevice } from '../client/home.js';
 import { checkout, discardLocal, enroll, exportDisk, listDesktops, loginOnline, onlineSession, release, status, upload, type ClientEnv } from '../client/ops.js';
 import { Vault } from '../client/vault.js';
@@ -69,17 +70,36 @@ export function registerClientCommands(program: Command): void {
     .option('--quiet', 'no progress output')
     .option('--limit-rate <rate>', 'cap transfer speed in bytes per second, e.g. 500K, 10M');
 
-  program.command('enroll <broker-url>').description('enrol this laptop with a broker (pins its certificate and signing key)')
-    .option('--fingerprint <sha256>', 'expected broker certificate fingerprint (as printed by `carryon server`)')
-    .option('--yes', 'trust the certificate presented now (trust on first use)')
+  const collect = (v: string, prev: string[]) => [...prev, v];
+  program.command('enroll <broker-url...>').description('enrol this laptop with a broker, or with the brokers of one deployment in the order tried (pins each certificate and the signing key)')
+    .option('--fingerprint <sha256>', 'expected broker certificate fingerprint (as printed by `carryon server`); once per URL in the same order, or comma-separated', collect, [])
+    .option('--yes', 'trust the certificates presented now (trust on first use)')
     .option('--name <name>', 'device name', hostname())
     .option('--secret-storage <where>', 'device secret: auto (TPM when present), tpm, or file', 'auto')
-    .action(async (url: string, o: { fingerprint?: string; yes?: boolean; name: string; secretStorage: string }, cmd: Command) => {
+    .action(async (urls: string[], o: { fingerprint: string[]; yes?: boolean; name: string; secretStorage: string }, cmd: Command) => {
       const { env, json } = clientEnv(cmd);
       if (!['auto', 'tpm', 'file'].includes(o.secretStorage)) throw new CarryonError('invalid', `--secret-storage must be auto, tpm or file, not ${o.secretStorage}`);
-      const res = await enroll(env, url, { fingerprint: o.fingerprint, acceptFingerprint: o.yes, name: o.name, secretStorage: o.secretStorage as 'auto' | 'tpm' | 'file' });
+      const res = await enroll(env, urls, { fingerprint: o.fingerprint, acceptFingerprint: o.yes, name: o.name, secretStorage: o.secretStorage as 'auto' | 'tpm' | 'file' });
       printJsonOr(json, res, () => process.stdout.write(`device ${res.deviceId} enrolled (${res.host.cpus} CPUs, ${formatBytes(res.host.ramBytes)} RAM, ${formatBytes(res.host.freeDiskBytes)} free; device secret ${res.secretStorage === 'tpm' ? 'sealed by the TPM' : 'in a 0600 file'})\n`));
     });
+
+  const brokers = program.command('brokers').description('the brokers this laptop uses, in the order tried (one deployment behind several URLs)');
+  const showBrokers = (json: boolean, list: { url: string; fingerprint: string }[]) => printJsonOr(json, list, () => table(list.map((b, i) => ({ order: String(i + 1), url: b.url, fingerprint: b.fingerprint }))));
+  brokers.command('list').description('the broker list with each pinned certificate').action(async (_o: unknown, cmd: Command) => {
+    const { env, json } = clientEnv(cmd);
+    showBrokers(json, await listBrokers(env.home));
+  });
+  brokers.command('add <broker-url...>').description('add brokers of the same deployment (checked against the signing key pinned at enrolment)')
+    .option('--fingerprint <sha256>', 'expected certificate fingerprint, once per URL or comma-separated', collect, [])
+    .option('--yes', 'trust the certificates presented now (trust on first use)')
+    .action(async (urls: string[], o: { fingerprint: string[]; yes?: boolean }, cmd: Command) => {
+      const { env, json } = clientEnv(cmd);
+      showBrokers(json, await addBrokers(env, splitList(urls), { fingerprint: splitList(o.fingerprint), acceptFingerprint: o.yes }));
+    });
+  brokers.command('remove <broker-url...>').description('remove brokers from the list').action(async (urls: string[], _o: unknown, cmd: Command) => {
+    const { env, json } = clientEnv(cmd);
+    showBrokers(json, await removeBrokers(env.home, splitList(urls)));
+  });
 
   program.command('login').description('check credentials: online (renews the offline lease) or --offline (vault + lease only)')
     .option('--offline', 'do not contact the broker')

@@ -8,7 +8,7 @@ import { effectiveConfig, LEASE, lockDesktop, peekClock, writeLockRecord, writeP
 import { readOwner } from './holder.js';
 import { publicKeyFromBase64 } from '../core/signing.js';
 import { BrokerClient } from './broker-client.js';
-import { hostFacts, loadDevice, type DeviceIdentity } from './home.js';
+import { brokerEndpoints, hostFacts, loadDevice, type DeviceIdentity } from './home.js';
 import { upload, type ClientEnv } from './ops.js';
 import { Vault, type DesktopState } from './vault.js';
 
@@ -163,7 +163,7 @@ function leaseIssuedAt(lease: SignedLease): string | null {
 /** The agent loop: outbound HTTPS only; it never opens a listening socket. */
 export async function runAgent(env: ClientEnv, opts: { once: boolean; signal?: AbortSignal }) {
   const device = await loadDevice(env.home);
-  const broker = new BrokerClient(device.info.brokerUrl, device.info.fingerprint);
+  const broker = new BrokerClient(brokerEndpoints(device.info), '', env.log);
   try {
     for (;;) {
       const vault = await Vault.open(env.home);

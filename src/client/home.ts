@@ -26,15 +26,25 @@ export async function readJson<T>(path: string, schema: z.ZodType<T>): Promise<T
   return parsed.data;
 }
 
+const Fingerprint = z.string().regex(/^[0-9a-f]{64}$/);
+
 export const DeviceFile = z.object({
   deviceId: z.string().nullable(),
   name: z.string(),
+  /** The first broker (files from before broker lists name only this one; it is kept for them). */
   brokerUrl: z.string(),
-  fingerprint: z.string().regex(/^[0-9a-f]{64}$/),
+  fingerprint: Fingerprint,
+  /** Every broker of the deployment in the order tried, each with its own pinned certificate. */
+  brokers: z.array(z.object({ url: z.string(), fingerprint: Fingerprint })).min(1).optional(),
   signingPublicKey: z.string(),
   secretStorage: z.enum(['file', 'tpm']),
 });
 export type DeviceFile = z.infer<typeof DeviceFile>;
+
+/** The brokers this device talks to, in order: the list, or the single broker of an older file. */
+export function brokerEndpoints(info: DeviceFile): { url: string; fingerprint: string }[] {
+  return info.brokers ?? [{ url: info.brokerUrl, fingerprint: info.fingerprint }];
+}
 
 export interface DeviceIdentity {
   info: DeviceFile;

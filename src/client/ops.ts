@@ -11,18 +11,18 @@ import { decodeManifest, encodeManifest, manifestDigest } from '../core/manifest
 import { baseBlockdev, convertChain, topExtents } from '../disk/chain.js';
 import { addChain, addLayer, StorageDaemon } from '../disk/storage-daemon.js';
 import { NbdClient } from '../nbd/client.js';
-import { probeFingerprint } from '../net/pinned-agent.js';
 import { TransferSession, uploadChunks, type Progress } from '../transfer/client.js';
 import { fillDirect } from './fill-direct.js';
+import { commitUpload } from './commit.js';
 import { retryTransfer } from './retry.js';
 import { recordEvent } from './events.js';
 import type { RateLimiter } from '../transfer/rate-limit.js';
 import { BrokerClient, BrokerError, CheckoutResponse, CheckoutView, DesktopEntry, JobView } from './broker-client.js';
-import { chooseSecretStorage, createDeviceKeys, DeviceFile, type SecretStorage, hostFacts, loadDevice, type DeviceIdentity } from './home.js';
+import { brokerEndpoints, hostFacts, loadDevice, type DeviceIdentity } from './home.js';
 import { writeFileAtomic } from '../store/files.js';
 import { Vault, type DesktopState } from './vault.js';
 import { collectChanges, type DiskReader } from './changes.js';
-import { chainOf, createMissingLayers, prepareLayerTemplates, diskDir, openDesktopDisks, readDiskFailures, readFillReport, topBytes, writeFillReport, socketDir, type DesktopDisk } from './disks.js';
+import { chainOf, createMissingLayers, diskDir, openDesktopDisks, readDiskFailures, readFillReport, topBytes, writeFillReport, socketDir, type DesktopDisk } from './disks.js';
 import { claimOwner, diskPrefix, specFor } from './holder.js';
 import { createPublicKey, type KeyObject } from 'node:crypto';
 
@@ -39,33 +39,7 @@ export interface ClientEnv {
   pollMs?: number;
 }
 
-export async function enroll(env: ClientEnv, brokerUrl: string, opts: { fingerprint?: string; name: string; acceptFingerprint?: boolean; secretStorage?: SecretStorage | 'auto' }) {
-  const u = new URL(brokerUrl);
-  if (u.protocol !== 'https:') throw new CarryonError('invalid', 'the broker URL must be https://');
-  const seen = await probeFingerprint(u.hostname, Number(u.port || 443));
-  if (opts.fingerprint && opts.fingerprint.replace(/:/g, '').toLowerCase() !== seen) {
-    throw new CarryonError('pin-mismatch', `the broker presents certificate ${seen}, not the expected ${opts.fingerprint}`);
-  }
-  if (!opts.fingerprint && !opts.acceptFingerprint) {
-    throw new CarryonError('unpinned', `the broker's certificate fingerprint is ${seen}; compare it with what the server printed and re-run with --fingerprint ${seen}`);
-  }
-  const broker = new BrokerClient(u.origin, seen);
-  try {
-    const info = await broker.call('GET', '/v1/broker', undefined, z.object({ version: z.string(), signingPublicKey: z.string() }));
-    const user = env.user ?? (() => { throw new CarryonError('invalid', 'enrolment needs --user'); })();
-    await broker.login(user, await env.password());
-    const { publicKeyB64, secretStorage } = await createDeviceKeys(env.home, chooseSecretStorage(opts.secretStorage ?? 'auto'), await env.password());
-    const host = await hostFacts(env.home);
-    const { deviceId } = await broker.call('POST', '/v1/devices', { name: opts.name, publicKey: publicKeyB64, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes } }, z.object({ deviceId: z.string() }));
-    const file: DeviceFile = { deviceId, name: opts.name, brokerUrl: u.origin, fingerprint: seen, signingPublicKey: info.signingPublicKey, secretStorage };
-    await writeFileAtomic(join(env.home, 'device.json'), JSON.stringify(file, null, 2));
-    await prepareLayerTemplates(env.home);
-    env.log(`enrolled device ${deviceId} with ${u.origin} (certificate ${seen}; device secret ${secretStorage === 'tpm' ? 'sealed by this TPM' : 'in a 0600 file (no TPM found)'})`);
-    return { deviceId, fingerprint: seen, host, secretStorage };
-  } finally {
-    await broker.close();
-  }
-}
+export { enroll } from './brokers.js';
 
 /**
  * The broker's lease-signing key, as the broker states it over the pinned TLS connection; it
@@ -80,7 +54,7 @@ async function pinnedBrokerKey(broker: BrokerClient, device: DeviceIdentity): Pr
 /** An online session for `env.user` on this device (always a fresh password check). */
 export async function onlineSession(env: ClientEnv): Promise<{ device: DeviceIdentity; broker: BrokerClient; user: string }> {
   const device = await loadDevice(env.home);
-  const broker = new BrokerClient(device.info.brokerUrl, device.info.fingerprint);
+  const broker = new BrokerClient(brokerEndpoints(device.info), '', env.log);
   const user = env.user ?? (() => { throw new CarryonError('invalid', 'this needs --user (or CARRYON_USER)'); })();
   try {
     await broker.login(user, await env.password(), device.info.deviceId!);
@@ -98,7 +72,7 @@ export async function onlineSession(env: ClientEnv): Promise<{ device: DeviceIde
  */
 export async function loginOnline(env: ClientEnv): Promise<{ user: string; renewed: string[] }> {
   const device = await loadDevice(env.home);
-  const broker = new BrokerClient(device.info.brokerUrl, device.info.fingerprint);
+  const broker = new BrokerClient(brokerEndpoints(device.info), '', env.log);
   const user = env.user ?? (() => { throw new CarryonError('invalid', 'this needs --user (or CARRYON_USER)'); })();
   const password = await env.password();
   const renewed: string[] = [];
@@ -187,7 +161,9 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       }
       const brokerKey = await pinnedBrokerKey(broker, device);
       const host = await hostFacts(env.home);
-      const res = await broker.call('POST', `/v1/desktops/${entry.id}/checkout`, { deviceId: device.info.deviceId, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes } }, CheckoutResponse);
+      // Repeatable: a check-out this device began and that is still transferring is resumed by
+      // the broker (same check-out, same job), not refused or started twice (broker/checkouts.ts).
+      const res = await broker.call('POST', `/v1/desktops/${entry.id}/checkout`, { deviceId: device.info.deviceId, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes } }, CheckoutResponse, {}, { repeatable: true });
       // The lease must verify against the broker key pinned now, inside the vault, before anything is kept.
       const lease = verifyLease(res.lease, brokerKey, { now: new Date(), deviceId: device.info.deviceId!, desktopId: entry.id });
       keys = newDesktopKeys(decodeLineageKeys(res.keys), brokerKey, createPublicKey(device.privateKey));
@@ -216,7 +192,8 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       const filled = await fillFromBroker(env, vault, broker, state, keys);
       await diskFullIsClear(env.home, () => tops);
       if (!filled.complete) throw new CarryonError('paused', 'check-out stopped; what arrived is kept — run the same command again to resume');
-      await broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }));
+      // Repeatable: a check-out already marked transferred is answered as it is.
+      await broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }), {}, { repeatable: true });
       await vault.save({ ...filled.state, state: 'checked_out', jobId: null }, keys);
       env.log(`${entry.name} is local (${filled.bytesMoved} bytes pulled); safe to go offline`);
       return { desktopId: entry.id, checkoutId: state.checkoutId, chunksMoved: filled.chunksMoved, bytesMoved: filled.bytesMoved, refetched: 0 };
@@ -329,9 +306,12 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
       state = opened.state;
       outcome = await withReaders(vault, state, opened.disks, async (readers) => {
         const changes = await collectChanges(readers, keys);
+        // The version this upload is based on: how a commit whose answer was lost is recognised.
+        const checkpoint = (await findEntry(broker, state.desktopId)).checkout?.snapshotId ?? null;
         let begin;
         try {
-          begin = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}`, { disks: changes.manifests.map((d) => ({ name: d.name, manifest: encodeManifest(d.manifest).toString('base64') })) }, z.object({ job: JobView }));
+          // Repeatable: a second begin (also accepted in checking_in) ends the first one's job and opens another.
+          begin = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}`, { disks: changes.manifests.map((d) => ({ name: d.name, manifest: encodeManifest(d.manifest).toString('base64') })) }, z.object({ job: JobView }), {}, { repeatable: true });
         } catch (err) {
           if (err instanceof BrokerError && (err.code === 'wrong-state' || err.code === 'not-found' || err.code === 'not-held')) {
             // Never delete offline work on an ambiguous answer: the user decides what happens to it.
@@ -343,7 +323,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
         const job = await activeJob(env, broker, begin.job);
         let endpoint = job.transfer!;
         const sent = await retryTransfer({ what: kind, log: env.log, signal: env.signal, beforeRetry: async () => { endpoint = await renewer(broker, job.id)(); } }, () => uploadChunks({ endpoint, ids: [...changes.changed.keys()], source: changes.source, keys, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) }));
-        const commit = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}/commit`, {}, z.object({ snapshotId: z.string(), checkout: CheckoutView }));
+        const commit = await commitUpload(broker, state, kind, checkpoint);
         return { changes, sent, commit };
       });
       if (kind === 'replicate') {

@@ -23,12 +23,13 @@ export class PinMismatchError extends CarryonError {
  * undici Agent that trusts exactly one certificate, by SHA-256 fingerprint (self-signed servers
  * pinned at enrolment), instead of the CA system. Any other certificate fails the connection.
  */
-export function pinnedAgent(fingerprint: string, opts: { connections?: number } = {}): Agent {
+export function pinnedAgent(fingerprint: string, opts: { connections?: number; connectTimeoutMs?: number; answerTimeoutMs?: number } = {}): Agent {
   const expected = normalise(fingerprint);
   // No TLS session resumption: a resumed session may not expose the peer certificate to check.
-  const base = buildConnector({ rejectUnauthorized: false, maxCachedSessions: 0 });
+  const base = buildConnector({ rejectUnauthorized: false, maxCachedSessions: 0, ...(opts.connectTimeoutMs ? { timeout: opts.connectTimeoutMs } : {}) });
   return new Agent({
     connections: opts.connections ?? 8,
+    ...(opts.answerTimeoutMs ? { headersTimeout: opts.answerTimeoutMs, bodyTimeout: opts.answerTimeoutMs } : {}),
     connect(options, callback) {
       base(options, (err, socket) => {
         if (err || !socket) return callback(err ?? new Error('connect failed'), null);
