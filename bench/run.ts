@@ -5,6 +5,7 @@ import { checkinSection } from './checkin.js';
 import { concurrentSection } from './concurrent.js';
 import { gcSection } from './gc.js';
 import { importSection } from './import.js';
+import { luksCostSection } from './luks-cost.js';
 import { memorySection } from './memory.js';
 import { runtimeDiskSection } from './runtime-disk.js';
 import type { BenchRow, BenchSection } from './types.js';
@@ -20,6 +21,7 @@ const sections: BenchSection[] = [
   memorySection(work, 20 * scale),
   checkinSection(work, 4 * scale, 0.04 * scale, true, ['random', 'typical']),
   checkinSection(work, 16 * scale, 0.04 * scale, false),
+  luksCostSection(work, 1 * scale),
   gcSection(work, 1 * scale),
   concurrentSection(work, Math.max(64, 512 * scale)),
 ];
@@ -45,8 +47,9 @@ const READING = [
   '  put fio (nbd engine) and nbdcopy on `carryon serve` (qemu-storage-daemon exporting the chain) and on qemu-nbd',
   '  serving a standalone LUKS qcow2 of the same image, in the same run. Vault growth is measured first, on the',
   '  fresh top a check-out leaves; the I/O rows then run on the allocated top, as a desktop in use has it.',
-  '- Check-out time includes making the two LUKS layers: QEMU benchmarks its PBKDF for ≈ 1 s of CPU per image,',
-  '  even with a minimal iter-time; the top is made while the base fills.',
+  '- Check-out writes every data chunk into the LUKS base through qemu-storage-daemon, so QEMU\'s AES-256-XTS',
+  '  (per 512-byte sector) is part of it: see "Encryption cost inside QEMU". The two layers are re-keyed copies of',
+  '  templates QEMU made once at enrolment (its PBKDF benchmark, ≈ 2 s of CPU per image, is not paid per check-out).',
   '- Datacenter chunks live in pack files (one fdatasync and one SQLite commit per group), not a file per blob.',
   '- Crypto ceiling: Node\'s bundled OpenSSL does AES-256-GCM at about a quarter of the system `openssl speed`',
   '  figure on this CPU (rows "Node\'s own …"; SHA-256 is on par).',

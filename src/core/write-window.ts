@@ -9,7 +9,7 @@ export class WriteWindow {
   constructor(private readonly size: number) {}
 
   async add(write: Promise<void>): Promise<void> {
-    this.check();
+    // Tracked before anything can throw: a write handed over is always observed.
     const tracked: Promise<void> = write.then(
       () => void this.inFlight.delete(tracked),
       (error: unknown) => {
