@@ -203,7 +203,10 @@ export async function downloadChunks(opts: TransferOptions & { localStore: Chunk
   try {
     for (let round = 0; queue.length && round <= maxRetries; round++) {
       const failed: ChunkId[] = [];
-      await inBatches(queue, opts.batchSize ?? 64, opts.streams ?? session.endpoint.maxStreams, async (batch) => {
+      const streams = opts.streams ?? session.endpoint.maxStreams;
+      // A small change still uses every stream: both ends seal and check frames one at a time per stream.
+      const batchSize = Math.max(1, Math.min(opts.batchSize ?? 64, Math.ceil(queue.length / streams)));
+      await inBatches(queue, batchSize, streams, async (batch) => {
         const res = await session.call('/v1/chunks/fetch', JSON.stringify({ ids: batch }), opts.signal);
         const decoder = new FrameDecoder();
         const seen = new Set<ChunkId>();
@@ -274,7 +277,10 @@ export async function uploadChunks(opts: TransferOptions, shared?: TransferSessi
     for (let round = 0; queue.length; round++) {
       const resendWhole: ChunkId[] = [];
       const useDelta = round === 0;
-      await inBatches(queue, opts.batchSize ?? 64, opts.streams ?? session.endpoint.maxStreams, async (batch) => {
+      const streams = opts.streams ?? session.endpoint.maxStreams;
+      // A small change still uses every stream: both ends seal and check frames one at a time per stream.
+      const batchSize = Math.max(1, Math.min(opts.batchSize ?? 64, Math.ceil(queue.length / streams)));
+      await inBatches(queue, batchSize, streams, async (batch) => {
         let sent = 0;
         // Streamed: one blob in memory per stream, read from the vault as the socket drains.
         async function* frames(): AsyncGenerator<Buffer> {
