@@ -6,7 +6,7 @@ import { probeFingerprint } from '../net/pinned-agent.js';
 import { writeFileAtomic } from '../store/files.js';
 import { BrokerClient, type BrokerEndpoint } from './broker-client.js';
 import { brokerEndpoints, chooseSecretStorage, createDeviceKeys, DeviceFile, hostFacts, loadDevice, readJson, type SecretStorage } from './home.js';
-import type { ClientEnv } from './ops.js';
+import type { ClientEnv } from './session.js';
 
 const BrokerInfo = z.object({ version: z.string(), signingPublicKey: z.string() });
 
