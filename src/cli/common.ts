@@ -3,7 +3,10 @@ import { createInterface } from 'node:readline';
 import { Writable } from 'node:stream';
 import cliProgress from 'cli-progress';
 import { CarryonError } from '../core/errors.js';
+import { formatBytes } from '../core/format.js';
 import type { Progress } from '../transfer/client.js';
+
+export { formatBytes };
 
 /** Reads a password: env CARRYON_PASSWORD, a --password-file, or a prompt without echo. */
 export function passwordSource(opts: { passwordFile?: string }, envName = 'CARRYON_PASSWORD', what = 'Password'): () => Promise<string> {
@@ -45,16 +48,6 @@ export function table(rows: Record<string, unknown>[], columns?: string[]): void
   const widths = cols.map((c) => Math.max(c.length, ...rows.map((r) => cell(r[c]).length)));
   const line = (vals: string[]) => vals.map((v, i) => v.padEnd(widths[i]!)).join('  ').trimEnd();
   process.stdout.write(`${line(cols.map((c) => c.toUpperCase()))}\n${rows.map((r) => line(cols.map((c) => cell(r[c])))).join('\n')}\n`);
-}
-
-export function formatBytes(n: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) {
-    n /= 1024;
-    i++;
-  }
-  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
 }
 
 /** A progress bar on a terminal (bytes, rate, ETA); a line every few seconds otherwise. */

@@ -1,33 +1,5 @@
-import { formatBytes } from './common.js';
-
-/** Human units for admin tables: MiB, MB/s, "3 h ago", "2 d left". */
-export const bytes = (n: unknown): string => (typeof n === 'number' && Number.isFinite(n) ? formatBytes(n) : '');
-
-export function rate(bytesPerSec: unknown): string {
-  const n = typeof bytesPerSec === 'number' ? bytesPerSec : 0;
-  return `${(n / 1e6).toFixed(n > 0 && n < 1e7 ? 2 : 1)} MB/s`;
-}
-
-function span(sec: number): string {
-  if (sec < 60) return `${Math.round(sec)} s`;
-  if (sec < 3600) return `${Math.round(sec / 60)} min`;
-  if (sec < 2 * 86400) return `${Math.round(sec / 3600)} h`;
-  return `${Math.round(sec / 86400)} d`;
-}
-
-export function ago(iso: unknown, now = Date.now()): string {
-  if (typeof iso !== 'string' || !iso) return 'never';
-  const sec = (now - Date.parse(iso)) / 1000;
-  return sec < 5 ? 'just now' : `${span(sec)} ago`;
-}
-
-export function left(iso: unknown, now = Date.now()): string {
-  if (typeof iso !== 'string' || !iso) return '';
-  const sec = (Date.parse(iso) - now) / 1000;
-  return sec <= 0 ? 'expired' : `${span(sec)} left`;
-}
-
-export const percent = (p: unknown): string => (typeof p === 'number' ? `${p.toFixed(p % 1 ? 1 : 0)}%` : '');
+/** Admin tables: aligned columns of human units (the units themselves are core/format.ts, shared with the web console). */
+export { ago, bytes, left, percent, rate } from '../core/format.js';
 
 export interface Col<T> {
   /** Header. */

@@ -5,8 +5,9 @@ import { CarryonError } from '../core/errors.js';
 import { probeFingerprint } from '../net/pinned-agent.js';
 import { writeFileAtomic } from '../store/files.js';
 import { BrokerClient, type BrokerEndpoint } from './broker-client.js';
-import { brokerEndpoints, chooseSecretStorage, createDeviceKeys, DeviceFile, hostFacts, loadDevice, readJson, type SecretStorage } from './home.js';
-import type { ClientEnv } from './ops.js';
+import { brokerEndpoints, chooseSecretStorage, createDeviceKeys, DeviceFile, hostFacts, loadDevice, type SecretStorage } from './home.js';
+import { readJsonFile } from './json-file.js';
+import type { ClientEnv } from './session.js';
 
 const BrokerInfo = z.object({ version: z.string(), signingPublicKey: z.string() });
 
@@ -140,7 +141,7 @@ export async function removeBrokers(home: string, urls: readonly string[]): Prom
 }
 
 async function deviceFile(home: string): Promise<DeviceFile> {
-  const file = await readJson(join(home, 'device.json'), DeviceFile);
+  const file = await readJsonFile(join(home, 'device.json'), DeviceFile, { missing: null });
   if (!file || !file.deviceId) throw new CarryonError('not-enrolled', `no enrolled device in ${home}: run \`carryon enroll <broker-url>\` first`);
   return file;
 }

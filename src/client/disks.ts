@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { lstat, mkdir, readFile } from 'node:fs/promises';
+import { lstat, mkdir } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { z } from 'zod';
@@ -13,6 +13,7 @@ import { existsSync } from 'node:fs';
 import { CarryonError } from '../core/errors.js';
 import { writeFileAtomic } from '../store/files.js';
 import { recordEvent } from './events.js';
+import { readJsonFile } from './json-file.js';
 import type { DesktopState, Vault } from './vault.js';
 
 /** A desktop disk as the client works with it: its chain, checkpoint manifest and state entry. */
@@ -136,23 +137,16 @@ export async function writeFillReport(vault: Vault, desktopId: string, report: F
 }
 
 export async function readFillReport(vault: Vault, desktopId: string): Promise<FillReport | null> {
-  try {
-    const r = FillReport.safeParse(JSON.parse(await readFile(join(runDir(vault, desktopId), 'fill.json'), 'utf8')));
-    return r.success ? r.data : null;
-  } catch {
-    return null;
-  }
+  // For display only, and replaced once a second: damaged reads as none.
+  return readJsonFile(join(runDir(vault, desktopId), 'fill.json'), FillReport, { missing: null, damaged: null });
 }
 
 const FailureList = z.array(z.object({ at: z.string(), message: z.string() }));
 const failuresFile = (vault: Vault, desktopId: string) => join(vault.desktopDir(desktopId), 'failures.json');
 
 export async function readDiskFailures(vault: Vault, desktopId: string): Promise<{ at: string; message: string }[]> {
-  try {
-    return FailureList.parse(JSON.parse(await readFile(failuresFile(vault, desktopId), 'utf8')));
-  } catch {
-    return [];
-  }
+  // For status and the heartbeat; each failure also went to the offline events when it happened: damaged reads as none.
+  return readJsonFile(failuresFile(vault, desktopId), FailureList, { missing: [], damaged: [] });
 }
 
 /** Failures a reader saw (a chunk that failed authentication, a link that gave up), kept for status and the audit. */

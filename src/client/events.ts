@@ -1,7 +1,8 @@
-import { readFile } from 'node:fs/promises';
+import { rename } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { writeFileAtomic } from '../store/files.js';
+import { readJsonFile } from './json-file.js';
 
 /** What happened on this laptop without the broker (run, serve, export, read failures), for the audit trail. */
 export const OfflineEvent = z.object({ time: z.string(), action: z.string().regex(/^[a-z][a-z-]{0,39}$/), desktopId: z.string().optional(), detail: z.string().max(1000).optional() });
@@ -9,10 +10,15 @@ export type OfflineEvent = z.infer<typeof OfflineEvent>;
 
 const file = (home: string) => join(home, 'events.json');
 
+/**
+ * The events not yet reported. A file that does not read is set aside (`events.json.damaged-<time>`,
+ * for a person to look at) rather than overwritten by the next write, and the list starts again.
+ */
 async function read(home: string): Promise<OfflineEvent[]> {
   try {
-    return z.array(OfflineEvent).parse(JSON.parse(await readFile(file(home), 'utf8')));
+    return await readJsonFile(file(home), z.array(OfflineEvent), { missing: [] });
   } catch {
+    await rename(file(home), `${file(home)}.damaged-${Date.now()}`).catch(() => undefined);
     return [];
   }
 }

@@ -1,4 +1,3 @@
-import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { openBlob } from '../core/blob.js';
@@ -12,16 +11,15 @@ import { writeFileAtomic } from '../store/files.js';
 import { fetchBlobs, TransferFailed, type Progress, type TransferSession } from '../transfer/client.js';
 import type { RateLimiter } from '../transfer/rate-limit.js';
 import type { DesktopDisk } from './disks.js';
+import { readJsonFile } from './json-file.js';
 
 const Filled = z.object({ v: z.literal(1), chunks: z.array(z.number().int().nonnegative()) });
 
 /** Chunk indexes of a base made durable so far (written only after an NBD flush). */
 export async function readFilled(dir: string): Promise<Set<number>> {
-  try {
-    return new Set(Filled.parse(JSON.parse(await readFile(join(dir, 'filled.json'), 'utf8'))).chunks);
-  } catch {
-    return new Set();
-  }
+  // Damaged: start over; the chunks are fetched and written again, with the same bytes.
+  const filled = await readJsonFile(join(dir, 'filled.json'), Filled, { missing: null, damaged: null });
+  return new Set(filled?.chunks);
 }
 
 /**

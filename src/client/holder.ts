@@ -1,4 +1,5 @@
-import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { link, mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { CarryonError } from '../core/errors.js';
@@ -12,6 +13,7 @@ import { TransferSession, type Progress, type TransferEndpoint } from '../transf
 import type { RateLimiter } from '../transfer/rate-limit.js';
 import { recordDiskFailure, runDir, socketDir, writeFillReport, type DesktopDisk } from './disks.js';
 import type { DesktopKeys } from './desktop-keys.js';
+import { readJsonFile } from './json-file.js';
 import type { DesktopState, Vault } from './vault.js';
 
 /** Node names of disk `i` in whichever QEMU holds the chain. */
@@ -126,12 +128,9 @@ function alive(pid: number): boolean {
 
 /** The live process holding the desktop's disk, if any. */
 export async function readOwner(vault: Vault, desktopId: string): Promise<z.infer<typeof Owner> | null> {
-  try {
-    const parsed = Owner.safeParse(JSON.parse(await readFile(join(runDir(vault, desktopId), 'owner.json'), 'utf8')));
-    return parsed.success && parsed.data.pid !== process.pid && alive(parsed.data.pid) ? parsed.data : null;
-  } catch {
-    return null;
-  }
+  // A claim appears whole (claimOwner), so a damaged one was not written by a live owner: stale, like a dead pid.
+  const owner = await readJsonFile(join(runDir(vault, desktopId), 'owner.json'), Owner, { missing: null, damaged: null });
+  return owner && owner.pid !== process.pid && alive(owner.pid) ? owner : null;
 }
 
 /**
@@ -142,28 +141,35 @@ export async function readOwner(vault: Vault, desktopId: string): Promise<z.infe
 export async function claimOwner(vault: Vault, desktopId: string, kind: OwnerKind, log: (l: string) => void): Promise<() => Promise<void>> {
   const file = join(runDir(vault, desktopId), 'owner.json');
   await mkdir(runDir(vault, desktopId), { recursive: true, mode: 0o700 });
-  for (let attempt = 0; attempt < 5; attempt++) {
-    try {
-      // Exclusive create: of two processes starting at once, exactly one becomes the owner.
-      await writeFile(file, JSON.stringify({ pid: process.pid, kind }), { flag: 'wx', mode: 0o600 });
-      return async () => {
-        await rm(file, { force: true });
-      };
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-    }
-    const current = await readOwner(vault, desktopId);
-    if (current) {
-      if (current.kind !== 'checkout' || (kind !== 'run' && kind !== 'serve')) {
-        throw new CarryonError('disk-busy', `the desktop is in use by \`carryon ${current.kind}\` (pid ${current.pid}): stop it first${kind === 'checkin' || kind === 'replicate' ? ' (shut the desktop down, then check in)' : ''}`);
+  // The claim is written aside first and linked into place: the link is the exclusive create (of two
+  // processes starting at once, exactly one becomes the owner), and no one ever reads a half-written claim.
+  const mine = `${file}.${process.pid}-${randomBytes(6).toString('hex')}`;
+  await writeFile(mine, JSON.stringify({ pid: process.pid, kind }), { mode: 0o600 });
+  try {
+    for (let attempt = 0; attempt < 5; attempt++) {
+      try {
+        await link(mine, file);
+        return async () => {
+          await rm(file, { force: true });
+        };
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
       }
-      log(`pausing the running check-out (pid ${current.pid}); the download continues here`);
-      process.kill(current.pid, 'SIGINT');
-      for (let i = 0; i < 300 && alive(current.pid); i++) await new Promise((r) => setTimeout(r, 100));
-      if (alive(current.pid)) throw new CarryonError('disk-busy', `the check-out (pid ${current.pid}) did not stop within 30 s`);
+      const current = await readOwner(vault, desktopId);
+      if (current) {
+        if (current.kind !== 'checkout' || (kind !== 'run' && kind !== 'serve')) {
+          throw new CarryonError('disk-busy', `the desktop is in use by \`carryon ${current.kind}\` (pid ${current.pid}): stop it first${kind === 'checkin' || kind === 'replicate' ? ' (shut the desktop down, then check in)' : ''}`);
+        }
+        log(`pausing the running check-out (pid ${current.pid}); the download continues here`);
+        process.kill(current.pid, 'SIGINT');
+        for (let i = 0; i < 300 && alive(current.pid); i++) await new Promise((r) => setTimeout(r, 100));
+        if (alive(current.pid)) throw new CarryonError('disk-busy', `the check-out (pid ${current.pid}) did not stop within 30 s`);
+      }
+      // The owner is gone (finished, or killed with -9): its claim is stale.
+      await rm(file, { force: true });
     }
-    // The owner is gone (finished, or killed with -9): its claim is stale.
-    await rm(file, { force: true });
+    throw new CarryonError('disk-busy', 'another carryon process keeps claiming this desktop');
+  } finally {
+    await rm(mine, { force: true });
   }
-  throw new CarryonError('disk-busy', 'another carryon process keeps claiming this desktop');
 }

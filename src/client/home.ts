@@ -7,23 +7,11 @@ import { z } from 'zod';
 import { CarryonError } from '../core/errors.js';
 import { generateSigningKey, privateKeyFromPem, privateKeyToPem, publicKeyToBase64 } from '../core/signing.js';
 import { writeFileAtomic } from '../store/files.js';
+import { readJsonFile } from './json-file.js';
 import { sealToTpm, TPM_KEY_PUBLIC, tpmAvailable, TpmError, unsealDeviceKey, unsealFromTpm } from './tpm.js';
 
 export function defaultHome(): string {
   return process.env.CARRYON_HOME ?? join(homedir(), '.carryon');
-}
-
-export async function readJson<T>(path: string, schema: z.ZodType<T>): Promise<T | null> {
-  let text: string;
-  try {
-    text = await readFile(path, 'utf8');
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
-    throw err;
-  }
-  const parsed = schema.safeParse(JSON.parse(text));
-  if (!parsed.success) throw new CarryonError('bad-state', `${path} is damaged: ${parsed.error.issues[0]?.message ?? 'invalid'}`);
-  return parsed.data;
 }
 
 const Fingerprint = z.string().regex(/^[0-9a-f]{64}$/);
@@ -82,7 +70,7 @@ export async function createDeviceKeys(home: string, storage: SecretStorage, pas
 }
 
 export async function loadDevice(home: string): Promise<DeviceIdentity> {
-  const info = await readJson(join(home, 'device.json'), DeviceFile);
+  const info = await readJsonFile(join(home, 'device.json'), DeviceFile, { missing: null });
   if (!info || !info.deviceId) throw new CarryonError('not-enrolled', `no enrolled device in ${home}: run \`carryon enroll <broker-url>\` first`);
   // Homes enrolled before the key was sealed keep their PEM.
   const privateKey = info.secretStorage === 'tpm' && existsSync(join(home, TPM_KEY_PUBLIC))

@@ -1,9 +1,11 @@
-import { readFile, rm } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
+import { z } from 'zod';
 import { CarryonError } from '../core/errors.js';
 import { LeaseError, SignedLease, verifyLease, type LeasePayload } from '../core/lease.js';
 import type { DesktopKeys } from './desktop-keys.js';
 import { LEASE, LOCK, mintToken, readClock, readLockRecord, tokenMatches, writeClock } from './guards.js';
+import { readJsonFile } from './json-file.js';
 import { readTpmClock } from './tpm.js';
 import type { DesktopState, Vault } from './vault.js';
 
@@ -43,10 +45,9 @@ export async function resetClock(vault: Vault, state: DesktopState, keys: Deskto
  * (MACed) or a renewal in lease.json. A lease.json that does not verify refuses outright.
  */
 export async function currentLease(vault: Vault, state: DesktopState, keys: DesktopKeys, deviceId: string): Promise<SignedLease> {
-  let renewed: unknown = null;
-  try {
-    renewed = JSON.parse(await readFile(join(vault.desktopDir(state.desktopId), LEASE), 'utf8'));
-  } catch { /* none: the check-out's lease stands */ }
+  // Missing, or not even JSON: the check-out's lease stands (as it would if the file were deleted).
+  // Anything else must verify below.
+  const renewed = await readJsonFile(join(vault.desktopDir(state.desktopId), LEASE), z.unknown(), { missing: null, damaged: null });
   if (renewed === null) return state.lease;
   const epoch = new Date(0);
   let payload: LeasePayload;

@@ -12,6 +12,7 @@ import { chainFiles, eraseChainKeys } from '../disk/chain.js';
 import { openDesktopKeys, recordMac, recordMacOk, sealDesktopKeys, type DesktopKeys } from './desktop-keys.js';
 import { isLockedByToken, LEASE, presentationOnly, shred, TOKEN } from './guards.js';
 import type { DeviceIdentity } from './home.js';
+import { readJsonFile } from './json-file.js';
 import { checkStoredCost, scryptMaxmem, vaultScryptN } from './kdf.js';
 import { releaseKeys } from './key-release.js';
 import { writeFileAtomic } from '../store/files.js';
@@ -71,15 +72,9 @@ export class Vault {
   /** The state as stored, not yet authenticated (enough to list and report; keys come only through openKeys). */
   private async readState(desktopId: string): Promise<{ state: DesktopState; body: string; mac: string } | null> {
     const path = join(this.desktopDir(desktopId), 'state.json');
-    let text: string;
+    const file = await readJsonFile(path, StateFile, { missing: null });
+    if (!file) return null;
     try {
-      text = await readFile(path, 'utf8');
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
-      throw err;
-    }
-    try {
-      const file = StateFile.parse(JSON.parse(text));
       return { state: DesktopState.parse(JSON.parse(file.body)), body: file.body, mac: file.mac };
     } catch (err) {
       throw new CarryonError('bad-state', `${path} is damaged or was written by an older Carryon: ${(err as Error).message.split('\n')[0]}`);
@@ -172,11 +167,8 @@ export class Vault {
 
   /** The newest lease as stored, not verified (for the agent's decisions, which can only lock). */
   async storedLease(state: DesktopState): Promise<SignedLease> {
-    try {
-      return SignedLease.parse(JSON.parse(await readFile(join(this.desktopDir(state.desktopId), LEASE), 'utf8')));
-    } catch {
-      return state.lease;
-    }
+    // Damaged reads as none: the agent's decisions from it can only lock (deleting the file does as much).
+    return readJsonFile(join(this.desktopDir(state.desktopId), LEASE), SignedLease, { missing: state.lease, damaged: state.lease });
   }
 
   async putManifest(desktopId: string, m: Manifest): Promise<string> {
@@ -212,10 +204,7 @@ export class Vault {
 
   /** The user's local settings, presentation only (display, keyboard): never policy. */
   async readLocalConfig(desktopId: string): Promise<Record<string, unknown>> {
-    try {
-      return presentationOnly(JSON.parse(await readFile(join(this.desktopDir(desktopId), 'local-config.json'), 'utf8')) as Record<string, unknown>);
-    } catch {
-      return {};
-    }
+    // Presentation only (never policy): damaged reads as no settings.
+    return presentationOnly(await readJsonFile(join(this.desktopDir(desktopId), 'local-config.json'), z.record(z.string(), z.unknown()), { missing: {}, damaged: {} }));
   }
 }

@@ -30,6 +30,13 @@ interface Waiter {
   reject: (e: Error) => void;
 }
 
+/** A queue of chunks to fetch, how many go in one request, and how many requests of it are running. */
+interface Lane {
+  queue: ChunkId[];
+  batch: number;
+  active: number;
+}
+
 /**
  * The checkpoint as a read-only block device whose chunks come from the transfer server as they
  * are read: the backing of a base that is still being filled. Every blob is authenticated (GCM,
@@ -42,10 +49,8 @@ export class RemoteCheckpoint implements BlockDevice {
   readonly readOnly = true;
   private readonly cache: ByteLru<ChunkId>;
   private readonly inflight = new Map<ChunkId, Waiter[]>();
-  private readonly demandQueue: ChunkId[] = [];
-  private readonly prefetchQueue: ChunkId[] = [];
-  private demandActive = 0;
-  private prefetchActive = 0;
+  /** Chunks waiting to be fetched, for the guest (`demand`) and for the fill ahead of it (`prefetch`). */
+  private readonly lanes: Record<'demand' | 'prefetch', Lane> = { demand: { queue: [], batch: 16, active: 0 }, prefetch: { queue: [], batch: 8, active: 0 } };
   private nextSequential = -1;
   private closed = false;
   private readonly lengthById = new Map<ChunkId, number>();
@@ -116,16 +121,16 @@ export class RemoteCheckpoint implements BlockDevice {
         return;
       }
       this.inflight.set(id, [{ resolve, reject }]);
-      (lane === 'demand' ? this.demandQueue : this.prefetchQueue).push(id);
+      this.lanes[lane].queue.push(id);
       this.pump();
     });
   }
 
   private promote(id: ChunkId): void {
-    const at = this.prefetchQueue.indexOf(id);
+    const at = this.lanes.prefetch.queue.indexOf(id);
     if (at < 0) return;
-    this.prefetchQueue.splice(at, 1);
-    this.demandQueue.push(id);
+    this.lanes.prefetch.queue.splice(at, 1);
+    this.lanes.demand.queue.push(id);
     this.pump();
   }
 
@@ -136,28 +141,25 @@ export class RemoteCheckpoint implements BlockDevice {
       const id = chunks[i];
       if (!id || this.cache.has(id) || this.inflight.has(id)) continue;
       this.inflight.set(id, []);
-      this.prefetchQueue.push(id);
+      this.lanes.prefetch.queue.push(id);
     }
     this.pump();
   }
 
   /** Demand reads get one stream of their own; the fill gets the rest (at least one). */
   private pump(): void {
-    const demandLanes = 1;
-    const prefetchLanes = Math.max(1, this.streams - demandLanes);
-    while (this.demandQueue.length && this.demandActive < demandLanes) {
-      const batch = this.demandQueue.splice(0, 16);
-      this.demandActive++;
+    const demandStreams = 1;
+    this.drive(this.lanes.demand, demandStreams);
+    this.drive(this.lanes.prefetch, Math.max(1, this.streams - demandStreams));
+  }
+
+  /** Starts fetches from the lane's queue, a batch each, until it runs `streams` of them. */
+  private drive(lane: Lane, streams: number): void {
+    while (lane.queue.length && lane.active < streams) {
+      const batch = lane.queue.splice(0, lane.batch);
+      lane.active++;
       void this.fetch(batch).finally(() => {
-        this.demandActive--;
-        this.pump();
-      });
-    }
-    while (this.prefetchQueue.length && this.prefetchActive < prefetchLanes) {
-      const batch = this.prefetchQueue.splice(0, 8);
-      this.prefetchActive++;
-      void this.fetch(batch).finally(() => {
-        this.prefetchActive--;
+        lane.active--;
         this.pump();
       });
     }

@@ -1,6 +1,7 @@
 import { connect, type Socket } from 'node:net';
 import { CarryonError } from '../core/errors.js';
-import { CMD, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO, MAX_PAYLOAD, NBDMAGIC, OPT, OPT_REPLY_MAGIC, REP, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC } from './protocol.js';
+import { CMD, encodeRequest, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO, MAX_PAYLOAD, NBDMAGIC, OPT, OPT_REPLY_MAGIC, REP, SIMPLE_REPLY_MAGIC } from './protocol.js';
+import { ByteQueue, SocketReader } from './reader.js';
 
 export class NbdClientError extends CarryonError {
   constructor(message: string) {
@@ -20,8 +21,7 @@ interface Pending {
  */
 export class NbdClient {
   /** Received bytes not yet consumed: a list of pieces, joined only when one reply is whole. */
-  private pieces: Buffer[] = [];
-  private have = 0;
+  private received = new ByteQueue();
   private pending = new Map<bigint, Pending>();
   private nextHandle = 1n;
   private current: { handle: bigint; p: Pending } | null = null;
@@ -46,35 +46,12 @@ export class NbdClient {
 
   static async connect(socketPath: string, exportName: string): Promise<NbdClient> {
     const sock = connect(socketPath);
-    const chunks: Buffer[] = [];
-    let have = 0;
-    let wake: (() => void) | null = null;
-    let ended: Error | null = null;
-    const onData = (d: Buffer) => {
-      chunks.push(d);
-      have += d.length;
-      wake?.();
-    };
-    sock.on('data', onData);
-    sock.once('error', (e) => ((ended = e), wake?.()));
-    sock.once('close', () => ((ended ??= new NbdClientError('NBD server closed the connection during the handshake')), wake?.()));
-    const read = async (n: number): Promise<Buffer> => {
-      while (have < n) {
-        if (ended) throw ended;
-        await new Promise<void>((r) => (wake = r));
-        wake = null;
-      }
-      const all = Buffer.concat(chunks);
-      chunks.length = 0;
-      if (all.length > n) chunks.push(all.subarray(n));
-      have -= n;
-      return all.subarray(0, n);
-    };
+    const reader = new SocketReader(sock, () => new NbdClientError('NBD server closed the connection during the handshake'));
     await new Promise<void>((resolve, reject) => {
       sock.once('connect', resolve);
       sock.once('error', reject);
     });
-    const hello = await read(18);
+    const hello = await reader.read(18);
     if (hello.readBigUInt64BE(0) !== NBDMAGIC || hello.readBigUInt64BE(8) !== IHAVEOPT) throw new NbdClientError('not an NBD newstyle server');
     if (!(hello.readUInt16BE(16) & FLAG_FIXED_NEWSTYLE)) throw new NbdClientError('NBD server lacks fixed newstyle');
     const flags = Buffer.alloc(4);
@@ -91,10 +68,10 @@ export class NbdClient {
     let size = -1;
     let tflags = 0;
     for (let i = 0; i < 64; i++) {
-      const h = await read(20);
+      const h = await reader.read(20);
       if (h.readBigUInt64BE(0) !== OPT_REPLY_MAGIC) throw new NbdClientError('bad option reply');
       const type = h.readUInt32BE(12);
-      const body = await read(h.readUInt32BE(16));
+      const body = await reader.read(h.readUInt32BE(16));
       if (type === REP.ACK) break;
       if (type === REP.INFO && body.readUInt16BE(0) === INFO.EXPORT) {
         size = Number(body.readBigUInt64BE(2));
@@ -104,10 +81,9 @@ export class NbdClient {
       }
     }
     if (size < 0) throw new NbdClientError('NBD server sent no export size');
-    sock.removeListener('data', onData);
+    const rest = reader.detach();
     const client = new NbdClient(sock, size, Boolean(tflags & 2));
-    const rest = Buffer.concat(chunks);
-    if (rest.length) client.onData(rest);
+    if (rest.length) client.onData(rest.take(rest.length));
     return client;
   }
 
@@ -125,7 +101,7 @@ export class NbdClient {
 
   async close(): Promise<void> {
     if (!this.failed) {
-      this.sock.write(header(CMD.DISC, 0n, 0, 0));
+      this.sock.write(encodeRequest({ type: CMD.DISC, handle: 0n, offset: 0, length: 0 }));
       this.failed = new NbdClientError('closed');
     }
     this.sock.end();
@@ -140,48 +116,23 @@ export class NbdClient {
     return new Promise((resolve, reject) => {
       this.pending.set(handle, { length: type === CMD.READ ? length : 0, resolve, reject });
       if (!payload) {
-        this.sock.write(header(type, handle, offset, length));
+        this.sock.write(encodeRequest({ type, handle, offset, length }));
         return;
       }
       // Corked: header and payload leave in one writev, without copying the payload.
       this.sock.cork();
-      this.sock.write(header(type, handle, offset, length));
+      this.sock.write(encodeRequest({ type, handle, offset, length }));
       this.sock.write(payload);
       this.sock.uncork();
     });
   }
 
-  /** The next `n` received bytes, as one buffer (copied only when they span pieces). */
-  private take(n: number): Buffer {
-    const first = this.pieces[0]!;
-    let out: Buffer;
-    if (first.length >= n) {
-      out = first.subarray(0, n);
-      if (first.length === n) this.pieces.shift();
-      else this.pieces[0] = first.subarray(n);
-    } else {
-      out = Buffer.allocUnsafe(n);
-      let at = 0;
-      while (at < n) {
-        const p = this.pieces[0]!;
-        const k = Math.min(p.length, n - at);
-        p.copy(out, at, 0, k);
-        at += k;
-        if (k === p.length) this.pieces.shift();
-        else this.pieces[0] = p.subarray(k);
-      }
-    }
-    this.have -= n;
-    return out;
-  }
-
   private onData(d: Buffer): void {
-    this.pieces.push(d);
-    this.have += d.length;
+    this.received.push(d);
     for (;;) {
       if (!this.current) {
-        if (this.have < 16) return;
-        const head = this.take(16);
+        if (this.received.length < 16) return;
+        const head = this.received.take(16);
         if (head.readUInt32BE(0) !== SIMPLE_REPLY_MAGIC) {
           this.sock.destroy(new NbdClientError('bad NBD reply magic'));
           return;
@@ -204,9 +155,9 @@ export class NbdClient {
         }
         this.current = { handle, p };
       }
-      if (this.have < this.current.p.length) return;
+      if (this.received.length < this.current.p.length) return;
       // A view of a socket buffer is the caller's to keep: the socket never reuses it.
-      const data = this.take(this.current.p.length);
+      const data = this.received.take(this.current.p.length);
       this.current.p.resolve(data);
       this.current = null;
     }
@@ -215,14 +166,3 @@ export class NbdClient {
 
 /** What the NBD errors mean (a full disk must read as one to the caller). */
 const ERRNO_TEXT: Record<number, string> = { 1: 'EPERM: not permitted', 5: 'EIO: I/O error', 12: 'ENOMEM', 22: 'EINVAL: invalid request', 28: 'ENOSPC: No space left on device', 95: 'ENOTSUP' };
-
-function header(type: number, handle: bigint, offset: number, length: number): Buffer {
-  const b = Buffer.alloc(28);
-  b.writeUInt32BE(REQUEST_MAGIC, 0);
-  b.writeUInt16BE(0, 4);
-  b.writeUInt16BE(type, 6);
-  b.writeBigUInt64BE(handle, 8);
-  b.writeBigUInt64BE(BigInt(offset), 16);
-  b.writeUInt32BE(length, 24);
-  return b;
-}

@@ -6,45 +6,9 @@ import {
   blockSizeInfo, CMD, CMD_FLAG_FUA, ERR, exportInfo, exportNameReply, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, MAX_OPTION,
   MAX_PAYLOAD, OPT, optionReply, parseGoData, parseRequest, REP, serverHello, serverListEntry, simpleReply, transmissionFlags,
 } from './protocol.js';
+import { SocketReader } from './reader.js';
 
 class ProtocolError extends Error {}
-
-/** Buffered exact reads from a socket; rejects when the peer goes away. */
-class SocketReader {
-  private chunks: Buffer[] = [];
-  private length = 0;
-  private waiter: (() => void) | null = null;
-  private ended = false;
-
-  constructor(socket: Socket) {
-    socket.on('data', (d: Buffer) => {
-      this.chunks.push(d);
-      this.length += d.length;
-      this.waiter?.();
-    });
-    const end = () => {
-      this.ended = true;
-      this.waiter?.();
-    };
-    socket.on('end', end);
-    socket.on('close', end);
-    socket.on('error', end);
-  }
-
-  async read(n: number): Promise<Buffer> {
-    while (this.length < n) {
-      if (this.ended) throw new ProtocolError('peer closed the connection');
-      await new Promise<void>((r) => (this.waiter = r));
-      this.waiter = null;
-    }
-    const all = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks, this.length);
-    const out = all.subarray(0, n);
-    const rest = all.subarray(n);
-    this.chunks = rest.length ? [rest] : [];
-    this.length = rest.length;
-    return out;
-  }
-}
 
 export interface NbdServer {
   address: string;
@@ -88,7 +52,7 @@ export async function serveNbd(exports: Map<string, BlockDevice>, where: { socke
 }
 
 async function handle(socket: Socket, exports: Map<string, BlockDevice>): Promise<void> {
-  const rd = new SocketReader(socket);
+  const rd = new SocketReader(socket, () => new ProtocolError('peer closed the connection'));
   socket.write(serverHello());
   const clientFlags = (await rd.read(4)).readUInt32BE(0);
   if (clientFlags & ~(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)) throw new ProtocolError('unknown client flags');

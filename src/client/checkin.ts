@@ -1,0 +1,106 @@
+import { join } from 'node:path';
+import { z } from 'zod';
+import { CarryonError } from '../core/errors.js';
+import { encodeManifest } from '../core/manifest.js';
+import { addChain, StorageDaemon } from '../disk/storage-daemon.js';
+import { NbdClient } from '../nbd/client.js';
+import { uploadChunks } from '../transfer/client.js';
+import { BrokerError, JobView } from './broker-client.js';
+import { collectChanges, type DiskReader } from './changes.js';
+import { commitUpload } from './commit.js';
+import { openDesktopDisks, socketDir, type DesktopDisk } from './disks.js';
+import { claimOwner, diskPrefix, specFor } from './holder.js';
+import { retryTransfer } from './retry.js';
+import { activeJob, findEntry, onlineSession, renewer, type ClientEnv } from './session.js';
+import { Vault, type DesktopState } from './vault.js';
+
+/**
+ * Opens the chains read-only in a storage daemon and reads the change since the checkpoint:
+ * the top layer's extents, each touched chunk read through the chain. Refused while the
+ * desktop runs (its disk is locked by QEMU): shut it down first.
+ */
+async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopDisk[], fn: (readers: DiskReader[]) => Promise<T>): Promise<T> {
+  const dir = await socketDir(vault, state.desktopId);
+  const qsd = await StorageDaemon.start(dir);
+  const clients: NbdClient[] = [];
+  try {
+    for (const [i, d] of disks.entries()) await addChain(qsd, specFor(d, i, null, true), d.chain.secret);
+    const socket = join(dir, 'upload.sock');
+    await qsd.exportNbd(socket, disks.flatMap((d, i) => [{ node: `${diskPrefix(i)}-top`, name: d.name, writable: false }, { node: `${diskPrefix(i)}-base`, name: `${d.name}.base`, writable: false }]));
+    const readers: DiskReader[] = [];
+    for (const d of disks) {
+      const top = await NbdClient.connect(socket, d.name);
+      clients.push(top);
+      const base = await NbdClient.connect(socket, `${d.name}.base`);
+      clients.push(base);
+      readers.push({ disk: d, top, base });
+    }
+    return await fn(readers);
+  } finally {
+    for (const c of clients) await c.close();
+    await qsd.stop();
+  }
+}
+
+/** Check-in or replicate: send only the chunks changed since the checkpoint, then commit. */
+export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin' | 'replicate') {
+  const { device, broker } = await onlineSession(env);
+  const vault = await Vault.open(env.home);
+  try {
+    const found = await vault.find(desktopRef);
+    if (found.state === 'transferring') throw new CarryonError('wrong-state', `${found.name} is still being checked out`);
+    const opened0 = await vault.openKeys(device, await env.password(), found);
+    const keys = opened0.keys;
+    let state = opened0.state;
+    const release = await claimOwner(vault, state.desktopId, kind, env.log);
+    let outcome;
+    try {
+      const opened = await openDesktopDisks(vault, state, keys);
+      state = opened.state;
+      outcome = await withReaders(vault, state, opened.disks, async (readers) => {
+        const changes = await collectChanges(readers, keys);
+        // The version this upload is based on: how a commit whose answer was lost is recognised.
+        const checkpoint = (await findEntry(broker, state.desktopId)).checkout?.snapshotId ?? null;
+        let begin;
+        try {
+          // Repeatable: a second begin (also accepted in checking_in) ends the first one's job and opens another.
+          begin = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}`, { disks: changes.manifests.map((d) => ({ name: d.name, manifest: encodeManifest(d.manifest).toString('base64') })) }, z.object({ job: JobView }), {}, { repeatable: true });
+        } catch (err) {
+          if (err instanceof BrokerError && (err.code === 'wrong-state' || err.code === 'not-found' || err.code === 'not-held')) {
+            // Never delete offline work on an ambiguous answer: the user decides what happens to it.
+            throw new CarryonError('checkout-gone', `the broker no longer holds check-out ${state.checkoutId} of ${state.name} (${err.message}). Your offline changes are kept on this laptop: save them with \`carryon export ${state.name} <file>\`, then remove the local copy with \`carryon discard ${state.name} --yes\``);
+          }
+          throw err;
+        }
+        if (kind === 'checkin') await vault.save({ ...state, state: 'checking_in', jobId: begin.job.id }, keys);
+        const job = await activeJob(env, broker, begin.job);
+        let endpoint = job.transfer!;
+        const sent = await retryTransfer({ what: kind, log: env.log, signal: env.signal, beforeRetry: async () => { endpoint = await renewer(broker, job.id)(); } }, () => uploadChunks({ endpoint, ids: [...changes.changed.keys()], source: changes.source, keys, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) }));
+        const commit = await commitUpload(broker, state, kind, checkpoint);
+        return { changes, sent, commit };
+      });
+      if (kind === 'replicate') {
+        // The restore point becomes the base: merge the top into it (resumed on the next open if killed).
+        let next: DesktopState = { ...state, lastReplicationAt: new Date().toISOString() };
+        for (const m of outcome.changes.manifests) {
+          const digest = await vault.putManifest(state.desktopId, m.manifest);
+          next = { ...next, disks: next.disks.map((d) => (d.name === m.name ? { ...d, mergingTo: digest } : d)) };
+        }
+        await vault.save(next, keys);
+        await openDesktopDisks(vault, next, keys);
+      }
+    } finally {
+      await release();
+    }
+    const { changes, sent, commit } = outcome;
+    if (kind === 'checkin') {
+      await vault.wipe(state.desktopId);
+      env.log(`checked in ${state.name}: ${changes.changedChunks} changed chunks, ${sent.chunksMoved} sent (${sent.bytesMoved} bytes); snapshot ${commit.snapshotId}`);
+    } else {
+      env.log(`replicated ${state.name}: restore point ${commit.snapshotId}, ${sent.chunksMoved} chunks sent (${sent.bytesMoved} bytes)`);
+    }
+    return { snapshotId: commit.snapshotId, changedChunks: changes.changedChunks, chunksSent: sent.chunksMoved, bytesSent: sent.bytesMoved };
+  } finally {
+    await broker.close();
+  }
+}

@@ -1,0 +1,145 @@
+import { createPublicKey } from 'node:crypto';
+import { join } from 'node:path';
+import { z } from 'zod';
+import { CarryonError } from '../core/errors.js';
+import { decodeLineageKeys } from '../core/keys.js';
+import { verifyLease } from '../core/lease.js';
+import { decodeManifest, manifestDigest } from '../core/manifest.js';
+import { baseBlockdev } from '../disk/chain.js';
+import { addLayer, StorageDaemon } from '../disk/storage-daemon.js';
+import { TransferSession } from '../transfer/client.js';
+import { BrokerClient, CheckoutResponse, CheckoutView, JobView } from './broker-client.js';
+import { newDesktopKeys, type DesktopKeys } from './desktop-keys.js';
+import { createMissingLayers, diskDir, openDesktopDisks, socketDir, writeFillReport } from './disks.js';
+import { fillDirect } from './fill-direct.js';
+import { mintToken } from './guards.js';
+import { claimOwner, diskPrefix, specFor } from './holder.js';
+import { hostFacts } from './home.js';
+import { resetClock } from './key-release.js';
+import { retryTransfer } from './retry.js';
+import { activeJob, findEntry, onlineSession, pinnedBrokerKey, renewer, type ClientEnv } from './session.js';
+import { Vault, type DesktopState } from './vault.js';
+
+/**
+ * Check-out: the broker locks the desktop and names the checkpoint; the laptop makes an empty
+ * encrypted chain per disk and fills each base from the transfer server. Interrupted (Ctrl-C,
+ * kill, lost link), it resumes where the base stopped.
+ */
+export async function checkout(env: ClientEnv, desktopRef: string) {
+  const { device, broker, user } = await onlineSession(env);
+  const vault = await Vault.open(env.home);
+  try {
+    const entry = await findEntry(broker, desktopRef);
+    const found = (await vault.list()).find((s) => s.desktopId === entry.id);
+    let state: DesktopState;
+    let keys: DesktopKeys;
+    if (found && found.state === 'transferring') {
+      ({ keys, state } = await vault.openKeys(device, await env.password(), found));
+      env.log(`resuming the check-out of ${entry.name}`);
+    } else {
+      if (found) {
+        // Nothing left to do (e.g. `carryon serve` or `run` finished the download): say so, succeed.
+        env.log(`${entry.name} is already checked out to this device and entirely local`);
+        return { desktopId: entry.id, checkoutId: found.checkoutId, chunksMoved: 0, bytesMoved: 0, refetched: 0 };
+      }
+      const brokerKey = await pinnedBrokerKey(broker, device);
+      const host = await hostFacts(env.home);
+      // Repeatable: a check-out this device began and that is still transferring is resumed by
+      // the broker (same check-out, same job), not refused or started twice (broker/checkouts.ts).
+      const res = await broker.call('POST', `/v1/desktops/${entry.id}/checkout`, { deviceId: device.info.deviceId, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes } }, CheckoutResponse, {}, { repeatable: true });
+      // The lease must verify against the broker key pinned now, inside the vault, before anything is kept.
+      const lease = verifyLease(res.lease, brokerKey, { now: new Date(), deviceId: device.info.deviceId!, desktopId: entry.id });
+      keys = newDesktopKeys(decodeLineageKeys(res.keys), brokerKey, createPublicKey(device.privateKey));
+      const disks: DesktopState['disks'] = [];
+      for (const d of res.disks) {
+        const m = decodeManifest(Buffer.from(d.manifest, 'base64'));
+        if (manifestDigest(m) !== d.digest) throw new CarryonError('bad-manifest', `manifest of ${d.name} does not match its digest`);
+        await vault.putManifest(entry.id, m);
+        disks.push({ name: d.name, baseDigest: d.digest, complete: false, mergingTo: null });
+      }
+      state = {
+        desktopId: entry.id, name: entry.name, user, checkoutId: res.checkout.id, state: 'transferring', jobId: res.job.id,
+        keys: await Vault.wrapKeys(device, await env.password(), keys, entry.id), lease: res.lease,
+        config: { ...res.config, exportAllowed: res.policy?.exportAllowed?.value === true }, localConfig: await vault.readLocalConfig(entry.id), disks,
+        lastReplicationAt: null, lockDigest: await mintToken(vault.desktopDir(entry.id)),
+      };
+      await vault.save(state, keys);
+      await resetClock(vault, state, keys, lease.issuedAt);
+      env.log(`checked out ${entry.name}: checkout ${res.checkout.id}, lease until ${res.checkout.leaseExpiresAt}`);
+    }
+    const release = await claimOwner(vault, state.desktopId, 'checkout', env.log);
+    let making: Promise<void> = Promise.resolve();
+    try {
+      const { tops } = await diskFullIsClear(env.home, () => createMissingLayers(vault, state, keys));
+      making = tops;
+      const filled = await fillFromBroker(env, vault, broker, state, keys);
+      await diskFullIsClear(env.home, () => tops);
+      if (!filled.complete) throw new CarryonError('paused', 'check-out stopped; what arrived is kept — run the same command again to resume');
+      // Repeatable: a check-out already marked transferred is answered as it is.
+      await broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }), {}, { repeatable: true });
+      await vault.save({ ...filled.state, state: 'checked_out', jobId: null }, keys);
+      env.log(`${entry.name} is local (${filled.bytesMoved} bytes pulled); safe to go offline`);
+      return { desktopId: entry.id, checkoutId: state.checkoutId, chunksMoved: filled.chunksMoved, bytesMoved: filled.bytesMoved, refetched: 0 };
+    } finally {
+      // A top still being made belongs to this run: let it finish (or fail) before anyone else looks.
+      await making.catch(() => undefined);
+      await release();
+    }
+  } finally {
+    await broker.close();
+  }
+}
+
+/**
+ * Fills every incomplete base over the job's transfer ticket: no VM is attached, so the chunks
+ * go straight into the bases (parallel streams, QEMU encrypting), holes never touched.
+ */
+async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient, state: DesktopState, keys: DesktopKeys) {
+  const opened = await openDesktopDisks(vault, state, keys);
+  const incomplete = opened.disks.filter((d) => !d.entry.complete);
+  if (incomplete.length === 0) return { state: opened.state, complete: true, bytesMoved: 0, chunksMoved: 0 };
+  const job = await activeJob(env, broker, await broker.call('GET', `/v1/jobs/${state.jobId}`, undefined, JobView));
+  const session = new TransferSession(job.transfer!, renewer(broker, job.id));
+  const dir = await socketDir(vault, state.desktopId);
+  let qsd: StorageDaemon | null = null;
+  try {
+    qsd = await StorageDaemon.start(dir);
+    // The bases alone: their tops may still be in the making.
+    for (const [i, d] of opened.disks.entries()) if (!d.entry.complete) await addLayer(qsd, baseBlockdev(specFor(d, i, null)), `sec-${diskPrefix(i)}`, d.chain.secret);
+    const socketPath = join(dir, 'fill.sock');
+    await qsd.exportNbd(socketPath, opened.disks.flatMap((d, i) => (d.entry.complete ? [] : [{ node: `${diskPrefix(i)}-base`, name: `${d.name}.fill`, writable: true }])));
+    const renew = renewer(broker, job.id);
+    let lastReport = 0;
+    const moved = await diskFullIsClear(env.home, () => retryTransfer({ what: 'check-out', log: env.log, signal: env.signal, beforeRetry: async () => session.setEndpoint(await renew()) }, () =>
+      fillDirect({ disks: incomplete.map((disk) => ({ disk, dir: diskDir(vault, state.desktopId, disk.name), socketPath })), session, keys, signal: env.signal, rateLimit: env.rateLimit, onProgress: (p) => {
+        env.onProgress?.('check-out', p);
+        // For `status` in another process: once a second is enough (each report is a file replaced atomically).
+        if (Date.now() - lastReport < 1000) return;
+        lastReport = Date.now();
+        void writeFillReport(vault, state.desktopId, { pid: process.pid, done: p.chunksDone, total: p.chunksTotal, updatedAt: new Date().toISOString(), failures: [] }).catch(() => undefined);
+      } }),
+    ));
+    const done: DesktopState = { ...opened.state, disks: opened.state.disks.map((d) => ({ ...d, complete: true })) };
+    await vault.save(done, keys);
+    return { state: done, complete: true, ...moved };
+  } catch (err) {
+    if ((err as CarryonError).code === 'aborted') return { state: opened.state, complete: false, bytesMoved: 0, chunksMoved: 0 };
+    throw err;
+  } finally {
+    await qsd?.stop();
+    await session.close();
+  }
+}
+
+/** A full disk mid-transfer says so, and how to go on (what arrived is kept; the rerun resumes). */
+async function diskFullIsClear<T>(home: string, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    const code = (err as { code?: string }).code;
+    const text = (err as Error).message ?? '';
+    if (code !== 'ENOSPC' && code !== 'SQLITE_FULL' && !/No space left on device/i.test(text)) throw err;
+    const { freeDiskBytes } = await hostFacts(home).catch(() => ({ freeDiskBytes: 0 }));
+    throw new CarryonError('disk-full', `the disk holding ${home} is full (${Math.floor(freeDiskBytes / 1024)} KiB free): free some space and run \`carryon checkout\` again; what arrived is kept`);
+  }
+}

@@ -1,0 +1,26 @@
+import { CarryonError } from '../core/errors.js';
+import { convertChain } from '../disk/chain.js';
+import { openDesktopDisks } from './disks.js';
+import { recordEvent } from './events.js';
+import { loadDevice } from './home.js';
+import type { ClientEnv } from './session.js';
+import { Vault } from './vault.js';
+
+/** Writes the desktop's current disk as a plaintext image (raw or qcow2) where the user asks. */
+export async function exportDisk(env: ClientEnv, desktopRef: string, outPath: string, format: 'raw' | 'qcow2') {
+  const device = await loadDevice(env.home);
+  const vault = await Vault.open(env.home);
+  const state = await vault.find(desktopRef);
+  const { keys } = await vault.unlock(device, await env.password(), state);
+  const opened = await openDesktopDisks(vault, state, keys);
+  const disk = opened.disks[0]!;
+  if (!disk.entry.complete) throw new CarryonError('wrong-state', `${state.name} is still being checked out: finish \`carryon checkout\` first`);
+  // A plaintext copy leaves the vault's protection: only where the broker's policy allowed it at check-out.
+  if (state.config.exportAllowed !== true) {
+    await recordEvent(env.home, 'export-refused', state.desktopId, outPath);
+    throw new CarryonError('export-denied', `exporting ${state.name} is not allowed by its policy (exportAllowed); ask an administrator`);
+  }
+  await convertChain(disk.chain, outPath, format);
+  await recordEvent(env.home, 'export', state.desktopId, `${format} to ${outPath}`);
+  return { path: outPath, format, bytes: disk.base.diskSize };
+}

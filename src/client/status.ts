@@ -1,0 +1,49 @@
+import { CarryonError } from '../core/errors.js';
+import { topExtents } from '../disk/chain.js';
+import { chainOf, readDiskFailures, readFillReport, topBytes } from './disks.js';
+import { loadDevice } from './home.js';
+import type { ClientEnv } from './session.js';
+import { Vault } from './vault.js';
+
+/**
+ * Offline-capable, and never fails for a desktop that cannot open: a locked desktop or an
+ * expired lease is shown with what to do, not raised.
+ */
+export async function status(env: ClientEnv, desktopRef?: string) {
+  const device = await loadDevice(env.home);
+  const vault = await Vault.open(env.home);
+  const states = desktopRef ? [await vault.find(desktopRef)] : await vault.list();
+  const password = states.length > 0 ? await env.password() : '';
+  const out = [];
+  for (const s of states) {
+    let leaseDeadline: string | null = null;
+    let problem: string | null = null;
+    let dirtyBytes: number | null = null;
+    try {
+      const { lease, keys } = await vault.unlock(device, password, s);
+      leaseDeadline = lease.deadline;
+      // Exact change since the checkpoint: the top layer's allocated bytes (read shared, so a running VM is fine).
+      dirtyBytes = 0;
+      for (const d of s.disks) for (const e of await topExtents(chainOf(vault, s, keys, d.name))) dirtyBytes += e.length;
+    } catch (err) {
+      if (!(err instanceof CarryonError)) throw err;
+      problem = err.code === 'desktop-locked' ? `locked: connect to the broker (\`carryon login\`, then \`carryon agent --once\`); ${err.message}` : err.code === 'lease-expired' ? `offline lease expired: connect and run \`carryon login\` to renew it (${err.message})` : err.message;
+      if (err.code === 'vault-locked' || err.code === 'kdf-refused' || err.code === 'tpm') throw err;
+    }
+    const complete = s.disks.every((d) => d.complete);
+    const fill = complete ? null : await readFillReport(vault, s.desktopId);
+    const percentLocal = complete ? 100 : fill && fill.total > 0 ? (100 * fill.done) / fill.total : 0;
+    const failures = await readDiskFailures(vault, s.desktopId);
+    out.push({
+      desktop: s.name, desktopId: s.desktopId, state: (await vault.isLocked(await vault.find(s.desktopId))) ? 'locked' : s.state, leaseDeadline,
+      leaseHoursLeft: leaseDeadline ? Math.max(0, (Date.parse(leaseDeadline) - Date.now()) / 3_600_000) : 0, dirtyBytes: dirtyBytes ?? (await topBytes(vault, s)), percentLocal,
+      lastReplicationAt: s.lastReplicationAt, safeOffline: complete && s.state !== 'transferring', problem,
+      readFailures: failures.length, lastReadFailure: failures[failures.length - 1]?.message ?? null,
+      advisory: device.info.secretStorage === 'tpm' ? null : NO_TPM_ADVISORY,
+    });
+  }
+  return out;
+}
+
+/** What `status` says on a laptop without a TPM (docs/security.md has the whole picture). */
+export const NO_TPM_ADVISORY = 'no TPM: the device secret and agent key are files, and the clock and lock records can be rolled back by restoring older copies; offline policy is advisory against someone with root on this laptop';
