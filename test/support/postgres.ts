@@ -63,6 +63,7 @@ export async function startPostgres(): Promise<PgCluster> {
   const stop = async () => {
     if (p.exitCode === null && p.signalCode === null) {
       const exited = new Promise<void>((r) => p.once('exit', () => r()));
+      p.ref(); // unref'd while running: waiting for its exit must keep us alive
       p.kill('SIGQUIT'); // immediate shutdown: nothing here is worth a checkpoint
       await exited;
     }
