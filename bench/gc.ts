@@ -7,10 +7,8 @@ import { generateLineageKeys, wrapLineageKeys } from '../src/core/keys.js';
 import { createManifest, encodeManifest, manifestDigest } from '../src/core/manifest.js';
 import { writeTestImage } from '../src/demo/image.js';
 import { importImage } from '../src/import/import.js';
-import { SqliteMetadataStore } from '../src/store/metadata.js';
-import { BROKER_MIGRATIONS } from '../src/store/metadata-schema.js';
+import { openMetadata } from '../src/store/metadata/open.js';
 import { PackChunkStore } from '../src/store/pack-chunk-store.js';
-import { migrate, openSqlite } from '../src/store/sqlite.js';
 import { MB, settle, timed } from './lib/measure.js';
 import type { BenchRow, BenchSection } from './types.js';
 
@@ -31,19 +29,17 @@ export function gcSection(work: string, sizeGiB: number): BenchSection {
       const size = Math.round(sizeGiB * 2 ** 30);
       await writeTestImage(image, size, 'mixed');
       const store = await PackChunkStore.open(join(dir, 'chunks'), { touchSlackMs: 0 });
-      const db = openSqlite(join(dir, 'metadata.db'));
-      migrate(db, 'broker', BROKER_MIGRATIONS);
-      const meta = new SqliteMetadataStore(db);
+      const { meta, sql } = await openMetadata({ dataDir: dir });
       try {
         const keys = generateLineageKeys();
         const lineageId = randomUUID();
-        meta.createLineage(wrapLineageKeys(randomBytes(32), keys, `lineage:${lineageId}`), lineageId);
+        await meta.createLineage(wrapLineageKeys(randomBytes(32), keys, `lineage:${lineageId}`), lineageId);
         const imp = await importImage(image, { store, keys });
         await rm(image, { force: true });
-        const desktopId = meta.createDesktop({ name: 'gc', poolId: null, lineageId, config: { vcpus: 1, ramMiB: 512, minRamMiB: 256, nic: 'none', usb: false, disks: [] } });
+        const desktopId = await meta.createDesktop({ name: 'gc', poolId: null, lineageId, config: { vcpus: 1, ramMiB: 512, minRamMiB: 256, nic: 'none', usb: false, disks: [] } });
         const chunks = [...imp.manifest.chunks];
         const chunkSize = imp.manifest.chunkSize;
-        let parent = meta.createSnapshot({ desktopId, parentId: null, kind: 'import', disks: [{ name: 'disk0', digest: imp.digest, sizeBytes: size, chunkSize }] });
+        let parent = await meta.createSnapshot({ desktopId, parentId: null, kind: 'import', disks: [{ name: 'disk0', digest: imp.digest, sizeBytes: size, chunkSize }] });
         for (let s = 1; s < SNAPSHOTS; s++) {
           for (let n = 0; n < chunks.length * CHANGE; n++) {
             const sealed = sealChunk(keys, randomBytes(chunkSize));
@@ -53,9 +49,9 @@ export function gcSection(work: string, sizeGiB: number): BenchSection {
           await store.sync();
           const m = createManifest(chunkSize, size, [...chunks]);
           await store.putManifest(manifestDigest(m), encodeManifest(m));
-          parent = meta.createSnapshot({ desktopId, parentId: parent, kind: 'checkin', disks: [{ name: 'disk0', digest: manifestDigest(m), sizeBytes: size, chunkSize }] });
+          parent = await meta.createSnapshot({ desktopId, parentId: parent, kind: 'checkin', disks: [{ name: 'disk0', digest: manifestDigest(m), sizeBytes: size, chunkSize }] });
         }
-        meta.setDesktopSnapshot(desktopId, parent);
+        await meta.setDesktopSnapshot(desktopId, parent);
         const opts = { keepLast: KEEP, keepReplicaDays: 0, graceMs: 0, compactThreshold: 0.3 };
         await settle();
         const dry = await timed(() => collectGarbage(meta, store, { ...opts, dryRun: true }));
@@ -71,7 +67,7 @@ export function gcSection(work: string, sizeGiB: number): BenchSection {
         ];
       } finally {
         await store.close();
-        db.close();
+        await sql.close();
         await rm(dir, { recursive: true, force: true });
       }
     },

@@ -6,7 +6,7 @@ import type { BrokerContext } from './context.js';
 import { HttpError } from './http.js';
 import { effectivePolicy } from './policies.js';
 import type { JobView } from './transfers/types.js';
-import { cutOffReason, deviceRevokedAt } from './trust.js';
+import { stillAllowed } from './trust.js';
 
 export interface HostFacts {
   cpus: number;
@@ -17,9 +17,9 @@ export interface HostFacts {
 export type Action = 'checkout' | 'cancel' | 'checkin' | 'replicate' | 'rollback';
 
 /** Exactly what `user` may do with `desktop` now (drives every client's menus). */
-export function allowedActions(ctx: BrokerContext, user: string, desktop: DesktopRow): Action[] {
-  const policy = effectivePolicy(ctx.meta, user, desktop);
-  const active = ctx.meta.activeCheckout(desktop.id);
+export async function allowedActions(ctx: BrokerContext, user: string, desktop: DesktopRow): Promise<Action[]> {
+  const policy = await effectivePolicy(ctx.meta, user, desktop);
+  const active = await ctx.meta.activeCheckout(desktop.id);
   if (!active) return policy.checkoutAllowed.value && desktop.currentSnapshot ? ['checkout'] : [];
   if (active.user !== user) return [];
   switch (active.state) {
@@ -60,21 +60,22 @@ async function loadManifest(ctx: BrokerContext, digest: string): Promise<Manifes
   }
 }
 
-function lineageKeysFor(ctx: BrokerContext, desktop: DesktopRow): { wrappedKeys: string; keyContext: string } {
-  const wrapped = ctx.meta.getLineageKeys(desktop.lineageId);
+async function lineageKeysFor(ctx: BrokerContext, desktop: DesktopRow): Promise<{ wrappedKeys: string; keyContext: string }> {
+  const wrapped = await ctx.meta.getLineageKeys(desktop.lineageId);
   if (!wrapped) throw new HttpError(500, 'lineage-missing', `lineage ${desktop.lineageId} has no keys`);
   return { wrappedKeys: wrapped.toString('base64'), keyContext: `lineage:${desktop.lineageId}` };
 }
 
 /** Offline lease covering every desktop the user holds on this device and may still use (no cut-off). */
-export function issueLease(ctx: BrokerContext, user: string, deviceId: string): { lease: SignedLease; deadline: string } | null {
-  const held = ctx.meta.listCheckouts({ activeOnly: true }).filter((c) => c.user === user && c.deviceId === deviceId && !cutOffReason(ctx, c));
+export async function issueLease(ctx: BrokerContext, user: string, deviceId: string): Promise<{ lease: SignedLease; deadline: string } | null> {
+  const held = await stillAllowed(ctx, (c) => c.user === user && c.deviceId === deviceId);
   if (held.length === 0) return null;
-  const desktops = held.map((c) => ctx.meta.getDesktop(c.desktopId)!);
-  const policies = desktops.map((d) => effectivePolicy(ctx.meta, user, d));
+  const desktops: DesktopRow[] = [];
+  for (const c of held) desktops.push((await ctx.meta.getDesktop(c.desktopId))!);
+  const policies = await Promise.all(desktops.map((d) => effectivePolicy(ctx.meta, user, d)));
   const hours = Math.min(...policies.map((p) => p.maxLeaseHours.value));
   const deadline = new Date(Date.now() + hours * 3600_000).toISOString();
-  for (const c of held) ctx.meta.transitionCheckout(c.id, [c.state], c.state, { leaseExpiresAt: deadline });
+  for (const c of held) await ctx.meta.transitionCheckout(c.id, [c.state], c.state, { leaseExpiresAt: deadline });
   const lease = signLease(
     { v: 1, user, deviceId, desktops: desktops.map((d) => d.id), deadline, issuedAt: new Date().toISOString(), policyHash: policyHash(policies[0]!) },
     ctx.secrets.signing.privateKey,
@@ -82,82 +83,78 @@ export function issueLease(ctx: BrokerContext, user: string, deviceId: string): 
   return { lease, deadline };
 }
 
-function ownedCheckout(ctx: BrokerContext, user: string, checkoutId: string, action: string): CheckoutRow {
-  const c = ctx.meta.getCheckout(checkoutId);
+async function ownedCheckout(ctx: BrokerContext, user: string, checkoutId: string, action: string): Promise<CheckoutRow> {
+  const c = await ctx.meta.getCheckout(checkoutId);
   if (!c) throw new HttpError(404, 'not-found', `no checkout ${checkoutId}`);
   if (c.user !== user) {
-    ctx.audit({ actor: user, desktopId: c.desktopId, action, outcome: 'denied', detail: 'checkout held by another user' });
+    await ctx.audit({ actor: user, desktopId: c.desktopId, action, outcome: 'denied', detail: 'checkout held by another user' });
     throw new HttpError(403, 'not-holder', 'you do not hold this checkout');
   }
   return c;
 }
 
-function deny(ctx: BrokerContext, user: string, desktopId: string | null, action: string, status: number, code: string, message: string): never {
-  ctx.audit({ actor: user, desktopId, action, outcome: 'denied', detail: `${code}: ${message}` });
-  throw new HttpError(status, code, message, {}, true);
+/** Audits a refusal and returns it: `throw await deny(…)`. */
+async function deny(ctx: BrokerContext, user: string, desktopId: string | null, action: string, status: number, code: string, message: string): Promise<HttpError> {
+  await ctx.audit({ actor: user, desktopId, action, outcome: 'denied', detail: `${code}: ${message}` });
+  return new HttpError(status, code, message, {}, true);
 }
 
 export async function checkOut(ctx: BrokerContext, user: string, desktopRef: string, req: { deviceId: string; host: HostFacts }) {
-  const desktop = ctx.meta.getDesktop(desktopRef);
-  if (!desktop) deny(ctx, user, null, 'checkout', 404, 'not-found', `no desktop ${desktopRef}`);
-  const device = ctx.meta.getDevice(req.deviceId);
-  if (!device || device.user !== user) deny(ctx, user, desktop.id, 'checkout', 403, 'device-not-enrolled', 'this device is not enrolled for you');
-  if (deviceRevokedAt(ctx, device.id)) deny(ctx, user, desktop.id, 'checkout', 403, 'device-revoked', 'this device has been revoked by an administrator');
-  if (!ctx.meta.isEntitled(user, desktop)) deny(ctx, user, desktop.id, 'checkout', 403, 'not-entitled', `you are not entitled to ${desktop.name}`);
-  const policy = effectivePolicy(ctx.meta, user, desktop);
+  const desktop = await ctx.meta.getDesktop(desktopRef);
+  if (!desktop) throw await deny(ctx, user, null, 'checkout', 404, 'not-found', `no desktop ${desktopRef}`);
+  const device = await ctx.meta.getDevice(req.deviceId);
+  if (!device || device.user !== user) throw await deny(ctx, user, desktop.id, 'checkout', 403, 'device-not-enrolled', 'this device is not enrolled for you');
+  if (await ctx.meta.deviceRevokedAt(device.id)) throw await deny(ctx, user, desktop.id, 'checkout', 403, 'device-revoked', 'this device has been revoked by an administrator');
+  if (!await ctx.meta.isEntitled(user, desktop)) throw await deny(ctx, user, desktop.id, 'checkout', 403, 'not-entitled', `you are not entitled to ${desktop.name}`);
+  const policy = await effectivePolicy(ctx.meta, user, desktop);
   // The same device coming back to a check-out it began (it died before saving its state): resume it.
-  const held = ctx.meta.activeCheckout(desktop.id);
+  const held = await ctx.meta.activeCheckout(desktop.id);
   if (held && held.user === user && held.deviceId === device.id && held.state === 'transferring' && held.jobId) {
-    return resumeCheckOut(ctx, held, desktop, req.host, policy);
+    return await resumeCheckOut(ctx, held, desktop, req.host, policy);
   }
-  if (!policy.checkoutAllowed.value) deny(ctx, user, desktop.id, 'checkout', 403, 'policy-denied', `policy (${policy.checkoutAllowed.source}) forbids check-out`);
-  if (!desktop.currentSnapshot) deny(ctx, user, desktop.id, 'checkout', 409, 'no-snapshot', 'desktop has no disk image yet');
-  const snapshot = ctx.meta.getSnapshot(desktop.currentSnapshot)!;
+  if (!policy.checkoutAllowed.value) throw await deny(ctx, user, desktop.id, 'checkout', 403, 'policy-denied', `policy (${policy.checkoutAllowed.source}) forbids check-out`);
+  if (!desktop.currentSnapshot) throw await deny(ctx, user, desktop.id, 'checkout', 409, 'no-snapshot', 'desktop has no disk image yet');
+  const snapshot = (await ctx.meta.getSnapshot(desktop.currentSnapshot))!;
   const manifests = await Promise.all(snapshot.disks.map((d) => loadManifest(ctx, d.digest)));
   const need = manifests.reduce((sum, m) => sum + referencedChunks(m).size * m.chunkSize, 0);
-  if (req.host.freeDiskBytes < need) deny(ctx, user, desktop.id, 'checkout', 422, 'not-enough-disk', `the laptop has ${req.host.freeDiskBytes} bytes free; this desktop needs up to ${need}`);
+  if (req.host.freeDiskBytes < need) throw await deny(ctx, user, desktop.id, 'checkout', 422, 'not-enough-disk', `the laptop has ${req.host.freeDiskBytes} bytes free; this desktop needs up to ${need}`);
   let config;
   try {
     config = adaptConfig(desktop.config, req.host, ctx.settings.hypervisorOverheadMiB, policy.usbAllowed.value);
   } catch (err) {
-    if (err instanceof HttpError) deny(ctx, user, desktop.id, 'checkout', err.status, err.code, err.message);
+    if (err instanceof HttpError) throw await deny(ctx, user, desktop.id, 'checkout', err.status, err.code, err.message);
     throw err;
   }
-  ctx.audit({ actor: user, desktopId: desktop.id, action: 'validate', outcome: 'ok', detail: `device ${device.id}` });
+  await ctx.audit({ actor: user, desktopId: desktop.id, action: 'validate', outcome: 'ok', detail: `device ${device.id}` });
 
   // Lock first (the database's unique index decides races), then power down and checkpoint.
-  let checkoutId: string;
-  try {
-    checkoutId = ctx.meta.insertCheckout({ desktopId: desktop.id, user, deviceId: device.id, checkpointSnapshot: snapshot.id, leaseExpiresAt: new Date().toISOString() });
-  } catch (err) {
-    if (String((err as Error).message).includes('UNIQUE')) deny(ctx, user, desktop.id, 'checkout', 409, 'already-checked-out', `${desktop.name} is already checked out`);
-    throw err;
-  }
-  ctx.audit({ actor: user, desktopId: desktop.id, action: 'lock', outcome: 'ok', detail: `checkout ${checkoutId}` });
+  const checkoutId = await ctx.meta.insertCheckout({ desktopId: desktop.id, user, deviceId: device.id, checkpointSnapshot: snapshot.id, leaseExpiresAt: new Date().toISOString() });
+  if (!checkoutId) throw await deny(ctx, user, desktop.id, 'checkout', 409, 'already-checked-out', `${desktop.name} is already checked out`);
+  await ctx.audit({ actor: user, desktopId: desktop.id, action: 'lock', outcome: 'ok', detail: `checkout ${checkoutId}` });
   try {
     if (await ctx.hypervisor.isRunning(desktop.id)) {
       await ctx.hypervisor.powerOff(desktop.id);
-      ctx.meta.setPowerState(desktop.id, 'off');
-      ctx.audit({ actor: user, desktopId: desktop.id, action: 'power-off', outcome: 'ok' });
+      await ctx.meta.setPowerState(desktop.id, 'off');
+      await ctx.audit({ actor: user, desktopId: desktop.id, action: 'power-off', outcome: 'ok' });
     }
   } catch (err) {
-    ctx.meta.transitionCheckout(checkoutId, ['transferring'], 'cancelled');
-    ctx.audit({ actor: user, desktopId: desktop.id, action: 'power-off', outcome: 'failed', detail: (err as Error).message });
+    await ctx.meta.transitionCheckout(checkoutId, ['transferring'], 'cancelled');
+    await ctx.audit({ actor: user, desktopId: desktop.id, action: 'power-off', outcome: 'failed', detail: (err as Error).message });
     throw new HttpError(503, 'power-off-failed', `could not power the datacenter copy down: ${(err as Error).message}`);
   }
-  const checkpoint = ctx.meta.createSnapshot({ desktopId: desktop.id, parentId: snapshot.id, kind: 'checkpoint', disks: snapshot.disks });
-  ctx.meta.setDesktopSnapshot(desktop.id, checkpoint);
-  ctx.meta.db.prepare('UPDATE checkouts SET checkpoint_snapshot = ? WHERE id = ?').run(checkpoint, checkoutId);
-  ctx.audit({ actor: user, desktopId: desktop.id, action: 'snapshot', outcome: 'ok', detail: `checkpoint ${checkpoint}` });
-  const keyRef = lineageKeysFor(ctx, desktop);
-  const job = ctx.scheduler.enqueue({ kind: 'checkout', checkoutId, desktopId: desktop.id, manifests: snapshot.disks.map((d) => d.digest), ...keyRef });
-  ctx.meta.transitionCheckout(checkoutId, ['transferring'], 'transferring', { jobId: job.id });
-  ctx.audit({ actor: user, desktopId: desktop.id, action: 'transfer-start', outcome: 'ok', detail: `job ${job.id} ${job.state}` });
-  auditTicket(ctx, user, desktop.id, job);
-  const lease = issueLease(ctx, user, device.id)!;
-  const keys = unwrapForUser(ctx, desktop);
+  const checkpoint = await ctx.meta.createSnapshot({ desktopId: desktop.id, parentId: snapshot.id, kind: 'checkpoint', disks: snapshot.disks });
+  await ctx.meta.setDesktopSnapshot(desktop.id, checkpoint);
+  await ctx.meta.setCheckoutCheckpoint(checkoutId, checkpoint);
+  await ctx.audit({ actor: user, desktopId: desktop.id, action: 'snapshot', outcome: 'ok', detail: `checkpoint ${checkpoint}` });
+  const keyRef = await lineageKeysFor(ctx, desktop);
+  const job = await ctx.scheduler.enqueue({ kind: 'checkout', checkoutId, desktopId: desktop.id, manifests: snapshot.disks.map((d) => d.digest), ...keyRef });
+  await ctx.meta.transitionCheckout(checkoutId, ['transferring'], 'transferring', { jobId: job.id });
+  await ctx.audit({ actor: user, desktopId: desktop.id, action: 'transfer-start', outcome: 'ok', detail: `job ${job.id} ${job.state}` });
+  await auditTicket(ctx, user, desktop.id, job);
+  const lease = (await issueLease(ctx, user, device.id))!;
+  const keys = await unwrapForUser(ctx, desktop);
   return {
-    checkout: checkoutView(ctx.meta.getCheckout(checkoutId)!),
+    checkout: checkoutView((await ctx.meta.getCheckout(checkoutId))!),
     lease: lease.lease,
     keys,
     config,
@@ -168,34 +165,34 @@ export async function checkOut(ctx: BrokerContext, user: string, desktopRef: str
 }
 
 /** Every ticket handed out is audited (issue and each renewal). */
-export function auditTicket(ctx: BrokerContext, user: string, desktopId: string, job: JobView): void {
+export async function auditTicket(ctx: BrokerContext, user: string, desktopId: string, job: JobView): Promise<void> {
   if (!job.transfer) return;
-  ctx.audit({ actor: user, desktopId, action: 'ticket-issue', outcome: 'ok', detail: `job ${job.id} (${job.kind}) on ${job.transfer.url}, valid until ${job.transfer.ticketExpiresAt}` });
+  await ctx.audit({ actor: user, desktopId, action: 'ticket-issue', outcome: 'ok', detail: `job ${job.id} (${job.kind}) on ${job.transfer.url}, valid until ${job.transfer.ticketExpiresAt}` });
 }
 
 /** The 201 answer again for a check-out in flight, with a live job (a new one if it had ended). */
-async function resumeCheckOut(ctx: BrokerContext, c: CheckoutRow, desktop: DesktopRow, host: HostFacts, policy: ReturnType<typeof effectivePolicy>) {
-  const snapshot = ctx.meta.getSnapshot(c.checkpointSnapshot)!;
+async function resumeCheckOut(ctx: BrokerContext, c: CheckoutRow, desktop: DesktopRow, host: HostFacts, policy: Awaited<ReturnType<typeof effectivePolicy>>) {
+  const snapshot = (await ctx.meta.getSnapshot(c.checkpointSnapshot))!;
   const manifests = await Promise.all(snapshot.disks.map((d) => loadManifest(ctx, d.digest)));
   let config;
   try {
     config = adaptConfig(desktop.config, host, ctx.settings.hypervisorOverheadMiB, policy.usbAllowed.value);
   } catch (err) {
-    if (err instanceof HttpError) deny(ctx, c.user, desktop.id, 'checkout', err.status, err.code, err.message);
+    if (err instanceof HttpError) throw await deny(ctx, c.user, desktop.id, 'checkout', err.status, err.code, err.message);
     throw err;
   }
-  let job = ctx.scheduler.get(c.jobId!);
+  let job = await ctx.scheduler.get(c.jobId!);
   if (!job || ['done', 'cancelled', 'failed'].includes(job.state)) {
-    job = ctx.scheduler.enqueue({ kind: 'checkout', checkoutId: c.id, desktopId: desktop.id, manifests: snapshot.disks.map((d) => d.digest), ...lineageKeysFor(ctx, desktop) });
-    ctx.meta.transitionCheckout(c.id, ['transferring'], 'transferring', { jobId: job.id });
+    job = await ctx.scheduler.enqueue({ kind: 'checkout', checkoutId: c.id, desktopId: desktop.id, manifests: snapshot.disks.map((d) => d.digest), ...(await lineageKeysFor(ctx, desktop)) });
+    await ctx.meta.transitionCheckout(c.id, ['transferring'], 'transferring', { jobId: job.id });
   }
-  ctx.audit({ actor: c.user, desktopId: desktop.id, action: 'checkout-resume', outcome: 'ok', detail: `checkout ${c.id} on device ${c.deviceId}, job ${job.id} ${job.state}` });
-  auditTicket(ctx, c.user, desktop.id, job);
-  const lease = issueLease(ctx, c.user, c.deviceId)!;
+  await ctx.audit({ actor: c.user, desktopId: desktop.id, action: 'checkout-resume', outcome: 'ok', detail: `checkout ${c.id} on device ${c.deviceId}, job ${job.id} ${job.state}` });
+  await auditTicket(ctx, c.user, desktop.id, job);
+  const lease = (await issueLease(ctx, c.user, c.deviceId))!;
   return {
-    checkout: checkoutView(ctx.meta.getCheckout(c.id)!),
+    checkout: checkoutView((await ctx.meta.getCheckout(c.id))!),
     lease: lease.lease,
-    keys: unwrapForUser(ctx, desktop),
+    keys: await unwrapForUser(ctx, desktop),
     config,
     policy,
     disks: snapshot.disks.map((d, i) => ({ name: d.name, digest: d.digest, manifest: encodeManifest(manifests[i]!).toString('base64') })),
@@ -203,8 +200,8 @@ async function resumeCheckOut(ctx: BrokerContext, c: CheckoutRow, desktop: Deskt
   };
 }
 
-function unwrapForUser(ctx: BrokerContext, desktop: DesktopRow): string {
-  const { wrappedKeys, keyContext } = lineageKeysFor(ctx, desktop);
+async function unwrapForUser(ctx: BrokerContext, desktop: DesktopRow): Promise<string> {
+  const { wrappedKeys, keyContext } = await lineageKeysFor(ctx, desktop);
   // Lineage keys go to the authenticated holder over TLS; the laptop re-wraps them at rest.
   return ctx.keysFor(Buffer.from(wrappedKeys, 'base64'), keyContext);
 }
@@ -213,88 +210,88 @@ export function checkoutView(c: CheckoutRow) {
   return { id: c.id, desktopId: c.desktopId, user: c.user, deviceId: c.deviceId, state: c.state, snapshotId: c.checkpointSnapshot, leaseExpiresAt: c.leaseExpiresAt, jobId: c.jobId };
 }
 
-export function markTransferred(ctx: BrokerContext, user: string, checkoutId: string) {
-  const c = ownedCheckout(ctx, user, checkoutId, 'transfer-end');
-  if (!ctx.meta.transitionCheckout(c.id, ['transferring'], 'checked_out')) {
+export async function markTransferred(ctx: BrokerContext, user: string, checkoutId: string) {
+  const c = await ownedCheckout(ctx, user, checkoutId, 'transfer-end');
+  if (!await ctx.meta.transitionCheckout(c.id, ['transferring'], 'checked_out')) {
     if (c.state === 'checked_out') return checkoutView(c);
-    deny(ctx, user, c.desktopId, 'transfer-end', 409, 'wrong-state', `checkout is ${c.state}`);
+    throw await deny(ctx, user, c.desktopId, 'transfer-end', 409, 'wrong-state', `checkout is ${c.state}`);
   }
-  if (c.jobId) ctx.scheduler.finish(c.jobId, 'done');
-  ctx.audit({ actor: user, desktopId: c.desktopId, action: 'transfer-end', outcome: 'ok', detail: 'checked out' });
-  return checkoutView(ctx.meta.getCheckout(c.id)!);
+  if (c.jobId) await ctx.scheduler.finish(c.jobId, 'done');
+  await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'transfer-end', outcome: 'ok', detail: 'checked out' });
+  return checkoutView((await ctx.meta.getCheckout(c.id))!);
 }
 
-export function cancel(ctx: BrokerContext, user: string, checkoutId: string) {
-  const c = ownedCheckout(ctx, user, checkoutId, 'cancel');
-  if (!ctx.meta.transitionCheckout(c.id, ['transferring'], 'cancelled')) deny(ctx, user, c.desktopId, 'cancel', 409, 'wrong-state', `only a check-out in flight can be cancelled (it is ${c.state})`);
-  ctx.scheduler.finishForCheckout(c.id, 'cancelled');
-  ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'cancelled' });
-  return checkoutView(ctx.meta.getCheckout(c.id)!);
+export async function cancel(ctx: BrokerContext, user: string, checkoutId: string) {
+  const c = await ownedCheckout(ctx, user, checkoutId, 'cancel');
+  if (!await ctx.meta.transitionCheckout(c.id, ['transferring'], 'cancelled')) throw await deny(ctx, user, c.desktopId, 'cancel', 409, 'wrong-state', `only a check-out in flight can be cancelled (it is ${c.state})`);
+  await ctx.scheduler.finishForCheckout(c.id, 'cancelled');
+  await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'cancelled' });
+  return checkoutView((await ctx.meta.getCheckout(c.id))!);
 }
 
-export function rollback(ctx: BrokerContext, user: string, checkoutId: string) {
-  const c = ownedCheckout(ctx, user, checkoutId, 'rollback');
-  const desktop = ctx.meta.getDesktop(c.desktopId)!;
-  const policy = effectivePolicy(ctx.meta, user, desktop);
-  if (!policy.rollbackAllowed.value) deny(ctx, user, c.desktopId, 'rollback', 403, 'policy-denied', `policy (${policy.rollbackAllowed.source}) forbids rollback`);
-  if (!ctx.meta.transitionCheckout(c.id, ['checked_out', 'checking_in'], 'rolled_back', { pendingDisks: null })) deny(ctx, user, c.desktopId, 'rollback', 409, 'wrong-state', `checkout is ${c.state}`);
-  ctx.scheduler.finishForCheckout(c.id, 'cancelled');
-  ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'rolled back: offline changes discarded' });
-  return checkoutView(ctx.meta.getCheckout(c.id)!);
+export async function rollback(ctx: BrokerContext, user: string, checkoutId: string) {
+  const c = await ownedCheckout(ctx, user, checkoutId, 'rollback');
+  const desktop = (await ctx.meta.getDesktop(c.desktopId))!;
+  const policy = await effectivePolicy(ctx.meta, user, desktop);
+  if (!policy.rollbackAllowed.value) throw await deny(ctx, user, c.desktopId, 'rollback', 403, 'policy-denied', `policy (${policy.rollbackAllowed.source}) forbids rollback`);
+  if (!await ctx.meta.transitionCheckout(c.id, ['checked_out', 'checking_in'], 'rolled_back', { pendingDisks: null })) throw await deny(ctx, user, c.desktopId, 'rollback', 409, 'wrong-state', `checkout is ${c.state}`);
+  await ctx.scheduler.finishForCheckout(c.id, 'cancelled');
+  await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'rolled back: offline changes discarded' });
+  return checkoutView((await ctx.meta.getCheckout(c.id))!);
 }
 
-export function forceUnlock(ctx: BrokerContext, admin: string, checkoutId: string, reason?: string) {
-  const c = ctx.meta.getCheckout(checkoutId);
+export async function forceUnlock(ctx: BrokerContext, admin: string, checkoutId: string, reason?: string) {
+  const c = await ctx.meta.getCheckout(checkoutId);
   if (!c) throw new HttpError(404, 'not-found', `no checkout ${checkoutId}`);
-  if (!ctx.meta.transitionCheckout(c.id, ['transferring', 'checked_out', 'checking_in'], 'cancelled', { pendingDisks: null })) throw new HttpError(409, 'wrong-state', `checkout is ${c.state}`);
-  ctx.scheduler.finishForCheckout(c.id, 'cancelled');
-  ctx.audit({ actor: admin, desktopId: c.desktopId, action: 'force-unlock', outcome: 'ok', detail: `checkout ${c.id} held by ${c.user}${reason ? `: ${reason}` : ''}` });
-  return checkoutView(ctx.meta.getCheckout(c.id)!);
+  if (!await ctx.meta.transitionCheckout(c.id, ['transferring', 'checked_out', 'checking_in'], 'cancelled', { pendingDisks: null })) throw new HttpError(409, 'wrong-state', `checkout is ${c.state}`);
+  await ctx.scheduler.finishForCheckout(c.id, 'cancelled');
+  await ctx.audit({ actor: admin, desktopId: c.desktopId, action: 'force-unlock', outcome: 'ok', detail: `checkout ${c.id} held by ${c.user}${reason ? `: ${reason}` : ''}` });
+  return checkoutView((await ctx.meta.getCheckout(c.id))!);
 }
 
 /** Check-in or replicate, step 1: record the laptop's manifests and open an upload job. */
 export async function beginUpload(ctx: BrokerContext, user: string, checkoutId: string, kind: 'checkin' | 'replicate', disks: { name: string; manifest: string }[]): Promise<{ job: JobView }> {
-  const c = ownedCheckout(ctx, user, checkoutId, kind);
-  const desktop = ctx.meta.getDesktop(c.desktopId)!;
+  const c = await ownedCheckout(ctx, user, checkoutId, kind);
+  const desktop = (await ctx.meta.getDesktop(c.desktopId))!;
   if (kind === 'checkin') {
-    const policy = effectivePolicy(ctx.meta, user, desktop);
-    if (!policy.checkinAllowed.value) deny(ctx, user, c.desktopId, kind, 403, 'policy-denied', `policy (${policy.checkinAllowed.source}) forbids check-in: discard (rollback) instead`);
+    const policy = await effectivePolicy(ctx.meta, user, desktop);
+    if (!policy.checkinAllowed.value) throw await deny(ctx, user, c.desktopId, kind, 403, 'policy-denied', `policy (${policy.checkinAllowed.source}) forbids check-in: discard (rollback) instead`);
   }
   const okStates = kind === 'checkin' ? ['checked_out', 'checking_in'] : ['checked_out'];
-  if (!okStates.includes(c.state)) deny(ctx, user, c.desktopId, kind, 409, 'wrong-state', `checkout is ${c.state}`);
-  const base = ctx.meta.getSnapshot(c.checkpointSnapshot)!;
+  if (!okStates.includes(c.state)) throw await deny(ctx, user, c.desktopId, kind, 409, 'wrong-state', `checkout is ${c.state}`);
+  const base = (await ctx.meta.getSnapshot(c.checkpointSnapshot))!;
   const pending: SnapshotDisk[] = [];
   for (const d of disks) {
     const baseDisk = base.disks.find((b) => b.name === d.name);
-    if (!baseDisk) deny(ctx, user, c.desktopId, kind, 400, 'unknown-disk', `desktop has no disk ${d.name}`);
+    if (!baseDisk) throw await deny(ctx, user, c.desktopId, kind, 400, 'unknown-disk', `desktop has no disk ${d.name}`);
     let m: Manifest;
     try {
       m = decodeManifest(Buffer.from(d.manifest, 'base64'));
     } catch (err) {
-      deny(ctx, user, c.desktopId, kind, 400, 'bad-manifest', (err as Error).message);
+      throw await deny(ctx, user, c.desktopId, kind, 400, 'bad-manifest', (err as Error).message);
     }
-    if (m.chunkSize !== baseDisk.chunkSize) deny(ctx, user, c.desktopId, kind, 400, 'bad-manifest', `disk ${d.name} uses ${baseDisk.chunkSize}-byte chunks, not ${m.chunkSize}`);
+    if (m.chunkSize !== baseDisk.chunkSize) throw await deny(ctx, user, c.desktopId, kind, 400, 'bad-manifest', `disk ${d.name} uses ${baseDisk.chunkSize}-byte chunks, not ${m.chunkSize}`);
     const digest = manifestDigest(m);
     await ctx.store.putManifest(digest, encodeManifest(m));
     pending.push({ name: d.name, digest, sizeBytes: m.diskSize, chunkSize: m.chunkSize });
   }
-  if (pending.length !== base.disks.length) deny(ctx, user, c.desktopId, kind, 400, 'missing-disk', `send a manifest for each of ${base.disks.map((b) => b.name).join(', ')}`);
-  if (c.jobId) ctx.scheduler.finish(c.jobId, 'cancelled');
-  const job = ctx.scheduler.enqueue({ kind, checkoutId: c.id, desktopId: c.desktopId, manifests: pending.map((p) => p.digest), baseManifests: base.disks.map((b) => b.digest), ...lineageKeysFor(ctx, desktop) });
+  if (pending.length !== base.disks.length) throw await deny(ctx, user, c.desktopId, kind, 400, 'missing-disk', `send a manifest for each of ${base.disks.map((b) => b.name).join(', ')}`);
+  if (c.jobId) await ctx.scheduler.finish(c.jobId, 'cancelled');
+  const job = await ctx.scheduler.enqueue({ kind, checkoutId: c.id, desktopId: c.desktopId, manifests: pending.map((p) => p.digest), baseManifests: base.disks.map((b) => b.digest), ...(await lineageKeysFor(ctx, desktop)) });
   const to = kind === 'checkin' ? 'checking_in' : 'checked_out';
-  if (!ctx.meta.transitionCheckout(c.id, [c.state], to, { jobId: job.id, pendingDisks: pending })) deny(ctx, user, c.desktopId, kind, 409, 'wrong-state', 'checkout changed meanwhile');
-  ctx.audit({ actor: user, desktopId: c.desktopId, action: 'transfer-start', outcome: 'ok', detail: `${kind} job ${job.id}` });
-  auditTicket(ctx, user, c.desktopId, job);
+  if (!await ctx.meta.transitionCheckout(c.id, [c.state], to, { jobId: job.id, pendingDisks: pending })) throw await deny(ctx, user, c.desktopId, kind, 409, 'wrong-state', 'checkout changed meanwhile');
+  await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'transfer-start', outcome: 'ok', detail: `${kind} job ${job.id}` });
+  await auditTicket(ctx, user, c.desktopId, job);
   return { job };
 }
 
 /** Step 2: every referenced chunk must be in the store; then the snapshot, and for check-in the unlock. */
 export async function commitUpload(ctx: BrokerContext, user: string, checkoutId: string, kind: 'checkin' | 'replicate') {
-  const c = ownedCheckout(ctx, user, checkoutId, `${kind}-commit`);
+  const c = await ownedCheckout(ctx, user, checkoutId, `${kind}-commit`);
   const expected = kind === 'checkin' ? 'checking_in' : 'checked_out';
-  if (c.state !== expected || !c.pendingDisks) deny(ctx, user, c.desktopId, `${kind}-commit`, 409, 'wrong-state', `nothing to commit (checkout is ${c.state})`);
+  if (c.state !== expected || !c.pendingDisks) throw await deny(ctx, user, c.desktopId, `${kind}-commit`, 409, 'wrong-state', `nothing to commit (checkout is ${c.state})`);
   // Chunks of the checkpoint are in the store (snapshots are immutable): check only the new ones.
-  const base = ctx.meta.getSnapshot(c.checkpointSnapshot)!;
+  const base = (await ctx.meta.getSnapshot(c.checkpointSnapshot))!;
   const ids = new Set<string>();
   for (const d of c.pendingDisks) {
     const baseDisk = base.disks.find((b) => b.name === d.name);
@@ -303,26 +300,26 @@ export async function commitUpload(ctx: BrokerContext, user: string, checkoutId:
   }
   const missing = await ctx.store.missing([...ids]);
   if (missing.length) {
-    ctx.audit({ actor: user, desktopId: c.desktopId, action: `${kind}-commit`, outcome: 'denied', detail: `${missing.length} chunks missing` });
+    await ctx.audit({ actor: user, desktopId: c.desktopId, action: `${kind}-commit`, outcome: 'denied', detail: `${missing.length} chunks missing` });
     throw new HttpError(409, 'missing-chunks', `the server lacks ${missing.length} chunks the manifests reference`, { missing: missing.slice(0, 10_000) });
   }
   // At most once: the snapshot and the state change that consumes the pending disks are one
   // transaction, so a commit sent twice (a laptop failing over to another broker after a lost
   // answer, the first still running) records one snapshot and answers the other 409.
   const pendingDisks = c.pendingDisks;
-  const snapshotId = ctx.meta.transaction(() => {
-    const id = ctx.meta.createSnapshot({ desktopId: c.desktopId, parentId: c.checkpointSnapshot, kind: kind === 'checkin' ? 'checkin' : 'replica', disks: pendingDisks });
+  const snapshotId = await ctx.meta.transaction(async (tx) => {
+    const id = await tx.createSnapshot({ desktopId: c.desktopId, parentId: c.checkpointSnapshot, kind: kind === 'checkin' ? 'checkin' : 'replica', disks: pendingDisks });
     // Check-in unlocks; a restore point becomes the base of the next diff and the desktop stays locked.
     const moved = kind === 'checkin'
-      ? ctx.meta.transitionCheckout(c.id, ['checking_in'], 'checked_in', { pendingDisks: null, jobId: null })
-      : ctx.meta.db.prepare('UPDATE checkouts SET checkpoint_snapshot = ?, pending_disks = NULL, job_id = NULL WHERE id = ? AND pending_disks IS NOT NULL').run(id, c.id).changes === 1;
+      ? await tx.transitionCheckout(c.id, ['checking_in'], 'checked_in', { pendingDisks: null, jobId: null })
+      : await tx.setCheckoutCheckpoint(c.id, id, { endUpload: true });
     if (!moved) throw new HttpError(409, 'wrong-state', 'this upload has been committed meanwhile');
-    ctx.meta.setDesktopSnapshot(c.desktopId, id);
+    await tx.setDesktopSnapshot(c.desktopId, id);
     return id;
   });
-  ctx.audit({ actor: user, desktopId: c.desktopId, action: 'snapshot', outcome: 'ok', detail: `${kind} ${snapshotId}` });
-  if (c.jobId) ctx.scheduler.finish(c.jobId, 'done');
-  ctx.audit({ actor: user, desktopId: c.desktopId, action: 'transfer-end', outcome: 'ok', detail: kind });
-  if (kind === 'checkin') ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'checked in' });
-  return { snapshotId, checkout: checkoutView(ctx.meta.getCheckout(c.id)!) };
+  await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'snapshot', outcome: 'ok', detail: `${kind} ${snapshotId}` });
+  if (c.jobId) await ctx.scheduler.finish(c.jobId, 'done');
+  await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'transfer-end', outcome: 'ok', detail: kind });
+  if (kind === 'checkin') await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'checked in' });
+  return { snapshotId, checkout: checkoutView((await ctx.meta.getCheckout(c.id))!) };
 }

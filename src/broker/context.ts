@@ -1,13 +1,12 @@
 import type { DatacenterHypervisor } from '../hypervisor/datacenter/hypervisor.js';
 import type { ChunkStore } from '../store/chunk-store.js';
-import type { SqliteMetadataStore } from '../store/metadata.js';
+import type { MetadataStore } from '../store/metadata.js';
 import type { LdapConfig } from './directory.js';
 import type { ImportJobs } from './imports.js';
 import type { BrokerSecrets } from './secrets.js';
 import type { JobProgress } from './transfers/progress.js';
-import type { SqliteScheduler } from './transfers/scheduler.js';
+import type { Scheduler } from './transfers/scheduler.js';
 import type { LoginThrottle } from './throttle.js';
-import type { NonceCache } from './trust.js';
 
 export interface BrokerSettings {
   /** Session token lifetime. */
@@ -38,20 +37,19 @@ export interface AuditEntry {
 
 export interface BrokerContext {
   settings: BrokerSettings;
-  meta: SqliteMetadataStore;
+  meta: MetadataStore;
   store: ChunkStore;
   secrets: BrokerSecrets;
-  scheduler: SqliteScheduler;
+  scheduler: Scheduler;
   hypervisor: DatacenterHypervisor;
   /** Desktop imports running in the background. */
   imports: ImportJobs;
   /** Live per-job transfer progress reported by transfer servers. */
   jobProgress: JobProgress;
-  /** Agent request nonces seen within the signature window (replays are refused). */
-  nonces: NonceCache;
   /** Failed-login backoff per user and per source address. */
   throttle: LoginThrottle;
-  audit(entry: AuditEntry): void;
+  /** Appends to the audit trail; awaited, so a response never overtakes its audit event. */
+  audit(entry: AuditEntry): Promise<void>;
   /** Unwraps lineage keys (master key) and encodes them for the authenticated holder. */
   keysFor(wrapped: Buffer, context: string): string;
 }

@@ -16,9 +16,9 @@ export interface CreateDesktop {
 
 /** Imports an image on the broker host as a new desktop with its own lineage (keys). */
 export async function createDesktopFromImage(ctx: BrokerContext, actor: string, req: CreateDesktop, onProgress?: (p: { bytesDone: number; bytesTotal: number }) => void) {
-  if (ctx.meta.getDesktop(req.name)) throw new HttpError(409, 'exists', `desktop ${req.name} exists`);
+  if (await ctx.meta.getDesktop(req.name)) throw new HttpError(409, 'exists', `desktop ${req.name} exists`);
   await inspectForImport(req.image, req.chunkSize);
-  const pool = req.pool ? ctx.meta.getPool(req.pool) : null;
+  const pool = req.pool ? await ctx.meta.getPool(req.pool) : null;
   if (req.pool && !pool) throw new HttpError(404, 'not-found', `no pool ${req.pool}`);
   const keys = generateLineageKeys();
   const lineageId = randomUUID();
@@ -26,19 +26,19 @@ export async function createDesktopFromImage(ctx: BrokerContext, actor: string, 
   try {
     result = await importImage(req.image, { store: ctx.store, keys, chunkSize: req.chunkSize, onProgress });
   } catch (err) {
-    ctx.audit({ actor, action: 'desktop-import', outcome: 'failed', detail: (err as Error).message });
+    await ctx.audit({ actor, action: 'desktop-import', outcome: 'failed', detail: (err as Error).message });
     const code = (err as { code?: string }).code;
     throw new HttpError(code === 'not-found' ? 404 : 400, code ?? 'import-failed', (err as Error).message);
   }
   const disks = [{ name: 'disk0', sizeBytes: result.manifest.diskSize }];
-  const id = ctx.meta.transaction(() => {
-    ctx.meta.createLineage(wrapLineageKeys(ctx.secrets.masterKey, keys, `lineage:${lineageId}`), lineageId);
-    const desktopId = ctx.meta.createDesktop({ name: req.name, poolId: pool?.id ?? null, lineageId, config: { ...req.config, disks } });
-    const snap = ctx.meta.createSnapshot({ desktopId, parentId: null, kind: 'import', disks: [{ name: 'disk0', digest: result.digest, sizeBytes: result.manifest.diskSize, chunkSize: result.manifest.chunkSize }] });
-    ctx.meta.setDesktopSnapshot(desktopId, snap);
+  const id = await ctx.meta.transaction(async (tx) => {
+    await tx.createLineage(wrapLineageKeys(ctx.secrets.masterKey, keys, `lineage:${lineageId}`), lineageId);
+    const desktopId = await tx.createDesktop({ name: req.name, poolId: pool?.id ?? null, lineageId, config: { ...req.config, disks } });
+    const snap = await tx.createSnapshot({ desktopId, parentId: null, kind: 'import', disks: [{ name: 'disk0', digest: result.digest, sizeBytes: result.manifest.diskSize, chunkSize: result.manifest.chunkSize }] });
+    await tx.setDesktopSnapshot(desktopId, snap);
     return desktopId;
   });
-  ctx.audit({ actor, desktopId: id, action: 'desktop-import', outcome: 'ok', detail: `${req.image}: ${result.chunksStored} chunks stored, ${result.chunksDeduped} deduplicated, ${result.holes} holes` });
+  await ctx.audit({ actor, desktopId: id, action: 'desktop-import', outcome: 'ok', detail: `${req.image}: ${result.chunksStored} chunks stored, ${result.chunksDeduped} deduplicated, ${result.holes} holes` });
   return { id, ...summary(result) };
 }
 
@@ -47,20 +47,20 @@ function summary(r: { bytesRead: number; chunksStored: number; chunksDeduped: nu
 }
 
 /** Clone: a new desktop sharing the golden image's lineage and current manifests (no data copied). */
-export function cloneDesktop(ctx: BrokerContext, actor: string, sourceRef: string, name: string, pool?: string) {
-  const src = ctx.meta.getDesktop(sourceRef);
+export async function cloneDesktop(ctx: BrokerContext, actor: string, sourceRef: string, name: string, pool?: string) {
+  const src = await ctx.meta.getDesktop(sourceRef);
   if (!src || !src.currentSnapshot) throw new HttpError(404, 'not-found', `no desktop ${sourceRef} with an image`);
-  if (ctx.meta.getDesktop(name)) throw new HttpError(409, 'exists', `desktop ${name} exists`);
-  const poolRow = pool ? ctx.meta.getPool(pool) : null;
+  if (await ctx.meta.getDesktop(name)) throw new HttpError(409, 'exists', `desktop ${name} exists`);
+  const poolRow = pool ? await ctx.meta.getPool(pool) : null;
   if (pool && !poolRow) throw new HttpError(404, 'not-found', `no pool ${pool}`);
-  const snap = ctx.meta.getSnapshot(src.currentSnapshot)!;
-  const id = ctx.meta.transaction(() => {
-    const desktopId = ctx.meta.createDesktop({ name, poolId: poolRow?.id ?? src.poolId, lineageId: src.lineageId, config: src.config });
-    const s = ctx.meta.createSnapshot({ desktopId, parentId: snap.id, kind: 'clone', disks: snap.disks });
-    ctx.meta.setDesktopSnapshot(desktopId, s);
+  const snap = (await ctx.meta.getSnapshot(src.currentSnapshot))!;
+  const id = await ctx.meta.transaction(async (tx) => {
+    const desktopId = await tx.createDesktop({ name, poolId: poolRow?.id ?? src.poolId, lineageId: src.lineageId, config: src.config });
+    const s = await tx.createSnapshot({ desktopId, parentId: snap.id, kind: 'clone', disks: snap.disks });
+    await tx.setDesktopSnapshot(desktopId, s);
     return desktopId;
   });
-  ctx.audit({ actor, desktopId: id, action: 'desktop-clone', outcome: 'ok', detail: `from ${src.name}` });
+  await ctx.audit({ actor, desktopId: id, action: 'desktop-clone', outcome: 'ok', detail: `from ${src.name}` });
   return { id };
 }
 
@@ -68,15 +68,15 @@ export function cloneDesktop(ctx: BrokerContext, actor: string, sourceRef: strin
  * A new data key generation for the desktop's lineage (every desktop cloned from the same image):
  * blobs sealed from now on use it; older blobs name their generation and stay readable.
  */
-export function rotateLineageKey(ctx: BrokerContext, actor: string, desktopId: string): { lineageId: string; generation: number } {
-  const d = ctx.meta.getDesktop(desktopId);
+export async function rotateLineageKey(ctx: BrokerContext, actor: string, desktopId: string): Promise<{ lineageId: string; generation: number }> {
+  const d = await ctx.meta.getDesktop(desktopId);
   if (!d) throw new HttpError(404, 'not-found', 'no such desktop');
   const context = `lineage:${d.lineageId}`;
-  const generation = ctx.meta.transaction(() => {
-    const next = rotateDataKey(unwrapLineageKeys(ctx.secrets.masterKey, ctx.meta.getLineageKeys(d.lineageId)!, context));
-    ctx.meta.setLineageKeys(d.lineageId, wrapLineageKeys(ctx.secrets.masterKey, next, context));
+  const generation = await ctx.meta.transaction(async (tx) => {
+    const next = rotateDataKey(unwrapLineageKeys(ctx.secrets.masterKey, (await tx.getLineageKeys(d.lineageId))!, context));
+    await tx.setLineageKeys(d.lineageId, wrapLineageKeys(ctx.secrets.masterKey, next, context));
     return next.dataKeyId!;
   });
-  ctx.audit({ actor, desktopId: d.id, action: 'lineage-rotate-key', outcome: 'ok', detail: `lineage ${d.lineageId}: data key generation ${generation}` });
+  await ctx.audit({ actor, desktopId: d.id, action: 'lineage-rotate-key', outcome: 'ok', detail: `lineage ${d.lineageId}: data key generation ${generation}` });
   return { lineageId: d.lineageId, generation };
 }

@@ -1,6 +1,6 @@
 import { Client, InvalidCredentialsError } from 'ldapts';
 import { CarryonError } from '../core/errors.js';
-import type { SqliteMetadataStore } from '../store/metadata.js';
+import type { MetadataStore } from '../store/metadata.js';
 import { verifyPassword } from './passwords.js';
 
 export interface LdapConfig {
@@ -54,13 +54,13 @@ function escapeDn(value: string): string {
  * Local users (scrypt) first; when LDAP is configured, users unknown locally (or marked as
  * LDAP users) bind against the directory, and their groups come from it.
  */
-export async function authenticate(meta: SqliteMetadataStore, ldap: LdapConfig | undefined, username: string, password: string): Promise<Authenticated | null> {
+export async function authenticate(meta: MetadataStore, ldap: LdapConfig | undefined, username: string, password: string): Promise<Authenticated | null> {
   if (!USER_RE.test(username) || password.length === 0) return null;
-  const local = meta.getUser(username);
+  const local = await meta.getUser(username);
   if (local && local.disabled) return null;
   if (local && local.source === 'local') {
     if (!(await verifyPassword(password, local.passwordHash))) return null;
-    return { name: local.name, role: local.role, groups: meta.groupsOf(local.name) };
+    return { name: local.name, role: local.role, groups: await meta.groupsOf(local.name) };
   }
   if (!ldap) {
     await verifyPassword(password, null);
@@ -78,8 +78,8 @@ export async function authenticate(meta: SqliteMetadataStore, ldap: LdapConfig |
       groups = searchEntries.map((e) => String(e.cn));
     }
     const role: 'admin' | 'user' = ldap.adminGroup && groups.includes(ldap.adminGroup) ? 'admin' : local?.role ?? 'user';
-    if (!local) meta.createUser({ name: username, passwordHash: null, role, source: 'ldap' });
-    return { name: username, role, groups: [...new Set([...groups, ...meta.groupsOf(username)])] };
+    if (!local) await meta.createUser({ name: username, passwordHash: null, role, source: 'ldap' });
+    return { name: username, role, groups: [...new Set([...groups, ...(await meta.groupsOf(username))])] };
   } catch (err) {
     if (err instanceof InvalidCredentialsError) return null;
     throw new DirectoryUnavailableError((err as Error).message);

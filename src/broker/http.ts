@@ -1,12 +1,11 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { z } from 'zod';
 import { mapError, zodMessage } from '../net/http-errors.js';
-import { checkDeviceSignature, DEVICE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, TIME_HEADER } from '../core/device-auth.js';
+import { checkDeviceSignature, DEVICE_HEADER, MAX_SKEW_MS, NONCE_HEADER, SIGNATURE_HEADER, TIME_HEADER } from '../core/device-auth.js';
 import { publicKeyFromBase64 } from '../core/signing.js';
 import type { DeviceRow } from '../store/metadata.js';
 import type { BrokerContext } from './context.js';
 import { readToken, type SessionClaims } from './tokens.js';
-import { deviceRevokedAt } from './trust.js';
 
 /** An error with its HTTP status and stable code: `{error: code, message, ...extra}`. */
 export class HttpError extends Error {
@@ -23,7 +22,7 @@ export class HttpError extends Error {
 }
 
 /** Called for every refused request (4xx) that its route did not audit itself. */
-export type RefusalAudit = (req: FastifyRequest, status: number, code: string, message: string) => void;
+export type RefusalAudit = (req: FastifyRequest, status: number, code: string, message: string) => Promise<void>;
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -38,7 +37,7 @@ export function parse<T extends z.ZodType>(schema: T, value: unknown): z.infer<T
 }
 
 /** JSON bodies keep their raw text (device signatures cover the exact bytes); errors are uniform. */
-export function installHttpBasics(app: FastifyInstance, audit?: RefusalAudit): void {
+export async function installHttpBasics(app: FastifyInstance, audit?: RefusalAudit): Promise<void> {
   app.removeContentTypeParser('application/json');
   app.addContentTypeParser('application/json', { parseAs: 'string' }, (req, body, done) => {
     const text = String(body);
@@ -50,9 +49,9 @@ export function installHttpBasics(app: FastifyInstance, audit?: RefusalAudit): v
       done(new HttpError(400, 'malformed-json', 'request body is not valid JSON'), undefined);
     }
   });
-  app.setErrorHandler((err: Error & { statusCode?: number; code?: string }, req, reply) => {
-    const refuse = (status: number, code: string, message: string, extra: Record<string, unknown> = {}) => {
-      if (!(err instanceof HttpError && err.audited)) audit?.(req, status, code, message);
+  app.setErrorHandler(async (err: Error & { statusCode?: number; code?: string }, req, reply) => {
+    const refuse = async (status: number, code: string, message: string, extra: Record<string, unknown> = {}) => {
+      if (!(err instanceof HttpError && err.audited)) await audit?.(req, status, code, message);
       return reply.status(status).send({ error: code, message, ...extra });
     };
     // One mapping for broker and transfer servers (src/net/http-errors.ts): 4xx client, 5xx server.
@@ -64,21 +63,21 @@ export function installHttpBasics(app: FastifyInstance, audit?: RefusalAudit): v
   app.setNotFoundHandler((req, reply) => reply.status(404).send({ error: 'not-found', message: `no route ${req.method} ${req.url}` }));
 }
 
-export function requireUser(ctx: BrokerContext, req: FastifyRequest): SessionClaims {
+export async function requireUser(ctx: BrokerContext, req: FastifyRequest): Promise<SessionClaims> {
   const auth = req.headers.authorization ?? '';
   const claims = auth.startsWith('Bearer ') ? readToken(ctx.secrets.tokenKey, auth.slice(7)) : null;
   if (!claims) throw new HttpError(401, 'unauthenticated', 'log in first (missing, invalid or expired session token)');
-  const user = ctx.meta.getUser(claims.sub);
+  const user = await ctx.meta.getUser(claims.sub);
   if (!user || user.disabled) throw new HttpError(401, 'unauthenticated', 'user is disabled or no longer exists');
   // A session opened on a device that has since been revoked stops at once, like a disabled user's.
-  if (claims.dev && deviceRevokedAt(ctx, claims.dev)) throw new HttpError(403, 'device-revoked', 'this session belongs to a revoked device');
+  if (claims.dev && (await ctx.meta.deviceRevokedAt(claims.dev))) throw new HttpError(403, 'device-revoked', 'this session belongs to a revoked device');
   return { ...claims, role: user.role };
 }
 
-export function requireAdmin(ctx: BrokerContext, req: FastifyRequest): SessionClaims {
-  const claims = requireUser(ctx, req);
+export async function requireAdmin(ctx: BrokerContext, req: FastifyRequest): Promise<SessionClaims> {
+  const claims = await requireUser(ctx, req);
   if (claims.role !== 'admin') {
-    ctx.audit({ actor: claims.sub, action: 'admin-access', outcome: 'denied', detail: `${req.method} ${req.url}` });
+    await ctx.audit({ actor: claims.sub, action: 'admin-access', outcome: 'denied', detail: `${req.method} ${req.url}` });
     throw new HttpError(403, 'forbidden', 'this needs the admin role');
   }
   return claims;
@@ -89,9 +88,9 @@ export function requireAdmin(ctx: BrokerContext, req: FastifyRequest): SessionCl
  * (a replay within the time window is refused). A revoked device is refused too, except where
  * `allowRevoked` (the heartbeat and command acks: how its `lock` reaches it).
  */
-export function requireDevice(ctx: BrokerContext, req: FastifyRequest, opts: { allowRevoked?: boolean } = {}): DeviceRow & { revoked: boolean } {
+export async function requireDevice(ctx: BrokerContext, req: FastifyRequest, opts: { allowRevoked?: boolean } = {}): Promise<DeviceRow & { revoked: boolean }> {
   const id = req.headers[DEVICE_HEADER];
-  const device = typeof id === 'string' ? ctx.meta.getDevice(id) : null;
+  const device = typeof id === 'string' ? await ctx.meta.getDevice(id) : null;
   if (!device) throw new HttpError(401, 'device-unknown', 'device is not enrolled');
   const nonce = header(req, NONCE_HEADER);
   let failure = checkDeviceSignature(
@@ -104,15 +103,16 @@ export function requireDevice(ctx: BrokerContext, req: FastifyRequest, opts: { a
     new Date(),
     nonce,
   );
-  if (!failure && !ctx.nonces.accept(device.id, nonce!)) failure = 'replay';
-  const revoked = Boolean(deviceRevokedAt(ctx, device.id));
+  // Nonces live in the database: a replay is refused by whichever broker it reaches.
+  if (!failure && !(await ctx.meta.acceptNonce(device.id, nonce!, MAX_SKEW_MS))) failure = 'replay';
+  const revoked = Boolean(await ctx.meta.deviceRevokedAt(device.id));
   if (!failure && revoked && !opts.allowRevoked) failure = 'revoked';
   if (failure === 'revoked') {
-    ctx.audit({ actor: `device:${device.id}`, action: 'device-auth', outcome: 'denied', detail: 'device is revoked' });
+    await ctx.audit({ actor: `device:${device.id}`, action: 'device-auth', outcome: 'denied', detail: 'device is revoked' });
     throw new HttpError(403, 'device-revoked', 'this device has been revoked by an administrator', {}, true);
   }
   if (failure) {
-    ctx.audit({ actor: `device:${device.id}`, action: 'device-auth', outcome: 'denied', detail: failure });
+    await ctx.audit({ actor: `device:${device.id}`, action: 'device-auth', outcome: 'denied', detail: failure });
     throw new HttpError(401, 'device-signature', `device signature refused (${failure})`, {}, true);
   }
   return { ...device, revoked };

@@ -23,19 +23,27 @@ export interface ImportJobView {
  * request should wait, so the admin gets a job to poll (progress in bytes). Jobs live in memory;
  * an import cut short by a broker restart leaves no desktop (and its blobs as unreferenced data).
  */
+const nameTaken = (name: string) => new HttpError(409, 'exists', `desktop ${name} exists or is being imported`);
+
 export class ImportJobs {
   private readonly jobs = new Map<string, ImportJobView>();
 
   /** Checks what can be checked at once (name free, image readable), then imports in the background. */
   async start(ctx: BrokerContext, actor: string, req: CreateDesktop, onFinish?: (ok: boolean) => void): Promise<ImportJobView> {
-    this.ensureNameFree(ctx, req.name);
+    await this.ensureNameFree(ctx, req.name);
     const size = await inspectForImport(req.image, req.chunkSize);
-    this.ensureNameFree(ctx, req.name); // again: inspecting took a moment
+    // Again (inspecting took a moment): the job is registered before the database is asked, so
+    // a second import of the name that starts meanwhile sees it running.
+    if (this.running(req.name)) throw nameTaken(req.name);
     const job: ImportJobView = {
       id: randomUUID(), name: req.name, image: req.image, state: 'running', bytesDone: 0, bytesTotal: size,
       startedAt: new Date().toISOString(), finishedAt: null, result: null, error: null,
     };
     this.jobs.set(job.id, job);
+    if (await ctx.meta.getDesktop(req.name)) {
+      this.jobs.delete(job.id);
+      throw nameTaken(req.name);
+    }
     this.forgetOldest();
     void createDesktopFromImage(ctx, actor, req, (p) => (job.bytesDone = p.bytesDone)).then(
       (res) => Object.assign(job, { state: 'done', result: res, bytesDone: job.bytesTotal, finishedAt: new Date().toISOString() }),
@@ -60,8 +68,11 @@ export class ImportJobs {
   }
 
   /** A name is taken by a desktop or by an import still running. */
-  ensureNameFree(ctx: BrokerContext, name: string): void {
-    const running = [...this.jobs.values()].some((j) => j.state === 'running' && j.name === name);
-    if (running || ctx.meta.getDesktop(name)) throw new HttpError(409, 'exists', `desktop ${name} exists or is being imported`);
+  async ensureNameFree(ctx: BrokerContext, name: string): Promise<void> {
+    if (this.running(name) || (await ctx.meta.getDesktop(name))) throw nameTaken(name);
+  }
+
+  private running(name: string): boolean {
+    return [...this.jobs.values()].some((j) => j.state === 'running' && j.name === name);
   }
 }

@@ -15,8 +15,8 @@ export interface RestorePoint {
 }
 
 /** Snapshots a desktop can go back to, newest first. Checkpoints repeat their parent and are left out. */
-export function restorePoints(ctx: BrokerContext, desktop: DesktopRow): RestorePoint[] {
-  const snaps = ctx.meta.listSnapshots(desktop.id);
+export async function restorePoints(ctx: BrokerContext, desktop: DesktopRow): Promise<RestorePoint[]> {
+  const snaps = await ctx.meta.listSnapshots(desktop.id);
   const byId = new Map(snaps.map((s) => [s.id, s]));
   let current: SnapshotRow | undefined = desktop.currentSnapshot ? byId.get(desktop.currentSnapshot) : undefined;
   while (current && current.kind === 'checkpoint' && current.parentId) current = byId.get(current.parentId);
@@ -27,13 +27,13 @@ export function restorePoints(ctx: BrokerContext, desktop: DesktopRow): RestoreP
 }
 
 /** Whether `user` (role `role`) may restore `desktop` now, and if not, why. */
-export function restoreRefusal(ctx: BrokerContext, user: string, role: string, desktop: DesktopRow): { status: number; code: string; message: string } | null {
+export async function restoreRefusal(ctx: BrokerContext, user: string, role: string, desktop: DesktopRow): Promise<{ status: number; code: string; message: string } | null> {
   if (role !== 'admin') {
-    if (!ctx.meta.isEntitled(user, desktop)) return { status: 404, code: 'not-found', message: `no desktop ${desktop.name} you are entitled to` };
-    const p = effectivePolicy(ctx.meta, user, desktop).restoreAllowed;
+    if (!await ctx.meta.isEntitled(user, desktop)) return { status: 404, code: 'not-found', message: `no desktop ${desktop.name} you are entitled to` };
+    const p = (await effectivePolicy(ctx.meta, user, desktop)).restoreAllowed;
     if (!p.value) return { status: 403, code: 'policy-denied', message: `policy (${p.source}) does not let users restore ${desktop.name}` };
   }
-  const active = ctx.meta.activeCheckout(desktop.id);
+  const active = await ctx.meta.activeCheckout(desktop.id);
   if (active) {
     return { status: 409, code: 'locked', message: `${desktop.name} is checked out by ${active.user}; check it in or roll back first (an admin can force-unlock)` };
   }
@@ -44,21 +44,21 @@ export function restoreRefusal(ctx: BrokerContext, user: string, role: string, d
  * Makes a restore point the desktop's current version: a new snapshot (kind `restore`) with the
  * chosen one's disks, so history is kept and the next check-out starts from it.
  */
-export function restore(ctx: BrokerContext, user: string, role: string, desktop: DesktopRow, snapshotId: string, reason?: string) {
-  const refusal = restoreRefusal(ctx, user, role, desktop);
+export async function restore(ctx: BrokerContext, user: string, role: string, desktop: DesktopRow, snapshotId: string, reason?: string) {
+  const refusal = await restoreRefusal(ctx, user, role, desktop);
   if (refusal) {
-    ctx.audit({ actor: user, desktopId: desktop.id, action: 'restore', outcome: 'denied', detail: `${refusal.code}: ${refusal.message}` });
+    await ctx.audit({ actor: user, desktopId: desktop.id, action: 'restore', outcome: 'denied', detail: `${refusal.code}: ${refusal.message}` });
     throw new HttpError(refusal.status, refusal.code, refusal.message, {}, true);
   }
-  const point = restorePoints(ctx, desktop).find((p) => p.id === snapshotId);
+  const point = (await restorePoints(ctx, desktop)).find((p) => p.id === snapshotId);
   if (!point) throw new HttpError(404, 'not-found', `${desktop.name} has no restore point ${snapshotId}`);
-  const chosen = ctx.meta.getSnapshot(point.id)!;
-  const id = ctx.meta.transaction(() => {
-    if (ctx.meta.activeCheckout(desktop.id)) throw new HttpError(409, 'locked', `${desktop.name} was just checked out`);
-    const s = ctx.meta.createSnapshot({ desktopId: desktop.id, parentId: chosen.id, kind: 'restore', disks: chosen.disks });
-    ctx.meta.setDesktopSnapshot(desktop.id, s);
+  const chosen = (await ctx.meta.getSnapshot(point.id))!;
+  const id = await ctx.meta.transaction(async (tx) => {
+    if (await tx.activeCheckout(desktop.id)) throw new HttpError(409, 'locked', `${desktop.name} was just checked out`);
+    const s = await tx.createSnapshot({ desktopId: desktop.id, parentId: chosen.id, kind: 'restore', disks: chosen.disks });
+    await tx.setDesktopSnapshot(desktop.id, s);
     return s;
   });
-  ctx.audit({ actor: user, desktopId: desktop.id, action: 'restore', outcome: 'ok', detail: `${point.kind} ${point.id} of ${point.createdAt} is now current (${id})${reason ? `: ${reason}` : ''}` });
+  await ctx.audit({ actor: user, desktopId: desktop.id, action: 'restore', outcome: 'ok', detail: `${point.kind} ${point.id} of ${point.createdAt} is now current (${id})${reason ? `: ${reason}` : ''}` });
   return { snapshotId: id, restoredFrom: point.id };
 }

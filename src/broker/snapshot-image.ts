@@ -6,12 +6,12 @@ import type { BrokerContext } from './context.js';
 
 /** Re-assembles a desktop's current snapshot (first disk) from the store into a raw file at `out`. */
 export async function exportCurrentSnapshot(ctx: BrokerContext, desktopRef: string, out: string): Promise<{ snapshotId: string }> {
-  const desk = ctx.meta.getDesktop(desktopRef);
+  const desk = await ctx.meta.getDesktop(desktopRef);
   if (!desk?.currentSnapshot) throw new CarryonError('not-found', `desktop ${desktopRef} has no snapshot`);
-  const snap = ctx.meta.getSnapshot(desk.currentSnapshot)!;
+  const snap = (await ctx.meta.getSnapshot(desk.currentSnapshot))!;
   const raw = await ctx.store.getManifest(snap.disks[0]!.digest);
   if (!raw) throw new CarryonError('store-corrupt', `manifest of snapshot ${snap.id} is missing`);
-  const keys = unwrapLineageKeys(ctx.secrets.masterKey, ctx.meta.getLineageKeys(desk.lineageId)!, `lineage:${desk.lineageId}`);
+  const keys = unwrapLineageKeys(ctx.secrets.masterKey, (await ctx.meta.getLineageKeys(desk.lineageId))!, `lineage:${desk.lineageId}`);
   await exportImage(decodeManifest(raw), { store: ctx.store, keys }, out);
   return { snapshotId: snap.id };
 }

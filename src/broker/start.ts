@@ -5,15 +5,10 @@ import { NoHypervisor, QmpHypervisor, type DatacenterHypervisor } from '../hyper
 import { loadOrCreateTls } from '../net/tls-cert.js';
 import { openChunkStore } from '../store/open-store.js';
 import { defaultS3IndexPath } from '../store/s3-chunk-store.js';
-import { SqliteMetadataStore } from '../store/metadata.js';
-import { BROKER_MIGRATIONS } from '../store/metadata-schema.js';
-import { chainUnhashed } from '../store/audit-chain.js';
-import { TRUST_MIGRATIONS } from '../store/trust-schema.js';
-import { MAX_SKEW_MS } from '../core/device-auth.js';
+import { openMetadata } from '../store/metadata/open.js';
 import { checkLdapConfig } from './directory.js';
 import { DEFAULT_THROTTLE, LoginThrottle, type ThrottleSettings } from './throttle.js';
-import { NonceCache, transferServerSync } from './trust.js';
-import { migrate, openSqlite } from '../store/sqlite.js';
+import { transferServerSync } from './trust.js';
 import { startTransferServer, type TransferServer } from '../transfer/server.js';
 import type { BrokerContext, BrokerSettings } from './context.js';
 import { installHttpBasics } from './http.js';
@@ -30,13 +25,21 @@ import { maintenanceRoutes } from './routes/maintenance.js';
 import { transferRoutes } from './routes/transfers.js';
 import { userRoutes } from './routes/user.js';
 import { loadOrCreateSecrets } from './secrets.js';
-import { SqliteScheduler } from './transfers/scheduler.js';
+import { Scheduler } from './transfers/scheduler.js';
+import { SchedulerStore } from './transfers/scheduler-store.js';
 import { randomBytes } from 'node:crypto';
+import { hostname } from 'node:os';
 import { readFile, realpath, writeFile } from 'node:fs/promises';
 import { CarryonError } from '../core/errors.js';
 
 export interface BrokerConfig {
   dataDir: string;
+  /**
+   * Metadata database: a `postgres://user@host/db` URL (several brokers may share it), or absent
+   * for SQLite in `<dataDir>/metadata.db`. With PostgreSQL an S3 chunk store's pack index lives
+   * there too.
+   */
+  database?: string;
   /** Chunk store: a directory (default `<dataDir>/chunks`, pack store) or an `s3://bucket/prefix?endpoint=…` URL. */
   chunkStore?: string;
   /** Pack writers and last-use slack of the chunk store (tests set the slack to 0). */
@@ -47,6 +50,11 @@ export interface BrokerConfig {
   keyFile?: string;
   /** Slots of the in-process transfer server; 0 = none (standalone transfer servers only). */
   embeddedTransferSlots?: number;
+  /**
+   * Its id in the scheduler: `embedded`, or on PostgreSQL `embedded@<host>:<port>` (brokers
+   * sharing a database register theirs side by side).
+   */
+  embeddedTransferId?: string;
   hypervisor?: { kind: 'none' } | { kind: 'qmp'; socketDir: string };
   settings?: Partial<BrokerSettings>;
   /** First admin, created when the directory has no users. */
@@ -97,12 +105,8 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   if (config.settings?.ldap) checkLdapConfig(config.settings.ldap);
   const secrets = await loadOrCreateSecrets(config.dataDir);
   const tls = await loadOrCreateTls({ dir: config.dataDir, certFile: config.certFile, keyFile: config.keyFile });
-  const db = openSqlite(join(config.dataDir, 'metadata.db'));
-  migrate(db, 'broker', BROKER_MIGRATIONS);
-  migrate(db, 'trust', TRUST_MIGRATIONS);
-  chainUnhashed(db);
-  const meta = new SqliteMetadataStore(db);
-  const store = await openChunkStore(config.chunkStore ?? join(config.dataDir, 'chunks'), undefined, { ...config.chunkStoreOptions, s3IndexPath: defaultS3IndexPath(config.dataDir) });
+  const { meta, sql } = await openMetadata({ dataDir: config.dataDir, database: config.database });
+  const store = await openChunkStore(config.chunkStore ?? join(config.dataDir, 'chunks'), undefined, { ...config.chunkStoreOptions, s3IndexPath: config.database ?? defaultS3IndexPath(config.dataDir) });
   const settings: BrokerSettings = {
     sessionTtlSec: 3600,
     hypervisorOverheadMiB: 256,
@@ -115,27 +119,27 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   const hypervisor: DatacenterHypervisor = config.hypervisor?.kind === 'qmp' ? new QmpHypervisor(config.hypervisor.socketDir) : new NoHypervisor();
   let transfer: TransferServer | null = null;
   // The embedded transfer server learns revocations the moment a job ends (standalone ones at their heartbeat).
-  const scheduler: SqliteScheduler = new SqliteScheduler(db, {
+  const scheduler: Scheduler = new Scheduler(await SchedulerStore.open(sql), {
     signingKey: secrets.signing.privateKey, ticketTtlSec: config.ticketTtlSec, pauseGraceSec: config.pauseGraceSec,
-    onJobsEnded: () => transfer?.setRevoked(scheduler.revokedJobIds()),
+    onJobsEnded: () => void scheduler.revokedJobIds().then((ids) => transfer?.setRevoked(ids), () => undefined),
   });
   const ctx: BrokerContext = {
     settings, meta, store, secrets, scheduler, hypervisor, imports: new ImportJobs(), jobProgress: new JobProgress(),
-    nonces: new NonceCache(MAX_SKEW_MS), throttle: new LoginThrottle({ ...DEFAULT_THROTTLE, ...config.throttle }),
-    audit: (e) => void meta.addEvent({ actor: e.actor, desktopId: e.desktopId ?? null, action: e.action, outcome: e.outcome, detail: e.detail ?? null }),
+    throttle: new LoginThrottle({ ...DEFAULT_THROTTLE, ...config.throttle }),
+    audit: async (e) => void (await meta.addEvent({ actor: e.actor, desktopId: e.desktopId ?? null, action: e.action, outcome: e.outcome, detail: e.detail ?? null })),
     keysFor: (wrapped, context) => encodeLineageKeys(unwrapLineageKeys(secrets.masterKey, wrapped, context)),
   };
-  if (config.initAdmin && meta.listUsers().length === 0) {
-    meta.createUser({ name: config.initAdmin.name, passwordHash: await hashPassword(config.initAdmin.password, { N: settings.passwordCostN }), role: 'admin' });
-    ctx.audit({ actor: 'system', action: 'user-create', outcome: 'ok', detail: `initial admin ${config.initAdmin.name}` });
+  if (config.initAdmin && (await meta.listUsers()).length === 0) {
+    await meta.createUser({ name: config.initAdmin.name, passwordHash: await hashPassword(config.initAdmin.password, { N: settings.passwordCostN }), role: 'admin' });
+    await ctx.audit({ actor: 'system', action: 'user-create', outcome: 'ok', detail: `initial admin ${config.initAdmin.name}` });
   }
 
   const app = Fastify({ https: { cert: tls.cert, key: tls.key }, bodyLimit: 32 * 1024 * 1024, logger: config.log ?? false });
-  installHttpBasics(app, (req, status, code, message) => {
+  await installHttpBasics(app, (req, status, code, message) => {
     // Refusals the route did not audit itself (malformed or oversize bodies, invalid fields, …).
     const auth = req.headers.authorization ?? '';
     const actor = (auth.startsWith('Bearer ') ? readToken(ctx.secrets.tokenKey, auth.slice(7))?.sub : undefined) ?? `anonymous@${req.ip}`;
-    ctx.audit({ actor, action: 'request', outcome: 'denied', detail: `${req.method} ${req.url.split('?')[0]}: ${status} ${code}: ${message.slice(0, 200)}` });
+    return ctx.audit({ actor, action: 'request', outcome: 'denied', detail: `${req.method} ${req.url.split('?')[0]}: ${status} ${code}: ${message.slice(0, 200)}` });
   });
   userRoutes(app, ctx);
   agentRoutes(app, ctx);
@@ -151,20 +155,24 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   const url = `https://${host}:${typeof addr === 'object' && addr ? addr.port : config.port}`;
 
   let beat: NodeJS.Timeout | null = null;
+  let syncing: Promise<void> | null = null;
   const slots = config.embeddedTransferSlots ?? 4;
   if (slots > 0) {
-    transfer = await startTransferServer({ id: 'embedded', host, slots, store, masterKey: secrets.masterKey, brokerPublicKey: secrets.signing.publicKey, tlsDir: join(config.dataDir, 'transfer-tls') });
+    const id = config.embeddedTransferId ?? (config.database ? `embedded@${hostname()}:${new URL(url).port}` : 'embedded');
+    transfer = await startTransferServer({ id, host, slots, store, masterKey: secrets.masterKey, brokerPublicKey: secrets.signing.publicKey, tlsDir: join(config.dataDir, 'transfer-tls') });
     const t = transfer;
-    scheduler.registerServer({ id: t.id, url: t.url, fingerprint: t.fingerprint, slots });
+    await scheduler.registerServer({ id: t.id, url: t.url, fingerprint: t.fingerprint, slots });
     let ticks = 0;
-    t.setRevoked(scheduler.revokedJobIds());
+    t.setRevoked(await scheduler.revokedJobIds());
     // Per-job progress every second (in memory, for live admin views); the scheduler, the access
     // summaries of evicted jobs (audit) and the revocation list every 5 s.
     beat = setInterval(() => {
       ctx.jobProgress.report(t.id, t.stats.perJob);
-      if (++ticks % 5 === 0) {
-        scheduler.serverHeartbeat(t.id, { bytesIn: t.stats.bytesIn, bytesOut: t.stats.bytesOut });
-        t.setRevoked(transferServerSync(ctx, t.id, t.drainSummaries()));
+      if (++ticks % 5 === 0 && !syncing) {
+        syncing = (async () => {
+          await scheduler.serverHeartbeat(t.id, { bytesIn: t.stats.bytesIn, bytesOut: t.stats.bytesOut });
+          t.setRevoked(await transferServerSync(ctx, t.id, t.drainSummaries()));
+        })().catch((err: Error) => void process.stderr.write(`carryon: transfer server heartbeat failed: ${err.message}\n`)).finally(() => (syncing = null));
       }
     }, 1000);
     beat.unref();
@@ -177,12 +185,13 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     transfer,
     close: async () => {
       if (beat) clearInterval(beat);
+      await syncing;
       // Per-job summaries still held by the embedded server go to the audit trail before closing.
-      if (transfer) transferServerSync(ctx, transfer.id, (transfer.sweep(), transfer.drainSummaries()));
+      if (transfer) await transferServerSync(ctx, transfer.id, (transfer.sweep(), transfer.drainSummaries()));
       await transfer?.close();
       await app.close();
       await store.close();
-      db.close();
+      await sql.close();
     },
   };
 }

@@ -6,6 +6,7 @@ import { z } from 'zod';
 import { startBroker } from '../broker/start.js';
 import { CarryonError } from '../core/errors.js';
 import { describeStore } from '../store/open-store.js';
+import { checkPostgresUrl, redactDatabaseUrl } from '../store/sql/pg-driver.js';
 import { registerAdminCommands } from './admin-commands.js';
 import { registerAdminTrustCommands } from './admin-trust-commands.js';
 import { registerMaintenanceCommands } from './maintenance-commands.js';
@@ -13,6 +14,8 @@ import { passwordSource } from './common.js';
 
 const ServerConfigFile = z.object({
   dataDir: z.string().optional(),
+  /** postgres://… (several brokers may share it); absent: SQLite in the data directory. */
+  database: z.string().optional(),
   chunkStore: z.string().optional(),
   host: z.string().optional(),
   port: z.number().int().min(0).max(65535).optional(),
@@ -50,6 +53,7 @@ export function registerServerCommands(program: Command): void {
     .description('run the broker (HTTPS) with an embedded transfer server; config: file < environment < flags')
     .option('--config <file>', 'JSON config file')
     .option('--data-dir <dir>', 'data directory (env CARRYON_DATA_DIR)')
+    .option('--database <url>', 'metadata database: postgres://user@host:5432/carryon (several brokers may share it; password: PGPASSWORD or ~/.pgpass, or in the URL) (env CARRYON_DATABASE); default: SQLite in the data directory')
     .option('--chunk-store <dir|url>', 'chunk store: a directory (default <data-dir>/chunks) or s3://bucket/prefix?endpoint=URL&region=R (env CARRYON_CHUNK_STORE; credentials: AWS_ACCESS_KEY_ID… or ~/.aws)')
     .option('--host <addr>', 'listen address', undefined)
     .option('--port <n>', 'listen port (env CARRYON_PORT)', int('--port'))
@@ -58,18 +62,21 @@ export function registerServerCommands(program: Command): void {
     .option('--transfer-slots <n>', 'slots of the embedded transfer server (0: none)', int('--transfer-slots'))
     .option('--import-dir <dir>', 'a directory images may be imported from (repeatable; none: imports by path are refused)', (v: string, acc: string[] = []) => [...acc, v])
     .option('--init-admin <name>', 'create this first admin if there are no users (password: CARRYON_ADMIN_PASSWORD or prompt)')
-    .action(async (o: { config?: string; dataDir?: string; chunkStore?: string; host?: string; port?: number; cert?: string; key?: string; transferSlots?: number; initAdmin?: string; importDir?: string[] }) => {
+    .action(async (o: { config?: string; dataDir?: string; database?: string; chunkStore?: string; host?: string; port?: number; cert?: string; key?: string; transferSlots?: number; initAdmin?: string; importDir?: string[] }) => {
       const file = loadConfigFile(o.config);
       const dataDir = o.dataDir ?? process.env.CARRYON_DATA_DIR ?? file.dataDir ?? join(homedir(), '.carryon-server');
       const port = o.port ?? (process.env.CARRYON_PORT ? int('CARRYON_PORT')(process.env.CARRYON_PORT) : undefined) ?? file.port ?? 8443;
       const initAdmin = o.initAdmin ? { name: o.initAdmin, password: await passwordSource({}, 'CARRYON_ADMIN_PASSWORD', `Password for ${o.initAdmin}`)() } : undefined;
       const chunkStore = o.chunkStore ?? process.env.CARRYON_CHUNK_STORE ?? file.chunkStore;
+      const database = o.database ?? process.env.CARRYON_DATABASE ?? file.database;
+      if (database) checkPostgresUrl(database); // a clear error before anything starts
       const broker = await startBroker({
-        dataDir, chunkStore, host: o.host ?? file.host ?? '127.0.0.1', port, certFile: o.cert ?? file.certFile, keyFile: o.key ?? file.keyFile,
+        dataDir, database, chunkStore, host: o.host ?? file.host ?? '127.0.0.1', port, certFile: o.cert ?? file.certFile, keyFile: o.key ?? file.keyFile,
         embeddedTransferSlots: o.transferSlots ?? file.transferSlots, hypervisor: file.hypervisor, settings: file.ldap ? { ldap: file.ldap } : undefined, initAdmin,
         importDirs: o.importDir ?? file.importDirs ?? [],
       });
       process.stdout.write(`carryon broker listening on ${broker.url}\ncertificate fingerprint (SHA-256): ${broker.fingerprint}\ndata directory: ${dataDir}\n`);
+      process.stdout.write(`metadata: ${database ? `PostgreSQL ${redactDatabaseUrl(database)}` : `SQLite ${join(dataDir, 'metadata.db')}`}\n`);
       const dirs = broker.ctx.settings.importDirs;
       process.stdout.write(dirs.length ? `images may be imported from: ${dirs.join(', ')}\n` : 'no --import-dir: admins cannot import images by path\n');
       if (chunkStore) process.stdout.write(`chunk store: ${describeStore(chunkStore)}\n`);

@@ -1,13 +1,15 @@
 import { createHash } from 'node:crypto';
-import type { Db } from './sqlite.js';
+import type { SqlConn } from './sql/driver.js';
 
 /**
  * The audit trail as a hash chain: each event's hash covers the previous event's hash and every
  * field of the event, so editing, deleting or reordering any event breaks every later link.
  * (Truncating the newest events is caught by comparing the head with one recorded elsewhere:
- * `carryon admin audit verify` prints it.)
+ * `carryon admin audit verify` prints it.) Appends take the `audit` lock, so brokers sharing one
+ * PostgreSQL database never fork the chain.
  */
 export const GENESIS = '0'.repeat(64);
+const LOCK = 'carryon:audit-chain';
 
 export interface ChainedEvent {
   id: number;
@@ -36,30 +38,31 @@ function row(r: Raw): ChainedEvent {
 }
 
 /** Appends one event, linked to the newest one, in one transaction. */
-export function appendEvent(db: Db, e: { actor: string; desktopId?: string | null; action: string; outcome: string; detail?: string | null }, time = new Date().toISOString()): number {
-  return db.transaction(() => {
-    const last = db.prepare('SELECT hash FROM events ORDER BY id DESC LIMIT 1').get() as Raw | undefined;
+export function appendEvent(sql: SqlConn, e: { actor: string; desktopId?: string | null; action: string; outcome: string; detail?: string | null }, time = new Date().toISOString()): Promise<number> {
+  return sql.transaction(async (c) => {
+    const last = await c.get('SELECT hash FROM events ORDER BY id DESC LIMIT 1');
     const prevHash = last ? String(last.hash ?? GENESIS) : GENESIS;
-    const id = Number(db.prepare('INSERT INTO events (time, actor, desktop_id, action, outcome, detail, prev_hash) VALUES (?, ?, ?, ?, ?, ?, ?)')
-      .run(time, e.actor, e.desktopId ?? null, e.action, e.outcome, e.detail ?? null, prevHash).lastInsertRowid);
+    const ins = await c.get('INSERT INTO events (time, actor, desktop_id, action, outcome, detail, prev_hash) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id',
+      [time, e.actor, e.desktopId ?? null, e.action, e.outcome, e.detail ?? null, prevHash]);
+    const id = Number(ins!.id);
     const hash = eventHash(prevHash, { id, time, actor: e.actor, desktopId: e.desktopId ?? null, action: e.action, outcome: e.outcome, detail: e.detail ?? null });
-    db.prepare('UPDATE events SET hash = ? WHERE id = ?').run(hash, id);
+    await c.run('UPDATE events SET hash = ? WHERE id = ?', [hash, id]);
     return id;
-  })();
+  }, LOCK);
 }
 
 /** Chains events written before the chain existed (once, at start). */
-export function chainUnhashed(db: Db): number {
-  return db.transaction(() => {
-    const rows = db.prepare('SELECT * FROM events WHERE hash IS NULL ORDER BY id').all() as Raw[];
+export function chainUnhashed(sql: SqlConn): Promise<number> {
+  return sql.transaction(async (c) => {
+    const rows = await c.all('SELECT * FROM events WHERE hash IS NULL ORDER BY id');
     for (const r of rows) {
-      const prev = db.prepare('SELECT hash FROM events WHERE id < ? ORDER BY id DESC LIMIT 1').get(Number(r.id)) as Raw | undefined;
+      const prev = await c.get('SELECT hash FROM events WHERE id < ? ORDER BY id DESC LIMIT 1', [Number(r.id)]);
       const prevHash = prev ? String(prev.hash) : GENESIS;
       const e = row({ ...r, prev_hash: prevHash });
-      db.prepare('UPDATE events SET prev_hash = ?, hash = ? WHERE id = ?').run(prevHash, eventHash(prevHash, e), e.id);
+      await c.run('UPDATE events SET prev_hash = ?, hash = ? WHERE id = ?', [prevHash, eventHash(prevHash, e), e.id]);
     }
     return rows.length;
-  })();
+  }, LOCK);
 }
 
 export interface ChainCheck {
@@ -72,13 +75,12 @@ export interface ChainCheck {
 }
 
 /** Walks the whole chain (in pages, so a long trail does not sit in memory at once). */
-export function verifyChain(db: Db): ChainCheck {
+export async function verifyChain(sql: SqlConn): Promise<ChainCheck> {
   let prevHash = GENESIS;
   let count = 0;
   let after = 0;
-  const page = db.prepare('SELECT * FROM events WHERE id > ? ORDER BY id LIMIT 5000');
   for (;;) {
-    const rows = (page.all(after) as Raw[]).map(row);
+    const rows = (await sql.all('SELECT * FROM events WHERE id > ? ORDER BY id LIMIT 5000', [after])).map(row);
     if (rows.length === 0) break;
     for (const e of rows) {
       if (e.prevHash !== prevHash) return { ok: false, events: count, head: prevHash, brokenAt: e.id, reason: 'link to the previous event does not match (an event was removed or reordered)' };
@@ -92,7 +94,7 @@ export function verifyChain(db: Db): ChainCheck {
 }
 
 /** Events after `sinceId`, oldest first, with their links: one JSON object per line. */
-export function exportEvents(db: Db, sinceId = 0, limit = 100_000): string {
-  const rows = (db.prepare('SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?').all(sinceId, limit) as Raw[]).map(row);
+export async function exportEvents(sql: SqlConn, sinceId = 0, limit = 100_000): Promise<string> {
+  const rows = (await sql.all('SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?', [sinceId, limit])).map(row);
   return rows.map((e) => JSON.stringify(e)).join('\n') + (rows.length ? '\n' : '');
 }

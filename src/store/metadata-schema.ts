@@ -1,10 +1,13 @@
-import type { Migration } from './sqlite.js';
+import type { Migration } from './sql/driver.js';
+
+/** SQLite DDL → PostgreSQL's: BYTEA blobs, BIGSERIAL ids. */
+export function postgresDdl(sql: string): string {
+  return sql.replace(/INTEGER PRIMARY KEY AUTOINCREMENT/g, 'BIGSERIAL PRIMARY KEY').replace(/\bBLOB\b/g, 'BYTEA');
+}
+
 
 /** Broker tables. One active checkout per desktop is enforced by a partial unique index. */
-export const BROKER_MIGRATIONS: Migration[] = [
-  {
-    version: 1,
-    sql: `
+const V1 = `
 CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE users (
   name TEXT PRIMARY KEY, password_hash TEXT, role TEXT NOT NULL CHECK (role IN ('admin','user')),
@@ -49,6 +52,9 @@ CREATE TABLE heartbeats (
   id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
   time TEXT NOT NULL, stats TEXT NOT NULL);
 CREATE INDEX heartbeats_device ON heartbeats(device_id, id);
-`,
-  },
+`;
+
+export const BROKER_MIGRATIONS: Migration[] = [
+  // PostgreSQL has no rowid: snapshots get a sequence for their creation order.
+  { version: 1, sql: V1, postgres: `${postgresDdl(V1)}\nALTER TABLE snapshots ADD COLUMN seq BIGSERIAL;` },
 ];

@@ -9,7 +9,10 @@ import { isS3Url, parseS3Url } from './s3-config.js';
 export type ChunkStoreKind = 'pack' | 'fs';
 
 export interface OpenStoreOptions extends PackStoreOptions {
-  /** Pack index of an S3 store whose URL names none (the broker keeps it in its data directory). */
+  /**
+   * Pack index of an S3 store whose URL names none: an SQLite file (the broker's data directory)
+   * or a postgres:// URL (the broker's database, when it runs on PostgreSQL).
+   */
   s3IndexPath?: string;
 }
 

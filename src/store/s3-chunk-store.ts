@@ -4,6 +4,7 @@ import type { S3Client } from '@aws-sdk/client-s3';
 import { chunkIdFromBytes, chunkIdToBytes, parseChunkId, type ChunkId } from '../core/chunk-id.js';
 import { CarryonError, ValidationError } from '../core/errors.js';
 import type { CollectableStore, PackInfo } from './chunk-store.js';
+import { isPostgresUrl, PgPackIndex } from './pg-pack-index.js';
 import { type BlobUse, packCreatedAt, packWriterPid, RECORD_HEAD, SqlitePackIndex, type Location, type PackIndex } from './pack-index.js';
 import type { S3StoreConfig } from './s3-config.js';
 
@@ -118,8 +119,9 @@ export class S3ChunkStore implements CollectableStore {
       }
       await s3.send(new sdk.CreateBucketCommand({ Bucket: config.bucket }));
     }
-    if (!opts.index && !config.indexPath) throw new CarryonError('bad-config', 'an S3 chunk store needs a pack index: add index=/path/to/index.sqlite to the URL');
-    const index = opts.index ?? SqlitePackIndex.open(config.indexPath!);
+    if (!opts.index && !config.indexPath) throw new CarryonError('bad-config', 'an S3 chunk store needs a pack index: add index=/path/to/index.sqlite (or index=postgres://…, URL-encoded) to the URL');
+    // A PostgreSQL index is shared by every broker and transfer server writing the bucket.
+    const index = opts.index ?? (isPostgresUrl(config.indexPath!) ? await PgPackIndex.open(config.indexPath!) : SqlitePackIndex.open(config.indexPath!));
     return new S3ChunkStore(sdk, s3, config, index, opts);
   }
 

@@ -11,7 +11,7 @@ export interface S3StoreConfig {
   region?: string;
   /** Path-style URLs (`endpoint/bucket/key`); default true with a custom endpoint. */
   forcePathStyle: boolean;
-  /** The pack index (SQLite file). Every process writing the bucket must share it. */
+  /** The pack index: an SQLite file, or a postgres:// URL. Every process writing the bucket must share it. */
   indexPath?: string;
   /** Create the bucket when it does not exist. */
   createBucket: boolean;

@@ -4,11 +4,8 @@ import { dirname } from 'node:path';
 
 export type Db = Database.Database;
 
-/** One schema step. Steps of a component run once each, in order, inside a transaction. */
-export interface Migration {
-  version: number;
-  sql: string;
-}
+export type { Migration } from './sql/driver.js';
+import type { Migration } from './sql/driver.js';
 
 /** Opens (creating) an SQLite database in WAL mode with foreign keys on. */
 export function openSqlite(path: string): Db {

@@ -1,4 +1,4 @@
-import type { Migration } from './sqlite.js';
+import type { Migration } from './sql/driver.js';
 
 /**
  * Tables and columns for revocation, cut-off and the tamper-evident audit trail (issue 11).
@@ -13,5 +13,10 @@ ALTER TABLE checkouts ADD COLUMN cut_off_at TEXT;
 ALTER TABLE events ADD COLUMN prev_hash TEXT;
 ALTER TABLE events ADD COLUMN hash TEXT;
 `,
+  },
+  {
+    // Replay protection for device-signed requests, shared by every broker on the database.
+    version: 2,
+    sql: 'CREATE TABLE agent_nonces (device_id TEXT NOT NULL, nonce TEXT NOT NULL, expires_at BIGINT NOT NULL, PRIMARY KEY (device_id, nonce));',
   },
 ];

@@ -71,7 +71,7 @@ test('refusals: bad login, not entitled, malformed JSON, small host, no disk, po
   assert.ok(refused.some((e) => e.actor === 'alice' && /malformed-json/.test(e.detail ?? '')), 'malformed JSON audited with its sender');
   assert.ok(refused.some((e) => e.actor.startsWith('anonymous@') && /413 too-large/.test(e.detail ?? '')), 'oversize body audited');
   assert.equal(events.filter((e) => e.action === 'login' && e.actor === 'alice' && e.outcome === 'denied').length, 1, 'a denied login is audited once');
-  assert.equal(broker.ctx.meta.listCheckouts().length, 0);
+  assert.equal((await broker.ctx.meta.listCheckouts()).length, 0);
 });
 
 test('two concurrent check-outs: exactly one wins; cancel unlocks; restart keeps the lock', async () => {
@@ -80,7 +80,7 @@ test('two concurrent check-outs: exactly one wins; cancel unlocks; restart keeps
   // checkout back (resume); never a second checkout.
   const statuses = [a.status, b.status].sort().join(',');
   assert.ok(statuses === '201,409' || statuses === '201,201', statuses);
-  assert.equal(broker.ctx.meta.listCheckouts({ activeOnly: true }).length, 1);
+  assert.equal((await broker.ctx.meta.listCheckouts({ activeOnly: true })).length, 1);
   const win = (a.status === 201 ? a : b).body as { checkout: { id: string; state: string }; job: { state: string; transfer?: unknown }; lease: unknown; keys: string; config: { vcpus: number; ramMiB: number } };
   assert.equal(win.checkout.state, 'transferring');
   assert.equal(win.job.state, 'active');

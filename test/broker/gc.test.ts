@@ -39,8 +39,8 @@ async function startFor(kind: 'pack' | 's3'): Promise<void> {
   ctx = broker.ctx;
   http = api(broker.url, broker.fingerprint);
   admin = await http.login(ADMIN.name, ADMIN.password);
-  ctx.meta.createUser({ name: 'alice', passwordHash: null, role: 'user' });
-  deviceId = ctx.meta.createDevice({ user: 'alice', name: 'laptop', publicKey: 'unused', host: {} });
+  await ctx.meta.createUser({ name: 'alice', passwordHash: null, role: 'user' });
+  deviceId = await ctx.meta.createDevice({ user: 'alice', name: 'laptop', publicKey: 'unused', host: {} });
 }
 
 async function stop(): Promise<void> {
@@ -77,13 +77,13 @@ async function corruptPacks(kind: 'pack' | 's3', at = 60): Promise<void> {
 async function desktop(name: string, mib = 2): Promise<{ id: string; keys: LineageKeys }> {
   const r = await http.call('POST', '/v1/admin/desktops', { name, image: makeImage(broker.dir, mib, `${name}.raw`), config: { vcpus: 1, ramMiB: 512, minRamMiB: 256 } }, admin);
   assert.equal(r.status, 201, JSON.stringify(r.body));
-  const d = ctx.meta.getDesktop(name)!;
-  ctx.meta.addEntitlement({ principalType: 'user', principal: 'alice', targetType: 'desktop', target: d.id });
-  return { id: d.id, keys: unwrapLineageKeys(ctx.secrets.masterKey, ctx.meta.getLineageKeys(d.lineageId)!, `lineage:${d.lineageId}`) };
+  const d = (await ctx.meta.getDesktop(name))!;
+  await ctx.meta.addEntitlement({ principalType: 'user', principal: 'alice', targetType: 'desktop', target: d.id });
+  return { id: d.id, keys: unwrapLineageKeys(ctx.secrets.masterKey, (await ctx.meta.getLineageKeys(d.lineageId))!, `lineage:${d.lineageId}`) };
 }
 
 async function currentChunks(name: string): Promise<(string | null)[]> {
-  const snap = ctx.meta.getSnapshot(ctx.meta.getDesktop(name)!.currentSnapshot!)!;
+  const snap = (await ctx.meta.getSnapshot((await ctx.meta.getDesktop(name))!.currentSnapshot!))!;
   return decodeManifest((await ctx.store.getManifest(snap.disks[0]!.digest))!).chunks;
 }
 
@@ -97,7 +97,7 @@ const laptop = new Map<string, Buffer>();
 
 async function cycle(name: string, keys: LineageKeys, edit: Record<number, string | 'new'>, between?: () => Promise<void>) {
   const co = await checkOut(ctx, 'alice', name, { deviceId, host: HOST });
-  markTransferred(ctx, 'alice', co.checkout.id);
+  await markTransferred(ctx, 'alice', co.checkout.id);
   const chunks = await currentChunks(name);
   const blobs = laptop;
   for (const [i, v] of Object.entries(edit)) {
@@ -134,7 +134,7 @@ for (const kind of ['pack', 's3'] as const) {
     test('gc: dry run changes nothing; then retention, sweep and compaction reclaim space; verify finds every kept snapshot whole', async () => {
       const d = await desktop('twenty', 2);
       for (let i = 0; i < 10; i++) await cycle('twenty', d.keys, { [i % 4]: 'new', [4 + (i % 2)]: 'new' });
-      const snapshots = ctx.meta.listSnapshots(d.id).length;
+      const snapshots = (await ctx.meta.listSnapshots(d.id)).length;
       assert.equal(snapshots, 21, 'import + 10 × (checkpoint + check-in)');
       const before = await ctx.store.stats();
 
@@ -149,7 +149,7 @@ for (const kind of ['pack', 's3'] as const) {
       const dry = (await http.call('POST', '/v1/admin/gc', { dryRun: true, keepLast: 3, graceHours: 0 }, admin)).body.report as { snapshots: { deleted: unknown[] }; blobs: { swept: number }; reclaimedBytes: number };
       assert.equal(dry.snapshots.deleted.length, snapshots - 3);
       assert.ok(dry.blobs.swept > 0 && dry.reclaimedBytes > 0, JSON.stringify(dry));
-      assert.equal(ctx.meta.listSnapshots(d.id).length, snapshots, 'a dry run deletes nothing');
+      assert.equal((await ctx.meta.listSnapshots(d.id)).length, snapshots, 'a dry run deletes nothing');
       assert.deepEqual(await ctx.store.stats(), before);
 
       const r = await http.call('POST', '/v1/admin/gc', { keepLast: 3, graceHours: 0, compactThreshold: 0.2 }, admin);
@@ -158,7 +158,7 @@ for (const kind of ['pack', 's3'] as const) {
       assert.equal(report.snapshots.deleted.length, snapshots - 3);
       assert.equal(report.blobs.swept, dry.blobs.swept, 'the dry run predicted the sweep');
       assert.ok(report.packs.compacted + report.packs.dropped > 0 && report.reclaimedBytes > 0, JSON.stringify(report));
-      assert.equal(ctx.meta.listSnapshots(d.id).length, 3);
+      assert.equal((await ctx.meta.listSnapshots(d.id)).length, 3);
       const usage = await (ctx.store as CollectableStore).packs();
       assert.ok(usage.every((p) => p.active || p.liveBytes >= p.bytes * 0.8), 'what stays is mostly alive');
 
@@ -218,7 +218,7 @@ for (const kind of ['pack', 's3'] as const) {
 
       // 2. Free-running: check-ins (each deduplicating against an unreferenced old blob) and GC runs at once.
       const pastBlobs = new Set<string>();
-      for (const s of ctx.meta.listSnapshots(d.id)) for (const id of referencedChunks(decodeManifest((await ctx.store.getManifest(s.disks[0]!.digest))!))) pastBlobs.add(id);
+      for (const s of await ctx.meta.listSnapshots(d.id)) for (const id of referencedChunks(decodeManifest((await ctx.store.getManifest(s.disks[0]!.digest))!))) pastBlobs.add(id);
       for (const id of pastBlobs) laptop.set(id, (await ctx.store.get(id))!);
       const gcs = (async () => {
         for (let i = 0; i < 6; i++) await collectGarbage(ctx.meta, ctx.store, { keepLast: 1, keepReplicaDays: 0, graceMs: 0, compactThreshold: 0.01 });
@@ -233,7 +233,7 @@ for (const kind of ['pack', 's3'] as const) {
       const co = await checkOut(ctx, 'alice', 'race', { deviceId, host: HOST });
       await collectGarbage(ctx.meta, ctx.store, { keepLast: 1, keepReplicaDays: 0, graceMs: 0, compactThreshold: 0.01 });
       for (const id of referencedChunks(decodeManifest(Buffer.from(co.disks[0]!.manifest, 'base64')))) assert.ok(await ctx.store.get(id), `chunk ${id} of the check-out in flight is readable`);
-      markTransferred(ctx, 'alice', co.checkout.id);
+      await markTransferred(ctx, 'alice', co.checkout.id);
 
       const v = await verifyStore(ctx.meta, ctx.store, ctx.secrets.masterKey);
       assert.equal(v.damagedCount, 0, JSON.stringify(v.damaged.slice(0, 3)));

@@ -9,7 +9,7 @@ import { LoginThrottle } from '../../src/broker/throttle.js';
 import { transferServerSync } from '../../src/broker/trust.js';
 import { CarryonError } from '../../src/core/errors.js';
 import { mapError } from '../../src/net/http-errors.js';
-import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from './harness.js';
+import { ADMIN, api, cleanup, makeImage, openRaw, testBroker, type Api } from './harness.js';
 import { enrolDevice, HEARTBEAT, HOST } from './trust-helpers.js';
 
 let broker: RunningBroker & { dir: string };
@@ -93,7 +93,7 @@ test('item 7: failed logins back off per user and per source address, audited', 
   for (let i = 0; i < 5; i++) await http.call('POST', '/v1/auth/login', { username: `guess${i}`, password: 'x' });
   const addr = await http.call('POST', '/v1/auth/login', { username: ADMIN.name, password: ADMIN.password });
   assert.deepEqual([addr.status, addr.body.error], [429, 'too-many-attempts']);
-  const ev = broker.ctx.meta.listEvents({ limit: 10_000 });
+  const ev = await broker.ctx.meta.listEvents({ limit: 10_000 });
   assert.ok(ev.some((e) => e.actor === 'erin' && e.action === 'login' && e.outcome === 'denied' && /throttled/.test(e.detail ?? '')));
   assert.ok(ev.some((e) => e.actor === ADMIN.name && /throttled/.test(e.detail ?? '')));
   broker.ctx.throttle = new LoginThrottle(); // in memory: what a restart does; the later tests log in again
@@ -122,7 +122,7 @@ test('item 8 over HTTP: a corrupt stored manifest is a 500, an unknown desktop a
   const dev = await enrolDevice(http, broker.url, broker.fingerprint, fay);
   const missing = await http.call('POST', '/v1/desktops/nope/checkout', { deviceId: dev.id, host: HOST }, fay);
   assert.deepEqual([missing.status, missing.body.error], [404, 'not-found']);
-  const snap = broker.ctx.meta.getSnapshot(broker.ctx.meta.getDesktop(String(created.body.id))!.currentSnapshot!)!;
+  const snap = (await broker.ctx.meta.getSnapshot((await broker.ctx.meta.getDesktop(String(created.body.id)))!.currentSnapshot!))!;
   // Bit rot on the broker's disk (both stores keep manifests as files named by digest).
   writeFileSync(join(broker.dir, 'chunks', 'manifests', snap.disks[0]!.digest), 'garbage');
   assert.equal((await broker.ctx.store.getManifest(snap.disks[0]!.digest))?.toString(), 'garbage');
@@ -139,7 +139,7 @@ test('item 6: offline events, export policy, transfer summaries; the audit chain
   assert.deepEqual(resolved.exportAllowed, { value: false, source: 'default' });
   assert.equal(resolved.printingAllowed, undefined, 'printing and sso are gone from the API');
   assert.equal((await http.call('PUT', '/v1/admin/policies/global/-', { ssoAllowed: true }, admin)).status, 400);
-  transferServerSync(broker.ctx, 'embedded', [{ jobId: 'j1', checkoutId: 'c1', desktopId: 'd1', direction: 'download', bytesIn: 0, bytesOut: 10, chunksIn: 0, chunksOut: 1, firstAt: 'a', lastAt: 'b', reason: 'ended' }]);
+  await transferServerSync(broker.ctx, 'embedded', [{ jobId: 'j1', checkoutId: 'c1', desktopId: 'd1', direction: 'download', bytesIn: 0, bytesOut: 10, chunksIn: 0, chunksOut: 1, firstAt: 'a', lastAt: 'b', reason: 'ended' }]);
   const ev = await events();
   assert.ok(ev.some((e) => e.action === 'offline-export' && e.actor === `device:${dev.id}`));
   assert.ok(ev.some((e) => e.action === 'offline-unlock'));
@@ -155,18 +155,20 @@ test('item 6: offline events, export policy, transfer summaries; the audit chain
 
   // Someone edits the database behind the broker's back: the chain says where.
   const victim = ev[3]!;
-  broker.ctx.meta.db.prepare('UPDATE events SET detail = ? WHERE id = ?').run('nothing happened', victim.id);
+  const raw = await openRaw(broker);
+  await raw.run('UPDATE events SET detail = ? WHERE id = ?', ['nothing happened', victim.id]);
   const broken = await http.call('GET', '/v1/admin/audit/verify', undefined, admin);
   assert.deepEqual([broken.body.ok, broken.body.brokenAt], [false, victim.id]);
-  broker.ctx.meta.db.prepare('UPDATE events SET detail = ? WHERE id = ?').run(victim.detail, victim.id);
-  const saved = broker.ctx.meta.db.prepare('SELECT * FROM events WHERE id = ?').get(victim.id) as Record<string, unknown>;
-  broker.ctx.meta.db.prepare('DELETE FROM events WHERE id = ?').run(victim.id);
+  await raw.run('UPDATE events SET detail = ? WHERE id = ?', [victim.detail, victim.id]);
+  const saved = (await raw.get<Record<string, string | number | null>>('SELECT * FROM events WHERE id = ?', [victim.id]))!;
+  await raw.run('DELETE FROM events WHERE id = ?', [victim.id]);
   const gap = await http.call('GET', '/v1/admin/audit/verify', undefined, admin);
   assert.equal(gap.body.ok, false);
   assert.match(String(gap.body.reason), /removed or reordered/);
   // Put it back exactly: the chain verifies again (the harness checks every broker's chain at close).
   const cols = Object.keys(saved);
-  broker.ctx.meta.db.prepare(`INSERT INTO events (${cols.join(', ')}) VALUES (${cols.map(() => '?').join(', ')})`).run(...cols.map((c) => saved[c]));
+  await raw.run(`INSERT INTO events (${cols.join(', ')}) VALUES (${cols.map(() => '?').join(', ')})`, cols.map((c) => saved[c] ?? null));
+  await raw.close();
   assert.equal((await http.call('GET', '/v1/admin/audit/verify', undefined, admin)).body.ok, true);
 });
 

@@ -5,22 +5,40 @@ import { join } from 'node:path';
 import { request } from 'undici';
 import { startBroker, type BrokerConfig, type RunningBroker } from '../../src/broker/start.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
-import { verifyChain } from '../../src/store/audit-chain.js';
+import type { SqlDb } from '../../src/store/sql/driver.js';
+import { PgSql } from '../../src/store/sql/pg-driver.js';
+import { SqliteSql } from '../../src/store/sql/sqlite-driver.js';
+import { testDatabase } from '../support/postgres.js';
 
 export const ADMIN = { name: 'root', password: 'root-password-1' };
 
-/** A broker on 127.0.0.1 in a temp dir, with a cheap password hash for speed. */
-export async function testBroker(dir = mkdtempSync(join(tmpdir(), 'carryon-broker-')), extra: Partial<BrokerConfig> = {}): Promise<RunningBroker & { dir: string }> {
+export type TestBroker = RunningBroker & { dir: string; database?: string };
+
+const databases = new Map<string, string>();
+
+/**
+ * A broker on 127.0.0.1 in a temp dir, with a cheap password hash for speed. Its metadata is in
+ * SQLite, or in a fresh PostgreSQL database when the run says so (CARRYON_TEST_DATABASE=postgres).
+ */
+export async function testBroker(dir = mkdtempSync(join(tmpdir(), 'carryon-broker-')), extra: Partial<BrokerConfig> = {}): Promise<TestBroker> {
+  // A broker restarted on the same directory finds its database again.
+  const database = 'database' in extra ? extra.database : (databases.get(dir) ?? (await testDatabase()));
+  if (database) databases.set(dir, database);
   // Test images are made in the broker's own temp dir: that is the one import directory.
-  const b = await startBroker({ dataDir: dir, initAdmin: ADMIN, settings: { passwordCostN: 1024 }, importDirs: [dir], ...extra });
+  const b = await startBroker({ dataDir: dir, initAdmin: ADMIN, settings: { passwordCostN: 1024 }, importDirs: [dir], ...extra, database });
   // Whatever a test did, the audit trail must still verify as a chain when its broker stops.
   const close = b.close;
   const checkedClose = async () => {
-    const chain = verifyChain(b.ctx.meta.db);
+    const chain = await b.ctx.meta.verifyAuditChain();
     await close();
     if (!chain.ok) throw new Error(`audit chain broken at event ${chain.brokenAt}: ${chain.reason}`);
   };
-  return Object.assign(b, { dir, close: checkedClose });
+  return Object.assign(b, { dir, database, close: checkedClose });
+}
+
+/** A second connection to a test broker's database, for tests that play someone editing it behind the broker's back. */
+export async function openRaw(b: TestBroker): Promise<SqlDb> {
+  return b.database ? PgSql.open(b.database, { max: 1 }) : SqliteSql.open(join(b.dir, 'metadata.db'));
 }
 
 export function cleanup(dir: string): void {

@@ -82,7 +82,7 @@ test('LDAP bind against a real slapd: password, groups, admin group, refusals', 
     const meta = broker.ctx.meta;
     const alice = await authenticate(meta, ldap, 'ldapalice', 'alice-ldap-pw');
     assert.deepEqual(alice && { name: alice.name, role: alice.role, groups: alice.groups }, { name: 'ldapalice', role: 'user', groups: ['travellers'] });
-    assert.equal(meta.getUser('ldapalice')?.source, 'ldap', 'first login records the directory user (no password kept)');
+    assert.equal((await meta.getUser('ldapalice'))?.source, 'ldap', 'first login records the directory user (no password kept)');
     const bob = await authenticate(meta, ldap, 'ldapbob', 'bob-ldap-pw');
     assert.equal(bob?.role, 'admin');
     assert.deepEqual(bob?.groups.sort(), ['desktop-admins', 'travellers']);
@@ -94,7 +94,7 @@ test('LDAP bind against a real slapd: password, groups, admin group, refusals', 
     assert.equal((await http.call('POST', '/v1/auth/login', { username: 'ldapalice', password: 'alice-ldap-pw' })).status, 200);
     const bad = await http.call('POST', '/v1/auth/login', { username: 'ldapalice', password: 'nope' });
     assert.equal(bad.status, 401);
-    assert.ok(meta.listEvents({ limit: 50 }).some((e) => e.actor === 'ldapalice' && e.action === 'login' && e.outcome === 'denied'));
+    assert.ok((await meta.listEvents({ limit: 50 })).some((e) => e.actor === 'ldapalice' && e.action === 'login' && e.outcome === 'denied'));
   } finally {
     await http.close();
     await broker.close();

@@ -96,7 +96,7 @@ test('item 9: the device that began a check-out gets it again (same 201 answer),
   assert.ok(body.job.transfer && body.lease && body.keys && body.config && body.disks.length === 1);
   assert.deepEqual(body.disks, first.disks);
   // Its job ended meanwhile (e.g. failed): resuming gives a fresh one.
-  broker.ctx.scheduler.finish(first.job.id, 'failed');
+  await broker.ctx.scheduler.finish(first.job.id, 'failed');
   const third = (await checkout()).body as Co;
   assert.equal(third.checkout.id, first.checkout.id);
   assert.notEqual(third.job.id, first.job.id);
@@ -132,7 +132,7 @@ test('item 3: requireOnlineReauth: check-in and rollback need a recent password 
 });
 
 test('item 3: disable, un-entitle and revoke cut off leases (agent too), tickets and logins at once, and lock at the next heartbeat', async () => {
-  const held = broker.ctx.meta.activeCheckout(desktopId)!;
+  const held = (await broker.ctx.meta.activeCheckout(desktopId))!;
   assert.equal(held.state, 'checked_out');
   const lease = async () => dev.post('/v1/agent/lease', {});
   const beat = async () => (await dev.post('/v1/agent/heartbeat', HEARTBEAT)).body as { commands: { id: string; type: string; desktopId?: string }[] };
@@ -191,7 +191,7 @@ test('item 3: disable, un-entitle and revoke cut off leases (agent too), tickets
 });
 
 async function checkoutDisks(): Promise<{ name: string; manifest: string }[]> {
-  const c = broker.ctx.meta.activeCheckout(desktopId)!;
-  const snap = broker.ctx.meta.getSnapshot(c.checkpointSnapshot)!;
+  const c = (await broker.ctx.meta.activeCheckout(desktopId))!;
+  const snap = (await broker.ctx.meta.getSnapshot(c.checkpointSnapshot))!;
   return Promise.all(snap.disks.map(async (d) => ({ name: d.name, manifest: (await broker.ctx.store.getManifest(d.digest))!.toString('base64') })));
 }

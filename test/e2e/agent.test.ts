@@ -69,7 +69,7 @@ test('heartbeats carry endpoint statistics; remote lock, unlock, lease renewal a
   assert.equal((await runAgent(env, { once: true })).commands, 1);
   assert.equal(await Promise.race([servedExit.then(() => 'stopped'), new Promise((r) => setTimeout(() => r('still running'), 5000))]), 'stopped');
   // What the laptop did meanwhile (here: serve the desktop) reached the audit trail with that heartbeat.
-  assert.ok(broker.ctx.meta.listEvents({ limit: 10_000 }).some((e) => e.action === 'offline-serve' && e.actor === `device:${deviceId}`), 'offline events are audited');
+  assert.ok((await broker.ctx.meta.listEvents({ limit: 10_000 })).some((e) => e.action === 'offline-serve' && e.actor === `device:${deviceId}`), 'offline events are audited');
   const [locked] = await status(env, 'win11');
   assert.equal(locked!.state, 'locked');
   assert.match(locked!.problem ?? '', /locked: connect to the broker/, 'status still answers, and says what to do');

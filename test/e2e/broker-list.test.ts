@@ -140,10 +140,10 @@ test('a commit whose answer is lost after the broker applied it is recognised, n
   await checkout(env(home), 'win11');
   await writeDesktop(env(home), 'win11', [{ offset: 7 * CHUNK, data: randomBytes(4096) }]);
   const laptop = await readDesktop(env(home), 'win11');
-  const before = broker.ctx.meta.listSnapshots(broker.ctx.meta.getDesktop('win11')!.id).filter((s) => s.kind === 'checkin').length;
+  const before = (await broker.ctx.meta.listSnapshots((await broker.ctx.meta.getDesktop('win11'))!.id)).filter((s) => s.kind === 'checkin').length;
   const ci = await upload(env(home), 'win11', 'checkin');
   assert.equal(front.commits, 1, 'the commit was sent again to the next broker, not through the front that lost the answer');
-  const checkins = broker.ctx.meta.listSnapshots(broker.ctx.meta.getDesktop('win11')!.id).filter((s) => s.kind === 'checkin');
+  const checkins = (await broker.ctx.meta.listSnapshots((await broker.ctx.meta.getDesktop('win11'))!.id)).filter((s) => s.kind === 'checkin');
   assert.equal(checkins.length, before + 1, 'one snapshot: the commit was applied once');
   assert.equal(ci.snapshotId, checkins[checkins.length - 1]!.id, 'the laptop learned the snapshot the lost answer named');
   const out = join(broker.dir, 'c.raw');

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import type { RunningBroker } from '../../src/broker/start.js';
@@ -10,14 +11,16 @@ import { startStandaloneTransfer } from '../../src/transfer/standalone.js';
 import type { TransferServer } from '../../src/transfer/server.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
 import { readDesktop, writeDesktop } from '../support/laptop.js';
+import { freshDatabase, testCluster } from '../support/postgres.js';
 
 /**
  * Eight laptops check desktops out and in at once through two standalone transfer servers
  * whose slots (2 + 1) are fewer than the laptops, so jobs queue. Nothing may be lost: every
  * desktop's new snapshot is exactly what its own laptop wrote.
  *
- * The brokers are a list: one today; with the PostgreSQL store, `startBrokers` starts two on one
- * database and the laptops get both URLs (half of them in the other order).
+ * The brokers are a list: one on SQLite; on PostgreSQL, `startBrokers` starts two on one database
+ * and one chunk store, and the laptops get both URLs (half of them in the other order, so half
+ * work through each broker).
  */
 process.env.CARRYON_SCRYPT_N = '1024';
 const LAPTOPS = 8;
@@ -31,7 +34,15 @@ let http: Api;
 const transfers: (TransferServer & { heartbeat(): Promise<void> })[] = [];
 
 async function startBrokers(): Promise<Broker[]> {
-  return [await testBroker(undefined, { embeddedTransferSlots: 0 })];
+  if (process.env.CARRYON_TEST_DATABASE !== 'postgres') return [await testBroker(undefined, { embeddedTransferSlots: 0 })];
+  // Two brokers on one database and one chunk store, sharing the secrets as an operator would.
+  const database = await freshDatabase(await testCluster());
+  const root = mkdtempSync(join(tmpdir(), 'carryon-brokers-'));
+  const a = await testBroker(join(root, 'a'), { database, embeddedTransferSlots: 0 });
+  mkdirSync(join(root, 'b'));
+  for (const f of ['master.key', 'token.key', 'signing.key', 'transfer.secret']) copyFileSync(join(root, 'a', f), join(root, 'b', f));
+  const b = await testBroker(join(root, 'b'), { database, chunkStore: join(root, 'a', 'chunks'), embeddedTransferSlots: 0, importDirs: [join(root, 'a')] });
+  return [a, b];
 }
 
 before(async () => {
@@ -79,16 +90,13 @@ function watch(token: string): { samples: Sample[]; stop(): Promise<void> } {
   return { samples, stop: async () => { running = false; await loop; } };
 }
 
-/**
- * Every job the scheduler ran, with its server and time slot. The one place this test reads the
- * broker's database directly (the SQLite scheduler's table); the PostgreSQL store keeps the same columns.
- */
-function jobRows(b: Broker): { kind: string; state: string; server: string | null; startedAt: string | null; endedAt: string | null }[] {
-  return b.ctx.meta.db.prepare('SELECT kind, state, server_id AS server, started_at AS startedAt, ended_at AS endedAt FROM transfer_jobs').all() as ReturnType<typeof jobRows>;
+/** Every job the scheduler ran, with its server and time slot (from the scheduler's store, either engine). */
+async function jobRows(b: Broker): Promise<{ kind: string; state: string; server: string | null; startedAt: string | null; endedAt: string | null }[]> {
+  return b.ctx.scheduler.history();
 }
 
 /** Most jobs a server held at once, from their [start, end) slots (an end frees the slot a start at the same instant takes). */
-function peak(rows: ReturnType<typeof jobRows>, server: string): number {
+function peak(rows: Awaited<ReturnType<typeof jobRows>>, server: string): number {
   const events = rows.filter((r) => r.server === server && r.startedAt && r.endedAt)
     .flatMap((r) => [{ t: Date.parse(r.startedAt!), d: 1 }, { t: Date.parse(r.endedAt!), d: -1 }])
     .sort((a, b) => a.t - b.t || a.d - b.d);
@@ -137,7 +145,7 @@ test(`${LAPTOPS} laptops check out and in at once over 2 transfer servers with $
   assert.equal(digests.size, LAPTOPS);
 
   // Every job ran to the end, on a registered server, never more at once than its slots.
-  const rows = jobRows(brokers[0]!);
+  const rows = await jobRows(brokers[0]!);
   assert.equal(rows.length, 2 * LAPTOPS, JSON.stringify(rows));
   assert.ok(rows.every((r) => r.state === 'done' && r.server && r.server in SLOTS), JSON.stringify(rows));
   for (const [id, slots] of Object.entries(SLOTS)) {

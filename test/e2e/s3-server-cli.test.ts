@@ -7,6 +7,7 @@ import { promisify } from 'node:util';
 import { after, before, test } from 'node:test';
 import { makeImage } from '../broker/harness.js';
 import { startSwift, type SwiftServer } from '../support/swift.js';
+import { testDatabase } from '../support/postgres.js';
 
 const run = promisify(execFile);
 const CLI = join(process.cwd(), 'dist', 'src', 'cli', 'main.js');
@@ -20,7 +21,9 @@ before(async () => {
   // Credentials the usual AWS way (environment), never in the store URL.
   const base = { ...process.env, AWS_ACCESS_KEY_ID: swift.accessKeyId, AWS_SECRET_ACCESS_KEY: swift.secretAccessKey, AWS_REGION: swift.region, CARRYON_ADMIN_PASSWORD: 'admin-password-1' };
   const store = `s3://carryon-cli/dc1?endpoint=${encodeURIComponent(swift.endpoint)}&create=true`;
-  server = spawn(process.execPath, [CLI, 'server', '--data-dir', join(dir, 'srv'), '--port', '0', '--chunk-store', store, '--import-dir', dir, '--init-admin', 'admin'], { env: base, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+  // A PostgreSQL run puts the server's metadata (and so the S3 pack index) in a fresh database.
+  const database = await testDatabase();
+  server = spawn(process.execPath, [CLI, 'server', '--data-dir', join(dir, 'srv'), '--port', '0', '--chunk-store', store, '--import-dir', dir, '--init-admin', 'admin', ...(database ? ['--database', database] : [])], { env: base, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
   let out = '';
   await new Promise<void>((resolve, reject) => {
     const t = setTimeout(() => reject(new Error(`server did not start: ${out}`)), 30_000);

@@ -10,6 +10,9 @@ import type { ChunkStore } from '../../src/store/chunk-store.js';
 import { migrate, openSqlite } from '../../src/store/sqlite.js';
 import { openSwiftStore, startSwift, type SwiftServer } from '../support/swift.js';
 import { withTmpfs } from '../support/tmpfs.js';
+import { PgPackIndex } from '../../src/store/pg-pack-index.js';
+import { PgSql } from '../../src/store/sql/pg-driver.js';
+import { freshDatabase, testCluster } from '../support/postgres.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'carryon-store-'));
 after(() => rmSync(dir, { recursive: true, force: true }));
@@ -64,11 +67,12 @@ before(async () => {
 });
 after(() => swift?.stop());
 
-test('every store keeps the same contract: file per blob, packs, S3 (real Swift + s3api)', async () => {
+test('every store keeps the same contract: file per blob, packs, S3 (real Swift + s3api; SQLite or PostgreSQL pack index)', async () => {
   const opens: [string, (root: string) => Promise<ChunkStore>][] = [
     ['fs', FsChunkStore.open],
     ['pack', (root) => PackChunkStore.open(root)],
     ['s3', (root) => openSwiftStore(swift, root, 'contract')],
+    ['s3-pg', async (root) => openSwiftStore(swift, root, 'contractpg', '', { index: await PgPackIndex.open(await freshDatabase(await testCluster())) })],
   ];
   for (const [name, open] of opens) {
     const s = await open(join(dir, `contract-${name}`));
@@ -148,6 +152,20 @@ test('sqlite migrations apply once per version, per component', () => {
   assert.equal((db.prepare("SELECT COUNT(*) AS n FROM schema_migrations WHERE component = 'gamma'").get() as { n: number }).n, 0);
   assert.equal(db.pragma('journal_mode', { simple: true }), 'wal');
   db.close();
+});
+
+test('postgres migrations apply once per version, per component, also when several processes start at once', async () => {
+  const url = await freshDatabase(await testCluster());
+  const dbs = await Promise.all([1, 2, 3].map(() => PgSql.open(url)));
+  try {
+    const a = [{ version: 1, sql: 'CREATE TABLE a (x INTEGER)' }, { version: 2, sql: 'ALTER TABLE a ADD COLUMN y TEXT' }];
+    assert.deepEqual((await Promise.all(dbs.map((d) => d.migrate('alpha', a)))).sort(), [0, 0, 2], 'one process migrates, the others find it done');
+    assert.equal(await dbs[0]!.migrate('beta', [{ version: 1, sql: 'CREATE TABLE b (x INTEGER)' }]), 1);
+    await assert.rejects(dbs[1]!.migrate('gamma', [{ version: 1, sql: 'NOT SQL' }]));
+    assert.equal((await dbs[2]!.get<{ n: number }>("SELECT COUNT(*) AS n FROM schema_migrations WHERE component = 'gamma'"))!.n, 0);
+  } finally {
+    for (const d of dbs) await d.close();
+  }
 });
 
 test('pack store: a write that fails (disk full) is reported by its put and never poisons later syncs', async (t) => {

@@ -1,10 +1,14 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { assignJobs, orderQueue } from '../../src/broker/transfers/assign.js';
-import { SqliteScheduler } from '../../src/broker/transfers/scheduler.js';
+import { Scheduler } from '../../src/broker/transfers/scheduler.js';
+import { SchedulerStore } from '../../src/broker/transfers/scheduler-store.js';
 import { generateSigningKey, publicKeyToBase64 } from '../../src/core/signing.js';
 import { verifyTicket } from '../../src/core/ticket.js';
-import { openSqlite } from '../../src/store/sqlite.js';
+import type { SqlDb } from '../../src/store/sql/driver.js';
+import { PgSql } from '../../src/store/sql/pg-driver.js';
+import { SqliteSql } from '../../src/store/sql/sqlite-driver.js';
+import { freshDatabase, testCluster } from '../support/postgres.js';
 
 const digest = 'c'.repeat(64);
 
@@ -26,49 +30,77 @@ test('assignment: most free slots first, check-ins ahead of check-outs, FIFO wit
   assert.deepEqual(assignJobs([{ id: 'a', slots: 1, active: 1 }], q), []);
 });
 
-test('scheduler: slots, queue positions, pause grace, ticket expiry, dead servers, survives reopen', () => {
+async function slotsAndQueue(open: () => Promise<SqlDb>): Promise<void> {
   const key = generateSigningKey();
   let clock = new Date('2026-01-01T00:00:00Z');
-  const db = openSqlite(':memory:');
-  const s = new SqliteScheduler(db, { signingKey: key.privateKey, now: () => clock, ticketTtlSec: 60, pauseGraceSec: 30, heartbeatSec: 5 });
-  s.registerServer({ id: 'ts1', url: 'https://127.0.0.1:1', fingerprint: 'ff', slots: 1 });
+  const db = await open();
+  const s = new Scheduler(await SchedulerStore.open(db), { signingKey: key.privateKey, now: () => clock, ticketTtlSec: 60, pauseGraceSec: 30, heartbeatSec: 5 });
+  await s.registerServer({ id: 'ts1', url: 'https://127.0.0.1:1', fingerprint: 'ff', slots: 1 });
   const req = { checkoutId: 'c', desktopId: 'd', manifests: [digest], wrappedKeys: 'AAAA', keyContext: 'lineage:x' };
-  const j1 = s.enqueue({ ...req, kind: 'checkout' });
-  const j2 = s.enqueue({ ...req, kind: 'checkout' });
-  const j3 = s.enqueue({ ...req, kind: 'checkin' });
+  const j1 = await s.enqueue({ ...req, kind: 'checkout' });
+  const j2 = await s.enqueue({ ...req, kind: 'checkout' });
+  const j3 = await s.enqueue({ ...req, kind: 'checkin' });
   assert.equal(j1.state, 'active');
   assert.ok(j1.transfer);
   assert.equal(verifyTicket(j1.transfer.ticket, key.publicKey, { now: clock, serverId: 'ts1' }).direction, 'download');
-  assert.equal(s.get(j3.id)!.queuePosition, 1, 'check-in jumps ahead');
-  assert.equal(s.get(j2.id)!.queuePosition, 2);
+  assert.equal((await s.get(j3.id))!.queuePosition, 1, 'check-in jumps ahead');
+  assert.equal((await s.get(j2.id))!.queuePosition, 2);
 
   // Pause holds the slot for the grace time, then the job goes back to the queue.
-  assert.equal(s.pause(j1.id)!.state, 'paused');
-  assert.equal(s.get(j3.id)!.state, 'queued');
+  assert.equal((await s.pause(j1.id))!.state, 'paused');
+  assert.equal((await s.get(j3.id))!.state, 'queued');
   clock = new Date(clock.getTime() + 31_000);
-  s.serverHeartbeat('ts1', { bytesIn: 0, bytesOut: 0 });
-  assert.equal(s.get(j3.id)!.state, 'active');
-  assert.equal(s.get(j1.id)!.state, 'queued');
+  await s.serverHeartbeat('ts1', { bytesIn: 0, bytesOut: 0 });
+  assert.equal((await s.get(j3.id))!.state, 'active');
+  assert.equal((await s.get(j1.id))!.state, 'queued');
 
   // A ticket not renewed expires and frees the slot.
   clock = new Date(clock.getTime() + 3_000);
-  s.serverHeartbeat('ts1', { bytesIn: 0, bytesOut: 0 });
+  await s.serverHeartbeat('ts1', { bytesIn: 0, bytesOut: 0 });
   clock = new Date(clock.getTime() + 4_000);
-  s.serverHeartbeat('ts1', { bytesIn: 0, bytesOut: 0 });
-  s.finish(j3.id, 'done');
-  const next = s.overview().active;
+  await s.serverHeartbeat('ts1', { bytesIn: 0, bytesOut: 0 });
+  await s.finish(j3.id, 'done');
+  const next = (await s.overview()).active;
   assert.equal(next.length, 1);
   assert.equal(next[0]!.id, j1.id, 'FIFO among check-outs: the older one first');
 
   // A silent server leaves the pool; its jobs are queued again.
   clock = new Date(clock.getTime() + 16_000);
-  const o = s.overview();
+  const o = await s.overview();
   assert.equal(o.servers[0]!.alive, false);
   assert.equal(o.active.length, 0);
   assert.equal(o.queued.length, 2);
 
   // Reopen over the same database: state is intact.
-  const s2 = new SqliteScheduler(db, { signingKey: key.privateKey, now: () => clock });
-  assert.equal(s2.overview().queued.length, 2);
+  const s2 = new Scheduler(await SchedulerStore.open(db), { signingKey: key.privateKey, now: () => clock });
+  assert.equal((await s2.overview()).queued.length, 2);
   assert.equal(publicKeyToBase64(key.publicKey).length > 0, true);
+  await db.close();
+}
+
+test('scheduler on SQLite: slots, queue positions, pause grace, ticket expiry, dead servers, survives reopen', () => slotsAndQueue(async () => SqliteSql.open(':memory:')));
+test('scheduler on PostgreSQL: the same', async () => slotsAndQueue(async () => PgSql.open(await freshDatabase(await testCluster()))));
+
+test('scheduler on PostgreSQL: two brokers racing for one slot hand it out once', async () => {
+  const key = generateSigningKey();
+  const url = await freshDatabase(await testCluster());
+  const [da, db] = [await PgSql.open(url), await PgSql.open(url)];
+  try {
+    const [a, b] = [new Scheduler(await SchedulerStore.open(da), { signingKey: key.privateKey }), new Scheduler(await SchedulerStore.open(db), { signingKey: key.privateKey })];
+    await a.registerServer({ id: 'ts1', url: 'https://127.0.0.1:1', fingerprint: 'ff', slots: 2 });
+    const req = { checkoutId: 'c', desktopId: 'd', manifests: [digest], wrappedKeys: 'AAAA', keyContext: 'lineage:x', kind: 'checkout' as const };
+    const jobs = await Promise.all(Array.from({ length: 12 }, (_, i) => (i % 2 ? a : b).enqueue(req)));
+    assert.equal(jobs.length, 12);
+    const [oa, ob] = [await a.overview(), await b.overview()];
+    assert.equal(oa.active.length, 2, 'two slots, two active jobs, whichever broker enqueued them');
+    assert.equal(oa.servers[0]!.inUse, 2);
+    assert.deepEqual(ob.queued.map((j) => j.queuePosition), Array.from({ length: 10 }, (_, i) => i + 1), 'one queue, seen alike from both brokers');
+    // A slot freed through one broker is filled at once, as seen through the other.
+    await b.finish(oa.active[0]!.id, 'done');
+    assert.equal((await a.overview()).active.length, 2);
+    assert.ok((await a.revokedJobIds()).includes(oa.active[0]!.id), 'the ended job is revoked through both');
+  } finally {
+    await da.close();
+    await db.close();
+  }
 });

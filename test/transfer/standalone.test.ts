@@ -49,7 +49,7 @@ test('a standalone transfer server registers with the broker and serves a check-
 
 test('a standalone transfer server learns revocations at its heartbeat and reports per-job chunk access', async () => {
   const admin = await http.login(ADMIN.name, ADMIN.password);
-  for (const c of broker.ctx.meta.listCheckouts({ activeOnly: true })) await http.call('POST', `/v1/admin/checkouts/${c.id}/force-unlock`, {}, admin);
+  for (const c of await broker.ctx.meta.listCheckouts({ activeOnly: true })) await http.call('POST', `/v1/admin/checkouts/${c.id}/force-unlock`, {}, admin);
   const alice = await http.login('alice', 'alice-password');
   const dev = await enrolDevice(http, broker.url, broker.fingerprint, alice, 'second');
   const co = await http.call('POST', '/v1/desktops/win11/checkout', { deviceId: dev.id, host: HOST }, alice);
@@ -71,7 +71,7 @@ test('a standalone transfer server learns revocations at its heartbeat and repor
   }
   // The first test's check-out job ended (done) and was evicted: its summary rode the heartbeat.
   await ts.heartbeat();
-  const events = broker.ctx.meta.listEvents({ limit: 10_000 });
+  const events = await broker.ctx.meta.listEvents({ limit: 10_000 });
   const access = events.filter((e) => e.action === 'chunk-access' && e.actor === 'transfer:ts-remote');
   assert.ok(access.some((e) => /\(download, ended\): [1-9]\d* chunks/.test(e.detail ?? '')), JSON.stringify(access));
 });

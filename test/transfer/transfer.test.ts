@@ -5,7 +5,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { request } from 'undici';
-import { SqliteScheduler } from '../../src/broker/transfers/scheduler.js';
+import { Scheduler } from '../../src/broker/transfers/scheduler.js';
+import { SchedulerStore } from '../../src/broker/transfers/scheduler-store.js';
+import { SqliteSql } from '../../src/store/sql/sqlite-driver.js';
 import type { JobView } from '../../src/broker/transfers/types.js';
 import { openBlob, sealChunk } from '../../src/core/blob.js';
 import { generateLineageKeys } from '../../src/core/keys.js';
@@ -14,7 +16,6 @@ import { generateSigningKey } from '../../src/core/signing.js';
 import { signTicket } from '../../src/core/ticket.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
 import { FsChunkStore } from '../../src/store/fs-chunk-store.js';
-import { openSqlite } from '../../src/store/sqlite.js';
 import { downloadChunks, TransferSession, uploadChunks, type TransferEndpoint } from '../../src/transfer/client.js';
 import { FRAME_BLOB, FRAME_END, FRAME_ERROR, FrameDecoder } from '../../src/transfer/frames.js';
 import { startTransferServer, type TransferServer } from '../../src/transfer/server.js';
@@ -62,35 +63,35 @@ async function allPresent(store: FsChunkStore): Promise<boolean> {
 }
 
 test('three servers with 1, 2 and 4 slots run 10 simultaneous jobs without ever exceeding a slot count', async () => {
-  const db = openSqlite(':memory:');
-  const sched = new SqliteScheduler(db, { signingKey: broker.privateKey, heartbeatSec: 60 });
+  const sched = new Scheduler(await SchedulerStore.open(SqliteSql.open(':memory:')), { signingKey: broker.privateKey, heartbeatSec: 60 });
   for (const [id, slots] of [['ts-a', 1], ['ts-b', 2], ['ts-c', 4]] as const) {
     const s = await server(id, slots);
-    sched.registerServer({ id: s.id, url: s.url, fingerprint: s.fingerprint, slots });
+    await sched.registerServer({ id: s.id, url: s.url, fingerprint: s.fingerprint, slots });
   }
   const slotsOf: Record<string, number> = { 'ts-a': 1, 'ts-b': 2, 'ts-c': 4 };
   let maxSeen = 0;
-  const check = () => {
-    const o = sched.overview();
+  const check = async () => {
+    const o = await sched.overview();
     for (const s of o.servers) {
       assert.ok(s.inUse <= slotsOf[s.id]!, `${s.id} runs ${s.inUse} jobs with ${s.slots} slots`);
     }
     maxSeen = Math.max(maxSeen, o.active.length);
   };
   const req = { checkoutId: 'c', desktopId: 'd', manifests: [desk.digest], ...wrapped(master, keys) };
-  const jobs = Array.from({ length: 10 }, (_, i) => sched.enqueue({ ...req, kind: i % 3 === 0 ? 'checkin' : 'checkout' }));
-  check();
+  const jobs: JobView[] = [];
+  for (let i = 0; i < 10; i++) jobs.push(await sched.enqueue({ ...req, kind: i % 3 === 0 ? 'checkin' : 'checkout' }));
+  await check();
   const done: string[] = [];
   await Promise.all(
     jobs.map(async (job, i) => {
       const local = await FsChunkStore.open(join(dir, `client-${i}`));
       for (let tries = 0; tries < 2000; tries++) {
-        const j = sched.get(job.id)!;
-        check();
+        const j = (await sched.get(job.id))!;
+        await check();
         if (j.state === 'active') {
           if (j.kind === 'checkout') await downloadChunks({ endpoint: endpoint(j), ids, localStore: local, keys });
           else await uploadChunks({ endpoint: endpoint(j), ids, localStore: desk.store, keys });
-          sched.finish(j.id, 'done');
+          await sched.finish(j.id, 'done');
           done.push(j.id);
           if (j.kind === 'checkout') assert.ok(await allPresent(local));
           return;

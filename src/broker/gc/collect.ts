@@ -2,7 +2,7 @@ import type { ChunkId } from '../../core/chunk-id.js';
 import { decodeManifest, referencedChunks } from '../../core/manifest.js';
 import { isCollectable, type ChunkStore, type CollectableStore } from '../../store/chunk-store.js';
 import { oldestHold } from '../../store/in-flight.js';
-import type { SnapshotDisk, SnapshotRow, SqliteMetadataStore } from '../../store/metadata.js';
+import type { SnapshotDisk, SnapshotRow, MetadataStore } from '../../store/metadata.js';
 import { HttpError } from '../http.js';
 import { applyRetention, DEFAULT_RETENTION, desktopRetention, type RetentionPolicy } from './retention.js';
 
@@ -53,7 +53,7 @@ const running = new WeakSet<ChunkStore>();
  * 4. Compaction: packs past `compactThreshold` dead are rewritten; packs with nothing alive go.
  *    Packs another process may still write are left alone (see PackInfo.active).
  */
-export async function collectGarbage(meta: SqliteMetadataStore, store: ChunkStore, given: Partial<GcOptions> = {}): Promise<GcReport> {
+export async function collectGarbage(meta: MetadataStore, store: ChunkStore, given: Partial<GcOptions> = {}): Promise<GcReport> {
   const opts = { ...DEFAULT_GC, ...given };
   if (!isCollectable(store)) throw new HttpError(409, 'not-supported', 'garbage collection needs a pack store or an S3 store (this one is a file per blob)');
   if (running.has(store)) throw new HttpError(409, 'busy', 'a garbage collection is already running');
@@ -65,29 +65,31 @@ export async function collectGarbage(meta: SqliteMetadataStore, store: ChunkStor
   }
 }
 
-async function run(meta: SqliteMetadataStore, store: CollectableStore, opts: GcOptions): Promise<GcReport> {
+async function run(meta: MetadataStore, store: CollectableStore, opts: GcOptions): Promise<GcReport> {
   const t0 = Date.now();
   const hold = oldestHold(store);
   // A mark may be up to the store's touch slack stale, so the grace is never shorter than that.
   const cutoff = Math.min(t0 - Math.max(opts.graceMs, store.touchSlackMs), hold ?? Infinity);
 
   // 1. Retention.
-  const plan = meta.transaction(() => {
-    const active = meta.listCheckouts({ activeOnly: true });
-    return meta.listDesktops().map((d) => {
+  const plan = await meta.transaction(async (tx) => {
+    const active = await tx.listCheckouts({ activeOnly: true });
+    const out: ReturnType<typeof applyRetention>[] = [];
+    for (const d of await tx.listDesktops()) {
       const pinned = new Set<string>([...(d.currentSnapshot ? [d.currentSnapshot] : []), ...active.filter((c) => c.desktopId === d.id).map((c) => c.checkpointSnapshot)]);
       // A desktop's own retention wins over the run's.
-      return applyRetention(meta.listSnapshots(d.id), pinned, desktopRetention(meta, d.id) ?? opts, t0);
-    });
+      out.push(applyRetention(await tx.listSnapshots(d.id), pinned, (await desktopRetention(tx, d.id)) ?? opts, t0));
+    }
+    return out;
   });
   const dropping = plan.flatMap((p) => p.drop);
-  const deletedIds = new Set(opts.dryRun ? dropping.map((s) => s.id) : meta.deleteSnapshots(dropping.map((s) => s.id)));
+  const deletedIds = new Set(opts.dryRun ? dropping.map((s) => s.id) : await meta.deleteSnapshots(dropping.map((s) => s.id)));
 
   // 2. Mark, from one consistent view of snapshots and check-ins in flight.
-  const roots = meta.transaction(() => {
+  const roots = await meta.transaction(async (tx) => {
     const disks: SnapshotDisk[] = [];
-    for (const d of meta.listDesktops()) for (const s of meta.listSnapshots(d.id)) if (!deletedIds.has(s.id)) disks.push(...s.disks);
-    for (const c of meta.listCheckouts({ activeOnly: true })) disks.push(...(c.pendingDisks ?? []));
+    for (const d of await tx.listDesktops()) for (const s of await tx.listSnapshots(d.id)) if (!deletedIds.has(s.id)) disks.push(...s.disks);
+    for (const c of await tx.listCheckouts({ activeOnly: true })) disks.push(...(c.pendingDisks ?? []));
     return new Set(disks.map((d) => d.digest));
   });
   const live = new Set<ChunkId>();

@@ -9,15 +9,15 @@ export interface RetentionPolicy {
 export const DEFAULT_RETENTION: RetentionPolicy = { keepLast: 10, keepReplicaDays: 30 };
 
 /** A desktop's own retention (setting `gc.retention.<desktop id>`), else null: the run's applies. */
-export function desktopRetention(meta: { getSetting(key: string): string | null }, desktopId: string): RetentionPolicy | null {
-  const raw = meta.getSetting(`gc.retention.${desktopId}`);
+export async function desktopRetention(meta: { getSetting(key: string): Promise<string | null> }, desktopId: string): Promise<RetentionPolicy | null> {
+  const raw = await meta.getSetting(`gc.retention.${desktopId}`);
   if (!raw) return null;
   const v = JSON.parse(raw) as Partial<RetentionPolicy>;
   return typeof v.keepLast === 'number' && typeof v.keepReplicaDays === 'number' ? { keepLast: v.keepLast, keepReplicaDays: v.keepReplicaDays } : null;
 }
 
-export function setDesktopRetention(meta: { setSetting(key: string, value: string): void }, desktopId: string, r: RetentionPolicy | null): void {
-  meta.setSetting(`gc.retention.${desktopId}`, r ? JSON.stringify(r) : '');
+export async function setDesktopRetention(meta: { setSetting(key: string, value: string): Promise<void> }, desktopId: string, r: RetentionPolicy | null): Promise<void> {
+  await meta.setSetting(`gc.retention.${desktopId}`, r ? JSON.stringify(r) : '');
 }
 
 /**

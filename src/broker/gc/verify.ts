@@ -4,7 +4,7 @@ import type { ChunkId } from '../../core/chunk-id.js';
 import { unwrapLineageKeys, type LineageKeys } from '../../core/keys.js';
 import { decodeManifest, referencedChunks } from '../../core/manifest.js';
 import { getBlobs, type ChunkStore } from '../../store/chunk-store.js';
-import type { SqliteMetadataStore } from '../../store/metadata.js';
+import type { DesktopRow, MetadataStore, SnapshotRow } from '../../store/metadata.js';
 
 /** Blobs read per request (an object store merges neighbours into one ranged GET). */
 const WINDOW = 32;
@@ -37,10 +37,14 @@ export interface VerifyReport {
  * HMAC of the plaintext must equal the ID) and names the snapshots a damaged blob breaks.
  * Blobs no snapshot references are not read: garbage collection removes them.
  */
-export async function verifyStore(meta: SqliteMetadataStore, store: ChunkStore, masterKey: Buffer, given: Partial<VerifyOptions> = {}): Promise<VerifyReport> {
+export async function verifyStore(meta: MetadataStore, store: ChunkStore, masterKey: Buffer, given: Partial<VerifyOptions> = {}): Promise<VerifyReport> {
   const opts: VerifyOptions = { samplePercent: 100, concurrency: 4, ...given };
   const t0 = Date.now();
-  const snapshots = meta.transaction(() => meta.listDesktops().flatMap((d) => meta.listSnapshots(d.id).map((s) => ({ s, d }))));
+  const snapshots = await meta.transaction(async (tx) => {
+    const out: { s: SnapshotRow; d: DesktopRow }[] = [];
+    for (const d of await tx.listDesktops()) for (const s of await tx.listSnapshots(d.id)) out.push({ s, d });
+    return out;
+  });
   const keysOf = new Map<string, LineageKeys>();
   const chunkKeys = new Map<ChunkId, LineageKeys>();
   const chunksOf = new Map<string, Set<ChunkId>>();
@@ -49,7 +53,7 @@ export async function verifyStore(meta: SqliteMetadataStore, store: ChunkStore, 
   for (const { s, d } of snapshots) {
     let keys = keysOf.get(d.lineageId);
     if (!keys) {
-      const wrapped = meta.getLineageKeys(d.lineageId);
+      const wrapped = await meta.getLineageKeys(d.lineageId);
       if (!wrapped) {
         manifestProblem.set(s.id, `lineage ${d.lineageId} has no keys`);
         continue;

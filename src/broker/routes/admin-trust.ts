@@ -10,24 +10,24 @@ const Id = z.object({ id: z.string().min(1).max(200) });
 /** Admin: device revocation, and the audit trail's chain check and JSON-lines export. */
 export function adminTrustRoutes(app: FastifyInstance, ctx: BrokerContext): void {
   app.post('/v1/admin/devices/:id/revoke', async (req) => {
-    const actor = requireAdmin(ctx, req).sub;
+    const actor = (await requireAdmin(ctx, req)).sub;
     const { id } = parse(Id, req.params);
-    if (!ctx.meta.getDevice(id)) throw new HttpError(404, 'not-found', `no device ${id}`);
-    const changed = revokeDevice(ctx, actor, id);
+    if (!await ctx.meta.getDevice(id)) throw new HttpError(404, 'not-found', `no device ${id}`);
+    const changed = await revokeDevice(ctx, actor, id);
     return { ok: true, alreadyRevoked: !changed };
   });
 
   app.get('/v1/admin/audit/verify', async (req) => {
-    const actor = requireAdmin(ctx, req).sub;
-    const check = verifyChain(ctx.meta.db);
-    ctx.audit({ actor, action: 'audit-verify', outcome: check.ok ? 'ok' : 'failed', detail: check.ok ? `${check.events} events, head ${check.head}` : `broken at event ${check.brokenAt}: ${check.reason}` });
+    const actor = (await requireAdmin(ctx, req)).sub;
+    const check = await ctx.meta.verifyAuditChain();
+    await ctx.audit({ actor, action: 'audit-verify', outcome: check.ok ? 'ok' : 'failed', detail: check.ok ? `${check.events} events, head ${check.head}` : `broken at event ${check.brokenAt}: ${check.reason}` });
     return check;
   });
 
   app.get('/v1/admin/audit/export', async (req, reply) => {
-    const actor = requireAdmin(ctx, req).sub;
+    const actor = (await requireAdmin(ctx, req)).sub;
     const q = parse(z.object({ since: z.coerce.number().int().min(0).optional(), limit: z.coerce.number().int().min(1).max(1_000_000).optional() }), req.query);
-    ctx.audit({ actor, action: 'audit-export', outcome: 'ok', detail: `since ${q.since ?? 0}` });
-    return reply.type('application/x-ndjson').send(exportEvents(ctx.meta.db, q.since ?? 0, q.limit ?? 100_000));
+    await ctx.audit({ actor, action: 'audit-export', outcome: 'ok', detail: `since ${q.since ?? 0}` });
+    return reply.type('application/x-ndjson').send(await ctx.meta.exportEvents(q.since ?? 0, q.limit ?? 100_000));
   });
 }

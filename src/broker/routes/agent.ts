@@ -5,7 +5,7 @@ import type { BrokerContext } from '../context.js';
 import { HttpError, parse, requireDevice } from '../http.js';
 import { effectivePolicy } from '../policies.js';
 import { issueLease } from '../checkouts.js';
-import { cutOffReason, enforceCutOff } from '../trust.js';
+import { enforceCutOff, stillAllowed } from '../trust.js';
 
 const Heartbeat = z.object({
   host: z.object({ os: z.string().max(200).optional(), cpus: z.number().int().min(1), ramBytes: z.number().min(0), freeDiskBytes: z.number().min(0), loadAvg: z.array(z.number()).max(3).optional() }),
@@ -24,50 +24,50 @@ const Heartbeat = z.object({
 export function agentRoutes(app: FastifyInstance, ctx: BrokerContext): void {
   app.post('/v1/agent/heartbeat', async (req) => {
     // A revoked device still reaches its heartbeat: that is how its `lock` command gets to it.
-    const device = requireDevice(ctx, req, { allowRevoked: true });
+    const device = await requireDevice(ctx, req, { allowRevoked: true });
     const body = parse(Heartbeat, req.body);
-    ctx.meta.touchDevice(device.id, body.host);
+    await ctx.meta.touchDevice(device.id, body.host);
     const { events, ...stats } = body;
-    ctx.meta.addHeartbeat(device.id, stats);
+    await ctx.meta.addHeartbeat(device.id, stats);
     for (const e of events ?? []) {
-      ctx.audit({ actor: `device:${device.id}`, desktopId: e.desktopId ?? null, action: `offline-${e.action}`, outcome: 'info', detail: `reported by ${device.user}'s device at ${e.time}${e.detail ? `: ${e.detail}` : ''}` });
+      await ctx.audit({ actor: `device:${device.id}`, desktopId: e.desktopId ?? null, action: `offline-${e.action}`, outcome: 'info', detail: `reported by ${device.user}'s device at ${e.time}${e.detail ? `: ${e.detail}` : ''}` });
     }
-    enforceCutOff(ctx, 'system', (c) => c.deviceId === device.id);
+    await enforceCutOff(ctx, 'system', (c) => c.deviceId === device.id);
     if (device.revoked) {
-      const commands = ctx.meta.pendingCommands(device.id).filter((c) => c.type === 'lock' || c.type === 'wipe').map((c) => ({ id: c.id, type: c.type, desktopId: c.desktopId ?? undefined }));
-      return { heartbeatIntervalSec: effectivePolicy(ctx.meta, device.user, null).heartbeatIntervalSec.value, policies: {}, commands };
+      const commands = (await ctx.meta.pendingCommands(device.id)).filter((c) => c.type === 'lock' || c.type === 'wipe').map((c) => ({ id: c.id, type: c.type, desktopId: c.desktopId ?? undefined }));
+      return { heartbeatIntervalSec: (await effectivePolicy(ctx.meta, device.user, null)).heartbeatIntervalSec.value, policies: {}, commands };
     }
-    const held = ctx.meta.listCheckouts({ activeOnly: true }).filter((c) => c.deviceId === device.id && !cutOffReason(ctx, c));
-    for (const c of held) ctx.meta.setCheckoutHeartbeat(c.id);
+    const held = await stillAllowed(ctx, (c) => c.deviceId === device.id);
+    for (const c of held) await ctx.meta.setCheckoutHeartbeat(c.id);
     const policies: Record<string, ReturnType<typeof policyValues>> = {};
-    for (const c of held) policies[c.desktopId] = policyValues(effectivePolicy(ctx.meta, c.user, ctx.meta.getDesktop(c.desktopId)));
+    for (const c of held) policies[c.desktopId] = policyValues(await effectivePolicy(ctx.meta, c.user, await ctx.meta.getDesktop(c.desktopId)));
     const intervals = Object.values(policies).map((p) => p.heartbeatIntervalSec);
-    const heartbeatIntervalSec = intervals.length ? Math.min(...intervals) : effectivePolicy(ctx.meta, device.user, null).heartbeatIntervalSec.value;
-    const commands = ctx.meta.pendingCommands(device.id).map((c) => ({ id: c.id, type: c.type, desktopId: c.desktopId ?? undefined }));
+    const heartbeatIntervalSec = intervals.length ? Math.min(...intervals) : (await effectivePolicy(ctx.meta, device.user, null)).heartbeatIntervalSec.value;
+    const commands = (await ctx.meta.pendingCommands(device.id)).map((c) => ({ id: c.id, type: c.type, desktopId: c.desktopId ?? undefined }));
     return { heartbeatIntervalSec, policies, commands };
   });
 
   app.post('/v1/agent/lease', async (req) => {
-    const device = requireDevice(ctx, req);
+    const device = await requireDevice(ctx, req);
     parse(z.object({}).strict(), req.body);
     // The device proves itself by signature; the lease covers what its user holds on it and may
     // still use (a disabled user, a removed entitlement or a revoked device get nothing).
-    const user = ctx.meta.getUser(device.user);
+    const user = await ctx.meta.getUser(device.user);
     if (!user || user.disabled) {
-      ctx.audit({ actor: `device:${device.id}`, action: 'lease-renew', outcome: 'denied', detail: `user ${device.user} is disabled or gone` });
+      await ctx.audit({ actor: `device:${device.id}`, action: 'lease-renew', outcome: 'denied', detail: `user ${device.user} is disabled or gone` });
       throw new HttpError(403, 'unauthenticated', 'the user of this device is disabled', {}, true);
     }
-    const lease = issueLease(ctx, device.user, device.id);
-    if (lease) ctx.audit({ actor: `device:${device.id}`, action: 'lease-renew', outcome: 'ok', detail: `agent, for ${device.user} until ${lease.deadline}` });
+    const lease = await issueLease(ctx, device.user, device.id);
+    if (lease) await ctx.audit({ actor: `device:${device.id}`, action: 'lease-renew', outcome: 'ok', detail: `agent, for ${device.user} until ${lease.deadline}` });
     return { lease: lease?.lease ?? null };
   });
 
   app.post('/v1/agent/commands/:id/ack', async (req) => {
-    const device = requireDevice(ctx, req, { allowRevoked: true });
+    const device = await requireDevice(ctx, req, { allowRevoked: true });
     const { id } = parse(z.object({ id: z.string().max(200) }), req.params);
     const body = parse(z.object({ ok: z.boolean(), message: z.string().max(2000).optional() }).strict(), req.body);
-    if (!ctx.meta.ackCommand(id, device.id, body.ok, body.message ?? null)) throw new HttpError(404, 'not-found', 'no pending command with that id for this device');
-    ctx.audit({ actor: `device:${device.id}`, action: 'command-ack', outcome: body.ok ? 'ok' : 'failed', detail: `${id}${body.message ? `: ${body.message}` : ''}` });
+    if (!await ctx.meta.ackCommand(id, device.id, body.ok, body.message ?? null)) throw new HttpError(404, 'not-found', 'no pending command with that id for this device');
+    await ctx.audit({ actor: `device:${device.id}`, action: 'command-ack', outcome: body.ok ? 'ok' : 'failed', detail: `${id}${body.message ? `: ${body.message}` : ''}` });
     return { ok: true };
   });
 }

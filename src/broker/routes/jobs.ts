@@ -12,44 +12,44 @@ const Id = z.object({ id: z.string().min(1).max(200) });
  * an admin may see and pause/resume it, without a ticket. Anyone else gets 404, audited.
  */
 export function jobRoutes(app: FastifyInstance, ctx: BrokerContext): void {
-  const jobOf = (req: FastifyRequest, action: string) => {
-    const claims = requireUser(ctx, req);
+  const jobOf = async (req: FastifyRequest, action: string) => {
+    const claims = await requireUser(ctx, req);
     const { id } = parse(Id, req.params);
-    const checkoutId = ctx.scheduler.checkoutOf(id);
-    const c = checkoutId ? ctx.meta.getCheckout(checkoutId) : null;
+    const checkoutId = await ctx.scheduler.checkoutOf(id);
+    const c = checkoutId ? await ctx.meta.getCheckout(checkoutId) : null;
     const holder = Boolean(c && c.user === claims.sub);
     if (!c || (!holder && claims.role !== 'admin')) {
-      ctx.audit({ actor: claims.sub, desktopId: c?.desktopId ?? null, action, outcome: 'denied', detail: `job ${id}: ${c ? 'not the holder of its checkout' : 'no such job'}` });
+      await ctx.audit({ actor: claims.sub, desktopId: c?.desktopId ?? null, action, outcome: 'denied', detail: `job ${id}: ${c ? 'not the holder of its checkout' : 'no such job'}` });
       throw new HttpError(404, 'not-found', 'no such job of yours', {}, true);
     }
     if (holder && action !== 'transfer-pause') {
-      const reason = cutOffReason(ctx, c);
+      const reason = await cutOffReason(ctx, c);
       if (reason) {
-        enforceCutOff(ctx, 'system');
-        ctx.audit({ actor: claims.sub, desktopId: c.desktopId, action, outcome: 'denied', detail: `job ${id}: cut off: ${reason}` });
+        await enforceCutOff(ctx, 'system');
+        await ctx.audit({ actor: claims.sub, desktopId: c.desktopId, action, outcome: 'denied', detail: `job ${id}: cut off: ${reason}` });
         throw new HttpError(403, 'cut-off', `no more transfers for this checkout: ${reason}`, {}, true);
       }
     }
     return { claims, c, id, holder };
   };
   /** Tickets go to the holder only; each one handed out is audited. */
-  const answer = (who: ReturnType<typeof jobOf>, job: ReturnType<BrokerContext['scheduler']['get']>) => {
+  const answer = async (who: Awaited<ReturnType<typeof jobOf>>, job: Awaited<ReturnType<BrokerContext['scheduler']['get']>>) => {
     if (!job) throw new HttpError(404, 'not-found', 'no such job');
     if (!who.holder) return { ...job, transfer: undefined };
-    auditTicket(ctx, who.claims.sub, who.c.desktopId, job);
+    await auditTicket(ctx, who.claims.sub, who.c.desktopId, job);
     return job;
   };
 
   app.get('/v1/jobs/:id', async (req) => {
-    const who = jobOf(req, 'job-view');
-    return answer(who, ctx.scheduler.get(who.id));
+    const who = await jobOf(req, 'job-view');
+    return await answer(who, await ctx.scheduler.get(who.id));
   });
   for (const op of ['pause', 'resume'] as const) {
     app.post(`/v1/jobs/:id/${op}`, async (req) => {
-      const who = jobOf(req, `transfer-${op}`);
-      const job = ctx.scheduler[op](who.id);
-      ctx.audit({ actor: who.claims.sub, desktopId: who.c.desktopId, action: `transfer-${op}`, outcome: 'ok', detail: `job ${who.id}${who.holder ? '' : ` (checkout held by ${who.c.user})`}` });
-      return answer(who, job);
+      const who = await jobOf(req, `transfer-${op}`);
+      const job = await ctx.scheduler[op](who.id);
+      await ctx.audit({ actor: who.claims.sub, desktopId: who.c.desktopId, action: `transfer-${op}`, outcome: 'ok', detail: `job ${who.id}${who.holder ? '' : ` (checkout held by ${who.c.user})`}` });
+      return await answer(who, job);
     });
   }
 }

@@ -24,42 +24,42 @@ const VerifyBody = z.object({ samplePercent: z.number().gt(0).max(100).default(1
 /** Datacenter maintenance: garbage collection and scrub of the chunk store. */
 export function maintenanceRoutes(app: FastifyInstance, ctx: BrokerContext): void {
   app.post('/v1/admin/gc', async (req) => {
-    const actor = requireAdmin(ctx, req).sub;
+    const actor = (await requireAdmin(ctx, req)).sub;
     const b = parse(GcBody, req.body);
     try {
       const report = await collectGarbage(ctx.meta, ctx.store, { dryRun: b.dryRun, keepLast: b.keepLast, keepReplicaDays: b.keepReplicaDays, graceMs: b.graceHours * 3600_000, compactThreshold: b.compactThreshold });
-      ctx.audit({ actor, action: b.dryRun ? 'gc-dry-run' : 'gc', outcome: 'ok', detail: `${report.snapshots.deleted.length} snapshots, ${report.blobs.swept} blobs (${report.blobs.sweptBytes} bytes) swept, ${report.packs.compacted} packs compacted, ${report.packs.dropped} dropped, ${report.reclaimedBytes} bytes reclaimed` });
+      await ctx.audit({ actor, action: b.dryRun ? 'gc-dry-run' : 'gc', outcome: 'ok', detail: `${report.snapshots.deleted.length} snapshots, ${report.blobs.swept} blobs (${report.blobs.sweptBytes} bytes) swept, ${report.packs.compacted} packs compacted, ${report.packs.dropped} dropped, ${report.reclaimedBytes} bytes reclaimed` });
       return { report };
     } catch (err) {
-      ctx.audit({ actor, action: 'gc', outcome: 'failed', detail: (err as Error).message.slice(0, 300) });
+      await ctx.audit({ actor, action: 'gc', outcome: 'failed', detail: (err as Error).message.slice(0, 300) });
       throw err;
     }
   });
 
   // A desktop's own retention (else the values of each GC run apply).
   app.get('/v1/admin/desktops/:id/retention', async (req) => {
-    requireAdmin(ctx, req);
-    const d = ctx.meta.getDesktop(parse(z.object({ id: z.string().max(200) }), req.params).id);
+    await requireAdmin(ctx, req);
+    const d = await ctx.meta.getDesktop(parse(z.object({ id: z.string().max(200) }), req.params).id);
     if (!d) throw new HttpError(404, 'not-found', 'no such desktop');
-    return { retention: desktopRetention(ctx.meta, d.id) };
+    return { retention: await desktopRetention(ctx.meta, d.id) };
   });
   app.put('/v1/admin/desktops/:id/retention', async (req) => {
-    const actor = requireAdmin(ctx, req).sub;
-    const d = ctx.meta.getDesktop(parse(z.object({ id: z.string().max(200) }), req.params).id);
+    const actor = (await requireAdmin(ctx, req)).sub;
+    const d = await ctx.meta.getDesktop(parse(z.object({ id: z.string().max(200) }), req.params).id);
     if (!d) throw new HttpError(404, 'not-found', 'no such desktop');
     const b = parse(RetentionBody, req.body);
     const r = 'reset' in b ? null : b;
-    setDesktopRetention(ctx.meta, d.id, r);
-    ctx.audit({ actor, desktopId: d.id, action: 'retention-set', outcome: 'ok', detail: r ? `keep last ${r.keepLast}, replicas ${r.keepReplicaDays} days` : 'reset to the GC run values' });
+    await setDesktopRetention(ctx.meta, d.id, r);
+    await ctx.audit({ actor, desktopId: d.id, action: 'retention-set', outcome: 'ok', detail: r ? `keep last ${r.keepLast}, replicas ${r.keepReplicaDays} days` : 'reset to the GC run values' });
     return { retention: r };
   });
 
   app.post('/v1/admin/verify', async (req) => {
-    const actor = requireAdmin(ctx, req).sub;
+    const actor = (await requireAdmin(ctx, req)).sub;
     const b = parse(VerifyBody, req.body);
     const report = await verifyStore(ctx.meta, ctx.store, ctx.secrets.masterKey, { samplePercent: b.samplePercent });
-    ctx.audit({ actor, action: 'verify', outcome: report.damagedCount || report.damagedSnapshots.length ? 'failed' : 'ok', detail: `${report.chunksChecked} of ${report.chunksReferenced} chunks read, ${report.damagedCount} damaged, ${report.damagedSnapshots.length} snapshots damaged` });
-    for (const s of report.damagedSnapshots) ctx.audit({ actor, desktopId: s.desktopId, action: 'snapshot-damaged', outcome: 'failed', detail: `${s.id} (${s.kind}, ${s.createdAt}): ${s.badChunks} bad chunks${s.manifestProblem ? `; ${s.manifestProblem}` : ''}` });
+    await ctx.audit({ actor, action: 'verify', outcome: report.damagedCount || report.damagedSnapshots.length ? 'failed' : 'ok', detail: `${report.chunksChecked} of ${report.chunksReferenced} chunks read, ${report.damagedCount} damaged, ${report.damagedSnapshots.length} snapshots damaged` });
+    for (const s of report.damagedSnapshots) await ctx.audit({ actor, desktopId: s.desktopId, action: 'snapshot-damaged', outcome: 'failed', detail: `${s.id} (${s.kind}, ${s.createdAt}): ${s.badChunks} bad chunks${s.manifestProblem ? `; ${s.manifestProblem}` : ''}` });
     return { report };
   });
 }

@@ -11,21 +11,21 @@ const Id = z.object({ id: z.string().min(1).max(200) });
  * `restoreAllowed` says so, make one the version their next check-out starts from.
  */
 export function restoreRoutes(app: FastifyInstance, ctx: BrokerContext): void {
-  const desktopFor = (claims: { sub: string; role: string }, ref: string) => {
-    const d = ctx.meta.getDesktop(ref);
-    if (!d || (claims.role !== 'admin' && !ctx.meta.isEntitled(claims.sub, d))) throw new HttpError(404, 'not-found', `no desktop ${ref}${claims.role === 'admin' ? '' : ' you are entitled to'}`);
+  const desktopFor = async (claims: { sub: string; role: string }, ref: string) => {
+    const d = await ctx.meta.getDesktop(ref);
+    if (!d || (claims.role !== 'admin' && !await ctx.meta.isEntitled(claims.sub, d))) throw new HttpError(404, 'not-found', `no desktop ${ref}${claims.role === 'admin' ? '' : ' you are entitled to'}`);
     return d;
   };
   app.get('/v1/desktops/:id/restore-points', async (req) => {
-    const claims = requireUser(ctx, req);
-    const d = desktopFor(claims, parse(Id, req.params).id);
-    const refusal = restoreRefusal(ctx, claims.sub, claims.role, d);
-    return { desktopId: d.id, restorePoints: restorePoints(ctx, d), canRestore: !refusal, ...(refusal ? { reason: refusal.message } : {}) };
+    const claims = await requireUser(ctx, req);
+    const d = await desktopFor(claims, parse(Id, req.params).id);
+    const refusal = await restoreRefusal(ctx, claims.sub, claims.role, d);
+    return { desktopId: d.id, restorePoints: await restorePoints(ctx, d), canRestore: !refusal, ...(refusal ? { reason: refusal.message } : {}) };
   });
   app.post('/v1/desktops/:id/restore', async (req) => {
-    const claims = requireUser(ctx, req);
-    const d = desktopFor(claims, parse(Id, req.params).id);
+    const claims = await requireUser(ctx, req);
+    const d = await desktopFor(claims, parse(Id, req.params).id);
     const b = parse(z.object({ snapshotId: z.string().min(1).max(200), reason: z.string().max(500).optional() }).strict(), req.body);
-    return restore(ctx, claims.sub, claims.role, d, b.snapshotId, b.reason);
+    return await restore(ctx, claims.sub, claims.role, d, b.snapshotId, b.reason);
   });
 }

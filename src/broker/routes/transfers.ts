@@ -25,21 +25,21 @@ export function transferRoutes(app: FastifyInstance, ctx: BrokerContext): void {
   app.post('/v1/transfer-servers/register', async (req) => {
     checkSecret(req.headers['x-carryon-transfer-secret']);
     const body = parse(z.object({ id: z.string().min(1).max(100), url: z.url(), slots: z.number().int().min(1).max(1024), fingerprint: z.string().regex(/^[0-9a-f]{64}$/) }).strict(), req.body);
-    ctx.scheduler.registerServer(body);
-    ctx.audit({ actor: `transfer:${body.id}`, action: 'transfer-server-register', outcome: 'ok', detail: `${body.url} slots=${body.slots}` });
+    await ctx.scheduler.registerServer(body);
+    await ctx.audit({ actor: `transfer:${body.id}`, action: 'transfer-server-register', outcome: 'ok', detail: `${body.url} slots=${body.slots}` });
     return { signingPublicKey: publicKeyToBase64(ctx.secrets.signing.publicKey) };
   });
   app.post('/v1/transfer-servers/:id/heartbeat', async (req) => {
     checkSecret(req.headers['x-carryon-transfer-secret']);
     const { id } = parse(z.object({ id: z.string().max(100) }), req.params);
     const body = parse(z.object({ activeStreams: z.number().int().min(0), bytesIn: z.number().min(0), bytesOut: z.number().min(0), jobs: z.array(JobStats).max(10_000).optional(), evicted: z.array(Summary).max(10_000).optional() }).strict(), req.body);
-    if (!ctx.scheduler.serverHeartbeat(id, body)) throw new HttpError(404, 'not-registered', 'register first');
+    if (!await ctx.scheduler.serverHeartbeat(id, body)) throw new HttpError(404, 'not-registered', 'register first');
     if (body.jobs) ctx.jobProgress.report(id, body.jobs.map(({ id: jobId, ...c }) => [jobId, c]));
     // Per-job chunk access of evicted jobs goes to the audit trail; the answer is the current revocation list.
-    return { ok: true, revokedJobs: transferServerSync(ctx, id, body.evicted ?? []) };
+    return { ok: true, revokedJobs: await transferServerSync(ctx, id, body.evicted ?? []) };
   });
   app.get('/v1/admin/transfers', async (req) => {
-    requireAdmin(ctx, req);
-    return transfersOverview(ctx);
+    await requireAdmin(ctx, req);
+    return await transfersOverview(ctx);
   });
 }

@@ -33,34 +33,34 @@ export function uploadRoutes(app: FastifyInstance, ctx: BrokerContext, dir: stri
   };
 
   app.post('/v1/admin/uploads', async (req, reply) => {
-    const actor = requireAdmin(ctx, req).sub;
+    const actor = (await requireAdmin(ctx, req)).sub;
     const b = parse(z.object({ name: z.string().min(1).max(255), sizeBytes: z.number().int().min(0).max(2 ** 50) }).strict(), req.body);
     checkImageSize(b.sizeBytes, undefined, b.name);
     await mkdir(dir, { recursive: true, mode: 0o700 });
     const meta: Meta = { id: randomUUID(), name: b.name, sizeBytes: b.sizeBytes, createdAt: new Date().toISOString(), createdBy: actor };
     await writeFile(paths(meta.id).data, Buffer.alloc(0), { mode: 0o600 });
     await writeFile(paths(meta.id).meta, JSON.stringify(meta), { mode: 0o600 });
-    ctx.audit({ actor, action: 'upload-start', outcome: 'ok', detail: `${meta.id}: ${b.name}, ${b.sizeBytes} bytes` });
+    await ctx.audit({ actor, action: 'upload-start', outcome: 'ok', detail: `${meta.id}: ${b.name}, ${b.sizeBytes} bytes` });
     return reply.status(201).send({ ...meta, received: 0, complete: b.sizeBytes === 0 });
   });
   app.get('/v1/admin/uploads/:id', async (req) => {
-    requireAdmin(ctx, req);
+    await requireAdmin(ctx, req);
     return load(parse(Id, req.params).id);
   });
   app.delete('/v1/admin/uploads/:id', async (req) => {
-    const actor = requireAdmin(ctx, req).sub;
+    const actor = (await requireAdmin(ctx, req)).sub;
     const { id } = parse(Id, req.params);
     await load(id);
     await rm(paths(id).data, { force: true });
     await rm(paths(id).meta, { force: true });
-    ctx.audit({ actor, action: 'upload-delete', outcome: 'ok', detail: id });
+    await ctx.audit({ actor, action: 'upload-delete', outcome: 'ok', detail: id });
     return { ok: true };
   });
 
   app.register(async (raw) => {
     raw.addContentTypeParser('application/octet-stream', (_req, payload, done) => done(null, payload));
     raw.put('/v1/admin/uploads/:id', async (req) => {
-      requireAdmin(ctx, req);
+      await requireAdmin(ctx, req);
       const { id } = parse(Id, req.params);
       const { offset } = parse(z.object({ offset: z.coerce.number().int().min(0) }), req.query);
       const up = await load(id);
@@ -87,7 +87,7 @@ export function uploadRoutes(app: FastifyInstance, ctx: BrokerContext, dir: stri
   });
 
   app.post('/v1/admin/uploads/:id/import', async (req, reply) => {
-    const actor = requireAdmin(ctx, req).sub;
+    const actor = (await requireAdmin(ctx, req)).sub;
     const { id } = parse(Id, req.params);
     const b = parse(z.object({
       name: z.string().regex(/^[A-Za-z0-9._@-]{1,64}$/, 'letters, digits and . _ @ - only (max 64)'), pool: z.string().max(200).optional(), chunkSize: z.number().int().optional(),

@@ -4,11 +4,12 @@ import { PACKAGE_VERSION } from '../version.js';
 import { publicKeyFromBase64, publicKeyToBase64 } from '../../core/signing.js';
 import { allowedActions, beginUpload, cancel, checkOut, checkoutView, commitUpload, issueLease, markTransferred, rollback } from '../checkouts.js';
 import type { BrokerContext } from '../context.js';
+import type { DesktopRow } from '../../store/metadata.js';
 import { authenticate, DirectoryUnavailableError } from '../directory.js';
 import { HttpError, parse, requireUser } from '../http.js';
 import { effectivePolicy } from '../policies.js';
 import { issueToken } from '../tokens.js';
-import { deviceRevokedAt, requireFreshLogin } from '../trust.js';
+import { requireFreshLogin } from '../trust.js';
 
 const Host = z.object({
   os: z.string().max(200).optional(),
@@ -29,7 +30,7 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     const waitMs = ctx.throttle.retryAfterMs(body.username, req.ip);
     if (waitMs > 0) {
       const sec = Math.ceil(waitMs / 1000);
-      ctx.audit({ actor: body.username, action: 'login', outcome: 'denied', detail: `throttled: too many failed logins for this user or from ${req.ip}; retry in ${sec} s` });
+      await ctx.audit({ actor: body.username, action: 'login', outcome: 'denied', detail: `throttled: too many failed logins for this user or from ${req.ip}; retry in ${sec} s` });
       void reply.header('retry-after', String(sec));
       throw new HttpError(429, 'too-many-attempts', `too many failed logins: try again in ${sec} s`, { retryAfterSec: sec }, true);
     }
@@ -38,17 +39,17 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
       who = await authenticate(ctx.meta, ctx.settings.ldap, body.username, body.password);
     } catch (err) {
       if (!(err instanceof DirectoryUnavailableError)) throw err;
-      ctx.audit({ actor: body.username, action: 'login', outcome: 'failed', detail: err.message });
+      await ctx.audit({ actor: body.username, action: 'login', outcome: 'failed', detail: err.message });
       throw new HttpError(503, err.code, err.message, {}, true);
     }
     if (!who) {
       ctx.throttle.fail(body.username, req.ip);
-      ctx.audit({ actor: body.username, action: 'login', outcome: 'denied', detail: `bad credentials from ${req.ip}` });
+      await ctx.audit({ actor: body.username, action: 'login', outcome: 'denied', detail: `bad credentials from ${req.ip}` });
       throw new HttpError(401, 'bad-credentials', 'unknown user or wrong password', {}, true);
     }
     ctx.throttle.succeed(who.name);
-    if (body.deviceId && deviceRevokedAt(ctx, body.deviceId)) {
-      ctx.audit({ actor: who.name, action: 'login', outcome: 'denied', detail: `device ${body.deviceId} is revoked` });
+    if (body.deviceId && (await ctx.meta.deviceRevokedAt(body.deviceId))) {
+      await ctx.audit({ actor: who.name, action: 'login', outcome: 'denied', detail: `device ${body.deviceId} is revoked` });
       throw new HttpError(403, 'device-revoked', 'this device has been revoked by an administrator', {}, true);
     }
     const iat = Math.floor(Date.now() / 1000);
@@ -56,33 +57,34 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     const token = issueToken(ctx.secrets.tokenKey, { sub: who.name, role: who.role, exp, iat, dev: body.deviceId });
     let lease;
     if (body.deviceId) {
-      const device = ctx.meta.getDevice(body.deviceId);
-      if (device && device.user === who.name) lease = issueLease(ctx, who.name, device.id)?.lease;
-      if (lease) ctx.audit({ actor: who.name, action: 'lease-renew', outcome: 'ok', detail: `at login on device ${body.deviceId}` });
+      const device = await ctx.meta.getDevice(body.deviceId);
+      if (device && device.user === who.name) lease = (await issueLease(ctx, who.name, device.id))?.lease;
+      if (lease) await ctx.audit({ actor: who.name, action: 'lease-renew', outcome: 'ok', detail: `at login on device ${body.deviceId}` });
     }
-    ctx.audit({ actor: who.name, action: 'login', outcome: 'ok', detail: body.deviceId ? `device ${body.deviceId}` : undefined });
+    await ctx.audit({ actor: who.name, action: 'login', outcome: 'ok', detail: body.deviceId ? `device ${body.deviceId}` : undefined });
     return { token, expiresAt: new Date(exp * 1000).toISOString(), user: who, lease };
   });
 
   app.post('/v1/devices', async (req, reply) => {
-    const claims = requireUser(ctx, req);
+    const claims = await requireUser(ctx, req);
     const body = parse(z.object({ name: z.string().min(1).max(128), publicKey: z.string().min(1).max(1024), host: Host }).strict(), req.body);
     try {
       publicKeyFromBase64(body.publicKey);
     } catch (err) {
       throw new HttpError(400, 'bad-public-key', (err as Error).message);
     }
-    const deviceId = ctx.meta.createDevice({ user: claims.sub, name: body.name, publicKey: body.publicKey, host: body.host });
-    ctx.audit({ actor: claims.sub, action: 'enroll', outcome: 'ok', detail: `device ${deviceId} (${body.name})` });
+    const deviceId = await ctx.meta.createDevice({ user: claims.sub, name: body.name, publicKey: body.publicKey, host: body.host });
+    await ctx.audit({ actor: claims.sub, action: 'enroll', outcome: 'ok', detail: `device ${deviceId} (${body.name})` });
     return reply.status(201).send({ deviceId });
   });
 
   app.get('/v1/desktops', async (req) => {
-    const claims = requireUser(ctx, req);
-    const desktops = ctx.meta.listDesktops().filter((d) => ctx.meta.isEntitled(claims.sub, d));
+    const claims = await requireUser(ctx, req);
+    const desktops: DesktopRow[] = [];
+    for (const d of await ctx.meta.listDesktops()) if (await ctx.meta.isEntitled(claims.sub, d)) desktops.push(d);
     return {
-      desktops: desktops.map((d) => {
-        const active = ctx.meta.activeCheckout(d.id);
+      desktops: await Promise.all(desktops.map(async (d) => {
+        const active = await ctx.meta.activeCheckout(d.id);
         return {
           id: d.id,
           name: d.name,
@@ -90,45 +92,45 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
           state: active ? active.state : 'available',
           // Someone else's checkout shows who and what state, never its job or device.
           checkout: active ? (active.user === claims.sub ? checkoutView(active) : { ...checkoutView(active), jobId: undefined, deviceId: undefined }) : undefined,
-          actions: allowedActions(ctx, claims.sub, d),
-          policy: effectivePolicy(ctx.meta, claims.sub, d),
+          actions: await allowedActions(ctx, claims.sub, d),
+          policy: await effectivePolicy(ctx.meta, claims.sub, d),
         };
-      }),
+      })),
     };
   });
 
   app.post('/v1/desktops/:id/checkout', async (req, reply) => {
-    const claims = requireUser(ctx, req);
+    const claims = await requireUser(ctx, req);
     const { id } = parse(Id, req.params);
     const body = parse(z.object({ deviceId: z.string().min(1).max(200), host: Host }).strict(), req.body);
     return reply.status(201).send(await checkOut(ctx, claims.sub, id, body));
   });
 
-  app.post('/v1/checkouts/:id/transferred', async (req) => ({ checkout: markTransferred(ctx, requireUser(ctx, req).sub, parse(Id, req.params).id) }));
-  app.post('/v1/checkouts/:id/cancel', async (req) => ({ checkout: cancel(ctx, requireUser(ctx, req).sub, parse(Id, req.params).id) }));
+  app.post('/v1/checkouts/:id/transferred', async (req) => ({ checkout: await markTransferred(ctx, (await requireUser(ctx, req)).sub, parse(Id, req.params).id) }));
+  app.post('/v1/checkouts/:id/cancel', async (req) => ({ checkout: await cancel(ctx, (await requireUser(ctx, req)).sub, parse(Id, req.params).id) }));
   // Sensitive after an offline login: with requireOnlineReauth they need a recent password login.
   app.post('/v1/checkouts/:id/rollback', async (req) => {
-    const claims = requireUser(ctx, req);
+    const claims = await requireUser(ctx, req);
     const { id } = parse(Id, req.params);
-    requireFreshLogin(ctx, claims, id, 'rollback');
-    return { checkout: rollback(ctx, claims.sub, id) };
+    await requireFreshLogin(ctx, claims, id, 'rollback');
+    return { checkout: await rollback(ctx, claims.sub, id) };
   });
   for (const kind of ['checkin', 'replicate'] as const) {
     app.post(`/v1/checkouts/:id/${kind}`, async (req) => {
-      const claims = requireUser(ctx, req);
+      const claims = await requireUser(ctx, req);
       const { id } = parse(Id, req.params);
-      requireFreshLogin(ctx, claims, id, kind);
-      return beginUpload(ctx, claims.sub, id, kind, parse(Disks, req.body).disks);
+      await requireFreshLogin(ctx, claims, id, kind);
+      return await beginUpload(ctx, claims.sub, id, kind, parse(Disks, req.body).disks);
     });
-    app.post(`/v1/checkouts/:id/${kind}/commit`, async (req) => commitUpload(ctx, requireUser(ctx, req).sub, parse(Id, req.params).id, kind));
+    app.post(`/v1/checkouts/:id/${kind}/commit`, async (req) => await commitUpload(ctx, (await requireUser(ctx, req)).sub, parse(Id, req.params).id, kind));
   }
   app.post('/v1/checkouts/:id/lease', async (req) => {
-    const claims = requireUser(ctx, req);
-    const c = ctx.meta.getCheckout(parse(Id, req.params).id);
+    const claims = await requireUser(ctx, req);
+    const c = await ctx.meta.getCheckout(parse(Id, req.params).id);
     if (!c || c.user !== claims.sub) throw new HttpError(404, 'not-found', 'no such checkout of yours');
-    const lease = issueLease(ctx, claims.sub, c.deviceId);
+    const lease = await issueLease(ctx, claims.sub, c.deviceId);
     if (!lease) throw new HttpError(409, 'wrong-state', 'no active checkout to lease');
-    ctx.audit({ actor: claims.sub, desktopId: c.desktopId, action: 'lease-renew', outcome: 'ok', detail: `device ${c.deviceId} until ${lease.deadline}` });
+    await ctx.audit({ actor: claims.sub, desktopId: c.desktopId, action: 'lease-renew', outcome: 'ok', detail: `device ${c.deviceId} until ${lease.deadline}` });
     return { lease: lease.lease };
   });
 }

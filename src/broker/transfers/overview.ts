@@ -37,12 +37,12 @@ async function chunkCount(ctx: BrokerContext, digest: string): Promise<number> {
 
 /** `GET /v1/admin/transfers`: the scheduler's overview with per-job user, desktop, progress and rate. */
 export async function transfersOverview(ctx: BrokerContext) {
-  const o = ctx.scheduler.overview();
-  const rows = new Map(ctx.scheduler.openJobs().map((r) => [r.id, r]));
+  const o = await ctx.scheduler.overview();
+  const rows = new Map((await ctx.scheduler.openJobs()).map((r) => [r.id, r]));
   const detail = async (j: JobView): Promise<JobDetail> => {
     const r = rows.get(j.id);
-    const co = r ? ctx.meta.getCheckout(r.checkoutId) : null;
-    const desktop = r ? ctx.meta.getDesktop(r.desktopId) : null;
+    const co = r ? await ctx.meta.getCheckout(r.checkoutId) : null;
+    const desktop = r ? await ctx.meta.getDesktop(r.desktopId) : null;
     const p = ctx.jobProgress.get(j.id);
     const chunksDone = p ? (j.kind === 'checkout' ? p.chunksOut : p.chunksIn) : 0;
     const bytesDone = p ? (j.kind === 'checkout' ? p.bytesOut : p.bytesIn) : 0;

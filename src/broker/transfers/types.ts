@@ -1,6 +1,6 @@
 /**
  * The broker's view of the transfer-slot scheduler. The check-out/check-in state machine uses
- * only this interface; src/broker/transfers/ implements it (SQLite-backed, see docs/api.md).
+ * only this interface; src/broker/transfers/ implements it (database-backed, see docs/api.md).
  */
 export type JobKind = 'checkout' | 'checkin' | 'replicate';
 export type JobState = 'queued' | 'active' | 'paused' | 'done' | 'cancelled' | 'failed' | 'expired';
@@ -34,13 +34,13 @@ export interface JobRequest {
 
 export interface TransferScheduler {
   /** Queues a job; it becomes active (with a ticket) as soon as a slot is free. */
-  enqueue(req: JobRequest): JobView;
+  enqueue(req: JobRequest): Promise<JobView>;
   /** Current view; renews the ticket of an active job. Null when unknown. */
-  get(jobId: string): JobView | null;
+  get(jobId: string): Promise<JobView | null>;
   /** Ends a job and frees its slot. Idempotent. */
-  finish(jobId: string, outcome: 'done' | 'cancelled' | 'failed'): void;
-  pause(jobId: string): JobView | null;
-  resume(jobId: string): JobView | null;
+  finish(jobId: string, outcome: 'done' | 'cancelled' | 'failed'): Promise<void>;
+  pause(jobId: string): Promise<JobView | null>;
+  resume(jobId: string): Promise<JobView | null>;
   /** Ends every unfinished job of a checkout (cancel, rollback, force-unlock). */
-  finishForCheckout(checkoutId: string, outcome: 'cancelled' | 'failed'): void;
+  finishForCheckout(checkoutId: string, outcome: 'cancelled' | 'failed'): Promise<void>;
 }

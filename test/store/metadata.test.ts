@@ -1,0 +1,188 @@
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, describe, test } from 'node:test';
+import { openMetadata, type OpenedMetadata } from '../../src/store/metadata/open.js';
+import type { MetadataStore } from '../../src/store/metadata.js';
+import { checkPostgresUrl, redactDatabaseUrl } from '../../src/store/sql/pg-driver.js';
+import { freshDatabase, testCluster } from '../support/postgres.js';
+
+/**
+ * The metadata store's contract, run by name against each engine: SQLite (the default) and
+ * PostgreSQL. "Two instances" are two independent connections to one database, as two brokers
+ * (or, for SQLite, two processes) would have.
+ */
+const dirs: string[] = [];
+after(() => {
+  for (const d of dirs) rmSync(d, { recursive: true, force: true });
+});
+
+/** Two instances: PostgreSQL's are separate pools; SQLite serves one broker, so its two callers share the connection. */
+async function two(engine: (typeof engines)[number]): Promise<[OpenedMetadata, OpenedMetadata, () => Promise<void>]> {
+  const open = await engine.open();
+  const a = await open();
+  const b = engine.name === 'SQLite' ? a : await open();
+  return [a, b, async () => {
+    await a.sql.close();
+    if (b !== a) await b.sql.close();
+  }];
+}
+
+const engines: { name: string; open: () => Promise<() => Promise<OpenedMetadata>> }[] = [
+  {
+    name: 'SQLite',
+    open: async () => {
+      const dir = mkdtempSync(join(tmpdir(), 'carryon-meta-'));
+      dirs.push(dir);
+      return () => openMetadata({ dataDir: dir });
+    },
+  },
+  {
+    name: 'PostgreSQL',
+    open: async () => {
+      const url = await freshDatabase(await testCluster());
+      return () => openMetadata({ dataDir: '/nonexistent', database: url });
+    },
+  },
+];
+
+const config = { vcpus: 1, ramMiB: 512, minRamMiB: 256, nic: 'none' as const, usb: false, disks: [] };
+
+async function seed(meta: MetadataStore) {
+  await meta.createUser({ name: 'alice', passwordHash: null, role: 'user' });
+  await meta.createUser({ name: 'bob', passwordHash: null, role: 'user' });
+  const lineage = await meta.createLineage(Buffer.from([0, 1, 2, 255]));
+  const desktopId = await meta.createDesktop({ name: 'win', poolId: null, lineageId: lineage, config });
+  const snap = await meta.createSnapshot({ desktopId, parentId: null, kind: 'import', disks: [] });
+  await meta.setDesktopSnapshot(desktopId, snap);
+  const devA = await meta.createDevice({ user: 'alice', name: 'a', publicKey: 'pk', host: {} });
+  const devB = await meta.createDevice({ user: 'bob', name: 'b', publicKey: 'pk', host: {} });
+  return { lineage, desktopId, snap, devA, devB };
+}
+
+for (const engine of engines) {
+  describe(`metadata store on ${engine.name}`, () => {
+    test('rows round-trip: JSON columns, blobs, booleans, creation order', async () => {
+      const { meta, sql } = await (await engine.open())();
+      try {
+        const s = await seed(meta);
+        assert.deepEqual(await meta.getLineageKeys(s.lineage), Buffer.from([0, 1, 2, 255]));
+        assert.equal((await meta.updateUser('alice', { disabled: true, policy: { usbAllowed: false } })), true);
+        const alice = (await meta.getUser('alice'))!;
+        assert.deepEqual([alice.disabled, alice.policy], [true, { usbAllowed: false }]);
+        assert.deepEqual((await meta.getDesktop('win'))!.config, config);
+        const second = await meta.createSnapshot({ desktopId: s.desktopId, parentId: s.snap, kind: 'checkin', disks: [{ name: 'disk0', digest: 'd', sizeBytes: 1, chunkSize: 65536 }] });
+        assert.deepEqual((await meta.listSnapshots(s.desktopId)).map((x) => x.id), [s.snap, second]);
+        await meta.createGroup('ops');
+        await meta.addGroupMember('ops', 'bob');
+        await meta.addGroupMember('ops', 'bob'); // idempotent
+        assert.deepEqual(await meta.listGroups(), [{ name: 'ops', members: ['bob'] }]);
+        await meta.addEntitlement({ principalType: 'group', principal: 'ops', targetType: 'desktop', target: s.desktopId });
+        assert.equal(await meta.isEntitled('bob', (await meta.getDesktop('win'))!), true);
+        assert.equal(await meta.isEntitled('alice', (await meta.getDesktop('win'))!), false);
+        assert.equal(await meta.revokeDevice(s.devA), true);
+        assert.equal(await meta.revokeDevice(s.devA), false, 'revoked once');
+        assert.ok(await meta.deviceRevokedAt(s.devA));
+      } finally {
+        await sql.close();
+      }
+    });
+
+    test('the lock: one active check-out per desktop, compare-and-set transitions', async () => {
+      const { meta, sql } = await (await engine.open())();
+      try {
+        const s = await seed(meta);
+        const lease = new Date().toISOString();
+        const first = await meta.insertCheckout({ desktopId: s.desktopId, user: 'alice', deviceId: s.devA, checkpointSnapshot: s.snap, leaseExpiresAt: lease });
+        assert.ok(first);
+        assert.equal(await meta.insertCheckout({ desktopId: s.desktopId, user: 'bob', deviceId: s.devB, checkpointSnapshot: s.snap, leaseExpiresAt: lease }), null);
+        assert.equal(await meta.transitionCheckout(first, ['checked_out'], 'checking_in'), false, 'wrong from-state');
+        const racing = await Promise.all([1, 2, 3].map(() => meta.transitionCheckout(first, ['transferring'], 'checked_out')));
+        assert.equal(racing.filter(Boolean).length, 1, 'one of three racing transitions wins');
+        assert.equal(await meta.transitionCheckout(first, ['checked_out'], 'cancelled', { pendingDisks: null }), true);
+        assert.ok(await meta.insertCheckout({ desktopId: s.desktopId, user: 'bob', deviceId: s.devB, checkpointSnapshot: s.snap, leaseExpiresAt: lease }), 'unlocked: the next one gets it');
+        assert.deepEqual(await meta.deleteSnapshots([s.snap]), [], 'the current snapshot and an active checkpoint are never deleted');
+        await meta.setCheckoutCutOff(first, '2026-01-01T00:00:00.000Z');
+        assert.equal(await meta.checkoutCutOffAt(first), '2026-01-01T00:00:00.000Z');
+      } finally {
+        await sql.close();
+      }
+    });
+
+    test('two instances on one database: racing check-outs, exactly one wins; a lock taken through one is seen by the other', async () => {
+      const [a, b, close] = await two(engine);
+      try {
+        const s = await seed(a.meta);
+        const lease = new Date().toISOString();
+        const tries = await Promise.all(Array.from({ length: 8 }, (_, i) =>
+          (i % 2 ? a : b).meta.insertCheckout({ desktopId: s.desktopId, user: i % 2 ? 'alice' : 'bob', deviceId: i % 2 ? s.devA : s.devB, checkpointSnapshot: s.snap, leaseExpiresAt: lease })));
+        const won = tries.filter((t): t is string => t !== null);
+        assert.equal(won.length, 1);
+        assert.equal((await b.meta.activeCheckout(s.desktopId))?.id, won[0]);
+        assert.equal((await a.meta.activeCheckout(s.desktopId))?.id, won[0]);
+        // Replay protection is shared too.
+        assert.equal(await a.meta.acceptNonce(s.devA, 'n1', 60_000), true);
+        assert.equal(await b.meta.acceptNonce(s.devA, 'n1', 60_000), false);
+        assert.equal(await b.meta.acceptNonce(s.devB, 'n1', 60_000), true, 'per device');
+      } finally {
+        await close();
+      }
+    });
+
+    test('audit chain: concurrent appenders on two instances never fork it', async () => {
+      const [a, b, close] = await two(engine);
+      try {
+        await Promise.all(Array.from({ length: 60 }, (_, i) => (i % 2 ? a : b).meta.addEvent({ actor: `actor${i}`, action: 'test', outcome: 'ok', detail: `Event ${i}` })));
+        const check = await b.meta.verifyAuditChain();
+        assert.equal(check.ok, true, JSON.stringify(check));
+        assert.equal(check.events, 60);
+        assert.equal((await a.meta.exportEvents()).trim().split('\n').length, 60);
+        assert.equal((await a.meta.listEventsNewest({ text: 'EVENT 1', limit: 100 })).length, 11, 'text search ignores case on both engines (1, 10–19)');
+        assert.equal((await a.meta.listEventsNewest({ actor: 'actor7' }))[0]?.detail, 'Event 7');
+      } finally {
+        await close();
+      }
+    });
+
+    test('transaction: all or nothing; other callers wait for it', async () => {
+      const { meta, sql } = await (await engine.open())();
+      try {
+        await assert.rejects(meta.transaction(async (tx) => {
+          await tx.createPool('p1');
+          await tx.setSetting('k', 'v');
+          throw new Error('changed my mind');
+        }), /changed my mind/);
+        assert.equal(await meta.getPool('p1'), null);
+        assert.equal(await meta.getSetting('k'), null);
+        const order: string[] = [];
+        await Promise.all([
+          meta.transaction(async (tx) => {
+            await tx.setSetting('k', 'in-tx');
+            await new Promise((r) => setTimeout(r, 50));
+            order.push('tx');
+          }),
+          (async () => {
+            await new Promise((r) => setTimeout(r, 10));
+            await meta.setSetting('k', 'after');
+            order.push('plain');
+          })(),
+        ]);
+        // SQLite: the plain write waits for the transaction; PostgreSQL: it waits on the row lock.
+        assert.deepEqual(order, ['tx', 'plain']);
+        assert.equal(await meta.getSetting('k'), 'after');
+      } finally {
+        await sql.close();
+      }
+    });
+  });
+}
+
+test('database URL: checked with a clear error, the password never shown', async () => {
+  assert.throws(() => checkPostgresUrl('mysql://u@h/db'), /postgres:\/\//);
+  assert.throws(() => checkPostgresUrl('not a url'), /does not parse/);
+  assert.throws(() => checkPostgresUrl('postgres://u:s3cret@h'), (e: Error) => /names no database/.test(e.message) && !e.message.includes('s3cret'));
+  assert.equal(redactDatabaseUrl('postgres://u:s3cret@h:5432/db'), 'postgres://u:***@h:5432/db');
+  await assert.rejects(openMetadata({ dataDir: '/nonexistent', database: 'postgres://carryon:s3cret@127.0.0.1:1/db' }),
+    (e: Error) => /cannot connect to PostgreSQL at postgres:\/\/carryon:\*\*\*@127\.0\.0\.1:1\/db/.test(e.message) && !e.message.includes('s3cret'));
+});
