@@ -26,7 +26,7 @@ function writeData(kind: WriteContent): Buffer {
 }
 
 /** `changeBytes` of 64 KiB writes at random aligned offsets, through the served chain (as a VM writes) and into a raw copy. */
-async function changeOnePercent(env: ClientEnv, rawCopy: string, size: number, changeBytes: number, kind: WriteContent): Promise<number> {
+export async function changeOnePercent(env: ClientEnv, rawCopy: string, size: number, changeBytes: number, kind: WriteContent): Promise<number> {
   const n = Math.round(changeBytes / WRITE);
   const fh = await open(rawCopy, 'r+');
   const served = await serveDesktop(env, 'desk');

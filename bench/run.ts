@@ -3,6 +3,7 @@ import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { checkinSection } from './checkin.js';
 import { concurrentSection } from './concurrent.js';
+import { enginesSection } from './engines.js';
 import { gcSection } from './gc.js';
 import { importSection } from './import.js';
 import { luksCostSection } from './luks-cost.js';
@@ -22,6 +23,7 @@ const sections: BenchSection[] = [
   checkinSection(work, 4 * scale, 0.04 * scale, true, ['random', 'typical']),
   checkinSection(work, 16 * scale, 0.04 * scale, false),
   luksCostSection(work, 1 * scale),
+  enginesSection(work, 4 * scale, 0.04 * scale),
   gcSection(work, 1 * scale),
   concurrentSection(work, Math.max(64, 512 * scale)),
 ];

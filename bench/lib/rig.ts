@@ -3,6 +3,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { request, type Agent } from 'undici';
 import { startBroker, type RunningBroker } from '../../src/broker/start.js';
+import { defaultS3IndexPath } from '../../src/store/s3-chunk-store.js';
 import { enroll, type ClientEnv } from '../../src/client/ops.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
 
@@ -23,19 +24,20 @@ export class Rig {
     private readonly agent: Agent,
     private readonly token: string,
     private readonly slots: number,
+    private readonly store: string,
   ) {}
 
   /**
    * `desktops` > 1: clones `desk-1` … of `desk` (the same chunks), one per laptop that checks out
    * at the same time. `slots`: of each transfer server.
    */
-  static async start(dir: string, image: string, chunkSize?: number, opts: { desktops?: number; slots?: number } = {}): Promise<Rig> {
+  static async start(dir: string, image: string, chunkSize?: number, opts: RigOptions = {}): Promise<Rig> {
     process.env.CARRYON_SCRYPT_N ??= '16384';
     process.env.CARRYON_INSECURE_TEST_KDF ??= '1'; // a lowered cost is refused outside tests
     const dataDir = join(dir, 'server');
-    const broker = await startBroker({ dataDir, embeddedTransferSlots: 0, initAdmin: { name: 'admin', password: 'bench-admin-pw' }, settings: { passwordCostN: 16384 }, importDirs: [dirname(image)] });
+    const broker = await startBroker({ dataDir, database: opts.database, chunkStore: opts.chunkStore, embeddedTransferSlots: 0, initAdmin: { name: 'admin', password: 'bench-admin-pw' }, settings: { passwordCostN: 16384 }, importDirs: [dirname(image)] });
     const slots = opts.slots ?? 4;
-    const transfer = await startTransfer(dir, broker, 'bench-transfer', slots);
+    const transfer = await startTransfer(dir, broker, 'bench-transfer', slots, storeFor(dataDir, opts));
     const agent = pinnedAgent(broker.fingerprint);
     const call = async (path: string, body: unknown, token?: string) => {
       const res = await request(`${broker.url}${path}`, { method: 'POST', dispatcher: agent, headers: { 'content-type': 'application/json', ...(token ? { authorization: `Bearer ${token}` } : {}) }, body: JSON.stringify(body) });
@@ -51,12 +53,12 @@ export class Rig {
       await call('/v1/admin/desktops', { name: `desk-${i}`, cloneOf: 'desk' }, token);
       await call('/v1/admin/entitlements', { principalType: 'user', principal: 'bench', targetType: 'desktop', target: `desk-${i}` }, token);
     }
-    return new Rig(dir, broker, [transfer], agent, token, slots);
+    return new Rig(dir, broker, [transfer], agent, token, slots, storeFor(dataDir, opts));
   }
 
   /** Another transfer server (a process of its own) on the same store, registered with the broker. */
   async addTransferServer(): Promise<void> {
-    this.transfers.push(await startTransfer(this.dir, this.broker, `bench-transfer-${this.transfers.length + 1}`, this.slots));
+    this.transfers.push(await startTransfer(this.dir, this.broker, `bench-transfer-${this.transfers.length + 1}`, this.slots, this.store));
   }
 
   /** A freshly enrolled laptop with an empty vault. */
@@ -90,11 +92,27 @@ export class Rig {
   }
 }
 
+export interface RigOptions {
+  desktops?: number;
+  slots?: number;
+  /** The broker's metadata on PostgreSQL (a postgres:// URL); SQLite in its data directory otherwise. */
+  database?: string;
+  /** The chunk store (an s3:// URL); the broker's local pack store otherwise. */
+  chunkStore?: string;
+}
+
+/** What a transfer server opens to share the broker's store: the pack directory, or the S3 URL with the broker's pack index. */
+function storeFor(dataDir: string, opts: RigOptions): string {
+  if (!opts.chunkStore) return join(dataDir, 'chunks');
+  const index = opts.database ?? defaultS3IndexPath(dataDir);
+  return `${opts.chunkStore}${opts.chunkStore.includes('?') ? '&' : '?'}index=${encodeURIComponent(index)}`;
+}
+
 /** `carryon transfer-server` in a process of its own on the broker's store; resolves once it has registered. */
-async function startTransfer(dir: string, broker: RunningBroker, id: string, slots: number): Promise<ChildProcess> {
+async function startTransfer(dir: string, broker: RunningBroker, id: string, slots: number, store: string): Promise<ChildProcess> {
   const dataDir = join(dir, 'server');
   const transfer = spawn(process.execPath, [CLI, 'transfer-server', '--broker', broker.url, '--broker-fingerprint', broker.fingerprint,
-    '--secret-file', join(dataDir, 'transfer.secret'), '--master-key-file', join(dataDir, 'master.key'), '--store', join(dataDir, 'chunks'),
+    '--secret-file', join(dataDir, 'transfer.secret'), '--master-key-file', join(dataDir, 'master.key'), '--store', store,
     '--id', id, '--slots', String(slots), '--port', '0', '--tls-dir', join(dir, `${id}-tls`), '--heartbeat-sec', String(HEARTBEAT_SEC)], { stdio: ['ignore', 'pipe', 'pipe'] });
   await new Promise<void>((resolve, reject) => {
     let out = '';
