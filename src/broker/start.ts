@@ -7,7 +7,7 @@ import { openChunkStore } from '../store/open-store.js';
 import { defaultS3IndexPath } from '../store/s3-chunk-store.js';
 import { openMetadata } from '../store/metadata/open.js';
 import { checkLdapConfig } from './directory.js';
-import { DEFAULT_THROTTLE, LoginThrottle, type ThrottleSettings } from './throttle.js';
+import { DatabaseFailureLog, DEFAULT_THROTTLE, LoginThrottle, type ThrottleSettings } from './throttle.js';
 import { transferServerSync } from './trust.js';
 import { startTransferServer, type TransferServer } from '../transfer/server.js';
 import type { BrokerContext, BrokerSettings } from './context.js';
@@ -125,7 +125,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   });
   const ctx: BrokerContext = {
     settings, meta, store, secrets, scheduler, hypervisor, imports: new ImportJobs(), jobProgress: new JobProgress(),
-    throttle: new LoginThrottle({ ...DEFAULT_THROTTLE, ...config.throttle }),
+    throttle: new LoginThrottle(new DatabaseFailureLog(meta), { ...DEFAULT_THROTTLE, ...config.throttle }),
     audit: async (e) => void (await meta.addEvent({ actor: e.actor, desktopId: e.desktopId ?? null, action: e.action, outcome: e.outcome, detail: e.detail ?? null })),
     keysFor: (wrapped, context) => encodeLineageKeys(unwrapLineageKeys(secrets.masterKey, wrapped, context)),
   };

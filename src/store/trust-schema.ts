@@ -19,4 +19,9 @@ ALTER TABLE events ADD COLUMN hash TEXT;
     version: 2,
     sql: 'CREATE TABLE agent_nonces (device_id TEXT NOT NULL, nonce TEXT NOT NULL, expires_at BIGINT NOT NULL, PRIMARY KEY (device_id, nonce));',
   },
+  {
+    // Failed-login backoff, shared by every broker on the database and kept across restarts.
+    version: 3,
+    sql: 'CREATE TABLE login_failures (key TEXT PRIMARY KEY, failures INTEGER NOT NULL, last_failure BIGINT NOT NULL, blocked_until BIGINT NOT NULL DEFAULT 0);',
+  },
 ];

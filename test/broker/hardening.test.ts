@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { z } from 'zod';
 import type { RunningBroker } from '../../src/broker/start.js';
-import { LoginThrottle } from '../../src/broker/throttle.js';
+import { DatabaseFailureLog, DEFAULT_THROTTLE, LoginThrottle, MemoryFailureLog } from '../../src/broker/throttle.js';
 import { transferServerSync } from '../../src/broker/trust.js';
 import { CarryonError } from '../../src/core/errors.js';
 import { mapError } from '../../src/net/http-errors.js';
@@ -96,7 +96,10 @@ test('item 7: failed logins back off per user and per source address, audited', 
   const ev = await broker.ctx.meta.listEvents({ limit: 10_000 });
   assert.ok(ev.some((e) => e.actor === 'erin' && e.action === 'login' && e.outcome === 'denied' && /throttled/.test(e.detail ?? '')));
   assert.ok(ev.some((e) => e.actor === ADMIN.name && /throttled/.test(e.detail ?? '')));
-  broker.ctx.throttle = new LoginThrottle(); // in memory: what a restart does; the later tests log in again
+  // The failures are in the database: another broker on it (or this one restarted) holds erin back too.
+  const another = new LoginThrottle(new DatabaseFailureLog(broker.ctx.meta), { ...DEFAULT_THROTTLE, freePerUser: 3, freePerAddress: 8, baseDelayMs: 60_000 });
+  assert.ok((await another.retryAfterMs('erin', '192.0.2.1')) > 0);
+  broker.ctx.throttle = new LoginThrottle(new MemoryFailureLog()); // a clean slate: the later tests log in again from this address
 });
 
 test('item 8: one error mapping: server faults 5xx, missing 404, conflicts 409, input 400', () => {

@@ -7,6 +7,7 @@ import { openMetadata, type OpenedMetadata } from '../../src/store/metadata/open
 import type { MetadataStore } from '../../src/store/metadata.js';
 import { checkPostgresUrl, redactDatabaseUrl } from '../../src/store/sql/pg-driver.js';
 import { freshDatabase, testCluster } from '../support/postgres.js';
+import { DatabaseFailureLog, LoginThrottle } from '../../src/broker/throttle.js';
 
 /**
  * The metadata store's contract, run by name against each engine: SQLite (the default) and
@@ -63,6 +64,30 @@ async function seed(meta: MetadataStore) {
 
 for (const engine of engines) {
   describe(`metadata store on ${engine.name}`, () => {
+    test('failed logins: counted atomically by two instances, blocks never shortened, forgotten after the quiet period, cleared on success', async () => {
+      const [a, b, close] = await two(engine);
+      try {
+        const throttle = (m: MetadataStore) => new LoginThrottle(new DatabaseFailureLog(m), { freePerUser: 3, freePerAddress: 100, baseDelayMs: 60_000, maxDelayMs: 600_000, forgetAfterMs: 3_600_000 }, () => now);
+        let now = 1_000_000;
+        const [ta, tb] = [throttle(a.meta), throttle(b.meta)];
+        // Eight failures from two brokers at once: none is lost.
+        await Promise.all(Array.from({ length: 8 }, (_, i) => (i % 2 ? ta : tb).fail('mallory', `10.0.0.${i}`)));
+        assert.equal(await a.meta.recordLoginFailure('u:mallory', now, 3_600_000), 9);
+        // 8 failures, 3 free: 60 s × 2^4 = 960 s, capped at 600 s, seen through either broker.
+        assert.equal(await tb.retryAfterMs('mallory', '10.9.9.9'), 600_000);
+        await a.meta.blockLogin('u:mallory', now + 1000);
+        assert.equal(await ta.retryAfterMs('mallory', '10.9.9.9'), 600_000, 'a shorter block never replaces a longer one');
+        await tb.succeed('mallory');
+        assert.equal(await ta.retryAfterMs('mallory', '10.9.9.9'), 0);
+        // The count starts again after an hour without failures.
+        await ta.fail('trent', '10.1.1.1');
+        now += 3_600_001;
+        assert.equal(await b.meta.recordLoginFailure('u:trent', now, 3_600_000), 1);
+      } finally {
+        await close();
+      }
+    });
+
     test('rows round-trip: JSON columns, blobs, booleans, creation order', async () => {
       const { meta, sql } = await (await engine.open())();
       try {

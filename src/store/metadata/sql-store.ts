@@ -231,6 +231,27 @@ export class SqlMetadataStore implements MetadataStore {
     return n === 1;
   }
 
+  async loginBlockedUntil(keys: readonly string[]): Promise<number> {
+    if (!keys.length) return 0;
+    const rows = await this.sql.all<Raw>(`SELECT blocked_until FROM login_failures WHERE key IN (${keys.map(() => '?').join(', ')})`, [...keys]);
+    return Math.max(0, ...rows.map((r) => Number(r.blocked_until)));
+  }
+  async recordLoginFailure(key: string, at: number, forgetAfterMs: number): Promise<number> {
+    // Old keys go now and then, as the nonces do.
+    if (Math.random() < 0.01) await this.sql.run('DELETE FROM login_failures WHERE last_failure < ? AND blocked_until <= ?', [at - forgetAfterMs, at]);
+    // One atomic upsert: two brokers counting at once never lose a failure.
+    const r = await this.sql.get<Raw>(`INSERT INTO login_failures (key, failures, last_failure, blocked_until) VALUES (?, 1, ?, 0)
+      ON CONFLICT (key) DO UPDATE SET failures = CASE WHEN login_failures.last_failure < ? THEN 1 ELSE login_failures.failures + 1 END, last_failure = ?
+      RETURNING failures`, [key, at, at - forgetAfterMs, at]);
+    return Number(r?.failures ?? 1);
+  }
+  async blockLogin(key: string, until: number): Promise<void> {
+    await this.sql.run('UPDATE login_failures SET blocked_until = ? WHERE key = ? AND blocked_until < ?', [until, key, until]);
+  }
+  async clearLoginFailures(key: string): Promise<void> {
+    await this.sql.run('DELETE FROM login_failures WHERE key = ?', [key]);
+  }
+
   // Checkouts (the lock is the partial unique index)
   async insertCheckout(c: { desktopId: string; user: string; deviceId: string; checkpointSnapshot: string; leaseExpiresAt: string }): Promise<string | null> {
     const id = randomUUID();

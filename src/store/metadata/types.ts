@@ -95,6 +95,11 @@ export interface MetadataStore {
    * the first time (device, nonce) is seen within `windowMs`, false for a replay.
    */
   acceptNonce(deviceId: string, nonce: string, windowMs: number): Promise<boolean>;
+  /** Failed-login backoff (src/broker/throttle.ts `FailureLog`), shared by every broker on the database. */
+  loginBlockedUntil(keys: readonly string[]): Promise<number>;
+  recordLoginFailure(key: string, at: number, forgetAfterMs: number): Promise<number>;
+  blockLogin(key: string, until: number): Promise<void>;
+  clearLoginFailures(key: string): Promise<void>;
 
   /** The lock: a new active check-out, or null when the desktop already has one (the unique index decides races). */
   insertCheckout(c: { desktopId: string; user: string; deviceId: string; checkpointSnapshot: string; leaseExpiresAt: string }): Promise<string | null>;
