@@ -1,11 +1,14 @@
 // Runs node's own test runner over every compiled *.test.js under dist/test (Node 20's
 // `node --test <dir>` would also execute helper modules). Extra args filter by path substring.
 //
-// Engines: `--both` (what `npm test` does) runs every file with brokers on SQLite, then the files
-// that start brokers or use the broker's database again with each broker on a fresh PostgreSQL
-// database (a throwaway cluster started here). Without it one pass runs, on the engine that
-// CARRYON_TEST_DATABASE names (sqlite, the default, or postgres).
-import { spawnSync } from 'node:child_process';
+// Engines: `--both` (what `npm test` does) runs every file with brokers on SQLite and local pack
+// stores, then the files that start brokers or use the broker's database again on PostgreSQL + S3:
+// each broker on a fresh PostgreSQL database (a throwaway cluster started here) and a fresh bucket
+// on one OpenStack Swift server (s3api, started here), its pack index in that database. Without it
+// one pass runs, on the engine that CARRYON_TEST_DATABASE names: sqlite (the default, local packs)
+// or postgres (S3; CARRYON_TEST_STORE=pack keeps local packs, CARRYON_TEST_STORE=s3 puts an SQLite
+// pass on S3).
+import { spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -16,7 +19,7 @@ function walk(dir) {
   );
 }
 
-// What a PostgreSQL pass runs: everything that starts a broker or touches its database.
+// What the PostgreSQL + S3 pass runs: everything that starts a broker or touches its database.
 const POSTGRES_PARTS = ['dist/test/broker/', 'dist/test/e2e/', 'dist/test/transfer/', 'dist/test/web/', 'dist/test/store/metadata'];
 
 const args = process.argv.slice(2);
@@ -34,37 +37,55 @@ if (files.length === 0) {
 const templates = mkdtempSync(join(tmpdir(), 'carryon-templates-'));
 process.once('exit', () => rmSync(templates, { recursive: true, force: true }));
 
-function pass(list, env) {
+async function pass(list, env, label) {
   // NODE_ENV=test lets the suite lower the vault KDF cost (CARRYON_SCRYPT_N); production refuses it.
   // One test file at a time: the swtpm, QEMU-guest and LUKS-creation tests flaked when two heavy files shared the 2 cores.
+  // Not spawnSync: the servers started here log into pipes that this loop must keep draining.
   const t0 = Date.now();
-  const res = spawnSync(process.execPath, ['--test', '--test-concurrency=1', '--test-timeout=300000', ...list], { stdio: 'inherit', env: { ...process.env, NODE_ENV: 'test', CARRYON_TEMPLATE_DIR: templates, ...env } });
-  console.log(`# pass on ${env.CARRYON_TEST_DATABASE}: ${list.length} files, ${((Date.now() - t0) / 1000).toFixed(0)} s, exit ${res.status}`);
-  return res.status ?? 1;
+  const child = spawn(process.execPath, ['--test', '--test-concurrency=1', '--test-timeout=300000', ...list], { stdio: 'inherit', env: { ...process.env, NODE_ENV: 'test', CARRYON_TEMPLATE_DIR: templates, ...env } });
+  const status = await new Promise((resolve) => child.once('exit', (code) => resolve(code ?? 1)));
+  console.log(`# pass on ${label}: ${list.length} files, ${((Date.now() - t0) / 1000).toFixed(0)} s, exit ${status}`);
+  return status;
 }
 
-async function onPostgres(list) {
-  const { startPostgres } = await import('../dist/test/support/postgres.js');
-  const cluster = await startPostgres();
-  const stop = () => cluster.stopNow();
-  process.once('SIGINT', () => (stop(), process.exit(130)));
-  process.once('SIGTERM', () => (stop(), process.exit(143)));
+// Servers started for a pass (killed and removed at once if we are interrupted).
+const servers = new Set();
+const stopNow = () => servers.forEach((s) => s.stopNow());
+process.once('SIGINT', () => (stopNow(), process.exit(130)));
+process.once('SIGTERM', () => (stopNow(), process.exit(143)));
+
+/** One pass with the servers it needs started here once (a PostgreSQL cluster, a Swift server) and stopped after. */
+async function onServers(list, database, store) {
+  const env = { CARRYON_TEST_DATABASE: database, CARRYON_TEST_STORE: store };
+  const mine = [];
   try {
-    return pass(list, { CARRYON_TEST_DATABASE: 'postgres', CARRYON_TEST_PG_URL: cluster.url });
+    const started = await Promise.allSettled([
+      database === 'postgres' ? import('../dist/test/support/postgres.js').then((m) => m.startPostgres()) : null,
+      store === 's3' ? import('../dist/test/support/swift.js').then((m) => m.startSwift()) : null,
+    ]);
+    for (const r of started) if (r.status === 'fulfilled' && r.value) (servers.add(r.value), mine.push(r.value));
+    const failed = started.find((r) => r.status === 'rejected');
+    if (failed) throw failed.reason;
+    const [cluster, swift] = started.map((r) => r.value);
+    if (cluster) env.CARRYON_TEST_PG_URL = cluster.url;
+    if (swift) {
+      Object.assign(env, { CARRYON_TEST_S3_ENDPOINT: swift.endpoint, CARRYON_TEST_S3_REGION: swift.region, CARRYON_TEST_S3_ACCESS_KEY_ID: swift.accessKeyId, CARRYON_TEST_S3_SECRET_ACCESS_KEY: swift.secretAccessKey });
+    }
+    return await pass(list, env, `${database} + ${store === 's3' ? 'S3 (Swift)' : 'local packs'}`);
   } finally {
-    await cluster.stop();
+    await Promise.all(mine.map((s) => (servers.delete(s), s.stop())));
   }
 }
 
+const storeFor = (database) => process.env.CARRYON_TEST_STORE ?? (database === 'postgres' ? 's3' : 'pack');
 let status;
 if (both) {
-  const first = pass(files, { CARRYON_TEST_DATABASE: 'sqlite' });
+  const first = await onServers(files, 'sqlite', 'pack');
   const pgFiles = files.filter((f) => POSTGRES_PARTS.some((p) => f.includes(p)));
-  const second = pgFiles.length ? await onPostgres(pgFiles) : 0;
+  const second = pgFiles.length ? await onServers(pgFiles, 'postgres', 's3') : 0;
   status = first || second;
-} else if (process.env.CARRYON_TEST_DATABASE === 'postgres') {
-  status = await onPostgres(files);
 } else {
-  status = pass(files, { CARRYON_TEST_DATABASE: 'sqlite' });
+  const database = process.env.CARRYON_TEST_DATABASE === 'postgres' ? 'postgres' : 'sqlite';
+  status = await onServers(files, database, storeFor(database));
 }
 process.exit(status);

@@ -1,10 +1,11 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { GetObjectCommand, ListObjectsV2Command, PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
-import { startSwift, type SwiftServer } from '../support/swift.js';
+import { freshBucket, swiftStoreUrl, testSwift, type SwiftEndpoint } from '../support/swift.js';
 import { sealChunk } from '../../src/core/blob.js';
 import { unwrapLineageKeys, type LineageKeys } from '../../src/core/keys.js';
 import { createManifest, decodeManifest, encodeManifest, referencedChunks } from '../../src/core/manifest.js';
@@ -25,17 +26,19 @@ let ctx: BrokerContext;
 let http: Api;
 let admin: string;
 let deviceId: string;
-let swift: SwiftServer | null = null;
+let swift: SwiftEndpoint | null = null;
+let bucket = '';
 
 async function startFor(kind: 'pack' | 's3'): Promise<void> {
-  let chunkStore: string | undefined;
+  const dir = mkdtempSync(join(tmpdir(), 'carryon-broker-'));
+  let chunkStore = join(dir, 'chunks'); // opt-out of an S3 run: this half flips bytes in local pack files
   if (kind === 's3') {
-    swift = await startSwift();
+    swift = await testSwift();
+    bucket = freshBucket();
     // The broker's S3 client finds its credentials the usual way: the environment.
-    Object.assign(process.env, { AWS_ACCESS_KEY_ID: swift.accessKeyId, AWS_SECRET_ACCESS_KEY: swift.secretAccessKey, AWS_REGION: swift.region });
-    chunkStore = `s3://gc-test/dc?endpoint=${encodeURIComponent(swift.endpoint)}&create=true`;
+    chunkStore = swiftStoreUrl(swift, bucket, 'dc');
   }
-  broker = await testBroker(undefined, { chunkStore, chunkStoreOptions: { touchSlackMs: 0 } });
+  broker = await testBroker(dir, { chunkStore, chunkStoreOptions: { touchSlackMs: 0 } });
   ctx = broker.ctx;
   http = api(broker.url, broker.fingerprint);
   admin = await http.login(ADMIN.name, ADMIN.password);
@@ -47,7 +50,6 @@ async function stop(): Promise<void> {
   await http?.close();
   await broker?.close();
   if (broker) cleanup(broker.dir);
-  await swift?.stop();
   swift = null;
 }
 
@@ -64,10 +66,10 @@ async function corruptPacks(kind: 'pack' | 's3', at = 60): Promise<void> {
   }
   const s3 = new S3Client({ endpoint: swift!.endpoint, region: swift!.region, forcePathStyle: true, requestChecksumCalculation: 'WHEN_REQUIRED', credentials: { accessKeyId: swift!.accessKeyId, secretAccessKey: swift!.secretAccessKey } });
   try {
-    const list = await s3.send(new ListObjectsV2Command({ Bucket: 'gc-test', Prefix: 'dc/packs/' }));
+    const list = await s3.send(new ListObjectsV2Command({ Bucket: bucket, Prefix: 'dc/packs/' }));
     for (const o of list.Contents ?? []) {
-      const data = Buffer.from(await (await s3.send(new GetObjectCommand({ Bucket: 'gc-test', Key: o.Key! }))).Body!.transformToByteArray());
-      if (flip(data)) await s3.send(new PutObjectCommand({ Bucket: 'gc-test', Key: o.Key!, Body: data }));
+      const data = Buffer.from(await (await s3.send(new GetObjectCommand({ Bucket: bucket, Key: o.Key! }))).Body!.transformToByteArray());
+      if (flip(data)) await s3.send(new PutObjectCommand({ Bucket: bucket, Key: o.Key!, Body: data }));
     }
   } finally {
     s3.destroy();

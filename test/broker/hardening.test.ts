@@ -1,18 +1,18 @@
 import assert from 'node:assert/strict';
-import { mkdtempSync, symlinkSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { z } from 'zod';
-import type { RunningBroker } from '../../src/broker/start.js';
 import { DatabaseFailureLog, DEFAULT_THROTTLE, LoginThrottle, MemoryFailureLog } from '../../src/broker/throttle.js';
 import { transferServerSync } from '../../src/broker/trust.js';
 import { CarryonError } from '../../src/core/errors.js';
 import { mapError } from '../../src/net/http-errors.js';
-import { ADMIN, api, cleanup, makeImage, openRaw, testBroker, type Api } from './harness.js';
+import type { CollectableStore } from '../../src/store/chunk-store.js';
+import { ADMIN, api, cleanup, makeImage, openRaw, testBroker, type Api, type TestBroker } from './harness.js';
 import { enrolDevice, HEARTBEAT, HOST } from './trust-helpers.js';
 
-let broker: RunningBroker & { dir: string };
+let broker: TestBroker;
 let http: Api;
 let admin: string;
 
@@ -126,8 +126,10 @@ test('item 8 over HTTP: a corrupt stored manifest is a 500, an unknown desktop a
   const missing = await http.call('POST', '/v1/desktops/nope/checkout', { deviceId: dev.id, host: HOST }, fay);
   assert.deepEqual([missing.status, missing.body.error], [404, 'not-found']);
   const snap = (await broker.ctx.meta.getSnapshot((await broker.ctx.meta.getDesktop(String(created.body.id)))!.currentSnapshot!))!;
-  // Bit rot on the broker's disk (both stores keep manifests as files named by digest).
-  writeFileSync(join(broker.dir, 'chunks', 'manifests', snap.disks[0]!.digest), 'garbage');
+  // Bit rot in the broker's store (a pack store's file, an S3 object): the manifest replaced under its digest.
+  const store = broker.ctx.store as CollectableStore;
+  await store.deleteManifest(snap.disks[0]!.digest);
+  await store.putManifest(snap.disks[0]!.digest, Buffer.from('garbage'));
   assert.equal((await broker.ctx.store.getManifest(snap.disks[0]!.digest))?.toString(), 'garbage');
   const r = await http.call('POST', '/v1/desktops/broken/checkout', { deviceId: dev.id, host: HOST }, fay);
   assert.deepEqual([r.status, r.body.error], [500, 'store-corrupt']);

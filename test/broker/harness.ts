@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { request } from 'undici';
@@ -8,32 +8,52 @@ import { pinnedAgent } from '../../src/net/pinned-agent.js';
 import type { SqlDb } from '../../src/store/sql/driver.js';
 import { PgSql } from '../../src/store/sql/pg-driver.js';
 import { SqliteSql } from '../../src/store/sql/sqlite-driver.js';
+import { defaultS3IndexPath } from '../../src/store/s3-chunk-store.js';
+import { isS3Url } from '../../src/store/s3-config.js';
 import { testDatabase } from '../support/postgres.js';
+import { testChunkStore } from '../support/swift.js';
 
 export const ADMIN = { name: 'root', password: 'root-password-1' };
 
-export type TestBroker = RunningBroker & { dir: string; database?: string };
+/** `chunkStore`: where its chunks are, a directory or an `s3://` URL (its pack index in `database`, else in `dir`). */
+export type TestBroker = RunningBroker & { dir: string; database?: string; chunkStore: string };
 
 const databases = new Map<string, string>();
+const chunkStores = new Map<string, string>();
 
 /**
  * A broker on 127.0.0.1 in a temp dir, with a cheap password hash for speed. Its metadata is in
- * SQLite, or in a fresh PostgreSQL database when the run says so (CARRYON_TEST_DATABASE=postgres).
+ * SQLite, or in a fresh PostgreSQL database when the run says so (CARRYON_TEST_DATABASE=postgres);
+ * its chunks in a pack store in the dir, or in a fresh S3 bucket when the run says so
+ * (CARRYON_TEST_STORE=s3). A test that needs local pack files passes `chunkStore: join(dir, 'chunks')`.
  */
 export async function testBroker(dir = mkdtempSync(join(tmpdir(), 'carryon-broker-')), extra: Partial<BrokerConfig> = {}): Promise<TestBroker> {
-  // A broker restarted on the same directory finds its database again.
+  // A broker restarted on the same directory finds its database and its chunks again.
   const database = 'database' in extra ? extra.database : (databases.get(dir) ?? (await testDatabase()));
   if (database) databases.set(dir, database);
+  const chunkStore = extra.chunkStore ?? chunkStores.get(dir) ?? (await testChunkStore()) ?? join(dir, 'chunks');
+  chunkStores.set(dir, chunkStore);
   // Test images are made in the broker's own temp dir: that is the one import directory.
-  const b = await startBroker({ dataDir: dir, initAdmin: ADMIN, settings: { passwordCostN: 1024 }, importDirs: [dir], ...extra, database });
+  const b = await startBroker({ dataDir: dir, initAdmin: ADMIN, settings: { passwordCostN: 1024 }, importDirs: [dir], ...extra, database, chunkStore });
   // Whatever a test did, the audit trail must still verify as a chain when its broker stops.
   const close = b.close;
   const checkedClose = async () => {
     const chain = await b.ctx.meta.verifyAuditChain();
     await close();
     if (!chain.ok) throw new Error(`audit chain broken at event ${chain.brokenAt}: ${chain.reason}`);
+    // On S3, nothing (the broker, a transfer server beside it) may have opened a pack store in its directory.
+    if (isS3Url(chunkStore) && existsSync(join(dir, 'chunks'))) throw new Error(`broker on ${chunkStore.split('?')[0]} has local chunks in ${dir}`);
   };
-  return Object.assign(b, { dir, database, close: checkedClose });
+  return Object.assign(b, { dir, database, chunkStore, close: checkedClose });
+}
+
+/**
+ * What a standalone transfer server beside `b` opens as its store (`--store`): the same directory,
+ * or the same bucket plus the pack index the broker uses (its PostgreSQL database, else its SQLite file).
+ */
+export function transferStore(b: TestBroker): string {
+  if (!isS3Url(b.chunkStore)) return b.chunkStore;
+  return `${b.chunkStore}${b.chunkStore.includes('?') ? '&' : '?'}index=${encodeURIComponent(b.database ?? defaultS3IndexPath(b.dir))}`;
 }
 
 /** A second connection to a test broker's database, for tests that play someone editing it behind the broker's back. */

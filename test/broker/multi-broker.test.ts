@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { generateSigningKey, publicKeyToBase64 } from '../../src/core/signing.js';
 import { freshDatabase, testCluster } from '../support/postgres.js';
+import { testChunkStore } from '../support/swift.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api, type TestBroker } from './harness.js';
 
 /**
@@ -24,7 +25,7 @@ const host = { cpus: 8, ramBytes: 16 * 2 ** 30, freeDiskBytes: 100 * 2 ** 30 };
 before(async () => {
   const database = await freshDatabase(await testCluster());
   const root = mkdtempSync(join(tmpdir(), 'carryon-brokers-'));
-  const chunkStore = join(root, 'chunks');
+  const chunkStore = (await testChunkStore()) ?? join(root, 'chunks');
   a = await testBroker(join(root, 'a'), { database, chunkStore, embeddedTransferId: 'embedded-a' });
   mkdirSync(join(root, 'b'));
   for (const f of ['master.key', 'token.key', 'signing.key', 'transfer.secret']) copyFileSync(join(root, 'a', f), join(root, 'b', f));

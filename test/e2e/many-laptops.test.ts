@@ -4,12 +4,11 @@ import { copyFileSync, mkdirSync, mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import type { RunningBroker } from '../../src/broker/start.js';
 import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
 import { checkout, enroll, upload, type ClientEnv } from '../../src/client/ops.js';
 import { startStandaloneTransfer } from '../../src/transfer/standalone.js';
 import type { TransferServer } from '../../src/transfer/server.js';
-import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
+import { ADMIN, api, cleanup, makeImage, testBroker, transferStore, type Api, type TestBroker } from '../broker/harness.js';
 import { readDesktop, writeDesktop } from '../support/laptop.js';
 import { freshDatabase, testCluster } from '../support/postgres.js';
 
@@ -28,7 +27,7 @@ const SLOTS = { 'ts-a': 2, 'ts-b': 1 } as const;
 const DISK_MIB = 16;
 const CHUNK = 256 * 1024;
 
-type Broker = RunningBroker & { dir: string };
+type Broker = TestBroker;
 let brokers: Broker[];
 let http: Api;
 const transfers: (TransferServer & { heartbeat(): Promise<void> })[] = [];
@@ -41,7 +40,7 @@ async function startBrokers(): Promise<Broker[]> {
   const a = await testBroker(join(root, 'a'), { database, embeddedTransferSlots: 0 });
   mkdirSync(join(root, 'b'));
   for (const f of ['master.key', 'token.key', 'signing.key', 'transfer.secret']) copyFileSync(join(root, 'a', f), join(root, 'b', f));
-  const b = await testBroker(join(root, 'b'), { database, chunkStore: join(root, 'a', 'chunks'), embeddedTransferSlots: 0, importDirs: [join(root, 'a')] });
+  const b = await testBroker(join(root, 'b'), { database, chunkStore: a.chunkStore, embeddedTransferSlots: 0, importDirs: [join(root, 'a')] });
   return [a, b];
 }
 
@@ -52,7 +51,7 @@ before(async () => {
   for (const [id, slots] of Object.entries(SLOTS)) {
     transfers.push(await startStandaloneTransfer({
       id, brokerUrl: first.url, brokerFingerprint: first.fingerprint, secret: first.ctx.settings.transferSecret, slots, heartbeatSec: 1,
-      storeDir: join(first.dir, 'chunks'), masterKeyFile: join(first.dir, 'master.key'), port: 0, tlsDir: join(first.dir, `${id}-tls`),
+      storeDir: transferStore(first), masterKeyFile: join(first.dir, 'master.key'), port: 0, tlsDir: join(first.dir, `${id}-tls`),
     }));
   }
   const admin = await http.login(ADMIN.name, ADMIN.password);

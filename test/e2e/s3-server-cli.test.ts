@@ -6,21 +6,22 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, test } from 'node:test';
 import { makeImage } from '../broker/harness.js';
-import { startSwift, type SwiftServer } from '../support/swift.js';
+import { freshBucket, testSwift, type SwiftEndpoint } from '../support/swift.js';
 import { testDatabase } from '../support/postgres.js';
 
 const run = promisify(execFile);
 const CLI = join(process.cwd(), 'dist', 'src', 'cli', 'main.js');
 const dir = mkdtempSync(join(tmpdir(), 'carryon-s3cli-'));
-let swift: SwiftServer;
+let swift: SwiftEndpoint;
+const bucket = freshBucket();
 let server: ChildProcess;
 let env: NodeJS.ProcessEnv;
 
 before(async () => {
-  swift = await startSwift();
+  swift = await testSwift();
   // Credentials the usual AWS way (environment), never in the store URL.
   const base = { ...process.env, AWS_ACCESS_KEY_ID: swift.accessKeyId, AWS_SECRET_ACCESS_KEY: swift.secretAccessKey, AWS_REGION: swift.region, CARRYON_ADMIN_PASSWORD: 'admin-password-1' };
-  const store = `s3://carryon-cli/dc1?endpoint=${encodeURIComponent(swift.endpoint)}&create=true`;
+  const store = `s3://${bucket}/dc1?endpoint=${encodeURIComponent(swift.endpoint)}&create=true`;
   // A PostgreSQL run puts the server's metadata (and so the S3 pack index) in a fresh database.
   const database = await testDatabase();
   server = spawn(process.execPath, [CLI, 'server', '--data-dir', join(dir, 'srv'), '--port', '0', '--chunk-store', store, '--import-dir', dir, '--init-admin', 'admin', ...(database ? ['--database', database] : [])], { env: base, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
@@ -29,7 +30,7 @@ before(async () => {
     const t = setTimeout(() => reject(new Error(`server did not start: ${out}`)), 30_000);
     const on = (b: Buffer) => {
       out += b.toString();
-      if (/chunk store: s3:\/\/carryon-cli\/dc1\n/.test(out) && /fingerprint \(SHA-256\): [0-9a-f]{64}/.test(out)) (clearTimeout(t), resolve());
+      if (out.includes(`chunk store: s3://${bucket}/dc1\n`) && /fingerprint \(SHA-256\): [0-9a-f]{64}/.test(out)) (clearTimeout(t), resolve());
     };
     server.stdout!.on('data', on);
     server.stderr!.on('data', on);
@@ -44,7 +45,6 @@ after(async () => {
     process.kill(-server.pid, 'SIGKILL');
     await exited;
   }
-  await swift?.stop();
   rmSync(dir, { recursive: true, force: true });
 });
 

@@ -1,4 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { connect, createServer } from 'node:net';
 import { tmpdir, userInfo } from 'node:os';
@@ -16,12 +17,19 @@ import { parseS3Url } from '../../src/store/s3-config.js';
  * Swift's init scripts are never used (they would start daemons on 0.0.0.0): only the library
  * package is installed, and this file writes the configuration and starts the servers itself.
  */
-export interface SwiftServer {
+export interface SwiftEndpoint {
   endpoint: string;
   region: string;
   accessKeyId: string;
   secretAccessKey: string;
+}
+
+export interface SwiftServer extends SwiftEndpoint {
   stop(): Promise<void>;
+  /** For an `exit` handler: kills every server and removes the directory, synchronously. */
+  stopNow(): void;
+  /** The servers never keep this process alive (a test file ends when its tests do). */
+  unref(): void;
 }
 
 /** Where Debian's python3-swift lives (the python3 on PATH may be another interpreter). */
@@ -116,6 +124,22 @@ export async function startSwift(opts: { region?: string } = {}): Promise<SwiftS
     await Promise.all(procs.map(({ p }) => killGroup(p)));
     rmSync(d, { recursive: true, force: true });
   };
+  const stopNow = () => {
+    for (const { p } of procs) {
+      try {
+        if (p.pid !== undefined && p.exitCode === null && p.signalCode === null) process.kill(-p.pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+    }
+    rmSync(d, { recursive: true, force: true });
+  };
+  const unref = () => {
+    for (const { p } of procs) {
+      p.unref();
+      for (const s of [p.stdout, p.stderr]) (s as { unref?: () => void } | null)?.unref?.();
+    }
+  };
   try {
     const user = userInfo().username;
     const [pa, pc, po, pp, pm] = [await freePort(), await freePort(), await freePort(), await freePort(), await freePort()];
@@ -188,7 +212,7 @@ use = egg:swift#dlo
     await waitHttp(`http://127.0.0.1:${pp}/healthcheck`, deadline, procs);
     // The proxy is up; the backends must be too before the first PUT (they start in parallel).
     for (const port of [pa, pc, po]) await waitTcp(port, deadline);
-    return { endpoint: `http://127.0.0.1:${pp}`, region, accessKeyId: 'carryon:tester', secretAccessKey: 'testing', stop };
+    return { endpoint: `http://127.0.0.1:${pp}`, region, accessKeyId: 'carryon:tester', secretAccessKey: 'testing', stop, stopNow, unref };
   } catch (err) {
     await stop();
     throw err;
@@ -209,8 +233,51 @@ async function waitTcp(port: number, deadline: number): Promise<void> {
 }
 
 /** An S3 chunk store in `bucket` (created) of a running Swift, its SQLite pack index under `root`. */
-export async function openSwiftStore(swift: SwiftServer, root: string, bucket: string, extra = '', opts: S3StoreOptions & { endpoint?: string } = {}): Promise<S3ChunkStore> {
+export async function openSwiftStore(swift: SwiftEndpoint, root: string, bucket: string, extra = '', opts: S3StoreOptions & { endpoint?: string } = {}): Promise<S3ChunkStore> {
   const url = `s3://${bucket}/carryon?endpoint=${encodeURIComponent(opts.endpoint ?? swift.endpoint)}&region=${swift.region}&create=true${extra}`;
   const config = { ...parseS3Url(url, { indexPath: join(root, 'index.sqlite') }), credentials: { accessKeyId: swift.accessKeyId, secretAccessKey: swift.secretAccessKey } };
   return S3ChunkStore.open(config, opts);
+}
+
+let own: Promise<SwiftServer> | null = null;
+
+/**
+ * The Swift server for this test process: the one `scripts/run-tests.mjs` started for an S3 pass
+ * (CARRYON_TEST_S3_*), or one of its own, started on first use and stopped when the process exits.
+ */
+export async function testSwift(): Promise<SwiftEndpoint> {
+  const e = process.env;
+  if (e.CARRYON_TEST_S3_ENDPOINT) {
+    return { endpoint: e.CARRYON_TEST_S3_ENDPOINT, region: e.CARRYON_TEST_S3_REGION ?? 'us-east-1', accessKeyId: e.CARRYON_TEST_S3_ACCESS_KEY_ID ?? '', secretAccessKey: e.CARRYON_TEST_S3_SECRET_ACCESS_KEY ?? '' };
+  }
+  own ??= startSwift().then((s) => {
+    s.unref();
+    process.once('exit', () => s.stopNow());
+    return s;
+  });
+  return own;
+}
+
+/** True when this run puts the brokers' chunks on S3 (`CARRYON_TEST_STORE=s3`, the PostgreSQL pass). */
+export function testOnS3(): boolean {
+  return process.env.CARRYON_TEST_STORE === 's3';
+}
+
+/** A bucket name no other test has used. */
+export function freshBucket(): string {
+  return `carryon-${randomBytes(6).toString('hex')}`;
+}
+
+/**
+ * The `s3://` URL of a new bucket on `swift` (created at first open), with the credentials put
+ * where a broker's S3 client finds them: the environment, never the URL.
+ */
+export function swiftStoreUrl(swift: SwiftEndpoint, bucket = freshBucket(), prefix = 'carryon'): string {
+  Object.assign(process.env, { AWS_ACCESS_KEY_ID: swift.accessKeyId, AWS_SECRET_ACCESS_KEY: swift.secretAccessKey, AWS_REGION: swift.region });
+  return `s3://${bucket}/${prefix}?endpoint=${encodeURIComponent(swift.endpoint)}&region=${swift.region}&create=true`;
+}
+
+/** For a broker the tests start: a fresh bucket on the run's Swift in an S3 run, else undefined (local packs in its directory). */
+export async function testChunkStore(): Promise<string | undefined> {
+  return testOnS3() ? swiftStoreUrl(await testSwift()) : undefined;
 }

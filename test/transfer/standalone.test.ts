@@ -2,16 +2,15 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { checkout, enroll, type ClientEnv } from '../../src/client/ops.js';
-import type { RunningBroker } from '../../src/broker/start.js';
 import { startStandaloneTransfer } from '../../src/transfer/standalone.js';
 import type { TransferServer } from '../../src/transfer/server.js';
 import { request } from 'undici';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
 import { enrolDevice, HOST } from '../broker/trust-helpers.js';
-import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
+import { ADMIN, api, cleanup, makeImage, testBroker, transferStore, type Api, type TestBroker } from '../broker/harness.js';
 
 process.env.CARRYON_SCRYPT_N = '1024';
-let broker: RunningBroker & { dir: string };
+let broker: TestBroker;
 let http: Api;
 let ts: TransferServer & { heartbeat(): Promise<void> };
 
@@ -29,7 +28,7 @@ after(async () => {
 test('a standalone transfer server registers with the broker and serves a check-out', async () => {
   ts = await startStandaloneTransfer({
     id: 'ts-remote', brokerUrl: broker.url, brokerFingerprint: broker.fingerprint, secret: broker.ctx.settings.transferSecret,
-    slots: 2, storeDir: join(broker.dir, 'chunks'), masterKeyFile: join(broker.dir, 'master.key'), port: 0, tlsDir: join(broker.dir, 'ts-tls'),
+    slots: 2, storeDir: transferStore(broker), masterKeyFile: join(broker.dir, 'master.key'), port: 0, tlsDir: join(broker.dir, 'ts-tls'),
   });
   const admin = await http.login(ADMIN.name, ADMIN.password);
   const overview = (await http.call('GET', '/v1/admin/transfers', undefined, admin)).body as { servers: { id: string; slots: number; alive: boolean }[] };
