@@ -71,7 +71,12 @@ async function primary(dir: string, flush: () => Promise<void>): Promise<string>
 export const TPM_POLICY = 'device.tpm.json';
 export const TPM_KEY_PUBLIC = 'device.key.tpm-pub';
 export const TPM_KEY_PRIVATE = 'device.key.tpm-priv';
-const PolicyFile = z.object({ pcrs: z.string().regex(/^sha(1|256|384):\d{1,2}(,\d{1,2})*$/), authSalt: z.string() });
+const PolicyFile = z.object({
+  pcrs: z.string().regex(/^sha(1|256|384):\d{1,2}(,\d{1,2})*$/),
+  authSalt: z.string(),
+  // "text": the auth value has no zero byte (see tpmAuthValue); homes sealed before it have none ("raw").
+  authEncoding: z.enum(['raw', 'text']).default('raw'),
+});
 export type TpmPolicy = z.infer<typeof PolicyFile>;
 
 /**
@@ -79,7 +84,7 @@ export type TpmPolicy = z.infer<typeof PolicyFile>;
  * signing key changes it, a kernel update does not. CARRYON_TPM_PCRS (e.g. "sha256:0,2,4,7") binds more.
  */
 export function newTpmPolicy(env: NodeJS.ProcessEnv = process.env): TpmPolicy {
-  return PolicyFile.parse({ pcrs: env.CARRYON_TPM_PCRS ?? 'sha256:7', authSalt: randomBytes(16).toString('base64') });
+  return PolicyFile.parse({ pcrs: env.CARRYON_TPM_PCRS ?? 'sha256:7', authSalt: randomBytes(16).toString('base64'), authEncoding: 'text' });
 }
 
 export async function readTpmPolicy(home: string): Promise<TpmPolicy | null> {
@@ -97,7 +102,11 @@ export async function readTpmPolicy(home: string): Promise<TpmPolicy | null> {
  * goes at the TPM's pace, even for root on the running laptop.
  */
 export function tpmAuthValue(policy: TpmPolicy, password: string): Buffer {
-  return createHmac('sha256', Buffer.from(policy.authSalt, 'base64')).update(password, 'utf8').digest();
+  const mac = createHmac('sha256', Buffer.from(policy.authSalt, 'base64')).update(password, 'utf8').digest();
+  // tpm2-tools cut a "hex:" auth at its first zero byte on unseal while sealing used all 32 bytes:
+  // about 1 home in 8 could never unseal. As text (base64url of 192 bits: 32 bytes, the most a
+  // SHA-256 object's auth may hold) the value has no zero byte.
+  return policy.authEncoding === 'text' ? Buffer.from(mac.subarray(0, 24).toString('base64url'), 'latin1') : mac;
 }
 
 /** Runs the policy commands on `session`: the PCR values now, plus the authorization value when asked. */
@@ -171,8 +180,7 @@ async function unseal(home: string, names: [string, string], policy: TpmPolicy |
 }
 
 /** Seals the device secret (PCR policy + the password as authorization value) and the device key (PCR policy). */
-export async function sealToTpm(home: string, secret: Buffer, password: string, deviceKeyDer?: Buffer): Promise<void> {
-  const policy = newTpmPolicy();
+export async function sealToTpm(home: string, secret: Buffer, password: string, deviceKeyDer?: Buffer, policy: TpmPolicy = newTpmPolicy()): Promise<void> {
   await seal(home, [TPM_PUBLIC, TPM_PRIVATE], secret, policy, tpmAuthValue(policy, password));
   if (deviceKeyDer) await seal(home, [TPM_KEY_PUBLIC, TPM_KEY_PRIVATE], deviceKeyDer, policy, null);
   await writeFileAtomic(join(home, TPM_POLICY), JSON.stringify(policy));
