@@ -1,3 +1,4 @@
+import { NODE_FLAGS } from '../src/cli/node-flags.js';
 import { spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
@@ -60,7 +61,7 @@ export function concurrentSection(work: string, sizeMiB: number): BenchSection {
             const desk = (i: number) => (i === 0 ? 'desk' : `desk-${i}`);
             const before = (await rig.wire()).bytesOut;
             await settle();
-            const ours = await batch(laptops.map((env, i) => () => timedProcess(process.execPath, [CLI, '--home', env.home, '--user', 'bench', '--password-file', passwordFile, '--quiet', 'checkout', desk(i)])));
+            const ours = await batch(laptops.map((env, i) => () => timedProcess(process.execPath, [...NODE_FLAGS, CLI, '--home', env.home, '--user', 'bench', '--password-file', passwordFile, '--quiet', 'checkout', desk(i)])));
             const wire = (await rig.wire()).bytesOut - before;
             for (const [i, env] of laptops.entries()) {
               await release(env, desk(i), 'rollback');

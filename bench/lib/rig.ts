@@ -1,3 +1,4 @@
+import { NODE_FLAGS } from '../../src/cli/node-flags.js';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -111,7 +112,7 @@ function storeFor(dataDir: string, opts: RigOptions): string {
 /** `carryon transfer-server` in a process of its own on the broker's store; resolves once it has registered. */
 async function startTransfer(dir: string, broker: RunningBroker, id: string, slots: number, store: string): Promise<ChildProcess> {
   const dataDir = join(dir, 'server');
-  const transfer = spawn(process.execPath, [CLI, 'transfer-server', '--broker', broker.url, '--broker-fingerprint', broker.fingerprint,
+  const transfer = spawn(process.execPath, [...NODE_FLAGS, CLI, 'transfer-server', '--broker', broker.url, '--broker-fingerprint', broker.fingerprint,
     '--secret-file', join(dataDir, 'transfer.secret'), '--master-key-file', join(dataDir, 'master.key'), '--store', store,
     '--id', id, '--slots', String(slots), '--port', '0', '--tls-dir', join(dir, `${id}-tls`), '--heartbeat-sec', String(HEARTBEAT_SEC)], { stdio: ['ignore', 'pipe', 'pipe'] });
   await new Promise<void>((resolve, reject) => {

@@ -1,4 +1,5 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --max-semi-space-size=64
+// The flag: see node-flags.ts (keep the two in step).
 import { Command } from 'commander';
 import { registerServerCommands } from './server-commands.js';
 import { registerTransferCommands } from './transfer-commands.js';
