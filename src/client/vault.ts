@@ -1,6 +1,6 @@
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { createPublicKey } from 'node:crypto';
-import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
@@ -58,6 +58,8 @@ export class Vault {
 
   static async open(home: string): Promise<Vault> {
     await mkdir(join(home, 'desktops'), { recursive: true, mode: 0o700 });
+    // Erased desktops whose removal a kill interrupted.
+    if ((await readdir(join(home, 'trash')).catch(() => [])).length) emptyTrash(join(home, 'trash'));
     return new Vault(home);
   }
 
@@ -115,7 +117,20 @@ export class Vault {
     const disks = await readdir(join(dir, 'disks')).catch(() => [] as string[]);
     // Independent files, each erased and synced on its own: side by side.
     await Promise.all([shred(join(dir, TOKEN)), shred(join(dir, 'state.json')), ...disks.map((d) => eraseChainKeys(chainFiles(join(dir, 'disks', d))))]);
-    await rm(dir, { recursive: true, force: true });
+    // What is left is ciphertext no key opens. Unlinking a multi-GiB qcow2 takes ext4 most of a
+    // second (measured: 0.8 s for 2 GiB in 2048 extents), so it leaves the vault at once (a
+    // rename) and its blocks are freed by a process of its own; a leftover is swept next time.
+    const trash = join(this.home, 'trash');
+    await mkdir(trash, { recursive: true, mode: 0o700 });
+    const aside = join(trash, `${desktopId}.${Date.now()}.${randomBytes(4).toString('hex')}`);
+    try {
+      await rename(dir, aside);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      await rm(dir, { recursive: true, force: true });
+      return;
+    }
+    emptyTrash(trash);
   }
 
   /** Wraps a desktop's keys for this device and user: scrypt(device secret ‖ password). */
@@ -206,5 +221,20 @@ export class Vault {
   async readLocalConfig(desktopId: string): Promise<Record<string, unknown>> {
     // Presentation only (never policy): damaged reads as no settings.
     return presentationOnly(await readJsonFile(join(this.desktopDir(desktopId), 'local-config.json'), z.record(z.string(), z.unknown()), { missing: {}, damaged: {} }));
+  }
+}
+
+/**
+ * Removes everything in `trash` (crypto-erased desktops) in a detached `rm`, so the command that
+ * erased them need not wait for the file system to free their blocks. Best effort: what it
+ * leaves is swept by the next `Vault.open`.
+ */
+function emptyTrash(trash: string): void {
+  try {
+    const child = spawn('sh', ['-c', 'for d in "$1"/*; do [ -e "$d" ] && rm -rf --one-file-system -- "$d"; done; true', 'carryon-trash', trash], { detached: true, stdio: 'ignore' });
+    child.on('error', () => undefined);
+    child.unref();
+  } catch {
+    // No shell here: the next open tries again.
   }
 }
