@@ -103,9 +103,10 @@ export async function readTpmPolicy(home: string): Promise<TpmPolicy | null> {
  */
 export function tpmAuthValue(policy: TpmPolicy, password: string): Buffer {
   const mac = createHmac('sha256', Buffer.from(policy.authSalt, 'base64')).update(password, 'utf8').digest();
-  // tpm2-tools cut a "hex:" auth at its first zero byte on unseal while sealing used all 32 bytes:
-  // about 1 home in 8 could never unseal. As text (base64url of 192 bits: 32 bytes, the most a
-  // SHA-256 object's auth may hold) the value has no zero byte.
+  // A binary value with a zero byte never unsealed (sealed from a file, presented inline as
+  // "hex:" on unseal, which tpm2-tools evidently read only up to that byte): about 1 home in 8.
+  // As text (base64url of 192 bits: 32 bytes, the most a SHA-256 object's auth may hold) the
+  // value has no zero byte.
   return policy.authEncoding === 'text' ? Buffer.from(mac.subarray(0, 24).toString('base64url'), 'latin1') : mac;
 }
 
