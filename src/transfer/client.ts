@@ -192,6 +192,11 @@ function groupSync(store: ChunkStore, everyChunks = 512, everyMs = 2000) {
  * Pulls `ids` the local store lacks. Every blob is authenticated before it is stored; a bad one
  * is refused and fetched again (bounded). Resumable by construction: ask again what is missing.
  */
+/** Batches of up to 64 (or `wanted`), but at least one per stream: both ends seal and check frames one at a time per stream. */
+function batchSizeFor(count: number, streams: number, wanted = 64): number {
+  return Math.max(1, Math.min(wanted, Math.ceil(count / streams)));
+}
+
 export async function downloadChunks(opts: TransferOptions & { localStore: ChunkStore }, shared?: TransferSession): Promise<TransferResult> {
   const session = shared ?? new TransferSession(opts.endpoint, opts.renew);
   const want = await opts.localStore.missing(opts.ids);
@@ -204,9 +209,7 @@ export async function downloadChunks(opts: TransferOptions & { localStore: Chunk
     for (let round = 0; queue.length && round <= maxRetries; round++) {
       const failed: ChunkId[] = [];
       const streams = opts.streams ?? session.endpoint.maxStreams;
-      // A small change still uses every stream: both ends seal and check frames one at a time per stream.
-      const batchSize = Math.max(1, Math.min(opts.batchSize ?? 64, Math.ceil(queue.length / streams)));
-      await inBatches(queue, batchSize, streams, async (batch) => {
+      await inBatches(queue, batchSizeFor(queue.length, streams, opts.batchSize), streams, async (batch) => {
         const res = await session.call('/v1/chunks/fetch', JSON.stringify({ ids: batch }), opts.signal);
         const decoder = new FrameDecoder();
         const seen = new Set<ChunkId>();
@@ -278,9 +281,7 @@ export async function uploadChunks(opts: TransferOptions, shared?: TransferSessi
       const resendWhole: ChunkId[] = [];
       const useDelta = round === 0;
       const streams = opts.streams ?? session.endpoint.maxStreams;
-      // A small change still uses every stream: both ends seal and check frames one at a time per stream.
-      const batchSize = Math.max(1, Math.min(opts.batchSize ?? 64, Math.ceil(queue.length / streams)));
-      await inBatches(queue, batchSize, streams, async (batch) => {
+      await inBatches(queue, batchSizeFor(queue.length, streams, opts.batchSize), streams, async (batch) => {
         let sent = 0;
         // Streamed: one blob in memory per stream, read from the vault as the socket drains.
         async function* frames(): AsyncGenerator<Buffer> {

@@ -4,7 +4,8 @@ import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
-import { createLayerFromTemplate, ensureTemplate, luksHeaderRange, templatePath } from '../../src/disk/layer-template.js';
+import { createLayerFromTemplate, createWithQemu, ensureTemplate, luksHeaderRange, templatePath } from '../../src/disk/layer-template.js';
+import { SECRET_FD_OBJECT } from '../../src/disk/qemu-tools.js';
 import { afMerge, afSplit, LuksHeaderError, openLuksSlot, rekeyLuksHeader } from '../../src/disk/luks-header.js';
 import { randomBytes } from 'node:crypto';
 
@@ -12,39 +13,25 @@ const dir = mkdtempSync(join(tmpdir(), 'carryon-luks-'));
 after(() => rmSync(dir, { recursive: true, force: true }));
 
 /** A qcow2 image made by QEMU itself, with passphrase `pass` (the peer's LUKS header). */
-function qemuImage(name: string, pass: string): { header: Buffer; material: Buffer } {
+async function qemuImage(name: string, pass: string): Promise<{ header: Buffer; material: Buffer }> {
   const path = join(dir, name);
-  // QEMU's PBKDF benchmark may fail on a busy machine: try again, as the product does.
-  for (let i = 0; ; i++) {
-    const r = spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', '--object', `secret,id=s,data=${pass}`, '-o', 'encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10', path, '1M']);
-    if (r.status === 0) break;
-    if (i >= 40) throw new Error(r.stderr.toString());
-  }
+  await createWithQemu(['create', '-q', '-f', 'qcow2', '--object', SECRET_FD_OBJECT('s'), '-o', 'encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10', path, '1M'], pass);
   return headerOf(path);
 }
 
-function headerOf(path: string): { header: Buffer; material: Buffer } {
-  const file = readFileSync(path);
-  // The header pointer extension, read the way layer-template.ts reads it (checked below against QEMU).
-  let off = file.readUInt32BE(100);
-  for (;;) {
-    const type = file.readUInt32BE(off);
-    const len = file.readUInt32BE(off + 4);
-    assert.notEqual(type, 0, 'no LUKS header pointer');
-    if (type === 0x0537be77) {
-      const start = Number(file.readBigUInt64BE(off + 8));
-      const header = file.subarray(start, start + Number(file.readBigUInt64BE(off + 16)));
-      return { header, material: header.subarray(header.readUInt32BE(208 + 40) * 512) };
-    }
-    off += 8 + Math.ceil(len / 8) * 8;
-  }
+/** The LUKS header and slot-0 key material of a qcow2 file, found as layer-template.ts finds them. */
+async function headerOf(path: string): Promise<{ header: Buffer; material: Buffer }> {
+  const range = await luksHeaderRange(path);
+  assert.ok(range, 'no LUKS header pointer');
+  const header = readFileSync(path).subarray(range.offset, range.offset + range.length);
+  return { header, material: header.subarray(header.readUInt32BE(208 + 40) * 512) };
 }
 
 const qemuOpen = (path: string, pass: string, cmds: string[]) =>
   spawnSync('qemu-io', ['--object', `secret,id=s,data=${pass}`, ...cmds.flatMap((c) => ['-c', c]), `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: path }, encrypt: { format: 'luks', 'key-secret': 's' }, backing: null })}`], { encoding: 'utf8' });
 
-test('the LUKS1 code opens a header QEMU made (PBKDF2, AF-merge, XTS agree with the peer), and nothing with a wrong passphrase', () => {
-  const { header, material } = qemuImage('peer.qcow2', 'peer-pass');
+test('the LUKS1 code opens a header QEMU made (PBKDF2, AF-merge, XTS agree with the peer), and nothing with a wrong passphrase', async () => {
+  const { header, material } = await qemuImage('peer.qcow2', 'peer-pass');
   const key = openLuksSlot(header, material, Buffer.from('peer-pass'));
   assert.ok(key);
   assert.equal(key.length, 64);
@@ -61,8 +48,8 @@ test('AF split and merge are inverse; split blocks are random', () => {
   assert.deepEqual(afMerge(b, 64, 4000, 'sha256'), key);
 });
 
-test('re-keying keeps the layout and replaces every secret: new volume key, salts, UUID; only the new passphrase opens it', () => {
-  const { header, material } = qemuImage('tpl.qcow2', 'template-pass');
+test('re-keying keeps the layout and replaces every secret: new volume key, salts, UUID; only the new passphrase opens it', async () => {
+  const { header, material } = await qemuImage('tpl.qcow2', 'template-pass');
   const one = rekeyLuksHeader(header, Buffer.from('pass-one'));
   const two = rekeyLuksHeader(header, Buffer.from('pass-one'));
   const k1 = openLuksSlot(one.header, one.material, Buffer.from('pass-one'));
@@ -97,8 +84,8 @@ test('a layer from a template opens in QEMU with its secret only, reads zeros, k
   execFileSync('qemu-img', ['check', '-q', '--object', 'secret,id=s,data=the-disk-secret', `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: base }, encrypt: { format: 'luks', 'key-secret': 's' } })}`]);
   assert.ok(await luksHeaderRange(base));
   // The template's own key material is gone from the copy.
-  const tpl = headerOf(templatePath(templates, { kind: 'base', clusterSize: 256 * 1024 }));
-  const copy = headerOf(base);
+  const tpl = await headerOf(templatePath(templates, { kind: 'base', clusterSize: 256 * 1024 }));
+  const copy = await headerOf(base);
   assert.notDeepEqual(copy.material.subarray(0, 256000), tpl.material.subarray(0, 256000));
 });
 
@@ -113,11 +100,7 @@ test('templates are made once and checked before use: one with a foreign backing
   const evil = join(dir, 'evil.raw');
   writeFileSync(evil, Buffer.alloc(1 << 20, 0x41));
   rmSync(path);
-  for (let i = 0; ; i++) {
-    const r = spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', '--object', 'secret,id=s,data=x', '-o', 'encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,cluster_size=65536', '-b', evil, '-F', 'raw', path, '1M']);
-    if (r.status === 0) break;
-    if (i >= 40) throw new Error(r.stderr.toString());
-  }
+  await createWithQemu(['create', '-q', '-f', 'qcow2', '--object', SECRET_FD_OBJECT('s'), '-o', 'encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,cluster_size=65536', '-b', evil, '-F', 'raw', path, '1M'], 'x');
   await ensureTemplate(templates, shape);
   const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', '-U', path], { encoding: 'utf8' })) as { 'backing-filename'?: string };
   assert.equal(info['backing-filename'], undefined);
