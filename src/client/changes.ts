@@ -2,26 +2,25 @@ import type { ChunkId } from '../core/chunk-id.js';
 import { computeChunkId } from '../core/chunk-id.js';
 import { sealChunk } from '../core/blob.js';
 import { chunkLength, isZero } from '../core/chunking.js';
-import { sealDelta } from '../core/delta.js';
+import { pagesByChunk, sealDeltaRanges, type Range } from '../core/delta.js';
 import type { LineageKeys } from '../core/keys.js';
 import { createManifest, type Manifest } from '../core/manifest.js';
-import { extentsToChunks, topExtents } from '../disk/chain.js';
+import { topExtents } from '../disk/chain.js';
 import { mapLimit } from '../store/fs-chunk-store.js';
 import type { NbdClient } from '../nbd/client.js';
 import type { UploadSource } from '../transfer/client.js';
 import type { DesktopDisk } from './disks.js';
 
-/** One disk as check-in reads it: the chain (top export) and its checkpoint layer (base export). */
+/** One disk as check-in reads it: the chain, through its top export. */
 export interface DiskReader {
   disk: DesktopDisk;
   top: NbdClient;
-  base: NbdClient;
 }
 
 export interface Changes {
   manifests: { name: string; manifest: Manifest }[];
   /** Distinct new chunk IDs, each with where to read it (and its bytes, kept while the budget lasts). */
-  changed: Map<ChunkId, { reader: DiskReader; index: number; plain?: Buffer }>;
+  changed: Map<ChunkId, { reader: DiskReader; index: number; pages: Range[]; plain?: Buffer }>;
   changedChunks: number;
   source: UploadSource;
 }
@@ -40,8 +39,9 @@ export async function collectChanges(readers: DiskReader[], keys: LineageKeys): 
   for (const reader of readers) {
     const { base } = reader.disk;
     const chunks = base.chunks.slice();
-    const indexes = extentsToChunks(await topExtents(reader.disk.chain), base.chunkSize);
-    await mapLimit(indexes, 8, async (index) => {
+    const extents = (await topExtents(reader.disk.chain)).map((e) => ({ offset: e.start, length: e.length }));
+    const written = pagesByChunk(extents, base.chunkSize, base.diskSize);
+    await mapLimit([...written.keys()], 8, async (index) => {
       const plain = await readChunk(reader.top, base, index);
       const id = isZero(plain) ? null : computeChunkId(keys.idKey, plain);
       if (id === base.chunks[index]) return;
@@ -51,7 +51,7 @@ export async function collectChanges(readers: DiskReader[], keys: LineageKeys): 
       // The chain is open read-only and locked (no VM runs it): bytes read now are the bytes to send.
       const keep = kept + plain.length <= KEEP_BYTES;
       if (keep) kept += plain.length;
-      changed.set(id, { reader, index, plain: keep ? plain : undefined });
+      changed.set(id, { reader, index, pages: written.get(index)!, plain: keep ? plain : undefined });
     });
     manifests.push({ name: reader.disk.name, manifest: createManifest(base.chunkSize, base.diskSize, chunks) });
   }
@@ -77,12 +77,13 @@ async function frameFor(changed: Changes['changed'], keys: LineageKeys, id: Chun
     // Never send bytes under the wrong ID, whatever happened to the file since the scan.
     if (computeChunkId(keys.idKey, plain) !== id) throw new Error(`chunk ${index} of ${reader.disk.name} changed during the upload; run it again`);
   }
-  const blob = sealChunk(keys, plain, id).blob;
+  // The pages written since the checkpoint are the top layer's allocated ones: every other page
+  // reads through to the base, so the delta needs no read of the base (the receiver rebuilds the
+  // chunk from its copy of the base and checks the result against the ID).
   const baseId = reader.disk.base.chunks[index];
-  if (useDelta && baseId) {
-    const basePlain = await readChunk(reader.base, reader.disk.base, index);
-    const delta = sealDelta(keys, id, baseId, basePlain, plain);
-    if (delta && delta.length + 32 < blob.length) return { frame: deltaFrame(id, baseId, delta), delta: true };
+  if (useDelta && baseId && at.pages.length > 0) {
+    const delta = sealDeltaRanges(keys, id, baseId, plain, at.pages);
+    if (delta) return { frame: deltaFrame(id, baseId, delta), delta: true };
   }
-  return { frame: blobFrame(id, blob), delta: false };
+  return { frame: blobFrame(id, sealChunk(keys, plain, id).blob), delta: false };
 }

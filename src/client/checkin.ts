@@ -26,14 +26,12 @@ async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopD
   try {
     for (const [i, d] of disks.entries()) await addChain(qsd, specFor(d, i, null, true), d.chain.secret);
     const socket = join(dir, 'upload.sock');
-    await qsd.exportNbd(socket, disks.flatMap((d, i) => [{ node: `${diskPrefix(i)}-top`, name: d.name, writable: false }, { node: `${diskPrefix(i)}-base`, name: `${d.name}.base`, writable: false }]));
+    await qsd.exportNbd(socket, disks.map((d, i) => ({ node: `${diskPrefix(i)}-top`, name: d.name, writable: false })));
     const readers: DiskReader[] = [];
     for (const d of disks) {
       const top = await NbdClient.connect(socket, d.name);
       clients.push(top);
-      const base = await NbdClient.connect(socket, `${d.name}.base`);
-      clients.push(base);
-      readers.push({ disk: d, top, base });
+      readers.push({ disk: d, top });
     }
     return await fn(readers);
   } finally {

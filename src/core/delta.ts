@@ -45,7 +45,15 @@ function aad(newId: ChunkId, baseId: ChunkId): Buffer {
 
 /** Seals the pages of `next` that differ from `base`; null when a delta would not be smaller. */
 export function sealDelta(keys: LineageKeys, newId: ChunkId, baseId: ChunkId, base: Uint8Array, next: Uint8Array, maxFraction = 0.5): Buffer | null {
-  const ranges = changedRanges(base, next);
+  return sealDeltaRanges(keys, newId, baseId, next, changedRanges(base, next), maxFraction);
+}
+
+/**
+ * Seals `ranges` of `next` (sorted, disjoint, inside `next`) as a delta against `baseId`: for a
+ * sender that knows which pages were written (the top layer's allocation map) without reading
+ * the base. Null when the ranges hold more than `maxFraction` of the chunk (send it whole).
+ */
+export function sealDeltaRanges(keys: LineageKeys, newId: ChunkId, baseId: ChunkId, next: Uint8Array, ranges: readonly Range[], maxFraction = 0.5): Buffer | null {
   const dataBytes = ranges.reduce((s, r) => s + r.length, 0);
   if (dataBytes > next.length * maxFraction || ranges.length > MAX_RANGES) return null;
   const body = Buffer.allocUnsafe(6 + ranges.length * 8 + dataBytes);
@@ -53,13 +61,43 @@ export function sealDelta(keys: LineageKeys, newId: ChunkId, baseId: ChunkId, ba
   body.writeUInt16BE(ranges.length, 4);
   let table = 6;
   let data = 6 + ranges.length * 8;
+  let prevEnd = 0;
   for (const r of ranges) {
+    if (r.length <= 0 || r.offset < prevEnd || r.offset + r.length > next.length) throw new RangeError(`delta range ${r.offset}+${r.length} is empty, overlapping or outside the chunk`);
+    prevEnd = r.offset + r.length;
     body.writeUInt32BE(r.offset, table);
     body.writeUInt32BE(r.length, table + 4);
     table += 8;
     data += Buffer.from(next.buffer, next.byteOffset + r.offset, r.length).copy(body, data);
   }
   return sealBlobEnvelope(keys, body, FLAG_DELTA, aad(newId, baseId)).blob;
+}
+
+/**
+ * The pages each chunk has written, from `extents` (sorted, disjoint byte ranges of a disk of
+ * `diskSize`): chunk index → ranges relative to the chunk, widened to whole pages, clipped to
+ * the chunk, merged. One pass, whatever the number of extents.
+ */
+export function pagesByChunk(extents: readonly Range[], chunkSize: number, diskSize: number, page = DELTA_PAGE): Map<number, Range[]> {
+  const out = new Map<number, Range[]>();
+  for (const e of extents) {
+    const end = Math.min(e.offset + e.length, diskSize);
+    for (let at = e.offset; at < end;) {
+      const index = Math.floor(at / chunkSize);
+      const start = index * chunkSize;
+      const chunkEnd = Math.min(start + chunkSize, diskSize);
+      const upto = Math.min(end, chunkEnd);
+      const a = Math.floor((at - start) / page) * page;
+      const b = Math.min(chunkEnd - start, Math.ceil((upto - start) / page) * page);
+      let ranges = out.get(index);
+      if (!ranges) out.set(index, (ranges = []));
+      const last = ranges[ranges.length - 1];
+      if (last && last.offset + last.length >= a) last.length = Math.max(last.length, b - last.offset);
+      else ranges.push({ offset: a, length: b - a });
+      at = upto;
+    }
+  }
+  return out;
 }
 
 /**

@@ -154,16 +154,6 @@ export async function topExtents(chain: Chain): Promise<{ start: number; length:
   return out;
 }
 
-/** Chunk indexes touched by `extents`, ascending. */
-export function extentsToChunks(extents: readonly { start: number; length: number }[], chunkSize: number): number[] {
-  const out = new Set<number>();
-  for (const e of extents) {
-    if (e.length <= 0) continue;
-    for (let i = Math.floor(e.start / chunkSize); i <= Math.floor((e.start + e.length - 1) / chunkSize); i++) out.add(i);
-  }
-  return [...out].sort((a, b) => a - b);
-}
-
 /** Merges the top into the base and leaves the top empty (offline; idempotent, so a killed merge is simply run again). */
 export async function mergeTop(chain: Chain): Promise<void> {
   await runQemuTool('qemu-img', ['commit', '-q', ...toolArgs(chain, 'top', false)], { secret: chain.secret });

@@ -15,6 +15,48 @@ interface Pending {
   reject: (err: Error) => void;
 }
 
+/** Socket reads outside a read reply's payload (headers, acks, a payload's first bytes). */
+const SCRATCH = 16 * 1024;
+
+/**
+ * Chooses where each socket read lands: straight into the buffer of the read reply being
+ * received (no copy, no per-read allocation: a check-in reads every changed chunk this way),
+ * else a small scratch area whose bytes are copied out to `sink`.
+ */
+class Receiver {
+  private readonly scratch = Buffer.allocUnsafe(SCRATCH);
+  private handed: Buffer = this.scratch;
+  private target: { buf: Buffer; at: number; done: (b: Buffer) => void } | null = null;
+  sink: (piece: Buffer) => void = () => undefined;
+
+  /** The next read's buffer (net's `onread.buffer`, asked again after every read). */
+  readonly next = (): Buffer => (this.handed = this.target ? this.target.buf.subarray(this.target.at) : this.scratch);
+
+  /** net's `onread.callback`: `n` bytes landed in the buffer `next` gave. */
+  readonly onRead = (n: number): boolean => {
+    const t = this.target;
+    if (this.handed === this.scratch || !t) {
+      this.sink(Buffer.from(this.scratch.subarray(0, n)));
+      return true;
+    }
+    t.at += n;
+    if (t.at === t.buf.length) {
+      this.target = null;
+      t.done(t.buf);
+    }
+    return true;
+  };
+
+  /** Receives the rest of a payload into `buf` (its first `have` bytes are already there). */
+  fill(buf: Buffer, have: number, done: (b: Buffer) => void): void {
+    this.target = { buf, at: have, done };
+  }
+
+  abandon(): void {
+    this.target = null;
+  }
+}
+
 /**
  * A small NBD client (fixed newstyle, NBD_OPT_GO, simple replies, pipelined requests) for reading
  * and writing a chain that qemu-storage-daemon exports on a private unix socket.
@@ -29,24 +71,28 @@ export class NbdClient {
 
   private constructor(
     private readonly sock: Socket,
+    private readonly receiver: Receiver,
     readonly size: number,
     readonly readOnly: boolean,
   ) {
-    sock.on('data', (d: Buffer) => this.onData(d));
+    receiver.sink = (d) => this.onData(d);
     const fail = (err: Error) => {
       this.failed ??= err;
       for (const p of this.pending.values()) p.reject(this.failed);
       this.pending.clear();
       this.current?.p.reject(this.failed);
       this.current = null;
+      this.receiver.abandon();
     };
     sock.on('error', fail);
     sock.on('close', () => fail(new NbdClientError('NBD server closed the connection')));
   }
 
   static async connect(socketPath: string, exportName: string): Promise<NbdClient> {
-    const sock = connect(socketPath);
+    const receiver = new Receiver();
+    const sock = connect({ path: socketPath, onread: { buffer: receiver.next, callback: receiver.onRead } });
     const reader = new SocketReader(sock, () => new NbdClientError('NBD server closed the connection during the handshake'));
+    receiver.sink = (d) => reader.feed(d);
     await new Promise<void>((resolve, reject) => {
       sock.once('connect', resolve);
       sock.once('error', reject);
@@ -82,7 +128,7 @@ export class NbdClient {
     }
     if (size < 0) throw new NbdClientError('NBD server sent no export size');
     const rest = reader.detach();
-    const client = new NbdClient(sock, size, Boolean(tflags & 2));
+    const client = new NbdClient(sock, receiver, size, Boolean(tflags & 2));
     if (rest.length) client.onData(rest.take(rest.length));
     return client;
   }
@@ -155,10 +201,20 @@ export class NbdClient {
         }
         this.current = { handle, p };
       }
-      if (this.received.length < this.current.p.length) return;
-      // A view of a socket buffer is the caller's to keep: the socket never reuses it.
-      const data = this.received.take(this.current.p.length);
-      this.current.p.resolve(data);
+      const { p } = this.current;
+      if (this.received.length < p.length) {
+        // The rest of the payload is read straight into the caller's buffer.
+        const buf = Buffer.allocUnsafe(p.length);
+        const have = this.received.length;
+        if (have) this.received.take(have).copy(buf);
+        this.receiver.fill(buf, have, (data) => {
+          this.current = null;
+          p.resolve(data);
+        });
+        return;
+      }
+      // Pieces are copies of the scratch area: a view of them is the caller's to keep.
+      p.resolve(this.received.take(p.length));
       this.current = null;
     }
   }

@@ -54,12 +54,18 @@ export class SocketReader {
   constructor(private readonly socket: Socket, closed: () => Error) {
     const wake = () => this.waiter?.();
     this.listeners = [
-      ['data', (d) => (this.queue.push(d as Buffer), wake())],
+      ['data', (d) => this.feed(d as Buffer)],
       ['error', (e) => ((this.ended ??= e as Error), wake())],
       ['end', () => ((this.ended ??= closed()), wake())],
       ['close', () => ((this.ended ??= closed()), wake())],
     ];
     for (const [event, fn] of this.listeners) socket.on(event, fn);
+  }
+
+  /** Bytes received another way than 'data' events (a socket read into buffers of its owner's choosing). */
+  feed(d: Buffer): void {
+    this.queue.push(d);
+    this.waiter?.();
   }
 
   async read(n: number): Promise<Buffer> {

@@ -3,7 +3,7 @@ import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
 import { openBlob, sealBlobEnvelope, sealChunk } from '../../src/core/blob.js';
 import { chunkIdToBytes, computeChunkId } from '../../src/core/chunk-id.js';
-import { changedRanges, FLAG_DELTA, openDelta, sealDelta } from '../../src/core/delta.js';
+import { changedRanges, FLAG_DELTA, openDelta, pagesByChunk, sealDelta, sealDeltaRanges } from '../../src/core/delta.js';
 import { BlobError } from '../../src/core/errors.js';
 import { generateLineageKeys } from '../../src/core/keys.js';
 
@@ -35,6 +35,38 @@ test('delta round trip: only changed pages travel; the rebuilt chunk hashes to t
   assert.ok(openDelta(keys, newId, baseId, delta, base).equals(next));
   // A chunk mostly rewritten is not worth a delta.
   assert.equal(sealDelta(keys, newId, baseId, base, changed(base, [[0, CS * 0.75]])), null);
+});
+
+test('pagesByChunk: extents split at chunk borders, widened to pages, clipped to a short last chunk', () => {
+  const disk = 3 * CS + 10_000;
+  const pages = pagesByChunk([
+    { offset: 100, length: 10 }, // one page of chunk 0
+    { offset: 4096, length: 4096 }, // the next page: merged with the first
+    { offset: CS - 512, length: 1024 }, // across the border of chunks 0 and 1
+    { offset: 3 * CS + 9_000, length: 5_000 }, // runs past the disk's end
+  ], CS, disk);
+  assert.deepEqual([...pages.keys()], [0, 1, 3]);
+  assert.deepEqual(pages.get(0), [{ offset: 0, length: 8192 }, { offset: CS - 4096, length: 4096 }]);
+  assert.deepEqual(pages.get(1), [{ offset: 0, length: 4096 }]);
+  assert.deepEqual(pages.get(3), [{ offset: 8192, length: 10_000 - 8192 }]);
+  // One extent over many chunks: every chunk whole.
+  const big = pagesByChunk([{ offset: 0, length: 2 * CS }], CS, disk);
+  assert.deepEqual([...big.values()], [[{ offset: 0, length: CS }], [{ offset: 0, length: CS }]]);
+});
+
+test('sealDeltaRanges: the written pages alone rebuild the chunk; a range the writer missed fails the ID check', () => {
+  const base = randomBytes(CS);
+  const baseId = computeChunkId(keys.idKey, base);
+  const next = changed(base, [[8192, 4096], [65_536, 100]]);
+  const newId = computeChunkId(keys.idKey, next);
+  const written = [{ offset: 8192, length: 4096 }, { offset: 65_536, length: 4096 }];
+  assert.ok(openDelta(keys, newId, baseId, sealDeltaRanges(keys, newId, baseId, next, written)!, base).equals(next));
+  // Pages written with the same bytes again only cost bytes, never correctness.
+  assert.ok(openDelta(keys, newId, baseId, sealDeltaRanges(keys, newId, baseId, next, [{ offset: 0, length: 81_920 }])!, base).equals(next));
+  const missed = sealDeltaRanges(keys, newId, baseId, next, written.slice(0, 1))!;
+  assert.throws(() => openDelta(keys, newId, baseId, missed, base), (e: unknown) => e instanceof BlobError && /does not hash/.test(e.message));
+  assert.throws(() => sealDeltaRanges(keys, newId, baseId, next, [{ offset: 8192, length: 4096 }, { offset: 4096, length: 8192 }]), /overlapping/);
+  assert.equal(sealDeltaRanges(keys, newId, baseId, next, [{ offset: 0, length: CS }]), null);
 });
 
 test('delta tamper cases: wrong base, wrong IDs, flipped bytes, kind confusion, bad range tables', () => {
