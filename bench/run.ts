@@ -52,7 +52,7 @@ const READING = [
   '- Check-out writes every data chunk into the LUKS base through qemu-storage-daemon, so QEMU\'s AES-256-XTS',
   '  (per 512-byte sector) is part of it: see "Encryption cost inside QEMU". The two layers are re-keyed copies of',
   '  templates QEMU made once at enrolment (its PBKDF benchmark, ≈ 2 s of CPU per image, is not paid per check-out).',
-  '- Every Carryon process here runs with `--max-semi-space-size=64`, as the `carryon` launcher starts it (the bench',
+  '- Every Carryon process here runs with `--max-semi-space-size=32 --heap-growing-percent=200`, as the `carryon` launcher starts it (the bench',
   '  process itself, which holds the broker and the laptop, and the transfer servers and laptops it spawns).',
   '- Datacenter chunks live in pack files (one fdatasync and one SQLite commit per group), not a file per blob.',
   '- Crypto ceiling: Node\'s bundled OpenSSL does AES-256-GCM at about a quarter of the system `openssl speed`',

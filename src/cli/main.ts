@@ -1,4 +1,4 @@
-#!/usr/bin/env -S node --max-semi-space-size=64
+#!/usr/bin/env -S node --max-semi-space-size=32 --heap-growing-percent=200
 // The flag: see node-flags.ts (keep the two in step).
 import { Command } from 'commander';
 import { registerServerCommands } from './server-commands.js';
