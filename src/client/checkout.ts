@@ -6,12 +6,14 @@ import { decodeLineageKeys } from '../core/keys.js';
 import { verifyLease } from '../core/lease.js';
 import { decodeManifest, manifestDigest } from '../core/manifest.js';
 import { baseBlockdev } from '../disk/chain.js';
+import { Qcow2BaseWriter, UnsupportedBase } from '../disk/qcow2-base-writer.js';
 import { addLayer, StorageDaemon } from '../disk/storage-daemon.js';
+import { NbdClient } from '../nbd/client.js';
 import { TransferSession } from '../transfer/client.js';
 import { BrokerClient, CheckoutResponse, CheckoutView, JobView } from './broker-client.js';
 import { newDesktopKeys, type DesktopKeys } from './desktop-keys.js';
-import { createMissingLayers, diskDir, openDesktopDisks, socketDir, writeFillReport } from './disks.js';
-import { fillDirect } from './fill-direct.js';
+import { createMissingLayers, diskDir, openDesktopDisks, socketDir, writeFillReport, type DesktopDisk } from './disks.js';
+import { fillDirect, type BaseSink } from './fill-direct.js';
 import { mintToken } from './guards.js';
 import { claimOwner, diskPrefix, specFor } from './holder.js';
 import { hostFacts } from './home.js';
@@ -92,7 +94,8 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
 
 /**
  * Fills every incomplete base over the job's transfer ticket: no VM is attached, so the chunks
- * go straight into the bases (parallel streams, QEMU encrypting), holes never touched.
+ * go straight into the bases (parallel streams; encrypted and written by Node, or by QEMU for an
+ * image the Node writer does not take), holes never touched.
  */
 async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient, state: DesktopState, keys: DesktopKeys) {
   const opened = await openDesktopDisks(vault, state, keys);
@@ -102,16 +105,21 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
   const session = new TransferSession(job.transfer!, renewer(broker, job.id));
   const dir = await socketDir(vault, state.desktopId);
   let qsd: StorageDaemon | null = null;
+  let sinks: BaseSink[] = [];
   try {
-    qsd = await StorageDaemon.start(dir);
-    // The bases alone: their tops may still be in the making.
-    for (const [i, d] of opened.disks.entries()) if (!d.entry.complete) await addLayer(qsd, baseBlockdev(specFor(d, i, null)), `sec-${diskPrefix(i)}`, d.chain.secret);
-    const socketPath = join(dir, 'fill.sock');
-    await qsd.exportNbd(socketPath, opened.disks.flatMap((d, i) => (d.entry.complete ? [] : [{ node: `${diskPrefix(i)}-base`, name: `${d.name}.fill`, writable: true }])));
+    try {
+      for (const d of incomplete) sinks.push(await Qcow2BaseWriter.open(d.chain.files.base, d.chain.secret, d.base.chunkSize));
+    } catch (err) {
+      if (!(err instanceof UnsupportedBase)) throw err;
+      await Promise.all(sinks.splice(0).map((s) => s.close()));
+      env.log(`writing through QEMU: ${err.message}`);
+      qsd = await StorageDaemon.start(dir);
+      sinks = await nbdSinks(qsd, opened.disks, join(dir, 'fill.sock'));
+    }
     const renew = renewer(broker, job.id);
     let lastReport = 0;
     const moved = await diskFullIsClear(env.home, () => retryTransfer({ what: 'check-out', log: env.log, signal: env.signal, beforeRetry: async () => session.setEndpoint(await renew()) }, () =>
-      fillDirect({ disks: incomplete.map((disk) => ({ disk, dir: diskDir(vault, state.desktopId, disk.name), socketPath })), session, keys, signal: env.signal, rateLimit: env.rateLimit, onProgress: (p) => {
+      fillDirect({ disks: incomplete.map((disk, i) => ({ disk, dir: diskDir(vault, state.desktopId, disk.name), sink: sinks[i]! })), session, keys, signal: env.signal, rateLimit: env.rateLimit, onProgress: (p) => {
         env.onProgress?.('check-out', p);
         // For `status` in another process: once a second is enough (each report is a file replaced atomically).
         if (Date.now() - lastReport < 1000) return;
@@ -126,9 +134,22 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
     if ((err as CarryonError).code === 'aborted') return { state: opened.state, complete: false, bytesMoved: 0, chunksMoved: 0 };
     throw err;
   } finally {
+    await Promise.all(sinks.map((s) => s.close()));
     await qsd?.stop();
     await session.close();
   }
+}
+
+/** The incomplete bases exported writable by a storage daemon (their tops may still be in the making). */
+async function nbdSinks(qsd: StorageDaemon, disks: DesktopDisk[], socketPath: string): Promise<BaseSink[]> {
+  for (const [i, d] of disks.entries()) if (!d.entry.complete) await addLayer(qsd, baseBlockdev(specFor(d, i, null)), `sec-${diskPrefix(i)}`, d.chain.secret);
+  await qsd.exportNbd(socketPath, disks.flatMap((d, i) => (d.entry.complete ? [] : [{ node: `${diskPrefix(i)}-base`, name: `${d.name}.fill`, writable: true }])));
+  const sinks: BaseSink[] = [];
+  for (const d of disks.filter((x) => !x.entry.complete)) {
+    const client = await NbdClient.connect(socketPath, `${d.name}.fill`);
+    sinks.push({ write: (index, plain) => client.write(index * d.base.chunkSize, plain), persist: () => client.flush(), close: () => client.close() });
+  }
+  return sinks;
 }
 
 /** A full disk mid-transfer says so, and how to go on (what arrived is kept; the rerun resumes). */

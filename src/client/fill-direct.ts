@@ -5,7 +5,6 @@ import type { ChunkId } from '../core/chunk-id.js';
 import { chunkLength } from '../core/chunking.js';
 import { CarryonError } from '../core/errors.js';
 import type { LineageKeys } from '../core/keys.js';
-import { NbdClient } from '../nbd/client.js';
 import { WriteWindow } from '../core/write-window.js';
 import { writeFileAtomic } from '../store/files.js';
 import { fetchBlobs, TransferFailed, type Progress, type TransferSession } from '../transfer/client.js';
@@ -22,37 +21,44 @@ export async function readFilled(dir: string): Promise<Set<number>> {
   return new Set(filled?.chunks);
 }
 
+/** Where a base's chunks go: the Node writer (qcow2-base-writer.ts) or QEMU's NBD export of the base. */
+export interface BaseSink {
+  /** Writes chunk `index` of the disk (its plaintext; the sink encrypts). */
+  write(index: number, plain: Buffer): Promise<void>;
+  /** Everything written before the call is durable (and mapped) when it resolves. */
+  persist(): Promise<unknown>;
+  close(): Promise<void>;
+}
+
 /**
  * Check-out with no VM attached: blobs come over the transfer's parallel streams, each is
- * authenticated (GCM, then HMAC = ID), and its plaintext is written into the base through the
- * storage daemon's NBD export (QEMU encrypts it). Holes are never written: a base without
- * backing reads them as zeros. Progress is durable in groups (NBD flush, then `filled.json`),
- * so a kill loses at most the last group. Chunks a running desktop streamed in the meantime
- * are simply written again, with the same bytes.
+ * authenticated (GCM, with the chunk ID in the AAD), and its plaintext is written into the base
+ * through its sink. Holes are never written: a base without backing reads them as zeros.
+ * Progress is durable in groups (sink persist, then `filled.json`), so a kill loses at most the
+ * last group. Chunks a running desktop streamed in the meantime are simply written again, with
+ * the same bytes.
  */
 export async function fillDirect(opts: {
-  disks: { disk: DesktopDisk; dir: string; socketPath: string }[];
+  disks: { disk: DesktopDisk; dir: string; sink: BaseSink }[];
   session: TransferSession;
   keys: LineageKeys;
   signal?: AbortSignal;
   rateLimit?: RateLimiter;
   onProgress?: (p: Progress) => void;
 }): Promise<{ bytesMoved: number; chunksMoved: number }> {
-  const targets = new Map<ChunkId, { client: NbdClient; offset: number; length: number; disk: number; index: number }[]>();
-  const clients: NbdClient[] = [];
+  const targets = new Map<ChunkId, { sink: BaseSink; length: number; disk: number; index: number }[]>();
+  const sinks = opts.disks.map((d) => d.sink);
   const filled: Set<number>[] = [];
   let total = 0;
   try {
-    for (const [d, { disk, dir, socketPath }] of opts.disks.entries()) {
-      const client = await NbdClient.connect(socketPath, `${disk.name}.fill`);
-      clients.push(client);
+    for (const [d, { disk, dir, sink }] of opts.disks.entries()) {
       const done = await readFilled(dir);
       filled.push(done);
       const m = disk.base;
       m.chunks.forEach((id, index) => {
         if (!id || done.has(index)) return;
         const list = targets.get(id) ?? [];
-        list.push({ client, offset: index * m.chunkSize, length: chunkLength(index, m.diskSize, m.chunkSize), disk: d, index });
+        list.push({ sink, length: chunkLength(index, m.diskSize, m.chunkSize), disk: d, index });
         targets.set(id, list);
         total++;
       });
@@ -67,7 +73,7 @@ export async function fillDirect(opts: {
     const pendingMarks: { disk: number; index: number }[] = [];
     const persist = async () => {
       const marks = pendingMarks.splice(0);
-      await Promise.all(clients.map((c) => c.flush()));
+      await Promise.all(sinks.map((s) => s.persist()));
       for (const m of marks) filled[m.disk]!.add(m.index);
       await Promise.all(opts.disks.map(({ dir }, d) => writeFileAtomic(join(dir, 'filled.json'), JSON.stringify({ v: 1, chunks: [...filled[d]!] }))));
     };
@@ -108,6 +114,8 @@ export async function fillDirect(opts: {
             if (!places || seen.has(id)) continue;
             let plain: Buffer;
             try {
+              // No second hash of the plaintext: the tag binds it to this ID under the lineage key, and
+              // every blob was checked against its ID where it entered the datacenter (import, push).
               plain = openBlob(opts.keys, id, blob, { checkId: false });
               if (plain.length !== places[0]!.length) throw new Error(`chunk has ${plain.length} bytes, expected ${places[0]!.length}`);
             } catch {
@@ -116,8 +124,8 @@ export async function fillDirect(opts: {
               continue;
             }
             seen.add(id);
-            // Several writes in flight per stream: the storage daemon encrypts them on its thread pool.
-            await writes.add(Promise.all(places.map((p) => p.client.write(p.offset, plain))).then(() => {
+            // Several writes in flight per stream (the storage daemon encrypts on its thread pool; the file writes overlap).
+            await writes.add(Promise.all(places.map((p) => p.sink.write(p.index, plain))).then(() => {
               for (const p of places) pendingMarks.push({ disk: p.disk, index: p.index });
             }));
             await opts.rateLimit?.take(blob.length, opts.signal);
@@ -144,7 +152,7 @@ export async function fillDirect(opts: {
     }
     return { bytesMoved, chunksMoved };
   } finally {
-    for (const c of clients) await c.close();
+    // The sinks are the caller's: a retry goes on with the same ones.
   }
 }
 

@@ -1,0 +1,139 @@
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { createCipheriv, randomBytes } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync, truncateSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, test } from 'node:test';
+import { DiskError } from '../../src/disk/block-device.js';
+import { createLayerFromTemplate } from '../../src/disk/layer-template.js';
+import { Qcow2BaseWriter, UnsupportedBase } from '../../src/disk/qcow2-base-writer.js';
+import { XtsSectors } from '../../src/disk/xts.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'carryon-qbw-'));
+after(() => rmSync(dir, { recursive: true, force: true }));
+const templates = process.env.CARRYON_TEMPLATE_DIR ?? join(dir, 'templates');
+const PASS = randomBytes(32).toString('base64');
+
+/** OpenSSL's aes-256-xts, one cipher object per 512-byte sector: the reference. */
+function referenceXts(key: Buffer, data: Buffer, first: number): Buffer {
+  const out = Buffer.alloc(data.length);
+  for (let s = 0; s * 512 < data.length; s++) {
+    const iv = Buffer.alloc(16);
+    iv.writeBigUInt64LE(BigInt(first + s));
+    const c = createCipheriv('aes-256-xts', key, iv);
+    c.update(data.subarray(s * 512, (s + 1) * 512)).copy(out, s * 512);
+    c.final();
+  }
+  return out;
+}
+
+test('XtsSectors is byte for byte OpenSSL aes-256-xts with plain64 IVs, also past 2^32 sectors and from an unaligned view', () => {
+  const key = randomBytes(64);
+  const xts = new XtsSectors(key);
+  const data = randomBytes(64 * 1024 + 1).subarray(1); // byteOffset 1: not word-aligned
+  for (const first of [0, 1, 123_456_789, 2 ** 32 - 3, 2 ** 40 + 7]) assert.ok(xts.encrypt(data, first).equals(referenceXts(key, data, first)), `sector ${first}`);
+  assert.throws(() => xts.encrypt(data.subarray(0, 1000), 0), /whole number of sectors/);
+  assert.throws(() => new XtsSectors(randomBytes(32)), /64-byte key/);
+});
+
+const CHUNK = 256 * 1024;
+
+async function base(name: string, size: number): Promise<string> {
+  const path = join(dir, name);
+  await createLayerFromTemplate(templates, { kind: 'base', clusterSize: CHUNK }, path, size, PASS);
+  return path;
+}
+
+/** What QEMU reads from the base (its own LUKS and qcow2 code), and what `qemu-img check` says. */
+function qemuRead(path: string): { data: Buffer; check: number } {
+  const json = `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: path }, encrypt: { format: 'luks', 'key-secret': 's' } })}`;
+  const out = join(dir, 'out.raw');
+  const conv = spawnSync('qemu-img', ['convert', '--object', `secret,id=s,data=${PASS}`, '-O', 'raw', json, out], { encoding: 'utf8' });
+  assert.equal(conv.status, 0, conv.stderr);
+  const check = spawnSync('qemu-img', ['check', '--object', `secret,id=s,data=${PASS}`, json], { encoding: 'utf8' });
+  const data = readFileSync(out);
+  rmSync(out);
+  return { data, check: check.status ?? -1 };
+}
+
+test('chunks written by the Node writer read back through QEMU exactly, short last chunk included; qemu-img check is clean', async () => {
+  const size = 40 * CHUNK + 100 * 1024;
+  const path = await base('a.qcow2', size);
+  const want = Buffer.alloc(size);
+  const w = await Qcow2BaseWriter.open(path, PASS, CHUNK);
+  const put = async (writer: Qcow2BaseWriter, index: number) => {
+    const plain = randomBytes(Math.min(CHUNK, size - index * CHUNK));
+    plain.copy(want, index * CHUNK);
+    await writer.write(index, plain);
+  };
+  await Promise.all([3, 0, 17, 40, 39].map((i) => put(w, i)));
+  assert.deepEqual((await w.persist()).sort((a, b) => a - b), [0, 3, 17, 39, 40]);
+  await w.close();
+  let seen = qemuRead(path);
+  assert.equal(seen.check, 0);
+  assert.ok(seen.data.equals(want));
+
+  // A later run: new chunks, and one already mapped rewritten in place.
+  const again = await Qcow2BaseWriter.open(path, PASS, CHUNK);
+  await Promise.all([17, 5, 20].map((i) => put(again, i)));
+  await again.persist();
+  await again.close();
+  seen = qemuRead(path);
+  assert.equal(seen.check, 0);
+  assert.ok(seen.data.equals(want));
+});
+
+test('a kill before persist maps nothing (chunks read as holes); one between the refcount and L2 steps only leaks clusters', async () => {
+  const path = await base('b.qcow2', 8 * CHUNK);
+  const w = await Qcow2BaseWriter.open(path, PASS, CHUNK);
+  await w.write(2, randomBytes(CHUNK));
+  await w.close(); // no persist: as if killed
+  let seen = qemuRead(path);
+  assert.equal(seen.check, 0);
+  assert.ok(seen.data.equals(Buffer.alloc(8 * CHUNK)));
+
+  // Refcounts made durable, the mapping never written: QEMU's check calls it leaked (exit 3), not corrupt.
+  const w2 = await Qcow2BaseWriter.open(path, PASS, CHUNK);
+  await w2.write(4, randomBytes(CHUNK));
+  const persistRefcountsOnly = w2 as unknown as { ready: Map<number, number> };
+  const ready = new Map(persistRefcountsOnly.ready);
+  persistRefcountsOnly.ready.clear();
+  await w2.persist();
+  await w2.close();
+  assert.equal(ready.size, 1);
+  seen = qemuRead(path);
+  assert.equal(seen.check, 3, 'leaked clusters only');
+  assert.ok(seen.data.equals(Buffer.alloc(8 * CHUNK)));
+});
+
+test('a file past the first refcount block gets a new block that counts itself; QEMU agrees', async () => {
+  const path = await base('c.qcow2', 8 * CHUNK);
+  // 16-bit refcounts: one block covers CHUNK / 2 clusters. Grow the file (sparse) to just short of that.
+  truncateSync(path, (CHUNK / 2 - 1) * CHUNK);
+  const w = await Qcow2BaseWriter.open(path, PASS, CHUNK);
+  const want = Buffer.alloc(8 * CHUNK);
+  for (const i of [1, 6]) {
+    const plain = randomBytes(CHUNK);
+    plain.copy(want, i * CHUNK);
+    await w.write(i, plain);
+  }
+  await w.persist();
+  await w.close();
+  const seen = qemuRead(path);
+  assert.equal(seen.check, 0);
+  assert.ok(seen.data.equals(want));
+});
+
+test('images the writer does not take are refused as unsupported; a wrong passphrase is an error, not garbage', async () => {
+  const path = await base('d.qcow2', 4 * CHUNK);
+  await assert.rejects(Qcow2BaseWriter.open(path, PASS, 64 * 1024), (e: unknown) => e instanceof UnsupportedBase && /cluster size/.test((e as Error).message));
+  await assert.rejects(Qcow2BaseWriter.open(path, 'not-the-pass', CHUNK), (e: unknown) => e instanceof DiskError && !(e instanceof UnsupportedBase) && /passphrase/.test((e as Error).message));
+  const top = join(dir, 'top.qcow2');
+  await createLayerFromTemplate(templates, { kind: 'top', clusterSize: 128 * 1024 }, top, 4 * CHUNK, PASS);
+  await assert.rejects(Qcow2BaseWriter.open(top, PASS, 128 * 1024), UnsupportedBase);
+  const w = await Qcow2BaseWriter.open(path, PASS, CHUNK);
+  await assert.rejects(w.write(4, randomBytes(CHUNK)), /outside/);
+  await assert.rejects(w.write(1, randomBytes(100)), /has 100 bytes/);
+  await w.close();
+});
