@@ -23,7 +23,7 @@ export async function readFilled(dir: string): Promise<Set<number>> {
 
 /** Where a base's chunks go: the Node writer (qcow2-base-writer.ts) or QEMU's NBD export of the base. */
 export interface BaseSink {
-  /** Writes chunk `index` of the disk (its plaintext; the sink encrypts). */
+  /** Writes chunk `index` of the disk (its plaintext; the sink encrypts and may take the buffer over). */
   write(index: number, plain: Buffer): Promise<void>;
   /** Everything written before the call is durable (and mapped) when it resolves. */
   persist(): Promise<unknown>;
@@ -125,7 +125,8 @@ export async function fillDirect(opts: {
             }
             seen.add(id);
             // Several writes in flight per stream (the storage daemon encrypts on its thread pool; the file writes overlap).
-            await writes.add(Promise.all(places.map((p) => p.sink.write(p.index, plain))).then(() => {
+            // A sink may take the buffer over: every place but the last gets its own copy.
+            await writes.add(Promise.all(places.map((p, i) => p.sink.write(p.index, i === places.length - 1 ? plain : Buffer.from(plain)))).then(() => {
               for (const p of places) pendingMarks.push({ disk: p.disk, index: p.index });
             }));
             await opts.rateLimit?.take(blob.length, opts.signal);

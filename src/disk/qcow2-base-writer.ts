@@ -3,7 +3,7 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { DiskError } from './block-device.js';
 import { luksHeaderRange } from './layer-template.js';
 import { openLuksSlot, readLuksLayout } from './luks-header.js';
-import { XTS_SECTOR, XtsSectors } from './xts.js';
+import { XtsWriters } from './xts-writers.js';
 
 /** The image is not one this writer fills (the caller writes through QEMU instead). */
 export class UnsupportedBase extends DiskError {
@@ -19,7 +19,8 @@ export class UnsupportedBase extends DiskError {
  * Why: on a 2-core laptop qemu-storage-daemon spent 8 CPU s on the 2 GiB of data of the 4 GiB
  * bench desktop (its AES-XTS per 512-byte sector, plus NBD and qcow2 work), half of the whole
  * check-out. Here a chunk is encrypted in two OpenSSL ECB calls (xts.ts) and written with one
- * pwrite; the qcow2 metadata is ours to write because the image is new and ours alone.
+ * pwrite, on writer threads (xts-writers.ts); the qcow2 metadata is ours to write because the
+ * image is new and ours alone.
  *
  * What the image must be (else `open` refuses with 'unsupported' and the caller goes through
  * QEMU): qcow2 v3, LUKS, no backing file, no snapshots, no incompatible feature (dirty, corrupt,
@@ -48,18 +49,18 @@ export class Qcow2BaseWriter {
   private constructor(
     private readonly fh: FileHandle,
     private readonly path: string,
-    private readonly xts: XtsSectors,
+    private readonly writers: XtsWriters,
     readonly clusterSize: number,
     readonly diskSize: number,
     private readonly l1: BigUint64Array,
     private readonly l1Offset: number,
     private readonly refTable: BigUint64Array,
     private readonly refTableOffset: number,
-    fileSize: number,
+    usedEnd: number,
   ) {
     this.l2Entries = clusterSize / 8;
     this.refsPerBlock = clusterSize / 2;
-    this.end = Math.ceil(fileSize / clusterSize) * clusterSize;
+    this.end = Math.ceil(usedEnd / clusterSize) * clusterSize;
   }
 
   /** Opens the base at `path` with its LUKS passphrase; `chunkSize` must be its cluster size. */
@@ -99,7 +100,25 @@ export class Qcow2BaseWriter {
       const l1 = await readWords(fh, l1Offset, l1Size);
       const refTable = await readWords(fh, refTableOffset, (refTableClusters * clusterSize) / 8);
       const { size } = await fh.stat();
-      const w = new Qcow2BaseWriter(fh, path, new XtsSectors(key), clusterSize, diskSize, l1, l1Offset, refTable, refTableOffset, size);
+      // Allocation starts past the file's end and past every cluster with a refcount: a run that
+      // failed (a full disk) may have counted clusters it never wrote (leaks, not data).
+      let end = size;
+      const blocks = new Map<number, Buffer>();
+      for (let rt = 0; rt < refTable.length; rt++) {
+        const at = Number(refTable[rt]! & OFFSET_MASK);
+        if (at === 0) continue;
+        const block = Buffer.alloc(clusterSize);
+        const { bytesRead: got } = await fh.read(block, 0, block.length, at);
+        if (got !== block.length) unsupported(`refcount block ${rt} lies past the end of the file`);
+        blocks.set(rt, block);
+        for (let i = clusterSize / 2 - 1; i >= 0; i--) {
+          if (block.readUInt16BE(i * 2) === 0) continue;
+          end = Math.max(end, (rt * (clusterSize / 2) + i + 1) * clusterSize);
+          break;
+        }
+      }
+      const w = new Qcow2BaseWriter(fh, path, new XtsWriters(key, fh.fd), clusterSize, diskSize, l1, l1Offset, refTable, refTableOffset, end);
+      for (const [rt, block] of blocks) w.refBlocks.set(rt, { offset: Number(refTable[rt]! & OFFSET_MASK), block, fresh: false });
       key.fill(0);
       return w;
     } catch (err) {
@@ -108,7 +127,10 @@ export class Qcow2BaseWriter {
     }
   }
 
-  /** Encrypts and writes chunk `index`; it is mapped (durable) by the next `persist`. */
+  /**
+   * Encrypts and writes chunk `index` (its buffer moves to a writer thread: the caller must not
+   * use `plain` afterwards); it is mapped (durable) by the next `persist`.
+   */
   async write(index: number, plain: Buffer): Promise<void> {
     const start = index * this.clusterSize;
     if (!Number.isInteger(index) || index < 0 || start >= this.diskSize) throw new DiskError('range', `chunk ${index} lies outside the ${this.diskSize}-byte disk`);
@@ -120,7 +142,7 @@ export class Qcow2BaseWriter {
       data = Buffer.alloc(this.clusterSize);
       plain.copy(data);
     }
-    await this.writeAll(this.xts.encrypt(data, host / XTS_SECTOR), host);
+    await this.writers.write(data, host);
     this.ready.set(index, host);
   }
 
@@ -166,7 +188,9 @@ export class Qcow2BaseWriter {
     return mapped.map(([index]) => index);
   }
 
+  /** Call once no write is in flight (a write still running is failed). */
   async close(): Promise<void> {
+    await this.writers.close();
     await this.fh.close();
   }
 

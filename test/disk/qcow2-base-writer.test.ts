@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { createCipheriv, randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, truncateSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, statSync, truncateSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
@@ -11,7 +11,17 @@ import { Qcow2BaseWriter, UnsupportedBase } from '../../src/disk/qcow2-base-writ
 import { XtsSectors } from '../../src/disk/xts.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'carryon-qbw-'));
-after(() => rmSync(dir, { recursive: true, force: true }));
+// Writers hold threads: a test that fails half-way must not keep the process alive.
+const opened: Qcow2BaseWriter[] = [];
+async function openWriter(path: string, pass: string, chunk: number): Promise<Qcow2BaseWriter> {
+  const w = await Qcow2BaseWriter.open(path, pass, chunk);
+  opened.push(w);
+  return w;
+}
+after(async () => {
+  await Promise.all(opened.map((w) => w.close().catch(() => undefined)));
+  rmSync(dir, { recursive: true, force: true });
+});
 const templates = process.env.CARRYON_TEMPLATE_DIR ?? join(dir, 'templates');
 const PASS = randomBytes(32).toString('base64');
 
@@ -61,7 +71,7 @@ test('chunks written by the Node writer read back through QEMU exactly, short la
   const size = 40 * CHUNK + 100 * 1024;
   const path = await base('a.qcow2', size);
   const want = Buffer.alloc(size);
-  const w = await Qcow2BaseWriter.open(path, PASS, CHUNK);
+  const w = await openWriter(path, PASS, CHUNK);
   const put = async (writer: Qcow2BaseWriter, index: number) => {
     const plain = randomBytes(Math.min(CHUNK, size - index * CHUNK));
     plain.copy(want, index * CHUNK);
@@ -75,7 +85,7 @@ test('chunks written by the Node writer read back through QEMU exactly, short la
   assert.ok(seen.data.equals(want));
 
   // A later run: new chunks, and one already mapped rewritten in place.
-  const again = await Qcow2BaseWriter.open(path, PASS, CHUNK);
+  const again = await openWriter(path, PASS, CHUNK);
   await Promise.all([17, 5, 20].map((i) => put(again, i)));
   await again.persist();
   await again.close();
@@ -86,7 +96,7 @@ test('chunks written by the Node writer read back through QEMU exactly, short la
 
 test('a kill before persist maps nothing (chunks read as holes); one between the refcount and L2 steps only leaks clusters', async () => {
   const path = await base('b.qcow2', 8 * CHUNK);
-  const w = await Qcow2BaseWriter.open(path, PASS, CHUNK);
+  const w = await openWriter(path, PASS, CHUNK);
   await w.write(2, randomBytes(CHUNK));
   await w.close(); // no persist: as if killed
   let seen = qemuRead(path);
@@ -94,7 +104,8 @@ test('a kill before persist maps nothing (chunks read as holes); one between the
   assert.ok(seen.data.equals(Buffer.alloc(8 * CHUNK)));
 
   // Refcounts made durable, the mapping never written: QEMU's check calls it leaked (exit 3), not corrupt.
-  const w2 = await Qcow2BaseWriter.open(path, PASS, CHUNK);
+  const sizeBefore = statSync(path).size;
+  const w2 = await openWriter(path, PASS, CHUNK);
   await w2.write(4, randomBytes(CHUNK));
   const persistRefcountsOnly = w2 as unknown as { ready: Map<number, number> };
   const ready = new Map(persistRefcountsOnly.ready);
@@ -105,13 +116,27 @@ test('a kill before persist maps nothing (chunks read as holes); one between the
   seen = qemuRead(path);
   assert.equal(seen.check, 3, 'leaked clusters only');
   assert.ok(seen.data.equals(Buffer.alloc(8 * CHUNK)));
+
+  // A disk that filled up: the cluster was counted but its data never reached the file. The next
+  // run must allocate past it, not take it again.
+  truncateSync(path, sizeBefore);
+  const w3 = await openWriter(path, PASS, CHUNK);
+  const plain = randomBytes(CHUNK);
+  const want = Buffer.alloc(8 * CHUNK);
+  plain.copy(want, 5 * CHUNK);
+  await w3.write(5, plain);
+  await w3.persist();
+  await w3.close();
+  seen = qemuRead(path);
+  assert.equal(seen.check, 3, 'leaked clusters only');
+  assert.ok(seen.data.equals(want));
 });
 
 test('a file past the first refcount block gets a new block that counts itself; QEMU agrees', async () => {
   const path = await base('c.qcow2', 8 * CHUNK);
   // 16-bit refcounts: one block covers CHUNK / 2 clusters. Grow the file (sparse) to just short of that.
   truncateSync(path, (CHUNK / 2 - 1) * CHUNK);
-  const w = await Qcow2BaseWriter.open(path, PASS, CHUNK);
+  const w = await openWriter(path, PASS, CHUNK);
   const want = Buffer.alloc(8 * CHUNK);
   for (const i of [1, 6]) {
     const plain = randomBytes(CHUNK);
@@ -127,12 +152,12 @@ test('a file past the first refcount block gets a new block that counts itself; 
 
 test('images the writer does not take are refused as unsupported; a wrong passphrase is an error, not garbage', async () => {
   const path = await base('d.qcow2', 4 * CHUNK);
-  await assert.rejects(Qcow2BaseWriter.open(path, PASS, 64 * 1024), (e: unknown) => e instanceof UnsupportedBase && /cluster size/.test((e as Error).message));
-  await assert.rejects(Qcow2BaseWriter.open(path, 'not-the-pass', CHUNK), (e: unknown) => e instanceof DiskError && !(e instanceof UnsupportedBase) && /passphrase/.test((e as Error).message));
+  await assert.rejects(openWriter(path, PASS, 64 * 1024), (e: unknown) => e instanceof UnsupportedBase && /cluster size/.test((e as Error).message));
+  await assert.rejects(openWriter(path, 'not-the-pass', CHUNK), (e: unknown) => e instanceof DiskError && !(e instanceof UnsupportedBase) && /passphrase/.test((e as Error).message));
   const top = join(dir, 'top.qcow2');
   await createLayerFromTemplate(templates, { kind: 'top', clusterSize: 128 * 1024 }, top, 4 * CHUNK, PASS);
-  await assert.rejects(Qcow2BaseWriter.open(top, PASS, 128 * 1024), UnsupportedBase);
-  const w = await Qcow2BaseWriter.open(path, PASS, CHUNK);
+  await assert.rejects(openWriter(top, PASS, 128 * 1024), UnsupportedBase);
+  const w = await openWriter(path, PASS, CHUNK);
   await assert.rejects(w.write(4, randomBytes(CHUNK)), /outside/);
   await assert.rejects(w.write(1, randomBytes(100)), /has 100 bytes/);
   await w.close();
