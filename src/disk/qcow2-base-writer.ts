@@ -1,16 +1,11 @@
 import { endianness } from 'node:os';
 import { open, type FileHandle } from 'node:fs/promises';
 import { DiskError } from './block-device.js';
-import { luksHeaderRange } from './layer-template.js';
-import { openLuksSlot, readLuksLayout } from './luks-header.js';
+import { COMPRESSED, COPIED, layerVolumeKey, OFFSET_MASK, readQcow2Header, readWords, UnsupportedImage } from './qcow2-format.js';
 import { XtsWriters } from './xts-writers.js';
 
 /** The image is not one this writer fills (the caller writes through QEMU instead). */
-export class UnsupportedBase extends DiskError {
-  constructor(message: string) {
-    super('state', message);
-  }
-}
+export { UnsupportedImage as UnsupportedBase } from './qcow2-format.js';
 
 /**
  * Fills the base layer of a chain (a LUKS-encrypted qcow2 with one chunk per cluster) from Node,
@@ -66,39 +61,22 @@ export class Qcow2BaseWriter {
   /** Opens the base at `path` with its LUKS passphrase; `chunkSize` must be its cluster size. */
   static async open(path: string, passphrase: string, chunkSize: number): Promise<Qcow2BaseWriter> {
     const unsupported = (why: string): never => {
-      throw new UnsupportedBase(`${path}: ${why}`);
+      throw new UnsupportedImage(`${path}: ${why}`);
     };
     if (endianness() !== 'LE') unsupported('big-endian host');
     const fh = await open(path, 'r+');
     try {
-      const h = Buffer.alloc(104);
-      const { bytesRead } = await fh.read(h, 0, h.length, 0);
-      if (bytesRead < h.length || h.readUInt32BE(0) !== 0x514649fb) unsupported('not a qcow2 image');
-      if (h.readUInt32BE(4) !== 3) unsupported(`qcow2 version ${h.readUInt32BE(4)}`);
-      if (h.readBigUInt64BE(8) !== 0n) unsupported('it has a backing file');
-      const clusterSize = 2 ** h.readUInt32BE(20);
+      const h = await readQcow2Header(fh, path);
+      const { clusterSize, diskSize, l1Size, l1Offset, refTableOffset } = h;
+      if (h.hasBacking) unsupported('it has a backing file');
       if (clusterSize !== chunkSize) unsupported(`cluster size ${clusterSize} is not the chunk size ${chunkSize}`);
-      const diskSize = Number(h.readBigUInt64BE(24));
-      if (h.readUInt32BE(32) !== 2) unsupported('not LUKS-encrypted');
-      const l1Size = h.readUInt32BE(36);
-      const l1Offset = Number(h.readBigUInt64BE(40));
-      const refTableOffset = Number(h.readBigUInt64BE(48));
-      const refTableClusters = h.readUInt32BE(56);
-      if (h.readUInt32BE(60) !== 0) unsupported('it has internal snapshots');
-      if (h.readBigUInt64BE(72) !== 0n) unsupported(`incompatible features 0x${h.readBigUInt64BE(72).toString(16)}`);
-      if (h.readUInt32BE(96) !== 4) unsupported(`${2 ** h.readUInt32BE(96)}-bit refcounts`);
+      if (h.snapshots !== 0) unsupported('it has internal snapshots');
+      if (h.incompatible !== 0n) unsupported(`incompatible features 0x${h.incompatible.toString(16)}`);
+      if (h.refcountOrder !== 4) unsupported(`${2 ** h.refcountOrder}-bit refcounts`);
       if (l1Size * (clusterSize / 8) * clusterSize < diskSize) unsupported('its L1 table does not cover the disk');
-
-      const range = await luksHeaderRange(path);
-      if (!range) unsupported('no LUKS header');
-      const luks = Buffer.alloc(range!.length);
-      await fh.read(luks, 0, luks.length, range!.offset);
-      const layout = readLuksLayout(luks);
-      const key = openLuksSlot(luks, luks.subarray(layout.slotOffset), Buffer.from(passphrase, 'utf8'));
-      if (!key) throw new DiskError('state', `${path}: the passphrase does not open its LUKS header`);
-
+      const key = await layerVolumeKey(fh, path, passphrase);
       const l1 = await readWords(fh, l1Offset, l1Size);
-      const refTable = await readWords(fh, refTableOffset, (refTableClusters * clusterSize) / 8);
+      const refTable = await readWords(fh, refTableOffset, (h.refTableClusters * clusterSize) / 8);
       const { size } = await fh.stat();
       // Allocation starts past the file's end and past every cluster with a refcount: a run that
       // failed (a full disk) may have counted clusters it never wrote (leaks, not data).
@@ -288,20 +266,6 @@ export class Qcow2BaseWriter {
     const { bytesRead } = await this.fh.read(buf, 0, buf.length, at);
     if (bytesRead !== buf.length) throw new DiskError('state', `${this.path}: metadata at ${at} lies past the end of the file`);
   }
-}
-
-const COPIED = 1n << 63n;
-const COMPRESSED = 1n << 62n;
-/** Host offset bits of L1 and standard L2 entries (9–55). */
-const OFFSET_MASK = 0x00ff_ffff_ffff_fe00n;
-
-async function readWords(fh: FileHandle, at: number, count: number): Promise<BigUint64Array> {
-  const buf = Buffer.alloc(count * 8);
-  const { bytesRead } = await fh.read(buf, 0, buf.length, at);
-  if (bytesRead !== buf.length) throw new DiskError('state', `qcow2 table at ${at} lies past the end of the file`);
-  const out = new BigUint64Array(count);
-  for (let i = 0; i < count; i++) out[i] = buf.readBigUInt64BE(i * 8);
-  return out;
 }
 
 function wordsToBuffer(words: BigUint64Array): Buffer {
