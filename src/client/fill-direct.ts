@@ -50,111 +50,108 @@ export async function fillDirect(opts: {
   const sinks = opts.disks.map((d) => d.sink);
   const filled: Set<number>[] = [];
   let total = 0;
-  try {
-    for (const [d, { disk, dir, sink }] of opts.disks.entries()) {
-      const done = await readFilled(dir);
-      filled.push(done);
-      const m = disk.base;
-      m.chunks.forEach((id, index) => {
-        if (!id || done.has(index)) return;
-        const list = targets.get(id) ?? [];
-        list.push({ sink, length: chunkLength(index, m.diskSize, m.chunkSize), disk: d, index });
-        targets.set(id, list);
-        total++;
-      });
-    }
-    const ids = [...targets.keys()];
-    const started = Date.now();
-    let bytesMoved = 0;
-    let chunksMoved = 0;
-    let sinceFlush = 0;
-    let lastFlush = Date.now();
-    let flushing: Promise<void> | null = null;
-    const pendingMarks: { disk: number; index: number }[] = [];
-    const persist = async () => {
-      const marks = pendingMarks.splice(0);
-      await Promise.all(sinks.map((s) => s.persist()));
-      for (const m of marks) filled[m.disk]!.add(m.index);
-      await Promise.all(opts.disks.map(({ dir }, d) => writeFileAtomic(join(dir, 'filled.json'), JSON.stringify({ v: 1, chunks: [...filled[d]!] }))));
-    };
-    const maybePersist = async () => {
-      if (flushing) return;
-      if (sinceFlush < 512 && Date.now() - lastFlush < 2000) return;
-      sinceFlush = 0;
-      lastFlush = Date.now();
-      flushing = persist().finally(() => (flushing = null));
-      await flushing;
-    };
-    let next = 0;
-    const batch = 32;
-    const failures = new Map<ChunkId, number>();
-    // The first failure stops every stream; none is still writing when the clients close.
-    let stop: { error: unknown } | null = null;
-    const worker = async () => {
-      const writes = new WriteWindow(WRITES_PER_STREAM);
-      try {
-        await stream(writes);
-      } catch (error) {
-        stop ??= { error };
-      } finally {
-        await writes.drain().catch(() => undefined);
-      }
-    };
-    const stream = async (writes: WriteWindow) => {
-      while (next < ids.length && !stop) {
-        if (opts.signal?.aborted) throw new CarryonError('aborted', 'check-out paused');
-        const want = ids.slice(next, next + batch);
-        next += batch;
-        let queue = want;
-        for (let attempt = 0; queue.length; attempt++) {
-          const seen = new Set<ChunkId>();
-          for await (const { id, blob } of fetchBlobs(opts.session, queue, opts.signal)) {
-            if (stop) return;
-            const places = targets.get(id);
-            if (!places || seen.has(id)) continue;
-            let plain: Buffer;
-            try {
-              // No second hash of the plaintext: the tag binds it to this ID under the lineage key, and
-              // every blob was checked against its ID where it entered the datacenter (import, push).
-              plain = openBlob(opts.keys, id, blob, { checkId: false });
-              if (plain.length !== places[0]!.length) throw new Error(`chunk has ${plain.length} bytes, expected ${places[0]!.length}`);
-            } catch {
-              failures.set(id, (failures.get(id) ?? 0) + 1);
-              if ((failures.get(id) ?? 0) >= 3) throw new TransferFailed(`chunk ${id.slice(0, 12)}… failed authentication 3 times`);
-              continue;
-            }
-            seen.add(id);
-            // Several writes in flight per stream (the storage daemon encrypts on its thread pool; the file writes overlap).
-            // A sink may take the buffer over: every place but the last gets its own copy.
-            await writes.add(Promise.all(places.map((p, i) => p.sink.write(p.index, i === places.length - 1 ? plain : Buffer.from(plain)))).then(() => {
-              for (const p of places) pendingMarks.push({ disk: p.disk, index: p.index });
-            }));
-            await opts.rateLimit?.take(blob.length, opts.signal);
-            bytesMoved += blob.length;
-            chunksMoved += places.length;
-            sinceFlush += places.length;
-            const secs = (Date.now() - started) / 1000;
-            const rate = secs > 0 ? bytesMoved / secs : 0;
-            opts.onProgress?.({ bytesDone: bytesMoved, chunksDone: chunksMoved, chunksTotal: total, rate, etaSeconds: chunksMoved ? ((total - chunksMoved) / chunksMoved) * secs : null });
-          }
-          queue = queue.filter((id) => !seen.has(id));
-          if (queue.length && attempt >= 3) throw new TransferFailed(`${queue.length} chunks did not arrive`);
-        }
-        await writes.drain();
-        await maybePersist();
-      }
-    };
-    try {
-      await Promise.all(Array.from({ length: Math.max(1, opts.session.endpoint.maxStreams) }, worker));
-      if (stop) throw (stop as { error: unknown }).error;
-    } finally {
-      await flushing;
-      await persist().catch(() => undefined);
-    }
-    return { bytesMoved, chunksMoved };
-  } finally {
-    // The sinks are the caller's: a retry goes on with the same ones.
+  // The sinks are the caller's (opened and closed there): a retry goes on with the same ones.
+  for (const [d, { disk, dir, sink }] of opts.disks.entries()) {
+    const done = await readFilled(dir);
+    filled.push(done);
+    const m = disk.base;
+    m.chunks.forEach((id, index) => {
+      if (!id || done.has(index)) return;
+      const list = targets.get(id) ?? [];
+      list.push({ sink, length: chunkLength(index, m.diskSize, m.chunkSize), disk: d, index });
+      targets.set(id, list);
+      total++;
+    });
   }
+  const ids = [...targets.keys()];
+  const started = Date.now();
+  let bytesMoved = 0;
+  let chunksMoved = 0;
+  let sinceFlush = 0;
+  let lastFlush = Date.now();
+  let flushing: Promise<void> | null = null;
+  const pendingMarks: { disk: number; index: number }[] = [];
+  const persist = async () => {
+    const marks = pendingMarks.splice(0);
+    await Promise.all(sinks.map((s) => s.persist()));
+    for (const m of marks) filled[m.disk]!.add(m.index);
+    await Promise.all(opts.disks.map(({ dir }, d) => writeFileAtomic(join(dir, 'filled.json'), JSON.stringify({ v: 1, chunks: [...filled[d]!] }))));
+  };
+  const maybePersist = async () => {
+    if (flushing) return;
+    if (sinceFlush < 512 && Date.now() - lastFlush < 2000) return;
+    sinceFlush = 0;
+    lastFlush = Date.now();
+    flushing = persist().finally(() => (flushing = null));
+    await flushing;
+  };
+  let next = 0;
+  const batch = 32;
+  const failures = new Map<ChunkId, number>();
+  // The first failure stops every stream; none is still writing when the clients close.
+  let stop: { error: unknown } | null = null;
+  const worker = async () => {
+    const writes = new WriteWindow(WRITES_PER_STREAM);
+    try {
+      await stream(writes);
+    } catch (error) {
+      stop ??= { error };
+    } finally {
+      await writes.drain().catch(() => undefined);
+    }
+  };
+  const stream = async (writes: WriteWindow) => {
+    while (next < ids.length && !stop) {
+      if (opts.signal?.aborted) throw new CarryonError('aborted', 'check-out paused');
+      const want = ids.slice(next, next + batch);
+      next += batch;
+      let queue = want;
+      for (let attempt = 0; queue.length; attempt++) {
+        const seen = new Set<ChunkId>();
+        for await (const { id, blob } of fetchBlobs(opts.session, queue, opts.signal)) {
+          if (stop) return;
+          const places = targets.get(id);
+          if (!places || seen.has(id)) continue;
+          let plain: Buffer;
+          try {
+            // No second hash of the plaintext: the tag binds it to this ID under the lineage key, and
+            // every blob was checked against its ID where it entered the datacenter (import, push).
+            plain = openBlob(opts.keys, id, blob, { checkId: false });
+            if (plain.length !== places[0]!.length) throw new Error(`chunk has ${plain.length} bytes, expected ${places[0]!.length}`);
+          } catch {
+            failures.set(id, (failures.get(id) ?? 0) + 1);
+            if ((failures.get(id) ?? 0) >= 3) throw new TransferFailed(`chunk ${id.slice(0, 12)}… failed authentication 3 times`);
+            continue;
+          }
+          seen.add(id);
+          // Several writes in flight per stream (the storage daemon encrypts on its thread pool; the file writes overlap).
+          // A sink may take the buffer over: every place but the last gets its own copy.
+          await writes.add(Promise.all(places.map((p, i) => p.sink.write(p.index, i === places.length - 1 ? plain : Buffer.from(plain)))).then(() => {
+            for (const p of places) pendingMarks.push({ disk: p.disk, index: p.index });
+          }));
+          await opts.rateLimit?.take(blob.length, opts.signal);
+          bytesMoved += blob.length;
+          chunksMoved += places.length;
+          sinceFlush += places.length;
+          const secs = (Date.now() - started) / 1000;
+          const rate = secs > 0 ? bytesMoved / secs : 0;
+          opts.onProgress?.({ bytesDone: bytesMoved, chunksDone: chunksMoved, chunksTotal: total, rate, etaSeconds: chunksMoved ? ((total - chunksMoved) / chunksMoved) * secs : null });
+        }
+        queue = queue.filter((id) => !seen.has(id));
+        if (queue.length && attempt >= 3) throw new TransferFailed(`${queue.length} chunks did not arrive`);
+      }
+      await writes.drain();
+      await maybePersist();
+    }
+  };
+  try {
+    await Promise.all(Array.from({ length: Math.max(1, opts.session.endpoint.maxStreams) }, worker));
+    if (stop) throw (stop as { error: unknown }).error;
+  } finally {
+    await flushing;
+    await persist().catch(() => undefined);
+  }
+  return { bytesMoved, chunksMoved };
 }
 
 /**

@@ -33,7 +33,8 @@ export class Qcow2BaseWriter {
   /** Next cluster to allocate: the file only grows (clusters freed by QEMU inside it stay free). */
   private end: number;
   private readonly l2 = new Map<number, { offset: number; table: Buffer; fresh: boolean }>();
-  private readonly refBlocks = new Map<number, { offset: number; block: Buffer; fresh: boolean }>();
+  /** Every refcount block, read at open (to find where allocation starts) or made here. */
+  private readonly refBlocks = new Map<number, { offset: number; block: Buffer }>();
   private readonly dirtyRefBlocks = new Set<number>();
   private refTableDirty = false;
   /** Chunks written whose mapping is not on disk yet, by index → host offset. */
@@ -96,7 +97,7 @@ export class Qcow2BaseWriter {
         }
       }
       const w = new Qcow2BaseWriter(fh, path, new XtsWriters(key, fh.fd), clusterSize, diskSize, l1, l1Offset, refTable, refTableOffset, end);
-      for (const [rt, block] of blocks) w.refBlocks.set(rt, { offset: Number(refTable[rt]! & OFFSET_MASK), block, fresh: false });
+      for (const [rt, block] of blocks) w.refBlocks.set(rt, { offset: Number(refTable[rt]! & OFFSET_MASK), block });
       key.fill(0);
       return w;
     } catch (err) {
@@ -228,24 +229,16 @@ export class Qcow2BaseWriter {
     if (rt >= this.refTable.length) throw new DiskError('state', `${this.path}: refcount table too small for cluster ${cluster}`);
     let b = this.refBlocks.get(rt);
     if (!b) {
-      const at = Number(this.refTable[rt]! & OFFSET_MASK);
-      if (at !== 0) {
-        const block = Buffer.alloc(this.clusterSize);
-        await this.readAll(block, at);
-        b = this.refBlocks.get(rt) ?? { offset: at, block, fresh: false };
-      } else {
-        // A new refcount block takes the next cluster and counts itself when it lies in its own range.
-        const self = this.end / this.clusterSize;
-        this.end += this.clusterSize;
-        b = { offset: self * this.clusterSize, block: Buffer.alloc(this.clusterSize), fresh: true };
-        this.refTable[rt] = BigInt(b.offset);
-        this.refTableDirty = true;
-        this.refBlocks.set(rt, b);
-        this.dirtyRefBlocks.add(rt);
-        if (Math.floor(self / this.refsPerBlock) === rt) b.block.writeUInt16BE(1, (self % this.refsPerBlock) * 2);
-        else await this.setRefcount(self);
-      }
+      // A new refcount block takes the next cluster and counts itself when it lies in its own range.
+      const self = this.end / this.clusterSize;
+      this.end += this.clusterSize;
+      b = { offset: self * this.clusterSize, block: Buffer.alloc(this.clusterSize) };
+      this.refTable[rt] = BigInt(b.offset);
+      this.refTableDirty = true;
       this.refBlocks.set(rt, b);
+      this.dirtyRefBlocks.add(rt);
+      if (Math.floor(self / this.refsPerBlock) === rt) b.block.writeUInt16BE(1, (self % this.refsPerBlock) * 2);
+      else await this.setRefcount(self);
     }
     const at = (cluster % this.refsPerBlock) * 2;
     if (b.block.readUInt16BE(at) !== 0) throw new DiskError('state', `${this.path}: cluster ${cluster} past the end of the file is already in use`);
