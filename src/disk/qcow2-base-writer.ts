@@ -59,8 +59,11 @@ export class Qcow2BaseWriter {
     this.end = Math.ceil(usedEnd / clusterSize) * clusterSize;
   }
 
-  /** Opens the base at `path` with its LUKS passphrase; `chunkSize` must be its cluster size. */
-  static async open(path: string, passphrase: string, chunkSize: number): Promise<Qcow2BaseWriter> {
+  /**
+   * Opens the base at `path` with its LUKS passphrase; `chunkSize` must be its cluster size.
+   * `directIo: false` keeps the clusters' writes in the page cache (tests of that path).
+   */
+  static async open(path: string, passphrase: string, chunkSize: number, opts: { directIo?: boolean } = {}): Promise<Qcow2BaseWriter> {
     const unsupported = (why: string): never => {
       throw new UnsupportedImage(`${path}: ${why}`);
     };
@@ -96,7 +99,7 @@ export class Qcow2BaseWriter {
           break;
         }
       }
-      const w = new Qcow2BaseWriter(fh, path, new XtsWriters(key, fh.fd), clusterSize, diskSize, l1, l1Offset, refTable, refTableOffset, end);
+      const w = new Qcow2BaseWriter(fh, path, new XtsWriters(key, fh.fd, opts.directIo === false ? null : path, clusterSize), clusterSize, diskSize, l1, l1Offset, refTable, refTableOffset, end);
       for (const [rt, block] of blocks) w.refBlocks.set(rt, { offset: Number(refTable[rt]! & OFFSET_MASK), block });
       key.fill(0);
       return w;

@@ -1,10 +1,15 @@
+import { closeSync, constants, openSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
-import type { XtsWriteRequest, XtsWriteResult } from './xts-write-worker.js';
+import type { XtsWriteRequest, XtsWriteResult, XtsWriterInit } from './xts-write-worker.js';
 
 /**
- * Threads that encrypt clusters and write them to an image file (its descriptor is shared: the
- * process's own). The main thread of a check-out already carries TLS, GCM and zstd; moving the
+ * Threads that encrypt clusters and write them to an image file (its descriptors are shared: the
+ * process's own). Whole clusters go with O_DIRECT where the file system allows it: a check-out
+ * writes each cluster once and never reads it back, so copying it into the page cache only costs
+ * CPU (on a VM whose free pages go back to the host, most of a check-out's kernel time: 4 GiB
+ * check-out here 10.5 s → 7.4 s, 6 → 1.3 s of system time). Durability is unchanged: the base
+ * writer's fdatasync covers the inode whichever descriptor wrote it. The main thread of a check-out already carries TLS, GCM and zstd; moving the
  * XTS (≈ 1.4 CPU s per GiB) and the pwrite off it lets the transfer use a second core.
  */
 export class XtsWriters {
@@ -12,11 +17,17 @@ export class XtsWriters {
   private readonly waiting = new Map<number, { resolve: () => void; reject: (e: Error) => void }>();
   private seq = 0;
   private failure: Error | null = null;
+  private readonly directFd: number | null;
 
-  /** `key`: the 64-byte XTS volume key; `fd`: the image, open for writing, closed only after `close`. */
-  constructor(key: Buffer, fd: number, size = Math.min(4, Math.max(1, availableParallelism() - 1))) {
+  /**
+   * `key`: the 64-byte XTS volume key; `fd`: the image, open for writing, closed only after
+   * `close`; `path`: the same image, opened again for direct I/O (null: page cache only).
+   */
+  constructor(key: Buffer, fd: number, path: string | null, clusterSize: number, size = Math.min(4, Math.max(1, availableParallelism() - 1))) {
+    this.directFd = path === null ? null : openDirect(path);
     for (let i = 0; i < size; i++) {
-      const worker = new Worker(new URL('./xts-write-worker.js', import.meta.url), { workerData: { key: new Uint8Array(key), fd } });
+      const init: XtsWriterInit = { key: new Uint8Array(key), fd, directFd: this.directFd, clusterSize };
+      const worker = new Worker(new URL('./xts-write-worker.js', import.meta.url), { workerData: init });
       const slot = { worker, busy: 0 };
       worker.on('message', (res: XtsWriteResult) => {
         slot.busy--;
@@ -58,5 +69,16 @@ export class XtsWriters {
   async close(): Promise<void> {
     this.fail(new Error('image writer closed'));
     await Promise.all(this.workers.map((w) => w.worker.terminate()));
+    if (this.directFd !== null) closeSync(this.directFd);
+  }
+}
+
+function openDirect(path: string): number | null {
+  try {
+    return openSync(path, constants.O_WRONLY | constants.O_DIRECT);
+  } catch (err) {
+    // tmpfs and some FUSE file systems refuse O_DIRECT (EINVAL): through the page cache then.
+    if ((err as NodeJS.ErrnoException).code === 'EINVAL') return null;
+    throw err;
   }
 }

@@ -27,8 +27,11 @@ export class XtsSectors {
     this.tweakKey = Buffer.from(key.subarray(32));
   }
 
-  /** Encrypts `data` (whole sectors) as the sectors numbered from `firstSector`; returns a new buffer. */
-  encrypt(data: Buffer, firstSector: number): Buffer {
+  /**
+   * Encrypts `data` (whole sectors) as the sectors numbered from `firstSector`; returns a new
+   * buffer, or `into` (at least as long as `data`, 4-byte aligned) filled with the ciphertext.
+   */
+  encrypt(data: Buffer, firstSector: number, into?: Buffer): Buffer {
     if (data.length % XTS_SECTOR !== 0) throw new RangeError(`${data.length} bytes is not a whole number of sectors`);
     if (!Number.isSafeInteger(firstSector) || firstSector < 0) throw new RangeError(`bad sector number ${firstSector}`);
     const sectors = data.length / XTS_SECTOR;
@@ -74,9 +77,12 @@ export class XtsSectors {
         a = (a << 1) ^ (carry & 0x87);
       }
     }
-    const out = ecb(this.dataKey, mixed.subarray(0, data.length));
-    const y = new Uint32Array(out.buffer, out.byteOffset, words);
-    for (let i = 0; i < words; i++) y[i]! ^= t[i]!;
+    const encrypted = ecb(this.dataKey, mixed.subarray(0, data.length));
+    const y = new Uint32Array(encrypted.buffer, encrypted.byteOffset, words);
+    const out = into ? into.subarray(0, data.length) : encrypted;
+    if (out.length < data.length || out.byteOffset % 4 !== 0) throw new RangeError(`the output buffer must hold ${data.length} bytes and be 4-byte aligned`);
+    const z = new Uint32Array(out.buffer, out.byteOffset, words);
+    for (let i = 0; i < words; i++) z[i] = y[i]! ^ t[i]!;
     return out;
   }
 }
