@@ -2,6 +2,7 @@ import { endianness } from 'node:os';
 import { open, type FileHandle } from 'node:fs/promises';
 import { DiskError } from './block-device.js';
 import { COMPRESSED, COPIED, layerVolumeKey, OFFSET_MASK, readQcow2Header, readWords, UnsupportedImage } from './qcow2-format.js';
+import { XtsSectors } from './xts.js';
 import { XtsWriters } from './xts-writers.js';
 
 /** The image is not one this writer fills (the caller writes through QEMU instead). */
@@ -68,6 +69,7 @@ export class Qcow2BaseWriter {
       throw new UnsupportedImage(`${path}: ${why}`);
     };
     if (endianness() !== 'LE') unsupported('big-endian host');
+    if (!XtsSectors.available()) unsupported('this runtime lacks WebAssembly SIMD');
     const fh = await open(path, 'r+');
     try {
       const h = await readQcow2Header(fh, path);
@@ -99,7 +101,7 @@ export class Qcow2BaseWriter {
           break;
         }
       }
-      const w = new Qcow2BaseWriter(fh, path, new XtsWriters(key, fh.fd, opts.directIo === false ? null : path, clusterSize), clusterSize, diskSize, l1, l1Offset, refTable, refTableOffset, end);
+      const w = new Qcow2BaseWriter(fh, path, new XtsWriters(key, fh.fd, opts.directIo === false ? null : path), clusterSize, diskSize, l1, l1Offset, refTable, refTableOffset, end);
       for (const [rt, block] of blocks) w.refBlocks.set(rt, { offset: Number(refTable[rt]! & OFFSET_MASK), block });
       key.fill(0);
       return w;

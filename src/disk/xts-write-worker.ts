@@ -22,21 +22,18 @@ export interface XtsWriterInit {
   fd: number;
   /** The same image opened with O_DIRECT, or null where the file system refuses it. */
   directFd: number | null;
-  clusterSize: number;
 }
 
 const init = workerData as XtsWriterInit;
 const xts = new XtsSectors(Buffer.from(init.key));
-const WASM_PAGE = 65536;
-/** Direct I/O needs a page-aligned buffer; a WebAssembly memory is one (a mapping of its own). */
-const aligned = init.directFd === null ? null : Buffer.from(new WebAssembly.Memory({ initial: Math.ceil(init.clusterSize / WASM_PAGE) }).buffer, 0, init.clusterSize);
 
 parentPort!.on('message', (req: XtsWriteRequest) => {
   let error: XtsWriteResult['error'] = null;
   try {
     const plain = Buffer.from(req.data);
-    const direct = aligned !== null && plain.length === init.clusterSize && req.host % init.clusterSize === 0;
-    const sealed = xts.encrypt(plain, req.host / XTS_SECTOR, direct ? aligned : undefined);
+    // The view is page aligned (direct I/O needs that), the offset and length whole sectors.
+    const sealed = xts.encryptView(plain, req.host / XTS_SECTOR);
+    const direct = init.directFd !== null && plain.length % 4096 === 0 && req.host % 4096 === 0;
     // A short write (a disk filling up) is continued, through the page cache (direct I/O needs
     // aligned offsets): the next write fails with the OS's own error.
     for (let done = 0; done < sealed.length;) {

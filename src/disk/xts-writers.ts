@@ -23,10 +23,10 @@ export class XtsWriters {
    * `key`: the 64-byte XTS volume key; `fd`: the image, open for writing, closed only after
    * `close`; `path`: the same image, opened again for direct I/O (null: page cache only).
    */
-  constructor(key: Buffer, fd: number, path: string | null, clusterSize: number, size = Math.min(4, Math.max(1, availableParallelism() - 1))) {
+  constructor(key: Buffer, fd: number, path: string | null, size = Math.min(4, Math.max(1, availableParallelism() - 1))) {
     this.directFd = path === null ? null : openDirect(path);
     for (let i = 0; i < size; i++) {
-      const init: XtsWriterInit = { key: new Uint8Array(key), fd, directFd: this.directFd, clusterSize };
+      const init: XtsWriterInit = { key: new Uint8Array(key), fd, directFd: this.directFd };
       const worker = new Worker(new URL('./xts-write-worker.js', import.meta.url), { workerData: init });
       const slot = { worker, busy: 0 };
       worker.on('message', (res: XtsWriteResult) => {
