@@ -32,12 +32,18 @@ export class FrameError extends CarryonError {
   }
 }
 
+/** A frame's header alone: for a sender that writes the payload after it without joining them. */
+export function frameHeader(type: number, id: ChunkId | null, payloadLength: number, into = Buffer.allocUnsafe(HEAD)): Buffer {
+  into[0] = type;
+  if (id) chunkIdToBytes(id).copy(into, 1);
+  else into.fill(0, 1, 33);
+  into.writeUInt32BE(payloadLength, 33);
+  return into.subarray(0, HEAD);
+}
+
 export function encodeFrame(type: number, id: ChunkId | null, payload: Uint8Array = Buffer.alloc(0)): Buffer {
   const out = Buffer.allocUnsafe(HEAD + payload.length);
-  out[0] = type;
-  if (id) chunkIdToBytes(id).copy(out, 1);
-  else out.fill(0, 1, 33);
-  out.writeUInt32BE(payload.length, 33);
+  frameHeader(type, id, payload.length, out);
   Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength).copy(out, HEAD);
   return out;
 }

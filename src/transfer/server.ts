@@ -11,7 +11,7 @@ import { TicketError, verifyTicket, type TicketPayload } from '../core/ticket.js
 import { mapError, parseOrInvalid } from '../net/http-errors.js';
 import { loadOrCreateTls } from '../net/tls-cert.js';
 import { getBlobs, type ChunkStore } from '../store/chunk-store.js';
-import { blobFrame, endFrame, errorFrame, FRAME_BLOB, FRAME_DELTA, FrameDecoder, type Frame } from './frames.js';
+import { endFrame, errorFrame, FRAME_BLOB, FRAME_DELTA, FrameDecoder, frameHeader, type Frame } from './frames.js';
 import { JobScopes, type JobSummary } from './scopes.js';
 
 export interface TransferServerOptions {
@@ -146,8 +146,9 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
         let w = 0;
         for (const id of ids) {
           if (out.destroyed) break;
-          let frame: Buffer;
-          if (!scope.allowed.has(id)) frame = errorFrame(id, 'not referenced by the ticket');
+          // A blob goes as header, then the blob itself: joining them copied every byte once more.
+          let frame: Buffer[];
+          if (!scope.allowed.has(id)) frame = [errorFrame(id, 'not referenced by the ticket')];
           else {
             // The window holding this id's position is at most a few ahead (duplicates may skip some).
             while (!blobs.has(id) && w < windows.length) {
@@ -157,16 +158,21 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
               ahead = read(++w);
             }
             const blob = blobs.get(id) ?? null;
-            if (!blob) frame = errorFrame(id, 'not in store');
-            else if (blob instanceof Error) frame = errorFrame(id, blob.message);
+            if (!blob) frame = [errorFrame(id, 'not in store')];
+            else if (blob instanceof Error) frame = [errorFrame(id, blob.message)];
             else {
-              frame = blobFrame(id, opts.tamper ? opts.tamper(id, blob) : blob);
+              const sent = opts.tamper ? opts.tamper(id, blob) : blob;
+              frame = [frameHeader(FRAME_BLOB, id, sent.length), sent];
               js.chunksOut++;
             }
           }
-          stats.bytesOut += frame.length;
-          js.bytesOut += frame.length;
-          if (!out.write(frame)) await new Promise((r) => out.once('drain', r));
+          let writable = true;
+          for (const part of frame) {
+            stats.bytesOut += part.length;
+            js.bytesOut += part.length;
+            writable = out.write(part);
+          }
+          if (!writable) await new Promise((r) => out.once('drain', r));
         }
         ahead.catch(() => undefined);
         out.end(endFrame());
