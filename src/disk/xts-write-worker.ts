@@ -31,7 +31,7 @@ parentPort!.on('message', (req: XtsWriteRequest) => {
   let error: XtsWriteResult['error'] = null;
   try {
     const plain = Buffer.from(req.data);
-    // The view is page aligned (direct I/O needs that), the offset and length whole sectors.
+    // The view is page aligned; direct I/O also needs the offset and length in whole pages.
     const sealed = xts.encryptView(plain, req.host / XTS_SECTOR);
     const direct = init.directFd !== null && plain.length % 4096 === 0 && req.host % 4096 === 0;
     // A short write (a disk filling up) is continued, through the page cache (direct I/O needs

@@ -9,8 +9,9 @@ import type { XtsWriteRequest, XtsWriteResult, XtsWriterInit } from './xts-write
  * writes each cluster once and never reads it back, so copying it into the page cache only costs
  * CPU (on a VM whose free pages go back to the host, most of a check-out's kernel time: 4 GiB
  * check-out here 10.5 s → 7.4 s, 6 → 1.3 s of system time). Durability is unchanged: the base
- * writer's fdatasync covers the inode whichever descriptor wrote it. The main thread of a check-out already carries TLS, GCM and zstd; moving the
- * XTS (≈ 1.4 CPU s per GiB) and the pwrite off it lets the transfer use a second core.
+ * writer's fdatasync covers the inode whichever descriptor wrote it. The main thread of a
+ * check-out already carries TLS, GCM and zstd; moving the XTS and the writes off it lets the
+ * transfer use a second core.
  */
 export class XtsWriters {
   private readonly workers: { worker: Worker; busy: number }[] = [];
@@ -77,7 +78,7 @@ function openDirect(path: string): number | null {
   try {
     return openSync(path, constants.O_WRONLY | constants.O_DIRECT);
   } catch (err) {
-    // tmpfs and some FUSE file systems refuse O_DIRECT (EINVAL): through the page cache then.
+    // Some file systems refuse O_DIRECT (EINVAL: tmpfs before Linux 6.6, some FUSE): page cache then.
     if ((err as NodeJS.ErrnoException).code === 'EINVAL') return null;
     throw err;
   }
