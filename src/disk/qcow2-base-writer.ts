@@ -87,14 +87,14 @@ export class Qcow2BaseWriter {
       // Allocation starts past the file's end and past every cluster with a refcount: a run that
       // failed (a full disk) may have counted clusters it never wrote (leaks, not data).
       let end = size;
-      const blocks = new Map<number, Buffer>();
+      const blocks = new Map<number, { offset: number; block: Buffer }>();
       for (let rt = 0; rt < refTable.length; rt++) {
         const at = Number(refTable[rt]! & OFFSET_MASK);
         if (at === 0) continue;
         const block = Buffer.alloc(clusterSize);
         const { bytesRead: got } = await fh.read(block, 0, block.length, at);
         if (got !== block.length) unsupported(`refcount block ${rt} lies past the end of the file`);
-        blocks.set(rt, block);
+        blocks.set(rt, { offset: at, block });
         for (let i = clusterSize / 2 - 1; i >= 0; i--) {
           if (block.readUInt16BE(i * 2) === 0) continue;
           end = Math.max(end, (rt * (clusterSize / 2) + i + 1) * clusterSize);
@@ -102,7 +102,7 @@ export class Qcow2BaseWriter {
         }
       }
       const w = new Qcow2BaseWriter(fh, path, new XtsWriters(key, fh.fd, opts.directIo === false ? null : path), clusterSize, diskSize, l1, l1Offset, refTable, refTableOffset, end);
-      for (const [rt, block] of blocks) w.refBlocks.set(rt, { offset: Number(refTable[rt]! & OFFSET_MASK), block });
+      for (const [rt, b] of blocks) w.refBlocks.set(rt, b);
       key.fill(0);
       return w;
     } catch (err) {

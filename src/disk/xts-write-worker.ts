@@ -33,11 +33,12 @@ parentPort!.on('message', (req: XtsWriteRequest) => {
     const plain = Buffer.from(req.data);
     // The view is page aligned; direct I/O also needs the offset and length in whole pages.
     const sealed = xts.encryptView(plain, req.host / XTS_SECTOR);
-    const direct = init.directFd !== null && plain.length % 4096 === 0 && req.host % 4096 === 0;
+    const aligned = plain.length % 4096 === 0 && req.host % 4096 === 0;
     // A short write (a disk filling up) is continued, through the page cache (direct I/O needs
     // aligned offsets): the next write fails with the OS's own error.
     for (let done = 0; done < sealed.length;) {
-      const n = writeSync(direct && done === 0 ? init.directFd! : init.fd, sealed, done, sealed.length - done, req.host + done);
+      const fd = aligned && done === 0 ? (init.directFd ?? init.fd) : init.fd;
+      const n = writeSync(fd, sealed, done, sealed.length - done, req.host + done);
       if (n === 0) throw new Error(`nothing written at ${req.host + done}`);
       done += n;
     }

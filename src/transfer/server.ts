@@ -147,8 +147,8 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
         for (const id of ids) {
           if (out.destroyed) break;
           // A blob goes as header, then the blob itself: joining them copied every byte once more.
-          let frame: Buffer[];
-          if (!scope.allowed.has(id)) frame = [errorFrame(id, 'not referenced by the ticket')];
+          let parts: Buffer[];
+          if (!scope.allowed.has(id)) parts = [errorFrame(id, 'not referenced by the ticket')];
           else {
             // The window holding this id's position is at most a few ahead (duplicates may skip some).
             while (!blobs.has(id) && w < windows.length) {
@@ -158,16 +158,16 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
               ahead = read(++w);
             }
             const blob = blobs.get(id) ?? null;
-            if (!blob) frame = [errorFrame(id, 'not in store')];
-            else if (blob instanceof Error) frame = [errorFrame(id, blob.message)];
+            if (!blob) parts = [errorFrame(id, 'not in store')];
+            else if (blob instanceof Error) parts = [errorFrame(id, blob.message)];
             else {
               const sent = opts.tamper ? opts.tamper(id, blob) : blob;
-              frame = [frameHeader(FRAME_BLOB, id, sent.length), sent];
+              parts = [frameHeader(FRAME_BLOB, id, sent.length), sent];
               js.chunksOut++;
             }
           }
           let writable = true;
-          for (const part of frame) {
+          for (const part of parts) {
             stats.bytesOut += part.length;
             js.bytesOut += part.length;
             writable = out.write(part);
