@@ -5,16 +5,16 @@ import { chunkLength, isZero } from '../core/chunking.js';
 import { pagesByChunk, sealDeltaRanges, type Range } from '../core/delta.js';
 import type { LineageKeys } from '../core/keys.js';
 import { createManifest, type Manifest } from '../core/manifest.js';
-import { topExtents } from '../disk/chain.js';
 import { mapLimit } from '../store/fs-chunk-store.js';
 import type { NbdClient } from '../nbd/client.js';
 import type { UploadSource } from '../transfer/client.js';
 import type { DesktopDisk } from './disks.js';
 
-/** One disk as check-in reads it: the chain, through its top export. */
+/** One disk as check-in reads it: the chain, through its top export, and the top layer's allocated extents. */
 export interface DiskReader {
   disk: DesktopDisk;
   top: NbdClient;
+  extents: { start: number; length: number }[];
 }
 
 export interface Changes {
@@ -39,7 +39,7 @@ export async function collectChanges(readers: DiskReader[], keys: LineageKeys): 
   for (const reader of readers) {
     const { base } = reader.disk;
     const chunks = base.chunks.slice();
-    const extents = (await topExtents(reader.disk.chain)).map((e) => ({ offset: e.start, length: e.length }));
+    const extents = reader.extents.map((e) => ({ offset: e.start, length: e.length }));
     const written = pagesByChunk(extents, base.chunkSize, base.diskSize);
     await mapLimit([...written.keys()], 8, async (index) => {
       const plain = await readChunk(reader.top, base, index);

@@ -2,6 +2,7 @@ import { join } from 'node:path';
 import { z } from 'zod';
 import { CarryonError } from '../core/errors.js';
 import { encodeManifest } from '../core/manifest.js';
+import { topExtents } from '../disk/chain.js';
 import { addChain, StorageDaemon } from '../disk/storage-daemon.js';
 import { NbdClient } from '../nbd/client.js';
 import { uploadChunks } from '../transfer/client.js';
@@ -20,6 +21,11 @@ import { Vault, type DesktopState } from './vault.js';
  * desktop runs (its disk is locked by QEMU): shut it down first.
  */
 async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopDisk[], fn: (readers: DiskReader[]) => Promise<T>): Promise<T> {
+  // The top layers' maps (one qemu-img each) are read while the daemon starts: the caller holds
+  // the desktop's owner claim, so no run or serve can write the chain meanwhile (and the daemon's
+  // image locks then hold it). The daemon's own errors (a disk in use) come first: they say what to do.
+  const maps = disks.map((d) => topExtents(d.chain));
+  for (const m of maps) m.catch(() => undefined);
   const dir = await socketDir(vault, state.desktopId);
   const qsd = await StorageDaemon.start(dir);
   const clients: NbdClient[] = [];
@@ -28,10 +34,10 @@ async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopD
     const socket = join(dir, 'upload.sock');
     await qsd.exportNbd(socket, disks.map((d, i) => ({ node: `${diskPrefix(i)}-top`, name: d.name, writable: false })));
     const readers: DiskReader[] = [];
-    for (const d of disks) {
+    for (const [i, d] of disks.entries()) {
       const top = await NbdClient.connect(socket, d.name);
       clients.push(top);
-      readers.push({ disk: d, top });
+      readers.push({ disk: d, top, extents: await maps[i]! });
     }
     return await fn(readers);
   } finally {

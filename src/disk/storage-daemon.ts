@@ -52,7 +52,7 @@ export class StorageDaemon implements BlockHost {
     await rm(qmpPath, { force: true });
     // setpriv --pdeathsig: a client killed with -9 takes its daemon along (else it would keep the disk locked).
     const qsdArgs = ['--chardev', `socket,id=qmp0,path=${qmpPath},server=on,wait=off`, '--monitor', 'chardev=qmp0'];
-    const child = spawn('setpriv', ['--pdeathsig', 'SIGKILL', '--', 'qemu-storage-daemon', ...qsdArgs], { stdio: ['ignore', 'ignore', 'pipe'] });
+    const child = spawn('setpriv', ['--pdeathsig', 'SIGKILL', '--', 'qemu-storage-daemon', ...qsdArgs], { stdio: ['ignore', 'ignore', 'pipe'], env: daemonEnv(process.env) });
     let stderr = '';
     child.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr = (stderr + d).slice(-4000)));
     const exited = new Promise<number>((resolve) => {
@@ -110,4 +110,16 @@ export class StorageDaemon implements BlockHost {
   lastError(): string {
     return this.stderr().trim();
   }
+}
+
+/**
+ * The daemon's environment: glibc keeps freed blocks up to 4 MiB in its heap instead of giving
+ * each back to the kernel. Every encrypted read or write of ≥ 128 KiB takes a bounce buffer that
+ * glibc would otherwise map and unmap per request, so each request paid for freshly zeroed pages
+ * (perf: 6–7 % of the daemon's main thread in clear_page during a check-in's scan; the scan
+ * ≈ 7 % faster with it, 5 runs each). A user's own GLIBC_TUNABLES wins.
+ */
+export function daemonEnv(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  if (env.GLIBC_TUNABLES !== undefined) return env;
+  return { ...env, GLIBC_TUNABLES: 'glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=67108864' };
 }

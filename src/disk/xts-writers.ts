@@ -1,6 +1,6 @@
 import { closeSync, constants, openSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
-import { Worker } from 'node:worker_threads';
+import { exactBuffer, WorkerPool } from '../core/worker-pool.js';
 import type { XtsWriteRequest, XtsWriteResult, XtsWriterInit } from './xts-write-worker.js';
 
 /**
@@ -14,10 +14,7 @@ import type { XtsWriteRequest, XtsWriteResult, XtsWriterInit } from './xts-write
  * transfer use a second core.
  */
 export class XtsWriters {
-  private readonly workers: { worker: Worker; busy: number }[] = [];
-  private readonly waiting = new Map<number, { resolve: () => void; reject: (e: Error) => void }>();
-  private seq = 0;
-  private failure: Error | null = null;
+  private readonly pool: WorkerPool<Omit<XtsWriteRequest, 'seq'>, XtsWriteResult>;
   private readonly directFd: number | null;
 
   /**
@@ -26,50 +23,19 @@ export class XtsWriters {
    */
   constructor(key: Buffer, fd: number, path: string | null, size = Math.min(4, Math.max(1, availableParallelism() - 1))) {
     this.directFd = path === null ? null : openDirect(path);
-    for (let i = 0; i < size; i++) {
-      const init: XtsWriterInit = { key: new Uint8Array(key), fd, directFd: this.directFd };
-      const worker = new Worker(new URL('./xts-write-worker.js', import.meta.url), { workerData: init });
-      const slot = { worker, busy: 0 };
-      worker.on('message', (res: XtsWriteResult) => {
-        slot.busy--;
-        const w = this.waiting.get(res.seq);
-        this.waiting.delete(res.seq);
-        if (!res.error) w?.resolve();
-        else w?.reject(Object.assign(new Error(res.error.message), res.error.code ? { code: res.error.code } : {}));
-      });
-      worker.on('error', (err) => this.fail(err));
-      this.workers.push(slot);
-    }
+    const init: XtsWriterInit = { key: new Uint8Array(key), fd, directFd: this.directFd };
+    this.pool = new WorkerPool(new URL('./xts-write-worker.js', import.meta.url), init, size);
   }
 
   /** Encrypts and writes `cluster` (a whole cluster; its buffer moves to the worker) at byte `host`. */
-  write(cluster: Buffer, host: number): Promise<void> {
-    if (this.failure) return Promise.reject(this.failure);
-    let exact: Uint8Array = cluster;
-    if (cluster.byteOffset !== 0 || cluster.byteLength !== cluster.buffer.byteLength) {
-      exact = new Uint8Array(cluster.length);
-      exact.set(cluster);
-    }
-    const data = exact.buffer as ArrayBuffer;
-    const slot = this.workers.reduce((a, b) => (b.busy < a.busy ? b : a));
-    const seq = this.seq++;
-    slot.busy++;
-    return new Promise((resolve, reject) => {
-      this.waiting.set(seq, { resolve, reject });
-      slot.worker.postMessage({ seq, data, host } satisfies XtsWriteRequest, [data]);
-    });
-  }
-
-  private fail(err: Error): void {
-    this.failure = err;
-    for (const w of this.waiting.values()) w.reject(err);
-    this.waiting.clear();
+  async write(cluster: Buffer, host: number): Promise<void> {
+    const data = exactBuffer(cluster);
+    await this.pool.run({ data, host }, [data]);
   }
 
   /** Stops the threads; writes still in flight are failed. */
   async close(): Promise<void> {
-    this.fail(new Error('image writer closed'));
-    await Promise.all(this.workers.map((w) => w.worker.terminate()));
+    await this.pool.close();
     if (this.directFd !== null) closeSync(this.directFd);
   }
 }

@@ -2,8 +2,6 @@ import type { KeyObject } from 'node:crypto';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { PassThrough } from 'node:stream';
 import { z } from 'zod';
-import { openBlob, sealChunk } from '../core/blob.js';
-import { openDelta } from '../core/delta.js';
 import { isChunkId, type ChunkId } from '../core/chunk-id.js';
 import { WriteWindow } from '../core/write-window.js';
 import { CarryonError } from '../core/errors.js';
@@ -12,6 +10,7 @@ import { mapError, parseOrInvalid } from '../net/http-errors.js';
 import { loadOrCreateTls } from '../net/tls-cert.js';
 import { getBlobs, type ChunkStore } from '../store/chunk-store.js';
 import { endFrame, errorFrame, FRAME_BLOB, FRAME_DELTA, FrameDecoder, frameHeader, type Frame } from './frames.js';
+import { PushChecks } from './push-checks.js';
 import { JobScopes, type JobSummary } from './scopes.js';
 
 export interface TransferServerOptions {
@@ -56,6 +55,8 @@ export interface TransferServer {
 /** Blobs a fetch reads ahead of what it sends (≤ 8 MiB of 256 KiB chunks). */
 const FETCH_WINDOW = 32;
 
+type PushedFrame = Extract<Frame, { type: typeof FRAME_BLOB | typeof FRAME_DELTA }>;
+
 const IdList = (max: number) => z.object({ ids: z.array(z.string().refine(isChunkId, 'not a chunk ID')).max(max) }).strict();
 
 /**
@@ -69,6 +70,7 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
   const now = opts.now ?? Date.now;
   const streams = new Map<string, number>();
   const scopes = new JobScopes(opts.store, opts.masterKey, now, (jobId) => stats.perJob.delete(jobId));
+  const checks = new PushChecks();
   const sweeper = setInterval(() => scopes.sweep(), 30_000);
   sweeper.unref();
 
@@ -186,8 +188,8 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
     return reply.type('application/octet-stream').send(out);
   });
 
-  /** Store appends kept in flight per upload stream. */
-  const PUTS_PER_STREAM = 16;
+  /** Frames checked and stored in flight per upload stream (checks run on worker threads). */
+  const PUSH_WINDOW = 16;
 
   app.post('/v1/chunks/push', async (req, reply) => {
     const { ticket, scope, js } = await authorize(req, 'upload');
@@ -198,68 +200,73 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
     if (!release) return reply;
     const decoder = new FrameDecoder();
     const result = { stored: 0, duplicate: 0, rejected: [] as { id: string; reason: string; code: 'invalid' | 'base-missing' }[] };
-    /** The blob to store for a pushed frame: as sent, or rebuilt from a delta and sealed here. */
-    const blobOf = async (frame: Extract<Frame, { type: typeof FRAME_BLOB | typeof FRAME_DELTA }>): Promise<Buffer | 'base-missing'> => {
+    const reject = (id: ChunkId, reason: string, code: 'invalid' | 'base-missing' = 'invalid') => {
+      stats.blobsRejected++;
+      result.rejected.push({ id, reason, code });
+    };
+    /** The blob to store for a pushed frame: as sent once authenticated, or rebuilt from a delta and sealed. */
+    const blobOf = async (frame: PushedFrame): Promise<Buffer | 'base-missing'> => {
       if (frame.type === FRAME_BLOB) {
-        openBlob(scope.keys, frame.id, frame.payload);
+        await checks.verify(scope.keys, frame.id, frame.payload);
         return frame.payload;
       }
       // Only a chunk of the checkout's checkpoint may serve as a base (else: an existence oracle).
       if (!scope.base.has(frame.baseId)) return 'base-missing';
       const baseBlob = await opts.store.get(frame.baseId);
       if (!baseBlob) return 'base-missing';
-      // The stored base was verified when it arrived; the rebuilt chunk is checked against its ID.
-      const base = openBlob(scope.keys, frame.baseId, baseBlob, { checkId: false });
-      return sealChunk(scope.keys, openDelta(scope.keys, frame.id, frame.baseId, frame.payload, base), frame.id).blob;
+      return checks.rebuild(scope.keys, frame.id, frame.payload, { id: frame.baseId, blob: baseBlob });
     };
-    // Blobs are appended to the store while the next frames are checked (a window per stream).
-    const puts = new WriteWindow(PUTS_PER_STREAM);
-    const inThisStream = new Set<ChunkId>();
+    // Per chunk ID in this stream: whether a copy of it passed (a later copy is then a duplicate).
+    const passed = new Map<ChunkId, Promise<boolean>>();
+    const accept = async (frame: PushedFrame, earlier: Promise<boolean>): Promise<boolean> => {
+      let blob: Buffer | 'base-missing';
+      try {
+        blob = await blobOf(frame);
+      } catch (err) {
+        reject(frame.id, (err as Error).message);
+        return earlier;
+      }
+      if (blob === 'base-missing') {
+        reject(frame.id, `base chunk ${frame.type === FRAME_DELTA ? frame.baseId : ''} is not here: send the whole chunk`, 'base-missing');
+        return earlier;
+      }
+      js.chunksIn++;
+      if (await earlier) {
+        result.duplicate++; // sent twice in one stream: its first copy is stored
+        return true;
+      }
+      const known = scope.base.has(frame.id) || scope.pushed.has(frame.id);
+      const fresh = await opts.store.put(frame.id, blob, { defer: true });
+      // A duplicate of a chunk outside the checkout's own would tell that another desktop has it.
+      if (fresh || !known) result.stored++;
+      else result.duplicate++;
+      scope.pushed.add(frame.id);
+      return true;
+    };
+    // Frames are checked on the workers and appended to the store while the next ones arrive.
+    const window = new WriteWindow(PUSH_WINDOW);
     try {
       for await (const piece of req.body as AsyncIterable<Buffer>) {
         stats.bytesIn += piece.length;
         js.bytesIn += piece.length;
         for (const frame of decoder.push(piece)) {
           if (frame.type !== FRAME_BLOB && frame.type !== FRAME_DELTA) continue;
-          const reject = (reason: string, code: 'invalid' | 'base-missing' = 'invalid') => {
-            stats.blobsRejected++;
-            result.rejected.push({ id: frame.id, reason, code });
-          };
           if (!scope.allowed.has(frame.id)) {
-            reject('not referenced by the ticket');
+            reject(frame.id, 'not referenced by the ticket');
             continue;
           }
-          let blob: Buffer | 'base-missing';
-          try {
-            blob = await blobOf(frame);
-          } catch (err) {
-            reject((err as Error).message);
-            continue;
-          }
-          if (blob === 'base-missing') {
-            reject(`base chunk ${frame.type === FRAME_DELTA ? frame.baseId : ''} is not here: send the whole chunk`, 'base-missing');
-            continue;
-          }
-          js.chunksIn++;
-          if (inThisStream.has(frame.id)) {
-            result.duplicate++; // sent twice in one stream: its first copy is being stored
-            continue;
-          }
-          inThisStream.add(frame.id);
-          const known = scope.base.has(frame.id) || scope.pushed.has(frame.id);
-          // A duplicate of a chunk outside the checkout's own would tell that another desktop has it.
-          await puts.add(opts.store.put(frame.id, blob, { defer: true }).then((fresh) => {
-            if (fresh || !known) result.stored++;
-            else result.duplicate++;
-            scope.pushed.add(frame.id);
-          }));
+          const task = accept(frame, passed.get(frame.id) ?? Promise.resolve(false));
+          passed.set(frame.id, task.catch(() => false));
+          await window.add(task.then(() => undefined));
         }
       }
       decoder.finish();
-      await puts.drain();
+      await window.drain();
       await opts.store.sync();
       return result;
     } finally {
+      // Settled before the stream is given back (a failed request leaves no check or put running).
+      await window.drain().catch(() => undefined);
       release();
     }
   });
@@ -280,6 +287,7 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
     close: async () => {
       clearInterval(sweeper);
       await app.close();
+      await checks.close();
     },
   };
 }

@@ -1,0 +1,59 @@
+import { parentPort } from 'node:worker_threads';
+import { openBlob, sealChunk } from '../core/blob.js';
+import type { ChunkId } from '../core/chunk-id.js';
+import { openDelta } from '../core/delta.js';
+import { decodeLineageKeys, type LineageKeys } from '../core/keys.js';
+import type { PoolReply } from '../core/worker-pool.js';
+
+/** Worker: authenticates a pushed blob, or rebuilds a changed chunk from its delta and seals it. */
+export interface PushCheckRequest {
+  seq: number;
+  /** The job's lineage keys (encodeLineageKeys). */
+  keys: string;
+  id: ChunkId;
+  /** The pushed blob, or the delta blob (ownership moves here). */
+  payload: ArrayBuffer;
+  /** For a delta: the base chunk and its stored blob. */
+  base?: { id: ChunkId; blob: ArrayBuffer };
+}
+
+export interface PushCheckReply extends PoolReply {
+  /** For a delta: the rebuilt chunk's blob, to store. */
+  blob?: ArrayBuffer;
+}
+
+/** Decoded keys of the jobs seen lately (a few per transfer server at a time). */
+const keyCache = new Map<string, LineageKeys>();
+function keysOf(encoded: string): LineageKeys {
+  let keys = keyCache.get(encoded);
+  if (!keys) {
+    if (keyCache.size >= 64) keyCache.delete(keyCache.keys().next().value!);
+    keys = decodeLineageKeys(encoded);
+    keyCache.set(encoded, keys);
+  }
+  return keys;
+}
+
+parentPort!.on('message', (req: PushCheckRequest) => {
+  let reply: PushCheckReply;
+  const transfer: ArrayBuffer[] = [];
+  try {
+    const keys = keysOf(req.keys);
+    const payload = new Uint8Array(req.payload);
+    if (!req.base) {
+      openBlob(keys, req.id, payload);
+      reply = { seq: req.seq };
+    } else {
+      // The stored base was verified when it arrived; the rebuilt chunk is checked against its ID.
+      const base = openBlob(keys, req.base.id, new Uint8Array(req.base.blob), { checkId: false });
+      const sealed = sealChunk(keys, openDelta(keys, req.id, req.base.id, payload, base), req.id).blob;
+      // A blob of a few KiB may be a view of Node's shared pool: send a copy of it then.
+      const own = sealed.byteOffset === 0 && sealed.byteLength === sealed.buffer.byteLength ? sealed : new Uint8Array(sealed);
+      reply = { seq: req.seq, blob: own.buffer as ArrayBuffer };
+      transfer.push(reply.blob!);
+    }
+  } catch (err) {
+    reply = { seq: req.seq, error: { message: (err as Error).message } };
+  }
+  parentPort!.postMessage(reply, transfer);
+});
