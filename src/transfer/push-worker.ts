@@ -1,9 +1,8 @@
 import { parentPort } from 'node:worker_threads';
-import { openBlob, sealChunk } from '../core/blob.js';
 import type { ChunkId } from '../core/chunk-id.js';
-import { openDelta } from '../core/delta.js';
 import { decodeLineageKeys, type LineageKeys } from '../core/keys.js';
 import type { PoolReply } from '../core/worker-pool.js';
+import { rebuildPushed, verifyPushed } from './push-rebuild.js';
 
 /** Worker: authenticates a pushed blob, or rebuilds a changed chunk from its delta and seals it. */
 export interface PushCheckRequest {
@@ -41,12 +40,10 @@ parentPort!.on('message', (req: PushCheckRequest) => {
     const keys = keysOf(req.keys);
     const payload = new Uint8Array(req.payload);
     if (!req.base) {
-      openBlob(keys, req.id, payload);
+      verifyPushed(keys, req.id, payload);
       reply = { seq: req.seq };
     } else {
-      // The stored base was verified when it arrived; the rebuilt chunk is checked against its ID.
-      const base = openBlob(keys, req.base.id, new Uint8Array(req.base.blob), { checkId: false });
-      const sealed = sealChunk(keys, openDelta(keys, req.id, req.base.id, payload, base), req.id).blob;
+      const sealed = rebuildPushed(keys, req.id, payload, { id: req.base.id, blob: new Uint8Array(req.base.blob) });
       // A blob of a few KiB may be a view of Node's shared pool: send a copy of it then.
       const own = sealed.byteOffset === 0 && sealed.byteLength === sealed.buffer.byteLength ? sealed : new Uint8Array(sealed);
       reply = { seq: req.seq, blob: own.buffer as ArrayBuffer };
