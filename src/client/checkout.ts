@@ -6,7 +6,8 @@ import { decodeLineageKeys } from '../core/keys.js';
 import { verifyLease } from '../core/lease.js';
 import { decodeManifest, manifestDigest } from '../core/manifest.js';
 import { baseBlockdev } from '../disk/chain.js';
-import { Qcow2BaseWriter, UnsupportedBase } from '../disk/qcow2-base-writer.js';
+import { Qcow2BaseWriter } from '../disk/qcow2-base-writer.js';
+import { UnsupportedImage } from '../disk/qcow2-format.js';
 import { addLayer, StorageDaemon } from '../disk/storage-daemon.js';
 import { NbdClient } from '../nbd/client.js';
 import { TransferSession } from '../transfer/client.js';
@@ -110,7 +111,7 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
     try {
       for (const d of incomplete) sinks.push(await Qcow2BaseWriter.open(d.chain.files.base, d.chain.secret, d.base.chunkSize));
     } catch (err) {
-      if (!(err instanceof UnsupportedBase)) throw err;
+      if (!(err instanceof UnsupportedImage)) throw err;
       await Promise.all(sinks.splice(0).map((s) => s.close()));
       env.log(`writing through QEMU: ${err.message}`);
       qsd = await StorageDaemon.start(dir);
@@ -142,10 +143,12 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
 
 /** The incomplete bases exported writable by a storage daemon (their tops may still be in the making). */
 async function nbdSinks(qsd: StorageDaemon, disks: DesktopDisk[], socketPath: string): Promise<BaseSink[]> {
-  for (const [i, d] of disks.entries()) if (!d.entry.complete) await addLayer(qsd, baseBlockdev(specFor(d, i, null)), `sec-${diskPrefix(i)}`, d.chain.secret);
-  await qsd.exportNbd(socketPath, disks.flatMap((d, i) => (d.entry.complete ? [] : [{ node: `${diskPrefix(i)}-base`, name: `${d.name}.fill`, writable: true }])));
+  // Each keeps its position in the chain list: the daemon's node names are numbered by it.
+  const incomplete = disks.flatMap((d, i) => (d.entry.complete ? [] : [{ d, prefix: diskPrefix(i), spec: specFor(d, i, null) }]));
+  for (const { d, prefix, spec } of incomplete) await addLayer(qsd, baseBlockdev(spec), `sec-${prefix}`, d.chain.secret);
+  await qsd.exportNbd(socketPath, incomplete.map(({ d, prefix }) => ({ node: `${prefix}-base`, name: `${d.name}.fill`, writable: true })));
   const sinks: BaseSink[] = [];
-  for (const d of disks.filter((x) => !x.entry.complete)) {
+  for (const { d } of incomplete) {
     const client = await NbdClient.connect(socketPath, `${d.name}.fill`);
     sinks.push({ write: (index, plain) => client.write(index * d.base.chunkSize, plain), persist: () => client.flush(), close: () => client.close() });
   }

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { copyFile, mkdir, open, rename, rm } from 'node:fs/promises';
+import { copyFile, mkdir, open, rename, rm, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { DiskError } from './block-device.js';
@@ -93,9 +93,12 @@ async function checkTemplate(path: string, shape: LayerShape): Promise<void> {
   if (!ok) throw new DiskError('state', `layer template ${path} is not a ${shape.kind} template: it is made again`);
 }
 
-/** Where qcow2 keeps its LUKS header: the "full disk encryption header pointer" extension. */
-export async function luksHeaderRange(path: string): Promise<{ offset: number; length: number } | null> {
-  const fh = await open(path, 'r');
+/**
+ * Where qcow2 keeps its LUKS header: the "full disk encryption header pointer" extension. Reads
+ * through `file` when it is an open handle (left open), else opens the path for the read.
+ */
+export async function luksHeaderRange(file: string | FileHandle): Promise<{ offset: number; length: number } | null> {
+  const fh = typeof file === 'string' ? await open(file, 'r') : file;
   try {
     const head = Buffer.alloc(64 * 1024);
     const { bytesRead } = await fh.read(head, 0, head.length, 0);
@@ -110,7 +113,7 @@ export async function luksHeaderRange(path: string): Promise<{ offset: number; l
     }
     return null;
   } finally {
-    await fh.close();
+    if (typeof file === 'string') await fh.close();
   }
 }
 

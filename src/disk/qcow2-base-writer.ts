@@ -6,7 +6,6 @@ import { XtsSectors } from './xts.js';
 import { XtsWriters } from './xts-writers.js';
 
 /** The image is not one this writer fills (the caller writes through QEMU instead). */
-export { UnsupportedImage as UnsupportedBase } from './qcow2-format.js';
 
 /**
  * Fills the base layer of a chain (a LUKS-encrypted qcow2 with one chunk per cluster) from Node,

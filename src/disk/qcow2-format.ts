@@ -56,7 +56,7 @@ export async function readQcow2Header(fh: FileHandle, path: string): Promise<Qco
 
 /** The 64-byte AES-256-XTS volume key of a LUKS qcow2 layer, opened with its passphrase. */
 export async function layerVolumeKey(fh: FileHandle, path: string, passphrase: string): Promise<Buffer> {
-  const range = await luksHeaderRange(path);
+  const range = await luksHeaderRange(fh);
   if (!range) throw new UnsupportedImage(`${path}: no LUKS header`);
   const luks = Buffer.alloc(range.length);
   await fh.read(luks, 0, luks.length, range.offset);

@@ -7,7 +7,8 @@ import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { DiskError } from '../../src/disk/block-device.js';
 import { createLayerFromTemplate } from '../../src/disk/layer-template.js';
-import { Qcow2BaseWriter, UnsupportedBase } from '../../src/disk/qcow2-base-writer.js';
+import { Qcow2BaseWriter } from '../../src/disk/qcow2-base-writer.js';
+import { UnsupportedImage } from '../../src/disk/qcow2-format.js';
 import { XtsSectors } from '../../src/disk/xts.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'carryon-qbw-'));
@@ -167,11 +168,11 @@ test('a file past the first refcount block gets a new block that counts itself; 
 
 test('images the writer does not take are refused as unsupported; a wrong passphrase is an error, not garbage', async () => {
   const path = await base('d.qcow2', 4 * CHUNK);
-  await assert.rejects(openWriter(path, PASS, 64 * 1024), (e: unknown) => e instanceof UnsupportedBase && /cluster size/.test((e as Error).message));
-  await assert.rejects(openWriter(path, 'not-the-pass', CHUNK), (e: unknown) => e instanceof DiskError && !(e instanceof UnsupportedBase) && /passphrase/.test((e as Error).message));
+  await assert.rejects(openWriter(path, PASS, 64 * 1024), (e: unknown) => e instanceof UnsupportedImage && /cluster size/.test((e as Error).message));
+  await assert.rejects(openWriter(path, 'not-the-pass', CHUNK), (e: unknown) => e instanceof DiskError && !(e instanceof UnsupportedImage) && /passphrase/.test((e as Error).message));
   const top = join(dir, 'top.qcow2');
   await createLayerFromTemplate(templates, { kind: 'top', clusterSize: 128 * 1024 }, top, 4 * CHUNK, PASS);
-  await assert.rejects(openWriter(top, PASS, 128 * 1024), UnsupportedBase);
+  await assert.rejects(openWriter(top, PASS, 128 * 1024), UnsupportedImage);
   const w = await openWriter(path, PASS, CHUNK);
   await assert.rejects(w.write(4, randomBytes(CHUNK)), /outside/);
   await assert.rejects(w.write(1, randomBytes(100)), /has 100 bytes/);

@@ -166,3 +166,20 @@ test('disk full during check-out: a clear error, nothing lost, the rerun complet
     await release(carol, 'ubuntu', 'rollback');
   });
 });
+
+test('4 MiB chunks (larger than any qcow2 cluster): the base writer steps aside and the check-out goes through the storage daemon, byte for byte', async () => {
+  const image = makeImage(broker.dir, 32);
+  const r = await http.call('POST', '/v1/admin/desktops', { name: 'bigchunks', image, chunkSize: 4 * 1024 * 1024, config: { vcpus: 1, ramMiB: 512, minRamMiB: 256 } }, admin);
+  assert.equal(r.status, 201, JSON.stringify(r.body));
+  await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: 'bigchunks' }, admin);
+  const home = join(broker.dir, 'laptop-bigchunks');
+  await enroll(env(home), broker.url, { fingerprint: broker.fingerprint, name: 'laptop-bigchunks' });
+  logs.length = 0;
+  const co = await checkout(env(home), 'bigchunks');
+  assert.ok(co.bytesMoved > 0);
+  assert.ok(logs.some((l) => /writing through QEMU: .*cluster size/.test(l)), logs.join('\n'));
+  const [st] = await status(env(home), 'bigchunks');
+  assert.deepEqual([st!.state, st!.safeOffline], ['checked_out', true]);
+  assert.ok((await readDesktop(env(home), 'bigchunks')).equals(await serverDisk('bigchunks')), 'byte-identical through the daemon');
+  await release(env(home), 'bigchunks', 'rollback');
+});
