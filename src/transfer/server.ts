@@ -188,7 +188,7 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
     return reply.type('application/octet-stream').send(out);
   });
 
-  /** Frames checked and stored in flight per upload stream (checks run on worker threads). */
+  /** Frames checked and stored in flight per upload stream. */
   const PUSH_WINDOW = 16;
 
   app.post('/v1/chunks/push', async (req, reply) => {
@@ -243,7 +243,8 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
       scope.pushed.add(frame.id);
       return true;
     };
-    // Frames are checked on the workers and appended to the store while the next ones arrive.
+    // Frames are checked (on worker threads where the host has cores to spare) and appended to
+    // the store while the next ones arrive.
     const window = new WriteWindow(PUSH_WINDOW);
     try {
       for await (const piece of req.body as AsyncIterable<Buffer>) {
