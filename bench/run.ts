@@ -67,7 +67,7 @@ const READING = [
   '- The pack-store disk (the laptop\'s live disk before the qcow2 chain, commit b735b83) is no longer in this tree:',
   '  its own `npm run bench` and this one ran back to back on this box on 2026-11-26. Check-in wall time, old /',
   '  new: 4 GiB random 2.22 / 1.88 s and 2.28 / 1.98 s, typical 2.22 / 2.14 s and 2.35 / 1.93 s (the old code\'s',
-  '  4 GiB check-in ranged 1.64–2.35 s over four runs that day); 16 GiB random 1.51 / 2.44 s; 4 GiB check-out',
+  '  4 GiB check-in ranged 1.64–2.35 s over four runs that day); 16 GiB random 1.51 / 2.44 s and 1.35 / 2.02 s; 4 GiB check-out',
   '  11.3–17.0 s / 6.7–9.8 s. The host\'s speed moves from run to run (rsync\'s same 4 GiB copy took 5.9–15 s across',
   '  sessions), so only figures of one run, or of back-to-back runs, compare.',
   '- The machine has 2 cores shared with everything else running at the time; the spread column shows runs that',
