@@ -5,8 +5,6 @@ import { COMPRESSED, COPIED, layerVolumeKey, OFFSET_MASK, readQcow2Header, readW
 import { XtsSectors } from './xts.js';
 import { XtsWriters } from './xts-writers.js';
 
-/** The image is not one this writer fills (the caller writes through QEMU instead). */
-
 /**
  * Fills the base layer of a chain (a LUKS-encrypted qcow2 with one chunk per cluster) from Node,
  * without QEMU: used by a check-out while no VM holds the chain.

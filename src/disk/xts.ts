@@ -22,6 +22,8 @@ export class XtsSectors {
   /** Bytes of data one call may take; the memory holds output, input, then first tweaks. */
   private capacity = 0;
   private view = Buffer.alloc(0);
+  /** The sectors' plain64 IVs, kept between calls (only their first 8 bytes are ever written). */
+  private ivs = Buffer.alloc(0);
 
   /** True where this runtime has WebAssembly SIMD (every Node this project supports). */
   static available(): boolean {
@@ -57,8 +59,9 @@ export class XtsSectors {
     const out = 0;
     const input = this.capacity;
     const tweaks = 2 * this.capacity;
-    // Every sector's first tweak in one ECB call: E_K2(plain64 IV).
-    const ivs = Buffer.alloc(sectors * 16);
+    // Every sector's first tweak in one ECB call: E_K2(plain64 IV). Bytes 8–15 of each IV stay zero.
+    if (this.ivs.length < sectors * 16) this.ivs = Buffer.alloc(sectors * 16);
+    const ivs = this.ivs.subarray(0, sectors * 16);
     for (let s = 0; s < sectors; s++) {
       const n = firstSector + s;
       ivs.writeUInt32LE(n % 0x1_0000_0000, s * 16);

@@ -1,7 +1,7 @@
 import { parentPort } from 'node:worker_threads';
 import type { ChunkId } from '../core/chunk-id.js';
 import { decodeLineageKeys, type LineageKeys } from '../core/keys.js';
-import type { PoolReply } from '../core/worker-pool.js';
+import { exactBuffer, type PoolReply } from '../core/worker-pool.js';
 import { rebuildPushed, verifyPushed } from './push-rebuild.js';
 
 /** Worker: authenticates a pushed blob, or rebuilds a changed chunk from its delta and seals it. */
@@ -44,10 +44,10 @@ parentPort!.on('message', (req: PushCheckRequest) => {
       reply = { seq: req.seq };
     } else {
       const sealed = rebuildPushed(keys, req.id, payload, { id: req.base.id, blob: new Uint8Array(req.base.blob) });
-      // A blob of a few KiB may be a view of Node's shared pool: send a copy of it then.
-      const own = sealed.byteOffset === 0 && sealed.byteLength === sealed.buffer.byteLength ? sealed : new Uint8Array(sealed);
-      reply = { seq: req.seq, blob: own.buffer as ArrayBuffer };
-      transfer.push(reply.blob!);
+      // A blob of a few KiB may be a view of Node's shared pool: exactBuffer copies it then.
+      const blob = exactBuffer(sealed);
+      reply = { seq: req.seq, blob };
+      transfer.push(blob);
     }
   } catch (err) {
     reply = { seq: req.seq, error: { message: (err as Error).message } };
