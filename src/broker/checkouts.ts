@@ -1,4 +1,4 @@
-import { referencedChunks, decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../core/manifest.js';
+import { createManifest, referencedChunks, decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../core/manifest.js';
 import { signLease, type SignedLease } from '../core/lease.js';
 import { policyHash } from '../core/policy.js';
 import type { CheckoutRow, DesktopConfig, DesktopRow, SnapshotDisk } from '../store/metadata.js';
@@ -249,8 +249,12 @@ export async function forceUnlock(ctx: BrokerContext, admin: string, checkoutId:
   return checkoutView((await ctx.meta.getCheckout(c.id))!);
 }
 
-/** Check-in or replicate, step 1: record the laptop's manifests and open an upload job. */
-export async function beginUpload(ctx: BrokerContext, user: string, checkoutId: string, kind: 'checkin' | 'replicate', disks: { name: string; manifest: string }[]): Promise<{ job: JobView }> {
+/**
+ * Check-in or replicate, step 1: open an upload job. With `disks`, the laptop names every chunk
+ * up front (its new manifests, recorded now). Without, it sends the pages it wrote, the transfer
+ * server names the chunks it rebuilds, and the commit carries the changes (`commitUpload`).
+ */
+export async function beginUpload(ctx: BrokerContext, user: string, checkoutId: string, kind: 'checkin' | 'replicate', disks?: { name: string; manifest: string }[]): Promise<{ job: JobView }> {
   const c = await ownedCheckout(ctx, user, checkoutId, kind);
   const desktop = (await ctx.meta.getDesktop(c.desktopId))!;
   if (kind === 'checkin') {
@@ -260,8 +264,9 @@ export async function beginUpload(ctx: BrokerContext, user: string, checkoutId: 
   const okStates = kind === 'checkin' ? ['checked_out', 'checking_in'] : ['checked_out'];
   if (!okStates.includes(c.state)) throw await deny(ctx, user, c.desktopId, kind, 409, 'wrong-state', `checkout is ${c.state}`);
   const base = (await ctx.meta.getSnapshot(c.checkpointSnapshot))!;
-  const pending: SnapshotDisk[] = [];
-  for (const d of disks) {
+  // Until the commit says otherwise, the upload's result is the checkpoint itself.
+  const pending: SnapshotDisk[] = disks ? [] : base.disks;
+  for (const d of disks ?? []) {
     const baseDisk = base.disks.find((b) => b.name === d.name);
     if (!baseDisk) throw await deny(ctx, user, c.desktopId, kind, 400, 'unknown-disk', `desktop has no disk ${d.name}`);
     let m: Manifest;
@@ -285,15 +290,26 @@ export async function beginUpload(ctx: BrokerContext, user: string, checkoutId: 
   return { job };
 }
 
-/** Step 2: every referenced chunk must be in the store; then the snapshot, and for check-in the unlock. */
-export async function commitUpload(ctx: BrokerContext, user: string, checkoutId: string, kind: 'checkin' | 'replicate') {
+/** One disk's changes since the checkpoint: chunk index → its new ID (null: a hole). */
+export interface DiskChanges {
+  name: string;
+  changes: [number, string | null][];
+}
+
+/**
+ * Step 2: `changes` (from an upload begun without manifests) are applied to what the begin
+ * recorded (then: the checkpoint's manifests); every chunk the result references must be in the
+ * store; then the snapshot, and for check-in the unlock.
+ */
+export async function commitUpload(ctx: BrokerContext, user: string, checkoutId: string, kind: 'checkin' | 'replicate', changes?: DiskChanges[]) {
   const c = await ownedCheckout(ctx, user, checkoutId, `${kind}-commit`);
   const expected = kind === 'checkin' ? 'checking_in' : 'checked_out';
   if (c.state !== expected || !c.pendingDisks) throw await deny(ctx, user, c.desktopId, `${kind}-commit`, 409, 'wrong-state', `nothing to commit (checkout is ${c.state})`);
   // Chunks of the checkpoint are in the store (snapshots are immutable): check only the new ones.
   const base = (await ctx.meta.getSnapshot(c.checkpointSnapshot))!;
+  const pendingDisks = changes?.length ? await changedDisks(ctx, user, c, kind, c.pendingDisks, changes) : c.pendingDisks;
   const ids = new Set<string>();
-  for (const d of c.pendingDisks) {
+  for (const d of pendingDisks) {
     const baseDisk = base.disks.find((b) => b.name === d.name);
     const known = baseDisk ? referencedChunks(await loadManifest(ctx, baseDisk.digest)) : new Set<string>();
     for (const id of referencedChunks(await loadManifest(ctx, d.digest))) if (!known.has(id)) ids.add(id);
@@ -306,7 +322,6 @@ export async function commitUpload(ctx: BrokerContext, user: string, checkoutId:
   // At most once: the snapshot and the state change that consumes the pending disks are one
   // transaction, so a commit sent twice (a laptop failing over to another broker after a lost
   // answer, the first still running) records one snapshot and answers the other 409.
-  const pendingDisks = c.pendingDisks;
   const snapshotId = await ctx.meta.transaction(async (tx) => {
     const id = await tx.createSnapshot({ desktopId: c.desktopId, parentId: c.checkpointSnapshot, kind: kind === 'checkin' ? 'checkin' : 'replica', disks: pendingDisks });
     // Check-in unlocks; a restore point becomes the base of the next diff and the desktop stays locked.
@@ -322,4 +337,34 @@ export async function commitUpload(ctx: BrokerContext, user: string, checkoutId:
   await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'transfer-end', outcome: 'ok', detail: kind });
   if (kind === 'checkin') await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'checked in' });
   return { snapshotId, checkout: checkoutView((await ctx.meta.getCheckout(c.id))!) };
+}
+
+/** `baseDisks` with `changes` applied: each new manifest stored, its disk entry returned. */
+async function changedDisks(ctx: BrokerContext, user: string, c: CheckoutRow, kind: string, baseDisks: SnapshotDisk[], changes: DiskChanges[]): Promise<SnapshotDisk[]> {
+  const bad = async (message: string) => deny(ctx, user, c.desktopId, `${kind}-commit`, 400, 'bad-changes', message);
+  const out: SnapshotDisk[] = [];
+  for (const baseDisk of baseDisks) {
+    const mine = changes.filter((d) => d.name === baseDisk.name);
+    if (mine.length > 1) throw await bad(`disk ${baseDisk.name} is named twice`);
+    if (!mine.length || !mine[0]!.changes.length) {
+      out.push(baseDisk);
+      continue;
+    }
+    const m = await loadManifest(ctx, baseDisk.digest);
+    const chunks = m.chunks.slice();
+    const seen = new Set<number>();
+    for (const [index, id] of mine[0]!.changes) {
+      if (index >= chunks.length) throw await bad(`disk ${baseDisk.name} has ${chunks.length} chunks; there is no chunk ${index}`);
+      if (seen.has(index)) throw await bad(`chunk ${index} of disk ${baseDisk.name} is changed twice`);
+      seen.add(index);
+      chunks[index] = id;
+    }
+    const next = createManifest(m.chunkSize, m.diskSize, chunks);
+    const digest = manifestDigest(next);
+    await ctx.store.putManifest(digest, encodeManifest(next));
+    out.push({ ...baseDisk, digest });
+  }
+  const unknown = changes.find((d) => !baseDisks.some((b) => b.name === d.name));
+  if (unknown) throw await bad(`desktop has no disk ${unknown.name}`);
+  return out;
 }

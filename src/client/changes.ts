@@ -1,13 +1,11 @@
 import type { ChunkId } from '../core/chunk-id.js';
-import { computeChunkId } from '../core/chunk-id.js';
-import { sealChunk } from '../core/blob.js';
-import { chunkLength, isZero } from '../core/chunking.js';
-import { pagesByChunk, sealDeltaRanges, type Range } from '../core/delta.js';
+import { chunkLength } from '../core/chunking.js';
+import { pagesByChunk, sealPages, type Range } from '../core/delta.js';
 import type { LineageKeys } from '../core/keys.js';
 import { createManifest, type Manifest } from '../core/manifest.js';
-import { mapLimit } from '../store/fs-chunk-store.js';
 import type { NbdClient } from '../nbd/client.js';
-import type { UploadSource } from '../transfer/client.js';
+import { pagesFrameHead } from '../transfer/frames.js';
+import type { PagesSource } from '../transfer/push-pages.js';
 import type { DesktopDisk } from './disks.js';
 
 /** One disk as check-in reads it: the chain, through its top export, and the top layer's allocated extents. */
@@ -17,73 +15,79 @@ export interface DiskReader {
   extents: { start: number; length: number }[];
 }
 
-export interface Changes {
-  manifests: { name: string; manifest: Manifest }[];
-  /** Distinct new chunk IDs, each with where to read it (and its bytes, kept while the budget lasts). */
-  changed: Map<ChunkId, { reader: DiskReader; index: number; pages: Range[]; plain?: Buffer }>;
-  changedChunks: number;
-  source: UploadSource;
+/** A chunk with pages written since the checkpoint. */
+export interface ChangedChunk {
+  reader: DiskReader;
+  index: number;
+  /** The written pages (the top layer's allocated ones), relative to the chunk. */
+  pages: Range[];
+  length: number;
 }
 
 /**
- * The change since the checkpoint, from the top layer's allocated extents only (a check-in never
- * rescans the disk): each touched chunk is read through the chain and identified (HMAC); a chunk
- * that reads as before (rewritten with the same bytes) is no change, one that reads as zeros
- * becomes a hole. Frames are sealed later, when the server says it lacks them.
+ * The chunks touched since the checkpoint, from the top layer's allocated extents alone: nothing
+ * is read. Each is sent as its written pages and named by the transfer server (push-pages), so
+ * a check-in reads only what the user wrote, never the unchanged rest of a chunk from the base.
  */
-export async function collectChanges(readers: DiskReader[], keys: LineageKeys): Promise<Changes> {
-  const manifests: Changes['manifests'] = [];
-  const changed: Changes['changed'] = new Map();
-  let changedChunks = 0;
-  let kept = 0;
+export function touchedChunks(readers: DiskReader[]): ChangedChunk[] {
+  const out: ChangedChunk[] = [];
+  for (const reader of readers) {
+    const { chunkSize, diskSize } = reader.disk.base;
+    const extents = reader.extents.map((e) => ({ offset: e.start, length: e.length }));
+    for (const [index, pages] of pagesByChunk(extents, chunkSize, diskSize)) out.push({ reader, index, pages, length: chunkLength(index, diskSize, chunkSize) });
+  }
+  return out;
+}
+
+/**
+ * Frames for `chunks`, read through the chain while the upload runs. The chain is open read-only
+ * and locked (no VM runs it), so bytes read now are the bytes of the check-in.
+ */
+export function pagesSource(chunks: readonly ChangedChunk[], keys: LineageKeys): PagesSource {
+  return {
+    async frame(tag, whole) {
+      const c = chunks[tag];
+      if (!c) throw new Error(`no changed chunk #${tag}`);
+      const { top, disk } = c.reader;
+      const at = c.index * disk.base.chunkSize;
+      const all = whole || (c.pages.length === 1 && c.pages[0]!.offset === 0 && c.pages[0]!.length === c.length);
+      // A chunk rewritten whole needs no base; nor does one whose checkpoint chunk was a hole (zeros).
+      const baseId = all ? null : disk.base.chunks[c.index] ?? null;
+      const pieces = all
+        ? [{ offset: 0, bytes: await top.read(at, c.length) }]
+        : await Promise.all(c.pages.map(async (r) => ({ offset: r.offset, bytes: await top.read(at + r.offset, r.length) })));
+      const blob = sealPages(keys, baseId, c.length, pieces);
+      return [pagesFrameHead(tag, baseId, blob.length), blob];
+    },
+  };
+}
+
+export interface Outcome {
+  manifests: { name: string; manifest: Manifest }[];
+  /** Per disk, what the commit sends: chunk index → new ID (null: a hole). */
+  changes: { name: string; changes: [number, ChunkId | null][] }[];
+  /** Chunks whose content changed (rewritten with the same bytes: no change). */
+  changedChunks: number;
+}
+
+/** The new manifests from the transfer server's names for `chunks` (by tag). */
+export function namedOutcome(readers: DiskReader[], chunks: readonly ChangedChunk[], named: ReadonlyMap<number, ChunkId | null>): Outcome {
+  const out: Outcome = { manifests: [], changes: [], changedChunks: 0 };
   for (const reader of readers) {
     const { base } = reader.disk;
-    const chunks = base.chunks.slice();
-    const extents = reader.extents.map((e) => ({ offset: e.start, length: e.length }));
-    const written = pagesByChunk(extents, base.chunkSize, base.diskSize);
-    await mapLimit([...written.keys()], 8, async (index) => {
-      const plain = await readChunk(reader.top, base, index);
-      const id = isZero(plain) ? null : computeChunkId(keys.idKey, plain);
-      if (id === base.chunks[index]) return;
-      chunks[index] = id;
-      changedChunks++;
-      if (!id || changed.has(id)) return;
-      // The chain is open read-only and locked (no VM runs it): bytes read now are the bytes to send.
-      const keep = kept + plain.length <= KEEP_BYTES;
-      if (keep) kept += plain.length;
-      changed.set(id, { reader, index, pages: written.get(index)!, plain: keep ? plain : undefined });
+    const next = base.chunks.slice();
+    const changes: [number, ChunkId | null][] = [];
+    chunks.forEach((c, tag) => {
+      if (c.reader !== reader) return;
+      if (!named.has(tag)) throw new Error(`chunk ${c.index} of ${reader.disk.name} was not named by the transfer server`);
+      const id = named.get(tag)!;
+      if (id === base.chunks[c.index]) return;
+      next[c.index] = id;
+      changes.push([c.index, id]);
     });
-    manifests.push({ name: reader.disk.name, manifest: createManifest(base.chunkSize, base.diskSize, chunks) });
+    out.changedChunks += changes.length;
+    out.manifests.push({ name: reader.disk.name, manifest: createManifest(base.chunkSize, base.diskSize, next) });
+    if (changes.length) out.changes.push({ name: reader.disk.name, changes });
   }
-  return { manifests, changed, changedChunks, source: { frame: (id, useDelta) => frameFor(changed, keys, id, useDelta) } };
-}
-
-/** Changed chunks kept in memory between the scan and the upload (the rest is read again). */
-const KEEP_BYTES = 256 * 1024 * 1024;
-
-function readChunk(client: NbdClient, m: Manifest, index: number): Promise<Buffer> {
-  return client.read(index * m.chunkSize, chunkLength(index, m.diskSize, m.chunkSize));
-}
-
-async function frameFor(changed: Changes['changed'], keys: LineageKeys, id: ChunkId, useDelta: boolean): Promise<{ frame: Buffer; delta: boolean }> {
-  const { blobFrame, deltaFrame } = await import('../transfer/frames.js');
-  const at = changed.get(id);
-  if (!at) throw new Error(`chunk ${id} is not among this check-in's changes`);
-  const { reader, index } = at;
-  let plain = at.plain;
-  at.plain = undefined; // sent once; a resend reads it again
-  if (!plain) {
-    plain = await readChunk(reader.top, reader.disk.base, index);
-    // Never send bytes under the wrong ID, whatever happened to the file since the scan.
-    if (computeChunkId(keys.idKey, plain) !== id) throw new Error(`chunk ${index} of ${reader.disk.name} changed during the upload; run it again`);
-  }
-  // The pages written since the checkpoint are the top layer's allocated ones: every other page
-  // reads through to the base, so the delta needs no read of the base (the receiver rebuilds the
-  // chunk from its copy of the base and checks the result against the ID).
-  const baseId = reader.disk.base.chunks[index];
-  if (useDelta && baseId && at.pages.length > 0) {
-    const delta = sealDeltaRanges(keys, id, baseId, plain, at.pages);
-    if (delta) return { frame: deltaFrame(id, baseId, delta), delta: true };
-  }
-  return { frame: blobFrame(id, sealChunk(keys, plain, id).blob), delta: false };
+  return out;
 }

@@ -1,13 +1,13 @@
 import { join } from 'node:path';
 import { z } from 'zod';
 import { CarryonError } from '../core/errors.js';
-import { encodeManifest } from '../core/manifest.js';
+import type { ChunkId } from '../core/chunk-id.js';
 import { topExtents } from '../disk/chain.js';
 import { addChain, StorageDaemon } from '../disk/storage-daemon.js';
 import { NbdClient } from '../nbd/client.js';
-import { uploadChunks } from '../transfer/client.js';
+import { pushPages } from '../transfer/push-pages.js';
 import { BrokerError, JobView } from './broker-client.js';
-import { collectChanges, type DiskReader } from './changes.js';
+import { namedOutcome, pagesSource, touchedChunks, type DiskReader } from './changes.js';
 import { commitUpload } from './commit.js';
 import { openDesktopDisks, socketDir, type DesktopDisk } from './disks.js';
 import { claimOwner, diskPrefix, specFor } from './holder.js';
@@ -16,9 +16,9 @@ import { activeJob, findEntry, onlineSession, renewer, type ClientEnv } from './
 import { Vault, type DesktopState } from './vault.js';
 
 /**
- * Opens the chains read-only in a storage daemon and reads the change since the checkpoint:
- * the top layer's extents, each touched chunk read through the chain. Refused while the
- * desktop runs (its disk is locked by QEMU): shut it down first.
+ * Opens the chains read-only in a storage daemon for reading the change since the checkpoint:
+ * the top layer's extents and the pages they hold. Refused while the desktop runs (its disk is
+ * locked by QEMU): shut it down first.
  */
 async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopDisk[], fn: (readers: DiskReader[]) => Promise<T>): Promise<T> {
   // The top layers' maps (one qemu-img each) are read while the daemon starts: the caller holds
@@ -62,13 +62,13 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
       const opened = await openDesktopDisks(vault, state, keys);
       state = opened.state;
       outcome = await withReaders(vault, state, opened.disks, async (readers) => {
-        const changes = await collectChanges(readers, keys);
+        const touched = touchedChunks(readers);
         // The version this upload is based on: how a commit whose answer was lost is recognised.
         const checkpoint = (await findEntry(broker, state.desktopId)).checkout?.snapshotId ?? null;
         let begin;
         try {
           // Repeatable: a second begin (also accepted in checking_in) ends the first one's job and opens another.
-          begin = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}`, { disks: changes.manifests.map((d) => ({ name: d.name, manifest: encodeManifest(d.manifest).toString('base64') })) }, z.object({ job: JobView }), {}, { repeatable: true });
+          begin = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}`, {}, z.object({ job: JobView }), {}, { repeatable: true });
         } catch (err) {
           if (err instanceof BrokerError && (err.code === 'wrong-state' || err.code === 'not-found' || err.code === 'not-held')) {
             // Never delete offline work on an ambiguous answer: the user decides what happens to it.
@@ -79,8 +79,25 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
         if (kind === 'checkin') await vault.save({ ...state, state: 'checking_in', jobId: begin.job.id }, keys);
         const job = await activeJob(env, broker, begin.job);
         let endpoint = job.transfer!;
-        const sent = await retryTransfer({ what: kind, log: env.log, signal: env.signal, beforeRetry: async () => { endpoint = await renewer(broker, job.id)(); } }, () => uploadChunks({ endpoint, ids: [...changes.changed.keys()], source: changes.source, keys, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) }));
-        const commit = await commitUpload(broker, state, kind, checkpoint);
+        const named = new Map<number, ChunkId | null>();
+        const push = () => retryTransfer({ what: kind, log: env.log, signal: env.signal, beforeRetry: async () => { endpoint = await renewer(broker, job.id)(); } }, () => pushPages({ endpoint, count: touched.length, source: pagesSource(touched, keys), named, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) }));
+        const sent = await push();
+        let changes = namedOutcome(readers, touched, named);
+        let commit;
+        try {
+          commit = await commitUpload(broker, state, kind, checkpoint, changes.changes);
+        } catch (err) {
+          // Chunks pushed long before the commit (a day on a slow link) may have been collected: send those again, once.
+          const missing = err instanceof BrokerError && err.code === 'missing-chunks' ? new Set(err.body.missing as string[]) : null;
+          if (!missing) throw err;
+          env.log(`${kind}: the server no longer has ${missing.size} of the chunks sent; sending them again`);
+          for (const [tag, id] of named) if (id && missing.has(id)) named.delete(tag);
+          const again = await push();
+          sent.chunksMoved += again.chunksMoved;
+          sent.bytesMoved += again.bytesMoved;
+          changes = namedOutcome(readers, touched, named);
+          commit = await commitUpload(broker, state, kind, checkpoint, changes.changes);
+        }
         return { changes, sent, commit };
       });
       if (kind === 'replicate') {

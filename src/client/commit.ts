@@ -7,7 +7,7 @@ const Committed = z.object({ snapshotId: z.string() }).loose();
 const RestorePoints = z.object({ restorePoints: z.array(z.object({ id: z.string(), kind: z.string(), parentId: z.string().nullable() }).loose()) }).loose();
 
 /**
- * Commits a check-in or replicate. The commit is the one step that is not simply repeatable:
+ * Commits a check-in or replicate, with the changes the transfer server named. The commit is the one step that is not simply repeatable:
  * when its answer is lost after it was sent (a broker died, a gateway timed out), it may have
  * been applied. It is sent once more, to whichever broker answers: the broker applies a commit
  * at most once (the snapshot and the state change that consumes the pending upload are one
@@ -16,15 +16,16 @@ const RestorePoints = z.object({ restorePoints: z.array(z.object({ id: z.string(
  * force-unlock) by the snapshot a commit makes: kind checkin/replica, child of `checkpoint`,
  * the version the upload was based on.
  */
-export async function commitUpload(broker: BrokerClient, state: { checkoutId: string; desktopId: string; name: string }, kind: 'checkin' | 'replicate', checkpoint: string | null): Promise<{ snapshotId: string }> {
+export async function commitUpload(broker: BrokerClient, state: { checkoutId: string; desktopId: string; name: string }, kind: 'checkin' | 'replicate', checkpoint: string | null, changes: { name: string; changes: [number, string | null][] }[] = []): Promise<{ snapshotId: string }> {
   const path = `/v1/checkouts/${state.checkoutId}/${kind}/commit`;
+  const body = { disks: changes };
   try {
-    return await broker.call('POST', path, {}, Committed);
+    return await broker.call('POST', path, body, Committed);
   } catch (err) {
     if (!(err instanceof BrokerUnreachable) || !err.maybeApplied) throw err;
   }
   try {
-    return await broker.call('POST', path, {}, Committed, {}, { repeatable: true });
+    return await broker.call('POST', path, body, Committed, {}, { repeatable: true });
   } catch (err) {
     if (!(err instanceof BrokerError) || err.code !== 'wrong-state') throw err;
   }

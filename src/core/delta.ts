@@ -56,21 +56,84 @@ export function sealDelta(keys: LineageKeys, newId: ChunkId, baseId: ChunkId, ba
 export function sealDeltaRanges(keys: LineageKeys, newId: ChunkId, baseId: ChunkId, next: Uint8Array, ranges: readonly Range[], maxFraction = 0.5): Buffer | null {
   const dataBytes = ranges.reduce((s, r) => s + r.length, 0);
   if (dataBytes > next.length * maxFraction || ranges.length > MAX_RANGES) return null;
-  const body = Buffer.allocUnsafe(6 + ranges.length * 8 + dataBytes);
-  body.writeUInt32BE(next.length, 0);
-  body.writeUInt16BE(ranges.length, 4);
+  const pieces = ranges.map((r) => {
+    if (r.offset < 0 || r.offset + r.length > next.length) throw new RangeError(`delta range ${r.offset}+${r.length} is outside the chunk`);
+    return { offset: r.offset, bytes: next.subarray(r.offset, r.offset + r.length) };
+  });
+  return sealBlobEnvelope(keys, encodeBody(next.length, pieces), FLAG_DELTA, aad(newId, baseId)).blob;
+}
+
+/** New content of a chunk at `offset`: one run of pages written since the checkpoint. */
+export interface Piece {
+  offset: number;
+  bytes: Uint8Array;
+}
+
+/** Body: newLength u32 ‖ count u16 ‖ (offset u32, length u32) × count ‖ piece bytes. */
+function encodeBody(length: number, pieces: readonly Piece[]): Buffer {
+  if (length <= 0 || length > MAX_CHUNK_SIZE) throw new RangeError(`chunk length ${length}`);
+  if (pieces.length > MAX_RANGES) throw new RangeError(`${pieces.length} ranges (max ${MAX_RANGES})`);
+  const dataBytes = pieces.reduce((s, p) => s + p.bytes.length, 0);
+  const body = Buffer.allocUnsafe(6 + pieces.length * 8 + dataBytes);
+  body.writeUInt32BE(length, 0);
+  body.writeUInt16BE(pieces.length, 4);
   let table = 6;
-  let data = 6 + ranges.length * 8;
+  let data = 6 + pieces.length * 8;
   let prevEnd = 0;
-  for (const r of ranges) {
-    if (r.length <= 0 || r.offset < prevEnd || r.offset + r.length > next.length) throw new RangeError(`delta range ${r.offset}+${r.length} is empty, overlapping or outside the chunk`);
-    prevEnd = r.offset + r.length;
-    body.writeUInt32BE(r.offset, table);
-    body.writeUInt32BE(r.length, table + 4);
+  for (const p of pieces) {
+    if (p.bytes.length <= 0 || p.offset < prevEnd || p.offset + p.bytes.length > length) throw new RangeError(`delta range ${p.offset}+${p.bytes.length} is empty, overlapping or outside the chunk`);
+    prevEnd = p.offset + p.bytes.length;
+    body.writeUInt32BE(p.offset, table);
+    body.writeUInt32BE(p.bytes.length, table + 4);
     table += 8;
-    data += Buffer.from(next.buffer, next.byteOffset + r.offset, r.length).copy(body, data);
+    data += Buffer.from(p.bytes.buffer, p.bytes.byteOffset, p.bytes.byteLength).copy(body, data);
   }
-  return sealBlobEnvelope(keys, body, FLAG_DELTA, aad(newId, baseId)).blob;
+  return body;
+}
+
+/** Applies a decrypted body to `base` (read as zeros past its end); throws BlobError naming `label`. */
+function applyBody(body: Buffer, base: Uint8Array, label: string): Buffer {
+  const bad = (why: string): never => { throw new BlobError(label, 'delta', why); };
+  if (body.length < 6) bad('body too short');
+  const length = body.readUInt32BE(0);
+  const count = body.readUInt16BE(4);
+  if (length === 0 || length > MAX_CHUNK_SIZE) bad(`new chunk length ${length}`);
+  if (count > MAX_RANGES || body.length < 6 + count * 8) bad(`range table of ${count} entries does not fit`);
+  const out = Buffer.alloc(length);
+  Buffer.from(base.buffer, base.byteOffset, Math.min(base.length, length)).copy(out);
+  let data = 6 + count * 8;
+  let prevEnd = 0;
+  for (let i = 0; i < count; i++) {
+    const offset = body.readUInt32BE(6 + i * 8);
+    const len = body.readUInt32BE(10 + i * 8);
+    if (len === 0 || offset < prevEnd || offset + len > length) bad(`range ${i} (${offset}+${len}) is empty, overlapping or out of bounds`);
+    if (data + len > body.length) bad(`range ${i} runs past the data`);
+    body.copy(out, offset, data, data + len);
+    data += len;
+    prevEnd = offset + len;
+  }
+  if (data !== body.length) bad(`${body.length - data} bytes after the last range`);
+  return out;
+}
+
+/**
+ * Pages blob: a changed chunk the sender has not named. It carries the pages written since the
+ * checkpoint (the top layer's allocated ones, read without touching the base) against the
+ * checkpoint's chunk at that position, or against zeros where there was none. The receiver
+ * rebuilds the chunk and names it (HMAC) itself: the sender never reads the unchanged rest of
+ * the chunk. Same body as a delta, flag FLAG_PAGES, AAD = header ‖ base ID (32 zero bytes: none).
+ */
+export const FLAG_PAGES = 0x04;
+const NO_BASE = Buffer.alloc(32);
+
+export function sealPages(keys: LineageKeys, baseId: ChunkId | null, length: number, pieces: readonly Piece[]): Buffer {
+  return sealBlobEnvelope(keys, encodeBody(length, pieces), FLAG_PAGES, baseId ? chunkIdToBytes(baseId) : NO_BASE).blob;
+}
+
+/** Authenticates a pages blob and applies it to the base's plaintext (null: zeros). Errors name `label`. */
+export function openPages(keys: LineageKeys, baseId: ChunkId | null, blob: Uint8Array, basePlain: Uint8Array | null, label: string): Buffer {
+  const body = openBlobEnvelope(keys, blob, FLAG_PAGES, baseId ? chunkIdToBytes(baseId) : NO_BASE, label, MAX_DELTA_BODY);
+  return applyBody(body, basePlain ?? NO_BASE.subarray(0, 0), label);
 }
 
 /**
@@ -107,26 +170,7 @@ export function pagesByChunk(extents: readonly Range[], chunkSize: number, diskS
  */
 export function openDelta(keys: LineageKeys, newId: ChunkId, baseId: ChunkId, delta: Uint8Array, base: Uint8Array): Buffer {
   const body = openBlobEnvelope(keys, delta, FLAG_DELTA, aad(newId, baseId), newId, MAX_DELTA_BODY);
-  const bad = (why: string): never => { throw new BlobError(newId, 'delta', why); };
-  if (body.length < 6) bad('body too short');
-  const length = body.readUInt32BE(0);
-  const count = body.readUInt16BE(4);
-  if (length === 0 || length > MAX_CHUNK_SIZE) bad(`new chunk length ${length}`);
-  if (count > MAX_RANGES || body.length < 6 + count * 8) bad(`range table of ${count} entries does not fit`);
-  const out = Buffer.alloc(length);
-  Buffer.from(base.buffer, base.byteOffset, Math.min(base.length, length)).copy(out);
-  let data = 6 + count * 8;
-  let prevEnd = 0;
-  for (let i = 0; i < count; i++) {
-    const offset = body.readUInt32BE(6 + i * 8);
-    const len = body.readUInt32BE(10 + i * 8);
-    if (len === 0 || offset < prevEnd || offset + len > length) bad(`range ${i} (${offset}+${len}) is empty, overlapping or out of bounds`);
-    if (data + len > body.length) bad(`range ${i} runs past the data`);
-    body.copy(out, offset, data, data + len);
-    data += len;
-    prevEnd = offset + len;
-  }
-  if (data !== body.length) bad(`${body.length - data} bytes after the last range`);
+  const out = applyBody(body, base, newId);
   if (computeChunkId(keys.idKey, out) !== newId) throw new BlobError(newId, 'id-mismatch', 'delta applied to the base does not hash to the new ID');
   return out;
 }

@@ -3,7 +3,9 @@ import type { ChunkStore } from './chunk-store.js';
 /**
  * Writers whose blobs no snapshot references yet (an import until its snapshot commits) hold the
  * store here; garbage collection in this process never sweeps a blob stored after the oldest
- * hold began. (Check-ins need no hold: their manifests are recorded before any blob is sent.)
+ * hold began. (Check-ins do not hold: their blobs arrive at transfer servers, often other
+ * processes. The grace and each blob's last-use mark keep them until the commit names them; a
+ * commit that finds one swept answers `missing-chunks` and the laptop sends it again.)
  */
 const holds = new WeakMap<ChunkStore, Map<symbol, number>>();
 

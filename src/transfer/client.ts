@@ -135,7 +135,7 @@ function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   });
 }
 
-function progressTracker(total: number, onProgress?: (p: Progress) => void) {
+export function progressTracker(total: number, onProgress?: (p: Progress) => void) {
   const start = Date.now();
   const state = { bytesDone: 0, chunksDone: 0 };
   return {
@@ -153,7 +153,7 @@ function progressTracker(total: number, onProgress?: (p: Progress) => void) {
 }
 
 /** Runs `worker` over batches of `ids` with `streams` in parallel. */
-async function inBatches(ids: readonly ChunkId[], batchSize: number, streams: number, worker: (batch: ChunkId[]) => Promise<void>): Promise<void> {
+export async function inBatches<T>(ids: readonly T[], batchSize: number, streams: number, worker: (batch: T[]) => Promise<void>): Promise<void> {
   let next = 0;
   await Promise.all(
     Array.from({ length: Math.max(1, streams) }, async () => {
@@ -193,7 +193,7 @@ function groupSync(store: ChunkStore, everyChunks = 512, everyMs = 2000) {
  * is refused and fetched again (bounded). Resumable by construction: ask again what is missing.
  */
 /** Batches of up to 64 (or `wanted`), but at least one per stream: both ends seal and check frames one at a time per stream. */
-function batchSizeFor(count: number, streams: number, wanted = 64): number {
+export function batchSizeFor(count: number, streams: number, wanted = 64): number {
   return Math.max(1, Math.min(wanted, Math.ceil(count / streams)));
 }
 

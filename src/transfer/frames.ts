@@ -10,12 +10,20 @@ export const FRAME_ERROR = 2;
 /** A changed chunk as a delta against a base chunk: payload = base ID 32 ‖ delta blob (core/delta). */
 export const FRAME_DELTA = 3;
 const MAX_DELTA_FRAME = 32 + MAX_DELTA_BODY + BLOB_OVERHEAD;
+/**
+ * A changed chunk the sender does not name (core/delta pages blob): the header's ID field holds
+ * the base chunk's ID (all zeros: none), payload = tag u32be ‖ pages blob. The receiver names the
+ * rebuilt chunk in its answer, by tag.
+ */
+export const FRAME_PAGES = 4;
+const MAX_PAGES_FRAME = 4 + MAX_DELTA_BODY + BLOB_OVERHEAD;
 const HEAD = 1 + 32 + 4;
 const MAX_ERROR_PAYLOAD = 4096;
 
 export type Frame =
   | { type: typeof FRAME_BLOB; id: ChunkId; payload: Buffer }
   | { type: typeof FRAME_DELTA; id: ChunkId; baseId: ChunkId; payload: Buffer }
+  | { type: typeof FRAME_PAGES; baseId: ChunkId | null; tag: number; payload: Buffer }
   | { type: typeof FRAME_ERROR; id: ChunkId; message: string }
   | { type: typeof FRAME_END };
 
@@ -24,7 +32,9 @@ const MAX_PAYLOAD: Record<number, number> = {
   [FRAME_BLOB]: MAX_BLOB_SIZE,
   [FRAME_ERROR]: MAX_ERROR_PAYLOAD,
   [FRAME_DELTA]: MAX_DELTA_FRAME,
+  [FRAME_PAGES]: MAX_PAGES_FRAME,
 };
+const NO_ID = Buffer.alloc(32);
 
 export class FrameError extends CarryonError {
   constructor(message: string) {
@@ -52,6 +62,13 @@ export const endFrame = (): Buffer => encodeFrame(FRAME_END, null);
 export const blobFrame = (id: ChunkId, blob: Uint8Array): Buffer => encodeFrame(FRAME_BLOB, id, blob);
 export const deltaFrame = (id: ChunkId, baseId: ChunkId, delta: Uint8Array): Buffer =>
   encodeFrame(FRAME_DELTA, id, Buffer.concat([chunkIdToBytes(baseId), delta]));
+/** Header and tag of a pages frame; the pages blob follows it on the wire (not joined: no copy). */
+export function pagesFrameHead(tag: number, baseId: ChunkId | null, blobLength: number): Buffer {
+  const head = Buffer.allocUnsafe(HEAD + 4);
+  frameHeader(FRAME_PAGES, baseId, 4 + blobLength, head);
+  head.writeUInt32BE(tag, HEAD);
+  return head;
+}
 export const errorFrame = (id: ChunkId, message: string): Buffer =>
   encodeFrame(FRAME_ERROR, id, Buffer.from(message.slice(0, MAX_ERROR_PAYLOAD)));
 
@@ -87,6 +104,12 @@ export class FrameDecoder {
         if (this.size) throw new FrameError('data after the end frame');
         frames.push({ type: FRAME_END });
         break;
+      }
+      if (type === FRAME_PAGES) {
+        if (len < 4) throw new FrameError('pages frame without a tag');
+        const rawBase = whole.subarray(1, 33);
+        frames.push({ type, baseId: rawBase.equals(NO_ID) ? null : chunkIdFromBytes(rawBase), tag: payload.readUInt32BE(0), payload: payload.subarray(4) });
+        continue;
       }
       const id = chunkIdFromBytes(whole.subarray(1, 33));
       if (type === FRAME_BLOB) frames.push({ type, id, payload });

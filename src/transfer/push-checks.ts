@@ -2,7 +2,7 @@ import { availableParallelism } from 'node:os';
 import type { ChunkId } from '../core/chunk-id.js';
 import { encodeLineageKeys, type LineageKeys } from '../core/keys.js';
 import { WorkerPool } from '../core/worker-pool.js';
-import { rebuildPushed, verifyPushed } from './push-rebuild.js';
+import { namePushed, rebuildPushed, verifyPushed, type Named } from './push-rebuild.js';
 import type { PushCheckReply, PushCheckRequest } from './push-worker.js';
 
 /**
@@ -21,7 +21,7 @@ export class PushChecks {
   async verify(keys: LineageKeys, id: ChunkId, blob: Uint8Array): Promise<void> {
     if (this.size === 0) return verifyPushed(keys, id, blob);
     const payload = copyOf(blob);
-    await this.workers().run({ keys: this.encode(keys), id, payload }, [payload]);
+    await this.workers().run({ kind: 'verify', keys: this.encode(keys), id, payload }, [payload]);
   }
 
   /** Applies a delta to its base chunk's stored blob, checks the result against `id`, and returns the sealed chunk. */
@@ -29,9 +29,18 @@ export class PushChecks {
     if (this.size === 0) return rebuildPushed(keys, id, delta, base);
     const payload = copyOf(delta);
     const baseBlob = copyOf(base.blob);
-    const reply = await this.workers().run({ keys: this.encode(keys), id, payload, base: { id: base.id, blob: baseBlob } }, [payload, baseBlob]);
+    const reply = await this.workers().run({ kind: 'rebuild', keys: this.encode(keys), id, payload, base: { id: base.id, blob: baseBlob } }, [payload, baseBlob]);
     if (!reply.blob) throw new Error(`rebuilding chunk ${id} gave no blob`);
     return Buffer.from(reply.blob);
+  }
+
+  /** Rebuilds a chunk from a pages blob and its base (null: zeros) and names it (push-rebuild `namePushed`). */
+  async name(keys: LineageKeys, pages: Uint8Array, base: { id: ChunkId; blob: Uint8Array } | null, label: string): Promise<Named> {
+    if (this.size === 0) return namePushed(keys, pages, base, label);
+    const payload = copyOf(pages);
+    const baseBlob = base ? copyOf(base.blob) : null;
+    const reply = await this.workers().run({ kind: 'name', keys: this.encode(keys), id: label, payload, base: base ? { id: base.id, blob: baseBlob! } : undefined }, baseBlob ? [payload, baseBlob] : [payload]);
+    return { id: reply.named ?? null, blob: reply.blob ? Buffer.from(reply.blob) : null };
   }
 
   async close(): Promise<void> {

@@ -9,7 +9,7 @@ import { TicketError, verifyTicket, type TicketPayload } from '../core/ticket.js
 import { mapError, parseOrInvalid } from '../net/http-errors.js';
 import { loadOrCreateTls } from '../net/tls-cert.js';
 import { getBlobs, type ChunkStore } from '../store/chunk-store.js';
-import { endFrame, errorFrame, FRAME_BLOB, FRAME_DELTA, FrameDecoder, frameHeader, type Frame } from './frames.js';
+import { endFrame, errorFrame, FRAME_BLOB, FRAME_DELTA, FRAME_PAGES, FrameDecoder, frameHeader, type Frame } from './frames.js';
 import { PushChecks } from './push-checks.js';
 import { JobScopes, type JobSummary } from './scopes.js';
 
@@ -56,6 +56,7 @@ export interface TransferServer {
 const FETCH_WINDOW = 32;
 
 type PushedFrame = Extract<Frame, { type: typeof FRAME_BLOB | typeof FRAME_DELTA }>;
+type PagesFrame = Extract<Frame, { type: typeof FRAME_PAGES }>;
 
 const IdList = (max: number) => z.object({ ids: z.array(z.string().refine(isChunkId, 'not a chunk ID')).max(max) }).strict();
 
@@ -199,10 +200,20 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
     const release = holdStream(ticket, reply);
     if (!release) return reply;
     const decoder = new FrameDecoder();
-    const result = { stored: 0, duplicate: 0, rejected: [] as { id: string; reason: string; code: 'invalid' | 'base-missing' }[] };
+    const result = {
+      stored: 0,
+      duplicate: 0,
+      rejected: [] as (({ id: string } | { tag: number }) & { reason: string; code: 'invalid' | 'base-missing' })[],
+      /** Pages frames, by tag: the ID of the chunk each rebuilt (null: zeros). */
+      named: [] as { tag: number; id: ChunkId | null }[],
+    };
     const reject = (id: ChunkId, reason: string, code: 'invalid' | 'base-missing' = 'invalid') => {
       stats.blobsRejected++;
       result.rejected.push({ id, reason, code });
+    };
+    const rejectTag = (tag: number, reason: string, code: 'invalid' | 'base-missing' = 'invalid') => {
+      stats.blobsRejected++;
+      result.rejected.push({ tag, reason, code });
     };
     /** The blob to store for a pushed frame: as sent once authenticated, or rebuilt from a delta and sealed. */
     const blobOf = async (frame: PushedFrame): Promise<Buffer | 'base-missing'> => {
@@ -218,30 +229,58 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
     };
     // Per chunk ID in this stream: whether a copy of it passed (a later copy is then a duplicate).
     const passed = new Map<ChunkId, Promise<boolean>>();
-    const accept = async (frame: PushedFrame, earlier: Promise<boolean>): Promise<boolean> => {
+    /** A named frame's checked blob, or null (rejected). */
+    const accept = async (frame: PushedFrame): Promise<Buffer | null> => {
       let blob: Buffer | 'base-missing';
       try {
         blob = await blobOf(frame);
       } catch (err) {
         reject(frame.id, (err as Error).message);
-        return earlier;
+        return null;
       }
       if (blob === 'base-missing') {
         reject(frame.id, `base chunk ${frame.type === FRAME_DELTA ? frame.baseId : ''} is not here: send the whole chunk`, 'base-missing');
-        return earlier;
+        return null;
       }
       js.chunksIn++;
-      if (await earlier) {
-        result.duplicate++; // sent twice in one stream: its first copy is stored
+      return blob;
+    };
+    /** Stores a checked blob once per stream (a later copy of the same chunk is a duplicate). */
+    const store = (id: ChunkId, blob: Buffer, earlier: Promise<boolean>): Promise<boolean> => {
+      const task = (async () => {
+        if (await earlier) {
+          result.duplicate++;
+          return true;
+        }
+        const known = scope.base.has(id) || scope.pushed.has(id);
+        const fresh = await opts.store.put(id, blob, { defer: true });
+        // A duplicate of a chunk outside the checkout's own would tell that another desktop has it.
+        if (fresh || !known) result.stored++;
+        else result.duplicate++;
+        scope.pushed.add(id);
         return true;
+      })();
+      passed.set(id, task.catch(() => false));
+      return task;
+    };
+    /** A pages frame: rebuilt on its base (a checkpoint chunk, or zeros), named here, stored when new. */
+    const name = async (frame: PagesFrame): Promise<void> => {
+      let named;
+      try {
+        let base = null;
+        if (frame.baseId) {
+          // Only a chunk of the checkout's checkpoint may serve as a base (else: an existence oracle).
+          const blob = scope.base.has(frame.baseId) ? await opts.store.get(frame.baseId) : null;
+          if (!blob) return rejectTag(frame.tag, `base chunk ${frame.baseId} is not here: send the whole chunk`, 'base-missing');
+          base = { id: frame.baseId, blob };
+        }
+        named = await checks.name(scope.keys, frame.payload, base, `#${frame.tag} (pushed pages)`);
+      } catch (err) {
+        return rejectTag(frame.tag, (err as Error).message);
       }
-      const known = scope.base.has(frame.id) || scope.pushed.has(frame.id);
-      const fresh = await opts.store.put(frame.id, blob, { defer: true });
-      // A duplicate of a chunk outside the checkout's own would tell that another desktop has it.
-      if (fresh || !known) result.stored++;
-      else result.duplicate++;
-      scope.pushed.add(frame.id);
-      return true;
+      js.chunksIn++;
+      if (named.id && named.blob) await store(named.id, named.blob, passed.get(named.id) ?? Promise.resolve(false));
+      result.named.push({ tag: frame.tag, id: named.id });
     };
     // Frames are checked (on worker threads where the host has cores to spare) and appended to
     // the store while the next ones arrive.
@@ -251,12 +290,19 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
         stats.bytesIn += piece.length;
         js.bytesIn += piece.length;
         for (const frame of decoder.push(piece)) {
+          if (frame.type === FRAME_PAGES) {
+            await window.add(name(frame));
+            continue;
+          }
           if (frame.type !== FRAME_BLOB && frame.type !== FRAME_DELTA) continue;
           if (!scope.allowed.has(frame.id)) {
             reject(frame.id, 'not referenced by the ticket');
             continue;
           }
-          const task = accept(frame, passed.get(frame.id) ?? Promise.resolve(false));
+          const earlier = passed.get(frame.id) ?? Promise.resolve(false);
+          const checked = accept(frame);
+          // Registered before the check ends, so a later copy in this stream waits for this one.
+          const task = checked.then((blob) => (blob ? store(frame.id, blob, earlier) : earlier));
           passed.set(frame.id, task.catch(() => false));
           await window.add(task.then(() => undefined));
         }

@@ -139,9 +139,29 @@ test('check-out → transferred → replicate → check-in (missing chunks refus
   const garbage = await http.call('POST', `/v1/checkouts/${id}/checkin`, { disks: [{ name: 'disk0', manifest: 'AAAA' }] }, aliceToken);
   assert.deepEqual([garbage.status, garbage.body.error], [400, 'bad-manifest']);
 
-  assert.equal((await http.call('POST', `/v1/checkouts/${id}/checkin`, { disks: body.disks }, aliceToken)).status, 200);
-  const done = await http.call('POST', `/v1/checkouts/${id}/checkin/commit`, {}, aliceToken);
-  assert.equal(done.status, 200);
+  // Begun without manifests, the commit carries the changes (chunk index → ID the transfer server named).
+  assert.equal((await http.call('POST', `/v1/checkouts/${id}/checkin`, {}, aliceToken)).status, 200);
+  const commitWith = (disks: unknown) => http.call('POST', `/v1/checkouts/${id}/checkin/commit`, { disks }, aliceToken);
+  const original = decodeManifest(Buffer.from(body.disks[0]!.manifest, 'base64'));
+  const [a, b] = [original.chunks[0]!, original.chunks[1]!];
+  for (const [bad, code] of [
+    [[{ name: 'disk0', changes: [[original.chunks.length, a]] }], 'bad-changes'],
+    [[{ name: 'disk0', changes: [[0, a], [0, b]] }], 'bad-changes'],
+    [[{ name: 'disk9', changes: [[0, a]] }], 'bad-changes'],
+    [[{ name: 'disk0', changes: [[0, a]] }, { name: 'disk0', changes: [[1, b]] }], 'bad-changes'],
+    [[{ name: 'disk0', changes: [[-1, a]] }], 'invalid'],
+    [[{ name: 'disk0', changes: [[0, 'not-an-id']] }], 'invalid'],
+  ] as const) {
+    const r = await commitWith(bad);
+    assert.deepEqual([r.status, r.body.error], [400, code], JSON.stringify(bad));
+  }
+  const unknown = await commitWith([{ name: 'disk0', changes: [[0, 'f'.repeat(64)]] }]);
+  assert.deepEqual([unknown.status, unknown.body.error], [409, 'missing-chunks']);
+  const done = await commitWith([{ name: 'disk0', changes: [[0, b], [1, a], [2, null]] }]);
+  assert.equal(done.status, 200, JSON.stringify(done.body));
+  const made = (await broker.ctx.meta.getSnapshot(done.body.snapshotId as string))!;
+  const committed = decodeManifest((await broker.ctx.store.getManifest(made.disks[0]!.digest))!);
+  assert.deepEqual(committed.chunks, [b, a, null, ...original.chunks.slice(3)]);
   assert.equal((done.body.checkout as { state: string }).state, 'checked_in');
   assert.deepEqual((await actions(aliceToken))!.actions, ['checkout']);
 

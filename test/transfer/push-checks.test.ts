@@ -2,7 +2,8 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
 import { openBlob, sealChunk } from '../../src/core/blob.js';
-import { sealDeltaRanges } from '../../src/core/delta.js';
+import { computeChunkId } from '../../src/core/chunk-id.js';
+import { sealDeltaRanges, sealPages } from '../../src/core/delta.js';
 import { generateLineageKeys } from '../../src/core/keys.js';
 import { PushChecks } from '../../src/transfer/push-checks.js';
 
@@ -36,6 +37,46 @@ for (const size of [0, 2]) {
       await assert.rejects(checks.rebuild(keys, n.id, delta, { id: other.id, blob: other.blob }), /GCM tag does not verify|does not hash/);
       const lying = sealDeltaRanges(keys, other.id, b.id, next, [{ offset: 65536, length: 65536 }])!;
       await assert.rejects(checks.rebuild(keys, other.id, lying, { id: b.id, blob: b.blob }), /does not hash to the new ID/);
+    } finally {
+      await checks.close();
+    }
+  });
+
+  test(`push checks (${size ? `${size} worker threads` : 'inline'}): pages are rebuilt on their base (or zeros) and named; a hole, an unchanged chunk and forged pages are told apart`, async () => {
+    const keys = generateLineageKeys();
+    const checks = new PushChecks(size);
+    try {
+      const base = randomBytes(CS);
+      const b = sealChunk(keys, base);
+      const written = randomBytes(8192);
+      const next = Buffer.from(base);
+      written.copy(next, 4096);
+      const pages = sealPages(keys, b.id, CS, [{ offset: 4096, bytes: written }]);
+      const named = await checks.name(keys, pages, { id: b.id, blob: b.blob }, '#1');
+      assert.equal(named.id, computeChunkId(keys.idKey, next));
+      assert.deepEqual(openBlob(keys, named.id!, named.blob!), next);
+      assert.ok(b.blob.length > 0, 'the base blob was copied, not moved');
+
+      // No base: the rest of the chunk is zeros (a chunk that was a hole in the checkpoint), and a short last chunk.
+      const fresh = sealPages(keys, null, 10_000, [{ offset: 0, bytes: written.subarray(0, 4096) }]);
+      const expected = Buffer.alloc(10_000);
+      written.copy(expected, 0, 0, 4096);
+      const n2 = await checks.name(keys, fresh, null, '#2');
+      assert.deepEqual(openBlob(keys, n2.id!, n2.blob!), expected);
+
+      // Written back to the base's bytes: no change, nothing to store. Written to zeros: a hole.
+      const same = await checks.name(keys, sealPages(keys, b.id, CS, [{ offset: 4096, bytes: base.subarray(4096, 12288) }]), { id: b.id, blob: b.blob }, '#3');
+      assert.deepEqual(same, { id: b.id, blob: null });
+      assert.deepEqual(await checks.name(keys, sealPages(keys, null, CS, [{ offset: 0, bytes: Buffer.alloc(CS) }]), null, '#4'), { id: null, blob: null });
+
+      // Pages sealed against one base do not open against another (nor against none), nor under other keys.
+      const other = sealChunk(keys, randomBytes(CS));
+      await assert.rejects(checks.name(keys, pages, { id: other.id, blob: other.blob }, '#5'), /#5.*GCM tag does not verify/);
+      await assert.rejects(checks.name(keys, pages, null, '#6'), /GCM tag does not verify/);
+      await assert.rejects(checks.name(generateLineageKeys(), pages, { id: b.id, blob: b.blob }, '#7'), /GCM tag does not verify/);
+      const forged = Buffer.from(pages);
+      forged[40]! ^= 1;
+      await assert.rejects(checks.name(keys, forged, { id: b.id, blob: b.blob }, '#8'), /GCM tag does not verify/);
     } finally {
       await checks.close();
     }

@@ -10,6 +10,8 @@ import { SchedulerStore } from '../../src/broker/transfers/scheduler-store.js';
 import { SqliteSql } from '../../src/store/sql/sqlite-driver.js';
 import type { JobView } from '../../src/broker/transfers/types.js';
 import { openBlob, sealChunk } from '../../src/core/blob.js';
+import { computeChunkId } from '../../src/core/chunk-id.js';
+import { sealPages } from '../../src/core/delta.js';
 import { generateLineageKeys } from '../../src/core/keys.js';
 import { createManifest, encodeManifest, manifestDigest } from '../../src/core/manifest.js';
 import { generateSigningKey } from '../../src/core/signing.js';
@@ -17,7 +19,8 @@ import { signTicket } from '../../src/core/ticket.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
 import { FsChunkStore } from '../../src/store/fs-chunk-store.js';
 import { downloadChunks, TransferSession, uploadChunks, type TransferEndpoint } from '../../src/transfer/client.js';
-import { FRAME_BLOB, FRAME_END, FRAME_ERROR, FrameDecoder } from '../../src/transfer/frames.js';
+import { FRAME_BLOB, FRAME_END, FRAME_ERROR, FrameDecoder, pagesFrameHead } from '../../src/transfer/frames.js';
+import { pushPages } from '../../src/transfer/push-pages.js';
 import { startTransferServer, type TransferServer } from '../../src/transfer/server.js';
 import { RemoteCheckpoint } from '../../src/disk/remote-checkpoint.js';
 import { makeDesktopStore, wrapped } from './helpers.js';
@@ -163,6 +166,58 @@ test('check-in deltas: changed pages travel, the server rebuilds and verifies; a
   for (const n of next) assert.ok(openBlob(keys, n.id, (await desk.store.get(n.id))!).equals(n.plain), 'the server holds the new chunk, sealed and verifiable');
 });
 
+test('check-in pages: the server rebuilds and names each chunk; a base outside the checkpoint goes whole; a hole and an unchanged chunk are named so; forged pages are refused', async () => {
+  const s = await server('ts-p', 2);
+  const CS = desk.manifest.chunkSize;
+  const plainOf = async (id: string) => openBlob(keys, id, (await desk.store.get(id))!);
+  // A base in the store (another desktop's, say) that this checkout's checkpoint does not hold: never a base here.
+  const stranger = sealChunk(keys, randomBytes(CS));
+  await desk.store.put(stranger.id, stranger.blob);
+  const written = randomBytes(4096);
+  const edit = async (base: Buffer) => {
+    const next = Buffer.from(base);
+    written.copy(next, 4096);
+    return next;
+  };
+  const items = [
+    { baseId: ids[0]!, next: await edit(await plainOf(ids[0]!)), pieces: [{ offset: 4096, bytes: written }] },
+    { baseId: stranger.id, next: await edit(openBlob(keys, stranger.id, stranger.blob)), pieces: [{ offset: 4096, bytes: written }] },
+    { baseId: null, next: Buffer.alloc(CS), pieces: [{ offset: 0, bytes: Buffer.alloc(4096) }] },
+    { baseId: ids[1]!, next: await plainOf(ids[1]!), pieces: [{ offset: 0, bytes: (await plainOf(ids[1]!)).subarray(0, 4096) }] },
+  ];
+  const sentWhole: number[] = [];
+  const source = (forge = false) => ({
+    async frame(tag: number, whole: boolean) {
+      const it = items[tag]!;
+      if (whole) sentWhole.push(tag);
+      const blob = whole ? sealPages(keys, null, CS, [{ offset: 0, bytes: it.next }]) : sealPages(keys, it.baseId, CS, it.pieces);
+      if (forge) blob[blob.length - 1]! ^= 1;
+      return [pagesFrameHead(tag, whole ? null : it.baseId, blob.length), blob];
+    },
+  });
+  const t = signTicket({ v: 1, jobId: 'job-p', desktopId: 'd', checkoutId: 'c-p', direction: 'upload', manifests: [desk.digest], baseManifests: [desk.digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 2, expiresAt: new Date(Date.now() + 600_000).toISOString() }, broker.privateKey);
+  const endpoint = { url: s.url, fingerprint: s.fingerprint, ticket: t, maxStreams: 2 };
+  const named = new Map<number, string | null>();
+  const before = s.stats.bytesIn;
+  const res = await pushPages({ endpoint, count: items.length, source: source(), named });
+  assert.equal(res.chunksMoved, 4);
+  assert.deepEqual(sentWhole, [1], 'only the chunk whose base the server may not use went whole');
+  const onWire = s.stats.bytesIn - before;
+  assert.ok(onWire < 4 * 4096 + CS + 4000, `${onWire} bytes on the wire`);
+  assert.equal(named.get(2), null, 'zeros are a hole');
+  assert.equal(named.get(3), ids[1], 'written back with the same bytes: no change');
+  for (const tag of [0, 1]) {
+    const id = named.get(tag)!;
+    assert.equal(id, computeChunkId(keys.idKey, items[tag]!.next));
+    assert.ok(openBlob(keys, id, (await desk.store.get(id))!).equals(items[tag]!.next), 'stored, sealed and verifiable');
+  }
+  // Named chunks are not sent again; a forged frame is refused with the reason, and nothing is named.
+  await pushPages({ endpoint, count: items.length, source: source(true), named });
+  const none = new Map<number, string | null>();
+  await assert.rejects(pushPages({ endpoint, count: items.length, source: source(true), named: none }), /refused .*GCM tag does not verify/);
+  assert.equal(none.size, 0);
+});
+
 test('expired, forged, foreign and wrong-direction tickets are refused; out-of-scope chunks are not served', async () => {
   const s = await server('ts-x', 1);
   const base = { v: 1 as const, jobId: 'j', desktopId: 'd', checkoutId: 'c', direction: 'download' as const, manifests: [desk.digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 1, expiresAt: new Date(Date.now() + 600_000).toISOString() };
@@ -226,7 +281,8 @@ test('fetch answers every requested id in order, across read-ahead windows, with
   const frames = [];
   for await (const piece of res.body) frames.push(...decoder.push(piece as Buffer));
   await agent.close();
-  const answers = frames.filter((f) => f.type !== FRAME_END);
+  const answers = frames.filter((f) => f.type === FRAME_BLOB || f.type === FRAME_ERROR);
+  assert.equal(answers.length, frames.length - 1);
   assert.deepEqual(answers.map((f) => f.id), asked);
   for (const f of answers) {
     if (f.id === 'e'.repeat(64)) assert.equal(f.type, FRAME_ERROR);

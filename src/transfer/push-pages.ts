@@ -1,0 +1,93 @@
+import type { ChunkId } from '../core/chunk-id.js';
+import { batchSizeFor, inBatches, progressTracker, TransferFailed, TransferSession, type TransferOptions, type TransferResult } from './client.js';
+import { endFrame } from './frames.js';
+
+/** Where a pages push takes its frames from (the laptop's chain). */
+export interface PagesSource {
+  /**
+   * The pages frame of changed chunk `tag`, as parts to send one after the other: its written
+   * pages against its checkpoint chunk, or with `whole`, every byte of it against none (the
+   * server lacked the base).
+   */
+  frame(tag: number, whole: boolean): Promise<Buffer[]>;
+}
+
+export interface PushPagesOptions extends Pick<TransferOptions, 'endpoint' | 'streams' | 'batchSize' | 'signal' | 'onProgress' | 'renew' | 'rateLimit'> {
+  /** Changed chunks, tagged 0 … count − 1. */
+  count: number;
+  source: PagesSource;
+  /**
+   * The server's name for each tag pushed so far (null: the chunk reads as zeros). Kept by the
+   * caller across attempts: a push tried again sends only the chunks not yet named.
+   */
+  named: Map<number, ChunkId | null>;
+}
+
+interface PushAnswer {
+  named?: { tag: number; id: ChunkId | null }[];
+  rejected: { tag?: number; id?: string; reason: string; code?: string }[];
+}
+
+/** Frames one pages frame reads ahead of the one being sent, per stream (reads overlap the link). */
+const READ_AHEAD = 2;
+
+/**
+ * Pushes changed chunks as their written pages; the transfer server rebuilds each on its copy of
+ * the checkpoint, names it and answers the names by tag. A chunk whose base the server lacks is
+ * sent again whole. Ends when every tag is named; throws on anything the server refused.
+ */
+export async function pushPages(opts: PushPagesOptions, shared?: TransferSession): Promise<TransferResult> {
+  const session = shared ?? new TransferSession(opts.endpoint, opts.renew);
+  const result: TransferResult = { chunksMoved: 0, bytesMoved: 0, refetched: 0 };
+  try {
+    let queue = Array.from({ length: opts.count }, (_, tag) => tag).filter((tag) => !opts.named.has(tag));
+    const tracker = progressTracker(queue.length, opts.onProgress);
+    for (let round = 0; queue.length; round++) {
+      if (round > 1) throw new TransferFailed(`the transfer server refused ${queue.length} whole chunks`);
+      const whole = round > 0;
+      const again: number[] = [];
+      const streams = opts.streams ?? session.endpoint.maxStreams;
+      await inBatches(queue, batchSizeFor(queue.length, streams, opts.batchSize), streams, async (batch) => {
+        let sent = 0;
+        async function* frames(): AsyncGenerator<Buffer> {
+          sent = 0;
+          const ahead = batch.map(() => null as Promise<Buffer[]> | null);
+          const start = (i: number) => {
+            if (i < batch.length && !ahead[i]) ahead[i] = opts.source.frame(batch[i]!, whole);
+            ahead[i]?.catch(() => undefined);
+          };
+          for (let i = 0; i < batch.length; i++) {
+            for (let k = i; k <= i + READ_AHEAD; k++) start(k);
+            const parts = await ahead[i]!;
+            ahead[i] = null;
+            const size = parts.reduce((s, p) => s + p.length, 0);
+            await opts.rateLimit?.take(size, opts.signal);
+            sent += size;
+            yield* parts;
+          }
+          const end = endFrame();
+          sent += end.length;
+          yield end;
+        }
+        const res = await session.call('/v1/chunks/push', frames, opts.signal);
+        const ans = (await res.body.json()) as PushAnswer;
+        const fatal = ans.rejected.filter((r) => whole || r.code !== 'base-missing' || r.tag === undefined);
+        if (fatal.length) throw new TransferFailed(`the transfer server refused ${fatal.length} changed chunks: ${fatal[0]!.reason}`);
+        const inBatch = new Set(batch);
+        for (const n of ans.named ?? []) if (inBatch.has(n.tag)) opts.named.set(n.tag, n.id);
+        const resend = ans.rejected.map((r) => r.tag!);
+        again.push(...resend);
+        const unanswered = batch.filter((tag) => !opts.named.has(tag) && !resend.includes(tag));
+        if (unanswered.length) throw new TransferFailed(`the transfer server did not name ${unanswered.length} of the chunks it was sent`);
+        const moved = batch.length - ans.rejected.length;
+        result.chunksMoved += moved;
+        result.bytesMoved += sent;
+        tracker.add(sent, moved);
+      });
+      queue = again;
+    }
+    return result;
+  } finally {
+    if (!shared) await session.close();
+  }
+}
