@@ -1,4 +1,4 @@
-import { createManifest, referencedChunks, decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../core/manifest.js';
+import { referencedChunks, decodeManifest, encodedDigest, encodeManifest, manifestDigest, type Manifest } from '../core/manifest.js';
 import { signLease, type SignedLease } from '../core/lease.js';
 import { policyHash } from '../core/policy.js';
 import type { CheckoutRow, DesktopConfig, DesktopRow, SnapshotDisk } from '../store/metadata.js';
@@ -307,14 +307,8 @@ export async function commitUpload(ctx: BrokerContext, user: string, checkoutId:
   if (c.state !== expected || !c.pendingDisks) throw await deny(ctx, user, c.desktopId, `${kind}-commit`, 409, 'wrong-state', `nothing to commit (checkout is ${c.state})`);
   // Chunks of the checkpoint are in the store (snapshots are immutable): check only the new ones.
   const base = (await ctx.meta.getSnapshot(c.checkpointSnapshot))!;
-  const pendingDisks = changes?.length ? await changedDisks(ctx, user, c, kind, c.pendingDisks, changes) : c.pendingDisks;
-  const ids = new Set<string>();
-  for (const d of pendingDisks) {
-    const baseDisk = base.disks.find((b) => b.name === d.name);
-    const known = baseDisk ? referencedChunks(await loadManifest(ctx, baseDisk.digest)) : new Set<string>();
-    for (const id of referencedChunks(await loadManifest(ctx, d.digest))) if (!known.has(id)) ids.add(id);
-  }
-  const missing = await ctx.store.missing([...ids]);
+  const { disks: pendingDisks, added } = changes?.length ? await changedDisks(ctx, user, c, kind, c.pendingDisks, changes) : { disks: c.pendingDisks, added: await addedChunks(ctx, base.disks, c.pendingDisks) };
+  const missing = await ctx.store.missing([...added]);
   if (missing.length) {
     await ctx.audit({ actor: user, desktopId: c.desktopId, action: `${kind}-commit`, outcome: 'denied', detail: `${missing.length} chunks missing` });
     throw new HttpError(409, 'missing-chunks', `the server lacks ${missing.length} chunks the manifests reference`, { missing: missing.slice(0, 10_000) });
@@ -339,10 +333,25 @@ export async function commitUpload(ctx: BrokerContext, user: string, checkoutId:
   return { snapshotId, checkout: checkoutView((await ctx.meta.getCheckout(c.id))!) };
 }
 
-/** `baseDisks` with `changes` applied: each new manifest stored, its disk entry returned. */
-async function changedDisks(ctx: BrokerContext, user: string, c: CheckoutRow, kind: string, baseDisks: SnapshotDisk[], changes: DiskChanges[]): Promise<SnapshotDisk[]> {
+/** Chunks `disks` reference that the checkpoint's `baseDisks` do not. */
+async function addedChunks(ctx: BrokerContext, baseDisks: SnapshotDisk[], disks: SnapshotDisk[]): Promise<Set<string>> {
+  const ids = new Set<string>();
+  for (const d of disks) {
+    const baseDisk = baseDisks.find((b) => b.name === d.name);
+    const known = baseDisk ? referencedChunks(await loadManifest(ctx, baseDisk.digest)) : new Set<string>();
+    for (const id of referencedChunks(await loadManifest(ctx, d.digest))) if (!known.has(id)) ids.add(id);
+  }
+  return ids;
+}
+
+/**
+ * `baseDisks` with `changes` applied: each new manifest stored, its disk entry returned, and the
+ * chunks the changes name (those of the checkpoint among them are in the store anyway).
+ */
+async function changedDisks(ctx: BrokerContext, user: string, c: CheckoutRow, kind: string, baseDisks: SnapshotDisk[], changes: DiskChanges[]): Promise<{ disks: SnapshotDisk[]; added: Set<string> }> {
   const bad = async (message: string) => deny(ctx, user, c.desktopId, `${kind}-commit`, 400, 'bad-changes', message);
   const out: SnapshotDisk[] = [];
+  const added = new Set<string>();
   for (const baseDisk of baseDisks) {
     const mine = changes.filter((d) => d.name === baseDisk.name);
     if (mine.length > 1) throw await bad(`disk ${baseDisk.name} is named twice`);
@@ -358,13 +367,15 @@ async function changedDisks(ctx: BrokerContext, user: string, c: CheckoutRow, ki
       if (seen.has(index)) throw await bad(`chunk ${index} of disk ${baseDisk.name} is changed twice`);
       seen.add(index);
       chunks[index] = id;
+      if (id) added.add(id);
     }
-    const next = createManifest(m.chunkSize, m.diskSize, chunks);
-    const digest = manifestDigest(next);
-    await ctx.store.putManifest(digest, encodeManifest(next));
+    // The IDs were checked at the route and the base's when it was stored: no second pass over every entry.
+    const encoded = encodeManifest({ chunkSize: m.chunkSize, diskSize: m.diskSize, chunks });
+    const digest = encodedDigest(encoded);
+    await ctx.store.putManifest(digest, encoded);
     out.push({ ...baseDisk, digest });
   }
   const unknown = changes.find((d) => !baseDisks.some((b) => b.name === d.name));
   if (unknown) throw await bad(`desktop has no disk ${unknown.name}`);
-  return out;
+  return { disks: out, added };
 }

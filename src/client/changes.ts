@@ -12,7 +12,7 @@ import type { DesktopDisk } from './disks.js';
 export interface DiskReader {
   disk: DesktopDisk;
   top: NbdClient;
-  extents: { start: number; length: number }[];
+  extents: Range[];
 }
 
 /** A chunk with pages written since the checkpoint. */
@@ -33,8 +33,7 @@ export function touchedChunks(readers: DiskReader[]): ChangedChunk[] {
   const out: ChangedChunk[] = [];
   for (const reader of readers) {
     const { chunkSize, diskSize } = reader.disk.base;
-    const extents = reader.extents.map((e) => ({ offset: e.start, length: e.length }));
-    for (const [index, pages] of pagesByChunk(extents, chunkSize, diskSize)) out.push({ reader, index, pages, length: chunkLength(index, diskSize, chunkSize) });
+    for (const [index, pages] of pagesByChunk(reader.extents, chunkSize, diskSize)) out.push({ reader, index, pages, length: chunkLength(index, diskSize, chunkSize) });
   }
   return out;
 }
@@ -63,31 +62,40 @@ export function pagesSource(chunks: readonly ChangedChunk[], keys: LineageKeys):
 }
 
 export interface Outcome {
-  manifests: { name: string; manifest: Manifest }[];
   /** Per disk, what the commit sends: chunk index → new ID (null: a hole). */
-  changes: { name: string; changes: [number, ChunkId | null][] }[];
+  changes: DiskChanges[];
   /** Chunks whose content changed (rewritten with the same bytes: no change). */
   changedChunks: number;
 }
 
-/** The new manifests from the transfer server's names for `chunks` (by tag). */
+export interface DiskChanges {
+  name: string;
+  changes: [number, ChunkId | null][];
+}
+
+/** What the transfer server's names for `chunks` (by tag) change, per disk. */
 export function namedOutcome(readers: DiskReader[], chunks: readonly ChangedChunk[], named: ReadonlyMap<number, ChunkId | null>): Outcome {
-  const out: Outcome = { manifests: [], changes: [], changedChunks: 0 };
+  const out: Outcome = { changes: [], changedChunks: 0 };
   for (const reader of readers) {
     const { base } = reader.disk;
-    const next = base.chunks.slice();
     const changes: [number, ChunkId | null][] = [];
     chunks.forEach((c, tag) => {
       if (c.reader !== reader) return;
       if (!named.has(tag)) throw new Error(`chunk ${c.index} of ${reader.disk.name} was not named by the transfer server`);
       const id = named.get(tag)!;
-      if (id === base.chunks[c.index]) return;
-      next[c.index] = id;
-      changes.push([c.index, id]);
+      if (id !== base.chunks[c.index]) changes.push([c.index, id]);
     });
     out.changedChunks += changes.length;
-    out.manifests.push({ name: reader.disk.name, manifest: createManifest(base.chunkSize, base.diskSize, next) });
     if (changes.length) out.changes.push({ name: reader.disk.name, changes });
   }
   return out;
+}
+
+/** The disks' manifests with `changes` applied: what the broker records (a replica's, the laptop's next base). */
+export function changedManifests(disks: readonly DesktopDisk[], changes: readonly DiskChanges[]): { name: string; manifest: Manifest }[] {
+  return disks.map(({ name, base }) => {
+    const next = base.chunks.slice();
+    for (const [index, id] of changes.find((d) => d.name === name)?.changes ?? []) next[index] = id;
+    return { name, manifest: createManifest(base.chunkSize, base.diskSize, next) };
+  });
 }

@@ -7,7 +7,7 @@ import { addChain, StorageDaemon } from '../disk/storage-daemon.js';
 import { NbdClient } from '../nbd/client.js';
 import { pushPages } from '../transfer/push-pages.js';
 import { BrokerError, JobView } from './broker-client.js';
-import { namedOutcome, pagesSource, touchedChunks, type DiskReader } from './changes.js';
+import { changedManifests, namedOutcome, pagesSource, touchedChunks, type DiskReader } from './changes.js';
 import { commitUpload } from './commit.js';
 import { openDesktopDisks, socketDir, type DesktopDisk } from './disks.js';
 import { claimOwner, diskPrefix, specFor } from './holder.js';
@@ -88,7 +88,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
           commit = await commitUpload(broker, state, kind, checkpoint, changes.changes);
         } catch (err) {
           // Chunks pushed long before the commit (a day on a slow link) may have been collected: send those again, once.
-          const missing = err instanceof BrokerError && err.code === 'missing-chunks' ? new Set(err.body.missing as string[]) : null;
+          const missing = err instanceof BrokerError && err.code === 'missing-chunks' && Array.isArray(err.body.missing) ? new Set(err.body.missing as unknown[]) : null;
           if (!missing) throw err;
           env.log(`${kind}: the server no longer has ${missing.size} of the chunks sent; sending them again`);
           for (const [tag, id] of named) if (id && missing.has(id)) named.delete(tag);
@@ -103,7 +103,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
       if (kind === 'replicate') {
         // The restore point becomes the base: merge the top into it (resumed on the next open if killed).
         let next: DesktopState = { ...state, lastReplicationAt: new Date().toISOString() };
-        for (const m of outcome.changes.manifests) {
+        for (const m of changedManifests(opened.disks, outcome.changes.changes)) {
           const digest = await vault.putManifest(state.desktopId, m.manifest);
           next = { ...next, disks: next.disks.map((d) => (d.name === m.name ? { ...d, mergingTo: digest } : d)) };
         }

@@ -91,16 +91,25 @@ function encodeBody(length: number, pieces: readonly Piece[]): Buffer {
   return body;
 }
 
-/** Applies a decrypted body to `base` (read as zeros past its end); throws BlobError naming `label`. */
-function applyBody(body: Buffer, base: Uint8Array, label: string): Buffer {
+/**
+ * Applies a decrypted body to `base` (read as zeros past its end); throws BlobError naming
+ * `label`. With `inPlace` the result is written over `base` when the lengths agree (a caller
+ * that owns it saves a chunk-sized allocation and copy).
+ */
+function applyBody(body: Buffer, base: Uint8Array, label: string, inPlace = false): Buffer {
   const bad = (why: string): never => { throw new BlobError(label, 'delta', why); };
   if (body.length < 6) bad('body too short');
   const length = body.readUInt32BE(0);
   const count = body.readUInt16BE(4);
   if (length === 0 || length > MAX_CHUNK_SIZE) bad(`new chunk length ${length}`);
   if (count > MAX_RANGES || body.length < 6 + count * 8) bad(`range table of ${count} entries does not fit`);
-  const out = Buffer.alloc(length);
-  Buffer.from(base.buffer, base.byteOffset, Math.min(base.length, length)).copy(out);
+  let out: Buffer;
+  if (inPlace && base.length === length) out = Buffer.from(base.buffer, base.byteOffset, length);
+  else {
+    out = Buffer.allocUnsafe(length);
+    const kept = Buffer.from(base.buffer, base.byteOffset, Math.min(base.length, length)).copy(out);
+    out.fill(0, kept);
+  }
   let data = 6 + count * 8;
   let prevEnd = 0;
   for (let i = 0; i < count; i++) {
@@ -130,10 +139,13 @@ export function sealPages(keys: LineageKeys, baseId: ChunkId | null, length: num
   return sealBlobEnvelope(keys, encodeBody(length, pieces), FLAG_PAGES, baseId ? chunkIdToBytes(baseId) : NO_BASE).blob;
 }
 
-/** Authenticates a pages blob and applies it to the base's plaintext (null: zeros). Errors name `label`. */
-export function openPages(keys: LineageKeys, baseId: ChunkId | null, blob: Uint8Array, basePlain: Uint8Array | null, label: string): Buffer {
+/**
+ * Authenticates a pages blob and applies it to the base's plaintext (null: zeros). Errors name
+ * `label`. `inPlace`: as for `openDelta`.
+ */
+export function openPages(keys: LineageKeys, baseId: ChunkId | null, blob: Uint8Array, basePlain: Uint8Array | null, label: string, inPlace = false): Buffer {
   const body = openBlobEnvelope(keys, blob, FLAG_PAGES, baseId ? chunkIdToBytes(baseId) : NO_BASE, label, MAX_DELTA_BODY);
-  return applyBody(body, basePlain ?? NO_BASE.subarray(0, 0), label);
+  return applyBody(body, basePlain ?? NO_BASE.subarray(0, 0), label, inPlace);
 }
 
 /**
@@ -166,11 +178,12 @@ export function pagesByChunk(extents: readonly Range[], chunkSize: number, diskS
 /**
  * Authenticates a delta, applies it to the base chunk's plaintext and checks the result's HMAC
  * against `newId`. Throws BlobError (naming the new chunk) on any inconsistency; never returns
- * data that does not hash to `newId`.
+ * data that does not hash to `newId`. With `inPlace`, `base` (the caller's scratch) may hold the
+ * result afterwards, or garbage when it throws.
  */
-export function openDelta(keys: LineageKeys, newId: ChunkId, baseId: ChunkId, delta: Uint8Array, base: Uint8Array): Buffer {
+export function openDelta(keys: LineageKeys, newId: ChunkId, baseId: ChunkId, delta: Uint8Array, base: Uint8Array, inPlace = false): Buffer {
   const body = openBlobEnvelope(keys, delta, FLAG_DELTA, aad(newId, baseId), newId, MAX_DELTA_BODY);
-  const out = applyBody(body, base, newId);
+  const out = applyBody(body, base, newId, inPlace);
   if (computeChunkId(keys.idKey, out) !== newId) throw new BlobError(newId, 'id-mismatch', 'delta applied to the base does not hash to the new ID');
   return out;
 }

@@ -92,7 +92,12 @@ export function decodeManifest(buf: Uint8Array): Manifest {
 
 /** Stable identity of a manifest's content (hex SHA-256 of its encoding). */
 export function manifestDigest(m: Manifest): string {
-  return createHash('sha256').update(encodeManifest(m)).digest('hex');
+  return encodedDigest(encodeManifest(m));
+}
+
+/** `manifestDigest` of a manifest already encoded (one encoding for the digest and the store). */
+export function encodedDigest(encoded: Uint8Array): string {
+  return createHash('sha256').update(encoded).digest('hex');
 }
 
 /** Chunks that differ between `base` and `next` (a disk may grow: missing entries count as holes). */

@@ -40,15 +40,10 @@ export class XtsSectors {
     this.xorTweaks = xor;
   }
 
-  /** Encrypts `data` (whole sectors) as the sectors numbered from `firstSector`; returns a new buffer. */
-  encrypt(data: Buffer, firstSector: number): Buffer {
-    return Buffer.from(this.encryptView(data, firstSector));
-  }
-
   /**
-   * As `encrypt`, but returns a view of this object's memory, valid until its next call. The
-   * view starts on a page boundary (a WebAssembly memory is a mapping of its own), so it can be
-   * written with O_DIRECT.
+   * Encrypts `data` (whole sectors) as the sectors numbered from `firstSector`, into a view of
+   * this object's memory, valid until its next call (copy it to keep it). The view starts on a
+   * page boundary (a WebAssembly memory is a mapping of its own), so it can be written with O_DIRECT.
    */
   encryptView(data: Buffer, firstSector: number): Buffer {
     if (data.length % XTS_SECTOR !== 0) throw new RangeError(`${data.length} bytes is not a whole number of sectors`);

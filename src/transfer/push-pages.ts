@@ -1,4 +1,5 @@
-import type { ChunkId } from '../core/chunk-id.js';
+import { z } from 'zod';
+import { isChunkId, type ChunkId } from '../core/chunk-id.js';
 import { batchSizeFor, inBatches, progressTracker, TransferFailed, TransferSession, type TransferOptions, type TransferResult } from './client.js';
 import { endFrame } from './frames.js';
 
@@ -23,10 +24,11 @@ export interface PushPagesOptions extends Pick<TransferOptions, 'endpoint' | 'st
   named: Map<number, ChunkId | null>;
 }
 
-interface PushAnswer {
-  named?: { tag: number; id: ChunkId | null }[];
-  rejected: { tag?: number; id?: string; reason: string; code?: string }[];
-}
+/** The server's answer to a push: validated, since the names become the laptop's manifest. */
+const PushAnswer = z.object({
+  named: z.array(z.object({ tag: z.number().int().min(0), id: z.string().refine(isChunkId, 'not a chunk ID').nullable() })).default([]),
+  rejected: z.array(z.object({ tag: z.number().int().min(0).optional(), id: z.string().optional(), reason: z.string(), code: z.string().optional() })),
+});
 
 /** Frames one pages frame reads ahead of the one being sent, per stream (reads overlap the link). */
 const READ_AHEAD = 2;
@@ -70,11 +72,13 @@ export async function pushPages(opts: PushPagesOptions, shared?: TransferSession
           yield end;
         }
         const res = await session.call('/v1/chunks/push', frames, opts.signal);
-        const ans = (await res.body.json()) as PushAnswer;
+        const parsed = PushAnswer.safeParse(await res.body.json());
+        if (!parsed.success) throw new TransferFailed(`the transfer server's answer to a push is malformed: ${parsed.error.issues[0]?.message}`);
+        const ans = parsed.data;
         const fatal = ans.rejected.filter((r) => whole || r.code !== 'base-missing' || r.tag === undefined);
         if (fatal.length) throw new TransferFailed(`the transfer server refused ${fatal.length} changed chunks: ${fatal[0]!.reason}`);
         const inBatch = new Set(batch);
-        for (const n of ans.named ?? []) if (inBatch.has(n.tag)) opts.named.set(n.tag, n.id);
+        for (const n of ans.named) if (inBatch.has(n.tag)) opts.named.set(n.tag, n.id);
         const resend = ans.rejected.map((r) => r.tag!);
         again.push(...resend);
         const unanswered = batch.filter((tag) => !opts.named.has(tag) && !resend.includes(tag));

@@ -15,7 +15,8 @@ export function verifyPushed(keys: LineageKeys, id: ChunkId, blob: Uint8Array): 
  */
 export function rebuildPushed(keys: LineageKeys, id: ChunkId, delta: Uint8Array, base: { id: ChunkId; blob: Uint8Array }): Buffer {
   const basePlain = openBlob(keys, base.id, base.blob, { checkId: false });
-  return sealChunk(keys, openDelta(keys, id, base.id, delta, basePlain), id).blob;
+  // The base's plaintext was made here for this chunk: the delta is applied over it.
+  return sealChunk(keys, openDelta(keys, id, base.id, delta, basePlain, true), id).blob;
 }
 
 /** A pushed chunk named here: its ID (null: it reads as zeros, a hole) and the blob to store (null: nothing new). */
@@ -31,7 +32,7 @@ export interface Named {
  */
 export function namePushed(keys: LineageKeys, pages: Uint8Array, base: { id: ChunkId; blob: Uint8Array } | null, label: string): Named {
   const basePlain = base ? openBlob(keys, base.id, base.blob, { checkId: false }) : null;
-  const plain = openPages(keys, base?.id ?? null, pages, basePlain, label);
+  const plain = openPages(keys, base?.id ?? null, pages, basePlain, label, true);
   if (isZero(plain)) return { id: null, blob: null };
   const id = computeChunkId(keys.idKey, plain);
   if (id === base?.id) return { id, blob: null };

@@ -7,7 +7,10 @@ import type { ChunkStore } from '../store/chunk-store.js';
 
 /** What one job may move on this server, loaded once per job from its ticket's manifests. */
 export interface Scope {
-  /** Chunks the ticket's manifests reference: the only ones served or accepted. */
+  /**
+   * Chunks the ticket's manifests reference: the only ones served, or accepted under an ID the
+   * sender gives (blob and delta frames). Pages frames carry no ID: this server names what it rebuilds.
+   */
   allowed: Set<ChunkId>;
   /**
    * Chunks of the checkout's checkpoint (upload tickets: `baseManifests`; download: = allowed).
@@ -181,7 +184,9 @@ export class JobScopes {
       return out;
     };
     const allowed = await chunksOf(t.manifests);
-    const base = t.direction === 'download' ? allowed : await chunksOf(t.baseManifests ?? []);
+    // A download's base is what it serves; so is an upload's whose chunks this server names (its manifests are the checkpoint's).
+    const same = t.direction === 'download' || (t.baseManifests ?? []).join(',') === t.manifests.join(',');
+    const base = same ? allowed : await chunksOf(t.baseManifests ?? []);
     return { allowed, base, pushed: t.direction === 'upload' ? this.pushedOf(t.checkoutId).ids : new Set(), keys: unwrapLineageKeys(this.masterKey, Buffer.from(t.wrappedKeys, 'base64'), t.keyContext) };
   }
 }

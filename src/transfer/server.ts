@@ -62,7 +62,8 @@ const IdList = (max: number) => z.object({ ids: z.array(z.string().refine(isChun
 
 /**
  * Stateless transfer server: trusts a ticket by the broker's signature alone, then serves or
- * accepts exactly the chunks the ticket's manifests reference. Blobs travel as stored.
+ * accepts exactly the chunks the ticket's manifests reference, and names the chunks a check-in
+ * sends as pages (rebuilt on the checkpoint's chunks). Blobs travel as stored.
  */
 export async function startTransferServer(opts: TransferServerOptions): Promise<TransferServer> {
   const tls = await loadOrCreateTls({ dir: opts.tlsDir });

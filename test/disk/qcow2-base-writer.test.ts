@@ -43,14 +43,14 @@ test('XtsSectors is byte for byte OpenSSL aes-256-xts with plain64 IVs, also pas
   const key = randomBytes(64);
   const xts = new XtsSectors(key);
   const data = randomBytes(64 * 1024 + 1).subarray(1); // byteOffset 1: not word-aligned
-  for (const first of [0, 1, 123_456_789, 2 ** 32 - 3, 2 ** 40 + 7]) assert.ok(xts.encrypt(data, first).equals(referenceXts(key, data, first)), `sector ${first}`);
+  for (const first of [0, 1, 123_456_789, 2 ** 32 - 3, 2 ** 40 + 7]) assert.ok(Buffer.from(xts.encryptView(data, first)).equals(referenceXts(key, data, first)), `sector ${first}`);
   // The view into the object's own memory: valid until the next call, which may need more room.
   const small = xts.encryptView(data.subarray(0, 1024), 9);
   assert.ok(Buffer.from(small).equals(referenceXts(key, data.subarray(0, 1024), 9)));
   const big = randomBytes(1024 * 1024 + 512);
   assert.ok(Buffer.from(xts.encryptView(big, 5)).equals(referenceXts(key, big, 5)));
-  assert.ok(xts.encrypt(data, 3).equals(referenceXts(key, data, 3)));
-  assert.throws(() => xts.encrypt(data.subarray(0, 1000), 0), /whole number of sectors/);
+  assert.ok(Buffer.from(xts.encryptView(data, 3)).equals(referenceXts(key, data, 3)));
+  assert.throws(() => xts.encryptView(data.subarray(0, 1000), 0), /whole number of sectors/);
   assert.throws(() => new XtsSectors(randomBytes(32)), /64-byte key/);
 });
 

@@ -2,16 +2,21 @@ import assert from 'node:assert/strict';
 import { cpSync, readFileSync, rmSync, statfsSync, writeFileSync } from 'node:fs';
 import { CarryonError } from '../../src/core/errors.js';
 import { randomBytes } from 'node:crypto';
+import { execFile } from 'node:child_process';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { isZero } from '../../src/core/chunking.js';
 import { after, before, test } from 'node:test';
 import { checkout, enroll, exportDisk, loginOnline, release, status, upload, type ClientEnv } from '../../src/client/ops.js';
 import { moveTrustedClock, readDesktop, writeDesktop } from '../support/laptop.js';
 import { serveDesktop } from '../../src/client/serve.js';
 import type { RunningBroker } from '../../src/broker/start.js';
+import type { CollectableStore } from '../../src/store/chunk-store.js';
 import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
 import { withTmpfs } from '../support/tmpfs.js';
 
+const execFileP = promisify(execFile);
 process.env.CARRYON_SCRYPT_N = '1024';
 let broker: RunningBroker & { dir: string };
 let http: Api;
@@ -120,6 +125,56 @@ test('replicate then rollback; offline status with the broker unreachable; lease
   assert.equal(rb.state, 'rolled_back');
   const list = await http.call('GET', '/v1/admin/checkouts', undefined, admin);
   assert.equal((list.body.checkouts as unknown[]).length, 0, 'unlocked');
+});
+
+test('a chunk collected between its push and the commit (a check-in slower than GC\'s grace) is sent again; the snapshot is whole', async () => {
+  const home = join(broker.dir, 'laptop');
+  await checkout(env(home), 'win11');
+  await writeDesktop(env(home), 'win11', [{ offset: 9 * CHUNK + 8192, data: randomBytes(4096) }, { offset: 40 * CHUNK, data: randomBytes(CHUNK) }]);
+  const laptopDisk = await readDesktop(env(home), 'win11');
+  // The commit's presence check is the first one with new chunks: GC sweeps one of them just before it.
+  const store = broker.ctx.store as CollectableStore;
+  const missing = store.missing.bind(store);
+  let swept: string | null = null;
+  store.missing = async (ids) => {
+    if (!swept && ids.length) {
+      swept = ids[0]!;
+      assert.equal((await store.sweep([swept], Date.now() + 60_000)).blobs, 1);
+    }
+    return missing(ids);
+  };
+  try {
+    logs.length = 0;
+    const ci = await upload(env(home), 'win11', 'checkin');
+    assert.ok(swept, 'the commit checked its new chunks');
+    assert.equal(ci.changedChunks, 2);
+    assert.equal(ci.chunksSent, 3, 'the two changed chunks, then the collected one again');
+    assert.ok(logs.some((l) => /no longer has 1 of the chunks sent; sending them again/.test(l)), logs.join('\n'));
+  } finally {
+    store.missing = missing;
+  }
+  assert.ok((await serverDisk('win11')).equals(laptopDisk), 'server snapshot re-assembles byte-identical');
+});
+
+test('zeroes written and ranges discarded by the guest come back on check-in (the top holds them as zero clusters, not data)', async () => {
+  const home = join(broker.dir, 'laptop');
+  const before = await serverDisk('ubuntu');
+  await checkout(env(home), 'ubuntu');
+  const served = await serveDesktop(env(home), 'ubuntu');
+  try {
+    const uri = `nbd+unix:///disk0?socket=${served.socketPath}`;
+    const M = 1024 * 1024;
+    await execFileP('qemu-io', ['-f', 'raw', '-c', `write -z ${2 * M} ${CHUNK}`, '-c', `write -z ${3 * M + 4096} 8k`, '-c', `discard ${5 * M} ${CHUNK}`, '-c', `write -P 0xab ${7 * M + 512} 1k`, '-c', 'flush', uri]);
+  } finally {
+    await served.close();
+  }
+  const laptopDisk = await readDesktop(env(home), 'ubuntu');
+  const M = 1024 * 1024;
+  assert.ok(!isZero(before.subarray(2 * M, 2 * M + CHUNK)) && !isZero(before.subarray(3 * M + 4096, 3 * M + 12288)), 'the checkpoint had data where zeroes were written');
+  assert.ok(isZero(laptopDisk.subarray(2 * M, 2 * M + CHUNK)) && isZero(laptopDisk.subarray(3 * M + 4096, 3 * M + 12288)), 'the laptop reads zeroes there now');
+  const ci = await upload(env(home), 'ubuntu', 'checkin');
+  assert.ok(ci.changedChunks >= 3, `${ci.changedChunks} changed chunks`);
+  assert.ok((await serverDisk('ubuntu')).equals(laptopDisk), 'server snapshot re-assembles byte-identical');
 });
 
 test('cancel a check-out in flight', async () => {
