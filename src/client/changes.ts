@@ -1,12 +1,13 @@
 import type { ChunkId } from '../core/chunk-id.js';
 import { chunkLength } from '../core/chunking.js';
-import { pagesByChunk, sealPages, type Range } from '../core/delta.js';
+import { pagesByChunk, pagesFingerprint, sealPages, type Range } from '../core/delta.js';
 import type { LineageKeys } from '../core/keys.js';
 import { createManifest, type Manifest } from '../core/manifest.js';
 import type { NbdClient } from '../nbd/client.js';
 import { pagesFrameHead } from '../transfer/frames.js';
 import type { PagesSource } from '../transfer/push-pages.js';
 import type { DesktopDisk } from './disks.js';
+import type { PushJournal } from './push-journal.js';
 
 /** One disk as check-in reads it: the chain, through its top export, and the top layer's allocated extents. */
 export interface DiskReader {
@@ -40,9 +41,11 @@ export function touchedChunks(readers: DiskReader[]): ChangedChunk[] {
 
 /**
  * Frames for `chunks`, read through the chain while the upload runs. The chain is open read-only
- * and locked (no VM runs it), so bytes read now are the bytes of the check-in.
+ * and locked (no VM runs it), so bytes read now are the bytes of the check-in. Pages a server
+ * named in an earlier attempt (`journal`) are not sent again.
  */
-export function pagesSource(chunks: readonly ChangedChunk[], keys: LineageKeys): PagesSource {
+export function pagesSource(chunks: readonly ChangedChunk[], keys: LineageKeys, journal?: PushJournal): PagesSource {
+  const fingerprints = new Map<number, string>();
   return {
     async frame(tag, whole) {
       const c = chunks[tag];
@@ -55,8 +58,20 @@ export function pagesSource(chunks: readonly ChangedChunk[], keys: LineageKeys):
       const pieces = all
         ? [{ offset: 0, bytes: await top.read(at, c.length) }]
         : await Promise.all(c.pages.map(async (r) => ({ offset: r.offset, bytes: await top.read(at + r.offset, r.length) })));
+      if (journal) {
+        const fingerprint = pagesFingerprint(keys.idKey, baseId, c.length, pieces);
+        const known = journal.get(fingerprint);
+        if (known !== undefined) return { known };
+        fingerprints.set(tag, fingerprint);
+      }
       const blob = sealPages(keys, baseId, c.length, pieces);
-      return [pagesFrameHead(tag, baseId, blob.length), blob];
+      return { parts: [pagesFrameHead(tag, baseId, blob.length), blob] };
+    },
+    async remember(names) {
+      await journal?.add(names.flatMap((n) => {
+        const fingerprint = fingerprints.get(n.tag);
+        return fingerprint ? [{ fingerprint, id: n.id }] : [];
+      }));
     },
   };
 }

@@ -5,10 +5,11 @@ import type { ChunkId } from '../core/chunk-id.js';
 import { topExtents } from '../disk/chain.js';
 import { addChain, StorageDaemon } from '../disk/storage-daemon.js';
 import { NbdClient } from '../nbd/client.js';
-import { pushPages } from '../transfer/push-pages.js';
+import { pushPages, type PagesSource } from '../transfer/push-pages.js';
 import { BrokerError, JobView } from './broker-client.js';
 import { changedManifests, namedOutcome, pagesSource, touchedChunks, type DiskReader } from './changes.js';
 import { commitUpload } from './commit.js';
+import { PushJournal } from './push-journal.js';
 import { openDesktopDisks, socketDir, type DesktopDisk } from './disks.js';
 import { claimOwner, diskPrefix, specFor } from './holder.js';
 import { retryTransfer } from './retry.js';
@@ -80,25 +81,32 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
         const job = await activeJob(env, broker, begin.job);
         let endpoint = job.transfer!;
         const named = new Map<number, ChunkId | null>();
-        const push = () => retryTransfer({ what: kind, log: env.log, signal: env.signal, beforeRetry: async () => { endpoint = await renewer(broker, job.id)(); } }, () => pushPages({ endpoint, count: touched.length, source: pagesSource(touched, keys), named, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) }));
-        const sent = await push();
-        let changes = namedOutcome(readers, touched, named);
-        let commit;
+        // Names given in an earlier, interrupted attempt: those pages are not sent again.
+        const journal = await PushJournal.open(join(vault.desktopDir(state.desktopId), 'pushed.journal'));
         try {
-          commit = await commitUpload(broker, state, kind, checkpoint, changes.changes);
-        } catch (err) {
-          // Chunks pushed long before the commit (a day on a slow link) may have been collected: send those again, once.
-          const missing = err instanceof BrokerError && err.code === 'missing-chunks' && Array.isArray(err.body.missing) ? new Set(err.body.missing as unknown[]) : null;
-          if (!missing) throw err;
-          env.log(`${kind}: the server no longer has ${missing.size} of the chunks sent; sending them again`);
-          for (const [tag, id] of named) if (id && missing.has(id)) named.delete(tag);
-          const again = await push();
-          sent.chunksMoved += again.chunksMoved;
-          sent.bytesMoved += again.bytesMoved;
-          changes = namedOutcome(readers, touched, named);
-          commit = await commitUpload(broker, state, kind, checkpoint, changes.changes);
+          const push = (source: PagesSource) => retryTransfer({ what: kind, log: env.log, signal: env.signal, beforeRetry: async () => { endpoint = await renewer(broker, job.id)(); } }, () => pushPages({ endpoint, count: touched.length, source, named, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) }));
+          const sent = await push(pagesSource(touched, keys, journal));
+          let changes = namedOutcome(readers, touched, named);
+          let commit;
+          try {
+            commit = await commitUpload(broker, state, kind, checkpoint, changes.changes);
+          } catch (err) {
+            // Chunks pushed long before the commit (a day on a slow link) may have been collected: send those again, once.
+            const missing = err instanceof BrokerError && err.code === 'missing-chunks' && Array.isArray(err.body.missing) ? new Set(err.body.missing as unknown[]) : null;
+            if (!missing) throw err;
+            env.log(`${kind}: the server no longer has ${missing.size} of the chunks sent; sending them again`);
+            for (const [tag, id] of named) if (id && missing.has(id)) named.delete(tag);
+            const again = await push(pagesSource(touched, keys));
+            sent.chunksMoved += again.chunksMoved;
+            sent.bytesMoved += again.bytesMoved;
+            changes = namedOutcome(readers, touched, named);
+            commit = await commitUpload(broker, state, kind, checkpoint, changes.changes);
+          }
+          await journal.remove();
+          return { changes, sent, commit };
+        } finally {
+          await journal.close();
         }
-        return { changes, sent, commit };
       });
       if (kind === 'replicate') {
         // The restore point becomes the base: merge the top into it (resumed on the next open if killed).

@@ -1,3 +1,4 @@
+import { createHmac } from 'node:crypto';
 import { openBlobEnvelope, sealBlobEnvelope } from './blob.js';
 import { chunkIdToBytes, computeChunkId, type ChunkId } from './chunk-id.js';
 import { MAX_CHUNK_SIZE } from './chunking.js';
@@ -137,6 +138,28 @@ const NO_BASE = Buffer.alloc(32);
 
 export function sealPages(keys: LineageKeys, baseId: ChunkId | null, length: number, pieces: readonly Piece[]): Buffer {
   return sealBlobEnvelope(keys, encodeBody(length, pieces), FLAG_PAGES, baseId ? chunkIdToBytes(baseId) : NO_BASE).blob;
+}
+
+const FINGERPRINT_TAG = Buffer.from('carryon pages fingerprint v1\0');
+
+/**
+ * A keyed digest of what a pages blob carries (base, length, pieces): the name the transfer
+ * server gives the rebuilt chunk is a function of exactly these, so a check-in run again can
+ * reuse a name it was given for the same fingerprint instead of sending the pages again.
+ */
+export function pagesFingerprint(idKey: Uint8Array, baseId: ChunkId | null, length: number, pieces: readonly Piece[]): string {
+  const h = createHmac('sha256', idKey).update(FINGERPRINT_TAG).update(baseId ? chunkIdToBytes(baseId) : NO_BASE);
+  const head = Buffer.allocUnsafe(8);
+  head.writeUInt32BE(length, 0);
+  head.writeUInt32BE(pieces.length, 4);
+  h.update(head);
+  for (const p of pieces) {
+    const at = Buffer.allocUnsafe(8);
+    at.writeUInt32BE(p.offset, 0);
+    at.writeUInt32BE(p.bytes.length, 4);
+    h.update(at).update(p.bytes);
+  }
+  return h.digest('hex');
 }
 
 /**

@@ -8,9 +8,12 @@ export interface PagesSource {
   /**
    * The pages frame of changed chunk `tag`, as parts to send one after the other: its written
    * pages against its checkpoint chunk, or with `whole`, every byte of it against none (the
-   * server lacked the base).
+   * server lacked the base). Or, when a server named the same pages before (an earlier attempt),
+   * that name: nothing to send.
    */
-  frame(tag: number, whole: boolean): Promise<Buffer[]>;
+  frame(tag: number, whole: boolean): Promise<{ parts: Buffer[] } | { known: ChunkId | null }>;
+  /** The names a server gave (kept for a later attempt). */
+  remember?(names: readonly { tag: number; id: ChunkId | null }[]): Promise<void>;
 }
 
 export interface PushPagesOptions extends Pick<TransferOptions, 'endpoint' | 'streams' | 'batchSize' | 'signal' | 'onProgress' | 'renew' | 'rateLimit'> {
@@ -51,17 +54,25 @@ export async function pushPages(opts: PushPagesOptions, shared?: TransferSession
       const streams = opts.streams ?? session.endpoint.maxStreams;
       await inBatches(queue, batchSizeFor(queue.length, streams, opts.batchSize), streams, async (batch) => {
         let sent = 0;
+        let known = 0;
         async function* frames(): AsyncGenerator<Buffer> {
           sent = 0;
-          const ahead = batch.map(() => null as Promise<Buffer[]> | null);
+          known = 0;
+          const ahead = batch.map(() => null as ReturnType<PagesSource['frame']> | null);
           const start = (i: number) => {
             if (i < batch.length && !ahead[i]) ahead[i] = opts.source.frame(batch[i]!, whole);
             ahead[i]?.catch(() => undefined);
           };
           for (let i = 0; i < batch.length; i++) {
             for (let k = i; k <= i + READ_AHEAD; k++) start(k);
-            const parts = await ahead[i]!;
+            const got = await ahead[i]!;
             ahead[i] = null;
+            if ('known' in got) {
+              opts.named.set(batch[i]!, got.known);
+              known++;
+              continue;
+            }
+            const parts = got.parts;
             const size = parts.reduce((s, p) => s + p.length, 0);
             await opts.rateLimit?.take(size, opts.signal);
             sent += size;
@@ -78,12 +89,14 @@ export async function pushPages(opts: PushPagesOptions, shared?: TransferSession
         const fatal = ans.rejected.filter((r) => whole || r.code !== 'base-missing' || r.tag === undefined);
         if (fatal.length) throw new TransferFailed(`the transfer server refused ${fatal.length} changed chunks: ${fatal[0]!.reason}`);
         const inBatch = new Set(batch);
-        for (const n of ans.named) if (inBatch.has(n.tag)) opts.named.set(n.tag, n.id);
+        const given = ans.named.filter((n) => inBatch.has(n.tag));
+        for (const n of given) opts.named.set(n.tag, n.id);
+        await opts.source.remember?.(given);
         const resend = ans.rejected.map((r) => r.tag!);
         again.push(...resend);
         const unanswered = batch.filter((tag) => !opts.named.has(tag) && !resend.includes(tag));
         if (unanswered.length) throw new TransferFailed(`the transfer server did not name ${unanswered.length} of the chunks it was sent`);
-        const moved = batch.length - ans.rejected.length;
+        const moved = batch.length - ans.rejected.length - known;
         result.chunksMoved += moved;
         result.bytesMoved += sent;
         tracker.add(sent, moved);

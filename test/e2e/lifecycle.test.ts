@@ -156,6 +156,22 @@ test('a chunk collected between its push and the commit (a check-in slower than 
   assert.ok((await serverDisk('win11')).equals(laptopDisk), 'server snapshot re-assembles byte-identical');
 });
 
+test('a check-in cut off part-way and run again sends only the chunks the server had not named', async () => {
+  const home = join(broker.dir, 'laptop');
+  await checkout(env(home), 'win11');
+  const touched = Array.from({ length: 40 }, (_, i) => i * 3 + 1);
+  await writeDesktop(env(home), 'win11', touched.map((i) => ({ offset: i * CHUNK + 4096, data: randomBytes(4096) })));
+  const laptopDisk = await readDesktop(env(home), 'win11');
+  const abort = new AbortController();
+  let done = 0;
+  await assert.rejects(upload({ ...env(home), signal: abort.signal, onProgress: (_k, p) => { done = p.chunksDone; if (p.chunksDone > 0) abort.abort(); } }, 'win11', 'checkin'));
+  assert.ok(done > 0 && done < touched.length, `cut after ${done} chunks`);
+  const ci = await upload(env(home), 'win11', 'checkin');
+  assert.equal(ci.changedChunks, touched.length);
+  assert.ok(ci.chunksSent <= touched.length - done, `${ci.chunksSent} sent again after ${done} were named`);
+  assert.ok((await serverDisk('win11')).equals(laptopDisk), 'server snapshot re-assembles byte-identical');
+});
+
 test('zeroes written and ranges discarded by the guest come back on check-in (the top holds them as zero clusters, not data)', async () => {
   const home = join(broker.dir, 'laptop');
   const before = await serverDisk('ubuntu');

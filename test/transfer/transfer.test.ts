@@ -192,7 +192,7 @@ test('check-in pages: the server rebuilds and names each chunk; a base outside t
       if (whole) sentWhole.push(tag);
       const blob = whole ? sealPages(keys, null, CS, [{ offset: 0, bytes: it.next }]) : sealPages(keys, it.baseId, CS, it.pieces);
       if (forge) blob[blob.length - 1]! ^= 1;
-      return [pagesFrameHead(tag, whole ? null : it.baseId, blob.length), blob];
+      return { parts: [pagesFrameHead(tag, whole ? null : it.baseId, blob.length), blob] };
     },
   });
   const t = signTicket({ v: 1, jobId: 'job-p', desktopId: 'd', checkoutId: 'c-p', direction: 'upload', manifests: [desk.digest], baseManifests: [desk.digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 2, expiresAt: new Date(Date.now() + 600_000).toISOString() }, broker.privateKey);
