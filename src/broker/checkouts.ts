@@ -297,9 +297,9 @@ export interface DiskChanges {
 }
 
 /**
- * Step 2: `changes` (from an upload begun without manifests) are applied to what the begin
- * recorded (then: the checkpoint's manifests); every chunk the result references must be in the
- * store; then the snapshot, and for check-in the unlock.
+ * Step 2: `changes` (only for an upload begun without manifests) are applied to the checkpoint's
+ * manifests; every chunk the result references must be in the store; then the snapshot, and for
+ * check-in the unlock.
  */
 export async function commitUpload(ctx: BrokerContext, user: string, checkoutId: string, kind: 'checkin' | 'replicate', changes?: DiskChanges[]) {
   const c = await ownedCheckout(ctx, user, checkoutId, `${kind}-commit`);
@@ -307,7 +307,8 @@ export async function commitUpload(ctx: BrokerContext, user: string, checkoutId:
   if (c.state !== expected || !c.pendingDisks) throw await deny(ctx, user, c.desktopId, `${kind}-commit`, 409, 'wrong-state', `nothing to commit (checkout is ${c.state})`);
   // Chunks of the checkpoint are in the store (snapshots are immutable): check only the new ones.
   const base = (await ctx.meta.getSnapshot(c.checkpointSnapshot))!;
-  const { disks: pendingDisks, added } = changes?.length ? await changedDisks(ctx, user, c, kind, c.pendingDisks, changes) : { disks: c.pendingDisks, added: await addedChunks(ctx, base.disks, c.pendingDisks) };
+  if (changes?.length && !sameDisks(c.pendingDisks, base.disks)) throw await deny(ctx, user, c.desktopId, `${kind}-commit`, 400, 'bad-changes', 'this upload was begun with its manifests: commit it without changes');
+  const { disks: pendingDisks, added } = changes?.length ? await changedDisks(ctx, user, c, kind, base.disks, changes) : { disks: c.pendingDisks, added: await addedChunks(ctx, base.disks, c.pendingDisks) };
   const missing = await ctx.store.missing([...added]);
   if (missing.length) {
     await ctx.audit({ actor: user, desktopId: c.desktopId, action: `${kind}-commit`, outcome: 'denied', detail: `${missing.length} chunks missing` });
@@ -331,6 +332,10 @@ export async function commitUpload(ctx: BrokerContext, user: string, checkoutId:
   await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'transfer-end', outcome: 'ok', detail: kind });
   if (kind === 'checkin') await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'checked in' });
   return { snapshotId, checkout: checkoutView((await ctx.meta.getCheckout(c.id))!) };
+}
+
+function sameDisks(a: SnapshotDisk[], b: SnapshotDisk[]): boolean {
+  return a.length === b.length && a.every((d, i) => d.name === b[i]!.name && d.digest === b[i]!.digest);
 }
 
 /** Chunks `disks` reference that the checkpoint's `baseDisks` do not. */

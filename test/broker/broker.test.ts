@@ -139,6 +139,9 @@ test('check-out → transferred → replicate → check-in (missing chunks refus
   const garbage = await http.call('POST', `/v1/checkouts/${id}/checkin`, { disks: [{ name: 'disk0', manifest: 'AAAA' }] }, aliceToken);
   assert.deepEqual([garbage.status, garbage.body.error], [400, 'bad-manifest']);
 
+  // Changes apply only to an upload begun without manifests (the bogus one above was begun with them).
+  const mixed = await http.call('POST', `/v1/checkouts/${id}/checkin/commit`, { disks: [{ name: 'disk0', changes: [[1, m.chunks[1]]] }] }, aliceToken);
+  assert.deepEqual([mixed.status, mixed.body.error], [400, 'bad-changes']);
   // Begun without manifests, the commit carries the changes (chunk index → ID the transfer server named).
   assert.equal((await http.call('POST', `/v1/checkouts/${id}/checkin`, {}, aliceToken)).status, 200);
   const commitWith = (disks: unknown) => http.call('POST', `/v1/checkouts/${id}/checkin/commit`, { disks }, aliceToken);
