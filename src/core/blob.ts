@@ -70,8 +70,8 @@ export function sealChunk(keys: LineageKeys, plaintext: Uint8Array, knownId?: Ch
  * `aadTail`. `kindFlags` separates the kinds (a delta can never be opened as a chunk blob, nor
  * the reverse). Seals under the lineage's current data key generation.
  */
-export function sealBlobEnvelope(keys: LineageKeys, body: Uint8Array, kindFlags: number, aadTail: Uint8Array, into?: { buffer: Buffer; offset: number }): { blob: Buffer; compressed: boolean } {
-  const packed = looksCompressible(body) ? compress(body, { compressionLevel: ZSTD_LEVEL }) : null;
+export function sealBlobEnvelope(keys: LineageKeys, body: Uint8Array, kindFlags: number, aadTail: Uint8Array, into?: { buffer: Buffer; offset: number }, level = ZSTD_LEVEL): { blob: Buffer; compressed: boolean } {
+  const packed = looksCompressible(body) ? compress(body, { compressionLevel: level }) : null;
   const compressed = packed !== null && packed.length < body.length;
   const inner = compressed ? packed : body;
   const header = Buffer.alloc(HEADER);
