@@ -26,17 +26,10 @@ export interface Progress {
   etaSeconds: number | null;
 }
 
-/** Where an upload takes its frames from when they are not blobs in a local store (the laptop's chain). */
-export interface UploadSource {
-  /** The frame for `id`: a delta against its checkpoint chunk when `useDelta` and smaller, else the whole sealed blob. */
-  frame(id: ChunkId, useDelta: boolean): Promise<{ frame: Buffer; delta: boolean }>;
-}
-
 export interface TransferOptions {
   endpoint: TransferEndpoint;
   ids: readonly ChunkId[];
   localStore?: ChunkStore;
-  source?: UploadSource;
   keys: LineageKeys;
   streams?: number;
   batchSize?: number;
@@ -249,8 +242,7 @@ export async function downloadChunks(opts: TransferOptions & { localStore: Chunk
 
 /** The frame for one chunk: a delta against its base when that is smaller, else the whole blob. */
 async function uploadFrame(opts: TransferOptions, id: ChunkId, useDelta: boolean): Promise<{ frame: Buffer; delta: boolean }> {
-  if (opts.source) return opts.source.frame(id, useDelta);
-  if (!opts.localStore) throw new TransferFailed('upload has neither a source nor a local store');
+  if (!opts.localStore) throw new TransferFailed('upload needs the local store its blobs are in');
   const blob = await opts.localStore.get(id);
   if (!blob) throw new TransferFailed(`chunk ${id} is not in the local vault`);
   const baseId = useDelta ? opts.deltaBases?.get(id) : undefined;
@@ -268,7 +260,8 @@ async function uploadFrame(opts: TransferOptions, id: ChunkId, useDelta: boolean
 /**
  * Pushes the chunks among `ids` that the server lacks (asked first), as framed streams; changed
  * chunks go as deltas where that is smaller. A delta the server cannot apply (it lacks the base)
- * is sent again whole.
+ * is sent again whole. For a sender that names its chunks itself (blobs in a local store); a
+ * laptop's check-in sends pages and lets the server name them (`pushPages`).
  */
 export async function uploadChunks(opts: TransferOptions, shared?: TransferSession): Promise<TransferResult> {
   const session = shared ?? new TransferSession(opts.endpoint, opts.renew);
