@@ -2,12 +2,13 @@ import { join } from 'node:path';
 import { z } from 'zod';
 import { CarryonError } from '../core/errors.js';
 import type { ChunkId } from '../core/chunk-id.js';
+import type { LineageKeys } from '../core/keys.js';
 import { topExtents } from '../disk/chain.js';
 import { addChain, StorageDaemon } from '../disk/storage-daemon.js';
 import { NbdClient } from '../nbd/client.js';
 import { pushPages, type PagesSource } from '../transfer/push-pages.js';
-import { BrokerError, JobView } from './broker-client.js';
-import { changedManifests, namedOutcome, pagesSource, touchedChunks, type DiskReader } from './changes.js';
+import { BrokerError, JobView, type BrokerClient } from './broker-client.js';
+import { changedManifests, namedOutcome, pagesSource, touchedChunks, type ChangedChunk, type DiskReader } from './changes.js';
 import { commitUpload } from './commit.js';
 import { PushJournal } from './push-journal.js';
 import { openDesktopDisks, socketDir, type DesktopDisk } from './disks.js';
@@ -47,6 +48,42 @@ async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopD
   }
 }
 
+/**
+ * Pushes the touched chunks' pages (those a server named in an earlier, interrupted attempt are
+ * not sent again), then commits the names; chunks the commit finds collected meanwhile (pushed a
+ * day earlier on a slow link) are sent again, once.
+ */
+async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: DesktopState; kind: 'checkin' | 'replicate'; keys: LineageKeys; readers: DiskReader[]; touched: ChangedChunk[]; checkpoint: string | null; job: JobView; journalPath: string }) {
+  const { env, broker, state, kind, keys, readers, touched, checkpoint, job } = o;
+  let endpoint = job.transfer!;
+  const named = new Map<number, ChunkId | null>();
+  const push = (source: PagesSource) => retryTransfer({ what: kind, log: env.log, signal: env.signal, beforeRetry: async () => { endpoint = await renewer(broker, job.id)(); } }, () => pushPages({ endpoint, count: touched.length, source, named, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) }));
+  const journal = await PushJournal.open(o.journalPath);
+  try {
+    const sent = await push(pagesSource(touched, keys, journal));
+    let changes = namedOutcome(readers, touched, named);
+    let commit;
+    try {
+      commit = await commitUpload(broker, state, kind, checkpoint, changes.changes);
+    } catch (err) {
+      const missing = err instanceof BrokerError && err.code === 'missing-chunks' && Array.isArray(err.body.missing) ? new Set(err.body.missing as unknown[]) : null;
+      if (!missing) throw err;
+      env.log(`${kind}: the server no longer has ${missing.size} of the chunks sent; sending them again`);
+      for (const [tag, id] of named) if (id && missing.has(id)) named.delete(tag);
+      // Without the journal: it still names those chunks.
+      const again = await push(pagesSource(touched, keys));
+      sent.chunksMoved += again.chunksMoved;
+      sent.bytesMoved += again.bytesMoved;
+      changes = namedOutcome(readers, touched, named);
+      commit = await commitUpload(broker, state, kind, checkpoint, changes.changes);
+    }
+    await journal.remove();
+    return { changes, sent, commit };
+  } finally {
+    await journal.close();
+  }
+}
+
 /** Check-in or replicate: send only the chunks changed since the checkpoint, then commit. */
 export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin' | 'replicate') {
   const { device, broker } = await onlineSession(env);
@@ -79,34 +116,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
         }
         if (kind === 'checkin') await vault.save({ ...state, state: 'checking_in', jobId: begin.job.id }, keys);
         const job = await activeJob(env, broker, begin.job);
-        let endpoint = job.transfer!;
-        const named = new Map<number, ChunkId | null>();
-        // Names given in an earlier, interrupted attempt: those pages are not sent again.
-        const journal = await PushJournal.open(join(vault.desktopDir(state.desktopId), 'pushed.journal'));
-        try {
-          const push = (source: PagesSource) => retryTransfer({ what: kind, log: env.log, signal: env.signal, beforeRetry: async () => { endpoint = await renewer(broker, job.id)(); } }, () => pushPages({ endpoint, count: touched.length, source, named, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) }));
-          const sent = await push(pagesSource(touched, keys, journal));
-          let changes = namedOutcome(readers, touched, named);
-          let commit;
-          try {
-            commit = await commitUpload(broker, state, kind, checkpoint, changes.changes);
-          } catch (err) {
-            // Chunks pushed long before the commit (a day on a slow link) may have been collected: send those again, once.
-            const missing = err instanceof BrokerError && err.code === 'missing-chunks' && Array.isArray(err.body.missing) ? new Set(err.body.missing as unknown[]) : null;
-            if (!missing) throw err;
-            env.log(`${kind}: the server no longer has ${missing.size} of the chunks sent; sending them again`);
-            for (const [tag, id] of named) if (id && missing.has(id)) named.delete(tag);
-            const again = await push(pagesSource(touched, keys));
-            sent.chunksMoved += again.chunksMoved;
-            sent.bytesMoved += again.bytesMoved;
-            changes = namedOutcome(readers, touched, named);
-            commit = await commitUpload(broker, state, kind, checkpoint, changes.changes);
-          }
-          await journal.remove();
-          return { changes, sent, commit };
-        } finally {
-          await journal.close();
-        }
+        return await pushAndCommit({ env, broker, state, kind, keys, readers, touched, checkpoint, job, journalPath: join(vault.desktopDir(state.desktopId), 'pushed.journal') });
       });
       if (kind === 'replicate') {
         // The restore point becomes the base: merge the top into it (resumed on the next open if killed).

@@ -135,6 +135,8 @@ function applyBody(body: Buffer, base: Uint8Array, label: string, inPlace = fals
  */
 export const FLAG_PAGES = 0x04;
 const NO_BASE = Buffer.alloc(32);
+/** The base as pages blobs and fingerprints bind it: its ID's bytes, or 32 zero bytes for none. */
+const baseBytes = (baseId: ChunkId | null): Buffer => (baseId ? chunkIdToBytes(baseId) : NO_BASE);
 
 /**
  * zstd level for pages: on bodies of a few 4 KiB pages, level 3 took the same time as level 1
@@ -144,7 +146,7 @@ const NO_BASE = Buffer.alloc(32);
 const PAGES_ZSTD_LEVEL = 3;
 
 export function sealPages(keys: LineageKeys, baseId: ChunkId | null, length: number, pieces: readonly Piece[]): Buffer {
-  return sealBlobEnvelope(keys, encodeBody(length, pieces), FLAG_PAGES, baseId ? chunkIdToBytes(baseId) : NO_BASE, undefined, PAGES_ZSTD_LEVEL).blob;
+  return sealBlobEnvelope(keys, encodeBody(length, pieces), FLAG_PAGES, baseBytes(baseId), undefined, PAGES_ZSTD_LEVEL).blob;
 }
 
 const FINGERPRINT_TAG = Buffer.from('carryon pages fingerprint v1\0');
@@ -155,7 +157,7 @@ const FINGERPRINT_TAG = Buffer.from('carryon pages fingerprint v1\0');
  * reuse a name it was given for the same fingerprint instead of sending the pages again.
  */
 export function pagesFingerprint(idKey: Uint8Array, baseId: ChunkId | null, length: number, pieces: readonly Piece[]): string {
-  const h = createHmac('sha256', idKey).update(FINGERPRINT_TAG).update(baseId ? chunkIdToBytes(baseId) : NO_BASE);
+  const h = createHmac('sha256', idKey).update(FINGERPRINT_TAG).update(baseBytes(baseId));
   const head = Buffer.allocUnsafe(8);
   head.writeUInt32BE(length, 0);
   head.writeUInt32BE(pieces.length, 4);
@@ -174,8 +176,8 @@ export function pagesFingerprint(idKey: Uint8Array, baseId: ChunkId | null, leng
  * `label`. `inPlace`: as for `openDelta`.
  */
 export function openPages(keys: LineageKeys, baseId: ChunkId | null, blob: Uint8Array, basePlain: Uint8Array | null, label: string, inPlace = false): Buffer {
-  const body = openBlobEnvelope(keys, blob, FLAG_PAGES, baseId ? chunkIdToBytes(baseId) : NO_BASE, label, MAX_DELTA_BODY);
-  return applyBody(body, basePlain ?? NO_BASE.subarray(0, 0), label, inPlace);
+  const body = openBlobEnvelope(keys, blob, FLAG_PAGES, baseBytes(baseId), label, MAX_DELTA_BODY);
+  return applyBody(body, basePlain ?? new Uint8Array(0), label, inPlace);
 }
 
 /**

@@ -47,8 +47,9 @@ export async function pushPages(opts: PushPagesOptions, shared?: TransferSession
   try {
     let queue = Array.from({ length: opts.count }, (_, tag) => tag).filter((tag) => !opts.named.has(tag));
     const tracker = progressTracker(queue.length, opts.onProgress);
+    // Round 0: pages against their bases; round 1: the chunks whose base the server lacked, whole
+    // (against none, so never refused for a base: any refusal there is fatal, and the loop ends).
     for (let round = 0; queue.length; round++) {
-      if (round > 1) throw new TransferFailed(`the transfer server refused ${queue.length} whole chunks`);
       const whole = round > 0;
       const again: number[] = [];
       const streams = opts.streams ?? session.endpoint.maxStreams;
