@@ -12,6 +12,9 @@ import { JobView } from '../client/broker-client.js';
 import { parseRate, RateLimiter } from '../transfer/rate-limit.js';
 import { formatBytes, passwordSource, printJsonOr, progressReporter, table } from './common.js';
 
+/** `login --offline`: the password opened the vault, but `serve`/`run` would refuse at least one desktop (1 stays "the command failed"). */
+export const OFFLINE_REFUSED_EXIT = 3;
+
 interface GlobalOpts { home?: string; user?: string; passwordFile?: string; json?: boolean; quiet?: boolean; limitRate?: string }
 
 function clientEnv(cmd: Command, signal?: AbortSignal): { env: ClientEnv; json: boolean; stop: () => void } {
@@ -101,13 +104,23 @@ export function registerClientCommands(program: Command): void {
     showBrokers(json, await removeBrokers(env.home, splitList(urls)));
   });
 
-  program.command('login').description('check credentials: online (renews the offline lease) or --offline (vault + lease only)')
+  program.command('login').description(`check credentials: online (renews the offline lease) or --offline (the vault opens and each desktop would start offline; exit ${OFFLINE_REFUSED_EXIT} when one would be refused)`)
     .option('--offline', 'do not contact the broker')
     .action(async (o: { offline?: boolean }, cmd: Command) => {
       const { env, json } = clientEnv(cmd);
       if (o.offline) {
+        // A wrong password (or a vault of another device) throws here: exit 1, as for any failed command.
         const st = await status(env);
-        printJsonOr(json, st, () => process.stdout.write(`offline login ok: ${st.map((s) => `${s.desktop} (lease ${s.leaseHoursLeft.toFixed(1)} h left)`).join(', ') || 'no desktops held'}\nCheck-in, rollback and replicate will ask for an online login.\n`));
+        const refused = st.filter((s) => s.refused);
+        printJsonOr(json, st, () => {
+          for (const s of st) process.stdout.write(s.refused ? `${s.desktop}: refused [${s.refused}]: ${s.problem}\n` : `${s.desktop}: ok offline (lease ${s.leaseHoursLeft.toFixed(1)} h left)${s.problem ? `; ${s.problem}` : ''}\n`);
+          if (st.length === 0) process.stdout.write('offline login ok: no desktops held\n');
+          else if (!refused.length) process.stdout.write('Check-in, rollback and replicate will ask for an online login.\n');
+        });
+        if (refused.length) {
+          process.stderr.write(`carryon: ${refused.length} of ${st.length} desktops would not start offline (${refused.map((s) => s.desktop).join(', ')})\n`);
+          process.exitCode = OFFLINE_REFUSED_EXIT;
+        }
         return;
       }
       const { user, renewed } = await loginOnline(env);

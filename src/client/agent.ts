@@ -1,3 +1,4 @@
+import { createPublicKey } from 'node:crypto';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { writeFileAtomic } from '../store/files.js';
@@ -11,6 +12,8 @@ import { BrokerClient } from './broker-client.js';
 import { brokerEndpoints, hostFacts, loadDevice, type DeviceIdentity } from './home.js';
 import { upload, type ClientEnv } from './ops.js';
 import { Vault, type DesktopState } from './vault.js';
+import { AgentClockWriter } from './agent-clock.js';
+import { laptopClock } from './laptop-clock.js';
 
 const HeartbeatReply = z.object({
   heartbeatIntervalSec: z.number().int().min(1),
@@ -50,8 +53,10 @@ async function stopOwner(vault: Vault, s: DesktopState, log: (l: string) => void
   } catch { /* gone */ }
 }
 
-async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, broker: BrokerClient): Promise<{ intervalSec: number; commands: number; online: boolean }> {
+async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, broker: BrokerClient, clock: AgentClockWriter): Promise<{ intervalSec: number; commands: number; online: boolean }> {
   const me = { id: device.info.deviceId!, key: device.privateKey };
+  // First, with or without the broker: time this laptop has reached is on record before anything else.
+  const recorded = await clock.advance();
   const states = await vault.list();
   const host = await hostFacts(env.home);
   const desktops = [];
@@ -64,9 +69,10 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
   } catch (err) {
     // No contact: a lease that has run out locks its desktop until a renewed lease reaches it.
     // The agent has no vault key, so it reads time and lease unauthenticated: that can only lock sooner.
+    // Its own record counts too: a system clock set back while it runs does not delay the lock.
     for (const s of states) {
       const dir = vault.desktopDir(s.desktopId);
-      const now = new Date(Math.max(Date.now(), await peekClock(dir)));
+      const now = new Date(Math.max(laptopClock.now(), await peekClock(dir), recorded ?? 0));
       const lease = await vault.storedLease(s);
       try {
         verifyLease(lease, publicKeyFromBase64(device.info.signingPublicKey), { now, deviceId: me.id, desktopId: s.desktopId });
@@ -99,7 +105,7 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
         await stopOwner(vault, s!, env.log);
         await vault.wipe(s!.desktopId); // crypto-erase: wrapped keys and LUKS headers overwritten, then removed
       }
-      else if (c.type === 'renew-lease') await renewLeases(vault, broker, me, device);
+      else if (c.type === 'renew-lease') await renewLeases(vault, broker, me, device, clock);
       else if (c.type === 'replicate') await upload(env, s!.desktopId, 'replicate');
       message = `${c.type} done`;
     } catch (err) {
@@ -110,7 +116,7 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
     env.log(`command ${c.type}: ${ok ? 'ok' : `failed: ${message}`}`);
     ran++;
   }
-  await renewLeases(vault, broker, me, device);
+  await renewLeases(vault, broker, me, device, clock);
   // Policy reaches the desktop's next start: the offline config follows the broker's USB policy
   // (restrict-only: what the agent writes can take USB away, never grant it beyond the check-out's config).
   for (const s of await vault.list()) {
@@ -141,12 +147,14 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
   return { intervalSec: reply.heartbeatIntervalSec, commands: ran, online: true };
 }
 
-async function renewLeases(vault: Vault, broker: BrokerClient, me: { id: string; key: DeviceIdentity['privateKey'] }, device: DeviceIdentity): Promise<void> {
+async function renewLeases(vault: Vault, broker: BrokerClient, me: { id: string; key: DeviceIdentity['privateKey'] }, device: DeviceIdentity, clock: AgentClockWriter): Promise<void> {
   const states = await vault.list();
   if (states.length === 0) return;
   const { lease } = await broker.signedPost('/v1/agent/lease', {}, me, z.object({ lease: SignedLease.nullable() }));
   if (!lease) return;
   const payload = verifyLease(lease, publicKeyFromBase64(device.info.signingPublicKey), { now: new Date(), deviceId: me.id });
+  // Broker time, signed: the one source that may start the device clock record over (agent-clock.ts).
+  await clock.anchor(payload.issuedAt);
   // Broker-signed, so it needs no MAC: the vault verifies it against the pinned key before use.
   for (const s of states) if (payload.desktops.includes(s.desktopId)) await writeFileAtomic(join(vault.desktopDir(s.desktopId), LEASE), JSON.stringify(lease));
 }
@@ -164,11 +172,12 @@ function leaseIssuedAt(lease: SignedLease): string | null {
 export async function runAgent(env: ClientEnv, opts: { once: boolean; signal?: AbortSignal }) {
   const device = await loadDevice(env.home);
   const broker = new BrokerClient(brokerEndpoints(device.info), '', env.log);
+  const clock = new AgentClockWriter(env.home, { key: device.privateKey, pub: createPublicKey(device.privateKey), id: device.info.deviceId! }, env.log);
   try {
     for (;;) {
       const vault = await Vault.open(env.home);
       let res;
-      res = await oneRound(env, device, vault, broker);
+      res = await oneRound(env, device, vault, broker, clock);
       if (opts.once || opts.signal?.aborted) return res;
       await new Promise<void>((resolve) => {
         const t = setTimeout(resolve, res.intervalSec * 1000);

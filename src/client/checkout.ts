@@ -67,7 +67,7 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
         lastReplicationAt: null, lockDigest: await mintToken(vault.desktopDir(entry.id)),
       };
       await vault.save(state, keys);
-      await resetClock(vault, state, keys, lease.issuedAt);
+      await resetClock(vault, state, keys, lease.issuedAt, device);
       env.log(`checked out ${entry.name}: checkout ${res.checkout.id}, lease until ${res.checkout.leaseExpiresAt}`);
     }
     const release = await claimOwner(vault, state.desktopId, 'checkout', env.log);

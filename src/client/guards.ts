@@ -14,7 +14,8 @@ import { recordMac, recordMacOk, type DesktopKeys } from './desktop-keys.js';
  * - `lock.json`: why it is locked, signed by the device key (the agent's); the vault checks it
  *   against the device key pinned in the wrap. Missing or altered = locked by the administrator.
  * - `clock.json`: the latest trusted time, MACed with the vault key. Missing or altered = refused
- *   until an online login re-establishes it.
+ *   until an online login re-establishes it. The device's `agent-clock.json` (agent-clock.ts),
+ *   which the agent advances without the password, is a second floor under it.
  * - `policy.json`: what the agent learned from the broker since check-out; it can only restrict.
  */
 export const TOKEN = 'unlock.token';
@@ -91,7 +92,12 @@ export async function isLockedByToken(dir: string, digest: string | undefined): 
   return !digest || !(await tokenMatches(dir, digest));
 }
 
-const ClockBody = z.object({ lastSeen: z.iso.datetime(), tpm: z.object({ clock: z.number(), resetCount: z.number() }).nullable().default(null) });
+const ClockBody = z.object({
+  lastSeen: z.iso.datetime(),
+  tpm: z.object({ clock: z.number(), resetCount: z.number() }).nullable().default(null),
+  /** The device clock record (agent-clock.ts) this desktop last took as a floor; null: none yet, so a missing one is not a removed one. */
+  agentAt: z.iso.datetime().nullable().default(null),
+});
 export type ClockBody = z.infer<typeof ClockBody>;
 const ClockFile = z.object({ body: z.string(), mac: z.string() });
 
@@ -112,7 +118,7 @@ export async function readClock(dir: string, keys: DesktopKeys, desktopId: strin
   return body;
 }
 
-export async function writeClock(dir: string, keys: DesktopKeys, desktopId: string, body: ClockBody): Promise<void> {
+export async function writeClock(dir: string, keys: DesktopKeys, desktopId: string, body: z.input<typeof ClockBody>): Promise<void> {
   const text = JSON.stringify(ClockBody.parse(body));
   await writeFileAtomic(join(dir, CLOCK), JSON.stringify({ body: text, mac: recordMac(keys, desktopId, 'clock', text) }));
 }

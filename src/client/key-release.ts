@@ -7,13 +7,18 @@ import type { DesktopKeys } from './desktop-keys.js';
 import { LEASE, LOCK, mintToken, readClock, readLockRecord, tokenMatches, writeClock } from './guards.js';
 import { readJsonFile } from './json-file.js';
 import { readTpmClock } from './tpm.js';
+import { agentClockFloor, resetAgentClock } from './agent-clock.js';
+import type { DeviceIdentity } from './home.js';
+import { laptopClock } from './laptop-clock.js';
 import type { DesktopState, Vault } from './vault.js';
 
 /**
  * Trusted time for one desktop: never earlier than the MACed clock record, which only moves
- * forward. With a TPM, the record also holds the TPM's clock, which root cannot turn back, so
- * even an older copy of the record yields the right lower bound. A missing or altered record,
- * or a TPM clock that went backwards (the TPM was cleared), refuses.
+ * forward, nor than the device clock record the agent keeps without the password (agent-clock.ts).
+ * With a TPM, the record also holds the TPM's clock, which root cannot turn back, so even an older
+ * copy of the record yields the right lower bound. A missing or altered record, or a TPM clock
+ * that went backwards (the TPM was cleared), refuses; so does a device record that was altered,
+ * or removed after this desktop had taken one.
  */
 export async function trustedNow(vault: Vault, state: DesktopState, keys: DesktopKeys): Promise<Date> {
   const dir = vault.desktopDir(state.desktopId);
@@ -24,20 +29,28 @@ export async function trustedNow(vault: Vault, state: DesktopState, keys: Deskto
     if (tpm.clock < rec.tpm.clock) throw new CarryonError('clock-untrusted', `the TPM clock went backwards (the TPM was cleared?): connect to the broker and run \`carryon login\` to re-establish trusted time`);
     floor += tpm.clock - rec.tpm.clock;
   }
-  const t = Math.max(Date.now(), floor);
+  // Only ever raises the bound, so with a TPM it adds to the TPM clock's guarantee, never replaces it.
+  const agent = await agentClockFloor(vault.home, keys.deviceKey, leaseDevice(state), rec.agentAt !== null, state.name);
+  if (agent !== null) floor = Math.max(floor, agent);
+  const t = Math.max(laptopClock.now(), floor);
+  const seen = Math.max(agent ?? 0, Date.parse(rec.agentAt ?? '') || 0);
+  const agentAt = seen > 0 ? new Date(seen).toISOString() : null;
   // Only a lower bound: not moving it (a full disk) can never extend a lease, so a write failure must not block the user.
-  if (t - Date.parse(rec.lastSeen) >= 60_000 || (tpm && !rec.tpm)) {
-    await writeClock(dir, keys, state.desktopId, { lastSeen: new Date(t).toISOString(), tpm }).catch((err: NodeJS.ErrnoException) => {
+  if (t - Date.parse(rec.lastSeen) >= 60_000 || (tpm && !rec.tpm) || agentAt !== rec.agentAt) {
+    await writeClock(dir, keys, state.desktopId, { lastSeen: new Date(t).toISOString(), tpm, agentAt }).catch((err: NodeJS.ErrnoException) => {
       if (err.code !== 'ENOSPC') throw err;
     });
   }
   return new Date(t);
 }
 
-/** Sets the clock record from a fresh broker statement (an online login): broker time is the truth. */
-export async function resetClock(vault: Vault, state: DesktopState, keys: DesktopKeys, issuedAt: string): Promise<void> {
-  const t = Math.max(Date.now(), Date.parse(issuedAt));
-  await writeClock(vault.desktopDir(state.desktopId), keys, state.desktopId, { lastSeen: new Date(t).toISOString(), tpm: await readTpmClock() });
+/**
+ * Sets the clock records from a fresh broker statement (check-out, online login): broker time is
+ * the truth, for this desktop's record and the device's (which every vault then requires).
+ */
+export async function resetClock(vault: Vault, state: DesktopState, keys: DesktopKeys, issuedAt: string, device: DeviceIdentity): Promise<void> {
+  const t = await resetAgentClock(vault.home, device.privateKey, leaseDevice(state), issuedAt);
+  await writeClock(vault.desktopDir(state.desktopId), keys, state.desktopId, { lastSeen: new Date(t).toISOString(), tpm: await readTpmClock(), agentAt: new Date(t).toISOString() });
 }
 
 /**

@@ -74,7 +74,7 @@ export async function loginOnline(env: ClientEnv): Promise<{ user: string; renew
         throw err;
       }
       await writeFileAtomic(join(vault.desktopDir(s.desktopId), LEASE), JSON.stringify(lease));
-      await resetClock(vault, state, keys, issuedAt);
+      await resetClock(vault, state, keys, issuedAt, device);
       renewed.push(s.name);
     }
   } finally {

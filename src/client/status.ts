@@ -19,14 +19,19 @@ export async function status(env: ClientEnv, desktopRef?: string) {
     let leaseDeadline: string | null = null;
     let problem: string | null = null;
     let dirtyBytes: number | null = null;
+    let opened = false;
+    let refused: string | null = null;
     try {
+      // The very gate `serve` and `run` pass (Vault.unlock): what it refuses, they refuse.
       const { lease, keys } = await vault.unlock(device, password, s);
+      opened = true;
       leaseDeadline = lease.deadline;
       // Exact change since the checkpoint: the top layer's allocated bytes (read shared, so a running VM is fine).
       dirtyBytes = 0;
       for (const d of s.disks) for (const e of await topExtents(chainOf(vault, s, keys, d.name))) dirtyBytes += e.length;
     } catch (err) {
       if (!(err instanceof CarryonError)) throw err;
+      if (!opened) refused = err.code;
       problem = err.code === 'desktop-locked' ? `locked: connect to the broker (\`carryon login\`, then \`carryon agent --once\`); ${err.message}` : err.code === 'lease-expired' ? `offline lease expired: connect and run \`carryon login\` to renew it (${err.message})` : err.message;
       if (err.code === 'vault-locked' || err.code === 'kdf-refused' || err.code === 'tpm') throw err;
     }
@@ -38,6 +43,8 @@ export async function status(env: ClientEnv, desktopRef?: string) {
       desktop: s.name, desktopId: s.desktopId, state: (await vault.isLocked(await vault.find(s.desktopId))) ? 'locked' : s.state, leaseDeadline,
       leaseHoursLeft: leaseDeadline ? Math.max(0, (Date.parse(leaseDeadline) - Date.now()) / 3_600_000) : 0, dirtyBytes: dirtyBytes ?? (await topBytes(vault, s)), percentLocal,
       lastReplicationAt: s.lastReplicationAt, safeOffline: complete && s.state !== 'transferring', problem,
+      /** The code of the refusal when `serve`/`run` would not open it offline now (locked, lease, clock); null when they would. */
+      refused,
       readFailures: failures.length, lastReadFailure: failures[failures.length - 1]?.message ?? null,
       advisory: device.info.secretStorage === 'tpm' ? null : NO_TPM_ADVISORY,
     });

@@ -10,6 +10,8 @@ import { runAgent } from '../../src/client/agent.js';
 import { loadDevice } from '../../src/client/home.js';
 import { checkout, enroll, loginOnline, status, type ClientEnv } from '../../src/client/ops.js';
 import { Vault } from '../../src/client/vault.js';
+import { laptopClock } from '../../src/client/laptop-clock.js';
+import { runCarryon } from '../support/laptop.js';
 import { signDeviceRequest } from '../../src/core/device-auth.js';
 import { generateSigningKey } from '../../src/core/signing.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
@@ -152,4 +154,52 @@ test('forged agent signatures are refused; a lease that runs out without contact
   await command('unlock');
   await runAgent(env, { once: true });
   assert.equal((await status(env, 'win11'))[0]!.state, 'checked_out', 'the administrator\'s unlock (a record signed by the agent) opens it');
+});
+
+test('a lease that ran out while the vault was closed: setting the clock back 10 min (and putting back the unlock token) does not open it once the agent has recorded the time', async () => {
+  const vault = await Vault.open(env.home);
+  const [s] = await held();
+  const dir = vault.desktopDir(s!.desktopId);
+  const deadline = Date.parse(JSON.parse(Buffer.from((await vault.storedLease(s!)).payload, 'base64').toString('utf8')).deadline as string);
+  const devFile = join(env.home, 'device.json');
+  const saved = readFileSync(devFile, 'utf8');
+  const token = readFileSync(join(dir, 'unlock.token')); // the user's own backup of the home
+  const systemNow = laptopClock.now;
+  writeFileSync(devFile, saved.replace(/"brokerUrl": "[^"]+"/, '"brokerUrl": "https://127.0.0.1:1"'));
+  try {
+    // Offline, 5 min after the deadline: the agent records the time, and locks.
+    laptopClock.now = () => deadline + 5 * 60_000;
+    assert.equal((await runAgent(env, { once: true })).online, false);
+    assert.equal(await vault.isLocked(s!), true);
+    // The user puts the token back and sets the clock back 10 min (faketime -600): the vault's own
+    // record predates the deadline, the agent's does not. The agent, on that clock too, locks again
+    // by the time it recorded.
+    writeFileSync(join(dir, 'unlock.token'), token);
+    laptopClock.now = () => deadline - 5 * 60_000;
+    await runAgent(env, { once: true });
+    assert.equal(await vault.isLocked(s!), true, 'the agent locks by the time it recorded, not the system clock');
+    writeFileSync(join(dir, 'unlock.token'), token);
+    await assert.rejects(vault.unlock(await loadDevice(env.home), 'alice-password', s!), { code: 'lease-expired' });
+    laptopClock.now = systemNow;
+    // `login --offline` (in a process of its own, on today's clock) refuses as serve would, with its exit code.
+    const cli = await runCarryon(env.home, ['login', '--offline']);
+    assert.equal(cli.code, 3, cli.out);
+    assert.match(cli.out, /win11: refused \[lease-expired\]/);
+    // The agent's record deleted or altered: refused, not ignored (a vault that took one requires it).
+    const record = readFileSync(join(env.home, 'agent-clock.json'));
+    rmSync(join(env.home, 'agent-clock.json'));
+    await assert.rejects(vault.unlock(await loadDevice(env.home), 'alice-password', s!), { code: 'clock-untrusted', message: /agent-clock\.json.* is missing/ });
+    const signed = JSON.parse(record.toString()) as { payload: string; signature: string };
+    const earlier = { ...JSON.parse(Buffer.from(signed.payload, 'base64').toString()), time: new Date(deadline - 60 * 60_000).toISOString() };
+    writeFileSync(join(env.home, 'agent-clock.json'), JSON.stringify({ ...signed, payload: Buffer.from(JSON.stringify(earlier)).toString('base64') }));
+    await assert.rejects(vault.unlock(await loadDevice(env.home), 'alice-password', s!), { code: 'clock-untrusted', message: /not signed by this device's key/ });
+  } finally {
+    laptopClock.now = systemNow;
+    writeFileSync(devFile, saved);
+  }
+  // Back online: a login re-establishes broker time (both records) and renews the lease.
+  await loginOnline(env);
+  await runAgent(env, { once: true });
+  const [open] = await status(env, 'win11');
+  assert.equal(open!.problem, null);
 });

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
-import { readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { randomBytes, type KeyObject } from 'node:crypto';
+import { existsSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { loadDevice } from '../../src/client/home.js';
@@ -10,11 +10,12 @@ import { serveDesktop } from '../../src/client/serve.js';
 import { Vault, vaultScryptN } from '../../src/client/vault.js';
 import { decodeManifest, encodeManifest, manifestDigest } from '../../src/core/manifest.js';
 import { signLease } from '../../src/core/lease.js';
-import { generateSigningKey, publicKeyToBase64 } from '../../src/core/signing.js';
+import { generateSigningKey, publicKeyToBase64, signBytes } from '../../src/core/signing.js';
 import { writeLockRecord } from '../../src/client/guards.js';
+import { resetAgentClock } from '../../src/client/agent-clock.js';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
-import { moveTrustedClock, readDesktop, writeDesktop } from '../support/laptop.js';
+import { moveTrustedClock, readDesktop, runCarryon, writeDesktop } from '../support/laptop.js';
 import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
 import { startTpm, stopTpms, swtpmSkip } from '../support/swtpm.js';
 
@@ -113,6 +114,31 @@ test('clock.json deleted, altered, or an older copy put back with the clock move
   writeFileSync(join(dir, 'clock.json'), older); // without a TPM an older genuine copy is a backup restore (docs/security.md)
 });
 
+test('agent-clock.json (the device clock record) deleted, its time edited, or signed by another key: refused; an older genuine copy gains nothing', async () => {
+  const file = join('..', '..', 'agent-clock.json'); // the home's, beside device.json
+  const resign = (key: KeyObject | null, hoursBack: number) => (p: string) => {
+    const signed = JSON.parse(readFileSync(p, 'utf8')) as { payload: string; signature: string };
+    const body = JSON.parse(Buffer.from(signed.payload, 'base64').toString('utf8')) as { time: string };
+    const bytes = Buffer.from(JSON.stringify({ ...body, time: new Date(Date.parse(body.time) - hoursBack * 3600_000).toISOString() }));
+    writeFileSync(p, JSON.stringify({ payload: bytes.toString('base64'), signature: key ? signBytes(key, bytes) : signed.signature }));
+  };
+  await probe(file, (p) => rmSync(p), () => assert.rejects(open(), { code: 'clock-untrusted', message: /agent-clock\.json.* is missing.*carryon login/ }));
+  await probe(file, resign(null, 1), () => assert.rejects(open(), { code: 'clock-untrusted', message: /not signed by this device's key/ }));
+  await probe(file, resign(generateSigningKey().privateKey, 1), () => assert.rejects(open(), { code: 'clock-untrusted', message: /not signed by this device's key/ }));
+  await probe(file, (p) => writeFileSync(p, '{"payload":'), () => assert.rejects(open(), { code: 'clock-untrusted', message: /is damaged/ }));
+  // An older genuine copy verifies, but gains nothing once a vault open has taken the newer time
+  // into the desktop's own record. (Both put back, as a restored backup of the whole home, do: no TPM.)
+  const agentFile = join(env.home, 'agent-clock.json');
+  const [older, savedClock] = [readFileSync(agentFile), readFileSync(join(dir, 'clock.json'))];
+  const device = await loadDevice(env.home);
+  await resetAgentClock(env.home, device.privateKey, device.info.deviceId!, new Date(Date.now() + 400 * 24 * 3600_000).toISOString());
+  await assert.rejects(open(), { code: 'lease-expired' }, 'the device record, past the deadline, bounds time');
+  writeFileSync(agentFile, older);
+  await assert.rejects(open(), { code: 'lease-expired' }, 'the desktop\'s own record took the newer time');
+  writeFileSync(join(dir, 'clock.json'), savedClock);
+  await open();
+});
+
 test('the unlock token deleted, or a lock record forged: locked', async () => {
   await probe('unlock.token', (p) => rmSync(p), async () => {
     await assert.rejects(open(), { code: 'desktop-locked', message: /lock record is missing or was altered/ });
@@ -136,6 +162,10 @@ test('a lease forged with another key (and device.json pointed at that key): ref
   writeFileSync(devFile, saved.replace(/"signingPublicKey": "[^"]+"/, `"signingPublicKey": "${publicKeyToBase64(forger.publicKey)}"`));
   try {
     await assert.rejects(open(), { code: 'lease-signature', message: /renewed lease .* pinned broker key/ });
+    // `login --offline` says so and fails, as `serve` would (finding 5).
+    const cli = await runCarryon(env.home, ['login', '--offline']);
+    assert.equal(cli.code, 3, cli.out);
+    assert.match(cli.out, /win11: refused \[lease-signature\]: .*renewed lease/);
   } finally {
     writeFileSync(devFile, saved);
     rmSync(join(dir, 'lease.json'));
@@ -198,6 +228,8 @@ test('with a TPM: the home copied to another machine (cp -a, another TPM) refuse
     // and the record say today: the lease has expired.
     const now = Number(/clock: (\d+)/.exec(execFileSync('tpm2_readclock', { encoding: 'utf8' }))![1]);
     execFileSync('tpm2_setclock', [String(now + 400 * 24 * 3600_000)]);
+    // The device clock record (signed with the TPM-sealed device key) says today: it only adds a floor, never lowers the TPM's.
+    assert.ok(existsSync(join(home, 'agent-clock.json')));
     await assert.rejects(v.unlock(await loadDevice(home), 'alice-password', s), { code: 'lease-expired' });
     const copy = join(broker.dir, 'tpm-laptop-copy');
     execFileSync('cp', ['-a', home, copy]);

@@ -1,6 +1,8 @@
+import { spawn } from 'node:child_process';
+import { join } from 'node:path';
 import type { ClientEnv } from '../../src/client/ops.js';
 import { serveDesktop } from '../../src/client/serve.js';
-import { writeClock } from '../../src/client/guards.js';
+import { readClock, writeClock } from '../../src/client/guards.js';
 import { loadDevice } from '../../src/client/home.js';
 import { Vault } from '../../src/client/vault.js';
 import { NbdClient } from '../../src/nbd/client.js';
@@ -22,7 +24,9 @@ export async function writeDesktop(env: ClientEnv, ref: string, writes: { offset
 export async function moveTrustedClock(home: string, ref: string, ms: number, password = 'alice-password'): Promise<void> {
   const vault = await Vault.open(home);
   const { keys, state } = await vault.openKeys(await loadDevice(home), password, await vault.find(ref));
-  await writeClock(vault.desktopDir(state.desktopId), keys, state.desktopId, { lastSeen: new Date(Date.now() + ms).toISOString(), tpm: null });
+  const dir = vault.desktopDir(state.desktopId);
+  const { agentAt } = await readClock(dir, keys, state.desktopId, state.name);
+  await writeClock(dir, keys, state.desktopId, { lastSeen: new Date(Date.now() + ms).toISOString(), tpm: null, agentAt });
 }
 
 /** The laptop's current disk contents, in plaintext, read through `carryon serve` as a VM would. */
@@ -37,4 +41,17 @@ export async function readDesktop(env: ClientEnv, ref: string, disk = 'disk0'): 
   } finally {
     await served.close();
   }
+}
+
+/** Runs the `carryon` CLI as alice on `home` in a process of its own: its exit code and all it printed. */
+export function runCarryon(home: string, args: string[]): Promise<{ code: number | null; out: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [join(process.cwd(), 'dist', 'src', 'cli', 'main.js'), ...args], {
+      env: { ...process.env, CARRYON_HOME: home, CARRYON_USER: 'alice', CARRYON_PASSWORD: 'alice-password' }, stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let out = '';
+    child.stdout.on('data', (d: Buffer) => { out += d.toString(); });
+    child.stderr.on('data', (d: Buffer) => { out += d.toString(); });
+    child.once('exit', (code) => resolve({ code, out }));
+  });
 }
