@@ -160,7 +160,7 @@ test('a lease that ran out while the vault was closed: setting the clock back 10
   const vault = await Vault.open(env.home);
   const [s] = await held();
   const dir = vault.desktopDir(s!.desktopId);
-  const deadline = Date.parse(JSON.parse(Buffer.from((await vault.storedLease(s!)).payload, 'base64').toString('utf8')).deadline as string);
+  const deadline = Date.parse((JSON.parse(Buffer.from((await vault.storedLease(s!)).payload, 'base64').toString('utf8')) as { deadline: string }).deadline);
   const devFile = join(env.home, 'device.json');
   const saved = readFileSync(devFile, 'utf8');
   const token = readFileSync(join(dir, 'unlock.token')); // the user's own backup of the home
@@ -190,7 +190,7 @@ test('a lease that ran out while the vault was closed: setting the clock back 10
     rmSync(join(env.home, 'agent-clock.json'));
     await assert.rejects(vault.unlock(await loadDevice(env.home), 'alice-password', s!), { code: 'clock-untrusted', message: /agent-clock\.json.* is missing/ });
     const signed = JSON.parse(record.toString()) as { payload: string; signature: string };
-    const earlier = { ...JSON.parse(Buffer.from(signed.payload, 'base64').toString()), time: new Date(deadline - 60 * 60_000).toISOString() };
+    const earlier = { ...(JSON.parse(Buffer.from(signed.payload, 'base64').toString()) as Record<string, unknown>), time: new Date(deadline - 60 * 60_000).toISOString() };
     writeFileSync(join(env.home, 'agent-clock.json'), JSON.stringify({ ...signed, payload: Buffer.from(JSON.stringify(earlier)).toString('base64') }));
     await assert.rejects(vault.unlock(await loadDevice(env.home), 'alice-password', s!), { code: 'clock-untrusted', message: /not signed by this device's key/ });
   } finally {
