@@ -36,7 +36,8 @@ export async function readAgentClock(home: string, devicePub: KeyObject, deviceI
     text = await readFile(join(home, AGENT_CLOCK), 'utf8');
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { kind: 'missing' };
-    throw err;
+    // Unreadable (a directory in its place, no permission) counts as altered: refused, never skipped.
+    return { kind: 'altered', why: `cannot be read (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})` };
   }
   let signed: z.infer<typeof Signed>;
   try {

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, afterEach, test } from 'node:test';
@@ -27,7 +27,7 @@ const floor = (seenBefore: boolean) => agentClockFloor(home, device.pub, device.
 
 afterEach(() => {
   Object.assign(laptopClock, saved);
-  rmSync(file, { force: true });
+  rmSync(file, { force: true, recursive: true });
 });
 after(() => rmSync(home, { recursive: true, force: true }));
 
@@ -83,4 +83,8 @@ test('a vault open: a record that verifies is a floor; altered or removed after 
     writeFileSync(file, text);
     for (const seen of [false, true]) await assert.rejects(floor(seen), { code: 'clock-untrusted' }, what);
   }
+  rmSync(file);
+  mkdirSync(file);
+  await assert.rejects(floor(false), { code: 'clock-untrusted', message: /cannot be read \(EISDIR\)/ }, 'a directory in its place');
+  rmSync(file, { recursive: true });
 });
