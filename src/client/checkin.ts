@@ -57,14 +57,15 @@ async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: D
   const { env, broker, state, kind, keys, readers, touched, checkpoint, job } = o;
   let endpoint = job.transfer!;
   const named = new Map<number, ChunkId | null>();
-  const push = (source: PagesSource) => retryTransfer({ what: kind, log: env.log, signal: env.signal, beforeRetry: async () => { endpoint = await renewer(broker, job.id)(); } }, () => pushPages({ endpoint, count: touched.length, source, named, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) }));
+  const receipts = new Map<ChunkId, string>();
+  const push = (source: PagesSource) => retryTransfer({ what: kind, log: env.log, signal: env.signal, beforeRetry: async () => { endpoint = await renewer(broker, job.id)(); } }, () => pushPages({ endpoint, count: touched.length, source, named, receipts, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) }));
   const journal = await PushJournal.open(o.journalPath);
   try {
     const sent = await push(pagesSource(touched, keys, journal));
     let changes = namedOutcome(readers, touched, named);
     let commit;
     try {
-      commit = await commitUpload(broker, state, kind, checkpoint, changes.changes);
+      commit = await commitUpload(broker, state, kind, checkpoint, changes.changes, receipts);
     } catch (err) {
       const missing = err instanceof BrokerError && err.code === 'missing-chunks' && Array.isArray(err.body.missing) ? new Set(err.body.missing as unknown[]) : null;
       if (!missing) throw err;
@@ -75,7 +76,7 @@ async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: D
       sent.chunksMoved += again.chunksMoved;
       sent.bytesMoved += again.bytesMoved;
       changes = namedOutcome(readers, touched, named);
-      commit = await commitUpload(broker, state, kind, checkpoint, changes.changes);
+      commit = await commitUpload(broker, state, kind, checkpoint, changes.changes, receipts);
     }
     await journal.remove();
     return { changes, sent, commit };
@@ -116,7 +117,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
         }
         if (kind === 'checkin') await vault.save({ ...state, state: 'checking_in', jobId: begin.job.id }, keys);
         const job = await activeJob(env, broker, begin.job);
-        return await pushAndCommit({ env, broker, state, kind, keys, readers, touched, checkpoint, job, journalPath: join(vault.desktopDir(state.desktopId), 'pushed.journal') });
+        return await pushAndCommit({ env, broker, state, kind, keys, readers, touched, checkpoint, job, journalPath: join(vault.desktopDir(state.desktopId), 'pushed-receipts.journal') });
       });
       if (kind === 'replicate') {
         // The restore point becomes the base: merge the top into it (resumed on the next open if killed).

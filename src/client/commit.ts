@@ -16,9 +16,9 @@ const RestorePoints = z.object({ restorePoints: z.array(z.object({ id: z.string(
  * force-unlock) by the snapshot a commit makes: kind checkin/replica, child of `checkpoint`,
  * the version the upload was based on.
  */
-export async function commitUpload(broker: BrokerClient, state: { checkoutId: string; desktopId: string; name: string }, kind: 'checkin' | 'replicate', checkpoint: string | null, changes: { name: string; changes: [number, string | null][] }[] = []): Promise<{ snapshotId: string }> {
+export async function commitUpload(broker: BrokerClient, state: { checkoutId: string; desktopId: string; name: string }, kind: 'checkin' | 'replicate', checkpoint: string | null, changes: { name: string; changes: [number, string | null][] }[] = [], receipts: ReadonlyMap<string, string> = new Map()): Promise<{ snapshotId: string }> {
   const path = `/v1/checkouts/${state.checkoutId}/${kind}/commit`;
-  const body = { disks: changes };
+  const body = { disks: changes, receipts: receiptsFor(changes, receipts) };
   try {
     return await broker.call('POST', path, body, Committed);
   } catch (err) {
@@ -32,6 +32,18 @@ export async function commitUpload(broker: BrokerClient, state: { checkoutId: st
   const made = checkpoint ? await committedSnapshot(broker, state.desktopId, checkpoint, kind) : null;
   if (made) return { snapshotId: made };
   throw new CarryonError('commit-unknown', `the broker's answer to the ${kind} of ${state.name} was lost and the check-out has ended without a snapshot from this upload that can be found; your offline changes are kept on this laptop (\`carryon status\`; save them with \`carryon export ${state.name} <file>\`)`);
+}
+
+/** The push receipt of each new chunk the changes name (the broker refuses a new chunk without one). */
+function receiptsFor(changes: { changes: [number, string | null][] }[], receipts: ReadonlyMap<string, string>): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const d of changes) {
+    for (const [, id] of d.changes) {
+      const r = id ? receipts.get(id) : undefined;
+      if (id && r) out[id] = r;
+    }
+  }
+  return out;
 }
 
 async function committedSnapshot(broker: BrokerClient, desktopId: string, checkpoint: string, kind: 'checkin' | 'replicate'): Promise<string | null> {

@@ -12,6 +12,7 @@ import { getBlobs, type ChunkStore } from '../store/chunk-store.js';
 import { endFrame, errorFrame, FRAME_BLOB, FRAME_DELTA, FRAME_PAGES, FrameDecoder, frameHeader, type Frame } from './frames.js';
 import { PushChecks } from './push-checks.js';
 import { JobScopes, type JobSummary } from './scopes.js';
+import { pushReceipt, receiptKey } from '../core/push-receipt.js';
 
 export interface TransferServerOptions {
   id: string;
@@ -73,6 +74,7 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
   const streams = new Map<string, number>();
   const scopes = new JobScopes(opts.store, opts.masterKey, now, (jobId) => stats.perJob.delete(jobId));
   const checks = new PushChecks();
+  const receipts = receiptKey(opts.masterKey);
   const sweeper = setInterval(() => scopes.sweep(), 30_000);
   sweeper.unref();
 
@@ -205,8 +207,11 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
       stored: 0,
       duplicate: 0,
       rejected: [] as (({ id: string } | { tag: number }) & { reason: string; code: 'invalid' | 'base-missing' })[],
-      /** Pages frames, by tag: the ID of the chunk each rebuilt (null: zeros). */
-      named: [] as { tag: number; id: ChunkId | null }[],
+      /**
+       * Pages frames, by tag: the ID of the chunk each rebuilt (null: zeros) and its push receipt,
+       * which the commit must carry for the broker to accept that ID (core/push-receipt).
+       */
+      named: [] as { tag: number; id: ChunkId | null; receipt?: string }[],
     };
     const reject = (id: ChunkId, reason: string, code: 'invalid' | 'base-missing' = 'invalid') => {
       stats.blobsRejected++;
@@ -281,7 +286,7 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
       }
       js.chunksIn++;
       if (named.id && named.blob) await store(named.id, named.blob, passed.get(named.id) ?? Promise.resolve(false));
-      result.named.push({ tag: frame.tag, id: named.id });
+      result.named.push(named.id ? { tag: frame.tag, id: named.id, receipt: pushReceipt(receipts, { checkoutId: ticket.checkoutId, keyContext: ticket.keyContext, id: named.id }) } : { tag: frame.tag, id: null });
     };
     // Frames are checked (on worker threads where the host has cores to spare) and appended to
     // the store while the next ones arrive.

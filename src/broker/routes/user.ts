@@ -2,6 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
 import { PACKAGE_VERSION } from '../version.js';
 import { isChunkId } from '../../core/chunk-id.js';
+import { RECEIPT_RE } from '../../core/push-receipt.js';
 import { publicKeyFromBase64, publicKeyToBase64 } from '../../core/signing.js';
 import { allowedActions, beginUpload, cancel, checkOut, checkoutView, commitUpload, issueLease, markTransferred, rollback } from '../checkouts.js';
 import type { BrokerContext } from '../context.js';
@@ -20,14 +21,15 @@ const Host = z.object({
 });
 const Id = z.object({ id: z.string().min(1).max(200) });
 const DiskName = z.string().min(1).max(64);
-/** Begin: the new manifests, or nothing (the transfer server names the chunks; the commit carries the changes). */
-const Disks = z.object({ disks: z.array(z.object({ name: DiskName, manifest: z.string().min(1) })).min(1).max(16).optional() }).strict();
-/** Commit: per disk, chunk index → new ID (null: a hole). */
+/** Begin: nothing (the transfer server names the chunks; the commit carries the changes). */
+const Begin = z.object({}).strict();
+/** Commit: per disk, chunk index → new ID (null: a hole); per new chunk, the push receipt its transfer server gave. */
 const Changes = z.object({
   disks: z.array(z.object({
     name: DiskName,
     changes: z.array(z.tuple([z.number().int().min(0).max(2 ** 31), z.string().refine(isChunkId, 'not a chunk ID').nullable()])).max(1 << 20),
   }).strict()).max(16).optional(),
+  receipts: z.record(z.string().refine(isChunkId, 'not a chunk ID'), z.string().regex(RECEIPT_RE, 'not a push receipt')).optional(),
 }).strict();
 
 /** Routes for users and their laptops: login, enrolment, desktops, check-out life cycle. */
@@ -130,9 +132,14 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
       const claims = await requireUser(ctx, req);
       const { id } = parse(Id, req.params);
       await requireFreshLogin(ctx, claims, id, kind);
-      return await beginUpload(ctx, claims.sub, id, kind, parse(Disks, req.body ?? {}).disks);
+      parse(Begin, req.body ?? {});
+      return await beginUpload(ctx, claims.sub, id, kind);
     });
-    app.post(`/v1/checkouts/:id/${kind}/commit`, async (req) => await commitUpload(ctx, (await requireUser(ctx, req)).sub, parse(Id, req.params).id, kind, parse(Changes, req.body ?? {}).disks));
+    app.post(`/v1/checkouts/:id/${kind}/commit`, async (req) => {
+      const claims = await requireUser(ctx, req);
+      const body = parse(Changes, req.body ?? {});
+      return await commitUpload(ctx, claims.sub, parse(Id, req.params).id, kind, body.disks, body.receipts);
+    });
   }
   app.post('/v1/checkouts/:id/lease', async (req) => {
     const claims = await requireUser(ctx, req);
