@@ -13,6 +13,7 @@ import { endFrame, errorFrame, FRAME_BLOB, FRAME_DELTA, FRAME_PAGES, FrameDecode
 import { PushChecks } from './push-checks.js';
 import { JobScopes, type JobSummary } from './scopes.js';
 import { pushReceipt, receiptKey } from '../core/push-receipt.js';
+import { verifyRevocation } from '../core/revocation.js';
 
 export interface TransferServerOptions {
   id: string;
@@ -44,6 +45,8 @@ export interface TransferServer {
   stats: TransferStats;
   /** Replaces the broker's revocation list: those jobs' tickets are refused from now on. */
   setRevoked(jobIds: Iterable<string>): void;
+  /** Adds revocations (pushed by the broker as jobs end, `POST /v1/revoke`): refused from now on. */
+  addRevoked(jobIds: Iterable<string>): void;
   /** Per-job summaries of chunk access for jobs evicted since the last call (for the broker's audit). */
   drainSummaries(): JobSummary[];
   /** Evicts jobs whose tickets expired (also done on its own, at most once a second and every 30 s). */
@@ -116,6 +119,15 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
   };
 
   app.get('/v1/health', async () => ({ id: opts.id, slots: opts.slots }));
+
+  // The broker pushes the jobs that just ended (a cancel, a cut-off), signed for this server: their
+  // tickets stop at once instead of at the next heartbeat.
+  app.post('/v1/revoke', async (req) => {
+    const { revocation } = parseOrInvalid(z.object({ revocation: z.string().min(1).max(8 * 1024 * 1024) }).strict(), req.body);
+    const jobIds = verifyRevocation(revocation, opts.brokerPublicKey, opts.id);
+    scopes.addRevoked(jobIds);
+    return { ok: true, revoked: jobIds.length };
+  });
 
   app.post('/v1/chunks/missing', async (req) => {
     const { scope } = await authorize(req);
@@ -334,6 +346,7 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
     slots: opts.slots,
     stats,
     setRevoked: (ids) => scopes.setRevoked(ids),
+    addRevoked: (ids) => scopes.addRevoked(ids),
     drainSummaries: () => scopes.drainSummaries(),
     sweep: () => scopes.sweep(),
     retained: () => ({ ...scopes.sizes(), jobCounters: stats.perJob.size, streams: streams.size }),
