@@ -61,7 +61,7 @@ async function loadManifest(ctx: BrokerContext, digest: string): Promise<Manifes
   }
 }
 
-async function lineageKeysFor(ctx: BrokerContext, desktop: DesktopRow): Promise<{ wrappedKeys: string; keyContext: string }> {
+export async function lineageKeysFor(ctx: BrokerContext, desktop: DesktopRow): Promise<{ wrappedKeys: string; keyContext: string }> {
   const wrapped = await ctx.meta.getLineageKeys(desktop.lineageId);
   if (!wrapped) throw new HttpError(500, 'lineage-missing', `lineage ${desktop.lineageId} has no keys`);
   return { wrappedKeys: wrapped.toString('base64'), keyContext: `lineage:${desktop.lineageId}` };
@@ -84,7 +84,7 @@ export async function issueLease(ctx: BrokerContext, user: string, deviceId: str
   return { lease, deadline };
 }
 
-async function ownedCheckout(ctx: BrokerContext, user: string, checkoutId: string, action: string): Promise<CheckoutRow> {
+export async function ownedCheckout(ctx: BrokerContext, user: string, checkoutId: string, action: string): Promise<CheckoutRow> {
   const c = await ctx.meta.getCheckout(checkoutId);
   if (!c) throw new HttpError(404, 'not-found', `no checkout ${checkoutId}`);
   if (c.user !== user) {
@@ -95,7 +95,7 @@ async function ownedCheckout(ctx: BrokerContext, user: string, checkoutId: strin
 }
 
 /** Audits a refusal and returns it: `throw await deny(…)`. */
-async function deny(ctx: BrokerContext, user: string, desktopId: string | null, action: string, status: number, code: string, message: string): Promise<HttpError> {
+export async function deny(ctx: BrokerContext, user: string, desktopId: string | null, action: string, status: number, code: string, message: string): Promise<HttpError> {
   await ctx.audit({ actor: user, desktopId, action, outcome: 'denied', detail: `${code}: ${message}` });
   return new HttpError(status, code, message, {}, true);
 }
@@ -294,15 +294,7 @@ export async function commitUpload(ctx: BrokerContext, user: string, checkoutId:
   const expected = kind === 'checkin' ? 'checking_in' : 'checked_out';
   if (c.state !== expected || !c.pendingDisks) throw await deny(ctx, user, c.desktopId, `${kind}-commit`, 409, 'wrong-state', `nothing to commit (checkout is ${c.state})`);
   const base = (await ctx.meta.getSnapshot(c.checkpointSnapshot))!;
-  const { disks: pendingDisks, added } = changes.length ? await changedDisks(ctx, user, c, kind, base.disks, changes) : { disks: base.disks, added: new Set<string>() };
-  const pushed = await pushedByThisCheckout(ctx, user, c, kind, base.disks, added, receipts);
-  // Only chunks this check-out pushed can be missing (collected since, after GC's grace): the
-  // answer never tells about anyone else's. The checkpoint's are in the store (snapshots keep theirs).
-  const missing = await ctx.store.missing(pushed);
-  if (missing.length) {
-    await ctx.audit({ actor: user, desktopId: c.desktopId, action: `${kind}-commit`, outcome: 'denied', detail: `${missing.length} chunks missing` });
-    throw new HttpError(409, 'missing-chunks', `the server lacks ${missing.length} chunks the manifests reference`, { missing: missing.slice(0, 10_000) });
-  }
+  const pendingDisks = await checkedChanges(ctx, user, c, `${kind}-commit`, base.disks, changes, receipts);
   // At most once: the snapshot and the state change that consumes the pending disks are one
   // transaction, so a commit sent twice (a laptop failing over to another broker after a lost
   // answer, the first still running) records one snapshot and answers the other 409.
@@ -324,11 +316,29 @@ export async function commitUpload(ctx: BrokerContext, user: string, checkoutId:
 }
 
 /**
+ * The checkpoint's disks with an upload's `changes` applied, once every new chunk is the
+ * checkpoint's or carries this check-out's push receipt (else 400 `bad-changes`) and is in the
+ * store (else 409 `missing-chunks`, listing only receipted chunks: this check-out's own).
+ */
+export async function checkedChanges(ctx: BrokerContext, user: string, c: CheckoutRow, action: string, baseDisks: SnapshotDisk[], changes: DiskChanges[], receipts: Record<string, string>): Promise<SnapshotDisk[]> {
+  const { disks, added } = changes.length ? await changedDisks(ctx, user, c, action, baseDisks, changes) : { disks: baseDisks, added: new Set<string>() };
+  const pushed = await pushedByThisCheckout(ctx, user, c, action, baseDisks, added, receipts);
+  // Only chunks this check-out pushed can be missing (collected since, after GC's grace): the
+  // answer never tells about anyone else's. The checkpoint's are in the store (snapshots keep theirs).
+  const missing = await ctx.store.missing(pushed);
+  if (missing.length) {
+    await ctx.audit({ actor: user, desktopId: c.desktopId, action, outcome: 'denied', detail: `${missing.length} chunks missing` });
+    throw new HttpError(409, 'missing-chunks', `the server lacks ${missing.length} chunks the manifests reference`, { missing: missing.slice(0, 10_000) });
+  }
+  return disks;
+}
+
+/**
  * The new chunks of `added` that carry a valid push receipt for this check-out. Any other must be
  * one of the checkpoint's; one that is neither is refused before the store is asked anything, with
  * the same answer whether it exists or not (no oracle, and no way to adopt another desktop's chunk).
  */
-async function pushedByThisCheckout(ctx: BrokerContext, user: string, c: CheckoutRow, kind: string, baseDisks: SnapshotDisk[], added: Set<string>, receipts: Record<string, string>): Promise<string[]> {
+async function pushedByThisCheckout(ctx: BrokerContext, user: string, c: CheckoutRow, action: string, baseDisks: SnapshotDisk[], added: Set<string>, receipts: Record<string, string>): Promise<string[]> {
   const desktop = (await ctx.meta.getDesktop(c.desktopId))!;
   const key = receiptKey(ctx.secrets.masterKey);
   const keyContext = (await lineageKeysFor(ctx, desktop)).keyContext;
@@ -340,7 +350,7 @@ async function pushedByThisCheckout(ctx: BrokerContext, user: string, c: Checkou
   for (const d of baseDisks) for (const id of referencedChunks(await loadManifest(ctx, d.digest))) checkpoint.add(id);
   const foreign = unreceipted.filter((id) => !checkpoint.has(id));
   if (foreign.length) {
-    throw await deny(ctx, user, c.desktopId, `${kind}-commit`, 400, 'bad-changes', `${foreign.length} changed chunks (the first ${foreign[0]}) are neither in the checkpoint nor carry a push receipt of this check-out: push them first`);
+    throw await deny(ctx, user, c.desktopId, action, 400, 'bad-changes', `${foreign.length} changed chunks (the first ${foreign[0]}) are neither in the checkpoint nor carry a push receipt of this check-out: push them first`);
   }
   return pushed;
 }
@@ -349,8 +359,8 @@ async function pushedByThisCheckout(ctx: BrokerContext, user: string, c: Checkou
  * `baseDisks` with `changes` applied: each new manifest stored, its disk entry returned, and the
  * chunks the changes name.
  */
-async function changedDisks(ctx: BrokerContext, user: string, c: CheckoutRow, kind: string, baseDisks: SnapshotDisk[], changes: DiskChanges[]): Promise<{ disks: SnapshotDisk[]; added: Set<string> }> {
-  const bad = async (message: string) => deny(ctx, user, c.desktopId, `${kind}-commit`, 400, 'bad-changes', message);
+async function changedDisks(ctx: BrokerContext, user: string, c: CheckoutRow, action: string, baseDisks: SnapshotDisk[], changes: DiskChanges[]): Promise<{ disks: SnapshotDisk[]; added: Set<string> }> {
+  const bad = async (message: string) => deny(ctx, user, c.desktopId, action, 400, 'bad-changes', message);
   const out: SnapshotDisk[] = [];
   const added = new Set<string>();
   for (const baseDisk of baseDisks) {

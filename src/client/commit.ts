@@ -16,7 +16,7 @@ const RestorePoints = z.object({ restorePoints: z.array(z.object({ id: z.string(
  * force-unlock) by the snapshot a commit makes: kind checkin/replica, child of `checkpoint`,
  * the version the upload was based on.
  */
-export async function commitUpload(broker: BrokerClient, state: { checkoutId: string; desktopId: string; name: string }, kind: 'checkin' | 'replicate', checkpoint: string | null, changes: { name: string; changes: [number, string | null][] }[] = [], receipts: ReadonlyMap<string, string> = new Map()): Promise<{ snapshotId: string }> {
+export async function commitUpload(broker: BrokerClient, state: { checkoutId: string; desktopId: string; name: string }, kind: 'checkin' | 'replicate' | 'handback', checkpoint: string | null, changes: { name: string; changes: [number, string | null][] }[] = [], receipts: ReadonlyMap<string, string> = new Map()): Promise<{ snapshotId: string }> {
   const path = `/v1/checkouts/${state.checkoutId}/${kind}/commit`;
   const body = { disks: changes, receipts: receiptsFor(changes, receipts) };
   try {
@@ -46,7 +46,7 @@ function receiptsFor(changes: { changes: [number, string | null][] }[], receipts
   return out;
 }
 
-async function committedSnapshot(broker: BrokerClient, desktopId: string, checkpoint: string, kind: 'checkin' | 'replicate'): Promise<string | null> {
+async function committedSnapshot(broker: BrokerClient, desktopId: string, checkpoint: string, kind: 'checkin' | 'replicate' | 'handback'): Promise<string | null> {
   const { restorePoints } = await broker.call('GET', `/v1/desktops/${encodeURIComponent(desktopId)}/restore-points`, undefined, RestorePoints);
-  return restorePoints.find((p) => p.parentId === checkpoint && p.kind === (kind === 'checkin' ? 'checkin' : 'replica'))?.id ?? null;
+  return restorePoints.find((p) => p.parentId === checkpoint && p.kind === (kind === 'replicate' ? 'replica' : kind))?.id ?? null;
 }

@@ -193,10 +193,36 @@ test('check-out → transferred → replicate → check-in (foreign chunks refus
   await http.call('PUT', '/v1/admin/policies/user/alice', {}, adminToken);
   assert.equal(((await http.call('POST', `/v1/checkouts/${id2}/rollback`, {}, aliceToken)).body.checkout as { state: string }).state, 'rolled_back');
   const co3 = await checkout(aliceToken);
-  const fu = await http.call('POST', `/v1/admin/checkouts/${(co3.body.checkout as { id: string }).id}/force-unlock`, {}, adminToken);
+  const id3 = (co3.body.checkout as { id: string }).id;
+  const early = await http.call('POST', `/v1/checkouts/${id3}/handback`, {}, aliceToken);
+  assert.deepEqual([early.status, early.body.error], [409, 'wrong-state'], 'only an ended check-out is handed back');
+  const fu = await http.call('POST', `/v1/admin/checkouts/${id3}/force-unlock`, {}, adminToken);
   assert.equal(fu.status, 200);
+
+  // Hand-back after a force-unlock: the holder uploads the work as a restore point (receipts as for a check-in), never current.
+  const current = (await broker.ctx.meta.getDesktop(desktopId))!.currentSnapshot;
+  const outcome = await http.call('GET', `/v1/checkouts/${id3}`, undefined, aliceToken);
+  assert.deepEqual([outcome.status, (outcome.body.checkout as { state: string }).state, outcome.body.committed, outcome.body.handedBack], [200, 'cancelled', null, null]);
+  assert.equal((await http.call('GET', `/v1/checkouts/${id3}`, undefined, bobToken)).status, 403);
+  assert.equal((await http.call('POST', `/v1/checkouts/${id3}/handback`, {}, bobToken)).status, 403);
+  assert.equal((await http.call('POST', `/v1/checkouts/${id3}/handback`, {}, aliceToken)).status, 200);
+  const handBack = (disks: unknown, receipts?: Record<string, string>) => http.call('POST', `/v1/checkouts/${id3}/handback/commit`, { disks, receipts }, aliceToken);
+  const foreign = await handBack([{ name: 'disk0', changes: [[0, theirs.id]] }], { [theirs.id]: receipt(id, theirs.id) });
+  assert.deepEqual([foreign.status, foreign.body.error], [400, 'bad-changes'], 'another check-out\'s receipt does not do');
+  // What the transfer server stored for this check-out (the broker checks receipts; the server checked the bytes).
+  const mine = sealChunk(generateLineageKeys(), Buffer.alloc(256 * 1024, 9));
+  await broker.ctx.store.put(mine.id, mine.blob);
+  const handed = await handBack([{ name: 'disk0', changes: [[3, mine.id]] }], { [mine.id]: receipt(id3, mine.id) });
+  assert.equal(handed.status, 200, JSON.stringify(handed.body));
+  const point = (await broker.ctx.meta.getSnapshot(handed.body.snapshotId as string))!;
+  assert.equal(point.kind, 'handback');
+  assert.equal((await broker.ctx.meta.getDesktop(desktopId))!.currentSnapshot, current, 'not the current version');
+  assert.equal(decodeManifest((await broker.ctx.store.getManifest(point.disks[0]!.digest))!).chunks[3], mine.id);
+  const twice = await http.call('POST', `/v1/checkouts/${id3}/handback`, {}, aliceToken);
+  assert.deepEqual([twice.status, twice.body.error, twice.body.snapshotId], [409, 'already-handed-back', point.id]);
+  assert.equal(((await http.call('GET', `/v1/checkouts/${id3}`, undefined, aliceToken)).body.handedBack as { snapshotId: string }).snapshotId, point.id);
   const resolved = await http.call('GET', '/v1/admin/policies/resolve?user=alice&desktop=win11', undefined, adminToken);
   assert.deepEqual((resolved.body.policy as Record<string, unknown>).checkoutAllowed, { value: true, source: 'default' });
   const events = (await http.call('GET', '/v1/admin/events?limit=10000', undefined, adminToken)).body.events as { action: string }[];
-  for (const a of ['validate', 'lock', 'snapshot', 'transfer-start', 'transfer-end', 'unlock', 'force-unlock']) assert.ok(events.some((e) => e.action === a), `event ${a}`);
+  for (const a of ['validate', 'lock', 'snapshot', 'transfer-start', 'transfer-end', 'unlock', 'force-unlock', 'handback']) assert.ok(events.some((e) => e.action === a), `event ${a}`);
 });

@@ -6,6 +6,7 @@ import { RECEIPT_RE } from '../../core/push-receipt.js';
 import { publicKeyFromBase64, publicKeyToBase64 } from '../../core/signing.js';
 import { allowedActions, beginUpload, cancel, checkOut, checkoutView, commitUpload, issueLease, markTransferred, rollback } from '../checkouts.js';
 import type { BrokerContext } from '../context.js';
+import { beginHandback, checkoutOutcome, commitHandback } from '../handback.js';
 import type { DesktopRow } from '../../store/metadata.js';
 import { authenticate, DirectoryUnavailableError } from '../directory.js';
 import { HttpError, parse, requireUser } from '../http.js';
@@ -141,6 +142,20 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
       return await commitUpload(ctx, claims.sub, parse(Id, req.params).id, kind, body.disks, body.receipts);
     });
   }
+  // A check-out that ended while the laptop held work: what it made, and handing the work back.
+  app.get('/v1/checkouts/:id', async (req) => await checkoutOutcome(ctx, (await requireUser(ctx, req)).sub, parse(Id, req.params).id));
+  app.post('/v1/checkouts/:id/handback', async (req) => {
+    const claims = await requireUser(ctx, req);
+    const { id } = parse(Id, req.params);
+    await requireFreshLogin(ctx, claims, id, 'handback');
+    parse(Begin, req.body ?? {});
+    return await beginHandback(ctx, claims.sub, id);
+  });
+  app.post('/v1/checkouts/:id/handback/commit', async (req) => {
+    const claims = await requireUser(ctx, req);
+    const body = parse(Changes, req.body ?? {});
+    return await commitHandback(ctx, claims.sub, parse(Id, req.params).id, body.disks, body.receipts);
+  });
   app.post('/v1/checkouts/:id/lease', async (req) => {
     const claims = await requireUser(ctx, req);
     const c = await ctx.meta.getCheckout(parse(Id, req.params).id);
