@@ -180,8 +180,17 @@ test('check-out → transferred → replicate → check-in (foreign chunks refus
   assert.equal((done.body.checkout as { state: string }).state, 'checked_in');
   assert.deepEqual((await actions(aliceToken))!.actions, ['checkout']);
   // The next check-out's manifests (all its ticket lets it fetch) name neither.
-  const next = (await checkout(aliceToken)).body as { checkout: { id: string }; disks: { manifest: string }[] };
+  const next = (await checkout(aliceToken)).body as { checkout: { id: string }; disks: { manifest: string }[]; job: { transfer?: { url: string; fingerprint: string; ticket: string } } };
   assert.ok(!decodeManifest(Buffer.from(next.disks[0]!.manifest, 'base64')).chunks.some((c) => c === theirs.id || c === nobody));
+  const { request } = await import('undici');
+  const { pinnedAgent } = await import('../../src/net/pinned-agent.js');
+  const { FrameDecoder, FRAME_ERROR } = await import('../../src/transfer/frames.js');
+  const t = next.job.transfer!;
+  const agent = pinnedAgent(t.fingerprint);
+  const fetched = await request(`${t.url}/v1/chunks/fetch`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${t.ticket}`, 'content-type': 'application/json' }, body: JSON.stringify({ ids: [theirs.id] }) });
+  const frames = new FrameDecoder().push(Buffer.from(await fetched.body.arrayBuffer()));
+  await agent.close();
+  assert.deepEqual(frames.filter((f) => 'id' in f && f.id === theirs.id).map((f) => f.type), [FRAME_ERROR], 'its ticket does not fetch the other desktop\'s chunk');
   assert.equal((await http.call('POST', `/v1/checkouts/${next.checkout.id}/cancel`, {}, aliceToken)).status, 200);
 
   // Rollback: forbidden by user policy, then allowed; force-unlock by admin.

@@ -172,7 +172,7 @@ test('a check-in cut off part-way and run again sends only the chunks the server
   assert.ok((await serverDisk('win11')).equals(laptopDisk), 'server snapshot re-assembles byte-identical');
 });
 
-test('a check-in whose commit was applied and its answer lost: the rerun recognises the snapshot and finishes as a check-in', async () => {
+test('a check-in whose commit was applied and its answer lost: the rerun recognises the snapshot and finishes as a check-in; with later writes it keeps them for a hand-back', async () => {
   const home = join(broker.dir, 'laptop');
   await checkout(env(home), 'win11');
   await writeDesktop(env(home), 'win11', [{ offset: 5 * CHUNK + 4096, data: randomBytes(8192) }, { offset: 30 * CHUNK, data: randomBytes(CHUNK) }]);
@@ -203,6 +203,31 @@ test('a check-in whose commit was applied and its answer lost: the rerun recogni
   assert.ok(logs.some((l) => /checked in win11: .*answer was lost/.test(l)), logs.join('\n'));
   assert.deepEqual(await status(env(home)), [], 'released as a check-in would');
   assert.ok((await serverDisk('win11')).equals(laptopDisk), 'server snapshot re-assembles byte-identical');
+
+  // Lost again, but the desktop was written after the commit: not the same; the work is kept and can be handed back.
+  await checkout(env(home), 'win11');
+  await writeDesktop(env(home), 'win11', [{ offset: 7 * CHUNK, data: randomBytes(4096) }]);
+  dropped = false;
+  scheduler.finish = async (jobId, outcome) => {
+    if (outcome === 'done' && !dropped) {
+      dropped = true;
+      throw new Error('answer lost');
+    }
+    return finish(jobId, outcome);
+  };
+  try {
+    await assert.rejects(upload(env(home), 'win11', 'checkin'));
+  } finally {
+    scheduler.finish = finish;
+  }
+  await writeDesktop(env(home), 'win11', [{ offset: 8 * CHUNK, data: randomBytes(4096) }]);
+  const later = await readDesktop(env(home), 'win11');
+  await assert.rejects(upload(env(home), 'win11', 'checkin'), (e: CarryonError) => e.code === 'checkout-gone' && /checked in as .*changes that snapshot lacks.*carryon handback win11/.test(e.message));
+  assert.equal((await status(env(home), 'win11'))[0]!.desktop, 'win11', 'the later work is kept');
+  const back = await upload(env(home), 'win11', 'handback');
+  const points = (await http.call('GET', '/v1/desktops/win11/restore-points', undefined, admin)).body.restorePoints as { id: string; kind: string; current: boolean }[];
+  assert.deepEqual(points.filter((p) => p.id === back.snapshotId).map((p) => [p.kind, p.current]), [['handback', false]]);
+  assert.ok(!(await serverDisk('win11')).equals(later), 'the current version is the check-in, not the later work');
 });
 
 test('after a force-unlock, check-in keeps the work and offers hand-back: a restore point (not current), audited, that an admin makes current', async () => {
