@@ -18,7 +18,7 @@ const RestorePoints = z.object({ restorePoints: z.array(z.object({ id: z.string(
  */
 export async function commitUpload(broker: BrokerClient, state: { checkoutId: string; desktopId: string; name: string }, kind: 'checkin' | 'replicate' | 'handback', checkpoint: string | null, changes: { name: string; changes: [number, string | null][] }[] = [], receipts: ReadonlyMap<string, string> = new Map()): Promise<{ snapshotId: string }> {
   const path = `/v1/checkouts/${state.checkoutId}/${kind}/commit`;
-  const body = { disks: changes, receipts: receiptsFor(changes, receipts) };
+  const body = { disks: withReceipts(changes, receipts) };
   try {
     return await broker.call('POST', path, body, Committed);
   } catch (err) {
@@ -34,16 +34,15 @@ export async function commitUpload(broker: BrokerClient, state: { checkoutId: st
   throw new CarryonError('commit-unknown', `the broker's answer to the ${kind} of ${state.name} was lost and the check-out has ended without a snapshot from this upload that can be found; your offline changes are kept on this laptop (\`carryon status\`; save them with \`carryon export ${state.name} <file>\`)`);
 }
 
-/** The push receipt of each new chunk the changes name (the broker refuses a new chunk without one). */
-function receiptsFor(changes: { changes: [number, string | null][] }[], receipts: ReadonlyMap<string, string>): Record<string, string> {
-  const out: Record<string, string> = {};
-  for (const d of changes) {
-    for (const [, id] of d.changes) {
+/** Each change with the push receipt of its new chunk, inline: `[index, id, receipt]` (the broker refuses a new chunk without one). */
+function withReceipts(changes: { name: string; changes: [number, string | null][] }[], receipts: ReadonlyMap<string, string>) {
+  return changes.map((d) => ({
+    name: d.name,
+    changes: d.changes.map(([index, id]) => {
       const r = id ? receipts.get(id) : undefined;
-      if (id && r) out[id] = r;
-    }
-  }
-  return out;
+      return r ? [index, id, r] : [index, id];
+    }),
+  }));
 }
 
 async function committedSnapshot(broker: BrokerClient, desktopId: string, checkpoint: string, kind: 'checkin' | 'replicate' | 'handback'): Promise<string | null> {

@@ -2,8 +2,8 @@ import { open, readFile, rm, truncate, type FileHandle } from 'node:fs/promises'
 import { chunkIdFromBytes, chunkIdToBytes, type ChunkId } from '../core/chunk-id.js';
 import { receiptFromBytes, receiptToBytes } from '../core/push-receipt.js';
 
-/** fingerprint 32 ‖ kind 1 (0: a hole, 1: a chunk) ‖ ID 32 ‖ push receipt 32 (zeros for a hole). */
-const RECORD = 97;
+/** fingerprint 32 ‖ kind 1 (0: a hole, 1: a chunk) ‖ ID 32 ‖ push receipt 16 (zeros for a hole). */
+const RECORD = 81;
 
 /** A kept name: the chunk's ID and its push receipt, or null (zeros). */
 export type JournalName = { id: ChunkId; receipt: string } | null;

@@ -134,7 +134,11 @@ test('check-out → transferred → replicate → check-in (foreign chunks refus
   // The commit carries the changes (chunk index → ID the transfer server named) and their push receipts.
   const { decodeManifest } = await import('../../src/core/manifest.js');
   assert.equal((await http.call('POST', `/v1/checkouts/${id}/checkin`, {}, aliceToken)).status, 200);
-  const commitWith = (disks: unknown, receipts?: Record<string, string>) => http.call('POST', `/v1/checkouts/${id}/checkin/commit`, { disks, receipts }, aliceToken);
+  // Receipts travel inline: [index, id, receipt].
+  const inline = (disks: unknown, receipts?: Record<string, string>) => receipts
+    ? (disks as { name: string; changes: [number, string][] }[]).map((d) => ({ ...d, changes: d.changes.map(([i, c]) => (receipts[c] ? [i, c, receipts[c]] : [i, c])) }))
+    : disks;
+  const commitWith = (disks: unknown, receipts?: Record<string, string>) => http.call('POST', `/v1/checkouts/${id}/checkin/commit`, { disks: inline(disks, receipts) }, aliceToken);
   const original = decodeManifest(Buffer.from(body.disks[0]!.manifest, 'base64'));
   const [a, b] = [original.chunks[0]!, original.chunks[1]!];
   for (const [bad, code] of [
@@ -144,6 +148,8 @@ test('check-out → transferred → replicate → check-in (foreign chunks refus
     [[{ name: 'disk0', changes: [[0, a]] }, { name: 'disk0', changes: [[1, b]] }], 'bad-changes'],
     [[{ name: 'disk0', changes: [[-1, a]] }], 'invalid'],
     [[{ name: 'disk0', changes: [[0, 'not-an-id']] }], 'invalid'],
+    [[{ name: 'disk0', changes: [[0, a, 'not-a-receipt']] }], 'invalid'],
+    [[{ name: 'disk0', changes: [[0, a, 'A'.repeat(22), 'A'.repeat(22)]] }], 'invalid'],
   ] as const) {
     const r = await commitWith(bad);
     assert.deepEqual([r.status, r.body.error], [400, code], JSON.stringify(bad));
@@ -161,7 +167,7 @@ test('check-out → transferred → replicate → check-in (foreign chunks refus
   const receipt = (checkoutId: string, chunk: string) => pushReceipt(receiptKey(broker.ctx.secrets.masterKey), { checkoutId, keyContext: `lineage:${lineage}`, id: chunk });
   const answers: string[] = [];
   for (const chunk of [theirs.id, nobody]) {
-    for (const receipts of [undefined, { [chunk]: receipt('another-checkout', chunk) }, { [chunk]: Buffer.alloc(32, 1).toString('base64url') }]) {
+    for (const receipts of [undefined, { [chunk]: receipt('another-checkout', chunk) }, { [chunk]: Buffer.alloc(16, 1).toString('base64url') }]) {
       const r = await commitWith([{ name: 'disk0', changes: [[0, chunk]] }], receipts);
       assert.deepEqual([r.status, r.body.error], [400, 'bad-changes'], JSON.stringify(r.body));
       answers.push(JSON.stringify(r.body).replace(chunk, 'ID'));
@@ -215,7 +221,7 @@ test('check-out → transferred → replicate → check-in (foreign chunks refus
   assert.equal((await http.call('GET', `/v1/checkouts/${id3}`, undefined, bobToken)).status, 403);
   assert.equal((await http.call('POST', `/v1/checkouts/${id3}/handback`, {}, bobToken)).status, 403);
   assert.equal((await http.call('POST', `/v1/checkouts/${id3}/handback`, {}, aliceToken)).status, 200);
-  const handBack = (disks: unknown, receipts?: Record<string, string>) => http.call('POST', `/v1/checkouts/${id3}/handback/commit`, { disks, receipts }, aliceToken);
+  const handBack = (disks: unknown, receipts?: Record<string, string>) => http.call('POST', `/v1/checkouts/${id3}/handback/commit`, { disks: inline(disks, receipts) }, aliceToken);
   const foreign = await handBack([{ name: 'disk0', changes: [[0, theirs.id]] }], { [theirs.id]: receipt(id, theirs.id) });
   assert.deepEqual([foreign.status, foreign.body.error], [400, 'bad-changes'], 'another check-out\'s receipt does not do');
   // What the transfer server stored for this check-out (the broker checks receipts; the server checked the bytes).

@@ -4,7 +4,7 @@ import { PACKAGE_VERSION } from '../version.js';
 import { isChunkId } from '../../core/chunk-id.js';
 import { RECEIPT_RE } from '../../core/push-receipt.js';
 import { publicKeyFromBase64, publicKeyToBase64 } from '../../core/signing.js';
-import { allowedActions, beginUpload, cancel, checkOut, checkoutView, commitUpload, issueLease, markTransferred, rollback } from '../checkouts.js';
+import { allowedActions, beginUpload, cancel, checkOut, checkoutView, commitUpload, issueLease, markTransferred, rollback, type DiskChanges } from '../checkouts.js';
 import type { BrokerContext } from '../context.js';
 import { beginHandback, checkoutOutcome, commitHandback } from '../handback.js';
 import type { DesktopRow } from '../../store/metadata.js';
@@ -24,14 +24,28 @@ const Id = z.object({ id: z.string().min(1).max(200) });
 const DiskName = z.string().min(1).max(64);
 /** Begin: nothing (the transfer server names the chunks; the commit carries the changes). */
 const Begin = z.object({}).strict();
-/** Commit: per disk, chunk index → new ID (null: a hole); per new chunk, the push receipt its transfer server gave. */
+/**
+ * Commit: per disk, chunk index → new ID (null: a hole) and, for a new chunk, the push receipt its
+ * transfer server gave: `[index, id, receipt?]` (inline, so the ID is not sent twice).
+ */
+const Change = z.tuple([z.number().int().min(0).max(2 ** 31), z.string().refine(isChunkId, 'not a chunk ID').nullable()], z.string().regex(RECEIPT_RE, 'not a push receipt'))
+  .refine((c) => c.length <= 3, 'a change is [index, id, receipt?]');
 const Changes = z.object({
-  disks: z.array(z.object({
-    name: DiskName,
-    changes: z.array(z.tuple([z.number().int().min(0).max(2 ** 31), z.string().refine(isChunkId, 'not a chunk ID').nullable()])).max(1 << 20),
-  }).strict()).max(16).optional(),
-  receipts: z.record(z.string().refine(isChunkId, 'not a chunk ID'), z.string().regex(RECEIPT_RE, 'not a push receipt')).optional(),
+  disks: z.array(z.object({ name: DiskName, changes: z.array(Change).max(1 << 20) }).strict()).max(16).optional(),
 }).strict();
+
+/** The commit's changes as the broker applies them, and the receipts they carried, by chunk ID. */
+function withReceipts(disks: z.infer<typeof Changes>['disks'] = []): { changes: DiskChanges[]; receipts: Record<string, string> } {
+  const receipts: Record<string, string> = {};
+  const changes = disks.map((d) => ({
+    name: d.name,
+    changes: d.changes.map(([index, id, receipt]): [number, string | null] => {
+      if (id && receipt) receipts[id] = receipt;
+      return [index, id];
+    }),
+  }));
+  return { changes, receipts };
+}
 
 /** Routes for users and their laptops: login, enrolment, desktops, check-out life cycle. */
 export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
@@ -138,8 +152,8 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     });
     app.post(`/v1/checkouts/:id/${kind}/commit`, async (req) => {
       const claims = await requireUser(ctx, req);
-      const body = parse(Changes, req.body ?? {});
-      return await commitUpload(ctx, claims.sub, parse(Id, req.params).id, kind, body.disks, body.receipts);
+      const { changes, receipts } = withReceipts(parse(Changes, req.body ?? {}).disks);
+      return await commitUpload(ctx, claims.sub, parse(Id, req.params).id, kind, changes, receipts);
     });
   }
   // A check-out that ended while the laptop held work: what it made, and handing the work back.
@@ -153,8 +167,8 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
   });
   app.post('/v1/checkouts/:id/handback/commit', async (req) => {
     const claims = await requireUser(ctx, req);
-    const body = parse(Changes, req.body ?? {});
-    return await commitHandback(ctx, claims.sub, parse(Id, req.params).id, body.disks, body.receipts);
+    const { changes, receipts } = withReceipts(parse(Changes, req.body ?? {}).disks);
+    return await commitHandback(ctx, claims.sub, parse(Id, req.params).id, changes, receipts);
   });
   app.post('/v1/checkouts/:id/lease', async (req) => {
     const claims = await requireUser(ctx, req);
