@@ -1,4 +1,5 @@
-import { referencedChunks, decodeManifest, encodedDigest, encodeManifest, manifestDigest, type Manifest } from '../core/manifest.js';
+import { referencedChunks, decodeManifest, encodedDigest, encodeManifest, type Manifest } from '../core/manifest.js';
+import { receiptHolds, receiptKey } from '../core/push-receipt.js';
 import { signLease, type SignedLease } from '../core/lease.js';
 import { policyHash } from '../core/policy.js';
 import type { CheckoutRow, DesktopConfig, DesktopRow, SnapshotDisk } from '../store/metadata.js';
@@ -60,7 +61,7 @@ async function loadManifest(ctx: BrokerContext, digest: string): Promise<Manifes
   }
 }
 
-async function lineageKeysFor(ctx: BrokerContext, desktop: DesktopRow): Promise<{ wrappedKeys: string; keyContext: string }> {
+export async function lineageKeysFor(ctx: BrokerContext, desktop: DesktopRow): Promise<{ wrappedKeys: string; keyContext: string }> {
   const wrapped = await ctx.meta.getLineageKeys(desktop.lineageId);
   if (!wrapped) throw new HttpError(500, 'lineage-missing', `lineage ${desktop.lineageId} has no keys`);
   return { wrappedKeys: wrapped.toString('base64'), keyContext: `lineage:${desktop.lineageId}` };
@@ -83,7 +84,7 @@ export async function issueLease(ctx: BrokerContext, user: string, deviceId: str
   return { lease, deadline };
 }
 
-async function ownedCheckout(ctx: BrokerContext, user: string, checkoutId: string, action: string): Promise<CheckoutRow> {
+export async function ownedCheckout(ctx: BrokerContext, user: string, checkoutId: string, action: string): Promise<CheckoutRow> {
   const c = await ctx.meta.getCheckout(checkoutId);
   if (!c) throw new HttpError(404, 'not-found', `no checkout ${checkoutId}`);
   if (c.user !== user) {
@@ -94,7 +95,7 @@ async function ownedCheckout(ctx: BrokerContext, user: string, checkoutId: strin
 }
 
 /** Audits a refusal and returns it: `throw await deny(…)`. */
-async function deny(ctx: BrokerContext, user: string, desktopId: string | null, action: string, status: number, code: string, message: string): Promise<HttpError> {
+export async function deny(ctx: BrokerContext, user: string, desktopId: string | null, action: string, status: number, code: string, message: string): Promise<HttpError> {
   await ctx.audit({ actor: user, desktopId, action, outcome: 'denied', detail: `${code}: ${message}` });
   return new HttpError(status, code, message, {}, true);
 }
@@ -250,11 +251,11 @@ export async function forceUnlock(ctx: BrokerContext, admin: string, checkoutId:
 }
 
 /**
- * Check-in or replicate, step 1: open an upload job. With `disks`, the laptop names every chunk
- * up front (its new manifests, recorded now). Without, it sends the pages it wrote, the transfer
- * server names the chunks it rebuilds, and the commit carries the changes (`commitUpload`).
+ * Check-in or replicate, step 1: open an upload job. The laptop sends the pages it wrote, the
+ * transfer server names the chunks it rebuilds (each with a push receipt), and the commit carries
+ * the changes and their receipts (`commitUpload`).
  */
-export async function beginUpload(ctx: BrokerContext, user: string, checkoutId: string, kind: 'checkin' | 'replicate', disks?: { name: string; manifest: string }[]): Promise<{ job: JobView }> {
+export async function beginUpload(ctx: BrokerContext, user: string, checkoutId: string, kind: 'checkin' | 'replicate'): Promise<{ job: JobView }> {
   const c = await ownedCheckout(ctx, user, checkoutId, kind);
   const desktop = (await ctx.meta.getDesktop(c.desktopId))!;
   if (kind === 'checkin') {
@@ -264,27 +265,13 @@ export async function beginUpload(ctx: BrokerContext, user: string, checkoutId: 
   const okStates = kind === 'checkin' ? ['checked_out', 'checking_in'] : ['checked_out'];
   if (!okStates.includes(c.state)) throw await deny(ctx, user, c.desktopId, kind, 409, 'wrong-state', `checkout is ${c.state}`);
   const base = (await ctx.meta.getSnapshot(c.checkpointSnapshot))!;
-  // Until the commit says otherwise, the upload's result is the checkpoint itself.
-  const pending: SnapshotDisk[] = disks ? [] : base.disks;
-  for (const d of disks ?? []) {
-    const baseDisk = base.disks.find((b) => b.name === d.name);
-    if (!baseDisk) throw await deny(ctx, user, c.desktopId, kind, 400, 'unknown-disk', `desktop has no disk ${d.name}`);
-    let m: Manifest;
-    try {
-      m = decodeManifest(Buffer.from(d.manifest, 'base64'));
-    } catch (err) {
-      throw await deny(ctx, user, c.desktopId, kind, 400, 'bad-manifest', (err as Error).message);
-    }
-    if (m.chunkSize !== baseDisk.chunkSize) throw await deny(ctx, user, c.desktopId, kind, 400, 'bad-manifest', `disk ${d.name} uses ${baseDisk.chunkSize}-byte chunks, not ${m.chunkSize}`);
-    const digest = manifestDigest(m);
-    await ctx.store.putManifest(digest, encodeManifest(m));
-    pending.push({ name: d.name, digest, sizeBytes: m.diskSize, chunkSize: m.chunkSize });
-  }
-  if (pending.length !== base.disks.length) throw await deny(ctx, user, c.desktopId, kind, 400, 'missing-disk', `send a manifest for each of ${base.disks.map((b) => b.name).join(', ')}`);
   if (c.jobId) await ctx.scheduler.finish(c.jobId, 'cancelled');
-  const job = await ctx.scheduler.enqueue({ kind, checkoutId: c.id, desktopId: c.desktopId, manifests: pending.map((p) => p.digest), baseManifests: base.disks.map((b) => b.digest), ...(await lineageKeysFor(ctx, desktop)) });
+  // The ticket's manifests are the checkpoint's: the server serves nothing else as a base.
+  const digests = base.disks.map((b) => b.digest);
+  const job = await ctx.scheduler.enqueue({ kind, checkoutId: c.id, desktopId: c.desktopId, manifests: digests, baseManifests: digests, ...(await lineageKeysFor(ctx, desktop)) });
   const to = kind === 'checkin' ? 'checking_in' : 'checked_out';
-  if (!await ctx.meta.transitionCheckout(c.id, [c.state], to, { jobId: job.id, pendingDisks: pending })) throw await deny(ctx, user, c.desktopId, kind, 409, 'wrong-state', 'checkout changed meanwhile');
+  // Until the commit says otherwise, the upload's result is the checkpoint itself.
+  if (!await ctx.meta.transitionCheckout(c.id, [c.state], to, { jobId: job.id, pendingDisks: base.disks })) throw await deny(ctx, user, c.desktopId, kind, 409, 'wrong-state', 'checkout changed meanwhile');
   await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'transfer-start', outcome: 'ok', detail: `${kind} job ${job.id}` });
   await auditTicket(ctx, user, c.desktopId, job);
   return { job };
@@ -297,23 +284,17 @@ export interface DiskChanges {
 }
 
 /**
- * Step 2: `changes` (only for an upload begun without manifests) are applied to the checkpoint's
- * manifests; every chunk the result references must be in the store; then the snapshot, and for
- * check-in the unlock.
+ * Step 2: `changes` are applied to the checkpoint's manifests; each new chunk must be the
+ * checkpoint's or carry a valid push receipt for this check-out (the transfer server's word that
+ * this check-out pushed it), and those must be in the store; then the snapshot, and for check-in
+ * the unlock.
  */
-export async function commitUpload(ctx: BrokerContext, user: string, checkoutId: string, kind: 'checkin' | 'replicate', changes?: DiskChanges[]) {
+export async function commitUpload(ctx: BrokerContext, user: string, checkoutId: string, kind: 'checkin' | 'replicate', changes: DiskChanges[] = [], receipts: Record<string, string> = {}) {
   const c = await ownedCheckout(ctx, user, checkoutId, `${kind}-commit`);
   const expected = kind === 'checkin' ? 'checking_in' : 'checked_out';
   if (c.state !== expected || !c.pendingDisks) throw await deny(ctx, user, c.desktopId, `${kind}-commit`, 409, 'wrong-state', `nothing to commit (checkout is ${c.state})`);
-  // Chunks of the checkpoint are in the store (snapshots are immutable): check only the new ones.
   const base = (await ctx.meta.getSnapshot(c.checkpointSnapshot))!;
-  if (changes?.length && !sameDisks(c.pendingDisks, base.disks)) throw await deny(ctx, user, c.desktopId, `${kind}-commit`, 400, 'bad-changes', 'this upload was begun with its manifests: commit it without changes');
-  const { disks: pendingDisks, added } = changes?.length ? await changedDisks(ctx, user, c, kind, base.disks, changes) : { disks: c.pendingDisks, added: await addedChunks(ctx, base.disks, c.pendingDisks) };
-  const missing = await ctx.store.missing([...added]);
-  if (missing.length) {
-    await ctx.audit({ actor: user, desktopId: c.desktopId, action: `${kind}-commit`, outcome: 'denied', detail: `${missing.length} chunks missing` });
-    throw new HttpError(409, 'missing-chunks', `the server lacks ${missing.length} chunks the manifests reference`, { missing: missing.slice(0, 10_000) });
-  }
+  const pendingDisks = await checkedChanges(ctx, user, c, `${kind}-commit`, base.disks, changes, receipts);
   // At most once: the snapshot and the state change that consumes the pending disks are one
   // transaction, so a commit sent twice (a laptop failing over to another broker after a lost
   // answer, the first still running) records one snapshot and answers the other 409.
@@ -334,27 +315,52 @@ export async function commitUpload(ctx: BrokerContext, user: string, checkoutId:
   return { snapshotId, checkout: checkoutView((await ctx.meta.getCheckout(c.id))!) };
 }
 
-function sameDisks(a: SnapshotDisk[], b: SnapshotDisk[]): boolean {
-  return a.length === b.length && a.every((d, i) => d.name === b[i]!.name && d.digest === b[i]!.digest);
+/**
+ * The checkpoint's disks with an upload's `changes` applied, once every new chunk is the
+ * checkpoint's or carries this check-out's push receipt (else 400 `bad-changes`) and is in the
+ * store (else 409 `missing-chunks`, listing only receipted chunks: this check-out's own).
+ */
+export async function checkedChanges(ctx: BrokerContext, user: string, c: CheckoutRow, action: string, baseDisks: SnapshotDisk[], changes: DiskChanges[], receipts: Record<string, string>): Promise<SnapshotDisk[]> {
+  const { disks, added } = changes.length ? await changedDisks(ctx, user, c, action, baseDisks, changes) : { disks: baseDisks, added: new Set<string>() };
+  const pushed = await pushedByThisCheckout(ctx, user, c, action, baseDisks, added, receipts);
+  // Only chunks this check-out pushed can be missing (collected since, after GC's grace): the
+  // answer never tells about anyone else's. The checkpoint's are in the store (snapshots keep theirs).
+  const missing = await ctx.store.missing(pushed);
+  if (missing.length) {
+    await ctx.audit({ actor: user, desktopId: c.desktopId, action, outcome: 'denied', detail: `${missing.length} chunks missing` });
+    throw new HttpError(409, 'missing-chunks', `the server lacks ${missing.length} chunks the manifests reference`, { missing: missing.slice(0, 10_000) });
+  }
+  return disks;
 }
 
-/** Chunks `disks` reference that the checkpoint's `baseDisks` do not. */
-async function addedChunks(ctx: BrokerContext, baseDisks: SnapshotDisk[], disks: SnapshotDisk[]): Promise<Set<string>> {
-  const ids = new Set<string>();
-  for (const d of disks) {
-    const baseDisk = baseDisks.find((b) => b.name === d.name);
-    const known = baseDisk ? referencedChunks(await loadManifest(ctx, baseDisk.digest)) : new Set<string>();
-    for (const id of referencedChunks(await loadManifest(ctx, d.digest))) if (!known.has(id)) ids.add(id);
+/**
+ * The new chunks of `added` that carry a valid push receipt for this check-out. Any other must be
+ * one of the checkpoint's; one that is neither is refused before the store is asked anything, with
+ * the same answer whether it exists or not (no oracle, and no way to adopt another desktop's chunk).
+ */
+async function pushedByThisCheckout(ctx: BrokerContext, user: string, c: CheckoutRow, action: string, baseDisks: SnapshotDisk[], added: Set<string>, receipts: Record<string, string>): Promise<string[]> {
+  const desktop = (await ctx.meta.getDesktop(c.desktopId))!;
+  const key = receiptKey(ctx.secrets.masterKey);
+  const keyContext = (await lineageKeysFor(ctx, desktop)).keyContext;
+  const pushed: string[] = [];
+  const unreceipted: string[] = [];
+  for (const id of added) (receiptHolds(key, { checkoutId: c.id, keyContext, id }, receipts[id]) ? pushed : unreceipted).push(id);
+  if (!unreceipted.length) return pushed;
+  const checkpoint = new Set<string>();
+  for (const d of baseDisks) for (const id of referencedChunks(await loadManifest(ctx, d.digest))) checkpoint.add(id);
+  const foreign = unreceipted.filter((id) => !checkpoint.has(id));
+  if (foreign.length) {
+    throw await deny(ctx, user, c.desktopId, action, 400, 'bad-changes', `${foreign.length} changed chunks (the first ${foreign[0]}) are neither in the checkpoint nor carry a push receipt of this check-out: push them first`);
   }
-  return ids;
+  return pushed;
 }
 
 /**
  * `baseDisks` with `changes` applied: each new manifest stored, its disk entry returned, and the
- * chunks the changes name (those of the checkpoint among them are in the store anyway).
+ * chunks the changes name.
  */
-async function changedDisks(ctx: BrokerContext, user: string, c: CheckoutRow, kind: string, baseDisks: SnapshotDisk[], changes: DiskChanges[]): Promise<{ disks: SnapshotDisk[]; added: Set<string> }> {
-  const bad = async (message: string) => deny(ctx, user, c.desktopId, `${kind}-commit`, 400, 'bad-changes', message);
+async function changedDisks(ctx: BrokerContext, user: string, c: CheckoutRow, action: string, baseDisks: SnapshotDisk[], changes: DiskChanges[]): Promise<{ disks: SnapshotDisk[]; added: Set<string> }> {
+  const bad = async (message: string) => deny(ctx, user, c.desktopId, action, 400, 'bad-changes', message);
   const out: SnapshotDisk[] = [];
   const added = new Set<string>();
   for (const baseDisk of baseDisks) {

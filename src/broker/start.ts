@@ -26,6 +26,7 @@ import { transferRoutes } from './routes/transfers.js';
 import { userRoutes } from './routes/user.js';
 import { loadOrCreateSecrets } from './secrets.js';
 import { Scheduler } from './transfers/scheduler.js';
+import { pushRevocations } from './transfers/revoke-push.js';
 import { SchedulerStore } from './transfers/scheduler-store.js';
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
@@ -118,10 +119,16 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   };
   const hypervisor: DatacenterHypervisor = config.hypervisor?.kind === 'qmp' ? new QmpHypervisor(config.hypervisor.socketDir) : new NoHypervisor();
   let transfer: TransferServer | null = null;
-  // The embedded transfer server learns revocations the moment a job ends (standalone ones at their heartbeat).
+  // Transfer servers learn revocations the moment a job ends: the embedded one in process,
+  // standalone ones by a signed push (else at their next heartbeat).
   const scheduler: Scheduler = new Scheduler(await SchedulerStore.open(sql), {
     signingKey: secrets.signing.privateKey, ticketTtlSec: config.ticketTtlSec, pauseGraceSec: config.pauseGraceSec,
-    onJobsEnded: () => void scheduler.revokedJobIds().then((ids) => transfer?.setRevoked(ids), () => undefined),
+    onJobsEnded: async () => {
+      const ids = await scheduler.revokedJobIds();
+      transfer?.setRevoked(ids);
+      const others = (await scheduler.liveServers()).filter((s) => s.id !== transfer?.id);
+      if (others.length) await pushRevocations(others, ids, secrets.signing.privateKey);
+    },
   });
   const ctx: BrokerContext = {
     settings, meta, store, secrets, scheduler, hypervisor, imports: new ImportJobs(), jobProgress: new JobProgress(),

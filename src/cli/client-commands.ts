@@ -139,8 +139,9 @@ export function registerClientCommands(program: Command): void {
       return `checked out: ${x.chunksMoved} chunks, ${formatBytes(x.bytesMoved)} transferred`;
     });
   });
-  for (const kind of ['checkin', 'replicate'] as const) {
-    program.command(`${kind} <desktop>`).description(kind === 'checkin' ? 'send changed blocks back and unlock' : 'send changed blocks as a restore point, stay checked out').action(async (desktop: string, _o: unknown, cmd: Command) => {
+  const uploadHelp = { checkin: 'send changed blocks back and unlock', replicate: 'send changed blocks as a restore point, stay checked out', handback: 'after the check-out ended without your work (e.g. an admin force-unlocked it): send it as a restore point an admin can make current, then remove the local copy' };
+  for (const kind of ['checkin', 'replicate', 'handback'] as const) {
+    program.command(`${kind} <desktop>`).description(uploadHelp[kind]).action(async (desktop: string, _o: unknown, cmd: Command) => {
       await transferCommand(cmd, desktop, (env) => upload(env, desktop, kind), (r) => {
         const x = r as { changedChunks: number; chunksSent: number; bytesSent: number; snapshotId: string };
         return `${kind}: ${x.changedChunks} changed chunks, ${x.chunksSent} sent (${formatBytes(x.bytesSent)}); snapshot ${x.snapshotId}`;

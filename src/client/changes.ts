@@ -61,7 +61,7 @@ export function pagesSource(chunks: readonly ChangedChunk[], keys: LineageKeys, 
       if (journal) {
         const fingerprint = pagesFingerprint(keys.idKey, baseId, c.length, pieces);
         const known = journal.get(fingerprint);
-        if (known !== undefined) return { known };
+        if (known !== undefined) return known ? { known: known.id, receipt: known.receipt } : { known: null };
         fingerprints.set(tag, fingerprint);
       }
       const blob = sealPages(keys, baseId, c.length, pieces);
@@ -70,7 +70,8 @@ export function pagesSource(chunks: readonly ChangedChunk[], keys: LineageKeys, 
     async remember(names) {
       await journal?.add(names.flatMap((n) => {
         const fingerprint = fingerprints.get(n.tag);
-        return fingerprint ? [{ fingerprint, id: n.id }] : [];
+        if (!fingerprint || (n.id && !n.receipt)) return [];
+        return [{ fingerprint, name: n.id ? { id: n.id, receipt: n.receipt! } : null }];
       }));
     },
   };

@@ -10,6 +10,7 @@ import { pushPages, type PagesSource } from '../transfer/push-pages.js';
 import { BrokerError, JobView, type BrokerClient } from './broker-client.js';
 import { changedManifests, namedOutcome, pagesSource, touchedChunks, type ChangedChunk, type DiskReader } from './changes.js';
 import { commitUpload } from './commit.js';
+import { ENDED_CODES, finishEnded } from './ended-checkout.js';
 import { PushJournal } from './push-journal.js';
 import { openDesktopDisks, socketDir, type DesktopDisk } from './disks.js';
 import { claimOwner, diskPrefix, specFor } from './holder.js';
@@ -53,18 +54,19 @@ async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopD
  * not sent again), then commits the names; chunks the commit finds collected meanwhile (pushed a
  * day earlier on a slow link) are sent again, once.
  */
-async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: DesktopState; kind: 'checkin' | 'replicate'; keys: LineageKeys; readers: DiskReader[]; touched: ChangedChunk[]; checkpoint: string | null; job: JobView; journalPath: string }) {
+async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: DesktopState; kind: UploadKind; keys: LineageKeys; readers: DiskReader[]; touched: ChangedChunk[]; checkpoint: string | null; job: JobView; journalPath: string }) {
   const { env, broker, state, kind, keys, readers, touched, checkpoint, job } = o;
   let endpoint = job.transfer!;
   const named = new Map<number, ChunkId | null>();
-  const push = (source: PagesSource) => retryTransfer({ what: kind, log: env.log, signal: env.signal, beforeRetry: async () => { endpoint = await renewer(broker, job.id)(); } }, () => pushPages({ endpoint, count: touched.length, source, named, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) }));
+  const receipts = new Map<ChunkId, string>();
+  const push = (source: PagesSource) => retryTransfer({ what: kind, log: env.log, signal: env.signal, beforeRetry: async () => { endpoint = await renewer(broker, job.id)(); } }, () => pushPages({ endpoint, count: touched.length, source, named, receipts, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) }));
   const journal = await PushJournal.open(o.journalPath);
   try {
     const sent = await push(pagesSource(touched, keys, journal));
     let changes = namedOutcome(readers, touched, named);
     let commit;
     try {
-      commit = await commitUpload(broker, state, kind, checkpoint, changes.changes);
+      commit = await commitUpload(broker, state, kind, checkpoint, changes.changes, receipts);
     } catch (err) {
       const missing = err instanceof BrokerError && err.code === 'missing-chunks' && Array.isArray(err.body.missing) ? new Set(err.body.missing as unknown[]) : null;
       if (!missing) throw err;
@@ -75,7 +77,7 @@ async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: D
       sent.chunksMoved += again.chunksMoved;
       sent.bytesMoved += again.bytesMoved;
       changes = namedOutcome(readers, touched, named);
-      commit = await commitUpload(broker, state, kind, checkpoint, changes.changes);
+      commit = await commitUpload(broker, state, kind, checkpoint, changes.changes, receipts);
     }
     await journal.remove();
     return { changes, sent, commit };
@@ -84,8 +86,11 @@ async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: D
   }
 }
 
-/** Check-in or replicate: send only the chunks changed since the checkpoint, then commit. */
-export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin' | 'replicate') {
+/** Check-in, replicate, or hand-back (the work of a check-out that ended elsewhere, as a restore point). */
+export type UploadKind = 'checkin' | 'replicate' | 'handback';
+
+/** Check-in, replicate or hand-back: send only the chunks changed since the checkpoint, then commit. */
+export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKind) {
   const { device, broker } = await onlineSession(env);
   const vault = await Vault.open(env.home);
   try {
@@ -94,7 +99,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
     const opened0 = await vault.openKeys(device, await env.password(), found);
     const keys = opened0.keys;
     let state = opened0.state;
-    const release = await claimOwner(vault, state.desktopId, kind, env.log);
+    const release = await claimOwner(vault, state.desktopId, kind === 'handback' ? 'checkin' : kind, env.log);
     let outcome;
     try {
       const opened = await openDesktopDisks(vault, state, keys);
@@ -103,20 +108,21 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
         const touched = touchedChunks(readers);
         // The version this upload is based on: how a commit whose answer was lost is recognised.
         const checkpoint = (await findEntry(broker, state.desktopId)).checkout?.snapshotId ?? null;
+        const journalPath = join(vault.desktopDir(state.desktopId), 'pushed-receipts.journal');
         let begin;
         try {
           // Repeatable: a second begin (also accepted in checking_in) ends the first one's job and opens another.
           begin = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}`, {}, z.object({ job: JobView }), {}, { repeatable: true });
         } catch (err) {
-          if (err instanceof BrokerError && (err.code === 'wrong-state' || err.code === 'not-found' || err.code === 'not-held')) {
-            // Never delete offline work on an ambiguous answer: the user decides what happens to it.
-            throw new CarryonError('checkout-gone', `the broker no longer holds check-out ${state.checkoutId} of ${state.name} (${err.message}). Your offline changes are kept on this laptop: save them with \`carryon export ${state.name} <file>\`, then remove the local copy with \`carryon discard ${state.name} --yes\``);
-          }
-          throw err;
+          // The check-out ended: with this upload (its answer lost), or otherwise (offline work is
+          // then never deleted on an ambiguous answer: the user is told how to hand it back).
+          if (!(err instanceof BrokerError) || !ENDED_CODES.includes(err.code)) throw err;
+          const ended = await finishEnded({ broker, state, kind, keys, readers, touched, journalPath, refusal: err });
+          return { changes: ended.changes, sent: { chunksMoved: 0, bytesMoved: 0, refetched: 0 }, commit: { snapshotId: ended.snapshotId }, recovered: true };
         }
         if (kind === 'checkin') await vault.save({ ...state, state: 'checking_in', jobId: begin.job.id }, keys);
         const job = await activeJob(env, broker, begin.job);
-        return await pushAndCommit({ env, broker, state, kind, keys, readers, touched, checkpoint, job, journalPath: join(vault.desktopDir(state.desktopId), 'pushed.journal') });
+        return { ...(await pushAndCommit({ env, broker, state, kind, keys, readers, touched, checkpoint, job, journalPath })), recovered: false };
       });
       if (kind === 'replicate') {
         // The restore point becomes the base: merge the top into it (resumed on the next open if killed).
@@ -131,10 +137,15 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
     } finally {
       await release();
     }
-    const { changes, sent, commit } = outcome;
+    const { changes, sent, commit, recovered } = outcome;
+    const lost = recovered ? ' (the broker had committed it before; its answer was lost)' : '';
     if (kind === 'checkin') {
       await vault.wipe(state.desktopId);
-      env.log(`checked in ${state.name}: ${changes.changedChunks} changed chunks, ${sent.chunksMoved} sent (${sent.bytesMoved} bytes); snapshot ${commit.snapshotId}`);
+      env.log(`checked in ${state.name}: ${changes.changedChunks} changed chunks, ${sent.chunksMoved} sent (${sent.bytesMoved} bytes); snapshot ${commit.snapshotId}${lost}`);
+    } else if (kind === 'handback') {
+      // The work is on the server now; the check-out had ended, so the local copy goes as after a check-in.
+      await vault.wipe(state.desktopId);
+      env.log(`handed back ${state.name}: restore point ${commit.snapshotId}${lost}, ${changes.changedChunks} changed chunks; it is not the current version until an administrator restores it`);
     } else {
       env.log(`replicated ${state.name}: restore point ${commit.snapshotId}, ${sent.chunksMoved} chunks sent (${sent.bytesMoved} bytes)`);
     }

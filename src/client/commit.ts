@@ -16,9 +16,9 @@ const RestorePoints = z.object({ restorePoints: z.array(z.object({ id: z.string(
  * force-unlock) by the snapshot a commit makes: kind checkin/replica, child of `checkpoint`,
  * the version the upload was based on.
  */
-export async function commitUpload(broker: BrokerClient, state: { checkoutId: string; desktopId: string; name: string }, kind: 'checkin' | 'replicate', checkpoint: string | null, changes: { name: string; changes: [number, string | null][] }[] = []): Promise<{ snapshotId: string }> {
+export async function commitUpload(broker: BrokerClient, state: { checkoutId: string; desktopId: string; name: string }, kind: 'checkin' | 'replicate' | 'handback', checkpoint: string | null, changes: { name: string; changes: [number, string | null][] }[] = [], receipts: ReadonlyMap<string, string> = new Map()): Promise<{ snapshotId: string }> {
   const path = `/v1/checkouts/${state.checkoutId}/${kind}/commit`;
-  const body = { disks: changes };
+  const body = { disks: withReceipts(changes, receipts) };
   try {
     return await broker.call('POST', path, body, Committed);
   } catch (err) {
@@ -34,7 +34,18 @@ export async function commitUpload(broker: BrokerClient, state: { checkoutId: st
   throw new CarryonError('commit-unknown', `the broker's answer to the ${kind} of ${state.name} was lost and the check-out has ended without a snapshot from this upload that can be found; your offline changes are kept on this laptop (\`carryon status\`; save them with \`carryon export ${state.name} <file>\`)`);
 }
 
-async function committedSnapshot(broker: BrokerClient, desktopId: string, checkpoint: string, kind: 'checkin' | 'replicate'): Promise<string | null> {
+/** Each change with the push receipt of its new chunk, inline: `[index, id, receipt]` (the broker refuses a new chunk without one). */
+function withReceipts(changes: { name: string; changes: [number, string | null][] }[], receipts: ReadonlyMap<string, string>) {
+  return changes.map((d) => ({
+    name: d.name,
+    changes: d.changes.map(([index, id]) => {
+      const r = id ? receipts.get(id) : undefined;
+      return r ? [index, id, r] : [index, id];
+    }),
+  }));
+}
+
+async function committedSnapshot(broker: BrokerClient, desktopId: string, checkpoint: string, kind: 'checkin' | 'replicate' | 'handback'): Promise<string | null> {
   const { restorePoints } = await broker.call('GET', `/v1/desktops/${encodeURIComponent(desktopId)}/restore-points`, undefined, RestorePoints);
-  return restorePoints.find((p) => p.parentId === checkpoint && p.kind === (kind === 'checkin' ? 'checkin' : 'replica'))?.id ?? null;
+  return restorePoints.find((p) => p.parentId === checkpoint && p.kind === (kind === 'replicate' ? 'replica' : kind))?.id ?? null;
 }

@@ -13,7 +13,7 @@ const STATUS_BY_CODE: Record<string, number> = {
   'bad-envelope': 400, 'bad-public-key': 400, 'unknown-disk': 400, 'missing-disk': 400, 'bad-name': 400,
   'image-too-small': 400, 'not-whole-sectors': 400, 'relative-path': 400, 'too-long': 400,
   // 401/403: who is asking, and may they
-  unauthenticated: 401, 'bad-credentials': 401, 'bad-secret': 401, 'ticket-malformed': 401, 'ticket-signature': 401, 'ticket-expired': 401,
+  unauthenticated: 401, 'bad-credentials': 401, 'bad-secret': 401, 'bad-revocation': 401, 'ticket-malformed': 401, 'ticket-signature': 401, 'ticket-expired': 401,
   'ticket-wrong-server': 403, 'ticket-revoked': 403, 'wrong-direction': 403, 'out-of-scope': 403, forbidden: 403,
   'not-holder': 403, 'not-entitled': 403, 'policy-denied': 403, 'device-revoked': 403, 'reauth-required': 403,
   'import-path-refused': 403, 'not-enrolled': 403, 'cut-off': 403, 'device-not-enrolled': 403, 'device-signature': 401, 'device-unknown': 401,

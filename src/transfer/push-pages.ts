@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { isChunkId, type ChunkId } from '../core/chunk-id.js';
+import { RECEIPT_RE } from '../core/push-receipt.js';
 import { batchSizeFor, inBatches, progressTracker, TransferFailed, TransferSession, type TransferOptions, type TransferResult } from './client.js';
 import { endFrame } from './frames.js';
 
@@ -9,11 +10,18 @@ export interface PagesSource {
    * The pages frame of changed chunk `tag`, as parts to send one after the other: its written
    * pages against its checkpoint chunk, or with `whole`, every byte of it against none (the
    * server lacked the base). Or, when a server named the same pages before (an earlier attempt),
-   * that name: nothing to send.
+   * that name and its push receipt: nothing to send.
    */
-  frame(tag: number, whole: boolean): Promise<{ parts: Buffer[] } | { known: ChunkId | null }>;
-  /** The names a server gave (kept for a later attempt). */
-  remember?(names: readonly { tag: number; id: ChunkId | null }[]): Promise<void>;
+  frame(tag: number, whole: boolean): Promise<{ parts: Buffer[] } | { known: ChunkId | null; receipt?: string }>;
+  /** The names a server gave, with their receipts (kept for a later attempt). */
+  remember?(names: readonly PushedName[]): Promise<void>;
+}
+
+/** A server's name for a pushed tag (null: zeros) and the receipt the commit carries for it. */
+export interface PushedName {
+  tag: number;
+  id: ChunkId | null;
+  receipt?: string;
 }
 
 export interface PushPagesOptions extends Pick<TransferOptions, 'endpoint' | 'streams' | 'batchSize' | 'signal' | 'onProgress' | 'renew' | 'rateLimit'> {
@@ -25,11 +33,13 @@ export interface PushPagesOptions extends Pick<TransferOptions, 'endpoint' | 'st
    * caller across attempts: a push tried again sends only the chunks not yet named.
    */
   named: Map<number, ChunkId | null>;
+  /** The push receipt of each chunk named (kept with `named`): the commit must carry them. */
+  receipts: Map<ChunkId, string>;
 }
 
 /** The server's answer to a push: validated, since the names become the laptop's manifest. */
 const PushAnswer = z.object({
-  named: z.array(z.object({ tag: z.number().int().min(0), id: z.string().refine(isChunkId, 'not a chunk ID').nullable() })).default([]),
+  named: z.array(z.object({ tag: z.number().int().min(0), id: z.string().refine(isChunkId, 'not a chunk ID').nullable(), receipt: z.string().regex(RECEIPT_RE, 'not a push receipt').optional() })).default([]),
   rejected: z.array(z.object({ tag: z.number().int().min(0).optional(), id: z.string().optional(), reason: z.string(), code: z.string().optional() })),
 });
 
@@ -70,6 +80,7 @@ export async function pushPages(opts: PushPagesOptions, shared?: TransferSession
             ahead[i] = null;
             if ('known' in got) {
               opts.named.set(batch[i]!, got.known);
+              if (got.known && got.receipt) opts.receipts.set(got.known, got.receipt);
               known++;
               continue;
             }
@@ -91,7 +102,12 @@ export async function pushPages(opts: PushPagesOptions, shared?: TransferSession
         if (fatal.length) throw new TransferFailed(`the transfer server refused ${fatal.length} changed chunks: ${fatal[0]!.reason}`);
         const inBatch = new Set(batch);
         const given = ans.named.filter((n) => inBatch.has(n.tag));
-        for (const n of given) opts.named.set(n.tag, n.id);
+        const unreceipted = given.find((n) => n.id && !n.receipt);
+        if (unreceipted) throw new TransferFailed(`the transfer server named chunk ${unreceipted.id} without a push receipt (is it older than the broker?)`);
+        for (const n of given) {
+          opts.named.set(n.tag, n.id);
+          if (n.id) opts.receipts.set(n.id, n.receipt!);
+        }
         await opts.source.remember?.(given);
         const resend = ans.rejected.map((r) => r.tag!);
         again.push(...resend);

@@ -57,6 +57,9 @@ interface Entry {
 }
 
 const MAX_PENDING_SUMMARIES = 10_000;
+/** How long a revocation pushed by the broker is kept beside the heartbeat's list (longer than any ticket lives). */
+const PUSHED_REVOCATION_MS = 3600_000;
+const MAX_PUSHED_REVOCATIONS = 100_000;
 /** How long a checkout's pushed-chunk set outlives its newest upload ticket. */
 const PUSHED_GRACE_MS = 3600_000;
 
@@ -69,6 +72,8 @@ const PUSHED_GRACE_MS = 3600_000;
 export class JobScopes {
   private readonly entries = new Map<string, Entry>();
   private revoked = new Set<string>();
+  /** Revocations the broker pushed (job → when): kept past a heartbeat answered before them. */
+  private readonly pushedRevoked = new Map<string, number>();
   private readonly pushedByCheckout = new Map<string, { ids: Set<ChunkId>; expiresAt: number }>();
   private summaries: JobSummary[] = [];
   private lastSweep = 0;
@@ -85,7 +90,7 @@ export class JobScopes {
   /** The scope of a verified ticket; refuses a revoked job's tickets. */
   get(t: TicketPayload): { scope: Promise<Scope>; counters: JobCounters } {
     this.maybeSweep();
-    if (this.revoked.has(t.jobId)) throw new TicketError('revoked', `job ${t.jobId} was ended or revoked by the broker`);
+    if (this.isRevoked(t.jobId)) throw new TicketError('revoked', `job ${t.jobId} was ended or revoked by the broker`);
     const key = `${t.manifests.join(',')}|${(t.baseManifests ?? []).join(',')}|${t.keyContext}`;
     let e = this.entries.get(t.jobId);
     if (e && e.key !== key) {
@@ -117,8 +122,26 @@ export class JobScopes {
     for (const id of this.revoked) if (this.entries.has(id)) this.evict(id, 'ended');
   }
 
+  /**
+   * Adds revocations the broker pushed the moment jobs ended. Kept for an hour whatever the
+   * heartbeat says, so a heartbeat answered just before the cancel cannot bring a ticket back.
+   */
+  addRevoked(jobIds: Iterable<string>): void {
+    const at = this.now();
+    for (const id of jobIds) {
+      this.pushedRevoked.delete(id);
+      this.pushedRevoked.set(id, at);
+      if (this.entries.has(id)) this.evict(id, 'ended');
+    }
+    // Oldest first (insertion order): the bound drops those whose tickets lapsed longest ago.
+    for (const id of this.pushedRevoked.keys()) {
+      if (this.pushedRevoked.size <= MAX_PUSHED_REVOCATIONS) break;
+      this.pushedRevoked.delete(id);
+    }
+  }
+
   isRevoked(jobId: string): boolean {
-    return this.revoked.has(jobId);
+    return this.revoked.has(jobId) || this.pushedRevoked.has(jobId);
   }
 
   /** Evicts every entry whose newest ticket has expired. */
@@ -126,6 +149,7 @@ export class JobScopes {
     this.lastSweep = this.now();
     for (const [id, e] of this.entries) if (e.expiresAt <= this.lastSweep) this.evict(id, 'expired');
     for (const [id, p] of this.pushedByCheckout) if (p.expiresAt <= this.lastSweep) this.pushedByCheckout.delete(id);
+    for (const [id, at] of this.pushedRevoked) if (at + PUSHED_REVOCATION_MS <= this.lastSweep) this.pushedRevoked.delete(id);
   }
 
   /** Summaries of jobs evicted since the last call (the heartbeat carries them to the broker). */
@@ -137,7 +161,7 @@ export class JobScopes {
 
   /** How much per-job state is held (the soak test watches these stay flat). */
   sizes(): { scopes: number; revoked: number; pendingSummaries: number; checkoutSets: number } {
-    return { scopes: this.entries.size, revoked: this.revoked.size, pendingSummaries: this.summaries.length, checkoutSets: this.pushedByCheckout.size };
+    return { scopes: this.entries.size, revoked: this.revoked.size + this.pushedRevoked.size, pendingSummaries: this.summaries.length, checkoutSets: this.pushedByCheckout.size };
   }
 
   private pushedOf(checkoutId: string): { ids: Set<ChunkId>; expiresAt: number } {

@@ -12,6 +12,8 @@ import { getBlobs, type ChunkStore } from '../store/chunk-store.js';
 import { endFrame, errorFrame, FRAME_BLOB, FRAME_DELTA, FRAME_PAGES, FrameDecoder, frameHeader, type Frame } from './frames.js';
 import { PushChecks } from './push-checks.js';
 import { JobScopes, type JobSummary } from './scopes.js';
+import { pushReceipt, receiptKey } from '../core/push-receipt.js';
+import { verifyRevocation } from '../core/revocation.js';
 
 export interface TransferServerOptions {
   id: string;
@@ -43,6 +45,8 @@ export interface TransferServer {
   stats: TransferStats;
   /** Replaces the broker's revocation list: those jobs' tickets are refused from now on. */
   setRevoked(jobIds: Iterable<string>): void;
+  /** Adds revocations (pushed by the broker as jobs end, `POST /v1/revoke`): refused from now on. */
+  addRevoked(jobIds: Iterable<string>): void;
   /** Per-job summaries of chunk access for jobs evicted since the last call (for the broker's audit). */
   drainSummaries(): JobSummary[];
   /** Evicts jobs whose tickets expired (also done on its own, at most once a second and every 30 s). */
@@ -73,6 +77,7 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
   const streams = new Map<string, number>();
   const scopes = new JobScopes(opts.store, opts.masterKey, now, (jobId) => stats.perJob.delete(jobId));
   const checks = new PushChecks();
+  const receipts = receiptKey(opts.masterKey);
   const sweeper = setInterval(() => scopes.sweep(), 30_000);
   sweeper.unref();
 
@@ -114,6 +119,15 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
   };
 
   app.get('/v1/health', async () => ({ id: opts.id, slots: opts.slots }));
+
+  // The broker pushes the jobs that just ended (a cancel, a cut-off), signed for this server: their
+  // tickets stop at once instead of at the next heartbeat.
+  app.post('/v1/revoke', async (req) => {
+    const { revocation } = parseOrInvalid(z.object({ revocation: z.string().min(1).max(8 * 1024 * 1024) }).strict(), req.body);
+    const jobIds = verifyRevocation(revocation, opts.brokerPublicKey, opts.id);
+    scopes.addRevoked(jobIds);
+    return { ok: true, revoked: jobIds.length };
+  });
 
   app.post('/v1/chunks/missing', async (req) => {
     const { scope } = await authorize(req);
@@ -205,8 +219,11 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
       stored: 0,
       duplicate: 0,
       rejected: [] as (({ id: string } | { tag: number }) & { reason: string; code: 'invalid' | 'base-missing' })[],
-      /** Pages frames, by tag: the ID of the chunk each rebuilt (null: zeros). */
-      named: [] as { tag: number; id: ChunkId | null }[],
+      /**
+       * Pages frames, by tag: the ID of the chunk each rebuilt (null: zeros) and its push receipt,
+       * which the commit must carry for the broker to accept that ID (core/push-receipt).
+       */
+      named: [] as { tag: number; id: ChunkId | null; receipt?: string }[],
     };
     const reject = (id: ChunkId, reason: string, code: 'invalid' | 'base-missing' = 'invalid') => {
       stats.blobsRejected++;
@@ -281,7 +298,7 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
       }
       js.chunksIn++;
       if (named.id && named.blob) await store(named.id, named.blob, passed.get(named.id) ?? Promise.resolve(false));
-      result.named.push({ tag: frame.tag, id: named.id });
+      result.named.push(named.id ? { tag: frame.tag, id: named.id, receipt: pushReceipt(receipts, { checkoutId: ticket.checkoutId, keyContext: ticket.keyContext, id: named.id }) } : { tag: frame.tag, id: null });
     };
     // Frames are checked (on worker threads where the host has cores to spare) and appended to
     // the store while the next ones arrive.
@@ -329,6 +346,7 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
     slots: opts.slots,
     stats,
     setRevoked: (ids) => scopes.setRevoked(ids),
+    addRevoked: (ids) => scopes.addRevoked(ids),
     drainSummaries: () => scopes.drainSummaries(),
     sweep: () => scopes.sweep(),
     retained: () => ({ ...scopes.sizes(), jobCounters: stats.perJob.size, streams: streams.size }),

@@ -110,41 +110,35 @@ test('two concurrent check-outs: exactly one wins; cancel unlocks; restart keeps
   assert.equal((await http.call('POST', `/v1/checkouts/${win.checkout.id}/cancel`, {}, aliceToken)).status, 409);
 });
 
-test('check-out → transferred → replicate → check-in (missing chunks refused) → unlock; rollback policy-gated', async () => {
+test('check-out → transferred → replicate → check-in (foreign chunks refused, no oracle; missing ones of its own listed) → unlock; rollback policy-gated', async () => {
   adminToken = await http.login(ADMIN.name, ADMIN.password);
   bobToken = await http.login('bob', 'bob-password');
   const co = await checkout(aliceToken);
   assert.equal(co.status, 201);
   const body = co.body as { checkout: { id: string }; disks: { name: string; manifest: string }[] };
   const id = body.checkout.id;
-  assert.equal((await http.call('POST', `/v1/checkouts/${id}/checkin`, { disks: body.disks }, aliceToken)).status, 409, 'not yet checked out');
+  assert.equal((await http.call('POST', `/v1/checkouts/${id}/checkin`, {}, aliceToken)).status, 409, 'not yet checked out');
   assert.equal((await http.call('POST', `/v1/checkouts/${id}/transferred`, {}, bobToken)).status, 403);
   assert.equal((await http.call('POST', `/v1/checkouts/${id}/transferred`, {}, aliceToken)).status, 200);
   assert.deepEqual((await actions(aliceToken))!.actions, ['checkin', 'replicate', 'rollback']);
 
-  const rep = await http.call('POST', `/v1/checkouts/${id}/replicate`, { disks: body.disks }, aliceToken);
+  const rep = await http.call('POST', `/v1/checkouts/${id}/replicate`, {}, aliceToken);
   assert.equal(rep.status, 200, JSON.stringify(rep.body));
   const repc = await http.call('POST', `/v1/checkouts/${id}/replicate/commit`, {}, aliceToken);
   assert.equal(repc.status, 200);
   assert.equal((repc.body.checkout as { state: string }).state, 'checked_out');
 
-  // A manifest naming a chunk the server does not have cannot be committed.
-  const { decodeManifest, encodeManifest } = await import('../../src/core/manifest.js');
-  const m = decodeManifest(Buffer.from(body.disks[0]!.manifest, 'base64'));
-  m.chunks[0] = 'f'.repeat(64);
-  const bogus = [{ name: 'disk0', manifest: encodeManifest(m).toString('base64') }];
-  assert.equal((await http.call('POST', `/v1/checkouts/${id}/checkin`, { disks: bogus }, aliceToken)).status, 200);
-  const refused = await http.call('POST', `/v1/checkouts/${id}/checkin/commit`, {}, aliceToken);
-  assert.deepEqual([refused.status, refused.body.error, (refused.body.missing as string[]).length], [409, 'missing-chunks', 1]);
-  const garbage = await http.call('POST', `/v1/checkouts/${id}/checkin`, { disks: [{ name: 'disk0', manifest: 'AAAA' }] }, aliceToken);
-  assert.deepEqual([garbage.status, garbage.body.error], [400, 'bad-manifest']);
-
-  // Changes apply only to an upload begun without manifests (the bogus one above was begun with them).
-  const mixed = await http.call('POST', `/v1/checkouts/${id}/checkin/commit`, { disks: [{ name: 'disk0', changes: [[1, m.chunks[1]]] }] }, aliceToken);
-  assert.deepEqual([mixed.status, mixed.body.error], [400, 'bad-changes']);
-  // Begun without manifests, the commit carries the changes (chunk index → ID the transfer server named).
+  // The begin carries no manifests any more (the transfer server names the chunks).
+  const withManifests = await http.call('POST', `/v1/checkouts/${id}/checkin`, { disks: body.disks }, aliceToken);
+  assert.deepEqual([withManifests.status, withManifests.body.error], [400, 'invalid']);
+  // The commit carries the changes (chunk index → ID the transfer server named) and their push receipts.
+  const { decodeManifest } = await import('../../src/core/manifest.js');
   assert.equal((await http.call('POST', `/v1/checkouts/${id}/checkin`, {}, aliceToken)).status, 200);
-  const commitWith = (disks: unknown) => http.call('POST', `/v1/checkouts/${id}/checkin/commit`, { disks }, aliceToken);
+  // Receipts travel inline: [index, id, receipt].
+  const inline = (disks: unknown, receipts?: Record<string, string>) => receipts
+    ? (disks as { name: string; changes: [number, string][] }[]).map((d) => ({ ...d, changes: d.changes.map(([i, c]) => (receipts[c] ? [i, c, receipts[c]] : [i, c])) }))
+    : disks;
+  const commitWith = (disks: unknown, receipts?: Record<string, string>) => http.call('POST', `/v1/checkouts/${id}/checkin/commit`, { disks: inline(disks, receipts) }, aliceToken);
   const original = decodeManifest(Buffer.from(body.disks[0]!.manifest, 'base64'));
   const [a, b] = [original.chunks[0]!, original.chunks[1]!];
   for (const [bad, code] of [
@@ -154,12 +148,36 @@ test('check-out → transferred → replicate → check-in (missing chunks refus
     [[{ name: 'disk0', changes: [[0, a]] }, { name: 'disk0', changes: [[1, b]] }], 'bad-changes'],
     [[{ name: 'disk0', changes: [[-1, a]] }], 'invalid'],
     [[{ name: 'disk0', changes: [[0, 'not-an-id']] }], 'invalid'],
+    [[{ name: 'disk0', changes: [[0, a, 'not-a-receipt']] }], 'invalid'],
+    [[{ name: 'disk0', changes: [[0, a, 'A'.repeat(22), 'A'.repeat(22)]] }], 'invalid'],
   ] as const) {
     const r = await commitWith(bad);
     assert.deepEqual([r.status, r.body.error], [400, code], JSON.stringify(bad));
   }
-  const unknown = await commitWith([{ name: 'disk0', changes: [[0, 'f'.repeat(64)]] }]);
-  assert.deepEqual([unknown.status, unknown.body.error], [409, 'missing-chunks']);
+
+  // Another desktop's chunk (in the store) and a chunk nobody has: refused alike, without a receipt
+  // and with a forged or another check-out's one; the answer does not tell which exists.
+  const { sealChunk } = await import('../../src/core/blob.js');
+  const { generateLineageKeys } = await import('../../src/core/keys.js');
+  const { pushReceipt, receiptKey } = await import('../../src/core/push-receipt.js');
+  const theirs = sealChunk(generateLineageKeys(), Buffer.alloc(256 * 1024, 7));
+  assert.equal(await broker.ctx.store.put(theirs.id, theirs.blob), true);
+  const nobody = 'f'.repeat(64);
+  const lineage = (await broker.ctx.meta.getDesktop(desktopId))!.lineageId;
+  const receipt = (checkoutId: string, chunk: string) => pushReceipt(receiptKey(broker.ctx.secrets.masterKey), { checkoutId, keyContext: `lineage:${lineage}`, id: chunk });
+  const answers: string[] = [];
+  for (const chunk of [theirs.id, nobody]) {
+    for (const receipts of [undefined, { [chunk]: receipt('another-checkout', chunk) }, { [chunk]: Buffer.alloc(16, 1).toString('base64url') }]) {
+      const r = await commitWith([{ name: 'disk0', changes: [[0, chunk]] }], receipts);
+      assert.deepEqual([r.status, r.body.error], [400, 'bad-changes'], JSON.stringify(r.body));
+      answers.push(JSON.stringify(r.body).replace(chunk, 'ID'));
+    }
+  }
+  assert.equal(new Set(answers).size, 1, `one answer whether the chunk exists or not: ${answers.join(' | ')}`);
+  // With this check-out's receipt, a chunk the store lacks is listed (it pushed it: swept since).
+  const unknown = await commitWith([{ name: 'disk0', changes: [[0, nobody]] }], { [nobody]: receipt(id, nobody) });
+  assert.deepEqual([unknown.status, unknown.body.error, unknown.body.missing], [409, 'missing-chunks', [nobody]]);
+  // The checkpoint's own chunks need no receipt, wherever they move.
   const done = await commitWith([{ name: 'disk0', changes: [[0, b], [1, a], [2, null]] }]);
   assert.equal(done.status, 200, JSON.stringify(done.body));
   const made = (await broker.ctx.meta.getSnapshot(done.body.snapshotId as string))!;
@@ -167,6 +185,19 @@ test('check-out → transferred → replicate → check-in (missing chunks refus
   assert.deepEqual(committed.chunks, [b, a, null, ...original.chunks.slice(3)]);
   assert.equal((done.body.checkout as { state: string }).state, 'checked_in');
   assert.deepEqual((await actions(aliceToken))!.actions, ['checkout']);
+  // The next check-out's manifests (all its ticket lets it fetch) name neither.
+  const next = (await checkout(aliceToken)).body as { checkout: { id: string }; disks: { manifest: string }[]; job: { transfer?: { url: string; fingerprint: string; ticket: string } } };
+  assert.ok(!decodeManifest(Buffer.from(next.disks[0]!.manifest, 'base64')).chunks.some((c) => c === theirs.id || c === nobody));
+  const { request } = await import('undici');
+  const { pinnedAgent } = await import('../../src/net/pinned-agent.js');
+  const { FrameDecoder, FRAME_ERROR } = await import('../../src/transfer/frames.js');
+  const t = next.job.transfer!;
+  const agent = pinnedAgent(t.fingerprint);
+  const fetched = await request(`${t.url}/v1/chunks/fetch`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${t.ticket}`, 'content-type': 'application/json' }, body: JSON.stringify({ ids: [theirs.id] }) });
+  const frames = new FrameDecoder().push(Buffer.from(await fetched.body.arrayBuffer()));
+  await agent.close();
+  assert.deepEqual(frames.filter((f) => 'id' in f && f.id === theirs.id).map((f) => f.type), [FRAME_ERROR], 'its ticket does not fetch the other desktop\'s chunk');
+  assert.equal((await http.call('POST', `/v1/checkouts/${next.checkout.id}/cancel`, {}, aliceToken)).status, 200);
 
   // Rollback: forbidden by user policy, then allowed; force-unlock by admin.
   const co2 = await checkout(aliceToken);
@@ -177,10 +208,36 @@ test('check-out → transferred → replicate → check-in (missing chunks refus
   await http.call('PUT', '/v1/admin/policies/user/alice', {}, adminToken);
   assert.equal(((await http.call('POST', `/v1/checkouts/${id2}/rollback`, {}, aliceToken)).body.checkout as { state: string }).state, 'rolled_back');
   const co3 = await checkout(aliceToken);
-  const fu = await http.call('POST', `/v1/admin/checkouts/${(co3.body.checkout as { id: string }).id}/force-unlock`, {}, adminToken);
+  const id3 = (co3.body.checkout as { id: string }).id;
+  const early = await http.call('POST', `/v1/checkouts/${id3}/handback`, {}, aliceToken);
+  assert.deepEqual([early.status, early.body.error], [409, 'wrong-state'], 'only an ended check-out is handed back');
+  const fu = await http.call('POST', `/v1/admin/checkouts/${id3}/force-unlock`, {}, adminToken);
   assert.equal(fu.status, 200);
+
+  // Hand-back after a force-unlock: the holder uploads the work as a restore point (receipts as for a check-in), never current.
+  const current = (await broker.ctx.meta.getDesktop(desktopId))!.currentSnapshot;
+  const outcome = await http.call('GET', `/v1/checkouts/${id3}`, undefined, aliceToken);
+  assert.deepEqual([outcome.status, (outcome.body.checkout as { state: string }).state, outcome.body.committed, outcome.body.handedBack], [200, 'cancelled', null, null]);
+  assert.equal((await http.call('GET', `/v1/checkouts/${id3}`, undefined, bobToken)).status, 403);
+  assert.equal((await http.call('POST', `/v1/checkouts/${id3}/handback`, {}, bobToken)).status, 403);
+  assert.equal((await http.call('POST', `/v1/checkouts/${id3}/handback`, {}, aliceToken)).status, 200);
+  const handBack = (disks: unknown, receipts?: Record<string, string>) => http.call('POST', `/v1/checkouts/${id3}/handback/commit`, { disks: inline(disks, receipts) }, aliceToken);
+  const foreign = await handBack([{ name: 'disk0', changes: [[0, theirs.id]] }], { [theirs.id]: receipt(id, theirs.id) });
+  assert.deepEqual([foreign.status, foreign.body.error], [400, 'bad-changes'], 'another check-out\'s receipt does not do');
+  // What the transfer server stored for this check-out (the broker checks receipts; the server checked the bytes).
+  const mine = sealChunk(generateLineageKeys(), Buffer.alloc(256 * 1024, 9));
+  await broker.ctx.store.put(mine.id, mine.blob);
+  const handed = await handBack([{ name: 'disk0', changes: [[3, mine.id]] }], { [mine.id]: receipt(id3, mine.id) });
+  assert.equal(handed.status, 200, JSON.stringify(handed.body));
+  const point = (await broker.ctx.meta.getSnapshot(handed.body.snapshotId as string))!;
+  assert.equal(point.kind, 'handback');
+  assert.equal((await broker.ctx.meta.getDesktop(desktopId))!.currentSnapshot, current, 'not the current version');
+  assert.equal(decodeManifest((await broker.ctx.store.getManifest(point.disks[0]!.digest))!).chunks[3], mine.id);
+  const twice = await http.call('POST', `/v1/checkouts/${id3}/handback`, {}, aliceToken);
+  assert.deepEqual([twice.status, twice.body.error, twice.body.snapshotId], [409, 'already-handed-back', point.id]);
+  assert.equal(((await http.call('GET', `/v1/checkouts/${id3}`, undefined, aliceToken)).body.handedBack as { snapshotId: string }).snapshotId, point.id);
   const resolved = await http.call('GET', '/v1/admin/policies/resolve?user=alice&desktop=win11', undefined, adminToken);
   assert.deepEqual((resolved.body.policy as Record<string, unknown>).checkoutAllowed, { value: true, source: 'default' });
   const events = (await http.call('GET', '/v1/admin/events?limit=10000', undefined, adminToken)).body.events as { action: string }[];
-  for (const a of ['validate', 'lock', 'snapshot', 'transfer-start', 'transfer-end', 'unlock', 'force-unlock']) assert.ok(events.some((e) => e.action === a), `event ${a}`);
+  for (const a of ['validate', 'lock', 'snapshot', 'transfer-start', 'transfer-end', 'unlock', 'force-unlock', 'handback']) assert.ok(events.some((e) => e.action === a), `event ${a}`);
 });

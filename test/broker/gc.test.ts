@@ -8,8 +8,10 @@ import { GetObjectCommand, ListObjectsV2Command, PutObjectCommand, S3Client } fr
 import { freshBucket, swiftStoreUrl, testSwift, type SwiftEndpoint } from '../support/swift.js';
 import { sealChunk } from '../../src/core/blob.js';
 import { unwrapLineageKeys, type LineageKeys } from '../../src/core/keys.js';
-import { createManifest, decodeManifest, encodeManifest, referencedChunks } from '../../src/core/manifest.js';
+import { decodeManifest, referencedChunks } from '../../src/core/manifest.js';
 import { beginUpload, checkOut, commitUpload, markTransferred } from '../../src/broker/checkouts.js';
+import { HttpError } from '../../src/broker/http.js';
+import { pushReceipt, receiptKey } from '../../src/core/push-receipt.js';
 import { collectGarbage } from '../../src/broker/gc/collect.js';
 import { applyRetention } from '../../src/broker/gc/retention.js';
 import { verifyStore } from '../../src/broker/gc/verify.js';
@@ -89,33 +91,44 @@ async function currentChunks(name: string): Promise<(string | null)[]> {
   return decodeManifest((await ctx.store.getManifest(snap.disks[0]!.digest))!).chunks;
 }
 
-/**
- * What a laptop does for a check-in, without the laptop: check out, change `edit` chunks (new
- * random content, or given IDs already in the store), record the manifest, ask which blobs the
- * server lacks, push those, commit. `between` runs after the server answered `missing`.
- */
-/** Blobs the simulated laptop holds (it pushes any of them the server lacks). */
+/** Blobs the simulated laptop holds (it pushes any of them the commit finds missing again). */
 const laptop = new Map<string, Buffer>();
 
+/**
+ * What a laptop and its transfer server do for a check-in, without either: check out, change
+ * `edit` chunks (new random content, or given IDs of chunks the laptop holds), store each as the
+ * server would (a copy it has is kept once) with its push receipt, commit; a commit that finds
+ * chunks swept meanwhile (`missing-chunks`) pushes those again, once. `between` runs before the commit.
+ */
 async function cycle(name: string, keys: LineageKeys, edit: Record<number, string | 'new'>, between?: () => Promise<void>) {
   const co = await checkOut(ctx, 'alice', name, { deviceId, host: HOST });
   await markTransferred(ctx, 'alice', co.checkout.id);
-  const chunks = await currentChunks(name);
-  const blobs = laptop;
+  const changes: [number, string][] = [];
   for (const [i, v] of Object.entries(edit)) {
     if (v === 'new') {
       const s = sealChunk(keys, randomBytes(CHUNK));
-      blobs.set(s.id, s.blob);
-      chunks[Number(i)] = s.id;
-    } else chunks[Number(i)] = v;
+      laptop.set(s.id, s.blob);
+      changes.push([Number(i), s.id]);
+    } else changes.push([Number(i), v]);
   }
-  const m = createManifest(CHUNK, chunks.length * CHUNK, chunks);
-  await beginUpload(ctx, 'alice', co.checkout.id, 'checkin', [{ name: 'disk0', manifest: encodeManifest(m).toString('base64') }]);
-  const lacking = await ctx.store.missing(chunks.filter((c): c is string => c !== null));
+  await beginUpload(ctx, 'alice', co.checkout.id, 'checkin');
+  const push = async (ids: string[]) => {
+    for (const id of ids) await ctx.store.put(id, laptop.get(id)!, { defer: true });
+    await ctx.store.sync();
+  };
+  const lineage = (await ctx.meta.getDesktop(name))!.lineageId;
+  const key = receiptKey(ctx.secrets.masterKey);
+  const receipts = Object.fromEntries(changes.map(([, id]) => [id, pushReceipt(key, { checkoutId: co.checkout.id, keyContext: `lineage:${lineage}`, id })]));
+  await push(changes.map(([, id]) => id));
   await between?.();
-  for (const id of lacking) await ctx.store.put(id, blobs.get(id)!, { defer: true });
-  await ctx.store.sync();
-  return commitUpload(ctx, 'alice', co.checkout.id, 'checkin');
+  const commit = () => commitUpload(ctx, 'alice', co.checkout.id, 'checkin', [{ name: 'disk0', changes }], receipts);
+  try {
+    return await commit();
+  } catch (err) {
+    if (!(err instanceof HttpError) || err.code !== 'missing-chunks') throw err;
+    await push(err.extra.missing as string[]);
+    return await commit();
+  }
 }
 
 test('retention keeps the last N, young replicas and pinned snapshots', () => {
@@ -184,13 +197,14 @@ for (const kind of ['pack', 's3'] as const) {
       const original = await currentChunks('race');
       const old0 = original[0]!;
       const old4 = original[4]!;
+      laptop.set(old4, (await ctx.store.get(old4))!);
       // Push the import (the only snapshot naming old0 and old4) out of keepLast = 2.
       for (let i = 0; i < 3; i++) await cycle('race', d.keys, { 0: 'new', 4: 'new' });
       assert.ok(!(await currentChunks('race')).includes(old0));
       const gcNow = () => collectGarbage(ctx.meta, ctx.store, { keepLast: 2, keepReplicaDays: 0, graceMs: 0, compactThreshold: 0.01 });
 
-      // 0. A check-in was told old4 is present (so the laptop will not send it), then GC runs before
-      //    the commit: the check-in's recorded manifest keeps old4 alive, and the commit succeeds.
+      // 0. A check-in reverts chunk 4 to old4 (the server keeps its one copy), then GC runs before
+      //    the commit and sweeps it (no grace here): the commit says so, the laptop sends it again.
       await cycle('race', d.keys, { 4: old4 }, async () => {
         await new Promise((r) => setTimeout(r, 5));
         const r = await gcNow();
@@ -199,7 +213,7 @@ for (const kind of ['pack', 's3'] as const) {
       assert.ok((await ctx.store.get(old4)) !== null);
 
       // 1. A check-in starts after GC has marked: it reverts chunk 0 to prev0, which no kept snapshot
-      //    names any more (deduplicated: the laptop sends nothing), and commits while GC sweeps.
+      //    names any more, and commits while GC sweeps.
       const prev0 = (await currentChunks('race'))[0]!;
       for (let i = 0; i < 2; i++) await cycle('race', d.keys, { 0: 'new' });
       const store = ctx.store as CollectableStore;

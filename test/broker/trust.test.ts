@@ -118,17 +118,17 @@ test('item 3: requireOnlineReauth: check-in and rollback need a recent password 
   const stale = issueToken(broker.ctx.secrets.tokenKey, { sub: 'alice', role: 'user', exp: now + 3600, iat: now - 3 * 3600 });
   const elsewhere = issueToken(broker.ctx.secrets.tokenKey, { sub: 'alice', role: 'user', exp: now + 3600, iat: now, dev: 'another-device' });
   for (const token of [stale, elsewhere]) {
-    for (const [path, body] of [['checkin', { disks: co.disks }], ['replicate', { disks: co.disks }], ['rollback', {}]] as const) {
+    for (const [path, body] of [['checkin', {}], ['replicate', {}], ['rollback', {}]] as const) {
       const r = await http.call('POST', `/v1/checkouts/${co.checkout.id}/${path}`, body, token);
       assert.deepEqual([r.status, r.body.error], [403, 'reauth-required'], `${path}: ${JSON.stringify(r.body)}`);
     }
   }
   // With the policy off, the same stale session may; a fresh login always may.
   await http.call('PUT', '/v1/admin/policies/user/alice', { requireOnlineReauth: false }, admin);
-  assert.equal((await http.call('POST', `/v1/checkouts/${co.checkout.id}/replicate`, { disks: co.disks }, stale)).status, 200);
+  assert.equal((await http.call('POST', `/v1/checkouts/${co.checkout.id}/replicate`, {}, stale)).status, 200);
   await http.call('PUT', '/v1/admin/policies/user/alice', {}, admin);
   alice = await http.login('alice', 'alice-password', dev.id);
-  assert.equal((await http.call('POST', `/v1/checkouts/${co.checkout.id}/replicate`, { disks: co.disks }, alice)).status, 200);
+  assert.equal((await http.call('POST', `/v1/checkouts/${co.checkout.id}/replicate`, {}, alice)).status, 200);
 });
 
 test('item 3: disable, un-entitle and revoke cut off leases (agent too), tickets and logins at once, and lock at the next heartbeat', async () => {
@@ -153,7 +153,7 @@ test('item 3: disable, un-entitle and revoke cut off leases (agent too), tickets
   alice = await http.login('alice', 'alice-password', dev.id);
 
   // (b) Entitlement removed: an upload in flight loses its ticket, no lease, lock at the heartbeat.
-  const up = (await http.call('POST', `/v1/checkouts/${held.id}/checkin`, { disks: (await checkoutDisks()) }, alice)).body as { job: Job };
+  const up = (await http.call('POST', `/v1/checkouts/${held.id}/checkin`, {}, alice)).body as { job: Job };
   assert.equal((await ticketWorks(up.job)).status, 200);
   assert.equal((await beat()).commands.length, 0);
   await http.call('DELETE', `/v1/admin/entitlements/${aliceEntitlement}`, undefined, admin);
@@ -189,9 +189,3 @@ test('item 3: disable, un-entitle and revoke cut off leases (agent too), tickets
   assert.ok(ev.some((e) => e.action === 'device-revoke' && e.actor === ADMIN.name));
   assert.ok(ev.some((e) => e.action === 'lease-renew' && e.actor === `device:${dev.id}` && e.outcome === 'ok'), 'agent lease renewal audited');
 });
-
-async function checkoutDisks(): Promise<{ name: string; manifest: string }[]> {
-  const c = (await broker.ctx.meta.activeCheckout(desktopId))!;
-  const snap = (await broker.ctx.meta.getSnapshot(c.checkpointSnapshot))!;
-  return Promise.all(snap.disks.map(async (d) => ({ name: d.name, manifest: (await broker.ctx.store.getManifest(d.digest))!.toString('base64') })));
-}

@@ -172,6 +172,90 @@ test('a check-in cut off part-way and run again sends only the chunks the server
   assert.ok((await serverDisk('win11')).equals(laptopDisk), 'server snapshot re-assembles byte-identical');
 });
 
+test('a check-in whose commit was applied and its answer lost: the rerun recognises the snapshot and finishes as a check-in; with later writes it keeps them for a hand-back', async () => {
+  const home = join(broker.dir, 'laptop');
+  await checkout(env(home), 'win11');
+  await writeDesktop(env(home), 'win11', [{ offset: 5 * CHUNK + 4096, data: randomBytes(8192) }, { offset: 30 * CHUNK, data: randomBytes(CHUNK) }]);
+  const laptopDisk = await readDesktop(env(home), 'win11');
+  // The broker applies the commit, then fails before answering (as a kill -9 of the laptop would lose the answer).
+  const scheduler = broker.ctx.scheduler;
+  const finish = scheduler.finish.bind(scheduler);
+  let dropped = false;
+  scheduler.finish = async (jobId, outcome) => {
+    if (outcome === 'done' && !dropped) {
+      dropped = true;
+      throw new Error('answer lost');
+    }
+    return finish(jobId, outcome);
+  };
+  try {
+    await assert.rejects(upload(env(home), 'win11', 'checkin'));
+  } finally {
+    scheduler.finish = finish;
+  }
+  assert.ok(dropped);
+  const committed = (await broker.ctx.meta.getDesktop('win11'))!.currentSnapshot!;
+  assert.equal((await status(env(home), 'win11'))[0]!.desktop, 'win11', 'the laptop still holds its copy');
+  logs.length = 0;
+  const again = await upload(env(home), 'win11', 'checkin');
+  assert.equal(again.snapshotId, committed, 'the snapshot the lost commit made');
+  assert.equal(again.chunksSent, 0);
+  assert.ok(logs.some((l) => /checked in win11: .*answer was lost/.test(l)), logs.join('\n'));
+  assert.deepEqual(await status(env(home)), [], 'released as a check-in would');
+  assert.ok((await serverDisk('win11')).equals(laptopDisk), 'server snapshot re-assembles byte-identical');
+
+  // Lost again, but the desktop was written after the commit: not the same; the work is kept and can be handed back.
+  await checkout(env(home), 'win11');
+  await writeDesktop(env(home), 'win11', [{ offset: 7 * CHUNK, data: randomBytes(4096) }]);
+  dropped = false;
+  scheduler.finish = async (jobId, outcome) => {
+    if (outcome === 'done' && !dropped) {
+      dropped = true;
+      throw new Error('answer lost');
+    }
+    return finish(jobId, outcome);
+  };
+  try {
+    await assert.rejects(upload(env(home), 'win11', 'checkin'));
+  } finally {
+    scheduler.finish = finish;
+  }
+  await writeDesktop(env(home), 'win11', [{ offset: 8 * CHUNK, data: randomBytes(4096) }]);
+  const later = await readDesktop(env(home), 'win11');
+  await assert.rejects(upload(env(home), 'win11', 'checkin'), (e: CarryonError) => e.code === 'checkout-gone' && /checked in as .*changes that snapshot lacks.*carryon handback win11/.test(e.message));
+  assert.equal((await status(env(home), 'win11'))[0]!.desktop, 'win11', 'the later work is kept');
+  const back = await upload(env(home), 'win11', 'handback');
+  const points = (await http.call('GET', '/v1/desktops/win11/restore-points', undefined, admin)).body.restorePoints as { id: string; kind: string; current: boolean }[];
+  assert.deepEqual(points.filter((p) => p.id === back.snapshotId).map((p) => [p.kind, p.current]), [['handback', false]]);
+  assert.ok(!(await serverDisk('win11')).equals(later), 'the current version is the check-in, not the later work');
+});
+
+test('after a force-unlock, check-in keeps the work and offers hand-back: a restore point (not current), audited, that an admin makes current', async () => {
+  const home = join(broker.dir, 'laptop');
+  await checkout(env(home), 'win11');
+  await writeDesktop(env(home), 'win11', [{ offset: 12 * CHUNK + 4096, data: randomBytes(4096) }]);
+  const laptopDisk = await readDesktop(env(home), 'win11');
+  const before = await serverDisk('win11');
+  const held = (await http.call('GET', '/v1/admin/checkouts', undefined, admin)).body.checkouts as { id: string }[];
+  for (const c of held) assert.equal((await http.call('POST', `/v1/admin/checkouts/${c.id}/force-unlock`, {}, admin)).status, 200);
+  await assert.rejects(upload(env(home), 'win11', 'checkin'), (e: CarryonError) => e.code === 'checkout-gone' && /carryon handback win11/.test(e.message) && /export/.test(e.message));
+  assert.equal((await status(env(home), 'win11'))[0]!.desktop, 'win11', 'the work is kept');
+
+  const back = await upload(env(home), 'win11', 'handback');
+  assert.deepEqual(await status(env(home)), [], 'the local copy goes once the work is on the server');
+  assert.ok((await serverDisk('win11')).equals(before), 'the current version is unchanged');
+  const points = (await http.call('GET', '/v1/desktops/win11/restore-points', undefined, admin)).body.restorePoints as { id: string; kind: string; current: boolean }[];
+  assert.deepEqual(points.filter((p) => p.id === back.snapshotId).map((p) => [p.kind, p.current]), [['handback', false]]);
+  assert.ok((await broker.ctx.meta.listEvents({ limit: 10_000 })).some((e) => e.action === 'handback' && e.outcome === 'ok' && e.detail?.includes(back.snapshotId)));
+  // Once per check-out.
+  const alice = await http.login('alice', 'alice-password');
+  const again = await http.call('POST', `/v1/checkouts/${held[0]!.id}/handback`, {}, alice);
+  assert.deepEqual([again.status, again.body.error, again.body.snapshotId], [409, 'already-handed-back', back.snapshotId]);
+  const r = await http.call('POST', '/v1/desktops/win11/restore', { snapshotId: back.snapshotId, reason: 'work handed back after a force-unlock' }, admin);
+  assert.equal(r.status, 200, JSON.stringify(r.body));
+  assert.ok((await serverDisk('win11')).equals(laptopDisk), 'restored: the handed-back work is current');
+});
+
 test('zeroes written and ranges discarded by the guest come back on check-in (the top holds them as zero clusters, not data)', async () => {
   const home = join(broker.dir, 'laptop');
   const before = await serverDisk('ubuntu');

@@ -6,6 +6,9 @@ import { startStandaloneTransfer } from '../../src/transfer/standalone.js';
 import type { TransferServer } from '../../src/transfer/server.js';
 import { request } from 'undici';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
+import { pushRevocations } from '../../src/broker/transfers/revoke-push.js';
+import { signRevocation } from '../../src/core/revocation.js';
+import { generateSigningKey } from '../../src/core/signing.js';
 import { enrolDevice, HOST } from '../broker/trust-helpers.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, transferStore, type Api, type TestBroker } from '../broker/harness.js';
 
@@ -46,7 +49,7 @@ test('a standalone transfer server registers with the broker and serves a check-
   assert.ok(ts.stats.bytesOut >= res.bytesMoved, 'the bytes came from the standalone server');
 });
 
-test('a standalone transfer server learns revocations at its heartbeat and reports per-job chunk access', async () => {
+test('a cancel revokes the ticket on a standalone transfer server at once (pushed, signed for it); forged pushes are refused; per-job chunk access is reported', async () => {
   const admin = await http.login(ADMIN.name, ADMIN.password);
   for (const c of await broker.ctx.meta.listCheckouts({ activeOnly: true })) await http.call('POST', `/v1/admin/checkouts/${c.id}/force-unlock`, {}, admin);
   const alice = await http.login('alice', 'alice-password');
@@ -62,9 +65,31 @@ test('a standalone transfer server learns revocations at its heartbeat and repor
   try {
     assert.deepEqual(await ask(), [200, undefined]);
     assert.equal((await http.call('POST', `/v1/checkouts/${(co.body.checkout as { id: string }).id}/cancel`, {}, alice)).status, 200);
-    // Stateless: until its next heartbeat the server has not heard (at most one interval, 5 s by default).
+    // No heartbeat in between: the broker pushed the revocation before it answered the cancel.
+    assert.deepEqual(await ask(), [403, 'ticket-revoked']);
+    const fetch = await request(`${job.transfer.url}/v1/chunks/fetch`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${job.transfer.ticket}`, 'content-type': 'application/json' }, body: '{"ids":[]}' });
+    assert.deepEqual([fetch.statusCode, ((await fetch.body.json()) as { error?: string }).error], [403, 'ticket-revoked']);
+    // A heartbeat answered before the cancel cannot bring the ticket back; the next one keeps it revoked.
+    ts.setRevoked([]);
+    assert.deepEqual(await ask(), [403, 'ticket-revoked']);
     await ts.heartbeat();
     assert.deepEqual(await ask(), [403, 'ticket-revoked']);
+
+    // Only the broker's signature, for this server, revokes.
+    const revoke = async (revocation: string) => {
+      const r = await request(`${job.transfer.url}/v1/revoke`, { method: 'POST', dispatcher: agent, headers: { 'content-type': 'application/json' }, body: JSON.stringify({ revocation }) });
+      return [r.statusCode, ((await r.body.json()) as { error?: string }).error];
+    };
+    const payload = { v: 1 as const, kind: 'revoke' as const, serverId: 'ts-remote', jobIds: ['some-job'], issuedAt: new Date().toISOString() };
+    assert.deepEqual(await revoke(signRevocation(payload, generateSigningKey().privateKey)), [401, 'bad-revocation']);
+    assert.deepEqual(await revoke(signRevocation({ ...payload, serverId: 'elsewhere' }, broker.ctx.secrets.signing.privateKey)), [401, 'bad-revocation']);
+    assert.deepEqual(await revoke('garbage'), [401, 'bad-revocation']);
+    assert.deepEqual(await revoke(signRevocation(payload, broker.ctx.secrets.signing.privateKey)), [200, undefined]);
+    // An unreachable server is skipped quickly (it learns the list at its next heartbeat).
+    const t0 = Date.now();
+    const dead = await pushRevocations([{ id: 'gone', url: 'https://127.0.0.1:9', fingerprint: 'a'.repeat(64) }], ['x'], broker.ctx.secrets.signing.privateKey, 500);
+    assert.deepEqual(dead, { reached: [], missed: ['gone'] });
+    assert.ok(Date.now() - t0 < 3000);
   } finally {
     await agent.close();
   }

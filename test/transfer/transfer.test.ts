@@ -11,6 +11,7 @@ import { SqliteSql } from '../../src/store/sql/sqlite-driver.js';
 import type { JobView } from '../../src/broker/transfers/types.js';
 import { openBlob, sealChunk } from '../../src/core/blob.js';
 import { computeChunkId } from '../../src/core/chunk-id.js';
+import { receiptHolds, receiptKey } from '../../src/core/push-receipt.js';
 import { sealPages } from '../../src/core/delta.js';
 import { generateLineageKeys } from '../../src/core/keys.js';
 import { createManifest, encodeManifest, manifestDigest } from '../../src/core/manifest.js';
@@ -198,8 +199,9 @@ test('check-in pages: the server rebuilds and names each chunk; a base outside t
   const t = signTicket({ v: 1, jobId: 'job-p', desktopId: 'd', checkoutId: 'c-p', direction: 'upload', manifests: [desk.digest], baseManifests: [desk.digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 2, expiresAt: new Date(Date.now() + 600_000).toISOString() }, broker.privateKey);
   const endpoint = { url: s.url, fingerprint: s.fingerprint, ticket: t, maxStreams: 2 };
   const named = new Map<number, string | null>();
+  const receipts = new Map<string, string>();
   const before = s.stats.bytesIn;
-  const res = await pushPages({ endpoint, count: items.length, source: source(), named });
+  const res = await pushPages({ endpoint, count: items.length, source: source(), named, receipts });
   assert.equal(res.chunksMoved, 4);
   assert.deepEqual(sentWhole, [1], 'only the chunk whose base the server may not use went whole');
   const onWire = s.stats.bytesIn - before;
@@ -210,11 +212,16 @@ test('check-in pages: the server rebuilds and names each chunk; a base outside t
     const id = named.get(tag)!;
     assert.equal(id, computeChunkId(keys.idKey, items[tag]!.next));
     assert.ok(openBlob(keys, id, (await desk.store.get(id))!).equals(items[tag]!.next), 'stored, sealed and verifiable');
+    // Each name comes with a receipt binding this check-out and lineage (the broker's key, derived from the same master key).
+    const subject = { checkoutId: 'c-p', keyContext: wrapped(master, keys).keyContext, id };
+    assert.ok(receiptHolds(receiptKey(master), subject, receipts.get(id)), 'a valid push receipt for this check-out');
+    assert.ok(!receiptHolds(receiptKey(master), { ...subject, checkoutId: 'c-other' }, receipts.get(id)), 'not for another check-out');
+    assert.ok(!receiptHolds(receiptKey(randomBytes(32)), subject, receipts.get(id)), 'not under another master key');
   }
   // Named chunks are not sent again; a forged frame is refused with the reason, and nothing is named.
-  await pushPages({ endpoint, count: items.length, source: source(true), named });
+  await pushPages({ endpoint, count: items.length, source: source(true), named, receipts });
   const none = new Map<number, string | null>();
-  await assert.rejects(pushPages({ endpoint, count: items.length, source: source(true), named: none }), /refused .*GCM tag does not verify/);
+  await assert.rejects(pushPages({ endpoint, count: items.length, source: source(true), named: none, receipts: new Map() }), /refused .*GCM tag does not verify/);
   assert.equal(none.size, 0);
 });
 

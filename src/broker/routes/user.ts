@@ -2,9 +2,11 @@ import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
 import { PACKAGE_VERSION } from '../version.js';
 import { isChunkId } from '../../core/chunk-id.js';
+import { RECEIPT_RE } from '../../core/push-receipt.js';
 import { publicKeyFromBase64, publicKeyToBase64 } from '../../core/signing.js';
-import { allowedActions, beginUpload, cancel, checkOut, checkoutView, commitUpload, issueLease, markTransferred, rollback } from '../checkouts.js';
+import { allowedActions, beginUpload, cancel, checkOut, checkoutView, commitUpload, issueLease, markTransferred, rollback, type DiskChanges } from '../checkouts.js';
 import type { BrokerContext } from '../context.js';
+import { beginHandback, checkoutOutcome, commitHandback } from '../handback.js';
 import type { DesktopRow } from '../../store/metadata.js';
 import { authenticate, DirectoryUnavailableError } from '../directory.js';
 import { HttpError, parse, requireUser } from '../http.js';
@@ -20,15 +22,30 @@ const Host = z.object({
 });
 const Id = z.object({ id: z.string().min(1).max(200) });
 const DiskName = z.string().min(1).max(64);
-/** Begin: the new manifests, or nothing (the transfer server names the chunks; the commit carries the changes). */
-const Disks = z.object({ disks: z.array(z.object({ name: DiskName, manifest: z.string().min(1) })).min(1).max(16).optional() }).strict();
-/** Commit: per disk, chunk index → new ID (null: a hole). */
+/** Begin: nothing (the transfer server names the chunks; the commit carries the changes). */
+const Begin = z.object({}).strict();
+/**
+ * Commit: per disk, chunk index → new ID (null: a hole) and, for a new chunk, the push receipt its
+ * transfer server gave: `[index, id, receipt?]` (inline, so the ID is not sent twice).
+ */
+const Change = z.tuple([z.number().int().min(0).max(2 ** 31), z.string().refine(isChunkId, 'not a chunk ID').nullable()], z.string().regex(RECEIPT_RE, 'not a push receipt'))
+  .refine((c) => c.length <= 3, 'a change is [index, id, receipt?]');
 const Changes = z.object({
-  disks: z.array(z.object({
-    name: DiskName,
-    changes: z.array(z.tuple([z.number().int().min(0).max(2 ** 31), z.string().refine(isChunkId, 'not a chunk ID').nullable()])).max(1 << 20),
-  }).strict()).max(16).optional(),
+  disks: z.array(z.object({ name: DiskName, changes: z.array(Change).max(1 << 20) }).strict()).max(16).optional(),
 }).strict();
+
+/** The commit's changes as the broker applies them, and the receipts they carried, by chunk ID. */
+function withReceipts(disks: z.infer<typeof Changes>['disks'] = []): { changes: DiskChanges[]; receipts: Record<string, string> } {
+  const receipts: Record<string, string> = {};
+  const changes = disks.map((d) => ({
+    name: d.name,
+    changes: d.changes.map(([index, id, receipt]): [number, string | null] => {
+      if (id && receipt) receipts[id] = receipt;
+      return [index, id];
+    }),
+  }));
+  return { changes, receipts };
+}
 
 /** Routes for users and their laptops: login, enrolment, desktops, check-out life cycle. */
 export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
@@ -130,10 +147,29 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
       const claims = await requireUser(ctx, req);
       const { id } = parse(Id, req.params);
       await requireFreshLogin(ctx, claims, id, kind);
-      return await beginUpload(ctx, claims.sub, id, kind, parse(Disks, req.body ?? {}).disks);
+      parse(Begin, req.body ?? {});
+      return await beginUpload(ctx, claims.sub, id, kind);
     });
-    app.post(`/v1/checkouts/:id/${kind}/commit`, async (req) => await commitUpload(ctx, (await requireUser(ctx, req)).sub, parse(Id, req.params).id, kind, parse(Changes, req.body ?? {}).disks));
+    app.post(`/v1/checkouts/:id/${kind}/commit`, async (req) => {
+      const claims = await requireUser(ctx, req);
+      const { changes, receipts } = withReceipts(parse(Changes, req.body ?? {}).disks);
+      return await commitUpload(ctx, claims.sub, parse(Id, req.params).id, kind, changes, receipts);
+    });
   }
+  // A check-out that ended while the laptop held work: what it made, and handing the work back.
+  app.get('/v1/checkouts/:id', async (req) => await checkoutOutcome(ctx, (await requireUser(ctx, req)).sub, parse(Id, req.params).id));
+  app.post('/v1/checkouts/:id/handback', async (req) => {
+    const claims = await requireUser(ctx, req);
+    const { id } = parse(Id, req.params);
+    await requireFreshLogin(ctx, claims, id, 'handback');
+    parse(Begin, req.body ?? {});
+    return await beginHandback(ctx, claims.sub, id);
+  });
+  app.post('/v1/checkouts/:id/handback/commit', async (req) => {
+    const claims = await requireUser(ctx, req);
+    const { changes, receipts } = withReceipts(parse(Changes, req.body ?? {}).disks);
+    return await commitHandback(ctx, claims.sub, parse(Id, req.params).id, changes, receipts);
+  });
   app.post('/v1/checkouts/:id/lease', async (req) => {
     const claims = await requireUser(ctx, req);
     const c = await ctx.meta.getCheckout(parse(Id, req.params).id);

@@ -11,8 +11,11 @@ export interface SchedulerOptions {
   heartbeatSec?: number;
   maxStreams?: number;
   now?: () => Date;
-  /** Called after jobs end (finish, cancel): the embedded transfer server learns revocations at once. */
-  onJobsEnded?: () => void;
+  /**
+   * Called after jobs end (finish, cancel), awaited: the transfer servers learn the revocations
+   * before the caller answers (the embedded one in process, standalone ones pushed to).
+   */
+  onJobsEnded?: () => Promise<void> | void;
 }
 
 export interface ServerOverview { id: string; url: string; slots: number; inUse: number; alive: boolean; rateIn: number; rateOut: number; bytesIn: number; bytesOut: number }
@@ -83,13 +86,26 @@ export class Scheduler implements TransferScheduler {
   async finish(jobId: string, outcome: 'done' | 'cancelled' | 'failed'): Promise<void> {
     const n = await this.store.end(jobId, outcome, this.iso());
     await this.pump();
-    if (n) this.opts.onJobsEnded?.();
+    if (n) await this.jobsEnded();
   }
 
   async finishForCheckout(checkoutId: string, outcome: 'cancelled' | 'failed'): Promise<void> {
     const n = await this.store.endForCheckout(checkoutId, outcome, this.iso());
     await this.pump();
-    if (n) this.opts.onJobsEnded?.();
+    if (n) await this.jobsEnded();
+  }
+
+  /** Transfer servers alive now, with the pinned fingerprint each registered (revocations are pushed to them). */
+  async liveServers(): Promise<{ id: string; url: string; fingerprint: string }[]> {
+    return (await this.store.servers()).filter((s) => this.alive(s)).map((s) => ({ id: s.id, url: s.url, fingerprint: s.fingerprint }));
+  }
+
+  private async jobsEnded(): Promise<void> {
+    try {
+      await this.opts.onJobsEnded?.();
+    } catch {
+      // Telling the servers is best effort: their heartbeat brings the same list.
+    }
   }
 
   /** The checkout a job belongs to (for the holder check), or null. */

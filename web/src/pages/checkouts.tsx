@@ -43,7 +43,7 @@ export function CheckoutsPage() {
                         setUnlocking(null);
                         setReason('');
                         checkouts.reload();
-                        return `unlocked ${name(c.desktopId)} (the laptop's changes since its last check-in or replica are not kept)`;
+                        return `unlocked ${name(c.desktopId)} (the laptop's changes since its last check-in or replica are not current; its user can hand them back as a restore point with carryon handback)`;
                       });
                     }}>
                       <Field label="Reason (goes to the audit trail)"><input value={reason} onInput={(e) => setReason(e.currentTarget.value)} required minLength={3} /></Field>
