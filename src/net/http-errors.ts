@@ -11,7 +11,7 @@ const STATUS_BY_CODE: Record<string, number> = {
   // 400: the request itself is wrong
   invalid: 400, 'malformed-json': 400, 'bad-blob': 400, 'bad-manifest': 400, 'bad-frame': 400, 'bad-image': 400,
   'bad-envelope': 400, 'bad-public-key': 400, 'unknown-disk': 400, 'missing-disk': 400, 'bad-name': 400,
-  'image-too-small': 400, 'not-whole-sectors': 400, 'relative-path': 400, 'too-long': 400,
+  'image-too-small': 400, 'not-whole-sectors': 400, 'relative-path': 400, 'too-long': 400, 'image-names-other-files': 400,
   // 401/403: who is asking, and may they
   unauthenticated: 401, 'bad-credentials': 401, 'bad-secret': 401, 'ticket-malformed': 401, 'ticket-signature': 401, 'ticket-expired': 401,
   'ticket-wrong-server': 403, 'ticket-revoked': 403, 'wrong-direction': 403, 'out-of-scope': 403, forbidden: 403,
