@@ -82,8 +82,8 @@ test('item 10: a signed agent request replayed within the time window is refused
 
 test('item 7: failed logins back off per user and per source address, audited', async () => {
   await http.call('POST', '/v1/admin/users', { name: 'erin', password: 'erin-password' }, admin);
-  for (let i = 0; i < 4; i++) assert.equal((await http.call('POST', '/v1/auth/login', { username: 'erin', password: 'wrong' })).status, 401);
-  // Four failures with three free: erin is held back, even with the right password.
+  for (let i = 0; i < 3; i++) assert.equal((await http.call('POST', '/v1/auth/login', { username: 'erin', password: 'wrong' })).status, 401);
+  // Three failures with three free: erin is held back, even with the right password.
   const held = await http.call('POST', '/v1/auth/login', { username: 'erin', password: 'erin-password' });
   assert.deepEqual([held.status, held.body.error], [429, 'too-many-attempts']);
   assert.ok(Number(held.body.retryAfterSec) >= 59);
@@ -100,6 +100,27 @@ test('item 7: failed logins back off per user and per source address, audited', 
   const another = new LoginThrottle(new DatabaseFailureLog(broker.ctx.meta), { ...DEFAULT_THROTTLE, freePerUser: 3, freePerAddress: 8, baseDelayMs: 60_000 });
   assert.ok((await another.retryAfterMs('erin', '192.0.2.1')) > 0);
   broker.ctx.throttle = new LoginThrottle(new MemoryFailureLog()); // a clean slate: the later tests log in again from this address
+});
+
+test('parallel wrong passwords: each attempt is counted before it is judged, so no more than the free ones are judged', async () => {
+  const free = 3;
+  const before = broker.ctx.throttle;
+  broker.ctx.throttle = new LoginThrottle(new DatabaseFailureLog(broker.ctx.meta), { ...DEFAULT_THROTTLE, freePerUser: free, freePerAddress: free + 3, baseDelayMs: 60_000 });
+  // The address is still blocked in the database by the test before: a fresh start.
+  for (const a of ['127.0.0.1', '::ffff:127.0.0.1', '::1']) await broker.ctx.meta.clearLoginFailures(`a:${a}`);
+  try {
+    await http.call('POST', '/v1/admin/users', { name: 'gus', password: 'gus-password' }, admin);
+    const tries = await Promise.all(Array.from({ length: 40 }, () => http.call('POST', '/v1/auth/login', { username: 'gus', password: 'wrong' })));
+    assert.equal(tries.filter((r) => r.status === 401).length, free);
+    assert.equal(tries.filter((r) => r.status === 429).length, 40 - free);
+    // Judged attempts are the audited "bad credentials": a counter that needs no timing.
+    const judged = (await broker.ctx.meta.listEvents({ limit: 10_000 })).filter((e) => e.actor === 'gus' && /bad credentials/.test(e.detail ?? ''));
+    assert.equal(judged.length, free);
+    // A success takes its attempt back from the address: many good logins from one office never block it.
+    for (let i = 0; i < 8; i++) assert.equal((await http.call('POST', '/v1/auth/login', { username: ADMIN.name, password: ADMIN.password })).status, 200);
+  } finally {
+    broker.ctx.throttle = before;
+  }
 });
 
 test('item 8: one error mapping: server faults 5xx, missing 404, conflicts 409, input 400', () => {

@@ -70,17 +70,21 @@ for (const engine of engines) {
         const throttle = (m: MetadataStore) => new LoginThrottle(new DatabaseFailureLog(m), { freePerUser: 3, freePerAddress: 100, baseDelayMs: 60_000, maxDelayMs: 600_000, forgetAfterMs: 3_600_000 }, () => now);
         let now = 1_000_000;
         const [ta, tb] = [throttle(a.meta), throttle(b.meta)];
-        // Eight failures from two brokers at once: none is lost.
-        await Promise.all(Array.from({ length: 8 }, (_, i) => (i % 2 ? ta : tb).fail('mallory', `10.0.0.${i}`)));
-        assert.equal(await a.meta.recordLoginFailure('u:mallory', now, 3_600_000), 9);
-        // 8 failures, 3 free: 60 s × 2^4 = 960 s, capped at 600 s, seen through either broker.
+        // Eight attempts from two brokers at once: reserved atomically, so only the 3 free ones may be judged.
+        const tries = await Promise.all(Array.from({ length: 8 }, (_, i) => (i % 2 ? ta : tb).reserve('mallory', `10.0.0.${i}`)));
+        assert.equal(tries.filter((r) => r.ok).length, 3);
+        assert.ok(tries.every((r) => r.ok || r.retryAfterMs === 60_000));
+        // Counted failures are never lost either: 9 failures, 3 free: 60 s × 2^5, capped at 600 s, seen through either broker.
+        await Promise.all(Array.from({ length: 6 }, () => (Math.random() < 0.5 ? a : b).meta.recordLoginFailure('u:mallory', now, 3_600_000)));
+        assert.equal(await a.meta.recordLoginFailure('u:mallory', now, 3_600_000), 10);
+        await a.meta.blockLogin('u:mallory', now + 600_000);
         assert.equal(await tb.retryAfterMs('mallory', '10.9.9.9'), 600_000);
         await a.meta.blockLogin('u:mallory', now + 1000);
         assert.equal(await ta.retryAfterMs('mallory', '10.9.9.9'), 600_000, 'a shorter block never replaces a longer one');
         await tb.succeed('mallory');
         assert.equal(await ta.retryAfterMs('mallory', '10.9.9.9'), 0);
         // The count starts again after an hour without failures.
-        await ta.fail('trent', '10.1.1.1');
+        assert.deepEqual(await ta.reserve('trent', '10.1.1.1'), { ok: true });
         now += 3_600_001;
         assert.equal(await b.meta.recordLoginFailure('u:trent', now, 3_600_000), 1);
       } finally {

@@ -245,6 +245,19 @@ export class SqlMetadataStore implements MetadataStore {
       RETURNING failures`, [key, at, at - forgetAfterMs, at]);
     return Number(r?.failures ?? 1);
   }
+  async reserveLoginAttempt(key: string, at: number, forgetAfterMs: number, delays: readonly number[]): Promise<number | null> {
+    const count = 'CASE WHEN login_failures.last_failure < ? THEN 1 ELSE login_failures.failures + 1 END';
+    // The check, the count and the block in one upsert: attempts racing (on one broker or several)
+    // are admitted one at a time, so no more are judged than the backoff allows.
+    const r = await this.sql.get<Raw>(`INSERT INTO login_failures (key, failures, last_failure, blocked_until) VALUES (?, 1, ?, CAST(? AS BIGINT) + ${delays[0] ?? 0})
+      ON CONFLICT (key) DO UPDATE SET failures = ${count}, last_failure = ?, blocked_until = CAST(? AS BIGINT) + ${delayCase(count, delays)}
+      WHERE login_failures.blocked_until <= ?
+      RETURNING failures`, [key, at, at, at - forgetAfterMs, at, at, at - forgetAfterMs, at]);
+    return r ? Number(r.failures) : null;
+  }
+  async releaseLoginAttempt(key: string): Promise<void> {
+    await this.sql.run('UPDATE login_failures SET failures = failures - 1 WHERE key = ? AND failures > 0', [key]);
+  }
   async blockLogin(key: string, until: number): Promise<void> {
     await this.sql.run('UPDATE login_failures SET blocked_until = ? WHERE key = ? AND blocked_until < ?', [until, key, until]);
   }
@@ -351,4 +364,13 @@ export class SqlMetadataStore implements MetadataStore {
   async ackCommand(id: string, deviceId: string, ok: boolean, message: string | null): Promise<boolean> {
     return (await this.sql.run("UPDATE commands SET state = ?, result = ?, acked_at = ? WHERE id = ? AND device_id = ? AND state = 'pending'", [ok ? 'done' : 'failed', message, now(), id, deviceId])) === 1;
   }
+}
+
+/** `delays[count - 1]` as SQL (whole milliseconds, written inline: they are ours, not the caller's). */
+function delayCase(count: string, delays: readonly number[]): string {
+  const ms = delays.map((d) => Math.max(0, Math.floor(d)));
+  const last = ms.length - 1;
+  const whens = ms.slice(0, last).map((d, i) => `WHEN ${i + 1} THEN ${d}`);
+  // `count` appears exactly once either way: the caller's parameters are counted on it.
+  return whens.length ? `CASE ${count} ${whens.join(' ')} ELSE ${ms[last]} END` : `CASE WHEN ${count} > 0 THEN ${ms[0] ?? 0} ELSE 0 END`;
 }
