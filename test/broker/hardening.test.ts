@@ -109,12 +109,12 @@ test('parallel wrong passwords: each attempt is counted before it is judged, so 
   // The address is still blocked in the database by the test before: a fresh start.
   for (const a of ['127.0.0.1', '::ffff:127.0.0.1', '::1']) await broker.ctx.meta.clearLoginFailures(`a:${a}`);
   try {
-    await http.call('POST', '/v1/admin/users', { name: 'gus', password: 'gus-password' }, admin);
-    const tries = await Promise.all(Array.from({ length: 40 }, () => http.call('POST', '/v1/auth/login', { username: 'gus', password: 'wrong' })));
+    await http.call('POST', '/v1/admin/users', { name: 'gil', password: 'gil-password' }, admin);
+    const tries = await Promise.all(Array.from({ length: 40 }, () => http.call('POST', '/v1/auth/login', { username: 'gil', password: 'wrong' })));
     assert.equal(tries.filter((r) => r.status === 401).length, free);
     assert.equal(tries.filter((r) => r.status === 429).length, 40 - free);
     // Judged attempts are the audited "bad credentials": a counter that needs no timing.
-    const judged = (await broker.ctx.meta.listEvents({ limit: 10_000 })).filter((e) => e.actor === 'gus' && /bad credentials/.test(e.detail ?? ''));
+    const judged = (await broker.ctx.meta.listEvents({ limit: 10_000 })).filter((e) => e.actor === 'gil' && /bad credentials/.test(e.detail ?? ''));
     assert.equal(judged.length, free);
     // A success takes its attempt back from the address: many good logins from one office never block it.
     for (let i = 0; i < 8; i++) assert.equal((await http.call('POST', '/v1/auth/login', { username: ADMIN.name, password: ADMIN.password })).status, 200);
@@ -159,8 +159,16 @@ test('item 8 over HTTP: a corrupt stored manifest is a 500, an unknown desktop a
 test('item 6: offline events, export policy, transfer summaries; the audit chain verifies, exports as JSON lines, and catches an edit', async () => {
   await http.call('POST', '/v1/admin/users', { name: 'gus', password: 'gus-password' }, admin);
   const dev = await enrolDevice(http, broker.url, broker.fingerprint, await http.login('gus', 'gus-password'));
-  const offline = [{ time: new Date().toISOString(), action: 'export', desktopId: 'd1', detail: 'to /tmp/x.raw' }, { time: new Date().toISOString(), action: 'unlock' }];
+  // gus's device holds desktop "evt"; another user's device does not, and cannot write its history.
+  const desktop = String((await http.call('POST', '/v1/admin/desktops', { name: 'evt', image: makeImage(broker.dir, 1, 'evt.raw') }, admin)).body.id);
+  const snapshot = (await broker.ctx.meta.getDesktop(desktop))!.currentSnapshot!;
+  assert.ok(await broker.ctx.meta.insertCheckout({ desktopId: desktop, user: 'gus', deviceId: dev.id, checkpointSnapshot: snapshot, leaseExpiresAt: new Date(Date.now() + 3_600_000).toISOString() }));
+  const offline = [{ time: new Date().toISOString(), action: 'export', desktopId: desktop, detail: 'to /tmp/x.raw' }, { time: new Date().toISOString(), action: 'unlock' }];
   assert.equal((await dev.post('/v1/agent/heartbeat', { ...HEARTBEAT, events: offline })).status, 200);
+  await http.call('POST', '/v1/admin/users', { name: 'hal', password: 'hal-password' }, admin);
+  const other = await enrolDevice(http, broker.url, broker.fingerprint, await http.login('hal', 'hal-password'), 'hal-laptop');
+  const forged = [{ time: new Date().toISOString(), action: 'wipe', desktopId: desktop, detail: 'forged' }, { time: new Date().toISOString(), action: 'export', desktopId: 'no-such-desktop' }];
+  assert.equal((await other.post('/v1/agent/heartbeat', { ...HEARTBEAT, events: forged })).status, 200);
   const resolved = (await http.call('GET', '/v1/admin/policies/resolve?user=gus', undefined, admin)).body.policy as Record<string, { value: unknown }>;
   assert.deepEqual(resolved.exportAllowed, { value: false, source: 'default' });
   assert.equal(resolved.printingAllowed, undefined, 'printing and sso are gone from the API');
@@ -169,6 +177,8 @@ test('item 6: offline events, export policy, transfer summaries; the audit chain
   const ev = await events();
   assert.ok(ev.some((e) => e.action === 'offline-export' && e.actor === `device:${dev.id}`));
   assert.ok(ev.some((e) => e.action === 'offline-unlock'));
+  assert.ok(!ev.some((e) => e.actor === `device:${other.id}` && e.action.startsWith('offline-') && e.outcome !== 'denied'), 'no event filed for a desktop the device does not hold');
+  assert.ok(ev.some((e) => e.actor === `device:${other.id}` && e.action === 'offline-events' && e.outcome === 'denied' && /^2 event/.test(e.detail ?? '')));
   assert.ok(ev.some((e) => e.action === 'chunk-access' && e.actor === 'transfer:embedded' && /job j1/.test(e.detail ?? '')));
 
   const ok = await http.call('GET', '/v1/admin/audit/verify', undefined, admin);

@@ -281,6 +281,10 @@ export class SqlMetadataStore implements MetadataStore {
     const r = await this.one(`SELECT * FROM checkouts WHERE desktop_id = ? AND state IN ${ACTIVE}`, [desktopId]);
     return r ? rows.checkoutRow(r) : null;
   }
+  async latestCheckout(desktopId: string): Promise<CheckoutRow | null> {
+    const r = await this.one('SELECT * FROM checkouts WHERE desktop_id = ? ORDER BY created_at DESC, id DESC LIMIT 1', [desktopId]);
+    return r ? rows.checkoutRow(r) : null;
+  }
   async listCheckouts(filter: { activeOnly?: boolean } = {}): Promise<CheckoutRow[]> {
     const sql = filter.activeOnly ? `SELECT * FROM checkouts WHERE state IN ${ACTIVE} ORDER BY created_at` : 'SELECT * FROM checkouts ORDER BY created_at';
     return (await this.sql.all<Raw>(sql)).map(rows.checkoutRow);

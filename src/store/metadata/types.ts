@@ -112,6 +112,8 @@ export interface MetadataStore {
   insertCheckout(c: { desktopId: string; user: string; deviceId: string; checkpointSnapshot: string; leaseExpiresAt: string }): Promise<string | null>;
   getCheckout(id: string): Promise<CheckoutRow | null>;
   activeCheckout(desktopId: string): Promise<CheckoutRow | null>;
+  /** The desktop's most recent check-out, in whatever state (the device that holds or last held it). */
+  latestCheckout(desktopId: string): Promise<CheckoutRow | null>;
   listCheckouts(filter?: { activeOnly?: boolean }): Promise<CheckoutRow[]>;
   /** Compare-and-set on state: false when another request moved it first. */
   transitionCheckout(id: string, from: CheckoutState[], to: CheckoutState, patch?: CheckoutPatch): Promise<boolean>;
