@@ -66,7 +66,8 @@ export function mapError(err: unknown): MappedError & { internal: boolean } {
   }
   if (typeof e.status === 'number' && typeof e.code === 'string') return { status: e.status, code: e.code, message: e.message, internal: false };
   const sc = typeof e.statusCode === 'number' ? e.statusCode : 0;
-  if (sc === 413 || e.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return { status: 413, code: 'too-large', message: 'request body is too large', internal: false };
+  if (sc === 413 || e.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return { status: 413, code: 'body-too-large', message: 'request body is too large', internal: false };
+  if (sc === 415 || e.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') return { status: 415, code: 'unsupported-media-type', message: 'unsupported media type: send application/json (application/octet-stream where a route takes bytes)', internal: false };
   if (sc >= 400 && sc < 500) return { status: sc, code: 'invalid', message: e.message, internal: false };
   return { status: 500, code: 'internal', message: 'internal error', internal: true };
 }

@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { mkdtempSync, symlinkSync } from 'node:fs';
+import { connect } from 'node:tls';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
@@ -120,6 +121,48 @@ test('parallel wrong passwords: each attempt is counted before it is judged, so 
     for (let i = 0; i < 8; i++) assert.equal((await http.call('POST', '/v1/auth/login', { username: ADMIN.name, password: ADMIN.password })).status, 200);
   } finally {
     broker.ctx.throttle = before;
+  }
+});
+
+/** Sends raw HTTP/1.1 over one TLS connection, the body written to the end before reading; all that came back. */
+async function rawExchange(url: string, head: string, bodyBytes: number, after: string): Promise<{ text: string; error: string | null }> {
+  const { port } = new URL(url);
+  return new Promise((resolve) => {
+    const s = connect({ host: '127.0.0.1', port: Number(port), rejectUnauthorized: false });
+    let text = '';
+    let error: string | null = null;
+    s.on('data', (d: Buffer) => (text += d.toString()));
+    s.on('error', (e: NodeJS.ErrnoException) => (error = e.code ?? e.message));
+    s.on('close', () => resolve({ text, error }));
+    s.on('secureConnect', async () => {
+      s.write(head);
+      const piece = Buffer.alloc(1 << 20, 0x78);
+      for (let sent = 0; sent < bodyBytes && !s.destroyed; sent += piece.length) {
+        if (!s.write(piece.subarray(0, Math.min(piece.length, bodyBytes - sent)))) await new Promise((r) => s.once('drain', r));
+      }
+      if (!s.destroyed) s.end(after);
+    });
+  });
+}
+
+test('a body over the limit is a 413 body-too-large, read to its end so the sender sees it, and the connection still answers; text/plain is a 415', async () => {
+  const size = 33 * 1024 * 1024;
+  const next = 'GET /v1/broker HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n';
+  const r = await rawExchange(broker.url, `POST /v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${size}\r\n\r\n`, size, next);
+  assert.equal(r.error, null, 'no reset while the client was still sending');
+  assert.match(r.text, /^HTTP\/1\.1 413 /);
+  assert.match(r.text, /"error":"body-too-large"/);
+  assert.match(r.text, /HTTP\/1\.1 200 [^]*signingPublicKey/, 'the same connection answers the next request');
+  const { request } = await import('undici');
+  const { pinnedAgent } = await import('../../src/net/pinned-agent.js');
+  const agent = pinnedAgent(broker.fingerprint);
+  try {
+    const plain = await request(`${broker.url}/v1/auth/login`, { method: 'POST', dispatcher: agent, headers: { 'content-type': 'text/plain' }, body: 'root:secret' });
+    assert.deepEqual([plain.statusCode, ((await plain.body.json()) as { error: string }).error], [415, 'unsupported-media-type']);
+    const huge = await request(`${broker.url}/v1/auth/login`, { method: 'POST', dispatcher: agent, headers: { 'content-type': 'application/json' }, body: Buffer.alloc(size, 0x20) });
+    assert.deepEqual([huge.statusCode, ((await huge.body.json()) as { error: string }).error], [413, 'body-too-large']);
+  } finally {
+    await agent.close();
   }
 });
 
