@@ -17,10 +17,14 @@ const ACTIVE = `('transferring','checked_out','checking_in')`;
  * PostgreSQL), the few dialect differences spelt out where they occur.
  */
 export class SqlMetadataStore implements MetadataStore {
-  constructor(protected readonly sql: SqlConn) {}
+  constructor(
+    protected readonly sql: SqlConn,
+    /** Keys the audit chain's links (audit-chain.ts). */
+    private readonly auditKey: Buffer,
+  ) {}
 
   transaction<T>(fn: (tx: MetadataStore) => Promise<T>): Promise<T> {
-    return this.sql.transaction((c) => fn(new SqlMetadataStore(c)));
+    return this.sql.transaction((c) => fn(new SqlMetadataStore(c, this.auditKey)));
   }
 
   private async one(sql: string, params: readonly (string | number | Buffer | null)[]): Promise<Raw | undefined> {
@@ -316,7 +320,7 @@ export class SqlMetadataStore implements MetadataStore {
 
   // Audit
   addEvent(e: NewEvent): Promise<number> {
-    return appendEvent(this.sql, e); // hash-chained: see audit-chain.ts
+    return appendEvent(this.sql, this.auditKey, e); // hash-chained: see audit-chain.ts
   }
   async listEvents(f: { sinceId?: number; desktopId?: string; limit?: number } = {}): Promise<EventRow[]> {
     const byDesktop = f.desktopId !== undefined;
@@ -347,7 +351,7 @@ export class SqlMetadataStore implements MetadataStore {
     return (await this.sql.all<Raw>(sql, [...params, f.limit ?? 200])).map(rows.eventRow);
   }
   verifyAuditChain(): Promise<ChainCheck> {
-    return verifyChain(this.sql);
+    return verifyChain(this.sql, this.auditKey);
   }
   exportEvents(sinceId = 0, limit = 100_000): Promise<string> {
     return exportEvents(this.sql, sinceId, limit);
