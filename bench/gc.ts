@@ -29,7 +29,7 @@ export function gcSection(work: string, sizeGiB: number): BenchSection {
       const size = Math.round(sizeGiB * 2 ** 30);
       await writeTestImage(image, size, 'mixed');
       const store = await PackChunkStore.open(join(dir, 'chunks'), { touchSlackMs: 0 });
-      const { meta, sql } = await openMetadata({ dataDir: dir });
+      const { meta, sql } = await openMetadata({ dataDir: dir, auditKey: randomBytes(32) });
       try {
         const keys = generateLineageKeys();
         const lineageId = randomUUID();

@@ -15,6 +15,20 @@ export interface LdapConfig {
   startTls?: boolean;
   /** Allow a plain ldap:// connection without StartTLS (passwords in clear: test labs only). */
   allowInsecure?: boolean;
+  /**
+   * The directory tells user names apart by case. Off by default: `uid` (OpenLDAP) and
+   * `sAMAccountName`/UPN (AD) match regardless of case, so "Alice" and "alice" are one account.
+   */
+  caseSensitiveNames?: boolean;
+}
+
+/**
+ * The one spelling the broker records a directory user under: the name folded to lower case
+ * where the directory ignores case, so throttling, records and audit are per account, not per
+ * spelling. A name as typed where there is no directory (local users are matched exactly).
+ */
+export function accountName(ldap: LdapConfig | undefined, username: string): string {
+  return ldap && !ldap.caseSensitiveNames ? username.toLowerCase() : username;
 }
 
 /**
@@ -66,6 +80,14 @@ export async function authenticate(meta: MetadataStore, ldap: LdapConfig | undef
     await verifyPassword(password, null);
     return null;
   }
+  const typed = username;
+  username = accountName(ldap, typed);
+  const known = username === typed ? local : await meta.getUser(username);
+  // Another spelling of a local account's name is not a way into it through the directory.
+  if (known && (known.disabled || known.source === 'local')) {
+    await verifyPassword(password, null);
+    return null;
+  }
   const dn = ldap.userDnTemplate.replace('{user}', escapeDn(username));
   checkLdapConfig(ldap);
   const client = new Client({ url: ldap.url, timeout: 5000, connectTimeout: 5000 });
@@ -77,8 +99,8 @@ export async function authenticate(meta: MetadataStore, ldap: LdapConfig | undef
       const { searchEntries } = await client.search(ldap.groupBase, { scope: 'sub', filter: `(|(member=${dn})(uniqueMember=${dn})(memberUid=${username}))`, attributes: ['cn'] });
       groups = searchEntries.map((e) => String(e.cn));
     }
-    const role: 'admin' | 'user' = ldap.adminGroup && groups.includes(ldap.adminGroup) ? 'admin' : local?.role ?? 'user';
-    if (!local) await meta.createUser({ name: username, passwordHash: null, role, source: 'ldap' });
+    const role: 'admin' | 'user' = ldap.adminGroup && groups.includes(ldap.adminGroup) ? 'admin' : known?.role ?? 'user';
+    if (!known) await meta.createUser({ name: username, passwordHash: null, role, source: 'ldap' });
     return { name: username, role, groups: [...new Set([...groups, ...(await meta.groupsOf(username))])] };
   } catch (err) {
     if (err instanceof InvalidCredentialsError) return null;

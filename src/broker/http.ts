@@ -1,5 +1,6 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { z } from 'zod';
+import { acceptOnlyOurMediaTypes, drainRefusedBody } from '../net/body-limits.js';
 import { mapError, zodMessage } from '../net/http-errors.js';
 import { checkDeviceSignature, DEVICE_HEADER, MAX_SKEW_MS, NONCE_HEADER, SIGNATURE_HEADER, TIME_HEADER } from '../core/device-auth.js';
 import { publicKeyFromBase64 } from '../core/signing.js';
@@ -38,6 +39,7 @@ export function parse<T extends z.ZodType>(schema: T, value: unknown): z.infer<T
 
 /** JSON bodies keep their raw text (device signatures cover the exact bytes); errors are uniform. */
 export async function installHttpBasics(app: FastifyInstance, audit?: RefusalAudit): Promise<void> {
+  acceptOnlyOurMediaTypes(app);
   app.removeContentTypeParser('application/json');
   app.addContentTypeParser('application/json', { parseAs: 'string' }, (req, body, done) => {
     const text = String(body);
@@ -56,6 +58,7 @@ export async function installHttpBasics(app: FastifyInstance, audit?: RefusalAud
     };
     // One mapping for broker and transfer servers (src/net/http-errors.ts): 4xx client, 5xx server.
     const m = mapError(err);
+    if (m.status === 413) drainRefusedBody(req, reply);
     if (m.status < 500) return refuse(m.status, m.code, m.message, err instanceof HttpError ? err.extra : {});
     req.log.error(err);
     return reply.status(m.status).send({ error: m.code, message: m.message });

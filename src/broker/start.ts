@@ -5,6 +5,7 @@ import { NoHypervisor, QmpHypervisor, type DatacenterHypervisor } from '../hyper
 import { loadOrCreateTls } from '../net/tls-cert.js';
 import { openChunkStore } from '../store/open-store.js';
 import { defaultS3IndexPath } from '../store/s3-chunk-store.js';
+import { auditChainKey } from '../store/audit-chain.js';
 import { openMetadata } from '../store/metadata/open.js';
 import { checkLdapConfig } from './directory.js';
 import { DatabaseFailureLog, DEFAULT_THROTTLE, LoginThrottle, type ThrottleSettings } from './throttle.js';
@@ -106,7 +107,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   if (config.settings?.ldap) checkLdapConfig(config.settings.ldap);
   const secrets = await loadOrCreateSecrets(config.dataDir);
   const tls = await loadOrCreateTls({ dir: config.dataDir, certFile: config.certFile, keyFile: config.keyFile });
-  const { meta, sql } = await openMetadata({ dataDir: config.dataDir, database: config.database });
+  const { meta, sql } = await openMetadata({ dataDir: config.dataDir, database: config.database, auditKey: auditChainKey(secrets.masterKey) });
   const store = await openChunkStore(config.chunkStore ?? join(config.dataDir, 'chunks'), undefined, { ...config.chunkStoreOptions, s3IndexPath: config.database ?? defaultS3IndexPath(config.dataDir) });
   const settings: BrokerSettings = {
     sessionTtlSec: 3600,

@@ -2,7 +2,9 @@
  * Failed-login backoff, per user name and per source address. After `free` failures in a row a
  * key is refused for a delay that doubles with each further failure (capped), so guessing
  * costs time even across many addresses (the user key) or many names (the address key).
- * A success clears the user's key. Where the failures are kept is a `FailureLog`: the broker's
+ * An attempt is counted (reserved) before its password is judged, in one atomic step with the
+ * check: parallel guesses cannot all pass the check before the first is counted. A success
+ * clears the user's key and takes its attempt back from the address's. Where the failures are kept is a `FailureLog`: the broker's
  * database (shared by every broker on it, kept across restarts) or memory (tests, tools).
  */
 export interface ThrottleSettings {
@@ -27,7 +29,24 @@ export interface FailureLog {
   /** Blocks `key` until `until`, never shortening a longer block. */
   block(key: string, until: number): Promise<void>;
   clear(key: string): Promise<void>;
+  /** Atomically: null if `key` is blocked at `at`, else counts an attempt, blocks for `delays[count - 1]` (last entry beyond), the count. */
+  reserve(key: string, at: number, forgetAfterMs: number, delays: readonly number[]): Promise<number | null>;
+  /** Takes back one counted attempt. */
+  release(key: string): Promise<void>;
 }
+
+/** The block each count of attempts sets, from the first to the cap: the `free`-th attempt blocks the next. */
+export function delaySchedule(free: number, s: ThrottleSettings): number[] {
+  const delays: number[] = [];
+  for (let n = 1; n <= free + 32; n++) {
+    delays.push(backoffMs(n + 1, free, s));
+    if (delays[delays.length - 1]! >= s.maxDelayMs) break;
+  }
+  return delays;
+}
+
+/** The outcome of asking to try a password: judge it, or wait. */
+export type Reservation = { ok: true } | { ok: false; retryAfterMs: number };
 
 /** The delay after `failures` in a row with `free` allowed: 0, then base, 2×base, … up to the cap. */
 export function backoffMs(failures: number, free: number, s: ThrottleSettings): number {
@@ -47,20 +66,31 @@ export class LoginThrottle {
     return Math.max(0, (await this.log.blockedUntil([`u:${user}`, `a:${address}`])) - this.now());
   }
 
-  async fail(user: string, address: string): Promise<void> {
-    await this.bump(`u:${user}`, this.s.freePerUser);
-    await this.bump(`a:${address}`, this.s.freePerAddress);
-  }
-
-  async succeed(user: string): Promise<void> {
-    await this.log.clear(`u:${user}`);
-  }
-
-  private async bump(key: string, free: number): Promise<void> {
+  /**
+   * Counts this attempt against both keys before the password is judged, or says how long to wait.
+   * A refused attempt is not counted (waiting out a block does not lengthen it).
+   */
+  async reserve(user: string, address: string): Promise<Reservation> {
     const t = this.now();
-    const failures = await this.log.recordFailure(key, t, this.s.forgetAfterMs);
-    const delay = backoffMs(failures, free, this.s);
-    if (delay > 0) await this.log.block(key, t + delay);
+    const u = await this.log.reserve(`u:${user}`, t, this.s.forgetAfterMs, delaySchedule(this.s.freePerUser, this.s));
+    if (u !== null) {
+      const a = await this.log.reserve(`a:${address}`, t, this.s.forgetAfterMs, delaySchedule(this.s.freePerAddress, this.s));
+      if (a !== null) return { ok: true };
+      await this.log.release(`u:${user}`);
+    }
+    return { ok: false, retryAfterMs: Math.max(1, await this.retryAfterMs(user, address)) };
+  }
+
+  /** A reserved attempt that was never judged (the directory was down): counted against no one. */
+  async release(user: string, address: string): Promise<void> {
+    await this.log.release(`u:${user}`);
+    await this.log.release(`a:${address}`);
+  }
+
+  /** A reserved attempt succeeded: the user's failures are forgotten, the address's attempt taken back. */
+  async succeed(user: string, address?: string): Promise<void> {
+    await this.log.clear(`u:${user}`);
+    if (address !== undefined) await this.log.release(`a:${address}`);
   }
 }
 
@@ -79,6 +109,10 @@ export class MemoryFailureLog implements FailureLog {
   }
 
   async recordFailure(key: string, at: number, forgetAfterMs: number): Promise<number> {
+    return this.recordFailureNow(key, at, forgetAfterMs);
+  }
+
+  private recordFailureNow(key: string, at: number, forgetAfterMs: number): number {
     if (this.keys.size > 10_000) this.forget(at, forgetAfterMs);
     const e = this.keys.get(key) ?? { failures: 0, lastFailure: at, blockedUntil: 0 };
     if (at - e.lastFailure > forgetAfterMs) e.failures = 0;
@@ -97,6 +131,20 @@ export class MemoryFailureLog implements FailureLog {
     this.keys.delete(key);
   }
 
+  async reserve(key: string, at: number, forgetAfterMs: number, delays: readonly number[]): Promise<number | null> {
+    // No await between the check and the count: atomic within this process.
+    if ((this.keys.get(key)?.blockedUntil ?? 0) > at) return null;
+    const n = await this.recordFailureNow(key, at, forgetAfterMs);
+    const e = this.keys.get(key)!;
+    e.blockedUntil = Math.max(e.blockedUntil, at + (delays[Math.min(n, delays.length) - 1] ?? 0));
+    return n;
+  }
+
+  async release(key: string): Promise<void> {
+    const e = this.keys.get(key);
+    if (e && e.failures > 0) e.failures--;
+  }
+
   get size(): number {
     return this.keys.size;
   }
@@ -112,6 +160,8 @@ export interface FailureTable {
   recordLoginFailure(key: string, at: number, forgetAfterMs: number): Promise<number>;
   blockLogin(key: string, until: number): Promise<void>;
   clearLoginFailures(key: string): Promise<void>;
+  reserveLoginAttempt(key: string, at: number, forgetAfterMs: number, delays: readonly number[]): Promise<number | null>;
+  releaseLoginAttempt(key: string): Promise<void>;
 }
 
 /** Failures in the broker's database: every broker on it sees them, a restart keeps them. */
@@ -128,5 +178,11 @@ export class DatabaseFailureLog implements FailureLog {
   }
   clear(key: string): Promise<void> {
     return this.table.clearLoginFailures(key);
+  }
+  reserve(key: string, at: number, forgetAfterMs: number, delays: readonly number[]): Promise<number | null> {
+    return this.table.reserveLoginAttempt(key, at, forgetAfterMs, delays);
+  }
+  release(key: string): Promise<void> {
+    return this.table.releaseLoginAttempt(key);
   }
 }

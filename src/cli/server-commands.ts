@@ -22,7 +22,7 @@ const ServerConfigFile = z.object({
   certFile: z.string().optional(),
   keyFile: z.string().optional(),
   transferSlots: z.number().int().min(0).max(1024).optional(),
-  ldap: z.object({ url: z.string(), userDnTemplate: z.string(), groupBase: z.string().optional(), adminGroup: z.string().optional(), startTls: z.boolean().optional(), allowInsecure: z.boolean().optional() }).strict().optional(),
+  ldap: z.object({ url: z.string(), userDnTemplate: z.string(), groupBase: z.string().optional(), adminGroup: z.string().optional(), startTls: z.boolean().optional(), allowInsecure: z.boolean().optional(), caseSensitiveNames: z.boolean().optional() }).strict().optional(),
   /** Directories `admin desktops create` may import images from. */
   importDirs: z.array(z.string()).optional(),
   hypervisor: z.union([z.object({ kind: z.literal('none') }), z.object({ kind: z.literal('qmp'), socketDir: z.string() })]).optional(),

@@ -36,7 +36,36 @@ async function requireFile(path: string): Promise<number> {
   }
 }
 
-/** Format and virtual size as QEMU sees them. */
+/** The parts of `qemu-img info --output=json` (QEMU 7.2) that say what an image is and what it reads. */
+interface QemuImageInfo {
+  format?: string;
+  filename?: string;
+  'virtual-size'?: number;
+  'actual-size'?: number;
+  'backing-filename'?: string;
+  'full-backing-filename'?: string;
+  'format-specific'?: { type?: string; data?: { 'data-file'?: string; 'create-type'?: string; extents?: { filename?: string }[] } };
+}
+
+/**
+ * Every file besides itself whose bytes the image would show the guest: a backing file (a path or
+ * a `json:` spec), a qcow2 external data file, a VMDK extent in another file. QEMU follows all of
+ * them, so an image inside `--import-dir` (or an upload) could import any file the broker can read.
+ * `qemu-img info` opens the image without its backing chain, so asking is itself safe.
+ */
+function namedFiles(info: QemuImageInfo): string[] {
+  const found: string[] = [];
+  const backing = info['backing-filename'] ?? info['full-backing-filename'];
+  if (backing !== undefined) found.push(`backing file ${backing}`);
+  const data = info['format-specific']?.data;
+  if (data?.['data-file'] !== undefined) found.push(`external data file ${data['data-file']}`);
+  for (const extent of data?.extents ?? []) {
+    if (extent.filename !== info.filename) found.push(`extent ${extent.filename ?? '(unnamed)'}`);
+  }
+  return found;
+}
+
+/** Format and virtual size as QEMU sees them; an image that reads other files is refused. */
 export async function inspectImage(path: string): Promise<{ format: string; virtualSize: number; actualSize: number }> {
   await requireFile(path);
   let out: string;
@@ -47,9 +76,13 @@ export async function inspectImage(path: string): Promise<{ format: string; virt
     if (e.code === 'ENOENT') throw new CarryonError('missing-tool', 'qemu-img is not installed (Debian package qemu-utils)');
     throw new CarryonError('bad-image', `qemu-img cannot read ${path}: ${(e.stderr ?? e.message).trim()}`);
   }
-  const info = JSON.parse(out) as { format?: string; 'virtual-size'?: number; 'actual-size'?: number };
+  const info = JSON.parse(out) as QemuImageInfo;
   if (typeof info.format !== 'string' || typeof info['virtual-size'] !== 'number') {
     throw new CarryonError('bad-image', `qemu-img gave no format/size for ${path}`);
+  }
+  const outside = namedFiles(info);
+  if (outside.length > 0) {
+    throw new CarryonError('image-names-other-files', `${path} reads other files (${outside.join('; ')}): only self-contained images are imported; flatten it first (qemu-img convert -O qcow2 ${path} flat.qcow2)`);
   }
   return { format: info.format, virtualSize: info['virtual-size'], actualSize: info['actual-size'] ?? 0 };
 }
@@ -122,7 +155,10 @@ export async function openImageSource(path: string, format: ImageFormat | 'auto'
   const { virtualSize, format: actual } = await inspectImage(path);
   if (actual !== fmt) throw new ValidationError(`image ${path} is ${actual}, not ${fmt}`);
   await checkImage(path, fmt);
-  const child = spawn('nbdcopy', ['--', '[', 'qemu-nbd', '-r', '-f', fmt, path, ']', '-'], {
+  // `backing: null` as well (inspectImage refused backing files): a file swapped in between the two
+  // looks still finds no backing chain to follow.
+  const spec = { driver: fmt, backing: null, file: { driver: (await stat(path)).isBlockDevice() ? 'host_device' : 'file', filename: path } };
+  const child = spawn('nbdcopy', ['--', '[', 'qemu-nbd', '-r', `json:${JSON.stringify(spec)}`, ']', '-'], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stderr = '';

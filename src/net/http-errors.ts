@@ -11,7 +11,7 @@ const STATUS_BY_CODE: Record<string, number> = {
   // 400: the request itself is wrong
   invalid: 400, 'malformed-json': 400, 'bad-blob': 400, 'bad-manifest': 400, 'bad-frame': 400, 'bad-image': 400,
   'bad-envelope': 400, 'bad-public-key': 400, 'unknown-disk': 400, 'missing-disk': 400, 'bad-name': 400,
-  'image-too-small': 400, 'not-whole-sectors': 400, 'relative-path': 400, 'too-long': 400,
+  'image-too-small': 400, 'not-whole-sectors': 400, 'relative-path': 400, 'too-long': 400, 'image-names-other-files': 400,
   // 401/403: who is asking, and may they
   unauthenticated: 401, 'bad-credentials': 401, 'bad-secret': 401, 'bad-revocation': 401, 'ticket-malformed': 401, 'ticket-signature': 401, 'ticket-expired': 401,
   'ticket-wrong-server': 403, 'ticket-revoked': 403, 'wrong-direction': 403, 'out-of-scope': 403, forbidden: 403,
@@ -66,7 +66,8 @@ export function mapError(err: unknown): MappedError & { internal: boolean } {
   }
   if (typeof e.status === 'number' && typeof e.code === 'string') return { status: e.status, code: e.code, message: e.message, internal: false };
   const sc = typeof e.statusCode === 'number' ? e.statusCode : 0;
-  if (sc === 413 || e.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return { status: 413, code: 'too-large', message: 'request body is too large', internal: false };
+  if (sc === 413 || e.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return { status: 413, code: 'body-too-large', message: 'request body is too large', internal: false };
+  if (sc === 415 || e.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') return { status: 415, code: 'unsupported-media-type', message: 'unsupported media type: send application/json (application/octet-stream where a route takes bytes)', internal: false };
   if (sc >= 400 && sc < 500) return { status: sc, code: 'invalid', message: e.message, internal: false };
   return { status: 500, code: 'internal', message: 'internal error', internal: true };
 }

@@ -24,4 +24,9 @@ ALTER TABLE events ADD COLUMN hash TEXT;
     version: 3,
     sql: 'CREATE TABLE login_failures (key TEXT PRIMARY KEY, failures INTEGER NOT NULL, last_failure BIGINT NOT NULL, blocked_until BIGINT NOT NULL DEFAULT 0);',
   },
+  {
+    // The audit chain keyed (HMAC): 1 on keyed links; NULL on the plain SHA-256 ones from before.
+    version: 4,
+    sql: 'ALTER TABLE events ADD COLUMN keyed INTEGER;',
+  },
 ];

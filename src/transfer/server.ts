@@ -6,6 +6,7 @@ import { isChunkId, type ChunkId } from '../core/chunk-id.js';
 import { WriteWindow } from '../core/write-window.js';
 import { CarryonError } from '../core/errors.js';
 import { TicketError, verifyTicket, type TicketPayload } from '../core/ticket.js';
+import { acceptOnlyOurMediaTypes, drainRefusedBody } from '../net/body-limits.js';
 import { mapError, parseOrInvalid } from '../net/http-errors.js';
 import { loadOrCreateTls } from '../net/tls-cert.js';
 import { getBlobs, type ChunkStore } from '../store/chunk-store.js';
@@ -83,9 +84,11 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
 
   app.addContentTypeParser('application/octet-stream', (_req, payload, done) => done(null, payload));
   // The same error → status mapping as the broker (src/net/http-errors.ts).
-  app.setErrorHandler((err, _req, reply) => {
+  acceptOnlyOurMediaTypes(app);
+  app.setErrorHandler((err, req, reply) => {
     const m = mapError(err);
     if (reply.sent || reply.raw.headersSent) return;
+    if (m.status === 413) drainRefusedBody(req, reply);
     void reply.status(m.status).type('application/json').send({ error: m.code, message: m.message });
   });
 

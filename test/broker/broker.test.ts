@@ -69,7 +69,7 @@ test('refusals: bad login, not entitled, malformed JSON, small host, no disk, po
   // Malformed and oversize bodies are audited too, with who sent them when known; each refusal once.
   const refused = events.filter((e) => e.action === 'request' && e.outcome === 'denied');
   assert.ok(refused.some((e) => e.actor === 'alice' && /malformed-json/.test(e.detail ?? '')), 'malformed JSON audited with its sender');
-  assert.ok(refused.some((e) => e.actor.startsWith('anonymous@') && /413 too-large/.test(e.detail ?? '')), 'oversize body audited');
+  assert.ok(refused.some((e) => e.actor.startsWith('anonymous@') && /413 body-too-large/.test(e.detail ?? '')), 'oversize body audited');
   assert.equal(events.filter((e) => e.action === 'login' && e.actor === 'alice' && e.outcome === 'denied').length, 1, 'a denied login is audited once');
   assert.equal((await broker.ctx.meta.listCheckouts()).length, 0);
 });

@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { mkdtempSync, symlinkSync } from 'node:fs';
+import { connect } from 'node:tls';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
@@ -82,8 +83,8 @@ test('item 10: a signed agent request replayed within the time window is refused
 
 test('item 7: failed logins back off per user and per source address, audited', async () => {
   await http.call('POST', '/v1/admin/users', { name: 'erin', password: 'erin-password' }, admin);
-  for (let i = 0; i < 4; i++) assert.equal((await http.call('POST', '/v1/auth/login', { username: 'erin', password: 'wrong' })).status, 401);
-  // Four failures with three free: erin is held back, even with the right password.
+  for (let i = 0; i < 3; i++) assert.equal((await http.call('POST', '/v1/auth/login', { username: 'erin', password: 'wrong' })).status, 401);
+  // Three failures with three free: erin is held back, even with the right password.
   const held = await http.call('POST', '/v1/auth/login', { username: 'erin', password: 'erin-password' });
   assert.deepEqual([held.status, held.body.error], [429, 'too-many-attempts']);
   assert.ok(Number(held.body.retryAfterSec) >= 59);
@@ -100,6 +101,69 @@ test('item 7: failed logins back off per user and per source address, audited', 
   const another = new LoginThrottle(new DatabaseFailureLog(broker.ctx.meta), { ...DEFAULT_THROTTLE, freePerUser: 3, freePerAddress: 8, baseDelayMs: 60_000 });
   assert.ok((await another.retryAfterMs('erin', '192.0.2.1')) > 0);
   broker.ctx.throttle = new LoginThrottle(new MemoryFailureLog()); // a clean slate: the later tests log in again from this address
+});
+
+test('parallel wrong passwords: each attempt is counted before it is judged, so no more than the free ones are judged', async () => {
+  const free = 3;
+  const before = broker.ctx.throttle;
+  broker.ctx.throttle = new LoginThrottle(new DatabaseFailureLog(broker.ctx.meta), { ...DEFAULT_THROTTLE, freePerUser: free, freePerAddress: free + 3, baseDelayMs: 60_000 });
+  // The address is still blocked in the database by the test before: a fresh start.
+  for (const a of ['127.0.0.1', '::ffff:127.0.0.1', '::1']) await broker.ctx.meta.clearLoginFailures(`a:${a}`);
+  try {
+    await http.call('POST', '/v1/admin/users', { name: 'gil', password: 'gil-password' }, admin);
+    const tries = await Promise.all(Array.from({ length: 40 }, () => http.call('POST', '/v1/auth/login', { username: 'gil', password: 'wrong' })));
+    assert.equal(tries.filter((r) => r.status === 401).length, free);
+    assert.equal(tries.filter((r) => r.status === 429).length, 40 - free);
+    // Judged attempts are the audited "bad credentials": a counter that needs no timing.
+    const judged = (await broker.ctx.meta.listEvents({ limit: 10_000 })).filter((e) => e.actor === 'gil' && /bad credentials/.test(e.detail ?? ''));
+    assert.equal(judged.length, free);
+    // A success takes its attempt back from the address: many good logins from one office never block it.
+    for (let i = 0; i < 8; i++) assert.equal((await http.call('POST', '/v1/auth/login', { username: ADMIN.name, password: ADMIN.password })).status, 200);
+  } finally {
+    broker.ctx.throttle = before;
+  }
+});
+
+/** Sends raw HTTP/1.1 over one TLS connection, the body written to the end before reading; all that came back. */
+async function rawExchange(url: string, head: string, bodyBytes: number, after: string): Promise<{ text: string; error: string | null }> {
+  const { port } = new URL(url);
+  return new Promise((resolve) => {
+    const s = connect({ host: '127.0.0.1', port: Number(port), rejectUnauthorized: false });
+    let text = '';
+    let error: string | null = null;
+    s.on('data', (d: Buffer) => (text += d.toString()));
+    s.on('error', (e: NodeJS.ErrnoException) => (error = e.code ?? e.message));
+    s.on('close', () => resolve({ text, error }));
+    s.on('secureConnect', async () => {
+      s.write(head);
+      const piece = Buffer.alloc(1 << 20, 0x78);
+      for (let sent = 0; sent < bodyBytes && !s.destroyed; sent += piece.length) {
+        if (!s.write(piece.subarray(0, Math.min(piece.length, bodyBytes - sent)))) await new Promise((r) => s.once('drain', r));
+      }
+      if (!s.destroyed) s.end(after);
+    });
+  });
+}
+
+test('a body over the limit is a 413 body-too-large, read to its end so the sender sees it, and the connection still answers; text/plain is a 415', async () => {
+  const size = 33 * 1024 * 1024;
+  const next = 'GET /v1/broker HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n';
+  const r = await rawExchange(broker.url, `POST /v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${size}\r\n\r\n`, size, next);
+  assert.equal(r.error, null, 'no reset while the client was still sending');
+  assert.match(r.text, /^HTTP\/1\.1 413 /);
+  assert.match(r.text, /"error":"body-too-large"/);
+  assert.match(r.text, /HTTP\/1\.1 200 [^]*signingPublicKey/, 'the same connection answers the next request');
+  const { request } = await import('undici');
+  const { pinnedAgent } = await import('../../src/net/pinned-agent.js');
+  const agent = pinnedAgent(broker.fingerprint);
+  try {
+    const plain = await request(`${broker.url}/v1/auth/login`, { method: 'POST', dispatcher: agent, headers: { 'content-type': 'text/plain' }, body: 'root:secret' });
+    assert.deepEqual([plain.statusCode, ((await plain.body.json()) as { error: string }).error], [415, 'unsupported-media-type']);
+    const huge = await request(`${broker.url}/v1/auth/login`, { method: 'POST', dispatcher: agent, headers: { 'content-type': 'application/json' }, body: Buffer.alloc(size, 0x20) });
+    assert.deepEqual([huge.statusCode, ((await huge.body.json()) as { error: string }).error], [413, 'body-too-large']);
+  } finally {
+    await agent.close();
+  }
 });
 
 test('item 8: one error mapping: server faults 5xx, missing 404, conflicts 409, input 400', () => {
@@ -138,8 +202,16 @@ test('item 8 over HTTP: a corrupt stored manifest is a 500, an unknown desktop a
 test('item 6: offline events, export policy, transfer summaries; the audit chain verifies, exports as JSON lines, and catches an edit', async () => {
   await http.call('POST', '/v1/admin/users', { name: 'gus', password: 'gus-password' }, admin);
   const dev = await enrolDevice(http, broker.url, broker.fingerprint, await http.login('gus', 'gus-password'));
-  const offline = [{ time: new Date().toISOString(), action: 'export', desktopId: 'd1', detail: 'to /tmp/x.raw' }, { time: new Date().toISOString(), action: 'unlock' }];
+  // gus's device holds desktop "evt"; another user's device does not, and cannot write its history.
+  const desktop = String((await http.call('POST', '/v1/admin/desktops', { name: 'evt', image: makeImage(broker.dir, 1, 'evt.raw') }, admin)).body.id);
+  const snapshot = (await broker.ctx.meta.getDesktop(desktop))!.currentSnapshot!;
+  assert.ok(await broker.ctx.meta.insertCheckout({ desktopId: desktop, user: 'gus', deviceId: dev.id, checkpointSnapshot: snapshot, leaseExpiresAt: new Date(Date.now() + 3_600_000).toISOString() }));
+  const offline = [{ time: new Date().toISOString(), action: 'export', desktopId: desktop, detail: 'to /tmp/x.raw' }, { time: new Date().toISOString(), action: 'unlock' }];
   assert.equal((await dev.post('/v1/agent/heartbeat', { ...HEARTBEAT, events: offline })).status, 200);
+  await http.call('POST', '/v1/admin/users', { name: 'hal', password: 'hal-password' }, admin);
+  const other = await enrolDevice(http, broker.url, broker.fingerprint, await http.login('hal', 'hal-password'), 'hal-laptop');
+  const forged = [{ time: new Date().toISOString(), action: 'wipe', desktopId: desktop, detail: 'forged' }, { time: new Date().toISOString(), action: 'export', desktopId: 'no-such-desktop' }];
+  assert.equal((await other.post('/v1/agent/heartbeat', { ...HEARTBEAT, events: forged })).status, 200);
   const resolved = (await http.call('GET', '/v1/admin/policies/resolve?user=gus', undefined, admin)).body.policy as Record<string, { value: unknown }>;
   assert.deepEqual(resolved.exportAllowed, { value: false, source: 'default' });
   assert.equal(resolved.printingAllowed, undefined, 'printing and sso are gone from the API');
@@ -148,6 +220,8 @@ test('item 6: offline events, export policy, transfer summaries; the audit chain
   const ev = await events();
   assert.ok(ev.some((e) => e.action === 'offline-export' && e.actor === `device:${dev.id}`));
   assert.ok(ev.some((e) => e.action === 'offline-unlock'));
+  assert.ok(!ev.some((e) => e.actor === `device:${other.id}` && e.action.startsWith('offline-') && e.outcome !== 'denied'), 'no event filed for a desktop the device does not hold');
+  assert.ok(ev.some((e) => e.actor === `device:${other.id}` && e.action === 'offline-events' && e.outcome === 'denied' && /^2 event/.test(e.detail ?? '')));
   assert.ok(ev.some((e) => e.action === 'chunk-access' && e.actor === 'transfer:embedded' && /job j1/.test(e.detail ?? '')));
 
   const ok = await http.call('GET', '/v1/admin/audit/verify', undefined, admin);

@@ -1,9 +1,12 @@
 import assert from 'node:assert/strict';
 import { execFile, execFileSync } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, test } from 'node:test';
+import { request } from 'undici';
+import { pinnedAgent } from '../../src/net/pinned-agent.js';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from './harness.js';
 
@@ -69,4 +72,56 @@ test('carryon admin desktops create polls the import and prints the new desktop'
   assert.ok(res.id && res.chunksStored > 0);
   const bad = await run(process.execPath, [cli, 'admin', 'desktops', 'create', 'x', image, '--vcpus', 'two'], { env }).catch((e: { stderr: string; code: number }) => e);
   assert.match((bad as { stderr: string }).stderr, /--vcpus must be a positive whole number/);
+});
+
+test('an image that reads files outside itself (backing file, json: backing, external data file, VMDK extent) is refused, by path and by upload', async () => {
+  // The secret lies outside the import directory; each image below would show it to the guest.
+  const outside = mkdtempSync(join(tmpdir(), 'carryon-outside-'));
+  const secret = join(outside, 'secret.raw');
+  const secretBytes = Buffer.alloc(1 << 20, 0x5a);
+  writeFileSync(secret, secretBytes);
+  const img = (name: string, ...args: string[]) => {
+    const path = join(broker.dir, name);
+    execFileSync('qemu-img', ['create', '-q', ...args.map((a) => a.replace('IMG', path))]);
+    return path;
+  };
+  const flat = img('flat.vmdk', '-f', 'vmdk', '-o', 'subformat=monolithicFlat', 'IMG', '1M');
+  writeFileSync(flat, readFileSync(flat, 'utf8').replace(/"flat-flat\.vmdk"/, JSON.stringify(secret)));
+  const images = {
+    backing: img('backing.qcow2', '-f', 'qcow2', '-b', secret, '-F', 'raw', 'IMG'),
+    json: img('json.qcow2', '-f', 'qcow2', '-F', 'raw', '-b', `json:${JSON.stringify({ driver: 'raw', file: { driver: 'file', filename: secret } })}`, 'IMG', '1M'),
+    // A data file of its own (qemu-img create writes it), then pointed at the secret by its header.
+    data: img('data.qcow2', '-f', 'qcow2', '-o', `data_file=${join(outside, 'data.raw')},data_file_raw=on`, 'IMG', '1M'),
+    flat,
+  };
+  const header = readFileSync(images.data);
+  const at = header.indexOf(join(outside, 'data.raw'));
+  header.write(secret.padEnd(join(outside, 'data.raw').length, '\0'), at);
+  writeFileSync(images.data, header);
+  try {
+    for (const [kind, image] of Object.entries(images)) {
+      const r = await http.call('POST', '/v1/admin/desktops', { name: `escape-${kind}`, image }, token);
+      assert.deepEqual([r.status, r.body.error], [400, 'image-names-other-files'], `${kind}: ${JSON.stringify(r.body)}`);
+      assert.match(String(r.body.message), /self-contained/);
+      assert.equal((await http.call('GET', `/v1/admin/desktops/escape-${kind}`, undefined, token)).status, 404);
+    }
+    // The upload route imports through the same checks.
+    // Padded to more than one chunk (trailing bytes mean nothing to qcow2): the upload checks its size first.
+    const head = readFileSync(images.backing);
+    const bytes = Buffer.concat([head, Buffer.alloc(512 * 1024 + ((512 - (head.length % 512)) % 512))]);
+    const up = await http.call('POST', '/v1/admin/uploads', { name: 'b.qcow2', sizeBytes: bytes.length }, token);
+    const agent = pinnedAgent(broker.fingerprint);
+    try {
+      const put = await request(`${broker.url}/v1/admin/uploads/${String(up.body.id)}?offset=0`, { method: 'PUT', dispatcher: agent, headers: { 'content-type': 'application/octet-stream', authorization: `Bearer ${token}` }, body: bytes });
+      const done = (await put.body.json()) as { complete: boolean };
+      assert.equal(done.complete, true, `${JSON.stringify(up.body)} ${JSON.stringify(done)}`);
+    } finally {
+      await agent.close();
+    }
+    const imported = await http.call('POST', `/v1/admin/uploads/${String(up.body.id)}/import`, { name: 'escape-upload' }, token);
+    assert.deepEqual([imported.status, imported.body.error], [400, 'image-names-other-files'], JSON.stringify(imported.body));
+    assert.equal((await http.call('GET', '/v1/admin/desktops/escape-upload', undefined, token)).status, 404);
+  } finally {
+    cleanup(outside);
+  }
 });

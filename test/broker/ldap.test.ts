@@ -95,6 +95,21 @@ test('LDAP bind against a real slapd: password, groups, admin group, refusals', 
     const bad = await http.call('POST', '/v1/auth/login', { username: 'ldapalice', password: 'nope' });
     assert.equal(bad.status, 401);
     assert.ok((await meta.listEvents({ limit: 50 })).some((e) => e.actor === 'ldapalice' && e.action === 'login' && e.outcome === 'denied'));
+
+    // The directory matches uid regardless of case: every spelling is the one account, one record.
+    const shouted = await http.call('POST', '/v1/auth/login', { username: 'LDAPAlice', password: 'alice-ldap-pw' });
+    assert.deepEqual([shouted.status, (shouted.body.user as { name: string }).name], [200, 'ldapalice']);
+    assert.equal(await meta.getUser('LDAPAlice'), null, 'no second record for another spelling');
+    // … and one throttle: guesses spread over spellings add up (5 free per user by default).
+    for (const spelling of ['LdapBob', 'LDAPBOB', 'ldapBob', 'LDAPbob', 'ldapbob']) {
+      assert.equal((await http.call('POST', '/v1/auth/login', { username: spelling, password: 'guess' })).status, 401);
+    }
+    const held = await http.call('POST', '/v1/auth/login', { username: 'LdApBoB', password: 'bob-ldap-pw' });
+    assert.deepEqual([held.status, held.body.error], [429, 'too-many-attempts']);
+    assert.ok((await meta.listEvents({ limit: 50 })).filter((e) => e.actor === 'ldapbob' && /bad credentials/.test(e.detail ?? '')).length === 5);
+    // A local account's name in another case is not a way in through the directory.
+    await meta.createUser({ name: 'carol', passwordHash: null, role: 'admin', source: 'local' });
+    assert.equal(await authenticate(meta, ldap, 'CAROL', 'anything'), null);
   } finally {
     await http.close();
     await broker.close();

@@ -2,8 +2,11 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
 import { after, describe, test } from 'node:test';
+import { eventHash } from '../../src/store/audit-chain.js';
 import { openMetadata, type OpenedMetadata } from '../../src/store/metadata/open.js';
+import type { SqlConn } from '../../src/store/sql/driver.js';
 import type { MetadataStore } from '../../src/store/metadata.js';
 import { checkPostgresUrl, redactDatabaseUrl } from '../../src/store/sql/pg-driver.js';
 import { freshDatabase, testCluster } from '../support/postgres.js';
@@ -30,20 +33,23 @@ async function two(engine: (typeof engines)[number]): Promise<[OpenedMetadata, O
   }];
 }
 
+/** One broker master key's chain key, shared by the two instances of a test as brokers share it. */
+const AUDIT_KEY = randomBytes(32);
+
 const engines: { name: string; open: () => Promise<() => Promise<OpenedMetadata>> }[] = [
   {
     name: 'SQLite',
     open: async () => {
       const dir = mkdtempSync(join(tmpdir(), 'carryon-meta-'));
       dirs.push(dir);
-      return () => openMetadata({ dataDir: dir });
+      return () => openMetadata({ dataDir: dir, auditKey: AUDIT_KEY });
     },
   },
   {
     name: 'PostgreSQL',
     open: async () => {
       const url = await freshDatabase(await testCluster());
-      return () => openMetadata({ dataDir: '/nonexistent', database: url });
+      return () => openMetadata({ dataDir: '/nonexistent', database: url, auditKey: AUDIT_KEY });
     },
   },
 ];
@@ -70,21 +76,83 @@ for (const engine of engines) {
         const throttle = (m: MetadataStore) => new LoginThrottle(new DatabaseFailureLog(m), { freePerUser: 3, freePerAddress: 100, baseDelayMs: 60_000, maxDelayMs: 600_000, forgetAfterMs: 3_600_000 }, () => now);
         let now = 1_000_000;
         const [ta, tb] = [throttle(a.meta), throttle(b.meta)];
-        // Eight failures from two brokers at once: none is lost.
-        await Promise.all(Array.from({ length: 8 }, (_, i) => (i % 2 ? ta : tb).fail('mallory', `10.0.0.${i}`)));
-        assert.equal(await a.meta.recordLoginFailure('u:mallory', now, 3_600_000), 9);
-        // 8 failures, 3 free: 60 s × 2^4 = 960 s, capped at 600 s, seen through either broker.
+        // Eight attempts from two brokers at once: reserved atomically, so only the 3 free ones may be judged.
+        const tries = await Promise.all(Array.from({ length: 8 }, (_, i) => (i % 2 ? ta : tb).reserve('mallory', `10.0.0.${i}`)));
+        assert.equal(tries.filter((r) => r.ok).length, 3);
+        assert.ok(tries.every((r) => r.ok || r.retryAfterMs === 60_000));
+        // Counted failures are never lost either: 9 failures, 3 free: 60 s × 2^5, capped at 600 s, seen through either broker.
+        await Promise.all(Array.from({ length: 6 }, () => (Math.random() < 0.5 ? a : b).meta.recordLoginFailure('u:mallory', now, 3_600_000)));
+        assert.equal(await a.meta.recordLoginFailure('u:mallory', now, 3_600_000), 10);
+        await a.meta.blockLogin('u:mallory', now + 600_000);
         assert.equal(await tb.retryAfterMs('mallory', '10.9.9.9'), 600_000);
         await a.meta.blockLogin('u:mallory', now + 1000);
         assert.equal(await ta.retryAfterMs('mallory', '10.9.9.9'), 600_000, 'a shorter block never replaces a longer one');
         await tb.succeed('mallory');
         assert.equal(await ta.retryAfterMs('mallory', '10.9.9.9'), 0);
         // The count starts again after an hour without failures.
-        await ta.fail('trent', '10.1.1.1');
+        assert.deepEqual(await ta.reserve('trent', '10.1.1.1'), { ok: true });
         now += 3_600_001;
         assert.equal(await b.meta.recordLoginFailure('u:trent', now, 3_600_000), 1);
       } finally {
         await close();
+      }
+    });
+
+    test('audit chain keyed: an edit with every later hash recomputed is caught; rows without a hash are never chained silently; an older unkeyed chain still verifies', async () => {
+      const open = await engine.open();
+      let db = await open();
+      try {
+        for (let i = 1; i <= 5; i++) await db.meta.addEvent({ actor: 'alice', action: 'test', outcome: 'ok', detail: `event ${i}` });
+        assert.equal((await db.meta.verifyAuditChain()).ok, true);
+        // Someone with write access to the database rewrites event 3 and recomputes every link
+        // after it, as they could with plain SHA-256: without the chain key, the links do not verify.
+        const rewrite = async (keyed: 1 | null) => {
+          await db.sql.run('UPDATE events SET detail = ? WHERE id = 3', ['nothing happened']);
+          let prev = String((await db.sql.get('SELECT hash FROM events WHERE id = 2'))!.hash);
+          for (const r of await db.sql.all('SELECT * FROM events WHERE id >= 3 ORDER BY id')) {
+            const hash = eventHash(prev, { id: Number(r.id), time: String(r.time), actor: String(r.actor), desktopId: (r.desktop_id as string | null) ?? null, action: String(r.action), outcome: String(r.outcome), detail: (r.detail as string | null) ?? null }, null);
+            await db.sql.run('UPDATE events SET prev_hash = ?, hash = ?, keyed = ? WHERE id = ?', [prev, hash, keyed, Number(r.id)]);
+            prev = hash;
+          }
+          return db.meta.verifyAuditChain();
+        };
+        assert.deepEqual(pick(await rewrite(1)), [false, 3, 'event content does not match its hash (it was edited)']);
+        assert.deepEqual(pick(await rewrite(null)), [false, 3, 'an unkeyed event after keying began (written without the chain key)']);
+        // The hashes taken away instead, for the next open to re-chain: it does not; verify still reports it.
+        await db.sql.run('UPDATE events SET prev_hash = NULL, hash = NULL, keyed = NULL WHERE id >= 3');
+        await db.sql.close();
+        db = await open();
+        assert.equal((await db.meta.verifyAuditChain()).ok, false);
+        assert.equal((await db.meta.listEvents({ limit: 100 })).filter((e) => e.action === 'audit-chain-repair').length, 0);
+      } finally {
+        await db.sql.close();
+      }
+
+      // A database from before keying (plain SHA-256 links), with the newest rows from before the chain.
+      const openOld = await engine.open();
+      db = await openOld();
+      try {
+        await db.sql.run('DELETE FROM events');
+        for (let i = 1; i <= 3; i++) await legacyAppend(db.sql, `old ${i}`);
+        await db.sql.run('INSERT INTO events (time, actor, action, outcome, detail) VALUES (?, ?, ?, ?, ?)', [new Date().toISOString(), 'bob', 'test', 'ok', 'before the chain']);
+        await db.sql.close();
+        db = await openOld();
+        const check = await db.meta.verifyAuditChain();
+        assert.equal(check.ok, true, JSON.stringify(check));
+        const said = await db.meta.listEvents({ limit: 100 });
+        assert.ok(said.some((e) => e.action === 'audit-chain-repair' && /1 event\(s\)/.test(e.detail ?? '')), 'the re-chaining is itself an event');
+        // The unkeyed prefix is covered by the first keyed link: rewriting it, every plain link
+        // recomputed and the first keyed event pointed at the new head, is caught there.
+        await db.sql.run('UPDATE events SET detail = ? WHERE id = 1', ['nothing']);
+        let prev = '0'.repeat(64);
+        for (const r of await db.sql.all('SELECT * FROM events WHERE id <= 3 ORDER BY id')) {
+          prev = eventHash(prev, { id: Number(r.id), time: String(r.time), actor: String(r.actor), desktopId: null, action: String(r.action), outcome: String(r.outcome), detail: (r.detail as string | null) ?? null }, null);
+          await db.sql.run('UPDATE events SET hash = ? WHERE id = ?', [prev, Number(r.id)]);
+          await db.sql.run('UPDATE events SET prev_hash = ? WHERE id = ?', [prev, Number(r.id) + 1]);
+        }
+        assert.deepEqual(pick(await db.meta.verifyAuditChain()), [false, 4, 'event content does not match its hash (it was edited)']);
+      } finally {
+        await db.sql.close();
       }
     });
 
@@ -208,6 +276,17 @@ test('database URL: checked with a clear error, the password never shown', async
   assert.throws(() => checkPostgresUrl('not a url'), /does not parse/);
   assert.throws(() => checkPostgresUrl('postgres://u:s3cret@h'), (e: Error) => /names no database/.test(e.message) && !e.message.includes('s3cret'));
   assert.equal(redactDatabaseUrl('postgres://u:s3cret@h:5432/db'), 'postgres://u:***@h:5432/db');
-  await assert.rejects(openMetadata({ dataDir: '/nonexistent', database: 'postgres://carryon:s3cret@127.0.0.1:1/db' }),
+  await assert.rejects(openMetadata({ dataDir: '/nonexistent', database: 'postgres://carryon:s3cret@127.0.0.1:1/db', auditKey: AUDIT_KEY }),
     (e: Error) => /cannot connect to PostgreSQL at postgres:\/\/carryon:\*\*\*@127\.0\.0\.1:1\/db/.test(e.message) && !e.message.includes('s3cret'));
 });
+
+const pick = (c: { ok: boolean; brokenAt?: number; reason?: string }) => [c.ok, c.brokenAt, c.reason];
+
+/** An event as brokers wrote them before the chain was keyed: a plain SHA-256 link. */
+async function legacyAppend(sql: SqlConn, detail: string): Promise<void> {
+  const last = await sql.get('SELECT hash FROM events ORDER BY id DESC LIMIT 1');
+  const prev = last ? String(last.hash) : '0'.repeat(64);
+  const time = new Date().toISOString();
+  const id = Number((await sql.get('INSERT INTO events (time, actor, action, outcome, detail, prev_hash) VALUES (?, ?, ?, ?, ?, ?) RETURNING id', [time, 'carol', 'test', 'ok', detail, prev]))!.id);
+  await sql.run('UPDATE events SET hash = ? WHERE id = ?', [eventHash(prev, { id, time, actor: 'carol', desktopId: null, action: 'test', outcome: 'ok', detail }, null), id]);
+}

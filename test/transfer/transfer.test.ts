@@ -245,6 +245,12 @@ test('expired, forged, foreign and wrong-direction tickets are refused; out-of-s
   const outside = await call(signTicket(base, broker.privateKey), '/v1/chunks/missing', { ids: ['e'.repeat(64)] });
   assert.equal(outside.status, 403);
   assert.equal(outside.body.error, 'out-of-scope');
+  // Wrong media type is a 415, a body past the limit a 413 (not a 400, not a cut connection).
+  const ticket = signTicket(base, broker.privateKey);
+  const plain = await request(`${s.url}/v1/chunks/missing`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${ticket}`, 'content-type': 'text/plain' }, body: 'ids' });
+  assert.deepEqual([plain.statusCode, ((await plain.body.json()) as { error: string }).error], [415, 'unsupported-media-type']);
+  const huge = await request(`${s.url}/v1/chunks/missing`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${ticket}`, 'content-type': 'application/json' }, body: Buffer.alloc(65 * 1024 * 1024, 0x20) });
+  assert.deepEqual([huge.statusCode, ((await huge.body.json()) as { error: string }).error], [413, 'body-too-large']);
   await agent.close();
   const session = new TransferSession({ url: s.url, fingerprint: s.fingerprint, ticket: signTicket(base, broker.privateKey), maxStreams: 1 });
   assert.deepEqual(await session.missing(ids.slice(0, 3)), []);

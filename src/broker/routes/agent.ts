@@ -20,6 +20,29 @@ const Heartbeat = z.object({
   }).strict()).max(500).optional(),
 }).strict();
 
+/**
+ * A device's offline events go to the audit trail only for desktops it holds, or held last (events
+ * queued before a check-in arrive after it): a device must not write history for other users'
+ * desktops. The others are dropped, and that a device tried is itself audited.
+ */
+async function fileOfflineEvents(ctx: BrokerContext, device: { id: string; user: string }, events: NonNullable<z.infer<typeof Heartbeat>['events']>): Promise<void> {
+  const holds = new Map<string, boolean>();
+  const refused: string[] = [];
+  for (const e of events) {
+    if (e.desktopId !== undefined) {
+      if (!holds.has(e.desktopId)) holds.set(e.desktopId, (await ctx.meta.latestCheckout(e.desktopId))?.deviceId === device.id);
+      if (!holds.get(e.desktopId)) {
+        refused.push(`${e.action} on ${e.desktopId}`);
+        continue;
+      }
+    }
+    await ctx.audit({ actor: `device:${device.id}`, desktopId: e.desktopId ?? null, action: `offline-${e.action}`, outcome: 'info', detail: `reported by ${device.user}'s device at ${e.time}${e.detail ? `: ${e.detail}` : ''}` });
+  }
+  if (refused.length > 0) {
+    await ctx.audit({ actor: `device:${device.id}`, action: 'offline-events', outcome: 'denied', detail: `${refused.length} event(s) for desktops this device does not hold, dropped: ${refused.slice(0, 10).join(', ').slice(0, 800)}` });
+  }
+}
+
 /** Agent endpoints: device-signed, outbound from the laptop only. */
 export function agentRoutes(app: FastifyInstance, ctx: BrokerContext): void {
   app.post('/v1/agent/heartbeat', async (req) => {
@@ -29,9 +52,7 @@ export function agentRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     await ctx.meta.touchDevice(device.id, body.host);
     const { events, ...stats } = body;
     await ctx.meta.addHeartbeat(device.id, stats);
-    for (const e of events ?? []) {
-      await ctx.audit({ actor: `device:${device.id}`, desktopId: e.desktopId ?? null, action: `offline-${e.action}`, outcome: 'info', detail: `reported by ${device.user}'s device at ${e.time}${e.detail ? `: ${e.detail}` : ''}` });
-    }
+    await fileOfflineEvents(ctx, device, events ?? []);
     await enforceCutOff(ctx, 'system', (c) => c.deviceId === device.id);
     if (device.revoked) {
       const commands = (await ctx.meta.pendingCommands(device.id)).filter((c) => c.type === 'lock' || c.type === 'wipe').map((c) => ({ id: c.id, type: c.type, desktopId: c.desktopId ?? undefined }));

@@ -8,7 +8,7 @@ import { allowedActions, beginUpload, cancel, checkOut, checkoutView, commitUplo
 import type { BrokerContext } from '../context.js';
 import { beginHandback, checkoutOutcome, commitHandback } from '../handback.js';
 import type { DesktopRow } from '../../store/metadata.js';
-import { authenticate, DirectoryUnavailableError } from '../directory.js';
+import { accountName, authenticate, DirectoryUnavailableError } from '../directory.js';
 import { HttpError, parse, requireUser } from '../http.js';
 import { effectivePolicy } from '../policies.js';
 import { issueToken } from '../tokens.js';
@@ -53,11 +53,13 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
 
   app.post('/v1/auth/login', async (req, reply) => {
     const body = parse(z.object({ username: z.string().min(1).max(64), password: z.string().min(1).max(1024), deviceId: z.string().max(200).optional() }).strict(), req.body);
-    // Failed-login backoff per user and per source address (src/broker/throttle.ts).
-    const waitMs = await ctx.throttle.retryAfterMs(body.username, req.ip);
-    if (waitMs > 0) {
-      const sec = Math.ceil(waitMs / 1000);
-      await ctx.audit({ actor: body.username, action: 'login', outcome: 'denied', detail: `throttled: too many failed logins for this user or from ${req.ip}; retry in ${sec} s` });
+    // Failed-login backoff per account (not per spelling) and per source address (src/broker/throttle.ts).
+    const name = accountName(ctx.settings.ldap, body.username);
+    // The attempt is counted before the password is judged: parallel guesses wait their turn.
+    const reserved = await ctx.throttle.reserve(name, req.ip);
+    if (!reserved.ok) {
+      const sec = Math.ceil(reserved.retryAfterMs / 1000);
+      await ctx.audit({ actor: name, action: 'login', outcome: 'denied', detail: `throttled: too many failed logins for this user or from ${req.ip}; retry in ${sec} s` });
       void reply.header('retry-after', String(sec));
       throw new HttpError(429, 'too-many-attempts', `too many failed logins: try again in ${sec} s`, { retryAfterSec: sec }, true);
     }
@@ -65,16 +67,16 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     try {
       who = await authenticate(ctx.meta, ctx.settings.ldap, body.username, body.password);
     } catch (err) {
+      await ctx.throttle.release(name, req.ip);
       if (!(err instanceof DirectoryUnavailableError)) throw err;
-      await ctx.audit({ actor: body.username, action: 'login', outcome: 'failed', detail: err.message });
+      await ctx.audit({ actor: name, action: 'login', outcome: 'failed', detail: err.message });
       throw new HttpError(503, err.code, err.message, {}, true);
     }
     if (!who) {
-      await ctx.throttle.fail(body.username, req.ip);
-      await ctx.audit({ actor: body.username, action: 'login', outcome: 'denied', detail: `bad credentials from ${req.ip}` });
+      await ctx.audit({ actor: name, action: 'login', outcome: 'denied', detail: `bad credentials from ${req.ip}` });
       throw new HttpError(401, 'bad-credentials', 'unknown user or wrong password', {}, true);
     }
-    await ctx.throttle.succeed(who.name);
+    await ctx.throttle.succeed(name, req.ip);
     if (body.deviceId && (await ctx.meta.deviceRevokedAt(body.deviceId))) {
       await ctx.audit({ actor: who.name, action: 'login', outcome: 'denied', detail: `device ${body.deviceId} is revoked` });
       throw new HttpError(403, 'device-revoked', 'this device has been revoked by an administrator', {}, true);

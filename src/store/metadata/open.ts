@@ -1,5 +1,5 @@
 import { join } from 'node:path';
-import { chainUnhashed } from '../audit-chain.js';
+import { sealChainAtOpen } from '../audit-chain.js';
 import { BROKER_MIGRATIONS } from '../metadata-schema.js';
 import type { SqlDb } from '../sql/driver.js';
 import { PgSql } from '../sql/pg-driver.js';
@@ -16,17 +16,18 @@ export interface OpenedMetadata {
 
 /**
  * The broker's database: `database` a `postgres://` URL (several brokers may share it), or
- * absent for SQLite in `<dataDir>/metadata.db` (the default). Migrated and ready.
+ * absent for SQLite in `<dataDir>/metadata.db` (the default). Migrated and ready; `auditKey`
+ * (`auditChainKey(masterKey)`) keys the audit chain.
  */
-export async function openMetadata(opts: { dataDir: string; database?: string }): Promise<OpenedMetadata> {
+export async function openMetadata(opts: { dataDir: string; database?: string; auditKey: Buffer; by?: string }): Promise<OpenedMetadata> {
   const sql: SqlDb = opts.database ? await PgSql.open(opts.database) : SqliteSql.open(join(opts.dataDir, 'metadata.db'));
   try {
     await sql.migrate('broker', BROKER_MIGRATIONS);
     await sql.migrate('trust', TRUST_MIGRATIONS);
-    await chainUnhashed(sql);
+    await sealChainAtOpen(sql, opts.auditKey, opts.by ?? 'system');
   } catch (err) {
     await sql.close();
     throw err;
   }
-  return { meta: new SqlMetadataStore(sql), sql };
+  return { meta: new SqlMetadataStore(sql, opts.auditKey), sql };
 }

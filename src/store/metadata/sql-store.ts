@@ -17,10 +17,14 @@ const ACTIVE = `('transferring','checked_out','checking_in')`;
  * PostgreSQL), the few dialect differences spelt out where they occur.
  */
 export class SqlMetadataStore implements MetadataStore {
-  constructor(protected readonly sql: SqlConn) {}
+  constructor(
+    protected readonly sql: SqlConn,
+    /** Keys the audit chain's links (audit-chain.ts). */
+    private readonly auditKey: Buffer,
+  ) {}
 
   transaction<T>(fn: (tx: MetadataStore) => Promise<T>): Promise<T> {
-    return this.sql.transaction((c) => fn(new SqlMetadataStore(c)));
+    return this.sql.transaction((c) => fn(new SqlMetadataStore(c, this.auditKey)));
   }
 
   private async one(sql: string, params: readonly (string | number | Buffer | null)[]): Promise<Raw | undefined> {
@@ -245,6 +249,19 @@ export class SqlMetadataStore implements MetadataStore {
       RETURNING failures`, [key, at, at - forgetAfterMs, at]);
     return Number(r?.failures ?? 1);
   }
+  async reserveLoginAttempt(key: string, at: number, forgetAfterMs: number, delays: readonly number[]): Promise<number | null> {
+    const count = 'CASE WHEN login_failures.last_failure < ? THEN 1 ELSE login_failures.failures + 1 END';
+    // The check, the count and the block in one upsert: attempts racing (on one broker or several)
+    // are admitted one at a time, so no more are judged than the backoff allows.
+    const r = await this.sql.get<Raw>(`INSERT INTO login_failures (key, failures, last_failure, blocked_until) VALUES (?, 1, ?, CAST(? AS BIGINT) + ${delays[0] ?? 0})
+      ON CONFLICT (key) DO UPDATE SET failures = ${count}, last_failure = ?, blocked_until = CAST(? AS BIGINT) + ${delayCase(count, delays)}
+      WHERE login_failures.blocked_until <= ?
+      RETURNING failures`, [key, at, at, at - forgetAfterMs, at, at, at - forgetAfterMs, at]);
+    return r ? Number(r.failures) : null;
+  }
+  async releaseLoginAttempt(key: string): Promise<void> {
+    await this.sql.run('UPDATE login_failures SET failures = failures - 1 WHERE key = ? AND failures > 0', [key]);
+  }
   async blockLogin(key: string, until: number): Promise<void> {
     await this.sql.run('UPDATE login_failures SET blocked_until = ? WHERE key = ? AND blocked_until < ?', [until, key, until]);
   }
@@ -266,6 +283,10 @@ export class SqlMetadataStore implements MetadataStore {
   }
   async activeCheckout(desktopId: string): Promise<CheckoutRow | null> {
     const r = await this.one(`SELECT * FROM checkouts WHERE desktop_id = ? AND state IN ${ACTIVE}`, [desktopId]);
+    return r ? rows.checkoutRow(r) : null;
+  }
+  async latestCheckout(desktopId: string): Promise<CheckoutRow | null> {
+    const r = await this.one('SELECT * FROM checkouts WHERE desktop_id = ? ORDER BY created_at DESC, id DESC LIMIT 1', [desktopId]);
     return r ? rows.checkoutRow(r) : null;
   }
   async listCheckouts(filter: { activeOnly?: boolean } = {}): Promise<CheckoutRow[]> {
@@ -299,7 +320,7 @@ export class SqlMetadataStore implements MetadataStore {
 
   // Audit
   addEvent(e: NewEvent): Promise<number> {
-    return appendEvent(this.sql, e); // hash-chained: see audit-chain.ts
+    return appendEvent(this.sql, this.auditKey, e); // hash-chained: see audit-chain.ts
   }
   async listEvents(f: { sinceId?: number; desktopId?: string; limit?: number } = {}): Promise<EventRow[]> {
     const byDesktop = f.desktopId !== undefined;
@@ -330,7 +351,7 @@ export class SqlMetadataStore implements MetadataStore {
     return (await this.sql.all<Raw>(sql, [...params, f.limit ?? 200])).map(rows.eventRow);
   }
   verifyAuditChain(): Promise<ChainCheck> {
-    return verifyChain(this.sql);
+    return verifyChain(this.sql, this.auditKey);
   }
   exportEvents(sinceId = 0, limit = 100_000): Promise<string> {
     return exportEvents(this.sql, sinceId, limit);
@@ -351,4 +372,13 @@ export class SqlMetadataStore implements MetadataStore {
   async ackCommand(id: string, deviceId: string, ok: boolean, message: string | null): Promise<boolean> {
     return (await this.sql.run("UPDATE commands SET state = ?, result = ?, acked_at = ? WHERE id = ? AND device_id = ? AND state = 'pending'", [ok ? 'done' : 'failed', message, now(), id, deviceId])) === 1;
   }
+}
+
+/** `delays[count - 1]` as SQL (whole milliseconds, written inline: they are ours, not the caller's). */
+function delayCase(count: string, delays: readonly number[]): string {
+  const ms = delays.map((d) => Math.max(0, Math.floor(d)));
+  const last = ms.length - 1;
+  const whens = ms.slice(0, last).map((d, i) => `WHEN ${i + 1} THEN ${d}`);
+  // `count` appears exactly once either way: the caller's parameters are counted on it.
+  return whens.length ? `CASE ${count} ${whens.join(' ')} ELSE ${ms[last]} END` : `CASE WHEN ${count} > 0 THEN ${ms[0] ?? 0} ELSE 0 END`;
 }

@@ -100,11 +100,20 @@ export interface MetadataStore {
   recordLoginFailure(key: string, at: number, forgetAfterMs: number): Promise<number>;
   blockLogin(key: string, until: number): Promise<void>;
   clearLoginFailures(key: string): Promise<void>;
+  /**
+   * One atomic step: unless `key` is blocked at `at`, counts an attempt and blocks the key for
+   * `delays[count - 1]` (the last entry for larger counts); the new count, or null when blocked.
+   */
+  reserveLoginAttempt(key: string, at: number, forgetAfterMs: number, delays: readonly number[]): Promise<number | null>;
+  /** Takes back one counted attempt (it succeeded, or was never judged). */
+  releaseLoginAttempt(key: string): Promise<void>;
 
   /** The lock: a new active check-out, or null when the desktop already has one (the unique index decides races). */
   insertCheckout(c: { desktopId: string; user: string; deviceId: string; checkpointSnapshot: string; leaseExpiresAt: string }): Promise<string | null>;
   getCheckout(id: string): Promise<CheckoutRow | null>;
   activeCheckout(desktopId: string): Promise<CheckoutRow | null>;
+  /** The desktop's most recent check-out, in whatever state (the device that holds or last held it). */
+  latestCheckout(desktopId: string): Promise<CheckoutRow | null>;
   listCheckouts(filter?: { activeOnly?: boolean }): Promise<CheckoutRow[]>;
   /** Compare-and-set on state: false when another request moved it first. */
   transitionCheckout(id: string, from: CheckoutState[], to: CheckoutState, patch?: CheckoutPatch): Promise<boolean>;
