@@ -19,10 +19,11 @@ import { signTicket } from '../../src/core/ticket.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
 import { FsChunkStore } from '../../src/store/fs-chunk-store.js';
 import { downloadChunks, TransferSession, uploadChunks, type TransferEndpoint } from '../../src/transfer/client.js';
-import { FRAME_BLOB, FRAME_END, FRAME_ERROR, FrameDecoder, pagesFrameHead } from '../../src/transfer/frames.js';
+import { blobFrame, endFrame, FRAME_BLOB, FRAME_END, FRAME_ERROR, FrameDecoder, pagesFrameHead } from '../../src/transfer/frames.js';
 import { pushPages } from '../../src/transfer/push-pages.js';
 import { startTransferServer, type TransferServer } from '../../src/transfer/server.js';
 import { RemoteCheckpoint } from '../../src/disk/remote-checkpoint.js';
+import { rawChunkBlob, rawPagesBlob, rleBomb } from '../support/hostile-zstd.js';
 import { makeDesktopStore, wrapped } from './helpers.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'carryon-transfer-'));
@@ -216,6 +217,45 @@ test('check-in pages: the server rebuilds and names each chunk; a base outside t
   const none = new Map<number, string | null>();
   await assert.rejects(pushPages({ endpoint, count: items.length, source: source(true), named: none }), /refused .*GCM tag does not verify/);
   assert.equal(none.size, 0);
+});
+
+test('decompression bombs pushed as pages and as a blob are refused at once with the reason, memory flat; the honest frame beside them is named', async () => {
+  const s = await server('ts-bomb', 1);
+  const t = signTicket({ v: 1, jobId: 'job-bomb', desktopId: 'd', checkoutId: 'c-bomb', direction: 'upload', manifests: [desk.digest], baseManifests: [desk.digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 1, expiresAt: new Date(Date.now() + 600_000).toISOString() }, broker.privateKey);
+  const CS = desk.manifest.chunkSize;
+  const pages = (tag: number, blob: Buffer, baseId: string | null = null) => [pagesFrameHead(tag, baseId, blob.length), blob];
+  const honest = randomBytes(4096);
+  const body = Buffer.concat([
+    // ≈ 8 KiB asking for 256 MiB (measured before the fix: RSS 51 → 571 MiB, 8.4 s), without a size, with it, and lying about it.
+    ...pages(0, rawPagesBlob(keys, rleBomb({ blocks: 2048 }))),
+    ...pages(1, rawPagesBlob(keys, rleBomb({ blocks: 2048, declare: 'true' }))),
+    ...pages(2, rawPagesBlob(keys, rleBomb({ blocks: 2048, declare: 4096 }), ids[0]), ids[0]),
+    // A frame near the size limit: ≈ 1 M blocks, ≈ 128 GiB if decompressed whole.
+    ...pages(3, rawPagesBlob(keys, rleBomb({ blocks: 1_000_000 }))),
+    blobFrame(ids[1]!, rawChunkBlob(keys, ids[1]!, rleBomb({ blocks: 2048, declare: 'true' }))),
+    ...pages(4, sealPages(keys, null, CS, [{ offset: 0, bytes: honest }])),
+    endFrame(),
+  ]);
+  const rss0 = process.memoryUsage().rss;
+  const t0 = performance.now();
+  const agent = pinnedAgent(s.fingerprint);
+  const res = await request(`${s.url}/v1/chunks/push`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${t}`, 'content-type': 'application/octet-stream' }, body });
+  const answer = (await res.body.json()) as { rejected: { tag?: number; id?: string; reason: string; code: string }[]; named: { tag: number; id: string | null }[] };
+  await agent.close();
+  const ms = performance.now() - t0;
+  const grewMiB = (process.memoryUsage().rss - rss0) / 2 ** 20;
+  assert.equal(res.statusCode, 200);
+  const reason = (k: { tag?: number; id?: string }) => answer.rejected.find((r) => (k.tag !== undefined ? r.tag === k.tag : r.id === k.id))?.reason ?? 'not rejected';
+  assert.match(reason({ tag: 0 }), /blob rejected \(decompress\): the zstd frame does not declare its size/);
+  assert.match(reason({ tag: 1 }), /blob rejected \(too-large\): the zstd frame declares 268435456 bytes/);
+  assert.match(reason({ tag: 2 }), /blob rejected \(decompress\)/);
+  assert.match(reason({ tag: 3 }), /does not declare its size/);
+  assert.match(reason({ id: ids[1]! }), /blob rejected \(too-large\)/);
+  assert.ok(answer.rejected.every((r) => r.code === 'invalid'));
+  const named = answer.named.find((n) => n.tag === 4);
+  assert.equal(named?.id, computeChunkId(keys.idKey, Buffer.concat([honest, Buffer.alloc(CS - 4096)])), 'the honest frame is rebuilt and named');
+  assert.ok(ms < 3000, `answered in ${ms.toFixed(0)} ms`);
+  assert.ok(grewMiB < 96, `RSS grew by ${grewMiB.toFixed(0)} MiB`);
 });
 
 test('expired, forged, foreign and wrong-direction tickets are refused; out-of-scope chunks are not served', async () => {
