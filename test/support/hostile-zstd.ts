@@ -64,3 +64,45 @@ export function rawPagesBlob(keys: LineageKeys, inner: Uint8Array, baseId: Chunk
 export function rawChunkBlob(keys: LineageKeys, id: ChunkId, inner: Uint8Array): Buffer {
   return sealRawEnvelope(keys, inner, 0, chunkIdToBytes(id));
 }
+
+/** A seeded PRNG (mulberry32): a fuzz run that fails can be replayed from its seed. */
+export function seeded(seed: number): { int(n: number): number; pick<T>(xs: readonly T[]): T; bytes(n: number): Buffer } {
+  let a = seed >>> 0;
+  const next = (): number => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  const int = (n: number): number => Math.floor(next() * n);
+  return {
+    int,
+    pick: (xs) => xs[int(xs.length)]!,
+    bytes: (n) => {
+      const out = Buffer.allocUnsafe(n);
+      for (let i = 0; i < n; i++) out[i] = int(256);
+      return out;
+    },
+  };
+}
+
+export type Rand = ReturnType<typeof seeded>;
+
+/** A declared frame content size field: 1, 2, 4 or 8 bytes (RFC 8878 §3.1.1.1.4), any value. */
+export function withDeclaredSize(frame: Buffer, size: number, rand: Rand): Buffer {
+  // Rebuild the header: FCS flag 3 (8 bytes), not single-segment, window 128 KiB; blocks as they were.
+  const descriptor = frame[4]!;
+  const fcsFlag = descriptor >> 6;
+  const single = (descriptor >> 5) & 1;
+  const dictFlag = descriptor & 3;
+  const fcsBytes = [single ? 1 : 0, 2, 4, 8][fcsFlag]!;
+  const headerLen = 4 + 1 + (single ? 0 : 1) + [0, 1, 2, 4][dictFlag]! + fcsBytes;
+  const blocks = frame.subarray(headerLen);
+  const head = Buffer.alloc(4 + 1 + 1 + 8);
+  frame.copy(head, 0, 0, 4);
+  head[4] = 0xc0 | (descriptor & 0x04);
+  head[5] = rand.pick([7 << 3, 10 << 3, 17 << 3, 31 << 3]);
+  head.writeBigUInt64LE(BigInt(size), 6);
+  return Buffer.concat([head, blocks]);
+}
