@@ -5,7 +5,7 @@ import { CarryonError } from '../core/errors.js';
 import { QmpConnection, QmpError } from '../hypervisor/qmp.js';
 import { ensurePrivateDir } from '../net/private-dir.js';
 import { chainBlockdev, type ChainSpec } from './chain.js';
-import { missingTool } from './qemu-tools.js';
+import { missingTool, qemuFailure } from './qemu-tools.js';
 
 /** One thing QEMU's block layer can host: a storage daemon, or the VM's own QEMU. Both speak QMP. */
 export interface BlockHost {
@@ -23,9 +23,8 @@ export async function addLayer(host: BlockHost, blockdev: Record<string, unknown
   try {
     await host.qmp.execute('blockdev-add', blockdev);
   } catch (err) {
-    if (err instanceof QmpError && /lock/i.test(err.desc)) {
-      throw new CarryonError('disk-busy', 'the desktop disk is in use by another carryon process (run, serve, checkout or checkin): stop it first');
-    }
+    const known = err instanceof QmpError ? qemuFailure(err.desc) : null;
+    if (known) throw new CarryonError(known.code, `${known.message} (QEMU: ${(err as QmpError).desc})`);
     throw err;
   }
 }
