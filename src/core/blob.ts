@@ -1,9 +1,10 @@
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from 'node:crypto';
-import { compress, decompress } from 'zstd-napi';
+import { compress } from 'zstd-napi';
 import { chunkIdToBytes, computeChunkId, type ChunkId } from './chunk-id.js';
 import { MAX_CHUNK_SIZE } from './chunking.js';
 import { BlobError } from './errors.js';
 import { dataKeyFor, type LineageKeys } from './keys.js';
+import { decompressBounded, DecompressRefused } from './zstd-bounded.js';
 
 /**
  * Chunk blob, version 2: version(1) ‖ flags(1) ‖ key generation(4) ‖ salt(24) ‖
@@ -122,14 +123,13 @@ export function openBlobEnvelope(keys: LineageKeys, blob: Uint8Array, kindFlags:
     throw new BlobError(label, 'auth', 'GCM tag does not verify (wrong key, wrong ID, or tampered)');
   }
   if (!(flags & FLAG_ZSTD)) return body;
-  let plain: Buffer;
+  // Never more than maxBody bytes, whatever the frame says or holds (decompression bombs).
   try {
-    plain = decompress(body);
+    return decompressBounded(body, maxBody);
   } catch (err) {
-    throw new BlobError(label, 'decompress', (err as Error).message);
+    if (err instanceof DecompressRefused) throw new BlobError(label, err.reason, err.message);
+    throw err;
   }
-  if (plain.length > maxBody) throw new BlobError(label, 'too-large', `decompresses to ${plain.length} bytes`);
-  return plain;
 }
 
 export interface OpenOptions {

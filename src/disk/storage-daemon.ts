@@ -1,10 +1,11 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { chmod, mkdir, rm } from 'node:fs/promises';
-import { join } from 'node:path';
+import { chmod, rm } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
 import { CarryonError } from '../core/errors.js';
 import { QmpConnection, QmpError } from '../hypervisor/qmp.js';
+import { ensurePrivateDir } from '../net/private-dir.js';
 import { chainBlockdev, type ChainSpec } from './chain.js';
-import { missingTool } from './qemu-tools.js';
+import { missingTool, qemuFailure } from './qemu-tools.js';
 
 /** One thing QEMU's block layer can host: a storage daemon, or the VM's own QEMU. Both speak QMP. */
 export interface BlockHost {
@@ -22,9 +23,8 @@ export async function addLayer(host: BlockHost, blockdev: Record<string, unknown
   try {
     await host.qmp.execute('blockdev-add', blockdev);
   } catch (err) {
-    if (err instanceof QmpError && /lock/i.test(err.desc)) {
-      throw new CarryonError('disk-busy', 'the desktop disk is in use by another carryon process (run, serve, checkout or checkin): stop it first');
-    }
+    const known = err instanceof QmpError ? qemuFailure(err.desc) : null;
+    if (known) throw new CarryonError(known.code, `${known.message} (QEMU: ${(err as QmpError).desc})`);
     throw err;
   }
 }
@@ -46,8 +46,7 @@ export class StorageDaemon implements BlockHost {
   ) {}
 
   static async start(runDir: string): Promise<StorageDaemon> {
-    await mkdir(runDir, { recursive: true, mode: 0o700 });
-    await chmod(runDir, 0o700);
+    await ensurePrivateDir(runDir);
     const qmpPath = join(runDir, 'qsd-qmp.sock');
     await rm(qmpPath, { force: true });
     // setpriv --pdeathsig: a client killed with -9 takes its daemon along (else it would keep the disk locked).
@@ -81,6 +80,8 @@ export class StorageDaemon implements BlockHost {
 
   /** Starts the NBD server on `socketPath` (0600) and exports each node under its name. */
   async exportNbd(socketPath: string, exports: { node: string; name: string; writable: boolean }[]): Promise<void> {
+    // QEMU creates the socket with its umask: inside a 0700 directory of ours it is private at once.
+    await ensurePrivateDir(dirname(socketPath));
     await rm(socketPath, { force: true });
     this.sockets.push(socketPath);
     // nbd-server-start takes the legacy socket address form (data wrapper).

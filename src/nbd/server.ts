@@ -1,7 +1,8 @@
-import { chmod, mkdir, rm } from 'node:fs/promises';
+import { chmod, rm } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import { dirname } from 'node:path';
 import { DiskError, type BlockDevice } from '../disk/block-device.js';
+import { ensurePrivateDir } from '../net/private-dir.js';
 import {
   blockSizeInfo, CMD, CMD_FLAG_FUA, ERR, exportInfo, exportNameReply, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, MAX_OPTION,
   MAX_PAYLOAD, OPT, optionReply, parseGoData, parseRequest, REP, serverHello, serverListEntry, simpleReply, transmissionFlags,
@@ -16,8 +17,8 @@ export interface NbdServer {
 }
 
 /**
- * NBD server (newstyle fixed handshake) over named block devices: on a unix socket (0600, in a
- * 0700 directory) by default, or TCP on 127.0.0.1 when asked. A malformed or vanished client
+ * NBD server (newstyle fixed handshake) over named block devices: on a unix socket (0600, made
+ * inside a 0700 directory of this user's) by default, or TCP on 127.0.0.1 when asked. A malformed or vanished client
  * costs its own connection only.
  */
 export async function serveNbd(exports: Map<string, BlockDevice>, where: { socketPath: string } | { tcpPort: number }): Promise<NbdServer> {
@@ -31,7 +32,9 @@ export async function serveNbd(exports: Map<string, BlockDevice>, where: { socke
   server.on('error', () => undefined);
   let address: string;
   if ('socketPath' in where) {
-    await mkdir(dirname(where.socketPath), { recursive: true, mode: 0o700 });
+    // Private from its creation: made inside a 0700 directory of ours (an existing one is
+    // tightened, a foreign one refused); the chmod after listen is a second fence only.
+    await ensurePrivateDir(dirname(where.socketPath));
     await rm(where.socketPath, { force: true });
     await new Promise<void>((resolve, reject) => server.listen(where.socketPath, resolve).once('error', reject));
     await chmod(where.socketPath, 0o600);

@@ -333,6 +333,9 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
       await opts.store.sync();
       return result;
     } finally {
+      // Refused before the body's end (a bad frame): the rest is never read, so the connection
+      // cannot carry another request; without this a client reusing it waited ≈ 73 s for a reset.
+      if (!req.raw.complete) void reply.header('connection', 'close');
       // Settled before the stream is given back (a failed request leaves no check or put running).
       await window.drain().catch(() => undefined);
       release();

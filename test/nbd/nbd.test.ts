@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -119,5 +119,39 @@ test('malformed handshakes, unknown options, reads past the end and oversize req
   } finally {
     await s.server.close();
     await s.disk.close();
+  }
+});
+
+test('socket directory (issue 22): an existing loose one is tightened to 0700 before listen; a symlink or another user\'s is refused', async () => {
+  const open = join(dir, 'open');
+  mkdirSync(open, { mode: 0o755 });
+  chmodSync(open, 0o755);
+  const loose = join(open, 'loose');
+  mkdirSync(loose);
+  chmodSync(loose, 0o777);
+  const disk = new MemoryDevice(Buffer.alloc(4096));
+  const server = await serveNbd(new Map([['disk0', disk]]), { socketPath: join(loose, 'nbd.sock') });
+  try {
+    assert.equal(statSync(loose).mode & 0o777, 0o700, 'the directory is tightened');
+    assert.equal(statSync(join(loose, 'nbd.sock')).mode & 0o777, 0o600);
+    // Another user cannot reach the socket (run where this test may switch users: as root).
+    if (process.getuid?.() === 0) {
+      const probe = `require('net').connect(${JSON.stringify(join(loose, 'nbd.sock'))}).on('connect', () => { console.log('connected'); process.exit(0); }).on('error', (e) => { console.log(e.code); process.exit(0); })`;
+      const { stdout } = await run('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, '-e', probe]);
+      assert.equal(stdout.trim(), 'EACCES');
+    }
+  } finally {
+    await server.close();
+  }
+  const target = join(dir, 'elsewhere');
+  mkdirSync(target, { mode: 0o700 });
+  symlinkSync(target, join(open, 'link'));
+  await assert.rejects(serveNbd(new Map([['disk0', disk]]), { socketPath: join(open, 'link', 'nbd.sock') }), (err: Error & { code?: string }) => err.code === 'unsafe-socket-dir' && /not a directory of its own/.test(err.message));
+  if (process.getuid?.() === 0) {
+    const foreign = join(open, 'foreign');
+    mkdirSync(foreign, { mode: 0o700 });
+    chownSync(foreign, 65534, 65534);
+    await assert.rejects(serveNbd(new Map([['disk0', disk]]), { socketPath: join(foreign, 'nbd.sock') }), /belongs to user 65534, not this user/);
+    assert.equal(statSync(foreign).mode & 0o777, 0o700, 'left as it was');
   }
 });

@@ -6,6 +6,7 @@ import { computeChunkId } from '../../src/core/chunk-id.js';
 import { sealDeltaRanges, sealPages } from '../../src/core/delta.js';
 import { generateLineageKeys } from '../../src/core/keys.js';
 import { PushChecks } from '../../src/transfer/push-checks.js';
+import { rawChunkBlob, rawPagesBlob, rleBomb } from '../support/hostile-zstd.js';
 
 const CS = 256 * 1024;
 
@@ -77,6 +78,11 @@ for (const size of [0, 2]) {
       const forged = Buffer.from(pages);
       forged[40]! ^= 1;
       await assert.rejects(checks.name(keys, forged, { id: b.id, blob: b.blob }, '#8'), /GCM tag does not verify/);
+
+      // Decompression bombs (issue 22): refused by the bound, on the threads as inline.
+      await assert.rejects(checks.name(keys, rawPagesBlob(keys, rleBomb({ blocks: 2048 })), null, '#9'), /#9.*\(decompress\): the zstd frame does not declare its size/);
+      await assert.rejects(checks.name(keys, rawPagesBlob(keys, rleBomb({ blocks: 2048, declare: 'true' }), b.id), { id: b.id, blob: b.blob }, '#10'), /#10.*\(too-large\)/);
+      await assert.rejects(checks.verify(keys, b.id, rawChunkBlob(keys, b.id, rleBomb({ blocks: 2048, declare: 'true' }))), /\(too-large\): the zstd frame declares/);
     } finally {
       await checks.close();
     }

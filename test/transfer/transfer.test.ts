@@ -20,10 +20,11 @@ import { signTicket } from '../../src/core/ticket.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
 import { FsChunkStore } from '../../src/store/fs-chunk-store.js';
 import { downloadChunks, TransferSession, uploadChunks, type TransferEndpoint } from '../../src/transfer/client.js';
-import { FRAME_BLOB, FRAME_END, FRAME_ERROR, FrameDecoder, pagesFrameHead } from '../../src/transfer/frames.js';
+import { blobFrame, encodeFrame, endFrame, FRAME_BLOB, FRAME_DELTA, FRAME_PAGES, FRAME_END, FRAME_ERROR, FrameDecoder, pagesFrameHead } from '../../src/transfer/frames.js';
 import { pushPages } from '../../src/transfer/push-pages.js';
 import { startTransferServer, type TransferServer } from '../../src/transfer/server.js';
 import { RemoteCheckpoint } from '../../src/disk/remote-checkpoint.js';
+import { rawChunkBlob, rawPagesBlob, rleBomb, seeded } from '../support/hostile-zstd.js';
 import { makeDesktopStore, wrapped } from './helpers.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'carryon-transfer-'));
@@ -223,6 +224,92 @@ test('check-in pages: the server rebuilds and names each chunk; a base outside t
   const none = new Map<number, string | null>();
   await assert.rejects(pushPages({ endpoint, count: items.length, source: source(true), named: none, receipts: new Map() }), /refused .*GCM tag does not verify/);
   assert.equal(none.size, 0);
+});
+
+test('decompression bombs pushed as pages and as a blob are refused at once with the reason, memory flat; the honest frame beside them is named', async () => {
+  const s = await server('ts-bomb', 1);
+  const t = signTicket({ v: 1, jobId: 'job-bomb', desktopId: 'd', checkoutId: 'c-bomb', direction: 'upload', manifests: [desk.digest], baseManifests: [desk.digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 1, expiresAt: new Date(Date.now() + 600_000).toISOString() }, broker.privateKey);
+  const CS = desk.manifest.chunkSize;
+  const pages = (tag: number, blob: Buffer, baseId: string | null = null) => [pagesFrameHead(tag, baseId, blob.length), blob];
+  const honest = randomBytes(4096);
+  const body = Buffer.concat([
+    // ≈ 8 KiB asking for 256 MiB (measured before the fix: RSS 51 → 571 MiB, 8.4 s), without a size, with it, and lying about it.
+    ...pages(0, rawPagesBlob(keys, rleBomb({ blocks: 2048 }))),
+    ...pages(1, rawPagesBlob(keys, rleBomb({ blocks: 2048, declare: 'true' }))),
+    ...pages(2, rawPagesBlob(keys, rleBomb({ blocks: 2048, declare: 4096 }), ids[0]), ids[0]),
+    // A frame near the size limit: ≈ 1 M blocks, ≈ 128 GiB if decompressed whole.
+    ...pages(3, rawPagesBlob(keys, rleBomb({ blocks: 1_000_000 }))),
+    blobFrame(ids[1]!, rawChunkBlob(keys, ids[1]!, rleBomb({ blocks: 2048, declare: 'true' }))),
+    ...pages(4, sealPages(keys, null, CS, [{ offset: 0, bytes: honest }])),
+    endFrame(),
+  ]);
+  const rss0 = process.memoryUsage().rss;
+  const t0 = performance.now();
+  const agent = pinnedAgent(s.fingerprint);
+  const res = await request(`${s.url}/v1/chunks/push`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${t}`, 'content-type': 'application/octet-stream' }, body });
+  const answer = (await res.body.json()) as { rejected: { tag?: number; id?: string; reason: string; code: string }[]; named: { tag: number; id: string | null }[] };
+  await agent.close();
+  const ms = performance.now() - t0;
+  const grewMiB = (process.memoryUsage().rss - rss0) / 2 ** 20;
+  assert.equal(res.statusCode, 200);
+  const reason = (k: { tag?: number; id?: string }) => answer.rejected.find((r) => (k.tag !== undefined ? r.tag === k.tag : r.id === k.id))?.reason ?? 'not rejected';
+  assert.match(reason({ tag: 0 }), /blob rejected \(decompress\): the zstd frame does not declare its size/);
+  assert.match(reason({ tag: 1 }), /blob rejected \(too-large\): the zstd frame declares 268435456 bytes/);
+  assert.match(reason({ tag: 2 }), /blob rejected \(decompress\)/);
+  assert.match(reason({ tag: 3 }), /does not declare its size/);
+  assert.match(reason({ id: ids[1]! }), /blob rejected \(too-large\)/);
+  assert.ok(answer.rejected.every((r) => r.code === 'invalid'));
+  const named = answer.named.find((n) => n.tag === 4);
+  assert.equal(named?.id, computeChunkId(keys.idKey, Buffer.concat([honest, Buffer.alloc(CS - 4096)])), 'the honest frame is rebuilt and named');
+  assert.ok(ms < 3000, `answered in ${ms.toFixed(0)} ms`);
+  assert.ok(grewMiB < 96, `RSS grew by ${grewMiB.toFixed(0)} MiB`);
+});
+
+test('push route fuzz (seeded): hostile frames, bombs and cut streams get 200 with refusals or 400, never 500; the server stays up, memory bounded', async () => {
+  const s = await server('ts-fuzz', 1);
+  const t = signTicket({ v: 1, jobId: 'job-fuzz', desktopId: 'd', checkoutId: 'c-fuzz', direction: 'upload', manifests: [desk.digest], baseManifests: [desk.digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 1, expiresAt: new Date(Date.now() + 600_000).toISOString() }, broker.privateKey);
+  const r = seeded(Number(process.env.CARRYON_FUZZ_SEED ?? 22));
+  const bomb = () => rleBomb({ blocks: r.pick([33, 2048, 200_000]), declare: r.pick(['none', 'true', 65536]) as 'none' });
+  const frame = (): Buffer[] => {
+    const id = r.pick(ids);
+    switch (r.int(6)) {
+      case 0: return [blobFrame(id, rawChunkBlob(keys, id, bomb()))];
+      case 1: {
+        const blob = rawPagesBlob(keys, bomb(), r.int(2) ? id : null);
+        return [pagesFrameHead(r.int(100), blob[0] === 2 && r.int(2) ? id : null, blob.length), blob];
+      }
+      case 2: return [encodeFrame(FRAME_DELTA, id, Buffer.concat([Buffer.from(r.pick(ids), 'hex'), r.bytes(r.int(300))]))];
+      case 3: return [encodeFrame(FRAME_PAGES, null, r.bytes(r.int(8)))];
+      case 4: return [encodeFrame(r.pick([7, 255, 2]), id, r.bytes(r.int(64)))];
+      default: return [blobFrame(id, r.bytes(r.int(4096)))];
+    }
+  };
+  const rss0 = process.memoryUsage().rss;
+  const statuses = new Map<number, number>();
+  // One connection pool for all, as a client has: a push refused before its body's end must not
+  // leave its connection to the next request (one waited ≈ 73 s for a reset before the fix).
+  const agent = pinnedAgent(s.fingerprint);
+  try {
+    for (let i = 0; i < 30; i++) {
+      const parts = Array.from({ length: r.int(5) + 1 }, frame).flat();
+      if (r.int(4)) parts.push(endFrame());
+      let body = Buffer.concat(parts);
+      if (!r.int(5)) body = body.subarray(0, r.int(body.length));
+      const t0 = performance.now();
+      const res = await request(`${s.url}/v1/chunks/push`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${t}`, 'content-type': 'application/octet-stream' }, body, headersTimeout: 10_000 });
+      const answer = (await res.body.json()) as { error?: string };
+      statuses.set(res.statusCode, (statuses.get(res.statusCode) ?? 0) + 1);
+      assert.ok(res.statusCode === 200 || (res.statusCode === 400 && answer.error === 'bad-frame'), `request ${i}: ${res.statusCode} ${JSON.stringify(answer)}`);
+      assert.ok(performance.now() - t0 < 5000, `request ${i} took ${(performance.now() - t0).toFixed(0)} ms`);
+    }
+  } finally {
+    await agent.close();
+  }
+  assert.ok((statuses.get(200) ?? 0) > 0 && (statuses.get(400) ?? 0) > 0, JSON.stringify([...statuses]));
+  assert.ok(process.memoryUsage().rss - rss0 < 128 * 2 ** 20, 'memory bounded');
+  const session = new TransferSession({ url: s.url, fingerprint: s.fingerprint, ticket: t, maxStreams: 1 });
+  assert.deepEqual(await session.missing(ids.slice(0, 2)), [], 'the server still answers');
+  await session.close();
 });
 
 test('expired, forged, foreign and wrong-direction tickets are refused; out-of-scope chunks are not served', async () => {
