@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { chmodSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
@@ -62,6 +62,15 @@ test('a real lock conflict (qemu-io holds the image) is disk-busy, through a too
   }
 });
 
+/** A /proc file of `pid`, or '' once that process is gone (it may exit between listing and reading). */
+function procFile(pid: number, file: string): string {
+  try {
+    return readFileSync(`/proc/${pid}/${file}`, 'utf8');
+  } catch {
+    return '';
+  }
+}
+
 /** Pids whose parent is `ppid` (from /proc). */
 function childrenOf(ppid: number): number[] {
   return readdirSync('/proc').filter((p) => /^\d+$/.test(p)).map(Number).filter((pid) => {
@@ -89,11 +98,11 @@ await runQemuTool(${JSON.stringify(slow)}, ['map', '--object', SECRET_FD_OBJECT(
   let tool: number[] = [];
   for (let i = 0; i < 100 && tool.length === 0; i++) {
     await new Promise((r) => setTimeout(r, 20));
-    tool = childrenOf(parent.pid!).filter((pid) => /slow-qemu-img|qemu-img|setpriv/.test(readFileSync(`/proc/${pid}/cmdline`, 'utf8')));
+    tool = childrenOf(parent.pid!).filter((pid) => /slow-qemu-img|qemu-img|setpriv/.test(procFile(pid, 'cmdline')));
   }
   assert.equal(tool.length, 1, 'the tool started');
   parent.kill('SIGKILL');
-  const alive = () => tool.filter((pid) => existsSync(`/proc/${pid}`) && !/^\S+ \(\S+\) Z/.test(readFileSync(`/proc/${pid}/stat`, 'utf8')));
+  const alive = () => tool.filter((pid) => { const stat = procFile(pid, 'stat'); return stat !== '' && !/^\S+ \(\S+\) Z/.test(stat); });
   for (let i = 0; i < 60 && alive().length; i++) await new Promise((r) => setTimeout(r, 50));
   const left = alive();
   for (const pid of left) process.kill(pid, 'SIGKILL');
