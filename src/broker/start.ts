@@ -23,7 +23,12 @@ import { adminTrustRoutes } from './routes/admin-trust.js';
 import { jobRoutes } from './routes/jobs.js';
 import { agentRoutes } from './routes/agent.js';
 import { maintenanceRoutes } from './routes/maintenance.js';
-import { transferRoutes } from './routes/transfers.js';
+import { transferAdminRoutes, transferRoutes } from './routes/transfers.js';
+import { adminScope, guardAdminRoutes } from './routes/admin-scope.js';
+import { auditRoutes } from './routes/audit.js';
+import { directoryExtraRoutes } from './routes/directory-extra.js';
+import { restoreRoutes } from './routes/restore.js';
+import { uploadRoutes } from './routes/uploads.js';
 import { userRoutes } from './routes/user.js';
 import { loadOrCreateSecrets } from './secrets.js';
 import { Scheduler } from './transfers/scheduler.js';
@@ -75,6 +80,8 @@ export interface RunningBroker {
   signingPublicKey: string;
   ctx: BrokerContext;
   transfer: TransferServer | null;
+  /** Every route it answers (method, path as registered): what the admin-scope test walks. */
+  routes: readonly { method: string; url: string }[];
   close(): Promise<void>;
 }
 
@@ -149,14 +156,25 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     const actor = (auth.startsWith('Bearer ') ? readToken(ctx.secrets.tokenKey, auth.slice(7))?.sub : undefined) ?? `anonymous@${req.ip}`;
     return ctx.audit({ actor, action: 'request', outcome: 'denied', detail: `${req.method} ${req.url.split('?')[0]}: ${status} ${code}: ${message.slice(0, 200)}` });
   });
+  const routes: { method: string; url: string }[] = [];
+  app.addHook('onRoute', (r) => void routes.push(...[r.method].flat().map((method) => ({ method, url: r.url }))));
+  guardAdminRoutes(app);
   userRoutes(app, ctx);
+  restoreRoutes(app, ctx);
   agentRoutes(app, ctx);
-  adminRoutes(app, ctx);
-  adminTrustRoutes(app, ctx);
   jobRoutes(app, ctx);
   transferRoutes(app, ctx);
-  consoleRoutes(app, ctx, { uploadDir: join(config.dataDir, 'uploads') });
-  maintenanceRoutes(app, ctx);
+  // Every /v1/admin route, behind one admin check (a /v1/admin route outside it fails the start).
+  adminScope(app, ctx, [
+    (a) => adminRoutes(a, ctx),
+    (a) => adminTrustRoutes(a, ctx),
+    (a) => directoryExtraRoutes(a, ctx),
+    (a) => auditRoutes(a, ctx),
+    (a) => uploadRoutes(a, ctx, join(config.dataDir, 'uploads')),
+    (a) => maintenanceRoutes(a, ctx),
+    (a) => transferAdminRoutes(a, ctx),
+  ]);
+  consoleRoutes(app);
   const host = config.host ?? '127.0.0.1';
   await app.listen({ host, port: config.port ?? 0 });
   const addr = app.server.address();
@@ -189,6 +207,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     url,
     fingerprint: tls.fingerprint,
     signingPublicKey: secrets.signing.publicKey.export({ format: 'der', type: 'spki' }).toString('base64'),
+    routes,
     ctx,
     transfer,
     close: async () => {

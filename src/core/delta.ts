@@ -1,67 +1,28 @@
 import { createHmac } from 'node:crypto';
 import { openBlobEnvelope, sealBlobEnvelope } from './blob.js';
-import { chunkIdToBytes, computeChunkId, type ChunkId } from './chunk-id.js';
+import { chunkIdToBytes, type ChunkId } from './chunk-id.js';
 import { MAX_CHUNK_SIZE } from './chunking.js';
 import { BlobError } from './errors.js';
 import type { LineageKeys } from './keys.js';
 
 /**
- * Delta blob: a changed chunk sent as the pages that differ from the chunk it replaces.
- * A guest writing 4 KiB into a 256 KiB chunk should not cost 256 KiB on a hotel link; the
- * receiver (which holds the base chunk and the lineage keys) rebuilds the new chunk, checks
- * its HMAC against the new ID, and seals it as an ordinary blob.
+ * The body a changed chunk's pages travel in (pages blobs, below): the pages that differ from the
+ * chunk it replaces, or from zeros. A guest writing 4 KiB into a 256 KiB chunk should not cost
+ * 256 KiB on a hotel link; the receiver (which holds the base chunk and the lineage keys)
+ * rebuilds the chunk, names it (HMAC) and seals it as an ordinary blob.
  *
- * Body: newLength u32 ‖ count u16 ‖ (offset u32, length u32) × count ‖ range bytes, sealed in
- * the blob envelope with the delta flag and AAD = header ‖ newId ‖ baseId.
+ * Body: newLength u32 ‖ count u16 ‖ (offset u32, length u32) × count ‖ range bytes. Flag 0x02 was
+ * the delta blob of a sender that named its chunks (architecture decision 53): retired, and
+ * refused as wrong flags by the envelope.
  */
-export const FLAG_DELTA = 0x02;
 export const DELTA_PAGE = 4096;
 const MAX_RANGES = MAX_CHUNK_SIZE / DELTA_PAGE;
-/** Largest delta body: a full chunk of data plus a full range table. */
+/** Largest body: a full chunk of data plus a full range table. */
 export const MAX_DELTA_BODY = MAX_CHUNK_SIZE + 6 + MAX_RANGES * 8;
 
 export interface Range {
   offset: number;
   length: number;
-}
-
-/** Byte ranges, aligned to `page`, in which `next` differs from `base` (adjacent pages merged). */
-export function changedRanges(base: Uint8Array, next: Uint8Array, page = DELTA_PAGE): Range[] {
-  const ranges: Range[] = [];
-  const n = next.length;
-  for (let off = 0; off < n; off += page) {
-    const end = Math.min(n, off + page);
-    const same = end <= base.length && Buffer.compare(next.subarray(off, end), base.subarray(off, end)) === 0;
-    if (same) continue;
-    const last = ranges[ranges.length - 1];
-    if (last && last.offset + last.length === off) last.length += end - off;
-    else ranges.push({ offset: off, length: end - off });
-  }
-  return ranges;
-}
-
-function aad(newId: ChunkId, baseId: ChunkId): Buffer {
-  return Buffer.concat([chunkIdToBytes(newId), chunkIdToBytes(baseId)]);
-}
-
-/** Seals the pages of `next` that differ from `base`; null when a delta would not be smaller. */
-export function sealDelta(keys: LineageKeys, newId: ChunkId, baseId: ChunkId, base: Uint8Array, next: Uint8Array, maxFraction = 0.5): Buffer | null {
-  return sealDeltaRanges(keys, newId, baseId, next, changedRanges(base, next), maxFraction);
-}
-
-/**
- * Seals `ranges` of `next` (sorted, disjoint, inside `next`) as a delta against `baseId`: for a
- * sender that knows which pages were written (the top layer's allocation map) without reading
- * the base. Null when the ranges hold more than `maxFraction` of the chunk (send it whole).
- */
-export function sealDeltaRanges(keys: LineageKeys, newId: ChunkId, baseId: ChunkId, next: Uint8Array, ranges: readonly Range[], maxFraction = 0.5): Buffer | null {
-  const dataBytes = ranges.reduce((s, r) => s + r.length, 0);
-  if (dataBytes > next.length * maxFraction || ranges.length > MAX_RANGES) return null;
-  const pieces = ranges.map((r) => {
-    if (r.offset < 0 || r.offset + r.length > next.length) throw new RangeError(`delta range ${r.offset}+${r.length} is outside the chunk`);
-    return { offset: r.offset, bytes: next.subarray(r.offset, r.offset + r.length) };
-  });
-  return sealBlobEnvelope(keys, encodeBody(next.length, pieces), FLAG_DELTA, aad(newId, baseId)).blob;
 }
 
 /** New content of a chunk at `offset`: one run of pages written since the checkpoint. */
@@ -131,7 +92,7 @@ function applyBody(body: Buffer, base: Uint8Array, label: string, inPlace = fals
  * checkpoint (the top layer's allocated ones, read without touching the base) against the
  * checkpoint's chunk at that position, or against zeros where there was none. The receiver
  * rebuilds the chunk and names it (HMAC) itself: the sender never reads the unchanged rest of
- * the chunk. Same body as a delta, flag FLAG_PAGES, AAD = header ‖ base ID (32 zero bytes: none).
+ * the chunk. Flag FLAG_PAGES, AAD = header ‖ base ID (32 zero bytes: none).
  */
 export const FLAG_PAGES = 0x04;
 const NO_BASE = Buffer.alloc(32);
@@ -173,7 +134,8 @@ export function pagesFingerprint(idKey: Uint8Array, baseId: ChunkId | null, leng
 
 /**
  * Authenticates a pages blob and applies it to the base's plaintext (null: zeros). Errors name
- * `label`. `inPlace`: as for `openDelta`.
+ * `label`. With `inPlace`, the base (the caller's scratch) may hold the result afterwards, or
+ * garbage when it throws.
  */
 export function openPages(keys: LineageKeys, baseId: ChunkId | null, blob: Uint8Array, basePlain: Uint8Array | null, label: string, inPlace = false): Buffer {
   const body = openBlobEnvelope(keys, blob, FLAG_PAGES, baseBytes(baseId), label, MAX_DELTA_BODY);
@@ -204,18 +166,5 @@ export function pagesByChunk(extents: readonly Range[], chunkSize: number, diskS
       at = upto;
     }
   }
-  return out;
-}
-
-/**
- * Authenticates a delta, applies it to the base chunk's plaintext and checks the result's HMAC
- * against `newId`. Throws BlobError (naming the new chunk) on any inconsistency; never returns
- * data that does not hash to `newId`. With `inPlace`, `base` (the caller's scratch) may hold the
- * result afterwards, or garbage when it throws.
- */
-export function openDelta(keys: LineageKeys, newId: ChunkId, baseId: ChunkId, delta: Uint8Array, base: Uint8Array, inPlace = false): Buffer {
-  const body = openBlobEnvelope(keys, delta, FLAG_DELTA, aad(newId, baseId), newId, MAX_DELTA_BODY);
-  const out = applyBody(body, base, newId, inPlace);
-  if (computeChunkId(keys.idKey, out) !== newId) throw new BlobError(newId, 'id-mismatch', 'delta applied to the base does not hash to the new ID');
   return out;
 }

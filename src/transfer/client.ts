@@ -2,14 +2,13 @@ import { Readable } from 'node:stream';
 import { EventEmitter } from 'node:events';
 import { Agent, request } from 'undici';
 import { openBlob } from '../core/blob.js';
-import { sealDelta } from '../core/delta.js';
 import type { ChunkId } from '../core/chunk-id.js';
 import { CarryonError } from '../core/errors.js';
 import type { LineageKeys } from '../core/keys.js';
 import { pinnedAgent } from '../net/pinned-agent.js';
 import type { ChunkStore } from '../store/chunk-store.js';
 import type { RateLimiter } from './rate-limit.js';
-import { blobFrame, deltaFrame, endFrame, FRAME_BLOB, FRAME_ERROR, FrameDecoder } from './frames.js';
+import { FRAME_BLOB, FRAME_ERROR, FrameDecoder } from './frames.js';
 
 export interface TransferEndpoint {
   url: string;
@@ -40,11 +39,6 @@ export interface TransferOptions {
   maxRetries?: number;
   /** Caps the bytes per second of all streams together (`--limit-rate`). */
   rateLimit?: RateLimiter;
-  /**
-   * Upload only: for a changed chunk, the chunk it replaced (same disk position in the
-   * checkpoint). When both are local and few pages differ, only those pages travel (core/delta).
-   */
-  deltaBases?: ReadonlyMap<ChunkId, ChunkId>;
 }
 
 export interface TransferResult {
@@ -105,15 +99,6 @@ export class TransferSession extends EventEmitter {
       this.agent = pinnedAgent(e.fingerprint, { connections: e.maxStreams });
     }
     this.endpoint = e;
-  }
-
-  async missing(ids: readonly ChunkId[], signal?: AbortSignal): Promise<ChunkId[]> {
-    const out: ChunkId[] = [];
-    for (let i = 0; i < ids.length; i += 4096) {
-      const res = await this.call('/v1/chunks/missing', JSON.stringify({ ids: ids.slice(i, i + 4096) }), signal);
-      out.push(...((await res.body.json()) as { missing: ChunkId[] }).missing);
-    }
-    return out;
   }
 
   close(): Promise<void> {
@@ -236,73 +221,6 @@ export async function downloadChunks(opts: TransferOptions & { localStore: Chunk
     return result;
   } finally {
     await opts.localStore.sync();
-    if (!shared) await session.close();
-  }
-}
-
-/** The frame for one chunk: a delta against its base when that is smaller, else the whole blob. */
-async function uploadFrame(opts: TransferOptions, id: ChunkId, useDelta: boolean): Promise<{ frame: Buffer; delta: boolean }> {
-  if (!opts.localStore) throw new TransferFailed('upload needs the local store its blobs are in');
-  const blob = await opts.localStore.get(id);
-  if (!blob) throw new TransferFailed(`chunk ${id} is not in the local vault`);
-  const baseId = useDelta ? opts.deltaBases?.get(id) : undefined;
-  const baseBlob = baseId ? await opts.localStore!.get(baseId) : null;
-  if (baseId && baseBlob) {
-    // Both blobs are the vault's own, verified when they arrived or sealed here.
-    const next = openBlob(opts.keys, id, blob, { checkId: false });
-    const base = openBlob(opts.keys, baseId, baseBlob, { checkId: false });
-    const delta = sealDelta(opts.keys, id, baseId, base, next);
-    if (delta && delta.length + 32 < blob.length) return { frame: deltaFrame(id, baseId, delta), delta: true };
-  }
-  return { frame: blobFrame(id, blob), delta: false };
-}
-
-/**
- * Pushes the chunks among `ids` that the server lacks (asked first), as framed streams; changed
- * chunks go as deltas where that is smaller. A delta the server cannot apply (it lacks the base)
- * is sent again whole. For a sender that names its chunks itself (blobs in a local store); a
- * laptop's check-in sends pages and lets the server name them (`pushPages`).
- */
-export async function uploadChunks(opts: TransferOptions, shared?: TransferSession): Promise<TransferResult> {
-  const session = shared ?? new TransferSession(opts.endpoint, opts.renew);
-  const result: TransferResult = { chunksMoved: 0, bytesMoved: 0, refetched: 0 };
-  try {
-    const need = await session.missing([...new Set(opts.ids)], opts.signal);
-    const tracker = progressTracker(need.length, opts.onProgress);
-    let queue = need;
-    for (let round = 0; queue.length; round++) {
-      const resendWhole: ChunkId[] = [];
-      const useDelta = round === 0;
-      const streams = opts.streams ?? session.endpoint.maxStreams;
-      await inBatches(queue, batchSizeFor(queue.length, streams, opts.batchSize), streams, async (batch) => {
-        let sent = 0;
-        // Streamed: one blob in memory per stream, read from the vault as the socket drains.
-        async function* frames(): AsyncGenerator<Buffer> {
-          sent = 0;
-          for (const id of batch) {
-            const { frame } = await uploadFrame(opts, id, useDelta);
-            await opts.rateLimit?.take(frame.length, opts.signal);
-            sent += frame.length;
-            yield frame;
-          }
-          const end = endFrame();
-          sent += end.length;
-          yield end;
-        }
-        const res = await session.call('/v1/chunks/push', frames, opts.signal);
-        const ans = (await res.body.json()) as { stored: number; duplicate: number; rejected: { id: string; reason: string; code?: string }[] };
-        const fatal = ans.rejected.filter((r) => !(useDelta && r.code === 'base-missing'));
-        if (fatal.length) throw new TransferFailed(`server rejected ${fatal.length} chunks: ${fatal[0]!.reason}`);
-        for (const r of ans.rejected) resendWhole.push(r.id);
-        result.chunksMoved += batch.length - ans.rejected.length;
-        result.bytesMoved += sent;
-        tracker.add(sent, batch.length - ans.rejected.length);
-      });
-      if (round > 0 && resendWhole.length) throw new TransferFailed(`server refused ${resendWhole.length} whole chunks`);
-      queue = resendWhole;
-    }
-    return result;
-  } finally {
     if (!shared) await session.close();
   }
 }

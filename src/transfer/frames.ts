@@ -5,11 +5,11 @@ import { CarryonError } from '../core/errors.js';
 
 /** Framed chunk stream: type u8 ‖ id 32 ‖ length u32be ‖ payload. */
 export const FRAME_END = 0;
+/** A stored chunk as the server sends it (fetch); never accepted by a push. */
 export const FRAME_BLOB = 1;
 export const FRAME_ERROR = 2;
-/** A changed chunk as a delta against a base chunk: payload = base ID 32 ‖ delta blob (core/delta). */
-export const FRAME_DELTA = 3;
-const MAX_DELTA_FRAME = 32 + MAX_DELTA_BODY + BLOB_OVERHEAD;
+// Type 3 was a changed chunk named by its sender (a delta against a base chunk); retired with the
+// named push (architecture decision 53) and now refused as an unknown type.
 /**
  * A changed chunk the sender does not name (core/delta pages blob): the header's ID field holds
  * the base chunk's ID (all zeros: none), payload = tag u32be ‖ pages blob. The receiver names the
@@ -22,7 +22,6 @@ const MAX_ERROR_PAYLOAD = 4096;
 
 export type Frame =
   | { type: typeof FRAME_BLOB; id: ChunkId; payload: Buffer }
-  | { type: typeof FRAME_DELTA; id: ChunkId; baseId: ChunkId; payload: Buffer }
   | { type: typeof FRAME_PAGES; baseId: ChunkId | null; tag: number; payload: Buffer }
   | { type: typeof FRAME_ERROR; id: ChunkId; message: string }
   | { type: typeof FRAME_END };
@@ -31,7 +30,6 @@ const MAX_PAYLOAD: Record<number, number> = {
   [FRAME_END]: 0,
   [FRAME_BLOB]: MAX_BLOB_SIZE,
   [FRAME_ERROR]: MAX_ERROR_PAYLOAD,
-  [FRAME_DELTA]: MAX_DELTA_FRAME,
   [FRAME_PAGES]: MAX_PAGES_FRAME,
 };
 const NO_ID = Buffer.alloc(32);
@@ -60,8 +58,6 @@ export function encodeFrame(type: number, id: ChunkId | null, payload: Uint8Arra
 
 export const endFrame = (): Buffer => encodeFrame(FRAME_END, null);
 export const blobFrame = (id: ChunkId, blob: Uint8Array): Buffer => encodeFrame(FRAME_BLOB, id, blob);
-export const deltaFrame = (id: ChunkId, baseId: ChunkId, delta: Uint8Array): Buffer =>
-  encodeFrame(FRAME_DELTA, id, Buffer.concat([chunkIdToBytes(baseId), delta]));
 /** Header and tag of a pages frame; the pages blob follows it on the wire (not joined: no copy). */
 export function pagesFrameHead(tag: number, baseId: ChunkId | null, blobLength: number): Buffer {
   const head = Buffer.allocUnsafe(HEAD + 4);
@@ -113,10 +109,7 @@ export class FrameDecoder {
       }
       const id = chunkIdFromBytes(whole.subarray(1, 33));
       if (type === FRAME_BLOB) frames.push({ type, id, payload });
-      else if (type === FRAME_DELTA) {
-        if (len < 32) throw new FrameError('delta frame without a base ID');
-        frames.push({ type, id, baseId: chunkIdFromBytes(payload.subarray(0, 32)), payload: payload.subarray(32) });
-      } else frames.push({ type: FRAME_ERROR, id, message: payload.toString('utf8') });
+      else frames.push({ type: FRAME_ERROR, id, message: payload.toString('utf8') });
     }
     return frames;
   }

@@ -2,12 +2,12 @@ import { availableParallelism } from 'node:os';
 import type { ChunkId } from '../core/chunk-id.js';
 import { encodeLineageKeys, type LineageKeys } from '../core/keys.js';
 import { WorkerPool } from '../core/worker-pool.js';
-import { namePushed, rebuildPushed, verifyPushed, type Named } from './push-rebuild.js';
+import { namePushed, type Named } from './push-rebuild.js';
 import type { PushCheckReply, PushCheckRequest } from './push-worker.js';
 
 /**
- * The CPU of accepting pushed chunks (GCM, zstd, HMAC; for a delta also applying it and sealing
- * the rebuilt chunk, ≈ 1.2 ms per 256 KiB chunk here) on worker threads, so a server with cores
+ * The CPU of naming pushed pages (GCM, zstd, applying them to the base, HMAC, sealing the rebuilt
+ * chunk, ≈ 1.2 ms per 256 KiB chunk here) on worker threads, so a server with cores
  * to spare checks its check-ins on all of them while the main thread reads the streams and writes
  * the store. With size 0 they run inline. Threads start at the first push.
  */
@@ -17,29 +17,12 @@ export class PushChecks {
 
   constructor(private readonly size = defaultSize()) {}
 
-  /** Authenticates a pushed blob against its ID; rejects with the reason it fails. The caller keeps `blob` (a copy travels). */
-  async verify(keys: LineageKeys, id: ChunkId, blob: Uint8Array): Promise<void> {
-    if (this.size === 0) return verifyPushed(keys, id, blob);
-    const payload = copyOf(blob);
-    await this.workers().run({ kind: 'verify', keys: this.encode(keys), id, payload }, [payload]);
-  }
-
-  /** Applies a delta to its base chunk's stored blob, checks the result against `id`, and returns the sealed chunk. */
-  async rebuild(keys: LineageKeys, id: ChunkId, delta: Uint8Array, base: { id: ChunkId; blob: Uint8Array }): Promise<Buffer> {
-    if (this.size === 0) return rebuildPushed(keys, id, delta, base);
-    const payload = copyOf(delta);
-    const baseBlob = copyOf(base.blob);
-    const reply = await this.workers().run({ kind: 'rebuild', keys: this.encode(keys), id, payload, base: { id: base.id, blob: baseBlob } }, [payload, baseBlob]);
-    if (!reply.blob) throw new Error(`rebuilding chunk ${id} gave no blob`);
-    return Buffer.from(reply.blob);
-  }
-
   /** Rebuilds a chunk from a pages blob and its base (null: zeros) and names it (push-rebuild `namePushed`). */
   async name(keys: LineageKeys, pages: Uint8Array, base: { id: ChunkId; blob: Uint8Array } | null, label: string): Promise<Named> {
     if (this.size === 0) return namePushed(keys, pages, base, label);
     const payload = copyOf(pages);
     const baseBlob = base ? copyOf(base.blob) : null;
-    const reply = await this.workers().run({ kind: 'name', keys: this.encode(keys), id: label, payload, base: base ? { id: base.id, blob: baseBlob! } : undefined }, baseBlob ? [payload, baseBlob] : [payload]);
+    const reply = await this.workers().run({ keys: this.encode(keys), id: label, payload, base: base ? { id: base.id, blob: baseBlob! } : undefined }, baseBlob ? [payload, baseBlob] : [payload]);
     return { id: reply.named ?? null, blob: reply.blob ? Buffer.from(reply.blob) : null };
   }
 
@@ -60,7 +43,7 @@ export class PushChecks {
   }
 }
 
-/** A copy to transfer: the caller's buffers (a frame it will store, a blob a store may cache) stay whole. */
+/** A copy to transfer: the caller's buffers (a frame being read, a blob a store may cache) stay whole. */
 function copyOf(bytes: Uint8Array): ArrayBuffer {
   return new Uint8Array(bytes).buffer as ArrayBuffer;
 }

@@ -2,29 +2,25 @@ import { parentPort } from 'node:worker_threads';
 import type { ChunkId } from '../core/chunk-id.js';
 import { decodeLineageKeys, type LineageKeys } from '../core/keys.js';
 import { exactBuffer, type PoolReply } from '../core/worker-pool.js';
-import { namePushed, rebuildPushed, verifyPushed } from './push-rebuild.js';
+import { namePushed } from './push-rebuild.js';
 
-/**
- * Worker: authenticates a pushed blob (verify), rebuilds a changed chunk from its delta and seals
- * it (rebuild), or rebuilds one from a pages blob and names it (name).
- */
+/** Worker: rebuilds a changed chunk from a pages blob and its base, and names and seals it. */
 export interface PushCheckRequest {
   seq: number;
-  kind: 'verify' | 'rebuild' | 'name';
   /** The job's lineage keys (encodeLineageKeys). */
   keys: string;
-  /** The chunk's ID (verify, rebuild), or how errors name it (name). */
+  /** How errors name the chunk. */
   id: string;
-  /** The pushed blob, delta blob or pages blob (ownership moves here). */
+  /** The pages blob (ownership moves here). */
   payload: ArrayBuffer;
-  /** The base chunk and its stored blob (rebuild; name, where there is one). */
+  /** The base chunk and its stored blob, where there is one. */
   base?: { id: ChunkId; blob: ArrayBuffer };
 }
 
 export interface PushCheckReply extends PoolReply {
-  /** The blob to store (rebuild; name, unless nothing new). */
+  /** The blob to store, unless nothing new. */
   blob?: ArrayBuffer;
-  /** The rebuilt chunk's ID (name; null: zeros). */
+  /** The rebuilt chunk's ID (null: zeros). */
   named?: ChunkId | null;
 }
 
@@ -47,17 +43,9 @@ parentPort!.on('message', (req: PushCheckRequest) => {
     const keys = keysOf(req.keys);
     const payload = new Uint8Array(req.payload);
     const base = req.base ? { id: req.base.id, blob: new Uint8Array(req.base.blob) } : null;
-    let sealed: Buffer | null = null;
-    reply = { seq: req.seq };
-    if (req.kind === 'verify') verifyPushed(keys, req.id, payload);
-    else if (req.kind === 'rebuild') {
-      if (!base) throw new Error('a delta needs its base');
-      sealed = rebuildPushed(keys, req.id, payload, base);
-    } else {
-      const named = namePushed(keys, payload, base, req.id);
-      reply.named = named.id;
-      sealed = named.blob;
-    }
+    const named = namePushed(keys, payload, base, req.id);
+    reply = { seq: req.seq, named: named.id };
+    const sealed = named.blob;
     if (sealed) {
       // A blob of a few KiB may be a view of Node's shared pool: exactBuffer copies it then.
       const blob = exactBuffer(sealed);

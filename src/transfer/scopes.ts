@@ -8,20 +8,20 @@ import type { ChunkStore } from '../store/chunk-store.js';
 /** What one job may move on this server, loaded once per job from its ticket's manifests. */
 export interface Scope {
   /**
-   * Chunks the ticket's manifests reference: the only ones served, or accepted under an ID the
-   * sender gives (blob and delta frames). Pages frames carry no ID: this server names what it rebuilds.
+   * Chunks the ticket's manifests reference: the only ones served. Nothing is accepted under an
+   * ID its sender gives: pages frames carry none, this server names what it rebuilds.
    */
   allowed: Set<ChunkId>;
   /**
    * Chunks of the checkout's checkpoint (upload tickets: `baseManifests`; download: = allowed).
-   * Only for these, and for chunks this job pushed itself, does the server say whether it has
-   * them; a delta may only name one of them as its base. Anything else would be an oracle for
+   * Only these may be a pages frame's base, and only for these, and for chunks this checkout
+   * pushed itself, is a pushed chunk counted a duplicate. Anything else would be an oracle for
    * chunks of other desktops in the shared store.
    */
   base: Set<ChunkId>;
   /**
-   * Chunks this checkout has pushed here (any of its upload jobs): a check-in killed and begun
-   * again (a new job) is still told they are present, so it does not send them twice.
+   * Chunks this checkout has pushed here (any of its upload jobs): the same chunk pushed again by
+   * a check-in killed and begun again (a new job) counts as a duplicate.
    */
   pushed: Set<ChunkId>;
   keys: LineageKeys;

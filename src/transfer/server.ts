@@ -10,7 +10,7 @@ import { acceptOnlyOurMediaTypes, drainRefusedBody } from '../net/body-limits.js
 import { mapError, parseOrInvalid } from '../net/http-errors.js';
 import { loadOrCreateTls } from '../net/tls-cert.js';
 import { getBlobs, type ChunkStore } from '../store/chunk-store.js';
-import { endFrame, errorFrame, FRAME_BLOB, FRAME_DELTA, FRAME_PAGES, FrameDecoder, frameHeader, type Frame } from './frames.js';
+import { endFrame, errorFrame, FRAME_BLOB, FRAME_END, FRAME_PAGES, FrameDecoder, FrameError, frameHeader, type Frame } from './frames.js';
 import { PushChecks } from './push-checks.js';
 import { JobScopes, type JobSummary } from './scopes.js';
 import { pushReceipt, receiptKey } from '../core/push-receipt.js';
@@ -60,15 +60,15 @@ export interface TransferServer {
 /** Blobs a fetch reads ahead of what it sends (≤ 8 MiB of 256 KiB chunks). */
 const FETCH_WINDOW = 32;
 
-type PushedFrame = Extract<Frame, { type: typeof FRAME_BLOB | typeof FRAME_DELTA }>;
 type PagesFrame = Extract<Frame, { type: typeof FRAME_PAGES }>;
 
 const IdList = (max: number) => z.object({ ids: z.array(z.string().refine(isChunkId, 'not a chunk ID')).max(max) }).strict();
 
 /**
- * Stateless transfer server: trusts a ticket by the broker's signature alone, then serves or
- * accepts exactly the chunks the ticket's manifests reference, and names the chunks a check-in
- * sends as pages (rebuilt on the checkpoint's chunks). Blobs travel as stored.
+ * Stateless transfer server: trusts a ticket by the broker's signature alone, then serves exactly
+ * the chunks the ticket's manifests reference, and names the chunks a check-in sends as pages
+ * (rebuilt on the checkpoint's chunks). Blobs travel as stored. Nothing is accepted under an ID
+ * the sender gives: every chunk stored here was named here (decision 53).
  */
 export async function startTransferServer(opts: TransferServerOptions): Promise<TransferServer> {
   const tls = await loadOrCreateTls({ dir: opts.tlsDir });
@@ -130,18 +130,6 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
     const jobIds = verifyRevocation(revocation, opts.brokerPublicKey, opts.id);
     scopes.addRevoked(jobIds);
     return { ok: true, revoked: jobIds.length };
-  });
-
-  app.post('/v1/chunks/missing', async (req) => {
-    const { scope } = await authorize(req);
-    const { ids } = parseOrInvalid(IdList(4096), req.body);
-    const outside = ids.find((id) => !scope.allowed.has(id));
-    if (outside) throw new CarryonError('out-of-scope', `chunk ${outside} is not referenced by the ticket's manifests`);
-    // Presence is told only for the checkout's own chunks (its checkpoint, and what this job
-    // pushed); anything else is "missing", so the shared store is no oracle for other desktops.
-    const told = ids.filter((id) => scope.base.has(id) || scope.pushed.has(id));
-    const absent = new Set(await opts.store.missing(told));
-    return { missing: ids.filter((id) => !(scope.base.has(id) || scope.pushed.has(id)) || absent.has(id)) };
   });
 
   app.post('/v1/chunks/fetch', async (req, reply) => {
@@ -221,67 +209,33 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
     const result = {
       stored: 0,
       duplicate: 0,
-      rejected: [] as (({ id: string } | { tag: number }) & { reason: string; code: 'invalid' | 'base-missing' })[],
+      rejected: [] as { tag: number; reason: string; code: 'invalid' | 'base-missing' }[],
       /**
        * Pages frames, by tag: the ID of the chunk each rebuilt (null: zeros) and its push receipt,
        * which the commit must carry for the broker to accept that ID (core/push-receipt).
        */
       named: [] as { tag: number; id: ChunkId | null; receipt?: string }[],
     };
-    const reject = (id: ChunkId, reason: string, code: 'invalid' | 'base-missing' = 'invalid') => {
-      stats.blobsRejected++;
-      result.rejected.push({ id, reason, code });
-    };
     const rejectTag = (tag: number, reason: string, code: 'invalid' | 'base-missing' = 'invalid') => {
       stats.blobsRejected++;
       result.rejected.push({ tag, reason, code });
     };
-    /** The blob to store for a pushed frame: as sent once authenticated, or rebuilt from a delta and sealed. */
-    const blobOf = async (frame: PushedFrame): Promise<Buffer | 'base-missing'> => {
-      if (frame.type === FRAME_BLOB) {
-        await checks.verify(scope.keys, frame.id, frame.payload);
-        return frame.payload;
-      }
-      // Only a chunk of the checkout's checkpoint may serve as a base (else: an existence oracle).
-      if (!scope.base.has(frame.baseId)) return 'base-missing';
-      const baseBlob = await opts.store.get(frame.baseId);
-      if (!baseBlob) return 'base-missing';
-      return checks.rebuild(scope.keys, frame.id, frame.payload, { id: frame.baseId, blob: baseBlob });
-    };
-    // Per chunk ID in this stream: whether a copy of it passed (a later copy is then a duplicate).
-    const passed = new Map<ChunkId, Promise<boolean>>();
-    /** A named frame's checked blob, or null (rejected). */
-    const accept = async (frame: PushedFrame): Promise<Buffer | null> => {
-      let blob: Buffer | 'base-missing';
-      try {
-        blob = await blobOf(frame);
-      } catch (err) {
-        reject(frame.id, (err as Error).message);
-        return null;
-      }
-      if (blob === 'base-missing') {
-        reject(frame.id, `base chunk ${frame.type === FRAME_DELTA ? frame.baseId : ''} is not here: send the whole chunk`, 'base-missing');
-        return null;
-      }
-      js.chunksIn++;
-      return blob;
-    };
-    /** Stores a checked blob once per stream (a later copy of the same chunk is a duplicate). */
-    const store = (id: ChunkId, blob: Buffer, earlier: Promise<boolean>): Promise<boolean> => {
-      const task = (async () => {
-        if (await earlier) {
-          result.duplicate++;
-          return true;
-        }
-        const known = scope.base.has(id) || scope.pushed.has(id);
-        const fresh = await opts.store.put(id, blob, { defer: true });
-        // A duplicate of a chunk outside the checkout's own would tell that another desktop has it.
-        if (fresh || !known) result.stored++;
-        else result.duplicate++;
-        scope.pushed.add(id);
-        return true;
-      })();
-      passed.set(id, task.catch(() => false));
+    // Per chunk ID in this stream: its store, so a later copy of the same chunk waits for it and counts as a duplicate.
+    const stored = new Map<ChunkId, Promise<void>>();
+    /** Stores a chunk named here once per stream (a later copy waits for the first and is a duplicate). */
+    const store = (id: ChunkId, blob: Buffer): Promise<void> => {
+      const earlier = stored.get(id);
+      const task = earlier
+        ? earlier.then(() => void result.duplicate++)
+        : (async () => {
+            const known = scope.base.has(id) || scope.pushed.has(id);
+            const fresh = await opts.store.put(id, blob, { defer: true });
+            // A duplicate of a chunk outside the checkout's own would tell that another desktop has it.
+            if (fresh || !known) result.stored++;
+            else result.duplicate++;
+            scope.pushed.add(id);
+          })();
+      stored.set(id, task);
       return task;
     };
     /** A pages frame: rebuilt on its base (a checkpoint chunk, or zeros), named here, stored when new. */
@@ -300,7 +254,7 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
         return rejectTag(frame.tag, (err as Error).message);
       }
       js.chunksIn++;
-      if (named.id && named.blob) await store(named.id, named.blob, passed.get(named.id) ?? Promise.resolve(false));
+      if (named.id && named.blob) await store(named.id, named.blob);
       result.named.push(named.id ? { tag: frame.tag, id: named.id, receipt: pushReceipt(receipts, { checkoutId: ticket.checkoutId, keyContext: ticket.keyContext, id: named.id }) } : { tag: frame.tag, id: null });
     };
     // Frames are checked (on worker threads where the host has cores to spare) and appended to
@@ -311,21 +265,11 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
         stats.bytesIn += piece.length;
         js.bytesIn += piece.length;
         for (const frame of decoder.push(piece)) {
-          if (frame.type === FRAME_PAGES) {
-            await window.add(name(frame));
-            continue;
-          }
-          if (frame.type !== FRAME_BLOB && frame.type !== FRAME_DELTA) continue;
-          if (!scope.allowed.has(frame.id)) {
-            reject(frame.id, 'not referenced by the ticket');
-            continue;
-          }
-          const earlier = passed.get(frame.id) ?? Promise.resolve(false);
-          const checked = accept(frame);
-          // Registered before the check ends, so a later copy in this stream waits for this one.
-          const task = checked.then((blob) => (blob ? store(frame.id, blob, earlier) : earlier));
-          passed.set(frame.id, task.catch(() => false));
-          await window.add(task.then(() => undefined));
+          // Only pages travel up: a chunk under an ID the sender gives (the named blob and delta
+          // frames of old) is refused with the whole stream.
+          if (frame.type === FRAME_END) continue;
+          if (frame.type !== FRAME_PAGES) throw new FrameError(`a push carries pages frames only, not type ${frame.type}`);
+          await window.add(name(frame));
         }
       }
       decoder.finish();

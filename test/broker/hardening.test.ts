@@ -30,6 +30,33 @@ after(async () => {
 
 const events = async () => (await http.call('GET', '/v1/admin/events?limit=10000', undefined, admin)).body.events as { id: number; actor: string; action: string; outcome: string; detail: string | null }[];
 
+test('every /v1/admin route, whatever its handler does, refuses a plain user (403, audited, nothing changed) and a caller without a session (401)', async () => {
+  const routes = broker.routes.filter((r) => r.url.startsWith('/v1/admin'));
+  assert.ok(routes.length >= 40, `${routes.length} admin routes found`);
+  const name = 'plain-route-probe';
+  assert.equal((await http.call('POST', '/v1/admin/users', { name, password: 'plain-probe-password', role: 'user' }, admin)).status, 201);
+  const plain = await http.login(name, 'plain-probe-password');
+  // What an admin sees (every view without a parameter, the audit trail aside): a refused request changed none of it.
+  const views = routes.filter((r) => r.method === 'GET' && !r.url.includes(':') && !/\/(events|audit)/.test(r.url));
+  const snapshot = async () => Promise.all(views.map(async (r) => [r.url, (await http.call('GET', r.url, undefined, admin)).body]));
+  const before = await snapshot();
+  // Parameters name the probe user itself: a handler that ran would find something to change.
+  const path = (url: string) => url.replace(/:[a-zA-Z]+/g, name);
+  const refused: string[] = [];
+  for (const r of routes) {
+    const body = r.method === 'GET' || r.method === 'HEAD' ? undefined : {};
+    const asUser = await http.call(r.method, path(r.url), body, plain);
+    const anonymous = await http.call(r.method, path(r.url), body);
+    const head = r.method === 'HEAD';
+    assert.deepEqual([asUser.status, head ? 'forbidden' : asUser.body.error], [403, 'forbidden'], `${r.method} ${r.url} as a plain user: ${JSON.stringify(asUser.body)}`);
+    assert.deepEqual([anonymous.status, head ? 'unauthenticated' : anonymous.body.error], [401, 'unauthenticated'], `${r.method} ${r.url} without a session: ${JSON.stringify(anonymous.body)}`);
+    refused.push(`${r.method} ${r.url}`);
+  }
+  assert.deepEqual(await snapshot(), before, 'no refused request changed anything an admin sees');
+  const denied = (await events()).filter((e) => e.action === 'admin-access' && e.outcome === 'denied' && e.actor === name);
+  assert.equal(denied.length, refused.length, 'each refusal of the plain user is audited');
+});
+
 test('item 10: images only from the import directories; names ., .., -rf, con refused', async () => {
   const outside = mkdtempSync(join(tmpdir(), 'carryon-outside-'));
   const secret = makeImage(outside, 1, 'secret.raw');

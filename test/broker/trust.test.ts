@@ -4,6 +4,7 @@ import { request } from 'undici';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { issueToken } from '../../src/broker/tokens.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
+import { endFrame } from '../../src/transfer/frames.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from './harness.js';
 import { enrolDevice, HEARTBEAT, HOST, type TestDevice } from './trust-helpers.js';
 
@@ -17,7 +18,7 @@ let desktopId: string;
 let aliceEntitlement: string;
 let dev: TestDevice;
 
-type Job = { id: string; state: string; transfer?: { url: string; ticket: string; fingerprint: string } };
+type Job = { id: string; kind: string; state: string; transfer?: { url: string; ticket: string; fingerprint: string } };
 type Co = { checkout: { id: string; state: string; jobId?: string }; job: Job; disks: { name: string; manifest: string }[]; lease: unknown; keys: string; config: unknown };
 
 before(async () => {
@@ -42,13 +43,14 @@ after(async () => {
 const checkout = async (token = alice, deviceId = dev.id) => http.call('POST', `/v1/desktops/${desktopId}/checkout`, { deviceId, host: HOST }, token);
 const events = async () => (await http.call('GET', '/v1/admin/events?limit=10000', undefined, admin)).body.events as { actor: string; action: string; outcome: string; detail: string | null }[];
 
-/** Asks the job's transfer server with its ticket: 200 while valid. */
+/** Asks the job's transfer server with its ticket, moving nothing (an empty push or fetch): 200 while valid. */
 async function ticketWorks(job: Job): Promise<{ status: number; error?: string }> {
   const agent = pinnedAgent(job.transfer!.fingerprint);
   try {
-    const res = await request(`${job.transfer!.url}/v1/chunks/missing`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${job.transfer!.ticket}`, 'content-type': 'application/json' }, body: '{"ids":[]}' });
-    const body = (await res.body.json()) as { error?: string };
-    return { status: res.statusCode, error: body.error };
+    const [path, type, body] = job.kind === 'checkout' ? ['fetch', 'application/json', '{"ids":[]}'] : ['push', 'application/octet-stream', endFrame()];
+    const res = await request(`${job.transfer!.url}/v1/chunks/${path}`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${job.transfer!.ticket}`, 'content-type': type }, body });
+    const bytes = Buffer.from(await res.body.arrayBuffer());
+    return { status: res.statusCode, error: res.statusCode === 200 ? undefined : (JSON.parse(bytes.toString()) as { error?: string }).error };
   } finally {
     await agent.close();
   }

@@ -3,7 +3,7 @@ import { createCipheriv, randomBytes } from 'node:crypto';
 import { test } from 'node:test';
 import { BLOB_OVERHEAD, BLOB_VERSION, openBlob, sealChunk } from '../../src/core/blob.js';
 import { chunkIdToBytes, computeChunkId } from '../../src/core/chunk-id.js';
-import { openDelta, sealDelta } from '../../src/core/delta.js';
+import { openPages, sealPages } from '../../src/core/delta.js';
 import { BlobError } from '../../src/core/errors.js';
 import { decodeLineageKeys, encodeLineageKeys, generateLineageKeys, rotateDataKey, unwrapLineageKeys, wrapLineageKeys, type LineageKeys } from '../../src/core/keys.js';
 
@@ -61,8 +61,8 @@ test('rotation: new blobs under the new generation, old ones still open; a holde
   const base = randomBytes(256 * 1024);
   const next = Buffer.from(base);
   next.write('changed', 4096);
-  const delta = sealDelta(gen2, computeChunkId(gen2.idKey, next), computeChunkId(gen2.idKey, base), base, next)!;
-  assert.deepEqual(openDelta(gen2, computeChunkId(gen2.idKey, next), computeChunkId(gen2.idKey, base), delta, base), next);
+  const pages = sealPages(gen2, computeChunkId(gen2.idKey, base), next.length, [{ offset: 4096, bytes: next.subarray(4096, 8192) }]);
+  assert.deepEqual(openPages(gen2, computeChunkId(gen2.idKey, base), pages, base, 'rotated'), next);
 
   // Encodings: an unrotated lineage keeps the 64-byte form; a rotated one keeps every generation.
   assert.equal(Buffer.from(encodeLineageKeys(gen0), 'base64').length, 64);

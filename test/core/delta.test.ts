@@ -3,7 +3,7 @@ import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
 import { openBlob, sealBlobEnvelope, sealChunk } from '../../src/core/blob.js';
 import { chunkIdToBytes, computeChunkId } from '../../src/core/chunk-id.js';
-import { changedRanges, FLAG_DELTA, openDelta, pagesByChunk, sealDelta, sealDeltaRanges } from '../../src/core/delta.js';
+import { FLAG_PAGES, openPages, pagesByChunk, sealPages } from '../../src/core/delta.js';
 import { BlobError } from '../../src/core/errors.js';
 import { generateLineageKeys } from '../../src/core/keys.js';
 
@@ -16,25 +16,20 @@ function changed(base: Buffer, writes: [number, number][]): Buffer {
   return next;
 }
 
-test('changedRanges: page-aligned, adjacent pages merged, short last page', () => {
-  const base = randomBytes(CS);
-  assert.deepEqual(changedRanges(base, base), []);
-  assert.deepEqual(changedRanges(base, changed(base, [[1000, 5000]])), [{ offset: 0, length: 8192 }]);
-  assert.deepEqual(changedRanges(base, changed(base, [[4096, 1], [3 * 4096, 1], [4 * 4096 + 7, 1]])), [{ offset: 4096, length: 4096 }, { offset: 3 * 4096, length: 8192 }]);
-  const short = randomBytes(10_000);
-  assert.deepEqual(changedRanges(short, changed(short, [[9_999, 1]])), [{ offset: 8192, length: 10_000 - 8192 }]);
-});
-
-test('delta round trip: only changed pages travel; the rebuilt chunk hashes to the new ID', () => {
+test('pages round trip: only the written pages travel; rebuilt on the base, or on zeros', () => {
   const base = randomBytes(CS);
   const baseId = computeChunkId(keys.idKey, base);
-  const next = changed(base, [[100, 3000], [200_000, 9000]]);
-  const newId = computeChunkId(keys.idKey, next);
-  const delta = sealDelta(keys, newId, baseId, base, next)!;
-  assert.ok(delta.length < 4096 * 5 + 200, `delta is ${delta.length} bytes for 3 changed pages + one 12 KiB run`);
-  assert.ok(openDelta(keys, newId, baseId, delta, base).equals(next));
-  // A chunk mostly rewritten is not worth a delta.
-  assert.equal(sealDelta(keys, newId, baseId, base, changed(base, [[0, CS * 0.75]])), null);
+  const next = changed(base, [[4096, 3000], [200_704, 9000]]);
+  const pieces = [{ offset: 4096, bytes: next.subarray(4096, 8192) }, { offset: 200_704, bytes: next.subarray(200_704, 212_992) }];
+  const pages = sealPages(keys, baseId, CS, pieces);
+  assert.ok(pages.length < 4096 * 4 + 200, `pages blob is ${pages.length} bytes for one page and one 12 KiB run`);
+  assert.ok(openPages(keys, baseId, pages, base, 'round trip').equals(next));
+  // Against zeros (the checkpoint had a hole there), and a short last chunk.
+  const fresh = sealPages(keys, null, 10_000, [{ offset: 8192, bytes: next.subarray(0, 1808) }]);
+  const expected = Buffer.alloc(10_000);
+  next.copy(expected, 8192, 0, 1808);
+  assert.ok(openPages(keys, null, fresh, null, 'hole').equals(expected));
+  assert.throws(() => sealPages(keys, baseId, CS, [{ offset: 8192, bytes: Buffer.alloc(4096) }, { offset: 4096, bytes: Buffer.alloc(8192) }]), /overlapping/);
 });
 
 test('pagesByChunk: extents split at chunk borders, widened to pages, clipped to a short last chunk', () => {
@@ -54,41 +49,27 @@ test('pagesByChunk: extents split at chunk borders, widened to pages, clipped to
   assert.deepEqual([...big.values()], [[{ offset: 0, length: CS }], [{ offset: 0, length: CS }]]);
 });
 
-test('sealDeltaRanges: the written pages alone rebuild the chunk; a range the writer missed fails the ID check', () => {
+test('pages tamper cases: wrong base, flipped bytes, other keys, kind confusion, bad range tables', () => {
   const base = randomBytes(CS);
   const baseId = computeChunkId(keys.idKey, base);
-  const next = changed(base, [[8192, 4096], [65_536, 100]]);
-  const newId = computeChunkId(keys.idKey, next);
-  const written = [{ offset: 8192, length: 4096 }, { offset: 65_536, length: 4096 }];
-  assert.ok(openDelta(keys, newId, baseId, sealDeltaRanges(keys, newId, baseId, next, written)!, base).equals(next));
-  // Pages written with the same bytes again only cost bytes, never correctness.
-  assert.ok(openDelta(keys, newId, baseId, sealDeltaRanges(keys, newId, baseId, next, [{ offset: 0, length: 81_920 }])!, base).equals(next));
-  const missed = sealDeltaRanges(keys, newId, baseId, next, written.slice(0, 1))!;
-  assert.throws(() => openDelta(keys, newId, baseId, missed, base), (e: unknown) => e instanceof BlobError && /does not hash/.test(e.message));
-  assert.throws(() => sealDeltaRanges(keys, newId, baseId, next, [{ offset: 8192, length: 4096 }, { offset: 4096, length: 8192 }]), /overlapping/);
-  assert.equal(sealDeltaRanges(keys, newId, baseId, next, [{ offset: 0, length: CS }]), null);
-});
-
-test('delta tamper cases: wrong base, wrong IDs, flipped bytes, kind confusion, bad range tables', () => {
-  const base = randomBytes(CS);
-  const baseId = computeChunkId(keys.idKey, base);
-  const next = changed(base, [[8192, 100]]);
-  const newId = computeChunkId(keys.idKey, next);
-  const delta = sealDelta(keys, newId, baseId, base, next)!;
-  const reason = (r: string) => (e: unknown) => e instanceof BlobError && e.reason === r && e.chunkId === newId;
-  const otherBase = randomBytes(CS);
-  assert.throws(() => openDelta(keys, newId, baseId, delta, otherBase), reason('id-mismatch'), 'applied to the wrong base');
-  assert.throws(() => openDelta(keys, newId, 'a'.repeat(64), delta, base), reason('auth'), 'base ID is authenticated');
-  const flipped = Buffer.from(delta);
+  const pages = sealPages(keys, baseId, CS, [{ offset: 8192, bytes: randomBytes(4096) }]);
+  const label = 'chunk #7';
+  const reason = (r: string) => (e: unknown) => e instanceof BlobError && e.reason === r && e.chunkId === label;
+  // The base's ID is authenticated: pages sealed against one base do not open against another, nor against none.
+  assert.throws(() => openPages(keys, 'a'.repeat(64), pages, base, label), reason('auth'), 'base ID is authenticated');
+  assert.throws(() => openPages(keys, null, pages, null, label), reason('auth'));
+  const flipped = Buffer.from(pages);
   flipped[flipped.length - 20]! ^= 1;
-  assert.throws(() => openDelta(keys, newId, baseId, flipped, base), reason('auth'));
-  assert.throws(() => openDelta({ ...keys, dataKey: randomBytes(32) }, newId, baseId, delta, base), reason('auth'));
-  // A delta is not a chunk blob and a chunk blob is not a delta.
-  assert.throws(() => openBlob(keys, newId, delta), (e: unknown) => e instanceof BlobError && e.reason === 'flags');
-  const blob = sealChunk(keys, next).blob;
-  assert.throws(() => openDelta(keys, newId, baseId, blob, base), reason('flags'));
+  assert.throws(() => openPages(keys, baseId, flipped, base, label), reason('auth'));
+  assert.throws(() => openPages({ ...keys, dataKey: randomBytes(32) }, baseId, pages, base, label), reason('auth'));
+  // A pages blob is not a chunk blob and a chunk blob is not a pages blob; nor is a retired delta (flag 0x02).
+  assert.throws(() => openBlob(keys, baseId, pages), (e: unknown) => e instanceof BlobError && e.reason === 'flags');
+  const blob = sealChunk(keys, base).blob;
+  assert.throws(() => openPages(keys, baseId, blob, base, label), reason('flags'));
+  const retiredDelta = sealBlobEnvelope(keys, Buffer.alloc(6), 0x02, Buffer.concat([chunkIdToBytes(baseId), chunkIdToBytes(baseId)])).blob;
+  assert.throws(() => openPages(keys, baseId, retiredDelta, base, label), reason('flags'));
   // Authentic envelopes with nonsense inside (only a key holder could make them) are still refused.
-  const craft = (body: Buffer) => sealBlobEnvelope(keys, body, FLAG_DELTA, Buffer.concat([chunkIdToBytes(newId), chunkIdToBytes(baseId)])).blob;
+  const craft = (body: Buffer) => sealBlobEnvelope(keys, body, FLAG_PAGES, chunkIdToBytes(baseId)).blob;
   const table = (len: number, ranges: [number, number][], data = 0) => {
     const b = Buffer.alloc(6 + ranges.length * 8 + data);
     b.writeUInt32BE(len, 0);
@@ -105,6 +86,6 @@ test('delta tamper cases: wrong base, wrong IDs, flipped bytes, kind confusion, 
     ['data missing', table(CS, [[0, 100]], 10)],
     ['trailing bytes', table(CS, [[0, 100]], 150)],
   ] as [string, Buffer][]) {
-    assert.throws(() => openDelta(keys, newId, baseId, craft(body), base), reason('delta'), name);
+    assert.throws(() => openPages(keys, baseId, craft(body), base, label), reason('delta'), name);
   }
 });

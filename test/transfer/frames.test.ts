@@ -2,24 +2,25 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
 import { MAX_BLOB_SIZE } from '../../src/core/blob.js';
-import { blobFrame, deltaFrame, encodeFrame, endFrame, errorFrame, FRAME_BLOB, FRAME_DELTA, FRAME_ERROR, FRAME_END, FrameDecoder, FrameError } from '../../src/transfer/frames.js';
+import { blobFrame, encodeFrame, endFrame, errorFrame, FRAME_BLOB, FRAME_ERROR, FRAME_END, FRAME_PAGES, FrameDecoder, FrameError, pagesFrameHead } from '../../src/transfer/frames.js';
 
 const A = 'a'.repeat(64);
 const B = 'b'.repeat(64);
 
 test('frames round-trip whatever way the stream is cut', () => {
   const blob = randomBytes(3000);
-  const delta = randomBytes(500);
-  const wire = Buffer.concat([blobFrame(A, blob), deltaFrame(B, A, delta), errorFrame(A, 'not in store'), endFrame()]);
+  const pages = randomBytes(500);
+  const wire = Buffer.concat([blobFrame(A, blob), pagesFrameHead(7, B, pages.length), pages, pagesFrameHead(8, null, 0), errorFrame(A, 'not in store'), endFrame()]);
   for (const step of [1, 7, 37, 4096, wire.length]) {
     const d = new FrameDecoder();
     const frames = [];
     for (let i = 0; i < wire.length; i += step) frames.push(...d.push(wire.subarray(i, i + step)));
     d.finish();
-    assert.deepEqual(frames.map((f) => f.type), [FRAME_BLOB, FRAME_DELTA, FRAME_ERROR, FRAME_END]);
-    const [b, dl, e] = frames as unknown as [{ id: string; payload: Buffer }, { id: string; baseId: string; payload: Buffer }, { message: string }];
+    assert.deepEqual(frames.map((f) => f.type), [FRAME_BLOB, FRAME_PAGES, FRAME_PAGES, FRAME_ERROR, FRAME_END]);
+    const [b, p, none, e] = frames as unknown as [{ id: string; payload: Buffer }, { tag: number; baseId: string; payload: Buffer }, { tag: number; baseId: null; payload: Buffer }, { message: string }];
     assert.ok(b.payload.equals(blob) && b.id === A);
-    assert.ok(dl.payload.equals(delta) && dl.id === B && dl.baseId === A);
+    assert.ok(p.payload.equals(pages) && p.tag === 7 && p.baseId === B);
+    assert.ok(none.payload.length === 0 && none.tag === 8 && none.baseId === null);
     assert.equal(e.message, 'not in store');
   }
 });
@@ -39,5 +40,7 @@ test('malformed streams are refused with a FrameError, never mis-read', () => {
   assert.throws(bad(Buffer.concat([endFrame(), Buffer.alloc(3)])), FrameError, 'data after the end');
   assert.throws(bad(blobFrame(A, Buffer.alloc(10)).subarray(0, 20), true), /cut inside a frame/);
   assert.throws(bad(blobFrame(A, Buffer.alloc(10)), true), /without an end frame/);
-  assert.throws(bad(encodeFrame(FRAME_DELTA, A, Buffer.alloc(31))), /without a base ID/);
+  assert.throws(bad(encodeFrame(FRAME_PAGES, A, Buffer.alloc(3))), /pages frame without a tag/);
+  // Type 3, the sender-named delta of the retired named push, is no frame any more.
+  assert.throws(bad(encodeFrame(3, A, Buffer.alloc(40))), /unknown frame type 3/);
 });

@@ -59,8 +59,9 @@ test('a cancel revokes the ticket on a standalone transfer server at once (pushe
   const job = co.body.job as { transfer: { url: string; ticket: string; fingerprint: string } };
   const agent = pinnedAgent(job.transfer.fingerprint);
   const ask = async () => {
-    const r = await request(`${job.transfer.url}/v1/chunks/missing`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${job.transfer.ticket}`, 'content-type': 'application/json' }, body: '{"ids":[]}' });
-    return [r.statusCode, ((await r.body.json()) as { error?: string }).error];
+    const r = await request(`${job.transfer.url}/v1/chunks/fetch`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${job.transfer.ticket}`, 'content-type': 'application/json' }, body: '{"ids":[]}' });
+    const bytes = Buffer.from(await r.body.arrayBuffer());
+    return [r.statusCode, r.statusCode === 200 ? undefined : (JSON.parse(bytes.toString()) as { error?: string }).error];
   };
   try {
     assert.deepEqual(await ask(), [200, undefined]);

@@ -19,8 +19,8 @@ import { generateSigningKey } from '../../src/core/signing.js';
 import { signTicket } from '../../src/core/ticket.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
 import { FsChunkStore } from '../../src/store/fs-chunk-store.js';
-import { downloadChunks, TransferSession, uploadChunks, type TransferEndpoint } from '../../src/transfer/client.js';
-import { blobFrame, encodeFrame, endFrame, FRAME_BLOB, FRAME_DELTA, FRAME_PAGES, FRAME_END, FRAME_ERROR, FrameDecoder, pagesFrameHead } from '../../src/transfer/frames.js';
+import { downloadChunks, TransferSession, type TransferEndpoint } from '../../src/transfer/client.js';
+import { blobFrame, encodeFrame, endFrame, FRAME_BLOB, FRAME_PAGES, FRAME_ERROR, FrameDecoder, pagesFrameHead } from '../../src/transfer/frames.js';
 import { pushPages } from '../../src/transfer/push-pages.js';
 import { startTransferServer, type TransferServer } from '../../src/transfer/server.js';
 import { RemoteCheckpoint } from '../../src/disk/remote-checkpoint.js';
@@ -63,6 +63,14 @@ function tamperFirst(n: number) {
   };
 }
 
+/** A check-in's pages source: chunk `tag` is one fresh page over zeros (no base needed). */
+const freshPages = {
+  async frame(tag: number) {
+    const blob = sealPages(keys, null, desk.manifest.chunkSize, [{ offset: 0, bytes: randomBytes(4096) }]);
+    return { parts: [pagesFrameHead(tag, null, blob.length), blob] };
+  },
+};
+
 async function allPresent(store: FsChunkStore): Promise<boolean> {
   return (await store.missing(ids)).length === 0;
 }
@@ -95,7 +103,7 @@ test('three servers with 1, 2 and 4 slots run 10 simultaneous jobs without ever 
         await check();
         if (j.state === 'active') {
           if (j.kind === 'checkout') await downloadChunks({ endpoint: endpoint(j), ids, localStore: local, keys });
-          else await uploadChunks({ endpoint: endpoint(j), ids, localStore: desk.store, keys });
+          else await pushPages({ endpoint: endpoint(j), count: 8, source: freshPages, named: new Map(), receipts: new Map() });
           await sched.finish(j.id, 'done');
           done.push(j.id);
           if (j.kind === 'checkout') assert.ok(await allPresent(local));
@@ -136,36 +144,6 @@ test('a blob tampered in flight is refused and fetched again', async () => {
   const res = await downloadChunks({ endpoint: { url: s.url, fingerprint: s.fingerprint, ticket: t, maxStreams: 2 }, ids, localStore: local, keys });
   assert.equal(res.refetched, 3);
   assert.ok(await allPresent(local));
-});
-
-test('check-in deltas: changed pages travel, the server rebuilds and verifies; a delta without its base goes whole', async () => {
-  const s = await server('ts-d', 2);
-  const CS = 64 * 1024;
-  const laptop = await FsChunkStore.open(join(dir, 'delta-laptop'));
-  const baseIds = ids.slice(0, 3);
-  for (const id of baseIds) await laptop.put(id, (await desk.store.get(id))!);
-  // Three changed chunks: two small edits of chunks the server has, one of a chunk it never saw.
-  const stranger = sealChunk(keys, randomBytes(CS));
-  await laptop.put(stranger.id, stranger.blob);
-  const bases = [...baseIds.slice(0, 2), stranger.id];
-  const next = await Promise.all(bases.map(async (b) => {
-    const plain = Buffer.from(openBlob(keys, b, (await laptop.get(b))!));
-    randomBytes(300).copy(plain, 5000);
-    const sealed = sealChunk(keys, plain);
-    await laptop.put(sealed.id, sealed.blob);
-    return { id: sealed.id, plain };
-  }));
-  const m = createManifest(CS, 3 * CS, next.map((n) => n.id));
-  const digest = manifestDigest(m);
-  await desk.store.putManifest(digest, encodeManifest(m));
-  const t = signTicket({ v: 1, jobId: 'job-d', desktopId: 'd', checkoutId: 'c', direction: 'upload', manifests: [digest], baseManifests: [desk.digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 2, expiresAt: new Date(Date.now() + 600_000).toISOString() }, broker.privateKey);
-  const before = s.stats.bytesIn;
-  const res = await uploadChunks({ endpoint: { url: s.url, fingerprint: s.fingerprint, ticket: t, maxStreams: 2 }, ids: next.map((n) => n.id), deltaBases: new Map(next.map((n, i) => [n.id, bases[i]!])), localStore: laptop, keys, streams: 1 });
-  assert.equal(res.chunksMoved, 3);
-  const onWire = s.stats.bytesIn - before;
-  // Two one-page deltas, one refused delta, and that chunk again whole.
-  assert.ok(onWire < 3 * 4096 + CS + 2000 && onWire > CS, `${onWire} bytes on the wire`);
-  for (const n of next) assert.ok(openBlob(keys, n.id, (await desk.store.get(n.id))!).equals(n.plain), 'the server holds the new chunk, sealed and verifiable');
 });
 
 test('check-in pages: the server rebuilds and names each chunk; a base outside the checkpoint goes whole; a hole and an unchanged chunk are named so; forged pages are refused', async () => {
@@ -226,7 +204,7 @@ test('check-in pages: the server rebuilds and names each chunk; a base outside t
   assert.equal(none.size, 0);
 });
 
-test('decompression bombs pushed as pages and as a blob are refused at once with the reason, memory flat; the honest frame beside them is named', async () => {
+test('decompression bombs pushed as pages are refused at once with the reason, memory flat; the honest frame beside them is named; one as a named blob is refused unopened', async () => {
   const s = await server('ts-bomb', 1);
   const t = signTicket({ v: 1, jobId: 'job-bomb', desktopId: 'd', checkoutId: 'c-bomb', direction: 'upload', manifests: [desk.digest], baseManifests: [desk.digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 1, expiresAt: new Date(Date.now() + 600_000).toISOString() }, broker.privateKey);
   const CS = desk.manifest.chunkSize;
@@ -239,7 +217,6 @@ test('decompression bombs pushed as pages and as a blob are refused at once with
     ...pages(2, rawPagesBlob(keys, rleBomb({ blocks: 2048, declare: 4096 }), ids[0]), ids[0]),
     // A frame near the size limit: ≈ 1 M blocks, ≈ 128 GiB if decompressed whole.
     ...pages(3, rawPagesBlob(keys, rleBomb({ blocks: 1_000_000 }))),
-    blobFrame(ids[1]!, rawChunkBlob(keys, ids[1]!, rleBomb({ blocks: 2048, declare: 'true' }))),
     ...pages(4, sealPages(keys, null, CS, [{ offset: 0, bytes: honest }])),
     endFrame(),
   ]);
@@ -247,17 +224,20 @@ test('decompression bombs pushed as pages and as a blob are refused at once with
   const t0 = performance.now();
   const agent = pinnedAgent(s.fingerprint);
   const res = await request(`${s.url}/v1/chunks/push`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${t}`, 'content-type': 'application/octet-stream' }, body });
-  const answer = (await res.body.json()) as { rejected: { tag?: number; id?: string; reason: string; code: string }[]; named: { tag: number; id: string | null }[] };
+  const answer = (await res.body.json()) as { rejected: { tag: number; reason: string; code: string }[]; named: { tag: number; id: string | null }[] };
+  // A bomb in a named blob frame (the retired push of chunks under the sender's IDs) is refused
+  // with its stream before anything is opened: no chunk blob a sender sends is ever decompressed.
+  const asBlob = await request(`${s.url}/v1/chunks/push`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${t}`, 'content-type': 'application/octet-stream' }, body: Buffer.concat([blobFrame(ids[1]!, rawChunkBlob(keys, ids[1]!, rleBomb({ blocks: 2048, declare: 'true' }))), endFrame()]) });
+  assert.deepEqual([asBlob.statusCode, ((await asBlob.body.json()) as { error: string }).error], [400, 'bad-frame']);
   await agent.close();
   const ms = performance.now() - t0;
   const grewMiB = (process.memoryUsage().rss - rss0) / 2 ** 20;
   assert.equal(res.statusCode, 200);
-  const reason = (k: { tag?: number; id?: string }) => answer.rejected.find((r) => (k.tag !== undefined ? r.tag === k.tag : r.id === k.id))?.reason ?? 'not rejected';
-  assert.match(reason({ tag: 0 }), /blob rejected \(decompress\): the zstd frame does not declare its size/);
-  assert.match(reason({ tag: 1 }), /blob rejected \(too-large\): the zstd frame declares 268435456 bytes/);
-  assert.match(reason({ tag: 2 }), /blob rejected \(decompress\)/);
-  assert.match(reason({ tag: 3 }), /does not declare its size/);
-  assert.match(reason({ id: ids[1]! }), /blob rejected \(too-large\)/);
+  const reason = (tag: number) => answer.rejected.find((r) => r.tag === tag)?.reason ?? 'not rejected';
+  assert.match(reason(0), /blob rejected \(decompress\): the zstd frame does not declare its size/);
+  assert.match(reason(1), /blob rejected \(too-large\): the zstd frame declares 268435456 bytes/);
+  assert.match(reason(2), /blob rejected \(decompress\)/);
+  assert.match(reason(3), /does not declare its size/);
   assert.ok(answer.rejected.every((r) => r.code === 'invalid'));
   const named = answer.named.find((n) => n.tag === 4);
   assert.equal(named?.id, computeChunkId(keys.idKey, Buffer.concat([honest, Buffer.alloc(CS - 4096)])), 'the honest frame is rebuilt and named');
@@ -278,10 +258,14 @@ test('push route fuzz (seeded): hostile frames, bombs and cut streams get 200 wi
         const blob = rawPagesBlob(keys, bomb(), r.int(2) ? id : null);
         return [pagesFrameHead(r.int(100), blob[0] === 2 && r.int(2) ? id : null, blob.length), blob];
       }
-      case 2: return [encodeFrame(FRAME_DELTA, id, Buffer.concat([Buffer.from(r.pick(ids), 'hex'), r.bytes(r.int(300))]))];
+      // Type 3: the sender-named delta of the retired named push.
+      case 2: return [encodeFrame(3, id, Buffer.concat([Buffer.from(r.pick(ids), 'hex'), r.bytes(r.int(300))]))];
       case 3: return [encodeFrame(FRAME_PAGES, null, r.bytes(r.int(8)))];
       case 4: return [encodeFrame(r.pick([7, 255, 2]), id, r.bytes(r.int(64)))];
-      default: return [blobFrame(id, r.bytes(r.int(4096)))];
+      default: {
+        const junk = r.bytes(r.int(4096));
+        return [pagesFrameHead(r.int(100), r.int(2) ? id : null, junk.length), junk];
+      }
     }
   };
   const rss0 = process.memoryUsage().rss;
@@ -307,18 +291,20 @@ test('push route fuzz (seeded): hostile frames, bombs and cut streams get 200 wi
   }
   assert.ok((statuses.get(200) ?? 0) > 0 && (statuses.get(400) ?? 0) > 0, JSON.stringify([...statuses]));
   assert.ok(process.memoryUsage().rss - rss0 < 128 * 2 ** 20, 'memory bounded');
-  const session = new TransferSession({ url: s.url, fingerprint: s.fingerprint, ticket: t, maxStreams: 1 });
-  assert.deepEqual(await session.missing(ids.slice(0, 2)), [], 'the server still answers');
-  await session.close();
+  const alive = pinnedAgent(s.fingerprint);
+  const last = await request(`${s.url}/v1/chunks/push`, { method: 'POST', dispatcher: alive, headers: { authorization: `Ticket ${t}`, 'content-type': 'application/octet-stream' }, body: endFrame() });
+  assert.deepEqual([last.statusCode, await last.body.json()], [200, { stored: 0, duplicate: 0, rejected: [], named: [] }], 'the server still answers');
+  await alive.close();
 });
 
 test('expired, forged, foreign and wrong-direction tickets are refused; out-of-scope chunks are not served', async () => {
   const s = await server('ts-x', 1);
   const base = { v: 1 as const, jobId: 'j', desktopId: 'd', checkoutId: 'c', direction: 'download' as const, manifests: [desk.digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 1, expiresAt: new Date(Date.now() + 600_000).toISOString() };
   const agent = pinnedAgent(s.fingerprint);
-  const call = async (ticket: string, path = '/v1/chunks/missing', body: unknown = { ids: ids.slice(0, 2) }) => {
+  const call = async (ticket: string, path = '/v1/chunks/fetch', body: unknown = { ids: ids.slice(0, 2) }) => {
     const res = await request(`${s.url}${path}`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${ticket}`, 'content-type': 'application/json' }, body: JSON.stringify(body) });
-    return { status: res.statusCode, body: (await res.body.json()) as { error: string } };
+    const bytes = Buffer.from(await res.body.arrayBuffer());
+    return { status: res.statusCode, body: (res.statusCode === 200 ? {} : JSON.parse(bytes.toString())) as { error: string } };
   };
   assert.equal((await call(signTicket(base, broker.privateKey))).status, 200);
   const expired = await call(signTicket({ ...base, expiresAt: new Date(Date.now() - 1000).toISOString() }, broker.privateKey));
@@ -329,19 +315,13 @@ test('expired, forged, foreign and wrong-direction tickets are refused; out-of-s
   assert.deepEqual([foreign.status, foreign.body.error], [403, 'ticket-wrong-server']);
   const push = await call(signTicket(base, broker.privateKey), '/v1/chunks/push', {});
   assert.deepEqual([push.status, push.body.error], [403, 'wrong-direction']);
-  const outside = await call(signTicket(base, broker.privateKey), '/v1/chunks/missing', { ids: ['e'.repeat(64)] });
-  assert.equal(outside.status, 403);
-  assert.equal(outside.body.error, 'out-of-scope');
   // Wrong media type is a 415, a body past the limit a 413 (not a 400, not a cut connection).
   const ticket = signTicket(base, broker.privateKey);
-  const plain = await request(`${s.url}/v1/chunks/missing`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${ticket}`, 'content-type': 'text/plain' }, body: 'ids' });
+  const plain = await request(`${s.url}/v1/chunks/fetch`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${ticket}`, 'content-type': 'text/plain' }, body: 'ids' });
   assert.deepEqual([plain.statusCode, ((await plain.body.json()) as { error: string }).error], [415, 'unsupported-media-type']);
-  const huge = await request(`${s.url}/v1/chunks/missing`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${ticket}`, 'content-type': 'application/json' }, body: Buffer.alloc(65 * 1024 * 1024, 0x20) });
+  const huge = await request(`${s.url}/v1/chunks/fetch`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${ticket}`, 'content-type': 'application/json' }, body: Buffer.alloc(65 * 1024 * 1024, 0x20) });
   assert.deepEqual([huge.statusCode, ((await huge.body.json()) as { error: string }).error], [413, 'body-too-large']);
   await agent.close();
-  const session = new TransferSession({ url: s.url, fingerprint: s.fingerprint, ticket: signTicket(base, broker.privateKey), maxStreams: 1 });
-  assert.deepEqual(await session.missing(ids.slice(0, 3)), []);
-  await session.close();
 });
 
 test('remote checkpoint (boot while in flight): tampered blobs are refused and recorded, reads return the true bytes; holes need no fetch', async () => {

@@ -5,14 +5,14 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { request } from 'undici';
-import { openBlob, sealChunk } from '../../src/core/blob.js';
-import { sealDelta } from '../../src/core/delta.js';
+import { sealChunk } from '../../src/core/blob.js';
+import { sealPages, type Piece } from '../../src/core/delta.js';
 import { generateLineageKeys } from '../../src/core/keys.js';
 import { createManifest, encodeManifest, manifestDigest } from '../../src/core/manifest.js';
 import { generateSigningKey } from '../../src/core/signing.js';
 import { signTicket, type TicketPayload } from '../../src/core/ticket.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
-import { blobFrame, deltaFrame, endFrame, FRAME_BLOB, FRAME_END, FRAME_ERROR, FrameDecoder } from '../../src/transfer/frames.js';
+import { blobFrame, endFrame, FRAME_BLOB, FRAME_END, FRAME_ERROR, FrameDecoder, pagesFrameHead } from '../../src/transfer/frames.js';
 import { startTransferServer, type TransferServer } from '../../src/transfer/server.js';
 import { makeDesktopStore, wrapped } from './helpers.js';
 
@@ -53,50 +53,49 @@ async function call(path: string, t: string, body: Buffer | string, type = 'appl
   return { status: res.statusCode, type: String(res.headers['content-type']), body: JSON.parse(text) as Record<string, unknown> };
 }
 
-/** An upload ticket for a check-in whose new manifest names `ids` (the user chose them). */
-async function uploadTicket(jobId: string, ids: string[], withBase = true): Promise<string> {
-  const m = createManifest(CS, ids.length * CS, ids);
-  const digest = manifestDigest(m);
-  await ours.store.putManifest(digest, encodeManifest(m));
-  return ticket({ jobId, direction: 'upload', manifests: [digest], ...(withBase ? { baseManifests: [ours.digest] } : {}) });
+/** An upload ticket for a check-in of this checkout (the checkpoint as its base unless `withBase` is false). */
+function uploadTicket(jobId: string, withBase = true, checkoutId = 'c'): string {
+  return ticket({ jobId, checkoutId, direction: 'upload', manifests: [ours.digest], ...(withBase ? { baseManifests: [ours.digest] } : {}) });
 }
 
-test('item 4: /missing and delta bases are scoped to the checkout\'s checkpoint: no oracle for other clones\' chunks', async () => {
-  const guess = theirs.id; // in the store, but not in this checkout's checkpoint
-  const absent = 'a'.repeat(64);
-  const t = await uploadTicket('job-oracle', [oursIds[0]!, guess, absent]);
-  const missing = await call('/v1/chunks/missing', t, JSON.stringify({ ids: [oursIds[0], guess, absent] }));
-  assert.equal(missing.status, 200);
-  // Own checkpoint chunk: truthfully present. Guessed chunk of another desktop: "missing", like a truly absent one.
-  assert.deepEqual(missing.body.missing, [guess, absent]);
+/** A pages frame: `pieces` written over `baseId`'s chunk (null: over zeros), sealed under `k`. */
+function pagesFrame(tag: number, baseId: string | null, pieces: Piece[], k = keys): Buffer {
+  const blob = sealPages(k, baseId, CS, pieces);
+  return Buffer.concat([pagesFrameHead(tag, baseId, blob.length), blob]);
+}
 
-  // A delta naming the other clone's chunk as its base is refused exactly as if that chunk did not exist.
-  const next = Buffer.from(theirPlain);
-  randomBytes(100).copy(next, 10);
-  const sealed = sealChunk(keys, next);
-  const t2 = await uploadTicket('job-delta', [sealed.id]);
-  const delta = sealDelta(keys, sealed.id, theirs.id, theirPlain, next)!;
-  const pushed = await call('/v1/chunks/push', t2, Buffer.concat([deltaFrame(sealed.id, theirs.id, delta), endFrame()]), 'application/octet-stream');
-  assert.equal(pushed.status, 200);
-  assert.deepEqual((pushed.body.rejected as { code: string }[]).map((r) => r.code), ['base-missing']);
+const push = (t: string, ...frames: Buffer[]) => call('/v1/chunks/push', t, Buffer.concat([...frames, endFrame()]), 'application/octet-stream');
 
-  // Pushing the other clone's chunk whole: counted as stored, not as "duplicate" (which would tell).
-  const t3 = await uploadTicket('job-dup', [theirs.id]);
-  const dup = await call('/v1/chunks/push', t3, Buffer.concat([blobFrame(theirs.id, theirs.blob), endFrame()]), 'application/octet-stream');
-  assert.deepEqual([dup.body.stored, dup.body.duplicate], [1, 0]);
-  // Once this job pushed it, asking again says present (a resumed upload does not resend it).
-  assert.deepEqual((await call('/v1/chunks/missing', t3, JSON.stringify({ ids: [theirs.id] }))).body.missing, []);
-  // So does a later upload job of the same checkout (a check-in killed and begun again) …
-  const again = await uploadTicket('job-dup-again', [theirs.id]);
-  assert.deepEqual((await call('/v1/chunks/missing', again, JSON.stringify({ ids: [theirs.id] }))).body.missing, []);
+/** Authorizes `t` (loading its scope) through the fetch route without moving a chunk: status and error code. */
+async function probe(t: string, body = '{"ids":[]}'): Promise<{ status: number; error?: string; message?: string }> {
+  const res = await request(`${s.url}/v1/chunks/fetch`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${t}`, 'content-type': 'application/json' }, body });
+  const bytes = Buffer.from(await res.body.arrayBuffer());
+  if (res.statusCode !== 200) return { status: res.statusCode, ...(JSON.parse(bytes.toString()) as { error: string; message: string }) };
+  return { status: 200 };
+}
+
+test('item 4: pages bases and duplicate counts are scoped to the checkout\'s checkpoint: no oracle for other clones\' chunks', async () => {
+  // Pages naming the other clone's chunk (in the store, not in this checkpoint) as their base are
+  // refused exactly as if that chunk did not exist.
+  const t = uploadTicket('job-base');
+  const r = await push(t, pagesFrame(0, theirs.id, [{ offset: 0, bytes: randomBytes(4096) }]), pagesFrame(1, 'a'.repeat(64), [{ offset: 0, bytes: randomBytes(4096) }]));
+  assert.equal(r.status, 200);
+  assert.deepEqual((r.body.rejected as { tag: number; code: string }[]).map((x) => [x.tag, x.code]).sort(), [[0, 'base-missing'], [1, 'base-missing']]);
+
+  // Pages rebuilding the other clone's chunk: counted as stored, not as "duplicate" (which would tell).
+  const whole: Piece[] = [{ offset: 0, bytes: theirPlain }];
+  const dup = await push(uploadTicket('job-dup'), pagesFrame(0, null, whole));
+  assert.deepEqual([dup.body.stored, dup.body.duplicate, (dup.body.named as { id: string }[])[0]!.id], [1, 0, theirs.id]);
+  // Once this checkout pushed it, a later upload job of it (a check-in killed and begun again) is told it is a duplicate …
+  const again = await push(uploadTicket('job-dup-again'), pagesFrame(0, null, whole));
+  assert.deepEqual([again.body.stored, again.body.duplicate], [0, 1]);
   // … but not another checkout's.
-  const m = createManifest(CS, CS, [theirs.id]);
-  const foreign = ticket({ jobId: 'job-other-checkout', checkoutId: 'c-other', direction: 'upload', manifests: [manifestDigest(m)], baseManifests: [ours.digest] });
-  assert.deepEqual((await call('/v1/chunks/missing', foreign, JSON.stringify({ ids: [theirs.id] }))).body.missing, [theirs.id]);
+  const foreign = await push(uploadTicket('job-other-checkout', true, 'c-other'), pagesFrame(0, null, whole));
+  assert.deepEqual([foreign.body.stored, foreign.body.duplicate], [1, 0]);
 
-  // A ticket without checkpoint manifests (older broker) tells nothing at all.
-  const t4 = await uploadTicket('job-nobase', [oursIds[1]!], false);
-  assert.deepEqual((await call('/v1/chunks/missing', t4, JSON.stringify({ ids: [oursIds[1]] }))).body.missing, [oursIds[1]]);
+  // A ticket without checkpoint manifests (older broker) takes no base at all, not even its own checkpoint's.
+  const nobase = await push(uploadTicket('job-nobase', false), pagesFrame(0, oursIds[1]!, [{ offset: 0, bytes: randomBytes(4096) }]));
+  assert.deepEqual((nobase.body.rejected as { code: string }[]).map((x) => x.code), ['base-missing']);
 });
 
 test('item 5: per-job scopes, keys and counters are evicted at ticket expiry and at revocation: flat over many jobs', async () => {
@@ -106,8 +105,7 @@ test('item 5: per-job scopes, keys and counters are evicted at ticket expiry and
   const JOBS = 300;
   for (let i = 0; i < JOBS; i++) {
     const t = ticket({ jobId: `soak-${i}`, expiresAt: new Date(clock + 2000).toISOString() });
-    const r = await call('/v1/chunks/missing', t, JSON.stringify({ ids: [oursIds[i % oursIds.length]] }));
-    assert.equal(r.status, 200);
+    assert.equal((await probe(t)).status, 200);
     if (i % 100 === 99) {
       // Tickets of the last 100 jobs expire; the next request sweeps them.
       clock += 3000;
@@ -126,8 +124,8 @@ test('item 5: per-job scopes, keys and counters are evicted at ticket expiry and
   s.setRevoked(['ended']);
   assert.equal(s.retained().scopes, base.scopes);
   assert.equal(s.retained().jobCounters, base.jobCounters);
-  const refused = await call('/v1/chunks/missing', t, JSON.stringify({ ids: [oursIds[0]] }));
-  assert.deepEqual([refused.status, refused.body.error], [403, 'ticket-revoked']);
+  const refused = await probe(t);
+  assert.deepEqual([refused.status, refused.error], [403, 'ticket-revoked']);
   s.setRevoked([]);
 
   // Each evicted job left one summary of its chunk access for the broker's audit.
@@ -145,16 +143,16 @@ test('item 5: per-job scopes, keys and counters are evicted at ticket expiry and
 
 test('items 8 and 10: validation errors are one clear {error, message}; a truncated pack is a 400, not a 500', async () => {
   const t = ticket({ jobId: 'errors' });
-  const bad = await call('/v1/chunks/missing', t, JSON.stringify({ ids: ['nope'] }));
+  const bad = await probe(t, JSON.stringify({ ids: ['nope'] }));
   assert.equal(bad.status, 400);
-  assert.equal(bad.body.error, 'invalid');
-  assert.match(String(bad.body.message), /^invalid request: ids\.0: not a chunk ID$/);
-  const extra = await call('/v1/chunks/missing', t, JSON.stringify({ ids: [], more: 1 }));
-  assert.deepEqual([extra.status, extra.body.error], [400, 'invalid']);
-  assert.ok(!String(extra.body.message).startsWith('['), 'not a raw zod issue array');
+  assert.equal(bad.error, 'invalid');
+  assert.match(String(bad.message), /^invalid request: ids\.0: not a chunk ID$/);
+  const extra = await probe(t, JSON.stringify({ ids: [], more: 1 }));
+  assert.deepEqual([extra.status, extra.error], [400, 'invalid']);
+  assert.ok(!String(extra.message).startsWith('['), 'not a raw zod issue array');
 
-  const up = await uploadTicket('job-trunc', oursIds.slice(0, 2));
-  const whole = Buffer.concat([blobFrame(oursIds[0]!, (await ours.store.get(oursIds[0]!))!), endFrame()]);
+  const up = uploadTicket('job-trunc');
+  const whole = Buffer.concat([pagesFrame(0, oursIds[0]!, [{ offset: 0, bytes: randomBytes(8192) }]), endFrame()]);
   for (const cut of [whole.subarray(0, 20), whole.subarray(0, whole.length - 100), whole.subarray(0, whole.length - 37)]) {
     const r = await call('/v1/chunks/push', up, cut, 'application/octet-stream');
     assert.equal(r.status, 400, JSON.stringify(r.body));
@@ -168,33 +166,44 @@ test('items 8 and 10: validation errors are one clear {error, message}; a trunca
   assert.equal(json.body.error, 'invalid');
 
   // Unknown manifest (missing thing) is 404; a corrupt stored manifest is the server's fault: 500.
-  const unknown = await call('/v1/chunks/missing', ticket({ jobId: 'unknown', manifests: ['b'.repeat(64)] }), JSON.stringify({ ids: [] }));
-  assert.deepEqual([unknown.status, unknown.body.error], [404, 'unknown-manifest']);
+  const unknown = await probe(ticket({ jobId: 'unknown', manifests: ['b'.repeat(64)] }));
+  assert.deepEqual([unknown.status, unknown.error], [404, 'unknown-manifest']);
   await ours.store.putManifest('c'.repeat(64), Buffer.from('not a manifest'));
-  const corrupt = await call('/v1/chunks/missing', ticket({ jobId: 'corrupt', manifests: ['c'.repeat(64)] }), JSON.stringify({ ids: [] }));
-  assert.deepEqual([corrupt.status, corrupt.body.error], [500, 'store-corrupt']);
-  void openBlob;
+  const corrupt = await probe(ticket({ jobId: 'corrupt', manifests: ['c'.repeat(64)] }));
+  assert.deepEqual([corrupt.status, corrupt.error], [500, 'store-corrupt']);
 });
 
-test('existing guards: pushed blobs are authenticated, pushes and fetches stay inside the ticket\'s manifests', async () => {
-  // A new chunk the user's check-in manifest names, and one it does not.
-  const inScope = sealChunk(keys, randomBytes(CS));
-  const outScope = sealChunk(keys, randomBytes(CS));
-  const t = await uploadTicket('job-guards', [inScope.id]);
-  const forged = Buffer.from(inScope.blob);
+test('existing guards: pushed pages are authenticated, a push takes no chunk named by its sender, fetches stay inside the ticket\'s manifests', async () => {
+  const written = randomBytes(8192);
+  const forged = pagesFrame(0, oursIds[2]!, [{ offset: 4096, bytes: written }]);
   forged[forged.length - 3]! ^= 1;
-  const r = await call('/v1/chunks/push', t, Buffer.concat([blobFrame(inScope.id, forged), blobFrame(outScope.id, outScope.blob), endFrame()]), 'application/octet-stream');
+  // Sealed under another lineage's keys: no key holder of this one made it.
+  const otherLineage = pagesFrame(1, oursIds[2]!, [{ offset: 4096, bytes: written }], generateLineageKeys());
+  const before = s.stats.blobsRejected;
+  const r = await push(uploadTicket('job-guards'), forged, otherLineage);
   assert.equal(r.status, 200);
   // Checks run in parallel: the rejections come in no particular order.
-  assert.deepEqual((r.body.rejected as { id: string }[]).map((x) => x.id).sort(), [inScope.id, outScope.id].sort());
-  assert.deepEqual([r.body.stored, r.body.duplicate], [0, 0]);
-  assert.equal(await ours.store.get(inScope.id), null, 'the forged blob was not stored');
-  assert.equal(await ours.store.get(outScope.id), null, 'the out-of-scope blob was not stored');
-  // A wrongly keyed blob (another lineage) under an in-scope ID: refused too.
-  const other = sealChunk(generateLineageKeys(), randomBytes(CS));
-  const t2 = await uploadTicket('job-guards-2', [other.id]);
-  const r2 = await call('/v1/chunks/push', t2, Buffer.concat([blobFrame(other.id, other.blob), endFrame()]), 'application/octet-stream');
-  assert.equal((r2.body.rejected as unknown[]).length, 1);
+  assert.deepEqual((r.body.rejected as { tag: number; reason: string }[]).map((x) => x.tag).sort(), [0, 1]);
+  assert.ok((r.body.rejected as { reason: string }[]).every((x) => /GCM tag does not verify/.test(x.reason)), JSON.stringify(r.body.rejected));
+  assert.deepEqual([r.body.stored, r.body.duplicate, r.body.named], [0, 0, []]);
+  assert.equal(s.stats.blobsRejected, before + 2);
+
+  // The retired named push: a whole blob (type 1) or a sender-named delta (type 3) under an ID the
+  // sender chose is no part of a push; the stream is refused and nothing is stored, even when the
+  // blob is authentic and the ID one the ticket's manifests reference.
+  const fresh = sealChunk(keys, randomBytes(CS));
+  const named = await push(uploadTicket('job-named'), blobFrame(fresh.id, fresh.blob));
+  assert.deepEqual([named.status, named.body.error], [400, 'bad-frame']);
+  assert.match(String(named.body.message), /pages frames only, not type 1/);
+  assert.equal(await ours.store.get(fresh.id), null, 'the named blob was not stored');
+  const ownId = oursIds[3]!;
+  const delta = Buffer.alloc(37 + 32 + 64);
+  delta[0] = 3;
+  Buffer.from(ownId, 'hex').copy(delta, 1);
+  delta.writeUInt32BE(96, 33);
+  const deltaPush = await push(uploadTicket('job-delta'), delta);
+  assert.deepEqual([deltaPush.status, deltaPush.body.error], [400, 'bad-frame']);
+  assert.match(String(deltaPush.body.message), /unknown frame type 3/);
 
   // Fetch: a chunk in the store but outside the ticket's manifests comes back as an error frame, never as data.
   const res = await request(`${s.url}/v1/chunks/fetch`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${ticket({ jobId: 'job-fetch' })}`, 'content-type': 'application/json' }, body: JSON.stringify({ ids: [theirs.id, oursIds[0]] }) });

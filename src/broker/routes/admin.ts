@@ -1,10 +1,11 @@
-import type { FastifyInstance } from 'fastify';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { z } from 'zod';
 import { PolicyLayer } from '../../core/policy.js';
 import { checkoutView, forceUnlock } from '../checkouts.js';
 import type { BrokerContext } from '../context.js';
 import { cloneDesktop, createDesktopFromImage, rotateLineageKey } from '../desktops.js';
-import { HttpError, parse, requireAdmin } from '../http.js';
+import { HttpError, parse } from '../http.js';
+import { adminOf } from './admin-scope.js';
 import { hashPassword } from '../passwords.js';
 import { SafeName } from '../names.js';
 import { resolveImportPath } from '../import-paths.js';
@@ -23,7 +24,8 @@ const Config = z.object({
 
 /** Admin API: directory, desktops, entitlements, policies, checkouts, devices, commands, events. */
 export function adminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
-  const admin = async (req: Parameters<typeof requireAdmin>[1]) => (await requireAdmin(ctx, req)).sub;
+  // The admin scope's hook checked the session (routes/admin-scope.ts); this names the admin.
+  const admin = async (req: FastifyRequest) => adminOf(req);
 
   app.get('/v1/admin/users', async (req) => (await admin(req), { users: (await ctx.meta.listUsers()).map(({ passwordHash: _, ...u }) => u) }));
   app.post('/v1/admin/users', async (req, reply) => {

@@ -2,11 +2,6 @@ import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { extname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { FastifyInstance } from 'fastify';
-import type { BrokerContext } from '../context.js';
-import { auditRoutes } from './audit.js';
-import { directoryExtraRoutes } from './directory-extra.js';
-import { restoreRoutes } from './restore.js';
-import { uploadRoutes } from './uploads.js';
 
 const TYPES: Record<string, string> = {
   '.html': 'text/html; charset=utf-8', '.js': 'text/javascript; charset=utf-8', '.css': 'text/css; charset=utf-8',
@@ -24,15 +19,10 @@ export function consoleDir(): string {
 }
 
 /**
- * The admin web console: static files (built by Vite from web/) on the broker's HTTPS port, plus
- * the API routes it needs beyond the core ones. The page talks only to the documented API.
+ * The admin web console: static files (built by Vite from web/) on the broker's HTTPS port, and
+ * nothing else: the page talks only to the documented API, registered with its resources.
  */
-export function consoleRoutes(app: FastifyInstance, ctx: BrokerContext, opts: { uploadDir: string; webDir?: string }): void {
-  restoreRoutes(app, ctx);
-  directoryExtraRoutes(app, ctx);
-  auditRoutes(app, ctx);
-  uploadRoutes(app, ctx, opts.uploadDir);
-
+export function consoleRoutes(app: FastifyInstance, opts: { webDir?: string } = {}): void {
   const dir = opts.webDir ?? consoleDir();
   const files = new Map<string, { body: Buffer; type: string }>();
   const load = (rel: string) => files.set(`/${rel}`, { body: readFileSync(join(dir, rel)), type: TYPES[extname(rel)] ?? 'application/octet-stream' });

@@ -3,7 +3,8 @@ import { z } from 'zod';
 import { collectGarbage, DEFAULT_GC } from '../gc/collect.js';
 import { verifyStore } from '../gc/verify.js';
 import type { BrokerContext } from '../context.js';
-import { HttpError, parse, requireAdmin } from '../http.js';
+import { HttpError, parse } from '../http.js';
+import { adminOf } from './admin-scope.js';
 import { desktopRetention, setDesktopRetention } from '../gc/retention.js';
 
 const GcBody = z.object({
@@ -24,7 +25,7 @@ const VerifyBody = z.object({ samplePercent: z.number().gt(0).max(100).default(1
 /** Datacenter maintenance: garbage collection and scrub of the chunk store. */
 export function maintenanceRoutes(app: FastifyInstance, ctx: BrokerContext): void {
   app.post('/v1/admin/gc', async (req) => {
-    const actor = (await requireAdmin(ctx, req)).sub;
+    const actor = adminOf(req);
     const b = parse(GcBody, req.body);
     try {
       const report = await collectGarbage(ctx.meta, ctx.store, { dryRun: b.dryRun, keepLast: b.keepLast, keepReplicaDays: b.keepReplicaDays, graceMs: b.graceHours * 3600_000, compactThreshold: b.compactThreshold });
@@ -38,13 +39,12 @@ export function maintenanceRoutes(app: FastifyInstance, ctx: BrokerContext): voi
 
   // A desktop's own retention (else the values of each GC run apply).
   app.get('/v1/admin/desktops/:id/retention', async (req) => {
-    await requireAdmin(ctx, req);
     const d = await ctx.meta.getDesktop(parse(z.object({ id: z.string().max(200) }), req.params).id);
     if (!d) throw new HttpError(404, 'not-found', 'no such desktop');
     return { retention: await desktopRetention(ctx.meta, d.id) };
   });
   app.put('/v1/admin/desktops/:id/retention', async (req) => {
-    const actor = (await requireAdmin(ctx, req)).sub;
+    const actor = adminOf(req);
     const d = await ctx.meta.getDesktop(parse(z.object({ id: z.string().max(200) }), req.params).id);
     if (!d) throw new HttpError(404, 'not-found', 'no such desktop');
     const b = parse(RetentionBody, req.body);
@@ -55,7 +55,7 @@ export function maintenanceRoutes(app: FastifyInstance, ctx: BrokerContext): voi
   });
 
   app.post('/v1/admin/verify', async (req) => {
-    const actor = (await requireAdmin(ctx, req)).sub;
+    const actor = adminOf(req);
     const b = parse(VerifyBody, req.body);
     const report = await verifyStore(ctx.meta, ctx.store, ctx.secrets.masterKey, { samplePercent: b.samplePercent });
     await ctx.audit({ actor, action: 'verify', outcome: report.damagedCount || report.damagedSnapshots.length ? 'failed' : 'ok', detail: `${report.chunksChecked} of ${report.chunksReferenced} chunks read, ${report.damagedCount} damaged, ${report.damagedSnapshots.length} snapshots damaged` });

@@ -7,7 +7,8 @@ import { pipeline } from 'node:stream/promises';
 import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
 import type { BrokerContext } from '../context.js';
-import { HttpError, parse, requireAdmin } from '../http.js';
+import { HttpError, parse } from '../http.js';
+import { adminOf } from './admin-scope.js';
 import { checkImageSize } from '../image-checks.js';
 
 const Id = z.object({ id: z.uuid() });
@@ -33,7 +34,7 @@ export function uploadRoutes(app: FastifyInstance, ctx: BrokerContext, dir: stri
   };
 
   app.post('/v1/admin/uploads', async (req, reply) => {
-    const actor = (await requireAdmin(ctx, req)).sub;
+    const actor = adminOf(req);
     const b = parse(z.object({ name: z.string().min(1).max(255), sizeBytes: z.number().int().min(0).max(2 ** 50) }).strict(), req.body);
     checkImageSize(b.sizeBytes, undefined, b.name);
     await mkdir(dir, { recursive: true, mode: 0o700 });
@@ -44,11 +45,10 @@ export function uploadRoutes(app: FastifyInstance, ctx: BrokerContext, dir: stri
     return reply.status(201).send({ ...meta, received: 0, complete: b.sizeBytes === 0 });
   });
   app.get('/v1/admin/uploads/:id', async (req) => {
-    await requireAdmin(ctx, req);
     return load(parse(Id, req.params).id);
   });
   app.delete('/v1/admin/uploads/:id', async (req) => {
-    const actor = (await requireAdmin(ctx, req)).sub;
+    const actor = adminOf(req);
     const { id } = parse(Id, req.params);
     await load(id);
     await rm(paths(id).data, { force: true });
@@ -60,7 +60,6 @@ export function uploadRoutes(app: FastifyInstance, ctx: BrokerContext, dir: stri
   app.register(async (raw) => {
     raw.addContentTypeParser('application/octet-stream', (_req, payload, done) => done(null, payload));
     raw.put('/v1/admin/uploads/:id', async (req) => {
-      await requireAdmin(ctx, req);
       const { id } = parse(Id, req.params);
       const { offset } = parse(z.object({ offset: z.coerce.number().int().min(0) }), req.query);
       const up = await load(id);
@@ -87,7 +86,7 @@ export function uploadRoutes(app: FastifyInstance, ctx: BrokerContext, dir: stri
   });
 
   app.post('/v1/admin/uploads/:id/import', async (req, reply) => {
-    const actor = (await requireAdmin(ctx, req)).sub;
+    const actor = adminOf(req);
     const { id } = parse(Id, req.params);
     const b = parse(z.object({
       name: z.string().regex(/^[A-Za-z0-9._@-]{1,64}$/, 'letters, digits and . _ @ - only (max 64)'), pool: z.string().max(200).optional(), chunkSize: z.number().int().optional(),
