@@ -11,6 +11,7 @@ import { BrokerError, JobView, type BrokerClient } from './broker-client.js';
 import { changedManifests, namedOutcome, pagesSource, touchedChunks, type ChangedChunk, type DiskReader } from './changes.js';
 import { commitUpload } from './commit.js';
 import { PushJournal } from './push-journal.js';
+import { guardUpload } from './layer-guard.js';
 import { openDesktopDisks, socketDir, type DesktopDisk } from './disks.js';
 import { claimOwner, diskPrefix, specFor } from './holder.js';
 import { retryTransfer } from './retry.js';
@@ -32,7 +33,7 @@ async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopD
   const qsd = await StorageDaemon.start(dir);
   const clients: NbdClient[] = [];
   try {
-    for (const [i, d] of disks.entries()) await addChain(qsd, specFor(d, i, null, true), d.chain.secret);
+    for (const [i, d] of disks.entries()) await addChain(qsd, specFor(d, i, null, true), d.chain.secret, d.chain.baseSecret);
     const socket = join(dir, 'upload.sock');
     await qsd.exportNbd(socket, disks.map((d, i) => ({ node: `${diskPrefix(i)}-top`, name: d.name, writable: false })));
     const readers: DiskReader[] = [];
@@ -98,7 +99,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: 'checkin'
     let outcome;
     try {
       const opened = await openDesktopDisks(vault, state, keys);
-      state = opened.state;
+      state = await guardUpload(vault, opened.state, keys, env.log);
       outcome = await withReaders(vault, state, opened.disks, async (readers) => {
         const touched = touchedChunks(readers);
         // The version this upload is based on: how a commit whose answer was lost is recognised.
