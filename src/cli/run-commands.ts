@@ -92,7 +92,7 @@ export function registerRunCommands(program: Command): void {
             if (signals > 0) stop();
             filling = held.fillIn({ qmp: v.connection }, stopFill.signal);
             // A base found damaged pauses the guest (nothing more is read from it); the user then quits.
-            filling = filling.then(() => held.checkBases(stopFill.signal, () => void v.connection.execute('stop').catch(() => undefined)));
+            filling = filling.then(() => held.checkBases(stopFill.signal, () => v.connection.execute('stop').then(() => undefined, () => undefined)));
           },
         });
         if (o.dryRun) {

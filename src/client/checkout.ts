@@ -59,7 +59,7 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
         const m = decodeManifest(Buffer.from(d.manifest, 'base64'));
         if (manifestDigest(m) !== d.digest) throw new CarryonError('bad-manifest', `manifest of ${d.name} does not match its digest`);
         await vault.putManifest(entry.id, m);
-        disks.push({ name: d.name, baseDigest: d.digest, complete: false, mergingTo: null, shapes: { base: null, top: null }, baseVerified: null });
+        disks.push({ name: d.name, baseDigest: d.digest, complete: false, mergingTo: null, shapes: { base: null, top: null }, baseVerified: null, topClosed: null });
       }
       state = {
         desktopId: entry.id, name: entry.name, user, checkoutId: res.checkout.id, state: 'transferring', jobId: res.job.id,

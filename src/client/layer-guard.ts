@@ -75,6 +75,15 @@ export async function checkLayers(vault: Vault, state: DesktopState, keys: Deskt
     if (!state.layersOpen) {
       const top = await layerDiff(chain.files.top, d.shapes.top);
       if (top) throw tampered(state, d.name, 'top', top);
+      if (d.shapes.top && d.topClosed && !sameStamp(d.topClosed, await fileStamp(chain.files.top))) {
+        // Same structure, other bytes or times: data clusters may have been changed (XTS cannot
+        // tell). Reported, not refused: a restored or moved home looks the same.
+        const why = `the top layer of disk ${d.name} of ${state.name} was written outside Carryon since it was last closed (its structure is intact; changed data would read as other bytes, which only the guest's file system can notice)`;
+        log(why);
+        await recordDiskFailure(vault, state.desktopId, why);
+        const topClosed = await fileStamp(chain.files.top);
+        next = { ...next, disks: next.disks.map((x) => (x.name === d.name ? { ...x, topClosed } : x)) };
+      }
       continue;
     }
     if (!d.shapes.top) continue;
@@ -88,7 +97,8 @@ export async function checkLayers(vault: Vault, state: DesktopState, keys: Deskt
       throw new CarryonError('layer-damaged', `the top layer of disk ${d.name} of ${state.name} is damaged after a crash (${err.message}); ${WHAT_TO_DO}`);
     }
     const top = await measureLayer(chain.files.top);
-    next = { ...next, disks: next.disks.map((x) => (x.name === d.name ? { ...x, shapes: { ...x.shapes, top } } : x)) };
+    const topClosed = await fileStamp(chain.files.top);
+    next = { ...next, disks: next.disks.map((x) => (x.name === d.name ? { ...x, shapes: { ...x.shapes, top }, topClosed } : x)) };
   }
   if (next !== state) await vault.save(next, keys);
   return next;
@@ -112,7 +122,8 @@ export async function recordLayers(vault: Vault, state: DesktopState, keys: Desk
     const top = await measureLayer(files.top).catch(() => null);
     const base = d.complete ? await measureLayer(files.base).catch(() => null) : null;
     const baseVerified = opts.verifiedBases && base ? await fileStamp(files.base) : d.baseVerified;
-    disks.push({ ...d, shapes: { base, top }, baseVerified });
+    const topClosed = top ? await fileStamp(files.top) : null;
+    disks.push({ ...d, shapes: { base, top }, baseVerified, topClosed });
   }
   const next = { ...state, disks, layersOpen: false };
   await vault.save(next, keys);
@@ -129,6 +140,9 @@ export async function layerProblem(vault: Vault, state: DesktopState, keys: Desk
     // A running desktop's top changes: it is compared only while closed.
     const top = state.layersOpen ? null : await layerDiff(files.top, d.shapes.top);
     if (top) return tampered(state, d.name, 'top', top).message;
+    if (!state.layersOpen && d.shapes.top && d.topClosed && !sameStamp(d.topClosed, await fileStamp(files.top))) {
+      return `the top layer of disk ${d.name} was written outside Carryon since it was last closed (its structure is intact; changed data would read as other bytes)`;
+    }
   }
   return null;
 }
@@ -190,7 +204,7 @@ async function markDamaged(vault: Vault, state: DesktopState, keys: DesktopKeys,
  * against its checkpoint. A mismatch marks the desktop damaged and throws `base-damaged`.
  * `current`/`update` read and replace the caller's copy of the state (a holder keeps one).
  */
-export async function verifyBases(vault: Vault, keys: DesktopKeys, current: () => DesktopState, update: (s: DesktopState) => void, opts: { always?: boolean; rate?: number; signal?: AbortSignal } = {}): Promise<void> {
+export async function verifyBases(vault: Vault, keys: DesktopKeys, current: () => DesktopState, update: (s: DesktopState) => void, opts: { always?: boolean; rate?: number; signal?: AbortSignal; stop?: () => Promise<void> } = {}): Promise<void> {
   for (const d of current().disks) {
     if (!d.complete || opts.signal?.aborted) continue;
     const chain = chainOf(vault, current(), keys, d.name);
@@ -198,6 +212,8 @@ export async function verifyBases(vault: Vault, keys: DesktopKeys, current: () =
     if (!opts.always && sameStamp(d.baseVerified, before)) continue;
     const why = await findBaseMismatch(chain, await vault.manifest(current().desktopId, d.baseDigest), keys.idKey, opts);
     if (why) {
+      // Whoever reads the disk is stopped first, then the damage recorded.
+      await opts.stop?.();
       const damaged = await markDamaged(vault, current(), keys, d.name, why);
       update(damaged);
       throw damagedError(damaged);
@@ -223,13 +239,12 @@ export async function guardUpload(vault: Vault, state: DesktopState, keys: Deskt
 }
 
 /** The background check while a desktop runs: low priority, throttled (CARRYON_VERIFY_RATE). */
-export function verifyInBackground(vault: Vault, keys: DesktopKeys, current: () => DesktopState, update: (s: DesktopState) => void, opts: { signal: AbortSignal; log: (l: string) => void; onDamaged: (err: CarryonError) => void }): Promise<void> {
-  return verifyBases(vault, keys, current, update, { always: true, rate: verifyRate(), signal: opts.signal }).then(
+export function verifyInBackground(vault: Vault, keys: DesktopKeys, current: () => DesktopState, update: (s: DesktopState) => void, opts: { signal: AbortSignal; log: (l: string) => void; stop: () => Promise<void> }): Promise<void> {
+  return verifyBases(vault, keys, current, update, { always: true, rate: verifyRate(), signal: opts.signal, stop: opts.stop }).then(
     () => undefined,
     (err: unknown) => {
       if (err instanceof CarryonError && err.code === 'base-damaged') {
         opts.log(err.message);
-        opts.onDamaged(err);
       } else if (!opts.signal.aborted) {
         opts.log(`the background check of the base layers stopped: ${(err as Error).message}`);
       }

@@ -24,9 +24,9 @@ export interface HeldDesktop {
   fillIn(host: BlockHost, signal?: AbortSignal): Promise<void>;
   /**
    * Checks the complete bases against their checkpoint in the background (layer-guard.ts); on a
-   * mismatch the desktop is marked damaged and `onDamaged` stops its use. Never rejects.
+   * mismatch `stop` ends the disk's use, then the desktop is marked damaged. Never rejects.
    */
-  checkBases(signal: AbortSignal, onDamaged: (err: CarryonError) => void): Promise<void>;
+  checkBases(signal: AbortSignal, stop: () => Promise<void>): Promise<void>;
   release(): Promise<void>;
 }
 
@@ -83,8 +83,8 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
           env.log(`background check-out stopped: ${(err as Error).message}; run \`carryon checkout ${held.state.name}\` to finish it`);
         }
       },
-      checkBases(signal, onDamaged) {
-        return verifyInBackground(vault, keys, () => held.state, (s) => (held.state = s), { signal, log: env.log, onDamaged });
+      checkBases(signal, stop) {
+        return verifyInBackground(vault, keys, () => held.state, (s) => (held.state = s), { signal, log: env.log, stop });
       },
       async release() {
         await remote?.close();
@@ -132,7 +132,7 @@ export async function serveDesktop(env: ClientEnv, desktopRef: string): Promise<
     const host = qsd;
     filling = held.fillIn(host, stopFill.signal);
     // After the fill (a base being filled is not checked); a damaged base stops the export.
-    const checking = filling.then(() => held.checkBases(stopFill.signal, () => void host.qmp.execute('nbd-server-stop').catch(() => undefined)));
+    const checking = filling.then(() => held.checkBases(stopFill.signal, () => host.qmp.execute('nbd-server-stop').then(() => undefined, () => undefined)));
     filling = checking;
     return {
       name: held.state.name,

@@ -43,6 +43,8 @@ export const DesktopState = z.object({
     shapes: z.object({ base: LayerShapeRecord.nullable(), top: LayerShapeRecord.nullable() }).default({ base: null, top: null }),
     /** The base file as it was when its every chunk last matched the checkpoint's chunk IDs. */
     baseVerified: FileStamp.nullable().default(null),
+    /** The top file as its last clean close left it (a later write outside Carryon is reported). */
+    topClosed: FileStamp.nullable().default(null),
   })),
   lastReplicationAt: z.string().nullable().default(null),
   /** SHA-256 of the unlock token (guards.ts): the desktop is unlocked only while that token exists. */

@@ -1,12 +1,14 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { readFileSync, renameSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { loadDevice } from '../../src/client/home.js';
 import { checkout, enroll, status, upload, type ClientEnv } from '../../src/client/ops.js';
 import { serveDesktop } from '../../src/client/serve.js';
+import { chainOf } from '../../src/client/disks.js';
+import { mapChain } from '../../src/disk/chain.js';
 import { Vault, vaultScryptN } from '../../src/client/vault.js';
 import { decodeManifest, encodeManifest, manifestDigest } from '../../src/core/manifest.js';
 import { signLease } from '../../src/core/lease.js';
@@ -220,4 +222,148 @@ test('lineage key rotation: blobs sealed after it use the new generation; the sn
   const out = join(broker.dir, 'after-rotation.raw');
   await exportCurrentSnapshot(broker.ctx, 'win11', out);
   assert.ok(readFileSync(out).equals(laptop), 'byte-identical across generations');
+});
+
+// Issue 22, finding 4: the layers themselves. XTS has no integrity, so each edit below once read
+// back as other bytes with rc=0. Each now ends refused (the shape recorded at the last clean
+// close, one LUKS secret per layer) or reported (the base's chunk IDs, the top's file stamp).
+const nbdcopyOut = (socketPath: string) => {
+  const out = join(broker.dir, `copy-${randomBytes(4).toString('hex')}.raw`);
+  execFileSync('nbdcopy', [`nbd+unix:///disk0?socket=${socketPath}`, out]);
+  return readFileSync(out);
+};
+const layer = (name: 'base' | 'top') => join(dir, 'disks', 'disk0', `${name}.qcow2`);
+
+/** Host offset of the first data cluster of a qcow2 layer (read from its L1 and first L2 table). */
+function firstDataCluster(path: string): { at: number; clusterSize: number } {
+  const f = readFileSync(path);
+  const clusterSize = 2 ** f.readUInt32BE(20);
+  const l1 = Number(f.readBigUInt64BE(40));
+  const mask = 0x00ff_ffff_ffff_fe00n;
+  const l2 = Number(f.readBigUInt64BE(l1) & mask);
+  const step = f.readUInt32BE(72 + 4) & 0x10 ? 16 : 8; // extended L2 (incompatible bit 4): 16-byte entries
+  for (let i = 0; i < clusterSize; i += step) {
+    const at = Number(f.readBigUInt64BE(l2 + i) & mask);
+    if (at !== 0) return { at, clusterSize };
+  }
+  throw new Error(`${path} has no data cluster`);
+}
+
+/** Runs one tamper case on copies put back afterwards (the layers, the state and the failures). */
+async function tamperCase(edit: () => void, fn: () => Promise<void>): Promise<void> {
+  const files = [layer('base'), layer('top'), join(dir, 'state.json')];
+  const saved = files.map((f) => readFileSync(f));
+  try {
+    edit();
+    await fn();
+  } finally {
+    files.forEach((f, i) => writeFileSync(f, saved[i]!));
+    rmSync(join(dir, 'failures.json'), { force: true });
+  }
+}
+
+const serveRefused = (code: string, message: RegExp) => assert.rejects(serveDesktop(env, 'win11'), { code, message });
+
+let reference: Buffer;
+test('layers: the reference read of a desktop with writes in its top layer', async () => {
+  // Checked out again (the rotation test checked it in): a vault made by this version.
+  await checkout(env, 'win11');
+  dir = vault.desktopDir((await vault.find('win11')).desktopId);
+  assert.equal((await vault.find('win11')).layerSecrets, 'per-layer');
+  await writeDesktop(env, 'win11', [{ offset: 64 * 1024, data: randomBytes(64 * 1024) }, { offset: 2 * 1024 * 1024 + 4096, data: randomBytes(8192) }]);
+  const served = await serveDesktop(env, 'win11');
+  try {
+    reference = nbdcopyOut(served.socketPath);
+  } finally {
+    await served.close();
+  }
+  const [st] = await status(env, 'win11');
+  assert.equal(st!.problem, null);
+});
+
+test('layers: the base header\'s L1 offset changed, the base truncated to half, the top truncated inside a data cluster: refused (layer-tampered)', async () => {
+  await tamperCase(() => {
+    const f = readFileSync(layer('base'));
+    f.writeBigUInt64BE(f.readBigUInt64BE(40) + 65536n, 40);
+    writeFileSync(layer('base'), f);
+  }, async () => {
+    await serveRefused('layer-tampered', /base layer of disk disk0 .* structure .* changed.*nothing was deleted/);
+    assert.match((await status(env, 'win11'))[0]!.problem ?? '', /base layer .* changed outside Carryon/);
+  });
+  await tamperCase(() => truncateSync(layer('base'), Math.floor(statSync(layer('base')).size / 2)), () => serveRefused('layer-tampered', /base layer .* size changed/));
+  await tamperCase(() => {
+    const { at } = firstDataCluster(layer('top'));
+    truncateSync(layer('top'), at + 1000);
+  }, () => serveRefused('layer-tampered', /top layer .* size changed/));
+});
+
+test('layers: base.qcow2 and top.qcow2 swapped: refused; and each layer has its own LUKS secret, so the swapped chain does not even open', async () => {
+  await tamperCase(() => {
+    renameSync(layer('base'), `${layer('base')}.x`);
+    renameSync(layer('top'), layer('base'));
+    renameSync(`${layer('base')}.x`, layer('top'));
+  }, async () => {
+    await serveRefused('layer-tampered', /base layer .* changed outside Carryon/);
+    const { keys, state } = await vault.openKeys(await loadDevice(env.home), 'alice-password', await vault.find('win11'));
+    const chain = chainOf(vault, state, keys, 'disk0');
+    assert.notEqual(chain.baseSecret, undefined);
+    assert.notEqual(chain.baseSecret, chain.secret);
+    await assert.rejects(mapChain(chain, 'base'), /qemu-img failed/);
+  });
+});
+
+test('layers: a byte flipped in a base data cluster (and one per 4 KiB page): reported, the desktop marked damaged, the export stopped; status shows it; the next open refuses', async () => {
+  const flips: ((f: Buffer, at: number, size: number) => void)[] = [
+    (f, at) => { f[at + 777] ^= 0x01; },
+    (f, at, size) => { for (let p = 0; p < size; p += 4096) f[at + p + 5] ^= 0x80; },
+  ];
+  for (const flip of flips) {
+    await tamperCase(() => {
+      const { at, clusterSize } = firstDataCluster(layer('base'));
+      const f = readFileSync(layer('base'));
+      flip(f, at, clusterSize);
+      writeFileSync(layer('base'), f);
+    }, async () => {
+      const served = await serveDesktop(env, 'win11');
+      try {
+        for (let i = 0; i < 200 && !(await vault.find('win11')).damaged; i++) await new Promise((r) => setTimeout(r, 50));
+        assert.match((await vault.find('win11')).damaged?.message ?? '', /base layer of disk disk0 no longer matches its checkpoint: chunk \d+/);
+        assert.throws(() => nbdcopyOut(served.socketPath), 'the export is stopped');
+      } finally {
+        await served.close();
+      }
+      const [st] = await status(env, 'win11');
+      assert.match(st!.problem ?? '', /marked damaged/);
+      assert.ok(st!.readFailures >= 1, 'filed for the agent\'s heartbeat');
+      await serveRefused('base-damaged', /marked damaged .* cannot be checked in/);
+      await assert.rejects(upload(env, 'win11', 'checkin'), { code: 'base-damaged' });
+    });
+  }
+});
+
+test('layers: a byte flipped in a top data cluster: reported at the next open and by status (XTS cannot tell other bytes from the guest\'s)', async () => {
+  await writeDesktop(env, 'win11', []); // a clean close records the top as it is now
+  await tamperCase(() => {
+    const { at } = firstDataCluster(layer('top'));
+    const f = readFileSync(layer('top'));
+    f[at + 65536 + 100] ^= 0x01; // guest offset 64 KiB + 100: an allocated subcluster
+    writeFileSync(layer('top'), f);
+  }, async () => {
+    assert.match((await status(env, 'win11'))[0]!.problem ?? '', /top layer of disk disk0 was written outside Carryon/);
+    const served = await serveDesktop(env, 'win11');
+    try {
+      assert.ok(!nbdcopyOut(served.socketPath).equals(reference), 'the flipped cluster reads as other bytes');
+    } finally {
+      await served.close();
+    }
+    const [st] = await status(env, 'win11');
+    assert.match(st!.lastReadFailure ?? '', /top layer of disk disk0 of win11 was written outside Carryon/);
+  });
+  await writeDesktop(env, 'win11', []);
+  const served = await serveDesktop(env, 'win11');
+  try {
+    assert.ok(nbdcopyOut(served.socketPath).equals(reference), 'put back, the desktop reads as before');
+  } finally {
+    await served.close();
+  }
 });
