@@ -367,3 +367,32 @@ test('layers: a byte flipped in a top data cluster: reported at the next open an
     await served.close();
   }
 });
+
+test('layers: a base changed while the desktop was closed is checked before check-in: refused (base-damaged), nothing sent', async () => {
+  await tamperCase(() => {
+    const { at } = firstDataCluster(layer('base'));
+    const f = readFileSync(layer('base'));
+    f[at + 4096] ^= 0x04;
+    writeFileSync(layer('base'), f);
+  }, async () => {
+    await assert.rejects(upload(env, 'win11', 'checkin'), { code: 'base-damaged', message: /chunk 0 .* does not match/ });
+    assert.equal((await vault.find('win11')).state, 'checked_out', 'the check-in never began');
+  });
+});
+
+test('layers: after a crash (state still open for writing) a changed top is checked by qemu-img and recorded again, not refused', async () => {
+  const { keys, state } = await vault.openKeys(await loadDevice(env.home), 'alice-password', await vault.find('win11'));
+  await vault.save({ ...state, layersOpen: true }, keys);
+  const grown = statSync(layer('top')).size + 65536;
+  truncateSync(layer('top'), grown); // what a killed QEMU may leave: clusters past the last record
+  const served = await serveDesktop(env, 'win11');
+  try {
+    assert.ok(nbdcopyOut(served.socketPath).equals(reference));
+  } finally {
+    await served.close();
+  }
+  const after = await vault.find('win11');
+  assert.equal(after.layersOpen, false);
+  assert.equal(after.disks[0]!.shapes.top?.size, statSync(layer('top')).size);
+  assert.equal((await status(env, 'win11'))[0]!.problem, null);
+});
