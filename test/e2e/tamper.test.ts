@@ -8,6 +8,7 @@ import { loadDevice } from '../../src/client/home.js';
 import { checkout, enroll, status, upload, type ClientEnv } from '../../src/client/ops.js';
 import { serveDesktop } from '../../src/client/serve.js';
 import { chainOf } from '../../src/client/disks.js';
+import { fileStamp } from '../../src/client/layer-guard.js';
 import { mapChain } from '../../src/disk/chain.js';
 import { Vault, vaultScryptN } from '../../src/client/vault.js';
 import { decodeManifest, encodeManifest, manifestDigest } from '../../src/core/manifest.js';
@@ -279,6 +280,10 @@ test('layers: the reference read of a desktop with writes in its top layer', asy
   }
   const [st] = await status(env, 'win11');
   assert.equal(st!.problem, null);
+  // QEMU had the complete base read-only: it is still the file check-out verified, so check-in will not read it again.
+  const d = (await vault.find('win11')).disks[0]!;
+  assert.deepEqual(d.baseVerified, await fileStamp(layer('base')));
+  assert.equal(d.shapes.base?.size, statSync(layer('base')).size);
 });
 
 test('layers: the base header\'s L1 offset changed, the base truncated to half, the top truncated inside a data cluster: refused (layer-tampered)', async () => {
