@@ -130,18 +130,21 @@ export async function recordLayers(vault: Vault, state: DesktopState, keys: Desk
   return next;
 }
 
-/** For `status` (never throws for a tampered or damaged desktop): what is wrong with the layers, or null. */
-export async function layerProblem(vault: Vault, state: DesktopState, keys: DesktopKeys): Promise<string | null> {
-  if (state.damaged) return damagedError(state).message;
+/**
+ * For `status` and `export` (no claim, no writes; never throws for a tampered or damaged
+ * desktop): what is wrong with the layers, or null. `refused`: opening would be refused.
+ */
+export async function layerProblem(vault: Vault, state: DesktopState, keys: DesktopKeys): Promise<{ message: string; refused: boolean } | null> {
+  if (state.damaged) return { message: damagedError(state).message, refused: true };
   for (const d of state.disks) {
     const { files } = chainOf(vault, state, keys, d.name);
     const base = await layerDiff(files.base, d.shapes.base);
-    if (base) return tampered(state, d.name, 'base', base).message;
+    if (base) return { message: tampered(state, d.name, 'base', base).message, refused: true };
     // A running desktop's top changes: it is compared only while closed.
     const top = state.layersOpen ? null : await layerDiff(files.top, d.shapes.top);
-    if (top) return tampered(state, d.name, 'top', top).message;
+    if (top) return { message: tampered(state, d.name, 'top', top).message, refused: true };
     if (!state.layersOpen && d.shapes.top && d.topClosed && !sameStamp(d.topClosed, await fileStamp(files.top))) {
-      return `the top layer of disk ${d.name} was written outside Carryon since it was last closed (its structure is intact; changed data would read as other bytes)`;
+      return { message: `the top layer of disk ${d.name} was written outside Carryon since it was last closed (its structure is intact; changed data would read as other bytes)`, refused: false };
     }
   }
   return null;

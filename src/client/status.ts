@@ -24,7 +24,7 @@ export async function status(env: ClientEnv, desktopRef?: string) {
       const { lease, keys } = await vault.unlock(device, password, s);
       leaseDeadline = lease.deadline;
       // A tampered or damaged chain is reported, never mapped.
-      problem = await layerProblem(vault, s, keys);
+      problem = (await layerProblem(vault, s, keys))?.message ?? null;
       if (problem === null) {
         // Exact change since the checkpoint: the top layer's allocated bytes (read shared, so a running VM is fine).
         dirtyBytes = 0;

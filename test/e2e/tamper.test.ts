@@ -9,6 +9,7 @@ import { checkout, enroll, status, upload, type ClientEnv } from '../../src/clie
 import { serveDesktop } from '../../src/client/serve.js';
 import { chainOf } from '../../src/client/disks.js';
 import { fileStamp } from '../../src/client/layer-guard.js';
+import { exportDisk } from '../../src/client/export-disk.js';
 import { mapChain } from '../../src/disk/chain.js';
 import { Vault, vaultScryptN } from '../../src/client/vault.js';
 import { decodeManifest, encodeManifest, manifestDigest } from '../../src/core/manifest.js';
@@ -294,6 +295,10 @@ test('layers: the base header\'s L1 offset changed, the base truncated to half, 
   }, async () => {
     await serveRefused('layer-tampered', /base layer of disk disk0 .* structure .* changed.*nothing was deleted/);
     assert.match((await status(env, 'win11'))[0]!.problem ?? '', /base layer .* changed outside Carryon/);
+    // Nor is a plaintext export made of it (where policy allows exports at all).
+    const { keys, state } = await vault.openKeys(await loadDevice(env.home), 'alice-password', await vault.find('win11'));
+    await vault.save({ ...state, config: { ...state.config, exportAllowed: true } }, keys);
+    await assert.rejects(exportDisk(env, 'win11', join(broker.dir, 'tampered.raw'), 'raw'), { code: 'layer-tampered' });
   });
   await tamperCase(() => truncateSync(layer('base'), Math.floor(statSync(layer('base')).size / 2)), () => serveRefused('layer-tampered', /base layer .* size changed/));
   await tamperCase(() => {
