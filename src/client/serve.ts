@@ -44,10 +44,13 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
   await recordEvent(env.home, kind, found.desktopId);
   // The broker's config from check-out (MACed), restricted by what the agent learned since.
   const state = { ...unlocked.state, config: await effectiveConfig(vault.desktopDir(found.desktopId), unlocked.state.config), localConfig: await vault.readLocalConfig(found.desktopId) };
+  // The vault stores the MACed config, never the view the desktop runs with (restricted config, local settings).
+  const stored = (s: DesktopState): DesktopState => ({ ...s, config: unlocked.state.config, localConfig: unlocked.state.localConfig });
+  const view = (s: DesktopState): DesktopState => ({ ...s, config: state.config, localConfig: state.localConfig });
   const release = await claimOwner(vault, found.desktopId, kind, env.log);
   let broker: BrokerClient | null = null;
   try {
-    const checked = await checkLayers(vault, state, keys, env.log);
+    const checked = await checkLayers(vault, unlocked.state, keys, env.log);
     await (await createMissingLayers(vault, checked, keys)).tops;
     const opened = await openDesktopDisks(vault, checked, keys);
     let remote: RemoteSource | null = null;
@@ -67,16 +70,16 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
       env.log('check-out still in flight: the desktop reads what it needs first; the rest follows in the background');
     }
     const held: HeldDesktop = {
-      vault, state: await markLayersOpen(vault, opened.state, keys), keys, disks: opened.disks, remote,
+      vault, state: view(await markLayersOpen(vault, opened.state, keys)), keys, disks: opened.disks, remote,
       async fillIn(host, signal) {
         if (!remote) return;
         try {
-          const res = await fillDisks({ host, vault, state: held.state, keys, disks: held.disks, remote, signal });
-          held.state = res.state;
+          const res = await fillDisks({ host, vault, state: stored(held.state), keys, disks: held.disks, remote, signal });
+          held.state = view(res.state);
           if (res.complete && broker) {
             await broker.call('POST', `/v1/checkouts/${held.state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }));
             held.state = { ...held.state, state: 'checked_out', jobId: null };
-            await vault.save(held.state, keys);
+            await vault.save(stored(held.state), keys);
             env.log(`${held.state.name} is now entirely local: safe to go offline`);
           }
         } catch (err) {
@@ -84,14 +87,14 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
         }
       },
       checkBases(signal, stop) {
-        return verifyInBackground(vault, keys, () => held.state, (s) => (held.state = s), { signal, log: env.log, stop });
+        return verifyInBackground(vault, keys, () => stored(held.state), (s) => (held.state = view(s)), { signal, log: env.log, stop });
       },
       async release() {
         await remote?.close();
         await broker?.close();
         // Nothing holds the chain any more: its layers are recorded as they are now.
         try {
-          held.state = await recordLayers(vault, held.state, keys);
+          held.state = view(await recordLayers(vault, stored(held.state), keys));
         } finally {
           await release();
         }

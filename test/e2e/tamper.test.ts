@@ -148,6 +148,8 @@ test('a lease forged with another key (and device.json pointed at that key): ref
 
 test('local-config.json changes presentation only: USB stays as the broker set it', async () => {
   writeFileSync(join(dir, 'local-config.json'), JSON.stringify({ usb: true, display: 'none', ramMiB: 65536 }));
+  writeFileSync(join(dir, 'policy.json'), JSON.stringify({ usbAllowed: false }));
+  const before = await vault.find('win11');
   const served = await serveDesktop(env, 'win11');
   try {
     assert.equal(served.config.usb, false);
@@ -156,7 +158,11 @@ test('local-config.json changes presentation only: USB stays as the broker set i
   } finally {
     await served.close();
     rmSync(join(dir, 'local-config.json'));
+    rmSync(join(dir, 'policy.json'));
   }
+  // The vault records the layers at close, never the view the desktop ran with (a later policy may grant again).
+  const after = await vault.find('win11');
+  assert.deepEqual([after.config, after.localConfig], [before.config, before.localConfig]);
 });
 
 test('the home copied to another machine (cp -a, another device secret): refused', async () => {
