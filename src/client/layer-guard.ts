@@ -69,6 +69,8 @@ export async function checkLayers(vault: Vault, state: DesktopState, keys: Deskt
   if (state.damaged) throw damagedError(state);
   let next = state;
   for (const d of state.disks) {
+    // A merge a kill interrupted changes both layers legitimately: it is finished, then recorded (disks.ts).
+    if (d.mergingTo) continue;
     const chain = chainOf(vault, state, keys, d.name);
     const base = await layerDiff(chain.files.base, d.shapes.base);
     if (base) throw tampered(state, d.name, 'base', base);
