@@ -8,11 +8,12 @@ import { loadDevice } from '../../src/client/home.js';
 import { checkout, enroll, status, upload, type ClientEnv } from '../../src/client/ops.js';
 import { serveDesktop } from '../../src/client/serve.js';
 import { chainOf } from '../../src/client/disks.js';
-import { fileStamp } from '../../src/client/layer-guard.js';
+import { fileStamp, verifyBases } from '../../src/client/layer-guard.js';
 import { exportDisk } from '../../src/client/export-disk.js';
-import { mapChain } from '../../src/disk/chain.js';
+import { mapChain, mergeTop } from '../../src/disk/chain.js';
+import { computeChunkId } from '../../src/core/chunk-id.js';
 import { Vault, vaultScryptN } from '../../src/client/vault.js';
-import { decodeManifest, encodeManifest, manifestDigest } from '../../src/core/manifest.js';
+import { createManifest, decodeManifest, encodeManifest, manifestDigest } from '../../src/core/manifest.js';
 import { signLease } from '../../src/core/lease.js';
 import { generateSigningKey, publicKeyToBase64 } from '../../src/core/signing.js';
 import { writeLockRecord } from '../../src/client/guards.js';
@@ -410,5 +411,31 @@ test('layers: after a crash (state still open for writing) a changed top is chec
   const after = await vault.find('win11');
   assert.equal(after.layersOpen, false);
   assert.equal(after.disks[0]!.shapes.top?.size, statSync(layer('top')).size);
+  assert.equal((await status(env, 'win11'))[0]!.problem, null);
+});
+
+test('layers: a replica\'s merge killed after qemu-img commit (both layers changed, state still merging) is finished and recorded, not refused', async () => {
+  const { keys, state } = await vault.openKeys(await loadDevice(env.home), 'alice-password', await vault.find('win11'));
+  const m = await vault.manifest(state.desktopId, state.disks[0]!.baseDigest);
+  // The restore point this laptop would have computed: the chunk IDs of what the desktop reads now.
+  const ids = m.chunks.map((_, i) => {
+    const chunk = reference.subarray(i * m.chunkSize, Math.min((i + 1) * m.chunkSize, m.diskSize));
+    return chunk.every((b) => b === 0) ? null : computeChunkId(keys.idKey, chunk);
+  });
+  const digest = await vault.putManifest(state.desktopId, createManifest(m.chunkSize, m.diskSize, ids));
+  await vault.save({ ...state, disks: state.disks.map((d) => ({ ...d, mergingTo: digest })) }, keys);
+  await mergeTop(chainOf(vault, state, keys, 'disk0')); // the kill came after this, before the state moved on
+  const served = await serveDesktop(env, 'win11');
+  try {
+    assert.ok(nbdcopyOut(served.socketPath).equals(reference));
+  } finally {
+    await served.close();
+  }
+  let after = await vault.find('win11');
+  assert.equal(after.disks[0]!.baseDigest, digest);
+  assert.deepEqual(after.disks[0]!.baseVerified, await fileStamp(layer('base')), 'recorded as verified by the merge');
+  // And every chunk of the merged base matches the restore point's IDs (the whole check, unthrottled).
+  await verifyBases(vault, keys, () => after, (s) => (after = s), { always: true });
+  assert.equal(after.damaged, null);
   assert.equal((await status(env, 'win11'))[0]!.problem, null);
 });
