@@ -80,7 +80,7 @@ export function registerRunCommands(program: Command): void {
         const display = o.display ?? (held.state.localConfig as { display?: string }).display ?? defaultDisplay();
         const disks = held.disks.map((d, i) => {
           const spec = specFor(d, i, held.remote?.socketPath ?? null);
-          return { name: d.name, blockdev: chainBlockdev(spec), secretId: spec.secretId, secret: d.chain.secret };
+          return { name: d.name, blockdev: chainBlockdev(spec), secretId: spec.secretId, secret: d.chain.secret, baseSecretId: spec.baseSecretId, baseSecret: d.chain.baseSecret };
         });
         const result = await runDesktop({
           name: held.state.name.replace(/[^A-Za-z0-9._-]/g, '_').slice(0, 64) || 'desktop',
@@ -91,6 +91,8 @@ export function registerRunCommands(program: Command): void {
             vm = v;
             if (signals > 0) stop();
             filling = held.fillIn({ qmp: v.connection }, stopFill.signal);
+            // A base found damaged pauses the guest (nothing more is read from it); the user then quits.
+            filling = filling.then(() => held.checkBases(stopFill.signal, () => v.connection.execute('stop').then(() => undefined, () => undefined)));
           },
         });
         if (o.dryRun) {

@@ -12,6 +12,7 @@ import { changedManifests, namedOutcome, pagesSource, touchedChunks, type Change
 import { commitUpload } from './commit.js';
 import { ENDED_CODES, finishEnded } from './ended-checkout.js';
 import { PushJournal } from './push-journal.js';
+import { guardUpload } from './layer-guard.js';
 import { openDesktopDisks, socketDir, type DesktopDisk } from './disks.js';
 import { claimOwner, diskPrefix, specFor } from './holder.js';
 import { retryTransfer } from './retry.js';
@@ -33,7 +34,7 @@ async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopD
   const qsd = await StorageDaemon.start(dir);
   const clients: NbdClient[] = [];
   try {
-    for (const [i, d] of disks.entries()) await addChain(qsd, specFor(d, i, null, true), d.chain.secret);
+    for (const [i, d] of disks.entries()) await addChain(qsd, specFor(d, i, null, true), d.chain.secret, d.chain.baseSecret);
     const socket = join(dir, 'upload.sock');
     await qsd.exportNbd(socket, disks.map((d, i) => ({ node: `${diskPrefix(i)}-top`, name: d.name, writable: false })));
     const readers: DiskReader[] = [];
@@ -103,7 +104,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
     let outcome;
     try {
       const opened = await openDesktopDisks(vault, state, keys);
-      state = opened.state;
+      state = await guardUpload(vault, opened.state, keys, env.log);
       outcome = await withReaders(vault, state, opened.disks, async (readers) => {
         const touched = touchedChunks(readers);
         // The version this upload is based on: how a commit whose answer was lost is recognised.

@@ -5,7 +5,8 @@ import { CarryonError } from '../core/errors.js';
 import { decodeLineageKeys } from '../core/keys.js';
 import { verifyLease } from '../core/lease.js';
 import { decodeManifest, manifestDigest } from '../core/manifest.js';
-import { baseBlockdev } from '../disk/chain.js';
+import { baseBlockdev, layerSecret } from '../disk/chain.js';
+import { recordLayers } from './layer-guard.js';
 import { Qcow2BaseWriter } from '../disk/qcow2-base-writer.js';
 import { UnsupportedImage } from '../disk/qcow2-format.js';
 import { addLayer, StorageDaemon } from '../disk/storage-daemon.js';
@@ -58,13 +59,13 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
         const m = decodeManifest(Buffer.from(d.manifest, 'base64'));
         if (manifestDigest(m) !== d.digest) throw new CarryonError('bad-manifest', `manifest of ${d.name} does not match its digest`);
         await vault.putManifest(entry.id, m);
-        disks.push({ name: d.name, baseDigest: d.digest, complete: false, mergingTo: null });
+        disks.push({ name: d.name, baseDigest: d.digest, complete: false, mergingTo: null, shapes: { base: null, top: null }, baseVerified: null, topClosed: null });
       }
       state = {
         desktopId: entry.id, name: entry.name, user, checkoutId: res.checkout.id, state: 'transferring', jobId: res.job.id,
         keys: await Vault.wrapKeys(device, await env.password(), keys, entry.id), lease: res.lease,
         config: { ...res.config, exportAllowed: res.policy?.exportAllowed?.value === true }, localConfig: await vault.readLocalConfig(entry.id), disks,
-        lastReplicationAt: null, lockDigest: await mintToken(vault.desktopDir(entry.id)),
+        lastReplicationAt: null, lockDigest: await mintToken(vault.desktopDir(entry.id)), layerSecrets: 'per-layer', layersOpen: false, damaged: null,
       };
       await vault.save(state, keys);
       await resetClock(vault, state, keys, lease.issuedAt, device);
@@ -80,7 +81,8 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       if (!filled.complete) throw new CarryonError('paused', 'check-out stopped; what arrived is kept — run the same command again to resume');
       // Repeatable: a check-out already marked transferred is answered as it is.
       await broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }), {}, { repeatable: true });
-      await vault.save({ ...filled.state, state: 'checked_out', jobId: null }, keys);
+      // The bases were written here from chunks checked against their IDs: their shapes and stamps are the reference from now on.
+      await recordLayers(vault, { ...filled.state, state: 'checked_out', jobId: null }, keys, { verifiedBases: filled.bytesMoved > 0 });
       env.log(`${entry.name} is local (${filled.bytesMoved} bytes pulled); safe to go offline`);
       return { desktopId: entry.id, checkoutId: state.checkoutId, chunksMoved: filled.chunksMoved, bytesMoved: filled.bytesMoved, refetched: 0 };
     } finally {
@@ -109,7 +111,7 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
   let sinks: BaseSink[] = [];
   try {
     try {
-      for (const d of incomplete) sinks.push(await Qcow2BaseWriter.open(d.chain.files.base, d.chain.secret, d.base.chunkSize));
+      for (const d of incomplete) sinks.push(await Qcow2BaseWriter.open(d.chain.files.base, layerSecret(d.chain, 'base'), d.base.chunkSize));
     } catch (err) {
       if (!(err instanceof UnsupportedImage)) throw err;
       await Promise.all(sinks.splice(0).map((s) => s.close()));
@@ -145,7 +147,7 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
 async function nbdSinks(qsd: StorageDaemon, disks: DesktopDisk[], socketPath: string): Promise<BaseSink[]> {
   // Each keeps its position in the chain list: the daemon's node names are numbered by it.
   const incomplete = disks.flatMap((d, i) => (d.entry.complete ? [] : [{ d, prefix: diskPrefix(i), spec: specFor(d, i, null) }]));
-  for (const { d, prefix, spec } of incomplete) await addLayer(qsd, baseBlockdev(spec), `sec-${prefix}`, d.chain.secret);
+  for (const { d, prefix, spec } of incomplete) await addLayer(qsd, baseBlockdev(spec), spec.baseSecretId ?? spec.secretId, layerSecret(d.chain, 'base'));
   await qsd.exportNbd(socketPath, incomplete.map(({ d, prefix }) => ({ node: `${prefix}-base`, name: `${d.name}.fill`, writable: true })));
   const sinks: BaseSink[] = [];
   for (const { d } of incomplete) {

@@ -14,6 +14,7 @@ import { CarryonError } from '../core/errors.js';
 import { writeFileAtomic } from '../store/files.js';
 import { recordEvent } from './events.js';
 import { readJsonFile } from './json-file.js';
+import { recordLayers } from './layer-guard.js';
 import type { DesktopState, Vault } from './vault.js';
 
 /** A desktop disk as the client works with it: its chain, checkpoint manifest and state entry. */
@@ -52,8 +53,12 @@ export async function socketDir(vault: Vault, desktopId: string): Promise<string
   return dir;
 }
 
+/** A disk's chain and its LUKS secrets: one per layer, or the one both layers of an older vault share. */
 export function chainOf(vault: Vault, state: DesktopState, keys: DesktopKeys, name: string): Chain {
-  return { files: chainFiles(diskDir(vault, state.desktopId, name)), secret: deriveDiskSecret(keys, state.desktopId, name, Buffer.from(state.keys.salt, 'base64')) };
+  const files = chainFiles(diskDir(vault, state.desktopId, name));
+  const salt = Buffer.from(state.keys.salt, 'base64');
+  if (state.layerSecrets === 'one-per-disk') return { files, secret: deriveDiskSecret(keys, state.desktopId, name, salt) };
+  return { files, secret: deriveDiskSecret(keys, state.desktopId, name, salt, 'top'), baseSecret: deriveDiskSecret(keys, state.desktopId, name, salt, 'base') };
 }
 
 /**
@@ -112,7 +117,8 @@ export async function openDesktopDisks(vault: Vault, state: DesktopState, keys: 
     if (!d.mergingTo) continue;
     await mergeTop(chainOf(vault, current, keys, d.name));
     current = { ...current, disks: current.disks.map((x) => (x.name === d.name ? { ...x, baseDigest: d.mergingTo!, mergingTo: null } : x)) };
-    await vault.save(current, keys);
+    // The merged base holds the restore point whose chunk IDs this laptop computed: it is the new reference.
+    current = await recordLayers(vault, current, keys, { verifiedBases: true });
   }
   const disks: DesktopDisk[] = [];
   for (const entry of current.disks) {

@@ -2,6 +2,7 @@ import { CarryonError } from '../core/errors.js';
 import { convertChain } from '../disk/chain.js';
 import { openDesktopDisks } from './disks.js';
 import { recordEvent } from './events.js';
+import { layerProblem } from './layer-guard.js';
 import { loadDevice } from './home.js';
 import type { ClientEnv } from './session.js';
 import { Vault } from './vault.js';
@@ -20,6 +21,9 @@ export async function exportDisk(env: ClientEnv, desktopRef: string, outPath: st
     await recordEvent(env.home, 'export-refused', state.desktopId, outPath);
     throw new CarryonError('export-denied', `exporting ${state.name} is not allowed by its policy (exportAllowed); ask an administrator`);
   }
+  // A tampered or damaged chain would export other bytes than the desktop's.
+  const problem = await layerProblem(vault, opened.state, keys);
+  if (problem?.refused) throw new CarryonError(opened.state.damaged ? 'base-damaged' : 'layer-tampered', problem.message);
   await convertChain(disk.chain, outPath, format);
   await recordEvent(env.home, 'export', state.desktopId, `${format} to ${outPath}`);
   return { path: outPath, format, bytes: disk.base.diskSize };

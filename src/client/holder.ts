@@ -24,6 +24,9 @@ export function specFor(disk: DesktopDisk, i: number, remoteSocket: string | nul
   return {
     files: disk.chain.files,
     secretId: `sec-${diskPrefix(i)}`,
+    baseSecretId: disk.chain.baseSecret === undefined ? undefined : `sec-${diskPrefix(i)}-base`,
+    // A complete base never changes while the desktop runs: QEMU gets it read-only.
+    baseReadOnly: disk.entry.complete,
     prefix: diskPrefix(i),
     remote: !disk.entry.complete && remoteSocket ? { socketPath: remoteSocket, exportName: disk.name } : undefined,
     readOnly,

@@ -10,6 +10,7 @@ import { claimOwner, diskPrefix, fillDisks, RemoteSource, specFor, type OwnerKin
 import { loadDevice } from './home.js';
 import { onlineSession, type ClientEnv } from './ops.js';
 import { recordEvent } from './events.js';
+import { checkLayers, markLayersOpen, recordLayers, verifyInBackground } from './layer-guard.js';
 import { Vault, type DesktopState } from './vault.js';
 
 /** A desktop whose chains this process holds (for `serve` or `run`), with the fill if still in flight. */
@@ -21,6 +22,11 @@ export interface HeldDesktop {
   remote: RemoteSource | null;
   /** Starts filling the incomplete bases in `host`; resolves when done (or stopped), never rejects. */
   fillIn(host: BlockHost, signal?: AbortSignal): Promise<void>;
+  /**
+   * Checks the complete bases against their checkpoint in the background (layer-guard.ts); on a
+   * mismatch `stop` ends the disk's use, then the desktop is marked damaged. Never rejects.
+   */
+  checkBases(signal: AbortSignal, stop: () => Promise<void>): Promise<void>;
   release(): Promise<void>;
 }
 
@@ -38,11 +44,15 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
   await recordEvent(env.home, kind, found.desktopId);
   // The broker's config from check-out (MACed), restricted by what the agent learned since.
   const state = { ...unlocked.state, config: await effectiveConfig(vault.desktopDir(found.desktopId), unlocked.state.config), localConfig: await vault.readLocalConfig(found.desktopId) };
+  // The vault stores the MACed config, never the view the desktop runs with (restricted config, local settings).
+  const stored = (s: DesktopState): DesktopState => ({ ...s, config: unlocked.state.config, localConfig: unlocked.state.localConfig });
+  const view = (s: DesktopState): DesktopState => ({ ...s, config: state.config, localConfig: state.localConfig });
   const release = await claimOwner(vault, found.desktopId, kind, env.log);
   let broker: BrokerClient | null = null;
   try {
-    await (await createMissingLayers(vault, state, keys)).tops;
-    const opened = await openDesktopDisks(vault, state, keys);
+    const checked = await checkLayers(vault, unlocked.state, keys, env.log);
+    await (await createMissingLayers(vault, checked, keys)).tops;
+    const opened = await openDesktopDisks(vault, checked, keys);
     let remote: RemoteSource | null = null;
     if (opened.disks.some((d) => !d.entry.complete)) {
       if (!opened.state.jobId) throw new CarryonError('wrong-state', 'the check-out has no transfer job; run `carryon checkout` again');
@@ -60,26 +70,34 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
       env.log('check-out still in flight: the desktop reads what it needs first; the rest follows in the background');
     }
     const held: HeldDesktop = {
-      vault, state: opened.state, keys, disks: opened.disks, remote,
+      vault, state: view(await markLayersOpen(vault, opened.state, keys)), keys, disks: opened.disks, remote,
       async fillIn(host, signal) {
         if (!remote) return;
         try {
-          const res = await fillDisks({ host, vault, state: held.state, keys, disks: held.disks, remote, signal });
-          held.state = res.state;
+          const res = await fillDisks({ host, vault, state: stored(held.state), keys, disks: held.disks, remote, signal });
+          held.state = view(res.state);
           if (res.complete && broker) {
             await broker.call('POST', `/v1/checkouts/${held.state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }));
             held.state = { ...held.state, state: 'checked_out', jobId: null };
-            await vault.save(held.state, keys);
+            await vault.save(stored(held.state), keys);
             env.log(`${held.state.name} is now entirely local: safe to go offline`);
           }
         } catch (err) {
           env.log(`background check-out stopped: ${(err as Error).message}; run \`carryon checkout ${held.state.name}\` to finish it`);
         }
       },
+      checkBases(signal, stop) {
+        return verifyInBackground(vault, keys, () => stored(held.state), (s) => (held.state = view(s)), { signal, log: env.log, stop });
+      },
       async release() {
         await remote?.close();
         await broker?.close();
-        await release();
+        // Nothing holds the chain any more: its layers are recorded as they are now.
+        try {
+          held.state = view(await recordLayers(vault, stored(held.state), keys));
+        } finally {
+          await release();
+        }
       },
     };
     return held;
@@ -111,11 +129,14 @@ export async function serveDesktop(env: ClientEnv, desktopRef: string): Promise<
   let filling: Promise<void> = Promise.resolve();
   try {
     qsd = await StorageDaemon.start(dir);
-    for (const [i, d] of held.disks.entries()) await addChain(qsd, specFor(d, i, held.remote?.socketPath ?? null), d.chain.secret);
+    for (const [i, d] of held.disks.entries()) await addChain(qsd, specFor(d, i, held.remote?.socketPath ?? null), d.chain.secret, d.chain.baseSecret);
     const socketPath = join(dir, 'nbd.sock');
     await qsd.exportNbd(socketPath, held.disks.map((d, i) => ({ node: `${diskPrefix(i)}-top`, name: d.name, writable: true })));
     const host = qsd;
     filling = held.fillIn(host, stopFill.signal);
+    // After the fill (a base being filled is not checked); a damaged base stops the export.
+    const checking = filling.then(() => held.checkBases(stopFill.signal, () => host.qmp.execute('nbd-server-stop').then(() => undefined, () => undefined)));
+    filling = checking;
     return {
       name: held.state.name,
       desktopId: held.state.desktopId,

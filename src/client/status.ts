@@ -2,6 +2,7 @@ import { CarryonError } from '../core/errors.js';
 import { topExtents } from '../disk/chain.js';
 import { chainOf, readDiskFailures, readFillReport, topBytes } from './disks.js';
 import { loadDevice } from './home.js';
+import { layerProblem } from './layer-guard.js';
 import type { ClientEnv } from './session.js';
 import { Vault } from './vault.js';
 
@@ -26,9 +27,13 @@ export async function status(env: ClientEnv, desktopRef?: string) {
       const { lease, keys } = await vault.unlock(device, password, s);
       opened = true;
       leaseDeadline = lease.deadline;
-      // Exact change since the checkpoint: the top layer's allocated bytes (read shared, so a running VM is fine).
-      dirtyBytes = 0;
-      for (const d of s.disks) for (const e of await topExtents(chainOf(vault, s, keys, d.name))) dirtyBytes += e.length;
+      // A tampered or damaged chain is reported, never mapped.
+      problem = (await layerProblem(vault, s, keys))?.message ?? null;
+      if (problem === null) {
+        // Exact change since the checkpoint: the top layer's allocated bytes (read shared, so a running VM is fine).
+        dirtyBytes = 0;
+        for (const d of s.disks) for (const e of await topExtents(chainOf(vault, s, keys, d.name))) dirtyBytes += e.length;
+      }
     } catch (err) {
       if (!(err instanceof CarryonError)) throw err;
       if (!opened) refused = err.code;

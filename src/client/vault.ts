@@ -18,6 +18,8 @@ import { releaseKeys } from './key-release.js';
 import { writeFileAtomic } from '../store/files.js';
 
 const Hex64 = z.string().regex(/^[0-9a-f]{64}$/);
+const LayerShapeRecord = z.object({ size: z.number().int(), sha256: Hex64 });
+const FileStamp = z.object({ size: z.number().int(), mtimeMs: z.number(), ctimeMs: z.number(), ino: z.number() });
 
 export const DesktopState = z.object({
   desktopId: z.string(),
@@ -35,10 +37,24 @@ export const DesktopState = z.object({
    * Per disk: the checkpoint its base layer holds, whether the base is complete (the check-out
    * filled it), and a merge of the top into the base that was begun and must be finished.
    */
-  disks: z.array(z.object({ name: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/), baseDigest: Hex64, complete: z.boolean().default(false), mergingTo: Hex64.nullable().default(null) })),
+  disks: z.array(z.object({
+    name: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/), baseDigest: Hex64, complete: z.boolean().default(false), mergingTo: Hex64.nullable().default(null),
+    /** Each layer's size and structure digest at its last clean close (layer-guard.ts); null until first recorded. */
+    shapes: z.object({ base: LayerShapeRecord.nullable(), top: LayerShapeRecord.nullable() }).default({ base: null, top: null }),
+    /** The base file as it was when its every chunk last matched the checkpoint's chunk IDs. */
+    baseVerified: FileStamp.nullable().default(null),
+    /** The top file as its last clean close left it (a later write outside Carryon is reported). */
+    topClosed: FileStamp.nullable().default(null),
+  })),
   lastReplicationAt: z.string().nullable().default(null),
   /** SHA-256 of the unlock token (guards.ts): the desktop is unlocked only while that token exists. */
   lockDigest: Hex64,
+  /** Vaults made before one LUKS secret per layer: both layers of a disk share one secret. */
+  layerSecrets: z.enum(['one-per-disk', 'per-layer']).default('one-per-disk'),
+  /** Set while a process may write the layers (run, serve); a crash leaves it set. */
+  layersOpen: z.boolean().default(false),
+  /** A base found not to match its checkpoint: nothing opens the disks until it is dealt with. */
+  damaged: z.object({ at: z.string(), disk: z.string(), message: z.string() }).nullable().default(null),
 });
 export type DesktopState = z.infer<typeof DesktopState>;
 

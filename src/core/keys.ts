@@ -105,10 +105,13 @@ export function deriveDeviceUserKey(
  * unwraps (so it is released by exactly the rules that release them), bound to the desktop,
  * the disk and the laptop's wrap salt. With the vault's own random key in the input, another
  * holder of the (fleet-wide) lineage keys cannot derive it. Base64 text of 32 bytes (LUKS
- * wants a UTF-8 passphrase).
+ * wants a UTF-8 passphrase). With `layer`, one secret per layer (base, top): a layer file put in
+ * the other's place does not open. Without, the one secret both layers of vaults made before
+ * that share.
  */
-export function deriveDiskSecret(keys: LineageKeys & { vaultKey?: Uint8Array }, desktopId: string, diskName: string, vaultSalt: Uint8Array): string {
+export function deriveDiskSecret(keys: LineageKeys & { vaultKey?: Uint8Array }, desktopId: string, diskName: string, vaultSalt: Uint8Array, layer?: 'base' | 'top'): string {
   const ikm = Buffer.concat([keys.vaultKey ?? Buffer.alloc(0), keys.dataKey, keys.idKey]);
-  const info = Buffer.from(`carryon-disk-luks:${keys.vaultKey ? 'v2' : 'v1'}:${desktopId}:${diskName}`, 'utf8');
+  const version = layer ? `v3:${layer}` : keys.vaultKey ? 'v2' : 'v1';
+  const info = Buffer.from(`carryon-disk-luks:${version}:${desktopId}:${diskName}`, 'utf8');
   return Buffer.from(hkdfSync('sha256', ikm, vaultSalt, info, 32)).toString('base64');
 }

@@ -1,8 +1,8 @@
-import { randomBytes } from 'node:crypto';
+import { createCipheriv, randomBytes } from 'node:crypto';
 import { open, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { runQemuTool, SECRET_FD_OBJECT } from './qemu-tools.js';
+import { runQemuTool, SECRET_FD_OBJECT, SECRET_FIFO } from './qemu-tools.js';
 import { createArgs, createLayerFromTemplate, createWithQemu, luksHeaderRange, type LayerShape } from './layer-template.js';
 import { DiskError } from './block-device.js';
 import type { Range } from '../core/delta.js';
@@ -35,15 +35,28 @@ export interface RemoteBacking {
   exportName: string;
 }
 
-/** A chain with the LUKS passphrase that opens both layers (base64, derived per disk). */
+/**
+ * A chain with its LUKS passphrases (base64): `secret` opens the top, `baseSecret` the base.
+ * Vaults made before one secret per layer have no `baseSecret`: `secret` opens both layers.
+ */
 export interface Chain {
   files: ChainFiles;
   secret: string;
+  baseSecret?: string;
+}
+
+/** The passphrase of one layer of `chain`. */
+export function layerSecret(chain: Chain, layer: 'base' | 'top'): string {
+  return layer === 'base' ? (chain.baseSecret ?? chain.secret) : chain.secret;
 }
 
 export interface ChainSpec {
   files: ChainFiles;
   secretId: string;
+  /** The base's own secret object (one secret per layer); without it the base uses `secretId` too. */
+  baseSecretId?: string;
+  /** The base opened read-only under a writable top (a complete base never changes while it runs). */
+  baseReadOnly?: boolean;
   /** Node names are `<prefix>-top`, `<prefix>-base`, `<prefix>-remote`. */
   prefix: string;
   /** While the check-out is in flight: the checkpoint, served over NBD, backs the base. */
@@ -60,16 +73,17 @@ function fileNode(filename: string, readOnly: boolean) {
 export function chainBlockdev(spec: ChainSpec): Record<string, unknown> {
   const encrypt = { format: 'luks', 'key-secret': spec.secretId };
   const ro = spec.readOnly ?? false;
+  const baseRo = ro || (spec.baseReadOnly ?? false);
   const remote = spec.remote
     ? { driver: 'nbd', 'node-name': `${spec.prefix}-remote`, server: { type: 'unix', path: spec.remote.socketPath }, export: spec.remote.exportName, 'read-only': true, 'reconnect-delay': 5 }
     : null;
   const base = {
     driver: 'qcow2',
     'node-name': `${spec.prefix}-base`,
-    file: fileNode(spec.files.base, ro),
-    encrypt,
+    file: fileNode(spec.files.base, baseRo),
+    encrypt: { format: 'luks', 'key-secret': spec.baseSecretId ?? spec.secretId },
     backing: remote,
-    'read-only': ro,
+    'read-only': baseRo,
   };
   return {
     driver: 'qcow2',
@@ -109,8 +123,9 @@ export function layerShape(layer: 'base' | 'top', chunkSize: number): LayerShape
  * half-made image behind). With a template directory the layer is a re-keyed copy of a template
  * (milliseconds); without, qemu-img makes it (≈ 2 s of CPU for QEMU's PBKDF benchmark).
  */
-export async function createLayer({ files, secret }: Chain, layer: 'base' | 'top', sizeBytes: number, chunkSize: number, templates?: string): Promise<void> {
-  const path = files[layer];
+export async function createLayer(chain: Chain, layer: 'base' | 'top', sizeBytes: number, chunkSize: number, templates?: string): Promise<void> {
+  const path = chain.files[layer];
+  const secret = layerSecret(chain, layer);
   const shape = layerShape(layer, chunkSize);
   if (templates) return createLayerFromTemplate(templates, shape, path, sizeBytes, secret);
   const tmp = `${path}.new`;
@@ -131,16 +146,40 @@ export type MapEntry = z.infer<typeof MapEntry>;
 type Layer = 'top' | 'top-alone' | 'base';
 
 const TOOL_SECRET = 'sec0';
-function toolFilename(chain: Chain, layer: Layer, readOnly: boolean): string {
-  return chainFilename({ files: chain.files, secretId: TOOL_SECRET, prefix: 'c', readOnly }, layer);
+const TOOL_BASE_SECRET = 'sec0-base';
+const TOOL_MASTER = 'master0';
+
+/**
+ * A QEMU tool's view of one layer or the whole chain, and what goes through its secret FIFO.
+ * One layer: its passphrase. The chain with a secret per layer: a one-time master key, the two
+ * passphrases on the command line encrypted under it (as `carryon run` hands them to QEMU).
+ */
+function toolArgs(chain: Chain, layer: Layer, readOnly: boolean): { args: string[]; secret: string } {
+  const spec: ChainSpec = { files: chain.files, secretId: TOOL_SECRET, prefix: 'c', readOnly };
+  if (layer !== 'top' || chain.baseSecret === undefined) {
+    return { args: ['--object', SECRET_FD_OBJECT(TOOL_SECRET), chainFilename(spec, layer)], secret: layerSecret(chain, layer === 'base' ? 'base' : 'top') };
+  }
+  const master = randomBytes(32);
+  const sealed = (id: string, secret: string) => {
+    const iv = randomBytes(16);
+    const c = createCipheriv('aes-256-cbc', master, iv);
+    const data = Buffer.concat([c.update(secret, 'utf8'), c.final()]).toString('base64');
+    return ['--object', `secret,id=${id},data=${data},keyid=${TOOL_MASTER},iv=${iv.toString('base64')},format=base64`];
+  };
+  return {
+    args: ['--object', `secret,id=${TOOL_MASTER},file=${SECRET_FIFO},format=base64`, ...sealed(TOOL_SECRET, chain.secret), ...sealed(TOOL_BASE_SECRET, chain.baseSecret), chainFilename({ ...spec, baseSecretId: TOOL_BASE_SECRET }, layer)],
+    secret: master.toString('base64'),
+  };
 }
-function toolArgs(chain: Chain, layer: Layer, readOnly: boolean): string[] {
-  return ['--object', SECRET_FD_OBJECT(TOOL_SECRET), toolFilename(chain, layer, readOnly)];
+
+async function runOnChain(chain: Chain, layer: Layer, readOnly: boolean, args: (target: string[]) => string[], okCodes?: number[]) {
+  const t = toolArgs(chain, layer, readOnly);
+  return runQemuTool('qemu-img', args(t.args), { secret: t.secret, okCodes });
 }
 
 /** `qemu-img map` of a chain (qemu-img opens it shared, so it also works while QEMU runs it). */
 export async function mapChain(chain: Chain, layer: Layer = 'top'): Promise<MapEntry[]> {
-  const { stdout } = await runQemuTool('qemu-img', ['map', '-U', '--output=json', ...toolArgs(chain, layer, true)], { secret: chain.secret });
+  const { stdout } = await runOnChain(chain, layer, true, (t) => ['map', '-U', '--output=json', ...t]);
   const parsed = z.array(MapEntry).safeParse(JSON.parse(stdout));
   if (!parsed.success) throw new DiskError('state', `qemu-img map gave an unexpected answer: ${parsed.error.issues[0]?.message}`);
   return parsed.data;
@@ -165,19 +204,19 @@ export async function topExtents(chain: Chain): Promise<Range[]> {
 
 /** Merges the top into the base and leaves the top empty (offline; idempotent, so a killed merge is simply run again). */
 export async function mergeTop(chain: Chain): Promise<void> {
-  await runQemuTool('qemu-img', ['commit', '-q', ...toolArgs(chain, 'top', false)], { secret: chain.secret });
+  await runOnChain(chain, 'top', false, (t) => ['commit', '-q', ...t]);
 }
 
 /** `qemu-img check` of both layers; leaked clusters (exit 3, left by a kill) are harmless and repaired. */
-export async function checkChain(chain: Chain): Promise<void> {
-  for (const layer of ['base', 'top'] as const) {
-    await runQemuTool('qemu-img', ['check', '-q', '-r', 'leaks', ...toolArgs(chain, layer, false)], { secret: chain.secret, okCodes: [3] });
+export async function checkChain(chain: Chain, layers: readonly ('base' | 'top')[] = ['base', 'top']): Promise<void> {
+  for (const layer of layers) {
+    await runOnChain(chain, layer === 'top' ? 'top-alone' : 'base', false, (t) => ['check', '-q', '-r', 'leaks', ...t], [3]);
   }
 }
 
 /** Writes the chain's current contents as a plaintext image (the user's explicit export). */
 export async function convertChain(chain: Chain, out: string, format: 'raw' | 'qcow2'): Promise<void> {
-  await runQemuTool('qemu-img', ['convert', '-U', '-O', format, ...toolArgs(chain, 'top', true), out], { secret: chain.secret });
+  await runOnChain(chain, 'top', true, (t) => ['convert', '-U', '-O', format, ...t, out]);
 }
 
 /** Bytes the files really take on disk (what the chain costs the laptop). */

@@ -12,8 +12,15 @@ export interface BlockHost {
   readonly qmp: QmpConnection;
 }
 
-/** Adds the secret object (over the private QMP socket, never argv) and the chain's nodes. */
-export async function addChain(host: BlockHost, spec: ChainSpec, secret: string): Promise<void> {
+/**
+ * Adds the secret objects (over the private QMP socket, never argv) and the chain's nodes:
+ * `baseSecret` (one secret per layer) goes to `spec.baseSecretId`.
+ */
+export async function addChain(host: BlockHost, spec: ChainSpec, secret: string, baseSecret?: string): Promise<void> {
+  if (baseSecret !== undefined) {
+    if (!spec.baseSecretId) throw new Error('a base secret needs the spec to name its secret object (baseSecretId)');
+    await host.qmp.execute('object-add', { 'qom-type': 'secret', id: spec.baseSecretId, data: baseSecret, format: 'raw' });
+  }
   await addLayer(host, chainBlockdev(spec), spec.secretId, secret);
 }
 

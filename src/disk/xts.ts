@@ -1,4 +1,4 @@
-import { createCipheriv } from 'node:crypto';
+import { createCipheriv, createDecipheriv } from 'node:crypto';
 import { instantiateXtsTweaks, xtsTweaksModule, type XorTweaks } from './xts-tweaks-wasm.js';
 
 /** LUKS1 and QEMU encrypt in 512-byte sectors, each its own XTS data unit (IV plain64 = sector number). */
@@ -46,6 +46,15 @@ export class XtsSectors {
    * page boundary (a WebAssembly memory is a mapping of its own), so it can be written with O_DIRECT.
    */
   encryptView(data: Buffer, firstSector: number): Buffer {
+    return this.run(data, firstSector, false);
+  }
+
+  /** Decrypts like `encryptView` encrypts (XTS: P = D_K1(C ⊕ T) ⊕ T, the same tweaks). */
+  decryptView(data: Buffer, firstSector: number): Buffer {
+    return this.run(data, firstSector, true);
+  }
+
+  private run(data: Buffer, firstSector: number, decrypt: boolean): Buffer {
     if (data.length % XTS_SECTOR !== 0) throw new RangeError(`${data.length} bytes is not a whole number of sectors`);
     if (!Number.isSafeInteger(firstSector) || firstSector < 0) throw new RangeError(`bad sector number ${firstSector}`);
     const sectors = data.length / XTS_SECTOR;
@@ -65,7 +74,7 @@ export class XtsSectors {
     ecb(this.tweakKey, ivs).copy(mem, tweaks);
     data.copy(mem, input);
     this.xorTweaks(tweaks, input, out, sectors);
-    ecb(this.dataKey, mem.subarray(out, out + data.length)).copy(mem, input);
+    ecb(this.dataKey, mem.subarray(out, out + data.length), decrypt).copy(mem, input);
     this.xorTweaks(tweaks, input, out, sectors);
     return mem.subarray(out, out + data.length);
   }
@@ -83,8 +92,8 @@ export class XtsSectors {
 
 const WASM_PAGE = 65536;
 
-function ecb(key: Buffer, data: Buffer): Buffer {
-  const c = createCipheriv('aes-256-ecb', key, null);
+function ecb(key: Buffer, data: Buffer, decrypt = false): Buffer {
+  const c = decrypt ? createDecipheriv('aes-256-ecb', key, null) : createCipheriv('aes-256-ecb', key, null);
   c.setAutoPadding(false);
   const out = c.update(data);
   c.final();

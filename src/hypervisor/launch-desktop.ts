@@ -7,7 +7,7 @@ import { buildQemuCommand, encryptSecret, launchDesktop, type OfflineConfig, typ
 export interface RunDesktopOptions {
   name: string;
   /** Each disk's chain (-blockdev JSON, top node first) and LUKS passphrase (base64). */
-  disks: { name: string; blockdev: Record<string, unknown>; secretId: string; secret: string }[];
+  disks: { name: string; blockdev: Record<string, unknown>; secretId: string; secret: string; baseSecretId?: string; baseSecret?: string }[];
   config: OfflineConfig;
   /** Private directory (created 0700) for the QMP socket. */
   socketDir: string;
@@ -38,7 +38,10 @@ export async function runDesktop(opts: RunDesktopOptions): Promise<RunDesktopRes
   await mkdir(opts.socketDir, { recursive: true, mode: 0o700 });
   const qmpSocket = join(opts.socketDir, 'qmp.sock');
   const masterKey = randomBytes(32);
-  const disks = opts.disks.map((d) => ({ name: d.name, blockdev: d.blockdev, secret: encryptSecret(d.secretId, d.secret, masterKey) }));
+  const disks = opts.disks.map((d) => ({
+    name: d.name, blockdev: d.blockdev, secret: encryptSecret(d.secretId, d.secret, masterKey),
+    baseSecret: d.baseSecretId && d.baseSecret !== undefined ? encryptSecret(d.baseSecretId, d.baseSecret, masterKey) : undefined,
+  }));
   const argv = buildQemuCommand(opts.config, opts.host ?? hostFacts(), disks, {
     name: opts.name,
     qmpSocket,

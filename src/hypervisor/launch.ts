@@ -48,6 +48,8 @@ export interface LaunchDisk {
   /** Top node of the chain (its node-name is the drive). */
   blockdev: Record<string, unknown>;
   secret: { id: string; data: string; iv: string };
+  /** The base layer's own secret (one per layer); absent where both layers share `secret`. */
+  baseSecret?: { id: string; data: string; iv: string };
 }
 
 /** The master secret object: its key comes through a private FIFO (never argv, env or a file at rest). */
@@ -85,7 +87,7 @@ export function buildQemuCommand(config: OfflineConfig, host: HostFacts, disks: 
   argv.push('-smp', String(vcpus), '-m', `${ramMiB}M`, '-nodefaults', '-no-user-config');
   argv.push('-object', `secret,id=${MASTER_SECRET_ID},file=${MASTER_SECRET_FIFO},format=base64`);
   disks.forEach((d, i) => {
-    argv.push('-object', `secret,id=${d.secret.id},data=${d.secret.data},keyid=${MASTER_SECRET_ID},iv=${d.secret.iv},format=base64`);
+    for (const sec of d.baseSecret ? [d.secret, d.baseSecret] : [d.secret]) argv.push('-object', `secret,id=${sec.id},data=${sec.data},keyid=${MASTER_SECRET_ID},iv=${sec.iv},format=base64`);
     argv.push('-blockdev', JSON.stringify(d.blockdev));
     argv.push('-device', `virtio-blk-pci,drive=${String(d.blockdev['node-name'])}${i === 0 ? ',bootindex=1' : ''}`);
   });

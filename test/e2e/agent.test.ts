@@ -96,12 +96,12 @@ test('heartbeats carry endpoint statistics; remote lock, unlock, lease renewal a
   const left = { base: join(env.home, 'left-base.qcow2'), top: join(env.home, 'left-top.qcow2') };
   linkSync(chain.files.base, left.base);
   linkSync(chain.files.top, left.top);
-  await mapChain({ files: left, secret: chain.secret }, 'base');
+  await mapChain({ ...chain, files: left }, 'base');
   await command('wipe');
   await runAgent(env, { once: true });
   assert.deepEqual(await held(), []);
   assert.equal(existsSync(dir), false);
-  await assert.rejects(mapChain({ files: left, secret: chain.secret }, 'base'), 'crypto-erase: the LUKS header is gone, the passphrase opens nothing');
+  await assert.rejects(mapChain({ ...chain, files: left }, 'base'), 'crypto-erase: the LUKS header is gone, the passphrase opens nothing');
 });
 
 test('forged agent signatures are refused; a lease that runs out without contact locks the desktop', async () => {

@@ -1,14 +1,19 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { randomBytes, type KeyObject } from 'node:crypto';
-import { existsSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, renameSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { loadDevice } from '../../src/client/home.js';
 import { checkout, enroll, status, upload, type ClientEnv } from '../../src/client/ops.js';
 import { serveDesktop } from '../../src/client/serve.js';
+import { chainOf } from '../../src/client/disks.js';
+import { fileStamp, verifyBases } from '../../src/client/layer-guard.js';
+import { exportDisk } from '../../src/client/export-disk.js';
+import { mapChain, mergeTop } from '../../src/disk/chain.js';
+import { computeChunkId } from '../../src/core/chunk-id.js';
 import { Vault, vaultScryptN } from '../../src/client/vault.js';
-import { decodeManifest, encodeManifest, manifestDigest } from '../../src/core/manifest.js';
+import { createManifest, decodeManifest, encodeManifest, manifestDigest } from '../../src/core/manifest.js';
 import { signLease } from '../../src/core/lease.js';
 import { generateSigningKey, publicKeyToBase64, signBytes } from '../../src/core/signing.js';
 import { writeLockRecord } from '../../src/client/guards.js';
@@ -174,6 +179,8 @@ test('a lease forged with another key (and device.json pointed at that key): ref
 
 test('local-config.json changes presentation only: USB stays as the broker set it', async () => {
   writeFileSync(join(dir, 'local-config.json'), JSON.stringify({ usb: true, display: 'none', ramMiB: 65536 }));
+  writeFileSync(join(dir, 'policy.json'), JSON.stringify({ usbAllowed: false }));
+  const before = await vault.find('win11');
   const served = await serveDesktop(env, 'win11');
   try {
     assert.equal(served.config.usb, false);
@@ -182,7 +189,11 @@ test('local-config.json changes presentation only: USB stays as the broker set i
   } finally {
     await served.close();
     rmSync(join(dir, 'local-config.json'));
+    rmSync(join(dir, 'policy.json'));
   }
+  // The vault records the layers at close, never the view the desktop ran with (a later policy may grant again).
+  const after = await vault.find('win11');
+  assert.deepEqual([after.config, after.localConfig], [before.config, before.localConfig]);
 });
 
 test('the home copied to another machine (cp -a, another device secret): refused', async () => {
@@ -252,4 +263,211 @@ test('lineage key rotation: blobs sealed after it use the new generation; the sn
   const out = join(broker.dir, 'after-rotation.raw');
   await exportCurrentSnapshot(broker.ctx, 'win11', out);
   assert.ok(readFileSync(out).equals(laptop), 'byte-identical across generations');
+});
+
+// Issue 22, finding 4: the layers themselves. XTS has no integrity, so each edit below once read
+// back as other bytes with rc=0. Each now ends refused (the shape recorded at the last clean
+// close, one LUKS secret per layer) or reported (the base's chunk IDs, the top's file stamp).
+const nbdcopyOut = (socketPath: string) => {
+  const out = join(broker.dir, `copy-${randomBytes(4).toString('hex')}.raw`);
+  execFileSync('nbdcopy', [`nbd+unix:///disk0?socket=${socketPath}`, out]);
+  return readFileSync(out);
+};
+const layer = (name: 'base' | 'top') => join(dir, 'disks', 'disk0', `${name}.qcow2`);
+
+/** Host offset of the first data cluster of a qcow2 layer (read from its L1 and first L2 table). */
+function firstDataCluster(path: string): { at: number; clusterSize: number } {
+  const f = readFileSync(path);
+  const clusterSize = 2 ** f.readUInt32BE(20);
+  const l1 = Number(f.readBigUInt64BE(40));
+  const mask = 0x00ff_ffff_ffff_fe00n;
+  const l2 = Number(f.readBigUInt64BE(l1) & mask);
+  const step = f.readUInt32BE(72 + 4) & 0x10 ? 16 : 8; // extended L2 (incompatible bit 4): 16-byte entries
+  for (let i = 0; i < clusterSize; i += step) {
+    const at = Number(f.readBigUInt64BE(l2 + i) & mask);
+    if (at !== 0) return { at, clusterSize };
+  }
+  throw new Error(`${path} has no data cluster`);
+}
+
+/** Runs one tamper case on copies put back afterwards (the layers, the state and the failures). */
+async function tamperCase(edit: () => void, fn: () => Promise<void>): Promise<void> {
+  const files = [layer('base'), layer('top'), join(dir, 'state.json')];
+  const saved = files.map((f) => readFileSync(f));
+  try {
+    edit();
+    await fn();
+  } finally {
+    files.forEach((f, i) => writeFileSync(f, saved[i]!));
+    rmSync(join(dir, 'failures.json'), { force: true });
+  }
+}
+
+const serveRefused = (code: string, message: RegExp) => assert.rejects(serveDesktop(env, 'win11'), { code, message });
+
+let reference: Buffer;
+test('layers: the reference read of a desktop with writes in its top layer', async () => {
+  // Checked out again (the rotation test checked it in): a vault made by this version.
+  await checkout(env, 'win11');
+  dir = vault.desktopDir((await vault.find('win11')).desktopId);
+  assert.equal((await vault.find('win11')).layerSecrets, 'per-layer');
+  await writeDesktop(env, 'win11', [{ offset: 64 * 1024, data: randomBytes(64 * 1024) }, { offset: 2 * 1024 * 1024 + 4096, data: randomBytes(8192) }]);
+  const served = await serveDesktop(env, 'win11');
+  try {
+    reference = nbdcopyOut(served.socketPath);
+  } finally {
+    await served.close();
+  }
+  const [st] = await status(env, 'win11');
+  assert.equal(st!.problem, null);
+  // QEMU had the complete base read-only: it is still the file check-out verified, so check-in will not read it again.
+  const d = (await vault.find('win11')).disks[0]!;
+  assert.deepEqual(d.baseVerified, await fileStamp(layer('base')));
+  assert.equal(d.shapes.base?.size, statSync(layer('base')).size);
+});
+
+test('layers: the base header\'s L1 offset changed, the base truncated to half, the top truncated inside a data cluster: refused (layer-tampered)', async () => {
+  await tamperCase(() => {
+    const f = readFileSync(layer('base'));
+    f.writeBigUInt64BE(f.readBigUInt64BE(40) + 65536n, 40);
+    writeFileSync(layer('base'), f);
+  }, async () => {
+    await serveRefused('layer-tampered', /base layer of disk disk0 .* structure .* changed.*nothing was deleted/);
+    assert.match((await status(env, 'win11'))[0]!.problem ?? '', /base layer .* changed outside Carryon/);
+    // Nor is a plaintext export made of it (where policy allows exports at all).
+    const { keys, state } = await vault.openKeys(await loadDevice(env.home), 'alice-password', await vault.find('win11'));
+    await vault.save({ ...state, config: { ...state.config, exportAllowed: true } }, keys);
+    await assert.rejects(exportDisk(env, 'win11', join(broker.dir, 'tampered.raw'), 'raw'), { code: 'layer-tampered' });
+  });
+  await tamperCase(() => truncateSync(layer('base'), Math.floor(statSync(layer('base')).size / 2)), () => serveRefused('layer-tampered', /base layer .* size changed/));
+  await tamperCase(() => {
+    const { at } = firstDataCluster(layer('top'));
+    truncateSync(layer('top'), at + 1000);
+  }, () => serveRefused('layer-tampered', /top layer .* size changed/));
+});
+
+test('layers: base.qcow2 and top.qcow2 swapped: refused; and each layer has its own LUKS secret, so the swapped chain does not even open', async () => {
+  await tamperCase(() => {
+    renameSync(layer('base'), `${layer('base')}.x`);
+    renameSync(layer('top'), layer('base'));
+    renameSync(`${layer('base')}.x`, layer('top'));
+  }, async () => {
+    await serveRefused('layer-tampered', /base layer .* changed outside Carryon/);
+    const { keys, state } = await vault.openKeys(await loadDevice(env.home), 'alice-password', await vault.find('win11'));
+    const chain = chainOf(vault, state, keys, 'disk0');
+    assert.notEqual(chain.baseSecret, undefined);
+    assert.notEqual(chain.baseSecret, chain.secret);
+    await assert.rejects(mapChain(chain, 'base'), /qemu-img failed/);
+  });
+});
+
+test('layers: a byte flipped in a base data cluster (and one per 4 KiB page): reported, the desktop marked damaged, the export stopped; status shows it; the next open refuses', async () => {
+  const flips: ((f: Buffer, at: number, size: number) => void)[] = [
+    (f, at) => { f[at + 777] ^= 0x01; },
+    (f, at, size) => { for (let p = 0; p < size; p += 4096) f[at + p + 5] ^= 0x80; },
+  ];
+  for (const flip of flips) {
+    await tamperCase(() => {
+      const { at, clusterSize } = firstDataCluster(layer('base'));
+      const f = readFileSync(layer('base'));
+      flip(f, at, clusterSize);
+      writeFileSync(layer('base'), f);
+    }, async () => {
+      const served = await serveDesktop(env, 'win11');
+      try {
+        for (let i = 0; i < 200 && !(await vault.find('win11')).damaged; i++) await new Promise((r) => setTimeout(r, 50));
+        assert.match((await vault.find('win11')).damaged?.message ?? '', /base layer of disk disk0 no longer matches its checkpoint: chunk \d+/);
+        assert.throws(() => nbdcopyOut(served.socketPath), 'the export is stopped');
+      } finally {
+        await served.close();
+      }
+      const [st] = await status(env, 'win11');
+      assert.match(st!.problem ?? '', /marked damaged/);
+      assert.ok(st!.readFailures >= 1, 'filed for the agent\'s heartbeat');
+      await serveRefused('base-damaged', /marked damaged .* cannot be checked in/);
+      await assert.rejects(upload(env, 'win11', 'checkin'), { code: 'base-damaged' });
+    });
+  }
+});
+
+test('layers: a byte flipped in a top data cluster: reported at the next open and by status (XTS cannot tell other bytes from the guest\'s)', async () => {
+  await writeDesktop(env, 'win11', []); // a clean close records the top as it is now
+  await tamperCase(() => {
+    const { at } = firstDataCluster(layer('top'));
+    const f = readFileSync(layer('top'));
+    f[at + 65536 + 100] ^= 0x01; // guest offset 64 KiB + 100: an allocated subcluster
+    writeFileSync(layer('top'), f);
+  }, async () => {
+    assert.match((await status(env, 'win11'))[0]!.problem ?? '', /top layer of disk disk0 was written outside Carryon/);
+    const served = await serveDesktop(env, 'win11');
+    try {
+      assert.ok(!nbdcopyOut(served.socketPath).equals(reference), 'the flipped cluster reads as other bytes');
+    } finally {
+      await served.close();
+    }
+    const [st] = await status(env, 'win11');
+    assert.match(st!.lastReadFailure ?? '', /top layer of disk disk0 of win11 was written outside Carryon/);
+  });
+  await writeDesktop(env, 'win11', []);
+  const served = await serveDesktop(env, 'win11');
+  try {
+    assert.ok(nbdcopyOut(served.socketPath).equals(reference), 'put back, the desktop reads as before');
+  } finally {
+    await served.close();
+  }
+});
+
+test('layers: a base changed while the desktop was closed is checked before check-in: refused (base-damaged), nothing sent', async () => {
+  await tamperCase(() => {
+    const { at } = firstDataCluster(layer('base'));
+    const f = readFileSync(layer('base'));
+    f[at + 4096] ^= 0x04;
+    writeFileSync(layer('base'), f);
+  }, async () => {
+    await assert.rejects(upload(env, 'win11', 'checkin'), { code: 'base-damaged', message: /chunk 0 .* does not match/ });
+    assert.equal((await vault.find('win11')).state, 'checked_out', 'the check-in never began');
+  });
+});
+
+test('layers: after a crash (state still open for writing) a changed top is checked by qemu-img and recorded again, not refused', async () => {
+  const { keys, state } = await vault.openKeys(await loadDevice(env.home), 'alice-password', await vault.find('win11'));
+  await vault.save({ ...state, layersOpen: true }, keys);
+  const grown = statSync(layer('top')).size + 65536;
+  truncateSync(layer('top'), grown); // what a killed QEMU may leave: clusters past the last record
+  const served = await serveDesktop(env, 'win11');
+  try {
+    assert.ok(nbdcopyOut(served.socketPath).equals(reference));
+  } finally {
+    await served.close();
+  }
+  const after = await vault.find('win11');
+  assert.equal(after.layersOpen, false);
+  assert.equal(after.disks[0]!.shapes.top?.size, statSync(layer('top')).size);
+  assert.equal((await status(env, 'win11'))[0]!.problem, null);
+});
+
+test('layers: a replica\'s merge killed after qemu-img commit (both layers changed, state still merging) is finished and recorded, not refused', async () => {
+  const { keys, state } = await vault.openKeys(await loadDevice(env.home), 'alice-password', await vault.find('win11'));
+  const m = await vault.manifest(state.desktopId, state.disks[0]!.baseDigest);
+  // The restore point this laptop would have computed: the chunk IDs of what the desktop reads now.
+  const ids = m.chunks.map((_, i) => {
+    const chunk = reference.subarray(i * m.chunkSize, Math.min((i + 1) * m.chunkSize, m.diskSize));
+    return chunk.every((b) => b === 0) ? null : computeChunkId(keys.idKey, chunk);
+  });
+  const digest = await vault.putManifest(state.desktopId, createManifest(m.chunkSize, m.diskSize, ids));
+  await vault.save({ ...state, disks: state.disks.map((d) => ({ ...d, mergingTo: digest })) }, keys);
+  await mergeTop(chainOf(vault, state, keys, 'disk0')); // the kill came after this, before the state moved on
+  const served = await serveDesktop(env, 'win11');
+  try {
+    assert.ok(nbdcopyOut(served.socketPath).equals(reference));
+  } finally {
+    await served.close();
+  }
+  let after = await vault.find('win11');
+  assert.equal(after.disks[0]!.baseDigest, digest);
+  assert.deepEqual(after.disks[0]!.baseVerified, await fileStamp(layer('base')), 'recorded as verified by the merge');
+  // And every chunk of the merged base matches the restore point's IDs (the whole check, unthrottled).
+  await verifyBases(vault, keys, () => after, (s) => (after = s), { always: true });
+  assert.equal(after.damaged, null);
+  assert.equal((await status(env, 'win11'))[0]!.problem, null);
 });

@@ -74,16 +74,17 @@ test('dry run builds the argv without starting anything; extra args, serial and 
   assert.ok(!s.includes('c2VjcmV0LXBhc3NwaHJhc2U='));
 });
 
-test('installed QEMU opens a real LUKS qcow2 chain from the command line: paused TCG start, QMP stop', async () => {
+test('installed QEMU opens a real LUKS qcow2 chain (one secret per layer, the base read-only) from the command line: paused TCG start, QMP stop', async () => {
   const files = chainFiles(join(dir, 'chain'));
   mkdirSync(join(dir, 'chain'), { recursive: true });
   const secret = randomBytes(32).toString('base64');
-  await createChain({ files, secret }, 4 << 20, 256 << 10);
-  const spec = { files, secretId: 'sec-d0', prefix: 'd0' };
+  const baseSecret = randomBytes(32).toString('base64');
+  await createChain({ files, secret, baseSecret }, 4 << 20, 256 << 10);
+  const spec = { files, secretId: 'sec-d0', baseSecretId: 'sec-d0-base', baseReadOnly: true, prefix: 'd0' };
   let blockInfo: unknown;
   const r = await runDesktop({
     name: 'paused',
-    disks: [{ name: 'disk0', blockdev: chainBlockdev(spec), secretId: 'sec-d0', secret }],
+    disks: [{ name: 'disk0', blockdev: chainBlockdev(spec), secretId: 'sec-d0', secret, baseSecretId: 'sec-d0-base', baseSecret }],
     config: parseOfflineConfig({ vcpus: 1, ramMiB: 128, nic: 'none' }),
     socketDir: join(dir, 'vm'),
     display: 'none',
@@ -104,6 +105,8 @@ test('installed QEMU opens a real LUKS qcow2 chain from the command line: paused
   assert.equal(r.exitCode, 0);
   assert.match(JSON.stringify(blockInfo), /"encrypted":true/);
   assert.match(JSON.stringify(blockInfo), /top\.qcow2/);
+  const base = (blockInfo as { 'node-name': string; ro: boolean }[]).find((n) => n['node-name'] === 'd0-base');
+  assert.equal(base?.ro, true, 'a complete base is read-only under the running desktop');
 });
 
 test('a wrong disk passphrase makes QEMU fail at start with its own words, not hang', async () => {

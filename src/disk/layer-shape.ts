@@ -1,0 +1,83 @@
+import { createHash, type Hash } from 'node:crypto';
+import { open, type FileHandle } from 'node:fs/promises';
+import { luksHeaderRange } from './layer-template.js';
+import { OFFSET_MASK } from './qcow2-format.js';
+
+/**
+ * A qcow2 layer's shape: its file size and a SHA-256 over its structure — the header cluster
+ * (header, extensions, backing name), the LUKS header, the L1 table and every L2 table it maps,
+ * the refcount table and every refcount block. Data clusters are not read: the shape says where
+ * every guest cluster lives and with which keys, not what it holds.
+ *
+ * Bound to the vault's MACed state at each clean close, it makes every edit of the structure
+ * (a header field, a table entry, a truncation, one layer put in the other's place) visible at
+ * the next open. Cheap: on a 16 GiB desktop the metadata is a few MiB (BENCHMARKS in the notes).
+ *
+ * Never throws on a damaged image: what cannot be parsed is hashed as it is (with a marker), so
+ * it simply fails to match.
+ */
+export interface LayerShapeRecord {
+  size: number;
+  sha256: string;
+}
+
+/** Bounds for tables read from an untrusted header: a 64 TiB disk stays far below them. */
+const MAX_TABLE_BYTES = 64 << 20;
+
+export async function measureLayer(path: string): Promise<LayerShapeRecord> {
+  const fh = await open(path, 'r');
+  try {
+    const { size } = await fh.stat();
+    const hash = createHash('sha256');
+    await hashStructure(fh, size, hash);
+    return { size, sha256: hash.digest('hex') };
+  } finally {
+    await fh.close();
+  }
+}
+
+async function hashStructure(fh: FileHandle, size: number, hash: Hash): Promise<void> {
+  const note = (what: string) => hash.update(`\0${what}\0`);
+  const h = Buffer.alloc(104);
+  const { bytesRead } = await fh.read(h, 0, h.length, 0);
+  if (bytesRead < h.length || h.readUInt32BE(0) !== 0x514649fb) {
+    note('not-qcow2');
+    hash.update(h.subarray(0, bytesRead));
+    return;
+  }
+  const clusterBits = h.readUInt32BE(20);
+  if (clusterBits < 9 || clusterBits > 21) {
+    note('cluster-bits');
+    hash.update(h);
+    return;
+  }
+  const clusterSize = 2 ** clusterBits;
+  const region = async (what: string, at: number, length: number): Promise<Buffer | null> => {
+    note(`${what}@${at}+${length}`);
+    if (!Number.isSafeInteger(at) || at < 0 || length < 0 || length > MAX_TABLE_BYTES || at + length > size) {
+      note('out-of-bounds');
+      return null;
+    }
+    const buf = Buffer.alloc(length);
+    const got = (await fh.read(buf, 0, length, at)).bytesRead;
+    hash.update(buf.subarray(0, got));
+    return buf;
+  };
+  // The header cluster holds the header, its extensions and the backing file name.
+  await region('header', 0, Math.min(clusterSize, size));
+  const luks = await luksHeaderRange(fh).catch(() => null);
+  if (luks) await region('luks', luks.offset, luks.length);
+  const l1 = await region('l1', Number(h.readBigUInt64BE(40)), h.readUInt32BE(36) * 8);
+  if (l1) await tablesOf(l1, (at) => region('l2', at, clusterSize));
+  const refTable = await region('refcount-table', Number(h.readBigUInt64BE(48)), h.readUInt32BE(56) * clusterSize);
+  if (refTable) await tablesOf(refTable, (at) => region('refcount-block', at, clusterSize));
+  if (h.readUInt32BE(60) !== 0) await region('snapshots', Number(h.readBigUInt64BE(64)), Math.min(clusterSize, size));
+}
+
+/** Each table a table of 64-bit entries points to, in order. */
+async function tablesOf(table: Buffer, read: (at: number) => Promise<unknown>): Promise<void> {
+  for (let i = 0; i + 8 <= table.length; i += 8) {
+    const at = Number(table.readBigUInt64BE(i) & OFFSET_MASK);
+    if (at !== 0) await read(at);
+  }
+}
