@@ -4,7 +4,7 @@ import { policyHash } from '../core/policy.js';
 import type { CheckoutRow, DesktopConfig, DesktopRow, SnapshotDisk } from '../store/metadata.js';
 import type { BrokerContext } from './context.js';
 import { HttpError } from './http.js';
-import { effectivePolicy } from './policies.js';
+import { describePolicySource, effectivePolicy } from './policies.js';
 import type { JobView } from './transfers/types.js';
 import { stillAllowed } from './trust.js';
 
@@ -112,7 +112,7 @@ export async function checkOut(ctx: BrokerContext, user: string, desktopRef: str
   if (held && held.user === user && held.deviceId === device.id && held.state === 'transferring' && held.jobId) {
     return await resumeCheckOut(ctx, held, desktop, req.host, policy);
   }
-  if (!policy.checkoutAllowed.value) throw await deny(ctx, user, desktop.id, 'checkout', 403, 'policy-denied', `policy (${policy.checkoutAllowed.source}) forbids check-out`);
+  if (!policy.checkoutAllowed.value) throw await deny(ctx, user, desktop.id, 'checkout', 403, 'policy-denied', `policy (${await describePolicySource(ctx.meta, policy.checkoutAllowed.source)}) forbids check-out`);
   if (!desktop.currentSnapshot) throw await deny(ctx, user, desktop.id, 'checkout', 409, 'no-snapshot', 'desktop has no disk image yet');
   const snapshot = (await ctx.meta.getSnapshot(desktop.currentSnapshot))!;
   const manifests = await Promise.all(snapshot.disks.map((d) => loadManifest(ctx, d.digest)));
@@ -233,7 +233,7 @@ export async function rollback(ctx: BrokerContext, user: string, checkoutId: str
   const c = await ownedCheckout(ctx, user, checkoutId, 'rollback');
   const desktop = (await ctx.meta.getDesktop(c.desktopId))!;
   const policy = await effectivePolicy(ctx.meta, user, desktop);
-  if (!policy.rollbackAllowed.value) throw await deny(ctx, user, c.desktopId, 'rollback', 403, 'policy-denied', `policy (${policy.rollbackAllowed.source}) forbids rollback`);
+  if (!policy.rollbackAllowed.value) throw await deny(ctx, user, c.desktopId, 'rollback', 403, 'policy-denied', `policy (${await describePolicySource(ctx.meta, policy.rollbackAllowed.source)}) forbids rollback`);
   if (!await ctx.meta.transitionCheckout(c.id, ['checked_out', 'checking_in'], 'rolled_back', { pendingDisks: null })) throw await deny(ctx, user, c.desktopId, 'rollback', 409, 'wrong-state', `checkout is ${c.state}`);
   await ctx.scheduler.finishForCheckout(c.id, 'cancelled');
   await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'rolled back: offline changes discarded' });
@@ -259,7 +259,7 @@ export async function beginUpload(ctx: BrokerContext, user: string, checkoutId: 
   const desktop = (await ctx.meta.getDesktop(c.desktopId))!;
   if (kind === 'checkin') {
     const policy = await effectivePolicy(ctx.meta, user, desktop);
-    if (!policy.checkinAllowed.value) throw await deny(ctx, user, c.desktopId, kind, 403, 'policy-denied', `policy (${policy.checkinAllowed.source}) forbids check-in: discard (rollback) instead`);
+    if (!policy.checkinAllowed.value) throw await deny(ctx, user, c.desktopId, kind, 403, 'policy-denied', `policy (${await describePolicySource(ctx.meta, policy.checkinAllowed.source)}) forbids check-in: discard (rollback) instead`);
   }
   const okStates = kind === 'checkin' ? ['checked_out', 'checking_in'] : ['checked_out'];
   if (!okStates.includes(c.state)) throw await deny(ctx, user, c.desktopId, kind, 409, 'wrong-state', `checkout is ${c.state}`);

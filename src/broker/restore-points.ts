@@ -1,7 +1,7 @@
 import type { DesktopRow, SnapshotRow } from '../store/metadata.js';
 import type { BrokerContext } from './context.js';
 import { HttpError } from './http.js';
-import { effectivePolicy } from './policies.js';
+import { describePolicySource, effectivePolicy } from './policies.js';
 
 export interface RestorePoint {
   id: string;
@@ -31,7 +31,7 @@ export async function restoreRefusal(ctx: BrokerContext, user: string, role: str
   if (role !== 'admin') {
     if (!await ctx.meta.isEntitled(user, desktop)) return { status: 404, code: 'not-found', message: `no desktop ${desktop.name} you are entitled to` };
     const p = (await effectivePolicy(ctx.meta, user, desktop)).restoreAllowed;
-    if (!p.value) return { status: 403, code: 'policy-denied', message: `policy (${p.source}) does not let users restore ${desktop.name}` };
+    if (!p.value) return { status: 403, code: 'policy-denied', message: `policy (${await describePolicySource(ctx.meta, p.source)}) does not let users restore ${desktop.name}` };
   }
   const active = await ctx.meta.activeCheckout(desktop.id);
   if (active) {

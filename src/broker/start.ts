@@ -1,5 +1,6 @@
 import { join } from 'node:path';
 import Fastify from 'fastify';
+import { closePromptly } from '../net/close-server.js';
 import { encodeLineageKeys, unwrapLineageKeys } from '../core/keys.js';
 import { NoHypervisor, QmpHypervisor, type DatacenterHypervisor } from '../hypervisor/datacenter/hypervisor.js';
 import { loadOrCreateTls } from '../net/tls-cert.js';
@@ -188,8 +189,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
       await syncing;
       // Per-job summaries still held by the embedded server go to the audit trail before closing.
       if (transfer) await transferServerSync(ctx, transfer.id, (transfer.sweep(), transfer.drainSummaries()));
-      await transfer?.close();
-      await app.close();
+      await Promise.all([transfer?.close(), closePromptly(app)]);
       await store.close();
       await sql.close();
     },

@@ -41,6 +41,11 @@ function pidFile(home: string, desktop: string): string {
   return join(home, `transfer-${desktop.replace(/[^A-Za-z0-9._-]/g, '_')}.pid`);
 }
 
+/** Left by `carryon cancel` beside the pid file: the transfer it stops is being wiped, not paused. */
+function cancelMarker(home: string, desktop: string): string {
+  return `${pidFile(home, desktop)}.cancel`;
+}
+
 async function transferCommand(cmd: Command, desktop: string, run: (env: ClientEnv) => Promise<unknown>, human: (r: unknown) => string) {
   const abort = new AbortController();
   const { env, json, stop } = clientEnv(cmd, abort.signal);
@@ -55,12 +60,16 @@ async function transferCommand(cmd: Command, desktop: string, run: (env: ClientE
     printJsonOr(json, res, () => process.stdout.write(`${human(res)}\n`));
   } catch (err) {
     stop();
+    if (abort.signal.aborted && existsSync(cancelMarker(env.home, desktop))) {
+      throw new CarryonError('cancelled', `stopped by \`carryon cancel ${desktop}\`: what arrived is being removed from this laptop and the desktop unlocked; \`carryon checkout ${desktop}\` starts again from the beginning`);
+    }
     if (abort.signal.aborted) throw new CarryonError('paused', `transfer stopped; what arrived is kept — run the same command again to resume`);
     throw err;
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
     rmSync(pid, { force: true });
+    rmSync(cancelMarker(env.home, desktop), { force: true });
   }
 }
 
@@ -152,9 +161,10 @@ export function registerClientCommands(program: Command): void {
       const { env, json } = clientEnv(cmd);
       const file = pidFile(env.home, desktop);
       if (how === 'cancel' && existsSync(file)) {
+        writeFileSync(cancelMarker(env.home, desktop), String(process.pid));
         try { process.kill(Number(readFileSync(file, 'utf8')), 'SIGTERM'); } catch { /* already gone */ }
       }
-      const res = await release(env, desktop, how);
+      const res = await release(env, desktop, how).finally(() => rmSync(cancelMarker(env.home, desktop), { force: true }));
       printJsonOr(json, res, () => process.stdout.write(`${desktop}: ${res.state}\n`));
     });
   }
@@ -182,7 +192,7 @@ export function registerClientCommands(program: Command): void {
     const { env, json } = clientEnv(cmd);
     const st = await status(env, desktop);
     printJsonOr(json, st, () => {
-      table(st.map((s) => ({ desktop: s.desktop, state: s.state, lease: s.leaseDeadline ? `${s.leaseHoursLeft.toFixed(1)} h` : '-', changed: formatBytes(s.dirtyBytes), local: `${s.percentLocal.toFixed(1)}%`, replicated: s.lastReplicationAt ?? 'never', offline: s.safeOffline ? 'safe to go offline' : 'NOT yet safe to go offline' })));
+      table(st.map((s) => ({ desktop: s.desktop, state: s.state, lease: s.leaseDeadline ? `${s.leaseHoursLeft.toFixed(1)} h` : '-', changed: s.dirtyBytes === null ? `- (${s.refused})` : formatBytes(s.dirtyBytes), local: `${s.percentLocal.toFixed(1)}%`, replicated: s.lastReplicationAt ?? 'never', offline: s.safeOffline ? 'safe to go offline' : s.refused ? `NOT usable offline (${s.refused})` : 'NOT yet safe to go offline' })));
       for (const s of st) {
         if (s.problem) process.stdout.write(`${s.desktop}: ${s.problem}\n`);
         if (s.readFailures) process.stdout.write(`${s.desktop}: ${s.readFailures} read failures, last: ${s.lastReadFailure}\n`);

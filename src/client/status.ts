@@ -33,7 +33,7 @@ export async function status(env: ClientEnv, desktopRef?: string) {
       if (!(err instanceof CarryonError)) throw err;
       if (!opened) refused = err.code;
       problem = err.code === 'desktop-locked' ? `locked: connect to the broker (\`carryon login\`, then \`carryon agent --once\`); ${err.message}` : err.code === 'lease-expired' ? `offline lease expired: connect and run \`carryon login\` to renew it (${err.message})` : err.message;
-      if (err.code === 'vault-locked' || err.code === 'kdf-refused' || err.code === 'tpm') throw err;
+      if (err.code === 'vault-locked' || err.code === 'kdf-refused' || err.code === 'tpm' || err.code === 'home-damaged') throw err;
     }
     const complete = s.disks.every((d) => d.complete);
     const fill = complete ? null : await readFillReport(vault, s.desktopId);
@@ -41,8 +41,15 @@ export async function status(env: ClientEnv, desktopRef?: string) {
     const failures = await readDiskFailures(vault, s.desktopId);
     out.push({
       desktop: s.name, desktopId: s.desktopId, state: (await vault.isLocked(await vault.find(s.desktopId))) ? 'locked' : s.state, leaseDeadline,
-      leaseHoursLeft: leaseDeadline ? Math.max(0, (Date.parse(leaseDeadline) - Date.now()) / 3_600_000) : 0, dirtyBytes: dirtyBytes ?? (await topBytes(vault, s)), percentLocal,
-      lastReplicationAt: s.lastReplicationAt, safeOffline: complete && s.state !== 'transferring', problem,
+      leaseHoursLeft: leaseDeadline ? Math.max(0, (Date.parse(leaseDeadline) - Date.now()) / 3_600_000) : 0,
+      /** Exact bytes changed since the checkpoint; null where the desktop would not open (locked, lease, clock): without its keys only the top layer's stored size is known. */
+      dirtyBytes,
+      /** The top layers' size on disk (metadata included): an upper bound that needs no keys. */
+      storedChangeBytes: await topBytes(vault, s),
+      percentLocal,
+      lastReplicationAt: s.lastReplicationAt,
+      /** Whole on this laptop and `serve`/`run` would open it now: a locked desktop or a lapsed lease is not usable offline. */
+      safeOffline: complete && s.state !== 'transferring' && refused === null, problem,
       /** The code of the refusal when `serve`/`run` would not open it offline now (locked, lease, clock); null when they would. */
       refused,
       readFailures: failures.length, lastReadFailure: failures[failures.length - 1]?.message ?? null,

@@ -7,6 +7,7 @@ import { WriteWindow } from '../core/write-window.js';
 import { CarryonError } from '../core/errors.js';
 import { TicketError, verifyTicket, type TicketPayload } from '../core/ticket.js';
 import { mapError, parseOrInvalid } from '../net/http-errors.js';
+import { closePromptly } from '../net/close-server.js';
 import { loadOrCreateTls } from '../net/tls-cert.js';
 import { getBlobs, type ChunkStore } from '../store/chunk-store.js';
 import { endFrame, errorFrame, FRAME_BLOB, FRAME_DELTA, FRAME_PAGES, FrameDecoder, frameHeader, type Frame } from './frames.js';
@@ -334,7 +335,7 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
     retained: () => ({ ...scopes.sizes(), jobCounters: stats.perJob.size, streams: streams.size }),
     close: async () => {
       clearInterval(sweeper);
-      await app.close();
+      await closePromptly(app);
       await checks.close();
     },
   };
