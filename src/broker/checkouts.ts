@@ -1,8 +1,9 @@
 import { referencedChunks, decodeManifest, encodedDigest, encodeManifest, manifestDigest, type Manifest } from '../core/manifest.js';
 import { signLease, type SignedLease } from '../core/lease.js';
 import { policyHash } from '../core/policy.js';
-import type { CheckoutRow, DesktopConfig, DesktopRow, SnapshotDisk } from '../store/metadata.js';
+import type { CheckoutRow, DesktopConfig, DesktopRow, SnapshotDisk, SnapshotRow } from '../store/metadata.js';
 import type { BrokerContext } from './context.js';
+import { damagedSnapshotRefusal } from './damage.js';
 import { HttpError } from './http.js';
 import { describePolicySource, effectivePolicy } from './policies.js';
 import type { JobView } from './transfers/types.js';
@@ -99,6 +100,12 @@ async function deny(ctx: BrokerContext, user: string, desktopId: string | null, 
   return new HttpError(status, code, message, {}, true);
 }
 
+/** A snapshot `admin verify` or a failed check-out found damaged is not handed out (the refusal names the newest intact restore point). */
+async function refuseDamaged(ctx: BrokerContext, user: string, desktop: DesktopRow, snapshot: SnapshotRow): Promise<void> {
+  const refusal = await damagedSnapshotRefusal(ctx, desktop, snapshot.id, snapshot.disks);
+  if (refusal) throw await deny(ctx, user, desktop.id, 'checkout', refusal.status, refusal.code, refusal.message);
+}
+
 export async function checkOut(ctx: BrokerContext, user: string, desktopRef: string, req: { deviceId: string; host: HostFacts }) {
   const desktop = await ctx.meta.getDesktop(desktopRef);
   if (!desktop) throw await deny(ctx, user, null, 'checkout', 404, 'not-found', `no desktop ${desktopRef}`);
@@ -110,11 +117,13 @@ export async function checkOut(ctx: BrokerContext, user: string, desktopRef: str
   // The same device coming back to a check-out it began (it died before saving its state): resume it.
   const held = await ctx.meta.activeCheckout(desktop.id);
   if (held && held.user === user && held.deviceId === device.id && held.state === 'transferring' && held.jobId) {
+    await refuseDamaged(ctx, user, desktop, (await ctx.meta.getSnapshot(held.checkpointSnapshot))!);
     return await resumeCheckOut(ctx, held, desktop, req.host, policy);
   }
   if (!policy.checkoutAllowed.value) throw await deny(ctx, user, desktop.id, 'checkout', 403, 'policy-denied', `policy (${await describePolicySource(ctx.meta, policy.checkoutAllowed.source)}) forbids check-out`);
   if (!desktop.currentSnapshot) throw await deny(ctx, user, desktop.id, 'checkout', 409, 'no-snapshot', 'desktop has no disk image yet');
   const snapshot = (await ctx.meta.getSnapshot(desktop.currentSnapshot))!;
+  await refuseDamaged(ctx, user, desktop, snapshot);
   const manifests = await Promise.all(snapshot.disks.map((d) => loadManifest(ctx, d.digest)));
   const need = manifests.reduce((sum, m) => sum + referencedChunks(m).size * m.chunkSize, 0);
   if (req.host.freeDiskBytes < need) throw await deny(ctx, user, desktop.id, 'checkout', 422, 'not-enough-disk', `the laptop has ${req.host.freeDiskBytes} bytes free; this desktop needs up to ${need}`);

@@ -77,8 +77,8 @@ export function registerOpsCommands(admin: Command): void {
     const name = await names(b, ['desktops', 'devices']);
     const t = await get(b, '/v1/admin/transfers');
     const jobs = [...(t.active as Job[]), ...(t.queued as Job[])];
-    printTable(r.checkouts as { id: string; desktopId: string; user: string; deviceId: string; state: string; leaseExpiresAt: string }[], [
-      { h: 'desktop', v: (c) => name(c.desktopId) }, { h: 'user', v: (c) => c.user }, { h: 'device', v: (c) => name(c.deviceId) }, { h: 'state', v: (c) => c.state },
+    printTable(r.checkouts as { id: string; desktopId: string; user: string; deviceId: string; state: string; leaseExpiresAt: string; failure?: string | null }[], [
+      { h: 'desktop', v: (c) => name(c.desktopId) }, { h: 'user', v: (c) => c.user }, { h: 'device', v: (c) => name(c.deviceId) }, { h: 'state', v: (c) => (c.failure ? `failed: ${c.failure}` : c.state) },
       { h: 'transfer', v: (c) => { const j = jobs.find((x) => x.checkoutId === c.id); return j ? (j.state === 'queued' ? `queued #${j.queuePosition ?? '?'}` : `${j.kind} ${percent(j.percent)} ${rate(j.rate)}`.trim()) : ''; } },
       { h: 'lease', v: (c) => left(c.leaseExpiresAt) }, { h: 'id', v: (c) => c.id },
     ]);

@@ -2,6 +2,7 @@ import { CarryonError } from '../core/errors.js';
 import { topExtents } from '../disk/chain.js';
 import { chainOf, readDiskFailures, readFillReport, topBytes } from './disks.js';
 import { loadDevice } from './home.js';
+import { readCheckoutFailure } from './checkout-failure.js';
 import type { ClientEnv } from './session.js';
 import { Vault } from './vault.js';
 
@@ -39,8 +40,12 @@ export async function status(env: ClientEnv, desktopRef?: string) {
     const fill = complete ? null : await readFillReport(vault, s.desktopId);
     const percentLocal = complete ? 100 : fill && fill.total > 0 ? (100 * fill.done) / fill.total : 0;
     const failures = await readDiskFailures(vault, s.desktopId);
+    // A check-out that stopped for good (a damaged snapshot) is not "transferring": say so, and why.
+    const failed = await readCheckoutFailure(vault, s.desktopId);
+    if (failed) problem = failed.message;
+    const state = failed ? `failed: ${failed.reason}` : (await vault.isLocked(await vault.find(s.desktopId))) ? 'locked' : s.state;
     out.push({
-      desktop: s.name, desktopId: s.desktopId, state: (await vault.isLocked(await vault.find(s.desktopId))) ? 'locked' : s.state, leaseDeadline,
+      desktop: s.name, desktopId: s.desktopId, state, leaseDeadline,
       leaseHoursLeft: leaseDeadline ? Math.max(0, (Date.parse(leaseDeadline) - Date.now()) / 3_600_000) : 0,
       /** Exact bytes changed since the checkpoint; null where the desktop would not open (locked, lease, clock): without its keys only the top layer's stored size is known. */
       dirtyBytes,
@@ -49,7 +54,7 @@ export async function status(env: ClientEnv, desktopRef?: string) {
       percentLocal,
       lastReplicationAt: s.lastReplicationAt,
       /** Whole on this laptop and `serve`/`run` would open it now: a locked desktop or a lapsed lease is not usable offline. */
-      safeOffline: complete && s.state !== 'transferring' && refused === null, problem,
+      safeOffline: complete && s.state !== 'transferring' && refused === null && !failed, problem,
       /** The code of the refusal when `serve`/`run` would not open it offline now (locked, lease, clock); null when they would. */
       refused,
       readFailures: failures.length, lastReadFailure: failures[failures.length - 1]?.message ?? null,

@@ -10,6 +10,7 @@ import { SafeName } from '../names.js';
 import { resolveImportPath } from '../import-paths.js';
 import { enforceCutOff } from '../trust.js';
 import { effectivePolicy } from '../policies.js';
+import { checkoutFailures } from '../damage.js';
 
 const Name = SafeName;
 const Id = z.object({ id: z.string().min(1).max(200) });
@@ -212,7 +213,8 @@ export function adminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
   app.get('/v1/admin/checkouts', async (req) => {
     await admin(req);
     const q = parse(z.object({ all: z.enum(['true', 'false']).optional() }), req.query);
-    return { checkouts: (await ctx.meta.listCheckouts({ activeOnly: q.all !== 'true' })).map(checkoutView) };
+    const failures = await checkoutFailures(ctx);
+    return { checkouts: (await ctx.meta.listCheckouts({ activeOnly: q.all !== 'true' })).map((c) => ({ ...checkoutView(c), failure: failures[c.id] ?? null })) };
   });
   app.post('/v1/admin/checkouts/:id/force-unlock', async (req) => {
     const actor = await admin(req);
