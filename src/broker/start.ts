@@ -23,6 +23,7 @@ import { adminTrustRoutes } from './routes/admin-trust.js';
 import { jobRoutes } from './routes/jobs.js';
 import { agentRoutes } from './routes/agent.js';
 import { maintenanceRoutes } from './routes/maintenance.js';
+import { exportRoutes } from './routes/export.js';
 import { transferRoutes } from './routes/transfers.js';
 import { userRoutes } from './routes/user.js';
 import { loadOrCreateSecrets } from './secrets.js';
@@ -150,6 +151,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   transferRoutes(app, ctx);
   consoleRoutes(app, ctx, { uploadDir: join(config.dataDir, 'uploads') });
   maintenanceRoutes(app, ctx);
+  exportRoutes(app, ctx);
   const host = config.host ?? '127.0.0.1';
   await app.listen({ host, port: config.port ?? 0 });
   const addr = app.server.address();

@@ -1,7 +1,9 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { closeSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, writeSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { closeSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
+import { promisify } from 'node:util';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { checkout, enroll, release, status, upload, type ClientEnv } from '../../src/client/ops.js';
@@ -35,6 +37,13 @@ after(async () => {
   await broker.close();
   cleanup(broker.dir);
 });
+
+const run = promisify(execFile);
+/** `carryon admin …` as the broker's admin; its stdout. */
+async function admin_(...args: string[]): Promise<string> {
+  const env = { ...process.env, CARRYON_URL: broker.url, CARRYON_FINGERPRINT: broker.fingerprint, CARRYON_USER: ADMIN.name, CARRYON_PASSWORD: ADMIN.password };
+  return (await run(process.execPath, [join(process.cwd(), 'dist', 'src', 'cli', 'main.js'), 'admin', ...args], { env })).stdout;
+}
 
 /** Flips one byte in the middle of a chunk's record in whichever pack file holds it. */
 async function flipByteOf(chunkId: string): Promise<void> {
@@ -98,5 +107,46 @@ test('a flipped byte in the store: the check-out fails with an audited, clear er
   // The restore point it names checks out whole.
   assert.equal((await http.call('POST', '/v1/desktops/fragile/restore', { snapshotId: imported.id, reason: 'damaged' }, admin)).status, 200);
   await checkout(env('b'), 'fragile');
-  assert.ok((await readDesktop(env('b'), 'fragile')).equals(readFileSync(image)), 'the intact restore point, byte for byte');
+  const laptopDisk = await readDesktop(env('b'), 'fragile');
+  assert.ok(laptopDisk.equals(readFileSync(image)), 'the intact restore point, byte for byte');
+
+  // A laptop's word alone marks nothing: an intact chunk is checked and left alone; one outside its snapshot is refused.
+  const alice = await http.login('alice', 'alice-password');
+  const mine = ((await http.call('GET', '/v1/admin/checkouts', undefined, admin)).body.checkouts as { id: string; snapshotId: string }[])[0]!;
+  const restored = (await broker.ctx.meta.getSnapshot(mine.snapshotId))!;
+  const intact = decodeManifest((await broker.ctx.store.getManifest(restored.disks[0]!.digest))!).chunks[0]!;
+  const lie = await http.call('POST', `/v1/checkouts/${mine.id}/damaged`, { chunkId: intact, detail: 'forged' }, alice);
+  assert.deepEqual([lie.status, lie.body.damaged, lie.body.message], [200, false, null]);
+  assert.ok((await broker.ctx.meta.listEvents({ limit: 10_000 })).some((e) => e.action === 'checkout-chunk-failure' && /the store's copy authenticates/.test(e.detail ?? '')));
+  const outside = await http.call('POST', `/v1/checkouts/${mine.id}/damaged`, { chunkId: rotten, detail: 'not mine' }, alice);
+  assert.deepEqual([outside.status, outside.body.error], [400, 'not-in-snapshot']);
+
+  shared = { laptopDisk, imported: imported.id, damaged: ci.snapshotId };
+});
+
+/** What the damage test leaves for the export test: the laptop's disk (the intact restore point made current). */
+let shared: { laptopDisk: Buffer; imported: string; damaged: string } | null = null;
+
+test('admin desktops export: raw and qcow2 (a chosen restore point) equal the laptop\'s disk under qemu-img compare; a damaged snapshot is refused; audited; the qcow2 re-imports byte for byte', async () => {
+  assert.ok(shared, 'runs after the damage test');
+  const { laptopDisk, imported, damaged } = shared;
+  // Export (admin CLI): the current version raw and a chosen restore point as qcow2 equal the laptop's disk (qemu-img compare);
+  // the damaged snapshot is refused; the qcow2 re-imports byte for byte.
+  const laptopFile = join(broker.dir, 'laptop.raw');
+  writeFileSync(laptopFile, laptopDisk);
+  const raw = join(broker.dir, 'export.raw');
+  const qcow2 = join(broker.dir, 'export.qcow2');
+  assert.match(await admin_('desktops', 'export', 'fragile', raw, '--quiet'), /^wrote \S+export\.raw \(raw, 2\.0 MiB\): fragile disk disk0, snapshot [0-9a-f-]{36}\n$/);
+  await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', laptopFile, raw]);
+  await admin_('desktops', 'export', 'fragile', qcow2, '--format', 'qcow2', '--snapshot', imported, '--quiet');
+  await run('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', laptopFile, qcow2]);
+  const refused = await admin_('desktops', 'export', 'fragile', join(broker.dir, 'bad.raw'), '--snapshot', damaged).catch((e: { stderr: string }) => e.stderr);
+  assert.match(refused, /is damaged in the datacenter's store.*\[snapshot-damaged\]/);
+  assert.equal(readdirSync(broker.dir).filter((f) => f.startsWith('bad.raw')).length, 0, 'nothing left behind by a refused export');
+  const exports = (await broker.ctx.meta.listEvents({ limit: 10_000 })).filter((e) => e.action === 'export');
+  assert.deepEqual(exports.map((e) => `${e.outcome} ${(e.detail ?? '').split(':')[0]}`), ['ok started', 'ok done', 'ok started', 'ok done', 'denied snapshot-damaged']);
+  await admin_('desktops', 'create', 'fragile-copy', qcow2, '--quiet');
+  const again = join(broker.dir, 'again.raw');
+  await admin_('desktops', 'export', 'fragile-copy', again, '--quiet');
+  assert.ok(readFileSync(again).equals(laptopDisk), 'the exported qcow2 re-imports byte for byte');
 });
