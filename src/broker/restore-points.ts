@@ -1,5 +1,6 @@
 import type { DesktopRow, SnapshotRow } from '../store/metadata.js';
 import type { BrokerContext } from './context.js';
+import { damagedSnapshotRefusal } from './damage.js';
 import { HttpError } from './http.js';
 import { describePolicySource, effectivePolicy } from './policies.js';
 
@@ -53,6 +54,11 @@ export async function restore(ctx: BrokerContext, user: string, role: string, de
   const point = (await restorePoints(ctx, desktop)).find((p) => p.id === snapshotId);
   if (!point) throw new HttpError(404, 'not-found', `${desktop.name} has no restore point ${snapshotId}`);
   const chosen = (await ctx.meta.getSnapshot(point.id))!;
+  const damaged = await damagedSnapshotRefusal(ctx, desktop, chosen.id, chosen.disks);
+  if (damaged) {
+    await ctx.audit({ actor: user, desktopId: desktop.id, action: 'restore', outcome: 'denied', detail: `${damaged.code}: ${damaged.message}` });
+    throw new HttpError(damaged.status, damaged.code, damaged.message, damaged.extra, true);
+  }
   const id = await ctx.meta.transaction(async (tx) => {
     if (await tx.activeCheckout(desktop.id)) throw new HttpError(409, 'locked', `${desktop.name} was just checked out`);
     const s = await tx.createSnapshot({ desktopId: desktop.id, parentId: chosen.id, kind: 'restore', disks: chosen.disks });

@@ -5,7 +5,7 @@ import type { Command } from 'commander';
 import { runAgent } from '../client/agent.js';
 import { addBrokers, listBrokers, removeBrokers, splitList } from '../client/brokers.js';
 import { defaultHome, loadDevice } from '../client/home.js';
-import { checkout, discardLocal, enroll, exportDisk, listDesktops, loginOnline, onlineSession, release, status, upload, type ClientEnv } from '../client/ops.js';
+import { checkout, discardLocal, enroll, exportDisk, listDesktops, listRestorePoints, loginOnline, onlineSession, release, restoreDesktop, status, upload, type ClientEnv } from '../client/ops.js';
 import { Vault } from '../client/vault.js';
 import { CarryonError } from '../core/errors.js';
 import { JobView } from '../client/broker-client.js';
@@ -208,6 +208,22 @@ export function registerClientCommands(program: Command): void {
       if (!o.yes) throw new CarryonError('confirm', `this deletes ${desktop} and any offline changes on this laptop; save them first with \`carryon export ${desktop} <file>\`, then run again with --yes`);
       const res = await discardLocal(env, desktop);
       printJsonOr(json, res, () => process.stdout.write(`${desktop}: local copy removed\n`));
+    });
+
+  program.command('restore <desktop> [restore-point]').description('make a restore point your desktop\'s current version (where policy restoreAllowed lets you); without one: list them')
+    .option('--reason <text>', 'goes to the audit trail')
+    .action(async (desktop: string, point: string | undefined, o: { reason?: string }, cmd: Command) => {
+      const { env, json } = clientEnv(cmd);
+      if (!point) {
+        const r = await listRestorePoints(env, desktop);
+        printJsonOr(json, r, () => {
+          table(r.restorePoints.map((p) => ({ id: p.id, kind: p.kind, created: p.createdAt, size: formatBytes(p.sizeBytes), current: p.current ? 'yes' : '' })));
+          process.stdout.write(r.canRestore ? `restore one with \`carryon restore ${r.desktop} <id>\`\n` : `cannot restore now: ${r.reason ?? 'refused'}\n`);
+        });
+        return;
+      }
+      const r = await restoreDesktop(env, desktop, point, o.reason);
+      printJsonOr(json, r, () => process.stdout.write(`${r.desktop} restored from ${r.restoredFrom}; \`carryon checkout ${r.desktop}\` starts from it\n`));
     });
 
   program.command('export <desktop> <file>').description('write the desktop disk to a file (raw or qcow2)').option('--format <fmt>', 'raw or qcow2', 'raw').action(async (desktop: string, file: string, o: { format: string }, cmd: Command) => {

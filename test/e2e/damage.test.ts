@@ -150,3 +150,21 @@ test('admin desktops export: raw and qcow2 (a chosen restore point) equal the la
   await admin_('desktops', 'export', 'fragile-copy', again, '--quiet');
   assert.ok(readFileSync(again).equals(laptopDisk), 'the exported qcow2 re-imports byte for byte');
 });
+
+test('carryon restore: a user lists restore points and restores one where policy restoreAllowed lets them; a damaged one is refused; audited', async () => {
+  assert.ok(shared, 'runs after the damage test');
+  const cli = (args: string[]) => run(process.execPath, [join(process.cwd(), 'dist', 'src', 'cli', 'main.js'), ...args],
+    { env: { ...process.env, CARRYON_HOME: join(broker.dir, 'b'), CARRYON_USER: 'alice', CARRYON_PASSWORD: 'alice-password' } });
+  const refusal = (args: string[]) => cli(args).then(() => 'not refused', (e: { stderr: string }) => e.stderr);
+  await release(env('b'), 'fragile', 'rollback');
+  assert.match(await refusal(['restore', 'fragile', shared.imported]), /policy \(the default\) does not let users restore fragile \[policy-denied\]/);
+  assert.match((await cli(['restore', 'fragile'])).stdout, /cannot restore now: policy \(the default\)/);
+  await http.call('PATCH', '/v1/admin/policies/desktop/fragile', { restoreAllowed: true }, admin);
+  const listed = JSON.parse((await cli(['restore', 'fragile', '--json'])).stdout) as { canRestore: boolean; restorePoints: { id: string; kind: string }[] };
+  assert.equal(listed.canRestore, true);
+  assert.ok(listed.restorePoints.some((p) => p.id === shared!.damaged));
+  assert.match(await refusal(['restore', 'fragile', shared.damaged]), /is damaged in the datacenter's store.*\[snapshot-damaged\]/);
+  assert.match((await cli(['restore', 'fragile', shared.imported, '--reason', 'back to the import'])).stdout, new RegExp(`^fragile restored from ${shared.imported}; \`carryon checkout fragile\` starts from it`));
+  const events = (await broker.ctx.meta.listEvents({ limit: 10_000 })).filter((e) => e.action === 'restore' && e.actor === 'alice');
+  assert.deepEqual(events.map((e) => e.outcome), ['denied', 'denied', 'ok']);
+});

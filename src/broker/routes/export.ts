@@ -33,7 +33,7 @@ export function exportRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     const refusal = await damagedSnapshotRefusal(ctx, desktop, snapshotId, [disk]);
     if (refusal) {
       await ctx.audit({ actor, desktopId: desktop.id, action: 'export', outcome: 'denied', detail: `${refusal.code}: ${refusal.message}` });
-      throw refusal;
+      throw new HttpError(refusal.status, refusal.code, refusal.message, refusal.extra, true);
     }
     const raw = await ctx.store.getManifest(disk.digest);
     if (!raw) throw new HttpError(500, 'store-corrupt', `manifest ${disk.digest} is missing from the store`);
