@@ -50,7 +50,7 @@ export function runtimeDiskSection(work: string, sizeMiB: number, runtimeS: numb
         }
         const after = await duBytes(home);
         const [st] = await status(env, 'desk');
-        const top = st!.dirtyBytes;
+        const top = st!.dirtyBytes ?? 0;
         const growth = after - before;
         rows.push({ section, name: `vault growth after ${(written / MB).toFixed(0)} MB of random 4 KiB rewrites (${(written / (sizeMiB * 2 ** 20)).toFixed(1)}× the disk) into a fresh top layer`, value: growth / MB, unit: 'MB', runs: 1, spread: 0,
           peer: { name: 'data allocated in the top layer', value: top / MB, unit: 'MB' },

@@ -2,10 +2,11 @@ import { referencedChunks, decodeManifest, encodedDigest, encodeManifest, type M
 import { receiptHolds, receiptKey } from '../core/push-receipt.js';
 import { signLease, type SignedLease } from '../core/lease.js';
 import { policyHash } from '../core/policy.js';
-import type { CheckoutRow, DesktopConfig, DesktopRow, SnapshotDisk } from '../store/metadata.js';
+import type { CheckoutRow, DesktopConfig, DesktopRow, SnapshotDisk, SnapshotRow } from '../store/metadata.js';
 import type { BrokerContext } from './context.js';
+import { damagedSnapshotRefusal } from './damage.js';
 import { HttpError } from './http.js';
-import { effectivePolicy } from './policies.js';
+import { describePolicySource, effectivePolicy } from './policies.js';
 import type { JobView } from './transfers/types.js';
 import { stillAllowed } from './trust.js';
 
@@ -100,6 +101,12 @@ export async function deny(ctx: BrokerContext, user: string, desktopId: string |
   return new HttpError(status, code, message, {}, true);
 }
 
+/** A snapshot `admin verify` or a failed check-out found damaged is not handed out (the refusal names the newest intact restore point). */
+async function refuseDamaged(ctx: BrokerContext, user: string, desktop: DesktopRow, snapshot: SnapshotRow): Promise<void> {
+  const refusal = await damagedSnapshotRefusal(ctx, desktop, snapshot.id, snapshot.disks);
+  if (refusal) throw await deny(ctx, user, desktop.id, 'checkout', refusal.status, refusal.code, refusal.message);
+}
+
 export async function checkOut(ctx: BrokerContext, user: string, desktopRef: string, req: { deviceId: string; host: HostFacts }) {
   const desktop = await ctx.meta.getDesktop(desktopRef);
   if (!desktop) throw await deny(ctx, user, null, 'checkout', 404, 'not-found', `no desktop ${desktopRef}`);
@@ -111,11 +118,13 @@ export async function checkOut(ctx: BrokerContext, user: string, desktopRef: str
   // The same device coming back to a check-out it began (it died before saving its state): resume it.
   const held = await ctx.meta.activeCheckout(desktop.id);
   if (held && held.user === user && held.deviceId === device.id && held.state === 'transferring' && held.jobId) {
+    await refuseDamaged(ctx, user, desktop, (await ctx.meta.getSnapshot(held.checkpointSnapshot))!);
     return await resumeCheckOut(ctx, held, desktop, req.host, policy);
   }
-  if (!policy.checkoutAllowed.value) throw await deny(ctx, user, desktop.id, 'checkout', 403, 'policy-denied', `policy (${policy.checkoutAllowed.source}) forbids check-out`);
+  if (!policy.checkoutAllowed.value) throw await deny(ctx, user, desktop.id, 'checkout', 403, 'policy-denied', `policy (${await describePolicySource(ctx.meta, policy.checkoutAllowed.source)}) forbids check-out`);
   if (!desktop.currentSnapshot) throw await deny(ctx, user, desktop.id, 'checkout', 409, 'no-snapshot', 'desktop has no disk image yet');
   const snapshot = (await ctx.meta.getSnapshot(desktop.currentSnapshot))!;
+  await refuseDamaged(ctx, user, desktop, snapshot);
   const manifests = await Promise.all(snapshot.disks.map((d) => loadManifest(ctx, d.digest)));
   const need = manifests.reduce((sum, m) => sum + referencedChunks(m).size * m.chunkSize, 0);
   if (req.host.freeDiskBytes < need) throw await deny(ctx, user, desktop.id, 'checkout', 422, 'not-enough-disk', `the laptop has ${req.host.freeDiskBytes} bytes free; this desktop needs up to ${need}`);
@@ -234,7 +243,7 @@ export async function rollback(ctx: BrokerContext, user: string, checkoutId: str
   const c = await ownedCheckout(ctx, user, checkoutId, 'rollback');
   const desktop = (await ctx.meta.getDesktop(c.desktopId))!;
   const policy = await effectivePolicy(ctx.meta, user, desktop);
-  if (!policy.rollbackAllowed.value) throw await deny(ctx, user, c.desktopId, 'rollback', 403, 'policy-denied', `policy (${policy.rollbackAllowed.source}) forbids rollback`);
+  if (!policy.rollbackAllowed.value) throw await deny(ctx, user, c.desktopId, 'rollback', 403, 'policy-denied', `policy (${await describePolicySource(ctx.meta, policy.rollbackAllowed.source)}) forbids rollback`);
   if (!await ctx.meta.transitionCheckout(c.id, ['checked_out', 'checking_in'], 'rolled_back', { pendingDisks: null })) throw await deny(ctx, user, c.desktopId, 'rollback', 409, 'wrong-state', `checkout is ${c.state}`);
   await ctx.scheduler.finishForCheckout(c.id, 'cancelled');
   await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'rolled back: offline changes discarded' });
@@ -260,7 +269,7 @@ export async function beginUpload(ctx: BrokerContext, user: string, checkoutId: 
   const desktop = (await ctx.meta.getDesktop(c.desktopId))!;
   if (kind === 'checkin') {
     const policy = await effectivePolicy(ctx.meta, user, desktop);
-    if (!policy.checkinAllowed.value) throw await deny(ctx, user, c.desktopId, kind, 403, 'policy-denied', `policy (${policy.checkinAllowed.source}) forbids check-in: discard (rollback) instead`);
+    if (!policy.checkinAllowed.value) throw await deny(ctx, user, c.desktopId, kind, 403, 'policy-denied', `policy (${await describePolicySource(ctx.meta, policy.checkinAllowed.source)}) forbids check-in: discard (rollback) instead`);
   }
   const okStates = kind === 'checkin' ? ['checked_out', 'checking_in'] : ['checked_out'];
   if (!okStates.includes(c.state)) throw await deny(ctx, user, c.desktopId, kind, 409, 'wrong-state', `checkout is ${c.state}`);

@@ -1,7 +1,8 @@
 import type { DesktopRow, SnapshotRow } from '../store/metadata.js';
 import type { BrokerContext } from './context.js';
+import { damagedSnapshotRefusal } from './damage.js';
 import { HttpError } from './http.js';
-import { effectivePolicy } from './policies.js';
+import { describePolicySource, effectivePolicy } from './policies.js';
 
 export interface RestorePoint {
   id: string;
@@ -31,7 +32,7 @@ export async function restoreRefusal(ctx: BrokerContext, user: string, role: str
   if (role !== 'admin') {
     if (!await ctx.meta.isEntitled(user, desktop)) return { status: 404, code: 'not-found', message: `no desktop ${desktop.name} you are entitled to` };
     const p = (await effectivePolicy(ctx.meta, user, desktop)).restoreAllowed;
-    if (!p.value) return { status: 403, code: 'policy-denied', message: `policy (${p.source}) does not let users restore ${desktop.name}` };
+    if (!p.value) return { status: 403, code: 'policy-denied', message: `policy (${await describePolicySource(ctx.meta, p.source)}) does not let users restore ${desktop.name}` };
   }
   const active = await ctx.meta.activeCheckout(desktop.id);
   if (active) {
@@ -53,6 +54,11 @@ export async function restore(ctx: BrokerContext, user: string, role: string, de
   const point = (await restorePoints(ctx, desktop)).find((p) => p.id === snapshotId);
   if (!point) throw new HttpError(404, 'not-found', `${desktop.name} has no restore point ${snapshotId}`);
   const chosen = (await ctx.meta.getSnapshot(point.id))!;
+  const damaged = await damagedSnapshotRefusal(ctx, desktop, chosen.id, chosen.disks);
+  if (damaged) {
+    await ctx.audit({ actor: user, desktopId: desktop.id, action: 'restore', outcome: 'denied', detail: `${damaged.code}: ${damaged.message}` });
+    throw new HttpError(damaged.status, damaged.code, damaged.message, damaged.extra, true);
+  }
   const id = await ctx.meta.transaction(async (tx) => {
     if (await tx.activeCheckout(desktop.id)) throw new HttpError(409, 'locked', `${desktop.name} was just checked out`);
     const s = await tx.createSnapshot({ desktopId: desktop.id, parentId: chosen.id, kind: 'restore', disks: chosen.disks });

@@ -1,5 +1,6 @@
 import { join } from 'node:path';
 import Fastify from 'fastify';
+import { closePromptly } from '../net/close-server.js';
 import { encodeLineageKeys, unwrapLineageKeys } from '../core/keys.js';
 import { NoHypervisor, QmpHypervisor, type DatacenterHypervisor } from '../hypervisor/datacenter/hypervisor.js';
 import { loadOrCreateTls } from '../net/tls-cert.js';
@@ -29,6 +30,7 @@ import { auditRoutes } from './routes/audit.js';
 import { directoryExtraRoutes } from './routes/directory-extra.js';
 import { restoreRoutes } from './routes/restore.js';
 import { uploadRoutes } from './routes/uploads.js';
+import { exportRoutes } from './routes/export.js';
 import { userRoutes } from './routes/user.js';
 import { loadOrCreateSecrets } from './secrets.js';
 import { Scheduler } from './transfers/scheduler.js';
@@ -173,6 +175,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     (a) => uploadRoutes(a, ctx, join(config.dataDir, 'uploads')),
     (a) => maintenanceRoutes(a, ctx),
     (a) => transferAdminRoutes(a, ctx),
+    (a) => exportRoutes(a, ctx),
   ]);
   consoleRoutes(app);
   const host = config.host ?? '127.0.0.1';
@@ -215,8 +218,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
       await syncing;
       // Per-job summaries still held by the embedded server go to the audit trail before closing.
       if (transfer) await transferServerSync(ctx, transfer.id, (transfer.sweep(), transfer.drainSummaries()));
-      await transfer?.close();
-      await app.close();
+      await Promise.all([transfer?.close(), closePromptly(app)]);
       await store.close();
       await sql.close();
     },

@@ -2,7 +2,7 @@ import type { CheckoutRow } from '../store/metadata.js';
 import type { JobSummary } from '../transfer/scopes.js';
 import type { BrokerContext } from './context.js';
 import { HttpError } from './http.js';
-import { effectivePolicy } from './policies.js';
+import { describePolicySource, effectivePolicy } from './policies.js';
 import type { SessionClaims } from './tokens.js';
 
 /**
@@ -90,5 +90,5 @@ export async function requireFreshLogin(ctx: BrokerContext, claims: SessionClaim
     : claims.dev && claims.dev !== c.deviceId ? 'this session was opened on another device' : null;
   if (!why) return;
   await ctx.audit({ actor: claims.sub, desktopId: c.desktopId, action, outcome: 'denied', detail: `reauth-required: ${why}` });
-  throw new HttpError(403, 'reauth-required', `policy (${policy.requireOnlineReauth.source}) requires a fresh online login for ${action}: ${why}; log in again`, {}, true);
+  throw new HttpError(403, 'reauth-required', `policy (${await describePolicySource(ctx.meta, policy.requireOnlineReauth.source)}) requires a fresh online login for ${action}: ${why}; log in again`, {}, true);
 }

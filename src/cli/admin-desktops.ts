@@ -5,6 +5,7 @@ import { request } from 'undici';
 import type { BrokerClient } from '../client/broker-client.js';
 import { CarryonError } from '../core/errors.js';
 import { pinnedAgent } from '../net/pinned-agent.js';
+import { registerExportCommand } from './admin-export.js';
 import { AnyObject, endpoint, enc, list, names, say, withAdmin, type Json } from './admin-shared.js';
 import { byteProgress, printJsonOr } from './common.js';
 import { ago, bytes, left, percent, printFields, printTable } from './format.js';
@@ -131,6 +132,8 @@ export function registerDesktopCommands(admin: Command): void {
   endpoint(desktops, { name: 'restore <desktop> <restore-point>', description: 'make a restore point the desktop\'s current version (the next check-out starts from it)', method: 'POST',
     path: ([d]) => `/v1/desktops/${enc(d!)}/restore`, options: [['--reason <text>', 'goes to the audit trail']], body: ([, snapshotId], o) => ({ snapshotId, reason: o.reason }),
     human: (r, [d]) => say(`${d!} restored from ${String(r.restoredFrom)} (new current version ${String(r.snapshotId)})`) });
+
+  registerExportCommand(desktops);
 
   endpoint(admin.command('imports').description('desktop imports running or finished since the broker started'), { name: 'list', description: 'list imports', method: 'GET', path: () => '/v1/admin/imports', human: (r) =>
     printTable((r.imports as Json[]).slice().reverse(), [

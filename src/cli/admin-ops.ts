@@ -11,16 +11,22 @@ import { ago, bytes, left, percent, printTable, rate } from './format.js';
 type Resolved = Record<string, { value: unknown; source: string }>;
 interface Job { id: string; kind: string; state: string; queuePosition?: number; checkoutId: string; user: string | null; desktop: string | null; serverId: string | null; bytesDone: number; percent: number | null; rate: number }
 
-function parsePolicy(pairs: string[]): unknown {
+/** `name=value` pairs as a policy layer; `name=inherit` (merge only) takes the key out of the layer. */
+function parsePolicy(pairs: string[], replace: boolean): unknown {
   const out: Json = {};
+  const inherited: string[] = [];
   for (const p of pairs) {
     const [k, v] = p.split('=');
     if (!k || v === undefined) throw new CarryonError('invalid', `policy values are name=value, got ${p}`);
-    out[k] = v === 'true' ? true : v === 'false' ? false : Number.isNaN(Number(v)) ? v : Number(v);
+    if (v === 'inherit') inherited.push(k);
+    else out[k] = v === 'true' ? true : v === 'false' ? false : Number.isNaN(Number(v)) ? v : Number(v);
   }
+  if (replace && inherited.length) throw new CarryonError('invalid', `${inherited.join(', ')}=inherit: with --replace, leave the name out instead`);
   const parsed = PolicyLayer.safeParse(out);
   if (!parsed.success) throw new CarryonError('invalid', `bad policy: ${parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
-  return parsed.data;
+  const unknown = inherited.filter((k) => !(k in PolicyLayer.shape));
+  if (unknown.length) throw new CarryonError('invalid', `bad policy: unknown name ${unknown.join(', ')}`);
+  return { ...parsed.data, ...Object.fromEntries(inherited.map((k) => [k, null])) };
 }
 
 /** The layers for (desktop, user) side by side, the effective value and the layer that won. */
@@ -44,8 +50,17 @@ async function policyLayers(b: BrokerClient, desktop?: string, user?: string) {
 
 export function registerOpsCommands(admin: Command): void {
   const pol = admin.command('policies').description('policies: global → pool → desktop → user');
-  endpoint(pol, { name: 'set <scope> <id> [values...]', description: 'replace a layer, e.g. `set desktop win11 maxLeaseHours=48 usbAllowed=false` (scope: global|pool|desktop|user; id "-" for global)', method: 'PUT',
-    path: ([s, id]) => `/v1/admin/policies/${enc(s!)}/${enc(id!)}`, body: ([, , ...vals]) => parsePolicy(vals), human: (_r, [s, id, ...vals]) => say(`${s!}${s === 'global' ? '' : ` ${id!}`}: ${vals.join(' ') || '(empty: inherits everything)'}`) });
+  pol.command('set <scope> <id> [values...]')
+    .description('change the keys named in a layer, others kept: `set desktop win11 maxLeaseHours=48 usbAllowed=inherit` (inherit: take the key out of this layer; scope: global|pool|desktop|user; id "-" for global)')
+    .option('--replace', 'the values given become the whole layer: keys not named are taken out (no values: an empty layer that inherits everything)')
+    .action(async (scope: string, id: string, vals: string[], o: { replace?: boolean }, cmd: Command) => {
+      const body = parsePolicy(vals, Boolean(o.replace));
+      await withAdmin(cmd, async (b, g) => {
+        const r = await b.call(o.replace ? 'PUT' : 'PATCH', `/v1/admin/policies/${enc(scope)}/${enc(id)}`, body, AnyObject);
+        const layer = Object.entries((r.policy ?? {}) as Json).map(([k, v]) => `${k}=${String(v)}`).join(' ');
+        printJsonOr(Boolean(g.json), r, () => say(`${scope}${scope === 'global' ? '' : ` ${id}`} layer now: ${layer || '(empty: inherits everything)'}`));
+      });
+    });
   pol.command('show').description('the layers side by side, the effective value and the layer that won').option('--for-user <name>', 'user').option('--desktop <desktop>', 'desktop')
     .action(async (o: { forUser?: string; desktop?: string }, cmd: Command) => {
       await withAdmin(cmd, async (b, g) => {
@@ -62,8 +77,8 @@ export function registerOpsCommands(admin: Command): void {
     const name = await names(b, ['desktops', 'devices']);
     const t = await get(b, '/v1/admin/transfers');
     const jobs = [...(t.active as Job[]), ...(t.queued as Job[])];
-    printTable(r.checkouts as { id: string; desktopId: string; user: string; deviceId: string; state: string; leaseExpiresAt: string }[], [
-      { h: 'desktop', v: (c) => name(c.desktopId) }, { h: 'user', v: (c) => c.user }, { h: 'device', v: (c) => name(c.deviceId) }, { h: 'state', v: (c) => c.state },
+    printTable(r.checkouts as { id: string; desktopId: string; user: string; deviceId: string; state: string; leaseExpiresAt: string; failure?: string | null }[], [
+      { h: 'desktop', v: (c) => name(c.desktopId) }, { h: 'user', v: (c) => c.user }, { h: 'device', v: (c) => name(c.deviceId) }, { h: 'state', v: (c) => (c.failure ? `failed: ${c.failure}` : c.state) },
       { h: 'transfer', v: (c) => { const j = jobs.find((x) => x.checkoutId === c.id); return j ? (j.state === 'queued' ? `queued #${j.queuePosition ?? '?'}` : `${j.kind} ${percent(j.percent)} ${rate(j.rate)}`.trim()) : ''; } },
       { h: 'lease', v: (c) => left(c.leaseExpiresAt) }, { h: 'id', v: (c) => c.id },
     ]);

@@ -5,7 +5,7 @@ import type { Command } from 'commander';
 import { runAgent } from '../client/agent.js';
 import { addBrokers, listBrokers, removeBrokers, splitList } from '../client/brokers.js';
 import { defaultHome, loadDevice } from '../client/home.js';
-import { checkout, discardLocal, enroll, exportDisk, listDesktops, loginOnline, onlineSession, release, status, upload, type ClientEnv } from '../client/ops.js';
+import { checkout, discardLocal, enroll, exportDisk, listDesktops, listRestorePoints, loginOnline, onlineSession, release, restoreDesktop, status, upload, type ClientEnv } from '../client/ops.js';
 import { Vault } from '../client/vault.js';
 import { CarryonError } from '../core/errors.js';
 import { JobView } from '../client/broker-client.js';
@@ -41,6 +41,11 @@ function pidFile(home: string, desktop: string): string {
   return join(home, `transfer-${desktop.replace(/[^A-Za-z0-9._-]/g, '_')}.pid`);
 }
 
+/** Left by `carryon cancel` beside the pid file: the transfer it stops is being wiped, not paused. */
+function cancelMarker(home: string, desktop: string): string {
+  return `${pidFile(home, desktop)}.cancel`;
+}
+
 async function transferCommand(cmd: Command, desktop: string, run: (env: ClientEnv) => Promise<unknown>, human: (r: unknown) => string) {
   const abort = new AbortController();
   const { env, json, stop } = clientEnv(cmd, abort.signal);
@@ -55,12 +60,16 @@ async function transferCommand(cmd: Command, desktop: string, run: (env: ClientE
     printJsonOr(json, res, () => process.stdout.write(`${human(res)}\n`));
   } catch (err) {
     stop();
+    if (abort.signal.aborted && existsSync(cancelMarker(env.home, desktop))) {
+      throw new CarryonError('cancelled', `stopped by \`carryon cancel ${desktop}\`: what arrived is being removed from this laptop and the desktop unlocked; \`carryon checkout ${desktop}\` starts again from the beginning`);
+    }
     if (abort.signal.aborted) throw new CarryonError('paused', `transfer stopped; what arrived is kept — run the same command again to resume`);
     throw err;
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
     rmSync(pid, { force: true });
+    rmSync(cancelMarker(env.home, desktop), { force: true });
   }
 }
 
@@ -153,9 +162,10 @@ export function registerClientCommands(program: Command): void {
       const { env, json } = clientEnv(cmd);
       const file = pidFile(env.home, desktop);
       if (how === 'cancel' && existsSync(file)) {
+        writeFileSync(cancelMarker(env.home, desktop), String(process.pid));
         try { process.kill(Number(readFileSync(file, 'utf8')), 'SIGTERM'); } catch { /* already gone */ }
       }
-      const res = await release(env, desktop, how);
+      const res = await release(env, desktop, how).finally(() => rmSync(cancelMarker(env.home, desktop), { force: true }));
       printJsonOr(json, res, () => process.stdout.write(`${desktop}: ${res.state}\n`));
     });
   }
@@ -183,7 +193,7 @@ export function registerClientCommands(program: Command): void {
     const { env, json } = clientEnv(cmd);
     const st = await status(env, desktop);
     printJsonOr(json, st, () => {
-      table(st.map((s) => ({ desktop: s.desktop, state: s.state, lease: s.leaseDeadline ? `${s.leaseHoursLeft.toFixed(1)} h` : '-', changed: formatBytes(s.dirtyBytes), local: `${s.percentLocal.toFixed(1)}%`, replicated: s.lastReplicationAt ?? 'never', offline: s.safeOffline ? 'safe to go offline' : 'NOT yet safe to go offline' })));
+      table(st.map((s) => ({ desktop: s.desktop, state: s.state, lease: s.leaseDeadline ? `${s.leaseHoursLeft.toFixed(1)} h` : '-', changed: s.dirtyBytes === null ? `- (${s.refused})` : formatBytes(s.dirtyBytes), local: `${s.percentLocal.toFixed(1)}%`, replicated: s.lastReplicationAt ?? 'never', offline: s.safeOffline ? 'safe to go offline' : s.refused ? `NOT usable offline (${s.refused})` : 'NOT yet safe to go offline' })));
       for (const s of st) {
         if (s.problem) process.stdout.write(`${s.desktop}: ${s.problem}\n`);
         if (s.readFailures) process.stdout.write(`${s.desktop}: ${s.readFailures} read failures, last: ${s.lastReadFailure}\n`);
@@ -199,6 +209,22 @@ export function registerClientCommands(program: Command): void {
       if (!o.yes) throw new CarryonError('confirm', `this deletes ${desktop} and any offline changes on this laptop; save them first with \`carryon export ${desktop} <file>\`, then run again with --yes`);
       const res = await discardLocal(env, desktop);
       printJsonOr(json, res, () => process.stdout.write(`${desktop}: local copy removed\n`));
+    });
+
+  program.command('restore <desktop> [restore-point]').description('make a restore point your desktop\'s current version (where policy restoreAllowed lets you); without one: list them')
+    .option('--reason <text>', 'goes to the audit trail')
+    .action(async (desktop: string, point: string | undefined, o: { reason?: string }, cmd: Command) => {
+      const { env, json } = clientEnv(cmd);
+      if (!point) {
+        const r = await listRestorePoints(env, desktop);
+        printJsonOr(json, r, () => {
+          table(r.restorePoints.map((p) => ({ id: p.id, kind: p.kind, created: p.createdAt, size: formatBytes(p.sizeBytes), current: p.current ? 'yes' : '' })));
+          process.stdout.write(r.canRestore ? `restore one with \`carryon restore ${r.desktop} <id>\`\n` : `cannot restore now: ${r.reason ?? 'refused'}\n`);
+        });
+        return;
+      }
+      const r = await restoreDesktop(env, desktop, point, o.reason);
+      printJsonOr(json, r, () => process.stdout.write(`${r.desktop} restored from ${r.restoredFrom}; \`carryon checkout ${r.desktop}\` starts from it\n`));
     });
 
   program.command('export <desktop> <file>').description('write the desktop disk to a file (raw or qcow2)').option('--format <fmt>', 'raw or qcow2', 'raw').action(async (desktop: string, file: string, o: { format: string }, cmd: Command) => {

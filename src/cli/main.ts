@@ -7,6 +7,13 @@ import { registerClientCommands } from './client-commands.js';
 import { registerRunCommands } from './run-commands.js';
 import { CarryonError } from '../core/errors.js';
 
+// `carryon status | head -2`: the reader went away, so there is nobody left to tell; end quietly
+// as a C tool killed by SIGPIPE would, instead of an unhandled 'error' event's stack trace.
+process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+  if (err.code !== 'EPIPE') throw err;
+  process.exit(process.exitCode ?? 0);
+});
+
 const program = new Command();
 program.name('carryon').description('Offline desktops: check out, run offline, check in.').version('0.1.0');
 program.showHelpAfterError();

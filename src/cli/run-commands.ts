@@ -60,7 +60,7 @@ export function registerRunCommands(program: Command): void {
         accel = kvm.ok ? 'kvm' : 'tcg';
       }
       // holdDesktop refuses a locked or wiped desktop and an expired lease before any disk opens.
-      const held = await holdDesktop(e, desktop, 'run');
+      const held = await holdDesktop(e, desktop, 'run', { dryRun: o.dryRun });
       let vm: RunningDesktop | undefined;
       let signals = 0;
       const stop = () => {

@@ -85,7 +85,19 @@ export function registerServerCommands(program: Command): void {
         process.once('SIGINT', resolve);
         process.once('SIGTERM', resolve);
       });
+      // A second signal, or a close that hangs anyway, ends the process: a restart must find the port free.
+      const force = () => process.exit(1);
+      process.once('SIGINT', force);
+      process.once('SIGTERM', force);
+      setTimeout(() => {
+        process.stderr.write('carryon: the broker did not close within 10 s; exiting anyway\n');
+        force();
+      }, 10_000).unref();
+      process.stderr.write('stopping: requests in flight get 2 s, then their connections are closed\n');
       await broker.close();
+      process.stderr.write('stopped\n');
+      // Nothing left to do: a stray timer or pool handle must not keep the process (and its port) alive.
+      process.exit(process.exitCode ?? 0);
     });
   registerAdminCommands(program);
   registerAdminTrustCommands(program);

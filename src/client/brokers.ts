@@ -86,19 +86,26 @@ function withBrokers(file: DeviceFile, brokers: readonly BrokerEndpoint[]): Devi
 }
 
 export async function enroll(env: ClientEnv, brokerUrl: string | readonly string[], opts: { fingerprint?: string | readonly string[]; name: string; acceptFingerprint?: boolean; secretStorage?: SecretStorage | 'auto' }) {
+  // Progress lines (stderr in the CLI): the whole enrolment takes seconds (password hashing, a TPM, QEMU's key-derivation benchmark).
+  env.log('contacting the broker and checking its certificate…');
   const brokers = await pinBrokers(splitList(brokerUrl), splitList(opts.fingerprint), Boolean(opts.acceptFingerprint), env.log);
   const signingPublicKey = await commonSigningKey(brokers, env.log);
   if (!signingPublicKey) throw new CarryonError('offline', `none of the brokers answered: ${brokers.map((b) => b.url).join(', ')}`);
   const broker = new BrokerClient(brokers, '', env.log);
   try {
     const user = env.user ?? (() => { throw new CarryonError('invalid', 'enrolment needs --user'); })();
+    env.log(`logging in as ${user}…`);
     await broker.login(user, await env.password());
-    const { publicKeyB64, secretStorage } = await createDeviceKeys(env.home, chooseSecretStorage(opts.secretStorage ?? 'auto'), await env.password());
+    const storage = chooseSecretStorage(opts.secretStorage ?? 'auto');
+    env.log(storage === 'tpm' ? 'creating the device key and secret, sealed by the TPM…' : 'creating the device key and secret…');
+    const { publicKeyB64, secretStorage } = await createDeviceKeys(env.home, storage, await env.password());
+    env.log('registering this device with the broker…');
     const host = await hostFacts(env.home);
     const { deviceId } = await broker.call('POST', '/v1/devices', { name: opts.name, publicKey: publicKeyB64, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes } }, z.object({ deviceId: z.string() }));
     const file = withBrokers({ deviceId, name: opts.name, brokerUrl: '', fingerprint: brokers[0]!.fingerprint, signingPublicKey, secretStorage }, brokers);
     await writeFileAtomic(join(env.home, 'device.json'), JSON.stringify(file, null, 2));
     // One-time work that would otherwise delay the first check-out (QEMU's PBKDF benchmark).
+    env.log('preparing encrypted layer templates (one-time; takes several seconds)…');
     await prepareLayerTemplates(env.home);
     const list = brokers.map((b) => `${b.url} (certificate ${b.fingerprint})`).join(', ');
     env.log(`enrolled device ${deviceId} with ${list}; device secret ${secretStorage === 'tpm' ? 'sealed by this TPM' : 'in a 0600 file (no TPM found)'}`);

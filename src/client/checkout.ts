@@ -15,7 +15,8 @@ import { TransferSession } from '../transfer/client.js';
 import { BrokerClient, CheckoutResponse, CheckoutView, JobView } from './broker-client.js';
 import { newDesktopKeys, type DesktopKeys } from './desktop-keys.js';
 import { createMissingLayers, diskDir, openDesktopDisks, socketDir, writeFillReport, type DesktopDisk } from './disks.js';
-import { fillDirect, type BaseSink } from './fill-direct.js';
+import { clearCheckoutFailure, readCheckoutFailure, recordCheckoutFailure } from './checkout-failure.js';
+import { ChunkFailedAuthentication, fillDirect, type BaseSink } from './fill-direct.js';
 import { mintToken } from './guards.js';
 import { claimOwner, diskPrefix, specFor } from './holder.js';
 import { hostFacts } from './home.js';
@@ -38,6 +39,9 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
     let state: DesktopState;
     let keys: DesktopKeys;
     if (found && found.state === 'transferring') {
+      // A check-out that failed for good (a damaged snapshot) would only fail again: say so, fetch nothing.
+      const failed = await readCheckoutFailure(vault, found.desktopId);
+      if (failed) throw new CarryonError('damaged-snapshot', failed.message);
       ({ keys, state } = await vault.openKeys(device, await env.password(), found));
       env.log(`resuming the check-out of ${entry.name}`);
     } else {
@@ -76,13 +80,16 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
     try {
       const { tops } = await diskFullIsClear(env.home, () => createMissingLayers(vault, state, keys));
       making = tops;
-      const filled = await fillFromBroker(env, vault, broker, state, keys);
+      const filled = await fillFromBroker(env, vault, broker, state, keys).catch(async (err: unknown) => {
+        throw err instanceof ChunkFailedAuthentication ? await damagedSnapshot(env, vault, broker, state, err) : err;
+      });
       await diskFullIsClear(env.home, () => tops);
       if (!filled.complete) throw new CarryonError('paused', 'check-out stopped; what arrived is kept — run the same command again to resume');
       // Repeatable: a check-out already marked transferred is answered as it is.
       await broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }), {}, { repeatable: true });
       // The bases were written here from chunks checked against their IDs: their shapes and stamps are the reference from now on.
       await recordLayers(vault, { ...filled.state, state: 'checked_out', jobId: null }, keys, { verifiedBases: filled.bytesMoved > 0 });
+      await clearCheckoutFailure(vault, state.desktopId);
       env.log(`${entry.name} is local (${filled.bytesMoved} bytes pulled); safe to go offline`);
       return { desktopId: entry.id, checkoutId: state.checkoutId, chunksMoved: filled.chunksMoved, bytesMoved: filled.bytesMoved, refetched: 0 };
     } finally {
@@ -93,6 +100,24 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
   } finally {
     await broker.close();
   }
+}
+
+/**
+ * A chunk that failed authentication 3 times: the broker is told (it checks its own copy, audits,
+ * and stops handing out a damaged snapshot), `status` shows the check-out as failed, and the error
+ * says what to do instead of inviting a rerun that would fail the same way.
+ */
+async function damagedSnapshot(env: ClientEnv, vault: Vault, broker: BrokerClient, state: DesktopState, err: ChunkFailedAuthentication): Promise<CarryonError> {
+  let verdict = 'the broker could not be told';
+  try {
+    const r = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/damaged`, { chunkId: err.chunkId, detail: err.detail }, z.object({ damaged: z.boolean(), message: z.string().nullable() }));
+    verdict = r.damaged ? (r.message ?? 'the broker confirmed the damage') : "the datacenter's copy of that chunk is intact: the fault lies between the store and this laptop";
+  } catch (e) {
+    verdict = `the broker could not be told (${(e as Error).message})`;
+  }
+  const message = `check-out of ${state.name} failed: damaged snapshot — chunk ${err.chunkId.slice(0, 12)}… failed authentication 3 times; ${verdict}. Run \`carryon cancel ${state.name}\` to end this check-out`;
+  await recordCheckoutFailure(vault, state.desktopId, 'damaged snapshot', message);
+  return new CarryonError('damaged-snapshot', message);
 }
 
 /**

@@ -21,6 +21,13 @@ export async function readFilled(dir: string): Promise<Set<number>> {
   return new Set(filled?.chunks);
 }
 
+/** A chunk that failed authentication on every try: the snapshot (or the path to it) is damaged, not the link. */
+export class ChunkFailedAuthentication extends CarryonError {
+  constructor(readonly chunkId: ChunkId, readonly detail: string) {
+    super('damaged-snapshot', `chunk ${chunkId.slice(0, 12)}… failed authentication 3 times (${detail})`);
+  }
+}
+
 /** Where a base's chunks go: the Node writer (qcow2-base-writer.ts) or QEMU's NBD export of the base. */
 export interface BaseSink {
   /** Writes chunk `index` of the disk (its plaintext; the sink encrypts and may take the buffer over). */
@@ -118,9 +125,9 @@ export async function fillDirect(opts: {
             // every blob was checked against its ID where it entered the datacenter (import, push).
             plain = openBlob(opts.keys, id, blob, { checkId: false });
             if (plain.length !== places[0]!.length) throw new Error(`chunk has ${plain.length} bytes, expected ${places[0]!.length}`);
-          } catch {
+          } catch (err) {
             failures.set(id, (failures.get(id) ?? 0) + 1);
-            if ((failures.get(id) ?? 0) >= 3) throw new TransferFailed(`chunk ${id.slice(0, 12)}… failed authentication 3 times`);
+            if ((failures.get(id) ?? 0) >= 3) throw new ChunkFailedAuthentication(id, (err as Error).message);
             continue;
           }
           seen.add(id);

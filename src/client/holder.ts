@@ -136,6 +136,15 @@ export async function readOwner(vault: Vault, desktopId: string): Promise<z.infe
   return owner && owner.pid !== process.pid && alive(owner.pid) ? owner : null;
 }
 
+/** What to do about a desktop another command holds, in the words of the command that was refused. */
+function busyAdvice(wanted: OwnerKind, holder: OwnerKind): string {
+  const running = holder === 'run' || holder === 'serve';
+  if (wanted === 'checkin') return running ? ' (shut the desktop down, then check in)' : '';
+  // A replica reads a still top layer: while the guest writes there is none (live replication is not built).
+  if (wanted === 'replicate') return running ? ' (shut the desktop down, then replicate: a replica of a running desktop is not supported yet)' : '';
+  return '';
+}
+
 /**
  * Claims the desktop's chain for this process. A running check-out is asked to pause (its
  * download continues inside the new owner); any other live owner is a clear refusal. QEMU's own
@@ -161,7 +170,7 @@ export async function claimOwner(vault: Vault, desktopId: string, kind: OwnerKin
       const current = await readOwner(vault, desktopId);
       if (current) {
         if (current.kind !== 'checkout' || (kind !== 'run' && kind !== 'serve')) {
-          throw new CarryonError('disk-busy', `the desktop is in use by \`carryon ${current.kind}\` (pid ${current.pid}): stop it first${kind === 'checkin' || kind === 'replicate' ? ' (shut the desktop down, then check in)' : ''}`);
+          throw new CarryonError('disk-busy', `the desktop is in use by \`carryon ${current.kind}\` (pid ${current.pid}): stop it first${busyAdvice(kind, current.kind)}`);
         }
         log(`pausing the running check-out (pid ${current.pid}); the download continues here`);
         process.kill(current.pid, 'SIGINT');

@@ -75,9 +75,24 @@ export async function loadDevice(home: string): Promise<DeviceIdentity> {
   // Homes enrolled before the key was sealed keep their PEM.
   const privateKey = info.secretStorage === 'tpm' && existsSync(join(home, TPM_KEY_PUBLIC))
     ? createPrivateKey({ key: await unsealDeviceKey(home), format: 'der', type: 'pkcs8' })
-    : privateKeyFromPem(await readFile(join(home, 'device.key'), 'utf8'));
-  const secret = (password: string) => (info.secretStorage === 'tpm' ? unsealFromTpm(home, password) : readFile(join(home, 'device.secret')));
+    : privateKeyFromPem((await readIdentityFile(home, 'device.key')).toString('utf8'));
+  const secret = (password: string) => (info.secretStorage === 'tpm' ? unsealFromTpm(home, password) : readIdentityFile(home, 'device.secret'));
   return { info, privateKey, publicKeyB64: publicKeyToBase64(createPublicKey(privateKey)), secret };
+}
+
+/**
+ * A file of the device identity: one that is gone (a copied or half-restored home) says what is
+ * wrong and what to do instead of a raw ENOENT.
+ */
+async function readIdentityFile(home: string, name: 'device.key' | 'device.secret'): Promise<Buffer> {
+  try {
+    return await readFile(join(home, name));
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code !== 'ENOENT' && code !== 'EACCES' && code !== 'EISDIR') throw err;
+    const why = code === 'ENOENT' ? 'is missing' : code === 'EACCES' ? 'cannot be read (permissions)' : 'is not a file';
+    throw new CarryonError('home-damaged', `${join(home, name)} ${why}: this home (${home}) is damaged or was copied without its device files; restore it from a backup, or enrol again in an empty home (\`carryon --home <new-dir> enroll <broker-url>\`) and have an admin revoke the old device`);
+  }
 }
 
 export async function hostFacts(path: string) {

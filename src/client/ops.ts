@@ -8,4 +8,5 @@ export { upload } from './checkin.js';
 export { exportDisk } from './export-disk.js';
 export { NO_TPM_ADVISORY, status } from './status.js';
 export { discardLocal, release } from './release.js';
+export { listRestorePoints, restoreDesktop } from './restore.js';
 export { listDesktops, loginOnline, onlineSession, type ClientEnv } from './session.js';

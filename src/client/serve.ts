@@ -35,13 +35,16 @@ export interface HeldDesktop {
  * any disk opens. While the check-out is still in flight, the remote checkpoint backs each
  * incomplete base, and the fill goes on inside whichever QEMU holds the chain.
  */
-export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: OwnerKind): Promise<HeldDesktop> {
+export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: OwnerKind, opts: { dryRun?: boolean } = {}): Promise<HeldDesktop> {
   const device = await loadDevice(env.home);
   const vault = await Vault.open(env.home);
   const found = await vault.find(desktopRef);
+  // Progress lines on stderr: the key derivations below take seconds, and silence reads as a hang.
+  env.log(`opening ${found.name}: unlocking its keys…`);
   const unlocked = await vault.unlock(device, await env.password(), found);
   const { keys } = unlocked;
-  await recordEvent(env.home, kind, found.desktopId);
+  // A dry run only prints the command line: the audit must not show it as the desktop having run.
+  await recordEvent(env.home, opts.dryRun ? `${kind}-dry-run` : kind, found.desktopId);
   // The broker's config from check-out (MACed), restricted by what the agent learned since.
   const state = { ...unlocked.state, config: await effectiveConfig(vault.desktopDir(found.desktopId), unlocked.state.config), localConfig: await vault.readLocalConfig(found.desktopId) };
   // The vault stores the MACed config, never the view the desktop runs with (restricted config, local settings).
@@ -50,6 +53,7 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
   const release = await claimOwner(vault, found.desktopId, kind, env.log);
   let broker: BrokerClient | null = null;
   try {
+    env.log('preparing the encrypted disk layers…');
     const checked = await checkLayers(vault, unlocked.state, keys, env.log);
     await (await createMissingLayers(vault, checked, keys)).tops;
     const opened = await openDesktopDisks(vault, checked, keys);
@@ -128,6 +132,7 @@ export async function serveDesktop(env: ClientEnv, desktopRef: string): Promise<
   const stopFill = new AbortController();
   let filling: Promise<void> = Promise.resolve();
   try {
+    env.log('starting qemu-storage-daemon and opening the encrypted disk chain…');
     qsd = await StorageDaemon.start(dir);
     for (const [i, d] of held.disks.entries()) await addChain(qsd, specFor(d, i, held.remote?.socketPath ?? null), d.chain.secret, d.chain.baseSecret);
     const socketPath = join(dir, 'nbd.sock');

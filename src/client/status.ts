@@ -3,6 +3,7 @@ import { topExtents } from '../disk/chain.js';
 import { chainOf, readDiskFailures, readFillReport, topBytes } from './disks.js';
 import { loadDevice } from './home.js';
 import { layerProblem } from './layer-guard.js';
+import { readCheckoutFailure } from './checkout-failure.js';
 import type { ClientEnv } from './session.js';
 import { Vault } from './vault.js';
 
@@ -38,16 +39,27 @@ export async function status(env: ClientEnv, desktopRef?: string) {
       if (!(err instanceof CarryonError)) throw err;
       if (!opened) refused = err.code;
       problem = err.code === 'desktop-locked' ? `locked: connect to the broker (\`carryon login\`, then \`carryon agent --once\`); ${err.message}` : err.code === 'lease-expired' ? `offline lease expired: connect and run \`carryon login\` to renew it (${err.message})` : err.message;
-      if (err.code === 'vault-locked' || err.code === 'kdf-refused' || err.code === 'tpm') throw err;
+      if (err.code === 'vault-locked' || err.code === 'kdf-refused' || err.code === 'tpm' || err.code === 'home-damaged') throw err;
     }
     const complete = s.disks.every((d) => d.complete);
     const fill = complete ? null : await readFillReport(vault, s.desktopId);
     const percentLocal = complete ? 100 : fill && fill.total > 0 ? (100 * fill.done) / fill.total : 0;
     const failures = await readDiskFailures(vault, s.desktopId);
+    // A check-out that stopped for good (a damaged snapshot) is not "transferring": say so, and why.
+    const failed = await readCheckoutFailure(vault, s.desktopId);
+    if (failed) problem = failed.message;
+    const state = failed ? `failed: ${failed.reason}` : (await vault.isLocked(await vault.find(s.desktopId))) ? 'locked' : s.state;
     out.push({
-      desktop: s.name, desktopId: s.desktopId, state: (await vault.isLocked(await vault.find(s.desktopId))) ? 'locked' : s.state, leaseDeadline,
-      leaseHoursLeft: leaseDeadline ? Math.max(0, (Date.parse(leaseDeadline) - Date.now()) / 3_600_000) : 0, dirtyBytes: dirtyBytes ?? (await topBytes(vault, s)), percentLocal,
-      lastReplicationAt: s.lastReplicationAt, safeOffline: complete && s.state !== 'transferring', problem,
+      desktop: s.name, desktopId: s.desktopId, state, leaseDeadline,
+      leaseHoursLeft: leaseDeadline ? Math.max(0, (Date.parse(leaseDeadline) - Date.now()) / 3_600_000) : 0,
+      /** Exact bytes changed since the checkpoint; null where the desktop would not open (locked, lease, clock): without its keys only the top layer's stored size is known. */
+      dirtyBytes,
+      /** The top layers' size on disk (metadata included): an upper bound that needs no keys. */
+      storedChangeBytes: await topBytes(vault, s),
+      percentLocal,
+      lastReplicationAt: s.lastReplicationAt,
+      /** Whole on this laptop and `serve`/`run` would open it now: a locked desktop or a lapsed lease is not usable offline. */
+      safeOffline: complete && s.state !== 'transferring' && refused === null && problem === null, problem,
       /** The code of the refusal when `serve`/`run` would not open it offline now (locked, lease, clock); null when they would. */
       refused,
       readFailures: failures.length, lastReadFailure: failures[failures.length - 1]?.message ?? null,

@@ -8,6 +8,7 @@ import { CarryonError } from '../core/errors.js';
 import { TicketError, verifyTicket, type TicketPayload } from '../core/ticket.js';
 import { acceptOnlyOurMediaTypes, drainRefusedBody } from '../net/body-limits.js';
 import { mapError, parseOrInvalid } from '../net/http-errors.js';
+import { closePromptly } from '../net/close-server.js';
 import { loadOrCreateTls } from '../net/tls-cert.js';
 import { getBlobs, type ChunkStore } from '../store/chunk-store.js';
 import { endFrame, errorFrame, FRAME_BLOB, FRAME_END, FRAME_PAGES, FrameDecoder, FrameError, frameHeader, type Frame } from './frames.js';
@@ -302,7 +303,7 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
     retained: () => ({ ...scopes.sizes(), jobCounters: stats.perJob.size, streams: streams.size }),
     close: async () => {
       clearInterval(sweeper);
-      await app.close();
+      await closePromptly(app);
       await checks.close();
     },
   };

@@ -59,6 +59,7 @@ test('refusals: bad login, not entitled, malformed JSON, small host, no disk, po
   assert.equal((await http.call('PUT', '/v1/admin/policies/desktop/win11', { checkoutAllowed: false }, adminToken)).status, 200);
   const denied = await checkout(aliceToken);
   assert.deepEqual([denied.status, denied.body.error], [403, 'policy-denied']);
+  assert.match(String(denied.body.message), /^policy \(desktop win11\) forbids check-out/, 'the layer named by its name, not its ID');
   assert.deepEqual((await actions(aliceToken))!.actions, []);
   assert.equal((await http.call('PUT', '/v1/admin/policies/desktop/win11', {}, adminToken)).status, 200);
   assert.deepEqual((await actions(aliceToken))!.actions, ['checkout']);

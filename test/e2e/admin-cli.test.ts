@@ -86,6 +86,12 @@ test('carryon admin: the console\'s actions from the command line, readable tabl
   assert.match(pol, /^POLICY\s+GLOBAL\s+DESKTOP WIN11\s+USER FRANK\s+EFFECTIVE\s+SOURCE$/m);
   assert.match(pol, /^maxLeaseHours\s+48\s+48\s+desktop win11$/m);
   assert.match(pol, /^usbAllowed\s+true\s+true\s+user frank$/m);
+  // `set` changes the keys it names; the layer's other keys stay. `inherit` takes one out; --replace sets the whole layer.
+  assert.match(await cli('policies', 'set', 'desktop', 'win11', 'usbAllowed=true'), /^desktop win11 layer now: maxLeaseHours=48 usbAllowed=true$/m);
+  assert.match(await cli('policies', 'set', 'desktop', 'win11', 'usbAllowed=inherit'), /^desktop win11 layer now: maxLeaseHours=48$/m);
+  assert.match(await cli('policies', 'set', 'user', 'frank', 'exportAllowed=true'), /layer now: usbAllowed=true exportAllowed=true$/m);
+  assert.match(await cli('policies', 'set', 'user', 'frank', '--replace', 'usbAllowed=true'), /layer now: usbAllowed=true$/m);
+  assert.match(await fails('policies', 'set', 'user', 'frank', 'nonsense=inherit'), /unknown name nonsense/);
 
   // Restore points: list and restore a chosen one.
   const rps = JSON.parse(await cli('--json', 'desktops', 'restore-points', 'win11')) as { restorePoints: { id: string; kind: string }[] };

@@ -75,6 +75,7 @@ test('heartbeats carry endpoint statistics; remote lock, unlock, lease renewal a
   const [locked] = await status(env, 'win11');
   assert.equal(locked!.state, 'locked');
   assert.match(locked!.problem ?? '', /locked: connect to the broker/, 'status still answers, and says what to do');
+  assert.deepEqual([locked!.safeOffline, locked!.dirtyBytes], [false, null], 'a locked desktop is not "safe to go offline", and its change is unknown without its keys');
   await command('unlock');
   await runAgent(env, { once: true });
   assert.equal((await status(env, 'win11'))[0]!.state, 'checked_out');
@@ -101,6 +102,15 @@ test('heartbeats carry endpoint statistics; remote lock, unlock, lease renewal a
   await runAgent(env, { once: true });
   assert.deepEqual(await held(), []);
   assert.equal(existsSync(dir), false);
+  // The acknowledged wipe ends the check-out: the desktop is free again, and the audit and the command's result say the work is gone.
+  assert.deepEqual((await http.call('GET', '/v1/admin/checkouts', undefined, admin)).body.checkouts, []);
+  const desktops = (await http.call('GET', '/v1/admin/desktops', undefined, admin)).body.desktops as { name: string; checkout: unknown }[];
+  assert.equal(desktops.find((d) => d.name === 'win11')!.checkout ?? null, null);
+  const ended = (await broker.ctx.meta.listEvents({ limit: 10_000 })).find((e) => e.action === 'wipe-unlock');
+  assert.match(ended?.detail ?? '', /ended by the wipe: the laptop's copy is erased and its changes since snapshot \S+ are lost; the desktop is available again/);
+  const wipe = ((await http.call('GET', '/v1/admin/commands', undefined, admin)).body.commands as { type: string; state: string; result: string }[]).find((c) => c.type === 'wipe')!;
+  assert.equal(wipe.state, 'done');
+  assert.match(wipe.result, /^wipe done; check-out .* ended by the wipe/);
   await assert.rejects(mapChain({ ...chain, files: left }, 'base'), 'crypto-erase: the LUKS header is gone, the passphrase opens nothing');
 });
 

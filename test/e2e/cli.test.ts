@@ -76,7 +76,9 @@ after(async () => {
 test('CLI: enroll, check-out, write through NBD with qemu-io, check-in killed mid-way then completed', async (t) => {
   const bad = await carryon(['enroll', broker.url, '--fingerprint', 'ab'.repeat(32)]).catch((e: { stderr: string; code: number }) => e);
   assert.match((bad as { stderr: string }).stderr, /not the expected/);
-  await carryon(['enroll', broker.url, '--fingerprint', broker.fingerprint, '--name', 'laptop']);
+  const enrolled = await carryon(['enroll', broker.url, '--fingerprint', broker.fingerprint, '--name', 'laptop']);
+  // The seconds it takes are not silent: each phase says what it does, on stderr.
+  assert.match(enrolled.stderr, /logging in as alice…\n.*creating the device key.*\n.*registering this device.*\n.*preparing encrypted layer templates/s);
   const list = JSON.parse((await carryon(['list', '--json'])).stdout) as { name: string; actions: string[] }[];
   assert.deepEqual(list.map((d) => [d.name, d.actions]), [['win11', ['checkout']]]);
   await carryon(['checkout', 'win11', '--quiet']);
@@ -85,16 +87,30 @@ test('CLI: enroll, check-out, write through NBD with qemu-io, check-in killed mi
   const dry = (await carryon(['run', 'win11', '--dry-run'])).stdout;
   assert.match(dry, /qemu-system-x86_64 .*-blockdev .*"driver":"qcow2".*top\.qcow2.*"encrypt":\{"format":"luks"/);
   assert.match(dry, /-smp 1 |-smp \d+ /);
+  const events = JSON.parse(readFileSync(join(home, 'events.json'), 'utf8')) as { action: string }[];
+  assert.equal(events[events.length - 1]!.action, 'run-dry-run', 'a dry run is not reported as the desktop having run');
+  // stdout's reader gone (`carryon status | head -1`): a quiet end, no EPIPE stack trace.
+  const piped = spawnCarryon(['status']);
+  piped.stdout!.destroy();
+  let piperr = '';
+  piped.stderr!.on('data', (d: Buffer) => (piperr += d.toString()));
+  const pipeEnd = await new Promise<number | null>((r) => piped.once('exit', (code) => r(code)));
+  assert.deepEqual([pipeEnd, piperr], [0, '']);
 
   const serve = spawnCarryon(['serve', 'win11']);
   const out = await waitForOutput(serve, /nbd\+unix:\/\/\/disk0\?socket=\S+/);
   const uri = /nbd\+unix:\/\/\/disk0\?socket=\S+/.exec(out)![0];
+  const replicateRefusal = await carryon(['replicate', 'win11']).then(() => 'not refused', (e: { stderr: string }) => e.stderr);
   // Random (incompressible) data, so the rate-limited check-in below takes seconds, not milliseconds.
   const written = randomBytes(3 * 1024 * 1024);
   const source = join(broker.dir, 'written.bin');
   writeFileSync(source, written);
   await run('qemu-io', ['-f', 'raw', '-c', `write -s ${source} 100k 3M`, '-c', 'flush', uri]);
   await stopChild(serve, 'SIGTERM');
+  // Asserted once serve has stopped (a failure must not leave it running).
+  assert.match(out, /unlocking its keys…\n.*starting qemu-storage-daemon/s, 'serve says what it is doing before the socket is up');
+  assert.match(replicateRefusal, /in use by `carryon serve`.*shut the desktop down, then replicate/);
+  assert.doesNotMatch(replicateRefusal, /check in/);
   const expected = readFileSync(image);
   written.copy(expected, 100 * 1024);
   const dirty = JSON.parse((await carryon(['status', 'win11', '--json'])).stdout) as { dirtyBytes: number }[];
@@ -154,4 +170,17 @@ test('boot while data is in flight: nbdcopy of the whole export with 10% local i
   await carryon(['export', 'win11', exported]);
   assert.ok(readFileSync(exported).equals(await serverDisk()), 'byte-identical after a kill -9 mid-check-out');
   await carryon(['rollback', 'win11']);
+});
+
+test('a check-out stopped by `carryon cancel` says its data is removed, not kept for a resume', async () => {
+  const child = spawnCarryon(['checkout', 'win11', '--limit-rate', '1M']);
+  let err = '';
+  child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+  await waitForOutput(child, /chunks/);
+  const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
+  assert.match((await carryon(['cancel', 'win11'])).stdout, /win11: cancelled/);
+  assert.equal(await exited, 1);
+  assert.match(err, /stopped by `carryon cancel win11`: what arrived is being removed/);
+  assert.doesNotMatch(err, /what arrived is kept/);
+  assert.equal(JSON.parse((await carryon(['status', '--json'])).stdout).length, 0, 'nothing of it left on the laptop');
 });

@@ -90,7 +90,7 @@ test('replicate then rollback; offline status with the broker unreachable; lease
   const home = join(broker.dir, 'laptop');
   await checkout(env(home), 'win11');
   await writeDesktop(env(home), 'win11', [{ offset: 3 * CHUNK, data: randomBytes(CHUNK) }]);
-  assert.ok((await status(env(home), 'win11'))[0]!.dirtyBytes >= CHUNK, 'the change shows before the replica');
+  assert.ok(((await status(env(home), 'win11'))[0]!.dirtyBytes ?? 0) >= CHUNK, 'the change shows before the replica');
   const rep = await upload(env(home), 'win11', 'replicate');
   assert.equal(rep.chunksSent, 1);
   const [afterRep] = await status(env(home), 'win11');
@@ -112,12 +112,17 @@ test('replicate then rollback; offline status with the broker unreachable; lease
   cpSync(home, copy, { recursive: true });
   writeFileSync(join(copy, 'device.secret'), randomBytes(32));
   await assert.rejects(status(env(copy), 'win11'), { code: 'vault-locked' });
+  // A home that lost its device secret says so and what to do, not a raw ENOENT.
+  rmSync(join(copy, 'device.secret'));
+  await assert.rejects(status(env(copy), 'win11'), (e: unknown) => e instanceof CarryonError && e.code === 'home-damaged' && /device\.secret is missing.*enrol again/.test(e.message));
 
   // Time moves past the lease (the vault's trusted clock records it): it refuses to open; the
   // system clock, back at today, does not help. An online login re-establishes broker time.
   await moveTrustedClock(home, 'win11', 400 * 24 * 3600_000);
   const [expired] = await status(env(home), 'win11');
   assert.match(expired!.problem ?? '', /lease expired/, 'status still answers, and says what to do');
+  assert.equal(expired!.safeOffline, false, 'a desktop that will not open is not safe to take offline');
+  assert.equal(expired!.dirtyBytes, null, 'no change figure without the keys to read it');
   await loginOnline(env(home));
   assert.equal((await status(env(home), 'win11'))[0]!.problem, null);
 

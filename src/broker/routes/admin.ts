@@ -11,6 +11,7 @@ import { SafeName } from '../names.js';
 import { resolveImportPath } from '../import-paths.js';
 import { enforceCutOff } from '../trust.js';
 import { effectivePolicy } from '../policies.js';
+import { checkoutFailures } from '../damage.js';
 
 const Name = SafeName;
 const Id = z.object({ id: z.string().min(1).max(200) });
@@ -162,20 +163,46 @@ export function adminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     return { ok: true };
   });
 
-  app.put('/v1/admin/policies/:scope/:id', async (req) => {
-    const actor = await admin(req);
-    const p = parse(z.object({ scope: z.enum(['global', 'pool', 'desktop', 'user']), id: z.string().max(200) }), req.params);
-    const values = parse(PolicyLayer, req.body);
-    if (p.scope === 'global') await ctx.meta.setSetting('policy.global', JSON.stringify(values));
-    else if (p.scope === 'pool') {
-      const pool = await ctx.meta.getPool(p.id) ?? (() => { throw new HttpError(404, 'not-found', `no pool ${p.id}`); })();
+  // PUT replaces the layer; PATCH changes the keys it names (null takes one out of the layer).
+  const PolicyTarget = z.object({ scope: z.enum(['global', 'pool', 'desktop', 'user']), id: z.string().max(200) });
+  const PolicyPatch = z.object(Object.fromEntries(Object.entries(PolicyLayer.shape).map(([k, v]) => [k, v.unwrap().nullable().optional()]))).strict();
+  const setPolicyLayer = async (actor: string, p: z.infer<typeof PolicyTarget>, change: (old: PolicyLayer) => PolicyLayer) => {
+    // The stored layer, read leniently (names no longer in the API are dropped on the next write).
+    const stored = (v: unknown) => PolicyLayer.strip().parse(v ?? {});
+    const notFound = (what: string) => { throw new HttpError(404, 'not-found', `no ${what} ${p.id}`); };
+    let values: PolicyLayer;
+    if (p.scope === 'global') {
+      values = change(stored(JSON.parse((await ctx.meta.getSetting('policy.global')) ?? '{}')));
+      await ctx.meta.setSetting('policy.global', JSON.stringify(values));
+    } else if (p.scope === 'pool') {
+      const pool = await ctx.meta.getPool(p.id) ?? notFound('pool');
+      values = change(stored(pool.policy));
       await ctx.meta.setPoolPolicy(pool.id, values);
     } else if (p.scope === 'desktop') {
-      const d = await ctx.meta.getDesktop(p.id) ?? (() => { throw new HttpError(404, 'not-found', `no desktop ${p.id}`); })();
+      const d = await ctx.meta.getDesktop(p.id) ?? notFound('desktop');
+      values = change(stored(d.policy));
       await ctx.meta.setDesktopPolicy(d.id, values);
-    } else if (!await ctx.meta.updateUser(p.id, { policy: values })) throw new HttpError(404, 'not-found', `no user ${p.id}`);
+    } else {
+      const u = await ctx.meta.getUser(p.id) ?? notFound('user');
+      values = change(stored(u.policy));
+      if (!await ctx.meta.updateUser(p.id, { policy: values })) notFound('user');
+    }
     await ctx.audit({ actor, action: 'policy-set', outcome: 'ok', detail: `${p.scope}:${p.id} ${JSON.stringify(values)}` });
-    return { ok: true };
+    return { ok: true, policy: values };
+  };
+  app.put('/v1/admin/policies/:scope/:id', async (req) => {
+    const actor = await admin(req);
+    const values = parse(PolicyLayer, req.body);
+    return setPolicyLayer(actor, parse(PolicyTarget, req.params), () => values);
+  });
+  app.patch('/v1/admin/policies/:scope/:id', async (req) => {
+    const actor = await admin(req);
+    const patch = parse(PolicyPatch, req.body);
+    return setPolicyLayer(actor, parse(PolicyTarget, req.params), (old) => {
+      const merged: Record<string, unknown> = { ...old };
+      for (const [k, v] of Object.entries(patch)) if (v === null) delete merged[k]; else if (v !== undefined) merged[k] = v;
+      return PolicyLayer.parse(merged);
+    });
   });
   app.get('/v1/admin/policies/resolve', async (req) => {
     await admin(req);
@@ -188,7 +215,8 @@ export function adminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
   app.get('/v1/admin/checkouts', async (req) => {
     await admin(req);
     const q = parse(z.object({ all: z.enum(['true', 'false']).optional() }), req.query);
-    return { checkouts: (await ctx.meta.listCheckouts({ activeOnly: q.all !== 'true' })).map(checkoutView) };
+    const failures = await checkoutFailures(ctx);
+    return { checkouts: (await ctx.meta.listCheckouts({ activeOnly: q.all !== 'true' })).map((c) => ({ ...checkoutView(c), failure: failures[c.id] ?? null })) };
   });
   app.post('/v1/admin/checkouts/:id/force-unlock', async (req) => {
     const actor = await admin(req);

@@ -6,6 +6,7 @@ import { HttpError, parse, requireDevice } from '../http.js';
 import { effectivePolicy } from '../policies.js';
 import { issueLease } from '../checkouts.js';
 import { enforceCutOff, stillAllowed } from '../trust.js';
+import { endWipedCheckout } from '../wipe.js';
 
 const Heartbeat = z.object({
   host: z.object({ os: z.string().max(200).optional(), cpus: z.number().int().min(1), ramBytes: z.number().min(0), freeDiskBytes: z.number().min(0), loadAvg: z.array(z.number()).max(3).optional() }),
@@ -87,8 +88,14 @@ export function agentRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     const device = await requireDevice(ctx, req, { allowRevoked: true });
     const { id } = parse(z.object({ id: z.string().max(200) }), req.params);
     const body = parse(z.object({ ok: z.boolean(), message: z.string().max(2000).optional() }).strict(), req.body);
-    if (!await ctx.meta.ackCommand(id, device.id, body.ok, body.message ?? null)) throw new HttpError(404, 'not-found', 'no pending command with that id for this device');
-    await ctx.audit({ actor: `device:${device.id}`, action: 'command-ack', outcome: body.ok ? 'ok' : 'failed', detail: `${id}${body.message ? `: ${body.message}` : ''}` });
+    const command = (await ctx.meta.pendingCommands(device.id)).find((c) => c.id === id);
+    const notPending = () => new HttpError(404, 'not-found', 'no pending command with that id for this device');
+    if (!command) throw notPending();
+    // A done wipe closes the loop: the check-out it erased ends, and the command's result says so.
+    const ended = body.ok && command.type === 'wipe' && command.desktopId ? await endWipedCheckout(ctx, device.id, command.desktopId, id) : null;
+    const result = ended ? `${body.message ?? 'wipe done'}; ${ended}` : body.message ?? null;
+    if (!await ctx.meta.ackCommand(id, device.id, body.ok, result)) throw notPending();
+    await ctx.audit({ actor: `device:${device.id}`, desktopId: command.desktopId, action: 'command-ack', outcome: body.ok ? 'ok' : 'failed', detail: `${id} (${command.type})${body.message ? `: ${body.message}` : ''}` });
     return { ok: true };
   });
 }

@@ -1,4 +1,5 @@
 import type { FastifyInstance } from 'fastify';
+import { recordDamagedChunks } from '../damage.js';
 import { z } from 'zod';
 import { collectGarbage, DEFAULT_GC } from '../gc/collect.js';
 import { verifyStore } from '../gc/verify.js';
@@ -59,6 +60,8 @@ export function maintenanceRoutes(app: FastifyInstance, ctx: BrokerContext): voi
     const b = parse(VerifyBody, req.body);
     const report = await verifyStore(ctx.meta, ctx.store, ctx.secrets.masterKey, { samplePercent: b.samplePercent });
     await ctx.audit({ actor, action: 'verify', outcome: report.damagedCount || report.damagedSnapshots.length ? 'failed' : 'ok', detail: `${report.chunksChecked} of ${report.chunksReferenced} chunks read, ${report.damagedCount} damaged, ${report.damagedSnapshots.length} snapshots damaged` });
+    // Damaged chunks are remembered: check-outs of the snapshots they break are refused (a full run replaces the list).
+    await recordDamagedChunks(ctx, report.damaged.map((d) => ({ id: d.id, detail: `${d.problem}: ${d.detail} (admin verify by ${actor})` })), { replaceAll: b.samplePercent === undefined || b.samplePercent >= 100 });
     for (const s of report.damagedSnapshots) await ctx.audit({ actor, desktopId: s.desktopId, action: 'snapshot-damaged', outcome: 'failed', detail: `${s.id} (${s.kind}, ${s.createdAt}): ${s.badChunks} bad chunks${s.manifestProblem ? `; ${s.manifestProblem}` : ''}` });
     return { report };
   });

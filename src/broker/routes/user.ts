@@ -7,6 +7,7 @@ import { publicKeyFromBase64, publicKeyToBase64 } from '../../core/signing.js';
 import { allowedActions, beginUpload, cancel, checkOut, checkoutView, commitUpload, issueLease, markTransferred, rollback, type DiskChanges } from '../checkouts.js';
 import type { BrokerContext } from '../context.js';
 import { beginHandback, checkoutOutcome, commitHandback } from '../handback.js';
+import { reportChunkFailure } from '../damage.js';
 import type { DesktopRow } from '../../store/metadata.js';
 import { accountName, authenticate, DirectoryUnavailableError } from '../directory.js';
 import { HttpError, parse, requireUser } from '../http.js';
@@ -136,6 +137,12 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
   });
 
   app.post('/v1/checkouts/:id/transferred', async (req) => ({ checkout: await markTransferred(ctx, (await requireUser(ctx, req)).sub, parse(Id, req.params).id) }));
+  // A chunk the laptop could not authenticate (3 tries): checked against the store, audited, remembered when the store's copy is bad.
+  app.post('/v1/checkouts/:id/damaged', async (req) => {
+    const user = (await requireUser(ctx, req)).sub;
+    const b = parse(z.object({ chunkId: z.string().max(100), detail: z.string().max(2000) }).strict(), req.body);
+    return reportChunkFailure(ctx, user, parse(Id, req.params).id, b.chunkId, b.detail);
+  });
   app.post('/v1/checkouts/:id/cancel', async (req) => ({ checkout: await cancel(ctx, (await requireUser(ctx, req)).sub, parse(Id, req.params).id) }));
   // Sensitive after an offline login: with requireOnlineReauth they need a recent password login.
   app.post('/v1/checkouts/:id/rollback', async (req) => {

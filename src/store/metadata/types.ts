@@ -6,7 +6,8 @@ export interface DesktopRow { id: string; name: string; poolId: string | null; l
 export interface DesktopConfig { vcpus: number; ramMiB: number; minRamMiB: number; nic: 'user' | 'none'; usb: boolean; disks: { name: string; sizeBytes: number }[] }
 export interface SnapshotDisk { name: string; digest: string; sizeBytes: number; chunkSize: number }
 export interface SnapshotRow { id: string; desktopId: string; parentId: string | null; kind: string; disks: SnapshotDisk[]; createdAt: string }
-export type CheckoutState = 'transferring' | 'checked_out' | 'checking_in' | 'checked_in' | 'cancelled' | 'rolled_back';
+/** `wiped`: ended by a remote wipe the device acknowledged (its work since the checkpoint is gone). */
+export type CheckoutState = 'transferring' | 'checked_out' | 'checking_in' | 'checked_in' | 'cancelled' | 'rolled_back' | 'wiped';
 export const ACTIVE_STATES: CheckoutState[] = ['transferring', 'checked_out', 'checking_in'];
 export interface CheckoutRow { id: string; desktopId: string; user: string; deviceId: string; checkpointSnapshot: string; state: CheckoutState; leaseExpiresAt: string; jobId: string | null; pendingDisks: SnapshotDisk[] | null; lastHeartbeat: string | null; createdAt: string; updatedAt: string }
 export interface DeviceRow { id: string; user: string; name: string; publicKey: string; host: Record<string, unknown>; enrolledAt: string; lastSeen: string | null }

@@ -29,7 +29,7 @@ export function CheckoutsPage() {
                 <td>{name(c.desktopId)}</td>
                 <td>{c.user}</td>
                 <td title={c.deviceId}>{c.deviceId.slice(0, 8)}</td>
-                <td><Badge kind={c.state === 'checked_out' ? 'ok' : 'warn'}>{c.state.replace('_', ' ')}</Badge></td>
+                <td>{c.failure ? <Badge kind="bad">{`failed: ${c.failure}`}</Badge> : <Badge kind={c.state === 'checked_out' ? 'ok' : 'warn'}>{c.state.replace('_', ' ')}</Badge>}</td>
                 <td>{job ? (job.state === 'queued' ? `queued (#${job.queuePosition ?? '?'})` : <Progress percent={job.percent} label={`${job.kind} of ${name(c.desktopId)}`} />) : c.state === 'checked_out' ? 'complete' : ''}</td>
                 <td class="num">{job ? bytes(job.bytesDone) : ''}</td>
                 <td class="num">{job ? rate(job.rate) : ''}</td>

@@ -3,7 +3,7 @@ import type { Session } from '../api';
 export interface PageProps {
   session: Session;
 }
-export interface CheckoutView { id: string; desktopId: string; user: string; deviceId: string; state: string; snapshotId: string; leaseExpiresAt: string; jobId: string | null }
+export interface CheckoutView { id: string; desktopId: string; user: string; deviceId: string; state: string; snapshotId: string; leaseExpiresAt: string; jobId: string | null; /** Why it stopped for good (admin list only), e.g. "damaged snapshot". */ failure?: string | null }
 export interface AdminDesktop { id: string; name: string; poolId: string | null; config: { vcpus: number; ramMiB: number; disks: { name: string; sizeBytes: number }[] }; policy: Record<string, unknown>; currentSnapshot: string | null; powerState: string; createdAt: string; checkout: CheckoutView | null }
 export interface Pool { id: string; name: string; policy: Record<string, unknown> }
 export interface ImportJob { id: string; name: string; image: string; state: 'running' | 'done' | 'failed'; bytesDone: number; bytesTotal: number; startedAt: string; error: { code: string; message: string } | null }
