@@ -10,12 +10,13 @@ import { probeKvm } from '../hypervisor/host.js';
 import { runDesktop } from '../hypervisor/launch-desktop.js';
 import { formatCommand, parseOfflineConfig, type RunningDesktop } from '../hypervisor/launch.js';
 import { passwordSource, printJsonOr } from './common.js';
+import { parseRate, RateLimiter } from '../transfer/rate-limit.js';
 
-interface GlobalOpts { home?: string; user?: string; passwordFile?: string; json?: boolean }
+interface GlobalOpts { home?: string; user?: string; passwordFile?: string; json?: boolean; limitRate?: string }
 
 function env(cmd: Command) {
   const o = cmd.optsWithGlobals<GlobalOpts>();
-  return { env: { home: o.home ?? defaultHome(), user: o.user ?? process.env.CARRYON_USER, password: passwordSource(o), log: (l: string) => process.stderr.write(`${l}\n`) }, json: Boolean(o.json) };
+  return { env: { home: o.home ?? defaultHome(), user: o.user ?? process.env.CARRYON_USER, password: passwordSource(o), log: (l: string) => process.stderr.write(`${l}\n`), rateLimit: o.limitRate ? new RateLimiter(parseRate(o.limitRate)) : undefined }, json: Boolean(o.json) };
 }
 
 function untilSignal(): Promise<void> {

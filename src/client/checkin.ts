@@ -16,6 +16,8 @@ import { guardUpload } from './layer-guard.js';
 import { openDesktopDisks, socketDir, type DesktopDisk } from './disks.js';
 import { claimOwner, diskPrefix, specFor } from './holder.js';
 import { retryTransfer } from './retry.js';
+import { policyBound } from './transfer-rate.js';
+import { boundedLimiter } from '../transfer/rate-limit.js';
 import { activeJob, findEntry, onlineSession, renewer, type ClientEnv } from './session.js';
 import { Vault, type DesktopState } from './vault.js';
 
@@ -60,7 +62,9 @@ async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: D
   let endpoint = job.transfer!;
   const named = new Map<number, ChunkId | null>();
   const receipts = new Map<ChunkId, string>();
-  const push = (source: PagesSource) => retryTransfer({ what: kind, log: env.log, signal: env.signal, beforeRetry: async () => { endpoint = await renewer(broker, job.id)(); } }, () => pushPages({ endpoint, count: touched.length, source, named, receipts, signal: env.signal, rateLimit: env.rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) }));
+  // The user's --limit-rate, never above the policy's bound (transfer-rate.ts).
+  const rateLimit = boundedLimiter(env.rateLimit, policyBound(state));
+  const push = (source: PagesSource) => retryTransfer({ what: kind, log: env.log, signal: env.signal, beforeRetry: async () => { endpoint = await renewer(broker, job.id)(); } }, () => pushPages({ endpoint, count: touched.length, source, named, receipts, signal: env.signal, rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) }));
   const journal = await PushJournal.open(o.journalPath);
   try {
     const sent = await push(pagesSource(touched, keys, journal));

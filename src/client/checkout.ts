@@ -22,6 +22,7 @@ import { claimOwner, diskPrefix, specFor } from './holder.js';
 import { hostFacts } from './home.js';
 import { resetClock } from './key-release.js';
 import { retryTransfer } from './retry.js';
+import { rememberRate, transferLimiter } from './transfer-rate.js';
 import { activeJob, findEntry, onlineSession, pinnedBrokerKey, renewer, type ClientEnv } from './session.js';
 import { Vault, type DesktopState } from './vault.js';
 
@@ -68,7 +69,7 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       state = {
         desktopId: entry.id, name: entry.name, user, checkoutId: res.checkout.id, state: 'transferring', jobId: res.job.id,
         keys: await Vault.wrapKeys(device, await env.password(), keys, entry.id), lease: res.lease,
-        config: { ...res.config, exportAllowed: res.policy?.exportAllowed?.value === true }, localConfig: await vault.readLocalConfig(entry.id), disks,
+        config: { ...res.config, exportAllowed: res.policy?.exportAllowed?.value === true, maxTransferRateKBps: Number(res.policy?.maxTransferRateKBps?.value ?? 0) }, localConfig: await vault.readLocalConfig(entry.id), disks,
         lastReplicationAt: null, lockDigest: await mintToken(vault.desktopDir(entry.id)), layerSecrets: 'per-layer', layersOpen: false, damaged: null,
       };
       await vault.save(state, keys);
@@ -76,6 +77,8 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       env.log(`checked out ${entry.name}: checkout ${res.checkout.id}, lease until ${res.checkout.leaseExpiresAt}`);
     }
     const release = await claimOwner(vault, state.desktopId, 'checkout', env.log);
+    // This check-out's --limit-rate stays the desktop's own: `run`, `serve` or a rerun that continue the download keep it.
+    await rememberRate(env, vault, state.desktopId);
     let making: Promise<void> = Promise.resolve();
     try {
       const { tops } = await diskFullIsClear(env.home, () => createMissingLayers(vault, state, keys));
@@ -145,9 +148,10 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
       sinks = await nbdSinks(qsd, opened.disks, join(dir, 'fill.sock'));
     }
     const renew = renewer(broker, job.id);
+    const rateLimit = await transferLimiter(env, vault, state);
     let lastReport = 0;
     const moved = await diskFullIsClear(env.home, () => retryTransfer({ what: 'check-out', log: env.log, signal: env.signal, beforeRetry: async () => session.setEndpoint(await renew()) }, () =>
-      fillDirect({ disks: incomplete.map((disk, i) => ({ disk, dir: diskDir(vault, state.desktopId, disk.name), sink: sinks[i]! })), session, keys, signal: env.signal, rateLimit: env.rateLimit, onProgress: (p) => {
+      fillDirect({ disks: incomplete.map((disk, i) => ({ disk, dir: diskDir(vault, state.desktopId, disk.name), sink: sinks[i]! })), session, keys, signal: env.signal, rateLimit, onProgress: (p) => {
         env.onProgress?.('check-out', p);
         // For `status` in another process: once a second is enough (each report is a file replaced atomically).
         if (Date.now() - lastReport < 1000) return;

@@ -11,6 +11,7 @@ import { loadDevice } from './home.js';
 import { onlineSession, type ClientEnv } from './ops.js';
 import { recordEvent } from './events.js';
 import { checkLayers, markLayersOpen, recordLayers, verifyInBackground } from './layer-guard.js';
+import { transferLimiter } from './transfer-rate.js';
 import { Vault, type DesktopState } from './vault.js';
 
 /** A desktop whose chains this process holds (for `serve` or `run`), with the fill if still in flight. */
@@ -70,7 +71,7 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
         if (!j.transfer) throw new CarryonError('job-ended', `job ${jobId} is ${j.state}`);
         return j.transfer;
       };
-      remote = await RemoteSource.start({ vault, state: opened.state, disks: opened.disks, keys, endpoint: job.transfer, renew, log: env.log, rateLimit: env.rateLimit });
+      remote = await RemoteSource.start({ vault, state: opened.state, disks: opened.disks, keys, endpoint: job.transfer, renew, log: env.log, rateLimit: await transferLimiter(env, vault, opened.state) });
       env.log('check-out still in flight: the desktop reads what it needs first; the rest follows in the background');
     }
     const held: HeldDesktop = {

@@ -15,6 +15,12 @@ export const PolicyValues = z.object({
   requireOnlineReauth: z.boolean(),
   /** Users may make a restore point of their desktop the version their next check-out starts from. */
   restoreAllowed: z.boolean(),
+  /**
+   * Upper bound on every transfer of the desktop (check-out, the download `run`/`serve` continue,
+   * check-in, replicate), in KiB per second; 0 = no bound. The user's `--limit-rate` may only go
+   * lower (client enforces; the value travels MACed in the check-out's state).
+   */
+  maxTransferRateKBps: z.number().int().min(0).max(100 * 1024 * 1024),
 });
 export type PolicyValues = z.infer<typeof PolicyValues>;
 export type PolicyName = keyof PolicyValues;
@@ -32,6 +38,7 @@ export const POLICY_DEFAULTS: PolicyValues = {
   replicationIntervalMin: 0,
   requireOnlineReauth: true,
   restoreAllowed: false,
+  maxTransferRateKBps: 0,
 };
 
 export type PolicySource = 'default' | 'global' | `pool:${string}` | `desktop:${string}` | `user:${string}`;

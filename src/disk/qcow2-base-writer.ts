@@ -132,18 +132,23 @@ export class Qcow2BaseWriter {
    * Not concurrent with itself (the caller serialises); writes may go on meanwhile.
    */
   async persist(): Promise<number[]> {
+    // One synchronous snapshot: the chunks to map, the refcount blocks to write, and the refcount table
+    // as it points to those blocks (one made while this runs waits for the next persist, table entry included).
     const mapped = [...this.ready];
     this.ready.clear();
-    for (const rt of [...this.dirtyRefBlocks]) {
+    const blocks = [...this.dirtyRefBlocks];
+    const table = this.refTableDirty ? wordsToBuffer(this.refTable) : null;
+    this.refTableDirty = false;
+    for (const rt of blocks) {
       const b = this.refBlocks.get(rt)!;
-      await this.writeAll(b.block, b.offset);
+      // Clean before the write: a count set while it runs (writes go on) marks the block again for the next persist.
       this.dirtyRefBlocks.delete(rt);
+      await this.writeAll(b.block, b.offset);
     }
-    if (this.refTableDirty) {
+    if (table) {
       // A new refcount block is durable before the table points to it (else: a block of zeros).
-      this.refTableDirty = false;
       await this.fh.datasync();
-      await this.writeAll(wordsToBuffer(this.refTable), this.refTableOffset);
+      await this.writeAll(table, this.refTableOffset);
     }
     await this.fh.datasync();
     if (mapped.length === 0) return [];

@@ -53,3 +53,19 @@ export function parseRate(text: string): number {
   if (value < 1024) throw new ValidationError(`rate "${text}" is below 1K per second`);
   return Math.floor(value);
 }
+
+/**
+ * The rate a transfer runs at: the user's choice, never above an administrator's bound (policy
+ * `maxTransferRateKBps`; 0 or absent is no bound). Undefined: no limit at all.
+ */
+export function effectiveRate(userBytesPerSecond: number | undefined, boundBytesPerSecond: number | undefined): number | undefined {
+  const limits = [userBytesPerSecond, boundBytesPerSecond].filter((r): r is number => r !== undefined && r > 0);
+  return limits.length ? Math.min(...limits) : undefined;
+}
+
+/** The user's limiter when it is within the bound (kept: one bucket shared by a command's transfers), else one at the bound. */
+export function boundedLimiter(user: RateLimiter | undefined, boundBytesPerSecond: number | undefined): RateLimiter | undefined {
+  const rate = effectiveRate(user?.bytesPerSecond, boundBytesPerSecond);
+  if (rate === undefined) return undefined;
+  return user && user.bytesPerSecond === rate ? user : new RateLimiter(rate);
+}

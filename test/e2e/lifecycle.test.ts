@@ -1,8 +1,8 @@
 import assert from 'node:assert/strict';
-import { cpSync, readFileSync, rmSync, statfsSync, writeFileSync } from 'node:fs';
+import { cpSync, readdirSync, readFileSync, rmSync, statfsSync, writeFileSync } from 'node:fs';
 import { CarryonError } from '../../src/core/errors.js';
 import { randomBytes } from 'node:crypto';
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { isZero } from '../../src/core/chunking.js';
@@ -15,6 +15,7 @@ import type { CollectableStore } from '../../src/store/chunk-store.js';
 import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
 import { withTmpfs } from '../support/tmpfs.js';
+import { RateLimiter } from '../../src/transfer/rate-limit.js';
 
 const execFileP = promisify(execFile);
 process.env.CARRYON_SCRYPT_N = '1024';
@@ -342,4 +343,96 @@ test('4 MiB chunks (larger than any qcow2 cluster): the base writer steps aside 
   assert.deepEqual([st!.state, st!.safeOffline], ['checked_out', true]);
   assert.ok((await readDesktop(env(home), 'bigchunks')).equals(await serverDisk('bigchunks')), 'byte-identical through the daemon');
   await release(env(home), 'bigchunks', 'rollback');
+});
+
+/** Chunk indexes recorded durable in every `filled.json` under `home` (fill-direct.ts). */
+function filledCount(home: string): number {
+  const walk = (dir: string): string[] => readdirSync(dir, { withFileTypes: true }).flatMap((e) => (e.isDirectory() ? walk(join(dir, e.name)) : e.name === 'filled.json' ? [join(dir, e.name)] : []));
+  return walk(home).reduce((n, f) => n + (JSON.parse(readFileSync(f, 'utf8')) as { chunks: number[] }).chunks.length, 0);
+}
+
+const chunksOut = () => [...broker.transfer!.stats.perJob.values()].reduce((n, j) => n + j.chunksOut, 0);
+
+test('kill -9 of a check-out at three points: what was made durable stays, each rerun fetches only the rest, the disk is byte-identical', async () => {
+  const image = makeImage(broker.dir, 64, 'resume.raw');
+  const r = await http.call('POST', '/v1/admin/desktops', { name: 'resume', image, config: { vcpus: 1, ramMiB: 512, minRamMiB: 256 } }, admin);
+  assert.equal(r.status, 201, JSON.stringify(r.body));
+  await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: 'resume' }, admin);
+  const home = join(broker.dir, 'laptop-resume');
+  await enroll(env(home), broker.url, { fingerprint: broker.fingerprint, name: 'laptop-resume' });
+  const total = 128; // 64 MiB, every other 256 KiB chunk random (makeImage)
+  const child = new URL('../support/checkout-child.js', import.meta.url).pathname;
+  let durable = 0;
+  // A real SIGKILL, sent by the child to itself (fill-direct.ts's test hooks) while other writes are in flight:
+  // once this many chunks are recorded durable (a group made durable mid-transfer, not only at a clean stop),
+  // or once this many chunks of the run arrived (whatever was durable by then).
+  const points = [{ CARRYON_TEST_SIGKILL_AFTER_FILLED: '35' }, { CARRYON_TEST_SIGKILL_AFTER_CHUNKS: '30' }, { CARRYON_TEST_SIGKILL_AFTER_FILLED: '90' }];
+  for (const point of points) {
+    const wireBefore = chunksOut();
+    const killed = await new Promise<NodeJS.Signals | null>((resolve, reject) => {
+      const p = spawn(process.execPath, [child, home, 'alice', 'alice-password', 'resume'], { env: { ...process.env, ...point }, stdio: 'ignore' });
+      p.once('error', reject);
+      p.once('exit', (_code, signal) => resolve(signal));
+    });
+    assert.equal(killed, 'SIGKILL');
+    const now = filledCount(home);
+    const want = Number(Object.values(point)[0]);
+    if ('CARRYON_TEST_SIGKILL_AFTER_FILLED' in point) assert.ok(now >= want && now < total, `killed mid-transfer with ${want}+ chunks durable: ${now} of ${total}`);
+    else assert.ok(now >= durable && now < durable + want + 32, `what was durable stays (${durable} → ${now})`);
+    assert.ok(chunksOut() - wireBefore >= now - durable, 'nothing counted that did not travel');
+    durable = now;
+  }
+  // The job's own counters go with the job when the check-out ends: the rerun is counted in bytes on the wire (random chunks: 256 KiB each and a few bytes).
+  const bytesBefore = broker.transfer!.stats.bytesOut;
+  const done = await checkout(env(home), 'resume');
+  const missing = total - durable;
+  assert.equal(done.chunksMoved, missing, `the rerun fetches only the ${missing} chunks not yet durable`);
+  const wire = broker.transfer!.stats.bytesOut - bytesBefore;
+  assert.ok(wire >= missing * CHUNK && wire < (missing + 1) * CHUNK, `${wire} bytes on the wire for ${missing} chunks`);
+  assert.ok((await readDesktop(env(home), 'resume')).equals(await serverDisk('resume')), 'byte-identical after three kills');
+  await release(env(home), 'resume', 'rollback');
+});
+
+test('--limit-rate holds for the download `serve` takes over (remembered from the check-out), and a policy bound caps a user who asks for more', async () => {
+  const cap = 1024 * 1024;
+  const image = makeImage(broker.dir, 8, 'rate.raw'); // 16 random chunks of 256 KiB: 4 MiB to move
+  for (const name of ['rate', 'rate-bound']) {
+    const r = await http.call('POST', '/v1/admin/desktops', { name, image, config: { vcpus: 1, ramMiB: 512, minRamMiB: 256 } }, admin);
+    assert.equal(r.status, 201, JSON.stringify(r.body));
+    await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: name }, admin);
+  }
+  const home = join(broker.dir, 'laptop-rate');
+  await enroll(env(home), broker.url, { fingerprint: broker.fingerprint, name: 'laptop-rate' });
+  // The check-out under --limit-rate stops after 2 chunks; `serve` (no --limit-rate of its own) continues the download.
+  const abort = new AbortController();
+  await assert.rejects(checkout({ ...env(home), rateLimit: new RateLimiter(cap), signal: abort.signal, onProgress: (_l, p) => p.chunksDone >= 2 && abort.abort() }, 'rate'));
+  const bytesBefore = broker.transfer!.stats.bytesOut;
+  const started = performance.now();
+  const served = await serveDesktop(env(home), 'rate');
+  try {
+    while ((await status(env(home), 'rate'))[0]!.state !== 'checked_out') await new Promise((r) => setTimeout(r, 50));
+  } finally {
+    await served.close();
+  }
+  const secs = (performance.now() - started) / 1000;
+  const moved = broker.transfer!.stats.bytesOut - bytesBefore;
+  // A lower bound only: the bucket allows a one-second burst, the rest goes at the cap at most.
+  assert.ok(moved > 2 * CHUNK, `serve moved the rest (${moved} bytes)`);
+  assert.ok(secs >= ((moved - cap) / cap) * 0.8, `${moved} bytes in ${secs.toFixed(2)} s: the remembered ${cap} B/s held`);
+  // No byte comparison here: a check-out stopped part-way and continued by `serve` leaves the first chunk after the
+  // stop damaged, with or without a rate limit (found here, reported; see /work/notes/resume-notes.md).
+  await release(env(home), 'rate', 'rollback');
+
+  // The administrator's bound: a user asking for 100 MiB/s gets 1024 KiB/s (timed from the first chunk to the last: no fixed costs).
+  await http.call('PUT', '/v1/admin/policies/desktop/rate-bound', { maxTransferRateKBps: 1024 }, admin);
+  let first: { at: number; bytes: number } | null = null;
+  let last = { at: 0, bytes: 0 };
+  await checkout({ ...env(home), rateLimit: new RateLimiter(100 * cap), onProgress: (_l, p) => {
+    last = { at: performance.now(), bytes: p.bytesDone };
+    first ??= last;
+  } }, 'rate-bound');
+  const span = (last.at - first!.at) / 1000;
+  const bytes = last.bytes - first!.bytes;
+  assert.ok(bytes > 2 * cap && span >= ((bytes - cap) / cap) * 0.8, `${bytes} bytes in ${span.toFixed(2)} s under the policy's 1024 KiB/s`);
+  await release(env(home), 'rate-bound', 'rollback');
 });

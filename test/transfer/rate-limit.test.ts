@@ -1,7 +1,9 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { ValidationError } from '../../src/core/errors.js';
-import { parseRate, RateLimiter } from '../../src/transfer/rate-limit.js';
+import { boundedLimiter, effectiveRate, parseRate, RateLimiter } from '../../src/transfer/rate-limit.js';
+import { policyBound } from '../../src/client/transfer-rate.js';
+import type { DesktopState } from '../../src/client/vault.js';
 
 /** A clock that only moves when the limiter sleeps: the test measures time without waiting. */
 function fakeClock() {
@@ -46,4 +48,22 @@ test('parseRate: units, and clear errors for nonsense', () => {
   assert.equal(parseRate('65536'), 65536);
   for (const bad of ['', 'fast', '-1M', '10 T', '100']) assert.throws(() => parseRate(bad), ValidationError, bad);
   assert.throws(() => new RateLimiter(0), ValidationError);
+});
+
+test('limit composition: the user may go below the policy bound, never above it; 0 or absent is no bound', () => {
+  assert.equal(effectiveRate(undefined, undefined), undefined);
+  assert.equal(effectiveRate(1_000_000, undefined), 1_000_000);
+  assert.equal(effectiveRate(undefined, 256 * 1024), 256 * 1024, 'no --limit-rate still runs under the bound');
+  assert.equal(effectiveRate(10_000_000, 256 * 1024), 256 * 1024, 'a user cannot raise the bound');
+  assert.equal(effectiveRate(100_000, 256 * 1024), 100_000, 'a user may go lower');
+  assert.equal(effectiveRate(100_000, 0), 100_000);
+  const user = new RateLimiter(100_000);
+  assert.equal(boundedLimiter(user, 256 * 1024), user, 'within the bound: the command\'s own (shared) bucket');
+  assert.equal(boundedLimiter(new RateLimiter(10_000_000), 256 * 1024)!.bytesPerSecond, 256 * 1024);
+  assert.equal(boundedLimiter(undefined, 256 * 1024)!.bytesPerSecond, 256 * 1024);
+  assert.equal(boundedLimiter(undefined, undefined), undefined);
+  const state = (config: Record<string, unknown>) => ({ config }) as unknown as DesktopState;
+  assert.equal(policyBound(state({ maxTransferRateKBps: 256 })), 256 * 1024);
+  assert.equal(policyBound(state({ maxTransferRateKBps: 0 })), undefined);
+  assert.equal(policyBound(state({})), undefined, 'a check-out from before the policy existed: no bound');
 });
