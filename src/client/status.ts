@@ -1,8 +1,9 @@
 import { CarryonError } from '../core/errors.js';
 import { topExtents } from '../disk/chain.js';
-import { chainOf, readDiskFailures, readFillReport, topBytes } from './disks.js';
+import { chainOf, readDiskFailures, topBytes } from './disks.js';
 import { loadDevice } from './home.js';
 import { layerProblem } from './layer-guard.js';
+import { percentLocal } from './local-progress.js';
 import type { ClientEnv } from './session.js';
 import { Vault } from './vault.js';
 
@@ -41,12 +42,10 @@ export async function status(env: ClientEnv, desktopRef?: string) {
       if (err.code === 'vault-locked' || err.code === 'kdf-refused' || err.code === 'tpm') throw err;
     }
     const complete = s.disks.every((d) => d.complete);
-    const fill = complete ? null : await readFillReport(vault, s.desktopId);
-    const percentLocal = complete ? 100 : fill && fill.total > 0 ? (100 * fill.done) / fill.total : 0;
     const failures = await readDiskFailures(vault, s.desktopId);
     out.push({
       desktop: s.name, desktopId: s.desktopId, state: (await vault.isLocked(await vault.find(s.desktopId))) ? 'locked' : s.state, leaseDeadline,
-      leaseHoursLeft: leaseDeadline ? Math.max(0, (Date.parse(leaseDeadline) - Date.now()) / 3_600_000) : 0, dirtyBytes: dirtyBytes ?? (await topBytes(vault, s)), percentLocal,
+      leaseHoursLeft: leaseDeadline ? Math.max(0, (Date.parse(leaseDeadline) - Date.now()) / 3_600_000) : 0, dirtyBytes: dirtyBytes ?? (await topBytes(vault, s)), percentLocal: await percentLocal(vault, s),
       lastReplicationAt: s.lastReplicationAt, safeOffline: complete && s.state !== 'transferring', problem,
       /** The code of the refusal when `serve`/`run` would not open it offline now (locked, lease, clock); null when they would. */
       refused,

@@ -11,6 +11,7 @@ import { SafeName } from '../names.js';
 import { resolveImportPath } from '../import-paths.js';
 import { enforceCutOff } from '../trust.js';
 import { effectivePolicy } from '../policies.js';
+import { checkoutTransfers } from '../transfers/overview.js';
 
 const Name = SafeName;
 const Id = z.object({ id: z.string().min(1).max(200) });
@@ -188,7 +189,9 @@ export function adminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
   app.get('/v1/admin/checkouts', async (req) => {
     await admin(req);
     const q = parse(z.object({ all: z.enum(['true', 'false']).optional() }), req.query);
-    return { checkouts: (await ctx.meta.listCheckouts({ activeOnly: q.all !== 'true' })).map(checkoutView) };
+    // Each with its open transfer job's progress: the same numbers as `GET /v1/admin/transfers`.
+    const transfers = await checkoutTransfers(ctx);
+    return { checkouts: (await ctx.meta.listCheckouts({ activeOnly: q.all !== 'true' })).map((c) => ({ ...checkoutView(c), transfer: transfers.get(c.id) ?? null })) };
   });
   app.post('/v1/admin/checkouts/:id/force-unlock', async (req) => {
     const actor = await admin(req);
