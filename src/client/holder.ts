@@ -95,7 +95,11 @@ export async function fillDisks(opts: {
   // become the data bytes present below them, plus what was already there when the fill began.
   const reporter = new LocalProgressReporter({ vault: opts.vault, desktopId: opts.state.desktopId, broker: opts.broker, jobId: opts.jobId });
   const bytesTotal = opts.disks.reduce((n, d) => n + dataBytes(d.base), 0);
-  const present = await Promise.all(opts.disks.map(async (d) => (d.entry.complete ? () => dataBytes(d.base) : presentBelow(d.base, await readFilled(diskDir(opts.vault, opts.state.desktopId, d.name))))));
+  const present = await Promise.all(opts.disks.map(async (d): Promise<(offset: number) => number> => {
+    if (!d.entry.complete) return presentBelow(d.base, await readFilled(diskDir(opts.vault, opts.state.desktopId, d.name)));
+    const all = dataBytes(d.base);
+    return () => all;
+  }));
   const report = (i: number, p: FillProgress) => {
     totals.set(i, p);
     let done = 0;
