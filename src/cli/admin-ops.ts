@@ -75,11 +75,10 @@ export function registerOpsCommands(admin: Command): void {
   const co = admin.command('checkouts').description('check-outs and locks');
   endpoint(co, { name: 'list', description: 'active check-outs with their transfer progress', method: 'GET', path: () => '/v1/admin/checkouts', human: async (r, _a, b) => {
     const name = await names(b, ['desktops', 'devices']);
-    const t = await get(b, '/v1/admin/transfers');
-    const jobs = [...(t.active as Job[]), ...(t.queued as Job[])];
-    printTable(r.checkouts as { id: string; desktopId: string; user: string; deviceId: string; state: string; leaseExpiresAt: string; failure?: string | null }[], [
+    // Each check-out carries its job's numbers (the broker's, the same as `admin transfers` shows).
+    printTable(r.checkouts as { id: string; desktopId: string; user: string; deviceId: string; state: string; leaseExpiresAt: string; failure?: string | null; transfer?: Omit<Job, 'id' | 'checkoutId' | 'user' | 'desktop' | 'serverId'> | null }[], [
       { h: 'desktop', v: (c) => name(c.desktopId) }, { h: 'user', v: (c) => c.user }, { h: 'device', v: (c) => name(c.deviceId) }, { h: 'state', v: (c) => (c.failure ? `failed: ${c.failure}` : c.state) },
-      { h: 'transfer', v: (c) => { const j = jobs.find((x) => x.checkoutId === c.id); return j ? (j.state === 'queued' ? `queued #${j.queuePosition ?? '?'}` : `${j.kind} ${percent(j.percent)} ${rate(j.rate)}`.trim()) : ''; } },
+      { h: 'transfer', v: (c) => { const j = c.transfer; return j ? (j.state === 'queued' ? `queued #${j.queuePosition ?? '?'}` : `${j.kind} ${percent(j.percent)} ${rate(j.rate)}`.trim()) : ''; } },
       { h: 'lease', v: (c) => left(c.leaseExpiresAt) }, { h: 'id', v: (c) => c.id },
     ]);
   } });

@@ -54,15 +54,18 @@ export function table(rows: Record<string, unknown>[], columns?: string[]): void
 export function progressReporter(quiet: boolean): { onProgress: (label: string, p: Progress) => void; stop: () => void } {
   if (quiet) return { onProgress: () => undefined, stop: () => undefined };
   if (process.stderr.isTTY) {
-    const bar = new cliProgress.SingleBar({ format: '{label} [{bar}] {percentage}% | {value}/{total} chunks | {done} | {rate}/s | ETA {eta_formatted}', stream: process.stderr, hideCursor: true }, cliProgress.Presets.shades_classic);
+    // The percentage is the desktop's data present locally where the transfer says (check-outs: the
+    // number `status` and the admin views show), else this run's chunks.
+    const bar = new cliProgress.SingleBar({ format: '{label} [{bar}] {percentage}% | {chunks} chunks | {done} | {rate}/s | ETA {eta_formatted}', stream: process.stderr, hideCursor: true }, cliProgress.Presets.shades_classic);
     let started = false;
     return {
       onProgress: (label, p) => {
-        const payload = { label, done: formatBytes(p.bytesDone), rate: formatBytes(p.rate) };
+        const payload = { label, chunks: `${p.chunksDone}/${p.chunksTotal}`, done: formatBytes(p.bytesDone), rate: formatBytes(p.rate) };
+        const [value, total] = p.bytesTotal !== undefined ? [p.bytesLocal ?? 0, p.bytesTotal] : [p.chunksDone, p.chunksTotal];
         if (!started) {
-          bar.start(p.chunksTotal, p.chunksDone, payload);
+          bar.start(total, value, payload);
           started = true;
-        } else bar.update(p.chunksDone, payload);
+        } else bar.update(value, payload);
       },
       stop: () => started && bar.stop(),
     };
@@ -72,7 +75,8 @@ export function progressReporter(quiet: boolean): { onProgress: (label: string, 
     onProgress: (label, p) => {
       if (Date.now() - last < 2000 && p.chunksDone < p.chunksTotal) return;
       last = Date.now();
-      process.stderr.write(`${label}: ${p.chunksDone}/${p.chunksTotal} chunks, ${formatBytes(p.bytesDone)}, ${formatBytes(p.rate)}/s${p.etaSeconds !== null ? `, ETA ${Math.ceil(p.etaSeconds)} s` : ''}\n`);
+      const local = p.bytesTotal ? `, ${((100 * (p.bytesLocal ?? 0)) / p.bytesTotal).toFixed(1)}% of the desktop local` : '';
+      process.stderr.write(`${label}: ${p.chunksDone}/${p.chunksTotal} chunks, ${formatBytes(p.bytesDone)}, ${formatBytes(p.rate)}/s${p.etaSeconds !== null ? `, ETA ${Math.ceil(p.etaSeconds)} s` : ''}${local}\n`);
     },
     stop: () => undefined,
   };

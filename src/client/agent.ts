@@ -3,7 +3,8 @@ import { join } from 'node:path';
 import { z } from 'zod';
 import { writeFileAtomic } from '../store/files.js';
 import { SignedLease, verifyLease } from '../core/lease.js';
-import { readDiskFailures, readFillReport, topBytes } from './disks.js';
+import { readDiskFailures, topBytes } from './disks.js';
+import { percentLocal } from './local-progress.js';
 import { pendingEvents } from './events.js';
 import { effectiveConfig, LEASE, lockDesktop, peekClock, writeLockRecord, writePolicy } from './guards.js';
 import { readOwner } from './holder.js';
@@ -23,11 +24,9 @@ const HeartbeatReply = z.object({
 
 /** Dirty bytes and percent local without the user's keys: the top layers' size and the fill state. */
 async function diskStats(vault: Vault, s: DesktopState): Promise<{ dirtyBytes: number; percentLocal: number; readFailures: number }> {
-  const complete = s.disks.every((d) => d.complete);
-  const fill = complete ? null : await readFillReport(vault, s.desktopId);
   // Failures a reader saw offline (a chunk that failed authentication, a link that gave up) reach the broker here.
   const readFailures = (await readDiskFailures(vault, s.desktopId)).length;
-  return { dirtyBytes: await topBytes(vault, s), percentLocal: complete ? 100 : fill && fill.total ? (100 * fill.done) / fill.total : 0, readFailures };
+  return { dirtyBytes: await topBytes(vault, s), percentLocal: await percentLocal(vault, s), readFailures };
 }
 
 /** Stops the process holding the desktop's disk (a running VM shuts down; a transfer pauses). */

@@ -14,12 +14,13 @@ import { NbdClient } from '../nbd/client.js';
 import { TransferSession } from '../transfer/client.js';
 import { BrokerClient, CheckoutResponse, CheckoutView, JobView } from './broker-client.js';
 import { newDesktopKeys, type DesktopKeys } from './desktop-keys.js';
-import { createMissingLayers, diskDir, openDesktopDisks, socketDir, writeFillReport, type DesktopDisk } from './disks.js';
+import { createMissingLayers, diskDir, openDesktopDisks, socketDir, type DesktopDisk } from './disks.js';
 import { clearCheckoutFailure, readCheckoutFailure, recordCheckoutFailure } from './checkout-failure.js';
 import { ChunkFailedAuthentication, fillDirect, type BaseSink } from './fill-direct.js';
 import { mintToken } from './guards.js';
 import { claimOwner, diskPrefix, specFor } from './holder.js';
 import { hostFacts } from './home.js';
+import { dataBytes, LocalProgressReporter } from './local-progress.js';
 import { resetClock } from './key-release.js';
 import { retryTransfer } from './retry.js';
 import { rememberRate, transferLimiter } from './transfer-rate.js';
@@ -137,6 +138,7 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
   const dir = await socketDir(vault, state.desktopId);
   let qsd: StorageDaemon | null = null;
   let sinks: BaseSink[] = [];
+  let reporter: LocalProgressReporter | null = null;
   try {
     try {
       for (const d of incomplete) sinks.push(await Qcow2BaseWriter.open(d.chain.files.base, layerSecret(d.chain, 'base'), d.base.chunkSize));
@@ -148,15 +150,17 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
       sinks = await nbdSinks(qsd, opened.disks, join(dir, 'fill.sock'));
     }
     const renew = renewer(broker, job.id);
+    // The desktop's disks already complete count as present (the percentage is of the whole desktop).
+    const whole = opened.disks.filter((d) => d.entry.complete).reduce((n, d) => n + dataBytes(d.base), 0);
     const rateLimit = await transferLimiter(env, vault, state);
-    let lastReport = 0;
+    reporter = new LocalProgressReporter({ vault, desktopId: state.desktopId, broker, jobId: job.id });
+    const r = reporter;
     const moved = await diskFullIsClear(env.home, () => retryTransfer({ what: 'check-out', log: env.log, signal: env.signal, beforeRetry: async () => session.setEndpoint(await renew()) }, () =>
       fillDirect({ disks: incomplete.map((disk, i) => ({ disk, dir: diskDir(vault, state.desktopId, disk.name), sink: sinks[i]! })), session, keys, signal: env.signal, rateLimit, onProgress: (p) => {
-        env.onProgress?.('check-out', p);
-        // For `status` in another process: once a second is enough (each report is a file replaced atomically).
-        if (Date.now() - lastReport < 1000) return;
-        lastReport = Date.now();
-        void writeFillReport(vault, state.desktopId, { pid: process.pid, done: p.chunksDone, total: p.chunksTotal, updatedAt: new Date().toISOString(), failures: [] }).catch(() => undefined);
+        const local = { ...p, bytesLocal: whole + (p.bytesLocal ?? 0), bytesTotal: whole + (p.bytesTotal ?? 0) };
+        env.onProgress?.('check-out', local);
+        // For `status` in another process and the admin views: once a second is enough.
+        r.update(local.bytesLocal, local.bytesTotal, p.bytesDone);
       } }),
     ));
     const done: DesktopState = { ...opened.state, disks: opened.state.disks.map((d) => ({ ...d, complete: true })) };
@@ -169,6 +173,7 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
     await Promise.all(sinks.map((s) => s.close()));
     await qsd?.stop();
     await session.close();
+    await reporter?.settle();
   }
 }
 

@@ -60,21 +60,28 @@ export async function fillDirect(opts: {
   const sinks = opts.disks.map((d) => d.sink);
   const filled: Set<number>[] = [];
   let total = 0;
+  // Data bytes (holes not counted) present locally and in all: the percentage status and the broker show.
+  let bytesLocal = 0;
+  let bytesTotal = 0;
   // The sinks are the caller's (opened and closed there): a retry goes on with the same ones.
   for (const [d, { disk, dir, sink }] of opts.disks.entries()) {
     const done = await readFilled(dir);
     filled.push(done);
     const m = disk.base;
     m.chunks.forEach((id, index) => {
-      if (!id || done.has(index)) return;
+      if (!id) return;
+      const length = chunkLength(index, m.diskSize, m.chunkSize);
+      bytesTotal += length;
+      if (done.has(index)) return void (bytesLocal += length);
       const list = targets.get(id) ?? [];
-      list.push({ sink, length: chunkLength(index, m.diskSize, m.chunkSize), disk: d, index });
+      list.push({ sink, length, disk: d, index });
       targets.set(id, list);
       total++;
     });
   }
   const ids = [...targets.keys()];
   const started = Date.now();
+  opts.onProgress?.({ bytesDone: 0, chunksDone: 0, chunksTotal: total, rate: 0, etaSeconds: null, bytesLocal, bytesTotal });
   let bytesMoved = 0;
   let chunksMoved = 0;
   // The first failure (a stream's, or a group's persist) stops every stream; none is still writing when the clients close.
@@ -147,9 +154,10 @@ export async function fillDirect(opts: {
           bytesMoved += blob.length;
           chunksMoved += places.length;
           testHooks.afterChunk?.(chunksMoved);
+          bytesLocal += places.length * places[0]!.length;
           const secs = (Date.now() - started) / 1000;
           const rate = secs > 0 ? bytesMoved / secs : 0;
-          opts.onProgress?.({ bytesDone: bytesMoved, chunksDone: chunksMoved, chunksTotal: total, rate, etaSeconds: chunksMoved ? ((total - chunksMoved) / chunksMoved) * secs : null });
+          opts.onProgress?.({ bytesDone: bytesMoved, chunksDone: chunksMoved, chunksTotal: total, rate, etaSeconds: chunksMoved ? ((total - chunksMoved) / chunksMoved) * secs : null, bytesLocal, bytesTotal });
         }
         queue = queue.filter((id) => !seen.has(id));
         if (queue.length && attempt >= 3) throw new TransferFailed(`${queue.length} chunks did not arrive`);

@@ -11,9 +11,12 @@ import type { BlockHost } from '../disk/storage-daemon.js';
 import { serveNbd, type NbdServer } from '../nbd/server.js';
 import { TransferSession, type Progress, type TransferEndpoint } from '../transfer/client.js';
 import type { RateLimiter } from '../transfer/rate-limit.js';
-import { recordDiskFailure, runDir, socketDir, writeFillReport, type DesktopDisk } from './disks.js';
+import type { BrokerClient } from './broker-client.js';
+import { diskDir, recordDiskFailure, runDir, socketDir, type DesktopDisk } from './disks.js';
 import type { DesktopKeys } from './desktop-keys.js';
+import { readFilled } from './fill-direct.js';
 import { readJsonFile } from './json-file.js';
+import { dataBytes, LocalProgressReporter, presentBelow } from './local-progress.js';
 import type { DesktopState, Vault } from './vault.js';
 
 /** Node names of disk `i` in whichever QEMU holds the chain. */
@@ -82,11 +85,21 @@ export class RemoteSource {
 export async function fillDisks(opts: {
   host: BlockHost; vault: Vault; state: DesktopState; keys: DesktopKeys; disks: DesktopDisk[]; remote: RemoteSource;
   signal?: AbortSignal; onProgress?: (p: Progress) => void;
+  /** Where the laptop's count goes besides `fill.json` (the broker's admin views). */
+  broker?: BrokerClient | null; jobId?: string | null;
 }): Promise<{ state: DesktopState; complete: boolean }> {
   let state = opts.state;
   const totals = new Map<number, FillProgress>();
   const started = Date.now();
-  let lastReport = 0;
+  // The percentage is of the desktop's data (holes not counted), as for a check-out: QEMU's offsets
+  // become the data bytes present below them, plus what was already there when the fill began.
+  const reporter = new LocalProgressReporter({ vault: opts.vault, desktopId: opts.state.desktopId, broker: opts.broker, jobId: opts.jobId });
+  const bytesTotal = opts.disks.reduce((n, d) => n + dataBytes(d.base), 0);
+  const present = await Promise.all(opts.disks.map(async (d): Promise<(offset: number) => number> => {
+    if (!d.entry.complete) return presentBelow(d.base, await readFilled(diskDir(opts.vault, opts.state.desktopId, d.name)));
+    const all = dataBytes(d.base);
+    return () => all;
+  }));
   const report = (i: number, p: FillProgress) => {
     totals.set(i, p);
     let done = 0;
@@ -95,14 +108,12 @@ export async function fillDisks(opts: {
       done += t.done;
       total += t.total;
     }
+    const bytesLocal = present.reduce((n, at, d) => n + at(totals.get(d)?.done ?? 0), 0);
     const secs = (Date.now() - started) / 1000;
     const rate = secs > 0 ? opts.remote.fetchedBytes / secs : 0;
     const chunk = opts.disks[0]?.base.chunkSize ?? 1;
-    opts.onProgress?.({ bytesDone: opts.remote.fetchedBytes, chunksDone: Math.floor(done / chunk), chunksTotal: Math.ceil(total / chunk), rate, etaSeconds: done > 0 && secs > 0 ? ((total - done) / done) * secs : null });
-    if (Date.now() - lastReport > 1000) {
-      lastReport = Date.now();
-      void writeFillReport(opts.vault, state.desktopId, { pid: process.pid, done, total, updatedAt: new Date().toISOString(), failures: [] }).catch(() => undefined);
-    }
+    opts.onProgress?.({ bytesDone: opts.remote.fetchedBytes, chunksDone: Math.floor(done / chunk), chunksTotal: Math.ceil(total / chunk), rate, etaSeconds: done > 0 && secs > 0 ? ((total - done) / done) * secs : null, bytesLocal, bytesTotal });
+    reporter.update(bytesLocal, bytesTotal, opts.remote.fetchedBytes);
   };
   const results = await Promise.all(
     opts.disks.map(async (d, i) => {
@@ -114,6 +125,7 @@ export async function fillDisks(opts: {
       return true;
     }),
   );
+  await reporter.settle();
   return { state, complete: results.every(Boolean) };
 }
 

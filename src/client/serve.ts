@@ -79,7 +79,7 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
       async fillIn(host, signal) {
         if (!remote) return;
         try {
-          const res = await fillDisks({ host, vault, state: stored(held.state), keys, disks: held.disks, remote, signal });
+          const res = await fillDisks({ host, vault, state: stored(held.state), keys, disks: held.disks, remote, signal, broker, jobId: held.state.jobId });
           held.state = view(res.state);
           if (res.complete && broker) {
             await broker.call('POST', `/v1/checkouts/${held.state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }));

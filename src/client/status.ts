@@ -1,9 +1,10 @@
 import { CarryonError } from '../core/errors.js';
 import { topExtents } from '../disk/chain.js';
-import { chainOf, readDiskFailures, readFillReport, topBytes } from './disks.js';
+import { chainOf, readDiskFailures, topBytes } from './disks.js';
 import { loadDevice } from './home.js';
 import { layerProblem } from './layer-guard.js';
 import { readCheckoutFailure } from './checkout-failure.js';
+import { percentLocal } from './local-progress.js';
 import type { ClientEnv } from './session.js';
 import { Vault } from './vault.js';
 
@@ -42,8 +43,6 @@ export async function status(env: ClientEnv, desktopRef?: string) {
       if (err.code === 'vault-locked' || err.code === 'kdf-refused' || err.code === 'tpm' || err.code === 'home-damaged') throw err;
     }
     const complete = s.disks.every((d) => d.complete);
-    const fill = complete ? null : await readFillReport(vault, s.desktopId);
-    const percentLocal = complete ? 100 : fill && fill.total > 0 ? (100 * fill.done) / fill.total : 0;
     const failures = await readDiskFailures(vault, s.desktopId);
     // A check-out that stopped for good (a damaged snapshot) is not "transferring": say so, and why.
     const failed = await readCheckoutFailure(vault, s.desktopId);
@@ -56,7 +55,7 @@ export async function status(env: ClientEnv, desktopRef?: string) {
       dirtyBytes,
       /** The top layers' size on disk (metadata included): an upper bound that needs no keys. */
       storedChangeBytes: await topBytes(vault, s),
-      percentLocal,
+      percentLocal: await percentLocal(vault, s),
       lastReplicationAt: s.lastReplicationAt,
       /** Whole on this laptop and `serve`/`run` would open it now: a locked desktop or a lapsed lease is not usable offline. */
       safeOffline: complete && s.state !== 'transferring' && refused === null && problem === null, problem,

@@ -23,6 +23,9 @@ export interface Progress {
   chunksTotal: number;
   rate: number;
   etaSeconds: number | null;
+  /** Check-outs: plaintext bytes of the disks being filled present locally, and that are not holes (src/client/local-progress.ts). */
+  bytesLocal?: number;
+  bytesTotal?: number;
 }
 
 export interface TransferOptions {

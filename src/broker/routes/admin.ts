@@ -12,6 +12,7 @@ import { resolveImportPath } from '../import-paths.js';
 import { enforceCutOff } from '../trust.js';
 import { effectivePolicy } from '../policies.js';
 import { checkoutFailures } from '../damage.js';
+import { checkoutTransfers } from '../transfers/overview.js';
 
 const Name = SafeName;
 const Id = z.object({ id: z.string().min(1).max(200) });
@@ -216,7 +217,9 @@ export function adminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     await admin(req);
     const q = parse(z.object({ all: z.enum(['true', 'false']).optional() }), req.query);
     const failures = await checkoutFailures(ctx);
-    return { checkouts: (await ctx.meta.listCheckouts({ activeOnly: q.all !== 'true' })).map((c) => ({ ...checkoutView(c), failure: failures[c.id] ?? null })) };
+    // Each with its open transfer job's progress: the same numbers as `GET /v1/admin/transfers`.
+    const transfers = await checkoutTransfers(ctx);
+    return { checkouts: (await ctx.meta.listCheckouts({ activeOnly: q.all !== 'true' })).map((c) => ({ ...checkoutView(c), failure: failures[c.id] ?? null, transfer: transfers.get(c.id) ?? null })) };
   });
   app.post('/v1/admin/checkouts/:id/force-unlock', async (req) => {
     const actor = await admin(req);

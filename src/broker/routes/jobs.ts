@@ -6,6 +6,8 @@ import { HttpError, parse, requireUser } from '../http.js';
 import { cutOffReason, enforceCutOff } from '../trust.js';
 
 const Id = z.object({ id: z.string().min(1).max(200) });
+const Bytes = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
+const LocalProgress = z.object({ bytesLocal: Bytes, bytesTotal: Bytes, bytesReceived: Bytes.optional() }).strict().refine((p) => p.bytesLocal <= p.bytesTotal, 'bytesLocal exceeds bytesTotal');
 
 /**
  * Transfer jobs: only the holder of the job's checkout sees or touches it (and gets its tickets);
@@ -43,6 +45,15 @@ export function jobRoutes(app: FastifyInstance, ctx: BrokerContext): void {
   app.get('/v1/jobs/:id', async (req) => {
     const who = await jobOf(req, 'job-view');
     return await answer(who, await ctx.scheduler.get(who.id));
+  });
+  // The holder's laptop says how much of the desktop it holds (once a second while filling): the
+  // percentage every admin view shows. Not audited (it is only a number for the views).
+  app.post('/v1/jobs/:id/progress', async (req) => {
+    const body = parse(LocalProgress, req.body);
+    const who = await jobOf(req, 'job-progress');
+    if (!who.holder) throw new HttpError(403, 'forbidden', 'only the laptop holding the check-out reports its progress');
+    ctx.jobProgress.reportLocal(who.id, body);
+    return { ok: true };
   });
   for (const op of ['pause', 'resume'] as const) {
     app.post(`/v1/jobs/:id/${op}`, async (req) => {

@@ -1,9 +1,37 @@
-import { decodeManifest, referencedChunks } from '../../core/manifest.js';
 import type { BrokerContext } from '../context.js';
-import type { JobView } from './types.js';
+import { jobPercent } from './progress.js';
+import type { JobKind, JobView } from './types.js';
+
+/** How far and how fast one job is: the same numbers in every admin view (docs/api.md, "Transfer progress"). */
+export interface JobNumbers {
+  /** Bytes the transfer server has moved for the job (compressed, sealed blobs; sent for check-outs, received for uploads). */
+  bytesDone: number;
+  chunksDone: number;
+  /** Check-outs: plaintext bytes of the desktop the laptop holds, and of the desktop that are not holes (null until it reports). */
+  bytesLocal: number | null;
+  bytesTotal: number | null;
+  /** 100 × bytesLocal / bytesTotal, one decimal; null where not known (before the laptop's first report, uploads). */
+  percent: number | null;
+  /** Bytes per second on the wire over the last few seconds, counted where they arrive (progress.ts). */
+  rate: number;
+}
+
+/** The one place the broker computes a job's progress. */
+export function jobNumbers(ctx: BrokerContext, job: { id: string; kind: JobKind }): JobNumbers {
+  const p = ctx.jobProgress.get(job.id);
+  const upload = job.kind !== 'checkout';
+  return {
+    bytesDone: p ? (upload ? p.bytesIn : p.bytesOut) : 0,
+    chunksDone: p ? (upload ? p.chunksIn : p.chunksOut) : 0,
+    bytesLocal: p?.local?.bytesLocal ?? null,
+    bytesTotal: p?.local?.bytesTotal ?? null,
+    percent: jobPercent(p?.local ?? null),
+    rate: p?.rate ?? 0,
+  };
+}
 
 /** A job as admins see it: who, which desktop, how far, how fast. */
-export interface JobDetail extends JobView {
+export interface JobDetail extends JobView, JobNumbers {
   checkoutId: string;
   desktopId: string;
   desktop: string | null;
@@ -11,28 +39,6 @@ export interface JobDetail extends JobView {
   deviceId: string | null;
   serverId: string | null;
   queuedAt: string;
-  bytesDone: number;
-  chunksDone: number;
-  /** Chunks the job's manifests reference (a check-out moves at most this many; null for uploads). */
-  chunksTotal: number | null;
-  /** 0–100 for check-outs; null where the total is not known in advance (check-in, replicate). */
-  percent: number | null;
-  /** Bytes per second over the last report. */
-  rate: number;
-}
-
-const totals = new Map<string, number>();
-
-/** Chunks referenced by a manifest (manifests are immutable, so the count is cached by digest). */
-async function chunkCount(ctx: BrokerContext, digest: string): Promise<number> {
-  let n = totals.get(digest);
-  if (n === undefined) {
-    const raw = await ctx.store.getManifest(digest);
-    n = raw ? referencedChunks(decodeManifest(raw)).size : 0;
-    if (totals.size > 10_000) totals.clear();
-    totals.set(digest, n);
-  }
-  return n;
 }
 
 /** `GET /v1/admin/transfers`: the scheduler's overview with per-job user, desktop, progress and rate. */
@@ -43,20 +49,29 @@ export async function transfersOverview(ctx: BrokerContext) {
     const r = rows.get(j.id);
     const co = r ? await ctx.meta.getCheckout(r.checkoutId) : null;
     const desktop = r ? await ctx.meta.getDesktop(r.desktopId) : null;
-    const p = ctx.jobProgress.get(j.id);
-    const chunksDone = p ? (j.kind === 'checkout' ? p.chunksOut : p.chunksIn) : 0;
-    const bytesDone = p ? (j.kind === 'checkout' ? p.bytesOut : p.bytesIn) : 0;
-    let chunksTotal: number | null = null;
-    if (r && j.kind === 'checkout') {
-      const ids = await Promise.all(r.manifests.map((d) => chunkCount(ctx, d)));
-      chunksTotal = ids.reduce((a, b) => a + b, 0);
-    }
     return {
       ...j, checkoutId: r?.checkoutId ?? '', desktopId: r?.desktopId ?? '', desktop: desktop?.name ?? null, user: co?.user ?? null, deviceId: co?.deviceId ?? null,
-      serverId: r?.serverId ?? null, queuedAt: r?.queuedAt ?? '', bytesDone, chunksDone, chunksTotal,
-      percent: chunksTotal ? Math.min(100, Math.round((chunksDone / chunksTotal) * 1000) / 10) : chunksTotal === 0 ? 100 : null,
-      rate: p?.rate ?? 0,
+      serverId: r?.serverId ?? null, queuedAt: r?.queuedAt ?? '', ...jobNumbers(ctx, j),
     };
   };
   return { servers: o.servers, queued: await Promise.all(o.queued.map(detail)), active: await Promise.all(o.active.map(detail)) };
+}
+
+export type CheckoutTransfer = { jobId: string; kind: JobKind; state: string; queuePosition?: number } & JobNumbers;
+
+/**
+ * `GET /v1/admin/checkouts`' transfer column: the check-out's open job (its check-out job first),
+ * with the numbers `GET /v1/admin/transfers` shows for it.
+ */
+export async function checkoutTransfers(ctx: BrokerContext): Promise<Map<string, CheckoutTransfer>> {
+  const o = await ctx.scheduler.overview();
+  const positions = new Map([...o.queued, ...o.active].map((j) => [j.id, j.queuePosition]));
+  const out = new Map<string, CheckoutTransfer>();
+  for (const r of await ctx.scheduler.openJobs()) {
+    const have = out.get(r.checkoutId);
+    if (have && (have.kind === 'checkout' || r.kind !== 'checkout')) continue;
+    const position = positions.get(r.id);
+    out.set(r.checkoutId, { jobId: r.id, kind: r.kind, state: r.state, ...(position !== undefined ? { queuePosition: position } : {}), ...jobNumbers(ctx, r) });
+  }
+  return out;
 }

@@ -3,17 +3,16 @@ import { api, enc, get } from '../api';
 import { bytes, left, rate } from '../format';
 import { useAction, usePoll } from '../hooks';
 import { Badge, Empty, Field, Progress, Section, Status } from '../ui';
-import type { AdminDesktop, CheckoutView, Transfers } from './types';
+import type { AdminDesktop, CheckoutTransfer, CheckoutView } from './types';
 
 /** Who holds which desktop, the transfer in flight, and force-unlock with a reason. */
 export function CheckoutsPage() {
-  const checkouts = usePoll(() => get<{ checkouts: (CheckoutView & { createdAt?: string })[] }>('/v1/admin/checkouts'), 1000);
-  const transfers = usePoll(() => get<Transfers>('/v1/admin/transfers'), 1000);
+  // Each check-out comes with its job's numbers, the same the Transfers page shows.
+  const checkouts = usePoll(() => get<{ checkouts: (CheckoutView & { createdAt?: string; transfer?: CheckoutTransfer | null })[] }>('/v1/admin/checkouts'), 1000);
   const desktops = usePoll(() => get<{ desktops: AdminDesktop[] }>('/v1/admin/desktops'), 5000);
   const [unlocking, setUnlocking] = useState<string | null>(null);
   const [reason, setReason] = useState('');
   const act = useAction();
-  const jobs = [...(transfers.data?.active ?? []), ...(transfers.data?.queued ?? [])];
   const name = (id: string) => desktops.data?.desktops.find((d) => d.id === id)?.name ?? id.slice(0, 8);
   const list = checkouts.data?.checkouts ?? [];
   return (
@@ -23,7 +22,7 @@ export function CheckoutsPage() {
         <tbody>
           {list.length === 0 && <Empty cols={9} text={checkouts.data ? 'no desktop is checked out' : 'loading…'} />}
           {list.map((c) => {
-            const job = jobs.find((j) => j.checkoutId === c.id);
+            const job = c.transfer ?? null;
             return (
               <tr key={c.id} data-checkout={name(c.desktopId)}>
                 <td>{name(c.desktopId)}</td>

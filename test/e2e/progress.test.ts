@@ -1,0 +1,118 @@
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import type { RunningBroker } from '../../src/broker/start.js';
+import { checkout, enroll, status, type ClientEnv } from '../../src/client/ops.js';
+import { serveDesktop } from '../../src/client/serve.js';
+import { RateLimiter } from '../../src/transfer/rate-limit.js';
+import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
+
+process.env.CARRYON_SCRYPT_N = '1024';
+let broker: RunningBroker & { dir: string };
+let http: Api;
+let admin: string;
+
+before(async () => {
+  broker = await testBroker();
+  http = api(broker.url, broker.fingerprint);
+  admin = await http.login(ADMIN.name, ADMIN.password);
+  await http.call('POST', '/v1/admin/users', { name: 'alice', password: 'alice-password' }, admin);
+  // Half of each 512 KiB is zeros: with 256 KiB chunks, half the disk is holes (not counted).
+  const image = makeImage(broker.dir, 32);
+  assert.equal((await http.call('POST', '/v1/admin/desktops', { name: 'win11', image }, admin)).status, 201);
+  assert.equal((await http.call('POST', '/v1/admin/desktops', { name: 'ubuntu', cloneOf: 'win11' }, admin)).status, 201);
+  for (const target of ['win11', 'ubuntu']) await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target }, admin);
+});
+after(async () => {
+  await http.close();
+  await broker.close();
+  cleanup(broker.dir);
+});
+
+interface Numbers { percent: number | null; rate: number; kind: string; jobId?: string; desktop?: string }
+
+/**
+ * Samples `status`, `GET /v1/admin/checkouts` and `GET /v1/admin/transfers` until `finished()`,
+ * keeping the samples where the laptop's count did not change while the broker was asked ("the
+ * same moment") and the rate had two seconds of reports.
+ */
+async function watch(env: ClientEnv, desktop: string, finished: () => boolean | Promise<boolean>) {
+  const log: string[] = [];
+  const samples: { local: number; checkouts: Numbers; transfers: Numbers }[] = [];
+  let firstSeen = 0;
+  let jobId = '';
+  let first: number | null = null;
+  while (!(await finished())) {
+    await new Promise((r) => setTimeout(r, 200));
+    // Not in the vault until the check-out has begun.
+    const local = (await status(env, desktop).catch(() => []))[0];
+    if (!local || local.state !== 'transferring') continue;
+    const co = (await http.call('GET', '/v1/admin/checkouts', undefined, admin)).body as { checkouts: { desktopId: string; transfer: Numbers | null }[] };
+    const tr = (await http.call('GET', '/v1/admin/transfers', undefined, admin)).body as { active: Numbers[] };
+    const again = (await status(env, desktop).catch(() => []))[0];
+    const checkouts = co.checkouts.find((c) => c.desktopId === local.desktopId)?.transfer;
+    const transfers = tr.active.find((j) => j.kind === 'checkout' && j.desktop === desktop);
+    first ??= local.percentLocal;
+    if ((await finished()) || again?.percentLocal !== local.percentLocal || !checkouts || !transfers || checkouts.percent === null) continue;
+    if (local.percentLocal <= 0 || local.percentLocal >= 100) continue;
+    firstSeen ||= Date.now();
+    jobId = checkouts.jobId!;
+    log.push(`${local.percentLocal.toFixed(1)} ${checkouts.percent} ${transfers.percent} ${Math.round(transfers.rate)}`);
+    if (Date.now() - firstSeen < 2_000) continue;
+    samples.push({ local: local.percentLocal, checkouts, transfers });
+  }
+  return { samples, jobId, first, log: `status% checkouts% transfers% rate: ${log.join(' | ')}` };
+}
+
+function agree(samples: Awaited<ReturnType<typeof watch>>['samples']): void {
+  assert.ok(samples.length >= 2, `${samples.length} samples taken mid-transfer`);
+  for (const s of samples) {
+    assert.ok(Math.abs(s.local - s.checkouts.percent!) <= 2, `status ${s.local}% vs admin checkouts ${s.checkouts.percent}%`);
+    assert.ok(Math.abs(s.local - s.transfers.percent!) <= 2, `status ${s.local}% vs admin transfers ${s.transfers.percent}%`);
+    assert.ok(s.checkouts.rate > 0 && s.transfers.rate > 0, `a rate while bytes flow (${s.checkouts.rate}, ${s.transfers.rate} B/s at ${s.local}%)`);
+  }
+}
+
+const home = () => join(broker.dir, 'laptop');
+const env = (): ClientEnv => ({ home: home(), user: 'alice', password: async () => 'alice-password', log: () => undefined, pollMs: 20 });
+
+test('one truth: status, admin checkouts and admin transfers show the same percentage and a real rate mid-transfer', async (t) => {
+  await enroll(env(), broker.url, { fingerprint: broker.fingerprint, name: 'laptop' });
+  // 16 MiB of data at 2 MB/s: about 8 s in flight.
+  let finished = false;
+  const running = checkout({ ...env(), rateLimit: new RateLimiter(2_000_000) }, 'win11').finally(() => (finished = true));
+  const seen = await watch(env(), 'win11', () => finished);
+  await running;
+  t.diagnostic(seen.log);
+  agree(seen.samples);
+  const done = (await status(env(), 'win11'))[0]!;
+  assert.equal(done.percentLocal, 100);
+  // Only the holder reports a job's progress, and only a count that makes sense.
+  const { jobId } = seen;
+  assert.equal((await http.call('POST', `/v1/jobs/${jobId}/progress`, { bytesLocal: 1, bytesTotal: 2 }, admin)).status, 403);
+  const alice = await http.login('alice', 'alice-password');
+  assert.equal((await http.call('POST', `/v1/jobs/${jobId}/progress`, { bytesLocal: 3, bytesTotal: 2 }, alice)).status, 400);
+  assert.equal((await http.call('POST', `/v1/jobs/${jobId}/progress`, { bytesLocal: 1, bytesTotal: 2 }, alice)).status, 200);
+});
+
+test('the same truth when `serve` takes a stopped check-out over: it goes on from where the check-out got to', async (t) => {
+  const abort = new AbortController();
+  let stoppedAt = 0;
+  await assert.rejects(checkout({ ...env(), signal: abort.signal, onProgress: (_l, p) => {
+    if (p.bytesLocal! >= p.bytesTotal! / 4 && !abort.signal.aborted) {
+      stoppedAt = (100 * p.bytesLocal!) / p.bytesTotal!;
+      abort.abort();
+    }
+  } }, 'ubuntu'));
+  // The background fill (QEMU's block-stream) reports QEMU's offsets as data bytes present.
+  const served = await serveDesktop({ ...env(), rateLimit: new RateLimiter(2_000_000) }, 'ubuntu');
+  try {
+    const seen = await watch(env(), 'ubuntu', async () => (await status(env(), 'ubuntu'))[0]!.state !== 'transferring');
+    t.diagnostic(`stopped at ${stoppedAt.toFixed(1)}%; ${seen.log}`);
+    assert.ok(seen.first !== null && seen.first >= stoppedAt - 2, `serve starts from what the check-out left (${seen.first}% after ${stoppedAt}%)`);
+    agree(seen.samples);
+  } finally {
+    await served.close();
+  }
+  assert.equal((await status(env(), 'ubuntu'))[0]!.percentLocal, 100);
+});
