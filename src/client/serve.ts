@@ -74,6 +74,8 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
       remote = await RemoteSource.start({ vault, state: opened.state, disks: opened.disks, keys, endpoint: job.transfer, renew, log: env.log, rateLimit: await transferLimiter(env, vault, opened.state) });
       env.log('check-out still in flight: the desktop reads what it needs first; the rest follows in the background');
     }
+    // Bases this session completes were written from chunks authenticated on arrival (as a check-out's are).
+    let filledHere = false;
     const held: HeldDesktop = {
       vault, state: view(await markLayersOpen(vault, opened.state, keys)), keys, disks: opened.disks, remote,
       async fillIn(host, signal) {
@@ -81,6 +83,7 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
         try {
           const res = await fillDisks({ host, vault, state: stored(held.state), keys, disks: held.disks, remote, signal, broker, jobId: held.state.jobId });
           held.state = view(res.state);
+          filledHere = res.complete;
           if (res.complete && broker) {
             await broker.call('POST', `/v1/checkouts/${held.state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }));
             held.state = { ...held.state, state: 'checked_out', jobId: null };
@@ -92,6 +95,10 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
         }
       },
       checkBases(signal, stop) {
+        // A base this session fills is held writable by QEMU, whose qcow2 tables may not be on disk
+        // yet: reading the file under it would find other bytes (a false "damaged"). Its chunks were
+        // authenticated as they arrived; the stamp is recorded once QEMU has closed it (release).
+        if (remote) return Promise.resolve();
         return verifyInBackground(vault, keys, () => stored(held.state), (s) => (held.state = view(s)), { signal, log: env.log, stop });
       },
       async release() {
@@ -99,7 +106,7 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
         await broker?.close();
         // Nothing holds the chain any more: its layers are recorded as they are now.
         try {
-          held.state = view(await recordLayers(vault, stored(held.state), keys));
+          held.state = view(await recordLayers(vault, stored(held.state), keys, { verifiedBases: filledHere }));
         } finally {
           await release();
         }
