@@ -184,22 +184,25 @@ test('a check-in whose commit was applied and its answer lost: the rerun recogni
   await writeDesktop(env(home), 'win11', [{ offset: 5 * CHUNK + 4096, data: randomBytes(8192) }, { offset: 30 * CHUNK, data: randomBytes(CHUNK) }]);
   const laptopDisk = await readDesktop(env(home), 'win11');
   // The broker applies the commit, then fails before answering (as a kill -9 of the laptop would lose the answer).
-  const scheduler = broker.ctx.scheduler;
-  const finish = scheduler.finish.bind(scheduler);
-  let dropped = false;
-  scheduler.finish = async (jobId, outcome) => {
-    if (outcome === 'done' && !dropped) {
-      dropped = true;
-      throw new Error('answer lost');
+  const checkinWithAnswerLost = async () => {
+    const scheduler = broker.ctx.scheduler;
+    const finish = scheduler.finish.bind(scheduler);
+    let dropped = false;
+    scheduler.finish = async (jobId, outcome) => {
+      if (outcome === 'done' && !dropped) {
+        dropped = true;
+        throw new Error('answer lost');
+      }
+      return finish(jobId, outcome);
+    };
+    try {
+      await assert.rejects(upload(env(home), 'win11', 'checkin'));
+    } finally {
+      scheduler.finish = finish;
     }
-    return finish(jobId, outcome);
+    assert.ok(dropped);
   };
-  try {
-    await assert.rejects(upload(env(home), 'win11', 'checkin'));
-  } finally {
-    scheduler.finish = finish;
-  }
-  assert.ok(dropped);
+  await checkinWithAnswerLost();
   const committed = (await broker.ctx.meta.getDesktop('win11'))!.currentSnapshot!;
   assert.equal((await status(env(home), 'win11'))[0]!.desktop, 'win11', 'the laptop still holds its copy');
   logs.length = 0;
@@ -213,19 +216,7 @@ test('a check-in whose commit was applied and its answer lost: the rerun recogni
   // Lost again, but the desktop was written after the commit: not the same; the work is kept and can be handed back.
   await checkout(env(home), 'win11');
   await writeDesktop(env(home), 'win11', [{ offset: 7 * CHUNK, data: randomBytes(4096) }]);
-  dropped = false;
-  scheduler.finish = async (jobId, outcome) => {
-    if (outcome === 'done' && !dropped) {
-      dropped = true;
-      throw new Error('answer lost');
-    }
-    return finish(jobId, outcome);
-  };
-  try {
-    await assert.rejects(upload(env(home), 'win11', 'checkin'));
-  } finally {
-    scheduler.finish = finish;
-  }
+  await checkinWithAnswerLost();
   await writeDesktop(env(home), 'win11', [{ offset: 8 * CHUNK, data: randomBytes(4096) }]);
   const later = await readDesktop(env(home), 'win11');
   await assert.rejects(upload(env(home), 'win11', 'checkin'), (e: CarryonError) => e.code === 'checkout-gone' && /checked in as .*changes that snapshot lacks.*carryon handback win11/.test(e.message));
