@@ -219,6 +219,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
       // Per-job summaries still held by the embedded server go to the audit trail before closing.
       if (transfer) await transferServerSync(ctx, transfer.id, (transfer.sweep(), transfer.drainSummaries()));
       await Promise.all([transfer?.close(), closePromptly(app)]);
+      if (transfer) await scheduler.retireServer(transfer.id).catch(() => undefined);
       await store.close();
       await sql.close();
     },

@@ -136,7 +136,8 @@ export class MemoryFailureLog implements FailureLog {
     if ((this.keys.get(key)?.blockedUntil ?? 0) > at) return null;
     const n = await this.recordFailureNow(key, at, forgetAfterMs);
     const e = this.keys.get(key)!;
-    e.blockedUntil = Math.max(e.blockedUntil, at + (delays[Math.min(n, delays.length) - 1] ?? 0));
+    const delay = delays[Math.min(n, delays.length) - 1] ?? 0;
+    if (delay > 0) e.blockedUntil = Math.max(e.blockedUntil, at + delay);
     return n;
   }
 

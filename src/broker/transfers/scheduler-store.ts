@@ -83,6 +83,10 @@ export class SchedulerStore {
     await this.sql.run('UPDATE transfer_servers SET last_heartbeat = ?, bytes_in = ?, bytes_out = ?, rate_in = ?, rate_out = ? WHERE id = ?',
       [at, s.bytesIn, s.bytesOut, s.rateIn, s.rateOut, id]);
   }
+  /** A server that said goodbye: dead from now on, so the next sweep moves its jobs elsewhere. */
+  async retireServer(id: string): Promise<void> {
+    await this.sql.run('UPDATE transfer_servers SET last_heartbeat = ? WHERE id = ?', [new Date(0).toISOString(), id]);
+  }
   async inUse(serverId: string): Promise<number> {
     return Number((await this.sql.get<{ n: number }>(`SELECT COUNT(*) AS n FROM transfer_jobs WHERE server_id = ? AND state IN ${SLOT_STATES}`, [serverId]))!.n);
   }

@@ -45,6 +45,15 @@ export class Scheduler implements TransferScheduler {
     await this.pump();
   }
 
+  /**
+   * A server going away cleanly (the broker's embedded one at close): its jobs are handed to live
+   * servers at once, instead of after three missed heartbeats (on PostgreSQL a restarted broker's
+   * embedded server has a new id, so the old registration would keep taking jobs until then).
+   */
+  async retireServer(id: string): Promise<void> {
+    await this.store.retireServer(id);
+  }
+
   async serverHeartbeat(id: string, stats: { bytesIn: number; bytesOut: number }): Promise<boolean> {
     const cur = await this.store.server(id);
     if (!cur) return false;

@@ -253,10 +253,13 @@ export class SqlMetadataStore implements MetadataStore {
     const count = 'CASE WHEN login_failures.last_failure < ? THEN 1 ELSE login_failures.failures + 1 END';
     // The check, the count and the block in one upsert: attempts racing (on one broker or several)
     // are admitted one at a time, so no more are judged than the backoff allows.
-    const r = await this.sql.get<Raw>(`INSERT INTO login_failures (key, failures, last_failure, blocked_until) VALUES (?, 1, ?, CAST(? AS BIGINT) + ${delays[0] ?? 0})
-      ON CONFLICT (key) DO UPDATE SET failures = ${count}, last_failure = ?, blocked_until = CAST(? AS BIGINT) + ${delayCase(count, delays)}
+    // A free attempt sets no block (0), not "until now": a racing attempt that read the clock a
+    // moment earlier would otherwise find itself blocked by it.
+    const until = (d: number) => (d > 0 ? Math.floor(at) + Math.floor(d) : 0);
+    const r = await this.sql.get<Raw>(`INSERT INTO login_failures (key, failures, last_failure, blocked_until) VALUES (?, 1, ?, ${until(delays[0] ?? 0)})
+      ON CONFLICT (key) DO UPDATE SET failures = ${count}, last_failure = ?, blocked_until = ${delayCase(count, delays.map(until))}
       WHERE login_failures.blocked_until <= ?
-      RETURNING failures`, [key, at, at, at - forgetAfterMs, at, at, at - forgetAfterMs, at]);
+      RETURNING failures`, [key, at, at - forgetAfterMs, at, at - forgetAfterMs, at]);
     return r ? Number(r.failures) : null;
   }
   async releaseLoginAttempt(key: string): Promise<void> {
