@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
 import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -37,6 +38,9 @@ async function runGuest(desktop: string, actions: GuestAction[], extra: string[]
   return { report, stderr: res.stderr };
 }
 
+// Incompressible: at --limit-rate 2M its 8 MiB keep the check-out in flight for seconds (a filled buffer crossed the wire in 5 KiB).
+const bigFile = randomBytes(8 << 20);
+
 before(async () => {
   kernel = guestKernel();
   broker = await testBroker();
@@ -47,7 +51,7 @@ before(async () => {
   initrd = await buildInitramfs(join(broker.dir, 'guest'));
   for (const name of ['office', 'travel']) {
     const image = join(broker.dir, `${name}.raw`);
-    await makeExt4Image(image, 48, { 'etc/motd': `welcome to ${name}\n`, 'data/big.bin': Buffer.alloc(8 << 20, 0x5a) });
+    await makeExt4Image(image, 48, { 'etc/motd': `welcome to ${name}\n`, 'data/big.bin': bigFile });
     const r = await http.call('POST', '/v1/admin/desktops', { name, image, config: { vcpus: 1, ramMiB: 256, minRamMiB: 128 } }, admin);
     assert.equal(r.status, 201, JSON.stringify(r.body));
     await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: name }, admin);
@@ -77,14 +81,16 @@ test('the same guest boots while the check-out is still under way (--limit-rate)
   const slow: ChildProcess = spawn(process.execPath, [CLI, 'checkout', 'travel', '--limit-rate', '2M', '--quiet'], { env: cliEnv, stdio: 'ignore' });
   const slowEnded = new Promise<number | null>((r) => slow.once('exit', (code) => r(code)));
   try {
-    for (let i = 0; i < 200; i++) {
+    let state: string | undefined;
+    for (let i = 0; i < 200 && state !== 'transferring'; i++) {
       const st = await carryon(['status', 'travel', '--json']).catch(() => null);
-      if (st && (JSON.parse(st.stdout) as { state: string }[])[0]?.state === 'transferring') break;
+      state = st ? (JSON.parse(st.stdout) as { state: string }[])[0]?.state : undefined;
+      assert.notEqual(state, 'checked_out', 'the check-out is still in flight when the guest starts');
       await new Promise((r) => setTimeout(r, 100));
     }
     // `run` names its own rate: else it would keep the check-out's 2M (remembered for the download it takes over).
     const { report, stderr } = await runGuest('travel', [{ sha256: '/data/big.bin' }, { write: '/home/alice/trip.txt', content: 'booted-while-in-flight' }], ['--limit-rate', '1G']);
-    assert.ok(report.sha256.get('/data/big.bin'), `the guest read the whole 8 MiB file while it was still arriving\n${stderr}`);
+    assert.equal(report.sha256.get('/data/big.bin'), createHash('sha256').update(bigFile).digest('hex'), `the guest read the whole 8 MiB file while it was still arriving\n${stderr}`);
     assert.doesNotMatch(stderr, /I\/O error|EIO/);
   } finally {
     if (slow.exitCode === null) slow.kill('SIGINT');
