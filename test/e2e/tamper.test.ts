@@ -273,6 +273,17 @@ const nbdcopyOut = (socketPath: string) => {
   execFileSync('nbdcopy', [`nbd+unix:///disk0?socket=${socketPath}`, out]);
   return readFileSync(out);
 };
+
+/** `serve` opens the desktop and nbdcopy reads back exactly the reference bytes. */
+async function servesReference(): Promise<void> {
+  const served = await serveDesktop(env, 'win11');
+  try {
+    assert.ok(nbdcopyOut(served.socketPath).equals(reference));
+  } finally {
+    await served.close();
+  }
+}
+
 const layer = (name: 'base' | 'top') => join(dir, 'disks', 'disk0', `${name}.qcow2`);
 
 /** Host offset of the first data cluster of a qcow2 layer (read from its L1 and first L2 table). */
@@ -434,12 +445,7 @@ test('layers: after a crash (state still open for writing) a changed top is chec
   await vault.save({ ...state, layersOpen: true }, keys);
   const grown = statSync(layer('top')).size + 65536;
   truncateSync(layer('top'), grown); // what a killed QEMU may leave: clusters past the last record
-  const served = await serveDesktop(env, 'win11');
-  try {
-    assert.ok(nbdcopyOut(served.socketPath).equals(reference));
-  } finally {
-    await served.close();
-  }
+  await servesReference();
   const after = await vault.find('win11');
   assert.equal(after.layersOpen, false);
   assert.equal(after.disks[0]!.shapes.top?.size, statSync(layer('top')).size);
@@ -457,12 +463,7 @@ test('layers: a replica\'s merge killed after qemu-img commit (both layers chang
   const digest = await vault.putManifest(state.desktopId, createManifest(m.chunkSize, m.diskSize, ids));
   await vault.save({ ...state, disks: state.disks.map((d) => ({ ...d, mergingTo: digest })) }, keys);
   await mergeTop(chainOf(vault, state, keys, 'disk0')); // the kill came after this, before the state moved on
-  const served = await serveDesktop(env, 'win11');
-  try {
-    assert.ok(nbdcopyOut(served.socketPath).equals(reference));
-  } finally {
-    await served.close();
-  }
+  await servesReference();
   let after = await vault.find('win11');
   assert.equal(after.disks[0]!.baseDigest, digest);
   assert.deepEqual(after.disks[0]!.baseVerified, await fileStamp(layer('base')), 'recorded as verified by the merge');
