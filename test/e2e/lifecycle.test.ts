@@ -363,12 +363,14 @@ test('kill -9 of a check-out at three points: what was made durable stays, each 
   for (const pointAt of points) {
     const point: Record<string, string> = pointAt();
     const wireBefore = chunksOut();
-    const killed = await new Promise<NodeJS.Signals | null>((resolve, reject) => {
-      const p = spawn(process.execPath, [child, home, 'alice', 'alice-password', 'resume'], { env: { ...process.env, ...point }, stdio: 'ignore' });
+    const ended = await new Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string }>((resolve, reject) => {
+      const p = spawn(process.execPath, [child, home, 'alice', 'alice-password', 'resume'], { env: { ...process.env, ...point }, stdio: ['ignore', 'ignore', 'pipe'] });
+      let stderr = '';
+      p.stderr.setEncoding('utf8').on('data', (s: string) => (stderr += s));
       p.once('error', reject);
-      p.once('exit', (_code, signal) => resolve(signal));
+      p.once('close', (code, signal) => resolve({ code, signal, stderr }));
     });
-    assert.equal(killed, 'SIGKILL');
+    assert.equal(ended.signal, 'SIGKILL', `killed at ${JSON.stringify(point)} (${durable} durable before): exit ${ended.code}, ${filledCount(home)} durable now\n${ended.stderr}`);
     const now = filledCount(home);
     const want = Number(Object.values(point)[0]);
     if ('CARRYON_TEST_SIGKILL_AFTER_FILLED' in point) assert.ok(now >= want && now < total, `killed mid-transfer with ${want}+ chunks durable: ${now} of ${total}`);
