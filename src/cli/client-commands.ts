@@ -150,8 +150,15 @@ export function registerClientCommands(program: Command): void {
   });
   const uploadHelp = { checkin: 'send changed blocks back and unlock', replicate: 'send changed blocks as a restore point, stay checked out', handback: 'after the check-out ended without your work (e.g. an admin force-unlocked it): send it as a restore point an admin can make current, then remove the local copy' };
   for (const kind of ['checkin', 'replicate', 'handback'] as const) {
-    program.command(`${kind} <desktop>`).description(uploadHelp[kind]).action(async (desktop: string, _o: unknown, cmd: Command) => {
-      await transferCommand(cmd, desktop, (env) => upload(env, desktop, kind), (r) => {
+    const c = program.command(`${kind} <desktop>`).description(uploadHelp[kind]);
+    if (kind === 'checkin') {
+      c.option('--shutdown-timeout <seconds>', 'a running desktop: how long to wait for the guest to shut down after the bulk is sent', '120')
+        .option('--force', 'a running desktop: cut the guest\'s power if it does not shut down in time (writes it has not flushed are lost)');
+    }
+    c.action(async (desktop: string, o: { shutdownTimeout?: string; force?: boolean }, cmd: Command) => {
+      const secs = Number(o.shutdownTimeout ?? 120);
+      if (!Number.isFinite(secs) || secs < 0 || secs > 3600) throw new CarryonError('invalid', `--shutdown-timeout must be seconds between 0 and 3600, not ${o.shutdownTimeout}`);
+      await transferCommand(cmd, desktop, (env) => upload(env, desktop, kind, { shutdownGraceMs: secs * 1000, force: o.force === true }), (r) => {
         const x = r as { changedChunks: number; chunksSent: number; bytesSent: number; snapshotId: string };
         return `${kind}: ${x.changedChunks} changed chunks, ${x.chunksSent} sent (${formatBytes(x.bytesSent)}); snapshot ${x.snapshotId}`;
       });
@@ -193,7 +200,7 @@ export function registerClientCommands(program: Command): void {
     const { env, json } = clientEnv(cmd);
     const st = await status(env, desktop);
     printJsonOr(json, st, () => {
-      table(st.map((s) => ({ desktop: s.desktop, state: s.state, lease: s.leaseDeadline ? `${s.leaseHoursLeft.toFixed(1)} h` : '-', changed: s.dirtyBytes === null ? `- (${s.refused})` : formatBytes(s.dirtyBytes), local: `${s.percentLocal.toFixed(1)}%`, replicated: s.lastReplicationAt ?? 'never', offline: s.safeOffline ? 'safe to go offline' : s.refused ? `NOT usable offline (${s.refused})` : 'NOT yet safe to go offline' })));
+      table(st.map((s) => ({ desktop: s.desktop, state: s.state, lease: s.leaseDeadline ? `${s.leaseHoursLeft.toFixed(1)} h` : '-', changed: s.dirtyBytes === null ? `- (${s.refused})` : formatBytes(s.dirtyBytes), local: `${s.percentLocal.toFixed(1)}%`, replicated: s.lastReplicationAt ? `${s.lastReplicationAt}${s.lastReplicaKind ? ` (${s.lastReplicaKind})` : ''}` : 'never', offline: s.safeOffline ? 'safe to go offline' : s.refused ? `NOT usable offline (${s.refused})` : 'NOT yet safe to go offline' })));
       for (const s of st) {
         if (s.problem) process.stdout.write(`${s.desktop}: ${s.problem}\n`);
         if (s.readFailures) process.stdout.write(`${s.desktop}: ${s.readFailures} read failures, last: ${s.lastReadFailure}\n`);

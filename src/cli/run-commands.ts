@@ -3,7 +3,9 @@ import { defaultHome } from '../client/home.js';
 import { specFor } from '../client/holder.js';
 import { socketDir } from '../client/disks.js';
 import { join } from 'node:path';
-import { holdDesktop, serveDesktop } from '../client/serve.js';
+import { holdDesktop, serveDesktop, type HeldDesktop } from '../client/serve.js';
+import { startLiveControl } from '../client/live-holder.js';
+import { chmod, rm } from 'node:fs/promises';
 import { CarryonError } from '../core/errors.js';
 import { chainBlockdev } from '../disk/chain.js';
 import { probeKvm } from '../hypervisor/host.js';
@@ -40,7 +42,7 @@ export function registerRunCommands(program: Command): void {
       const served = await serveDesktop(e, desktop);
       const uris = served.disks.map((d) => `nbd+unix:///${d.name}?socket=${served.socketPath}`);
       printJsonOr(json, { socket: served.socketPath, uris }, () => process.stdout.write(`serving ${served.name}:\n${uris.map((u) => `  ${u}`).join('\n')}\n`));
-      await untilSignal();
+      await Promise.race([untilSignal(), served.stopRequested]);
       await served.close();
     });
 
@@ -76,6 +78,7 @@ export function registerRunCommands(program: Command): void {
       process.on('SIGTERM', stop);
       const stopFill = new AbortController();
       let filling: Promise<void> = Promise.resolve();
+      let control: Promise<{ close(): Promise<void> } | null> = Promise.resolve(null);
       try {
         const config = parseOfflineConfig(held.state.config);
         const display = o.display ?? (held.state.localConfig as { display?: string }).display ?? defaultDisplay();
@@ -91,6 +94,10 @@ export function registerRunCommands(program: Command): void {
           onStarted: (v) => {
             vm = v;
             if (signals > 0) stop();
+            control = startRunControl(held, v, e.log).catch((err: unknown) => {
+              e.log(`live replicas are not available for this run: ${(err as Error).message}`);
+              return null;
+            });
             filling = held.fillIn({ qmp: v.connection }, stopFill.signal);
             // A base found damaged pauses the guest (nothing more is read from it); the user then quits.
             filling = filling.then(() => held.checkBases(stopFill.signal, () => v.connection.execute('stop').then(() => undefined, () => undefined)));
@@ -103,6 +110,7 @@ export function registerRunCommands(program: Command): void {
         e.log(`QEMU exited (${result.exitCode}); the desktop's writes are in its encrypted top layer`);
         if (result.exitCode !== 0) process.exitCode = 1;
       } finally {
+        await (await control)?.close();
         stopFill.abort();
         await filling;
         process.off('SIGINT', stop);
@@ -110,4 +118,31 @@ export function registerRunCommands(program: Command): void {
         await held.release();
       }
     });
+}
+
+/** The run's control socket: live replicas inside the VM's own QEMU, and shutdown on request (a check-in of the running desktop). */
+async function startRunControl(held: HeldDesktop, vm: RunningDesktop, log: (l: string) => void) {
+  const dir = await socketDir(held.vault, held.state.desktopId);
+  const replicaSocket = join(dir, 'replica.sock');
+  let nbdStarted: Promise<void> | null = null;
+  const ensureServer = () =>
+    (nbdStarted ??= (async () => {
+      await rm(replicaSocket, { force: true });
+      await vm.qmp('nbd-server-start', { addr: { type: 'unix', data: { path: replicaSocket } } });
+      await chmod(replicaSocket, 0o600);
+    })());
+  return startLiveControl(held, { qmp: vm.connection }, {
+    kind: 'run', nbd: { socketPath: replicaSocket, ensureServer }, guestAgent: () => null, log,
+    async shutdown(graceMs, force) {
+      log('shutting the desktop down (ACPI), as a check-in asked');
+      await vm.qmp('system_powerdown').catch(() => undefined);
+      const off = await Promise.race([vm.exited.then(() => true), new Promise<false>((r) => setTimeout(() => r(false), graceMs).unref())]);
+      if (off) return;
+      if (!force) throw new CarryonError('guest-still-running', `the guest did not shut down within ${Math.round(graceMs / 1000)} s: shut it down from inside, or check in with --force (cuts its power: writes it has not flushed are lost)`);
+      log('the guest did not shut down in time: cutting its power (--force)');
+      // QMP quit, not a kill: QEMU flushes its block layer, so nothing the guest wrote to its disk is lost.
+      await vm.qmp('quit').catch(() => undefined);
+      await vm.exited;
+    },
+  });
 }

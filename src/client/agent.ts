@@ -132,8 +132,11 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
     const interval = Number(reply.policies[s.desktopId]?.replicationIntervalMin ?? 0);
     const due = interval > 0 && (!s.lastReplicationAt || Date.now() - Date.parse(s.lastReplicationAt) > interval * 60_000);
     if (due && s.state === 'checked_out' && !(await vault.isLocked(s))) {
-      if (await readOwner(vault, s.desktopId)) {
-        env.log(`scheduled replication of ${s.name} deferred: the desktop is in use (shut it down to replicate)`);
+      // A running desktop (run, serve) is replicated live by the process that holds it; a check-out
+      // or check-in in flight is left alone and the replica tried at the next heartbeat.
+      const owner = await readOwner(vault, s.desktopId);
+      if (owner && owner.kind !== 'run' && owner.kind !== 'serve') {
+        env.log(`scheduled replication of ${s.name} deferred: \`carryon ${owner.kind}\` is working on it`);
         continue;
       }
       try {

@@ -1,25 +1,21 @@
 import { join } from 'node:path';
-import { z } from 'zod';
 import { CarryonError } from '../core/errors.js';
-import type { ChunkId } from '../core/chunk-id.js';
-import type { LineageKeys } from '../core/keys.js';
 import { topExtents } from '../disk/chain.js';
 import { addChain, StorageDaemon } from '../disk/storage-daemon.js';
 import { NbdClient } from '../nbd/client.js';
-import { pushPages, type PagesSource } from '../transfer/push-pages.js';
-import { BrokerError, JobView, type BrokerClient } from './broker-client.js';
-import { changedManifests, namedOutcome, pagesSource, touchedChunks, type ChangedChunk, type DiskReader } from './changes.js';
-import { commitUpload } from './commit.js';
-import { ENDED_CODES, finishEnded } from './ended-checkout.js';
-import { PushJournal } from './push-journal.js';
+import { changedManifests, type DiskReader } from './changes.js';
 import { guardUpload } from './layer-guard.js';
 import { openDesktopDisks, socketDir, type DesktopDisk } from './disks.js';
-import { claimOwner, diskPrefix, specFor } from './holder.js';
-import { retryTransfer } from './retry.js';
-import { policyBound } from './transfer-rate.js';
-import { boundedLimiter } from '../transfer/rate-limit.js';
-import { activeJob, findEntry, onlineSession, renewer, type ClientEnv } from './session.js';
+import { claimOwner, diskPrefix, readOwner, specFor } from './holder.js';
+import { liveReplicate } from './live-upload.js';
+import { liveSocketPath } from './live-holder.js';
+import { ControlClient } from '../live/control.js';
+import type { DesktopKeys } from './desktop-keys.js';
+import { onlineSession, type ClientEnv } from './session.js';
+import { sendChanges, type UploadKind } from './send-changes.js';
 import { Vault, type DesktopState } from './vault.js';
+
+export type { UploadKind };
 
 /**
  * Opens the chains read-only in a storage daemon for reading the change since the checkpoint:
@@ -52,50 +48,16 @@ async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopD
   }
 }
 
-/**
- * Pushes the touched chunks' pages (those a server named in an earlier, interrupted attempt are
- * not sent again), then commits the names; chunks the commit finds collected meanwhile (pushed a
- * day earlier on a slow link) are sent again, once.
- */
-async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: DesktopState; kind: UploadKind; keys: LineageKeys; readers: DiskReader[]; touched: ChangedChunk[]; checkpoint: string | null; job: JobView; journalPath: string }) {
-  const { env, broker, state, kind, keys, readers, touched, checkpoint, job } = o;
-  let endpoint = job.transfer!;
-  const named = new Map<number, ChunkId | null>();
-  const receipts = new Map<ChunkId, string>();
-  // The user's --limit-rate, never above the policy's bound (transfer-rate.ts).
-  const rateLimit = boundedLimiter(env.rateLimit, policyBound(state));
-  const push = (source: PagesSource) => retryTransfer({ what: kind, log: env.log, signal: env.signal, beforeRetry: async () => { endpoint = await renewer(broker, job.id)(); } }, () => pushPages({ endpoint, count: touched.length, source, named, receipts, signal: env.signal, rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) }));
-  const journal = await PushJournal.open(o.journalPath);
-  try {
-    const sent = await push(pagesSource(touched, keys, journal));
-    let changes = namedOutcome(readers, touched, named);
-    let commit;
-    try {
-      commit = await commitUpload(broker, state, kind, checkpoint, changes.changes, receipts);
-    } catch (err) {
-      const missing = err instanceof BrokerError && err.code === 'missing-chunks' && Array.isArray(err.body.missing) ? new Set(err.body.missing as unknown[]) : null;
-      if (!missing) throw err;
-      env.log(`${kind}: the server no longer has ${missing.size} of the chunks sent; sending them again`);
-      for (const [tag, id] of named) if (id && missing.has(id)) named.delete(tag);
-      // Without the journal: it still names those chunks.
-      const again = await push(pagesSource(touched, keys));
-      sent.chunksMoved += again.chunksMoved;
-      sent.bytesMoved += again.bytesMoved;
-      changes = namedOutcome(readers, touched, named);
-      commit = await commitUpload(broker, state, kind, checkpoint, changes.changes, receipts);
-    }
-    await journal.remove();
-    return { changes, sent, commit };
-  } finally {
-    await journal.close();
-  }
+/** How a check-in treats a desktop that is running: the guest's shutdown is waited for this long, then refused, or forced. */
+export interface RunningCheckin {
+  shutdownGraceMs?: number;
+  force?: boolean;
 }
 
-/** Check-in, replicate, or hand-back (the work of a check-out that ended elsewhere, as a restore point). */
-export type UploadKind = 'checkin' | 'replicate' | 'handback';
+const DEFAULT_SHUTDOWN_GRACE_MS = 120_000;
 
 /** Check-in, replicate or hand-back: send only the chunks changed since the checkpoint, then commit. */
-export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKind) {
+export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKind, running: RunningCheckin = {}): Promise<UploadResult> {
   const { device, broker } = await onlineSession(env);
   const vault = await Vault.open(env.home);
   try {
@@ -104,34 +66,28 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
     const opened0 = await vault.openKeys(device, await env.password(), found);
     const keys = opened0.keys;
     let state = opened0.state;
+    const holder = await readOwner(vault, state.desktopId);
+    if (kind === 'replicate' && (holder?.kind === 'run' || holder?.kind === 'serve')) {
+      // The desktop runs: the process holding its chain takes the point in time (src/live/).
+      const live = await liveReplicate({ env, broker, vault, state, keys });
+      env.log(`replicated ${state.name} while it runs: restore point ${live.commit.snapshotId} (${live.kind}), ${live.sent.chunksMoved} chunks sent (${live.sent.bytesMoved} bytes)`);
+      return { snapshotId: live.commit.snapshotId, changedChunks: live.changes.changedChunks, chunksSent: live.sent.chunksMoved, bytesSent: live.sent.bytesMoved, replicaKind: live.kind };
+    }
+    if (kind === 'checkin' && (holder?.kind === 'run' || holder?.kind === 'serve')) {
+      return await checkinRunning(env, desktopRef, { vault, state, keys, holder: holder.kind, running });
+    }
     const release = await claimOwner(vault, state.desktopId, kind === 'handback' ? 'checkin' : kind, env.log);
     let outcome;
     try {
       const opened = await openDesktopDisks(vault, state, keys);
       state = await guardUpload(vault, opened.state, keys, env.log);
-      outcome = await withReaders(vault, state, opened.disks, async (readers) => {
-        const touched = touchedChunks(readers);
-        // The version this upload is based on: how a commit whose answer was lost is recognised.
-        const checkpoint = (await findEntry(broker, state.desktopId)).checkout?.snapshotId ?? null;
-        const journalPath = join(vault.desktopDir(state.desktopId), 'pushed-receipts.journal');
-        let begin;
-        try {
-          // Repeatable: a second begin (also accepted in checking_in) ends the first one's job and opens another.
-          begin = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}`, {}, z.object({ job: JobView }), {}, { repeatable: true });
-        } catch (err) {
-          // The check-out ended: with this upload (its answer lost), or otherwise (offline work is
-          // then never deleted on an ambiguous answer: the user is told how to hand it back).
-          if (!(err instanceof BrokerError) || !ENDED_CODES.includes(err.code)) throw err;
-          const ended = await finishEnded({ broker, state, kind, keys, readers, touched, journalPath, refusal: err });
-          return { changes: ended.changes, sent: { chunksMoved: 0, bytesMoved: 0, refetched: 0 }, commit: { snapshotId: ended.snapshotId }, recovered: true };
-        }
-        if (kind === 'checkin') await vault.save({ ...state, state: 'checking_in', jobId: begin.job.id }, keys);
-        const job = await activeJob(env, broker, begin.job);
-        return { ...(await pushAndCommit({ env, broker, state, kind, keys, readers, touched, checkpoint, job, journalPath })), recovered: false };
-      });
+      outcome = await withReaders(vault, state, opened.disks, (readers) => sendChanges({
+        env, broker, vault, state, keys, kind, readers,
+        saveCheckingIn: kind === 'checkin' ? (jobId) => vault.save({ ...state, state: 'checking_in', jobId }, keys) : undefined,
+      }));
       if (kind === 'replicate') {
         // The restore point becomes the base: merge the top into it (resumed on the next open if killed).
-        let next: DesktopState = { ...state, lastReplicationAt: new Date().toISOString() };
+        let next: DesktopState = { ...state, lastReplicationAt: new Date().toISOString(), lastReplicaKind: 'stopped' };
         for (const m of changedManifests(opened.disks, outcome.changes.changes)) {
           const digest = await vault.putManifest(state.desktopId, m.manifest);
           next = { ...next, disks: next.disks.map((d) => (d.name === m.name ? { ...d, mergingTo: digest } : d)) };
@@ -154,8 +110,52 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
     } else {
       env.log(`replicated ${state.name}: restore point ${commit.snapshotId}, ${sent.chunksMoved} chunks sent (${sent.bytesMoved} bytes)`);
     }
-    return { snapshotId: commit.snapshotId, changedChunks: changes.changedChunks, chunksSent: sent.chunksMoved, bytesSent: sent.bytesMoved };
+    return { snapshotId: commit.snapshotId, changedChunks: changes.changedChunks, chunksSent: sent.chunksMoved, bytesSent: sent.bytesMoved, replicaKind: kind === 'replicate' ? ('stopped' as const) : null };
   } finally {
     await broker.close();
   }
+}
+
+export interface UploadResult {
+  snapshotId: string;
+  changedChunks: number;
+  chunksSent: number;
+  bytesSent: number;
+  replicaKind: 'quiesced' | 'crash-consistent' | 'stopped' | null;
+  /** A running desktop's check-in: seconds from the guest's power-off to the commit (what the user waited for). */
+  offToCommitSeconds?: number;
+}
+
+/**
+ * Check-in of a running desktop: the bulk goes as a live replica while the guest runs, then the
+ * guest is shut down (ACPI; refused after the grace period unless forced), and the check-in
+ * sends only what was written since the replica.
+ */
+async function checkinRunning(env: ClientEnv, desktopRef: string, o: { vault: Vault; state: DesktopState; keys: DesktopKeys; holder: 'run' | 'serve'; running: RunningCheckin }): Promise<UploadResult> {
+  const { vault, state } = o;
+  const { broker } = await onlineSession(env);
+  try {
+    const bulk = await liveReplicate({ env, broker, vault, state, keys: o.keys });
+    env.log(`checking in ${state.name} while it runs: ${bulk.sent.chunksMoved} chunks (${bulk.sent.bytesMoved} bytes) sent ahead as restore point ${bulk.commit.snapshotId}`);
+  } finally {
+    await broker.close();
+  }
+  const control = await ControlClient.connect(await liveSocketPath({ vault, state }));
+  const grace = o.running.shutdownGraceMs ?? DEFAULT_SHUTDOWN_GRACE_MS;
+  try {
+    env.log(o.holder === 'run' ? `asking the guest to shut down (ACPI; up to ${Math.round(grace / 1000)} s)…` : 'asking `carryon serve` to stop serving the disk…');
+    await control.shutdown(grace, o.running.force ?? false);
+  } finally {
+    control.close();
+  }
+  const off = performance.now();
+  // The holder records its layers and gives up the desktop once QEMU has gone.
+  for (let i = 0; (await readOwner(vault, state.desktopId)) !== null; i++) {
+    if (i >= 600) throw new CarryonError('disk-busy', `the desktop's ${o.holder} process did not end within 60 s of the guest's shutdown; the replica was sent: run \`carryon checkin ${state.name}\` again once it has`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  const rest = await upload(env, desktopRef, 'checkin');
+  const offToCommitSeconds = (performance.now() - off) / 1000;
+  env.log(`${state.name}: ${offToCommitSeconds.toFixed(2)} s from the guest's power-off to the check-in's commit`);
+  return { ...rest, offToCommitSeconds };
 }

@@ -65,13 +65,13 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
         const m = decodeManifest(Buffer.from(d.manifest, 'base64'));
         if (manifestDigest(m) !== d.digest) throw new CarryonError('bad-manifest', `manifest of ${d.name} does not match its digest`);
         await vault.putManifest(entry.id, m);
-        disks.push({ name: d.name, baseDigest: d.digest, complete: false, mergingTo: null, shapes: { base: null, top: null }, baseVerified: null, topClosed: null });
+        disks.push({ name: d.name, baseDigest: d.digest, complete: false, mergingTo: null, shapes: { base: null, top: null }, baseVerified: null, topClosed: null, top: 'top.qcow2', under: null });
       }
       state = {
         desktopId: entry.id, name: entry.name, user, checkoutId: res.checkout.id, state: 'transferring', jobId: res.job.id,
         keys: await Vault.wrapKeys(device, await env.password(), keys, entry.id), lease: res.lease,
         config: { ...res.config, exportAllowed: res.policy?.exportAllowed?.value === true, maxTransferRateKBps: Number(res.policy?.maxTransferRateKBps?.value ?? 0) }, localConfig: await vault.readLocalConfig(entry.id), disks,
-        lastReplicationAt: null, lockDigest: await mintToken(vault.desktopDir(entry.id)), layerSecrets: 'per-layer', layersOpen: false, damaged: null,
+        lastReplicationAt: null, lastReplicaKind: null, lockDigest: await mintToken(vault.desktopDir(entry.id)), layerSecrets: 'per-layer', layersOpen: false, damaged: null,
       };
       await vault.save(state, keys);
       await resetClock(vault, state, keys, lease.issuedAt, device);

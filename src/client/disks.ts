@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { lstat, mkdir } from 'node:fs/promises';
+import { lstat, mkdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { z } from 'zod';
@@ -54,8 +54,11 @@ export async function socketDir(vault: Vault, desktopId: string): Promise<string
 }
 
 /** A disk's chain and its LUKS secrets: one per layer, or the one both layers of an older vault share. */
-export function chainOf(vault: Vault, state: DesktopState, keys: DesktopKeys, name: string): Chain {
-  const files = chainFiles(diskDir(vault, state.desktopId, name));
+export function chainOf(vault: Vault, state: DesktopState, keys: DesktopKeys, name: string, layer: 'top' | 'under' = 'top'): Chain {
+  const entry = state.disks.find((d) => d.name === name);
+  const top = layer === 'under' ? entry?.under : entry?.top;
+  if (!top) throw new Error(`disk ${name} of ${state.name} has no ${layer} layer`);
+  const files = chainFiles(diskDir(vault, state.desktopId, name), top);
   const salt = Buffer.from(state.keys.salt, 'base64');
   if (state.layerSecrets === 'one-per-disk') return { files, secret: deriveDiskSecret(keys, state.desktopId, name, salt) };
   return { files, secret: deriveDiskSecret(keys, state.desktopId, name, salt, 'top'), baseSecret: deriveDiskSecret(keys, state.desktopId, name, salt, 'base') };
@@ -112,8 +115,8 @@ export async function createMissingLayers(vault: Vault, state: DesktopState, key
  * the base again (idempotent) and the base takes the digest it was merging to.
  */
 export async function openDesktopDisks(vault: Vault, state: DesktopState, keys: DesktopKeys): Promise<{ state: DesktopState; disks: DesktopDisk[] }> {
-  let current = state;
-  for (const d of state.disks) {
+  let current = await settleLiveLayers(vault, state, keys);
+  for (const d of current.disks) {
     if (!d.mergingTo) continue;
     await mergeTop(chainOf(vault, current, keys, d.name));
     current = { ...current, disks: current.disks.map((x) => (x.name === d.name ? { ...x, baseDigest: d.mergingTo!, mergingTo: null } : x)) };
@@ -125,6 +128,36 @@ export async function openDesktopDisks(vault: Vault, state: DesktopState, keys: 
     disks.push({ name: entry.name, chain: chainOf(vault, current, keys, entry.name), base: await vault.manifest(current.desktopId, entry.baseDigest), entry });
   }
   return { state: current, disks };
+}
+
+/**
+ * A live replica cut off (its process, QEMU or the power) leaves a frozen layer under the top
+ * (src/live/): folded into the base if the broker acknowledged the replica (`mergingTo`), else
+ * the top is folded back into it. Both are `qemu-img commit`s, idempotent: a kill here is simply
+ * run again. The chain is then base + top, as everything else expects.
+ */
+export async function settleLiveLayers(vault: Vault, state: DesktopState, keys: DesktopKeys): Promise<DesktopState> {
+  let current = state;
+  for (const d of state.disks) {
+    if (!d.under) continue;
+    const dir = diskDir(vault, state.desktopId, d.name);
+    let gone: string;
+    if (d.mergingTo) {
+      await mergeTop(chainOf(vault, current, keys, d.name, 'under'));
+      gone = d.under;
+      current = { ...current, disks: current.disks.map((x) => (x.name === d.name ? { ...x, baseDigest: d.mergingTo!, mergingTo: null, under: null } : x)) };
+      current = await recordLayers(vault, current, keys, { verifiedBases: true });
+    } else {
+      // Both layers are tops (one secret): the top's writes go down into the frozen layer, which becomes the top.
+      const top = chainOf(vault, current, keys, d.name);
+      await mergeTop({ files: { base: join(dir, d.under), top: top.files.top }, secret: top.secret, baseSecret: top.secret });
+      gone = d.top;
+      current = { ...current, disks: current.disks.map((x) => (x.name === d.name ? { ...x, top: d.under!, under: null } : x)) };
+      await vault.save(current, keys);
+    }
+    await rm(join(dir, gone), { force: true });
+  }
+  return current;
 }
 
 /** What the owner of a filling chain reports for `status` (and `status` alone cannot know). */
@@ -166,6 +199,6 @@ export async function recordDiskFailure(vault: Vault, desktopId: string, message
 /** Bytes the top layers take (the change since the checkpoint, as stored) — needs no keys. */
 export async function topBytes(vault: Vault, state: DesktopState): Promise<number> {
   let sum = 0;
-  for (const d of state.disks) sum += (await chainBytesOnDisk(chainFiles(diskDir(vault, state.desktopId, d.name)))).top;
+  for (const d of state.disks) sum += (await chainBytesOnDisk(chainFiles(diskDir(vault, state.desktopId, d.name), d.top))).top;
   return sum;
 }

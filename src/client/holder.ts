@@ -151,9 +151,8 @@ export async function readOwner(vault: Vault, desktopId: string): Promise<z.infe
 /** What to do about a desktop another command holds, in the words of the command that was refused. */
 function busyAdvice(wanted: OwnerKind, holder: OwnerKind): string {
   const running = holder === 'run' || holder === 'serve';
-  if (wanted === 'checkin') return running ? ' (shut the desktop down, then check in)' : '';
-  // A replica reads a still top layer: while the guest writes there is none (live replication is not built).
-  if (wanted === 'replicate') return running ? ' (shut the desktop down, then replicate: a replica of a running desktop is not supported yet)' : '';
+  // A check-in of a running desktop goes live (checkin.ts); what claims as a check-in here is a rollback.
+  if (running && wanted === 'checkin') return ` (shut the desktop down first; its writes since the last replica would be discarded: \`carryon replicate\` keeps them as a restore point)`;
   return '';
 }
 

@@ -216,6 +216,8 @@ export async function verifyBases(vault: Vault, keys: DesktopKeys, current: () =
     const before = await fileStamp(chain.files.base);
     if (!opts.always && sameStamp(d.baseVerified, before)) continue;
     const why = await findBaseMismatch(chain, await vault.manifest(current().desktopId, d.baseDigest), keys.idKey, opts);
+    // A base that changed under the check (a live replica's fold writes it) was read half old, half new: no verdict.
+    if (why && !sameStamp(before, await fileStamp(chain.files.base))) continue;
     if (why) {
       // Whoever reads the disk is stopped first, then the damage recorded.
       await opts.stop?.();

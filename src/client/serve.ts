@@ -5,11 +5,12 @@ import type { DesktopKeys } from './desktop-keys.js';
 import { effectiveConfig } from './guards.js';
 import { addChain, StorageDaemon, type BlockHost } from '../disk/storage-daemon.js';
 import { BrokerClient, CheckoutView, JobView } from './broker-client.js';
-import { createMissingLayers, openDesktopDisks, socketDir, type DesktopDisk } from './disks.js';
+import { createMissingLayers, openDesktopDisks, settleLiveLayers, socketDir, type DesktopDisk } from './disks.js';
 import { claimOwner, diskPrefix, fillDisks, RemoteSource, specFor, type OwnerKind } from './holder.js';
 import { loadDevice } from './home.js';
 import { onlineSession, type ClientEnv } from './ops.js';
 import { recordEvent } from './events.js';
+import { startLiveControl } from './live-holder.js';
 import { checkLayers, markLayersOpen, recordLayers, verifyInBackground } from './layer-guard.js';
 import { transferLimiter } from './transfer-rate.js';
 import { Vault, type DesktopState } from './vault.js';
@@ -28,6 +29,10 @@ export interface HeldDesktop {
    * mismatch `stop` ends the disk's use, then the desktop is marked damaged. Never rejects.
    */
   checkBases(signal: AbortSignal, stop: () => Promise<void>): Promise<void>;
+  /** Ends the background check of the bases (a live replica's fold is about to write one) and waits for it. */
+  stopChecks(): Promise<void>;
+  /** Changes the vault's state (as stored: the MACed config, not the view) and saves it; one change at a time. */
+  updateState(change: (stored: DesktopState) => DesktopState | Promise<DesktopState>): Promise<DesktopState>;
   release(): Promise<void>;
 }
 
@@ -76,6 +81,9 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
     }
     // Bases this session completes were written from chunks authenticated on arrival (as a check-out's are).
     let filledHere = false;
+    const checks = new AbortController();
+    let checking: Promise<void> = Promise.resolve();
+    let saving: Promise<unknown> = Promise.resolve();
     const held: HeldDesktop = {
       vault, state: view(await markLayersOpen(vault, opened.state, keys)), keys, disks: opened.disks, remote,
       async fillIn(host, signal) {
@@ -98,14 +106,31 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
         // A base this session fills is held writable by QEMU, whose qcow2 tables may not be on disk
         // yet: reading the file under it would find other bytes (a false "damaged"). Its chunks were
         // authenticated as they arrived; the stamp is recorded once QEMU has closed it (release).
-        if (remote) return Promise.resolve();
-        return verifyInBackground(vault, keys, () => stored(held.state), (s) => (held.state = view(s)), { signal, log: env.log, stop });
+        if (remote || checks.signal.aborted) return Promise.resolve();
+        checking = verifyInBackground(vault, keys, () => stored(held.state), (s) => (held.state = view(s)), { signal: AbortSignal.any([signal, checks.signal]), log: env.log, stop });
+        return checking;
+      },
+      async stopChecks() {
+        checks.abort();
+        await checking;
+      },
+      updateState(change) {
+        const next = saving.then(async () => {
+          const s = await change(stored(held.state));
+          await vault.save(s, keys);
+          held.state = view(s);
+          return s;
+        });
+        saving = next.catch(() => undefined);
+        return next;
       },
       async release() {
         await remote?.close();
         await broker?.close();
-        // Nothing holds the chain any more: its layers are recorded as they are now.
+        await saving;
+        // Nothing holds the chain any more: a live replica cut off is settled, and the layers are recorded as they are now.
         try {
+          held.state = view(await settleLiveLayers(vault, stored(held.state), keys));
           held.state = view(await recordLayers(vault, stored(held.state), keys, { verifiedBases: filledHere }));
         } finally {
           await release();
@@ -126,6 +151,8 @@ export interface ServedDesktop {
   socketPath: string;
   disks: { name: string }[];
   config: Record<string, unknown>;
+  /** Resolves when another process asked this one to stop serving (a check-in of the running desktop). */
+  stopRequested: Promise<void>;
   close(): Promise<void>;
 }
 
@@ -137,6 +164,7 @@ export async function serveDesktop(env: ClientEnv, desktopRef: string): Promise<
   const held = await holdDesktop(env, desktopRef, 'serve');
   const dir = await socketDir(held.vault, held.state.desktopId);
   let qsd: StorageDaemon | null = null;
+  let control: { close(): Promise<void> } | null = null;
   const stopFill = new AbortController();
   let filling: Promise<void> = Promise.resolve();
   try {
@@ -146,6 +174,13 @@ export async function serveDesktop(env: ClientEnv, desktopRef: string): Promise<
     const socketPath = join(dir, 'nbd.sock');
     await qsd.exportNbd(socketPath, held.disks.map((d, i) => ({ node: `${diskPrefix(i)}-top`, name: d.name, writable: true })));
     const host = qsd;
+    let requestStop = () => undefined as void;
+    const stopRequested = new Promise<void>((r) => (requestStop = r));
+    // Other processes take live replicas through the holder (and ask it to stop): src/live/.
+    control = await startLiveControl(held, host, {
+      kind: 'serve', nbd: { socketPath, ensureServer: async () => undefined }, guestAgent: () => null, log: env.log,
+      shutdown: async () => requestStop(),
+    });
     filling = held.fillIn(host, stopFill.signal);
     // After the fill (a base being filled is not checked); a damaged base stops the export.
     const checking = filling.then(() => held.checkBases(stopFill.signal, () => host.qmp.execute('nbd-server-stop').then(() => undefined, () => undefined)));
@@ -156,7 +191,9 @@ export async function serveDesktop(env: ClientEnv, desktopRef: string): Promise<
       socketPath,
       disks: held.disks.map((d) => ({ name: d.name })),
       config: { ...held.state.config, ...held.state.localConfig },
+      stopRequested,
       close: async () => {
+        await control?.close();
         stopFill.abort();
         await filling;
         await host.stop();
@@ -164,6 +201,7 @@ export async function serveDesktop(env: ClientEnv, desktopRef: string): Promise<
       },
     };
   } catch (err) {
+    await control?.close();
     stopFill.abort();
     await filling;
     await qsd?.stop();

@@ -34,7 +34,12 @@ export async function status(env: ClientEnv, desktopRef?: string) {
       if (problem === null) {
         // Exact change since the checkpoint: the top layer's allocated bytes (read shared, so a running VM is fine).
         dirtyBytes = 0;
-        for (const d of s.disks) for (const e of await topExtents(chainOf(vault, s, keys, d.name))) dirtyBytes += e.length;
+        // During a live replica the frozen layer holds what is being sent: still waiting to go until acknowledged.
+        for (const d of s.disks) {
+          const ranges = [];
+          for (const layer of d.under && !d.mergingTo ? (['top', 'under'] as const) : (['top'] as const)) ranges.push(...(await topExtents(chainOf(vault, s, keys, d.name, layer))));
+          dirtyBytes += coveredBytes(ranges);
+        }
       }
     } catch (err) {
       if (!(err instanceof CarryonError)) throw err;
@@ -57,6 +62,8 @@ export async function status(env: ClientEnv, desktopRef?: string) {
       storedChangeBytes: await topBytes(vault, s),
       percentLocal: await percentLocal(vault, s),
       lastReplicationAt: s.lastReplicationAt,
+      /** quiesced (the guest's agent froze its file systems), crash-consistent (taken live without), or stopped. */
+      lastReplicaKind: s.lastReplicaKind,
       /** Whole on this laptop and `serve`/`run` would open it now: a locked desktop or a lapsed lease is not usable offline. */
       safeOffline: complete && s.state !== 'transferring' && refused === null && problem === null, problem,
       /** The code of the refusal when `serve`/`run` would not open it offline now (locked, lease, clock); null when they would. */
@@ -70,3 +77,15 @@ export async function status(env: ClientEnv, desktopRef?: string) {
 
 /** What `status` says on a laptop without a TPM (docs/security.md has the whole picture). */
 export const NO_TPM_ADVISORY = 'no TPM: the device secret and agent key are files, and the clock and lock records can be rolled back by restoring older copies; offline policy is advisory against someone with root on this laptop';
+
+/** Bytes covered by `ranges` (which may overlap). */
+function coveredBytes(ranges: { offset: number; length: number }[]): number {
+  let total = 0;
+  let end = 0;
+  for (const r of [...ranges].sort((a, b) => a.offset - b.offset)) {
+    const from = Math.max(r.offset, end);
+    if (r.offset + r.length > from) total += r.offset + r.length - from;
+    end = Math.max(end, r.offset + r.length);
+  }
+  return total;
+}

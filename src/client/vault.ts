@@ -8,7 +8,7 @@ import { CarryonError, EnvelopeError } from '../core/errors.js';
 import { deriveDeviceUserKey } from '../core/keys.js';
 import { SignedLease, type LeasePayload } from '../core/lease.js';
 import { decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../core/manifest.js';
-import { chainFiles, eraseChainKeys } from '../disk/chain.js';
+import { eraseChainKeys } from '../disk/chain.js';
 import { openDesktopKeys, recordMac, recordMacOk, sealDesktopKeys, type DesktopKeys } from './desktop-keys.js';
 import { isLockedByToken, LEASE, presentationOnly, shred, TOKEN } from './guards.js';
 import type { DeviceIdentity } from './home.js';
@@ -19,6 +19,8 @@ import { writeFileAtomic } from '../store/files.js';
 
 const Hex64 = z.string().regex(/^[0-9a-f]{64}$/);
 const LayerShapeRecord = z.object({ size: z.number().int(), sha256: Hex64 });
+/** The two names a top layer's file alternates between. */
+const TopFile = z.enum(['top.qcow2', 'top-b.qcow2']);
 const FileStamp = z.object({ size: z.number().int(), mtimeMs: z.number(), ctimeMs: z.number(), ino: z.number() });
 
 export const DesktopState = z.object({
@@ -45,8 +47,17 @@ export const DesktopState = z.object({
     baseVerified: FileStamp.nullable().default(null),
     /** The top file as its last clean close left it (a later write outside Carryon is reported). */
     topClosed: FileStamp.nullable().default(null),
+    /** The active top layer's file: a live replica alternates between the two names (src/live/). */
+    top: TopFile.default('top.qcow2'),
+    /**
+     * A live replica's frozen layer between base and top (the old top), while the replica runs or
+     * its fold into the base does: with `mergingTo` the broker acknowledged it; without, it was not.
+     */
+    under: TopFile.nullable().default(null),
   })),
   lastReplicationAt: z.string().nullable().default(null),
+  /** How the last replica was taken: with the guest's file systems frozen by its agent, or not. */
+  lastReplicaKind: z.enum(['quiesced', 'crash-consistent', 'stopped']).nullable().default(null),
   /** SHA-256 of the unlock token (guards.ts): the desktop is unlocked only while that token exists. */
   lockDigest: Hex64,
   /** Vaults made before one LUKS secret per layer: both layers of a disk share one secret. */
@@ -132,7 +143,7 @@ export class Vault {
     const dir = this.desktopDir(desktopId);
     const disks = await readdir(join(dir, 'disks')).catch(() => [] as string[]);
     // Independent files, each erased and synced on its own: side by side.
-    await Promise.all([shred(join(dir, TOKEN)), shred(join(dir, 'state.json')), ...disks.map((d) => eraseChainKeys(chainFiles(join(dir, 'disks', d))))]);
+    await Promise.all([shred(join(dir, TOKEN)), shred(join(dir, 'state.json')), ...disks.map((d) => eraseChainKeys(join(dir, 'disks', d)))]);
     // What is left is ciphertext no key opens. Unlinking a multi-GiB qcow2 takes ext4 most of a
     // second (measured: 0.8 s for 2 GiB in 2048 extents), so it leaves the vault at once (a
     // rename) and its blocks are freed by a process of its own; a leftover is swept next time.

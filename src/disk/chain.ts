@@ -18,8 +18,17 @@ export interface ChainFiles {
   top: string;
 }
 
-export function chainFiles(dir: string): ChainFiles {
-  return { base: join(dir, 'base.qcow2'), top: join(dir, 'top.qcow2') };
+/** The two names a top layer's file alternates between (a live replica freezes one and writes the other). */
+export const TOP_FILES = ['top.qcow2', 'top-b.qcow2'] as const;
+export type TopFileName = (typeof TOP_FILES)[number];
+
+export function chainFiles(dir: string, top: TopFileName = 'top.qcow2'): ChainFiles {
+  return { base: join(dir, 'base.qcow2'), top: join(dir, top) };
+}
+
+/** The other top name: where a live replica's new top goes. */
+export function otherTop(top: TopFileName): TopFileName {
+  return top === 'top.qcow2' ? 'top-b.qcow2' : 'top.qcow2';
 }
 
 /** Base clusters as large as a chunk (up to qcow2's 2 MiB): copy-on-read then takes whole chunks. */
@@ -64,9 +73,9 @@ export interface ChainSpec {
   readOnly?: boolean;
 }
 
-function fileNode(filename: string, readOnly: boolean) {
+function fileNode(filename: string, readOnly: boolean | 'inherit') {
   // Host page cache on (QEMU's default writeback): the guest's flushes still reach the disk.
-  return { driver: 'file', filename, 'read-only': readOnly, locking: 'on' };
+  return { driver: 'file', filename, ...(readOnly === 'inherit' ? {} : { 'read-only': readOnly }), locking: 'on' };
 }
 
 /** The -blockdev / blockdev-add description of the whole chain, top node first. */
@@ -80,7 +89,9 @@ export function chainBlockdev(spec: ChainSpec): Record<string, unknown> {
   const base = {
     driver: 'qcow2',
     'node-name': `${spec.prefix}-base`,
-    file: fileNode(spec.files.base, baseRo),
+    // The file inherits read-only from the qcow2 node: a live fold (block-commit into the base,
+    // src/live/) reopens the base read-write, which an explicitly read-only file child refuses.
+    file: fileNode(spec.files.base, ro ? true : 'inherit'),
     encrypt: { format: 'luks', 'key-secret': spec.baseSecretId ?? spec.secretId },
     backing: remote,
     'read-only': baseRo,
@@ -231,8 +242,9 @@ export async function chainBytesOnDisk(files: ChainFiles): Promise<{ base: numbe
  * is overwritten with random bytes and synced, so the data left in the files cannot be decrypted
  * with any passphrase. Without a header pointer, the first 16 MiB are overwritten instead.
  */
-export async function eraseChainKeys(files: ChainFiles): Promise<void> {
-  await Promise.all([files.top, files.base].map(async (path) => {
+export async function eraseChainKeys(dir: string): Promise<void> {
+  // Every layer file a disk may have: the base and both top names (a live replica's frozen layer included).
+  await Promise.all([join(dir, 'base.qcow2'), ...TOP_FILES.map((t) => join(dir, t))].map(async (path) => {
     let range: { offset: number; length: number } | null;
     try {
       range = await luksHeaderRange(path);

@@ -1,0 +1,204 @@
+import { chmod, rm } from 'node:fs/promises';
+import { connect, createServer, type Server, type Socket } from 'node:net';
+import { z } from 'zod';
+import { CarryonError } from '../core/errors.js';
+import type { FrozenPoint } from './live-chain.js';
+
+/**
+ * The control socket of the process that holds a running chain (`carryon run` / `serve`): the
+ * one way another process (`carryon replicate`, `checkin`, the agent) takes a live replica or
+ * asks the desktop to shut down. A unix socket in the desktop's private 0700 directory, one JSON
+ * request per line, one answer per request. A connection that goes away with a point still open
+ * abandons it: a sender killed mid-replica never leaves the chain with a layer too many.
+ */
+
+const Hex64 = z.string().regex(/^[0-9a-f]{64}$/);
+const PointId = z.string().regex(/^[0-9a-f]{16}$/);
+const Request = z.discriminatedUnion('op', [
+  z.object({ op: z.literal('freeze') }).strict(),
+  z.object({ op: z.literal('fold'), id: PointId, digests: z.record(z.string().regex(/^[A-Za-z0-9._-]{1,64}$/), Hex64) }).strict(),
+  z.object({ op: z.literal('abandon'), id: PointId }).strict(),
+  z.object({ op: z.literal('shutdown'), graceMs: z.number().int().min(0).max(3_600_000), force: z.boolean() }).strict(),
+  z.object({ op: z.literal('status') }).strict(),
+]);
+export type ControlRequest = z.infer<typeof Request>;
+
+/** What the holder answers `status` with. */
+export interface HolderStatus {
+  kind: 'run' | 'serve';
+  pid: number;
+  /** Whether the guest's agent answers (quiesced replicas); null where there is no guest (`serve`). */
+  guestAgent: boolean | null;
+  pointOpen: boolean;
+}
+
+export interface ControlHandler {
+  freeze(): Promise<FrozenPoint>;
+  fold(id: string, digests: ReadonlyMap<string, string>): Promise<void>;
+  abandon(id: string): Promise<void>;
+  /** Asks the guest to power off (ACPI), waits up to `graceMs`; `force` then cuts the power. Resolves once it is off. */
+  shutdown(graceMs: number, force: boolean): Promise<void>;
+  status(): Promise<HolderStatus>;
+}
+
+/** Longest request line accepted (a fold's digests for many disks fit easily). */
+const MAX_LINE = 64 * 1024;
+
+export async function serveControl(socketPath: string, handler: ControlHandler, log: (l: string) => void): Promise<{ close(): Promise<void> }> {
+  await rm(socketPath, { force: true });
+  const sockets = new Set<Socket>();
+  const server: Server = createServer((sock) => {
+    sockets.add(sock);
+    const open = new Set<string>();
+    let buf = '';
+    let queue: Promise<void> = Promise.resolve();
+    const answer = (body: Record<string, unknown>) => void (sock.writable && sock.write(`${JSON.stringify(body)}\n`));
+    const handle = async (line: string) => {
+      let req: ControlRequest;
+      try {
+        req = Request.parse(JSON.parse(line));
+      } catch (err) {
+        return answer({ ok: false, error: 'invalid', message: `not a control request: ${(err as Error).message.slice(0, 200)}` });
+      }
+      try {
+        if (req.op === 'freeze') {
+          const point = await handler.freeze();
+          open.add(point.id);
+          return answer({ ok: true, point });
+        }
+        if (req.op === 'fold') {
+          open.delete(req.id);
+          await handler.fold(req.id, new Map(Object.entries(req.digests)));
+          return answer({ ok: true });
+        }
+        if (req.op === 'abandon') {
+          open.delete(req.id);
+          await handler.abandon(req.id);
+          return answer({ ok: true });
+        }
+        if (req.op === 'shutdown') {
+          await handler.shutdown(req.graceMs, req.force);
+          return answer({ ok: true });
+        }
+        return answer({ ok: true, status: await handler.status() });
+      } catch (err) {
+        const code = err instanceof CarryonError ? err.code : 'failed';
+        return answer({ ok: false, error: code, message: (err as Error).message });
+      }
+    };
+    sock.setEncoding('utf8');
+    sock.on('data', (d: string) => {
+      buf += d;
+      if (buf.length > MAX_LINE && !buf.includes('\n')) return void sock.destroy();
+      let nl;
+      while ((nl = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        queue = queue.then(() => handle(line));
+      }
+    });
+    sock.on('error', () => undefined);
+    sock.on('close', () => {
+      sockets.delete(sock);
+      // The sender is gone: whatever it froze and did not settle goes back into the chain.
+      void queue.then(async () => {
+        for (const id of open) {
+          log(`the replica's sender went away: putting its point in time back into the desktop's top layer`);
+          await handler.abandon(id).catch((err: unknown) => log(`abandoning replica ${id} failed: ${(err as Error).message}`));
+        }
+      });
+    });
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(socketPath, () => resolve());
+  });
+  await chmod(socketPath, 0o600);
+  return {
+    async close() {
+      for (const s of sockets) s.destroy();
+      await new Promise<void>((r) => server.close(() => r()));
+      await rm(socketPath, { force: true });
+    },
+  };
+}
+
+const Answer = z.object({ ok: z.boolean(), error: z.string().optional(), message: z.string().optional() }).loose();
+const Range = z.object({ offset: z.number().int().min(0), length: z.number().int().min(1) });
+const FrozenPointSchema = z.object({
+  id: PointId, kind: z.enum(['quiesced', 'crash-consistent']), reason: z.string().optional(), pausedMs: z.number(), socketPath: z.string(),
+  disks: z.array(z.object({ name: z.string(), exportName: z.string(), baseDigest: Hex64, extents: z.array(Range) })),
+});
+const StatusSchema = z.object({ kind: z.enum(['run', 'serve']), pid: z.number().int(), guestAgent: z.boolean().nullable(), pointOpen: z.boolean() });
+
+/** The sender's side: one connection, requests answered in order. */
+export class ControlClient {
+  private buf = '';
+  private waiting: { resolve: (v: Record<string, unknown>) => void; reject: (e: Error) => void }[] = [];
+  private closedErr: Error | null = null;
+
+  private constructor(private readonly sock: Socket) {
+    sock.setEncoding('utf8');
+    sock.on('data', (d: string) => {
+      this.buf += d;
+      let nl;
+      while ((nl = this.buf.indexOf('\n')) >= 0) {
+        const line = this.buf.slice(0, nl);
+        this.buf = this.buf.slice(nl + 1);
+        try {
+          this.waiting.shift()?.resolve(JSON.parse(line) as Record<string, unknown>);
+        } catch (err) {
+          this.waiting.shift()?.reject(err as Error);
+        }
+      }
+    });
+    const gone = (err?: Error) => {
+      this.closedErr ??= err ?? new CarryonError('holder-gone', 'the process holding the desktop went away');
+      for (const w of this.waiting.splice(0)) w.reject(this.closedErr);
+    };
+    sock.on('error', gone);
+    sock.on('close', () => gone());
+  }
+
+  static async connect(socketPath: string): Promise<ControlClient> {
+    const sock = connect(socketPath);
+    await new Promise<void>((resolve, reject) => {
+      sock.once('connect', resolve);
+      sock.once('error', (err: NodeJS.ErrnoException) => reject(new CarryonError('holder-unreachable', `the process holding the desktop does not answer on ${socketPath} (${err.code ?? err.message}): it may be an older carryon; stop it and try again`)));
+    });
+    return new ControlClient(sock);
+  }
+
+  private async call(req: ControlRequest): Promise<Record<string, unknown>> {
+    if (this.closedErr) throw this.closedErr;
+    const reply = new Promise<Record<string, unknown>>((resolve, reject) => this.waiting.push({ resolve, reject }));
+    this.sock.write(`${JSON.stringify(req)}\n`);
+    const a = Answer.parse(await reply);
+    if (!a.ok) throw new CarryonError(a.error ?? 'failed', a.message ?? 'the holder refused');
+    return a;
+  }
+
+  async freeze(): Promise<FrozenPoint> {
+    return FrozenPointSchema.parse((await this.call({ op: 'freeze' })).point);
+  }
+
+  async fold(id: string, digests: ReadonlyMap<string, string>): Promise<void> {
+    await this.call({ op: 'fold', id, digests: Object.fromEntries(digests) });
+  }
+
+  async abandon(id: string): Promise<void> {
+    await this.call({ op: 'abandon', id });
+  }
+
+  async shutdown(graceMs: number, force: boolean): Promise<void> {
+    await this.call({ op: 'shutdown', graceMs, force });
+  }
+
+  async status(): Promise<HolderStatus> {
+    return StatusSchema.parse((await this.call({ op: 'status' })).status);
+  }
+
+  close(): void {
+    this.sock.destroy();
+  }
+}

@@ -1,0 +1,258 @@
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { checkout, enroll, release, status, upload, type ClientEnv } from '../../src/client/ops.js';
+import { chainFiles } from '../../src/disk/chain.js';
+import { checkChain } from '../../src/disk/chain.js';
+import { chainOf, diskDir } from '../../src/client/disks.js';
+import { loadDevice } from '../../src/client/home.js';
+import { Vault, type DesktopState } from '../../src/client/vault.js';
+import { exportSnapshot, exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
+import { NbdClient } from '../../src/nbd/client.js';
+import { ADMIN, api, cleanup, makeImage, testBroker, type Api, type TestBroker } from '../broker/harness.js';
+
+// Live replicas (src/live/): the desktop is held by `serve` in a process of its own, as `run`
+// holds it; this process takes replicas and check-ins of it while writes go on.
+process.env.CARRYON_SCRYPT_N = '1024';
+let broker: TestBroker;
+let http: Api;
+let admin: string;
+const MIB = 1024 * 1024;
+const logs: string[] = [];
+const serveChild = new URL('../support/serve-child.js', import.meta.url).pathname;
+
+function env(home: string): ClientEnv {
+  return { home, user: 'alice', password: async () => 'alice-password', log: (l) => logs.push(l), pollMs: 20 };
+}
+
+before(async () => {
+  broker = await testBroker();
+  http = api(broker.url, broker.fingerprint);
+  admin = await http.login(ADMIN.name, ADMIN.password);
+  await http.call('POST', '/v1/admin/users', { name: 'alice', password: 'alice-password' }, admin);
+});
+after(async () => {
+  await http.close();
+  await broker.close();
+  cleanup(broker.dir);
+});
+
+async function newDesktop(name: string, mib: number): Promise<{ image: Buffer; home: string }> {
+  const path = makeImage(broker.dir, mib, `${name}.raw`);
+  const r = await http.call('POST', '/v1/admin/desktops', { name, image: path, config: { vcpus: 1, ramMiB: 512, minRamMiB: 256 } }, admin);
+  assert.equal(r.status, 201, JSON.stringify(r.body));
+  await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: name }, admin);
+  const home = join(broker.dir, `laptop-${name}`);
+  await enroll(env(home), broker.url, { fingerprint: broker.fingerprint, name: `laptop-${name}` });
+  await checkout(env(home), name);
+  return { image: readFileSync(path), home };
+}
+
+/** `serve` in its own process: the holder of the chain. */
+async function startServe(home: string, name: string, extraEnv: Record<string, string> = {}): Promise<{ child: ChildProcess; socket: string; ended: Promise<{ code: number | null; signal: NodeJS.Signals | null }>; stderr: () => string }> {
+  const child = spawn(process.execPath, [serveChild, home, 'alice', 'alice-password', name], { env: { ...process.env, ...extraEnv }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  child.stderr!.setEncoding('utf8').on('data', (d: string) => (err += d));
+  const ended = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => child.once('close', (code, signal) => r({ code, signal })));
+  const socket = await new Promise<string>((resolve, reject) => {
+    child.stdout!.setEncoding('utf8').on('data', (d: string) => {
+      out += d;
+      const line = out.split('\n').find((l) => l.endsWith('.sock'));
+      if (line) resolve(line);
+    });
+    void ended.then(({ code }) => reject(new Error(`serve ended (${code}) before its socket was up:\n${err}`)));
+  });
+  return { child, socket, ended, stderr: () => err };
+}
+
+async function stopServe(s: { child: ChildProcess; ended: Promise<unknown> }): Promise<void> {
+  s.child.kill('SIGTERM');
+  await s.ended;
+}
+
+async function readAll(c: NbdClient): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  for (let off = 0; off < c.size; off += 8 * MIB) parts.push(await c.read(off, Math.min(8 * MIB, c.size - off)));
+  return Buffer.concat(parts);
+}
+
+async function snapshotDisk(desktop: string, snapshotId: string): Promise<Buffer> {
+  const out = join(broker.dir, `snap-${randomBytes(4).toString('hex')}.raw`);
+  await exportSnapshot(broker.ctx, desktop, snapshotId, out);
+  return readFileSync(out);
+}
+
+async function currentDisk(desktop: string): Promise<Buffer> {
+  const out = join(broker.dir, `cur-${randomBytes(4).toString('hex')}.raw`);
+  await exportCurrentSnapshot(broker.ctx, desktop, out);
+  return readFileSync(out);
+}
+
+async function vaultState(home: string, name: string): Promise<{ vault: Vault; state: DesktopState; keys: Awaited<ReturnType<Vault['openKeys']>>['keys'] }> {
+  const vault = await Vault.open(home);
+  const { state, keys } = await vault.openKeys(await loadDevice(home), 'alice-password', await vault.find(name));
+  return { vault, state, keys };
+}
+
+/** A model of the disk and the writes made to it, in order. */
+class Model {
+  readonly writes: { offset: number; data: Buffer }[] = [];
+  constructor(readonly base: Buffer) {}
+  at(n: number): Buffer {
+    const b = Buffer.from(this.base);
+    for (const w of this.writes.slice(0, n)) w.data.copy(b, w.offset);
+    return b;
+  }
+  /** Which prefix of the writes `disk` holds, or -1 (checked from the newest down). */
+  prefixOf(disk: Buffer, from = 0): number {
+    for (let n = this.writes.length; n >= from; n--) if (this.at(n).equals(disk)) return n;
+    return -1;
+  }
+}
+
+test('live replicas of a desktop held by another process: the guest writes on, each restore point is one point in time, the base follows', async () => {
+  const { image, home } = await newDesktop('live', 16);
+  const model = new Model(image);
+  const serve = await startServe(home, 'live');
+  const disk = await NbdClient.connect(serve.socket, 'disk0');
+  try {
+    const write = async (offset: number, data: Buffer) => {
+      await disk.write(offset, data);
+      model.writes.push({ offset, data });
+    };
+    await write(3 * MIB + 4096, randomBytes(256 * 1024));
+    await write(9 * MIB, randomBytes(4096));
+    await disk.flush();
+
+    // First replica: the two writes, nothing else.
+    logs.length = 0;
+    const first = await upload(env(home), 'live', 'replicate');
+    assert.equal(first.replicaKind, 'crash-consistent');
+    assert.ok(logs.some((l) => /while it runs: point in time taken.*paused [\d.]+ ms/.test(l)), logs.join('\n'));
+    assert.ok((await snapshotDisk('live', first.snapshotId)).equals(model.at(2)), 'the restore point holds the writes before it');
+    let { state } = await vaultState(home, 'live');
+    const d0 = state.disks[0]!;
+    assert.deepEqual([d0.top, d0.under, d0.mergingTo, state.lastReplicaKind], ['top-b.qcow2', null, null, 'crash-consistent']);
+    assert.equal(existsSync(join(diskDir(await Vault.open(home), state.desktopId, 'disk0'), 'top.qcow2')), false, 'the frozen layer is gone once folded');
+
+    // Second replica while a writer keeps writing: one point in time, and no write lost.
+    let writing = true;
+    const writer = (async () => {
+      for (let i = 0; writing && i < 2000; i++) await write(Math.floor(Math.random() * (16 * MIB - 8192) / 4096) * 4096, randomBytes(4096));
+    })();
+    await new Promise((r) => setTimeout(r, 50));
+    const before = model.writes.length;
+    const second = await upload(env(home), 'live', 'replicate');
+    writing = false;
+    await writer;
+    const atPoint = model.prefixOf(await snapshotDisk('live', second.snapshotId), before);
+    assert.ok(atPoint >= before, `the second restore point is the disk after exactly the first ${atPoint} writes (at least ${before})`);
+    assert.ok((await readAll(disk)).equals(model.at(model.writes.length)), 'every write the guest made is on its disk');
+    ({ state } = await vaultState(home, 'live'));
+    assert.deepEqual([state.disks[0]!.top, state.disks[0]!.under], ['top.qcow2', null]);
+
+    // A small change sends only its pages (the fold left the top holding what came after the point).
+    await write(12 * MIB, randomBytes(4096));
+    const third = await upload(env(home), 'live', 'replicate');
+    assert.ok(third.bytesSent < 64 * 1024 + (model.writes.length - atPoint) * 5000, `${third.bytesSent} bytes sent for the writes since the last replica`);
+    assert.ok((await snapshotDisk('live', third.snapshotId)).equals(model.at(model.writes.length)));
+  } finally {
+    await disk.close();
+    await stopServe(serve);
+  }
+  // Closed cleanly: the chain is base + top, and checks clean.
+  const { vault, state, keys } = await vaultState(home, 'live');
+  await checkChain(chainOf(vault, state, keys, 'disk0'));
+  await release(env(home), 'live', 'rollback');
+});
+
+test('a replica that fails before the broker acknowledges it, or whose sender is killed, goes back into the top: nothing lost, the next one completes', async () => {
+  const { image, home } = await newDesktop('live-abandon', 8);
+  const model = new Model(image);
+  const serve = await startServe(home, 'live-abandon');
+  const disk = await NbdClient.connect(serve.socket, 'disk0');
+  try {
+    const data = randomBytes(512 * 1024);
+    await disk.write(MIB, data);
+    model.writes.push({ offset: MIB, data });
+    // Refused by the broker (aborted before it is sent): the point is abandoned.
+    const abort = new AbortController();
+    abort.abort();
+    await assert.rejects(upload({ ...env(home), signal: abort.signal }, 'live-abandon', 'replicate'));
+    let { state } = await vaultState(home, 'live-abandon');
+    assert.deepEqual([state.disks[0]!.top, state.disks[0]!.under, state.lastReplicationAt], ['top.qcow2', null, null]);
+    const later = randomBytes(4096);
+    await disk.write(5 * MIB, later);
+    model.writes.push({ offset: 5 * MIB, data: later });
+    assert.ok((await readAll(disk)).equals(model.at(2)), 'the writes before and after the abandoned point are all there');
+    const done = await upload(env(home), 'live-abandon', 'replicate');
+    assert.ok((await snapshotDisk('live-abandon', done.snapshotId)).equals(model.at(2)));
+    ({ state } = await vaultState(home, 'live-abandon'));
+    assert.equal(state.disks[0]!.under, null);
+  } finally {
+    await disk.close();
+    await stopServe(serve);
+  }
+  await release(env(home), 'live-abandon', 'rollback');
+});
+
+test('kill -9 of the holder at each step of a live replica: the chain reopens with every write, checks clean, and the next replica completes', async () => {
+  const { image, home } = await newDesktop('live-kill', 8);
+  const model = new Model(image);
+  for (const step of ['point-begun', 'point-taken', 'acknowledged', 'folding', 'folded']) {
+    const serve = await startServe(home, 'live-kill', { CARRYON_TEST_SIGKILL_AT: step });
+    const disk = await NbdClient.connect(serve.socket, 'disk0');
+    const data = randomBytes(64 * 1024);
+    const offset = Math.floor(Math.random() * 100) * 64 * 1024;
+    await disk.write(offset, data);
+    await disk.flush();
+    model.writes.push({ offset, data });
+    await upload(env(home), 'live-kill', 'replicate').catch(() => undefined);
+    const ended = await serve.ended;
+    await disk.close().catch(() => undefined);
+    assert.equal(ended.signal, 'SIGKILL', `killed at ${step}:\n${serve.stderr()}`);
+    // Reopened: settled to base + top, every write there.
+    const again = await startServe(home, 'live-kill');
+    const reader = await NbdClient.connect(again.socket, 'disk0');
+    try {
+      assert.ok((await readAll(reader)).equals(model.at(model.writes.length)), `after a kill at ${step}, the disk holds every write`);
+    } finally {
+      await reader.close();
+      await stopServe(again);
+    }
+    const { vault, state, keys } = await vaultState(home, 'live-kill');
+    assert.deepEqual([state.disks[0]!.under, state.disks[0]!.mergingTo], [null, null], `settled after a kill at ${step}`);
+    await checkChain(chainOf(vault, state, keys, 'disk0'));
+    const dir = diskDir(vault, state.desktopId, 'disk0');
+    assert.ok(existsSync(chainFiles(dir, state.disks[0]!.top).top));
+  }
+  // The next replica (the desktop stopped) completes and holds everything.
+  const last = await upload(env(home), 'live-kill', 'replicate');
+  assert.ok((await snapshotDisk('live-kill', last.snapshotId)).equals(model.at(model.writes.length)));
+  await release(env(home), 'live-kill', 'rollback');
+});
+
+test('check-in of a running desktop: the bulk goes while it runs, the holder stops, only the rest follows; the snapshot holds every write', async () => {
+  const { image, home } = await newDesktop('live-checkin', 16);
+  const model = new Model(image);
+  const serve = await startServe(home, 'live-checkin');
+  const disk = await NbdClient.connect(serve.socket, 'disk0');
+  const bulk = randomBytes(4 * MIB);
+  await disk.write(2 * MIB, bulk);
+  model.writes.push({ offset: 2 * MIB, data: bulk });
+  await disk.flush();
+  await disk.close();
+  logs.length = 0;
+  const res = await upload(env(home), 'live-checkin', 'checkin');
+  const ended = await serve.ended;
+  assert.equal(ended.code, 0, serve.stderr());
+  assert.ok(typeof res.offToCommitSeconds === 'number', 'the wait after the power-off is measured');
+  assert.ok(logs.some((l) => /sent ahead as restore point/.test(l)), logs.join('\n'));
+  assert.ok(res.bytesSent < MIB, `after the live bulk, the check-in itself sent ${res.bytesSent} bytes`);
+  assert.ok((await currentDisk('live-checkin')).equals(model.at(1)), 'the checked-in snapshot holds the write');
+  assert.deepEqual(await status(env(home), 'live-checkin').catch(() => []), []);
+});
