@@ -107,10 +107,15 @@ class Model {
     for (const w of this.writes.slice(0, n)) w.data.copy(b, w.offset);
     return b;
   }
-  /** Which prefix of the writes `disk` holds, or -1 (checked from the newest down). */
+  /** Which prefix of the writes (at least `from`) `disk` holds, or -1. */
   prefixOf(disk: Buffer, from = 0): number {
-    for (let n = this.writes.length; n >= from; n--) if (this.at(n).equals(disk)) return n;
-    return -1;
+    const b = this.at(from);
+    for (let n = from; ; n++) {
+      if (b.equals(disk)) return n;
+      const w = this.writes[n];
+      if (!w) return -1;
+      w.data.copy(b, w.offset);
+    }
   }
 }
 
@@ -142,7 +147,11 @@ test('live replicas of a desktop held by another process: the guest writes on, e
     // Second replica while a writer keeps writing: one point in time, and no write lost.
     let writing = true;
     const writer = (async () => {
-      for (let i = 0; writing && i < 2000; i++) await write(Math.floor(Math.random() * (16 * MIB - 8192) / 4096) * 4096, randomBytes(4096));
+      // Paced (a guest's small writes), so the restore point's place among them is found quickly.
+      for (let i = 0; writing && i < 1000; i++) {
+        await write(Math.floor(Math.random() * (16 * MIB - 8192) / 4096) * 4096, randomBytes(4096));
+        await new Promise((r) => setTimeout(r, 3));
+      }
     })();
     await new Promise((r) => setTimeout(r, 50));
     const before = model.writes.length;
@@ -189,8 +198,31 @@ test('a replica that fails before the broker acknowledges it, or whose sender is
     await disk.write(5 * MIB, later);
     model.writes.push({ offset: 5 * MIB, data: later });
     assert.ok((await readAll(disk)).equals(model.at(2)), 'the writes before and after the abandoned point are all there');
+
+    // The sender killed with -9 mid-replica (a slow link: 32 KiB/s): the holder sees its control connection close.
+    const more = randomBytes(256 * 1024);
+    await disk.write(6 * MIB, more);
+    model.writes.push({ offset: 6 * MIB, data: more });
+    const sender = spawn(process.execPath, [join(process.cwd(), 'dist', 'src', 'cli', 'main.js'), 'replicate', 'live-abandon', '--limit-rate', '32k'], {
+      env: { ...process.env, CARRYON_HOME: home, CARRYON_USER: 'alice', CARRYON_PASSWORD: 'alice-password' }, stdio: ['ignore', 'ignore', 'pipe'],
+    });
+    let said = '';
+    await new Promise<void>((resolve, reject) => {
+      sender.stderr!.setEncoding('utf8').on('data', (d: string) => {
+        said += d;
+        if (/point in time taken/.test(said)) resolve();
+      });
+      sender.once('exit', () => reject(new Error(`the sender ended before its point in time:\n${said}`)));
+    });
+    const killed = new Promise((r) => sender.once('exit', r));
+    sender.kill('SIGKILL');
+    await killed;
+    for (let i = 0; i < 100 && ((await vaultState(home, 'live-abandon')).state.disks[0]!.under !== null); i++) await new Promise((r) => setTimeout(r, 100));
+    ({ state } = await vaultState(home, 'live-abandon'));
+    assert.deepEqual([state.disks[0]!.top, state.disks[0]!.under], ['top.qcow2', null], 'the killed sender\'s point went back into the top');
+    assert.ok((await readAll(disk)).equals(model.at(3)));
     const done = await upload(env(home), 'live-abandon', 'replicate');
-    assert.ok((await snapshotDisk('live-abandon', done.snapshotId)).equals(model.at(2)));
+    assert.ok((await snapshotDisk('live-abandon', done.snapshotId)).equals(model.at(3)));
     ({ state } = await vaultState(home, 'live-abandon'));
     assert.equal(state.disks[0]!.under, null);
   } finally {
