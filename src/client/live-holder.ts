@@ -52,7 +52,7 @@ export function vaultLayers(held: HeldDesktop): LiveLayers {
       }));
       killAt('acknowledged');
       // Part-way into the fold's block-commit (the job starts right after this returns).
-      if (process.env.NODE_ENV === 'test' && process.env.CARRYON_TEST_SIGKILL_AT === 'folding') setTimeout(() => process.kill(process.pid, 'SIGKILL'), 3);
+      if (process.env.NODE_ENV === 'test' && process.env.CARRYON_TEST_SIGKILL_AT === 'folding') setTimeout(() => process.kill(process.pid, 'SIGKILL'), Number(process.env.CARRYON_TEST_SIGKILL_DELAY_MS ?? 3));
     },
     async folded(name) {
       const d = entry(held.state, name);
