@@ -12,6 +12,8 @@ import { loadDevice } from '../../src/client/home.js';
 import { Vault, type DesktopState } from '../../src/client/vault.js';
 import { exportSnapshot, exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
 import { NbdClient } from '../../src/nbd/client.js';
+import { runAgent } from '../../src/client/agent.js';
+import { connect, createServer } from 'node:net';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api, type TestBroker } from '../broker/harness.js';
 
 // Live replicas (src/live/): the desktop is held by `serve` in a process of its own, as `run`
@@ -96,6 +98,12 @@ async function vaultState(home: string, name: string): Promise<{ vault: Vault; s
   const vault = await Vault.open(home);
   const { state, keys } = await vault.openKeys(await loadDevice(home), 'alice-password', await vault.find(name));
   return { vault, state, keys };
+}
+
+/** Changes a desktop's vault state as the vault writes it (MACed). */
+async function vaultUpdate(home: string, name: string, change: (s: DesktopState) => DesktopState): Promise<void> {
+  const { vault, state, keys } = await vaultState(home, name);
+  await vault.save(change(state), keys);
 }
 
 /** A model of the disk and the writes made to it, in order. */
@@ -295,4 +303,82 @@ test('check-in of a running desktop: the bulk goes while it runs, the holder sto
   assert.ok(res.bytesSent < MIB, `after the live bulk, the check-in itself sent ${res.bytesSent} bytes`);
   assert.ok((await currentDisk('live-checkin')).equals(model.at(1)), 'the checked-in snapshot holds the write');
   assert.deepEqual(await status(env(home), 'live-checkin').catch(() => []), []);
+});
+
+/** A TCP relay to the broker that can be cut and restored on the same port (the broker "down for a while"). */
+async function relay(target: URL): Promise<{ url: string; down(): Promise<void>; up(): Promise<void>; close(): Promise<void> }> {
+  const sockets = new Set<import('node:net').Socket>();
+  let server: import('node:net').Server | null = null;
+  let port = 0;
+  const listen = async () => {
+    server = createServer((inbound) => {
+      const outbound = connect(Number(target.port), target.hostname);
+      for (const s of [inbound, outbound]) {
+        sockets.add(s);
+        s.on('error', () => undefined);
+        s.on('close', () => sockets.delete(s));
+      }
+      inbound.pipe(outbound).pipe(inbound);
+    });
+    await new Promise<void>((r) => server!.listen(port, '127.0.0.1', () => r()));
+    port = (server!.address() as import('node:net').AddressInfo).port;
+  };
+  const down = async () => {
+    for (const s of sockets) s.destroy();
+    await new Promise<void>((r) => (server ? server.close(() => r()) : r()));
+    server = null;
+  };
+  await listen();
+  return { url: `https://127.0.0.1:${port}`, down, up: listen, close: down };
+}
+
+test('background replication: the agent replicates a running desktop on the policy\'s schedule, waits while the broker is away, and goes on when it is back', async () => {
+  const path = makeImage(broker.dir, 8, 'live-agent.raw');
+  assert.equal((await http.call('POST', '/v1/admin/desktops', { name: 'live-agent', image: path, config: { vcpus: 1, ramMiB: 512, minRamMiB: 256 } }, admin)).status, 201);
+  await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: 'live-agent' }, admin);
+  assert.equal((await http.call('PATCH', '/v1/admin/policies/desktop/live-agent', { replicationIntervalMin: 1 }, admin)).status, 200);
+  const link = await relay(new URL(broker.url));
+  const home = join(broker.dir, 'laptop-live-agent');
+  await enroll(env(home), link.url, { fingerprint: broker.fingerprint, name: 'laptop-live-agent' });
+  await checkout(env(home), 'live-agent');
+  const model = new Model(readFileSync(path));
+  const serve = await startServe(home, 'live-agent');
+  const disk = await NbdClient.connect(serve.socket, 'disk0');
+  const points = async () => ((await http.call('GET', '/v1/desktops/live-agent/restore-points', undefined, admin)).body as { restorePoints: { id: string; kind: string }[] }).restorePoints.filter((p) => p.kind === 'replica');
+  try {
+    const write = async (offset: number) => {
+      const data = randomBytes(64 * 1024);
+      await disk.write(offset, data);
+      model.writes.push({ offset, data });
+    };
+    await write(MIB);
+    // Due (never replicated): the agent takes it live, the desktop running.
+    assert.equal((await runAgent(env(home), { once: true })).online, true);
+    let { state } = await vaultState(home, 'live-agent');
+    assert.equal(state.lastReplicaKind, 'crash-consistent');
+    const first = await points();
+    assert.equal(first.length, 1);
+    assert.ok((await snapshotDisk('live-agent', first[0]!.id)).equals(model.at(1)));
+
+    // The broker goes away: the heartbeat fails, nothing is frozen, the guest writes on.
+    await link.down();
+    await write(3 * MIB);
+    const away = await runAgent(env(home), { once: true });
+    assert.equal(away.online, false);
+    ({ state } = await vaultState(home, 'live-agent'));
+    assert.deepEqual([state.disks[0]!.under, state.disks[0]!.mergingTo], [null, null], 'no point left frozen while the broker is away');
+
+    // Back, and due again (the interval passed): the agent replicates what was written meanwhile.
+    await link.up();
+    await vaultUpdate(home, 'live-agent', (s) => ({ ...s, lastReplicationAt: new Date(Date.now() - 120_000).toISOString() }));
+    assert.equal((await runAgent(env(home), { once: true })).online, true);
+    const second = await points();
+    assert.equal(second.length, 2);
+    const newest = second.find((p) => !first.some((f) => f.id === p.id))!;
+    assert.ok((await snapshotDisk('live-agent', newest.id)).equals(model.at(2)), 'the replica after the outage holds the write made while the broker was away');
+  } finally {
+    await disk.close();
+    await stopServe(serve);
+    await link.close();
+  }
 });
