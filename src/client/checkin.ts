@@ -8,7 +8,7 @@ import { guardUpload } from './layer-guard.js';
 import { openDesktopDisks, socketDir, type DesktopDisk } from './disks.js';
 import { claimOwner, diskPrefix, readOwner, specFor } from './holder.js';
 import { liveReplicate } from './live-upload.js';
-import { liveSocketPath } from './live-holder.js';
+import { controlKey, liveSocketPath } from './live-holder.js';
 import { ControlClient } from '../live/control.js';
 import type { DesktopKeys } from './desktop-keys.js';
 import { onlineSession, type ClientEnv } from './session.js';
@@ -140,7 +140,7 @@ async function checkinRunning(env: ClientEnv, desktopRef: string, o: { vault: Va
   } finally {
     await broker.close();
   }
-  const control = await ControlClient.connect(await liveSocketPath({ vault, state }));
+  const control = await ControlClient.connect(await liveSocketPath({ vault, state }), controlKey(o.keys, state.desktopId));
   const grace = o.running.shutdownGraceMs ?? DEFAULT_SHUTDOWN_GRACE_MS;
   try {
     env.log(o.holder === 'run' ? `asking the guest to shut down (ACPI; up to ${Math.round(grace / 1000)} s)…` : 'asking `carryon serve` to stop serving the disk…');

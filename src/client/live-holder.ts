@@ -4,13 +4,22 @@ import { CarryonError } from '../core/errors.js';
 import { chainFiles, createLayer, otherTop, topExtents } from '../disk/chain.js';
 import { measureLayer } from '../disk/layer-shape.js';
 import type { BlockHost } from '../disk/storage-daemon.js';
-import { serveControl, type HolderStatus } from '../live/control.js';
+import { serveControl, type ControlKey, type HolderStatus } from '../live/control.js';
+import { recordMac, recordMacOk, type DesktopKeys } from './desktop-keys.js';
 import { LiveChain, type LiveLayers, type Quiesce } from '../live/live-chain.js';
 import { chainOf, diskDir, socketDir, templatesDir } from './disks.js';
 import { diskPrefix } from './holder.js';
 import { fileStamp } from './layer-guard.js';
 import type { HeldDesktop } from './serve.js';
 import type { DesktopState } from './vault.js';
+
+/** The control requests' key: from the vault key, so only a process that unlocked this desktop has it. */
+export function controlKey(keys: DesktopKeys, desktopId: string): ControlKey {
+  return {
+    sign: (data) => recordMac(keys, desktopId, 'live-control', data),
+    verify: (data, mac) => recordMacOk(keys, desktopId, 'live-control', data, mac),
+  };
+}
 
 /** The control socket of a held desktop (src/live/control.ts). */
 export async function liveSocketPath(held: { vault: HeldDesktop['vault']; state: { desktopId: string } }): Promise<string> {
@@ -110,7 +119,7 @@ export async function startLiveControl(held: HeldDesktop, host: BlockHost, opts:
     abandon: (id) => live.abandon(id),
     shutdown: (graceMs, force) => opts.shutdown(graceMs, force),
     status: async () => ({ kind: opts.kind, pid: process.pid, guestAgent: opts.guestAgent(), pointOpen: live.pointOpen }),
-  }, opts.log);
+  }, controlKey(held.keys, held.state.desktopId), opts.log);
   return { live, close: () => control.close() };
 }
 

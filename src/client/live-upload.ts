@@ -5,7 +5,7 @@ import type { BrokerClient } from './broker-client.js';
 import { changedManifests, type DiskReader } from './changes.js';
 import { sendChanges } from './send-changes.js';
 import { chainOf, type DesktopDisk } from './disks.js';
-import { liveSocketPath } from './live-holder.js';
+import { controlKey, liveSocketPath } from './live-holder.js';
 import type { DesktopKeys } from './desktop-keys.js';
 import type { ClientEnv } from './session.js';
 import type { DesktopState, Vault } from './vault.js';
@@ -19,7 +19,7 @@ import type { DesktopState, Vault } from './vault.js';
 export async function liveReplicate(o: { env: ClientEnv; broker: BrokerClient; vault: Vault; state: DesktopState; keys: DesktopKeys }) {
   const { env, broker, vault, state, keys } = o;
   if (state.damaged) throw new CarryonError('base-damaged', `${state.name} is marked damaged since ${state.damaged.at}: ${state.damaged.message}`);
-  const control = await ControlClient.connect(await liveSocketPath({ vault, state }));
+  const control = await ControlClient.connect(await liveSocketPath({ vault, state }), controlKey(keys, state.desktopId));
   const clients: NbdClient[] = [];
   try {
     const point = await control.freeze();

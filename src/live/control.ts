@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import { chmod, rm } from 'node:fs/promises';
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import { z } from 'zod';
@@ -8,7 +9,10 @@ import type { FrozenPoint } from './live-chain.js';
  * The control socket of the process that holds a running chain (`carryon run` / `serve`): the
  * one way another process (`carryon replicate`, `checkin`, the agent) takes a live replica or
  * asks the desktop to shut down. A unix socket in the desktop's private 0700 directory, one JSON
- * request per line, one answer per request. A connection that goes away with a point still open
+ * request per line, one answer per request. Each request is MACed under a key only an unlocked
+ * vault yields, over the connection's random challenge and the request's sequence number: another
+ * process of the same user without the desktop's password cannot freeze, fold (and so set what
+ * the MACed state says the base holds) or shut the desktop down, nor replay a request. A connection that goes away with a point still open
  * abandons it: a sender killed mid-replica never leaves the chain with a layer too many.
  */
 
@@ -22,6 +26,16 @@ const Request = z.discriminatedUnion('op', [
   z.object({ op: z.literal('status') }).strict(),
 ]);
 export type ControlRequest = z.infer<typeof Request>;
+const Signed = z.object({ req: z.string().max(60_000), mac: z.string().regex(/^[0-9a-f]{64}$/) }).strict();
+
+/** MACs (and checks) a control request: the same key on both sides, from the unlocked vault. */
+export interface ControlKey {
+  sign(data: string): string;
+  verify(data: string, mac: string): boolean;
+}
+
+/** What is MACed: the connection's challenge, the request's place in it, the request. */
+const macInput = (challenge: string, seq: number, req: string) => `${challenge}:${seq}:${req}`;
 
 /** What the holder answers `status` with. */
 export interface HolderStatus {
@@ -44,19 +58,27 @@ export interface ControlHandler {
 /** Longest request line accepted (a fold's digests for many disks fit easily). */
 const MAX_LINE = 64 * 1024;
 
-export async function serveControl(socketPath: string, handler: ControlHandler, log: (l: string) => void): Promise<{ close(): Promise<void> }> {
+export async function serveControl(socketPath: string, handler: ControlHandler, key: ControlKey, log: (l: string) => void): Promise<{ close(): Promise<void> }> {
   await rm(socketPath, { force: true });
   const sockets = new Set<Socket>();
   const server: Server = createServer((sock) => {
     sockets.add(sock);
     const open = new Set<string>();
+    const challenge = randomBytes(16).toString('hex');
+    let seq = 0;
     let buf = '';
     let queue: Promise<void> = Promise.resolve();
     const answer = (body: Record<string, unknown>) => void (sock.writable && sock.write(`${JSON.stringify(body)}\n`));
     const handle = async (line: string) => {
       let req: ControlRequest;
       try {
-        req = Request.parse(JSON.parse(line));
+        const signed = Signed.parse(JSON.parse(line));
+        if (!key.verify(macInput(challenge, seq++, signed.req), signed.mac)) {
+          log('a control request without a valid MAC was refused (a process without the desktop\'s keys)');
+          answer({ ok: false, error: 'forbidden', message: 'the control request is not signed with this desktop\'s keys' });
+          return void sock.destroy();
+        }
+        req = Request.parse(JSON.parse(signed.req));
       } catch (err) {
         return answer({ ok: false, error: 'invalid', message: `not a control request: ${(err as Error).message.slice(0, 200)}` });
       }
@@ -87,6 +109,7 @@ export async function serveControl(socketPath: string, handler: ControlHandler, 
       }
     };
     sock.setEncoding('utf8');
+    sock.write(`${JSON.stringify({ challenge })}\n`);
     sock.on('data', (d: string) => {
       buf += d;
       if (buf.length > MAX_LINE && !buf.includes('\n')) return void sock.destroy();
@@ -136,8 +159,12 @@ export class ControlClient {
   private buf = '';
   private waiting: { resolve: (v: Record<string, unknown>) => void; reject: (e: Error) => void }[] = [];
   private closedErr: Error | null = null;
+  private seq = 0;
+  private challenge: Promise<string>;
 
-  private constructor(private readonly sock: Socket) {
+  private constructor(private readonly sock: Socket, private readonly key: ControlKey) {
+    this.challenge = new Promise<Record<string, unknown>>((resolve, reject) => this.waiting.push({ resolve, reject })).then((hello) => z.object({ challenge: z.string().regex(/^[0-9a-f]{32}$/) }).parse(hello).challenge);
+    this.challenge.catch(() => undefined);
     sock.setEncoding('utf8');
     sock.on('data', (d: string) => {
       this.buf += d;
@@ -160,19 +187,21 @@ export class ControlClient {
     sock.on('close', () => gone());
   }
 
-  static async connect(socketPath: string): Promise<ControlClient> {
+  static async connect(socketPath: string, key: ControlKey): Promise<ControlClient> {
     const sock = connect(socketPath);
     await new Promise<void>((resolve, reject) => {
       sock.once('connect', resolve);
       sock.once('error', (err: NodeJS.ErrnoException) => reject(new CarryonError('holder-unreachable', `the process holding the desktop does not answer on ${socketPath} (${err.code ?? err.message}): it may be an older carryon; stop it and try again`)));
     });
-    return new ControlClient(sock);
+    return new ControlClient(sock, key);
   }
 
   private async call(req: ControlRequest): Promise<Record<string, unknown>> {
+    const challenge = await this.challenge;
     if (this.closedErr) throw this.closedErr;
     const reply = new Promise<Record<string, unknown>>((resolve, reject) => this.waiting.push({ resolve, reject }));
-    this.sock.write(`${JSON.stringify(req)}\n`);
+    const body = JSON.stringify(req);
+    this.sock.write(`${JSON.stringify({ req: body, mac: this.key.sign(macInput(challenge, this.seq++, body)) })}\n`);
     const a = Answer.parse(await reply);
     if (!a.ok) throw new CarryonError(a.error ?? 'failed', a.message ?? 'the holder refused');
     return a;
