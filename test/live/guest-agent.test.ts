@@ -78,12 +78,21 @@ test('bytes before the sentinel (a stale answer, half a line, binary noise) are 
   agent.close();
 });
 
+/** Like the real agent, answers leave in the order asked: `delayMs` of one answer delays all later ones. */
+function inOrder(delayMs: (req: { execute: string }) => number, respond: Respond = agentLike): Respond {
+  let busyUntil = 0;
+  return (req, sock) => {
+    busyUntil = Math.max(Date.now(), busyUntil) + delayMs(req);
+    setTimeout(() => respond(req, sock), busyUntil - Date.now());
+  };
+}
+
 test('an earlier sync answer (wrong id after its sentinel) is skipped until ours comes', async () => {
+  const ordered = inOrder((req) => (req.execute === 'guest-sync-delimited' ? 50 : 0));
   const path = await fakeAgent((req, sock) => {
-    if (req.execute === 'guest-sync-delimited') {
-      sock.write(Buffer.concat([Buffer.from([QGA_SENTINEL]), Buffer.from('{"return": 12345}\n')]));
-      setTimeout(() => agentLike(req, sock), 20);
-    } else agentLike(req, sock);
+    // at once: the answer to a sync some earlier client sent; ours follows 50 ms later
+    if (req.execute === 'guest-sync-delimited') sock.write(Buffer.concat([Buffer.from([QGA_SENTINEL]), Buffer.from('{"return": 12345}\n')]));
+    ordered(req, sock);
   });
   const agent = await GuestAgent.connect(path, 2_000);
   assert.equal(await agent.status(1_000), 'frozen');
@@ -104,17 +113,17 @@ test('no socket at all: unavailable at once', async () => {
 
 test('a command answered too late: it times out, and its late answer never reaches the next command', async () => {
   let slow = true;
-  const path = await fakeAgent((req, sock) => {
-    if (req.execute === 'guest-fsfreeze-freeze' && slow) {
-      slow = false;
-      setTimeout(() => sock.write('{"return": 3}\n'), 150);
-    } else agentLike(req, sock);
-  });
+  const path = await fakeAgent(
+    inOrder(
+      (req) => (req.execute === 'guest-fsfreeze-freeze' && slow ? ((slow = false), 200) : 0),
+      (req, sock) => (req.execute === 'guest-fsfreeze-freeze' ? sock.write('{"return": 3}\n') : agentLike(req, sock)),
+    ),
+  );
   const agent = await GuestAgent.connect(path, 2_000);
   const t0 = Date.now();
   await assert.rejects(agent.freeze(100), (e: unknown) => e instanceof GuestAgentUnavailable && /guest-fsfreeze-freeze within 100 ms/.test(e.message));
   assert.ok(Date.now() - t0 < 1_000);
-  await new Promise((r) => setTimeout(r, 200)); // the stale {"return": 3} has arrived
+  // Asked at once: the stale {"return": 3} arrives while this waits, before its own answer.
   assert.equal(await agent.status(1_000), 'frozen', 'the next command re-synced past the stale answer');
   agent.close();
 });
