@@ -8,10 +8,26 @@ import { after, before, test } from 'node:test';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
 import { ADMIN, api, cleanup, testBroker, type Api } from '../broker/harness.js';
-import { buildInitramfs, guestAppend, guestKernel, guestQemuArgs, makeExt4Image, parseGuestSerial, readExt4File, type GuestAction } from '../support/guest.js';
+import { GuestAgent } from '../../src/live/guest-agent.js';
+import { quiesce } from '../../src/live/quiesce.js';
+import {
+  buildInitramfs,
+  GUEST_AGENT_STARTED,
+  GUEST_SHUTDOWN_ASKED,
+  guestAppend,
+  guestKernel,
+  guestQemuArgs,
+  lastDurableRecord,
+  makeExt4Image,
+  parseGuestSerial,
+  readExt4File,
+  verifyWriterRecords,
+  type GuestAction,
+} from '../support/guest.js';
 
-// A real Linux guest (Debian kernel, busybox initramfs) boots from a checked-out desktop with
-// `carryon run` (TCG), writes a file, and the check-in carries it to the broker's new snapshot.
+// A real Linux guest (Debian kernel, busybox initramfs with qemu-guest-agent) boots from a
+// checked-out desktop with `carryon run` (TCG), writes a file, and the check-in carries it to the
+// broker's new snapshot. The first boot also drives the guest agent on `carryon run`'s channel.
 const run = promisify(execFile);
 const CLI = join(process.cwd(), 'dist', 'src', 'cli', 'main.js');
 let broker: RunningBroker & { dir: string };
@@ -48,7 +64,7 @@ before(async () => {
   const admin = await http.login(ADMIN.name, ADMIN.password);
   await http.call('POST', '/v1/admin/users', { name: 'alice', password: 'alice-password' }, admin);
   mkdirSync(join(broker.dir, 'guest'));
-  initrd = await buildInitramfs(join(broker.dir, 'guest'));
+  initrd = await buildInitramfs(join(broker.dir, 'guest'), { guestAgent: true });
   for (const name of ['office', 'travel']) {
     const image = join(broker.dir, `${name}.raw`);
     await makeExt4Image(image, 48, { 'etc/motd': `welcome to ${name}\n`, 'data/big.bin': bigFile });
@@ -66,14 +82,93 @@ after(async () => {
   if (broker) cleanup(broker.dir);
 });
 
-test('a real Linux guest boots from a checked-out desktop with carryon run; its file is in the new snapshot after check-in', async () => {
+/** Polls `read()` until `ok` holds, every 100 ms, for at most `ms`; says what it waited for. */
+async function until<T>(what: string, ms: number, read: () => T, ok: (v: T) => boolean): Promise<T> {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = read();
+    if (ok(v)) return v;
+    if (Date.now() > end) throw new Error(`waited ${ms} ms for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+test('a real Linux guest boots with carryon run; its agent answers on the run\'s channel, freezes, thaws and powers it off; its files are in the new snapshot after check-in', async (t) => {
+  const t0 = Date.now();
+  const phases: string[] = [];
+  const phase = (name: string) => phases.push(`${name} ${((Date.now() - t0) / 1000).toFixed(1)}s`);
   await carryon(['checkout', 'office', '--quiet']);
-  const { report } = await runGuest('office', [{ read: '/etc/motd' }, { write: '/home/alice/notes.txt', content: 'written-offline-on-the-laptop' }]);
+  phase('checked out');
+  const serialPath = join(broker.dir, 'office.serial');
+  const actions: GuestAction[] = [{ read: '/etc/motd' }, { write: '/home/alice/notes.txt', content: 'written-offline-on-the-laptop' }, { writer: '/home/alice/records.log', perSync: 4 }];
+  const args = ['run', 'office', '--accel', 'tcg', '--display', 'none', '--serial', serialPath, ...guestQemuArgs({ kernel, initrd, append: guestAppend(actions, { waitS: 60 }) }).map((a) => `--qemu-arg=${a}`)];
+  // `carryon run` gives every guest the agent's channel; its dry run says where.
+  const dry = JSON.parse((await carryon(['--json', ...args, '--dry-run'])).stdout) as { argv: string[] };
+  const qgaSocket = /^socket,id=qga0,path=([^,]+),server=on,wait=off$/.exec(dry.argv[dry.argv.indexOf('-chardev') + 1] ?? '')?.[1];
+  assert.ok(qgaSocket, `the run's command line has the agent's channel: ${dry.argv.join(' ')}`);
+
+  const vm = spawn(process.execPath, [CLI, ...args], { env: cliEnv, stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  vm.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<number | null>((r) => vm.once('exit', (code) => r(code)));
+  const serial = () => {
+    try {
+      return readFileSync(serialPath, 'utf8');
+    } catch {
+      return '';
+    }
+  };
+  let agent: GuestAgent | undefined;
+  try {
+    await until('the agent to start and the writer to make records durable', 120_000, serial, (t) => (t.includes(GUEST_AGENT_STARTED) && lastDurableRecord(t) >= 8) || /CARRYON-GUEST-FAIL/.test(t) || vm.exitCode !== null);
+    assert.ok(lastDurableRecord(serial()) >= 8, `the guest runs its writer\n${stderr}\n${serial().slice(-3000)}`);
+    phase('agent and writer up');
+    agent = await GuestAgent.connect(qgaSocket, 20_000);
+    await agent.ping(10_000);
+
+    // Frozen: the writer's next fdatasync cannot finish, so no record becomes durable (one group may have been under way).
+    assert.ok((await agent.freeze(10_000)) >= 1, 'the ext4 mount froze');
+    const atFreeze = lastDurableRecord(serial());
+    assert.equal(await agent.status(10_000), 'frozen');
+    await new Promise((r) => setTimeout(r, 1_500));
+    const whileFrozen = lastDurableRecord(serial());
+    assert.ok(whileFrozen <= atFreeze + 4, `no write completes while frozen: ${atFreeze} → ${whileFrozen}`);
+    assert.ok((await agent.thaw(10_000)) >= 1);
+    assert.equal(await agent.status(10_000), 'thawed');
+    await until('the writer to go on after the thaw', 30_000, () => lastDurableRecord(serial()), (n) => n > whileFrozen + 4);
+
+    // quiesce() around a point in time, as a replica does: the guest is frozen while it runs.
+    const q = await quiesce(agent, async () => agent!.status(10_000), { pingTimeoutMs: 10_000 });
+    assert.deepEqual([q.result, q.kind, q.thawed], ['frozen', 'quiesced', true]);
+
+    // guest-shutdown (no answer when it works): the writer stops, the disk is unmounted, QEMU exits.
+    phase('frozen, thawed, quiesced');
+    await agent.shutdown('powerdown', 10_000);
+    const code = await Promise.race([exited, new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), 60_000))]);
+    assert.equal(code, 0, `carryon run ends when the guest powers off\n${stderr}`);
+    phase('powered off');
+  } finally {
+    agent?.close();
+    if (vm.exitCode === null) {
+      vm.kill('SIGINT');
+      vm.kill('SIGINT'); // a second one kills QEMU
+      await exited;
+    }
+  }
+  const report = parseGuestSerial(serial());
+  assert.ok(report.done, `the guest finished: ${report.failure ?? ''}\n${serial().slice(-3000)}`);
+  assert.ok(report.agentStarted && serial().includes(GUEST_SHUTDOWN_ASKED));
   assert.equal(report.reads.get('/etc/motd')?.toString('utf8'), 'welcome to office\n', 'the guest reads the checkpoint');
   const st = JSON.parse((await carryon(['status', 'office', '--json'])).stdout) as { dirtyBytes: number }[];
   assert.ok(st[0]!.dirtyBytes > 0, 'the guest wrote into the top layer');
   await carryon(['checkin', 'office', '--json']);
   assert.equal(await serverFile('office', '/home/alice/notes.txt'), 'written-offline-on-the-laptop');
+  // Every record the guest logged is in the snapshot, a clean prefix ending where the writer stopped.
+  const out = join(broker.dir, 'office-snapshot.raw');
+  assert.deepEqual(verifyWriterRecords(await readExt4File(out, '/home/alice/records.log')), { count: report.writerStopped, tornBytes: 0 });
+  assert.ok(report.durableRecords === report.writerStopped);
+  phase(`checked in (${report.writerStopped} records)`);
+  t.diagnostic(phases.join(', '));
 });
 
 test('the same guest boots while the check-out is still under way (--limit-rate), reads never fail', async () => {
