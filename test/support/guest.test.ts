@@ -110,9 +110,11 @@ describe('kernel modules', () => {
     const ext4 = await mk('ext4', 'xz');
     const crc = await mk('crc32c-generic', 'plain');
     const con = await mk('virtio_console', 'plain');
+    const button = await mk('button', 'plain');
+    const evdev = await mk('evdev', 'plain');
     await writeFile(
       join(dir, 'modules.dep'),
-      [`${ring}:`, `${virtio}: ${ring}`, `${pci}: ${virtio} ${ring}`, `${blk}: ${virtio} ${ring}`, `${jbd2}:`, `${ext4}: ${jbd2}`, `${crc}:`, `${con}: ${virtio} ${ring}`, ''].join('\n'),
+      [`${ring}:`, `${virtio}: ${ring}`, `${pci}: ${virtio} ${ring}`, `${blk}: ${virtio} ${ring}`, `${jbd2}:`, `${ext4}: ${jbd2}`, `${crc}:`, `${con}: ${virtio} ${ring}`, `${button}:`, `${evdev}:`, ''].join('\n'),
     );
     await writeFile(join(dir, 'modules.softdep'), 'softdep ext4 pre: crypto-crc32c\nsoftdep jbd2 pre: crypto-crc32c\n');
     await writeFile(join(dir, 'modules.alias'), 'alias crypto-crc32c crc32c_generic\nalias crc32c crc32c_generic\n');
@@ -152,11 +154,13 @@ describe('kernel modules', () => {
     if (!existsSync(GUEST_AGENT_BINARY)) return t.skip('qemu-guest-agent is not installed (scripts/install-deps installs it)');
     await withDir(async (root) => {
       await fakeTree(root);
-      const out = await buildInitramfs(join(root, 'out'), { kernelRelease: '9.9.9-test', modulesRoot: root, guestAgent: true });
+      const out = await buildInitramfs(join(root, 'out'), { kernelRelease: '9.9.9-test', modulesRoot: root, guestAgent: true, powerButton: true });
       const x = join(root, 'x');
       await extract(gunzipSync(await readFile(out)), x);
       const init = await readFile(join(x, 'init'), 'utf8');
       assert.match(init, /insmod \/lib\/modules\/virtio_console\.ko/);
+      assert.match(init, /insmod \/lib\/modules\/button\.ko[^]*insmod \/lib\/modules\/evdev\.ko/);
+      assert.match(init, /dd if="\$pwr" of=\/dev\/null bs=24 count=1 2>\/dev\/null && touch \/tmp\/carryon-stop/, 'a power-button press stops the writer');
       assert.match(init, /\/usr\/sbin\/qemu-ga -m virtio-serial -p "\$port"/);
       assert.ok(init.indexOf('qemu-ga -m') > init.indexOf('mount -t "$fstype"') && init.indexOf('qemu-ga -m') < init.indexOf('carryon.writer=*)'), 'started after the mount, before the work');
       for (const lib of await sharedLibraries(GUEST_AGENT_BINARY)) assert.ok(existsSync(join(x, lib)), `${lib} is in the initramfs`);
@@ -254,9 +258,10 @@ describe('the writer and its records', () => {
   });
 
   test('serial: the last durable record, the writer stop, the agent start', () => {
-    const serial = 'CARRYON-QGA-STARTED /dev/vport1p1\r\nCARRYON-WRITER-START /rec\r\nCARRYON-REC 4\r\n[ 3.1] kernel\r\nCARRYON-REC 8\r\nCARRYON-REC 12\r\nCARRYON-WRITER-STOP 12\r\n';
+    const serial = 'CARRYON-QGA-STARTED /dev/vport1p1\r\nCARRYON-WRITER-START /rec\r\nCARRYON-REC 4\r\n[ 3.1] kernel\r\nCARRYON-REC 8\r\nCARRYON-REC 12\r\nCARRYON-POWER-BUTTON\r\nCARRYON-WRITER-STOP 12\r\n';
     const r = parseGuestSerial(serial);
-    assert.deepEqual([r.agentStarted, r.durableRecords, r.writerStopped], [true, 12, 12]);
+    assert.deepEqual([r.agentStarted, r.durableRecords, r.writerStopped, r.powerButton], [true, 12, 12, true]);
+    assert.equal(parseGuestSerial('CARRYON-REC 3\n').powerButton, false);
     assert.equal(lastDurableRecord(serial), 12);
     assert.equal(lastDurableRecord(serial.slice(0, serial.indexOf('CARRYON-REC 12'))), 8, 'what the serial said up to a moment');
   });

@@ -299,7 +299,7 @@ async function moduleBytes(path: string): Promise<Buffer> {
  * `carryon.*` actions from /proc/cmdline in order, unmounts and powers off. Every failure ends in
  * one `CARRYON-GUEST-FAIL <reason>` line and a power-off, so the host never waits for a timeout.
  */
-function initScript(modules: GuestModule[], guestAgent: boolean): string {
+function initScript(modules: GuestModule[], guestAgent: boolean, powerButton: boolean): string {
   const loads = modules
     .map((m) =>
       m.optional
@@ -348,7 +348,7 @@ while [ ! -b "$dev" ]; do
 done
 mkdir -p /mnt
 mount -t "$fstype" "$dev" /mnt || fail "mount $dev as $fstype"
-${guestAgent ? agentStart() : ''}
+${guestAgent ? agentStart() : ''}${powerButton ? powerButtonWatch() : ''}
 # spec is PATH:REST; the path may not contain ':'
 target() { p="\${1%%:*}"; case "$p" in /*) ;; *) fail "path must be absolute: $p" ;; esac; }
 for tok in $(cat /proc/cmdline); do
@@ -427,6 +427,28 @@ echo "${GUEST_AGENT_STARTED} $port"
 `;
 }
 
+/**
+ * An ACPI power-button press (QMP system_powerdown, `carryon run`'s Ctrl-C) ends the writer as
+ * guest-shutdown does. No acpid: one read of the button's evdev node (a whole 24-byte event; a
+ * shorter read is refused by evdev) is the press.
+ */
+function powerButtonWatch(): string {
+  return `
+pwr=
+i=0
+while [ -z "$pwr" ]; do
+  for e in $(ls /sys/class/input 2>/dev/null); do
+    case "$e" in event*) [ "$(cat /sys/class/input/$e/device/name 2>/dev/null)" = "Power Button" ] && [ -c /dev/input/$e ] && pwr=/dev/input/$e ;; esac
+  done
+  [ -n "$pwr" ] && break
+  i=$((i + 1))
+  [ "$i" -gt 100 ] && fail "no ACPI power button in /sys/class/input"
+  usleep 100000
+done
+( dd if="$pwr" of=/dev/null bs=24 count=1 2>/dev/null && touch ${WRITER_STOP_FILE} && echo "${GUEST_POWER_BUTTON}" ) &
+`;
+}
+
 export interface InitramfsOptions {
   /** Kernel release whose modules to include; default: that of `guestKernel()`. */
   kernelRelease?: string;
@@ -446,11 +468,17 @@ export interface InitramfsOptions {
   guestAgent?: boolean;
   /** Default /usr/sbin/qemu-ga. */
   guestAgentBinary?: string;
+  /** An ACPI power-button press (QMP system_powerdown) stops the writer, then the guest unmounts and powers off. */
+  powerButton?: boolean;
 }
 
 export const GUEST_AGENT_BINARY = '/usr/sbin/qemu-ga';
 /** The virtio-serial port driver the agent's channel needs (the writer needs nothing more). */
 export const GUEST_AGENT_MODULES = ['virtio_console'];
+/** The ACPI power button's driver and the evdev node it is read through. */
+export const POWER_BUTTON_MODULES = ['button', 'evdev'];
+/** Printed by the guest when its power button was pressed. */
+export const GUEST_POWER_BUTTON = 'CARRYON-POWER-BUTTON';
 /** Printed by /init once qemu-ga runs, with the port's device. */
 export const GUEST_AGENT_STARTED = 'CARRYON-QGA-STARTED';
 const GUEST_AGENT_PORT = 'org.qemu.guest_agent.0';
@@ -521,7 +549,7 @@ export async function buildInitramfs(dir: string, opts: InitramfsOptions = {}): 
     throw new Error(`${busyboxPath} missing: install the package busybox-static (scripts/install-deps does)`);
   }
   if (!isStaticElf(busybox)) throw new Error(`${busyboxPath} is not statically linked: install the package busybox-static`);
-  const modules = resolveModules(moduleDir, [...GUEST_MODULES, ...(opts.guestAgent ? GUEST_AGENT_MODULES : []), ...(opts.extraModules ?? [])]);
+  const modules = resolveModules(moduleDir, [...GUEST_MODULES, ...(opts.guestAgent ? GUEST_AGENT_MODULES : []), ...(opts.powerButton ? POWER_BUTTON_MODULES : []), ...(opts.extraModules ?? [])]);
 
   const dirEntry = (name: string): CpioEntry => ({ name, mode: S_IFDIR | 0o755 });
   const entries: CpioEntry[] = [
@@ -533,7 +561,7 @@ export async function buildInitramfs(dir: string, opts: InitramfsOptions = {}): 
   ];
   for (const m of modules) entries.push({ name: `lib/modules/${m.name}.ko`, mode: S_IFREG | 0o644, data: await moduleBytes(m.path) });
   if (opts.guestAgent) entries.push(...(await guestAgentEntries(opts.guestAgentBinary ?? GUEST_AGENT_BINARY)));
-  entries.push({ name: 'init', mode: S_IFREG | 0o755, data: Buffer.from(initScript(modules, opts.guestAgent ?? false)) });
+  entries.push({ name: 'init', mode: S_IFREG | 0o755, data: Buffer.from(initScript(modules, opts.guestAgent ?? false, opts.powerButton ?? false)) });
 
   await mkdir(dir, { recursive: true });
   const out = join(dir, opts.name ?? 'initramfs.cpio.gz');
@@ -557,7 +585,8 @@ export type GuestAction =
   /**
    * Append numbered records (see `writerRecord`) to `writer`, fdatasync after every `perSync`
    * (default 4) and print `CARRYON-REC n` once 1..n are durable, until the agent's guest-shutdown
-   * (an initramfs with `guestAgent`) asks the guest to stop. Put it last: it runs until then.
+   * (an initramfs with `guestAgent`) or the ACPI power button (`powerButton`) asks the guest to
+   * stop. Put it last: it runs until then.
    */
   | { writer: string; perSync?: number };
 
@@ -605,6 +634,8 @@ export interface GuestReport {
   writerStopped?: number;
   /** The guest agent ran in the guest. */
   agentStarted: boolean;
+  /** The guest saw its ACPI power button pressed. */
+  powerButton: boolean;
   /** Guest uptime (s) when /init started and when it finished, from the markers. */
   uptimeAtInit?: number;
   uptimeAtDone?: number;
@@ -613,7 +644,7 @@ export interface GuestReport {
 /** Reads the marker lines out of a guest's serial output (CRLF or LF, kernel noise in between). */
 export function parseGuestSerial(serial: string): GuestReport {
   const lines = serial.split(/\r?\n/).map((l) => l.replace(/\r/g, ''));
-  const report: GuestReport = { done: false, reads: new Map(), sha256: new Map(), durableRecords: 0, agentStarted: false };
+  const report: GuestReport = { done: false, reads: new Map(), sha256: new Map(), durableRecords: 0, agentStarted: false, powerButton: false };
   let reading: { path: string; b64: string[] } | null = null;
   for (const line of lines) {
     if (reading) {
@@ -631,6 +662,7 @@ export function parseGuestSerial(serial: string): GuestReport {
     else if ((m = /^CARRYON-REC (\d+)$/.exec(line))) report.durableRecords = Math.max(report.durableRecords, Number(m[1]));
     else if ((m = /^CARRYON-WRITER-STOP (\d+)$/.exec(line))) report.writerStopped = Number(m[1]);
     else if (line.startsWith(`${GUEST_AGENT_STARTED} `)) report.agentStarted = true;
+    else if (line === GUEST_POWER_BUTTON) report.powerButton = true;
     else if ((m = new RegExp(`^${GUEST_DONE} rc=0(?: uptime=([\\d.]+))?`).exec(line))) {
       report.done = true;
       if (m[1]) report.uptimeAtDone = Number(m[1]);
