@@ -127,9 +127,21 @@ export class GuestAgent implements FreezeAgent {
       await agent.sync(Math.max(1, timeoutMs - (Date.now() - started)));
     } catch (err) {
       agent.close();
-      throw err;
+      if (!(err instanceof GuestAgentUnavailable)) throw err;
+      // QEMU's channel takes one client at a time: a second one connects, then hears nothing.
+      throw new GuestAgentUnavailable(`${err.message}: the guest runs no agent, or it is stuck, or another client holds ${path}`);
     }
     return agent;
+  }
+
+  /** `connect`, or null with the reason when no agent answers (what `quiesce` takes: null means crash-consistent). */
+  static async tryConnect(path: string, timeoutMs = DEFAULT_TIMEOUT_MS): Promise<{ agent: GuestAgent | null; reason?: string }> {
+    try {
+      return { agent: await GuestAgent.connect(path, timeoutMs) };
+    } catch (err) {
+      if (err instanceof GuestAgentUnavailable || err instanceof GuestAgentError) return { agent: null, reason: err.message };
+      throw err;
+    }
   }
 
   get closed(): boolean {

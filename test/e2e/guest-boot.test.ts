@@ -161,6 +161,11 @@ test('a real Linux guest boots with carryon run; its agent answers on the run\'s
     assert.equal(await agent.status(10_000), 'thawed');
     await until('the writer to go on after the thaw', 30_000, () => lastDurableRecord(serial()), (n) => n > whileFrozen + 4);
 
+    // A second client waits while the first holds the channel; after it lets go, a new connection syncs past whatever was left.
+    await assert.rejects(GuestAgent.connect(qgaSocket, 1_000), /another client holds/);
+    agent.close();
+    agent = await GuestAgent.connect(qgaSocket, 20_000);
+
     // quiesce() around a point in time, as a replica does: the guest is frozen while it runs.
     const q = await quiesce(agent, async () => agent!.status(10_000), { pingTimeoutMs: 10_000 });
     assert.deepEqual([q.result, q.kind, q.thawed], ['frozen', 'quiesced', true]);

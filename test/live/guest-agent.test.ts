@@ -102,13 +102,19 @@ test('an earlier sync answer (wrong id after its sentinel) is skipped until ours
 test('a socket where nothing answers (a guest without an agent) costs the timeout, no more', async () => {
   const path = await fakeAgent(() => undefined);
   const t0 = Date.now();
-  await assert.rejects(GuestAgent.connect(path, 300), (e: unknown) => e instanceof GuestAgentUnavailable && /did not answer guest-sync-delimited/.test(e.message));
+  await assert.rejects(GuestAgent.connect(path, 300), (e: unknown) => e instanceof GuestAgentUnavailable && /did not answer guest-sync-delimited within \d+ ms: the guest runs no agent, or it is stuck, or another client holds/.test(e.message));
   const ms = Date.now() - t0;
   assert.ok(ms >= 290 && ms < 1_500, `bounded by the timeout: ${ms} ms`);
 });
 
 test('no socket at all: unavailable at once', async () => {
   await assert.rejects(GuestAgent.connect(join(dir, 'absent.sock'), 2_000), GuestAgentUnavailable);
+  const none = await GuestAgent.tryConnect(join(dir, 'absent.sock'), 2_000);
+  assert.equal(none.agent, null);
+  assert.match(none.reason!, /no guest agent channel at .*absent\.sock/);
+  const some = await GuestAgent.tryConnect(await fakeAgent(agentLike), 2_000);
+  assert.ok(some.agent && some.reason === undefined);
+  some.agent.close();
 });
 
 test('a command answered too late: it times out, and its late answer never reaches the next command', async () => {
