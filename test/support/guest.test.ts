@@ -12,15 +12,12 @@ import { createLuksQcow2, luksQcow2ToRaw } from '../../bench/disk.js';
 import {
   bootGuest,
   buildInitramfs,
+  checkExt4Image,
   GUEST_AGENT_BINARY,
   guestAppend,
   guestKernel,
-  lastDurableRecord,
-  sharedLibraries,
-  verifyWriterRecords,
-  WRITER_RECORD_BYTES,
-  writerRecord,
   kernelRelease,
+  lastDurableRecord,
   makeExt4Image,
   newcArchive,
   parseGuestSerial,
@@ -30,7 +27,12 @@ import {
   S_IFDIR,
   S_IFLNK,
   S_IFREG,
+  sharedLibraries,
+  verifyWriterRecords,
   virtioDiskArgs,
+  WRITER_RECORD_BYTES,
+  writerRecord,
+  writerRecordsInImage,
 } from './guest.js';
 
 const run = promisify(execFile);
@@ -255,6 +257,29 @@ describe('the writer and its records', () => {
     flipped[5 * WRITER_RECORD_BYTES + 30]! ^= 1;
     assert.throws(() => verifyWriterRecords(flipped), /5 good/);
     assert.throws(() => verifyWriterRecords(Buffer.concat([recs(1, 3), Buffer.alloc(64), recs(5, 5)])), /3 good/);
+  });
+
+  test('an image checks clean as it is, or after a journal replay on a copy; damage shows; records are read the same way', async () => {
+    await withDir(async (dir) => {
+      const records = Buffer.from([1, 2, 3].map(writerRecord).join(''), 'latin1');
+      const img = join(dir, 'fs.raw');
+      await makeExt4Image(img, 16, { 'log/rec': records });
+      assert.deepEqual(await writerRecordsInImage(img, '/log/rec'), { count: 3, tornBytes: 0 });
+      const plain = await checkExt4Image(img);
+      assert.deepEqual([plain.clean, plain.journalReplayed], [true, false]);
+      // As if taken from a mounted file system without a freeze: a replay is due.
+      await run('debugfs', ['-w', '-R', 'feature needs_recovery', img]);
+      const before = await readFile(img);
+      const replayed = await checkExt4Image(img);
+      assert.deepEqual([replayed.clean, replayed.journalReplayed], [true, true]);
+      assert.deepEqual(await writerRecordsInImage(img, '/log/rec'), { count: 3, tornBytes: 0 });
+      assert.ok(before.equals(await readFile(img)), 'the image itself is never changed');
+      await run('debugfs', ['-w', '-R', 'feature ^needs_recovery', img]);
+      await run('debugfs', ['-w', '-R', 'clri <2>', img]); // the root directory's inode wiped
+      const damaged = await checkExt4Image(img);
+      assert.equal(damaged.clean, false);
+      assert.match(damaged.output, /root inode|Root inode/i);
+    });
   });
 
   test('serial: the last durable record, the writer stop, the agent start', () => {

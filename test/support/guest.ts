@@ -75,9 +75,64 @@ export function verifyWriterRecords(data: Buffer): WriterRecords {
   return { count, tornBytes: rest.length };
 }
 
-/** `verifyWriterRecords` on the file `path` inside a raw ext4 image (read with debugfs, no mount). */
+/**
+ * `verifyWriterRecords` on the file `path` inside a raw ext4 image (read with debugfs, no mount).
+ * An image taken from a running guest (crash-consistent) is read after its journal is replayed
+ * on a copy, as a mount would: records only in the journal count.
+ */
 export async function writerRecordsInImage(rawImage: string, path: string): Promise<WriterRecords> {
-  return verifyWriterRecords(await readExt4File(rawImage, path));
+  return withReplayedJournal(rawImage, async (img) => verifyWriterRecords(await readExt4File(img, path)));
+}
+
+export interface Ext4Check {
+  /** `e2fsck -fn` found nothing to fix (after the journal replay, if one was due). */
+  clean: boolean;
+  /** The image needed a journal replay (taken from a mounted file system without a freeze). */
+  journalReplayed: boolean;
+  /** e2fsck's report. */
+  output: string;
+}
+
+async function needsRecovery(rawImage: string): Promise<boolean> {
+  const { stdout } = await run('dumpe2fs', ['-h', rawImage]).catch((e: Error) => {
+    throw new Error(`dumpe2fs -h ${rawImage} failed (package e2fsprogs): ${e.message}`);
+  });
+  const features = /^Filesystem features:\s*(.*)$/m.exec(stdout)?.[1] ?? '';
+  return features.split(/\s+/).includes('needs_recovery');
+}
+
+/** Runs `fn` on the image, or on a temporary copy with its journal replayed when one is due (the image is never changed). */
+async function withReplayedJournal<T>(rawImage: string, fn: (image: string, replayed: boolean) => Promise<T>): Promise<T> {
+  if (!(await needsRecovery(rawImage))) return fn(rawImage, false);
+  const tmp = await mkdtemp(join(tmpdir(), 'carryon-fsck-'));
+  try {
+    const copy = join(tmp, 'replayed.raw');
+    await run('cp', ['--sparse=always', '--reflink=auto', rawImage, copy]);
+    await run('e2fsck', ['-E', 'journal_only', '-p', copy]).catch((e: Error & { stdout?: string }) => {
+      throw new Error(`e2fsck could not replay the journal of ${rawImage}: ${e.stdout ?? ''}${e.message}`);
+    });
+    return await fn(copy, true);
+  } finally {
+    await rm(tmp, { recursive: true, force: true });
+  }
+}
+
+/**
+ * `e2fsck -fn` on a raw ext4 image, as a restore point is checked: a quiesced one (frozen:
+ * journal flushed, no recovery due) is checked as it is; a crash-consistent one after its
+ * journal is replayed on a copy, as the next mount would.
+ */
+export async function checkExt4Image(rawImage: string): Promise<Ext4Check> {
+  return withReplayedJournal(rawImage, async (img, journalReplayed) => {
+    try {
+      const { stdout, stderr } = await run('e2fsck', ['-f', '-n', img]);
+      return { clean: true, journalReplayed, output: `${stdout}${stderr}` };
+    } catch (e) {
+      const err = e as Error & { code?: unknown; stdout?: string; stderr?: string };
+      if (typeof err.code !== 'number') throw new Error(`cannot run e2fsck (package e2fsprogs): ${err.message}`);
+      return { clean: false, journalReplayed, output: `${err.stdout ?? ''}${err.stderr ?? ''}` };
+    }
+  });
 }
 
 /** The highest record number the guest reported durable on its serial console (0 if none yet). */
