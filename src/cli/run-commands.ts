@@ -5,6 +5,9 @@ import { socketDir } from '../client/disks.js';
 import { join } from 'node:path';
 import { holdDesktop, serveDesktop, type HeldDesktop } from '../client/serve.js';
 import { startLiveControl } from '../client/live-holder.js';
+import { GuestAgent } from '../live/guest-agent.js';
+import type { Quiesce } from '../live/live-chain.js';
+import { quiesce } from '../live/quiesce.js';
 import { chmod, rm } from 'node:fs/promises';
 import { CarryonError } from '../core/errors.js';
 import { chainBlockdev } from '../disk/chain.js';
@@ -131,8 +134,22 @@ async function startRunControl(held: HeldDesktop, vm: RunningDesktop, log: (l: s
       await vm.qmp('nbd-server-start', { addr: { type: 'unix', data: { path: replicaSocket } } });
       await chmod(replicaSocket, 0o600);
     })());
+  // The guest's agent, where it answers, freezes its file systems around the point in time.
+  // QEMU's channel takes one client at a time: connected per replica, let go after.
+  let agentAnswered: boolean | null = null;
+  const quiesceGuest: Quiesce = async (pointInTime) => {
+    const found = vm.guestAgentSocket ? await GuestAgent.tryConnect(vm.guestAgentSocket, 2_000) : { agent: null, reason: 'the VM has no guest agent channel' };
+    try {
+      const q = await quiesce(found.agent, pointInTime, { onProblem: log });
+      agentAnswered = q.kind === 'quiesced';
+      if (!q.thawed) log('WARNING: the guest agent did not confirm the thaw: the guest\'s file systems may still be frozen (`virsh`-style: run `fsfreeze -u` in the guest, or reboot it)');
+      return { result: q.result, kind: q.kind, reason: q.reason ?? found.reason };
+    } finally {
+      found.agent?.close();
+    }
+  };
   return startLiveControl(held, { qmp: vm.connection }, {
-    kind: 'run', nbd: { socketPath: replicaSocket, ensureServer }, guestAgent: () => null, log,
+    kind: 'run', nbd: { socketPath: replicaSocket, ensureServer }, guestAgent: () => agentAnswered, quiesce: quiesceGuest, log,
     async shutdown(graceMs, force) {
       log('shutting the desktop down (ACPI), as a check-in asked');
       await vm.qmp('system_powerdown').catch(() => undefined);

@@ -9,7 +9,7 @@ export interface RunDesktopOptions {
   /** Each disk's chain (-blockdev JSON, top node first) and LUKS passphrase (base64). */
   disks: { name: string; blockdev: Record<string, unknown>; secretId: string; secret: string; baseSecretId?: string; baseSecret?: string }[];
   config: OfflineConfig;
-  /** Private directory (created 0700) for the QMP socket. */
+  /** Private directory (created 0700) for the QMP and guest agent sockets. */
   socketDir: string;
   dryRun?: boolean;
   display?: string;
@@ -25,6 +25,8 @@ export interface RunDesktopOptions {
 
 export interface RunDesktopResult {
   argv: string[];
+  /** Host end of the guest agent channel (`<socketDir>/qga.sock`), also on RunningDesktop. */
+  guestAgentSocket: string;
   /** QEMU's exit code; absent for a dry run. */
   exitCode?: number;
 }
@@ -37,6 +39,7 @@ export interface RunDesktopResult {
 export async function runDesktop(opts: RunDesktopOptions): Promise<RunDesktopResult> {
   await mkdir(opts.socketDir, { recursive: true, mode: 0o700 });
   const qmpSocket = join(opts.socketDir, 'qmp.sock');
+  const guestAgentSocket = join(opts.socketDir, 'qga.sock');
   const masterKey = randomBytes(32);
   const disks = opts.disks.map((d) => ({
     name: d.name, blockdev: d.blockdev, secret: encryptSecret(d.secretId, d.secret, masterKey),
@@ -45,14 +48,15 @@ export async function runDesktop(opts: RunDesktopOptions): Promise<RunDesktopRes
   const argv = buildQemuCommand(opts.config, opts.host ?? hostFacts(), disks, {
     name: opts.name,
     qmpSocket,
+    guestAgentSocket,
     display: opts.display,
     paused: opts.paused,
     accel: opts.accel,
     serial: opts.serial,
     extraArgs: opts.extraArgs,
   });
-  if (opts.dryRun) return { argv };
-  const vm = await launchDesktop(argv, qmpSocket, { stdio: opts.stdio, masterKey });
+  if (opts.dryRun) return { argv, guestAgentSocket };
+  const vm = await launchDesktop(argv, qmpSocket, { stdio: opts.stdio, masterKey, guestAgentSocket });
   opts.onStarted?.(vm);
-  return { argv, exitCode: await vm.exited };
+  return { argv, guestAgentSocket, exitCode: await vm.exited };
 }

@@ -26,6 +26,11 @@ export function parseOfflineConfig(raw: unknown): OfflineConfig {
 export interface LaunchOptions {
   name: string;
   qmpSocket: string;
+  /**
+   * Host end of the guest agent's virtio-serial channel (org.qemu.guest_agent.0): every desktop
+   * has one, so a guest that runs qemu-guest-agent can be frozen around a replica's point in time.
+   */
+  guestAgentSocket: string;
   /** kvm or tcg: decided by `probeAccel` (or the user), never by /dev/kvm merely existing. */
   accel?: 'kvm' | 'tcg';
   /** Guest serial console: `stdio`, a file path, or none (default). */
@@ -37,6 +42,10 @@ export interface LaunchOptions {
   /** Start with the CPUs stopped (-S). */
   paused?: boolean;
 }
+
+/** The port name qemu-guest-agent looks for (/dev/virtio-ports/org.qemu.guest_agent.0 in the guest). */
+export const GUEST_AGENT_PORT = 'org.qemu.guest_agent.0';
+const GUEST_AGENT_CHARDEV = 'qga0';
 
 /** RAM left to the host OS and QEMU itself, whatever the config asks for. */
 export const HOST_RAM_RESERVE_MIB = 1024;
@@ -77,7 +86,9 @@ export function buildQemuCommand(config: OfflineConfig, host: HostFacts, disks: 
   for (const d of [...disks.map((x) => x.name), opts.name]) {
     if (!NAME_RE.test(d)) throw new ValidationError(`name "${d}" is not usable on a QEMU command line`);
   }
-  if (/[,\s]/.test(opts.qmpSocket)) throw new ValidationError(`socket path "${opts.qmpSocket}" must not contain commas or spaces`);
+  for (const socket of [opts.qmpSocket, opts.guestAgentSocket]) {
+    if (/[,\s]/.test(socket)) throw new ValidationError(`socket path "${socket}" must not contain commas or spaces`);
+  }
   const accel = opts.accel ?? (host.kvm ? 'kvm' : 'tcg');
   const vcpus = Math.max(1, Math.min(config.vcpus, host.cpus));
   const hostMiB = Math.floor(host.ramBytes / 2 ** 20);
@@ -97,6 +108,9 @@ export function buildQemuCommand(config: OfflineConfig, host: HostFacts, disks: 
   if (display !== 'none') argv.push('-vga', 'virtio');
   if (opts.serial) argv.push('-serial', opts.serial === 'stdio' ? 'stdio' : `file:${opts.serial}`);
   argv.push('-qmp', `unix:${opts.qmpSocket},server=on,wait=off`);
+  // The guest agent's channel: QEMU listens (wait=off: the guest boots whether or not anyone connects).
+  argv.push('-chardev', `socket,id=${GUEST_AGENT_CHARDEV},path=${opts.guestAgentSocket},server=on,wait=off`);
+  argv.push('-device', 'virtio-serial-pci,id=vser0', '-device', `virtserialport,bus=vser0.0,chardev=${GUEST_AGENT_CHARDEV},name=${GUEST_AGENT_PORT}`);
   if (config.usb) {
     argv.push('-device', 'qemu-xhci,id=xhci');
     for (const u of config.usbDevices) argv.push('-device', `usb-host,bus=xhci.0,vendorid=0x${u.vendorId},productid=0x${u.productId}`);
@@ -125,12 +139,14 @@ export interface RunningDesktop {
   qmp(command: string, args?: Record<string, unknown>): Promise<unknown>;
   /** The QMP connection itself (the VM's QEMU is also a block host: fill jobs run in it). */
   connection: QmpConnection;
+  /** Unix socket of the guest agent's channel (connect with GuestAgent.connect); null if the command line has none. */
+  guestAgentSocket: string | null;
   /** SIGKILL, for a second Ctrl-C. */
   kill(): void;
 }
 
 /** Spawns QEMU and connects to its QMP socket. The caller flushes its disks after `exited`. */
-export async function launchDesktop(argv: string[], qmpSocket: string, opts: { stdio?: 'inherit' | 'ignore'; masterKey?: Buffer } = {}): Promise<RunningDesktop> {
+export async function launchDesktop(argv: string[], qmpSocket: string, opts: { stdio?: 'inherit' | 'ignore'; masterKey?: Buffer; guestAgentSocket?: string } = {}): Promise<RunningDesktop> {
   // stderr is always captured (and echoed), so a QEMU that dies at start says why.
   const child = await spawnWithSecret(argv[0]!, argv.slice(1), opts.masterKey?.toString('base64'), [opts.stdio === 'ignore' ? 'ignore' : 'inherit', opts.stdio === 'ignore' ? 'ignore' : 'inherit', 'pipe']);
   if (opts.stdio !== 'ignore') child.stderr?.on('data', (d: Buffer) => process.stderr.write(d));
@@ -159,6 +175,7 @@ export async function launchDesktop(argv: string[], qmpSocket: string, opts: { s
     pid: child.pid!,
     exited,
     connection: conn,
+    guestAgentSocket: opts.guestAgentSocket ?? null,
     kill: () => void child.kill('SIGKILL'),
     qmp: (command, args) => withTimeout(conn.execute(command, args), 10_000),
     async stop(graceMs = 60_000) {

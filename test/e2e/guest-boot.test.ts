@@ -8,10 +8,27 @@ import { after, before, test } from 'node:test';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
 import { ADMIN, api, cleanup, testBroker, type Api } from '../broker/harness.js';
-import { buildInitramfs, guestAppend, guestKernel, guestQemuArgs, makeExt4Image, parseGuestSerial, readExt4File, type GuestAction } from '../support/guest.js';
+import { GuestAgent } from '../../src/live/guest-agent.js';
+import { quiesce } from '../../src/live/quiesce.js';
+import {
+  buildInitramfs,
+  GUEST_AGENT_STARTED,
+  GUEST_SHUTDOWN_ASKED,
+  guestAppend,
+  guestKernel,
+  guestQemuArgs,
+  lastDurableRecord,
+  makeExt4Image,
+  parseGuestSerial,
+  readExt4File,
+  verifyWriterRecords,
+  type GuestAction,
+  type GuestReport,
+} from '../support/guest.js';
 
-// A real Linux guest (Debian kernel, busybox initramfs) boots from a checked-out desktop with
-// `carryon run` (TCG), writes a file, and the check-in carries it to the broker's new snapshot.
+// A real Linux guest (Debian kernel, busybox initramfs with qemu-guest-agent) boots from a
+// checked-out desktop with `carryon run` (TCG), writes a file, and the check-in carries it to the
+// broker's new snapshot. The first boot also drives the guest agent on `carryon run`'s channel.
 const run = promisify(execFile);
 const CLI = join(process.cwd(), 'dist', 'src', 'cli', 'main.js');
 let broker: RunningBroker & { dir: string };
@@ -28,14 +45,60 @@ async function serverFile(desktop: string, path: string): Promise<string> {
   return (await readExt4File(out, path)).toString('utf8');
 }
 
-/** `carryon run` with the test kernel; the guest does `actions`, powers off, and QEMU exits. */
-async function runGuest(desktop: string, actions: GuestAction[], extra: string[] = []) {
-  const serial = join(broker.dir, `${desktop}-${Date.now()}.serial`);
-  const qemuArgs = guestQemuArgs({ kernel, initrd, append: guestAppend(actions, { waitS: 60 }) });
-  const res = await carryon([...extra, 'run', desktop, '--accel', 'tcg', '--display', 'none', '--serial', serial, ...qemuArgs.map((a) => `--qemu-arg=${a}`)]);
-  const report = parseGuestSerial(readFileSync(serial, 'utf8'));
-  assert.ok(report.done, `the guest finished: ${report.failure ?? ''}\n${res.stderr}`);
-  return { report, stderr: res.stderr };
+/** `carryon run` with the test kernel, in the background: the guest does `actions` (a writer last runs until it is stopped). */
+function startGuest(desktop: string, actions: GuestAction[], extra: string[] = []) {
+  const serialPath = join(broker.dir, `${desktop}-${Date.now()}.serial`);
+  const args = [...extra, 'run', desktop, '--accel', 'tcg', '--display', 'none', '--serial', serialPath];
+  args.push(...guestQemuArgs({ kernel, initrd, append: guestAppend(actions, { waitS: 60 }) }).map((a) => `--qemu-arg=${a}`));
+  const child = spawn(process.execPath, [CLI, ...args], { env: cliEnv, stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
+  const serial = () => {
+    try {
+      return readFileSync(serialPath, 'utf8');
+    } catch {
+      return '';
+    }
+  };
+  return {
+    args,
+    child,
+    serial,
+    stderr: () => stderr,
+    /** QEMU's (and `carryon run`'s) end, or 'timeout'. */
+    exit: (ms: number) => Promise.race([exited, new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), ms).unref())]),
+    /** Ends a run a failed test left behind: two Ctrl-Cs kill QEMU. */
+    async cleanup() {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      child.kill('SIGINT');
+      child.kill('SIGINT');
+      await exited;
+    },
+    report(): GuestReport {
+      const report = parseGuestSerial(serial());
+      assert.ok(report.done, `the guest finished: ${report.failure ?? ''}\n${stderr}\n${serial().slice(-3000)}`);
+      return report;
+    },
+  };
+}
+
+/** Polls `read()` until `ok` holds, every 100 ms, for at most `ms`; says what it waited for. */
+async function until<T>(what: string, ms: number, read: () => T, ok: (v: T) => boolean): Promise<T> {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = read();
+    if (ok(v)) return v;
+    if (Date.now() > end) throw new Error(`waited ${ms} ms for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/** The writer's records in the desktop's current snapshot on the broker. */
+async function serverRecords(desktop: string, path: string) {
+  const out = join(broker.dir, `${desktop}-snapshot.raw`);
+  await exportCurrentSnapshot(broker.ctx, desktop, out);
+  return verifyWriterRecords(await readExt4File(out, path));
 }
 
 // Incompressible: at --limit-rate 2M its 8 MiB keep the check-out in flight for seconds (a filled buffer crossed the wire in 5 KiB).
@@ -48,7 +111,7 @@ before(async () => {
   const admin = await http.login(ADMIN.name, ADMIN.password);
   await http.call('POST', '/v1/admin/users', { name: 'alice', password: 'alice-password' }, admin);
   mkdirSync(join(broker.dir, 'guest'));
-  initrd = await buildInitramfs(join(broker.dir, 'guest'));
+  initrd = await buildInitramfs(join(broker.dir, 'guest'), { guestAgent: true, powerButton: true });
   for (const name of ['office', 'travel']) {
     const image = join(broker.dir, `${name}.raw`);
     await makeExt4Image(image, 48, { 'etc/motd': `welcome to ${name}\n`, 'data/big.bin': bigFile });
@@ -66,17 +129,72 @@ after(async () => {
   if (broker) cleanup(broker.dir);
 });
 
-test('a real Linux guest boots from a checked-out desktop with carryon run; its file is in the new snapshot after check-in', async () => {
+test('a real Linux guest boots with carryon run; its agent answers on the run\'s channel, freezes, thaws and powers it off; its files are in the new snapshot after check-in', async (t) => {
+  const t0 = Date.now();
+  const phases: string[] = [];
+  const phase = (name: string) => phases.push(`${name} ${((Date.now() - t0) / 1000).toFixed(1)}s`);
   await carryon(['checkout', 'office', '--quiet']);
-  const { report } = await runGuest('office', [{ read: '/etc/motd' }, { write: '/home/alice/notes.txt', content: 'written-offline-on-the-laptop' }]);
+  phase('checked out');
+  const actions: GuestAction[] = [{ read: '/etc/motd' }, { write: '/home/alice/notes.txt', content: 'written-offline-on-the-laptop' }, { writer: '/home/alice/records.log', perSync: 4 }];
+  // `carryon run` gives every guest the agent's channel; its dry run says where.
+  const dry = JSON.parse((await carryon(['--json', 'run', 'office', '--accel', 'tcg', '--display', 'none', '--dry-run'])).stdout) as { argv: string[] };
+  const vm = startGuest('office', actions);
+  const qgaSocket = /^socket,id=qga0,path=([^,]+),server=on,wait=off$/.exec(dry.argv[dry.argv.indexOf('-chardev') + 1] ?? '')?.[1];
+  const serial = vm.serial;
+  let agent: GuestAgent | undefined;
+  try {
+    assert.ok(qgaSocket, `the run's command line has the agent's channel: ${dry.argv.join(' ')}`);
+    await until('the agent to start and the writer to make records durable', 120_000, serial, (t) => (t.includes(GUEST_AGENT_STARTED) && lastDurableRecord(t) >= 4) || /CARRYON-GUEST-FAIL/.test(t) || vm.child.exitCode !== null);
+    assert.ok(lastDurableRecord(serial()) >= 4, `the guest runs its writer\n${vm.stderr()}\n${serial().slice(-3000)}`);
+    phase('agent and writer up');
+    agent = await GuestAgent.connect(qgaSocket, 20_000);
+    await agent.ping(10_000);
+
+    // Frozen: the writer's next fdatasync cannot finish, so no record becomes durable (one group may have been under way).
+    assert.ok((await agent.freeze(10_000)) >= 1, 'the ext4 mount froze');
+    const atFreeze = lastDurableRecord(serial());
+    assert.equal(await agent.status(10_000), 'frozen');
+    await new Promise((r) => setTimeout(r, 1_000));
+    const whileFrozen = lastDurableRecord(serial());
+    assert.ok(whileFrozen <= atFreeze + 4, `no write completes while frozen: ${atFreeze} → ${whileFrozen}`);
+    assert.ok((await agent.thaw(10_000)) >= 1);
+    assert.equal(await agent.status(10_000), 'thawed');
+    await until('the writer to go on after the thaw', 30_000, () => lastDurableRecord(serial()), (n) => n > whileFrozen + 4);
+
+    // A second client waits while the first holds the channel; after it lets go, a new connection syncs past whatever was left.
+    await assert.rejects(GuestAgent.connect(qgaSocket, 1_000), /another client holds/);
+    agent.close();
+    agent = await GuestAgent.connect(qgaSocket, 20_000);
+
+    // quiesce() around a point in time, as a replica does: the guest is frozen while it runs.
+    const q = await quiesce(agent, async () => agent!.status(10_000), { pingTimeoutMs: 10_000 });
+    assert.deepEqual([q.result, q.kind, q.thawed], ['frozen', 'quiesced', true]);
+
+    // guest-shutdown (no answer when it works): the writer stops, the disk is unmounted, QEMU exits.
+    phase('frozen, thawed, quiesced');
+    await agent.shutdown('powerdown', 10_000);
+    assert.equal(await vm.exit(60_000), 0, `carryon run ends when the guest powers off\n${vm.stderr()}`);
+    phase('powered off');
+  } finally {
+    agent?.close();
+    await vm.cleanup();
+  }
+  const report = vm.report();
+  assert.ok(report.agentStarted && serial().includes(GUEST_SHUTDOWN_ASKED));
   assert.equal(report.reads.get('/etc/motd')?.toString('utf8'), 'welcome to office\n', 'the guest reads the checkpoint');
   const st = JSON.parse((await carryon(['status', 'office', '--json'])).stdout) as { dirtyBytes: number }[];
   assert.ok(st[0]!.dirtyBytes > 0, 'the guest wrote into the top layer');
   await carryon(['checkin', 'office', '--json']);
   assert.equal(await serverFile('office', '/home/alice/notes.txt'), 'written-offline-on-the-laptop');
+  // Every record the guest logged is in the snapshot, a clean prefix ending where the writer stopped.
+  assert.deepEqual(await serverRecords('office', '/home/alice/records.log'), { count: report.writerStopped, tornBytes: 0 });
+  assert.ok(report.durableRecords === report.writerStopped);
+  phase(`checked in (${report.writerStopped} records)`);
+  t.diagnostic(phases.join(', '));
 });
 
-test('the same guest boots while the check-out is still under way (--limit-rate), reads never fail', async () => {
+test('the same guest boots while the check-out is still under way (--limit-rate), reads never fail; Ctrl-C shuts it down through ACPI', async () => {
+  let travelRecords: number | undefined;
   // A slow background check-out; `run` takes the download over and the guest reads what it needs first.
   const slow: ChildProcess = spawn(process.execPath, [CLI, 'checkout', 'travel', '--limit-rate', '2M', '--quiet'], { env: cliEnv, stdio: 'ignore' });
   const slowEnded = new Promise<number | null>((r) => slow.once('exit', (code) => r(code)));
@@ -89,9 +207,20 @@ test('the same guest boots while the check-out is still under way (--limit-rate)
       await new Promise((r) => setTimeout(r, 100));
     }
     // `run` names its own rate: else it would keep the check-out's 2M (remembered for the download it takes over).
-    const { report, stderr } = await runGuest('travel', [{ sha256: '/data/big.bin' }, { write: '/home/alice/trip.txt', content: 'booted-while-in-flight' }], ['--limit-rate', '1G']);
-    assert.equal(report.sha256.get('/data/big.bin'), createHash('sha256').update(bigFile).digest('hex'), `the guest read the whole 8 MiB file while it was still arriving\n${stderr}`);
-    assert.doesNotMatch(stderr, /I\/O error|EIO/);
+    // The writer runs last, until Ctrl-C: `carryon run` then presses the ACPI power button and the guest shuts down cleanly.
+    const vm = startGuest('travel', [{ sha256: '/data/big.bin' }, { write: '/home/alice/trip.txt', content: 'booted-while-in-flight' }, { writer: '/home/alice/trip.log' }], ['--limit-rate', '1G']);
+    try {
+      await until('the writer to make records durable', 120_000, vm.serial, (t) => lastDurableRecord(t) >= 4 || /CARRYON-GUEST-FAIL/.test(t) || vm.child.exitCode !== null);
+      vm.child.kill('SIGINT');
+      assert.equal(await vm.exit(60_000), 0, `one Ctrl-C: ACPI power-down, the guest stops its work and powers off\n${vm.stderr()}`);
+    } finally {
+      await vm.cleanup();
+    }
+    const report = vm.report();
+    assert.ok(report.powerButton, 'the guest saw its power button');
+    travelRecords = report.writerStopped;
+    assert.equal(report.sha256.get('/data/big.bin'), createHash('sha256').update(bigFile).digest('hex'), `the guest read the whole 8 MiB file while it was still arriving\n${vm.stderr()}`);
+    assert.doesNotMatch(vm.stderr(), /I\/O error|EIO/);
   } finally {
     if (slow.exitCode === null) slow.kill('SIGINT');
     await slowEnded;
@@ -103,4 +232,5 @@ test('the same guest boots while the check-out is still under way (--limit-rate)
   await carryon(['checkin', 'travel', '--json']);
   assert.equal(await serverFile('travel', '/home/alice/trip.txt'), 'booted-while-in-flight');
   assert.equal(await serverFile('travel', '/etc/motd'), 'welcome to travel\n');
+  assert.deepEqual(await serverRecords('travel', '/home/alice/trip.log'), { count: travelRecords, tornBytes: 0 });
 });

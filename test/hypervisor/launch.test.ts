@@ -8,6 +8,7 @@ import { chainBlockdev, chainFiles, createChain } from '../../src/disk/chain.js'
 import { ValidationError } from '../../src/core/errors.js';
 import { freeDiskBytes, hostFacts } from '../../src/hypervisor/host.js';
 import { runDesktop } from '../../src/hypervisor/launch-desktop.js';
+import { GuestAgent, GuestAgentUnavailable } from '../../src/live/guest-agent.js';
 import { buildQemuCommand, encryptSecret, formatCommand, parseOfflineConfig, type LaunchDisk } from '../../src/hypervisor/launch.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'carryon-launch-'));
@@ -17,7 +18,7 @@ const tcgHost = { cpus: 2, ramBytes: 4 * 2 ** 30, kvm: false };
 const block = (name: string, i: number) => ({ driver: 'qcow2', 'node-name': `d${i}-top`, file: { driver: 'file', filename: `/v/${name}/top.qcow2` } });
 const master = Buffer.alloc(32, 9);
 const disks: LaunchDisk[] = ['disk0', 'data'].map((name, i) => ({ name, blockdev: block(name, i), secret: encryptSecret(`sec-d${i}`, 'c2VjcmV0LXBhc3NwaHJhc2U=', master) }));
-const opts = { name: 'win11', qmpSocket: '/run/c/qmp.sock' };
+const opts = { name: 'win11', qmpSocket: '/run/c/qmp.sock', guestAgentSocket: '/run/c/qga.sock' };
 
 test('KVM host: kvm accel, host CPU, chain blockdevs with encrypted secrets, user NIC, QMP, no USB unless allowed', () => {
   const argv = buildQemuCommand(parseOfflineConfig({ vcpus: 4, ramMiB: 4096, usb: false, nic: 'user' }), kvmHost, disks, opts);
@@ -31,6 +32,8 @@ test('KVM host: kvm accel, host CPU, chain blockdevs with encrypted secrets, use
   assert.match(s, /-device virtio-blk-pci,drive=d0-top,bootindex=1 .*-device virtio-blk-pci,drive=d1-top /);
   assert.match(s, /-nic user,model=virtio-net-pci/);
   assert.match(s, /-qmp unix:\/run\/c\/qmp.sock,server=on,wait=off/);
+  // the guest agent's channel, always there
+  assert.match(s, /-chardev socket,id=qga0,path=\/run\/c\/qga.sock,server=on,wait=off -device virtio-serial-pci,id=vser0 -device virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0/);
   assert.doesNotMatch(s, /hostfwd|usb-host|qemu-xhci|-S\b/);
 });
 
@@ -54,6 +57,8 @@ test('bad config and unsafe names are refused', () => {
   const c = parseOfflineConfig({ vcpus: 1, ramMiB: 512 });
   assert.throws(() => buildQemuCommand(c, tcgHost, [{ ...disks[0]!, name: 'a,b' }], opts), ValidationError);
   assert.throws(() => buildQemuCommand(c, tcgHost, disks, { ...opts, qmpSocket: '/s,x' }), ValidationError);
+  assert.throws(() => buildQemuCommand(c, tcgHost, disks, { ...opts, guestAgentSocket: '/s,server=off' }), ValidationError);
+  assert.throws(() => buildQemuCommand(c, tcgHost, disks, { ...opts, guestAgentSocket: '/s x' }), ValidationError);
   assert.throws(() => buildQemuCommand(c, tcgHost, [], opts), ValidationError);
   assert.equal(formatCommand(['a b', "it's", 'x=1,y']), `'a b' 'it'\\''s' x=1,y`);
 });
@@ -67,7 +72,9 @@ test('host facts', async () => {
 test('dry run builds the argv without starting anything; extra args, serial and accel are shown', async () => {
   const r = await runDesktop({ name: 'dry', disks: [{ name: 'disk0', blockdev: block('disk0', 0), secretId: 'sec-d0', secret: 'c2VjcmV0LXBhc3NwaHJhc2U=' }], config: parseOfflineConfig({ vcpus: 1, ramMiB: 128 }), socketDir: join(dir, 'dry'), dryRun: true, host: kvmHost, accel: 'tcg', serial: 'stdio', extraArgs: ['-kernel', '/boot/vmlinuz'] });
   assert.equal(r.exitCode, undefined);
+  assert.equal(r.guestAgentSocket, join(dir, 'dry', 'qga.sock'));
   const s = r.argv.join(' ');
+  assert.ok(s.includes(`-chardev socket,id=qga0,path=${join(dir, 'dry', 'qga.sock')},server=on,wait=off`));
   assert.match(s, /-accel tcg -cpu max/);
   assert.match(s, /-serial stdio/);
   assert.ok(s.endsWith('-kernel /boot/vmlinuz'));
@@ -82,6 +89,7 @@ test('installed QEMU opens a real LUKS qcow2 chain (one secret per layer, the ba
   await createChain({ files, secret, baseSecret }, 4 << 20, 256 << 10);
   const spec = { files, secretId: 'sec-d0', baseSecretId: 'sec-d0-base', baseReadOnly: true, prefix: 'd0' };
   let blockInfo: unknown;
+  let agentGaveUpMs = -1;
   const r = await runDesktop({
     name: 'paused',
     disks: [{ name: 'disk0', blockdev: chainBlockdev(spec), secretId: 'sec-d0', secret, baseSecretId: 'sec-d0-base', baseSecret }],
@@ -95,6 +103,11 @@ test('installed QEMU opens a real LUKS qcow2 chain (one secret per layer, the ba
     onStarted: (vm) => {
       void (async () => {
         blockInfo = await vm.qmp('query-named-block-nodes');
+        // QEMU listens on the agent's channel; a paused guest runs no agent, so the client gives up within its bound.
+        assert.equal(vm.guestAgentSocket, join(dir, 'vm', 'qga.sock'));
+        const t0 = Date.now();
+        await assert.rejects(GuestAgent.connect(vm.guestAgentSocket!, 300), GuestAgentUnavailable);
+        agentGaveUpMs = Date.now() - t0;
         const status = (await vm.qmp('query-status')) as { status: string };
         assert.equal(status.status, 'prelaunch');
         // A paused guest ignores ACPI power-down: stop() must fall back to QMP quit.
@@ -103,6 +116,7 @@ test('installed QEMU opens a real LUKS qcow2 chain (one secret per layer, the ba
     },
   });
   assert.equal(r.exitCode, 0);
+  assert.ok(agentGaveUpMs >= 250 && agentGaveUpMs < 2_000, `no agent costs the timeout: ${agentGaveUpMs} ms`);
   assert.match(JSON.stringify(blockInfo), /"encrypted":true/);
   assert.match(JSON.stringify(blockInfo), /top\.qcow2/);
   const base = (blockInfo as { 'node-name': string; ro: boolean }[]).find((n) => n['node-name'] === 'd0-base');

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { execFile, execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, readlink, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -12,9 +12,12 @@ import { createLuksQcow2, luksQcow2ToRaw } from '../../bench/disk.js';
 import {
   bootGuest,
   buildInitramfs,
+  checkExt4Image,
+  GUEST_AGENT_BINARY,
   guestAppend,
   guestKernel,
   kernelRelease,
+  lastDurableRecord,
   makeExt4Image,
   newcArchive,
   parseGuestSerial,
@@ -24,7 +27,12 @@ import {
   S_IFDIR,
   S_IFLNK,
   S_IFREG,
+  sharedLibraries,
+  verifyWriterRecords,
   virtioDiskArgs,
+  WRITER_RECORD_BYTES,
+  writerRecord,
+  writerRecordsInImage,
 } from './guest.js';
 
 const run = promisify(execFile);
@@ -103,9 +111,12 @@ describe('kernel modules', () => {
     const jbd2 = await mk('jbd2', 'plain');
     const ext4 = await mk('ext4', 'xz');
     const crc = await mk('crc32c-generic', 'plain');
+    const con = await mk('virtio_console', 'plain');
+    const button = await mk('button', 'plain');
+    const evdev = await mk('evdev', 'plain');
     await writeFile(
       join(dir, 'modules.dep'),
-      [`${ring}:`, `${virtio}: ${ring}`, `${pci}: ${virtio} ${ring}`, `${blk}: ${virtio} ${ring}`, `${jbd2}:`, `${ext4}: ${jbd2}`, `${crc}:`, ''].join('\n'),
+      [`${ring}:`, `${virtio}: ${ring}`, `${pci}: ${virtio} ${ring}`, `${blk}: ${virtio} ${ring}`, `${jbd2}:`, `${ext4}: ${jbd2}`, `${crc}:`, `${con}: ${virtio} ${ring}`, `${button}:`, `${evdev}:`, ''].join('\n'),
     );
     await writeFile(join(dir, 'modules.softdep'), 'softdep ext4 pre: crypto-crc32c\nsoftdep jbd2 pre: crypto-crc32c\n');
     await writeFile(join(dir, 'modules.alias'), 'alias crypto-crc32c crc32c_generic\nalias crc32c crc32c_generic\n');
@@ -141,6 +152,28 @@ describe('kernel modules', () => {
     });
   });
 
+  test('with the guest agent: qemu-ga runs from the initramfs alone, /init starts it on its port, /sbin/shutdown stops the writer', async (t) => {
+    if (!existsSync(GUEST_AGENT_BINARY)) return t.skip('qemu-guest-agent is not installed (scripts/install-deps installs it)');
+    await withDir(async (root) => {
+      await fakeTree(root);
+      const out = await buildInitramfs(join(root, 'out'), { kernelRelease: '9.9.9-test', modulesRoot: root, guestAgent: true, powerButton: true });
+      const x = join(root, 'x');
+      await extract(gunzipSync(await readFile(out)), x);
+      const init = await readFile(join(x, 'init'), 'utf8');
+      assert.match(init, /insmod \/lib\/modules\/virtio_console\.ko/);
+      assert.match(init, /insmod \/lib\/modules\/button\.ko[^]*insmod \/lib\/modules\/evdev\.ko/);
+      assert.match(init, /dd if="\$pwr" of=\/dev\/null bs=24 count=1 2>\/dev\/null && touch \/tmp\/carryon-stop/, 'a power-button press stops the writer');
+      assert.match(init, /\/usr\/sbin\/qemu-ga -m virtio-serial -p "\$port"/);
+      assert.ok(init.indexOf('qemu-ga -m') > init.indexOf('mount -t "$fstype"') && init.indexOf('qemu-ga -m') < init.indexOf('carryon.writer=*)'), 'started after the mount, before the work');
+      for (const lib of await sharedLibraries(GUEST_AGENT_BINARY)) assert.ok(existsSync(join(x, lib)), `${lib} is in the initramfs`);
+      assert.match(await readFile(join(x, 'sbin/shutdown'), 'utf8'), /touch \/tmp\/carryon-stop/);
+      if (process.getuid?.() !== 0) return t.diagnostic('not root: the chroot check of qemu-ga is skipped');
+      // The initramfs alone runs it: no library is missing.
+      const { stdout } = await run('chroot', [x, '/bin/busybox', 'env', 'LD_LIBRARY_PATH=/lib/x86_64-linux-gnu', '/usr/sbin/qemu-ga', '--version']);
+      assert.match(stdout, /QEMU Guest Agent/);
+    });
+  });
+
   test("this machine's kernel has what the guest needs", (t) => {
     let kernel: string;
     try {
@@ -162,6 +195,7 @@ describe('guest command line and serial', () => {
       guestAppend([{ write: '/a/b.txt', content: 'plain-text' }, { write: '/c', content: 'two words\n' }, { read: '/a/b.txt' }, { sha256: '/c' }]),
       `carryon.write=/a/b.txt:plain-text carryon.write64=/c:${Buffer.from('two words\n').toString('base64')} carryon.read=/a/b.txt carryon.sha256=/c`,
     );
+    assert.equal(guestAppend([{ writer: '/log/rec' }, { writer: '/r2', perSync: 1 }]), 'carryon.writer=/log/rec:4 carryon.writer=/r2:1');
     assert.throws(() => guestAppend([{ read: 'relative' }]), /absolute/);
     assert.throws(() => guestAppend([{ read: '/a b' }]), /spaces/);
   });
@@ -188,6 +222,73 @@ describe('guest command line and serial', () => {
     const bad = parseGuestSerial('CARRYON-GUEST-FAIL mount /dev/vda as ext4\r\n');
     assert.equal(bad.done, false);
     assert.equal(bad.failure, 'mount /dev/vda as ext4');
+  });
+});
+
+describe('the writer and its records', () => {
+  test("the guest's printf writes exactly the records the host checks", async () => {
+    await withDir(async (dir) => {
+      const init = await readFile(await buildInitramfs(join(dir, 'out'), { guestAgent: false }).then(async (f) => {
+        await extract(gunzipSync(await readFile(f)), join(dir, 'x'), ['init']);
+        return join(dir, 'x', 'init');
+      }), 'utf8');
+      const line = /^\s*(printf 'CARRYON-REC .*) >&3 \|\|/m.exec(init)?.[1];
+      assert.ok(line, 'the writer has its printf');
+      const file = join(dir, 'rec');
+      await run('busybox', ['sh', '-c', `exec 3>${file}; for n in 1 2 3 4 5 99999; do ${line} >&3; done`]);
+      const data = await readFile(file);
+      assert.equal(data.length, 6 * WRITER_RECORD_BYTES);
+      assert.deepEqual(verifyWriterRecords(data.subarray(0, 5 * WRITER_RECORD_BYTES)), { count: 5, tornBytes: 0 });
+      assert.equal(data.subarray(5 * WRITER_RECORD_BYTES).toString('latin1'), writerRecord(99999));
+    });
+  });
+
+  test('a clean prefix counts; a torn last record is told apart from damage', () => {
+    const recs = (a: number, b: number) => Buffer.from(Array.from({ length: b - a + 1 }, (_, i) => writerRecord(a + i)).join(''), 'latin1');
+    assert.equal(writerRecord(1).length, WRITER_RECORD_BYTES);
+    assert.deepEqual(verifyWriterRecords(Buffer.alloc(0)), { count: 0, tornBytes: 0 });
+    assert.deepEqual(verifyWriterRecords(recs(1, 40)), { count: 40, tornBytes: 0 });
+    // a crash mid-append: part of record 41, or its space zeroed
+    assert.deepEqual(verifyWriterRecords(Buffer.concat([recs(1, 40), recs(41, 41).subarray(0, 20)])), { count: 40, tornBytes: 20 });
+    assert.deepEqual(verifyWriterRecords(Buffer.concat([recs(1, 40), Buffer.alloc(4096)])), { count: 40, tornBytes: 4096 });
+    // a lost record, a damaged byte, records out of order, a stale record after zeros: damage
+    assert.throws(() => verifyWriterRecords(Buffer.concat([recs(1, 10), recs(12, 20)])), /10 good, then damage at byte 661 \(record 11\)/);
+    const flipped = recs(1, 20);
+    flipped[5 * WRITER_RECORD_BYTES + 30]! ^= 1;
+    assert.throws(() => verifyWriterRecords(flipped), /5 good/);
+    assert.throws(() => verifyWriterRecords(Buffer.concat([recs(1, 3), Buffer.alloc(64), recs(5, 5)])), /3 good/);
+  });
+
+  test('an image checks clean as it is, or after a journal replay on a copy; damage shows; records are read the same way', async () => {
+    await withDir(async (dir) => {
+      const records = Buffer.from([1, 2, 3].map(writerRecord).join(''), 'latin1');
+      const img = join(dir, 'fs.raw');
+      await makeExt4Image(img, 16, { 'log/rec': records });
+      assert.deepEqual(await writerRecordsInImage(img, '/log/rec'), { count: 3, tornBytes: 0 });
+      const plain = await checkExt4Image(img);
+      assert.deepEqual([plain.clean, plain.journalReplayed], [true, false]);
+      // As if taken from a mounted file system without a freeze: a replay is due.
+      await run('debugfs', ['-w', '-R', 'feature needs_recovery', img]);
+      const before = await readFile(img);
+      const replayed = await checkExt4Image(img);
+      assert.deepEqual([replayed.clean, replayed.journalReplayed], [true, true]);
+      assert.deepEqual(await writerRecordsInImage(img, '/log/rec'), { count: 3, tornBytes: 0 });
+      assert.ok(before.equals(await readFile(img)), 'the image itself is never changed');
+      await run('debugfs', ['-w', '-R', 'feature ^needs_recovery', img]);
+      await run('debugfs', ['-w', '-R', 'clri <2>', img]); // the root directory's inode wiped
+      const damaged = await checkExt4Image(img);
+      assert.equal(damaged.clean, false);
+      assert.match(damaged.output, /root inode|Root inode/i);
+    });
+  });
+
+  test('serial: the last durable record, the writer stop, the agent start', () => {
+    const serial = 'CARRYON-QGA-STARTED /dev/vport1p1\r\nCARRYON-WRITER-START /rec\r\nCARRYON-REC 4\r\n[ 3.1] kernel\r\nCARRYON-REC 8\r\nCARRYON-REC 12\r\nCARRYON-POWER-BUTTON\r\nCARRYON-WRITER-STOP 12\r\n';
+    const r = parseGuestSerial(serial);
+    assert.deepEqual([r.agentStarted, r.durableRecords, r.writerStopped, r.powerButton], [true, 12, 12, true]);
+    assert.equal(parseGuestSerial('CARRYON-REC 3\n').powerButton, false);
+    assert.equal(lastDurableRecord(serial), 12);
+    assert.equal(lastDurableRecord(serial.slice(0, serial.indexOf('CARRYON-REC 12'))), 8, 'what the serial said up to a moment');
   });
 });
 

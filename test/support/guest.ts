@@ -23,6 +23,125 @@ export const GUEST_DONE = 'CARRYON-GUEST-DONE';
 /** Printed by the guest's /init, with a reason, when anything failed (then it powers off). */
 export const GUEST_FAIL = 'CARRYON-GUEST-FAIL';
 
+/** Printed by the writer after each fdatasync: records 1..n are durable on the guest's disk. */
+export const WRITER_DURABLE = 'CARRYON-REC';
+/** Printed by the guest's /sbin/shutdown when the agent's guest-shutdown runs it. */
+export const GUEST_SHUTDOWN_ASKED = 'CARRYON-SHUTDOWN-ASKED';
+/** The writer stops when this file exists (/sbin/shutdown makes it). */
+const WRITER_STOP_FILE = '/tmp/carryon-stop';
+
+// The writer's records: fixed-size lines `CARRYON-REC <n, 10 digits> <check, 8 hex> <pad>\n`,
+// the check a function of n that the host recomputes, so a torn, stale or zeroed record shows.
+export const WRITER_RECORD_BYTES = 64;
+const CHECK_MUL = 2654435761;
+const CHECK_ADD = 40503;
+const WRITER_PAD = '.'.repeat(WRITER_RECORD_BYTES - 'CARRYON-REC 0000000000 00000000 \n'.length);
+const WRITER_RECORD_FORMAT = `CARRYON-REC %010d %08x ${WRITER_PAD}\\n`;
+
+/** Record n exactly as the guest's writer writes it. */
+export function writerRecord(n: number): string {
+  const check = Number((BigInt(n) * BigInt(CHECK_MUL) + BigInt(CHECK_ADD)) % 4294967296n);
+  return `CARRYON-REC ${String(n).padStart(10, '0')} ${check.toString(16).padStart(8, '0')} ${WRITER_PAD}\n`;
+}
+
+export interface WriterRecords {
+  /** Records 1..count are present, in order, each exactly as written. */
+  count: number;
+  /** Bytes after them: a record cut short by a crash (a prefix of the next one, then zeros at most). */
+  tornBytes: number;
+}
+
+/**
+ * Checks the writer's file from a disk image: a clean prefix of records 1..N, nothing else but
+ * possibly the next record cut short (an append a crash interrupted). Throws on anything else
+ * (a missing, repeated, reordered or damaged record).
+ */
+export function verifyWriterRecords(data: Buffer): WriterRecords {
+  let count = 0;
+  while ((count + 1) * WRITER_RECORD_BYTES <= data.length) {
+    const at = count * WRITER_RECORD_BYTES;
+    if (data.toString('latin1', at, at + WRITER_RECORD_BYTES) !== writerRecord(count + 1)) break;
+    count++;
+  }
+  const rest = data.subarray(count * WRITER_RECORD_BYTES);
+  const next = Buffer.from(writerRecord(count + 1), 'latin1');
+  let same = 0;
+  while (same < rest.length && same < next.length && rest[same] === next[same]) same++;
+  const bad = rest.subarray(same).findIndex((b) => b !== 0);
+  if (bad >= 0) {
+    const off = count * WRITER_RECORD_BYTES + same + bad;
+    throw new Error(`writer records: ${count} good, then damage at byte ${off} (record ${count + 1}): ${JSON.stringify(data.toString('latin1', count * WRITER_RECORD_BYTES, count * WRITER_RECORD_BYTES + WRITER_RECORD_BYTES))}`);
+  }
+  return { count, tornBytes: rest.length };
+}
+
+/**
+ * `verifyWriterRecords` on the file `path` inside a raw ext4 image (read with debugfs, no mount).
+ * An image taken from a running guest (crash-consistent) is read after its journal is replayed
+ * on a copy, as a mount would: records only in the journal count.
+ */
+export async function writerRecordsInImage(rawImage: string, path: string): Promise<WriterRecords> {
+  return withReplayedJournal(rawImage, async (img) => verifyWriterRecords(await readExt4File(img, path)));
+}
+
+export interface Ext4Check {
+  /** `e2fsck -fn` found nothing to fix (after the journal replay, if one was due). */
+  clean: boolean;
+  /** The image needed a journal replay (taken from a mounted file system without a freeze). */
+  journalReplayed: boolean;
+  /** e2fsck's report. */
+  output: string;
+}
+
+async function needsRecovery(rawImage: string): Promise<boolean> {
+  const { stdout } = await run('dumpe2fs', ['-h', rawImage]).catch((e: Error) => {
+    throw new Error(`dumpe2fs -h ${rawImage} failed (package e2fsprogs): ${e.message}`);
+  });
+  const features = /^Filesystem features:\s*(.*)$/m.exec(stdout)?.[1] ?? '';
+  return features.split(/\s+/).includes('needs_recovery');
+}
+
+/** Runs `fn` on the image, or on a temporary copy with its journal replayed when one is due (the image is never changed). */
+async function withReplayedJournal<T>(rawImage: string, fn: (image: string, replayed: boolean) => Promise<T>): Promise<T> {
+  if (!(await needsRecovery(rawImage))) return fn(rawImage, false);
+  const tmp = await mkdtemp(join(tmpdir(), 'carryon-fsck-'));
+  try {
+    const copy = join(tmp, 'replayed.raw');
+    await run('cp', ['--sparse=always', '--reflink=auto', rawImage, copy]);
+    await run('e2fsck', ['-E', 'journal_only', '-p', copy]).catch((e: Error & { stdout?: string }) => {
+      throw new Error(`e2fsck could not replay the journal of ${rawImage}: ${e.stdout ?? ''}${e.message}`);
+    });
+    return await fn(copy, true);
+  } finally {
+    await rm(tmp, { recursive: true, force: true });
+  }
+}
+
+/**
+ * `e2fsck -fn` on a raw ext4 image, as a restore point is checked: a quiesced one (frozen:
+ * journal flushed, no recovery due) is checked as it is; a crash-consistent one after its
+ * journal is replayed on a copy, as the next mount would.
+ */
+export async function checkExt4Image(rawImage: string): Promise<Ext4Check> {
+  return withReplayedJournal(rawImage, async (img, journalReplayed) => {
+    try {
+      const { stdout, stderr } = await run('e2fsck', ['-f', '-n', img]);
+      return { clean: true, journalReplayed, output: `${stdout}${stderr}` };
+    } catch (e) {
+      const err = e as Error & { code?: unknown; stdout?: string; stderr?: string };
+      if (typeof err.code !== 'number') throw new Error(`cannot run e2fsck (package e2fsprogs): ${err.message}`);
+      return { clean: false, journalReplayed, output: `${err.stdout ?? ''}${err.stderr ?? ''}` };
+    }
+  });
+}
+
+/** The highest record number the guest reported durable on its serial console (0 if none yet). */
+export function lastDurableRecord(serial: string): number {
+  let last = 0;
+  for (const m of serial.matchAll(/^CARRYON-REC (\d+)\r?$/gm)) last = Math.max(last, Number(m[1]));
+  return last;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kernel
 
@@ -235,7 +354,7 @@ async function moduleBytes(path: string): Promise<Buffer> {
  * `carryon.*` actions from /proc/cmdline in order, unmounts and powers off. Every failure ends in
  * one `CARRYON-GUEST-FAIL <reason>` line and a power-off, so the host never waits for a timeout.
  */
-function initScript(modules: GuestModule[]): string {
+function initScript(modules: GuestModule[], guestAgent: boolean, powerButton: boolean): string {
   const loads = modules
     .map((m) =>
       m.optional
@@ -284,7 +403,7 @@ while [ ! -b "$dev" ]; do
 done
 mkdir -p /mnt
 mount -t "$fstype" "$dev" /mnt || fail "mount $dev as $fstype"
-
+${guestAgent ? agentStart() : ''}${powerButton ? powerButtonWatch() : ''}
 # spec is PATH:REST; the path may not contain ':'
 target() { p="\${1%%:*}"; case "$p" in /*) ;; *) fail "path must be absolute: $p" ;; esac; }
 for tok in $(cat /proc/cmdline); do
@@ -310,6 +429,25 @@ for tok in $(cat /proc/cmdline); do
       p="\${tok#carryon.sha256=}"
       h="$(sha256sum "/mnt$p")" || fail "sha256 $p"
       echo "CARRYON-SHA256 \${h%% *} $p" ;;
+    carryon.writer=*)
+      spec="\${tok#carryon.writer=}"; target "$spec"; every="\${spec#*:}"
+      case "$every" in ''|*[!0-9]*) fail "writer $p: records per sync must be a number: $every" ;; esac
+      mkdir -p "/mnt\${p%/*}" && : > "/mnt$p" || fail "writer $p"
+      exec 3>>"/mnt$p" || fail "writer $p: open"
+      n=0
+      echo "CARRYON-WRITER-START $p"
+      # Until /sbin/shutdown (the agent's guest-shutdown) asks to stop: records, then fdatasync, then the number.
+      while [ ! -e ${WRITER_STOP_FILE} ]; do
+        i=0
+        while [ "$i" -lt "$every" ]; do
+          n=$((n + 1)); i=$((i + 1))
+          printf '${WRITER_RECORD_FORMAT}' "$n" $(( (n * ${CHECK_MUL} + ${CHECK_ADD}) % 4294967296 )) >&3 || fail "writer $p: record $n"
+        done
+        sync -d "/mnt$p" || fail "writer $p: fdatasync"
+        echo "${WRITER_DURABLE} $n"
+      done
+      exec 3>&-
+      echo "CARRYON-WRITER-STOP $n" ;;
     carryon.*=*) ;;
     carryon.*) fail "unknown action $tok" ;;
   esac
@@ -320,6 +458,49 @@ umount /mnt || fail "umount $dev"
 echo "${GUEST_DONE} rc=0 uptime=$(cut -d' ' -f1 /proc/uptime)"
 poweroff -f
 sleep 30
+`;
+}
+
+/** qemu-ga's channel, found by its name in sysfs (no udev here to make /dev/virtio-ports/). */
+function agentStart(): string {
+  return `
+port=
+i=0
+while [ -z "$port" ]; do
+  for v in $(ls /sys/class/virtio-ports 2>/dev/null); do
+    [ "$(cat /sys/class/virtio-ports/$v/name 2>/dev/null)" = ${GUEST_AGENT_PORT} ] && port=/dev/$v
+  done
+  [ -n "$port" ] && [ -c "$port" ] && break
+  port=
+  i=$((i + 1))
+  [ "$i" -gt 100 ] && fail "no virtio port ${GUEST_AGENT_PORT} (QEMU needs -device virtserialport,name=${GUEST_AGENT_PORT})"
+  usleep 100000
+done
+mkdir -p /dev/virtio-ports && ln -sf "$port" /dev/virtio-ports/${GUEST_AGENT_PORT}
+LD_LIBRARY_PATH=${GUEST_LIB_DIR} /usr/sbin/qemu-ga -m virtio-serial -p "$port" -t /tmp &
+echo "${GUEST_AGENT_STARTED} $port"
+`;
+}
+
+/**
+ * An ACPI power-button press (QMP system_powerdown, `carryon run`'s Ctrl-C) ends the writer as
+ * guest-shutdown does. No acpid: one read of the button's evdev node (a whole 24-byte event; a
+ * shorter read is refused by evdev) is the press.
+ */
+function powerButtonWatch(): string {
+  return `
+pwr=
+i=0
+while [ -z "$pwr" ]; do
+  for e in $(ls /sys/class/input 2>/dev/null); do
+    case "$e" in event*) [ "$(cat /sys/class/input/$e/device/name 2>/dev/null)" = "Power Button" ] && [ -c /dev/input/$e ] && pwr=/dev/input/$e ;; esac
+  done
+  [ -n "$pwr" ] && break
+  i=$((i + 1))
+  [ "$i" -gt 100 ] && fail "no ACPI power button in /sys/class/input"
+  usleep 100000
+done
+( dd if="$pwr" of=/dev/null bs=24 count=1 2>/dev/null && touch ${WRITER_STOP_FILE} && echo "${GUEST_POWER_BUTTON}" ) &
 `;
 }
 
@@ -334,6 +515,68 @@ export interface InitramfsOptions {
   extraModules?: string[];
   /** File name inside `dir`; default initramfs.cpio.gz. */
   name?: string;
+  /**
+   * Put qemu-guest-agent in (its binary and shared libraries from this host, package
+   * qemu-guest-agent) and start it on the org.qemu.guest_agent.0 port before the guest's work.
+   * The guest then needs that port (`guestAgentQemuArgs`, or `carryon run`).
+   */
+  guestAgent?: boolean;
+  /** Default /usr/sbin/qemu-ga. */
+  guestAgentBinary?: string;
+  /** An ACPI power-button press (QMP system_powerdown) stops the writer, then the guest unmounts and powers off. */
+  powerButton?: boolean;
+}
+
+export const GUEST_AGENT_BINARY = '/usr/sbin/qemu-ga';
+/** The virtio-serial port driver the agent's channel needs (the writer needs nothing more). */
+export const GUEST_AGENT_MODULES = ['virtio_console'];
+/** The ACPI power button's driver and the evdev node it is read through. */
+export const POWER_BUTTON_MODULES = ['button', 'evdev'];
+/** Printed by the guest when its power button was pressed. */
+export const GUEST_POWER_BUTTON = 'CARRYON-POWER-BUTTON';
+/** Printed by /init once qemu-ga runs, with the port's device. */
+export const GUEST_AGENT_STARTED = 'CARRYON-QGA-STARTED';
+const GUEST_AGENT_PORT = 'org.qemu.guest_agent.0';
+const GUEST_LIB_DIR = '/lib/x86_64-linux-gnu';
+
+/** The shared objects `ldd` names for `binary` (the ELF interpreter included), as absolute host paths. */
+export async function sharedLibraries(binary: string): Promise<string[]> {
+  const { stdout } = await run('ldd', [binary]).catch((e: Error) => {
+    throw new Error(`ldd ${binary} failed (is it installed? package qemu-guest-agent): ${e.message}`);
+  });
+  const libs: string[] = [];
+  for (const line of stdout.split('\n')) {
+    const m = /=>\s*(\/\S+)/.exec(line) ?? /^\s*(\/\S+)\s+\(/.exec(line);
+    if (m) libs.push(m[1]!);
+    else if (/not found/.test(line)) throw new Error(`ldd ${binary}: ${line.trim()}`);
+  }
+  return libs;
+}
+
+/**
+ * qemu-ga and what it needs inside the initramfs: the binary, its libraries at the paths the
+ * dynamic loader looks in, and a /sbin/shutdown for guest-shutdown (QGA 7.2 runs
+ * `/sbin/shutdown -P +0`; busybox has none) that tells /init to finish: the writer stops, the
+ * disk is unmounted, the guest powers off.
+ */
+async function guestAgentEntries(binary: string): Promise<CpioEntry[]> {
+  let bin: Buffer;
+  try {
+    bin = await readFile(binary);
+  } catch {
+    throw new Error(`${binary} missing: install the package qemu-guest-agent (scripts/install-deps does)`);
+  }
+  const dirs = new Set<string>(['usr', 'usr/sbin', 'sbin', 'var', 'var/run']);
+  const files: CpioEntry[] = [{ name: 'usr/sbin/qemu-ga', mode: S_IFREG | 0o755, data: bin }];
+  for (const lib of await sharedLibraries(binary)) {
+    const rel = lib.replace(/^\/+/, '');
+    // each library keeps its host path (ld.so's own path is written into the binary); readFile follows links
+    for (let d = dirname(rel); d !== '.' && d !== 'lib'; d = dirname(d)) dirs.add(d); // lib/ is there already
+    files.push({ name: rel, mode: S_IFREG | 0o755, data: await readFile(lib) });
+  }
+  files.push({ name: 'sbin/shutdown', mode: S_IFREG | 0o755, data: Buffer.from(`#!/bin/sh\n/bin/busybox touch ${WRITER_STOP_FILE}\necho "${GUEST_SHUTDOWN_ASKED} $*" > /dev/console\n`) });
+  const dirEntries = [...dirs].sort((a, b) => a.split('/').length - b.split('/').length || a.localeCompare(b));
+  return [...dirEntries.map((name) => ({ name, mode: S_IFDIR | 0o755 })), ...files];
 }
 
 /** Checks the ELF header says "no program interpreter", i.e. the binary runs with no libc around. */
@@ -361,7 +604,7 @@ export async function buildInitramfs(dir: string, opts: InitramfsOptions = {}): 
     throw new Error(`${busyboxPath} missing: install the package busybox-static (scripts/install-deps does)`);
   }
   if (!isStaticElf(busybox)) throw new Error(`${busyboxPath} is not statically linked: install the package busybox-static`);
-  const modules = resolveModules(moduleDir, [...GUEST_MODULES, ...(opts.extraModules ?? [])]);
+  const modules = resolveModules(moduleDir, [...GUEST_MODULES, ...(opts.guestAgent ? GUEST_AGENT_MODULES : []), ...(opts.powerButton ? POWER_BUTTON_MODULES : []), ...(opts.extraModules ?? [])]);
 
   const dirEntry = (name: string): CpioEntry => ({ name, mode: S_IFDIR | 0o755 });
   const entries: CpioEntry[] = [
@@ -372,7 +615,8 @@ export async function buildInitramfs(dir: string, opts: InitramfsOptions = {}): 
     { name: 'bin/sh', mode: S_IFLNK | 0o777, data: Buffer.from('busybox') },
   ];
   for (const m of modules) entries.push({ name: `lib/modules/${m.name}.ko`, mode: S_IFREG | 0o644, data: await moduleBytes(m.path) });
-  entries.push({ name: 'init', mode: S_IFREG | 0o755, data: Buffer.from(initScript(modules)) });
+  if (opts.guestAgent) entries.push(...(await guestAgentEntries(opts.guestAgentBinary ?? GUEST_AGENT_BINARY)));
+  entries.push({ name: 'init', mode: S_IFREG | 0o755, data: Buffer.from(initScript(modules, opts.guestAgent ?? false, opts.powerButton ?? false)) });
 
   await mkdir(dir, { recursive: true });
   const out = join(dir, opts.name ?? 'initramfs.cpio.gz');
@@ -392,7 +636,14 @@ export type GuestAction =
   | { read: string }
   /** Print `CARRYON-SHA256 <hex> <path>`. */
   | { sha256: string }
-  | { rm: string };
+  | { rm: string }
+  /**
+   * Append numbered records (see `writerRecord`) to `writer`, fdatasync after every `perSync`
+   * (default 4) and print `CARRYON-REC n` once 1..n are durable, until the agent's guest-shutdown
+   * (an initramfs with `guestAgent`) or the ACPI power button (`powerButton`) asks the guest to
+   * stop. Put it last: it runs until then.
+   */
+  | { writer: string; perSync?: number };
 
 function checkPath(p: string): string {
   if (!/^\/[A-Za-z0-9._\-/+@=,]*$/.test(p)) throw new Error(`guest path must be absolute, without ':' or spaces: ${JSON.stringify(p)}`);
@@ -417,6 +668,7 @@ export function guestAppend(actions: GuestAction[], opts: { dev?: string; fstype
     } else if ('fill' in a) words.push(`carryon.fill=${checkPath(a.fill)}:${Math.floor(a.mib)}`);
     else if ('read' in a) words.push(`carryon.read=${checkPath(a.read)}`);
     else if ('sha256' in a) words.push(`carryon.sha256=${checkPath(a.sha256)}`);
+    else if ('writer' in a) words.push(`carryon.writer=${checkPath(a.writer)}:${Math.max(1, Math.floor(a.perSync ?? 4))}`);
     else words.push(`carryon.rm=${checkPath(a.rm)}`);
   }
   return words.join(' ');
@@ -431,6 +683,14 @@ export interface GuestReport {
   reads: Map<string, Buffer>;
   /** `sha256` results (hex), by guest path. */
   sha256: Map<string, string>;
+  /** The writer's last `CARRYON-REC n` (0 if it wrote nothing durable). */
+  durableRecords: number;
+  /** The writer stopped (asked to by a guest-shutdown) after this many records. */
+  writerStopped?: number;
+  /** The guest agent ran in the guest. */
+  agentStarted: boolean;
+  /** The guest saw its ACPI power button pressed. */
+  powerButton: boolean;
   /** Guest uptime (s) when /init started and when it finished, from the markers. */
   uptimeAtInit?: number;
   uptimeAtDone?: number;
@@ -439,7 +699,7 @@ export interface GuestReport {
 /** Reads the marker lines out of a guest's serial output (CRLF or LF, kernel noise in between). */
 export function parseGuestSerial(serial: string): GuestReport {
   const lines = serial.split(/\r?\n/).map((l) => l.replace(/\r/g, ''));
-  const report: GuestReport = { done: false, reads: new Map(), sha256: new Map() };
+  const report: GuestReport = { done: false, reads: new Map(), sha256: new Map(), durableRecords: 0, agentStarted: false, powerButton: false };
   let reading: { path: string; b64: string[] } | null = null;
   for (const line of lines) {
     if (reading) {
@@ -454,6 +714,10 @@ export function parseGuestSerial(serial: string): GuestReport {
     if ((m = /^CARRYON-READ-BEGIN (.+)$/.exec(line))) reading = { path: m[1]!, b64: [] };
     else if ((m = /^CARRYON-SHA256 ([0-9a-f]{64}) (.+)$/.exec(line))) report.sha256.set(m[2]!, m[1]!);
     else if ((m = /^CARRYON-GUEST-INIT uptime=([\d.]+)/.exec(line))) report.uptimeAtInit = Number(m[1]);
+    else if ((m = /^CARRYON-REC (\d+)$/.exec(line))) report.durableRecords = Math.max(report.durableRecords, Number(m[1]));
+    else if ((m = /^CARRYON-WRITER-STOP (\d+)$/.exec(line))) report.writerStopped = Number(m[1]);
+    else if (line.startsWith(`${GUEST_AGENT_STARTED} `)) report.agentStarted = true;
+    else if (line === GUEST_POWER_BUTTON) report.powerButton = true;
     else if ((m = new RegExp(`^${GUEST_DONE} rc=0(?: uptime=([\\d.]+))?`).exec(line))) {
       report.done = true;
       if (m[1]) report.uptimeAtDone = Number(m[1]);
@@ -476,6 +740,15 @@ export function guestQemuArgs(opts: { kernel: string; initrd: string; append?: s
     .filter(Boolean)
     .join(' ');
   return ['-kernel', opts.kernel, '-initrd', opts.initrd, '-append', append, '-no-reboot'];
+}
+
+/**
+ * The guest agent's channel for a VM started without `carryon run` (which adds the same itself):
+ * QEMU listens on `socket`, the guest sees the port org.qemu.guest_agent.0.
+ */
+export function guestAgentQemuArgs(socket: string): string[] {
+  if (/[,\s]/.test(socket)) throw new Error(`socket path must not contain commas or spaces: ${socket}`);
+  return ['-chardev', `socket,id=qga0,path=${socket},server=on,wait=off`, '-device', 'virtio-serial-pci,id=vser0', '-device', `virtserialport,bus=vser0.0,chardev=qga0,name=${GUEST_AGENT_PORT}`];
 }
 
 /** QEMU option values escape ',' as ',,'. */
