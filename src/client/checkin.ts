@@ -144,7 +144,10 @@ async function checkinRunning(env: ClientEnv, desktopRef: string, o: { vault: Va
   const grace = o.running.shutdownGraceMs ?? DEFAULT_SHUTDOWN_GRACE_MS;
   try {
     env.log(o.holder === 'run' ? `asking the guest to shut down (ACPI; up to ${Math.round(grace / 1000)} s)…` : 'asking `carryon serve` to stop serving the disk…');
-    await control.shutdown(grace, o.running.force ?? false);
+    // The holder may be gone before its answer is written (QEMU exited, it let go): that is the answer.
+    await control.shutdown(grace, o.running.force ?? false).catch((err: unknown) => {
+      if (!(err instanceof CarryonError && err.code === 'holder-gone')) throw err;
+    });
   } finally {
     control.close();
   }

@@ -6,12 +6,16 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, test } from 'node:test';
 import type { RunningBroker } from '../../src/broker/start.js';
-import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
+import { exportCurrentSnapshot, exportSnapshot } from '../../src/broker/snapshot-image.js';
 import { ADMIN, api, cleanup, testBroker, type Api } from '../broker/harness.js';
 import { GuestAgent } from '../../src/live/guest-agent.js';
+import { socketDir } from '../../src/client/disks.js';
+import { Vault } from '../../src/client/vault.js';
 import { quiesce } from '../../src/live/quiesce.js';
 import {
   buildInitramfs,
+  checkExt4Image,
+  writerRecordsInImage,
   GUEST_AGENT_STARTED,
   GUEST_SHUTDOWN_ASKED,
   guestAppend,
@@ -83,6 +87,12 @@ function startGuest(desktop: string, actions: GuestAction[], extra: string[] = [
   };
 }
 
+/** Where `carryon run` puts a desktop's guest agent channel (launch-desktop.ts: `<socketDir>/vm/qga.sock`). */
+async function qgaSocketOf(desktop: string): Promise<string> {
+  const vault = await Vault.open(cliEnv.CARRYON_HOME!);
+  return join(await socketDir(vault, (await vault.find(desktop)).desktopId), 'vm', 'qga.sock');
+}
+
 /** Polls `read()` until `ok` holds, every 100 ms, for at most `ms`; says what it waited for. */
 async function until<T>(what: string, ms: number, read: () => T, ok: (v: T) => boolean): Promise<T> {
   const end = Date.now() + ms;
@@ -129,7 +139,7 @@ after(async () => {
   if (broker) cleanup(broker.dir);
 });
 
-test('a real Linux guest boots with carryon run; its agent answers on the run\'s channel, freezes, thaws and powers it off; its files are in the new snapshot after check-in', async (t) => {
+test('a real Linux guest under carryon run: its agent freezes and thaws; three live replicas while it writes are quiesced, fsck-clean and hold every logged record; a check-in of the running guest shuts it down (ACPI) and carries it all', async (t) => {
   const t0 = Date.now();
   const phases: string[] = [];
   const phase = (name: string) => phases.push(`${name} ${((Date.now() - t0) / 1000).toFixed(1)}s`);
@@ -170,30 +180,50 @@ test('a real Linux guest boots with carryon run; its agent answers on the run\'s
     const q = await quiesce(agent, async () => agent!.status(10_000), { pingTimeoutMs: 10_000 });
     assert.deepEqual([q.result, q.kind, q.thawed], ['frozen', 'quiesced', true]);
 
-    // guest-shutdown (no answer when it works): the writer stops, the disk is unmounted, QEMU exits.
     phase('frozen, thawed, quiesced');
-    await agent.shutdown('powerdown', 10_000);
+    // The holder (`carryon run`) talks to the agent itself now: this test lets go of the channel.
+    agent.close();
+    agent = undefined;
+
+    // Three live replicas while the writer writes: each restore point passes e2fsck -fn as it is
+    // (quiesced: the frozen ext4 needs no journal replay) and holds every record logged before it.
+    for (let i = 1; i <= 3; i++) {
+      const logged = lastDurableRecord(serial());
+      const replica = JSON.parse((await carryon(['replicate', 'office', '--json'])).stdout) as { snapshotId: string; replicaKind: string };
+      assert.equal(replica.replicaKind, 'quiesced', `replica ${i} froze the guest's file systems`);
+      const raw = join(broker.dir, `office-replica-${i}.raw`);
+      await exportSnapshot(broker.ctx, 'office', replica.snapshotId, raw);
+      const fsck = await checkExt4Image(raw);
+      assert.deepEqual([fsck.clean, fsck.journalReplayed], [true, false], `replica ${i}: e2fsck -fn\n${fsck.output}`);
+      const records = await writerRecordsInImage(raw, '/home/alice/records.log');
+      assert.ok(records.count >= logged && records.tornBytes === 0, `replica ${i} holds the ${logged} records logged before it (${records.count}, torn ${records.tornBytes})`);
+      await until('the writer to go on after the replica', 30_000, () => lastDurableRecord(serial()), (n) => n > logged + 4);
+    }
+    phase('three live replicas');
+
+    // Check-in of the running desktop: the bulk goes live, then the holder presses the guest's power button (ACPI).
+    const checkin = JSON.parse((await carryon(['checkin', 'office', '--json'])).stdout) as { offToCommitSeconds: number };
+    assert.ok(checkin.offToCommitSeconds >= 0);
     assert.equal(await vm.exit(60_000), 0, `carryon run ends when the guest powers off\n${vm.stderr()}`);
-    phase('powered off');
+    phase(`checked in while running (${checkin.offToCommitSeconds.toFixed(2)} s from power-off to commit)`);
   } finally {
     agent?.close();
     await vm.cleanup();
   }
   const report = vm.report();
-  assert.ok(report.agentStarted && serial().includes(GUEST_SHUTDOWN_ASKED));
+  assert.ok(report.agentStarted && report.powerButton, 'the check-in shut the guest down through its power button');
   assert.equal(report.reads.get('/etc/motd')?.toString('utf8'), 'welcome to office\n', 'the guest reads the checkpoint');
-  const st = JSON.parse((await carryon(['status', 'office', '--json'])).stdout) as { dirtyBytes: number }[];
-  assert.ok(st[0]!.dirtyBytes > 0, 'the guest wrote into the top layer');
-  await carryon(['checkin', 'office', '--json']);
   assert.equal(await serverFile('office', '/home/alice/notes.txt'), 'written-offline-on-the-laptop');
   // Every record the guest logged is in the snapshot, a clean prefix ending where the writer stopped.
   assert.deepEqual(await serverRecords('office', '/home/alice/records.log'), { count: report.writerStopped, tornBytes: 0 });
   assert.ok(report.durableRecords === report.writerStopped);
+  const fsck = await checkExt4Image(join(broker.dir, 'office-snapshot.raw'));
+  assert.ok(fsck.clean, `the checked-in snapshot passes e2fsck -fn\n${fsck.output}`);
   phase(`checked in (${report.writerStopped} records)`);
   t.diagnostic(phases.join(', '));
 });
 
-test('the same guest boots while the check-out is still under way (--limit-rate), reads never fail; Ctrl-C shuts it down through ACPI', async () => {
+test('the same guest boots while the check-out is still under way (--limit-rate), reads never fail; the guest agent shuts it down', async () => {
   let travelRecords: number | undefined;
   // A slow background check-out; `run` takes the download over and the guest reads what it needs first.
   const slow: ChildProcess = spawn(process.execPath, [CLI, 'checkout', 'travel', '--limit-rate', '2M', '--quiet'], { env: cliEnv, stdio: 'ignore' });
@@ -210,14 +240,20 @@ test('the same guest boots while the check-out is still under way (--limit-rate)
     // The writer runs last, until Ctrl-C: `carryon run` then presses the ACPI power button and the guest shuts down cleanly.
     const vm = startGuest('travel', [{ sha256: '/data/big.bin' }, { write: '/home/alice/trip.txt', content: 'booted-while-in-flight' }, { writer: '/home/alice/trip.log' }], ['--limit-rate', '1G']);
     try {
-      await until('the writer to make records durable', 120_000, vm.serial, (t) => lastDurableRecord(t) >= 4 || /CARRYON-GUEST-FAIL/.test(t) || vm.child.exitCode !== null);
-      vm.child.kill('SIGINT');
-      assert.equal(await vm.exit(60_000), 0, `one Ctrl-C: ACPI power-down, the guest stops its work and powers off\n${vm.stderr()}`);
+      await until('the writer to make records durable', 120_000, vm.serial, (t) => (t.includes(GUEST_AGENT_STARTED) && lastDurableRecord(t) >= 4) || /CARRYON-GUEST-FAIL/.test(t) || vm.child.exitCode !== null);
+      // guest-shutdown (no answer when it works): the writer stops, the disk is unmounted, QEMU exits.
+      const agent = await GuestAgent.connect(await qgaSocketOf('travel'), 20_000);
+      try {
+        await agent.shutdown('powerdown', 10_000);
+      } finally {
+        agent.close();
+      }
+      assert.equal(await vm.exit(60_000), 0, `the agent's shutdown: the guest stops its work and powers off\n${vm.stderr()}`);
     } finally {
       await vm.cleanup();
     }
     const report = vm.report();
-    assert.ok(report.powerButton, 'the guest saw its power button');
+    assert.ok(vm.serial().includes(GUEST_SHUTDOWN_ASKED), 'the guest agent shut the guest down');
     travelRecords = report.writerStopped;
     assert.equal(report.sha256.get('/data/big.bin'), createHash('sha256').update(bigFile).digest('hex'), `the guest read the whole 8 MiB file while it was still arriving\n${vm.stderr()}`);
     assert.doesNotMatch(vm.stderr(), /I\/O error|EIO/);
