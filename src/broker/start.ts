@@ -36,6 +36,8 @@ import { loadOrCreateSecrets } from './secrets.js';
 import { Scheduler } from './transfers/scheduler.js';
 import { pushRevocations } from './transfers/revoke-push.js';
 import { SchedulerStore } from './transfers/scheduler-store.js';
+import { HostStore } from './hosts/store.js';
+import { hostAdminRoutes, hostRoutes } from './routes/hosts.js';
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import { readFile, realpath, writeFile } from 'node:fs/promises';
@@ -87,9 +89,10 @@ export interface RunningBroker {
   close(): Promise<void>;
 }
 
-async function transferSecret(dataDir: string, given?: string): Promise<string> {
+/** A shared secret in the data dir (`transfer.secret`, `host.secret`), made at first start. */
+async function dataDirSecret(dataDir: string, file: string, given?: string): Promise<string> {
   if (given) return given;
-  const path = join(dataDir, 'transfer.secret');
+  const path = join(dataDir, file);
   try {
     return (await readFile(path, 'utf8')).trim();
   } catch {
@@ -125,7 +128,8 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     reauthWindowSec: 900,
     ...config.settings,
     importDirs: await resolveImportDirs(config.importDirs ?? config.settings?.importDirs ?? []),
-    transferSecret: await transferSecret(config.dataDir, config.settings?.transferSecret),
+    transferSecret: await dataDirSecret(config.dataDir, 'transfer.secret', config.settings?.transferSecret),
+    hostSecret: await dataDirSecret(config.dataDir, 'host.secret', config.settings?.hostSecret),
   };
   const hypervisor: DatacenterHypervisor = config.hypervisor?.kind === 'qmp' ? new QmpHypervisor(config.hypervisor.socketDir) : new NoHypervisor();
   let transfer: TransferServer | null = null;
@@ -141,7 +145,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     },
   });
   const ctx: BrokerContext = {
-    settings, meta, store, secrets, scheduler, hypervisor, imports: new ImportJobs(), jobProgress: new JobProgress(),
+    settings, meta, store, secrets, scheduler, hypervisor, hosts: await HostStore.open(sql), imports: new ImportJobs(), jobProgress: new JobProgress(),
     throttle: new LoginThrottle(new DatabaseFailureLog(meta), { ...DEFAULT_THROTTLE, ...config.throttle }),
     audit: async (e) => void (await meta.addEvent({ actor: e.actor, desktopId: e.desktopId ?? null, action: e.action, outcome: e.outcome, detail: e.detail ?? null })),
     keysFor: (wrapped, context) => encodeLineageKeys(unwrapLineageKeys(secrets.masterKey, wrapped, context)),
@@ -166,6 +170,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   agentRoutes(app, ctx);
   jobRoutes(app, ctx);
   transferRoutes(app, ctx);
+  hostRoutes(app, ctx);
   // Every /v1/admin route, behind one admin check (a /v1/admin route outside it fails the start).
   adminScope(app, ctx, [
     (a) => adminRoutes(a, ctx),
@@ -176,6 +181,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     (a) => maintenanceRoutes(a, ctx),
     (a) => transferAdminRoutes(a, ctx),
     (a) => exportRoutes(a, ctx),
+    (a) => hostAdminRoutes(a, ctx),
   ]);
   consoleRoutes(app);
   const host = config.host ?? '127.0.0.1';

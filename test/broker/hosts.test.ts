@@ -1,0 +1,198 @@
+import assert from 'node:assert/strict';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { after, before, test } from 'node:test';
+import { request } from 'undici';
+import { generateSigningKey, publicKeyToBase64 } from '../../src/core/signing.js';
+import { startHost, type RunningHost } from '../../src/host/service.js';
+import { pinnedAgent } from '../../src/net/pinned-agent.js';
+import { ADMIN, api, cleanup, makeImage, testBroker, type Api, type TestBroker } from './harness.js';
+
+/**
+ * Desktop hosts (issue 26 items 1–2): a host registers with host.secret, runs a desktop under QEMU
+ * (paused: `-S`, no guest code runs, the chain is opened) from a chain it fills with the transfer
+ * protocol; power operations and check-outs refuse each other; a host killed with -9 is marked.
+ */
+const main = join(process.cwd(), 'dist', 'src', 'cli', 'main.js');
+let broker: TestBroker;
+let http: Api;
+let admin: string;
+let alice: string;
+let aliceDevice: string;
+let secret: string;
+let host: RunningHost | null = null;
+let child: ChildProcess | null = null;
+const qemus: number[] = [];
+const dirs: string[] = [];
+const laptop = { cpus: 8, ramBytes: 16 * 2 ** 30, freeDiskBytes: 100 * 2 ** 30 };
+
+before(async () => {
+  broker = await testBroker();
+  http = api(broker.url, broker.fingerprint);
+  admin = await http.login(ADMIN.name, ADMIN.password);
+  secret = readFileSync(join(broker.dir, 'host.secret'), 'utf8').trim();
+  assert.equal((await http.call('POST', '/v1/admin/users', { name: 'alice', password: 'alice-password' }, admin)).status, 201);
+  for (const name of ['online1', 'online2']) {
+    const created = await http.call('POST', '/v1/admin/desktops', { name, image: makeImage(broker.dir, 4, `${name}.raw`), config: { vcpus: 1, ramMiB: 256, minRamMiB: 128, nic: 'none' } }, admin);
+    assert.equal(created.status, 201, JSON.stringify(created.body));
+    assert.equal((await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: name }, admin)).status, 201);
+  }
+  alice = await http.login('alice', 'alice-password');
+  const dev = await http.call('POST', '/v1/devices', { name: 'laptop', publicKey: publicKeyToBase64(generateSigningKey().publicKey), host: laptop }, alice);
+  aliceDevice = String(dev.body.deviceId);
+});
+after(async () => {
+  await host?.close();
+  if (child?.exitCode === null) child.kill('SIGKILL');
+  for (const pid of qemus) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
+  await http.close();
+  await broker.close();
+  cleanup(broker.dir);
+  for (const d of dirs) cleanup(d);
+});
+
+const hostCall = async (path: string, body: unknown, withSecret: string) => {
+  const agent = pinnedAgent(broker.fingerprint);
+  try {
+    const res = await request(`${broker.url}${path}`, { method: 'POST', dispatcher: agent, headers: { 'content-type': 'application/json', 'x-carryon-host-secret': withSecret }, body: JSON.stringify(body) });
+    return { status: res.statusCode, body: (await res.body.json()) as Record<string, unknown> };
+  } finally {
+    await agent.close();
+  }
+};
+const power = (desktop: string, action: string, token = admin) => http.call('POST', `/v1/admin/desktops/${desktop}/power`, { action }, token);
+const checkout = (desktop: string) => http.call('POST', `/v1/desktops/${desktop}/checkout`, { deviceId: aliceDevice, host: laptop }, alice);
+const events = async (action: string) => ((await http.call('GET', `/v1/admin/audit?limit=10000&action=${action}`, undefined, admin)).body.events as { actor: string; outcome: string; detail: string | null }[]);
+const desktopId = async (name: string) => (await broker.ctx.meta.getDesktop(name))!.id;
+const placement = async (name: string) => broker.ctx.hosts.placement(await desktopId(name));
+async function until<T>(what: string, probe: () => Promise<T | null | undefined | false>, ms = 60_000): Promise<T> {
+  for (const end = Date.now() + ms; Date.now() < end; await new Promise((r) => setTimeout(r, 100))) {
+    const v = await probe();
+    if (v) return v;
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+const placedAs = (name: string, state: string) => until(`${name} ${state}`, async () => ((await placement(name))?.state === state ? (await placement(name))! : null), 30_000);
+const hostsList = async () => (await http.call('GET', '/v1/admin/hosts', undefined, admin)).body.hosts as { id: string; health: string; desktops: { desktopId: string; state: string; pid: number | null }[] }[];
+
+test('host registration: a wrong or missing host secret is refused (401, audited); the transfer secret is not the host secret; an unregistered host must register', async () => {
+  const reg = { id: 'intruder', vcpus: 4, ramMiB: 4096, maxDesktops: 2, accel: 'tcg', heartbeatSec: 1 };
+  const transferSecret = readFileSync(join(broker.dir, 'transfer.secret'), 'utf8').trim();
+  for (const wrong of ['', 'x'.repeat(secret.length), transferSecret]) {
+    const r = await hostCall('/v1/hosts/register', reg, wrong);
+    assert.deepEqual([r.status, r.body.error], [401, 'bad-secret']);
+  }
+  const hb = await hostCall('/v1/hosts/intruder/heartbeat', {}, 'wrong');
+  assert.deepEqual([hb.status, hb.body.error], [401, 'bad-secret']);
+  assert.equal((await hostCall('/v1/hosts/nobody/heartbeat', {}, secret)).status, 404);
+  assert.deepEqual(await hostsList(), [], 'nothing registered');
+  assert.equal((await events('host-register')).filter((e) => e.outcome === 'denied').length, 3, 'each refusal audited');
+});
+
+test('power refused while the desktop is checked out to a laptop (who, since when; audited), for an admin and for an entitled user; a user needs policy onlineAllowed', async () => {
+  const start = await http.call('POST', '/v1/desktops/online1/start', {}, alice);
+  assert.deepEqual([start.status, start.body.error], [403, 'policy-denied'], JSON.stringify(start.body));
+  assert.match(String(start.body.message), /policy \(the default\) does not allow running online1 online/);
+  assert.equal((await http.call('PATCH', '/v1/admin/policies/desktop/online1', { onlineAllowed: true }, admin)).status, 200);
+  const co = await checkout('online1');
+  assert.equal(co.status, 201, JSON.stringify(co.body));
+  for (const r of [await power('online1', 'on'), await power('online1', 'reset'), await http.call('POST', '/v1/desktops/online1/start', {}, alice)]) {
+    assert.deepEqual([r.status, r.body.error], [409, 'locked'], JSON.stringify(r.body));
+    assert.match(String(r.body.message), /^online1 is checked out to alice \(device [0-9a-f-]+\) since \d{4}-\d\d-\d\dT.*; power operations wait for its check-in$/);
+  }
+  assert.equal((await events('power-on')).filter((e) => e.outcome === 'denied' && /locked: online1 is checked out to alice/.test(e.detail ?? '')).length, 2, 'admin and user refusals audited');
+  assert.equal(await placement('online1'), null, 'nothing placed');
+  assert.equal((await http.call('POST', `/v1/checkouts/${(co.body.checkout as { id: string }).id}/cancel`, {}, alice)).status, 200);
+});
+
+test('power on: the host pulls the chunks and starts QEMU on its chain; check-out refused while it runs and while its writes are kept; on again pulls nothing; release frees it', async () => {
+  const dataDir = mkdtempSync(join(tmpdir(), 'carryon-host-'));
+  dirs.push(dataDir);
+  host = await startHost({ id: 'h1', brokerUrl: broker.url, brokerFingerprint: broker.fingerprint, secret, dataDir, vcpus: 2, ramMiB: 1024, maxDesktops: 2, accel: 'tcg', heartbeatSec: 1, shutdownGraceSec: 1, pausedGuests: true });
+  // A user where policy allows: started on the only host.
+  const on = await http.call('POST', '/v1/desktops/online1/start', {}, alice);
+  assert.deepEqual([on.status, on.body], [200, { state: 'starting', host: 'h1' }], JSON.stringify(on.body));
+  await placedAs('online1', 'running');
+  // The QEMU's pid comes with the host's next heartbeat.
+  const listed = await until('pid reported', async () => (await hostsList()).find((h) => h.desktops[0]?.pid));
+  assert.equal(listed.health, 'ok');
+  const pid = listed.desktops[0]!.pid!;
+  qemus.push(pid);
+  // The host's QEMU runs on the host's own chain.
+  assert.match(readFileSync(`/proc/${pid}/cmdline`, 'utf8'), new RegExp(`${dataDir}/desktops/${await desktopId('online1')}/disk0/top.qcow2`));
+  const started = (await events('host-start')).filter((e) => e.outcome === 'ok');
+  assert.match(started[0]!.detail ?? '', /running \(pid \d+, tcg\); [1-9]\d* chunks \/ [1-9]\d* bytes pulled/);
+  assert.equal((await broker.ctx.meta.getDesktop('online1'))!.powerState, 'on');
+
+  const running = await checkout('online1');
+  assert.deepEqual([running.status, running.body.error], [409, 'desktop-online']);
+  assert.equal(running.body.message, 'the desktop runs on host h1: stop it first (`carryon stop online1`)');
+  assert.deepEqual([(await power('online1', 'on')).status, (await power('online1', 'on')).body.error], [409, 'already-running']);
+
+  // Shut down: the paused guest does not answer ACPI, so after the grace it is powered off (and says so).
+  const stop = await http.call('POST', '/v1/desktops/online1/stop', {}, alice);
+  assert.deepEqual([stop.status, stop.body.state], [200, 'stopping']);
+  await placedAs('online1', 'stopped');
+  assert.match((await events('host-shutdown'))[0]!.detail ?? '', /did not shut down within 1 s: powered off/);
+  const kept = await checkout('online1');
+  assert.deepEqual([kept.status, kept.body.error], [409, 'desktop-online']);
+  assert.match(String(kept.body.message), /kept on that host; .*carryon admin hosts release online1/);
+
+  // Again on the same host (it keeps the chain): no chunk travels.
+  assert.equal((await power('online1', 'on')).status, 200);
+  await placedAs('online1', 'running');
+  assert.match((await events('host-start')).filter((e) => e.outcome === 'ok')[0]!.detail ?? '', /; 0 chunks \/ 0 bytes pulled/);
+  qemus.push((await until('pid reported', async () => (await hostsList()).find((h) => h.desktops[0]?.pid && h.desktops[0].pid !== pid)))!.desktops[0]!.pid!);
+  const reset = await power('online1', 'reset');
+  assert.deepEqual([reset.status, reset.body.state], [200, 'running']);
+  const release = await http.call('POST', '/v1/admin/desktops/online1/release', {}, admin);
+  assert.deepEqual([release.status, release.body.error], [409, 'running'], 'not while it runs');
+  assert.equal((await power('online1', 'off')).status, 200);
+  await placedAs('online1', 'stopped');
+  assert.equal((await broker.ctx.meta.getDesktop('online1'))!.powerState, 'off');
+  assert.deepEqual((await http.call('POST', '/v1/admin/desktops/online1/release', { reason: 'test' }, admin)).body, { released: 'h1' });
+  await until('discard acknowledged', async () => (await events('host-discard')).some((e) => e.outcome === 'ok'), 10_000);
+  const free = await checkout('online1');
+  assert.equal(free.status, 201, JSON.stringify(free.body));
+  assert.equal((await http.call('POST', `/v1/checkouts/${(free.body.checkout as { id: string }).id}/cancel`, {}, alice)).status, 200);
+});
+
+test('a host killed with -9: it is marked lost after three missed heartbeats, and the desktop it ran with it (audited); check-out stays refused', async () => {
+  const dataDir = mkdtempSync(join(tmpdir(), 'carryon-host-'));
+  dirs.push(dataDir);
+  const secretFile = join(broker.dir, 'host.secret');
+  child = spawn(process.execPath, [main, 'host', '--broker', broker.url, '--broker-fingerprint', broker.fingerprint, '--secret-file', secretFile, '--data-dir', dataDir,
+    '--id', 'h2', '--vcpus', '4', '--ram-mib', '8192', '--max-desktops', '4', '--accel', 'tcg', '--heartbeat-sec', '1', '--paused-guests'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  await until('h2 registered', async () => (await hostsList()).some((h) => h.id === 'h2'), 30_000).catch((err: Error) => assert.fail(`${err.message}: ${stderr}`));
+  // Placed where the most RAM is free: h2.
+  const on = await power('online2', 'on');
+  assert.deepEqual([on.status, on.body.host], [200, 'h2'], JSON.stringify(on.body));
+  await placedAs('online2', 'running').catch(async (err: Error) => assert.fail(`${err.message}: ${stderr} ${JSON.stringify(await placement('online2'))} ${JSON.stringify(await hostsList())} pending ${JSON.stringify(await broker.ctx.hosts.pending('h2'))} jobs ${JSON.stringify(await broker.ctx.scheduler.openJobs())}`));
+  const pid = (await until('pid reported', async () => (await hostsList()).find((h) => h.id === 'h2' && h.desktops[0]?.pid)))!.desktops[0]!.pid!;
+  qemus.push(pid);
+  assert.equal(child.exitCode, null, 'the host process runs on its own (nothing but its heartbeat keeps it alive)');
+  const exited = new Promise((r) => child!.once('exit', (_code, signal) => r(signal)));
+  child.kill('SIGKILL');
+  assert.equal(await exited, 'SIGKILL');
+  const lost = await until('h2 lost', async () => (await hostsList()).find((h) => h.id === 'h2' && h.health === 'lost'), 10_000);
+  assert.deepEqual(lost.desktops.map((d) => d.state), ['lost']);
+  assert.equal((await broker.ctx.meta.getDesktop('online2'))!.powerState, 'lost');
+  assert.ok((await events('host-lost')).some((e) => e.actor === 'system' && /host h2 stopped heartbeating/.test(e.detail ?? '')), 'audited');
+  const co = await checkout('online2');
+  assert.deepEqual([co.status, co.body.error], [409, 'desktop-online']);
+  assert.match(String(co.body.message), /host h2, which stopped answering/);
+  // The admin CLI shows the same.
+  const out = await promisify(execFile)(process.execPath, [main, 'admin', 'hosts', 'list'], { env: { ...process.env, CARRYON_URL: broker.url, CARRYON_FINGERPRINT: broker.fingerprint, CARRYON_USER: ADMIN.name, CARRYON_PASSWORD: ADMIN.password } });
+  assert.match(out.stdout, /h2\s+lost\s+.*online2 \(lost/);
+});
