@@ -17,13 +17,19 @@ export interface HostFacts {
   freeDiskBytes: number;
 }
 
-export type Action = 'checkout' | 'cancel' | 'checkin' | 'replicate' | 'rollback';
+export type Action = 'checkout' | 'cancel' | 'checkin' | 'replicate' | 'rollback' | 'start' | 'stop';
 
 /** Exactly what `user` may do with `desktop` now (drives every client's menus). */
 export async function allowedActions(ctx: BrokerContext, user: string, desktop: DesktopRow): Promise<Action[]> {
   const policy = await effectivePolicy(ctx.meta, user, desktop);
   const active = await ctx.meta.activeCheckout(desktop.id);
-  if (!active) return policy.checkoutAllowed.value && desktop.currentSnapshot ? ['checkout'] : [];
+  if (!active) {
+    // On a desktop host: stop it while it runs, start it again where it is kept; no check-out meanwhile (hosts/power.ts).
+    const online = policy.onlineAllowed.value;
+    const placed = await ctx.hosts.placement(desktop.id);
+    if (placed) return !online ? [] : placed.state === 'running' ? ['stop'] : placed.state === 'stopped' ? ['start'] : [];
+    return [...(policy.checkoutAllowed.value && desktop.currentSnapshot ? (['checkout'] as const) : []), ...(online && desktop.currentSnapshot ? (['start'] as const) : [])];
+  }
   if (active.user !== user) return [];
   switch (active.state) {
     case 'transferring':

@@ -133,6 +133,8 @@ test('power on: the host pulls the chunks and starts QEMU on its chain; check-ou
   assert.match(started[0]!.detail ?? '', /running \(pid \d+, tcg\); [1-9]\d* chunks \/ [1-9]\d* bytes pulled/);
   assert.equal((await broker.ctx.meta.getDesktop('online1'))!.powerState, 'on');
 
+  const actions = async () => ((await http.call('GET', '/v1/desktops', undefined, alice)).body.desktops as { name: string; actions: string[] }[]).find((d) => d.name === 'online1')!.actions;
+  assert.deepEqual(await actions(), ['stop'], 'no check-out offered while it runs online');
   const running = await checkout('online1');
   assert.deepEqual([running.status, running.body.error], [409, 'desktop-online']);
   assert.equal(running.body.message, 'the desktop runs on host h1: stop it first (`carryon stop online1`)');
@@ -143,6 +145,7 @@ test('power on: the host pulls the chunks and starts QEMU on its chain; check-ou
   assert.deepEqual([stop.status, stop.body.state], [200, 'stopping']);
   await placedAs('online1', 'stopped');
   assert.match((await events('host-shutdown'))[0]!.detail ?? '', /did not shut down within 1 s: powered off/);
+  assert.deepEqual(await actions(), ['start']);
   const kept = await checkout('online1');
   assert.deepEqual([kept.status, kept.body.error], [409, 'desktop-online']);
   assert.match(String(kept.body.message), /kept on that host; .*carryon admin hosts release online1/);
@@ -161,6 +164,7 @@ test('power on: the host pulls the chunks and starts QEMU on its chain; check-ou
   assert.equal((await broker.ctx.meta.getDesktop('online1'))!.powerState, 'off');
   assert.deepEqual((await http.call('POST', '/v1/admin/desktops/online1/release', { reason: 'test' }, admin)).body, { released: 'h1' });
   await until('discard acknowledged', async () => (await events('host-discard')).some((e) => e.outcome === 'ok'), 10_000);
+  assert.deepEqual(await actions(), ['checkout', 'start']);
   const free = await checkout('online1');
   assert.equal(free.status, 201, JSON.stringify(free.body));
   assert.equal((await http.call('POST', `/v1/checkouts/${(free.body.checkout as { id: string }).id}/cancel`, {}, alice)).status, 200);
