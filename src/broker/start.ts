@@ -38,6 +38,7 @@ import { pushRevocations } from './transfers/revoke-push.js';
 import { SchedulerStore } from './transfers/scheduler-store.js';
 import { HostStore } from './hosts/store.js';
 import { hostAdminRoutes, hostRoutes } from './routes/hosts.js';
+import { sweepHosts } from './hosts/power.js';
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import { readFile, realpath, writeFile } from 'node:fs/promises';
@@ -189,6 +190,12 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   const addr = app.server.address();
   const url = `https://${host}:${typeof addr === 'object' && addr ? addr.port : config.port}`;
 
+  // Hosts silent for three heartbeats are marked (and their desktops) even when nobody looks; CAS in the database, so brokers sharing it audit each once.
+  let sweeping: Promise<void> | null = null;
+  const hostSweep = setInterval(() => {
+    sweeping ??= sweepHosts(ctx).catch((err: Error) => void process.stderr.write(`carryon: host sweep failed: ${err.message}\n`)).finally(() => (sweeping = null));
+  }, 2000);
+  hostSweep.unref();
   let beat: NodeJS.Timeout | null = null;
   let syncing: Promise<void> | null = null;
   const slots = config.embeddedTransferSlots ?? 4;
@@ -221,7 +228,8 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     transfer,
     close: async () => {
       if (beat) clearInterval(beat);
-      await syncing;
+      clearInterval(hostSweep);
+      await Promise.all([syncing, sweeping]);
       // Per-job summaries still held by the embedded server go to the audit trail before closing.
       if (transfer) await transferServerSync(ctx, transfer.id, (transfer.sweep(), transfer.drainSummaries()));
       await Promise.all([transfer?.close(), closePromptly(app)]);

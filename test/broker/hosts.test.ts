@@ -1,13 +1,18 @@
 import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, test } from 'node:test';
 import { request } from 'undici';
 import { generateSigningKey, publicKeyToBase64 } from '../../src/core/signing.js';
+import { unwrapLineageKeys } from '../../src/core/keys.js';
+import { convertChain } from '../../src/disk/chain.js';
+import { hostChain } from '../../src/host/keys.js';
 import { startHost, type RunningHost } from '../../src/host/service.js';
+import { importImage } from '../../src/import/import.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api, type TestBroker } from './harness.js';
 
@@ -168,6 +173,30 @@ test('power on: the host pulls the chunks and starts QEMU on its chain; check-ou
   const free = await checkout('online1');
   assert.equal(free.status, 201, JSON.stringify(free.body));
   assert.equal((await http.call('POST', `/v1/checkouts/${(free.body.checkout as { id: string }).id}/cancel`, {}, alice)).status, 200);
+
+  // A newer snapshot (as a check-in makes): the kept base takes only what changed, and ends up exact.
+  const d = (await broker.ctx.meta.getDesktop('online1'))!;
+  const image = readFileSync(join(broker.dir, 'online1.raw'));
+  const chunk = 256 * 1024;
+  randomBytes(chunk).copy(image, 0); // data → other data
+  randomBytes(chunk).copy(image, chunk); // hole → data
+  image.fill(0, 2 * chunk, 3 * chunk); // data → hole
+  const changed = join(broker.dir, 'online1-v2.raw');
+  writeFileSync(changed, image);
+  const keys = unwrapLineageKeys(broker.ctx.secrets.masterKey, (await broker.ctx.meta.getLineageKeys(d.lineageId))!, `lineage:${d.lineageId}`);
+  const v2 = await importImage(changed, { store: broker.ctx.store, keys });
+  const snap = await broker.ctx.meta.createSnapshot({ desktopId: d.id, parentId: d.currentSnapshot, kind: 'checkin', disks: [{ name: 'disk0', digest: v2.digest, sizeBytes: v2.manifest.diskSize, chunkSize: v2.manifest.chunkSize }] });
+  await broker.ctx.meta.setDesktopSnapshot(d.id, snap);
+  assert.equal((await power('online1', 'on')).status, 200);
+  await placedAs('online1', 'running');
+  assert.match((await events('host-start')).filter((e) => e.outcome === 'ok')[0]!.detail ?? '', /; 2 chunks \/ \d+ bytes pulled/, 'the changed chunk and the new one; the new hole is written as zeros here');
+  qemus.push((await until('pid reported', async () => (await hostsList()).find((h) => h.desktops[0]?.pid && !qemus.includes(h.desktops[0].pid))))!.desktops[0]!.pid!);
+  assert.equal((await power('online1', 'off')).status, 200);
+  await placedAs('online1', 'stopped');
+  const out = join(dataDir, 'read-back.raw');
+  await convertChain(hostChain(readFileSync(join(dataDir, 'host.key')), dataDir, d.id, 'disk0'), out, 'raw');
+  assert.ok(readFileSync(out).equals(image), "the host's disk is the new snapshot, byte for byte");
+  assert.deepEqual((await http.call('POST', '/v1/admin/desktops/online1/release', {}, admin)).status, 200);
 });
 
 test('a host killed with -9: it is marked lost after three missed heartbeats, and the desktop it ran with it (audited); check-out stays refused', async () => {
@@ -189,7 +218,11 @@ test('a host killed with -9: it is marked lost after three missed heartbeats, an
   const exited = new Promise((r) => child!.once('exit', (_code, signal) => r(signal)));
   child.kill('SIGKILL');
   assert.equal(await exited, 'SIGKILL');
-  const lost = await until('h2 lost', async () => (await hostsList()).find((h) => h.id === 'h2' && h.health === 'lost'), 10_000);
+  // Marked by the broker's own sweep, with nobody looking (the other host stopped heartbeating first).
+  await host!.close();
+  host = null;
+  await until('h2 marked', async () => (await broker.ctx.hosts.host('h2'))?.health === 'lost', 10_000);
+  const lost = (await hostsList()).find((h) => h.id === 'h2')!;
   assert.deepEqual(lost.desktops.map((d) => d.state), ['lost']);
   assert.equal((await broker.ctx.meta.getDesktop('online2'))!.powerState, 'lost');
   assert.ok((await events('host-lost')).some((e) => e.actor === 'system' && /host h2 stopped heartbeating/.test(e.detail ?? '')), 'audited');
