@@ -1,9 +1,10 @@
 import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { createConnection } from 'node:net';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, test } from 'node:test';
 import { request } from 'undici';
@@ -134,6 +135,15 @@ test('power on: the host pulls the chunks and starts QEMU on its chain; check-ou
   qemus.push(pid);
   // The host's QEMU runs on the host's own chain.
   assert.match(readFileSync(`/proc/${pid}/cmdline`, 'utf8'), new RegExp(`${dataDir}/desktops/${await desktopId('online1')}/disk0/top.qcow2`));
+  // Its screen is a VNC server on a unix socket in a private directory (no TCP port): it greets in RFB.
+  const vnc = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').find((a) => a.startsWith('unix:') && a.endsWith('vnc.sock'))!.slice(5);
+  assert.equal(statSync(dirname(vnc)).mode & 0o077, 0);
+  const greeting = await new Promise<string>((resolve, reject) => {
+    const s = createConnection(vnc);
+    s.once('data', (d: Buffer) => (resolve(d.toString('latin1')), s.destroy()));
+    s.once('error', reject);
+  });
+  assert.match(greeting, /^RFB 003\.008\n/);
   const started = (await events('host-start')).filter((e) => e.outcome === 'ok');
   assert.match(started[0]!.detail ?? '', /running \(pid \d+, tcg\); [1-9]\d* chunks \/ [1-9]\d* bytes pulled/);
   assert.equal((await broker.ctx.meta.getDesktop('online1'))!.powerState, 'on');
