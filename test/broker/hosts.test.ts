@@ -104,6 +104,33 @@ test('host registration: a wrong or missing host secret is refused (401, audited
   assert.equal((await events('host-register')).filter((e) => e.outcome === 'denied').length, 3, 'each refusal audited');
 });
 
+test('the host protocol: a host gets keys and a ticket only for a desktop placed on it and starting; a start asked twice gives the first job back; a failed start that kept nothing frees the desktop; an ack counts once', async () => {
+  // Two hosts that only speak the protocol (no QEMU); `small` has no room for the desktop.
+  for (const [id, ramMiB] of [['fake', 512], ['small', 128]] as const) {
+    assert.equal((await hostCall('/v1/hosts/register', { id, vcpus: 2, ramMiB, maxDesktops: 1, accel: 'tcg', heartbeatSec: 1 }, secret)).status, 200);
+  }
+  const on = await power('online2', 'on');
+  assert.deepEqual([on.status, on.body], [200, { state: 'starting', host: 'fake' }]);
+  const id = await desktopId('online2');
+  const foreign = await hostCall(`/v1/hosts/small/desktops/${id}/prepare`, {}, secret);
+  assert.deepEqual([foreign.status, foreign.body.error], [409, 'not-starting']);
+  assert.ok((await events('host-prepare')).some((e) => e.actor === 'host:small' && e.outcome === 'denied'), 'audited');
+  const commands = (await hostCall('/v1/hosts/fake/heartbeat', {}, secret)).body.commands as { id: string; type: string; desktopId: string }[];
+  assert.deepEqual(commands.map((c) => [c.type, c.desktopId]), [['start', id]]);
+  const first = await hostCall(`/v1/hosts/fake/desktops/${id}/prepare`, {}, secret);
+  const second = await hostCall(`/v1/hosts/fake/desktops/${id}/prepare`, {}, secret);
+  assert.equal(second.status, 200, JSON.stringify(second.body));
+  const jobOf = (r: { body: Record<string, unknown> }) => (r.body.job as { id: string }).id;
+  assert.equal((await broker.ctx.scheduler.get(jobOf(first)))!.state, 'cancelled', 'the first job gave its slot back');
+  assert.equal(((second.body.disks as unknown[]).length), 1);
+  const ack = (body: unknown) => hostCall(`/v1/hosts/fake/commands/${commands[0]!.id}`, body, secret);
+  assert.equal((await ack({ ok: false, message: 'test: no QEMU here', kept: false })).status, 200);
+  assert.equal((await ack({ ok: true, message: 'again' })).status, 404, 'once');
+  assert.equal(await placement('online2'), null, 'nothing of the guest on the host: the desktop is free again');
+  assert.equal((await broker.ctx.scheduler.get(jobOf(second)))!.state, 'failed');
+  assert.equal((await broker.ctx.meta.getDesktop('online2'))!.powerState, 'off');
+});
+
 test('power refused while the desktop is checked out to a laptop (who, since when; audited), for an admin and for an entitled user; a user needs policy onlineAllowed', async () => {
   const start = await http.call('POST', '/v1/desktops/online1/start', {}, alice);
   assert.deepEqual([start.status, start.body.error], [403, 'policy-denied'], JSON.stringify(start.body));
