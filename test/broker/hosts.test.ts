@@ -69,7 +69,8 @@ after(async () => {
 const hostCall = async (path: string, body: unknown, withSecret: string) => {
   const agent = pinnedAgent(broker.fingerprint);
   try {
-    const res = await request(`${broker.url}${path}`, { method: 'POST', dispatcher: agent, headers: { 'content-type': 'application/json', 'x-carryon-host-secret': withSecret }, body: JSON.stringify(body) });
+    const res = await request(`${broker.url}${path}`, body === undefined ? { method: 'GET', dispatcher: agent, headers: { 'x-carryon-host-secret': withSecret } }
+      : { method: 'POST', dispatcher: agent, headers: { 'content-type': 'application/json', 'x-carryon-host-secret': withSecret }, body: JSON.stringify(body) });
     return { status: res.statusCode, body: (await res.body.json()) as Record<string, unknown> };
   } finally {
     await agent.close();
@@ -123,6 +124,10 @@ test('the host protocol: a host gets keys and a ticket only for a desktop placed
   const jobOf = (r: { body: Record<string, unknown> }) => (r.body.job as { id: string }).id;
   assert.equal((await broker.ctx.scheduler.get(jobOf(first)))!.state, 'cancelled', 'the first job gave its slot back');
   assert.equal(((second.body.disks as unknown[]).length), 1);
+  // Its ticket is renewed for this host only; no laptop session sees the job.
+  assert.equal((await hostCall(`/v1/hosts/fake/jobs/${jobOf(second)}`, undefined, secret)).status, 200);
+  assert.equal((await hostCall(`/v1/hosts/small/jobs/${jobOf(second)}`, undefined, secret)).status, 404);
+  assert.equal((await http.call('GET', `/v1/jobs/${jobOf(second)}`, undefined, alice)).status, 404);
   const ack = (body: unknown) => hostCall(`/v1/hosts/fake/commands/${commands[0]!.id}`, body, secret);
   assert.equal((await ack({ ok: false, message: 'test: no QEMU here', kept: false })).status, 200);
   assert.equal((await ack({ ok: true, message: 'again' })).status, 404, 'once');
