@@ -171,11 +171,14 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
           await cur.vm.qmp('system_reset');
           return { ok: true, message: 'reset' };
         }
-        case 'discard':
-          if (local.get(c.desktopId)?.vm && local.get(c.desktopId)?.state !== 'stopped') return { ok: false, message: 'still running here' };
+        case 'discard': {
+          // An admin released the desktop (e.g. while this host was cut off and marked lost): a guest still running here is powered off first.
+          const cur = local.get(c.desktopId);
+          if (cur?.vm && cur.state !== 'stopped') await forceOff(cur.vm);
           await discardTops(await chainsOf(c.desktopId));
           local.delete(c.desktopId);
-          return { ok: true, message: "the guest's writes on this host are deleted; the base is kept" };
+          return { ok: true, message: `${cur?.vm && cur.state !== 'stopped' ? 'powered off; ' : ''}the guest's writes on this host are deleted; the base is kept` };
+        }
       }
     } catch (err) {
       if (c.type === 'start') {

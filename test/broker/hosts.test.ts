@@ -102,7 +102,14 @@ test('host registration: a wrong or missing host secret is refused (401, audited
   assert.deepEqual([hb.status, hb.body.error], [401, 'bad-secret']);
   assert.equal((await hostCall('/v1/hosts/nobody/heartbeat', {}, secret)).status, 404);
   assert.deepEqual(await hostsList(), [], 'nothing registered');
-  assert.equal((await events('host-register')).filter((e) => e.outcome === 'denied').length, 3, 'each refusal audited');
+  // `carryon host` with the wrong secret file says so and exits.
+  const wrongFile = join(broker.dir, 'wrong.secret');
+  writeFileSync(wrongFile, 'not-the-secret\n');
+  const cli = await promisify(execFile)(process.execPath, [main, 'host', '--broker', broker.url, '--broker-fingerprint', broker.fingerprint, '--secret-file', wrongFile,
+    '--data-dir', join(broker.dir, 'host-x'), '--id', 'x', '--vcpus', '1', '--ram-mib', '512', '--max-desktops', '1', '--accel', 'tcg']).then(() => null, (e: { code: number; stderr: string }) => e);
+  assert.equal(cli?.code, 1);
+  assert.match(cli.stderr, /carryon: host secret does not match \[bad-secret\]/);
+  assert.equal((await events('host-register')).filter((e) => e.outcome === 'denied').length, 4, 'each refusal audited');
 });
 
 test('the host protocol: a host gets keys and a ticket only for a desktop placed on it and starting; a start asked twice gives the first job back; a failed start that kept nothing frees the desktop; an ack counts once', async () => {
@@ -238,7 +245,16 @@ test('power on: the host pulls the chunks and starts QEMU on its chain; check-ou
   const out = join(dataDir, 'read-back.raw');
   await convertChain(hostChain(readFileSync(join(dataDir, 'host.key')), dataDir, d.id, 'disk0'), out, 'raw');
   assert.ok(readFileSync(out).equals(image), "the host's disk is the new snapshot, byte for byte");
-  assert.deepEqual((await http.call('POST', '/v1/admin/desktops/online1/release', {}, admin)).status, 200);
+
+  // A host cut off (marked lost) while its guest ran, then released by an admin: when the host hears, it powers the guest off before discarding.
+  assert.equal((await power('online1', 'on')).status, 200);
+  await placedAs('online1', 'running');
+  const orphan = (await until('pid reported', async () => (await hostsList()).find((h) => h.desktops[0]?.pid && !qemus.includes(h.desktops[0].pid))))!.desktops[0]!.pid!;
+  qemus.push(orphan);
+  assert.ok(await broker.ctx.hosts.unplace(d.id, ['running']), 'as release leaves it');
+  await broker.ctx.hosts.queue({ hostId: 'h1', desktopId: d.id, type: 'discard' });
+  await until('discard done', async () => (await events('host-discard')).find((e) => /^powered off; /.test(e.detail ?? '')), 15_000);
+  assert.throws(() => process.kill(orphan, 0), { code: 'ESRCH' }, 'the guest no longer runs');
 });
 
 test('a host killed with -9: it is marked lost after three missed heartbeats, and the desktop it ran with it (audited); check-out stays refused', async () => {
