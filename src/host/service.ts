@@ -243,6 +243,8 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
         }
       }
       await heartbeat().catch(() => undefined);
+      // Said goodbye: the broker shows it retired, not lost.
+      await broker.call('POST', path('/retire'), {}, z.object({ ok: z.boolean() }), headers).catch(() => undefined);
       await broker.close();
     },
   };

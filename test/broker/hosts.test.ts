@@ -280,6 +280,7 @@ test('a host killed with -9: it is marked lost after three missed heartbeats, an
   await host!.close();
   host = null;
   await until('h2 marked', async () => (await broker.ctx.hosts.host('h2'))?.health === 'lost', 10_000);
+  assert.equal((await hostsList()).find((h) => h.id === 'h1')!.health, 'retired', 'a host that stopped cleanly is not lost');
   const lost = (await hostsList()).find((h) => h.id === 'h2')!;
   assert.deepEqual(lost.desktops.map((d) => d.state), ['lost']);
   assert.equal((await broker.ctx.meta.getDesktop('online2'))!.powerState, 'lost');

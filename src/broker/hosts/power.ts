@@ -239,7 +239,7 @@ export async function hostsOverview(ctx: BrokerContext) {
   for (const h of await ctx.hosts.hosts()) {
     const placed = await ctx.hosts.placements(h.id);
     out.push({
-      id: h.id, displayUrl: h.displayUrl, accel: h.accel, health: alive(h) ? 'ok' : h.health === 'lost' ? 'lost' : 'late', lastSeen: h.lastSeen, registeredAt: h.registeredAt,
+      id: h.id, displayUrl: h.displayUrl, accel: h.accel, health: alive(h) ? 'ok' : h.health === 'ok' ? 'late' : h.health, lastSeen: h.lastSeen, registeredAt: h.registeredAt,
       capacity: { vcpus: h.vcpus, ramMiB: h.ramMiB, desktops: h.maxDesktops }, free: await freeCapacity(ctx, h),
       desktops: placed.map((p) => ({ desktopId: p.desktopId, state: p.state, since: p.since, detail: p.detail, pid: h.report.desktops?.find((d) => d.desktopId === p.desktopId)?.pid ?? null })),
       freeDiskBytes: h.report.freeDiskBytes ?? null,

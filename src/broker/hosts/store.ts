@@ -33,7 +33,8 @@ export type HostCommandType = 'start' | 'off' | 'shutdown' | 'reset' | 'discard'
 
 export interface HostRow {
   id: string; displayUrl: string | null; vcpus: number; ramMiB: number; maxDesktops: number; accel: string; heartbeatSec: number;
-  registeredAt: string; lastSeen: string; health: 'ok' | 'lost'; report: HostReport;
+  /** `retired`: it said goodbye (a clean stop); `lost`: it went silent. */
+  registeredAt: string; lastSeen: string; health: 'ok' | 'lost' | 'retired'; report: HostReport;
 }
 /** What a host says at each heartbeat (kept as sent, for the admin view). */
 export interface HostReport {
@@ -54,7 +55,7 @@ const now = () => new Date().toISOString();
 function hostRow(r: Raw): HostRow {
   return {
     id: String(r.id), displayUrl: str(r.display_url), vcpus: Number(r.vcpus), ramMiB: Number(r.ram_mib), maxDesktops: Number(r.max_desktops), accel: String(r.accel),
-    heartbeatSec: Number(r.heartbeat_sec), registeredAt: String(r.registered_at), lastSeen: String(r.last_seen), health: r.health === 'lost' ? 'lost' : 'ok',
+    heartbeatSec: Number(r.heartbeat_sec), registeredAt: String(r.registered_at), lastSeen: String(r.last_seen), health: r.health === 'lost' || r.health === 'retired' ? r.health : 'ok',
     report: JSON.parse(String(r.report)) as HostReport,
   };
 }
@@ -94,6 +95,10 @@ export class HostStore {
   /** A heartbeat: last seen now, healthy again; false when the host never registered. */
   async heartbeat(id: string, report: HostReport): Promise<boolean> {
     return (await this.sql.run("UPDATE hosts SET last_seen = ?, health = 'ok', report = ? WHERE id = ?", [now(), JSON.stringify(report), id])) === 1;
+  }
+  /** A host stopping cleanly: not lost, and given no desktop until it registers again. */
+  async retire(id: string): Promise<boolean> {
+    return (await this.sql.run("UPDATE hosts SET health = 'retired', last_seen = ? WHERE id = ?", [now(), id])) === 1;
   }
   /** Marks lost the healthy hosts silent for three of their heartbeats; returns them (each once). */
   async markLost(at: Date): Promise<HostRow[]> {

@@ -56,6 +56,14 @@ export function hostRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     const commands = await hostHeartbeat(ctx, host, report);
     return { commands: commands.map((c) => ({ id: c.id, type: c.type, desktopId: c.desktopId })) };
   });
+  app.post('/v1/hosts/:id/retire', async (req) => {
+    const host = await registered(req, 'host-retire');
+    parse(z.object({}).strict(), req.body ?? {});
+    // Whatever it still ran is reported by its last heartbeat (it powers its guests off first); what is still placed stays as it is.
+    await ctx.hosts.retire(host.id);
+    await ctx.audit({ actor: `host:${host.id}`, action: 'host-retire', outcome: 'ok', detail: 'stopped cleanly' });
+    return { ok: true };
+  });
   app.post('/v1/hosts/:id/desktops/:desktopId/prepare', async (req) => {
     const host = await registered(req, 'host-prepare');
     const { desktopId } = parse(z.object({ id: HostId, desktopId: z.string().min(1).max(200) }), req.params);
