@@ -5,6 +5,7 @@ import { policyHash } from '../core/policy.js';
 import type { CheckoutRow, DesktopConfig, DesktopRow, SnapshotDisk, SnapshotRow } from '../store/metadata.js';
 import type { BrokerContext } from './context.js';
 import { damagedSnapshotRefusal } from './damage.js';
+import { onlineRefusal } from './hosts/power.js';
 import { HttpError } from './http.js';
 import { describePolicySource, effectivePolicy } from './policies.js';
 import type { JobView } from './transfers/types.js';
@@ -16,13 +17,19 @@ export interface HostFacts {
   freeDiskBytes: number;
 }
 
-export type Action = 'checkout' | 'cancel' | 'checkin' | 'replicate' | 'rollback';
+export type Action = 'checkout' | 'cancel' | 'checkin' | 'replicate' | 'rollback' | 'start' | 'stop';
 
 /** Exactly what `user` may do with `desktop` now (drives every client's menus). */
 export async function allowedActions(ctx: BrokerContext, user: string, desktop: DesktopRow): Promise<Action[]> {
   const policy = await effectivePolicy(ctx.meta, user, desktop);
   const active = await ctx.meta.activeCheckout(desktop.id);
-  if (!active) return policy.checkoutAllowed.value && desktop.currentSnapshot ? ['checkout'] : [];
+  if (!active) {
+    // On a desktop host: stop it while it runs, start it again where it is kept; no check-out meanwhile (hosts/power.ts).
+    const online = policy.onlineAllowed.value;
+    const placed = await ctx.hosts.placement(desktop.id);
+    if (placed) return !online ? [] : placed.state === 'running' ? ['stop'] : placed.state === 'stopped' ? ['start'] : [];
+    return [...(policy.checkoutAllowed.value && desktop.currentSnapshot ? (['checkout'] as const) : []), ...(online && desktop.currentSnapshot ? (['start'] as const) : [])];
+  }
   if (active.user !== user) return [];
   switch (active.state) {
     case 'transferring':
@@ -141,6 +148,12 @@ export async function checkOut(ctx: BrokerContext, user: string, desktopRef: str
   const checkoutId = await ctx.meta.insertCheckout({ desktopId: desktop.id, user, deviceId: device.id, checkpointSnapshot: snapshot.id, leaseExpiresAt: new Date().toISOString() });
   if (!checkoutId) throw await deny(ctx, user, desktop.id, 'checkout', 409, 'already-checked-out', `${desktop.name} is already checked out`);
   await ctx.audit({ actor: user, desktopId: desktop.id, action: 'lock', outcome: 'ok', detail: `checkout ${checkoutId}` });
+  // Checked after the lock (a power-on checks the lock after placing): one of two racing requests sees the other.
+  const online = await onlineRefusal(ctx, desktop);
+  if (online) {
+    await ctx.meta.transitionCheckout(checkoutId, ['transferring'], 'cancelled');
+    throw await deny(ctx, user, desktop.id, 'checkout', 409, online.code, online.message);
+  }
   try {
     if (await ctx.hypervisor.isRunning(desktop.id)) {
       await ctx.hypervisor.powerOff(desktop.id);

@@ -2,6 +2,7 @@ import type { DatacenterHypervisor } from '../hypervisor/datacenter/hypervisor.j
 import type { ChunkStore } from '../store/chunk-store.js';
 import type { MetadataStore } from '../store/metadata.js';
 import type { LdapConfig } from './directory.js';
+import type { HostStore } from './hosts/store.js';
 import type { ImportJobs } from './imports.js';
 import type { BrokerSecrets } from './secrets.js';
 import type { JobProgress } from './transfers/progress.js';
@@ -25,6 +26,8 @@ export interface BrokerSettings {
   reauthWindowSec: number;
   /** Shared secret transfer servers present when they register. */
   transferSecret: string;
+  /** Shared secret desktop hosts present (`host.secret` in the data dir). */
+  hostSecret: string;
 }
 
 export interface AuditEntry {
@@ -42,6 +45,8 @@ export interface BrokerContext {
   secrets: BrokerSecrets;
   scheduler: Scheduler;
   hypervisor: DatacenterHypervisor;
+  /** Desktop hosts, where each desktop runs online, and their commands. */
+  hosts: HostStore;
   /** Desktop imports running in the background. */
   imports: ImportJobs;
   /** Live per-job transfer progress reported by transfer servers. */

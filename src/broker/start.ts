@@ -36,6 +36,9 @@ import { loadOrCreateSecrets } from './secrets.js';
 import { Scheduler } from './transfers/scheduler.js';
 import { pushRevocations } from './transfers/revoke-push.js';
 import { SchedulerStore } from './transfers/scheduler-store.js';
+import { HostStore } from './hosts/store.js';
+import { hostAdminRoutes, hostRoutes } from './routes/hosts.js';
+import { sweepHosts } from './hosts/power.js';
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import { readFile, realpath, writeFile } from 'node:fs/promises';
@@ -87,9 +90,10 @@ export interface RunningBroker {
   close(): Promise<void>;
 }
 
-async function transferSecret(dataDir: string, given?: string): Promise<string> {
+/** A shared secret in the data dir (`transfer.secret`, `host.secret`), made at first start. */
+async function dataDirSecret(dataDir: string, file: string, given?: string): Promise<string> {
   if (given) return given;
-  const path = join(dataDir, 'transfer.secret');
+  const path = join(dataDir, file);
   try {
     return (await readFile(path, 'utf8')).trim();
   } catch {
@@ -125,7 +129,8 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     reauthWindowSec: 900,
     ...config.settings,
     importDirs: await resolveImportDirs(config.importDirs ?? config.settings?.importDirs ?? []),
-    transferSecret: await transferSecret(config.dataDir, config.settings?.transferSecret),
+    transferSecret: await dataDirSecret(config.dataDir, 'transfer.secret', config.settings?.transferSecret),
+    hostSecret: await dataDirSecret(config.dataDir, 'host.secret', config.settings?.hostSecret),
   };
   const hypervisor: DatacenterHypervisor = config.hypervisor?.kind === 'qmp' ? new QmpHypervisor(config.hypervisor.socketDir) : new NoHypervisor();
   let transfer: TransferServer | null = null;
@@ -141,7 +146,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     },
   });
   const ctx: BrokerContext = {
-    settings, meta, store, secrets, scheduler, hypervisor, imports: new ImportJobs(), jobProgress: new JobProgress(),
+    settings, meta, store, secrets, scheduler, hypervisor, hosts: await HostStore.open(sql), imports: new ImportJobs(), jobProgress: new JobProgress(),
     throttle: new LoginThrottle(new DatabaseFailureLog(meta), { ...DEFAULT_THROTTLE, ...config.throttle }),
     audit: async (e) => void (await meta.addEvent({ actor: e.actor, desktopId: e.desktopId ?? null, action: e.action, outcome: e.outcome, detail: e.detail ?? null })),
     keysFor: (wrapped, context) => encodeLineageKeys(unwrapLineageKeys(secrets.masterKey, wrapped, context)),
@@ -166,6 +171,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   agentRoutes(app, ctx);
   jobRoutes(app, ctx);
   transferRoutes(app, ctx);
+  hostRoutes(app, ctx);
   // Every /v1/admin route, behind one admin check (a /v1/admin route outside it fails the start).
   adminScope(app, ctx, [
     (a) => adminRoutes(a, ctx),
@@ -176,6 +182,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     (a) => maintenanceRoutes(a, ctx),
     (a) => transferAdminRoutes(a, ctx),
     (a) => exportRoutes(a, ctx),
+    (a) => hostAdminRoutes(a, ctx),
   ]);
   consoleRoutes(app);
   const host = config.host ?? '127.0.0.1';
@@ -183,6 +190,12 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   const addr = app.server.address();
   const url = `https://${host}:${typeof addr === 'object' && addr ? addr.port : config.port}`;
 
+  // Hosts silent for three heartbeats are marked (and their desktops) even when nobody looks; CAS in the database, so brokers sharing it audit each once.
+  let sweeping: Promise<void> | null = null;
+  const hostSweep = setInterval(() => {
+    sweeping ??= sweepHosts(ctx).catch((err: Error) => void process.stderr.write(`carryon: host sweep failed: ${err.message}\n`)).finally(() => (sweeping = null));
+  }, 2000);
+  hostSweep.unref();
   let beat: NodeJS.Timeout | null = null;
   let syncing: Promise<void> | null = null;
   const slots = config.embeddedTransferSlots ?? 4;
@@ -215,7 +228,8 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     transfer,
     close: async () => {
       if (beat) clearInterval(beat);
-      await syncing;
+      clearInterval(hostSweep);
+      await Promise.all([syncing, sweeping]);
       // Per-job summaries still held by the embedded server go to the audit trail before closing.
       if (transfer) await transferServerSync(ctx, transfer.id, (transfer.sweep(), transfer.drainSummaries()));
       await Promise.all([transfer?.close(), closePromptly(app)]);

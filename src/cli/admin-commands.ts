@@ -2,6 +2,7 @@ import type { Command } from 'commander';
 import { registerDesktopCommands } from './admin-desktops.js';
 import { registerDirectoryCommands } from './admin-directory.js';
 import { registerOpsCommands } from './admin-ops.js';
+import { registerHostAdminCommands } from './admin-hosts.js';
 
 /**
  * `carryon admin …`: every action of the web console, over the same API. Human output is an
@@ -17,4 +18,5 @@ export function registerAdminCommands(program: Command): void {
   registerDirectoryCommands(admin);
   registerDesktopCommands(admin);
   registerOpsCommands(admin);
+  registerHostAdminCommands(admin);
 }

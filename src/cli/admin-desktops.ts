@@ -122,7 +122,8 @@ export function registerDesktopCommands(admin: Command): void {
   endpoint(desktops, { name: 'clone <golden> <name>', description: 'clone from a golden image (shares chunks)', method: 'POST', path: () => '/v1/admin/desktops', options: [['--pool <pool>', 'pool']],
     body: ([golden, name], o) => ({ name, cloneOf: golden, pool: o.pool }), human: (r, [golden, name]) => say(`desktop ${name!} (${String(r.id)}) cloned from ${golden!}`) });
   endpoint(desktops, { name: 'delete <desktop>', description: 'delete a desktop (refused while checked out)', method: 'DELETE', path: ([d]) => `/v1/admin/desktops/${enc(d!)}`, human: (_r, [d]) => say(`deleted ${d!}`) });
-  endpoint(desktops, { name: 'power <desktop> <on|off>', description: 'power the datacenter copy (refused while locked)', method: 'POST', path: ([d]) => `/v1/admin/desktops/${enc(d!)}/power`, body: ([, action]) => ({ action }), human: (_r, [d, a]) => say(`${d!}: power ${a!}`) });
+  endpoint(desktops, { name: 'power <desktop> <on|off|reset|shutdown>', description: 'run the desktop on a desktop host (on), power it off, reset it, or shut it down (ACPI, then forced); refused while checked out', method: 'POST',
+    path: ([d]) => `/v1/admin/desktops/${enc(d!)}/power`, body: ([, action]) => ({ action }), human: (r, [d, a]) => say(`${d!}: power ${a!}: ${String(r.state)} on ${String(r.host)}`) });
   endpoint(desktops, { name: 'restore-points <desktop>', description: 'restore points (snapshots to go back to), newest first', method: 'GET', path: ([d]) => `/v1/desktops/${enc(d!)}/restore-points`, human: (r) => {
     printTable(r.restorePoints as RestorePoint[], [
       { h: 'id', v: (p) => p.id }, { h: 'kind', v: (p) => p.kind }, { h: 'created', v: (p) => ago(p.createdAt) }, { h: 'size', v: (p) => bytes(p.sizeBytes), right: true }, { h: 'current', v: (p) => (p.current ? 'yes' : '') },

@@ -5,6 +5,7 @@ import type { Command } from 'commander';
 import { runAgent } from '../client/agent.js';
 import { addBrokers, listBrokers, removeBrokers, splitList } from '../client/brokers.js';
 import { defaultHome, loadDevice } from '../client/home.js';
+import { powerOnline } from '../client/online.js';
 import { checkout, discardLocal, enroll, exportDisk, listDesktops, listRestorePoints, loginOnline, onlineSession, release, restoreDesktop, status, upload, type ClientEnv } from '../client/ops.js';
 import { Vault } from '../client/vault.js';
 import { CarryonError } from '../core/errors.js';
@@ -233,6 +234,14 @@ export function registerClientCommands(program: Command): void {
       const r = await restoreDesktop(env, desktop, point, o.reason);
       printJsonOr(json, r, () => process.stdout.write(`${r.desktop} restored from ${r.restoredFrom}; \`carryon checkout ${r.desktop}\` starts from it\n`));
     });
+
+  for (const [verb, what] of [['start', 'run the desktop online on a datacenter host (where policy onlineAllowed lets you; not while it is checked out)'], ['stop', 'shut the desktop down on its datacenter host (ACPI, then powered off)']] as const) {
+    program.command(`${verb} <desktop>`).description(what).action(async (desktop: string, _o: unknown, cmd: Command) => {
+      const { env, json } = clientEnv(cmd);
+      const r = await powerOnline(env, desktop, verb);
+      printJsonOr(json, r, () => process.stdout.write(`${r.desktop}: ${r.state} on host ${r.host}\n`));
+    });
+  }
 
   program.command('export <desktop> <file>').description('write the desktop disk to a file (raw or qcow2)').option('--format <fmt>', 'raw or qcow2', 'raw').action(async (desktop: string, file: string, o: { format: string }, cmd: Command) => {
     if (o.format !== 'raw' && o.format !== 'qcow2') throw new CarryonError('invalid', `--format must be raw or qcow2, not ${o.format}`);

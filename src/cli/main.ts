@@ -3,6 +3,7 @@
 import { Command } from 'commander';
 import { registerServerCommands } from './server-commands.js';
 import { registerTransferCommands } from './transfer-commands.js';
+import { registerHostCommands } from './host-commands.js';
 import { registerClientCommands } from './client-commands.js';
 import { registerRunCommands } from './run-commands.js';
 import { CarryonError } from '../core/errors.js';
@@ -21,6 +22,7 @@ program.showHelpAfterError();
 // Each area owns its own commands; the order matters only where one extends another's command.
 registerServerCommands(program);
 registerTransferCommands(program);
+registerHostCommands(program);
 registerClientCommands(program);
 registerRunCommands(program);
 

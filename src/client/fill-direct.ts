@@ -49,7 +49,8 @@ export interface BaseSink {
  * meantime are simply written again, with the same bytes.
  */
 export async function fillDirect(opts: {
-  disks: { disk: DesktopDisk; dir: string; sink: BaseSink }[];
+  /** Only each disk's checkpoint manifest is read (a datacenter host has no vault entry). */
+  disks: { disk: Pick<DesktopDisk, 'base'>; dir: string; sink: BaseSink }[];
   session: TransferSession;
   keys: LineageKeys;
   signal?: AbortSignal;

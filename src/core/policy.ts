@@ -21,6 +21,8 @@ export const PolicyValues = z.object({
    * lower (client enforces; the value travels MACed in the check-out's state).
    */
   maxTransferRateKBps: z.number().int().min(0).max(100 * 1024 * 1024),
+  /** Users may start and stop the desktop on a datacenter host (`carryon start` / `stop`); admins always may. */
+  onlineAllowed: z.boolean(),
 });
 export type PolicyValues = z.infer<typeof PolicyValues>;
 export type PolicyName = keyof PolicyValues;
@@ -39,6 +41,7 @@ export const POLICY_DEFAULTS: PolicyValues = {
   requireOnlineReauth: true,
   restoreAllowed: false,
   maxTransferRateKBps: 0,
+  onlineAllowed: false,
 };
 
 export type PolicySource = 'default' | 'global' | `pool:${string}` | `desktop:${string}` | `user:${string}`;

@@ -41,6 +41,8 @@ export interface LaunchOptions {
   display?: string;
   /** Start with the CPUs stopped (-S). */
   paused?: boolean;
+  /** A VNC server on this unix socket only (a desktop host's display; never a TCP port). */
+  vncSocket?: string;
 }
 
 /** The port name qemu-guest-agent looks for (/dev/virtio-ports/org.qemu.guest_agent.0 in the guest). */
@@ -105,7 +107,11 @@ export function buildQemuCommand(config: OfflineConfig, host: HostFacts, disks: 
   argv.push('-nic', config.nic === 'none' ? 'none' : 'user,model=virtio-net-pci');
   const display = opts.display ?? config.display ?? 'gtk';
   argv.push('-display', display);
-  if (display !== 'none') argv.push('-vga', 'virtio');
+  if (display !== 'none' || opts.vncSocket) argv.push('-vga', 'virtio');
+  if (opts.vncSocket) {
+    if (/[,\s]/.test(opts.vncSocket)) throw new ValidationError(`socket path "${opts.vncSocket}" must not contain commas or spaces`);
+    argv.push('-vnc', `unix:${opts.vncSocket}`);
+  }
   if (opts.serial) argv.push('-serial', opts.serial === 'stdio' ? 'stdio' : `file:${opts.serial}`);
   argv.push('-qmp', `unix:${opts.qmpSocket},server=on,wait=off`);
   // The guest agent's channel: QEMU listens (wait=off: the guest boots whether or not anyone connects).

@@ -63,6 +63,14 @@ test('bad config and unsafe names are refused', () => {
   assert.equal(formatCommand(['a b', "it's", 'x=1,y']), `'a b' 'it'\\''s' x=1,y`);
 });
 
+test('a desktop host\'s display: headless, a VGA device and VNC on a unix socket only (no TCP port); a comma in its path is refused', () => {
+  const c = parseOfflineConfig({ vcpus: 1, ramMiB: 512, nic: 'none' });
+  const s = buildQemuCommand(c, tcgHost, disks, { ...opts, display: 'none', vncSocket: '/run/h/vnc.sock' }).join(' ');
+  assert.match(s, /-display none -vga virtio -vnc unix:\/run\/h\/vnc.sock/);
+  assert.doesNotMatch(buildQemuCommand(c, tcgHost, disks, { ...opts, display: 'none' }).join(' '), /-vnc|-vga/);
+  assert.throws(() => buildQemuCommand(c, tcgHost, disks, { ...opts, vncSocket: '/run/h,x/vnc.sock' }), ValidationError);
+});
+
 test('host facts', async () => {
   const h = hostFacts();
   assert.ok(h.cpus >= 1 && h.ramBytes > 0);

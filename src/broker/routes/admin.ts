@@ -130,21 +130,7 @@ export function adminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     return { ok: true };
   });
   app.post('/v1/admin/desktops/:id/rotate-key', async (req) => await rotateLineageKey(ctx, await admin(req), parse(Id, req.params).id));
-  app.post('/v1/admin/desktops/:id/power', async (req) => {
-    const actor = await admin(req);
-    const d = await ctx.meta.getDesktop(parse(Id, req.params).id);
-    if (!d) throw new HttpError(404, 'not-found', 'no such desktop');
-    const b = parse(z.object({ action: z.enum(['on', 'off']) }).strict(), req.body);
-    if (await ctx.meta.activeCheckout(d.id)) {
-      await ctx.audit({ actor, desktopId: d.id, action: `power-${b.action}`, outcome: 'denied', detail: 'locked by a checkout' });
-      throw new HttpError(409, 'locked', `${d.name} is checked out; its datacenter copy stays off until check-in`, {}, true);
-    }
-    if (b.action === 'off') await ctx.hypervisor.powerOff(d.id);
-    else if (ctx.hypervisor.kind === 'none') throw new HttpError(409, 'no-hypervisor', 'this broker has no datacenter hypervisor configured');
-    await ctx.meta.setPowerState(d.id, b.action);
-    await ctx.audit({ actor, desktopId: d.id, action: `power-${b.action}`, outcome: 'ok' });
-    return { ok: true };
-  });
+  // Power (on, off, reset, shutdown) lives with the desktop hosts: routes/hosts.ts.
 
   app.get('/v1/admin/entitlements', async (req) => (await admin(req), { entitlements: await ctx.meta.listEntitlements() }));
   app.post('/v1/admin/entitlements', async (req, reply) => {

@@ -1,0 +1,157 @@
+import { randomUUID } from 'node:crypto';
+import type { Migration, SqlConn, SqlDb } from '../../store/sql/driver.js';
+
+/**
+ * Desktop hosts (issue 26): the machines that run desktops online, where each desktop is placed,
+ * and the commands waiting for each host. A component of its own ("hosts"), versioned apart from
+ * the broker's tables; the same DDL on SQLite and PostgreSQL.
+ *
+ * A placement is one row per desktop (its primary key decides a race between two power-ons). It
+ * stays after the guest stops: the host keeps the chain, and with it what the guest wrote since the
+ * snapshot, which no check-out may skip over (see power.ts).
+ */
+const V1 = `
+CREATE TABLE hosts (
+  id TEXT PRIMARY KEY, display_url TEXT, vcpus INTEGER NOT NULL, ram_mib INTEGER NOT NULL, max_desktops INTEGER NOT NULL,
+  accel TEXT NOT NULL, heartbeat_sec INTEGER NOT NULL, registered_at TEXT NOT NULL, last_seen TEXT NOT NULL,
+  health TEXT NOT NULL DEFAULT 'ok', report TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE host_placements (
+  desktop_id TEXT PRIMARY KEY, host_id TEXT NOT NULL, state TEXT NOT NULL, snapshot_id TEXT, vcpus INTEGER NOT NULL,
+  ram_mib INTEGER NOT NULL, job_id TEXT, since TEXT NOT NULL, updated_at TEXT NOT NULL, detail TEXT);
+CREATE TABLE host_commands (
+  id TEXT PRIMARY KEY, host_id TEXT NOT NULL, desktop_id TEXT NOT NULL, type TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'pending',
+  result TEXT, created_at TEXT NOT NULL, acked_at TEXT);
+CREATE INDEX host_commands_pending ON host_commands(host_id, state, created_at);
+`;
+
+export const HOST_MIGRATIONS: Migration[] = [{ version: 1, sql: V1 }];
+
+/** `starting`: told to start; `running`: the host says QEMU runs; `stopping`; `stopped`: off, its chain kept on the host; `lost`: the host stopped answering while it ran. */
+export type PlacementState = 'starting' | 'running' | 'stopping' | 'stopped' | 'lost';
+export const ON_HOST: readonly PlacementState[] = ['starting', 'running', 'stopping'];
+export type HostCommandType = 'start' | 'off' | 'shutdown' | 'reset' | 'discard';
+
+export interface HostRow {
+  id: string; displayUrl: string | null; vcpus: number; ramMiB: number; maxDesktops: number; accel: string; heartbeatSec: number;
+  /** `retired`: it said goodbye (a clean stop); `lost`: it went silent. */
+  registeredAt: string; lastSeen: string; health: 'ok' | 'lost' | 'retired'; report: HostReport;
+}
+/** What a host says at each heartbeat (kept as sent, for the admin view). */
+export interface HostReport {
+  desktops?: { desktopId: string; state: string; pid?: number; detail?: string }[];
+  bases?: string[];
+  freeDiskBytes?: number;
+}
+export interface PlacementRow {
+  desktopId: string; hostId: string; state: PlacementState; snapshotId: string | null; vcpus: number; ramMiB: number; jobId: string | null;
+  since: string; updatedAt: string; detail: string | null;
+}
+export interface HostCommandRow { id: string; hostId: string; desktopId: string; type: HostCommandType; state: string; result: string | null; createdAt: string }
+
+type Raw = Record<string, unknown>;
+const str = (v: unknown): string | null => (v === null || v === undefined ? null : String(v));
+const now = () => new Date().toISOString();
+
+function hostRow(r: Raw): HostRow {
+  return {
+    id: String(r.id), displayUrl: str(r.display_url), vcpus: Number(r.vcpus), ramMiB: Number(r.ram_mib), maxDesktops: Number(r.max_desktops), accel: String(r.accel),
+    heartbeatSec: Number(r.heartbeat_sec), registeredAt: String(r.registered_at), lastSeen: String(r.last_seen), health: r.health === 'lost' || r.health === 'retired' ? r.health : 'ok',
+    report: JSON.parse(String(r.report)) as HostReport,
+  };
+}
+function placementRow(r: Raw): PlacementRow {
+  return {
+    desktopId: String(r.desktop_id), hostId: String(r.host_id), state: String(r.state) as PlacementState, snapshotId: str(r.snapshot_id), vcpus: Number(r.vcpus),
+    ramMiB: Number(r.ram_mib), jobId: str(r.job_id), since: String(r.since), updatedAt: String(r.updated_at), detail: str(r.detail),
+  };
+}
+function commandRow(r: Raw): HostCommandRow {
+  return { id: String(r.id), hostId: String(r.host_id), desktopId: String(r.desktop_id), type: String(r.type) as HostCommandType, state: String(r.state), result: str(r.result), createdAt: String(r.created_at) };
+}
+
+/** The hosts' tables behind domain methods. Every check-and-set is one statement. */
+export class HostStore {
+  constructor(private readonly sql: SqlConn) {}
+
+  static async open(sql: SqlDb): Promise<HostStore> {
+    await sql.migrate('hosts', HOST_MIGRATIONS);
+    return new HostStore(sql);
+  }
+
+  async register(h: { id: string; displayUrl: string | null; vcpus: number; ramMiB: number; maxDesktops: number; accel: string; heartbeatSec: number }): Promise<void> {
+    const at = now();
+    await this.sql.run(`INSERT INTO hosts (id, display_url, vcpus, ram_mib, max_desktops, accel, heartbeat_sec, registered_at, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+      ON CONFLICT(id) DO UPDATE SET display_url = excluded.display_url, vcpus = excluded.vcpus, ram_mib = excluded.ram_mib, max_desktops = excluded.max_desktops,
+        accel = excluded.accel, heartbeat_sec = excluded.heartbeat_sec, last_seen = excluded.last_seen, health = 'ok'`,
+    [h.id, h.displayUrl, h.vcpus, h.ramMiB, h.maxDesktops, h.accel, h.heartbeatSec, at, at]);
+  }
+  async host(id: string): Promise<HostRow | null> {
+    const r = await this.sql.get<Raw>('SELECT * FROM hosts WHERE id = ?', [id]);
+    return r ? hostRow(r) : null;
+  }
+  async hosts(): Promise<HostRow[]> {
+    return (await this.sql.all<Raw>('SELECT * FROM hosts ORDER BY id')).map(hostRow);
+  }
+  /** A heartbeat: last seen now, healthy again; false when the host never registered. */
+  async heartbeat(id: string, report: HostReport): Promise<boolean> {
+    return (await this.sql.run("UPDATE hosts SET last_seen = ?, health = 'ok', report = ? WHERE id = ?", [now(), JSON.stringify(report), id])) === 1;
+  }
+  /** A host stopping cleanly: not lost, and given no desktop until it registers again. */
+  async retire(id: string): Promise<boolean> {
+    return (await this.sql.run("UPDATE hosts SET health = 'retired', last_seen = ? WHERE id = ?", [now(), id])) === 1;
+  }
+  /** Marks lost the healthy hosts silent for three of their heartbeats; returns them (each once). */
+  async markLost(at: Date): Promise<HostRow[]> {
+    const lost: HostRow[] = [];
+    for (const h of await this.hosts()) {
+      if (h.health !== 'ok' || at.getTime() - Date.parse(h.lastSeen) <= 3 * h.heartbeatSec * 1000) continue;
+      // Compare-and-set on last_seen: a heartbeat that came in meanwhile wins.
+      if ((await this.sql.run("UPDATE hosts SET health = 'lost' WHERE id = ? AND last_seen = ? AND health = 'ok'", [h.id, h.lastSeen])) === 1) lost.push(h);
+    }
+    return lost;
+  }
+
+  async placement(desktopId: string): Promise<PlacementRow | null> {
+    const r = await this.sql.get<Raw>('SELECT * FROM host_placements WHERE desktop_id = ?', [desktopId]);
+    return r ? placementRow(r) : null;
+  }
+  async placements(hostId?: string): Promise<PlacementRow[]> {
+    const rows = hostId ? await this.sql.all<Raw>('SELECT * FROM host_placements WHERE host_id = ? ORDER BY since', [hostId]) : await this.sql.all<Raw>('SELECT * FROM host_placements ORDER BY since');
+    return rows.map(placementRow);
+  }
+  /** The desktop's placement, made only if it has none (the primary key decides races); false otherwise. */
+  async place(p: { desktopId: string; hostId: string; snapshotId: string | null; vcpus: number; ramMiB: number }): Promise<boolean> {
+    const at = now();
+    return (await this.sql.run(`INSERT INTO host_placements (desktop_id, host_id, state, snapshot_id, vcpus, ram_mib, since, updated_at) VALUES (?, ?, 'starting', ?, ?, ?, ?, ?)
+      ON CONFLICT (desktop_id) DO NOTHING`, [p.desktopId, p.hostId, p.snapshotId, p.vcpus, p.ramMiB, at, at])) === 1;
+  }
+  /** Compare-and-set on state: false when another request moved it first. */
+  async transition(desktopId: string, from: readonly PlacementState[], to: PlacementState, patch: { detail?: string | null; jobId?: string | null; snapshotId?: string | null } = {}): Promise<boolean> {
+    const cur = await this.placement(desktopId);
+    if (!cur || !from.includes(cur.state)) return false;
+    return (await this.sql.run('UPDATE host_placements SET state = ?, detail = ?, job_id = ?, snapshot_id = ?, updated_at = ? WHERE desktop_id = ? AND state = ? AND updated_at = ?', [
+      to, patch.detail === undefined ? cur.detail : patch.detail, patch.jobId === undefined ? cur.jobId : patch.jobId,
+      patch.snapshotId === undefined ? cur.snapshotId : patch.snapshotId, now(), desktopId, cur.state, cur.updatedAt])) === 1;
+  }
+  /** Ends a placement that is in one of `from` (release, or a start that left nothing on the host). */
+  async unplace(desktopId: string, from: readonly PlacementState[]): Promise<boolean> {
+    return (await this.sql.run(`DELETE FROM host_placements WHERE desktop_id = ? AND state IN (${from.map(() => '?').join(', ')})`, [desktopId, ...from])) === 1;
+  }
+
+  async queue(c: { hostId: string; desktopId: string; type: HostCommandType }): Promise<string> {
+    const id = randomUUID();
+    await this.sql.run('INSERT INTO host_commands (id, host_id, desktop_id, type, created_at) VALUES (?, ?, ?, ?, ?)', [id, c.hostId, c.desktopId, c.type, now()]);
+    return id;
+  }
+  async pending(hostId: string): Promise<HostCommandRow[]> {
+    return (await this.sql.all<Raw>("SELECT * FROM host_commands WHERE host_id = ? AND state = 'pending' ORDER BY created_at, id", [hostId])).map(commandRow);
+  }
+  async command(id: string): Promise<HostCommandRow | null> {
+    const r = await this.sql.get<Raw>('SELECT * FROM host_commands WHERE id = ?', [id]);
+    return r ? commandRow(r) : null;
+  }
+  /** Once: false when already acknowledged, or not this host's. */
+  async ack(id: string, hostId: string, ok: boolean, result: string | null): Promise<boolean> {
+    return (await this.sql.run("UPDATE host_commands SET state = ?, result = ?, acked_at = ? WHERE id = ? AND host_id = ? AND state = 'pending'", [ok ? 'done' : 'failed', result, now(), id, hostId])) === 1;
+  }
+}

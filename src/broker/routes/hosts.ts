@@ -1,0 +1,127 @@
+import { timingSafeEqual } from 'node:crypto';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import { z } from 'zod';
+import type { BrokerContext } from '../context.js';
+import { HttpError, parse, requireUser } from '../http.js';
+import { effectivePolicy, describePolicySource } from '../policies.js';
+import { adminOf } from './admin-scope.js';
+import { hostAck, hostHeartbeat, hostJobOwner, hostsOverview, powerDesktop, prepareStart, releaseDesktop, sweepHosts } from '../hosts/power.js';
+
+const HostId = z.string().regex(/^[A-Za-z0-9._-]{1,64}$/, 'a host id is 1–64 letters, digits, dots, dashes or underscores');
+const Params = z.object({ id: HostId });
+const Desktop = z.object({ desktopId: z.string().min(1).max(200), state: z.enum(['starting', 'running', 'stopping', 'stopped']), pid: z.number().int().min(1).optional(), detail: z.string().max(500).optional() }).strict();
+const Report = z.object({
+  desktops: z.array(Desktop).max(1024).default([]),
+  /** Desktops whose base this host keeps (placement prefers it: fewer chunks to pull). */
+  bases: z.array(z.string().min(1).max(200)).max(10_000).default([]),
+  freeDiskBytes: z.number().int().min(0).optional(),
+}).strict();
+
+/**
+ * Desktop hosts register, heartbeat and fetch what they need with the broker's `host.secret` (as
+ * transfer servers do with theirs); they only ever call the broker, which never calls them.
+ */
+export function hostRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+  const authHost = async (req: FastifyRequest, action: string) => {
+    const a = Buffer.from(String(req.headers['x-carryon-host-secret'] ?? ''));
+    const b = Buffer.from(ctx.settings.hostSecret);
+    if (a.length !== b.length || !timingSafeEqual(a, b)) {
+      await ctx.audit({ actor: `anonymous@${req.ip}`, action, outcome: 'denied', detail: 'bad-secret: the host secret does not match' });
+      throw new HttpError(401, 'bad-secret', 'host secret does not match', {}, true);
+    }
+  };
+  const registered = async (req: FastifyRequest, action: string) => {
+    await authHost(req, action);
+    const { id } = parse(Params, req.params);
+    const host = await ctx.hosts.host(id);
+    if (!host) throw new HttpError(404, 'not-registered', `host ${id} is not registered: register first`);
+    return host;
+  };
+
+  app.post('/v1/hosts/register', async (req) => {
+    await authHost(req, 'host-register');
+    const b = parse(z.object({
+      id: HostId, displayUrl: z.string().max(300).nullable().default(null), vcpus: z.number().int().min(1).max(4096), ramMiB: z.number().int().min(64).max(1 << 30),
+      maxDesktops: z.number().int().min(1).max(10_000), accel: z.enum(['kvm', 'tcg']), heartbeatSec: z.number().int().min(1).max(300),
+    }).strict(), req.body);
+    await ctx.hosts.register(b);
+    await ctx.audit({ actor: `host:${b.id}`, action: 'host-register', outcome: 'ok', detail: `${b.vcpus} vCPUs, ${b.ramMiB} MiB, up to ${b.maxDesktops} desktops, ${b.accel}` });
+    return { ok: true };
+  });
+  app.post('/v1/hosts/:id/heartbeat', async (req) => {
+    const host = await registered(req, 'host-heartbeat');
+    const report = parse(Report, req.body);
+    await ctx.hosts.heartbeat(host.id, report);
+    await sweepHosts(ctx);
+    const commands = await hostHeartbeat(ctx, host, report);
+    return { commands: commands.map((c) => ({ id: c.id, type: c.type, desktopId: c.desktopId })) };
+  });
+  app.post('/v1/hosts/:id/retire', async (req) => {
+    const host = await registered(req, 'host-retire');
+    parse(z.object({}).strict(), req.body ?? {});
+    // Whatever it still ran is reported by its last heartbeat (it powers its guests off first); what is still placed stays as it is.
+    await ctx.hosts.retire(host.id);
+    await ctx.audit({ actor: `host:${host.id}`, action: 'host-retire', outcome: 'ok', detail: 'stopped cleanly' });
+    return { ok: true };
+  });
+  app.post('/v1/hosts/:id/desktops/:desktopId/prepare', async (req) => {
+    const host = await registered(req, 'host-prepare');
+    const { desktopId } = parse(z.object({ id: HostId, desktopId: z.string().min(1).max(200) }), req.params);
+    return await prepareStart(ctx, host.id, desktopId);
+  });
+  app.get('/v1/hosts/:id/jobs/:jobId', async (req) => {
+    const host = await registered(req, 'host-job');
+    const { jobId } = parse(z.object({ id: HostId, jobId: z.string().min(1).max(200) }), req.params);
+    // Only the jobs made for this host's starts (their owner names it).
+    const owner = await ctx.scheduler.checkoutOf(jobId);
+    if (!owner?.startsWith(hostJobOwner(host.id, ''))) throw new HttpError(404, 'not-found', 'no such job of this host');
+    return (await ctx.scheduler.get(jobId))!;
+  });
+  app.post('/v1/hosts/:id/commands/:commandId', async (req) => {
+    const host = await registered(req, 'host-ack');
+    const { commandId } = parse(z.object({ id: HostId, commandId: z.string().min(1).max(200) }), req.params);
+    const b = parse(z.object({ ok: z.boolean(), message: z.string().max(2000).nullable().default(null), kept: z.boolean().optional() }).strict(), req.body);
+    await hostAck(ctx, host.id, commandId, b);
+    return { ok: true };
+  });
+
+  // Users: start and stop their desktop online where policy onlineAllowed lets them.
+  const userPower = (action: 'on' | 'shutdown') => async (req: FastifyRequest) => {
+    const claims = await requireUser(ctx, req);
+    const { id } = parse(z.object({ id: z.string().min(1).max(200) }), req.params);
+    const desktop = await ctx.meta.getDesktop(id);
+    const audit = `power-${action}`;
+    if (!desktop || !(await ctx.meta.isEntitled(claims.sub, desktop))) {
+      await ctx.audit({ actor: claims.sub, desktopId: desktop?.id ?? null, action: audit, outcome: 'denied', detail: `not-entitled: ${id}` });
+      throw new HttpError(404, 'not-found', `no desktop ${id} you are entitled to`, {}, true);
+    }
+    const policy = await effectivePolicy(ctx.meta, claims.sub, desktop);
+    if (!policy.onlineAllowed.value) {
+      const message = `policy (${await describePolicySource(ctx.meta, policy.onlineAllowed.source)}) does not allow running ${desktop.name} online`;
+      await ctx.audit({ actor: claims.sub, desktopId: desktop.id, action: audit, outcome: 'denied', detail: `policy-denied: ${message}` });
+      throw new HttpError(403, 'policy-denied', message, {}, true);
+    }
+    return await powerDesktop(ctx, claims.sub, desktop, action);
+  };
+  app.post('/v1/desktops/:id/start', userPower('on'));
+  app.post('/v1/desktops/:id/stop', userPower('shutdown'));
+}
+
+/** Admins: the hosts, power of any desktop, and the decision to discard a host's online changes (admin scope). */
+export function hostAdminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+  app.get('/v1/admin/hosts', async () => await hostsOverview(ctx));
+  app.post('/v1/admin/desktops/:id/power', async (req) => {
+    const actor = adminOf(req);
+    const d = await ctx.meta.getDesktop(parse(z.object({ id: z.string().min(1).max(200) }), req.params).id);
+    if (!d) throw new HttpError(404, 'not-found', 'no such desktop');
+    const b = parse(z.object({ action: z.enum(['on', 'off', 'reset', 'shutdown']) }).strict(), req.body);
+    return await powerDesktop(ctx, actor, d, b.action);
+  });
+  app.post('/v1/admin/desktops/:id/release', async (req) => {
+    const actor = adminOf(req);
+    const d = await ctx.meta.getDesktop(parse(z.object({ id: z.string().min(1).max(200) }), req.params).id);
+    if (!d) throw new HttpError(404, 'not-found', 'no such desktop');
+    const b = parse(z.object({ reason: z.string().max(500).optional() }).strict(), req.body ?? {});
+    return await releaseDesktop(ctx, actor, d, b.reason);
+  });
+}

@@ -1,0 +1,251 @@
+import { mkdir, readdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { z } from 'zod';
+import { BrokerClient, JobView } from '../client/broker-client.js';
+import { CarryonError } from '../core/errors.js';
+import { decodeLineageKeys } from '../core/keys.js';
+import { decodeManifest, manifestDigest } from '../core/manifest.js';
+import { freeDiskBytes } from '../hypervisor/host.js';
+import type { RunningDesktop } from '../hypervisor/launch.js';
+import { TransferSession } from '../transfer/client.js';
+import { discardTops, fillBases, hasCompleteBase, hasTop, readyBase, readyTops, type HostDisk } from './disks.js';
+import { forceOff, startGuest } from './guest.js';
+import { hostChain, hostDiskDir, hostSocketDir, loadOrCreateHostKey } from './keys.js';
+
+export interface HostOptions {
+  id: string;
+  brokerUrl: string;
+  brokerFingerprint: string;
+  secret: string;
+  dataDir: string;
+  vcpus: number;
+  ramMiB: number;
+  maxDesktops: number;
+  accel: 'kvm' | 'tcg';
+  heartbeatSec?: number;
+  /** ACPI shutdown's wait before the guest is powered off by force. */
+  shutdownGraceSec?: number;
+  /** Guests start with their CPUs stopped (tests). */
+  pausedGuests?: boolean;
+  log?: (line: string) => void;
+}
+
+const Command = z.object({ id: z.string(), type: z.enum(['start', 'off', 'shutdown', 'reset', 'discard']), desktopId: z.string() });
+type Command = z.infer<typeof Command>;
+const Prepared = z.object({
+  desktop: z.object({ id: z.string(), name: z.string(), config: z.object({ vcpus: z.number().int().min(1), ramMiB: z.number().int().min(64), nic: z.enum(['user', 'none']) }) }),
+  snapshotId: z.string(),
+  keys: z.string(),
+  disks: z.array(z.object({ name: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/), digest: z.string(), manifest: z.string() })).min(1).max(16),
+  job: JobView,
+});
+
+interface Local {
+  state: 'starting' | 'running' | 'stopping' | 'stopped';
+  vm?: RunningDesktop;
+  detail?: string;
+}
+
+export interface RunningHost {
+  id: string;
+  /** One heartbeat now (and the commands it brings, started in the background). */
+  heartbeat(): Promise<void>;
+  /** Settles once every command taken so far has been carried out and acknowledged. */
+  idle(): Promise<void>;
+  /** Powers its guests off (forced), tells the broker, and stops. */
+  close(): Promise<void>;
+}
+
+/**
+ * A desktop host: registers with the broker, heartbeats (capacity, what runs, which bases it
+ * keeps) and carries out the commands the heartbeat's answer brings. It only ever calls the
+ * broker (pinned TLS, `host.secret`); the broker never needs to reach it.
+ */
+export async function startHost(o: HostOptions): Promise<RunningHost> {
+  const log = o.log ?? (() => undefined);
+  await mkdir(o.dataDir, { recursive: true, mode: 0o700 });
+  const hostKey = await loadOrCreateHostKey(o.dataDir);
+  const templates = process.env.CARRYON_TEMPLATE_DIR || join(o.dataDir, 'templates');
+  const broker = new BrokerClient(o.brokerUrl, o.brokerFingerprint);
+  const headers = { 'x-carryon-host-secret': o.secret };
+  const heartbeatSec = o.heartbeatSec ?? 5;
+  const path = (rest: string) => `/v1/hosts/${encodeURIComponent(o.id)}${rest}`;
+  const register = () => broker.call('POST', '/v1/hosts/register', { id: o.id, displayUrl: null, vcpus: o.vcpus, ramMiB: o.ramMiB, maxDesktops: o.maxDesktops, accel: o.accel, heartbeatSec }, z.object({ ok: z.boolean() }), headers);
+  await register();
+
+  const local = new Map<string, Local>();
+  const taken = new Set<string>();
+  /** Commands of one desktop run one after another; different desktops' in parallel. */
+  const lanes = new Map<string, Promise<void>>();
+  const diskNames = async (desktopId: string) => (await readdir(join(o.dataDir, 'desktops', desktopId)).catch(() => [] as string[])).filter((n) => /^[A-Za-z0-9._-]{1,64}$/.test(n));
+  const chainsOf = async (desktopId: string) => (await diskNames(desktopId)).map((name) => ({ chain: hostChain(hostKey, o.dataDir, desktopId, name) }));
+
+  const report = async () => {
+    const bases: string[] = [];
+    for (const id of await readdir(join(o.dataDir, 'desktops')).catch(() => [] as string[])) {
+      const names = await diskNames(id);
+      if (names.length && (await Promise.all(names.map((n) => hasCompleteBase(hostDiskDir(o.dataDir, id, n))))).every(Boolean)) bases.push(id);
+    }
+    return {
+      desktops: [...local].map(([desktopId, l]) => ({ desktopId, state: l.state, ...(l.vm ? { pid: l.vm.pid } : {}), ...(l.detail ? { detail: l.detail.slice(0, 500) } : {}) })),
+      bases,
+      freeDiskBytes: await freeDiskBytes(o.dataDir),
+    };
+  };
+
+  const start = async (desktopId: string): Promise<{ message: string }> => {
+    const cur = local.get(desktopId);
+    if (cur?.state === 'running') return { message: 'already running' };
+    local.set(desktopId, { state: 'starting' });
+    const p = await broker.call('POST', path(`/desktops/${encodeURIComponent(desktopId)}/prepare`), {}, Prepared, headers);
+    const disks: HostDisk[] = p.disks.map((d) => {
+      const manifest = decodeManifest(Buffer.from(d.manifest, 'base64'));
+      if (manifestDigest(manifest) !== d.digest) throw new CarryonError('bad-manifest', `manifest of ${d.name} does not match its digest`);
+      return { name: d.name, dir: hostDiskDir(o.dataDir, desktopId, d.name), chain: hostChain(hostKey, o.dataDir, desktopId, d.name), manifest, digest: d.digest };
+    });
+    const needs = [];
+    for (const d of disks) if (await readyBase(d, templates)) needs.push(d);
+    let moved = { bytesMoved: 0, chunksMoved: 0 };
+    if (needs.length) {
+      const renew = async () => {
+        const j = await broker.call('GET', path(`/jobs/${encodeURIComponent(p.job.id)}`), undefined, JobView, headers);
+        if (!j.transfer) throw new CarryonError(j.state === 'queued' ? 'queued' : 'job-ended', `job ${p.job.id} is ${j.state}${j.queuePosition ? ` (queue position ${j.queuePosition})` : ''}`);
+        return j.transfer;
+      };
+      // Queued behind other transfers: wait for a slot (bounded), as a laptop's check-out does.
+      let endpoint = p.job.transfer;
+      for (let i = 0; !endpoint; i++) {
+        await new Promise((r) => setTimeout(r, 1000));
+        endpoint = await renew().catch((err: CarryonError) => (err.code === 'queued' && i < 300 ? undefined : Promise.reject(err)));
+      }
+      const session = new TransferSession(endpoint, renew);
+      try {
+        moved = await fillBases(needs, session, decodeLineageKeys(p.keys));
+      } finally {
+        await session.close();
+      }
+    }
+    await readyTops(disks, templates);
+    const vm = await startGuest({ desktopId, config: p.desktop.config, disks, accel: o.accel, socketDir: await hostSocketDir(o.dataDir, desktopId), paused: o.pausedGuests });
+    const entry: Local = { state: 'running', vm };
+    local.set(desktopId, entry);
+    // A guest that powers itself off (or a QEMU that dies) is reported stopped at the next heartbeat.
+    void vm.exited.then((code) => {
+      if (local.get(desktopId) === entry) local.set(desktopId, { state: 'stopped', detail: `QEMU exited with code ${code}` });
+    });
+    log(`started ${p.desktop.name} (snapshot ${p.snapshotId}): ${moved.chunksMoved} chunks / ${moved.bytesMoved} bytes pulled, QEMU pid ${vm.pid}`);
+    return { message: `running (pid ${vm.pid}, ${o.accel}); ${moved.chunksMoved} chunks / ${moved.bytesMoved} bytes pulled for snapshot ${p.snapshotId}` };
+  };
+
+  const stop = async (desktopId: string, how: 'off' | 'shutdown'): Promise<{ message: string }> => {
+    const cur = local.get(desktopId);
+    if (!cur?.vm || cur.state !== 'running') return { message: 'not running here' };
+    const vm = cur.vm;
+    local.set(desktopId, { state: 'stopping', vm });
+    let forced = how === 'off';
+    let code: number;
+    if (how === 'off') code = await forceOff(vm);
+    else {
+      // ACPI first; after the grace the guest is powered off (and the answer says so).
+      const grace = (o.shutdownGraceSec ?? 60) * 1000;
+      await vm.qmp('system_powerdown').catch(() => undefined);
+      const r = await Promise.race([vm.exited, new Promise<null>((res) => setTimeout(() => res(null), grace).unref())]);
+      if (r === null) forced = true;
+      code = r ?? (await forceOff(vm));
+    }
+    local.set(desktopId, { state: 'stopped', detail: `${forced ? 'powered off' : 'shut down'} (QEMU exit ${code})` });
+    return { message: how === 'off' ? `powered off (QEMU exit ${code})` : forced ? `the guest did not shut down within ${o.shutdownGraceSec ?? 60} s: powered off (QEMU exit ${code})` : `shut down (QEMU exit ${code})` };
+  };
+
+  const carryOut = async (c: Command): Promise<{ ok: boolean; message: string; kept?: boolean }> => {
+    try {
+      switch (c.type) {
+        case 'start':
+          return { ok: true, ...(await start(c.desktopId)) };
+        case 'off':
+        case 'shutdown':
+          return { ok: true, ...(await stop(c.desktopId, c.type)) };
+        case 'reset': {
+          const cur = local.get(c.desktopId);
+          if (!cur?.vm || cur.state !== 'running') return { ok: false, message: 'not running here' };
+          await cur.vm.qmp('system_reset');
+          return { ok: true, message: 'reset' };
+        }
+        case 'discard': {
+          // An admin released the desktop (e.g. while this host was cut off and marked lost): a guest still running here is powered off first.
+          const cur = local.get(c.desktopId);
+          if (cur?.vm && cur.state !== 'stopped') await forceOff(cur.vm);
+          await discardTops(await chainsOf(c.desktopId));
+          local.delete(c.desktopId);
+          return { ok: true, message: `${cur?.vm && cur.state !== 'stopped' ? 'powered off; ' : ''}the guest's writes on this host are deleted; the base is kept` };
+        }
+      }
+    } catch (err) {
+      if (c.type === 'start') {
+        const l = local.get(c.desktopId);
+        if (l?.state === 'starting') local.delete(c.desktopId);
+        return { ok: false, message: (err as Error).message, kept: hasTop(await chainsOf(c.desktopId)) };
+      }
+      return { ok: false, message: (err as Error).message };
+    }
+  };
+
+  const run = (c: Command) => {
+    taken.add(c.id);
+    const lane = (lanes.get(c.desktopId) ?? Promise.resolve()).then(async () => {
+      log(`${c.type} ${c.desktopId}…`);
+      const r = await carryOut(c);
+      log(`${c.type} ${c.desktopId}: ${r.ok ? 'ok' : 'failed'}: ${r.message}`);
+      // Told until the broker has heard it (a broker restart, a lost answer): the command stays pending there till then.
+      for (let i = 0; ; i++) {
+        try {
+          await broker.call('POST', path(`/commands/${encodeURIComponent(c.id)}`), { ok: r.ok, message: r.message.slice(0, 2000), ...(r.kept === undefined ? {} : { kept: r.kept }) }, z.object({ ok: z.boolean() }), headers);
+          return;
+        } catch (err) {
+          if ((err as { status?: number }).status === 404 || i >= 20) return void log(`could not report ${c.type} ${c.desktopId}: ${(err as Error).message}`);
+          await new Promise((r2) => setTimeout(r2, 1000));
+        }
+      }
+    });
+    lanes.set(c.desktopId, lane);
+  };
+
+  let beating: Promise<void> | null = null;
+  const heartbeat = async () => {
+    if (beating) return beating;
+    beating = (async () => {
+      const reply = await broker.call('POST', path('/heartbeat'), await report(), z.object({ commands: z.array(Command) }), headers);
+      for (const c of reply.commands) if (!taken.has(c.id)) run(c);
+    })().finally(() => (beating = null));
+    return beating;
+  };
+  await heartbeat();
+  const timer = setInterval(() => {
+    heartbeat().catch((err: Error) => {
+      log(`heartbeat failed: ${err.message}`);
+      // The broker forgot us (its database was replaced): register again.
+      if ((err as { status?: number }).status === 404) register().catch(() => undefined);
+    });
+  }, heartbeatSec * 1000);
+  // Not unref'd: the heartbeat is what keeps a host process alive (it has no listening socket); close() ends it.
+
+  return {
+    id: o.id,
+    heartbeat,
+    idle: async () => void (await Promise.all([...lanes.values()])),
+    close: async () => {
+      clearInterval(timer);
+      await Promise.allSettled([...lanes.values()]);
+      for (const [id, l] of local) {
+        if (l.vm && l.state !== 'stopped') {
+          await forceOff(l.vm);
+          local.set(id, { state: 'stopped', detail: 'the host stopped' });
+        }
+      }
+      await heartbeat().catch(() => undefined);
+      // Said goodbye: the broker shows it retired, not lost.
+      await broker.call('POST', path('/retire'), {}, z.object({ ok: z.boolean() }), headers).catch(() => undefined);
+      await broker.close();
+    },
+  };
+}

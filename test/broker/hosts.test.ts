@@ -1,0 +1,294 @@
+import assert from 'node:assert/strict';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { createConnection } from 'node:net';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { promisify } from 'node:util';
+import { after, before, test } from 'node:test';
+import { request } from 'undici';
+import { generateSigningKey, publicKeyToBase64 } from '../../src/core/signing.js';
+import { unwrapLineageKeys } from '../../src/core/keys.js';
+import { convertChain } from '../../src/disk/chain.js';
+import { hostChain } from '../../src/host/keys.js';
+import { startHost, type RunningHost } from '../../src/host/service.js';
+import { importImage } from '../../src/import/import.js';
+import { pinnedAgent } from '../../src/net/pinned-agent.js';
+import { ADMIN, api, cleanup, makeImage, testBroker, type Api, type TestBroker } from './harness.js';
+
+/**
+ * Desktop hosts (issue 26 items 1–2): a host registers with host.secret, runs a desktop under QEMU
+ * (paused: `-S`, no guest code runs, the chain is opened) from a chain it fills with the transfer
+ * protocol; power operations and check-outs refuse each other; a host killed with -9 is marked.
+ */
+const main = join(process.cwd(), 'dist', 'src', 'cli', 'main.js');
+let broker: TestBroker;
+let http: Api;
+let admin: string;
+let alice: string;
+let aliceDevice: string;
+let secret: string;
+let host: RunningHost | null = null;
+let child: ChildProcess | null = null;
+const qemus: number[] = [];
+const dirs: string[] = [];
+const laptop = { cpus: 8, ramBytes: 16 * 2 ** 30, freeDiskBytes: 100 * 2 ** 30 };
+
+before(async () => {
+  broker = await testBroker();
+  http = api(broker.url, broker.fingerprint);
+  admin = await http.login(ADMIN.name, ADMIN.password);
+  secret = readFileSync(join(broker.dir, 'host.secret'), 'utf8').trim();
+  assert.equal((await http.call('POST', '/v1/admin/users', { name: 'alice', password: 'alice-password' }, admin)).status, 201);
+  for (const name of ['online1', 'online2']) {
+    const created = await http.call('POST', '/v1/admin/desktops', { name, image: makeImage(broker.dir, 4, `${name}.raw`), config: { vcpus: 1, ramMiB: 256, minRamMiB: 128, nic: 'none' } }, admin);
+    assert.equal(created.status, 201, JSON.stringify(created.body));
+    assert.equal((await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: name }, admin)).status, 201);
+  }
+  alice = await http.login('alice', 'alice-password');
+  const dev = await http.call('POST', '/v1/devices', { name: 'laptop', publicKey: publicKeyToBase64(generateSigningKey().publicKey), host: laptop }, alice);
+  aliceDevice = String(dev.body.deviceId);
+});
+after(async () => {
+  await host?.close();
+  if (child?.exitCode === null) child.kill('SIGKILL');
+  for (const pid of qemus) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
+  await http.close();
+  await broker.close();
+  cleanup(broker.dir);
+  for (const d of dirs) cleanup(d);
+});
+
+const hostCall = async (path: string, body: unknown, withSecret: string) => {
+  const agent = pinnedAgent(broker.fingerprint);
+  try {
+    const res = await request(`${broker.url}${path}`, body === undefined ? { method: 'GET', dispatcher: agent, headers: { 'x-carryon-host-secret': withSecret } }
+      : { method: 'POST', dispatcher: agent, headers: { 'content-type': 'application/json', 'x-carryon-host-secret': withSecret }, body: JSON.stringify(body) });
+    return { status: res.statusCode, body: (await res.body.json()) as Record<string, unknown> };
+  } finally {
+    await agent.close();
+  }
+};
+const power = (desktop: string, action: string, token = admin) => http.call('POST', `/v1/admin/desktops/${desktop}/power`, { action }, token);
+const checkout = (desktop: string) => http.call('POST', `/v1/desktops/${desktop}/checkout`, { deviceId: aliceDevice, host: laptop }, alice);
+const events = async (action: string) => ((await http.call('GET', `/v1/admin/audit?limit=10000&action=${action}`, undefined, admin)).body.events as { actor: string; outcome: string; detail: string | null }[]);
+const desktopId = async (name: string) => (await broker.ctx.meta.getDesktop(name))!.id;
+const placement = async (name: string) => broker.ctx.hosts.placement(await desktopId(name));
+async function until<T>(what: string, probe: () => Promise<T | null | undefined | false>, ms = 60_000): Promise<T> {
+  for (const end = Date.now() + ms; Date.now() < end; await new Promise((r) => setTimeout(r, 100))) {
+    const v = await probe();
+    if (v) return v;
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+const placedAs = (name: string, state: string) => until(`${name} ${state}`, async () => ((await placement(name))?.state === state ? (await placement(name))! : null), 30_000);
+const hostsList = async () => (await http.call('GET', '/v1/admin/hosts', undefined, admin)).body.hosts as { id: string; health: string; desktops: { desktopId: string; state: string; pid: number | null }[] }[];
+
+test('host registration: a wrong or missing host secret is refused (401, audited); the transfer secret is not the host secret; an unregistered host must register', async () => {
+  const reg = { id: 'intruder', vcpus: 4, ramMiB: 4096, maxDesktops: 2, accel: 'tcg', heartbeatSec: 1 };
+  const transferSecret = readFileSync(join(broker.dir, 'transfer.secret'), 'utf8').trim();
+  for (const wrong of ['', 'x'.repeat(secret.length), transferSecret]) {
+    const r = await hostCall('/v1/hosts/register', reg, wrong);
+    assert.deepEqual([r.status, r.body.error], [401, 'bad-secret']);
+  }
+  const hb = await hostCall('/v1/hosts/intruder/heartbeat', {}, 'wrong');
+  assert.deepEqual([hb.status, hb.body.error], [401, 'bad-secret']);
+  assert.equal((await hostCall('/v1/hosts/nobody/heartbeat', {}, secret)).status, 404);
+  assert.deepEqual(await hostsList(), [], 'nothing registered');
+  // `carryon host` with the wrong secret file says so and exits.
+  const wrongFile = join(broker.dir, 'wrong.secret');
+  writeFileSync(wrongFile, 'not-the-secret\n');
+  const cli = await promisify(execFile)(process.execPath, [main, 'host', '--broker', broker.url, '--broker-fingerprint', broker.fingerprint, '--secret-file', wrongFile,
+    '--data-dir', join(broker.dir, 'host-x'), '--id', 'x', '--vcpus', '1', '--ram-mib', '512', '--max-desktops', '1', '--accel', 'tcg']).then(() => null, (e: { code: number; stderr: string }) => e);
+  assert.equal(cli?.code, 1);
+  assert.match(cli.stderr, /carryon: host secret does not match \[bad-secret\]/);
+  assert.equal((await events('host-register')).filter((e) => e.outcome === 'denied').length, 4, 'each refusal audited');
+});
+
+test('the host protocol: a host gets keys and a ticket only for a desktop placed on it and starting; a start asked twice gives the first job back; a failed start that kept nothing frees the desktop; an ack counts once', async () => {
+  // Two hosts that only speak the protocol (no QEMU); `small` has no room for the desktop.
+  for (const [id, ramMiB] of [['fake', 512], ['small', 128]] as const) {
+    assert.equal((await hostCall('/v1/hosts/register', { id, vcpus: 2, ramMiB, maxDesktops: 1, accel: 'tcg', heartbeatSec: 1 }, secret)).status, 200);
+  }
+  const on = await power('online2', 'on');
+  assert.deepEqual([on.status, on.body], [200, { state: 'starting', host: 'fake' }]);
+  const id = await desktopId('online2');
+  const foreign = await hostCall(`/v1/hosts/small/desktops/${id}/prepare`, {}, secret);
+  assert.deepEqual([foreign.status, foreign.body.error], [409, 'not-starting']);
+  assert.ok((await events('host-prepare')).some((e) => e.actor === 'host:small' && e.outcome === 'denied'), 'audited');
+  const commands = (await hostCall('/v1/hosts/fake/heartbeat', {}, secret)).body.commands as { id: string; type: string; desktopId: string }[];
+  assert.deepEqual(commands.map((c) => [c.type, c.desktopId]), [['start', id]]);
+  const first = await hostCall(`/v1/hosts/fake/desktops/${id}/prepare`, {}, secret);
+  const second = await hostCall(`/v1/hosts/fake/desktops/${id}/prepare`, {}, secret);
+  assert.equal(second.status, 200, JSON.stringify(second.body));
+  const jobOf = (r: { body: Record<string, unknown> }) => (r.body.job as { id: string }).id;
+  assert.equal((await broker.ctx.scheduler.get(jobOf(first)))!.state, 'cancelled', 'the first job gave its slot back');
+  assert.equal(((second.body.disks as unknown[]).length), 1);
+  // Its ticket is renewed for this host only; no laptop session sees the job.
+  assert.equal((await hostCall(`/v1/hosts/fake/jobs/${jobOf(second)}`, undefined, secret)).status, 200);
+  assert.equal((await hostCall(`/v1/hosts/small/jobs/${jobOf(second)}`, undefined, secret)).status, 404);
+  assert.equal((await http.call('GET', `/v1/jobs/${jobOf(second)}`, undefined, alice)).status, 404);
+  const ack = (body: unknown) => hostCall(`/v1/hosts/fake/commands/${commands[0]!.id}`, body, secret);
+  assert.equal((await ack({ ok: false, message: 'test: no QEMU here', kept: false })).status, 200);
+  assert.equal((await ack({ ok: true, message: 'again' })).status, 404, 'once');
+  assert.equal(await placement('online2'), null, 'nothing of the guest on the host: the desktop is free again');
+  assert.equal((await broker.ctx.scheduler.get(jobOf(second)))!.state, 'failed');
+  assert.equal((await broker.ctx.meta.getDesktop('online2'))!.powerState, 'off');
+});
+
+test('power refused while the desktop is checked out to a laptop (who, since when; audited), for an admin and for an entitled user; a user needs policy onlineAllowed', async () => {
+  const start = await http.call('POST', '/v1/desktops/online1/start', {}, alice);
+  assert.deepEqual([start.status, start.body.error], [403, 'policy-denied'], JSON.stringify(start.body));
+  assert.match(String(start.body.message), /policy \(the default\) does not allow running online1 online/);
+  assert.equal((await http.call('PATCH', '/v1/admin/policies/desktop/online1', { onlineAllowed: true }, admin)).status, 200);
+  const co = await checkout('online1');
+  assert.equal(co.status, 201, JSON.stringify(co.body));
+  for (const r of [await power('online1', 'on'), await power('online1', 'reset'), await http.call('POST', '/v1/desktops/online1/start', {}, alice)]) {
+    assert.deepEqual([r.status, r.body.error], [409, 'locked'], JSON.stringify(r.body));
+    assert.match(String(r.body.message), /^online1 is checked out to alice \(device [0-9a-f-]+\) since \d{4}-\d\d-\d\dT.*; power operations wait for its check-in$/);
+  }
+  assert.equal((await events('power-on')).filter((e) => e.outcome === 'denied' && /locked: online1 is checked out to alice/.test(e.detail ?? '')).length, 2, 'admin and user refusals audited');
+  assert.equal(await placement('online1'), null, 'nothing placed');
+  assert.equal((await http.call('POST', `/v1/checkouts/${(co.body.checkout as { id: string }).id}/cancel`, {}, alice)).status, 200);
+});
+
+test('power on: the host pulls the chunks and starts QEMU on its chain; check-out refused while it runs and while its writes are kept; on again pulls nothing; release frees it', async () => {
+  const dataDir = mkdtempSync(join(tmpdir(), 'carryon-host-'));
+  dirs.push(dataDir);
+  host = await startHost({ id: 'h1', brokerUrl: broker.url, brokerFingerprint: broker.fingerprint, secret, dataDir, vcpus: 2, ramMiB: 1024, maxDesktops: 2, accel: 'tcg', heartbeatSec: 1, shutdownGraceSec: 1, pausedGuests: true });
+  // A user where policy allows: started on the only host.
+  const on = await http.call('POST', '/v1/desktops/online1/start', {}, alice);
+  assert.deepEqual([on.status, on.body], [200, { state: 'starting', host: 'h1' }], JSON.stringify(on.body));
+  await placedAs('online1', 'running');
+  // The QEMU's pid comes with the host's next heartbeat.
+  const listed = await until('pid reported', async () => (await hostsList()).find((h) => h.desktops[0]?.pid));
+  assert.equal(listed.health, 'ok');
+  const pid = listed.desktops[0]!.pid!;
+  qemus.push(pid);
+  // The host's QEMU runs on the host's own chain.
+  assert.match(readFileSync(`/proc/${pid}/cmdline`, 'utf8'), new RegExp(`${dataDir}/desktops/${await desktopId('online1')}/disk0/top.qcow2`));
+  // Its screen is a VNC server on a unix socket in a private directory (no TCP port): it greets in RFB.
+  const vnc = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').find((a) => a.startsWith('unix:') && a.endsWith('vnc.sock'))!.slice(5);
+  assert.equal(statSync(dirname(vnc)).mode & 0o077, 0);
+  const greeting = await new Promise<string>((resolve, reject) => {
+    const s = createConnection(vnc);
+    s.once('data', (d: Buffer) => (resolve(d.toString('latin1')), s.destroy()));
+    s.once('error', reject);
+  });
+  assert.match(greeting, /^RFB 003\.008\n/);
+  const started = (await events('host-start')).filter((e) => e.outcome === 'ok');
+  assert.match(started[0]!.detail ?? '', /running \(pid \d+, tcg\); [1-9]\d* chunks \/ [1-9]\d* bytes pulled/);
+  assert.equal((await broker.ctx.meta.getDesktop('online1'))!.powerState, 'on');
+
+  const actions = async () => ((await http.call('GET', '/v1/desktops', undefined, alice)).body.desktops as { name: string; actions: string[] }[]).find((d) => d.name === 'online1')!.actions;
+  assert.deepEqual(await actions(), ['stop'], 'no check-out offered while it runs online');
+  const running = await checkout('online1');
+  assert.deepEqual([running.status, running.body.error], [409, 'desktop-online']);
+  assert.equal(running.body.message, 'the desktop runs on host h1: stop it first (`carryon stop online1`)');
+  assert.deepEqual([(await power('online1', 'on')).status, (await power('online1', 'on')).body.error], [409, 'already-running']);
+
+  // Shut down: the paused guest does not answer ACPI, so after the grace it is powered off (and says so).
+  const stop = await http.call('POST', '/v1/desktops/online1/stop', {}, alice);
+  assert.deepEqual([stop.status, stop.body.state], [200, 'stopping']);
+  await placedAs('online1', 'stopped');
+  assert.match((await events('host-shutdown'))[0]!.detail ?? '', /did not shut down within 1 s: powered off/);
+  assert.deepEqual(await actions(), ['start']);
+  const kept = await checkout('online1');
+  assert.deepEqual([kept.status, kept.body.error], [409, 'desktop-online']);
+  assert.match(String(kept.body.message), /kept on that host; .*carryon admin hosts release online1/);
+
+  // Again on the same host (it keeps the chain): no chunk travels.
+  assert.equal((await power('online1', 'on')).status, 200);
+  await placedAs('online1', 'running');
+  assert.match((await events('host-start')).filter((e) => e.outcome === 'ok')[0]!.detail ?? '', /; 0 chunks \/ 0 bytes pulled/);
+  qemus.push((await until('pid reported', async () => (await hostsList()).find((h) => h.desktops[0]?.pid && h.desktops[0].pid !== pid)))!.desktops[0]!.pid!);
+  const reset = await power('online1', 'reset');
+  assert.deepEqual([reset.status, reset.body.state], [200, 'running']);
+  const release = await http.call('POST', '/v1/admin/desktops/online1/release', {}, admin);
+  assert.deepEqual([release.status, release.body.error], [409, 'running'], 'not while it runs');
+  assert.equal((await power('online1', 'off')).status, 200);
+  await placedAs('online1', 'stopped');
+  assert.equal((await broker.ctx.meta.getDesktop('online1'))!.powerState, 'off');
+  assert.deepEqual((await http.call('POST', '/v1/admin/desktops/online1/release', { reason: 'test' }, admin)).body, { released: 'h1' });
+  await until('discard acknowledged', async () => (await events('host-discard')).some((e) => e.outcome === 'ok'), 10_000);
+  assert.deepEqual(await actions(), ['checkout', 'start']);
+  const free = await checkout('online1');
+  assert.equal(free.status, 201, JSON.stringify(free.body));
+  assert.equal((await http.call('POST', `/v1/checkouts/${(free.body.checkout as { id: string }).id}/cancel`, {}, alice)).status, 200);
+
+  // A newer snapshot (as a check-in makes): the kept base takes only what changed, and ends up exact.
+  const d = (await broker.ctx.meta.getDesktop('online1'))!;
+  const image = readFileSync(join(broker.dir, 'online1.raw'));
+  const chunk = 256 * 1024;
+  randomBytes(chunk).copy(image, 0); // data → other data
+  randomBytes(chunk).copy(image, chunk); // hole → data
+  image.fill(0, 2 * chunk, 3 * chunk); // data → hole
+  const changed = join(broker.dir, 'online1-v2.raw');
+  writeFileSync(changed, image);
+  const keys = unwrapLineageKeys(broker.ctx.secrets.masterKey, (await broker.ctx.meta.getLineageKeys(d.lineageId))!, `lineage:${d.lineageId}`);
+  const v2 = await importImage(changed, { store: broker.ctx.store, keys });
+  const snap = await broker.ctx.meta.createSnapshot({ desktopId: d.id, parentId: d.currentSnapshot, kind: 'checkin', disks: [{ name: 'disk0', digest: v2.digest, sizeBytes: v2.manifest.diskSize, chunkSize: v2.manifest.chunkSize }] });
+  await broker.ctx.meta.setDesktopSnapshot(d.id, snap);
+  assert.equal((await power('online1', 'on')).status, 200);
+  await placedAs('online1', 'running');
+  assert.match((await events('host-start')).filter((e) => e.outcome === 'ok')[0]!.detail ?? '', /; 2 chunks \/ \d+ bytes pulled/, 'the changed chunk and the new one; the new hole is written as zeros here');
+  qemus.push((await until('pid reported', async () => (await hostsList()).find((h) => h.desktops[0]?.pid && !qemus.includes(h.desktops[0].pid))))!.desktops[0]!.pid!);
+  assert.equal((await power('online1', 'off')).status, 200);
+  await placedAs('online1', 'stopped');
+  const out = join(dataDir, 'read-back.raw');
+  await convertChain(hostChain(readFileSync(join(dataDir, 'host.key')), dataDir, d.id, 'disk0'), out, 'raw');
+  assert.ok(readFileSync(out).equals(image), "the host's disk is the new snapshot, byte for byte");
+
+  // A host cut off (marked lost) while its guest ran, then released by an admin: when the host hears, it powers the guest off before discarding.
+  assert.equal((await power('online1', 'on')).status, 200);
+  await placedAs('online1', 'running');
+  const orphan = (await until('pid reported', async () => (await hostsList()).find((h) => h.desktops[0]?.pid && !qemus.includes(h.desktops[0].pid))))!.desktops[0]!.pid!;
+  qemus.push(orphan);
+  assert.ok(await broker.ctx.hosts.unplace(d.id, ['running']), 'as release leaves it');
+  await broker.ctx.hosts.queue({ hostId: 'h1', desktopId: d.id, type: 'discard' });
+  await until('discard done', async () => (await events('host-discard')).find((e) => /^powered off; /.test(e.detail ?? '')), 15_000);
+  assert.throws(() => process.kill(orphan, 0), { code: 'ESRCH' }, 'the guest no longer runs');
+});
+
+test('a host killed with -9: it is marked lost after three missed heartbeats, and the desktop it ran with it (audited); check-out stays refused', async () => {
+  const dataDir = mkdtempSync(join(tmpdir(), 'carryon-host-'));
+  dirs.push(dataDir);
+  const secretFile = join(broker.dir, 'host.secret');
+  child = spawn(process.execPath, [main, 'host', '--broker', broker.url, '--broker-fingerprint', broker.fingerprint, '--secret-file', secretFile, '--data-dir', dataDir,
+    '--id', 'h2', '--vcpus', '4', '--ram-mib', '8192', '--max-desktops', '4', '--accel', 'tcg', '--heartbeat-sec', '1', '--paused-guests'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  await until('h2 registered', async () => (await hostsList()).some((h) => h.id === 'h2'), 30_000).catch((err: Error) => assert.fail(`${err.message}: ${stderr}`));
+  // Placed where the most RAM is free: h2.
+  const on = await power('online2', 'on');
+  assert.deepEqual([on.status, on.body.host], [200, 'h2'], JSON.stringify(on.body));
+  await placedAs('online2', 'running').catch(async (err: Error) => assert.fail(`${err.message}: ${stderr} ${JSON.stringify(await placement('online2'))} ${JSON.stringify(await hostsList())} pending ${JSON.stringify(await broker.ctx.hosts.pending('h2'))} jobs ${JSON.stringify(await broker.ctx.scheduler.openJobs())}`));
+  const pid = (await until('pid reported', async () => (await hostsList()).find((h) => h.id === 'h2' && h.desktops[0]?.pid)))!.desktops[0]!.pid!;
+  qemus.push(pid);
+  assert.equal(child.exitCode, null, 'the host process runs on its own (nothing but its heartbeat keeps it alive)');
+  const exited = new Promise((r) => child!.once('exit', (_code, signal) => r(signal)));
+  child.kill('SIGKILL');
+  assert.equal(await exited, 'SIGKILL');
+  // Marked by the broker's own sweep, with nobody looking (the other host stopped heartbeating first).
+  await host!.close();
+  host = null;
+  await until('h2 marked', async () => (await broker.ctx.hosts.host('h2'))?.health === 'lost', 10_000);
+  assert.equal((await hostsList()).find((h) => h.id === 'h1')!.health, 'retired', 'a host that stopped cleanly is not lost');
+  const lost = (await hostsList()).find((h) => h.id === 'h2')!;
+  assert.deepEqual(lost.desktops.map((d) => d.state), ['lost']);
+  assert.equal((await broker.ctx.meta.getDesktop('online2'))!.powerState, 'lost');
+  assert.ok((await events('host-lost')).some((e) => e.actor === 'system' && /host h2 stopped heartbeating/.test(e.detail ?? '')), 'audited');
+  const co = await checkout('online2');
+  assert.deepEqual([co.status, co.body.error], [409, 'desktop-online']);
+  assert.match(String(co.body.message), /host h2, which stopped answering/);
+  // The admin CLI shows the same.
+  const out = await promisify(execFile)(process.execPath, [main, 'admin', 'hosts', 'list'], { env: { ...process.env, CARRYON_URL: broker.url, CARRYON_FINGERPRINT: broker.fingerprint, CARRYON_USER: ADMIN.name, CARRYON_PASSWORD: ADMIN.password } });
+  assert.match(out.stdout, /h2\s+lost\s+.*online2 \(lost/);
+});
