@@ -32,13 +32,14 @@ export async function startGuest(spec: GuestSpec): Promise<RunningDesktop> {
     };
   });
   const qmpSocket = join(spec.socketDir, 'qmp.sock');
+  const guestAgentSocket = join(spec.socketDir, 'qga.sock');
   const argv = buildQemuCommand({ vcpus: spec.config.vcpus, ramMiB: spec.config.ramMiB, nic: spec.config.nic, usb: false, usbDevices: [] }, hostFacts(), disks, {
     name: `carryon-${spec.desktopId.replace(/[^A-Za-z0-9]/g, '').slice(0, 32)}`,
-    qmpSocket, accel: spec.accel, display: 'none', serial: join(spec.socketDir, 'serial.log'), paused: spec.paused,
+    qmpSocket, guestAgentSocket, accel: spec.accel, display: 'none', serial: join(spec.socketDir, 'serial.log'), paused: spec.paused,
     // The screen, for the broker's relay (issue 26 item 3, not built yet): only on the private socket directory (0700).
     vncSocket: vncSocketPath(spec.socketDir),
   });
-  return launchDesktop(argv, qmpSocket, { stdio: 'ignore', masterKey });
+  return launchDesktop(argv, qmpSocket, { stdio: 'ignore', masterKey, guestAgentSocket });
 }
 
 /** Where a guest's VNC server listens: beside its QMP socket, in the host's private directory for it. */
