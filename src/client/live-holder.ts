@@ -2,7 +2,6 @@ import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { CarryonError } from '../core/errors.js';
 import { chainFiles, createLayer, otherTop, topExtents } from '../disk/chain.js';
-import { measureLayer } from '../disk/layer-shape.js';
 import type { BlockHost } from '../disk/storage-daemon.js';
 import { serveControl, type ControlKey, type HolderStatus } from '../live/control.js';
 import { recordMac, recordMacOk, type DesktopKeys } from './desktop-keys.js';
@@ -67,11 +66,13 @@ export function vaultLayers(held: HeldDesktop): LiveLayers {
       const d = entry(held.state, name);
       if (!d.under || !d.mergingTo) throw new Error(`disk ${name} has nothing being folded`);
       const files = chainFiles(dir(name), d.top);
-      // The base now holds the restore point (the chunk IDs this laptop's pages were named by): recorded as verified.
-      const base = await measureLayer(files.base);
+      // The base now holds the restore point (the chunk IDs this laptop's pages were named by). Its
+      // shape is not recorded while QEMU holds it (QEMU may still write its tables after the job's
+      // end: measured, a record taken here failed to match after a kill); the clean close records
+      // it, and until then a crash leaves the base unbound, as it leaves the top.
       const baseVerified = await fileStamp(files.base);
       const manifest = await held.vault.manifest(held.state.desktopId, d.mergingTo);
-      await held.updateState((s) => withDisk(s, name, { baseDigest: d.mergingTo!, mergingTo: null, under: null, shapes: { ...entry(s, name).shapes, base }, baseVerified }));
+      await held.updateState((s) => withDisk(s, name, { baseDigest: d.mergingTo!, mergingTo: null, under: null, shapes: { ...entry(s, name).shapes, base: null }, baseVerified }));
       const disk = held.disks.find((x) => x.name === name);
       if (disk) Object.assign(disk, { base: manifest, entry: entry(held.state, name), chain: chainOf(held.vault, held.state, held.keys, name) });
       killAt('folded');
@@ -102,7 +103,10 @@ export async function startLiveControl(held: HeldDesktop, host: BlockHost, opts:
   guestAgent: () => boolean | null;
   shutdown: (graceMs: number, force: boolean) => Promise<void>;
   log: (l: string) => void;
+  /** The QEMU process holding the chain (the kill tests' second target). */
+  qemuPid?: number;
 }): Promise<{ live: LiveChain; close(): Promise<void> }> {
+  qemuPid = opts.qemuPid ?? null;
   const live = new LiveChain(host, vaultLayers(held), opts.nbd, opts.quiesce);
   const control = await serveControl(await liveSocketPath(held), {
     async freeze() {
@@ -125,8 +129,15 @@ export async function startLiveControl(held: HeldDesktop, host: BlockHost, opts:
 
 /**
  * Test-only: CARRYON_TEST_SIGKILL_AT=<step> (under NODE_ENV=test) kills the holder at that step of
- * a live replica (point-begun, point-taken, acknowledged, folding, folded), other work in flight.
+ * a live replica (point-begun, point-taken, acknowledged, folding, folded), other work in flight;
+ * `<step>:qemu` kills the QEMU that holds the chain instead.
  */
+let qemuPid: number | null = null;
+
 function killAt(step: string): void {
-  if (process.env.NODE_ENV === 'test' && process.env.CARRYON_TEST_SIGKILL_AT === step) process.kill(process.pid, 'SIGKILL');
+  if (process.env.NODE_ENV !== 'test') return;
+  const at = process.env.CARRYON_TEST_SIGKILL_AT;
+  if (at === step) process.kill(process.pid, 'SIGKILL');
+  // `<step>:qemu`: QEMU alone dies there; this process lives on and must notice.
+  if (at === `${step}:qemu` && qemuPid) process.kill(qemuPid, 'SIGKILL');
 }

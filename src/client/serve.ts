@@ -179,7 +179,14 @@ export async function serveDesktop(env: ClientEnv, desktopRef: string): Promise<
     // Other processes take live replicas through the holder (and ask it to stop): src/live/.
     control = await startLiveControl(held, host, {
       kind: 'serve', nbd: { socketPath, ensureServer: async () => undefined }, guestAgent: () => null, log: env.log,
-      shutdown: async () => requestStop(),
+      shutdown: async () => requestStop(), qemuPid: host.pid,
+    });
+    // The daemon gone on its own (killed, crashed): nothing serves the disk any more; stop, so the chain is settled and recorded.
+    let closing = false;
+    void host.ended.then((code) => {
+      if (closing) return;
+      env.log(`qemu-storage-daemon ended unexpectedly (exit ${code}): stopping`);
+      requestStop();
     });
     filling = held.fillIn(host, stopFill.signal);
     // After the fill (a base being filled is not checked); a damaged base stops the export.
@@ -193,6 +200,7 @@ export async function serveDesktop(env: ClientEnv, desktopRef: string): Promise<
       config: { ...held.state.config, ...held.state.localConfig },
       stopRequested,
       close: async () => {
+        closing = true;
         await control?.close();
         stopFill.abort();
         await filling;

@@ -81,6 +81,11 @@ export class StorageDaemon implements BlockHost {
     return new StorageDaemon(child, qmp, runDir, exited, () => stderr);
   }
 
+  /** Resolves with the daemon's exit code when it ends (asked to or not). */
+  get ended(): Promise<number> {
+    return this.exited;
+  }
+
   get pid(): number {
     return this.child.pid ?? -1;
   }

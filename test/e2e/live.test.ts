@@ -246,16 +246,20 @@ test('a replica that fails before the broker acknowledges it, or whose sender is
 // The holder's kill points touch the laptop's chain, not the broker's database: the SQLite pass runs them.
 const onPostgres = process.env.CARRYON_TEST_DATABASE === 'postgres';
 
-test('kill -9 of the holder at 20 points of a live replica: the chain reopens with every write, checks clean, and the next replica completes', { skip: onPostgres && 'laptop-side only (run in the SQLite pass)' }, async (t) => {
+test('kill -9 of the holder at 20 points of a live replica, and of its QEMU alone at 3: the chain reopens with every write, checks clean, and the next replica completes', { skip: onPostgres && 'laptop-side only (run in the SQLite pass)' }, async (t) => {
   const { image, home } = await newDesktop('live-kill', 8);
   const model = new Model(image);
   const steps = ['point-begun', 'point-taken', 'acknowledged', 'folding', 'folded'];
   // Each step twice, then ten points part-way into the fold's block-commit, 0–25 ms after it starts.
-  const points = [...steps, ...steps, ...Array.from({ length: 10 }, () => `folding:${Math.floor(Math.random() * 26)}`)];
+  // And three where QEMU (the storage daemon) dies alone: the holder must notice, stop, and settle the chain itself.
+  const points = process.env.LIVE_POINTS ? process.env.LIVE_POINTS.split(' ') : [...steps, ...steps, ...Array.from({ length: 10 }, () => `folding:${Math.floor(Math.random() * 26)}`), 'point-taken:qemu', 'acknowledged:qemu', 'folded:qemu'];
   t.diagnostic(`kill points: ${points.join(' ')}`);
   for (const point of points) {
-    const [step, delay] = point.split(':') as [string, string | undefined];
-    const serve = await startServe(home, 'live-kill', { CARRYON_TEST_SIGKILL_AT: step, ...(delay ? { CARRYON_TEST_SIGKILL_DELAY_MS: delay } : {}) });
+    const [step, after] = point.split(':') as [string, string | undefined];
+    const qemuOnly = after === 'qemu';
+    const delay = qemuOnly ? undefined : after;
+    const opened = (e: unknown) => { throw new Error(`at ${point} (${points.indexOf(point)}): ${(e as Error).message}`); };
+    const serve = await startServe(home, 'live-kill', { CARRYON_TEST_SIGKILL_AT: qemuOnly ? point : step, ...(delay ? { CARRYON_TEST_SIGKILL_DELAY_MS: delay } : {}) }).catch(opened);
     const disk = await NbdClient.connect(serve.socket, 'disk0');
     const data = randomBytes(64 * 1024 * (1 + Math.floor(Math.random() * 8)));
     const offset = Math.floor(Math.random() * ((8 * MIB - data.length) / (64 * 1024) + 1)) * 64 * 1024;
@@ -265,9 +269,10 @@ test('kill -9 of the holder at 20 points of a live replica: the chain reopens wi
     await upload(env(home), 'live-kill', 'replicate').catch(() => undefined);
     const ended = await serve.ended;
     await disk.close().catch(() => undefined);
-    assert.equal(ended.signal, 'SIGKILL', `killed at ${point}:\n${serve.stderr()}`);
+    if (qemuOnly) assert.deepEqual([ended.code, /ended unexpectedly/.test(serve.stderr())], [0, true], `QEMU killed at ${step}: the holder stops by itself\n${serve.stderr()}`);
+    else assert.equal(ended.signal, 'SIGKILL', `killed at ${point}:\n${serve.stderr()}`);
     // Reopened: settled to base + top, every write there.
-    const again = await startServe(home, 'live-kill');
+    const again = await startServe(home, 'live-kill').catch(opened);
     const reader = await NbdClient.connect(again.socket, 'disk0');
     try {
       assert.ok((await readAll(reader)).equals(model.at(model.writes.length)), `after a kill at ${point}, the disk holds every write`);
