@@ -124,7 +124,7 @@ interface ReplicaRun {
 }
 
 /** One change of `changeBytes` through the holder, then a timed live replica; wire bytes from the transfer server. */
-async function changeAndReplicate(rig: Rig, env: ClientEnv, holder: Holder, size: number, changeBytes: number, zeroChunks: Set<number>): Promise<ReplicaRun> {
+async function changeAndReplicate(rig: Rig, env: ClientEnv, holder: Holder, size: number, changeBytes: number, zeroChunks: Set<number>, pauses: number[]): Promise<ReplicaRun> {
   const written = new Map<number, Buffer>();
   await writeChange(holder.socket, size, changeBytes, written);
   for (const off of written.keys()) {
@@ -133,7 +133,7 @@ async function changeAndReplicate(rig: Rig, env: ClientEnv, holder: Holder, size
   }
   const before = (await rig.wire()).bytesIn;
   await settle();
-  const { seconds, value } = await timed(() => upload(env, 'desk', 'replicate'));
+  const { seconds, value } = await timed(() => upload(recordingPauses(env, pauses), 'desk', 'replicate'));
   if (value.replicaKind === 'stopped') throw new Error('the replica was not taken live (the holder was not seen)');
   const wire = (await rig.wire()).bytesIn - before;
   return { seconds, wire, compressed: compressedSize(written) };
@@ -170,6 +170,20 @@ async function cpuDuring<T>(fn: () => Promise<T>): Promise<{ value: T; cpu: stri
   return { value, cpu };
 }
 
+/** The env, with each live point in time's guest I/O pause (the sender's log line says it) collected in `into`. */
+function recordingPauses(env: ClientEnv, into: number[]): ClientEnv {
+  return {
+    ...env,
+    log: (l) => {
+      const m = /guest I\/O paused ([\d.]+) ms/.exec(l);
+      if (m) into.push(Number(m[1]));
+      env.log(l);
+    },
+  };
+}
+
+const pauseRange = (ms: number[]): string => (ms.length ? `median ${stats(ms).median.toFixed(1)} ms, max ${Math.max(...ms).toFixed(1)} ms (${ms.length})` : 'not seen');
+
 const nproc = availableParallelism();
 const met = (ok: boolean) => (ok ? 'met' : 'MISSED');
 
@@ -186,6 +200,8 @@ export function liveSection(work: string, sizeGiB: number, bigGiB: number, chang
       const change = changeGiB * 2 ** 30;
       const changeLabel = `${(change / 2 ** 20).toFixed(change < 10 * 2 ** 20 ? 1 : 0)} MiB`;
       const replicas = new Map<number, ReplicaRun[]>();
+      const idlePauses: number[] = [];
+      const loadPauses: number[] = [];
       let chainRow: BenchRow | null = null;
       let fioRows: BenchRow[] = [];
       const offToCommit: number[] = [];
@@ -207,7 +223,7 @@ export function liveSection(work: string, sizeGiB: number, bigGiB: number, chang
           const holder = await startHolder(env, 'desk');
           const runs: ReplicaRun[] = [];
           try {
-            for (let i = 0; i < 10; i++) runs.push(await changeAndReplicate(rig, env, holder, size, change, zeroChunks));
+            for (let i = 0; i < 10; i++) runs.push(await changeAndReplicate(rig, env, holder, size, change, zeroChunks, idlePauses));
           } catch (err) {
             await holder.stop().catch(() => undefined);
             throw err;
@@ -268,7 +284,7 @@ export function liveSection(work: string, sizeGiB: number, bigGiB: number, chang
             const times: number[] = [];
             let loopError: unknown = null;
             const loop = (async () => {
-              while (!fioDone) times.push((await timed(() => upload(envB, 'desk-1', 'replicate'))).seconds);
+              while (!fioDone) times.push((await timed(() => upload(recordingPauses(envB, loadPauses), 'desk-1', 'replicate'))).seconds);
             })().catch((e: unknown) => (loopError = e));
             const during = await cpuDuring(() => fioNbd(hb.uri, 'randwrite', 16, { runtimeS: fioS }));
             fioDone = true;
@@ -278,7 +294,7 @@ export function liveSection(work: string, sizeGiB: number, bigGiB: number, chang
             fioRows = [{ section, name: `4 KiB random write IOPS, QD16, through the held disk while live replicas run back to back (${sizeGiB} GiB desktop, fio ${fioS} s)`,
               value: during.value.iops, unit: 'IOPS', runs: 1, spread: 0,
               peer: { name: 'same fio, same desktop, no replica', value: alone.value.iops, unit: 'IOPS' },
-              note: `${r.toFixed(2)}× (target ≥ 0.7: ${met(r >= 0.7)}); ${times.length} replicas, median ${stats(times).median.toFixed(1)} s each; p99 ${(during.value.p99Us / 1000).toFixed(1)} ms vs ${(alone.value.p99Us / 1000).toFixed(1)} ms; CPU meanwhile (${nproc} cores): ${during.cpu} (alone: ${alone.cpu})` }];
+              note: `${r.toFixed(2)}× (target ≥ 0.7: ${met(r >= 0.7)}); ${times.length} replicas, median ${stats(times).median.toFixed(1)} s each; p99 ${(during.value.p99Us / 1000).toFixed(1)} ms vs ${(alone.value.p99Us / 1000).toFixed(1)} ms; guest I/O paused per point in time ${pauseRange(loadPauses)}; CPU meanwhile (${nproc} cores): ${during.cpu} (alone: ${alone.cpu})` }];
           } finally {
             await hb.stop();
           }
@@ -302,7 +318,7 @@ export function liveSection(work: string, sizeGiB: number, bigGiB: number, chang
       const scaling = t16.median / t4.median;
       rows.push({ section, name: `live replica wall time after ${changeLabel} of 64 KiB writes, ${bigGiB} GiB desktop`, value: t16.median, unit: 's', runs: t16.runs, spread: t16.spread,
         peer: { name: `same writes, ${sizeGiB} GiB desktop`, value: t4.median, unit: 's' },
-        note: `${scaling.toFixed(2)}× (target ≤ 1.2: ${met(scaling <= 1.2)}); ${sizeGiB} GiB spread ${(t4.spread * 100).toFixed(0)}%` });
+        note: `${scaling.toFixed(2)}× (target ≤ 1.2: ${met(scaling <= 1.2)}); ${sizeGiB} GiB spread ${(t4.spread * 100).toFixed(0)}%; guest I/O paused per point in time ${pauseRange(idlePauses)} (no I/O in flight)` });
       if (chainRow) rows.push(chainRow);
       const o = stats(offToCommit);
       const rt = stats(running);

@@ -86,6 +86,8 @@ const READING = [
   '  chunk, the base\'s cluster, per zero chunk of the image a folded write made non-zero) plus the bytes written',
   '  since the last replica. The fio rows run on a clone of the smaller desktop (a second laptop), first alone, then',
   '  while replicas run back to back (the fio-alone writes folded in between, so both start on an empty top).',
+  '  Its note lists the CPU seconds each process used meanwhile: the transfer server\'s share is on the laptop\'s two cores',
+  '  here only (deployed, it runs in the datacenter); the guest I/O pause is the holder\'s own figure for its freeze.',
   '  Check-in of the running desktop: `offToCommitSeconds`, from the moment the holder is asked to stop (for',
   '  `serve`, its power-off) to the commit; the 1% written since the last replica goes ahead as the live bulk.',
   '  Its peer is the check-in of the same desktop stopped, after the same replica and change.',
