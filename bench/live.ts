@@ -184,6 +184,47 @@ function recordingPauses(env: ClientEnv, into: number[]): ClientEnv {
 
 const pauseRange = (ms: number[]): string => (ms.length ? `median ${stats(ms).median.toFixed(1)} ms, max ${Math.max(...ms).toFixed(1)} ms (${ms.length})` : 'not seen');
 
+interface Desk {
+  gib: number;
+  size: number;
+  rig: Rig;
+  env: ClientEnv;
+  holder: Holder;
+  baseAtCheckout: number;
+  /** Zero chunks of the image that folded writes made non-zero (the base grows by a chunk for each). */
+  zeroChunks: Set<number>;
+  runs: ReplicaRun[];
+  dir: string;
+  image: string;
+}
+
+/** A broker with a `gib` GiB 'mixed' desktop (and clones), checked out to a laptop and held by a serve child. */
+async function openDesk(work: string, gib: number, desktops: number): Promise<Desk> {
+  const size = gib * 2 ** 30;
+  const dir = join(work, `live-${gib}`);
+  const image = join(work, `live-${gib}.raw`);
+  await writeTestImage(image, size, 'mixed');
+  const rig = await Rig.start(dir, image, undefined, { desktops });
+  try {
+    const env = await rig.laptop();
+    await checkout(env, 'desk');
+    const baseAtCheckout = (await chainOnDisk(env, 'desk')).base;
+    const holder = await startHolder(env, 'desk');
+    return { gib, size, rig, env, holder, baseAtCheckout, zeroChunks: new Set(), runs: [], dir, image };
+  } catch (err) {
+    await rig.close();
+    throw err;
+  }
+}
+
+/** Stops the holder if it still runs, the broker, and removes the files. */
+async function closeDesk(d: Desk): Promise<void> {
+  await d.holder.stop().catch(() => undefined);
+  await d.rig.close();
+  await rm(d.dir, { recursive: true, force: true, maxRetries: 5 });
+  await rm(d.image, { force: true });
+}
+
 const nproc = availableParallelism();
 const met = (ok: boolean) => (ok ? 'met' : 'MISSED');
 
@@ -207,32 +248,20 @@ export function liveSection(work: string, sizeGiB: number, bigGiB: number, chang
       const offToCommit: number[] = [];
       const running: number[] = [];
       const stopped: number[] = [];
-      for (const gib of [sizeGiB, bigGiB]) {
-        const size = gib * 2 ** 30;
-        const dir = join(work, `live-${gib}`);
-        const image = join(work, `live-${gib}.raw`);
-        await writeTestImage(image, size, 'mixed');
-        const small = gib === sizeGiB;
-        // The smaller rig has a clone for fio, whose random writes touch every chunk (not the chain measured here).
-        const rig = await Rig.start(dir, image, undefined, { desktops: small ? 2 : 1 });
-        try {
-          const env = await rig.laptop();
-          await checkout(env, 'desk');
-          const baseAtCheckout = (await chainOnDisk(env, 'desk')).base;
-          const zeroChunks = new Set<number>();
-          const holder = await startHolder(env, 'desk');
-          const runs: ReplicaRun[] = [];
-          try {
-            for (let i = 0; i < 10; i++) runs.push(await changeAndReplicate(rig, env, holder, size, change, zeroChunks, idlePauses));
-          } catch (err) {
-            await holder.stop().catch(() => undefined);
-            throw err;
-          }
-          replicas.set(gib, runs);
-          if (!small) {
-            await holder.stop();
-            continue;
-          }
+      // Both desktops are held at once and their replicas alternate, so the two sizes see the same load
+      // (this box's other work moves replica times by tens of percent from minute to minute).
+      const desks: Desk[] = [];
+      try {
+        for (const gib of [sizeGiB, bigGiB]) desks.push(await openDesk(work, gib, gib === sizeGiB ? 2 : 1));
+        const [smallDesk, bigDesk] = desks as [Desk, Desk];
+        for (let i = 0; i < 10; i++) {
+          for (const d of i % 2 ? [bigDesk, smallDesk] : [smallDesk, bigDesk]) d.runs.push(await changeAndReplicate(d.rig, d.env, d.holder, d.size, change, d.zeroChunks, idlePauses));
+        }
+        for (const d of desks) replicas.set(d.gib, d.runs);
+        await closeDesk(desks.pop()!);
+        {
+          // The rest on the smaller desktop only.
+          const { rig, env, holder, size, baseAtCheckout, zeroChunks } = smallDesk;
           // The chain after 10 replicas and 1% more written since the last one.
           const since = new Map<number, Buffer>();
           await writeChange(holder.socket, size, change, since);
@@ -250,7 +279,7 @@ export function liveSection(work: string, sizeGiB: number, bigGiB: number, chang
           // Check-in of the running desktop (1% written since the last replica), three times; and,
           // as the peer, the same check-in after the desktop was stopped (what a user waited before).
           for (let i = 0; i < 3; i++) {
-            const h = i === 0 ? holder : await startHolder(env, 'desk');
+            const h = i === 0 ? holder : (smallDesk.holder = await startHolder(env, 'desk'));
             if (i > 0) {
               await writeChange(h.socket, size, change, new Map());
               await upload(env, 'desk', 'replicate');
@@ -298,11 +327,9 @@ export function liveSection(work: string, sizeGiB: number, bigGiB: number, chang
           } finally {
             await hb.stop();
           }
-        } finally {
-          await rig.close();
-          await rm(dir, { recursive: true, force: true, maxRetries: 5 });
-          await rm(image, { force: true });
         }
+      } finally {
+        for (const d of desks) await closeDesk(d);
       }
 
       rows.push(...fioRows);
