@@ -16,7 +16,7 @@ export type WriteContent = 'random' | 'typical';
 const VOCAB = 'the of and to in is was for on that with as by at from desktop laptop offline user file report data system windows update log error value table page'.split(' ');
 
 /** What a guest writes: random (media, encrypted, compressed files) or typical (half such data, half text-like). */
-function writeData(kind: WriteContent): Buffer {
+export function writeData(kind: WriteContent): Buffer {
   const data = randomBytes(WRITE);
   if (kind === 'random') return data;
   let off = 0;

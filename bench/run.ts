@@ -6,6 +6,7 @@ import { concurrentSection } from './concurrent.js';
 import { enginesSection } from './engines.js';
 import { gcSection } from './gc.js';
 import { importSection } from './import.js';
+import { liveSection } from './live.js';
 import { luksCostSection } from './luks-cost.js';
 import { memorySection } from './memory.js';
 import { runtimeDiskSection } from './runtime-disk.js';
@@ -26,6 +27,7 @@ const sections: BenchSection[] = [
   enginesSection(work, 4 * scale, 0.04 * scale),
   gcSection(work, 1 * scale),
   concurrentSection(work, Math.max(64, 512 * scale)),
+  liveSection(work, 4 * scale, 16 * scale, 0.04 * scale, 10),
 ];
 
 /** How to read the tables: method and known limits (numbers stay in the tables above). */
@@ -73,6 +75,22 @@ const READING = [
   '  26.9 MB new with pages compressed at zstd level 3. 4 GiB check-out 8.1–9.2 s / 5.4–6.3 s. The host\'s speed',
   '  moves from run to run (rsync\'s same 4 GiB copy took 5.9–15 s across sessions), so only figures of one run,',
   '  or of back-to-back runs, compare.',
+  '- Live replicas (issue 24): the desktop is held by `carryon serve` in a process of its own (as `carryon run` holds it),',
+  '  so each replica is taken live: the holder freezes a new top, this process sends the frozen pages, the holder folds',
+  '  them into the base; the replica\'s time runs from `carryon replicate`\'s start to the fold\'s end. Before each',
+  '  replica the same change as the check-in rows (1% of the smaller disk, typical-content 64 KiB writes at random',
+  '  offsets) goes through the holder\'s NBD export, on both disk sizes. Bytes are the transfer server\'s received',
+  '  count; the reference is each written 64 KiB compressed alone at the pages blobs\' zstd level (3; never above',
+  '  its raw size). The chain on disk is base + top files\' allocated blocks (any leftover layer counted); its',
+  '  reference is the base a check-out of the latest restore point writes (the base at check-out plus one whole',
+  '  chunk, the base\'s cluster, per zero chunk of the image a folded write made non-zero) plus the bytes written',
+  '  since the last replica. The fio rows run on a clone of the smaller desktop (a second laptop), first alone, then',
+  '  while replicas run back to back (the fio-alone writes folded in between, so both start on an empty top).',
+  '  Its note lists the CPU seconds each process used meanwhile: the transfer server\'s share is on the laptop\'s two cores',
+  '  here only (deployed, it runs in the datacenter); the guest I/O pause is the holder\'s own figure for its freeze.',
+  '  Check-in of the running desktop: `offToCommitSeconds`, from the moment the holder is asked to stop (for',
+  '  `serve`, its power-off) to the commit; the 1% written since the last replica goes ahead as the live bulk.',
+  '  Its peer is the check-in of the same desktop stopped, after the same replica and change.',
   '- The machine has 2 cores shared with everything else running at the time; the spread column shows runs that',
   '  were disturbed. Rerun one section with `npm run bench -- <words of its title>` (other sections are kept).',
   '',
@@ -88,7 +106,9 @@ function fmt(n: number): string {
 }
 
 async function main(): Promise<void> {
-  const results: { section: string; rows: BenchRow[]; seconds: number; error?: string }[] = [];
+  // Each section keeps the machine and scale it was measured at: a filtered run refreshes some sections only.
+  const results: { section: string; rows: BenchRow[]; seconds: number; error?: string; machine?: string; scale?: number }[] = [];
+  const here = machine();
   try {
     for (const s of sections) {
       if (filter.length && !filter.some((f) => s.name.toLowerCase().includes(f.toLowerCase()))) continue;
@@ -97,10 +117,10 @@ async function main(): Promise<void> {
       let rows: BenchRow[] = [];
       try {
         rows = await s.run();
-        results.push({ section: s.name, rows, seconds: (Date.now() - t) / 1000 });
+        results.push({ section: s.name, rows, seconds: (Date.now() - t) / 1000, machine: here, scale });
       } catch (err) {
         // One failed section must not cost the others their figures.
-        results.push({ section: s.name, rows, seconds: (Date.now() - t) / 1000, error: err instanceof Error ? err.message : String(err) });
+        results.push({ section: s.name, rows, seconds: (Date.now() - t) / 1000, error: err instanceof Error ? err.message : String(err), machine: here, scale });
         process.stderr.write(`bench: section failed: ${err instanceof Error ? err.stack : String(err)}\n`);
       }
       for (const r of rows) process.stderr.write(`  ${r.name}: ${fmt(r.value)} ${r.unit}${r.peer ? ` (${r.peer.name}: ${fmt(r.peer.value)} ${r.peer.unit})` : ''}${r.note ? ` — ${r.note}` : ''}\n`);
@@ -111,33 +131,39 @@ async function main(): Promise<void> {
   // A filtered run refreshes its sections and keeps the others from the previous results.
   if (filter.length) {
     try {
-      const prev = JSON.parse(readFileSync('bench/results.json', 'utf8')) as { results: typeof results };
+      const prev = JSON.parse(readFileSync('bench/results.json', 'utf8')) as { machine: string; scale: number; results: typeof results };
       const fresh = new Map(results.map((r) => [r.section, r]));
-      const merged = prev.results.map((r) => fresh.get(r.section) ?? r);
+      const merged = prev.results.map((r) => fresh.get(r.section) ?? { ...r, machine: r.machine ?? prev.machine, scale: r.scale ?? prev.scale });
       for (const r of results) if (!prev.results.some((p) => p.section === r.section)) merged.push(r);
       results.splice(0, results.length, ...merged);
     } catch {
       // no earlier results: write what this run has
     }
   }
+  // The header names the machine and scale most sections were measured at; a section measured otherwise says so.
+  const mostCommon = <T,>(values: T[]): T => [...new Map(values.map((v) => [v, values.filter((w) => w === v).length]))].sort((a, b) => b[1] - a[1])[0]![0];
+  const headMachine = mostCommon(results.map((r) => r.machine ?? here));
+  const headScale = mostCommon(results.map((r) => r.scale ?? scale));
   const lines = [
     '# Carryon benchmarks',
     '',
-    `Machine: ${machine()}. Written by \`npm run bench\`${scale !== 1 ? ` (BENCH_SCALE=${scale})` : ''}; raw figures in \`bench/results.json\`.`,
+    `Machine: ${headMachine}. Written by \`npm run bench\`${headScale !== 1 ? ` (BENCH_SCALE=${headScale})` : ''}; raw figures in \`bench/results.json\`.`,
     'Each figure is the median of its runs; spread = (max − min) / median. Peers are measured in the same run on the same files.',
     '',
   ];
   for (const r of results) {
-    lines.push(`## ${r.section}`, '', `(${r.seconds.toFixed(0)} s)${r.error ? ` — **this section failed: ${r.error}**` : ''}`, '', '| measure | Carryon | runs | spread | peer | peer value | note |', '| --- | ---: | ---: | ---: | --- | ---: | --- |');
+    const own = [r.machine && r.machine !== headMachine ? `measured on ${r.machine}` : '', r.scale !== undefined && r.scale !== headScale ? `BENCH_SCALE=${r.scale}` : ''].filter(Boolean).join(', ');
+    lines.push(`## ${r.section}`, '', `(${r.seconds.toFixed(0)} s${own ? `; ${own}` : ''})${r.error ? ` — **this section failed: ${r.error}**` : ''}`, '', '| measure | Carryon | runs | spread | peer | peer value | note |', '| --- | ---: | ---: | ---: | --- | ---: | --- |');
     for (const row of r.rows) {
       lines.push(`| ${row.name} | ${fmt(row.value)} ${row.unit} | ${row.runs} | ${(row.spread * 100).toFixed(0)}% | ${row.peer?.name ?? ''} | ${row.peer ? `${fmt(row.peer.value)} ${row.peer.unit}` : ''} | ${row.note ?? ''} |`);
     }
     lines.push('');
   }
-  // Check-in time at the two disk sizes (same change), from the rows themselves.
+  // Check-in time at the two disk sizes (same change), from the rows themselves, at the scale the check-in sections ran.
+  const checkinScale = results.find((r) => r.section.startsWith('Check-out and check-in'))?.scale ?? scale;
   const checkinTime = (gib: number) => results.flatMap((r) => r.rows).find((row) => row.name.startsWith('check-in after') && row.name.includes('random-content') && row.name.includes(`, ${gib} GiB`) && row.name.endsWith('wall time'));
-  const small = checkinTime(4 * scale);
-  const big = checkinTime(16 * scale);
+  const small = checkinTime(4 * checkinScale);
+  const big = checkinTime(16 * checkinScale);
   if (small?.peer && big?.peer) {
     const ours = big.value / small.value;
     const theirs = big.peer.value / small.peer.value;
@@ -146,7 +172,7 @@ async function main(): Promise<void> {
   }
   lines.push(...READING);
   writeFileSync('BENCHMARKS.md', lines.join('\n'));
-  writeFileSync('bench/results.json', `${JSON.stringify({ machine: machine(), scale, results }, null, 2)}\n`);
+  writeFileSync('bench/results.json', `${JSON.stringify({ machine: headMachine, scale: headScale, results }, null, 2)}\n`);
   process.stderr.write('bench: wrote BENCHMARKS.md and bench/results.json\n');
 }
 
