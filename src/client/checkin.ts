@@ -8,7 +8,10 @@ import { addChain, StorageDaemon } from '../disk/storage-daemon.js';
 import { NbdClient } from '../nbd/client.js';
 import { pushPages, type PagesSource } from '../transfer/push-pages.js';
 import { BrokerError, JobView, type BrokerClient } from './broker-client.js';
-import { changedManifests, namedOutcome, pagesSource, touchedChunks, type ChangedChunk, type DiskReader } from './changes.js';
+import type { DesktopKeys } from './desktop-keys.js';
+import type { DeviceIdentity } from './home.js';
+import { parkBases, parkedFrom, unlinkVaultBases } from './parked.js';
+import { changedManifests, namedOutcome, pagesSource, touchedChunks, type ChangedChunk, type DiskChanges, type DiskReader } from './changes.js';
 import { commitUpload } from './commit.js';
 import { ENDED_CODES, finishEnded } from './ended-checkout.js';
 import { PushJournal } from './push-journal.js';
@@ -91,6 +94,43 @@ async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: D
   }
 }
 
+/**
+ * After a committed check-in, if policy keeps local copies: the top is merged into the base
+ * (which then equals the new snapshot; resumed on the rerun if killed: `parking` and `mergingTo`
+ * in the MACed state) and the base is parked. The caller erases the vault afterwards.
+ */
+async function parkCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, disks: DesktopDisk[], changes: DiskChanges[], snapshotId: string): Promise<boolean> {
+  if (state.config.keepLocalCopy === false || state.damaged) return false;
+  let next: DesktopState = { ...state, state: 'checking_in', parking: snapshotId };
+  for (const m of changedManifests(disks, changes)) {
+    const digest = await vault.putManifest(state.desktopId, m.manifest);
+    next = { ...next, disks: next.disks.map((d) => (d.name === m.name && d.baseDigest !== digest ? { ...d, mergingTo: digest } : d)) };
+  }
+  await vault.save(next, keys);
+  const merged = (await openDesktopDisks(vault, next, keys)).state;
+  return parkBases({ vault, device, password: await env.password(), state: merged, keys, how: 'checkin', disks: merged.disks.map((d) => ({ name: d.name, digest: d.baseDigest, known: null })), log: env.log });
+}
+
+/** A check-in killed after its commit, while its bases were merged or parked: finishes that, then erases the vault. */
+async function finishParking(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, kind: UploadKind) {
+  if (kind !== 'checkin') throw new CarryonError('wrong-state', `${state.name} was checked in already; run \`carryon checkin ${state.name}\` to finish putting its local copy away`);
+  const release = await claimOwner(vault, state.desktopId, 'checkin', env.log);
+  try {
+    if (await parkedFrom(vault, state)) {
+      await unlinkVaultBases(vault, state);
+    } else {
+      const merged = (await openDesktopDisks(vault, state, keys)).state;
+      await parkBases({ vault, device, password: await env.password(), state: merged, keys, how: 'checkin', disks: merged.disks.map((d) => ({ name: d.name, digest: d.baseDigest, known: null })), log: env.log })
+        .catch((err: unknown) => env.log(`no parked copy kept of ${state.name}: ${(err as Error).message}`));
+    }
+  } finally {
+    await release();
+  }
+  await vault.wipe(state.desktopId);
+  env.log(`checked in ${state.name} (the check-in had been committed before it was cut off)`);
+  return { snapshotId: state.parking!, changedChunks: 0, chunksSent: 0, bytesSent: 0 };
+}
+
 /** Check-in, replicate, or hand-back (the work of a check-out that ended elsewhere, as a restore point). */
 export type UploadKind = 'checkin' | 'replicate' | 'handback';
 
@@ -104,6 +144,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
     const opened0 = await vault.openKeys(device, await env.password(), found);
     const keys = opened0.keys;
     let state = opened0.state;
+    if (state.parking) return await finishParking(env, device, vault, state, keys, kind);
     const release = await claimOwner(vault, state.desktopId, kind === 'handback' ? 'checkin' : kind, env.log);
     let outcome;
     try {
@@ -138,6 +179,10 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
         }
         await vault.save(next, keys);
         await openDesktopDisks(vault, next, keys);
+      }
+      if (kind === 'checkin') {
+        // The laptop keeps the desktop as checked in (policy keepLocalCopy): the next check-out moves only what changed.
+        await parkCheckin(env, device, vault, state, keys, opened.disks, outcome.changes.changes, outcome.commit.snapshotId).catch((err: unknown) => env.log(`no parked copy kept of ${state.name}: ${(err as Error).message}`));
       }
     } finally {
       await release();
