@@ -5,6 +5,7 @@ import type { Command } from 'commander';
 import { runAgent } from '../client/agent.js';
 import { addBrokers, listBrokers, removeBrokers, splitList } from '../client/brokers.js';
 import { defaultHome, loadDevice } from '../client/home.js';
+import { listParked } from '../client/parked.js';
 import { checkout, discardLocal, enroll, exportDisk, listDesktops, listRestorePoints, loginOnline, onlineSession, release, restoreDesktop, status, upload, type ClientEnv } from '../client/ops.js';
 import { Vault } from '../client/vault.js';
 import { CarryonError } from '../core/errors.js';
@@ -191,8 +192,12 @@ export function registerClientCommands(program: Command): void {
 
   program.command('status [desktop]').description('state, lease left, dirty bytes, replication, and whether it is safe to go offline (works offline)').action(async (desktop: string | undefined, _o: unknown, cmd: Command) => {
     const { env, json } = clientEnv(cmd);
-    const st = await status(env, desktop);
-    printJsonOr(json, st, () => {
+    // Parked copies (kept after a check-in, rollback or cancel; client/parked.ts) are listed with their size, never opened.
+    const parked = (await listParked(env.home)).filter((p) => !desktop || p.name === desktop || p.desktopId === desktop);
+    const st = desktop && parked.length ? [] : await status(env, desktop);
+    printJsonOr(json, desktop && parked.length ? parked.map((p) => ({ desktop: p.name, desktopId: p.desktopId, state: 'parked', parkedAt: p.parkedAt, bytes: p.bytes })) : st, () => {
+      for (const p of parked) process.stdout.write(`${p.name}: parked copy, ${formatBytes(p.bytes)} on this laptop since ${p.parkedAt ?? '?'} (encrypted; not runnable; \`carryon checkout ${p.name}\` starts from it, \`carryon discard ${p.name} --yes\` removes it)\n`);
+      if (desktop && parked.length) return;
       table(st.map((s) => ({ desktop: s.desktop, state: s.state, lease: s.leaseDeadline ? `${s.leaseHoursLeft.toFixed(1)} h` : '-', changed: s.dirtyBytes === null ? `- (${s.refused})` : formatBytes(s.dirtyBytes), local: `${s.percentLocal.toFixed(1)}%`, replicated: s.lastReplicationAt ?? 'never', offline: s.safeOffline ? 'safe to go offline' : s.refused ? `NOT usable offline (${s.refused})` : 'NOT yet safe to go offline' })));
       for (const s of st) {
         if (s.problem) process.stdout.write(`${s.desktop}: ${s.problem}\n`);

@@ -56,7 +56,7 @@ const LayerShapeRecord = z.object({ size: z.number().int(), sha256: Hex64 });
 
 const ParkedDisk = z.object({
   name: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/),
-  /** The manifest the base equals (at the indexes in `known`, or everywhere when null). */
+  /** The manifest the base equals (at the indexes in `known`, or everywhere when null). `shape`: its structure without the LUKS header. */
   digest: Hex64,
   /** A cancelled check-out's base holds only the chunks it made durable. */
   known: z.array(z.number().int().nonnegative()).nullable(),
@@ -205,7 +205,7 @@ export async function parkBases(o: { vault: Vault; device: DeviceIdentity; passw
     const base = chainOf(vault, state, keys, d.name).files.base;
     if (!existsSync(base)) continue;
     bytes += (await chainBytesOnDisk({ base, top: '' })).base;
-    disks.push({ ...d, base, shape: await measureLayer(base) });
+    disks.push({ ...d, base, shape: await measureLayer(base, { withoutLuks: true }) });
   }
   if (disks.length === 0) return false;
   if (policy.maxGiB > 0 && bytes > policy.maxGiB * 1024 ** 3) {
@@ -356,7 +356,8 @@ async function takeOver(o: { vault: Vault; device: DeviceIdentity; password: () 
     if (manifestDigest(parked) !== p.digest) throw new CarryonError('state-tampered', `the manifest of disk ${d.name} was altered`);
     const next = await vault.manifest(state.desktopId, d.baseDigest);
     if (matchingChunks(parked, next, p.known).length === 0) continue;
-    const shape = await measureLayer(src);
+    // Its structure as parked; its LUKS header is vouched for by the old passphrase opening it (an earlier, cut-off take-over may have added the new one).
+    const shape = await measureLayer(src, { withoutLuks: true });
     if (shape.size !== p.shape.size || shape.sha256 !== p.shape.sha256) throw new CarryonError('layer-tampered', `the base of disk ${d.name} was changed since it was parked`);
     const oldSecret = deriveDiskSecret({ ...keys, vaultKey: oldVaultKey }, state.desktopId, d.name, salt, rec.layerSecrets === 'per-layer' ? 'base' : undefined);
     await addPassphrase(src, oldSecret, layerSecret(target, 'base'));

@@ -79,6 +79,14 @@ test('check-in parks the desktop; the next check-out on this device moves only t
   assert.deepEqual(parked.map((p) => p.name), ['office']);
   assert.ok(parked[0]!.bytes > 0, 'the parked copy is counted');
   assert.equal(readdirSync(join(a, 'desktops')).length, 0, 'no checked-out desktop left');
+  // Not runnable: serve, export and run refuse it, saying what it is and what to do.
+  const isParked = (e: unknown) => e instanceof CarryonError && e.code === 'parked' && /only a parked copy is here.*carryon checkout office/.test(e.message);
+  await assert.rejects(serveDesktop(env(a), 'office'), isParked);
+  await assert.rejects(exportDisk(env(a), 'office', join(broker.dir, 'nope.raw'), 'raw'), isParked);
+  const run = await runCarryon(a, ['run', 'office', '--dry-run']);
+  assert.ok(run.code !== 0 && /only a parked copy is here/.test(run.out), run.out);
+  const st = await runCarryon(a, ['status']);
+  assert.match(st.out, /office: parked copy, [\d.]+ [KMG]i?B on this laptop/, st.out);
 
   // Another device changes three chunks on the server (one whole, two in part).
   await checkout(env(b), 'office');
@@ -92,4 +100,111 @@ test('check-in parks the desktop; the next check-out on this device moves only t
   assert.equal(parkedFiles(a).length, 0, 'the parked copy became the check-out');
   assert.ok((await readDesktop(env(a), 'office')).equals(await serverDisk('office')), 'byte-identical to the server');
   await release(env(a), 'office', 'rollback');
+});
+
+test('after a rollback the next check-out moves nothing; discard, a remote wipe and revoking the device erase parked copies; keepLocalCopy off keeps none', async () => {
+  await desktop('lab');
+  const a = await laptop('laptop-c');
+  await checkout(env(a), 'lab');
+  await writeDesktop(env(a), 'lab', [{ offset: 3 * CHUNK, data: randomBytes(CHUNK) }]);
+  const rb = await release(env(a), 'lab', 'rollback');
+  assert.equal(rb.parked, true);
+  const again = await onTheWire(() => checkout(env(a), 'lab'));
+  assert.equal(again.result.chunksMoved, 0, 'the checkpoint is all here');
+  assert.equal(again.bytes, 0, 'nothing on the wire');
+  assert.ok((await readDesktop(env(a), 'lab')).equals(await serverDisk('lab')), 'the rolled-back copy is the server\'s');
+
+  // discard: the files are gone.
+  await release(env(a), 'lab', 'rollback');
+  assert.deepEqual(parkedFiles(a), [(await listParked(a))[0]!.desktopId]);
+  await discardLocal(env(a), 'lab');
+  assert.deepEqual(parkedFiles(a), [], 'discard erased it');
+
+  // A remote wipe of the desktop reaches its parked copy.
+  await checkout(env(a), 'lab');
+  await release(env(a), 'lab', 'rollback');
+  const device = (await loadDevice(a)).info.deviceId!;
+  const labId = (await listParked(a))[0]!.desktopId;
+  const q = await http.call('POST', `/v1/admin/devices/${device}/commands`, { type: 'wipe', desktopId: labId }, admin);
+  assert.equal(q.status, 201, JSON.stringify(q.body));
+  await runAgent(env(a), { once: true });
+  assert.deepEqual(parkedFiles(a), [], 'the wipe erased it');
+  const wipe = ((await http.call('GET', '/v1/admin/commands', undefined, admin)).body.commands as { type: string; state: string; result: string }[]).find((c) => c.type === 'wipe')!;
+  assert.equal(wipe.state, 'done');
+
+  // Policy keepLocalCopy off: released as before, nothing kept; the next check-out moves everything.
+  await http.call('PUT', '/v1/admin/policies/desktop/lab', { keepLocalCopy: false }, admin);
+  await checkout(env(a), 'lab');
+  await release(env(a), 'lab', 'rollback');
+  assert.deepEqual(parkedFiles(a), [], 'keepLocalCopy: false keeps none');
+  await http.call('PUT', '/v1/admin/policies/desktop/lab', { keepLocalCopy: true }, admin);
+  const full = await checkout(env(a), 'lab');
+  assert.equal(full.chunksMoved, 32);
+  await release(env(a), 'lab', 'rollback');
+  assert.equal(parkedFiles(a).length, 1);
+
+  // Revoking the device: its agent erases every parked copy at the next heartbeat.
+  const rv = await http.call('POST', `/v1/admin/devices/${device}/revoke`, {}, admin);
+  assert.equal(rv.status, 200, JSON.stringify(rv.body));
+  await runAgent(env(a), { once: true });
+  assert.deepEqual(parkedFiles(a), [], 'revocation erased it');
+});
+
+/** Runs a support child (checkout-child or upload-child) for `name` on `home` that kills itself at `point` (parked.ts's test hooks). */
+function killedAt(childFile: string, home: string, name: string, point: string): Promise<void> {
+  const child = new URL(`../support/${childFile}`, import.meta.url).pathname;
+  return new Promise((resolve, reject) => {
+    const p = spawn(process.execPath, [child, home, 'alice', 'alice-password', name], { env: { ...process.env, CARRYON_TEST_SIGKILL_PARKED: point }, stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    p.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    p.once('error', reject);
+    p.once('close', (code, signal) => (signal === 'SIGKILL' ? resolve() : reject(new Error(`${childFile} at ${point} ended with ${code ?? signal}, not SIGKILL\n${stderr}`))));
+  });
+}
+
+test('kill -9 while parking and at each step of the take-over: the rerun finishes, only the changed chunks travel, byte-identical', async () => {
+  await desktop('field');
+  const a = await laptop('laptop-d');
+  const b = await laptop('laptop-e');
+  await checkout(env(a), 'field');
+  await writeDesktop(env(a), 'field', [{ offset: 7 * CHUNK + 512, data: randomBytes(3000) }]);
+  const written = await readDesktop(env(a), 'field');
+  // Killed once the parked copy is published, before the vault is erased: the rerun only erases the vault.
+  await killedAt('upload-child.js', a, 'field', 'publish');
+  assert.equal(readdirSync(join(a, 'desktops')).length, 1, 'the vault is still there');
+  assert.equal(parkedFiles(a).length, 1, 'and so is the parked copy');
+  await upload(env(a), 'field', 'checkin');
+  assert.equal(readdirSync(join(a, 'desktops')).length, 0);
+  assert.ok((await serverDisk('field')).equals(written), 'the check-in was committed once, as written');
+
+  await checkout(env(b), 'field');
+  await writeDesktop(env(b), 'field', [{ offset: 1 * CHUNK, data: randomBytes(CHUNK) }, { offset: 11 * CHUNK + 4096, data: randomBytes(4096) }, { offset: 30 * CHUNK, data: randomBytes(CHUNK) }]);
+  await upload(env(b), 'field', 'checkin');
+
+  // Before the parked base moves (re-keyed already), then before its matching chunks are recorded.
+  const wire = broker.transfer!.stats.bytesOut;
+  await killedAt('checkout-child.js', a, 'field', 'move');
+  assert.equal(parkedFiles(a).length, 1, 'the parked copy is intact');
+  await killedAt('checkout-child.js', a, 'field', 'filled');
+  assert.equal(broker.transfer!.stats.bytesOut, wire, 'nothing was fetched yet');
+  const done = await checkout(env(a), 'field');
+  assert.equal(done.chunksMoved, 3, 'the rerun fetches only the 3 changed chunks');
+  assert.ok((await readDesktop(env(a), 'field')).equals(await serverDisk('field')), 'byte-identical after the kills');
+  await release(env(a), 'field', 'rollback');
+});
+
+test('a cancelled check-out parks what arrived: the next check-out fetches only the rest', async () => {
+  await desktop('partial');
+  const a = await laptop('laptop-f');
+  const abort = new AbortController();
+  await assert.rejects(checkout({ ...env(a), signal: abort.signal, onProgress: (_l, p) => p.chunksDone >= 8 && abort.abort() }, 'partial'));
+  const res = await release(env(a), 'partial', 'cancel');
+  assert.equal(res.parked, true);
+  const durable = (JSON.parse(readFileSync(join(a, 'parked', (await listParked(a))[0]!.desktopId, 'parked.json'), 'utf8')) as { body: string });
+  const known = (JSON.parse(durable.body) as { disks: { known: number[] }[] }).disks[0]!.known.length;
+  assert.ok(known > 0 && known < 32, `${known} chunks were durable`);
+  const rest = await checkout(env(a), 'partial');
+  assert.equal(rest.chunksMoved, 32 - known);
+  assert.ok((await readDesktop(env(a), 'partial')).equals(await serverDisk('partial')), 'byte-identical');
+  await release(env(a), 'partial', 'rollback');
 });
