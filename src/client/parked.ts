@@ -315,6 +315,14 @@ export async function adoptParked(o: { vault: Vault; device: DeviceIdentity; pas
       await eraseParked(vault.home, state.desktopId);
     }
   }
+  return finishPendingReuse(vault, state, keys, log);
+}
+
+/**
+ * A take-over a kill cut short is finished before anything opens the chain (check-out, and
+ * `run`/`serve` continuing one): until then the moved base still maps chunks that differ.
+ */
+export async function finishPendingReuse(vault: Vault, state: DesktopState, keys: DesktopKeys, log: (l: string) => void): Promise<{ reusedChunks: number; reusedBytes: number }> {
   let reusedChunks = 0;
   let reusedBytes = 0;
   for (const d of state.disks) {

@@ -1,13 +1,15 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { appendFileSync, existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { runAgent } from '../../src/client/agent.js';
 import { loadDevice } from '../../src/client/home.js';
 import { checkout, discardLocal, enroll, exportDisk, release, upload, type ClientEnv } from '../../src/client/ops.js';
-import { listParked } from '../../src/client/parked.js';
+import { createMissingLayers } from '../../src/client/disks.js';
+import { eraseParked, listParked } from '../../src/client/parked.js';
+import { Vault } from '../../src/client/vault.js';
 import { serveDesktop } from '../../src/client/serve.js';
 import { CarryonError } from '../../src/core/errors.js';
 import type { RunningBroker } from '../../src/broker/start.js';
@@ -90,7 +92,8 @@ test('check-in parks the desktop; the next check-out on this device moves only t
 
   // Another device changes three chunks on the server (one whole, two in part).
   await checkout(env(b), 'office');
-  await writeDesktop(env(b), 'office', [{ offset: 2 * CHUNK, data: randomBytes(CHUNK) }, { offset: 9 * CHUNK + 4096, data: randomBytes(4096) }, { offset: 60 * CHUNK + 8192, data: randomBytes(100) }]);
+  // ...and one random chunk becomes zeros (a hole on the server): the parked copy's data there must not show.
+  await writeDesktop(env(b), 'office', [{ offset: 2 * CHUNK, data: randomBytes(CHUNK) }, { offset: 9 * CHUNK + 4096, data: randomBytes(4096) }, { offset: 60 * CHUNK + 8192, data: randomBytes(100) }, { offset: 4 * CHUNK, data: Buffer.alloc(CHUNK) }]);
   await upload(env(b), 'office', 'checkin');
 
   logs.length = 0;
@@ -113,6 +116,26 @@ test('after a rollback the next check-out moves nothing; discard, a remote wipe 
   assert.equal(again.result.chunksMoved, 0, 'the checkpoint is all here');
   assert.equal(again.bytes, 0, 'nothing on the wire');
   assert.ok((await readDesktop(env(a), 'lab')).equals(await serverDisk('lab')), 'the rolled-back copy is the server\'s');
+
+  // A parked copy changed outside Carryon is erased, not used: its base's structure, then its record.
+  const labDir = async () => join(a, 'parked', (await listParked(a))[0]!.desktopId);
+  const tampers: [string, (dir: string) => void][] = [
+    ['base structure', (dir) => appendFileSync(join(dir, 'disks', 'disk0', 'base.qcow2'), Buffer.alloc(512))],
+    ['record', (dir) => {
+      const f = JSON.parse(readFileSync(join(dir, 'parked.json'), 'utf8')) as { body: string };
+      writeFileSync(join(dir, 'parked.json'), JSON.stringify({ ...f, body: f.body.replace('"how":"rollback"', '"how":"checkin"') }));
+    }],
+  ];
+  for (const [what, tamper] of tampers) {
+    await release(env(a), 'lab', 'rollback');
+    tamper(await labDir());
+    logs.length = 0;
+    const fresh = await checkout(env(a), 'lab');
+    assert.equal(fresh.chunksMoved, 32, `${what} changed: everything fetched again`);
+    assert.ok(logs.some((l) => /parked copy of lab cannot be used/.test(l)), logs.join('\n'));
+    assert.deepEqual(parkedFiles(a), [], `${what} changed: the parked copy is erased`);
+    assert.ok((await readDesktop(env(a), 'lab')).equals(await serverDisk('lab')), `${what} changed: byte-identical`);
+  }
 
   // discard: the files are gone.
   await release(env(a), 'lab', 'rollback');
@@ -187,8 +210,12 @@ test('kill -9 while parking and at each step of the take-over: the rerun finishe
   assert.equal(parkedFiles(a).length, 1, 'the parked copy is intact');
   await killedAt('checkout-child.js', a, 'field', 'filled');
   assert.equal(broker.transfer!.stats.bytesOut, wire, 'nothing was fetched yet');
-  const done = await checkout(env(a), 'field');
-  assert.equal(done.chunksMoved, 3, 'the rerun fetches only the 3 changed chunks');
+  // `serve` takes the interrupted check-out over: it reads the server's bytes, never a parked chunk that differs.
+  assert.ok((await readDesktop(env(a), 'field')).equals(await serverDisk('field')), 'byte-identical through serve');
+  await checkout(env(a), 'field');
+  const moved = broker.transfer!.stats.bytesOut - wire;
+  // The 3 changed chunks, some twice (a chunk serve's guest read and its block-stream both fetched, or that the check-out then wrote again): never the desktop's 32.
+  assert.ok(moved < 8 * CHUNK, `only the changed chunks travelled (${moved} bytes)`);
   assert.ok((await readDesktop(env(a), 'field')).equals(await serverDisk('field')), 'byte-identical after the kills');
   await release(env(a), 'field', 'rollback');
 });
@@ -207,4 +234,22 @@ test('a cancelled check-out parks what arrived: the next check-out fetches only 
   assert.equal(rest.chunksMoved, 32 - known);
   assert.ok((await readDesktop(env(a), 'partial')).equals(await serverDisk('partial')), 'byte-identical');
   await release(env(a), 'partial', 'rollback');
+});
+
+test('a take-over cut off before the parked base moved, whose parked copy is then gone and a new base made: nothing is marked on the new base', async () => {
+  await desktop('moved');
+  const a = await laptop('laptop-g');
+  await checkout(env(a), 'moved');
+  await release(env(a), 'moved', 'rollback');
+  const id = (await listParked(a))[0]!.desktopId;
+  await killedAt('checkout-child.js', a, 'moved', 'move');
+  // The parked copy goes (a wipe, say) and something makes a new, empty base while the take-over's record is still there.
+  await eraseParked(a, id);
+  const vault = await Vault.open(a);
+  const { state, keys } = await vault.openKeys(await loadDevice(a), 'alice-password', await vault.find('moved'));
+  await (await createMissingLayers(vault, state, keys)).tops;
+  const done = await checkout(env(a), 'moved');
+  assert.equal(done.chunksMoved, 32, 'every chunk is fetched into the new base');
+  assert.ok((await readDesktop(env(a), 'moved')).equals(await serverDisk('moved')), 'byte-identical');
+  await release(env(a), 'moved', 'rollback');
 });
