@@ -10,7 +10,7 @@ import { pushPages, type PagesSource } from '../transfer/push-pages.js';
 import { BrokerError, JobView, type BrokerClient } from './broker-client.js';
 import type { DesktopKeys } from './desktop-keys.js';
 import type { DeviceIdentity } from './home.js';
-import { parkBases, parkedFrom, unlinkVaultBases } from './parked.js';
+import { keepsLocalCopy, parkBases, parkedFrom, unlinkVaultBases } from './parked.js';
 import { changedManifests, namedOutcome, pagesSource, touchedChunks, type ChangedChunk, type DiskChanges, type DiskReader } from './changes.js';
 import { commitUpload } from './commit.js';
 import { ENDED_CODES, finishEnded } from './ended-checkout.js';
@@ -100,7 +100,7 @@ async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: D
  * in the MACed state) and the base is parked. The caller erases the vault afterwards.
  */
 async function parkCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, disks: DesktopDisk[], changes: DiskChanges[], snapshotId: string): Promise<boolean> {
-  if (state.config.keepLocalCopy === false || state.damaged) return false;
+  if (!keepsLocalCopy(state)) return false;
   let next: DesktopState = { ...state, state: 'checking_in', parking: snapshotId };
   for (const m of changedManifests(disks, changes)) {
     const digest = await vault.putManifest(state.desktopId, m.manifest);

@@ -181,6 +181,11 @@ export function parkPolicy(policy: Record<string, { value?: unknown } | undefine
   };
 }
 
+/** Whether policy (kept MACed with the check-out) lets this laptop park the desktop at all. */
+export function keepsLocalCopy(state: DesktopState): boolean {
+  return statePolicy(state).keepLocalCopy && !state.damaged;
+}
+
 function statePolicy(state: DesktopState) {
   return { keepLocalCopy: state.config.keepLocalCopy !== false, maxGiB: Number(state.config.keepLocalCopyMaxGiB ?? 0) || 0, days: Number(state.config.keepLocalCopyDays ?? 0) || 0 };
 }
@@ -198,7 +203,7 @@ export async function parkBases(o: { vault: Vault; device: DeviceIdentity; passw
   const { vault, state, keys } = o;
   const home = vault.home;
   const policy = statePolicy(state);
-  if (!policy.keepLocalCopy || state.damaged) return false;
+  if (!keepsLocalCopy(state)) return false;
   const disks = [];
   let bytes = 0;
   for (const d of o.disks) {

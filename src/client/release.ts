@@ -5,7 +5,7 @@ import { diskDir, openDesktopDisks } from './disks.js';
 import { readFilled } from './fill-direct.js';
 import { claimOwner } from './holder.js';
 import type { DeviceIdentity } from './home.js';
-import { eraseParked, findParked, parkBases } from './parked.js';
+import { eraseParked, findParked, keepsLocalCopy, parkBases } from './parked.js';
 import { onlineSession, type ClientEnv } from './session.js';
 import { Vault, type DesktopState } from './vault.js';
 
@@ -38,7 +38,7 @@ export async function release(env: ClientEnv, desktopRef: string, how: 'rollback
 
 /** Parks the bases of a released desktop: complete ones whole, a cancelled check-out's with the chunks it made durable. */
 async function parkReleased(env: ClientEnv, device: DeviceIdentity, vault: Vault, found: DesktopState, how: 'rollback' | 'cancel'): Promise<boolean> {
-  if (found.config.keepLocalCopy === false || found.damaged) return false;
+  if (!keepsLocalCopy(found)) return false;
   const password = await env.password();
   const opened = await vault.openKeys(device, password, found);
   // A replica's merge a kill interrupted is finished first: the base then holds the replica.
