@@ -145,8 +145,8 @@ export function registerClientCommands(program: Command): void {
 
   program.command('checkout <desktop>').description('check a desktop out to this laptop (resumes an interrupted one)').action(async (desktop: string, _o: unknown, cmd: Command) => {
     await transferCommand(cmd, desktop, (env) => checkout(env, desktop), (r) => {
-      const x = r as { chunksMoved: number; bytesMoved: number };
-      return `checked out: ${x.chunksMoved} chunks, ${formatBytes(x.bytesMoved)} transferred`;
+      const x = r as { chunksMoved: number; bytesMoved: number; reusedChunks?: number };
+      return `checked out: ${x.chunksMoved} chunks, ${formatBytes(x.bytesMoved)} transferred${x.reusedChunks ? `; ${x.reusedChunks} chunks were already here (parked copy)` : ''}`;
     });
   });
   const uploadHelp = { checkin: 'send changed blocks back and unlock', replicate: 'send changed blocks as a restore point, stay checked out', handback: 'after the check-out ended without your work (e.g. an admin force-unlocked it): send it as a restore point an admin can make current, then remove the local copy' };

@@ -10,7 +10,7 @@ import { pushPages, type PagesSource } from '../transfer/push-pages.js';
 import { BrokerError, JobView, type BrokerClient } from './broker-client.js';
 import type { DesktopKeys } from './desktop-keys.js';
 import type { DeviceIdentity } from './home.js';
-import { keepsLocalCopy, parkBases, parkedFrom, unlinkVaultBases } from './parked.js';
+import { keepsLocalCopy, parkBases, parkedFrom, stampParked, unlinkVaultBases } from './parked.js';
 import { changedManifests, namedOutcome, pagesSource, touchedChunks, type ChangedChunk, type DiskChanges, type DiskReader } from './changes.js';
 import { commitUpload } from './commit.js';
 import { ENDED_CODES, finishEnded } from './ended-checkout.js';
@@ -118,6 +118,7 @@ async function finishParking(env: ClientEnv, device: DeviceIdentity, vault: Vaul
   try {
     if (await parkedFrom(vault, state)) {
       await unlinkVaultBases(vault, state);
+      await stampParked(vault.home, state.desktopId, keys.vaultKey);
     } else {
       const merged = (await openDesktopDisks(vault, state, keys)).state;
       await parkBases({ vault, device, password: await env.password(), state: merged, keys, how: 'checkin', disks: merged.disks.map((d) => ({ name: d.name, digest: d.baseDigest, known: null })), log: env.log })

@@ -51,7 +51,7 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       if (found) {
         // Nothing left to do (e.g. `carryon serve` or `run` finished the download): say so, succeed.
         env.log(`${entry.name} is already checked out to this device and entirely local`);
-        return { desktopId: entry.id, checkoutId: found.checkoutId, chunksMoved: 0, bytesMoved: 0, refetched: 0 };
+        return { desktopId: entry.id, checkoutId: found.checkoutId, chunksMoved: 0, bytesMoved: 0, refetched: 0, reusedChunks: 0 };
       }
       const brokerKey = await pinnedBrokerKey(broker, device);
       const host = await hostFacts(env.home);
@@ -95,11 +95,11 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       // Repeatable: a check-out already marked transferred is answered as it is.
       await broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }), {}, { repeatable: true });
       // The bases were written here from chunks checked against their IDs: their shapes and stamps are the reference from now on.
-      // A reused parked base is not taken as verified: it lay on this disk between check-outs (the background check and check-in verify it).
-      await recordLayers(vault, { ...filled.state, state: 'checked_out', jobId: null }, keys, { verifiedBases: filled.bytesMoved > 0 && reused.reusedChunks === 0 });
+      // A reused parked base is as trusted as when it was parked: its file was not written since (parked.ts checks its stamp).
+      await recordLayers(vault, { ...filled.state, state: 'checked_out', jobId: null }, keys, { verifiedBases: filled.bytesMoved > 0 || reused.reusedChunks > 0 });
       await clearCheckoutFailure(vault, state.desktopId);
       env.log(`${entry.name} is local (${filled.bytesMoved} bytes pulled); safe to go offline`);
-      return { desktopId: entry.id, checkoutId: state.checkoutId, chunksMoved: filled.chunksMoved, bytesMoved: filled.bytesMoved, refetched: 0 };
+      return { desktopId: entry.id, checkoutId: state.checkoutId, chunksMoved: filled.chunksMoved, bytesMoved: filled.bytesMoved, refetched: 0, reusedChunks: reused.reusedChunks };
     } finally {
       // A top still being made belongs to this run: let it finish (or fail) before anyone else looks.
       await making.catch(() => undefined);

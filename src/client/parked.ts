@@ -10,6 +10,7 @@ import { deriveDeviceUserKey, deriveDiskSecret } from '../core/keys.js';
 import { decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../core/manifest.js';
 import { chainBytesOnDisk, chainFiles, checkChain, eraseChainKeys, layerSecret } from '../disk/chain.js';
 import { measureLayer } from '../disk/layer-shape.js';
+import { fileStamp } from './layer-guard.js';
 import { addPassphrase, keepOnlyPassphrase, luksUuid } from '../disk/luks-rekey.js';
 import { Qcow2BaseWriter } from '../disk/qcow2-base-writer.js';
 import { UnsupportedImage } from '../disk/qcow2-format.js';
@@ -61,6 +62,8 @@ const ParkedDisk = z.object({
   /** A cancelled check-out's base holds only the chunks it made durable. */
   known: z.array(z.number().int().nonnegative()).nullable(),
   shape: LayerShapeRecord,
+  /** The base file as parking left it: unchanged since (and so as trusted as the vault's base was), or not taken over. */
+  stamp: z.object({ size: z.number().int(), mtimeMs: z.number(), ctimeMs: z.number(), ino: z.number() }).nullable().default(null),
 });
 const ParkedRecord = z.object({
   v: z.literal(1),
@@ -230,7 +233,7 @@ export async function parkBases(o: { vault: Vault; device: DeviceIdentity; passw
     v: 1, desktopId: state.desktopId, name: state.name, user: state.user, deviceId: leaseDeviceOf(state), fromCheckout: state.checkoutId, how: o.how,
     parkedAt: new Date().toISOString(), vaultSalt: state.keys.salt, layerSecrets: state.layerSecrets,
     wrap: { salt: salt.toString('base64'), wrapped: sealEnvelope(k, keys.vaultKey, wrapAad(state.desktopId)).toString('base64'), N },
-    disks: disks.map(({ name, digest, known, shape }) => ({ name, digest, known, shape })),
+    disks: disks.map(({ name, digest, known, shape }) => ({ name, digest, known, shape, stamp: null })),
   };
   for (const d of disks) {
     await writeFileAtomic(join(tmp, 'manifests', d.digest), encodeManifest(await vault.manifest(state.desktopId, d.digest)));
@@ -244,10 +247,29 @@ export async function parkBases(o: { vault: Vault; device: DeviceIdentity; passw
   await syncDir(parkedRoot(home));
   testHooks.afterPublish?.();
   await unlinkVaultBases(vault, state);
+  await stampParked(vault.home, state.desktopId, keys.vaultKey);
   const how = o.how === 'checkin' ? 'as checked in' : o.how === 'rollback' ? 'as of its checkpoint' : 'what had arrived';
   o.log(`kept a parked copy of ${state.name} (${how}, ${(bytes / 1024 ** 2).toFixed(1)} MiB, encrypted): the next check-out on this device moves only what changed; \`carryon discard ${state.name} --yes\` removes it`);
   return true;
 }
+
+/**
+ * Records each parked base's file stamp (MACed) once nothing of ours will touch it any more (the
+ * vault's names are unlinked: that changes its ctime). A copy without stamps, or whose stamp
+ * changed, is never taken over. `vaultKey`: the old vault's.
+ */
+export async function stampParked(home: string, desktopId: string, vaultKey: Buffer, only?: { disk: string }): Promise<void> {
+  const dir = parkedDir(home, desktopId);
+  const rec = await readParked(home, desktopId);
+  if (!rec) return;
+  const disks = [];
+  for (const d of rec.disks) disks.push(!only || only.disk === d.name ? { ...d, stamp: await fileStamp(chainFiles(join(dir, 'disks', d.name)).base) } : d);
+  const body = JSON.stringify({ ...rec, disks });
+  await writeFileAtomic(join(dir, 'parked.json'), JSON.stringify({ v: 1, body, mac: parkedMac(vaultKey, desktopId, body) }));
+}
+
+const sameStamp = (a: { size: number; mtimeMs: number; ctimeMs: number; ino: number } | null, b: { size: number; mtimeMs: number; ctimeMs: number; ino: number }) =>
+  a !== null && a.size === b.size && a.mtimeMs === b.mtimeMs && a.ctimeMs === b.ctimeMs && a.ino === b.ino;
 
 /** The vault's names of bases now parked (same inode), so erasing the vault leaves them whole. */
 export async function unlinkVaultBases(vault: Vault, state: DesktopState): Promise<void> {
@@ -372,8 +394,11 @@ async function takeOver(o: { vault: Vault; device: DeviceIdentity; password: () 
     // Its structure as parked; its LUKS header is vouched for by the old passphrase opening it (an earlier, cut-off take-over may have added the new one).
     const shape = await measureLayer(src, { withoutLuks: true });
     if (shape.size !== p.shape.size || shape.sha256 !== p.shape.sha256) throw new CarryonError('layer-tampered', `the base of disk ${d.name} was changed since it was parked`);
+    if (!sameStamp(p.stamp, await fileStamp(src))) throw new CarryonError('layer-tampered', `the base of disk ${d.name} was written since it was parked`);
     const oldSecret = deriveDiskSecret({ ...keys, vaultKey: oldVaultKey }, state.desktopId, d.name, salt, rec.layerSecrets === 'per-layer' ? 'base' : undefined);
     await addPassphrase(src, oldSecret, layerSecret(target, 'base'));
+    // Our own write: the stamp follows it (a kill before this line costs the reuse, never trust).
+    await stampParked(vault.home, state.desktopId, oldVaultKey, { disk: d.name });
     await vault.putManifest(state.desktopId, parked);
     const body = JSON.stringify(Reuse.parse({ v: 1, parkedDigest: p.digest, known: p.known, uuid: await luksUuid(src) }));
     await mkdir(diskDir(vault, state.desktopId, d.name), { recursive: true, mode: 0o700 });
