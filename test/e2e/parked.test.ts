@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { appendFileSync, existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { appendFileSync, closeSync, existsSync, openSync, readdirSync, readFileSync, readSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { measureLayer } from '../../src/disk/layer-shape.js';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { runAgent } from '../../src/client/agent.js';
@@ -119,8 +120,26 @@ test('after a rollback the next check-out moves nothing; discard, a remote wipe 
 
   // A parked copy changed outside Carryon is erased, not used: its base's structure, then its record.
   const labDir = async () => join(a, 'parked', (await listParked(a))[0]!.desktopId);
-  const tampers: [string, (dir: string) => void][] = [
+  const tampers: [string, (dir: string) => void | Promise<void>][] = [
     ['base structure', (dir) => appendFileSync(join(dir, 'disks', 'disk0', 'base.qcow2'), Buffer.alloc(512))],
+    // A data cluster rewritten, the structure left as it was (XTS cannot tell; the file's stamp can).
+    ['base data', async (dir) => {
+      const file = join(dir, 'disks', 'disk0', 'base.qcow2');
+      const shape = await measureLayer(file, { withoutLuks: true });
+      const size = statSync(file).size;
+      for (let at = size - CHUNK + 4096; at > 0; at -= CHUNK) {
+        const fd = openSync(file, 'r+');
+        const was = Buffer.alloc(4096);
+        readSync(fd, was, 0, 4096, at);
+        writeSync(fd, randomBytes(4096), 0, 4096, at);
+        closeSync(fd);
+        if ((await measureLayer(file, { withoutLuks: true })).sha256 === shape.sha256) return;
+        const back = openSync(file, 'r+');
+        writeSync(back, was, 0, 4096, at);
+        closeSync(back);
+      }
+      assert.fail('no data cluster found');
+    }],
     ['record', (dir) => {
       const f = JSON.parse(readFileSync(join(dir, 'parked.json'), 'utf8')) as { body: string };
       writeFileSync(join(dir, 'parked.json'), JSON.stringify({ ...f, body: f.body.replace('"how":"rollback"', '"how":"checkin"') }));
@@ -128,7 +147,7 @@ test('after a rollback the next check-out moves nothing; discard, a remote wipe 
   ];
   for (const [what, tamper] of tampers) {
     await release(env(a), 'lab', 'rollback');
-    tamper(await labDir());
+    await tamper(await labDir());
     logs.length = 0;
     const fresh = await checkout(env(a), 'lab');
     assert.equal(fresh.chunksMoved, 32, `${what} changed: everything fetched again`);
