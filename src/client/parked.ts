@@ -8,11 +8,11 @@ import { openEnvelope, sealEnvelope } from '../core/envelope.js';
 import { CarryonError, EnvelopeError } from '../core/errors.js';
 import { deriveDeviceUserKey, deriveDiskSecret } from '../core/keys.js';
 import { decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../core/manifest.js';
-import { chainBytesOnDisk, chainFiles, checkChain, eraseChainKeys, layerSecret } from '../disk/chain.js';
+import { chainBytesOnDisk, chainFiles, eraseChainKeys, layerSecret } from '../disk/chain.js';
 import { measureLayer } from '../disk/layer-shape.js';
 import { fileStamp } from './layer-guard.js';
 import { addPassphrase, keepOnlyPassphrase, luksUuid } from '../disk/luks-rekey.js';
-import { Qcow2BaseWriter } from '../disk/qcow2-base-writer.js';
+import { unmapChunksExcept } from '../disk/qcow2-unmap.js';
 import { UnsupportedImage } from '../disk/qcow2-format.js';
 import { writeFileAtomic } from '../store/files.js';
 import type { DesktopKeys } from './desktop-keys.js';
@@ -43,7 +43,7 @@ const LayerShapeRecord = z.object({ size: z.number().int(), sha256: Hex64 });
  *
  * Taking it over (`adoptParked`): the new vault's base secret is added as a second LUKS key slot
  * (the volume key stays, so no data is rewritten), the base is moved into the new vault, every
- * cluster whose chunk differs from the new checkpoint is unmapped (so it reads as a hole, or
+ * cluster whose chunk differs from the new checkpoint is unmapped and freed (so it reads as a hole, or
  * from the remote backing `run`/`serve` give an incomplete base), the old slot is removed, and
  * the matching chunks are recorded in `filled.json`: the normal fill fetches only the rest.
  *
@@ -435,12 +435,13 @@ async function finishReuse(vault: Vault, state: DesktopState, keys: DesktopKeys,
   const matched = matchingChunks(await vault.manifest(state.desktopId, parsed.data.parkedDigest), next, parsed.data.known);
   const dir = diskDir(vault, state.desktopId, disk);
   const keep = new Set([...matched, ...(await readFilled(dir))]);
-  let writer: Qcow2BaseWriter;
+  let unmapped: number;
   try {
-    writer = await Qcow2BaseWriter.open(base, layerSecret(chain, 'base'), next.chunkSize);
+    // Metadata only (no key, no writer threads): the chunks that differ go, their clusters are freed.
+    unmapped = await unmapChunksExcept(base, next.chunkSize, keep);
   } catch (err) {
     if (!(err instanceof UnsupportedImage)) throw err;
-    // A base the Node writer cannot unmap in: made fresh instead (erased first).
+    // A base this code cannot unmap in: made fresh instead (erased first).
     log(`the parked base of ${disk} cannot be reused (${err.message}): fetching everything`);
     await eraseChainKeys({ base, top: '' });
     await rm(base, { force: true });
@@ -448,14 +449,6 @@ async function finishReuse(vault: Vault, state: DesktopState, keys: DesktopKeys,
     await rm(path, { force: true });
     return { chunks: 0, bytes: 0 };
   }
-  let unmapped: number;
-  try {
-    unmapped = await writer.unmapExcept(keep);
-  } finally {
-    await writer.close();
-  }
-  // The unmapped clusters are leaks: counted, unused; freed so QEMU's later writes reuse them.
-  if (unmapped) await checkChain(chain, ['base']);
   await keepOnlyPassphrase(base, layerSecret(chain, 'base'));
   testHooks.beforeFilled?.();
   await writeFileAtomic(join(dir, 'filled.json'), JSON.stringify({ v: 1, chunks: [...keep] }));

@@ -174,32 +174,6 @@ export class Qcow2BaseWriter {
     return mapped.map(([index]) => index);
   }
 
-  /**
-   * Unmaps every chunk not in `keep` (a parked base taken over by a new check-out: client/parked.ts),
-   * so it reads as a hole here, or from the backing that `run`/`serve` give an incomplete base. The
-   * clusters stay counted (leaks: `qemu-img check -r leaks` frees them). Durable when it returns.
-   * Call before any write. Returns how many chunks were unmapped.
-   */
-  async unmapExcept(keep: ReadonlySet<number>): Promise<number> {
-    let unmapped = 0;
-    for (let i1 = 0; i1 < this.l1.length; i1++) {
-      if ((this.l1[i1]! & OFFSET_MASK) === 0n) continue;
-      const t = await this.l2Table(i1);
-      let changed = false;
-      for (let j = 0; j < this.l2Entries; j++) {
-        const index = i1 * this.l2Entries + j;
-        if (keep.has(index) || t.table.readBigUInt64BE(j * 8) === 0n) continue;
-        t.table.writeBigUInt64BE(0n, j * 8);
-        this.placed.delete(index);
-        changed = true;
-        unmapped++;
-      }
-      if (changed) await this.writeAll(t.table, t.offset);
-    }
-    if (unmapped) await this.fh.datasync();
-    return unmapped;
-  }
-
   /** Call once no write is in flight (a write still running is failed). */
   async close(): Promise<void> {
     await this.writers.close();
