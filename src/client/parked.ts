@@ -169,9 +169,10 @@ export async function eraseAllParked(home: string): Promise<number> {
  * Half-made parked directories (a kill before the publishing rename). Their bases are hard links
  * to a vault's live base, so they are only unlinked, never erased.
  */
-async function sweepUnpublished(home: string): Promise<void> {
+async function sweepUnpublished(home: string, desktopId: string): Promise<void> {
+  // This desktop's only (the caller holds its owner claim): another desktop may be parking right now.
   for (const name of await readdir(parkedRoot(home)).catch(() => [] as string[])) {
-    if (name.startsWith('.') && name.endsWith('.new')) await rm(join(parkedRoot(home), name), { recursive: true, force: true });
+    if (name.startsWith(`.${desktopId}.`) && name.endsWith('.new')) await rm(join(parkedRoot(home), name), { recursive: true, force: true });
   }
 }
 
@@ -220,7 +221,7 @@ export async function parkBases(o: { vault: Vault; device: DeviceIdentity; passw
     o.log(`${state.name}: the local copy (${(bytes / 1024 ** 3).toFixed(2)} GiB) is larger than policy keepLocalCopyMaxGiB (${policy.maxGiB}): erased, not parked`);
     return false;
   }
-  await sweepUnpublished(home);
+  await sweepUnpublished(home, state.desktopId);
   const final = parkedDir(home, state.desktopId);
   // A copy parked before (another user's, or one a kill left behind) gives way to this one.
   await eraseParked(home, state.desktopId);
@@ -320,7 +321,7 @@ export function matchingChunks(parked: Manifest, next: Manifest, known: readonly
  */
 export async function adoptParked(o: { vault: Vault; device: DeviceIdentity; password: () => Promise<string>; state: DesktopState; keys: DesktopKeys; log: (l: string) => void }): Promise<{ reusedChunks: number; reusedBytes: number }> {
   const { vault, state, keys, log } = o;
-  await sweepUnpublished(vault.home);
+  await sweepUnpublished(vault.home, state.desktopId);
   const rec = await readParked(vault.home, state.desktopId);
   if (rec) {
     const policy = statePolicy(state);
