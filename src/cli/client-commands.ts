@@ -8,6 +8,8 @@ import { defaultHome, loadDevice } from '../client/home.js';
 import { listParked } from '../client/parked.js';
 import { checkout, discardLocal, enroll, exportDisk, listDesktops, listRestorePoints, loginOnline, onlineSession, release, restoreDesktop, status, upload, type ClientEnv } from '../client/ops.js';
 import { Vault } from '../client/vault.js';
+import { diskDir } from '../client/disks.js';
+import { readFilled } from '../client/fill-direct.js';
 import { CarryonError } from '../core/errors.js';
 import { JobView } from '../client/broker-client.js';
 import { parseRate, RateLimiter } from '../transfer/rate-limit.js';
@@ -62,6 +64,11 @@ async function transferCommand(cmd: Command, desktop: string, run: (env: ClientE
   } catch (err) {
     stop();
     if (abort.signal.aborted && existsSync(cancelMarker(env.home, desktop))) {
+      // The cancel keeps what arrived as a parked copy where the check-out's policy says so (client/parked.ts).
+      const vault = await Vault.open(env.home);
+      const held = await vault.find(desktop).catch(() => null);
+      const durable = held ? (await Promise.all(held.disks.map(async (d) => d.complete || (await readFilled(diskDir(vault, held.desktopId, d.name))).size > 0))).some(Boolean) : false;
+      if (held && held.config.keepLocalCopy !== false && durable) throw new CarryonError('cancelled', `stopped by \`carryon cancel ${desktop}\`: the desktop is unlocked; what arrived stays on this laptop as an encrypted parked copy, so \`carryon checkout ${desktop}\` fetches only the rest (\`carryon discard ${desktop} --yes\` removes it)`);
       throw new CarryonError('cancelled', `stopped by \`carryon cancel ${desktop}\`: what arrived is being removed from this laptop and the desktop unlocked; \`carryon checkout ${desktop}\` starts again from the beginning`);
     }
     if (abort.signal.aborted) throw new CarryonError('paused', `transfer stopped; what arrived is kept — run the same command again to resume`);
