@@ -184,6 +184,17 @@ test('after a rollback the next check-out moves nothing; discard, a remote wipe 
   assert.equal(full.chunksMoved, 32);
   await release(env(a), 'lab', 'rollback');
   assert.equal(parkedFiles(a).length, 1);
+  // A size bound below the copy's size: erased at the release instead of parked.
+  await http.call('PUT', '/v1/admin/policies/desktop/lab', { keepLocalCopyMaxGiB: 0.001 }, admin);
+  await checkout(env(a), 'lab');
+  logs.length = 0;
+  await release(env(a), 'lab', 'rollback');
+  assert.deepEqual(parkedFiles(a), [], 'larger than keepLocalCopyMaxGiB: not parked');
+  assert.ok(logs.some((l) => /larger than policy keepLocalCopyMaxGiB/.test(l)), logs.join('\n'));
+  await http.call('PUT', '/v1/admin/policies/desktop/lab', {}, admin);
+  await checkout(env(a), 'lab');
+  await release(env(a), 'lab', 'rollback');
+  assert.equal(parkedFiles(a).length, 1);
 
   // Revoking the device: its agent erases every parked copy at the next heartbeat.
   const rv = await http.call('POST', `/v1/admin/devices/${device}/revoke`, {}, admin);
