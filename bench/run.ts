@@ -10,6 +10,7 @@ import { liveSection } from './live.js';
 import { luksCostSection } from './luks-cost.js';
 import { memorySection } from './memory.js';
 import { runtimeDiskSection } from './runtime-disk.js';
+import { secondCheckoutSection } from './second-checkout.js';
 import type { BenchRow, BenchSection } from './types.js';
 
 // BENCH_SCALE shrinks every size (e.g. 0.125 for a quick look); 1 is what BENCHMARKS.md reports.
@@ -23,6 +24,7 @@ const sections: BenchSection[] = [
   memorySection(work, 20 * scale),
   checkinSection(work, 4 * scale, 0.04 * scale, true, ['random', 'typical']),
   checkinSection(work, 16 * scale, 0.04 * scale, false),
+  secondCheckoutSection(work, 4 * scale, 0.04 * scale),
   luksCostSection(work, 1 * scale),
   enginesSection(work, 4 * scale, 0.04 * scale),
   gcSection(work, 1 * scale),

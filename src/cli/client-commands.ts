@@ -6,8 +6,11 @@ import { runAgent } from '../client/agent.js';
 import { addBrokers, listBrokers, removeBrokers, splitList } from '../client/brokers.js';
 import { defaultHome, loadDevice } from '../client/home.js';
 import { powerOnline } from '../client/online.js';
+import { listParked } from '../client/parked.js';
 import { checkout, discardLocal, enroll, exportDisk, listDesktops, listRestorePoints, loginOnline, onlineSession, release, restoreDesktop, status, upload, type ClientEnv } from '../client/ops.js';
 import { Vault } from '../client/vault.js';
+import { diskDir } from '../client/disks.js';
+import { readFilled } from '../client/fill-direct.js';
 import { CarryonError } from '../core/errors.js';
 import { JobView } from '../client/broker-client.js';
 import { parseRate, RateLimiter } from '../transfer/rate-limit.js';
@@ -62,6 +65,11 @@ async function transferCommand(cmd: Command, desktop: string, run: (env: ClientE
   } catch (err) {
     stop();
     if (abort.signal.aborted && existsSync(cancelMarker(env.home, desktop))) {
+      // The cancel keeps what arrived as a parked copy where the check-out's policy says so (client/parked.ts).
+      const vault = await Vault.open(env.home);
+      const held = await vault.find(desktop).catch(() => null);
+      const durable = held ? (await Promise.all(held.disks.map(async (d) => d.complete || (await readFilled(diskDir(vault, held.desktopId, d.name))).size > 0))).some(Boolean) : false;
+      if (held && held.config.keepLocalCopy !== false && durable) throw new CarryonError('cancelled', `stopped by \`carryon cancel ${desktop}\`: the desktop is unlocked; what arrived stays on this laptop as an encrypted parked copy, so \`carryon checkout ${desktop}\` fetches only the rest (\`carryon discard ${desktop} --yes\` removes it)`);
       throw new CarryonError('cancelled', `stopped by \`carryon cancel ${desktop}\`: what arrived is being removed from this laptop and the desktop unlocked; \`carryon checkout ${desktop}\` starts again from the beginning`);
     }
     if (abort.signal.aborted) throw new CarryonError('paused', `transfer stopped; what arrived is kept — run the same command again to resume`);
@@ -145,8 +153,8 @@ export function registerClientCommands(program: Command): void {
 
   program.command('checkout <desktop>').description('check a desktop out to this laptop (resumes an interrupted one)').action(async (desktop: string, _o: unknown, cmd: Command) => {
     await transferCommand(cmd, desktop, (env) => checkout(env, desktop), (r) => {
-      const x = r as { chunksMoved: number; bytesMoved: number };
-      return `checked out: ${x.chunksMoved} chunks, ${formatBytes(x.bytesMoved)} transferred`;
+      const x = r as { chunksMoved: number; bytesMoved: number; reusedChunks?: number };
+      return `checked out: ${x.chunksMoved} chunks, ${formatBytes(x.bytesMoved)} transferred${x.reusedChunks ? `; ${x.reusedChunks} chunks were already here (parked copy)` : ''}`;
     });
   });
   const uploadHelp = { checkin: 'send changed blocks back and unlock', replicate: 'send changed blocks as a restore point, stay checked out', handback: 'after the check-out ended without your work (e.g. an admin force-unlocked it): send it as a restore point an admin can make current, then remove the local copy' };
@@ -199,8 +207,12 @@ export function registerClientCommands(program: Command): void {
 
   program.command('status [desktop]').description('state, lease left, dirty bytes, replication, and whether it is safe to go offline (works offline)').action(async (desktop: string | undefined, _o: unknown, cmd: Command) => {
     const { env, json } = clientEnv(cmd);
-    const st = await status(env, desktop);
-    printJsonOr(json, st, () => {
+    // Parked copies (kept after a check-in, rollback or cancel; client/parked.ts) are listed with their size, never opened.
+    const parked = (await listParked(env.home)).filter((p) => !desktop || p.name === desktop || p.desktopId === desktop);
+    const st = desktop && parked.length ? [] : await status(env, desktop);
+    printJsonOr(json, desktop && parked.length ? parked.map((p) => ({ desktop: p.name, desktopId: p.desktopId, state: 'parked', parkedAt: p.parkedAt, bytes: p.bytes })) : st, () => {
+      for (const p of parked) process.stdout.write(`${p.name}: parked copy, ${formatBytes(p.bytes)} on this laptop since ${p.parkedAt ?? '?'} (encrypted; not runnable; \`carryon checkout ${p.name}\` starts from it, \`carryon discard ${p.name} --yes\` removes it)\n`);
+      if (desktop && parked.length) return;
       table(st.map((s) => ({ desktop: s.desktop, state: s.state, lease: s.leaseDeadline ? `${s.leaseHoursLeft.toFixed(1)} h` : '-', changed: s.dirtyBytes === null ? `- (${s.refused})` : formatBytes(s.dirtyBytes), local: `${s.percentLocal.toFixed(1)}%`, replicated: s.lastReplicationAt ? `${s.lastReplicationAt}${s.lastReplicaKind ? ` (${s.lastReplicaKind})` : ''}` : 'never', offline: s.safeOffline ? 'safe to go offline' : s.refused ? `NOT usable offline (${s.refused})` : 'NOT yet safe to go offline' })));
       for (const s of st) {
         if (s.problem) process.stdout.write(`${s.desktop}: ${s.problem}\n`);

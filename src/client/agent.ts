@@ -15,11 +15,14 @@ import { upload, type ClientEnv } from './ops.js';
 import { Vault, type DesktopState } from './vault.js';
 import { AgentClockWriter } from './agent-clock.js';
 import { laptopClock } from './laptop-clock.js';
+import { eraseAllParked, eraseParked } from './parked.js';
 
 const HeartbeatReply = z.object({
   heartbeatIntervalSec: z.number().int().min(1),
   policies: z.record(z.string(), z.record(z.string(), z.unknown())),
   commands: z.array(z.object({ id: z.string(), type: z.enum(['lock', 'unlock', 'wipe', 'replicate', 'renew-lease']), desktopId: z.string().optional() })),
+  /** Set when an administrator revoked this device (older brokers leave it out). */
+  deviceRevoked: z.boolean().optional(),
 });
 
 /** Dirty bytes and percent local without the user's keys: the top layers' size and the fill state. */
@@ -87,11 +90,24 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
     return { intervalSec: 60, commands: 0, online: false };
   }
   let ran = 0;
+  // A revoked device keeps no parked copy: nothing may ever open them again here.
+  if (reply.deviceRevoked) {
+    const n = await eraseAllParked(env.home);
+    if (n) env.log(`this device was revoked: ${n} parked cop${n === 1 ? 'y' : 'ies'} erased`);
+  }
   for (const c of reply.commands) {
     const s = states.find((x) => x.desktopId === c.desktopId) ?? (c.type === 'renew-lease' ? states[0] : undefined);
     let ok = true;
     let message = '';
     try {
+      // A wipe reaches parked copies too (kept after a check-in: client/parked.ts), held or not.
+      const parkedGone = c.type === 'wipe' && c.desktopId ? await eraseParked(env.home, c.desktopId) : false;
+      if (!s && parkedGone) {
+        await broker.signedPost(`/v1/agent/commands/${c.id}/ack`, { ok: true, message: 'wipe done (parked copy erased)' }, me, z.object({ ok: z.boolean() }));
+        env.log('command wipe: ok (parked copy erased)');
+        ran++;
+        continue;
+      }
       if (!s && c.type !== 'renew-lease') throw new Error(`desktop ${c.desktopId ?? '(none)'} is not on this device`);
       const dir = s ? vault.desktopDir(s.desktopId) : '';
       if (c.type === 'lock') {

@@ -4,6 +4,9 @@ import { topExtents } from '../disk/chain.js';
 import { addChain, StorageDaemon } from '../disk/storage-daemon.js';
 import { NbdClient } from '../nbd/client.js';
 import { changedManifests, type DiskReader } from './changes.js';
+import type { DeviceIdentity } from './home.js';
+import { keepsLocalCopy, parkBases, parkedFrom, stampParked, unlinkVaultBases } from './parked.js';
+import type { DiskChanges } from './changes.js';
 import { guardUpload } from './layer-guard.js';
 import { openDesktopDisks, socketDir, type DesktopDisk } from './disks.js';
 import { claimOwner, diskPrefix, readOwner, specFor } from './holder.js';
@@ -56,6 +59,45 @@ export interface RunningCheckin {
 
 const DEFAULT_SHUTDOWN_GRACE_MS = 120_000;
 
+/**
+ * After a committed check-in, if policy keeps local copies: the top is merged into the base
+ * (which then equals the new snapshot; resumed on the rerun if killed: `parking` and `mergingTo`
+ * in the MACed state) and the base is parked. The caller erases the vault afterwards.
+ */
+async function parkCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, disks: DesktopDisk[], changes: DiskChanges[], snapshotId: string): Promise<boolean> {
+  if (!keepsLocalCopy(state)) return false;
+  let next: DesktopState = { ...state, state: 'checking_in', parking: snapshotId };
+  for (const m of changedManifests(disks, changes)) {
+    const digest = await vault.putManifest(state.desktopId, m.manifest);
+    next = { ...next, disks: next.disks.map((d) => (d.name === m.name && d.baseDigest !== digest ? { ...d, mergingTo: digest } : d)) };
+  }
+  await vault.save(next, keys);
+  const merged = (await openDesktopDisks(vault, next, keys)).state;
+  return parkBases({ vault, device, password: await env.password(), state: merged, keys, how: 'checkin', disks: merged.disks.map((d) => ({ name: d.name, digest: d.baseDigest, known: null })), log: env.log });
+}
+
+/** A check-in killed after its commit, while its bases were merged or parked: finishes that, then erases the vault. */
+async function finishParking(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, kind: UploadKind) {
+  if (kind !== 'checkin') throw new CarryonError('wrong-state', `${state.name} was checked in already; run \`carryon checkin ${state.name}\` to finish putting its local copy away`);
+  const release = await claimOwner(vault, state.desktopId, 'checkin', env.log);
+  try {
+    if (await parkedFrom(vault, state)) {
+      await unlinkVaultBases(vault, state);
+      await stampParked(vault.home, state.desktopId, keys.vaultKey);
+    } else {
+      const merged = (await openDesktopDisks(vault, state, keys)).state;
+      await parkBases({ vault, device, password: await env.password(), state: merged, keys, how: 'checkin', disks: merged.disks.map((d) => ({ name: d.name, digest: d.baseDigest, known: null })), log: env.log })
+        .catch((err: unknown) => env.log(`no parked copy kept of ${state.name}: ${(err as Error).message}`));
+    }
+  } finally {
+    await release();
+  }
+  await vault.wipe(state.desktopId);
+  env.log(`checked in ${state.name} (the check-in had been committed before it was cut off)`);
+  return { snapshotId: state.parking!, changedChunks: 0, chunksSent: 0, bytesSent: 0, replicaKind: null };
+}
+
+
 /** Check-in, replicate or hand-back: send only the chunks changed since the checkpoint, then commit. */
 export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKind, running: RunningCheckin = {}): Promise<UploadResult> {
   const { device, broker } = await onlineSession(env);
@@ -66,6 +108,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
     const opened0 = await vault.openKeys(device, await env.password(), found);
     const keys = opened0.keys;
     let state = opened0.state;
+    if (state.parking) return await finishParking(env, device, vault, state, keys, kind);
     const holder = await readOwner(vault, state.desktopId);
     if (kind === 'replicate' && (holder?.kind === 'run' || holder?.kind === 'serve')) {
       // The desktop runs: the process holding its chain takes the point in time (src/live/).
@@ -94,6 +137,10 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
         }
         await vault.save(next, keys);
         await openDesktopDisks(vault, next, keys);
+      }
+      if (kind === 'checkin') {
+        // The laptop keeps the desktop as checked in (policy keepLocalCopy): the next check-out moves only what changed.
+        await parkCheckin(env, device, vault, state, keys, opened.disks, outcome.changes.changes, outcome.commit.snapshotId).catch((err: unknown) => env.log(`no parked copy kept of ${state.name}: ${(err as Error).message}`));
       }
     } finally {
       await release();

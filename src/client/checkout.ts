@@ -26,6 +26,7 @@ import { retryTransfer } from './retry.js';
 import { rememberRate, transferLimiter } from './transfer-rate.js';
 import { activeJob, findEntry, onlineSession, pinnedBrokerKey, renewer, type ClientEnv } from './session.js';
 import { Vault, type DesktopState } from './vault.js';
+import { adoptParked, parkPolicy } from './parked.js';
 
 /**
  * Check-out: the broker locks the desktop and names the checkpoint; the laptop makes an empty
@@ -50,7 +51,7 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       if (found) {
         // Nothing left to do (e.g. `carryon serve` or `run` finished the download): say so, succeed.
         env.log(`${entry.name} is already checked out to this device and entirely local`);
-        return { desktopId: entry.id, checkoutId: found.checkoutId, chunksMoved: 0, bytesMoved: 0, refetched: 0 };
+        return { desktopId: entry.id, checkoutId: found.checkoutId, chunksMoved: 0, bytesMoved: 0, refetched: 0, reusedChunks: 0 };
       }
       const brokerKey = await pinnedBrokerKey(broker, device);
       const host = await hostFacts(env.home);
@@ -70,8 +71,8 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       state = {
         desktopId: entry.id, name: entry.name, user, checkoutId: res.checkout.id, state: 'transferring', jobId: res.job.id,
         keys: await Vault.wrapKeys(device, await env.password(), keys, entry.id), lease: res.lease,
-        config: { ...res.config, exportAllowed: res.policy?.exportAllowed?.value === true, maxTransferRateKBps: Number(res.policy?.maxTransferRateKBps?.value ?? 0) }, localConfig: await vault.readLocalConfig(entry.id), disks,
-        lastReplicationAt: null, lastReplicaKind: null, lockDigest: await mintToken(vault.desktopDir(entry.id)), layerSecrets: 'per-layer', layersOpen: false, damaged: null,
+        config: { ...res.config, exportAllowed: res.policy?.exportAllowed?.value === true, maxTransferRateKBps: Number(res.policy?.maxTransferRateKBps?.value ?? 0), ...parkPolicy(res.policy) }, localConfig: await vault.readLocalConfig(entry.id), disks,
+        lastReplicationAt: null, lastReplicaKind: null, lockDigest: await mintToken(vault.desktopDir(entry.id)), layerSecrets: 'per-layer', layersOpen: false, damaged: null, parking: null,
       };
       await vault.save(state, keys);
       await resetClock(vault, state, keys, lease.issuedAt, device);
@@ -82,6 +83,8 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
     await rememberRate(env, vault, state.desktopId);
     let making: Promise<void> = Promise.resolve();
     try {
+      // A parked copy of this desktop (kept by an earlier check-in, rollback or cancel) becomes the base: only what differs travels.
+      const reused = await adoptParked({ vault, device, password: env.password, state, keys, log: env.log });
       const { tops } = await diskFullIsClear(env.home, () => createMissingLayers(vault, state, keys));
       making = tops;
       const filled = await fillFromBroker(env, vault, broker, state, keys).catch(async (err: unknown) => {
@@ -92,10 +95,11 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       // Repeatable: a check-out already marked transferred is answered as it is.
       await broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }), {}, { repeatable: true });
       // The bases were written here from chunks checked against their IDs: their shapes and stamps are the reference from now on.
-      await recordLayers(vault, { ...filled.state, state: 'checked_out', jobId: null }, keys, { verifiedBases: filled.bytesMoved > 0 });
+      // A reused parked base is as trusted as when it was parked: its file was not written since (parked.ts checks its stamp).
+      await recordLayers(vault, { ...filled.state, state: 'checked_out', jobId: null }, keys, { verifiedBases: filled.bytesMoved > 0 || reused.reusedChunks > 0 });
       await clearCheckoutFailure(vault, state.desktopId);
       env.log(`${entry.name} is local (${filled.bytesMoved} bytes pulled); safe to go offline`);
-      return { desktopId: entry.id, checkoutId: state.checkoutId, chunksMoved: filled.chunksMoved, bytesMoved: filled.bytesMoved, refetched: 0 };
+      return { desktopId: entry.id, checkoutId: state.checkoutId, chunksMoved: filled.chunksMoved, bytesMoved: filled.bytesMoved, refetched: 0, reusedChunks: reused.reusedChunks };
     } finally {
       // A top still being made belongs to this run: let it finish (or fail) before anyone else looks.
       await making.catch(() => undefined);

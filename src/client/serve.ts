@@ -5,6 +5,7 @@ import type { DesktopKeys } from './desktop-keys.js';
 import { effectiveConfig } from './guards.js';
 import { addChain, StorageDaemon, type BlockHost } from '../disk/storage-daemon.js';
 import { BrokerClient, CheckoutView, JobView } from './broker-client.js';
+import { finishPendingReuse } from './parked.js';
 import { createMissingLayers, openDesktopDisks, settleLiveLayers, socketDir, type DesktopDisk } from './disks.js';
 import { claimOwner, diskPrefix, fillDisks, RemoteSource, specFor, type OwnerKind } from './holder.js';
 import { loadDevice } from './home.js';
@@ -61,6 +62,8 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
   try {
     env.log('preparing the encrypted disk layers…');
     const checked = await checkLayers(vault, unlocked.state, keys, env.log);
+    // A parked base taken over by a check-out that a kill cut short: its stale chunks go first (parked.ts).
+    await finishPendingReuse(vault, checked, keys, env.log);
     await (await createMissingLayers(vault, checked, keys)).tops;
     const opened = await openDesktopDisks(vault, checked, keys);
     let remote: RemoteSource | null = null;

@@ -15,6 +15,7 @@ import type { DeviceIdentity } from './home.js';
 import { readJsonFile } from './json-file.js';
 import { checkStoredCost, scryptMaxmem, vaultScryptN } from './kdf.js';
 import { releaseKeys } from './key-release.js';
+import { findParked, listParked, parkedRefusal } from './parked.js';
 import { writeFileAtomic } from '../store/files.js';
 
 const Hex64 = z.string().regex(/^[0-9a-f]{64}$/);
@@ -66,6 +67,8 @@ export const DesktopState = z.object({
   layersOpen: z.boolean().default(false),
   /** A base found not to match its checkpoint: nothing opens the disks until it is dealt with. */
   damaged: z.object({ at: z.string(), disk: z.string(), message: z.string() }).nullable().default(null),
+  /** The snapshot of a committed check-in whose bases are being merged and parked (client/parked.ts): a rerun finishes that, nothing else. */
+  parking: z.string().nullable().default(null),
 });
 export type DesktopState = z.infer<typeof DesktopState>;
 
@@ -123,7 +126,12 @@ export class Vault {
   async find(ref: string): Promise<DesktopState> {
     const all = await this.list();
     const hit = all.find((s) => s.desktopId === ref || s.name === ref) ?? (ref === '' && all.length === 1 ? all[0] : undefined);
-    if (!hit) throw new CarryonError('not-held', `desktop ${ref || '(none given)'} is not checked out to this device`);
+    if (!hit) {
+      // A parked copy (kept after a check-in, rollback or cancel) is not a checked-out desktop: say so, and what to do.
+      const parked = ref ? await findParked(this.home, ref) : null;
+      if (parked) throw parkedRefusal(parked.name);
+      throw new CarryonError('not-held', `desktop ${ref || '(none given)'} is not checked out to this device`);
+    }
     return hit;
   }
 
@@ -240,8 +248,10 @@ export class Vault {
     return m;
   }
 
+  /** Bytes the vault takes: checked-out desktops and parked copies. */
   async sizeBytes(): Promise<number> {
-    return new Promise((resolve) => execFile('du', ['-sb', join(this.home, 'desktops')], (err, out) => resolve(err ? 0 : Number(out.split('\t')[0]) || 0)));
+    const desktops = await new Promise<number>((resolve) => execFile('du', ['-sb', join(this.home, 'desktops')], (err, out) => resolve(err ? 0 : Number(out.split('\t')[0]) || 0)));
+    return desktops + (await listParked(this.home)).reduce((n, p) => n + p.bytes, 0);
   }
 
   /** The user's local settings, presentation only (display, keyboard): never policy. */
@@ -256,7 +266,7 @@ export class Vault {
  * erased them need not wait for the file system to free their blocks. Best effort: what it
  * leaves is swept by the next `Vault.open`.
  */
-function emptyTrash(trash: string): void {
+export function emptyTrash(trash: string): void {
   try {
     const child = spawn('sh', ['-c', 'for d in "$1"/*; do [ -e "$d" ] && rm -rf --one-file-system -- "$d"; done; true', 'carryon-trash', trash], { detached: true, stdio: 'ignore' });
     child.on('error', () => undefined);

@@ -23,6 +23,16 @@ export const PolicyValues = z.object({
   maxTransferRateKBps: z.number().int().min(0).max(100 * 1024 * 1024),
   /** Users may start and stop the desktop on a datacenter host (`carryon start` / `stop`); admins always may. */
   onlineAllowed: z.boolean(),
+  /**
+   * After check-in, rollback or cancel the laptop keeps the desktop's disk as a parked copy
+   * (encrypted, opened only by the next check-out), so that check-out moves only what changed
+   * (client/parked.ts). Client enforces, from the value kept MACed with the check-out.
+   */
+  keepLocalCopy: z.boolean(),
+  /** A parked copy larger than this (GiB on the laptop's disk) is erased instead; 0 = no bound. */
+  keepLocalCopyMaxGiB: z.number().min(0).max(1024 * 1024),
+  /** A parked copy older than this (days) is erased instead of reused; 0 = no bound. */
+  keepLocalCopyDays: z.number().min(0).max(3650),
 });
 export type PolicyValues = z.infer<typeof PolicyValues>;
 export type PolicyName = keyof PolicyValues;
@@ -42,6 +52,9 @@ export const POLICY_DEFAULTS: PolicyValues = {
   restoreAllowed: false,
   maxTransferRateKBps: 0,
   onlineAllowed: false,
+  keepLocalCopy: true,
+  keepLocalCopyMaxGiB: 0,
+  keepLocalCopyDays: 0,
 };
 
 export type PolicySource = 'default' | 'global' | `pool:${string}` | `desktop:${string}` | `user:${string}`;

@@ -244,7 +244,12 @@ export async function chainBytesOnDisk(files: ChainFiles): Promise<{ base: numbe
  */
 export async function eraseChainKeys(dir: string): Promise<void> {
   // Every layer file a disk may have: the base and both top names (a live replica's frozen layer included).
-  await Promise.all([join(dir, 'base.qcow2'), ...TOP_FILES.map((t) => join(dir, t))].map(async (path) => {
+  await eraseLayerKeys([join(dir, 'base.qcow2'), ...TOP_FILES.map((t) => join(dir, t))]);
+}
+
+/** Crypto-erase of the layer files named (missing ones are skipped). */
+export async function eraseLayerKeys(paths: string[]): Promise<void> {
+  await Promise.all(paths.map(async (path) => {
     let range: { offset: number; length: number } | null;
     try {
       range = await luksHeaderRange(path);

@@ -24,19 +24,23 @@ export interface LayerShapeRecord {
 /** Bounds for tables read from an untrusted header: a 64 TiB disk stays far below them. */
 const MAX_TABLE_BYTES = 64 << 20;
 
-export async function measureLayer(path: string): Promise<LayerShapeRecord> {
+/**
+ * `withoutLuks`: the LUKS header left out (a parked base whose key slots change while it is
+ * handed over, client/parked.ts; there the old passphrase opening it vouches for the header).
+ */
+export async function measureLayer(path: string, opts: { withoutLuks?: boolean } = {}): Promise<LayerShapeRecord> {
   const fh = await open(path, 'r');
   try {
     const { size } = await fh.stat();
     const hash = createHash('sha256');
-    await hashStructure(fh, size, hash);
+    await hashStructure(fh, size, hash, opts.withoutLuks ?? false);
     return { size, sha256: hash.digest('hex') };
   } finally {
     await fh.close();
   }
 }
 
-async function hashStructure(fh: FileHandle, size: number, hash: Hash): Promise<void> {
+async function hashStructure(fh: FileHandle, size: number, hash: Hash, withoutLuks: boolean): Promise<void> {
   const note = (what: string) => hash.update(`\0${what}\0`);
   const h = Buffer.alloc(104);
   const { bytesRead } = await fh.read(h, 0, h.length, 0);
@@ -66,7 +70,8 @@ async function hashStructure(fh: FileHandle, size: number, hash: Hash): Promise<
   // The header cluster holds the header, its extensions and the backing file name.
   await region('header', 0, Math.min(clusterSize, size));
   const luks = await luksHeaderRange(fh).catch(() => null);
-  if (luks) await region('luks', luks.offset, luks.length);
+  if (luks && !withoutLuks) await region('luks', luks.offset, luks.length);
+  if (luks && withoutLuks) note(`luks@${luks.offset}+${luks.length}`);
   const l1 = await region('l1', Number(h.readBigUInt64BE(40)), h.readUInt32BE(36) * 8);
   if (l1) await tablesOf(l1, (at) => region('l2', at, clusterSize));
   const refTable = await region('refcount-table', Number(h.readBigUInt64BE(48)), h.readUInt32BE(56) * clusterSize);

@@ -164,3 +164,73 @@ export function openLuksSlot(header: Buffer, material: Buffer, passphrase: Buffe
   const digest = pbkdf2Sync(key, header.subarray(132, 164), header.readUInt32BE(164), 20, layout.hash);
   return digest.equals(header.subarray(112, 132)) ? key : null;
 }
+
+/** Key slot `slot`'s material area, relative to the header's start (QEMU lays out all eight at creation). */
+export function slotMaterial(header: Buffer, slot: number): { offset: number; length: number; stripes: number } {
+  const layout = readLuksLayout(header);
+  const at = SLOT_BASE + slot * SLOT_SIZE;
+  const offset = header.readUInt32BE(at + 40) * SECTOR;
+  const stripes = header.readUInt32BE(at + 44);
+  if (offset < PHDR_SIZE || stripes !== layout.stripes) throw new LuksHeaderError(`key slot ${slot} has no usable material area`);
+  return { offset, length: Math.ceil((layout.keyBytes * stripes) / SECTOR) * SECTOR, stripes };
+}
+
+export function slotActive(header: Buffer, slot: number): boolean {
+  return header.readUInt32BE(SLOT_BASE + slot * SLOT_SIZE) === SLOT_ACTIVE;
+}
+
+/** Opens key slot `slot` with `passphrase` and checks the digest: the volume key, or null. `header` spans the whole key-material area. */
+export function openLuksSlotAt(header: Buffer, slot: number, passphrase: Buffer): Buffer | null {
+  if (!slotActive(header, slot)) return null;
+  const layout = readLuksLayout(header);
+  const at = SLOT_BASE + slot * SLOT_SIZE;
+  const { offset } = slotMaterial(header, slot);
+  const slotKey = pbkdf2Sync(passphrase, header.subarray(at + 8, at + 40), header.readUInt32BE(at + 4), layout.keyBytes, layout.hash);
+  const split = xtsSectors(slotKey, header.subarray(offset, offset + layout.keyBytes * layout.stripes), true);
+  const key = afMerge(split, layout.keyBytes, layout.stripes, layout.hash);
+  const digest = pbkdf2Sync(key, header.subarray(132, 164), header.readUInt32BE(164), 20, layout.hash);
+  return digest.equals(header.subarray(112, 132)) ? key : null;
+}
+
+/** The first active slot `passphrase` opens: its number and the volume key, or null. */
+export function openAnyLuksSlot(header: Buffer, passphrase: Buffer): { slot: number; key: Buffer } | null {
+  for (let slot = 0; slot < SLOTS; slot++) {
+    const key = openLuksSlotAt(header, slot, passphrase);
+    if (key) return { slot, key };
+  }
+  return null;
+}
+
+/**
+ * Slot `slot` filled for `passphrase` around an existing volume key: the new 592-byte header
+ * (that slot active, the others as they were) and the slot's key material.
+ */
+export function addLuksSlot(header: Buffer, slot: number, volumeKey: Buffer, passphrase: Buffer): { header: Buffer; material: Buffer; offset: number } {
+  const layout = readLuksLayout(header);
+  const { offset, stripes } = slotMaterial(header, slot);
+  const out = Buffer.from(header.subarray(0, PHDR_SIZE));
+  const at = SLOT_BASE + slot * SLOT_SIZE;
+  const salt = randomBytes(32);
+  out.writeUInt32BE(SLOT_ACTIVE, at);
+  out.writeUInt32BE(LUKS_ITERATIONS, at + 4);
+  salt.copy(out, at + 8);
+  const slotKey = pbkdf2Sync(passphrase, salt, LUKS_ITERATIONS, layout.keyBytes, layout.hash);
+  const material = xtsSectors(slotKey, afSplit(volumeKey, stripes, layout.hash));
+  slotKey.fill(0);
+  return { header: out, material, offset };
+}
+
+/** The 592-byte header with every slot but `keep` disabled (their material is the caller's to overwrite). */
+export function keepOnlySlot(header: Buffer, keep: number): Buffer {
+  const out = Buffer.from(header.subarray(0, PHDR_SIZE));
+  for (let i = 0; i < SLOTS; i++) {
+    if (i === keep) continue;
+    const at = SLOT_BASE + i * SLOT_SIZE;
+    out.writeUInt32BE(SLOT_INACTIVE, at);
+    out.writeUInt32BE(0, at + 4);
+    out.fill(0, at + 8, at + 40);
+  }
+  return out;
+}
+
+export const LUKS_SLOTS = SLOTS;

@@ -1,7 +1,7 @@
 import type { FileHandle } from 'node:fs/promises';
 import { DiskError } from './block-device.js';
 import { luksHeaderRange } from './layer-template.js';
-import { openLuksSlot, readLuksLayout } from './luks-header.js';
+import { openAnyLuksSlot } from './luks-header.js';
 
 /**
  * The parts of the qcow2 format (QEMU's docs/interop/qcow2.txt) that the Node base writer uses:
@@ -60,8 +60,8 @@ export async function layerVolumeKey(fh: FileHandle, path: string, passphrase: s
   if (!range) throw new UnsupportedImage(`${path}: no LUKS header`);
   const luks = Buffer.alloc(range.length);
   await fh.read(luks, 0, luks.length, range.offset);
-  const layout = readLuksLayout(luks);
-  const key = openLuksSlot(luks, luks.subarray(layout.slotOffset), Buffer.from(passphrase, 'utf8'));
+  // Any active slot: a parked base being re-keyed (client/parked.ts) holds its new passphrase in another slot for a while.
+  const key = openAnyLuksSlot(luks, Buffer.from(passphrase, 'utf8'))?.key;
   if (!key) throw new DiskError('state', `${path}: the passphrase does not open its LUKS header`);
   return key;
 }

@@ -105,3 +105,31 @@ test('templates are made once and checked before use: one with a foreign backing
   const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', '-U', path], { encoding: 'utf8' })) as { 'backing-filename'?: string };
   assert.equal(info['backing-filename'], undefined);
 });
+
+test('a parked layer changes passphrase in place: the new one added beside the old (both open it in QEMU, same data), then the old one removed', async () => {
+  const { addPassphrase, keepOnlyPassphrase, luksUuid } = await import('../../src/disk/luks-rekey.js');
+  const templates = join(dir, 'rekey-templates');
+  const path = join(dir, 'parked.qcow2');
+  await createLayerFromTemplate(templates, { kind: 'base', clusterSize: 256 * 1024 }, path, 4 << 20, 'old-secret');
+  assert.equal(qemuOpen(path, 'old-secret', ['write -P 0x5a 0 256k']).status, 0);
+  const uuid = await luksUuid(path);
+  await assert.rejects(addPassphrase(path, 'wrong-secret', 'new-secret'), /does not open/);
+  await addPassphrase(path, 'old-secret', 'new-secret');
+  await addPassphrase(path, 'old-secret', 'new-secret'); // run again after a kill: a no-op
+  for (const pass of ['old-secret', 'new-secret']) {
+    const r = qemuOpen(path, pass, ['read -P 0x5a 0 256k']);
+    assert.equal(r.status, 0, `${pass}: ${r.stderr}`);
+    assert.doesNotMatch(r.stdout, /Pattern verification failed/);
+  }
+  await keepOnlyPassphrase(path, 'new-secret');
+  assert.notEqual(qemuOpen(path, 'old-secret', ['read 0 4k']).status, 0, 'the old passphrase no longer opens it');
+  const r = qemuOpen(path, 'new-secret', ['read -P 0x5a 0 256k']);
+  assert.equal(r.status, 0, r.stderr);
+  assert.doesNotMatch(r.stdout, /Pattern verification failed/);
+  assert.equal(await luksUuid(path), uuid, 'the volume (and its UUID) stays');
+  // Again with the slots the other way round (the next hand-over uses the slot this one freed).
+  await addPassphrase(path, 'new-secret', 'third-secret');
+  await keepOnlyPassphrase(path, 'third-secret');
+  assert.equal(qemuOpen(path, 'third-secret', ['read -P 0x5a 0 256k']).status, 0);
+  assert.notEqual(qemuOpen(path, 'new-secret', ['read 0 4k']).status, 0);
+});

@@ -57,7 +57,8 @@ export function agentRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     await enforceCutOff(ctx, 'system', (c) => c.deviceId === device.id);
     if (device.revoked) {
       const commands = (await ctx.meta.pendingCommands(device.id)).filter((c) => c.type === 'lock' || c.type === 'wipe').map((c) => ({ id: c.id, type: c.type, desktopId: c.desktopId ?? undefined }));
-      return { heartbeatIntervalSec: (await effectivePolicy(ctx.meta, device.user, null)).heartbeatIntervalSec.value, policies: {}, commands };
+      // deviceRevoked: the laptop erases its parked copies (client/parked.ts), which no check-out can open any more.
+      return { heartbeatIntervalSec: (await effectivePolicy(ctx.meta, device.user, null)).heartbeatIntervalSec.value, policies: {}, commands, deviceRevoked: true };
     }
     const held = await stillAllowed(ctx, (c) => c.deviceId === device.id);
     for (const c of held) await ctx.meta.setCheckoutHeartbeat(c.id);

@@ -1,0 +1,85 @@
+import { randomBytes } from 'node:crypto';
+import { open, type FileHandle } from 'node:fs/promises';
+import { DiskError } from './block-device.js';
+import { luksHeaderRange } from './layer-template.js';
+import { addLuksSlot, keepOnlySlot, LUKS_SLOTS, openAnyLuksSlot, slotActive, slotMaterial } from './luks-header.js';
+
+/**
+ * A layer handed from one vault to another (a parked base, client/parked.ts) changes passphrase
+ * without rewriting its data: the volume key stays, only the key slots change. Two steps, each
+ * safe to cut at any point and to run again:
+ * 1. `addPassphrase`: the new passphrase goes into a free slot (material synced before the
+ *    header that activates it); the old one still opens the layer.
+ * 2. `keepOnlyPassphrase`: every other slot is disabled (one header write), then its material is
+ *    overwritten with random bytes.
+ * The slots used (0–5) have their fields in the header's first sector, so a header write is one
+ * 512-byte write.
+ */
+
+async function readHeader(fh: FileHandle, path: string): Promise<{ at: number; luks: Buffer }> {
+  const range = await luksHeaderRange(fh);
+  if (!range) throw new DiskError('state', `${path} has no LUKS header`);
+  const luks = Buffer.alloc(range.length);
+  const { bytesRead } = await fh.read(luks, 0, luks.length, range.offset);
+  if (bytesRead !== luks.length) throw new DiskError('state', `${path}: its LUKS header is cut short`);
+  return { at: range.offset, luks };
+}
+
+/** Adds `next` beside `current` (no-op when `next` already opens it). Throws when `current` does not open it. */
+export async function addPassphrase(path: string, current: string, next: string): Promise<void> {
+  const fh = await open(path, 'r+');
+  try {
+    const { at, luks } = await readHeader(fh, path);
+    if (openAnyLuksSlot(luks, Buffer.from(next, 'utf8'))) return;
+    const opened = openAnyLuksSlot(luks, Buffer.from(current, 'utf8'));
+    if (!opened) throw new DiskError('state', `${path}: the parked passphrase does not open its LUKS header`);
+    let free = -1;
+    // Slots 0–5 only: their fields end at byte 496, so activating one is a single-sector write.
+    for (let s = 0; s < 6 && free < 0; s++) if (!slotActive(luks, s)) free = s;
+    if (free < 0) throw new DiskError('state', `${path}: no free LUKS key slot`);
+    const { header, material, offset } = addLuksSlot(luks, free, opened.key, Buffer.from(next, 'utf8'));
+    opened.key.fill(0);
+    await fh.write(material, 0, material.length, at + offset);
+    await fh.datasync();
+    await fh.write(header, 0, 512, at);
+    await fh.datasync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Leaves only the slot `keep` opens; the others' material is overwritten. Throws when `keep` does not open it. */
+export async function keepOnlyPassphrase(path: string, keep: string): Promise<void> {
+  const fh = await open(path, 'r+');
+  try {
+    const { at, luks } = await readHeader(fh, path);
+    const opened = openAnyLuksSlot(luks, Buffer.from(keep, 'utf8'));
+    if (!opened) throw new DiskError('state', `${path}: the passphrase does not open its LUKS header`);
+    opened.key.fill(0);
+    const others = Array.from({ length: LUKS_SLOTS }, (_, s) => s).filter((s) => s !== opened.slot && slotActive(luks, s));
+    if (others.length === 0) return;
+    const header = keepOnlySlot(luks, opened.slot);
+    await fh.write(header, 0, header.length, at);
+    await fh.datasync();
+    for (const s of others) {
+      const { offset, length } = slotMaterial(luks, s);
+      await fh.write(randomBytes(length), 0, length, at + offset);
+    }
+    await fh.datasync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/** The LUKS header's UUID (random per layer, kept by a re-key): tells a moved layer from a newly made one. */
+export async function luksUuid(path: string): Promise<string> {
+  const fh = await open(path, 'r');
+  try {
+    const { luks } = await readHeader(fh, path);
+    const raw = luks.subarray(168, 208);
+    const end = raw.indexOf(0);
+    return raw.subarray(0, end < 0 ? raw.length : end).toString('latin1');
+  } finally {
+    await fh.close();
+  }
+}

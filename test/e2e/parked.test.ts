@@ -1,0 +1,285 @@
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { appendFileSync, closeSync, existsSync, openSync, readdirSync, readFileSync, readSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { measureLayer } from '../../src/disk/layer-shape.js';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { runAgent } from '../../src/client/agent.js';
+import { loadDevice } from '../../src/client/home.js';
+import { checkout, discardLocal, enroll, exportDisk, release, upload, type ClientEnv } from '../../src/client/ops.js';
+import { createMissingLayers } from '../../src/client/disks.js';
+import { eraseParked, listParked } from '../../src/client/parked.js';
+import { Vault } from '../../src/client/vault.js';
+import { serveDesktop } from '../../src/client/serve.js';
+import { CarryonError } from '../../src/core/errors.js';
+import type { RunningBroker } from '../../src/broker/start.js';
+import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
+import { readDesktop, runCarryon, writeDesktop } from '../support/laptop.js';
+import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
+
+process.env.CARRYON_SCRYPT_N = '1024';
+let broker: RunningBroker & { dir: string };
+let http: Api;
+let admin: string;
+const CHUNK = 256 * 1024;
+const logs: string[] = [];
+
+function env(home: string): ClientEnv {
+  return { home, user: 'alice', password: async () => 'alice-password', log: (l) => logs.push(l), pollMs: 20 };
+}
+
+before(async () => {
+  broker = await testBroker();
+  http = api(broker.url, broker.fingerprint);
+  admin = await http.login(ADMIN.name, ADMIN.password);
+  await http.call('POST', '/v1/admin/users', { name: 'alice', password: 'alice-password' }, admin);
+});
+after(async () => {
+  await http.close();
+  await broker.close();
+  cleanup(broker.dir);
+});
+
+/** A desktop of `mib` MiB (every other chunk random, makeImage) entitled to alice. */
+async function desktop(name: string, mib = 16): Promise<void> {
+  const image = makeImage(broker.dir, mib, `${name}.raw`);
+  const r = await http.call('POST', '/v1/admin/desktops', { name, image, config: { vcpus: 1, ramMiB: 512, minRamMiB: 256 } }, admin);
+  assert.equal(r.status, 201, JSON.stringify(r.body));
+  await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: name }, admin);
+}
+
+async function laptop(name: string): Promise<string> {
+  const home = join(broker.dir, name);
+  await enroll(env(home), broker.url, { fingerprint: broker.fingerprint, name });
+  return home;
+}
+
+async function serverDisk(name: string): Promise<Buffer> {
+  const out = join(broker.dir, `export-${randomBytes(4).toString('hex')}.raw`);
+  await exportCurrentSnapshot(broker.ctx, name, out);
+  return readFileSync(out);
+}
+
+/** Chunks and bytes the transfer server sent while `fn` ran. */
+async function onTheWire<T>(fn: () => Promise<T>): Promise<{ result: T; bytes: number }> {
+  const before = broker.transfer!.stats.bytesOut;
+  const result = await fn();
+  return { result, bytes: broker.transfer!.stats.bytesOut - before };
+}
+
+const parkedFiles = (home: string) => (existsSync(join(home, 'parked')) ? readdirSync(join(home, 'parked')).filter((n) => !n.startsWith('.')) : []);
+
+test('check-in parks the desktop; the next check-out on this device moves only the chunks changed on the server since, byte-identical', async () => {
+  await desktop('office');
+  const a = await laptop('laptop-a');
+  const b = await laptop('laptop-b');
+  const first = await onTheWire(() => checkout(env(a), 'office'));
+  assert.equal(first.result.chunksMoved, 32, 'a 16 MiB desktop, every other chunk random: 32 chunks');
+  await writeDesktop(env(a), 'office', [{ offset: 5 * CHUNK + 100, data: randomBytes(5000) }, { offset: 40 * CHUNK, data: randomBytes(CHUNK) }]);
+  await upload(env(a), 'office', 'checkin');
+  const parked = await listParked(a);
+  assert.deepEqual(parked.map((p) => p.name), ['office']);
+  assert.ok(parked[0]!.bytes > 0, 'the parked copy is counted');
+  assert.equal(readdirSync(join(a, 'desktops')).length, 0, 'no checked-out desktop left');
+  // Not runnable: serve, export and run refuse it, saying what it is and what to do.
+  const isParked = (e: unknown) => e instanceof CarryonError && e.code === 'parked' && /only a parked copy is here.*carryon checkout office/.test(e.message);
+  await assert.rejects(serveDesktop(env(a), 'office'), isParked);
+  await assert.rejects(exportDisk(env(a), 'office', join(broker.dir, 'nope.raw'), 'raw'), isParked);
+  const run = await runCarryon(a, ['run', 'office', '--dry-run']);
+  assert.ok(run.code !== 0 && /only a parked copy is here/.test(run.out), run.out);
+  const st = await runCarryon(a, ['status']);
+  assert.match(st.out, /office: parked copy, [\d.]+ [KMG]i?B on this laptop/, st.out);
+
+  // Another device changes three chunks on the server (one whole, two in part).
+  await checkout(env(b), 'office');
+  // ...and one random chunk becomes zeros (a hole on the server): the parked copy's data there must not show.
+  await writeDesktop(env(b), 'office', [{ offset: 2 * CHUNK, data: randomBytes(CHUNK) }, { offset: 9 * CHUNK + 4096, data: randomBytes(4096) }, { offset: 60 * CHUNK + 8192, data: randomBytes(100) }, { offset: 4 * CHUNK, data: Buffer.alloc(CHUNK) }]);
+  await upload(env(b), 'office', 'checkin');
+
+  logs.length = 0;
+  const second = await onTheWire(() => checkout(env(a), 'office'));
+  assert.equal(second.result.chunksMoved, 3, `only the 3 chunks changed since the parked check-in travel\n${logs.join('\n')}`);
+  assert.ok(second.bytes < 3 * CHUNK + 4096 && second.bytes >= 2 * CHUNK, `${second.bytes} bytes on the wire for 3 chunks`);
+  assert.equal(parkedFiles(a).length, 0, 'the parked copy became the check-out');
+  assert.ok((await readDesktop(env(a), 'office')).equals(await serverDisk('office')), 'byte-identical to the server');
+  await release(env(a), 'office', 'rollback');
+});
+
+test('after a rollback the next check-out moves nothing; discard, a remote wipe and revoking the device erase parked copies; keepLocalCopy off keeps none', async () => {
+  await desktop('lab');
+  const a = await laptop('laptop-c');
+  await checkout(env(a), 'lab');
+  await writeDesktop(env(a), 'lab', [{ offset: 3 * CHUNK, data: randomBytes(CHUNK) }]);
+  const rb = await release(env(a), 'lab', 'rollback');
+  assert.equal(rb.parked, true);
+  const again = await onTheWire(() => checkout(env(a), 'lab'));
+  assert.equal(again.result.chunksMoved, 0, 'the checkpoint is all here');
+  assert.equal(again.bytes, 0, 'nothing on the wire');
+  assert.ok((await readDesktop(env(a), 'lab')).equals(await serverDisk('lab')), 'the rolled-back copy is the server\'s');
+
+  // A parked copy changed outside Carryon is erased, not used: its base's structure, then its record.
+  const labDir = async () => join(a, 'parked', (await listParked(a))[0]!.desktopId);
+  const tampers: [string, (dir: string) => void | Promise<void>][] = [
+    ['base structure', (dir) => appendFileSync(join(dir, 'disks', 'disk0', 'base.qcow2'), Buffer.alloc(512))],
+    // A data cluster rewritten, the structure left as it was (XTS cannot tell; the file's stamp can).
+    ['base data', async (dir) => {
+      const file = join(dir, 'disks', 'disk0', 'base.qcow2');
+      const shape = await measureLayer(file, { withoutLuks: true });
+      const size = statSync(file).size;
+      for (let at = size - CHUNK + 4096; at > 0; at -= CHUNK) {
+        const fd = openSync(file, 'r+');
+        const was = Buffer.alloc(4096);
+        readSync(fd, was, 0, 4096, at);
+        writeSync(fd, randomBytes(4096), 0, 4096, at);
+        closeSync(fd);
+        if ((await measureLayer(file, { withoutLuks: true })).sha256 === shape.sha256) return;
+        const back = openSync(file, 'r+');
+        writeSync(back, was, 0, 4096, at);
+        closeSync(back);
+      }
+      assert.fail('no data cluster found');
+    }],
+    ['record', (dir) => {
+      const f = JSON.parse(readFileSync(join(dir, 'parked.json'), 'utf8')) as { body: string };
+      writeFileSync(join(dir, 'parked.json'), JSON.stringify({ ...f, body: f.body.replace('"how":"rollback"', '"how":"checkin"') }));
+    }],
+  ];
+  for (const [what, tamper] of tampers) {
+    await release(env(a), 'lab', 'rollback');
+    await tamper(await labDir());
+    logs.length = 0;
+    const fresh = await checkout(env(a), 'lab');
+    assert.equal(fresh.chunksMoved, 32, `${what} changed: everything fetched again`);
+    assert.ok(logs.some((l) => /parked copy of lab cannot be used/.test(l)), logs.join('\n'));
+    assert.deepEqual(parkedFiles(a), [], `${what} changed: the parked copy is erased`);
+    assert.ok((await readDesktop(env(a), 'lab')).equals(await serverDisk('lab')), `${what} changed: byte-identical`);
+  }
+
+  // discard: the files are gone.
+  await release(env(a), 'lab', 'rollback');
+  assert.deepEqual(parkedFiles(a), [(await listParked(a))[0]!.desktopId]);
+  await discardLocal(env(a), 'lab');
+  assert.deepEqual(parkedFiles(a), [], 'discard erased it');
+
+  // A remote wipe of the desktop reaches its parked copy.
+  await checkout(env(a), 'lab');
+  await release(env(a), 'lab', 'rollback');
+  const device = (await loadDevice(a)).info.deviceId!;
+  const labId = (await listParked(a))[0]!.desktopId;
+  const q = await http.call('POST', `/v1/admin/devices/${device}/commands`, { type: 'wipe', desktopId: labId }, admin);
+  assert.equal(q.status, 201, JSON.stringify(q.body));
+  await runAgent(env(a), { once: true });
+  assert.deepEqual(parkedFiles(a), [], 'the wipe erased it');
+  const wipe = ((await http.call('GET', '/v1/admin/commands', undefined, admin)).body.commands as { type: string; state: string; result: string }[]).find((c) => c.type === 'wipe')!;
+  assert.equal(wipe.state, 'done');
+
+  // Policy keepLocalCopy off: released as before, nothing kept; the next check-out moves everything.
+  await http.call('PUT', '/v1/admin/policies/desktop/lab', { keepLocalCopy: false }, admin);
+  await checkout(env(a), 'lab');
+  await release(env(a), 'lab', 'rollback');
+  assert.deepEqual(parkedFiles(a), [], 'keepLocalCopy: false keeps none');
+  await http.call('PUT', '/v1/admin/policies/desktop/lab', { keepLocalCopy: true }, admin);
+  const full = await checkout(env(a), 'lab');
+  assert.equal(full.chunksMoved, 32);
+  await release(env(a), 'lab', 'rollback');
+  assert.equal(parkedFiles(a).length, 1);
+  // A size bound below the copy's size: erased at the release instead of parked.
+  await http.call('PUT', '/v1/admin/policies/desktop/lab', { keepLocalCopyMaxGiB: 0.001 }, admin);
+  await checkout(env(a), 'lab');
+  logs.length = 0;
+  await release(env(a), 'lab', 'rollback');
+  assert.deepEqual(parkedFiles(a), [], 'larger than keepLocalCopyMaxGiB: not parked');
+  assert.ok(logs.some((l) => /larger than policy keepLocalCopyMaxGiB/.test(l)), logs.join('\n'));
+  await http.call('PUT', '/v1/admin/policies/desktop/lab', {}, admin);
+  await checkout(env(a), 'lab');
+  await release(env(a), 'lab', 'rollback');
+  assert.equal(parkedFiles(a).length, 1);
+
+  // Revoking the device: its agent erases every parked copy at the next heartbeat.
+  const rv = await http.call('POST', `/v1/admin/devices/${device}/revoke`, {}, admin);
+  assert.equal(rv.status, 200, JSON.stringify(rv.body));
+  await runAgent(env(a), { once: true });
+  assert.deepEqual(parkedFiles(a), [], 'revocation erased it');
+});
+
+/** Runs a support child (checkout-child or upload-child) for `name` on `home` that kills itself at `point` (parked.ts's test hooks). */
+function killedAt(childFile: string, home: string, name: string, point: string): Promise<void> {
+  const child = new URL(`../support/${childFile}`, import.meta.url).pathname;
+  return new Promise((resolve, reject) => {
+    const p = spawn(process.execPath, [child, home, 'alice', 'alice-password', name], { env: { ...process.env, CARRYON_TEST_SIGKILL_PARKED: point }, stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    p.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    p.once('error', reject);
+    p.once('close', (code, signal) => (signal === 'SIGKILL' ? resolve() : reject(new Error(`${childFile} at ${point} ended with ${code ?? signal}, not SIGKILL\n${stderr}`))));
+  });
+}
+
+test('kill -9 while parking and at each step of the take-over: the rerun finishes, only the changed chunks travel, byte-identical', async () => {
+  await desktop('field');
+  const a = await laptop('laptop-d');
+  const b = await laptop('laptop-e');
+  await checkout(env(a), 'field');
+  await writeDesktop(env(a), 'field', [{ offset: 7 * CHUNK + 512, data: randomBytes(3000) }]);
+  const written = await readDesktop(env(a), 'field');
+  // Killed once the parked copy is published, before the vault is erased: the rerun only erases the vault.
+  await killedAt('upload-child.js', a, 'field', 'publish');
+  assert.equal(readdirSync(join(a, 'desktops')).length, 1, 'the vault is still there');
+  assert.equal(parkedFiles(a).length, 1, 'and so is the parked copy');
+  await upload(env(a), 'field', 'checkin');
+  assert.equal(readdirSync(join(a, 'desktops')).length, 0);
+  assert.ok((await serverDisk('field')).equals(written), 'the check-in was committed once, as written');
+
+  await checkout(env(b), 'field');
+  await writeDesktop(env(b), 'field', [{ offset: 1 * CHUNK, data: randomBytes(CHUNK) }, { offset: 11 * CHUNK + 4096, data: randomBytes(4096) }, { offset: 30 * CHUNK, data: randomBytes(CHUNK) }]);
+  await upload(env(b), 'field', 'checkin');
+
+  // Before the parked base moves (re-keyed already), then before its matching chunks are recorded.
+  const wire = broker.transfer!.stats.bytesOut;
+  await killedAt('checkout-child.js', a, 'field', 'move');
+  assert.equal(parkedFiles(a).length, 1, 'the parked copy is intact');
+  await killedAt('checkout-child.js', a, 'field', 'filled');
+  assert.equal(broker.transfer!.stats.bytesOut, wire, 'nothing was fetched yet');
+  // `serve` takes the interrupted check-out over: it reads the server's bytes, never a parked chunk that differs.
+  assert.ok((await readDesktop(env(a), 'field')).equals(await serverDisk('field')), 'byte-identical through serve');
+  await checkout(env(a), 'field');
+  const moved = broker.transfer!.stats.bytesOut - wire;
+  // The 3 changed chunks, some twice (a chunk serve's guest read and its block-stream both fetched, or that the check-out then wrote again): never the desktop's 32.
+  assert.ok(moved < 8 * CHUNK, `only the changed chunks travelled (${moved} bytes)`);
+  assert.ok((await readDesktop(env(a), 'field')).equals(await serverDisk('field')), 'byte-identical after the kills');
+  await release(env(a), 'field', 'rollback');
+});
+
+test('a cancelled check-out parks what arrived: the next check-out fetches only the rest', async () => {
+  await desktop('partial');
+  const a = await laptop('laptop-f');
+  const abort = new AbortController();
+  await assert.rejects(checkout({ ...env(a), signal: abort.signal, onProgress: (_l, p) => p.chunksDone >= 8 && abort.abort() }, 'partial'));
+  const res = await release(env(a), 'partial', 'cancel');
+  assert.equal(res.parked, true);
+  const durable = (JSON.parse(readFileSync(join(a, 'parked', (await listParked(a))[0]!.desktopId, 'parked.json'), 'utf8')) as { body: string });
+  const known = (JSON.parse(durable.body) as { disks: { known: number[] }[] }).disks[0]!.known.length;
+  assert.ok(known > 0 && known < 32, `${known} chunks were durable`);
+  const rest = await checkout(env(a), 'partial');
+  assert.equal(rest.chunksMoved, 32 - known);
+  assert.ok((await readDesktop(env(a), 'partial')).equals(await serverDisk('partial')), 'byte-identical');
+  await release(env(a), 'partial', 'rollback');
+});
+
+test('a take-over cut off before the parked base moved, whose parked copy is then gone and a new base made: nothing is marked on the new base', async () => {
+  await desktop('moved');
+  const a = await laptop('laptop-g');
+  await checkout(env(a), 'moved');
+  await release(env(a), 'moved', 'rollback');
+  const id = (await listParked(a))[0]!.desktopId;
+  await killedAt('checkout-child.js', a, 'moved', 'move');
+  // The parked copy goes (a wipe, say) and something makes a new, empty base while the take-over's record is still there.
+  await eraseParked(a, id);
+  const vault = await Vault.open(a);
+  const { state, keys } = await vault.openKeys(await loadDevice(a), 'alice-password', await vault.find('moved'));
+  await (await createMissingLayers(vault, state, keys)).tops;
+  const done = await checkout(env(a), 'moved');
+  assert.equal(done.chunksMoved, 32, 'every chunk is fetched into the new base');
+  assert.ok((await readDesktop(env(a), 'moved')).equals(await serverDisk('moved')), 'byte-identical');
+  await release(env(a), 'moved', 'rollback');
+});
