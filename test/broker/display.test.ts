@@ -9,6 +9,7 @@ import { startHost, type RunningHost } from '../../src/host/service.js';
 import { pinnedTlsSocket } from '../../src/net/pinned-agent.js';
 import { request } from 'undici';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
+import { axe, launch, noBrowser, screenshotDir } from '../web/browser.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api, type TestBroker } from './harness.js';
 
 /**
@@ -188,6 +189,8 @@ test('the host\'s dial-back: a wrong secret (401) or token (403) is refused; the
   await broker.ctx.hosts.register({ id: 'mute', displayUrl: null, vcpus: 1, ramMiB: 512, maxDesktops: 1, accel: 'tcg', heartbeatSec: 60 });
   const id2 = (await broker.ctx.meta.getDesktop('screen2'))!.id;
   assert.ok(await broker.ctx.hosts.place({ desktopId: id2, hostId: 'mute', snapshotId: null, vcpus: 1, ramMiB: 128 }));
+  const starting = await connect(`/v1/desktops/${id2}/display`, alice);
+  assert.deepEqual(['ws' in starting, 'status' in starting && starting.status, 'body' in starting && starting.body.error], [false, 409, 'not-running'], 'placed but not running yet');
   assert.ok(await broker.ctx.hosts.transition(id2, ['starting'], 'running'));
   const relay = displayRelay(broker.ctx);
   const dial = async (session: string, headers: Record<string, string>, hostId = 'mute') => {
@@ -228,5 +231,46 @@ test('the host\'s dial-back: a wrong secret (401) or token (403) is refused; the
   } finally {
     relay.pairingTimeoutMs = 10_000;
     await broker.ctx.hosts.unplace(id2, ['running']);
+  }
+});
+
+test('in a browser: Open on My desktops shows the screen (noVNC over the broker, under the console\'s CSP), Ctrl-Alt-Del is offered, axe finds nothing; a `carryon open` link works once', { skip: noBrowser }, async () => {
+  const browser = await launch();
+  try {
+    // The real CSP (no bypass): noVNC's WebSocket and canvas must work under it.
+    const strict = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1280, height: 800 } });
+    const page = await strict.newPage();
+    page.setDefaultTimeout(20_000);
+    await page.goto(broker.url);
+    await page.getByLabel('User name').fill('alice');
+    await page.getByLabel('Password').fill('alice-password');
+    await page.getByRole('button', { name: 'Log in' }).click();
+    await page.getByRole('button', { name: 'Open the screen of screen1' }).click();
+    await page.getByRole('status').filter({ hasText: 'Connected' }).waitFor();
+    const canvas = page.locator('.display-screen canvas');
+    assert.ok(((await canvas.boundingBox())?.width ?? 0) > 0, 'the guest screen is drawn, scaled into the page');
+    assert.ok(await page.getByRole('button', { name: 'Send Ctrl-Alt-Del' }).isEnabled());
+    assert.ok(!page.url().includes('ticket='), 'the spent ticket left the address bar');
+    const open = (await http.call('GET', '/v1/admin/displays', undefined, admin)).body.displays as { user: string; via: string }[];
+    assert.deepEqual(open.map((s) => [s.user, s.via]), [['alice', 'ticket']]);
+    await page.getByRole('button', { name: 'Send Ctrl-Alt-Del' }).click();
+    await page.screenshot({ path: join(screenshotDir(broker.dir), 'display.png') });
+    await strict.close();
+
+    // A `carryon open` link, in a fresh browser (no console login): works once; axe on the page.
+    const link = String((await ticketFor('screen1')).body.url);
+    const relaxed = await browser.newContext({ ignoreHTTPSErrors: true, bypassCSP: true, viewport: { width: 1280, height: 800 } });
+    const p2 = await relaxed.newPage();
+    p2.setDefaultTimeout(20_000);
+    await p2.goto(link);
+    await p2.getByRole('status').filter({ hasText: 'Connected' }).waitFor();
+    const v = await axe(p2);
+    assert.deepEqual(v, [], `axe on the display page: ${JSON.stringify(v, null, 1)}`);
+    const p3 = await relaxed.newPage();
+    await p3.goto(link);
+    await p3.getByRole('status').filter({ hasText: 'could not be opened' }).waitFor();
+    await relaxed.close();
+  } finally {
+    await browser.close();
   }
 });
