@@ -7,6 +7,8 @@ import WebSocket from 'ws';
 import { displayRelay } from '../../src/broker/display/relay.js';
 import { startHost, type RunningHost } from '../../src/host/service.js';
 import { pinnedTlsSocket } from '../../src/net/pinned-agent.js';
+import { enroll, type ClientEnv } from '../../src/client/ops.js';
+import { openDisplayLink } from '../../src/cli/open-display.js';
 import { request } from 'undici';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
 import { axe, launch, noBrowser, screenshotDir } from '../web/browser.js';
@@ -273,4 +275,21 @@ test('in a browser: Open on My desktops shows the screen (noVNC over the broker,
   } finally {
     await browser.close();
   }
+});
+
+test('`carryon open` (from an enrolled laptop) prints a one-time link: its ticket opens the screen once', async () => {
+  const home = mkdtempSync(join(tmpdir(), 'carryon-home-'));
+  dirs.push(home);
+  const env: ClientEnv = { home, user: 'alice', password: async () => 'alice-password', log: () => undefined, pollMs: 50 };
+  await enroll(env, broker.url, { fingerprint: broker.fingerprint, name: 'alice-laptop' });
+  const link = await openDisplayLink(env, 'screen1');
+  const id1 = (await broker.ctx.meta.getDesktop('screen1'))!.id;
+  const m = new RegExp(`^${broker.url}/#/display/${id1}\\?ticket=([A-Za-z0-9_-]{43})$`).exec(link.url);
+  assert.ok(m, link.url);
+  const d = opened(await connect(`/v1/desktops/${id1}/display?ticket=${m[1]}`));
+  assert.equal((await d.first).toString('latin1'), 'RFB 003.008\n');
+  d.ws.close(1000);
+  await d.closed;
+  const again = await connect(`/v1/desktops/${id1}/display?ticket=${m[1]}`);
+  assert.deepEqual(['status' in again && again.status, 'body' in again && again.body.error], [403, 'ticket-used']);
 });
