@@ -71,6 +71,14 @@ const hostCall = async (path: string, body: unknown, withSecret: string) => {
   }
 };
 
+async function until<T>(what: string, probe: () => Promise<T | null | undefined | false>, ms = 5000): Promise<T> {
+  for (const end = Date.now() + ms; Date.now() < end; await new Promise((r) => setTimeout(r, 50))) {
+    const v = await probe();
+    if (v) return v;
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
 interface Opened { ws: WebSocket; first: Promise<Buffer>; closed: Promise<{ code: number; reason: string }> }
 /** A browser's WebSocket to `path` (pinned TLS, as the console's origin is): its first message and its close. */
 async function connect(path: string, bearer?: string): Promise<Opened | { status: number; body: Record<string, unknown> }> {
@@ -124,13 +132,7 @@ test('a one-time ticket opens the desktop\'s screen: the RFB greeting of the hos
   for (const end = Date.now() + 5000; host!.openDisplays() > 0 && Date.now() < end; ) await new Promise((r) => setTimeout(r, 50));
   assert.equal(host!.openDisplays(), 0, "the host's side closed with the browser's");
   assert.match((await events('display-open')).find((e) => e.outcome === 'ok')!.detail ?? '', /^session [0-9a-f-]+ via ticket, host hd$/);
-  const closeRow = await (async () => {
-    for (const end = Date.now() + 5000; Date.now() < end; await new Promise((r) => setTimeout(r, 50))) {
-      const row = (await events('display-close'))[0];
-      if (row) return row;
-    }
-    return assert.fail('no display-close row');
-  })();
+  const closeRow = await until('display-close audited', async () => (await events('display-close'))[0]);
   assert.equal(closeRow.actor, 'alice');
   assert.match(closeRow.detail ?? '', /of alice \(via ticket, host hd\): \d+\.\d s, 14 bytes to the browser, 12 to the host; the browser closed the display/);
 });
@@ -182,7 +184,7 @@ test('the console session opens it too; an admin ends it: both sockets close (au
   for (const end = Date.now() + 5000; host!.openDisplays() > 0 && Date.now() < end; ) await new Promise((r) => setTimeout(r, 50));
   assert.equal(host!.openDisplays(), 0, "the host's socket closed too");
   assert.equal((await http.call('DELETE', `/v1/admin/displays/${s!.id}`, undefined, admin)).status, 404);
-  assert.ok((await events('display-close')).some((e) => e.actor === ADMIN.name && new RegExp(`session ${s!.id} of alice \\(via session, host hd\\).*ended by administrator`).test(e.detail ?? '')));
+  await until('the admin\'s end audited', async () => (await events('display-close')).some((e) => e.actor === ADMIN.name && new RegExp(`session ${s!.id} of alice \\(via session, host hd\\).*ended by administrator`).test(e.detail ?? '')));
 });
 
 test('the host\'s dial-back: a wrong secret (401) or token (403) is refused; the right token pairs once (a second dial 409); the host closing closes the browser; a host that never dials fails the browser after the pairing timeout', async () => {
@@ -227,9 +229,9 @@ test('the host\'s dial-back: a wrong secret (401) or token (403) is refused; the
     relay.pairingTimeoutMs = 300;
     const late = opened(await connect(`/v1/desktops/${id2}/display`, alice));
     assert.deepEqual(await late.closed, { code: 4008, reason: 'the desktop host did not connect within 0.3 s' });
-    const failed = (await broker.ctx.hosts.commandsOfType('display')).filter((x) => x.hostId === 'mute').at(-1)!;
-    assert.deepEqual([failed.state, failed.result], ['failed', 'the desktop host did not connect within 0.3 s']);
-    assert.ok((await events('display-close')).some((e) => e.outcome === 'failed' && /did not connect within/.test(e.detail ?? '')));
+    // The browser is told first; the command's failure and the audit row follow.
+    await until('the late display failed and audited', async () => (await broker.ctx.hosts.commandsOfType('display')).some((x) => x.hostId === 'mute' && x.state === 'failed' && x.result === 'the desktop host did not connect within 0.3 s')
+      && (await events('display-close')).some((e) => e.outcome === 'failed' && /did not connect within 0\.3 s/.test(e.detail ?? '')));
   } finally {
     relay.pairingTimeoutMs = 10_000;
     await broker.ctx.hosts.unplace(id2, ['running']);
