@@ -187,7 +187,7 @@ test('the console session opens it too; an admin ends it: both sockets close (au
   await until('the admin\'s end audited', async () => (await events('display-close')).some((e) => e.actor === ADMIN.name && new RegExp(`session ${s!.id} of alice \\(via session, host hd\\).*ended by administrator`).test(e.detail ?? '')));
 });
 
-test('the host\'s dial-back: a wrong secret (401) or token (403) is refused; the right token pairs once (a second dial 409); the host closing closes the browser; a host that never dials fails the browser after the pairing timeout', async () => {
+test('the host\'s dial-back: a wrong secret (401) or token (403) is refused; the right token pairs once (a second dial 409); the host closing closes the browser; a host that never dials fails the browser after the pairing timeout; a host that cannot open the screen says why (4011); a browser flooding before pairing is closed (1009)', async () => {
   // A host that only speaks the protocol (this test plays it), with screen2 placed there as running.
   const secret = readFileSync(join(broker.dir, 'host.secret'), 'utf8').trim();
   await broker.ctx.hosts.register({ id: 'mute', displayUrl: null, vcpus: 1, ramMiB: 512, maxDesktops: 1, accel: 'tcg', heartbeatSec: 60 });
@@ -232,6 +232,17 @@ test('the host\'s dial-back: a wrong secret (401) or token (403) is refused; the
     // The browser is told first; the command's failure and the audit row follow.
     await until('the late display failed and audited', async () => (await broker.ctx.hosts.commandsOfType('display')).some((x) => x.hostId === 'mute' && x.state === 'failed' && x.result === 'the desktop host did not connect within 0.3 s')
       && (await events('display-close')).some((e) => e.outcome === 'failed' && /did not connect within 0\.3 s/.test(e.detail ?? '')));
+    relay.pairingTimeoutMs = 10_000;
+
+    // The host says it cannot open the screen: the browser is told why.
+    const refusedByHost = opened(await connect(`/v1/desktops/${id2}/display`, alice));
+    const [c2] = await commands();
+    assert.equal((await hostCall(`/v1/hosts/mute/commands/${c2!.id}`, { ok: false, message: 'the desktop is not running on this host' }, secret)).status, 200);
+    assert.deepEqual(await refusedByHost.closed, { code: 4011, reason: 'the desktop host could not open the screen: the desktop is not running on this host' });
+    // A browser that sends more than 64 KiB before its host is there.
+    const flood = opened(await connect(`/v1/desktops/${id2}/display`, alice));
+    flood.ws.send(Buffer.alloc(65 * 1024));
+    assert.deepEqual(await flood.closed, { code: 1009, reason: 'too much sent before the desktop host connected' });
   } finally {
     relay.pairingTimeoutMs = 10_000;
     await broker.ctx.hosts.unplace(id2, ['running']);
