@@ -263,7 +263,15 @@ test('in a browser: Open on My desktops shows the screen (noVNC over the broker,
     await page.getByRole('button', { name: 'Open the screen of screen1' }).click();
     await page.getByRole('status').filter({ hasText: 'Connected' }).waitFor();
     const canvas = page.locator('.display-screen canvas');
-    assert.ok(((await canvas.boundingBox())?.width ?? 0) > 0, 'the guest screen is drawn, scaled into the page');
+    assert.ok(((await canvas.boundingBox())?.width ?? 0) > 0, 'the guest screen is scaled into the page');
+    // QEMU's own screen of a paused guest ("Guest has not initialized the display (yet).") arrives as pixels.
+    await page.waitForFunction(() => {
+      const c = document.querySelector('.display-screen canvas') as HTMLCanvasElement | null;
+      const d = c?.getContext('2d')?.getImageData(0, 0, c.width, c.height).data;
+      let lit = 0;
+      for (let i = 0; d && i < d.length; i += 4) if (d[i]! + d[i + 1]! + d[i + 2]! > 300) lit++;
+      return lit > 500;
+    });
     assert.ok(await page.getByRole('button', { name: 'Send Ctrl-Alt-Del' }).isEnabled());
     assert.ok(!page.url().includes('ticket='), 'the spent ticket left the address bar');
     const open = (await http.call('GET', '/v1/admin/displays', undefined, admin)).body.displays as { user: string; via: string }[];
