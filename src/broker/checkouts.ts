@@ -17,7 +17,7 @@ export interface HostFacts {
   freeDiskBytes: number;
 }
 
-export type Action = 'checkout' | 'cancel' | 'checkin' | 'replicate' | 'rollback' | 'start' | 'stop';
+export type Action = 'checkout' | 'cancel' | 'checkin' | 'replicate' | 'rollback' | 'start' | 'stop' | 'open';
 
 /** Exactly what `user` may do with `desktop` now (drives every client's menus). */
 export async function allowedActions(ctx: BrokerContext, user: string, desktop: DesktopRow): Promise<Action[]> {
@@ -27,7 +27,8 @@ export async function allowedActions(ctx: BrokerContext, user: string, desktop: 
     // On a desktop host: stop it while it runs, start it again where it is kept; no check-out meanwhile (hosts/power.ts).
     const online = policy.onlineAllowed.value;
     const placed = await ctx.hosts.placement(desktop.id);
-    if (placed) return !online ? [] : placed.state === 'running' ? ['stop'] : placed.state === 'stopped' ? ['start'] : [];
+    // Its screen (the console's Open, `carryon open`) for every entitled user while it runs.
+    if (placed) return placed.state === 'running' ? [...(online ? (['stop'] as const) : []), 'open'] : online && placed.state === 'stopped' ? ['start'] : [];
     return [...(policy.checkoutAllowed.value && desktop.currentSnapshot ? (['checkout'] as const) : []), ...(online && desktop.currentSnapshot ? (['start'] as const) : [])];
   }
   if (active.user !== user) return [];

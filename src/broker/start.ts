@@ -38,6 +38,9 @@ import { pushRevocations } from './transfers/revoke-push.js';
 import { SchedulerStore } from './transfers/scheduler-store.js';
 import { HostStore } from './hosts/store.js';
 import { hostAdminRoutes, hostRoutes } from './routes/hosts.js';
+import { displayAdminRoutes, displayRoutes } from './routes/display.js';
+import { displayRelay } from './display/relay.js';
+import websocket from '@fastify/websocket';
 import { sweepHosts } from './hosts/power.js';
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
@@ -166,12 +169,15 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   const routes: { method: string; url: string }[] = [];
   app.addHook('onRoute', (r) => void routes.push(...[r.method].flat().map((method) => ({ method, url: r.url }))));
   guardAdminRoutes(app);
+  // The display relay's WebSockets (small frames: VNC; a browser's messages are bounded too).
+  await app.register(websocket, { options: { maxPayload: 4 * 1024 * 1024, perMessageDeflate: false } });
   userRoutes(app, ctx);
   restoreRoutes(app, ctx);
   agentRoutes(app, ctx);
   jobRoutes(app, ctx);
   transferRoutes(app, ctx);
   hostRoutes(app, ctx);
+  displayRoutes(app, ctx);
   // Every /v1/admin route, behind one admin check (a /v1/admin route outside it fails the start).
   adminScope(app, ctx, [
     (a) => adminRoutes(a, ctx),
@@ -183,6 +189,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     (a) => transferAdminRoutes(a, ctx),
     (a) => exportRoutes(a, ctx),
     (a) => hostAdminRoutes(a, ctx),
+    (a) => displayAdminRoutes(a, ctx),
   ]);
   consoleRoutes(app);
   const host = config.host ?? '127.0.0.1';
@@ -230,6 +237,8 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
       if (beat) clearInterval(beat);
       clearInterval(hostSweep);
       await Promise.all([syncing, sweeping]);
+      // Open displays end (audited, both sockets closed) while the database is still there.
+      await displayRelay(ctx).closeAll();
       // Per-job summaries still held by the embedded server go to the audit trail before closing.
       if (transfer) await transferServerSync(ctx, transfer.id, (transfer.sweep(), transfer.drainSummaries()));
       await Promise.all([transfer?.close(), closePromptly(app)]);

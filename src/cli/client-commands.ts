@@ -7,6 +7,7 @@ import { addBrokers, listBrokers, removeBrokers, splitList } from '../client/bro
 import { defaultHome, loadDevice } from '../client/home.js';
 import { powerOnline } from '../client/online.js';
 import { listParked } from '../client/parked.js';
+import { openDisplayLink } from './open-display.js';
 import { checkout, discardLocal, enroll, exportDisk, listDesktops, listRestorePoints, loginOnline, onlineSession, release, restoreDesktop, status, upload, type ClientEnv } from '../client/ops.js';
 import { Vault } from '../client/vault.js';
 import { diskDir } from '../client/disks.js';
@@ -254,6 +255,13 @@ export function registerClientCommands(program: Command): void {
       printJsonOr(json, r, () => process.stdout.write(`${r.desktop}: ${r.state} on host ${r.host}\n`));
     });
   }
+
+  program.command('open <desktop>').description("print a one-time link to the desktop's screen in a browser (it must run on a datacenter host; valid for one connection, 30 s)")
+    .action(async (desktop: string, _o: unknown, cmd: Command) => {
+      const { env, json } = clientEnv(cmd);
+      const r = await openDisplayLink(env, desktop);
+      printJsonOr(json, r, () => process.stdout.write(`${r.url}\n(open it within 30 s, until ${r.expiresAt}; it works once)\n`));
+    });
 
   program.command('export <desktop> <file>').description('write the desktop disk to a file (raw or qcow2)').option('--format <fmt>', 'raw or qcow2', 'raw').action(async (desktop: string, file: string, o: { format: string }, cmd: Command) => {
     if (o.format !== 'raw' && o.format !== 'qcow2') throw new CarryonError('invalid', `--format must be raw or qcow2, not ${o.format}`);

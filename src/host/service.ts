@@ -1,5 +1,6 @@
 import { mkdir, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
+import { request } from 'undici';
 import { z } from 'zod';
 import { BrokerClient, JobView } from '../client/broker-client.js';
 import { CarryonError } from '../core/errors.js';
@@ -7,9 +8,11 @@ import { decodeLineageKeys } from '../core/keys.js';
 import { decodeManifest, manifestDigest } from '../core/manifest.js';
 import { freeDiskBytes } from '../hypervisor/host.js';
 import type { RunningDesktop } from '../hypervisor/launch.js';
+import { pinnedAgent } from '../net/pinned-agent.js';
 import { TransferSession } from '../transfer/client.js';
+import { dialDisplay } from './display.js';
 import { discardTops, fillBases, hasCompleteBase, hasTop, readyBase, readyTops, type HostDisk } from './disks.js';
-import { forceOff, startGuest } from './guest.js';
+import { forceOff, startGuest, vncSocketPath } from './guest.js';
 import { hostChain, hostDiskDir, hostSocketDir, loadOrCreateHostKey } from './keys.js';
 
 export interface HostOptions {
@@ -30,7 +33,7 @@ export interface HostOptions {
   log?: (line: string) => void;
 }
 
-const Command = z.object({ id: z.string(), type: z.enum(['start', 'off', 'shutdown', 'reset', 'discard']), desktopId: z.string() });
+const Command = z.object({ id: z.string(), type: z.enum(['start', 'off', 'shutdown', 'reset', 'discard', 'display']), desktopId: z.string(), token: z.string().optional() });
 type Command = z.infer<typeof Command>;
 const Prepared = z.object({
   desktop: z.object({ id: z.string(), name: z.string(), config: z.object({ vcpus: z.number().int().min(1), ramMiB: z.number().int().min(64), nic: z.enum(['user', 'none']) }) }),
@@ -52,6 +55,8 @@ export interface RunningHost {
   heartbeat(): Promise<void>;
   /** Settles once every command taken so far has been carried out and acknowledged. */
   idle(): Promise<void>;
+  /** Display connections open now (broker ↔ a guest's VNC). */
+  openDisplays(): number;
   /** Powers its guests off (forced), tells the broker, and stops. */
   close(): Promise<void>;
 }
@@ -171,6 +176,16 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
           await cur.vm.qmp('system_reset');
           return { ok: true, message: 'reset' };
         }
+        case 'display': {
+          // Its own lane: a screen opens while a long start of another desktop fills.
+          const cur = local.get(c.desktopId);
+          if (!cur?.vm || cur.state !== 'running') return { ok: false, message: 'the desktop is not running on this host' };
+          if (!c.token) return { ok: false, message: 'the display command came without its token' };
+          const d = await dialDisplay({ brokerUrl: o.brokerUrl, brokerFingerprint: o.brokerFingerprint, hostId: o.id, secret: o.secret, session: c.id, token: c.token, vncSocket: vncSocketPath(await hostSocketDir(o.dataDir, c.desktopId)) });
+          displays.add(d);
+          void d.closed.then(() => displays.delete(d));
+          return { ok: true, message: 'display connected' };
+        }
         case 'discard': {
           // An admin released the desktop (e.g. while this host was cut off and marked lost): a guest still running here is powered off first.
           const cur = local.get(c.desktopId);
@@ -190,9 +205,14 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
     }
   };
 
+  const displays = new Set<{ close: () => void; closed: Promise<void> }>();
+  /** Taken and not yet acknowledged: the long poll says it holds them (else it would be answered with them again at once). */
+  const unacked = new Set<string>();
   const run = (c: Command) => {
     taken.add(c.id);
-    const lane = (lanes.get(c.desktopId) ?? Promise.resolve()).then(async () => {
+    unacked.add(c.id);
+    const laneKey = c.type === 'display' ? `display:${c.id}` : c.desktopId;
+    const lane = (c.type === 'display' ? Promise.resolve() : lanes.get(c.desktopId) ?? Promise.resolve()).then(async () => {
       log(`${c.type} ${c.desktopId}…`);
       const r = await carryOut(c);
       log(`${c.type} ${c.desktopId}: ${r.ok ? 'ok' : 'failed'}: ${r.message}`);
@@ -200,14 +220,17 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
       for (let i = 0; ; i++) {
         try {
           await broker.call('POST', path(`/commands/${encodeURIComponent(c.id)}`), { ok: r.ok, message: r.message.slice(0, 2000), ...(r.kept === undefined ? {} : { kept: r.kept }) }, z.object({ ok: z.boolean() }), headers);
+          unacked.delete(c.id);
           return;
         } catch (err) {
+          if ((err as { status?: number }).status === 404) unacked.delete(c.id);
           if ((err as { status?: number }).status === 404 || i >= 20) return void log(`could not report ${c.type} ${c.desktopId}: ${(err as Error).message}`);
           await new Promise((r2) => setTimeout(r2, 1000));
         }
       }
     });
-    lanes.set(c.desktopId, lane);
+    lanes.set(laneKey, lane);
+    if (c.type === 'display') void lane.then(() => lanes.delete(laneKey));
   };
 
   let beating: Promise<void> | null = null;
@@ -229,12 +252,38 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
   }, heartbeatSec * 1000);
   // Not unref'd: the heartbeat is what keeps a host process alive (it has no listening socket); close() ends it.
 
+  // A long poll beside the heartbeat: a command (a browser waiting for a screen, a power operation) is answered at once, not at the next beat.
+  const waitAgent = pinnedAgent(o.brokerFingerprint, { connections: 1 });
+  const stopWaiting = new AbortController();
+  const waitForCommands = async () => {
+    while (!stopWaiting.signal.aborted) {
+      try {
+        const known = [...unacked].slice(-1000);
+        const res = await request(`${o.brokerUrl.replace(/\/$/, '')}${path('/commands/wait')}`, { method: 'POST', dispatcher: waitAgent, signal: stopWaiting.signal, headers: { ...headers, 'content-type': 'application/json' }, body: JSON.stringify({ known }) });
+        const body = await res.body.json();
+        if (res.statusCode !== 200) throw new CarryonError('display-wait', `HTTP ${res.statusCode}`);
+        for (const c of z.object({ commands: z.array(Command) }).parse(body).commands) if (!taken.has(c.id)) run(c);
+      } catch (err) {
+        if (stopWaiting.signal.aborted) break;
+        log(`waiting for commands failed: ${(err as Error).message}`);
+        await new Promise((r) => setTimeout(r, heartbeatSec * 1000));
+      }
+    }
+  };
+  const waiting = waitForCommands();
+
   return {
     id: o.id,
     heartbeat,
     idle: async () => void (await Promise.all([...lanes.values()])),
+    openDisplays: () => displays.size,
     close: async () => {
       clearInterval(timer);
+      stopWaiting.abort();
+      await waiting;
+      await waitAgent.destroy();
+      for (const d of displays) d.close();
+      await Promise.all([...displays].map((d) => d.closed));
       await Promise.allSettled([...lanes.values()]);
       for (const [id, l] of local) {
         if (l.vm && l.state !== 'stopped') {

@@ -65,3 +65,23 @@ export function probeFingerprint(host: string, port: number, timeoutMs = 10_000)
     });
   });
 }
+
+/**
+ * A TLS connection to `host:port` whose certificate is checked against the pin before anything
+ * is written on it (a WebSocket's upgrade carries secrets): resolves once checked, else rejects.
+ */
+export function pinnedTlsSocket(host: string, port: number, fingerprint: string, timeoutMs = 10_000): Promise<TLSSocket> {
+  const expected = normalise(fingerprint);
+  return new Promise((resolve, reject) => {
+    const socket = tlsConnect({ host, port, rejectUnauthorized: false, ALPNProtocols: ['http/1.1'], servername: /^[\d.]+$|:/.test(host) ? undefined : host });
+    const timer = setTimeout(() => (socket.destroy(), reject(new CarryonError('timeout', `no TLS answer from ${host}:${port}`))), timeoutMs);
+    socket.once('secureConnect', () => {
+      clearTimeout(timer);
+      const raw = socket.getPeerCertificate().raw;
+      const actual = raw ? createHash('sha256').update(raw).digest('hex') : '';
+      if (actual !== expected) return (socket.destroy(), reject(new PinMismatchError(expected, actual || 'none')));
+      resolve(socket);
+    });
+    socket.once('error', (err) => (clearTimeout(timer), reject(err)));
+  });
+}

@@ -188,7 +188,7 @@ test('power on: the host pulls the chunks and starts QEMU on its chain; check-ou
   assert.equal((await broker.ctx.meta.getDesktop('online1'))!.powerState, 'on');
 
   const actions = async () => ((await http.call('GET', '/v1/desktops', undefined, alice)).body.desktops as { name: string; actions: string[] }[]).find((d) => d.name === 'online1')!.actions;
-  assert.deepEqual(await actions(), ['stop'], 'no check-out offered while it runs online');
+  assert.deepEqual(await actions(), ['stop', 'open'], 'no check-out offered while it runs online; its screen is');
   const running = await checkout('online1');
   assert.deepEqual([running.status, running.body.error], [409, 'desktop-online']);
   assert.equal(running.body.message, 'the desktop runs on host h1: stop it first (`carryon stop online1`)');

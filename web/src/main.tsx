@@ -7,6 +7,7 @@ import { CheckoutsPage } from './pages/checkouts';
 import { DesktopsPage } from './pages/desktops';
 import { DevicesPage } from './pages/devices';
 import { DirectoryPage } from './pages/directory';
+import { DisplayPage, displayRoute } from './pages/display';
 import { MyDesktopsPage } from './pages/my-desktops';
 import { PoliciesPage } from './pages/policies';
 import { TransfersPage } from './pages/transfers';
@@ -66,6 +67,9 @@ function App() {
   const [session, setS] = useState<Session | null>(loadSession());
   const hash = useHash();
   useEffect(() => whenExpired(() => setS(null)), []);
+  // A desktop's screen: its one-time ticket authorizes it (a link from `carryon open` needs no console login).
+  const display = displayRoute(hash);
+  if (display) return <main class="display-main"><h1 class="sr-only">Desktop screen</h1><DisplayPage {...display} /></main>;
   if (!session) return <Login onLogin={setS} />;
   const pages = session.user.role === 'admin' ? ADMIN_PAGES : USER_PAGES;
   const page = pages.find((p) => p.id === hash) ?? pages[0]!;

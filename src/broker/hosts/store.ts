@@ -24,12 +24,18 @@ CREATE TABLE host_commands (
 CREATE INDEX host_commands_pending ON host_commands(host_id, state, created_at);
 `;
 
-export const HOST_MIGRATIONS: Migration[] = [{ version: 1, sql: V1 }];
+/** One-time display tickets (`carryon open`): only their hash is kept; `used_at` is set once, by the connection that consumes it. */
+const V2 = `
+CREATE TABLE display_tickets (
+  hash TEXT PRIMARY KEY, user_name TEXT NOT NULL, desktop_id TEXT NOT NULL, expires_at TEXT NOT NULL, created_at TEXT NOT NULL, used_at TEXT);
+`;
+
+export const HOST_MIGRATIONS: Migration[] = [{ version: 1, sql: V1 }, { version: 2, sql: V2 }];
 
 /** `starting`: told to start; `running`: the host says QEMU runs; `stopping`; `stopped`: off, its chain kept on the host; `lost`: the host stopped answering while it ran. */
 export type PlacementState = 'starting' | 'running' | 'stopping' | 'stopped' | 'lost';
 export const ON_HOST: readonly PlacementState[] = ['starting', 'running', 'stopping'];
-export type HostCommandType = 'start' | 'off' | 'shutdown' | 'reset' | 'discard';
+export type HostCommandType = 'start' | 'off' | 'shutdown' | 'reset' | 'discard' | 'display';
 
 export interface HostRow {
   id: string; displayUrl: string | null; vcpus: number; ramMiB: number; maxDesktops: number; accel: string; heartbeatSec: number;
@@ -71,7 +77,13 @@ function commandRow(r: Raw): HostCommandRow {
 
 /** The hosts' tables behind domain methods. Every check-and-set is one statement. */
 export class HostStore {
+  /** Told of each command queued here (the hosts' long polls wake at once; this process only). */
+  private readonly queued = new Set<(hostId: string) => void>();
   constructor(private readonly sql: SqlConn) {}
+
+  onQueued(fn: (hostId: string) => void): void {
+    this.queued.add(fn);
+  }
 
   static async open(sql: SqlDb): Promise<HostStore> {
     await sql.migrate('hosts', HOST_MIGRATIONS);
@@ -141,6 +153,7 @@ export class HostStore {
   async queue(c: { hostId: string; desktopId: string; type: HostCommandType }): Promise<string> {
     const id = randomUUID();
     await this.sql.run('INSERT INTO host_commands (id, host_id, desktop_id, type, created_at) VALUES (?, ?, ?, ?, ?)', [id, c.hostId, c.desktopId, c.type, now()]);
+    for (const fn of this.queued) fn(c.hostId);
     return id;
   }
   async pending(hostId: string): Promise<HostCommandRow[]> {
@@ -153,5 +166,28 @@ export class HostStore {
   /** Once: false when already acknowledged, or not this host's. */
   async ack(id: string, hostId: string, ok: boolean, result: string | null): Promise<boolean> {
     return (await this.sql.run("UPDATE host_commands SET state = ?, result = ?, acked_at = ? WHERE id = ? AND host_id = ? AND state = 'pending'", [ok ? 'done' : 'failed', result, now(), id, hostId])) === 1;
+  }
+
+  /** Every command of `type`, any host, any state (the admin's and the tests' view). */
+  async commandsOfType(type: HostCommandType): Promise<HostCommandRow[]> {
+    return (await this.sql.all<Raw>('SELECT * FROM host_commands WHERE type = ? ORDER BY created_at, id', [type])).map(commandRow);
+  }
+
+  async addDisplayTicket(t: { hash: string; user: string; desktopId: string; expiresAt: string }): Promise<void> {
+    await this.sql.run('INSERT INTO display_tickets (hash, user_name, desktop_id, expires_at, created_at) VALUES (?, ?, ?, ?, ?)', [t.hash, t.user, t.desktopId, t.expiresAt, now()]);
+  }
+  /** Marks the ticket used, once (one statement: two connections racing with it, one wins); null when unknown or already used. */
+  async consumeDisplayTicket(hash: string): Promise<{ user: string; desktopId: string; expiresAt: string } | null> {
+    if ((await this.sql.run('UPDATE display_tickets SET used_at = ? WHERE hash = ? AND used_at IS NULL', [now(), hash])) !== 1) return null;
+    const r = (await this.sql.get<Raw>('SELECT * FROM display_tickets WHERE hash = ?', [hash]))!;
+    return { user: String(r.user_name), desktopId: String(r.desktop_id), expiresAt: String(r.expires_at) };
+  }
+  /** Whether a ticket with this hash was ever issued (to tell "used" from "unknown"). */
+  async displayTicketKnown(hash: string): Promise<boolean> {
+    return Boolean(await this.sql.get<Raw>('SELECT hash FROM display_tickets WHERE hash = ?', [hash]));
+  }
+  /** Tickets past their time go (used or not): they can never open anything. */
+  async pruneDisplayTickets(before: Date): Promise<void> {
+    await this.sql.run('DELETE FROM display_tickets WHERE expires_at < ?', [before.toISOString()]);
   }
 }

@@ -5,6 +5,7 @@ import type { BrokerContext } from '../context.js';
 import { HttpError, parse, requireUser } from '../http.js';
 import { effectivePolicy, describePolicySource } from '../policies.js';
 import { adminOf } from './admin-scope.js';
+import { displayRelay } from '../display/relay.js';
 import { hostAck, hostHeartbeat, hostJobOwner, hostsOverview, powerDesktop, prepareStart, releaseDesktop, sweepHosts } from '../hosts/power.js';
 
 const HostId = z.string().regex(/^[A-Za-z0-9._-]{1,64}$/, 'a host id is 1–64 letters, digits, dots, dashes or underscores');
@@ -54,7 +55,7 @@ export function hostRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     await ctx.hosts.heartbeat(host.id, report);
     await sweepHosts(ctx);
     const commands = await hostHeartbeat(ctx, host, report);
-    return { commands: commands.map((c) => ({ id: c.id, type: c.type, desktopId: c.desktopId })) };
+    return { commands: await displayRelay(ctx).commandsFor(host.id, commands) };
   });
   app.post('/v1/hosts/:id/retire', async (req) => {
     const host = await registered(req, 'host-retire');
@@ -82,6 +83,7 @@ export function hostRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     const { commandId } = parse(z.object({ id: HostId, commandId: z.string().min(1).max(200) }), req.params);
     const b = parse(z.object({ ok: z.boolean(), message: z.string().max(2000).nullable().default(null), kept: z.boolean().optional() }).strict(), req.body);
     await hostAck(ctx, host.id, commandId, b);
+    if (!b.ok && displayRelay(ctx).has(commandId)) await displayRelay(ctx).hostFailed(commandId, b.message);
     return { ok: true };
   });
 
