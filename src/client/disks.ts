@@ -6,7 +6,7 @@ import { z } from 'zod';
 import { deriveDiskSecret } from '../core/keys.js';
 import type { DesktopKeys } from './desktop-keys.js';
 import type { Manifest } from '../core/manifest.js';
-import { chainBytesOnDisk, chainFiles, createLayer, layerShape, mergeTop, type Chain } from '../disk/chain.js';
+import { chainBytesOnDisk, chainFiles, checkChain, createLayer, layerShape, mergeTop, type Chain } from '../disk/chain.js';
 import { ensureTemplate } from '../disk/layer-template.js';
 import { DEFAULT_CHUNK_SIZE } from '../core/chunking.js';
 import { existsSync } from 'node:fs';
@@ -143,7 +143,11 @@ export async function settleLiveLayers(vault: Vault, state: DesktopState, keys: 
     const dir = diskDir(vault, state.desktopId, d.name);
     let gone: string;
     if (d.mergingTo) {
-      await mergeTop(chainOf(vault, current, keys, d.name, 'under'));
+      const folding = chainOf(vault, current, keys, d.name, 'under');
+      await mergeTop(folding);
+      // A fold cut off mid-job leaves clusters the base allocated and never referenced: freed
+      // now, before the base's shape is recorded (a later check would change it under its record).
+      await checkChain(folding, ['base']);
       gone = d.under;
       current = { ...current, disks: current.disks.map((x) => (x.name === d.name ? { ...x, baseDigest: d.mergingTo!, mergingTo: null, under: null } : x)) };
       current = await recordLayers(vault, current, keys, { verifiedBases: true });
