@@ -102,3 +102,19 @@ export function makeImage(dir: string, mib: number, name = 'disk.raw'): string {
   writeFileSync(path, data);
   return path;
 }
+
+/** A broker with its admin logged in and the user `alice` (password `alice-password`): the laptop tests' common start. */
+export async function brokerWithAlice(): Promise<{ broker: TestBroker; http: Api; admin: string; close(): Promise<void> }> {
+  const broker = await testBroker();
+  const http = api(broker.url, broker.fingerprint);
+  const admin = await http.login(ADMIN.name, ADMIN.password);
+  await http.call('POST', '/v1/admin/users', { name: 'alice', password: 'alice-password' }, admin);
+  return {
+    broker, http, admin,
+    async close() {
+      await http.close();
+      await broker.close();
+      cleanup(broker.dir);
+    },
+  };
+}

@@ -14,7 +14,7 @@ import { exportSnapshot, exportCurrentSnapshot } from '../../src/broker/snapshot
 import { NbdClient } from '../../src/nbd/client.js';
 import { runAgent } from '../../src/client/agent.js';
 import { connect, createServer } from 'node:net';
-import { ADMIN, api, cleanup, makeImage, testBroker, type Api, type TestBroker } from '../broker/harness.js';
+import { brokerWithAlice, makeImage, type Api, type TestBroker } from '../broker/harness.js';
 
 // Live replicas (src/live/): the desktop is held by `serve` in a process of its own, as `run`
 // holds it; this process takes replicas and check-ins of it while writes go on.
@@ -30,17 +30,11 @@ function env(home: string): ClientEnv {
   return { home, user: 'alice', password: async () => 'alice-password', log: (l) => logs.push(l), pollMs: 20 };
 }
 
+let stop: () => Promise<void>;
 before(async () => {
-  broker = await testBroker();
-  http = api(broker.url, broker.fingerprint);
-  admin = await http.login(ADMIN.name, ADMIN.password);
-  await http.call('POST', '/v1/admin/users', { name: 'alice', password: 'alice-password' }, admin);
+  ({ broker, http, admin, close: stop } = await brokerWithAlice());
 });
-after(async () => {
-  await http.close();
-  await broker.close();
-  cleanup(broker.dir);
-});
+after(() => stop());
 
 async function newDesktop(name: string, mib: number): Promise<{ image: Buffer; home: string }> {
   const path = makeImage(broker.dir, mib, `${name}.raw`);

@@ -16,7 +16,7 @@ import { CarryonError } from '../../src/core/errors.js';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
 import { readDesktop, runCarryon, writeDesktop } from '../support/laptop.js';
-import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
+import { brokerWithAlice, makeImage, type Api } from '../broker/harness.js';
 
 process.env.CARRYON_SCRYPT_N = '1024';
 let broker: RunningBroker & { dir: string };
@@ -29,17 +29,11 @@ function env(home: string): ClientEnv {
   return { home, user: 'alice', password: async () => 'alice-password', log: (l) => logs.push(l), pollMs: 20 };
 }
 
+let stop: () => Promise<void>;
 before(async () => {
-  broker = await testBroker();
-  http = api(broker.url, broker.fingerprint);
-  admin = await http.login(ADMIN.name, ADMIN.password);
-  await http.call('POST', '/v1/admin/users', { name: 'alice', password: 'alice-password' }, admin);
+  ({ broker, http, admin, close: stop } = await brokerWithAlice());
 });
-after(async () => {
-  await http.close();
-  await broker.close();
-  cleanup(broker.dir);
-});
+after(() => stop());
 
 /** A desktop of `mib` MiB (every other chunk random, makeImage) entitled to alice. */
 async function desktop(name: string, mib = 16): Promise<void> {
