@@ -211,7 +211,9 @@ export function registerClientCommands(program: Command): void {
     // Parked copies (kept after a check-in, rollback or cancel; client/parked.ts) are listed with their size, never opened.
     const parked = (await listParked(env.home)).filter((p) => !desktop || p.name === desktop || p.desktopId === desktop);
     const st = desktop && parked.length ? [] : await status(env, desktop);
-    printJsonOr(json, desktop && parked.length ? parked.map((p) => ({ desktop: p.name, desktopId: p.desktopId, state: 'parked', parkedAt: p.parkedAt, bytes: p.bytes })) : st, () => {
+    // JSON lists the same as the text: checked-out desktops, then parked copies (state 'parked').
+    const parkedJson = parked.map((p) => ({ desktop: p.name, desktopId: p.desktopId, state: 'parked', parkedAt: p.parkedAt, bytes: p.bytes }));
+    printJsonOr(json, [...st, ...parkedJson], () => {
       for (const p of parked) process.stdout.write(`${p.name}: parked copy, ${formatBytes(p.bytes)} on this laptop since ${p.parkedAt ?? '?'} (encrypted; not runnable; \`carryon checkout ${p.name}\` starts from it, \`carryon discard ${p.name} --yes\` removes it)\n`);
       if (desktop && parked.length) return;
       table(st.map((s) => ({ desktop: s.desktop, state: s.state, lease: s.leaseDeadline ? `${s.leaseHoursLeft.toFixed(1)} h` : '-', changed: s.dirtyBytes === null ? `- (${s.refused})` : formatBytes(s.dirtyBytes), local: `${s.percentLocal.toFixed(1)}%`, replicated: s.lastReplicationAt ? `${s.lastReplicationAt}${s.lastReplicaKind ? ` (${s.lastReplicaKind})` : ''}` : 'never', offline: s.safeOffline ? 'safe to go offline' : s.refused ? `NOT usable offline (${s.refused})` : 'NOT yet safe to go offline' })));
