@@ -2,7 +2,7 @@ import { open, stat } from 'node:fs/promises';
 import { basename } from 'node:path';
 import type { Command } from 'commander';
 import { request } from 'undici';
-import type { BrokerClient } from '../client/broker-client.js';
+import type { BrokerClient } from '../net/broker-client.js';
 import { CarryonError } from '../core/errors.js';
 import { pinnedAgent } from '../net/pinned-agent.js';
 import { registerExportCommand } from './admin-export.js';

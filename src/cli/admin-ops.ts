@@ -1,6 +1,6 @@
 import type { Command } from 'commander';
 import { z } from 'zod';
-import { BrokerError, type BrokerClient } from '../client/broker-client.js';
+import { BrokerError, type BrokerClient } from '../net/broker-client.js';
 import { eventsCsv, type AuditEvent } from '../core/audit-csv.js';
 import { CarryonError } from '../core/errors.js';
 import { PolicyLayer } from '../core/policy.js';

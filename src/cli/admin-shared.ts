@@ -1,7 +1,7 @@
 import type { Command } from 'commander';
 import { z } from 'zod';
-import { BrokerClient } from '../client/broker-client.js';
-import { splitList } from '../client/brokers.js';
+import { BrokerClient } from '../net/broker-client.js';
+import { splitList } from '../client/session/brokers.js';
 import { CarryonError } from '../core/errors.js';
 import { passwordSource, printJsonOr } from './common.js';
 

@@ -1,10 +1,10 @@
 import type { Command } from 'commander';
-import { defaultHome } from '../client/home.js';
-import { specFor } from '../client/holder.js';
-import { socketDir } from '../client/disks.js';
+import { defaultHome } from '../client/vault/home.js';
+import { specFor } from '../live/fill/holder.js';
+import { socketDir } from '../live/disks/disks.js';
 import { join } from 'node:path';
-import { holdDesktop, serveDesktop, type HeldDesktop } from '../client/serve.js';
-import { startLiveControl } from '../client/live-holder.js';
+import { holdDesktop, serveDesktop, type HeldDesktop } from '../client/ops/serve.js';
+import { startLiveControl } from '../live/live-holder.js';
 import { GuestAgent } from '../live/guest-agent.js';
 import type { Quiesce } from '../live/live-chain.js';
 import { quiesce } from '../live/quiesce.js';

@@ -9,9 +9,9 @@ import { decodeManifest, encodeManifest, manifestDigest, type Manifest } from '.
 import { createLayer, layerSecret, topExtents, type Chain } from '../disk/chain.js';
 import { Qcow2BaseWriter } from '../disk/qcow2-base-writer.js';
 import { UnsupportedImage } from '../disk/qcow2-format.js';
-import { fillDirect, readFilled } from '../client/fill-direct.js';
-import { readJsonFile } from '../client/json-file.js';
-import { writeFileAtomic } from '../store/files.js';
+import { fillDirect, readFilled } from '../live/fill/fill-direct.js';
+import { readJsonFile } from '../files/json-file.js';
+import { writeFileAtomic } from '../files/atomic.js';
 import type { TransferSession } from '../transfer/client.js';
 
 /**

@@ -2,7 +2,7 @@ import { mkdir, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { request } from 'undici';
 import { z } from 'zod';
-import { BrokerClient, JobView } from '../client/broker-client.js';
+import { BrokerClient, JobView } from '../net/broker-client.js';
 import { CarryonError } from '../core/errors.js';
 import { decodeLineageKeys } from '../core/keys.js';
 import { decodeManifest, manifestDigest } from '../core/manifest.js';

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { isTransient, retryTransfer } from '../../src/client/retry.js';
+import { isTransient, retryTransfer } from '../../src/client/session/retry.js';
 import { CarryonError } from '../../src/core/errors.js';
 import { TransferFailed } from '../../src/transfer/client.js';
 

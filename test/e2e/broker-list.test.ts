@@ -8,7 +8,7 @@ import { after, before, test } from 'node:test';
 import { request } from 'undici';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
-import { addBrokers, listBrokers, removeBrokers } from '../../src/client/brokers.js';
+import { addBrokers, listBrokers, removeBrokers } from '../../src/client/session/brokers.js';
 import { checkout, enroll, listDesktops, upload, type ClientEnv } from '../../src/client/ops.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
 import { loadOrCreateTls } from '../../src/net/tls-cert.js';

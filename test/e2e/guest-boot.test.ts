@@ -9,8 +9,8 @@ import type { RunningBroker } from '../../src/broker/start.js';
 import { exportCurrentSnapshot, exportSnapshot } from '../../src/broker/snapshot-image.js';
 import { ADMIN, api, cleanup, testBroker, type Api } from '../broker/harness.js';
 import { GuestAgent } from '../../src/live/guest-agent.js';
-import { socketDir } from '../../src/client/disks.js';
-import { Vault } from '../../src/client/vault.js';
+import { socketDir } from '../../src/live/disks/disks.js';
+import { Vault } from '../../src/client/vault/vault.js';
 import { quiesce } from '../../src/live/quiesce.js';
 import {
   buildInitramfs,

@@ -9,7 +9,7 @@ import { isZero } from '../../src/core/chunking.js';
 import { after, before, test } from 'node:test';
 import { checkout, enroll, exportDisk, loginOnline, release, status, upload, type ClientEnv } from '../../src/client/ops.js';
 import { moveTrustedClock, readDesktop, writeDesktop } from '../support/laptop.js';
-import { serveDesktop } from '../../src/client/serve.js';
+import { serveDesktop } from '../../src/client/ops/serve.js';
 import type { RunningBroker } from '../../src/broker/start.js';
 import type { CollectableStore } from '../../src/store/chunk-store.js';
 import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';

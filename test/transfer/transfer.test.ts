@@ -23,7 +23,7 @@ import { downloadChunks, TransferSession, type TransferEndpoint } from '../../sr
 import { blobFrame, encodeFrame, endFrame, FRAME_BLOB, FRAME_PAGES, FRAME_ERROR, FrameDecoder, pagesFrameHead } from '../../src/transfer/frames.js';
 import { pushPages } from '../../src/transfer/push-pages.js';
 import { startTransferServer, type TransferServer } from '../../src/transfer/server.js';
-import { RemoteCheckpoint } from '../../src/disk/remote-checkpoint.js';
+import { RemoteCheckpoint } from '../../src/live/fill/remote-checkpoint.js';
 import { rawChunkBlob, rawPagesBlob, rleBomb, seeded } from '../support/hostile-zstd.js';
 import { makeDesktopStore, wrapped } from './helpers.js';
 

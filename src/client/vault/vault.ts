@@ -1,0 +1,277 @@
+import { execFile, spawn } from 'node:child_process';
+import { createPublicKey } from 'node:crypto';
+import { mkdir, readdir, readFile, rename, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { z } from 'zod';
+import { CarryonError, EnvelopeError } from '../../core/errors.js';
+import { deriveDeviceUserKey } from '../../core/keys.js';
+import { SignedLease, type LeasePayload } from '../../core/lease.js';
+import { decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../../core/manifest.js';
+import { eraseChainKeys } from '../../disk/chain.js';
+import { openDesktopKeys, recordMac, recordMacOk, sealDesktopKeys, type DesktopKeys } from '../../live/disks/desktop-keys.js';
+import { isLockedByToken, LEASE, presentationOnly, shred, TOKEN } from './guards.js';
+import type { DeviceIdentity } from './home.js';
+import { readJsonFile } from '../../files/json-file.js';
+import { checkStoredCost, scryptMaxmem, vaultScryptN } from './kdf.js';
+import { releaseKeys } from './key-release.js';
+import { findParked, listParked, parkedRefusal } from './parked.js';
+import { writeFileAtomic } from '../../files/atomic.js';
+
+const Hex64 = z.string().regex(/^[0-9a-f]{64}$/);
+const LayerShapeRecord = z.object({ size: z.number().int(), sha256: Hex64 });
+/** The two names a top layer's file alternates between. */
+const TopFile = z.enum(['top.qcow2', 'top-b.qcow2']);
+const FileStamp = z.object({ size: z.number().int(), mtimeMs: z.number(), ctimeMs: z.number(), ino: z.number() });
+
+export const DesktopState = z.object({
+  desktopId: z.string(),
+  name: z.string(),
+  user: z.string(),
+  checkoutId: z.string(),
+  state: z.enum(['transferring', 'checked_out', 'checking_in']),
+  jobId: z.string().nullable(),
+  keys: z.object({ salt: z.string(), wrapped: z.string(), N: z.number().int() }),
+  /** The lease that came with the check-out (renewals are in lease.json, signed by the broker). */
+  lease: SignedLease,
+  config: z.record(z.string(), z.unknown()),
+  localConfig: z.record(z.string(), z.unknown()).default({}),
+  /**
+   * Per disk: the checkpoint its base layer holds, whether the base is complete (the check-out
+   * filled it), and a merge of the top into the base that was begun and must be finished.
+   */
+  disks: z.array(z.object({
+    name: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/), baseDigest: Hex64, complete: z.boolean().default(false), mergingTo: Hex64.nullable().default(null),
+    /** Each layer's size and structure digest at its last clean close (layer-guard.ts); null until first recorded. */
+    shapes: z.object({ base: LayerShapeRecord.nullable(), top: LayerShapeRecord.nullable() }).default({ base: null, top: null }),
+    /** The base file as it was when its every chunk last matched the checkpoint's chunk IDs. */
+    baseVerified: FileStamp.nullable().default(null),
+    /** The top file as its last clean close left it (a later write outside Carryon is reported). */
+    topClosed: FileStamp.nullable().default(null),
+    /** The active top layer's file: a live replica alternates between the two names (src/live/). */
+    top: TopFile.default('top.qcow2'),
+    /**
+     * A live replica's frozen layer between base and top (the old top), while the replica runs or
+     * its fold into the base does: with `mergingTo` the broker acknowledged it; without, it was not.
+     */
+    under: TopFile.nullable().default(null),
+  })),
+  lastReplicationAt: z.string().nullable().default(null),
+  /** How the last replica was taken: with the guest's file systems frozen by its agent, or not. */
+  lastReplicaKind: z.enum(['quiesced', 'crash-consistent', 'stopped']).nullable().default(null),
+  /** SHA-256 of the unlock token (guards.ts): the desktop is unlocked only while that token exists. */
+  lockDigest: Hex64,
+  /** Vaults made before one LUKS secret per layer: both layers of a disk share one secret. */
+  layerSecrets: z.enum(['one-per-disk', 'per-layer']).default('one-per-disk'),
+  /** Set while a process may write the layers (run, serve); a crash leaves it set. */
+  layersOpen: z.boolean().default(false),
+  /** A base found not to match its checkpoint: nothing opens the disks until it is dealt with. */
+  damaged: z.object({ at: z.string(), disk: z.string(), message: z.string() }).nullable().default(null),
+  /** The snapshot of a committed check-in whose bases are being merged and parked (client/parked.ts): a rerun finishes that, nothing else. */
+  parking: z.string().nullable().default(null),
+});
+export type DesktopState = z.infer<typeof DesktopState>;
+
+/** state.json: the state as text and its MAC under the vault key (so manifests' digests and disk state are authenticated). */
+const StateFile = z.object({ v: z.literal(2), body: z.string(), mac: z.string() });
+
+export { vaultScryptN };
+
+/**
+ * The laptop's vault: per desktop a MACed state file (wrapped keys, lease, config, disks),
+ * replaced atomically, the manifests of its checkpoints (named by digest; the MACed state pins
+ * the digests), the policy files of guards.ts, and per disk a LUKS-encrypted qcow2 chain
+ * (client/disks.ts).
+ */
+export class Vault {
+  private constructor(readonly home: string) {}
+
+  static async open(home: string): Promise<Vault> {
+    await mkdir(join(home, 'desktops'), { recursive: true, mode: 0o700 });
+    // Erased desktops whose removal a kill interrupted.
+    if ((await readdir(join(home, 'trash')).catch(() => [])).length) emptyTrash(join(home, 'trash'));
+    return new Vault(home);
+  }
+
+  /** Nothing to release any more (kept so callers need not know). */
+  async close(): Promise<void> {}
+
+  desktopDir(desktopId: string): string {
+    if (!/^[A-Za-z0-9-]{1,64}$/.test(desktopId)) throw new CarryonError('invalid', `bad desktop id ${desktopId}`);
+    return join(this.home, 'desktops', desktopId);
+  }
+
+  /** The state as stored, not yet authenticated (enough to list and report; keys come only through openKeys). */
+  private async readState(desktopId: string): Promise<{ state: DesktopState; body: string; mac: string } | null> {
+    const path = join(this.desktopDir(desktopId), 'state.json');
+    const file = await readJsonFile(path, StateFile, { missing: null });
+    if (!file) return null;
+    try {
+      return { state: DesktopState.parse(JSON.parse(file.body)), body: file.body, mac: file.mac };
+    } catch (err) {
+      throw new CarryonError('bad-state', `${path} is damaged or was written by an older Carryon: ${(err as Error).message.split('\n')[0]}`);
+    }
+  }
+
+  async list(): Promise<DesktopState[]> {
+    const out: DesktopState[] = [];
+    for (const id of await readdir(join(this.home, 'desktops'))) {
+      const s = await this.readState(id);
+      if (s) out.push(s.state);
+    }
+    return out;
+  }
+
+  /** Finds a desktop held in this vault by name or id. */
+  async find(ref: string): Promise<DesktopState> {
+    const all = await this.list();
+    const hit = all.find((s) => s.desktopId === ref || s.name === ref) ?? (ref === '' && all.length === 1 ? all[0] : undefined);
+    if (!hit) {
+      // A parked copy (kept after a check-in, rollback or cancel) is not a checked-out desktop: say so, and what to do.
+      const parked = ref ? await findParked(this.home, ref) : null;
+      if (parked) throw parkedRefusal(parked.name);
+      throw new CarryonError('not-held', `desktop ${ref || '(none given)'} is not checked out to this device`);
+    }
+    return hit;
+  }
+
+  async save(state: DesktopState, keys: DesktopKeys): Promise<void> {
+    const dir = this.desktopDir(state.desktopId);
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    const body = JSON.stringify(DesktopState.parse(state));
+    await writeFileAtomic(join(dir, 'state.json'), JSON.stringify({ v: 2, body, mac: recordMac(keys, state.desktopId, 'state', body) }));
+  }
+
+  /**
+   * Crypto-erase (every removal: wipe, check-in, rollback, discard): the unlock token, the wrapped
+   * keys (and the salt the LUKS secrets derive from) and the LUKS headers of every chain are
+   * overwritten before the files go, so nothing left behind (an undeleted block) decrypts again.
+   */
+  async wipe(desktopId: string): Promise<void> {
+    const dir = this.desktopDir(desktopId);
+    const disks = await readdir(join(dir, 'disks')).catch(() => [] as string[]);
+    // Independent files, each erased and synced on its own: side by side.
+    await Promise.all([shred(join(dir, TOKEN)), shred(join(dir, 'state.json')), ...disks.map((d) => eraseChainKeys(join(dir, 'disks', d)))]);
+    // What is left is ciphertext no key opens. Unlinking a multi-GiB qcow2 takes ext4 most of a
+    // second (measured: 0.8 s for 2 GiB in 2048 extents), so it leaves the vault at once (a
+    // rename) and its blocks are freed by a process of its own; a leftover is swept next time.
+    const trash = join(this.home, 'trash');
+    await mkdir(trash, { recursive: true, mode: 0o700 });
+    const aside = join(trash, `${desktopId}.${Date.now()}.${randomBytes(4).toString('hex')}`);
+    try {
+      await rename(dir, aside);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      await rm(dir, { recursive: true, force: true });
+      return;
+    }
+    emptyTrash(trash);
+  }
+
+  /** Wraps a desktop's keys for this device and user: scrypt(device secret ‖ password). */
+  static async wrapKeys(device: DeviceIdentity, password: string, keys: DesktopKeys, desktopId: string): Promise<DesktopState['keys']> {
+    const salt = randomBytes(16);
+    const N = vaultScryptN();
+    const k = await deriveDeviceUserKey(await device.secret(password), password, salt, { N, r: 8, p: 1, maxmem: scryptMaxmem(N) });
+    return { salt: salt.toString('base64'), wrapped: sealDesktopKeys(k, keys, desktopId).toString('base64'), N };
+  }
+
+  /**
+   * The password and this device's secret open the wrap; the state is then checked against the
+   * vault key. Policy is not checked here: online operations (check-in, resume) use this, the
+   * broker being the authority; offline use goes through unlock().
+   */
+  async openKeys(device: DeviceIdentity, password: string, found: DesktopState): Promise<{ keys: DesktopKeys; state: DesktopState }> {
+    const stored = await this.readState(found.desktopId);
+    if (!stored) throw new CarryonError('not-held', `desktop ${found.name} is not checked out to this device`);
+    const { state } = stored;
+    checkStoredCost(state.keys.N, `the vault of ${state.name}`);
+    const k = await deriveDeviceUserKey(await device.secret(password), password, Buffer.from(state.keys.salt, 'base64'), { N: state.keys.N, r: 8, p: 1, maxmem: scryptMaxmem(state.keys.N) });
+    let keys: DesktopKeys;
+    try {
+      keys = openDesktopKeys(k, Buffer.from(state.keys.wrapped, 'base64'), state.desktopId);
+    } catch (err) {
+      if (err instanceof EnvelopeError || err instanceof SyntaxError) throw new CarryonError('vault-locked', 'the vault does not open: wrong password, or this vault belongs to another device');
+      throw err;
+    }
+    if (!recordMacOk(keys, state.desktopId, 'state', stored.body, stored.mac)) {
+      throw new CarryonError('state-tampered', `the state of ${state.name} was altered outside Carryon: refusing to open it (check it in from an unaltered copy, or roll back)`);
+    }
+    if (!keys.deviceKey.equals(createPublicKey(device.privateKey))) throw new CarryonError('vault-locked', 'this vault belongs to another device identity');
+    return { keys, state };
+  }
+
+  /**
+   * Offline open: the wrap and the state authenticate, then the lease must verify against the
+   * pinned broker key and be unexpired by the trusted clock, and the desktop must not be locked;
+   * only then are the keys (and so the LUKS secrets) handed out.
+   */
+  async unlock(device: DeviceIdentity, password: string, found: DesktopState): Promise<{ keys: DesktopKeys; lease: LeasePayload; state: DesktopState }> {
+    return releaseKeys(this, await this.openKeys(device, password, found));
+  }
+
+  /** Locked unless the unlock token still matches (no keys needed: the agent and status use it). */
+  async isLocked(state: DesktopState): Promise<boolean> {
+    return isLockedByToken(this.desktopDir(state.desktopId), state.lockDigest);
+  }
+
+  /** The newest lease as stored, not verified (for the agent's decisions, which can only lock). */
+  async storedLease(state: DesktopState): Promise<SignedLease> {
+    // Damaged reads as none: the agent's decisions from it can only lock (deleting the file does as much).
+    return readJsonFile(join(this.desktopDir(state.desktopId), LEASE), SignedLease, { missing: state.lease, damaged: state.lease });
+  }
+
+  async putManifest(desktopId: string, m: Manifest): Promise<string> {
+    const digest = manifestDigest(m);
+    const dir = join(this.desktopDir(desktopId), 'manifests');
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    await writeFileAtomic(join(dir, digest), encodeManifest(m));
+    return digest;
+  }
+
+  /** A checkpoint manifest, checked against the digest that names it (which the MACed state pins). */
+  async manifest(desktopId: string, digest: string): Promise<Manifest> {
+    if (!/^[0-9a-f]{64}$/.test(digest)) throw new CarryonError('bad-state', `bad manifest digest ${digest}`);
+    let raw: Buffer;
+    try {
+      raw = await readFile(join(this.desktopDir(desktopId), 'manifests', digest));
+    } catch {
+      throw new CarryonError('bad-state', `manifest ${digest.slice(0, 12)}… of desktop ${desktopId} is missing from the vault`);
+    }
+    let m: Manifest;
+    try {
+      m = decodeManifest(raw);
+    } catch (err) {
+      throw new CarryonError('bad-state', `manifest ${digest.slice(0, 12)}… of desktop ${desktopId} is damaged: ${(err as Error).message}`);
+    }
+    if (manifestDigest(m) !== digest) throw new CarryonError('bad-state', `manifest ${digest.slice(0, 12)}… of desktop ${desktopId} is damaged`);
+    return m;
+  }
+
+  /** Bytes the vault takes: checked-out desktops and parked copies. */
+  async sizeBytes(): Promise<number> {
+    const desktops = await new Promise<number>((resolve) => execFile('du', ['-sb', join(this.home, 'desktops')], (err, out) => resolve(err ? 0 : Number(out.split('\t')[0]) || 0)));
+    return desktops + (await listParked(this.home)).reduce((n, p) => n + p.bytes, 0);
+  }
+
+  /** The user's local settings, presentation only (display, keyboard): never policy. */
+  async readLocalConfig(desktopId: string): Promise<Record<string, unknown>> {
+    // Presentation only (never policy): damaged reads as no settings.
+    return presentationOnly(await readJsonFile(join(this.desktopDir(desktopId), 'local-config.json'), z.record(z.string(), z.unknown()), { missing: {}, damaged: {} }));
+  }
+}
+
+/**
+ * Removes everything in `trash` (crypto-erased desktops) in a detached `rm`, so the command that
+ * erased them need not wait for the file system to free their blocks. Best effort: what it
+ * leaves is swept by the next `Vault.open`.
+ */
+export function emptyTrash(trash: string): void {
+  try {
+    const child = spawn('sh', ['-c', 'for d in "$1"/*; do [ -e "$d" ] && rm -rf --one-file-system -- "$d"; done; true', 'carryon-trash', trash], { detached: true, stdio: 'ignore' });
+    child.on('error', () => undefined);
+    child.unref();
+  } catch {
+    // No shell here: the next open tries again.
+  }
+}
