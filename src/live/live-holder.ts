@@ -9,8 +9,8 @@ import { LiveChain, type LiveLayers, type Quiesce } from './live-chain.js';
 import { chainOf, diskDir, socketDir, templatesDir } from './disks/disks.js';
 import { diskPrefix } from './fill/holder.js';
 import { fileStamp } from './disks/layer-guard.js';
-import type { HeldDesktop } from '../client/ops/serve.js';
-import type { DesktopState } from '../client/vault/vault.js';
+import type { HeldDesktop } from './fill/holder.js';
+import type { DesktopState } from './disks/state.js';
 
 /** The control requests' key: from the vault key, so only a process that unlocked this desktop has it. */
 export function controlKey(keys: DesktopKeys, desktopId: string): ControlKey {

@@ -1,18 +1,19 @@
 import { CarryonError } from '../../core/errors.js';
 import { convertChain } from '../../disk/chain.js';
-import { openDesktopDisks } from '../../live/disks/disks.js';
+import { openDesktopDisks } from '../../live/disks/open.js';
 import { recordEvent } from '../../live/disks/events.js';
 import { layerProblem } from '../../live/disks/layer-guard.js';
 import { loadDevice } from '../vault/home.js';
 import type { ClientEnv } from '../session/session.js';
 import { Vault } from '../vault/vault.js';
+import { unlock } from '../vault/key-release.js';
 
 /** Writes the desktop's current disk as a plaintext image (raw or qcow2) where the user asks. */
 export async function exportDisk(env: ClientEnv, desktopRef: string, outPath: string, format: 'raw' | 'qcow2') {
   const device = await loadDevice(env.home);
   const vault = await Vault.open(env.home);
   const state = await vault.find(desktopRef);
-  const { keys } = await vault.unlock(device, await env.password(), state);
+  const { keys } = await unlock(vault, device, await env.password(), state);
   const opened = await openDesktopDisks(vault, state, keys);
   const disk = opened.disks[0]!;
   if (!disk.entry.complete) throw new CarryonError('wrong-state', `${state.name} is still being checked out: finish \`carryon checkout\` first`);

@@ -1,7 +1,8 @@
 import { z } from 'zod';
 import { CarryonError } from '../../core/errors.js';
 import { CheckoutView } from '../../net/broker-client.js';
-import { diskDir, openDesktopDisks } from '../../live/disks/disks.js';
+import { diskDir } from '../../live/disks/disks.js';
+import { openDesktopDisks } from '../../live/disks/open.js';
 import { readFilled } from '../../live/fill/fill-direct.js';
 import { claimOwner } from '../../live/fill/holder.js';
 import type { DeviceIdentity } from '../vault/home.js';

@@ -6,36 +6,17 @@ import { effectiveConfig } from '../vault/guards.js';
 import { addChain, StorageDaemon, type BlockHost } from '../../disk/storage-daemon.js';
 import { BrokerClient, CheckoutView, JobView } from '../../net/broker-client.js';
 import { finishPendingReuse } from '../vault/parked.js';
-import { createMissingLayers, openDesktopDisks, settleLiveLayers, socketDir, type DesktopDisk } from '../../live/disks/disks.js';
-import { claimOwner, diskPrefix, fillDisks, RemoteSource, specFor, type OwnerKind } from '../../live/fill/holder.js';
+import { createMissingLayers, socketDir, type DesktopDisk } from '../../live/disks/disks.js';
+import { openDesktopDisks, settleLiveLayers } from '../../live/disks/open.js';
+import { claimOwner, diskPrefix, fillDisks, RemoteSource, specFor, type HeldDesktop, type OwnerKind } from '../../live/fill/holder.js';
 import { loadDevice } from '../vault/home.js';
-import { onlineSession, type ClientEnv } from '../ops.js';
+import { onlineSession, type ClientEnv } from '../session/session.js';
 import { recordEvent } from '../../live/disks/events.js';
 import { startLiveControl } from '../../live/live-holder.js';
 import { checkLayers, markLayersOpen, recordLayers, verifyInBackground } from '../../live/disks/layer-guard.js';
 import { transferLimiter } from '../session/transfer-rate.js';
 import { Vault, type DesktopState } from '../vault/vault.js';
-
-/** A desktop whose chains this process holds (for `serve` or `run`), with the fill if still in flight. */
-export interface HeldDesktop {
-  vault: Vault;
-  state: DesktopState;
-  keys: DesktopKeys;
-  disks: DesktopDisk[];
-  remote: RemoteSource | null;
-  /** Starts filling the incomplete bases in `host`; resolves when done (or stopped), never rejects. */
-  fillIn(host: BlockHost, signal?: AbortSignal): Promise<void>;
-  /**
-   * Checks the complete bases against their checkpoint in the background (layer-guard.ts); on a
-   * mismatch `stop` ends the disk's use, then the desktop is marked damaged. Never rejects.
-   */
-  checkBases(signal: AbortSignal, stop: () => Promise<void>): Promise<void>;
-  /** Ends the background check of the bases (a live replica's fold is about to write one) and waits for it. */
-  stopChecks(): Promise<void>;
-  /** Changes the vault's state (as stored: the MACed config, not the view) and saves it; one change at a time. */
-  updateState(change: (stored: DesktopState) => DesktopState | Promise<DesktopState>): Promise<DesktopState>;
-  release(): Promise<void>;
-}
+import { unlock } from '../vault/key-release.js';
 
 /**
  * Opens a held desktop for running: the vault refuses a locked desktop or an expired lease before
@@ -48,7 +29,7 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
   const found = await vault.find(desktopRef);
   // Progress lines on stderr: the key derivations below take seconds, and silence reads as a hang.
   env.log(`opening ${found.name}: unlocking its keys…`);
-  const unlocked = await vault.unlock(device, await env.password(), found);
+  const unlocked = await unlock(vault, device, await env.password(), found);
   const { keys } = unlocked;
   // A dry run only prints the command line: the audit must not show it as the desktop having run.
   await recordEvent(env.home, opts.dryRun ? `${kind}-dry-run` : kind, found.desktopId);

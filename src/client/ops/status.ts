@@ -7,6 +7,7 @@ import { readCheckoutFailure } from './checkout-failure.js';
 import { percentLocal } from '../../live/fill/local-progress.js';
 import type { ClientEnv } from '../session/session.js';
 import { Vault } from '../vault/vault.js';
+import { unlock } from '../vault/key-release.js';
 
 /**
  * Offline-capable, and never fails for a desktop that cannot open: a locked desktop or an
@@ -26,7 +27,7 @@ export async function status(env: ClientEnv, desktopRef?: string) {
     let refused: string | null = null;
     try {
       // The very gate `serve` and `run` pass (Vault.unlock): what it refuses, they refuse.
-      const { lease, keys } = await vault.unlock(device, password, s);
+      const { lease, keys } = await unlock(vault, device, password, s);
       opened = true;
       leaseDeadline = lease.deadline;
       // A tampered or damaged chain is reported, never mapped.

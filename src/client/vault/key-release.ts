@@ -98,7 +98,16 @@ async function checkLock(vault: Vault, state: DesktopState, keys: DesktopKeys, l
   throw new CarryonError('desktop-locked', `${state.name} is locked: ${why}`);
 }
 
-/** The policy gate in front of the keys (Vault.unlock). */
+/**
+ * Offline open: the wrap and the state authenticate (Vault.openKeys), then the lease must verify
+ * against the pinned broker key and be unexpired by the trusted clock, and the desktop must not be
+ * locked; only then are the keys (and so the LUKS secrets) handed out.
+ */
+export async function unlock(vault: Vault, device: DeviceIdentity, password: string, found: DesktopState): Promise<{ keys: DesktopKeys; lease: LeasePayload; state: DesktopState }> {
+  return releaseKeys(vault, await vault.openKeys(device, password, found));
+}
+
+/** The policy gate in front of the keys (unlock). */
 export async function releaseKeys(vault: Vault, opened: { keys: DesktopKeys; state: DesktopState }): Promise<{ keys: DesktopKeys; lease: LeasePayload; state: DesktopState }> {
   const { keys } = opened;
   const deviceId = leaseDevice(opened.state);

@@ -19,11 +19,11 @@ import type { DesktopKeys } from '../../live/disks/desktop-keys.js';
 import { recordMac, recordMacOk } from '../../live/disks/desktop-keys.js';
 import { chainOf, diskDir } from '../../live/disks/disks.js';
 import { readFilled } from '../../live/fill/fill-direct.js';
-import { shred } from './guards.js';
+import { emptyTrash, shred } from './guards.js';
 import type { DeviceIdentity } from './home.js';
 import { readJsonFile } from '../../files/json-file.js';
 import { checkStoredCost, scryptMaxmem, vaultScryptN } from './kdf.js';
-import { emptyTrash, type DesktopState, type Vault } from './vault.js';
+import type { DesktopRecords, DesktopState } from '../../live/disks/state.js';
 
 const Hex64 = z.string().regex(/^[0-9a-f]{64}$/);
 const LayerShapeRecord = z.object({ size: z.number().int(), sha256: Hex64 });
@@ -203,7 +203,7 @@ async function wrapKeyFor(device: DeviceIdentity, password: string, salt: Buffer
  * must equal `digest`, or the manifest at `known` indexes). The vault itself is the caller's to
  * erase afterwards (its bases' names are already unlinked then). Returns whether it parked.
  */
-export async function parkBases(o: { vault: Vault; device: DeviceIdentity; password: string; state: DesktopState; keys: DesktopKeys; how: ParkedRecord['how']; disks: { name: string; digest: string; known: number[] | null }[]; log: (l: string) => void }): Promise<boolean> {
+export async function parkBases(o: { vault: DesktopRecords; device: DeviceIdentity; password: string; state: DesktopState; keys: DesktopKeys; how: ParkedRecord['how']; disks: { name: string; digest: string; known: number[] | null }[]; log: (l: string) => void }): Promise<boolean> {
   const { vault, state, keys } = o;
   const home = vault.home;
   const policy = statePolicy(state);
@@ -273,7 +273,7 @@ const sameStamp = (a: { size: number; mtimeMs: number; ctimeMs: number; ino: num
   a !== null && a.size === b.size && a.mtimeMs === b.mtimeMs && a.ctimeMs === b.ctimeMs && a.ino === b.ino;
 
 /** The vault's names of bases now parked (same inode), so erasing the vault leaves them whole. */
-export async function unlinkVaultBases(vault: Vault, state: DesktopState): Promise<void> {
+export async function unlinkVaultBases(vault: DesktopRecords, state: DesktopState): Promise<void> {
   const rec = await readParked(vault.home, state.desktopId);
   if (!rec || rec.fromCheckout !== state.checkoutId) return;
   for (const d of rec.disks) {
@@ -285,7 +285,7 @@ export async function unlinkVaultBases(vault: Vault, state: DesktopState): Promi
 }
 
 /** Whether the parked copy of `state`'s desktop came from this very check-out (a rerun after a kill). */
-export async function parkedFrom(vault: Vault, state: DesktopState): Promise<boolean> {
+export async function parkedFrom(vault: DesktopRecords, state: DesktopState): Promise<boolean> {
   return (await readParked(vault.home, state.desktopId))?.fromCheckout === state.checkoutId;
 }
 
@@ -319,7 +319,7 @@ export function matchingChunks(parked: Manifest, next: Manifest, known: readonly
  * there is one this user, device and policy may use, and finishes a take-over a kill cut short.
  * Anything that does not fit is erased and the check-out goes on as a fresh one.
  */
-export async function adoptParked(o: { vault: Vault; device: DeviceIdentity; password: () => Promise<string>; state: DesktopState; keys: DesktopKeys; log: (l: string) => void }): Promise<{ reusedChunks: number; reusedBytes: number }> {
+export async function adoptParked(o: { vault: DesktopRecords; device: DeviceIdentity; password: () => Promise<string>; state: DesktopState; keys: DesktopKeys; log: (l: string) => void }): Promise<{ reusedChunks: number; reusedBytes: number }> {
   const { vault, state, keys, log } = o;
   await sweepUnpublished(vault.home, state.desktopId);
   const rec = await readParked(vault.home, state.desktopId);
@@ -350,7 +350,7 @@ export async function adoptParked(o: { vault: Vault; device: DeviceIdentity; pas
  * A take-over a kill cut short is finished before anything opens the chain (check-out, and
  * `run`/`serve` continuing one): until then the moved base still maps chunks that differ.
  */
-export async function finishPendingReuse(vault: Vault, state: DesktopState, keys: DesktopKeys, log: (l: string) => void): Promise<{ reusedChunks: number; reusedBytes: number }> {
+export async function finishPendingReuse(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, log: (l: string) => void): Promise<{ reusedChunks: number; reusedBytes: number }> {
   let reusedChunks = 0;
   let reusedBytes = 0;
   for (const d of state.disks) {
@@ -362,7 +362,7 @@ export async function finishPendingReuse(vault: Vault, state: DesktopState, keys
 }
 
 /** Opens the parked record (password, device), re-keys each usable base and moves it into the new vault. */
-async function takeOver(o: { vault: Vault; device: DeviceIdentity; password: () => Promise<string>; state: DesktopState; keys: DesktopKeys }, rec: ParkedRecord): Promise<void> {
+async function takeOver(o: { vault: DesktopRecords; device: DeviceIdentity; password: () => Promise<string>; state: DesktopState; keys: DesktopKeys }, rec: ParkedRecord): Promise<void> {
   const { vault, state, keys } = o;
   const dir = parkedDir(vault.home, state.desktopId);
   const file = await readJsonFile(join(dir, 'parked.json'), ParkedFile, { missing: null, damaged: null });
@@ -411,14 +411,14 @@ async function takeOver(o: { vault: Vault; device: DeviceIdentity; password: () 
   oldVaultKey.fill(0);
 }
 
-const reusePath = (vault: Vault, state: DesktopState, disk: string) => join(diskDir(vault, state.desktopId, disk), 'reuse.json');
+const reusePath = (vault: DesktopRecords, state: DesktopState, disk: string) => join(diskDir(vault, state.desktopId, disk), 'reuse.json');
 
 /**
  * The second half of a take-over, run again after any kill: the moved base (recognised by its
  * LUKS UUID) has every chunk that differs from the checkpoint unmapped, then only the new
  * passphrase left, then its matching chunks recorded durable.
  */
-async function finishReuse(vault: Vault, state: DesktopState, keys: DesktopKeys, disk: string, log: (l: string) => void): Promise<{ chunks: number; bytes: number }> {
+async function finishReuse(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, disk: string, log: (l: string) => void): Promise<{ chunks: number; bytes: number }> {
   const path = reusePath(vault, state, disk);
   const file = await readJsonFile(path, ReuseFile, { missing: null, damaged: null });
   if (!file) return { chunks: 0, bytes: 0 };

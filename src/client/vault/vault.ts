@@ -1,4 +1,4 @@
-import { execFile, spawn } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { createPublicKey } from 'node:crypto';
 import { mkdir, readdir, readFile, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -10,67 +10,16 @@ import { SignedLease, type LeasePayload } from '../../core/lease.js';
 import { decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../../core/manifest.js';
 import { eraseChainKeys } from '../../disk/chain.js';
 import { openDesktopKeys, recordMac, recordMacOk, sealDesktopKeys, type DesktopKeys } from '../../live/disks/desktop-keys.js';
-import { isLockedByToken, LEASE, presentationOnly, shred, TOKEN } from './guards.js';
+import { emptyTrash, isLockedByToken, LEASE, presentationOnly, shred, TOKEN } from './guards.js';
 import type { DeviceIdentity } from './home.js';
 import { readJsonFile } from '../../files/json-file.js';
 import { checkStoredCost, scryptMaxmem, vaultScryptN } from './kdf.js';
-import { releaseKeys } from './key-release.js';
 import { findParked, listParked, parkedRefusal } from './parked.js';
 import { writeFileAtomic } from '../../files/atomic.js';
+import { DesktopState, type DesktopRecords } from '../../live/disks/state.js';
 
-const Hex64 = z.string().regex(/^[0-9a-f]{64}$/);
-const LayerShapeRecord = z.object({ size: z.number().int(), sha256: Hex64 });
-/** The two names a top layer's file alternates between. */
-const TopFile = z.enum(['top.qcow2', 'top-b.qcow2']);
-const FileStamp = z.object({ size: z.number().int(), mtimeMs: z.number(), ctimeMs: z.number(), ino: z.number() });
+export { DesktopState };
 
-export const DesktopState = z.object({
-  desktopId: z.string(),
-  name: z.string(),
-  user: z.string(),
-  checkoutId: z.string(),
-  state: z.enum(['transferring', 'checked_out', 'checking_in']),
-  jobId: z.string().nullable(),
-  keys: z.object({ salt: z.string(), wrapped: z.string(), N: z.number().int() }),
-  /** The lease that came with the check-out (renewals are in lease.json, signed by the broker). */
-  lease: SignedLease,
-  config: z.record(z.string(), z.unknown()),
-  localConfig: z.record(z.string(), z.unknown()).default({}),
-  /**
-   * Per disk: the checkpoint its base layer holds, whether the base is complete (the check-out
-   * filled it), and a merge of the top into the base that was begun and must be finished.
-   */
-  disks: z.array(z.object({
-    name: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/), baseDigest: Hex64, complete: z.boolean().default(false), mergingTo: Hex64.nullable().default(null),
-    /** Each layer's size and structure digest at its last clean close (layer-guard.ts); null until first recorded. */
-    shapes: z.object({ base: LayerShapeRecord.nullable(), top: LayerShapeRecord.nullable() }).default({ base: null, top: null }),
-    /** The base file as it was when its every chunk last matched the checkpoint's chunk IDs. */
-    baseVerified: FileStamp.nullable().default(null),
-    /** The top file as its last clean close left it (a later write outside Carryon is reported). */
-    topClosed: FileStamp.nullable().default(null),
-    /** The active top layer's file: a live replica alternates between the two names (src/live/). */
-    top: TopFile.default('top.qcow2'),
-    /**
-     * A live replica's frozen layer between base and top (the old top), while the replica runs or
-     * its fold into the base does: with `mergingTo` the broker acknowledged it; without, it was not.
-     */
-    under: TopFile.nullable().default(null),
-  })),
-  lastReplicationAt: z.string().nullable().default(null),
-  /** How the last replica was taken: with the guest's file systems frozen by its agent, or not. */
-  lastReplicaKind: z.enum(['quiesced', 'crash-consistent', 'stopped']).nullable().default(null),
-  /** SHA-256 of the unlock token (guards.ts): the desktop is unlocked only while that token exists. */
-  lockDigest: Hex64,
-  /** Vaults made before one LUKS secret per layer: both layers of a disk share one secret. */
-  layerSecrets: z.enum(['one-per-disk', 'per-layer']).default('one-per-disk'),
-  /** Set while a process may write the layers (run, serve); a crash leaves it set. */
-  layersOpen: z.boolean().default(false),
-  /** A base found not to match its checkpoint: nothing opens the disks until it is dealt with. */
-  damaged: z.object({ at: z.string(), disk: z.string(), message: z.string() }).nullable().default(null),
-  /** The snapshot of a committed check-in whose bases are being merged and parked (client/parked.ts): a rerun finishes that, nothing else. */
-  parking: z.string().nullable().default(null),
-});
-export type DesktopState = z.infer<typeof DesktopState>;
 
 /** state.json: the state as text and its MAC under the vault key (so manifests' digests and disk state are authenticated). */
 const StateFile = z.object({ v: z.literal(2), body: z.string(), mac: z.string() });
@@ -83,7 +32,7 @@ export { vaultScryptN };
  * the digests), the policy files of guards.ts, and per disk a LUKS-encrypted qcow2 chain
  * (client/disks.ts).
  */
-export class Vault {
+export class Vault implements DesktopRecords {
   private constructor(readonly home: string) {}
 
   static async open(home: string): Promise<Vault> {
@@ -179,7 +128,7 @@ export class Vault {
   /**
    * The password and this device's secret open the wrap; the state is then checked against the
    * vault key. Policy is not checked here: online operations (check-in, resume) use this, the
-   * broker being the authority; offline use goes through unlock().
+   * broker being the authority; offline use goes through unlock() (key-release.ts).
    */
   async openKeys(device: DeviceIdentity, password: string, found: DesktopState): Promise<{ keys: DesktopKeys; state: DesktopState }> {
     const stored = await this.readState(found.desktopId);
@@ -201,14 +150,6 @@ export class Vault {
     return { keys, state };
   }
 
-  /**
-   * Offline open: the wrap and the state authenticate, then the lease must verify against the
-   * pinned broker key and be unexpired by the trusted clock, and the desktop must not be locked;
-   * only then are the keys (and so the LUKS secrets) handed out.
-   */
-  async unlock(device: DeviceIdentity, password: string, found: DesktopState): Promise<{ keys: DesktopKeys; lease: LeasePayload; state: DesktopState }> {
-    return releaseKeys(this, await this.openKeys(device, password, found));
-  }
 
   /** Locked unless the unlock token still matches (no keys needed: the agent and status use it). */
   async isLocked(state: DesktopState): Promise<boolean> {
@@ -258,20 +199,5 @@ export class Vault {
   async readLocalConfig(desktopId: string): Promise<Record<string, unknown>> {
     // Presentation only (never policy): damaged reads as no settings.
     return presentationOnly(await readJsonFile(join(this.desktopDir(desktopId), 'local-config.json'), z.record(z.string(), z.unknown()), { missing: {}, damaged: {} }));
-  }
-}
-
-/**
- * Removes everything in `trash` (crypto-erased desktops) in a detached `rm`, so the command that
- * erased them need not wait for the file system to free their blocks. Best effort: what it
- * leaves is swept by the next `Vault.open`.
- */
-export function emptyTrash(trash: string): void {
-  try {
-    const child = spawn('sh', ['-c', 'for d in "$1"/*; do [ -e "$d" ] && rm -rf --one-file-system -- "$d"; done; true', 'carryon-trash', trash], { detached: true, stdio: 'ignore' });
-    child.on('error', () => undefined);
-    child.unref();
-  } catch {
-    // No shell here: the next open tries again.
   }
 }

@@ -14,8 +14,7 @@ import { CarryonError } from '../../core/errors.js';
 import { writeFileAtomic } from '../../files/atomic.js';
 import { recordEvent } from './events.js';
 import { readJsonFile } from '../../files/json-file.js';
-import { recordLayers } from './layer-guard.js';
-import type { DesktopState, Vault } from '../../client/vault/vault.js';
+import type { DesktopRecords, DesktopState } from './state.js';
 
 /** A desktop disk as the client works with it: its chain, checkpoint manifest and state entry. */
 export interface DesktopDisk {
@@ -25,12 +24,12 @@ export interface DesktopDisk {
   entry: DesktopState['disks'][number];
 }
 
-export function diskDir(vault: Vault, desktopId: string, name: string): string {
+export function diskDir(vault: DesktopRecords, desktopId: string, name: string): string {
   return join(vault.desktopDir(desktopId), 'disks', name);
 }
 
 /** Private directory for sockets and the running owner's files. */
-export function runDir(vault: Vault, desktopId: string): string {
+export function runDir(vault: DesktopRecords, desktopId: string): string {
   return join(vault.desktopDir(desktopId), 'run');
 }
 
@@ -39,7 +38,7 @@ export function runDir(vault: Vault, desktopId: string): string {
  * a deep home would exceed: so a short path in the temp directory, 0700 and ours (checked, so
  * nobody else can pre-create it), named by a hash of the desktop's directory.
  */
-export async function socketDir(vault: Vault, desktopId: string): Promise<string> {
+export async function socketDir(vault: DesktopRecords, desktopId: string): Promise<string> {
   const uid = process.getuid?.() ?? 0;
   const parent = join(tmpdir(), `carryon-${uid}`);
   const dir = join(parent, createHash('sha256').update(vault.desktopDir(desktopId)).digest('hex').slice(0, 16));
@@ -54,7 +53,7 @@ export async function socketDir(vault: Vault, desktopId: string): Promise<string
 }
 
 /** A disk's chain and its LUKS secrets: one per layer, or the one both layers of an older vault share. */
-export function chainOf(vault: Vault, state: DesktopState, keys: DesktopKeys, name: string, layer: 'top' | 'under' = 'top'): Chain {
+export function chainOf(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, name: string, layer: 'top' | 'under' = 'top'): Chain {
   const entry = state.disks.find((d) => d.name === name);
   const top = layer === 'under' ? entry?.under : entry?.top;
   if (!top) throw new Error(`disk ${name} of ${state.name} has no ${layer} layer`);
@@ -86,7 +85,7 @@ export async function prepareLayerTemplates(home: string): Promise<void> {
  * Makes the layers a check-out still lacks. Bases are awaited (the fill writes into them); the
  * tops are returned as one promise, so making them overlaps the download.
  */
-export async function createMissingLayers(vault: Vault, state: DesktopState, keys: DesktopKeys): Promise<{ tops: Promise<void> }> {
+export async function createMissingLayers(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys): Promise<{ tops: Promise<void> }> {
   const tops: Promise<void>[] = [];
   for (const d of state.disks) {
     const dir = diskDir(vault, state.desktopId, d.name);
@@ -110,60 +109,6 @@ export async function createMissingLayers(vault: Vault, state: DesktopState, key
   return { tops: all };
 }
 
-/**
- * Opens a desktop's disks, first finishing any merge a kill interrupted: the top is merged into
- * the base again (idempotent) and the base takes the digest it was merging to.
- */
-export async function openDesktopDisks(vault: Vault, state: DesktopState, keys: DesktopKeys): Promise<{ state: DesktopState; disks: DesktopDisk[] }> {
-  let current = await settleLiveLayers(vault, state, keys);
-  for (const d of current.disks) {
-    if (!d.mergingTo) continue;
-    await mergeTop(chainOf(vault, current, keys, d.name));
-    current = { ...current, disks: current.disks.map((x) => (x.name === d.name ? { ...x, baseDigest: d.mergingTo!, mergingTo: null } : x)) };
-    // The merged base holds the restore point whose chunk IDs this laptop computed: it is the new reference.
-    current = await recordLayers(vault, current, keys, { verifiedBases: true });
-  }
-  const disks: DesktopDisk[] = [];
-  for (const entry of current.disks) {
-    disks.push({ name: entry.name, chain: chainOf(vault, current, keys, entry.name), base: await vault.manifest(current.desktopId, entry.baseDigest), entry });
-  }
-  return { state: current, disks };
-}
-
-/**
- * A live replica cut off (its process, QEMU or the power) leaves a frozen layer under the top
- * (src/live/): folded into the base if the broker acknowledged the replica (`mergingTo`), else
- * the top is folded back into it. Both are `qemu-img commit`s, idempotent: a kill here is simply
- * run again. The chain is then base + top, as everything else expects.
- */
-export async function settleLiveLayers(vault: Vault, state: DesktopState, keys: DesktopKeys): Promise<DesktopState> {
-  let current = state;
-  for (const d of state.disks) {
-    if (!d.under) continue;
-    const dir = diskDir(vault, state.desktopId, d.name);
-    let gone: string;
-    if (d.mergingTo) {
-      const folding = chainOf(vault, current, keys, d.name, 'under');
-      await mergeTop(folding);
-      // A fold cut off mid-job leaves clusters the base allocated and never referenced: freed
-      // now, before the base's shape is recorded (a later check would change it under its record).
-      await checkChain(folding, ['base']);
-      gone = d.under;
-      current = { ...current, disks: current.disks.map((x) => (x.name === d.name ? { ...x, baseDigest: d.mergingTo!, mergingTo: null, under: null } : x)) };
-      current = await recordLayers(vault, current, keys, { verifiedBases: true });
-    } else {
-      // Both layers are tops (one secret): the top's writes go down into the frozen layer, which becomes the top.
-      const top = chainOf(vault, current, keys, d.name);
-      await mergeTop({ files: { base: join(dir, d.under), top: top.files.top }, secret: top.secret, baseSecret: top.secret });
-      gone = d.top;
-      current = { ...current, disks: current.disks.map((x) => (x.name === d.name ? { ...x, top: d.under!, under: null } : x)) };
-      await vault.save(current, keys);
-    }
-    await rm(join(dir, gone), { force: true });
-  }
-  return current;
-}
-
 /** What the owner of a filling chain reports for `status` (and `status` alone cannot know). */
 const FillReport = z.object({
   pid: z.number().int(),
@@ -174,26 +119,26 @@ const FillReport = z.object({
 });
 export type FillReport = z.infer<typeof FillReport>;
 
-export async function writeFillReport(vault: Vault, desktopId: string, report: FillReport): Promise<void> {
+export async function writeFillReport(vault: DesktopRecords, desktopId: string, report: FillReport): Promise<void> {
   await mkdir(runDir(vault, desktopId), { recursive: true, mode: 0o700 });
   await writeFileAtomic(join(runDir(vault, desktopId), 'fill.json'), JSON.stringify(report));
 }
 
-export async function readFillReport(vault: Vault, desktopId: string): Promise<FillReport | null> {
+export async function readFillReport(vault: DesktopRecords, desktopId: string): Promise<FillReport | null> {
   // For display only, and replaced once a second: damaged reads as none.
   return readJsonFile(join(runDir(vault, desktopId), 'fill.json'), FillReport, { missing: null, damaged: null });
 }
 
 const FailureList = z.array(z.object({ at: z.string(), message: z.string() }));
-const failuresFile = (vault: Vault, desktopId: string) => join(vault.desktopDir(desktopId), 'failures.json');
+const failuresFile = (vault: DesktopRecords, desktopId: string) => join(vault.desktopDir(desktopId), 'failures.json');
 
-export async function readDiskFailures(vault: Vault, desktopId: string): Promise<{ at: string; message: string }[]> {
+export async function readDiskFailures(vault: DesktopRecords, desktopId: string): Promise<{ at: string; message: string }[]> {
   // For status and the heartbeat; each failure also went to the offline events when it happened: damaged reads as none.
   return readJsonFile(failuresFile(vault, desktopId), FailureList, { missing: [], damaged: [] });
 }
 
 /** Failures a reader saw (a chunk that failed authentication, a link that gave up), kept for status and the audit. */
-export async function recordDiskFailure(vault: Vault, desktopId: string, message: string): Promise<void> {
+export async function recordDiskFailure(vault: DesktopRecords, desktopId: string, message: string): Promise<void> {
   const list = await readDiskFailures(vault, desktopId);
   list.push({ at: new Date().toISOString(), message });
   await recordEvent(vault.home, 'disk-read-failure', desktopId, message);
@@ -201,7 +146,7 @@ export async function recordDiskFailure(vault: Vault, desktopId: string, message
 }
 
 /** Bytes the top layers take (the change since the checkpoint, as stored) — needs no keys. */
-export async function topBytes(vault: Vault, state: DesktopState): Promise<number> {
+export async function topBytes(vault: DesktopRecords, state: DesktopState): Promise<number> {
   let sum = 0;
   for (const d of state.disks) sum += (await chainBytesOnDisk(chainFiles(diskDir(vault, state.desktopId, d.name), d.top))).top;
   return sum;

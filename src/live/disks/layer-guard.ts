@@ -9,7 +9,7 @@ import { Qcow2BaseReader } from '../../disk/qcow2-base-reader.js';
 import { QemuToolError } from '../../disk/qemu-tools.js';
 import type { DesktopKeys } from './desktop-keys.js';
 import { chainOf, recordDiskFailure } from './disks.js';
-import type { DesktopState, Vault } from '../../client/vault/vault.js';
+import type { DesktopRecords, DesktopState } from './state.js';
 
 /**
  * The laptop's layers as the vault last left them. XTS gives the qcow2 layers secrecy, not
@@ -65,7 +65,7 @@ function tampered(state: DesktopState, disk: string, layer: 'base' | 'top', why:
  * `qemu-img check` and recorded as it is; the window since the last clean close is not covered.
  * Returns the state with any record it made (saved).
  */
-export async function checkLayers(vault: Vault, state: DesktopState, keys: DesktopKeys, log: (l: string) => void): Promise<DesktopState> {
+export async function checkLayers(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, log: (l: string) => void): Promise<DesktopState> {
   if (state.damaged) throw damagedError(state);
   let next = state;
   for (const d of state.disks) {
@@ -107,7 +107,7 @@ export async function checkLayers(vault: Vault, state: DesktopState, keys: Deskt
 }
 
 /** Marks the layers open for writing (MACed) before a process that writes them starts. */
-export async function markLayersOpen(vault: Vault, state: DesktopState, keys: DesktopKeys): Promise<DesktopState> {
+export async function markLayersOpen(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys): Promise<DesktopState> {
   const next = { ...state, layersOpen: true };
   await vault.save(next, keys);
   return next;
@@ -117,7 +117,7 @@ export async function markLayersOpen(vault: Vault, state: DesktopState, keys: De
  * At a clean close (nothing holds the chain any more): records every layer's shape and clears
  * `layersOpen`. `verifiedBases`: bases just written from verified chunks (check-out, a merge).
  */
-export async function recordLayers(vault: Vault, state: DesktopState, keys: DesktopKeys, opts: { verifiedBases?: boolean } = {}): Promise<DesktopState> {
+export async function recordLayers(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, opts: { verifiedBases?: boolean } = {}): Promise<DesktopState> {
   const disks = [];
   for (const d of state.disks) {
     const { files } = chainOf(vault, state, keys, d.name);
@@ -136,7 +136,7 @@ export async function recordLayers(vault: Vault, state: DesktopState, keys: Desk
  * For `status` and `export` (no claim, no writes; never throws for a tampered or damaged
  * desktop): what is wrong with the layers, or null. `refused`: opening would be refused.
  */
-export async function layerProblem(vault: Vault, state: DesktopState, keys: DesktopKeys): Promise<{ message: string; refused: boolean } | null> {
+export async function layerProblem(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys): Promise<{ message: string; refused: boolean } | null> {
   if (state.damaged) return { message: damagedError(state).message, refused: true };
   for (const d of state.disks) {
     const { files } = chainOf(vault, state, keys, d.name);
@@ -196,7 +196,7 @@ function isZero(b: Buffer): boolean {
 const ZEROS = Buffer.alloc(8192);
 
 /** Marks the desktop damaged (MACed), files it with the read failures (status, the agent's next heartbeat). */
-async function markDamaged(vault: Vault, state: DesktopState, keys: DesktopKeys, disk: string, why: string): Promise<DesktopState> {
+async function markDamaged(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, disk: string, why: string): Promise<DesktopState> {
   const message = `the base layer of disk ${disk} no longer matches its checkpoint: ${why}`;
   const next = { ...state, damaged: { at: new Date().toISOString(), disk, message } };
   await vault.save(next, keys);
@@ -209,7 +209,7 @@ async function markDamaged(vault: Vault, state: DesktopState, keys: DesktopKeys,
  * against its checkpoint. A mismatch marks the desktop damaged and throws `base-damaged`.
  * `current`/`update` read and replace the caller's copy of the state (a holder keeps one).
  */
-export async function verifyBases(vault: Vault, keys: DesktopKeys, current: () => DesktopState, update: (s: DesktopState) => void, opts: { always?: boolean; rate?: number; signal?: AbortSignal; stop?: () => Promise<void> } = {}): Promise<void> {
+export async function verifyBases(vault: DesktopRecords, keys: DesktopKeys, current: () => DesktopState, update: (s: DesktopState) => void, opts: { always?: boolean; rate?: number; signal?: AbortSignal; stop?: () => Promise<void> } = {}): Promise<void> {
   for (const d of current().disks) {
     if (!d.complete || opts.signal?.aborted) continue;
     const chain = chainOf(vault, current(), keys, d.name);
@@ -239,14 +239,14 @@ export async function verifyBases(vault: Vault, keys: DesktopKeys, current: () =
  * not damaged, and each base checked against its checkpoint if its file changed since it was
  * last verified (unthrottled: the user waits).
  */
-export async function guardUpload(vault: Vault, state: DesktopState, keys: DesktopKeys, log: (l: string) => void): Promise<DesktopState> {
+export async function guardUpload(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, log: (l: string) => void): Promise<DesktopState> {
   let s = await checkLayers(vault, state, keys, log);
   await verifyBases(vault, keys, () => s, (n) => (s = n), { rate: 0 });
   return s;
 }
 
 /** The background check while a desktop runs: low priority, throttled (CARRYON_VERIFY_RATE). */
-export function verifyInBackground(vault: Vault, keys: DesktopKeys, current: () => DesktopState, update: (s: DesktopState) => void, opts: { signal: AbortSignal; log: (l: string) => void; stop: () => Promise<void> }): Promise<void> {
+export function verifyInBackground(vault: DesktopRecords, keys: DesktopKeys, current: () => DesktopState, update: (s: DesktopState) => void, opts: { signal: AbortSignal; log: (l: string) => void; stop: () => Promise<void> }): Promise<void> {
   return verifyBases(vault, keys, current, update, { always: true, rate: verifyRate(), signal: opts.signal, stop: opts.stop }).then(
     () => undefined,
     (err: unknown) => {

@@ -17,7 +17,7 @@ import type { DesktopKeys } from '../disks/desktop-keys.js';
 import { readFilled } from './fill-direct.js';
 import { readJsonFile } from '../../files/json-file.js';
 import { dataBytes, LocalProgressReporter, presentBelow } from './local-progress.js';
-import type { DesktopState, Vault } from '../../client/vault/vault.js';
+import type { DesktopRecords, DesktopState } from '../disks/state.js';
 
 /** Node names of disk `i` in whichever QEMU holds the chain. */
 export const diskPrefix = (i: number) => `d${i}`;
@@ -48,7 +48,7 @@ export class RemoteSource {
     private readonly session: TransferSession,
   ) {}
 
-  static async start(opts: { vault: Vault; state: DesktopState; disks: DesktopDisk[]; keys: LineageKeys; endpoint: TransferEndpoint; renew: () => Promise<TransferEndpoint>; log: (l: string) => void; rateLimit?: RateLimiter }): Promise<RemoteSource> {
+  static async start(opts: { vault: DesktopRecords; state: DesktopState; disks: DesktopDisk[]; keys: LineageKeys; endpoint: TransferEndpoint; renew: () => Promise<TransferEndpoint>; log: (l: string) => void; rateLimit?: RateLimiter }): Promise<RemoteSource> {
     const session = new TransferSession(opts.endpoint, opts.renew);
     const remotes = new Map<string, RemoteCheckpoint>();
     for (const d of opts.disks) {
@@ -83,7 +83,7 @@ export class RemoteSource {
  * vault state as it finishes. Returns the state and whether everything is now local.
  */
 export async function fillDisks(opts: {
-  host: BlockHost; vault: Vault; state: DesktopState; keys: DesktopKeys; disks: DesktopDisk[]; remote: RemoteSource;
+  host: BlockHost; vault: DesktopRecords; state: DesktopState; keys: DesktopKeys; disks: DesktopDisk[]; remote: RemoteSource;
   signal?: AbortSignal; onProgress?: (p: Progress) => void;
   /** Where the laptop's count goes besides `fill.json` (the broker's admin views). */
   broker?: BrokerClient | null; jobId?: string | null;
@@ -142,7 +142,7 @@ function alive(pid: number): boolean {
 }
 
 /** The live process holding the desktop's disk, if any. */
-export async function readOwner(vault: Vault, desktopId: string): Promise<z.infer<typeof Owner> | null> {
+export async function readOwner(vault: DesktopRecords, desktopId: string): Promise<z.infer<typeof Owner> | null> {
   // A claim appears whole (claimOwner), so a damaged one was not written by a live owner: stale, like a dead pid.
   const owner = await readJsonFile(join(runDir(vault, desktopId), 'owner.json'), Owner, { missing: null, damaged: null });
   return owner && owner.pid !== process.pid && alive(owner.pid) ? owner : null;
@@ -161,7 +161,7 @@ function busyAdvice(wanted: OwnerKind, holder: OwnerKind): string {
  * download continues inside the new owner); any other live owner is a clear refusal. QEMU's own
  * image locks remain the last word.
  */
-export async function claimOwner(vault: Vault, desktopId: string, kind: OwnerKind, log: (l: string) => void): Promise<() => Promise<void>> {
+export async function claimOwner(vault: DesktopRecords, desktopId: string, kind: OwnerKind, log: (l: string) => void): Promise<() => Promise<void>> {
   const file = join(runDir(vault, desktopId), 'owner.json');
   await mkdir(runDir(vault, desktopId), { recursive: true, mode: 0o700 });
   // The claim is written aside first and linked into place: the link is the exclusive create (of two
@@ -195,4 +195,25 @@ export async function claimOwner(vault: Vault, desktopId: string, kind: OwnerKin
   } finally {
     await rm(mine, { force: true });
   }
+}
+
+/** A desktop whose chains this process holds (for `serve` or `run`), with the fill if still in flight. */
+export interface HeldDesktop {
+  vault: DesktopRecords;
+  state: DesktopState;
+  keys: DesktopKeys;
+  disks: DesktopDisk[];
+  remote: RemoteSource | null;
+  /** Starts filling the incomplete bases in `host`; resolves when done (or stopped), never rejects. */
+  fillIn(host: BlockHost, signal?: AbortSignal): Promise<void>;
+  /**
+   * Checks the complete bases against their checkpoint in the background (layer-guard.ts); on a
+   * mismatch `stop` ends the disk's use, then the desktop is marked damaged. Never rejects.
+   */
+  checkBases(signal: AbortSignal, stop: () => Promise<void>): Promise<void>;
+  /** Ends the background check of the bases (a live replica's fold is about to write one) and waits for it. */
+  stopChecks(): Promise<void>;
+  /** Changes the desktop's record (as stored: the MACed config, not the view) and saves it; one change at a time. */
+  updateState(change: (stored: DesktopState) => DesktopState | Promise<DesktopState>): Promise<DesktopState>;
+  release(): Promise<void>;
 }

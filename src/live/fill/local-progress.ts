@@ -3,7 +3,7 @@ import { chunkLength } from '../../core/chunking.js';
 import type { Manifest } from '../../core/manifest.js';
 import type { BrokerClient } from '../../net/broker-client.js';
 import { readFillReport, writeFillReport } from '../disks/disks.js';
-import type { DesktopState, Vault } from '../../client/vault/vault.js';
+import type { DesktopRecords, DesktopState } from '../disks/state.js';
 
 /*
  * The laptop's side of "how far is this check-out" (docs/api.md, "Transfer progress"): plaintext
@@ -39,7 +39,7 @@ export function presentBelow(m: Manifest, present: ReadonlySet<number>): (offset
 }
 
 /** `status` and the agent's heartbeat: the same percentage the broker shows. */
-export async function percentLocal(vault: Vault, s: DesktopState): Promise<number> {
+export async function percentLocal(vault: DesktopRecords, s: DesktopState): Promise<number> {
   if (s.disks.every((d) => d.complete)) return 100;
   const fill = await readFillReport(vault, s.desktopId);
   return fill && fill.total > 0 ? Math.min(100, (100 * fill.done) / fill.total) : 0;
@@ -56,7 +56,7 @@ export class LocalProgressReporter {
   private receivedBefore = 0;
   private lastReceived = 0;
 
-  constructor(private readonly o: { vault: Vault; desktopId: string; broker?: BrokerClient | null; jobId?: string | null; everyMs?: number }) {}
+  constructor(private readonly o: { vault: DesktopRecords; desktopId: string; broker?: BrokerClient | null; jobId?: string | null; everyMs?: number }) {}
 
   /** `bytesReceived`: wire bytes this attempt received (the broker's rate is measured on them). */
   update(bytesLocal: number, bytesTotal: number, bytesReceived: number, force = false): void {
