@@ -9,7 +9,7 @@ import { checkout, upload, type ClientEnv } from '../src/client/ops.js';
 import { serveDesktop } from '../src/client/ops/serve.js';
 import { diskDir } from '../src/live/disks/disks.js';
 import { Vault } from '../src/client/vault/vault.js';
-import { PAGES_ZSTD_LEVEL } from '../src/core/delta.js';
+import { PAGES_ZSTD_LEVEL } from '../src/core/chunks/delta.js';
 import { chainBytesOnDisk, chainFiles, TOP_FILES } from '../src/disk/chain.js';
 import { writeTestImage } from '../src/demo/image.js';
 import { NbdClient } from '../src/nbd/client.js';

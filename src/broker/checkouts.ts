@@ -1,6 +1,6 @@
-import { referencedChunks, decodeManifest, encodedDigest, encodeManifest, type Manifest } from '../core/manifest.js';
-import { receiptHolds, receiptKey } from '../core/push-receipt.js';
-import { signLease, type SignedLease } from '../core/lease.js';
+import { referencedChunks, decodeManifest, encodedDigest, encodeManifest, type Manifest } from '../core/chunks/manifest.js';
+import { receiptHolds, receiptKey } from '../core/tokens/push-receipt.js';
+import { signLease, type SignedLease } from '../core/tokens/lease.js';
 import { policyHash } from '../core/policy.js';
 import type { CheckoutRow, DesktopConfig, DesktopRow, SnapshotDisk, SnapshotRow } from '../store/metadata.js';
 import type { BrokerContext } from './context.js';

@@ -1,8 +1,8 @@
 import { z } from 'zod';
-import { openBlob } from '../core/blob.js';
+import { openBlob } from '../core/chunks/blob.js';
 import { isChunkId, type ChunkId } from '../core/chunk-id.js';
 import { unwrapLineageKeys } from '../core/keys.js';
-import { decodeManifest, referencedChunks } from '../core/manifest.js';
+import { decodeManifest, referencedChunks } from '../core/chunks/manifest.js';
 import type { DesktopRow, SnapshotDisk } from '../store/metadata.js';
 import type { BrokerContext } from './context.js';
 import { HttpError } from './http.js';

@@ -2,7 +2,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { z } from 'zod';
 import { acceptOnlyOurMediaTypes, drainRefusedBody } from '../net/body-limits.js';
 import { mapError, zodMessage } from '../net/http-errors.js';
-import { checkDeviceSignature, DEVICE_HEADER, MAX_SKEW_MS, NONCE_HEADER, SIGNATURE_HEADER, TIME_HEADER } from '../core/device-auth.js';
+import { checkDeviceSignature, DEVICE_HEADER, MAX_SKEW_MS, NONCE_HEADER, SIGNATURE_HEADER, TIME_HEADER } from '../core/tokens/device-auth.js';
 import { publicKeyFromBase64 } from '../core/signing.js';
 import type { DeviceRow } from '../store/metadata.js';
 import type { BrokerContext } from './context.js';

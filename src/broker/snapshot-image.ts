@@ -1,6 +1,6 @@
 import { CarryonError } from '../core/errors.js';
 import { unwrapLineageKeys } from '../core/keys.js';
-import { decodeManifest } from '../core/manifest.js';
+import { decodeManifest } from '../core/chunks/manifest.js';
 import { exportImage } from '../import/export.js';
 import type { BrokerContext } from './context.js';
 

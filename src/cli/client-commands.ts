@@ -14,7 +14,7 @@ import { diskDir } from '../live/disks/disks.js';
 import { readFilled } from '../live/fill/fill-direct.js';
 import { CarryonError } from '../core/errors.js';
 import { JobView } from '../net/broker-client.js';
-import { parseRate, RateLimiter } from '../transfer/rate-limit.js';
+import { parseRate, RateLimiter } from '../transfer-client/rate-limit.js';
 import { formatBytes, passwordSource, printJsonOr, progressReporter, table } from './common.js';
 
 /** `login --offline`: the password opened the vault, but `serve`/`run` would refuse at least one desktop (1 stays "the command failed"). */

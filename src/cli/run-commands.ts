@@ -16,7 +16,7 @@ import { probeKvm } from '../hypervisor/host.js';
 import { runDesktop } from '../hypervisor/launch-desktop.js';
 import { formatCommand, parseOfflineConfig, type RunningDesktop } from '../hypervisor/launch.js';
 import { passwordSource, printJsonOr } from './common.js';
-import { parseRate, RateLimiter } from '../transfer/rate-limit.js';
+import { parseRate, RateLimiter } from '../transfer-client/rate-limit.js';
 
 interface GlobalOpts { home?: string; user?: string; passwordFile?: string; json?: boolean; limitRate?: string }
 

@@ -2,7 +2,7 @@ import { createPublicKey } from 'node:crypto';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { writeFileAtomic } from '../files/atomic.js';
-import { SignedLease, verifyLease } from '../core/lease.js';
+import { SignedLease, verifyLease } from '../core/tokens/lease.js';
 import { readDiskFailures, topBytes } from '../live/disks/disks.js';
 import { percentLocal } from '../live/fill/local-progress.js';
 import { pendingEvents } from '../live/disks/events.js';

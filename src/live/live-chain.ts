@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { CarryonError } from '../core/errors.js';
-import type { Range } from '../core/delta.js';
+import type { Range } from '../core/chunks/delta.js';
 import type { BlockHost } from '../disk/storage-daemon.js';
 import { QmpError, type QmpEvent } from '../hypervisor/qmp.js';
 

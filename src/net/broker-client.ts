@@ -1,9 +1,9 @@
 import type { KeyObject } from 'node:crypto';
 import { request, type Agent } from 'undici';
 import { z } from 'zod';
-import { signDeviceRequest } from '../core/device-auth.js';
+import { signDeviceRequest } from '../core/tokens/device-auth.js';
 import { CarryonError } from '../core/errors.js';
-import { SignedLease } from '../core/lease.js';
+import { SignedLease } from '../core/tokens/lease.js';
 import { classifyGatewayAnswer, classifyNetworkError, BrokerUnreachable, type AttemptFailure } from './failover.js';
 import { pinnedAgent, PinMismatchError } from './pinned-agent.js';
 

@@ -4,7 +4,7 @@ import { request } from 'undici';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { issueToken } from '../../src/broker/tokens.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
-import { endFrame } from '../../src/transfer/frames.js';
+import { endFrame } from '../../src/core/chunks/frames.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from './harness.js';
 import { enrolDevice, HEARTBEAT, HOST, type TestDevice } from './trust-helpers.js';
 

@@ -13,7 +13,7 @@ import { Vault } from '../../src/client/vault/vault.js';
 import { unlock } from '../../src/client/vault/key-release.js';
 import { laptopClock } from '../../src/client/vault/laptop-clock.js';
 import { runCarryon } from '../support/laptop.js';
-import { signDeviceRequest } from '../../src/core/device-auth.js';
+import { signDeviceRequest } from '../../src/core/tokens/device-auth.js';
 import { generateSigningKey } from '../../src/core/signing.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
 import type { RunningBroker } from '../../src/broker/start.js';

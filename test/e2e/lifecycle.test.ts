@@ -5,7 +5,7 @@ import { randomBytes } from 'node:crypto';
 import { execFile, spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { isZero } from '../../src/core/chunking.js';
+import { isZero } from '../../src/core/chunks/chunking.js';
 import { after, before, test } from 'node:test';
 import { checkout, enroll, exportDisk, loginOnline, release, status, upload, type ClientEnv } from '../../src/client/ops.js';
 import { moveTrustedClock, readDesktop, writeDesktop } from '../support/laptop.js';
@@ -15,7 +15,7 @@ import type { CollectableStore } from '../../src/store/chunk-store.js';
 import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
 import { withTmpfs } from '../support/tmpfs.js';
-import { RateLimiter } from '../../src/transfer/rate-limit.js';
+import { RateLimiter } from '../../src/transfer-client/rate-limit.js';
 
 const execFileP = promisify(execFile);
 process.env.CARRYON_SCRYPT_N = '1024';

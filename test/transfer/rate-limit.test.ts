@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { ValidationError } from '../../src/core/errors.js';
-import { boundedLimiter, effectiveRate, parseRate, RateLimiter } from '../../src/transfer/rate-limit.js';
+import { boundedLimiter, effectiveRate, parseRate, RateLimiter } from '../../src/transfer-client/rate-limit.js';
 import { policyBound } from '../../src/client/session/transfer-rate.js';
 import type { DesktopState } from '../../src/client/vault/vault.js';
 

@@ -4,7 +4,7 @@ import { assignJobs, orderQueue } from '../../src/broker/transfers/assign.js';
 import { Scheduler } from '../../src/broker/transfers/scheduler.js';
 import { SchedulerStore } from '../../src/broker/transfers/scheduler-store.js';
 import { generateSigningKey, publicKeyToBase64 } from '../../src/core/signing.js';
-import { verifyTicket } from '../../src/core/ticket.js';
+import { verifyTicket } from '../../src/core/tokens/ticket.js';
 import type { SqlDb } from '../../src/store/sql/driver.js';
 import { PgSql } from '../../src/store/sql/pg-driver.js';
 import { SqliteSql } from '../../src/store/sql/sqlite-driver.js';

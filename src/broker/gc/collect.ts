@@ -1,5 +1,5 @@
 import type { ChunkId } from '../../core/chunk-id.js';
-import { decodeManifest, referencedChunks } from '../../core/manifest.js';
+import { decodeManifest, referencedChunks } from '../../core/chunks/manifest.js';
 import { isCollectable, type ChunkStore, type CollectableStore } from '../../store/chunk-store.js';
 import { oldestHold } from '../../store/in-flight.js';
 import type { SnapshotDisk, SnapshotRow, MetadataStore } from '../../store/metadata.js';

@@ -1,4 +1,4 @@
-import { encodeManifest, decodeManifest } from '../../core/manifest.js';
+import { encodeManifest, decodeManifest } from '../../core/chunks/manifest.js';
 import type { DesktopRow } from '../../store/metadata.js';
 import { lineageKeysFor } from '../checkouts.js';
 import type { BrokerContext } from '../context.js';

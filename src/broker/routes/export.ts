@@ -1,9 +1,9 @@
 import { Readable } from 'node:stream';
 import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
-import { chunkLength } from '../../core/chunking.js';
+import { chunkLength } from '../../core/chunks/chunking.js';
 import { unwrapLineageKeys } from '../../core/keys.js';
-import { decodeManifest } from '../../core/manifest.js';
+import { decodeManifest } from '../../core/chunks/manifest.js';
 import { readChunkPlain } from '../../import/export.js';
 import type { BrokerContext } from '../context.js';
 import { damagedSnapshotRefusal } from '../damage.js';

@@ -2,7 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
 import { PACKAGE_VERSION } from '../version.js';
 import { isChunkId } from '../../core/chunk-id.js';
-import { RECEIPT_RE } from '../../core/push-receipt.js';
+import { RECEIPT_RE } from '../../core/tokens/push-receipt.js';
 import { publicKeyFromBase64, publicKeyToBase64 } from '../../core/signing.js';
 import { allowedActions, beginUpload, cancel, checkOut, checkoutView, commitUpload, issueLease, markTransferred, rollback, type DiskChanges } from '../checkouts.js';
 import type { BrokerContext } from '../context.js';

@@ -2,7 +2,7 @@ import { z } from 'zod';
 import type { ChunkId } from '../../core/chunk-id.js';
 import { CarryonError } from '../../core/errors.js';
 import type { LineageKeys } from '../../core/keys.js';
-import { manifestDigest } from '../../core/manifest.js';
+import { manifestDigest } from '../../core/chunks/manifest.js';
 import { BrokerError, type BrokerClient } from '../../net/broker-client.js';
 import { changedManifests, namedOutcome, pagesSource, type ChangedChunk, type DiskReader, type Outcome } from '../../live/disks/changes.js';
 import { PushJournal } from '../../live/disks/push-journal.js';

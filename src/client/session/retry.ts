@@ -1,5 +1,5 @@
 import { CarryonError } from '../../core/errors.js';
-import { TransferFailed } from '../../transfer/client.js';
+import { TransferFailed } from '../../transfer-client/client.js';
 
 /** A failure of the link or of the transfer server itself (worth waiting out), not of our data. */
 export function isTransient(err: unknown): boolean {

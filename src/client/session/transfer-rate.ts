@@ -1,7 +1,7 @@
 import { join } from 'node:path';
 import { z } from 'zod';
 import { writeFileAtomic } from '../../files/atomic.js';
-import { boundedLimiter, RateLimiter } from '../../transfer/rate-limit.js';
+import { boundedLimiter, RateLimiter } from '../../transfer-client/rate-limit.js';
 import { readJsonFile } from '../../files/json-file.js';
 import type { ClientEnv } from './session.js';
 import type { DesktopState, Vault } from '../vault/vault.js';

@@ -2,7 +2,7 @@ import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { CarryonError } from '../../core/errors.js';
-import { LeaseError, SignedLease, verifyLease, type LeasePayload } from '../../core/lease.js';
+import { LeaseError, SignedLease, verifyLease, type LeasePayload } from '../../core/tokens/lease.js';
 import type { DesktopKeys } from '../../live/disks/desktop-keys.js';
 import { LEASE, LOCK, mintToken, readClock, readLockRecord, tokenMatches, writeClock } from './guards.js';
 import { readJsonFile } from '../../files/json-file.js';

@@ -1,11 +1,11 @@
 import type { ChunkId } from '../../core/chunk-id.js';
-import { chunkLength } from '../../core/chunking.js';
-import { pagesByChunk, pagesFingerprint, sealPages, type Range } from '../../core/delta.js';
+import { chunkLength } from '../../core/chunks/chunking.js';
+import { pagesByChunk, pagesFingerprint, sealPages, type Range } from '../../core/chunks/delta.js';
 import type { LineageKeys } from '../../core/keys.js';
-import { createManifest, type Manifest } from '../../core/manifest.js';
+import { createManifest, type Manifest } from '../../core/chunks/manifest.js';
 import type { NbdClient } from '../../nbd/client.js';
-import { pagesFrameHead } from '../../transfer/frames.js';
-import type { PagesSource } from '../../transfer/push-pages.js';
+import { pagesFrameHead } from '../../core/chunks/frames.js';
+import type { PagesSource } from '../../transfer-client/push-pages.js';
 import type { DesktopDisk } from './disks.js';
 import type { PushJournal } from './push-journal.js';
 

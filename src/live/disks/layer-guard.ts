@@ -2,7 +2,7 @@ import { stat } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { computeChunkId } from '../../core/chunk-id.js';
 import { CarryonError } from '../../core/errors.js';
-import type { Manifest } from '../../core/manifest.js';
+import type { Manifest } from '../../core/chunks/manifest.js';
 import { checkChain, layerSecret, type Chain } from '../../disk/chain.js';
 import { measureLayer, type LayerShapeRecord } from '../../disk/layer-shape.js';
 import { Qcow2BaseReader } from '../../disk/qcow2-base-reader.js';

@@ -1,6 +1,6 @@
 import { open, readFile, rm, truncate, type FileHandle } from 'node:fs/promises';
 import { chunkIdFromBytes, chunkIdToBytes, type ChunkId } from '../../core/chunk-id.js';
-import { receiptFromBytes, receiptToBytes } from '../../core/push-receipt.js';
+import { receiptFromBytes, receiptToBytes } from '../../core/tokens/push-receipt.js';
 
 /** fingerprint 32 ‖ kind 1 (0: a hole, 1: a chunk) ‖ ID 32 ‖ push receipt 16 (zeros for a hole). */
 const RECORD = 81;

@@ -1,6 +1,6 @@
 import { z } from 'zod';
-import { SignedLease } from '../../core/lease.js';
-import type { Manifest } from '../../core/manifest.js';
+import { SignedLease } from '../../core/tokens/lease.js';
+import type { Manifest } from '../../core/chunks/manifest.js';
 import type { DesktopKeys } from './desktop-keys.js';
 
 /** A desktop's record: its check-out, lease, config and, per disk, its layers and their shapes. */

@@ -1,14 +1,14 @@
 import { join } from 'node:path';
 import { z } from 'zod';
-import { openBlob } from '../../core/blob.js';
+import { openBlob } from '../../core/chunks/blob.js';
 import type { ChunkId } from '../../core/chunk-id.js';
-import { chunkLength } from '../../core/chunking.js';
+import { chunkLength } from '../../core/chunks/chunking.js';
 import { CarryonError } from '../../core/errors.js';
 import type { LineageKeys } from '../../core/keys.js';
 import { WriteWindow } from '../../core/write-window.js';
 import { writeFileAtomic } from '../../files/atomic.js';
-import { fetchBlobs, TransferFailed, type Progress, type TransferSession } from '../../transfer/client.js';
-import type { RateLimiter } from '../../transfer/rate-limit.js';
+import { fetchBlobs, TransferFailed, type Progress, type TransferSession } from '../../transfer-client/client.js';
+import type { RateLimiter } from '../../transfer-client/rate-limit.js';
 import type { DesktopDisk } from '../disks/disks.js';
 import { readJsonFile } from '../../files/json-file.js';
 

@@ -1,6 +1,6 @@
 import { z } from 'zod';
-import { chunkLength } from '../../core/chunking.js';
-import type { Manifest } from '../../core/manifest.js';
+import { chunkLength } from '../../core/chunks/chunking.js';
+import type { Manifest } from '../../core/chunks/manifest.js';
 import type { BrokerClient } from '../../net/broker-client.js';
 import { readFillReport, writeFillReport } from '../disks/disks.js';
 import type { DesktopRecords, DesktopState } from '../disks/state.js';

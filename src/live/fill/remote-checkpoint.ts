@@ -1,11 +1,11 @@
 import type { ChunkId } from '../../core/chunk-id.js';
-import { openBlob } from '../../core/blob.js';
-import { chunkLength, MiB } from '../../core/chunking.js';
+import { openBlob } from '../../core/chunks/blob.js';
+import { chunkLength, MiB } from '../../core/chunks/chunking.js';
 import { CarryonError } from '../../core/errors.js';
 import type { LineageKeys } from '../../core/keys.js';
-import type { Manifest } from '../../core/manifest.js';
-import { fetchBlobs, type TransferSession } from '../../transfer/client.js';
-import type { RateLimiter } from '../../transfer/rate-limit.js';
+import type { Manifest } from '../../core/chunks/manifest.js';
+import { fetchBlobs, type TransferSession } from '../../transfer-client/client.js';
+import type { RateLimiter } from '../../transfer-client/rate-limit.js';
 import { checkRange, chunkSpans, DiskError, type BlockDevice } from '../../disk/block-device.js';
 import { ByteLru } from './lru.js';
 

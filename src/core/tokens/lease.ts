@@ -1,7 +1,7 @@
 import type { KeyObject } from 'node:crypto';
 import { z } from 'zod';
-import { CarryonError } from './errors.js';
-import { signBytes, verifyBytes } from './signing.js';
+import { CarryonError } from '../errors.js';
+import { signBytes, verifyBytes } from '../signing.js';
 
 /** Offline credential: the broker's signed statement of what this device may run, until when. */
 export const LeasePayload = z.object({

@@ -1,14 +1,14 @@
 import { Readable } from 'node:stream';
 import { EventEmitter } from 'node:events';
 import { Agent, request } from 'undici';
-import { openBlob } from '../core/blob.js';
+import { openBlob } from '../core/chunks/blob.js';
 import type { ChunkId } from '../core/chunk-id.js';
 import { CarryonError } from '../core/errors.js';
 import type { LineageKeys } from '../core/keys.js';
 import { pinnedAgent } from '../net/pinned-agent.js';
 import type { ChunkStore } from '../store/chunk-store.js';
 import type { RateLimiter } from './rate-limit.js';
-import { FRAME_BLOB, FRAME_ERROR, FrameDecoder } from './frames.js';
+import { FRAME_BLOB, FRAME_ERROR, FrameDecoder } from '../core/chunks/frames.js';
 
 export interface TransferEndpoint {
   url: string;

@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
-import { chunkIdFromBytes, chunkIdToBytes, CHUNK_ID_BYTES, isChunkId, type ChunkId } from './chunk-id.js';
+import { chunkIdFromBytes, chunkIdToBytes, CHUNK_ID_BYTES, isChunkId, type ChunkId } from '../chunk-id.js';
 import { chunkCount, validateChunkSize, validateDiskSize } from './chunking.js';
-import { ManifestError, ValidationError } from './errors.js';
+import { ManifestError, ValidationError } from '../errors.js';
 
 /** One disk of one snapshot: ordered chunk IDs, `null` for an all-zero chunk (a hole). */
 export interface Manifest {

@@ -1,7 +1,7 @@
 import type { KeyObject } from 'node:crypto';
 import { z } from 'zod';
-import { CarryonError } from './errors.js';
-import { signBytes, verifyBytes } from './signing.js';
+import { CarryonError } from '../errors.js';
+import { signBytes, verifyBytes } from '../signing.js';
 
 /**
  * A revocation the broker pushes to a transfer server the moment jobs end (a cancel, a cut-off):

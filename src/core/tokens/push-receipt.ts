@@ -1,5 +1,5 @@
 import { createHmac, hkdfSync, timingSafeEqual } from 'node:crypto';
-import { chunkIdToBytes, type ChunkId } from './chunk-id.js';
+import { chunkIdToBytes, type ChunkId } from '../chunk-id.js';
 
 /**
  * Push receipts: a transfer server's word that a check-out pushed a chunk (decision 53). The

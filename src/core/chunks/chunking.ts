@@ -1,4 +1,4 @@
-import { ValidationError } from './errors.js';
+import { ValidationError } from '../errors.js';
 
 export const KiB = 1024;
 export const MiB = 1024 * KiB;

@@ -1,7 +1,7 @@
 import type { KeyObject } from 'node:crypto';
 import { z } from 'zod';
-import { CarryonError } from './errors.js';
-import { signBytes, verifyBytes } from './signing.js';
+import { CarryonError } from '../errors.js';
+import { signBytes, verifyBytes } from '../signing.js';
 
 /** A transfer ticket: the broker's signed permission to move one job's chunks on one server. */
 export const TicketPayload = z.object({

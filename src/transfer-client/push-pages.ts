@@ -1,8 +1,8 @@
 import { z } from 'zod';
 import { isChunkId, type ChunkId } from '../core/chunk-id.js';
-import { RECEIPT_RE } from '../core/push-receipt.js';
+import { RECEIPT_RE } from '../core/tokens/push-receipt.js';
 import { batchSizeFor, inBatches, progressTracker, TransferFailed, TransferSession, type TransferOptions, type TransferResult } from './client.js';
-import { endFrame } from './frames.js';
+import { endFrame } from '../core/chunks/frames.js';
 
 /** Where a pages push takes its frames from (the laptop's chain). */
 export interface PagesSource {

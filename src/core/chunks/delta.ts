@@ -1,9 +1,9 @@
 import { createHmac } from 'node:crypto';
 import { openBlobEnvelope, sealBlobEnvelope } from './blob.js';
-import { chunkIdToBytes, type ChunkId } from './chunk-id.js';
+import { chunkIdToBytes, type ChunkId } from '../chunk-id.js';
 import { MAX_CHUNK_SIZE } from './chunking.js';
-import { BlobError } from './errors.js';
-import type { LineageKeys } from './keys.js';
+import { BlobError } from '../errors.js';
+import type { LineageKeys } from '../keys.js';
 
 /**
  * The body a changed chunk's pages travel in (pages blobs, below): the pages that differ from the

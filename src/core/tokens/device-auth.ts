@@ -1,5 +1,5 @@
 import { createHash, randomBytes, type KeyObject } from 'node:crypto';
-import { signBytes, verifyBytes } from './signing.js';
+import { signBytes, verifyBytes } from '../signing.js';
 
 /**
  * Agent requests are signed by the device key over method, path, time, a fresh nonce and the

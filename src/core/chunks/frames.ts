@@ -1,7 +1,7 @@
-import { chunkIdFromBytes, chunkIdToBytes, type ChunkId } from '../core/chunk-id.js';
-import { BLOB_OVERHEAD, MAX_BLOB_SIZE } from '../core/blob.js';
-import { MAX_DELTA_BODY } from '../core/delta.js';
-import { CarryonError } from '../core/errors.js';
+import { chunkIdFromBytes, chunkIdToBytes, type ChunkId } from '../chunk-id.js';
+import { BLOB_OVERHEAD, MAX_BLOB_SIZE } from './blob.js';
+import { MAX_DELTA_BODY } from './delta.js';
+import { CarryonError } from '../errors.js';
 
 /** Framed chunk stream: type u8 ‖ id 32 ‖ length u32be ‖ payload. */
 export const FRAME_END = 0;

@@ -1,9 +1,9 @@
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from 'node:crypto';
 import { compress } from 'zstd-napi';
-import { chunkIdToBytes, computeChunkId, type ChunkId } from './chunk-id.js';
+import { chunkIdToBytes, computeChunkId, type ChunkId } from '../chunk-id.js';
 import { MAX_CHUNK_SIZE } from './chunking.js';
-import { BlobError } from './errors.js';
-import { dataKeyFor, type LineageKeys } from './keys.js';
+import { BlobError } from '../errors.js';
+import { dataKeyFor, type LineageKeys } from '../keys.js';
 import { decompressBounded, DecompressRefused } from './zstd-bounded.js';
 
 /**
