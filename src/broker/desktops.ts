@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { generateLineageKeys, rotateDataKey, unwrapLineageKeys, wrapLineageKeys } from '../core/keys.js';
 import { importImage } from '../import/import.js';
-import type { DesktopConfig } from '../store/metadata.js';
+import type { DesktopConfig, DesktopRow } from '../store/metadata.js';
 import type { BrokerContext } from './context.js';
 import { HttpError } from './http.js';
 import { inspectForImport } from './image-checks.js';
@@ -79,4 +79,11 @@ export async function rotateLineageKey(ctx: BrokerContext, actor: string, deskto
   });
   await ctx.audit({ actor, desktopId: d.id, action: 'lineage-rotate-key', outcome: 'ok', detail: `lineage ${d.lineageId}: data key generation ${generation}` });
   return { lineageId: d.lineageId, generation };
+}
+
+/** A desktop's lineage keys, still wrapped under the master key, and the context they were wrapped for. */
+export async function lineageKeysFor(ctx: BrokerContext, desktop: DesktopRow): Promise<{ wrappedKeys: string; keyContext: string }> {
+  const wrapped = await ctx.meta.getLineageKeys(desktop.lineageId);
+  if (!wrapped) throw new HttpError(500, 'lineage-missing', `lineage ${desktop.lineageId} has no keys`);
+  return { wrappedKeys: wrapped.toString('base64'), keyContext: `lineage:${desktop.lineageId}` };
 }

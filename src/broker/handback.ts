@@ -1,5 +1,6 @@
 import type { CheckoutRow, SnapshotRow } from '../store/metadata.js';
-import { auditTicket, checkedChanges, checkoutView, deny, lineageKeysFor, ownedCheckout, type DiskChanges } from './checkouts.js';
+import { auditTicket, checkedChanges, checkoutView, deny, ownedCheckout, type DiskChanges } from './checkouts.js';
+import { lineageKeysFor } from './desktops.js';
 import type { BrokerContext } from './context.js';
 import { HttpError } from './http.js';
 import { effectivePolicy } from './policies.js';

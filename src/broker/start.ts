@@ -148,8 +148,10 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
       if (others.length) await pushRevocations(others, ids, secrets.signing.privateKey);
     },
   });
+  /** Desktop imports running in the background (admin and upload routes start them). */
+  const imports = new ImportJobs();
   const ctx: BrokerContext = {
-    settings, meta, store, secrets, scheduler, hypervisor, hosts: await HostStore.open(sql), imports: new ImportJobs(), jobProgress: new JobProgress(),
+    settings, meta, store, secrets, scheduler, hypervisor, hosts: await HostStore.open(sql), jobProgress: new JobProgress(),
     throttle: new LoginThrottle(new DatabaseFailureLog(meta), { ...DEFAULT_THROTTLE, ...config.throttle }),
     audit: async (e) => void (await meta.addEvent({ actor: e.actor, desktopId: e.desktopId ?? null, action: e.action, outcome: e.outcome, detail: e.detail ?? null })),
     keysFor: (wrapped, context) => encodeLineageKeys(unwrapLineageKeys(secrets.masterKey, wrapped, context)),
@@ -180,11 +182,11 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   displayRoutes(app, ctx);
   // Every /v1/admin route, behind one admin check (a /v1/admin route outside it fails the start).
   adminScope(app, ctx, [
-    (a) => adminRoutes(a, ctx),
+    (a) => adminRoutes(a, ctx, imports),
     (a) => adminTrustRoutes(a, ctx),
     (a) => directoryExtraRoutes(a, ctx),
     (a) => auditRoutes(a, ctx),
-    (a) => uploadRoutes(a, ctx, join(config.dataDir, 'uploads')),
+    (a) => uploadRoutes(a, ctx, join(config.dataDir, 'uploads'), imports),
     (a) => maintenanceRoutes(a, ctx),
     (a) => transferAdminRoutes(a, ctx),
     (a) => exportRoutes(a, ctx),

@@ -3,6 +3,7 @@ import { z } from 'zod';
 import { PolicyLayer } from '../../core/policy.js';
 import { checkoutView, forceUnlock } from '../checkouts.js';
 import type { BrokerContext } from '../context.js';
+import type { ImportJobs } from '../imports.js';
 import { cloneDesktop, createDesktopFromImage, rotateLineageKey } from '../desktops.js';
 import { HttpError, parse } from '../http.js';
 import { adminOf } from './admin-scope.js';
@@ -25,7 +26,7 @@ const Config = z.object({
 }).strict();
 
 /** Admin API: directory, desktops, entitlements, policies, checkouts, devices, commands, events. */
-export function adminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+export function adminRoutes(app: FastifyInstance, ctx: BrokerContext, imports: ImportJobs): void {
   // The admin scope's hook checked the session (routes/admin-scope.ts); this names the admin.
   const admin = async (req: FastifyRequest) => adminOf(req);
 
@@ -106,17 +107,17 @@ export function adminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     // A path on the broker host: only inside the configured import directories (uploads have their own route).
     const spec = { name: b.name, image: await resolveImportPath(ctx, b.image!), pool: b.pool, config: b.config, chunkSize: b.chunkSize };
     // `background`: answer at once with an import job to poll (large images take minutes).
-    if (b.background) return reply.status(202).send({ import: await ctx.imports.start(ctx, actor, spec) });
-    await ctx.imports.ensureNameFree(ctx, b.name);
+    if (b.background) return reply.status(202).send({ import: await imports.start(ctx, actor, spec) });
+    await imports.ensureNameFree(ctx, b.name);
     return reply.status(201).send(await createDesktopFromImage(ctx, actor, spec));
   });
   app.get('/v1/admin/imports', async (req) => {
     await admin(req);
-    return { imports: ctx.imports.list() };
+    return { imports: imports.list() };
   });
   app.get('/v1/admin/imports/:id', async (req) => {
     await admin(req);
-    const job = ctx.imports.get(parse(Id, req.params).id);
+    const job = imports.get(parse(Id, req.params).id);
     if (!job) throw new HttpError(404, 'not-found', 'no such import');
     return { import: job };
   });

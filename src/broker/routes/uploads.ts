@@ -7,6 +7,7 @@ import { pipeline } from 'node:stream/promises';
 import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
 import type { BrokerContext } from '../context.js';
+import type { ImportJobs } from '../imports.js';
 import { HttpError, parse } from '../http.js';
 import { adminOf } from './admin-scope.js';
 import { checkImageSize } from '../image-checks.js';
@@ -20,7 +21,7 @@ type Meta = z.infer<typeof Meta>;
  * PUT byte ranges in order (`?offset=` = bytes the broker already has; a broken connection keeps
  * what arrived), then import it as a desktop. Kept under the data dir until imported or deleted.
  */
-export function uploadRoutes(app: FastifyInstance, ctx: BrokerContext, dir: string): void {
+export function uploadRoutes(app: FastifyInstance, ctx: BrokerContext, dir: string, imports: ImportJobs): void {
   const paths = (id: string) => ({ meta: join(dir, `${id}.json`), data: join(dir, `${id}.part`) });
   const load = async (id: string) => {
     let meta: Meta;
@@ -94,7 +95,7 @@ export function uploadRoutes(app: FastifyInstance, ctx: BrokerContext, dir: stri
     }).strict(), req.body);
     const up = await load(id);
     if (!up.complete) throw new HttpError(409, 'incomplete', `the broker has ${up.received} of ${up.sizeBytes} bytes; finish the upload first`, { received: up.received });
-    const job = await ctx.imports.start(ctx, actor, { name: b.name, image: paths(id).data, pool: b.pool, config: b.config, chunkSize: b.chunkSize }, (ok) => {
+    const job = await imports.start(ctx, actor, { name: b.name, image: paths(id).data, pool: b.pool, config: b.config, chunkSize: b.chunkSize }, (ok) => {
       // Imported: the upload is no longer needed. Failed: kept, to retry the import without sending it again.
       if (ok) void rm(paths(id).meta, { force: true }).then(() => rm(paths(id).data, { force: true }));
     });

@@ -6,7 +6,7 @@ import type { Manifest } from '../../core/chunks/manifest.js';
 import { checkChain, layerSecret, type Chain } from '../../disk/chain.js';
 import { measureLayer, type LayerShapeRecord } from '../../disk/layer-shape.js';
 import { Qcow2BaseReader } from '../../disk/qcow2-base-reader.js';
-import { QemuToolError } from '../../disk/qemu-tools.js';
+import { QemuToolError } from '../../qemu/qemu-tools.js';
 import type { DesktopKeys } from './desktop-keys.js';
 import { chainOf, recordDiskFailure } from './disks.js';
 import type { DesktopRecords, DesktopState } from './state.js';

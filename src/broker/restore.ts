@@ -1,0 +1,33 @@
+import type { DesktopRow } from '../store/metadata.js';
+import type { BrokerContext } from './context.js';
+import { damagedSnapshotRefusal } from './damage.js';
+import { HttpError } from './http.js';
+import { restorePoints, restoreRefusal } from './restore-points.js';
+
+/**
+ * Makes a restore point the desktop's current version: a new snapshot (kind `restore`) with the
+ * chosen one's disks, so history is kept and the next check-out starts from it.
+ */
+export async function restore(ctx: BrokerContext, user: string, role: string, desktop: DesktopRow, snapshotId: string, reason?: string) {
+  const refusal = await restoreRefusal(ctx, user, role, desktop);
+  if (refusal) {
+    await ctx.audit({ actor: user, desktopId: desktop.id, action: 'restore', outcome: 'denied', detail: `${refusal.code}: ${refusal.message}` });
+    throw new HttpError(refusal.status, refusal.code, refusal.message, {}, true);
+  }
+  const point = (await restorePoints(ctx, desktop)).find((p) => p.id === snapshotId);
+  if (!point) throw new HttpError(404, 'not-found', `${desktop.name} has no restore point ${snapshotId}`);
+  const chosen = (await ctx.meta.getSnapshot(point.id))!;
+  const damaged = await damagedSnapshotRefusal(ctx, desktop, chosen.id, chosen.disks);
+  if (damaged) {
+    await ctx.audit({ actor: user, desktopId: desktop.id, action: 'restore', outcome: 'denied', detail: `${damaged.code}: ${damaged.message}` });
+    throw new HttpError(damaged.status, damaged.code, damaged.message, damaged.extra, true);
+  }
+  const id = await ctx.meta.transaction(async (tx) => {
+    if (await tx.activeCheckout(desktop.id)) throw new HttpError(409, 'locked', `${desktop.name} was just checked out`);
+    const s = await tx.createSnapshot({ desktopId: desktop.id, parentId: chosen.id, kind: 'restore', disks: chosen.disks });
+    await tx.setDesktopSnapshot(desktop.id, s);
+    return s;
+  });
+  await ctx.audit({ actor: user, desktopId: desktop.id, action: 'restore', outcome: 'ok', detail: `${point.kind} ${point.id} of ${point.createdAt} is now current (${id})${reason ? `: ${reason}` : ''}` });
+  return { snapshotId: id, restoredFrom: point.id };
+}
