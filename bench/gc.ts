@@ -7,7 +7,7 @@ import { generateLineageKeys, wrapLineageKeys } from '../src/core/keys.js';
 import { createManifest, encodeManifest, manifestDigest } from '../src/core/chunks/manifest.js';
 import { writeTestImage } from '../src/demo/image.js';
 import { importImage } from '../src/import/import.js';
-import { openMetadata } from '../src/store/metadata/open.js';
+import { openMetadata } from '../src/broker/db/open.js';
 import { PackChunkStore } from '../src/store/pack-chunk-store.js';
 import { MB, settle, timed } from './lib/measure.js';
 import type { BenchRow, BenchSection } from './types.js';

@@ -2,7 +2,7 @@ import { referencedChunks, decodeManifest, encodedDigest, encodeManifest, type M
 import { receiptHolds, receiptKey } from '../core/tokens/push-receipt.js';
 import { signLease, type SignedLease } from '../core/tokens/lease.js';
 import { policyHash } from '../core/policy.js';
-import type { CheckoutRow, DesktopConfig, DesktopRow, SnapshotDisk, SnapshotRow } from '../store/metadata.js';
+import type { CheckoutRow, DesktopConfig, DesktopRow, SnapshotDisk, SnapshotRow } from './db/metadata.js';
 import type { BrokerContext } from './context.js';
 import { damagedSnapshotRefusal } from './damage.js';
 import { onlineRefusal } from './hosts/power.js';

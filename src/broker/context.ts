@@ -1,6 +1,6 @@
 import type { DatacenterHypervisor } from '../hypervisor/datacenter/hypervisor.js';
 import type { ChunkStore } from '../store/chunk-store.js';
-import type { MetadataStore } from '../store/metadata.js';
+import type { MetadataStore } from './db/metadata.js';
 import type { LdapConfig } from './directory.js';
 import type { HostStore } from './hosts/store.js';
 import type { BrokerSecrets } from './secrets.js';

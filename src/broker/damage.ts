@@ -3,7 +3,7 @@ import { openBlob } from '../core/chunks/blob.js';
 import { isChunkId, type ChunkId } from '../core/chunk-id.js';
 import { unwrapLineageKeys } from '../core/keys.js';
 import { decodeManifest, referencedChunks } from '../core/chunks/manifest.js';
-import type { DesktopRow, SnapshotDisk } from '../store/metadata.js';
+import type { DesktopRow, SnapshotDisk } from './db/metadata.js';
 import type { BrokerContext } from './context.js';
 import { HttpError } from './http.js';
 import { restorePoints, type RestorePoint } from './restore-points.js';

@@ -1,4 +1,4 @@
-import type { CheckoutRow, SnapshotRow } from '../store/metadata.js';
+import type { CheckoutRow, SnapshotRow } from './db/metadata.js';
 import { auditTicket, checkedChanges, checkoutView, deny, ownedCheckout, type DiskChanges } from './checkouts.js';
 import { lineageKeysFor } from './desktops.js';
 import type { BrokerContext } from './context.js';

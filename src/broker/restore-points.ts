@@ -1,4 +1,4 @@
-import type { DesktopRow, SnapshotRow } from '../store/metadata.js';
+import type { DesktopRow, SnapshotRow } from './db/metadata.js';
 import type { BrokerContext } from './context.js';
 import { HttpError } from './http.js';
 import { describePolicySource, effectivePolicy } from './policies.js';

@@ -1,4 +1,4 @@
-import type { DesktopRow } from '../store/metadata.js';
+import type { DesktopRow } from './db/metadata.js';
 import type { BrokerContext } from './context.js';
 import { damagedSnapshotRefusal } from './damage.js';
 import { HttpError } from './http.js';

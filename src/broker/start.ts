@@ -6,8 +6,8 @@ import { NoHypervisor, QmpHypervisor, type DatacenterHypervisor } from '../hyper
 import { loadOrCreateTls } from '../net/tls-cert.js';
 import { openChunkStore } from '../store/open-store.js';
 import { defaultS3IndexPath } from '../store/s3-chunk-store.js';
-import { auditChainKey } from '../store/audit-chain.js';
-import { openMetadata } from '../store/metadata/open.js';
+import { auditChainKey } from './db/audit-chain.js';
+import { openMetadata } from './db/open.js';
 import { checkLdapConfig } from './directory.js';
 import { DatabaseFailureLog, DEFAULT_THROTTLE, LoginThrottle, type ThrottleSettings } from './throttle.js';
 import { transferServerSync } from './trust.js';

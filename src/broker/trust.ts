@@ -1,4 +1,4 @@
-import type { CheckoutRow } from '../store/metadata.js';
+import type { CheckoutRow } from './db/metadata.js';
 import type { JobSummary } from '../transfer/scopes.js';
 import type { BrokerContext } from './context.js';
 import { HttpError } from './http.js';

@@ -1,4 +1,4 @@
-import { ACTIVE_STATES } from '../store/metadata.js';
+import { ACTIVE_STATES } from './db/metadata.js';
 import type { BrokerContext } from './context.js';
 
 /**

@@ -6,7 +6,7 @@ import { z } from 'zod';
 import { startBroker } from '../broker/start.js';
 import { CarryonError } from '../core/errors.js';
 import { describeStore } from '../store/open-store.js';
-import { checkPostgresUrl, redactDatabaseUrl } from '../store/sql/pg-driver.js';
+import { checkPostgresUrl, redactDatabaseUrl } from '../sql/pg-driver.js';
 import { registerAdminCommands } from './admin-commands.js';
 import { registerAdminTrustCommands } from './admin-trust-commands.js';
 import { registerMaintenanceCommands } from './maintenance-commands.js';

@@ -18,7 +18,7 @@ import { verifyStore } from '../../src/broker/gc/verify.js';
 import type { BrokerContext } from '../../src/broker/context.js';
 import type { RunningBroker } from '../../src/broker/start.js';
 import type { CollectableStore } from '../../src/store/chunk-store.js';
-import type { SnapshotRow } from '../../src/store/metadata.js';
+import type { SnapshotRow } from '../../src/broker/db/metadata.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from './harness.js';
 
 const CHUNK = 256 * 1024;

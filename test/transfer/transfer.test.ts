@@ -7,7 +7,7 @@ import { after, test } from 'node:test';
 import { request } from 'undici';
 import { Scheduler } from '../../src/broker/transfers/scheduler.js';
 import { SchedulerStore } from '../../src/broker/transfers/scheduler-store.js';
-import { SqliteSql } from '../../src/store/sql/sqlite-driver.js';
+import { SqliteSql } from '../../src/sql/sqlite-driver.js';
 import type { JobView } from '../../src/broker/transfers/types.js';
 import { openBlob, sealChunk } from '../../src/core/chunks/blob.js';
 import { computeChunkId } from '../../src/core/chunk-id.js';

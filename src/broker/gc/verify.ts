@@ -4,7 +4,7 @@ import type { ChunkId } from '../../core/chunk-id.js';
 import { unwrapLineageKeys, type LineageKeys } from '../../core/keys.js';
 import { decodeManifest, referencedChunks } from '../../core/chunks/manifest.js';
 import { getBlobs, type ChunkStore } from '../../store/chunk-store.js';
-import type { DesktopRow, MetadataStore, SnapshotRow } from '../../store/metadata.js';
+import type { DesktopRow, MetadataStore, SnapshotRow } from '../db/metadata.js';
 
 /** Blobs read per request (an object store merges neighbours into one ranged GET). */
 const WINDOW = 32;

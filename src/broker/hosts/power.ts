@@ -1,5 +1,5 @@
 import { encodeManifest, decodeManifest } from '../../core/chunks/manifest.js';
-import type { DesktopRow } from '../../store/metadata.js';
+import type { DesktopRow } from '../db/metadata.js';
 import { lineageKeysFor } from '../desktops.js';
 import type { BrokerContext } from '../context.js';
 import { HttpError } from '../http.js';

@@ -1,7 +1,7 @@
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { z } from 'zod';
-import type { DesktopRow } from '../../store/metadata.js';
+import type { DesktopRow } from '../db/metadata.js';
 import type { BrokerContext } from '../context.js';
 import { CLOSE, displayRelay } from '../display/relay.js';
 import { HttpError, parse, requireUser } from '../http.js';

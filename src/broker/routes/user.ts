@@ -8,7 +8,7 @@ import { allowedActions, beginUpload, cancel, checkOut, checkoutView, commitUplo
 import type { BrokerContext } from '../context.js';
 import { beginHandback, checkoutOutcome, commitHandback } from '../handback.js';
 import { reportChunkFailure } from '../damage.js';
-import type { DesktopRow } from '../../store/metadata.js';
+import type { DesktopRow } from '../db/metadata.js';
 import { accountName, authenticate, DirectoryUnavailableError } from '../directory.js';
 import { HttpError, parse, requireUser } from '../http.js';
 import { effectivePolicy } from '../policies.js';

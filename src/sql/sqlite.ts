@@ -4,8 +4,8 @@ import { dirname } from 'node:path';
 
 export type Db = Database.Database;
 
-export type { Migration } from './sql/driver.js';
-import type { Migration } from './sql/driver.js';
+export type { Migration } from './driver.js';
+import type { Migration } from './driver.js';
 
 /** Opens (creating) an SQLite database in WAL mode with foreign keys on. */
 export function openSqlite(path: string): Db {

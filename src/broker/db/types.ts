@@ -1,4 +1,4 @@
-import type { ChainCheck } from '../audit-chain.js';
+import type { ChainCheck } from './audit-chain.js';
 
 /** Rows as the broker sees them (JSON columns already parsed). */
 export interface UserRow { name: string; passwordHash: string | null; role: 'admin' | 'user'; source: string; disabled: boolean; policy: Record<string, unknown> }

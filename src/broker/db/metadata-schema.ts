@@ -1,4 +1,4 @@
-import type { Migration } from './sql/driver.js';
+import type { Migration } from '../../sql/driver.js';
 
 /** SQLite DDL → PostgreSQL's: BYTEA blobs, BIGSERIAL ids. */
 export function postgresDdl(sql: string): string {

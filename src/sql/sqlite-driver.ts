@@ -1,5 +1,5 @@
 import type { Statement } from 'better-sqlite3';
-import { migrate, openSqlite, type Db } from '../sqlite.js';
+import { migrate, openSqlite, type Db } from './sqlite.js';
 import type { Migration, Param, Row, SqlConn, SqlDb } from './driver.js';
 import { Mutex } from './mutex.js';
 

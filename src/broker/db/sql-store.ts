@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
-import { appendEvent, exportEvents, verifyChain, type ChainCheck } from '../audit-chain.js';
-import type { SqlConn } from '../sql/driver.js';
+import { appendEvent, exportEvents, verifyChain, type ChainCheck } from './audit-chain.js';
+import type { SqlConn } from '../../sql/driver.js';
 import * as rows from './rows.js';
 import type { Raw } from './rows.js';
 import type {

@@ -1,4 +1,4 @@
-import type { Migration } from './sql/driver.js';
+import type { Migration } from '../../sql/driver.js';
 
 /**
  * Tables and columns for revocation, cut-off and the tamper-evident audit trail (issue 11).

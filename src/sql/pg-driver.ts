@@ -1,5 +1,5 @@
 import pg from 'pg';
-import { CarryonError } from '../../core/errors.js';
+import { CarryonError } from '../core/errors.js';
 import type { Migration, Param, Row, SqlConn, SqlDb } from './driver.js';
 
 /** `postgres://user:secret@host/db` → `postgres://user:***@host/db`, for messages and logs. */

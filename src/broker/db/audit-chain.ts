@@ -1,5 +1,5 @@
 import { createHash, createHmac, hkdfSync } from 'node:crypto';
-import type { SqlConn } from './sql/driver.js';
+import type { SqlConn } from '../../sql/driver.js';
 
 /**
  * The audit trail as a keyed hash chain: each event's hash is an HMAC, under a key derived from

@@ -1,10 +1,10 @@
 import { join } from 'node:path';
-import { sealChainAtOpen } from '../audit-chain.js';
-import { BROKER_MIGRATIONS } from '../metadata-schema.js';
-import type { SqlDb } from '../sql/driver.js';
-import { PgSql } from '../sql/pg-driver.js';
-import { SqliteSql } from '../sql/sqlite-driver.js';
-import { TRUST_MIGRATIONS } from '../trust-schema.js';
+import { sealChainAtOpen } from './audit-chain.js';
+import { BROKER_MIGRATIONS } from './metadata-schema.js';
+import type { SqlDb } from '../../sql/driver.js';
+import { PgSql } from '../../sql/pg-driver.js';
+import { SqliteSql } from '../../sql/sqlite-driver.js';
+import { TRUST_MIGRATIONS } from './trust-schema.js';
 import { SqlMetadataStore } from './sql-store.js';
 import type { MetadataStore } from './types.js';
 
