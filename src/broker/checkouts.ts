@@ -4,13 +4,13 @@ import { signLease, type SignedLease } from '../core/tokens/lease.js';
 import { policyHash } from '../core/policy.js';
 import type { CheckoutRow, DesktopConfig, DesktopRow, SnapshotDisk, SnapshotRow } from './db/metadata.js';
 import type { BrokerContext } from './context.js';
-import { damagedSnapshotRefusal } from './damage.js';
+import { damagedSnapshotRefusal } from './desktops/damage.js';
 import { onlineRefusal } from './hosts/power.js';
 import { HttpError } from './http.js';
-import { lineageKeysFor } from './desktops.js';
+import { lineageKeysFor } from './desktops/desktops.js';
 import { describePolicySource, effectivePolicy } from './policies.js';
 import type { JobView } from './transfers/types.js';
-import { stillAllowed } from './trust.js';
+import { stillAllowed } from './auth/trust.js';
 
 export interface HostFacts {
   cpus: number;

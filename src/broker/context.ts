@@ -1,12 +1,12 @@
 import type { DatacenterHypervisor } from '../hypervisor/datacenter/hypervisor.js';
 import type { ChunkStore } from '../store/chunk-store.js';
 import type { MetadataStore } from './db/metadata.js';
-import type { LdapConfig } from './directory.js';
+import type { LdapConfig } from './auth/directory.js';
 import type { HostStore } from './hosts/store.js';
 import type { BrokerSecrets } from './secrets.js';
 import type { JobProgress } from './transfers/progress.js';
 import type { Scheduler } from './transfers/scheduler.js';
-import type { LoginThrottle } from './throttle.js';
+import type { LoginThrottle } from './auth/throttle.js';
 
 export interface BrokerSettings {
   /** Session token lifetime. */

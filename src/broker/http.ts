@@ -6,7 +6,7 @@ import { checkDeviceSignature, DEVICE_HEADER, MAX_SKEW_MS, NONCE_HEADER, SIGNATU
 import { publicKeyFromBase64 } from '../core/signing.js';
 import type { DeviceRow } from './db/metadata.js';
 import type { BrokerContext } from './context.js';
-import { readToken, type SessionClaims } from './tokens.js';
+import { readToken, type SessionClaims } from './auth/tokens.js';
 
 /** An error with its HTTP status and stable code: `{error: code, message, ...extra}`. */
 export class HttpError extends Error {

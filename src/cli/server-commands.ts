@@ -7,9 +7,9 @@ import { startBroker } from '../broker/start.js';
 import { CarryonError } from '../core/errors.js';
 import { describeStore } from '../store/open-store.js';
 import { checkPostgresUrl, redactDatabaseUrl } from '../sql/pg-driver.js';
-import { registerAdminCommands } from './admin-commands.js';
-import { registerAdminTrustCommands } from './admin-trust-commands.js';
-import { registerMaintenanceCommands } from './maintenance-commands.js';
+import { registerAdminCommands } from './admin/admin-commands.js';
+import { registerAdminTrustCommands } from './admin/admin-trust-commands.js';
+import { registerMaintenanceCommands } from './admin/maintenance-commands.js';
 import { passwordSource } from './common.js';
 
 const ServerConfigFile = z.object({

@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { request } from 'undici';
 import type { RunningBroker } from '../../src/broker/start.js';
-import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
+import { exportCurrentSnapshot } from '../../src/broker/desktops/snapshot-image.js';
 import { addBrokers, listBrokers, removeBrokers } from '../../src/client/session/brokers.js';
 import { checkout, enroll, listDesktops, upload, type ClientEnv } from '../../src/client/ops.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';

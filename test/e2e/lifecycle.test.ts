@@ -12,7 +12,7 @@ import { moveTrustedClock, readDesktop, writeDesktop } from '../support/laptop.j
 import { serveDesktop } from '../../src/client/ops/serve.js';
 import type { RunningBroker } from '../../src/broker/start.js';
 import type { CollectableStore } from '../../src/store/chunk-store.js';
-import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
+import { exportCurrentSnapshot } from '../../src/broker/desktops/snapshot-image.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
 import { withTmpfs } from '../support/tmpfs.js';
 import { RateLimiter } from '../../src/transfer-client/rate-limit.js';

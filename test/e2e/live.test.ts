@@ -10,7 +10,7 @@ import { checkChain } from '../../src/disk/chain.js';
 import { chainOf, diskDir } from '../../src/live/disks/disks.js';
 import { loadDevice } from '../../src/client/vault/home.js';
 import { Vault, type DesktopState } from '../../src/client/vault/vault.js';
-import { exportSnapshot, exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
+import { exportSnapshot, exportCurrentSnapshot } from '../../src/broker/desktops/snapshot-image.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { runAgent } from '../../src/client/agent.js';
 import { connect, createServer } from 'node:net';

@@ -14,7 +14,7 @@ import { Vault } from '../../src/client/vault/vault.js';
 import { serveDesktop } from '../../src/client/ops/serve.js';
 import { CarryonError } from '../../src/core/errors.js';
 import type { RunningBroker } from '../../src/broker/start.js';
-import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
+import { exportCurrentSnapshot } from '../../src/broker/desktops/snapshot-image.js';
 import { readDesktop, runCarryon, writeDesktop } from '../support/laptop.js';
 import { brokerWithAlice, makeImage, type Api } from '../broker/harness.js';
 

@@ -22,7 +22,7 @@ import { resetAgentClock } from '../../src/client/vault/agent-clock.js';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
 import { moveTrustedClock, readDesktop, runCarryon, writeDesktop } from '../support/laptop.js';
-import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
+import { exportCurrentSnapshot } from '../../src/broker/desktops/snapshot-image.js';
 import { startTpm, stopTpms, swtpmSkip } from '../support/swtpm.js';
 
 // The probes of issue 12: each edit, deletion or forgery of a file in the Carryon home ends in a

@@ -10,7 +10,7 @@ import type { SqlConn } from '../../src/sql/driver.js';
 import type { MetadataStore } from '../../src/broker/db/metadata.js';
 import { checkPostgresUrl, redactDatabaseUrl } from '../../src/sql/pg-driver.js';
 import { freshDatabase, testCluster } from '../support/postgres.js';
-import { DatabaseFailureLog, LoginThrottle } from '../../src/broker/throttle.js';
+import { DatabaseFailureLog, LoginThrottle } from '../../src/broker/auth/throttle.js';
 
 /**
  * The metadata store's contract, run by name against each engine: SQLite (the default) and

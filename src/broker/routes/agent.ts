@@ -5,8 +5,8 @@ import type { BrokerContext } from '../context.js';
 import { HttpError, parse, requireDevice } from '../http.js';
 import { effectivePolicy } from '../policies.js';
 import { issueLease } from '../checkouts.js';
-import { enforceCutOff, stillAllowed } from '../trust.js';
-import { endWipedCheckout } from '../wipe.js';
+import { enforceCutOff, stillAllowed } from '../auth/trust.js';
+import { endWipedCheckout } from '../desktops/wipe.js';
 
 const Heartbeat = z.object({
   host: z.object({ os: z.string().max(200).optional(), cpus: z.number().int().min(1), ramBytes: z.number().min(0), freeDiskBytes: z.number().min(0), loadAvg: z.array(z.number()).max(3).optional() }),

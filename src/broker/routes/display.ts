@@ -5,8 +5,8 @@ import type { DesktopRow } from '../db/metadata.js';
 import type { BrokerContext } from '../context.js';
 import { CLOSE, displayRelay } from '../display/relay.js';
 import { HttpError, parse, requireUser } from '../http.js';
-import { readToken } from '../tokens.js';
-import { adminOf } from './admin-scope.js';
+import { readToken } from '../auth/tokens.js';
+import { adminOf } from './admin/admin-scope.js';
 
 /** A ticket opens one connection, within this time, for its user and desktop. */
 export const TICKET_TTL_MS = 30_000;

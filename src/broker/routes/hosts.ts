@@ -4,7 +4,7 @@ import { z } from 'zod';
 import type { BrokerContext } from '../context.js';
 import { HttpError, parse, requireUser } from '../http.js';
 import { effectivePolicy, describePolicySource } from '../policies.js';
-import { adminOf } from './admin-scope.js';
+import { adminOf } from './admin/admin-scope.js';
 import { displayRelay } from '../display/relay.js';
 import { hostAck, hostHeartbeat, hostJobOwner, hostsOverview, powerDesktop, prepareStart, releaseDesktop, sweepHosts } from '../hosts/power.js';
 

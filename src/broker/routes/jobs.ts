@@ -3,7 +3,7 @@ import { z } from 'zod';
 import { auditTicket } from '../checkouts.js';
 import type { BrokerContext } from '../context.js';
 import { HttpError, parse, requireUser } from '../http.js';
-import { cutOffReason, enforceCutOff } from '../trust.js';
+import { cutOffReason, enforceCutOff } from '../auth/trust.js';
 
 const Id = z.object({ id: z.string().min(1).max(200) });
 const Bytes = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);

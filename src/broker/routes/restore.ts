@@ -2,8 +2,8 @@ import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
 import type { BrokerContext } from '../context.js';
 import { HttpError, parse, requireUser } from '../http.js';
-import { restorePoints, restoreRefusal } from '../restore-points.js';
-import { restore } from '../restore.js';
+import { restorePoints, restoreRefusal } from '../desktops/restore-points.js';
+import { restore } from '../desktops/restore.js';
 
 const Id = z.object({ id: z.string().min(1).max(200) });
 

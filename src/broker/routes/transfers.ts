@@ -5,7 +5,7 @@ import { publicKeyToBase64 } from '../../core/signing.js';
 import type { BrokerContext } from '../context.js';
 import { HttpError, parse } from '../http.js';
 import { transfersOverview } from '../transfers/overview.js';
-import { transferServerSync } from '../trust.js';
+import { transferServerSync } from '../auth/trust.js';
 
 const Count = z.number().int().min(0);
 const JobStats = z.object({ id: z.string().min(1).max(100), bytesIn: Count, bytesOut: Count, chunksIn: Count, chunksOut: Count }).strict();

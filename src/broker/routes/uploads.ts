@@ -7,10 +7,10 @@ import { pipeline } from 'node:stream/promises';
 import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
 import type { BrokerContext } from '../context.js';
-import type { ImportJobs } from '../imports.js';
+import type { ImportJobs } from '../desktops/imports.js';
 import { HttpError, parse } from '../http.js';
-import { adminOf } from './admin-scope.js';
-import { checkImageSize } from '../image-checks.js';
+import { adminOf } from './admin/admin-scope.js';
+import { checkImageSize } from '../desktops/image-checks.js';
 
 const Id = z.object({ id: z.uuid() });
 const Meta = z.object({ id: z.string(), name: z.string(), sizeBytes: z.number(), createdAt: z.string(), createdBy: z.string() });

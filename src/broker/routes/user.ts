@@ -7,13 +7,13 @@ import { publicKeyFromBase64, publicKeyToBase64 } from '../../core/signing.js';
 import { allowedActions, beginUpload, cancel, checkOut, checkoutView, commitUpload, issueLease, markTransferred, rollback, type DiskChanges } from '../checkouts.js';
 import type { BrokerContext } from '../context.js';
 import { beginHandback, checkoutOutcome, commitHandback } from '../handback.js';
-import { reportChunkFailure } from '../damage.js';
+import { reportChunkFailure } from '../desktops/damage.js';
 import type { DesktopRow } from '../db/metadata.js';
-import { accountName, authenticate, DirectoryUnavailableError } from '../directory.js';
+import { accountName, authenticate, DirectoryUnavailableError } from '../auth/directory.js';
 import { HttpError, parse, requireUser } from '../http.js';
 import { effectivePolicy } from '../policies.js';
-import { issueToken } from '../tokens.js';
-import { requireFreshLogin } from '../trust.js';
+import { issueToken } from '../auth/tokens.js';
+import { requireFreshLogin } from '../auth/trust.js';
 
 const Host = z.object({
   os: z.string().max(200).optional(),

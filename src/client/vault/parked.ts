@@ -12,8 +12,8 @@ import { chainBytesOnDisk, chainFiles, eraseChainKeys, eraseLayerKeys, layerSecr
 import { measureLayer } from '../../disk/layer-shape.js';
 import { fileStamp } from '../../live/disks/layer-guard.js';
 import { addPassphrase, keepOnlyPassphrase, luksUuid } from '../../disk/luks-rekey.js';
-import { unmapChunksExcept } from '../../disk/qcow2-unmap.js';
-import { UnsupportedImage } from '../../disk/qcow2-format.js';
+import { unmapChunksExcept } from '../../disk/qcow2/qcow2-unmap.js';
+import { UnsupportedImage } from '../../disk/qcow2/qcow2-format.js';
 import { writeFileAtomic } from '../../files/atomic.js';
 import type { DesktopKeys } from '../../live/disks/desktop-keys.js';
 import { recordMac, recordMacOk } from '../../live/disks/desktop-keys.js';

@@ -5,7 +5,7 @@ import { CarryonError } from '../../core/errors.js';
 import type { Manifest } from '../../core/chunks/manifest.js';
 import { checkChain, layerSecret, type Chain } from '../../disk/chain.js';
 import { measureLayer, type LayerShapeRecord } from '../../disk/layer-shape.js';
-import { Qcow2BaseReader } from '../../disk/qcow2-base-reader.js';
+import { Qcow2BaseReader } from '../../disk/qcow2/qcow2-base-reader.js';
 import { QemuToolError } from '../../qemu/qemu-tools.js';
 import type { DesktopKeys } from './desktop-keys.js';
 import { chainOf, recordDiskFailure } from './disks.js';

@@ -1,6 +1,6 @@
 import { closeSync, constants, openSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
-import { exactBuffer, WorkerPool } from '../core/worker-pool.js';
+import { exactBuffer, WorkerPool } from '../../core/worker-pool.js';
 import type { XtsWriteRequest, XtsWriteResult, XtsWriterInit } from './xts-write-worker.js';
 
 /**

@@ -1,10 +1,10 @@
 import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
-import { exportEvents, verifyChain } from '../db/audit-chain.js';
-import type { BrokerContext } from '../context.js';
-import { HttpError, parse } from '../http.js';
+import { exportEvents, verifyChain } from '../../db/audit-chain.js';
+import type { BrokerContext } from '../../context.js';
+import { HttpError, parse } from '../../http.js';
 import { adminOf } from './admin-scope.js';
-import { revokeDevice } from '../trust.js';
+import { revokeDevice } from '../../auth/trust.js';
 
 const Id = z.object({ id: z.string().min(1).max(200) });
 

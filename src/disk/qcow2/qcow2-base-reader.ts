@@ -1,5 +1,5 @@
 import { open, type FileHandle } from 'node:fs/promises';
-import { DiskError } from './block-device.js';
+import { DiskError } from '../block-device.js';
 import { COMPRESSED, layerVolumeKey, OFFSET_MASK, readQcow2Header, readWords } from './qcow2-format.js';
 import { XTS_SECTOR, XtsSectors } from './xts.js';
 

@@ -1,8 +1,8 @@
 import type { Command } from 'commander';
 import { z } from 'zod';
-import { CarryonError } from '../core/errors.js';
+import { CarryonError } from '../../core/errors.js';
 import { withAdmin } from './admin-shared.js';
-import { formatBytes, printJsonOr, table } from './common.js';
+import { formatBytes, printJsonOr, table } from '../common.js';
 
 const Report = z.record(z.string(), z.unknown());
 type Json = Record<string, unknown>;

@@ -1,7 +1,7 @@
 import { stat } from 'node:fs/promises';
 import { isAbsolute } from 'node:path';
-import { inspectImage } from '../import/source.js';
-import { HttpError } from './http.js';
+import { inspectImage } from '../../import/source.js';
+import { HttpError } from '../http.js';
 
 export const SECTOR = 512;
 export const DEFAULT_CHUNK = 256 * 1024;

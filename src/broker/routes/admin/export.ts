@@ -1,15 +1,15 @@
 import { Readable } from 'node:stream';
 import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
-import { chunkLength } from '../../core/chunks/chunking.js';
-import { unwrapLineageKeys } from '../../core/keys.js';
-import { decodeManifest } from '../../core/chunks/manifest.js';
-import { readChunkPlain } from '../../import/export.js';
-import type { BrokerContext } from '../context.js';
-import { damagedSnapshotRefusal } from '../damage.js';
-import { HttpError, parse } from '../http.js';
+import { chunkLength } from '../../../core/chunks/chunking.js';
+import { unwrapLineageKeys } from '../../../core/keys.js';
+import { decodeManifest } from '../../../core/chunks/manifest.js';
+import { readChunkPlain } from '../../../import/export.js';
+import type { BrokerContext } from '../../context.js';
+import { damagedSnapshotRefusal } from '../../desktops/damage.js';
+import { HttpError, parse } from '../../http.js';
 import { adminOf } from './admin-scope.js';
-import { restorePoints } from '../restore-points.js';
+import { restorePoints } from '../../desktops/restore-points.js';
 
 /**
  * `GET /v1/admin/desktops/:id/export?snapshot=&disk=`: one disk of a snapshot (the current one by

@@ -1,6 +1,6 @@
 import type { Command } from 'commander';
 import { endpoint, enc, names, say, type Json } from './admin-shared.js';
-import { ago, printTable } from './format.js';
+import { ago, printTable } from '../format.js';
 
 interface HostView {
   id: string; accel: string; health: string; lastSeen: string;

@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
-import type { BrokerContext } from './context.js';
+import type { BrokerContext } from '../context.js';
 import { createDesktopFromImage, type CreateDesktop } from './desktops.js';
-import { HttpError } from './http.js';
+import { HttpError } from '../http.js';
 import { inspectForImport } from './image-checks.js';
 
 export interface ImportJobView {

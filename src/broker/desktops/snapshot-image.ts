@@ -1,8 +1,8 @@
-import { CarryonError } from '../core/errors.js';
-import { unwrapLineageKeys } from '../core/keys.js';
-import { decodeManifest } from '../core/chunks/manifest.js';
-import { exportImage } from '../import/export.js';
-import type { BrokerContext } from './context.js';
+import { CarryonError } from '../../core/errors.js';
+import { unwrapLineageKeys } from '../../core/keys.js';
+import { decodeManifest } from '../../core/chunks/manifest.js';
+import { exportImage } from '../../import/export.js';
+import type { BrokerContext } from '../context.js';
 
 /** Re-assembles a desktop's current snapshot (first disk) from the store into a raw file at `out`. */
 export async function exportCurrentSnapshot(ctx: BrokerContext, desktopRef: string, out: string): Promise<{ snapshotId: string }> {

@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
-import type { BrokerContext } from '../context.js';
-import { HttpError, parse } from '../http.js';
+import type { BrokerContext } from '../../context.js';
+import { HttpError, parse } from '../../http.js';
 import { adminOf } from './admin-scope.js';
 
 const Name = z.string().min(1).max(200);

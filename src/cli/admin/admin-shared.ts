@@ -1,9 +1,9 @@
 import type { Command } from 'commander';
 import { z } from 'zod';
-import { BrokerClient } from '../net/broker-client.js';
-import { splitList } from '../client/session/brokers.js';
-import { CarryonError } from '../core/errors.js';
-import { passwordSource, printJsonOr } from './common.js';
+import { BrokerClient } from '../../net/broker-client.js';
+import { splitList } from '../../client/session/brokers.js';
+import { CarryonError } from '../../core/errors.js';
+import { passwordSource, printJsonOr } from '../common.js';
 
 export interface AdminOpts { url?: string; fingerprint?: string; user?: string; passwordFile?: string; json?: boolean }
 export type Json = Record<string, unknown>;

@@ -1,9 +1,9 @@
 import { randomUUID } from 'node:crypto';
-import { generateLineageKeys, rotateDataKey, unwrapLineageKeys, wrapLineageKeys } from '../core/keys.js';
-import { importImage } from '../import/import.js';
-import type { DesktopConfig, DesktopRow } from './db/metadata.js';
-import type { BrokerContext } from './context.js';
-import { HttpError } from './http.js';
+import { generateLineageKeys, rotateDataKey, unwrapLineageKeys, wrapLineageKeys } from '../../core/keys.js';
+import { importImage } from '../../import/import.js';
+import type { DesktopConfig, DesktopRow } from '../db/metadata.js';
+import type { BrokerContext } from '../context.js';
+import { HttpError } from '../http.js';
 import { inspectForImport } from './image-checks.js';
 
 export interface CreateDesktop {

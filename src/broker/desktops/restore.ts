@@ -1,7 +1,7 @@
-import type { DesktopRow } from './db/metadata.js';
-import type { BrokerContext } from './context.js';
+import type { DesktopRow } from '../db/metadata.js';
+import type { BrokerContext } from '../context.js';
 import { damagedSnapshotRefusal } from './damage.js';
-import { HttpError } from './http.js';
+import { HttpError } from '../http.js';
 import { restorePoints, restoreRefusal } from './restore-points.js';
 
 /**

@@ -1,12 +1,12 @@
 import type { FastifyInstance } from 'fastify';
-import { recordDamagedChunks } from '../damage.js';
+import { recordDamagedChunks } from '../../desktops/damage.js';
 import { z } from 'zod';
-import { collectGarbage, DEFAULT_GC } from '../gc/collect.js';
-import { verifyStore } from '../gc/verify.js';
-import type { BrokerContext } from '../context.js';
-import { HttpError, parse } from '../http.js';
+import { collectGarbage, DEFAULT_GC } from '../../gc/collect.js';
+import { verifyStore } from '../../gc/verify.js';
+import type { BrokerContext } from '../../context.js';
+import { HttpError, parse } from '../../http.js';
 import { adminOf } from './admin-scope.js';
-import { desktopRetention, setDesktopRetention } from '../gc/retention.js';
+import { desktopRetention, setDesktopRetention } from '../../gc/retention.js';
 
 const GcBody = z.object({
   dryRun: z.boolean().default(false),

@@ -1,7 +1,7 @@
 import { realpath } from 'node:fs/promises';
 import { isAbsolute, resolve, sep } from 'node:path';
-import type { BrokerContext } from './context.js';
-import { HttpError } from './http.js';
+import type { BrokerContext } from '../context.js';
+import { HttpError } from '../http.js';
 
 const inside = (dirs: string[], path: string) => dirs.some((d) => path === d || path.startsWith(d.endsWith(sep) ? d : d + sep));
 

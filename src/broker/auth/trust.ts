@@ -1,8 +1,8 @@
-import type { CheckoutRow } from './db/metadata.js';
-import type { JobSummary } from '../transfer/scopes.js';
-import type { BrokerContext } from './context.js';
-import { HttpError } from './http.js';
-import { describePolicySource, effectivePolicy } from './policies.js';
+import type { CheckoutRow } from '../db/metadata.js';
+import type { JobSummary } from '../../transfer/scopes.js';
+import type { BrokerContext } from '../context.js';
+import { HttpError } from '../http.js';
+import { describePolicySource, effectivePolicy } from '../policies.js';
 import type { SessionClaims } from './tokens.js';
 
 /**

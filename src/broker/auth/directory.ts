@@ -1,6 +1,6 @@
 import { Client, InvalidCredentialsError } from 'ldapts';
-import { CarryonError } from '../core/errors.js';
-import type { MetadataStore } from './db/metadata.js';
+import { CarryonError } from '../../core/errors.js';
+import type { MetadataStore } from '../db/metadata.js';
 import { verifyPassword } from './passwords.js';
 
 export interface LdapConfig {

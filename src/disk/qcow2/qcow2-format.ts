@@ -1,7 +1,7 @@
 import type { FileHandle } from 'node:fs/promises';
-import { DiskError } from './block-device.js';
-import { luksHeaderRange } from './layer-template.js';
-import { openAnyLuksSlot } from './luks-header.js';
+import { DiskError } from '../block-device.js';
+import { luksHeaderRange } from '../layer-template.js';
+import { openAnyLuksSlot } from '../luks-header.js';
 
 /**
  * The parts of the qcow2 format (QEMU's docs/interop/qcow2.txt) that the Node base writer uses:

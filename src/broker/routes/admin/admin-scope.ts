@@ -1,7 +1,7 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
-import type { BrokerContext } from '../context.js';
-import { HttpError, requireAdmin } from '../http.js';
-import type { SessionClaims } from '../tokens.js';
+import type { BrokerContext } from '../../context.js';
+import { HttpError, requireAdmin } from '../../http.js';
+import type { SessionClaims } from '../../auth/tokens.js';
 
 declare module 'fastify' {
   interface FastifyRequest {

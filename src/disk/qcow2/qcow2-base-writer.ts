@@ -1,6 +1,6 @@
 import { endianness } from 'node:os';
 import { open, type FileHandle } from 'node:fs/promises';
-import { DiskError } from './block-device.js';
+import { DiskError } from '../block-device.js';
 import { COMPRESSED, COPIED, layerVolumeKey, OFFSET_MASK, readQcow2Header, readWords, UnsupportedImage } from './qcow2-format.js';
 import { XtsSectors } from './xts.js';
 import { XtsWriters } from './xts-writers.js';

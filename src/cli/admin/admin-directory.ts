@@ -1,8 +1,8 @@
 import type { Command } from 'commander';
-import { CarryonError } from '../core/errors.js';
+import { CarryonError } from '../../core/errors.js';
 import { AnyObject, endpoint, enc, names, say, withAdmin, type Json } from './admin-shared.js';
-import { passwordSource } from './common.js';
-import { printTable } from './format.js';
+import { passwordSource } from '../common.js';
+import { printTable } from '../format.js';
 
 interface User { name: string; role: string; source: string; disabled: boolean; policy: Json }
 interface Entitlement { id: string; principalType: string; principal: string; targetType: string; target: string }

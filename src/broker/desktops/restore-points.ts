@@ -1,7 +1,7 @@
-import type { DesktopRow, SnapshotRow } from './db/metadata.js';
-import type { BrokerContext } from './context.js';
-import { HttpError } from './http.js';
-import { describePolicySource, effectivePolicy } from './policies.js';
+import type { DesktopRow, SnapshotRow } from '../db/metadata.js';
+import type { BrokerContext } from '../context.js';
+import { HttpError } from '../http.js';
+import { describePolicySource, effectivePolicy } from '../policies.js';
 
 export interface RestorePoint {
   id: string;

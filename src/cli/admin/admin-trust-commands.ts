@@ -2,10 +2,10 @@ import type { Command } from 'commander';
 import { writeFile } from 'node:fs/promises';
 import { request } from 'undici';
 import { z } from 'zod';
-import { CarryonError } from '../core/errors.js';
-import { pinnedAgent } from '../net/pinned-agent.js';
+import { CarryonError } from '../../core/errors.js';
+import { pinnedAgent } from '../../net/pinned-agent.js';
 import { enc, withAdmin } from './admin-shared.js';
-import { printJsonOr } from './common.js';
+import { printJsonOr } from '../common.js';
 
 /** `admin audit verify` and `admin audit export` (registered after registerAdminCommands). */
 export function registerAdminTrustCommands(program: Command): void {

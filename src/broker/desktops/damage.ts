@@ -1,11 +1,11 @@
 import { z } from 'zod';
-import { openBlob } from '../core/chunks/blob.js';
-import { isChunkId, type ChunkId } from '../core/chunk-id.js';
-import { unwrapLineageKeys } from '../core/keys.js';
-import { decodeManifest, referencedChunks } from '../core/chunks/manifest.js';
-import type { DesktopRow, SnapshotDisk } from './db/metadata.js';
-import type { BrokerContext } from './context.js';
-import { HttpError } from './http.js';
+import { openBlob } from '../../core/chunks/blob.js';
+import { isChunkId, type ChunkId } from '../../core/chunk-id.js';
+import { unwrapLineageKeys } from '../../core/keys.js';
+import { decodeManifest, referencedChunks } from '../../core/chunks/manifest.js';
+import type { DesktopRow, SnapshotDisk } from '../db/metadata.js';
+import type { BrokerContext } from '../context.js';
+import { HttpError } from '../http.js';
 import { restorePoints, type RestorePoint } from './restore-points.js';
 
 const FAILURES = 'checkout.failures';

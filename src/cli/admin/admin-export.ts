@@ -3,12 +3,12 @@ import { open, rename, rm } from 'node:fs/promises';
 import { promisify } from 'node:util';
 import type { Command } from 'commander';
 import { request } from 'undici';
-import { isZero } from '../core/chunks/chunking.js';
-import { CarryonError } from '../core/errors.js';
-import { pinnedAgent } from '../net/pinned-agent.js';
+import { isZero } from '../../core/chunks/chunking.js';
+import { CarryonError } from '../../core/errors.js';
+import { pinnedAgent } from '../../net/pinned-agent.js';
 import { enc, say, withAdmin, type Json } from './admin-shared.js';
-import { byteProgress, printJsonOr } from './common.js';
-import { bytes } from './format.js';
+import { byteProgress, printJsonOr } from '../common.js';
+import { bytes } from '../format.js';
 
 const run = promisify(execFile);
 

@@ -2,13 +2,13 @@ import { open, stat } from 'node:fs/promises';
 import { basename } from 'node:path';
 import type { Command } from 'commander';
 import { request } from 'undici';
-import type { BrokerClient } from '../net/broker-client.js';
-import { CarryonError } from '../core/errors.js';
-import { pinnedAgent } from '../net/pinned-agent.js';
+import type { BrokerClient } from '../../net/broker-client.js';
+import { CarryonError } from '../../core/errors.js';
+import { pinnedAgent } from '../../net/pinned-agent.js';
 import { registerExportCommand } from './admin-export.js';
 import { AnyObject, endpoint, enc, list, names, say, withAdmin, type Json } from './admin-shared.js';
-import { byteProgress, printJsonOr } from './common.js';
-import { ago, bytes, left, percent, printFields, printTable } from './format.js';
+import { byteProgress, printJsonOr } from '../common.js';
+import { ago, bytes, left, percent, printFields, printTable } from '../format.js';
 
 interface Desktop { id: string; name: string; poolId: string | null; config: { vcpus: number; ramMiB: number; disks: { sizeBytes: number }[] }; policy: Json; currentSnapshot: string | null; powerState: string; createdAt: string; checkout: { id: string; user: string; state: string; leaseExpiresAt: string } | null }
 interface RestorePoint { id: string; kind: string; createdAt: string; sizeBytes: number; current: boolean }

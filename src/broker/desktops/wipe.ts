@@ -1,5 +1,5 @@
-import { ACTIVE_STATES } from './db/metadata.js';
-import type { BrokerContext } from './context.js';
+import { ACTIVE_STATES } from '../db/metadata.js';
+import type { BrokerContext } from '../context.js';
 
 /**
  * A wipe the device acknowledged as done: the laptop's copy, and with it every change made since

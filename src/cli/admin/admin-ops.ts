@@ -1,12 +1,12 @@
 import type { Command } from 'commander';
 import { z } from 'zod';
-import { BrokerError, type BrokerClient } from '../net/broker-client.js';
-import { eventsCsv, type AuditEvent } from '../core/audit-csv.js';
-import { CarryonError } from '../core/errors.js';
-import { PolicyLayer } from '../core/policy.js';
+import { BrokerError, type BrokerClient } from '../../net/broker-client.js';
+import { eventsCsv, type AuditEvent } from '../../core/audit-csv.js';
+import { CarryonError } from '../../core/errors.js';
+import { PolicyLayer } from '../../core/policy.js';
 import { AnyObject, endpoint, enc, get, list, names, say, withAdmin, type Json } from './admin-shared.js';
-import { printJsonOr } from './common.js';
-import { ago, bytes, left, percent, printTable, rate } from './format.js';
+import { printJsonOr } from '../common.js';
+import { ago, bytes, left, percent, printTable, rate } from '../format.js';
 
 type Resolved = Record<string, { value: unknown; source: string }>;
 interface Job { id: string; kind: string; state: string; queuePosition?: number; checkoutId: string; user: string | null; desktop: string | null; serverId: string | null; bytesDone: number; percent: number | null; rate: number }
