@@ -6,7 +6,7 @@ import { decodeManifest, referencedChunks } from '../../core/chunks/manifest.js'
 import type { DesktopRow, SnapshotDisk } from '../db/metadata.js';
 import type { BrokerContext } from '../context.js';
 import { HttpError } from '../http.js';
-import { restorePoints, type RestorePoint } from './restore-points.js';
+import { restorePoints, type RestorePoint } from './restore-point-list.js';
 
 const FAILURES = 'checkout.failures';
 const Failures = z.record(z.string(), z.string());

@@ -1,30 +1,9 @@
-import type { DesktopRow, SnapshotRow } from '../db/metadata.js';
+import type { DesktopRow } from '../db/metadata.js';
 import type { BrokerContext } from '../context.js';
+import { damagedSnapshotRefusal } from './damage.js';
 import { HttpError } from '../http.js';
+import { restorePoints } from './restore-point-list.js';
 import { describePolicySource, effectivePolicy } from '../policies.js';
-
-export interface RestorePoint {
-  id: string;
-  /** import | clone | checkin | replica | restore */
-  kind: string;
-  createdAt: string;
-  parentId: string | null;
-  sizeBytes: number;
-  /** The desktop's current version is this one (a check-out's checkpoint counts as its parent). */
-  current: boolean;
-}
-
-/** Snapshots a desktop can go back to, newest first. Checkpoints repeat their parent and are left out. */
-export async function restorePoints(ctx: BrokerContext, desktop: DesktopRow): Promise<RestorePoint[]> {
-  const snaps = await ctx.meta.listSnapshots(desktop.id);
-  const byId = new Map(snaps.map((s) => [s.id, s]));
-  let current: SnapshotRow | undefined = desktop.currentSnapshot ? byId.get(desktop.currentSnapshot) : undefined;
-  while (current && current.kind === 'checkpoint' && current.parentId) current = byId.get(current.parentId);
-  return snaps
-    .filter((s) => s.kind !== 'checkpoint')
-    .map((s) => ({ id: s.id, kind: s.kind, createdAt: s.createdAt, parentId: s.parentId, sizeBytes: s.disks.reduce((n, d) => n + d.sizeBytes, 0), current: s.id === current?.id }))
-    .reverse();
-}
 
 /** Whether `user` (role `role`) may restore `desktop` now, and if not, why. */
 export async function restoreRefusal(ctx: BrokerContext, user: string, role: string, desktop: DesktopRow): Promise<{ status: number; code: string; message: string } | null> {
@@ -38,4 +17,32 @@ export async function restoreRefusal(ctx: BrokerContext, user: string, role: str
     return { status: 409, code: 'locked', message: `${desktop.name} is checked out by ${active.user}; check it in or roll back first (an admin can force-unlock)` };
   }
   return null;
+}
+
+/**
+ * Makes a restore point the desktop's current version: a new snapshot (kind `restore`) with the
+ * chosen one's disks, so history is kept and the next check-out starts from it.
+ */
+export async function restore(ctx: BrokerContext, user: string, role: string, desktop: DesktopRow, snapshotId: string, reason?: string) {
+  const refusal = await restoreRefusal(ctx, user, role, desktop);
+  if (refusal) {
+    await ctx.audit({ actor: user, desktopId: desktop.id, action: 'restore', outcome: 'denied', detail: `${refusal.code}: ${refusal.message}` });
+    throw new HttpError(refusal.status, refusal.code, refusal.message, {}, true);
+  }
+  const point = (await restorePoints(ctx, desktop)).find((p) => p.id === snapshotId);
+  if (!point) throw new HttpError(404, 'not-found', `${desktop.name} has no restore point ${snapshotId}`);
+  const chosen = (await ctx.meta.getSnapshot(point.id))!;
+  const damaged = await damagedSnapshotRefusal(ctx, desktop, chosen.id, chosen.disks);
+  if (damaged) {
+    await ctx.audit({ actor: user, desktopId: desktop.id, action: 'restore', outcome: 'denied', detail: `${damaged.code}: ${damaged.message}` });
+    throw new HttpError(damaged.status, damaged.code, damaged.message, damaged.extra, true);
+  }
+  const id = await ctx.meta.transaction(async (tx) => {
+    if (await tx.activeCheckout(desktop.id)) throw new HttpError(409, 'locked', `${desktop.name} was just checked out`);
+    const s = await tx.createSnapshot({ desktopId: desktop.id, parentId: chosen.id, kind: 'restore', disks: chosen.disks });
+    await tx.setDesktopSnapshot(desktop.id, s);
+    return s;
+  });
+  await ctx.audit({ actor: user, desktopId: desktop.id, action: 'restore', outcome: 'ok', detail: `${point.kind} ${point.id} of ${point.createdAt} is now current (${id})${reason ? `: ${reason}` : ''}` });
+  return { snapshotId: id, restoredFrom: point.id };
 }

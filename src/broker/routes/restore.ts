@@ -2,8 +2,8 @@ import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
 import type { BrokerContext } from '../context.js';
 import { HttpError, parse, requireUser } from '../http.js';
-import { restorePoints, restoreRefusal } from '../desktops/restore-points.js';
-import { restore } from '../desktops/restore.js';
+import { restore, restoreRefusal } from '../desktops/restore-points.js';
+import { restorePoints } from '../desktops/restore-point-list.js';
 
 const Id = z.object({ id: z.string().min(1).max(200) });
 

@@ -9,7 +9,7 @@ import type { BrokerContext } from '../../context.js';
 import { damagedSnapshotRefusal } from '../../desktops/damage.js';
 import { HttpError, parse } from '../../http.js';
 import { adminOf } from './admin-scope.js';
-import { restorePoints } from '../../desktops/restore-points.js';
+import { restorePoints } from '../../desktops/restore-point-list.js';
 
 /**
  * `GET /v1/admin/desktops/:id/export?snapshot=&disk=`: one disk of a snapshot (the current one by
