@@ -23,7 +23,7 @@ export interface Progress {
   chunksTotal: number;
   rate: number;
   etaSeconds: number | null;
-  /** Check-outs: plaintext bytes of the disks being filled present locally, and that are not holes (src/client/local-progress.ts). */
+  /** Check-outs: plaintext bytes of the disks being filled present locally, and that are not holes (src/live/fill/local-progress.ts). */
   bytesLocal?: number;
   bytesTotal?: number;
 }

@@ -96,7 +96,7 @@ export interface MetadataStore {
    * the first time (device, nonce) is seen within `windowMs`, false for a replay.
    */
   acceptNonce(deviceId: string, nonce: string, windowMs: number): Promise<boolean>;
-  /** Failed-login backoff (src/broker/throttle.ts `FailureLog`), shared by every broker on the database. */
+  /** Failed-login backoff (src/broker/auth/throttle.ts `FailureLog`), shared by every broker on the database. */
   loginBlockedUntil(keys: readonly string[]): Promise<number>;
   recordLoginFailure(key: string, at: number, forgetAfterMs: number): Promise<number>;
   blockLogin(key: string, until: number): Promise<void>;

@@ -54,7 +54,7 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
 
   app.post('/v1/auth/login', async (req, reply) => {
     const body = parse(z.object({ username: z.string().min(1).max(64), password: z.string().min(1).max(1024), deviceId: z.string().max(200).optional() }).strict(), req.body);
-    // Failed-login backoff per account (not per spelling) and per source address (src/broker/throttle.ts).
+    // Failed-login backoff per account (not per spelling) and per source address (src/broker/auth/throttle.ts).
     const name = accountName(ctx.settings.ldap, body.username);
     // The attempt is counted before the password is judged: parallel guesses wait their turn.
     const reserved = await ctx.throttle.reserve(name, req.ip);
