@@ -37,7 +37,7 @@ import { Scheduler } from './transfers/scheduler.js';
 import { pushRevocations } from './transfers/revoke-push.js';
 import { SchedulerStore } from './transfers/scheduler-store.js';
 import { HostStore } from './hosts/store.js';
-import { hostAdminRoutes, hostRoutes } from './routes/hosts.js';
+import { desktopPowerRoutes, hostAdminRoutes, hostRoutes } from './routes/hosts.js';
 import { displayAdminRoutes, displayRoutes } from './routes/display.js';
 import { displayRelay } from './display/relay.js';
 import websocket from '@fastify/websocket';
@@ -173,27 +173,33 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   guardAdminRoutes(app);
   // The display relay's WebSockets (small frames: VNC; a browser's messages are bounded too).
   await app.register(websocket, { options: { maxPayload: 4 * 1024 * 1024, perMessageDeflate: false } });
-  userRoutes(app, ctx);
-  restoreRoutes(app, ctx);
-  agentRoutes(app, ctx);
-  jobRoutes(app, ctx);
-  transferRoutes(app, ctx);
-  hostRoutes(app, ctx);
-  displayRoutes(app, ctx);
+  // One plugin per resource, each encapsulated: a hook or parser one adds reaches no other.
+  await app.register(userRoutes, { ctx });
+  await app.register(restoreRoutes, { ctx });
+  await app.register(agentRoutes, { ctx });
+  await app.register(jobRoutes, { ctx });
+  await app.register(transferRoutes, { ctx });
+  await app.register(hostRoutes, { ctx });
+  await app.register(desktopPowerRoutes, { ctx });
+  await app.register(displayRoutes, { ctx });
   // Every /v1/admin route, behind one admin check (a /v1/admin route outside it fails the start).
-  adminScope(app, ctx, [
-    (a) => adminRoutes(a, ctx, imports),
-    (a) => adminTrustRoutes(a, ctx),
-    (a) => directoryExtraRoutes(a, ctx),
-    (a) => auditRoutes(a, ctx),
-    (a) => uploadRoutes(a, ctx, join(config.dataDir, 'uploads'), imports),
-    (a) => maintenanceRoutes(a, ctx),
-    (a) => transferAdminRoutes(a, ctx),
-    (a) => exportRoutes(a, ctx),
-    (a) => hostAdminRoutes(a, ctx),
-    (a) => displayAdminRoutes(a, ctx),
-  ]);
-  consoleRoutes(app);
+  await app.register(adminScope, {
+    ctx,
+    resources: async (admin) => {
+      await admin.register(adminRoutes, { ctx, imports });
+      await admin.register(adminTrustRoutes, { ctx });
+      await admin.register(directoryExtraRoutes, { ctx });
+      await admin.register(auditRoutes, { ctx });
+      await admin.register(uploadRoutes, { ctx, dir: join(config.dataDir, 'uploads'), imports });
+      await admin.register(maintenanceRoutes, { ctx });
+      await admin.register(transferAdminRoutes, { ctx });
+      await admin.register(exportRoutes, { ctx });
+      await admin.register(hostAdminRoutes, { ctx });
+      await admin.register(displayAdminRoutes, { ctx });
+    },
+  });
+  // The console's pages only: its API is the resources' above.
+  await app.register(consoleRoutes, {});
   const host = config.host ?? '127.0.0.1';
   await app.listen({ host, port: config.port ?? 0 });
   const addr = app.server.address();

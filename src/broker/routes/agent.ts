@@ -1,4 +1,4 @@
-import type { FastifyInstance } from 'fastify';
+import type { FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import { policyValues } from '../../core/policy.js';
 import type { BrokerContext } from '../context.js';
@@ -45,7 +45,7 @@ async function fileOfflineEvents(ctx: BrokerContext, device: { id: string; user:
 }
 
 /** Agent endpoints: device-signed, outbound from the laptop only. */
-export function agentRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+export const agentRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   app.post('/v1/agent/heartbeat', async (req) => {
     // A revoked device still reaches its heartbeat: that is how its `lock` command gets to it.
     const device = await requireDevice(ctx, req, { allowRevoked: true });
@@ -99,4 +99,4 @@ export function agentRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     await ctx.audit({ actor: `device:${device.id}`, desktopId: command.desktopId, action: 'command-ack', outcome: body.ok ? 'ok' : 'failed', detail: `${id} (${command.type})${body.message ? `: ${body.message}` : ''}` });
     return { ok: true };
   });
-}
+};

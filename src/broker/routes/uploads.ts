@@ -4,7 +4,7 @@ import { mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import type { FastifyInstance } from 'fastify';
+import type { FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import type { BrokerContext } from '../context.js';
 import type { ImportJobs } from '../desktops/imports.js';
@@ -21,7 +21,7 @@ type Meta = z.infer<typeof Meta>;
  * PUT byte ranges in order (`?offset=` = bytes the broker already has; a broken connection keeps
  * what arrived), then import it as a desktop. Kept under the data dir until imported or deleted.
  */
-export function uploadRoutes(app: FastifyInstance, ctx: BrokerContext, dir: string, imports: ImportJobs): void {
+export const uploadRoutes: FastifyPluginAsync<{ ctx: BrokerContext; dir: string; imports: ImportJobs }> = async (app, { ctx, dir, imports }) => {
   const paths = (id: string) => ({ meta: join(dir, `${id}.json`), data: join(dir, `${id}.part`) });
   const load = async (id: string) => {
     let meta: Meta;
@@ -101,4 +101,4 @@ export function uploadRoutes(app: FastifyInstance, ctx: BrokerContext, dir: stri
     });
     return reply.status(202).send({ import: job });
   });
-}
+};

@@ -1,4 +1,4 @@
-import type { FastifyInstance } from 'fastify';
+import type { FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import { PACKAGE_VERSION } from '../version.js';
 import { isChunkId } from '../../core/chunk-id.js';
@@ -49,7 +49,7 @@ function withReceipts(disks: z.infer<typeof Changes>['disks'] = []): { changes: 
 }
 
 /** Routes for users and their laptops: login, enrolment, desktops, check-out life cycle. */
-export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+export const userRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   app.get('/v1/broker', async () => ({ version: PACKAGE_VERSION, signingPublicKey: publicKeyToBase64(ctx.secrets.signing.publicKey) }));
 
   app.post('/v1/auth/login', async (req, reply) => {
@@ -188,4 +188,4 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     await ctx.audit({ actor: claims.sub, desktopId: c.desktopId, action: 'lease-renew', outcome: 'ok', detail: `device ${c.deviceId} until ${lease.deadline}` });
     return { lease: lease.lease };
   });
-}
+};

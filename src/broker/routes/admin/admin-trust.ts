@@ -1,4 +1,4 @@
-import type { FastifyInstance } from 'fastify';
+import type { FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import { exportEvents, verifyChain } from '../../db/audit-chain.js';
 import type { BrokerContext } from '../../context.js';
@@ -9,7 +9,7 @@ import { revokeDevice } from '../../auth/trust.js';
 const Id = z.object({ id: z.string().min(1).max(200) });
 
 /** Admin: device revocation, and the audit trail's chain check and JSON-lines export. */
-export function adminTrustRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+export const adminTrustRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   app.post('/v1/admin/devices/:id/revoke', async (req) => {
     const actor = adminOf(req);
     const { id } = parse(Id, req.params);
@@ -31,4 +31,4 @@ export function adminTrustRoutes(app: FastifyInstance, ctx: BrokerContext): void
     await ctx.audit({ actor, action: 'audit-export', outcome: 'ok', detail: `since ${q.since ?? 0}` });
     return reply.type('application/x-ndjson').send(await ctx.meta.exportEvents(q.since ?? 0, q.limit ?? 100_000));
   });
-}
+};

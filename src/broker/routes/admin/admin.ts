@@ -1,4 +1,4 @@
-import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { FastifyRequest, FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import { PolicyLayer } from '../../../core/policy.js';
 import { checkoutView, forceUnlock } from '../../checkouts.js';
@@ -26,7 +26,7 @@ const Config = z.object({
 }).strict();
 
 /** Admin API: directory, desktops, entitlements, policies, checkouts, devices, commands, events. */
-export function adminRoutes(app: FastifyInstance, ctx: BrokerContext, imports: ImportJobs): void {
+export const adminRoutes: FastifyPluginAsync<{ ctx: BrokerContext; imports: ImportJobs }> = async (app, { ctx, imports }) => {
   // The admin scope's hook checked the session (routes/admin-scope.ts); this names the admin.
   const admin = async (req: FastifyRequest) => adminOf(req);
 
@@ -245,4 +245,4 @@ export function adminRoutes(app: FastifyInstance, ctx: BrokerContext, imports: I
     }
     return { events };
   });
-}
+};

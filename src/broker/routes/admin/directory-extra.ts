@@ -1,4 +1,4 @@
-import type { FastifyInstance } from 'fastify';
+import type { FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import type { BrokerContext } from '../../context.js';
 import { HttpError, parse } from '../../http.js';
@@ -7,7 +7,7 @@ import { adminOf } from './admin-scope.js';
 const Name = z.string().min(1).max(200);
 
 /** Removing what the core admin routes only create: groups, group members, pools. */
-export function directoryExtraRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+export const directoryExtraRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   app.delete('/v1/admin/groups/:name', async (req) => {
     const actor = adminOf(req);
     const { name } = parse(z.object({ name: Name }), req.params);
@@ -34,4 +34,4 @@ export function directoryExtraRoutes(app: FastifyInstance, ctx: BrokerContext): 
     await ctx.audit({ actor, action: 'pool-delete', outcome: 'ok', detail: pool.name });
     return { ok: true };
   });
-}
+};

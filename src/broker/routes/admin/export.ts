@@ -1,5 +1,5 @@
 import { Readable } from 'node:stream';
-import type { FastifyInstance } from 'fastify';
+import type { FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import { chunkLength } from '../../../core/chunks/chunking.js';
 import { unwrapLineageKeys } from '../../../core/keys.js';
@@ -17,7 +17,7 @@ import { restorePoints } from '../../desktops/restore-point-list.js';
  * Each chunk is authenticated before it is sent; one that fails cuts the stream (the client sees
  * a short body, never wrong bytes). Audited when it starts and when it ends.
  */
-export function exportRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+export const exportRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   app.get('/v1/admin/desktops/:id/export', async (req, reply) => {
     const actor = adminOf(req);
     const { id } = parse(z.object({ id: z.string().max(200) }), req.params);
@@ -62,4 +62,4 @@ export function exportRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     return reply.header('content-type', 'application/octet-stream').header('content-length', manifest.diskSize)
       .header('x-carryon-snapshot', snapshotId).header('x-carryon-disk', disk.name).send(Readable.from(chunks()));
   });
-}
+};

@@ -1,4 +1,4 @@
-import type { FastifyInstance } from 'fastify';
+import type { FastifyPluginAsync } from 'fastify';
 import { recordDamagedChunks } from '../../desktops/damage.js';
 import { z } from 'zod';
 import { collectGarbage, DEFAULT_GC } from '../../gc/collect.js';
@@ -24,7 +24,7 @@ const RetentionBody = z.union([
 const VerifyBody = z.object({ samplePercent: z.number().gt(0).max(100).default(100) }).strict();
 
 /** Datacenter maintenance: garbage collection and scrub of the chunk store. */
-export function maintenanceRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+export const maintenanceRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   app.post('/v1/admin/gc', async (req) => {
     const actor = adminOf(req);
     const b = parse(GcBody, req.body);
@@ -65,4 +65,4 @@ export function maintenanceRoutes(app: FastifyInstance, ctx: BrokerContext): voi
     for (const s of report.damagedSnapshots) await ctx.audit({ actor, desktopId: s.desktopId, action: 'snapshot-damaged', outcome: 'failed', detail: `${s.id} (${s.kind}, ${s.createdAt}): ${s.badChunks} bad chunks${s.manifestProblem ? `; ${s.manifestProblem}` : ''}` });
     return { report };
   });
-}
+};
