@@ -7,6 +7,7 @@ import { installHttpBasics } from '../../src/broker/http.js';
 import { issueToken } from '../../src/broker/auth/tokens.js';
 import { adminScope, guardAdminRoutes } from '../../src/broker/routes/admin/admin-scope.js';
 import { consoleRoutes } from '../../src/broker/routes/console.js';
+import { transferRoutes } from '../../src/broker/routes/transfers.js';
 
 // In process, no broker started: the admin scope is a plugin whose onRequest hook needs only the
 // session key, the users and the audit of the context.
@@ -15,6 +16,7 @@ const users: Record<string, 'admin' | 'user'> = { root: 'admin', alice: 'user' }
 const audited: AuditEntry[] = [];
 const ctx = {
   secrets: { tokenKey },
+  settings: { transferSecret: 'the-transfer-secret' },
   meta: {
     getUser: async (name: string) => (users[name] ? { name, role: users[name], disabled: false } : null),
     deviceRevokedAt: async () => null,
@@ -72,4 +74,19 @@ test('the console plugin serves pages only: it registers no API route', async ()
   await app.close();
   assert.ok(urls.includes('/'));
   assert.deepEqual(urls.filter((u) => u.startsWith('/v1')), []);
+});
+
+test('a transfer server route is refused without the secret before its body is read (401, not a parse error)', async () => {
+  const app = await broker(async (a) => void (await a.register(transferRoutes, { ctx })));
+  try {
+    for (const url of ['/v1/transfer-servers/register', '/v1/transfer-servers/t1/heartbeat']) {
+      const wrong = await app.inject({ method: 'POST', url, headers: { 'x-carryon-transfer-secret': 'guess', 'content-type': 'application/json' }, payload: '{not json' });
+      assert.equal(wrong.statusCode, 401, url);
+      assert.equal(wrong.json().error, 'bad-secret');
+    }
+    const right = await app.inject({ method: 'POST', url: '/v1/transfer-servers/register', headers: { 'x-carryon-transfer-secret': 'the-transfer-secret', 'content-type': 'application/json' }, payload: '{not json' });
+    assert.equal(right.statusCode, 400);
+  } finally {
+    await app.close();
+  }
 });
