@@ -9,6 +9,7 @@ import { adminScope, guardAdminRoutes } from '../../src/broker/routes/admin/admi
 import { consoleRoutes } from '../../src/broker/routes/console.js';
 import { transferRoutes } from '../../src/broker/routes/transfers.js';
 
+// carryon-test: sqlite-only (no database: the plugins run on a bare fastify with a stub context).
 // In process, no broker started: the admin scope is a plugin whose onRequest hook needs only the
 // session key, the users and the audit of the context.
 const tokenKey = randomBytes(32);

@@ -8,7 +8,7 @@ import type { LineageKeys } from '../../core/keys.js';
 import { WriteWindow } from '../../core/write-window.js';
 import { writeFileAtomic } from '../../files/atomic.js';
 import { fetchBlobs, TransferFailed, type Progress, type TransferSession } from '../../transfer-client/client.js';
-import type { RateLimiter } from '../../transfer-client/rate-limit.js';
+import { pacing, type RateLimiter } from '../../transfer-client/rate-limit.js';
 import type { DesktopDisk } from '../disks/disks.js';
 import { readJsonFile } from '../../files/json-file.js';
 
@@ -108,7 +108,8 @@ export async function fillDirect(opts: {
     flushing = persist().catch((error: unknown) => void (stop ??= { error })).finally(() => (flushing = null));
   };
   let next = 0;
-  const batch = 32;
+  const paced = pacing(opts.rateLimit, opts.disks[0]?.disk.base.chunkSize ?? 256 * 1024, Math.max(1, opts.session.endpoint.maxStreams), 32);
+  const batch = paced.batch;
   const failures = new Map<ChunkId, number>();
   const worker = async () => {
     const writes = new WriteWindow(WRITES_PER_STREAM);
@@ -168,7 +169,7 @@ export async function fillDirect(opts: {
     }
   };
   try {
-    await Promise.all(Array.from({ length: Math.max(1, opts.session.endpoint.maxStreams) }, worker));
+    await Promise.all(Array.from({ length: paced.streams }, worker));
     if (stop) throw (stop as { error: unknown }).error;
   } finally {
     await flushing;

@@ -5,7 +5,7 @@ import { CarryonError } from '../../core/errors.js';
 import type { LineageKeys } from '../../core/keys.js';
 import type { Manifest } from '../../core/chunks/manifest.js';
 import { fetchBlobs, type TransferSession } from '../../transfer-client/client.js';
-import type { RateLimiter } from '../../transfer-client/rate-limit.js';
+import { pacing, type RateLimiter } from '../../transfer-client/rate-limit.js';
 import { checkRange, chunkSpans, DiskError, type BlockDevice } from '../../disk/block-device.js';
 import { ByteLru } from './lru.js';
 
@@ -150,13 +150,15 @@ export class RemoteCheckpoint implements BlockDevice {
   private pump(): void {
     const demandStreams = 1;
     this.drive(this.lanes.demand, demandStreams);
-    this.drive(this.lanes.prefetch, Math.max(1, this.streams - demandStreams));
+    // Under a cap the fill asks for a quarter second's worth at a time (see pacing()).
+    const fill = pacing(this.opts.rateLimit, this.opts.manifest.chunkSize, Math.max(1, this.streams - demandStreams), this.lanes.prefetch.batch);
+    this.drive(this.lanes.prefetch, fill.streams, fill.batch);
   }
 
   /** Starts fetches from the lane's queue, a batch each, until it runs `streams` of them. */
-  private drive(lane: Lane, streams: number): void {
+  private drive(lane: Lane, streams: number, batchSize = lane.batch): void {
     while (lane.queue.length && lane.active < streams) {
-      const batch = lane.queue.splice(0, lane.batch);
+      const batch = lane.queue.splice(0, batchSize);
       lane.active++;
       void this.fetch(batch).finally(() => {
         lane.active--;
