@@ -6,10 +6,10 @@ import { readFileSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { checkout, release, status, upload, type ClientEnv } from '../src/client/ops.js';
-import { serveDesktop } from '../src/client/serve.js';
+import { serveDesktop } from '../src/client/ops/serve.js';
 import { writeTestImage } from '../src/demo/image.js';
 import { NbdClient } from '../src/nbd/client.js';
-import { RateLimiter, parseRate } from '../src/transfer/rate-limit.js';
+import { RateLimiter, parseRate } from '../src/transfer-client/rate-limit.js';
 import { Rig } from './lib/rig.js';
 import type { BenchRow } from './types.js';
 

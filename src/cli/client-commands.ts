@@ -3,18 +3,18 @@ import { hostname } from 'node:os';
 import { join } from 'node:path';
 import type { Command } from 'commander';
 import { runAgent } from '../client/agent.js';
-import { addBrokers, listBrokers, removeBrokers, splitList } from '../client/brokers.js';
-import { defaultHome, loadDevice } from '../client/home.js';
-import { powerOnline } from '../client/online.js';
-import { listParked } from '../client/parked.js';
+import { addBrokers, listBrokers, removeBrokers, splitList } from '../client/session/brokers.js';
+import { defaultHome, loadDevice } from '../client/vault/home.js';
+import { powerOnline } from '../client/session/online.js';
+import { listParked } from '../client/vault/parked.js';
 import { openDisplayLink } from './open-display.js';
 import { checkout, discardLocal, enroll, exportDisk, listDesktops, listRestorePoints, loginOnline, onlineSession, release, restoreDesktop, status, upload, type ClientEnv } from '../client/ops.js';
-import { Vault } from '../client/vault.js';
-import { diskDir } from '../client/disks.js';
-import { readFilled } from '../client/fill-direct.js';
+import { Vault } from '../client/vault/vault.js';
+import { diskDir } from '../live/disks/disks.js';
+import { readFilled } from '../live/fill/fill-direct.js';
 import { CarryonError } from '../core/errors.js';
-import { JobView } from '../client/broker-client.js';
-import { parseRate, RateLimiter } from '../transfer/rate-limit.js';
+import { JobView } from '../net/broker-client.js';
+import { parseRate, RateLimiter } from '../transfer-client/rate-limit.js';
 import { formatBytes, passwordSource, printJsonOr, progressReporter, table } from './common.js';
 
 /** `login --offline`: the password opened the vault, but `serve`/`run` would refuse at least one desktop (1 stays "the command failed"). */

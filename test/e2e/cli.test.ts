@@ -7,7 +7,7 @@ import { promisify } from 'node:util';
 import { after, before, test } from 'node:test';
 import { checkout, type ClientEnv } from '../../src/client/ops.js';
 import type { RunningBroker } from '../../src/broker/start.js';
-import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
+import { exportCurrentSnapshot } from '../../src/broker/desktops/snapshot-image.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
 
 const run = promisify(execFile);

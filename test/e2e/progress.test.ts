@@ -3,8 +3,8 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { checkout, enroll, status, type ClientEnv } from '../../src/client/ops.js';
-import { serveDesktop } from '../../src/client/serve.js';
-import { RateLimiter } from '../../src/transfer/rate-limit.js';
+import { serveDesktop } from '../../src/client/ops/serve.js';
+import { RateLimiter } from '../../src/transfer-client/rate-limit.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
 
 process.env.CARRYON_SCRYPT_N = '1024';

@@ -1,9 +1,9 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { ValidationError } from '../../src/core/errors.js';
-import { boundedLimiter, effectiveRate, pacing, parseRate, RateLimiter } from '../../src/transfer/rate-limit.js';
-import { policyBound } from '../../src/client/transfer-rate.js';
-import type { DesktopState } from '../../src/client/vault.js';
+import { boundedLimiter, effectiveRate, pacing, parseRate, RateLimiter } from '../../src/transfer-client/rate-limit.js';
+import { policyBound } from '../../src/client/session/transfer-rate.js';
+import type { DesktopState } from '../../src/client/vault/vault.js';
 
 /** A clock that only moves when the limiter sleeps: the test measures time without waiting. */
 function fakeClock() {
