@@ -46,6 +46,7 @@ import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import { readFile, realpath, writeFile } from 'node:fs/promises';
 import { CarryonError } from '../core/errors.js';
+import { parseGateway } from './gateway/routes.js';
 
 export interface BrokerConfig {
   dataDir: string;
@@ -79,6 +80,11 @@ export interface BrokerConfig {
   /** Directories images may be imported from (see BrokerSettings.importDirs). */
   importDirs?: string[];
   throttle?: Partial<ThrottleSettings>;
+  /**
+   * The public gateway laptops dial (`host:port`) and the domain of the SNI names behind it; set,
+   * laptops are handed gateway routes instead of the servers' own URLs. Validated at start.
+   */
+  gateway?: { address: string; domain?: string };
   log?: boolean;
 }
 
@@ -134,13 +140,14 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     importDirs: await resolveImportDirs(config.importDirs ?? config.settings?.importDirs ?? []),
     transferSecret: await dataDirSecret(config.dataDir, 'transfer.secret', config.settings?.transferSecret),
     hostSecret: await dataDirSecret(config.dataDir, 'host.secret', config.settings?.hostSecret),
+    ...(config.gateway ? { gateway: parseGateway(config.gateway.address, config.gateway.domain) } : {}),
   };
   const hypervisor: DatacenterHypervisor = config.hypervisor?.kind === 'qmp' ? new QmpHypervisor(config.hypervisor.socketDir) : new NoHypervisor();
   let transfer: TransferServer | null = null;
   // Transfer servers learn revocations the moment a job ends: the embedded one in process,
   // standalone ones by a signed push (else at their next heartbeat).
   const scheduler: Scheduler = new Scheduler(await SchedulerStore.open(sql), {
-    signingKey: secrets.signing.privateKey, ticketTtlSec: config.ticketTtlSec, pauseGraceSec: config.pauseGraceSec,
+    signingKey: secrets.signing.privateKey, ticketTtlSec: config.ticketTtlSec, pauseGraceSec: config.pauseGraceSec, gateway: settings.gateway ?? null,
     onJobsEnded: async () => {
       const ids = await scheduler.revokedJobIds();
       transfer?.setRevoked(ids);
@@ -149,7 +156,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     },
   });
   const ctx: BrokerContext = {
-    settings, meta, store, secrets, scheduler, hypervisor, hosts: await HostStore.open(sql), imports: new ImportJobs(), jobProgress: new JobProgress(),
+    settings, self: { url: '', fingerprint: tls.fingerprint }, meta, store, secrets, scheduler, hypervisor, hosts: await HostStore.open(sql), imports: new ImportJobs(), jobProgress: new JobProgress(),
     throttle: new LoginThrottle(new DatabaseFailureLog(meta), { ...DEFAULT_THROTTLE, ...config.throttle }),
     audit: async (e) => void (await meta.addEvent({ actor: e.actor, desktopId: e.desktopId ?? null, action: e.action, outcome: e.outcome, detail: e.detail ?? null })),
     keysFor: (wrapped, context) => encodeLineageKeys(unwrapLineageKeys(secrets.masterKey, wrapped, context)),
@@ -195,7 +202,8 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   const host = config.host ?? '127.0.0.1';
   await app.listen({ host, port: config.port ?? 0 });
   const addr = app.server.address();
-  const url = `https://${host}:${typeof addr === 'object' && addr ? addr.port : config.port}`;
+  const url = `https://${host.includes(':') ? `[${host}]` : host}:${typeof addr === 'object' && addr ? addr.port : config.port}`;
+  ctx.self.url = url;
 
   // Hosts silent for three heartbeats are marked (and their desktops) even when nobody looks; CAS in the database, so brokers sharing it audit each once.
   let sweeping: Promise<void> | null = null;

@@ -5,6 +5,8 @@ import type { Command } from 'commander';
 import { z } from 'zod';
 import { startBroker } from '../broker/start.js';
 import { CarryonError } from '../core/errors.js';
+import { parseGateway } from '../broker/gateway/routes.js';
+import { gatewayStatus, OUT_OF_DATE } from '../broker/gateway/state.js';
 import { describeStore } from '../store/open-store.js';
 import { checkPostgresUrl, redactDatabaseUrl } from '../store/sql/pg-driver.js';
 import { registerAdminCommands } from './admin-commands.js';
@@ -26,6 +28,8 @@ const ServerConfigFile = z.object({
   /** Directories `admin desktops create` may import images from. */
   importDirs: z.array(z.string()).optional(),
   hypervisor: z.union([z.object({ kind: z.literal('none') }), z.object({ kind: z.literal('qmp'), socketDir: z.string() })]).optional(),
+  /** The public gateway laptops are given (`host:port`) and the domain of the names behind it. */
+  gateway: z.object({ address: z.string(), domain: z.string() }).strict().optional(),
 }).strict();
 
 function loadConfigFile(path?: string) {
@@ -62,7 +66,9 @@ export function registerServerCommands(program: Command): void {
     .option('--transfer-slots <n>', 'slots of the embedded transfer server (0: none)', int('--transfer-slots'))
     .option('--import-dir <dir>', 'a directory images may be imported from (repeatable; none: imports by path are refused)', (v: string, acc: string[] = []) => [...acc, v])
     .option('--init-admin <name>', 'create this first admin if there are no users (password: CARRYON_ADMIN_PASSWORD or prompt)')
-    .action(async (o: { config?: string; dataDir?: string; database?: string; chunkStore?: string; host?: string; port?: number; cert?: string; key?: string; transferSlots?: number; initAdmin?: string; importDir?: string[] }) => {
+    .option('--gateway <host:port>', 'the public gateway (haproxy, `carryon admin gateway-config`) laptops are given instead of the servers\' own addresses')
+    .option('--gateway-domain <name>', 'DNS suffix of the names presented to the gateway: broker.NAME, <transfer-id>.transfer.NAME')
+    .action(async (o: { config?: string; dataDir?: string; database?: string; chunkStore?: string; host?: string; port?: number; cert?: string; key?: string; transferSlots?: number; initAdmin?: string; importDir?: string[]; gateway?: string; gatewayDomain?: string }) => {
       const file = loadConfigFile(o.config);
       const dataDir = o.dataDir ?? process.env.CARRYON_DATA_DIR ?? file.dataDir ?? join(homedir(), '.carryon-server');
       const port = o.port ?? (process.env.CARRYON_PORT ? int('CARRYON_PORT')(process.env.CARRYON_PORT) : undefined) ?? file.port ?? 8443;
@@ -70,10 +76,14 @@ export function registerServerCommands(program: Command): void {
       const chunkStore = o.chunkStore ?? process.env.CARRYON_CHUNK_STORE ?? file.chunkStore;
       const database = o.database ?? process.env.CARRYON_DATABASE ?? file.database;
       if (database) checkPostgresUrl(database); // a clear error before anything starts
+      const gatewayAddress = o.gateway ?? file.gateway?.address;
+      if (!gatewayAddress && o.gatewayDomain) throw new CarryonError('bad-config', '--gateway-domain needs --gateway HOST:PORT');
+      const gateway = gatewayAddress ? { address: gatewayAddress, domain: o.gatewayDomain ?? file.gateway?.domain } : undefined;
+      if (gateway) parseGateway(gateway.address, gateway.domain); // a clear error before anything starts
       const broker = await startBroker({
         dataDir, database, chunkStore, host: o.host ?? file.host ?? '127.0.0.1', port, certFile: o.cert ?? file.certFile, keyFile: o.key ?? file.keyFile,
         embeddedTransferSlots: o.transferSlots ?? file.transferSlots, hypervisor: file.hypervisor, settings: file.ldap ? { ldap: file.ldap } : undefined, initAdmin,
-        importDirs: o.importDir ?? file.importDirs ?? [],
+        importDirs: o.importDir ?? file.importDirs ?? [], gateway,
       });
       process.stdout.write(`carryon broker listening on ${broker.url}\ncertificate fingerprint (SHA-256): ${broker.fingerprint}\ndata directory: ${dataDir}\n`);
       process.stdout.write(`metadata: ${database ? `PostgreSQL ${redactDatabaseUrl(database)}` : `SQLite ${join(dataDir, 'metadata.db')}`}\n`);
@@ -81,6 +91,8 @@ export function registerServerCommands(program: Command): void {
       process.stdout.write(dirs.length ? `images may be imported from: ${dirs.join(', ')}\n` : 'no --import-dir: admins cannot import images by path\n');
       if (chunkStore) process.stdout.write(`chunk store: ${describeStore(chunkStore)}\n`);
       if (broker.transfer) process.stdout.write(`embedded transfer server ${broker.transfer.url} (${broker.transfer.slots} slots)\n`);
+      const gw = await gatewayStatus(broker.ctx);
+      if (gw) process.stdout.write(`laptops are given the gateway ${gw.url} (broker.${gw.domain})${gw.upToDate ? '' : `; ${OUT_OF_DATE}`}\n`);
       await new Promise<void>((resolve) => {
         process.once('SIGINT', resolve);
         process.once('SIGTERM', resolve);

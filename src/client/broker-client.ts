@@ -18,7 +18,7 @@ export const JobView = z.object({
   kind: z.enum(['checkout', 'checkin', 'replicate']),
   state: z.enum(['queued', 'active', 'paused', 'done', 'cancelled', 'failed', 'expired']),
   queuePosition: z.number().optional(),
-  transfer: z.object({ url: z.string(), fingerprint: z.string(), ticket: z.string(), ticketExpiresAt: z.string(), maxStreams: z.number() }).optional(),
+  transfer: z.object({ url: z.string(), fingerprint: z.string(), servername: z.string().optional(), ticket: z.string(), ticketExpiresAt: z.string(), maxStreams: z.number() }).optional(),
 });
 export type JobView = z.infer<typeof JobView>;
 
