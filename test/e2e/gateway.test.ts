@@ -34,8 +34,8 @@ let env: ClientEnv;
 const gatewayUrl = () => `https://127.0.0.1:${gwPort}`;
 const statsSocket = () => join(gwDir, 'haproxy.sock');
 
-/** haproxy's own counters (`show stat` on its stats socket): total sessions per backend. */
-async function backendSessions(): Promise<Record<string, number>> {
+/** haproxy's own counters (`show stat` on its stats socket), per proxy: total sessions, requests denied. */
+async function haproxyStats(): Promise<Record<string, { stot: number; dreq: number }>> {
   const csv = await new Promise<string>((resolve, reject) => {
     let out = '';
     const s = createConnection(statsSocket(), () => s.end('show stat\n'));
@@ -44,7 +44,13 @@ async function backendSessions(): Promise<Record<string, number>> {
   const [header, ...rows] = csv.trim().split('\n');
   const cols = header!.replace(/^# /, '').split(',');
   const at = (name: string) => cols.indexOf(name);
-  return Object.fromEntries(rows.map((r) => r.split(',')).filter((r) => r[at('svname')] === 'BACKEND').map((r) => [r[at('pxname')]!, Number(r[at('stot')])]));
+  return Object.fromEntries(rows.map((r) => r.split(',')).filter((r) => ['BACKEND', 'FRONTEND'].includes(r[at('svname')]!))
+    .map((r) => [r[at('pxname')]!, { stot: Number(r[at('stot')]), dreq: Number(r[at('dreq')] || 0) }]));
+}
+
+/** Total sessions per backend. */
+async function backendSessions(): Promise<Record<string, number>> {
+  return Object.fromEntries(Object.entries(await haproxyStats()).filter(([k]) => k.startsWith('be_')).map(([k, v]) => [k, v.stot]));
 }
 
 async function startHaproxy(): Promise<void> {
@@ -142,12 +148,14 @@ test('a ClientHello with a name the gateway does not route, or no TLS at all, is
     s.once('error', (err: NodeJS.ErrnoException) => resolve(err.code ?? err.message));
   });
   assert.notEqual(await closed(`nope.transfer.${DOMAIN}`), 'handshake');
+  const denied = (await haproxyStats()).carryon!.dreq;
   const plain = await new Promise<string>((resolve) => {
     let got = '';
     const s = createConnection(gwPort, '127.0.0.1', () => s.write('GET /v1/broker HTTP/1.0\r\n\r\n'));
     s.setEncoding('utf8').on('data', (d: string) => (got += d)).once('close', () => resolve(got)).once('error', () => undefined);
   });
   assert.equal(plain, '', 'plain HTTP is closed without an answer');
+  assert.equal((await haproxyStats()).carryon!.dreq, denied + 1, 'by haproxy itself (denied), not passed on');
   assert.equal(await closed(`ts-a.transfer.${DOMAIN}`), 'handshake', 'a routed name reaches the server');
 });
 
