@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { checkinSection } from './checkin.js';
 import { concurrentSection } from './concurrent.js';
 import { enginesSection } from './engines.js';
+import { gatewaySection } from './gateway.js';
 import { gcSection } from './gc.js';
 import { importSection } from './import.js';
 import { liveSection } from './live.js';
@@ -30,6 +31,7 @@ const sections: BenchSection[] = [
   gcSection(work, 1 * scale),
   concurrentSection(work, Math.max(64, 512 * scale)),
   liveSection(work, 4 * scale, 16 * scale, 0.04 * scale, 10),
+  gatewaySection(work, 4 * scale),
 ];
 
 /** How to read the tables: method and known limits (numbers stay in the tables above). */

@@ -147,7 +147,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   // Transfer servers learn revocations the moment a job ends: the embedded one in process,
   // standalone ones by a signed push (else at their next heartbeat).
   const scheduler: Scheduler = new Scheduler(await SchedulerStore.open(sql), {
-    signingKey: secrets.signing.privateKey, ticketTtlSec: config.ticketTtlSec, pauseGraceSec: config.pauseGraceSec, gateway: settings.gateway ?? null,
+    signingKey: secrets.signing.privateKey, ticketTtlSec: config.ticketTtlSec, pauseGraceSec: config.pauseGraceSec, gateway: () => settings.gateway,
     onJobsEnded: async () => {
       const ids = await scheduler.revokedJobIds();
       transfer?.setRevoked(ids);

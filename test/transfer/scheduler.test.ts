@@ -109,7 +109,7 @@ test('with a gateway, laptops get its address and the server\'s SNI name (pin un
   const key = generateSigningKey();
   const db = await SqliteSql.open(':memory:');
   const gateway = { host: 'gw.example.com', port: 443, domain: 'gw.example.com' };
-  const s = new Scheduler(await SchedulerStore.open(db), { signingKey: key.privateKey, gateway });
+  const s = new Scheduler(await SchedulerStore.open(db), { signingKey: key.privateKey, gateway: () => gateway });
   await s.registerServer({ id: 'ts1', url: 'https://10.0.0.3:9443', fingerprint: 'f'.repeat(64), slots: 2 });
   const req = { kind: 'checkout' as const, checkoutId: 'c', desktopId: 'd', manifests: [digest], wrappedKeys: 'AAAA', keyContext: 'lineage:x' };
   const laptop = await s.enqueue(req);

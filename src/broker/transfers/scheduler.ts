@@ -17,8 +17,11 @@ export interface SchedulerOptions {
    * before the caller answers (the embedded one in process, standalone ones pushed to).
    */
   onJobsEnded?: () => Promise<void> | void;
-  /** Set: tickets given to laptops name the gateway and the server's SNI name, not its own URL. */
-  gateway?: GatewaySettings | null;
+  /**
+   * The gateway now (read at each ticket: the broker's settings are the one truth); set, tickets
+   * given to laptops name the gateway and the server's SNI name, not the server's own URL.
+   */
+  gateway?: () => GatewaySettings | undefined;
 }
 
 /**
@@ -205,7 +208,8 @@ export class Scheduler implements TransferScheduler {
         wrappedKeys: row.wrapped_keys, keyContext: row.key_context, transferServerId: server.id, maxStreams: this.maxStreams, expiresAt,
       }, this.opts.signingKey);
       // Through the gateway: its address and the server's name; the pin stays the server's own certificate.
-      const where = this.opts.gateway && audience === 'public' ? transferRoute(this.opts.gateway, server) : { url: server.url, fingerprint: server.fingerprint };
+      const gateway = audience === 'public' ? this.opts.gateway?.() : undefined;
+      const where = gateway ? transferRoute(gateway, server) : { url: server.url, fingerprint: server.fingerprint };
       view.transfer = { ...where, ticket, ticketExpiresAt: expiresAt, maxStreams: this.maxStreams };
     }
     return view;
