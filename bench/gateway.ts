@@ -21,7 +21,7 @@ async function freePort(): Promise<number> {
  * same check-out straight to the transfer server, same broker, same desktop, alternating runs.
  * Done when the gateway costs at most 1.15× (issue 28).
  */
-export function gatewaySection(work: string, sizeGiB: number, pairs = 3): BenchSection {
+export function gatewaySection(work: string, sizeGiB: number, pairs = 4): BenchSection {
   return {
     name: `Check-out of a ${sizeGiB} GiB desktop through the gateway (haproxy, TLS passthrough) vs direct`,
     async run() {
