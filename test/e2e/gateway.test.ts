@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { createConnection } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -139,6 +139,22 @@ test('a check-out cut off resumes through the gateway; another is cancelled', as
   await release(env, 'd3', 'cancel');
   const checkouts = (await http.call('GET', '/v1/admin/checkouts', undefined, admin)).body.checkouts as { desktopId: string }[];
   assert.equal(checkouts.length, 1, 'd2 is held, d3 was cancelled');
+});
+
+test('a laptop enrolled inside keeps the broker\'s gateway route from the enrolment answer, and fails over to it outside', async () => {
+  const inside: ClientEnv = { ...env, home: join(broker.dir, 'laptop-inside') };
+  // The QEMU-made layer templates of the first laptop (enrolment's slow one-time step) serve this one too.
+  cpSync(join(env.home, 'templates'), join(inside.home, 'templates'), { recursive: true });
+  await enroll(inside, broker.url, { fingerprint: broker.fingerprint, name: 'laptop-inside' });
+  const file = join(inside.home, 'device.json');
+  const device = JSON.parse(readFileSync(file, 'utf8')) as { brokers: { url: string; fingerprint: string; servername?: string }[] };
+  assert.deepEqual(device.brokers, [{ url: broker.url, fingerprint: broker.fingerprint }, { url: gatewayUrl(), fingerprint: broker.fingerprint, servername: `broker.${DOMAIN}` }]);
+  // Outside: the inside address is not reachable (nothing listens there), the gateway is.
+  device.brokers[0]!.url = 'https://127.0.0.2:1';
+  writeFileSync(file, JSON.stringify(device));
+  const before = (await backendSessions()).be_broker!;
+  assert.equal((await runAgent(inside, { once: true })).online, true);
+  assert.ok((await backendSessions()).be_broker! > before, 'through the gateway, by the broker\'s name');
 });
 
 test('a ClientHello with a name the gateway does not route, or no TLS at all, is closed by haproxy', async () => {
