@@ -1,6 +1,6 @@
 import type { Command } from 'commander';
 import { z } from 'zod';
-import { OUT_OF_DATE } from '../broker/gateway/state.js';
+import { OUT_OF_DATE } from '../broker/gateway/routes.js';
 import { writeFileAtomic } from '../store/files.js';
 import { say, withAdmin } from './admin-shared.js';
 import { printJsonOr } from './common.js';

@@ -6,7 +6,7 @@ import { CarryonError } from '../core/errors.js';
 import { PolicyLayer } from '../core/policy.js';
 import { AnyObject, endpoint, enc, get, list, names, say, withAdmin, type Json } from './admin-shared.js';
 import { printJsonOr } from './common.js';
-import { OUT_OF_DATE } from '../broker/gateway/state.js';
+import { OUT_OF_DATE } from '../broker/gateway/routes.js';
 import { ago, bytes, left, percent, printTable, rate } from './format.js';
 
 type Resolved = Record<string, { value: unknown; source: string }>;

@@ -23,6 +23,9 @@ export interface GatewayRoute {
   fingerprint: string;
 }
 
+/** What admins are told when servers changed since haproxy's config was made (CLI: no broker code loaded). */
+export const OUT_OF_DATE = 'gateway config out of date: run `carryon admin gateway-config --out FILE` and reload haproxy';
+
 const LABEL = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
 
 function checkDomain(domain: string): string {

@@ -14,7 +14,6 @@ export interface GatewayStatus {
   upToDate: boolean;
 }
 
-export const OUT_OF_DATE = 'gateway config out of date: run `carryon admin gateway-config --out FILE` and reload haproxy';
 
 async function current(ctx: BrokerContext) {
   const g = ctx.settings.gateway;
