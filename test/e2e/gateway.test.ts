@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { connect as tlsConnect, createServer as createTlsServer, type Server as TlsServer } from 'node:tls';
 import { after, before, test } from 'node:test';
 import { runAgent } from '../../src/client/agent.js';
+import { templatesDir } from '../../src/client/disks.js';
 import { checkout, enroll, release, upload, type ClientEnv } from '../../src/client/ops.js';
 import { loadOrCreateTls } from '../../src/net/tls-cert.js';
 import type { TransferServer } from '../../src/transfer/server.js';
@@ -19,6 +20,8 @@ import { freePort } from '../support/ports.js';
  * Laptops on the internet: haproxy (started here, on 127.0.0.1) is the only address the laptop
  * knows; the broker listens on 127.0.0.2 and two transfer servers on 127.0.0.3. TLS passes
  * through the gateway, routed by SNI, and the laptop pins each server's own certificate.
+ * carryon-test: sqlite-only — the subject is the gateway and the laptop; the gateway's record in
+ * the broker's database is tested on both engines in test/transfer/scheduler.test.ts.
  */
 process.env.CARRYON_SCRYPT_N = '1024';
 const DOMAIN = 'gw.carryon.test';
@@ -143,8 +146,9 @@ test('a check-out cut off resumes through the gateway; another is cancelled', as
 
 test('a laptop enrolled inside keeps the broker\'s gateway route from the enrolment answer, and fails over to it outside', async () => {
   const inside: ClientEnv = { ...env, home: join(broker.dir, 'laptop-inside') };
-  // The QEMU-made layer templates of the first laptop (enrolment's slow one-time step) serve this one too.
-  cpSync(join(env.home, 'templates'), join(inside.home, 'templates'), { recursive: true });
+  // The QEMU-made layer templates of the first laptop (enrolment's slow one-time step) serve this one too
+  // (the test runner already shares one directory between all laptops).
+  if (templatesDir(env.home) !== templatesDir(inside.home)) cpSync(templatesDir(env.home), templatesDir(inside.home), { recursive: true });
   await enroll(inside, broker.url, { fingerprint: broker.fingerprint, name: 'laptop-inside' });
   const file = join(inside.home, 'device.json');
   const device = JSON.parse(readFileSync(file, 'utf8')) as { brokers: { url: string; fingerprint: string; servername?: string }[] };

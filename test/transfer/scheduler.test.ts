@@ -105,9 +105,9 @@ test('scheduler on PostgreSQL: two brokers racing for one slot hand it out once'
   }
 });
 
-test('with a gateway, laptops get its address and the server\'s SNI name (pin unchanged); desktop hosts still get the server\'s own URL; the config state survives', async () => {
+async function gatewayRoutes(open: () => Promise<SqlDb>): Promise<void> {
   const key = generateSigningKey();
-  const db = await SqliteSql.open(':memory:');
+  const db = await open();
   const gateway = { host: 'gw.example.com', port: 443, domain: 'gw.example.com' };
   const s = new Scheduler(await SchedulerStore.open(db), { signingKey: key.privateKey, gateway: () => gateway });
   await s.registerServer({ id: 'ts1', url: 'https://10.0.0.3:9443', fingerprint: 'f'.repeat(64), slots: 2 });
@@ -127,5 +127,9 @@ test('with a gateway, laptops get its address and the server\'s SNI name (pin un
   assert.equal(await s.gatewayConfig(), null);
   await s.gatewayConfigMade('a'.repeat(64));
   assert.equal((await plain.gatewayConfig())?.hash, 'a'.repeat(64));
+  await s.gatewayConfigMade('b'.repeat(64));
+  assert.equal((await plain.gatewayConfig())?.hash, 'b'.repeat(64), 'one record, replaced');
   await db.close();
-});
+}
+test('with a gateway, laptops get its address and the server\'s SNI name (pin unchanged); desktop hosts still get the server\'s own URL; the config record (SQLite)', () => gatewayRoutes(async () => SqliteSql.open(':memory:')));
+test('the same on PostgreSQL', async () => gatewayRoutes(async () => PgSql.open(await freshDatabase(await testCluster()))));
