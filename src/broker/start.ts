@@ -66,6 +66,8 @@ export interface BrokerConfig {
   keyFile?: string;
   /** Slots of the in-process transfer server; 0 = none (standalone transfer servers only). */
   embeddedTransferSlots?: number;
+  /** Its port (default: any free one); behind a gateway a fixed one keeps the gateway's config current across restarts. */
+  embeddedTransferPort?: number;
   /**
    * Its id in the scheduler: `embedded`, or on PostgreSQL `embedded@<host>:<port>` (brokers
    * sharing a database register theirs side by side).
@@ -216,7 +218,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   const slots = config.embeddedTransferSlots ?? 4;
   if (slots > 0) {
     const id = config.embeddedTransferId ?? (config.database ? `embedded@${hostname()}:${new URL(url).port}` : 'embedded');
-    transfer = await startTransferServer({ id, host, slots, store, masterKey: secrets.masterKey, brokerPublicKey: secrets.signing.publicKey, tlsDir: join(config.dataDir, 'transfer-tls') });
+    transfer = await startTransferServer({ id, host, port: config.embeddedTransferPort, slots, store, masterKey: secrets.masterKey, brokerPublicKey: secrets.signing.publicKey, tlsDir: join(config.dataDir, 'transfer-tls') });
     const t = transfer;
     await scheduler.registerServer({ id: t.id, url: t.url, fingerprint: t.fingerprint, slots });
     let ticks = 0;

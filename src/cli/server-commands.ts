@@ -20,6 +20,8 @@ const ServerConfigFile = z.object({
   certFile: z.string().optional(),
   keyFile: z.string().optional(),
   transferSlots: z.number().int().min(0).max(1024).optional(),
+  /** The embedded transfer server's port (default: any free one); a gateway's config names it. */
+  transferPort: z.number().int().min(0).max(65535).optional(),
   ldap: z.object({ url: z.string(), userDnTemplate: z.string(), groupBase: z.string().optional(), adminGroup: z.string().optional(), startTls: z.boolean().optional(), allowInsecure: z.boolean().optional(), caseSensitiveNames: z.boolean().optional() }).strict().optional(),
   /** Directories `admin desktops create` may import images from. */
   importDirs: z.array(z.string()).optional(),
@@ -60,11 +62,12 @@ export function registerServerCommands(program: Command): void {
     .option('--cert <file>', 'TLS certificate (PEM); default: self-signed, generated at first start')
     .option('--key <file>', 'TLS private key (PEM)')
     .option('--transfer-slots <n>', 'slots of the embedded transfer server (0: none)', int('--transfer-slots'))
+    .option('--transfer-port <n>', 'port of the embedded transfer server (default: any free one; fix it behind a gateway, whose config names it)', int('--transfer-port'))
     .option('--import-dir <dir>', 'a directory images may be imported from (repeatable; none: imports by path are refused)', (v: string, acc: string[] = []) => [...acc, v])
     .option('--init-admin <name>', 'create this first admin if there are no users (password: CARRYON_ADMIN_PASSWORD or prompt)')
     .option('--gateway <host:port>', 'the public gateway (haproxy, `carryon admin gateway-config`) laptops are given instead of the servers\' own addresses')
     .option('--gateway-domain <name>', 'DNS suffix of the names presented to the gateway: broker.NAME, <transfer-id>.transfer.NAME')
-    .action(async (o: { config?: string; dataDir?: string; database?: string; chunkStore?: string; host?: string; port?: number; cert?: string; key?: string; transferSlots?: number; initAdmin?: string; importDir?: string[]; gateway?: string; gatewayDomain?: string }) => {
+    .action(async (o: { config?: string; dataDir?: string; database?: string; chunkStore?: string; host?: string; port?: number; cert?: string; key?: string; transferSlots?: number; transferPort?: number; initAdmin?: string; importDir?: string[]; gateway?: string; gatewayDomain?: string }) => {
       const file = loadConfigFile(o.config);
       const dataDir = o.dataDir ?? process.env.CARRYON_DATA_DIR ?? file.dataDir ?? join(homedir(), '.carryon-server');
       const port = o.port ?? (process.env.CARRYON_PORT ? int('CARRYON_PORT')(process.env.CARRYON_PORT) : undefined) ?? file.port ?? 8443;
@@ -83,7 +86,7 @@ export function registerServerCommands(program: Command): void {
       if (gateway) parseGateway(gateway.address, gateway.domain); // a clear error before anything starts
       const broker = await startBroker({
         dataDir, database, chunkStore, host: o.host ?? file.host ?? '127.0.0.1', port, certFile: o.cert ?? file.certFile, keyFile: o.key ?? file.keyFile,
-        embeddedTransferSlots: o.transferSlots ?? file.transferSlots, hypervisor: file.hypervisor, settings: file.ldap ? { ldap: file.ldap } : undefined, initAdmin,
+        embeddedTransferSlots: o.transferSlots ?? file.transferSlots, embeddedTransferPort: o.transferPort ?? file.transferPort, hypervisor: file.hypervisor, settings: file.ldap ? { ldap: file.ldap } : undefined, initAdmin,
         importDirs: o.importDir ?? file.importDirs ?? [], gateway,
       });
       process.stdout.write(`carryon broker listening on ${broker.url}\ncertificate fingerprint (SHA-256): ${broker.fingerprint}\ndata directory: ${dataDir}\n`);
