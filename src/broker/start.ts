@@ -86,7 +86,7 @@ export interface BrokerConfig {
    * The public gateway laptops dial (`host:port`) and the domain of the SNI names behind it; set,
    * laptops are handed gateway routes instead of the servers' own URLs. Validated at start.
    */
-  gateway?: { address: string; domain?: string };
+  gateway?: { address: string; domain?: string; brokerBackend?: string };
   log?: boolean;
 }
 
@@ -142,7 +142,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     importDirs: await resolveImportDirs(config.importDirs ?? config.settings?.importDirs ?? []),
     transferSecret: await dataDirSecret(config.dataDir, 'transfer.secret', config.settings?.transferSecret),
     hostSecret: await dataDirSecret(config.dataDir, 'host.secret', config.settings?.hostSecret),
-    ...(config.gateway ? { gateway: parseGateway(config.gateway.address, config.gateway.domain) } : {}),
+    ...(config.gateway ? { gateway: parseGateway(config.gateway.address, config.gateway.domain, config.gateway.brokerBackend) } : {}),
   };
   const hypervisor: DatacenterHypervisor = config.hypervisor?.kind === 'qmp' ? new QmpHypervisor(config.hypervisor.socketDir) : new NoHypervisor();
   let transfer: TransferServer | null = null;
@@ -202,6 +202,9 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   ]);
   consoleRoutes(app);
   const host = config.host ?? '127.0.0.1';
+  if (settings.gateway && !settings.gateway.brokerBackend && (host === '0.0.0.0' || host === '::')) {
+    throw new CarryonError('bad-config', `the broker listens on every address (${host}): add --gateway-backend HOST:PORT, the address the gateway reaches it at`);
+  }
   await app.listen({ host, port: config.port ?? 0 });
   const addr = app.server.address();
   const url = `https://${host.includes(':') ? `[${host}]` : host}:${typeof addr === 'object' && addr ? addr.port : config.port}`;

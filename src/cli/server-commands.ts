@@ -27,7 +27,7 @@ const ServerConfigFile = z.object({
   importDirs: z.array(z.string()).optional(),
   hypervisor: z.union([z.object({ kind: z.literal('none') }), z.object({ kind: z.literal('qmp'), socketDir: z.string() })]).optional(),
   /** The public gateway laptops are given (`host:port`) and the domain of the names behind it. */
-  gateway: z.object({ address: z.string(), domain: z.string() }).strict().optional(),
+  gateway: z.object({ address: z.string(), domain: z.string(), brokerBackend: z.string().optional() }).strict().optional(),
 }).strict();
 
 function loadConfigFile(path?: string) {
@@ -67,7 +67,8 @@ export function registerServerCommands(program: Command): void {
     .option('--init-admin <name>', 'create this first admin if there are no users (password: CARRYON_ADMIN_PASSWORD or prompt)')
     .option('--gateway <host:port>', 'the public gateway (haproxy, `carryon admin gateway-config`) laptops are given instead of the servers\' own addresses')
     .option('--gateway-domain <name>', 'DNS suffix of the names presented to the gateway: broker.NAME, <transfer-id>.transfer.NAME')
-    .action(async (o: { config?: string; dataDir?: string; database?: string; chunkStore?: string; host?: string; port?: number; cert?: string; key?: string; transferSlots?: number; transferPort?: number; initAdmin?: string; importDir?: string[]; gateway?: string; gatewayDomain?: string }) => {
+    .option('--gateway-backend <host:port>', 'where the gateway reaches this broker (default: --host:--port; needed with --host 0.0.0.0)')
+    .action(async (o: { config?: string; dataDir?: string; database?: string; chunkStore?: string; host?: string; port?: number; cert?: string; key?: string; transferSlots?: number; transferPort?: number; initAdmin?: string; importDir?: string[]; gateway?: string; gatewayDomain?: string; gatewayBackend?: string }) => {
       const file = loadConfigFile(o.config);
       const dataDir = o.dataDir ?? process.env.CARRYON_DATA_DIR ?? file.dataDir ?? join(homedir(), '.carryon-server');
       const port = o.port ?? (process.env.CARRYON_PORT ? int('CARRYON_PORT')(process.env.CARRYON_PORT) : undefined) ?? file.port ?? 8443;
@@ -82,8 +83,10 @@ export function registerServerCommands(program: Command): void {
       if (database) checkPostgresUrl(database); // a clear error before anything starts
       const gatewayAddress = o.gateway ?? file.gateway?.address;
       if (!gatewayAddress && o.gatewayDomain) throw new CarryonError('bad-config', '--gateway-domain needs --gateway HOST:PORT');
-      const gateway = gatewayAddress ? { address: gatewayAddress, domain: o.gatewayDomain ?? file.gateway?.domain } : undefined;
-      if (gateway) parseGateway(gateway.address, gateway.domain); // a clear error before anything starts
+      const brokerBackend = o.gatewayBackend ?? file.gateway?.brokerBackend;
+      if (!gatewayAddress && brokerBackend) throw new CarryonError('bad-config', '--gateway-backend needs --gateway HOST:PORT');
+      const gateway = gatewayAddress ? { address: gatewayAddress, domain: o.gatewayDomain ?? file.gateway?.domain, brokerBackend } : undefined;
+      if (gateway) parseGateway(gateway.address, gateway.domain, gateway.brokerBackend); // a clear error before anything starts
       const broker = await startBroker({
         dataDir, database, chunkStore, host: o.host ?? file.host ?? '127.0.0.1', port, certFile: o.cert ?? file.certFile, keyFile: o.key ?? file.keyFile,
         embeddedTransferSlots: o.transferSlots ?? file.transferSlots, embeddedTransferPort: o.transferPort ?? file.transferPort, hypervisor: file.hypervisor, settings: file.ldap ? { ldap: file.ldap } : undefined, initAdmin,

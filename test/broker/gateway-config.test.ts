@@ -12,6 +12,8 @@ const G = parseGateway('gw.example.com:443', 'gw.example.com');
 test('--gateway and --gateway-domain are validated: a bad value is a clear bad-config error', () => {
   assert.deepEqual(parseGateway('203.0.113.7:8443', 'Carryon.Example.com.'), { host: '203.0.113.7', port: 8443, domain: 'carryon.example.com' });
   assert.deepEqual(parseGateway('[2001:db8::1]:443', 'gw.example'), { host: '2001:db8::1', port: 443, domain: 'gw.example' });
+  assert.deepEqual(parseGateway('gw:443', 'gw.example', '[FD00::2]:8443'), { host: 'gw', port: 443, domain: 'gw.example', brokerBackend: '[fd00::2]:8443' });
+  assert.throws(() => parseGateway('gw:443', 'gw.example', 'broker.internal'), (err: Error & { code?: string }) => err.code === 'bad-config' && /--gateway-backend/.test(err.message));
   for (const [address, domain] of [['gw.example.com', 'x.example'], ['gw.example.com:0', 'x.example'], ['gw.example.com:70000', 'x.example'], ['https://gw:443', 'x.example'],
     ['gw_bad!:443', 'x.example'], ['[zz::1]:443', 'x.example'], ['gw:443', undefined], ['gw:443', ''], ['gw:443', 'under_score.example'], ['gw:443', '-a.example'], ['gw:443', '10.0.0.1'],
     ['gw:443', `${'a'.repeat(60)}.${'b'.repeat(60)}.${'c'.repeat(60)}.com`]] as const) {
@@ -44,6 +46,8 @@ test('the haproxy config routes by SNI in TCP mode with health checks, and hapro
   assert.match(config, /server transfer \[fd00::2\]:9000 check check-ssl verify none/);
   assert.doesNotMatch(config, /balance|default_backend/, 'haproxy routes, it does not balance');
   assert.throws(() => renderHaproxyConfig(G, backends, hash, { bind: '0.0.0.0:443 ssl crt /x' }), /spaces/);
+  assert.throws(() => gatewayBackends(G, 'https://0.0.0.0:8443', []), /--gateway-backend/, 'a wildcard listen address is no backend');
+  assert.equal(gatewayBackends({ ...G, brokerBackend: 'broker.internal:8443' }, 'https://0.0.0.0:8443', [])[0]!.address, 'broker.internal:8443');
   assert.throws(() => gatewayBackends(G, 'https://10.0.0.2:8443', [{ id: 'x-1', url: 'https://a:1' }, { id: 'x-1', url: 'https://a:2' }]), /share the gateway name/);
   const dir = mkdtempSync(join(tmpdir(), 'carryon-gwcfg-'));
   try {

@@ -30,7 +30,9 @@ function hostPort(url: string): string {
 /** The servers behind the gateway, in a stable order (the hash and the config depend only on them). */
 export function gatewayBackends(g: GatewaySettings, brokerUrl: string, servers: readonly { id: string; url: string }[]): GatewayBackend[] {
   const sni = isIP(g.host) ? [] : [g.host];
-  const out: GatewayBackend[] = [{ id: 'broker', kind: 'broker', names: [brokerName(g), ...sni], address: hostPort(brokerUrl) }];
+  const address = g.brokerBackend ?? hostPort(brokerUrl);
+  if (/^(0\.0\.0\.0|\[::\]):/.test(address)) throw new CarryonError('bad-config', `the broker listens on ${address}: start it with --gateway-backend HOST:PORT, the address the gateway reaches it at`);
+  const out: GatewayBackend[] = [{ id: 'broker', kind: 'broker', names: [brokerName(g), ...sni], address }];
   const seen = new Map<string, string>();
   for (const s of [...servers].sort((a, b) => a.id.localeCompare(b.id))) {
     const label = transferLabel(s.id);

@@ -14,6 +14,8 @@ export interface GatewaySettings {
   port: number;
   /** The DNS suffix of the SNI names; the names need not resolve (laptops dial host:port). */
   domain: string;
+  /** `host:port` the gateway reaches this broker at, where that is not its listen address (0.0.0.0, NAT). */
+  brokerBackend?: string;
 }
 
 /** A gateway route: where to connect, which name to present, whose certificate to pin. */
@@ -38,16 +40,22 @@ function checkDomain(domain: string): string {
   return d;
 }
 
-/** `host:port` (IPv6 as `[::1]:443`) and a domain, validated: a bad value fails the broker's start. */
-export function parseGateway(address: string, domain: string | undefined): GatewaySettings {
-  if (!domain) throw new CarryonError('bad-config', '--gateway needs --gateway-domain (the suffix of the names laptops present to it)');
+function hostPort(flag: string, address: string): { host: string; port: number } {
   const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]/\s]+)):(\d{1,5})$/.exec(address.trim());
   const port = m ? Number(m[3]) : NaN;
-  if (!m || !(port >= 1 && port <= 65535)) throw new CarryonError('bad-config', `--gateway must be host:port (e.g. gw.example.com:443), got ${JSON.stringify(address)}`);
+  if (!m || !(port >= 1 && port <= 65535)) throw new CarryonError('bad-config', `${flag} must be host:port (e.g. gw.example.com:443), got ${JSON.stringify(address)}`);
   const host = (m[1] ?? m[2]!).toLowerCase();
-  if (m[1] && isIP(host) !== 6) throw new CarryonError('bad-config', `--gateway: ${host} is not an IPv6 address`);
-  if (!m[1] && !isIP(host) && host.split('.').some((l) => !LABEL.test(l))) throw new CarryonError('bad-config', `--gateway: ${JSON.stringify(host)} is neither an IP address nor a host name`);
-  return { host, port, domain: checkDomain(domain) };
+  if (m[1] && isIP(host) !== 6) throw new CarryonError('bad-config', `${flag}: ${host} is not an IPv6 address`);
+  if (!m[1] && !isIP(host) && host.split('.').some((l) => !LABEL.test(l))) throw new CarryonError('bad-config', `${flag}: ${JSON.stringify(host)} is neither an IP address nor a host name`);
+  return { host, port };
+}
+
+/** `host:port` (IPv6 as `[::1]:443`) and a domain, validated: a bad value fails the broker's start. */
+export function parseGateway(address: string, domain: string | undefined, brokerBackend?: string): GatewaySettings {
+  if (!domain) throw new CarryonError('bad-config', '--gateway needs --gateway-domain (the suffix of the names laptops present to it)');
+  const { host, port } = hostPort('--gateway', address);
+  const backend = brokerBackend ? hostPort('--gateway-backend', brokerBackend) : null;
+  return { host, port, domain: checkDomain(domain), ...(backend ? { brokerBackend: `${isIP(backend.host) === 6 ? `[${backend.host}]` : backend.host}:${backend.port}` } : {}) };
 }
 
 export function gatewayUrl(g: GatewaySettings): string {
