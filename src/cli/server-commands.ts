@@ -5,9 +5,9 @@ import type { Command } from 'commander';
 import { z } from 'zod';
 import { CarryonError } from '../core/errors.js';
 import { OUT_OF_DATE, parseGateway } from '../broker/gateway/routes.js';
-import { registerAdminCommands } from './admin-commands.js';
-import { registerAdminTrustCommands } from './admin-trust-commands.js';
-import { registerMaintenanceCommands } from './maintenance-commands.js';
+import { registerAdminCommands } from './admin/admin-commands.js';
+import { registerAdminTrustCommands } from './admin/admin-trust-commands.js';
+import { registerMaintenanceCommands } from './admin/maintenance-commands.js';
 import { passwordSource } from './common.js';
 
 const ServerConfigFile = z.object({
@@ -78,7 +78,7 @@ export function registerServerCommands(program: Command): void {
       // Loaded here, not at the top: every other command (a laptop's `carryon status`) would pay for
       // fastify, pg and the S3 SDK at start (≈ 0.7 s of CPU each run).
       const [{ startBroker }, { describeStore }, { checkPostgresUrl, redactDatabaseUrl }, { gatewayStatus }] = await Promise.all([
-        import('../broker/start.js'), import('../store/open-store.js'), import('../store/sql/pg-driver.js'), import('../broker/gateway/state.js'),
+        import('../broker/start.js'), import('../store/open-store.js'), import('../sql/pg-driver.js'), import('../broker/gateway/state.js'),
       ]);
       if (database) checkPostgresUrl(database); // a clear error before anything starts
       const gatewayAddress = o.gateway ?? file.gateway?.address;

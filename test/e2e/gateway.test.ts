@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { connect as tlsConnect, createServer as createTlsServer, type Server as TlsServer } from 'node:tls';
 import { after, before, test } from 'node:test';
 import { runAgent } from '../../src/client/agent.js';
-import { templatesDir } from '../../src/client/disks.js';
+import { templatesDir } from '../../src/live/disks/disks.js';
 import { checkout, enroll, release, upload, type ClientEnv } from '../../src/client/ops.js';
 import { loadOrCreateTls } from '../../src/net/tls-cert.js';
 import type { TransferServer } from '../../src/transfer/server.js';

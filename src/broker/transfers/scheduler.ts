@@ -1,5 +1,5 @@
 import { randomUUID, type KeyObject } from 'node:crypto';
-import { signTicket } from '../../core/ticket.js';
+import { signTicket } from '../../core/tokens/ticket.js';
 import { transferRoute, type GatewaySettings } from '../gateway/routes.js';
 import { assignJobs, orderQueue } from './assign.js';
 import type { JobRow, SchedulerStore, ServerRow } from './scheduler-store.js';
