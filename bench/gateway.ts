@@ -1,4 +1,5 @@
 import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
@@ -7,6 +8,9 @@ import { writeTestImage } from '../src/demo/image.js';
 import { run, settle, stats, timed } from './lib/measure.js';
 import { Rig } from './lib/rig.js';
 import type { BenchRow, BenchSection } from './types.js';
+
+/** Debian puts haproxy in /usr/sbin, which a non-root user's PATH lacks. */
+const HAPROXY = ['/usr/sbin/haproxy', '/usr/local/sbin/haproxy'].find((p) => existsSync(p)) ?? 'haproxy';
 
 async function freePort(): Promise<number> {
   const srv = createServer();
@@ -33,8 +37,8 @@ export function gatewaySection(work: string, sizeGiB: number, pairs = 4): BenchS
       const rig = await Rig.start(dir, image, undefined, { gateway });
       const cfg = join(dir, 'haproxy.cfg');
       await writeFile(cfg, await rig.gatewayConfig({ bind: gateway.address }));
-      await run('haproxy', ['-c', '-q', '-f', cfg]);
-      const haproxy = spawn('haproxy', ['-db', '-f', cfg], { stdio: 'ignore' });
+      await run(HAPROXY, ['-c', '-q', '-f', cfg]);
+      const haproxy = spawn(HAPROXY, ['-db', '-f', cfg], { stdio: 'ignore' });
       try {
         const settings = rig.broker.ctx.settings;
         const routed = settings.gateway;

@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { gatewayBackends, renderHaproxyConfig, serverSetHash } from '../../src/broker/gateway/haproxy.js';
 import { parseGateway, transferLabel, transferName, transferRoute } from '../../src/broker/gateway/routes.js';
+import { HAPROXY } from '../support/haproxy.js';
 
 const G = parseGateway('gw.example.com:443', 'gw.example.com');
 
@@ -52,7 +53,7 @@ test('the haproxy config routes by SNI in TCP mode with health checks, and hapro
   const dir = mkdtempSync(join(tmpdir(), 'carryon-gwcfg-'));
   try {
     writeFileSync(join(dir, 'haproxy.cfg'), config);
-    execFileSync('haproxy', ['-c', '-q', '-f', join(dir, 'haproxy.cfg')]);
+    execFileSync(HAPROXY, ['-c', '-q', '-f', join(dir, 'haproxy.cfg')]);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -15,6 +15,7 @@ import { startStandaloneTransfer } from '../../src/transfer/standalone.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, transferStore, type Api, type TestBroker } from '../broker/harness.js';
 import { writeDesktop } from '../support/laptop.js';
 import { freePort } from '../support/ports.js';
+import { HAPROXY } from '../support/haproxy.js';
 
 /**
  * Laptops on the internet: haproxy (started here, on 127.0.0.1) is the only address the laptop
@@ -61,8 +62,8 @@ async function startHaproxy(): Promise<void> {
   assert.equal(made.status, 200, JSON.stringify(made.body));
   const cfg = join(gwDir, 'haproxy.cfg');
   writeFileSync(cfg, String(made.body.config));
-  execFileSync('haproxy', ['-c', '-q', '-f', cfg]);
-  haproxy = spawn('haproxy', ['-db', '-f', cfg], { stdio: ['ignore', 'ignore', 'pipe'] });
+  execFileSync(HAPROXY, ['-c', '-q', '-f', cfg]);
+  haproxy = spawn(HAPROXY, ['-db', '-f', cfg], { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
   haproxy.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
   for (let i = 0; ; i++) {
@@ -230,6 +231,6 @@ test('the gateway config records its server set: a server added makes it out of 
   cli.stderr!.on('data', (d: Buffer) => (printed += d.toString()));
   assert.equal(await new Promise((r) => cli.once('exit', r)), 0, printed);
   assert.match(readFileSync(out, 'utf8'), /req_ssl_sni -i ts-c\.transfer\.gw\.carryon\.test/);
-  execFileSync('haproxy', ['-c', '-q', '-f', out]);
+  execFileSync(HAPROXY, ['-c', '-q', '-f', out]);
   assert.equal((await status()).upToDate, true);
 });
