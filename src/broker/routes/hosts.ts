@@ -86,7 +86,8 @@ export const hostRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app
     // Only the jobs made for this host's starts (their owner names it).
     const owner = await ctx.scheduler.checkoutOf(jobId);
     if (!owner?.startsWith(hostJobOwner(host.id, ''))) throw new HttpError(404, 'not-found', 'no such job of this host');
-    return (await ctx.scheduler.get(jobId))!;
+    // Hosts are in the datacenter: the transfer server's own address, never the gateway.
+    return (await ctx.scheduler.get(jobId, 'internal'))!;
   });
   app.post('/v1/hosts/:id/commands/:commandId', { config: { hostAction: 'host-ack' } }, async (req) => {
     const host = await registered(req);
