@@ -3,6 +3,7 @@ import type { DesktopRow } from '../../store/metadata.js';
 import { lineageKeysFor } from '../checkouts.js';
 import type { BrokerContext } from '../context.js';
 import { HttpError } from '../http.js';
+import { handoverFailed, handoverLost } from './handover.js';
 import { ON_HOST, type HostCommandRow, type HostReport, type HostRow, type PlacementRow } from './store.js';
 
 /**
@@ -22,17 +23,8 @@ const refuse = async (ctx: BrokerContext, actor: string, desktopId: string, acti
   return new HttpError(status, code, message, {}, true);
 };
 
-/** Why a check-out of `desktop` must wait for its online copy, or null. */
-export async function onlineRefusal(ctx: BrokerContext, desktop: DesktopRow): Promise<{ code: string; message: string } | null> {
-  const p = await ctx.hosts.placement(desktop.id);
-  if (!p) return null;
-  if (ON_HOST.includes(p.state)) return { code: 'desktop-online', message: `the desktop runs on host ${p.hostId}: stop it first (\`carryon stop ${desktop.name}\`)` };
-  if (p.state === 'lost') return { code: 'desktop-online', message: `the desktop was running on host ${p.hostId}, which stopped answering (${p.updatedAt}); what the guest wrote there is at risk: an administrator decides (\`carryon admin hosts release ${desktop.name}\` discards it)` };
-  return {
-    code: 'desktop-online',
-    message: `the desktop ran online on host ${p.hostId} (since ${p.since}) and what the guest wrote there is kept on that host; sending it back before a check-out is not built yet: an administrator can discard it with \`carryon admin hosts release ${desktop.name}\``,
-  };
-}
+/** What an admin is told about a desktop whose host went silent. */
+export const lostMessage = (p: PlacementRow, name: string) => `the desktop was running on host ${p.hostId}, which stopped answering (${p.updatedAt}); what the guest wrote there is at risk: an administrator decides (\`carryon admin desktops failover ${name}\` starts it elsewhere from its last snapshot; \`carryon admin hosts release ${name}\` discards it)`;
 
 /** Why no power operation may touch `desktop` now (checked out to a laptop), or null. */
 async function checkedOutRefusal(ctx: BrokerContext, desktop: DesktopRow): Promise<string | null> {
@@ -47,6 +39,7 @@ export async function sweepHosts(ctx: BrokerContext): Promise<void> {
     for (const p of await ctx.hosts.placements(h.id)) {
       if (!ON_HOST.includes(p.state) || !(await ctx.hosts.transition(p.desktopId, ON_HOST, 'lost', { detail: `host ${h.id} silent since ${h.lastSeen}` }))) continue;
       await ctx.meta.setPowerState(p.desktopId, 'lost');
+      if (p.state === 'returning') await handoverLost(ctx, p.desktopId, h.id);
       await ctx.audit({ actor: 'system', desktopId: p.desktopId, action: 'host-lost', outcome: 'failed', detail: `host ${h.id} stopped heartbeating (last seen ${h.lastSeen}) while it ran this desktop; the guest's writes since snapshot ${p.snapshotId ?? '-'} are at risk` });
       desktops.push(p.desktopId);
     }
@@ -54,7 +47,7 @@ export async function sweepHosts(ctx: BrokerContext): Promise<void> {
   }
 }
 
-const alive = (h: HostRow) => h.health === 'ok' && Date.now() - Date.parse(h.lastSeen) <= 3 * h.heartbeatSec * 1000;
+export const alive = (h: HostRow) => h.health === 'ok' && Date.now() - Date.parse(h.lastSeen) <= 3 * h.heartbeatSec * 1000;
 
 /** What each host has left: desktops placed and on it count against its vCPUs, RAM and desktop slots. */
 async function freeCapacity(ctx: BrokerContext, h: HostRow) {
@@ -100,7 +93,7 @@ export async function powerDesktop(ctx: BrokerContext, actor: string, desktop: D
   if (!desktop.currentSnapshot) throw await refuse(ctx, actor, desktop.id, audit, 409, 'no-snapshot', `${desktop.name} has no disk image yet`);
   let hostId: string;
   if (p) {
-    if (p.state !== 'stopped') throw await refuse(ctx, actor, desktop.id, audit, 409, p.state === 'lost' ? 'host-lost' : 'already-running', p.state === 'lost' ? (await onlineRefusal(ctx, desktop))!.message : `${desktop.name} is already ${p.state} on host ${p.hostId}`);
+    if (p.state !== 'stopped') throw await refuse(ctx, actor, desktop.id, audit, 409, p.state === 'lost' ? 'host-lost' : 'already-running', p.state === 'lost' ? lostMessage(p, desktop.name) : `${desktop.name} is already ${p.state} on host ${p.hostId}`);
     // Its chain (and what the guest wrote) is on that host: it starts there again, or not at all.
     const h = await ctx.hosts.host(p.hostId);
     if (!h || !(await fits(ctx, h, desktop)).ok) throw await refuse(ctx, actor, desktop.id, audit, 503, 'host-unavailable', `${desktop.name} keeps its online changes on host ${p.hostId}, which is ${h && alive(h) ? 'full' : 'not answering'}`);
@@ -192,13 +185,14 @@ export async function hostHeartbeat(ctx: BrokerContext, host: HostRow, report: H
 }
 
 /** The outcome of a command the host carried out. */
-export async function hostAck(ctx: BrokerContext, hostId: string, commandId: string, r: { ok: boolean; message: string | null; kept?: boolean }): Promise<void> {
+export async function hostAck(ctx: BrokerContext, hostId: string, commandId: string, r: { ok: boolean; message: string | null; kept?: boolean; guest?: 'running' | 'stopped' }): Promise<void> {
   const c = await ctx.hosts.command(commandId);
   if (!c || !(await ctx.hosts.ack(commandId, hostId, r.ok, r.message))) throw new HttpError(404, 'not-found', `no pending command ${commandId} for host ${hostId}`);
   const actor = `host:${hostId}`;
   const p = await ctx.hosts.placement(c.desktopId);
   await ctx.audit({ actor, desktopId: c.desktopId, action: `host-${c.type}`, outcome: r.ok ? 'ok' : 'failed', detail: r.message ?? undefined });
   if (c.type === 'start') await endStart(ctx, c, p, r);
+  else if (c.type === 'handover' && (!r.ok || p?.state === 'returning')) await handoverFailed(ctx, hostId, c.desktopId, r.ok ? 'the host ended the handover without sending the desktop back' : r.message, r.guest ?? 'stopped');
   else if ((c.type === 'off' || c.type === 'shutdown') && p?.state === 'stopping') {
     if (await ctx.hosts.transition(c.desktopId, ['stopping'], r.ok ? 'stopped' : 'running', { detail: r.message })) await ctx.meta.setPowerState(c.desktopId, r.ok ? 'off' : 'on');
   }

@@ -6,6 +6,8 @@ import { HttpError, parse, requireUser } from '../http.js';
 import { effectivePolicy, describePolicySource } from '../policies.js';
 import { adminOf } from './admin-scope.js';
 import { displayRelay } from '../display/relay.js';
+import { beginHandover, commitHandover, handoverShutDown } from '../hosts/handover.js';
+import { Changes, withReceipts } from './user.js';
 import { hostAck, hostHeartbeat, hostJobOwner, hostsOverview, powerDesktop, prepareStart, releaseDesktop, sweepHosts } from '../hosts/power.js';
 
 const HostId = z.string().regex(/^[A-Za-z0-9._-]{1,64}$/, 'a host id is 1–64 letters, digits, dots, dashes or underscores');
@@ -70,6 +72,23 @@ export function hostRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     const { desktopId } = parse(z.object({ id: HostId, desktopId: z.string().min(1).max(200) }), req.params);
     return await prepareStart(ctx, host.id, desktopId);
   });
+  // A check-out of a desktop this host runs (hosts/handover.ts): begin (an upload job), the guest is off, commit.
+  const HandoverParams = z.object({ id: HostId, desktopId: z.string().min(1).max(200) });
+  app.post('/v1/hosts/:id/desktops/:desktopId/handover', async (req) => {
+    const host = await registered(req, 'handover');
+    parse(z.object({}).strict(), req.body ?? {});
+    return await beginHandover(ctx, host.id, parse(HandoverParams, req.params).desktopId);
+  });
+  app.post('/v1/hosts/:id/desktops/:desktopId/handover/shutdown', async (req) => {
+    const host = await registered(req, 'handover');
+    const b = parse(z.object({ forced: z.boolean(), message: z.string().max(2000) }).strict(), req.body);
+    return await handoverShutDown(ctx, host.id, parse(HandoverParams, req.params).desktopId, b);
+  });
+  app.post('/v1/hosts/:id/desktops/:desktopId/handover/commit', async (req) => {
+    const host = await registered(req, 'handover-commit');
+    const { changes, receipts } = withReceipts(parse(Changes, req.body ?? {}).disks);
+    return await commitHandover(ctx, host.id, parse(HandoverParams, req.params).desktopId, changes, receipts);
+  });
   app.get('/v1/hosts/:id/jobs/:jobId', async (req) => {
     const host = await registered(req, 'host-job');
     const { jobId } = parse(z.object({ id: HostId, jobId: z.string().min(1).max(200) }), req.params);
@@ -81,7 +100,7 @@ export function hostRoutes(app: FastifyInstance, ctx: BrokerContext): void {
   app.post('/v1/hosts/:id/commands/:commandId', async (req) => {
     const host = await registered(req, 'host-ack');
     const { commandId } = parse(z.object({ id: HostId, commandId: z.string().min(1).max(200) }), req.params);
-    const b = parse(z.object({ ok: z.boolean(), message: z.string().max(2000).nullable().default(null), kept: z.boolean().optional() }).strict(), req.body);
+    const b = parse(z.object({ ok: z.boolean(), message: z.string().max(2000).nullable().default(null), kept: z.boolean().optional(), guest: z.enum(['running', 'stopped']).optional() }).strict(), req.body);
     await hostAck(ctx, host.id, commandId, b);
     if (!b.ok && displayRelay(ctx).has(commandId)) await displayRelay(ctx).hostFailed(commandId, b.message);
     return { ok: true };
