@@ -6,6 +6,7 @@ import type { CheckoutRow, DesktopConfig, DesktopRow, SnapshotDisk, SnapshotRow 
 import type { BrokerContext } from './context.js';
 import { damagedSnapshotRefusal } from './damage.js';
 import { askHandover, waitAnswer } from './hosts/handover.js';
+import { startAfterCheckin } from './hosts/power.js';
 import { HttpError } from './http.js';
 import { describePolicySource, effectivePolicy } from './policies.js';
 import type { JobView } from './transfers/types.js';
@@ -338,7 +339,10 @@ export async function commitUpload(ctx: BrokerContext, user: string, checkoutId:
   await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'snapshot', outcome: 'ok', detail: `${kind} ${snapshotId}` });
   if (c.jobId) await ctx.scheduler.finish(c.jobId, 'done');
   await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'transfer-end', outcome: 'ok', detail: kind });
-  if (kind === 'checkin') await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'checked in' });
+  if (kind === 'checkin') {
+    await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'checked in' });
+    await startAfterCheckin(ctx, user, c.desktopId);
+  }
   return { snapshotId, checkout: checkoutView((await ctx.meta.getCheckout(c.id))!) };
 }
 

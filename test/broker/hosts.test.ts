@@ -15,11 +15,11 @@ import { hostChain } from '../../src/host/keys.js';
 import { startHost, type RunningHost } from '../../src/host/service.js';
 import { importImage } from '../../src/import/import.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
-import { checkout as laptopCheckout, enroll, type ClientEnv } from '../../src/client/ops.js';
+import { checkout as laptopCheckout, enroll, upload, type ClientEnv } from '../../src/client/ops.js';
 import { addChain, StorageDaemon } from '../../src/disk/storage-daemon.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import type { Chain } from '../../src/disk/chain.js';
-import { readDesktop } from '../support/laptop.js';
+import { readDesktop, writeDesktop } from '../support/laptop.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api, type TestBroker } from './harness.js';
 
 process.env.CARRYON_SCRYPT_N = '1024';
@@ -320,6 +320,28 @@ test('check-out of a desktop running on a host: the host shuts it down (forced a
   assert.equal(active.state, 'checked_out');
   assert.equal(active.checkpointSnapshot, (await broker.ctx.meta.getDesktop('online1'))!.currentSnapshot);
   assert.equal((await power('online1', 'on')).body.error, 'locked');
+});
+
+test('policy startOnlineAfterCheckin: after the laptop checks in, the desktop starts on the host by itself, which pulls only the changed chunks and ends up byte for byte', async () => {
+  const home = join(broker.dir, 'laptop-online');
+  const chunk = 256 * 1024;
+  assert.equal((await http.call('PATCH', '/v1/admin/policies/desktop/online1', { startOnlineAfterCheckin: true }, admin)).status, 200);
+  await writeDesktop(laptopEnv(home), 'online1', [{ offset: 7 * chunk + 512, data: randomBytes(4096) }]);
+  const expected = await readDesktop(laptopEnv(home), 'online1');
+  await upload(laptopEnv(home), 'online1', 'checkin');
+  const started = (await events('power-on')).find((e) => e.actor === 'system' && e.outcome === 'ok');
+  assert.match(started?.detail ?? '', /^placed on host h1 \(snapshot /, 'on the host that keeps its base');
+  await placedAs('online1', 'running');
+  // The base held the snapshot the host started from before the handover: its 2 chunks and the laptop's 1 travel, nothing else.
+  assert.match((await events('host-start')).filter((e) => e.outcome === 'ok')[0]!.detail ?? '', /; 3 chunks \/ \d+ bytes pulled/);
+  qemus.push((await until('pid reported', async () => (await hostsList()).find((h) => h.id === 'h1' && h.desktops[0]?.pid && !qemus.includes(h.desktops[0].pid))))!.desktops[0]!.pid!);
+  assert.equal((await power('online1', 'off')).status, 200);
+  await placedAs('online1', 'stopped');
+  const d = (await broker.ctx.meta.getDesktop('online1'))!;
+  const out = join(h1Dir, 'read-back-2.raw');
+  await convertChain(hostChain(readFileSync(join(h1Dir, 'host.key')), h1Dir, d.id, 'disk0'), out, 'raw');
+  assert.ok(readFileSync(out).equals(expected), "the host's disk is the laptop's check-in, byte for byte");
+  assert.equal((await http.call('PATCH', '/v1/admin/policies/desktop/online1', { startOnlineAfterCheckin: false }, admin)).status, 200);
 });
 
 test('handover protocol: cancel before the host begins leaves the guest running; cancel after the shutdown leaves it stopped with its writes kept; only the host that holds it, with receipts', async () => {

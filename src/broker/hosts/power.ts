@@ -3,6 +3,7 @@ import type { DesktopRow } from '../../store/metadata.js';
 import { lineageKeysFor } from '../checkouts.js';
 import type { BrokerContext } from '../context.js';
 import { HttpError } from '../http.js';
+import { effectivePolicy } from '../policies.js';
 import { handoverFailed, handoverLost } from './handover.js';
 import { ON_HOST, type HostCommandRow, type HostReport, type HostRow, type PlacementRow } from './store.js';
 
@@ -118,6 +119,21 @@ export async function powerDesktop(ctx: BrokerContext, actor: string, desktop: D
   await ctx.meta.setPowerState(desktop.id, 'starting');
   await ctx.audit({ actor, desktopId: desktop.id, action: audit, outcome: 'ok', detail: `placed on host ${hostId} (snapshot ${desktop.currentSnapshot})` });
   return { state: 'starting', host: hostId };
+}
+
+/**
+ * Policy `startOnlineAfterCheckin`: once a laptop checked the desktop in, it runs on a host again
+ * (placed as a power-on; a host that kept its base pulls only the chunks that changed). A refusal
+ * (no host free) is audited by powerDesktop and leaves the check-in as it is.
+ */
+export async function startAfterCheckin(ctx: BrokerContext, user: string, desktopId: string): Promise<void> {
+  const desktop = await ctx.meta.getDesktop(desktopId);
+  if (!desktop || !(await effectivePolicy(ctx.meta, user, desktop)).startOnlineAfterCheckin.value) return;
+  try {
+    await powerDesktop(ctx, 'system', desktop, 'on');
+  } catch (err) {
+    if (!(err instanceof HttpError)) await ctx.audit({ actor: 'system', desktopId, action: 'power-on', outcome: 'failed', detail: `after check-in: ${(err as Error).message}` });
+  }
 }
 
 /** A datacenter QEMU something else started (`--hypervisor qmp`): stopped over its QMP socket, as before hosts. */
