@@ -397,7 +397,7 @@ test('handover protocol: cancel before the host begins leaves the guest running;
   assert.deepEqual((await http.call('POST', '/v1/admin/desktops/online2/release', { reason: 'test' }, admin)).body, { released: 'f2' });
 });
 
-test('a host killed with -9: it is marked lost after three missed heartbeats, and the desktop it ran with it (audited); check-out stays refused', async () => {
+test('a host killed with -9: it is marked lost after three missed heartbeats, and the desktop it ran with it (audited); check-out stays refused; an admin fails it over to another host, the lost one keeps its copy until released', async () => {
   const dataDir = mkdtempSync(join(tmpdir(), 'carryon-host-'));
   dirs.push(dataDir);
   const secretFile = join(broker.dir, 'host.secret');
@@ -431,4 +431,27 @@ test('a host killed with -9: it is marked lost after three missed heartbeats, an
   // The admin CLI shows the same.
   const out = await promisify(execFile)(process.execPath, [main, 'admin', 'hosts', 'list'], { env: { ...process.env, CARRYON_URL: broker.url, CARRYON_FINGERPRINT: broker.fingerprint, CARRYON_USER: ADMIN.name, CARRYON_PASSWORD: ADMIN.password } });
   assert.match(out.stdout, /h2\s+lost\s+.*online2 \(lost/);
+
+  // Fail-over, an admin's explicit decision: started on another host from its last snapshot; h2 keeps what the guest wrote there (at risk).
+  const id = await desktopId('online2');
+  const f = await http.call('POST', '/v1/admin/desktops/online2/failover', { reason: 'h2 died' }, admin);
+  assert.deepEqual([f.status, f.body.state, f.body.host], [200, 'starting', 'f2'], JSON.stringify(f.body));
+  assert.match(String(f.body.atRisk), /^what the guest wrote on host h2 since snapshot \S+ \(running there since .*\) is at risk: that host keeps it until `carryon admin hosts release online2 --host h2`$/);
+  assert.equal((await placement('online2'))!.snapshotId, (await broker.ctx.meta.getDesktop('online2'))!.currentSnapshot, 'from its last snapshot');
+  assert.ok((await events('failover')).some((e) => e.outcome === 'ok' && /at risk.*reason: h2 died/.test(e.detail ?? '')), 'audited');
+  assert.deepEqual((await hostsList()).find((h) => h.id === 'h2')!.desktops.map((d) => d.state), ['kept']);
+  const twice = await http.call('POST', '/v1/admin/desktops/online2/failover', {}, admin);
+  assert.deepEqual([twice.status, twice.body.error], [409, 'not-lost']);
+  // h2 comes back still running its guest: powered off there (its chain kept), never discarded without an admin.
+  const back = (await hostCall('/v1/hosts/h2/heartbeat', { desktops: [{ desktopId: id, state: 'running' }], bases: [id] }, secret)).body.commands as { type: string; desktopId: string }[];
+  assert.deepEqual(back.map((c) => [c.type, c.desktopId]), [['off', id]]);
+  // While h2 keeps that copy it is not given the desktop again, though it is alive, larger and holds its base.
+  const f2start = (await hostCall('/v1/hosts/f2/heartbeat', {}, secret)).body.commands as { id: string; type: string }[];
+  assert.equal((await hostCall(`/v1/hosts/f2/commands/${f2start.find((c) => c.type === 'start')!.id}`, { ok: false, message: 'test', kept: false }, secret)).status, 200);
+  assert.equal(await placement('online2'), null);
+  assert.equal((await power('online2', 'on')).body.host, 'f2');
+  const released = await http.call('POST', '/v1/admin/desktops/online2/release', { host: 'h2', reason: 'test' }, admin);
+  assert.deepEqual(released.body, { released: 'h2' });
+  assert.ok((await broker.ctx.hosts.pending('h2')).some((c) => c.type === 'discard' && c.desktopId === id));
+  assert.deepEqual((await hostsList()).find((h) => h.id === 'h2')!.desktops, []);
 });

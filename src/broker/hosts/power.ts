@@ -25,7 +25,7 @@ const refuse = async (ctx: BrokerContext, actor: string, desktopId: string, acti
 };
 
 /** What an admin is told about a desktop whose host went silent. */
-export const lostMessage = (p: PlacementRow, name: string) => `the desktop was running on host ${p.hostId}, which stopped answering (${p.updatedAt}); what the guest wrote there is at risk: an administrator decides (\`carryon admin desktops failover ${name}\` starts it elsewhere from its last snapshot; \`carryon admin hosts release ${name}\` discards it)`;
+export const lostMessage = (p: PlacementRow, name: string) => `the desktop was running on host ${p.hostId}, which stopped answering (${p.updatedAt}); what the guest wrote there is at risk: an administrator decides (\`carryon admin hosts failover ${name}\` starts it elsewhere from its last snapshot; \`carryon admin hosts release ${name}\` discards it)`;
 
 /** Why no power operation may touch `desktop` now (checked out to a laptop), or null. */
 async function checkedOutRefusal(ctx: BrokerContext, desktop: DesktopRow): Promise<string | null> {
@@ -64,7 +64,10 @@ async function fits(ctx: BrokerContext, h: HostRow, desktop: DesktopRow): Promis
 /** A live host with room for the desktop: one that already holds its base first (fewer chunks to pull), then the most free RAM. */
 async function chooseHost(ctx: BrokerContext, desktop: DesktopRow): Promise<HostRow | null> {
   const candidates: { h: HostRow; hasBase: boolean; freeRamMiB: number }[] = [];
+  // A host that keeps an at-risk copy (fail-over) is not given the desktop again until an admin releases that copy.
+  const keeping = new Set((await ctx.hosts.kept({ desktopId: desktop.id })).map((k) => k.hostId));
   for (const h of await ctx.hosts.hosts()) {
+    if (keeping.has(h.id)) continue;
     const f = await fits(ctx, h, desktop);
     if (f.ok) candidates.push({ h, hasBase: (h.report.bases ?? []).includes(desktop.id), freeRamMiB: f.freeRamMiB });
   }
@@ -197,6 +200,13 @@ export async function hostHeartbeat(ctx: BrokerContext, host: HostRow, report: H
       }
     }
   }
+  for (const k of await ctx.hosts.kept({ hostId: host.id })) {
+    const r = said.get(k.desktopId);
+    if (r?.state !== 'running' || (await ctx.hosts.pending(host.id)).some((c) => c.desktopId === k.desktopId && c.type === 'off')) continue;
+    // Back after a fail-over: its guest must not run beside the new one; powered off, its chain (the at-risk writes) kept.
+    await ctx.hosts.queue({ hostId: host.id, desktopId: k.desktopId, type: 'off' });
+    await ctx.audit({ actor: 'system', desktopId: k.desktopId, action: 'power-off', outcome: 'ok', detail: `host ${host.id} is back and still ran this desktop, which failed over meanwhile: powered off there, its writes kept (at risk) until released` });
+  }
   return ctx.hosts.pending(host.id);
 }
 
@@ -205,7 +215,9 @@ export async function hostAck(ctx: BrokerContext, hostId: string, commandId: str
   const c = await ctx.hosts.command(commandId);
   if (!c || !(await ctx.hosts.ack(commandId, hostId, r.ok, r.message))) throw new HttpError(404, 'not-found', `no pending command ${commandId} for host ${hostId}`);
   const actor = `host:${hostId}`;
-  const p = await ctx.hosts.placement(c.desktopId);
+  // Only this host's placement follows its answers (after a fail-over the desktop is placed on another host).
+  const placed = await ctx.hosts.placement(c.desktopId);
+  const p = placed?.hostId === hostId ? placed : null;
   await ctx.audit({ actor, desktopId: c.desktopId, action: `host-${c.type}`, outcome: r.ok ? 'ok' : 'failed', detail: r.message ?? undefined });
   if (c.type === 'start') await endStart(ctx, c, p, r);
   else if (c.type === 'handover' && (!r.ok || p?.state === 'returning')) await handoverFailed(ctx, hostId, c.desktopId, r.ok ? 'the host ended the handover without sending the desktop back' : r.message, r.guest ?? 'stopped');
@@ -231,8 +243,15 @@ async function endStart(ctx: BrokerContext, c: HostCommandRow, p: PlacementRow |
  * An admin's decision for a desktop whose online changes are on a host (stopped there, or the host
  * lost): forget them. The placement ends and the host deletes the desktop's top layer when it hears.
  */
-export async function releaseDesktop(ctx: BrokerContext, actor: string, desktop: DesktopRow, reason?: string): Promise<{ released: string }> {
+export async function releaseDesktop(ctx: BrokerContext, actor: string, desktop: DesktopRow, reason?: string, hostId?: string): Promise<{ released: string }> {
   const p = await ctx.hosts.placement(desktop.id);
+  // The at-risk copy a lost host keeps after a fail-over: named by its host.
+  if (hostId && p?.hostId !== hostId) {
+    if (!(await ctx.hosts.unkeep(desktop.id, hostId))) throw await refuse(ctx, actor, desktop.id, 'host-release', 404, 'not-kept', `host ${hostId} keeps no copy of ${desktop.name}`);
+    await ctx.hosts.queue({ hostId, desktopId: desktop.id, type: 'discard' });
+    await ctx.audit({ actor, desktopId: desktop.id, action: 'host-release', outcome: 'ok', detail: `the at-risk copy on host ${hostId} discarded${reason ? `: ${reason}` : ''}` });
+    return { released: hostId };
+  }
   if (!p) throw await refuse(ctx, actor, desktop.id, 'host-release', 404, 'not-placed', `${desktop.name} is on no host`);
   if (ON_HOST.includes(p.state)) throw await refuse(ctx, actor, desktop.id, 'host-release', 409, 'running', `${desktop.name} is ${p.state} on host ${p.hostId}: stop it first`);
   if (!(await ctx.hosts.unplace(desktop.id, ['stopped', 'lost']))) throw await refuse(ctx, actor, desktop.id, 'host-release', 409, 'busy', `${desktop.name} changed state meanwhile; try again`);
@@ -240,6 +259,30 @@ export async function releaseDesktop(ctx: BrokerContext, actor: string, desktop:
   await ctx.meta.setPowerState(desktop.id, 'off');
   await ctx.audit({ actor, desktopId: desktop.id, action: 'host-release', outcome: 'ok', detail: `online changes on host ${p.hostId} (${p.state} since ${p.updatedAt}) discarded${reason ? `: ${reason}` : ''}` });
   return { released: p.hostId };
+}
+
+/**
+ * An admin's explicit decision for a desktop whose host is lost: start it on another host from its
+ * last snapshot. What the guest wrote on the lost host since that snapshot is said to be at risk;
+ * the lost host keeps it (its chain is not touched) until an admin releases it; if that host comes
+ * back, its guest is powered off there (host heartbeats), never run beside the new one.
+ */
+export async function failOver(ctx: BrokerContext, actor: string, desktop: DesktopRow, reason?: string): Promise<{ state: string; host: string; atRisk: string }> {
+  await sweepHosts(ctx);
+  const p = await ctx.hosts.placement(desktop.id);
+  if (!p || p.state !== 'lost') throw await refuse(ctx, actor, desktop.id, 'failover', 409, 'not-lost', `${desktop.name} is ${p ? `${p.state} on host ${p.hostId}` : 'on no host'}: only a desktop whose host is lost fails over`);
+  await ctx.hosts.keep({ desktopId: desktop.id, hostId: p.hostId, snapshotId: p.snapshotId, reason: reason ?? null });
+  if (!(await ctx.hosts.unplace(desktop.id, ['lost']))) throw await refuse(ctx, actor, desktop.id, 'failover', 409, 'busy', `${desktop.name} changed state meanwhile; try again`);
+  const atRisk = `what the guest wrote on host ${p.hostId} since snapshot ${desktop.currentSnapshot ?? '-'} (running there since ${p.since}) is at risk: that host keeps it until \`carryon admin hosts release ${desktop.name} --host ${p.hostId}\``;
+  await ctx.audit({ actor, desktopId: desktop.id, action: 'failover', outcome: 'ok', detail: `${atRisk}${reason ? `; reason: ${reason}` : ''}` });
+  try {
+    const on = await powerDesktop(ctx, actor, desktop, 'on');
+    return { ...on, atRisk };
+  } catch (err) {
+    // No host free: the desktop is off, the at-risk copy recorded; power on later starts it.
+    await ctx.meta.setPowerState(desktop.id, 'off');
+    throw err;
+  }
 }
 
 /** `carryon admin hosts list`: each host, its capacity and what is free, what runs there, its health. */
@@ -251,7 +294,10 @@ export async function hostsOverview(ctx: BrokerContext) {
     out.push({
       id: h.id, displayUrl: h.displayUrl, accel: h.accel, health: alive(h) ? 'ok' : h.health === 'ok' ? 'late' : h.health, lastSeen: h.lastSeen, registeredAt: h.registeredAt,
       capacity: { vcpus: h.vcpus, ramMiB: h.ramMiB, desktops: h.maxDesktops }, free: await freeCapacity(ctx, h),
-      desktops: placed.map((p) => ({ desktopId: p.desktopId, state: p.state, since: p.since, detail: p.detail, pid: h.report.desktops?.find((d) => d.desktopId === p.desktopId)?.pid ?? null })),
+      desktops: [
+        ...placed.map((p) => ({ desktopId: p.desktopId, state: p.state, since: p.since, detail: p.detail, pid: h.report.desktops?.find((d) => d.desktopId === p.desktopId)?.pid ?? null })),
+        ...(await ctx.hosts.kept({ hostId: h.id })).map((k) => ({ desktopId: k.desktopId, state: 'kept', since: k.since, detail: 'failed over elsewhere: the writes kept here are at risk until released', pid: null })),
+      ],
       freeDiskBytes: h.report.freeDiskBytes ?? null,
     });
   }

@@ -41,7 +41,17 @@ CREATE TABLE host_handovers (
 CREATE INDEX host_handovers_desktop ON host_handovers(desktop_id, created_at);
 `;
 
-export const HOST_MIGRATIONS: Migration[] = [{ version: 1, sql: V1 }, { version: 2, sql: V2 }, { version: 3, sql: V3 }];
+/**
+ * Fail-over (item 6): a lost host's copy of a desktop that an admin started elsewhere. The host
+ * keeps that chain (what the guest wrote there is at risk, never silently dropped) until an admin
+ * releases it; it is never chosen for that desktop meanwhile.
+ */
+const V4 = `
+CREATE TABLE host_kept (
+  desktop_id TEXT NOT NULL, host_id TEXT NOT NULL, snapshot_id TEXT, since TEXT NOT NULL, reason TEXT, PRIMARY KEY (desktop_id, host_id));
+`;
+
+export const HOST_MIGRATIONS: Migration[] = [{ version: 1, sql: V1 }, { version: 2, sql: V2 }, { version: 3, sql: V3 }, { version: 4, sql: V4 }];
 
 /**
  * `starting`: told to start; `running`: the host says QEMU runs; `stopping`; `stopped`: off, its chain kept on the host;
@@ -73,6 +83,7 @@ export interface PlacementRow {
   desktopId: string; hostId: string; state: PlacementState; snapshotId: string | null; vcpus: number; ramMiB: number; jobId: string | null;
   since: string; updatedAt: string; detail: string | null;
 }
+export interface KeptRow { desktopId: string; hostId: string; snapshotId: string | null; since: string; reason: string | null }
 export interface HostCommandRow { id: string; hostId: string; desktopId: string; type: HostCommandType; state: string; result: string | null; createdAt: string }
 
 type Raw = Record<string, unknown>;
@@ -220,6 +231,18 @@ export class HostStore {
     if (!cur || !from.includes(cur.step)) return false;
     return (await this.sql.run('UPDATE host_handovers SET step = ?, detail = ?, job_id = ?, updated_at = ? WHERE checkout_id = ? AND step = ?', [
       to, patch.detail === undefined ? cur.detail : patch.detail, patch.jobId === undefined ? cur.jobId : patch.jobId, now(), checkoutId, cur.step])) === 1;
+  }
+
+  async keep(k: { desktopId: string; hostId: string; snapshotId: string | null; reason: string | null }): Promise<void> {
+    await this.sql.run('INSERT INTO host_kept (desktop_id, host_id, snapshot_id, since, reason) VALUES (?, ?, ?, ?, ?) ON CONFLICT (desktop_id, host_id) DO NOTHING', [k.desktopId, k.hostId, k.snapshotId, now(), k.reason]);
+  }
+  /** The at-risk copies: of one desktop, or on one host. */
+  async kept(by: { desktopId?: string; hostId?: string }): Promise<KeptRow[]> {
+    const rows = by.desktopId ? await this.sql.all<Raw>('SELECT * FROM host_kept WHERE desktop_id = ? ORDER BY since', [by.desktopId]) : await this.sql.all<Raw>('SELECT * FROM host_kept WHERE host_id = ? ORDER BY since', [by.hostId ?? '']);
+    return rows.map((r) => ({ desktopId: String(r.desktop_id), hostId: String(r.host_id), snapshotId: str(r.snapshot_id), since: String(r.since), reason: str(r.reason) }));
+  }
+  async unkeep(desktopId: string, hostId: string): Promise<boolean> {
+    return (await this.sql.run('DELETE FROM host_kept WHERE desktop_id = ? AND host_id = ?', [desktopId, hostId])) === 1;
   }
 
   async addDisplayTicket(t: { hash: string; user: string; desktopId: string; expiresAt: string }): Promise<void> {

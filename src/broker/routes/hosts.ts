@@ -8,7 +8,7 @@ import { adminOf } from './admin-scope.js';
 import { displayRelay } from '../display/relay.js';
 import { beginHandover, commitHandover, handoverShutDown } from '../hosts/handover.js';
 import { Changes, withReceipts } from './user.js';
-import { hostAck, hostHeartbeat, hostJobOwner, hostsOverview, powerDesktop, prepareStart, releaseDesktop, sweepHosts } from '../hosts/power.js';
+import { failOver, hostAck, hostHeartbeat, hostJobOwner, hostsOverview, powerDesktop, prepareStart, releaseDesktop, sweepHosts } from '../hosts/power.js';
 
 const HostId = z.string().regex(/^[A-Za-z0-9._-]{1,64}$/, 'a host id is 1–64 letters, digits, dots, dashes or underscores');
 const Params = z.object({ id: HostId });
@@ -142,7 +142,14 @@ export function hostAdminRoutes(app: FastifyInstance, ctx: BrokerContext): void 
     const actor = adminOf(req);
     const d = await ctx.meta.getDesktop(parse(z.object({ id: z.string().min(1).max(200) }), req.params).id);
     if (!d) throw new HttpError(404, 'not-found', 'no such desktop');
+    const b = parse(z.object({ reason: z.string().max(500).optional(), host: HostId.optional() }).strict(), req.body ?? {});
+    return await releaseDesktop(ctx, actor, d, b.reason, b.host);
+  });
+  app.post('/v1/admin/desktops/:id/failover', async (req) => {
+    const actor = adminOf(req);
+    const d = await ctx.meta.getDesktop(parse(z.object({ id: z.string().min(1).max(200) }), req.params).id);
+    if (!d) throw new HttpError(404, 'not-found', 'no such desktop');
     const b = parse(z.object({ reason: z.string().max(500).optional() }).strict(), req.body ?? {});
-    return await releaseDesktop(ctx, actor, d, b.reason);
+    return await failOver(ctx, actor, d, b.reason);
   });
 }
