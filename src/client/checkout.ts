@@ -60,11 +60,11 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       const ask = () => broker.call('POST', `/v1/desktops/${entry.id}/checkout`, { deviceId: device.info.deviceId, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes } }, z.union([CheckoutResponse, HandoverWait]), {}, { repeatable: true });
       let answer = await ask();
       // A desktop running on a datacenter host: the host shuts it down and sends back what it wrote; then the check-out goes on from that.
-      if ('handover' in answer) {
+      for (let i = 0; 'handover' in answer; i++) {
+        if (i === 3) throw new CarryonError('handover', `the host has not handed ${entry.name} over yet: run the same command again`);
         await waitForHandover(env, broker, entry.name, answer.checkout.id);
         answer = await ask();
       }
-      if ('handover' in answer) throw new CarryonError('handover', `the host has not handed ${entry.name} over yet: run the same command again`);
       const res = answer;
       // The lease must verify against the broker key pinned now, inside the vault, before anything is kept.
       const lease = verifyLease(res.lease, brokerKey, { now: new Date(), deviceId: device.info.deviceId!, desktopId: entry.id });

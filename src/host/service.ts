@@ -179,7 +179,9 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
   const handOver = async (desktopId: string): Promise<{ message: string }> => {
     const enc = encodeURIComponent(desktopId);
     const b = await broker.call('POST', path(`/desktops/${enc}/handover`), {}, Handover, headers);
+    const t0 = Date.now();
     const down = local.get(desktopId)?.state === 'running' ? await stop(desktopId, 'shutdown') : { message: 'the guest was not running', forced: false };
+    log(`handover ${desktopId}: ${down.message} after ${((Date.now() - t0) / 1000).toFixed(2)} s`);
     await broker.call('POST', path(`/desktops/${enc}/handover/shutdown`), down, z.object({ ok: z.boolean() }), headers);
     const disks = [];
     for (const d of b.disks) {

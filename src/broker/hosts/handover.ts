@@ -121,11 +121,12 @@ export async function commitHandover(ctx: BrokerContext, hostId: string, desktop
   await ctx.audit({ actor, desktopId, action: 'snapshot', outcome: 'ok', detail: `checkpoint ${snapshotId} of check-out ${c.id}: ${changed} chunks the guest changed on host ${hostId}` });
   if (h.jobId) await ctx.scheduler.finish(h.jobId, 'done');
   await ctx.hosts.unplace(desktopId, ['returning']);
-  await ctx.hosts.handoverStep(c.id, ['sending'], 'done', { detail: `checkpoint ${snapshotId}` });
   const desktop = (await ctx.meta.getDesktop(desktopId))!;
   const job = await ctx.scheduler.enqueue({ kind: 'checkout', checkoutId: c.id, desktopId, manifests: disks.map((d) => d.digest), ...(await lineageKeysFor(ctx, desktop)) });
   if (!(await ctx.meta.transitionCheckout(c.id, ['transferring'], 'transferring', { jobId: job.id }))) await ctx.scheduler.finish(job.id, 'cancelled');
   else await ctx.audit({ actor: c.user, desktopId, action: 'transfer-start', outcome: 'ok', detail: `job ${job.id} ${job.state}` });
+  // Done only once the check-out has its job: the laptop that reads `done` and asks again gets the 201.
+  await ctx.hosts.handoverStep(c.id, ['sending'], 'done', { detail: `checkpoint ${snapshotId}` });
   return { snapshotId };
 }
 
