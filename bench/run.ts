@@ -9,6 +9,7 @@ import { importSection } from './import.js';
 import { liveSection } from './live.js';
 import { luksCostSection } from './luks-cost.js';
 import { memorySection } from './memory.js';
+import { onlineSection } from './online.js';
 import { runtimeDiskSection } from './runtime-disk.js';
 import { secondCheckoutSection } from './second-checkout.js';
 import { slowLinkSection } from './slow-link.js';
@@ -33,6 +34,7 @@ const sections: BenchSection[] = [
   liveSection(work, 4 * scale, 16 * scale, 0.04 * scale, 10),
   // 1% of the desktop written (41 × 64 KiB at 256 MiB), as the issue measured it.
   slowLinkSection(work, Math.max(64, 256 * scale), Math.max(64, 256 * scale) / 100, ['100mbit', '10mbit']),
+  onlineSection(work, 4 * scale, 0.04 * scale),
 ];
 
 /** How to read the tables: method and known limits (numbers stay in the tables above). */
