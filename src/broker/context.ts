@@ -1,13 +1,13 @@
 import type { DatacenterHypervisor } from '../hypervisor/datacenter/hypervisor.js';
 import type { ChunkStore } from '../store/chunk-store.js';
-import type { MetadataStore } from '../store/metadata.js';
-import type { LdapConfig } from './directory.js';
+import type { MetadataStore } from './db/metadata.js';
+import type { LdapConfig } from './auth/directory.js';
+import type { GatewaySettings } from './gateway/routes.js';
 import type { HostStore } from './hosts/store.js';
-import type { ImportJobs } from './imports.js';
 import type { BrokerSecrets } from './secrets.js';
 import type { JobProgress } from './transfers/progress.js';
 import type { Scheduler } from './transfers/scheduler.js';
-import type { LoginThrottle } from './throttle.js';
+import type { LoginThrottle } from './auth/throttle.js';
 
 export interface BrokerSettings {
   /** Session token lifetime. */
@@ -28,6 +28,8 @@ export interface BrokerSettings {
   transferSecret: string;
   /** Shared secret desktop hosts present (`host.secret` in the data dir). */
   hostSecret: string;
+  /** The public gateway laptops are given (`--gateway`, `--gateway-domain`); absent: servers' own URLs. */
+  gateway?: GatewaySettings;
 }
 
 export interface AuditEntry {
@@ -40,6 +42,8 @@ export interface AuditEntry {
 
 export interface BrokerContext {
   settings: BrokerSettings;
+  /** This broker's own address (set once it listens) and certificate fingerprint: what the gateway forwards to, what laptops pin. */
+  self: { url: string; fingerprint: string };
   meta: MetadataStore;
   store: ChunkStore;
   secrets: BrokerSecrets;
@@ -47,8 +51,6 @@ export interface BrokerContext {
   hypervisor: DatacenterHypervisor;
   /** Desktop hosts, where each desktop runs online, and their commands. */
   hosts: HostStore;
-  /** Desktop imports running in the background. */
-  imports: ImportJobs;
   /** Live per-job transfer progress reported by transfer servers. */
   jobProgress: JobProgress;
   /** Failed-login backoff per user and per source address. */

@@ -6,38 +6,38 @@ import { NoHypervisor, QmpHypervisor, type DatacenterHypervisor } from '../hyper
 import { loadOrCreateTls } from '../net/tls-cert.js';
 import { openChunkStore } from '../store/open-store.js';
 import { defaultS3IndexPath } from '../store/s3-chunk-store.js';
-import { auditChainKey } from '../store/audit-chain.js';
-import { openMetadata } from '../store/metadata/open.js';
-import { checkLdapConfig } from './directory.js';
-import { DatabaseFailureLog, DEFAULT_THROTTLE, LoginThrottle, type ThrottleSettings } from './throttle.js';
-import { transferServerSync } from './trust.js';
+import { auditChainKey } from './db/audit-chain.js';
+import { openMetadata } from './db/open.js';
+import { checkLdapConfig } from './auth/directory.js';
+import { DatabaseFailureLog, DEFAULT_THROTTLE, LoginThrottle, type ThrottleSettings } from './auth/throttle.js';
+import { transferServerSync } from './auth/trust.js';
 import { startTransferServer, type TransferServer } from '../transfer/server.js';
 import type { BrokerContext, BrokerSettings } from './context.js';
 import { installHttpBasics } from './http.js';
-import { ImportJobs } from './imports.js';
+import { ImportJobs } from './desktops/imports.js';
 import { consoleRoutes } from './routes/console.js';
 import { JobProgress } from './transfers/progress.js';
-import { readToken } from './tokens.js';
-import { hashPassword } from './passwords.js';
-import { adminRoutes } from './routes/admin.js';
-import { adminTrustRoutes } from './routes/admin-trust.js';
+import { readToken } from './auth/tokens.js';
+import { hashPassword } from './auth/passwords.js';
+import { adminRoutes } from './routes/admin/admin.js';
+import { adminTrustRoutes } from './routes/admin/admin-trust.js';
 import { jobRoutes } from './routes/jobs.js';
 import { agentRoutes } from './routes/agent.js';
-import { maintenanceRoutes } from './routes/maintenance.js';
+import { maintenanceRoutes } from './routes/admin/maintenance.js';
 import { transferAdminRoutes, transferRoutes } from './routes/transfers.js';
-import { adminScope, guardAdminRoutes } from './routes/admin-scope.js';
+import { adminScope, guardAdminRoutes } from './routes/admin/admin-scope.js';
 import { auditRoutes } from './routes/audit.js';
-import { directoryExtraRoutes } from './routes/directory-extra.js';
+import { directoryExtraRoutes } from './routes/admin/directory-extra.js';
 import { restoreRoutes } from './routes/restore.js';
 import { uploadRoutes } from './routes/uploads.js';
-import { exportRoutes } from './routes/export.js';
+import { exportRoutes } from './routes/admin/export.js';
 import { userRoutes } from './routes/user.js';
 import { loadOrCreateSecrets } from './secrets.js';
 import { Scheduler } from './transfers/scheduler.js';
 import { pushRevocations } from './transfers/revoke-push.js';
 import { SchedulerStore } from './transfers/scheduler-store.js';
 import { HostStore } from './hosts/store.js';
-import { hostAdminRoutes, hostRoutes } from './routes/hosts.js';
+import { desktopPowerRoutes, hostAdminRoutes, hostRoutes } from './routes/hosts.js';
 import { displayAdminRoutes, displayRoutes } from './routes/display.js';
 import { displayRelay } from './display/relay.js';
 import websocket from '@fastify/websocket';
@@ -46,6 +46,7 @@ import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import { readFile, realpath, writeFile } from 'node:fs/promises';
 import { CarryonError } from '../core/errors.js';
+import { parseGateway } from './gateway/routes.js';
 
 export interface BrokerConfig {
   dataDir: string;
@@ -65,6 +66,8 @@ export interface BrokerConfig {
   keyFile?: string;
   /** Slots of the in-process transfer server; 0 = none (standalone transfer servers only). */
   embeddedTransferSlots?: number;
+  /** Its port (default: any free one); behind a gateway a fixed one keeps the gateway's config current across restarts. */
+  embeddedTransferPort?: number;
   /**
    * Its id in the scheduler: `embedded`, or on PostgreSQL `embedded@<host>:<port>` (brokers
    * sharing a database register theirs side by side).
@@ -79,6 +82,11 @@ export interface BrokerConfig {
   /** Directories images may be imported from (see BrokerSettings.importDirs). */
   importDirs?: string[];
   throttle?: Partial<ThrottleSettings>;
+  /**
+   * The public gateway laptops dial (`host:port`) and the domain of the SNI names behind it; set,
+   * laptops are handed gateway routes instead of the servers' own URLs. Validated at start.
+   */
+  gateway?: { address: string; domain?: string; brokerBackend?: string };
   log?: boolean;
 }
 
@@ -134,13 +142,14 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     importDirs: await resolveImportDirs(config.importDirs ?? config.settings?.importDirs ?? []),
     transferSecret: await dataDirSecret(config.dataDir, 'transfer.secret', config.settings?.transferSecret),
     hostSecret: await dataDirSecret(config.dataDir, 'host.secret', config.settings?.hostSecret),
+    ...(config.gateway ? { gateway: parseGateway(config.gateway.address, config.gateway.domain, config.gateway.brokerBackend) } : {}),
   };
   const hypervisor: DatacenterHypervisor = config.hypervisor?.kind === 'qmp' ? new QmpHypervisor(config.hypervisor.socketDir) : new NoHypervisor();
   let transfer: TransferServer | null = null;
   // Transfer servers learn revocations the moment a job ends: the embedded one in process,
   // standalone ones by a signed push (else at their next heartbeat).
   const scheduler: Scheduler = new Scheduler(await SchedulerStore.open(sql), {
-    signingKey: secrets.signing.privateKey, ticketTtlSec: config.ticketTtlSec, pauseGraceSec: config.pauseGraceSec,
+    signingKey: secrets.signing.privateKey, ticketTtlSec: config.ticketTtlSec, pauseGraceSec: config.pauseGraceSec, gateway: () => settings.gateway,
     onJobsEnded: async () => {
       const ids = await scheduler.revokedJobIds();
       transfer?.setRevoked(ids);
@@ -148,8 +157,10 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
       if (others.length) await pushRevocations(others, ids, secrets.signing.privateKey);
     },
   });
+  /** Desktop imports running in the background (admin and upload routes start them). */
+  const imports = new ImportJobs();
   const ctx: BrokerContext = {
-    settings, meta, store, secrets, scheduler, hypervisor, hosts: await HostStore.open(sql), imports: new ImportJobs(), jobProgress: new JobProgress(),
+    settings, self: { url: '', fingerprint: tls.fingerprint }, meta, store, secrets, scheduler, hypervisor, hosts: await HostStore.open(sql), jobProgress: new JobProgress(),
     throttle: new LoginThrottle(new DatabaseFailureLog(meta), { ...DEFAULT_THROTTLE, ...config.throttle }),
     audit: async (e) => void (await meta.addEvent({ actor: e.actor, desktopId: e.desktopId ?? null, action: e.action, outcome: e.outcome, detail: e.detail ?? null })),
     keysFor: (wrapped, context) => encodeLineageKeys(unwrapLineageKeys(secrets.masterKey, wrapped, context)),
@@ -171,31 +182,41 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   guardAdminRoutes(app);
   // The display relay's WebSockets (small frames: VNC; a browser's messages are bounded too).
   await app.register(websocket, { options: { maxPayload: 4 * 1024 * 1024, perMessageDeflate: false } });
-  userRoutes(app, ctx);
-  restoreRoutes(app, ctx);
-  agentRoutes(app, ctx);
-  jobRoutes(app, ctx);
-  transferRoutes(app, ctx);
-  hostRoutes(app, ctx);
-  displayRoutes(app, ctx);
+  // One plugin per resource, each encapsulated: a hook or parser one adds reaches no other.
+  await app.register(userRoutes, { ctx });
+  await app.register(restoreRoutes, { ctx });
+  await app.register(agentRoutes, { ctx });
+  await app.register(jobRoutes, { ctx });
+  await app.register(transferRoutes, { ctx });
+  await app.register(hostRoutes, { ctx });
+  await app.register(desktopPowerRoutes, { ctx });
+  await app.register(displayRoutes, { ctx });
   // Every /v1/admin route, behind one admin check (a /v1/admin route outside it fails the start).
-  adminScope(app, ctx, [
-    (a) => adminRoutes(a, ctx),
-    (a) => adminTrustRoutes(a, ctx),
-    (a) => directoryExtraRoutes(a, ctx),
-    (a) => auditRoutes(a, ctx),
-    (a) => uploadRoutes(a, ctx, join(config.dataDir, 'uploads')),
-    (a) => maintenanceRoutes(a, ctx),
-    (a) => transferAdminRoutes(a, ctx),
-    (a) => exportRoutes(a, ctx),
-    (a) => hostAdminRoutes(a, ctx),
-    (a) => displayAdminRoutes(a, ctx),
-  ]);
-  consoleRoutes(app);
+  await app.register(adminScope, {
+    ctx,
+    resources: async (admin) => {
+      await admin.register(adminRoutes, { ctx, imports });
+      await admin.register(adminTrustRoutes, { ctx });
+      await admin.register(directoryExtraRoutes, { ctx });
+      await admin.register(auditRoutes, { ctx });
+      await admin.register(uploadRoutes, { ctx, dir: join(config.dataDir, 'uploads'), imports });
+      await admin.register(maintenanceRoutes, { ctx });
+      await admin.register(transferAdminRoutes, { ctx });
+      await admin.register(exportRoutes, { ctx });
+      await admin.register(hostAdminRoutes, { ctx });
+      await admin.register(displayAdminRoutes, { ctx });
+    },
+  });
+  // The console's pages only: its API is the resources' above.
+  await app.register(consoleRoutes, {});
   const host = config.host ?? '127.0.0.1';
+  if (settings.gateway && !settings.gateway.brokerBackend && (host === '0.0.0.0' || host === '::')) {
+    throw new CarryonError('bad-config', `the broker listens on every address (${host}): add --gateway-backend HOST:PORT, the address the gateway reaches it at`);
+  }
   await app.listen({ host, port: config.port ?? 0 });
   const addr = app.server.address();
-  const url = `https://${host}:${typeof addr === 'object' && addr ? addr.port : config.port}`;
+  const url = `https://${host.includes(':') ? `[${host}]` : host}:${typeof addr === 'object' && addr ? addr.port : config.port}`;
+  ctx.self.url = url;
 
   // Hosts silent for three heartbeats are marked (and their desktops) even when nobody looks; CAS in the database, so brokers sharing it audit each once.
   let sweeping: Promise<void> | null = null;
@@ -208,7 +229,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   const slots = config.embeddedTransferSlots ?? 4;
   if (slots > 0) {
     const id = config.embeddedTransferId ?? (config.database ? `embedded@${hostname()}:${new URL(url).port}` : 'embedded');
-    transfer = await startTransferServer({ id, host, slots, store, masterKey: secrets.masterKey, brokerPublicKey: secrets.signing.publicKey, tlsDir: join(config.dataDir, 'transfer-tls') });
+    transfer = await startTransferServer({ id, host, port: config.embeddedTransferPort, slots, store, masterKey: secrets.masterKey, brokerPublicKey: secrets.signing.publicKey, tlsDir: join(config.dataDir, 'transfer-tls') });
     const t = transfer;
     await scheduler.registerServer({ id: t.id, url: t.url, fingerprint: t.fingerprint, slots });
     let ticks = 0;

@@ -1,13 +1,13 @@
 import { join } from 'node:path';
 import type { ChunkId } from '../core/chunk-id.js';
 import type { LineageKeys } from '../core/keys.js';
-import type { Manifest } from '../core/manifest.js';
+import type { Manifest } from '../core/chunks/manifest.js';
 import { topExtents, type Chain } from '../disk/chain.js';
 import { addChain, StorageDaemon } from '../disk/storage-daemon.js';
 import { NbdClient } from '../nbd/client.js';
-import { pushPages } from '../transfer/push-pages.js';
-import type { TransferEndpoint } from '../transfer/client.js';
-import { namedOutcome, pagesSource, touchedChunks, type DiskChanges, type DiskReader, type ReadDisk } from '../client/changes.js';
+import { pushPages } from '../transfer-client/push-pages.js';
+import type { TransferEndpoint } from '../transfer-client/client.js';
+import { namedOutcome, pagesSource, touchedChunks, type DiskChanges, type DiskReader, type ReadDisk } from '../live/disks/changes.js';
 
 export interface SendBackDisk {
   name: string;

@@ -1,5 +1,6 @@
-import type { CheckoutRow, DesktopRow } from '../../store/metadata.js';
-import { auditTicket, checkedChanges, checkoutView, deny, lineageKeysFor, type DiskChanges } from '../checkouts.js';
+import type { CheckoutRow, DesktopRow } from '../db/metadata.js';
+import { auditTicket, checkedChanges, checkoutView, deny, type DiskChanges } from '../checkouts.js';
+import { lineageKeysFor } from '../desktops/desktops.js';
 import type { BrokerContext } from '../context.js';
 import { HttpError } from '../http.js';
 import { alive, hostJobOwner, lostMessage } from './power.js';
@@ -80,7 +81,7 @@ export async function beginHandover(ctx: BrokerContext, hostId: string, desktopI
   const desktop = (await ctx.meta.getDesktop(desktopId))!;
   const base = (await ctx.meta.getSnapshot(h.baseSnapshot))!;
   const digests = base.disks.map((d) => d.digest);
-  const job = await ctx.scheduler.enqueue({ kind: 'checkin', checkoutId: hostJobOwner(hostId, desktopId), desktopId, manifests: digests, baseManifests: digests, ...(await lineageKeysFor(ctx, desktop)) });
+  const job = await ctx.scheduler.enqueue({ kind: 'checkin', checkoutId: hostJobOwner(hostId, desktopId), desktopId, manifests: digests, baseManifests: digests, ...(await lineageKeysFor(ctx, desktop)) }, 'internal');
   if (!(await ctx.hosts.handoverStep(h.checkoutId, ['asked'], 'shutting-down', { jobId: job.id }))) {
     await ctx.scheduler.finish(job.id, 'cancelled');
     throw new HttpError(409, 'no-handover', 'the handover moved meanwhile');
