@@ -10,6 +10,7 @@ import { importSection } from './import.js';
 import { liveSection } from './live.js';
 import { luksCostSection } from './luks-cost.js';
 import { memorySection } from './memory.js';
+import { onlineSection } from './online.js';
 import { runtimeDiskSection } from './runtime-disk.js';
 import { secondCheckoutSection } from './second-checkout.js';
 import { rateLimitSection, slowLinkSection } from './slow-link.js';
@@ -36,6 +37,7 @@ const sections: BenchSection[] = [
   slowLinkSection(work, Math.max(64, 256 * scale), Math.max(64, 256 * scale) / 100, ['100mbit', '10mbit']),
   rateLimitSection(work, 16, '1M'), // 16 s per transfer at the cap, whatever the scale: the windows are 10 s
   gatewaySection(work, 4 * scale),
+  onlineSection(work, 4 * scale, 0.04 * scale),
 ];
 
 /** How to read the tables: method and known limits (numbers stay in the tables above). */

@@ -5,7 +5,8 @@ import { policyHash } from '../core/policy.js';
 import type { CheckoutRow, DesktopConfig, DesktopRow, SnapshotDisk, SnapshotRow } from './db/metadata.js';
 import type { BrokerContext } from './context.js';
 import { damagedSnapshotRefusal } from './desktops/damage.js';
-import { onlineRefusal } from './hosts/power.js';
+import { askHandover, waitAnswer } from './hosts/handover.js';
+import { startAfterCheckin } from './hosts/power.js';
 import { HttpError } from './http.js';
 import { lineageKeysFor } from './desktops/desktops.js';
 import { describePolicySource, effectivePolicy } from './policies.js';
@@ -29,7 +30,11 @@ export async function allowedActions(ctx: BrokerContext, user: string, desktop: 
     const online = policy.onlineAllowed.value;
     const placed = await ctx.hosts.placement(desktop.id);
     // Its screen (the console's Open, `carryon open`) for every entitled user while it runs.
-    if (placed) return placed.state === 'running' ? [...(online ? (['stop'] as const) : []), 'open'] : online && placed.state === 'stopped' ? ['start'] : [];
+    if (placed) {
+      // A check-out too: the host hands the desktop over first (hosts/handover.ts).
+      const co = policy.checkoutAllowed.value && (placed.state === 'running' || placed.state === 'stopped') ? (['checkout'] as const) : [];
+      return placed.state === 'running' ? [...co, ...(online ? (['stop'] as const) : []), 'open'] : [...co, ...(online && placed.state === 'stopped' ? (['start'] as const) : [])];
+    }
     return [...(policy.checkoutAllowed.value && desktop.currentSnapshot ? (['checkout'] as const) : []), ...(online && desktop.currentSnapshot ? (['start'] as const) : [])];
   }
   if (active.user !== user) return [];
@@ -120,6 +125,8 @@ export async function checkOut(ctx: BrokerContext, user: string, desktopRef: str
   const policy = await effectivePolicy(ctx.meta, user, desktop);
   // The same device coming back to a check-out it began (it died before saving its state): resume it.
   const held = await ctx.meta.activeCheckout(desktop.id);
+  // …or to one that waits for a host to hand the desktop over: where that stands (202).
+  if (held && held.user === user && held.deviceId === device.id && held.state === 'transferring' && !held.jobId && (await ctx.hosts.handover(held.id))) return await waitAnswer(ctx, held.id);
   if (held && held.user === user && held.deviceId === device.id && held.state === 'transferring' && held.jobId) {
     await refuseDamaged(ctx, user, desktop, (await ctx.meta.getSnapshot(held.checkpointSnapshot))!);
     return await resumeCheckOut(ctx, held, desktop, req.host, policy);
@@ -145,11 +152,9 @@ export async function checkOut(ctx: BrokerContext, user: string, desktopRef: str
   if (!checkoutId) throw await deny(ctx, user, desktop.id, 'checkout', 409, 'already-checked-out', `${desktop.name} is already checked out`);
   await ctx.audit({ actor: user, desktopId: desktop.id, action: 'lock', outcome: 'ok', detail: `checkout ${checkoutId}` });
   // Checked after the lock (a power-on checks the lock after placing): one of two racing requests sees the other.
-  const online = await onlineRefusal(ctx, desktop);
-  if (online) {
-    await ctx.meta.transitionCheckout(checkoutId, ['transferring'], 'cancelled');
-    throw await deny(ctx, user, desktop.id, 'checkout', 409, online.code, online.message);
-  }
+  // A desktop on a host: the host hands it over first (hosts/handover.ts); the laptop waits (202) for the checkpoint.
+  const placed = await ctx.hosts.placement(desktop.id);
+  if (placed) return await askHandover(ctx, user, desktop, checkoutId, placed);
   try {
     if (await ctx.hypervisor.isRunning(desktop.id)) {
       await ctx.hypervisor.powerOff(desktop.id);
@@ -329,7 +334,10 @@ export async function commitUpload(ctx: BrokerContext, user: string, checkoutId:
   await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'snapshot', outcome: 'ok', detail: `${kind} ${snapshotId}` });
   if (c.jobId) await ctx.scheduler.finish(c.jobId, 'done');
   await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'transfer-end', outcome: 'ok', detail: kind });
-  if (kind === 'checkin') await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'checked in' });
+  if (kind === 'checkin') {
+    await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'checked in' });
+    await startAfterCheckin(ctx, user, c.desktopId);
+  }
   return { snapshotId, checkout: checkoutView((await ctx.meta.getCheckout(c.id))!) };
 }
 

@@ -23,6 +23,8 @@ export const PolicyValues = z.object({
   maxTransferRateKBps: z.number().int().min(0).max(100 * 1024 * 1024),
   /** Users may start and stop the desktop on a datacenter host (`carryon start` / `stop`); admins always may. */
   onlineAllowed: z.boolean(),
+  /** After a laptop's check-in the broker starts the desktop on a host by itself (the host pulls only the changed chunks). */
+  startOnlineAfterCheckin: z.boolean(),
   /**
    * After check-in, rollback or cancel the laptop keeps the desktop's disk as a parked copy
    * (encrypted, opened only by the next check-out), so that check-out moves only what changed
@@ -52,6 +54,7 @@ export const POLICY_DEFAULTS: PolicyValues = {
   restoreAllowed: false,
   maxTransferRateKBps: 0,
   onlineAllowed: false,
+  startOnlineAfterCheckin: false,
   keepLocalCopy: true,
   keepLocalCopyMaxGiB: 0,
   keepLocalCopyDays: 0,

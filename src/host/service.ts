@@ -1,4 +1,4 @@
-import { mkdir, readdir } from 'node:fs/promises';
+import { mkdir, readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { request } from 'undici';
 import { z } from 'zod';
@@ -11,6 +11,7 @@ import type { RunningDesktop } from '../hypervisor/launch.js';
 import { pinnedAgent } from '../net/pinned-agent.js';
 import { TransferSession } from '../transfer-client/client.js';
 import { dialDisplay } from './display.js';
+import { sendBack } from './send-back.js';
 import { discardTops, fillBases, hasCompleteBase, hasTop, readyBase, readyTops, type HostDisk } from './disks.js';
 import { forceOff, startGuest, vncSocketPath } from './guest.js';
 import { hostChain, hostDiskDir, hostSocketDir, loadOrCreateHostKey } from './keys.js';
@@ -33,8 +34,9 @@ export interface HostOptions {
   log?: (line: string) => void;
 }
 
-const Command = z.object({ id: z.string(), type: z.enum(['start', 'off', 'shutdown', 'reset', 'discard', 'display']), desktopId: z.string(), token: z.string().optional() });
+const Command = z.object({ id: z.string(), type: z.enum(['start', 'off', 'shutdown', 'reset', 'discard', 'display', 'handover']), desktopId: z.string(), token: z.string().optional() });
 type Command = z.infer<typeof Command>;
+const Handover = z.object({ job: JobView, keys: z.string(), disks: z.array(z.object({ name: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/), digest: z.string() })).min(1).max(16) });
 const Prepared = z.object({
   desktop: z.object({ id: z.string(), name: z.string(), config: z.object({ vcpus: z.number().int().min(1), ramMiB: z.number().int().min(64), nic: z.enum(['user', 'none']) }) }),
   snapshotId: z.string(),
@@ -98,6 +100,22 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
     };
   };
 
+  /** A job's ticket, renewed for this host (its own jobs only). */
+  const renewer = (jobId: string) => async () => {
+    const j = await broker.call('GET', path(`/jobs/${encodeURIComponent(jobId)}`), undefined, JobView, headers);
+    if (!j.transfer) throw new CarryonError(j.state === 'queued' ? 'queued' : 'job-ended', `job ${jobId} is ${j.state}${j.queuePosition ? ` (queue position ${j.queuePosition})` : ''}`);
+    return j.transfer;
+  };
+  /** Queued behind other transfers: wait for a slot (bounded), as a laptop's check-out does. */
+  const endpointOf = async (job: JobView) => {
+    let endpoint = job.transfer;
+    for (let i = 0; !endpoint; i++) {
+      await new Promise((r) => setTimeout(r, 1000));
+      endpoint = await renewer(job.id)().catch((err: CarryonError) => (err.code === 'queued' && i < 300 ? undefined : Promise.reject(err)));
+    }
+    return endpoint;
+  };
+
   const start = async (desktopId: string): Promise<{ message: string }> => {
     const cur = local.get(desktopId);
     if (cur?.state === 'running') return { message: 'already running' };
@@ -112,18 +130,8 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
     for (const d of disks) if (await readyBase(d, templates)) needs.push(d);
     let moved = { bytesMoved: 0, chunksMoved: 0 };
     if (needs.length) {
-      const renew = async () => {
-        const j = await broker.call('GET', path(`/jobs/${encodeURIComponent(p.job.id)}`), undefined, JobView, headers);
-        if (!j.transfer) throw new CarryonError(j.state === 'queued' ? 'queued' : 'job-ended', `job ${p.job.id} is ${j.state}${j.queuePosition ? ` (queue position ${j.queuePosition})` : ''}`);
-        return j.transfer;
-      };
-      // Queued behind other transfers: wait for a slot (bounded), as a laptop's check-out does.
-      let endpoint = p.job.transfer;
-      for (let i = 0; !endpoint; i++) {
-        await new Promise((r) => setTimeout(r, 1000));
-        endpoint = await renew().catch((err: CarryonError) => (err.code === 'queued' && i < 300 ? undefined : Promise.reject(err)));
-      }
-      const session = new TransferSession(endpoint, renew);
+      const endpoint = await endpointOf(p.job);
+      const session = new TransferSession(endpoint, renewer(p.job.id));
       try {
         moved = await fillBases(needs, session, decodeLineageKeys(p.keys));
       } finally {
@@ -142,9 +150,9 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
     return { message: `running (pid ${vm.pid}, ${o.accel}); ${moved.chunksMoved} chunks / ${moved.bytesMoved} bytes pulled for snapshot ${p.snapshotId}` };
   };
 
-  const stop = async (desktopId: string, how: 'off' | 'shutdown'): Promise<{ message: string }> => {
+  const stop = async (desktopId: string, how: 'off' | 'shutdown'): Promise<{ message: string; forced: boolean }> => {
     const cur = local.get(desktopId);
-    if (!cur?.vm || cur.state !== 'running') return { message: 'not running here' };
+    if (!cur?.vm || cur.state !== 'running') return { message: 'not running here', forced: false };
     const vm = cur.vm;
     local.set(desktopId, { state: 'stopping', vm });
     let forced = how === 'off';
@@ -159,10 +167,41 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
       code = r ?? (await forceOff(vm));
     }
     local.set(desktopId, { state: 'stopped', detail: `${forced ? 'powered off' : 'shut down'} (QEMU exit ${code})` });
-    return { message: how === 'off' ? `powered off (QEMU exit ${code})` : forced ? `the guest did not shut down within ${o.shutdownGraceSec ?? 60} s: powered off (QEMU exit ${code})` : `shut down (QEMU exit ${code})` };
+    return { forced, message: how === 'off' ? `powered off (QEMU exit ${code})` : forced ? `the guest did not shut down within ${o.shutdownGraceSec ?? 60} s: powered off (QEMU exit ${code})` : `shut down (QEMU exit ${code})` };
   };
 
-  const carryOut = async (c: Command): Promise<{ ok: boolean; message: string; kept?: boolean }> => {
+  /**
+   * A check-out of this desktop (broker hosts/handover.ts): ask first (a check-out cancelled
+   * meanwhile leaves the guest running), shut the guest down (ACPI, forced after the grace), send
+   * back the pages it wrote, and once the broker committed them drop the top (the base stays: the
+   * next start pulls only what changed). Any failure keeps the top here.
+   */
+  const handOver = async (desktopId: string): Promise<{ message: string }> => {
+    const enc = encodeURIComponent(desktopId);
+    const b = await broker.call('POST', path(`/desktops/${enc}/handover`), {}, Handover, headers);
+    const t0 = Date.now();
+    const down = local.get(desktopId)?.state === 'running' ? await stop(desktopId, 'shutdown') : { message: 'the guest was not running', forced: false };
+    log(`handover ${desktopId}: ${down.message} after ${((Date.now() - t0) / 1000).toFixed(2)} s`);
+    await broker.call('POST', path(`/desktops/${enc}/handover/shutdown`), down, z.object({ ok: z.boolean() }), headers);
+    const disks = [];
+    for (const d of b.disks) {
+      const dir = hostDiskDir(o.dataDir, desktopId, d.name);
+      const base = decodeManifest(await readFile(join(dir, 'base.manifest')));
+      // The broker's base and ours must be the same snapshot: pages are sent against it.
+      if (manifestDigest(base) !== d.digest) throw new CarryonError('host-chain-diverged', `disk ${d.name} here holds another snapshot than the one the broker names`);
+      disks.push({ name: d.name, chain: hostChain(hostKey, o.dataDir, desktopId, d.name), base });
+    }
+    const endpoint = await endpointOf(b.job);
+    const sent = await sendBack({
+      disks, socketDir: await hostSocketDir(o.dataDir, desktopId), endpoint, renew: renewer(b.job.id), keys: decodeLineageKeys(b.keys),
+      commit: (changes) => broker.call('POST', path(`/desktops/${enc}/handover/commit`), { disks: changes }, z.object({ snapshotId: z.string() }), headers),
+    });
+    await discardTops(disks);
+    local.delete(desktopId);
+    return { message: `${down.message}; ${sent.changedChunks} chunks changed, ${sent.chunksMoved} sent (${sent.bytesMoved} bytes)` };
+  };
+
+  const carryOut = async (c: Command): Promise<{ ok: boolean; message: string; kept?: boolean; guest?: 'running' | 'stopped' }> => {
     try {
       switch (c.type) {
         case 'start':
@@ -170,6 +209,8 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
         case 'off':
         case 'shutdown':
           return { ok: true, ...(await stop(c.desktopId, c.type)) };
+        case 'handover':
+          return { ok: true, ...(await handOver(c.desktopId)) };
         case 'reset': {
           const cur = local.get(c.desktopId);
           if (!cur?.vm || cur.state !== 'running') return { ok: false, message: 'not running here' };
@@ -201,6 +242,8 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
         if (l?.state === 'starting') local.delete(c.desktopId);
         return { ok: false, message: (err as Error).message, kept: hasTop(await chainsOf(c.desktopId)) };
       }
+      // A handover that did not end: the guest stays as it is now, and so does its top.
+      if (c.type === 'handover') return { ok: false, message: (err as Error).message, guest: local.get(c.desktopId)?.state === 'running' ? 'running' : 'stopped' };
       return { ok: false, message: (err as Error).message };
     }
   };
@@ -219,7 +262,7 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
       // Told until the broker has heard it (a broker restart, a lost answer): the command stays pending there till then.
       for (let i = 0; ; i++) {
         try {
-          await broker.call('POST', path(`/commands/${encodeURIComponent(c.id)}`), { ok: r.ok, message: r.message.slice(0, 2000), ...(r.kept === undefined ? {} : { kept: r.kept }) }, z.object({ ok: z.boolean() }), headers);
+          await broker.call('POST', path(`/commands/${encodeURIComponent(c.id)}`), { ok: r.ok, message: r.message.slice(0, 2000), ...(r.kept === undefined ? {} : { kept: r.kept }), ...(r.guest ? { guest: r.guest } : {}) }, z.object({ ok: z.boolean() }), headers);
           unacked.delete(c.id);
           return;
         } catch (err) {

@@ -247,6 +247,7 @@ for (const kind of ['pack', 's3'] as const) {
 
       // 3. A check-out in flight: its checkpoint is pinned and every chunk stays readable.
       const co = await checkOut(ctx, 'alice', 'race', { deviceId, host: HOST });
+      assert.ok('disks' in co, 'not a desktop on a host');
       await collectGarbage(ctx.meta, ctx.store, { keepLast: 1, keepReplicaDays: 0, graceMs: 0, compactThreshold: 0.01 });
       for (const id of referencedChunks(decodeManifest(Buffer.from(co.disks[0]!.manifest, 'base64')))) assert.ok(await ctx.store.get(id), `chunk ${id} of the check-out in flight is readable`);
       await markTransferred(ctx, 'alice', co.checkout.id);

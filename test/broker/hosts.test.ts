@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { createConnection } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -15,7 +15,14 @@ import { hostChain } from '../../src/host/keys.js';
 import { startHost, type RunningHost } from '../../src/host/service.js';
 import { importImage } from '../../src/import/import.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
+import { checkout as laptopCheckout, enroll, upload, type ClientEnv } from '../../src/client/ops.js';
+import { addChain, StorageDaemon } from '../../src/disk/storage-daemon.js';
+import { NbdClient } from '../../src/nbd/client.js';
+import type { Chain } from '../../src/disk/chain.js';
+import { readDesktop, writeDesktop } from '../support/laptop.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api, type TestBroker } from './harness.js';
+
+process.env.CARRYON_SCRYPT_N = '1024';
 
 /**
  * Desktop hosts (issue 26 items 1–2): a host registers with host.secret, runs a desktop under QEMU
@@ -30,6 +37,8 @@ let alice: string;
 let aliceDevice: string;
 let secret: string;
 let host: RunningHost | null = null;
+/** h1's data directory (the host the power and handover tests share). */
+let h1Dir = '';
 let child: ChildProcess | null = null;
 const qemus: number[] = [];
 const dirs: string[] = [];
@@ -159,9 +168,10 @@ test('power refused while the desktop is checked out to a laptop (who, since whe
   assert.equal((await http.call('POST', `/v1/checkouts/${(co.body.checkout as { id: string }).id}/cancel`, {}, alice)).status, 200);
 });
 
-test('power on: the host pulls the chunks and starts QEMU on its chain; check-out refused while it runs and while its writes are kept; on again pulls nothing; release frees it', async () => {
+test('power on: the host pulls the chunks and starts QEMU on its chain; check-out offered while it runs and while its writes are kept; on again pulls nothing; release frees it', async () => {
   const dataDir = mkdtempSync(join(tmpdir(), 'carryon-host-'));
   dirs.push(dataDir);
+  h1Dir = dataDir;
   host = await startHost({ id: 'h1', brokerUrl: broker.url, brokerFingerprint: broker.fingerprint, secret, dataDir, vcpus: 2, ramMiB: 1024, maxDesktops: 2, accel: 'tcg', heartbeatSec: 1, shutdownGraceSec: 1, pausedGuests: true });
   // A user where policy allows: started on the only host.
   const on = await http.call('POST', '/v1/desktops/online1/start', {}, alice);
@@ -188,10 +198,7 @@ test('power on: the host pulls the chunks and starts QEMU on its chain; check-ou
   assert.equal((await broker.ctx.meta.getDesktop('online1'))!.powerState, 'on');
 
   const actions = async () => ((await http.call('GET', '/v1/desktops', undefined, alice)).body.desktops as { name: string; actions: string[] }[]).find((d) => d.name === 'online1')!.actions;
-  assert.deepEqual(await actions(), ['stop', 'open'], 'no check-out offered while it runs online; its screen is');
-  const running = await checkout('online1');
-  assert.deepEqual([running.status, running.body.error], [409, 'desktop-online']);
-  assert.equal(running.body.message, 'the desktop runs on host h1: stop it first (`carryon stop online1`)');
+  assert.deepEqual(await actions(), ['checkout', 'stop', 'open'], 'a check-out (the host hands it over) and its screen');
   assert.deepEqual([(await power('online1', 'on')).status, (await power('online1', 'on')).body.error], [409, 'already-running']);
 
   // Shut down: the paused guest does not answer ACPI, so after the grace it is powered off (and says so).
@@ -199,10 +206,7 @@ test('power on: the host pulls the chunks and starts QEMU on its chain; check-ou
   assert.deepEqual([stop.status, stop.body.state], [200, 'stopping']);
   await placedAs('online1', 'stopped');
   assert.match((await events('host-shutdown'))[0]!.detail ?? '', /did not shut down within 1 s: powered off/);
-  assert.deepEqual(await actions(), ['start']);
-  const kept = await checkout('online1');
-  assert.deepEqual([kept.status, kept.body.error], [409, 'desktop-online']);
-  assert.match(String(kept.body.message), /kept on that host; .*carryon admin hosts release online1/);
+  assert.deepEqual(await actions(), ['checkout', 'start']);
 
   // Again on the same host (it keeps the chain): no chunk travels.
   assert.equal((await power('online1', 'on')).status, 200);
@@ -257,7 +261,143 @@ test('power on: the host pulls the chunks and starts QEMU on its chain; check-ou
   assert.throws(() => process.kill(orphan, 0), { code: 'ESRCH' }, 'the guest no longer runs');
 });
 
-test('a host killed with -9: it is marked lost after three missed heartbeats, and the desktop it ran with it (audited); check-out stays refused', async () => {
+/** Writes into a chain the way its guest would (a storage daemon's writable export of the top), while no QEMU holds it. */
+async function writeChain(chain: Chain, writes: { offset: number; data: Buffer }[]): Promise<void> {
+  const dir = mkdtempSync(join(tmpdir(), 'carryon-w-'));
+  dirs.push(dir);
+  const qsd = await StorageDaemon.start(join(dir, 'run'));
+  try {
+    await addChain(qsd, { files: chain.files, secretId: 'sec-t', baseSecretId: 'sec-b', baseReadOnly: true, prefix: 'w' }, chain.secret, chain.baseSecret);
+    await qsd.exportNbd(join(dir, 'run', 'w.sock'), [{ node: 'w-top', name: 'disk0', writable: true }]);
+    const c = await NbdClient.connect(join(dir, 'run', 'w.sock'), 'disk0');
+    for (const w of writes) await c.write(w.offset, w.data);
+    await c.flush();
+    await c.close();
+  } finally {
+    await qsd.stop();
+  }
+}
+const logs: string[] = [];
+const laptopEnv = (home: string): ClientEnv => ({ home, user: 'alice', password: async () => 'alice-password', log: (l) => logs.push(l), pollMs: 50 });
+
+test('check-out of a desktop running on a host: the host shuts it down (forced after the grace, audited), sends back only what the guest wrote, and the laptop gets it byte for byte', async () => {
+  const d = (await broker.ctx.meta.getDesktop('online1'))!;
+  const chunk = 256 * 1024;
+  // The guest's writes: kept in the host's top between two runs (written while it was stopped), then it runs again.
+  assert.equal((await power('online1', 'on')).status, 200);
+  await placedAs('online1', 'running');
+  assert.equal((await power('online1', 'off')).status, 200);
+  await placedAs('online1', 'stopped');
+  const writes = [{ offset: 3 * chunk + 4096, data: randomBytes(8192) }, { offset: 10 * chunk, data: randomBytes(chunk) }];
+  await writeChain(hostChain(readFileSync(join(h1Dir, 'host.key')), h1Dir, d.id, 'disk0'), writes);
+  assert.equal((await power('online1', 'on')).status, 200);
+  await placedAs('online1', 'running');
+  qemus.push((await until('pid reported', async () => (await hostsList()).find((h) => h.id === 'h1' && h.desktops[0]?.pid && !qemus.includes(h.desktops[0].pid))))!.desktops[0]!.pid!);
+  const expected = readFileSync(join(broker.dir, 'online1-v2.raw'));
+  for (const w of writes) w.data.copy(expected, w.offset);
+
+  const home = join(broker.dir, 'laptop-online');
+  await enroll(laptopEnv(home), broker.url, { fingerprint: broker.fingerprint, name: 'laptop-online' });
+  const co = await laptopCheckout(laptopEnv(home), 'online1');
+  assert.ok(logs.some((l) => /^host h1 is sending back what online1 wrote \(the guest did not shut down within 1 s/.test(l)), logs.join('\n'));
+  assert.ok((await readDesktop(laptopEnv(home), 'online1')).equals(expected), "the laptop's disk is the host's, byte for byte");
+  // Each step is an event of the desktop; the paused guest ignores ACPI: forced, and said so.
+  const shutdown = (await events('guest-shutdown')).find((e) => e.actor === 'host:h1')!;
+  assert.equal(shutdown.outcome, 'failed');
+  assert.match(shutdown.detail ?? '', /^forced: the guest did not shut down within 1 s: powered off/);
+  assert.match((await events('snapshot')).find((e) => e.actor === 'host:h1')!.detail ?? '', /^checkpoint \S+ of check-out \S+: 2 chunks the guest changed on host h1$/);
+  assert.ok((await events('handover-request')).some((e) => e.actor === 'alice'));
+  // Only the touched chunks' written pages went up (the 8 KiB write travelled as its pages, not its chunk).
+  const up = (await events('host-handover')).find((e) => e.outcome === 'ok')!;
+  assert.match(up.detail ?? '', /2 chunks changed, 2 sent \((\d+) bytes\)/);
+  assert.ok(Number(/\((\d+) bytes\)/.exec(up.detail ?? '')![1]) < chunk + 64 * 1024, up.detail ?? '');
+  assert.equal(co.chunksMoved > 0, true);
+  // The desktop left the host: no placement, the host dropped its top (kept its base), the checkpoint is the host's snapshot.
+  assert.equal(await placement('online1'), null);
+  assert.equal(existsSync(join(h1Dir, 'desktops', d.id, 'disk0', 'top.qcow2')), false);
+  assert.ok(existsSync(join(h1Dir, 'desktops', d.id, 'disk0', 'base.qcow2')));
+  const active = (await broker.ctx.meta.activeCheckout(d.id))!;
+  assert.equal(active.state, 'checked_out');
+  assert.equal(active.checkpointSnapshot, (await broker.ctx.meta.getDesktop('online1'))!.currentSnapshot);
+  assert.equal((await power('online1', 'on')).body.error, 'locked');
+});
+
+test('policy startOnlineAfterCheckin: after the laptop checks in, the desktop starts on the host by itself, which pulls only the changed chunks and ends up byte for byte', async () => {
+  const home = join(broker.dir, 'laptop-online');
+  const chunk = 256 * 1024;
+  assert.equal((await http.call('PATCH', '/v1/admin/policies/desktop/online1', { startOnlineAfterCheckin: true }, admin)).status, 200);
+  await writeDesktop(laptopEnv(home), 'online1', [{ offset: 7 * chunk + 512, data: randomBytes(4096) }]);
+  const expected = await readDesktop(laptopEnv(home), 'online1');
+  await upload(laptopEnv(home), 'online1', 'checkin');
+  const started = (await events('power-on')).find((e) => e.actor === 'system' && e.outcome === 'ok');
+  assert.match(started?.detail ?? '', /^placed on host h1 \(snapshot /, 'on the host that keeps its base');
+  await placedAs('online1', 'running');
+  // The base held the snapshot the host started from before the handover: its 2 chunks and the laptop's 1 travel, nothing else.
+  assert.match((await events('host-start')).filter((e) => e.outcome === 'ok')[0]!.detail ?? '', /; 3 chunks \/ \d+ bytes pulled/);
+  qemus.push((await until('pid reported', async () => (await hostsList()).find((h) => h.id === 'h1' && h.desktops[0]?.pid && !qemus.includes(h.desktops[0].pid))))!.desktops[0]!.pid!);
+  assert.equal((await power('online1', 'off')).status, 200);
+  await placedAs('online1', 'stopped');
+  const d = (await broker.ctx.meta.getDesktop('online1'))!;
+  const out = join(h1Dir, 'read-back-2.raw');
+  await convertChain(hostChain(readFileSync(join(h1Dir, 'host.key')), h1Dir, d.id, 'disk0'), out, 'raw');
+  assert.ok(readFileSync(out).equals(expected), "the host's disk is the laptop's check-in, byte for byte");
+  assert.equal((await http.call('PATCH', '/v1/admin/policies/desktop/online1', { startOnlineAfterCheckin: false }, admin)).status, 200);
+});
+
+test('handover protocol: cancel before the host begins leaves the guest running; cancel after the shutdown leaves it stopped with its writes kept; only the host that holds it, with receipts', async () => {
+  // A host that only speaks the protocol, with more room than h1 (and less than h2 later): online2 goes there.
+  assert.equal((await hostCall('/v1/hosts/register', { id: 'f2', vcpus: 4, ramMiB: 2048, maxDesktops: 2, accel: 'tcg', heartbeatSec: 300 }, secret)).status, 200);
+  assert.equal((await hostCall('/v1/hosts/register', { id: 'f3', vcpus: 1, ramMiB: 64, maxDesktops: 1, accel: 'tcg', heartbeatSec: 300 }, secret)).status, 200);
+  const beat = async () => (await hostCall('/v1/hosts/f2/heartbeat', {}, secret)).body.commands as { id: string; type: string; desktopId: string }[];
+  const ack = (c: { id: string }, body: unknown) => hostCall(`/v1/hosts/f2/commands/${c.id}`, body, secret);
+  const id = await desktopId('online2');
+  assert.deepEqual((await power('online2', 'on')).body, { state: 'starting', host: 'f2' });
+  const start = (await beat()).find((c) => c.type === 'start')!;
+  assert.equal((await ack(start, { ok: true, message: 'running' })).status, 200);
+  await hostCall('/v1/hosts/f2/heartbeat', { desktops: [{ desktopId: id, state: 'running' }] }, secret);
+  assert.equal((await placement('online2'))!.state, 'running');
+  const step = (rest: string, body: unknown, as = 'f2') => hostCall(`/v1/hosts/${as}/desktops/${id}/handover${rest}`, body, secret);
+
+  // 1. Cancelled before the host took it: the host is refused, says the guest still runs, and it stays running.
+  const first = await checkout('online2');
+  assert.deepEqual([first.status, (first.body.handover as { step: string }).step], [202, 'asked'], JSON.stringify(first.body));
+  const firstId = (first.body.checkout as { id: string }).id;
+  const again = await checkout('online2');
+  assert.deepEqual([again.status, (again.body.checkout as { id: string }).id], [202, firstId], 'asked again: the same check-out');
+  assert.equal((await http.call('GET', `/v1/checkouts/${firstId}/handover`, undefined, alice)).body.handover && 'ok', 'ok');
+  const cmd1 = (await beat()).find((c) => c.type === 'handover')!;
+  assert.equal((await http.call('POST', `/v1/checkouts/${firstId}/cancel`, {}, alice)).status, 200);
+  const refused = await step('', {});
+  assert.deepEqual([refused.status, refused.body.error], [409, 'cancelled']);
+  assert.equal((await ack(cmd1, { ok: false, message: String(refused.body.message), guest: 'running' })).status, 200);
+  assert.equal((await placement('online2'))!.state, 'running', 'still running on the host');
+  assert.equal((await broker.ctx.meta.getDesktop('online2'))!.powerState, 'on');
+
+  // 2. Begun and shut down, then cancelled: the commit is refused and the desktop stays stopped there, its writes kept.
+  const second = await checkout('online2');
+  assert.equal(second.status, 202);
+  const secondId = (second.body.checkout as { id: string }).id;
+  const cmd2 = (await beat()).find((c) => c.type === 'handover')!;
+  assert.deepEqual([(await step('', {}, 'f3')).status], [409], 'another host cannot take it');
+  const begun = await step('', {});
+  assert.equal(begun.status, 200, JSON.stringify(begun.body));
+  assert.deepEqual([(await step('', {})).status], [409], 'begun once');
+  assert.equal((await step('/shutdown', { forced: false, message: 'shut down (QEMU exit 0)' })).status, 200);
+  assert.equal((await http.call('GET', `/v1/checkouts/${secondId}/handover`, undefined, alice)).body.handover && ((await http.call('GET', `/v1/checkouts/${secondId}/handover`, undefined, alice)).body.handover as { step: string }).step, 'sending');
+  // A chunk it never pushed (no receipt of its upload) is refused, as for a laptop.
+  const foreign = await step('/commit', { disks: [{ name: 'disk0', changes: [[0, 'a'.repeat(64)]] }] });
+  assert.deepEqual([foreign.status, foreign.body.error], [400, 'bad-changes'], JSON.stringify(foreign.body));
+  assert.equal((await http.call('POST', `/v1/checkouts/${secondId}/cancel`, {}, alice)).status, 200);
+  const late = await step('/commit', { disks: [] });
+  assert.deepEqual([late.status, late.body.error], [409, 'cancelled']);
+  assert.equal((await ack(cmd2, { ok: false, message: 'the check-out was cancelled', guest: 'stopped' })).status, 200);
+  assert.equal((await placement('online2'))!.state, 'stopped', 'stopped on the host with its writes');
+  assert.equal((await broker.ctx.scheduler.get((begun.body.job as { id: string }).id))!.state, 'failed', "the host's upload job ended");
+  assert.equal((await broker.ctx.meta.getDesktop('online2'))!.currentSnapshot, (await placement('online2'))!.snapshotId, 'no snapshot made');
+  assert.deepEqual((await http.call('POST', '/v1/admin/desktops/online2/release', { reason: 'test' }, admin)).body, { released: 'f2' });
+});
+
+test('a host killed with -9: it is marked lost after three missed heartbeats, and the desktop it ran with it (audited); check-out stays refused; an admin fails it over to another host, the lost one keeps its copy until released', async () => {
   const dataDir = mkdtempSync(join(tmpdir(), 'carryon-host-'));
   dirs.push(dataDir);
   const secretFile = join(broker.dir, 'host.secret');
@@ -291,4 +431,27 @@ test('a host killed with -9: it is marked lost after three missed heartbeats, an
   // The admin CLI shows the same.
   const out = await promisify(execFile)(process.execPath, [main, 'admin', 'hosts', 'list'], { env: { ...process.env, CARRYON_URL: broker.url, CARRYON_FINGERPRINT: broker.fingerprint, CARRYON_USER: ADMIN.name, CARRYON_PASSWORD: ADMIN.password } });
   assert.match(out.stdout, /h2\s+lost\s+.*online2 \(lost/);
+
+  // Fail-over, an admin's explicit decision: started on another host from its last snapshot; h2 keeps what the guest wrote there (at risk).
+  const id = await desktopId('online2');
+  const f = await http.call('POST', '/v1/admin/desktops/online2/failover', { reason: 'h2 died' }, admin);
+  assert.deepEqual([f.status, f.body.state, f.body.host], [200, 'starting', 'f2'], JSON.stringify(f.body));
+  assert.match(String(f.body.atRisk), /^what the guest wrote on host h2 since snapshot \S+ \(running there since .*\) is at risk: that host keeps it until `carryon admin hosts release online2 --host h2`$/);
+  assert.equal((await placement('online2'))!.snapshotId, (await broker.ctx.meta.getDesktop('online2'))!.currentSnapshot, 'from its last snapshot');
+  assert.ok((await events('failover')).some((e) => e.outcome === 'ok' && /at risk.*reason: h2 died/.test(e.detail ?? '')), 'audited');
+  assert.deepEqual((await hostsList()).find((h) => h.id === 'h2')!.desktops.map((d) => d.state), ['kept']);
+  const twice = await http.call('POST', '/v1/admin/desktops/online2/failover', {}, admin);
+  assert.deepEqual([twice.status, twice.body.error], [409, 'not-lost']);
+  // h2 comes back still running its guest: powered off there (its chain kept), never discarded without an admin.
+  const back = (await hostCall('/v1/hosts/h2/heartbeat', { desktops: [{ desktopId: id, state: 'running' }], bases: [id] }, secret)).body.commands as { type: string; desktopId: string }[];
+  assert.deepEqual(back.map((c) => [c.type, c.desktopId]), [['off', id]]);
+  // While h2 keeps that copy it is not given the desktop again, though it is alive, larger and holds its base.
+  const f2start = (await hostCall('/v1/hosts/f2/heartbeat', {}, secret)).body.commands as { id: string; type: string }[];
+  assert.equal((await hostCall(`/v1/hosts/f2/commands/${f2start.find((c) => c.type === 'start')!.id}`, { ok: false, message: 'test', kept: false }, secret)).status, 200);
+  assert.equal(await placement('online2'), null);
+  assert.equal((await power('online2', 'on')).body.host, 'f2');
+  const released = await http.call('POST', '/v1/admin/desktops/online2/release', { host: 'h2', reason: 'test' }, admin);
+  assert.deepEqual(released.body, { released: 'h2' });
+  assert.ok((await broker.ctx.hosts.pending('h2')).some((c) => c.type === 'discard' && c.desktopId === id));
+  assert.deepEqual((await hostsList()).find((h) => h.id === 'h2')!.desktops, []);
 });

@@ -3,6 +3,8 @@ import type { DesktopRow } from '../db/metadata.js';
 import { lineageKeysFor } from '../desktops/desktops.js';
 import type { BrokerContext } from '../context.js';
 import { HttpError } from '../http.js';
+import { effectivePolicy } from '../policies.js';
+import { handoverFailed, handoverLost } from './handover.js';
 import { ON_HOST, type HostCommandRow, type HostReport, type HostRow, type PlacementRow } from './store.js';
 
 /**
@@ -22,17 +24,8 @@ const refuse = async (ctx: BrokerContext, actor: string, desktopId: string, acti
   return new HttpError(status, code, message, {}, true);
 };
 
-/** Why a check-out of `desktop` must wait for its online copy, or null. */
-export async function onlineRefusal(ctx: BrokerContext, desktop: DesktopRow): Promise<{ code: string; message: string } | null> {
-  const p = await ctx.hosts.placement(desktop.id);
-  if (!p) return null;
-  if (ON_HOST.includes(p.state)) return { code: 'desktop-online', message: `the desktop runs on host ${p.hostId}: stop it first (\`carryon stop ${desktop.name}\`)` };
-  if (p.state === 'lost') return { code: 'desktop-online', message: `the desktop was running on host ${p.hostId}, which stopped answering (${p.updatedAt}); what the guest wrote there is at risk: an administrator decides (\`carryon admin hosts release ${desktop.name}\` discards it)` };
-  return {
-    code: 'desktop-online',
-    message: `the desktop ran online on host ${p.hostId} (since ${p.since}) and what the guest wrote there is kept on that host; sending it back before a check-out is not built yet: an administrator can discard it with \`carryon admin hosts release ${desktop.name}\``,
-  };
-}
+/** What an admin is told about a desktop whose host went silent. */
+export const lostMessage = (p: PlacementRow, name: string) => `the desktop was running on host ${p.hostId}, which stopped answering (${p.updatedAt}); what the guest wrote there is at risk: an administrator decides (\`carryon admin hosts failover ${name}\` starts it elsewhere from its last snapshot; \`carryon admin hosts release ${name}\` discards it)`;
 
 /** Why no power operation may touch `desktop` now (checked out to a laptop), or null. */
 async function checkedOutRefusal(ctx: BrokerContext, desktop: DesktopRow): Promise<string | null> {
@@ -47,6 +40,7 @@ export async function sweepHosts(ctx: BrokerContext): Promise<void> {
     for (const p of await ctx.hosts.placements(h.id)) {
       if (!ON_HOST.includes(p.state) || !(await ctx.hosts.transition(p.desktopId, ON_HOST, 'lost', { detail: `host ${h.id} silent since ${h.lastSeen}` }))) continue;
       await ctx.meta.setPowerState(p.desktopId, 'lost');
+      if (p.state === 'returning') await handoverLost(ctx, p.desktopId, h.id);
       await ctx.audit({ actor: 'system', desktopId: p.desktopId, action: 'host-lost', outcome: 'failed', detail: `host ${h.id} stopped heartbeating (last seen ${h.lastSeen}) while it ran this desktop; the guest's writes since snapshot ${p.snapshotId ?? '-'} are at risk` });
       desktops.push(p.desktopId);
     }
@@ -54,7 +48,7 @@ export async function sweepHosts(ctx: BrokerContext): Promise<void> {
   }
 }
 
-const alive = (h: HostRow) => h.health === 'ok' && Date.now() - Date.parse(h.lastSeen) <= 3 * h.heartbeatSec * 1000;
+export const alive = (h: HostRow) => h.health === 'ok' && Date.now() - Date.parse(h.lastSeen) <= 3 * h.heartbeatSec * 1000;
 
 /** What each host has left: desktops placed and on it count against its vCPUs, RAM and desktop slots. */
 async function freeCapacity(ctx: BrokerContext, h: HostRow) {
@@ -70,7 +64,10 @@ async function fits(ctx: BrokerContext, h: HostRow, desktop: DesktopRow): Promis
 /** A live host with room for the desktop: one that already holds its base first (fewer chunks to pull), then the most free RAM. */
 async function chooseHost(ctx: BrokerContext, desktop: DesktopRow): Promise<HostRow | null> {
   const candidates: { h: HostRow; hasBase: boolean; freeRamMiB: number }[] = [];
+  // A host that keeps an at-risk copy (fail-over) is not given the desktop again until an admin releases that copy.
+  const keeping = new Set((await ctx.hosts.kept({ desktopId: desktop.id })).map((k) => k.hostId));
   for (const h of await ctx.hosts.hosts()) {
+    if (keeping.has(h.id)) continue;
     const f = await fits(ctx, h, desktop);
     if (f.ok) candidates.push({ h, hasBase: (h.report.bases ?? []).includes(desktop.id), freeRamMiB: f.freeRamMiB });
   }
@@ -100,7 +97,7 @@ export async function powerDesktop(ctx: BrokerContext, actor: string, desktop: D
   if (!desktop.currentSnapshot) throw await refuse(ctx, actor, desktop.id, audit, 409, 'no-snapshot', `${desktop.name} has no disk image yet`);
   let hostId: string;
   if (p) {
-    if (p.state !== 'stopped') throw await refuse(ctx, actor, desktop.id, audit, 409, p.state === 'lost' ? 'host-lost' : 'already-running', p.state === 'lost' ? (await onlineRefusal(ctx, desktop))!.message : `${desktop.name} is already ${p.state} on host ${p.hostId}`);
+    if (p.state !== 'stopped') throw await refuse(ctx, actor, desktop.id, audit, 409, p.state === 'lost' ? 'host-lost' : 'already-running', p.state === 'lost' ? lostMessage(p, desktop.name) : `${desktop.name} is already ${p.state} on host ${p.hostId}`);
     // Its chain (and what the guest wrote) is on that host: it starts there again, or not at all.
     const h = await ctx.hosts.host(p.hostId);
     if (!h || !(await fits(ctx, h, desktop)).ok) throw await refuse(ctx, actor, desktop.id, audit, 503, 'host-unavailable', `${desktop.name} keeps its online changes on host ${p.hostId}, which is ${h && alive(h) ? 'full' : 'not answering'}`);
@@ -125,6 +122,21 @@ export async function powerDesktop(ctx: BrokerContext, actor: string, desktop: D
   await ctx.meta.setPowerState(desktop.id, 'starting');
   await ctx.audit({ actor, desktopId: desktop.id, action: audit, outcome: 'ok', detail: `placed on host ${hostId} (snapshot ${desktop.currentSnapshot})` });
   return { state: 'starting', host: hostId };
+}
+
+/**
+ * Policy `startOnlineAfterCheckin`: once a laptop checked the desktop in, it runs on a host again
+ * (placed as a power-on; a host that kept its base pulls only the chunks that changed). A refusal
+ * (no host free) is audited by powerDesktop and leaves the check-in as it is.
+ */
+export async function startAfterCheckin(ctx: BrokerContext, user: string, desktopId: string): Promise<void> {
+  const desktop = await ctx.meta.getDesktop(desktopId);
+  if (!desktop || !(await effectivePolicy(ctx.meta, user, desktop)).startOnlineAfterCheckin.value) return;
+  try {
+    await powerDesktop(ctx, 'system', desktop, 'on');
+  } catch (err) {
+    if (!(err instanceof HttpError)) await ctx.audit({ actor: 'system', desktopId, action: 'power-on', outcome: 'failed', detail: `after check-in: ${(err as Error).message}` });
+  }
 }
 
 /** A datacenter QEMU something else started (`--hypervisor qmp`): stopped over its QMP socket, as before hosts. */
@@ -188,17 +200,27 @@ export async function hostHeartbeat(ctx: BrokerContext, host: HostRow, report: H
       }
     }
   }
+  for (const k of await ctx.hosts.kept({ hostId: host.id })) {
+    const r = said.get(k.desktopId);
+    if (r?.state !== 'running' || (await ctx.hosts.pending(host.id)).some((c) => c.desktopId === k.desktopId && c.type === 'off')) continue;
+    // Back after a fail-over: its guest must not run beside the new one; powered off, its chain (the at-risk writes) kept.
+    await ctx.hosts.queue({ hostId: host.id, desktopId: k.desktopId, type: 'off' });
+    await ctx.audit({ actor: 'system', desktopId: k.desktopId, action: 'power-off', outcome: 'ok', detail: `host ${host.id} is back and still ran this desktop, which failed over meanwhile: powered off there, its writes kept (at risk) until released` });
+  }
   return ctx.hosts.pending(host.id);
 }
 
 /** The outcome of a command the host carried out. */
-export async function hostAck(ctx: BrokerContext, hostId: string, commandId: string, r: { ok: boolean; message: string | null; kept?: boolean }): Promise<void> {
+export async function hostAck(ctx: BrokerContext, hostId: string, commandId: string, r: { ok: boolean; message: string | null; kept?: boolean; guest?: 'running' | 'stopped' }): Promise<void> {
   const c = await ctx.hosts.command(commandId);
   if (!c || !(await ctx.hosts.ack(commandId, hostId, r.ok, r.message))) throw new HttpError(404, 'not-found', `no pending command ${commandId} for host ${hostId}`);
   const actor = `host:${hostId}`;
-  const p = await ctx.hosts.placement(c.desktopId);
+  // Only this host's placement follows its answers (after a fail-over the desktop is placed on another host).
+  const placed = await ctx.hosts.placement(c.desktopId);
+  const p = placed?.hostId === hostId ? placed : null;
   await ctx.audit({ actor, desktopId: c.desktopId, action: `host-${c.type}`, outcome: r.ok ? 'ok' : 'failed', detail: r.message ?? undefined });
   if (c.type === 'start') await endStart(ctx, c, p, r);
+  else if (c.type === 'handover' && (!r.ok || p?.state === 'returning')) await handoverFailed(ctx, hostId, c.desktopId, r.ok ? 'the host ended the handover without sending the desktop back' : r.message, r.guest ?? 'stopped');
   else if ((c.type === 'off' || c.type === 'shutdown') && p?.state === 'stopping') {
     if (await ctx.hosts.transition(c.desktopId, ['stopping'], r.ok ? 'stopped' : 'running', { detail: r.message })) await ctx.meta.setPowerState(c.desktopId, r.ok ? 'off' : 'on');
   }
@@ -221,8 +243,15 @@ async function endStart(ctx: BrokerContext, c: HostCommandRow, p: PlacementRow |
  * An admin's decision for a desktop whose online changes are on a host (stopped there, or the host
  * lost): forget them. The placement ends and the host deletes the desktop's top layer when it hears.
  */
-export async function releaseDesktop(ctx: BrokerContext, actor: string, desktop: DesktopRow, reason?: string): Promise<{ released: string }> {
+export async function releaseDesktop(ctx: BrokerContext, actor: string, desktop: DesktopRow, reason?: string, hostId?: string): Promise<{ released: string }> {
   const p = await ctx.hosts.placement(desktop.id);
+  // The at-risk copy a lost host keeps after a fail-over: named by its host.
+  if (hostId && p?.hostId !== hostId) {
+    if (!(await ctx.hosts.unkeep(desktop.id, hostId))) throw await refuse(ctx, actor, desktop.id, 'host-release', 404, 'not-kept', `host ${hostId} keeps no copy of ${desktop.name}`);
+    await ctx.hosts.queue({ hostId, desktopId: desktop.id, type: 'discard' });
+    await ctx.audit({ actor, desktopId: desktop.id, action: 'host-release', outcome: 'ok', detail: `the at-risk copy on host ${hostId} discarded${reason ? `: ${reason}` : ''}` });
+    return { released: hostId };
+  }
   if (!p) throw await refuse(ctx, actor, desktop.id, 'host-release', 404, 'not-placed', `${desktop.name} is on no host`);
   if (ON_HOST.includes(p.state)) throw await refuse(ctx, actor, desktop.id, 'host-release', 409, 'running', `${desktop.name} is ${p.state} on host ${p.hostId}: stop it first`);
   if (!(await ctx.hosts.unplace(desktop.id, ['stopped', 'lost']))) throw await refuse(ctx, actor, desktop.id, 'host-release', 409, 'busy', `${desktop.name} changed state meanwhile; try again`);
@@ -230,6 +259,30 @@ export async function releaseDesktop(ctx: BrokerContext, actor: string, desktop:
   await ctx.meta.setPowerState(desktop.id, 'off');
   await ctx.audit({ actor, desktopId: desktop.id, action: 'host-release', outcome: 'ok', detail: `online changes on host ${p.hostId} (${p.state} since ${p.updatedAt}) discarded${reason ? `: ${reason}` : ''}` });
   return { released: p.hostId };
+}
+
+/**
+ * An admin's explicit decision for a desktop whose host is lost: start it on another host from its
+ * last snapshot. What the guest wrote on the lost host since that snapshot is said to be at risk;
+ * the lost host keeps it (its chain is not touched) until an admin releases it; if that host comes
+ * back, its guest is powered off there (host heartbeats), never run beside the new one.
+ */
+export async function failOver(ctx: BrokerContext, actor: string, desktop: DesktopRow, reason?: string): Promise<{ state: string; host: string; atRisk: string }> {
+  await sweepHosts(ctx);
+  const p = await ctx.hosts.placement(desktop.id);
+  if (!p || p.state !== 'lost') throw await refuse(ctx, actor, desktop.id, 'failover', 409, 'not-lost', `${desktop.name} is ${p ? `${p.state} on host ${p.hostId}` : 'on no host'}: only a desktop whose host is lost fails over`);
+  await ctx.hosts.keep({ desktopId: desktop.id, hostId: p.hostId, snapshotId: p.snapshotId, reason: reason ?? null });
+  if (!(await ctx.hosts.unplace(desktop.id, ['lost']))) throw await refuse(ctx, actor, desktop.id, 'failover', 409, 'busy', `${desktop.name} changed state meanwhile; try again`);
+  const atRisk = `what the guest wrote on host ${p.hostId} since snapshot ${desktop.currentSnapshot ?? '-'} (running there since ${p.since}) is at risk: that host keeps it until \`carryon admin hosts release ${desktop.name} --host ${p.hostId}\``;
+  await ctx.audit({ actor, desktopId: desktop.id, action: 'failover', outcome: 'ok', detail: `${atRisk}${reason ? `; reason: ${reason}` : ''}` });
+  try {
+    const on = await powerDesktop(ctx, actor, desktop, 'on');
+    return { ...on, atRisk };
+  } catch (err) {
+    // No host free: the desktop is off, the at-risk copy recorded; power on later starts it.
+    await ctx.meta.setPowerState(desktop.id, 'off');
+    throw err;
+  }
 }
 
 /** `carryon admin hosts list`: each host, its capacity and what is free, what runs there, its health. */
@@ -241,7 +294,10 @@ export async function hostsOverview(ctx: BrokerContext) {
     out.push({
       id: h.id, displayUrl: h.displayUrl, accel: h.accel, health: alive(h) ? 'ok' : h.health === 'ok' ? 'late' : h.health, lastSeen: h.lastSeen, registeredAt: h.registeredAt,
       capacity: { vcpus: h.vcpus, ramMiB: h.ramMiB, desktops: h.maxDesktops }, free: await freeCapacity(ctx, h),
-      desktops: placed.map((p) => ({ desktopId: p.desktopId, state: p.state, since: p.since, detail: p.detail, pid: h.report.desktops?.find((d) => d.desktopId === p.desktopId)?.pid ?? null })),
+      desktops: [
+        ...placed.map((p) => ({ desktopId: p.desktopId, state: p.state, since: p.since, detail: p.detail, pid: h.report.desktops?.find((d) => d.desktopId === p.desktopId)?.pid ?? null })),
+        ...(await ctx.hosts.kept({ hostId: h.id })).map((k) => ({ desktopId: k.desktopId, state: 'kept', since: k.since, detail: 'failed over elsewhere: the writes kept here are at risk until released', pid: null })),
+      ],
       freeDiskBytes: h.report.freeDiskBytes ?? null,
     });
   }

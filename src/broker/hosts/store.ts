@@ -30,12 +30,43 @@ CREATE TABLE display_tickets (
   hash TEXT PRIMARY KEY, user_name TEXT NOT NULL, desktop_id TEXT NOT NULL, expires_at TEXT NOT NULL, created_at TEXT NOT NULL, used_at TEXT);
 `;
 
-export const HOST_MIGRATIONS: Migration[] = [{ version: 1, sql: V1 }, { version: 2, sql: V2 }];
+/**
+ * A check-out of a desktop on a host (item 4): the host shuts the guest down and sends back what it
+ * wrote; `step` says how far it got (the laptop polls it; the audit has each step too).
+ */
+const V3 = `
+CREATE TABLE host_handovers (
+  checkout_id TEXT PRIMARY KEY, desktop_id TEXT NOT NULL, host_id TEXT NOT NULL, base_snapshot TEXT NOT NULL, was TEXT NOT NULL,
+  step TEXT NOT NULL, detail TEXT, job_id TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+CREATE INDEX host_handovers_desktop ON host_handovers(desktop_id, created_at);
+`;
 
-/** `starting`: told to start; `running`: the host says QEMU runs; `stopping`; `stopped`: off, its chain kept on the host; `lost`: the host stopped answering while it ran. */
-export type PlacementState = 'starting' | 'running' | 'stopping' | 'stopped' | 'lost';
-export const ON_HOST: readonly PlacementState[] = ['starting', 'running', 'stopping'];
-export type HostCommandType = 'start' | 'off' | 'shutdown' | 'reset' | 'discard' | 'display';
+/**
+ * Fail-over (item 6): a lost host's copy of a desktop that an admin started elsewhere. The host
+ * keeps that chain (what the guest wrote there is at risk, never silently dropped) until an admin
+ * releases it; it is never chosen for that desktop meanwhile.
+ */
+const V4 = `
+CREATE TABLE host_kept (
+  desktop_id TEXT NOT NULL, host_id TEXT NOT NULL, snapshot_id TEXT, since TEXT NOT NULL, reason TEXT, PRIMARY KEY (desktop_id, host_id));
+`;
+
+export const HOST_MIGRATIONS: Migration[] = [{ version: 1, sql: V1 }, { version: 2, sql: V2 }, { version: 3, sql: V3 }, { version: 4, sql: V4 }];
+
+/**
+ * `starting`: told to start; `running`: the host says QEMU runs; `stopping`; `stopped`: off, its chain kept on the host;
+ * `returning`: shut down and sent back for a check-out (a handover); `lost`: the host stopped answering while it ran.
+ */
+export type PlacementState = 'starting' | 'running' | 'stopping' | 'stopped' | 'returning' | 'lost';
+export const ON_HOST: readonly PlacementState[] = ['starting', 'running', 'stopping', 'returning'];
+export type HostCommandType = 'start' | 'off' | 'shutdown' | 'reset' | 'discard' | 'display' | 'handover';
+
+/** `asked`: the command is queued; `shutting-down`: the host took it; `sending`: the guest is off, its pages travel; then one of the ends. */
+export type HandoverStep = 'asked' | 'shutting-down' | 'sending' | 'done' | 'failed' | 'cancelled';
+export interface HandoverRow {
+  checkoutId: string; desktopId: string; hostId: string; baseSnapshot: string; was: 'running' | 'stopped'; step: HandoverStep; detail: string | null;
+  jobId: string | null; createdAt: string; updatedAt: string;
+}
 
 export interface HostRow {
   id: string; displayUrl: string | null; vcpus: number; ramMiB: number; maxDesktops: number; accel: string; heartbeatSec: number;
@@ -52,6 +83,7 @@ export interface PlacementRow {
   desktopId: string; hostId: string; state: PlacementState; snapshotId: string | null; vcpus: number; ramMiB: number; jobId: string | null;
   since: string; updatedAt: string; detail: string | null;
 }
+export interface KeptRow { desktopId: string; hostId: string; snapshotId: string | null; since: string; reason: string | null }
 export interface HostCommandRow { id: string; hostId: string; desktopId: string; type: HostCommandType; state: string; result: string | null; createdAt: string }
 
 type Raw = Record<string, unknown>;
@@ -69,6 +101,12 @@ function placementRow(r: Raw): PlacementRow {
   return {
     desktopId: String(r.desktop_id), hostId: String(r.host_id), state: String(r.state) as PlacementState, snapshotId: str(r.snapshot_id), vcpus: Number(r.vcpus),
     ramMiB: Number(r.ram_mib), jobId: str(r.job_id), since: String(r.since), updatedAt: String(r.updated_at), detail: str(r.detail),
+  };
+}
+function handoverRow(r: Raw): HandoverRow {
+  return {
+    checkoutId: String(r.checkout_id), desktopId: String(r.desktop_id), hostId: String(r.host_id), baseSnapshot: String(r.base_snapshot), was: r.was === 'running' ? 'running' : 'stopped',
+    step: String(r.step) as HandoverStep, detail: str(r.detail), jobId: str(r.job_id), createdAt: String(r.created_at), updatedAt: String(r.updated_at),
   };
 }
 function commandRow(r: Raw): HostCommandRow {
@@ -171,6 +209,40 @@ export class HostStore {
   /** Every command of `type`, any host, any state (the admin's and the tests' view). */
   async commandsOfType(type: HostCommandType): Promise<HostCommandRow[]> {
     return (await this.sql.all<Raw>('SELECT * FROM host_commands WHERE type = ? ORDER BY created_at, id', [type])).map(commandRow);
+  }
+
+  async addHandover(h: { checkoutId: string; desktopId: string; hostId: string; baseSnapshot: string; was: 'running' | 'stopped' }): Promise<void> {
+    const at = now();
+    await this.sql.run("INSERT INTO host_handovers (checkout_id, desktop_id, host_id, base_snapshot, was, step, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'asked', ?, ?)",
+      [h.checkoutId, h.desktopId, h.hostId, h.baseSnapshot, h.was, at, at]);
+  }
+  async handover(checkoutId: string): Promise<HandoverRow | null> {
+    const r = await this.sql.get<Raw>('SELECT * FROM host_handovers WHERE checkout_id = ?', [checkoutId]);
+    return r ? handoverRow(r) : null;
+  }
+  /** The newest handover of a desktop (at most one is open: the check-out lock allows one check-out at a time). */
+  async handoverOf(desktopId: string): Promise<HandoverRow | null> {
+    const r = await this.sql.get<Raw>('SELECT * FROM host_handovers WHERE desktop_id = ? ORDER BY created_at DESC, checkout_id DESC LIMIT 1', [desktopId]);
+    return r ? handoverRow(r) : null;
+  }
+  /** Compare-and-set on the step: false when it moved meanwhile. */
+  async handoverStep(checkoutId: string, from: readonly HandoverStep[], to: HandoverStep, patch: { detail?: string | null; jobId?: string | null } = {}): Promise<boolean> {
+    const cur = await this.handover(checkoutId);
+    if (!cur || !from.includes(cur.step)) return false;
+    return (await this.sql.run('UPDATE host_handovers SET step = ?, detail = ?, job_id = ?, updated_at = ? WHERE checkout_id = ? AND step = ?', [
+      to, patch.detail === undefined ? cur.detail : patch.detail, patch.jobId === undefined ? cur.jobId : patch.jobId, now(), checkoutId, cur.step])) === 1;
+  }
+
+  async keep(k: { desktopId: string; hostId: string; snapshotId: string | null; reason: string | null }): Promise<void> {
+    await this.sql.run('INSERT INTO host_kept (desktop_id, host_id, snapshot_id, since, reason) VALUES (?, ?, ?, ?, ?) ON CONFLICT (desktop_id, host_id) DO NOTHING', [k.desktopId, k.hostId, k.snapshotId, now(), k.reason]);
+  }
+  /** The at-risk copies: of one desktop, or on one host. */
+  async kept(by: { desktopId?: string; hostId?: string }): Promise<KeptRow[]> {
+    const rows = by.desktopId ? await this.sql.all<Raw>('SELECT * FROM host_kept WHERE desktop_id = ? ORDER BY since', [by.desktopId]) : await this.sql.all<Raw>('SELECT * FROM host_kept WHERE host_id = ? ORDER BY since', [by.hostId ?? '']);
+    return rows.map((r) => ({ desktopId: String(r.desktop_id), hostId: String(r.host_id), snapshotId: str(r.snapshot_id), since: String(r.since), reason: str(r.reason) }));
+  }
+  async unkeep(desktopId: string, hostId: string): Promise<boolean> {
+    return (await this.sql.run('DELETE FROM host_kept WHERE desktop_id = ? AND host_id = ?', [desktopId, hostId])) === 1;
   }
 
   async addDisplayTicket(t: { hash: string; user: string; desktopId: string; expiresAt: string }): Promise<void> {

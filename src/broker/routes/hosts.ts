@@ -6,7 +6,9 @@ import { HttpError, parse, requireUser } from '../http.js';
 import { effectivePolicy, describePolicySource } from '../policies.js';
 import { adminOf } from './admin/admin-scope.js';
 import { displayRelay } from '../display/relay.js';
-import { hostAck, hostHeartbeat, hostJobOwner, hostsOverview, powerDesktop, prepareStart, releaseDesktop, sweepHosts } from '../hosts/power.js';
+import { beginHandover, commitHandover, handoverShutDown } from '../hosts/handover.js';
+import { Changes, withReceipts } from './user.js';
+import { failOver, hostAck, hostHeartbeat, hostJobOwner, hostsOverview, powerDesktop, prepareStart, releaseDesktop, sweepHosts } from '../hosts/power.js';
 
 declare module 'fastify' {
   interface FastifyContextConfig {
@@ -80,6 +82,23 @@ export const hostRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app
     const { desktopId } = parse(z.object({ id: HostId, desktopId: z.string().min(1).max(200) }), req.params);
     return await prepareStart(ctx, host.id, desktopId);
   });
+  // A check-out of a desktop this host runs (hosts/handover.ts): begin (an upload job), the guest is off, commit.
+  const HandoverParams = z.object({ id: HostId, desktopId: z.string().min(1).max(200) });
+  app.post('/v1/hosts/:id/desktops/:desktopId/handover', { config: { hostAction: 'handover' } }, async (req) => {
+    const host = await registered(req);
+    parse(z.object({}).strict(), req.body ?? {});
+    return await beginHandover(ctx, host.id, parse(HandoverParams, req.params).desktopId);
+  });
+  app.post('/v1/hosts/:id/desktops/:desktopId/handover/shutdown', { config: { hostAction: 'handover' } }, async (req) => {
+    const host = await registered(req);
+    const b = parse(z.object({ forced: z.boolean(), message: z.string().max(2000) }).strict(), req.body);
+    return await handoverShutDown(ctx, host.id, parse(HandoverParams, req.params).desktopId, b);
+  });
+  app.post('/v1/hosts/:id/desktops/:desktopId/handover/commit', { config: { hostAction: 'handover-commit' } }, async (req) => {
+    const host = await registered(req);
+    const { changes, receipts } = withReceipts(parse(Changes, req.body ?? {}).disks);
+    return await commitHandover(ctx, host.id, parse(HandoverParams, req.params).desktopId, changes, receipts);
+  });
   app.get('/v1/hosts/:id/jobs/:jobId', { config: { hostAction: 'host-job' } }, async (req) => {
     const host = await registered(req);
     const { jobId } = parse(z.object({ id: HostId, jobId: z.string().min(1).max(200) }), req.params);
@@ -92,7 +111,7 @@ export const hostRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app
   app.post('/v1/hosts/:id/commands/:commandId', { config: { hostAction: 'host-ack' } }, async (req) => {
     const host = await registered(req);
     const { commandId } = parse(z.object({ id: HostId, commandId: z.string().min(1).max(200) }), req.params);
-    const b = parse(z.object({ ok: z.boolean(), message: z.string().max(2000).nullable().default(null), kept: z.boolean().optional() }).strict(), req.body);
+    const b = parse(z.object({ ok: z.boolean(), message: z.string().max(2000).nullable().default(null), kept: z.boolean().optional(), guest: z.enum(['running', 'stopped']).optional() }).strict(), req.body);
     await hostAck(ctx, host.id, commandId, b);
     if (!b.ok && displayRelay(ctx).has(commandId)) await displayRelay(ctx).hostFailed(commandId, b.message);
     return { ok: true };
@@ -136,7 +155,14 @@ export const hostAdminRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async
     const actor = adminOf(req);
     const d = await ctx.meta.getDesktop(parse(z.object({ id: z.string().min(1).max(200) }), req.params).id);
     if (!d) throw new HttpError(404, 'not-found', 'no such desktop');
+    const b = parse(z.object({ reason: z.string().max(500).optional(), host: HostId.optional() }).strict(), req.body ?? {});
+    return await releaseDesktop(ctx, actor, d, b.reason, b.host);
+  });
+  app.post('/v1/admin/desktops/:id/failover', async (req) => {
+    const actor = adminOf(req);
+    const d = await ctx.meta.getDesktop(parse(z.object({ id: z.string().min(1).max(200) }), req.params).id);
+    if (!d) throw new HttpError(404, 'not-found', 'no such desktop');
     const b = parse(z.object({ reason: z.string().max(500).optional() }).strict(), req.body ?? {});
-    return await releaseDesktop(ctx, actor, d, b.reason);
+    return await failOver(ctx, actor, d, b.reason);
   });
 };

@@ -4,7 +4,8 @@ import { PACKAGE_VERSION } from '../version.js';
 import { isChunkId } from '../../core/chunk-id.js';
 import { RECEIPT_RE } from '../../core/tokens/push-receipt.js';
 import { publicKeyFromBase64, publicKeyToBase64 } from '../../core/signing.js';
-import { allowedActions, beginUpload, cancel, checkOut, checkoutView, commitUpload, issueLease, markTransferred, rollback, type DiskChanges } from '../checkouts.js';
+import { allowedActions, beginUpload, cancel, checkOut, checkoutView, commitUpload, issueLease, markTransferred, ownedCheckout, rollback, type DiskChanges } from '../checkouts.js';
+import { handoverOfCheckout } from '../hosts/handover.js';
 import type { BrokerContext } from '../context.js';
 import { beginHandback, checkoutOutcome, commitHandback } from '../handback.js';
 import { reportChunkFailure } from '../desktops/damage.js';
@@ -32,12 +33,12 @@ const Begin = z.object({}).strict();
  */
 const Change = z.tuple([z.number().int().min(0).max(2 ** 31), z.string().refine(isChunkId, 'not a chunk ID').nullable()], z.string().regex(RECEIPT_RE, 'not a push receipt'))
   .refine((c) => c.length <= 3, 'a change is [index, id, receipt?]');
-const Changes = z.object({
+export const Changes = z.object({
   disks: z.array(z.object({ name: DiskName, changes: z.array(Change).max(1 << 20) }).strict()).max(16).optional(),
 }).strict();
 
 /** The commit's changes as the broker applies them, and the receipts they carried, by chunk ID. */
-function withReceipts(disks: z.infer<typeof Changes>['disks'] = []): { changes: DiskChanges[]; receipts: Record<string, string> } {
+export function withReceipts(disks: z.infer<typeof Changes>['disks'] = []): { changes: DiskChanges[]; receipts: Record<string, string> } {
   const receipts: Record<string, string> = {};
   const changes = disks.map((d) => ({
     name: d.name,
@@ -136,9 +137,15 @@ export const userRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app
     const claims = await requireUser(ctx, req);
     const { id } = parse(Id, req.params);
     const body = parse(z.object({ deviceId: z.string().min(1).max(200), host: Host }).strict(), req.body);
-    return reply.status(201).send(await checkOut(ctx, claims.sub, id, body));
+    const answer = await checkOut(ctx, claims.sub, id, body);
+    // 202: a desktop on a host is handed over first; the laptop polls the handover, then asks again.
+    return reply.status('handover' in answer ? 202 : 201).send(answer);
   });
 
+  app.get('/v1/checkouts/:id/handover', async (req) => {
+    const user = (await requireUser(ctx, req)).sub;
+    return await handoverOfCheckout(ctx, await ownedCheckout(ctx, user, parse(Id, req.params).id, 'handover'));
+  });
   app.post('/v1/checkouts/:id/transferred', async (req) => ({ checkout: await markTransferred(ctx, (await requireUser(ctx, req)).sub, parse(Id, req.params).id) }));
   // A chunk the laptop could not authenticate (3 tries): checked against the store, audited, remembered when the store's copy is bad.
   app.post('/v1/checkouts/:id/damaged', async (req) => {

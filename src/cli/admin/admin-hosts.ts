@@ -20,6 +20,9 @@ export function registerHostAdminCommands(admin: Command): void {
     ]);
   } });
   endpoint(hosts, { name: 'release <desktop>', description: "discard what the guest wrote on its host while it ran online (it is stopped, or its host is lost): the desktop is free for check-out again", method: 'POST',
-    path: ([d]) => `/v1/admin/desktops/${enc(d!)}/release`, options: [['--reason <text>', 'goes to the audit trail']], body: (_a, o: Json) => ({ reason: o.reason }),
+    path: ([d]) => `/v1/admin/desktops/${enc(d!)}/release`, options: [['--reason <text>', 'goes to the audit trail'], ['--host <id>', 'the at-risk copy a lost host keeps after a fail-over']], body: (_a, o: Json) => ({ reason: o.reason, host: o.host }),
     human: (r, [d]) => say(`${d!}: released from host ${String(r.released)}; its online changes there are discarded`) });
+  endpoint(hosts, { name: 'failover <desktop>', description: 'start a desktop whose host is lost on another host, from its last snapshot (what the guest wrote on the lost host since is at risk; that host keeps it until released)', method: 'POST',
+    path: ([d]) => `/v1/admin/desktops/${enc(d!)}/failover`, options: [['--reason <text>', 'goes to the audit trail']], body: (_a, o: Json) => ({ reason: o.reason }),
+    human: (r, [d]) => say(`${d!}: starting on host ${String(r.host)}; ${String(r.atRisk)}`) });
 }

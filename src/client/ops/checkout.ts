@@ -58,7 +58,15 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       const host = await hostFacts(env.home);
       // Repeatable: a check-out this device began and that is still transferring is resumed by
       // the broker (same check-out, same job), not refused or started twice (broker/checkouts.ts).
-      const res = await broker.call('POST', `/v1/desktops/${entry.id}/checkout`, { deviceId: device.info.deviceId, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes } }, CheckoutResponse, {}, { repeatable: true });
+      const ask = () => broker.call('POST', `/v1/desktops/${entry.id}/checkout`, { deviceId: device.info.deviceId, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes } }, z.union([CheckoutResponse, HandoverWait]), {}, { repeatable: true });
+      let answer = await ask();
+      // A desktop running on a datacenter host: the host shuts it down and sends back what it wrote; then the check-out goes on from that.
+      for (let i = 0; 'handover' in answer; i++) {
+        if (i === 3) throw new CarryonError('handover', `the host has not handed ${entry.name} over yet: run the same command again`);
+        await waitForHandover(env, broker, entry.name, answer.checkout.id);
+        answer = await ask();
+      }
+      const res = answer;
       // The lease must verify against the broker key pinned now, inside the vault, before anything is kept.
       const lease = verifyLease(res.lease, brokerKey, { now: new Date(), deviceId: device.info.deviceId!, desktopId: entry.id });
       keys = newDesktopKeys(decodeLineageKeys(res.keys), brokerKey, createPublicKey(device.privateKey));
@@ -108,6 +116,28 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
     }
   } finally {
     await broker.close();
+  }
+}
+
+const HandoverView = z.object({ host: z.string(), step: z.string(), detail: z.string().nullable() }).loose();
+const HandoverWait = z.object({ checkout: CheckoutView, handover: HandoverView });
+
+/**
+ * A check-out of a desktop that runs on a host waits while the host shuts the guest down and sends
+ * its pages back (each step logged as it comes); a handover that failed or was cancelled says why.
+ * Interrupted, the same command picks it up again (the broker answers the same check-out).
+ */
+async function waitForHandover(env: ClientEnv, broker: BrokerClient, name: string, checkoutId: string): Promise<void> {
+  let said = '';
+  for (;;) {
+    const { handover: h } = await broker.call('GET', `/v1/checkouts/${checkoutId}/handover`, undefined, HandoverWait);
+    const line = h.step === 'asked' ? `${name} runs on host ${h.host}: asking it to hand the desktop over`
+      : h.step === 'shutting-down' ? `host ${h.host} is shutting ${name} down` : h.step === 'sending' ? `host ${h.host} is sending back what ${name} wrote (${h.detail ?? ''})` : `handover ${h.step}`;
+    if (line !== said) env.log((said = line));
+    if (h.step === 'done') return;
+    if (h.step === 'failed' || h.step === 'cancelled') throw new CarryonError('handover-failed', `host ${h.host} did not hand ${name} over (${h.step}: ${h.detail ?? 'no reason'}); the desktop stays on the host, nothing is lost`);
+    if (env.signal?.aborted) throw new CarryonError('aborted', 'stopped waiting for the host; run the same command again to go on');
+    await new Promise((r) => setTimeout(r, env.pollMs ?? 500));
   }
 }
 

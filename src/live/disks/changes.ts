@@ -9,16 +9,19 @@ import type { PagesSource } from '../../transfer-client/push-pages.js';
 import type { DesktopDisk } from './disks.js';
 import type { PushJournal } from './push-journal.js';
 
+/** What reading changes needs of a disk: its name and checkpoint manifest (a host's disk is one too, host/send-back.ts). */
+export type ReadDisk = Pick<DesktopDisk, 'name' | 'base'>;
+
 /** One disk as check-in reads it: the chain, through its top export, and the top layer's allocated extents. */
-export interface DiskReader {
-  disk: DesktopDisk;
+export interface DiskReader<D extends ReadDisk = DesktopDisk> {
+  disk: D;
   top: NbdClient;
   extents: Range[];
 }
 
 /** A chunk with pages written since the checkpoint. */
 export interface ChangedChunk {
-  reader: DiskReader;
+  reader: DiskReader<ReadDisk>;
   index: number;
   /** The written pages (the top layer's allocated ones), relative to the chunk. */
   pages: Range[];
@@ -30,7 +33,7 @@ export interface ChangedChunk {
  * is read. Each is sent as its written pages and named by the transfer server (push-pages), so
  * a check-in reads only what the user wrote, never the unchanged rest of a chunk from the base.
  */
-export function touchedChunks(readers: DiskReader[]): ChangedChunk[] {
+export function touchedChunks(readers: DiskReader<ReadDisk>[]): ChangedChunk[] {
   const out: ChangedChunk[] = [];
   for (const reader of readers) {
     const { chunkSize, diskSize } = reader.disk.base;
@@ -90,7 +93,7 @@ export interface DiskChanges {
 }
 
 /** What the transfer server's names for `chunks` (by tag) change, per disk. */
-export function namedOutcome(readers: DiskReader[], chunks: readonly ChangedChunk[], named: ReadonlyMap<number, ChunkId | null>): Outcome {
+export function namedOutcome(readers: DiskReader<ReadDisk>[], chunks: readonly ChangedChunk[], named: ReadonlyMap<number, ChunkId | null>): Outcome {
   const out: Outcome = { changes: [], changedChunks: 0 };
   for (const reader of readers) {
     const { base } = reader.disk;
