@@ -2,7 +2,9 @@ import type { DatacenterHypervisor } from '../hypervisor/datacenter/hypervisor.j
 import type { ChunkStore } from '../store/chunk-store.js';
 import type { MetadataStore } from '../store/metadata.js';
 import type { LdapConfig } from './directory.js';
+import type { KeyObject } from 'node:crypto';
 import type { HostStore } from './hosts/store.js';
+import type { ReleaseStore } from './releases/store.js';
 import type { ImportJobs } from './imports.js';
 import type { BrokerSecrets } from './secrets.js';
 import type { JobProgress } from './transfers/progress.js';
@@ -47,6 +49,11 @@ export interface BrokerContext {
   hypervisor: DatacenterHypervisor;
   /** Desktop hosts, where each desktop runs online, and their commands. */
   hosts: HostStore;
+  /**
+   * Client releases (issue 28): the public release key only (`key`: null when none is configured,
+   * and then nothing can be published), the bundles' directory, and their records.
+   */
+  releases: { store: ReleaseStore; key: KeyObject | null; keyB64: string | null; dir: string };
   /** Desktop imports running in the background. */
   imports: ImportJobs;
   /** Live per-job transfer progress reported by transfer servers. */

@@ -37,6 +37,10 @@ import { Scheduler } from './transfers/scheduler.js';
 import { pushRevocations } from './transfers/revoke-push.js';
 import { SchedulerStore } from './transfers/scheduler-store.js';
 import { HostStore } from './hosts/store.js';
+import { ReleaseStore } from './releases/store.js';
+import { releaseAdminRoutes, releaseAgentRoutes } from './routes/releases.js';
+import { parseReleasePublicKey } from '../core/release.js';
+import { publicKeyToBase64 } from '../core/signing.js';
 import { hostAdminRoutes, hostRoutes } from './routes/hosts.js';
 import { displayAdminRoutes, displayRoutes } from './routes/display.js';
 import { displayRelay } from './display/relay.js';
@@ -80,6 +84,8 @@ export interface BrokerConfig {
   importDirs?: string[];
   throttle?: Partial<ThrottleSettings>;
   log?: boolean;
+  /** The release public key (base64 SPKI, `carryon admin releases keygen`): what published bundles must be signed by. */
+  releasePublicKey?: string;
 }
 
 export interface RunningBroker {
@@ -148,8 +154,10 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
       if (others.length) await pushRevocations(others, ids, secrets.signing.privateKey);
     },
   });
+  const releaseKey = config.releasePublicKey ? parseReleasePublicKey(config.releasePublicKey, 'the release key') : null;
+  const releases = { store: await ReleaseStore.open(sql), key: releaseKey, keyB64: releaseKey ? publicKeyToBase64(releaseKey) : null, dir: join(config.dataDir, 'releases') };
   const ctx: BrokerContext = {
-    settings, meta, store, secrets, scheduler, hypervisor, hosts: await HostStore.open(sql), imports: new ImportJobs(), jobProgress: new JobProgress(),
+    settings, meta, store, secrets, scheduler, hypervisor, hosts: await HostStore.open(sql), releases, imports: new ImportJobs(), jobProgress: new JobProgress(),
     throttle: new LoginThrottle(new DatabaseFailureLog(meta), { ...DEFAULT_THROTTLE, ...config.throttle }),
     audit: async (e) => void (await meta.addEvent({ actor: e.actor, desktopId: e.desktopId ?? null, action: e.action, outcome: e.outcome, detail: e.detail ?? null })),
     keysFor: (wrapped, context) => encodeLineageKeys(unwrapLineageKeys(secrets.masterKey, wrapped, context)),
@@ -174,6 +182,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   userRoutes(app, ctx);
   restoreRoutes(app, ctx);
   agentRoutes(app, ctx);
+  releaseAgentRoutes(app, ctx);
   jobRoutes(app, ctx);
   transferRoutes(app, ctx);
   hostRoutes(app, ctx);
@@ -190,6 +199,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     (a) => exportRoutes(a, ctx),
     (a) => hostAdminRoutes(a, ctx),
     (a) => displayAdminRoutes(a, ctx),
+    (a) => releaseAdminRoutes(a, ctx),
   ]);
   consoleRoutes(app);
   const host = config.host ?? '127.0.0.1';

@@ -2,6 +2,7 @@ import type { Command } from 'commander';
 import { registerDesktopCommands } from './admin-desktops.js';
 import { registerDirectoryCommands } from './admin-directory.js';
 import { registerOpsCommands } from './admin-ops.js';
+import { registerReleaseCommands } from './admin-releases.js';
 import { registerHostAdminCommands } from './admin-hosts.js';
 
 /**
@@ -19,4 +20,5 @@ export function registerAdminCommands(program: Command): void {
   registerDesktopCommands(admin);
   registerOpsCommands(admin);
   registerHostAdminCommands(admin);
+  registerReleaseCommands(admin);
 }

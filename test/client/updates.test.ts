@@ -1,0 +1,208 @@
+import assert from 'node:assert/strict';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { appendFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readlinkSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { request } from 'undici';
+import { runAgent } from '../../src/client/agent.js';
+import { enroll, type ClientEnv } from '../../src/client/ops.js';
+import { RELEASE_PIN } from '../../src/client/release-pin.js';
+import { loadReleasePrivateKey, newReleaseKey, RELEASE_SIGNATURE_HEADER, sha256File, signRelease, type ReleaseSignature } from '../../src/core/release.js';
+import { pinnedAgent } from '../../src/net/pinned-agent.js';
+import type { ReleaseRow } from '../../src/broker/releases/store.js';
+import { ADMIN, api, cleanup, testBroker, type Api, type TestBroker } from '../broker/harness.js';
+
+/**
+ * Client updates end to end (issue 28): real bundles of this tree (`npm pack` at other version
+ * numbers), a broker holding only the release public key, the agent in process (the running
+ * 0.1.0) and then the installed launcher (a real process of the new version).
+ */
+process.env.CARRYON_SCRYPT_N = '1024';
+const PASS = 'release-passphrase';
+let broker: TestBroker;
+let http: Api;
+let admin: string;
+let env: ClientEnv;
+let deviceId: string;
+let work: string;
+let root: string;
+const logs: string[] = [];
+const key = newReleaseKey(PASS);
+const other = newReleaseKey(PASS);
+const bundles: Record<string, string> = {};
+
+/** `npm pack` of this tree's build at `version` (dist/src only: what package.json's `files` ships); `broken`: its code does not load. */
+function pack(version: string, broken = false): string {
+  const dir = mkdtempSync(join(work, `pack-${version}-`));
+  const pkg = JSON.parse(readFileSync('package.json', 'utf8')) as Record<string, unknown>;
+  writeFileSync(join(dir, 'package.json'), JSON.stringify({ ...pkg, version, scripts: {} }, null, 2));
+  cpSync('dist/src', join(dir, 'dist', 'src'), { recursive: true });
+  if (broken) appendFileSync(join(dir, 'dist', 'src', 'client', 'home.js'), "\nthrow new Error('this build is broken');\n");
+  const name = execFileSync('npm', ['pack', '--ignore-scripts', '--silent', '--pack-destination', work], { cwd: dir, encoding: 'utf8' }).trim().split('\n').pop()!;
+  return join(work, name);
+}
+
+async function sign(bundle: string, version: string, k = key): Promise<ReleaseSignature> {
+  const { sha256, size } = await sha256File(bundle);
+  return signRelease(loadReleasePrivateKey(k.privatePem, PASS), { v: 1, name: 'carryon', version, sha256, size });
+}
+
+async function publish(bundle: string, sig: ReleaseSignature, version: string): Promise<{ status: number; body: Record<string, unknown> }> {
+  const agent = pinnedAgent(broker.fingerprint);
+  try {
+    const res = await request(`${broker.url}/v1/admin/releases/${version}`, { method: 'PUT', dispatcher: agent, body: readFileSync(bundle), headers: { 'content-type': 'application/octet-stream', authorization: `Bearer ${admin}`, [RELEASE_SIGNATURE_HEADER]: Buffer.from(JSON.stringify(sig)).toString('base64') } });
+    return { status: res.statusCode, body: (await res.body.json()) as Record<string, unknown> };
+  } finally {
+    await agent.close();
+  }
+}
+
+/** The carryon CLI as the launcher runs it (the installed `current`), or the tree's own. */
+function cli(args: string[], opts: { launcher?: boolean; env?: Record<string, string> } = {}): Promise<{ code: number | null; out: string; err: string }> {
+  const [cmd, argv] = opts.launcher ? [join(root, 'bin', 'carryon'), args] : [process.execPath, [join(process.cwd(), 'dist', 'src', 'cli', 'main.js'), ...args]];
+  return new Promise((resolve) => {
+    const child = spawn(cmd, argv, { env: { ...process.env, CARRYON_HOME: env.home, ...opts.env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    child.stdout.on('data', (d: Buffer) => { out += d.toString(); });
+    child.stderr.on('data', (d: Buffer) => { err += d.toString(); });
+    child.once('exit', (code) => resolve({ code, out, err }));
+  });
+}
+
+const deviceRow = async () => ((await http.call('GET', '/v1/admin/devices', undefined, admin)).body.devices as { id: string; update: { ring: string; runningVersion: string | null; state: string | null; targetVersion: string | null; detail: string | null } }[]).find((d) => d.id === deviceId)!.update;
+const current = () => readlinkSync(join(root, 'current'));
+
+before(async () => {
+  work = mkdtempSync(join(tmpdir(), 'carryon-updates-'));
+  broker = await testBroker(undefined, { releasePublicKey: key.publicB64 });
+  http = api(broker.url, broker.fingerprint);
+  admin = await http.login(ADMIN.name, ADMIN.password);
+  await http.call('POST', '/v1/admin/users', { name: 'alice', password: 'alice-password' }, admin);
+  env = { home: join(work, 'laptop'), user: 'alice', password: async () => 'alice-password', log: (l) => void logs.push(l), pollMs: 20 };
+  deviceId = (await enroll(env, broker.url, { fingerprint: broker.fingerprint, name: 'laptop' })).deviceId;
+  bundles['0.2.0'] = pack('0.2.0');
+  bundles['0.3.0'] = pack('0.3.0', true);
+  // A managed install whose 0.1.0 is this tree (what the in-process agent runs).
+  root = join(work, 'install');
+  mkdirSync(join(root, 'versions', '0.1.0'), { recursive: true });
+  symlinkSync(process.cwd(), join(root, 'versions', '0.1.0', 'package'));
+  symlinkSync('versions/0.1.0', join(root, 'current'));
+});
+after(async () => {
+  await http?.close();
+  await broker?.close();
+  if (work) cleanup(work);
+  if (broker) cleanup(broker.dir);
+});
+
+test('enrolment pins the release key, signed by the device key', () => {
+  const pin = JSON.parse(readFileSync(join(env.home, RELEASE_PIN), 'utf8')) as { publicKey: string };
+  assert.equal(pin.publicKey, key.publicB64);
+});
+
+test('the broker refuses a bundle signed by another key, or not the one signed', async () => {
+  const bad = await publish(bundles['0.2.0']!, await sign(bundles['0.2.0']!, '0.2.0', other), '0.2.0');
+  assert.equal(bad.status, 400);
+  assert.equal(bad.body.error, 'release-signature');
+  // A signature over the 0.2.0 bundle does not carry the 0.3.0 bundle.
+  const swapped = await publish(bundles['0.3.0']!, await sign(bundles['0.2.0']!, '0.3.0'), '0.3.0');
+  assert.equal(swapped.status, 400);
+  assert.equal(swapped.body.error, 'bundle-mismatch');
+  assert.deepEqual((await http.call('GET', '/v1/admin/releases', undefined, admin)).body.releases, []);
+});
+
+test('a release rolled out to canary: waits while a desktop runs, resumes its download, installs beside 0.1.0, switches, and the new version runs and reports', async () => {
+  // Signed and published with the admin CLI, as an admin would.
+  writeFileSync(join(work, 'release-key.pem'), key.privatePem);
+  const adminEnv = { CARRYON_URL: broker.url, CARRYON_FINGERPRINT: broker.fingerprint, CARRYON_USER: ADMIN.name, CARRYON_PASSWORD: ADMIN.password, CARRYON_RELEASE_PASSPHRASE: PASS };
+  const signed = await cli(['admin', 'releases', 'sign', bundles['0.2.0']!, '--key', join(work, 'release-key.pem')], { env: adminEnv });
+  assert.equal(signed.code, 0, signed.err);
+  const published = await cli(['admin', 'releases', 'publish', bundles['0.2.0']!, '--signature', `${bundles['0.2.0']!}.sig`], { env: adminEnv });
+  assert.equal(published.code, 0, published.err);
+  assert.equal((await http.call('POST', '/v1/admin/releases/0.2.0/rollout', { ring: 'canary' }, admin)).status, 200);
+
+  // A stable device is not offered a canary release.
+  assert.equal((await runAgent(env, { once: true, installRoot: root })).update, undefined);
+  assert.equal((await deviceRow()).runningVersion, '0.1.0');
+  assert.equal((await http.call('POST', `/v1/admin/devices/${deviceId}/ring`, { ring: 'canary' }, admin)).status, 200);
+
+  // A desktop in use (its owner claim names a live process): downloaded and verified, not applied.
+  const holder: ChildProcess = spawn('sleep', ['60'], { stdio: 'ignore' });
+  const run = join(env.home, 'desktops', 'busy-desktop', 'run');
+  mkdirSync(run, { recursive: true });
+  writeFileSync(join(run, 'owner.json'), JSON.stringify({ pid: holder.pid, kind: 'run' }));
+  // Half the bundle is already here from an earlier try that was cut off.
+  mkdirSync(join(root, 'downloads'), { recursive: true });
+  const whole = readFileSync(bundles['0.2.0']!);
+  writeFileSync(join(root, 'downloads', '0.2.0.tgz.part'), whole.subarray(0, whole.length >> 1));
+  try {
+    assert.equal((await runAgent(env, { once: true, installRoot: root })).update, 'waiting');
+    assert.ok(logs.some((l) => l.includes(`resuming the download at ${whole.length >> 1} of ${whole.length} bytes`)), logs.join('\n'));
+    assert.equal(current(), 'versions/0.1.0');
+    assert.equal((await deviceRow()).state, 'waiting');
+  } finally {
+    holder.kill();
+  }
+  await new Promise((r) => holder.once('exit', r));
+
+  assert.equal((await runAgent(env, { once: true, installRoot: root })).update, 'done');
+  assert.equal(current(), 'versions/0.2.0');
+  assert.ok(existsSync(join(root, 'versions', '0.1.0')), 'the old version stays beside the new one');
+  assert.deepEqual({ state: (await deviceRow()).state, target: (await deviceRow()).targetVersion }, { state: 'done', target: '0.2.0' });
+
+  // The launcher runs 0.2.0 now: its self-check, and its agent's heartbeat, say so.
+  const check = await cli(['--json', 'self-check'], { launcher: true });
+  assert.equal(check.code, 0, check.err);
+  assert.equal((JSON.parse(check.out) as { version: string }).version, '0.2.0');
+  const beat = await cli(['agent', '--once'], { launcher: true });
+  assert.equal(beat.code, 0, beat.err);
+  assert.equal((await deviceRow()).runningVersion, '0.2.0');
+  const list = await cli(['admin', 'devices', 'list'], { env: adminEnv });
+  assert.match(list.out, /0\.2\.0\s+canary\s+0\.2\.0 done/);
+});
+
+test('a compromised broker cannot install a release with a bad signature, nor an older one', async () => {
+  const store = broker.ctx.releases.store;
+  const offerFor = store.offerFor.bind(store);
+  const offer = async (version: string, sig: ReleaseSignature) => {
+    const { sha256, size } = await sha256File(bundles['0.2.0']!);
+    const row: ReleaseRow = { version, sha256, size, manifest: sig.manifest, signature: sig.signature, ring: 'canary', publishedAt: '', publishedBy: '', rolledOutAt: null };
+    store.offerFor = async () => row;
+  };
+  try {
+    await offer('0.4.0', await sign(bundles['0.2.0']!, '0.4.0', other));
+    const bad = await cli(['agent', '--once'], { launcher: true });
+    assert.equal(bad.code, 0, bad.err);
+    assert.equal((await deviceRow()).state, 'refused');
+    assert.match((await deviceRow()).detail!, /does not verify under the release key/);
+    // Validly signed, but older than what runs (the broker may hold every old release).
+    await offer('0.1.5', await sign(bundles['0.2.0']!, '0.1.5'));
+    await cli(['agent', '--once'], { launcher: true });
+    assert.deepEqual({ state: (await deviceRow()).state, target: (await deviceRow()).targetVersion }, { state: 'refused', target: '0.1.5' });
+    assert.match((await deviceRow()).detail!, /downgrades are refused/);
+  } finally {
+    store.offerFor = offerFor;
+  }
+  assert.equal(current(), 'versions/0.2.0');
+  assert.equal((JSON.parse((await cli(['--json', 'self-check'], { launcher: true })).out) as { version: string }).version, '0.2.0');
+});
+
+test('a release whose self-check fails is rolled back: the device keeps running the version it had', async () => {
+  assert.equal((await publish(bundles['0.3.0']!, await sign(bundles['0.3.0']!, '0.3.0'), '0.3.0')).status, 201);
+  assert.equal((await http.call('POST', '/v1/admin/releases/0.3.0/rollout', { ring: 'canary' }, admin)).status, 200);
+  const r = await cli(['agent', '--once'], { launcher: true });
+  assert.equal(r.code, 0, r.err);
+  const row = await deviceRow();
+  assert.deepEqual({ state: row.state, target: row.targetVersion }, { state: 'rolled-back', target: '0.3.0' });
+  assert.match(row.detail!, /this build is broken/);
+  assert.equal(current(), 'versions/0.2.0');
+  assert.ok(!existsSync(join(root, 'versions', '0.3.0')));
+  // Not tried again at the next heartbeat; the device reports the version it runs.
+  await cli(['agent', '--once'], { launcher: true });
+  assert.equal((await deviceRow()).runningVersion, '0.2.0');
+  assert.equal((await deviceRow()).state, 'rolled-back');
+  const audit = (await http.call('GET', '/v1/admin/events?limit=10000', undefined, admin)).body.events as { action: string; outcome: string; detail: string }[];
+  assert.ok(audit.some((e) => e.action === 'client-update' && e.outcome === 'failed' && e.detail.startsWith('0.3.0: rolled-back')));
+});
