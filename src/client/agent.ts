@@ -18,7 +18,8 @@ import { laptopClock } from './laptop-clock.js';
 import { eraseAllParked, eraseParked } from './parked.js';
 import { PACKAGE_VERSION } from '../broker/version.js';
 import { readReleasePin } from './release-pin.js';
-import { applyUpdate, installRootOf, runningPackageDir, UpdateOffer, type UpdateState } from './update.js';
+import { applyUpdate, installRootOf, runningPackageDir, UpdateOffer, writeLauncher, type UpdateState } from './update.js';
+import { existsSync } from 'node:fs';
 
 /** Where updates install (a managed install's root), and how long a new version's self-check may take. */
 export interface AgentUpdateOptions { installRoot?: string | null; selfCheckMs?: number }
@@ -183,7 +184,7 @@ async function offerUpdate(env: ClientEnv, device: DeviceIdentity, broker: Broke
     return 'skipped';
   }
   const me = { id: device.info.deviceId!, key: device.privateKey };
-  return applyUpdate({ root, home: env.home, pinned: await readReleasePin(env.home, me), running: { version: PACKAGE_VERSION, packageDir }, broker, device: me, log: env.log, selfCheckMs: opts.selfCheckMs }, offer);
+  return applyUpdate({ root, home: env.home, pinned: () => readReleasePin(env.home, me), running: { version: PACKAGE_VERSION, packageDir }, broker, device: me, log: env.log, selfCheckMs: opts.selfCheckMs }, offer);
 }
 
 async function renewLeases(vault: Vault, broker: BrokerClient, me: { id: string; key: DeviceIdentity['privateKey'] }, device: DeviceIdentity, clock: AgentClockWriter): Promise<void> {
@@ -211,6 +212,9 @@ function leaseIssuedAt(lease: SignedLease): string | null {
 export async function runAgent(env: ClientEnv, opts: { once: boolean; signal?: AbortSignal } & AgentUpdateOptions) {
   const device = await loadDevice(env.home);
   const broker = new BrokerClient(brokerEndpoints(device.info), '', env.log);
+  // A managed install gets its launcher before any update needs it (the service runs that).
+  const root = opts.installRoot === undefined ? installRootOf(runningPackageDir()) : opts.installRoot;
+  if (root && !existsSync(join(root, 'bin', 'carryon'))) await writeLauncher(root);
   const clock = new AgentClockWriter(env.home, { key: device.privateKey, pub: createPublicKey(device.privateKey), id: device.info.deviceId! }, env.log);
   try {
     for (;;) {

@@ -44,8 +44,8 @@ export function installRootOf(packageDir: string): string | null {
 export interface UpdateContext {
   root: string;
   home: string;
-  /** The key pinned at enrolment; null: this device gets no updates (enrolled without one). */
-  pinned: KeyObject | null;
+  /** The key pinned at enrolment; null: this device gets no updates (enrolled without one). Throws when its record was altered. */
+  pinned: () => Promise<KeyObject | null>;
   running: { version: string; packageDir: string };
   broker: BrokerClient;
   device: { id: string; key: KeyObject };
@@ -86,7 +86,7 @@ export async function applyUpdate(u: UpdateContext, offer: UpdateOffer): Promise
   };
   if (existsSync(join(u.root, 'failed', offer.version))) return 'skipped';
   try {
-    const manifest = checkOffer(u, offer);
+    const manifest = await checkOffer(u, offer);
     const bundle = await download(u, manifest, () => report('downloading'));
     await report('verified', `signature, sha256 ${manifest.sha256.slice(0, 12)}… and version checked`);
     const busy = await busyDesktop(u.home);
@@ -121,11 +121,17 @@ export async function applyUpdate(u: UpdateContext, offer: UpdateOffer): Promise
 }
 
 /** Before a byte is fetched: signed by the pinned key, and strictly newer than what runs. */
-function checkOffer(u: UpdateContext, offer: UpdateOffer): ReleaseManifest {
-  if (!u.pinned) throw new Refused('refused', 'this device pinned no release key at enrolment: enrol it again to receive updates');
+async function checkOffer(u: UpdateContext, offer: UpdateOffer): Promise<ReleaseManifest> {
+  let pinned: KeyObject | null;
+  try {
+    pinned = await u.pinned();
+  } catch (err) {
+    throw new Refused('refused', (err as Error).message);
+  }
+  if (!pinned) throw new Refused('refused', 'this device pinned no release key at enrolment: enrol it again to receive updates');
   let manifest: ReleaseManifest;
   try {
-    manifest = verifyRelease(u.pinned, offer.signature);
+    manifest = verifyRelease(pinned, offer.signature);
   } catch (err) {
     throw new Refused('refused', `${(err as Error).message} (the key pinned at enrolment)`);
   }

@@ -163,7 +163,7 @@ test('a release rolled out to canary: waits while a desktop runs, resumes its do
   assert.match(list.out, /0\.2\.0\s+canary\s+0\.2\.0 done/);
 });
 
-test('a compromised broker cannot install a release with a bad signature, nor an older one', async () => {
+test('a compromised broker cannot install a release with a bad signature, nor an older one; a swapped pin is refused', async () => {
   const store = broker.ctx.releases.store;
   const offerFor = store.offerFor.bind(store);
   const offer = async (version: string, sig: ReleaseSignature) => {
@@ -182,6 +182,18 @@ test('a compromised broker cannot install a release with a bad signature, nor an
     await cli(['agent', '--once'], { launcher: true });
     assert.deepEqual({ state: (await deviceRow()).state, target: (await deviceRow()).targetVersion }, { state: 'refused', target: '0.1.5' });
     assert.match((await deviceRow()).detail!, /downgrades are refused/);
+    // Someone who can write the home (not holding the device key) swaps the pinned key for theirs.
+    const pinPath = join(env.home, RELEASE_PIN);
+    const pinned = readFileSync(pinPath, 'utf8');
+    writeFileSync(pinPath, JSON.stringify({ ...JSON.parse(pinned), publicKey: other.publicB64 }));
+    try {
+      await offer('0.4.1', await sign(bundles['0.2.0']!, '0.4.1', other));
+      await cli(['agent', '--once'], { launcher: true });
+      assert.deepEqual({ state: (await deviceRow()).state, target: (await deviceRow()).targetVersion }, { state: 'refused', target: '0.4.1' });
+      assert.match((await deviceRow()).detail!, /altered outside Carryon/);
+    } finally {
+      writeFileSync(pinPath, pinned);
+    }
   } finally {
     store.offerFor = offerFor;
   }
