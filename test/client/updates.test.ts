@@ -32,11 +32,11 @@ const key = newReleaseKey(PASS);
 const other = newReleaseKey(PASS);
 const bundles: Record<string, string> = {};
 
-/** `npm pack` of this tree's build at `version` (dist/src only: what package.json's `files` ships); `broken`: its code does not load. */
-function pack(version: string, broken = false): string {
+/** `npm pack` of this tree's build at `version` (dist/src only: what package.json's `files` ships); `broken`: its code does not load; `dependencies`: other ones. */
+function pack(version: string, broken = false, dependencies?: Record<string, string>): string {
   const dir = mkdtempSync(join(work, `pack-${version}-`));
   const pkg = JSON.parse(readFileSync('package.json', 'utf8')) as Record<string, unknown>;
-  writeFileSync(join(dir, 'package.json'), JSON.stringify({ ...pkg, version, scripts: {} }, null, 2));
+  writeFileSync(join(dir, 'package.json'), JSON.stringify({ ...pkg, version, scripts: {}, ...(dependencies ? { dependencies } : {}) }, null, 2));
   cpSync('dist/src', join(dir, 'dist', 'src'), { recursive: true });
   if (broken) appendFileSync(join(dir, 'dist', 'src', 'client', 'home.js'), "\nthrow new Error('this build is broken');\n");
   const name = execFileSync('npm', ['pack', '--ignore-scripts', '--silent', '--pack-destination', work], { cwd: dir, encoding: 'utf8' }).trim().split('\n').pop()!;
@@ -84,6 +84,8 @@ before(async () => {
   deviceId = (await enroll(env, broker.url, { fingerprint: broker.fingerprint, name: 'laptop' })).deviceId;
   bundles['0.2.0'] = pack('0.2.0');
   bundles['0.3.0'] = pack('0.3.0', true);
+  const deps = (JSON.parse(readFileSync('package.json', 'utf8')) as { dependencies: Record<string, string> }).dependencies;
+  bundles['0.5.0'] = pack('0.5.0', false, { ...deps, 'left-pad': '^1.3.0' });
   // A managed install whose 0.1.0 is this tree (what the in-process agent runs).
   root = join(work, 'install');
   mkdirSync(join(root, 'versions', '0.1.0'), { recursive: true });
@@ -217,4 +219,15 @@ test('a release whose self-check fails is rolled back: the device keeps running 
   assert.equal((await deviceRow()).state, 'rolled-back');
   const audit = (await http.call('GET', '/v1/admin/events?limit=10000', undefined, admin)).body.events as { action: string; outcome: string; detail: string }[];
   assert.ok(audit.some((e) => e.action === 'client-update' && e.outcome === 'failed' && e.detail.startsWith('0.3.0: rolled-back')));
+});
+
+test('a release that changes its dependencies is refused: it needs a full install (laptops cannot reach npm)', async () => {
+  assert.equal((await publish(bundles['0.5.0']!, await sign(bundles['0.5.0']!, '0.5.0'), '0.5.0')).status, 201);
+  assert.equal((await http.call('POST', '/v1/admin/releases/0.5.0/rollout', { ring: 'all' }, admin)).status, 200);
+  await cli(['agent', '--once'], { launcher: true });
+  const row = await deviceRow();
+  assert.deepEqual({ state: row.state, target: row.targetVersion }, { state: 'refused', target: '0.5.0' });
+  assert.match(row.detail!, /changes its dependencies \(left-pad\).*needs a full install/);
+  assert.equal(current(), 'versions/0.2.0');
+  assert.ok(!existsSync(join(root, 'versions', '0.5.0')));
 });
