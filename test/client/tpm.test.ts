@@ -1,3 +1,4 @@
+// carryon-test: serial (swtpm flaked when another heavy file shared the 2 cores)
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';

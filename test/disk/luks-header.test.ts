@@ -1,3 +1,4 @@
+// carryon-test: serial (LUKS creation benchmarks PBKDF on both cores; it flaked beside another heavy file)
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';

@@ -1,3 +1,4 @@
+// carryon-test: sqlite-only (the guest and the laptop are the subject; their broker side runs on PostgreSQL in lifecycle and live)
 import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
