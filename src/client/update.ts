@@ -256,7 +256,7 @@ export async function writeLauncher(root: string): Promise<void> {
 
 /** What `carryon self-check` prints: this version, loaded whole, and the home opened read-only. */
 export async function selfCheckReport(home: string): Promise<{ ok: true; version: string; enrolled: boolean; desktops: number }> {
-  // Every command module is already loaded by the CLI that runs this: a broken build fails before here.
+  // The CLI and the laptop's modules are loaded by the CLI that runs this: a broken build fails before here.
   let enrolled = false;
   if (existsSync(join(home, 'device.json'))) {
     const device = await loadDevice(home);

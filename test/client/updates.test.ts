@@ -18,6 +18,7 @@ import { ADMIN, api, cleanup, testBroker, type Api, type TestBroker } from '../b
  * numbers), a broker holding only the release public key, the agent in process (the running
  * 0.1.0) and then the installed launcher (a real process of the new version).
  */
+// carryon-test: serial (a broker of its own, and carryon processes under a 60 s self-check limit)
 process.env.CARRYON_SCRYPT_N = '1024';
 const PASS = 'release-passphrase';
 let broker: TestBroker;
