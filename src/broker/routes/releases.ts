@@ -10,6 +10,7 @@ import { CarryonError } from '../../core/errors.js';
 import { MAX_BUNDLE_BYTES, parseSignatureFile, RELEASE_SIGNATURE_HEADER, VERSION_RE, verifyRelease, type ReleaseManifest, type ReleaseSignature } from '../../core/release.js';
 import type { BrokerContext } from '../context.js';
 import { HttpError, parse, requireDevice } from '../http.js';
+import { drainRefusedBody } from '../../net/body-limits.js';
 import type { ReleaseRow } from '../releases/store.js';
 import { adminOf } from './admin-scope.js';
 
@@ -30,6 +31,30 @@ export function offerOf(r: ReleaseRow) {
   return { version: r.version, size: r.size, sha256: r.sha256, signature: { manifest: r.manifest, signature: r.signature } };
 }
 
+/** The signature header, checked against the configured key and the request, before the body is read. */
+async function checkPublish(ctx: BrokerContext, actor: string, version: string, headers: Record<string, string | string[] | undefined>): Promise<{ manifest: ReleaseManifest; sig: ReleaseSignature }> {
+  const { releases } = ctx;
+  if (!releases.key) throw new HttpError(409, 'no-release-key', 'this broker has no release public key configured (`carryon server --release-key FILE`): it cannot check a release');
+  const header = headers[SIGNATURE_HEADER];
+  if (typeof header !== 'string') throw new HttpError(400, 'invalid', `send the signature file in the ${SIGNATURE_HEADER} header (base64)`);
+  let manifest: ReleaseManifest;
+  let sig: ReleaseSignature;
+  try {
+    sig = parseSignatureFile(Buffer.from(header, 'base64').toString('utf8'), 'the signature header');
+    manifest = verifyRelease(releases.key, sig);
+  } catch (err) {
+    const message = (err as Error).message;
+    await ctx.audit({ actor, action: 'release-publish', outcome: 'denied', detail: `${version}: ${message}` });
+    throw new HttpError(400, err instanceof CarryonError ? err.code : 'invalid', message, {}, true);
+  }
+  if (manifest.version !== version) throw new HttpError(400, 'invalid', `the signature is for version ${manifest.version}, not ${version}`);
+  if (manifest.size > MAX_BUNDLE_BYTES) throw new HttpError(413, 'too-large', `bundles are at most ${MAX_BUNDLE_BYTES} bytes`);
+  const declared = Number(headers['content-length']);
+  if (Number.isFinite(declared) && declared !== manifest.size) throw new HttpError(400, 'bundle-mismatch', `the body is ${declared} bytes; the signed manifest says ${manifest.size}`);
+  if (await releases.store.release(version)) throw new HttpError(409, 'exists', `version ${version} is already published; a version names one bundle for good (publish a newer one)`);
+  return { manifest, sig };
+}
+
 export function releaseAdminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
   const { releases } = ctx;
   app.register(async (raw) => {
@@ -37,24 +62,11 @@ export function releaseAdminRoutes(app: FastifyInstance, ctx: BrokerContext): vo
     raw.put('/v1/admin/releases/:version', { bodyLimit: MAX_BUNDLE_BYTES }, async (req, reply) => {
       const actor = adminOf(req);
       const { version } = parse(VersionParam, req.params);
-      if (!releases.key) throw new HttpError(409, 'no-release-key', 'this broker has no release public key configured (`carryon server --release-key FILE`): it cannot check a release');
-      const header = req.headers[SIGNATURE_HEADER];
-      if (typeof header !== 'string') throw new HttpError(400, 'invalid', `send the signature file in the ${SIGNATURE_HEADER} header (base64)`);
-      let manifest: ReleaseManifest;
-      let sig: ReleaseSignature;
-      try {
-        sig = parseSignatureFile(Buffer.from(header, 'base64').toString('utf8'), 'the signature header');
-        manifest = verifyRelease(releases.key, sig);
-      } catch (err) {
-        const message = (err as Error).message;
-        await ctx.audit({ actor, action: 'release-publish', outcome: 'denied', detail: `${version}: ${message}` });
-        throw new HttpError(400, err instanceof CarryonError ? err.code : 'invalid', message, {}, true);
-      }
-      if (manifest.version !== version) throw new HttpError(400, 'invalid', `the signature is for version ${manifest.version}, not ${version}`);
-      if (manifest.size > MAX_BUNDLE_BYTES) throw new HttpError(413, 'too-large', `bundles are at most ${MAX_BUNDLE_BYTES} bytes`);
-      const declared = Number(req.headers['content-length']);
-      if (Number.isFinite(declared) && declared !== manifest.size) throw new HttpError(400, 'bundle-mismatch', `the body is ${declared} bytes; the signed manifest says ${manifest.size}`);
-      if (await releases.store.release(version)) throw new HttpError(409, 'exists', `version ${version} is already published; a version names one bundle for good (publish a newer one)`);
+      // Refused before a byte of the body is read: the rest is read and dropped, so the sender (still streaming) sees the answer.
+      const { manifest, sig } = await checkPublish(ctx, actor, version, req.headers).catch((err: unknown) => {
+        drainRefusedBody(req, reply);
+        throw err;
+      });
       const body = req.body as Readable | undefined;
       if (!body || typeof body.pipe !== 'function') throw new HttpError(415, 'octet-stream', 'send the bundle as application/octet-stream');
       await mkdir(releases.dir, { recursive: true, mode: 0o700 });
