@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { appendFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readlinkSync, symlinkSync, writeFileSync } from 'node:fs';
+import { appendFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readlinkSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
@@ -231,4 +231,20 @@ test('a release that changes its dependencies is refused: it needs a full instal
   assert.match(row.detail!, /changes its dependencies \(left-pad\).*needs a full install/);
   assert.equal(current(), 'versions/0.2.0');
   assert.ok(!existsSync(join(root, 'versions', '0.5.0')));
+});
+
+test('keygen writes an encrypted private key (0600) and its public half once; the broker refuses a private key as its release key', async () => {
+  const dir = join(work, 'keys');
+  const withPass = { CARRYON_RELEASE_PASSPHRASE: PASS };
+  const made = await cli(['admin', 'releases', 'keygen', '--out', dir], { env: withPass });
+  assert.equal(made.code, 0, made.err);
+  assert.equal(statSync(join(dir, 'release-key.pem')).mode & 0o777, 0o600);
+  assert.match(readFileSync(join(dir, 'release-key.pem'), 'utf8'), /BEGIN ENCRYPTED PRIVATE KEY/);
+  assert.throws(() => loadReleasePrivateKey(readFileSync(join(dir, 'release-key.pem'), 'utf8'), 'wrong-passphrase'), /does not open/);
+  const again = await cli(['admin', 'releases', 'keygen', '--out', dir], { env: withPass });
+  assert.equal(again.code, 1);
+  assert.match(again.err, /already holds a release key/);
+  const server = await cli(['server', '--data-dir', join(work, 'srv'), '--port', '0', '--release-key', join(dir, 'release-key.pem')]);
+  assert.equal(server.code, 1);
+  assert.match(server.err, /is a private key: the broker takes the public half only/);
 });
