@@ -1,7 +1,2 @@
-import { readFileSync } from 'node:fs';
-
-/**
- * The version of this installation, read from its own package.json (dist/src/broker → the package
- * root), so a bundle packed at another version reports that version: updates compare it.
- */
-export const PACKAGE_VERSION: string = (JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
+/** The broker states the version of the installation it runs (core/version.ts reads it). */
+export { PACKAGE_VERSION } from '../core/version.js';

@@ -7,7 +7,7 @@ import { registerHostCommands } from './host-commands.js';
 import { registerClientCommands } from './client-commands.js';
 import { registerRunCommands } from './run-commands.js';
 import { CarryonError } from '../core/errors.js';
-import { PACKAGE_VERSION } from '../broker/version.js';
+import { PACKAGE_VERSION } from '../core/version.js';
 
 // `carryon status | head -2`: the reader went away, so there is nobody left to tell; end quietly
 // as a C tool killed by SIGPIPE would, instead of an unhandled 'error' event's stack trace.

@@ -1,10 +1,11 @@
 import type { Command } from 'commander';
-import { defaultHome } from '../client/home.js';
-import { specFor } from '../client/holder.js';
-import { socketDir } from '../client/disks.js';
+import { defaultHome } from '../client/vault/home.js';
+import { specFor } from '../live/fill/holder.js';
+import { socketDir } from '../live/disks/disks.js';
 import { join } from 'node:path';
-import { holdDesktop, serveDesktop, type HeldDesktop } from '../client/serve.js';
-import { startLiveControl } from '../client/live-holder.js';
+import { holdDesktop, serveDesktop } from '../client/ops/serve.js';
+import type { HeldDesktop } from '../live/fill/holder.js';
+import { startLiveControl } from '../live/live-holder.js';
 import { GuestAgent } from '../live/guest-agent.js';
 import type { Quiesce } from '../live/live-chain.js';
 import { quiesce } from '../live/quiesce.js';
@@ -15,7 +16,7 @@ import { probeKvm } from '../hypervisor/host.js';
 import { runDesktop } from '../hypervisor/launch-desktop.js';
 import { formatCommand, parseOfflineConfig, type RunningDesktop } from '../hypervisor/launch.js';
 import { passwordSource, printJsonOr } from './common.js';
-import { parseRate, RateLimiter } from '../transfer/rate-limit.js';
+import { parseRate, RateLimiter } from '../transfer-client/rate-limit.js';
 
 interface GlobalOpts { home?: string; user?: string; passwordFile?: string; json?: boolean; limitRate?: string }
 

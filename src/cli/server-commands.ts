@@ -4,11 +4,11 @@ import { join } from 'node:path';
 import type { Command } from 'commander';
 import { z } from 'zod';
 import { CarryonError } from '../core/errors.js';
-import { registerAdminCommands } from './admin-commands.js';
-import { registerAdminTrustCommands } from './admin-trust-commands.js';
-import { registerMaintenanceCommands } from './maintenance-commands.js';
+import { registerAdminCommands } from './admin/admin-commands.js';
+import { registerAdminTrustCommands } from './admin/admin-trust-commands.js';
+import { registerMaintenanceCommands } from './admin/maintenance-commands.js';
 import { passwordSource } from './common.js';
-import { parseReleasePublicKey } from '../core/release.js';
+import { parseReleasePublicKey } from '../core/tokens/release.js';
 
 const ServerConfigFile = z.object({
   dataDir: z.string().optional(),
@@ -87,7 +87,7 @@ export function registerServerCommands(program: Command): void {
       // Loaded here, not at the top: every other command (a laptop's `carryon status`) would pay for
       // fastify, pg and the S3 SDK at start (≈ 0.7 s of CPU each run).
       const [{ startBroker }, { describeStore }, { checkPostgresUrl, redactDatabaseUrl }] = await Promise.all([
-        import('../broker/start.js'), import('../store/open-store.js'), import('../store/sql/pg-driver.js'),
+        import('../broker/start.js'), import('../store/open-store.js'), import('../sql/pg-driver.js'),
       ]);
       if (database) checkPostgresUrl(database); // a clear error before anything starts
       const broker = await startBroker({

@@ -1,25 +1,25 @@
 import { createPublicKey } from 'node:crypto';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { writeFileAtomic } from '../store/files.js';
-import { SignedLease, verifyLease } from '../core/lease.js';
-import { readDiskFailures, topBytes } from './disks.js';
-import { percentLocal } from './local-progress.js';
-import { pendingEvents } from './events.js';
-import { effectiveConfig, LEASE, lockDesktop, peekClock, writeLockRecord, writePolicy } from './guards.js';
-import { readOwner } from './holder.js';
+import { writeFileAtomic } from '../files/atomic.js';
+import { SignedLease, verifyLease } from '../core/tokens/lease.js';
+import { readDiskFailures, topBytes } from '../live/disks/disks.js';
+import { percentLocal } from '../live/fill/local-progress.js';
+import { pendingEvents } from '../live/disks/events.js';
+import { effectiveConfig, LEASE, lockDesktop, peekClock, writeLockRecord, writePolicy } from './vault/guards.js';
+import { readOwner } from '../live/fill/holder.js';
 import { publicKeyFromBase64 } from '../core/signing.js';
-import { BrokerClient } from './broker-client.js';
-import { brokerEndpoints, hostFacts, loadDevice, type DeviceIdentity } from './home.js';
+import { BrokerClient } from '../net/broker-client.js';
+import { brokerEndpoints, hostFacts, loadDevice, type DeviceIdentity } from './vault/home.js';
 import { upload, type ClientEnv } from './ops.js';
-import { Vault, type DesktopState } from './vault.js';
-import { AgentClockWriter } from './agent-clock.js';
-import { laptopClock } from './laptop-clock.js';
-import { eraseAllParked, eraseParked } from './parked.js';
-import { PACKAGE_VERSION } from '../broker/version.js';
-import { readReleasePin } from './release-pin.js';
-import { applyUpdate, installRootOf, runningPackageDir, UpdateOffer, writeLauncher, type UpdateState } from './update.js';
+import { Vault, type DesktopState } from './vault/vault.js';
+import { AgentClockWriter } from './vault/agent-clock.js';
+import { laptopClock } from './vault/laptop-clock.js';
+import { eraseAllParked, eraseParked } from './vault/parked.js';
 import { existsSync } from 'node:fs';
+import { PACKAGE_VERSION } from '../core/version.js';
+import { readReleasePin } from './vault/release-pin.js';
+import { applyUpdate, installRootOf, runningPackageDir, UpdateOffer, writeLauncher, type UpdateState } from './update.js';
 
 /** Where updates install (a managed install's root), and how long a new version's self-check may take. */
 export interface AgentUpdateOptions { installRoot?: string | null; selfCheckMs?: number }

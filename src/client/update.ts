@@ -7,14 +7,14 @@ import { pipeline } from 'node:stream/promises';
 import { fileURLToPath } from 'node:url';
 import { isDeepStrictEqual } from 'node:util';
 import { z } from 'zod';
-import { PACKAGE_VERSION } from '../broker/version.js';
+import { PACKAGE_VERSION } from '../core/version.js';
 import { CarryonError } from '../core/errors.js';
-import { compareVersions, MAX_BUNDLE_BYTES, ReleaseSignature, sha256File, verifyRelease, type ReleaseManifest } from '../core/release.js';
-import type { BrokerClient } from './broker-client.js';
-import { readOwner } from './holder.js';
-import { loadDevice } from './home.js';
-import { readReleasePin } from './release-pin.js';
-import { Vault } from './vault.js';
+import { compareVersions, MAX_BUNDLE_BYTES, ReleaseSignature, sha256File, verifyRelease, type ReleaseManifest } from '../core/tokens/release.js';
+import type { BrokerClient } from '../net/broker-client.js';
+import { readOwner } from '../live/fill/holder.js';
+import { loadDevice } from './vault/home.js';
+import { readReleasePin } from './vault/release-pin.js';
+import { Vault } from './vault/vault.js';
 
 /**
  * Client updates (issue 28). A managed install is laid out as

@@ -1,8 +1,8 @@
 import { createCipheriv, randomBytes } from 'node:crypto';
 import { z } from 'zod';
 import { CarryonError, ValidationError } from '../core/errors.js';
-import { missingTool, spawnWithSecret } from '../disk/qemu-tools.js';
-import { QmpConnection } from './qmp.js';
+import { missingTool, spawnWithSecret } from '../qemu/qemu-tools.js';
+import { QmpConnection } from '../qemu/qmp.js';
 import type { HostFacts } from './host.js';
 
 /** The offline VM config (from the broker, merged with local settings) as `run` accepts it. */

@@ -7,8 +7,8 @@ import { after, before, test } from 'node:test';
 import { request } from 'undici';
 import { runAgent } from '../../src/client/agent.js';
 import { enroll, type ClientEnv } from '../../src/client/ops.js';
-import { RELEASE_PIN } from '../../src/client/release-pin.js';
-import { loadReleasePrivateKey, newReleaseKey, RELEASE_SIGNATURE_HEADER, sha256File, signRelease, type ReleaseSignature } from '../../src/core/release.js';
+import { RELEASE_PIN } from '../../src/client/vault/release-pin.js';
+import { loadReleasePrivateKey, newReleaseKey, RELEASE_SIGNATURE_HEADER, sha256File, signRelease, type ReleaseSignature } from '../../src/core/tokens/release.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
 import type { ReleaseRow } from '../../src/broker/releases/store.js';
 import { ADMIN, api, cleanup, testBroker, type Api, type TestBroker } from '../broker/harness.js';
@@ -39,7 +39,12 @@ async function pack(version: string, broken = false, dependencies?: Record<strin
   const pkg = JSON.parse(readFileSync('package.json', 'utf8')) as Record<string, unknown>;
   writeFileSync(join(dir, 'package.json'), JSON.stringify({ ...pkg, version, scripts: {}, ...(dependencies ? { dependencies } : {}) }, null, 2));
   cpSync('dist/src', join(dir, 'dist', 'src'), { recursive: true });
-  if (broken) appendFileSync(join(dir, 'dist', 'src', 'client', 'home.js'), "\nthrow new Error('this build is broken');\n");
+  if (broken) {
+    // A module every command loads (the CLI's client commands import it): the new version cannot start.
+    const loaded = join(dir, 'dist', 'src', 'client', 'vault', 'home.js');
+    assert.ok(existsSync(loaded), `${loaded} moved: break another module the CLI loads`);
+    appendFileSync(loaded, "\nthrow new Error('this build is broken');\n");
+  }
   const out = await new Promise<string>((resolve, reject) => execFile('npm', ['pack', '--ignore-scripts', '--silent', '--pack-destination', work], { cwd: dir, encoding: 'utf8' }, (err, stdout) => (err ? reject(err) : resolve(stdout))));
   return join(work, out.trim().split('\n').pop()!);
 }

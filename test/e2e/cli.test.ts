@@ -7,7 +7,7 @@ import { promisify } from 'node:util';
 import { after, before, test } from 'node:test';
 import { checkout, type ClientEnv } from '../../src/client/ops.js';
 import type { RunningBroker } from '../../src/broker/start.js';
-import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
+import { exportCurrentSnapshot } from '../../src/broker/desktops/snapshot-image.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
 
 const run = promisify(execFile);
@@ -127,8 +127,8 @@ test('CLI: enroll, check-out, write through NBD with qemu-io, check-in killed mi
   const ci = spawnCarryon(['checkin', 'win11', '--limit-rate', '1M']);
   await waitForOutput(ci, /\d+\/\d+ chunks/);
   await stopChild(ci, 'SIGKILL');
-  const held = JSON.parse((await carryon(['status', '--json'])).stdout) as { desktop: string }[];
-  assert.ok(held.some((d) => d.desktop === 'win11'), 'killed mid-upload: still checked out');
+  const held = JSON.parse((await carryon(['status', '--json'])).stdout) as { desktop: string; state: string }[];
+  assert.ok(held.some((d) => d.desktop === 'win11' && d.state !== 'parked'), 'killed mid-upload: still checked out');
   const again = await carryon(['checkin', 'win11', '--json']);
   assert.ok(JSON.parse(again.stdout).snapshotId);
   assert.ok((await serverDisk()).equals(expected), "the server's new snapshot holds the qemu-io write");
@@ -185,6 +185,7 @@ test('a check-out stopped by `carryon cancel` says truly what becomes of its dat
   assert.equal(await exited, 1);
   assert.match(err, /stopped by `carryon cancel win11`: the desktop is unlocked; what arrived stays on this laptop as an encrypted parked copy/);
   assert.doesNotMatch(err, /run the same command again to resume/);
-  assert.equal(JSON.parse((await carryon(['status', '--json'])).stdout).length, 0, 'no checked-out desktop left on the laptop');
+  const left = JSON.parse((await carryon(['status', '--json'])).stdout) as { desktop: string; state: string }[];
+  assert.deepEqual(left.map((d) => [d.desktop, d.state]), [['win11', 'parked']], 'no checked-out desktop left on the laptop; --json lists the parked copy as the text does');
   assert.match((await carryon(['status'])).stdout, /win11: parked copy/);
 });

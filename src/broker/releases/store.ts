@@ -1,5 +1,5 @@
-import type { Migration, SqlConn, SqlDb } from '../../store/sql/driver.js';
-import { compareVersions } from '../../core/release.js';
+import type { Migration, SqlConn, SqlDb } from '../../sql/driver.js';
+import { compareVersions } from '../../core/tokens/release.js';
 
 /**
  * Client releases and each device's update state (issue 28): a component of its own

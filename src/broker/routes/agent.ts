@@ -1,13 +1,13 @@
-import type { FastifyInstance } from 'fastify';
+import type { FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import { policyValues } from '../../core/policy.js';
 import type { BrokerContext } from '../context.js';
 import { HttpError, parse, requireDevice } from '../http.js';
 import { effectivePolicy } from '../policies.js';
 import { issueLease } from '../checkouts.js';
-import { enforceCutOff, stillAllowed } from '../trust.js';
-import { endWipedCheckout } from '../wipe.js';
-import { VERSION_RE } from '../../core/release.js';
+import { enforceCutOff, stillAllowed } from '../auth/trust.js';
+import { endWipedCheckout } from '../desktops/wipe.js';
+import { VERSION_RE } from '../../core/tokens/release.js';
 import { offerOf } from './releases.js';
 
 const Heartbeat = z.object({
@@ -49,7 +49,7 @@ async function fileOfflineEvents(ctx: BrokerContext, device: { id: string; user:
 }
 
 /** Agent endpoints: device-signed, outbound from the laptop only. */
-export function agentRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+export const agentRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   app.post('/v1/agent/heartbeat', async (req) => {
     // A revoked device still reaches its heartbeat: that is how its `lock` command gets to it.
     const device = await requireDevice(ctx, req, { allowRevoked: true });
@@ -106,4 +106,4 @@ export function agentRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     await ctx.audit({ actor: `device:${device.id}`, desktopId: command.desktopId, action: 'command-ack', outcome: body.ok ? 'ok' : 'failed', detail: `${id} (${command.type})${body.message ? `: ${body.message}` : ''}` });
     return { ok: true };
   });
-}
+};

@@ -4,15 +4,15 @@ import { mkdir, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import type { FastifyInstance } from 'fastify';
+import type { FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import { CarryonError } from '../../core/errors.js';
-import { MAX_BUNDLE_BYTES, parseSignatureFile, RELEASE_SIGNATURE_HEADER, VERSION_RE, verifyRelease, type ReleaseManifest, type ReleaseSignature } from '../../core/release.js';
+import { MAX_BUNDLE_BYTES, parseSignatureFile, RELEASE_SIGNATURE_HEADER, VERSION_RE, verifyRelease, type ReleaseManifest, type ReleaseSignature } from '../../core/tokens/release.js';
 import type { BrokerContext } from '../context.js';
 import { HttpError, parse, requireDevice } from '../http.js';
 import { drainRefusedBody } from '../../net/body-limits.js';
 import type { ReleaseRow } from '../releases/store.js';
-import { adminOf } from './admin-scope.js';
+import { adminOf } from './admin/admin-scope.js';
 
 const SIGNATURE_HEADER = RELEASE_SIGNATURE_HEADER;
 const VersionParam = z.object({ version: z.string().regex(VERSION_RE, 'a version is MAJOR.MINOR.PATCH') });
@@ -55,9 +55,9 @@ async function checkPublish(ctx: BrokerContext, actor: string, version: string, 
   return { manifest, sig };
 }
 
-export function releaseAdminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+export const releaseAdminRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   const { releases } = ctx;
-  app.register(async (raw) => {
+  await app.register(async (raw) => {
     raw.addContentTypeParser('application/octet-stream', (_req, payload, done) => done(null, payload));
     raw.put('/v1/admin/releases/:version', { bodyLimit: MAX_BUNDLE_BYTES }, async (req, reply) => {
       const actor = adminOf(req);
@@ -125,7 +125,7 @@ export function releaseAdminRoutes(app: FastifyInstance, ctx: BrokerContext): vo
     await ctx.audit({ actor, action: 'device-ring', outcome: 'ok', detail: `${id}: ${ring}` });
     return { deviceId: id, ring };
   });
-}
+};
 
 const UpdateReport = z.object({
   version: z.string().regex(VERSION_RE),
@@ -136,7 +136,7 @@ const UpdateReport = z.object({
 const FINAL = new Set(['done', 'refused', 'rolled-back', 'failed']);
 
 /** Agent side: the bundle by byte range (resumable) and the steps of an update. */
-export function releaseAgentRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+export const releaseAgentRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   const { releases } = ctx;
   app.get('/v1/agent/releases/:version/bundle', async (req, reply) => {
     const device = await requireDevice(ctx, req);
@@ -170,4 +170,4 @@ export function releaseAgentRoutes(app: FastifyInstance, ctx: BrokerContext): vo
     }
     return { ok: true };
   });
-}
+};
