@@ -3,6 +3,7 @@ import type { ChunkStore } from '../store/chunk-store.js';
 import type { MetadataStore } from './db/metadata.js';
 import type { LdapConfig } from './auth/directory.js';
 import type { KeyObject } from 'node:crypto';
+import type { GatewaySettings } from './gateway/routes.js';
 import type { HostStore } from './hosts/store.js';
 import type { ReleaseStore } from './releases/store.js';
 import type { BrokerSecrets } from './secrets.js';
@@ -29,6 +30,8 @@ export interface BrokerSettings {
   transferSecret: string;
   /** Shared secret desktop hosts present (`host.secret` in the data dir). */
   hostSecret: string;
+  /** The public gateway laptops are given (`--gateway`, `--gateway-domain`); absent: servers' own URLs. */
+  gateway?: GatewaySettings;
 }
 
 export interface AuditEntry {
@@ -41,6 +44,8 @@ export interface AuditEntry {
 
 export interface BrokerContext {
   settings: BrokerSettings;
+  /** This broker's own address (set once it listens) and certificate fingerprint: what the gateway forwards to, what laptops pin. */
+  self: { url: string; fingerprint: string };
   meta: MetadataStore;
   store: ChunkStore;
   secrets: BrokerSecrets;

@@ -4,6 +4,7 @@ import { registerDirectoryCommands } from './admin-directory.js';
 import { registerOpsCommands } from './admin-ops.js';
 import { registerReleaseCommands } from './admin-releases.js';
 import { registerHostAdminCommands } from './admin-hosts.js';
+import { registerGatewayCommands } from './admin-gateway.js';
 
 /**
  * `carryon admin …`: every action of the web console, over the same API. Human output is an
@@ -20,5 +21,6 @@ export function registerAdminCommands(program: Command): void {
   registerDesktopCommands(admin);
   registerOpsCommands(admin);
   registerHostAdminCommands(admin);
+  registerGatewayCommands(admin);
   registerReleaseCommands(admin);
 }
