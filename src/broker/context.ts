@@ -2,8 +2,10 @@ import type { DatacenterHypervisor } from '../hypervisor/datacenter/hypervisor.j
 import type { ChunkStore } from '../store/chunk-store.js';
 import type { MetadataStore } from './db/metadata.js';
 import type { LdapConfig } from './auth/directory.js';
+import type { KeyObject } from 'node:crypto';
 import type { GatewaySettings } from './gateway/routes.js';
 import type { HostStore } from './hosts/store.js';
+import type { ReleaseStore } from './releases/store.js';
 import type { BrokerSecrets } from './secrets.js';
 import type { JobProgress } from './transfers/progress.js';
 import type { Scheduler } from './transfers/scheduler.js';
@@ -51,6 +53,11 @@ export interface BrokerContext {
   hypervisor: DatacenterHypervisor;
   /** Desktop hosts, where each desktop runs online, and their commands. */
   hosts: HostStore;
+  /**
+   * Client releases (issue 28): the public release key only (`key`: null when none is configured,
+   * and then nothing can be published), the bundles' directory, and their records.
+   */
+  releases: { store: ReleaseStore; key: KeyObject | null; keyB64: string | null; dir: string };
   /** Live per-job transfer progress reported by transfer servers. */
   jobProgress: JobProgress;
   /** Failed-login backoff per user and per source address. */

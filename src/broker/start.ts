@@ -38,6 +38,10 @@ import { pushRevocations } from './transfers/revoke-push.js';
 import { SchedulerStore } from './transfers/scheduler-store.js';
 import { HostStore } from './hosts/store.js';
 import { desktopPowerRoutes, hostAdminRoutes, hostRoutes } from './routes/hosts.js';
+import { ReleaseStore } from './releases/store.js';
+import { releaseAdminRoutes, releaseAgentRoutes } from './routes/releases.js';
+import { parseReleasePublicKey } from '../core/tokens/release.js';
+import { publicKeyToBase64 } from '../core/signing.js';
 import { displayAdminRoutes, displayRoutes } from './routes/display.js';
 import { displayRelay } from './display/relay.js';
 import websocket from '@fastify/websocket';
@@ -88,6 +92,8 @@ export interface BrokerConfig {
    */
   gateway?: { address: string; domain?: string; brokerBackend?: string };
   log?: boolean;
+  /** The release public key (base64 SPKI, `carryon admin releases keygen`): what published bundles must be signed by. */
+  releasePublicKey?: string;
 }
 
 export interface RunningBroker {
@@ -159,8 +165,10 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   });
   /** Desktop imports running in the background (admin and upload routes start them). */
   const imports = new ImportJobs();
+  const releaseKey = config.releasePublicKey ? parseReleasePublicKey(config.releasePublicKey, 'the release key') : null;
+  const releases = { store: await ReleaseStore.open(sql), key: releaseKey, keyB64: releaseKey ? publicKeyToBase64(releaseKey) : null, dir: join(config.dataDir, 'releases') };
   const ctx: BrokerContext = {
-    settings, self: { url: '', fingerprint: tls.fingerprint }, meta, store, secrets, scheduler, hypervisor, hosts: await HostStore.open(sql), jobProgress: new JobProgress(),
+    settings, self: { url: '', fingerprint: tls.fingerprint }, meta, store, secrets, scheduler, hypervisor, hosts: await HostStore.open(sql), releases, jobProgress: new JobProgress(),
     throttle: new LoginThrottle(new DatabaseFailureLog(meta), { ...DEFAULT_THROTTLE, ...config.throttle }),
     audit: async (e) => void (await meta.addEvent({ actor: e.actor, desktopId: e.desktopId ?? null, action: e.action, outcome: e.outcome, detail: e.detail ?? null })),
     keysFor: (wrapped, context) => encodeLineageKeys(unwrapLineageKeys(secrets.masterKey, wrapped, context)),
@@ -186,6 +194,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   await app.register(userRoutes, { ctx });
   await app.register(restoreRoutes, { ctx });
   await app.register(agentRoutes, { ctx });
+  await app.register(releaseAgentRoutes, { ctx });
   await app.register(jobRoutes, { ctx });
   await app.register(transferRoutes, { ctx });
   await app.register(hostRoutes, { ctx });
@@ -205,6 +214,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
       await admin.register(exportRoutes, { ctx });
       await admin.register(hostAdminRoutes, { ctx });
       await admin.register(displayAdminRoutes, { ctx });
+      await admin.register(releaseAdminRoutes, { ctx });
     },
   });
   // The console's pages only: its API is the resources' above.

@@ -1,1 +1,2 @@
-export const PACKAGE_VERSION = '0.1.0';
+/** The broker states the version of the installation it runs (core/version.ts reads it). */
+export { PACKAGE_VERSION } from '../core/version.js';

@@ -3,6 +3,7 @@ import { hostname } from 'node:os';
 import { join } from 'node:path';
 import type { Command } from 'commander';
 import { runAgent } from '../client/agent.js';
+import { selfCheckReport } from '../client/update.js';
 import { addBrokers, listBrokers, removeBrokers, splitList } from '../client/session/brokers.js';
 import { defaultHome, loadDevice } from '../client/vault/home.js';
 import { powerOnline } from '../client/session/online.js';
@@ -280,6 +281,14 @@ export function registerClientCommands(program: Command): void {
       process.once('SIGINT', () => abort.abort());
       process.once('SIGTERM', () => abort.abort());
       const res = await runAgent(env, { once: Boolean(o.once), signal: abort.signal });
-      if (o.once) printJsonOr(json, res, () => process.stdout.write(`heartbeat sent; ${res.commands} commands run; next in ${res.intervalSec} s\n`));
+      if (o.once) printJsonOr(json, res, () => process.stdout.write(`heartbeat sent; ${res.commands} commands run; next in ${res.intervalSec} s${res.update ? `; update: ${res.update}` : ''}\n`));
+      else if (res.update === 'done') process.stderr.write('carryon: updated; exiting so the service starts the new version\n');
+    });
+
+  program.command('self-check').description('check this installation: it loads, states its version and opens the home read-only (run by the agent after an update)')
+    .action(async (_o: unknown, cmd: Command) => {
+      const { env, json } = clientEnv(cmd);
+      const r = await selfCheckReport(env.home);
+      printJsonOr(json, r, () => process.stdout.write(`carryon ${r.version}: ok (${r.enrolled ? `enrolled, ${r.desktops} desktop(s)` : 'not enrolled'})\n`));
     });
 }

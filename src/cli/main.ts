@@ -7,6 +7,7 @@ import { registerHostCommands } from './host-commands.js';
 import { registerClientCommands } from './client-commands.js';
 import { registerRunCommands } from './run-commands.js';
 import { CarryonError } from '../core/errors.js';
+import { PACKAGE_VERSION } from '../core/version.js';
 
 // `carryon status | head -2`: the reader went away, so there is nobody left to tell; end quietly
 // as a C tool killed by SIGPIPE would, instead of an unhandled 'error' event's stack trace.
@@ -16,7 +17,7 @@ process.stdout.on('error', (err: NodeJS.ErrnoException) => {
 });
 
 const program = new Command();
-program.name('carryon').description('Offline desktops: check out, run offline, check in.').version('0.1.0');
+program.name('carryon').description('Offline desktops: check out, run offline, check in.').version(PACKAGE_VERSION);
 program.showHelpAfterError();
 
 // Each area owns its own commands; the order matters only where one extends another's command.

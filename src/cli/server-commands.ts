@@ -9,6 +9,7 @@ import { registerAdminCommands } from './admin/admin-commands.js';
 import { registerAdminTrustCommands } from './admin/admin-trust-commands.js';
 import { registerMaintenanceCommands } from './admin/maintenance-commands.js';
 import { passwordSource } from './common.js';
+import { parseReleasePublicKey } from '../core/tokens/release.js';
 
 const ServerConfigFile = z.object({
   dataDir: z.string().optional(),
@@ -28,7 +29,23 @@ const ServerConfigFile = z.object({
   hypervisor: z.union([z.object({ kind: z.literal('none') }), z.object({ kind: z.literal('qmp'), socketDir: z.string() })]).optional(),
   /** The public gateway laptops are given (`host:port`) and the domain of the names behind it. */
   gateway: z.object({ address: z.string(), domain: z.string(), brokerBackend: z.string().optional() }).strict().optional(),
+  /** The release public key file (`carryon admin releases keygen` writes release-key.pub). */
+  releaseKeyFile: z.string().optional(),
 }).strict();
+
+/** The release public key, checked now: a broker must not start with something laptops would pin as garbage. */
+function readReleaseKey(path: string | undefined): string | undefined {
+  if (!path) return undefined;
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (err) {
+    throw new CarryonError('bad-config', `cannot read the release key ${path}: ${(err as Error).message}`);
+  }
+  if (/PRIVATE KEY/.test(text)) throw new CarryonError('bad-config', `${path} is a private key: the broker takes the public half only (release-key.pub); keep the private key offline`);
+  parseReleasePublicKey(text, path);
+  return text.trim();
+}
 
 function loadConfigFile(path?: string) {
   if (!path) return {};
@@ -64,11 +81,12 @@ export function registerServerCommands(program: Command): void {
     .option('--transfer-slots <n>', 'slots of the embedded transfer server (0: none)', int('--transfer-slots'))
     .option('--transfer-port <n>', 'port of the embedded transfer server (default: any free one; fix it behind a gateway, whose config names it)', int('--transfer-port'))
     .option('--import-dir <dir>', 'a directory images may be imported from (repeatable; none: imports by path are refused)', (v: string, acc: string[] = []) => [...acc, v])
+    .option('--release-key <file>', 'the release public key (release-key.pub from `carryon admin releases keygen`): client releases must be signed by its private half')
     .option('--init-admin <name>', 'create this first admin if there are no users (password: CARRYON_ADMIN_PASSWORD or prompt)')
     .option('--gateway <host:port>', 'the public gateway (haproxy, `carryon admin gateway-config`) laptops are given instead of the servers\' own addresses')
     .option('--gateway-domain <name>', 'DNS suffix of the names presented to the gateway: broker.NAME, <transfer-id>.transfer.NAME')
     .option('--gateway-backend <host:port>', 'where the gateway reaches this broker (default: --host:--port; needed with --host 0.0.0.0)')
-    .action(async (o: { config?: string; dataDir?: string; database?: string; chunkStore?: string; host?: string; port?: number; cert?: string; key?: string; transferSlots?: number; transferPort?: number; initAdmin?: string; importDir?: string[]; gateway?: string; gatewayDomain?: string; gatewayBackend?: string }) => {
+    .action(async (o: { config?: string; dataDir?: string; database?: string; chunkStore?: string; host?: string; port?: number; cert?: string; key?: string; transferSlots?: number; transferPort?: number; initAdmin?: string; importDir?: string[]; gateway?: string; gatewayDomain?: string; gatewayBackend?: string; releaseKey?: string }) => {
       const file = loadConfigFile(o.config);
       const dataDir = o.dataDir ?? process.env.CARRYON_DATA_DIR ?? file.dataDir ?? join(homedir(), '.carryon-server');
       const port = o.port ?? (process.env.CARRYON_PORT ? int('CARRYON_PORT')(process.env.CARRYON_PORT) : undefined) ?? file.port ?? 8443;
@@ -90,7 +108,7 @@ export function registerServerCommands(program: Command): void {
       const broker = await startBroker({
         dataDir, database, chunkStore, host: o.host ?? file.host ?? '127.0.0.1', port, certFile: o.cert ?? file.certFile, keyFile: o.key ?? file.keyFile,
         embeddedTransferSlots: o.transferSlots ?? file.transferSlots, embeddedTransferPort: o.transferPort ?? file.transferPort, hypervisor: file.hypervisor, settings: file.ldap ? { ldap: file.ldap } : undefined, initAdmin,
-        importDirs: o.importDir ?? file.importDirs ?? [], gateway,
+        importDirs: o.importDir ?? file.importDirs ?? [], gateway, releasePublicKey: readReleaseKey(o.releaseKey ?? file.releaseKeyFile),
       });
       process.stdout.write(`carryon broker listening on ${broker.url}\ncertificate fingerprint (SHA-256): ${broker.fingerprint}\ndata directory: ${dataDir}\n`);
       process.stdout.write(`metadata: ${database ? `PostgreSQL ${redactDatabaseUrl(database)}` : `SQLite ${join(dataDir, 'metadata.db')}`}\n`);

@@ -16,6 +16,13 @@ import { Vault, type DesktopState } from './vault/vault.js';
 import { AgentClockWriter } from './vault/agent-clock.js';
 import { laptopClock } from './vault/laptop-clock.js';
 import { eraseAllParked, eraseParked } from './vault/parked.js';
+import { existsSync } from 'node:fs';
+import { PACKAGE_VERSION } from '../core/version.js';
+import { readReleasePin } from './vault/release-pin.js';
+import { applyUpdate, installRootOf, runningPackageDir, UpdateOffer, writeLauncher, type UpdateState } from './update.js';
+
+/** Where updates install (a managed install's root), and how long a new version's self-check may take. */
+export interface AgentUpdateOptions { installRoot?: string | null; selfCheckMs?: number }
 
 const HeartbeatReply = z.object({
   heartbeatIntervalSec: z.number().int().min(1),
@@ -23,6 +30,8 @@ const HeartbeatReply = z.object({
   commands: z.array(z.object({ id: z.string(), type: z.enum(['lock', 'unlock', 'wipe', 'replicate', 'renew-lease']), desktopId: z.string().optional() })),
   /** Set when an administrator revoked this device (older brokers leave it out). */
   deviceRevoked: z.boolean().optional(),
+  /** A newer client release rolled out to this device's ring (client/update.ts verifies it). */
+  update: UpdateOffer.optional(),
 });
 
 /** Dirty bytes and percent local without the user's keys: the top layers' size and the fill state. */
@@ -55,7 +64,7 @@ async function stopOwner(vault: Vault, s: DesktopState, log: (l: string) => void
   } catch { /* gone */ }
 }
 
-async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, broker: BrokerClient, clock: AgentClockWriter): Promise<{ intervalSec: number; commands: number; online: boolean }> {
+async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, broker: BrokerClient, clock: AgentClockWriter, updates: AgentUpdateOptions): Promise<{ intervalSec: number; commands: number; online: boolean; update?: UpdateState | 'skipped' }> {
   const me = { id: device.info.deviceId!, key: device.privateKey };
   // First, with or without the broker: time this laptop has reached is on record before anything else.
   const recorded = await clock.advance();
@@ -66,7 +75,7 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
   let reply: z.infer<typeof HeartbeatReply>;
   try {
     const offline = await pendingEvents(env.home);
-    reply = await broker.signedPost('/v1/agent/heartbeat', { host, vaultBytes: await vault.sizeBytes(), desktops, ...(offline.events.length ? { events: offline.events } : {}) }, me, HeartbeatReply);
+    reply = await broker.signedPost('/v1/agent/heartbeat', { host, vaultBytes: await vault.sizeBytes(), desktops, ...(offline.events.length ? { events: offline.events } : {}), client: { version: PACKAGE_VERSION } }, me, HeartbeatReply);
     await offline.sent();
   } catch (err) {
     // No contact: a lease that has run out locks its desktop until a renewed lease reaches it.
@@ -162,7 +171,20 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
       }
     }
   }
-  return { intervalSec: reply.heartbeatIntervalSec, commands: ran, online: true };
+  // Last, after commands and replicas: an update never delays a lock or a wipe.
+  const update = reply.update ? await offerUpdate(env, device, broker, reply.update, updates) : undefined;
+  return { intervalSec: reply.heartbeatIntervalSec, commands: ran, online: true, ...(update ? { update } : {}) };
+}
+
+async function offerUpdate(env: ClientEnv, device: DeviceIdentity, broker: BrokerClient, offer: UpdateOffer, opts: AgentUpdateOptions): Promise<UpdateState | 'skipped'> {
+  const packageDir = runningPackageDir();
+  const root = opts.installRoot === undefined ? installRootOf(packageDir) : opts.installRoot;
+  if (!root) {
+    env.log(`update ${offer.version} offered, but this Carryon (${packageDir}) is not a managed install (<root>/versions/<version>/package): not updated`);
+    return 'skipped';
+  }
+  const me = { id: device.info.deviceId!, key: device.privateKey };
+  return applyUpdate({ root, home: env.home, pinned: () => readReleasePin(env.home, me), running: { version: PACKAGE_VERSION, packageDir }, broker, device: me, log: env.log, selfCheckMs: opts.selfCheckMs }, offer);
 }
 
 async function renewLeases(vault: Vault, broker: BrokerClient, me: { id: string; key: DeviceIdentity['privateKey'] }, device: DeviceIdentity, clock: AgentClockWriter): Promise<void> {
@@ -187,16 +209,20 @@ function leaseIssuedAt(lease: SignedLease): string | null {
 }
 
 /** The agent loop: outbound HTTPS only; it never opens a listening socket. */
-export async function runAgent(env: ClientEnv, opts: { once: boolean; signal?: AbortSignal }) {
+export async function runAgent(env: ClientEnv, opts: { once: boolean; signal?: AbortSignal } & AgentUpdateOptions) {
   const device = await loadDevice(env.home);
   const broker = new BrokerClient(brokerEndpoints(device.info), '', env.log);
+  // A managed install gets its launcher before any update needs it (the service runs that).
+  const root = opts.installRoot === undefined ? installRootOf(runningPackageDir()) : opts.installRoot;
+  if (root && !existsSync(join(root, 'bin', 'carryon'))) await writeLauncher(root);
   const clock = new AgentClockWriter(env.home, { key: device.privateKey, pub: createPublicKey(device.privateKey), id: device.info.deviceId! }, env.log);
   try {
     for (;;) {
       const vault = await Vault.open(env.home);
       let res;
-      res = await oneRound(env, device, vault, broker, clock);
-      if (opts.once || opts.signal?.aborted) return res;
+      res = await oneRound(env, device, vault, broker, clock, opts);
+      // Updated: this process still runs the old code; it ends so that its service starts the launcher (the new version) again.
+      if (opts.once || opts.signal?.aborted || res.update === 'done') return res;
       await new Promise<void>((resolve) => {
         const t = setTimeout(resolve, res.intervalSec * 1000);
         opts.signal?.addEventListener('abort', () => { clearTimeout(t); resolve(); }, { once: true });

@@ -171,6 +171,16 @@ export class BrokerClient {
     return this.call('POST', path, body, schema, signDeviceRequest(device.key, device.id, 'POST', path, JSON.stringify(body)), { bearer: false });
   }
 
+  /**
+   * A device-signed GET whose body is a byte stream (a release bundle, by range): from the broker
+   * that answered last only; the caller tries again later (it keeps what arrived).
+   */
+  async signedDownload(path: string, device: { id: string; key: KeyObject }, headers: Record<string, string>): Promise<{ status: number; headers: Record<string, unknown>; body: AsyncIterable<Buffer> & { text(): Promise<string> } }> {
+    const ep = this.endpoints[this.current]!;
+    const res = await request(`${ep.url}${path}`, { method: 'GET', dispatcher: ep.agent, headers: { ...headers, ...signDeviceRequest(device.key, device.id, 'GET', path, '') } });
+    return { status: res.statusCode, headers: res.headers, body: res.body };
+  }
+
   async login(username: string, password: string, deviceId?: string) {
     // Repeatable: a login only issues a token (and a lease); a second one supersedes nothing.
     const r = await this.call('POST', '/v1/auth/login', { username, password, deviceId }, z.object({ token: z.string(), expiresAt: z.string(), user: z.object({ name: z.string(), role: z.string() }).loose(), lease: SignedLease.optional() }), {}, { repeatable: true });

@@ -7,6 +7,8 @@ import { effectivePolicy } from '../policies.js';
 import { issueLease } from '../checkouts.js';
 import { enforceCutOff, stillAllowed } from '../auth/trust.js';
 import { endWipedCheckout } from '../desktops/wipe.js';
+import { VERSION_RE } from '../../core/tokens/release.js';
+import { offerOf } from './releases.js';
 
 const Heartbeat = z.object({
   host: z.object({ os: z.string().max(200).optional(), cpus: z.number().int().min(1), ramBytes: z.number().min(0), freeDiskBytes: z.number().min(0), loadAvg: z.array(z.number()).max(3).optional() }),
@@ -19,6 +21,8 @@ const Heartbeat = z.object({
   events: z.array(z.object({
     time: z.string().max(40), action: z.string().regex(/^[a-z][a-z-]{0,39}$/), desktopId: z.string().max(200).optional(), detail: z.string().max(1000).optional(),
   }).strict()).max(500).optional(),
+  /** The Carryon version the device runs (older agents leave it out). */
+  client: z.object({ version: z.string().regex(VERSION_RE) }).strict().optional(),
 }).strict();
 
 /**
@@ -51,7 +55,8 @@ export const agentRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (ap
     const device = await requireDevice(ctx, req, { allowRevoked: true });
     const body = parse(Heartbeat, req.body);
     await ctx.meta.touchDevice(device.id, body.host);
-    const { events, ...stats } = body;
+    const { events, client, ...stats } = body;
+    if (client) await ctx.releases.store.setRunning(device.id, client.version);
     await ctx.meta.addHeartbeat(device.id, stats);
     await fileOfflineEvents(ctx, device, events ?? []);
     await enforceCutOff(ctx, 'system', (c) => c.deviceId === device.id);
@@ -67,7 +72,9 @@ export const agentRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (ap
     const intervals = Object.values(policies).map((p) => p.heartbeatIntervalSec);
     const heartbeatIntervalSec = intervals.length ? Math.min(...intervals) : (await effectivePolicy(ctx.meta, device.user, null)).heartbeatIntervalSec.value;
     const commands = (await ctx.meta.pendingCommands(device.id)).map((c) => ({ id: c.id, type: c.type, desktopId: c.desktopId ?? undefined }));
-    return { heartbeatIntervalSec, policies, commands };
+    // The newest release rolled out to its ring and newer than what it runs (none to older agents, which cannot install it).
+    const offer = client ? await ctx.releases.store.offerFor((await ctx.releases.store.device(device.id)).ring, client.version) : null;
+    return { heartbeatIntervalSec, policies, commands, ...(offer ? { update: offerOf(offer) } : {}) };
   });
 
   app.post('/v1/agent/lease', async (req) => {

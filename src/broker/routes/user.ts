@@ -52,7 +52,8 @@ export function withReceipts(disks: z.infer<typeof Changes>['disks'] = []): { ch
 
 /** Routes for users and their laptops: login, enrolment, desktops, check-out life cycle. */
 export const userRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
-  app.get('/v1/broker', async () => ({ version: PACKAGE_VERSION, signingPublicKey: publicKeyToBase64(ctx.secrets.signing.publicKey) }));
+  // releasePublicKey: what laptops pin at enrolment to verify client updates (null: none configured).
+  app.get('/v1/broker', async () => ({ version: PACKAGE_VERSION, signingPublicKey: publicKeyToBase64(ctx.secrets.signing.publicKey), releasePublicKey: ctx.releases.keyB64 }));
 
   app.post('/v1/auth/login', async (req, reply) => {
     const body = parse(z.object({ username: z.string().min(1).max(64), password: z.string().min(1).max(1024), deviceId: z.string().max(200).optional() }).strict(), req.body);

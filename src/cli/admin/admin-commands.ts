@@ -2,6 +2,7 @@ import type { Command } from 'commander';
 import { registerDesktopCommands } from './admin-desktops.js';
 import { registerDirectoryCommands } from './admin-directory.js';
 import { registerOpsCommands } from './admin-ops.js';
+import { registerReleaseCommands } from './admin-releases.js';
 import { registerHostAdminCommands } from './admin-hosts.js';
 import { registerGatewayCommands } from './admin-gateway.js';
 
@@ -21,4 +22,5 @@ export function registerAdminCommands(program: Command): void {
   registerOpsCommands(admin);
   registerHostAdminCommands(admin);
   registerGatewayCommands(admin);
+  registerReleaseCommands(admin);
 }

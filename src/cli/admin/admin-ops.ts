@@ -96,15 +96,19 @@ export function registerOpsCommands(admin: Command): void {
 
   const dev = admin.command('devices').description('enrolled laptops');
   endpoint(dev, { name: 'list', description: 'devices, last heartbeat and host statistics', method: 'GET', path: () => '/v1/admin/devices', human: (r) =>
-    printTable(r.devices as { id: string; user: string; name: string; lastSeen: string | null; host: Json; latest: { time: string; stats: { host?: Json; vaultBytes?: number; desktops?: unknown[] } } | null }[], [
+    printTable(r.devices as { id: string; user: string; name: string; lastSeen: string | null; host: Json; latest: { time: string; stats: { host?: Json; vaultBytes?: number; desktops?: unknown[] } } | null; update?: { ring: string; runningVersion: string | null; state: string | null; targetVersion: string | null } }[], [
       { h: 'name', v: (d) => d.name }, { h: 'user', v: (d) => d.user }, { h: 'heartbeat', v: (d) => ago(d.latest?.time ?? d.lastSeen) },
       { h: 'cpus', v: (d) => (d.latest?.stats.host ?? d.host).cpus, right: true }, { h: 'ram', v: (d) => bytes((d.latest?.stats.host ?? d.host).ramBytes), right: true },
       { h: 'free disk', v: (d) => bytes((d.latest?.stats.host ?? d.host).freeDiskBytes), right: true },
       { h: 'load', v: (d) => ((d.latest?.stats.host?.loadAvg as number[] | undefined)?.[0]?.toFixed(2) ?? ''), right: true },
-      { h: 'vault', v: (d) => bytes(d.latest?.stats.vaultBytes), right: true }, { h: 'desktops', v: (d) => d.latest?.stats.desktops?.length ?? '', right: true }, { h: 'id', v: (d) => d.id },
+      { h: 'vault', v: (d) => bytes(d.latest?.stats.vaultBytes), right: true }, { h: 'desktops', v: (d) => d.latest?.stats.desktops?.length ?? '', right: true },
+      { h: 'version', v: (d) => d.update?.runningVersion ?? '?' }, { h: 'ring', v: (d) => d.update?.ring ?? 'stable' },
+      { h: 'update', v: (d) => (d.update?.state ? `${d.update.targetVersion ?? ''} ${d.update.state}` : '') }, { h: 'id', v: (d) => d.id },
     ]) });
   endpoint(dev, { name: 'command <device> <lock|unlock|wipe|replicate|renew-lease> [desktop]', description: 'queue a remote command for the device\'s agent', method: 'POST', path: ([d]) => `/v1/admin/devices/${enc(d!)}/commands`,
     body: ([, type, desktopId]) => ({ type, desktopId }), human: (r, [d, type]) => say(`queued ${type!} for ${d!} (${String(r.id)}); see \`carryon admin devices commands\` for the ack`) });
+  endpoint(dev, { name: 'ring <device> <ring>', description: 'put a device in the canary or stable ring (client releases roll out to canary first)', method: 'POST', path: ([d]) => `/v1/admin/devices/${enc(d!)}/ring`,
+    body: ([, ring]) => ({ ring }), human: (r) => say(`${String(r.deviceId)}: ring ${String(r.ring)}`) });
   endpoint(dev, { name: 'commands', description: 'remote commands and their acknowledgements, newest first', method: 'GET', path: () => '/v1/admin/commands', human: async (r, _a, b) => {
     const name = await names(b, ['desktops', 'devices']);
     printTable((r.commands as { id: string; deviceId: string; desktopId: string | null; type: string; state: string; result: string | null; createdAt: string }[]).slice().reverse(), [

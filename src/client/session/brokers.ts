@@ -7,6 +7,7 @@ import { writeFileAtomic } from '../../files/atomic.js';
 import { BrokerClient, type BrokerEndpoint } from '../../net/broker-client.js';
 import { brokerEndpoints, chooseSecretStorage, createDeviceKeys, DeviceFile, hostFacts, loadDevice, type SecretStorage } from '../vault/home.js';
 import { readJsonFile } from '../../files/json-file.js';
+import { pinReleaseKey } from '../vault/release-pin.js';
 import type { ClientEnv } from './session.js';
 
 const BrokerInfo = z.object({ version: z.string(), signingPublicKey: z.string() });
@@ -126,6 +127,9 @@ export async function enroll(env: ClientEnv, brokerUrl: string | readonly string
     brokers.push(...gatewayFallback(gateway, brokers, broker.fingerprint, env.log));
     const file = withBrokers({ deviceId, name: opts.name, brokerUrl: '', fingerprint: brokers[0]!.fingerprint, signingPublicKey, secretStorage }, brokers);
     await writeFileAtomic(join(env.home, 'device.json'), JSON.stringify(file, null, 2));
+    // The release key is pinned now, over the pinned TLS connection, and never replaced by the broker later.
+    const { releasePublicKey } = await broker.call('GET', '/v1/broker', undefined, z.object({ releasePublicKey: z.string().nullable().optional() }).loose());
+    await pinReleaseKey(env.home, { id: deviceId, key: (await loadDevice(env.home)).privateKey }, releasePublicKey ?? null);
     // One-time work that would otherwise delay the first check-out (QEMU's PBKDF benchmark).
     env.log('preparing encrypted layer templates (one-time; takes several seconds)…');
     await prepareLayerTemplates(env.home);

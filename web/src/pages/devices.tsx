@@ -6,7 +6,9 @@ import { Badge, Empty, Field, Section, Status } from '../ui';
 import type { AdminDesktop } from './types';
 
 interface Heartbeat { host?: { cpus?: number; ramBytes?: number; freeDiskBytes?: number; loadAvg?: number[]; os?: string }; vaultBytes?: number; desktops?: { desktopId: string; state: string; percentLocal?: number; dirtyBytes?: number }[] }
-interface Device { id: string; user: string; name: string; host: Record<string, unknown>; enrolledAt: string; lastSeen: string | null; revoked?: boolean; revokedAt?: string | null; latest: { time: string; stats: Heartbeat } | null }
+interface Device { id: string; user: string; name: string; host: Record<string, unknown>; enrolledAt: string; lastSeen: string | null; revoked?: boolean; revokedAt?: string | null; latest: { time: string; stats: Heartbeat } | null; update?: DeviceUpdate }
+/** Client updates (issue 28): what the device runs and the last step of its update. */
+interface DeviceUpdate { ring: string; runningVersion: string | null; state: string | null; targetVersion: string | null; detail: string | null }
 interface Command { id: string; deviceId: string; desktopId: string | null; type: string; state: string; result: string | null; createdAt: string }
 
 const TYPES = ['lock', 'unlock', 'wipe', 'replicate', 'renew-lease'];
@@ -28,9 +30,9 @@ export function DevicesPage() {
     <>
       <Section title="Enrolled devices">
         <table aria-label="Devices">
-          <thead><tr><th>Device</th><th>User</th><th>Last heartbeat</th><th>Host</th><th class="num">Free disk</th><th class="num">Vault</th><th>Desktops</th><th><span class="sr-only">Actions</span></th></tr></thead>
+          <thead><tr><th>Device</th><th>User</th><th>Last heartbeat</th><th>Host</th><th class="num">Free disk</th><th class="num">Vault</th><th>Desktops</th><th>Version</th><th><span class="sr-only">Actions</span></th></tr></thead>
           <tbody>
-            {list.length === 0 && <Empty cols={8} text="no device enrolled" />}
+            {list.length === 0 && <Empty cols={9} text="no device enrolled" />}
             {list.map((d) => {
               const hb = d.latest?.stats;
               const host = hb?.host ?? (d.host as Heartbeat['host']) ?? {};
@@ -43,6 +45,7 @@ export function DevicesPage() {
                   <td class="num">{bytes(host.freeDiskBytes)}</td>
                   <td class="num">{bytes(hb?.vaultBytes)}</td>
                   <td>{(hb?.desktops ?? []).map((x) => <Badge key={x.desktopId}>{`${dtName(x.desktopId)}: ${x.state}${x.percentLocal !== undefined ? `, ${x.percentLocal}% local` : ''}`}</Badge>)}</td>
+                  <td title={d.update?.detail ?? undefined}>{`${d.update?.runningVersion ?? '?'} (${d.update?.ring ?? 'stable'})`}{d.update?.state ? <Badge kind={['refused', 'rolled-back', 'failed'].includes(d.update.state) ? 'bad' : undefined}>{`${d.update.targetVersion ?? ''} ${d.update.state}`}</Badge> : null}</td>
                   <td>
                     {canRevoke && !(d.revoked || d.revokedAt) && (
                       <button type="button" class="danger" aria-label={`Revoke ${d.name}`} onClick={() => confirm(`Revoke device ${d.name}? It can no longer log in or renew leases.`) && void act.run(async () => {

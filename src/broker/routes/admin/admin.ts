@@ -216,7 +216,7 @@ export const adminRoutes: FastifyPluginAsync<{ ctx: BrokerContext; imports: Impo
 
   app.get('/v1/admin/devices', async (req) => {
     await admin(req);
-    const devices = await Promise.all((await ctx.meta.listDevices()).map(async (d) => ({ ...d, revokedAt: await ctx.meta.deviceRevokedAt(d.id), latest: (await ctx.meta.latestHeartbeats(d.id, 1))[0] ?? null })));
+    const devices = await Promise.all((await ctx.meta.listDevices()).map(async (d) => ({ ...d, revokedAt: await ctx.meta.deviceRevokedAt(d.id), latest: (await ctx.meta.latestHeartbeats(d.id, 1))[0] ?? null, update: await ctx.releases.store.device(d.id) })));
     return { devices };
   });
   app.post('/v1/admin/devices/:id/commands', async (req, reply) => {
