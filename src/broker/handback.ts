@@ -1,5 +1,6 @@
 import type { CheckoutRow, SnapshotRow } from './db/metadata.js';
-import { auditTicket, checkedChanges, checkoutView, deny, ownedCheckout, type DiskChanges } from './checkouts.js';
+import { ownedCheckout } from './checkouts.js';
+import { auditTicket, checkedChanges, checkoutView, deny, type DiskChanges } from './upload-rules.js';
 import { lineageKeysFor } from './desktops/desktops.js';
 import type { BrokerContext } from './context.js';
 import { HttpError } from './http.js';

@@ -1,9 +1,9 @@
 import type { CheckoutRow, DesktopRow } from '../db/metadata.js';
-import { auditTicket, checkedChanges, checkoutView, deny, type DiskChanges } from '../checkouts.js';
+import { auditTicket, checkedChanges, checkoutView, deny, type DiskChanges } from '../upload-rules.js';
 import { lineageKeysFor } from '../desktops/desktops.js';
 import type { BrokerContext } from '../context.js';
 import { HttpError } from '../http.js';
-import { alive, hostJobOwner, lostMessage } from './power.js';
+import { alive, hostJobOwner, lostMessage } from './health.js';
 import type { HandoverRow, HandoverStep, PlacementRow } from './store.js';
 
 /**

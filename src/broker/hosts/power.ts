@@ -5,6 +5,7 @@ import type { BrokerContext } from '../context.js';
 import { HttpError } from '../http.js';
 import { effectivePolicy } from '../policies.js';
 import { handoverFailed, handoverLost } from './handover.js';
+import { alive, hostJobOwner, lostMessage } from './health.js';
 import { ON_HOST, type HostCommandRow, type HostReport, type HostRow, type PlacementRow } from './store.js';
 
 /**
@@ -16,16 +17,12 @@ import { ON_HOST, type HostCommandRow, type HostReport, type HostRow, type Place
 
 export type PowerAction = 'on' | 'off' | 'reset' | 'shutdown';
 
-/** A transfer job of a host's start: the scheduler's `checkoutId` names the host and the desktop (no checkout row). */
-export const hostJobOwner = (hostId: string, desktopId: string) => `host:${hostId}:${desktopId}`;
 
 const refuse = async (ctx: BrokerContext, actor: string, desktopId: string, action: string, status: number, code: string, message: string) => {
   await ctx.audit({ actor, desktopId, action, outcome: 'denied', detail: `${code}: ${message}` });
   return new HttpError(status, code, message, {}, true);
 };
 
-/** What an admin is told about a desktop whose host went silent. */
-export const lostMessage = (p: PlacementRow, name: string) => `the desktop was running on host ${p.hostId}, which stopped answering (${p.updatedAt}); what the guest wrote there is at risk: an administrator decides (\`carryon admin hosts failover ${name}\` starts it elsewhere from its last snapshot; \`carryon admin hosts release ${name}\` discards it)`;
 
 /** Why no power operation may touch `desktop` now (checked out to a laptop), or null. */
 async function checkedOutRefusal(ctx: BrokerContext, desktop: DesktopRow): Promise<string | null> {
@@ -47,8 +44,6 @@ export async function sweepHosts(ctx: BrokerContext): Promise<void> {
     await ctx.audit({ actor: 'system', action: 'host-lost', outcome: 'failed', detail: `host ${h.id} last seen ${h.lastSeen}; desktops marked: ${desktops.length ? desktops.join(', ') : 'none'}` });
   }
 }
-
-export const alive = (h: HostRow) => h.health === 'ok' && Date.now() - Date.parse(h.lastSeen) <= 3 * h.heartbeatSec * 1000;
 
 /** What each host has left: desktops placed and on it count against its vCPUs, RAM and desktop slots. */
 async function freeCapacity(ctx: BrokerContext, h: HostRow) {

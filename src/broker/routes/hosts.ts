@@ -8,7 +8,8 @@ import { adminOf } from './admin/admin-scope.js';
 import { displayRelay } from '../display/relay.js';
 import { beginHandover, commitHandover, handoverShutDown } from '../hosts/handover.js';
 import { Changes, withReceipts } from './user.js';
-import { failOver, hostAck, hostHeartbeat, hostJobOwner, hostsOverview, powerDesktop, prepareStart, releaseDesktop, sweepHosts } from '../hosts/power.js';
+import { failOver, hostAck, hostHeartbeat, hostsOverview, powerDesktop, prepareStart, releaseDesktop, sweepHosts } from '../hosts/power.js';
+import { hostJobOwner } from '../hosts/health.js';
 
 declare module 'fastify' {
   interface FastifyContextConfig {

@@ -1,6 +1,6 @@
 import type { FastifyRequest, FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
-import { auditTicket } from '../checkouts.js';
+import { auditTicket } from '../upload-rules.js';
 import type { BrokerContext } from '../context.js';
 import { HttpError, parse, requireUser } from '../http.js';
 import { cutOffReason, enforceCutOff } from '../auth/trust.js';

@@ -1,7 +1,8 @@
 import type { FastifyRequest, FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import { PolicyLayer } from '../../../core/policy.js';
-import { checkoutView, forceUnlock } from '../../checkouts.js';
+import { forceUnlock } from '../../checkouts.js';
+import { checkoutView } from '../../upload-rules.js';
 import type { BrokerContext } from '../../context.js';
 import type { ImportJobs } from '../../desktops/imports.js';
 import { cloneDesktop, createDesktopFromImage, rotateLineageKey } from '../../desktops/desktops.js';
