@@ -259,6 +259,13 @@ export class Vault {
     // Presentation only (never policy): damaged reads as no settings.
     return presentationOnly(await readJsonFile(join(this.desktopDir(desktopId), 'local-config.json'), z.record(z.string(), z.unknown()), { missing: {}, damaged: {} }));
   }
+
+  /** Remembers presentation settings (`run --display`, `--monitors`) for the desktop's next runs. */
+  async rememberLocalConfig(desktopId: string, values: Record<string, unknown>): Promise<void> {
+    const path = join(this.desktopDir(desktopId), 'local-config.json');
+    const current = await readJsonFile(path, z.record(z.string(), z.unknown()), { missing: {}, damaged: {} });
+    await writeFileAtomic(path, JSON.stringify({ ...current, ...presentationOnly(values) }, null, 2));
+  }
 }
 
 /**
