@@ -18,6 +18,9 @@ import { AgentClockWriter } from './agent-clock.js';
 import { laptopClock } from './laptop-clock.js';
 import { eraseAllParked, eraseParked } from './parked.js';
 import { rulesFromPolicy } from '../devices/usb-rules.js';
+import { hardwareFacts } from '../devices/hardware.js';
+import { probeVirgl } from '../hypervisor/host.js';
+import { usbTestSeams } from '../devices/usb-host.js';
 
 const HeartbeatReply = z.object({
   heartbeatIntervalSec: z.number().int().min(1),
@@ -60,12 +63,20 @@ async function stopOwner(vault: Vault, s: DesktopState, log: (l: string) => void
   } catch { /* gone */ }
 }
 
+let glProbe: Promise<boolean | null> | null = null;
+/** virgl probed once per agent process (it starts QEMU for a second); null where there is no window system to use it. */
+function glOnce(): Promise<boolean | null> {
+  if (!process.env.DISPLAY && !process.env.WAYLAND_DISPLAY) return Promise.resolve(null);
+  return (glProbe ??= probeVirgl().then((r) => r.ok, () => null));
+}
+
 async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, broker: BrokerClient, clock: AgentClockWriter): Promise<{ intervalSec: number; commands: number; online: boolean }> {
   const me = { id: device.info.deviceId!, key: device.privateKey };
   // First, with or without the broker: time this laptop has reached is on record before anything else.
   const recorded = await clock.advance();
   const states = await vault.list();
-  const host = await hostFacts(env.home);
+  // Display and USB facts for the admin (what this laptop can offer a desktop); GL probed once per agent.
+  const host = { ...(await hostFacts(env.home)), ...(await hardwareFacts({ usbRoot: usbTestSeams().sysfs, gl: await glOnce() }).catch(() => ({}))) };
   const desktops = [];
   for (const s of states) desktops.push({ desktopId: s.desktopId, checkoutId: s.checkoutId, state: (await vault.isLocked(s)) ? 'locked' : s.state, ...(await diskStats(vault, s)), lastReplicationAt: s.lastReplicationAt ?? undefined });
   let reply: z.infer<typeof HeartbeatReply>;

@@ -1,5 +1,5 @@
 import { CarryonError } from '../core/errors.js';
-import { listHostUsb, type HostUsbDevice } from '../devices/usb-host.js';
+import { listHostUsb, usbTestSeams, type HostUsbDevice } from '../devices/usb-host.js';
 import { decide, parseUsbId } from '../devices/usb-rules.js';
 import { ControlClient, type AttachedUsbView, type PowerAction } from '../live/control.js';
 import { effectiveConfig, usbRuleSets } from './guards.js';
@@ -7,7 +7,6 @@ import { readOwner } from './holder.js';
 import { loadDevice } from './home.js';
 import { controlKey, liveSocketPath } from './live-holder.js';
 import { powerOnline } from './online.js';
-import { usbTestSeams } from './run-devices.js';
 import type { ClientEnv } from './session.js';
 import { Vault } from './vault.js';
 

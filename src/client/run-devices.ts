@@ -1,19 +1,13 @@
 import { watch, type FSWatcher } from 'node:fs';
 import { z } from 'zod';
 import { sendPower } from '../devices/power.js';
-import { listHostUsb } from '../devices/usb-host.js';
+import { listHostUsb, usbTestSeams } from '../devices/usb-host.js';
 import { emulatedDevices, hostPassthrough, UsbHotplug, type AttachedUsb, type UsbQmp } from '../devices/usb-hotplug.js';
 import { parseUsbId } from '../devices/usb-rules.js';
 import type { AttachedUsbView, ControlHandler, PowerAction } from '../live/control.js';
 import { recordEvent } from './events.js';
 import { POLICY, usbRuleSets } from './guards.js';
 import type { HeldDesktop } from './serve.js';
-
-/** Test seams (NODE_ENV=test only): a fake sysfs tree, and QEMU's emulated devices in place of usb-host. */
-export function usbTestSeams(): { sysfs?: string; emulated: boolean } {
-  if (process.env.NODE_ENV !== 'test') return { emulated: false };
-  return { sysfs: process.env.CARRYON_TEST_USB_SYSFS || undefined, emulated: process.env.CARRYON_TEST_USB_EMULATED === '1' };
-}
 
 const view = (a: AttachedUsb): AttachedUsbView => ({
   id: a.id, vendorId: a.device.vendorId, productId: a.device.productId, at: a.at,

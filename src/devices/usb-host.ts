@@ -14,6 +14,12 @@ export interface HostUsbDevice extends UsbIdentity {
 
 export const SYSFS_USB = '/sys/bus/usb/devices';
 
+/** Test seams (NODE_ENV=test only): a fake sysfs tree, and QEMU's emulated devices in place of usb-host. */
+export function usbTestSeams(): { sysfs?: string; emulated: boolean } {
+  if (process.env.NODE_ENV !== 'test') return { emulated: false };
+  return { sysfs: process.env.CARRYON_TEST_USB_SYSFS || undefined, emulated: process.env.CARRYON_TEST_USB_EMULATED === '1' };
+}
+
 const hex = /^[0-9a-f]{2,4}$/i;
 
 async function attr(dir: string, name: string): Promise<string | undefined> {

@@ -8,6 +8,7 @@ import { pendingEvents } from '../../src/client/events.js';
 import { writePolicy, usbRuleSets } from '../../src/client/guards.js';
 import { startRunDevices } from '../../src/client/run-devices.js';
 import type { HeldDesktop } from '../../src/client/serve.js';
+import { hardwareFacts } from '../../src/devices/hardware.js';
 import { listHostUsb } from '../../src/devices/usb-host.js';
 import { emulatedDevices, UsbHotplug, type UsbAction } from '../../src/devices/usb-hotplug.js';
 import { decide, parseUsbId, type UsbRules } from '../../src/devices/usb-rules.js';
@@ -95,6 +96,20 @@ test('host devices from sysfs: IDs, bus and address, every class of the device a
   ]);
   assert.equal(list[0]!.product, 'Keyboard K120');
   assert.deepEqual(await listHostUsb(join(dir, 'no-such-bus')), []);
+});
+
+test('hardware facts for the agent: window system, connected monitors, USB IDs and classes (no serial numbers)', async () => {
+  const drm = join(dir, 'drm');
+  for (const [name, status] of [['card0-eDP-1', 'connected'], ['card0-HDMI-A-1', 'disconnected'], ['card1-DP-2', 'connected']]) {
+    mkdirSync(join(drm, name!), { recursive: true });
+    writeFileSync(join(drm, name!, 'status'), `${status}\n`);
+  }
+  mkdirSync(join(drm, 'card0'), { recursive: true });
+  const hw = await hardwareFacts({ usbRoot: sysfs, drmRoot: drm, env: { WAYLAND_DISPLAY: 'wayland-0' }, gl: false });
+  assert.deepEqual(hw.display, { windowSystem: 'wayland', monitors: 2, gl: false });
+  assert.deepEqual(hw.usb.map((u) => `${u.id} ${u.classes.join(',')}`), [`${KEYBOARD} 03`, `${STICK} 08`, `${COMPOSITE} 03,08`]);
+  assert.equal(hw.usb[0]!.name, 'Logitech Keyboard K120');
+  assert.deepEqual((await hardwareFacts({ usbRoot: join(dir, 'none'), drmRoot: join(dir, 'none'), env: {} })).display, { windowSystem: null, monitors: 0, gl: null });
 });
 
 test('hot-plug into the running QEMU by policy: storage refused where the policy forbids it (and recorded), allowed → attached; a policy change detaches it at once', async () => {
