@@ -28,7 +28,7 @@ function env(cmd: Command) {
 }
 
 /** How long a guest has to power off after the ACPI button (Ctrl-C, SIGTERM, the agent's lock, wipe or lease expiry) before QEMU is stopped. */
-const POWEROFF_GRACE_MS = 60_000;
+const POWEROFF_GRACE_MS = process.env.NODE_ENV === 'test' && Number(process.env.CARRYON_TEST_POWEROFF_GRACE_MS) > 0 ? Number(process.env.CARRYON_TEST_POWEROFF_GRACE_MS) : 60_000;
 
 /** virgl only where a window can show it and a probe (not a file's existence) shows GL working. */
 async function decideGl(when: 'auto' | 'on' | 'off', display: string, log: (l: string) => void): Promise<boolean> {
