@@ -1,5 +1,6 @@
 import { watch, type FSWatcher } from 'node:fs';
 import { z } from 'zod';
+import { followHostSleep, logindSource } from '../devices/host-sleep.js';
 import { sendPower } from '../devices/power.js';
 import { listHostUsb, usbTestSeams } from '../devices/usb-host.js';
 import { emulatedDevices, hostPassthrough, UsbHotplug, type AttachedUsb, type UsbQmp } from '../devices/usb-hotplug.js';
@@ -77,6 +78,16 @@ export async function startRunDevices(held: HeldDesktop, vm: { qmp: UsbQmp; gues
       opts.log(`USB ${w.vendorId}:${w.productId} from local-config.json not attached: ${(err as Error).message}`);
     }
   }
+  const power = async (action: PowerAction) => {
+    const done = await sendPower(vm, action, { log: opts.log });
+    await recordEvent(opts.home, 'power', held.state.desktopId, `${action}: ${done}`);
+    opts.log(`power ${action}: ${done}`);
+    return done;
+  };
+  // The host going to sleep suspends (or pauses) the guest first; after the wake it resumes with its clock set.
+  const sleep = logindSource();
+  if (sleep.source) void followHostSleep(sleep.source, { beforeSleep: async () => void (await power('suspend')), afterWake: async () => void (await power('resume')) }, opts.log);
+  else opts.log(`host suspend is not passed to the guest: ${sleep.why}`);
   return {
     hotplug,
     handler: {
@@ -85,16 +96,12 @@ export async function startRunDevices(held: HeldDesktop, vm: { qmp: UsbQmp; gues
         detach: async (v, p) => view(await hotplug.detach(v, p)),
         list: async () => hotplug.attached().map(view),
       },
-      power: async (action: PowerAction) => {
-        const done = await sendPower(vm, action, { log: opts.log });
-        await recordEvent(opts.home, 'power', held.state.desktopId, `${action}: ${done}`);
-        opts.log(`power ${action}: ${done}`);
-        return done;
-      },
+      power,
     },
     close() {
       closed = true;
       watcher?.close();
+      sleep.source?.close();
       clearInterval(poll);
     },
   };

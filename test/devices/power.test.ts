@@ -4,6 +4,7 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
+import { followHostSleep, parsePrepareForSleep } from '../../src/devices/host-sleep.js';
 import { sendPower } from '../../src/devices/power.js';
 import { hostFacts } from '../../src/hypervisor/host.js';
 import { runDesktop } from '../../src/hypervisor/launch-desktop.js';
@@ -100,6 +101,24 @@ test('--display vnc --monitors 2: QEMU runs a virtio VGA with two outputs and VN
   const vnc = (await vm.qmp('query-vnc')) as { enabled: boolean; family?: string; host?: string };
   assert.equal(vnc.enabled, true);
   assert.equal(vnc.family, 'unix');
+});
+
+test('host sleep: PrepareForSleep(true) suspends the guest, then lets go of the delay lock; (false) takes the lock again and resumes it', async () => {
+  const seen: string[] = [];
+  let held = 0;
+  const lines = ['/org/freedesktop/login1: org.freedesktop.login1.Manager.SessionNew (...)', '/org/freedesktop/login1: org.freedesktop.login1.Manager.PrepareForSleep (true,)', '/org/freedesktop/login1: org.freedesktop.login1.Manager.PrepareForSleep (false,)'];
+  await followHostSleep({
+    lines: (async function* () { yield* lines; })(),
+    inhibit: () => {
+      held++;
+      seen.push(`lock (${held})`);
+      return { release: () => void seen.push(`release (${--held})`) };
+    },
+    close: () => undefined,
+  }, { beforeSleep: async () => void seen.push('suspend guest'), afterWake: async () => void seen.push('resume guest') }, () => undefined);
+  assert.deepEqual(seen, ['lock (1)', 'suspend guest', 'release (0)', 'lock (1)', 'resume guest', 'release (0)']);
+  assert.equal(parsePrepareForSleep('x.PrepareForSleep (true,)'), true);
+  assert.equal(parsePrepareForSleep('x.PrepareForShutdown (true,)'), null);
 });
 
 test('why a run stops, in words: the agent\'s lease expiry, lock and wipe, or the user', () => {
