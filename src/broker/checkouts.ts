@@ -49,7 +49,7 @@ export async function allowedActions(ctx: BrokerContext, user: string, desktop: 
 }
 
 /** Adapts the desktop's config to the laptop: vCPUs ≤ cores − 1, RAM ≤ host RAM − overhead. */
-export function adaptConfig(config: DesktopConfig, host: HostFacts, overheadMiB: number, policy: Pick<PolicyValues, 'usbAllowed' | 'usbClasses' | 'usbAllow' | 'usbDeny' | 'usbStorageAllowed'>) {
+export function adaptConfig(config: DesktopConfig, host: HostFacts, overheadMiB: number, policy: Pick<PolicyValues, 'usbAllowed' | 'usbClasses' | 'usbAllow' | 'usbDeny' | 'usbStorageAllowed' | 'printingAllowed'>) {
   const vcpus = Math.max(1, Math.min(config.vcpus, host.cpus - 1));
   const hostMiB = Math.floor(host.ramBytes / (1024 * 1024)) - overheadMiB;
   const ramMiB = Math.min(config.ramMiB, hostMiB);
@@ -59,7 +59,7 @@ export function adaptConfig(config: DesktopConfig, host: HostFacts, overheadMiB:
   const usb = policy.usbAllowed && config.usb;
   // The USB rules travel MACed with the check-out (the laptop applies them to every attach); the agent may only narrow them later.
   const usbRules = usb ? { classes: policy.usbClasses, allow: policy.usbAllow, deny: policy.usbDeny, storage: policy.usbStorageAllowed } : undefined;
-  return { vcpus, ramMiB, usb, ...(usbRules ? { usbRules } : {}), nic: config.nic, disks: config.disks };
+  return { vcpus, ramMiB, usb, ...(usbRules ? { usbRules } : {}), printing: policy.printingAllowed, nic: config.nic, disks: config.disks };
 }
 
 async function loadManifest(ctx: BrokerContext, digest: string): Promise<Manifest> {

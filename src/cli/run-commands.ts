@@ -16,7 +16,10 @@ import { CarryonError } from '../core/errors.js';
 import { chainBlockdev } from '../disk/chain.js';
 import { probeKvm, probeVirgl } from '../hypervisor/host.js';
 import { runDesktop } from '../hypervisor/launch-desktop.js';
-import { formatCommand, parseDisplay, parseMonitors, parseOfflineConfig, type RunningDesktop } from '../hypervisor/launch.js';
+import { formatCommand, parseDisplay, parseMonitors, parseOfflineConfig, type OfflineConfig, type RunningDesktop } from '../hypervisor/launch.js';
+import { IPP_PORT, PRINTER_ADDRESS, RELAY_SCRIPT } from '../devices/print-relay.js';
+import { POLICY } from '../client/guards.js';
+import { existsSync } from 'node:fs';
 import { passwordSource, printJsonOr } from './common.js';
 import { parseRate, RateLimiter } from '../transfer/rate-limit.js';
 
@@ -29,6 +32,18 @@ function env(cmd: Command) {
 
 /** How long a guest has to power off after the ACPI button (Ctrl-C, SIGTERM, the agent's lock, wipe or lease expiry) before QEMU is stopped. */
 const POWEROFF_GRACE_MS = process.env.NODE_ENV === 'test' && Number(process.env.CARRYON_TEST_POWEROFF_GRACE_MS) > 0 ? Number(process.env.CARRYON_TEST_POWEROFF_GRACE_MS) : 60_000;
+
+/** The guest's way to the laptop's printers (printing allowed, a user network, a CUPS socket here), or none. */
+function printPath(config: OfflineConfig, policyFile: string, log: (l: string) => void): string[] | undefined {
+  if (config.printing !== true || config.nic !== 'user') return undefined;
+  const cups = process.env.CUPS_SERVER?.startsWith('/') ? process.env.CUPS_SERVER : '/run/cups/cups.sock';
+  if (!existsSync(cups)) {
+    log(`printing is allowed, but there is no CUPS socket at ${cups}: the desktop gets no printer`);
+    return undefined;
+  }
+  log(`printing: the desktop's printer is ipp://${PRINTER_ADDRESS}:${IPP_PORT}/ (this laptop's CUPS)`);
+  return [process.execPath, RELAY_SCRIPT, policyFile, cups];
+}
 
 /** virgl only where a window can show it and a probe (not a file's existence) shows GL working. */
 async function decideGl(when: 'auto' | 'on' | 'off', display: string, log: (l: string) => void): Promise<boolean> {
@@ -127,6 +142,7 @@ export function registerRunCommands(program: Command): void {
           await held.vault.rememberLocalConfig(held.state.desktopId, { ...(o.display !== undefined ? { display: o.display } : {}), ...(monitorsFlag !== undefined ? { monitors: monitorsFlag } : {}) });
         }
         const vmSockets = join(await socketDir(held.vault, held.state.desktopId), 'vm');
+        const printRelay = printPath(config, join(held.vault.desktopDir(held.state.desktopId), POLICY), e.log);
         const gl = await decideGl(o.gl as 'auto' | 'on' | 'off', display, e.log);
         const disks = held.disks.map((d, i) => {
           const spec = specFor(d, i, held.remote?.socketPath ?? null);
@@ -134,7 +150,7 @@ export function registerRunCommands(program: Command): void {
         });
         const result = await runDesktop({
           name: held.state.name.replace(/[^A-Za-z0-9._-]/g, '_').slice(0, 64) || 'desktop',
-          disks, config, display: parseDisplay(display) === 'vnc' ? 'none' : display, vnc: parseDisplay(display) === 'vnc', monitors, gl, accel, serial: o.serial, extraArgs: o.qemuArg,
+          disks, config, printRelay, display: parseDisplay(display) === 'vnc' ? 'none' : display, vnc: parseDisplay(display) === 'vnc', monitors, gl, accel, serial: o.serial, extraArgs: o.qemuArg,
           socketDir: vmSockets,
           dryRun: o.dryRun,
           onStarted: (v) => {

@@ -164,7 +164,7 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
         return null;
       }
     })();
-    await writePolicy(dir, rules ? { usbAllowed: rules.allowed, usb: { classes: rules.classes, allow: rules.allow, deny: rules.deny, storage: rules.storage } } : { usbAllowed: false });
+    await writePolicy(dir, rules ? { usbAllowed: rules.allowed, usb: { classes: rules.classes, allow: rules.allow, deny: rules.deny, storage: rules.storage }, printingAllowed: rules.printers } : { usbAllowed: false, printingAllowed: false });
     const after = (await effectiveConfig(dir, s.config)).usb;
     if (before !== after) env.log(`${s.name}: USB ${after ? 'allowed' : 'no longer allowed'}`);
   }

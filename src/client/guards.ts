@@ -130,7 +130,7 @@ export async function peekClock(dir: string): Promise<number> {
 }
 
 /** What the agent last learned from the broker: older agents wrote `usbAllowed` alone. */
-const PolicyFile = z.object({ usbAllowed: z.boolean(), usb: UsbRules.omit({ allowed: true }).optional() });
+const PolicyFile = z.object({ usbAllowed: z.boolean(), usb: UsbRules.omit({ allowed: true, printers: true }).optional(), printingAllowed: z.boolean().optional() });
 export type PolicyFile = z.infer<typeof PolicyFile>;
 
 export async function writePolicy(dir: string, policy: PolicyFile): Promise<void> {
@@ -147,7 +147,7 @@ async function readPolicyFile(dir: string): Promise<PolicyFile | null> {
  */
 export async function effectiveConfig(dir: string, config: Record<string, unknown>): Promise<Record<string, unknown>> {
   const p = await readPolicyFile(dir);
-  return { ...config, usb: config.usb === true && p?.usbAllowed !== false };
+  return { ...config, usb: config.usb === true && p?.usbAllowed !== false, printing: config.printing !== false && p?.printingAllowed !== false };
 }
 
 /**
@@ -156,11 +156,11 @@ export async function effectiveConfig(dir: string, config: Record<string, unknow
  * agent's since, read again at every decision so a change applies to the running desktop.
  */
 export async function usbRuleSets(dir: string, config: Record<string, unknown>): Promise<UsbRules[]> {
-  const fromCheckout = UsbRules.safeParse({ allowed: config.usb === true, ...(typeof config.usbRules === 'object' && config.usbRules ? config.usbRules : {}) });
+  const fromCheckout = UsbRules.safeParse({ allowed: config.usb === true, ...(typeof config.usbRules === 'object' && config.usbRules ? config.usbRules : {}), printers: config.printing !== false });
   // A MACed config whose rules do not read (a newer broker's shape): nothing passes, rather than everything.
-  const sets: UsbRules[] = [fromCheckout.success ? fromCheckout.data : { allowed: false, classes: [], allow: [], deny: [], storage: false }];
+  const sets: UsbRules[] = [fromCheckout.success ? fromCheckout.data : { allowed: false, classes: [], allow: [], deny: [], storage: false, printers: false }];
   const p = await readPolicyFile(dir);
-  if (p) sets.push({ allowed: p.usbAllowed, ...(p.usb ?? { classes: ['*'], allow: [], deny: [], storage: true }) });
+  if (p) sets.push({ allowed: p.usbAllowed, ...(p.usb ?? { classes: ['*'], allow: [], deny: [], storage: true }), printers: p.printingAllowed !== false });
   return sets;
 }
 

@@ -27,6 +27,11 @@ export const PolicyValues = z.object({
   usbDeny: z.array(UsbIdPattern).max(256),
   /** Mass storage (class 08 on any interface) may pass through; false refuses it even when listed. */
   usbStorageAllowed: z.boolean(),
+  /**
+   * The guest may print: an IPP printer at 10.0.2.100:631 in its user network, relayed to the
+   * laptop's CUPS socket, and USB printers (class 07) may be attached. False: neither path exists.
+   */
+  printingAllowed: z.boolean(),
   /** Whether `carryon export` may write the desktop's disk as a plaintext image (client enforces). */
   exportAllowed: z.boolean(),
   replicationIntervalMin: z.number().int().min(0).max(7 * 24 * 60),
@@ -69,6 +74,7 @@ export const POLICY_DEFAULTS: PolicyValues = {
   usbAllow: [],
   usbDeny: [],
   usbStorageAllowed: true,
+  printingAllowed: false,
   exportAllowed: false,
   replicationIntervalMin: 0,
   requireOnlineReauth: true,

@@ -13,6 +13,8 @@ export const UsbRules = z.object({
   allow: z.array(UsbIdPattern).default([]),
   deny: z.array(UsbIdPattern).default([]),
   storage: z.boolean().default(true),
+  /** USB printers (class 07): the printing policy's, not USB's (a check-out from before it: allowed, as then). */
+  printers: z.boolean().default(true),
 });
 export type UsbRules = z.infer<typeof UsbRules>;
 
@@ -25,6 +27,7 @@ export interface UsbIdentity {
 }
 
 export const STORAGE_CLASS = '08';
+export const PRINTER_CLASS = '07';
 
 const CLASS_NAMES: Record<string, string> = {
   '01': 'audio', '02': 'communications', '03': 'HID', '05': 'physical', '06': 'image', '07': 'printer', '08': 'storage', '09': 'hub',
@@ -44,6 +47,7 @@ export function rulesFromPolicy(p: Record<string, unknown>): UsbRules {
     allow: p.usbAllow,
     deny: p.usbDeny,
     storage: p.usbStorageAllowed,
+    printers: p.printingAllowed === true,
   });
 }
 
@@ -58,6 +62,7 @@ export function decideOne(rules: UsbRules, dev: UsbIdentity): UsbDecision {
   if (rules.deny.some((p) => matches(p, id))) return { ok: false, why: `${id} is on the policy's deny list` };
   // Storage is checked on every interface: a composite device cannot hide a disk behind a keyboard.
   if (!rules.storage && dev.classes.includes(STORAGE_CLASS)) return { ok: false, why: `${id} is a mass-storage device and the policy does not allow USB storage` };
+  if (!rules.printers && dev.classes.includes(PRINTER_CLASS)) return { ok: false, why: `${id} is a printer and the policy does not allow printing` };
   if (rules.allow.some((p) => matches(p, id))) return { ok: true };
   if (rules.classes.includes('*')) return { ok: true };
   const outside = dev.classes.filter((c) => !rules.classes.includes(c));

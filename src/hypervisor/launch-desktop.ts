@@ -17,6 +17,8 @@ export interface RunDesktopOptions {
   vnc?: boolean;
   monitors?: number;
   gl?: boolean;
+  /** The print relay's command (printing allowed and a CUPS socket on the host). */
+  printRelay?: string[];
   accel?: 'kvm' | 'tcg';
   serial?: string;
   extraArgs?: string[];
@@ -59,6 +61,7 @@ export async function runDesktop(opts: RunDesktopOptions): Promise<RunDesktopRes
     vncSocket: opts.vnc ? join(opts.socketDir, 'vnc.sock') : undefined,
     monitors: opts.monitors,
     gl: opts.gl,
+    printRelay: opts.printRelay,
     paused: opts.paused,
     accel: opts.accel,
     serial: opts.serial,

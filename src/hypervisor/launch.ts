@@ -4,12 +4,15 @@ import { CarryonError, ValidationError } from '../core/errors.js';
 import { missingTool, spawnWithSecret } from '../disk/qemu-tools.js';
 import { QmpConnection } from './qmp.js';
 import type { HostFacts } from './host.js';
+import { IPP_PORT, PRINTER_ADDRESS } from '../devices/print-relay.js';
 
 /** The offline VM config (from the broker, merged with local settings) as `run` accepts it. */
 export const OfflineConfig = z.object({
   vcpus: z.number().int().min(1).max(256),
   ramMiB: z.number().int().min(64),
   usb: z.boolean().default(false),
+  /** Policy printingAllowed at check-out (restricted by the agent's policy since); absent in older check-outs. */
+  printing: z.boolean().optional(),
   nic: z.enum(['user', 'none']).default('user'),
   /** Local setting kept across check-outs (the broker never overrides it). */
   display: z.string().regex(/^[a-z][a-z0-9-]*(,[a-z0-9=._-]+)*$/).optional(),
@@ -45,6 +48,11 @@ export interface LaunchOptions {
   vncSocket?: string;
   /** Guest monitors (virtio-gpu outputs), 1 by default. */
   monitors?: number;
+  /**
+   * Printing: the command QEMU's user network runs for each guest connection to the printer address
+   * (devices/print-relay.ts), only where policy allows it and the host has a CUPS socket.
+   */
+  printRelay?: string[];
   /** virgl 3D: only where `probeVirgl` showed a working GL stack, and only with a window (gtk, sdl, spice-app). */
   gl?: boolean;
 }
@@ -151,7 +159,7 @@ export function buildQemuCommand(config: OfflineConfig, host: HostFacts, disks: 
     argv.push('-blockdev', JSON.stringify(d.blockdev));
     argv.push('-device', `virtio-blk-pci,drive=${String(d.blockdev['node-name'])}${i === 0 ? ',bootindex=1' : ''}`);
   });
-  argv.push('-nic', config.nic === 'none' ? 'none' : 'user,model=virtio-net-pci');
+  argv.push('-nic', config.nic === 'none' ? 'none' : `user,model=virtio-net-pci${printForward(config, opts.printRelay)}`);
   argv.push(...displayArgs(opts.display ?? config.display ?? 'gtk', opts));
   if (opts.serial) argv.push('-serial', opts.serial === 'stdio' ? 'stdio' : `file:${opts.serial}`);
   argv.push('-qmp', `unix:${opts.qmpSocket},server=on,wait=off`);
@@ -171,6 +179,15 @@ export function buildQemuCommand(config: OfflineConfig, host: HostFacts, disks: 
   }
   argv.push(...(opts.extraArgs ?? []));
   return argv;
+}
+
+/** The guestfwd to the print relay, or nothing: only where the (effective) policy allows printing. */
+function printForward(config: OfflineConfig, relay: string[] | undefined): string {
+  if (!relay) return '';
+  if (config.printing !== true) throw new CarryonError('policy', 'printing is not allowed for this desktop by the broker\'s policy');
+  // QEMU runs it through /bin/sh and splits its option on commas: plain words only.
+  for (const a of relay) if (!/^[A-Za-z0-9_./:=+-]+$/.test(a)) throw new ValidationError(`print relay argument "${a}" is not usable on a QEMU command line`);
+  return `,guestfwd=tcp:${PRINTER_ADDRESS}:${IPP_PORT}-cmd:${relay.join(' ')}`;
 }
 
 /** Shell-quoted argv for --dry-run output. */

@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { followHostSleep, parsePrepareForSleep } from '../../src/devices/host-sleep.js';
 import { sendPower } from '../../src/devices/power.js';
+import { RELAY_SCRIPT } from '../../src/devices/print-relay.js';
 import { hostFacts } from '../../src/hypervisor/host.js';
 import { runDesktop } from '../../src/hypervisor/launch-desktop.js';
 import { parseOfflineConfig, type RunningDesktop } from '../../src/hypervisor/launch.js';
@@ -26,7 +27,9 @@ before(async () => {
     ended = runDesktop({
       name: 'power',
       disks: [{ name: 'disk0', blockdev: { driver: 'null-co', 'node-name': 'd0-top', size: 1 << 20 }, secretId: 'sec-d0', secret: 'c2VjcmV0' }],
-      config: parseOfflineConfig({ vcpus: 1, ramMiB: 128, nic: 'none' }),
+      // With printing allowed: QEMU must take the relay's guestfwd as `run` builds it (it runs only when the guest connects).
+      config: parseOfflineConfig({ vcpus: 1, ramMiB: 128, nic: 'user', printing: true }),
+      printRelay: [process.execPath, RELAY_SCRIPT, join(dir, 'policy.json'), join(dir, 'cups.sock')],
       // The display line as `run --display vnc --monitors 2` builds it: QEMU must accept it.
       socketDir: join(dir, 'vm'), display: 'none', vnc: true, monitors: 2, paused: true, accel: 'tcg', host: { ...hostFacts(), kvm: false }, stdio: 'ignore',
       onStarted: resolve,

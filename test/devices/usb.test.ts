@@ -64,7 +64,7 @@ after(async () => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-const rules = (r: Partial<UsbRules> = {}): UsbRules => ({ allowed: true, classes: ['*'], allow: [], deny: [], storage: true, ...r });
+const rules = (r: Partial<UsbRules> = {}): UsbRules => ({ allowed: true, classes: ['*'], allow: [], deny: [], storage: true, printers: true, ...r });
 const dev = (id: string, classes: string[]) => ({ ...parseUsbId(id), classes });
 
 async function peripherals(): Promise<string[]> {
@@ -85,6 +85,9 @@ test('the rules: off means nothing; deny wins; storage is refused on any interfa
   assert.equal(decide([rules({ classes: [] })], dev(KEYBOARD, [])).ok, false);
   assert.equal(decide([rules(), rules({ storage: false })], dev(STICK, ['08'])).ok, false, 'the agent\'s later rules narrow the check-out\'s');
   assert.equal(decide([], dev(KEYBOARD, ['03'])).ok, false);
+  // A USB printer is printing's business: refused where printing is not allowed, even when listed.
+  assert.match((decide([rules({ printers: false, allow: ['04a9:*'] })], dev('04a9:1234', ['07'])) as { why: string }).why, /printer and the policy does not allow printing/);
+  assert.equal(decide([rules({ printers: true })], dev('04a9:1234', ['07'])).ok, true);
   assert.throws(() => parseUsbId('046d-c31c'), { code: 'invalid' });
   assert.deepEqual(parseUsbId(' 046D:C31C '), { vendorId: '046d', productId: 'c31c' });
 });

@@ -89,7 +89,7 @@ test('heartbeats carry endpoint statistics; remote lock, unlock, lease renewal a
   // Why the running desktop was stopped went to the audit trail with the next contact.
   assert.ok((await broker.ctx.meta.listEvents({ limit: 10_000 })).some((e) => e.action === 'offline-guest-stop' && /an administrator locked this desktop: stopping `carryon serve`/.test(e.detail ?? '')), 'the stop and its reason are audited');
   const policyFile = JSON.parse(readFileSync(join((await Vault.open(env.home)).desktopDir((await held())[0]!.desktopId), 'policy.json'), 'utf8')) as unknown;
-  assert.deepEqual(policyFile, { usbAllowed: true, usb: { classes: ['03', '08'], allow: [], deny: ['0781:*'], storage: false } });
+  assert.deepEqual(policyFile, { usbAllowed: true, usb: { classes: ['03', '08'], allow: [], deny: ['0781:*'], storage: false }, printingAllowed: false });
 
   const vault = await Vault.open(env.home);
   const before = (await vault.storedLease((await held())[0]!)).payload;
