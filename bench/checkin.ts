@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { open, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { checkout, release, upload, type ClientEnv } from '../src/client/ops.js';
-import { serveDesktop } from '../src/client/serve.js';
+import { serveDesktop } from '../src/client/ops/serve.js';
 import { NbdClient } from '../src/nbd/client.js';
 import { writeTestImage } from '../src/demo/image.js';
 import { MB, repeat, run, settle, stats, timed } from './lib/measure.js';

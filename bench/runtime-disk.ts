@@ -3,7 +3,7 @@ import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { checkout, status } from '../src/client/ops.js';
-import { serveDesktop } from '../src/client/serve.js';
+import { serveDesktop } from '../src/client/ops/serve.js';
 import { writeTestImage } from '../src/demo/image.js';
 import { diskRows, measureNbdDisk, randomRewrites, withLuksPeer } from './disk.js';
 import { MB } from './lib/measure.js';

@@ -9,7 +9,7 @@
 // or postgres (S3; CARRYON_TEST_STORE=pack keeps local packs, CARRYON_TEST_STORE=s3 puts an SQLite
 // pass on S3).
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -37,13 +37,28 @@ if (files.length === 0) {
 const templates = mkdtempSync(join(tmpdir(), 'carryon-templates-'));
 process.once('exit', () => rmSync(templates, { recursive: true, force: true }));
 
+// Two tiers. Pure and in-process files (no guest, no kill timings, no servers of their own) run two
+// at a time; the rest one at a time: the swtpm, QEMU-guest and LUKS-creation tests flaked when two
+// heavy files shared the 2 cores. A file joins the serial tier by its folder or by saying
+// `carryon-test: serial` in a comment (with why).
+const SERIAL_PARTS = ['dist/test/e2e/', 'dist/test/web/', 'dist/test/broker/', 'dist/test/support/', 'dist/test/bench/'];
+const says = (file, marker) => readFileSync(file, 'utf8').includes(`carryon-test: ${marker}`);
+const isSerial = (file) => SERIAL_PARTS.some((p) => file.includes(p)) || says(file, 'serial');
+
 async function pass(list, env, label) {
   // NODE_ENV=test lets the suite lower the vault KDF cost (CARRYON_SCRYPT_N); production refuses it.
-  // One test file at a time: the swtpm, QEMU-guest and LUKS-creation tests flaked when two heavy files shared the 2 cores.
   // Not spawnSync: the servers started here log into pipes that this loop must keep draining.
   const t0 = Date.now();
-  const child = spawn(process.execPath, ['--test', '--test-concurrency=1', '--test-timeout=300000', ...list], { stdio: 'inherit', env: { ...process.env, NODE_ENV: 'test', CARRYON_TEMPLATE_DIR: templates, ...env } });
-  const status = await new Promise((resolve) => child.once('exit', (code) => resolve(code ?? 1)));
+  const tiers = [[list.filter((f) => !isSerial(f)), 2], [list.filter(isSerial), 1]];
+  let status = 0;
+  for (const [files, concurrency] of tiers) {
+    if (files.length === 0) continue;
+    const t1 = Date.now();
+    const child = spawn(process.execPath, ['--test', `--test-concurrency=${concurrency}`, '--test-timeout=300000', ...files], { stdio: 'inherit', env: { ...process.env, NODE_ENV: 'test', CARRYON_TEMPLATE_DIR: templates, ...env } });
+    const code = await new Promise((resolve) => child.once('exit', (c) => resolve(c ?? 1)));
+    console.log(`# tier on ${label}: ${files.length} files, ${concurrency} at a time, ${((Date.now() - t1) / 1000).toFixed(0)} s, exit ${code}`);
+    status ||= code;
+  }
   console.log(`# pass on ${label}: ${list.length} files, ${((Date.now() - t0) / 1000).toFixed(0)} s, exit ${status}`);
   return status;
 }
@@ -81,7 +96,8 @@ const storeFor = (database) => process.env.CARRYON_TEST_STORE ?? (database === '
 let status;
 if (both) {
   const first = await onServers(files, 'sqlite', 'pack');
-  const pgFiles = files.filter((f) => POSTGRES_PARTS.some((p) => f.includes(p)));
+  // A file whose subject is the laptop or the guest, not the broker's database, says `carryon-test: sqlite-only`.
+  const pgFiles = files.filter((f) => POSTGRES_PARTS.some((p) => f.includes(p)) && !says(f, 'sqlite-only'));
   const second = pgFiles.length ? await onServers(pgFiles, 'postgres', 's3') : 0;
   status = first || second;
 } else {

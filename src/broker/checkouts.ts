@@ -1,15 +1,16 @@
-import { referencedChunks, decodeManifest, encodedDigest, encodeManifest, type Manifest } from '../core/manifest.js';
-import { receiptHolds, receiptKey } from '../core/push-receipt.js';
-import { signLease, type SignedLease } from '../core/lease.js';
+import { referencedChunks, decodeManifest, encodedDigest, encodeManifest, type Manifest } from '../core/chunks/manifest.js';
+import { receiptHolds, receiptKey } from '../core/tokens/push-receipt.js';
+import { signLease, type SignedLease } from '../core/tokens/lease.js';
 import { policyHash, policyValues, type PolicyValues } from '../core/policy.js';
-import type { CheckoutRow, DesktopConfig, DesktopRow, SnapshotDisk, SnapshotRow } from '../store/metadata.js';
+import type { CheckoutRow, DesktopConfig, DesktopRow, SnapshotDisk, SnapshotRow } from './db/metadata.js';
 import type { BrokerContext } from './context.js';
-import { damagedSnapshotRefusal } from './damage.js';
+import { damagedSnapshotRefusal } from './desktops/damage.js';
 import { onlineRefusal } from './hosts/power.js';
 import { HttpError } from './http.js';
+import { lineageKeysFor } from './desktops/desktops.js';
 import { describePolicySource, effectivePolicy } from './policies.js';
 import type { JobView } from './transfers/types.js';
-import { stillAllowed } from './trust.js';
+import { stillAllowed } from './auth/trust.js';
 
 export interface HostFacts {
   cpus: number;
@@ -71,12 +72,6 @@ async function loadManifest(ctx: BrokerContext, digest: string): Promise<Manifes
     // A stored manifest that does not decode is the server's fault, not the request's.
     throw new HttpError(500, 'store-corrupt', `stored manifest ${digest} does not decode: ${(err as Error).message}`);
   }
-}
-
-export async function lineageKeysFor(ctx: BrokerContext, desktop: DesktopRow): Promise<{ wrappedKeys: string; keyContext: string }> {
-  const wrapped = await ctx.meta.getLineageKeys(desktop.lineageId);
-  if (!wrapped) throw new HttpError(500, 'lineage-missing', `lineage ${desktop.lineageId} has no keys`);
-  return { wrappedKeys: wrapped.toString('base64'), keyContext: `lineage:${desktop.lineageId}` };
 }
 
 /** Offline lease covering every desktop the user holds on this device and may still use (no cut-off). */

@@ -1,13 +1,12 @@
 import type { DatacenterHypervisor } from '../hypervisor/datacenter/hypervisor.js';
 import type { ChunkStore } from '../store/chunk-store.js';
-import type { MetadataStore } from '../store/metadata.js';
-import type { LdapConfig } from './directory.js';
+import type { MetadataStore } from './db/metadata.js';
+import type { LdapConfig } from './auth/directory.js';
 import type { HostStore } from './hosts/store.js';
-import type { ImportJobs } from './imports.js';
 import type { BrokerSecrets } from './secrets.js';
 import type { JobProgress } from './transfers/progress.js';
 import type { Scheduler } from './transfers/scheduler.js';
-import type { LoginThrottle } from './throttle.js';
+import type { LoginThrottle } from './auth/throttle.js';
 
 export interface BrokerSettings {
   /** Session token lifetime. */
@@ -47,8 +46,6 @@ export interface BrokerContext {
   hypervisor: DatacenterHypervisor;
   /** Desktop hosts, where each desktop runs online, and their commands. */
   hosts: HostStore;
-  /** Desktop imports running in the background. */
-  imports: ImportJobs;
   /** Live per-job transfer progress reported by transfer servers. */
   jobProgress: JobProgress;
   /** Failed-login backoff per user and per source address. */

@@ -1,10 +1,11 @@
-import type { CheckoutRow, SnapshotRow } from '../store/metadata.js';
-import { auditTicket, checkedChanges, checkoutView, deny, lineageKeysFor, ownedCheckout, type DiskChanges } from './checkouts.js';
+import type { CheckoutRow, SnapshotRow } from './db/metadata.js';
+import { auditTicket, checkedChanges, checkoutView, deny, ownedCheckout, type DiskChanges } from './checkouts.js';
+import { lineageKeysFor } from './desktops/desktops.js';
 import type { BrokerContext } from './context.js';
 import { HttpError } from './http.js';
 import { effectivePolicy } from './policies.js';
 import type { JobView } from './transfers/types.js';
-import { cutOffReason } from './trust.js';
+import { cutOffReason } from './auth/trust.js';
 
 /** Check-outs that ended while the laptop still held work: an admin's force-unlock, or a check-in the laptop changed after. */
 const HAND_BACK_FROM = ['cancelled', 'checked_in'] as const;

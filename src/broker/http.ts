@@ -2,11 +2,11 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { z } from 'zod';
 import { acceptOnlyOurMediaTypes, drainRefusedBody } from '../net/body-limits.js';
 import { mapError, zodMessage } from '../net/http-errors.js';
-import { checkDeviceSignature, DEVICE_HEADER, MAX_SKEW_MS, NONCE_HEADER, SIGNATURE_HEADER, TIME_HEADER } from '../core/device-auth.js';
+import { checkDeviceSignature, DEVICE_HEADER, MAX_SKEW_MS, NONCE_HEADER, SIGNATURE_HEADER, TIME_HEADER } from '../core/tokens/device-auth.js';
 import { publicKeyFromBase64 } from '../core/signing.js';
-import type { DeviceRow } from '../store/metadata.js';
+import type { DeviceRow } from './db/metadata.js';
 import type { BrokerContext } from './context.js';
-import { readToken, type SessionClaims } from './tokens.js';
+import { readToken, type SessionClaims } from './auth/tokens.js';
 
 /** An error with its HTTP status and stable code: `{error: code, message, ...extra}`. */
 export class HttpError extends Error {

@@ -1,5 +1,5 @@
 import { PolicyValues, resolvePolicy, type PolicySource, type ResolvedPolicy } from '../core/policy.js';
-import type { DesktopRow, MetadataStore } from '../store/metadata.js';
+import type { DesktopRow, MetadataStore } from './db/metadata.js';
 
 /** Loads the four layers for (user, desktop) and resolves them. */
 export async function effectivePolicy(meta: MetadataStore, user: string | null, desktop: DesktopRow | null): Promise<ResolvedPolicy> {

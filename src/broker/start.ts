@@ -6,38 +6,38 @@ import { NoHypervisor, QmpHypervisor, type DatacenterHypervisor } from '../hyper
 import { loadOrCreateTls } from '../net/tls-cert.js';
 import { openChunkStore } from '../store/open-store.js';
 import { defaultS3IndexPath } from '../store/s3-chunk-store.js';
-import { auditChainKey } from '../store/audit-chain.js';
-import { openMetadata } from '../store/metadata/open.js';
-import { checkLdapConfig } from './directory.js';
-import { DatabaseFailureLog, DEFAULT_THROTTLE, LoginThrottle, type ThrottleSettings } from './throttle.js';
-import { transferServerSync } from './trust.js';
+import { auditChainKey } from './db/audit-chain.js';
+import { openMetadata } from './db/open.js';
+import { checkLdapConfig } from './auth/directory.js';
+import { DatabaseFailureLog, DEFAULT_THROTTLE, LoginThrottle, type ThrottleSettings } from './auth/throttle.js';
+import { transferServerSync } from './auth/trust.js';
 import { startTransferServer, type TransferServer } from '../transfer/server.js';
 import type { BrokerContext, BrokerSettings } from './context.js';
 import { installHttpBasics } from './http.js';
-import { ImportJobs } from './imports.js';
+import { ImportJobs } from './desktops/imports.js';
 import { consoleRoutes } from './routes/console.js';
 import { JobProgress } from './transfers/progress.js';
-import { readToken } from './tokens.js';
-import { hashPassword } from './passwords.js';
-import { adminRoutes } from './routes/admin.js';
-import { adminTrustRoutes } from './routes/admin-trust.js';
+import { readToken } from './auth/tokens.js';
+import { hashPassword } from './auth/passwords.js';
+import { adminRoutes } from './routes/admin/admin.js';
+import { adminTrustRoutes } from './routes/admin/admin-trust.js';
 import { jobRoutes } from './routes/jobs.js';
 import { agentRoutes } from './routes/agent.js';
-import { maintenanceRoutes } from './routes/maintenance.js';
+import { maintenanceRoutes } from './routes/admin/maintenance.js';
 import { transferAdminRoutes, transferRoutes } from './routes/transfers.js';
-import { adminScope, guardAdminRoutes } from './routes/admin-scope.js';
+import { adminScope, guardAdminRoutes } from './routes/admin/admin-scope.js';
 import { auditRoutes } from './routes/audit.js';
-import { directoryExtraRoutes } from './routes/directory-extra.js';
+import { directoryExtraRoutes } from './routes/admin/directory-extra.js';
 import { restoreRoutes } from './routes/restore.js';
 import { uploadRoutes } from './routes/uploads.js';
-import { exportRoutes } from './routes/export.js';
+import { exportRoutes } from './routes/admin/export.js';
 import { userRoutes } from './routes/user.js';
 import { loadOrCreateSecrets } from './secrets.js';
 import { Scheduler } from './transfers/scheduler.js';
 import { pushRevocations } from './transfers/revoke-push.js';
 import { SchedulerStore } from './transfers/scheduler-store.js';
 import { HostStore } from './hosts/store.js';
-import { hostAdminRoutes, hostRoutes } from './routes/hosts.js';
+import { desktopPowerRoutes, hostAdminRoutes, hostRoutes } from './routes/hosts.js';
 import { displayAdminRoutes, displayRoutes } from './routes/display.js';
 import { displayRelay } from './display/relay.js';
 import websocket from '@fastify/websocket';
@@ -148,8 +148,10 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
       if (others.length) await pushRevocations(others, ids, secrets.signing.privateKey);
     },
   });
+  /** Desktop imports running in the background (admin and upload routes start them). */
+  const imports = new ImportJobs();
   const ctx: BrokerContext = {
-    settings, meta, store, secrets, scheduler, hypervisor, hosts: await HostStore.open(sql), imports: new ImportJobs(), jobProgress: new JobProgress(),
+    settings, meta, store, secrets, scheduler, hypervisor, hosts: await HostStore.open(sql), jobProgress: new JobProgress(),
     throttle: new LoginThrottle(new DatabaseFailureLog(meta), { ...DEFAULT_THROTTLE, ...config.throttle }),
     audit: async (e) => void (await meta.addEvent({ actor: e.actor, desktopId: e.desktopId ?? null, action: e.action, outcome: e.outcome, detail: e.detail ?? null })),
     keysFor: (wrapped, context) => encodeLineageKeys(unwrapLineageKeys(secrets.masterKey, wrapped, context)),
@@ -171,27 +173,33 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   guardAdminRoutes(app);
   // The display relay's WebSockets (small frames: VNC; a browser's messages are bounded too).
   await app.register(websocket, { options: { maxPayload: 4 * 1024 * 1024, perMessageDeflate: false } });
-  userRoutes(app, ctx);
-  restoreRoutes(app, ctx);
-  agentRoutes(app, ctx);
-  jobRoutes(app, ctx);
-  transferRoutes(app, ctx);
-  hostRoutes(app, ctx);
-  displayRoutes(app, ctx);
+  // One plugin per resource, each encapsulated: a hook or parser one adds reaches no other.
+  await app.register(userRoutes, { ctx });
+  await app.register(restoreRoutes, { ctx });
+  await app.register(agentRoutes, { ctx });
+  await app.register(jobRoutes, { ctx });
+  await app.register(transferRoutes, { ctx });
+  await app.register(hostRoutes, { ctx });
+  await app.register(desktopPowerRoutes, { ctx });
+  await app.register(displayRoutes, { ctx });
   // Every /v1/admin route, behind one admin check (a /v1/admin route outside it fails the start).
-  adminScope(app, ctx, [
-    (a) => adminRoutes(a, ctx),
-    (a) => adminTrustRoutes(a, ctx),
-    (a) => directoryExtraRoutes(a, ctx),
-    (a) => auditRoutes(a, ctx),
-    (a) => uploadRoutes(a, ctx, join(config.dataDir, 'uploads')),
-    (a) => maintenanceRoutes(a, ctx),
-    (a) => transferAdminRoutes(a, ctx),
-    (a) => exportRoutes(a, ctx),
-    (a) => hostAdminRoutes(a, ctx),
-    (a) => displayAdminRoutes(a, ctx),
-  ]);
-  consoleRoutes(app);
+  await app.register(adminScope, {
+    ctx,
+    resources: async (admin) => {
+      await admin.register(adminRoutes, { ctx, imports });
+      await admin.register(adminTrustRoutes, { ctx });
+      await admin.register(directoryExtraRoutes, { ctx });
+      await admin.register(auditRoutes, { ctx });
+      await admin.register(uploadRoutes, { ctx, dir: join(config.dataDir, 'uploads'), imports });
+      await admin.register(maintenanceRoutes, { ctx });
+      await admin.register(transferAdminRoutes, { ctx });
+      await admin.register(exportRoutes, { ctx });
+      await admin.register(hostAdminRoutes, { ctx });
+      await admin.register(displayAdminRoutes, { ctx });
+    },
+  });
+  // The console's pages only: its API is the resources' above.
+  await app.register(consoleRoutes, {});
   const host = config.host ?? '127.0.0.1';
   await app.listen({ host, port: config.port ?? 0 });
   const addr = app.server.address();

@@ -3,18 +3,18 @@ import { hostname } from 'node:os';
 import { join } from 'node:path';
 import type { Command } from 'commander';
 import { runAgent } from '../client/agent.js';
-import { addBrokers, listBrokers, removeBrokers, splitList } from '../client/brokers.js';
-import { defaultHome, loadDevice } from '../client/home.js';
-import { powerOnline } from '../client/online.js';
-import { listParked } from '../client/parked.js';
+import { addBrokers, listBrokers, removeBrokers, splitList } from '../client/session/brokers.js';
+import { defaultHome, loadDevice } from '../client/vault/home.js';
+import { powerOnline } from '../client/session/online.js';
+import { listParked } from '../client/vault/parked.js';
 import { openDisplayLink } from './open-display.js';
 import { checkout, discardLocal, enroll, exportDisk, listDesktops, listRestorePoints, loginOnline, onlineSession, release, restoreDesktop, status, upload, type ClientEnv } from '../client/ops.js';
-import { Vault } from '../client/vault.js';
-import { diskDir } from '../client/disks.js';
-import { readFilled } from '../client/fill-direct.js';
+import { Vault } from '../client/vault/vault.js';
+import { diskDir } from '../live/disks/disks.js';
+import { readFilled } from '../live/fill/fill-direct.js';
 import { CarryonError } from '../core/errors.js';
-import { JobView } from '../client/broker-client.js';
-import { parseRate, RateLimiter } from '../transfer/rate-limit.js';
+import { JobView } from '../net/broker-client.js';
+import { parseRate, RateLimiter } from '../transfer-client/rate-limit.js';
 import { formatBytes, passwordSource, printJsonOr, progressReporter, table } from './common.js';
 
 /** `login --offline`: the password opened the vault, but `serve`/`run` would refuse at least one desktop (1 stays "the command failed"). */
@@ -211,7 +211,9 @@ export function registerClientCommands(program: Command): void {
     // Parked copies (kept after a check-in, rollback or cancel; client/parked.ts) are listed with their size, never opened.
     const parked = (await listParked(env.home)).filter((p) => !desktop || p.name === desktop || p.desktopId === desktop);
     const st = desktop && parked.length ? [] : await status(env, desktop);
-    printJsonOr(json, desktop && parked.length ? parked.map((p) => ({ desktop: p.name, desktopId: p.desktopId, state: 'parked', parkedAt: p.parkedAt, bytes: p.bytes })) : st, () => {
+    // JSON lists the same as the text: checked-out desktops, then parked copies (state 'parked').
+    const parkedJson = parked.map((p) => ({ desktop: p.name, desktopId: p.desktopId, state: 'parked', parkedAt: p.parkedAt, bytes: p.bytes }));
+    printJsonOr(json, [...st, ...parkedJson], () => {
       for (const p of parked) process.stdout.write(`${p.name}: parked copy, ${formatBytes(p.bytes)} on this laptop since ${p.parkedAt ?? '?'} (encrypted; not runnable; \`carryon checkout ${p.name}\` starts from it, \`carryon discard ${p.name} --yes\` removes it)\n`);
       if (desktop && parked.length) return;
       table(st.map((s) => ({ desktop: s.desktop, state: s.state, lease: s.leaseDeadline ? `${s.leaseHoursLeft.toFixed(1)} h` : '-', changed: s.dirtyBytes === null ? `- (${s.refused})` : formatBytes(s.dirtyBytes), local: `${s.percentLocal.toFixed(1)}%`, replicated: s.lastReplicationAt ? `${s.lastReplicationAt}${s.lastReplicaKind ? ` (${s.lastReplicaKind})` : ''}` : 'never', offline: s.safeOffline ? 'safe to go offline' : s.refused ? `NOT usable offline (${s.refused})` : 'NOT yet safe to go offline' })));

@@ -4,7 +4,7 @@ import { Writable } from 'node:stream';
 import cliProgress from 'cli-progress';
 import { CarryonError } from '../core/errors.js';
 import { formatBytes } from '../core/format.js';
-import type { Progress } from '../transfer/client.js';
+import type { Progress } from '../transfer-client/client.js';
 
 export { formatBytes };
 

@@ -1,7 +1,7 @@
 import type { Command } from 'commander';
-import { powerDesktop, usbAttach, usbAttached, usbDetach, usbListing } from '../client/devices.js';
-import { defaultHome } from '../client/home.js';
-import type { ClientEnv } from '../client/session.js';
+import { powerDesktop, usbAttach, usbAttached, usbDetach, usbListing } from '../client/devices/devices.js';
+import { defaultHome } from '../client/vault/home.js';
+import type { ClientEnv } from '../client/session/session.js';
 import { CarryonError } from '../core/errors.js';
 import { className } from '../devices/usb-rules.js';
 import { POWER_ACTIONS, type PowerAction } from '../live/control.js';

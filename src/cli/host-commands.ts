@@ -4,7 +4,6 @@ import { resolve } from 'node:path';
 import type { Command } from 'commander';
 import { CarryonError } from '../core/errors.js';
 import { probeKvm } from '../hypervisor/host.js';
-import { startHost } from '../host/service.js';
 
 const int = (name: string, min: number) => (v: string) => {
   const n = Number(v);
@@ -42,6 +41,7 @@ export function registerHostCommands(program: Command): void {
         if (!probe.ok) process.stderr.write(`carryon host: KVM not usable (${probe.why ?? 'unknown'}): guests run under TCG\n`);
         accel = probe.ok ? 'kvm' : 'tcg';
       }
+      const { startHost } = await import('../host/service.js'); // lazily: see server-commands.ts
       const host = await startHost({
         id: o.id, brokerUrl: o.broker.replace(/\/$/, ''), brokerFingerprint: o.brokerFingerprint, secret: readFileSync(o.secretFile, 'utf8').trim(), dataDir: resolve(o.dataDir),
         vcpus: o.vcpus, ramMiB: o.ramMib, maxDesktops: o.maxDesktops, accel, heartbeatSec: o.heartbeatSec, shutdownGraceSec: o.shutdownGraceSec, pausedGuests: Boolean(o.pausedGuests),

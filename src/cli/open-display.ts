@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { findEntry, onlineSession, type ClientEnv } from '../client/session.js';
+import { findEntry, onlineSession, type ClientEnv } from '../client/session/session.js';
 
 const Ticket = z.object({ desktop: z.string(), desktopId: z.string(), expiresAt: z.string(), url: z.string(), socket: z.string() });
 

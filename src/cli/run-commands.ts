@@ -1,13 +1,15 @@
 import type { Command } from 'commander';
-import { defaultHome } from '../client/home.js';
-import { specFor } from '../client/holder.js';
-import { socketDir } from '../client/disks.js';
+import { defaultHome } from '../client/vault/home.js';
+import { specFor } from '../live/fill/holder.js';
+import { socketDir } from '../live/disks/disks.js';
 import { join } from 'node:path';
-import { holdDesktop, serveDesktop, type HeldDesktop } from '../client/serve.js';
-import { startLiveControl } from '../client/live-holder.js';
-import { startRunDevices } from '../client/run-devices.js';
-import { recordEvent } from '../client/events.js';
-import { stopReasonWords, takeStopReason } from '../client/stop-reason.js';
+import { holdDesktop, serveDesktop } from '../client/ops/serve.js';
+import type { HeldDesktop } from '../live/fill/holder.js';
+import { startLiveControl } from '../live/live-holder.js';
+import { startRunDevices } from '../client/devices/run-devices.js';
+import { rememberLocalConfig } from '../client/vault/vault.js';
+import { recordEvent } from '../live/disks/events.js';
+import { stopReasonWords, takeStopReason } from '../client/devices/stop-reason.js';
 import { GuestAgent } from '../live/guest-agent.js';
 import type { Quiesce } from '../live/live-chain.js';
 import { quiesce } from '../live/quiesce.js';
@@ -16,12 +18,12 @@ import { CarryonError } from '../core/errors.js';
 import { chainBlockdev } from '../disk/chain.js';
 import { probeKvm, probeVirgl } from '../hypervisor/host.js';
 import { runDesktop } from '../hypervisor/launch-desktop.js';
-import { formatCommand, parseDisplay, parseMonitors, parseOfflineConfig, type OfflineConfig, type RunningDesktop } from '../hypervisor/launch.js';
-import { IPP_PORT, PRINTER_ADDRESS, RELAY_SCRIPT } from '../devices/print-relay.js';
-import { POLICY } from '../client/guards.js';
+import { formatCommand, IPP_PORT, parseDisplay, parseMonitors, parseOfflineConfig, PRINTER_ADDRESS, type OfflineConfig, type RunningDesktop } from '../hypervisor/launch.js';
+import { RELAY_SCRIPT } from '../devices/print-relay.js';
+import { POLICY } from '../client/vault/guards.js';
 import { existsSync } from 'node:fs';
 import { passwordSource, printJsonOr } from './common.js';
-import { parseRate, RateLimiter } from '../transfer/rate-limit.js';
+import { parseRate, RateLimiter } from '../transfer-client/rate-limit.js';
 
 interface GlobalOpts { home?: string; user?: string; passwordFile?: string; json?: boolean; limitRate?: string }
 
@@ -139,7 +141,7 @@ export function registerRunCommands(program: Command): void {
         const monitors = monitorsFlag ?? (typeof local.monitors === 'number' ? parseMonitors(local.monitors) : 1);
         // What the user chose is kept for this desktop's next runs (presentation only: local-config.json).
         if (!o.dryRun && (o.display !== undefined || monitorsFlag !== undefined)) {
-          await held.vault.rememberLocalConfig(held.state.desktopId, { ...(o.display !== undefined ? { display: o.display } : {}), ...(monitorsFlag !== undefined ? { monitors: monitorsFlag } : {}) });
+          await rememberLocalConfig(held.vault.desktopDir(held.state.desktopId), { ...(o.display !== undefined ? { display: o.display } : {}), ...(monitorsFlag !== undefined ? { monitors: monitorsFlag } : {}) });
         }
         const vmSockets = join(await socketDir(held.vault, held.state.desktopId), 'vm');
         const printRelay = printPath(config, join(held.vault.desktopDir(held.state.desktopId), POLICY), e.log);

@@ -2,7 +2,6 @@ import { readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import type { Command } from 'commander';
 import { CarryonError } from '../core/errors.js';
-import { startStandaloneTransfer } from '../transfer/standalone.js';
 
 const int = (name: string) => (v: string) => {
   const n = Number(v);
@@ -29,6 +28,7 @@ export function registerTransferCommands(program: Command): void {
     .action(async (o: { broker: string; brokerFingerprint: string; secretFile: string; masterKeyFile: string; store: string; id: string; slots: number; host: string; publicHost?: string; port: number; tlsDir: string; heartbeatSec: number }) => {
       if (o.slots < 1) throw new CarryonError('invalid', '--slots must be at least 1');
       if (o.heartbeatSec < 1) throw new CarryonError('invalid', '--heartbeat-sec must be at least 1');
+      const { startStandaloneTransfer } = await import('../transfer/standalone.js'); // lazily: see server-commands.ts
       const server = await startStandaloneTransfer({
         id: o.id, brokerUrl: o.broker.replace(/\/$/, ''), brokerFingerprint: o.brokerFingerprint, secret: readFileSync(o.secretFile, 'utf8').trim(),
         slots: o.slots, storeDir: o.store, masterKeyFile: o.masterKeyFile, host: o.host, publicHost: o.publicHost, port: o.port, tlsDir: o.tlsDir, heartbeatSec: o.heartbeatSec,

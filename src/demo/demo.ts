@@ -8,8 +8,8 @@ import { request } from 'undici';
 import { startBroker } from '../broker/start.js';
 import { formatBytes } from '../cli/common.js';
 import { checkout, enroll, exportDisk, upload, type ClientEnv } from '../client/ops.js';
-import { exportCurrentSnapshot } from '../broker/snapshot-image.js';
-import { serveDesktop } from '../client/serve.js';
+import { exportCurrentSnapshot } from '../broker/desktops/snapshot-image.js';
+import { serveDesktop } from '../client/ops/serve.js';
 import { pinnedAgent } from '../net/pinned-agent.js';
 import { writeTestImage } from './image.js';
 

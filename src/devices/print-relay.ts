@@ -9,8 +9,6 @@ import { fileURLToPath } from 'node:url';
  * connection: printing taken away while the desktop runs closes the path for every new job. (The
  * check-out's MACed policy decided at start whether the forward exists at all.)
  */
-export const PRINTER_ADDRESS = '10.0.2.100';
-export const IPP_PORT = 631;
 
 /** The agent's policy file says printing is no longer allowed (restrict-only; unreadable = no change). */
 export function printingRevoked(policyFile: string): boolean {

@@ -1,5 +1,5 @@
 import { CarryonError } from '../core/errors.js';
-import type { QmpEvent } from '../hypervisor/qmp.js';
+import type { QmpEvent } from '../qemu/qmp.js';
 import type { HostUsbDevice } from './usb-host.js';
 import { decide, type UsbRules } from './usb-rules.js';
 

@@ -2,10 +2,10 @@ import { createCipheriv, randomBytes } from 'node:crypto';
 import { open, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { runQemuTool, SECRET_FD_OBJECT, SECRET_FIFO } from './qemu-tools.js';
+import { runQemuTool, SECRET_FD_OBJECT, SECRET_FIFO } from '../qemu/qemu-tools.js';
 import { createArgs, createLayerFromTemplate, createWithQemu, luksHeaderRange, type LayerShape } from './layer-template.js';
 import { DiskError } from './block-device.js';
-import type { Range } from '../core/delta.js';
+import type { Range } from '../core/chunks/delta.js';
 
 /**
  * The laptop's live disk: a qcow2 chain encrypted with LUKS (AES-256-XTS), run by QEMU's own

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { z } from 'zod';
 import { DiskError } from './block-device.js';
 import { rekeyLuksHeader } from './luks-header.js';
-import { runQemuTool, SECRET_FD_OBJECT } from './qemu-tools.js';
+import { runQemuTool, SECRET_FD_OBJECT } from '../qemu/qemu-tools.js';
 
 /**
  * Empty LUKS qcow2 layers made by copying a template and giving the copy fresh keys (see

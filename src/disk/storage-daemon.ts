@@ -2,10 +2,10 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { chmod, rm } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { CarryonError } from '../core/errors.js';
-import { QmpConnection, QmpError } from '../hypervisor/qmp.js';
+import { QmpConnection, QmpError } from '../qemu/qmp.js';
 import { ensurePrivateDir } from '../net/private-dir.js';
 import { chainBlockdev, type ChainSpec } from './chain.js';
-import { missingTool, qemuFailure } from './qemu-tools.js';
+import { missingTool, qemuFailure } from '../qemu/qemu-tools.js';
 
 /** One thing QEMU's block layer can host: a storage daemon, or the VM's own QEMU. Both speak QMP. */
 export interface BlockHost {

@@ -2,17 +2,17 @@ import { existsSync } from 'node:fs';
 import { mkdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { chunkLength } from '../core/chunking.js';
+import { chunkLength } from '../core/chunks/chunking.js';
 import { CarryonError } from '../core/errors.js';
 import type { LineageKeys } from '../core/keys.js';
-import { decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../core/manifest.js';
+import { decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../core/chunks/manifest.js';
 import { createLayer, layerSecret, topExtents, type Chain } from '../disk/chain.js';
-import { Qcow2BaseWriter } from '../disk/qcow2-base-writer.js';
-import { UnsupportedImage } from '../disk/qcow2-format.js';
-import { fillDirect, readFilled } from '../client/fill-direct.js';
-import { readJsonFile } from '../client/json-file.js';
-import { writeFileAtomic } from '../store/files.js';
-import type { TransferSession } from '../transfer/client.js';
+import { Qcow2BaseWriter } from '../disk/qcow2/qcow2-base-writer.js';
+import { UnsupportedImage } from '../disk/qcow2/qcow2-format.js';
+import { fillDirect, readFilled } from '../live/fill/fill-direct.js';
+import { readJsonFile } from '../files/json-file.js';
+import { writeFileAtomic } from '../files/atomic.js';
+import type { TransferSession } from '../transfer-client/client.js';
 
 /**
  * A host's copy of a desktop disk: the same encrypted qcow2 chain a laptop keeps (a base filled

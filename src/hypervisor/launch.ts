@@ -1,10 +1,9 @@
 import { createCipheriv, randomBytes } from 'node:crypto';
 import { z } from 'zod';
 import { CarryonError, ValidationError } from '../core/errors.js';
-import { missingTool, spawnWithSecret } from '../disk/qemu-tools.js';
-import { QmpConnection } from './qmp.js';
+import { missingTool, spawnWithSecret } from '../qemu/qemu-tools.js';
+import { QmpConnection } from '../qemu/qmp.js';
 import type { HostFacts } from './host.js';
-import { IPP_PORT, PRINTER_ADDRESS } from '../devices/print-relay.js';
 
 /** The offline VM config (from the broker, merged with local settings) as `run` accepts it. */
 export const OfflineConfig = z.object({
@@ -180,6 +179,10 @@ export function buildQemuCommand(config: OfflineConfig, host: HostFacts, disks: 
   argv.push(...(opts.extraArgs ?? []));
   return argv;
 }
+
+/** Where the guest finds its printer (IPP) when printing is allowed: an address of QEMU's user network, no host port opened. */
+export const PRINTER_ADDRESS = '10.0.2.100';
+export const IPP_PORT = 631;
 
 /** The guestfwd to the print relay, or nothing: only where the (effective) policy allows printing. */
 function printForward(config: OfflineConfig, relay: string[] | undefined): string {

@@ -1,10 +1,10 @@
 import { execFile } from 'node:child_process';
 import { open, rename, rm } from 'node:fs/promises';
 import { promisify } from 'node:util';
-import { openBlob } from '../core/blob.js';
+import { openBlob } from '../core/chunks/blob.js';
 import { CarryonError } from '../core/errors.js';
 import type { LineageKeys } from '../core/keys.js';
-import type { Manifest } from '../core/manifest.js';
+import type { Manifest } from '../core/chunks/manifest.js';
 import type { ChunkStore } from '../store/chunk-store.js';
 
 const run = promisify(execFile);

@@ -1,9 +1,9 @@
 import { availableParallelism } from 'node:os';
-import { DEFAULT_CHUNK_SIZE, validateChunkSize } from '../core/chunking.js';
+import { DEFAULT_CHUNK_SIZE, validateChunkSize } from '../core/chunks/chunking.js';
 import type { ChunkId } from '../core/chunk-id.js';
 import { CarryonError } from '../core/errors.js';
 import type { LineageKeys } from '../core/keys.js';
-import { createManifest, encodeManifest, manifestDigest, type Manifest } from '../core/manifest.js';
+import { createManifest, encodeManifest, manifestDigest, type Manifest } from '../core/chunks/manifest.js';
 import type { ChunkStore } from '../store/chunk-store.js';
 import { holdStore } from '../store/in-flight.js';
 import { SealPool } from './seal-pool.js';

@@ -1,7 +1,7 @@
 import { closeSync, openSync, readSync } from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
-import { BLOB_OVERHEAD, sealChunk } from '../core/blob.js';
-import { isZero } from '../core/chunking.js';
+import { BLOB_OVERHEAD, sealChunk } from '../core/chunks/blob.js';
+import { isZero } from '../core/chunks/chunking.js';
 import { decodeLineageKeys, type LineageKeys } from '../core/keys.js';
 
 /** Worker: seals chunks of a batch (zero check, HMAC ID, zstd, AES-GCM) off the main thread. */

@@ -1,8 +1,8 @@
 import { randomBytes } from 'node:crypto';
 import { CarryonError } from '../core/errors.js';
-import type { Range } from '../core/delta.js';
+import type { Range } from '../core/chunks/delta.js';
 import type { BlockHost } from '../disk/storage-daemon.js';
-import { QmpError, type QmpEvent } from '../hypervisor/qmp.js';
+import { QmpError, type QmpEvent } from '../qemu/qmp.js';
 
 /**
  * Replicas of a running chain, taken inside the process that holds it (QEMU for `carryon run`,

@@ -6,7 +6,7 @@ import { mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promis
 import { join } from 'node:path';
 import { parseChunkId, type ChunkId } from '../core/chunk-id.js';
 import type { ChunkStore } from './chunk-store.js';
-import { exists, writeWhole } from './files.js';
+import { exists, writeWhole } from '../files/atomic.js';
 import { ManifestFiles } from './manifest-files.js';
 
 const SYNCFS_THRESHOLD = 256;

@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { readdir, readFile, rename, rm, stat, utimes } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ValidationError } from '../core/errors.js';
-import { exists, writeWhole } from './files.js';
+import { exists, writeWhole } from '../files/atomic.js';
 
 const DIGEST_RE = /^[0-9a-f]{64}$/;
 

@@ -1,5 +1,5 @@
 import { chunkIdFromBytes, chunkIdToBytes, type ChunkId } from '../core/chunk-id.js';
-import { migrate, openSqlite, type Db, type Migration } from './sqlite.js';
+import { migrate, openSqlite, type Db, type Migration } from '../sql/sqlite.js';
 
 /** Record layout inside a pack: id 32 ‖ length u32be ‖ blob (a pack can be re-indexed by a scan). */
 export const RECORD_HEAD = 36;

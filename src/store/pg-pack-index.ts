@@ -1,7 +1,7 @@
 import { chunkIdFromBytes, chunkIdToBytes, type ChunkId } from '../core/chunk-id.js';
 import { RECORD_HEAD, type BlobUse, type Location, type PackIndex, type PackUse } from './pack-index.js';
-import type { Migration, SqlDb } from './sql/driver.js';
-import { PgSql } from './sql/pg-driver.js';
+import type { Migration, SqlDb } from '../sql/driver.js';
+import { PgSql } from '../sql/pg-driver.js';
 
 /** The pack index's table in PostgreSQL (`offset` is a keyword there: `pack_offset`). */
 export const PG_PACK_INDEX_MIGRATIONS: Migration[] = [

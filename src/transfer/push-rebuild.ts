@@ -1,7 +1,7 @@
-import { openBlob, sealChunk } from '../core/blob.js';
+import { openBlob, sealChunk } from '../core/chunks/blob.js';
 import { computeChunkId, type ChunkId } from '../core/chunk-id.js';
-import { isZero } from '../core/chunking.js';
-import { openPages } from '../core/delta.js';
+import { isZero } from '../core/chunks/chunking.js';
+import { openPages } from '../core/chunks/delta.js';
 import type { LineageKeys } from '../core/keys.js';
 
 /** A pushed chunk named here: its ID (null: it reads as zeros, a hole) and the blob to store (null: nothing new). */

@@ -1,8 +1,8 @@
 import type { ChunkId } from '../core/chunk-id.js';
 import { CarryonError } from '../core/errors.js';
 import { unwrapLineageKeys, type LineageKeys } from '../core/keys.js';
-import { decodeManifest, referencedChunks } from '../core/manifest.js';
-import { TicketError, type TicketPayload } from '../core/ticket.js';
+import { decodeManifest, referencedChunks } from '../core/chunks/manifest.js';
+import { TicketError, type TicketPayload } from '../core/tokens/ticket.js';
 import type { ChunkStore } from '../store/chunk-store.js';
 
 /** What one job may move on this server, loaded once per job from its ticket's manifests. */

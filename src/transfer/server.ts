@@ -3,19 +3,19 @@ import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest }
 import { PassThrough } from 'node:stream';
 import { z } from 'zod';
 import { isChunkId, type ChunkId } from '../core/chunk-id.js';
-import { WriteWindow } from '../core/write-window.js';
 import { CarryonError } from '../core/errors.js';
-import { TicketError, verifyTicket, type TicketPayload } from '../core/ticket.js';
+import { TicketError, verifyTicket, type TicketPayload } from '../core/tokens/ticket.js';
 import { acceptOnlyOurMediaTypes, drainRefusedBody } from '../net/body-limits.js';
 import { mapError, parseOrInvalid } from '../net/http-errors.js';
 import { closePromptly } from '../net/close-server.js';
 import { loadOrCreateTls } from '../net/tls-cert.js';
 import { getBlobs, type ChunkStore } from '../store/chunk-store.js';
-import { endFrame, errorFrame, FRAME_BLOB, FRAME_END, FRAME_PAGES, FrameDecoder, FrameError, frameHeader, type Frame } from './frames.js';
+import { endFrame, errorFrame, FRAME_BLOB, frameHeader } from '../core/chunks/frames.js';
 import { PushChecks } from './push-checks.js';
+import { PushSession } from './push-session.js';
 import { JobScopes, type JobSummary } from './scopes.js';
-import { pushReceipt, receiptKey } from '../core/push-receipt.js';
-import { verifyRevocation } from '../core/revocation.js';
+import { receiptKey } from '../core/tokens/push-receipt.js';
+import { verifyRevocation } from '../core/tokens/revocation.js';
 
 export interface TransferServerOptions {
   id: string;
@@ -60,8 +60,6 @@ export interface TransferServer {
 
 /** Blobs a fetch reads ahead of what it sends (≤ 8 MiB of 256 KiB chunks). */
 const FETCH_WINDOW = 32;
-
-type PagesFrame = Extract<Frame, { type: typeof FRAME_PAGES }>;
 
 const IdList = (max: number) => z.object({ ids: z.array(z.string().refine(isChunkId, 'not a chunk ID')).max(max) }).strict();
 
@@ -196,9 +194,6 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
     return reply.type('application/octet-stream').send(out);
   });
 
-  /** Frames checked and stored in flight per upload stream. */
-  const PUSH_WINDOW = 16;
-
   app.post('/v1/chunks/push', async (req, reply) => {
     const { ticket, scope, js } = await authorize(req, 'upload');
     if (!req.body || typeof (req.body as AsyncIterable<Buffer>)[Symbol.asyncIterator] !== 'function') {
@@ -206,83 +201,13 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
     }
     const release = holdStream(ticket, reply);
     if (!release) return reply;
-    const decoder = new FrameDecoder();
-    const result = {
-      stored: 0,
-      duplicate: 0,
-      rejected: [] as { tag: number; reason: string; code: 'invalid' | 'base-missing' }[],
-      /**
-       * Pages frames, by tag: the ID of the chunk each rebuilt (null: zeros) and its push receipt,
-       * which the commit must carry for the broker to accept that ID (core/push-receipt).
-       */
-      named: [] as { tag: number; id: ChunkId | null; receipt?: string }[],
-    };
-    const rejectTag = (tag: number, reason: string, code: 'invalid' | 'base-missing' = 'invalid') => {
-      stats.blobsRejected++;
-      result.rejected.push({ tag, reason, code });
-    };
-    // Per chunk ID in this stream: its store, so a later copy of the same chunk waits for it and counts as a duplicate.
-    const stored = new Map<ChunkId, Promise<void>>();
-    /** Stores a chunk named here once per stream (a later copy waits for the first and is a duplicate). */
-    const store = (id: ChunkId, blob: Buffer): Promise<void> => {
-      const earlier = stored.get(id);
-      const task = earlier
-        ? earlier.then(() => void result.duplicate++)
-        : (async () => {
-            const known = scope.base.has(id) || scope.pushed.has(id);
-            const fresh = await opts.store.put(id, blob, { defer: true });
-            // A duplicate of a chunk outside the checkout's own would tell that another desktop has it.
-            if (fresh || !known) result.stored++;
-            else result.duplicate++;
-            scope.pushed.add(id);
-          })();
-      stored.set(id, task);
-      return task;
-    };
-    /** A pages frame: rebuilt on its base (a checkpoint chunk, or zeros), named here, stored when new. */
-    const name = async (frame: PagesFrame): Promise<void> => {
-      let named;
-      try {
-        let base = null;
-        if (frame.baseId) {
-          // Only a chunk of the checkout's checkpoint may serve as a base (else: an existence oracle).
-          const blob = scope.base.has(frame.baseId) ? await opts.store.get(frame.baseId) : null;
-          if (!blob) return rejectTag(frame.tag, `base chunk ${frame.baseId} is not here: send the whole chunk`, 'base-missing');
-          base = { id: frame.baseId, blob };
-        }
-        named = await checks.name(scope.keys, frame.payload, base, `#${frame.tag} (pushed pages)`);
-      } catch (err) {
-        return rejectTag(frame.tag, (err as Error).message);
-      }
-      js.chunksIn++;
-      if (named.id && named.blob) await store(named.id, named.blob);
-      result.named.push(named.id ? { tag: frame.tag, id: named.id, receipt: pushReceipt(receipts, { checkoutId: ticket.checkoutId, keyContext: ticket.keyContext, id: named.id }) } : { tag: frame.tag, id: null });
-    };
-    // Frames are checked (on worker threads where the host has cores to spare) and appended to
-    // the store while the next ones arrive.
-    const window = new WriteWindow(PUSH_WINDOW);
     try {
-      for await (const piece of req.body as AsyncIterable<Buffer>) {
-        stats.bytesIn += piece.length;
-        js.bytesIn += piece.length;
-        for (const frame of decoder.push(piece)) {
-          // Only pages travel up: a chunk under an ID the sender gives (the named blob and delta
-          // frames of old) is refused with the whole stream.
-          if (frame.type === FRAME_END) continue;
-          if (frame.type !== FRAME_PAGES) throw new FrameError(`a push carries pages frames only, not type ${frame.type}`);
-          await window.add(name(frame));
-        }
-      }
-      decoder.finish();
-      await window.drain();
-      await opts.store.sync();
-      return result;
+      return await new PushSession({ store: opts.store, scope, ticket, checks, receipts, counters: js, stats }).run(req.body as AsyncIterable<Buffer>);
     } finally {
       // Refused before the body's end (a bad frame): the rest is never read, so the connection
       // cannot carry another request; without this a client reusing it waited ≈ 73 s for a reset.
       if (!req.raw.complete) void reply.header('connection', 'close');
-      // Settled before the stream is given back (a failed request leaves no check or put running).
-      await window.drain().catch(() => undefined);
+      // The session settled its checks and puts before the stream is given back.
       release();
     }
   });

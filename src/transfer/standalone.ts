@@ -1,6 +1,6 @@
 import { readFile } from 'node:fs/promises';
 import { z } from 'zod';
-import { BrokerClient } from '../client/broker-client.js';
+import { BrokerClient } from '../net/broker-client.js';
 import { CarryonError } from '../core/errors.js';
 import { publicKeyFromBase64 } from '../core/signing.js';
 import { openChunkStore } from '../store/open-store.js';

@@ -133,7 +133,7 @@ test('check-out → transferred → replicate → check-in (foreign chunks refus
   const withManifests = await http.call('POST', `/v1/checkouts/${id}/checkin`, { disks: body.disks }, aliceToken);
   assert.deepEqual([withManifests.status, withManifests.body.error], [400, 'invalid']);
   // The commit carries the changes (chunk index → ID the transfer server named) and their push receipts.
-  const { decodeManifest } = await import('../../src/core/manifest.js');
+  const { decodeManifest } = await import('../../src/core/chunks/manifest.js');
   assert.equal((await http.call('POST', `/v1/checkouts/${id}/checkin`, {}, aliceToken)).status, 200);
   // Receipts travel inline: [index, id, receipt].
   const inline = (disks: unknown, receipts?: Record<string, string>) => receipts
@@ -158,9 +158,9 @@ test('check-out → transferred → replicate → check-in (foreign chunks refus
 
   // Another desktop's chunk (in the store) and a chunk nobody has: refused alike, without a receipt
   // and with a forged or another check-out's one; the answer does not tell which exists.
-  const { sealChunk } = await import('../../src/core/blob.js');
+  const { sealChunk } = await import('../../src/core/chunks/blob.js');
   const { generateLineageKeys } = await import('../../src/core/keys.js');
-  const { pushReceipt, receiptKey } = await import('../../src/core/push-receipt.js');
+  const { pushReceipt, receiptKey } = await import('../../src/core/tokens/push-receipt.js');
   const theirs = sealChunk(generateLineageKeys(), Buffer.alloc(256 * 1024, 7));
   assert.equal(await broker.ctx.store.put(theirs.id, theirs.blob), true);
   const nobody = 'f'.repeat(64);
@@ -191,7 +191,7 @@ test('check-out → transferred → replicate → check-in (foreign chunks refus
   assert.ok(!decodeManifest(Buffer.from(next.disks[0]!.manifest, 'base64')).chunks.some((c) => c === theirs.id || c === nobody));
   const { request } = await import('undici');
   const { pinnedAgent } = await import('../../src/net/pinned-agent.js');
-  const { FrameDecoder, FRAME_ERROR } = await import('../../src/transfer/frames.js');
+  const { FrameDecoder, FRAME_ERROR } = await import('../../src/core/chunks/frames.js');
   const t = next.job.transfer!;
   const agent = pinnedAgent(t.fingerprint);
   const fetched = await request(`${t.url}/v1/chunks/fetch`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${t.ticket}`, 'content-type': 'application/json' }, body: JSON.stringify({ ids: [theirs.id] }) });

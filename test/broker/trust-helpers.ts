@@ -1,5 +1,5 @@
 import { request } from 'undici';
-import { signDeviceRequest } from '../../src/core/device-auth.js';
+import { signDeviceRequest } from '../../src/core/tokens/device-auth.js';
 import { generateSigningKey, publicKeyToBase64 } from '../../src/core/signing.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
 import type { Api } from './harness.js';

@@ -2,9 +2,9 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { request } from 'undici';
 import type { RunningBroker } from '../../src/broker/start.js';
-import { issueToken } from '../../src/broker/tokens.js';
+import { issueToken } from '../../src/broker/auth/tokens.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
-import { endFrame } from '../../src/transfer/frames.js';
+import { endFrame } from '../../src/core/chunks/frames.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from './harness.js';
 import { enrolDevice, HEARTBEAT, HOST, type TestDevice } from './trust-helpers.js';
 

@@ -3,8 +3,8 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, afterEach, test } from 'node:test';
-import { AGENT_CLOCK, AgentClockWriter, agentClockFloor, readAgentClock, resetAgentClock } from '../../src/client/agent-clock.js';
-import { laptopClock } from '../../src/client/laptop-clock.js';
+import { AGENT_CLOCK, AgentClockWriter, agentClockFloor, readAgentClock, resetAgentClock } from '../../src/client/vault/agent-clock.js';
+import { laptopClock } from '../../src/client/vault/laptop-clock.js';
 import { generateSigningKey, signBytes } from '../../src/core/signing.js';
 
 // The device clock record on its own (no broker, no vault): what the agent writes, what a vault

@@ -4,8 +4,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { z } from 'zod';
-import { pendingEvents, recordEvent } from '../../src/client/events.js';
-import { readJsonFile } from '../../src/client/json-file.js';
+import { pendingEvents, recordEvent } from '../../src/live/disks/events.js';
+import { readJsonFile } from '../../src/files/json-file.js';
 
 const Schema = z.object({ n: z.number() });
 

@@ -4,7 +4,7 @@ import { appendFileSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { PushJournal } from '../../src/client/push-journal.js';
+import { PushJournal } from '../../src/live/disks/push-journal.js';
 
 const fp = () => randomBytes(32).toString('hex');
 const id = () => randomBytes(32).toString('hex');

@@ -1,8 +1,8 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { isTransient, retryTransfer } from '../../src/client/retry.js';
+import { isTransient, retryTransfer } from '../../src/client/session/retry.js';
 import { CarryonError } from '../../src/core/errors.js';
-import { TransferFailed } from '../../src/transfer/client.js';
+import { TransferFailed } from '../../src/transfer-client/client.js';
 
 const refused = () => Object.assign(new Error('connect ECONNREFUSED 127.0.0.1:4433'), { code: 'ECONNREFUSED' });
 

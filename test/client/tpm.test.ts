@@ -1,12 +1,13 @@
+// carryon-test: serial (swtpm flaked when another heavy file shared the 2 cores)
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
-import { chooseSecretStorage, createDeviceKeys, loadDevice, type DeviceFile } from '../../src/client/home.js';
+import { chooseSecretStorage, createDeviceKeys, loadDevice, type DeviceFile } from '../../src/client/vault/home.js';
 import { createHmac, randomBytes } from 'node:crypto';
-import { newTpmPolicy, sealToTpm, TPM_KEY_PRIVATE, TPM_KEY_PUBLIC, TPM_PRIVATE, TPM_PUBLIC, tpmAuthValue, TpmError, unsealFromTpm } from '../../src/client/tpm.js';
+import { newTpmPolicy, sealToTpm, TPM_KEY_PRIVATE, TPM_KEY_PUBLIC, TPM_PRIVATE, TPM_PUBLIC, tpmAuthValue, TpmError, unsealFromTpm } from '../../src/client/vault/tpm.js';
 import { startTpm, stopTpms, swtpmSkip } from '../support/swtpm.js';
 
 // A software TPM (Debian package swtpm) on 127.0.0.1 stands in for a laptop's TPM 2.0 chip;

@@ -3,7 +3,7 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync 
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
-import { Vault } from '../../src/client/vault.js';
+import { Vault } from '../../src/client/vault/vault.js';
 
 const home = mkdtempSync(join(tmpdir(), 'carryon-trash-'));
 after(() => rmSync(home, { recursive: true, force: true }));

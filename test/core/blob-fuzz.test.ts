@@ -2,13 +2,13 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
 import { compress } from 'zstd-napi';
-import { openBlob } from '../../src/core/blob.js';
+import { openBlob } from '../../src/core/chunks/blob.js';
 import { computeChunkId } from '../../src/core/chunk-id.js';
-import { MAX_CHUNK_SIZE } from '../../src/core/chunking.js';
-import { MAX_DELTA_BODY, openPages } from '../../src/core/delta.js';
+import { MAX_CHUNK_SIZE } from '../../src/core/chunks/chunking.js';
+import { MAX_DELTA_BODY, openPages } from '../../src/core/chunks/delta.js';
 import { CarryonError } from '../../src/core/errors.js';
 import { generateLineageKeys } from '../../src/core/keys.js';
-import { FrameDecoder } from '../../src/transfer/frames.js';
+import { FrameDecoder } from '../../src/core/chunks/frames.js';
 import { rawChunkBlob, rawPagesBlob, rleBomb, RLE_BLOCK, seeded, withDeclaredSize, type Rand } from '../support/hostile-zstd.js';
 
 /**

@@ -1,9 +1,9 @@
 import assert from 'node:assert/strict';
 import { createCipheriv, randomBytes } from 'node:crypto';
 import { test } from 'node:test';
-import { BLOB_OVERHEAD, BLOB_VERSION, openBlob, sealChunk } from '../../src/core/blob.js';
+import { BLOB_OVERHEAD, BLOB_VERSION, openBlob, sealChunk } from '../../src/core/chunks/blob.js';
 import { chunkIdToBytes, computeChunkId } from '../../src/core/chunk-id.js';
-import { openPages, sealPages } from '../../src/core/delta.js';
+import { openPages, sealPages } from '../../src/core/chunks/delta.js';
 import { BlobError } from '../../src/core/errors.js';
 import { decodeLineageKeys, encodeLineageKeys, generateLineageKeys, rotateDataKey, unwrapLineageKeys, wrapLineageKeys, type LineageKeys } from '../../src/core/keys.js';
 

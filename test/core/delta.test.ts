@@ -1,9 +1,9 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
-import { openBlob, sealBlobEnvelope, sealChunk } from '../../src/core/blob.js';
+import { openBlob, sealBlobEnvelope, sealChunk } from '../../src/core/chunks/blob.js';
 import { chunkIdToBytes, computeChunkId } from '../../src/core/chunk-id.js';
-import { FLAG_PAGES, openPages, pagesByChunk, sealPages } from '../../src/core/delta.js';
+import { FLAG_PAGES, openPages, pagesByChunk, sealPages } from '../../src/core/chunks/delta.js';
 import { BlobError } from '../../src/core/errors.js';
 import { generateLineageKeys } from '../../src/core/keys.js';
 

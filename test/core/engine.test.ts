@@ -1,12 +1,12 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
-import { BLOB_OVERHEAD, MAX_BLOB_SIZE, openBlob, sealChunk } from '../../src/core/blob.js';
+import { BLOB_OVERHEAD, MAX_BLOB_SIZE, openBlob, sealChunk } from '../../src/core/chunks/blob.js';
 import { computeChunkId, parseChunkId } from '../../src/core/chunk-id.js';
-import { chunkCount, chunkLength, isZero, validateChunkSize } from '../../src/core/chunking.js';
+import { chunkCount, chunkLength, isZero, validateChunkSize } from '../../src/core/chunks/chunking.js';
 import { BlobError, EnvelopeError, ManifestError } from '../../src/core/errors.js';
 import { deriveDeviceUserKey, generateLineageKeys, unwrapLineageKeys, wrapLineageKeys } from '../../src/core/keys.js';
-import { createManifest, decodeManifest, diffManifests, encodeManifest, manifestDigest } from '../../src/core/manifest.js';
+import { createManifest, decodeManifest, diffManifests, encodeManifest, manifestDigest } from '../../src/core/chunks/manifest.js';
 
 const keys = generateLineageKeys();
 

@@ -1,10 +1,10 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { checkDeviceSignature, NONCE_HEADER, signDeviceRequest, SIGNATURE_HEADER, TIME_HEADER } from '../../src/core/device-auth.js';
-import { signLease, verifyLease, type LeasePayload } from '../../src/core/lease.js';
+import { checkDeviceSignature, NONCE_HEADER, signDeviceRequest, SIGNATURE_HEADER, TIME_HEADER } from '../../src/core/tokens/device-auth.js';
+import { signLease, verifyLease, type LeasePayload } from '../../src/core/tokens/lease.js';
 import { policyHash, resolvePolicy } from '../../src/core/policy.js';
 import { generateSigningKey } from '../../src/core/signing.js';
-import { signTicket, verifyTicket, type TicketPayload } from '../../src/core/ticket.js';
+import { signTicket, verifyTicket, type TicketPayload } from '../../src/core/tokens/ticket.js';
 
 const broker = generateSigningKey();
 const other = generateSigningKey();

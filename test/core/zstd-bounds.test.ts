@@ -2,13 +2,13 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
 import { compress } from 'zstd-napi';
-import { openBlob, sealChunk } from '../../src/core/blob.js';
+import { openBlob, sealChunk } from '../../src/core/chunks/blob.js';
 import { computeChunkId } from '../../src/core/chunk-id.js';
-import { MAX_CHUNK_SIZE } from '../../src/core/chunking.js';
-import { MAX_DELTA_BODY, openPages, sealPages } from '../../src/core/delta.js';
+import { MAX_CHUNK_SIZE } from '../../src/core/chunks/chunking.js';
+import { MAX_DELTA_BODY, openPages, sealPages } from '../../src/core/chunks/delta.js';
 import { BlobError } from '../../src/core/errors.js';
 import { generateLineageKeys } from '../../src/core/keys.js';
-import { decompressBounded } from '../../src/core/zstd-bounded.js';
+import { decompressBounded } from '../../src/core/chunks/zstd-bounded.js';
 import { rawChunkBlob, rawPagesBlob, rleBomb, RLE_BLOCK } from '../support/hostile-zstd.js';
 
 const keys = generateLineageKeys();

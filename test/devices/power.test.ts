@@ -5,13 +5,13 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { followHostSleep, parsePrepareForSleep } from '../../src/devices/host-sleep.js';
-import { sendPower } from '../../src/devices/power.js';
+import { sendPower } from '../../src/live/power.js';
 import { RELAY_SCRIPT } from '../../src/devices/print-relay.js';
 import { hostFacts } from '../../src/hypervisor/host.js';
 import { runDesktop } from '../../src/hypervisor/launch-desktop.js';
 import { parseOfflineConfig, type RunningDesktop } from '../../src/hypervisor/launch.js';
 import { QGA_SENTINEL } from '../../src/live/guest-agent.js';
-import { stopReasonWords } from '../../src/client/stop-reason.js';
+import { stopReasonWords } from '../../src/client/devices/stop-reason.js';
 
 // Power events on a real QEMU started paused (no guest boots): QMP's view of the run state and its
 // events are the evidence. A fake qemu-guest-agent stands in where the guest's agent answers.

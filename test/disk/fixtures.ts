@@ -1,9 +1,9 @@
 import { randomBytes } from 'node:crypto';
-import { sealChunk } from '../../src/core/blob.js';
+import { sealChunk } from '../../src/core/chunks/blob.js';
 import type { ChunkId } from '../../src/core/chunk-id.js';
-import { isZero, splitChunks } from '../../src/core/chunking.js';
+import { isZero, splitChunks } from '../../src/core/chunks/chunking.js';
 import { generateLineageKeys, type LineageKeys } from '../../src/core/keys.js';
-import { createManifest, type Manifest } from '../../src/core/manifest.js';
+import { createManifest, type Manifest } from '../../src/core/chunks/manifest.js';
 import type { ChunkStore } from '../../src/store/chunk-store.js';
 
 /** A raw image with data chunks, all-zero chunks and a partial last chunk, imported into `store`. */

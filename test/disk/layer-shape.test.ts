@@ -7,9 +7,9 @@ import { after, test } from 'node:test';
 import { deriveDiskSecret } from '../../src/core/keys.js';
 import { createLayerFromTemplate } from '../../src/disk/layer-template.js';
 import { measureLayer } from '../../src/disk/layer-shape.js';
-import { Qcow2BaseReader } from '../../src/disk/qcow2-base-reader.js';
-import { Qcow2BaseWriter } from '../../src/disk/qcow2-base-writer.js';
-import { XtsSectors } from '../../src/disk/xts.js';
+import { Qcow2BaseReader } from '../../src/disk/qcow2/qcow2-base-reader.js';
+import { Qcow2BaseWriter } from '../../src/disk/qcow2/qcow2-base-writer.js';
+import { XtsSectors } from '../../src/disk/qcow2/xts.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'carryon-shape-'));
 after(() => rmSync(dir, { recursive: true, force: true }));

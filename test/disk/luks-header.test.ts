@@ -1,3 +1,4 @@
+// carryon-test: serial (LUKS creation benchmarks PBKDF on both cores; it flaked beside another heavy file)
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
@@ -5,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { createLayerFromTemplate, createWithQemu, ensureTemplate, luksHeaderRange, templatePath } from '../../src/disk/layer-template.js';
-import { SECRET_FD_OBJECT } from '../../src/disk/qemu-tools.js';
+import { SECRET_FD_OBJECT } from '../../src/qemu/qemu-tools.js';
 import { afMerge, afSplit, LuksHeaderError, openLuksSlot, rekeyLuksHeader } from '../../src/disk/luks-header.js';
 import { randomBytes } from 'node:crypto';
 

@@ -7,9 +7,9 @@ import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { DiskError } from '../../src/disk/block-device.js';
 import { createLayerFromTemplate } from '../../src/disk/layer-template.js';
-import { Qcow2BaseWriter } from '../../src/disk/qcow2-base-writer.js';
-import { UnsupportedImage } from '../../src/disk/qcow2-format.js';
-import { XtsSectors } from '../../src/disk/xts.js';
+import { Qcow2BaseWriter } from '../../src/disk/qcow2/qcow2-base-writer.js';
+import { UnsupportedImage } from '../../src/disk/qcow2/qcow2-format.js';
+import { XtsSectors } from '../../src/disk/qcow2/xts.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'carryon-qbw-'));
 // Writers hold threads: a test that fails half-way must not keep the process alive.

@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { createLayerFromTemplate } from '../../src/disk/layer-template.js';
-import { unmapChunksExcept } from '../../src/disk/qcow2-unmap.js';
+import { unmapChunksExcept } from '../../src/disk/qcow2/qcow2-unmap.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'carryon-unmap-'));
 after(() => rmSync(dir, { recursive: true, force: true }));

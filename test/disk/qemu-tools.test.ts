@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { CarryonError } from '../../src/core/errors.js';
 import { createLayerFromTemplate } from '../../src/disk/layer-template.js';
-import { qemuFailure, runQemuTool, SECRET_FD_OBJECT } from '../../src/disk/qemu-tools.js';
+import { qemuFailure, runQemuTool, SECRET_FD_OBJECT } from '../../src/qemu/qemu-tools.js';
 import { addLayer, StorageDaemon } from '../../src/disk/storage-daemon.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'carryon-qemu-tools-'));
@@ -90,7 +90,7 @@ test('a qemu-img whose parent is killed -9 before handing over the secret does n
   writeFileSync(slow, '#!/bin/sh\nsleep 1\nexec qemu-img "$@"\n');
   chmodSync(slow, 0o755);
   const script = join(dir, 'parent.mjs');
-  const tools = new URL('../../src/disk/qemu-tools.js', import.meta.url).href;
+  const tools = new URL('../../src/qemu/qemu-tools.js', import.meta.url).href;
   writeFileSync(script, `import { runQemuTool, SECRET_FD_OBJECT } from ${JSON.stringify(tools)};
 await runQemuTool(${JSON.stringify(slow)}, ['map', '--object', SECRET_FD_OBJECT('s0'), '--image-opts', ${JSON.stringify(imageOpts('s0'))}], { secret: 'x' });
 `);

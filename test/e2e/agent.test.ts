@@ -1,18 +1,19 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { existsSync, linkSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { chainOf } from '../../src/client/disks.js';
+import { chainOf } from '../../src/live/disks/disks.js';
 import { mapChain } from '../../src/disk/chain.js';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { request } from 'undici';
 import { runAgent } from '../../src/client/agent.js';
-import { loadDevice } from '../../src/client/home.js';
+import { loadDevice } from '../../src/client/vault/home.js';
 import { checkout, enroll, loginOnline, status, type ClientEnv } from '../../src/client/ops.js';
-import { Vault } from '../../src/client/vault.js';
-import { laptopClock } from '../../src/client/laptop-clock.js';
+import { Vault } from '../../src/client/vault/vault.js';
+import { unlock } from '../../src/client/vault/key-release.js';
+import { laptopClock } from '../../src/client/vault/laptop-clock.js';
 import { runCarryon } from '../support/laptop.js';
-import { signDeviceRequest } from '../../src/core/device-auth.js';
+import { signDeviceRequest } from '../../src/core/tokens/device-auth.js';
 import { generateSigningKey } from '../../src/core/signing.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
 import type { RunningBroker } from '../../src/broker/start.js';
@@ -102,7 +103,7 @@ test('heartbeats carry endpoint statistics; remote lock, unlock, lease renewal a
   assert.ok(commands.every((c) => c.state === 'done'));
   const s = (await held())[0]!;
   const dir = vault.desktopDir(s.desktopId);
-  const { keys } = await vault.unlock(await loadDevice(env.home), 'alice-password', s);
+  const { keys } = await unlock(vault, await loadDevice(env.home), 'alice-password', s);
   const chain = chainOf(vault, s, keys, 'disk0');
   // A second link keeps the blocks after the files are deleted (as an undeleted block or a backup would).
   const left = { base: join(env.home, 'left-base.qcow2'), top: join(env.home, 'left-top.qcow2') };
@@ -200,7 +201,7 @@ test('a lease that ran out while the vault was closed: setting the clock back 10
     await runAgent(env, { once: true });
     assert.equal(await vault.isLocked(s!), true, 'the agent locks by the time it recorded, not the system clock');
     writeFileSync(join(dir, 'unlock.token'), token);
-    await assert.rejects(vault.unlock(await loadDevice(env.home), 'alice-password', s!), { code: 'lease-expired' });
+    await assert.rejects(unlock(vault, await loadDevice(env.home), 'alice-password', s!), { code: 'lease-expired' });
     laptopClock.now = systemNow;
     // `login --offline` (in a process of its own, on today's clock) refuses as serve would, with its exit code.
     const cli = await runCarryon(env.home, ['login', '--offline']);
@@ -209,11 +210,11 @@ test('a lease that ran out while the vault was closed: setting the clock back 10
     // The agent's record deleted or altered: refused, not ignored (a vault that took one requires it).
     const record = readFileSync(join(env.home, 'agent-clock.json'));
     rmSync(join(env.home, 'agent-clock.json'));
-    await assert.rejects(vault.unlock(await loadDevice(env.home), 'alice-password', s!), { code: 'clock-untrusted', message: /agent-clock\.json.* is missing/ });
+    await assert.rejects(unlock(vault, await loadDevice(env.home), 'alice-password', s!), { code: 'clock-untrusted', message: /agent-clock\.json.* is missing/ });
     const signed = JSON.parse(record.toString()) as { payload: string; signature: string };
     const earlier = { ...(JSON.parse(Buffer.from(signed.payload, 'base64').toString()) as Record<string, unknown>), time: new Date(deadline - 60 * 60_000).toISOString() };
     writeFileSync(join(env.home, 'agent-clock.json'), JSON.stringify({ ...signed, payload: Buffer.from(JSON.stringify(earlier)).toString('base64') }));
-    await assert.rejects(vault.unlock(await loadDevice(env.home), 'alice-password', s!), { code: 'clock-untrusted', message: /not signed by this device's key/ });
+    await assert.rejects(unlock(vault, await loadDevice(env.home), 'alice-password', s!), { code: 'clock-untrusted', message: /not signed by this device's key/ });
   } finally {
     laptopClock.now = systemNow;
     writeFileSync(devFile, saved);

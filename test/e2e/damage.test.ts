@@ -7,7 +7,7 @@ import { promisify } from 'node:util';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { checkout, enroll, release, status, upload, type ClientEnv } from '../../src/client/ops.js';
-import { decodeManifest } from '../../src/core/manifest.js';
+import { decodeManifest } from '../../src/core/chunks/manifest.js';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
 import { readDesktop, writeDesktop } from '../support/laptop.js';

@@ -1,3 +1,4 @@
+// carryon-test: sqlite-only (the guest and the laptop are the subject; their broker side runs on PostgreSQL in lifecycle and live)
 import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
@@ -6,11 +7,11 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, test } from 'node:test';
 import type { RunningBroker } from '../../src/broker/start.js';
-import { exportCurrentSnapshot, exportSnapshot } from '../../src/broker/snapshot-image.js';
+import { exportCurrentSnapshot, exportSnapshot } from '../../src/broker/desktops/snapshot-image.js';
 import { ADMIN, api, cleanup, testBroker, type Api } from '../broker/harness.js';
 import { GuestAgent } from '../../src/live/guest-agent.js';
-import { socketDir } from '../../src/client/disks.js';
-import { Vault } from '../../src/client/vault.js';
+import { socketDir } from '../../src/live/disks/disks.js';
+import { Vault } from '../../src/client/vault/vault.js';
 import { quiesce } from '../../src/live/quiesce.js';
 import {
   buildInitramfs,

@@ -5,17 +5,17 @@ import { randomBytes } from 'node:crypto';
 import { execFile, spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { isZero } from '../../src/core/chunking.js';
+import { isZero } from '../../src/core/chunks/chunking.js';
 import { after, before, test } from 'node:test';
 import { checkout, enroll, exportDisk, loginOnline, release, status, upload, type ClientEnv } from '../../src/client/ops.js';
 import { moveTrustedClock, readDesktop, writeDesktop } from '../support/laptop.js';
-import { serveDesktop } from '../../src/client/serve.js';
+import { serveDesktop } from '../../src/client/ops/serve.js';
 import type { RunningBroker } from '../../src/broker/start.js';
 import type { CollectableStore } from '../../src/store/chunk-store.js';
-import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
+import { exportCurrentSnapshot } from '../../src/broker/desktops/snapshot-image.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
 import { withTmpfs } from '../support/tmpfs.js';
-import { RateLimiter } from '../../src/transfer/rate-limit.js';
+import { RateLimiter } from '../../src/transfer-client/rate-limit.js';
 
 const execFileP = promisify(execFile);
 process.env.CARRYON_SCRYPT_N = '1024';
@@ -345,21 +345,30 @@ function filledCount(home: string): number {
 
 const chunksOut = () => [...broker.transfer!.stats.perJob.values()].reduce((n, j) => n + j.chunksOut, 0);
 
-test('kill -9 of a check-out at three points: what was made durable stays, each rerun fetches only the rest, the disk is byte-identical', async () => {
-  const image = makeImage(broker.dir, 64, 'resume.raw');
+test('kill -9 of a check-out at ten points (three fixed, seven at random chunk counts): what was made durable stays, each rerun fetches only the rest, the disk is byte-identical', async (t) => {
+  const image = makeImage(broker.dir, 128, 'resume.raw');
   const r = await http.call('POST', '/v1/admin/desktops', { name: 'resume', image, config: { vcpus: 1, ramMiB: 512, minRamMiB: 256 } }, admin);
   assert.equal(r.status, 201, JSON.stringify(r.body));
   await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: 'resume' }, admin);
   const home = join(broker.dir, 'laptop-resume');
   await enroll(env(home), broker.url, { fingerprint: broker.fingerprint, name: 'laptop-resume' });
-  const total = 128; // 64 MiB, every other 256 KiB chunk random (makeImage)
+  const total = 256; // 128 MiB, every other 256 KiB chunk random (makeImage)
   const child = new URL('../support/checkout-child.js', import.meta.url).pathname;
   let durable = 0;
   // A real SIGKILL, sent by the child to itself (fill-direct.ts's test hooks) while other writes are in flight:
   // once this many chunks are recorded durable (a group made durable mid-transfer, not only at a clean stop),
   // or once this many chunks of the run arrived (whatever was durable by then).
   // The third waits for this run's first durable group (an absolute 90 was sometimes passed by one final group under load: 128 of 128).
-  const points = [() => ({ CARRYON_TEST_SIGKILL_AFTER_FILLED: '35' }), () => ({ CARRYON_TEST_SIGKILL_AFTER_CHUNKS: '30' }), () => ({ CARRYON_TEST_SIGKILL_AFTER_FILLED: String(durable + 1) })];
+  // Seven more at random chunk counts (1–16 chunks into a run) on the SQLite pass: the resume logic is
+  // the laptop's; the diagnostics name the counts, so a failure can be replayed.
+  const randomPoints = process.env.CARRYON_TEST_DATABASE === 'postgres' ? [] : Array.from({ length: 7 }, () => String(1 + Math.floor(Math.random() * 16)));
+  t.diagnostic(`random kill points (chunks into a run): ${randomPoints.join(' ') || 'none on this pass'}`);
+  const points = [
+    () => ({ CARRYON_TEST_SIGKILL_AFTER_FILLED: '35' }),
+    () => ({ CARRYON_TEST_SIGKILL_AFTER_CHUNKS: '30' }),
+    ...randomPoints.map((n) => () => ({ CARRYON_TEST_SIGKILL_AFTER_CHUNKS: n })),
+    () => ({ CARRYON_TEST_SIGKILL_AFTER_FILLED: String(durable + 1) }),
+  ];
   for (const pointAt of points) {
     const point: Record<string, string> = pointAt();
     const wireBefore = chunksOut();
@@ -385,7 +394,7 @@ test('kill -9 of a check-out at three points: what was made durable stays, each 
   assert.equal(done.chunksMoved, missing, `the rerun fetches only the ${missing} chunks not yet durable`);
   const wire = broker.transfer!.stats.bytesOut - bytesBefore;
   assert.ok(wire >= missing * CHUNK && wire < (missing + 1) * CHUNK, `${wire} bytes on the wire for ${missing} chunks`);
-  assert.ok((await readDesktop(env(home), 'resume')).equals(await serverDisk('resume')), 'byte-identical after three kills');
+  assert.ok((await readDesktop(env(home), 'resume')).equals(await serverDisk('resume')), `byte-identical after ${points.length} kills`);
   await release(env(home), 'resume', 'rollback');
 });
 

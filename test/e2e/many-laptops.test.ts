@@ -4,7 +4,7 @@ import { copyFileSync, mkdirSync, mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
+import { exportCurrentSnapshot } from '../../src/broker/desktops/snapshot-image.js';
 import { checkout, enroll, upload, type ClientEnv } from '../../src/client/ops.js';
 import { startStandaloneTransfer } from '../../src/transfer/standalone.js';
 import type { TransferServer } from '../../src/transfer/server.js';

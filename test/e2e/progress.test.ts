@@ -3,8 +3,8 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { checkout, enroll, status, type ClientEnv } from '../../src/client/ops.js';
-import { serveDesktop } from '../../src/client/serve.js';
-import { RateLimiter } from '../../src/transfer/rate-limit.js';
+import { serveDesktop } from '../../src/client/ops/serve.js';
+import { RateLimiter } from '../../src/transfer-client/rate-limit.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
 
 process.env.CARRYON_SCRYPT_N = '1024';
@@ -64,8 +64,8 @@ async function watch(env: ClientEnv, desktop: string, finished: () => boolean | 
   return { samples, jobId, first, log: `status% checkouts% transfers% rate: ${log.join(' | ')}` };
 }
 
-function agree(samples: Awaited<ReturnType<typeof watch>>['samples']): void {
-  assert.ok(samples.length >= 2, `${samples.length} samples taken mid-transfer`);
+function agree({ samples, log }: Awaited<ReturnType<typeof watch>>): void {
+  assert.ok(samples.length >= 2, `${samples.length} samples taken mid-transfer; ${log}`);
   for (const s of samples) {
     assert.ok(Math.abs(s.local - s.checkouts.percent!) <= 2, `status ${s.local}% vs admin checkouts ${s.checkouts.percent}%`);
     assert.ok(Math.abs(s.local - s.transfers.percent!) <= 2, `status ${s.local}% vs admin transfers ${s.transfers.percent}%`);
@@ -84,7 +84,7 @@ test('one truth: status, admin checkouts and admin transfers show the same perce
   const seen = await watch(env(), 'win11', () => finished);
   await running;
   t.diagnostic(seen.log);
-  agree(seen.samples);
+  agree(seen);
   const done = (await status(env(), 'win11'))[0]!;
   assert.equal(done.percentLocal, 100);
   // Only the holder reports a job's progress, and only a count that makes sense.
@@ -110,7 +110,7 @@ test('the same truth when `serve` takes a stopped check-out over: it goes on fro
     const seen = await watch(env(), 'ubuntu', async () => (await status(env(), 'ubuntu'))[0]!.state !== 'transferring');
     t.diagnostic(`stopped at ${stoppedAt.toFixed(1)}%; ${seen.log}`);
     assert.ok(seen.first !== null && seen.first >= stoppedAt - 2, `serve starts from what the check-out left (${seen.first}% after ${stoppedAt}%)`);
-    agree(seen.samples);
+    agree(seen);
   } finally {
     await served.close();
   }

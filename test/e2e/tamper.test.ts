@@ -4,24 +4,25 @@ import { randomBytes, type KeyObject } from 'node:crypto';
 import { existsSync, readFileSync, renameSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { loadDevice } from '../../src/client/home.js';
+import { loadDevice } from '../../src/client/vault/home.js';
 import { checkout, enroll, status, upload, type ClientEnv } from '../../src/client/ops.js';
-import { serveDesktop } from '../../src/client/serve.js';
-import { chainOf } from '../../src/client/disks.js';
-import { fileStamp, verifyBases } from '../../src/client/layer-guard.js';
-import { exportDisk } from '../../src/client/export-disk.js';
+import { serveDesktop } from '../../src/client/ops/serve.js';
+import { chainOf } from '../../src/live/disks/disks.js';
+import { fileStamp, verifyBases } from '../../src/live/disks/layer-guard.js';
+import { exportDisk } from '../../src/client/ops/export-disk.js';
 import { mapChain, mergeTop } from '../../src/disk/chain.js';
 import { computeChunkId } from '../../src/core/chunk-id.js';
-import { Vault, vaultScryptN } from '../../src/client/vault.js';
-import { createManifest, decodeManifest, encodeManifest, manifestDigest } from '../../src/core/manifest.js';
-import { signLease } from '../../src/core/lease.js';
+import { Vault, vaultScryptN } from '../../src/client/vault/vault.js';
+import { unlock } from '../../src/client/vault/key-release.js';
+import { createManifest, decodeManifest, encodeManifest, manifestDigest } from '../../src/core/chunks/manifest.js';
+import { signLease } from '../../src/core/tokens/lease.js';
 import { generateSigningKey, publicKeyToBase64, signBytes } from '../../src/core/signing.js';
-import { writeLockRecord } from '../../src/client/guards.js';
-import { resetAgentClock } from '../../src/client/agent-clock.js';
+import { writeLockRecord } from '../../src/client/vault/guards.js';
+import { resetAgentClock } from '../../src/client/vault/agent-clock.js';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
 import { moveTrustedClock, readDesktop, runCarryon, writeDesktop } from '../support/laptop.js';
-import { exportCurrentSnapshot } from '../../src/broker/snapshot-image.js';
+import { exportCurrentSnapshot } from '../../src/broker/desktops/snapshot-image.js';
 import { startTpm, stopTpms, swtpmSkip } from '../support/swtpm.js';
 
 // The probes of issue 12: each edit, deletion or forgery of a file in the Carryon home ends in a
@@ -59,7 +60,7 @@ after(async () => {
 /** Opens the desktop offline as `run`/`serve` would; resolves only if the keys were released. */
 const open = async (home = env.home) => {
   const v = await Vault.open(home);
-  return v.unlock(await loadDevice(home), 'alice-password', await v.find('win11'));
+  return unlock(v, await loadDevice(home), 'alice-password', await v.find('win11'));
 };
 
 /** Runs `fn` against a file changed by `edit`, then puts the original back. */
@@ -231,7 +232,7 @@ test('with a TPM: the home copied to another machine (cp -a, another TPM) refuse
     await checkout(tenv, 'tpmdesk');
     const v = await Vault.open(home);
     const s = await v.find('tpmdesk');
-    const opened = await v.unlock(await loadDevice(home), 'alice-password', s);
+    const opened = await unlock(v, await loadDevice(home), 'alice-password', s);
     assert.equal(opened.lease.desktops.includes(s.desktopId), true);
     const clock = JSON.parse(JSON.parse(readFileSync(join(v.desktopDir(s.desktopId), 'clock.json'), 'utf8')).body) as { tpm: { clock: number } | null };
     assert.ok(clock.tpm && clock.tpm.clock > 0, 'the trusted clock is anchored to the TPM clock');
@@ -241,7 +242,7 @@ test('with a TPM: the home copied to another machine (cp -a, another TPM) refuse
     execFileSync('tpm2_setclock', [String(now + 400 * 24 * 3600_000)]);
     // The device clock record (signed with the TPM-sealed device key) says today: it only adds a floor, never lowers the TPM's.
     assert.ok(existsSync(join(home, 'agent-clock.json')));
-    await assert.rejects(v.unlock(await loadDevice(home), 'alice-password', s), { code: 'lease-expired' });
+    await assert.rejects(unlock(v, await loadDevice(home), 'alice-password', s), { code: 'lease-expired' });
     const copy = join(broker.dir, 'tpm-laptop-copy');
     execFileSync('cp', ['-a', home, copy]);
     process.env.TPM2TOOLS_TCTI = await startTpm();

@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { generateLineageKeys } from '../../src/core/keys.js';
-import { decodeManifest } from '../../src/core/manifest.js';
+import { decodeManifest } from '../../src/core/chunks/manifest.js';
 import { exportImage } from '../../src/import/export.js';
 import { importImage } from '../../src/import/import.js';
 import { PackChunkStore } from '../../src/store/pack-chunk-store.js';

@@ -4,13 +4,13 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { after, describe, test } from 'node:test';
-import { eventHash } from '../../src/store/audit-chain.js';
-import { openMetadata, type OpenedMetadata } from '../../src/store/metadata/open.js';
-import type { SqlConn } from '../../src/store/sql/driver.js';
-import type { MetadataStore } from '../../src/store/metadata.js';
-import { checkPostgresUrl, redactDatabaseUrl } from '../../src/store/sql/pg-driver.js';
+import { eventHash } from '../../src/broker/db/audit-chain.js';
+import { openMetadata, type OpenedMetadata } from '../../src/broker/db/open.js';
+import type { SqlConn } from '../../src/sql/driver.js';
+import type { MetadataStore } from '../../src/broker/db/metadata.js';
+import { checkPostgresUrl, redactDatabaseUrl } from '../../src/sql/pg-driver.js';
 import { freshDatabase, testCluster } from '../support/postgres.js';
-import { DatabaseFailureLog, LoginThrottle } from '../../src/broker/throttle.js';
+import { DatabaseFailureLog, LoginThrottle } from '../../src/broker/auth/throttle.js';
 
 /**
  * The metadata store's contract, run by name against each engine: SQLite (the default) and

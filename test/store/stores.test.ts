@@ -7,11 +7,11 @@ import { FsChunkStore } from '../../src/store/fs-chunk-store.js';
 import { openChunkStore } from '../../src/store/open-store.js';
 import { PackChunkStore } from '../../src/store/pack-chunk-store.js';
 import type { ChunkStore } from '../../src/store/chunk-store.js';
-import { migrate, openSqlite } from '../../src/store/sqlite.js';
+import { migrate, openSqlite } from '../../src/sql/sqlite.js';
 import { openSwiftStore, startSwift, type SwiftServer } from '../support/swift.js';
 import { withTmpfs } from '../support/tmpfs.js';
 import { PgPackIndex } from '../../src/store/pg-pack-index.js';
-import { PgSql } from '../../src/store/sql/pg-driver.js';
+import { PgSql } from '../../src/sql/pg-driver.js';
 import { freshDatabase, testCluster } from '../support/postgres.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'carryon-store-'));

@@ -1,7 +1,7 @@
 import { createCipheriv, hkdfSync, randomBytes } from 'node:crypto';
-import { FLAG_ZSTD } from '../../src/core/blob.js';
+import { FLAG_ZSTD } from '../../src/core/chunks/blob.js';
 import { chunkIdToBytes, type ChunkId } from '../../src/core/chunk-id.js';
-import { FLAG_PAGES } from '../../src/core/delta.js';
+import { FLAG_PAGES } from '../../src/core/chunks/delta.js';
 import type { LineageKeys } from '../../src/core/keys.js';
 
 /**

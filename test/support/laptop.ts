@@ -1,10 +1,10 @@
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import type { ClientEnv } from '../../src/client/ops.js';
-import { serveDesktop } from '../../src/client/serve.js';
-import { readClock, writeClock } from '../../src/client/guards.js';
-import { loadDevice } from '../../src/client/home.js';
-import { Vault } from '../../src/client/vault.js';
+import { serveDesktop } from '../../src/client/ops/serve.js';
+import { readClock, writeClock } from '../../src/client/vault/guards.js';
+import { loadDevice } from '../../src/client/vault/home.js';
+import { Vault } from '../../src/client/vault/vault.js';
 import { NbdClient } from '../../src/nbd/client.js';
 
 /** Writes into a checked-out desktop through `carryon serve`'s NBD export, as a VM would. */

@@ -1,8 +1,8 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
-import { MAX_BLOB_SIZE } from '../../src/core/blob.js';
-import { blobFrame, encodeFrame, endFrame, errorFrame, FRAME_BLOB, FRAME_ERROR, FRAME_END, FRAME_PAGES, FrameDecoder, FrameError, pagesFrameHead } from '../../src/transfer/frames.js';
+import { MAX_BLOB_SIZE } from '../../src/core/chunks/blob.js';
+import { blobFrame, encodeFrame, endFrame, errorFrame, FRAME_BLOB, FRAME_ERROR, FRAME_END, FRAME_PAGES, FrameDecoder, FrameError, pagesFrameHead } from '../../src/core/chunks/frames.js';
 
 const A = 'a'.repeat(64);
 const B = 'b'.repeat(64);

@@ -1,8 +1,8 @@
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
-import { sealChunk } from '../../src/core/blob.js';
+import { sealChunk } from '../../src/core/chunks/blob.js';
 import { wrapLineageKeys, type LineageKeys } from '../../src/core/keys.js';
-import { createManifest, encodeManifest, manifestDigest, type Manifest } from '../../src/core/manifest.js';
+import { createManifest, encodeManifest, manifestDigest, type Manifest } from '../../src/core/chunks/manifest.js';
 import { FsChunkStore } from '../../src/store/fs-chunk-store.js';
 
 /** A store holding one manifest of `n` random chunks (64 KiB), for transfer tests. */

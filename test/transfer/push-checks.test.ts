@@ -1,9 +1,9 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
-import { openBlob, sealChunk } from '../../src/core/blob.js';
+import { openBlob, sealChunk } from '../../src/core/chunks/blob.js';
 import { computeChunkId } from '../../src/core/chunk-id.js';
-import { sealPages } from '../../src/core/delta.js';
+import { sealPages } from '../../src/core/chunks/delta.js';
 import { generateLineageKeys } from '../../src/core/keys.js';
 import { PushChecks } from '../../src/transfer/push-checks.js';
 import { rawPagesBlob, rleBomb } from '../support/hostile-zstd.js';

@@ -1,9 +1,9 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { ValidationError } from '../../src/core/errors.js';
-import { boundedLimiter, effectiveRate, parseRate, RateLimiter } from '../../src/transfer/rate-limit.js';
-import { policyBound } from '../../src/client/transfer-rate.js';
-import type { DesktopState } from '../../src/client/vault.js';
+import { boundedLimiter, effectiveRate, pacing, parseRate, RateLimiter } from '../../src/transfer-client/rate-limit.js';
+import { policyBound } from '../../src/client/session/transfer-rate.js';
+import type { DesktopState } from '../../src/client/vault/vault.js';
 
 /** A clock that only moves when the limiter sleeps: the test measures time without waiting. */
 function fakeClock() {
@@ -11,13 +11,14 @@ function fakeClock() {
   return c;
 }
 
-test('rate limiter: a one-second burst, then the configured rate, shared by all callers', async () => {
+test('rate limiter: a quarter-second burst, then the configured rate, shared by all callers', async () => {
   const clock = fakeClock();
   const limit = new RateLimiter(1000, clock);
-  await limit.take(1000);
-  assert.equal(clock.slept, 0, 'the first second is a burst');
+  await limit.take(250);
+  assert.equal(clock.slept, 0, 'the first quarter second is a burst');
   for (let i = 0; i < 10; i++) await limit.take(500);
-  assert.ok(clock.slept >= 4900 && clock.slept <= 5100, `5000 bytes at 1000 B/s took ${clock.slept} ms`);
+  // The last 500 bytes go on credit (paid by the next caller): 4750 ms of waiting for 5000 bytes.
+  assert.ok(clock.slept >= 4700 && clock.slept <= 5100, `5000 bytes at 1000 B/s took ${clock.slept} ms`);
   // Two streams at once share the budget rather than doubling it.
   const start = clock.slept;
   await Promise.all([0, 1].map(async () => { for (let i = 0; i < 5; i++) await limit.take(200); }));
@@ -38,6 +39,15 @@ test('rate limiter: an aborted wait returns at once', async () => {
   abort.abort();
   await waiting;
   assert.ok(Date.now() - t < 1000);
+});
+
+test('pacing: under a cap, a quarter second of chunks per request on as few streams as the rate needs; no cap changes nothing', () => {
+  const chunk = 256 * 1024;
+  assert.deepEqual(pacing(undefined, chunk, 4, 32), { streams: 4, batch: 32 });
+  assert.deepEqual(pacing(new RateLimiter(1024 ** 2), chunk, 4, 32), { streams: 1, batch: 1 });
+  assert.deepEqual(pacing(new RateLimiter(10 * 1024 ** 2), chunk, 4, 32), { streams: 2, batch: 10 });
+  assert.deepEqual(pacing(new RateLimiter(1024 ** 3), chunk, 4, 32), { streams: 4, batch: 32 });
+  assert.deepEqual(pacing(new RateLimiter(64 * 1024), 4 * 1024 ** 2, 4, 32), { streams: 1, batch: 1 }, 'at least one chunk');
 });
 
 test('parseRate: units, and clear errors for nonsense', () => {

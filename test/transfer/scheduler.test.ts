@@ -4,10 +4,10 @@ import { assignJobs, orderQueue } from '../../src/broker/transfers/assign.js';
 import { Scheduler } from '../../src/broker/transfers/scheduler.js';
 import { SchedulerStore } from '../../src/broker/transfers/scheduler-store.js';
 import { generateSigningKey, publicKeyToBase64 } from '../../src/core/signing.js';
-import { verifyTicket } from '../../src/core/ticket.js';
-import type { SqlDb } from '../../src/store/sql/driver.js';
-import { PgSql } from '../../src/store/sql/pg-driver.js';
-import { SqliteSql } from '../../src/store/sql/sqlite-driver.js';
+import { verifyTicket } from '../../src/core/tokens/ticket.js';
+import type { SqlDb } from '../../src/sql/driver.js';
+import { PgSql } from '../../src/sql/pg-driver.js';
+import { SqliteSql } from '../../src/sql/sqlite-driver.js';
 import { freshDatabase, testCluster } from '../support/postgres.js';
 
 const digest = 'c'.repeat(64);

@@ -7,7 +7,7 @@ import type { TransferServer } from '../../src/transfer/server.js';
 import { request } from 'undici';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
 import { pushRevocations } from '../../src/broker/transfers/revoke-push.js';
-import { signRevocation } from '../../src/core/revocation.js';
+import { signRevocation } from '../../src/core/tokens/revocation.js';
 import { generateSigningKey } from '../../src/core/signing.js';
 import { enrolDevice, HOST } from '../broker/trust-helpers.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, transferStore, type Api, type TestBroker } from '../broker/harness.js';

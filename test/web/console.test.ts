@@ -5,7 +5,7 @@ import type { Browser, Page } from 'playwright-core';
 import type { RunningBroker } from '../../src/broker/start.js';
 import { runAgent } from '../../src/client/agent.js';
 import { checkout, enroll, upload, type ClientEnv } from '../../src/client/ops.js';
-import { RateLimiter } from '../../src/transfer/rate-limit.js';
+import { RateLimiter } from '../../src/transfer-client/rate-limit.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
 import { axe, launch, noBrowser, screenshotDir } from './browser.js';
 

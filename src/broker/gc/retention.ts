@@ -1,4 +1,4 @@
-import type { SnapshotRow } from '../../store/metadata.js';
+import type { SnapshotRow } from '../db/metadata.js';
 
 /** Which snapshots of a desktop stay: the last N, every replica younger than D days, and the pinned. */
 export interface RetentionPolicy {

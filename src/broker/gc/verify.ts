@@ -1,10 +1,10 @@
 import { randomInt } from 'node:crypto';
-import { openBlob } from '../../core/blob.js';
+import { openBlob } from '../../core/chunks/blob.js';
 import type { ChunkId } from '../../core/chunk-id.js';
 import { unwrapLineageKeys, type LineageKeys } from '../../core/keys.js';
-import { decodeManifest, referencedChunks } from '../../core/manifest.js';
+import { decodeManifest, referencedChunks } from '../../core/chunks/manifest.js';
 import { getBlobs, type ChunkStore } from '../../store/chunk-store.js';
-import type { DesktopRow, MetadataStore, SnapshotRow } from '../../store/metadata.js';
+import type { DesktopRow, MetadataStore, SnapshotRow } from '../db/metadata.js';
 
 /** Blobs read per request (an object store merges neighbours into one ranged GET). */
 const WINDOW = 32;

@@ -1,6 +1,6 @@
-import { encodeManifest, decodeManifest } from '../../core/manifest.js';
-import type { DesktopRow } from '../../store/metadata.js';
-import { lineageKeysFor } from '../checkouts.js';
+import { encodeManifest, decodeManifest } from '../../core/chunks/manifest.js';
+import type { DesktopRow } from '../db/metadata.js';
+import { lineageKeysFor } from '../desktops/desktops.js';
 import type { BrokerContext } from '../context.js';
 import { HttpError } from '../http.js';
 import { ON_HOST, type HostCommandRow, type HostReport, type HostRow, type PlacementRow } from './store.js';

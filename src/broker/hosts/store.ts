@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import type { Migration, SqlConn, SqlDb } from '../../store/sql/driver.js';
+import type { Migration, SqlConn, SqlDb } from '../../sql/driver.js';
 
 /**
  * Desktop hosts (issue 26): the machines that run desktops online, where each desktop is placed,

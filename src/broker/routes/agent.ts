@@ -1,12 +1,12 @@
-import type { FastifyInstance } from 'fastify';
+import type { FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import { policyValues } from '../../core/policy.js';
 import type { BrokerContext } from '../context.js';
 import { HttpError, parse, requireDevice } from '../http.js';
 import { effectivePolicy } from '../policies.js';
 import { issueLease } from '../checkouts.js';
-import { enforceCutOff, stillAllowed } from '../trust.js';
-import { endWipedCheckout } from '../wipe.js';
+import { enforceCutOff, stillAllowed } from '../auth/trust.js';
+import { endWipedCheckout } from '../desktops/wipe.js';
 
 const Heartbeat = z.object({
   host: z.object({
@@ -50,7 +50,7 @@ async function fileOfflineEvents(ctx: BrokerContext, device: { id: string; user:
 }
 
 /** Agent endpoints: device-signed, outbound from the laptop only. */
-export function agentRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+export const agentRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   app.post('/v1/agent/heartbeat', async (req) => {
     // A revoked device still reaches its heartbeat: that is how its `lock` command gets to it.
     const device = await requireDevice(ctx, req, { allowRevoked: true });
@@ -104,4 +104,4 @@ export function agentRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     await ctx.audit({ actor: `device:${device.id}`, desktopId: command.desktopId, action: 'command-ack', outcome: body.ok ? 'ok' : 'failed', detail: `${id} (${command.type})${body.message ? `: ${body.message}` : ''}` });
     return { ok: true };
   });
-}
+};

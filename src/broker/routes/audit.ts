@@ -1,11 +1,11 @@
-import type { FastifyInstance } from 'fastify';
+import type { FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import { eventsCsv } from '../../core/audit-csv.js';
 import type { BrokerContext } from '../context.js';
 import { parse } from '../http.js';
 
 /** The audit trail newest first, filtered, as JSON or a CSV download. */
-export function auditRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+export const auditRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   app.get('/v1/admin/audit', async (req, reply) => {
     const q = parse(z.object({
       before: z.coerce.number().int().min(1).optional(), limit: z.coerce.number().int().min(1).max(100_000).optional(),
@@ -19,4 +19,4 @@ export function auditRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     }
     return { events };
   });
-}
+};

@@ -1,7 +1,7 @@
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { extname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { FastifyInstance } from 'fastify';
+import type { FastifyPluginAsync } from 'fastify';
 
 const TYPES: Record<string, string> = {
   '.html': 'text/html; charset=utf-8', '.js': 'text/javascript; charset=utf-8', '.css': 'text/css; charset=utf-8',
@@ -22,7 +22,7 @@ export function consoleDir(): string {
  * The admin web console: static files (built by Vite from web/) on the broker's HTTPS port, and
  * nothing else: the page talks only to the documented API, registered with its resources.
  */
-export function consoleRoutes(app: FastifyInstance, opts: { webDir?: string } = {}): void {
+export const consoleRoutes: FastifyPluginAsync<{ webDir?: string }> = async (app, opts) => {
   const dir = opts.webDir ?? consoleDir();
   const files = new Map<string, { body: Buffer; type: string }>();
   const load = (rel: string) => files.set(`/${rel}`, { body: readFileSync(join(dir, rel)), type: TYPES[extname(rel)] ?? 'application/octet-stream' });
@@ -46,4 +46,4 @@ export function consoleRoutes(app: FastifyInstance, opts: { webDir?: string } = 
     if (path === '/index.html' || path.startsWith('/assets/')) continue;
     app.get(path, async (_req, reply) => reply.headers(SECURITY_HEADERS).type(f.type).send(f.body));
   }
-}
+};

@@ -1,12 +1,12 @@
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
-import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { FastifyRequest, FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
-import type { DesktopRow } from '../../store/metadata.js';
+import type { DesktopRow } from '../db/metadata.js';
 import type { BrokerContext } from '../context.js';
 import { CLOSE, displayRelay } from '../display/relay.js';
 import { HttpError, parse, requireUser } from '../http.js';
-import { readToken } from '../tokens.js';
-import { adminOf } from './admin-scope.js';
+import { readToken } from '../auth/tokens.js';
+import { adminOf } from './admin/admin-scope.js';
 
 /** A ticket opens one connection, within this time, for its user and desktop. */
 export const TICKET_TTL_MS = 30_000;
@@ -29,7 +29,7 @@ export async function checkHostSecret(ctx: BrokerContext, req: FastifyRequest, a
  * (authorized here on every connection, before the host hears of it), the host's dial-back and
  * its long poll, and the admins' view of open sessions.
  */
-export function displayRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+export const displayRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   const relay = displayRelay(ctx);
   const refuse = async (actor: string, desktopId: string | null, status: number, code: string, message: string) => {
     await ctx.audit({ actor, desktopId, action: 'display-open', outcome: 'denied', detail: `${code}: ${message}` });
@@ -136,10 +136,10 @@ export function displayRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     handler: async (_req, reply) => reply.status(426).send({ error: 'upgrade-required', message: 'this is a WebSocket' }),
     wsHandler: (socket, req) => relay.attach(req.displaySession!, socket),
   });
-}
+};
 
 /** Admins: the open display sessions of this broker, and ending one (both sockets close; audited). */
-export function displayAdminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+export const displayAdminRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   const relay = displayRelay(ctx);
   app.get('/v1/admin/displays', async () => ({ displays: relay.list() }));
   app.delete('/v1/admin/displays/:id', async (req) => {
@@ -148,7 +148,7 @@ export function displayAdminRoutes(app: FastifyInstance, ctx: BrokerContext): vo
     if (!(await relay.end(id, CLOSE.ended, `ended by administrator ${admin}`, `admin:${admin}`))) throw new HttpError(404, 'not-found', `no open display session ${id}`);
     return { ended: id };
   });
-}
+};
 
 declare module 'fastify' {
   interface FastifyRequest {

@@ -1,12 +1,19 @@
 import { timingSafeEqual } from 'node:crypto';
-import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { FastifyRequest, FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import type { BrokerContext } from '../context.js';
 import { HttpError, parse, requireUser } from '../http.js';
 import { effectivePolicy, describePolicySource } from '../policies.js';
-import { adminOf } from './admin-scope.js';
+import { adminOf } from './admin/admin-scope.js';
 import { displayRelay } from '../display/relay.js';
 import { hostAck, hostHeartbeat, hostJobOwner, hostsOverview, powerDesktop, prepareStart, releaseDesktop, sweepHosts } from '../hosts/power.js';
+
+declare module 'fastify' {
+  interface FastifyContextConfig {
+    /** The audit action a host route's refused secret is recorded under. */
+    hostAction?: string;
+  }
+}
 
 const HostId = z.string().regex(/^[A-Za-z0-9._-]{1,64}$/, 'a host id is 1–64 letters, digits, dots, dashes or underscores');
 const Params = z.object({ id: HostId });
@@ -22,7 +29,7 @@ const Report = z.object({
  * Desktop hosts register, heartbeat and fetch what they need with the broker's `host.secret` (as
  * transfer servers do with theirs); they only ever call the broker, which never calls them.
  */
-export function hostRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+export const hostRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   const authHost = async (req: FastifyRequest, action: string) => {
     const a = Buffer.from(String(req.headers['x-carryon-host-secret'] ?? ''));
     const b = Buffer.from(ctx.settings.hostSecret);
@@ -31,16 +38,17 @@ export function hostRoutes(app: FastifyInstance, ctx: BrokerContext): void {
       throw new HttpError(401, 'bad-secret', 'host secret does not match', {}, true);
     }
   };
-  const registered = async (req: FastifyRequest, action: string) => {
-    await authHost(req, action);
+  // Every route of this plugin is a host's: the secret is checked (and a refusal audited under the
+  // route's action) before the body is read, whatever a handler does.
+  app.addHook('onRequest', async (req) => authHost(req, req.routeOptions.config.hostAction ?? 'host-request'));
+  const registered = async (req: FastifyRequest) => {
     const { id } = parse(Params, req.params);
     const host = await ctx.hosts.host(id);
     if (!host) throw new HttpError(404, 'not-registered', `host ${id} is not registered: register first`);
     return host;
   };
 
-  app.post('/v1/hosts/register', async (req) => {
-    await authHost(req, 'host-register');
+  app.post('/v1/hosts/register', { config: { hostAction: 'host-register' } }, async (req) => {
     const b = parse(z.object({
       id: HostId, displayUrl: z.string().max(300).nullable().default(null), vcpus: z.number().int().min(1).max(4096), ramMiB: z.number().int().min(64).max(1 << 30),
       maxDesktops: z.number().int().min(1).max(10_000), accel: z.enum(['kvm', 'tcg']), heartbeatSec: z.number().int().min(1).max(300),
@@ -49,45 +57,47 @@ export function hostRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     await ctx.audit({ actor: `host:${b.id}`, action: 'host-register', outcome: 'ok', detail: `${b.vcpus} vCPUs, ${b.ramMiB} MiB, up to ${b.maxDesktops} desktops, ${b.accel}` });
     return { ok: true };
   });
-  app.post('/v1/hosts/:id/heartbeat', async (req) => {
-    const host = await registered(req, 'host-heartbeat');
+  app.post('/v1/hosts/:id/heartbeat', { config: { hostAction: 'host-heartbeat' } }, async (req) => {
+    const host = await registered(req);
     const report = parse(Report, req.body);
     await ctx.hosts.heartbeat(host.id, report);
     await sweepHosts(ctx);
     const commands = await hostHeartbeat(ctx, host, report);
     return { commands: await displayRelay(ctx).commandsFor(host.id, commands) };
   });
-  app.post('/v1/hosts/:id/retire', async (req) => {
-    const host = await registered(req, 'host-retire');
+  app.post('/v1/hosts/:id/retire', { config: { hostAction: 'host-retire' } }, async (req) => {
+    const host = await registered(req);
     parse(z.object({}).strict(), req.body ?? {});
     // Whatever it still ran is reported by its last heartbeat (it powers its guests off first); what is still placed stays as it is.
     await ctx.hosts.retire(host.id);
     await ctx.audit({ actor: `host:${host.id}`, action: 'host-retire', outcome: 'ok', detail: 'stopped cleanly' });
     return { ok: true };
   });
-  app.post('/v1/hosts/:id/desktops/:desktopId/prepare', async (req) => {
-    const host = await registered(req, 'host-prepare');
+  app.post('/v1/hosts/:id/desktops/:desktopId/prepare', { config: { hostAction: 'host-prepare' } }, async (req) => {
+    const host = await registered(req);
     const { desktopId } = parse(z.object({ id: HostId, desktopId: z.string().min(1).max(200) }), req.params);
     return await prepareStart(ctx, host.id, desktopId);
   });
-  app.get('/v1/hosts/:id/jobs/:jobId', async (req) => {
-    const host = await registered(req, 'host-job');
+  app.get('/v1/hosts/:id/jobs/:jobId', { config: { hostAction: 'host-job' } }, async (req) => {
+    const host = await registered(req);
     const { jobId } = parse(z.object({ id: HostId, jobId: z.string().min(1).max(200) }), req.params);
     // Only the jobs made for this host's starts (their owner names it).
     const owner = await ctx.scheduler.checkoutOf(jobId);
     if (!owner?.startsWith(hostJobOwner(host.id, ''))) throw new HttpError(404, 'not-found', 'no such job of this host');
     return (await ctx.scheduler.get(jobId))!;
   });
-  app.post('/v1/hosts/:id/commands/:commandId', async (req) => {
-    const host = await registered(req, 'host-ack');
+  app.post('/v1/hosts/:id/commands/:commandId', { config: { hostAction: 'host-ack' } }, async (req) => {
+    const host = await registered(req);
     const { commandId } = parse(z.object({ id: HostId, commandId: z.string().min(1).max(200) }), req.params);
     const b = parse(z.object({ ok: z.boolean(), message: z.string().max(2000).nullable().default(null), kept: z.boolean().optional() }).strict(), req.body);
     await hostAck(ctx, host.id, commandId, b);
     if (!b.ok && displayRelay(ctx).has(commandId)) await displayRelay(ctx).hostFailed(commandId, b.message);
     return { ok: true };
   });
+};
 
-  // Users: start and stop their desktop online where policy onlineAllowed lets them.
+/** Users: start and stop their desktop online where policy onlineAllowed lets them. */
+export const desktopPowerRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   const userPower = (action: 'on' | 'shutdown' | 'reset') => async (req: FastifyRequest) => {
     const claims = await requireUser(ctx, req);
     const { id } = parse(z.object({ id: z.string().min(1).max(200) }), req.params);
@@ -109,10 +119,10 @@ export function hostRoutes(app: FastifyInstance, ctx: BrokerContext): void {
   app.post('/v1/desktops/:id/stop', userPower('shutdown'));
   // `carryon power DESKTOP reset` for a desktop running online (the host resets its guest).
   app.post('/v1/desktops/:id/reset', userPower('reset'));
-}
+};
 
 /** Admins: the hosts, power of any desktop, and the decision to discard a host's online changes (admin scope). */
-export function hostAdminRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+export const hostAdminRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   app.get('/v1/admin/hosts', async () => await hostsOverview(ctx));
   app.post('/v1/admin/desktops/:id/power', async (req) => {
     const actor = adminOf(req);
@@ -128,4 +138,4 @@ export function hostAdminRoutes(app: FastifyInstance, ctx: BrokerContext): void 
     const b = parse(z.object({ reason: z.string().max(500).optional() }).strict(), req.body ?? {});
     return await releaseDesktop(ctx, actor, d, b.reason);
   });
-}
+};

@@ -1,9 +1,9 @@
-import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { FastifyRequest, FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import { auditTicket } from '../checkouts.js';
 import type { BrokerContext } from '../context.js';
 import { HttpError, parse, requireUser } from '../http.js';
-import { cutOffReason, enforceCutOff } from '../trust.js';
+import { cutOffReason, enforceCutOff } from '../auth/trust.js';
 
 const Id = z.object({ id: z.string().min(1).max(200) });
 const Bytes = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
@@ -13,7 +13,7 @@ const LocalProgress = z.object({ bytesLocal: Bytes, bytesTotal: Bytes, bytesRece
  * Transfer jobs: only the holder of the job's checkout sees or touches it (and gets its tickets);
  * an admin may see and pause/resume it, without a ticket. Anyone else gets 404, audited.
  */
-export function jobRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+export const jobRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   const jobOf = async (req: FastifyRequest, action: string) => {
     const claims = await requireUser(ctx, req);
     const { id } = parse(Id, req.params);
@@ -63,4 +63,4 @@ export function jobRoutes(app: FastifyInstance, ctx: BrokerContext): void {
       return await answer(who, job);
     });
   }
-}
+};

@@ -1,8 +1,9 @@
-import type { FastifyInstance } from 'fastify';
+import type { FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import type { BrokerContext } from '../context.js';
 import { HttpError, parse, requireUser } from '../http.js';
-import { restore, restorePoints, restoreRefusal } from '../restore-points.js';
+import { restore, restoreRefusal } from '../desktops/restore-points.js';
+import { restorePoints } from '../desktops/restore-point-list.js';
 
 const Id = z.object({ id: z.string().min(1).max(200) });
 
@@ -10,7 +11,7 @@ const Id = z.object({ id: z.string().min(1).max(200) });
  * Restore points: an admin makes one the desktop's current version; a user may, where policy
  * `restoreAllowed` says so, make one the version their next check-out starts from.
  */
-export function restoreRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+export const restoreRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   const desktopFor = async (claims: { sub: string; role: string }, ref: string) => {
     const d = await ctx.meta.getDesktop(ref);
     if (!d || (claims.role !== 'admin' && !await ctx.meta.isEntitled(claims.sub, d))) throw new HttpError(404, 'not-found', `no desktop ${ref}${claims.role === 'admin' ? '' : ' you are entitled to'}`);
@@ -28,4 +29,4 @@ export function restoreRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     const b = parse(z.object({ snapshotId: z.string().min(1).max(200), reason: z.string().max(500).optional() }).strict(), req.body);
     return await restore(ctx, claims.sub, claims.role, d, b.snapshotId, b.reason);
   });
-}
+};

@@ -4,12 +4,13 @@ import { mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import type { FastifyInstance } from 'fastify';
+import type { FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import type { BrokerContext } from '../context.js';
+import type { ImportJobs } from '../desktops/imports.js';
 import { HttpError, parse } from '../http.js';
-import { adminOf } from './admin-scope.js';
-import { checkImageSize } from '../image-checks.js';
+import { adminOf } from './admin/admin-scope.js';
+import { checkImageSize } from '../desktops/image-checks.js';
 
 const Id = z.object({ id: z.uuid() });
 const Meta = z.object({ id: z.string(), name: z.string(), sizeBytes: z.number(), createdAt: z.string(), createdBy: z.string() });
@@ -20,7 +21,7 @@ type Meta = z.infer<typeof Meta>;
  * PUT byte ranges in order (`?offset=` = bytes the broker already has; a broken connection keeps
  * what arrived), then import it as a desktop. Kept under the data dir until imported or deleted.
  */
-export function uploadRoutes(app: FastifyInstance, ctx: BrokerContext, dir: string): void {
+export const uploadRoutes: FastifyPluginAsync<{ ctx: BrokerContext; dir: string; imports: ImportJobs }> = async (app, { ctx, dir, imports }) => {
   const paths = (id: string) => ({ meta: join(dir, `${id}.json`), data: join(dir, `${id}.part`) });
   const load = async (id: string) => {
     let meta: Meta;
@@ -94,10 +95,10 @@ export function uploadRoutes(app: FastifyInstance, ctx: BrokerContext, dir: stri
     }).strict(), req.body);
     const up = await load(id);
     if (!up.complete) throw new HttpError(409, 'incomplete', `the broker has ${up.received} of ${up.sizeBytes} bytes; finish the upload first`, { received: up.received });
-    const job = await ctx.imports.start(ctx, actor, { name: b.name, image: paths(id).data, pool: b.pool, config: b.config, chunkSize: b.chunkSize }, (ok) => {
+    const job = await imports.start(ctx, actor, { name: b.name, image: paths(id).data, pool: b.pool, config: b.config, chunkSize: b.chunkSize }, (ok) => {
       // Imported: the upload is no longer needed. Failed: kept, to retry the import without sending it again.
       if (ok) void rm(paths(id).meta, { force: true }).then(() => rm(paths(id).data, { force: true }));
     });
     return reply.status(202).send({ import: job });
   });
-}
+};

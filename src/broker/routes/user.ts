@@ -1,19 +1,19 @@
-import type { FastifyInstance } from 'fastify';
+import type { FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import { PACKAGE_VERSION } from '../version.js';
 import { isChunkId } from '../../core/chunk-id.js';
-import { RECEIPT_RE } from '../../core/push-receipt.js';
+import { RECEIPT_RE } from '../../core/tokens/push-receipt.js';
 import { publicKeyFromBase64, publicKeyToBase64 } from '../../core/signing.js';
 import { allowedActions, beginUpload, cancel, checkOut, checkoutView, commitUpload, issueLease, markTransferred, rollback, type DiskChanges } from '../checkouts.js';
 import type { BrokerContext } from '../context.js';
 import { beginHandback, checkoutOutcome, commitHandback } from '../handback.js';
-import { reportChunkFailure } from '../damage.js';
-import type { DesktopRow } from '../../store/metadata.js';
-import { accountName, authenticate, DirectoryUnavailableError } from '../directory.js';
+import { reportChunkFailure } from '../desktops/damage.js';
+import type { DesktopRow } from '../db/metadata.js';
+import { accountName, authenticate, DirectoryUnavailableError } from '../auth/directory.js';
 import { HttpError, parse, requireUser } from '../http.js';
 import { effectivePolicy } from '../policies.js';
-import { issueToken } from '../tokens.js';
-import { requireFreshLogin } from '../trust.js';
+import { issueToken } from '../auth/tokens.js';
+import { requireFreshLogin } from '../auth/trust.js';
 
 const Host = z.object({
   os: z.string().max(200).optional(),
@@ -49,12 +49,12 @@ function withReceipts(disks: z.infer<typeof Changes>['disks'] = []): { changes: 
 }
 
 /** Routes for users and their laptops: login, enrolment, desktops, check-out life cycle. */
-export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
+export const userRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   app.get('/v1/broker', async () => ({ version: PACKAGE_VERSION, signingPublicKey: publicKeyToBase64(ctx.secrets.signing.publicKey) }));
 
   app.post('/v1/auth/login', async (req, reply) => {
     const body = parse(z.object({ username: z.string().min(1).max(64), password: z.string().min(1).max(1024), deviceId: z.string().max(200).optional() }).strict(), req.body);
-    // Failed-login backoff per account (not per spelling) and per source address (src/broker/throttle.ts).
+    // Failed-login backoff per account (not per spelling) and per source address (src/broker/auth/throttle.ts).
     const name = accountName(ctx.settings.ldap, body.username);
     // The attempt is counted before the password is judged: parallel guesses wait their turn.
     const reserved = await ctx.throttle.reserve(name, req.ip);
@@ -188,4 +188,4 @@ export function userRoutes(app: FastifyInstance, ctx: BrokerContext): void {
     await ctx.audit({ actor: claims.sub, desktopId: c.desktopId, action: 'lease-renew', outcome: 'ok', detail: `device ${c.deviceId} until ${lease.deadline}` });
     return { lease: lease.lease };
   });
-}
+};

@@ -1,6 +1,6 @@
 import type { KeyObject } from 'node:crypto';
 import { request } from 'undici';
-import { signRevocation } from '../../core/revocation.js';
+import { signRevocation } from '../../core/tokens/revocation.js';
 import { pinnedAgent } from '../../net/pinned-agent.js';
 
 export interface PushTarget {

@@ -1,5 +1,5 @@
-import type { Migration, SqlConn, SqlDb } from '../../store/sql/driver.js';
-import { postgresDdl } from '../../store/metadata-schema.js';
+import type { Migration, SqlConn, SqlDb } from '../../sql/driver.js';
+import { postgresDdl } from '../db/metadata-schema.js';
 import type { JobKind, JobRequest, JobState } from './types.js';
 
 const V1 = `

@@ -1,5 +1,5 @@
 import { randomUUID, type KeyObject } from 'node:crypto';
-import { signTicket } from '../../core/ticket.js';
+import { signTicket } from '../../core/tokens/ticket.js';
 import { assignJobs, orderQueue } from './assign.js';
 import type { JobRow, SchedulerStore, ServerRow } from './scheduler-store.js';
 import type { JobKind, JobState, JobRequest, JobView, TransferScheduler } from './types.js';

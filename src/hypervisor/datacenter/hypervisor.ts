@@ -1,4 +1,4 @@
-import { QmpConnection } from '../qmp.js';
+import { QmpConnection } from '../../qemu/qmp.js';
 
 export { QmpConnection };
 

@@ -1,0 +1,212 @@
+import { join } from 'node:path';
+import { CarryonError } from '../../core/errors.js';
+import { topExtents } from '../../disk/chain.js';
+import { addChain, StorageDaemon } from '../../disk/storage-daemon.js';
+import { NbdClient } from '../../nbd/client.js';
+import { changedManifests, type DiskReader } from '../../live/disks/changes.js';
+import type { DeviceIdentity } from '../vault/home.js';
+import { keepsLocalCopy, parkBases, parkedFrom, stampParked, unlinkVaultBases } from '../vault/parked.js';
+import type { DiskChanges } from '../../live/disks/changes.js';
+import { guardUpload } from '../../live/disks/layer-guard.js';
+import { socketDir, type DesktopDisk } from '../../live/disks/disks.js';
+import { openDesktopDisks } from '../../live/disks/open.js';
+import { claimOwner, diskPrefix, readOwner, specFor } from '../../live/fill/holder.js';
+import { liveReplicate } from './live-upload.js';
+import { controlKey, liveSocketPath } from '../../live/live-holder.js';
+import { ControlClient } from '../../live/control.js';
+import type { DesktopKeys } from '../../live/disks/desktop-keys.js';
+import { onlineSession, type ClientEnv } from '../session/session.js';
+import { sendChanges, type UploadKind } from './send-changes.js';
+import { Vault, type DesktopState } from '../vault/vault.js';
+
+export type { UploadKind };
+
+/**
+ * Opens the chains read-only in a storage daemon for reading the change since the checkpoint:
+ * the top layer's extents and the pages they hold. Refused while the desktop runs (its disk is
+ * locked by QEMU): shut it down first.
+ */
+async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopDisk[], fn: (readers: DiskReader[]) => Promise<T>): Promise<T> {
+  // The top layers' maps (one qemu-img each) are read while the daemon starts: the caller holds
+  // the desktop's owner claim, so no run or serve can write the chain meanwhile (and the daemon's
+  // image locks then hold it). The daemon's own errors (a disk in use) come first: they say what to do.
+  const maps = disks.map((d) => topExtents(d.chain));
+  for (const m of maps) m.catch(() => undefined);
+  const dir = await socketDir(vault, state.desktopId);
+  const qsd = await StorageDaemon.start(dir);
+  const clients: NbdClient[] = [];
+  try {
+    for (const [i, d] of disks.entries()) await addChain(qsd, specFor(d, i, null, true), d.chain.secret, d.chain.baseSecret);
+    const socket = join(dir, 'upload.sock');
+    await qsd.exportNbd(socket, disks.map((d, i) => ({ node: `${diskPrefix(i)}-top`, name: d.name, writable: false })));
+    const readers: DiskReader[] = [];
+    for (const [i, d] of disks.entries()) {
+      const top = await NbdClient.connect(socket, d.name);
+      clients.push(top);
+      readers.push({ disk: d, top, extents: await maps[i]! });
+    }
+    return await fn(readers);
+  } finally {
+    for (const c of clients) await c.close();
+    await qsd.stop();
+  }
+}
+
+/** How a check-in treats a desktop that is running: the guest's shutdown is waited for this long, then refused, or forced. */
+export interface RunningCheckin {
+  shutdownGraceMs?: number;
+  force?: boolean;
+}
+
+const DEFAULT_SHUTDOWN_GRACE_MS = 120_000;
+
+/**
+ * After a committed check-in, if policy keeps local copies: the top is merged into the base
+ * (which then equals the new snapshot; resumed on the rerun if killed: `parking` and `mergingTo`
+ * in the MACed state) and the base is parked. The caller erases the vault afterwards.
+ */
+async function parkCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, disks: DesktopDisk[], changes: DiskChanges[], snapshotId: string): Promise<boolean> {
+  if (!keepsLocalCopy(state)) return false;
+  let next: DesktopState = { ...state, state: 'checking_in', parking: snapshotId };
+  for (const m of changedManifests(disks, changes)) {
+    const digest = await vault.putManifest(state.desktopId, m.manifest);
+    next = { ...next, disks: next.disks.map((d) => (d.name === m.name && d.baseDigest !== digest ? { ...d, mergingTo: digest } : d)) };
+  }
+  await vault.save(next, keys);
+  const merged = (await openDesktopDisks(vault, next, keys)).state;
+  return parkBases({ vault, device, password: await env.password(), state: merged, keys, how: 'checkin', disks: merged.disks.map((d) => ({ name: d.name, digest: d.baseDigest, known: null })), log: env.log });
+}
+
+/** A check-in killed after its commit, while its bases were merged or parked: finishes that, then erases the vault. */
+async function finishParking(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, kind: UploadKind) {
+  if (kind !== 'checkin') throw new CarryonError('wrong-state', `${state.name} was checked in already; run \`carryon checkin ${state.name}\` to finish putting its local copy away`);
+  const release = await claimOwner(vault, state.desktopId, 'checkin', env.log);
+  try {
+    if (await parkedFrom(vault, state)) {
+      await unlinkVaultBases(vault, state);
+      await stampParked(vault.home, state.desktopId, keys.vaultKey);
+    } else {
+      const merged = (await openDesktopDisks(vault, state, keys)).state;
+      await parkBases({ vault, device, password: await env.password(), state: merged, keys, how: 'checkin', disks: merged.disks.map((d) => ({ name: d.name, digest: d.baseDigest, known: null })), log: env.log })
+        .catch((err: unknown) => env.log(`no parked copy kept of ${state.name}: ${(err as Error).message}`));
+    }
+  } finally {
+    await release();
+  }
+  await vault.wipe(state.desktopId);
+  env.log(`checked in ${state.name} (the check-in had been committed before it was cut off)`);
+  return { snapshotId: state.parking!, changedChunks: 0, chunksSent: 0, bytesSent: 0, replicaKind: null };
+}
+
+
+/** Check-in, replicate or hand-back: send only the chunks changed since the checkpoint, then commit. */
+export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKind, running: RunningCheckin = {}): Promise<UploadResult> {
+  const { device, broker } = await onlineSession(env);
+  const vault = await Vault.open(env.home);
+  try {
+    const found = await vault.find(desktopRef);
+    if (found.state === 'transferring') throw new CarryonError('wrong-state', `${found.name} is still being checked out`);
+    const opened0 = await vault.openKeys(device, await env.password(), found);
+    const keys = opened0.keys;
+    let state = opened0.state;
+    if (state.parking) return await finishParking(env, device, vault, state, keys, kind);
+    const holder = await readOwner(vault, state.desktopId);
+    if (kind === 'replicate' && (holder?.kind === 'run' || holder?.kind === 'serve')) {
+      // The desktop runs: the process holding its chain takes the point in time (src/live/).
+      const live = await liveReplicate({ env, broker, vault, state, keys });
+      env.log(`replicated ${state.name} while it runs: restore point ${live.commit.snapshotId} (${live.kind}), ${live.sent.chunksMoved} chunks sent (${live.sent.bytesMoved} bytes)`);
+      return { snapshotId: live.commit.snapshotId, changedChunks: live.changes.changedChunks, chunksSent: live.sent.chunksMoved, bytesSent: live.sent.bytesMoved, replicaKind: live.kind };
+    }
+    if (kind === 'checkin' && (holder?.kind === 'run' || holder?.kind === 'serve')) {
+      return await checkinRunning(env, desktopRef, { vault, state, keys, holder: holder.kind, running });
+    }
+    const release = await claimOwner(vault, state.desktopId, kind === 'handback' ? 'checkin' : kind, env.log);
+    let outcome;
+    try {
+      const opened = await openDesktopDisks(vault, state, keys);
+      state = await guardUpload(vault, opened.state, keys, env.log);
+      outcome = await withReaders(vault, state, opened.disks, (readers) => sendChanges({
+        env, broker, vault, state, keys, kind, readers,
+        saveCheckingIn: kind === 'checkin' ? (jobId) => vault.save({ ...state, state: 'checking_in', jobId }, keys) : undefined,
+      }));
+      if (kind === 'replicate') {
+        // The restore point becomes the base: merge the top into it (resumed on the next open if killed).
+        let next: DesktopState = { ...state, lastReplicationAt: new Date().toISOString(), lastReplicaKind: 'stopped' };
+        for (const m of changedManifests(opened.disks, outcome.changes.changes)) {
+          const digest = await vault.putManifest(state.desktopId, m.manifest);
+          next = { ...next, disks: next.disks.map((d) => (d.name === m.name ? { ...d, mergingTo: digest } : d)) };
+        }
+        await vault.save(next, keys);
+        await openDesktopDisks(vault, next, keys);
+      }
+      if (kind === 'checkin') {
+        // The laptop keeps the desktop as checked in (policy keepLocalCopy): the next check-out moves only what changed.
+        await parkCheckin(env, device, vault, state, keys, opened.disks, outcome.changes.changes, outcome.commit.snapshotId).catch((err: unknown) => env.log(`no parked copy kept of ${state.name}: ${(err as Error).message}`));
+      }
+    } finally {
+      await release();
+    }
+    const { changes, sent, commit, recovered } = outcome;
+    const lost = recovered ? ' (the broker had committed it before; its answer was lost)' : '';
+    if (kind === 'checkin') {
+      await vault.wipe(state.desktopId);
+      env.log(`checked in ${state.name}: ${changes.changedChunks} changed chunks, ${sent.chunksMoved} sent (${sent.bytesMoved} bytes); snapshot ${commit.snapshotId}${lost}`);
+    } else if (kind === 'handback') {
+      // The work is on the server now; the check-out had ended, so the local copy goes as after a check-in.
+      await vault.wipe(state.desktopId);
+      env.log(`handed back ${state.name}: restore point ${commit.snapshotId}${lost}, ${changes.changedChunks} changed chunks; it is not the current version until an administrator restores it`);
+    } else {
+      env.log(`replicated ${state.name}: restore point ${commit.snapshotId}, ${sent.chunksMoved} chunks sent (${sent.bytesMoved} bytes)`);
+    }
+    return { snapshotId: commit.snapshotId, changedChunks: changes.changedChunks, chunksSent: sent.chunksMoved, bytesSent: sent.bytesMoved, replicaKind: kind === 'replicate' ? ('stopped' as const) : null };
+  } finally {
+    await broker.close();
+  }
+}
+
+export interface UploadResult {
+  snapshotId: string;
+  changedChunks: number;
+  chunksSent: number;
+  bytesSent: number;
+  replicaKind: 'quiesced' | 'crash-consistent' | 'stopped' | null;
+  /** A running desktop's check-in: seconds from the guest's power-off to the commit (what the user waited for). */
+  offToCommitSeconds?: number;
+}
+
+/**
+ * Check-in of a running desktop: the bulk goes as a live replica while the guest runs, then the
+ * guest is shut down (ACPI; refused after the grace period unless forced), and the check-in
+ * sends only what was written since the replica.
+ */
+async function checkinRunning(env: ClientEnv, desktopRef: string, o: { vault: Vault; state: DesktopState; keys: DesktopKeys; holder: 'run' | 'serve'; running: RunningCheckin }): Promise<UploadResult> {
+  const { vault, state } = o;
+  const { broker } = await onlineSession(env);
+  try {
+    const bulk = await liveReplicate({ env, broker, vault, state, keys: o.keys });
+    env.log(`checking in ${state.name} while it runs: ${bulk.sent.chunksMoved} chunks (${bulk.sent.bytesMoved} bytes) sent ahead as restore point ${bulk.commit.snapshotId}`);
+  } finally {
+    await broker.close();
+  }
+  const control = await ControlClient.connect(await liveSocketPath({ vault, state }), controlKey(o.keys, state.desktopId));
+  const grace = o.running.shutdownGraceMs ?? DEFAULT_SHUTDOWN_GRACE_MS;
+  try {
+    env.log(o.holder === 'run' ? `asking the guest to shut down (ACPI; up to ${Math.round(grace / 1000)} s)…` : 'asking `carryon serve` to stop serving the disk…');
+    // The holder may be gone before its answer is written (QEMU exited, it let go): that is the answer.
+    await control.shutdown(grace, o.running.force ?? false).catch((err: unknown) => {
+      if (!(err instanceof CarryonError && err.code === 'holder-gone')) throw err;
+    });
+  } finally {
+    control.close();
+  }
+  const off = performance.now();
+  // The holder records its layers and gives up the desktop once QEMU has gone.
+  for (let i = 0; (await readOwner(vault, state.desktopId)) !== null; i++) {
+    if (i >= 600) throw new CarryonError('disk-busy', `the desktop's ${o.holder} process did not end within 60 s of the guest's shutdown; the replica was sent: run \`carryon checkin ${state.name}\` again once it has`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  const rest = await upload(env, desktopRef, 'checkin');
+  const offToCommitSeconds = (performance.now() - off) / 1000;
+  env.log(`${state.name}: ${offToCommitSeconds.toFixed(2)} s from the guest's power-off to the check-in's commit`);
+  return { ...rest, offToCommitSeconds };
+}

@@ -1,0 +1,210 @@
+import { createPublicKey } from 'node:crypto';
+import { join } from 'node:path';
+import { z } from 'zod';
+import { CarryonError } from '../../core/errors.js';
+import { decodeLineageKeys } from '../../core/keys.js';
+import { verifyLease } from '../../core/tokens/lease.js';
+import { decodeManifest, manifestDigest } from '../../core/chunks/manifest.js';
+import { baseBlockdev, layerSecret } from '../../disk/chain.js';
+import { recordLayers } from '../../live/disks/layer-guard.js';
+import { Qcow2BaseWriter } from '../../disk/qcow2/qcow2-base-writer.js';
+import { UnsupportedImage } from '../../disk/qcow2/qcow2-format.js';
+import { addLayer, StorageDaemon } from '../../disk/storage-daemon.js';
+import { NbdClient } from '../../nbd/client.js';
+import { TransferSession } from '../../transfer-client/client.js';
+import { BrokerClient, CheckoutResponse, CheckoutView, JobView } from '../../net/broker-client.js';
+import { newDesktopKeys, type DesktopKeys } from '../../live/disks/desktop-keys.js';
+import { createMissingLayers, diskDir, socketDir, type DesktopDisk } from '../../live/disks/disks.js';
+import { openDesktopDisks } from '../../live/disks/open.js';
+import { clearCheckoutFailure, readCheckoutFailure, recordCheckoutFailure } from './checkout-failure.js';
+import { ChunkFailedAuthentication, fillDirect, type BaseSink } from '../../live/fill/fill-direct.js';
+import { mintToken } from '../vault/guards.js';
+import { claimOwner, diskPrefix, specFor } from '../../live/fill/holder.js';
+import { hostFacts } from '../vault/home.js';
+import { dataBytes, LocalProgressReporter } from '../../live/fill/local-progress.js';
+import { resetClock } from '../vault/key-release.js';
+import { retryTransfer } from '../session/retry.js';
+import { rememberRate, transferLimiter } from '../session/transfer-rate.js';
+import { activeJob, findEntry, onlineSession, pinnedBrokerKey, renewer, type ClientEnv } from '../session/session.js';
+import { Vault, type DesktopState } from '../vault/vault.js';
+import { adoptParked, parkPolicy } from '../vault/parked.js';
+
+/**
+ * Check-out: the broker locks the desktop and names the checkpoint; the laptop makes an empty
+ * encrypted chain per disk and fills each base from the transfer server. Interrupted (Ctrl-C,
+ * kill, lost link), it resumes where the base stopped.
+ */
+export async function checkout(env: ClientEnv, desktopRef: string) {
+  const { device, broker, user } = await onlineSession(env);
+  const vault = await Vault.open(env.home);
+  try {
+    const entry = await findEntry(broker, desktopRef);
+    const found = (await vault.list()).find((s) => s.desktopId === entry.id);
+    let state: DesktopState;
+    let keys: DesktopKeys;
+    if (found && found.state === 'transferring') {
+      // A check-out that failed for good (a damaged snapshot) would only fail again: say so, fetch nothing.
+      const failed = await readCheckoutFailure(vault, found.desktopId);
+      if (failed) throw new CarryonError('damaged-snapshot', failed.message);
+      ({ keys, state } = await vault.openKeys(device, await env.password(), found));
+      env.log(`resuming the check-out of ${entry.name}`);
+    } else {
+      if (found) {
+        // Nothing left to do (e.g. `carryon serve` or `run` finished the download): say so, succeed.
+        env.log(`${entry.name} is already checked out to this device and entirely local`);
+        return { desktopId: entry.id, checkoutId: found.checkoutId, chunksMoved: 0, bytesMoved: 0, refetched: 0, reusedChunks: 0 };
+      }
+      const brokerKey = await pinnedBrokerKey(broker, device);
+      const host = await hostFacts(env.home);
+      // Repeatable: a check-out this device began and that is still transferring is resumed by
+      // the broker (same check-out, same job), not refused or started twice (broker/checkouts.ts).
+      const res = await broker.call('POST', `/v1/desktops/${entry.id}/checkout`, { deviceId: device.info.deviceId, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes } }, CheckoutResponse, {}, { repeatable: true });
+      // The lease must verify against the broker key pinned now, inside the vault, before anything is kept.
+      const lease = verifyLease(res.lease, brokerKey, { now: new Date(), deviceId: device.info.deviceId!, desktopId: entry.id });
+      keys = newDesktopKeys(decodeLineageKeys(res.keys), brokerKey, createPublicKey(device.privateKey));
+      const disks: DesktopState['disks'] = [];
+      for (const d of res.disks) {
+        const m = decodeManifest(Buffer.from(d.manifest, 'base64'));
+        if (manifestDigest(m) !== d.digest) throw new CarryonError('bad-manifest', `manifest of ${d.name} does not match its digest`);
+        await vault.putManifest(entry.id, m);
+        disks.push({ name: d.name, baseDigest: d.digest, complete: false, mergingTo: null, shapes: { base: null, top: null }, baseVerified: null, topClosed: null, top: 'top.qcow2', under: null });
+      }
+      state = {
+        desktopId: entry.id, name: entry.name, user, checkoutId: res.checkout.id, state: 'transferring', jobId: res.job.id,
+        keys: await Vault.wrapKeys(device, await env.password(), keys, entry.id), lease: res.lease,
+        config: { ...res.config, exportAllowed: res.policy?.exportAllowed?.value === true, maxTransferRateKBps: Number(res.policy?.maxTransferRateKBps?.value ?? 0), ...parkPolicy(res.policy) }, localConfig: await vault.readLocalConfig(entry.id), disks,
+        lastReplicationAt: null, lastReplicaKind: null, lockDigest: await mintToken(vault.desktopDir(entry.id)), layerSecrets: 'per-layer', layersOpen: false, damaged: null, parking: null,
+      };
+      await vault.save(state, keys);
+      await resetClock(vault, state, keys, lease.issuedAt, device);
+      env.log(`checked out ${entry.name}: checkout ${res.checkout.id}, lease until ${res.checkout.leaseExpiresAt}`);
+    }
+    const release = await claimOwner(vault, state.desktopId, 'checkout', env.log);
+    // This check-out's --limit-rate stays the desktop's own: `run`, `serve` or a rerun that continue the download keep it.
+    await rememberRate(env, vault, state.desktopId);
+    let making: Promise<void> = Promise.resolve();
+    try {
+      // A parked copy of this desktop (kept by an earlier check-in, rollback or cancel) becomes the base: only what differs travels.
+      const reused = await adoptParked({ vault, device, password: env.password, state, keys, log: env.log });
+      const { tops } = await diskFullIsClear(env.home, () => createMissingLayers(vault, state, keys));
+      making = tops;
+      const filled = await fillFromBroker(env, vault, broker, state, keys).catch(async (err: unknown) => {
+        throw err instanceof ChunkFailedAuthentication ? await damagedSnapshot(env, vault, broker, state, err) : err;
+      });
+      await diskFullIsClear(env.home, () => tops);
+      if (!filled.complete) throw new CarryonError('paused', 'check-out stopped; what arrived is kept — run the same command again to resume');
+      // Repeatable: a check-out already marked transferred is answered as it is.
+      await broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }), {}, { repeatable: true });
+      // The bases were written here from chunks checked against their IDs: their shapes and stamps are the reference from now on.
+      // A reused parked base is as trusted as when it was parked: its file was not written since (parked.ts checks its stamp).
+      await recordLayers(vault, { ...filled.state, state: 'checked_out', jobId: null }, keys, { verifiedBases: filled.bytesMoved > 0 || reused.reusedChunks > 0 });
+      await clearCheckoutFailure(vault, state.desktopId);
+      env.log(`${entry.name} is local (${filled.bytesMoved} bytes pulled); safe to go offline`);
+      return { desktopId: entry.id, checkoutId: state.checkoutId, chunksMoved: filled.chunksMoved, bytesMoved: filled.bytesMoved, refetched: 0, reusedChunks: reused.reusedChunks };
+    } finally {
+      // A top still being made belongs to this run: let it finish (or fail) before anyone else looks.
+      await making.catch(() => undefined);
+      await release();
+    }
+  } finally {
+    await broker.close();
+  }
+}
+
+/**
+ * A chunk that failed authentication 3 times: the broker is told (it checks its own copy, audits,
+ * and stops handing out a damaged snapshot), `status` shows the check-out as failed, and the error
+ * says what to do instead of inviting a rerun that would fail the same way.
+ */
+async function damagedSnapshot(env: ClientEnv, vault: Vault, broker: BrokerClient, state: DesktopState, err: ChunkFailedAuthentication): Promise<CarryonError> {
+  let verdict = 'the broker could not be told';
+  try {
+    const r = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/damaged`, { chunkId: err.chunkId, detail: err.detail }, z.object({ damaged: z.boolean(), message: z.string().nullable() }));
+    verdict = r.damaged ? (r.message ?? 'the broker confirmed the damage') : "the datacenter's copy of that chunk is intact: the fault lies between the store and this laptop";
+  } catch (e) {
+    verdict = `the broker could not be told (${(e as Error).message})`;
+  }
+  const message = `check-out of ${state.name} failed: damaged snapshot — chunk ${err.chunkId.slice(0, 12)}… failed authentication 3 times; ${verdict}. Run \`carryon cancel ${state.name}\` to end this check-out`;
+  await recordCheckoutFailure(vault, state.desktopId, 'damaged snapshot', message);
+  return new CarryonError('damaged-snapshot', message);
+}
+
+/**
+ * Fills every incomplete base over the job's transfer ticket: no VM is attached, so the chunks
+ * go straight into the bases (parallel streams; encrypted and written by Node, or by QEMU for an
+ * image the Node writer does not take), holes never touched.
+ */
+async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient, state: DesktopState, keys: DesktopKeys) {
+  const opened = await openDesktopDisks(vault, state, keys);
+  const incomplete = opened.disks.filter((d) => !d.entry.complete);
+  if (incomplete.length === 0) return { state: opened.state, complete: true, bytesMoved: 0, chunksMoved: 0 };
+  const job = await activeJob(env, broker, await broker.call('GET', `/v1/jobs/${state.jobId}`, undefined, JobView));
+  const session = new TransferSession(job.transfer!, renewer(broker, job.id));
+  const dir = await socketDir(vault, state.desktopId);
+  let qsd: StorageDaemon | null = null;
+  let sinks: BaseSink[] = [];
+  let reporter: LocalProgressReporter | null = null;
+  try {
+    try {
+      for (const d of incomplete) sinks.push(await Qcow2BaseWriter.open(d.chain.files.base, layerSecret(d.chain, 'base'), d.base.chunkSize));
+    } catch (err) {
+      if (!(err instanceof UnsupportedImage)) throw err;
+      await Promise.all(sinks.splice(0).map((s) => s.close()));
+      env.log(`writing through QEMU: ${err.message}`);
+      qsd = await StorageDaemon.start(dir);
+      sinks = await nbdSinks(qsd, opened.disks, join(dir, 'fill.sock'));
+    }
+    const renew = renewer(broker, job.id);
+    // The desktop's disks already complete count as present (the percentage is of the whole desktop).
+    const whole = opened.disks.filter((d) => d.entry.complete).reduce((n, d) => n + dataBytes(d.base), 0);
+    const rateLimit = await transferLimiter(env, vault, state);
+    reporter = new LocalProgressReporter({ vault, desktopId: state.desktopId, broker, jobId: job.id });
+    const r = reporter;
+    const moved = await diskFullIsClear(env.home, () => retryTransfer({ what: 'check-out', log: env.log, signal: env.signal, beforeRetry: async () => session.setEndpoint(await renew()) }, () =>
+      fillDirect({ disks: incomplete.map((disk, i) => ({ disk, dir: diskDir(vault, state.desktopId, disk.name), sink: sinks[i]! })), session, keys, signal: env.signal, rateLimit, onProgress: (p) => {
+        const local = { ...p, bytesLocal: whole + (p.bytesLocal ?? 0), bytesTotal: whole + (p.bytesTotal ?? 0) };
+        env.onProgress?.('check-out', local);
+        // For `status` in another process and the admin views: once a second is enough.
+        r.update(local.bytesLocal, local.bytesTotal, p.bytesDone);
+      } }),
+    ));
+    const done: DesktopState = { ...opened.state, disks: opened.state.disks.map((d) => ({ ...d, complete: true })) };
+    await vault.save(done, keys);
+    return { state: done, complete: true, ...moved };
+  } catch (err) {
+    if ((err as CarryonError).code === 'aborted') return { state: opened.state, complete: false, bytesMoved: 0, chunksMoved: 0 };
+    throw err;
+  } finally {
+    await Promise.all(sinks.map((s) => s.close()));
+    await qsd?.stop();
+    await session.close();
+    await reporter?.settle();
+  }
+}
+
+/** The incomplete bases exported writable by a storage daemon (their tops may still be in the making). */
+async function nbdSinks(qsd: StorageDaemon, disks: DesktopDisk[], socketPath: string): Promise<BaseSink[]> {
+  // Each keeps its position in the chain list: the daemon's node names are numbered by it.
+  const incomplete = disks.flatMap((d, i) => (d.entry.complete ? [] : [{ d, prefix: diskPrefix(i), spec: specFor(d, i, null) }]));
+  for (const { d, prefix, spec } of incomplete) await addLayer(qsd, baseBlockdev(spec), spec.baseSecretId ?? spec.secretId, layerSecret(d.chain, 'base'));
+  await qsd.exportNbd(socketPath, incomplete.map(({ d, prefix }) => ({ node: `${prefix}-base`, name: `${d.name}.fill`, writable: true })));
+  const sinks: BaseSink[] = [];
+  for (const { d } of incomplete) {
+    const client = await NbdClient.connect(socketPath, `${d.name}.fill`);
+    sinks.push({ write: (index, plain) => client.write(index * d.base.chunkSize, plain), persist: () => client.flush(), close: () => client.close() });
+  }
+  return sinks;
+}
+
+/** A full disk mid-transfer says so, and how to go on (what arrived is kept; the rerun resumes). */
+async function diskFullIsClear<T>(home: string, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    const code = (err as { code?: string }).code;
+    const text = (err as Error).message ?? '';
+    if (code !== 'ENOSPC' && code !== 'SQLITE_FULL' && !/No space left on device/i.test(text)) throw err;
+    const { freeDiskBytes } = await hostFacts(home).catch(() => ({ freeDiskBytes: 0 }));
+    throw new CarryonError('disk-full', `the disk holding ${home} is full (${Math.floor(freeDiskBytes / 1024)} KiB free): free some space and run \`carryon checkout\` again; what arrived is kept`);
+  }
+}

@@ -1,0 +1,55 @@
+import { CarryonError } from '../../core/errors.js';
+import { ControlClient } from '../../live/control.js';
+import { NbdClient } from '../../nbd/client.js';
+import type { BrokerClient } from '../../net/broker-client.js';
+import { changedManifests, type DiskReader } from '../../live/disks/changes.js';
+import { sendChanges } from './send-changes.js';
+import { chainOf, type DesktopDisk } from '../../live/disks/disks.js';
+import { controlKey, liveSocketPath } from '../../live/live-holder.js';
+import type { DesktopKeys } from '../../live/disks/desktop-keys.js';
+import type { ClientEnv } from '../session/session.js';
+import type { DesktopState, Vault } from '../vault/vault.js';
+
+/**
+ * A replica of a desktop another process holds and runs: that process freezes a point in time
+ * (milliseconds of paused guest I/O), this one reads the frozen pages from its NBD export and
+ * sends them as any replica, then tells it to fold them into the base. Whatever fails before the
+ * broker's acknowledgement, the frozen layer goes back into the top (abandon): nothing is lost.
+ */
+export async function liveReplicate(o: { env: ClientEnv; broker: BrokerClient; vault: Vault; state: DesktopState; keys: DesktopKeys }) {
+  const { env, broker, vault, state, keys } = o;
+  if (state.damaged) throw new CarryonError('base-damaged', `${state.name} is marked damaged since ${state.damaged.at}: ${state.damaged.message}`);
+  const control = await ControlClient.connect(await liveSocketPath({ vault, state }), controlKey(keys, state.desktopId));
+  const clients: NbdClient[] = [];
+  try {
+    const point = await control.freeze();
+    env.log(`replicating ${state.name} while it runs: point in time taken (${point.kind === 'quiesced' ? 'file systems quiesced by the guest agent' : `crash-consistent${point.reason ? `: ${point.reason}` : ''}`}; guest I/O paused ${point.pausedMs.toFixed(1)} ms)`);
+    let outcome;
+    let disks: DesktopDisk[];
+    try {
+      const readers: DiskReader[] = [];
+      for (const d of point.disks) {
+        const entry = state.disks.find((x) => x.name === d.name);
+        if (!entry) throw new CarryonError('bad-state', `the running desktop has a disk ${d.name} that the vault does not know`);
+        const disk: DesktopDisk = { name: d.name, chain: chainOf(vault, state, keys, d.name), base: await vault.manifest(state.desktopId, d.baseDigest), entry };
+        const top = await NbdClient.connect(point.socketPath, d.exportName);
+        clients.push(top);
+        readers.push({ disk, top, extents: d.extents });
+      }
+      disks = readers.map((r) => r.disk);
+      outcome = await sendChanges({ env, broker, vault, state, keys, kind: 'replicate', readers });
+    } catch (err) {
+      await control.abandon(point.id).catch(() => undefined);
+      throw err;
+    }
+    for (const c of clients.splice(0)) await c.close();
+    // Acknowledged: the frozen pages are the restore point; the holder folds them into the base.
+    const digests = new Map<string, string>();
+    for (const m of changedManifests(disks, outcome.changes.changes)) digests.set(m.name, await vault.putManifest(state.desktopId, m.manifest));
+    await control.fold(point.id, digests);
+    return { ...outcome, kind: point.kind, pausedMs: point.pausedMs };
+  } finally {
+    for (const c of clients) await c.close().catch(() => undefined);
+    control.close();
+  }
+}

@@ -1,0 +1,32 @@
+import { CarryonError } from '../../core/errors.js';
+
+/** Minimum scrypt cost for a vault key in production: 2^17 (≈ 0.6 s and 128 MiB a guess). */
+export const MIN_SCRYPT_N = 1 << 17;
+
+/** A lowered cost is honoured only where the process says it is a test (never by default). */
+export function insecureTestKdfAllowed(env: NodeJS.ProcessEnv = process.env): boolean {
+  return env.NODE_ENV === 'test' || env.CARRYON_INSECURE_TEST_KDF === '1';
+}
+
+/** scrypt N for new wraps: MIN_SCRYPT_N, higher on request; lower only in tests, else refused. */
+export function vaultScryptN(env: NodeJS.ProcessEnv = process.env): number {
+  if (env.CARRYON_SCRYPT_N === undefined) return MIN_SCRYPT_N;
+  const n = Number(env.CARRYON_SCRYPT_N);
+  if (!Number.isInteger(n) || n < 1024 || (n & (n - 1)) !== 0) throw new CarryonError('kdf-refused', `CARRYON_SCRYPT_N=${env.CARRYON_SCRYPT_N} is not a power of two ≥ 1024`);
+  if (n < MIN_SCRYPT_N && !insecureTestKdfAllowed(env)) {
+    throw new CarryonError('kdf-refused', `CARRYON_SCRYPT_N=${n} lowers the vault key cost below ${MIN_SCRYPT_N} (2^17); it is honoured only in tests (NODE_ENV=test or CARRYON_INSECURE_TEST_KDF=1): unset it`);
+  }
+  return n;
+}
+
+/** Refuses to open a wrap whose stored cost is below the minimum (a planted or test-made vault). */
+export function checkStoredCost(n: number, what: string, env: NodeJS.ProcessEnv = process.env): void {
+  if (n < MIN_SCRYPT_N && !insecureTestKdfAllowed(env)) {
+    throw new CarryonError('kdf-refused', `${what} was wrapped with scrypt N=${n}, below the minimum ${MIN_SCRYPT_N} (2^17): refusing to open it (a lowered cost is accepted only in tests)`);
+  }
+}
+
+/** scrypt needs 128·N·r bytes; room for that and a little more. */
+export function scryptMaxmem(n: number): number {
+  return 128 * n * 8 * 2;
+}

@@ -1,0 +1,474 @@
+import { createHmac, hkdfSync, randomBytes, timingSafeEqual } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { link, mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { z } from 'zod';
+import { chunkLength } from '../../core/chunks/chunking.js';
+import { openEnvelope, sealEnvelope } from '../../core/envelope.js';
+import { CarryonError, EnvelopeError } from '../../core/errors.js';
+import { deriveDeviceUserKey, deriveDiskSecret } from '../../core/keys.js';
+import { decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../../core/chunks/manifest.js';
+import { chainBytesOnDisk, chainFiles, eraseChainKeys, eraseLayerKeys, layerSecret } from '../../disk/chain.js';
+import { measureLayer } from '../../disk/layer-shape.js';
+import { fileStamp } from '../../live/disks/layer-guard.js';
+import { addPassphrase, keepOnlyPassphrase, luksUuid } from '../../disk/luks-rekey.js';
+import { unmapChunksExcept } from '../../disk/qcow2/qcow2-unmap.js';
+import { UnsupportedImage } from '../../disk/qcow2/qcow2-format.js';
+import { writeFileAtomic } from '../../files/atomic.js';
+import type { DesktopKeys } from '../../live/disks/desktop-keys.js';
+import { recordMac, recordMacOk } from '../../live/disks/desktop-keys.js';
+import { chainOf, diskDir } from '../../live/disks/disks.js';
+import { readFilled } from '../../live/fill/fill-direct.js';
+import { emptyTrash, shred } from './guards.js';
+import type { DeviceIdentity } from './home.js';
+import { readJsonFile } from '../../files/json-file.js';
+import { checkStoredCost, scryptMaxmem, vaultScryptN } from './kdf.js';
+import type { DesktopRecords, DesktopState } from '../../live/disks/state.js';
+
+const Hex64 = z.string().regex(/^[0-9a-f]{64}$/);
+const LayerShapeRecord = z.object({ size: z.number().int(), sha256: Hex64 });
+
+/**
+ * Parked copies. After check-in, rollback or cancel the laptop keeps each disk's base layer
+ * (`<home>/parked/<desktop>/disks/<disk>/base.qcow2`, still LUKS-encrypted under the old vault's
+ * base secret) with the manifest it equals, so the next check-out of that desktop by the same
+ * user on this device fetches only the chunks that differ.
+ *
+ * Keys. The base's LUKS secret is HKDF(old vault key ‖ lineage keys, …, old wrap salt). The old
+ * vault (state.json and its wrap) is erased as before; the parked record keeps only the old
+ * vault key, wrapped under scrypt(device secret ‖ password) with a salt of its own, and no
+ * lineage key. So opening a parked copy takes this device, the password, and the lineage keys
+ * that only a new check-out hands out (the broker's checks: entitlement, policy, device not
+ * revoked). A parked copy is never runnable: nothing but `checkout` derives its secret.
+ *
+ * Taking it over (`adoptParked`): the new vault's base secret is added as a second LUKS key slot
+ * (the volume key stays, so no data is rewritten), the base is moved into the new vault, every
+ * cluster whose chunk differs from the new checkpoint is unmapped and freed (so it reads as a hole, or
+ * from the remote backing `run`/`serve` give an incomplete base), the old slot is removed, and
+ * the matching chunks are recorded in `filled.json`: the normal fill fetches only the rest.
+ *
+ * Crash safety. Parking publishes the copy with one rename of a complete directory (its base a
+ * hard link to the vault's), then the vault is erased; a check-in cut off after its commit
+ * (`parking` in the MACed state) finishes that on its rerun. Adoption writes `reuse.json`
+ * (MACed, naming the LUKS UUID of the parked base) before the base moves, and `filled.json` only
+ * after the unmapping is durable; a rerun of the check-out finishes it. A base whose UUID is not
+ * the parked one is never marked.
+ */
+
+const ParkedDisk = z.object({
+  name: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/),
+  /** The manifest the base equals (at the indexes in `known`, or everywhere when null). `shape`: its structure without the LUKS header. */
+  digest: Hex64,
+  /** A cancelled check-out's base holds only the chunks it made durable. */
+  known: z.array(z.number().int().nonnegative()).nullable(),
+  shape: LayerShapeRecord,
+  /** The base file as parking left it: unchanged since (and so as trusted as the vault's base was), or not taken over. */
+  stamp: z.object({ size: z.number().int(), mtimeMs: z.number(), ctimeMs: z.number(), ino: z.number() }).nullable().default(null),
+});
+const ParkedRecord = z.object({
+  v: z.literal(1),
+  desktopId: z.string(),
+  name: z.string(),
+  user: z.string(),
+  deviceId: z.string(),
+  fromCheckout: z.string(),
+  how: z.enum(['checkin', 'rollback', 'cancel']),
+  parkedAt: z.string(),
+  /** The old vault's wrap salt and secret scheme: the base's LUKS secret derives from them. */
+  vaultSalt: z.string(),
+  layerSecrets: z.enum(['one-per-disk', 'per-layer']),
+  /** The old vault key under scrypt(device secret ‖ password, salt). */
+  wrap: z.object({ salt: z.string(), wrapped: z.string(), N: z.number().int() }),
+  disks: z.array(ParkedDisk),
+});
+export type ParkedRecord = z.infer<typeof ParkedRecord>;
+const ParkedFile = z.object({ v: z.literal(1), body: z.string(), mac: z.string() });
+
+const Reuse = z.object({ v: z.literal(1), parkedDigest: Hex64, known: z.array(z.number().int().nonnegative()).nullable(), uuid: z.string() });
+const ReuseFile = z.object({ body: z.string(), mac: z.string() });
+
+export function parkedRoot(home: string): string {
+  return join(home, 'parked');
+}
+
+function parkedDir(home: string, desktopId: string): string {
+  if (!/^[A-Za-z0-9-]{1,64}$/.test(desktopId)) throw new CarryonError('invalid', `bad desktop id ${desktopId}`);
+  return join(parkedRoot(home), desktopId);
+}
+
+const wrapAad = (desktopId: string) => Buffer.from(`carryon-parked:v1:${desktopId}`);
+
+function parkedMac(vaultKey: Buffer, desktopId: string, body: string): string {
+  const k = Buffer.from(hkdfSync('sha256', vaultKey, Buffer.alloc(0), `carryon-parked-mac:${desktopId}`, 32));
+  return createHmac('sha256', k).update(body, 'utf8').digest('hex');
+}
+
+/** The parked copy of a desktop as stored (not authenticated: enough to list, size and erase). */
+export async function readParked(home: string, desktopId: string): Promise<ParkedRecord | null> {
+  const file = await readJsonFile(join(parkedDir(home, desktopId), 'parked.json'), ParkedFile, { missing: null, damaged: null });
+  if (!file) return null;
+  try {
+    return ParkedRecord.parse(JSON.parse(file.body));
+  } catch {
+    return null;
+  }
+}
+
+/** Every parked copy on this laptop, with the bytes it takes. A directory without a readable record counts too (erased by `discard`). */
+export async function listParked(home: string): Promise<{ desktopId: string; name: string; user: string; parkedAt: string | null; bytes: number }[]> {
+  const out = [];
+  for (const id of await readdir(parkedRoot(home)).catch(() => [] as string[])) {
+    if (id.startsWith('.')) continue;
+    const rec = await readParked(home, id).catch(() => null);
+    let bytes = 0;
+    for (const d of await readdir(join(parkedRoot(home), id, 'disks')).catch(() => [] as string[])) bytes += (await chainBytesOnDisk(chainFiles(join(parkedRoot(home), id, 'disks', d)))).base;
+    out.push({ desktopId: id, name: rec?.name ?? id, user: rec?.user ?? '?', parkedAt: rec?.parkedAt ?? null, bytes });
+  }
+  return out;
+}
+
+/** Finds a parked copy by desktop name or id. */
+export async function findParked(home: string, ref: string): Promise<{ desktopId: string; name: string; bytes: number } | null> {
+  return (await listParked(home)).find((p) => p.desktopId === ref || p.name === ref) ?? null;
+}
+
+/** The refusal for a command that needs a checked-out desktop when only a parked copy is here. */
+export function parkedRefusal(name: string): CarryonError {
+  return new CarryonError('parked', `${name} is not checked out to this device: only a parked copy is here (encrypted, kept after the last check-in, rollback or cancel so the next check-out moves only what changed). It cannot be run, served or exported; check it out again (\`carryon checkout ${name}\`), or remove it (\`carryon discard ${name} --yes\`)`);
+}
+
+/**
+ * Crypto-erase of a parked copy (discard, wipe, revocation, policy): the record (its wrap) and
+ * each base's LUKS header are overwritten, then the directory goes to the trash.
+ */
+export async function eraseParked(home: string, desktopId: string): Promise<boolean> {
+  const dir = parkedDir(home, desktopId);
+  if (!existsSync(dir)) return false;
+  const disks = await readdir(join(dir, 'disks')).catch(() => [] as string[]);
+  await Promise.all([shred(join(dir, 'parked.json')), ...disks.map((d) => eraseChainKeys(join(dir, 'disks', d)))]);
+  const trash = join(home, 'trash');
+  await mkdir(trash, { recursive: true, mode: 0o700 });
+  try {
+    await rename(dir, join(trash, `parked-${desktopId}.${Date.now()}.${randomBytes(4).toString('hex')}`));
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') await rm(dir, { recursive: true, force: true });
+    return true;
+  }
+  emptyTrash(trash);
+  return true;
+}
+
+/** Every parked copy erased (device revoked). */
+export async function eraseAllParked(home: string): Promise<number> {
+  let n = 0;
+  for (const p of await listParked(home)) if (await eraseParked(home, p.desktopId)) n++;
+  return n;
+}
+
+/**
+ * Half-made parked directories (a kill before the publishing rename). Their bases are hard links
+ * to a vault's live base, so they are only unlinked, never erased.
+ */
+async function sweepUnpublished(home: string, desktopId: string): Promise<void> {
+  // This desktop's only (the caller holds its owner claim): another desktop may be parking right now.
+  for (const name of await readdir(parkedRoot(home)).catch(() => [] as string[])) {
+    if (name.startsWith(`.${desktopId}.`) && name.endsWith('.new')) await rm(join(parkedRoot(home), name), { recursive: true, force: true });
+  }
+}
+
+/** The check-out's policy on parked copies (kept MACed in the state's config). */
+export function parkPolicy(policy: Record<string, { value?: unknown } | undefined> | undefined): { keepLocalCopy: boolean; keepLocalCopyMaxGiB: number; keepLocalCopyDays: number } {
+  return {
+    keepLocalCopy: policy?.keepLocalCopy?.value !== false,
+    keepLocalCopyMaxGiB: Number(policy?.keepLocalCopyMaxGiB?.value ?? 0) || 0,
+    keepLocalCopyDays: Number(policy?.keepLocalCopyDays?.value ?? 0) || 0,
+  };
+}
+
+/** Whether policy (kept MACed with the check-out) lets this laptop park the desktop at all. */
+export function keepsLocalCopy(state: DesktopState): boolean {
+  return statePolicy(state).keepLocalCopy && !state.damaged;
+}
+
+function statePolicy(state: DesktopState) {
+  return { keepLocalCopy: state.config.keepLocalCopy !== false, maxGiB: Number(state.config.keepLocalCopyMaxGiB ?? 0) || 0, days: Number(state.config.keepLocalCopyDays ?? 0) || 0 };
+}
+
+async function wrapKeyFor(device: DeviceIdentity, password: string, salt: Buffer, N: number): Promise<Buffer> {
+  return deriveDeviceUserKey(await device.secret(password), password, salt, { N, r: 8, p: 1, maxmem: scryptMaxmem(N) });
+}
+
+/**
+ * Parks what the vault of `state` holds, if policy keeps local copies: per disk, its base (which
+ * must equal `digest`, or the manifest at `known` indexes). The vault itself is the caller's to
+ * erase afterwards (its bases' names are already unlinked then). Returns whether it parked.
+ */
+export async function parkBases(o: { vault: DesktopRecords; device: DeviceIdentity; password: string; state: DesktopState; keys: DesktopKeys; how: ParkedRecord['how']; disks: { name: string; digest: string; known: number[] | null }[]; log: (l: string) => void }): Promise<boolean> {
+  const { vault, state, keys } = o;
+  const home = vault.home;
+  const policy = statePolicy(state);
+  if (!keepsLocalCopy(state)) return false;
+  const disks = [];
+  let bytes = 0;
+  for (const d of o.disks) {
+    const base = chainOf(vault, state, keys, d.name).files.base;
+    if (!existsSync(base)) continue;
+    bytes += (await chainBytesOnDisk({ base, top: '' })).base;
+    disks.push({ ...d, base, shape: await measureLayer(base, { withoutLuks: true }) });
+  }
+  if (disks.length === 0) return false;
+  if (policy.maxGiB > 0 && bytes > policy.maxGiB * 1024 ** 3) {
+    o.log(`${state.name}: the local copy (${(bytes / 1024 ** 3).toFixed(2)} GiB) is larger than policy keepLocalCopyMaxGiB (${policy.maxGiB}): erased, not parked`);
+    return false;
+  }
+  await sweepUnpublished(home, state.desktopId);
+  const final = parkedDir(home, state.desktopId);
+  // A copy parked before (another user's, or one a kill left behind) gives way to this one.
+  await eraseParked(home, state.desktopId);
+  const tmp = join(parkedRoot(home), `.${state.desktopId}.${randomBytes(4).toString('hex')}.new`);
+  await mkdir(join(tmp, 'manifests'), { recursive: true, mode: 0o700 });
+  const salt = randomBytes(16);
+  const N = vaultScryptN();
+  const k = await wrapKeyFor(o.device, o.password, salt, N);
+  const record: ParkedRecord = {
+    v: 1, desktopId: state.desktopId, name: state.name, user: state.user, deviceId: leaseDeviceOf(state), fromCheckout: state.checkoutId, how: o.how,
+    parkedAt: new Date().toISOString(), vaultSalt: state.keys.salt, layerSecrets: state.layerSecrets,
+    wrap: { salt: salt.toString('base64'), wrapped: sealEnvelope(k, keys.vaultKey, wrapAad(state.desktopId)).toString('base64'), N },
+    disks: disks.map(({ name, digest, known, shape }) => ({ name, digest, known, shape, stamp: null })),
+  };
+  for (const d of disks) {
+    await writeFileAtomic(join(tmp, 'manifests', d.digest), encodeManifest(await vault.manifest(state.desktopId, d.digest)));
+    await mkdir(join(tmp, 'disks', d.name), { recursive: true, mode: 0o700 });
+    await link(d.base, chainFiles(join(tmp, 'disks', d.name)).base);
+  }
+  const body = JSON.stringify(record);
+  await writeFileAtomic(join(tmp, 'parked.json'), JSON.stringify({ v: 1, body, mac: parkedMac(keys.vaultKey, state.desktopId, body) }));
+  await syncDir(tmp);
+  await rename(tmp, final);
+  await syncDir(parkedRoot(home));
+  testHooks.afterPublish?.();
+  await unlinkVaultBases(vault, state);
+  await stampParked(vault.home, state.desktopId, keys.vaultKey);
+  const how = o.how === 'checkin' ? 'as checked in' : o.how === 'rollback' ? 'as of its checkpoint' : 'what had arrived';
+  o.log(`kept a parked copy of ${state.name} (${how}, ${(bytes / 1024 ** 2).toFixed(1)} MiB, encrypted): the next check-out on this device moves only what changed; \`carryon discard ${state.name} --yes\` removes it`);
+  return true;
+}
+
+/**
+ * Records each parked base's file stamp (MACed) once nothing of ours will touch it any more (the
+ * vault's names are unlinked: that changes its ctime). A copy without stamps, or whose stamp
+ * changed, is never taken over. `vaultKey`: the old vault's.
+ */
+export async function stampParked(home: string, desktopId: string, vaultKey: Buffer, only?: { disk: string }): Promise<void> {
+  const dir = parkedDir(home, desktopId);
+  const rec = await readParked(home, desktopId);
+  if (!rec) return;
+  const disks = [];
+  for (const d of rec.disks) disks.push(!only || only.disk === d.name ? { ...d, stamp: await fileStamp(chainFiles(join(dir, 'disks', d.name)).base) } : d);
+  const body = JSON.stringify({ ...rec, disks });
+  await writeFileAtomic(join(dir, 'parked.json'), JSON.stringify({ v: 1, body, mac: parkedMac(vaultKey, desktopId, body) }));
+}
+
+const sameStamp = (a: { size: number; mtimeMs: number; ctimeMs: number; ino: number } | null, b: { size: number; mtimeMs: number; ctimeMs: number; ino: number }) =>
+  a !== null && a.size === b.size && a.mtimeMs === b.mtimeMs && a.ctimeMs === b.ctimeMs && a.ino === b.ino;
+
+/** The vault's names of bases now parked (same inode), so erasing the vault leaves them whole. */
+export async function unlinkVaultBases(vault: DesktopRecords, state: DesktopState): Promise<void> {
+  const rec = await readParked(vault.home, state.desktopId);
+  if (!rec || rec.fromCheckout !== state.checkoutId) return;
+  for (const d of rec.disks) {
+    const mine = chainFiles(diskDir(vault, state.desktopId, d.name)).base;
+    const theirs = chainFiles(join(parkedDir(vault.home, state.desktopId), 'disks', d.name)).base;
+    const [a, b] = await Promise.all([stat(mine).catch(() => null), stat(theirs).catch(() => null)]);
+    if (a && b && a.ino === b.ino && a.dev === b.dev) await rm(mine);
+  }
+}
+
+/** Whether the parked copy of `state`'s desktop came from this very check-out (a rerun after a kill). */
+export async function parkedFrom(vault: DesktopRecords, state: DesktopState): Promise<boolean> {
+  return (await readParked(vault.home, state.desktopId))?.fromCheckout === state.checkoutId;
+}
+
+async function syncDir(dir: string): Promise<void> {
+  const fh = await open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+function leaseDeviceOf(state: DesktopState): string {
+  const payload = JSON.parse(Buffer.from(state.lease.payload, 'base64').toString('utf8')) as { deviceId?: unknown };
+  return typeof payload.deviceId === 'string' ? payload.deviceId : '';
+}
+
+/** Indexes where the parked base already holds the new checkpoint's chunk. */
+export function matchingChunks(parked: Manifest, next: Manifest, known: readonly number[] | null): number[] {
+  if (parked.chunkSize !== next.chunkSize || parked.diskSize !== next.diskSize) return [];
+  const knownSet = known ? new Set(known) : null;
+  const out: number[] = [];
+  next.chunks.forEach((id, i) => {
+    if (id && parked.chunks[i] === id && (!knownSet || knownSet.has(i))) out.push(i);
+  });
+  return out;
+}
+
+/**
+ * Before a check-out makes its layers (new or resumed): takes over the desktop's parked copy if
+ * there is one this user, device and policy may use, and finishes a take-over a kill cut short.
+ * Anything that does not fit is erased and the check-out goes on as a fresh one.
+ */
+export async function adoptParked(o: { vault: DesktopRecords; device: DeviceIdentity; password: () => Promise<string>; state: DesktopState; keys: DesktopKeys; log: (l: string) => void }): Promise<{ reusedChunks: number; reusedBytes: number }> {
+  const { vault, state, keys, log } = o;
+  await sweepUnpublished(vault.home, state.desktopId);
+  const rec = await readParked(vault.home, state.desktopId);
+  if (rec) {
+    const policy = statePolicy(state);
+    const ageDays = (Date.now() - Date.parse(rec.parkedAt)) / 86_400_000;
+    const why = !policy.keepLocalCopy ? 'policy keepLocalCopy is off'
+      : policy.days > 0 && ageDays > policy.days ? `it is older than policy keepLocalCopyDays (${policy.days})`
+        : rec.user !== state.user ? 'it belongs to another user'
+          : rec.deviceId !== leaseDeviceOf(state) ? 'it was parked under another device identity'
+            : null;
+    if (why) {
+      await eraseParked(vault.home, state.desktopId);
+      log(`erased the parked copy of ${state.name}: ${why}`);
+    } else {
+      try {
+        await takeOver(o, rec);
+      } catch (err) {
+        log(`the parked copy of ${state.name} cannot be used (${(err as Error).message}): erased; fetching everything`);
+      }
+      await eraseParked(vault.home, state.desktopId);
+    }
+  }
+  return finishPendingReuse(vault, state, keys, log);
+}
+
+/**
+ * A take-over a kill cut short is finished before anything opens the chain (check-out, and
+ * `run`/`serve` continuing one): until then the moved base still maps chunks that differ.
+ */
+export async function finishPendingReuse(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, log: (l: string) => void): Promise<{ reusedChunks: number; reusedBytes: number }> {
+  let reusedChunks = 0;
+  let reusedBytes = 0;
+  for (const d of state.disks) {
+    const r = await finishReuse(vault, state, keys, d.name, log);
+    reusedChunks += r.chunks;
+    reusedBytes += r.bytes;
+  }
+  return { reusedChunks, reusedBytes };
+}
+
+/** Opens the parked record (password, device), re-keys each usable base and moves it into the new vault. */
+async function takeOver(o: { vault: DesktopRecords; device: DeviceIdentity; password: () => Promise<string>; state: DesktopState; keys: DesktopKeys }, rec: ParkedRecord): Promise<void> {
+  const { vault, state, keys } = o;
+  const dir = parkedDir(vault.home, state.desktopId);
+  const file = await readJsonFile(join(dir, 'parked.json'), ParkedFile, { missing: null, damaged: null });
+  if (!file) throw new CarryonError('bad-state', 'its record is missing');
+  checkStoredCost(rec.wrap.N, `the parked copy of ${state.name}`);
+  const password = await o.password();
+  const k = await wrapKeyFor(o.device, password, Buffer.from(rec.wrap.salt, 'base64'), rec.wrap.N);
+  let oldVaultKey: Buffer;
+  try {
+    oldVaultKey = openEnvelope(k, Buffer.from(rec.wrap.wrapped, 'base64'), wrapAad(state.desktopId));
+  } catch (err) {
+    if (err instanceof EnvelopeError) throw new CarryonError('vault-locked', 'its wrap does not open with this password and device');
+    throw err;
+  }
+  const want = Buffer.from(parkedMac(oldVaultKey, state.desktopId, file.body), 'hex');
+  const got = Buffer.from(/^[0-9a-f]{64}$/.test(file.mac) ? file.mac : '', 'hex');
+  if (got.length !== want.length || !timingSafeEqual(got, want)) throw new CarryonError('state-tampered', 'its record was altered');
+  const salt = Buffer.from(rec.vaultSalt, 'base64');
+  for (const d of state.disks) {
+    const p = rec.disks.find((x) => x.name === d.name);
+    if (!p) continue;
+    const target = chainOf(vault, state, keys, d.name);
+    if (existsSync(target.files.base)) continue; // made already (this run's own, or one a rerun moved)
+    const src = chainFiles(join(dir, 'disks', d.name)).base;
+    const raw = await readFile(join(dir, 'manifests', p.digest));
+    const parked = decodeManifest(raw);
+    if (manifestDigest(parked) !== p.digest) throw new CarryonError('state-tampered', `the manifest of disk ${d.name} was altered`);
+    const next = await vault.manifest(state.desktopId, d.baseDigest);
+    if (matchingChunks(parked, next, p.known).length === 0) continue;
+    // Its structure as parked; its LUKS header is vouched for by the old passphrase opening it (an earlier, cut-off take-over may have added the new one).
+    const shape = await measureLayer(src, { withoutLuks: true });
+    if (shape.size !== p.shape.size || shape.sha256 !== p.shape.sha256) throw new CarryonError('layer-tampered', `the base of disk ${d.name} was changed since it was parked`);
+    if (!sameStamp(p.stamp, await fileStamp(src))) throw new CarryonError('layer-tampered', `the base of disk ${d.name} was written since it was parked`);
+    const oldSecret = deriveDiskSecret({ ...keys, vaultKey: oldVaultKey }, state.desktopId, d.name, salt, rec.layerSecrets === 'per-layer' ? 'base' : undefined);
+    await addPassphrase(src, oldSecret, layerSecret(target, 'base'));
+    // Our own write: the stamp follows it (a kill before this line costs the reuse, never trust).
+    await stampParked(vault.home, state.desktopId, oldVaultKey, { disk: d.name });
+    await vault.putManifest(state.desktopId, parked);
+    const body = JSON.stringify(Reuse.parse({ v: 1, parkedDigest: p.digest, known: p.known, uuid: await luksUuid(src) }));
+    await mkdir(diskDir(vault, state.desktopId, d.name), { recursive: true, mode: 0o700 });
+    await writeFileAtomic(reusePath(vault, state, d.name), JSON.stringify({ body, mac: recordMac(keys, state.desktopId, `reuse:${d.name}`, body) }));
+    testHooks.beforeMove?.();
+    await rename(src, target.files.base);
+    await syncDir(diskDir(vault, state.desktopId, d.name));
+  }
+  oldVaultKey.fill(0);
+}
+
+const reusePath = (vault: DesktopRecords, state: DesktopState, disk: string) => join(diskDir(vault, state.desktopId, disk), 'reuse.json');
+
+/**
+ * The second half of a take-over, run again after any kill: the moved base (recognised by its
+ * LUKS UUID) has every chunk that differs from the checkpoint unmapped, then only the new
+ * passphrase left, then its matching chunks recorded durable.
+ */
+async function finishReuse(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, disk: string, log: (l: string) => void): Promise<{ chunks: number; bytes: number }> {
+  const path = reusePath(vault, state, disk);
+  const file = await readJsonFile(path, ReuseFile, { missing: null, damaged: null });
+  if (!file) return { chunks: 0, bytes: 0 };
+  const chain = chainOf(vault, state, keys, disk);
+  const base = chain.files.base;
+  const entry = state.disks.find((d) => d.name === disk)!;
+  const parsed = Reuse.safeParse(JSON.parse(file.body));
+  const ok = parsed.success && recordMacOk(keys, state.desktopId, `reuse:${disk}`, file.body, file.mac);
+  // Not the parked base (never moved, or replaced): nothing is marked; the fill fetches it all.
+  if (!ok || !existsSync(base) || (await luksUuid(base).catch(() => '')) !== parsed.data.uuid) {
+    await rm(path, { force: true });
+    return { chunks: 0, bytes: 0 };
+  }
+  const next = await vault.manifest(state.desktopId, entry.baseDigest);
+  const matched = matchingChunks(await vault.manifest(state.desktopId, parsed.data.parkedDigest), next, parsed.data.known);
+  const dir = diskDir(vault, state.desktopId, disk);
+  const keep = new Set([...matched, ...(await readFilled(dir))]);
+  let unmapped: number;
+  try {
+    // Metadata only (no key, no writer threads): the chunks that differ go, their clusters are freed.
+    unmapped = await unmapChunksExcept(base, next.chunkSize, keep);
+  } catch (err) {
+    if (!(err instanceof UnsupportedImage)) throw err;
+    // A base this code cannot unmap in: made fresh instead (erased first).
+    log(`the parked base of ${disk} cannot be reused (${err.message}): fetching everything`);
+    await eraseLayerKeys([base]);
+    await rm(base, { force: true });
+    await rm(join(dir, 'filled.json'), { force: true });
+    await rm(path, { force: true });
+    return { chunks: 0, bytes: 0 };
+  }
+  await keepOnlyPassphrase(base, layerSecret(chain, 'base'));
+  testHooks.beforeFilled?.();
+  await writeFileAtomic(join(dir, 'filled.json'), JSON.stringify({ v: 1, chunks: [...keep] }));
+  await rm(path, { force: true });
+  const bytes = matched.reduce((n, i) => n + chunkLength(i, next.diskSize, next.chunkSize), 0);
+  log(`reused the parked copy of disk ${disk}: ${matched.length} of ${next.chunks.filter(Boolean).length} chunks already here (${unmapped} stale ones dropped)`);
+  return { chunks: matched.length, bytes };
+}
+
+/**
+ * Test-only kill points (CARRYON_TEST_SIGKILL_PARKED = publish | move | filled, under NODE_ENV=test):
+ * after a parked copy is published, before a parked base moves into the new vault, before the
+ * matching chunks are recorded.
+ */
+export const testHooks: { afterPublish?: () => void; beforeMove?: () => void; beforeFilled?: () => void } = {};
+if (process.env.NODE_ENV === 'test') {
+  const at = process.env.CARRYON_TEST_SIGKILL_PARKED;
+  const kill = () => process.kill(process.pid, 'SIGKILL');
+  if (at === 'publish') testHooks.afterPublish = kill;
+  if (at === 'move') testHooks.beforeMove = kill;
+  if (at === 'filled') testHooks.beforeFilled = kill;
+}

@@ -1,0 +1,210 @@
+import { execFile } from 'node:child_process';
+import { createPublicKey } from 'node:crypto';
+import { mkdir, readdir, readFile, rename, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { z } from 'zod';
+import { CarryonError, EnvelopeError } from '../../core/errors.js';
+import { deriveDeviceUserKey } from '../../core/keys.js';
+import { SignedLease, type LeasePayload } from '../../core/tokens/lease.js';
+import { decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../../core/chunks/manifest.js';
+import { eraseChainKeys } from '../../disk/chain.js';
+import { openDesktopKeys, recordMac, recordMacOk, sealDesktopKeys, type DesktopKeys } from '../../live/disks/desktop-keys.js';
+import { emptyTrash, isLockedByToken, LEASE, presentationOnly, shred, TOKEN } from './guards.js';
+import type { DeviceIdentity } from './home.js';
+import { readJsonFile } from '../../files/json-file.js';
+import { checkStoredCost, scryptMaxmem, vaultScryptN } from './kdf.js';
+import { findParked, listParked, parkedRefusal } from './parked.js';
+import { writeFileAtomic } from '../../files/atomic.js';
+import { DesktopState, type DesktopRecords } from '../../live/disks/state.js';
+
+export { DesktopState };
+
+
+/** state.json: the state as text and its MAC under the vault key (so manifests' digests and disk state are authenticated). */
+const StateFile = z.object({ v: z.literal(2), body: z.string(), mac: z.string() });
+
+export { vaultScryptN };
+
+/**
+ * The laptop's vault: per desktop a MACed state file (wrapped keys, lease, config, disks),
+ * replaced atomically, the manifests of its checkpoints (named by digest; the MACed state pins
+ * the digests), the policy files of guards.ts, and per disk a LUKS-encrypted qcow2 chain
+ * (client/disks.ts).
+ */
+export class Vault implements DesktopRecords {
+  private constructor(readonly home: string) {}
+
+  static async open(home: string): Promise<Vault> {
+    await mkdir(join(home, 'desktops'), { recursive: true, mode: 0o700 });
+    // Erased desktops whose removal a kill interrupted.
+    if ((await readdir(join(home, 'trash')).catch(() => [])).length) emptyTrash(join(home, 'trash'));
+    return new Vault(home);
+  }
+
+  /** Nothing to release any more (kept so callers need not know). */
+  async close(): Promise<void> {}
+
+  desktopDir(desktopId: string): string {
+    if (!/^[A-Za-z0-9-]{1,64}$/.test(desktopId)) throw new CarryonError('invalid', `bad desktop id ${desktopId}`);
+    return join(this.home, 'desktops', desktopId);
+  }
+
+  /** The state as stored, not yet authenticated (enough to list and report; keys come only through openKeys). */
+  private async readState(desktopId: string): Promise<{ state: DesktopState; body: string; mac: string } | null> {
+    const path = join(this.desktopDir(desktopId), 'state.json');
+    const file = await readJsonFile(path, StateFile, { missing: null });
+    if (!file) return null;
+    try {
+      return { state: DesktopState.parse(JSON.parse(file.body)), body: file.body, mac: file.mac };
+    } catch (err) {
+      throw new CarryonError('bad-state', `${path} is damaged or was written by an older Carryon: ${(err as Error).message.split('\n')[0]}`);
+    }
+  }
+
+  async list(): Promise<DesktopState[]> {
+    const out: DesktopState[] = [];
+    for (const id of await readdir(join(this.home, 'desktops'))) {
+      const s = await this.readState(id);
+      if (s) out.push(s.state);
+    }
+    return out;
+  }
+
+  /** Finds a desktop held in this vault by name or id. */
+  async find(ref: string): Promise<DesktopState> {
+    const all = await this.list();
+    const hit = all.find((s) => s.desktopId === ref || s.name === ref) ?? (ref === '' && all.length === 1 ? all[0] : undefined);
+    if (!hit) {
+      // A parked copy (kept after a check-in, rollback or cancel) is not a checked-out desktop: say so, and what to do.
+      const parked = ref ? await findParked(this.home, ref) : null;
+      if (parked) throw parkedRefusal(parked.name);
+      throw new CarryonError('not-held', `desktop ${ref || '(none given)'} is not checked out to this device`);
+    }
+    return hit;
+  }
+
+  async save(state: DesktopState, keys: DesktopKeys): Promise<void> {
+    const dir = this.desktopDir(state.desktopId);
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    const body = JSON.stringify(DesktopState.parse(state));
+    await writeFileAtomic(join(dir, 'state.json'), JSON.stringify({ v: 2, body, mac: recordMac(keys, state.desktopId, 'state', body) }));
+  }
+
+  /**
+   * Crypto-erase (every removal: wipe, check-in, rollback, discard): the unlock token, the wrapped
+   * keys (and the salt the LUKS secrets derive from) and the LUKS headers of every chain are
+   * overwritten before the files go, so nothing left behind (an undeleted block) decrypts again.
+   */
+  async wipe(desktopId: string): Promise<void> {
+    const dir = this.desktopDir(desktopId);
+    const disks = await readdir(join(dir, 'disks')).catch(() => [] as string[]);
+    // Independent files, each erased and synced on its own: side by side.
+    await Promise.all([shred(join(dir, TOKEN)), shred(join(dir, 'state.json')), ...disks.map((d) => eraseChainKeys(join(dir, 'disks', d)))]);
+    // What is left is ciphertext no key opens. Unlinking a multi-GiB qcow2 takes ext4 most of a
+    // second (measured: 0.8 s for 2 GiB in 2048 extents), so it leaves the vault at once (a
+    // rename) and its blocks are freed by a process of its own; a leftover is swept next time.
+    const trash = join(this.home, 'trash');
+    await mkdir(trash, { recursive: true, mode: 0o700 });
+    const aside = join(trash, `${desktopId}.${Date.now()}.${randomBytes(4).toString('hex')}`);
+    try {
+      await rename(dir, aside);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      await rm(dir, { recursive: true, force: true });
+      return;
+    }
+    emptyTrash(trash);
+  }
+
+  /** Wraps a desktop's keys for this device and user: scrypt(device secret ‖ password). */
+  static async wrapKeys(device: DeviceIdentity, password: string, keys: DesktopKeys, desktopId: string): Promise<DesktopState['keys']> {
+    const salt = randomBytes(16);
+    const N = vaultScryptN();
+    const k = await deriveDeviceUserKey(await device.secret(password), password, salt, { N, r: 8, p: 1, maxmem: scryptMaxmem(N) });
+    return { salt: salt.toString('base64'), wrapped: sealDesktopKeys(k, keys, desktopId).toString('base64'), N };
+  }
+
+  /**
+   * The password and this device's secret open the wrap; the state is then checked against the
+   * vault key. Policy is not checked here: online operations (check-in, resume) use this, the
+   * broker being the authority; offline use goes through unlock() (key-release.ts).
+   */
+  async openKeys(device: DeviceIdentity, password: string, found: DesktopState): Promise<{ keys: DesktopKeys; state: DesktopState }> {
+    const stored = await this.readState(found.desktopId);
+    if (!stored) throw new CarryonError('not-held', `desktop ${found.name} is not checked out to this device`);
+    const { state } = stored;
+    checkStoredCost(state.keys.N, `the vault of ${state.name}`);
+    const k = await deriveDeviceUserKey(await device.secret(password), password, Buffer.from(state.keys.salt, 'base64'), { N: state.keys.N, r: 8, p: 1, maxmem: scryptMaxmem(state.keys.N) });
+    let keys: DesktopKeys;
+    try {
+      keys = openDesktopKeys(k, Buffer.from(state.keys.wrapped, 'base64'), state.desktopId);
+    } catch (err) {
+      if (err instanceof EnvelopeError || err instanceof SyntaxError) throw new CarryonError('vault-locked', 'the vault does not open: wrong password, or this vault belongs to another device');
+      throw err;
+    }
+    if (!recordMacOk(keys, state.desktopId, 'state', stored.body, stored.mac)) {
+      throw new CarryonError('state-tampered', `the state of ${state.name} was altered outside Carryon: refusing to open it (check it in from an unaltered copy, or roll back)`);
+    }
+    if (!keys.deviceKey.equals(createPublicKey(device.privateKey))) throw new CarryonError('vault-locked', 'this vault belongs to another device identity');
+    return { keys, state };
+  }
+
+
+  /** Locked unless the unlock token still matches (no keys needed: the agent and status use it). */
+  async isLocked(state: DesktopState): Promise<boolean> {
+    return isLockedByToken(this.desktopDir(state.desktopId), state.lockDigest);
+  }
+
+  /** The newest lease as stored, not verified (for the agent's decisions, which can only lock). */
+  async storedLease(state: DesktopState): Promise<SignedLease> {
+    // Damaged reads as none: the agent's decisions from it can only lock (deleting the file does as much).
+    return readJsonFile(join(this.desktopDir(state.desktopId), LEASE), SignedLease, { missing: state.lease, damaged: state.lease });
+  }
+
+  async putManifest(desktopId: string, m: Manifest): Promise<string> {
+    const digest = manifestDigest(m);
+    const dir = join(this.desktopDir(desktopId), 'manifests');
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    await writeFileAtomic(join(dir, digest), encodeManifest(m));
+    return digest;
+  }
+
+  /** A checkpoint manifest, checked against the digest that names it (which the MACed state pins). */
+  async manifest(desktopId: string, digest: string): Promise<Manifest> {
+    if (!/^[0-9a-f]{64}$/.test(digest)) throw new CarryonError('bad-state', `bad manifest digest ${digest}`);
+    let raw: Buffer;
+    try {
+      raw = await readFile(join(this.desktopDir(desktopId), 'manifests', digest));
+    } catch {
+      throw new CarryonError('bad-state', `manifest ${digest.slice(0, 12)}… of desktop ${desktopId} is missing from the vault`);
+    }
+    let m: Manifest;
+    try {
+      m = decodeManifest(raw);
+    } catch (err) {
+      throw new CarryonError('bad-state', `manifest ${digest.slice(0, 12)}… of desktop ${desktopId} is damaged: ${(err as Error).message}`);
+    }
+    if (manifestDigest(m) !== digest) throw new CarryonError('bad-state', `manifest ${digest.slice(0, 12)}… of desktop ${desktopId} is damaged`);
+    return m;
+  }
+
+  /** Bytes the vault takes: checked-out desktops and parked copies. */
+  async sizeBytes(): Promise<number> {
+    const desktops = await new Promise<number>((resolve) => execFile('du', ['-sb', join(this.home, 'desktops')], (err, out) => resolve(err ? 0 : Number(out.split('\t')[0]) || 0)));
+    return desktops + (await listParked(this.home)).reduce((n, p) => n + p.bytes, 0);
+  }
+
+  /** The user's local settings, presentation only (display, keyboard): never policy. */
+  async readLocalConfig(desktopId: string): Promise<Record<string, unknown>> {
+    // Presentation only (never policy): damaged reads as no settings.
+    return presentationOnly(await readJsonFile(join(this.desktopDir(desktopId), 'local-config.json'), z.record(z.string(), z.unknown()), { missing: {}, damaged: {} }));
+  }
+}
+
+/** Remembers presentation settings (`run --display`, `--monitors`) for the desktop's next runs (local-config.json). */
+export async function rememberLocalConfig(desktopDir: string, values: Record<string, unknown>): Promise<void> {
+  const path = join(desktopDir, 'local-config.json');
+  const current = await readJsonFile(path, z.record(z.string(), z.unknown()), { missing: {}, damaged: {} });
+  await writeFileAtomic(path, JSON.stringify({ ...current, ...presentationOnly(values) }, null, 2));
+}

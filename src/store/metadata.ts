@@ -1,2 +1,0 @@
-/** The broker's metadata store: the interface and row types (implementations in ./metadata/). */
-export * from './metadata/types.js';
