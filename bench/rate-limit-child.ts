@@ -58,6 +58,19 @@ async function onTheWire(fn: () => Promise<unknown>): Promise<{ max: number; min
   return { max, min, seconds: end - start, bytes: last - first };
 }
 
+/** Writes random data over the whole desktop through `serve`, as a guest would. */
+async function overwrite(env: ClientEnv): Promise<void> {
+  const served = await serveDesktop(env, 'desk');
+  try {
+    const c = await NbdClient.connect(served.socketPath, 'disk0');
+    for (let off = 0; off < size; off += 4 << 20) await c.write(off, randomBytes(4 << 20));
+    await c.flush();
+    await c.close();
+  } finally {
+    await served.close();
+  }
+}
+
 const rows: BenchRow[] = [];
 const row = (name: string, m: { max: number; min: number; seconds: number; bytes: number }) => {
   const within = m.max <= cap * 1.15 && m.min >= cap * 0.85;
@@ -91,28 +104,10 @@ try {
     }
   }));
 
-  // A replica of as much incompressible data as the desktop holds, under the cap.
-  const served = await serveDesktop(env, 'desk');
-  try {
-    const c = await NbdClient.connect(served.socketPath, 'disk0');
-    for (let off = 0; off < size; off += 4 << 20) await c.write(off, randomBytes(4 << 20));
-    await c.flush();
-    await c.close();
-  } finally {
-    await served.close();
-  }
+  // A replica of as much incompressible data as the desktop holds, under the cap; then a check-in of as much again.
+  await overwrite(env);
   row('replicate', await onTheWire(() => upload(limited, 'desk', 'replicate')));
-
-  // And the check-in of the same amount, under the cap.
-  const again = await serveDesktop(env, 'desk');
-  try {
-    const c = await NbdClient.connect(again.socketPath, 'disk0');
-    for (let off = 0; off < size; off += 4 << 20) await c.write(off, randomBytes(4 << 20));
-    await c.flush();
-    await c.close();
-  } finally {
-    await again.close();
-  }
+  await overwrite(env);
   row('check-in', await onTheWire(() => upload(limited, 'desk', 'checkin')));
 } finally {
   await rig.close();

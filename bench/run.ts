@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { checkinSection } from './checkin.js';
 import { concurrentSection } from './concurrent.js';
 import { enginesSection } from './engines.js';
+import { gatewaySection } from './gateway.js';
 import { gcSection } from './gc.js';
 import { importSection } from './import.js';
 import { liveSection } from './live.js';
@@ -34,6 +35,7 @@ const sections: BenchSection[] = [
   // 1% of the desktop written (41 × 64 KiB at 256 MiB), as the issue measured it.
   slowLinkSection(work, Math.max(64, 256 * scale), Math.max(64, 256 * scale) / 100, ['100mbit', '10mbit']),
   rateLimitSection(work, 16, '1M'), // 16 s per transfer at the cap, whatever the scale: the windows are 10 s
+  gatewaySection(work, 4 * scale),
 ];
 
 /** How to read the tables: method and known limits (numbers stay in the tables above). */

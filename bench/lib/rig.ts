@@ -36,7 +36,7 @@ export class Rig {
     process.env.CARRYON_SCRYPT_N ??= '16384';
     process.env.CARRYON_INSECURE_TEST_KDF ??= '1'; // a lowered cost is refused outside tests
     const dataDir = join(dir, 'server');
-    const broker = await startBroker({ dataDir, database: opts.database, chunkStore: opts.chunkStore, embeddedTransferSlots: 0, initAdmin: { name: 'admin', password: 'bench-admin-pw' }, settings: { passwordCostN: 16384 }, importDirs: [dirname(image)] });
+    const broker = await startBroker({ dataDir, database: opts.database, chunkStore: opts.chunkStore, gateway: opts.gateway, embeddedTransferSlots: 0, initAdmin: { name: 'admin', password: 'bench-admin-pw' }, settings: { passwordCostN: 16384 }, importDirs: [dirname(image)] });
     const slots = opts.slots ?? 4;
     const transfer = await startTransfer(dir, broker, 'bench-transfer', slots, storeFor(dataDir, opts));
     const agent = pinnedAgent(broker.fingerprint);
@@ -62,11 +62,19 @@ export class Rig {
     this.transfers.push(await startTransfer(this.dir, this.broker, `bench-transfer-${this.transfers.length + 1}`, this.slots, this.store));
   }
 
-  /** A freshly enrolled laptop with an empty vault. */
-  async laptop(): Promise<ClientEnv> {
+  /** A freshly enrolled laptop with an empty vault; `url`: where it reaches the broker (a gateway), else the broker's own. */
+  async laptop(url = this.broker.url): Promise<ClientEnv> {
     const env: ClientEnv = { home: join(this.dir, `laptop-${this.laptops++}`), user: 'bench', password: async () => 'bench-user-pw', log: () => undefined, pollMs: 50 };
-    await enroll(env, this.broker.url, { fingerprint: this.broker.fingerprint, name: 'bench-laptop' });
+    await enroll(env, url, { fingerprint: this.broker.fingerprint, name: 'bench-laptop' });
     return env;
+  }
+
+  /** haproxy's config for the broker's gateway (`carryon admin gateway-config`'s API). */
+  async gatewayConfig(opts: { bind: string; statsSocket?: string }): Promise<string> {
+    const res = await request(`${this.broker.url}/v1/admin/gateway/config`, { method: 'POST', dispatcher: this.agent, headers: { 'content-type': 'application/json', authorization: `Bearer ${this.token}` }, body: JSON.stringify(opts) });
+    const body = (await res.body.json()) as { config?: string };
+    if (res.statusCode !== 200 || !body.config) throw new Error(`gateway config: ${JSON.stringify(body)}`);
+    return body.config;
   }
 
   /**
@@ -100,6 +108,8 @@ export interface RigOptions {
   database?: string;
   /** The chunk store (an s3:// URL); the broker's local pack store otherwise. */
   chunkStore?: string;
+  /** The broker's public gateway (`--gateway`, `--gateway-domain`). */
+  gateway?: { address: string; domain: string };
 }
 
 /** What a transfer server opens to share the broker's store: the pack directory, or the S3 URL with the broker's pack index. */

@@ -2,6 +2,7 @@ import type { DatacenterHypervisor } from '../hypervisor/datacenter/hypervisor.j
 import type { ChunkStore } from '../store/chunk-store.js';
 import type { MetadataStore } from './db/metadata.js';
 import type { LdapConfig } from './auth/directory.js';
+import type { GatewaySettings } from './gateway/routes.js';
 import type { HostStore } from './hosts/store.js';
 import type { BrokerSecrets } from './secrets.js';
 import type { JobProgress } from './transfers/progress.js';
@@ -27,6 +28,8 @@ export interface BrokerSettings {
   transferSecret: string;
   /** Shared secret desktop hosts present (`host.secret` in the data dir). */
   hostSecret: string;
+  /** The public gateway laptops are given (`--gateway`, `--gateway-domain`); absent: servers' own URLs. */
+  gateway?: GatewaySettings;
 }
 
 export interface AuditEntry {
@@ -39,6 +42,8 @@ export interface AuditEntry {
 
 export interface BrokerContext {
   settings: BrokerSettings;
+  /** This broker's own address (set once it listens) and certificate fingerprint: what the gateway forwards to, what laptops pin. */
+  self: { url: string; fingerprint: string };
   meta: MetadataStore;
   store: ChunkStore;
   secrets: BrokerSecrets;

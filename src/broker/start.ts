@@ -46,6 +46,7 @@ import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import { readFile, realpath, writeFile } from 'node:fs/promises';
 import { CarryonError } from '../core/errors.js';
+import { parseGateway } from './gateway/routes.js';
 
 export interface BrokerConfig {
   dataDir: string;
@@ -65,6 +66,8 @@ export interface BrokerConfig {
   keyFile?: string;
   /** Slots of the in-process transfer server; 0 = none (standalone transfer servers only). */
   embeddedTransferSlots?: number;
+  /** Its port (default: any free one); behind a gateway a fixed one keeps the gateway's config current across restarts. */
+  embeddedTransferPort?: number;
   /**
    * Its id in the scheduler: `embedded`, or on PostgreSQL `embedded@<host>:<port>` (brokers
    * sharing a database register theirs side by side).
@@ -79,6 +82,11 @@ export interface BrokerConfig {
   /** Directories images may be imported from (see BrokerSettings.importDirs). */
   importDirs?: string[];
   throttle?: Partial<ThrottleSettings>;
+  /**
+   * The public gateway laptops dial (`host:port`) and the domain of the SNI names behind it; set,
+   * laptops are handed gateway routes instead of the servers' own URLs. Validated at start.
+   */
+  gateway?: { address: string; domain?: string; brokerBackend?: string };
   log?: boolean;
 }
 
@@ -134,13 +142,14 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     importDirs: await resolveImportDirs(config.importDirs ?? config.settings?.importDirs ?? []),
     transferSecret: await dataDirSecret(config.dataDir, 'transfer.secret', config.settings?.transferSecret),
     hostSecret: await dataDirSecret(config.dataDir, 'host.secret', config.settings?.hostSecret),
+    ...(config.gateway ? { gateway: parseGateway(config.gateway.address, config.gateway.domain, config.gateway.brokerBackend) } : {}),
   };
   const hypervisor: DatacenterHypervisor = config.hypervisor?.kind === 'qmp' ? new QmpHypervisor(config.hypervisor.socketDir) : new NoHypervisor();
   let transfer: TransferServer | null = null;
   // Transfer servers learn revocations the moment a job ends: the embedded one in process,
   // standalone ones by a signed push (else at their next heartbeat).
   const scheduler: Scheduler = new Scheduler(await SchedulerStore.open(sql), {
-    signingKey: secrets.signing.privateKey, ticketTtlSec: config.ticketTtlSec, pauseGraceSec: config.pauseGraceSec,
+    signingKey: secrets.signing.privateKey, ticketTtlSec: config.ticketTtlSec, pauseGraceSec: config.pauseGraceSec, gateway: () => settings.gateway,
     onJobsEnded: async () => {
       const ids = await scheduler.revokedJobIds();
       transfer?.setRevoked(ids);
@@ -151,7 +160,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   /** Desktop imports running in the background (admin and upload routes start them). */
   const imports = new ImportJobs();
   const ctx: BrokerContext = {
-    settings, meta, store, secrets, scheduler, hypervisor, hosts: await HostStore.open(sql), jobProgress: new JobProgress(),
+    settings, self: { url: '', fingerprint: tls.fingerprint }, meta, store, secrets, scheduler, hypervisor, hosts: await HostStore.open(sql), jobProgress: new JobProgress(),
     throttle: new LoginThrottle(new DatabaseFailureLog(meta), { ...DEFAULT_THROTTLE, ...config.throttle }),
     audit: async (e) => void (await meta.addEvent({ actor: e.actor, desktopId: e.desktopId ?? null, action: e.action, outcome: e.outcome, detail: e.detail ?? null })),
     keysFor: (wrapped, context) => encodeLineageKeys(unwrapLineageKeys(secrets.masterKey, wrapped, context)),
@@ -201,9 +210,13 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   // The console's pages only: its API is the resources' above.
   await app.register(consoleRoutes, {});
   const host = config.host ?? '127.0.0.1';
+  if (settings.gateway && !settings.gateway.brokerBackend && (host === '0.0.0.0' || host === '::')) {
+    throw new CarryonError('bad-config', `the broker listens on every address (${host}): add --gateway-backend HOST:PORT, the address the gateway reaches it at`);
+  }
   await app.listen({ host, port: config.port ?? 0 });
   const addr = app.server.address();
-  const url = `https://${host}:${typeof addr === 'object' && addr ? addr.port : config.port}`;
+  const url = `https://${host.includes(':') ? `[${host}]` : host}:${typeof addr === 'object' && addr ? addr.port : config.port}`;
+  ctx.self.url = url;
 
   // Hosts silent for three heartbeats are marked (and their desktops) even when nobody looks; CAS in the database, so brokers sharing it audit each once.
   let sweeping: Promise<void> | null = null;
@@ -216,7 +229,7 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
   const slots = config.embeddedTransferSlots ?? 4;
   if (slots > 0) {
     const id = config.embeddedTransferId ?? (config.database ? `embedded@${hostname()}:${new URL(url).port}` : 'embedded');
-    transfer = await startTransferServer({ id, host, slots, store, masterKey: secrets.masterKey, brokerPublicKey: secrets.signing.publicKey, tlsDir: join(config.dataDir, 'transfer-tls') });
+    transfer = await startTransferServer({ id, host, port: config.embeddedTransferPort, slots, store, masterKey: secrets.masterKey, brokerPublicKey: secrets.signing.publicKey, tlsDir: join(config.dataDir, 'transfer-tls') });
     const t = transfer;
     await scheduler.registerServer({ id: t.id, url: t.url, fingerprint: t.fingerprint, slots });
     let ticks = 0;

@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import type { Command } from 'commander';
 import { z } from 'zod';
 import { CarryonError } from '../core/errors.js';
+import { OUT_OF_DATE, parseGateway } from '../broker/gateway/routes.js';
 import { registerAdminCommands } from './admin/admin-commands.js';
 import { registerAdminTrustCommands } from './admin/admin-trust-commands.js';
 import { registerMaintenanceCommands } from './admin/maintenance-commands.js';
@@ -19,10 +20,14 @@ const ServerConfigFile = z.object({
   certFile: z.string().optional(),
   keyFile: z.string().optional(),
   transferSlots: z.number().int().min(0).max(1024).optional(),
+  /** The embedded transfer server's port (default: any free one); a gateway's config names it. */
+  transferPort: z.number().int().min(0).max(65535).optional(),
   ldap: z.object({ url: z.string(), userDnTemplate: z.string(), groupBase: z.string().optional(), adminGroup: z.string().optional(), startTls: z.boolean().optional(), allowInsecure: z.boolean().optional(), caseSensitiveNames: z.boolean().optional() }).strict().optional(),
   /** Directories `admin desktops create` may import images from. */
   importDirs: z.array(z.string()).optional(),
   hypervisor: z.union([z.object({ kind: z.literal('none') }), z.object({ kind: z.literal('qmp'), socketDir: z.string() })]).optional(),
+  /** The public gateway laptops are given (`host:port`) and the domain of the names behind it. */
+  gateway: z.object({ address: z.string(), domain: z.string(), brokerBackend: z.string().optional() }).strict().optional(),
 }).strict();
 
 function loadConfigFile(path?: string) {
@@ -57,9 +62,13 @@ export function registerServerCommands(program: Command): void {
     .option('--cert <file>', 'TLS certificate (PEM); default: self-signed, generated at first start')
     .option('--key <file>', 'TLS private key (PEM)')
     .option('--transfer-slots <n>', 'slots of the embedded transfer server (0: none)', int('--transfer-slots'))
+    .option('--transfer-port <n>', 'port of the embedded transfer server (default: any free one; fix it behind a gateway, whose config names it)', int('--transfer-port'))
     .option('--import-dir <dir>', 'a directory images may be imported from (repeatable; none: imports by path are refused)', (v: string, acc: string[] = []) => [...acc, v])
     .option('--init-admin <name>', 'create this first admin if there are no users (password: CARRYON_ADMIN_PASSWORD or prompt)')
-    .action(async (o: { config?: string; dataDir?: string; database?: string; chunkStore?: string; host?: string; port?: number; cert?: string; key?: string; transferSlots?: number; initAdmin?: string; importDir?: string[] }) => {
+    .option('--gateway <host:port>', 'the public gateway (haproxy, `carryon admin gateway-config`) laptops are given instead of the servers\' own addresses')
+    .option('--gateway-domain <name>', 'DNS suffix of the names presented to the gateway: broker.NAME, <transfer-id>.transfer.NAME')
+    .option('--gateway-backend <host:port>', 'where the gateway reaches this broker (default: --host:--port; needed with --host 0.0.0.0)')
+    .action(async (o: { config?: string; dataDir?: string; database?: string; chunkStore?: string; host?: string; port?: number; cert?: string; key?: string; transferSlots?: number; transferPort?: number; initAdmin?: string; importDir?: string[]; gateway?: string; gatewayDomain?: string; gatewayBackend?: string }) => {
       const file = loadConfigFile(o.config);
       const dataDir = o.dataDir ?? process.env.CARRYON_DATA_DIR ?? file.dataDir ?? join(homedir(), '.carryon-server');
       const port = o.port ?? (process.env.CARRYON_PORT ? int('CARRYON_PORT')(process.env.CARRYON_PORT) : undefined) ?? file.port ?? 8443;
@@ -68,14 +77,20 @@ export function registerServerCommands(program: Command): void {
       const database = o.database ?? process.env.CARRYON_DATABASE ?? file.database;
       // Loaded here, not at the top: every other command (a laptop's `carryon status`) would pay for
       // fastify, pg and the S3 SDK at start (≈ 0.7 s of CPU each run).
-      const [{ startBroker }, { describeStore }, { checkPostgresUrl, redactDatabaseUrl }] = await Promise.all([
-        import('../broker/start.js'), import('../store/open-store.js'), import('../sql/pg-driver.js'),
+      const [{ startBroker }, { describeStore }, { checkPostgresUrl, redactDatabaseUrl }, { gatewayStatus }] = await Promise.all([
+        import('../broker/start.js'), import('../store/open-store.js'), import('../sql/pg-driver.js'), import('../broker/gateway/state.js'),
       ]);
       if (database) checkPostgresUrl(database); // a clear error before anything starts
+      const gatewayAddress = o.gateway ?? file.gateway?.address;
+      if (!gatewayAddress && o.gatewayDomain) throw new CarryonError('bad-config', '--gateway-domain needs --gateway HOST:PORT');
+      const brokerBackend = o.gatewayBackend ?? file.gateway?.brokerBackend;
+      if (!gatewayAddress && brokerBackend) throw new CarryonError('bad-config', '--gateway-backend needs --gateway HOST:PORT');
+      const gateway = gatewayAddress ? { address: gatewayAddress, domain: o.gatewayDomain ?? file.gateway?.domain, brokerBackend } : undefined;
+      if (gateway) parseGateway(gateway.address, gateway.domain, gateway.brokerBackend); // a clear error before anything starts
       const broker = await startBroker({
         dataDir, database, chunkStore, host: o.host ?? file.host ?? '127.0.0.1', port, certFile: o.cert ?? file.certFile, keyFile: o.key ?? file.keyFile,
-        embeddedTransferSlots: o.transferSlots ?? file.transferSlots, hypervisor: file.hypervisor, settings: file.ldap ? { ldap: file.ldap } : undefined, initAdmin,
-        importDirs: o.importDir ?? file.importDirs ?? [],
+        embeddedTransferSlots: o.transferSlots ?? file.transferSlots, embeddedTransferPort: o.transferPort ?? file.transferPort, hypervisor: file.hypervisor, settings: file.ldap ? { ldap: file.ldap } : undefined, initAdmin,
+        importDirs: o.importDir ?? file.importDirs ?? [], gateway,
       });
       process.stdout.write(`carryon broker listening on ${broker.url}\ncertificate fingerprint (SHA-256): ${broker.fingerprint}\ndata directory: ${dataDir}\n`);
       process.stdout.write(`metadata: ${database ? `PostgreSQL ${redactDatabaseUrl(database)}` : `SQLite ${join(dataDir, 'metadata.db')}`}\n`);
@@ -83,6 +98,8 @@ export function registerServerCommands(program: Command): void {
       process.stdout.write(dirs.length ? `images may be imported from: ${dirs.join(', ')}\n` : 'no --import-dir: admins cannot import images by path\n');
       if (chunkStore) process.stdout.write(`chunk store: ${describeStore(chunkStore)}\n`);
       if (broker.transfer) process.stdout.write(`embedded transfer server ${broker.transfer.url} (${broker.transfer.slots} slots)\n`);
+      const gw = await gatewayStatus(broker.ctx);
+      if (gw) process.stdout.write(`laptops are given the gateway ${gw.url} (broker.${gw.domain})${gw.upToDate ? '' : `; ${OUT_OF_DATE}`}\n`);
       await new Promise<void>((resolve) => {
         process.once('SIGINT', resolve);
         process.once('SIGTERM', resolve);

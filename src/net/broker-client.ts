@@ -18,7 +18,7 @@ export const JobView = z.object({
   kind: z.enum(['checkout', 'checkin', 'replicate']),
   state: z.enum(['queued', 'active', 'paused', 'done', 'cancelled', 'failed', 'expired']),
   queuePosition: z.number().optional(),
-  transfer: z.object({ url: z.string(), fingerprint: z.string(), ticket: z.string(), ticketExpiresAt: z.string(), maxStreams: z.number() }).optional(),
+  transfer: z.object({ url: z.string(), fingerprint: z.string(), servername: z.string().optional(), ticket: z.string(), ticketExpiresAt: z.string(), maxStreams: z.number() }).optional(),
 });
 export type JobView = z.infer<typeof JobView>;
 
@@ -47,6 +47,8 @@ export const DesktopEntry = z.object({
 export interface BrokerEndpoint {
   url: string;
   fingerprint: string;
+  /** Through a gateway (`url` is the gateway's): the SNI name routed to the broker. */
+  servername?: string;
 }
 
 export interface CallOptions {
@@ -81,7 +83,7 @@ export class BrokerClient {
   constructor(urlOrList: string | readonly BrokerEndpoint[], fingerprint = '', private readonly log: (line: string) => void = () => undefined, timeouts: { connectMs?: number; answerMs?: number } = {}) {
     const list = typeof urlOrList === 'string' ? [{ url: urlOrList, fingerprint }] : urlOrList;
     if (list.length === 0) throw new CarryonError('invalid', 'no broker URL given');
-    this.endpoints = list.map((e) => ({ url: e.url.replace(/\/$/, ''), fingerprint: e.fingerprint, agent: pinnedAgent(e.fingerprint, { connections: 4, connectTimeoutMs: timeouts.connectMs, answerTimeoutMs: timeouts.answerMs }), refused: null }));
+    this.endpoints = list.map((e) => ({ url: e.url.replace(/\/$/, ''), fingerprint: e.fingerprint, agent: pinnedAgent(e.fingerprint, { connections: 4, connectTimeoutMs: timeouts.connectMs, answerTimeoutMs: timeouts.answerMs, ...(e.servername ? { servername: e.servername } : {}) }), refused: null }));
   }
 
   /** The broker that answered last (the first of the list until one has). */

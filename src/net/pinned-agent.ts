@@ -22,8 +22,10 @@ export class PinMismatchError extends CarryonError {
 /**
  * undici Agent that trusts exactly one certificate, by SHA-256 fingerprint (self-signed servers
  * pinned at enrolment), instead of the CA system. Any other certificate fails the connection.
+ * `servername`: the TLS SNI name to present whatever the URL's host (a gateway that routes by
+ * name to the server behind it; the pin is still that server's certificate, end to end).
  */
-export function pinnedAgent(fingerprint: string, opts: { connections?: number; connectTimeoutMs?: number; answerTimeoutMs?: number } = {}): Agent {
+export function pinnedAgent(fingerprint: string, opts: { connections?: number; connectTimeoutMs?: number; answerTimeoutMs?: number; servername?: string } = {}): Agent {
   const expected = normalise(fingerprint);
   // No TLS session resumption: a resumed session may not expose the peer certificate to check.
   const base = buildConnector({ rejectUnauthorized: false, maxCachedSessions: 0, ...(opts.connectTimeoutMs ? { timeout: opts.connectTimeoutMs } : {}) });
@@ -31,7 +33,7 @@ export function pinnedAgent(fingerprint: string, opts: { connections?: number; c
     connections: opts.connections ?? 8,
     ...(opts.answerTimeoutMs ? { headersTimeout: opts.answerTimeoutMs, bodyTimeout: opts.answerTimeoutMs } : {}),
     connect(options, callback) {
-      base(options, (err, socket) => {
+      base(opts.servername ? { ...options, servername: opts.servername } : options, (err, socket) => {
         if (err || !socket) return callback(err ?? new Error('connect failed'), null);
         const cert = (socket as TLSSocket).getPeerCertificate?.() as PeerCertificate | undefined;
         const actual = cert?.raw ? createHash('sha256').update(cert.raw).digest('hex') : '';

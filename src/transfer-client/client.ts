@@ -13,6 +13,8 @@ import { FRAME_BLOB, FRAME_ERROR, FrameDecoder } from '../core/chunks/frames.js'
 export interface TransferEndpoint {
   url: string;
   fingerprint: string;
+  /** Through a gateway: the SNI name that routes to this transfer server (url is the gateway's). */
+  servername?: string;
   ticket: string;
   maxStreams: number;
 }
@@ -62,7 +64,7 @@ export class TransferSession extends EventEmitter {
   private agent: Agent;
   constructor(public endpoint: TransferEndpoint, private readonly renew?: () => Promise<TransferEndpoint>) {
     super();
-    this.agent = pinnedAgent(endpoint.fingerprint, { connections: endpoint.maxStreams });
+    this.agent = sessionAgent(endpoint);
   }
 
   /** `body` as a function: a stream made anew for each attempt (a retry cannot replay a used one). */
@@ -97,9 +99,9 @@ export class TransferSession extends EventEmitter {
   }
 
   async setEndpoint(e: TransferEndpoint): Promise<void> {
-    if (e.url !== this.endpoint.url || e.fingerprint !== this.endpoint.fingerprint) {
+    if (e.url !== this.endpoint.url || e.fingerprint !== this.endpoint.fingerprint || e.servername !== this.endpoint.servername) {
       await this.agent.close();
-      this.agent = pinnedAgent(e.fingerprint, { connections: e.maxStreams });
+      this.agent = sessionAgent(e);
     }
     this.endpoint = e;
   }
@@ -107,6 +109,11 @@ export class TransferSession extends EventEmitter {
   close(): Promise<void> {
     return this.agent.close();
   }
+}
+
+/** Pinned to the server's own certificate; through a gateway, presenting its name. */
+function sessionAgent(e: TransferEndpoint): Agent {
+  return pinnedAgent(e.fingerprint, { connections: e.maxStreams, ...(e.servername ? { servername: e.servername } : {}) });
 }
 
 function sleep(ms: number, signal?: AbortSignal): Promise<void> {

@@ -104,3 +104,32 @@ test('scheduler on PostgreSQL: two brokers racing for one slot hand it out once'
     await db.close();
   }
 });
+
+async function gatewayRoutes(open: () => Promise<SqlDb>): Promise<void> {
+  const key = generateSigningKey();
+  const db = await open();
+  const gateway = { host: 'gw.example.com', port: 443, domain: 'gw.example.com' };
+  const s = new Scheduler(await SchedulerStore.open(db), { signingKey: key.privateKey, gateway: () => gateway });
+  await s.registerServer({ id: 'ts1', url: 'https://10.0.0.3:9443', fingerprint: 'f'.repeat(64), slots: 2 });
+  const req = { kind: 'checkout' as const, checkoutId: 'c', desktopId: 'd', manifests: [digest], wrappedKeys: 'AAAA', keyContext: 'lineage:x' };
+  const laptop = await s.enqueue(req);
+  assert.equal(laptop.transfer?.url, 'https://gw.example.com:443');
+  assert.equal(laptop.transfer?.servername, 'ts1.transfer.gw.example.com');
+  assert.equal(laptop.transfer?.fingerprint, 'f'.repeat(64));
+  const host = await s.enqueue(req, 'internal');
+  assert.equal(host.transfer?.url, 'https://10.0.0.3:9443');
+  assert.equal(host.transfer?.servername, undefined);
+  assert.equal((await s.get(host.id, 'internal'))!.transfer?.url, 'https://10.0.0.3:9443');
+  assert.equal((await s.get(host.id))!.transfer?.url, 'https://gw.example.com:443');
+  // Without a gateway nothing changes on the wire.
+  const plain = new Scheduler(new SchedulerStore(db), { signingKey: key.privateKey });
+  assert.deepEqual(Object.keys((await plain.get(laptop.id))!.transfer!).sort(), ['fingerprint', 'maxStreams', 'ticket', 'ticketExpiresAt', 'url']);
+  assert.equal(await s.gatewayConfig(), null);
+  await s.gatewayConfigMade('a'.repeat(64));
+  assert.equal((await plain.gatewayConfig())?.hash, 'a'.repeat(64));
+  await s.gatewayConfigMade('b'.repeat(64));
+  assert.equal((await plain.gatewayConfig())?.hash, 'b'.repeat(64), 'one record, replaced');
+  await db.close();
+}
+test('with a gateway, laptops get its address and the server\'s SNI name (pin unchanged); desktop hosts still get the server\'s own URL; the config record (SQLite)', () => gatewayRoutes(async () => SqliteSql.open(':memory:')));
+test('the same on PostgreSQL', async () => gatewayRoutes(async () => PgSql.open(await freshDatabase(await testCluster()))));

@@ -158,7 +158,7 @@ export async function prepareStart(ctx: BrokerContext, hostId: string, desktopId
   const keyRef = await lineageKeysFor(ctx, desktop);
   // A start asked again (the host restarted mid-fill): its earlier job gives its slot back at once.
   if (p.jobId) await ctx.scheduler.finish(p.jobId, 'cancelled');
-  const job = await ctx.scheduler.enqueue({ kind: 'checkout', checkoutId: hostJobOwner(hostId, desktopId), desktopId, manifests: snapshot.disks.map((d) => d.digest), ...keyRef });
+  const job = await ctx.scheduler.enqueue({ kind: 'checkout', checkoutId: hostJobOwner(hostId, desktopId), desktopId, manifests: snapshot.disks.map((d) => d.digest), ...keyRef }, 'internal');
   await ctx.hosts.transition(desktopId, ['starting'], 'starting', { jobId: job.id });
   await ctx.audit({ actor: `host:${hostId}`, desktopId, action: 'ticket-issue', outcome: 'ok', detail: `job ${job.id} (host start, snapshot ${snapshot.id})${job.transfer ? ` on ${job.transfer.url}` : ''}` });
   return {

@@ -1,4 +1,4 @@
-import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import type { FastifyRequest, FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import type { DesktopRow } from '../db/metadata.js';
@@ -7,22 +7,13 @@ import { CLOSE, displayRelay } from '../display/relay.js';
 import { HttpError, parse, requireUser } from '../http.js';
 import { readToken } from '../auth/tokens.js';
 import { adminOf } from './admin/admin-scope.js';
+import { checkHostSecret } from './hosts.js';
 
 /** A ticket opens one connection, within this time, for its user and desktop. */
 export const TICKET_TTL_MS = 30_000;
 const HOST_WAIT_MS = 25_000;
 const Id = z.string().min(1).max(200);
 const sha256 = (s: string) => createHash('sha256').update(s).digest('hex');
-
-/** Host routes check the host secret as the other host routes do (hosts.ts). */
-export async function checkHostSecret(ctx: BrokerContext, req: FastifyRequest, action: string): Promise<void> {
-  const a = Buffer.from(String(req.headers['x-carryon-host-secret'] ?? ''));
-  const b = Buffer.from(ctx.settings.hostSecret);
-  if (a.length !== b.length || !timingSafeEqual(a, b)) {
-    await ctx.audit({ actor: `anonymous@${req.ip}`, action, outcome: 'denied', detail: 'bad-secret: the host secret does not match' });
-    throw new HttpError(401, 'bad-secret', 'host secret does not match', {}, true);
-  }
-}
 
 /**
  * A desktop's screen in the browser (issue 26 item 3): one-time tickets, the browser's WebSocket

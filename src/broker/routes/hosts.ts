@@ -15,6 +15,16 @@ declare module 'fastify' {
   }
 }
 
+/** A desktop host's request carries the broker's host secret; a refusal is audited under `action`. Also the display relay's host routes (display.ts). */
+export async function checkHostSecret(ctx: BrokerContext, req: FastifyRequest, action: string): Promise<void> {
+  const a = Buffer.from(String(req.headers['x-carryon-host-secret'] ?? ''));
+  const b = Buffer.from(ctx.settings.hostSecret);
+  if (a.length !== b.length || !timingSafeEqual(a, b)) {
+    await ctx.audit({ actor: `anonymous@${req.ip}`, action, outcome: 'denied', detail: 'bad-secret: the host secret does not match' });
+    throw new HttpError(401, 'bad-secret', 'host secret does not match', {}, true);
+  }
+}
+
 const HostId = z.string().regex(/^[A-Za-z0-9._-]{1,64}$/, 'a host id is 1–64 letters, digits, dots, dashes or underscores');
 const Params = z.object({ id: HostId });
 const Desktop = z.object({ desktopId: z.string().min(1).max(200), state: z.enum(['starting', 'running', 'stopping', 'stopped']), pid: z.number().int().min(1).optional(), detail: z.string().max(500).optional() }).strict();
@@ -30,17 +40,9 @@ const Report = z.object({
  * transfer servers do with theirs); they only ever call the broker, which never calls them.
  */
 export const hostRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
-  const authHost = async (req: FastifyRequest, action: string) => {
-    const a = Buffer.from(String(req.headers['x-carryon-host-secret'] ?? ''));
-    const b = Buffer.from(ctx.settings.hostSecret);
-    if (a.length !== b.length || !timingSafeEqual(a, b)) {
-      await ctx.audit({ actor: `anonymous@${req.ip}`, action, outcome: 'denied', detail: 'bad-secret: the host secret does not match' });
-      throw new HttpError(401, 'bad-secret', 'host secret does not match', {}, true);
-    }
-  };
   // Every route of this plugin is a host's: the secret is checked (and a refusal audited under the
   // route's action) before the body is read, whatever a handler does.
-  app.addHook('onRequest', async (req) => authHost(req, req.routeOptions.config.hostAction ?? 'host-request'));
+  app.addHook('onRequest', async (req) => checkHostSecret(ctx, req, req.routeOptions.config.hostAction ?? 'host-request'));
   const registered = async (req: FastifyRequest) => {
     const { id } = parse(Params, req.params);
     const host = await ctx.hosts.host(id);
@@ -84,7 +86,8 @@ export const hostRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app
     // Only the jobs made for this host's starts (their owner names it).
     const owner = await ctx.scheduler.checkoutOf(jobId);
     if (!owner?.startsWith(hostJobOwner(host.id, ''))) throw new HttpError(404, 'not-found', 'no such job of this host');
-    return (await ctx.scheduler.get(jobId))!;
+    // Hosts are in the datacenter: the transfer server's own address, never the gateway.
+    return (await ctx.scheduler.get(jobId, 'internal'))!;
   });
   app.post('/v1/hosts/:id/commands/:commandId', { config: { hostAction: 'host-ack' } }, async (req) => {
     const host = await registered(req);

@@ -6,6 +6,8 @@ import type { BrokerContext } from '../context.js';
 import { HttpError, parse } from '../http.js';
 import { transfersOverview } from '../transfers/overview.js';
 import { transferServerSync } from '../auth/trust.js';
+import { gatewayStatus, makeGatewayConfig } from '../gateway/state.js';
+import { adminOf } from './admin/admin-scope.js';
 
 const Count = z.number().int().min(0);
 const JobStats = z.object({ id: z.string().min(1).max(100), bytesIn: Count, bytesOut: Count, chunksIn: Count, chunksOut: Count }).strict();
@@ -40,7 +42,16 @@ export const transferRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async 
   });
 };
 
-/** Admins see the pool (registered in the admin scope). */
+const Path = z.string().min(1).max(400).regex(/^[^\s#]+$/, 'no spaces or #');
+
+/** Admins see the pool, and make the gateway's config for it (registered in the admin scope). */
 export const transferAdminRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
-  app.get('/v1/admin/transfers', async () => await transfersOverview(ctx));
+  app.get('/v1/admin/transfers', async () => ({ ...(await transfersOverview(ctx)), gateway: await gatewayStatus(ctx) }));
+  app.get('/v1/admin/gateway', async () => ({ gateway: await gatewayStatus(ctx) }));
+  app.post('/v1/admin/gateway/config', async (req) => {
+    const body = parse(z.object({ bind: Path.optional(), statsSocket: Path.optional() }).strict(), req.body ?? {});
+    const made = await makeGatewayConfig(ctx, body);
+    await ctx.audit({ actor: adminOf(req), action: 'gateway-config', outcome: 'ok', detail: `server set ${made.status.serverSetHash.slice(0, 16)}… (${made.status.routes.length} backends)` });
+    return made;
+  });
 };

@@ -14,6 +14,7 @@ import { HttpError, parse, requireUser } from '../http.js';
 import { effectivePolicy } from '../policies.js';
 import { issueToken } from '../auth/tokens.js';
 import { requireFreshLogin } from '../auth/trust.js';
+import { brokerRoute } from '../gateway/state.js';
 
 const Host = z.object({
   os: z.string().max(200).optional(),
@@ -105,7 +106,9 @@ export const userRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app
     }
     const deviceId = await ctx.meta.createDevice({ user: claims.sub, name: body.name, publicKey: body.publicKey, host: body.host });
     await ctx.audit({ actor: claims.sub, action: 'enroll', outcome: 'ok', detail: `device ${deviceId} (${body.name})` });
-    return reply.status(201).send({ deviceId });
+    // With a gateway: the broker's route through it (a laptop enrolled inside keeps it for outside).
+    const gateway = brokerRoute(ctx);
+    return reply.status(201).send({ deviceId, ...(gateway ? { gateway } : {}) });
   });
 
   app.get('/v1/desktops', async (req) => {

@@ -25,6 +25,8 @@ ALTER TABLE transfer_jobs ADD COLUMN base_manifests TEXT;
 CREATE INDEX transfer_jobs_ended ON transfer_jobs(ended_at);
 `,
   },
+  // The server set the last gateway config was made for (one row): "out of date" when it differs.
+  { version: 3, sql: 'CREATE TABLE gateway_config (id INTEGER PRIMARY KEY, servers_hash TEXT NOT NULL, made_at TEXT NOT NULL);' },
 ];
 
 export interface JobRow {
@@ -86,6 +88,14 @@ export class SchedulerStore {
   /** A server that said goodbye: dead from now on, so the next sweep moves its jobs elsewhere. */
   async retireServer(id: string): Promise<void> {
     await this.sql.run('UPDATE transfer_servers SET last_heartbeat = ? WHERE id = ?', [new Date(0).toISOString(), id]);
+  }
+  async gatewayConfigMade(hash: string, at: string): Promise<void> {
+    await this.sql.run(`INSERT INTO gateway_config (id, servers_hash, made_at) VALUES (1, ?, ?)
+      ON CONFLICT(id) DO UPDATE SET servers_hash = excluded.servers_hash, made_at = excluded.made_at`, [hash, at]);
+  }
+  async gatewayConfig(): Promise<{ hash: string; madeAt: string } | null> {
+    const r = await this.sql.get<{ servers_hash: string; made_at: string }>('SELECT servers_hash, made_at FROM gateway_config WHERE id = 1');
+    return r ? { hash: r.servers_hash, madeAt: r.made_at } : null;
   }
   async inUse(serverId: string): Promise<number> {
     return Number((await this.sql.get<{ n: number }>(`SELECT COUNT(*) AS n FROM transfer_jobs WHERE server_id = ? AND state IN ${SLOT_STATES}`, [serverId]))!.n);

@@ -1,5 +1,6 @@
 import { randomUUID, type KeyObject } from 'node:crypto';
 import { signTicket } from '../../core/tokens/ticket.js';
+import { transferRoute, type GatewaySettings } from '../gateway/routes.js';
 import { assignJobs, orderQueue } from './assign.js';
 import type { JobRow, SchedulerStore, ServerRow } from './scheduler-store.js';
 import type { JobKind, JobState, JobRequest, JobView, TransferScheduler } from './types.js';
@@ -16,7 +17,18 @@ export interface SchedulerOptions {
    * before the caller answers (the embedded one in process, standalone ones pushed to).
    */
   onJobsEnded?: () => Promise<void> | void;
+  /**
+   * The gateway now (read at each ticket: the broker's settings are the one truth); set, tickets
+   * given to laptops name the gateway and the server's SNI name, not the server's own URL.
+   */
+  gateway?: () => GatewaySettings | undefined;
 }
+
+/**
+ * Who a job view is for: `public` (laptops: through the gateway when there is one) or
+ * `internal` (desktop hosts in the datacenter, which reach the transfer servers directly).
+ */
+export type Audience = 'public' | 'internal';
 
 export interface ServerOverview { id: string; url: string; slots: number; inUse: number; alive: boolean; rateIn: number; rateOut: number; bytesIn: number; bytesOut: number }
 
@@ -65,21 +77,21 @@ export class Scheduler implements TransferScheduler {
     return true;
   }
 
-  async enqueue(req: JobRequest): Promise<JobView> {
+  async enqueue(req: JobRequest, audience: Audience = 'public'): Promise<JobView> {
     const id = randomUUID();
     await this.store.insertJob(id, req, this.iso());
     await this.pump();
-    return (await this.get(id))!;
+    return (await this.get(id, audience))!;
   }
 
-  async get(jobId: string): Promise<JobView | null> {
+  async get(jobId: string, audience: Audience = 'public'): Promise<JobView | null> {
     const first = await this.store.job(jobId);
     if (!first) return null;
     // The client came back after its ticket lapsed: it queues again and resumes where it was.
     if (first.state === 'expired') await this.store.requeueExpired(jobId);
     await this.pump();
     if ((await this.store.job(jobId))!.state === 'active') await this.store.renewTicket(jobId, this.isoIn(this.ttl));
-    return this.view((await this.store.job(jobId))!);
+    return this.view((await this.store.job(jobId))!, true, undefined, audience);
   }
 
   async pause(jobId: string): Promise<JobView | null> {
@@ -107,6 +119,19 @@ export class Scheduler implements TransferScheduler {
   /** Transfer servers alive now, with the pinned fingerprint each registered (revocations are pushed to them). */
   async liveServers(): Promise<{ id: string; url: string; fingerprint: string }[]> {
     return (await this.store.servers()).filter((s) => this.alive(s)).map((s) => ({ id: s.id, url: s.url, fingerprint: s.fingerprint }));
+  }
+
+  /** Every registered server, alive or not (what the gateway routes to; haproxy checks health itself). */
+  async registeredServers(): Promise<{ id: string; url: string; fingerprint: string }[]> {
+    return (await this.store.servers()).map((s) => ({ id: s.id, url: s.url, fingerprint: s.fingerprint }));
+  }
+
+  /** The server set the last gateway config was made for (its hash), recorded when it is made. */
+  gatewayConfigMade(hash: string): Promise<void> {
+    return this.store.gatewayConfigMade(hash, this.iso());
+  }
+  gatewayConfig(): Promise<{ hash: string; madeAt: string } | null> {
+    return this.store.gatewayConfig();
   }
 
   private async jobsEnded(): Promise<void> {
@@ -167,7 +192,7 @@ export class Scheduler implements TransferScheduler {
     );
   }
 
-  private async view(row: JobRow, withTicket = true, queue?: { id: string; kind: JobKind; seq: number }[]): Promise<JobView> {
+  private async view(row: JobRow, withTicket = true, queue?: { id: string; kind: JobKind; seq: number }[], audience: Audience = 'public'): Promise<JobView> {
     const view: JobView = { id: row.id, kind: row.kind, state: row.state };
     if (row.state === 'queued') {
       const q = queue ?? orderQueue(await this.store.queue());
@@ -182,7 +207,10 @@ export class Scheduler implements TransferScheduler {
         ...(row.base_manifests ? { baseManifests: JSON.parse(row.base_manifests) as string[] } : {}),
         wrappedKeys: row.wrapped_keys, keyContext: row.key_context, transferServerId: server.id, maxStreams: this.maxStreams, expiresAt,
       }, this.opts.signingKey);
-      view.transfer = { url: server.url, fingerprint: server.fingerprint, ticket, ticketExpiresAt: expiresAt, maxStreams: this.maxStreams };
+      // Through the gateway: its address and the server's name; the pin stays the server's own certificate.
+      const gateway = audience === 'public' ? this.opts.gateway?.() : undefined;
+      const where = gateway ? transferRoute(gateway, server) : { url: server.url, fingerprint: server.fingerprint };
+      view.transfer = { ...where, ticket, ticketExpiresAt: expiresAt, maxStreams: this.maxStreams };
     }
     return view;
   }

@@ -13,6 +13,8 @@ export interface JobView {
   transfer?: {
     url: string;
     fingerprint: string;
+    /** Through a gateway: the SNI name to present to `url` (the gateway's) to reach the server. */
+    servername?: string;
     ticket: string;
     ticketExpiresAt: string;
     maxStreams: number;

@@ -3,6 +3,7 @@ import { registerDesktopCommands } from './admin-desktops.js';
 import { registerDirectoryCommands } from './admin-directory.js';
 import { registerOpsCommands } from './admin-ops.js';
 import { registerHostAdminCommands } from './admin-hosts.js';
+import { registerGatewayCommands } from './admin-gateway.js';
 
 /**
  * `carryon admin …`: every action of the web console, over the same API. Human output is an
@@ -19,4 +20,5 @@ export function registerAdminCommands(program: Command): void {
   registerDesktopCommands(admin);
   registerOpsCommands(admin);
   registerHostAdminCommands(admin);
+  registerGatewayCommands(admin);
 }

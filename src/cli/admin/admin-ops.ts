@@ -7,6 +7,7 @@ import { PolicyLayer } from '../../core/policy.js';
 import { AnyObject, endpoint, enc, get, list, names, say, withAdmin, type Json } from './admin-shared.js';
 import { printJsonOr } from '../common.js';
 import { ago, bytes, left, percent, printTable, rate } from '../format.js';
+import { OUT_OF_DATE } from '../../broker/gateway/routes.js';
 
 type Resolved = Record<string, { value: unknown; source: string }>;
 interface Job { id: string; kind: string; state: string; queuePosition?: number; checkoutId: string; user: string | null; desktop: string | null; serverId: string | null; bytesDone: number; percent: number | null; rate: number }
@@ -137,6 +138,8 @@ export function registerOpsCommands(admin: Command): void {
       { h: 'kind', v: (j) => j.kind }, { h: 'user', v: (j) => j.user }, { h: 'desktop', v: (j) => j.desktop }, { h: 'state', v: (j) => (j.state === 'queued' ? `queued #${j.queuePosition ?? '?'}` : j.state) },
       { h: 'server', v: (j) => j.serverId }, { h: 'progress', v: (j) => percent(j.percent), right: true }, { h: 'moved', v: (j) => bytes(j.bytesDone), right: true }, { h: 'rate', v: (j) => rate(j.rate), right: true },
     ]);
+    const gw = r.gateway as { url: string; upToDate: boolean; configMadeAt: string | null } | null | undefined;
+    if (gw) say(`\ngateway ${gw.url}: ${gw.upToDate ? `config up to date (made ${gw.configMadeAt!})` : OUT_OF_DATE}`);
   } });
 
   const Events = z.object({ events: z.array(z.object({ id: z.number(), time: z.string(), actor: z.string(), desktopId: z.string().nullable(), action: z.string(), outcome: z.string(), detail: z.string().nullable() })) });

@@ -56,6 +56,27 @@ export async function pinBrokers(urls: readonly string[], fingerprints: readonly
   return out;
 }
 
+const EnrolAnswer = z.object({
+  deviceId: z.string(),
+  /** The broker's route through the public gateway, where it has one. */
+  gateway: z.object({ url: z.string(), servername: z.string().min(1).max(253), fingerprint: z.string() }).optional(),
+});
+
+/**
+ * A laptop enrolled inside the company keeps the broker's gateway route as the last broker of its
+ * list: outside, it fails over to it. Only a route to the certificate this laptop pinned is kept
+ * (the gateway passes TLS through: the laptop still talks to that broker, end to end).
+ */
+function gatewayFallback(route: z.infer<typeof EnrolAnswer>['gateway'], brokers: readonly BrokerEndpoint[], answered: string, log: (l: string) => void): BrokerEndpoint[] {
+  if (!route || brokers.some((b) => b.url === origin(route.url).origin)) return [];
+  if (normalise(route.fingerprint) !== answered) {
+    log(`the broker's gateway route ${route.url} names another certificate than the pinned one: not kept`);
+    return [];
+  }
+  log(`outside the company this laptop reaches the broker through the gateway ${route.url} (as ${route.servername})`);
+  return [{ url: origin(route.url).origin, fingerprint: answered, servername: route.servername }];
+}
+
 /** Every reachable broker of the list must speak for one deployment: the same lease-signing key. */
 async function commonSigningKey(brokers: readonly BrokerEndpoint[], log: (l: string) => void): Promise<string | null> {
   let key: string | null = null;
@@ -82,7 +103,7 @@ async function commonSigningKey(brokers: readonly BrokerEndpoint[], log: (l: str
 function withBrokers(file: DeviceFile, brokers: readonly BrokerEndpoint[]): DeviceFile {
   const { brokers: _old, ...rest } = file;
   const first = { ...rest, brokerUrl: brokers[0]!.url, fingerprint: brokers[0]!.fingerprint };
-  return brokers.length > 1 ? { ...first, brokers: brokers.map((b) => ({ url: b.url, fingerprint: b.fingerprint })) } : first;
+  return brokers.length > 1 ? { ...first, brokers: brokers.map((b) => ({ url: b.url, fingerprint: b.fingerprint, ...(b.servername ? { servername: b.servername } : {}) })) } : first;
 }
 
 export async function enroll(env: ClientEnv, brokerUrl: string | readonly string[], opts: { fingerprint?: string | readonly string[]; name: string; acceptFingerprint?: boolean; secretStorage?: SecretStorage | 'auto' }) {
@@ -101,7 +122,8 @@ export async function enroll(env: ClientEnv, brokerUrl: string | readonly string
     const { publicKeyB64, secretStorage } = await createDeviceKeys(env.home, storage, await env.password());
     env.log('registering this device with the broker…');
     const host = await hostFacts(env.home);
-    const { deviceId } = await broker.call('POST', '/v1/devices', { name: opts.name, publicKey: publicKeyB64, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes } }, z.object({ deviceId: z.string() }));
+    const { deviceId, gateway } = await broker.call('POST', '/v1/devices', { name: opts.name, publicKey: publicKeyB64, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes } }, EnrolAnswer);
+    brokers.push(...gatewayFallback(gateway, brokers, broker.fingerprint, env.log));
     const file = withBrokers({ deviceId, name: opts.name, brokerUrl: '', fingerprint: brokers[0]!.fingerprint, signingPublicKey, secretStorage }, brokers);
     await writeFileAtomic(join(env.home, 'device.json'), JSON.stringify(file, null, 2));
     // One-time work that would otherwise delay the first check-out (QEMU's PBKDF benchmark).

@@ -23,14 +23,14 @@ export const DeviceFile = z.object({
   brokerUrl: z.string(),
   fingerprint: Fingerprint,
   /** Every broker of the deployment in the order tried, each with its own pinned certificate. */
-  brokers: z.array(z.object({ url: z.string(), fingerprint: Fingerprint })).min(1).optional(),
+  brokers: z.array(z.object({ url: z.string(), fingerprint: Fingerprint, servername: z.string().optional() })).min(1).optional(),
   signingPublicKey: z.string(),
   secretStorage: z.enum(['file', 'tpm']),
 });
 export type DeviceFile = z.infer<typeof DeviceFile>;
 
 /** The brokers this device talks to, in order: the list, or the single broker of an older file. */
-export function brokerEndpoints(info: DeviceFile): { url: string; fingerprint: string }[] {
+export function brokerEndpoints(info: DeviceFile): { url: string; fingerprint: string; servername?: string }[] {
   return info.brokers ?? [{ url: info.brokerUrl, fingerprint: info.fingerprint }];
 }
 
