@@ -1,6 +1,6 @@
 import { referencedChunks, encodeManifest } from '../core/chunks/manifest.js';
 import { signLease, type SignedLease } from '../core/tokens/lease.js';
-import { policyHash } from '../core/policy.js';
+import { policyHash, policyValues, type PolicyValues } from '../core/policy.js';
 import type { CheckoutRow, DesktopConfig, DesktopRow, SnapshotRow } from './db/metadata.js';
 import type { BrokerContext } from './context.js';
 import { damagedSnapshotRefusal } from './desktops/damage.js';
@@ -55,14 +55,17 @@ export async function allowedActions(ctx: BrokerContext, user: string, desktop: 
 }
 
 /** Adapts the desktop's config to the laptop: vCPUs ≤ cores − 1, RAM ≤ host RAM − overhead. */
-export function adaptConfig(config: DesktopConfig, host: HostFacts, overheadMiB: number, usbAllowed: boolean) {
+export function adaptConfig(config: DesktopConfig, host: HostFacts, overheadMiB: number, policy: Pick<PolicyValues, 'usbAllowed' | 'usbClasses' | 'usbAllow' | 'usbDeny' | 'usbStorageAllowed' | 'printingAllowed'>) {
   const vcpus = Math.max(1, Math.min(config.vcpus, host.cpus - 1));
   const hostMiB = Math.floor(host.ramBytes / (1024 * 1024)) - overheadMiB;
   const ramMiB = Math.min(config.ramMiB, hostMiB);
   if (ramMiB < config.minRamMiB) {
     throw new HttpError(422, 'host-too-small', `the laptop can give this desktop ${Math.max(0, hostMiB)} MiB of RAM; it needs at least ${config.minRamMiB} MiB`);
   }
-  return { vcpus, ramMiB, usb: usbAllowed && config.usb, nic: config.nic, disks: config.disks };
+  const usb = policy.usbAllowed && config.usb;
+  // The USB rules travel MACed with the check-out (the laptop applies them to every attach); the agent may only narrow them later.
+  const usbRules = usb ? { classes: policy.usbClasses, allow: policy.usbAllow, deny: policy.usbDeny, storage: policy.usbStorageAllowed } : undefined;
+  return { vcpus, ramMiB, usb, ...(usbRules ? { usbRules } : {}), printing: policy.printingAllowed, nic: config.nic, disks: config.disks };
 }
 
 
@@ -125,7 +128,7 @@ export async function checkOut(ctx: BrokerContext, user: string, desktopRef: str
   if (req.host.freeDiskBytes < need) throw await deny(ctx, user, desktop.id, 'checkout', 422, 'not-enough-disk', `the laptop has ${req.host.freeDiskBytes} bytes free; this desktop needs up to ${need}`);
   let config;
   try {
-    config = adaptConfig(desktop.config, req.host, ctx.settings.hypervisorOverheadMiB, policy.usbAllowed.value);
+    config = adaptConfig(desktop.config, req.host, ctx.settings.hypervisorOverheadMiB, policyValues(policy));
   } catch (err) {
     if (err instanceof HttpError) throw await deny(ctx, user, desktop.id, 'checkout', err.status, err.code, err.message);
     throw err;
@@ -180,7 +183,7 @@ async function resumeCheckOut(ctx: BrokerContext, c: CheckoutRow, desktop: Deskt
   const manifests = await Promise.all(snapshot.disks.map((d) => loadManifest(ctx, d.digest)));
   let config;
   try {
-    config = adaptConfig(desktop.config, host, ctx.settings.hypervisorOverheadMiB, policy.usbAllowed.value);
+    config = adaptConfig(desktop.config, host, ctx.settings.hypervisorOverheadMiB, policyValues(policy));
   } catch (err) {
     if (err instanceof HttpError) throw await deny(ctx, c.user, desktop.id, 'checkout', err.status, err.code, err.message);
     throw err;

@@ -3,7 +3,7 @@ import type { DesktopRow, MetadataStore } from './db/metadata.js';
 
 /** Loads the four layers for (user, desktop) and resolves them. */
 export async function effectivePolicy(meta: MetadataStore, user: string | null, desktop: DesktopRow | null): Promise<ResolvedPolicy> {
-  // Not strict: a name no longer in the API (printingAllowed, ssoAllowed) left in a stored layer is ignored.
+  // Not strict: a name no longer in the API (ssoAllowed) left in a stored layer is ignored.
   const layer = (v: unknown) => PolicyValues.partial().parse(v ?? {});
   const global = layer(JSON.parse((await meta.getSetting('policy.global')) ?? '{}'));
   const pool = desktop?.poolId ? await meta.getPool(desktop.poolId) : null;

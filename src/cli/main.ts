@@ -6,6 +6,7 @@ import { registerTransferCommands } from './transfer-commands.js';
 import { registerHostCommands } from './host-commands.js';
 import { registerClientCommands } from './client-commands.js';
 import { registerRunCommands } from './run-commands.js';
+import { registerDeviceCommands } from './device-commands.js';
 import { CarryonError } from '../core/errors.js';
 import { PACKAGE_VERSION } from '../core/version.js';
 
@@ -26,6 +27,7 @@ registerTransferCommands(program);
 registerHostCommands(program);
 registerClientCommands(program);
 registerRunCommands(program);
+registerDeviceCommands(program);
 
 program.parseAsync(process.argv).catch((err: unknown) => {
   const message = err instanceof Error ? err.message : String(err);

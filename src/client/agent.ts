@@ -5,7 +5,8 @@ import { writeFileAtomic } from '../files/atomic.js';
 import { SignedLease, verifyLease } from '../core/tokens/lease.js';
 import { readDiskFailures, topBytes } from '../live/disks/disks.js';
 import { percentLocal } from '../live/fill/local-progress.js';
-import { pendingEvents } from '../live/disks/events.js';
+import { pendingEvents, recordEvent } from '../live/disks/events.js';
+import { stopReasonWords, writeStopReason, type StopReason } from './devices/stop-reason.js';
 import { effectiveConfig, LEASE, lockDesktop, peekClock, writeLockRecord, writePolicy } from './vault/guards.js';
 import { readOwner } from '../live/fill/holder.js';
 import { publicKeyFromBase64 } from '../core/signing.js';
@@ -20,6 +21,10 @@ import { existsSync } from 'node:fs';
 import { PACKAGE_VERSION } from '../core/version.js';
 import { readReleasePin } from './vault/release-pin.js';
 import { applyUpdate, installRootOf, runningPackageDir, UpdateOffer, writeLauncher, type UpdateState } from './update.js';
+import { rulesFromPolicy } from '../devices/usb-rules.js';
+import { hardwareFacts } from '../devices/hardware.js';
+import { probeVirgl } from '../hypervisor/host.js';
+import { usbTestSeams } from '../devices/usb-host.js';
 
 /** Where updates install (a managed install's root), and how long a new version's self-check may take. */
 export interface AgentUpdateOptions { installRoot?: string | null; selfCheckMs?: number }
@@ -42,10 +47,13 @@ async function diskStats(vault: Vault, s: DesktopState): Promise<{ dirtyBytes: n
 }
 
 /** Stops the process holding the desktop's disk (a running VM shuts down; a transfer pauses). */
-async function stopOwner(vault: Vault, s: DesktopState, log: (l: string) => void): Promise<void> {
+async function stopOwner(vault: Vault, s: DesktopState, log: (l: string) => void, reason: StopReason, home: string): Promise<void> {
   const owner = await readOwner(vault, s.desktopId);
   if (!owner) return;
-  log(`${s.name}: stopping \`carryon ${owner.kind}\` (pid ${owner.pid})`);
+  log(`${s.name}: stopping \`carryon ${owner.kind}\` (pid ${owner.pid}): ${stopReasonWords(reason)}`);
+  // `run` reads why before it shuts its guest down (ACPI first, forced after its bound) and says so.
+  await writeStopReason(vault, s.desktopId, reason);
+  await recordEvent(home, 'guest-stop', s.desktopId, `${stopReasonWords(reason)}: stopping \`carryon ${owner.kind}\` (pid ${owner.pid})`);
   try {
     process.kill(owner.pid, 'SIGTERM');
   } catch {
@@ -64,12 +72,20 @@ async function stopOwner(vault: Vault, s: DesktopState, log: (l: string) => void
   } catch { /* gone */ }
 }
 
+let glProbe: Promise<boolean | null> | null = null;
+/** virgl probed once per agent process (it starts QEMU for a second); null where there is no window system to use it. */
+function glOnce(): Promise<boolean | null> {
+  if (!process.env.DISPLAY && !process.env.WAYLAND_DISPLAY) return Promise.resolve(null);
+  return (glProbe ??= probeVirgl().then((r) => r.ok, () => null));
+}
+
 async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, broker: BrokerClient, clock: AgentClockWriter, updates: AgentUpdateOptions): Promise<{ intervalSec: number; commands: number; online: boolean; update?: UpdateState | 'skipped' }> {
   const me = { id: device.info.deviceId!, key: device.privateKey };
   // First, with or without the broker: time this laptop has reached is on record before anything else.
   const recorded = await clock.advance();
   const states = await vault.list();
-  const host = await hostFacts(env.home);
+  // Display and USB facts for the admin (what this laptop can offer a desktop); GL probed once per agent.
+  const host = { ...(await hostFacts(env.home)), ...(await hardwareFacts({ usbRoot: usbTestSeams().sysfs, gl: await glOnce() }).catch(() => ({}))) };
   const desktops = [];
   for (const s of states) desktops.push({ desktopId: s.desktopId, checkoutId: s.checkoutId, state: (await vault.isLocked(s)) ? 'locked' : s.state, ...(await diskStats(vault, s)), lastReplicationAt: s.lastReplicationAt ?? undefined });
   let reply: z.infer<typeof HeartbeatReply>;
@@ -90,7 +106,7 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
       } catch {
         if (!(await vault.isLocked(s))) {
           await lockDesktop(dir, device.privateKey, { desktopId: s.desktopId, reason: 'expiry', at: new Date().toISOString(), leaseIssuedAt: leaseIssuedAt(lease) });
-          await stopOwner(vault, s, env.log);
+          await stopOwner(vault, s, env.log, 'lease-expired', env.home);
           env.log(`${s.name}: lease expired without contact; desktop locked`);
         }
       }
@@ -121,12 +137,12 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
       const dir = s ? vault.desktopDir(s.desktopId) : '';
       if (c.type === 'lock') {
         await lockDesktop(dir, device.privateKey, { desktopId: s!.desktopId, reason: 'admin', at: new Date().toISOString(), leaseIssuedAt: null });
-        await stopOwner(vault, s!, env.log); // a running desktop stops now, not at its next start
+        await stopOwner(vault, s!, env.log, 'locked', env.home); // a running desktop stops now, not at its next start
       } else if (c.type === 'unlock') {
         // The next open with the password makes a new unlock token (the agent cannot).
         if (await vault.isLocked(s!)) await writeLockRecord(dir, device.privateKey, { desktopId: s!.desktopId, reason: 'admin-unlocked', at: new Date().toISOString(), leaseIssuedAt: null });
       } else if (c.type === 'wipe') {
-        await stopOwner(vault, s!, env.log);
+        await stopOwner(vault, s!, env.log, 'wiped', env.home);
         await vault.wipe(s!.desktopId); // crypto-erase: wrapped keys and LUKS headers overwritten, then removed
       }
       else if (c.type === 'renew-lease') await renewLeases(vault, broker, me, device, clock);
@@ -141,16 +157,25 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
     ran++;
   }
   await renewLeases(vault, broker, me, device, clock);
-  // Policy reaches the desktop's next start: the offline config follows the broker's USB policy
-  // (restrict-only: what the agent writes can take USB away, never grant it beyond the check-out's config).
+  // Policy reaches the desktop at once: the offline config follows the broker's USB policy
+  // (restrict-only: what the agent writes can take USB away, never grant it beyond the check-out's
+  // config). A running desktop's holder watches this file and detaches what no longer passes.
   for (const s of await vault.list()) {
-    const usb = reply.policies[s.desktopId]?.usbAllowed;
-    if (typeof usb !== 'boolean') continue;
+    const p = reply.policies[s.desktopId];
+    if (typeof p?.usbAllowed !== 'boolean') continue;
     const dir = vault.desktopDir(s.desktopId);
     const before = (await effectiveConfig(dir, s.config)).usb;
-    await writePolicy(dir, usb);
+    // Rules this agent cannot read: no device passes, rather than any.
+    const rules = (() => {
+      try {
+        return rulesFromPolicy(p);
+      } catch {
+        return null;
+      }
+    })();
+    await writePolicy(dir, rules ? { usbAllowed: rules.allowed, usb: { classes: rules.classes, allow: rules.allow, deny: rules.deny, storage: rules.storage }, printingAllowed: rules.printers } : { usbAllowed: false, printingAllowed: false });
     const after = (await effectiveConfig(dir, s.config)).usb;
-    if (before !== after) env.log(`${s.name}: USB ${after ? 'allowed' : 'no longer allowed'} from the next start`);
+    if (before !== after) env.log(`${s.name}: USB ${after ? 'allowed' : 'no longer allowed'}`);
   }
   // Scheduled replication, when policy asks for it and the user's password is available to the agent.
   for (const s of await vault.list()) {

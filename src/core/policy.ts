@@ -1,6 +1,11 @@
 import { createHash } from 'node:crypto';
 import { z } from 'zod';
 
+/** A USB class as two lower-case hex digits, or `*` for any. */
+export const UsbClassCode = z.string().regex(/^([0-9a-f]{2}|\*)$/, 'a USB class is two hex digits (08 = storage) or *');
+/** vendor:product in hex; the product may be `*` (every device of the vendor). */
+export const UsbIdPattern = z.string().regex(/^[0-9a-f]{4}:([0-9a-f]{4}|\*)$/, 'a USB device is vendor:product in hex (046d:c52b, or 046d:* for a vendor)');
+
 /** Policy values and their defaults. Layers override in order global → pool → desktop → user. */
 export const PolicyValues = z.object({
   checkoutAllowed: z.boolean(),
@@ -8,7 +13,25 @@ export const PolicyValues = z.object({
   rollbackAllowed: z.boolean(),
   maxLeaseHours: z.number().positive().max(24 * 365),
   heartbeatIntervalSec: z.number().int().min(5).max(86_400),
+  /** Master switch: no USB controller and no device at all when false (the rules below then do nothing). */
   usbAllowed: z.boolean(),
+  /**
+   * USB classes a device may have to pass through (two hex digits as in the USB spec: 03 HID,
+   * 07 printer, 08 storage, 0e video…); `*` = any class. A device passes when every class it
+   * declares is listed, or when it is on `usbAllow` (devices/usb-rules.ts).
+   */
+  usbClasses: z.array(UsbClassCode).max(64),
+  /** vendor:product (hex, `046d:*` for a vendor) that pass whatever their class. */
+  usbAllow: z.array(UsbIdPattern).max(256),
+  /** vendor:product that never pass: wins over everything else. */
+  usbDeny: z.array(UsbIdPattern).max(256),
+  /** Mass storage (class 08 on any interface) may pass through; false refuses it even when listed. */
+  usbStorageAllowed: z.boolean(),
+  /**
+   * The guest may print: an IPP printer at 10.0.2.100:631 in its user network, relayed to the
+   * laptop's CUPS socket, and USB printers (class 07) may be attached. False: neither path exists.
+   */
+  printingAllowed: z.boolean(),
   /** Whether `carryon export` may write the desktop's disk as a plaintext image (client enforces). */
   exportAllowed: z.boolean(),
   replicationIntervalMin: z.number().int().min(0).max(7 * 24 * 60),
@@ -48,6 +71,12 @@ export const POLICY_DEFAULTS: PolicyValues = {
   maxLeaseHours: 7 * 24,
   heartbeatIntervalSec: 300,
   usbAllowed: false,
+  // With usbAllowed, any device passes (what usbAllowed alone always meant): admins narrow it.
+  usbClasses: ['*'],
+  usbAllow: [],
+  usbDeny: [],
+  usbStorageAllowed: true,
+  printingAllowed: false,
   exportAllowed: false,
   replicationIntervalMin: 0,
   requireOnlineReauth: true,

@@ -59,3 +59,24 @@ export async function probeKvm(timeoutMs = 3000): Promise<{ ok: boolean; why?: s
     await rm(dir, { recursive: true, force: true });
   }
 }
+
+/**
+ * Whether virgl 3D really works here, not whether a render node exists: QEMU is started with
+ * virtio-vga-gl on an EGL display (the GL stack a window would use) and CPUs stopped. It fails
+ * at once where there is no usable GL (no render node, no driver, a GL without what virgl needs);
+ * still alive after `settleMs`, the stack is working.
+ */
+export async function probeVirgl(settleMs = 1500): Promise<{ ok: boolean; why?: string }> {
+  const child = spawn('qemu-system-x86_64', ['-machine', 'q35', '-accel', 'tcg', '-nodefaults', '-S', '-m', '64', '-display', 'egl-headless', '-vga', 'none', '-device', 'virtio-vga-gl'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+  const exited = new Promise<{ code: number | null; err?: Error }>((resolve) => {
+    child.once('exit', (code) => resolve({ code }));
+    child.once('error', (err) => resolve({ code: null, err }));
+  });
+  const early = await Promise.race([exited, new Promise<null>((r) => setTimeout(() => r(null), settleMs))]);
+  if (early) return { ok: false, why: early.err ? early.err.message : stderr.trim().split('\n').pop() || `QEMU exited (${early.code}) with virtio-vga-gl` };
+  child.kill('SIGKILL');
+  await exited;
+  return { ok: true };
+}

@@ -13,6 +13,12 @@ export interface RunDesktopOptions {
   socketDir: string;
   dryRun?: boolean;
   display?: string;
+  /** `--display vnc`: VNC on `<socketDir>/vnc.sock` (0700 directory), never a TCP port. */
+  vnc?: boolean;
+  monitors?: number;
+  gl?: boolean;
+  /** The print relay's command (printing allowed and a CUPS socket on the host). */
+  printRelay?: string[];
   accel?: 'kvm' | 'tcg';
   serial?: string;
   extraArgs?: string[];
@@ -27,6 +33,8 @@ export interface RunDesktopResult {
   argv: string[];
   /** Host end of the guest agent channel (`<socketDir>/qga.sock`), also on RunningDesktop. */
   guestAgentSocket: string;
+  /** The VNC socket (`--display vnc`), else absent. */
+  vncSocket?: string;
   /** QEMU's exit code; absent for a dry run. */
   exitCode?: number;
 }
@@ -50,13 +58,18 @@ export async function runDesktop(opts: RunDesktopOptions): Promise<RunDesktopRes
     qmpSocket,
     guestAgentSocket,
     display: opts.display,
+    vncSocket: opts.vnc ? join(opts.socketDir, 'vnc.sock') : undefined,
+    monitors: opts.monitors,
+    gl: opts.gl,
+    printRelay: opts.printRelay,
     paused: opts.paused,
     accel: opts.accel,
     serial: opts.serial,
     extraArgs: opts.extraArgs,
   });
-  if (opts.dryRun) return { argv, guestAgentSocket };
+  const vncSocket = opts.vnc ? join(opts.socketDir, 'vnc.sock') : undefined;
+  if (opts.dryRun) return { argv, guestAgentSocket, vncSocket };
   const vm = await launchDesktop(argv, qmpSocket, { stdio: opts.stdio, masterKey, guestAgentSocket });
   opts.onStarted?.(vm);
-  return { argv, guestAgentSocket, exitCode: await vm.exited };
+  return { argv, guestAgentSocket, vncSocket, exitCode: await vm.exited };
 }

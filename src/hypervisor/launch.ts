@@ -10,6 +10,8 @@ export const OfflineConfig = z.object({
   vcpus: z.number().int().min(1).max(256),
   ramMiB: z.number().int().min(64),
   usb: z.boolean().default(false),
+  /** Policy printingAllowed at check-out (restricted by the agent's policy since); absent in older check-outs. */
+  printing: z.boolean().optional(),
   nic: z.enum(['user', 'none']).default('user'),
   /** Local setting kept across check-outs (the broker never overrides it). */
   display: z.string().regex(/^[a-z][a-z0-9-]*(,[a-z0-9=._-]+)*$/).optional(),
@@ -41,8 +43,60 @@ export interface LaunchOptions {
   display?: string;
   /** Start with the CPUs stopped (-S). */
   paused?: boolean;
-  /** A VNC server on this unix socket only (a desktop host's display; never a TCP port). */
+  /** A VNC server on this unix socket only (a desktop host's display, `--display vnc`; never a TCP port). */
   vncSocket?: string;
+  /** Guest monitors (virtio-gpu outputs), 1 by default. */
+  monitors?: number;
+  /**
+   * Printing: the command QEMU's user network runs for each guest connection to the printer address
+   * (devices/print-relay.ts), only where policy allows it and the host has a CUPS socket.
+   */
+  printRelay?: string[];
+  /** virgl 3D: only where `probeVirgl` showed a working GL stack, and only with a window (gtk, sdl, spice-app). */
+  gl?: boolean;
+}
+
+/** What `carryon run --display` takes: QEMU's windows, a VNC server on a private unix socket, or nothing. */
+export const DISPLAY_KINDS = ['gtk', 'sdl', 'spice-app', 'vnc', 'none'] as const;
+export type DisplayKind = (typeof DISPLAY_KINDS)[number];
+/** virtio-gpu's limit is 16 outputs; more than 8 monitors on a laptop is a typo. */
+export const MAX_MONITORS = 8;
+const WINDOWED: readonly string[] = ['gtk', 'sdl', 'spice-app'];
+
+export function parseDisplay(text: string): DisplayKind {
+  const kind = text.split(',')[0]!;
+  if (!(DISPLAY_KINDS as readonly string[]).includes(kind)) throw new ValidationError(`display must be one of ${DISPLAY_KINDS.join(', ')}, not "${text}"`);
+  return kind as DisplayKind;
+}
+
+export function parseMonitors(text: string | number): number {
+  const n = typeof text === 'number' ? text : /^\d+$/.test(text) ? Number(text) : NaN;
+  if (!Number.isInteger(n) || n < 1 || n > MAX_MONITORS) throw new ValidationError(`--monitors must be a whole number from 1 to ${MAX_MONITORS}, not "${text}"`);
+  return n;
+}
+
+/**
+ * The display part of the command line: a window (gtk, sdl, spice-app), VNC on a private unix
+ * socket, or none. The guest gets a virtio VGA with one output per monitor (virtio-vga-gl where
+ * virgl 3D was probed to work and there is a window to draw it in).
+ */
+export function displayArgs(display: string, opts: Pick<LaunchOptions, 'vncSocket' | 'monitors' | 'gl'>): string[] {
+  const kind = parseDisplay(display);
+  const monitors = parseMonitors(opts.monitors ?? 1);
+  if (kind === 'vnc' && !opts.vncSocket) throw new ValidationError('--display vnc needs the private socket to listen on');
+  if (opts.vncSocket && /[,\s]/.test(opts.vncSocket)) throw new ValidationError(`socket path "${opts.vncSocket}" must not contain commas or spaces`);
+  const gl = Boolean(opts.gl) && WINDOWED.includes(kind);
+  if (opts.gl && !gl) throw new ValidationError(`3D (virgl) needs a window to draw in: --display ${WINDOWED.join('|')}, not ${kind}`);
+  // A window's own options (sdl,grab-mod=…) as the user gave them; gl=on only from the probe.
+  const argv = ['-display', kind === 'vnc' ? 'none' : `${kind === 'none' ? 'none' : display}${gl ? ',gl=on' : ''}`];
+  if (kind === 'none' && !opts.vncSocket) {
+    if (monitors > 1) throw new ValidationError('--monitors needs a display (gtk, sdl, spice-app or vnc)');
+    return argv;
+  }
+  if (monitors === 1 && !gl) argv.push('-vga', 'virtio');
+  else argv.push('-vga', 'none', '-device', `${gl ? 'virtio-vga-gl' : 'virtio-vga'},id=video0,max_outputs=${monitors}`);
+  if (opts.vncSocket) argv.push('-vnc', `unix:${opts.vncSocket}`);
+  return argv;
 }
 
 /** The port name qemu-guest-agent looks for (/dev/virtio-ports/org.qemu.guest_agent.0 in the guest). */
@@ -104,30 +158,39 @@ export function buildQemuCommand(config: OfflineConfig, host: HostFacts, disks: 
     argv.push('-blockdev', JSON.stringify(d.blockdev));
     argv.push('-device', `virtio-blk-pci,drive=${String(d.blockdev['node-name'])}${i === 0 ? ',bootindex=1' : ''}`);
   });
-  argv.push('-nic', config.nic === 'none' ? 'none' : 'user,model=virtio-net-pci');
-  const display = opts.display ?? config.display ?? 'gtk';
-  argv.push('-display', display);
-  if (display !== 'none' || opts.vncSocket) argv.push('-vga', 'virtio');
-  if (opts.vncSocket) {
-    if (/[,\s]/.test(opts.vncSocket)) throw new ValidationError(`socket path "${opts.vncSocket}" must not contain commas or spaces`);
-    argv.push('-vnc', `unix:${opts.vncSocket}`);
-  }
+  argv.push('-nic', config.nic === 'none' ? 'none' : `user,model=virtio-net-pci${printForward(config, opts.printRelay)}`);
+  argv.push(...displayArgs(opts.display ?? config.display ?? 'gtk', opts));
   if (opts.serial) argv.push('-serial', opts.serial === 'stdio' ? 'stdio' : `file:${opts.serial}`);
   argv.push('-qmp', `unix:${opts.qmpSocket},server=on,wait=off`);
   // The guest agent's channel: QEMU listens (wait=off: the guest boots whether or not anyone connects).
   argv.push('-chardev', `socket,id=${GUEST_AGENT_CHARDEV},path=${opts.guestAgentSocket},server=on,wait=off`);
   argv.push('-device', 'virtio-serial-pci,id=vser0', '-device', `virtserialport,bus=vser0.0,chardev=${GUEST_AGENT_CHARDEV},name=${GUEST_AGENT_PORT}`);
-  if (config.usb) {
-    argv.push('-device', 'qemu-xhci,id=xhci');
-    for (const u of config.usbDevices) argv.push('-device', `usb-host,bus=xhci.0,vendorid=0x${u.vendorId},productid=0x${u.productId}`);
-  }
+  // The controller only: devices are hot-plugged once QEMU runs, each decided against the policy's
+  // rules (classes, lists, storage) by the holder (devices/usb-hotplug.ts), the configured
+  // `usbDevices` too. A usb-host on this line would match by IDs alone, before any rule looked.
+  if (config.usb) argv.push('-device', 'qemu-xhci,id=xhci');
   if (opts.paused) argv.push('-S');
   // --qemu-arg is for the user's debugging, not a way around the broker's USB policy.
-  if (!config.usb && (opts.extraArgs ?? []).some((a) => /usb|[xeuo]hci/i.test(a))) {
-    throw new CarryonError('policy', 'USB is not allowed for this desktop by the broker\'s policy: --qemu-arg may not add USB controllers or devices');
+  if ((opts.extraArgs ?? []).some((a) => /usb|[xeuo]hci/i.test(a))) {
+    throw new CarryonError('policy', config.usb
+      ? '--qemu-arg may not add USB controllers or devices: attach devices with `carryon usb attach`, which applies the broker\'s USB policy'
+      : 'USB is not allowed for this desktop by the broker\'s policy: --qemu-arg may not add USB controllers or devices');
   }
   argv.push(...(opts.extraArgs ?? []));
   return argv;
+}
+
+/** Where the guest finds its printer (IPP) when printing is allowed: an address of QEMU's user network, no host port opened. */
+export const PRINTER_ADDRESS = '10.0.2.100';
+export const IPP_PORT = 631;
+
+/** The guestfwd to the print relay, or nothing: only where the (effective) policy allows printing. */
+function printForward(config: OfflineConfig, relay: string[] | undefined): string {
+  if (!relay) return '';
+  if (config.printing !== true) throw new CarryonError('policy', 'printing is not allowed for this desktop by the broker\'s policy');
+  // QEMU runs it through /bin/sh and splits its option on commas: plain words only.
+  for (const a of relay) if (!/^[A-Za-z0-9_./:=+-]+$/.test(a)) throw new ValidationError(`print relay argument "${a}" is not usable on a QEMU command line`);
+  return `,guestfwd=tcp:${PRINTER_ADDRESS}:${IPP_PORT}-cmd:${relay.join(' ')}`;
 }
 
 /** Shell-quoted argv for --dry-run output. */
@@ -141,6 +204,8 @@ export interface RunningDesktop {
   exited: Promise<number>;
   /** ACPI power-down, then QMP quit after `graceMs`, then SIGKILL; resolves with the exit code. */
   stop(graceMs?: number): Promise<number>;
+  /** How the last `stop` ended it: the guest powered off (acpi), or QEMU was told to quit or killed. */
+  readonly stoppedBy: 'acpi' | 'quit' | 'kill' | null;
   /** A QMP command (e.g. query-status). */
   qmp(command: string, args?: Record<string, unknown>): Promise<unknown>;
   /** The QMP connection itself (the VM's QEMU is also a block host: fill jobs run in it). */
@@ -177,9 +242,13 @@ export async function launchDesktop(argv: string[], qmpSocket: string, opts: { s
   exited.finally(() => conn.close()).catch(() => undefined);
   const withTimeout = <T>(p: Promise<T>, ms: number) =>
     Promise.race([p, new Promise<never>((_, rej) => setTimeout(() => rej(new Error('QMP timed out')), ms).unref())]);
+  let stoppedBy: RunningDesktop['stoppedBy'] = null;
   return {
     pid: child.pid!,
     exited,
+    get stoppedBy() {
+      return stoppedBy;
+    },
     connection: conn,
     guestAgentSocket: opts.guestAgentSocket ?? null,
     kill: () => void child.kill('SIGKILL'),
@@ -188,10 +257,15 @@ export async function launchDesktop(argv: string[], qmpSocket: string, opts: { s
       const done = (ms: number) => Promise.race([exited, new Promise<null>((r) => setTimeout(() => r(null), ms).unref())]);
       await withTimeout(conn.execute('system_powerdown'), 5_000).catch(() => undefined);
       let code = await done(graceMs);
-      if (code !== null) return code;
+      if (code !== null) {
+        stoppedBy ??= 'acpi';
+        return code;
+      }
+      stoppedBy = 'quit';
       await withTimeout(conn.execute('quit'), 5_000).catch(() => undefined);
       code = await done(10_000);
       if (code !== null) return code;
+      stoppedBy = 'kill';
       child.kill('SIGKILL');
       return exited;
     },

@@ -17,6 +17,10 @@ import type { FrozenPoint } from './live-chain.js';
  */
 
 const Hex64 = z.string().regex(/^[0-9a-f]{64}$/);
+const Hex4 = z.string().regex(/^[0-9a-f]{4}$/);
+/** What `carryon power` may ask of a running desktop. */
+export const POWER_ACTIONS = ['powerdown', 'reset', 'suspend', 'resume'] as const;
+export type PowerAction = (typeof POWER_ACTIONS)[number];
 const PointId = z.string().regex(/^[0-9a-f]{16}$/);
 const Request = z.discriminatedUnion('op', [
   z.object({ op: z.literal('freeze') }).strict(),
@@ -24,6 +28,9 @@ const Request = z.discriminatedUnion('op', [
   z.object({ op: z.literal('abandon'), id: PointId }).strict(),
   z.object({ op: z.literal('shutdown'), graceMs: z.number().int().min(0).max(3_600_000), force: z.boolean() }).strict(),
   z.object({ op: z.literal('status') }).strict(),
+  z.object({ op: z.enum(['usb-attach', 'usb-detach']), vendorId: Hex4, productId: Hex4 }).strict(),
+  z.object({ op: z.literal('usb-list') }).strict(),
+  z.object({ op: z.literal('power'), action: z.enum(POWER_ACTIONS) }).strict(),
 ]);
 export type ControlRequest = z.infer<typeof Request>;
 const Signed = z.object({ req: z.string().max(60_000), mac: z.string().regex(/^[0-9a-f]{64}$/) }).strict();
@@ -53,7 +60,26 @@ export interface ControlHandler {
   /** Asks the guest to power off (ACPI), waits up to `graceMs`; `force` then cuts the power. Resolves once it is off. */
   shutdown(graceMs: number, force: boolean): Promise<void>;
   status(): Promise<HolderStatus>;
+  /** USB hot-plug into the running VM (absent where nothing runs a guest: `serve`). */
+  usb?: {
+    attach(vendorId: string, productId: string): Promise<AttachedUsbView>;
+    detach(vendorId: string, productId: string): Promise<AttachedUsbView>;
+    list(): Promise<AttachedUsbView[]>;
+  };
+  /** A power event for the guest; answers what was done, in words. */
+  power?(action: PowerAction): Promise<string>;
 }
+
+/** An attached USB device as the control socket reports it. */
+export interface AttachedUsbView {
+  id: string;
+  vendorId: string;
+  productId: string;
+  name?: string;
+  at: string;
+}
+
+const noGuest = () => new CarryonError('no-guest', 'this desktop is served (`carryon serve`), not run: there is no guest to attach a device to or to power');
 
 /** Longest request line accepted (a fold's digests for many disks fit easily). */
 const MAX_LINE = 64 * 1024;
@@ -101,6 +127,19 @@ export async function serveControl(socketPath: string, handler: ControlHandler, 
         if (req.op === 'shutdown') {
           await handler.shutdown(req.graceMs, req.force);
           return answer({ ok: true });
+        }
+        if (req.op === 'usb-attach' || req.op === 'usb-detach') {
+          if (!handler.usb) throw noGuest();
+          const device = req.op === 'usb-attach' ? await handler.usb.attach(req.vendorId, req.productId) : await handler.usb.detach(req.vendorId, req.productId);
+          return answer({ ok: true, device });
+        }
+        if (req.op === 'usb-list') {
+          if (!handler.usb) throw noGuest();
+          return answer({ ok: true, devices: await handler.usb.list() });
+        }
+        if (req.op === 'power') {
+          if (!handler.power) throw noGuest();
+          return answer({ ok: true, done: await handler.power(req.action) });
         }
         return answer({ ok: true, status: await handler.status() });
       } catch (err) {
@@ -152,6 +191,7 @@ const FrozenPointSchema = z.object({
   id: PointId, kind: z.enum(['quiesced', 'crash-consistent']), reason: z.string().optional(), pausedMs: z.number(), socketPath: z.string(),
   disks: z.array(z.object({ name: z.string(), exportName: z.string(), baseDigest: Hex64, extents: z.array(Range) })),
 });
+const AttachedSchema = z.object({ id: z.string(), vendorId: Hex4, productId: Hex4, name: z.string().optional(), at: z.string() });
 const StatusSchema = z.object({ kind: z.enum(['run', 'serve']), pid: z.number().int(), guestAgent: z.boolean().nullable(), pointOpen: z.boolean() });
 
 /** The sender's side: one connection, requests answered in order. */
@@ -225,6 +265,23 @@ export class ControlClient {
 
   async status(): Promise<HolderStatus> {
     return StatusSchema.parse((await this.call({ op: 'status' })).status);
+  }
+
+  async usbAttach(vendorId: string, productId: string): Promise<AttachedUsbView> {
+    return AttachedSchema.parse((await this.call({ op: 'usb-attach', vendorId, productId })).device);
+  }
+
+  async usbDetach(vendorId: string, productId: string): Promise<AttachedUsbView> {
+    return AttachedSchema.parse((await this.call({ op: 'usb-detach', vendorId, productId })).device);
+  }
+
+  async usbList(): Promise<AttachedUsbView[]> {
+    return z.array(AttachedSchema).parse((await this.call({ op: 'usb-list' })).devices);
+  }
+
+  /** Answers what the holder did, in words. */
+  async power(action: PowerAction): Promise<string> {
+    return z.string().parse((await this.call({ op: 'power', action })).done);
   }
 
   close(): void {

@@ -179,16 +179,31 @@ export class GuestAgent implements FreezeAgent {
    * the guest then really powers off is for the caller to watch (QEMU exits).
    */
   shutdown(mode: 'powerdown' | 'reboot', timeoutMs = DEFAULT_TIMEOUT_MS, errorWindowMs = 2_000): Promise<void> {
+    return this.silentOnSuccess('guest-shutdown', { mode }, timeoutMs, errorWindowMs);
+  }
+
+  /** Asks the guest to suspend to RAM (S3). Like a shutdown, QGA answers success with silence; QEMU then reports SUSPEND. */
+  suspendRam(timeoutMs = DEFAULT_TIMEOUT_MS, errorWindowMs = 2_000): Promise<void> {
+    return this.silentOnSuccess('guest-suspend-ram', undefined, timeoutMs, errorWindowMs);
+  }
+
+  /** Sets the guest's clock (after a resume the guest's idea of time is wherever it stopped). */
+  async setTime(at: Date, timeoutMs = DEFAULT_TIMEOUT_MS): Promise<void> {
+    await this.call('guest-set-time', { time: at.getTime() * 1_000_000 }, timeoutMs);
+  }
+
+  /** Commands QGA answers only when they fail: sync first, send, and wait `errorWindowMs` for an error. */
+  private silentOnSuccess(command: string, args: Record<string, unknown> | undefined, timeoutMs: number, errorWindowMs: number): Promise<void> {
     return this.serial(async () => {
       // Always sync first: silence is only success from an agent known to be listening.
       await this.syncNow(timeoutMs);
       try {
-        const reply = await this.exchange({ execute: 'guest-shutdown', arguments: { mode } }, undefined, errorWindowMs);
-        if (!reply.ok) throw new GuestAgentError('guest-shutdown', reply.errorClass, reply.desc);
-        // An answer to a shutdown is not in the protocol; the agent's state is unknown now.
+        const reply = await this.exchange(args ? { execute: command, arguments: args } : { execute: command }, undefined, errorWindowMs);
+        if (!reply.ok) throw new GuestAgentError(command, reply.errorClass, reply.desc);
+        // An answer here is not in the protocol; the agent's state is unknown now.
         this.needsSync = true;
       } catch (err) {
-        if (err instanceof GuestAgentUnavailable) return; // silence or a closed channel: going down
+        if (err instanceof GuestAgentUnavailable) return; // silence or a closed channel: carried out
         throw err;
       }
     });

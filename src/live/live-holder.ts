@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { CarryonError } from '../core/errors.js';
 import { chainFiles, createLayer, otherTop, topExtents } from '../disk/chain.js';
 import type { BlockHost } from '../disk/storage-daemon.js';
-import { serveControl, type ControlKey, type HolderStatus } from './control.js';
+import { serveControl, type ControlHandler, type ControlKey, type HolderStatus } from './control.js';
 import { recordMac, recordMacOk, type DesktopKeys } from './disks/desktop-keys.js';
 import { LiveChain, type LiveLayers, type Quiesce } from './live-chain.js';
 import { chainOf, diskDir, socketDir, templatesDir } from './disks/disks.js';
@@ -105,6 +105,8 @@ export async function startLiveControl(held: HeldDesktop, host: BlockHost, opts:
   log: (l: string) => void;
   /** The QEMU process holding the chain (the kill tests' second target). */
   qemuPid?: number;
+  /** USB hot-plug and power events, where a guest runs (client/run-devices.ts). */
+  devices?: Pick<ControlHandler, 'usb' | 'power'>;
 }): Promise<{ live: LiveChain; close(): Promise<void> }> {
   qemuPid = opts.qemuPid ?? null;
   const live = new LiveChain(host, vaultLayers(held), opts.nbd, opts.quiesce);
@@ -123,6 +125,7 @@ export async function startLiveControl(held: HeldDesktop, host: BlockHost, opts:
     abandon: (id) => live.abandon(id),
     shutdown: (graceMs, force) => opts.shutdown(graceMs, force),
     status: async () => ({ kind: opts.kind, pid: process.pid, guestAgent: opts.guestAgent(), pointOpen: live.pointOpen }),
+    ...opts.devices,
   }, controlKey(held.keys, held.state.desktopId), opts.log);
   return { live, close: () => control.close() };
 }

@@ -14,7 +14,7 @@ const FLOORS: Record<string, number> = {
   core: 0,
   files: 1, net: 1, qemu: 1, sql: 1,
   disk: 2, store: 2, hypervisor: 2,
-  nbd: 3, import: 3, 'transfer-client': 3, transfer: 3,
+  nbd: 3, import: 3, 'transfer-client': 3, transfer: 3, devices: 3,
   live: 4,
   client: 5, host: 5, broker: 5,
   cli: 6,
@@ -23,11 +23,11 @@ const FLOORS: Record<string, number> = {
 
 /** The two sides of the wire: neither imports the other's rooms (they meet in core/, net/, store/). */
 const BROKER_SIDE = ['broker', 'transfer'];
-const MACHINE_SIDE = ['transfer-client', 'live', 'client', 'host'];
+const MACHINE_SIDE = ['transfer-client', 'live', 'client', 'host', 'devices'];
 
 /** Floors inside a room, lowest first: a sub-room imports only the ones before it ('' is the room's own top). */
 const SUB_FLOORS: Record<string, string[]> = {
-  client: ['client/vault', 'client/session', 'client/ops', 'client'],
+  client: ['client/vault', 'client/session', 'client/ops', 'client/devices', 'client'],
   live: ['live/disks', 'live/fill', 'live'],
 };
 

@@ -159,7 +159,7 @@ test('power refused while the desktop is checked out to a laptop (who, since whe
   assert.equal((await http.call('PATCH', '/v1/admin/policies/desktop/online1', { onlineAllowed: true }, admin)).status, 200);
   const co = await checkout('online1');
   assert.equal(co.status, 201, JSON.stringify(co.body));
-  for (const r of [await power('online1', 'on'), await power('online1', 'reset'), await http.call('POST', '/v1/desktops/online1/start', {}, alice)]) {
+  for (const r of [await power('online1', 'on'), await power('online1', 'reset'), await http.call('POST', '/v1/desktops/online1/start', {}, alice), await http.call('POST', '/v1/desktops/online1/reset', {}, alice)]) {
     assert.deepEqual([r.status, r.body.error], [409, 'locked'], JSON.stringify(r.body));
     assert.match(String(r.body.message), /^online1 is checked out to alice \(device [0-9a-f-]+\) since \d{4}-\d\d-\d\dT.*; power operations wait for its check-in$/);
   }
@@ -201,6 +201,9 @@ test('power on: the host pulls the chunks and starts QEMU on its chain; check-ou
   assert.deepEqual(await actions(), ['checkout', 'stop', 'open'], 'a check-out (the host hands it over) and its screen');
   assert.deepEqual([(await power('online1', 'on')).status, (await power('online1', 'on')).body.error], [409, 'already-running']);
 
+  // `carryon power online1 reset` as the user: the host resets its guest, which stays running.
+  const userReset = await http.call('POST', '/v1/desktops/online1/reset', {}, alice);
+  assert.deepEqual([userReset.status, userReset.body], [200, { state: 'running', host: 'h1' }], JSON.stringify(userReset.body));
   // Shut down: the paused guest does not answer ACPI, so after the grace it is powered off (and says so).
   const stop = await http.call('POST', '/v1/desktops/online1/stop', {}, alice);
   assert.deepEqual([stop.status, stop.body.state], [200, 'stopping']);

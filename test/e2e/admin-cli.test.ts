@@ -88,6 +88,11 @@ test('carryon admin: the console\'s actions from the command line, readable tabl
   assert.match(pol, /^usbAllowed\s+true\s+true\s+user frank$/m);
   // `set` changes the keys it names; the layer's other keys stay. `inherit` takes one out; --replace sets the whole layer.
   assert.match(await cli('policies', 'set', 'desktop', 'win11', 'usbAllowed=true'), /^desktop win11 layer now: maxLeaseHours=48 usbAllowed=true$/m);
+  // USB lists: comma-separated, IDs in any case as lsusb prints them, empty for none; a bad entry is refused.
+  assert.match(await cli('policies', 'set', 'desktop', 'win11', 'usbDeny=0781:*,046D:C31C', 'usbClasses=03', 'usbStorageAllowed=false'), /layer now: maxLeaseHours=48 usbAllowed=true usbClasses=03 usbDeny=0781:\*,046d:c31c usbStorageAllowed=false$/m);
+  assert.match(await cli('policies', 'set', 'desktop', 'win11', 'usbDeny='), /usbDeny= /);
+  assert.match(await fails('policies', 'set', 'desktop', 'win11', 'usbAllow=logitech'), /usbAllow\.0: a USB device is vendor:product in hex/);
+  assert.match(await cli('policies', 'set', 'desktop', 'win11', 'usbDeny=inherit', 'usbClasses=inherit', 'usbStorageAllowed=inherit'), /layer now: maxLeaseHours=48 usbAllowed=true$/m);
   assert.match(await cli('policies', 'set', 'desktop', 'win11', 'usbAllowed=inherit'), /^desktop win11 layer now: maxLeaseHours=48$/m);
   assert.match(await cli('policies', 'set', 'user', 'frank', 'exportAllowed=true'), /layer now: usbAllowed=true exportAllowed=true$/m);
   assert.match(await cli('policies', 'set', 'user', 'frank', '--replace', 'usbAllowed=true'), /layer now: usbAllowed=true$/m);

@@ -56,6 +56,10 @@ test('heartbeats carry endpoint statistics; remote lock, unlock, lease renewal a
   const mine = devices.find((d) => d.id === deviceId)!;
   assert.equal(mine.latest.stats.desktops[0]!.percentLocal, 100);
   assert.ok(mine.latest.stats.host.cpus >= 1);
+  // Display and USB facts, for the admin: what this laptop can offer a desktop (no window system here: GL not probed).
+  const hw = mine.latest.stats.host as unknown as { display: { windowSystem: string | null; monitors: number; gl: boolean | null }; usb: unknown[] };
+  assert.equal(typeof hw.display.monitors, 'number');
+  assert.ok(Array.isArray(hw.usb));
 
   // A lock reaches a desktop that is running now: the process holding its disk is stopped.
   const served = spawn(process.execPath, [join(process.cwd(), 'dist', 'src', 'cli', 'main.js'), 'serve', 'win11'], {
@@ -78,8 +82,15 @@ test('heartbeats carry endpoint statistics; remote lock, unlock, lease renewal a
   assert.match(locked!.problem ?? '', /locked: connect to the broker/, 'status still answers, and says what to do');
   assert.deepEqual([locked!.safeOffline, locked!.dirtyBytes], [false, null], 'a locked desktop is not "safe to go offline", and its change is unknown without its keys');
   await command('unlock');
+  // The broker's USB rules reach the laptop with the heartbeat: the holder of a running desktop applies them at once (run-devices.ts).
+  const pol = await http.call('PATCH', '/v1/admin/policies/desktop/win11', { usbAllowed: true, usbStorageAllowed: false, usbClasses: ['03', '08'], usbDeny: ['0781:*'] }, admin);
+  assert.equal(pol.status, 200, JSON.stringify(pol.body));
   await runAgent(env, { once: true });
   assert.equal((await status(env, 'win11'))[0]!.state, 'checked_out');
+  // Why the running desktop was stopped went to the audit trail with the next contact.
+  assert.ok((await broker.ctx.meta.listEvents({ limit: 10_000 })).some((e) => e.action === 'offline-guest-stop' && /an administrator locked this desktop: stopping `carryon serve`/.test(e.detail ?? '')), 'the stop and its reason are audited');
+  const policyFile = JSON.parse(readFileSync(join((await Vault.open(env.home)).desktopDir((await held())[0]!.desktopId), 'policy.json'), 'utf8')) as unknown;
+  assert.deepEqual(policyFile, { usbAllowed: true, usb: { classes: ['03', '08'], allow: [], deny: ['0781:*'], storage: false }, printingAllowed: false });
 
   const vault = await Vault.open(env.home);
   const before = (await vault.storedLease((await held())[0]!)).payload;

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { checkout, enroll, release, status, upload, type ClientEnv } from '../../src/client/ops.js';
@@ -14,6 +14,7 @@ import { exportSnapshot, exportCurrentSnapshot } from '../../src/broker/desktops
 import { NbdClient } from '../../src/nbd/client.js';
 import { runAgent } from '../../src/client/agent.js';
 import { connect, createServer } from 'node:net';
+import { runCarryon } from '../support/laptop.js';
 import { brokerWithAlice, makeImage, type Api, type TestBroker } from '../broker/harness.js';
 
 // Live replicas (src/live/): the desktop is held by `serve` in a process of its own, as `run`
@@ -382,5 +383,73 @@ test('background replication: the agent replicates a running desktop on the poli
     await disk.close();
     await stopServe(serve);
     await link.close();
+  }
+});
+
+test('a running desktop (`carryon run`, QEMU paused): USB by policy from the command line, power events, a policy change detaching at once, and the agent\'s lock shutting it down and saying why; all of it audited', { skip: onPostgres && 'laptop-side only (run in the SQLite pass)' }, async () => {
+  const name = 'usb-run';
+  const path = makeImage(broker.dir, 4, `${name}.raw`);
+  assert.equal((await http.call('POST', '/v1/admin/desktops', { name, image: path, config: { vcpus: 1, ramMiB: 256, minRamMiB: 128, usb: true } }, admin)).status, 201);
+  await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: name }, admin);
+  assert.equal((await http.call('PATCH', `/v1/admin/policies/desktop/${name}`, { usbAllowed: true, usbStorageAllowed: false }, admin)).status, 200);
+  const home = join(broker.dir, `laptop-${name}`);
+  const { deviceId } = await enroll(env(home), broker.url, { fingerprint: broker.fingerprint, name: `laptop-${name}` });
+  await checkout(env(home), name);
+  // The laptop's USB devices: a keyboard and a stick (QEMU's usb-kbd and usb-storage stand in for them).
+  const sysfs = join(broker.dir, `sysfs-${name}`);
+  for (const [port, vendor, product, cls, devnum] of [['1-1', '046d', 'c31c', '03', 2], ['1-2', '0781', '5567', '08', 3]] as const) {
+    for (const d of [port, `${port}:1.0`]) mkdirSync(join(sysfs, d), { recursive: true });
+    for (const [k, v] of Object.entries({ idVendor: vendor, idProduct: product, bDeviceClass: '00', busnum: 1, devnum })) writeFileSync(join(sysfs, port, k), `${v}\n`);
+    writeFileSync(join(sysfs, `${port}:1.0`, 'bInterfaceClass'), `${cls}\n`);
+  }
+  const seams = { CARRYON_TEST_USB_SYSFS: sysfs, CARRYON_TEST_USB_EMULATED: '1', CARRYON_TEST_POWEROFF_GRACE_MS: '1000' };
+  const cli = (args: string[]) => runCarryon(home, args, seams);
+  const run = spawn(process.execPath, [join(process.cwd(), 'dist', 'src', 'cli', 'main.js'), 'run', name, '--accel', 'tcg', '--display', 'none', '--qemu-arg=-S'], {
+    env: { ...process.env, ...seams, CARRYON_HOME: home, CARRYON_USER: 'alice', CARRYON_PASSWORD: 'alice-password' }, stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let said = '';
+  run.stderr!.setEncoding('utf8').on('data', (d: string) => (said += d));
+  const ended = new Promise<number | null>((r) => run.once('exit', (code) => r(code)));
+  try {
+    // Up once its control socket answers.
+    let up = await cli(['usb', 'attached', name]);
+    for (let i = 0; i < 60 && up.code !== 0; i++) {
+      await new Promise((r) => setTimeout(r, 500));
+      up = await cli(['usb', 'attached', name]);
+    }
+    assert.equal(up.code, 0, `${up.out}\n${said}`);
+    assert.match((await cli(['usb', 'list', name])).out, /0781:5567 .*storage \(08\) .*no: 0781:5567 is a mass-storage device/);
+    const refused = await cli(['usb', 'attach', name, '0781:5567']);
+    assert.deepEqual([refused.code, /refused: .*does not allow USB storage \[policy\]/.test(refused.out)], [1, true], refused.out);
+    assert.equal((await cli(['usb', 'attach', name, '046d:c31c'])).code, 0);
+    assert.match((await cli(['usb', 'attached', name])).out, /046d:c31c/);
+    assert.match((await cli(['power', name, 'suspend'])).out, /paused/);
+    assert.match((await cli(['power', name, 'resume'])).out, /runs again; its clock was not set/);
+
+    // The admin denies the vendor; the agent brings it while the desktop runs: the keyboard goes at once.
+    assert.equal((await http.call('PATCH', `/v1/admin/policies/desktop/${name}`, { usbDeny: ['046d:*'] }, admin)).status, 200);
+    assert.equal((await runAgent(env(home), { once: true })).online, true);
+    let attached = await cli(['usb', 'attached', name]);
+    for (let i = 0; i < 20 && !/^none$/m.test(attached.out); i++) {
+      await new Promise((r) => setTimeout(r, 250));
+      attached = await cli(['usb', 'attached', name]);
+    }
+    assert.match(attached.out, /^none$/m, said);
+    assert.match(said, /USB 046d:c31c at 1-2 detached: policy changed: 046d:c31c is on the policy's deny list/);
+
+    // A lock from the admin: the agent stops the run, which says why, presses ACPI, and (a paused guest never answers) forces it after the bound.
+    assert.equal((await http.call('POST', `/v1/admin/devices/${deviceId}/commands`, { type: 'lock', desktopId: name }, admin)).status, 201);
+    await runAgent(env(home), { once: true });
+    assert.equal(await ended, 0, said);
+    assert.match(said, /an administrator locked this desktop: shutting the desktop down \(ACPI; forced after 1 s\)/);
+    assert.match(said, /the guest did not power off within 1 s: QEMU was stopped \(quit\)/);
+    await runAgent(env(home), { once: true });
+    const audit = (await broker.ctx.meta.listEvents({ limit: 10_000 })).filter((e) => e.actor === `device:${deviceId}`).map((e) => `${e.action} ${e.detail ?? ''}`);
+    for (const want of [/^offline-usb-refused .*0781:5567.*storage/, /^offline-usb-attach .*046d:c31c/, /^offline-usb-detach .*046d:c31c.*policy changed/, /^offline-power .*suspend: the guest is paused/, /^offline-guest-stop .*administrator locked/, /^offline-power-off .*administrator locked this desktop: the guest did not power off/]) {
+      assert.ok(audit.some((a) => want.test(a)), `${want} in the audit:\n${audit.join('\n')}`);
+    }
+  } finally {
+    run.kill('SIGKILL');
+    await ended;
   }
 });

@@ -6,10 +6,10 @@ import { after, test } from 'node:test';
 import { randomBytes } from 'node:crypto';
 import { chainBlockdev, chainFiles, createChain } from '../../src/disk/chain.js';
 import { ValidationError } from '../../src/core/errors.js';
-import { freeDiskBytes, hostFacts } from '../../src/hypervisor/host.js';
+import { freeDiskBytes, hostFacts, probeVirgl } from '../../src/hypervisor/host.js';
 import { runDesktop } from '../../src/hypervisor/launch-desktop.js';
 import { GuestAgent, GuestAgentUnavailable } from '../../src/live/guest-agent.js';
-import { buildQemuCommand, encryptSecret, formatCommand, parseOfflineConfig, type LaunchDisk } from '../../src/hypervisor/launch.js';
+import { buildQemuCommand, encryptSecret, formatCommand, parseDisplay, parseMonitors, parseOfflineConfig, type LaunchDisk } from '../../src/hypervisor/launch.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'carryon-launch-'));
 after(() => rmSync(dir, { recursive: true, force: true }));
@@ -44,11 +44,15 @@ test('TCG host: clamps vCPUs and RAM to the host; USB devices only when policy a
   assert.match(s, /-accel tcg -cpu max -smp 2 -m 3072M/);
   assert.match(s, /-nic none/);
   assert.match(s, /-display sdl/);
-  assert.match(s, /-device qemu-xhci,id=xhci -device usb-host,bus=xhci.0,vendorid=0x046d,productid=0xc52b/);
+  // The controller only: the listed devices are hot-plugged by policy once QEMU runs (devices/usb-hotplug.ts).
+  assert.match(s, /-device qemu-xhci,id=xhci/);
+  assert.doesNotMatch(s, /usb-host/);
   assert.equal(argv.at(-1), '-S');
   const denied = buildQemuCommand(parseOfflineConfig({ vcpus: 1, ramMiB: 512, usb: false, usbDevices: usb }), tcgHost, disks, opts).join(' ');
   assert.doesNotMatch(denied, /usb/);
   assert.throws(() => buildQemuCommand(parseOfflineConfig({ vcpus: 1, ramMiB: 512, usb: false }), tcgHost, disks, { ...opts, extraArgs: ['-device', 'usb-host,hostbus=1,hostaddr=2'] }), { code: 'policy' });
+  // Allowed USB is still decided device by device: --qemu-arg cannot add one past the rules.
+  assert.throws(() => buildQemuCommand(parseOfflineConfig({ vcpus: 1, ramMiB: 512, usb: true }), tcgHost, disks, { ...opts, extraArgs: ['-device', 'usb-storage,drive=x'] }), { code: 'policy', message: /carryon usb attach/ });
 });
 
 test('bad config and unsafe names are refused', () => {
@@ -69,6 +73,31 @@ test('a desktop host\'s display: headless, a VGA device and VNC on a unix socket
   assert.match(s, /-display none -vga virtio -vnc unix:\/run\/h\/vnc.sock/);
   assert.doesNotMatch(buildQemuCommand(c, tcgHost, disks, { ...opts, display: 'none' }).join(' '), /-vnc|-vga/);
   assert.throws(() => buildQemuCommand(c, tcgHost, disks, { ...opts, vncSocket: '/run/h,x/vnc.sock' }), ValidationError);
+});
+
+test('display: gtk, sdl, spice-app, vnc (unix socket) or none; monitors as virtio-vga outputs; virgl only with a window; bad flags refused', () => {
+  const c = parseOfflineConfig({ vcpus: 1, ramMiB: 512, nic: 'none' });
+  const s = (o: Partial<Parameters<typeof buildQemuCommand>[3]>) => buildQemuCommand(c, tcgHost, disks, { ...opts, ...o }).join(' ');
+  assert.match(s({ display: 'gtk' }), /-display gtk -vga virtio /);
+  assert.match(s({ display: 'sdl', monitors: 2 }), /-display sdl -vga none -device virtio-vga,id=video0,max_outputs=2 /);
+  assert.match(s({ display: 'spice-app', gl: true }), /-display spice-app,gl=on -vga none -device virtio-vga-gl,id=video0,max_outputs=1 /);
+  assert.match(s({ display: 'gtk', gl: true, monitors: 3 }), /-display gtk,gl=on -vga none -device virtio-vga-gl,id=video0,max_outputs=3 /);
+  assert.match(s({ display: 'vnc', vncSocket: '/run/c/vnc.sock', monitors: 2 }), /-display none -vga none -device virtio-vga,id=video0,max_outputs=2 -vnc unix:\/run\/c\/vnc.sock /);
+  assert.doesNotMatch(s({ display: 'none' }), /-vga|virtio-vga|-vnc/);
+  assert.match(s({ display: 'sdl,grab-mod=rctrl' }), /-display sdl,grab-mod=rctrl -vga virtio/);
+  assert.throws(() => s({ display: 'vnc' }), ValidationError, 'vnc without its private socket');
+  assert.throws(() => s({ display: 'none', monitors: 2 }), /needs a display/);
+  assert.throws(() => s({ display: 'none', gl: true }), /needs a window/);
+  assert.throws(() => s({ display: 'vnc', vncSocket: '/run/c/vnc.sock', gl: true }), /needs a window/);
+  assert.throws(() => s({ display: 'curses' }), /display must be one of gtk, sdl, spice-app, vnc, none/);
+  for (const bad of ['0', '9', '2x', '-1', '']) assert.throws(() => parseMonitors(bad), { code: 'invalid' }, bad);
+  assert.equal(parseMonitors('4'), 4);
+  assert.equal(parseDisplay('gtk,zoom-to-fit=on'), 'gtk');
+});
+
+test('the virgl probe runs QEMU and answers with a reason when GL does not work (never from a file existing)', async () => {
+  const r = await probeVirgl(800);
+  if (!r.ok) assert.ok(r.why && r.why.length > 0, 'a refusal says why');
 });
 
 test('host facts', async () => {

@@ -11,7 +11,12 @@ import { VERSION_RE } from '../../core/tokens/release.js';
 import { offerOf } from './releases.js';
 
 const Heartbeat = z.object({
-  host: z.object({ os: z.string().max(200).optional(), cpus: z.number().int().min(1), ramBytes: z.number().min(0), freeDiskBytes: z.number().min(0), loadAvg: z.array(z.number()).max(3).optional() }),
+  host: z.object({
+    os: z.string().max(200).optional(), cpus: z.number().int().min(1), ramBytes: z.number().min(0), freeDiskBytes: z.number().min(0), loadAvg: z.array(z.number()).max(3).optional(),
+    /** What the laptop can offer a desktop's screen and USB (devices/hardware.ts); older agents leave it out. */
+    display: z.object({ windowSystem: z.enum(['wayland', 'x11']).nullable(), monitors: z.number().int().min(0).max(64), gl: z.boolean().nullable() }).strict().optional(),
+    usb: z.array(z.object({ id: z.string().regex(/^[0-9a-f]{4}:[0-9a-f]{4}$/), classes: z.array(z.string().regex(/^[0-9a-f]{2}$/)).max(32), name: z.string().max(200).optional() }).strict()).max(64).optional(),
+  }),
   vaultBytes: z.number().min(0),
   desktops: z.array(z.object({
     desktopId: z.string().max(200), checkoutId: z.string().max(200), state: z.string().max(40), dirtyBytes: z.number().min(0),

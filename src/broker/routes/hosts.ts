@@ -121,7 +121,7 @@ export const hostRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app
 
 /** Users: start and stop their desktop online where policy onlineAllowed lets them. */
 export const desktopPowerRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
-  const userPower = (action: 'on' | 'shutdown') => async (req: FastifyRequest) => {
+  const userPower = (action: 'on' | 'shutdown' | 'reset') => async (req: FastifyRequest) => {
     const claims = await requireUser(ctx, req);
     const { id } = parse(z.object({ id: z.string().min(1).max(200) }), req.params);
     const desktop = await ctx.meta.getDesktop(id);
@@ -140,6 +140,8 @@ export const desktopPowerRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = as
   };
   app.post('/v1/desktops/:id/start', userPower('on'));
   app.post('/v1/desktops/:id/stop', userPower('shutdown'));
+  // `carryon power DESKTOP reset` for a desktop running online (the host resets its guest).
+  app.post('/v1/desktops/:id/reset', userPower('reset'));
 };
 
 /** Admins: the hosts, power of any desktop, and the decision to discard a host's online changes (admin scope). */

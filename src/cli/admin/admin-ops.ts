@@ -12,6 +12,8 @@ import { OUT_OF_DATE } from '../../broker/gateway/routes.js';
 type Resolved = Record<string, { value: unknown; source: string }>;
 interface Job { id: string; kind: string; state: string; queuePosition?: number; checkoutId: string; user: string | null; desktop: string | null; serverId: string | null; bytesDone: number; percent: number | null; rate: number }
 
+const LIST_POLICIES = ['usbClasses', 'usbAllow', 'usbDeny'];
+
 /** `name=value` pairs as a policy layer; `name=inherit` (merge only) takes the key out of the layer. */
 function parsePolicy(pairs: string[], replace: boolean): unknown {
   const out: Json = {};
@@ -20,6 +22,8 @@ function parsePolicy(pairs: string[], replace: boolean): unknown {
     const [k, v] = p.split('=');
     if (!k || v === undefined) throw new CarryonError('invalid', `policy values are name=value, got ${p}`);
     if (v === 'inherit') inherited.push(k);
+    // Lists (USB classes and device IDs): comma-separated, empty for none; IDs as lsusb prints them, any case.
+    else if (LIST_POLICIES.includes(k)) out[k] = v === '' ? [] : v.split(',').map((x) => x.trim().toLowerCase());
     else out[k] = v === 'true' ? true : v === 'false' ? false : Number.isNaN(Number(v)) ? v : Number(v);
   }
   if (replace && inherited.length) throw new CarryonError('invalid', `${inherited.join(', ')}=inherit: with --replace, leave the name out instead`);

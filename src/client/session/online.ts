@@ -4,7 +4,7 @@ import { findEntry, onlineSession, type ClientEnv } from './session.js';
 const Power = z.object({ state: z.string(), host: z.string() });
 
 /** `carryon start` / `stop`: run the desktop on a datacenter host, or shut it down there (policy onlineAllowed; the broker decides and audits). */
-export async function powerOnline(env: ClientEnv, desktopRef: string, action: 'start' | 'stop') {
+export async function powerOnline(env: ClientEnv, desktopRef: string, action: 'start' | 'stop' | 'reset') {
   const { broker } = await onlineSession(env);
   try {
     const entry = await findEntry(broker, desktopRef);

@@ -7,6 +7,7 @@ import { CarryonError } from '../../core/errors.js';
 import { signBytes, verifyBytes } from '../../core/signing.js';
 import { writeFileAtomic } from '../../files/atomic.js';
 import { recordMac, recordMacOk, type DesktopKeys } from '../../live/disks/desktop-keys.js';
+import { UsbRules } from '../../devices/usb-rules.js';
 
 /**
  * The per-desktop files that carry offline policy, and how each fails closed:
@@ -129,10 +130,16 @@ export async function peekClock(dir: string): Promise<number> {
   return readOr(join(dir, CLOCK), 0, (t) => Date.parse(ClockBody.parse(JSON.parse(ClockFile.parse(JSON.parse(t)).body)).lastSeen) || 0);
 }
 
-const PolicyFile = z.object({ usbAllowed: z.boolean() });
+/** What the agent last learned from the broker: older agents wrote `usbAllowed` alone. */
+const PolicyFile = z.object({ usbAllowed: z.boolean(), usb: UsbRules.omit({ allowed: true, printers: true }).optional(), printingAllowed: z.boolean().optional() });
+export type PolicyFile = z.infer<typeof PolicyFile>;
 
-export async function writePolicy(dir: string, usbAllowed: boolean): Promise<void> {
-  await writeFileAtomic(join(dir, POLICY), JSON.stringify({ usbAllowed }));
+export async function writePolicy(dir: string, policy: PolicyFile): Promise<void> {
+  await writeFileAtomic(join(dir, POLICY), JSON.stringify(PolicyFile.parse(policy)));
+}
+
+async function readPolicyFile(dir: string): Promise<PolicyFile | null> {
+  return readOr<PolicyFile | null>(join(dir, POLICY), null, (t) => PolicyFile.parse(JSON.parse(t)));
 }
 
 /**
@@ -140,12 +147,26 @@ export async function writePolicy(dir: string, usbAllowed: boolean): Promise<voi
  * the agent has learned since. An unauthenticated file can only take a permission away.
  */
 export async function effectiveConfig(dir: string, config: Record<string, unknown>): Promise<Record<string, unknown>> {
-  const p = await readOr<z.infer<typeof PolicyFile> | null>(join(dir, POLICY), null, (t) => PolicyFile.parse(JSON.parse(t)));
-  return { ...config, usb: config.usb === true && p?.usbAllowed !== false };
+  const p = await readPolicyFile(dir);
+  return { ...config, usb: config.usb === true && p?.usbAllowed !== false, printing: config.printing !== false && p?.printingAllowed !== false };
+}
+
+/**
+ * The USB rule sets a device must pass, all of them (devices/usb-rules.ts): the check-out's, MACed
+ * in the vault (a check-out from before the rules existed: `usb` alone, any device), and the
+ * agent's since, read again at every decision so a change applies to the running desktop.
+ */
+export async function usbRuleSets(dir: string, config: Record<string, unknown>): Promise<UsbRules[]> {
+  const fromCheckout = UsbRules.safeParse({ allowed: config.usb === true, ...(typeof config.usbRules === 'object' && config.usbRules ? config.usbRules : {}), printers: config.printing !== false });
+  // A MACed config whose rules do not read (a newer broker's shape): nothing passes, rather than everything.
+  const sets: UsbRules[] = [fromCheckout.success ? fromCheckout.data : { allowed: false, classes: [], allow: [], deny: [], storage: false, printers: false }];
+  const p = await readPolicyFile(dir);
+  if (p) sets.push({ allowed: p.usbAllowed, ...(p.usb ?? { classes: ['*'], allow: [], deny: [], storage: true }), printers: p.printingAllowed !== false });
+  return sets;
 }
 
 /** Local (user) settings that change presentation only; policy keys (usb, nic, RAM…) are dropped. */
-const PRESENTATION = ['display', 'keyboard', 'usbDevices'] as const;
+const PRESENTATION = ['display', 'monitors', 'keyboard', 'usbDevices'] as const;
 export function presentationOnly(local: Record<string, unknown>): Record<string, unknown> {
   // usbDevices only picks devices; whether any pass through is the broker's `usb`.
   return Object.fromEntries(Object.entries(local).filter(([k]) => (PRESENTATION as readonly string[]).includes(k)));

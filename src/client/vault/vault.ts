@@ -201,3 +201,10 @@ export class Vault implements DesktopRecords {
     return presentationOnly(await readJsonFile(join(this.desktopDir(desktopId), 'local-config.json'), z.record(z.string(), z.unknown()), { missing: {}, damaged: {} }));
   }
 }
+
+/** Remembers presentation settings (`run --display`, `--monitors`) for the desktop's next runs (local-config.json). */
+export async function rememberLocalConfig(desktopDir: string, values: Record<string, unknown>): Promise<void> {
+  const path = join(desktopDir, 'local-config.json');
+  const current = await readJsonFile(path, z.record(z.string(), z.unknown()), { missing: {}, damaged: {} });
+  await writeFileAtomic(path, JSON.stringify({ ...current, ...presentationOnly(values) }, null, 2));
+}

@@ -1,0 +1,36 @@
+import { readFileSync } from 'node:fs';
+import { connect } from 'node:net';
+import { fileURLToPath } from 'node:url';
+
+/**
+ * The guest's path to the laptop's printers: QEMU's user network runs this for each connection the
+ * guest opens to 10.0.2.100:631 (guestfwd `cmd:`), with the connection on stdin/stdout, and it
+ * joins that to the host's CUPS socket. It reads the agent's policy file first, at every
+ * connection: printing taken away while the desktop runs closes the path for every new job. (The
+ * check-out's MACed policy decided at start whether the forward exists at all.)
+ */
+
+/** The agent's policy file says printing is no longer allowed (restrict-only; unreadable = no change). */
+export function printingRevoked(policyFile: string): boolean {
+  try {
+    return (JSON.parse(readFileSync(policyFile, 'utf8')) as { printingAllowed?: unknown }).printingAllowed === false;
+  } catch {
+    return false;
+  }
+}
+
+export const RELAY_SCRIPT = fileURLToPath(import.meta.url);
+
+function main(argv: string[]): void {
+  const [policyFile, cupsSocket] = argv;
+  if (!policyFile || !cupsSocket) process.exit(2);
+  if (printingRevoked(policyFile)) process.exit(0); // no path: the guest sees the connection closed
+  const sock = connect(cupsSocket);
+  sock.on('error', () => process.exit(1));
+  process.stdin.pipe(sock);
+  sock.pipe(process.stdout);
+  sock.on('close', () => process.exit(0));
+  process.stdin.on('end', () => sock.end());
+}
+
+if (process.argv[1] === RELAY_SCRIPT) main(process.argv.slice(2));
