@@ -47,7 +47,7 @@ export interface DiskChanges {
  * checkpoint's or carries this check-out's push receipt (else 400 `bad-changes`) and is in the
  * store (else 409 `missing-chunks`, listing only receipted chunks: this check-out's own).
  */
-export async function checkedChanges(ctx: BrokerContext, user: string, c: CheckoutRow, action: string, baseDisks: SnapshotDisk[], changes: DiskChanges[], receipts: Record<string, string>): Promise<SnapshotDisk[]> {
+export async function checkedChanges(ctx: BrokerContext, user: string, c: Pick<CheckoutRow, 'id' | 'desktopId'>, action: string, baseDisks: SnapshotDisk[], changes: DiskChanges[], receipts: Record<string, string>): Promise<SnapshotDisk[]> {
   const { disks, added } = changes.length ? await changedDisks(ctx, user, c, action, baseDisks, changes) : { disks: baseDisks, added: new Set<string>() };
   const pushed = await pushedByThisCheckout(ctx, user, c, action, baseDisks, added, receipts);
   // Only chunks this check-out pushed can be missing (collected since, after GC's grace): the
@@ -65,7 +65,7 @@ export async function checkedChanges(ctx: BrokerContext, user: string, c: Checko
  * one of the checkpoint's; one that is neither is refused before the store is asked anything, with
  * the same answer whether it exists or not (no oracle, and no way to adopt another desktop's chunk).
  */
-async function pushedByThisCheckout(ctx: BrokerContext, user: string, c: CheckoutRow, action: string, baseDisks: SnapshotDisk[], added: Set<string>, receipts: Record<string, string>): Promise<string[]> {
+async function pushedByThisCheckout(ctx: BrokerContext, user: string, c: Pick<CheckoutRow, 'id' | 'desktopId'>, action: string, baseDisks: SnapshotDisk[], added: Set<string>, receipts: Record<string, string>): Promise<string[]> {
   const desktop = (await ctx.meta.getDesktop(c.desktopId))!;
   const key = receiptKey(ctx.secrets.masterKey);
   const keyContext = (await lineageKeysFor(ctx, desktop)).keyContext;
@@ -86,7 +86,7 @@ async function pushedByThisCheckout(ctx: BrokerContext, user: string, c: Checkou
  * `baseDisks` with `changes` applied: each new manifest stored, its disk entry returned, and the
  * chunks the changes name.
  */
-async function changedDisks(ctx: BrokerContext, user: string, c: CheckoutRow, action: string, baseDisks: SnapshotDisk[], changes: DiskChanges[]): Promise<{ disks: SnapshotDisk[]; added: Set<string> }> {
+async function changedDisks(ctx: BrokerContext, user: string, c: Pick<CheckoutRow, 'id' | 'desktopId'>, action: string, baseDisks: SnapshotDisk[], changes: DiskChanges[]): Promise<{ disks: SnapshotDisk[]; added: Set<string> }> {
   const bad = async (message: string) => deny(ctx, user, c.desktopId, action, 400, 'bad-changes', message);
   const out: SnapshotDisk[] = [];
   const added = new Set<string>();

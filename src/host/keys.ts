@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { CarryonError } from '../core/errors.js';
 import type { Chain } from '../disk/chain.js';
 import { chainFiles } from '../disk/chain.js';
+import { readLayout } from './layout.js';
 
 /**
  * A desktop host's own secret (`host.key` in its data dir, 0600, made at first start): the LUKS
@@ -29,10 +30,11 @@ export function hostDiskDir(dataDir: string, desktopId: string, disk: string): s
   return join(dataDir, 'desktops', desktopId, disk);
 }
 
-/** A disk's chain with one passphrase per layer, derived from the host key for this desktop and disk. */
+/** A disk's chain with one passphrase per layer, derived from the host key for this desktop and disk; the top is the one its layout names (layout.ts). */
 export function hostChain(hostKey: Buffer, dataDir: string, desktopId: string, disk: string): Chain {
   const secret = (layer: 'base' | 'top') => Buffer.from(hkdfSync('sha256', hostKey, Buffer.from(desktopId), `carryon-host-chain:${disk}:${layer}`, 32)).toString('base64');
-  return { files: chainFiles(hostDiskDir(dataDir, desktopId, disk)), secret: secret('top'), baseSecret: secret('base') };
+  const dir = hostDiskDir(dataDir, desktopId, disk);
+  return { files: chainFiles(dir, readLayout(dir).top), secret: secret('top'), baseSecret: secret('base') };
 }
 
 /**

@@ -39,17 +39,26 @@ export async function sendBack(o: { disks: SendBackDisk[]; socketDir: string; en
       clients.push(top);
       readers.push({ disk: { name: d.name, base: d.base }, top, extents: await maps[i]! });
     }
-    const touched = touchedChunks(readers);
-    const named = new Map<number, ChunkId | null>();
-    const receipts = new Map<ChunkId, string>();
-    const sent = await pushPages({ endpoint: o.endpoint, count: touched.length, source: pagesSource(touched, o.keys), named, receipts, renew: o.renew });
-    const outcome = namedOutcome(readers, touched, named);
-    await o.commit(withReceipts(outcome.changes, receipts));
-    return { changedChunks: outcome.changedChunks, chunksMoved: sent.chunksMoved, bytesMoved: sent.bytesMoved };
+    return await sendPages({ ...o, readers });
   } finally {
     for (const c of clients) await c.close();
     await qsd.stop();
   }
+}
+
+/**
+ * The pages the readers' tops hold, pushed against their bases' chunks, then `commit` with the
+ * changes and their receipts. Shared by the handover (a stopped guest's chain) and the background
+ * replica (the frozen layer QEMU exports, replica.ts).
+ */
+export async function sendPages(o: { readers: DiskReader<ReadDisk>[]; endpoint: TransferEndpoint; renew: () => Promise<TransferEndpoint>; keys: LineageKeys; commit: (disks: { name: string; changes: (string | number | null)[][] }[]) => Promise<unknown> }): Promise<{ changedChunks: number; chunksMoved: number; bytesMoved: number; changes: DiskChanges[] }> {
+  const touched = touchedChunks(o.readers);
+  const named = new Map<number, ChunkId | null>();
+  const receipts = new Map<ChunkId, string>();
+  const sent = await pushPages({ endpoint: o.endpoint, count: touched.length, source: pagesSource(touched, o.keys), named, receipts, renew: o.renew });
+  const outcome = namedOutcome(o.readers, touched, named);
+  await o.commit(withReceipts(outcome.changes, receipts));
+  return { changes: outcome.changes, changedChunks: outcome.changedChunks, chunksMoved: sent.chunksMoved, bytesMoved: sent.bytesMoved };
 }
 
 function withReceipts(changes: DiskChanges[], receipts: ReadonlyMap<string, string>) {

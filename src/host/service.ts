@@ -15,6 +15,8 @@ import { sendBack } from './send-back.js';
 import { discardTops, fillBases, hasCompleteBase, hasTop, readyBase, readyTops, type HostDisk } from './disks.js';
 import { forceOff, startGuest, vncSocketPath } from './guest.js';
 import { hostChain, hostDiskDir, hostSocketDir, loadOrCreateHostKey } from './keys.js';
+import { liveChainOf, replicate, settleReplica, type ReplicaDisk } from './replica.js';
+import type { LiveChain } from '../live/live-chain.js';
 
 export interface HostOptions {
   id: string;
@@ -29,6 +31,8 @@ export interface HostOptions {
   heartbeatSec?: number;
   /** ACPI shutdown's wait before the guest is powered off by force. */
   shutdownGraceSec?: number;
+  /** Seconds between background replicas of each running desktop (replica.ts); 0 or absent: none. */
+  replicateSec?: number;
   /** Guests start with their CPUs stopped (tests). */
   pausedGuests?: boolean;
   log?: (line: string) => void;
@@ -48,6 +52,9 @@ const Prepared = z.object({
 interface Local {
   state: 'starting' | 'running' | 'stopping' | 'stopped';
   vm?: RunningDesktop;
+  /** The guest's disks in its order (d0, d1, …) and, once a replica was taken, its live chain. */
+  disks?: ReplicaDisk[];
+  live?: LiveChain;
   detail?: string;
 }
 
@@ -59,6 +66,8 @@ export interface RunningHost {
   idle(): Promise<void>;
   /** Display connections open now (broker ↔ a guest's VNC). */
   openDisplays(): number;
+  /** One background replica of a running desktop now (what the timer does every `replicateSec`). */
+  replicate(desktopId: string, hooks?: { beforeCommit?: () => Promise<void> }): Promise<string>;
   /** Powers its guests off (forced), tells the broker, and stops. */
   close(): Promise<void>;
 }
@@ -121,6 +130,7 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
     if (cur?.state === 'running') return { message: 'already running' };
     local.set(desktopId, { state: 'starting' });
     const p = await broker.call('POST', path(`/desktops/${encodeURIComponent(desktopId)}/prepare`), {}, Prepared, headers);
+    await settleReplica(replicaDisks(desktopId, p.disks.map((d) => d.name)));
     const disks: HostDisk[] = p.disks.map((d) => {
       const manifest = decodeManifest(Buffer.from(d.manifest, 'base64'));
       if (manifestDigest(manifest) !== d.digest) throw new CarryonError('bad-manifest', `manifest of ${d.name} does not match its digest`);
@@ -140,7 +150,7 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
     }
     await readyTops(disks, templates);
     const vm = await startGuest({ desktopId, config: p.desktop.config, disks, accel: o.accel, socketDir: await hostSocketDir(o.dataDir, desktopId), paused: o.pausedGuests });
-    const entry: Local = { state: 'running', vm };
+    const entry: Local = { state: 'running', vm, disks: replicaDisks(desktopId, disks.map((d) => d.name)) };
     local.set(desktopId, entry);
     // A guest that powers itself off (or a QEMU that dies) is reported stopped at the next heartbeat.
     void vm.exited.then((code) => {
@@ -183,6 +193,7 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
     const down = local.get(desktopId)?.state === 'running' ? await stop(desktopId, 'shutdown') : { message: 'the guest was not running', forced: false };
     log(`handover ${desktopId}: ${down.message} after ${((Date.now() - t0) / 1000).toFixed(2)} s`);
     await broker.call('POST', path(`/desktops/${enc}/handover/shutdown`), down, z.object({ ok: z.boolean() }), headers);
+    await settleReplica(replicaDisks(desktopId, b.disks.map((d) => d.name)));
     const disks = [];
     for (const d of b.disks) {
       const dir = hostDiskDir(o.dataDir, desktopId, d.name);
@@ -200,6 +211,47 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
     local.delete(desktopId);
     return { message: `${down.message}; ${sent.changedChunks} chunks changed, ${sent.chunksMoved} sent (${sent.bytesMoved} bytes)` };
   };
+
+  const replicaDisks = (desktopId: string, names: string[]): ReplicaDisk[] =>
+    names.map((name) => ({ name, dir: hostDiskDir(o.dataDir, desktopId, name), chain: () => hostChain(hostKey, o.dataDir, desktopId, name) }));
+
+  /** A background replica (replica.ts): in the desktop's lane, so never beside a handover or a stop. */
+  const replicateNow = async (desktopId: string, hooks: { beforeCommit?: () => Promise<void> } = {}): Promise<string> => {
+    const cur = local.get(desktopId);
+    if (!cur?.vm || cur.state !== 'running' || !cur.disks) throw new CarryonError('not-running', `${desktopId} is not running on this host`);
+    cur.live ??= liveChainOf(cur.vm, cur.disks, await hostSocketDir(o.dataDir, desktopId), templates);
+    const enc = encodeURIComponent(desktopId);
+    const Begun = z.object({ job: JobView, snapshotId: z.string(), keys: z.string(), disks: z.array(z.object({ name: z.string(), digest: z.string() })) });
+    const r = await replicate({
+      live: cur.live, disks: cur.disks, ...hooks,
+      begin: async () => {
+        const b = await broker.call('POST', path(`/desktops/${enc}/replica`), {}, Begun, headers);
+        jobs.set(b.job.id, b.job);
+        return { ...b, keys: decodeLineageKeys(b.keys) };
+      },
+      endpoint: (jobId) => endpointOf(jobs.get(jobId)!),
+      renew: renewer,
+      commit: (jobId, disks) => broker.call('POST', path(`/desktops/${enc}/replica/commit`), { jobId, disks }, z.object({ snapshotId: z.string() }), headers),
+      abandon: (jobId, message) => broker.call('POST', path(`/desktops/${enc}/replica/abandon`), { jobId, message: message.slice(0, 2000) }, z.object({ ok: z.boolean() }), headers),
+    });
+    const line = `replica ${r.snapshotId}: ${r.changedChunks} chunks changed, ${r.chunksMoved} sent (${r.bytesMoved} bytes)`;
+    log(`${desktopId}: ${line}`);
+    return line;
+  };
+  const jobs = new Map<string, JobView>();
+  const inLane = <T>(desktopId: string, fn: () => Promise<T>): Promise<T> => {
+    const run = (lanes.get(desktopId) ?? Promise.resolve()).then(fn);
+    lanes.set(desktopId, run.then(() => undefined, () => undefined));
+    return run;
+  };
+  const replicating = new Set<string>();
+  const replicaTimer = o.replicateSec ? setInterval(() => {
+    for (const [id, l] of local) {
+      if (l.state !== 'running' || replicating.has(id)) continue;
+      replicating.add(id);
+      void inLane(id, () => replicateNow(id)).catch((err: Error) => log(`replica of ${id} failed (nothing lost): ${err.message}`)).finally(() => replicating.delete(id));
+    }
+  }, o.replicateSec * 1000) : null;
 
   const carryOut = async (c: Command): Promise<{ ok: boolean; message: string; kept?: boolean; guest?: 'running' | 'stopped' }> => {
     try {
@@ -231,6 +283,7 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
           // An admin released the desktop (e.g. while this host was cut off and marked lost): a guest still running here is powered off first.
           const cur = local.get(c.desktopId);
           if (cur?.vm && cur.state !== 'stopped') await forceOff(cur.vm);
+          await settleReplica(replicaDisks(c.desktopId, await diskNames(c.desktopId)));
           await discardTops(await chainsOf(c.desktopId));
           local.delete(c.desktopId);
           return { ok: true, message: `${cur?.vm && cur.state !== 'stopped' ? 'powered off; ' : ''}the guest's writes on this host are deleted; the base is kept` };
@@ -319,9 +372,11 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
     id: o.id,
     heartbeat,
     idle: async () => void (await Promise.all([...lanes.values()])),
+    replicate: (desktopId, hooks) => inLane(desktopId, () => replicateNow(desktopId, hooks)),
     openDisplays: () => displays.size,
     close: async () => {
       clearInterval(timer);
+      if (replicaTimer) clearInterval(replicaTimer);
       stopWaiting.abort();
       await waiting;
       await waitAgent.destroy();

@@ -10,6 +10,9 @@ import { after, before, test } from 'node:test';
 import { request } from 'undici';
 import { generateSigningKey, publicKeyToBase64 } from '../../src/core/signing.js';
 import { unwrapLineageKeys } from '../../src/core/keys.js';
+import { openBlob } from '../../src/core/chunks/blob.js';
+import { decodeManifest } from '../../src/core/chunks/manifest.js';
+import type { ChunkId } from '../../src/core/chunk-id.js';
 import { convertChain } from '../../src/disk/chain.js';
 import { hostChain } from '../../src/host/keys.js';
 import { startHost, type RunningHost } from '../../src/host/service.js';
@@ -345,6 +348,94 @@ test('policy startOnlineAfterCheckin: after the laptop checks in, the desktop st
   await convertChain(hostChain(readFileSync(join(h1Dir, 'host.key')), h1Dir, d.id, 'disk0'), out, 'raw');
   assert.ok(readFileSync(out).equals(expected), "the host's disk is the laptop's check-in, byte for byte");
   assert.equal((await http.call('PATCH', '/v1/admin/policies/desktop/online1', { startOnlineAfterCheckin: false }, admin)).status, 200);
+});
+
+/** The disk a snapshot holds, read from the broker's store (what a fail-over or a check-out starts from). */
+async function snapshotImage(snapshotId: string): Promise<Buffer> {
+  const s = (await broker.ctx.meta.getSnapshot(snapshotId))!;
+  const d = (await broker.ctx.meta.getDesktop(s.desktopId))!;
+  const keys = unwrapLineageKeys(broker.ctx.secrets.masterKey, (await broker.ctx.meta.getLineageKeys(d.lineageId))!, `lineage:${d.lineageId}`);
+  const m = decodeManifest((await broker.ctx.store.getManifest(s.disks[0]!.digest))!);
+  const out = Buffer.alloc(m.diskSize);
+  for (const [i, id] of m.chunks.entries()) if (id) openBlob(keys, id as ChunkId, (await broker.ctx.store.get(id as ChunkId))!).copy(out, i * m.chunkSize);
+  return out;
+}
+
+test('host replicas: a running desktop is replicated to a restore point that becomes its snapshot (byte for byte), the next sends only new pages; only its host, its job, receipts; a check-out meanwhile refuses it and nothing is lost', async () => {
+  const d = (await broker.ctx.meta.getDesktop('online1'))!;
+  const key = readFileSync(join(h1Dir, 'host.key'));
+  const chunk = 256 * 1024;
+  const disk = join(h1Dir, 'desktops', d.id, 'disk0');
+  assert.equal((await placement('online1'))!.state, 'stopped');
+  const expected = await snapshotImage(d.currentSnapshot!);
+  // The guest's writes (a paused guest writes nothing: written into the kept top while it is stopped).
+  const onWith = async (writes: { offset: number; data: Buffer }[]) => {
+    if ((await placement('online1'))!.state === 'running') {
+      assert.equal((await power('online1', 'off')).status, 200);
+      await placedAs('online1', 'stopped');
+    }
+    await writeChain(hostChain(key, h1Dir, d.id, 'disk0'), writes);
+    for (const w of writes) w.data.copy(expected, w.offset);
+    assert.equal((await power('online1', 'on')).status, 200);
+    await placedAs('online1', 'running');
+    qemus.push((await until('pid reported', async () => (await hostsList()).find((h) => h.id === 'h1' && h.desktops[0]?.pid && !qemus.includes(h.desktops[0].pid))))!.desktops[0]!.pid!);
+  };
+  await onWith([{ offset: 5 * chunk + 1024, data: randomBytes(4096) }, { offset: 12 * chunk, data: randomBytes(chunk) }]);
+
+  const r1 = await host!.replicate(d.id);
+  assert.match(r1, /^replica \S+: 2 chunks changed, 2 sent \(\d+ bytes\)$/);
+  const snap1 = (await broker.ctx.meta.getSnapshot((await broker.ctx.meta.getDesktop('online1'))!.currentSnapshot!))!;
+  assert.deepEqual([snap1.kind, snap1.parentId], ['replica', d.currentSnapshot]);
+  assert.ok((await snapshotImage(snap1.id)).equals(expected), "the broker's current snapshot holds the guest's writes, byte for byte");
+  assert.equal((await placement('online1'))!.snapshotId, snap1.id, 'a fail-over starts from it');
+  // The frozen layer went into the host's base, which now holds the replica (the guest writes on in the other top).
+  assert.equal((JSON.parse(readFileSync(join(disk, 'base.json'), 'utf8')) as { digest: string }).digest, snap1.disks[0]!.digest);
+  assert.deepEqual(JSON.parse(readFileSync(join(disk, 'layout.json'), 'utf8')), { v: 1, top: 'top-b.qcow2', under: null, mergingTo: null });
+  assert.equal(existsSync(join(disk, 'top.qcow2')), false);
+  assert.match((await events('snapshot')).find((e) => e.actor === 'host:h1')!.detail ?? '', new RegExp(`^replica ${snap1.id}: 2 chunks the guest changed on host h1 since ${d.currentSnapshot}$`));
+
+  // The next replica: only what was written since (one 8 KiB write: its pages, not its chunk).
+  await onWith([{ offset: 9 * chunk + 8192, data: randomBytes(8192) }]);
+  const r2 = await host!.replicate(d.id);
+  const bytes = Number(/^replica \S+: 1 chunks changed, 1 sent \((\d+) bytes\)$/.exec(r2)?.[1] ?? NaN);
+  assert.ok(bytes < 64 * 1024, r2);
+  const snap2 = (await broker.ctx.meta.getDesktop('online1'))!.currentSnapshot!;
+  assert.equal((await broker.ctx.meta.getSnapshot(snap2))!.parentId, snap1.id);
+  assert.ok((await snapshotImage(snap2)).equals(expected));
+
+  // The broker's rules: only the host it runs on, only its open job, only chunks it pushed.
+  const id = d.id;
+  const other = await hostCall(`/v1/hosts/fake/desktops/${id}/replica`, {}, secret);
+  assert.deepEqual([other.status, other.body.error], [409, 'not-running-here']);
+  assert.equal((await hostCall(`/v1/hosts/h1/desktops/${id}/replica`, {}, 'wrong')).status, 401);
+  const begun = await hostCall(`/v1/hosts/h1/desktops/${id}/replica`, {}, secret);
+  assert.equal(begun.status, 200, JSON.stringify(begun.body));
+  const jobId = (begun.body.job as { id: string }).id;
+  const notMine = await hostCall(`/v1/hosts/h1/desktops/${id}/replica/commit`, { jobId: 'another-job', disks: [] }, secret);
+  assert.deepEqual([notMine.status, notMine.body.error], [409, 'no-replica']);
+  const foreign = await hostCall(`/v1/hosts/h1/desktops/${id}/replica/commit`, { jobId, disks: [{ name: 'disk0', changes: [[0, 'a'.repeat(64)]] }] }, secret);
+  assert.deepEqual([foreign.status, foreign.body.error], [400, 'bad-changes'], JSON.stringify(foreign.body));
+  assert.equal((await hostCall(`/v1/hosts/h1/desktops/${id}/replica/abandon`, { jobId, message: 'test' }, secret)).status, 200);
+  assert.equal((await broker.ctx.scheduler.get(jobId))!.state, 'failed');
+  assert.equal((await broker.ctx.meta.getDesktop('online1'))!.currentSnapshot, snap2, 'no snapshot made');
+
+  // A check-out comes while the pages travel: the commit is refused, the host abandons the point (the
+  // writes go back into its top), and the handover that follows sends them all: nothing lost.
+  await onWith([{ offset: 14 * chunk, data: randomBytes(chunk) }]);
+  let checkoutId = '';
+  await assert.rejects(host!.replicate(d.id, {
+    beforeCommit: async () => {
+      const co = await checkout('online1');
+      assert.equal(co.status, 202, JSON.stringify(co.body));
+      checkoutId = (co.body.checkout as { id: string }).id;
+    },
+  }), /not running on host h1 \(it is returning on h1\)/);
+  assert.ok((await events('host-replica-commit')).some((e) => e.actor === 'host:h1' && e.outcome === 'denied' && /not-running-here/.test(e.detail ?? '')), 'audited');
+  assert.equal((await broker.ctx.meta.getDesktop('online1'))!.currentSnapshot, snap2);
+  await until('handover done', async () => ((await http.call('GET', `/v1/checkouts/${checkoutId}/handover`, undefined, alice)).body.handover as { step: string }).step === 'done', 30_000);
+  const checkpoint = (await broker.ctx.meta.getCheckout(checkoutId))!.checkpointSnapshot!;
+  assert.ok((await snapshotImage(checkpoint)).equals(expected), "the check-out's checkpoint holds every write, the refused replica's too");
+  assert.equal((await http.call('POST', `/v1/checkouts/${checkoutId}/cancel`, {}, alice)).status, 200);
 });
 
 test('handover protocol: cancel before the host begins leaves the guest running; cancel after the shutdown leaves it stopped with its writes kept; only the host that holds it, with receipts', async () => {

@@ -183,6 +183,12 @@ export class HostStore {
       to, patch.detail === undefined ? cur.detail : patch.detail, patch.jobId === undefined ? cur.jobId : patch.jobId,
       patch.snapshotId === undefined ? cur.snapshotId : patch.snapshotId, now(), desktopId, cur.state, cur.updatedAt])) === 1;
   }
+  /** A host replica's job ends on a placement still running on that host with that job: its snapshot (null: abandoned) becomes the placement's. */
+  async endReplica(desktopId: string, hostId: string, jobId: string, snapshotId: string | null): Promise<boolean> {
+    const set = snapshotId === null ? 'job_id = NULL' : 'job_id = NULL, snapshot_id = ?';
+    return (await this.sql.run(`UPDATE host_placements SET ${set}, updated_at = ? WHERE desktop_id = ? AND host_id = ? AND state = 'running' AND job_id = ?`, [
+      ...(snapshotId === null ? [] : [snapshotId]), now(), desktopId, hostId, jobId])) === 1;
+  }
   /** Ends a placement that is in one of `from` (release, or a start that left nothing on the host). */
   async unplace(desktopId: string, from: readonly PlacementState[]): Promise<boolean> {
     return (await this.sql.run(`DELETE FROM host_placements WHERE desktop_id = ? AND state IN (${from.map(() => '?').join(', ')})`, [desktopId, ...from])) === 1;

@@ -7,6 +7,7 @@ import { effectivePolicy, describePolicySource } from '../policies.js';
 import { adminOf } from './admin/admin-scope.js';
 import { displayRelay } from '../display/relay.js';
 import { beginHandover, commitHandover, handoverShutDown } from '../hosts/handover.js';
+import { abandonReplica, beginReplica, commitReplica } from '../hosts/replica.js';
 import { Changes, withReceipts } from './user.js';
 import { failOver, hostAck, hostHeartbeat, hostsOverview, powerDesktop, prepareStart, releaseDesktop, sweepHosts } from '../hosts/power.js';
 import { hostJobOwner } from '../hosts/health.js';
@@ -99,6 +100,24 @@ export const hostRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app
     const host = await registered(req);
     const { changes, receipts } = withReceipts(parse(Changes, req.body ?? {}).disks);
     return await commitHandover(ctx, host.id, parse(HandoverParams, req.params).desktopId, changes, receipts);
+  });
+  // A background replica of a desktop this host runs (hosts/replica.ts): begin (an upload job), commit or abandon.
+  app.post('/v1/hosts/:id/desktops/:desktopId/replica', { config: { hostAction: 'host-replica' } }, async (req) => {
+    const host = await registered(req);
+    parse(z.object({}).strict(), req.body ?? {});
+    return await beginReplica(ctx, host.id, parse(HandoverParams, req.params).desktopId);
+  });
+  const ReplicaJob = z.object({ jobId: z.string().min(1).max(200) });
+  app.post('/v1/hosts/:id/desktops/:desktopId/replica/commit', { config: { hostAction: 'host-replica-commit' } }, async (req) => {
+    const host = await registered(req);
+    const b = parse(Changes.extend(ReplicaJob.shape), req.body ?? {});
+    const { changes, receipts } = withReceipts(b.disks);
+    return await commitReplica(ctx, host.id, parse(HandoverParams, req.params).desktopId, b.jobId, changes, receipts);
+  });
+  app.post('/v1/hosts/:id/desktops/:desktopId/replica/abandon', { config: { hostAction: 'host-replica' } }, async (req) => {
+    const host = await registered(req);
+    const b = parse(ReplicaJob.extend({ message: z.string().max(2000) }).strict(), req.body);
+    return await abandonReplica(ctx, host.id, parse(HandoverParams, req.params).desktopId, b.jobId, b.message);
   });
   app.get('/v1/hosts/:id/jobs/:jobId', { config: { hostAction: 'host-job' } }, async (req) => {
     const host = await registered(req);
