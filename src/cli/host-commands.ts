@@ -13,7 +13,7 @@ const int = (name: string, min: number) => (v: string) => {
 
 interface HostCliOptions {
   broker: string; brokerFingerprint: string; secretFile: string; dataDir: string; id: string; vcpus: number; ramMib: number; maxDesktops: number;
-  accel: string; heartbeatSec: number; shutdownGraceSec: number; pausedGuests?: boolean;
+  accel: string; heartbeatSec: number; shutdownGraceSec: number; pausedGuests?: boolean; replicateSec?: number;
 }
 
 export function registerHostCommands(program: Command): void {
@@ -31,6 +31,7 @@ export function registerHostCommands(program: Command): void {
     .option('--accel <kvm|tcg|auto>', 'auto: KVM where a probe shows it runs a guest, else TCG', 'auto')
     .option('--heartbeat-sec <n>', 'seconds between heartbeats (and command polls)', int('--heartbeat-sec', 1), 5)
     .option('--shutdown-grace-sec <n>', 'how long an ACPI shutdown may take before the guest is powered off', int('--shutdown-grace-sec', 1), 60)
+    .option('--replicate-sec <n>', "seconds between background replicas of each running desktop, instead of its policy's replicationIntervalMin (0: none)", int('--replicate-sec', 0))
     .option('--paused-guests', 'start guests with their CPUs stopped (testing)')
     .action(async (o: HostCliOptions) => {
       if (!['kvm', 'tcg', 'auto'].includes(o.accel)) throw new CarryonError('invalid', `--accel must be kvm, tcg or auto, got ${o.accel}`);
@@ -44,7 +45,7 @@ export function registerHostCommands(program: Command): void {
       const { startHost } = await import('../host/service.js'); // lazily: see server-commands.ts
       const host = await startHost({
         id: o.id, brokerUrl: o.broker.replace(/\/$/, ''), brokerFingerprint: o.brokerFingerprint, secret: readFileSync(o.secretFile, 'utf8').trim(), dataDir: resolve(o.dataDir),
-        vcpus: o.vcpus, ramMiB: o.ramMib, maxDesktops: o.maxDesktops, accel, heartbeatSec: o.heartbeatSec, shutdownGraceSec: o.shutdownGraceSec, pausedGuests: Boolean(o.pausedGuests),
+        vcpus: o.vcpus, ramMiB: o.ramMib, maxDesktops: o.maxDesktops, accel, heartbeatSec: o.heartbeatSec, shutdownGraceSec: o.shutdownGraceSec, pausedGuests: Boolean(o.pausedGuests), replicateSec: o.replicateSec,
         log: (line) => void process.stderr.write(`carryon host: ${line}\n`),
       });
       process.stdout.write(`desktop host ${host.id} registered with ${o.broker}: ${o.vcpus} vCPUs, ${o.ramMib} MiB, up to ${o.maxDesktops} desktops, ${accel}\n`);

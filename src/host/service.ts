@@ -31,7 +31,7 @@ export interface HostOptions {
   heartbeatSec?: number;
   /** ACPI shutdown's wait before the guest is powered off by force. */
   shutdownGraceSec?: number;
-  /** Seconds between background replicas of each running desktop (replica.ts); 0 or absent: none. */
+  /** Seconds between background replicas of each running desktop (replica.ts), over the desktop's policy `replicationIntervalMin`; 0: none. */
   replicateSec?: number;
   /** Guests start with their CPUs stopped (tests). */
   pausedGuests?: boolean;
@@ -47,6 +47,7 @@ const Prepared = z.object({
   keys: z.string(),
   disks: z.array(z.object({ name: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/), digest: z.string(), manifest: z.string() })).min(1).max(16),
   job: JobView,
+  replicateEveryMin: z.number().int().min(0).default(0),
 });
 
 interface Local {
@@ -55,6 +56,9 @@ interface Local {
   /** The guest's disks in its order (d0, d1, …) and, once a replica was taken, its live chain. */
   disks?: ReplicaDisk[];
   live?: LiveChain;
+  /** Milliseconds between its background replicas (0: none), and when the last one (or the start) was. */
+  replicateMs?: number;
+  lastReplicaAt?: number;
   detail?: string;
 }
 
@@ -150,7 +154,8 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
     }
     await readyTops(disks, templates);
     const vm = await startGuest({ desktopId, config: p.desktop.config, disks, accel: o.accel, socketDir: await hostSocketDir(o.dataDir, desktopId), paused: o.pausedGuests });
-    const entry: Local = { state: 'running', vm, disks: replicaDisks(desktopId, disks.map((d) => d.name)) };
+    const replicateMs = (o.replicateSec ?? p.replicateEveryMin * 60) * 1000;
+    const entry: Local = { state: 'running', vm, disks: replicaDisks(desktopId, disks.map((d) => d.name)), replicateMs, lastReplicaAt: Date.now() };
     local.set(desktopId, entry);
     // A guest that powers itself off (or a QEMU that dies) is reported stopped at the next heartbeat.
     void vm.exited.then((code) => {
@@ -245,13 +250,17 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
     return run;
   };
   const replicating = new Set<string>();
-  const replicaTimer = o.replicateSec ? setInterval(() => {
+  // Checked every few seconds; each desktop is replicated once its interval since the last one (or its start) has passed.
+  const replicaTimer = o.replicateSec === 0 ? null : setInterval(() => {
     for (const [id, l] of local) {
-      if (l.state !== 'running' || replicating.has(id)) continue;
+      if (l.state !== 'running' || !l.replicateMs || replicating.has(id) || Date.now() - (l.lastReplicaAt ?? 0) < l.replicateMs) continue;
       replicating.add(id);
-      void inLane(id, () => replicateNow(id)).catch((err: Error) => log(`replica of ${id} failed (nothing lost): ${err.message}`)).finally(() => replicating.delete(id));
+      void inLane(id, () => replicateNow(id)).catch((err: Error) => log(`replica of ${id} failed (nothing lost): ${err.message}`)).finally(() => {
+        replicating.delete(id);
+        l.lastReplicaAt = Date.now();
+      });
     }
-  }, o.replicateSec * 1000) : null;
+  }, Math.min(o.replicateSec ?? 10, 10) * 1000);
 
   const carryOut = async (c: Command): Promise<{ ok: boolean; message: string; kept?: boolean; guest?: 'running' | 'stopped' }> => {
     try {

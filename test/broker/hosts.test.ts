@@ -496,7 +496,7 @@ test('a host killed with -9: it is marked lost after three missed heartbeats, an
   dirs.push(dataDir);
   const secretFile = join(broker.dir, 'host.secret');
   child = spawn(process.execPath, [main, 'host', '--broker', broker.url, '--broker-fingerprint', broker.fingerprint, '--secret-file', secretFile, '--data-dir', dataDir,
-    '--id', 'h2', '--vcpus', '4', '--ram-mib', '8192', '--max-desktops', '4', '--accel', 'tcg', '--heartbeat-sec', '1', '--paused-guests'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    '--id', 'h2', '--vcpus', '4', '--ram-mib', '8192', '--max-desktops', '4', '--accel', 'tcg', '--heartbeat-sec', '1', '--replicate-sec', '1', '--paused-guests'], { stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
   await until('h2 registered', async () => (await hostsList()).some((h) => h.id === 'h2'), 30_000).catch((err: Error) => assert.fail(`${err.message}: ${stderr}`));
@@ -507,6 +507,12 @@ test('a host killed with -9: it is marked lost after three missed heartbeats, an
   const pid = (await until('pid reported', async () => (await hostsList()).find((h) => h.id === 'h2' && h.desktops[0]?.pid)))!.desktops[0]!.pid!;
   qemus.push(pid);
   assert.equal(child.exitCode, null, 'the host process runs on its own (nothing but its heartbeat keeps it alive)');
+  // It replicates the running desktop in the background (`--replicate-sec 1`): the loss window is that interval.
+  const started = (await broker.ctx.meta.getDesktop('online2'))!.currentSnapshot;
+  const replica = await until('a background replica', async () => {
+    const cur = (await broker.ctx.meta.getDesktop('online2'))!.currentSnapshot!;
+    return cur !== started && (await broker.ctx.meta.getSnapshot(cur))!.kind === 'replica' ? cur : null;
+  }, 30_000);
   const exited = new Promise((r) => child!.once('exit', (_code, signal) => r(signal)));
   child.kill('SIGKILL');
   assert.equal(await exited, 'SIGKILL');
@@ -532,6 +538,8 @@ test('a host killed with -9: it is marked lost after three missed heartbeats, an
   assert.deepEqual([f.status, f.body.state, f.body.host], [200, 'starting', 'f2'], JSON.stringify(f.body));
   assert.match(String(f.body.atRisk), /^what the guest wrote on host h2 since snapshot \S+ \(running there since .*\) is at risk: that host keeps it until `carryon admin hosts release online2 --host h2`$/);
   assert.equal((await placement('online2'))!.snapshotId, (await broker.ctx.meta.getDesktop('online2'))!.currentSnapshot, 'from its last snapshot');
+  assert.equal((await broker.ctx.meta.getSnapshot((await placement('online2'))!.snapshotId!))!.kind, 'replica', 'its newest replica');
+  assert.ok(replica);
   assert.ok((await events('failover')).some((e) => e.outcome === 'ok' && /at risk.*reason: h2 died/.test(e.detail ?? '')), 'audited');
   assert.deepEqual((await hostsList()).find((h) => h.id === 'h2')!.desktops.map((d) => d.state), ['kept']);
   const twice = await http.call('POST', '/v1/admin/desktops/online2/failover', {}, admin);

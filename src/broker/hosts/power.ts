@@ -174,6 +174,8 @@ export async function prepareStart(ctx: BrokerContext, hostId: string, desktopId
     keys: ctx.keysFor(Buffer.from(keyRef.wrappedKeys, 'base64'), keyRef.keyContext),
     disks,
     job,
+    // Background replicas while it runs there (hosts/replica.ts): the desktop's policy, as a laptop's.
+    replicateEveryMin: (await effectivePolicy(ctx.meta, null, desktop)).replicationIntervalMin.value,
   };
 }
 
