@@ -254,7 +254,9 @@ test('item 6: offline events, export policy, transfer summaries; the audit chain
   assert.equal((await other.post('/v1/agent/heartbeat', { ...HEARTBEAT, events: forged })).status, 200);
   const resolved = (await http.call('GET', '/v1/admin/policies/resolve?user=gus', undefined, admin)).body.policy as Record<string, { value: unknown }>;
   assert.deepEqual(resolved.exportAllowed, { value: false, source: 'default' });
-  assert.equal(resolved.printingAllowed, undefined, 'printing and sso are gone from the API');
+  // Printing is back with teeth (issue 27: the guest's path to the host's printer exists only where allowed), off by default; SSO stays gone.
+  assert.deepEqual(resolved.printingAllowed, { value: false, source: 'default' });
+  assert.equal(resolved.ssoAllowed, undefined, 'sso is gone from the API');
   assert.equal((await http.call('PUT', '/v1/admin/policies/global/-', { ssoAllowed: true }, admin)).status, 400);
   await transferServerSync(broker.ctx, 'embedded', [{ jobId: 'j1', checkoutId: 'c1', desktopId: 'd1', direction: 'download', bytesIn: 0, bytesOut: 10, chunksIn: 0, chunksOut: 1, firstAt: 'a', lastAt: 'b', reason: 'ended' }]);
   const ev = await events();
