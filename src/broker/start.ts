@@ -1,5 +1,5 @@
 import { join } from 'node:path';
-import Fastify from 'fastify';
+import Fastify, { type FastifyInstance } from 'fastify';
 import { closePromptly } from '../net/close-server.js';
 import { encodeLineageKeys, unwrapLineageKeys } from '../core/keys.js';
 import { NoHypervisor, QmpHypervisor, type DatacenterHypervisor } from '../hypervisor/datacenter/hypervisor.js';
@@ -21,28 +21,36 @@ import { readToken } from './auth/tokens.js';
 import { hashPassword } from './auth/passwords.js';
 import { adminRoutes } from './routes/admin/admin.js';
 import { adminTrustRoutes } from './routes/admin/admin-trust.js';
-import { jobRoutes } from './routes/jobs.js';
-import { agentRoutes } from './routes/agent.js';
+import { jobRoutes } from './routes/user/jobs.js';
+import { agentRoutes } from './routes/agent/agent.js';
+import { agentScope } from './routes/agent/agent-scope.js';
 import { maintenanceRoutes } from './routes/admin/maintenance.js';
 import { transferAdminRoutes, transferRoutes } from './routes/transfers.js';
 import { adminScope, guardAdminRoutes } from './routes/admin/admin-scope.js';
 import { auditRoutes } from './routes/audit.js';
 import { directoryExtraRoutes } from './routes/admin/directory-extra.js';
-import { restoreRoutes } from './routes/restore.js';
+import { restoreRoutes } from './routes/user/restore.js';
 import { uploadRoutes } from './routes/uploads.js';
 import { exportRoutes } from './routes/admin/export.js';
-import { userRoutes } from './routes/user.js';
+import { userScope } from './routes/user/user-scope.js';
+import { deviceRoutes } from './routes/user/devices.js';
+import { desktopRoutes } from './routes/user/desktops.js';
+import { checkoutRoutes } from './routes/user/checkouts.js';
+import { checkInRoutes } from './routes/user/check-ins.js';
+import { desktopPowerRoutes } from './routes/user/power.js';
+import { openRoutes } from './routes/open.js';
+import { guardScopedRoutes, scopeOf, type RouteScope } from './routes/scopes.js';
 import { loadOrCreateSecrets } from './secrets.js';
 import { Scheduler } from './transfers/scheduler.js';
 import { pushRevocations } from './transfers/revoke-push.js';
 import { SchedulerStore } from './transfers/scheduler-store.js';
 import { HostStore } from './hosts/store.js';
-import { desktopPowerRoutes, hostAdminRoutes, hostRoutes } from './routes/hosts.js';
+import { hostAdminRoutes, hostRoutes } from './routes/hosts.js';
 import { ReleaseStore } from './releases/store.js';
 import { releaseAdminRoutes, releaseAgentRoutes } from './routes/releases.js';
 import { parseReleasePublicKey } from '../core/tokens/release.js';
 import { publicKeyToBase64 } from '../core/signing.js';
-import { displayAdminRoutes, displayRoutes } from './routes/display.js';
+import { displayAdminRoutes, displayBrowserRoutes, displayHostRoutes, displayTicketRoutes } from './routes/display.js';
 import { displayRelay } from './display/relay.js';
 import websocket from '@fastify/websocket';
 import { sweepHosts } from './hosts/power.js';
@@ -102,8 +110,8 @@ export interface RunningBroker {
   signingPublicKey: string;
   ctx: BrokerContext;
   transfer: TransferServer | null;
-  /** Every route it answers (method, path as registered): what the admin-scope test walks. */
-  routes: readonly { method: string; url: string }[];
+  /** Every route it answers (method, path as registered, scope): what the scope tests walk. */
+  routes: readonly { method: string; url: string; scope: RouteScope | undefined }[];
   close(): Promise<void>;
 }
 
@@ -185,21 +193,45 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     const actor = (auth.startsWith('Bearer ') ? readToken(ctx.secrets.tokenKey, auth.slice(7))?.sub : undefined) ?? `anonymous@${req.ip}`;
     return ctx.audit({ actor, action: 'request', outcome: 'denied', detail: `${req.method} ${req.url.split('?')[0]}: ${status} ${code}: ${message.slice(0, 200)}` });
   });
-  const routes: { method: string; url: string }[] = [];
-  app.addHook('onRoute', (r) => void routes.push(...[r.method].flat().map((method) => ({ method, url: r.url }))));
+  const routes: { method: string; url: string; scope: RouteScope | undefined }[] = [];
+  app.addHook('onRoute', function (this: FastifyInstance, r) {
+    routes.push(...[r.method].flat().map((method) => ({ method, url: r.url, scope: scopeOf(this) })));
+  });
   guardAdminRoutes(app);
+  guardScopedRoutes(app);
   // The display relay's WebSockets (small frames: VNC; a browser's messages are bounded too).
   await app.register(websocket, { options: { maxPayload: 4 * 1024 * 1024, perMessageDeflate: false } });
-  // One plugin per resource, each encapsulated: a hook or parser one adds reaches no other.
-  await app.register(userRoutes, { ctx });
-  await app.register(restoreRoutes, { ctx });
-  await app.register(agentRoutes, { ctx });
-  await app.register(releaseAgentRoutes, { ctx });
-  await app.register(jobRoutes, { ctx });
+  // One plugin per resource, each encapsulated: a hook or parser one adds reaches no other. Every
+  // /v1 route is in a scope (routes/scopes.ts; one in none fails the start).
+  // Reachable without a session, on purpose: login, the broker's keys, the display's ticketed socket.
+  await app.register(openRoutes, { ctx });
+  await app.register(displayBrowserRoutes, { ctx });
+  // Every user route, behind one session check (its onRequest hook).
+  await app.register(userScope, {
+    ctx,
+    resources: async (user) => {
+      await user.register(deviceRoutes, { ctx });
+      await user.register(desktopRoutes, { ctx });
+      await user.register(checkoutRoutes, { ctx });
+      await user.register(checkInRoutes, { ctx });
+      await user.register(restoreRoutes, { ctx });
+      await user.register(jobRoutes, { ctx });
+      await user.register(desktopPowerRoutes, { ctx });
+      await user.register(displayTicketRoutes, { ctx });
+    },
+  });
+  // Every agent route, behind one device-signature check (its preHandler hook: the signature covers the body).
+  await app.register(agentScope, {
+    ctx,
+    resources: async (agent) => {
+      await agent.register(agentRoutes, { ctx });
+      await agent.register(releaseAgentRoutes, { ctx });
+    },
+  });
+  // The machines': each plugin checks its secret in its own onRequest hook.
   await app.register(transferRoutes, { ctx });
   await app.register(hostRoutes, { ctx });
-  await app.register(desktopPowerRoutes, { ctx });
-  await app.register(displayRoutes, { ctx });
+  await app.register(displayHostRoutes, { ctx });
   // Every /v1/admin route, behind one admin check (a /v1/admin route outside it fails the start).
   await app.register(adminScope, {
     ctx,

@@ -57,6 +57,19 @@ test('every /v1/admin route, whatever its handler does, refuses a plain user (40
   assert.equal(denied.length, refused.length, 'each refusal of the plain user is audited');
 });
 
+test('every route of the user scope refuses a caller without a session (401) before its handler or body parser runs; every /v1 route is in a scope', async () => {
+  assert.deepEqual(broker.routes.filter((r) => r.url.startsWith('/v1/') && !r.scope), [], 'no /v1 route outside a scope');
+  const routes = broker.routes.filter((r) => r.scope === 'user');
+  assert.ok(routes.length >= 20, `${routes.length} user routes found`);
+  for (const r of routes) {
+    const body = r.method === 'GET' || r.method === 'HEAD' ? undefined : {};
+    const anonymous = await http.call(r.method, r.url.replace(/:[a-zA-Z]+/g, 'x'), body);
+    assert.deepEqual([anonymous.status, r.method === 'HEAD' ? 'unauthenticated' : anonymous.body.error], [401, 'unauthenticated'], `${r.method} ${r.url} without a session: ${JSON.stringify(anonymous.body)}`);
+  }
+  // Outside it on purpose (their own proof, or none needed).
+  assert.deepEqual(broker.routes.filter((r) => r.scope === 'open').map((r) => `${r.method} ${r.url}`).sort(), ['GET /v1/broker', 'GET /v1/desktops/:id/display', 'HEAD /v1/broker', 'HEAD /v1/desktops/:id/display', 'POST /v1/auth/login']);
+});
+
 test('item 10: images only from the import directories; names ., .., -rf, con refused', async () => {
   const outside = mkdtempSync(join(tmpdir(), 'carryon-outside-'));
   const secret = makeImage(outside, 1, 'secret.raw');
@@ -241,7 +254,9 @@ test('item 6: offline events, export policy, transfer summaries; the audit chain
   assert.equal((await other.post('/v1/agent/heartbeat', { ...HEARTBEAT, events: forged })).status, 200);
   const resolved = (await http.call('GET', '/v1/admin/policies/resolve?user=gus', undefined, admin)).body.policy as Record<string, { value: unknown }>;
   assert.deepEqual(resolved.exportAllowed, { value: false, source: 'default' });
-  assert.equal(resolved.printingAllowed, undefined, 'printing and sso are gone from the API');
+  // Printing is back with teeth (issue 27: the guest's path to the host's printer exists only where allowed), off by default; SSO stays gone.
+  assert.deepEqual(resolved.printingAllowed, { value: false, source: 'default' });
+  assert.equal(resolved.ssoAllowed, undefined, 'sso is gone from the API');
   assert.equal((await http.call('PUT', '/v1/admin/policies/global/-', { ssoAllowed: true }, admin)).status, 400);
   await transferServerSync(broker.ctx, 'embedded', [{ jobId: 'j1', checkoutId: 'c1', desktopId: 'd1', direction: 'download', bytesIn: 0, bytesOut: 10, chunksIn: 0, chunksOut: 1, firstAt: 'a', lastAt: 'b', reason: 'ended' }]);
   const ev = await events();

@@ -8,6 +8,12 @@ import { issueToken } from '../../src/broker/auth/tokens.js';
 import { adminScope, guardAdminRoutes } from '../../src/broker/routes/admin/admin-scope.js';
 import { consoleRoutes } from '../../src/broker/routes/console.js';
 import { transferRoutes } from '../../src/broker/routes/transfers.js';
+import { userOf, userScope } from '../../src/broker/routes/user/user-scope.js';
+import { agentScope, deviceOf } from '../../src/broker/routes/agent/agent-scope.js';
+import { guardScopedRoutes } from '../../src/broker/routes/scopes.js';
+import { displayHostRoutes } from '../../src/broker/routes/display.js';
+import { generateSigningKey, publicKeyToBase64 } from '../../src/core/signing.js';
+import { signDeviceRequest } from '../../src/core/tokens/device-auth.js';
 
 // carryon-test: sqlite-only (no database: the plugins run on a bare fastify with a stub context).
 // In process, no broker started: the admin scope is a plugin whose onRequest hook needs only the
@@ -15,21 +21,31 @@ import { transferRoutes } from '../../src/broker/routes/transfers.js';
 const tokenKey = randomBytes(32);
 const users: Record<string, 'admin' | 'user'> = { root: 'admin', alice: 'user' };
 const audited: AuditEntry[] = [];
+// One enrolled device (alice's) and one revoked (for the agent scope).
+const laptop = generateSigningKey();
+const devices: Record<string, { id: string; user: string; publicKey: string }> = {
+  'dev-1': { id: 'dev-1', user: 'alice', publicKey: publicKeyToBase64(laptop.publicKey) },
+  'dev-revoked': { id: 'dev-revoked', user: 'alice', publicKey: publicKeyToBase64(laptop.publicKey) },
+};
+const nonces = new Set<string>();
 const ctx = {
   secrets: { tokenKey },
-  settings: { transferSecret: 'the-transfer-secret' },
+  settings: { transferSecret: 'the-transfer-secret', hostSecret: 'the-host-secret' },
   meta: {
     getUser: async (name: string) => (users[name] ? { name, role: users[name], disabled: false } : null),
-    deviceRevokedAt: async () => null,
+    deviceRevokedAt: async (id: string) => (id === 'dev-revoked' ? new Date().toISOString() : null),
+    getDevice: async (id: string) => devices[id] ?? null,
+    acceptNonce: async (id: string, nonce: string) => !nonces.has(`${id}/${nonce}`) && Boolean(nonces.add(`${id}/${nonce}`)),
   },
   audit: async (e: AuditEntry) => void audited.push(e),
-} as unknown as BrokerContext; // only what requireAdmin reads
+} as unknown as BrokerContext; // only what requireAdmin, requireUser and requireDevice read
 const bearer = (sub: string) => ({ authorization: `Bearer ${issueToken(tokenKey, { sub, role: users[sub]!, exp: Math.floor(Date.now() / 1000) + 600 })}` });
 
 async function broker(register: (app: FastifyInstance) => Promise<void>): Promise<FastifyInstance> {
   const app = Fastify();
   await installHttpBasics(app);
   guardAdminRoutes(app);
+  guardScopedRoutes(app);
   await register(app);
   await app.ready();
   return app;
@@ -87,6 +103,74 @@ test('a transfer server route is refused without the secret before its body is r
     }
     const right = await app.inject({ method: 'POST', url: '/v1/transfer-servers/register', headers: { 'x-carryon-transfer-secret': 'the-transfer-secret', 'content-type': 'application/json' }, payload: '{not json' });
     assert.equal(right.statusCode, 400);
+  } finally {
+    await app.close();
+  }
+});
+
+test('a route added to the user scope with no check of its own is refused without a session (401) before its body is read; with one it gets the user', async () => {
+  let ran = 0;
+  const forgetful = async (a: FastifyInstance) => {
+    a.post('/v1/forgetful', async (req) => ({ ran: ++ran, user: userOf(req).sub }));
+  };
+  const app = await broker(async (a) => void (await a.register(userScope, { ctx, resources: async (user) => void (await user.register(forgetful)) })));
+  try {
+    for (const headers of [{}, { authorization: 'Bearer not-a-token' }, bearer('mallory')]) {
+      // A malformed body too: refused for the missing session, not parsed (401, not 400).
+      const anonymous = await app.inject({ method: 'POST', url: '/v1/forgetful', headers: { ...headers, 'content-type': 'application/json' }, payload: '{not json' });
+      assert.deepEqual([anonymous.statusCode, anonymous.json().error], [401, 'unauthenticated'], JSON.stringify(headers));
+    }
+    assert.equal(ran, 0);
+    const alice = await app.inject({ method: 'POST', url: '/v1/forgetful', headers: bearer('alice'), payload: {} });
+    assert.deepEqual([alice.statusCode, alice.json()], [200, { ran: 1, user: 'alice' }]);
+  } finally {
+    await app.close();
+  }
+});
+
+test('a /v1 route registered in no scope (user, admin, agent, machine or open) stops the broker from starting', async () => {
+  await assert.rejects(broker(async (a) => void a.get('/v1/desktops/loose', async () => ({}))), /in no scope/);
+  await assert.rejects(broker(async (a) => void (await a.register(async (p) => void p.post('/v1/agent/loose', async () => ({}))))), /in no scope/);
+});
+
+test('a route added to the agent scope with no check of its own runs only for a valid device signature over its body', async () => {
+  let ran = 0;
+  const forgetful = async (a: FastifyInstance) => {
+    a.post('/v1/agent/forgetful', async (req) => ({ ran: ++ran, device: deviceOf(req).id }));
+    a.post('/v1/agent/forgetful-revoked', { config: { revokedDeviceAllowed: true } }, async (req) => ({ ran: ++ran, revoked: deviceOf(req).revoked }));
+  };
+  const app = await broker(async (a) => void (await a.register(agentScope, { ctx, resources: async (agent) => void (await agent.register(forgetful)) })));
+  const signed = (device: string, url: string, body: string, signedBody = body) =>
+    app.inject({ method: 'POST', url, headers: { ...signDeviceRequest(laptop.privateKey, device, 'POST', url, signedBody), 'content-type': 'application/json' }, payload: body });
+  try {
+    const unsigned = await app.inject({ method: 'POST', url: '/v1/agent/forgetful', payload: {} });
+    assert.deepEqual([unsigned.statusCode, unsigned.json().error], [401, 'device-unknown']);
+    // The signature covers the body: another body under the same signature is refused.
+    const swapped = await signed('dev-1', '/v1/agent/forgetful', '{"a":2}', '{"a":1}');
+    assert.deepEqual([swapped.statusCode, swapped.json().error], [401, 'device-signature']);
+    const revoked = await signed('dev-revoked', '/v1/agent/forgetful', '{}');
+    assert.deepEqual([revoked.statusCode, revoked.json().error], [403, 'device-revoked']);
+    assert.equal(ran, 0);
+    const ok = await signed('dev-1', '/v1/agent/forgetful', '{"a":1}');
+    assert.deepEqual([ok.statusCode, ok.json()], [200, { ran: 1, device: 'dev-1' }]);
+    // Only where the route says so does a revoked device get through (its heartbeat, its acks).
+    const allowed = await signed('dev-revoked', '/v1/agent/forgetful-revoked', '{}');
+    assert.deepEqual([allowed.statusCode, allowed.json()], [200, { ran: 2, revoked: true }]);
+  } finally {
+    await app.close();
+  }
+});
+
+test('the display relay\'s host routes are refused without the host secret before the body is read (401, audited under the route\'s action)', async () => {
+  // The relay hears of queued commands through the host store; no host is ever found here.
+  const hostCtx = { ...ctx, hosts: { onQueued: () => undefined, host: async () => null } } as unknown as BrokerContext;
+  const app = await broker(async (a) => void (await a.register(displayHostRoutes, { ctx: hostCtx })));
+  try {
+    const wrong = await app.inject({ method: 'POST', url: '/v1/hosts/h1/commands/wait', headers: { 'x-carryon-host-secret': 'guess', 'content-type': 'application/json' }, payload: '{not json' });
+    assert.deepEqual([wrong.statusCode, wrong.json().error], [401, 'bad-secret']);
+    assert.ok(audited.some((e) => e.action === 'host-wait' && e.outcome === 'denied'));
+    const right = await app.inject({ method: 'POST', url: '/v1/hosts/h1/commands/wait', headers: { 'x-carryon-host-secret': 'the-host-secret', 'content-type': 'application/json' }, payload: '{not json' });
+    assert.deepEqual([right.statusCode, right.json().error], [400, 'malformed-json']);
   } finally {
     await app.close();
   }

@@ -2,13 +2,13 @@ import { timingSafeEqual } from 'node:crypto';
 import type { FastifyRequest, FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import type { BrokerContext } from '../context.js';
-import { HttpError, parse, requireUser } from '../http.js';
-import { effectivePolicy, describePolicySource } from '../policies.js';
+import { HttpError, parse } from '../http.js';
 import { adminOf } from './admin/admin-scope.js';
 import { displayRelay } from '../display/relay.js';
 import { beginHandover, commitHandover, handoverShutDown } from '../hosts/handover.js';
 import { abandonReplica, beginReplica, commitReplica } from '../hosts/replica.js';
-import { Changes, withReceipts } from './user.js';
+import { Changes, withReceipts } from './change-list.js';
+import { markScope } from './scopes.js';
 import { failOver, hostAck, hostHeartbeat, hostsOverview, powerDesktop, prepareStart, releaseDesktop, sweepHosts } from '../hosts/power.js';
 import { hostJobOwner } from '../hosts/health.js';
 
@@ -44,6 +44,7 @@ const Report = z.object({
  * transfer servers do with theirs); they only ever call the broker, which never calls them.
  */
 export const hostRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
+  markScope(app, 'machine');
   // Every route of this plugin is a host's: the secret is checked (and a refusal audited under the
   // route's action) before the body is read, whatever a handler does.
   app.addHook('onRequest', async (req) => checkHostSecret(ctx, req, req.routeOptions.config.hostAction ?? 'host-request'));
@@ -136,31 +137,6 @@ export const hostRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app
     if (!b.ok && displayRelay(ctx).has(commandId)) await displayRelay(ctx).hostFailed(commandId, b.message);
     return { ok: true };
   });
-};
-
-/** Users: start and stop their desktop online where policy onlineAllowed lets them. */
-export const desktopPowerRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
-  const userPower = (action: 'on' | 'shutdown' | 'reset') => async (req: FastifyRequest) => {
-    const claims = await requireUser(ctx, req);
-    const { id } = parse(z.object({ id: z.string().min(1).max(200) }), req.params);
-    const desktop = await ctx.meta.getDesktop(id);
-    const audit = `power-${action}`;
-    if (!desktop || !(await ctx.meta.isEntitled(claims.sub, desktop))) {
-      await ctx.audit({ actor: claims.sub, desktopId: desktop?.id ?? null, action: audit, outcome: 'denied', detail: `not-entitled: ${id}` });
-      throw new HttpError(404, 'not-found', `no desktop ${id} you are entitled to`, {}, true);
-    }
-    const policy = await effectivePolicy(ctx.meta, claims.sub, desktop);
-    if (!policy.onlineAllowed.value) {
-      const message = `policy (${await describePolicySource(ctx.meta, policy.onlineAllowed.source)}) does not allow running ${desktop.name} online`;
-      await ctx.audit({ actor: claims.sub, desktopId: desktop.id, action: audit, outcome: 'denied', detail: `policy-denied: ${message}` });
-      throw new HttpError(403, 'policy-denied', message, {}, true);
-    }
-    return await powerDesktop(ctx, claims.sub, desktop, action);
-  };
-  app.post('/v1/desktops/:id/start', userPower('on'));
-  app.post('/v1/desktops/:id/stop', userPower('shutdown'));
-  // `carryon power DESKTOP reset` for a desktop running online (the host resets its guest).
-  app.post('/v1/desktops/:id/reset', userPower('reset'));
 };
 
 /** Admins: the hosts, power of any desktop, and the decision to discard a host's online changes (admin scope). */

@@ -9,7 +9,8 @@ import { z } from 'zod';
 import { CarryonError } from '../../core/errors.js';
 import { MAX_BUNDLE_BYTES, parseSignatureFile, RELEASE_SIGNATURE_HEADER, VERSION_RE, verifyRelease, type ReleaseManifest, type ReleaseSignature } from '../../core/tokens/release.js';
 import type { BrokerContext } from '../context.js';
-import { HttpError, parse, requireDevice } from '../http.js';
+import { HttpError, parse } from '../http.js';
+import { deviceOf } from './agent/agent-scope.js';
 import { drainRefusedBody } from '../../net/body-limits.js';
 import type { ReleaseRow } from '../releases/store.js';
 import { adminOf } from './admin/admin-scope.js';
@@ -135,11 +136,11 @@ const UpdateReport = z.object({
 /** States that end an update attempt: audited (the steps between are only recorded on the device's row). */
 const FINAL = new Set(['done', 'refused', 'rolled-back', 'failed']);
 
-/** Agent side: the bundle by byte range (resumable) and the steps of an update. */
+/** Agent side: the bundle by byte range (resumable) and the steps of an update (agent scope). */
 export const releaseAgentRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   const { releases } = ctx;
   app.get('/v1/agent/releases/:version/bundle', async (req, reply) => {
-    const device = await requireDevice(ctx, req);
+    const device = deviceOf(req);
     const { version } = parse(VersionParam, req.params);
     const r = await releases.store.release(version);
     const ring = (await releases.store.device(device.id)).ring;
@@ -162,7 +163,7 @@ export const releaseAgentRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = as
   });
 
   app.post('/v1/agent/update', async (req) => {
-    const device = await requireDevice(ctx, req);
+    const device = deviceOf(req);
     const b = parse(UpdateReport, req.body);
     await releases.store.setState(device.id, { state: b.state, targetVersion: b.version, detail: b.detail ?? null });
     if (FINAL.has(b.state)) {

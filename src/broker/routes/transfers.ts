@@ -8,6 +8,7 @@ import { transfersOverview } from '../transfers/overview.js';
 import { transferServerSync } from '../auth/trust.js';
 import { gatewayStatus, makeGatewayConfig } from '../gateway/state.js';
 import { adminOf } from './admin/admin-scope.js';
+import { markScope } from './scopes.js';
 
 const Count = z.number().int().min(0);
 const JobStats = z.object({ id: z.string().min(1).max(100), bytesIn: Count, bytesOut: Count, chunksIn: Count, chunksOut: Count }).strict();
@@ -19,6 +20,7 @@ const Summary = z.object({
 
 /** Transfer servers register and heartbeat with a shared secret. */
 export const transferRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
+  markScope(app, 'machine');
   const checkSecret = (given: unknown) => {
     const a = Buffer.from(String(given ?? ''));
     const b = Buffer.from(ctx.settings.transferSecret);

@@ -2,6 +2,7 @@ import type { FastifyInstance, FastifyPluginAsync, FastifyRequest } from 'fastif
 import type { BrokerContext } from '../../context.js';
 import { HttpError, requireAdmin } from '../../http.js';
 import type { SessionClaims } from '../../auth/tokens.js';
+import { markScope, scopeOf } from '../scopes.js';
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -11,9 +12,7 @@ declare module 'fastify' {
 }
 
 export const ADMIN_PREFIX = '/v1/admin';
-/** Set on the admin scope's instance; the plugins registered in it inherit it (their prototype). */
-const IN_ADMIN_SCOPE = Symbol('carryon admin scope');
-const inAdminScope = (app: FastifyInstance): boolean => (app as unknown as Record<symbol, unknown>)[IN_ADMIN_SCOPE] === true;
+const inAdminScope = (app: FastifyInstance): boolean => scopeOf(app) === 'admin';
 
 /**
  * The admin scope, an encapsulated plugin: its `onRequest` hook makes the admin check (401 without
@@ -23,7 +22,7 @@ const inAdminScope = (app: FastifyInstance): boolean => (app as unknown as Recor
  * every `/v1/admin` route must be here (`guardAdminRoutes`).
  */
 export const adminScope: FastifyPluginAsync<{ ctx: BrokerContext; resources: (scoped: FastifyInstance) => Promise<void> }> = async (scoped, { ctx, resources }) => {
-  (scoped as unknown as Record<symbol, unknown>)[IN_ADMIN_SCOPE] = true;
+  markScope(scoped, 'admin');
   scoped.addHook('onRoute', (route) => {
     if (!route.url.startsWith(`${ADMIN_PREFIX}/`)) throw new Error(`route ${route.url} is in the admin scope but not under ${ADMIN_PREFIX}/`);
   });

@@ -1,9 +1,10 @@
 import type { FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
-import type { BrokerContext } from '../context.js';
-import { HttpError, parse, requireUser } from '../http.js';
-import { restore, restoreRefusal } from '../desktops/restore-points.js';
-import { restorePoints } from '../desktops/restore-point-list.js';
+import type { BrokerContext } from '../../context.js';
+import { HttpError, parse } from '../../http.js';
+import { userOf } from './user-scope.js';
+import { restore, restoreRefusal } from '../../desktops/restore-points.js';
+import { restorePoints } from '../../desktops/restore-point-list.js';
 
 const Id = z.object({ id: z.string().min(1).max(200) });
 
@@ -18,13 +19,13 @@ export const restoreRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (
     return d;
   };
   app.get('/v1/desktops/:id/restore-points', async (req) => {
-    const claims = await requireUser(ctx, req);
+    const claims = userOf(req);
     const d = await desktopFor(claims, parse(Id, req.params).id);
     const refusal = await restoreRefusal(ctx, claims.sub, claims.role, d);
     return { desktopId: d.id, restorePoints: await restorePoints(ctx, d), canRestore: !refusal, ...(refusal ? { reason: refusal.message } : {}) };
   });
   app.post('/v1/desktops/:id/restore', async (req) => {
-    const claims = await requireUser(ctx, req);
+    const claims = userOf(req);
     const d = await desktopFor(claims, parse(Id, req.params).id);
     const b = parse(z.object({ snapshotId: z.string().min(1).max(200), reason: z.string().max(500).optional() }).strict(), req.body);
     return await restore(ctx, claims.sub, claims.role, d, b.snapshotId, b.reason);

@@ -1,9 +1,10 @@
 import type { FastifyRequest, FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
-import { auditTicket } from '../upload-rules.js';
-import type { BrokerContext } from '../context.js';
-import { HttpError, parse, requireUser } from '../http.js';
-import { cutOffReason, enforceCutOff } from '../auth/trust.js';
+import { auditTicket } from '../../upload-rules.js';
+import type { BrokerContext } from '../../context.js';
+import { HttpError, parse } from '../../http.js';
+import { userOf } from './user-scope.js';
+import { cutOffReason, enforceCutOff } from '../../auth/trust.js';
 
 const Id = z.object({ id: z.string().min(1).max(200) });
 const Bytes = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
@@ -15,7 +16,7 @@ const LocalProgress = z.object({ bytesLocal: Bytes, bytesTotal: Bytes, bytesRece
  */
 export const jobRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   const jobOf = async (req: FastifyRequest, action: string) => {
-    const claims = await requireUser(ctx, req);
+    const claims = userOf(req);
     const { id } = parse(Id, req.params);
     const checkoutId = await ctx.scheduler.checkoutOf(id);
     const c = checkoutId ? await ctx.meta.getCheckout(checkoutId) : null;

@@ -1,14 +1,15 @@
 import type { FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
-import { policyValues } from '../../core/policy.js';
-import type { BrokerContext } from '../context.js';
-import { HttpError, parse, requireDevice } from '../http.js';
-import { effectivePolicy } from '../policies.js';
-import { issueLease } from '../checkouts.js';
-import { enforceCutOff, stillAllowed } from '../auth/trust.js';
-import { endWipedCheckout } from '../desktops/wipe.js';
-import { VERSION_RE } from '../../core/tokens/release.js';
-import { offerOf } from './releases.js';
+import { policyValues } from '../../../core/policy.js';
+import type { BrokerContext } from '../../context.js';
+import { HttpError, parse } from '../../http.js';
+import { deviceOf } from './agent-scope.js';
+import { effectivePolicy } from '../../policies.js';
+import { issueLease } from '../../checkouts.js';
+import { enforceCutOff, stillAllowed } from '../../auth/trust.js';
+import { endWipedCheckout } from '../../desktops/wipe.js';
+import { VERSION_RE } from '../../../core/tokens/release.js';
+import { offerOf } from '../releases.js';
 
 const Heartbeat = z.object({
   host: z.object({
@@ -53,11 +54,11 @@ async function fileOfflineEvents(ctx: BrokerContext, device: { id: string; user:
   }
 }
 
-/** Agent endpoints: device-signed, outbound from the laptop only. */
+/** Agent endpoints: device-signed (the agent scope's hook checks it), outbound from the laptop only. */
 export const agentRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
-  app.post('/v1/agent/heartbeat', async (req) => {
-    // A revoked device still reaches its heartbeat: that is how its `lock` command gets to it.
-    const device = await requireDevice(ctx, req, { allowRevoked: true });
+  // A revoked device still reaches its heartbeat: that is how its `lock` command gets to it.
+  app.post('/v1/agent/heartbeat', { config: { revokedDeviceAllowed: true } }, async (req) => {
+    const device = deviceOf(req);
     const body = parse(Heartbeat, req.body);
     await ctx.meta.touchDevice(device.id, body.host);
     const { events, client, ...stats } = body;
@@ -83,7 +84,7 @@ export const agentRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (ap
   });
 
   app.post('/v1/agent/lease', async (req) => {
-    const device = await requireDevice(ctx, req);
+    const device = deviceOf(req);
     parse(z.object({}).strict(), req.body);
     // The device proves itself by signature; the lease covers what its user holds on it and may
     // still use (a disabled user, a removed entitlement or a revoked device get nothing).
@@ -97,8 +98,8 @@ export const agentRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (ap
     return { lease: lease?.lease ?? null };
   });
 
-  app.post('/v1/agent/commands/:id/ack', async (req) => {
-    const device = await requireDevice(ctx, req, { allowRevoked: true });
+  app.post('/v1/agent/commands/:id/ack', { config: { revokedDeviceAllowed: true } }, async (req) => {
+    const device = deviceOf(req);
     const { id } = parse(z.object({ id: z.string().max(200) }), req.params);
     const body = parse(z.object({ ok: z.boolean(), message: z.string().max(2000).optional() }).strict(), req.body);
     const command = (await ctx.meta.pendingCommands(device.id)).find((c) => c.id === id);
