@@ -432,6 +432,7 @@ test('host replicas: a running desktop is replicated to a restore point that bec
   }), /not running on host h1 \(it is returning on h1\)/);
   assert.ok((await events('host-replica-commit')).some((e) => e.actor === 'host:h1' && e.outcome === 'denied' && /not-running-here/.test(e.detail ?? '')), 'audited');
   assert.equal((await broker.ctx.meta.getDesktop('online1'))!.currentSnapshot, snap2);
+  assert.deepEqual((await broker.ctx.scheduler.openJobs()).filter((j) => j.checkoutId === `host:h1:${d.id}` && j.kind === 'replicate'), [], "the host's abandon ended its upload job");
   await until('handover done', async () => ((await http.call('GET', `/v1/checkouts/${checkoutId}/handover`, undefined, alice)).body.handover as { step: string }).step === 'done', 30_000);
   const checkpoint = (await broker.ctx.meta.getCheckout(checkoutId))!.checkpointSnapshot!;
   assert.ok((await snapshotImage(checkpoint)).equals(expected), "the check-out's checkpoint holds every write, the refused replica's too");
@@ -540,6 +541,7 @@ test('a host killed with -9: it is marked lost after three missed heartbeats, an
   assert.equal((await placement('online2'))!.snapshotId, (await broker.ctx.meta.getDesktop('online2'))!.currentSnapshot, 'from its last snapshot');
   assert.equal((await broker.ctx.meta.getSnapshot((await placement('online2'))!.snapshotId!))!.kind, 'replica', 'its newest replica');
   assert.ok(replica);
+  assert.deepEqual((await broker.ctx.scheduler.openJobs()).filter((j) => j.checkoutId === `host:h2:${id}`), [], "the lost host's open jobs gave their slots back");
   assert.ok((await events('failover')).some((e) => e.outcome === 'ok' && /at risk.*reason: h2 died/.test(e.detail ?? '')), 'audited');
   assert.deepEqual((await hostsList()).find((h) => h.id === 'h2')!.desktops.map((d) => d.state), ['kept']);
   const twice = await http.call('POST', '/v1/admin/desktops/online2/failover', {}, admin);

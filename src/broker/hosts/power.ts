@@ -270,6 +270,8 @@ export async function failOver(ctx: BrokerContext, actor: string, desktop: Deskt
   if (!p || p.state !== 'lost') throw await refuse(ctx, actor, desktop.id, 'failover', 409, 'not-lost', `${desktop.name} is ${p ? `${p.state} on host ${p.hostId}` : 'on no host'}: only a desktop whose host is lost fails over`);
   await ctx.hosts.keep({ desktopId: desktop.id, hostId: p.hostId, snapshotId: p.snapshotId, reason: reason ?? null });
   if (!(await ctx.hosts.unplace(desktop.id, ['lost']))) throw await refuse(ctx, actor, desktop.id, 'failover', 409, 'busy', `${desktop.name} changed state meanwhile; try again`);
+  // The lost host's open jobs for it (a background replica cut off mid-way) give their slots back.
+  await ctx.scheduler.finishForCheckout(hostJobOwner(p.hostId, desktop.id), 'cancelled');
   const atRisk = `what the guest wrote on host ${p.hostId} since snapshot ${desktop.currentSnapshot ?? '-'} (running there since ${p.since}) is at risk: that host keeps it until \`carryon admin hosts release ${desktop.name} --host ${p.hostId}\``;
   await ctx.audit({ actor, desktopId: desktop.id, action: 'failover', outcome: 'ok', detail: `${atRisk}${reason ? `; reason: ${reason}` : ''}` });
   try {

@@ -72,7 +72,9 @@ export async function commitReplica(ctx: BrokerContext, hostId: string, desktopI
 
 /** The host gave its point up (a failure on its side): the job ends, the placement keeps its snapshot. */
 export async function abandonReplica(ctx: BrokerContext, hostId: string, desktopId: string, jobId: string, message: string) {
-  if (await ctx.hosts.endReplica(desktopId, hostId, jobId, null)) await ctx.scheduler.finish(jobId, 'failed');
+  await ctx.hosts.endReplica(desktopId, hostId, jobId, null);
+  // Ended whatever the placement became meanwhile (a handover, a stop): only a job of this host's for this desktop.
+  if ((await ctx.scheduler.checkoutOf(jobId)) === hostJobOwner(hostId, desktopId)) await ctx.scheduler.finish(jobId, 'failed');
   await ctx.audit({ actor: `host:${hostId}`, desktopId, action: ACTION, outcome: 'failed', detail: `job ${jobId}: ${message}` });
   return { ok: true };
 }
