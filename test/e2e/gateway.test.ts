@@ -4,7 +4,7 @@ import { cpSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { createConnection } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { connect as tlsConnect, createServer as createTlsServer, type Server as TlsServer } from 'node:tls';
+import { connect as tlsConnect, createSecureContext, createServer as createTlsServer, type Server as TlsServer } from 'node:tls';
 import { after, before, test } from 'node:test';
 import { runAgent } from '../../src/client/agent.js';
 import { templatesDir } from '../../src/live/disks/disks.js';
@@ -188,7 +188,11 @@ test('a transfer server swapped behind the gateway for one with another certific
   transfers.delete('ts-a');
   const other = await loadOrCreateTls({ dir: join(gwDir, 'impostor') });
   const seen: string[] = [];
-  const impostor: TlsServer = createTlsServer({ cert: other.cert, key: other.key }, (s) => (seen.push(String(s.servername)), s.end()));
+  // The name is taken from the ClientHello (SNICallback), not from a finished handshake: the laptop
+  // refuses the certificate and drops the connection, so the impostor may never see the handshake end.
+  const context = createSecureContext({ cert: other.cert, key: other.key });
+  const impostor: TlsServer = createTlsServer({ cert: other.cert, key: other.key, SNICallback: (name, cb) => (seen.push(name), cb(null, context)) }, (s) => s.end());
+  impostor.on('tlsClientError', () => undefined); // the laptop's refusal, expected
   await new Promise<void>((r) => impostor.listen(port, '127.0.0.3', r));
   try {
     const beforeStats = await backendSessions();
