@@ -170,8 +170,9 @@ export async function replicate(o: {
   } catch (err) {
     for (const c of clients) await c.close().catch(() => undefined);
     if (!committed) {
-      await o.live.abandon(point.id);
+      // The broker first (its job ends even where QEMU is gone); a chain QEMU no longer holds is settled at the next start.
       await o.abandon(b.job.id, (err as Error).message).catch(() => undefined);
+      await o.live.abandon(point.id);
     }
     throw err;
   }

@@ -419,6 +419,24 @@ test('host replicas: a running desktop is replicated to a restore point that bec
   assert.equal((await broker.ctx.scheduler.get(jobId))!.state, 'failed');
   assert.equal((await broker.ctx.meta.getDesktop('online1'))!.currentSnapshot, snap2, 'no snapshot made');
 
+  // QEMU dies with a point open (the host's kill leaves the same on disk): the broker's job ends, the
+  // layout still names the frozen layer, and the next start settles it (the writes back into it) before the chain opens.
+  await onWith([{ offset: 11 * chunk, data: randomBytes(4096) }]);
+  const dying = (await hostsList()).find((h) => h.id === 'h1')!.desktops[0]!.pid!;
+  await assert.rejects(host!.replicate(d.id, { beforeCommit: async () => {
+    process.kill(dying, 'SIGKILL');
+    throw new Error('QEMU died');
+  } }), /QEMU died|closed|QMP/i);
+  assert.notEqual((JSON.parse(readFileSync(join(disk, 'layout.json'), 'utf8')) as { under: string | null }).under, null, 'the point is still open on disk');
+  await placedAs('online1', 'stopped');
+  assert.equal((await power('online1', 'on')).status, 200);
+  await placedAs('online1', 'running');
+  qemus.push((await until('pid reported', async () => (await hostsList()).find((h) => h.id === 'h1' && h.desktops[0]?.pid && !qemus.includes(h.desktops[0].pid))))!.desktops[0]!.pid!);
+  assert.equal((JSON.parse(readFileSync(join(disk, 'layout.json'), 'utf8')) as { under: string | null }).under, null, 'settled');
+  assert.match(await host!.replicate(d.id), /^replica \S+: 1 chunks changed, 1 sent/);
+  const snap3 = (await broker.ctx.meta.getDesktop('online1'))!.currentSnapshot!;
+  assert.ok((await snapshotImage(snap3)).equals(expected), 'nothing lost');
+
   // A check-out comes while the pages travel: the commit is refused, the host abandons the point (the
   // writes go back into its top), and the handover that follows sends them all: nothing lost.
   await onWith([{ offset: 14 * chunk, data: randomBytes(chunk) }]);
@@ -431,7 +449,7 @@ test('host replicas: a running desktop is replicated to a restore point that bec
     },
   }), /not running on host h1 \(it is returning on h1\)/);
   assert.ok((await events('host-replica-commit')).some((e) => e.actor === 'host:h1' && e.outcome === 'denied' && /not-running-here/.test(e.detail ?? '')), 'audited');
-  assert.equal((await broker.ctx.meta.getDesktop('online1'))!.currentSnapshot, snap2);
+  assert.equal((await broker.ctx.meta.getDesktop('online1'))!.currentSnapshot, snap3);
   assert.deepEqual((await broker.ctx.scheduler.openJobs()).filter((j) => j.checkoutId === `host:h1:${d.id}` && j.kind === 'replicate'), [], "the host's abandon ended its upload job");
   await until('handover done', async () => ((await http.call('GET', `/v1/checkouts/${checkoutId}/handover`, undefined, alice)).body.handover as { step: string }).step === 'done', 30_000);
   const checkpoint = (await broker.ctx.meta.getCheckout(checkoutId))!.checkpointSnapshot!;
