@@ -1,24 +1,16 @@
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { rm, writeFile } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { checkout, discardLocal, release } from '../src/client/ops.js';
 import { writeTestImage } from '../src/demo/image.js';
-import { run, settle, stats, timed } from './lib/measure.js';
+import { freePort, run, settle, stats, timed } from './lib/measure.js';
 import { Rig } from './lib/rig.js';
 import type { BenchRow, BenchSection } from './types.js';
 
 /** Debian puts haproxy in /usr/sbin, which a non-root user's PATH lacks. */
 const HAPROXY = ['/usr/sbin/haproxy', '/usr/local/sbin/haproxy'].find((p) => existsSync(p)) ?? 'haproxy';
 
-async function freePort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const port = (srv.address() as { port: number }).port;
-  await new Promise((r) => srv.close(r));
-  return port;
-}
 
 /**
  * A check-out through the gateway (haproxy in TCP mode, TLS passed through by SNI) against the

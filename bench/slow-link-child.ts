@@ -3,12 +3,11 @@
 // which `tc` shapes to the link under test while a timed step runs. Prints its rows as JSON.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { copyFile, mkdir, rm, writeFile } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { checkout, upload } from '../src/client/ops.js';
 import { writeTestImage } from '../src/demo/image.js';
 import { changeOnePercent } from './checkin.js';
-import { MB, run, settle, timed } from './lib/measure.js';
+import { freePort, MB, run, settle, timed } from './lib/measure.js';
 import { Rig } from './lib/rig.js';
 import type { BenchRow } from './types.js';
 
@@ -34,13 +33,6 @@ function parseRate(r: string): number {
   return Number(m[1]) * { k: 1e3, m: 1e6, g: 1e9 }[m[2] as 'k' | 'm' | 'g'];
 }
 
-async function freePort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const port = (srv.address() as { port: number }).port;
-  await new Promise((r) => srv.close(r));
-  return port;
-}
 
 /** An rsync daemon (the peer a user on a slow link would pick: `rsync -z` against it) over `dir`. */
 async function rsyncDaemon(dir: string): Promise<{ url: string; stop: () => Promise<void> }> {

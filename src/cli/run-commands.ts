@@ -11,9 +11,8 @@ import { rememberLocalConfig } from '../client/vault/vault.js';
 import { recordEvent } from '../live/disks/events.js';
 import { stopReasonWords, takeStopReason } from '../client/devices/stop-reason.js';
 import { GuestAgent } from '../live/guest-agent.js';
-import type { Quiesce } from '../live/live-chain.js';
+import { vmReplicaServer, type Quiesce } from '../live/live-chain.js';
 import { quiesce } from '../live/quiesce.js';
-import { chmod, rm } from 'node:fs/promises';
 import { CarryonError } from '../core/errors.js';
 import { chainBlockdev } from '../disk/chain.js';
 import { probeKvm, probeVirgl } from '../hypervisor/host.js';
@@ -191,14 +190,7 @@ async function startRunControl(held: HeldDesktop, vm: RunningDesktop, home: stri
   // USB by policy and power events first: the devices listed in local-config.json go in as QEMU starts.
   const devices = await startRunDevices(held, { qmp: vm.connection, guestAgentSocket: vm.guestAgentSocket }, { home, log });
   const dir = await socketDir(held.vault, held.state.desktopId);
-  const replicaSocket = join(dir, 'replica.sock');
-  let nbdStarted: Promise<void> | null = null;
-  const ensureServer = () =>
-    (nbdStarted ??= (async () => {
-      await rm(replicaSocket, { force: true });
-      await vm.qmp('nbd-server-start', { addr: { type: 'unix', data: { path: replicaSocket } } });
-      await chmod(replicaSocket, 0o600);
-    })());
+  const nbd = vmReplicaServer((c, a) => vm.qmp(c, a), join(dir, 'replica.sock'));
   // The guest's agent, where it answers, freezes its file systems around the point in time.
   // QEMU's channel takes one client at a time: connected per replica, let go after.
   let agentAnswered: boolean | null = null;
@@ -214,7 +206,7 @@ async function startRunControl(held: HeldDesktop, vm: RunningDesktop, home: stri
     }
   };
   const control = await startLiveControl(held, { qmp: vm.connection }, {
-    kind: 'run', nbd: { socketPath: replicaSocket, ensureServer }, guestAgent: () => agentAnswered, quiesce: quiesceGuest, log, devices: devices.handler,
+    kind: 'run', nbd, guestAgent: () => agentAnswered, quiesce: quiesceGuest, log, devices: devices.handler,
     async shutdown(graceMs, force) {
       log('shutting the desktop down (ACPI), as a check-in asked');
       await vm.qmp('system_powerdown').catch(() => undefined);

@@ -1,5 +1,5 @@
 import { existsSync, readFileSync } from 'node:fs';
-import { chmod, readFile, rm } from 'node:fs/promises';
+import { readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { CarryonError } from '../core/errors.js';
 import type { LineageKeys } from '../core/keys.js';
@@ -7,7 +7,7 @@ import { decodeManifest, encodeManifest, manifestDigest, type Manifest } from '.
 import { chainFiles, createLayer, otherTop, topExtents, type Chain } from '../disk/chain.js';
 import { writeFileAtomic } from '../files/atomic.js';
 import type { RunningDesktop } from '../hypervisor/launch.js';
-import { LiveChain, type LiveLayers } from '../live/live-chain.js';
+import { LiveChain, vmReplicaServer, type LiveLayers } from '../live/live-chain.js';
 import { NbdClient } from '../nbd/client.js';
 import type { TransferEndpoint } from '../transfer-client/client.js';
 import { frozenChain, readLayout, recordBase, settleLayout, writeLayout } from './layout.js';
@@ -83,15 +83,7 @@ export function hostLayers(disks: ReplicaDisk[], templates: string): LiveLayers 
 
 /** A running guest's live chain: made once per QEMU (its node names move with every point). */
 export function liveChainOf(vm: RunningDesktop, disks: ReplicaDisk[], socketDir: string, templates: string): LiveChain {
-  const socketPath = join(socketDir, 'replica.sock');
-  let started: Promise<void> | null = null;
-  const ensureServer = () =>
-    (started ??= (async () => {
-      await rm(socketPath, { force: true });
-      await vm.qmp('nbd-server-start', { addr: { type: 'unix', data: { path: socketPath } } });
-      await chmod(socketPath, 0o600);
-    })());
-  return new LiveChain({ qmp: vm.connection }, hostLayers(disks, templates), { socketPath, ensureServer });
+  return new LiveChain({ qmp: vm.connection }, hostLayers(disks, templates), vmReplicaServer((c, a) => vm.qmp(c, a), join(socketDir, 'replica.sock')));
 }
 
 export interface ReplicaBegun {

@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import { chmod, rm } from 'node:fs/promises';
 import { CarryonError } from '../core/errors.js';
 import type { Range } from '../core/chunks/delta.js';
 import type { BlockHost } from '../disk/storage-daemon.js';
@@ -206,4 +207,19 @@ export class LiveChain {
     const error = done.data?.error;
     if (done.event === 'BLOCK_JOB_CANCELLED' || typeof error === 'string') throw new CarryonError('live-job-failed', `QEMU's ${jobId} job failed: ${String(error ?? 'cancelled')}`);
   }
+}
+
+/**
+ * The NBD server a VM's QEMU exports frozen layers on: a unix socket only its owner may open,
+ * started at the first point (`carryon run`'s guest and a desktop host's alike).
+ */
+export function vmReplicaServer(qmp: (command: string, args?: Record<string, unknown>) => Promise<unknown>, socketPath: string): { socketPath: string; ensureServer: () => Promise<void> } {
+  let started: Promise<void> | null = null;
+  const ensureServer = () =>
+    (started ??= (async () => {
+      await rm(socketPath, { force: true });
+      await qmp('nbd-server-start', { addr: { type: 'unix', data: { path: socketPath } } });
+      await chmod(socketPath, 0o600);
+    })());
+  return { socketPath, ensureServer };
 }
