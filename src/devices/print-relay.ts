@@ -1,11 +1,13 @@
 import { readFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { fileURLToPath } from 'node:url';
+import { LocalHostRewriter } from './host-header.js';
 
 /**
  * The guest's path to the laptop's printers: QEMU's user network runs this for each connection the
  * guest opens to 10.0.2.100:631 (guestfwd `cmd:`), with the connection on stdin/stdout, and it
- * joins that to the host's CUPS socket. It reads the agent's policy file first, at every
+ * joins that to the host's CUPS socket (each request's Host made `localhost`, as CUPS asks of a
+ * local client: host-header.ts). It reads the agent's policy file first, at every
  * connection: printing taken away while the desktop runs closes the path for every new job. (The
  * check-out's MACed policy decided at start whether the forward exists at all.)
  */
@@ -27,10 +29,15 @@ function main(argv: string[]): void {
   if (printingRevoked(policyFile)) process.exit(0); // no path: the guest sees the connection closed
   const sock = connect(cupsSocket);
   sock.on('error', () => process.exit(1));
-  process.stdin.pipe(sock);
+  // CUPS takes a request on its socket only with a loopback Host: each request's is made so.
+  const requests = new LocalHostRewriter();
+  requests.on('error', () => {
+    sock.destroy();
+    process.exit(1);
+  });
+  process.stdin.pipe(requests).pipe(sock);
   sock.pipe(process.stdout);
   sock.on('close', () => process.exit(0));
-  process.stdin.on('end', () => sock.end());
 }
 
 if (process.argv[1] === RELAY_SCRIPT) main(process.argv.slice(2));

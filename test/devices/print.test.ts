@@ -6,6 +6,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { RELAY_SCRIPT } from '../../src/devices/print-relay.js';
+import { LocalHostRewriter } from '../../src/devices/host-header.js';
+import { cupsSkip, ippPrintJob, startCups } from '../support/cups.js';
 import { buildQemuCommand, encryptSecret, parseOfflineConfig } from '../../src/hypervisor/launch.js';
 
 // Printing by policy: the relay QEMU's user network runs per guest connection to 10.0.2.100:631
@@ -13,7 +15,7 @@ import { buildQemuCommand, encryptSecret, parseOfflineConfig } from '../../src/h
 const dir = mkdtempSync(join(tmpdir(), 'carryon-print-'));
 after(() => rmSync(dir, { recursive: true, force: true }));
 
-function relay(policyFile: string, socket: string, request: string): Promise<{ code: number | null; out: string }> {
+function relay(policyFile: string, socket: string, request: string | Buffer): Promise<{ code: number | null; out: string }> {
   return new Promise((resolve) => {
     const child = spawn(process.execPath, [RELAY_SCRIPT, policyFile, socket], { stdio: ['pipe', 'pipe', 'ignore'] });
     let out = '';
@@ -65,4 +67,56 @@ test('the command line: a guestfwd to the relay only where printing is allowed; 
   assert.throws(() => buildQemuCommand(parseOfflineConfig({ vcpus: 1, ramMiB: 256 }), host, disks, { ...opts, printRelay: relayCmd }), { code: 'policy' }, 'an older check-out (no printing key) gets no printer');
   assert.throws(() => buildQemuCommand(parseOfflineConfig({ vcpus: 1, ramMiB: 256, printing: true }), host, disks, { ...opts, printRelay: ['/a b/node'] }), { code: 'invalid' });
   assert.throws(() => buildQemuCommand(parseOfflineConfig({ vcpus: 1, ramMiB: 256, printing: true }), host, disks, { ...opts, printRelay: ['/a,guestfwd=x'] }), { code: 'invalid' });
+});
+
+/** What the rewriter makes of `input`, fed to it in pieces of `step` bytes (a request may arrive split anywhere). */
+async function rewritten(input: Buffer, step: number): Promise<string> {
+  const r = new LocalHostRewriter();
+  const out: Buffer[] = [];
+  r.on('data', (d: Buffer) => out.push(d));
+  const ended = new Promise<void>((resolve, reject) => {
+    r.once('end', resolve);
+    r.once('error', reject);
+  });
+  for (let i = 0; i < input.length; i += step) r.write(input.subarray(i, i + step));
+  r.end();
+  await ended;
+  return Buffer.concat(out).toString('latin1');
+}
+
+test('the relay makes each request\'s Host localhost (CUPS refuses any other on its socket): kept-alive requests, Content-Length and chunked bodies pass byte for byte; an Upgrade is dropped; a stream that is not HTTP ends', async () => {
+  // A body that looks like a request head: only the framing may decide where a body ends.
+  const body1 = 'Host: evil\r\n\r\nGET / HTTP/1.1\r\n\r\n';
+  const chunks = ['5\r\nHost:\r\n', '10;ext=1\r\n0123456789abcdef\r\n', '0\r\nX-Trailer: 1\r\n\r\n'];
+  const input = [
+    `POST /printers/carryon HTTP/1.1\r\nHost: 10.0.2.100:631\r\nContent-Type: application/ipp\r\nContent-Length: ${body1.length}\r\n\r\n${body1}`,
+    'POST /printers/carryon HTTP/1.1\r\nHOST:10.0.2.100\r\nTransfer-Encoding: chunked\r\nUpgrade: TLS/1.2\r\n\r\n', ...chunks,
+    'GET /printers/ HTTP/1.0\r\n\r\n',
+  ].join('');
+  const want = [
+    `POST /printers/carryon HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/ipp\r\nContent-Length: ${body1.length}\r\n\r\n${body1}`,
+    'POST /printers/carryon HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n', ...chunks,
+    'GET /printers/ HTTP/1.0\r\nHost: localhost\r\n\r\n',
+  ].join('');
+  for (const step of [1, 7, input.length]) assert.equal(await rewritten(Buffer.from(input, 'latin1'), step), want, `fed ${step} bytes at a time`);
+  await assert.rejects(rewritten(Buffer.from('\x16\x03\x01 TLS hello\r\n\r\n', 'latin1'), 64), /not an HTTP/);
+  await assert.rejects(rewritten(Buffer.from('POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n', 'latin1'), 64), /chunk size/);
+});
+
+test('a job through the relay arrives in a real CUPS (a private cupsd on a temp socket): the Print-Job a guest sends, Host 10.0.2.100:631 and all', { skip: cupsSkip }, async () => {
+  const cups = await startCups(join(dir, 'cups'));
+  try {
+    const doc = Buffer.from('%!PS\n% a page from the guest\nshowpage\n');
+    const ipp = ippPrintJob(`ipp://10.0.2.100:631/printers/${cups.queue}`, doc, { user: 'guest-alice' });
+    const head = `POST /printers/${cups.queue} HTTP/1.1\r\nHost: 10.0.2.100:631\r\nContent-Type: application/ipp\r\nContent-Length: ${ipp.length}\r\nConnection: close\r\n\r\n`;
+    const answer = await relay(join(dir, 'none.json'), cups.socket, Buffer.concat([Buffer.from(head), ipp]));
+    assert.match(answer.out, /^HTTP\/1\.1 200 OK/, answer.out.slice(0, 200));
+    // IPP status successful-ok (0x0000) right after the version, in the answer's body.
+    const body = Buffer.from(answer.out.slice(answer.out.indexOf('\r\n\r\n') + 4), 'latin1');
+    assert.equal(body.readUInt16BE(2), 0, `IPP status ${body.readUInt16BE(2).toString(16)}`);
+    const jobs = await cups.jobs();
+    assert.deepEqual(jobs.map((j) => [j.user, j.document.toString()]), [['guest-alice', doc.toString()]]);
+  } finally {
+    await cups.stop();
+  }
 });

@@ -1,0 +1,81 @@
+import { Transform, type TransformCallback } from 'node:stream';
+
+/**
+ * The guest's HTTP requests to its printer (IPP is HTTP POST), with each request's Host header
+ * made `localhost`. CUPS answers a connection on its unix socket (a local one) only for a
+ * loopback Host, so the guest's `Host: 10.0.2.100:631` would get 400 Bad Request for every job.
+ * Requests are followed one after another on a kept-alive connection: the head is rewritten, the
+ * body (Content-Length or chunked) passes through unchanged. An Upgrade (to TLS) is dropped: the
+ * path is a pipe inside this laptop, and after one the stream could no longer be followed. A head
+ * that is not HTTP/1.x or is too long ends the connection.
+ */
+export const MAX_HEAD_BYTES = 64 * 1024;
+
+type State = { at: 'head' } | { at: 'body'; left: number } | { at: 'chunk-size' } | { at: 'chunk-data'; left: number } | { at: 'trailer' };
+
+export class LocalHostRewriter extends Transform {
+  private state: State = { at: 'head' };
+  private pending: Buffer = Buffer.alloc(0);
+
+  override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
+    this.pending = this.pending.length ? Buffer.concat([this.pending, chunk]) : chunk;
+    try {
+      while (this.pending.length > 0 && this.step());
+      done();
+    } catch (err) {
+      done(err as Error);
+    }
+  }
+
+  /** One step of the request stream; false when more bytes are needed. */
+  private step(): boolean {
+    const s = this.state;
+    if (s.at === 'body' || s.at === 'chunk-data') {
+      const n = Math.min(s.left, this.pending.length);
+      this.pass(n);
+      s.left -= n;
+      if (s.left === 0) this.state = s.at === 'body' ? { at: 'head' } : { at: 'chunk-size' };
+      return true;
+    }
+    const end = this.pending.indexOf(s.at === 'head' ? '\r\n\r\n' : '\r\n');
+    if (end < 0) {
+      if (this.pending.length > MAX_HEAD_BYTES) throw new Error('an HTTP head or chunk line that never ends');
+      return false;
+    }
+    if (s.at === 'chunk-size') {
+      const line = this.pending.toString('latin1', 0, end);
+      const size = parseInt(line.split(';')[0]!.trim(), 16);
+      if (!/^[0-9a-fA-F]+/.test(line.trim()) || !Number.isSafeInteger(size)) throw new Error(`bad chunk size line ${JSON.stringify(line.slice(0, 40))}`);
+      this.pass(end + 2);
+      // Each chunk's data ends with CRLF; the last (size 0) is followed by trailers and an empty line.
+      this.state = size === 0 ? { at: 'trailer' } : { at: 'chunk-data', left: size + 2 };
+      return true;
+    }
+    if (s.at === 'trailer') {
+      const last = end === 0;
+      this.pass(end + 2);
+      if (last) this.state = { at: 'head' };
+      return true;
+    }
+    // A request head: rewrite it, then follow its body.
+    const lines = this.pending.toString('latin1', 0, end).split('\r\n');
+    this.pending = this.pending.subarray(end + 4);
+    const requestLine = lines.shift() ?? '';
+    if (!/^[A-Z]+ \S+ HTTP\/1\.[01]$/.test(requestLine)) throw new Error(`not an HTTP/1.x request: ${JSON.stringify(requestLine.slice(0, 60))}`);
+    const kept = lines.filter((l) => !/^(host|upgrade)\s*:/i.test(l));
+    const header = (name: string) => lines.find((l) => l.toLowerCase().startsWith(`${name}:`))?.slice(name.length + 1).trim();
+    this.push(Buffer.from([requestLine, 'Host: localhost', ...kept, '', ''].join('\r\n'), 'latin1'));
+    if (/chunked/i.test(header('transfer-encoding') ?? '')) this.state = { at: 'chunk-size' };
+    else {
+      const length = Number(header('content-length') ?? 0);
+      if (!Number.isSafeInteger(length) || length < 0) throw new Error('bad Content-Length');
+      if (length > 0) this.state = { at: 'body', left: length };
+    }
+    return true;
+  }
+
+  private pass(n: number): void {
+    this.push(this.pending.subarray(0, n));
+    this.pending = this.pending.subarray(n);
+  }
+}
