@@ -11,6 +11,7 @@ import { rememberLocalConfig } from '../client/vault/vault.js';
 import { recordEvent } from '../live/disks/events.js';
 import { stopReasonWords, takeStopReason } from '../client/devices/stop-reason.js';
 import { GuestAgent } from '../live/guest-agent.js';
+import { agentPowerdown } from '../live/power.js';
 import { vmReplicaServer, type Quiesce } from '../live/live-chain.js';
 import { quiesce } from '../live/quiesce.js';
 import { CarryonError } from '../core/errors.js';
@@ -121,7 +122,10 @@ export function registerRunCommands(program: Command): void {
             // The agent says why it stopped us (lease, lock, wipe); a plain signal is the user's.
             const reason = await takeStopReason(held.vault, held.state.desktopId);
             e.log(`${reason ? `${stopReasonWords(reason)}: ` : ''}shutting the desktop down (ACPI; forced after ${POWEROFF_GRACE_MS / 1000} s)${reason ? '' : '; press Ctrl-C again to force'}`);
+            // Its agent is asked too: a guest deaf to the button (no acpid, or woken from S3) still shuts down in order (live/power.ts).
+            const asked = agentPowerdown(v.guestAgentSocket);
             await v.stop(POWEROFF_GRACE_MS);
+            await asked;
             const how = v.stoppedBy === 'acpi' ? 'the guest powered off cleanly' : `the guest did not power off within ${POWEROFF_GRACE_MS / 1000} s: QEMU was stopped (${v.stoppedBy ?? 'quit'})`;
             e.log(how);
             await recordEvent(e.home, 'power-off', held.state.desktopId, `${stopReasonWords(reason)}: ${how}`);

@@ -7,9 +7,11 @@ import { Transform, type TransformCallback } from 'node:stream';
  * Requests are followed one after another on a kept-alive connection: the head is rewritten, the
  * body (Content-Length or chunked) passes through unchanged. An Upgrade (to TLS) is dropped: the
  * path is a pipe inside this laptop, and after one the stream could no longer be followed. A head
- * that is not HTTP/1.x or is too long ends the connection.
+ * that is not HTTP/1.x, not a POST to a print resource, or too long ends the connection.
  */
 export const MAX_HEAD_BYTES = 64 * 1024;
+/** IPP's resources for printing: the server (CUPS-Get-Printers), a printer or class, a job. */
+const PRINT_TARGET = /^\/((printers|classes|jobs)\/[A-Za-z0-9_.@%+-]*)?$/;
 
 type State = { at: 'head' } | { at: 'body'; left: number } | { at: 'chunk-size' } | { at: 'chunk-data'; left: number } | { at: 'trailer' };
 
@@ -62,6 +64,10 @@ export class LocalHostRewriter extends Transform {
     this.pending = this.pending.subarray(end + 4);
     const requestLine = lines.shift() ?? '';
     if (!/^[A-Z]+ \S+ HTTP\/1\.[01]$/.test(requestLine)) throw new Error(`not an HTTP/1.x request: ${JSON.stringify(requestLine.slice(0, 60))}`);
+    // Printing only: CUPS takes the relay's requests as this laptop's user's own (peer credentials
+    // on its socket), so its admin pages and config (/admin, PUT of cupsd.conf) stay out of reach.
+    const [method, target] = requestLine.split(' ');
+    if (method !== 'POST' || !PRINT_TARGET.test(target!)) throw new Error(`not a print request: ${JSON.stringify(requestLine.slice(0, 60))}`);
     const kept = lines.filter((l) => !/^(host|upgrade)\s*:/i.test(l));
     const header = (name: string) => lines.find((l) => l.toLowerCase().startsWith(`${name}:`))?.slice(name.length + 1).trim();
     this.push(Buffer.from([requestLine, 'Host: localhost', ...kept, '', ''].join('\r\n'), 'latin1'));

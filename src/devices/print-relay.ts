@@ -22,6 +22,8 @@ export function printingRevoked(policyFile: string): boolean {
 }
 
 export const RELAY_SCRIPT = fileURLToPath(import.meta.url);
+/** How long the relay keeps CUPS's side open after the guest stopped sending. */
+const HALF_CLOSE_LINGER_MS = 60_000;
 
 function main(argv: string[]): void {
   const [policyFile, cupsSocket] = argv;
@@ -35,9 +37,15 @@ function main(argv: string[]): void {
     sock.destroy();
     process.exit(1);
   });
-  process.stdin.pipe(requests).pipe(sock);
+  // The guest's half-close is not passed on at once: CUPS takes a client's EOF as the client gone and
+  // drops the answer it is writing. CUPS closes the connection itself after answering a request
+  // that asks it to (Connection: close), or once it idles (KeepAliveTimeout); this bound is a backstop.
+  process.stdin.pipe(requests).pipe(sock, { end: false });
+  requests.on('end', () => setTimeout(() => sock.end(), HALF_CLOSE_LINGER_MS).unref());
   sock.pipe(process.stdout);
-  sock.on('close', () => process.exit(0));
+  // Exit once CUPS's answer is all out: stdout to a pipe is written asynchronously, so an exit at
+  // once would cut the tail of the answer off (the empty write's callback runs after the rest).
+  sock.on('close', () => process.stdout.write('', () => process.exit(0)));
 }
 
 if (process.argv[1] === RELAY_SCRIPT) main(process.argv.slice(2));

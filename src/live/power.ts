@@ -12,9 +12,6 @@ export interface PowerTarget {
 export interface PowerOptions {
   /** How long the guest agent may take to answer at all. */
   agentTimeoutMs?: number;
-  /** How long a guest that accepted a suspend may take to reach S3 before it is paused instead. */
-  suspendWaitMs?: number;
-  log?: (l: string) => void;
 }
 
 async function runState(qmp: UsbQmp): Promise<string> {
@@ -24,10 +21,10 @@ async function runState(qmp: UsbQmp): Promise<string> {
 
 /**
  * A power event for a running guest, as `carryon power` and the host's own events send it.
- * powerdown: the ACPI power button (the guest decides). reset: a hard reset. suspend: the guest
- * suspends itself to RAM where its agent answers, else its CPUs are paused (stop). resume: the
- * opposite (system_wakeup or cont), then the guest's clock is set through its agent where it
- * answers. Answers what was done, in words.
+ * powerdown: the ACPI power button (the guest decides). reset: a hard reset. suspend: its CPUs
+ * are paused (stop). resume: they run again (cont; system_wakeup for a guest that suspended
+ * itself), then the guest's clock is set through its agent where it answers. Answers what was
+ * done, in words.
  */
 export async function sendPower(vm: PowerTarget, action: PowerAction, opts: PowerOptions = {}): Promise<string> {
   const agentMs = opts.agentTimeoutMs ?? 2_000;
@@ -42,22 +39,12 @@ export async function sendPower(vm: PowerTarget, action: PowerAction, opts: Powe
   const state = await runState(vm.qmp);
   if (action === 'suspend') {
     if (state === 'suspended' || state === 'paused') return `the guest is already ${state}`;
-    const found = vm.guestAgentSocket ? await GuestAgent.tryConnect(vm.guestAgentSocket, agentMs) : { agent: null, reason: 'the VM has no guest agent channel' };
-    if (found.agent) {
-      try {
-        const suspended = vm.qmp.waitEvent((e) => e.event === 'SUSPEND', opts.suspendWaitMs ?? 30_000);
-        suspended.catch(() => undefined);
-        await found.agent.suspendRam(agentMs);
-        await suspended;
-        return 'the guest suspended itself to RAM (its agent answered)';
-      } catch (err) {
-        opts.log?.(`the guest's agent did not suspend it (${(err as Error).message}): pausing it instead`);
-      } finally {
-        found.agent.close();
-      }
-    }
+    // Paused, not S3 (guest-suspend-ram): QEMU wakes a q35 guest from S3 through a machine reset
+    // that leaves its ACPI registers dead (seen with SeaBIOS and Linux 6.1: no power button, and
+    // its ACPI power-off no longer ends QEMU), so a desktop once suspended could not be shut down
+    // cleanly again. Paused CPUs resume exactly where they were; only the clock needs setting.
     await vm.qmp.execute('stop');
-    return `the guest is paused (its CPUs are stopped${found.agent ? '' : `; no guest agent: ${found.reason ?? 'it does not answer'}`})`;
+    return 'the guest is paused (its CPUs are stopped until resume)';
   }
   // resume
   let done: string;
@@ -78,6 +65,27 @@ export async function sendPower(vm: PowerTarget, action: PowerAction, opts: Powe
     return `${done}; its clock was set by its agent`;
   } catch (err) {
     return `${done}; its clock was not set (${(err as Error).message})`;
+  } finally {
+    found.agent.close();
+  }
+}
+
+/**
+ * Asks the guest's agent, where one answers, to power the guest down: said besides the ACPI
+ * button when `run` stops the desktop. A guest that suspended itself to RAM (S3) and was woken no
+ * longer hears its ACPI button (see `sendPower`), so the button alone would leave it running until
+ * the forced stop; its agent still shuts it down in order (its file systems synced and unmounted).
+ * Answers whether the agent took the request; never throws.
+ */
+export async function agentPowerdown(guestAgentSocket: string | null, timeoutMs = 2_000): Promise<boolean> {
+  if (!guestAgentSocket) return false;
+  const found = await GuestAgent.tryConnect(guestAgentSocket, timeoutMs).catch(() => ({ agent: null }));
+  if (!found.agent) return false;
+  try {
+    await found.agent.shutdown('powerdown', timeoutMs);
+    return true;
+  } catch {
+    return false;
   } finally {
     found.agent.close();
   }

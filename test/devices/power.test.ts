@@ -68,7 +68,7 @@ const status = async () => ((await vm.qmp('query-status')) as { status: string; 
 test('no guest agent: suspend pauses the CPUs, resume runs them again and says the clock was not set; powerdown and reset reach QEMU as ACPI button and reset', async () => {
   const target = { qmp: vm.connection, guestAgentSocket: vm.guestAgentSocket };
   const opts = { agentTimeoutMs: 300 };
-  assert.match(await sendPower(target, 'suspend', opts), /paused .*no guest agent/);
+  assert.match(await sendPower(target, 'suspend', opts), /paused/);
   assert.equal((await status()).running, false);
   assert.match(await sendPower(target, 'resume', opts), /runs again; its clock was not set/);
   assert.equal((await status()).status, 'running');
@@ -83,13 +83,10 @@ test('no guest agent: suspend pauses the CPUs, resume runs them again and says t
   await vm.connection.waitEvent((e) => e.event === 'RESET', 5_000);
 });
 
-test('with an agent: suspend asks the guest first (here it never reaches S3, so it is paused after the bound); resume sets the guest clock through the agent', async () => {
+test('with an agent: suspend pauses the guest (never S3: a q35 guest woken from S3 no longer hears its ACPI button); resume sets the guest clock through the agent', async () => {
   const target = { qmp: vm.connection, guestAgentSocket: join(dir, 'agent.sock') };
-  const logs: string[] = [];
-  const said = await sendPower(target, 'suspend', { agentTimeoutMs: 1_000, suspendWaitMs: 300, log: (l) => logs.push(l) });
-  assert.ok(agentSeen.some((r) => r.execute === 'guest-suspend-ram'), 'the agent was asked');
-  assert.match(logs.join('\n'), /did not suspend it .*pausing it instead/);
-  assert.match(said, /paused/);
+  assert.match(await sendPower(target, 'suspend', { agentTimeoutMs: 1_000 }), /paused/);
+  assert.ok(!agentSeen.some((r) => r.execute === 'guest-suspend-ram'), 'the agent was not asked to suspend to RAM');
   assert.equal((await status()).status, 'paused');
   const before = Date.now();
   assert.match(await sendPower(target, 'resume', { agentTimeoutMs: 1_000 }), /runs again; its clock was set by its agent/);

@@ -111,3 +111,20 @@ const u32 = (n: number) => {
   b.writeUInt32BE(n);
   return b;
 };
+
+/**
+ * The whole HTTP request that carries an IPP request to `path` on the guest's printer address,
+ * for a guest that sends it with busybox nc (busybox wget's --post-file stops at the first NUL
+ * byte, and IPP is binary).
+ */
+export function ippHttpRequest(host: string, path: string, ipp: Buffer): Buffer {
+  return Buffer.concat([Buffer.from(`POST ${path} HTTP/1.1\r\nHost: ${host}\r\nContent-Type: application/ipp\r\nContent-Length: ${ipp.length}\r\nConnection: close\r\n\r\n`, 'latin1'), ipp]);
+}
+
+/** From an HTTP answer to an IPP request: the HTTP status and the IPP status code (0 = successful-ok), or null where there is none. */
+export function ippAnswer(answer: Buffer): { http: number | null; ipp: number | null } {
+  const http = /^HTTP\/1\.[01] (\d{3})/.exec(answer.toString('latin1', 0, 16));
+  const at = answer.indexOf('\r\n\r\n');
+  const body = at < 0 ? Buffer.alloc(0) : answer.subarray(at + 4);
+  return { http: http ? Number(http[1]) : null, ipp: http?.[1] === '200' && body.length >= 4 ? body.readUInt16BE(2) : null };
+}

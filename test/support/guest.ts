@@ -9,7 +9,8 @@
  */
 import { execFile, spawn } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
-import { mkdir, mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
+import { appendFile, mkdir, mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
+import { createConnection } from 'node:net';
 import { tmpdir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { promisify } from 'node:util';
@@ -448,6 +449,11 @@ for tok in $(cat /proc/cmdline); do
       done
       exec 3>&-
       echo "CARRYON-WRITER-STOP $n" ;;
+    carryon.idle)
+      # Until /sbin/shutdown or the power button asks to stop: the host drives the guest meanwhile (guest-exec).
+      echo "CARRYON-IDLE"
+      while [ ! -e ${WRITER_STOP_FILE} ]; do sleep 1; done
+      echo "CARRYON-IDLE-STOP" ;;
     carryon.*=*) ;;
     carryon.*) fail "unknown action $tok" ;;
   esac
@@ -643,7 +649,12 @@ export type GuestAction =
    * (an initramfs with `guestAgent`) or the ACPI power button (`powerButton`) asks the guest to
    * stop. Put it last: it runs until then.
    */
-  | { writer: string; perSync?: number };
+  | { writer: string; perSync?: number }
+  /**
+   * Do nothing, with the disk mounted, until the agent's guest-shutdown or the power button asks
+   * the guest to stop (as the writer does): the host drives it meanwhile (`guestExec`). Put it last.
+   */
+  | { idle: true };
 
 function checkPath(p: string): string {
   if (!/^\/[A-Za-z0-9._\-/+@=,]*$/.test(p)) throw new Error(`guest path must be absolute, without ':' or spaces: ${JSON.stringify(p)}`);
@@ -669,6 +680,7 @@ export function guestAppend(actions: GuestAction[], opts: { dev?: string; fstype
     else if ('read' in a) words.push(`carryon.read=${checkPath(a.read)}`);
     else if ('sha256' in a) words.push(`carryon.sha256=${checkPath(a.sha256)}`);
     else if ('writer' in a) words.push(`carryon.writer=${checkPath(a.writer)}:${Math.max(1, Math.floor(a.perSync ?? 4))}`);
+    else if ('idle' in a) words.push('carryon.idle');
     else words.push(`carryon.rm=${checkPath(a.rm)}`);
   }
   return words.join(' ');
@@ -924,4 +936,135 @@ export async function readExt4File(imagePath: string, path: string): Promise<Buf
     .filter((l) => l.trim() && !/^debugfs \d/.test(l));
   if (problems.length) throw new Error(`debugfs cannot read ${path} in ${imagePath}: ${problems.join('; ')}`);
   return stdout;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A desktop's devices seen from inside the guest: display, network, clock
+
+/** virtio-gpu (the connectors in /sys/class/drm) and virtio-net (the guest's way to its printer). */
+export const DESKTOP_GUEST_MODULES = ['virtio_gpu', 'virtio_net'];
+
+/**
+ * The test guest for a desktop's devices: `buildInitramfs` with the agent (and the power button
+ * unless `opts.powerButton` is false),
+ * virtio-gpu and virtio-net loaded at boot, a /sbin/hwclock (QGA 7.2's guest-set-time runs it and
+ * fails where it is missing; busybox installs its applets in /bin only) and `files` (path → bytes).
+ * These go in a second archive appended to the first: the kernel unpacks both, in order.
+ */
+export async function buildDesktopInitramfs(dir: string, files: Record<string, Buffer> = {}, opts: InitramfsOptions = {}): Promise<string> {
+  const path = await buildInitramfs(dir, { ...opts, guestAgent: true, powerButton: opts.powerButton ?? true, extraModules: [...DESKTOP_GUEST_MODULES, ...(opts.extraModules ?? [])] });
+  const dirs = new Set<string>(['sbin']);
+  for (const name of Object.keys(files)) {
+    if (name.startsWith('/') || name.includes('..')) throw new Error(`initramfs file names are relative: ${name}`);
+    for (let d = dirname(name); d !== '.'; d = dirname(d)) dirs.add(d);
+  }
+  const entries: CpioEntry[] = [
+    ...[...dirs].sort((a, b) => a.split('/').length - b.split('/').length).map((name) => ({ name, mode: S_IFDIR | 0o755 })),
+    { name: 'sbin/hwclock', mode: S_IFLNK | 0o777, data: Buffer.from('/bin/busybox') },
+    ...Object.entries(files).map(([name, data]) => ({ name, mode: S_IFREG | 0o644, data })),
+  ];
+  await appendFile(path, gzipSync(newcArchive(entries), { level: 6 }));
+  return path;
+}
+
+export interface GuestExecResult {
+  exitcode: number;
+  stdout: string;
+  stderr: string;
+}
+
+/**
+ * Runs `argv` in the guest through its agent (QGA guest-exec, output captured) and waits for it
+ * to end: the host's way to act inside a guest whose /init idles. The channel takes one client at
+ * a time: this one connects, syncs (guest-sync-delimited, as src/live/guest-agent.ts does), and
+ * lets go after.
+ */
+export async function guestExec(agentSocket: string, argv: string[], timeoutMs = 60_000): Promise<GuestExecResult> {
+  const sock = createConnection(agentSocket);
+  const deadline = Date.now() + timeoutMs;
+  let buf = Buffer.alloc(0);
+  let synced = false;
+  const waiting: ((line: Record<string, unknown>) => void)[] = [];
+  let failed: Error | null = null;
+  const wake: (() => void)[] = [];
+  sock.on('error', (e) => {
+    failed = e;
+    for (const w of wake.splice(0)) w();
+  });
+  sock.on('data', (d: Buffer) => {
+    buf = Buffer.concat([buf, d]);
+    if (!synced) {
+      const at = buf.lastIndexOf(0xff);
+      if (at < 0) return void (buf = Buffer.alloc(0));
+      buf = buf.subarray(at + 1);
+      synced = true;
+    }
+    let nl;
+    while ((nl = buf.indexOf(0x0a)) >= 0) {
+      const text = buf.subarray(0, nl).toString('utf8').trim();
+      buf = buf.subarray(nl + 1);
+      if (!text) continue;
+      try {
+        waiting.shift()?.(JSON.parse(text) as Record<string, unknown>);
+      } catch {
+        // a line left over from an earlier client: not ours
+      }
+    }
+  });
+  const answer = (request: Record<string, unknown>, prefix?: Buffer) =>
+    new Promise<unknown>((resolve, reject) => {
+      const left = deadline - Date.now();
+      const timer = setTimeout(() => reject(new Error(`guest agent: no answer to ${String(request.execute)} within ${timeoutMs} ms`)), Math.max(1, left));
+      const done = (reply: Record<string, unknown>) => {
+        clearTimeout(timer);
+        if (reply.error) reject(new Error(`guest agent: ${String(request.execute)}: ${JSON.stringify(reply.error)}`));
+        else resolve(reply.return);
+      };
+      waiting.push(done);
+      wake.push(() => reject(failed ?? new Error('guest agent channel closed')));
+      sock.write(Buffer.concat([prefix ?? Buffer.alloc(0), Buffer.from(`${JSON.stringify(request)}\n`)]));
+    });
+  try {
+    await new Promise<void>((resolve, reject) => {
+      sock.once('connect', resolve);
+      sock.once('error', reject);
+    });
+    const id = Math.floor(Math.random() * 2 ** 31);
+    // Leftover answers before the sync's 0xFF are dropped; a sync answer that is not ours is a stale one.
+    for (let ours = false; !ours;) ours = (await answer({ execute: 'guest-sync-delimited', arguments: { id } }, Buffer.from([0xff]))) === id;
+    const { pid } = (await answer({ execute: 'guest-exec', arguments: { path: argv[0], arg: argv.slice(1), 'capture-output': true } })) as { pid: number };
+    for (;;) {
+      const st = (await answer({ execute: 'guest-exec-status', arguments: { pid } })) as { exited: boolean; exitcode?: number; signal?: number; 'out-data'?: string; 'err-data'?: string };
+      if (st.exited) {
+        const text = (b64?: string) => (b64 ? Buffer.from(b64, 'base64').toString('utf8') : '');
+        return { exitcode: st.exitcode ?? 128 + (st.signal ?? 0), stdout: text(st['out-data']), stderr: text(st['err-data']) };
+      }
+      if (Date.now() > deadline) throw new Error(`guest-exec ${argv.join(' ')}: still running after ${timeoutMs} ms`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  } finally {
+    sock.destroy();
+  }
+}
+
+/** `guestExec` of a busybox shell line that must succeed: its stdout. */
+export async function guestShell(agentSocket: string, script: string, timeoutMs = 60_000): Promise<string> {
+  const r = await guestExec(agentSocket, ['/bin/sh', '-c', script], timeoutMs);
+  if (r.exitcode !== 0) throw new Error(`in the guest: ${script}\nexit ${r.exitcode}\n${r.stdout}${r.stderr}`);
+  return r.stdout;
+}
+
+/** The guest's DRM connectors (/sys/class/drm/card<N>-<type>-<i>): status and modes, best first. */
+export interface GuestConnector {
+  name: string;
+  status: string;
+  modes: string[];
+}
+
+/** Shell that prints each connector as `<name> <status> <mode,mode,...>`, read by `parseConnectors`. */
+export const LIST_CONNECTORS = 'cd /sys/class/drm && for c in card*-*; do [ -e "$c/status" ] && echo "$c $(cat $c/status) $(cat $c/modes | tr "\\n" ",")"; done; true';
+
+export function parseConnectors(text: string): GuestConnector[] {
+  return text.split('\n').map((l) => l.trim().split(/\s+/)).filter((w) => w.length >= 2 && /^card\d+-/.test(w[0]!))
+    .map(([name, status, modes]) => ({ name: name!, status: status!, modes: (modes ?? '').split(',').filter(Boolean) }));
 }

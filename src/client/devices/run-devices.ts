@@ -79,7 +79,7 @@ export async function startRunDevices(held: HeldDesktop, vm: { qmp: UsbQmp; gues
     }
   }
   const power = async (action: PowerAction) => {
-    const done = await sendPower(vm, action, { log: opts.log });
+    const done = await sendPower(vm, action);
     await recordEvent(opts.home, 'power', held.state.desktopId, `${action}: ${done}`);
     opts.log(`power ${action}: ${done}`);
     return done;
