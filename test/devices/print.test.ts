@@ -32,7 +32,8 @@ test('the print relay: allowed → the guest\'s IPP request reaches the host\'s 
     let req = '';
     s.setEncoding('utf8').on('data', (d: string) => {
       req += d;
-      if (req.endsWith('\r\n\r\n')) {
+      // The head and the 4-byte IPP header of the body.
+      if (req.includes('\r\n\r\n') && req.length >= req.indexOf('\r\n\r\n') + 8) {
         got.push(req);
         s.end('HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n');
       }
@@ -41,7 +42,7 @@ test('the print relay: allowed → the guest\'s IPP request reaches the host\'s 
   await new Promise<void>((r) => server.listen(cups, r));
   try {
     const policy = join(dir, 'policy.json');
-    const job = 'POST /printers/pdf HTTP/1.1\r\nHost: 10.0.2.100:631\r\nContent-Type: application/ipp\r\n\r\n';
+    const job = 'POST /printers/pdf HTTP/1.1\r\nHost: 10.0.2.100:631\r\nContent-Type: application/ipp\r\nContent-Length: 4\r\n\r\n\x01\x01\x00\x02';
     const allowed = await relay(policy, cups, job);
     assert.deepEqual([allowed.code, allowed.out.startsWith('HTTP/1.1 200 OK'), got.length], [0, true, 1], allowed.out);
     writeFileSync(policy, JSON.stringify({ usbAllowed: false, printingAllowed: true }));
@@ -84,19 +85,20 @@ async function rewritten(input: Buffer, step: number): Promise<string> {
   return Buffer.concat(out).toString('latin1');
 }
 
-test('the relay makes each request\'s Host localhost (CUPS refuses any other on its socket): kept-alive requests, Content-Length and chunked bodies pass byte for byte; an Upgrade is dropped; anything but a POST to a print resource, or a stream that is not HTTP, ends the connection', async () => {
+test('the relay makes each request\'s Host localhost (CUPS refuses any other on its socket): kept-alive requests, Content-Length and chunked bodies pass byte for byte; an Upgrade is dropped; anything but a print operation POSTed to a print resource, or a stream that is not HTTP, ends the connection before it reaches CUPS', async () => {
   // A body that looks like a request head: only the framing may decide where a body ends.
-  const body1 = 'Host: evil\r\n\r\nGET / HTTP/1.1\r\n\r\n';
-  const chunks = ['5\r\nHost:\r\n', '10;ext=1\r\n0123456789abcdef\r\n', '0\r\nX-Trailer: 1\r\n\r\n'];
+  // Bodies begin with an IPP header (version 1.1, then the operation): Print-Job, Send-Document, CUPS-Get-Printers.
+  const body1 = '\x01\x01\x00\x02Host: evil\r\n\r\nGET / HTTP/1.1\r\n\r\n';
+  const chunks = ['2\r\n\x01\x01\r\n', '5\r\n\x00\x06st:\r\n', '10;ext=1\r\n0123456789abcdef\r\n', '0\r\nX-Trailer: 1\r\n\r\n'];
   const input = [
     `POST /printers/carryon HTTP/1.1\r\nHost: 10.0.2.100:631\r\nContent-Type: application/ipp\r\nContent-Length: ${body1.length}\r\n\r\n${body1}`,
     'POST /printers/carryon HTTP/1.1\r\nHOST:10.0.2.100\r\nTransfer-Encoding: chunked\r\nUpgrade: TLS/1.2\r\n\r\n', ...chunks,
-    'POST / HTTP/1.0\r\nContent-Length: 0\r\n\r\n',
+    'POST / HTTP/1.0\r\nContent-Length: 4\r\n\r\n\x02\x00\x40\x02',
   ].join('');
   const want = [
     `POST /printers/carryon HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/ipp\r\nContent-Length: ${body1.length}\r\n\r\n${body1}`,
     'POST /printers/carryon HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n', ...chunks,
-    'POST / HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n',
+    'POST / HTTP/1.0\r\nHost: localhost\r\nContent-Length: 4\r\n\r\n\x02\x00\x40\x02',
   ].join('');
   for (const step of [1, 7, input.length]) assert.equal(await rewritten(Buffer.from(input, 'latin1'), step), want, `fed ${step} bytes at a time`);
   await assert.rejects(rewritten(Buffer.from('\x16\x03\x01 TLS hello\r\n\r\n', 'latin1'), 64), /not an HTTP/);
@@ -104,6 +106,20 @@ test('the relay makes each request\'s Host localhost (CUPS refuses any other on 
   for (const line of ['PUT /admin/conf/cupsd.conf HTTP/1.1', 'POST /admin/ HTTP/1.1', 'GET /admin/log/error_log HTTP/1.1', 'GET /printers/carryon HTTP/1.1', 'POST /printers/../admin/ HTTP/1.1', 'POST http://10.0.2.100/admin/ HTTP/1.1']) {
     await assert.rejects(rewritten(Buffer.from(`${line}\r\nHost: 10.0.2.100\r\nContent-Length: 0\r\n\r\n`, 'latin1'), 64), /not a print request/, line);
   }
+  // Nor the printer's administration on a print resource: Pause-Printer, Purge-Jobs, CUPS-Add-Modify-Printer (also split across chunks).
+  for (const op of ['\x00\x10', '\x00\x12', '\x40\x03']) {
+    const ok = 'POST /printers/carryon HTTP/1.1\r\nContent-Length: 4\r\n\r\n\x01\x01\x00\x0b';
+    for (const bad of [`POST /printers/carryon HTTP/1.1\r\nContent-Length: 8\r\n\r\n\x01\x01${op}\x00\x00\x00\x01`, `POST /printers/carryon HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n\x01\x01${op[0]}\r\n1\r\n${op[1]}\r\n0\r\n\r\n`]) {
+      const out: string[] = [];
+      const r = new LocalHostRewriter();
+      r.on('data', (d: Buffer) => out.push(d.toString('latin1')));
+      const failed = new Promise<Error>((resolve) => r.once('error', resolve));
+      r.write(Buffer.from(ok + bad, 'latin1'));
+      assert.match((await failed).message, /not a print operation/);
+      assert.equal(out.join(''), ok.replace('HTTP/1.1\r\n', 'HTTP/1.1\r\nHost: localhost\r\n'), 'the request before it went through; nothing of the refused one did');
+    }
+  }
+  await assert.rejects(rewritten(Buffer.from('POST /printers/carryon HTTP/1.1\r\nContent-Length: 2\r\n\r\n\x01\x01', 'latin1'), 64), /without its header/);
   await assert.rejects(rewritten(Buffer.from('POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n', 'latin1'), 64), /chunk size/);
 });
 
