@@ -141,7 +141,8 @@ export function registerRunCommands(program: Command): void {
         const config = parseOfflineConfig(held.state.config);
         const local = held.state.localConfig as { display?: string; monitors?: unknown };
         const display = o.display ?? local.display ?? defaultDisplay() ?? 'gtk';
-        const monitors = monitorsFlag ?? (typeof local.monitors === 'number' ? parseMonitors(local.monitors) : 1);
+        // A remembered monitor count is for a display that shows them: a headless run (none) has one.
+        const monitors = monitorsFlag ?? (typeof local.monitors === 'number' && parseDisplay(display) !== 'none' ? parseMonitors(local.monitors) : 1);
         // What the user chose is kept for this desktop's next runs (presentation only: local-config.json).
         if (!o.dryRun && (o.display !== undefined || monitorsFlag !== undefined)) {
           await rememberLocalConfig(held.vault.desktopDir(held.state.desktopId), { ...(o.display !== undefined ? { display: o.display } : {}), ...(monitorsFlag !== undefined ? { monitors: monitorsFlag } : {}) });

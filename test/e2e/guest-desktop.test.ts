@@ -261,6 +261,10 @@ test('in the guest: two monitors on virtio-gpu; the VNC window\'s size becomes i
     const report = parseGuestSerial(serial());
     assert.ok(report.done && serial().includes(GUEST_SHUTDOWN_ASKED) && !report.powerButton, `the guest stopped idling, unmounted its disk and powered off\n${serial().slice(-2000)}`);
     phase('powered off');
+    // And the next start of the desktop gives the guest no printer at all (no guestfwd on QEMU's
+    // line). Headless: the remembered --monitors 2 does not apply to --display none.
+    const next = JSON.parse((await carryon(['--json', 'run', DESKTOP, '--accel', 'tcg', '--display', 'none', '--dry-run'])).stdout) as { argv: string[] };
+    assert.doesNotMatch(next.argv.join(' '), /guestfwd|10\.0\.2\.100/, 'printing taken away: no path to the printer in the next run');
   } finally {
     if (child.exitCode === null && child.signalCode === null) {
       child.kill('SIGINT');
