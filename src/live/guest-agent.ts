@@ -182,11 +182,6 @@ export class GuestAgent implements FreezeAgent {
     return this.silentOnSuccess('guest-shutdown', { mode }, timeoutMs, errorWindowMs);
   }
 
-  /** Asks the guest to suspend to RAM (S3). Like a shutdown, QGA answers success with silence; QEMU then reports SUSPEND. */
-  suspendRam(timeoutMs = DEFAULT_TIMEOUT_MS, errorWindowMs = 2_000): Promise<void> {
-    return this.silentOnSuccess('guest-suspend-ram', undefined, timeoutMs, errorWindowMs);
-  }
-
   /** Sets the guest's clock (after a resume the guest's idea of time is wherever it stopped). */
   async setTime(at: Date, timeoutMs = DEFAULT_TIMEOUT_MS): Promise<void> {
     await this.call('guest-set-time', { time: at.getTime() * 1_000_000 }, timeoutMs);
