@@ -9,7 +9,7 @@ import type { Browser, Page } from 'playwright-core';
 import { checkout as laptopCheckout, enroll, type ClientEnv } from '../../src/client/ops.js';
 import { hostSocketDir } from '../../src/host/keys.js';
 import { startHost, type RunningHost } from '../../src/host/service.js';
-import { ADMIN, api, cleanup, testBroker, type Api, type TestBroker } from '../broker/harness.js';
+import { ADMIN, api, cleanup, hostCredential, testBroker, type Api, type TestBroker } from '../broker/harness.js';
 import { makeDesktopDisk, readDataFile, type DesktopDisk } from '../support/desktop-disk.js';
 import { GUEST_DONE, GUEST_POWER_BUTTON, GUEST_SHELL } from '../support/guest.js';
 import { readDesktop } from '../support/laptop.js';
@@ -55,7 +55,7 @@ before(async () => {
   desktopId = (await broker.ctx.meta.getDesktop('office'))!.id;
   hostDir = mkdtempSync(join(tmpdir(), 'carryon-host-'));
   dirs.push(hostDir);
-  host = await startHost({ id: 'h1', brokerUrl: broker.url, brokerFingerprint: broker.fingerprint, secret: readFileSync(join(broker.dir, 'host.secret'), 'utf8').trim(), dataDir: hostDir, vcpus: 2, ramMiB: 2048, maxDesktops: 1, accel: 'tcg', heartbeatSec: 5, shutdownGraceSec: 60, replicateSec: 0 });
+  host = await startHost({ id: 'h1', brokerUrl: broker.url, brokerFingerprint: broker.fingerprint, secret: await hostCredential(broker, 'h1'), dataDir: hostDir, vcpus: 2, ramMiB: 2048, maxDesktops: 1, accel: 'tcg', heartbeatSec: 5, shutdownGraceSec: 60, replicateSec: 0 });
   browser = await launch();
 });
 after(async () => {
