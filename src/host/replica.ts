@@ -41,6 +41,7 @@ export function hostLayers(disks: ReplicaDisk[], templates: string): LiveLayers 
   const disk = (name: string) => disks.find((d) => d.name === name)!;
   return {
     disks: () => disks.map((d, i) => ({ name: d.name, prefix: `d${i}`, topSecretId: `host-d${i}-top`, baseDigest: digests.get(d.name)! })),
+    topPath: (name) => join(disk(name).dir, readLayout(disk(name).dir).top),
     async beginPoint(name) {
       const d = disk(name);
       const l = readLayout(d.dir);
