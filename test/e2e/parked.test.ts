@@ -309,6 +309,14 @@ test('a clone of a desktop this laptop holds (checked out or parked) moves nothi
   await release(env(h), 'gold-2', 'rollback');
   await release(env(h), 'gold', 'rollback');
   await clone('gold-3');
+  // Parked copies are read under the rules of the desktop's own: this check-out's policy says keep none, so none is read.
+  await http.call('PUT', '/v1/admin/policies/desktop/gold-3', { keepLocalCopy: false }, admin);
+  logs.length = 0;
+  const refused = await checkout(env(h), 'gold-3');
+  assert.equal(refused.chunksMoved, 32, logs.join('\n'));
+  assert.ok(logs.some((l) => /the parked copy of gold is not read for this check-out \(policy keepLocalCopy is off\)/.test(l)), logs.join('\n'));
+  await release(env(h), 'gold-3', 'rollback');
+  await http.call('PUT', '/v1/admin/policies/desktop/gold-3', {}, admin);
   const fromParked = await onTheWire(() => checkout(env(h), 'gold-3'));
   assert.equal(fromParked.result.chunksMoved, 0);
   assert.equal(fromParked.bytes, 0);
