@@ -2,6 +2,7 @@ import { computeChunkId, type ChunkId } from '../../core/chunk-id.js';
 import { chunkLength } from '../../core/chunks/chunking.js';
 import type { Manifest } from '../../core/chunks/manifest.js';
 import { Qcow2BaseReader } from '../../disk/qcow2/qcow2-base-reader.js';
+import { WriteWindow } from '../../core/write-window.js';
 import type { BaseSink } from './fill-direct.js';
 
 /**
@@ -52,6 +53,8 @@ export async function baseFileSource(o: { label: string; path: string; passphras
  * is not read again (that chunk is fetched instead). 32 × 256 KiB = 8 MiB of plaintext held.
  */
 const BATCH = 32;
+/** Writes in flight (as a check-out stream keeps two; four here, one reader feeds them all). */
+const WRITES_IN_FLIGHT = 4;
 
 /**
  * Copies into `sink` every chunk of `target` not in `present` that a source holds: read, checked
@@ -79,6 +82,8 @@ export async function copyLocalChunks(o: {
   });
   const written: number[] = [];
   const overwritten = new Set<number>();
+  // Writes (encrypted and written on the sink's threads) overlap the next reads (decrypted and checked here).
+  const writes = new WriteWindow(WRITES_IN_FLIGHT);
   let bytes = 0;
   let rejected = 0;
   const ids = [...need.keys()];
@@ -96,14 +101,16 @@ export async function copyLocalChunks(o: {
     }
     for (const { places, plain } of batch) {
       // A sink may take the buffer over: every place but the last gets its own copy.
-      for (const [k, i] of places.entries()) await o.sink.write(i, k === places.length - 1 ? plain : Buffer.from(plain));
-      for (const i of places) {
+      for (const [k, i] of places.entries()) {
+        // Marked before the write lands: later batches never read it as a source (it may be half written).
         overwritten.add(i);
+        await writes.add(o.sink.write(i, k === places.length - 1 ? plain : Buffer.from(plain)));
         written.push(i);
         bytes += plain.length;
       }
     }
   }
+  await writes.drain();
   return { written, bytes, rejected };
 }
 
