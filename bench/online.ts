@@ -11,6 +11,7 @@ import type { Chain } from '../src/disk/chain.js';
 import { addChain, StorageDaemon } from '../src/disk/storage-daemon.js';
 import { hostChain } from '../src/host/keys.js';
 import { startHost } from '../src/host/service.js';
+import { makeCredential } from '../src/broker/hosts/credentials.js';
 import { NbdClient } from '../src/nbd/client.js';
 import { pinnedAgent } from '../src/net/pinned-agent.js';
 import { MB, settle, timed } from './lib/measure.js';
@@ -58,8 +59,11 @@ export function onlineSection(work: string, sizeGiB: number, changeGiB: number):
       const rig = await Rig.start(dir, image);
       const agent = pinnedAgent(rig.broker.fingerprint);
       const hostLog: string[] = [];
+      // The host's own credential, as `carryon admin hosts add bench-host` makes it.
+      const credential = makeCredential('bench-host');
+      await rig.broker.ctx.hosts.addKey('bench-host', credential.hash, 'bench');
       const host = await startHost({
-        id: 'bench-host', brokerUrl: rig.broker.url, brokerFingerprint: rig.broker.fingerprint, secret: readFileSync(join(dir, 'server', 'host.secret'), 'utf8').trim(),
+        id: 'bench-host', brokerUrl: rig.broker.url, brokerFingerprint: rig.broker.fingerprint, secret: credential.credential,
         dataDir: join(dir, 'host'), vcpus: 2, ramMiB: 4096, maxDesktops: 2, accel: 'tcg', heartbeatSec: 1, shutdownGraceSec: 1, pausedGuests: true, log: (l) => hostLog.push(l),
       });
       try {

@@ -28,8 +28,6 @@ export interface BrokerSettings {
   reauthWindowSec: number;
   /** Shared secret transfer servers present when they register. */
   transferSecret: string;
-  /** Shared secret desktop hosts present (`host.secret` in the data dir). */
-  hostSecret: string;
   /** The public gateway laptops are given (`--gateway`, `--gateway-domain`); absent: servers' own URLs. */
   gateway?: GatewaySettings;
 }

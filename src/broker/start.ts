@@ -116,7 +116,7 @@ export interface RunningBroker {
   close(): Promise<void>;
 }
 
-/** A shared secret in the data dir (`transfer.secret`, `host.secret`), made at first start. */
+/** A shared secret in the data dir (`transfer.secret`), made at first start. Desktop hosts each have their own credential (hosts/credentials.ts). */
 async function dataDirSecret(dataDir: string, file: string, given?: string): Promise<string> {
   if (given) return given;
   const path = join(dataDir, file);
@@ -156,7 +156,6 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     ...config.settings,
     importDirs: await resolveImportDirs(config.importDirs ?? config.settings?.importDirs ?? []),
     transferSecret: await dataDirSecret(config.dataDir, 'transfer.secret', config.settings?.transferSecret),
-    hostSecret: await dataDirSecret(config.dataDir, 'host.secret', config.settings?.hostSecret),
     ...(config.gateway ? { gateway: parseGateway(config.gateway.address, config.gateway.domain, config.gateway.brokerBackend) } : {}),
   };
   const hypervisor: DatacenterHypervisor = config.hypervisor?.kind === 'qmp' ? new QmpHypervisor(config.hypervisor.socketDir) : new NoHypervisor();

@@ -155,8 +155,8 @@ export function registerClientCommands(program: Command): void {
 
   program.command('checkout <desktop>').description('check a desktop out to this laptop (resumes an interrupted one)').action(async (desktop: string, _o: unknown, cmd: Command) => {
     await transferCommand(cmd, desktop, (env) => checkout(env, desktop), (r) => {
-      const x = r as { chunksMoved: number; bytesMoved: number; reusedChunks?: number };
-      return `checked out: ${x.chunksMoved} chunks, ${formatBytes(x.bytesMoved)} transferred${x.reusedChunks ? `; ${x.reusedChunks} chunks were already here (parked copy)` : ''}`;
+      const x = r as { chunksMoved: number; bytesMoved: number; reusedChunks?: number; copiedChunks?: number };
+      return `checked out: ${x.chunksMoved} chunks, ${formatBytes(x.bytesMoved)} transferred${x.reusedChunks ? `; ${x.reusedChunks} chunks were already here (parked copy)` : ''}${x.copiedChunks ? `; ${x.copiedChunks} copied from this laptop's other copies` : ''}`;
     });
   });
   const uploadHelp = { checkin: 'send changed blocks back and unlock', replicate: 'send changed blocks as a restore point, stay checked out', handback: 'after the check-out ended without your work (e.g. an admin force-unlocked it): send it as a restore point an admin can make current, then remove the local copy' };

@@ -1,5 +1,4 @@
 import { readFileSync } from 'node:fs';
-import { hostname } from 'node:os';
 import { resolve } from 'node:path';
 import type { Command } from 'commander';
 import { CarryonError } from '../core/errors.js';
@@ -12,7 +11,7 @@ const int = (name: string, min: number) => (v: string) => {
 };
 
 interface HostCliOptions {
-  broker: string; brokerFingerprint: string; secretFile: string; dataDir: string; id: string; vcpus: number; ramMib: number; maxDesktops: number;
+  broker: string; brokerFingerprint: string; secretFile: string; dataDir: string; id?: string; vcpus: number; ramMib: number; maxDesktops: number;
   accel: string; heartbeatSec: number; shutdownGraceSec: number; pausedGuests?: boolean; replicateSec?: number;
 }
 
@@ -22,12 +21,12 @@ export function registerHostCommands(program: Command): void {
     .description('run desktops online on this machine for a broker (registers, heartbeats, polls for commands; the broker never connects to it)')
     .requiredOption('--broker <url>', 'broker URL')
     .requiredOption('--broker-fingerprint <sha256>', 'pinned broker certificate fingerprint')
-    .requiredOption('--secret-file <file>', "the broker's host.secret")
+    .requiredOption('--secret-file <file>', "this host's own credential (`carryon admin hosts add ID` on the broker's side makes it)")
     .requiredOption('--data-dir <dir>', "where the desktops' encrypted chains and this host's key live")
     .requiredOption('--vcpus <n>', 'vCPUs offered to desktops', int('--vcpus', 1))
     .requiredOption('--ram-mib <n>', 'RAM offered to desktops, MiB', int('--ram-mib', 64))
     .requiredOption('--max-desktops <n>', 'desktops run at once at most', int('--max-desktops', 1))
-    .option('--id <id>', 'host id', hostname())
+    .option('--id <id>', 'host id (default: the one the credential names; another is refused)')
     .option('--accel <kvm|tcg|auto>', 'auto: KVM where a probe shows it runs a guest, else TCG', 'auto')
     .option('--heartbeat-sec <n>', 'seconds between heartbeats (and command polls)', int('--heartbeat-sec', 1), 5)
     .option('--shutdown-grace-sec <n>', 'how long an ACPI shutdown may take before the guest is powered off', int('--shutdown-grace-sec', 1), 60)
@@ -42,9 +41,11 @@ export function registerHostCommands(program: Command): void {
         if (!probe.ok) process.stderr.write(`carryon host: KVM not usable (${probe.why ?? 'unknown'}): guests run under TCG\n`);
         accel = probe.ok ? 'kvm' : 'tcg';
       }
-      const { startHost } = await import('../host/service.js'); // lazily: see server-commands.ts
+      const secret = readFileSync(o.secretFile, 'utf8').trim();
+      const { startHost, credentialHostId } = await import('../host/service.js'); // lazily: see server-commands.ts
+      const id = credentialHostId(secret, o.id);
       const host = await startHost({
-        id: o.id, brokerUrl: o.broker.replace(/\/$/, ''), brokerFingerprint: o.brokerFingerprint, secret: readFileSync(o.secretFile, 'utf8').trim(), dataDir: resolve(o.dataDir),
+        id, brokerUrl: o.broker.replace(/\/$/, ''), brokerFingerprint: o.brokerFingerprint, secret, dataDir: resolve(o.dataDir),
         vcpus: o.vcpus, ramMiB: o.ramMib, maxDesktops: o.maxDesktops, accel, heartbeatSec: o.heartbeatSec, shutdownGraceSec: o.shutdownGraceSec, pausedGuests: Boolean(o.pausedGuests), replicateSec: o.replicateSec,
         log: (line) => void process.stderr.write(`carryon host: ${line}\n`),
       });

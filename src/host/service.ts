@@ -1,4 +1,4 @@
-import { mkdir, readdir, readFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { request } from 'undici';
 import { z } from 'zod';
@@ -9,19 +9,21 @@ import { decodeManifest, manifestDigest } from '../core/chunks/manifest.js';
 import { freeDiskBytes } from '../hypervisor/host.js';
 import type { RunningDesktop } from '../hypervisor/launch.js';
 import { pinnedAgent } from '../net/pinned-agent.js';
+import { parseHostCredential } from '../net/host-credential.js';
 import { TransferSession } from '../transfer-client/client.js';
 import { dialDisplay } from './display.js';
 import { sendBack } from './send-back.js';
 import { discardTops, fillBases, hasCompleteBase, hasTop, readyBase, readyTops, type HostDisk } from './disks.js';
 import { forceOff, startGuest, vncSocketPath } from './guest.js';
 import { hostChain, hostDiskDir, hostSocketDir, loadOrCreateHostKey } from './keys.js';
-import { liveChainOf, replicate, settleReplica, type ReplicaDisk } from './replica.js';
+import { hasPendingCommit, liveChainOf, replicate, settleCommit, settleReplica, type ReplicaCommit, type ReplicaDisk } from './replica.js';
 import type { LiveChain } from '../live/live-chain.js';
 
 export interface HostOptions {
   id: string;
   brokerUrl: string;
   brokerFingerprint: string;
+  /** Its own credential (`carryon admin hosts add ID`), which names `id`. */
   secret: string;
   dataDir: string;
   vcpus: number;
@@ -40,6 +42,7 @@ export interface HostOptions {
 
 const Command = z.object({ id: z.string(), type: z.enum(['start', 'off', 'shutdown', 'reset', 'discard', 'display', 'handover']), desktopId: z.string(), token: z.string().optional() });
 type Command = z.infer<typeof Command>;
+const Committed = z.object({ snapshotId: z.string(), disks: z.array(z.object({ name: z.string(), digest: z.string() })).optional() });
 const Handover = z.object({ job: JobView, keys: z.string(), disks: z.array(z.object({ name: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/), digest: z.string() })).min(1).max(16) });
 const Prepared = z.object({
   desktop: z.object({ id: z.string(), name: z.string(), config: z.object({ vcpus: z.number().int().min(1), ramMiB: z.number().int().min(64), nic: z.enum(['user', 'none']) }) }),
@@ -59,7 +62,15 @@ interface Local {
   /** Milliseconds between its background replicas (0: none), and when the last one (or the start) was. */
   replicateMs?: number;
   lastReplicaAt?: number;
+  /** A frozen point whose commit answer was lost (replica.ts settleCommit): settled at the next contact. */
+  pendingPoint?: string;
   detail?: string;
+}
+
+/** Tests: a check-out before the commit; the commit's request itself (to lose its answer, or never send it). */
+export interface ReplicaHooks {
+  beforeCommit?: () => Promise<void>;
+  commitVia?: <T>(send: () => Promise<T>) => Promise<T>;
 }
 
 export interface RunningHost {
@@ -71,20 +82,33 @@ export interface RunningHost {
   /** Display connections open now (broker ↔ a guest's VNC). */
   openDisplays(): number;
   /** One background replica of a running desktop now (what the timer does every `replicateSec`). */
-  replicate(desktopId: string, hooks?: { beforeCommit?: () => Promise<void> }): Promise<string>;
+  replicate(desktopId: string, hooks?: ReplicaHooks): Promise<string>;
   /** Powers its guests off (forced), tells the broker, and stops. */
   close(): Promise<void>;
 }
 
 /**
+ * The host id a credential (`carryon admin hosts add ID`) names; `id`, when given, must be it.
+ * The broker's old shared `host.secret` is refused here with what to do instead.
+ */
+export function credentialHostId(credential: string, id?: string): string {
+  const c = parseHostCredential(credential);
+  if (!c) throw new CarryonError('bad-secret', "the secret file does not hold a host's own credential (the broker's shared host.secret is no longer accepted): on the broker's side, `carryon admin hosts add <host id>` makes one for this host");
+  if (id !== undefined && id !== c.hostId) throw new CarryonError('invalid', `--id ${id}, but the credential is host ${c.hostId}'s`);
+  return c.hostId;
+}
+
+/**
  * A desktop host: registers with the broker, heartbeats (capacity, what runs, which bases it
  * keeps) and carries out the commands the heartbeat's answer brings. It only ever calls the
- * broker (pinned TLS, `host.secret`); the broker never needs to reach it.
+ * broker (pinned TLS, its own credential); the broker never needs to reach it.
  */
 export async function startHost(o: HostOptions): Promise<RunningHost> {
   const log = o.log ?? (() => undefined);
+  credentialHostId(o.secret, o.id);
   await mkdir(o.dataDir, { recursive: true, mode: 0o700 });
   const hostKey = await loadOrCreateHostKey(o.dataDir);
+  await mkdir(join(o.dataDir, 'replica-commits'), { recursive: true, mode: 0o700 });
   const templates = process.env.CARRYON_TEMPLATE_DIR || join(o.dataDir, 'templates');
   const broker = new BrokerClient(o.brokerUrl, o.brokerFingerprint);
   const headers = { 'x-carryon-host-secret': o.secret };
@@ -134,7 +158,7 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
     if (cur?.state === 'running') return { message: 'already running' };
     local.set(desktopId, { state: 'starting' });
     const p = await broker.call('POST', path(`/desktops/${encodeURIComponent(desktopId)}/prepare`), {}, Prepared, headers);
-    await settleReplica(replicaDisks(desktopId, p.disks.map((d) => d.name)));
+    await settleOffline(desktopId, p.disks.map((d) => d.name));
     const disks: HostDisk[] = p.disks.map((d) => {
       const manifest = decodeManifest(Buffer.from(d.manifest, 'base64'));
       if (manifestDigest(manifest) !== d.digest) throw new CarryonError('bad-manifest', `manifest of ${d.name} does not match its digest`);
@@ -198,7 +222,7 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
     const down = local.get(desktopId)?.state === 'running' ? await stop(desktopId, 'shutdown') : { message: 'the guest was not running', forced: false };
     log(`handover ${desktopId}: ${down.message} after ${((Date.now() - t0) / 1000).toFixed(2)} s`);
     await broker.call('POST', path(`/desktops/${enc}/handover/shutdown`), down, z.object({ ok: z.boolean() }), headers);
-    await settleReplica(replicaDisks(desktopId, b.disks.map((d) => d.name)));
+    await settleOffline(desktopId, b.disks.map((d) => d.name));
     const disks = [];
     for (const d of b.disks) {
       const dir = hostDiskDir(o.dataDir, desktopId, d.name);
@@ -219,16 +243,43 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
 
   const replicaDisks = (desktopId: string, names: string[]): ReplicaDisk[] =>
     names.map((name) => ({ name, dir: hostDiskDir(o.dataDir, desktopId, name), chain: () => hostChain(hostKey, o.dataDir, desktopId, name) }));
+  const pendingFile = (desktopId: string) => join(o.dataDir, 'replica-commits', `${encodeURIComponent(desktopId)}.json`);
+  const commitCall = (desktopId: string): ReplicaCommit => (jobId, disks) =>
+    broker.call('POST', path(`/desktops/${encodeURIComponent(desktopId)}/replica/commit`), { jobId, disks }, Committed, headers);
+  const abandonCall = (desktopId: string) => (jobId: string, message: string) =>
+    broker.call('POST', path(`/desktops/${encodeURIComponent(desktopId)}/replica/abandon`), { jobId, message: message.slice(0, 2000) }, z.object({ ok: z.boolean() }), headers);
+  /**
+   * Before a stopped guest's chain is opened or sent (a start, a handover): a replica commit whose
+   * answer was lost is asked again (folded if it was committed), then an open point is settled.
+   */
+  const settleOffline = async (desktopId: string, names: string[]) => {
+    const disks = replicaDisks(desktopId, names);
+    const r = await settleCommit({ file: pendingFile(desktopId), disks, commit: commitCall(desktopId), abandon: abandonCall(desktopId) });
+    if (r) log(`${desktopId}: the replica commit whose answer was lost was ${r === 'committed' ? 'committed: folded into the base' : 'not committed: its writes go back into the top'}`);
+    await settleReplica(disks);
+  };
 
   /** A background replica (replica.ts): in the desktop's lane, so never beside a handover or a stop. */
-  const replicateNow = async (desktopId: string, hooks: { beforeCommit?: () => Promise<void> } = {}): Promise<string> => {
+  const replicateNow = async (desktopId: string, hooks: ReplicaHooks = {}): Promise<string> => {
     const cur = local.get(desktopId);
     if (!cur?.vm || cur.state !== 'running' || !cur.disks) throw new CarryonError('not-running', `${desktopId} is not running on this host`);
     cur.live ??= liveChainOf(cur.vm, cur.disks, await hostSocketDir(o.dataDir, desktopId), templates);
     const enc = encodeURIComponent(desktopId);
+    // The last replica's commit went unanswered: this contact settles it first (the guest runs on, its point frozen).
+    if (cur.pendingPoint) {
+      const settled = await settleCommit({ file: pendingFile(desktopId), disks: cur.disks, commit: commitCall(desktopId), abandon: abandonCall(desktopId), point: { live: cur.live, id: cur.pendingPoint } });
+      cur.pendingPoint = undefined;
+      if (settled === 'committed') {
+        const line = `the last replica's commit, asked again, is committed (whether the first or this one reached the broker): folded into the base, now the broker's snapshot (digest ${(JSON.parse(await readFile(join(cur.disks[0]!.dir, 'base.json'), 'utf8')) as { digest: string }).digest.slice(0, 12)}…)`;
+        log(`${desktopId}: ${line}`);
+        return line;
+      }
+      log(`${desktopId}: the last replica was not committed: its writes are back in the top, replicated now`);
+    } else if (hasPendingCommit(pendingFile(desktopId))) throw new CarryonError('commit-unknown', `a replica commit of ${desktopId} is pending without its frozen point in this process: stop and start the desktop to settle it`);
     const Begun = z.object({ job: JobView, snapshotId: z.string(), keys: z.string(), disks: z.array(z.object({ name: z.string(), digest: z.string() })) });
+    const send = commitCall(desktopId);
     const r = await replicate({
-      live: cur.live, disks: cur.disks, ...hooks,
+      live: cur.live, disks: cur.disks, pendingFile: pendingFile(desktopId), beforeCommit: hooks.beforeCommit,
       begin: async () => {
         const b = await broker.call('POST', path(`/desktops/${enc}/replica`), {}, Begun, headers);
         jobs.set(b.job.id, b.job);
@@ -236,8 +287,11 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
       },
       endpoint: (jobId) => endpointOf(jobs.get(jobId)!),
       renew: renewer,
-      commit: (jobId, disks) => broker.call('POST', path(`/desktops/${enc}/replica/commit`), { jobId, disks }, z.object({ snapshotId: z.string() }), headers),
-      abandon: (jobId, message) => broker.call('POST', path(`/desktops/${enc}/replica/abandon`), { jobId, message: message.slice(0, 2000) }, z.object({ ok: z.boolean() }), headers),
+      commit: (jobId, disks) => (hooks.commitVia ? hooks.commitVia(() => send(jobId, disks)) : send(jobId, disks)),
+      abandon: abandonCall(desktopId),
+    }).catch((err: Error & { pendingPoint?: string }) => {
+      if (err.pendingPoint) cur.pendingPoint = err.pendingPoint;
+      throw err;
     });
     const line = `replica ${r.snapshotId}: ${r.changedChunks} chunks changed, ${r.chunksMoved} sent (${r.bytesMoved} bytes)`;
     log(`${desktopId}: ${line}`);
@@ -253,7 +307,8 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
   // Checked every few seconds; each desktop is replicated once its interval since the last one (or its start) has passed.
   const replicaTimer = o.replicateSec === 0 ? null : setInterval(() => {
     for (const [id, l] of local) {
-      if (l.state !== 'running' || !l.replicateMs || replicating.has(id) || Date.now() - (l.lastReplicaAt ?? 0) < l.replicateMs) continue;
+      // A commit whose answer was lost is asked again at the next tick, not after a whole interval.
+      if (l.state !== 'running' || !l.replicateMs || replicating.has(id) || (!l.pendingPoint && Date.now() - (l.lastReplicaAt ?? 0) < l.replicateMs)) continue;
       replicating.add(id);
       void inLane(id, () => replicateNow(id)).catch((err: Error) => log(`replica of ${id} failed (nothing lost): ${err.message}`)).finally(() => {
         replicating.delete(id);
@@ -292,6 +347,8 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
           // An admin released the desktop (e.g. while this host was cut off and marked lost): a guest still running here is powered off first.
           const cur = local.get(c.desktopId);
           if (cur?.vm && cur.state !== 'stopped') await forceOff(cur.vm);
+          // Its writes are discarded: a replica commit still pending is moot.
+          await rm(pendingFile(c.desktopId), { force: true });
           await settleReplica(replicaDisks(c.desktopId, await diskNames(c.desktopId)));
           await discardTops(await chainsOf(c.desktopId));
           local.delete(c.desktopId);

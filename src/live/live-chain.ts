@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { chmod, rm } from 'node:fs/promises';
+import { chmod, open, rm } from 'node:fs/promises';
 import { CarryonError } from '../core/errors.js';
 import type { Range } from '../core/chunks/delta.js';
 import type { BlockHost } from '../disk/storage-daemon.js';
@@ -49,6 +49,8 @@ export interface LiveLayers {
   abandoned(disk: string): Promise<void>;
   /** Bytes ranges the frozen layer of `disk` holds (read while nothing writes it). */
   frozenExtents(disk: string): Promise<Range[]>;
+  /** The file of `disk`'s active top layer, as the layout names it now. */
+  topPath(disk: string): string;
 }
 
 export type ReplicaKind = 'quiesced' | 'crash-consistent';
@@ -106,6 +108,10 @@ export class LiveChain {
   private async freezeNow(): Promise<FrozenPoint> {
     if (this.point) throw new CarryonError('replica-busy', 'a replica of this desktop is already being taken');
     const disks = this.layers.disks();
+    // The transaction flushes the old top inside its drained section: whatever the guest wrote
+    // that is not yet on disk is written back while the guest waits. Written back here first, the
+    // guest running on, that wait holds only the last moment's writes.
+    await Promise.all(disks.map((d) => writeBack(this.layers.topPath(d.name))));
     const overlays = new Map<string, string>();
     this.generation++;
     for (const d of disks) {
@@ -222,4 +228,14 @@ export function vmReplicaServer(qmp: (command: string, args?: Record<string, unk
       await chmod(socketPath, 0o600);
     })());
   return { socketPath, ensureServer };
+}
+
+/** fdatasync of a file QEMU holds open: its dirty pages go to disk, QEMU's own caches untouched. */
+async function writeBack(path: string): Promise<void> {
+  const fh = await open(path, 'r');
+  try {
+    await fh.datasync();
+  } finally {
+    await fh.close();
+  }
 }

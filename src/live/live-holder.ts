@@ -39,6 +39,7 @@ export function vaultLayers(held: HeldDesktop): LiveLayers {
   const dir = (name: string) => diskDir(held.vault, held.state.desktopId, name);
   return {
     disks: () => held.state.disks.map((d, i) => ({ name: d.name, prefix: diskPrefix(i), topSecretId: `sec-${diskPrefix(i)}`, baseDigest: d.baseDigest })),
+    topPath: (name) => join(dir(name), entry(held.state, name).top),
     async beginPoint(name) {
       const d = entry(held.state, name);
       if (d.under) throw new CarryonError('replica-busy', `disk ${name} already has a frozen layer`);

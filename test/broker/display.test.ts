@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync } from 'node:fs';
+import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
@@ -11,8 +11,8 @@ import { enroll, type ClientEnv } from '../../src/client/ops.js';
 import { openDisplayLink } from '../../src/cli/open-display.js';
 import { request } from 'undici';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
-import { axe, launch, noBrowser, screenshotDir } from '../web/browser.js';
-import { ADMIN, api, cleanup, makeImage, testBroker, type Api, type TestBroker } from './harness.js';
+import { axe, launch, noBrowser } from '../web/browser.js';
+import { ADMIN, api, cleanup, hostCredential, makeImage, testBroker, type Api, type TestBroker } from './harness.js';
 
 /**
  * The display in a browser (issue 26 item 3): a browser's WebSocket, authorized by the broker
@@ -42,7 +42,7 @@ before(async () => {
   const dataDir = mkdtempSync(join(tmpdir(), 'carryon-host-'));
   dirs.push(dataDir);
   // A 5 s heartbeat: a display is answered by the host's long poll, not by its next beat.
-  host = await startHost({ id: 'hd', brokerUrl: broker.url, brokerFingerprint: broker.fingerprint, secret: readFileSync(join(broker.dir, 'host.secret'), 'utf8').trim(), dataDir, vcpus: 2, ramMiB: 1024, maxDesktops: 2, accel: 'tcg', heartbeatSec: 5, pausedGuests: true });
+  host = await startHost({ id: 'hd', brokerUrl: broker.url, brokerFingerprint: broker.fingerprint, secret: await hostCredential(broker, 'hd'), dataDir, vcpus: 2, ramMiB: 1024, maxDesktops: 2, accel: 'tcg', heartbeatSec: 5, pausedGuests: true });
   assert.equal((await http.call('POST', '/v1/admin/desktops/screen1/power', { action: 'on' }, admin)).status, 200);
   const id = (await broker.ctx.meta.getDesktop('screen1'))!.id;
   for (const end = Date.now() + 60_000; (await broker.ctx.hosts.placement(id))?.state !== 'running'; await new Promise((r) => setTimeout(r, 100))) {
@@ -189,7 +189,7 @@ test('the console session opens it too; an admin ends it: both sockets close (au
 
 test('the host\'s dial-back: a wrong secret (401) or token (403) is refused; the right token pairs once (a second dial 409); the host closing closes the browser; a host that never dials fails the browser after the pairing timeout; a host that cannot open the screen says why (4011); a browser flooding before pairing is closed (1009)', async () => {
   // A host that only speaks the protocol (this test plays it), with screen2 placed there as running.
-  const secret = readFileSync(join(broker.dir, 'host.secret'), 'utf8').trim();
+  const secret = await hostCredential(broker, 'mute');
   await broker.ctx.hosts.register({ id: 'mute', displayUrl: null, vcpus: 1, ramMiB: 512, maxDesktops: 1, accel: 'tcg', heartbeatSec: 60 });
   const id2 = (await broker.ctx.meta.getDesktop('screen2'))!.id;
   assert.ok(await broker.ctx.hosts.place({ desktopId: id2, hostId: 'mute', snapshotId: null, vcpus: 1, ramMiB: 128 }));
@@ -215,7 +215,9 @@ test('the host\'s dial-back: a wrong secret (401) or token (403) is refused; the
     assert.match(c!.token ?? '', /^[A-Za-z0-9_-]{43}$/);
     assert.equal(await dial(c!.id, { 'x-carryon-host-secret': 'wrong', 'x-carryon-display-token': c!.token! }), 401);
     assert.equal(await dial(c!.id, { 'x-carryon-host-secret': secret, 'x-carryon-display-token': 'x'.repeat(43) }), 403);
-    assert.equal(await dial(c!.id, { 'x-carryon-host-secret': secret, 'x-carryon-display-token': c!.token! }, 'hd'), 403, "another host's dial");
+    // Another host, with its own credential and this session's token: the session is mute's.
+    assert.equal(await dial(c!.id, { 'x-carryon-host-secret': await hostCredential(broker, 'hd'), 'x-carryon-display-token': c!.token! }, 'hd'), 403, "another host's dial");
+    assert.equal(await dial(c!.id, { 'x-carryon-host-secret': await hostCredential(broker, 'hd'), 'x-carryon-display-token': c!.token! }), 403, "another host's credential in mute's name");
     const h = await dial(c!.id, { 'x-carryon-host-secret': secret, 'x-carryon-display-token': c!.token! });
     assert.ok(h instanceof WebSocket);
     assert.equal(await dial(c!.id, { 'x-carryon-host-secret': secret, 'x-carryon-display-token': c!.token! }), 409, 'once');
@@ -277,7 +279,6 @@ test('in a browser: Open on My desktops shows the screen (noVNC over the broker,
     const open = (await http.call('GET', '/v1/admin/displays', undefined, admin)).body.displays as { user: string; via: string }[];
     assert.deepEqual(open.map((s) => [s.user, s.via]), [['alice', 'ticket']]);
     await page.getByRole('button', { name: 'Send Ctrl-Alt-Del' }).click();
-    await page.screenshot({ path: join(screenshotDir(broker.dir), 'display.png') });
     await strict.close();
 
     // A `carryon open` link, in a fresh browser (no console login): works once; axe on the page.

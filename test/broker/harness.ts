@@ -1,3 +1,4 @@
+import { makeCredential } from '../../src/broker/hosts/credentials.js';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -59,6 +60,19 @@ export function transferStore(b: TestBroker): string {
 /** A second connection to a test broker's database, for tests that play someone editing it behind the broker's back. */
 export async function openRaw(b: TestBroker): Promise<SqlDb> {
   return b.database ? PgSql.open(b.database, { max: 1 }) : SqliteSql.open(join(b.dir, 'metadata.db'));
+}
+
+const hostCredentials = new WeakMap<TestBroker, Map<string, string>>();
+/** A desktop host's own credential, as `carryon admin hosts add ID` makes it (once per id and broker). */
+export async function hostCredential(b: TestBroker, id: string): Promise<string> {
+  const made = hostCredentials.get(b) ?? new Map<string, string>();
+  hostCredentials.set(b, made);
+  if (!made.has(id)) {
+    const c = makeCredential(id);
+    if (!(await b.ctx.hosts.addKey(id, c.hash, 'test'))) throw new Error(`host ${id} has a credential already`);
+    made.set(id, c.credential);
+  }
+  return made.get(id)!;
 }
 
 export function cleanup(dir: string): void {

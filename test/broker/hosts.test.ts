@@ -18,17 +18,18 @@ import { hostChain } from '../../src/host/keys.js';
 import { startHost, type RunningHost } from '../../src/host/service.js';
 import { importImage } from '../../src/import/import.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
+import { BrokerUnreachable } from '../../src/net/failover.js';
 import { checkout as laptopCheckout, enroll, upload, type ClientEnv } from '../../src/client/ops.js';
 import { addChain, StorageDaemon } from '../../src/disk/storage-daemon.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import type { Chain } from '../../src/disk/chain.js';
 import { readDesktop, writeDesktop } from '../support/laptop.js';
-import { ADMIN, api, cleanup, makeImage, testBroker, type Api, type TestBroker } from './harness.js';
+import { ADMIN, api, cleanup, hostCredential, makeImage, testBroker, type Api, type TestBroker } from './harness.js';
 
 process.env.CARRYON_SCRYPT_N = '1024';
 
 /**
- * Desktop hosts (issue 26 items 1–2): a host registers with host.secret, runs a desktop under QEMU
+ * Desktop hosts (issue 26 items 1–2): a host registers with its own credential, runs a desktop under QEMU
  * (paused: `-S`, no guest code runs, the chain is opened) from a chain it fills with the transfer
  * protocol; power operations and check-outs refuse each other; a host killed with -9 is marked.
  */
@@ -38,7 +39,6 @@ let http: Api;
 let admin: string;
 let alice: string;
 let aliceDevice: string;
-let secret: string;
 let host: RunningHost | null = null;
 /** h1's data directory (the host the power and handover tests share). */
 let h1Dir = '';
@@ -51,7 +51,6 @@ before(async () => {
   broker = await testBroker();
   http = api(broker.url, broker.fingerprint);
   admin = await http.login(ADMIN.name, ADMIN.password);
-  secret = readFileSync(join(broker.dir, 'host.secret'), 'utf8').trim();
   assert.equal((await http.call('POST', '/v1/admin/users', { name: 'alice', password: 'alice-password' }, admin)).status, 201);
   for (const name of ['online1', 'online2']) {
     const created = await http.call('POST', '/v1/admin/desktops', { name, image: makeImage(broker.dir, 4, `${name}.raw`), config: { vcpus: 1, ramMiB: 256, minRamMiB: 128, nic: 'none' } }, admin);
@@ -78,7 +77,9 @@ after(async () => {
   for (const d of dirs) cleanup(d);
 });
 
-const hostCall = async (path: string, body: unknown, withSecret: string) => {
+/** A host's call, with the credential of the host its path (or its body's `id`) names unless `withSecret` is given. */
+const hostCall = async (path: string, body: unknown, withSecret?: string) => {
+  withSecret ??= await hostCredential(broker, /^\/v1\/hosts\/([^/]+)\//.exec(path)?.[1] ?? String((body as { id?: string }).id));
   const agent = pinnedAgent(broker.fingerprint);
   try {
     const res = await request(`${broker.url}${path}`, body === undefined ? { method: 'GET', dispatcher: agent, headers: { 'x-carryon-host-secret': withSecret } }
@@ -103,51 +104,106 @@ async function until<T>(what: string, probe: () => Promise<T | null | undefined 
 const placedAs = (name: string, state: string) => until(`${name} ${state}`, async () => ((await placement(name))?.state === state ? (await placement(name))! : null), 30_000);
 const hostsList = async () => (await http.call('GET', '/v1/admin/hosts', undefined, admin)).body.hosts as { id: string; health: string; desktops: { desktopId: string; state: string; pid: number | null }[] }[];
 
-test('host registration: a wrong or missing host secret is refused (401, audited); the transfer secret is not the host secret; an unregistered host must register', async () => {
-  const reg = { id: 'intruder', vcpus: 4, ramMiB: 4096, maxDesktops: 2, accel: 'tcg', heartbeatSec: 1 };
+const cli = (args: string[]) => promisify(execFile)(process.execPath, [main, ...args], { env: { ...process.env, CARRYON_URL: broker.url, CARRYON_FINGERPRINT: broker.fingerprint, CARRYON_USER: ADMIN.name, CARRYON_PASSWORD: ADMIN.password } })
+  .then((r) => ({ code: 0, stdout: r.stdout, stderr: r.stderr }), (e: { code: number; stdout: string; stderr: string }) => ({ code: e.code, stdout: e.stdout, stderr: e.stderr }));
+
+test('host credentials: each host its own (no shared host.secret); a missing, wrong, shared or transfer secret is refused (401, audited); a credential acts only for its own host on every host route (403, audited); revoke cuts the host off at once, its long poll too; `carryon host` says what to do', async () => {
+  assert.equal(existsSync(join(broker.dir, 'host.secret')), false, 'the broker makes no shared host secret');
+  // Too small for any desktop here: never chosen by the tests that follow.
+  const reg = (id: string) => ({ id, vcpus: 1, ramMiB: 64, maxDesktops: 1, accel: 'tcg', heartbeatSec: 1 });
+  // An admin makes k1's credential: shown once, alone on stdout; the broker keeps only a hash bound to k1.
+  const added = await cli(['admin', 'hosts', 'add', 'k1']);
+  assert.equal(added.code, 0, added.stderr);
+  const k1 = added.stdout.trim();
+  assert.match(k1, /^k1:[A-Za-z0-9_-]{43}$/);
+  assert.match(added.stderr, /credential of desktop host k1 \(shown once\)/);
+  assert.ok(!(await broker.ctx.hosts.keyHash('k1'))!.includes(k1.slice(3)));
+  const twice = await http.call('POST', '/v1/admin/hosts', { id: 'k1' }, admin);
+  assert.deepEqual([twice.status, twice.body.error], [409, 'host-exists']);
+  const k2 = await hostCredential(broker, 'k2');
+
   const transferSecret = readFileSync(join(broker.dir, 'transfer.secret'), 'utf8').trim();
-  for (const wrong of ['', 'x'.repeat(secret.length), transferSecret]) {
-    const r = await hostCall('/v1/hosts/register', reg, wrong);
-    assert.deepEqual([r.status, r.body.error], [401, 'bad-secret']);
+  const shared = randomBytes(24).toString('base64url'); // what the old shared host.secret held
+  for (const wrong of ['', shared, transferSecret, `k1:${'x'.repeat(43)}`, `k3:${k1.slice(3)}`]) {
+    const r = await hostCall('/v1/hosts/register', reg('k1'), wrong);
+    assert.deepEqual([r.status, r.body.error], [401, 'bad-secret'], wrong);
   }
-  const hb = await hostCall('/v1/hosts/intruder/heartbeat', {}, 'wrong');
-  assert.deepEqual([hb.status, hb.body.error], [401, 'bad-secret']);
-  assert.equal((await hostCall('/v1/hosts/nobody/heartbeat', {}, secret)).status, 404);
-  assert.deepEqual(await hostsList(), [], 'nothing registered');
-  // `carryon host` with the wrong secret file says so and exits.
-  const wrongFile = join(broker.dir, 'wrong.secret');
-  writeFileSync(wrongFile, 'not-the-secret\n');
-  const cli = await promisify(execFile)(process.execPath, [main, 'host', '--broker', broker.url, '--broker-fingerprint', broker.fingerprint, '--secret-file', wrongFile,
-    '--data-dir', join(broker.dir, 'host-x'), '--id', 'x', '--vcpus', '1', '--ram-mib', '512', '--max-desktops', '1', '--accel', 'tcg']).then(() => null, (e: { code: number; stderr: string }) => e);
-  assert.equal(cli?.code, 1);
-  assert.match(cli.stderr, /carryon: host secret does not match \[bad-secret\]/);
-  assert.equal((await events('host-register')).filter((e) => e.outcome === 'denied').length, 4, 'each refusal audited');
+  assert.match(String((await hostCall('/v1/hosts/register', reg('k1'), shared)).body.message), /shared host\.secret is no longer accepted: `carryon admin hosts add ID`/);
+  assert.ok((await events('host-register')).filter((e) => e.outcome === 'denied').length >= 5, 'each refusal audited');
+  assert.equal((await hostCall('/v1/hosts/k1/heartbeat', {}, k1)).status, 404, 'known, not registered yet');
+  assert.equal((await hostCall('/v1/hosts/register', reg('k1'), k1)).status, 200);
+  assert.equal((await hostCall('/v1/hosts/register', reg('k2'), k2)).status, 200);
+
+  // k2's own credential in k1's name, on every host route the broker has: refused before anything else.
+  const routes = broker.routes.filter((r) => r.url.startsWith('/v1/hosts/') && r.method !== 'HEAD');
+  assert.ok(routes.length >= 14, routes.map((r) => r.url).join(' '));
+  for (const r of routes) {
+    const path = r.url.replace(':id', 'k1').replace(/:[A-Za-z]+/g, 'x');
+    const res = await hostCall(path, r.method === 'GET' ? undefined : r.url === '/v1/hosts/register' ? reg('k1') : {}, k2);
+    assert.deepEqual([res.status, res.body.error], [403, 'other-host'], `${r.method} ${r.url}`);
+  }
+  assert.ok((await events('host-heartbeat')).some((e) => e.actor === 'host:k2' && e.outcome === 'denied' && /other-host: .* acts for host k1/.test(e.detail ?? '')), 'audited');
+  assert.ok((await events('host-register')).some((e) => e.actor === 'host:k2' && e.outcome === 'denied' && /registering as host k1/.test(e.detail ?? '')), 'audited');
+
+  // k1 is waiting for commands when an admin revokes it: the poll is answered 401 at once, and so is every later call.
+  const waiting = hostCall('/v1/hosts/k1/commands/wait', { waitMs: 20_000 }, k1);
+  await new Promise((r) => setTimeout(r, 300));
+  const t0 = Date.now();
+  const revoked = await cli(['admin', 'hosts', 'revoke', 'k1']);
+  assert.equal(revoked.code, 0, revoked.stderr);
+  assert.match(revoked.stdout, /^host k1: credential revoked/);
+  const woken = await waiting;
+  assert.deepEqual([woken.status, woken.body.error], [401, 'bad-secret'], JSON.stringify(woken.body));
+  assert.ok(Date.now() - t0 < 8000, 'not at the end of its wait');
+  assert.deepEqual([(await hostCall('/v1/hosts/k1/heartbeat', {}, k1)).status], [401]);
+  assert.equal((await hostsList()).find((h) => h.id === 'k1')!.health, 'lost');
+  assert.ok((await events('host-revoke')).some((e) => e.actor === ADMIN.name && e.outcome === 'ok'), 'audited');
+  assert.equal((await hostCall('/v1/hosts/k2/heartbeat', {}, k2)).status, 200, 'the other host is untouched');
+
+  // `carryon host`: with the old shared secret it says what to do; with a revoked credential the broker refuses it; --id must be the credential's.
+  const run = async (content: string, extra: string[] = []) => {
+    const file = join(broker.dir, `try-${randomBytes(4).toString('hex')}.credential`);
+    writeFileSync(file, `${content}\n`, { mode: 0o600 });
+    return await cli(['host', '--broker', broker.url, '--broker-fingerprint', broker.fingerprint, '--secret-file', file, '--data-dir', join(broker.dir, 'host-x'), '--vcpus', '1', '--ram-mib', '512', '--max-desktops', '1', '--accel', 'tcg', ...extra]);
+  };
+  const old = await run(shared);
+  assert.equal(old.code, 1);
+  assert.match(old.stderr, /does not hold a host's own credential \(the broker's shared host\.secret is no longer accepted\): on the broker's side, `carryon admin hosts add <host id>`/);
+  const gone = await run(k1);
+  assert.equal(gone.code, 1);
+  assert.match(gone.stderr, /carryon: host credential refused: .* \[bad-secret\]/);
+  assert.match((await run(k2, ['--id', 'k1'])).stderr, /--id k1, but the credential is host k2's/);
+  // Made again: the new credential works, the revoked one stays refused.
+  const k1b = String((await http.call('POST', '/v1/admin/hosts', { id: 'k1' }, admin)).body.credential);
+  assert.equal((await hostCall('/v1/hosts/register', reg('k1'), k1b)).status, 200);
+  assert.equal((await hostCall('/v1/hosts/k1/heartbeat', {}, k1)).status, 401);
+  for (const id of ['k1', 'k2']) assert.equal((await http.call('DELETE', `/v1/admin/hosts/${id}`, undefined, admin)).status, 200);
 });
 
 test('the host protocol: a host gets keys and a ticket only for a desktop placed on it and starting; a start asked twice gives the first job back; a failed start that kept nothing frees the desktop; an ack counts once', async () => {
   // Two hosts that only speak the protocol (no QEMU); `small` has no room for the desktop.
   for (const [id, ramMiB] of [['fake', 512], ['small', 128]] as const) {
-    assert.equal((await hostCall('/v1/hosts/register', { id, vcpus: 2, ramMiB, maxDesktops: 1, accel: 'tcg', heartbeatSec: 1 }, secret)).status, 200);
+    assert.equal((await hostCall('/v1/hosts/register', { id, vcpus: 2, ramMiB, maxDesktops: 1, accel: 'tcg', heartbeatSec: 1 })).status, 200);
   }
   const on = await power('online2', 'on');
   assert.deepEqual([on.status, on.body], [200, { state: 'starting', host: 'fake' }]);
   const id = await desktopId('online2');
-  const foreign = await hostCall(`/v1/hosts/small/desktops/${id}/prepare`, {}, secret);
+  const foreign = await hostCall(`/v1/hosts/small/desktops/${id}/prepare`, {});
   assert.deepEqual([foreign.status, foreign.body.error], [409, 'not-starting']);
   assert.ok((await events('host-prepare')).some((e) => e.actor === 'host:small' && e.outcome === 'denied'), 'audited');
-  const commands = (await hostCall('/v1/hosts/fake/heartbeat', {}, secret)).body.commands as { id: string; type: string; desktopId: string }[];
+  const commands = (await hostCall('/v1/hosts/fake/heartbeat', {})).body.commands as { id: string; type: string; desktopId: string }[];
   assert.deepEqual(commands.map((c) => [c.type, c.desktopId]), [['start', id]]);
-  const first = await hostCall(`/v1/hosts/fake/desktops/${id}/prepare`, {}, secret);
-  const second = await hostCall(`/v1/hosts/fake/desktops/${id}/prepare`, {}, secret);
+  const first = await hostCall(`/v1/hosts/fake/desktops/${id}/prepare`, {});
+  const second = await hostCall(`/v1/hosts/fake/desktops/${id}/prepare`, {});
   assert.equal(second.status, 200, JSON.stringify(second.body));
   const jobOf = (r: { body: Record<string, unknown> }) => (r.body.job as { id: string }).id;
   assert.equal((await broker.ctx.scheduler.get(jobOf(first)))!.state, 'cancelled', 'the first job gave its slot back');
   assert.equal(((second.body.disks as unknown[]).length), 1);
   // Its ticket is renewed for this host only; no laptop session sees the job.
-  assert.equal((await hostCall(`/v1/hosts/fake/jobs/${jobOf(second)}`, undefined, secret)).status, 200);
-  assert.equal((await hostCall(`/v1/hosts/small/jobs/${jobOf(second)}`, undefined, secret)).status, 404);
+  assert.equal((await hostCall(`/v1/hosts/fake/jobs/${jobOf(second)}`, undefined)).status, 200);
+  assert.equal((await hostCall(`/v1/hosts/small/jobs/${jobOf(second)}`, undefined)).status, 404);
   assert.equal((await http.call('GET', `/v1/jobs/${jobOf(second)}`, undefined, alice)).status, 404);
-  const ack = (body: unknown) => hostCall(`/v1/hosts/fake/commands/${commands[0]!.id}`, body, secret);
+  const ack = (body: unknown) => hostCall(`/v1/hosts/fake/commands/${commands[0]!.id}`, body);
   assert.equal((await ack({ ok: false, message: 'test: no QEMU here', kept: false })).status, 200);
   assert.equal((await ack({ ok: true, message: 'again' })).status, 404, 'once');
   assert.equal(await placement('online2'), null, 'nothing of the guest on the host: the desktop is free again');
@@ -175,7 +231,7 @@ test('power on: the host pulls the chunks and starts QEMU on its chain; check-ou
   const dataDir = mkdtempSync(join(tmpdir(), 'carryon-host-'));
   dirs.push(dataDir);
   h1Dir = dataDir;
-  host = await startHost({ id: 'h1', brokerUrl: broker.url, brokerFingerprint: broker.fingerprint, secret, dataDir, vcpus: 2, ramMiB: 1024, maxDesktops: 2, accel: 'tcg', heartbeatSec: 1, shutdownGraceSec: 1, pausedGuests: true });
+  host = await startHost({ id: 'h1', brokerUrl: broker.url, brokerFingerprint: broker.fingerprint, secret: await hostCredential(broker, 'h1'), dataDir, vcpus: 2, ramMiB: 1024, maxDesktops: 2, accel: 'tcg', heartbeatSec: 1, shutdownGraceSec: 1, pausedGuests: true });
   // A user where policy allows: started on the only host.
   const on = await http.call('POST', '/v1/desktops/online1/start', {}, alice);
   assert.deepEqual([on.status, on.body], [200, { state: 'starting', host: 'h1' }], JSON.stringify(on.body));
@@ -405,17 +461,17 @@ test('host replicas: a running desktop is replicated to a restore point that bec
 
   // The broker's rules: only the host it runs on, only its open job, only chunks it pushed.
   const id = d.id;
-  const other = await hostCall(`/v1/hosts/fake/desktops/${id}/replica`, {}, secret);
+  const other = await hostCall(`/v1/hosts/fake/desktops/${id}/replica`, {});
   assert.deepEqual([other.status, other.body.error], [409, 'not-running-here']);
   assert.equal((await hostCall(`/v1/hosts/h1/desktops/${id}/replica`, {}, 'wrong')).status, 401);
-  const begun = await hostCall(`/v1/hosts/h1/desktops/${id}/replica`, {}, secret);
+  const begun = await hostCall(`/v1/hosts/h1/desktops/${id}/replica`, {});
   assert.equal(begun.status, 200, JSON.stringify(begun.body));
   const jobId = (begun.body.job as { id: string }).id;
-  const notMine = await hostCall(`/v1/hosts/h1/desktops/${id}/replica/commit`, { jobId: 'another-job', disks: [] }, secret);
+  const notMine = await hostCall(`/v1/hosts/h1/desktops/${id}/replica/commit`, { jobId: 'another-job', disks: [] });
   assert.deepEqual([notMine.status, notMine.body.error], [409, 'no-replica']);
-  const foreign = await hostCall(`/v1/hosts/h1/desktops/${id}/replica/commit`, { jobId, disks: [{ name: 'disk0', changes: [[0, 'a'.repeat(64)]] }] }, secret);
+  const foreign = await hostCall(`/v1/hosts/h1/desktops/${id}/replica/commit`, { jobId, disks: [{ name: 'disk0', changes: [[0, 'a'.repeat(64)]] }] });
   assert.deepEqual([foreign.status, foreign.body.error], [400, 'bad-changes'], JSON.stringify(foreign.body));
-  assert.equal((await hostCall(`/v1/hosts/h1/desktops/${id}/replica/abandon`, { jobId, message: 'test' }, secret)).status, 200);
+  assert.equal((await hostCall(`/v1/hosts/h1/desktops/${id}/replica/abandon`, { jobId, message: 'test' })).status, 200);
   assert.equal((await broker.ctx.scheduler.get(jobId))!.state, 'failed');
   assert.equal((await broker.ctx.meta.getDesktop('online1'))!.currentSnapshot, snap2, 'no snapshot made');
 
@@ -457,19 +513,98 @@ test('host replicas: a running desktop is replicated to a restore point that bec
   assert.equal((await http.call('POST', `/v1/checkouts/${checkoutId}/cancel`, {}, alice)).status, 200);
 });
 
+test('a replica whose commit answer is lost: committed, the host learns it at its next contact and folds as if it had heard (after a stop: offline; running: live); not committed, it commits it then, or (refused by a check-out meanwhile) puts the writes back and hands them over; nothing lost', async () => {
+  const d = (await broker.ctx.meta.getDesktop('online1'))!;
+  const key = readFileSync(join(h1Dir, 'host.key'));
+  const chunk = 256 * 1024;
+  const disk = join(h1Dir, 'desktops', d.id, 'disk0');
+  const pending = join(h1Dir, 'replica-commits', `${d.id}.json`);
+  const current = async () => (await broker.ctx.meta.getDesktop('online1'))!.currentSnapshot!;
+  const layout = () => JSON.parse(readFileSync(join(disk, 'layout.json'), 'utf8')) as { under: string | null; mergingTo: string | null };
+  const baseDigest = () => (JSON.parse(readFileSync(join(disk, 'base.json'), 'utf8')) as { digest: string }).digest;
+  const digestOf = async (snapshotId: string) => (await broker.ctx.meta.getSnapshot(snapshotId))!.disks[0]!.digest;
+  const newPid = async () => qemus.push((await until('pid reported', async () => (await hostsList()).find((h) => h.id === 'h1' && h.desktops[0]?.pid && !qemus.includes(h.desktops[0].pid))))!.desktops[0]!.pid!);
+  const cycle = async (state: 'running' | 'stopped') => {
+    assert.equal((await power('online1', state === 'running' ? 'on' : 'off')).status, 200);
+    await placedAs('online1', state);
+    if (state === 'running') await newPid();
+  };
+  // Started once (the host's chain for the current snapshot), stopped, written as a guest would, started again.
+  await cycle('running');
+  const expected = await snapshotImage(await current());
+  const onWith = async (writes: { offset: number; data: Buffer }[]) => {
+    await cycle('stopped');
+    await writeChain(hostChain(key, h1Dir, d.id, 'disk0'), writes);
+    for (const w of writes) w.data.copy(expected, w.offset);
+    await cycle('running');
+  };
+  const lost = (why: string) => new BrokerUnreachable('offline', `injected: ${why} (POST … was sent and may have been applied)`, true);
+  /** The broker commits; its answer never reaches the host. */
+  const answerLost = async <T>(send: () => Promise<T>): Promise<T> => {
+    await send();
+    throw lost('the answer was lost');
+  };
+  /** The request never reached the broker (the host cannot tell the two apart). */
+  const neverSent = async <T>(): Promise<T> => {
+    throw lost('no answer');
+  };
+
+  // 1. Committed, the answer lost; the guest is then stopped: the next start asks again, is told the snapshot, and folds offline.
+  await onWith([{ offset: 2 * chunk + 100, data: randomBytes(5000) }, { offset: 9 * chunk, data: randomBytes(chunk) }]);
+  const s0 = await current();
+  await assert.rejects(host!.replicate(d.id, { commitVia: answerLost }), /the broker's answer to the replica commit was lost .*nothing is lost/);
+  const x = await current();
+  assert.notEqual(x, s0, 'the broker committed it');
+  assert.ok((await snapshotImage(x)).equals(expected));
+  assert.notEqual(layout().under, null, 'the host keeps the point frozen');
+  assert.ok(existsSync(pending), 'and what it sent, to ask again');
+  await cycle('stopped');
+  await cycle('running');
+  assert.deepEqual([layout().under, existsSync(pending)], [null, false], 'settled');
+  assert.equal(baseDigest(), await digestOf(x), "the host's base is the broker's snapshot: no host-chain-diverged");
+  assert.ok((await events('host-replica-commit')).some((e) => e.actor === 'host:h1' && e.outcome === 'ok' && /committed already as .*told again/.test(e.detail ?? '')), 'audited');
+  assert.match(await host!.replicate(d.id), /^replica \S+: 0 chunks changed/, 'the next replica goes on from it');
+
+  // 2. Not committed (no answer, the broker never heard it), the guest running on: the next replica asks again, the broker commits it then, the host folds live.
+  await onWith([{ offset: 4 * chunk, data: randomBytes(chunk) }]);
+  const s1 = await current();
+  await assert.rejects(host!.replicate(d.id, { commitVia: neverSent }), /answer to the replica commit was lost/);
+  assert.equal(await current(), s1, 'nothing committed yet');
+  assert.notEqual(layout().under, null);
+  assert.match(await host!.replicate(d.id), /^the last replica's commit, asked again, is committed/);
+  const y = await current();
+  assert.notEqual(y, s1);
+  assert.deepEqual([(await broker.ctx.meta.getSnapshot(y))!.kind, (await broker.ctx.meta.getSnapshot(y))!.parentId], ['replica', s1]);
+  assert.ok((await snapshotImage(y)).equals(expected), 'byte for byte');
+  assert.deepEqual([layout().under, existsSync(pending), baseDigest()], [null, false, await digestOf(y)]);
+
+  // 3. Not committed, and a check-out comes before the host asks again: the broker refuses it (the desktop is returning),
+  //    the host ends its job and puts the writes back into the top, and the handover sends them all.
+  await onWith([{ offset: 13 * chunk + 4096, data: randomBytes(8192) }]);
+  await assert.rejects(host!.replicate(d.id, { commitVia: neverSent }), /answer to the replica commit was lost/);
+  const co = await checkout('online1');
+  assert.equal(co.status, 202, JSON.stringify(co.body));
+  const checkoutId = (co.body.checkout as { id: string }).id;
+  await until('handover done', async () => ((await http.call('GET', `/v1/checkouts/${checkoutId}/handover`, undefined, alice)).body.handover as { step: string }).step === 'done', 30_000);
+  assert.ok((await snapshotImage((await broker.ctx.meta.getCheckout(checkoutId))!.checkpointSnapshot!)).equals(expected), "the check-out's checkpoint holds every write");
+  assert.equal(existsSync(pending), false);
+  assert.deepEqual((await broker.ctx.scheduler.openJobs()).filter((j) => j.checkoutId === `host:h1:${d.id}` && j.kind === 'replicate'), [], 'the unanswered job ended');
+  assert.equal((await http.call('POST', `/v1/checkouts/${checkoutId}/cancel`, {}, alice)).status, 200);
+});
+
 test('handover protocol: cancel before the host begins leaves the guest running; cancel after the shutdown leaves it stopped with its writes kept; only the host that holds it, with receipts', async () => {
   // A host that only speaks the protocol, with more room than h1 (and less than h2 later): online2 goes there.
-  assert.equal((await hostCall('/v1/hosts/register', { id: 'f2', vcpus: 4, ramMiB: 2048, maxDesktops: 2, accel: 'tcg', heartbeatSec: 300 }, secret)).status, 200);
-  assert.equal((await hostCall('/v1/hosts/register', { id: 'f3', vcpus: 1, ramMiB: 64, maxDesktops: 1, accel: 'tcg', heartbeatSec: 300 }, secret)).status, 200);
-  const beat = async () => (await hostCall('/v1/hosts/f2/heartbeat', {}, secret)).body.commands as { id: string; type: string; desktopId: string }[];
-  const ack = (c: { id: string }, body: unknown) => hostCall(`/v1/hosts/f2/commands/${c.id}`, body, secret);
+  assert.equal((await hostCall('/v1/hosts/register', { id: 'f2', vcpus: 4, ramMiB: 2048, maxDesktops: 2, accel: 'tcg', heartbeatSec: 300 })).status, 200);
+  assert.equal((await hostCall('/v1/hosts/register', { id: 'f3', vcpus: 1, ramMiB: 64, maxDesktops: 1, accel: 'tcg', heartbeatSec: 300 })).status, 200);
+  const beat = async () => (await hostCall('/v1/hosts/f2/heartbeat', {})).body.commands as { id: string; type: string; desktopId: string }[];
+  const ack = (c: { id: string }, body: unknown) => hostCall(`/v1/hosts/f2/commands/${c.id}`, body);
   const id = await desktopId('online2');
   assert.deepEqual((await power('online2', 'on')).body, { state: 'starting', host: 'f2' });
   const start = (await beat()).find((c) => c.type === 'start')!;
   assert.equal((await ack(start, { ok: true, message: 'running' })).status, 200);
-  await hostCall('/v1/hosts/f2/heartbeat', { desktops: [{ desktopId: id, state: 'running' }] }, secret);
+  await hostCall('/v1/hosts/f2/heartbeat', { desktops: [{ desktopId: id, state: 'running' }] });
   assert.equal((await placement('online2'))!.state, 'running');
-  const step = (rest: string, body: unknown, as = 'f2') => hostCall(`/v1/hosts/${as}/desktops/${id}/handover${rest}`, body, secret);
+  const step = (rest: string, body: unknown, as = 'f2') => hostCall(`/v1/hosts/${as}/desktops/${id}/handover${rest}`, body);
 
   // 1. Cancelled before the host took it: the host is refused, says the guest still runs, and it stays running.
   const first = await checkout('online2');
@@ -513,7 +648,8 @@ test('handover protocol: cancel before the host begins leaves the guest running;
 test('a host killed with -9: it is marked lost after three missed heartbeats, and the desktop it ran with it (audited); check-out stays refused; an admin fails it over to another host, the lost one keeps its copy until released', async () => {
   const dataDir = mkdtempSync(join(tmpdir(), 'carryon-host-'));
   dirs.push(dataDir);
-  const secretFile = join(broker.dir, 'host.secret');
+  const secretFile = join(broker.dir, 'h2.credential');
+  writeFileSync(secretFile, `${await hostCredential(broker, 'h2')}\n`, { mode: 0o600 });
   child = spawn(process.execPath, [main, 'host', '--broker', broker.url, '--broker-fingerprint', broker.fingerprint, '--secret-file', secretFile, '--data-dir', dataDir,
     '--id', 'h2', '--vcpus', '4', '--ram-mib', '8192', '--max-desktops', '4', '--accel', 'tcg', '--heartbeat-sec', '1', '--replicate-sec', '1', '--paused-guests'], { stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
@@ -565,11 +701,11 @@ test('a host killed with -9: it is marked lost after three missed heartbeats, an
   const twice = await http.call('POST', '/v1/admin/desktops/online2/failover', {}, admin);
   assert.deepEqual([twice.status, twice.body.error], [409, 'not-lost']);
   // h2 comes back still running its guest: powered off there (its chain kept), never discarded without an admin.
-  const back = (await hostCall('/v1/hosts/h2/heartbeat', { desktops: [{ desktopId: id, state: 'running' }], bases: [id] }, secret)).body.commands as { type: string; desktopId: string }[];
+  const back = (await hostCall('/v1/hosts/h2/heartbeat', { desktops: [{ desktopId: id, state: 'running' }], bases: [id] })).body.commands as { type: string; desktopId: string }[];
   assert.deepEqual(back.map((c) => [c.type, c.desktopId]), [['off', id]]);
   // While h2 keeps that copy it is not given the desktop again, though it is alive, larger and holds its base.
-  const f2start = (await hostCall('/v1/hosts/f2/heartbeat', {}, secret)).body.commands as { id: string; type: string }[];
-  assert.equal((await hostCall(`/v1/hosts/f2/commands/${f2start.find((c) => c.type === 'start')!.id}`, { ok: false, message: 'test', kept: false }, secret)).status, 200);
+  const f2start = (await hostCall('/v1/hosts/f2/heartbeat', {})).body.commands as { id: string; type: string }[];
+  assert.equal((await hostCall(`/v1/hosts/f2/commands/${f2start.find((c) => c.type === 'start')!.id}`, { ok: false, message: 'test', kept: false })).status, 200);
   assert.equal(await placement('online2'), null);
   assert.equal((await power('online2', 'on')).body.host, 'f2');
   const released = await http.call('POST', '/v1/admin/desktops/online2/release', { host: 'h2', reason: 'test' }, admin);

@@ -12,6 +12,7 @@ import { userOf, userScope } from '../../src/broker/routes/user/user-scope.js';
 import { heldCheckout, holderAction, holderScope } from '../../src/broker/routes/user/holder-scope.js';
 import { agentScope, deviceOf } from '../../src/broker/routes/agent/agent-scope.js';
 import { guardScopedRoutes } from '../../src/broker/routes/scopes.js';
+import { makeCredential } from '../../src/broker/hosts/credentials.js';
 import { displayHostRoutes } from '../../src/broker/routes/display.js';
 import { generateSigningKey, publicKeyToBase64 } from '../../src/core/signing.js';
 import { signDeviceRequest } from '../../src/core/tokens/device-auth.js';
@@ -31,7 +32,7 @@ const devices: Record<string, { id: string; user: string; publicKey: string }> =
 const nonces = new Set<string>();
 const ctx = {
   secrets: { tokenKey },
-  settings: { transferSecret: 'the-transfer-secret', hostSecret: 'the-host-secret' },
+  settings: { transferSecret: 'the-transfer-secret' },
   meta: {
     getUser: async (name: string) => (users[name] ? { name, role: users[name], disabled: false } : null),
     deviceRevokedAt: async (id: string) => (id === 'dev-revoked' ? new Date().toISOString() : null),
@@ -163,15 +164,16 @@ test('a route added to the agent scope with no check of its own runs only for a 
   }
 });
 
-test('the display relay\'s host routes are refused without the host secret before the body is read (401, audited under the route\'s action)', async () => {
+test('the display relay\'s host routes are refused without the host\'s credential before the body is read (401, audited under the route\'s action)', async () => {
   // The relay hears of queued commands through the host store; no host is ever found here.
-  const hostCtx = { ...ctx, hosts: { onQueued: () => undefined, host: async () => null } } as unknown as BrokerContext;
+  const h1 = makeCredential('h1');
+  const hostCtx = { ...ctx, hosts: { onQueued: () => undefined, host: async () => null, keyHash: async (id: string) => (id === 'h1' ? h1.hash : null) } } as unknown as BrokerContext;
   const app = await broker(async (a) => void (await a.register(displayHostRoutes, { ctx: hostCtx })));
   try {
     const wrong = await app.inject({ method: 'POST', url: '/v1/hosts/h1/commands/wait', headers: { 'x-carryon-host-secret': 'guess', 'content-type': 'application/json' }, payload: '{not json' });
     assert.deepEqual([wrong.statusCode, wrong.json().error], [401, 'bad-secret']);
     assert.ok(audited.some((e) => e.action === 'host-wait' && e.outcome === 'denied'));
-    const right = await app.inject({ method: 'POST', url: '/v1/hosts/h1/commands/wait', headers: { 'x-carryon-host-secret': 'the-host-secret', 'content-type': 'application/json' }, payload: '{not json' });
+    const right = await app.inject({ method: 'POST', url: '/v1/hosts/h1/commands/wait', headers: { 'x-carryon-host-secret': h1.credential, 'content-type': 'application/json' }, payload: '{not json' });
     assert.deepEqual([right.statusCode, right.json().error], [400, 'malformed-json']);
   } finally {
     await app.close();

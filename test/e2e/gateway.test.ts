@@ -92,7 +92,9 @@ before(async () => {
   await http.call('POST', '/v1/admin/users', { name: 'alice', password: 'alice-password' }, admin);
   const image = makeImage(broker.dir, 16);
   for (const name of ['d1', 'd2', 'd3', 'd4']) {
-    const r = await http.call('POST', '/v1/admin/desktops', name === 'd1' ? { name, image, config: { vcpus: 1, ramMiB: 512, minRamMiB: 256 } } : { name, cloneOf: 'd1' }, admin);
+    // d2 and d3 are not clones: the laptop holds d1 (and then d2), whose chunks a clone would copy locally, so nothing would travel to resume or cancel.
+    const own = name === 'd2' || name === 'd3' ? makeImage(broker.dir, 16, `${name}.raw`) : null;
+    const r = await http.call('POST', '/v1/admin/desktops', name === 'd1' || own ? { name, image: own ?? image, config: { vcpus: 1, ramMiB: 512, minRamMiB: 256 } } : { name, cloneOf: 'd1' }, admin);
     assert.equal(r.status, 201, JSON.stringify(r.body));
     await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: name }, admin);
   }

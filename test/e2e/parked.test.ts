@@ -1,7 +1,8 @@
+// carryon-test: sqlite-only (parked copies live on the laptop; the broker sees a plain check-out, which runs on PostgreSQL in lifecycle.test.ts, and the agent's wipe and revoke in agent.test.ts)
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { appendFileSync, closeSync, existsSync, openSync, readdirSync, readFileSync, readSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { appendFileSync, closeSync, existsSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { measureLayer } from '../../src/disk/layer-shape.js';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
@@ -55,6 +56,24 @@ async function serverDisk(name: string): Promise<Buffer> {
   return readFileSync(out);
 }
 
+/** Overwrites 4 KiB of one data cluster of a qcow2 base with random bytes, its structure left as it was. */
+async function rewriteDataCluster(file: string): Promise<void> {
+  const shape = await measureLayer(file, { withoutLuks: true });
+  const size = statSync(file).size;
+  for (let at = size - CHUNK + 4096; at > 0; at -= CHUNK) {
+    const fd = openSync(file, 'r+');
+    const was = Buffer.alloc(4096);
+    readSync(fd, was, 0, 4096, at);
+    writeSync(fd, randomBytes(4096), 0, 4096, at);
+    closeSync(fd);
+    if ((await measureLayer(file, { withoutLuks: true })).sha256 === shape.sha256) return;
+    const back = openSync(file, 'r+');
+    writeSync(back, was, 0, 4096, at);
+    closeSync(back);
+  }
+  assert.fail('no data cluster found');
+}
+
 /** Chunks and bytes the transfer server sent while `fn` ran. */
 async function onTheWire<T>(fn: () => Promise<T>): Promise<{ result: T; bytes: number }> {
   const before = broker.transfer!.stats.bytesOut;
@@ -89,11 +108,16 @@ test('check-in parks the desktop; the next check-out on this device moves only t
   await checkout(env(b), 'office');
   // ...and one random chunk becomes zeros (a hole on the server): the parked copy's data there must not show.
   await writeDesktop(env(b), 'office', [{ offset: 2 * CHUNK, data: randomBytes(CHUNK) }, { offset: 9 * CHUNK + 4096, data: randomBytes(4096) }, { offset: 60 * CHUNK + 8192, data: randomBytes(100) }, { offset: 4 * CHUNK, data: Buffer.alloc(CHUNK) }]);
+  // Chunks that move to other indexes (6 and 8 swapped, 12 copied into the hole at 11): the parked copy holds them elsewhere.
+  const had = await readDesktop(env(b), 'office');
+  const chunkOf = (i: number) => had.subarray(i * CHUNK, (i + 1) * CHUNK);
+  await writeDesktop(env(b), 'office', [{ offset: 6 * CHUNK, data: chunkOf(8) }, { offset: 8 * CHUNK, data: chunkOf(6) }, { offset: 11 * CHUNK, data: chunkOf(12) }]);
   await upload(env(b), 'office', 'checkin');
 
   logs.length = 0;
   const second = await onTheWire(() => checkout(env(a), 'office'));
-  assert.equal(second.result.chunksMoved, 3, `only the 3 chunks changed since the parked check-in travel\n${logs.join('\n')}`);
+  assert.equal(second.result.chunksMoved, 3, `only the 3 chunks changed since the parked check-in travel, not the 3 that moved\n${logs.join('\n')}`);
+  assert.equal(second.result.copiedChunks, 3, 'the moved ones are copied from their old indexes');
   assert.ok(second.bytes < 3 * CHUNK + 4096 && second.bytes >= 2 * CHUNK, `${second.bytes} bytes on the wire for 3 chunks`);
   assert.equal(parkedFiles(a).length, 0, 'the parked copy became the check-out');
   assert.ok((await readDesktop(env(a), 'office')).equals(await serverDisk('office')), 'byte-identical to the server');
@@ -117,23 +141,7 @@ test('after a rollback the next check-out moves nothing; discard, a remote wipe 
   const tampers: [string, (dir: string) => void | Promise<void>][] = [
     ['base structure', (dir) => appendFileSync(join(dir, 'disks', 'disk0', 'base.qcow2'), Buffer.alloc(512))],
     // A data cluster rewritten, the structure left as it was (XTS cannot tell; the file's stamp can).
-    ['base data', async (dir) => {
-      const file = join(dir, 'disks', 'disk0', 'base.qcow2');
-      const shape = await measureLayer(file, { withoutLuks: true });
-      const size = statSync(file).size;
-      for (let at = size - CHUNK + 4096; at > 0; at -= CHUNK) {
-        const fd = openSync(file, 'r+');
-        const was = Buffer.alloc(4096);
-        readSync(fd, was, 0, 4096, at);
-        writeSync(fd, randomBytes(4096), 0, 4096, at);
-        closeSync(fd);
-        if ((await measureLayer(file, { withoutLuks: true })).sha256 === shape.sha256) return;
-        const back = openSync(file, 'r+');
-        writeSync(back, was, 0, 4096, at);
-        closeSync(back);
-      }
-      assert.fail('no data cluster found');
-    }],
+    ['base data', (dir) => rewriteDataCluster(join(dir, 'disks', 'disk0', 'base.qcow2'))],
     ['record', (dir) => {
       const f = JSON.parse(readFileSync(join(dir, 'parked.json'), 'utf8')) as { body: string };
       writeFileSync(join(dir, 'parked.json'), JSON.stringify({ ...f, body: f.body.replace('"how":"rollback"', '"how":"checkin"') }));
@@ -276,4 +284,69 @@ test('a take-over cut off before the parked base moved, whose parked copy is the
   assert.equal(done.chunksMoved, 32, 'every chunk is fetched into the new base');
   assert.ok((await readDesktop(env(a), 'moved')).equals(await serverDisk('moved')), 'byte-identical');
   await release(env(a), 'moved', 'rollback');
+});
+
+test('a clone of a desktop this laptop holds (checked out or parked) moves nothing; a damaged local chunk is fetched; a locked sibling is not read', async () => {
+  await desktop('gold');
+  const h = await laptop('laptop-h');
+  const clone = async (name: string) => {
+    const r = await http.call('POST', '/v1/admin/desktops', { name, cloneOf: 'gold' }, admin);
+    assert.equal(r.status, 201, JSON.stringify(r.body));
+    await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: name }, admin);
+  };
+  await checkout(env(h), 'gold');
+
+  // A fresh clone of a checked-out desktop: every chunk is here already; nothing travels.
+  await clone('gold-2');
+  logs.length = 0;
+  const fromHeld = await onTheWire(() => checkout(env(h), 'gold-2'));
+  assert.equal(fromHeld.result.chunksMoved, 0, logs.join('\n'));
+  assert.equal(fromHeld.bytes, 0, 'nothing on the wire');
+  assert.equal(fromHeld.result.copiedChunks, 32);
+  assert.ok(logs.some((l) => /copied 32 chunks from this laptop's copies of gold \(checked out\)/.test(l)), logs.join('\n'));
+  assert.ok((await readDesktop(env(h), 'gold-2')).equals(await serverDisk('gold-2')), 'byte-identical to the server');
+
+  // Both parked: a third clone is made from the parked copies, which stay as they are.
+  await release(env(h), 'gold-2', 'rollback');
+  await release(env(h), 'gold', 'rollback');
+  await clone('gold-3');
+  // Parked copies are read under the rules of the desktop's own: this check-out's policy says keep none, so none is read.
+  await http.call('PUT', '/v1/admin/policies/desktop/gold-3', { keepLocalCopy: false }, admin);
+  logs.length = 0;
+  const refused = await checkout(env(h), 'gold-3');
+  assert.equal(refused.chunksMoved, 32, logs.join('\n'));
+  assert.ok(logs.some((l) => /the parked copy of gold is not read for this check-out \(policy keepLocalCopy is off\)/.test(l)), logs.join('\n'));
+  await release(env(h), 'gold-3', 'rollback');
+  await http.call('PUT', '/v1/admin/policies/desktop/gold-3', {}, admin);
+  const fromParked = await onTheWire(() => checkout(env(h), 'gold-3'));
+  assert.equal(fromParked.result.chunksMoved, 0);
+  assert.equal(fromParked.bytes, 0);
+  assert.ok((await readDesktop(env(h), 'gold-3')).equals(await serverDisk('gold-3')), 'byte-identical to the server');
+  assert.equal(parkedFiles(h).length, 2, "the siblings' parked copies are kept");
+
+  // A checked-out sibling whose base was changed on disk (one data cluster): that chunk is fetched, the rest copied.
+  await release(env(h), 'gold-3', 'rollback');
+  for (const n of ['gold-2', 'gold-3']) await discardLocal(env(h), n);
+  await checkout(env(h), 'gold');
+  const goldId = (await (await Vault.open(h)).find('gold')).desktopId;
+  await rewriteDataCluster(join(h, 'desktops', goldId, 'disks', 'disk0', 'base.qcow2'));
+  await clone('gold-4');
+  logs.length = 0;
+  const damaged = await onTheWire(() => checkout(env(h), 'gold-4'));
+  assert.equal(damaged.result.chunksMoved, 1, `only the damaged chunk travels\n${logs.join('\n')}`);
+  assert.equal(damaged.result.copiedChunks, 31);
+  assert.equal(damaged.result.rejectedLocalChunks, 1);
+  assert.ok(logs.some((l) => /gold \(checked out\), index \d+: its bytes do not match the chunk ID/.test(l)), logs.join('\n'));
+  assert.ok((await readDesktop(env(h), 'gold-4')).equals(await serverDisk('gold-4')), 'byte-identical to the server');
+
+  // A sibling that `run` would not open (locked: its unlock token gone) is not read: everything travels.
+  await release(env(h), 'gold-4', 'rollback');
+  await discardLocal(env(h), 'gold-4');
+  rmSync(join(h, 'desktops', goldId, 'unlock.token'));
+  await clone('gold-5');
+  logs.length = 0;
+  const locked = await onTheWire(() => checkout(env(h), 'gold-5'));
+  assert.equal(locked.result.chunksMoved, 32, logs.join('\n'));
+  assert.ok(logs.some((l) => /gold \(checked out\) is not read for this check-out \(gold is locked/.test(l)), logs.join('\n'));
+  assert.ok((await readDesktop(env(h), 'gold-5')).equals(await serverDisk('gold-5')), 'byte-identical to the server');
 });

@@ -20,7 +20,8 @@ before(async () => {
   // Half of each 512 KiB is zeros: with 256 KiB chunks, half the disk is holes (not counted).
   const image = makeImage(broker.dir, 32);
   assert.equal((await http.call('POST', '/v1/admin/desktops', { name: 'win11', image }, admin)).status, 201);
-  assert.equal((await http.call('POST', '/v1/admin/desktops', { name: 'ubuntu', cloneOf: 'win11' }, admin)).status, 201);
+  // Not a clone: the laptop holds win11, whose chunks a clone would copy locally instead of transferring them.
+  assert.equal((await http.call('POST', '/v1/admin/desktops', { name: 'ubuntu', image: makeImage(broker.dir, 32, 'ubuntu.raw') }, admin)).status, 201);
   for (const target of ['win11', 'ubuntu']) await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target }, admin);
 });
 after(async () => {

@@ -131,6 +131,12 @@ export class DisplayRelay {
       signal?.addEventListener('abort', done, { once: true });
     });
   }
+  /** A host whose credential was revoked: its open displays close, its long poll wakes (and is refused). */
+  cutOff(hostId: string): void {
+    for (const s of this.sessions.values()) if (s.hostId === hostId) void this.end(s.id, CLOSE.ended, `desktop host ${hostId} was revoked`, 'host-revoked');
+    this.wake(hostId);
+  }
+
   private wake(hostId: string) {
     for (const w of [...(this.waiters.get(hostId) ?? [])]) w();
   }

@@ -32,17 +32,20 @@ async function checkedOutRefusal(ctx: BrokerContext, desktop: DesktopRow): Promi
 
 /** Hosts silent for three heartbeats are marked lost, and the desktops they ran with them (audited once each). */
 export async function sweepHosts(ctx: BrokerContext): Promise<void> {
-  for (const h of await ctx.hosts.markLost(new Date())) {
-    const desktops: string[] = [];
-    for (const p of await ctx.hosts.placements(h.id)) {
-      if (!ON_HOST.includes(p.state) || !(await ctx.hosts.transition(p.desktopId, ON_HOST, 'lost', { detail: `host ${h.id} silent since ${h.lastSeen}` }))) continue;
-      await ctx.meta.setPowerState(p.desktopId, 'lost');
-      if (p.state === 'returning') await handoverLost(ctx, p.desktopId, h.id);
-      await ctx.audit({ actor: 'system', desktopId: p.desktopId, action: 'host-lost', outcome: 'failed', detail: `host ${h.id} stopped heartbeating (last seen ${h.lastSeen}) while it ran this desktop; the guest's writes since snapshot ${p.snapshotId ?? '-'} are at risk` });
-      desktops.push(p.desktopId);
-    }
-    await ctx.audit({ actor: 'system', action: 'host-lost', outcome: 'failed', detail: `host ${h.id} last seen ${h.lastSeen}; desktops marked: ${desktops.length ? desktops.join(', ') : 'none'}` });
+  for (const h of await ctx.hosts.markLost(new Date())) await desktopsLost(ctx, h, `stopped heartbeating (last seen ${h.lastSeen})`);
+}
+
+/** A host lost (silent, or its credential revoked): the desktops it ran are marked lost with it, audited. */
+export async function desktopsLost(ctx: BrokerContext, h: HostRow, why: string): Promise<void> {
+  const desktops: string[] = [];
+  for (const p of await ctx.hosts.placements(h.id)) {
+    if (!ON_HOST.includes(p.state) || !(await ctx.hosts.transition(p.desktopId, ON_HOST, 'lost', { detail: `host ${h.id} ${why}` }))) continue;
+    await ctx.meta.setPowerState(p.desktopId, 'lost');
+    if (p.state === 'returning') await handoverLost(ctx, p.desktopId, h.id);
+    await ctx.audit({ actor: 'system', desktopId: p.desktopId, action: 'host-lost', outcome: 'failed', detail: `host ${h.id} ${why} while it ran this desktop; the guest's writes since snapshot ${p.snapshotId ?? '-'} are at risk` });
+    desktops.push(p.desktopId);
   }
+  await ctx.audit({ actor: 'system', action: 'host-lost', outcome: 'failed', detail: `host ${h.id} ${why}; desktops marked: ${desktops.length ? desktops.join(', ') : 'none'}` });
 }
 
 /** What each host has left: desktops placed and on it count against its vCPUs, RAM and desktop slots. */

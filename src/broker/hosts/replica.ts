@@ -47,11 +47,21 @@ export async function beginReplica(ctx: BrokerContext, hostId: string, desktopId
   return { job, snapshotId: base.id, disks: base.disks.map((d) => ({ name: d.name, digest: d.digest })), keys: ctx.keysFor(Buffer.from(keyRef.wrappedKeys, 'base64'), keyRef.keyContext) };
 }
 
-/** Step 2: the changes against the placement's snapshot, checked as a laptop's; the restore point becomes current. */
+/**
+ * Step 2: the changes against the placement's snapshot, checked as a laptop's; the restore point
+ * becomes current. Idempotent by job, as a laptop's commit is: a host whose answer was lost sends
+ * the same commit again at its next contact and is told the snapshot its job made (whatever the
+ * placement became since: a handover may have begun from it), with the digests it must fold to.
+ */
 export async function commitReplica(ctx: BrokerContext, hostId: string, desktopId: string, jobId: string, changes: DiskChanges[], receipts: Record<string, string>) {
   const action = `${ACTION}-commit`;
   const actor = `host:${hostId}`;
   const owner = hostJobOwner(hostId, desktopId);
+  const done = await ctx.hosts.replicaCommitted(jobId);
+  if (done && done.hostId === hostId && done.desktopId === desktopId) {
+    await ctx.audit({ actor, desktopId, action, outcome: 'ok', detail: `job ${jobId} committed already as ${done.snapshotId}: told again (the host did not hear the answer)` });
+    return await committedAnswer(ctx, done.snapshotId);
+  }
   const p = await replicable(ctx, hostId, desktopId, action);
   if (p.jobId !== jobId || (await ctx.scheduler.checkoutOf(jobId)) !== owner) throw await deny(ctx, actor, desktopId, action, 409, 'no-replica', `job ${jobId} is not this desktop's open replica on host ${hostId}`);
   const base = (await ctx.meta.getSnapshot(p.snapshotId!))!;
@@ -67,7 +77,13 @@ export async function commitReplica(ctx: BrokerContext, hostId: string, desktopI
   await ctx.scheduler.finish(jobId, 'done');
   const changed = changes.reduce((n, d) => n + d.changes.length, 0);
   await ctx.audit({ actor, desktopId, action: 'snapshot', outcome: 'ok', detail: `replica ${snapshotId}: ${changed} chunks the guest changed on host ${hostId} since ${base.id}` });
-  return { snapshotId };
+  return await committedAnswer(ctx, snapshotId);
+}
+
+/** The snapshot a replica made and its disks' digests: the host folds only if they are what it computed. */
+async function committedAnswer(ctx: BrokerContext, snapshotId: string) {
+  const s = (await ctx.meta.getSnapshot(snapshotId))!;
+  return { snapshotId, disks: s.disks.map((d) => ({ name: d.name, digest: d.digest })) };
 }
 
 /** The host gave its point up (a failure on its side): the job ends, the placement keeps its snapshot. */

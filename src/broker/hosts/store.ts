@@ -51,7 +51,18 @@ CREATE TABLE host_kept (
   desktop_id TEXT NOT NULL, host_id TEXT NOT NULL, snapshot_id TEXT, since TEXT NOT NULL, reason TEXT, PRIMARY KEY (desktop_id, host_id));
 `;
 
-export const HOST_MIGRATIONS: Migration[] = [{ version: 1, sql: V1 }, { version: 2, sql: V2 }, { version: 3, sql: V3 }, { version: 4, sql: V4 }];
+/**
+ * Each host's own credential (no shared secret: one stolen host cannot act for another): only a
+ * hash bound to the host id is kept (credentials.ts). And the replicas a host committed, by job: a
+ * host that did not hear the answer asks again and is told the snapshot (replica.ts).
+ */
+const V5 = `
+CREATE TABLE host_keys (host_id TEXT PRIMARY KEY, hash TEXT NOT NULL, made_at TEXT NOT NULL, made_by TEXT NOT NULL);
+CREATE TABLE host_replica_commits (
+  job_id TEXT PRIMARY KEY, desktop_id TEXT NOT NULL, host_id TEXT NOT NULL, snapshot_id TEXT NOT NULL, committed_at TEXT NOT NULL);
+`;
+
+export const HOST_MIGRATIONS: Migration[] = [{ version: 1, sql: V1 }, { version: 2, sql: V2 }, { version: 3, sql: V3 }, { version: 4, sql: V4 }, { version: 5, sql: V5 }];
 
 /**
  * `starting`: told to start; `running`: the host says QEMU runs; `stopping`; `stopped`: off, its chain kept on the host;
@@ -183,11 +194,49 @@ export class HostStore {
       to, patch.detail === undefined ? cur.detail : patch.detail, patch.jobId === undefined ? cur.jobId : patch.jobId,
       patch.snapshotId === undefined ? cur.snapshotId : patch.snapshotId, now(), desktopId, cur.state, cur.updatedAt])) === 1;
   }
-  /** A host replica's job ends on a placement still running on that host with that job: its snapshot (null: abandoned) becomes the placement's. */
+  /**
+   * A host replica's job ends on a placement still running on that host with that job: its snapshot
+   * (null: abandoned) becomes the placement's, and a committed one is recorded by job in the same
+   * transaction (what a host that lost the answer is told).
+   */
   async endReplica(desktopId: string, hostId: string, jobId: string, snapshotId: string | null): Promise<boolean> {
     const set = snapshotId === null ? 'job_id = NULL' : 'job_id = NULL, snapshot_id = ?';
-    return (await this.sql.run(`UPDATE host_placements SET ${set}, updated_at = ? WHERE desktop_id = ? AND host_id = ? AND state = 'running' AND job_id = ?`, [
-      ...(snapshotId === null ? [] : [snapshotId]), now(), desktopId, hostId, jobId])) === 1;
+    return await this.sql.transaction(async (c) => {
+      const ended = (await c.run(`UPDATE host_placements SET ${set}, updated_at = ? WHERE desktop_id = ? AND host_id = ? AND state = 'running' AND job_id = ?`, [
+        ...(snapshotId === null ? [] : [snapshotId]), now(), desktopId, hostId, jobId])) === 1;
+      if (ended && snapshotId !== null) {
+        await c.run('INSERT INTO host_replica_commits (job_id, desktop_id, host_id, snapshot_id, committed_at) VALUES (?, ?, ?, ?, ?)', [jobId, desktopId, hostId, snapshotId, now()]);
+        // A host asks again at its next contact, not weeks later.
+        await c.run('DELETE FROM host_replica_commits WHERE desktop_id = ? AND committed_at < ?', [desktopId, new Date(Date.now() - 30 * 86400_000).toISOString()]);
+      }
+      return ended;
+    });
+  }
+  /** The snapshot a replica job committed, if it did. */
+  async replicaCommitted(jobId: string): Promise<{ desktopId: string; hostId: string; snapshotId: string } | null> {
+    const r = await this.sql.get<Raw>('SELECT * FROM host_replica_commits WHERE job_id = ?', [jobId]);
+    return r ? { desktopId: String(r.desktop_id), hostId: String(r.host_id), snapshotId: String(r.snapshot_id) } : null;
+  }
+
+  /** A host's credential hash; false when the host already has one (revoke it first). */
+  async addKey(hostId: string, hash: string, by: string): Promise<boolean> {
+    return (await this.sql.run('INSERT INTO host_keys (host_id, hash, made_at, made_by) VALUES (?, ?, ?, ?) ON CONFLICT (host_id) DO NOTHING', [hostId, hash, now(), by])) === 1;
+  }
+  async keyHash(hostId: string): Promise<string | null> {
+    return str((await this.sql.get<Raw>('SELECT hash FROM host_keys WHERE host_id = ?', [hostId]))?.hash);
+  }
+  async revokeKey(hostId: string): Promise<boolean> {
+    return (await this.sql.run('DELETE FROM host_keys WHERE host_id = ?', [hostId])) === 1;
+  }
+  async keys(): Promise<{ hostId: string; madeAt: string; madeBy: string }[]> {
+    return (await this.sql.all<Raw>('SELECT host_id, made_at, made_by FROM host_keys ORDER BY host_id')).map((r) => ({ hostId: String(r.host_id), madeAt: String(r.made_at), madeBy: String(r.made_by) }));
+  }
+  /** A revoked host: lost now (its desktops are marked by the caller), whatever it was; null when it never registered. */
+  async markCutOff(id: string): Promise<HostRow | null> {
+    const h = await this.host(id);
+    if (!h) return null;
+    await this.sql.run("UPDATE hosts SET health = 'lost' WHERE id = ?", [id]);
+    return h;
   }
   /** Ends a placement that is in one of `from` (release, or a start that left nothing on the host). */
   async unplace(desktopId: string, from: readonly PlacementState[]): Promise<boolean> {

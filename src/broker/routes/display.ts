@@ -9,7 +9,7 @@ import { markScope } from './scopes.js';
 import { userOf } from './user/user-scope.js';
 import { readToken } from '../auth/tokens.js';
 import { adminOf } from './admin/admin-scope.js';
-import { checkHostSecret } from './hosts.js';
+import { checkHostCredential } from './hosts.js';
 
 /** A ticket opens one connection, within this time, for its user and desktop. */
 export const TICKET_TTL_MS = 30_000;
@@ -95,11 +95,11 @@ export const displayBrowserRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = 
   });
 };
 
-/** The host's side: its long poll, and its dial-back for one session (host secret, checked by this plugin's hook). */
+/** The host's side: its long poll, and its dial-back for one session (the host's own credential, checked by this plugin's hook). */
 export const displayHostRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   markScope(app, 'machine');
   const relay = displayRelay(ctx);
-  app.addHook('onRequest', async (req) => checkHostSecret(ctx, req, req.routeOptions.config.hostAction ?? 'host-request'));
+  app.addHook('onRequest', async (req) => checkHostCredential(ctx, req, req.routeOptions.config.hostAction ?? 'host-request'));
   const hostOf = async (req: FastifyRequest) => {
     const { id } = parse(z.object({ id: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/) }).passthrough(), req.params);
     const host = await ctx.hosts.host(id);
@@ -118,6 +118,8 @@ export const displayHostRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = asy
     let commands = await fresh();
     if (!commands.length) {
       await woken;
+      // Revoked while it waited (the revocation wakes it): told nothing more, not even a display token.
+      if ((await ctx.hosts.keyHash(host.id)) !== req.hostKeyHash) throw new HttpError(401, 'bad-secret', 'host credential refused: revoked', {}, true);
       commands = gone.signal.aborted ? [] : await fresh();
     }
     gone.abort(); // ends the waiter when it was not needed

@@ -1,4 +1,3 @@
-import { timingSafeEqual } from 'node:crypto';
 import type { FastifyRequest, FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import type { BrokerContext } from '../context.js';
@@ -9,24 +8,45 @@ import { beginHandover, commitHandover, handoverShutDown } from '../hosts/handov
 import { abandonReplica, beginReplica, commitReplica } from '../hosts/replica.js';
 import { Changes, withReceipts } from './change-list.js';
 import { markScope } from './scopes.js';
-import { failOver, hostAck, hostHeartbeat, hostsOverview, powerDesktop, prepareStart, releaseDesktop, sweepHosts } from '../hosts/power.js';
+import { desktopsLost, failOver, hostAck, hostHeartbeat, hostsOverview, powerDesktop, prepareStart, releaseDesktop, sweepHosts } from '../hosts/power.js';
 import { hostJobOwner } from '../hosts/health.js';
+import { credentialMatches, makeCredential, parseCredential } from '../hosts/credentials.js';
 
 declare module 'fastify' {
   interface FastifyContextConfig {
-    /** The audit action a host route's refused secret is recorded under. */
+    /** The audit action a host route's refused credential is recorded under. */
     hostAction?: string;
+  }
+  interface FastifyRequest {
+    /** The host whose own credential the request carried (set by `checkHostCredential`), and that credential's stored hash. */
+    hostId?: string;
+    hostKeyHash?: string;
   }
 }
 
-/** A desktop host's request carries the broker's host secret; a refusal is audited under `action`. Also the display relay's host routes (display.ts). */
-export async function checkHostSecret(ctx: BrokerContext, req: FastifyRequest, action: string): Promise<void> {
-  const a = Buffer.from(String(req.headers['x-carryon-host-secret'] ?? ''));
-  const b = Buffer.from(ctx.settings.hostSecret);
-  if (a.length !== b.length || !timingSafeEqual(a, b)) {
-    await ctx.audit({ actor: `anonymous@${req.ip}`, action, outcome: 'denied', detail: 'bad-secret: the host secret does not match' });
-    throw new HttpError(401, 'bad-secret', 'host secret does not match', {}, true);
+/**
+ * A desktop host's request carries its own credential (credentials.ts); a refusal is audited under
+ * `action`. A credential acts only for its host: a route naming another host id (`:id`) is
+ * refused 403 `other-host`. Also the display relay's host routes (display.ts).
+ */
+export async function checkHostCredential(ctx: BrokerContext, req: FastifyRequest, action: string): Promise<void> {
+  const raw = String(req.headers['x-carryon-host-secret'] ?? '');
+  const given = parseCredential(raw);
+  const stored = given ? await ctx.hosts.keyHash(given.hostId) : null;
+  if (!given || !credentialMatches(stored, given.hostId, given.secret)) {
+    // One answer for a wrong secret and an unknown or revoked host (no list of hosts to probe); the audit says which.
+    const why = !raw ? 'no host credential' : !given ? "not a host's own credential (the shared host.secret is no longer accepted: `carryon admin hosts add ID` makes each host its own)" : 'the credential does not match a host the broker knows (wrong, never added, or revoked)';
+    const detail = given && !stored ? `host ${given.hostId} has no credential (never added, or revoked)` : why;
+    await ctx.audit({ actor: `anonymous@${req.ip}`, action, outcome: 'denied', detail: `bad-secret: ${detail}` });
+    throw new HttpError(401, 'bad-secret', `host credential refused: ${why}`, {}, true);
   }
+  const named = (req.params as { id?: unknown } | undefined)?.id;
+  if (named !== undefined && named !== given.hostId) {
+    await ctx.audit({ actor: `host:${given.hostId}`, action, outcome: 'denied', detail: `other-host: the credential is host ${given.hostId}'s, the request acts for host ${String(named)}` });
+    throw new HttpError(403, 'other-host', `this credential is host ${given.hostId}'s: it cannot act for host ${String(named)}`, {}, true);
+  }
+  req.hostId = given.hostId;
+  req.hostKeyHash = stored!;
 }
 
 const HostId = z.string().regex(/^[A-Za-z0-9._-]{1,64}$/, 'a host id is 1–64 letters, digits, dots, dashes or underscores');
@@ -40,14 +60,14 @@ const Report = z.object({
 }).strict();
 
 /**
- * Desktop hosts register, heartbeat and fetch what they need with the broker's `host.secret` (as
- * transfer servers do with theirs); they only ever call the broker, which never calls them.
+ * Desktop hosts register, heartbeat and fetch what they need, each with its own credential (an
+ * admin's `carryon admin hosts add ID`); they only ever call the broker, which never calls them.
  */
 export const hostRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   markScope(app, 'machine');
-  // Every route of this plugin is a host's: the secret is checked (and a refusal audited under the
-  // route's action) before the body is read, whatever a handler does.
-  app.addHook('onRequest', async (req) => checkHostSecret(ctx, req, req.routeOptions.config.hostAction ?? 'host-request'));
+  // Every route of this plugin is a host's: its credential, and that it acts for itself, are checked
+  // (and a refusal audited under the route's action) before the body is read, whatever a handler does.
+  app.addHook('onRequest', async (req) => checkHostCredential(ctx, req, req.routeOptions.config.hostAction ?? 'host-request'));
   const registered = async (req: FastifyRequest) => {
     const { id } = parse(Params, req.params);
     const host = await ctx.hosts.host(id);
@@ -60,6 +80,10 @@ export const hostRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app
       id: HostId, displayUrl: z.string().max(300).nullable().default(null), vcpus: z.number().int().min(1).max(4096), ramMiB: z.number().int().min(64).max(1 << 30),
       maxDesktops: z.number().int().min(1).max(10_000), accel: z.enum(['kvm', 'tcg']), heartbeatSec: z.number().int().min(1).max(300),
     }).strict(), req.body);
+    if (b.id !== req.hostId) {
+      await ctx.audit({ actor: `host:${req.hostId!}`, action: 'host-register', outcome: 'denied', detail: `other-host: registering as host ${b.id}` });
+      throw new HttpError(403, 'other-host', `this credential is host ${req.hostId!}'s: it cannot register as host ${b.id}`, {}, true);
+    }
     await ctx.hosts.register(b);
     await ctx.audit({ actor: `host:${b.id}`, action: 'host-register', outcome: 'ok', detail: `${b.vcpus} vCPUs, ${b.ramMiB} MiB, up to ${b.maxDesktops} desktops, ${b.accel}` });
     return { ok: true };
@@ -142,6 +166,29 @@ export const hostRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app
 /** Admins: the hosts, power of any desktop, and the decision to discard a host's online changes (admin scope). */
 export const hostAdminRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   app.get('/v1/admin/hosts', async () => await hostsOverview(ctx));
+  // Each host's own credential, shown once; the broker keeps its hash. Revoking cuts the host off at once.
+  app.post('/v1/admin/hosts', async (req, reply) => {
+    const actor = adminOf(req);
+    const { id } = parse(z.object({ id: HostId }).strict(), req.body);
+    const { credential, hash } = makeCredential(id);
+    if (!(await ctx.hosts.addKey(id, hash, actor))) {
+      await ctx.audit({ actor, action: 'host-add', outcome: 'denied', detail: `host-exists: host ${id} has a credential already` });
+      throw new HttpError(409, 'host-exists', `host ${id} has a credential already: revoke it first (\`carryon admin hosts revoke ${id}\`) to make a new one`, {}, true);
+    }
+    await ctx.audit({ actor, action: 'host-add', outcome: 'ok', detail: `credential made for host ${id} (only its hash is kept)` });
+    return reply.status(201).send({ id, credential });
+  });
+  app.delete('/v1/admin/hosts/:id', async (req) => {
+    const actor = adminOf(req);
+    const { id } = parse(Params, req.params);
+    if (!(await ctx.hosts.revokeKey(id))) throw new HttpError(404, 'not-found', `host ${id} has no credential`);
+    // Its next request is refused; a long poll in flight is woken and refused, its open displays closed, and what it ran is marked lost.
+    const h = await ctx.hosts.markCutOff(id);
+    displayRelay(ctx).cutOff(id);
+    if (h) await desktopsLost(ctx, h, 'had its credential revoked');
+    await ctx.audit({ actor, action: 'host-revoke', outcome: 'ok', detail: `host ${id}: credential revoked${h ? '; marked lost' : ''}` });
+    return { revoked: id };
+  });
   app.post('/v1/admin/desktops/:id/power', async (req) => {
     const actor = adminOf(req);
     const d = await ctx.meta.getDesktop(parse(z.object({ id: z.string().min(1).max(200) }), req.params).id);

@@ -20,7 +20,8 @@ import { clearCheckoutFailure, readCheckoutFailure, recordCheckoutFailure } from
 import { ChunkFailedAuthentication, fillDirect, type BaseSink } from '../../live/fill/fill-direct.js';
 import { mintToken } from '../vault/guards.js';
 import { claimOwner, diskPrefix, specFor } from '../../live/fill/holder.js';
-import { hostFacts } from '../vault/home.js';
+import { hostFacts, type DeviceIdentity } from '../vault/home.js';
+import { copySiblingChunks } from '../vault/local-sources.js';
 import { dataBytes, LocalProgressReporter } from '../../live/fill/local-progress.js';
 import { resetClock } from '../vault/key-release.js';
 import { retryTransfer } from '../session/retry.js';
@@ -52,7 +53,7 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       if (found) {
         // Nothing left to do (e.g. `carryon serve` or `run` finished the download): say so, succeed.
         env.log(`${entry.name} is already checked out to this device and entirely local`);
-        return { desktopId: entry.id, checkoutId: found.checkoutId, chunksMoved: 0, bytesMoved: 0, refetched: 0, reusedChunks: 0 };
+        return { desktopId: entry.id, checkoutId: found.checkoutId, chunksMoved: 0, bytesMoved: 0, refetched: 0, reusedChunks: 0, copiedChunks: 0, rejectedLocalChunks: 0 };
       }
       const brokerKey = await pinnedBrokerKey(broker, device);
       const host = await hostFacts(env.home);
@@ -96,7 +97,7 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       const reused = await adoptParked({ vault, device, password: env.password, state, keys, log: env.log });
       const { tops } = await diskFullIsClear(env.home, () => createMissingLayers(vault, state, keys));
       making = tops;
-      const filled = await fillFromBroker(env, vault, broker, state, keys).catch(async (err: unknown) => {
+      const filled = await fillFromBroker(env, vault, broker, device, state, keys).catch(async (err: unknown) => {
         throw err instanceof ChunkFailedAuthentication ? await damagedSnapshot(env, vault, broker, state, err) : err;
       });
       await diskFullIsClear(env.home, () => tops);
@@ -105,10 +106,12 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       await broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }), {}, { repeatable: true });
       // The bases were written here from chunks checked against their IDs: their shapes and stamps are the reference from now on.
       // A reused parked base is as trusted as when it was parked: its file was not written since (parked.ts checks its stamp).
-      await recordLayers(vault, { ...filled.state, state: 'checked_out', jobId: null }, keys, { verifiedBases: filled.bytesMoved > 0 || reused.reusedChunks > 0 });
+      const copiedChunks = reused.copiedChunks + filled.copiedChunks;
+      // Copied chunks were checked against their IDs like fetched ones.
+      await recordLayers(vault, { ...filled.state, state: 'checked_out', jobId: null }, keys, { verifiedBases: filled.bytesMoved > 0 || reused.reusedChunks > 0 || copiedChunks > 0 });
       await clearCheckoutFailure(vault, state.desktopId);
       env.log(`${entry.name} is local (${filled.bytesMoved} bytes pulled); safe to go offline`);
-      return { desktopId: entry.id, checkoutId: state.checkoutId, chunksMoved: filled.chunksMoved, bytesMoved: filled.bytesMoved, refetched: 0, reusedChunks: reused.reusedChunks };
+      return { desktopId: entry.id, checkoutId: state.checkoutId, chunksMoved: filled.chunksMoved, bytesMoved: filled.bytesMoved, refetched: 0, reusedChunks: reused.reusedChunks, copiedChunks, rejectedLocalChunks: reused.rejectedChunks + filled.rejectedChunks };
     } finally {
       // A top still being made belongs to this run: let it finish (or fail) before anyone else looks.
       await making.catch(() => undefined);
@@ -164,10 +167,10 @@ async function damagedSnapshot(env: ClientEnv, vault: Vault, broker: BrokerClien
  * go straight into the bases (parallel streams; encrypted and written by Node, or by QEMU for an
  * image the Node writer does not take), holes never touched.
  */
-async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient, state: DesktopState, keys: DesktopKeys) {
+async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient, device: DeviceIdentity, state: DesktopState, keys: DesktopKeys) {
   const opened = await openDesktopDisks(vault, state, keys);
   const incomplete = opened.disks.filter((d) => !d.entry.complete);
-  if (incomplete.length === 0) return { state: opened.state, complete: true, bytesMoved: 0, chunksMoved: 0 };
+  if (incomplete.length === 0) return { state: opened.state, complete: true, bytesMoved: 0, chunksMoved: 0, copiedChunks: 0, rejectedChunks: 0 };
   const job = await activeJob(env, broker, await broker.call('GET', `/v1/jobs/${state.jobId}`, undefined, JobView));
   const session = new TransferSession(job.transfer!, renewer(broker, job.id));
   const dir = await socketDir(vault, state.desktopId);
@@ -184,6 +187,9 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
       qsd = await StorageDaemon.start(dir);
       sinks = await nbdSinks(qsd, opened.disks, join(dir, 'fill.sock'));
     }
+    const targets = incomplete.map((disk, i) => ({ disk, dir: diskDir(vault, state.desktopId, disk.name), sink: sinks[i]! }));
+    // Chunks this laptop holds for clones of the same lineage are copied first: the transfer server sees only the rest.
+    const local = await copySiblingChunks({ vault, device, password: env.password, state, keys, disks: targets, log: env.log, signal: env.signal });
     const renew = renewer(broker, job.id);
     // The desktop's disks already complete count as present (the percentage is of the whole desktop).
     const whole = opened.disks.filter((d) => d.entry.complete).reduce((n, d) => n + dataBytes(d.base), 0);
@@ -191,7 +197,7 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
     reporter = new LocalProgressReporter({ vault, desktopId: state.desktopId, broker, jobId: job.id });
     const r = reporter;
     const moved = await diskFullIsClear(env.home, () => retryTransfer({ what: 'check-out', log: env.log, signal: env.signal, beforeRetry: async () => session.setEndpoint(await renew()) }, () =>
-      fillDirect({ disks: incomplete.map((disk, i) => ({ disk, dir: diskDir(vault, state.desktopId, disk.name), sink: sinks[i]! })), session, keys, signal: env.signal, rateLimit, onProgress: (p) => {
+      fillDirect({ disks: targets, session, keys, signal: env.signal, rateLimit, onProgress: (p) => {
         const local = { ...p, bytesLocal: whole + (p.bytesLocal ?? 0), bytesTotal: whole + (p.bytesTotal ?? 0) };
         env.onProgress?.('check-out', local);
         // For `status` in another process and the admin views: once a second is enough.
@@ -200,9 +206,9 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
     ));
     const done: DesktopState = { ...opened.state, disks: opened.state.disks.map((d) => ({ ...d, complete: true })) };
     await vault.save(done, keys);
-    return { state: done, complete: true, ...moved };
+    return { state: done, complete: true, ...moved, ...local };
   } catch (err) {
-    if ((err as CarryonError).code === 'aborted') return { state: opened.state, complete: false, bytesMoved: 0, chunksMoved: 0 };
+    if ((err as CarryonError).code === 'aborted') return { state: opened.state, complete: false, bytesMoved: 0, chunksMoved: 0, copiedChunks: 0, rejectedChunks: 0 };
     throw err;
   } finally {
     await Promise.all(sinks.map((s) => s.close()));

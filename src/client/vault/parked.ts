@@ -18,7 +18,9 @@ import { writeFileAtomic } from '../../files/atomic.js';
 import type { DesktopKeys } from '../../live/disks/desktop-keys.js';
 import { recordMac, recordMacOk } from '../../live/disks/desktop-keys.js';
 import { chainOf, diskDir } from '../../live/disks/disks.js';
-import { readFilled } from '../../live/fill/fill-direct.js';
+import { readFilled, writeFilled } from '../../live/fill/fill-direct.js';
+import { baseFileSource, chunkIndex, copyLocalChunks, type ChunkSource } from '../../live/fill/local-copy.js';
+import { Qcow2BaseWriter } from '../../disk/qcow2/qcow2-base-writer.js';
 import { emptyTrash, shred } from './guards.js';
 import type { DeviceIdentity } from './home.js';
 import { readJsonFile } from '../../files/json-file.js';
@@ -315,22 +317,30 @@ export function matchingChunks(parked: Manifest, next: Manifest, known: readonly
 }
 
 /**
+ * Indexes of `next` that want a chunk the parked base holds at another index (moved on the server,
+ * or a copy of another chunk): copied inside the base at take-over instead of fetched.
+ */
+export function movedChunks(parked: Manifest, next: Manifest, known: readonly number[] | null): number[] {
+  if (parked.chunkSize !== next.chunkSize || parked.diskSize !== next.diskSize) return [];
+  const held = new Set(chunkIndex(parked, known, new Set(next.chunks.filter((id): id is string => id !== null))).keys());
+  const out: number[] = [];
+  next.chunks.forEach((id, i) => {
+    if (id && parked.chunks[i] !== id && held.has(id)) out.push(i);
+  });
+  return out;
+}
+
+/**
  * Before a check-out makes its layers (new or resumed): takes over the desktop's parked copy if
  * there is one this user, device and policy may use, and finishes a take-over a kill cut short.
  * Anything that does not fit is erased and the check-out goes on as a fresh one.
  */
-export async function adoptParked(o: { vault: DesktopRecords; device: DeviceIdentity; password: () => Promise<string>; state: DesktopState; keys: DesktopKeys; log: (l: string) => void }): Promise<{ reusedChunks: number; reusedBytes: number }> {
+export async function adoptParked(o: { vault: DesktopRecords; device: DeviceIdentity; password: () => Promise<string>; state: DesktopState; keys: DesktopKeys; log: (l: string) => void }): Promise<Reused> {
   const { vault, state, keys, log } = o;
   await sweepUnpublished(vault.home, state.desktopId);
   const rec = await readParked(vault.home, state.desktopId);
   if (rec) {
-    const policy = statePolicy(state);
-    const ageDays = (Date.now() - Date.parse(rec.parkedAt)) / 86_400_000;
-    const why = !policy.keepLocalCopy ? 'policy keepLocalCopy is off'
-      : policy.days > 0 && ageDays > policy.days ? `it is older than policy keepLocalCopyDays (${policy.days})`
-        : rec.user !== state.user ? 'it belongs to another user'
-          : rec.deviceId !== leaseDeviceOf(state) ? 'it was parked under another device identity'
-            : null;
+    const why = parkedUnusable(rec, state);
     if (why) {
       await eraseParked(vault.home, state.desktopId);
       log(`erased the parked copy of ${state.name}: ${why}`);
@@ -347,39 +357,99 @@ export async function adoptParked(o: { vault: DesktopRecords; device: DeviceIden
 }
 
 /**
+ * Why a check-out (`state`: its user, device and policy) may not read a parked copy, or null: the
+ * copy of the desktop itself, or of a sibling of the same lineage (local-sources.ts).
+ */
+export function parkedUnusable(rec: ParkedRecord, state: DesktopState): string | null {
+  const policy = statePolicy(state);
+  const ageDays = (Date.now() - Date.parse(rec.parkedAt)) / 86_400_000;
+  return !policy.keepLocalCopy ? 'policy keepLocalCopy is off'
+    : policy.days > 0 && ageDays > policy.days ? `it is older than policy keepLocalCopyDays (${policy.days})`
+      : rec.user !== state.user ? 'it belongs to another user'
+        : rec.deviceId !== leaseDeviceOf(state) ? 'it was parked under another device identity'
+          : null;
+}
+
+/**
+ * Opens a parked record with this device and password: its old vault key (unwrapped) and the
+ * record as MACed under it. Throws 'vault-locked' (wrong password or device) or 'state-tampered'.
+ */
+export async function openParked(home: string, desktopId: string, device: DeviceIdentity, password: string): Promise<{ rec: ParkedRecord; oldVaultKey: Buffer }> {
+  const file = await readJsonFile(join(parkedDir(home, desktopId), 'parked.json'), ParkedFile, { missing: null, damaged: null });
+  if (!file) throw new CarryonError('bad-state', 'its record is missing');
+  let rec: ParkedRecord;
+  try {
+    rec = ParkedRecord.parse(JSON.parse(file.body));
+  } catch {
+    throw new CarryonError('bad-state', 'its record is damaged');
+  }
+  if (rec.desktopId !== desktopId) throw new CarryonError('state-tampered', 'its record names another desktop');
+  checkStoredCost(rec.wrap.N, `the parked copy of ${rec.name}`);
+  const k = await wrapKeyFor(device, password, Buffer.from(rec.wrap.salt, 'base64'), rec.wrap.N);
+  let oldVaultKey: Buffer;
+  try {
+    oldVaultKey = openEnvelope(k, Buffer.from(rec.wrap.wrapped, 'base64'), wrapAad(desktopId));
+  } catch (err) {
+    if (err instanceof EnvelopeError) throw new CarryonError('vault-locked', 'its wrap does not open with this password and device');
+    throw err;
+  }
+  const want = Buffer.from(parkedMac(oldVaultKey, desktopId, file.body), 'hex');
+  const got = Buffer.from(/^[0-9a-f]{64}$/.test(file.mac) ? file.mac : '', 'hex');
+  if (got.length !== want.length || !timingSafeEqual(got, want)) throw new CarryonError('state-tampered', 'its record was altered');
+  return { rec, oldVaultKey };
+}
+
+/** A parked copy's manifest, checked against the digest that names it (the record that names the digest is not checked here). */
+export async function readParkedManifest(home: string, desktopId: string, digest: string): Promise<Manifest> {
+  if (!/^[0-9a-f]{64}$/.test(digest)) throw new CarryonError('bad-state', `bad manifest digest ${digest}`);
+  const manifest = decodeManifest(await readFile(join(parkedDir(home, desktopId), 'manifests', digest)));
+  if (manifestDigest(manifest) !== digest) throw new CarryonError('state-tampered', `a manifest of the parked copy was altered`);
+  return manifest;
+}
+
+/**
+ * One disk of an opened parked copy, for reading: its base file, its manifest (checked against
+ * the digest the MACed record names) and its LUKS passphrase, derived from the old vault key and
+ * the lineage keys `lineage` (a new check-out's: of this desktop, or of one of the same lineage).
+ * Refuses a base written since it was parked (its stamp).
+ */
+export async function parkedDisk(home: string, opened: { rec: ParkedRecord; oldVaultKey: Buffer }, disk: ParkedRecord['disks'][number], lineage: DesktopKeys): Promise<{ path: string; manifest: Manifest; passphrase: string }> {
+  const { rec, oldVaultKey } = opened;
+  const dir = parkedDir(home, rec.desktopId);
+  const path = chainFiles(join(dir, 'disks', disk.name)).base;
+  const manifest = await readParkedManifest(home, rec.desktopId, disk.digest);
+  if (!sameStamp(disk.stamp, await fileStamp(path))) throw new CarryonError('layer-tampered', `the base of disk ${disk.name} was written since it was parked`);
+  const passphrase = deriveDiskSecret({ ...lineage, vaultKey: oldVaultKey }, rec.desktopId, disk.name, Buffer.from(rec.vaultSalt, 'base64'), rec.layerSecrets === 'per-layer' ? 'base' : undefined);
+  return { path, manifest, passphrase };
+}
+
+/**
  * A take-over a kill cut short is finished before anything opens the chain (check-out, and
  * `run`/`serve` continuing one): until then the moved base still maps chunks that differ.
  */
-export async function finishPendingReuse(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, log: (l: string) => void): Promise<{ reusedChunks: number; reusedBytes: number }> {
-  let reusedChunks = 0;
-  let reusedBytes = 0;
+export async function finishPendingReuse(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, log: (l: string) => void): Promise<Reused> {
+  const sum: Reused = { reusedChunks: 0, reusedBytes: 0, copiedChunks: 0, rejectedChunks: 0 };
   for (const d of state.disks) {
     const r = await finishReuse(vault, state, keys, d.name, log);
-    reusedChunks += r.chunks;
-    reusedBytes += r.bytes;
+    sum.reusedChunks += r.chunks;
+    sum.reusedBytes += r.bytes;
+    sum.copiedChunks += r.copied;
+    sum.rejectedChunks += r.rejected;
   }
-  return { reusedChunks, reusedBytes };
+  return sum;
 }
+
+/** What a take-over kept: chunks at their index, chunks copied from another index, local copies that failed their check (fetched). */
+export interface Reused { reusedChunks: number; reusedBytes: number; copiedChunks: number; rejectedChunks: number }
 
 /** Opens the parked record (password, device), re-keys each usable base and moves it into the new vault. */
 async function takeOver(o: { vault: DesktopRecords; device: DeviceIdentity; password: () => Promise<string>; state: DesktopState; keys: DesktopKeys }, rec: ParkedRecord): Promise<void> {
   const { vault, state, keys } = o;
   const dir = parkedDir(vault.home, state.desktopId);
-  const file = await readJsonFile(join(dir, 'parked.json'), ParkedFile, { missing: null, damaged: null });
-  if (!file) throw new CarryonError('bad-state', 'its record is missing');
-  checkStoredCost(rec.wrap.N, `the parked copy of ${state.name}`);
-  const password = await o.password();
-  const k = await wrapKeyFor(o.device, password, Buffer.from(rec.wrap.salt, 'base64'), rec.wrap.N);
-  let oldVaultKey: Buffer;
-  try {
-    oldVaultKey = openEnvelope(k, Buffer.from(rec.wrap.wrapped, 'base64'), wrapAad(state.desktopId));
-  } catch (err) {
-    if (err instanceof EnvelopeError) throw new CarryonError('vault-locked', 'its wrap does not open with this password and device');
-    throw err;
-  }
-  const want = Buffer.from(parkedMac(oldVaultKey, state.desktopId, file.body), 'hex');
-  const got = Buffer.from(/^[0-9a-f]{64}$/.test(file.mac) ? file.mac : '', 'hex');
-  if (got.length !== want.length || !timingSafeEqual(got, want)) throw new CarryonError('state-tampered', 'its record was altered');
+  // The record as MACed (the one `rec` was read from may have changed since).
+  const opened = await openParked(vault.home, state.desktopId, o.device, await o.password());
+  const oldVaultKey = opened.oldVaultKey;
+  rec = opened.rec;
   const salt = Buffer.from(rec.vaultSalt, 'base64');
   for (const d of state.disks) {
     const p = rec.disks.find((x) => x.name === d.name);
@@ -391,7 +461,7 @@ async function takeOver(o: { vault: DesktopRecords; device: DeviceIdentity; pass
     const parked = decodeManifest(raw);
     if (manifestDigest(parked) !== p.digest) throw new CarryonError('state-tampered', `the manifest of disk ${d.name} was altered`);
     const next = await vault.manifest(state.desktopId, d.baseDigest);
-    if (matchingChunks(parked, next, p.known).length === 0) continue;
+    if (matchingChunks(parked, next, p.known).length === 0 && movedChunks(parked, next, p.known).length === 0) continue;
     // Its structure as parked; its LUKS header is vouched for by the old passphrase opening it (an earlier, cut-off take-over may have added the new one).
     const shape = await measureLayer(src, { withoutLuks: true });
     if (shape.size !== p.shape.size || shape.sha256 !== p.shape.sha256) throw new CarryonError('layer-tampered', `the base of disk ${d.name} was changed since it was parked`);
@@ -418,10 +488,11 @@ const reusePath = (vault: DesktopRecords, state: DesktopState, disk: string) => 
  * LUKS UUID) has every chunk that differs from the checkpoint unmapped, then only the new
  * passphrase left, then its matching chunks recorded durable.
  */
-async function finishReuse(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, disk: string, log: (l: string) => void): Promise<{ chunks: number; bytes: number }> {
+async function finishReuse(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, disk: string, log: (l: string) => void): Promise<{ chunks: number; bytes: number; copied: number; rejected: number }> {
+  const none = { chunks: 0, bytes: 0, copied: 0, rejected: 0 };
   const path = reusePath(vault, state, disk);
   const file = await readJsonFile(path, ReuseFile, { missing: null, damaged: null });
-  if (!file) return { chunks: 0, bytes: 0 };
+  if (!file) return none;
   const chain = chainOf(vault, state, keys, disk);
   const base = chain.files.base;
   const entry = state.disks.find((d) => d.name === disk)!;
@@ -430,12 +501,16 @@ async function finishReuse(vault: DesktopRecords, state: DesktopState, keys: Des
   // Not the parked base (never moved, or replaced): nothing is marked; the fill fetches it all.
   if (!ok || !existsSync(base) || (await luksUuid(base).catch(() => '')) !== parsed.data.uuid) {
     await rm(path, { force: true });
-    return { chunks: 0, bytes: 0 };
+    return none;
   }
   const next = await vault.manifest(state.desktopId, entry.baseDigest);
-  const matched = matchingChunks(await vault.manifest(state.desktopId, parsed.data.parkedDigest), next, parsed.data.known);
+  const parked = await vault.manifest(state.desktopId, parsed.data.parkedDigest);
+  const matched = matchingChunks(parked, next, parsed.data.known);
   const dir = diskDir(vault, state.desktopId, disk);
   const keep = new Set([...matched, ...(await readFilled(dir))]);
+  // Chunks that moved to another index: copied inside the base while the parked bytes are still mapped.
+  const moved = await copyMoved({ base, passphrase: layerSecret(chain, 'base'), parked, known: parsed.data.known, next, keep, idKey: keys.idKey, log });
+  for (const i of moved.written) keep.add(i);
   let unmapped: number;
   try {
     // Metadata only (no key, no writer threads): the chunks that differ go, their clusters are freed.
@@ -448,15 +523,49 @@ async function finishReuse(vault: DesktopRecords, state: DesktopState, keys: Des
     await rm(base, { force: true });
     await rm(join(dir, 'filled.json'), { force: true });
     await rm(path, { force: true });
-    return { chunks: 0, bytes: 0 };
+    return none;
   }
   await keepOnlyPassphrase(base, layerSecret(chain, 'base'));
   testHooks.beforeFilled?.();
-  await writeFileAtomic(join(dir, 'filled.json'), JSON.stringify({ v: 1, chunks: [...keep] }));
+  await writeFilled(dir, keep);
   await rm(path, { force: true });
   const bytes = matched.reduce((n, i) => n + chunkLength(i, next.diskSize, next.chunkSize), 0);
-  log(`reused the parked copy of disk ${disk}: ${matched.length} of ${next.chunks.filter(Boolean).length} chunks already here (${unmapped} stale ones dropped)`);
-  return { chunks: matched.length, bytes };
+  const copied = moved.written.length ? `, ${moved.written.length} copied from other indexes` : '';
+  log(`reused the parked copy of disk ${disk}: ${matched.length} of ${next.chunks.filter(Boolean).length} chunks already here${copied} (${unmapped} stale ones dropped)`);
+  return { chunks: matched.length, bytes, copied: moved.written.length, rejected: moved.rejected };
+}
+
+/**
+ * Copies, inside a taken-over base, each chunk of the new checkpoint that the parked bytes hold
+ * at another index (read and checked against its chunk ID, then written; the copies are durable
+ * when this returns). A base the Node writer does not take: nothing copied, those chunks travel.
+ */
+async function copyMoved(o: { base: string; passphrase: string; parked: Manifest; known: number[] | null; next: Manifest; keep: ReadonlySet<number>; idKey: Buffer; log: (l: string) => void }): Promise<{ written: number[]; rejected: number }> {
+  const targets = movedChunks(o.parked, o.next, o.known).filter((i) => !o.keep.has(i));
+  if (targets.length === 0) return { written: [], rejected: 0 };
+  const wanted = new Set(targets.map((i) => o.next.chunks[i]!));
+  let writer: Qcow2BaseWriter;
+  try {
+    writer = await Qcow2BaseWriter.open(o.base, o.passphrase, o.next.chunkSize);
+  } catch (err) {
+    if (!(err instanceof UnsupportedImage)) throw err;
+    o.log(`chunks that moved inside the parked base are fetched (${err.message})`);
+    return { written: [], rejected: 0 };
+  }
+  let source: ChunkSource | null = null;
+  try {
+    source = await baseFileSource({ label: 'the parked copy', path: o.base, passphrase: o.passphrase, diskSize: o.next.diskSize, chunkSize: o.next.chunkSize, at: chunkIndex(o.parked, o.known, wanted), sameFileAsTarget: true });
+    const r = await copyLocalChunks({ target: o.next, present: o.keep, sources: [source], sink: writer, idKey: o.idKey, log: o.log });
+    await writer.persist();
+    return r;
+  } catch (err) {
+    // Nothing copied is marked: those indexes are unmapped next, like any other that differs, and fetched.
+    o.log(`chunks that moved inside the parked base are fetched (${(err as Error).message})`);
+    return { written: [], rejected: 0 };
+  } finally {
+    await source?.close();
+    await writer.close();
+  }
 }
 
 /**

@@ -21,6 +21,11 @@ export async function readFilled(dir: string): Promise<Set<number>> {
   return new Set(filled?.chunks);
 }
 
+/** Records `chunks` as durable: only after the sink's persist covered every one of them. */
+export async function writeFilled(dir: string, chunks: Iterable<number>): Promise<void> {
+  await writeFileAtomic(join(dir, 'filled.json'), JSON.stringify({ v: 1, chunks: [...chunks] }));
+}
+
 /** A chunk that failed authentication on every try: the snapshot (or the path to it) is damaged, not the link. */
 export class ChunkFailedAuthentication extends CarryonError {
   constructor(readonly chunkId: ChunkId, readonly detail: string) {
@@ -96,7 +101,7 @@ export async function fillDirect(opts: {
     const marks = pendingMarks.splice(0);
     await Promise.all(sinks.map((s) => s.persist()));
     for (const m of marks) filled[m.disk]!.add(m.index);
-    await Promise.all(opts.disks.map(({ dir }, d) => writeFileAtomic(join(dir, 'filled.json'), JSON.stringify({ v: 1, chunks: [...filled[d]!] }))));
+    await Promise.all(opts.disks.map(({ dir }, d) => writeFilled(dir, filled[d]!)));
     testHooks.afterPersist?.(filled.reduce((n, f) => n + f.size, 0));
   };
   /** Starts a group in the background when one is due (not between batches only: a batch may take minutes on a slow link). */
