@@ -5,9 +5,9 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 
 // A private CUPS (Debian package cups) stands in for the laptop's print system: its own cupsd on
-// a unix socket in a temp directory (no TCP port, never the system's /run/cups/cups.sock), one
-// queue that prints to /dev/null and keeps each job's document in its spool, so a test sees
-// exactly the bytes a job carried.
+// a unix socket in a temp directory (no TCP port, never the system's /run/cups/cups.sock or its
+// printcap), one queue that prints to /dev/null and keeps each job's document in its spool, so a
+// test sees exactly the bytes a job carried.
 const run = promisify(execFile);
 
 export const CUPSD = '/usr/sbin/cupsd';
@@ -38,7 +38,7 @@ export async function startCups(dir: string, queue = 'carryon'): Promise<Private
   await writeFile(join(conf, 'cups-files.conf'), [
     `ServerRoot ${conf}`, `RequestRoot ${join(dir, 'spool')}`, `CacheDir ${join(dir, 'cache')}`, `StateDir ${join(dir, 'state')}`,
     `TempDir ${join(dir, 'tmp')}`, `ErrorLog ${join(dir, 'log', 'error_log')}`, `AccessLog ${join(dir, 'log', 'access_log')}`,
-    `PageLog ${join(dir, 'log', 'page_log')}`, 'FileDevice Yes', 'Sandboxing Relaxed', '',
+    `PageLog ${join(dir, 'log', 'page_log')}`, `Printcap ${join(dir, 'state', 'printcap')}`, 'FileDevice Yes', 'Sandboxing Relaxed', '',
   ].join('\n'));
   const child: ChildProcess = spawn(CUPSD, ['-f', '-c', join(conf, 'cupsd.conf'), '-s', join(conf, 'cups-files.conf')], { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
