@@ -7,7 +7,8 @@ import { join } from 'node:path';
 import { parseChunkId, type ChunkId } from '../core/chunk-id.js';
 import type { ChunkStore } from './chunk-store.js';
 import { exists, writeWhole } from '../files/atomic.js';
-import { ManifestFiles } from './manifest-files.js';
+import { DirBackend } from './backend/dir-backend.js';
+import { Manifests } from './manifest-files.js';
 
 const SYNCFS_THRESHOLD = 256;
 const execFileP = promisify(execFile);
@@ -32,10 +33,10 @@ export class FsChunkStore implements ChunkStore {
   /** Deferred blobs a sync() is publishing right now (still readable through their temp path). */
   private readonly syncing = new Map<ChunkId, string>();
   private readonly dirsMade = new Set<string>();
-  private readonly manifests: ManifestFiles;
+  private readonly manifests: Manifests;
 
   private constructor(readonly root: string) {
-    this.manifests = new ManifestFiles(join(root, 'manifests'), join(root, 'tmp'));
+    this.manifests = new Manifests(new DirBackend(root));
   }
 
   static async open(root: string): Promise<FsChunkStore> {

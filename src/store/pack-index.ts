@@ -63,7 +63,7 @@ export interface PackIndex {
 
 type Row = { id: Buffer; pack: string; offset: number; length: number; touched: number };
 
-/** The SQLite pack index (also the local pack store's own index, same schema and file). */
+/** The SQLite pack index (the pack store's `index.sqlite`; an S3 store's for one process). */
 export class SqlitePackIndex implements PackIndex {
   private readonly q;
 
@@ -87,15 +87,11 @@ export class SqlitePackIndex implements PackIndex {
     return new SqlitePackIndex(db);
   }
 
-  getSync(id: ChunkId): Location | null {
+  async get(id: ChunkId): Promise<Location | null> {
     return (this.q.get.get(chunkIdToBytes(id)) as Location | undefined) ?? null;
   }
 
-  async get(id: ChunkId): Promise<Location | null> {
-    return this.getSync(id);
-  }
-
-  insertSync(rows: readonly (Location & { id: ChunkId })[], touched: number): number {
+  async insert(rows: readonly (Location & { id: ChunkId })[], touched: number): Promise<number> {
     let n = 0;
     this.db.transaction(() => {
       for (const r of rows) n += this.q.insert.run(chunkIdToBytes(r.id), r.pack, r.offset, r.length, touched).changes;
@@ -103,33 +99,21 @@ export class SqlitePackIndex implements PackIndex {
     return n;
   }
 
-  async insert(rows: readonly (Location & { id: ChunkId })[], touched: number): Promise<number> {
-    return this.insertSync(rows, touched);
-  }
-
-  relocateSync(rows: readonly { id: ChunkId; from: Location; to: Location }[]): void {
+  async relocate(rows: readonly { id: ChunkId; from: Location; to: Location }[]): Promise<void> {
     this.db.transaction(() => {
       for (const r of rows) this.q.relocate.run(r.to.pack, r.to.offset, chunkIdToBytes(r.id), r.from.pack, r.from.offset);
     })();
-  }
-
-  async relocate(rows: readonly { id: ChunkId; from: Location; to: Location }[]): Promise<void> {
-    this.relocateSync(rows);
   }
 
   async delete(id: ChunkId): Promise<void> {
     this.q.delete.run(chunkIdToBytes(id));
   }
 
-  touchSync(ids: readonly ChunkId[], now: number, before: number): void {
+  async touch(ids: readonly ChunkId[], now: number, before: number): Promise<void> {
     if (ids.length === 0) return;
     this.db.transaction(() => {
       for (const id of ids) this.q.touch.run(now, chunkIdToBytes(id), before);
     })();
-  }
-
-  async touch(ids: readonly ChunkId[], now: number, before: number): Promise<void> {
-    this.touchSync(ids, now, before);
   }
 
   async present(ids: readonly ChunkId[]): Promise<Set<ChunkId>> {
