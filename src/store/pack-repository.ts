@@ -209,24 +209,24 @@ export class PackRepository implements CollectableStore {
     return true;
   }
 
-  /** Appends a whole record to one of this process's packs; its offset is reserved before the write. */
+  /**
+   * Appends a whole record to one of this process's packs (round robin, created on first write;
+   * a new one past the size or age limit). The offset is reserved and the write begun in the
+   * same turn as the check, so no record lands in a pack another append has just sealed.
+   */
   private async append(record: Buffer, e: Pick<Entry, 'id' | 'length' | 'from'>): Promise<{ pack: OpenPack; entry: Entry }> {
-    const pack = await this.packFor(record.length);
-    const entry: Entry = { ...e, offset: pack.size, written: pack.sink!.write(record, pack.size) };
-    entry.written.catch(() => undefined); // reported by the put; the sync leaves the record out
-    pack.size += record.length;
-    pack.entries.push(entry);
-    if (pack.size >= this.packBytes) this.seal(pack);
-    return { pack, entry };
-  }
-
-  /** One of this process's packs (round robin), created on first write; a new one past the size or age limit. */
-  private async packFor(need: number): Promise<OpenPack> {
     const slot = this.nextSlot++ % this.slots.length;
     for (;;) {
-      const p = this.slots[slot];
-      if (p && (p.size === 0 || p.size + need <= this.packBytes) && Date.now() - p.createdAt < this.packMaxAgeMs) return p;
-      if (p) this.seal(p);
+      const pack = this.slots[slot];
+      if (pack && (pack.size === 0 || pack.size + record.length <= this.packBytes) && Date.now() - pack.createdAt < this.packMaxAgeMs) {
+        const entry: Entry = { ...e, offset: pack.size, written: pack.sink!.write(record, pack.size) };
+        entry.written.catch(() => undefined); // reported by the put; the sync leaves the record out
+        pack.size += record.length;
+        pack.entries.push(entry);
+        if (pack.size >= this.packBytes) this.seal(pack);
+        return { pack, entry };
+      }
+      if (pack) this.seal(pack);
       this.opening[slot] ??= this.createPack(slot).finally(() => (this.opening[slot] = null));
       await this.opening[slot];
     }

@@ -130,9 +130,7 @@ class FilePackSink implements PackSink {
   ) {}
 
   write(bytes: Buffer, offset: number): Promise<void> {
-    const p = this.fh.write(bytes, 0, bytes.length, offset).then(({ bytesWritten }) => {
-      if (bytesWritten !== bytes.length) throw new CarryonError('store-unavailable', `short write to a pack: ${bytesWritten} of ${bytes.length} bytes`);
-    });
+    const p = this.fh.write(bytes, 0, bytes.length, offset).then(() => undefined);
     const tracked = p.finally(() => this.writing.delete(tracked)).catch(() => undefined);
     this.writing.add(tracked);
     return p;
