@@ -35,17 +35,16 @@ export class FsChunkStore implements ChunkStore {
   private readonly dirsMade = new Set<string>();
   private readonly manifests: Manifests;
 
-  private constructor(readonly root: string) {
-    this.manifests = new Manifests(new DirBackend(root));
+  private constructor(
+    readonly root: string,
+    manifestFiles: DirBackend,
+  ) {
+    this.manifests = new Manifests(manifestFiles);
   }
 
   static async open(root: string): Promise<FsChunkStore> {
     await mkdir(join(root, 'blobs'), { recursive: true });
-    await mkdir(join(root, 'manifests'), { recursive: true });
-    // Leftover temp files are writes that never committed: discard them.
-    await rm(join(root, 'tmp'), { recursive: true, force: true });
-    await mkdir(join(root, 'tmp'), { recursive: true });
-    return new FsChunkStore(root);
+    return new FsChunkStore(root, await DirBackend.open(root, ['manifests']));
   }
 
   private blobDir(id: ChunkId): string {

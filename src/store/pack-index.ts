@@ -1,4 +1,5 @@
 import { chunkIdFromBytes, chunkIdToBytes, type ChunkId } from '../core/chunk-id.js';
+import { CarryonError } from '../core/errors.js';
 import { migrate, openSqlite, type Db, type Migration } from '../sql/sqlite.js';
 
 /** Record layout inside a pack: id 32 ‖ length u32be ‖ blob (a pack can be re-indexed by a scan). */
@@ -8,6 +9,24 @@ export interface Location {
   pack: string;
   offset: number;
   length: number;
+}
+
+/** A blob as a record to append to a pack. */
+export function encodeRecord(id: ChunkId, blob: Uint8Array): Buffer {
+  const record = Buffer.allocUnsafe(RECORD_HEAD + blob.length);
+  chunkIdToBytes(id).copy(record, 0);
+  record.writeUInt32BE(blob.length, 32);
+  Buffer.from(blob.buffer, blob.byteOffset, blob.byteLength).copy(record, RECORD_HEAD);
+  return record;
+}
+
+/** The blob in `record`, after checking that it is the one the index (or the writer) placed there. */
+export function checkRecord(record: Buffer | null, id: ChunkId, loc: Location): Buffer {
+  if (!record) throw new CarryonError('store-corrupt', `pack ${loc.pack}, which holds chunk ${id}, is missing`);
+  if (record.length !== RECORD_HEAD + loc.length || record.readUInt32BE(32) !== loc.length || chunkIdFromBytes(record.subarray(0, 32)) !== id) {
+    throw new CarryonError('store-corrupt', `pack ${loc.pack} does not hold chunk ${id} at ${loc.offset} as its index says`);
+  }
+  return record.subarray(RECORD_HEAD);
 }
 
 /**

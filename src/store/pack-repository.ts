@@ -1,10 +1,10 @@
 import { randomBytes } from 'node:crypto';
-import { chunkIdFromBytes, chunkIdToBytes, parseChunkId, type ChunkId } from '../core/chunk-id.js';
+import { parseChunkId, type ChunkId } from '../core/chunk-id.js';
 import { CarryonError } from '../core/errors.js';
 import type { Backend, PackSink } from './backend/backend.js';
 import type { CollectableStore, PackInfo } from './chunk-store.js';
 import { Manifests } from './manifest-files.js';
-import { type BlobUse, packCreatedAt, packWriterPid, RECORD_HEAD, type Location, type PackIndex } from './pack-index.js';
+import { type BlobUse, checkRecord, encodeRecord, packCreatedAt, packWriterPid, RECORD_HEAD, type Location, type PackIndex } from './pack-index.js';
 
 /** Compaction reads and rewrites this many records at a time (memory: about this × 256 KiB). */
 const COMPACT_BATCH = 256;
@@ -40,24 +40,6 @@ interface OpenPack {
   entries: Entry[];
   /** Takes no more records. */
   sealed: boolean;
-}
-
-/** id 32 ‖ length u32be ‖ blob: a pack can be re-indexed by a scan. */
-function encodeRecord(id: ChunkId, blob: Uint8Array): Buffer {
-  const record = Buffer.allocUnsafe(RECORD_HEAD + blob.length);
-  chunkIdToBytes(id).copy(record, 0);
-  record.writeUInt32BE(blob.length, 32);
-  Buffer.from(blob.buffer, blob.byteOffset, blob.byteLength).copy(record, RECORD_HEAD);
-  return record;
-}
-
-/** The blob in `record`, after checking that it is the one the index (or the writer) placed there. */
-function checkRecord(record: Buffer | null, id: ChunkId, loc: Location): Buffer {
-  if (!record) throw new CarryonError('store-corrupt', `pack ${loc.pack}, which holds chunk ${id}, is missing`);
-  if (record.length !== RECORD_HEAD + loc.length || record.readUInt32BE(32) !== loc.length || chunkIdFromBytes(record.subarray(0, 32)) !== id) {
-    throw new CarryonError('store-corrupt', `pack ${loc.pack} does not hold chunk ${id} at ${loc.offset} as its index says`);
-  }
-  return record.subarray(RECORD_HEAD);
 }
 
 /**

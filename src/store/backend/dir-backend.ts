@@ -33,10 +33,9 @@ export class DirBackend implements Backend {
 
   constructor(readonly root: string) {}
 
-  /** Creates the folders; leftover temp files are writes that never committed: discarded. */
-  static async open(root: string): Promise<DirBackend> {
-    await mkdir(join(root, 'packs'), { recursive: true });
-    await mkdir(join(root, 'manifests'), { recursive: true });
+  /** Creates the folders of `kinds`; leftover temp files are writes that never committed: discarded. */
+  static async open(root: string, kinds: ObjectKind[] = ['packs', 'manifests']): Promise<DirBackend> {
+    for (const kind of kinds) await mkdir(join(root, kind), { recursive: true });
     await rm(join(root, 'tmp'), { recursive: true, force: true });
     await mkdir(join(root, 'tmp'), { recursive: true });
     return new DirBackend(root);
