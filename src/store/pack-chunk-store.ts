@@ -2,7 +2,7 @@ import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { DirBackend } from './backend/dir-backend.js';
 import { SqlitePackIndex } from './pack-index.js';
-import { PackRepository } from './pack-repository.js';
+import { PackRepository, type PackRepositoryOptions } from './pack-repository.js';
 
 /**
  * Pack store: the chunk repository (pack-repository.ts) in a directory, its index in SQLite
@@ -14,14 +14,7 @@ import { PackRepository } from './pack-repository.js';
  */
 const PACK_LIMIT = 1024 ** 3;
 
-export interface PackStoreOptions {
-  /** Packs appended to side by side (more than one when many import workers write). */
-  writers?: number;
-  /** A `missing`/duplicate `put` re-marks a blob as used at most this often (GC grace must exceed it). */
-  touchSlackMs?: number;
-  /** No pack takes appends for longer than this. */
-  packMaxAgeMs?: number;
-}
+export type PackStoreOptions = Omit<PackRepositoryOptions, 'packBytes'>;
 
 /** One pack writer per four cores (1 on a laptop), at most 4: fdatasyncs of a group commit run side by side. */
 export function defaultPackWriters(): number {

@@ -16,7 +16,7 @@ export interface PackRepositoryOptions {
   writers?: number;
   /** A `missing`/duplicate `put` re-marks a blob as used at most this often (GC grace must exceed it). */
   touchSlackMs?: number;
-  /** No pack takes appends for longer than this. */
+  /** No pack takes appends for longer than this; another process's pack younger than twice this may still grow (or not be indexed yet): GC leaves it alone. */
   packMaxAgeMs?: number;
 }
 
@@ -260,9 +260,11 @@ export class PackRepository implements CollectableStore {
     const settled = await Promise.allSettled(batch.map(async ({ pack, entries }) => {
       const writes = await Promise.allSettled(entries.map((e) => e.written));
       // A record whose write failed was never stored: its put said so.
-      const whole = entries.filter((e, i) => writes[i]!.status === 'fulfilled' || (this.forget(pack, e), false));
+      entries.forEach((e, i) => writes[i]!.status === 'rejected' && this.forget(pack, e));
       await pack.sink!.flush();
-      return whole;
+      // What is still to publish (a blob deleted meanwhile is not).
+      const still = new Set(pack.entries);
+      return entries.filter((e) => still.has(e));
     }));
     const durable = batch.flatMap(({ pack }, i) => {
       const s = settled[i]!;

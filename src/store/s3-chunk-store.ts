@@ -3,13 +3,10 @@ import { CarryonError } from '../core/errors.js';
 import { S3Backend } from './backend/s3-backend.js';
 import { isPostgresUrl, PgPackIndex } from './pg-pack-index.js';
 import { SqlitePackIndex, type PackIndex } from './pack-index.js';
-import { PackRepository } from './pack-repository.js';
+import { PackRepository, type PackRepositoryOptions } from './pack-repository.js';
 import type { S3StoreConfig } from './s3-config.js';
 
-export interface S3StoreOptions {
-  touchSlackMs?: number;
-  /** Another process's pack younger than twice this may not be indexed yet: GC leaves it alone. */
-  packMaxAgeMs?: number;
+export interface S3StoreOptions extends Pick<PackRepositoryOptions, 'touchSlackMs' | 'packMaxAgeMs'> {
   /** A ready index (tests, or a shared database); else SQLite or PostgreSQL at config.indexPath. */
   index?: PackIndex;
 }

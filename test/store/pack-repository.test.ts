@@ -22,6 +22,8 @@ class MemoryBackend implements Backend {
   writes = 0;
   /** Makes every durable write fail (a full disk, an unreachable bucket). */
   down = false;
+  /** Holds every durable write until it settles. */
+  gate: Promise<void> | null = null;
 
   constructor(readonly appendAfterFlush: boolean) {}
 
@@ -38,6 +40,7 @@ class MemoryBackend implements Backend {
         o.data = data;
       },
       flush: async () => {
+        await this.gate;
         if (this.down) throw new Error('device unavailable');
         this.writes++;
       },
@@ -53,6 +56,7 @@ class MemoryBackend implements Backend {
   }
 
   async write(kind: ObjectKind, name: string, data: Uint8Array): Promise<void> {
+    await this.gate;
     if (this.down) throw new Error('device unavailable');
     this.writes++;
     this.objects.set(`${kind}/${name}`, { data: Buffer.from(data), modifiedAt: Date.now() });
@@ -125,6 +129,17 @@ for (const [kind, appendable] of kinds) {
     assert.equal(backend.writes, 1, 'a sync with nothing pending writes nothing');
     await repo.delete(id(1));
     assert.deepEqual(await repo.stats(), { chunks: 9, bytes: 900 });
+    // A blob deleted while its pack is on its way is not published.
+    let open!: () => void;
+    backend.gate = new Promise((r) => (open = r));
+    await repo.put(id(20), blob(20), { defer: true });
+    const syncing = repo.sync();
+    await new Promise((r) => setImmediate(r));
+    await repo.delete(id(20));
+    open();
+    await syncing;
+    assert.equal(await index.get(id(20)), null);
+    assert.equal(await repo.get(id(20)), null);
     await repo.putManifest(id(99), Buffer.from('manifest'));
     assert.deepEqual(await repo.getManifest(id(99)), Buffer.from('manifest'));
     await assert.rejects(repo.getManifest('../x'), /not a manifest digest/);
