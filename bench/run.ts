@@ -1,5 +1,5 @@
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { cpus, totalmem } from 'node:os';
+import { cpus, loadavg, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { checkinSection } from './checkin.js';
 import { concurrentSection } from './concurrent.js';
@@ -106,6 +106,8 @@ const READING = [
   '  Check-in of the running desktop: `offToCommitSeconds`, from the moment the holder is asked to stop (for',
   '  `serve`, its power-off) to the commit; the 1% written since the last replica goes ahead as the live bulk.',
   '  Its peer is the check-in of the same desktop stopped, after the same replica and change.',
+  '- Each section\'s header gives the 1-minute load average at its start and end: above 2 (the cores), other work',
+  '  shared the machine and its times are readings, not results (byte and size rows do not depend on it).',
   '- The machine has 2 cores shared with everything else running at the time; the spread column shows runs that',
   '  were disturbed. Rerun one section with `npm run bench -- <words of its title>` (other sections are kept).',
   '',
@@ -122,20 +124,23 @@ function fmt(n: number): string {
 
 async function main(): Promise<void> {
   // Each section keeps the machine and scale it was measured at: a filtered run refreshes some sections only.
-  const results: { section: string; rows: BenchRow[]; seconds: number; error?: string; machine?: string; scale?: number }[] = [];
+  // `load`: the 1-minute load average as the section began and ended (2 cores: above 2, something else ran).
+  const results: { section: string; rows: BenchRow[]; seconds: number; error?: string; machine?: string; scale?: number; load?: [number, number] }[] = [];
   const here = machine();
   try {
     for (const s of sections) {
       if (filter.length && !filter.some((f) => s.name.toLowerCase().includes(f.toLowerCase()))) continue;
       process.stderr.write(`bench: ${s.name} …\n`);
       const t = Date.now();
+      const loadBefore = loadavg()[0]!;
+      const load = (): [number, number] => [loadBefore, loadavg()[0]!];
       let rows: BenchRow[] = [];
       try {
         rows = await s.run();
-        results.push({ section: s.name, rows, seconds: (Date.now() - t) / 1000, machine: here, scale });
+        results.push({ section: s.name, rows, seconds: (Date.now() - t) / 1000, machine: here, scale, load: load() });
       } catch (err) {
         // One failed section must not cost the others their figures.
-        results.push({ section: s.name, rows, seconds: (Date.now() - t) / 1000, error: err instanceof Error ? err.message : String(err), machine: here, scale });
+        results.push({ section: s.name, rows, seconds: (Date.now() - t) / 1000, error: err instanceof Error ? err.message : String(err), machine: here, scale, load: load() });
         process.stderr.write(`bench: section failed: ${err instanceof Error ? err.stack : String(err)}\n`);
       }
       for (const r of rows) process.stderr.write(`  ${r.name}: ${fmt(r.value)} ${r.unit}${r.peer ? ` (${r.peer.name}: ${fmt(r.peer.value)} ${r.peer.unit})` : ''}${r.note ? ` — ${r.note}` : ''}\n`);
@@ -167,7 +172,11 @@ async function main(): Promise<void> {
     '',
   ];
   for (const r of results) {
-    const own = [r.machine && r.machine !== headMachine ? `measured on ${r.machine}` : '', r.scale !== undefined && r.scale !== headScale ? `BENCH_SCALE=${r.scale}` : ''].filter(Boolean).join(', ');
+    const own = [
+      r.machine && r.machine !== headMachine ? `measured on ${r.machine}` : '',
+      r.scale !== undefined && r.scale !== headScale ? `BENCH_SCALE=${r.scale}` : '',
+      r.load ? `load average ${r.load[0].toFixed(1)} at the start, ${r.load[1].toFixed(1)} at the end` : '',
+    ].filter(Boolean).join(', ');
     lines.push(`## ${r.section}`, '', `(${r.seconds.toFixed(0)} s${own ? `; ${own}` : ''})${r.error ? ` — **this section failed: ${r.error}**` : ''}`, '', '| measure | Carryon | runs | spread | peer | peer value | note |', '| --- | ---: | ---: | ---: | --- | ---: | --- |');
     for (const row of r.rows) {
       lines.push(`| ${row.name} | ${fmt(row.value)} ${row.unit} | ${row.runs} | ${(row.spread * 100).toFixed(0)}% | ${row.peer?.name ?? ''} | ${row.peer ? `${fmt(row.peer.value)} ${row.peer.unit}` : ''} | ${row.note ?? ''} |`);

@@ -37,6 +37,7 @@ import { deviceRoutes } from './routes/user/devices.js';
 import { desktopRoutes } from './routes/user/desktops.js';
 import { checkoutRoutes } from './routes/user/checkouts.js';
 import { checkInRoutes } from './routes/user/check-ins.js';
+import { holderScope } from './routes/user/holder-scope.js';
 import { desktopPowerRoutes } from './routes/user/power.js';
 import { openRoutes } from './routes/open.js';
 import { guardScopedRoutes, scopeOf, type RouteScope } from './routes/scopes.js';
@@ -212,8 +213,14 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
     resources: async (user) => {
       await user.register(deviceRoutes, { ctx });
       await user.register(desktopRoutes, { ctx });
-      await user.register(checkoutRoutes, { ctx });
-      await user.register(checkInRoutes, { ctx });
+      // Routes that name a check-out, behind one holder check (its onRequest hook).
+      await user.register(holderScope, {
+        ctx,
+        resources: async (held) => {
+          await held.register(checkoutRoutes, { ctx });
+          await held.register(checkInRoutes, { ctx });
+        },
+      });
       await user.register(restoreRoutes, { ctx });
       await user.register(jobRoutes, { ctx });
       await user.register(desktopPowerRoutes, { ctx });

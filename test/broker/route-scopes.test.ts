@@ -9,6 +9,7 @@ import { adminScope, guardAdminRoutes } from '../../src/broker/routes/admin/admi
 import { consoleRoutes } from '../../src/broker/routes/console.js';
 import { transferRoutes } from '../../src/broker/routes/transfers.js';
 import { userOf, userScope } from '../../src/broker/routes/user/user-scope.js';
+import { heldCheckout, holderAction, holderScope } from '../../src/broker/routes/user/holder-scope.js';
 import { agentScope, deviceOf } from '../../src/broker/routes/agent/agent-scope.js';
 import { guardScopedRoutes } from '../../src/broker/routes/scopes.js';
 import { displayHostRoutes } from '../../src/broker/routes/display.js';
@@ -36,6 +37,7 @@ const ctx = {
     deviceRevokedAt: async (id: string) => (id === 'dev-revoked' ? new Date().toISOString() : null),
     getDevice: async (id: string) => devices[id] ?? null,
     acceptNonce: async (id: string, nonce: string) => !nonces.has(`${id}/${nonce}`) && Boolean(nonces.add(`${id}/${nonce}`)),
+    getCheckout: async (id: string) => (id === 'co-alice' ? { id, user: 'alice', desktopId: 'd-1', deviceId: 'dev-1', state: 'checked_out' } : null),
   },
   audit: async (e: AuditEntry) => void audited.push(e),
 } as unknown as BrokerContext; // only what requireAdmin, requireUser and requireDevice read
@@ -174,4 +176,32 @@ test('the display relay\'s host routes are refused without the host secret befor
   } finally {
     await app.close();
   }
+});
+
+test('a route added to the holder scope with no check of its own is refused for a check-out the caller does not hold (403, audited) or that does not exist (404), before its handler runs; a route naming no check-out cannot join it', async () => {
+  let ran = 0;
+  const forgetful = async (a: FastifyInstance) => {
+    a.post('/v1/checkouts/:id/forgetful', async (req) => ({ ran: ++ran, checkout: heldCheckout(req).id }));
+  };
+  const held = (resources: (h: FastifyInstance) => Promise<void>) => async (a: FastifyInstance) =>
+    void (await a.register(userScope, { ctx, resources: async (u) => void (await u.register(holderScope, { ctx, resources })) }));
+  users.bob = 'user';
+  const app = await broker(held(async (h) => void (await h.register(forgetful))));
+  try {
+    const bob = await app.inject({ method: 'POST', url: '/v1/checkouts/co-alice/forgetful', headers: bearer('bob'), payload: {} });
+    assert.equal(bob.statusCode, 403);
+    assert.equal(bob.json().error, 'not-holder');
+    assert.ok(audited.some((e) => e.actor === 'bob' && e.action === 'forgetful' && e.outcome === 'denied'), 'the refusal is audited');
+    assert.equal((await app.inject({ method: 'POST', url: '/v1/checkouts/co-nobody/forgetful', headers: bearer('alice'), payload: {} })).statusCode, 404);
+    assert.equal((await app.inject({ method: 'POST', url: '/v1/checkouts/co-alice/forgetful', payload: {} })).statusCode, 401);
+    assert.equal(ran, 0);
+    const alice = await app.inject({ method: 'POST', url: '/v1/checkouts/co-alice/forgetful', headers: bearer('alice'), payload: {} });
+    assert.equal(alice.statusCode, 200);
+    assert.deepEqual(alice.json(), { ran: 1, checkout: 'co-alice' });
+  } finally {
+    await app.close();
+    delete users.bob;
+  }
+  await assert.rejects(broker(held(async (h) => void h.get('/v1/desktops/:id/power', async () => ({})))), /names no check-out/);
+  assert.deepEqual(['/v1/checkouts/:id', '/v1/checkouts/:id/transferred', '/v1/checkouts/:id/checkin/commit', '/v1/checkouts/:id/lease'].map(holderAction), ['checkout-outcome', 'transfer-end', 'checkin-commit', 'lease-renew']);
 });

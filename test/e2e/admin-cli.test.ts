@@ -1,3 +1,4 @@
+// carryon-test: sqlite-only (the CLI's tables are the subject; the admin routes it calls run on PostgreSQL in console-api and the console test)
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { join } from 'node:path';

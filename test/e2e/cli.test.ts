@@ -1,3 +1,4 @@
+// carryon-test: sqlite-only (the CLI and the laptop are the subject; lifecycle.test.ts runs the same check-in, cut off and resumed, on PostgreSQL)
 import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';

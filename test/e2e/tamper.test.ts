@@ -1,3 +1,4 @@
+// carryon-test: sqlite-only (the laptop's home is the subject: what an owner edits there; the broker barely speaks)
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { randomBytes, type KeyObject } from 'node:crypto';

@@ -53,20 +53,21 @@ const running = new WeakSet<ChunkStore>();
  * 4. Compaction: packs past `compactThreshold` dead are rewritten; packs with nothing alive go.
  *    Packs another process may still write are left alone (see PackInfo.active).
  */
-export async function collectGarbage(meta: MetadataStore, store: ChunkStore, given: Partial<GcOptions> = {}): Promise<GcReport> {
+/** `now` is the run's clock (tests move it instead of sleeping past S3's whole-second Last-Modified). */
+export async function collectGarbage(meta: MetadataStore, store: ChunkStore, given: Partial<GcOptions> = {}, now: () => number = Date.now): Promise<GcReport> {
   const opts = { ...DEFAULT_GC, ...given };
   if (!isCollectable(store)) throw new HttpError(409, 'not-supported', 'garbage collection needs a pack store or an S3 store (this one is a file per blob)');
   if (running.has(store)) throw new HttpError(409, 'busy', 'a garbage collection is already running');
   running.add(store);
   try {
-    return await run(meta, store, opts);
+    return await run(meta, store, opts, now);
   } finally {
     running.delete(store);
   }
 }
 
-async function run(meta: MetadataStore, store: CollectableStore, opts: GcOptions): Promise<GcReport> {
-  const t0 = Date.now();
+async function run(meta: MetadataStore, store: CollectableStore, opts: GcOptions, now: () => number): Promise<GcReport> {
+  const t0 = now();
   const hold = oldestHold(store);
   // A mark may be up to the store's touch slack stale, so the grace is never shorter than that.
   const cutoff = Math.min(t0 - Math.max(opts.graceMs, store.touchSlackMs), hold ?? Infinity);
@@ -165,7 +166,7 @@ async function run(meta: MetadataStore, store: CollectableStore, opts: GcOptions
   return {
     dryRun: opts.dryRun,
     startedAt: new Date(t0).toISOString(),
-    seconds: (Date.now() - t0) / 1000,
+    seconds: (now() - t0) / 1000,
     cutoff: new Date(cutoff).toISOString(),
     snapshots: { kept: plan.reduce((n, p) => n + p.keep.length, 0) + dropping.length - deleted.length, deleted },
     blobs,

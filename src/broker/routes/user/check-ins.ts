@@ -12,7 +12,7 @@ import { userOf } from './user-scope.js';
 /** Begin: nothing (the transfer server names the chunks; the commit carries the changes). */
 const Begin = z.object({}).strict();
 
-/** A laptop's uploads: check-in, replica, and handing back the work of a check-out that ended (user scope). */
+/** A laptop's uploads: check-in, replica, and handing back the work of a check-out that ended (holder scope: the caller holds it). */
 export const checkInRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   for (const kind of ['checkin', 'replicate'] as const) {
     app.post(`/v1/checkouts/:id/${kind}`, async (req) => {

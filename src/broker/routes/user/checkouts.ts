@@ -1,6 +1,6 @@
 import type { FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
-import { cancel, issueLease, markTransferred, ownedCheckout, rollback } from '../../checkouts.js';
+import { cancel, issueLease, markTransferred, rollback } from '../../checkouts.js';
 import { handoverOfCheckout } from '../../hosts/handover.js';
 import type { BrokerContext } from '../../context.js';
 import { checkoutOutcome } from '../../handback.js';
@@ -9,10 +9,11 @@ import { HttpError, parse } from '../../http.js';
 import { requireFreshLogin } from '../../auth/trust.js';
 import { Id } from './host-facts.js';
 import { userOf } from './user-scope.js';
+import { heldCheckout } from './holder-scope.js';
 
-/** A check-out's life cycle on the user's laptop, its uploads aside (check-ins.ts) (user scope). */
+/** A check-out's life cycle on the user's laptop, its uploads aside (check-ins.ts) (holder scope: the caller holds it). */
 export const checkoutRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
-  app.get('/v1/checkouts/:id/handover', async (req) => await handoverOfCheckout(ctx, await ownedCheckout(ctx, userOf(req).sub, parse(Id, req.params).id, 'handover')));
+  app.get('/v1/checkouts/:id/handover', async (req) => await handoverOfCheckout(ctx, heldCheckout(req)));
   app.post('/v1/checkouts/:id/transferred', async (req) => ({ checkout: await markTransferred(ctx, userOf(req).sub, parse(Id, req.params).id) }));
   // A chunk the laptop could not authenticate (3 tries): checked against the store, audited, remembered when the store's copy is bad.
   app.post('/v1/checkouts/:id/damaged', async (req) => {
@@ -32,8 +33,7 @@ export const checkoutRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async 
   app.get('/v1/checkouts/:id', async (req) => await checkoutOutcome(ctx, userOf(req).sub, parse(Id, req.params).id));
   app.post('/v1/checkouts/:id/lease', async (req) => {
     const claims = userOf(req);
-    const c = await ctx.meta.getCheckout(parse(Id, req.params).id);
-    if (!c || c.user !== claims.sub) throw new HttpError(404, 'not-found', 'no such checkout of yours');
+    const c = heldCheckout(req);
     const lease = await issueLease(ctx, claims.sub, c.deviceId);
     if (!lease) throw new HttpError(409, 'wrong-state', 'no active checkout to lease');
     await ctx.audit({ actor: claims.sub, desktopId: c.desktopId, action: 'lease-renew', outcome: 'ok', detail: `device ${c.deviceId} until ${lease.deadline}` });
