@@ -7,6 +7,7 @@ import { DirBackend } from '../../src/store/backend/dir-backend.js';
 import { BufferedPackSink, type Backend, type ObjectInfo, type ObjectKind, type PackSink } from '../../src/store/backend/backend.js';
 import { SqlitePackIndex, type PackIndex } from '../../src/store/pack-index.js';
 import { PackRepository } from '../../src/store/pack-repository.js';
+import { dyingIndex } from '../support/dying-index.js';
 
 /**
  * The chunk repository alone, over a backend in memory: group commit, damage checks, compaction
@@ -83,23 +84,6 @@ function repository(backend: MemoryBackend, index: PackIndex = SqlitePackIndex.o
   return new PackRepository(backend, index, { packBytes, touchSlackMs: 0 });
 }
 
-/** An index whose commits fail while `failing` says so (the process dies, the database is away). */
-function flakyIndex(index: PackIndex, failing: { insert?: boolean; relocate?: boolean }): PackIndex & { inserts: number } {
-  const flaky = Object.assign(Object.create(index) as PackIndex, {
-    inserts: 0,
-    insert: async (rows: Parameters<PackIndex['insert']>[0], touched: number) => {
-      if (failing.insert) throw new Error('killed before the index commit');
-      flaky.inserts++;
-      return index.insert(rows, touched);
-    },
-    relocate: async (rows: Parameters<PackIndex['relocate']>[0]) => {
-      if (failing.relocate) throw new Error('killed before the index commit');
-      return index.relocate(rows);
-    },
-  });
-  return flaky;
-}
-
 /** Every blob the index names can be read whole from a pack that exists. */
 async function everyRowResolves(index: PackIndex, backend: MemoryBackend): Promise<number> {
   const reader = repository(backend, index);
@@ -115,7 +99,7 @@ async function everyRowResolves(index: PackIndex, backend: MemoryBackend): Promi
 for (const [kind, appendable] of kinds) {
   test(`repository (${kind} backend): deferred puts are published together at sync, readable before it`, async () => {
     const backend = new MemoryBackend(appendable);
-    const index = flakyIndex(SqlitePackIndex.open(':memory:'), {});
+    const index = dyingIndex(SqlitePackIndex.open(':memory:'), {});
     const repo = repository(backend, index);
     await Promise.all(Array.from({ length: 10 }, (_, i) => repo.put(id(i), blob(i), { defer: true })));
     assert.equal(await index.get(id(3)), null, 'not published yet');
@@ -150,7 +134,7 @@ for (const [kind, appendable] of kinds) {
     const backend = new MemoryBackend(appendable);
     const base = SqlitePackIndex.open(':memory:');
     const failing = { insert: false, relocate: false };
-    const crashed = repository(backend, flakyIndex(base, failing));
+    const crashed = repository(backend, dyingIndex(base, failing));
     await crashed.put(id(1), blob(1));
     failing.insert = true;
     await crashed.put(id(2), blob(2), { defer: true });
@@ -171,7 +155,7 @@ for (const [kind, appendable] of kinds) {
     assert.deepEqual(await after.packs(), []);
 
     // Compaction killed between writing the new pack and moving the rows: the old pack still holds them.
-    const again = repository(backend, flakyIndex(base, failing));
+    const again = repository(backend, dyingIndex(base, failing));
     failing.insert = false;
     await Promise.all([3, 4, 5].map((n) => again.put(id(n), blob(n), { defer: true })));
     await again.sync();

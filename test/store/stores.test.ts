@@ -12,6 +12,7 @@ import { openSwiftStore, startSwift, type SwiftServer } from '../support/swift.j
 import { withTmpfs } from '../support/tmpfs.js';
 import { PgPackIndex } from '../../src/store/pg-pack-index.js';
 import { SqlitePackIndex, type PackIndex } from '../../src/store/pack-index.js';
+import { dyingIndex } from '../support/dying-index.js';
 import { PackRepository } from '../../src/store/pack-repository.js';
 import { DirBackend } from '../../src/store/backend/dir-backend.js';
 import { PgSql } from '../../src/sql/pg-driver.js';
@@ -213,18 +214,12 @@ test('pack and S3 stores: a crash between the pack write and the index commit le
   for (const name of ['pack', 's3'] as const) {
     const root = join(dir, `crash-commit-${name}`);
     const base = SqlitePackIndex.open(join(root, 'index.sqlite'));
-    let killed = false;
-    const dying: PackIndex = Object.assign(Object.create(base) as PackIndex, {
-      insert: async (rows: Parameters<PackIndex['insert']>[0], touched: number) => {
-        if (killed) throw new Error('killed before the index commit');
-        return base.insert(rows, touched);
-      },
-      close: async () => undefined,
-    });
+    const failing = { insert: false };
+    const dying = dyingIndex(base, failing);
     const open = async (index: PackIndex) => name === 'pack' ? new PackRepository(await DirBackend.open(root), index, { packBytes: 1024 ** 3 }) : openSwiftStore(swift, root, 'crashcommit', '', { index });
     const crashed = await open(dying);
     await crashed.put(id('a'), Buffer.from('published'));
-    killed = true;
+    failing.insert = true;
     await crashed.put(id('b'), Buffer.from('written, never published'), { defer: true });
     await assert.rejects(crashed.sync(), /killed before the index commit/);
     // What another process (or the next start) finds: every row names bytes that are there.
