@@ -11,7 +11,7 @@ import { enroll, type ClientEnv } from '../../src/client/ops.js';
 import { openDisplayLink } from '../../src/cli/open-display.js';
 import { request } from 'undici';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
-import { axe, launch, noBrowser, screenshotDir } from '../web/browser.js';
+import { axe, launch, noBrowser } from '../web/browser.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api, type TestBroker } from './harness.js';
 
 /**
@@ -277,7 +277,6 @@ test('in a browser: Open on My desktops shows the screen (noVNC over the broker,
     const open = (await http.call('GET', '/v1/admin/displays', undefined, admin)).body.displays as { user: string; via: string }[];
     assert.deepEqual(open.map((s) => [s.user, s.via]), [['alice', 'ticket']]);
     await page.getByRole('button', { name: 'Send Ctrl-Alt-Del' }).click();
-    await page.screenshot({ path: join(screenshotDir(broker.dir), 'display.png') });
     await strict.close();
 
     // A `carryon open` link, in a fresh browser (no console login): works once; axe on the page.

@@ -1,3 +1,4 @@
+// carryon-test: sqlite-only (parked copies live on the laptop; the broker sees a plain check-out, which runs on PostgreSQL in lifecycle.test.ts, and the agent's wipe and revoke in agent.test.ts)
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';

@@ -448,6 +448,20 @@ for tok in $(cat /proc/cmdline); do
       done
       exec 3>&-
       echo "CARRYON-WRITER-STOP $n" ;;
+    carryon.shell=*)
+      tty="\${tok#carryon.shell=}"
+      [ -c "$tty" ] || fail "shell: no terminal $tty"
+      [ -n "$pwr" ] || [ -x /sbin/shutdown ] || fail "shell: nothing would ever end it (build the initramfs with powerButton or guestAgent)"
+      echo "Carryon test desktop: its data disk $dev is /mnt; type a command." > "$tty"
+      # A session of its own with the terminal as its controlling tty (opened after setsid), in the data disk.
+      ( cd /mnt && PS1='desktop:\\w# ' HOME=/mnt exec setsid sh -c "exec sh -i <>$tty >&0 2>&0" ) &
+      shell=$!
+      echo "${GUEST_SHELL} $tty"
+      while [ ! -e ${WRITER_STOP_FILE} ]; do usleep 100000; done
+      # Off the data disk before it is unmounted: what it wrote and synced stays, the rest is the guest's page cache.
+      kill -9 "$shell" 2>/dev/null
+      wait "$shell" 2>/dev/null
+      echo "CARRYON-SHELL-END" ;;
     carryon.*=*) ;;
     carryon.*) fail "unknown action $tok" ;;
   esac
@@ -532,6 +546,8 @@ export const GUEST_AGENT_BINARY = '/usr/sbin/qemu-ga';
 export const GUEST_AGENT_MODULES = ['virtio_console'];
 /** The ACPI power button's driver and the evdev node it is read through. */
 export const POWER_BUTTON_MODULES = ['button', 'evdev'];
+/** Printed by the guest's /init once the interactive shell runs (`shell` action), with its terminal. */
+export const GUEST_SHELL = 'CARRYON-SHELL';
 /** Printed by the guest when its power button was pressed. */
 export const GUEST_POWER_BUTTON = 'CARRYON-POWER-BUTTON';
 /** Printed by /init once qemu-ga runs, with the port's device. */
@@ -643,7 +659,13 @@ export type GuestAction =
    * (an initramfs with `guestAgent`) or the ACPI power button (`powerButton`) asks the guest to
    * stop. Put it last: it runs until then.
    */
-  | { writer: string; perSync?: number };
+  | { writer: string; perSync?: number }
+  /**
+   * An interactive shell on the terminal `shell` (e.g. /dev/tty1, the VGA console: what a VNC
+   * viewer's keystrokes reach), started in the disk's mount point, until the ACPI power button
+   * (`powerButton`) or the agent's guest-shutdown. Put it last.
+   */
+  | { shell: string };
 
 function checkPath(p: string): string {
   if (!/^\/[A-Za-z0-9._\-/+@=,]*$/.test(p)) throw new Error(`guest path must be absolute, without ':' or spaces: ${JSON.stringify(p)}`);
@@ -668,6 +690,7 @@ export function guestAppend(actions: GuestAction[], opts: { dev?: string; fstype
     } else if ('fill' in a) words.push(`carryon.fill=${checkPath(a.fill)}:${Math.floor(a.mib)}`);
     else if ('read' in a) words.push(`carryon.read=${checkPath(a.read)}`);
     else if ('sha256' in a) words.push(`carryon.sha256=${checkPath(a.sha256)}`);
+    else if ('shell' in a) words.push(`carryon.shell=${checkPath(a.shell)}`);
     else if ('writer' in a) words.push(`carryon.writer=${checkPath(a.writer)}:${Math.max(1, Math.floor(a.perSync ?? 4))}`);
     else words.push(`carryon.rm=${checkPath(a.rm)}`);
   }
