@@ -7,7 +7,8 @@ import { join } from 'node:path';
 import { parseChunkId, type ChunkId } from '../core/chunk-id.js';
 import type { ChunkStore } from './chunk-store.js';
 import { exists, writeWhole } from '../files/atomic.js';
-import { ManifestFiles } from './manifest-files.js';
+import { DirBackend } from './backend/dir-backend.js';
+import { Manifests } from './manifest-files.js';
 
 const SYNCFS_THRESHOLD = 256;
 const execFileP = promisify(execFile);
@@ -32,19 +33,18 @@ export class FsChunkStore implements ChunkStore {
   /** Deferred blobs a sync() is publishing right now (still readable through their temp path). */
   private readonly syncing = new Map<ChunkId, string>();
   private readonly dirsMade = new Set<string>();
-  private readonly manifests: ManifestFiles;
+  private readonly manifests: Manifests;
 
-  private constructor(readonly root: string) {
-    this.manifests = new ManifestFiles(join(root, 'manifests'), join(root, 'tmp'));
+  private constructor(
+    readonly root: string,
+    manifestFiles: DirBackend,
+  ) {
+    this.manifests = new Manifests(manifestFiles);
   }
 
   static async open(root: string): Promise<FsChunkStore> {
     await mkdir(join(root, 'blobs'), { recursive: true });
-    await mkdir(join(root, 'manifests'), { recursive: true });
-    // Leftover temp files are writes that never committed: discard them.
-    await rm(join(root, 'tmp'), { recursive: true, force: true });
-    await mkdir(join(root, 'tmp'), { recursive: true });
-    return new FsChunkStore(root);
+    return new FsChunkStore(root, await DirBackend.open(root, ['manifests']));
   }
 
   private blobDir(id: ChunkId): string {

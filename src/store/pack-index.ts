@@ -1,4 +1,5 @@
 import { chunkIdFromBytes, chunkIdToBytes, type ChunkId } from '../core/chunk-id.js';
+import { CarryonError } from '../core/errors.js';
 import { migrate, openSqlite, type Db, type Migration } from '../sql/sqlite.js';
 
 /** Record layout inside a pack: id 32 ‖ length u32be ‖ blob (a pack can be re-indexed by a scan). */
@@ -8,6 +9,24 @@ export interface Location {
   pack: string;
   offset: number;
   length: number;
+}
+
+/** A blob as a record to append to a pack. */
+export function encodeRecord(id: ChunkId, blob: Uint8Array): Buffer {
+  const record = Buffer.allocUnsafe(RECORD_HEAD + blob.length);
+  chunkIdToBytes(id).copy(record, 0);
+  record.writeUInt32BE(blob.length, 32);
+  Buffer.from(blob.buffer, blob.byteOffset, blob.byteLength).copy(record, RECORD_HEAD);
+  return record;
+}
+
+/** The blob in `record`, after checking that it is the one the index (or the writer) placed there. */
+export function checkRecord(record: Buffer | null, id: ChunkId, loc: Location): Buffer {
+  if (!record) throw new CarryonError('store-corrupt', `pack ${loc.pack}, which holds chunk ${id}, is missing`);
+  if (record.length !== RECORD_HEAD + loc.length || record.readUInt32BE(32) !== loc.length || chunkIdFromBytes(record.subarray(0, 32)) !== id) {
+    throw new CarryonError('store-corrupt', `pack ${loc.pack} does not hold chunk ${id} at ${loc.offset} as its index says`);
+  }
+  return record.subarray(RECORD_HEAD);
 }
 
 /**
@@ -63,7 +82,7 @@ export interface PackIndex {
 
 type Row = { id: Buffer; pack: string; offset: number; length: number; touched: number };
 
-/** The SQLite pack index (also the local pack store's own index, same schema and file). */
+/** The SQLite pack index (the pack store's `index.sqlite`; an S3 store's for one process). */
 export class SqlitePackIndex implements PackIndex {
   private readonly q;
 
@@ -87,15 +106,11 @@ export class SqlitePackIndex implements PackIndex {
     return new SqlitePackIndex(db);
   }
 
-  getSync(id: ChunkId): Location | null {
+  async get(id: ChunkId): Promise<Location | null> {
     return (this.q.get.get(chunkIdToBytes(id)) as Location | undefined) ?? null;
   }
 
-  async get(id: ChunkId): Promise<Location | null> {
-    return this.getSync(id);
-  }
-
-  insertSync(rows: readonly (Location & { id: ChunkId })[], touched: number): number {
+  async insert(rows: readonly (Location & { id: ChunkId })[], touched: number): Promise<number> {
     let n = 0;
     this.db.transaction(() => {
       for (const r of rows) n += this.q.insert.run(chunkIdToBytes(r.id), r.pack, r.offset, r.length, touched).changes;
@@ -103,33 +118,21 @@ export class SqlitePackIndex implements PackIndex {
     return n;
   }
 
-  async insert(rows: readonly (Location & { id: ChunkId })[], touched: number): Promise<number> {
-    return this.insertSync(rows, touched);
-  }
-
-  relocateSync(rows: readonly { id: ChunkId; from: Location; to: Location }[]): void {
+  async relocate(rows: readonly { id: ChunkId; from: Location; to: Location }[]): Promise<void> {
     this.db.transaction(() => {
       for (const r of rows) this.q.relocate.run(r.to.pack, r.to.offset, chunkIdToBytes(r.id), r.from.pack, r.from.offset);
     })();
-  }
-
-  async relocate(rows: readonly { id: ChunkId; from: Location; to: Location }[]): Promise<void> {
-    this.relocateSync(rows);
   }
 
   async delete(id: ChunkId): Promise<void> {
     this.q.delete.run(chunkIdToBytes(id));
   }
 
-  touchSync(ids: readonly ChunkId[], now: number, before: number): void {
+  async touch(ids: readonly ChunkId[], now: number, before: number): Promise<void> {
     if (ids.length === 0) return;
     this.db.transaction(() => {
       for (const id of ids) this.q.touch.run(now, chunkIdToBytes(id), before);
     })();
-  }
-
-  async touch(ids: readonly ChunkId[], now: number, before: number): Promise<void> {
-    this.touchSync(ids, now, before);
   }
 
   async present(ids: readonly ChunkId[]): Promise<Set<ChunkId>> {

@@ -4,7 +4,8 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { SqlitePackIndex, type PackIndex } from '../../src/store/pack-index.js';
+import { SqlitePackIndex } from '../../src/store/pack-index.js';
+import { dyingIndex } from '../support/dying-index.js';
 import { parseS3Url } from '../../src/store/s3-config.js';
 import { flakyProxy } from '../support/flaky-proxy.js';
 import { openSwiftStore, startSwift, type SwiftServer } from '../support/swift.js';
@@ -127,13 +128,8 @@ test('s3 store: getMany answers neighbours in one ranged GET and agrees with get
 test('s3 store: a pack uploaded but not yet indexed (index commit failed) is served from the object, then published by the next sync', async () => {
   const root = join(dir, 'unindexed');
   const index = SqlitePackIndex.open(join(root, 'index.sqlite'));
-  let failInsert = true;
-  const flaky: PackIndex = Object.assign(Object.create(index) as PackIndex, {
-    insert: async (rows: Parameters<PackIndex['insert']>[0], touched: number) => {
-      if (failInsert) throw new Error('index unavailable');
-      return index.insert(rows, touched);
-    },
-  });
+  const failing = { insert: true };
+  const flaky = dyingIndex(index, failing, 'index unavailable');
   const s = await openSwiftStore(swift, root, 'unindexed', '', { index: flaky });
   const blob = randomBytes(50_000);
   await s.put(id(7), blob, { defer: true });
@@ -141,7 +137,7 @@ test('s3 store: a pack uploaded but not yet indexed (index commit failed) is ser
   assert.deepEqual(await s.get(id(7)), blob, 'read back from the uploaded pack object');
   assert.deepEqual((await s.getMany([id(7)]))[0], blob);
   assert.equal(await index.get(id(7)), null, 'not published');
-  failInsert = false;
+  failing.insert = false;
   await s.sync();
   assert.deepEqual(await index.get(id(7)).then((l) => l?.length), blob.length);
   assert.deepEqual(await s.get(id(7)), blob);
