@@ -10,7 +10,7 @@ import { importImage } from '../src/import/import.js';
 import { openMetadata } from '../src/broker/db/open.js';
 import { PackChunkStore } from '../src/store/pack-chunk-store.js';
 import { MB, settle, timed } from './lib/measure.js';
-import type { BenchRow, BenchSection } from './types.js';
+import type { BenchSection } from './types.js';
 
 const SNAPSHOTS = 20;
 const KEEP = 5;

@@ -43,3 +43,16 @@ export async function writeFileAtomic(path: string, data: string | Buffer, mode 
   await fh.close();
   await rename(tmp, path);
 }
+
+/**
+ * fsync (or, with `dataOnly`, fdatasync) of a file or directory by its path: a directory's new
+ * entries, or a file another process writes (its dirty pages go to disk; that process's caches stay).
+ */
+export async function syncPath(path: string, dataOnly = false): Promise<void> {
+  const fh = await open(path, 'r');
+  try {
+    await (dataOnly ? fh.datasync() : fh.sync());
+  } finally {
+    await fh.close();
+  }
+}

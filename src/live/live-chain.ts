@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
-import { chmod, open, rm } from 'node:fs/promises';
+import { chmod, rm } from 'node:fs/promises';
+import { syncPath } from '../files/atomic.js';
 import { CarryonError } from '../core/errors.js';
 import type { Range } from '../core/chunks/delta.js';
 import type { BlockHost } from '../disk/storage-daemon.js';
@@ -111,7 +112,7 @@ export class LiveChain {
     // The transaction flushes the old top inside its drained section: whatever the guest wrote
     // that is not yet on disk is written back while the guest waits. Written back here first, the
     // guest running on, that wait holds only the last moment's writes.
-    await Promise.all(disks.map((d) => writeBack(this.layers.topPath(d.name))));
+    await Promise.all(disks.map((d) => syncPath(this.layers.topPath(d.name), true)));
     const overlays = new Map<string, string>();
     this.generation++;
     for (const d of disks) {
@@ -230,12 +231,3 @@ export function vmReplicaServer(qmp: (command: string, args?: Record<string, unk
   return { socketPath, ensureServer };
 }
 
-/** fdatasync of a file QEMU holds open: its dirty pages go to disk, QEMU's own caches untouched. */
-async function writeBack(path: string): Promise<void> {
-  const fh = await open(path, 'r');
-  try {
-    await fh.datasync();
-  } finally {
-    await fh.close();
-  }
-}

@@ -1,12 +1,11 @@
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { promisify } from 'node:util';
-import { constants as fsc } from 'node:fs';
-import { mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseChunkId, type ChunkId } from '../core/chunk-id.js';
 import type { ChunkStore } from './chunk-store.js';
-import { exists, writeWhole } from '../files/atomic.js';
+import { exists, syncPath, writeWhole } from '../files/atomic.js';
 import { DirBackend } from './backend/dir-backend.js';
 import { Manifests } from './manifest-files.js';
 
@@ -106,7 +105,7 @@ export class FsChunkStore implements ChunkStore {
     // syncfs(2) (`sync -f`) instead of thousands of fsyncs; a small one fsyncs file by file.
     if (batch.length >= SYNCFS_THRESHOLD && (await syncFileSystem(this.root))) {
       // done for every file at once
-    } else await mapLimit(batch, 16, async ([, tmp]) => fsyncPath(tmp));
+    } else await mapLimit(batch, 16, async ([, tmp]) => syncPath(tmp));
     const dirs = new Set<string>();
     for (const [id, tmp] of batch) {
       const dir = this.blobDir(id);
@@ -116,7 +115,7 @@ export class FsChunkStore implements ChunkStore {
       this.syncing.delete(id);
     }
     if (dirs.size >= SYNCFS_THRESHOLD && (await syncFileSystem(this.root))) return;
-    await mapLimit([...dirs], 16, fsyncPath);
+    await mapLimit([...dirs], 16, syncPath);
   }
 
   async delete(id: ChunkId): Promise<void> {
@@ -171,14 +170,6 @@ export class FsChunkStore implements ChunkStore {
   }
 }
 
-async function fsyncPath(path: string): Promise<void> {
-  const fh = await open(path, fsc.O_RDONLY);
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
 
 /** Runs `fn` over `items` with at most `limit` in flight; results in input order. */
 export async function mapLimit<T, R>(items: readonly T[], limit: number, fn: (item: T) => Promise<R>): Promise<R[]> {

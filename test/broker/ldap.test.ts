@@ -6,7 +6,6 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { Client } from 'ldapts';
 import { authenticate, checkLdapConfig, DirectoryUnavailableError, type LdapConfig } from '../../src/broker/auth/directory.js';
-import type { RunningBroker } from '../../src/broker/start.js';
 import { api, cleanup, testBroker } from './harness.js';
 import { freePort } from '../support/ports.js';
 

@@ -14,7 +14,7 @@ import { computeChunkId } from '../../src/core/chunk-id.js';
 import { receiptHolds, receiptKey } from '../../src/core/tokens/push-receipt.js';
 import { sealPages } from '../../src/core/chunks/delta.js';
 import { generateLineageKeys } from '../../src/core/keys.js';
-import { createManifest, encodeManifest, manifestDigest } from '../../src/core/chunks/manifest.js';
+import { createManifest } from '../../src/core/chunks/manifest.js';
 import { generateSigningKey } from '../../src/core/signing.js';
 import { signTicket } from '../../src/core/tokens/ticket.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';

@@ -222,7 +222,7 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
 async function nbdSinks(qsd: StorageDaemon, disks: DesktopDisk[], socketPath: string): Promise<BaseSink[]> {
   // Each keeps its position in the chain list: the daemon's node names are numbered by it.
   const incomplete = disks.flatMap((d, i) => (d.entry.complete ? [] : [{ d, prefix: diskPrefix(i), spec: specFor(d, i, null) }]));
-  for (const { d, prefix, spec } of incomplete) await addLayer(qsd, baseBlockdev(spec), spec.baseSecretId ?? spec.secretId, layerSecret(d.chain, 'base'));
+  for (const { d, spec } of incomplete) await addLayer(qsd, baseBlockdev(spec), spec.baseSecretId ?? spec.secretId, layerSecret(d.chain, 'base'));
   await qsd.exportNbd(socketPath, incomplete.map(({ d, prefix }) => ({ node: `${prefix}-base`, name: `${d.name}.fill`, writable: true })));
   const sinks: BaseSink[] = [];
   for (const { d } of incomplete) {

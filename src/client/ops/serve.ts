@@ -1,12 +1,11 @@
 import { join } from 'node:path';
 import { z } from 'zod';
 import { CarryonError } from '../../core/errors.js';
-import type { DesktopKeys } from '../../live/disks/desktop-keys.js';
 import { effectiveConfig } from '../vault/guards.js';
-import { addChain, StorageDaemon, type BlockHost } from '../../disk/storage-daemon.js';
+import { addChain, StorageDaemon } from '../../disk/storage-daemon.js';
 import { BrokerClient, CheckoutView, JobView } from '../../net/broker-client.js';
 import { finishPendingReuse } from '../vault/parked.js';
-import { createMissingLayers, socketDir, type DesktopDisk } from '../../live/disks/disks.js';
+import { createMissingLayers, socketDir } from '../../live/disks/disks.js';
 import { openDesktopDisks, settleLiveLayers } from '../../live/disks/open.js';
 import { claimOwner, diskPrefix, fillDisks, RemoteSource, specFor, type HeldDesktop, type OwnerKind } from '../../live/fill/holder.js';
 import { loadDevice } from '../vault/home.js';

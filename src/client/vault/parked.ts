@@ -1,6 +1,6 @@
 import { createHmac, hkdfSync, randomBytes, timingSafeEqual } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { link, mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
+import { link, mkdir, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { chunkLength } from '../../core/chunks/chunking.js';
@@ -14,7 +14,7 @@ import { fileStamp } from '../../live/disks/layer-guard.js';
 import { addPassphrase, keepOnlyPassphrase, luksUuid } from '../../disk/luks-rekey.js';
 import { unmapChunksExcept } from '../../disk/qcow2/qcow2-unmap.js';
 import { UnsupportedImage } from '../../disk/qcow2/qcow2-format.js';
-import { writeFileAtomic } from '../../files/atomic.js';
+import { syncPath, writeFileAtomic } from '../../files/atomic.js';
 import type { DesktopKeys } from '../../live/disks/desktop-keys.js';
 import { recordMac, recordMacOk } from '../../live/disks/desktop-keys.js';
 import { chainOf, diskDir } from '../../live/disks/disks.js';
@@ -245,9 +245,9 @@ export async function parkBases(o: { vault: DesktopRecords; device: DeviceIdenti
   }
   const body = JSON.stringify(record);
   await writeFileAtomic(join(tmp, 'parked.json'), JSON.stringify({ v: 1, body, mac: parkedMac(keys.vaultKey, state.desktopId, body) }));
-  await syncDir(tmp);
+  await syncPath(tmp);
   await rename(tmp, final);
-  await syncDir(parkedRoot(home));
+  await syncPath(parkedRoot(home));
   testHooks.afterPublish?.();
   await unlinkVaultBases(vault, state);
   await stampParked(vault.home, state.desktopId, keys.vaultKey);
@@ -291,14 +291,6 @@ export async function parkedFrom(vault: DesktopRecords, state: DesktopState): Pr
   return (await readParked(vault.home, state.desktopId))?.fromCheckout === state.checkoutId;
 }
 
-async function syncDir(dir: string): Promise<void> {
-  const fh = await open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
 
 function leaseDeviceOf(state: DesktopState): string {
   const payload = JSON.parse(Buffer.from(state.lease.payload, 'base64').toString('utf8')) as { deviceId?: unknown };
@@ -476,7 +468,7 @@ async function takeOver(o: { vault: DesktopRecords; device: DeviceIdentity; pass
     await writeFileAtomic(reusePath(vault, state, d.name), JSON.stringify({ body, mac: recordMac(keys, state.desktopId, `reuse:${d.name}`, body) }));
     testHooks.beforeMove?.();
     await rename(src, target.files.base);
-    await syncDir(diskDir(vault, state.desktopId, d.name));
+    await syncPath(diskDir(vault, state.desktopId, d.name));
   }
   oldVaultKey.fill(0);
 }

@@ -6,7 +6,7 @@ import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
 import { CarryonError, EnvelopeError } from '../../core/errors.js';
 import { deriveDeviceUserKey } from '../../core/keys.js';
-import { SignedLease, type LeasePayload } from '../../core/tokens/lease.js';
+import { SignedLease } from '../../core/tokens/lease.js';
 import { decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../../core/chunks/manifest.js';
 import { eraseChainKeys } from '../../disk/chain.js';
 import { openDesktopKeys, recordMac, recordMacOk, sealDesktopKeys, type DesktopKeys } from '../../live/disks/desktop-keys.js';

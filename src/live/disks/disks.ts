@@ -1,12 +1,12 @@
 import { createHash } from 'node:crypto';
-import { lstat, mkdir, rm } from 'node:fs/promises';
+import { lstat, mkdir } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { deriveDiskSecret } from '../../core/keys.js';
 import type { DesktopKeys } from './desktop-keys.js';
 import type { Manifest } from '../../core/chunks/manifest.js';
-import { chainBytesOnDisk, chainFiles, checkChain, createLayer, layerShape, mergeTop, type Chain } from '../../disk/chain.js';
+import { chainBytesOnDisk, chainFiles, createLayer, layerShape, type Chain } from '../../disk/chain.js';
 import { ensureTemplate } from '../../disk/layer-template.js';
 import { DEFAULT_CHUNK_SIZE } from '../../core/chunks/chunking.js';
 import { existsSync } from 'node:fs';

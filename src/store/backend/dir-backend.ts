@@ -2,16 +2,12 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, open, readdir, readFile, rename, rm, stat, utimes, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { CarryonError } from '../../core/errors.js';
-import { exists, writeWhole } from '../../files/atomic.js';
+import { exists, syncPath, writeWhole } from '../../files/atomic.js';
 import type { Backend, ObjectInfo, ObjectKind, PackSink } from './backend.js';
 
 /** Names this backend turns into paths: no separators, no dot files, nothing to climb out with. */
 const SAFE_NAME = /^[0-9A-Za-z_-][0-9A-Za-z._-]*$/;
 
-async function syncDir(dir: string): Promise<void> {
-  const fh = await open(dir, 'r');
-  await fh.sync().finally(() => fh.close());
-}
 
 function gone(err: unknown): boolean {
   // EBADF: a pack deleted (its handle closed) while a read was on its way.
@@ -53,7 +49,7 @@ export class DirBackend implements Backend {
   async createPack(name: string): Promise<PackSink> {
     const path = this.path('packs', name);
     const fh = await open(path, 'wx+', 0o600);
-    await syncDir(join(this.root, 'packs'));
+    await syncPath(join(this.root, 'packs'));
     this.handles.set(path, Promise.resolve(fh));
     return new FilePackSink(fh, (offset, length) => this.read('packs', name, offset, length));
   }
@@ -93,7 +89,7 @@ export class DirBackend implements Backend {
     const tmp = join(this.root, 'tmp', `${name}.${randomBytes(6).toString('hex')}`);
     await writeWhole(tmp, data, true);
     await rename(tmp, path);
-    await syncDir(join(this.root, kind));
+    await syncPath(join(this.root, kind));
   }
 
   async *list(kind: ObjectKind): AsyncIterable<ObjectInfo> {

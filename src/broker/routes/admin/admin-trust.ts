@@ -1,6 +1,5 @@
 import type { FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
-import { exportEvents, verifyChain } from '../../db/audit-chain.js';
 import type { BrokerContext } from '../../context.js';
 import { HttpError, parse } from '../../http.js';
 import { adminOf } from './admin-scope.js';
