@@ -1,9 +1,10 @@
 import { makeCredential } from '../../src/broker/hosts/credentials.js';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { request } from 'undici';
+import { exportCurrentSnapshot } from '../../src/broker/desktops/snapshot-image.js';
 import { startBroker, type BrokerConfig, type RunningBroker } from '../../src/broker/start.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
 import type { SqlDb } from '../../src/sql/driver.js';
@@ -131,4 +132,11 @@ export async function brokerWithAlice(): Promise<{ broker: TestBroker; http: Api
       cleanup(broker.dir);
     },
   };
+}
+
+/** The desktop's current snapshot on the broker, assembled as a raw disk (what a laptop's disk must equal). */
+export async function serverDisk(broker: RunningBroker & { dir: string }, desktop: string): Promise<Buffer> {
+  const out = join(broker.dir, `export-${randomBytes(4).toString('hex')}.raw`);
+  await exportCurrentSnapshot(broker.ctx, desktop, out);
+  return readFileSync(out);
 }

@@ -3,21 +3,18 @@
 import assert from 'node:assert/strict';
 import { readdirSync, readFileSync, rmSync, statfsSync, writeFileSync } from 'node:fs';
 import { CarryonError } from '../../src/core/errors.js';
-import { randomBytes } from 'node:crypto';
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { checkout, enroll, release, status, type ClientEnv } from '../../src/client/ops.js';
 import { readDesktop } from '../support/laptop.js';
 import { serveDesktop } from '../../src/client/ops/serve.js';
-import type { RunningBroker } from '../../src/broker/start.js';
-import { exportCurrentSnapshot } from '../../src/broker/desktops/snapshot-image.js';
-import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
+import { brokerWithAlice, makeImage, serverDisk as sharedServerDisk, type Api, type TestBroker } from '../broker/harness.js';
 import { withTmpfs } from '../support/tmpfs.js';
 import { RateLimiter } from '../../src/transfer-client/rate-limit.js';
 
 process.env.CARRYON_SCRYPT_N = '1024';
-let broker: RunningBroker & { dir: string };
+let broker: TestBroker;
 let http: Api;
 let admin: string;
 const CHUNK = 256 * 1024;
@@ -27,30 +24,14 @@ function env(home: string, password = 'alice-password'): ClientEnv {
   return { home, user: 'alice', password: async () => password, log: (l) => logs.push(l), pollMs: 20 };
 }
 
+let stop: () => Promise<void>;
 before(async () => {
-  broker = await testBroker();
-  http = api(broker.url, broker.fingerprint);
-  admin = await http.login(ADMIN.name, ADMIN.password);
-  await http.call('POST', '/v1/admin/users', { name: 'alice', password: 'alice-password' }, admin);
-  const image = makeImage(broker.dir, 32);
-  for (const name of ['win11', 'ubuntu']) {
-    const r = await http.call('POST', '/v1/admin/desktops', name === 'win11' ? { name, image, config: { vcpus: 2, ramMiB: 1024, minRamMiB: 256 } } : { name, cloneOf: 'win11' }, admin);
-    assert.equal(r.status, 201, JSON.stringify(r.body));
-    await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target: name }, admin);
-  }
+  ({ broker, http, admin, close: stop } = await brokerWithAlice());
+  assert.equal((await http.call('POST', '/v1/admin/desktops', { name: 'ubuntu', image: makeImage(broker.dir, 32) }, admin)).status, 201);
 });
-after(async () => {
-  await http.close();
-  await broker.close();
-  cleanup(broker.dir);
-});
+after(() => stop());
 
-async function serverDisk(desktop: string): Promise<Buffer> {
-  const out = join(broker.dir, `export-${randomBytes(4).toString('hex')}.raw`);
-  await exportCurrentSnapshot(broker.ctx, desktop, out);
-  return readFileSync(out);
-}
-
+const serverDisk = (desktop: string) => sharedServerDisk(broker, desktop);
 
 test('disk full during check-out: a clear error, nothing lost, the rerun completes', async (t) => {
   // The laptop's home on a small tmpfs that a "filler" file runs out of space mid-transfer.

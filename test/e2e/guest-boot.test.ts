@@ -2,7 +2,7 @@
 import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdirSync, readFileSync } from 'node:fs';
+import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, test } from 'node:test';
@@ -12,6 +12,7 @@ import { ADMIN, api, cleanup, testBroker, type Api } from '../broker/harness.js'
 import { GuestAgent } from '../../src/live/guest-agent.js';
 import { socketDir } from '../../src/live/disks/disks.js';
 import { Vault } from '../../src/client/vault/vault.js';
+import { backgroundRun } from '../support/guest-run.js';
 import { quiesce } from '../../src/live/quiesce.js';
 import {
   buildInitramfs,
@@ -55,24 +56,14 @@ function startGuest(desktop: string, actions: GuestAction[], extra: string[] = [
   const serialPath = join(broker.dir, `${desktop}-${Date.now()}.serial`);
   const args = [...extra, 'run', desktop, '--accel', 'tcg', '--display', 'none', '--serial', serialPath];
   args.push(...guestQemuArgs({ kernel, initrd, append: guestAppend(actions, { waitS: 60 }) }).map((a) => `--qemu-arg=${a}`));
-  const child = spawn(process.execPath, [CLI, ...args], { env: cliEnv, stdio: ['ignore', 'ignore', 'pipe'] });
-  let stderr = '';
-  child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-  const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
-  const serial = () => {
-    try {
-      return readFileSync(serialPath, 'utf8');
-    } catch {
-      return '';
-    }
-  };
+  const run = backgroundRun(CLI, args, cliEnv, serialPath);
+  const { child, exited, serial, stderr } = run;
   return {
     args,
     child,
     serial,
-    stderr: () => stderr,
-    /** QEMU's (and `carryon run`'s) end, or 'timeout'. */
-    exit: (ms: number) => Promise.race([exited, new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), ms).unref())]),
+    stderr,
+    exit: run.exit,
     /** Ends a run a failed test left behind: two Ctrl-Cs kill QEMU. */
     async cleanup() {
       if (child.exitCode !== null || child.signalCode !== null) return;
@@ -82,7 +73,7 @@ function startGuest(desktop: string, actions: GuestAction[], extra: string[] = [
     },
     report(): GuestReport {
       const report = parseGuestSerial(serial());
-      assert.ok(report.done, `the guest finished: ${report.failure ?? ''}\n${stderr}\n${serial().slice(-3000)}`);
+      assert.ok(report.done, `the guest finished: ${report.failure ?? ''}\n${stderr()}\n${serial().slice(-3000)}`);
       return report;
     },
   };

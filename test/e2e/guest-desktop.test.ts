@@ -1,8 +1,8 @@
 // carryon-test: serial
 // carryon-test: sqlite-only (the guest and the laptop are the subject; the broker only hands out the check-out)
 import assert from 'node:assert/strict';
-import { execFile, spawn } from 'node:child_process';
-import { mkdirSync, readFileSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { mkdirSync } from 'node:fs';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -12,6 +12,7 @@ import { ADMIN, api, cleanup, testBroker, type Api } from '../broker/harness.js'
 import { socketDir } from '../../src/live/disks/disks.js';
 import { Vault } from '../../src/client/vault/vault.js';
 import { writePolicy } from '../../src/client/vault/guards.js';
+import { backgroundRun } from '../support/guest-run.js';
 import { cupsSkip, ippAnswer, ippHttpRequest, ippPrintJob, startCups, type PrivateCups } from '../support/cups.js';
 import {
   buildDesktopInitramfs,
@@ -193,22 +194,13 @@ test('in the guest: two monitors on virtio-gpu; the VNC window\'s size becomes i
   const args = ['run', DESKTOP, '--accel', 'tcg', '--display', 'vnc', '--monitors', '2', '--serial', serialPath];
   args.push(...guestQemuArgs({ kernel: guestKernel(), initrd, append: guestAppend([{ idle: true }], { waitS: 60 }) }).map((a) => `--qemu-arg=${a}`));
   // A bounded wait for the guest's power-off, so that a guest that does not go fails in time.
-  const child = spawn(process.execPath, [CLI, ...args], { env: { ...cliEnv, CARRYON_TEST_POWEROFF_GRACE_MS: '45000' }, stdio: ['ignore', 'ignore', 'pipe'] });
-  let stderr = '';
-  child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-  const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
-  const serial = () => {
-    try {
-      return readFileSync(serialPath, 'utf8');
-    } catch {
-      return '';
-    }
-  };
+  const vm = backgroundRun(CLI, args, { ...cliEnv, CARRYON_TEST_POWEROFF_GRACE_MS: '45000' }, serialPath);
+  const { child, serial } = vm;
   const sh = (script: string) => guestShell(qga, script, 60_000);
   try {
     await until('the guest to boot and idle with its agent', 180_000, serial, (s) => (s.includes(GUEST_AGENT_STARTED) && s.includes('CARRYON-IDLE')) || s.includes('CARRYON-GUEST-FAIL') || child.exitCode !== null);
-    assert.ok(serial().includes('CARRYON-IDLE'), `the guest is up\n${stderr}\n${serial().slice(-3000)}`);
-    assert.match(stderr, /printing: the desktop's printer is ipp:\/\/10\.0\.2\.100:631\//);
+    assert.ok(serial().includes('CARRYON-IDLE'), `the guest is up\n${vm.stderr()}\n${serial().slice(-3000)}`);
+    assert.match(vm.stderr(), /printing: the desktop's printer is ipp:\/\/10\.0\.2\.100:631\//);
     phase('booted');
 
     // --monitors 2: virtio-gpu with two outputs, two DRM connectors in the guest. VNC shows the
@@ -256,8 +248,8 @@ test('in the guest: two monitors on virtio-gpu; the VNC window\'s size becomes i
     // SIGTERM to `run` (the host shuts down): this guest ignores the ACPI button (no acpid, as
     // here), so its agent's guest-shutdown, which `run` sends besides the button, powers it off in order.
     child.kill('SIGTERM');
-    assert.equal(await Promise.race([exited, new Promise((r) => setTimeout(() => r('timeout'), 90_000).unref())]), 0, `run ends when the guest powers off\n${stderr}`);
-    assert.match(stderr, /the guest powered off cleanly/);
+    assert.equal(await vm.exit(90_000), 0, `run ends when the guest powers off\n${vm.stderr()}`);
+    assert.match(vm.stderr(), /the guest powered off cleanly/);
     const report = parseGuestSerial(serial());
     assert.ok(report.done && serial().includes(GUEST_SHUTDOWN_ASKED) && !report.powerButton, `the guest stopped idling, unmounted its disk and powered off\n${serial().slice(-2000)}`);
     phase('powered off');
@@ -269,7 +261,7 @@ test('in the guest: two monitors on virtio-gpu; the VNC window\'s size becomes i
     if (child.exitCode === null && child.signalCode === null) {
       child.kill('SIGINT');
       child.kill('SIGINT');
-      await exited;
+      await vm.exited;
     }
     t.diagnostic(phases.join(', '));
   }

@@ -12,8 +12,7 @@ import { moveTrustedClock, readDesktop, writeDesktop } from '../support/laptop.j
 import { serveDesktop } from '../../src/client/ops/serve.js';
 import type { RunningBroker } from '../../src/broker/start.js';
 import type { CollectableStore } from '../../src/store/chunk-store.js';
-import { exportCurrentSnapshot } from '../../src/broker/desktops/snapshot-image.js';
-import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
+import { ADMIN, api, cleanup, makeImage, testBroker, type Api, serverDisk as sharedServerDisk } from '../broker/harness.js';
 import { RateLimiter } from '../../src/transfer-client/rate-limit.js';
 
 const execFileP = promisify(execFile);
@@ -46,11 +45,7 @@ after(async () => {
   cleanup(broker.dir);
 });
 
-async function serverDisk(desktop: string): Promise<Buffer> {
-  const out = join(broker.dir, `export-${randomBytes(4).toString('hex')}.raw`);
-  await exportCurrentSnapshot(broker.ctx, desktop, out);
-  return readFileSync(out);
-}
+const serverDisk = (desktop: string) => sharedServerDisk(broker, desktop);
 
 test('check-out, change 1% of chunks, check-in moves only those; server snapshot equals the laptop disk', async () => {
   const home = join(broker.dir, 'laptop');

@@ -15,9 +15,8 @@ import { Vault } from '../../src/client/vault/vault.js';
 import { serveDesktop } from '../../src/client/ops/serve.js';
 import { CarryonError } from '../../src/core/errors.js';
 import type { RunningBroker } from '../../src/broker/start.js';
-import { exportCurrentSnapshot } from '../../src/broker/desktops/snapshot-image.js';
 import { readDesktop, runCarryon, writeDesktop } from '../support/laptop.js';
-import { brokerWithAlice, makeImage, type Api } from '../broker/harness.js';
+import { brokerWithAlice, makeImage, type Api, serverDisk as sharedServerDisk } from '../broker/harness.js';
 
 process.env.CARRYON_SCRYPT_N = '1024';
 let broker: RunningBroker & { dir: string };
@@ -50,11 +49,7 @@ async function laptop(name: string): Promise<string> {
   return home;
 }
 
-async function serverDisk(name: string): Promise<Buffer> {
-  const out = join(broker.dir, `export-${randomBytes(4).toString('hex')}.raw`);
-  await exportCurrentSnapshot(broker.ctx, name, out);
-  return readFileSync(out);
-}
+const serverDisk = (desktop: string) => sharedServerDisk(broker, desktop);
 
 /** Overwrites 4 KiB of one data cluster of a qcow2 base with random bytes, its structure left as it was. */
 async function rewriteDataCluster(file: string): Promise<void> {
