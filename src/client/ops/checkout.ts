@@ -140,7 +140,8 @@ async function waitForHandover(env: ClientEnv, broker: BrokerClient, name: strin
     if (h.step === 'done') return;
     if (h.step === 'failed' || h.step === 'cancelled') throw new CarryonError('handover-failed', `host ${h.host} did not hand ${name} over (${h.step}: ${h.detail ?? 'no reason'}); the desktop stays on the host, nothing is lost`);
     if (env.signal?.aborted) throw new CarryonError('aborted', 'stopped waiting for the host; run the same command again to go on');
-    await new Promise((r) => setTimeout(r, env.pollMs ?? 500));
+    // A handover lasts seconds and the user waits on its end: asked five times a second (a GET each).
+    await new Promise((r) => setTimeout(r, env.pollMs ?? 200));
   }
 }
 
