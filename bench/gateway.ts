@@ -4,7 +4,8 @@ import { rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { checkout, discardLocal, release } from '../src/client/ops.js';
 import { writeTestImage } from '../src/demo/image.js';
-import { freePort, run, settle, stats, timed } from './lib/measure.js';
+import { run, settle, stats, timed } from './lib/measure.js';
+import { freePort } from '../test/support/ports.js';
 import { Rig } from './lib/rig.js';
 import type { BenchRow, BenchSection } from './types.js';
 

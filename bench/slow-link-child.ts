@@ -7,7 +7,8 @@ import { join } from 'node:path';
 import { checkout, upload } from '../src/client/ops.js';
 import { writeTestImage } from '../src/demo/image.js';
 import { changeOnePercent } from './checkin.js';
-import { freePort, MB, run, settle, timed } from './lib/measure.js';
+import { MB, run, settle, timed } from './lib/measure.js';
+import { freePort } from '../test/support/ports.js';
 import { Rig } from './lib/rig.js';
 import type { BenchRow } from './types.js';
 

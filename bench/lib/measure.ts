@@ -1,7 +1,6 @@
 import { execFile } from 'node:child_process';
 import { createCipheriv, createDecipheriv, createHmac, randomBytes } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { createServer } from 'node:net';
 import { promisify } from 'node:util';
 
 export const run = promisify(execFile);
@@ -95,11 +94,3 @@ export async function readSpeed(path: string): Promise<number> {
 
 export const MB = 1e6;
 
-/** A port nothing listens on now, on 127.0.0.1 (for a peer such as haproxy or an rsync daemon). */
-export async function freePort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const port = (srv.address() as { port: number }).port;
-  await new Promise((r) => srv.close(r));
-  return port;
-}

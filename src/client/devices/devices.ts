@@ -35,7 +35,19 @@ export async function usbListing(env: ClientEnv, desktopRef?: string): Promise<{
   }) };
 }
 
-/** The control socket of the `carryon run` that holds this desktop; the password unlocks the key its requests are MACed with. */
+/**
+ * Runs `ask` on the control socket of the `carryon run` that holds this desktop (the password
+ * unlocks the key its requests are MACed with), and closes the socket after.
+ */
+async function withRunningHolder<T>(env: ClientEnv, desktopRef: string, ask: (control: ControlClient, name: string) => Promise<T>): Promise<T> {
+  const { control, name } = await runningHolder(env, desktopRef);
+  try {
+    return await ask(control, name);
+  } finally {
+    control.close();
+  }
+}
+
 async function runningHolder(env: ClientEnv, desktopRef: string): Promise<{ control: ControlClient; name: string }> {
   const vault = await Vault.open(env.home);
   const found = await vault.find(desktopRef);
@@ -47,31 +59,16 @@ async function runningHolder(env: ClientEnv, desktopRef: string): Promise<{ cont
 
 export async function usbAttach(env: ClientEnv, desktopRef: string, usbId: string): Promise<AttachedUsbView> {
   const id = parseUsbId(usbId);
-  const { control } = await runningHolder(env, desktopRef);
-  try {
-    return await control.usbAttach(id.vendorId, id.productId);
-  } finally {
-    control.close();
-  }
+  return withRunningHolder(env, desktopRef, (control) => control.usbAttach(id.vendorId, id.productId));
 }
 
 export async function usbDetach(env: ClientEnv, desktopRef: string, usbId: string): Promise<AttachedUsbView> {
   const id = parseUsbId(usbId);
-  const { control } = await runningHolder(env, desktopRef);
-  try {
-    return await control.usbDetach(id.vendorId, id.productId);
-  } finally {
-    control.close();
-  }
+  return withRunningHolder(env, desktopRef, (control) => control.usbDetach(id.vendorId, id.productId));
 }
 
 export async function usbAttached(env: ClientEnv, desktopRef: string): Promise<AttachedUsbView[]> {
-  const { control } = await runningHolder(env, desktopRef);
-  try {
-    return await control.usbList();
-  } finally {
-    control.close();
-  }
+  return withRunningHolder(env, desktopRef, (control) => control.usbList());
 }
 
 /**
@@ -83,12 +80,7 @@ export async function powerDesktop(env: ClientEnv, desktopRef: string, action: P
   const vault = await Vault.open(env.home);
   const local = (await vault.list()).find((s) => s.desktopId === desktopRef || s.name === desktopRef);
   if (local) {
-    const { control, name } = await runningHolder(env, desktopRef);
-    try {
-      return { desktop: name, where: 'laptop', done: await control.power(action) };
-    } finally {
-      control.close();
-    }
+    return withRunningHolder(env, desktopRef, async (control, name) => ({ desktop: name, where: 'laptop' as const, done: await control.power(action) }));
   }
   if (action !== 'powerdown' && action !== 'reset') {
     throw new CarryonError('unsupported', `${action} is for a desktop running on this laptop; ${desktopRef} is not checked out here (online desktops take powerdown and reset)`);
