@@ -65,7 +65,8 @@ export function gatewaySection(work: string, sizeGiB: number, pairs = 4): BenchS
         const row: BenchRow = {
           section: 'gateway', name: `check-out through the gateway, ${sizeGiB} GiB mixed image: wall time`, value: g.median, unit: 's', runs: g.runs, spread: g.spread,
           peer: { name: 'the same check-out direct', value: d.median, unit: 's' },
-          note: `${ratio.toFixed(2)}× direct (target ≤ 1.15: ${ratio <= 1.15 ? 'met' : 'MISSED'}); haproxy 2.6 on the same 2 cores`,
+          // Each pair's own ratio too: the goal counts as met when consecutive pairs each meet it.
+          note: `${ratio.toFixed(2)}× direct (target ≤ 1.15: ${ratio <= 1.15 ? 'met' : 'MISSED'}); pairs ${ours.map((o, i) => (o / theirs[i]!).toFixed(2)).join(', ')}; haproxy 2.6 on the same 2 cores`,
         };
         return [row];
       } finally {
