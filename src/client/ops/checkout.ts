@@ -85,6 +85,8 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       try {
         // The lease must verify against the broker key pinned now, inside the vault, before anything is kept.
         const lease = verifyLease(res.lease, brokerKey, { now: new Date(), deviceId: device.info.deviceId!, desktopId: entry.id });
+        // Not this run's: whatever an earlier run left without a state (a kill mid-handover) is erased, never taken for the checkpoint.
+        if (!early) await discardLeftover(vault, entry.id);
         const disks: DesktopState['disks'] = [];
         const manifests = [];
         for (const d of res.disks) {
@@ -102,8 +104,6 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
         });
         // What was fetched ahead: kept where its chunk IDs are the checkpoint's, the rest unmapped, all before the state names the checkpoint.
         adopted = early ? await early.adopt(res.keys, manifests, stateWith) : null;
-        // Not this run's: whatever an earlier run left without a state (a kill mid-handover) is erased, never taken for the checkpoint.
-        if (!early) await discardLeftover(vault, entry.id);
         keys = adopted?.keys ?? newDesktopKeys(decodeLineageKeys(res.keys), brokerKey, createPublicKey(device.privateKey));
         state = { ...stateWith(adopted?.wrapped ?? await Vault.wrapKeys(device, await env.password(), keys, entry.id)), localConfig: await vault.readLocalConfig(entry.id) };
         await vault.save(state, keys);

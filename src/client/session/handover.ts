@@ -1,4 +1,4 @@
-import { createPublicKey, type KeyObject } from 'node:crypto';
+import { createPublicKey, randomBytes, type KeyObject } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdir, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -112,12 +112,13 @@ export class HandoverPrefetch {
     this.release = await claimOwner(vault, desktopId, 'checkout', env.log);
     await discardLeftover(vault, desktopId);
     const keys = newDesktopKeys(decodeLineageKeys(view.keys), this.o.brokerKey, createPublicKey(this.o.device.privateKey));
-    // The vault's wrap is made now (scrypt), off the check-out's critical path; the state that uses it is saved at the commit.
-    const wrapped = await Vault.wrapKeys(this.o.device, await env.password(), keys, desktopId);
+    // The vault's wrap (scrypt, on libuv's pool) is made meanwhile, off the check-out's critical path; the layers' secrets need only its salt.
+    const salt = randomBytes(16);
+    const wrapping = Vault.wrapKeys(this.o.device, await env.password(), keys, desktopId, salt);
+    wrapping.catch(() => undefined); // awaited below; never unhandled meanwhile
     const dir = vault.desktopDir(desktopId);
     await mkdir(dir, { recursive: true, mode: 0o700 });
     await writeFileAtomic(join(dir, MARKER), JSON.stringify({ v: 1, checkoutId: this.o.checkoutId, snapshotId: view.snapshotId, disks: view.disks.map((d) => ({ name: d.name, digest: d.digest })) }));
-    const salt = Buffer.from(wrapped.salt, 'base64');
     const disks: Prepared['disks'] = [];
     for (const d of view.disks) {
       const manifest = decodeManifest(Buffer.from(d.manifest, 'base64'));
@@ -129,8 +130,7 @@ export class HandoverPrefetch {
       await createLayer(chain, 'base', manifest.diskSize, manifest.chunkSize, templatesDir(vault.home));
       disks.push({ name: d.name, digest: d.digest, manifest, chain });
     }
-    this.prepared = { keys, wrapped, disks };
-    if (this.stop.signal.aborted) return;
+    if (this.stop.signal.aborted) return void (this.prepared = { keys, wrapped: await wrapping, disks });
     const job = await activeJob({ ...env, signal: this.stop.signal }, this.o.broker, view.job);
     const session = new TransferSession(job.transfer!, renewer(this.o.broker, job.id));
     const sinks: BaseSink[] = [];
@@ -146,6 +146,8 @@ export class HandoverPrefetch {
     } finally {
       await Promise.all(sinks.map((s) => s.close()));
       await session.close();
+      // Usable only with its wrap: a failed scrypt leaves nothing prepared (the check-out then starts fresh).
+      this.prepared = { keys, wrapped: await wrapping, disks };
     }
   }
 
@@ -211,7 +213,7 @@ export class HandoverPrefetch {
 
 /**
  * What an early fetch left in a desktop's folder that has no state (a kill, a cancel): its bases'
- * LUKS headers erased, then its disks, manifests and marker removed. A folder with a state is the
+ * LUKS headers erased, then its disks and marker removed. A folder with a state is the
  * check-out's own and is never touched.
  */
 export async function discardLeftover(vault: Vault, desktopId: string): Promise<void> {
@@ -219,5 +221,6 @@ export async function discardLeftover(vault: Vault, desktopId: string): Promise<
   if (existsSync(join(dir, 'state.json'))) return;
   const disks = await readdir(join(dir, 'disks')).catch(() => [] as string[]);
   await Promise.all(disks.map((d) => eraseChainKeys(join(dir, 'disks', d))));
-  await Promise.all([rm(join(dir, 'disks'), { recursive: true, force: true }), rm(join(dir, 'manifests'), { recursive: true, force: true }), rm(join(dir, MARKER), { force: true })]);
+  // Manifests stay: named by their digests, they hold no data, and a check-out may have just put its own.
+  await Promise.all([rm(join(dir, 'disks'), { recursive: true, force: true }), rm(join(dir, MARKER), { force: true })]);
 }
