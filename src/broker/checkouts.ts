@@ -214,8 +214,8 @@ async function unwrapForUser(ctx: BrokerContext, desktop: DesktopRow): Promise<s
 }
 
 
-export async function markTransferred(ctx: BrokerContext, user: string, checkoutId: string) {
-  const c = await ownedCheckout(ctx, user, checkoutId, 'transfer-end');
+export async function markTransferred(ctx: BrokerContext, c: CheckoutRow) {
+  const user = c.user;
   if (!await ctx.meta.transitionCheckout(c.id, ['transferring'], 'checked_out')) {
     if (c.state === 'checked_out') return checkoutView(c);
     throw await deny(ctx, user, c.desktopId, 'transfer-end', 409, 'wrong-state', `checkout is ${c.state}`);
@@ -225,8 +225,8 @@ export async function markTransferred(ctx: BrokerContext, user: string, checkout
   return checkoutView((await ctx.meta.getCheckout(c.id))!);
 }
 
-export async function cancel(ctx: BrokerContext, user: string, checkoutId: string) {
-  const c = await ownedCheckout(ctx, user, checkoutId, 'cancel');
+export async function cancel(ctx: BrokerContext, c: CheckoutRow) {
+  const user = c.user;
   if (!await ctx.meta.transitionCheckout(c.id, ['transferring'], 'cancelled')) throw await deny(ctx, user, c.desktopId, 'cancel', 409, 'wrong-state', `only a check-out in flight can be cancelled (it is ${c.state})`);
   // Every job of it (a handover's prefetch too): their tickets stop working; a laptop waiting on the handover hears at once.
   await ctx.scheduler.finishForCheckout(c.id, 'cancelled');
@@ -235,8 +235,8 @@ export async function cancel(ctx: BrokerContext, user: string, checkoutId: strin
   return checkoutView((await ctx.meta.getCheckout(c.id))!);
 }
 
-export async function rollback(ctx: BrokerContext, user: string, checkoutId: string) {
-  const c = await ownedCheckout(ctx, user, checkoutId, 'rollback');
+export async function rollback(ctx: BrokerContext, c: CheckoutRow) {
+  const user = c.user;
   const desktop = (await ctx.meta.getDesktop(c.desktopId))!;
   const policy = await effectivePolicy(ctx.meta, user, desktop);
   if (!policy.rollbackAllowed.value) throw await deny(ctx, user, c.desktopId, 'rollback', 403, 'policy-denied', `policy (${await describePolicySource(ctx.meta, policy.rollbackAllowed.source)}) forbids rollback`);
@@ -261,8 +261,8 @@ export async function forceUnlock(ctx: BrokerContext, admin: string, checkoutId:
  * transfer server names the chunks it rebuilds (each with a push receipt), and the commit carries
  * the changes and their receipts (`commitUpload`).
  */
-export async function beginUpload(ctx: BrokerContext, user: string, checkoutId: string, kind: 'checkin' | 'replicate'): Promise<{ job: JobView }> {
-  const c = await ownedCheckout(ctx, user, checkoutId, kind);
+export async function beginUpload(ctx: BrokerContext, c: CheckoutRow, kind: 'checkin' | 'replicate'): Promise<{ job: JobView }> {
+  const user = c.user;
   const desktop = (await ctx.meta.getDesktop(c.desktopId))!;
   if (kind === 'checkin') {
     const policy = await effectivePolicy(ctx.meta, user, desktop);
@@ -291,6 +291,8 @@ export async function beginUpload(ctx: BrokerContext, user: string, checkoutId: 
  * the unlock.
  */
 export async function commitUpload(ctx: BrokerContext, user: string, checkoutId: string, kind: 'checkin' | 'replicate', changes: DiskChanges[] = [], receipts: Record<string, string> = {}) {
+  // Read again, not the holder hook's row: the body may have taken minutes on a slow link, and the
+  // commit acts on the check-out as it is now.
   const c = await ownedCheckout(ctx, user, checkoutId, `${kind}-commit`);
   const expected = kind === 'checkin' ? 'checking_in' : 'checked_out';
   if (c.state !== expected || !c.pendingDisks) throw await deny(ctx, user, c.desktopId, `${kind}-commit`, 409, 'wrong-state', `nothing to commit (checkout is ${c.state})`);

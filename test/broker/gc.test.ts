@@ -9,7 +9,7 @@ import { freshBucket, swiftStoreUrl, testSwift, type SwiftEndpoint } from '../su
 import { sealChunk } from '../../src/core/chunks/blob.js';
 import { unwrapLineageKeys, type LineageKeys } from '../../src/core/keys.js';
 import { decodeManifest, referencedChunks } from '../../src/core/chunks/manifest.js';
-import { beginUpload, checkOut, commitUpload, markTransferred } from '../../src/broker/checkouts.js';
+import { beginUpload, checkOut, commitUpload, markTransferred, ownedCheckout } from '../../src/broker/checkouts.js';
 import { HttpError } from '../../src/broker/http.js';
 import { pushReceipt, receiptKey } from '../../src/core/tokens/push-receipt.js';
 import { collectGarbage } from '../../src/broker/gc/collect.js';
@@ -102,7 +102,7 @@ const laptop = new Map<string, Buffer>();
  */
 async function cycle(name: string, keys: LineageKeys, edit: Record<number, string | 'new'>, between?: () => Promise<void>) {
   const co = await checkOut(ctx, 'alice', name, { deviceId, host: HOST });
-  await markTransferred(ctx, 'alice', co.checkout.id);
+  await markTransferred(ctx, await ownedCheckout(ctx, 'alice', co.checkout.id, 'transfer-end'));
   const changes: [number, string][] = [];
   for (const [i, v] of Object.entries(edit)) {
     if (v === 'new') {
@@ -111,7 +111,7 @@ async function cycle(name: string, keys: LineageKeys, edit: Record<number, strin
       changes.push([Number(i), s.id]);
     } else changes.push([Number(i), v]);
   }
-  await beginUpload(ctx, 'alice', co.checkout.id, 'checkin');
+  await beginUpload(ctx, await ownedCheckout(ctx, 'alice', co.checkout.id, 'checkin'), 'checkin');
   const push = async (ids: string[]) => {
     for (const id of ids) await ctx.store.put(id, laptop.get(id)!, { defer: true });
     await ctx.store.sync();
@@ -249,7 +249,7 @@ for (const kind of ['pack', 's3'] as const) {
       assert.ok('disks' in co, 'not a desktop on a host');
       await collectGarbage(ctx.meta, ctx.store, { keepLast: 1, keepReplicaDays: 0, graceMs: 0, compactThreshold: 0.01 });
       for (const id of referencedChunks(decodeManifest(Buffer.from(co.disks[0]!.manifest, 'base64')))) assert.ok(await ctx.store.get(id), `chunk ${id} of the check-out in flight is readable`);
-      await markTransferred(ctx, 'alice', co.checkout.id);
+      await markTransferred(ctx, await ownedCheckout(ctx, 'alice', co.checkout.id, 'transfer-end'));
 
       const v = await verifyStore(ctx.meta, ctx.store, ctx.secrets.masterKey);
       assert.equal(v.damagedCount, 0, JSON.stringify(v.damaged.slice(0, 3)));
