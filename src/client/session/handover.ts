@@ -165,7 +165,7 @@ export class HandoverPrefetch {
       return old && old.manifest.diskSize === d.manifest.diskSize && old.manifest.chunkSize === d.manifest.chunkSize;
     });
     if (!p || !fits) {
-      await this.discard();
+      await this.discard({ keepManifests: true });
       return null;
     }
     // The chain the state will name must be the one filled (same files, same secret).
@@ -177,7 +177,7 @@ export class HandoverPrefetch {
       const old = p.disks.find((x) => x.name === d.name)!;
       const chain = chainOf(this.o.vault, s, p.keys, d.name);
       if (chain.files.base !== old.chain.files.base || layerSecret(chain, 'base') !== layerSecret(old.chain, 'base')) {
-        await this.discard();
+        await this.discard({ keepManifests: true });
         return null;
       }
       const dir = diskDir(this.o.vault, this.o.desktopId, d.name);
@@ -201,11 +201,11 @@ export class HandoverPrefetch {
   }
 
   /** Cancelled, failed or not usable: erased (LUKS headers first, then the files). */
-  async discard(): Promise<void> {
+  async discard(opts: { keepManifests?: boolean } = {}): Promise<void> {
     this.stop.abort();
     await this.running;
     // Only what this run made (another process holding the desktop keeps its own).
-    if (this.release) await discardLeftover(this.o.vault, this.o.desktopId);
+    if (this.release) await discardLeftover(this.o.vault, this.o.desktopId, opts);
     await this.release?.();
     this.release = null;
   }
@@ -213,14 +213,14 @@ export class HandoverPrefetch {
 
 /**
  * What an early fetch left in a desktop's folder that has no state (a kill, a cancel): its bases'
- * LUKS headers erased, then its disks and marker removed. A folder with a state is the
+ * LUKS headers erased, then its disks, marker and manifests removed. A folder with a state is the
  * check-out's own and is never touched.
  */
-export async function discardLeftover(vault: Vault, desktopId: string): Promise<void> {
+export async function discardLeftover(vault: Vault, desktopId: string, opts: { keepManifests?: boolean } = {}): Promise<void> {
   const dir = vault.desktopDir(desktopId);
   if (existsSync(join(dir, 'state.json'))) return;
   const disks = await readdir(join(dir, 'disks')).catch(() => [] as string[]);
   await Promise.all(disks.map((d) => eraseChainKeys(join(dir, 'disks', d))));
-  // Manifests stay: named by their digests, they hold no data, and a check-out may have just put its own.
-  await Promise.all([rm(join(dir, 'disks'), { recursive: true, force: true }), rm(join(dir, MARKER), { force: true })]);
+  // `keepManifests`: a check-out that has just put the checkpoint's (they name chunks, hold no data).
+  await Promise.all([rm(join(dir, 'disks'), { recursive: true, force: true }), rm(join(dir, MARKER), { force: true }), opts.keepManifests ? null : rm(join(dir, 'manifests'), { recursive: true, force: true })]);
 }
