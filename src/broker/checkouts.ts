@@ -103,13 +103,11 @@ async function refuseDamaged(ctx: BrokerContext, user: string, desktop: DesktopR
   if (refusal) throw await deny(ctx, user, desktop.id, 'checkout', refusal.status, refusal.code, refusal.message);
 }
 
-export async function checkOut(ctx: BrokerContext, user: string, desktopRef: string, req: { deviceId: string; host: HostFacts }) {
-  const desktop = await ctx.meta.getDesktop(desktopRef);
-  if (!desktop) throw await deny(ctx, user, null, 'checkout', 404, 'not-found', `no desktop ${desktopRef}`);
+/** Check-out of a desktop the user is entitled to (the desktop scope's hook checked it). */
+export async function checkOut(ctx: BrokerContext, user: string, desktop: DesktopRow, req: { deviceId: string; host: HostFacts }) {
   const device = await ctx.meta.getDevice(req.deviceId);
   if (!device || device.user !== user) throw await deny(ctx, user, desktop.id, 'checkout', 403, 'device-not-enrolled', 'this device is not enrolled for you');
   if (await ctx.meta.deviceRevokedAt(device.id)) throw await deny(ctx, user, desktop.id, 'checkout', 403, 'device-revoked', 'this device has been revoked by an administrator');
-  if (!await ctx.meta.isEntitled(user, desktop)) throw await deny(ctx, user, desktop.id, 'checkout', 403, 'not-entitled', `you are not entitled to ${desktop.name}`);
   const policy = await effectivePolicy(ctx.meta, user, desktop);
   // The same device coming back to a check-out it began (it died before saving its state): resume it.
   const held = await ctx.meta.activeCheckout(desktop.id);
