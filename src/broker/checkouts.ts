@@ -103,13 +103,11 @@ async function refuseDamaged(ctx: BrokerContext, user: string, desktop: DesktopR
   if (refusal) throw await deny(ctx, user, desktop.id, 'checkout', refusal.status, refusal.code, refusal.message);
 }
 
-export async function checkOut(ctx: BrokerContext, user: string, desktopRef: string, req: { deviceId: string; host: HostFacts }) {
-  const desktop = await ctx.meta.getDesktop(desktopRef);
-  if (!desktop) throw await deny(ctx, user, null, 'checkout', 404, 'not-found', `no desktop ${desktopRef}`);
+/** Check-out of a desktop the user is entitled to (the desktop scope's hook checked it). */
+export async function checkOut(ctx: BrokerContext, user: string, desktop: DesktopRow, req: { deviceId: string; host: HostFacts }) {
   const device = await ctx.meta.getDevice(req.deviceId);
   if (!device || device.user !== user) throw await deny(ctx, user, desktop.id, 'checkout', 403, 'device-not-enrolled', 'this device is not enrolled for you');
   if (await ctx.meta.deviceRevokedAt(device.id)) throw await deny(ctx, user, desktop.id, 'checkout', 403, 'device-revoked', 'this device has been revoked by an administrator');
-  if (!await ctx.meta.isEntitled(user, desktop)) throw await deny(ctx, user, desktop.id, 'checkout', 403, 'not-entitled', `you are not entitled to ${desktop.name}`);
   const policy = await effectivePolicy(ctx.meta, user, desktop);
   // The same device coming back to a check-out it began (it died before saving its state): resume it.
   const held = await ctx.meta.activeCheckout(desktop.id);
@@ -228,7 +226,9 @@ export async function markTransferred(ctx: BrokerContext, c: CheckoutRow) {
 export async function cancel(ctx: BrokerContext, c: CheckoutRow) {
   const user = c.user;
   if (!await ctx.meta.transitionCheckout(c.id, ['transferring'], 'cancelled')) throw await deny(ctx, user, c.desktopId, 'cancel', 409, 'wrong-state', `only a check-out in flight can be cancelled (it is ${c.state})`);
+  // Every job of it (a handover's prefetch too): their tickets stop working; a laptop waiting on the handover hears at once.
   await ctx.scheduler.finishForCheckout(c.id, 'cancelled');
+  ctx.hosts.wakeHandover(c.id);
   await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'cancelled' });
   return checkoutView((await ctx.meta.getCheckout(c.id))!);
 }
@@ -249,6 +249,7 @@ export async function forceUnlock(ctx: BrokerContext, admin: string, checkoutId:
   if (!c) throw new HttpError(404, 'not-found', `no checkout ${checkoutId}`);
   if (!await ctx.meta.transitionCheckout(c.id, ['transferring', 'checked_out', 'checking_in'], 'cancelled', { pendingDisks: null })) throw new HttpError(409, 'wrong-state', `checkout is ${c.state}`);
   await ctx.scheduler.finishForCheckout(c.id, 'cancelled');
+  ctx.hosts.wakeHandover(c.id);
   await ctx.audit({ actor: admin, desktopId: c.desktopId, action: 'force-unlock', outcome: 'ok', detail: `checkout ${c.id} held by ${c.user}${reason ? `: ${reason}` : ''}` });
   return checkoutView((await ctx.meta.getCheckout(c.id))!);
 }

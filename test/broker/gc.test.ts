@@ -101,7 +101,7 @@ const laptop = new Map<string, Buffer>();
  * chunks swept meanwhile (`missing-chunks`) pushes those again, once. `between` runs before the commit.
  */
 async function cycle(name: string, keys: LineageKeys, edit: Record<number, string | 'new'>, between?: () => Promise<void>) {
-  const co = await checkOut(ctx, 'alice', name, { deviceId, host: HOST });
+  const co = await checkOut(ctx, 'alice', (await ctx.meta.getDesktop(name))!, { deviceId, host: HOST });
   await markTransferred(ctx, await ownedCheckout(ctx, 'alice', co.checkout.id, 'transfer-end'));
   const changes: [number, string][] = [];
   for (const [i, v] of Object.entries(edit)) {
@@ -245,7 +245,7 @@ for (const kind of ['pack', 's3'] as const) {
       await Promise.all([gcs, checkins]);
 
       // 3. A check-out in flight: its checkpoint is pinned and every chunk stays readable.
-      const co = await checkOut(ctx, 'alice', 'race', { deviceId, host: HOST });
+      const co = await checkOut(ctx, 'alice', (await ctx.meta.getDesktop('race'))!, { deviceId, host: HOST });
       assert.ok('disks' in co, 'not a desktop on a host');
       await collectGarbage(ctx.meta, ctx.store, { keepLast: 1, keepReplicaDays: 0, graceMs: 0, compactThreshold: 0.01 });
       for (const id of referencedChunks(decodeManifest(Buffer.from(co.disks[0]!.manifest, 'base64')))) assert.ok(await ctx.store.get(id), `chunk ${id} of the check-out in flight is readable`);
