@@ -9,6 +9,7 @@ import { startBroker, type RunningBroker } from '../../src/broker/start.js';
 import { defaultS3IndexPath } from '../../src/store/s3-chunk-store.js';
 import { enroll, type ClientEnv } from '../../src/client/ops.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
+import { processCpuSeconds } from './measure.js';
 
 const HEARTBEAT_SEC = 1;
 const CLI = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
@@ -57,6 +58,11 @@ export class Rig {
       await call('/v1/admin/entitlements', { principalType: 'user', principal: 'bench', targetType: 'desktop', target: `desk-${i}` }, token);
     }
     return new Rig(dir, broker, [transfer], agent, token, slots, storeFor(dataDir, opts));
+  }
+
+  /** CPU seconds (user + system, all threads) the transfer server processes have used so far. */
+  transferCpuSeconds(): number {
+    return this.transfers.reduce((n, t) => n + processCpuSeconds(t.pid!), 0);
   }
 
   /** Another transfer server (a process of its own) on the same store, registered with the broker. */
