@@ -1,6 +1,10 @@
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { open, rm } from 'node:fs/promises';
+import { open, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { NODE_FLAGS } from '../src/cli/node-flags.js';
+import { parseTrace, type TraceSpan } from '../src/files/trace.js';
 import { checkout, release, upload, type ClientEnv } from '../src/client/ops.js';
 import { serveDesktop } from '../src/client/ops/serve.js';
 import { NbdClient } from '../src/nbd/client.js';
@@ -46,6 +50,37 @@ export async function changeOnePercent(env: ClientEnv, rawCopy: string, size: nu
   }
   // What whole changed chunks would have cost (the reference for the delta path): ≈ the bytes written.
   return n * WRITE;
+}
+
+const CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
+
+/**
+ * `carryon ARGS` as a user runs it: a process of its own (the launcher's node flags), the vault
+ * key at its real cost (the bench's lowered CARRYON_SCRYPT_N is not passed on), CARRYON_TRACE=1
+ * for the phase breakdown. Wall time from spawn to exit.
+ */
+export async function cliRun(env: ClientEnv, args: string[]): Promise<{ seconds: number; spans: TraceSpan[]; stdout: string }> {
+  const pw = join(env.home, '..', `${env.home.split('/').pop()}.password`);
+  await writeFile(pw, `${await env.password()}\n`, { mode: 0o600 });
+  const childEnv: NodeJS.ProcessEnv = { ...process.env, CARRYON_TRACE: '1' };
+  delete childEnv.CARRYON_SCRYPT_N;
+  delete childEnv.CARRYON_INSECURE_TEST_KDF;
+  delete childEnv.NODE_ENV;
+  const t = process.hrtime.bigint();
+  const child = spawn(process.execPath, [...NODE_FLAGS, CLI, '--home', env.home, '--user', env.user!, '--password-file', pw, '--quiet', ...args], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d: Buffer) => { stdout += d.toString(); });
+  child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+  const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
+  const seconds = Number(process.hrtime.bigint() - t) / 1e9;
+  if (code !== 0) throw new Error(`carryon ${args.join(' ')} exited ${code}: ${stderr}`);
+  return { seconds, spans: parseTrace(stderr), stdout };
+}
+
+/** The spans as one note: `name ms` in the order they began (overlapping spans run side by side). */
+export function phaseNote(spans: TraceSpan[]): string {
+  return [...spans].sort((a, b) => a.startMs - b.startMs).map((s) => `${s.name} ${s.ms.toFixed(0)}`).join(', ');
 }
 
 async function rsyncStats(args: string[]): Promise<{ seconds: number; bytes: number }> {
