@@ -397,9 +397,12 @@ export async function openParked(home: string, desktopId: string, device: Device
  * or it does not open (the take-over then decides, as before).
  */
 export async function openOwnParked(home: string, desktopId: string, user: string, device: DeviceIdentity, password: () => Promise<string>): Promise<OpenedParked | null> {
-  const rec = await readParked(home, desktopId).catch(() => null);
-  if (!rec || rec.user !== user) return null;
-  return openParked(home, desktopId, device, await password()).catch(() => null);
+  try {
+    const rec = await readParked(home, desktopId);
+    return rec && rec.user === user ? await openParked(home, desktopId, device, await password()) : null;
+  } catch {
+    return null;
+  }
 }
 
 /** An opened parked record; `wrapKey`: what opened it, for the new vault's wrap (kdf.ts). */

@@ -117,11 +117,13 @@ export class Vault implements DesktopRecords {
   }
 
   /**
-   * Wraps a desktop's keys for this device and user: scrypt(device secret ‖ password), a fresh
-   * salt, or the key `held` (a parked copy's, just derived: kdf.ts) where its cost is today's.
+   * Wraps a desktop's keys for this device and user: scrypt(device secret ‖ password). `salt`: a
+   * fresh one, or one chosen ahead by a caller that derives the layers' secrets from it meanwhile,
+   * or the key a parked copy was just opened with (kdf.ts), reused where its cost is today's.
    */
-  static async wrapKeys(device: DeviceIdentity, password: string, keys: DesktopKeys, desktopId: string, held?: WrapKey | null): Promise<DesktopState['keys']> {
-    const wk = reusableWrapKey(held) ?? await deriveWrapKey(device, password, randomBytes(16), vaultScryptN());
+  static async wrapKeys(device: DeviceIdentity, password: string, keys: DesktopKeys, desktopId: string, salt: Buffer | WrapKey | null = null): Promise<DesktopState['keys']> {
+    const held = salt && !Buffer.isBuffer(salt) ? reusableWrapKey(salt) : null;
+    const wk = held ?? await deriveWrapKey(device, password, Buffer.isBuffer(salt) ? salt : randomBytes(16), vaultScryptN());
     return { salt: wk.salt.toString('base64'), wrapped: sealDesktopKeys(wk.key, keys, desktopId).toString('base64'), N: wk.N };
   }
 
