@@ -9,6 +9,15 @@ import { registerRunCommands } from './run-commands.js';
 import { registerDeviceCommands } from './device-commands.js';
 import { CarryonError } from '../core/errors.js';
 import { PACKAGE_VERSION } from '../core/version.js';
+import { traceSpan, traceValue } from '../files/trace.js';
+
+// Node's start and the static imports: the time before this line runs (CARRYON_TRACE=1 only).
+traceSpan('start+modules', 0);
+process.once('exit', () => {
+  traceSpan('total', 0);
+  const cpu = process.cpuUsage();
+  traceValue('cpu', (cpu.user + cpu.system) / 1000);
+});
 
 // `carryon status | head -2`: the reader went away, so there is nobody left to tell; end quietly
 // as a C tool killed by SIGPIPE would, instead of an unhandled 'error' event's stack trace.

@@ -4,7 +4,7 @@ import { topExtents } from '../../disk/chain.js';
 import { addChain, StorageDaemon } from '../../disk/storage-daemon.js';
 import { NbdClient } from '../../nbd/client.js';
 import { changedManifests, type DiskReader } from '../../live/disks/changes.js';
-import type { DeviceIdentity } from '../vault/home.js';
+import { loadDevice, type DeviceIdentity } from '../vault/home.js';
 import { keepsLocalCopy, parkBases, parkedFrom, stampParked, unlinkVaultBases } from '../vault/parked.js';
 import type { DiskChanges } from '../../live/disks/changes.js';
 import { guardUpload } from '../../live/disks/layer-guard.js';
@@ -15,9 +15,11 @@ import { liveReplicate } from './live-upload.js';
 import { controlKey, liveSocketPath } from '../../live/live-holder.js';
 import { ControlClient } from '../../live/control.js';
 import type { DesktopKeys } from '../../live/disks/desktop-keys.js';
+import type { WrapKey } from '../vault/kdf.js';
 import { onlineSession, type ClientEnv } from '../session/session.js';
 import { sendChanges, type UploadKind } from './send-changes.js';
 import { Vault, type DesktopState } from '../vault/vault.js';
+import { traced } from '../../files/trace.js';
 
 export type { UploadKind };
 
@@ -26,19 +28,21 @@ export type { UploadKind };
  * the top layer's extents and the pages they hold. Refused while the desktop runs (its disk is
  * locked by QEMU): shut it down first.
  */
-async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopDisk[], fn: (readers: DiskReader[]) => Promise<T>): Promise<T> {
+async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopDisk[], daemon: Promise<StorageDaemon>, fn: (readers: DiskReader[]) => Promise<T>): Promise<T> {
   // The top layers' maps (one qemu-img each) are read while the daemon starts: the caller holds
   // the desktop's owner claim, so no run or serve can write the chain meanwhile (and the daemon's
   // image locks then hold it). The daemon's own errors (a disk in use) come first: they say what to do.
-  const maps = disks.map((d) => topExtents(d.chain));
+  const maps = disks.map((d) => traced('map-read', () => topExtents(d.chain)));
   for (const m of maps) m.catch(() => undefined);
   const dir = await socketDir(vault, state.desktopId);
-  const qsd = await StorageDaemon.start(dir);
+  const qsd = await daemon;
   const clients: NbdClient[] = [];
   try {
-    for (const [i, d] of disks.entries()) await addChain(qsd, specFor(d, i, null, true), d.chain.secret, d.chain.baseSecret);
     const socket = join(dir, 'upload.sock');
-    await qsd.exportNbd(socket, disks.map((d, i) => ({ node: `${diskPrefix(i)}-top`, name: d.name, writable: false })));
+    await traced('qsd-open-chain', async () => {
+      for (const [i, d] of disks.entries()) await addChain(qsd, specFor(d, i, null, true), d.chain.secret, d.chain.baseSecret);
+      await qsd.exportNbd(socket, disks.map((d, i) => ({ node: `${diskPrefix(i)}-top`, name: d.name, writable: false })));
+    });
     const readers: DiskReader[] = [];
     for (const [i, d] of disks.entries()) {
       const top = await NbdClient.connect(socket, d.name);
@@ -47,8 +51,10 @@ async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopD
     }
     return await fn(readers);
   } finally {
-    for (const c of clients) await c.close();
-    await qsd.stop();
+    await traced('qsd-stop', async () => {
+      for (const c of clients) await c.close();
+      await qsd.stop();
+    });
   }
 }
 
@@ -67,16 +73,16 @@ const DEFAULT_SHUTDOWN_GRACE_MS = 120_000;
  * (which then equals the new snapshot; resumed on the rerun if killed: `parking` and `mergingTo`
  * in the MACed state) and the base is parked. The caller erases the vault afterwards.
  */
-async function parkCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, disks: DesktopDisk[], changes: DiskChanges[], snapshotId: string): Promise<boolean> {
+async function parkCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, wrapKey: WrapKey, disks: DesktopDisk[], changes: DiskChanges[], snapshotId: string): Promise<boolean> {
   if (!keepsLocalCopy(state)) return false;
   let next: DesktopState = { ...state, state: 'checking_in', parking: snapshotId };
   for (const m of changedManifests(disks, changes)) {
     const digest = await vault.putManifest(state.desktopId, m.manifest);
     next = { ...next, disks: next.disks.map((d) => (d.name === m.name && d.baseDigest !== digest ? { ...d, mergingTo: digest } : d)) };
   }
-  await vault.save(next, keys);
-  const merged = (await openDesktopDisks(vault, next, keys)).state;
-  return parkBases({ vault, device, password: await env.password(), state: merged, keys, how: 'checkin', disks: merged.disks.map((d) => ({ name: d.name, digest: d.baseDigest, known: null })), log: env.log });
+  await traced('park-save', () => vault.save(next, keys));
+  const merged = (await traced('park-merge', () => openDesktopDisks(vault, next, keys))).state;
+  return parkBases({ vault, device, password: await env.password(), state: merged, keys, how: 'checkin', disks: merged.disks.map((d) => ({ name: d.name, digest: d.baseDigest, known: null })), log: env.log, wrapKey });
 }
 
 /** A check-in killed after its commit, while its bases were merged or parked: finishes that, then erases the vault. */
@@ -103,13 +109,24 @@ async function finishParking(env: ClientEnv, device: DeviceIdentity, vault: Vaul
 
 /** Check-in, replicate or hand-back: send only the chunks changed since the checkpoint, then commit. */
 export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKind, running: RunningCheckin = {}): Promise<UploadResult> {
-  const { device, broker } = await onlineSession(env);
-  const vault = await Vault.open(env.home);
+  const device = await loadDevice(env.home);
+  const vault = await traced('vault-open', () => Vault.open(env.home));
+  const found = await traced('vault-find', () => vault.find(desktopRef));
+  if (found.state === 'transferring') throw new CarryonError('wrong-state', `${found.name} is still being checked out`);
+  // Asked once (a prompt), before the two users of it run side by side.
+  const password = await env.password();
+  // The broker's password check (another process's work) and the vault's KDF (the thread pool) side by side.
+  const [session, keysOpened] = await Promise.allSettled([
+    traced('login', () => onlineSession(env, device)),
+    traced('vault-keys(kdf)', () => vault.openKeys(device, password, found)),
+  ]);
+  if (session.status === 'rejected') throw session.reason;
+  const { broker } = session.value;
   try {
-    const found = await vault.find(desktopRef);
-    if (found.state === 'transferring') throw new CarryonError('wrong-state', `${found.name} is still being checked out`);
-    const opened0 = await vault.openKeys(device, await env.password(), found);
+    if (keysOpened.status === 'rejected') throw keysOpened.reason;
+    const opened0 = keysOpened.value;
     const keys = opened0.keys;
+    const wrapKey = opened0.wrapKey;
     let state = opened0.state;
     if (state.parking) return await finishParking(env, device, vault, state, keys, kind);
     const holder = await readOwner(vault, state.desktopId);
@@ -122,12 +139,19 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
     if (kind === 'checkin' && (holder?.kind === 'run' || holder?.kind === 'serve')) {
       return await checkinRunning(env, desktopRef, { vault, state, keys, holder: holder.kind, running });
     }
-    const release = await claimOwner(vault, state.desktopId, kind === 'handback' ? 'checkin' : kind, env.log);
+    const release = await traced('claim-owner', () => claimOwner(vault, state.desktopId, kind === 'handback' ? 'checkin' : kind, env.log));
     let outcome;
+    // The owner claim is held, so no run or serve uses the desktop's socket directory: its storage
+    // daemon (a process start) comes up while the disks are opened and checked. Without nodes it
+    // holds no image, so the checks below see the chain as before.
+    const daemon = traced('qsd-start', async () => StorageDaemon.start(await socketDir(vault, state.desktopId)));
+    daemon.catch(() => undefined);
+    let daemonHanded = false;
     try {
-      const opened = await openDesktopDisks(vault, state, keys);
-      state = await guardUpload(vault, opened.state, keys, env.log);
-      outcome = await withReaders(vault, state, opened.disks, (readers) => sendChanges({
+      const opened = await traced('open-disks', () => openDesktopDisks(vault, state, keys));
+      state = await traced('guard-upload', () => guardUpload(vault, opened.state, keys, env.log));
+      daemonHanded = true;
+      outcome = await withReaders(vault, state, opened.disks, daemon, (readers) => sendChanges({
         env, broker, vault, state, keys, kind, readers,
         saveCheckingIn: kind === 'checkin' ? (jobId) => vault.save({ ...state, state: 'checking_in', jobId }, keys) : undefined,
       }));
@@ -143,15 +167,17 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
       }
       if (kind === 'checkin') {
         // The laptop keeps the desktop as checked in (policy keepLocalCopy): the next check-out moves only what changed.
-        await parkCheckin(env, device, vault, state, keys, opened.disks, outcome.changes.changes, outcome.commit.snapshotId).catch((err: unknown) => env.log(`no parked copy kept of ${state.name}: ${(err as Error).message}`));
+        const done = outcome;
+        await traced('park', () => parkCheckin(env, device, vault, state, keys, wrapKey, opened.disks, done.changes.changes, done.commit.snapshotId)).catch((err: unknown) => env.log(`no parked copy kept of ${state.name}: ${(err as Error).message}`));
       }
     } finally {
-      await release();
+      if (!daemonHanded) await daemon.then((q) => q.stop(), () => undefined);
+      await traced('release-owner', release);
     }
     const { changes, sent, commit, recovered } = outcome;
     const lost = recovered ? ' (the broker had committed it before; its answer was lost)' : '';
     if (kind === 'checkin') {
-      await vault.wipe(state.desktopId);
+      await traced('vault-wipe', () => vault.wipe(state.desktopId));
       env.log(`checked in ${state.name}: ${changes.changedChunks} changed chunks, ${sent.chunksMoved} sent (${sent.bytesMoved} bytes); snapshot ${commit.snapshotId}${lost}`);
     } else if (kind === 'handback') {
       // The work is on the server now; the check-out had ended, so the local copy goes as after a check-in.
@@ -162,7 +188,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
     }
     return { snapshotId: commit.snapshotId, changedChunks: changes.changedChunks, chunksSent: sent.chunksMoved, bytesSent: sent.bytesMoved, replicaKind: kind === 'replicate' ? ('stopped' as const) : null };
   } finally {
-    await broker.close();
+    await traced('broker-close', () => broker.close());
   }
 }
 

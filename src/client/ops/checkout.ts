@@ -1,6 +1,7 @@
 import { createPublicKey } from 'node:crypto';
 import { join } from 'node:path';
 import { z } from 'zod';
+import { traced } from '../../files/trace.js';
 import { CarryonError } from '../../core/errors.js';
 import { decodeLineageKeys } from '../../core/keys.js';
 import { verifyLease } from '../../core/tokens/lease.js';
@@ -28,7 +29,7 @@ import { retryTransfer } from '../session/retry.js';
 import { rememberRate, transferLimiter } from '../session/transfer-rate.js';
 import { activeJob, findEntry, onlineSession, pinnedBrokerKey, renewer, type ClientEnv } from '../session/session.js';
 import { Vault, type DesktopState } from '../vault/vault.js';
-import { adoptParked, parkPolicy, readParked } from '../vault/parked.js';
+import { adoptParked, openOwnParked, parkPolicy, readParked, type OpenedParked } from '../vault/parked.js';
 import { discardLeftover, HandoverPrefetch, HandoverWait, waitForHandover, type Adopted } from '../session/handover.js';
 
 /**
@@ -37,13 +38,14 @@ import { discardLeftover, HandoverPrefetch, HandoverWait, waitForHandover, type 
  * kill, lost link), it resumes where the base stopped.
  */
 export async function checkout(env: ClientEnv, desktopRef: string) {
-  const { device, broker, user } = await onlineSession(env);
+  const { device, broker, user } = await traced('login', () => onlineSession(env));
   const vault = await Vault.open(env.home);
   try {
-    const entry = await findEntry(broker, desktopRef);
-    const found = (await vault.list()).find((s) => s.desktopId === entry.id);
+    const entry = await traced('find-entry', () => findEntry(broker, desktopRef));
+    const found = (await traced('vault-list', () => vault.list())).find((s) => s.desktopId === entry.id);
     let state: DesktopState;
     let keys: DesktopKeys;
+    let parked: OpenedParked | null = null;
     let prefetched: { chunks: number; kept: number; dropped: number; completeAfterMs: number | null } | null = null;
     if (found && found.state === 'transferring') {
       // A check-out that failed for good (a damaged snapshot) would only fail again: say so, fetch nothing.
@@ -57,12 +59,16 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
         env.log(`${entry.name} is already checked out to this device and entirely local`);
         return { desktopId: entry.id, checkoutId: found.checkoutId, chunksMoved: 0, bytesMoved: 0, refetched: 0, reusedChunks: 0, copiedChunks: 0, rejectedLocalChunks: 0, prefetched: null };
       }
-      const brokerKey = await pinnedBrokerKey(broker, device);
-      const host = await hostFacts(env.home);
+      // A parked copy of this desktop is opened while the broker is asked (its old vault key, not
+      // its disk secret: that needs the lineage keys the answer brings); the new vault's wrap
+      // reuses the key that opened it (one KDF, kdf.ts).
+      const opening = traced('open-parked(kdf)', () => openOwnParked(env.home, entry.id, user, device, env.password));
+      const brokerKey = await traced('broker-key', () => pinnedBrokerKey(broker, device));
+      const host = await traced('host-facts', () => hostFacts(env.home));
       // Repeatable: a check-out this device began and that is still transferring is resumed by
       // the broker (same check-out, same job), not refused or started twice (broker/checkouts.ts).
       const ask = () => broker.call('POST', `/v1/desktops/${entry.id}/checkout`, { deviceId: device.info.deviceId, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes } }, z.union([CheckoutResponse, HandoverWait]), {}, { repeatable: true });
-      let answer = await ask();
+      let answer = await traced('checkout-call', ask);
       // A desktop running on a datacenter host: the host shuts it down and sends back what it wrote; then the check-out goes on from that.
       // Meanwhile the snapshot it ran from is fetched (not with a parked copy here: that one already holds most of it).
       let early: HandoverPrefetch | null = null;
@@ -80,6 +86,7 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
         throw err;
       }
       const res = answer;
+      parked = await opening;
       let adopted: Adopted | null = null;
       let saved = false;
       try {
@@ -105,11 +112,11 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
         // What was fetched ahead: kept where its chunk IDs are the checkpoint's, the rest unmapped, all before the state names the checkpoint.
         adopted = early ? await early.adopt(res.keys, manifests, stateWith) : null;
         keys = adopted?.keys ?? newDesktopKeys(decodeLineageKeys(res.keys), brokerKey, createPublicKey(device.privateKey));
-        state = { ...stateWith(adopted?.wrapped ?? await Vault.wrapKeys(device, await env.password(), keys, entry.id)), localConfig: await vault.readLocalConfig(entry.id) };
-        await vault.save(state, keys);
+        state = { ...stateWith(adopted?.wrapped ?? await traced('wrap-keys', async () => Vault.wrapKeys(device, await env.password(), keys, entry.id, parked?.wrapKey))), localConfig: await vault.readLocalConfig(entry.id) };
+        await traced('vault-save', () => vault.save(state, keys));
         saved = true;
         await early?.adopted();
-        await resetClock(vault, state, keys, lease.issuedAt, device);
+        await traced('reset-clock', () => resetClock(vault, state, keys, lease.issuedAt, device));
         prefetched = adopted ? { chunks: adopted.prefetchedChunks, kept: adopted.keptChunks, dropped: adopted.droppedChunks, completeAfterMs: early!.completeAfterMs } : null;
         if (adopted) env.log(`fetched ahead during the handover: ${adopted.prefetchedChunks} chunks, ${adopted.keptChunks} of them unchanged in the checkpoint (${adopted.droppedChunks} the guest changed are fetched again)`);
       } catch (err) {
@@ -119,28 +126,28 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       }
       env.log(`checked out ${entry.name}: checkout ${res.checkout.id}, lease until ${res.checkout.leaseExpiresAt}`);
     }
-    const release = await claimOwner(vault, state.desktopId, 'checkout', env.log);
+    const release = await traced('claim-owner', () => claimOwner(vault, state.desktopId, 'checkout', env.log));
     // This check-out's --limit-rate stays the desktop's own: `run`, `serve` or a rerun that continue the download keep it.
     await rememberRate(env, vault, state.desktopId);
     let making: Promise<void> = Promise.resolve();
     try {
       // A parked copy of this desktop (kept by an earlier check-in, rollback or cancel) becomes the base: only what differs travels.
-      const reused = await adoptParked({ vault, device, password: env.password, state, keys, log: env.log });
-      const { tops } = await diskFullIsClear(env.home, () => createMissingLayers(vault, state, keys));
+      const reused = await traced('adopt-parked', () => adoptParked({ vault, device, password: env.password, state, keys, log: env.log, opened: parked }));
+      const { tops } = await traced('create-layers', () => diskFullIsClear(env.home, () => createMissingLayers(vault, state, keys)));
       making = tops;
-      const filled = await fillFromBroker(env, vault, broker, device, state, keys).catch(async (err: unknown) => {
+      const filled = await traced('fill', () => fillFromBroker(env, vault, broker, device, state, keys)).catch(async (err: unknown) => {
         throw err instanceof ChunkFailedAuthentication ? await damagedSnapshot(env, vault, broker, state, err) : err;
       });
-      await diskFullIsClear(env.home, () => tops);
+      await traced('tops-made', () => diskFullIsClear(env.home, () => tops));
       if (!filled.complete) throw new CarryonError('paused', 'check-out stopped; what arrived is kept — run the same command again to resume');
       // Repeatable: a check-out already marked transferred is answered as it is.
-      await broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }), {}, { repeatable: true });
+      await traced('transferred-call', () => broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }), {}, { repeatable: true }));
       // The bases were written here from chunks checked against their IDs: their shapes and stamps are the reference from now on.
       // A reused parked base is as trusted as when it was parked: its file was not written since (parked.ts checks its stamp).
       const copiedChunks = reused.copiedChunks + filled.copiedChunks;
       // Copied chunks were checked against their IDs like fetched ones.
       // Chunks fetched ahead during a handover were checked against their IDs like the others.
-      await recordLayers(vault, { ...filled.state, state: 'checked_out', jobId: null }, keys, { verifiedBases: filled.bytesMoved > 0 || reused.reusedChunks > 0 || copiedChunks > 0 || (prefetched?.kept ?? 0) > 0 });
+      await traced('record-layers', () => recordLayers(vault, { ...filled.state, state: 'checked_out', jobId: null }, keys, { verifiedBases: filled.bytesMoved > 0 || reused.reusedChunks > 0 || copiedChunks > 0 || (prefetched?.kept ?? 0) > 0 }));
       await clearCheckoutFailure(vault, state.desktopId);
       env.log(`${entry.name} is local (${filled.bytesMoved} bytes pulled); safe to go offline`);
       return { desktopId: entry.id, checkoutId: state.checkoutId, chunksMoved: filled.chunksMoved, bytesMoved: filled.bytesMoved, refetched: 0, reusedChunks: reused.reusedChunks, copiedChunks, rejectedLocalChunks: reused.rejectedChunks + filled.rejectedChunks, prefetched };
@@ -178,10 +185,10 @@ async function damagedSnapshot(env: ClientEnv, vault: Vault, broker: BrokerClien
  * image the Node writer does not take), holes never touched.
  */
 async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient, device: DeviceIdentity, state: DesktopState, keys: DesktopKeys) {
-  const opened = await openDesktopDisks(vault, state, keys);
+  const opened = await traced('open-disks', () => openDesktopDisks(vault, state, keys));
   const incomplete = opened.disks.filter((d) => !d.entry.complete);
   if (incomplete.length === 0) return { state: opened.state, complete: true, bytesMoved: 0, chunksMoved: 0, copiedChunks: 0, rejectedChunks: 0 };
-  const job = await activeJob(env, broker, await broker.call('GET', `/v1/jobs/${state.jobId}`, undefined, JobView));
+  const job = await traced('active-job', async () => activeJob(env, broker, await broker.call('GET', `/v1/jobs/${state.jobId}`, undefined, JobView)));
   const session = new TransferSession(job.transfer!, renewer(broker, job.id));
   const dir = await socketDir(vault, state.desktopId);
   let qsd: StorageDaemon | null = null;
@@ -189,7 +196,7 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
   let reporter: LocalProgressReporter | null = null;
   try {
     try {
-      for (const d of incomplete) sinks.push(await Qcow2BaseWriter.open(d.chain.files.base, layerSecret(d.chain, 'base'), d.base.chunkSize));
+      for (const d of incomplete) sinks.push(await traced('writer-open', () => Qcow2BaseWriter.open(d.chain.files.base, layerSecret(d.chain, 'base'), d.base.chunkSize)));
     } catch (err) {
       if (!(err instanceof UnsupportedImage)) throw err;
       await Promise.all(sinks.splice(0).map((s) => s.close()));
@@ -199,32 +206,34 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
     }
     const targets = incomplete.map((disk, i) => ({ disk, dir: diskDir(vault, state.desktopId, disk.name), sink: sinks[i]! }));
     // Chunks this laptop holds for clones of the same lineage are copied first: the transfer server sees only the rest.
-    const local = await copySiblingChunks({ vault, device, password: env.password, state, keys, disks: targets, log: env.log, signal: env.signal });
+    const local = await traced('copy-siblings', () => copySiblingChunks({ vault, device, password: env.password, state, keys, disks: targets, log: env.log, signal: env.signal }));
     const renew = renewer(broker, job.id);
     // The desktop's disks already complete count as present (the percentage is of the whole desktop).
     const whole = opened.disks.filter((d) => d.entry.complete).reduce((n, d) => n + dataBytes(d.base), 0);
-    const rateLimit = await transferLimiter(env, vault, state);
+    const rateLimit = await traced('limiter', () => transferLimiter(env, vault, state));
     reporter = new LocalProgressReporter({ vault, desktopId: state.desktopId, broker, jobId: job.id });
     const r = reporter;
-    const moved = await diskFullIsClear(env.home, () => retryTransfer({ what: 'check-out', log: env.log, signal: env.signal, beforeRetry: async () => session.setEndpoint(await renew()) }, () =>
+    const moved = await traced('fetch', () => diskFullIsClear(env.home, () => retryTransfer({ what: 'check-out', log: env.log, signal: env.signal, beforeRetry: async () => session.setEndpoint(await renew()) }, () =>
       fillDirect({ disks: targets, session, keys, signal: env.signal, rateLimit, onProgress: (p) => {
         const local = { ...p, bytesLocal: whole + (p.bytesLocal ?? 0), bytesTotal: whole + (p.bytesTotal ?? 0) };
         env.onProgress?.('check-out', local);
         // For `status` in another process and the admin views: once a second is enough.
         r.update(local.bytesLocal, local.bytesTotal, p.bytesDone);
       } }),
-    ));
+    )));
     const done: DesktopState = { ...opened.state, disks: opened.state.disks.map((d) => ({ ...d, complete: true })) };
-    await vault.save(done, keys);
+    await traced('vault-save', () => vault.save(done, keys));
     return { state: done, complete: true, ...moved, ...local };
   } catch (err) {
     if ((err as CarryonError).code === 'aborted') return { state: opened.state, complete: false, bytesMoved: 0, chunksMoved: 0, copiedChunks: 0, rejectedChunks: 0 };
     throw err;
   } finally {
-    await Promise.all(sinks.map((s) => s.close()));
-    await qsd?.stop();
-    await session.close();
-    await reporter?.settle();
+    await traced('fill-close', async () => {
+      await Promise.all(sinks.map((s) => s.close()));
+      await qsd?.stop();
+      await session.close();
+      await reporter?.settle();
+    });
   }
 }
 

@@ -51,7 +51,7 @@ async function parkReleased(env: ClientEnv, device: DeviceIdentity, vault: Vault
     disks.push({ name: d.name, digest: d.baseDigest, known });
   }
   if (disks.length === 0) return false;
-  return parkBases({ vault, device, password, state, keys, how, disks, log: env.log });
+  return parkBases({ vault, device, password, state, keys, how, disks, log: env.log, wrapKey: opened.wrapKey });
 }
 
 /** Removes a desktop's local copy (or its parked copy) after the user said so explicitly. */

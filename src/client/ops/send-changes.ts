@@ -13,6 +13,7 @@ import { retryTransfer } from '../session/retry.js';
 import { activeJob, findEntry, renewer, type ClientEnv } from '../session/session.js';
 import { policyBound } from '../session/transfer-rate.js';
 import type { DesktopState, Vault } from '../vault/vault.js';
+import { traced } from '../../files/trace.js';
 
 /** Check-in, replicate, or hand-back (the work of a check-out that ended elsewhere, as a restore point). */
 export type UploadKind = 'checkin' | 'replicate' | 'handback';
@@ -30,13 +31,13 @@ async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: D
   // The user's --limit-rate, never above the policy's bound (transfer-rate.ts).
   const rateLimit = boundedLimiter(env.rateLimit, policyBound(state));
   const push = (source: PagesSource) => retryTransfer({ what: kind, log: env.log, signal: env.signal, beforeRetry: async () => { endpoint = await renewer(broker, job.id)(); } }, () => pushPages({ endpoint, count: touched.length, source, named, receipts, signal: env.signal, rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) }));
-  const journal = await PushJournal.open(o.journalPath);
+  const journal = await traced('journal-open', () => PushJournal.open(o.journalPath));
   try {
-    const sent = await push(pagesSource(touched, keys, journal));
+    const sent = await traced('push', () => push(pagesSource(touched, keys, journal)));
     let changes = namedOutcome(readers, touched, named);
     let commit;
     try {
-      commit = await commitUpload(broker, state, kind, checkpoint, changes.changes, receipts);
+      commit = await traced('commit', () => commitUpload(broker, state, kind, checkpoint, changes.changes, receipts));
     } catch (err) {
       const missing = err instanceof BrokerError && err.code === 'missing-chunks' && Array.isArray(err.body.missing) ? new Set(err.body.missing as unknown[]) : null;
       if (!missing) throw err;
@@ -49,7 +50,7 @@ async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: D
       changes = namedOutcome(readers, touched, named);
       commit = await commitUpload(broker, state, kind, checkpoint, changes.changes, receipts);
     }
-    await journal.remove();
+    await traced('journal-remove', () => journal.remove());
     return { changes, sent, commit };
   } finally {
     await journal.close();
@@ -64,12 +65,12 @@ export async function sendChanges(o: { env: ClientEnv; broker: BrokerClient; vau
   const { env, broker, vault, state, keys, kind, readers } = o;
   const touched = touchedChunks(readers);
   // The version this upload is based on: how a commit whose answer was lost is recognised.
-  const checkpoint = (await findEntry(broker, state.desktopId)).checkout?.snapshotId ?? null;
+  const checkpoint = (await traced('find-entry', () => findEntry(broker, state.desktopId))).checkout?.snapshotId ?? null;
   const journalPath = join(vault.desktopDir(state.desktopId), 'pushed-receipts.journal');
   let begin;
   try {
     // Repeatable: a second begin (also accepted in checking_in) ends the first one's job and opens another.
-    begin = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}`, {}, z.object({ job: JobView }), {}, { repeatable: true });
+    begin = await traced('begin', () => broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}`, {}, z.object({ job: JobView }), {}, { repeatable: true }));
   } catch (err) {
     // The check-out ended: with this upload (its answer lost), or otherwise (offline work is
     // then never deleted on an ambiguous answer: the user is told how to hand it back).
@@ -77,8 +78,8 @@ export async function sendChanges(o: { env: ClientEnv; broker: BrokerClient; vau
     const ended = await finishEnded({ broker, state, kind, keys, readers, touched, journalPath, refusal: err });
     return { changes: ended.changes, sent: { chunksMoved: 0, bytesMoved: 0, refetched: 0 }, commit: { snapshotId: ended.snapshotId }, recovered: true };
   }
-  await o.saveCheckingIn?.(begin.job.id);
-  const job = await activeJob(env, broker, begin.job);
+  await traced('save-checking-in', async () => o.saveCheckingIn?.(begin.job.id));
+  const job = await traced('active-job', () => activeJob(env, broker, begin.job));
   return { ...(await pushAndCommit({ env, broker, state, kind, keys, readers, touched, checkpoint, job, journalPath })), recovered: false };
 }
 

@@ -36,9 +36,9 @@ export async function pinnedBrokerKey(broker: BrokerClient, device: DeviceIdenti
   return publicKeyFromBase64(info.signingPublicKey);
 }
 
-/** An online session for `env.user` on this device (always a fresh password check). */
-export async function onlineSession(env: ClientEnv): Promise<{ device: DeviceIdentity; broker: BrokerClient; user: string }> {
-  const device = await loadDevice(env.home);
+/** An online session for `env.user` on this device (always a fresh password check); `loaded`: the device, read already. */
+export async function onlineSession(env: ClientEnv, loaded?: DeviceIdentity): Promise<{ device: DeviceIdentity; broker: BrokerClient; user: string }> {
+  const device = loaded ?? await loadDevice(env.home);
   const broker = new BrokerClient(brokerEndpoints(device.info), '', env.log);
   const user = env.user ?? (() => { throw new CarryonError('invalid', 'this needs --user (or CARRYON_USER)'); })();
   try {

@@ -1,4 +1,5 @@
 import { CarryonError } from '../../core/errors.js';
+import { deriveDeviceUserKey } from '../../core/keys.js';
 
 /** Minimum scrypt cost for a vault key in production: 2^17 (≈ 0.6 s and 128 MiB a guess). */
 export const MIN_SCRYPT_N = 1 << 17;
@@ -29,4 +30,22 @@ export function checkStoredCost(n: number, what: string, env: NodeJS.ProcessEnv 
 /** scrypt needs 128·N·r bytes; room for that and a little more. */
 export function scryptMaxmem(n: number): number {
   return 128 * n * 8 * 2;
+}
+
+/**
+ * scrypt(device secret ‖ password, salt) as one wrap used it. A command that opens one wrap and
+ * seals another for the same device and password (a check-in parking its base, a check-out
+ * taking over a parked copy) seals the second under the same key and salt, each with its own
+ * random nonce and an AAD naming what it holds: one KDF per command instead of two, and no
+ * weaker, since both wraps fall to the same password guess either way.
+ */
+export interface WrapKey { salt: Buffer; N: number; key: Buffer }
+
+export async function deriveWrapKey(device: { secret(password: string): Promise<Buffer> }, password: string, salt: Buffer, N: number): Promise<WrapKey> {
+  return { salt, N, key: await deriveDeviceUserKey(await device.secret(password), password, salt, { N, r: 8, p: 1, maxmem: scryptMaxmem(N) }) };
+}
+
+/** `held` when its cost is what a new wrap gets (never a lowered one carried over), else null. */
+export function reusableWrapKey(held: WrapKey | null | undefined, env: NodeJS.ProcessEnv = process.env): WrapKey | null {
+  return held && held.N >= vaultScryptN(env) ? held : null;
 }

@@ -6,7 +6,7 @@ import { z } from 'zod';
 import { chunkLength } from '../../core/chunks/chunking.js';
 import { openEnvelope, sealEnvelope } from '../../core/envelope.js';
 import { CarryonError, EnvelopeError } from '../../core/errors.js';
-import { deriveDeviceUserKey, deriveDiskSecret } from '../../core/keys.js';
+import { deriveDiskSecret } from '../../core/keys.js';
 import { decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../../core/chunks/manifest.js';
 import { chainBytesOnDisk, chainFiles, eraseChainKeys, eraseLayerKeys, layerSecret } from '../../disk/chain.js';
 import { measureLayer } from '../../disk/layer-shape.js';
@@ -24,7 +24,8 @@ import { Qcow2BaseWriter } from '../../disk/qcow2/qcow2-base-writer.js';
 import { emptyTrash, shred } from './guards.js';
 import type { DeviceIdentity } from './home.js';
 import { readJsonFile } from '../../files/json-file.js';
-import { checkStoredCost, scryptMaxmem, vaultScryptN } from './kdf.js';
+import { checkStoredCost, deriveWrapKey, reusableWrapKey, vaultScryptN, type WrapKey } from './kdf.js';
+import { traced } from '../../files/trace.js';
 import type { DesktopRecords, DesktopState } from '../../live/disks/state.js';
 
 const Hex64 = z.string().regex(/^[0-9a-f]{64}$/);
@@ -196,16 +197,13 @@ function statePolicy(state: DesktopState) {
   return { keepLocalCopy: state.config.keepLocalCopy !== false, maxGiB: Number(state.config.keepLocalCopyMaxGiB ?? 0) || 0, days: Number(state.config.keepLocalCopyDays ?? 0) || 0 };
 }
 
-async function wrapKeyFor(device: DeviceIdentity, password: string, salt: Buffer, N: number): Promise<Buffer> {
-  return deriveDeviceUserKey(await device.secret(password), password, salt, { N, r: 8, p: 1, maxmem: scryptMaxmem(N) });
-}
-
 /**
  * Parks what the vault of `state` holds, if policy keeps local copies: per disk, its base (which
  * must equal `digest`, or the manifest at `known` indexes). The vault itself is the caller's to
  * erase afterwards (its bases' names are already unlinked then). Returns whether it parked.
+ * `wrapKey`: the vault's own, as the caller just derived it to open the vault (kdf.ts).
  */
-export async function parkBases(o: { vault: DesktopRecords; device: DeviceIdentity; password: string; state: DesktopState; keys: DesktopKeys; how: ParkedRecord['how']; disks: { name: string; digest: string; known: number[] | null }[]; log: (l: string) => void }): Promise<boolean> {
+export async function parkBases(o: { vault: DesktopRecords; device: DeviceIdentity; password: string; state: DesktopState; keys: DesktopKeys; how: ParkedRecord['how']; disks: { name: string; digest: string; known: number[] | null }[]; log: (l: string) => void; wrapKey?: WrapKey | null }): Promise<boolean> {
   const { vault, state, keys } = o;
   const home = vault.home;
   const policy = statePolicy(state);
@@ -216,7 +214,7 @@ export async function parkBases(o: { vault: DesktopRecords; device: DeviceIdenti
     const base = chainOf(vault, state, keys, d.name).files.base;
     if (!existsSync(base)) continue;
     bytes += (await chainBytesOnDisk({ base, top: '' })).base;
-    disks.push({ ...d, base, shape: await measureLayer(base, { withoutLuks: true }) });
+    disks.push({ ...d, base, shape: await traced('park-shape', () => measureLayer(base, { withoutLuks: true })) });
   }
   if (disks.length === 0) return false;
   if (policy.maxGiB > 0 && bytes > policy.maxGiB * 1024 ** 3) {
@@ -226,16 +224,14 @@ export async function parkBases(o: { vault: DesktopRecords; device: DeviceIdenti
   await sweepUnpublished(home, state.desktopId);
   const final = parkedDir(home, state.desktopId);
   // A copy parked before (another user's, or one a kill left behind) gives way to this one.
-  await eraseParked(home, state.desktopId);
+  await traced('park-erase-old', () => eraseParked(home, state.desktopId));
   const tmp = join(parkedRoot(home), `.${state.desktopId}.${randomBytes(4).toString('hex')}.new`);
   await mkdir(join(tmp, 'manifests'), { recursive: true, mode: 0o700 });
-  const salt = randomBytes(16);
-  const N = vaultScryptN();
-  const k = await wrapKeyFor(o.device, o.password, salt, N);
+  const wk = reusableWrapKey(o.wrapKey) ?? await traced('park-wrap(kdf)', () => deriveWrapKey(o.device, o.password, randomBytes(16), vaultScryptN()));
   const record: ParkedRecord = {
     v: 1, desktopId: state.desktopId, name: state.name, user: state.user, deviceId: leaseDeviceOf(state), fromCheckout: state.checkoutId, how: o.how,
     parkedAt: new Date().toISOString(), vaultSalt: state.keys.salt, layerSecrets: state.layerSecrets,
-    wrap: { salt: salt.toString('base64'), wrapped: sealEnvelope(k, keys.vaultKey, wrapAad(state.desktopId)).toString('base64'), N },
+    wrap: { salt: wk.salt.toString('base64'), wrapped: sealEnvelope(wk.key, keys.vaultKey, wrapAad(state.desktopId)).toString('base64'), N: wk.N },
     disks: disks.map(({ name, digest, known, shape }) => ({ name, digest, known, shape, stamp: null })),
   };
   for (const d of disks) {
@@ -245,12 +241,16 @@ export async function parkBases(o: { vault: DesktopRecords; device: DeviceIdenti
   }
   const body = JSON.stringify(record);
   await writeFileAtomic(join(tmp, 'parked.json'), JSON.stringify({ v: 1, body, mac: parkedMac(keys.vaultKey, state.desktopId, body) }));
-  await syncPath(tmp);
-  await rename(tmp, final);
-  await syncPath(parkedRoot(home));
+  await traced('park-publish', async () => {
+    await syncPath(tmp);
+    await rename(tmp, final);
+    await syncPath(parkedRoot(home));
+  });
   testHooks.afterPublish?.();
-  await unlinkVaultBases(vault, state);
-  await stampParked(vault.home, state.desktopId, keys.vaultKey);
+  await traced('park-unlink+stamp', async () => {
+    await unlinkVaultBases(vault, state);
+    await stampParked(vault.home, state.desktopId, keys.vaultKey);
+  });
   const how = o.how === 'checkin' ? 'as checked in' : o.how === 'rollback' ? 'as of its checkpoint' : 'what had arrived';
   o.log(`kept a parked copy of ${state.name} (${how}, ${(bytes / 1024 ** 2).toFixed(1)} MiB, encrypted): the next check-out on this device moves only what changed; \`carryon discard ${state.name} --yes\` removes it`);
   return true;
@@ -327,7 +327,7 @@ export function movedChunks(parked: Manifest, next: Manifest, known: readonly nu
  * there is one this user, device and policy may use, and finishes a take-over a kill cut short.
  * Anything that does not fit is erased and the check-out goes on as a fresh one.
  */
-export async function adoptParked(o: { vault: DesktopRecords; device: DeviceIdentity; password: () => Promise<string>; state: DesktopState; keys: DesktopKeys; log: (l: string) => void }): Promise<Reused> {
+export async function adoptParked(o: { vault: DesktopRecords; device: DeviceIdentity; password: () => Promise<string>; state: DesktopState; keys: DesktopKeys; log: (l: string) => void; opened?: OpenedParked | null }): Promise<Reused> {
   const { vault, state, keys, log } = o;
   await sweepUnpublished(vault.home, state.desktopId);
   const rec = await readParked(vault.home, state.desktopId);
@@ -366,7 +366,7 @@ export function parkedUnusable(rec: ParkedRecord, state: DesktopState): string |
  * Opens a parked record with this device and password: its old vault key (unwrapped) and the
  * record as MACed under it. Throws 'vault-locked' (wrong password or device) or 'state-tampered'.
  */
-export async function openParked(home: string, desktopId: string, device: DeviceIdentity, password: string): Promise<{ rec: ParkedRecord; oldVaultKey: Buffer }> {
+export async function openParked(home: string, desktopId: string, device: DeviceIdentity, password: string): Promise<OpenedParked> {
   const file = await readJsonFile(join(parkedDir(home, desktopId), 'parked.json'), ParkedFile, { missing: null, damaged: null });
   if (!file) throw new CarryonError('bad-state', 'its record is missing');
   let rec: ParkedRecord;
@@ -377,10 +377,10 @@ export async function openParked(home: string, desktopId: string, device: Device
   }
   if (rec.desktopId !== desktopId) throw new CarryonError('state-tampered', 'its record names another desktop');
   checkStoredCost(rec.wrap.N, `the parked copy of ${rec.name}`);
-  const k = await wrapKeyFor(device, password, Buffer.from(rec.wrap.salt, 'base64'), rec.wrap.N);
+  const wrapKey = await deriveWrapKey(device, password, Buffer.from(rec.wrap.salt, 'base64'), rec.wrap.N);
   let oldVaultKey: Buffer;
   try {
-    oldVaultKey = openEnvelope(k, Buffer.from(rec.wrap.wrapped, 'base64'), wrapAad(desktopId));
+    oldVaultKey = openEnvelope(wrapKey.key, Buffer.from(rec.wrap.wrapped, 'base64'), wrapAad(desktopId));
   } catch (err) {
     if (err instanceof EnvelopeError) throw new CarryonError('vault-locked', 'its wrap does not open with this password and device');
     throw err;
@@ -388,8 +388,25 @@ export async function openParked(home: string, desktopId: string, device: Device
   const want = Buffer.from(parkedMac(oldVaultKey, desktopId, file.body), 'hex');
   const got = Buffer.from(/^[0-9a-f]{64}$/.test(file.mac) ? file.mac : '', 'hex');
   if (got.length !== want.length || !timingSafeEqual(got, want)) throw new CarryonError('state-tampered', 'its record was altered');
-  return { rec, oldVaultKey };
+  return { rec, oldVaultKey, wrapKey };
 }
+
+/**
+ * A check-out about to wrap its new vault: opens this desktop's parked copy first if it is this
+ * user's, so the new wrap reuses the key that opened it (one KDF, kdf.ts). Null when there is none
+ * or it does not open (the take-over then decides, as before).
+ */
+export async function openOwnParked(home: string, desktopId: string, user: string, device: DeviceIdentity, password: () => Promise<string>): Promise<OpenedParked | null> {
+  try {
+    const rec = await readParked(home, desktopId);
+    return rec && rec.user === user ? await openParked(home, desktopId, device, await password()) : null;
+  } catch {
+    return null;
+  }
+}
+
+/** An opened parked record; `wrapKey`: what opened it, for the new vault's wrap (kdf.ts). */
+export interface OpenedParked { rec: ParkedRecord; oldVaultKey: Buffer; wrapKey: WrapKey }
 
 /** A parked copy's manifest, checked against the digest that names it (the record that names the digest is not checked here). */
 export async function readParkedManifest(home: string, desktopId: string, digest: string): Promise<Manifest> {
@@ -435,11 +452,11 @@ export async function finishPendingReuse(vault: DesktopRecords, state: DesktopSt
 export interface Reused { reusedChunks: number; reusedBytes: number; copiedChunks: number; rejectedChunks: number }
 
 /** Opens the parked record (password, device), re-keys each usable base and moves it into the new vault. */
-async function takeOver(o: { vault: DesktopRecords; device: DeviceIdentity; password: () => Promise<string>; state: DesktopState; keys: DesktopKeys }, rec: ParkedRecord): Promise<void> {
+async function takeOver(o: { vault: DesktopRecords; device: DeviceIdentity; password: () => Promise<string>; state: DesktopState; keys: DesktopKeys; opened?: OpenedParked | null }, rec: ParkedRecord): Promise<void> {
   const { vault, state, keys } = o;
   const dir = parkedDir(vault.home, state.desktopId);
-  // The record as MACed (the one `rec` was read from may have changed since).
-  const opened = await openParked(vault.home, state.desktopId, o.device, await o.password());
+  // The record as MACed (the one `rec` was read from may have changed since), opened already by the check-out where it could (its KDF shared with the new wrap).
+  const opened = o.opened ?? await traced('open-parked(kdf)', async () => openParked(vault.home, state.desktopId, o.device, await o.password()));
   const oldVaultKey = opened.oldVaultKey;
   rec = opened.rec;
   const salt = Buffer.from(rec.vaultSalt, 'base64');
@@ -455,13 +472,13 @@ async function takeOver(o: { vault: DesktopRecords; device: DeviceIdentity; pass
     const next = await vault.manifest(state.desktopId, d.baseDigest);
     if (matchingChunks(parked, next, p.known).length === 0 && movedChunks(parked, next, p.known).length === 0) continue;
     // Its structure as parked; its LUKS header is vouched for by the old passphrase opening it (an earlier, cut-off take-over may have added the new one).
-    const shape = await measureLayer(src, { withoutLuks: true });
+    const shape = await traced('parked-shape', () => measureLayer(src, { withoutLuks: true }));
     if (shape.size !== p.shape.size || shape.sha256 !== p.shape.sha256) throw new CarryonError('layer-tampered', `the base of disk ${d.name} was changed since it was parked`);
     if (!sameStamp(p.stamp, await fileStamp(src))) throw new CarryonError('layer-tampered', `the base of disk ${d.name} was written since it was parked`);
     const oldSecret = deriveDiskSecret({ ...keys, vaultKey: oldVaultKey }, state.desktopId, d.name, salt, rec.layerSecrets === 'per-layer' ? 'base' : undefined);
-    await addPassphrase(src, oldSecret, layerSecret(target, 'base'));
+    await traced('add-passphrase', () => addPassphrase(src, oldSecret, layerSecret(target, 'base')));
     // Our own write: the stamp follows it (a kill before this line costs the reuse, never trust).
-    await stampParked(vault.home, state.desktopId, oldVaultKey, { disk: d.name });
+    await traced('stamp-parked', () => stampParked(vault.home, state.desktopId, oldVaultKey, { disk: d.name }));
     await vault.putManifest(state.desktopId, parked);
     const body = JSON.stringify(Reuse.parse({ v: 1, parkedDigest: p.digest, known: p.known, uuid: await luksUuid(src) }));
     await mkdir(diskDir(vault, state.desktopId, d.name), { recursive: true, mode: 0o700 });
@@ -501,12 +518,12 @@ async function finishReuse(vault: DesktopRecords, state: DesktopState, keys: Des
   const dir = diskDir(vault, state.desktopId, disk);
   const keep = new Set([...matched, ...(await readFilled(dir))]);
   // Chunks that moved to another index: copied inside the base while the parked bytes are still mapped.
-  const moved = await copyMoved({ base, passphrase: layerSecret(chain, 'base'), parked, known: parsed.data.known, next, keep, idKey: keys.idKey, log });
+  const moved = await traced('copy-moved', () => copyMoved({ base, passphrase: layerSecret(chain, 'base'), parked, known: parsed.data.known, next, keep, idKey: keys.idKey, log }));
   for (const i of moved.written) keep.add(i);
   let unmapped: number;
   try {
     // Metadata only (no key, no writer threads): the chunks that differ go, their clusters are freed.
-    unmapped = await unmapChunksExcept(base, next.chunkSize, keep);
+    unmapped = await traced('unmap-stale', () => unmapChunksExcept(base, next.chunkSize, keep));
   } catch (err) {
     if (!(err instanceof UnsupportedImage)) throw err;
     // A base this code cannot unmap in: made fresh instead (erased first).
@@ -517,9 +534,9 @@ async function finishReuse(vault: DesktopRecords, state: DesktopState, keys: Des
     await rm(path, { force: true });
     return none;
   }
-  await keepOnlyPassphrase(base, layerSecret(chain, 'base'));
+  await traced('keep-only-passphrase', () => keepOnlyPassphrase(base, layerSecret(chain, 'base')));
   testHooks.beforeFilled?.();
-  await writeFilled(dir, keep);
+  await traced('write-filled', () => writeFilled(dir, keep));
   await rm(path, { force: true });
   const bytes = matched.reduce((n, i) => n + chunkLength(i, next.diskSize, next.chunkSize), 0);
   const copied = moved.written.length ? `, ${moved.written.length} copied from other indexes` : '';

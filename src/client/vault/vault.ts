@@ -5,7 +5,6 @@ import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
 import { CarryonError, EnvelopeError } from '../../core/errors.js';
-import { deriveDeviceUserKey } from '../../core/keys.js';
 import { SignedLease } from '../../core/tokens/lease.js';
 import { decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../../core/chunks/manifest.js';
 import { eraseChainKeys } from '../../disk/chain.js';
@@ -13,7 +12,7 @@ import { openDesktopKeys, recordMac, recordMacOk, sealDesktopKeys, type DesktopK
 import { emptyTrash, isLockedByToken, LEASE, presentationOnly, shred, TOKEN } from './guards.js';
 import type { DeviceIdentity } from './home.js';
 import { readJsonFile } from '../../files/json-file.js';
-import { checkStoredCost, scryptMaxmem, vaultScryptN } from './kdf.js';
+import { checkStoredCost, deriveWrapKey, reusableWrapKey, vaultScryptN, type WrapKey } from './kdf.js';
 import { findParked, listParked, parkedRefusal } from './parked.js';
 import { writeFileAtomic } from '../../files/atomic.js';
 import { DesktopState, type DesktopRecords } from '../../live/disks/state.js';
@@ -117,11 +116,15 @@ export class Vault implements DesktopRecords {
     emptyTrash(trash);
   }
 
-  /** Wraps a desktop's keys for this device and user: scrypt(device secret ‖ password). `salt`: chosen ahead by a caller that derives the layers' secrets from it meanwhile. */
-  static async wrapKeys(device: DeviceIdentity, password: string, keys: DesktopKeys, desktopId: string, salt: Buffer = randomBytes(16)): Promise<DesktopState['keys']> {
-    const N = vaultScryptN();
-    const k = await deriveDeviceUserKey(await device.secret(password), password, salt, { N, r: 8, p: 1, maxmem: scryptMaxmem(N) });
-    return { salt: salt.toString('base64'), wrapped: sealDesktopKeys(k, keys, desktopId).toString('base64'), N };
+  /**
+   * Wraps a desktop's keys for this device and user: scrypt(device secret ‖ password). `salt`: a
+   * fresh one, or one chosen ahead by a caller that derives the layers' secrets from it meanwhile,
+   * or the key a parked copy was just opened with (kdf.ts), reused where its cost is today's.
+   */
+  static async wrapKeys(device: DeviceIdentity, password: string, keys: DesktopKeys, desktopId: string, salt: Buffer | WrapKey | null = null): Promise<DesktopState['keys']> {
+    const held = salt && !Buffer.isBuffer(salt) ? reusableWrapKey(salt) : null;
+    const wk = held ?? await deriveWrapKey(device, password, Buffer.isBuffer(salt) ? salt : randomBytes(16), vaultScryptN());
+    return { salt: wk.salt.toString('base64'), wrapped: sealDesktopKeys(wk.key, keys, desktopId).toString('base64'), N: wk.N };
   }
 
   /**
@@ -129,15 +132,15 @@ export class Vault implements DesktopRecords {
    * vault key. Policy is not checked here: online operations (check-in, resume) use this, the
    * broker being the authority; offline use goes through unlock() (key-release.ts).
    */
-  async openKeys(device: DeviceIdentity, password: string, found: DesktopState): Promise<{ keys: DesktopKeys; state: DesktopState }> {
+  async openKeys(device: DeviceIdentity, password: string, found: DesktopState): Promise<{ keys: DesktopKeys; state: DesktopState; wrapKey: WrapKey }> {
     const stored = await this.readState(found.desktopId);
     if (!stored) throw new CarryonError('not-held', `desktop ${found.name} is not checked out to this device`);
     const { state } = stored;
     checkStoredCost(state.keys.N, `the vault of ${state.name}`);
-    const k = await deriveDeviceUserKey(await device.secret(password), password, Buffer.from(state.keys.salt, 'base64'), { N: state.keys.N, r: 8, p: 1, maxmem: scryptMaxmem(state.keys.N) });
+    const wrapKey = await deriveWrapKey(device, password, Buffer.from(state.keys.salt, 'base64'), state.keys.N);
     let keys: DesktopKeys;
     try {
-      keys = openDesktopKeys(k, Buffer.from(state.keys.wrapped, 'base64'), state.desktopId);
+      keys = openDesktopKeys(wrapKey.key, Buffer.from(state.keys.wrapped, 'base64'), state.desktopId);
     } catch (err) {
       if (err instanceof EnvelopeError || err instanceof SyntaxError) throw new CarryonError('vault-locked', 'the vault does not open: wrong password, or this vault belongs to another device');
       throw err;
@@ -146,7 +149,7 @@ export class Vault implements DesktopRecords {
       throw new CarryonError('state-tampered', `the state of ${state.name} was altered outside Carryon: refusing to open it (check it in from an unaltered copy, or roll back)`);
     }
     if (!keys.deviceKey.equals(createPublicKey(device.privateKey))) throw new CarryonError('vault-locked', 'this vault belongs to another device identity');
-    return { keys, state };
+    return { keys, state, wrapKey };
   }
 
 
