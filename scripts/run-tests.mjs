@@ -45,17 +45,37 @@ const SERIAL_PARTS = ['dist/test/e2e/', 'dist/test/web/', 'dist/test/broker/', '
 const says = (file, marker) => readFileSync(file, 'utf8').includes(`carryon-test: ${marker}`);
 const isSerial = (file) => SERIAL_PARTS.some((p) => file.includes(p)) || says(file, 'serial');
 
-async function pass(list, env, label) {
+/** Runs files under node's runner; its output is passed on whole lines only, so two runs at once do not tear each other's lines. */
+async function run(files, concurrency, env) {
+  // A process group of its own, so an interrupted run takes the test processes (and theirs) with it.
+  const child = spawn(process.execPath, ['--test', `--test-concurrency=${concurrency}`, '--test-timeout=300000', ...files], { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, NODE_ENV: 'test', CARRYON_TEMPLATE_DIR: templates, ...env } });
+  runners.add(child);
+  child.once('exit', () => runners.delete(child));
+  for (const [from, to] of [[child.stdout, process.stdout], [child.stderr, process.stderr]]) {
+    let rest = '';
+    from.setEncoding('utf8');
+    from.on('data', (text) => {
+      const all = rest + text;
+      const cut = all.lastIndexOf('\n') + 1;
+      if (cut > 0) to.write(all.slice(0, cut));
+      rest = all.slice(cut);
+    });
+    from.on('end', () => rest && to.write(rest + '\n'));
+  }
+  return new Promise((resolve) => child.once('close', (c) => resolve(c ?? 1)));
+}
+
+/** One engine's files in two tiers; `serialOnly` runs even the light tier one at a time (another pass runs beside it). */
+async function pass(list, env, label, { serialOnly = false, betweenTiers } = {}) {
   // NODE_ENV=test lets the suite lower the vault KDF cost (CARRYON_SCRYPT_N); production refuses it.
-  // Not spawnSync: the servers started here log into pipes that this loop must keep draining.
   const t0 = Date.now();
-  const tiers = [[list.filter((f) => !isSerial(f)), 2], [list.filter(isSerial), 1]];
+  const tiers = [[list.filter((f) => !isSerial(f)), serialOnly ? 1 : 2], [list.filter(isSerial), 1]];
   let status = 0;
-  for (const [files, concurrency] of tiers) {
+  for (const [index, [files, concurrency]] of tiers.entries()) {
+    if (index === 1) betweenTiers?.();
     if (files.length === 0) continue;
     const t1 = Date.now();
-    const child = spawn(process.execPath, ['--test', `--test-concurrency=${concurrency}`, '--test-timeout=300000', ...files], { stdio: 'inherit', env: { ...process.env, NODE_ENV: 'test', CARRYON_TEMPLATE_DIR: templates, ...env } });
-    const code = await new Promise((resolve) => child.once('exit', (c) => resolve(c ?? 1)));
+    const code = await run(files, concurrency, env);
     console.log(`# tier on ${label}: ${files.length} files, ${concurrency} at a time, ${((Date.now() - t1) / 1000).toFixed(0)} s, exit ${code}`);
     status ||= code;
   }
@@ -63,45 +83,73 @@ async function pass(list, env, label) {
   return status;
 }
 
-// Servers started for a pass (killed and removed at once if we are interrupted).
+// Servers started for a pass and node's test runners (killed at once if we are interrupted).
 const servers = new Set();
-const stopNow = () => servers.forEach((s) => s.stopNow());
+const runners = new Set();
+const stopNow = () => {
+  for (const r of runners) {
+    try {
+      process.kill(-r.pid, 'SIGKILL');
+    } catch {} // gone already
+  }
+  for (const s of servers) {
+    try {
+      s.stopNow();
+    } catch (err) {
+      console.error(`# could not stop a test server: ${err}`);
+    }
+  }
+};
 process.once('SIGINT', () => (stopNow(), process.exit(130)));
 process.once('SIGTERM', () => (stopNow(), process.exit(143)));
 
-/** One pass with the servers it needs started here once (a PostgreSQL cluster, a Swift server) and stopped after. */
-async function onServers(list, database, store) {
+/** Starts what an engine needs (a PostgreSQL cluster, a Swift server): the environment its tests read, and a stop. */
+async function startEngine(database, store) {
   const env = { CARRYON_TEST_DATABASE: database, CARRYON_TEST_STORE: store };
   const mine = [];
+  const stop = () => Promise.all(mine.map((s) => (servers.delete(s), s.stop())));
+  const started = await Promise.allSettled([
+    database === 'postgres' ? import('../dist/test/support/postgres.js').then((m) => m.startPostgres()) : null,
+    store === 's3' ? import('../dist/test/support/swift.js').then((m) => m.startSwift()) : null,
+  ]);
+  for (const r of started) if (r.status === 'fulfilled' && r.value) (servers.add(r.value), mine.push(r.value));
+  const failed = started.find((r) => r.status === 'rejected');
+  if (failed) {
+    await stop();
+    throw failed.reason;
+  }
+  const [cluster, swift] = started.map((r) => r.value);
+  if (cluster) env.CARRYON_TEST_PG_URL = cluster.url;
+  if (swift) {
+    Object.assign(env, { CARRYON_TEST_S3_ENDPOINT: swift.endpoint, CARRYON_TEST_S3_REGION: swift.region, CARRYON_TEST_S3_ACCESS_KEY_ID: swift.accessKeyId, CARRYON_TEST_S3_SECRET_ACCESS_KEY: swift.secretAccessKey });
+  }
+  return { env, stop, label: `${database} + ${store === 's3' ? 'S3 (Swift)' : 'local packs'}` };
+}
+
+/** One pass on one engine, its servers stopped after. */
+async function onEngine(list, database, store, options) {
+  const engine = await startEngine(database, store);
   try {
-    const started = await Promise.allSettled([
-      database === 'postgres' ? import('../dist/test/support/postgres.js').then((m) => m.startPostgres()) : null,
-      store === 's3' ? import('../dist/test/support/swift.js').then((m) => m.startSwift()) : null,
-    ]);
-    for (const r of started) if (r.status === 'fulfilled' && r.value) (servers.add(r.value), mine.push(r.value));
-    const failed = started.find((r) => r.status === 'rejected');
-    if (failed) throw failed.reason;
-    const [cluster, swift] = started.map((r) => r.value);
-    if (cluster) env.CARRYON_TEST_PG_URL = cluster.url;
-    if (swift) {
-      Object.assign(env, { CARRYON_TEST_S3_ENDPOINT: swift.endpoint, CARRYON_TEST_S3_REGION: swift.region, CARRYON_TEST_S3_ACCESS_KEY_ID: swift.accessKeyId, CARRYON_TEST_S3_SECRET_ACCESS_KEY: swift.secretAccessKey });
-    }
-    return await pass(list, env, `${database} + ${store === 's3' ? 'S3 (Swift)' : 'local packs'}`);
+    return await pass(list, engine.env, engine.label, options);
   } finally {
-    await Promise.all(mine.map((s) => (servers.delete(s), s.stop())));
+    await engine.stop();
   }
 }
 
 const storeFor = (database) => process.env.CARRYON_TEST_STORE ?? (database === 'postgres' ? 's3' : 'pack');
 let status;
 if (both) {
-  const first = await onServers(files, 'sqlite', 'pack');
   // A file whose subject is the laptop or the guest, not the broker's database, says `carryon-test: sqlite-only`.
   const pgFiles = files.filter((f) => POSTGRES_PARTS.some((p) => f.includes(p)) && !says(f, 'sqlite-only'));
-  const second = pgFiles.length ? await onServers(pgFiles, 'postgres', 's3') : 0;
-  status = first || second;
+  // The PostgreSQL pass runs one file at a time beside the SQLite pass's serial tier: those files mostly wait
+  // on one busy core (a TCG guest, a server), so the second core does the other engine's work meanwhile.
+  let serialTierBegins;
+  const sqliteLightDone = new Promise((resolve) => (serialTierBegins = resolve));
+  const first = onEngine(files, 'sqlite', 'pack', { betweenTiers: serialTierBegins });
+  const second = pgFiles.length ? sqliteLightDone.then(() => onEngine(pgFiles, 'postgres', 's3', { serialOnly: true })) : Promise.resolve(0);
+  status = (await first) || (await second);
 } else {
   const database = process.env.CARRYON_TEST_DATABASE === 'postgres' ? 'postgres' : 'sqlite';
-  status = await onServers(files, database, storeFor(database));
+  status = await onEngine(files, database, storeFor(database));
 }
 process.exit(status);

@@ -103,13 +103,11 @@ async function refuseDamaged(ctx: BrokerContext, user: string, desktop: DesktopR
   if (refusal) throw await deny(ctx, user, desktop.id, 'checkout', refusal.status, refusal.code, refusal.message);
 }
 
-export async function checkOut(ctx: BrokerContext, user: string, desktopRef: string, req: { deviceId: string; host: HostFacts }) {
-  const desktop = await ctx.meta.getDesktop(desktopRef);
-  if (!desktop) throw await deny(ctx, user, null, 'checkout', 404, 'not-found', `no desktop ${desktopRef}`);
+/** Check-out of a desktop the user is entitled to (the desktop scope's hook checked it). */
+export async function checkOut(ctx: BrokerContext, user: string, desktop: DesktopRow, req: { deviceId: string; host: HostFacts }) {
   const device = await ctx.meta.getDevice(req.deviceId);
   if (!device || device.user !== user) throw await deny(ctx, user, desktop.id, 'checkout', 403, 'device-not-enrolled', 'this device is not enrolled for you');
   if (await ctx.meta.deviceRevokedAt(device.id)) throw await deny(ctx, user, desktop.id, 'checkout', 403, 'device-revoked', 'this device has been revoked by an administrator');
-  if (!await ctx.meta.isEntitled(user, desktop)) throw await deny(ctx, user, desktop.id, 'checkout', 403, 'not-entitled', `you are not entitled to ${desktop.name}`);
   const policy = await effectivePolicy(ctx.meta, user, desktop);
   // The same device coming back to a check-out it began (it died before saving its state): resume it.
   const held = await ctx.meta.activeCheckout(desktop.id);
@@ -214,8 +212,8 @@ async function unwrapForUser(ctx: BrokerContext, desktop: DesktopRow): Promise<s
 }
 
 
-export async function markTransferred(ctx: BrokerContext, user: string, checkoutId: string) {
-  const c = await ownedCheckout(ctx, user, checkoutId, 'transfer-end');
+export async function markTransferred(ctx: BrokerContext, c: CheckoutRow) {
+  const user = c.user;
   if (!await ctx.meta.transitionCheckout(c.id, ['transferring'], 'checked_out')) {
     if (c.state === 'checked_out') return checkoutView(c);
     throw await deny(ctx, user, c.desktopId, 'transfer-end', 409, 'wrong-state', `checkout is ${c.state}`);
@@ -225,16 +223,16 @@ export async function markTransferred(ctx: BrokerContext, user: string, checkout
   return checkoutView((await ctx.meta.getCheckout(c.id))!);
 }
 
-export async function cancel(ctx: BrokerContext, user: string, checkoutId: string) {
-  const c = await ownedCheckout(ctx, user, checkoutId, 'cancel');
+export async function cancel(ctx: BrokerContext, c: CheckoutRow) {
+  const user = c.user;
   if (!await ctx.meta.transitionCheckout(c.id, ['transferring'], 'cancelled')) throw await deny(ctx, user, c.desktopId, 'cancel', 409, 'wrong-state', `only a check-out in flight can be cancelled (it is ${c.state})`);
   await ctx.scheduler.finishForCheckout(c.id, 'cancelled');
   await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'cancelled' });
   return checkoutView((await ctx.meta.getCheckout(c.id))!);
 }
 
-export async function rollback(ctx: BrokerContext, user: string, checkoutId: string) {
-  const c = await ownedCheckout(ctx, user, checkoutId, 'rollback');
+export async function rollback(ctx: BrokerContext, c: CheckoutRow) {
+  const user = c.user;
   const desktop = (await ctx.meta.getDesktop(c.desktopId))!;
   const policy = await effectivePolicy(ctx.meta, user, desktop);
   if (!policy.rollbackAllowed.value) throw await deny(ctx, user, c.desktopId, 'rollback', 403, 'policy-denied', `policy (${await describePolicySource(ctx.meta, policy.rollbackAllowed.source)}) forbids rollback`);
@@ -258,8 +256,8 @@ export async function forceUnlock(ctx: BrokerContext, admin: string, checkoutId:
  * transfer server names the chunks it rebuilds (each with a push receipt), and the commit carries
  * the changes and their receipts (`commitUpload`).
  */
-export async function beginUpload(ctx: BrokerContext, user: string, checkoutId: string, kind: 'checkin' | 'replicate'): Promise<{ job: JobView }> {
-  const c = await ownedCheckout(ctx, user, checkoutId, kind);
+export async function beginUpload(ctx: BrokerContext, c: CheckoutRow, kind: 'checkin' | 'replicate'): Promise<{ job: JobView }> {
+  const user = c.user;
   const desktop = (await ctx.meta.getDesktop(c.desktopId))!;
   if (kind === 'checkin') {
     const policy = await effectivePolicy(ctx.meta, user, desktop);
@@ -288,6 +286,8 @@ export async function beginUpload(ctx: BrokerContext, user: string, checkoutId: 
  * the unlock.
  */
 export async function commitUpload(ctx: BrokerContext, user: string, checkoutId: string, kind: 'checkin' | 'replicate', changes: DiskChanges[] = [], receipts: Record<string, string> = {}) {
+  // Read again, not the holder hook's row: the body may have taken minutes on a slow link, and the
+  // commit acts on the check-out as it is now.
   const c = await ownedCheckout(ctx, user, checkoutId, `${kind}-commit`);
   const expected = kind === 'checkin' ? 'checking_in' : 'checked_out';
   if (c.state !== expected || !c.pendingDisks) throw await deny(ctx, user, c.desktopId, `${kind}-commit`, 409, 'wrong-state', `nothing to commit (checkout is ${c.state})`);

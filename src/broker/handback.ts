@@ -23,8 +23,7 @@ const diskView = (s: SnapshotRow) => ({ snapshotId: s.id, disks: s.disks.map((d)
  * a hand-back), with their manifests' digests, so a laptop whose commit answer was lost can see
  * that the snapshot holds exactly its disks and finish as a check-in would.
  */
-export async function checkoutOutcome(ctx: BrokerContext, user: string, checkoutId: string) {
-  const c = await ownedCheckout(ctx, user, checkoutId, 'checkout-outcome');
+export async function checkoutOutcome(ctx: BrokerContext, c: CheckoutRow) {
   const committed = c.state === 'checked_in' ? await madeBy(ctx, c, 'checkin') : null;
   const handedBack = await madeBy(ctx, c, 'handback');
   return { checkout: checkoutView(c), committed: committed && diskView(committed), handedBack: handedBack && diskView(handedBack) };
@@ -36,8 +35,8 @@ export async function checkoutOutcome(ctx: BrokerContext, user: string, checkout
  * checkpoint. The result becomes a restore point, never the current version: an admin (or the
  * user, where `restoreAllowed`) may make it current. Once per check-out; check-in policy applies.
  */
-export async function beginHandback(ctx: BrokerContext, user: string, checkoutId: string): Promise<{ job: JobView }> {
-  const c = await ownedCheckout(ctx, user, checkoutId, 'handback');
+export async function beginHandback(ctx: BrokerContext, c: CheckoutRow): Promise<{ job: JobView }> {
+  const user = c.user;
   const refuse = async (status: number, code: string, message: string, extra: Record<string, unknown> = {}) => {
     const err = await deny(ctx, user, c.desktopId, 'handback', status, code, message);
     return new HttpError(err.status, err.code, err.message, extra, true);
@@ -65,6 +64,7 @@ export async function beginHandback(ctx: BrokerContext, user: string, checkoutId
 
 /** Step 2: the changes, checked as a check-in's are, become a restore point (kind `handback`); the current version stays. */
 export async function commitHandback(ctx: BrokerContext, user: string, checkoutId: string, changes: DiskChanges[] = [], receipts: Record<string, string> = {}) {
+  // Read again after the body, as commitUpload does.
   const c = await ownedCheckout(ctx, user, checkoutId, 'handback-commit');
   if (!(HAND_BACK_FROM as readonly string[]).includes(c.state) || !c.pendingDisks) throw await deny(ctx, user, c.desktopId, 'handback-commit', 409, 'wrong-state', 'no hand-back under way for this checkout');
   const base = (await ctx.meta.getSnapshot(c.checkpointSnapshot))!;

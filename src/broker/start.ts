@@ -34,10 +34,11 @@ import { uploadRoutes } from './routes/uploads.js';
 import { exportRoutes } from './routes/admin/export.js';
 import { userScope } from './routes/user/user-scope.js';
 import { deviceRoutes } from './routes/user/devices.js';
-import { desktopRoutes } from './routes/user/desktops.js';
+import { desktopCheckoutRoutes, desktopRoutes } from './routes/user/desktops.js';
 import { checkoutRoutes } from './routes/user/checkouts.js';
 import { checkInRoutes } from './routes/user/check-ins.js';
 import { holderScope } from './routes/user/holder-scope.js';
+import { desktopScope } from './routes/user/desktop-scope.js';
 import { desktopPowerRoutes } from './routes/user/power.js';
 import { openRoutes } from './routes/open.js';
 import { guardScopedRoutes, scopeOf, type RouteScope } from './routes/scopes.js';
@@ -220,10 +221,17 @@ export async function startBroker(config: BrokerConfig): Promise<RunningBroker> 
           await held.register(checkInRoutes, { ctx });
         },
       });
-      await user.register(restoreRoutes, { ctx });
+      // Routes that name a desktop, behind one entitlement check (its onRequest hook).
+      await user.register(desktopScope, {
+        ctx,
+        resources: async (entitled) => {
+          await entitled.register(desktopCheckoutRoutes, { ctx });
+          await entitled.register(restoreRoutes, { ctx });
+          await entitled.register(desktopPowerRoutes, { ctx });
+          await entitled.register(displayTicketRoutes, { ctx });
+        },
+      });
       await user.register(jobRoutes, { ctx });
-      await user.register(desktopPowerRoutes, { ctx });
-      await user.register(displayTicketRoutes, { ctx });
     },
   });
   // Every agent route, behind one device-signature check (its preHandler hook: the signature covers the body).

@@ -4,6 +4,7 @@ import { CarryonError } from '../core/errors.js';
 import type { Backend, PackSink } from './backend/backend.js';
 import type { CollectableStore, PackInfo } from './chunk-store.js';
 import { Manifests } from './manifest-files.js';
+import { readMerged } from './merged-reads.js';
 import { type BlobUse, checkRecord, encodeRecord, packCreatedAt, packWriterPid, RECORD_HEAD, type Location, type PackIndex } from './pack-index.js';
 
 /** Compaction reads and rewrites this many records at a time (memory: about this × 256 KiB). */
@@ -141,37 +142,8 @@ export class PackRepository implements CollectableStore {
   }
 
   /** Published records, merged into ranges per the backend; null where the pack is gone. */
-  private async readRecords(items: readonly { id: ChunkId; loc: Location }[]): Promise<(Buffer | null)[]> {
-    const { gap, max } = this.backend.mergeReads;
-    const order = [...items.keys()].sort((a, b) => {
-      const x = items[a]!.loc;
-      const y = items[b]!.loc;
-      return x.pack < y.pack ? -1 : x.pack > y.pack ? 1 : x.offset - y.offset;
-    });
-    const ranges: { pack: string; start: number; end: number; members: number[] }[] = [];
-    for (const k of order) {
-      const loc = items[k]!.loc;
-      const end = loc.offset + RECORD_HEAD + loc.length;
-      const last = ranges[ranges.length - 1];
-      if (last && last.pack === loc.pack && loc.offset - last.end <= gap && end - last.start <= max) {
-        last.end = Math.max(last.end, end);
-        last.members.push(k);
-      } else ranges.push({ pack: loc.pack, start: loc.offset, end, members: [k] });
-    }
-    const out = new Array<Buffer | null>(items.length).fill(null);
-    let next = 0;
-    await Promise.all(Array.from({ length: Math.min(8, ranges.length) }, async () => {
-      while (next < ranges.length) {
-        const r = ranges[next++]!;
-        const buf = await this.readPack({ pack: r.pack, offset: r.start }, r.end - r.start);
-        if (!buf) continue;
-        for (const k of r.members) {
-          const { id, loc } = items[k]!;
-          out[k] = checkRecord(buf.subarray(loc.offset - r.start, loc.offset - r.start + RECORD_HEAD + loc.length), id, loc);
-        }
-      }
-    }));
-    return out;
+  private readRecords(items: readonly { id: ChunkId; loc: Location }[]): Promise<(Buffer | null)[]> {
+    return readMerged(items, this.backend.mergeReads, (loc, length) => this.readPack(loc, length));
   }
 
   async put(id: ChunkId, blob: Uint8Array, opts: { defer?: boolean } = {}): Promise<boolean> {

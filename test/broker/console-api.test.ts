@@ -112,7 +112,7 @@ test('restore points: listed newest first; admin restores; a user only where pol
   await http.call('PUT', '/v1/admin/policies/desktop/rp', { restoreAllowed: true }, token);
   const ok = await http.call('POST', '/v1/desktops/rp/restore', { snapshotId: after[1]!.id }, dora);
   assert.equal(ok.status, 200, JSON.stringify(ok.body));
-  assert.equal((await http.call('GET', '/v1/desktops/other/restore-points', undefined, dora)).status, 404);
+  assert.equal((await http.call('GET', '/v1/desktops/other/restore-points', undefined, dora)).status, 403, 'not entitled: the same answer as for a desktop that does not exist');
   const bogus = await http.call('POST', '/v1/desktops/rp/restore', { snapshotId: 'nope' }, token);
   assert.equal(bogus.status, 404);
   const events = (await http.call('GET', '/v1/admin/audit?action=restore', undefined, token)).body.events as { actor: string; outcome: string }[];

@@ -9,7 +9,7 @@ import { freshBucket, swiftStoreUrl, testSwift, type SwiftEndpoint } from '../su
 import { sealChunk } from '../../src/core/chunks/blob.js';
 import { unwrapLineageKeys, type LineageKeys } from '../../src/core/keys.js';
 import { decodeManifest, referencedChunks } from '../../src/core/chunks/manifest.js';
-import { beginUpload, checkOut, commitUpload, markTransferred } from '../../src/broker/checkouts.js';
+import { beginUpload, checkOut, commitUpload, markTransferred, ownedCheckout } from '../../src/broker/checkouts.js';
 import { HttpError } from '../../src/broker/http.js';
 import { pushReceipt, receiptKey } from '../../src/core/tokens/push-receipt.js';
 import { collectGarbage } from '../../src/broker/gc/collect.js';
@@ -101,8 +101,8 @@ const laptop = new Map<string, Buffer>();
  * chunks swept meanwhile (`missing-chunks`) pushes those again, once. `between` runs before the commit.
  */
 async function cycle(name: string, keys: LineageKeys, edit: Record<number, string | 'new'>, between?: () => Promise<void>) {
-  const co = await checkOut(ctx, 'alice', name, { deviceId, host: HOST });
-  await markTransferred(ctx, 'alice', co.checkout.id);
+  const co = await checkOut(ctx, 'alice', (await ctx.meta.getDesktop(name))!, { deviceId, host: HOST });
+  await markTransferred(ctx, await ownedCheckout(ctx, 'alice', co.checkout.id, 'transfer-end'));
   const changes: [number, string][] = [];
   for (const [i, v] of Object.entries(edit)) {
     if (v === 'new') {
@@ -111,7 +111,7 @@ async function cycle(name: string, keys: LineageKeys, edit: Record<number, strin
       changes.push([Number(i), s.id]);
     } else changes.push([Number(i), v]);
   }
-  await beginUpload(ctx, 'alice', co.checkout.id, 'checkin');
+  await beginUpload(ctx, await ownedCheckout(ctx, 'alice', co.checkout.id, 'checkin'), 'checkin');
   const push = async (ids: string[]) => {
     for (const id of ids) await ctx.store.put(id, laptop.get(id)!, { defer: true });
     await ctx.store.sync();
@@ -245,11 +245,11 @@ for (const kind of ['pack', 's3'] as const) {
       await Promise.all([gcs, checkins]);
 
       // 3. A check-out in flight: its checkpoint is pinned and every chunk stays readable.
-      const co = await checkOut(ctx, 'alice', 'race', { deviceId, host: HOST });
+      const co = await checkOut(ctx, 'alice', (await ctx.meta.getDesktop('race'))!, { deviceId, host: HOST });
       assert.ok('disks' in co, 'not a desktop on a host');
       await collectGarbage(ctx.meta, ctx.store, { keepLast: 1, keepReplicaDays: 0, graceMs: 0, compactThreshold: 0.01 });
       for (const id of referencedChunks(decodeManifest(Buffer.from(co.disks[0]!.manifest, 'base64')))) assert.ok(await ctx.store.get(id), `chunk ${id} of the check-out in flight is readable`);
-      await markTransferred(ctx, 'alice', co.checkout.id);
+      await markTransferred(ctx, await ownedCheckout(ctx, 'alice', co.checkout.id, 'transfer-end'));
 
       const v = await verifyStore(ctx.meta, ctx.store, ctx.secrets.masterKey);
       assert.equal(v.damagedCount, 0, JSON.stringify(v.damaged.slice(0, 3)));

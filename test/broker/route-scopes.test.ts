@@ -10,6 +10,7 @@ import { consoleRoutes } from '../../src/broker/routes/console.js';
 import { transferRoutes } from '../../src/broker/routes/transfers.js';
 import { userOf, userScope } from '../../src/broker/routes/user/user-scope.js';
 import { heldCheckout, holderAction, holderScope } from '../../src/broker/routes/user/holder-scope.js';
+import { desktopAction, desktopScope, entitledDesktop } from '../../src/broker/routes/user/desktop-scope.js';
 import { agentScope, deviceOf } from '../../src/broker/routes/agent/agent-scope.js';
 import { guardScopedRoutes } from '../../src/broker/routes/scopes.js';
 import { makeCredential } from '../../src/broker/hosts/credentials.js';
@@ -38,6 +39,9 @@ const ctx = {
     deviceRevokedAt: async (id: string) => (id === 'dev-revoked' ? new Date().toISOString() : null),
     getDevice: async (id: string) => devices[id] ?? null,
     acceptNonce: async (id: string, nonce: string) => !nonces.has(`${id}/${nonce}`) && Boolean(nonces.add(`${id}/${nonce}`)),
+    // One desktop, d-1 ("mine"), that alice is entitled to.
+    getDesktop: async (ref: string) => (ref === 'd-1' || ref === 'mine' ? { id: 'd-1', name: 'mine' } : ref === 'd-2' ? { id: 'd-2', name: 'theirs' } : null),
+    isEntitled: async (user: string, d: { id: string }) => user === 'alice' && d.id === 'd-1',
     getCheckout: async (id: string) => (id === 'co-alice' ? { id, user: 'alice', desktopId: 'd-1', deviceId: 'dev-1', state: 'checked_out' } : null),
   },
   audit: async (e: AuditEntry) => void audited.push(e),
@@ -206,4 +210,34 @@ test('a route added to the holder scope with no check of its own is refused for 
   }
   await assert.rejects(broker(held(async (h) => void h.get('/v1/desktops/:id/power', async () => ({})))), /names no check-out/);
   assert.deepEqual(['/v1/checkouts/:id', '/v1/checkouts/:id/transferred', '/v1/checkouts/:id/checkin/commit', '/v1/checkouts/:id/lease'].map(holderAction), ['checkout-outcome', 'transfer-end', 'checkin-commit', 'lease-renew']);
+});
+
+test('a route added to the desktop scope with no check of its own is refused for a desktop the caller is not entitled to or that does not exist (403, the same answer, audited), before its handler runs; admins only where the route says so', async () => {
+  let ran = 0;
+  const forgetful = async (a: FastifyInstance) => {
+    a.post('/v1/desktops/:id/forgetful', async (req) => ({ ran: ++ran, desktop: entitledDesktop(req).id }));
+    a.get('/v1/desktops/:id/for-admins-too', { config: { adminsToo: true } }, async (req) => ({ desktop: entitledDesktop(req).id }));
+  };
+  const scoped = (resources: (h: FastifyInstance) => Promise<void>) => async (a: FastifyInstance) =>
+    void (await a.register(userScope, { ctx, resources: async (u) => void (await u.register(desktopScope, { ctx, resources })) }));
+  const app = await broker(scoped(async (h) => void (await h.register(forgetful))));
+  try {
+    for (const ref of ['d-2', 'nowhere']) {
+      const other = await app.inject({ method: 'POST', url: `/v1/desktops/${ref}/forgetful`, headers: bearer('alice'), payload: {} });
+      assert.deepEqual([other.statusCode, other.json().error], [403, 'not-entitled'], ref);
+    }
+    assert.ok(audited.some((e) => e.actor === 'alice' && e.action === 'forgetful' && e.outcome === 'denied' && e.desktopId === 'd-2'), 'the refusal is audited');
+    assert.equal((await app.inject({ method: 'POST', url: '/v1/desktops/d-1/forgetful', payload: {} })).statusCode, 401);
+    assert.equal((await app.inject({ method: 'POST', url: '/v1/desktops/d-1/forgetful', headers: bearer('root'), payload: {} })).statusCode, 403, 'an admin is not entitled by role');
+    assert.equal(ran, 0);
+    const alice = await app.inject({ method: 'POST', url: '/v1/desktops/mine/forgetful', headers: bearer('alice'), payload: {} });
+    assert.deepEqual([alice.statusCode, alice.json()], [200, { ran: 1, desktop: 'd-1' }]);
+    const admin = await app.inject({ method: 'GET', url: '/v1/desktops/d-2/for-admins-too', headers: bearer('root') });
+    assert.deepEqual([admin.statusCode, admin.json()], [200, { desktop: 'd-2' }]);
+    assert.equal((await app.inject({ method: 'GET', url: '/v1/desktops/d-2/for-admins-too', headers: bearer('alice') })).statusCode, 403);
+  } finally {
+    await app.close();
+  }
+  await assert.rejects(broker(scoped(async (h) => void h.get('/v1/checkouts/:id/power', async () => ({})))), /names no desktop/);
+  assert.deepEqual(['/v1/desktops/:id/start', '/v1/desktops/:id/display-ticket', '/v1/desktops/:id/checkout', '/v1/desktops/:id/restore-points'].map(desktopAction), ['power-on', 'display-open', 'checkout', 'restore-points']);
 });

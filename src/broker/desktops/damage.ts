@@ -3,7 +3,7 @@ import { openBlob } from '../../core/chunks/blob.js';
 import { isChunkId, type ChunkId } from '../../core/chunk-id.js';
 import { unwrapLineageKeys } from '../../core/keys.js';
 import { decodeManifest, referencedChunks } from '../../core/chunks/manifest.js';
-import type { DesktopRow, SnapshotDisk } from '../db/metadata.js';
+import type { CheckoutRow, DesktopRow, SnapshotDisk } from '../db/metadata.js';
 import type { BrokerContext } from '../context.js';
 import { HttpError } from '../http.js';
 import { restorePoints, type RestorePoint } from './restore-point-list.js';
@@ -103,9 +103,8 @@ export async function damagedSnapshotRefusal(ctx: BrokerContext, desktop: Deskto
  * and authenticated here. Audited either way; answers whether the snapshot is damaged, and the
  * refusal the next check-out would get.
  */
-export async function reportChunkFailure(ctx: BrokerContext, user: string, checkoutId: string, chunkId: string, laptopDetail: string) {
-  const c = await ctx.meta.getCheckout(checkoutId);
-  if (!c || c.user !== user) throw new HttpError(404, 'not-found', `no checkout ${checkoutId} of yours`);
+export async function reportChunkFailure(ctx: BrokerContext, c: CheckoutRow, chunkId: string, laptopDetail: string) {
+  const user = c.user;
   if (!isChunkId(chunkId)) throw new HttpError(400, 'invalid', 'not a chunk ID');
   const snapshot = (await ctx.meta.getSnapshot(c.checkpointSnapshot))!;
   const desktop = (await ctx.meta.getDesktop(c.desktopId))!;

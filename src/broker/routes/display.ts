@@ -7,6 +7,7 @@ import { CLOSE, displayRelay } from '../display/relay.js';
 import { HttpError, parse, requireUser } from '../http.js';
 import { markScope } from './scopes.js';
 import { userOf } from './user/user-scope.js';
+import { entitledDesktop } from './user/desktop-scope.js';
 import { readToken } from '../auth/tokens.js';
 import { adminOf } from './admin/admin-scope.js';
 import { checkHostCredential } from './hosts.js';
@@ -26,15 +27,20 @@ async function refuse(ctx: BrokerContext, actor: string, desktopId: string | nul
 /** The user may see this desktop's screen now: entitled, and it runs on a host. */
 async function openable(ctx: BrokerContext, user: string, idOrName: string): Promise<{ desktop: DesktopRow; hostId: string }> {
   const desktop = await ctx.meta.getDesktop(idOrName);
-  if (!desktop || !(await ctx.meta.isEntitled(user, desktop))) throw await refuse(ctx, user, desktop?.id ?? null, 403, 'not-entitled', `you are not entitled to desktop ${idOrName}`);
+  if (!desktop || !(await ctx.meta.isEntitled(user, desktop))) throw await refuse(ctx, user, desktop?.id ?? null, 403, 'not-entitled', `you are not entitled to a desktop named ${idOrName}`);
+  return { desktop, hostId: await runningOn(ctx, user, desktop) };
+}
+
+/** The host the desktop runs on; refused (audited) when it runs nowhere. */
+async function runningOn(ctx: BrokerContext, user: string, desktop: DesktopRow): Promise<string> {
   const p = await ctx.hosts.placement(desktop.id);
   if (!p || p.state !== 'running') throw await refuse(ctx, user, desktop.id, 409, 'not-running', `${desktop.name} is not running on a desktop host${p ? ` (it is ${p.state})` : ''}: start it first (\`carryon start ${desktop.name}\`)`);
-  return { desktop, hostId: p.hostId };
+  return p.hostId;
 }
 
 /**
  * A desktop's screen in the browser (issue 26 item 3), in three plugins by who calls: the user's
- * one-time tickets (user scope), the browser's WebSocket (open: its proof is a ticket or a
+ * one-time tickets (desktop scope: the user is entitled), the browser's WebSocket (open: its proof is a ticket or a
  * session, checked on every connection before the host hears of it), and the host's long poll
  * and dial-back (its secret checked by the plugin's hook). The admins' view of open sessions is
  * `displayAdminRoutes`.
@@ -42,9 +48,9 @@ async function openable(ctx: BrokerContext, user: string, idOrName: string): Pro
 export const displayTicketRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   app.post('/v1/desktops/:id/display-ticket', async (req) => {
     const claims = userOf(req);
-    const { id } = parse(z.object({ id: Id }), req.params);
+    const desktop = entitledDesktop(req);
     parse(z.object({}).strict(), req.body ?? {});
-    const { desktop } = await openable(ctx, claims.sub, id);
+    await runningOn(ctx, claims.sub, desktop);
     const ticket = randomBytes(32).toString('base64url');
     const expiresAt = new Date(Date.now() + TICKET_TTL_MS).toISOString();
     await ctx.hosts.pruneDisplayTickets(new Date(Date.now() - 3600_000));

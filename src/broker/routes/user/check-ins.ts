@@ -8,6 +8,7 @@ import { requireFreshLogin } from '../../auth/trust.js';
 import { Changes, withReceipts } from '../change-list.js';
 import { Id } from './host-facts.js';
 import { userOf } from './user-scope.js';
+import { heldCheckout } from './holder-scope.js';
 
 /** Begin: nothing (the transfer server names the chunks; the commit carries the changes). */
 const Begin = z.object({}).strict();
@@ -16,11 +17,10 @@ const Begin = z.object({}).strict();
 export const checkInRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   for (const kind of ['checkin', 'replicate'] as const) {
     app.post(`/v1/checkouts/:id/${kind}`, async (req) => {
-      const claims = userOf(req);
-      const { id } = parse(Id, req.params);
-      await requireFreshLogin(ctx, claims, id, kind);
+      const c = heldCheckout(req);
+      await requireFreshLogin(ctx, userOf(req), c.id, kind);
       parse(Begin, req.body ?? {});
-      return await beginUpload(ctx, claims.sub, id, kind);
+      return await beginUpload(ctx, c, kind);
     });
     app.post(`/v1/checkouts/:id/${kind}/commit`, async (req) => {
       const claims = userOf(req);
@@ -29,11 +29,10 @@ export const checkInRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (
     });
   }
   app.post('/v1/checkouts/:id/handback', async (req) => {
-    const claims = userOf(req);
-    const { id } = parse(Id, req.params);
-    await requireFreshLogin(ctx, claims, id, 'handback');
+    const c = heldCheckout(req);
+    await requireFreshLogin(ctx, userOf(req), c.id, 'handback');
     parse(Begin, req.body ?? {});
-    return await beginHandback(ctx, claims.sub, id);
+    return await beginHandback(ctx, c);
   });
   app.post('/v1/checkouts/:id/handback/commit', async (req) => {
     const claims = userOf(req);

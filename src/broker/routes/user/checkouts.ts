@@ -7,30 +7,27 @@ import { checkoutOutcome } from '../../handback.js';
 import { reportChunkFailure } from '../../desktops/damage.js';
 import { HttpError, parse } from '../../http.js';
 import { requireFreshLogin } from '../../auth/trust.js';
-import { Id } from './host-facts.js';
 import { userOf } from './user-scope.js';
 import { heldCheckout } from './holder-scope.js';
 
 /** A check-out's life cycle on the user's laptop, its uploads aside (check-ins.ts) (holder scope: the caller holds it). */
 export const checkoutRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   app.get('/v1/checkouts/:id/handover', async (req) => await handoverOfCheckout(ctx, heldCheckout(req)));
-  app.post('/v1/checkouts/:id/transferred', async (req) => ({ checkout: await markTransferred(ctx, userOf(req).sub, parse(Id, req.params).id) }));
+  app.post('/v1/checkouts/:id/transferred', async (req) => ({ checkout: await markTransferred(ctx, heldCheckout(req)) }));
   // A chunk the laptop could not authenticate (3 tries): checked against the store, audited, remembered when the store's copy is bad.
   app.post('/v1/checkouts/:id/damaged', async (req) => {
-    const user = userOf(req).sub;
     const b = parse(z.object({ chunkId: z.string().max(100), detail: z.string().max(2000) }).strict(), req.body);
-    return reportChunkFailure(ctx, user, parse(Id, req.params).id, b.chunkId, b.detail);
+    return reportChunkFailure(ctx, heldCheckout(req), b.chunkId, b.detail);
   });
-  app.post('/v1/checkouts/:id/cancel', async (req) => ({ checkout: await cancel(ctx, userOf(req).sub, parse(Id, req.params).id) }));
+  app.post('/v1/checkouts/:id/cancel', async (req) => ({ checkout: await cancel(ctx, heldCheckout(req)) }));
   // Sensitive after an offline login: with requireOnlineReauth they need a recent password login.
   app.post('/v1/checkouts/:id/rollback', async (req) => {
-    const claims = userOf(req);
-    const { id } = parse(Id, req.params);
-    await requireFreshLogin(ctx, claims, id, 'rollback');
-    return { checkout: await rollback(ctx, claims.sub, id) };
+    const c = heldCheckout(req);
+    await requireFreshLogin(ctx, userOf(req), c.id, 'rollback');
+    return { checkout: await rollback(ctx, c) };
   });
   // A check-out that ended while the laptop held work: what it made (handing the work back: check-ins.ts).
-  app.get('/v1/checkouts/:id', async (req) => await checkoutOutcome(ctx, userOf(req).sub, parse(Id, req.params).id));
+  app.get('/v1/checkouts/:id', async (req) => await checkoutOutcome(ctx, heldCheckout(req)));
   app.post('/v1/checkouts/:id/lease', async (req) => {
     const claims = userOf(req);
     const c = heldCheckout(req);

@@ -6,10 +6,11 @@ import type { BrokerContext } from '../../context.js';
 import type { DesktopRow } from '../../db/metadata.js';
 import { parse } from '../../http.js';
 import { effectivePolicy } from '../../policies.js';
-import { Host, Id } from './host-facts.js';
+import { Host } from './host-facts.js';
+import { entitledDesktop } from './desktop-scope.js';
 import { userOf } from './user-scope.js';
 
-/** A user's desktops (those they are entitled to) and checking one out (user scope). */
+/** A user's desktops: those they are entitled to (user scope). */
 export const desktopRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   app.get('/v1/desktops', async (req) => {
     const claims = userOf(req);
@@ -31,12 +32,14 @@ export const desktopRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (
       })),
     };
   });
+};
 
+/** Checking a desktop out (desktop scope: the user is entitled to it). */
+export const desktopCheckoutRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   app.post('/v1/desktops/:id/checkout', async (req, reply) => {
     const claims = userOf(req);
-    const { id } = parse(Id, req.params);
     const body = parse(z.object({ deviceId: z.string().min(1).max(200), host: Host }).strict(), req.body);
-    const answer = await checkOut(ctx, claims.sub, id, body);
+    const answer = await checkOut(ctx, claims.sub, entitledDesktop(req), body);
     // 202: a desktop on a host is handed over first; the laptop polls the handover, then asks again.
     return reply.status('handover' in answer ? 202 : 201).send(answer);
   });

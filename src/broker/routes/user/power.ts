@@ -1,22 +1,17 @@
 import type { FastifyRequest, FastifyPluginAsync } from 'fastify';
-import { z } from 'zod';
 import type { BrokerContext } from '../../context.js';
-import { HttpError, parse } from '../../http.js';
+import { HttpError } from '../../http.js';
 import { effectivePolicy, describePolicySource } from '../../policies.js';
 import { powerDesktop } from '../../hosts/power.js';
 import { userOf } from './user-scope.js';
+import { entitledDesktop } from './desktop-scope.js';
 
-/** Users: start and stop their desktop online where policy onlineAllowed lets them (user scope). */
+/** Users: start and stop their desktop online where policy onlineAllowed lets them (desktop scope: they are entitled to it). */
 export const desktopPowerRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   const userPower = (action: 'on' | 'shutdown' | 'reset') => async (req: FastifyRequest) => {
     const claims = userOf(req);
-    const { id } = parse(z.object({ id: z.string().min(1).max(200) }), req.params);
-    const desktop = await ctx.meta.getDesktop(id);
+    const desktop = entitledDesktop(req);
     const audit = `power-${action}`;
-    if (!desktop || !(await ctx.meta.isEntitled(claims.sub, desktop))) {
-      await ctx.audit({ actor: claims.sub, desktopId: desktop?.id ?? null, action: audit, outcome: 'denied', detail: `not-entitled: ${id}` });
-      throw new HttpError(404, 'not-found', `no desktop ${id} you are entitled to`, {}, true);
-    }
     const policy = await effectivePolicy(ctx.meta, claims.sub, desktop);
     if (!policy.onlineAllowed.value) {
       const message = `policy (${await describePolicySource(ctx.meta, policy.onlineAllowed.source)}) does not allow running ${desktop.name} online`;
