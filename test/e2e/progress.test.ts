@@ -149,11 +149,17 @@ test('chunks copied from the laptop\'s own copy of a clone count as done work in
   assert.ok(lines.every((l) => l.fetched === 0 || l.copied === done.copiedChunks), 'each fetch line says how many were copied');
   // status, admin checkouts and admin transfers: the same percentage, counting the copied chunks, and the same split.
   assert.ok(seen.readings.length >= 1, `a reading mid-transfer; ${seen.log}`);
+  // A reading may fall in the copy itself (the count published once a second): each counts what was copied by then.
   for (const s of seen.readings) {
-    assert.ok(s.local >= copiedShare - 2, `${s.local}% counts the ${copiedShare.toFixed(1)}% copied`);
-    assert.equal(s.copied, done.copiedChunks, 'status: chunks copied here');
-    assert.equal(s.transfers.bytesCopiedLocally, done.copiedChunks * 256 * 1024, 'admin transfers: bytes copied on the laptop');
-    assert.equal(s.checkouts.bytesCopiedLocally, done.copiedChunks * 256 * 1024, 'admin checkouts: the same');
+    assert.ok(s.copied !== null && s.copied > 0 && s.copied <= done.copiedChunks, `status: ${s.copied} chunks copied here`);
+    assert.ok(s.local >= (100 * s.copied) / 96 - 2, `${s.local}% counts the ${s.copied} chunks copied`);
+    // Once the copy is over its count no longer moves: the broker's is the laptop's (mid-copy, a report may be a second behind).
+    const bytes = (s.copied === done.copiedChunks ? s.copied : done.copiedChunks) * 256 * 1024;
+    for (const [view, n] of [['admin transfers', s.transfers.bytesCopiedLocally], ['admin checkouts', s.checkouts.bytesCopiedLocally]] as const) {
+      if (s.copied === done.copiedChunks) assert.equal(n, bytes, `${view}: bytes copied on the laptop`);
+      else assert.ok(n !== undefined && n !== null && n <= bytes, `${view}: ${n} bytes copied so far`);
+    }
   }
+  assert.ok(seen.readings.some((s) => s.copied === done.copiedChunks && s.local >= copiedShare - 2 && s.local < 100), `a reading after the copy, counting all of it; ${seen.log}`);
   agree(seen);
 });
