@@ -59,11 +59,11 @@ export function progressReporter(quiet: boolean): { onProgress: (label: string, 
   if (process.stderr.isTTY) {
     // The percentage is the desktop's data present locally where the transfer says (check-outs: the
     // number `status` and the admin views show), else this run's chunks.
-    const bar = new cliProgress.SingleBar({ format: '{label} [{bar}] {percentage}% | {chunks} chunks | {done} | {rate}/s | ETA {eta_formatted}', stream: process.stderr, hideCursor: true }, cliProgress.Presets.shades_classic);
+    const bar = new cliProgress.SingleBar({ format: '{label} [{bar}] {percentage}% | {chunks} | {done} | {rate}/s | ETA {eta_formatted}', stream: process.stderr, hideCursor: true }, cliProgress.Presets.shades_classic);
     let started = false;
     return {
       onProgress: (label, p) => {
-        const payload = { label, chunks: `${p.chunksDone}/${p.chunksTotal}${copiedHere(p)}`, done: formatBytes(p.bytesDone), rate: formatBytes(p.rate) };
+        const payload = { label, chunks: `${p.chunksDone}/${p.chunksTotal} chunks${copiedHere(p)}`, done: formatBytes(p.bytesDone), rate: formatBytes(p.rate) };
         const [value, total] = p.bytesTotal !== undefined ? [p.bytesLocal ?? 0, p.bytesTotal] : [p.chunksDone, p.chunksTotal];
         if (!started) {
           bar.start(total, value, payload);
