@@ -5,7 +5,7 @@ import { checkout, release, upload, type ClientEnv } from '../src/client/ops.js'
 import { serveDesktop } from '../src/client/ops/serve.js';
 import { NbdClient } from '../src/nbd/client.js';
 import { writeTestImage } from '../src/demo/image.js';
-import { MB, repeat, run, settle, stats, timed } from './lib/measure.js';
+import { MB, ownCpuSeconds, repeat, run, settle, stats, timed } from './lib/measure.js';
 import { Rig } from './lib/rig.js';
 import type { BenchRow, BenchSection } from './types.js';
 
@@ -71,35 +71,57 @@ export function checkinSection(work: string, sizeGiB: number, changeGiB: number,
         const label = `${sizeGiB} GiB mixed image`;
         let env = await rig.laptop();
         if (withCheckout) {
-          const co = await repeat(3, async (i) => {
+          // Check-out and rsync in back-to-back pairs: the host's speed drifts within a run, a pair shares it.
+          // CPU: this process (the laptop, its writer threads, the broker's small share) and the transfer
+          // server's; rsync's sender, receiver and generator are its reaped children.
+          const ours: number[] = [];
+          const theirs: number[] = [];
+          const wireBytes: number[] = [];
+          const cpu: { laptop: number; server: number }[] = [];
+          const rsyncCpu: number[] = [];
+          let rsBytes = 0;
+          for (let i = 0; i < 3; i++) {
             if (i > 0) {
               await release(env, 'desk', 'rollback');
               env = await rig.laptop();
             }
             const before = (await rig.wire()).bytesOut;
             await settle();
-            const { seconds } = await timed(() => checkout(env, 'desk'));
-            rows.push({ section: 'raw', name: `check-out run ${i}`, value: (await rig.wire()).bytesOut - before, unit: 'bytes', runs: 1, spread: 0 });
-            return seconds;
-          });
-          const wire = stats(rows.filter((r) => r.section === 'raw').map((r) => r.value));
-          rows.length = 0;
-          const rs = await repeat(3, async (i) => {
+            const laptop0 = ownCpuSeconds();
+            const server0 = rig.transferCpuSeconds();
+            ours.push((await timed(() => checkout(env, 'desk'))).seconds);
+            const laptop1 = ownCpuSeconds();
+            cpu.push({ laptop: laptop1.self + laptop1.children - laptop0.self - laptop0.children, server: rig.transferCpuSeconds() - server0 });
+            wireBytes.push((await rig.wire()).bytesOut - before);
             const dst = join(work, `rsync-empty-${i}.raw`);
             await settle();
+            const rsync0 = ownCpuSeconds().children;
             const r = await rsyncStats([image, dst]);
+            rsyncCpu.push(ownCpuSeconds().children - rsync0);
+            theirs.push(r.seconds);
+            rsBytes = r.bytes;
             await rm(dst, { force: true });
-            return r.seconds;
-          });
-          const rsBytes = (await rsyncStats([image, join(work, 'rsync-empty-x.raw')])).bytes;
-          await rm(join(work, 'rsync-empty-x.raw'), { force: true });
+          }
+          const co = stats(ours);
+          const rs = stats(theirs);
+          const wire = stats(wireBytes);
           const cp = await repeat(3, async (i) => {
             const dst = join(work, `cp-${i}.raw`);
             const { seconds } = await timed(() => run('cp', ['--sparse=always', image, dst]));
             await rm(dst, { force: true });
             return seconds;
           });
-          rows.push({ section: 'checkout', name: `check-out, ${label}: wall time`, value: co.median, unit: 's', runs: co.runs, spread: co.spread, peer: { name: 'rsync to an empty target', value: rs.median, unit: 's' }, note: `cp --sparse: ${cp.median.toFixed(2)} s` });
+          const pairs = ours.map((t, i) => theirs[i]! / t);
+          rows.push({ section: 'checkout', name: `check-out, ${label}: wall time`, value: co.median, unit: 's', runs: co.runs, spread: co.spread, peer: { name: 'rsync to an empty target', value: rs.median, unit: 's' },
+            note: `pairs (rsync / Carryon, back to back): ${pairs.map((p) => `${p.toFixed(2)}×`).join(', ')} (goal ≥ 1.5× in each: ${pairs.every((p) => p >= 1.5) ? 'met' : 'MISSED'}); cp --sparse: ${cp.median.toFixed(2)} s` });
+          const perGiB = (s: number) => s / sizeGiB;
+          const total = stats(cpu.map((c) => c.laptop + c.server));
+          const theirCpu = stats(rsyncCpu);
+          const mid = cpu[ours.indexOf([...ours].sort((a, b) => a - b)[1]!)]!;
+          const ratio = total.median / theirCpu.median;
+          rows.push({ section: 'checkout', name: `check-out, ${label}: CPU seconds per GiB of desktop data`, value: perGiB(total.median), unit: 's/GiB', runs: total.runs, spread: total.spread,
+            peer: { name: 'rsync to an empty target (sender + receiver)', value: perGiB(theirCpu.median), unit: 's/GiB' },
+            note: `laptop process ${mid.laptop.toFixed(2)} s + transfer server ${mid.server.toFixed(2)} s in the median-time run; ${ratio.toFixed(2)}× rsync's CPU (goal ≤ 1: ${ratio <= 1 ? 'met' : 'MISSED'})` });
           rows.push({ section: 'checkout', name: `check-out, ${label}: bytes on the wire`, value: wire.median / MB, unit: 'MB', runs: wire.runs, spread: wire.spread, peer: { name: 'rsync to an empty target', value: rsBytes / MB, unit: 'MB' }, note: `image ${(size / MB).toFixed(0)} MB; zero chunks never travel, the rest is compressed` });
         } else {
           await checkout(env, 'desk');

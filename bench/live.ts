@@ -7,6 +7,7 @@ import { compress } from 'zstd-napi';
 import { NODE_FLAGS } from '../src/cli/node-flags.js';
 import { checkout, upload, type ClientEnv } from '../src/client/ops.js';
 import { serveDesktop } from '../src/client/ops/serve.js';
+import { replicateInBackground } from '../src/client/background.js';
 import { diskDir } from '../src/live/disks/disks.js';
 import { Vault } from '../src/client/vault/vault.js';
 import { PAGES_ZSTD_LEVEL } from '../src/core/chunks/delta.js';
@@ -41,7 +42,7 @@ interface Holder {
 }
 
 /** `carryon serve DESKTOP` in a child process: the holder of the chain. */
-async function startHolder(env: ClientEnv, desktop: string): Promise<Holder> {
+export async function startHolder(env: ClientEnv, desktop: string): Promise<Holder> {
   const child: ChildProcess = spawn(process.execPath, [...NODE_FLAGS, SERVE_CHILD, env.home, env.user ?? 'bench', await env.password(), desktop], { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   let err = '';
@@ -149,6 +150,7 @@ async function cpuByRole(): Promise<Map<string, number>> {
       const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
       const cmd = (await readFile(`/proc/${name}/cmdline`, 'utf8')).split('\0');
       const role = cmd.some((a) => a.endsWith('serve-child.js')) ? 'holder (serve)' : cmd.some((a) => a.includes('qemu-storage-daemon')) ? 'holder (serve)'
+        : cmd.includes('--background') ? 'background sender'
         : cmd.includes('transfer-server') ? 'transfer server' : cmd[0]?.endsWith('fio') ? 'fio' : 'bench (broker + sender)';
       procs.set(Number(name), { ppid: Number(f[1]), cpu: (Number(f[11]) + Number(f[12])) / 100, role });
     } catch {
@@ -162,7 +164,7 @@ async function cpuByRole(): Promise<Map<string, number>> {
 }
 
 /** CPU seconds each role used while `fn` ran (processes that ended meanwhile are not counted). */
-async function cpuDuring<T>(fn: () => Promise<T>): Promise<{ value: T; cpu: string }> {
+export async function cpuDuring<T>(fn: () => Promise<T>): Promise<{ value: T; cpu: string }> {
   const before = await cpuByRole();
   const value = await fn();
   const after = await cpuByRole();
@@ -171,7 +173,7 @@ async function cpuDuring<T>(fn: () => Promise<T>): Promise<{ value: T; cpu: stri
 }
 
 /** The env, with each live point in time's guest I/O pause (the sender's log line says it) collected in `into`. */
-function recordingPauses(env: ClientEnv, into: number[]): ClientEnv {
+export function recordingPauses(env: ClientEnv, into: number[]): ClientEnv {
   return {
     ...env,
     log: (l) => {
@@ -242,9 +244,8 @@ export function liveSection(work: string, sizeGiB: number, bigGiB: number, chang
       const changeLabel = `${(change / 2 ** 20).toFixed(change < 10 * 2 ** 20 ? 1 : 0)} MiB`;
       const replicas = new Map<number, ReplicaRun[]>();
       const idlePauses: number[] = [];
-      const loadPauses: number[] = [];
       let chainRow: BenchRow | null = null;
-      let fioRows: BenchRow[] = [];
+      const fioRows: BenchRow[] = [];
       const offToCommit: number[] = [];
       const running: number[] = [];
       const stopped: number[] = [];
@@ -302,28 +303,43 @@ export function liveSection(work: string, sizeGiB: number, bigGiB: number, chang
             if (i < 2) await checkout(env, 'desk');
           }
 
-          // fio through the held clone, without and with replicas back to back.
+          // fio through the held clone, without and with replicas back to back, three ways (each
+          // against a fio alone run just before it): interactive replicas (`carryon replicate`, normal
+          // priority, this process), background ones (the agent's: `carryon replicate --background`
+          // in a process of its own at nice 15, the holder folding at its speed limit), and the same
+          // with the transfer server at nice 19 (bench staging: deployed, it runs in the datacenter).
           const envB = await rig.laptop();
           await checkout(envB, 'desk-1');
           const hb = await startHolder(envB, 'desk-1');
           try {
-            const alone = await cpuDuring(() => fioNbd(hb.uri, 'randwrite', 16, { runtimeS: fioS }));
-            await upload(envB, 'desk-1', 'replicate'); // folds fio's writes: each side starts on an empty top
-            let fioDone = false;
-            const times: number[] = [];
-            let loopError: unknown = null;
-            const loop = (async () => {
-              while (!fioDone) times.push((await timed(() => upload(recordingPauses(envB, loadPauses), 'desk-1', 'replicate'))).seconds);
-            })().catch((e: unknown) => (loopError = e));
-            const during = await cpuDuring(() => fioNbd(hb.uri, 'randwrite', 16, { runtimeS: fioS }));
-            fioDone = true;
-            await loop;
-            if (loopError) throw loopError;
-            const r = during.value.iops / alone.value.iops;
-            fioRows = [{ section, name: `4 KiB random write IOPS, QD16, through the held disk while live replicas run back to back (${sizeGiB} GiB desktop, fio ${fioS} s)`,
-              value: during.value.iops, unit: 'IOPS', runs: 1, spread: 0,
-              peer: { name: 'same fio, same desktop, no replica', value: alone.value.iops, unit: 'IOPS' },
-              note: `${r.toFixed(2)}× (target ≥ 0.7: ${met(r >= 0.7)}); ${times.length} replicas, median ${stats(times).median.toFixed(1)} s each; p99 ${(during.value.p99Us / 1000).toFixed(1)} ms vs ${(alone.value.p99Us / 1000).toFixed(1)} ms; guest I/O paused per point in time ${pauseRange(loadPauses)}; CPU meanwhile (${nproc} cores): ${during.cpu} (alone: ${alone.cpu})` }];
+            const ways: { key: string; label: string; replicate: (e: ClientEnv) => Promise<unknown>; before?: () => void }[] = [
+              { key: 'interactive', label: 'interactive replicas (`carryon replicate`, normal priority)', replicate: (e) => upload(e, 'desk-1', 'replicate') },
+              { key: 'background', label: 'background replicas (the agent\'s: `carryon replicate --background`, nice 15, fold at its speed limit)', replicate: (e) => replicateInBackground(e, 'desk-1') },
+              { key: 'background, transfer server at nice 19', label: 'background replicas, the transfer server at nice 19 (bench staging: deployed, it runs in the datacenter)', replicate: (e) => replicateInBackground(e, 'desk-1'), before: () => rig.reniceTransfers(19) },
+            ];
+            for (const way of ways) {
+              way.before?.();
+              await upload(envB, 'desk-1', 'replicate'); // folds the writes before: each fio starts on an empty top
+              const alone = await cpuDuring(() => fioNbd(hb.uri, 'randwrite', 16, { runtimeS: fioS }));
+              await upload(envB, 'desk-1', 'replicate');
+              let fioDone = false;
+              const times: number[] = [];
+              const pauses: number[] = [];
+              let loopError: unknown = null;
+              const loop = (async () => {
+                while (!fioDone) times.push((await timed(() => way.replicate(recordingPauses(envB, pauses)))).seconds);
+              })().catch((e: unknown) => (loopError = e));
+              const during = await cpuDuring(() => fioNbd(hb.uri, 'randwrite', 16, { runtimeS: fioS }));
+              fioDone = true;
+              await loop;
+              if (loopError) throw loopError;
+              const r = during.value.iops / alone.value.iops;
+              const target = way.key === 'interactive' ? 'for comparison: the target is the background replica\'s' : `target ≥ 0.7: ${met(r >= 0.7)}`;
+              fioRows.push({ section, name: `4 KiB random write IOPS, QD16, through the held disk while ${way.label} run back to back (${sizeGiB} GiB desktop, fio ${fioS} s)`,
+                value: during.value.iops, unit: 'IOPS', runs: 1, spread: 0,
+                peer: { name: 'same fio, same desktop, no replica, just before', value: alone.value.iops, unit: 'IOPS' },
+                note: `${r.toFixed(2)}× (${target}); ${times.length} replicas, median ${stats(times).median.toFixed(1)} s each; p99 ${(during.value.p99Us / 1000).toFixed(1)} ms vs ${(alone.value.p99Us / 1000).toFixed(1)} ms; guest I/O paused per point in time ${pauseRange(pauses)}; CPU meanwhile (${nproc} cores): ${during.cpu} (alone: ${alone.cpu})` });
+            }
           } finally {
             await hb.stop();
           }

@@ -1,6 +1,6 @@
 import { execFile } from 'node:child_process';
 import { createCipheriv, createDecipheriv, createHmac, randomBytes } from 'node:crypto';
-import { createReadStream } from 'node:fs';
+import { createReadStream, readFileSync } from 'node:fs';
 import { promisify } from 'node:util';
 
 export const run = promisify(execFile);
@@ -94,3 +94,25 @@ export async function readSpeed(path: string): Promise<number> {
 
 export const MB = 1e6;
 
+
+/** Clock ticks per second of /proc/<pid>/stat's times (USER_HZ: 100 on every Linux this runs on). */
+const USER_HZ = 100;
+
+/**
+ * CPU seconds (user + system, all threads) of process `pid` so far, from /proc/<pid>/stat;
+ * `reaped`: add those of its children it has waited for (cutime, cstime: a child's own reaped
+ * children included, so rsync's receiver and generator count once rsync has exited).
+ */
+export function processCpuSeconds(pid: number | 'self', reaped = false): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  // Fields after the command name (which may hold spaces): state is field 3, utime 14 … cstime 17.
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ').map(Number);
+  const ticks = f[11]! + f[12]! + (reaped ? f[13]! + f[14]! : 0);
+  return ticks / USER_HZ;
+}
+
+/** CPU seconds of this process (all its threads: workers, libuv's pool) and of its reaped children. */
+export function ownCpuSeconds(): { self: number; children: number } {
+  const { user, system } = process.cpuUsage();
+  return { self: (user + system) / 1e6, children: processCpuSeconds('self', true) - processCpuSeconds('self') };
+}

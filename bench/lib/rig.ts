@@ -1,5 +1,7 @@
 import { NODE_FLAGS } from '../../src/cli/node-flags.js';
 import { spawn, type ChildProcess } from 'node:child_process';
+import { readdirSync } from 'node:fs';
+import { setPriority } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { request, type Agent } from 'undici';
@@ -7,6 +9,7 @@ import { startBroker, type RunningBroker } from '../../src/broker/start.js';
 import { defaultS3IndexPath } from '../../src/store/s3-chunk-store.js';
 import { enroll, type ClientEnv } from '../../src/client/ops.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
+import { processCpuSeconds } from './measure.js';
 
 const HEARTBEAT_SEC = 1;
 const CLI = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
@@ -57,6 +60,11 @@ export class Rig {
     return new Rig(dir, broker, [transfer], agent, token, slots, storeFor(dataDir, opts));
   }
 
+  /** CPU seconds (user + system, all threads) the transfer server processes have used so far. */
+  transferCpuSeconds(): number {
+    return this.transfers.reduce((n, t) => n + processCpuSeconds(t.pid!), 0);
+  }
+
   /** Another transfer server (a process of its own) on the same store, registered with the broker. */
   async addTransferServer(): Promise<void> {
     this.transfers.push(await startTransfer(this.dir, this.broker, `bench-transfer-${this.transfers.length + 1}`, this.slots, this.store));
@@ -88,6 +96,16 @@ export class Rig {
     const ours = body.servers.filter((x) => x.id.startsWith('bench-transfer'));
     if (ours.length !== this.transfers.length) throw new Error('a bench transfer server is not registered');
     return { bytesIn: ours.reduce((n, s) => n + s.bytesIn, 0), bytesOut: ours.reduce((n, s) => n + s.bytesOut, 0) };
+  }
+
+  /**
+   * Every thread of each transfer server to `nice` (bench staging: deployed, the transfer server
+   * runs in the datacenter, not on the laptop's cores; the rows that do this say so).
+   */
+  reniceTransfers(nice: number): void {
+    for (const t of this.transfers) {
+      for (const tid of readdirSync(`/proc/${t.pid}/task`)) setPriority(Number(tid), nice);
+    }
   }
 
   async close(): Promise<void> {

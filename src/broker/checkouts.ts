@@ -226,7 +226,9 @@ export async function markTransferred(ctx: BrokerContext, c: CheckoutRow) {
 export async function cancel(ctx: BrokerContext, c: CheckoutRow) {
   const user = c.user;
   if (!await ctx.meta.transitionCheckout(c.id, ['transferring'], 'cancelled')) throw await deny(ctx, user, c.desktopId, 'cancel', 409, 'wrong-state', `only a check-out in flight can be cancelled (it is ${c.state})`);
+  // Every job of it (a handover's prefetch too): their tickets stop working; a laptop waiting on the handover hears at once.
   await ctx.scheduler.finishForCheckout(c.id, 'cancelled');
+  ctx.hosts.wakeHandover(c.id);
   await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'unlock', outcome: 'ok', detail: 'cancelled' });
   return checkoutView((await ctx.meta.getCheckout(c.id))!);
 }
@@ -247,6 +249,7 @@ export async function forceUnlock(ctx: BrokerContext, admin: string, checkoutId:
   if (!c) throw new HttpError(404, 'not-found', `no checkout ${checkoutId}`);
   if (!await ctx.meta.transitionCheckout(c.id, ['transferring', 'checked_out', 'checking_in'], 'cancelled', { pendingDisks: null })) throw new HttpError(409, 'wrong-state', `checkout is ${c.state}`);
   await ctx.scheduler.finishForCheckout(c.id, 'cancelled');
+  ctx.hosts.wakeHandover(c.id);
   await ctx.audit({ actor: admin, desktopId: c.desktopId, action: 'force-unlock', outcome: 'ok', detail: `checkout ${c.id} held by ${c.user}${reason ? `: ${reason}` : ''}` });
   return checkoutView((await ctx.meta.getCheckout(c.id))!);
 }

@@ -1,8 +1,9 @@
 import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { hostname } from 'node:os';
+import { getPriority, hostname } from 'node:os';
 import { join } from 'node:path';
 import type { Command } from 'commander';
 import { runAgent } from '../client/agent.js';
+import { lowerOwnPriority } from '../client/background.js';
 import { selfCheckReport } from '../client/update.js';
 import { addBrokers, listBrokers, removeBrokers, splitList } from '../client/session/brokers.js';
 import { defaultHome, loadDevice } from '../client/vault/home.js';
@@ -88,7 +89,7 @@ export function registerClientCommands(program: Command): void {
   program
     .option('--home <dir>', 'client data directory (env CARRYON_HOME, default ~/.carryon)')
     .option('--user <name>', 'user name (env CARRYON_USER)')
-    .option('--password-file <file>', 'read the password from a file (else CARRYON_PASSWORD or a prompt)')
+    .option('--password-file <file>', 'read the password from a file, - for standard input (else CARRYON_PASSWORD or a prompt)')
     .option('--json', 'machine-readable output')
     .option('--quiet', 'no progress output')
     .option('--limit-rate <rate>', 'cap transfer speed in bytes per second, e.g. 500K, 10M');
@@ -162,14 +163,21 @@ export function registerClientCommands(program: Command): void {
   const uploadHelp = { checkin: 'send changed blocks back and unlock', replicate: 'send changed blocks as a restore point, stay checked out', handback: 'after the check-out ended without your work (e.g. an admin force-unlocked it): send it as a restore point an admin can make current, then remove the local copy' };
   for (const kind of ['checkin', 'replicate', 'handback'] as const) {
     const c = program.command(`${kind} <desktop>`).description(uploadHelp[kind]);
+    if (kind === 'replicate') {
+      c.option('--background', 'low priority (nice 15; a running desktop\'s fold yields to its I/O), as the agent\'s scheduled replicas run');
+    }
     if (kind === 'checkin') {
       c.option('--shutdown-timeout <seconds>', 'a running desktop: how long to wait for the guest to shut down after the bulk is sent', '120')
         .option('--force', 'a running desktop: cut the guest\'s power if it does not shut down in time (writes it has not flushed are lost)');
     }
-    c.action(async (desktop: string, o: { shutdownTimeout?: string; force?: boolean }, cmd: Command) => {
+    c.action(async (desktop: string, o: { shutdownTimeout?: string; force?: boolean; background?: boolean }, cmd: Command) => {
       const secs = Number(o.shutdownTimeout ?? 120);
       if (!Number.isFinite(secs) || secs < 0 || secs > 3600) throw new CarryonError('invalid', `--shutdown-timeout must be seconds between 0 and 3600, not ${o.shutdownTimeout}`);
-      await transferCommand(cmd, desktop, (env) => upload(env, desktop, kind, { shutdownGraceMs: secs * 1000, force: o.force === true }), (r) => {
+      if (o.background) lowerOwnPriority();
+      await transferCommand(cmd, desktop, (env) => {
+        if (o.background) env.log(`replicating ${desktop} in the background: CPU priority nice ${getPriority()}; a running desktop folds it at its own pace`);
+        return upload(env, desktop, kind, { shutdownGraceMs: secs * 1000, force: o.force === true, background: o.background === true });
+      }, (r) => {
         const x = r as { changedChunks: number; chunksSent: number; bytesSent: number; snapshotId: string };
         return `${kind}: ${x.changedChunks} changed chunks, ${x.chunksSent} sent (${formatBytes(x.bytesSent)}); snapshot ${x.snapshotId}`;
       });

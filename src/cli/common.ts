@@ -8,12 +8,12 @@ import type { Progress } from '../transfer-client/client.js';
 
 export { formatBytes };
 
-/** Reads a password: env CARRYON_PASSWORD, a --password-file, or a prompt without echo. */
+/** Reads a password: env CARRYON_PASSWORD, a --password-file (`-`: standard input, as the agent's background replicas get it), or a prompt without echo. */
 export function passwordSource(opts: { passwordFile?: string }, envName = 'CARRYON_PASSWORD', what = 'Password'): () => Promise<string> {
   let cached: string | null = null;
   return async () => {
     if (cached !== null) return cached;
-    if (opts.passwordFile) cached = readFileSync(opts.passwordFile, 'utf8').replace(/\r?\n$/, '');
+    if (opts.passwordFile) cached = readFileSync(opts.passwordFile === '-' ? 0 : opts.passwordFile, 'utf8').replace(/\r?\n$/, '');
     else if (process.env[envName]) cached = process.env[envName]!;
     else if (process.stdin.isTTY) cached = await prompt(`${what}: `);
     else throw new CarryonError('no-password', `no password: set ${envName}, use --password-file, or run on a terminal`);

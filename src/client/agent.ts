@@ -13,6 +13,7 @@ import { publicKeyFromBase64 } from '../core/signing.js';
 import { BrokerClient } from '../net/broker-client.js';
 import { brokerEndpoints, hostFacts, loadDevice, type DeviceIdentity } from './vault/home.js';
 import { upload, type ClientEnv } from './ops.js';
+import { replicateInBackground } from './background.js';
 import { Vault, type DesktopState } from './vault/vault.js';
 import { AgentClockWriter } from './vault/agent-clock.js';
 import { laptopClock } from './vault/laptop-clock.js';
@@ -190,7 +191,8 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
         continue;
       }
       try {
-        await upload(env, s.desktopId, 'replicate');
+        // At low priority, in a process of its own: the desktop in use keeps the laptop's CPU.
+        await replicateInBackground(env, s.desktopId);
       } catch (err) {
         env.log(`scheduled replication of ${s.name} failed: ${(err as Error).message}`);
       }

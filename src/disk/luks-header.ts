@@ -1,4 +1,4 @@
-import { createCipheriv, createDecipheriv, createHash, pbkdf2Sync, randomBytes, randomUUID } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createHash, hash as cryptoHash, pbkdf2Sync, randomBytes, randomUUID } from 'node:crypto';
 
 /**
  * Fresh LUKS1 key material for an image whose header layout is already made (by QEMU).
@@ -61,15 +61,25 @@ export function readLuksLayout(header: Buffer): LuksLayout {
 
 /** LUKS1's diffuse step: each digest-sized block is hashed with its big-endian index in front. */
 function diffuse(block: Buffer, hash: string): Buffer {
-  const digest = createHash(hash).digest().length;
+  const digest = digestLength(hash);
   const out = Buffer.alloc(block.length);
+  // One-shot hashes of (counter ‖ piece) in one reused buffer: a Hash object per 32-byte piece was
+  // most of a check-out's key-slot work (4000 stripes × 2 pieces per re-keyed layer).
+  const input = Buffer.alloc(4 + digest);
   for (let i = 0, at = 0; at < block.length; i++, at += digest) {
     const len = Math.min(digest, block.length - at);
-    const iv = Buffer.alloc(4);
-    iv.writeUInt32BE(i);
-    createHash(hash).update(iv).update(block.subarray(at, at + len)).digest().copy(out, at, 0, len);
+    input.writeUInt32BE(i);
+    block.copy(input, 4, at, at + len);
+    cryptoHash(hash, input.subarray(0, 4 + len), 'buffer').copy(out, at, 0, len);
   }
   return out;
+}
+
+const digestLengths = new Map<string, number>();
+function digestLength(hash: string): number {
+  let n = digestLengths.get(hash);
+  if (n === undefined) digestLengths.set(hash, (n = createHash(hash).digest().length));
+  return n;
 }
 
 /** Anti-forensic split of `key` into `stripes` blocks: all but the last are random. */

@@ -24,7 +24,7 @@ export type PowerAction = (typeof POWER_ACTIONS)[number];
 const PointId = z.string().regex(/^[0-9a-f]{16}$/);
 const Request = z.discriminatedUnion('op', [
   z.object({ op: z.literal('freeze') }).strict(),
-  z.object({ op: z.literal('fold'), id: PointId, digests: z.record(z.string().regex(/^[A-Za-z0-9._-]{1,64}$/), Hex64) }).strict(),
+  z.object({ op: z.literal('fold'), id: PointId, digests: z.record(z.string().regex(/^[A-Za-z0-9._-]{1,64}$/), Hex64), background: z.boolean().optional() }).strict(),
   z.object({ op: z.literal('abandon'), id: PointId }).strict(),
   z.object({ op: z.literal('shutdown'), graceMs: z.number().int().min(0).max(3_600_000), force: z.boolean() }).strict(),
   z.object({ op: z.literal('status') }).strict(),
@@ -55,7 +55,8 @@ export interface HolderStatus {
 
 export interface ControlHandler {
   freeze(): Promise<FrozenPoint>;
-  fold(id: string, digests: ReadonlyMap<string, string>): Promise<void>;
+  /** `background`: the fold yields to the guest's I/O (a speed limit) until someone waits on the chain. */
+  fold(id: string, digests: ReadonlyMap<string, string>, opts?: { background?: boolean }): Promise<void>;
   abandon(id: string): Promise<void>;
   /** Asks the guest to power off (ACPI), waits up to `graceMs`; `force` then cuts the power. Resolves once it is off. */
   shutdown(graceMs: number, force: boolean): Promise<void>;
@@ -116,7 +117,7 @@ export async function serveControl(socketPath: string, handler: ControlHandler, 
         }
         if (req.op === 'fold') {
           open.delete(req.id);
-          await handler.fold(req.id, new Map(Object.entries(req.digests)));
+          await handler.fold(req.id, new Map(Object.entries(req.digests)), { background: req.background === true });
           return answer({ ok: true });
         }
         if (req.op === 'abandon') {
@@ -251,8 +252,8 @@ export class ControlClient {
     return FrozenPointSchema.parse((await this.call({ op: 'freeze' })).point);
   }
 
-  async fold(id: string, digests: ReadonlyMap<string, string>): Promise<void> {
-    await this.call({ op: 'fold', id, digests: Object.fromEntries(digests) });
+  async fold(id: string, digests: ReadonlyMap<string, string>, opts: { background?: boolean } = {}): Promise<void> {
+    await this.call({ op: 'fold', id, digests: Object.fromEntries(digests), ...(opts.background ? { background: true } : {}) });
   }
 
   async abandon(id: string): Promise<void> {

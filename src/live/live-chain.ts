@@ -75,12 +75,23 @@ export interface FrozenPoint {
 /** How long a fold or an abandon may take (a large frozen layer on a slow disk). */
 const JOB_TIMEOUT_MS = 3_600_000;
 
+/**
+ * A background replica's fold copies at most this many bytes a second (QEMU's block-job `speed`):
+ * the guest's own I/O goes first. Each written 4 KiB page costs the holder a read and a write (both
+ * through LUKS), as much as a guest write; at 8 MiB/s that is 2,048 pages a second, and minutes of
+ * office work fold in seconds. Lifted (`hurry`) the moment anyone waits on the chain: a check-in's
+ * freeze, a shutdown.
+ */
+export const BACKGROUND_FOLD_BYTES_PER_S = 8 * 2 ** 20;
+
 export class LiveChain {
   /** Node name of each disk's active top (the initial `<prefix>-top`, then one per point). */
   private readonly active = new Map<string, string>();
   private point: { id: string; frozen: Map<string, string>; kind: ReplicaKind; exports: string[] } | null = null;
   private generation = 0;
   private busy: Promise<unknown> = Promise.resolve();
+  /** The fold job running with a speed limit, if one is: `hurry` lifts it. */
+  private slowJob: string | null = null;
 
   constructor(
     private readonly host: BlockHost,
@@ -103,7 +114,17 @@ export class LiveChain {
   }
 
   freeze(): Promise<FrozenPoint> {
+    // Whoever freezes waits behind a background fold: that fold now runs at full speed.
+    void this.hurry();
     return this.serial(() => this.freezeNow());
+  }
+
+  /** A background fold in flight goes on at full speed (a check-in or a shutdown is waiting on it). */
+  async hurry(): Promise<void> {
+    const job = this.slowJob;
+    if (!job) return;
+    this.slowJob = null;
+    await this.host.qmp.execute('block-job-set-speed', { device: job, speed: 0 }).catch(() => undefined);
   }
 
   private async freezeNow(): Promise<FrozenPoint> {
@@ -148,19 +169,25 @@ export class LiveChain {
     return { id, kind: taken.kind, reason: taken.reason, pausedMs, socketPath: this.nbd.socketPath, disks: out };
   }
 
-  /** The broker acknowledged point `id`: each frozen layer goes into its base, the guest writing on. */
-  fold(id: string, digests: ReadonlyMap<string, string>): Promise<void> {
+  /**
+   * The broker acknowledged point `id`: each frozen layer goes into its base, the guest writing on.
+   * `background`: the fold copies at BACKGROUND_FOLD_BYTES_PER_S until someone hurries it.
+   */
+  fold(id: string, digests: ReadonlyMap<string, string>, opts: { background?: boolean } = {}): Promise<void> {
     return this.serial(async () => {
       const point = this.expect(id);
       await this.dropExports(point.exports);
       await this.layers.acknowledged(digests, point.kind);
       for (const d of this.layers.disks()) {
         const frozen = point.frozen.get(d.name)!;
-        await this.runJob(`fold-${d.prefix}-${this.generation}`, {
+        const jobId = `fold-${d.prefix}-${this.generation}`;
+        this.slowJob = opts.background ? jobId : null;
+        await this.runJob(jobId, {
           device: this.active.get(d.name)!, 'top-node': frozen, 'base-node': `${d.prefix}-base`,
           // The active top's header then names no backing file: the chain is always given whole (chain.ts).
           'backing-file': '',
-        }, false);
+          ...(opts.background ? { speed: BACKGROUND_FOLD_BYTES_PER_S } : {}),
+        }, false).finally(() => (this.slowJob = null));
         await this.host.qmp.execute('blockdev-del', { 'node-name': frozen });
         await this.layers.folded(d.name);
       }

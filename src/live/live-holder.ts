@@ -122,9 +122,10 @@ export async function startLiveControl(held: HeldDesktop, host: BlockHost, opts:
       opts.log(`replica of ${held.state.name}: point in time taken (${point.kind}, guest I/O paused ${point.pausedMs.toFixed(1)} ms)`);
       return point;
     },
-    fold: (id, digests) => live.fold(id, digests),
+    fold: (id, digests, o) => live.fold(id, digests, o),
     abandon: (id) => live.abandon(id),
-    shutdown: (graceMs, force) => opts.shutdown(graceMs, force),
+    // A background fold in flight goes on at full speed: the guest's stop waits on it.
+    shutdown: async (graceMs, force) => { await live.hurry(); await opts.shutdown(graceMs, force); },
     status: async () => ({ kind: opts.kind, pid: process.pid, guestAgent: opts.guestAgent(), pointOpen: live.pointOpen }),
     ...opts.devices,
   }, controlKey(held.keys, held.state.desktopId), opts.log);

@@ -253,10 +253,13 @@ export async function fetchOne(session: TransferSession, id: ChunkId, keys: Line
   decoder.finish();
 }
 
-/** Streams the blobs of `ids` (unverified: the caller authenticates each before trusting it). */
+/**
+ * Streams the blobs of `ids` (unverified: the caller authenticates each before trusting it). A
+ * blob is valid until the caller asks for the next one (the decoder reuses its buffer): copy it to keep it.
+ */
 export async function* fetchBlobs(session: TransferSession, ids: readonly ChunkId[], signal?: AbortSignal): AsyncGenerator<{ id: ChunkId; blob: Buffer }> {
   const res = await session.call('/v1/chunks/fetch', JSON.stringify({ ids }), signal);
-  const decoder = new FrameDecoder();
+  const decoder = new FrameDecoder({ reuse: true });
   for await (const piece of res.body) {
     for (const frame of decoder.push(piece)) {
       if (frame.type === FRAME_ERROR) throw new TransferFailed(`server could not send chunk ${frame.id}: ${frame.message}`);

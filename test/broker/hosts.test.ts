@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { createConnection } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -361,9 +361,27 @@ test('check-out of a desktop running on a host: the host shuts it down (forced a
 
   const home = join(broker.dir, 'laptop-online');
   await enroll(laptopEnv(home), broker.url, { fingerprint: broker.fingerprint, name: 'laptop-online' });
-  const co = await laptopCheckout(laptopEnv(home), 'online1');
+  // The host's pages wait until the laptop has fetched the snapshot the host ran from (so the test shows what travels when, on any load).
+  const base = decodeManifest((await broker.ctx.store.getManifest((await broker.ctx.meta.getSnapshot((await placement('online1'))!.snapshotId!))!.disks[0]!.digest))!);
+  const step = broker.ctx.hosts.handoverStep.bind(broker.ctx.hosts);
+  broker.ctx.hosts.handoverStep = async (...a) => {
+    if (a[2] === 'sending') await until('the laptop fetched ahead', async () => logs.some((l) => /^fetched snapshot \S+ ahead while the host handed the desktop over/.test(l)), 20_000).catch(() => undefined);
+    return step(...a);
+  };
+  let co: Awaited<ReturnType<typeof laptopCheckout>>;
+  try {
+    co = await laptopCheckout(laptopEnv(home), 'online1');
+  } finally {
+    broker.ctx.hosts.handoverStep = step;
+  }
   assert.ok(logs.some((l) => /^host h1 is sending back what online1 wrote \(the guest did not shut down within 1 s/.test(l)), logs.join('\n'));
   assert.ok((await readDesktop(laptopEnv(home), 'online1')).equals(expected), "the laptop's disk is the host's, byte for byte");
+  // During the handover every chunk of the old snapshot came; after the commit only the 2 the guest changed.
+  const present = base.chunks.filter(Boolean).length;
+  assert.deepEqual(co.prefetched && [co.prefetched.chunks, co.prefetched.kept + co.prefetched.dropped], [present, present], JSON.stringify(co.prefetched));
+  assert.ok(co.prefetched!.dropped <= 2, JSON.stringify(co.prefetched));
+  assert.equal(co.chunksMoved, 2, 'only the changed chunks travelled after the commit');
+  assert.ok(!existsSync(join(home, 'desktops', d.id, 'prefetch.json')), 'the check-out owns what was fetched ahead');
   // Each step is an event of the desktop; the paused guest ignores ACPI: forced, and said so.
   const shutdown = (await events('guest-shutdown')).find((e) => e.actor === 'host:h1')!;
   assert.equal(shutdown.outcome, 'failed');
@@ -643,6 +661,38 @@ test('handover protocol: cancel before the host begins leaves the guest running;
   assert.equal((await placement('online2'))!.state, 'stopped', 'stopped on the host with its writes');
   assert.equal((await broker.ctx.scheduler.get((begun.body.job as { id: string }).id))!.state, 'failed', "the host's upload job ended");
   assert.equal((await broker.ctx.meta.getDesktop('online2'))!.currentSnapshot, (await placement('online2'))!.snapshotId, 'no snapshot made');
+
+  // 3. A laptop that fetched the old snapshot ahead, then the user cancels during the handover: nothing of it is served, all erased, the ticket ended.
+  const home = join(broker.dir, 'laptop-cancel');
+  await enroll(laptopEnv(home), broker.url, { fingerprint: broker.fingerprint, name: 'laptop-cancel' });
+  logs.length = 0;
+  const going = laptopCheckout(laptopEnv(home), 'online2');
+  going.catch(() => undefined);
+  const cmd3 = await until('handover command', async () => (await beat()).find((c) => c.type === 'handover' && c.id !== cmd2.id && c.id !== cmd1.id));
+  const third = (await broker.ctx.meta.activeCheckout(id))!;
+  const prefetchJob = (await broker.ctx.hosts.handover(third.id))!.prefetchJobId!;
+  assert.ok(prefetchJob, 'a prefetch job was opened with the handover');
+  // Its ticket is the holder's alone: an admin sees the job, never its ticket.
+  assert.equal((await http.call('GET', `/v1/jobs/${prefetchJob}`, undefined, admin)).body.transfer, undefined);
+  // The long poll: answered as soon as the step moves (not after its 20 s).
+  const t0 = Date.now();
+  const polled = http.call('GET', `/v1/checkouts/${third.id}/handover?after=asked&waitMs=20000`, undefined, alice);
+  await new Promise((r) => setTimeout(r, 200));
+  assert.equal((await step('', {})).status, 200);
+  assert.equal(((await polled).body.handover as { step: string }).step, 'shutting-down');
+  assert.ok(Date.now() - t0 < 10_000, `long poll answered after ${Date.now() - t0} ms`);
+  const idle = Date.now();
+  assert.equal(((await http.call('GET', `/v1/checkouts/${third.id}/handover?after=shutting-down&waitMs=300`, undefined, alice)).body.handover as { step: string }).step, 'shutting-down');
+  assert.ok(Date.now() - idle >= 280, 'an unchanged step is answered after waitMs');
+  assert.equal((await step('/shutdown', { forced: false, message: 'shut down (QEMU exit 0)' })).status, 200);
+  await until('the laptop fetched ahead', async () => logs.some((l) => /^fetched snapshot \S+ ahead/.test(l)), 30_000);
+  assert.ok(existsSync(join(home, 'desktops', id, 'prefetch.json')) && existsSync(join(home, 'desktops', id, 'disks', 'disk0', 'base.qcow2')));
+  assert.equal((await http.call('POST', `/v1/checkouts/${third.id}/cancel`, {}, alice)).status, 200);
+  await assert.rejects(going, (err: Error) => /did not hand online2 over \(the check-out is cancelled\)/.test(err.message));
+  assert.equal((await broker.ctx.scheduler.get(prefetchJob))!.state, 'cancelled', "the prefetch's ticket ended");
+  assert.deepEqual(readdirSync(join(home, 'desktops', id)).filter((f) => ['disks', 'manifests', 'prefetch.json', 'state.json'].includes(f)), [], 'erased: no base, no state');
+  await assert.rejects(readDesktop(laptopEnv(home), 'online2'), /not checked out to this device/);
+  assert.equal((await ack(cmd3, { ok: false, message: 'the check-out was cancelled', guest: 'stopped' })).status, 200);
   assert.deepEqual((await http.call('POST', '/v1/admin/desktops/online2/release', { reason: 'test' }, admin)).body, { released: 'f2' });
 });
 

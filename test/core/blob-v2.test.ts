@@ -74,3 +74,21 @@ test('rotation: new blobs under the new generation, old ones still open; a holde
   assert.deepEqual(openBlob(unwrapped, fresh.id, fresh.blob), data);
   assert.deepEqual([...unwrapped.olderDataKeys!.keys()], [0, 1]);
 });
+
+test('opening into a recycled buffer: the same plaintext, compressed or not; a tampered blob still refused; too small a buffer is not used', () => {
+  const keys = generateLineageKeys();
+  const text = Buffer.alloc(256 * 1024, 'the laptop is offline; ');
+  for (const data of [randomBytes(256 * 1024), text, randomBytes(100)]) {
+    const { id, blob } = sealChunk(keys, data);
+    const into = Buffer.alloc(256 * 1024, 0xee);
+    const plain = openBlob(keys, id, blob, { into });
+    assert.deepEqual(plain, data);
+    assert.equal(plain.buffer, into.buffer, 'a view of the buffer given');
+    assert.deepEqual(openBlob(keys, id, blob, { into: Buffer.alloc(10) }), data);
+    for (const at of [40, blob.length - 1]) {
+      const bad = Buffer.from(blob);
+      bad[at]! ^= 1;
+      assert.throws(() => openBlob(keys, id, bad, { into: Buffer.alloc(256 * 1024) }), BlobError, `byte ${at}`);
+    }
+  }
+});

@@ -356,7 +356,10 @@ test('background replication: the agent replicates a running desktop on the poli
     };
     await write(MIB);
     // Due (never replicated): the agent takes it live, the desktop running.
+    const seen = logs.length;
     assert.equal((await runAgent(env(home), { once: true })).online, true);
+    // In a process of its own at low priority (client/background.ts): its log, passed on by the agent, says so.
+    assert.ok(logs.slice(seen).some((l) => /in the background: CPU priority nice 15/.test(l)), `the scheduled replica ran at nice 15:\n${logs.slice(seen).join('\n')}`);
     let { state } = await vaultState(home, 'live-agent');
     assert.equal(state.lastReplicaKind, 'crash-consistent');
     const first = await points();

@@ -23,7 +23,7 @@ function fakeHolder() {
       calls.push('freeze');
       return { id: '0123456789abcdef', kind: 'crash-consistent', pausedMs: 1, socketPath: '/x.sock', disks: [] };
     },
-    async fold(id) { calls.push(`fold ${id}`); },
+    async fold(id, _digests, opts) { calls.push(`fold ${id}${opts?.background ? ' background' : ''}`); },
     async abandon(id) { calls.push(`abandon ${id}`); },
     async shutdown() { calls.push('shutdown'); },
     async status() { return { kind: 'serve', pid: process.pid, guestAgent: null, pointOpen: false }; },
@@ -39,6 +39,10 @@ test('control requests need the desktop\'s key: a wrong key is refused before an
   try {
     const good = await ControlClient.connect(path, keyOf(secret));
     assert.equal((await good.status()).kind, 'serve');
+    // A background replica's fold says so (the holder then folds at its speed limit: background-fold.test.ts).
+    await good.fold('0123456789abcdef', new Map(), { background: true });
+    await good.fold('0123456789abcdef', new Map());
+    assert.deepEqual(calls.splice(0), ['fold 0123456789abcdef background', 'fold 0123456789abcdef']);
     good.close();
 
     const stranger = await ControlClient.connect(path, keyOf(randomBytes(32)));

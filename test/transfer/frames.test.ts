@@ -44,3 +44,19 @@ test('malformed streams are refused with a FrameError, never mis-read', () => {
   // Type 3, the sender-named delta of the retired named push, is no frame any more.
   assert.throws(bad(encodeFrame(3, A, Buffer.alloc(40))), /unknown frame type 3/);
 });
+
+test('a reusing decoder hands out the same frames, each whole until the next push, whatever way the stream is cut', () => {
+  const blobs = [randomBytes(70_000), randomBytes(5), randomBytes(200_000), randomBytes(1)];
+  const wire = Buffer.concat([...blobs.map((b, i) => blobFrame(String(i).repeat(64), b)), errorFrame(A, 'gone'), endFrame()]);
+  for (const step of [997, 4096, 65536, 100_000, wire.length]) {
+    const d = new FrameDecoder({ reuse: true });
+    const seen: { type: number; payload?: Buffer }[] = [];
+    for (let i = 0; i < wire.length; i += step) {
+      // Copied at once: a joined payload is valid until the next push only.
+      for (const f of d.push(wire.subarray(i, i + step))) seen.push({ type: f.type, payload: 'payload' in f ? Buffer.from(f.payload) : undefined });
+    }
+    d.finish();
+    assert.deepEqual(seen.map((f) => f.type), [FRAME_BLOB, FRAME_BLOB, FRAME_BLOB, FRAME_BLOB, FRAME_ERROR, FRAME_END], `step ${step}`);
+    blobs.forEach((b, i) => assert.deepEqual(seen[i]!.payload, b, `blob ${i}, step ${step}`));
+  }
+});

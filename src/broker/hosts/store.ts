@@ -62,7 +62,13 @@ CREATE TABLE host_replica_commits (
   job_id TEXT PRIMARY KEY, desktop_id TEXT NOT NULL, host_id TEXT NOT NULL, snapshot_id TEXT NOT NULL, committed_at TEXT NOT NULL);
 `;
 
-export const HOST_MIGRATIONS: Migration[] = [{ version: 1, sql: V1 }, { version: 2, sql: V2 }, { version: 3, sql: V3 }, { version: 4, sql: V4 }, { version: 5, sql: V5 }];
+/**
+ * The laptop's download job for the snapshot the host ran from, opened with the handover: the
+ * chunks the guest did not change travel while the host shuts down (ended at the commit or cancel).
+ */
+const V6 = `ALTER TABLE host_handovers ADD COLUMN prefetch_job_id TEXT;`;
+
+export const HOST_MIGRATIONS: Migration[] = [{ version: 1, sql: V1 }, { version: 2, sql: V2 }, { version: 3, sql: V3 }, { version: 4, sql: V4 }, { version: 5, sql: V5 }, { version: 6, sql: V6 }];
 
 /**
  * `starting`: told to start; `running`: the host says QEMU runs; `stopping`; `stopped`: off, its chain kept on the host;
@@ -76,7 +82,7 @@ export type HostCommandType = 'start' | 'off' | 'shutdown' | 'reset' | 'discard'
 export type HandoverStep = 'asked' | 'shutting-down' | 'sending' | 'done' | 'failed' | 'cancelled';
 export interface HandoverRow {
   checkoutId: string; desktopId: string; hostId: string; baseSnapshot: string; was: 'running' | 'stopped'; step: HandoverStep; detail: string | null;
-  jobId: string | null; createdAt: string; updatedAt: string;
+  jobId: string | null; prefetchJobId: string | null; createdAt: string; updatedAt: string;
 }
 
 export interface HostRow {
@@ -117,7 +123,7 @@ function placementRow(r: Raw): PlacementRow {
 function handoverRow(r: Raw): HandoverRow {
   return {
     checkoutId: String(r.checkout_id), desktopId: String(r.desktop_id), hostId: String(r.host_id), baseSnapshot: String(r.base_snapshot), was: r.was === 'running' ? 'running' : 'stopped',
-    step: String(r.step) as HandoverStep, detail: str(r.detail), jobId: str(r.job_id), createdAt: String(r.created_at), updatedAt: String(r.updated_at),
+    step: String(r.step) as HandoverStep, detail: str(r.detail), jobId: str(r.job_id), prefetchJobId: str(r.prefetch_job_id), createdAt: String(r.created_at), updatedAt: String(r.updated_at),
   };
 }
 function commandRow(r: Raw): HostCommandRow {
@@ -128,7 +134,32 @@ function commandRow(r: Raw): HostCommandRow {
 export class HostStore {
   /** Told of each command queued here (the hosts' long polls wake at once; this process only). */
   private readonly queued = new Set<(hostId: string) => void>();
+  /** The laptops' long polls on a handover's step, by check-out (this process only: they re-read too). */
+  private readonly stepWaiters = new Map<string, Set<() => void>>();
   constructor(private readonly sql: SqlConn) {}
+
+  /** Settles when the handover of `checkoutId` moves here (or its check-out ends), after `ms`, or on `signal`; registered at once (call it before reading). */
+  handoverWaiter(checkoutId: string, ms: number, signal?: AbortSignal): Promise<void> {
+    return new Promise((resolve) => {
+      const set = this.stepWaiters.get(checkoutId) ?? new Set();
+      this.stepWaiters.set(checkoutId, set);
+      const done = () => {
+        clearTimeout(timer);
+        set.delete(done);
+        if (!set.size) this.stepWaiters.delete(checkoutId);
+        signal?.removeEventListener('abort', done);
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      timer.unref();
+      set.add(done);
+      signal?.addEventListener('abort', done, { once: true });
+    });
+  }
+  /** Wakes the long polls on this check-out's handover (a step moved, or the check-out ended). */
+  wakeHandover(checkoutId: string): void {
+    for (const fn of [...(this.stepWaiters.get(checkoutId) ?? [])]) fn();
+  }
 
   onQueued(fn: (hostId: string) => void): void {
     this.queued.add(fn);
@@ -266,10 +297,10 @@ export class HostStore {
     return (await this.sql.all<Raw>('SELECT * FROM host_commands WHERE type = ? ORDER BY created_at, id', [type])).map(commandRow);
   }
 
-  async addHandover(h: { checkoutId: string; desktopId: string; hostId: string; baseSnapshot: string; was: 'running' | 'stopped' }): Promise<void> {
+  async addHandover(h: { checkoutId: string; desktopId: string; hostId: string; baseSnapshot: string; was: 'running' | 'stopped'; prefetchJobId: string | null }): Promise<void> {
     const at = now();
-    await this.sql.run("INSERT INTO host_handovers (checkout_id, desktop_id, host_id, base_snapshot, was, step, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'asked', ?, ?)",
-      [h.checkoutId, h.desktopId, h.hostId, h.baseSnapshot, h.was, at, at]);
+    await this.sql.run("INSERT INTO host_handovers (checkout_id, desktop_id, host_id, base_snapshot, was, step, prefetch_job_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'asked', ?, ?, ?)",
+      [h.checkoutId, h.desktopId, h.hostId, h.baseSnapshot, h.was, h.prefetchJobId, at, at]);
   }
   async handover(checkoutId: string): Promise<HandoverRow | null> {
     const r = await this.sql.get<Raw>('SELECT * FROM host_handovers WHERE checkout_id = ?', [checkoutId]);
@@ -284,8 +315,10 @@ export class HostStore {
   async handoverStep(checkoutId: string, from: readonly HandoverStep[], to: HandoverStep, patch: { detail?: string | null; jobId?: string | null } = {}): Promise<boolean> {
     const cur = await this.handover(checkoutId);
     if (!cur || !from.includes(cur.step)) return false;
-    return (await this.sql.run('UPDATE host_handovers SET step = ?, detail = ?, job_id = ?, updated_at = ? WHERE checkout_id = ? AND step = ?', [
+    const moved = (await this.sql.run('UPDATE host_handovers SET step = ?, detail = ?, job_id = ?, updated_at = ? WHERE checkout_id = ? AND step = ?', [
       to, patch.detail === undefined ? cur.detail : patch.detail, patch.jobId === undefined ? cur.jobId : patch.jobId, now(), checkoutId, cur.step])) === 1;
+    if (moved) this.wakeHandover(checkoutId);
+    return moved;
   }
 
   async keep(k: { desktopId: string; hostId: string; snapshotId: string | null; reason: string | null }): Promise<void> {

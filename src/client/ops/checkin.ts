@@ -56,6 +56,8 @@ async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopD
 export interface RunningCheckin {
   shutdownGraceMs?: number;
   force?: boolean;
+  /** A background replica (client/background.ts): a running desktop's fold yields to the guest's I/O. Check-ins never are. */
+  background?: boolean;
 }
 
 const DEFAULT_SHUTDOWN_GRACE_MS = 120_000;
@@ -113,7 +115,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
     const holder = await readOwner(vault, state.desktopId);
     if (kind === 'replicate' && (holder?.kind === 'run' || holder?.kind === 'serve')) {
       // The desktop runs: the process holding its chain takes the point in time (src/live/).
-      const live = await liveReplicate({ env, broker, vault, state, keys });
+      const live = await liveReplicate({ env, broker, vault, state, keys, background: running.background === true });
       env.log(`replicated ${state.name} while it runs: restore point ${live.commit.snapshotId} (${live.kind}), ${live.sent.chunksMoved} chunks sent (${live.sent.bytesMoved} bytes)`);
       return { snapshotId: live.commit.snapshotId, changedChunks: live.changes.changedChunks, chunksSent: live.sent.chunksMoved, bytesSent: live.sent.bytesMoved, replicaKind: live.kind };
     }

@@ -28,7 +28,8 @@ import { retryTransfer } from '../session/retry.js';
 import { rememberRate, transferLimiter } from '../session/transfer-rate.js';
 import { activeJob, findEntry, onlineSession, pinnedBrokerKey, renewer, type ClientEnv } from '../session/session.js';
 import { Vault, type DesktopState } from '../vault/vault.js';
-import { adoptParked, parkPolicy } from '../vault/parked.js';
+import { adoptParked, parkPolicy, readParked } from '../vault/parked.js';
+import { discardLeftover, HandoverPrefetch, HandoverWait, waitForHandover, type Adopted } from '../session/handover.js';
 
 /**
  * Check-out: the broker locks the desktop and names the checkpoint; the laptop makes an empty
@@ -43,6 +44,7 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
     const found = (await vault.list()).find((s) => s.desktopId === entry.id);
     let state: DesktopState;
     let keys: DesktopKeys;
+    let prefetched: { chunks: number; kept: number; dropped: number; completeAfterMs: number | null } | null = null;
     if (found && found.state === 'transferring') {
       // A check-out that failed for good (a damaged snapshot) would only fail again: say so, fetch nothing.
       const failed = await readCheckoutFailure(vault, found.desktopId);
@@ -53,7 +55,7 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       if (found) {
         // Nothing left to do (e.g. `carryon serve` or `run` finished the download): say so, succeed.
         env.log(`${entry.name} is already checked out to this device and entirely local`);
-        return { desktopId: entry.id, checkoutId: found.checkoutId, chunksMoved: 0, bytesMoved: 0, refetched: 0, reusedChunks: 0, copiedChunks: 0, rejectedLocalChunks: 0 };
+        return { desktopId: entry.id, checkoutId: found.checkoutId, chunksMoved: 0, bytesMoved: 0, refetched: 0, reusedChunks: 0, copiedChunks: 0, rejectedLocalChunks: 0, prefetched: null };
       }
       const brokerKey = await pinnedBrokerKey(broker, device);
       const host = await hostFacts(env.home);
@@ -62,30 +64,59 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       const ask = () => broker.call('POST', `/v1/desktops/${entry.id}/checkout`, { deviceId: device.info.deviceId, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes } }, z.union([CheckoutResponse, HandoverWait]), {}, { repeatable: true });
       let answer = await ask();
       // A desktop running on a datacenter host: the host shuts it down and sends back what it wrote; then the check-out goes on from that.
-      for (let i = 0; 'handover' in answer; i++) {
-        if (i === 3) throw new CarryonError('handover', `the host has not handed ${entry.name} over yet: run the same command again`);
-        await waitForHandover(env, broker, entry.name, answer.checkout.id);
-        answer = await ask();
+      // Meanwhile the snapshot it ran from is fetched (not with a parked copy here: that one already holds most of it).
+      let early: HandoverPrefetch | null = null;
+      try {
+        for (let i = 0; 'handover' in answer; i++) {
+          if (i === 3) throw new CarryonError('handover', `the host has not handed ${entry.name} over yet: run the same command again`);
+          if (!early && answer.prefetch && !(await readParked(env.home, entry.id))) {
+            early = new HandoverPrefetch({ env, vault, broker, device, brokerKey, desktopId: entry.id, checkoutId: answer.checkout.id, view: answer.prefetch });
+          }
+          await waitForHandover(env, broker, entry.name, answer.checkout.id, answer.handover.step);
+          answer = await ask();
+        }
+      } catch (err) {
+        await early?.discard();
+        throw err;
       }
       const res = answer;
-      // The lease must verify against the broker key pinned now, inside the vault, before anything is kept.
-      const lease = verifyLease(res.lease, brokerKey, { now: new Date(), deviceId: device.info.deviceId!, desktopId: entry.id });
-      keys = newDesktopKeys(decodeLineageKeys(res.keys), brokerKey, createPublicKey(device.privateKey));
-      const disks: DesktopState['disks'] = [];
-      for (const d of res.disks) {
-        const m = decodeManifest(Buffer.from(d.manifest, 'base64'));
-        if (manifestDigest(m) !== d.digest) throw new CarryonError('bad-manifest', `manifest of ${d.name} does not match its digest`);
-        await vault.putManifest(entry.id, m);
-        disks.push({ name: d.name, baseDigest: d.digest, complete: false, mergingTo: null, shapes: { base: null, top: null }, baseVerified: null, topClosed: null, top: 'top.qcow2', under: null });
+      let adopted: Adopted | null = null;
+      let saved = false;
+      try {
+        // The lease must verify against the broker key pinned now, inside the vault, before anything is kept.
+        const lease = verifyLease(res.lease, brokerKey, { now: new Date(), deviceId: device.info.deviceId!, desktopId: entry.id });
+        // Not this run's: whatever an earlier run left without a state (a kill mid-handover) is erased, never taken for the checkpoint.
+        if (!early) await discardLeftover(vault, entry.id);
+        const disks: DesktopState['disks'] = [];
+        const manifests = [];
+        for (const d of res.disks) {
+          const m = decodeManifest(Buffer.from(d.manifest, 'base64'));
+          if (manifestDigest(m) !== d.digest) throw new CarryonError('bad-manifest', `manifest of ${d.name} does not match its digest`);
+          await vault.putManifest(entry.id, m);
+          manifests.push({ name: d.name, digest: d.digest, manifest: m });
+          disks.push({ name: d.name, baseDigest: d.digest, complete: false, mergingTo: null, shapes: { base: null, top: null }, baseVerified: null, topClosed: null, top: 'top.qcow2', under: null });
+        }
+        const lockDigest = await mintToken(vault.desktopDir(entry.id));
+        const stateWith = (wrapped: DesktopState['keys']): DesktopState => ({
+          desktopId: entry.id, name: entry.name, user, checkoutId: res.checkout.id, state: 'transferring', jobId: res.job.id, keys: wrapped, lease: res.lease,
+          config: { ...res.config, exportAllowed: res.policy?.exportAllowed?.value === true, maxTransferRateKBps: Number(res.policy?.maxTransferRateKBps?.value ?? 0), ...parkPolicy(res.policy) }, localConfig: {}, disks,
+          lastReplicationAt: null, lastReplicaKind: null, lockDigest, layerSecrets: 'per-layer', layersOpen: false, damaged: null, parking: null,
+        });
+        // What was fetched ahead: kept where its chunk IDs are the checkpoint's, the rest unmapped, all before the state names the checkpoint.
+        adopted = early ? await early.adopt(res.keys, manifests, stateWith) : null;
+        keys = adopted?.keys ?? newDesktopKeys(decodeLineageKeys(res.keys), brokerKey, createPublicKey(device.privateKey));
+        state = { ...stateWith(adopted?.wrapped ?? await Vault.wrapKeys(device, await env.password(), keys, entry.id)), localConfig: await vault.readLocalConfig(entry.id) };
+        await vault.save(state, keys);
+        saved = true;
+        await early?.adopted();
+        await resetClock(vault, state, keys, lease.issuedAt, device);
+        prefetched = adopted ? { chunks: adopted.prefetchedChunks, kept: adopted.keptChunks, dropped: adopted.droppedChunks, completeAfterMs: early!.completeAfterMs } : null;
+        if (adopted) env.log(`fetched ahead during the handover: ${adopted.prefetchedChunks} chunks, ${adopted.keptChunks} of them unchanged in the checkpoint (${adopted.droppedChunks} the guest changed are fetched again)`);
+      } catch (err) {
+        // Until the state names the checkpoint, what was fetched ahead is nobody's: erased.
+        if (!saved) await early?.discard();
+        throw err;
       }
-      state = {
-        desktopId: entry.id, name: entry.name, user, checkoutId: res.checkout.id, state: 'transferring', jobId: res.job.id,
-        keys: await Vault.wrapKeys(device, await env.password(), keys, entry.id), lease: res.lease,
-        config: { ...res.config, exportAllowed: res.policy?.exportAllowed?.value === true, maxTransferRateKBps: Number(res.policy?.maxTransferRateKBps?.value ?? 0), ...parkPolicy(res.policy) }, localConfig: await vault.readLocalConfig(entry.id), disks,
-        lastReplicationAt: null, lastReplicaKind: null, lockDigest: await mintToken(vault.desktopDir(entry.id)), layerSecrets: 'per-layer', layersOpen: false, damaged: null, parking: null,
-      };
-      await vault.save(state, keys);
-      await resetClock(vault, state, keys, lease.issuedAt, device);
       env.log(`checked out ${entry.name}: checkout ${res.checkout.id}, lease until ${res.checkout.leaseExpiresAt}`);
     }
     const release = await claimOwner(vault, state.desktopId, 'checkout', env.log);
@@ -108,10 +139,11 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       // A reused parked base is as trusted as when it was parked: its file was not written since (parked.ts checks its stamp).
       const copiedChunks = reused.copiedChunks + filled.copiedChunks;
       // Copied chunks were checked against their IDs like fetched ones.
-      await recordLayers(vault, { ...filled.state, state: 'checked_out', jobId: null }, keys, { verifiedBases: filled.bytesMoved > 0 || reused.reusedChunks > 0 || copiedChunks > 0 });
+      // Chunks fetched ahead during a handover were checked against their IDs like the others.
+      await recordLayers(vault, { ...filled.state, state: 'checked_out', jobId: null }, keys, { verifiedBases: filled.bytesMoved > 0 || reused.reusedChunks > 0 || copiedChunks > 0 || (prefetched?.kept ?? 0) > 0 });
       await clearCheckoutFailure(vault, state.desktopId);
       env.log(`${entry.name} is local (${filled.bytesMoved} bytes pulled); safe to go offline`);
-      return { desktopId: entry.id, checkoutId: state.checkoutId, chunksMoved: filled.chunksMoved, bytesMoved: filled.bytesMoved, refetched: 0, reusedChunks: reused.reusedChunks, copiedChunks, rejectedLocalChunks: reused.rejectedChunks + filled.rejectedChunks };
+      return { desktopId: entry.id, checkoutId: state.checkoutId, chunksMoved: filled.chunksMoved, bytesMoved: filled.bytesMoved, refetched: 0, reusedChunks: reused.reusedChunks, copiedChunks, rejectedLocalChunks: reused.rejectedChunks + filled.rejectedChunks, prefetched };
     } finally {
       // A top still being made belongs to this run: let it finish (or fail) before anyone else looks.
       await making.catch(() => undefined);
@@ -119,29 +151,6 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
     }
   } finally {
     await broker.close();
-  }
-}
-
-const HandoverView = z.object({ host: z.string(), step: z.string(), detail: z.string().nullable() }).loose();
-const HandoverWait = z.object({ checkout: CheckoutView, handover: HandoverView });
-
-/**
- * A check-out of a desktop that runs on a host waits while the host shuts the guest down and sends
- * its pages back (each step logged as it comes); a handover that failed or was cancelled says why.
- * Interrupted, the same command picks it up again (the broker answers the same check-out).
- */
-async function waitForHandover(env: ClientEnv, broker: BrokerClient, name: string, checkoutId: string): Promise<void> {
-  let said = '';
-  for (;;) {
-    const { handover: h } = await broker.call('GET', `/v1/checkouts/${checkoutId}/handover`, undefined, HandoverWait);
-    const line = h.step === 'asked' ? `${name} runs on host ${h.host}: asking it to hand the desktop over`
-      : h.step === 'shutting-down' ? `host ${h.host} is shutting ${name} down` : h.step === 'sending' ? `host ${h.host} is sending back what ${name} wrote (${h.detail ?? ''})` : `handover ${h.step}`;
-    if (line !== said) env.log((said = line));
-    if (h.step === 'done') return;
-    if (h.step === 'failed' || h.step === 'cancelled') throw new CarryonError('handover-failed', `host ${h.host} did not hand ${name} over (${h.step}: ${h.detail ?? 'no reason'}); the desktop stays on the host, nothing is lost`);
-    if (env.signal?.aborted) throw new CarryonError('aborted', 'stopped waiting for the host; run the same command again to go on');
-    // A handover lasts seconds and the user waits on its end: asked five times a second (a GET each).
-    await new Promise((r) => setTimeout(r, env.pollMs ?? 200));
   }
 }
 

@@ -16,7 +16,7 @@ import type { DesktopState, Vault } from '../vault/vault.js';
  * sends them as any replica, then tells it to fold them into the base. Whatever fails before the
  * broker's acknowledgement, the frozen layer goes back into the top (abandon): nothing is lost.
  */
-export async function liveReplicate(o: { env: ClientEnv; broker: BrokerClient; vault: Vault; state: DesktopState; keys: DesktopKeys }) {
+export async function liveReplicate(o: { env: ClientEnv; broker: BrokerClient; vault: Vault; state: DesktopState; keys: DesktopKeys; background?: boolean }) {
   const { env, broker, vault, state, keys } = o;
   if (state.damaged) throw new CarryonError('base-damaged', `${state.name} is marked damaged since ${state.damaged.at}: ${state.damaged.message}`);
   const control = await ControlClient.connect(await liveSocketPath({ vault, state }), controlKey(keys, state.desktopId));
@@ -46,7 +46,8 @@ export async function liveReplicate(o: { env: ClientEnv; broker: BrokerClient; v
     // Acknowledged: the frozen pages are the restore point; the holder folds them into the base.
     const digests = new Map<string, string>();
     for (const m of changedManifests(disks, outcome.changes.changes)) digests.set(m.name, await vault.putManifest(state.desktopId, m.manifest));
-    await control.fold(point.id, digests);
+    // A background replica's fold yields to the guest's I/O; a check-in's bulk folds at full speed.
+    await control.fold(point.id, digests, { background: o.background === true });
     return { ...outcome, kind: point.kind, pausedMs: point.pausedMs };
   } finally {
     for (const c of clients) await c.close().catch(() => undefined);

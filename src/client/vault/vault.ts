@@ -117,9 +117,8 @@ export class Vault implements DesktopRecords {
     emptyTrash(trash);
   }
 
-  /** Wraps a desktop's keys for this device and user: scrypt(device secret ‖ password). */
-  static async wrapKeys(device: DeviceIdentity, password: string, keys: DesktopKeys, desktopId: string): Promise<DesktopState['keys']> {
-    const salt = randomBytes(16);
+  /** Wraps a desktop's keys for this device and user: scrypt(device secret ‖ password). `salt`: chosen ahead by a caller that derives the layers' secrets from it meanwhile. */
+  static async wrapKeys(device: DeviceIdentity, password: string, keys: DesktopKeys, desktopId: string, salt: Buffer = randomBytes(16)): Promise<DesktopState['keys']> {
     const N = vaultScryptN();
     const k = await deriveDeviceUserKey(await device.secret(password), password, salt, { N, r: 8, p: 1, maxmem: scryptMaxmem(N) });
     return { salt: salt.toString('base64'), wrapped: sealDesktopKeys(k, keys, desktopId).toString('base64'), N };

@@ -77,6 +77,16 @@ export class FrameDecoder {
   private pieces: Buffer[] = [];
   private size = 0;
   private ended = false;
+  /** With `reuse`: the buffer frames that span pieces are joined into. */
+  private joined = Buffer.alloc(0);
+
+  /**
+   * `reuse`: a frame that spans pieces is joined into one buffer the decoder keeps, instead of a
+   * new one per frame (a chunk-sized allocation is an mmap and its page faults every time), so a
+   * frame's payload is valid only until the next `push`: for a consumer done with each frame
+   * before it reads on. At most one frame per push is joined (the piece just pushed completes it).
+   */
+  constructor(private readonly opts: { reuse?: boolean } = {}) {}
 
   push(piece: Uint8Array): Frame[] {
     if (this.ended && piece.length) throw new FrameError('data after the end frame');
@@ -126,12 +136,31 @@ export class FrameDecoder {
 
   /** Removes and returns the first `n` buffered bytes. */
   private take(n: number): Buffer {
+    if (this.opts.reuse && this.pieces[0]!.length < n) return this.join(n);
     const first = this.peek(n);
     const out = first.subarray(0, n);
     if (first.length === n) this.pieces.shift();
     else this.pieces[0] = first.subarray(n);
     this.size -= n;
     return out;
+  }
+
+  /** `take` for `reuse`: the first `n` bytes copied into the decoder's own buffer. */
+  private join(n: number): Buffer {
+    if (this.joined.length < n) this.joined = Buffer.allocUnsafeSlow(Math.max(n, MAX_BLOB_SIZE + HEAD));
+    let got = 0;
+    let used = 0;
+    while (got < n) {
+      const p = this.pieces[used]!;
+      const k = Math.min(p.length, n - got);
+      p.copy(this.joined, got, 0, k);
+      got += k;
+      if (k === p.length) used++;
+      else this.pieces[used] = p.subarray(k);
+    }
+    this.pieces.splice(0, used);
+    this.size -= n;
+    return this.joined.subarray(0, n);
   }
 
   /** Call at end of input: throws unless the end frame arrived. */

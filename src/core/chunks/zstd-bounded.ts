@@ -20,7 +20,8 @@ export class DecompressRefused extends Error {
 /** One context per thread (worker threads load their own copy of this module). */
 let dctx: binding.DCtx | null = null;
 
-export function decompressBounded(frame: Uint8Array, max: number): Buffer {
+/** `into`: where to write when it has room (a recycled buffer; the result is a view of it), else a new buffer. */
+export function decompressBounded(frame: Uint8Array, max: number, into?: Buffer): Buffer {
   let size: number | null;
   let length: number;
   try {
@@ -32,7 +33,7 @@ export function decompressBounded(frame: Uint8Array, max: number): Buffer {
   if (size === null) throw new DecompressRefused('decompress', 'the zstd frame does not declare its size');
   if (size > max) throw new DecompressRefused('too-large', `the zstd frame declares ${size} bytes (at most ${max} here)`);
   if (length !== frame.length) throw new DecompressRefused('decompress', `${frame.length - length} bytes after the zstd frame`);
-  const out = Buffer.allocUnsafe(size);
+  const out = into && into.length >= size ? into.subarray(0, size) : Buffer.allocUnsafe(size);
   let made: number;
   try {
     dctx ??= new binding.DCtx();

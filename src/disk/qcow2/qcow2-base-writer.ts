@@ -127,6 +127,11 @@ export class Qcow2BaseWriter {
     this.ready.set(index, host);
   }
 
+  /** A cluster-sized buffer a finished write handed back, to fill with the next chunk's plaintext; null if none is free. */
+  spare(): Buffer | null {
+    return this.writers.spare();
+  }
+
   /**
    * Makes every chunk written so far durable and mapped: refcounts, sync, L2 tables and L1, sync.
    * Not concurrent with itself (the caller serialises); writes may go on meanwhile.

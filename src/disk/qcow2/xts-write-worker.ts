@@ -14,6 +14,8 @@ export interface XtsWriteRequest {
 export interface XtsWriteResult {
   seq: number;
   error: { message: string; code?: string } | null;
+  /** The request's buffer, handed back for the next chunk's plaintext (no allocation per chunk). */
+  data: ArrayBuffer;
 }
 
 export interface XtsWriterInit {
@@ -45,5 +47,5 @@ parentPort!.on('message', (req: XtsWriteRequest) => {
   } catch (err) {
     error = { message: (err as Error).message, code: (err as NodeJS.ErrnoException).code };
   }
-  parentPort!.postMessage({ seq: req.seq, error } satisfies XtsWriteResult);
+  parentPort!.postMessage({ seq: req.seq, error, data: req.data } satisfies XtsWriteResult, [req.data]);
 });

@@ -16,6 +16,7 @@ import type { XtsWriteRequest, XtsWriteResult, XtsWriterInit } from './xts-write
 export class XtsWriters {
   private readonly pool: WorkerPool<Omit<XtsWriteRequest, 'seq'>, XtsWriteResult>;
   private readonly directFd: number | null;
+  private readonly spares: ArrayBuffer[] = [];
 
   /**
    * `key`: the 64-byte XTS volume key; `fd`: the image, open for writing, closed only after
@@ -30,7 +31,18 @@ export class XtsWriters {
   /** Encrypts and writes `cluster` (a whole cluster; its buffer moves to the worker) at byte `host`. */
   async write(cluster: Buffer, host: number): Promise<void> {
     const data = exactBuffer(cluster);
-    await this.pool.run({ data, host }, [data]);
+    const { data: back } = await this.pool.run({ data, host }, [data]);
+    if (this.spares.length < MAX_SPARES) this.spares.push(back);
+  }
+
+  /**
+   * A buffer a finished write handed back (its old contents: overwrite it whole), or null. Filling
+   * it instead of a new buffer saves an mmap and its page faults per chunk (glibc maps every
+   * allocation of 128 KiB or more on its own).
+   */
+  spare(): Buffer | null {
+    const b = this.spares.pop();
+    return b ? Buffer.from(b) : null;
   }
 
   /** Stops the threads; writes still in flight are failed. */
@@ -39,6 +51,9 @@ export class XtsWriters {
     if (this.directFd !== null) closeSync(this.directFd);
   }
 }
+
+/** Spare buffers kept: a few per stream's writes in flight (more would only hold memory). */
+const MAX_SPARES = 16;
 
 function openDirect(path: string): number | null {
   try {

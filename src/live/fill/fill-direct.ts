@@ -37,6 +37,8 @@ export class ChunkFailedAuthentication extends CarryonError {
 export interface BaseSink {
   /** Writes chunk `index` of the disk (its plaintext; the sink encrypts and may take the buffer over). */
   write(index: number, plain: Buffer): Promise<void>;
+  /** A buffer to open the next chunk into (one an earlier write is done with), or null: saves an allocation per chunk. */
+  spare?(): Buffer | null;
   /** Everything written before the call is durable (and mapped) when it resolves. */
   persist(): Promise<unknown>;
   close(): Promise<void>;
@@ -142,7 +144,7 @@ export async function fillDirect(opts: {
           try {
             // No second hash of the plaintext: the tag binds it to this ID under the lineage key, and
             // every blob was checked against its ID where it entered the datacenter (import, push).
-            plain = openBlob(opts.keys, id, blob, { checkId: false });
+            plain = openBlob(opts.keys, id, blob, { checkId: false, into: places[0]!.sink.spare?.() ?? undefined });
             if (plain.length !== places[0]!.length) throw new Error(`chunk has ${plain.length} bytes, expected ${places[0]!.length}`);
           } catch (err) {
             failures.set(id, (failures.get(id) ?? 0) + 1);

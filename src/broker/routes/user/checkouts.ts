@@ -1,7 +1,7 @@
 import type { FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import { cancel, issueLease, markTransferred, rollback } from '../../checkouts.js';
-import { handoverOfCheckout } from '../../hosts/handover.js';
+import { HANDOVER_WAIT_MS, handoverOfCheckout } from '../../hosts/handover.js';
 import type { BrokerContext } from '../../context.js';
 import { checkoutOutcome } from '../../handback.js';
 import { reportChunkFailure } from '../../desktops/damage.js';
@@ -12,7 +12,20 @@ import { heldCheckout } from './holder-scope.js';
 
 /** A check-out's life cycle on the user's laptop, its uploads aside (check-ins.ts) (holder scope: the caller holds it). */
 export const checkoutRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
-  app.get('/v1/checkouts/:id/handover', async (req) => await handoverOfCheckout(ctx, heldCheckout(req)));
+  // Without a query, where the handover stands now (older laptops poll it); with `after`, a long poll until that step moves.
+  const Wait = z.object({ after: z.enum(['asked', 'shutting-down', 'sending', 'done', 'failed', 'cancelled']).optional(), waitMs: z.coerce.number().int().min(0).max(HANDOVER_WAIT_MS).default(HANDOVER_WAIT_MS) }).strict();
+  app.get('/v1/checkouts/:id/handover', async (req, reply) => {
+    const q = parse(Wait, req.query ?? {});
+    if (!q.after) return await handoverOfCheckout(ctx, heldCheckout(req));
+    const gone = new AbortController();
+    // The response's close: the laptop went away (a request's own close may come as soon as its body was read).
+    reply.raw.once('close', () => gone.abort());
+    try {
+      return await handoverOfCheckout(ctx, heldCheckout(req), { after: q.after, ms: q.waitMs, signal: gone.signal });
+    } finally {
+      gone.abort();
+    }
+  });
   app.post('/v1/checkouts/:id/transferred', async (req) => ({ checkout: await markTransferred(ctx, heldCheckout(req)) }));
   // A chunk the laptop could not authenticate (3 tries): checked against the store, audited, remembered when the store's copy is bad.
   app.post('/v1/checkouts/:id/damaged', async (req) => {
