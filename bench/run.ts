@@ -33,8 +33,9 @@ const sections: BenchSection[] = [
   gcSection(work, 1 * scale),
   concurrentSection(work, Math.max(64, 512 * scale)),
   liveSection(work, 4 * scale, 16 * scale, 0.04 * scale, 10),
-  // 1% of the desktop written (41 × 64 KiB at 256 MiB), as the issue measured it.
-  slowLinkSection(work, Math.max(64, 256 * scale), Math.max(64, 256 * scale) / 100, ['100mbit', '10mbit']),
+  // First check-out at 256 MiB (its whole data crosses a 10 Mbit/s link); check-in and second check-out at 4 GiB
+  // (the same data, the rest zeros) after 1% of it written (41 MiB of 64 KiB writes).
+  slowLinkSection(work, Math.max(64, 256 * scale), Math.max(256, 4096 * scale), Math.max(256, 4096 * scale) / 100, ['100mbit', '10mbit']),
   rateLimitSection(work, 16, '1M'), // 16 s per transfer at the cap, whatever the scale: the windows are 10 s
   gatewaySection(work, 4 * scale),
   onlineSection(work, 4 * scale, 0.04 * scale),
@@ -94,6 +95,9 @@ const READING = [
   '- Shaped link (issue 25): broker, transfer server, laptops and an rsync daemon run in a network namespace of their own',
   '  whose loopback (MTU 1500) `tc` tbf shapes to the rate while a timed step runs (set-up steps run unshaped); the peer',
   '  is `rsync -z` against the daemon over the same link, one run each. This kernel has no netem: no latency rows.',
+  '  The first check-out is of a 256 MiB desktop (its whole data crosses the link); check-in and second check-out are of',
+  '  a 4 GiB one holding the same 64 MiB random and 64 MiB text, the rest zeros, after 1% (41 MiB) written: only the',
+  '  change crosses the link, and rsync still reads the whole 4 GiB on both ends.',
   '- --limit-rate on the wire: in a namespace of its own the loopback byte counter (IP bytes, headers included) is the',
   '  transfer\'s; the fastest and slowest 10 s windows are taken where the transfer runs (not over login and commit).',
   '- Live replicas (issue 24): the desktop is held by `carryon serve` in a process of its own (as `carryon run` holds it),',

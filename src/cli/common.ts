@@ -50,17 +50,20 @@ export function table(rows: Record<string, unknown>[], columns?: string[]): void
   process.stdout.write(`${line(cols.map((c) => c.toUpperCase()))}\n${rows.map((r) => line(cols.map((c) => cell(r[c])))).join('\n')}\n`);
 }
 
+/** Chunks copied from this laptop's own copies of clones: done work that did not travel, said apart from the fetched ones. */
+const copiedHere = (p: Progress) => (p.chunksCopied ? ` fetched + ${p.chunksCopied} copied from this laptop` : '');
+
 /** A progress bar on a terminal (bytes, rate, ETA); a line every few seconds otherwise. */
 export function progressReporter(quiet: boolean): { onProgress: (label: string, p: Progress) => void; stop: () => void } {
   if (quiet) return { onProgress: () => undefined, stop: () => undefined };
   if (process.stderr.isTTY) {
     // The percentage is the desktop's data present locally where the transfer says (check-outs: the
     // number `status` and the admin views show), else this run's chunks.
-    const bar = new cliProgress.SingleBar({ format: '{label} [{bar}] {percentage}% | {chunks} chunks | {done} | {rate}/s | ETA {eta_formatted}', stream: process.stderr, hideCursor: true }, cliProgress.Presets.shades_classic);
+    const bar = new cliProgress.SingleBar({ format: '{label} [{bar}] {percentage}% | {chunks} | {done} | {rate}/s | ETA {eta_formatted}', stream: process.stderr, hideCursor: true }, cliProgress.Presets.shades_classic);
     let started = false;
     return {
       onProgress: (label, p) => {
-        const payload = { label, chunks: `${p.chunksDone}/${p.chunksTotal}`, done: formatBytes(p.bytesDone), rate: formatBytes(p.rate) };
+        const payload = { label, chunks: `${p.chunksDone}/${p.chunksTotal} chunks${copiedHere(p)}`, done: formatBytes(p.bytesDone), rate: formatBytes(p.rate) };
         const [value, total] = p.bytesTotal !== undefined ? [p.bytesLocal ?? 0, p.bytesTotal] : [p.chunksDone, p.chunksTotal];
         if (!started) {
           bar.start(total, value, payload);
@@ -76,7 +79,7 @@ export function progressReporter(quiet: boolean): { onProgress: (label: string, 
       if (Date.now() - last < 2000 && p.chunksDone < p.chunksTotal) return;
       last = Date.now();
       const local = p.bytesTotal ? `, ${((100 * (p.bytesLocal ?? 0)) / p.bytesTotal).toFixed(1)}% of the desktop local` : '';
-      process.stderr.write(`${label}: ${p.chunksDone}/${p.chunksTotal} chunks, ${formatBytes(p.bytesDone)}, ${formatBytes(p.rate)}/s${p.etaSeconds !== null ? `, ETA ${Math.ceil(p.etaSeconds)} s` : ''}${local}\n`);
+      process.stderr.write(`${label}: ${p.chunksDone}/${p.chunksTotal} chunks${copiedHere(p)}, ${formatBytes(p.bytesDone)}, ${formatBytes(p.rate)}/s${p.etaSeconds !== null ? `, ETA ${Math.ceil(p.etaSeconds)} s` : ''}${local}\n`);
     },
     stop: () => undefined,
   };

@@ -28,6 +28,8 @@ export interface Progress {
   /** Check-outs: plaintext bytes of the disks being filled present locally, and that are not holes (src/live/fill/local-progress.ts). */
   bytesLocal?: number;
   bytesTotal?: number;
+  /** Check-outs: chunks copied from this laptop's own copies of clones instead of fetched (counted in bytesLocal, not in chunksDone). */
+  chunksCopied?: number;
 }
 
 export interface TransferOptions {

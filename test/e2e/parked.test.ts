@@ -2,8 +2,7 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { appendFileSync, closeSync, existsSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
-import { measureLayer } from '../../src/disk/layer-shape.js';
+import { appendFileSync, existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { runAgent } from '../../src/client/agent.js';
@@ -15,7 +14,7 @@ import { Vault } from '../../src/client/vault/vault.js';
 import { serveDesktop } from '../../src/client/ops/serve.js';
 import { CarryonError } from '../../src/core/errors.js';
 import type { RunningBroker } from '../../src/broker/start.js';
-import { readDesktop, runCarryon, writeDesktop } from '../support/laptop.js';
+import { readDesktop, rewriteDataCluster, runCarryon, writeDesktop } from '../support/laptop.js';
 import { brokerWithAlice, makeImage, type Api, serverDisk as sharedServerDisk } from '../broker/harness.js';
 
 process.env.CARRYON_SCRYPT_N = '1024';
@@ -50,24 +49,6 @@ async function laptop(name: string): Promise<string> {
 }
 
 const serverDisk = (desktop: string) => sharedServerDisk(broker, desktop);
-
-/** Overwrites 4 KiB of one data cluster of a qcow2 base with random bytes, its structure left as it was. */
-async function rewriteDataCluster(file: string): Promise<void> {
-  const shape = await measureLayer(file, { withoutLuks: true });
-  const size = statSync(file).size;
-  for (let at = size - CHUNK + 4096; at > 0; at -= CHUNK) {
-    const fd = openSync(file, 'r+');
-    const was = Buffer.alloc(4096);
-    readSync(fd, was, 0, 4096, at);
-    writeSync(fd, randomBytes(4096), 0, 4096, at);
-    closeSync(fd);
-    if ((await measureLayer(file, { withoutLuks: true })).sha256 === shape.sha256) return;
-    const back = openSync(file, 'r+');
-    writeSync(back, was, 0, 4096, at);
-    closeSync(back);
-  }
-  assert.fail('no data cluster found');
-}
 
 /** Chunks and bytes the transfer server sent while `fn` ran. */
 async function onTheWire<T>(fn: () => Promise<T>): Promise<{ result: T; bytes: number }> {

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import type { RunningBroker } from '../../src/broker/start.js';
-import { checkout, enroll, status, type ClientEnv } from '../../src/client/ops.js';
+import { checkout, enroll, release, status, type ClientEnv } from '../../src/client/ops.js';
 import { serveDesktop } from '../../src/client/ops/serve.js';
 import { RateLimiter } from '../../src/transfer-client/rate-limit.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
@@ -30,7 +30,7 @@ after(async () => {
   cleanup(broker.dir);
 });
 
-interface Numbers { percent: number | null; rate: number; kind: string; jobId?: string; desktop?: string }
+interface Numbers { percent: number | null; rate: number; kind: string; jobId?: string; desktop?: string; bytesCopiedLocally?: number | null }
 
 /**
  * Samples `status`, `GET /v1/admin/checkouts` and `GET /v1/admin/transfers` until `finished()`,
@@ -39,7 +39,9 @@ interface Numbers { percent: number | null; rate: number; kind: string; jobId?: 
  */
 async function watch(env: ClientEnv, desktop: string, finished: () => boolean | Promise<boolean>) {
   const log: string[] = [];
-  const samples: { local: number; checkouts: Numbers; transfers: Numbers }[] = [];
+  const samples: { local: number; copied: number | null; checkouts: Numbers; transfers: Numbers }[] = [];
+  // Every same-moment reading, the first two seconds' too (the rate needs two seconds of reports; the rest does not).
+  const readings: typeof samples = [];
   let firstSeen = 0;
   let jobId = '';
   let first: number | null = null;
@@ -56,13 +58,14 @@ async function watch(env: ClientEnv, desktop: string, finished: () => boolean | 
     first ??= local.percentLocal;
     if ((await finished()) || again?.percentLocal !== local.percentLocal || !checkouts || !transfers || checkouts.percent === null) continue;
     if (local.percentLocal <= 0 || local.percentLocal >= 100) continue;
+    readings.push({ local: local.percentLocal, copied: local.chunksCopiedLocally, checkouts, transfers });
     firstSeen ||= Date.now();
     jobId = checkouts.jobId!;
     log.push(`${local.percentLocal.toFixed(1)} ${checkouts.percent} ${transfers.percent} ${Math.round(transfers.rate)}`);
     if (Date.now() - firstSeen < 2_000) continue;
-    samples.push({ local: local.percentLocal, checkouts, transfers });
+    samples.push({ local: local.percentLocal, copied: local.chunksCopiedLocally, checkouts, transfers });
   }
-  return { samples, jobId, first, log: `status% checkouts% transfers% rate: ${log.join(' | ')}` };
+  return { samples, readings, jobId, first, log: `status% checkouts% transfers% rate: ${log.join(' | ')}` };
 }
 
 function agree({ samples, log }: Awaited<ReturnType<typeof watch>>): void {
@@ -116,4 +119,47 @@ test('the same truth when `serve` takes a stopped check-out over: it goes on fro
     await served.close();
   }
   assert.equal((await status(env(), 'ubuntu'))[0]!.percentLocal, 100);
+});
+
+test('chunks copied from the laptop\'s own copy of a clone count as done work in every view, which says how many were copied and fetched', async (t) => {
+  // 48 MiB, half holes: 96 data chunks. The laptop keeps 32+ of them (a cancelled check-out's parked copy); its clone needs them all.
+  assert.equal((await http.call('POST', '/v1/admin/desktops', { name: 'tally', image: makeImage(broker.dir, 48, 'tally.raw') }, admin)).status, 201);
+  assert.equal((await http.call('POST', '/v1/admin/desktops', { name: 'tally-2', cloneOf: 'tally' }, admin)).status, 201);
+  for (const target of ['tally', 'tally-2']) await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'alice', targetType: 'desktop', target }, admin);
+  const mine: ClientEnv = { ...env(), home: join(broker.dir, 'laptop-tally') };
+  await enroll(mine, broker.url, { fingerprint: broker.fingerprint, name: 'laptop-tally' });
+  const abort = new AbortController();
+  await assert.rejects(checkout({ ...mine, signal: abort.signal, onProgress: (_l, p) => p.chunksDone >= 32 && abort.abort() }, 'tally'));
+  assert.equal((await release(mine, 'tally', 'cancel')).parked, true);
+
+  const lines: { copied: number; fetched: number; percent: number }[] = [];
+  let finished = false;
+  const running = checkout({ ...mine, rateLimit: new RateLimiter(2_000_000), onProgress: (_l, p) => lines.push({ copied: p.chunksCopied ?? 0, fetched: p.chunksDone, percent: (100 * p.bytesLocal!) / p.bytesTotal! }) }, 'tally-2')
+    .finally(() => (finished = true));
+  const seen = await watch(mine, 'tally-2', () => finished);
+  const done = await running;
+  t.diagnostic(`${done.copiedChunks} copied, ${done.chunksMoved} fetched; ${seen.log}`);
+  assert.ok(done.copiedChunks >= 32 && done.copiedChunks + done.chunksMoved === 96, `${done.copiedChunks} copied + ${done.chunksMoved} fetched`);
+  const copiedShare = (100 * done.copiedChunks) / 96;
+  // The progress line: the copying is progress of its own (rising, nothing fetched yet), then the fetch goes on from there.
+  const copying = lines.filter((l, i) => i > 0 && l.copied > lines[i - 1]!.copied).map((l, i) => ({ ...l, before: lines[lines.indexOf(l) - 1]! }));
+  assert.ok(copying.length >= done.copiedChunks / 2, `${copying.length} lines while copying`);
+  for (const c of copying) assert.ok(c.percent > c.before.percent && c.fetched === 0, `each chunk copied is progress: ${JSON.stringify(c)}`);
+  assert.ok(Math.abs(copying[copying.length - 1]!.percent - copiedShare) <= 1, `${copying[copying.length - 1]!.percent}% once copied (${copiedShare}%)`);
+  assert.ok(lines.every((l) => l.fetched === 0 || l.copied === done.copiedChunks), 'each fetch line says how many were copied');
+  // status, admin checkouts and admin transfers: the same percentage, counting the copied chunks, and the same split.
+  assert.ok(seen.readings.length >= 1, `a reading mid-transfer; ${seen.log}`);
+  // A reading may fall in the copy itself (the count published once a second): each counts what was copied by then.
+  for (const s of seen.readings) {
+    assert.ok(s.copied !== null && s.copied > 0 && s.copied <= done.copiedChunks, `status: ${s.copied} chunks copied here`);
+    assert.ok(s.local >= (100 * s.copied) / 96 - 2, `${s.local}% counts the ${s.copied} chunks copied`);
+    // Once the copy is over its count no longer moves: the broker's is the laptop's (mid-copy, a report may be a second behind).
+    const bytes = (s.copied === done.copiedChunks ? s.copied : done.copiedChunks) * 256 * 1024;
+    for (const [view, n] of [['admin transfers', s.transfers.bytesCopiedLocally], ['admin checkouts', s.checkouts.bytesCopiedLocally]] as const) {
+      if (s.copied === done.copiedChunks) assert.equal(n, bytes, `${view}: bytes copied on the laptop`);
+      else assert.ok(n !== undefined && n !== null && n <= bytes, `${view}: ${n} bytes copied so far`);
+    }
+  }
+  assert.ok(seen.readings.some((s) => s.copied === done.copiedChunks && s.local >= copiedShare - 2 && s.local < 100), `a reading after the copy, counting all of it; ${seen.log}`);
+  agree(seen);
 });

@@ -1,5 +1,9 @@
 import { spawn } from 'node:child_process';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { closeSync, openSync, readSync, statSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
+import { measureLayer } from '../../src/disk/layer-shape.js';
 import type { ClientEnv } from '../../src/client/ops.js';
 import { serveDesktop } from '../../src/client/ops/serve.js';
 import { readClock, writeClock } from '../../src/client/vault/guards.js';
@@ -54,4 +58,22 @@ export function runCarryon(home: string, args: string[], extraEnv: Record<string
     child.stderr.on('data', (d: Buffer) => { out += d.toString(); });
     child.once('exit', (code) => resolve({ code, out }));
   });
+}
+
+/** Overwrites 4 KiB of one data cluster of a qcow2 base with random bytes, its structure left as it was. */
+export async function rewriteDataCluster(file: string, chunk = 256 * 1024): Promise<void> {
+  const shape = await measureLayer(file, { withoutLuks: true });
+  const size = statSync(file).size;
+  for (let at = size - chunk + 4096; at > 0; at -= chunk) {
+    const fd = openSync(file, 'r+');
+    const was = Buffer.alloc(4096);
+    readSync(fd, was, 0, 4096, at);
+    writeSync(fd, randomBytes(4096), 0, 4096, at);
+    closeSync(fd);
+    if ((await measureLayer(file, { withoutLuks: true })).sha256 === shape.sha256) return;
+    const back = openSync(file, 'r+');
+    writeSync(back, was, 0, 4096, at);
+    closeSync(back);
+  }
+  assert.fail('no data cluster found');
 }

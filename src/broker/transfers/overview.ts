@@ -10,6 +10,8 @@ export interface JobNumbers {
   /** Check-outs: plaintext bytes of the desktop the laptop holds, and of the desktop that are not holes (null until it reports). */
   bytesLocal: number | null;
   bytesTotal: number | null;
+  /** Check-outs: of bytesLocal, the plaintext bytes the laptop copied from its own copies of clones (not fetched; null until it reports). */
+  bytesCopiedLocally: number | null;
   /** 100 × bytesLocal / bytesTotal, one decimal; null where not known (before the laptop's first report, uploads). */
   percent: number | null;
   /** Bytes per second on the wire over the last few seconds, counted where they arrive (progress.ts). */
@@ -25,6 +27,7 @@ export function jobNumbers(ctx: BrokerContext, job: { id: string; kind: JobKind 
     chunksDone: p ? (upload ? p.chunksIn : p.chunksOut) : 0,
     bytesLocal: p?.local?.bytesLocal ?? null,
     bytesTotal: p?.local?.bytesTotal ?? null,
+    bytesCopiedLocally: p?.local ? (p.local.bytesCopiedLocally ?? 0) : null,
     percent: jobPercent(p?.local ?? null),
     rate: p?.rate ?? 0,
   };

@@ -14,6 +14,8 @@ export interface LocalProgress {
   bytesTotal: number;
   /** Bytes the laptop has received on the wire for this job so far (blobs as sent: compressed, sealed). */
   bytesReceived?: number;
+  /** Plaintext bytes the laptop copied from its own copies of clones instead of fetching them (counted in bytesLocal). */
+  bytesCopiedLocally?: number;
 }
 
 export interface JobProgressView extends JobCounters {
@@ -86,7 +88,7 @@ export class JobProgress {
   reportLocal(jobId: string, local: LocalProgress): void {
     const t = this.now();
     const e = this.entry(jobId, '', t);
-    e.local = { bytesLocal: Math.min(local.bytesLocal, local.bytesTotal), bytesTotal: local.bytesTotal };
+    e.local = { bytesLocal: Math.min(local.bytesLocal, local.bytesTotal), bytesTotal: local.bytesTotal, bytesCopiedLocally: Math.min(local.bytesCopiedLocally ?? 0, local.bytesTotal) };
     e.localAt = t;
     if (local.bytesReceived !== undefined) addSample(e.received, { at: t, moved: local.bytesReceived });
     this.sweep(t);

@@ -10,7 +10,7 @@ import { ago, bytes, left, percent, printTable, rate } from '../format.js';
 import { OUT_OF_DATE } from '../../broker/gateway/routes.js';
 
 type Resolved = Record<string, { value: unknown; source: string }>;
-interface Job { id: string; kind: string; state: string; queuePosition?: number; checkoutId: string; user: string | null; desktop: string | null; serverId: string | null; bytesDone: number; percent: number | null; rate: number }
+interface Job { id: string; kind: string; state: string; queuePosition?: number; checkoutId: string; user: string | null; desktop: string | null; serverId: string | null; bytesDone: number; bytesCopiedLocally?: number | null; percent: number | null; rate: number }
 
 const LIST_POLICIES = ['usbClasses', 'usbAllow', 'usbDeny'];
 
@@ -140,7 +140,7 @@ export function registerOpsCommands(admin: Command): void {
     say('');
     printTable([...(r.active as Job[]), ...(r.queued as Job[])], [
       { h: 'kind', v: (j) => j.kind }, { h: 'user', v: (j) => j.user }, { h: 'desktop', v: (j) => j.desktop }, { h: 'state', v: (j) => (j.state === 'queued' ? `queued #${j.queuePosition ?? '?'}` : j.state) },
-      { h: 'server', v: (j) => j.serverId }, { h: 'progress', v: (j) => percent(j.percent), right: true }, { h: 'moved', v: (j) => bytes(j.bytesDone), right: true }, { h: 'rate', v: (j) => rate(j.rate), right: true },
+      { h: 'server', v: (j) => j.serverId }, { h: 'progress', v: (j) => percent(j.percent), right: true }, { h: 'moved', v: (j) => bytes(j.bytesDone), right: true }, { h: 'copied on laptop', v: (j) => (j.bytesCopiedLocally ? bytes(j.bytesCopiedLocally) : ''), right: true }, { h: 'rate', v: (j) => rate(j.rate), right: true },
     ]);
     const gw = r.gateway as { url: string; upToDate: boolean; configMadeAt: string | null } | null | undefined;
     if (gw) say(`\ngateway ${gw.url}: ${gw.upToDate ? `config up to date (made ${gw.configMadeAt!})` : OUT_OF_DATE}`);

@@ -18,12 +18,12 @@ import { newDesktopKeys, type DesktopKeys } from '../../live/disks/desktop-keys.
 import { createMissingLayers, diskDir, socketDir, type DesktopDisk } from '../../live/disks/disks.js';
 import { openDesktopDisks } from '../../live/disks/open.js';
 import { clearCheckoutFailure, readCheckoutFailure, recordCheckoutFailure } from './checkout-failure.js';
-import { ChunkFailedAuthentication, fillDirect, type BaseSink } from '../../live/fill/fill-direct.js';
+import { ChunkFailedAuthentication, fillDirect, readFilled, type BaseSink } from '../../live/fill/fill-direct.js';
 import { mintToken } from '../vault/guards.js';
 import { claimOwner, diskPrefix, specFor } from '../../live/fill/holder.js';
 import { hostFacts, type DeviceIdentity } from '../vault/home.js';
 import { copySiblingChunks } from '../vault/local-sources.js';
-import { dataBytes, LocalProgressReporter } from '../../live/fill/local-progress.js';
+import { dataBytes, LocalProgressReporter, presentBytes } from '../../live/fill/local-progress.js';
 import { resetClock } from '../vault/key-release.js';
 import { retryTransfer } from '../session/retry.js';
 import { rememberRate, transferLimiter } from '../session/transfer-rate.js';
@@ -205,18 +205,30 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
       sinks = await nbdSinks(qsd, opened.disks, join(dir, 'fill.sock'));
     }
     const targets = incomplete.map((disk, i) => ({ disk, dir: diskDir(vault, state.desktopId, disk.name), sink: sinks[i]! }));
-    // Chunks this laptop holds for clones of the same lineage are copied first: the transfer server sees only the rest.
-    const local = await traced('copy-siblings', () => copySiblingChunks({ vault, device, password: env.password, state, keys, disks: targets, log: env.log, signal: env.signal }));
-    const renew = renewer(broker, job.id);
     // The desktop's disks already complete count as present (the percentage is of the whole desktop).
     const whole = opened.disks.filter((d) => d.entry.complete).reduce((n, d) => n + dataBytes(d.base), 0);
-    const rateLimit = await traced('limiter', () => transferLimiter(env, vault, state));
     reporter = new LocalProgressReporter({ vault, desktopId: state.desktopId, broker, jobId: job.id });
     const r = reporter;
+    // Chunks this laptop holds for clones of the same lineage are copied first: the transfer server sees only the rest.
+    // Copying is done work like fetching: every view counts it (and says how much of it was copied here).
+    const copied = { copiedChunks: 0, copiedBytes: 0, fetchedChunks: 0 };
+    const present = whole + (await Promise.all(targets.map(async (t) => presentBytes(t.disk.base, await readFilled(t.dir))))).reduce((a, b) => a + b, 0);
+    const total = whole + targets.reduce((n, t) => n + dataBytes(t.disk.base), 0);
+    const local = await traced('copy-siblings', () => copySiblingChunks({ vault, device, password: env.password, state, keys, disks: targets, log: env.log, signal: env.signal, onCopied: (bytes) => {
+      copied.copiedChunks++;
+      copied.copiedBytes += bytes;
+      const p = { bytesDone: 0, chunksDone: 0, chunksTotal: 0, rate: 0, etaSeconds: null, bytesLocal: present + copied.copiedBytes, bytesTotal: total, chunksCopied: copied.copiedChunks };
+      env.onProgress?.('check-out', p);
+      r.setCounts(copied);
+      r.update(p.bytesLocal, p.bytesTotal, 0);
+    } }));
+    const renew = renewer(broker, job.id);
+    const rateLimit = await traced('limiter', () => transferLimiter(env, vault, state));
     const moved = await traced('fetch', () => diskFullIsClear(env.home, () => retryTransfer({ what: 'check-out', log: env.log, signal: env.signal, beforeRetry: async () => session.setEndpoint(await renew()) }, () =>
       fillDirect({ disks: targets, session, keys, signal: env.signal, rateLimit, onProgress: (p) => {
-        const local = { ...p, bytesLocal: whole + (p.bytesLocal ?? 0), bytesTotal: whole + (p.bytesTotal ?? 0) };
+        const local = { ...p, bytesLocal: whole + (p.bytesLocal ?? 0), bytesTotal: whole + (p.bytesTotal ?? 0), chunksCopied: copied.copiedChunks };
         env.onProgress?.('check-out', local);
+        r.setCounts({ ...copied, fetchedChunks: p.chunksDone });
         // For `status` in another process and the admin views: once a second is enough.
         r.update(local.bytesLocal, local.bytesTotal, p.bytesDone);
       } }),

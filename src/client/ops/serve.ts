@@ -5,7 +5,7 @@ import { effectiveConfig } from '../vault/guards.js';
 import { addChain, StorageDaemon } from '../../disk/storage-daemon.js';
 import { BrokerClient, CheckoutView, JobView } from '../../net/broker-client.js';
 import { finishPendingReuse } from '../vault/parked.js';
-import { createMissingLayers, socketDir } from '../../live/disks/disks.js';
+import { createMissingLayers, diskDir, socketDir } from '../../live/disks/disks.js';
 import { openDesktopDisks, settleLiveLayers } from '../../live/disks/open.js';
 import { claimOwner, diskPrefix, fillDisks, RemoteSource, specFor, type HeldDesktop, type OwnerKind } from '../../live/fill/holder.js';
 import { loadDevice } from '../vault/home.js';
@@ -16,6 +16,7 @@ import { checkLayers, markLayersOpen, recordLayers, verifyInBackground } from '.
 import { transferLimiter } from '../session/transfer-rate.js';
 import { Vault, type DesktopState } from '../vault/vault.js';
 import { unlock } from '../vault/key-release.js';
+import { siblingReader } from '../vault/local-sources.js';
 
 /**
  * Opens a held desktop for running: the vault refuses a locked desktop or an expired lease before
@@ -59,7 +60,14 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
         if (!j.transfer) throw new CarryonError('job-ended', `job ${jobId} is ${j.state}`);
         return j.transfer;
       };
-      remote = await RemoteSource.start({ vault, state: opened.state, disks: opened.disks, keys, endpoint: job.transfer, renew, log: env.log, rateLimit: await transferLimiter(env, vault, opened.state) });
+      // Chunks this laptop holds for clones are read here, under the rules a check-out reads them by (local-sources.ts).
+      const incomplete = opened.disks.filter((d) => !d.entry.complete).map((d) => ({ disk: d, dir: diskDir(vault, found.desktopId, d.name) }));
+      const local = await siblingReader({ vault, device, password: env.password, state: opened.state, keys, disks: incomplete, log: env.log });
+      remote = await RemoteSource.start({ vault, state: opened.state, disks: opened.disks, keys, endpoint: job.transfer, renew, log: env.log, rateLimit: await transferLimiter(env, vault, opened.state), local })
+        .catch(async (err: unknown) => {
+          await local?.close();
+          throw err;
+        });
       env.log('check-out still in flight: the desktop reads what it needs first; the rest follows in the background');
     }
     // Bases this session completes were written from chunks authenticated on arrival (as a check-out's are).

@@ -4,7 +4,7 @@ import { chainOf, readDiskFailures, topBytes } from '../../live/disks/disks.js';
 import { loadDevice } from '../vault/home.js';
 import { layerProblem } from '../../live/disks/layer-guard.js';
 import { readCheckoutFailure } from './checkout-failure.js';
-import { percentLocal } from '../../live/fill/local-progress.js';
+import { fillCounts, percentLocal } from '../../live/fill/local-progress.js';
 import type { ClientEnv } from '../session/session.js';
 import { Vault } from '../vault/vault.js';
 import { unlock } from '../vault/key-release.js';
@@ -62,6 +62,8 @@ export async function status(env: ClientEnv, desktopRef?: string) {
       /** The top layers' size on disk (metadata included): an upper bound that needs no keys. */
       storedChangeBytes: await topBytes(vault, s),
       percentLocal: await percentLocal(vault, s),
+      /** While a check-out fills the desktop: chunks its process copied from this laptop's copies of clones, and fetched (null otherwise). */
+      ...(await fillCounts(vault, s).then((c) => ({ chunksCopiedLocally: c?.copiedChunks ?? null, chunksFetched: c?.fetchedChunks ?? null }))),
       lastReplicationAt: s.lastReplicationAt,
       /** quiesced (the guest's agent froze its file systems), crash-consistent (taken live without), or stopped. */
       lastReplicaKind: s.lastReplicaKind,

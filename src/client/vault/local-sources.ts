@@ -4,7 +4,7 @@ import { layerSecret } from '../../disk/chain.js';
 import type { DesktopKeys } from '../../live/disks/desktop-keys.js';
 import { chainOf, type DesktopDisk } from '../../live/disks/disks.js';
 import { readFilled, writeFilled, type BaseSink } from '../../live/fill/fill-direct.js';
-import { baseFileSource, chunkIndex, copyLocalChunks, type ChunkSource } from '../../live/fill/local-copy.js';
+import { baseFileSource, chunkIndex, copyLocalChunks, LocalChunkReader, type ChunkSource } from '../../live/fill/local-copy.js';
 import type { DeviceIdentity } from './home.js';
 import { unlock } from './key-release.js';
 import { listParked, openParked, parkedDisk, parkedUnusable, readParked, readParkedManifest, type ParkedRecord } from './parked.js';
@@ -30,6 +30,8 @@ import type { DesktopState, Vault } from './vault.js';
 export async function copySiblingChunks(o: {
   vault: Vault; device: DeviceIdentity; password: () => Promise<string>; state: DesktopState; keys: DesktopKeys;
   disks: { disk: Pick<DesktopDisk, 'base'>; dir: string; sink: BaseSink }[]; log: (l: string) => void; signal?: AbortSignal;
+  /** Each chunk written: its plaintext bytes (the progress every view shows counts it as done). */
+  onCopied?: (bytes: number) => void;
 }): Promise<{ copiedChunks: number; rejectedChunks: number }> {
   const present = await Promise.all(o.disks.map((d) => readFilled(d.dir)));
   const wanted = new Set<ChunkId>();
@@ -41,7 +43,7 @@ export async function copySiblingChunks(o: {
   try {
     if (sources.length === 0) return { copiedChunks, rejectedChunks };
     for (const [d, { disk, dir, sink }] of o.disks.entries()) {
-      const r = await copyLocalChunks({ target: disk.base, present: present[d]!, sources, sink, idKey: o.keys.idKey, log: o.log, signal: o.signal });
+      const r = await copyLocalChunks({ target: disk.base, present: present[d]!, sources, sink, idKey: o.keys.idKey, log: o.log, signal: o.signal, onWritten: o.onCopied });
       if (r.written.length === 0) continue;
       // Durable (data, then mapping) before it is recorded: the fill then fetches only the rest.
       await sink.persist();
@@ -54,6 +56,27 @@ export async function copySiblingChunks(o: {
   } finally {
     for (const s of sources) await s.close().catch(() => undefined);
   }
+}
+
+/**
+ * The same sibling copies, under the same rules, for a check-out that `run` or `serve` continue:
+ * read on demand behind the remote checkpoint (each chunk checked against its ID there), never
+ * written. Null when no copy this check-out may read holds a chunk it still needs.
+ */
+export async function siblingReader(o: {
+  vault: Vault; device: DeviceIdentity; password: () => Promise<string>; state: DesktopState; keys: DesktopKeys;
+  disks: { disk: Pick<DesktopDisk, 'base'>; dir: string }[]; log: (l: string) => void;
+}): Promise<LocalChunkReader | null> {
+  const wanted = new Set<ChunkId>();
+  for (const { disk, dir } of o.disks) {
+    const present = await readFilled(dir);
+    disk.base.chunks.forEach((id, i) => id && !present.has(i) && wanted.add(id));
+  }
+  if (wanted.size === 0) return null;
+  const sources = await siblingSources({ ...o, wanted });
+  if (sources.length === 0) return null;
+  o.log(`chunks this laptop holds in ${[...new Set(sources.map((s) => s.label))].join(', ')} (same lineage) are read here instead of fetched`);
+  return new LocalChunkReader(sources, o.keys.idKey, o.log);
 }
 
 /** The sibling bases this check-out may read that hold at least one wanted chunk (each one a reason in the log when refused). */

@@ -116,6 +116,9 @@ const FillReport = z.object({
   total: z.number(),
   updatedAt: z.string(),
   failures: z.array(z.object({ at: z.string(), message: z.string() })).default([]),
+  /** Chunks this process copied from the laptop's own copies of clones, and fetched from the transfer server. */
+  copiedChunks: z.number().int().nonnegative().optional(),
+  fetchedChunks: z.number().int().nonnegative().optional(),
 });
 export type FillReport = z.infer<typeof FillReport>;
 

@@ -15,6 +15,7 @@ import type { BrokerClient } from '../../net/broker-client.js';
 import { diskDir, recordDiskFailure, runDir, socketDir, type DesktopDisk } from '../disks/disks.js';
 import type { DesktopKeys } from '../disks/desktop-keys.js';
 import { readFilled } from './fill-direct.js';
+import type { LocalChunkReader } from './local-copy.js';
 import { readJsonFile } from '../../files/json-file.js';
 import { dataBytes, LocalProgressReporter, presentBelow } from './local-progress.js';
 import type { DesktopRecords, DesktopState } from '../disks/state.js';
@@ -46,21 +47,32 @@ export class RemoteSource {
     private readonly server: NbdServer,
     private readonly remotes: RemoteCheckpoint[],
     private readonly session: TransferSession,
+    private readonly local: LocalChunkReader | null,
   ) {}
 
-  static async start(opts: { vault: DesktopRecords; state: DesktopState; disks: DesktopDisk[]; keys: LineageKeys; endpoint: TransferEndpoint; renew: () => Promise<TransferEndpoint>; log: (l: string) => void; rateLimit?: RateLimiter }): Promise<RemoteSource> {
+  /** `local`: chunks this laptop holds for clones, read before the transfer server is asked (closed with this source). */
+  static async start(opts: { vault: DesktopRecords; state: DesktopState; disks: DesktopDisk[]; keys: LineageKeys; endpoint: TransferEndpoint; renew: () => Promise<TransferEndpoint>; log: (l: string) => void; rateLimit?: RateLimiter; local?: LocalChunkReader | null }): Promise<RemoteSource> {
     const session = new TransferSession(opts.endpoint, opts.renew);
     const remotes = new Map<string, RemoteCheckpoint>();
     for (const d of opts.disks) {
       if (d.entry.complete) continue;
       remotes.set(d.name, new RemoteCheckpoint({
-        manifest: d.base, keys: opts.keys, session, log: opts.log, rateLimit: opts.rateLimit,
+        manifest: d.base, keys: opts.keys, session, log: opts.log, rateLimit: opts.rateLimit, local: opts.local,
         onFailure: (m) => void recordDiskFailure(opts.vault, opts.state.desktopId, m),
       }));
     }
     const socketPath = join(await socketDir(opts.vault, opts.state.desktopId), 'remote.sock');
     const server = await serveNbd(new Map([...remotes]), { socketPath });
-    return new RemoteSource(socketPath, server, [...remotes.values()], session);
+    return new RemoteSource(socketPath, server, [...remotes.values()], session, opts.local ?? null);
+  }
+
+  /** Chunks read from this laptop's copies of clones instead of fetched (each checked against its ID). */
+  get copiedChunks(): number {
+    return this.local?.copiedChunks ?? 0;
+  }
+
+  get copiedBytes(): number {
+    return this.local?.copiedBytes ?? 0;
   }
 
   get fetchedBytes(): number {
@@ -75,6 +87,7 @@ export class RemoteSource {
     await this.server.close();
     for (const r of this.remotes) await r.close();
     await this.session.close();
+    await this.local?.close();
   }
 }
 
@@ -112,7 +125,9 @@ export async function fillDisks(opts: {
     const secs = (Date.now() - started) / 1000;
     const rate = secs > 0 ? opts.remote.fetchedBytes / secs : 0;
     const chunk = opts.disks[0]?.base.chunkSize ?? 1;
-    opts.onProgress?.({ bytesDone: opts.remote.fetchedBytes, chunksDone: Math.floor(done / chunk), chunksTotal: Math.ceil(total / chunk), rate, etaSeconds: done > 0 && secs > 0 ? ((total - done) / done) * secs : null, bytesLocal, bytesTotal });
+    opts.onProgress?.({ bytesDone: opts.remote.fetchedBytes, chunksDone: Math.floor(done / chunk), chunksTotal: Math.ceil(total / chunk), rate, etaSeconds: done > 0 && secs > 0 ? ((total - done) / done) * secs : null, bytesLocal, bytesTotal, chunksCopied: opts.remote.copiedChunks });
+    // Chunks read from the laptop's own copies are counted as present like fetched ones (QEMU's offset passed them), and said apart.
+    reporter.setCounts({ copiedChunks: opts.remote.copiedChunks, copiedBytes: opts.remote.copiedBytes, fetchedChunks: opts.remote.fetchedChunks });
     reporter.update(bytesLocal, bytesTotal, opts.remote.fetchedBytes);
   };
   const results = await Promise.all(
@@ -125,6 +140,9 @@ export async function fillDisks(opts: {
       return true;
     }),
   );
+  // The last count, whatever the once-a-second pace skipped: what was copied here and fetched, in full.
+  reporter.setCounts({ copiedChunks: opts.remote.copiedChunks, copiedBytes: opts.remote.copiedBytes, fetchedChunks: opts.remote.fetchedChunks });
+  if (results.every(Boolean)) reporter.update(bytesTotal, bytesTotal, opts.remote.fetchedBytes, true);
   await reporter.settle();
   return { state, complete: results.every(Boolean) };
 }

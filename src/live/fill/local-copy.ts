@@ -71,6 +71,8 @@ export async function copyLocalChunks(o: {
   idKey: Uint8Array;
   log: (line: string) => void;
   signal?: AbortSignal;
+  /** Each chunk written (a place of the target): its plaintext bytes, for the progress every view shows. */
+  onWritten?: (bytes: number) => void;
 }): Promise<{ written: number[]; bytes: number; rejected: number }> {
   // Chunk ID → the target's indexes that need it (a chunk that appears twice is read once).
   const need = new Map<ChunkId, number[]>();
@@ -104,7 +106,8 @@ export async function copyLocalChunks(o: {
       for (const [k, i] of places.entries()) {
         // Marked before the write lands: later batches never read it as a source (it may be half written).
         overwritten.add(i);
-        await writes.add(o.sink.write(i, k === places.length - 1 ? plain : Buffer.from(plain)));
+        const length = plain.length;
+        await writes.add(o.sink.write(i, k === places.length - 1 ? plain : Buffer.from(plain)).then(() => o.onWritten?.(length)));
         written.push(i);
         bytes += plain.length;
       }
@@ -113,6 +116,51 @@ export async function copyLocalChunks(o: {
   await writes.drain();
   return { written, bytes, rejected };
 }
+
+/**
+ * Local sources read one chunk at a time, as a reader asks: the backing of a check-out that `run`
+ * or `serve` continue asks here before the transfer server (remote-checkpoint.ts). The same guard
+ * as copyLocalChunks: a chunk is handed out only when the HMAC of its plaintext under the lineage
+ * ID key is the chunk ID asked for; anything else is left to the transfer. Sources are only read.
+ */
+export class LocalChunkReader {
+  /** Chunks (and their plaintext bytes) handed out from local copies. */
+  copiedChunks = 0;
+  copiedBytes = 0;
+  /** Local copies that failed the check (their chunk is fetched instead). */
+  rejected = 0;
+  private readonly refused = new Set<ChunkId>();
+
+  constructor(private readonly sources: ChunkSource[], private readonly idKey: Uint8Array, private readonly log: (line: string) => void) {}
+
+  /** A source's manifest names `id` (and no copy of it failed the check yet). */
+  has(id: ChunkId): boolean {
+    return !this.refused.has(id) && this.sources.some((s) => s.at.has(id));
+  }
+
+  /** The checked plaintext of `id` (`length` bytes), or null: then it must be fetched. */
+  async read(id: ChunkId, length: number): Promise<Buffer | null> {
+    if (!this.has(id)) return null;
+    const plain = await readChecked(this.sources, id, length, NOTHING_OVERWRITTEN, this.idKey, (why) => {
+      this.rejected++;
+      this.log(`a local copy of chunk ${id.slice(0, 12)}… was not used (${why}): it is fetched instead`);
+    });
+    if (!plain) {
+      this.refused.add(id);
+      return null;
+    }
+    this.copiedChunks++;
+    this.copiedBytes += plain.length;
+    return plain;
+  }
+
+  async close(): Promise<void> {
+    for (const s of this.sources) await s.close().catch(() => undefined);
+  }
+}
+
+/** Sources read on demand are other desktops' files: nothing this process writes lies under them. */
+const NOTHING_OVERWRITTEN: ReadonlySet<number> = new Set();
 
 /** The first local copy of `id` that reads and checks out, or null (each failure reported once). */
 async function readChecked(sources: ChunkSource[], id: ChunkId, length: number, overwritten: ReadonlySet<number>, idKey: Uint8Array, reject: (why: string) => void): Promise<Buffer | null> {

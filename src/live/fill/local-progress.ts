@@ -38,6 +38,25 @@ export function presentBelow(m: Manifest, present: ReadonlySet<number>): (offset
   return (offset) => already + missing[offset >= m.diskSize ? m.chunks.length : Math.max(0, Math.floor(offset / m.chunkSize))]!;
 }
 
+/** Data bytes of `m` at the `present` indexes. */
+export function presentBytes(m: Manifest, present: ReadonlySet<number>): number {
+  return presentBelow(m, present)(0);
+}
+
+/** What this check-out's work is made of so far: chunks copied on this laptop (and their plaintext bytes) and chunks fetched. */
+export interface LocalCounts {
+  copiedChunks: number;
+  copiedBytes: number;
+  fetchedChunks: number;
+}
+
+/** `status`: the counts the process filling the desktop last published (null when none is filling it). */
+export async function fillCounts(vault: DesktopRecords, s: DesktopState): Promise<{ copiedChunks: number; fetchedChunks: number } | null> {
+  if (s.disks.every((d) => d.complete)) return null;
+  const fill = await readFillReport(vault, s.desktopId);
+  return fill ? { copiedChunks: fill.copiedChunks ?? 0, fetchedChunks: fill.fetchedChunks ?? 0 } : null;
+}
+
 /** `status` and the agent's heartbeat: the same percentage the broker shows. */
 export async function percentLocal(vault: DesktopRecords, s: DesktopState): Promise<number> {
   if (s.disks.every((d) => d.complete)) return 100;
@@ -55,8 +74,14 @@ export class LocalProgressReporter {
   /** Wire bytes of earlier attempts (each retry's transfer counts from 0 again). */
   private receivedBefore = 0;
   private lastReceived = 0;
+  private counts: LocalCounts = { copiedChunks: 0, copiedBytes: 0, fetchedChunks: 0 };
 
   constructor(private readonly o: { vault: DesktopRecords; desktopId: string; broker?: BrokerClient | null; jobId?: string | null; everyMs?: number }) {}
+
+  /** Chunks copied locally and fetched so far (published with the next update). */
+  setCounts(c: LocalCounts): void {
+    this.counts = { ...c };
+  }
 
   /** `bytesReceived`: wire bytes this attempt received (the broker's rate is measured on them). */
   update(bytesLocal: number, bytesTotal: number, bytesReceived: number, force = false): void {
@@ -66,11 +91,11 @@ export class LocalProgressReporter {
     if (!force && now - this.last < (this.o.everyMs ?? 1000)) return;
     this.last = now;
     const done = Math.min(bytesLocal, bytesTotal);
-    void writeFillReport(this.o.vault, this.o.desktopId, { pid: process.pid, done, total: bytesTotal, updatedAt: new Date(now).toISOString(), failures: [] }).catch(() => undefined);
+    void writeFillReport(this.o.vault, this.o.desktopId, { pid: process.pid, done, total: bytesTotal, updatedAt: new Date(now).toISOString(), failures: [], copiedChunks: this.counts.copiedChunks, fetchedChunks: this.counts.fetchedChunks }).catch(() => undefined);
     const { broker, jobId } = this.o;
     // One report in flight at a time; a slow broker skips reports rather than queueing them.
     if (!broker || !jobId || this.sending) return;
-    this.sending = broker.call('POST', `/v1/jobs/${encodeURIComponent(jobId)}/progress`, { bytesLocal: done, bytesTotal, bytesReceived: this.receivedBefore + bytesReceived }, z.object({ ok: z.boolean() }))
+    this.sending = broker.call('POST', `/v1/jobs/${encodeURIComponent(jobId)}/progress`, { bytesLocal: done, bytesTotal, bytesReceived: this.receivedBefore + bytesReceived, bytesCopiedLocally: this.counts.copiedBytes }, z.object({ ok: z.boolean() }))
       .catch(() => undefined).finally(() => (this.sending = null));
   }
 

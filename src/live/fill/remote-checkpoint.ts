@@ -21,6 +21,11 @@ export interface RemoteCheckpointOptions {
   prefetchChunks?: number;
   /** Caps the download rate (`--limit-rate`); guest reads count too. */
   rateLimit?: RateLimiter;
+  /**
+   * Chunks this laptop holds in other desktops' copies (local-copy.ts's LocalChunkReader): asked
+   * first, each one checked against its ID there; a chunk it cannot give is fetched.
+   */
+  local?: { has(id: ChunkId): boolean; read(id: ChunkId, length: number): Promise<Buffer | null> } | null;
   /** How long a read keeps retrying a failing link before it reports EIO (default 10 min). */
   giveUpAfterMs?: number;
 }
@@ -121,9 +126,27 @@ export class RemoteCheckpoint implements BlockDevice {
         return;
       }
       this.inflight.set(id, [{ resolve, reject }]);
-      this.lanes[lane].queue.push(id);
-      this.pump();
+      this.begin(id, lane);
     });
+  }
+
+  /** Starts getting an in-flight chunk: from a local copy where one holds it, else from the transfer server. */
+  private begin(id: ChunkId, lane: 'demand' | 'prefetch'): void {
+    if (this.opts.local?.has(id)) return void this.fromLocal(id, lane);
+    this.lanes[lane].queue.push(id);
+    this.pump();
+  }
+
+  private async fromLocal(id: ChunkId, lane: 'demand' | 'prefetch'): Promise<void> {
+    const plain = await this.opts.local!.read(id, this.lengthById.get(id)!).catch(() => null);
+    if (!this.inflight.has(id)) return; // closed meanwhile
+    if (!plain) {
+      this.lanes[lane].queue.push(id);
+      return void this.pump();
+    }
+    this.cache.set(id, plain);
+    for (const w of this.inflight.get(id) ?? []) w.resolve(plain);
+    this.inflight.delete(id);
   }
 
   private promote(id: ChunkId): void {
@@ -141,7 +164,8 @@ export class RemoteCheckpoint implements BlockDevice {
       const id = chunks[i];
       if (!id || this.cache.has(id) || this.inflight.has(id)) continue;
       this.inflight.set(id, []);
-      this.lanes.prefetch.queue.push(id);
+      if (this.opts.local?.has(id)) void this.fromLocal(id, 'prefetch');
+      else this.lanes.prefetch.queue.push(id);
     }
     this.pump();
   }

@@ -8,7 +8,7 @@ import { cutOffReason, enforceCutOff } from '../../auth/trust.js';
 
 const Id = z.object({ id: z.string().min(1).max(200) });
 const Bytes = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
-const LocalProgress = z.object({ bytesLocal: Bytes, bytesTotal: Bytes, bytesReceived: Bytes.optional() }).strict().refine((p) => p.bytesLocal <= p.bytesTotal, 'bytesLocal exceeds bytesTotal');
+const LocalProgress = z.object({ bytesLocal: Bytes, bytesTotal: Bytes, bytesReceived: Bytes.optional(), bytesCopiedLocally: Bytes.optional() }).strict().refine((p) => p.bytesLocal <= p.bytesTotal, 'bytesLocal exceeds bytesTotal');
 
 /**
  * Transfer jobs: only the holder of the job's checkout sees or touches it (and gets its tickets);
