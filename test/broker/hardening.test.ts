@@ -221,14 +221,14 @@ test('item 8: one error mapping: server faults 5xx, missing 404, conflicts 409, 
   assert.match(mapError(zod.error).message, /^invalid request: a: /);
 });
 
-test('item 8 over HTTP: a corrupt stored manifest is a 500, an unknown desktop a 404', async () => {
+test('item 8 over HTTP: a corrupt stored manifest is a 500, an unknown desktop refused as one not entitled to (403, no name confirmed)', async () => {
   await http.call('POST', '/v1/admin/users', { name: 'fay', password: 'fay-password' }, admin);
   const created = await http.call('POST', '/v1/admin/desktops', { name: 'broken', image: makeImage(broker.dir, 1, 'b.raw') }, admin);
   await http.call('POST', '/v1/admin/entitlements', { principalType: 'user', principal: 'fay', targetType: 'desktop', target: 'broken' }, admin);
   const fay = await http.login('fay', 'fay-password');
   const dev = await enrolDevice(http, broker.url, broker.fingerprint, fay);
   const missing = await http.call('POST', '/v1/desktops/nope/checkout', { deviceId: dev.id, host: HOST }, fay);
-  assert.deepEqual([missing.status, missing.body.error], [404, 'not-found']);
+  assert.deepEqual([missing.status, missing.body.error], [403, 'not-entitled']);
   const snap = (await broker.ctx.meta.getSnapshot((await broker.ctx.meta.getDesktop(String(created.body.id)))!.currentSnapshot!))!;
   // Bit rot in the broker's store (a pack store's file, an S3 object): the manifest replaced under its digest.
   const store = broker.ctx.store as CollectableStore;
