@@ -55,8 +55,11 @@ async function watch(env: ClientEnv, desktop: string, finished: () => boolean | 
     const again = (await status(env, desktop).catch(() => []))[0];
     const checkouts = co.checkouts.find((c) => c.desktopId === local.desktopId)?.transfer;
     const transfers = tr.active.find((j) => j.kind === 'checkout' && j.desktop === desktop);
+    // The same moment: nothing moved while the sample was read (a report landing between the two
+    // admin views would otherwise show them one step apart).
+    const coAgain = ((await http.call('GET', '/v1/admin/checkouts', undefined, admin)).body as typeof co).checkouts.find((c) => c.desktopId === local.desktopId)?.transfer;
     first ??= local.percentLocal;
-    if ((await finished()) || again?.percentLocal !== local.percentLocal || !checkouts || !transfers || checkouts.percent === null) continue;
+    if ((await finished()) || again?.percentLocal !== local.percentLocal || !checkouts || !transfers || checkouts.percent === null || coAgain?.percent !== checkouts.percent) continue;
     if (local.percentLocal <= 0 || local.percentLocal >= 100) continue;
     readings.push({ local: local.percentLocal, copied: local.chunksCopiedLocally, checkouts, transfers });
     firstSeen ||= Date.now();
