@@ -7,6 +7,10 @@ import { serveDesktop } from '../../src/client/ops/serve.js';
 import { RateLimiter } from '../../src/transfer-client/rate-limit.js';
 import { ADMIN, api, cleanup, makeImage, testBroker, type Api } from '../broker/harness.js';
 
+// carryon-test: sqlite-only (its subject is the laptop's progress beside the broker's views; beside a
+// TCG guest the PostgreSQL pass took too few same-moment samples. The broker's job progress on
+// PostgreSQL is broker/job-progress.test.ts.)
+
 process.env.CARRYON_SCRYPT_N = '1024';
 let broker: RunningBroker & { dir: string };
 let http: Api;
