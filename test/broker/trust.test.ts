@@ -66,6 +66,9 @@ test('item 2: only the holder (or an admin, without a ticket) sees or touches a 
     assert.deepEqual([r.status, r.body.error, r.body.transfer], [404, 'not-found', undefined]);
   }
   for (const op of ['pause', 'resume']) assert.equal((await http.call('POST', `/v1/jobs/${job.id}/${op}`, {}, bob)).status, 404);
+  // The job scope answers before the body is read: bob's malformed progress report is 404, not 400.
+  assert.equal((await http.call('POST', `/v1/jobs/${job.id}/progress`, { bytesLocal: 'x' }, bob)).status, 404);
+  assert.equal((await http.call('POST', `/v1/jobs/${job.id}/progress`, { bytesLocal: 'x' }, admin)).status, 403);
   assert.equal((await http.call('GET', `/v1/jobs/${job.id}`, undefined, carol)).status, 404);
   const asAdmin = await http.call('GET', `/v1/jobs/${job.id}`, undefined, admin);
   assert.deepEqual([asAdmin.status, asAdmin.body.state, asAdmin.body.transfer], [200, 'active', undefined], 'admin sees the job, not its ticket');

@@ -3,6 +3,7 @@ import type { WebSocket } from 'ws';
 import type { BrokerContext } from '../context.js';
 import type { HostCommandRow } from '../hosts/store.js';
 import { HttpError } from '../http.js';
+import { KeyedWaiters } from '../../core/keyed-waiters.js';
 
 /**
  * The display relay (issue 26 item 3). A desktop host never listens: when a browser connects to a
@@ -62,7 +63,7 @@ const raw = (d: Buffer | ArrayBuffer | Buffer[]): Buffer => (Buffer.isBuffer(d) 
 
 export class DisplayRelay {
   private readonly sessions = new Map<string, Session>();
-  private readonly waiters = new Map<string, Set<() => void>>();
+  private readonly waiters = new KeyedWaiters();
   /** Tests shorten it. */
   pairingTimeoutMs = PAIRING_TIMEOUT_MS;
 
@@ -116,20 +117,7 @@ export class DisplayRelay {
 
   /** A host's long poll: settles when a command is queued for it, when `signal` aborts, or after `ms`; registered at once (call it before looking). */
   waiter(hostId: string, ms: number, signal?: AbortSignal): Promise<void> {
-    return new Promise((resolve) => {
-      const set = this.waiters.get(hostId) ?? new Set();
-      this.waiters.set(hostId, set);
-      const done = () => {
-        clearTimeout(timer);
-        set.delete(done);
-        if (!set.size) this.waiters.delete(hostId);
-        resolve();
-      };
-      const timer = setTimeout(done, ms);
-      timer.unref();
-      set.add(done);
-      signal?.addEventListener('abort', done, { once: true });
-    });
+    return this.waiters.wait(hostId, ms, signal);
   }
   /** A host whose credential was revoked: its open displays close, its long poll wakes (and is refused). */
   cutOff(hostId: string): void {
@@ -138,7 +126,7 @@ export class DisplayRelay {
   }
 
   private wake(hostId: string) {
-    for (const w of [...(this.waiters.get(hostId) ?? [])]) w();
+    this.waiters.wake(hostId);
   }
 
   /** Checks a host's dial-back before its upgrade (one claim per token): 404 unknown session, 403 wrong host or token. */

@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import type { Migration, SqlConn, SqlDb } from '../../sql/driver.js';
+import { KeyedWaiters } from '../../core/keyed-waiters.js';
 
 /**
  * Desktop hosts (issue 26): the machines that run desktops online, where each desktop is placed,
@@ -135,30 +136,16 @@ export class HostStore {
   /** Told of each command queued here (the hosts' long polls wake at once; this process only). */
   private readonly queued = new Set<(hostId: string) => void>();
   /** The laptops' long polls on a handover's step, by check-out (this process only: they re-read too). */
-  private readonly stepWaiters = new Map<string, Set<() => void>>();
+  private readonly stepWaiters = new KeyedWaiters();
   constructor(private readonly sql: SqlConn) {}
 
   /** Settles when the handover of `checkoutId` moves here (or its check-out ends), after `ms`, or on `signal`; registered at once (call it before reading). */
   handoverWaiter(checkoutId: string, ms: number, signal?: AbortSignal): Promise<void> {
-    return new Promise((resolve) => {
-      const set = this.stepWaiters.get(checkoutId) ?? new Set();
-      this.stepWaiters.set(checkoutId, set);
-      const done = () => {
-        clearTimeout(timer);
-        set.delete(done);
-        if (!set.size) this.stepWaiters.delete(checkoutId);
-        signal?.removeEventListener('abort', done);
-        resolve();
-      };
-      const timer = setTimeout(done, ms);
-      timer.unref();
-      set.add(done);
-      signal?.addEventListener('abort', done, { once: true });
-    });
+    return this.stepWaiters.wait(checkoutId, ms, signal);
   }
   /** Wakes the long polls on this check-out's handover (a step moved, or the check-out ended). */
   wakeHandover(checkoutId: string): void {
-    for (const fn of [...(this.stepWaiters.get(checkoutId) ?? [])]) fn();
+    this.stepWaiters.wake(checkoutId);
   }
 
   onQueued(fn: (hostId: string) => void): void {
