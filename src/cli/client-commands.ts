@@ -219,13 +219,14 @@ export function registerClientCommands(program: Command): void {
     const { env, json } = clientEnv(cmd);
     // Parked copies (kept after a check-in, rollback or cancel; client/parked.ts) are listed with their size, never opened.
     const parked = (await listParked(env.home)).filter((p) => !desktop || p.name === desktop || p.desktopId === desktop);
-    const st = desktop && parked.length ? [] : await status(env, desktop);
+    // A parked copy beside the vault it came from (a check-in cut off while parking): both are shown.
+    const st = desktop && parked.length && !(await Vault.open(env.home).then((v) => v.list())).some((s) => s.name === desktop || s.desktopId === desktop) ? [] : await status(env, desktop);
     // JSON lists the same as the text: checked-out desktops, then parked copies (state 'parked').
     const parkedJson = parked.map((p) => ({ desktop: p.name, desktopId: p.desktopId, state: 'parked', parkedAt: p.parkedAt, bytes: p.bytes }));
     printJsonOr(json, [...st, ...parkedJson], () => {
       for (const p of parked) process.stdout.write(`${p.name}: parked copy, ${formatBytes(p.bytes)} on this laptop since ${p.parkedAt ?? '?'} (encrypted; not runnable; \`carryon checkout ${p.name}\` starts from it, \`carryon discard ${p.name} --yes\` removes it)\n`);
-      if (desktop && parked.length) return;
-      table(st.map((s) => ({ desktop: s.desktop, state: s.state, lease: s.leaseDeadline ? `${s.leaseHoursLeft.toFixed(1)} h` : '-', changed: s.dirtyBytes === null ? `- (${s.refused})` : formatBytes(s.dirtyBytes), local: `${s.percentLocal.toFixed(1)}%${s.chunksCopiedLocally ? ` (${s.chunksCopiedLocally} chunks copied here, ${s.chunksFetched ?? 0} fetched)` : ''}`, replicated: s.lastReplicationAt ? `${s.lastReplicationAt}${s.lastReplicaKind ? ` (${s.lastReplicaKind})` : ''}` : 'never', offline: s.safeOffline ? 'safe to go offline' : s.refused ? `NOT usable offline (${s.refused})` : 'NOT yet safe to go offline' })));
+      if (desktop && parked.length && st.length === 0) return;
+      table(st.map((s) => ({ desktop: s.desktop, state: s.state, lease: s.leaseDeadline ? `${s.leaseHoursLeft.toFixed(1)} h` : '-', changed: s.dirtyBytes === null ? (s.refused ? `- (${s.refused})` : '-') : formatBytes(s.dirtyBytes), local: `${s.percentLocal.toFixed(1)}%${s.chunksCopiedLocally ? ` (${s.chunksCopiedLocally} chunks copied here, ${s.chunksFetched ?? 0} fetched)` : ''}`, replicated: s.lastReplicationAt ? `${s.lastReplicationAt}${s.lastReplicaKind ? ` (${s.lastReplicaKind})` : ''}` : 'never', offline: s.safeOffline ? 'safe to go offline' : s.refused ? `NOT usable offline (${s.refused})` : 'NOT yet safe to go offline' })));
       for (const s of st) {
         if (s.problem) process.stdout.write(`${s.desktop}: ${s.problem}\n`);
         if (s.readFailures) process.stdout.write(`${s.desktop}: ${s.readFailures} read failures, last: ${s.lastReadFailure}\n`);

@@ -194,7 +194,7 @@ function killedAt(childFile: string, home: string, name: string, point: string):
   });
 }
 
-test('kill -9 while parking and at each step of the take-over: the rerun finishes, only the changed chunks travel, byte-identical', async () => {
+test('kill -9 while parking (then a check-out, or the check-in again, finishes it) and at each step of the take-over: the rerun finishes, only the changed chunks travel, byte-identical', async () => {
   await desktop('field');
   const a = await laptop('laptop-d');
   const b = await laptop('laptop-e');
@@ -209,13 +209,37 @@ test('kill -9 while parking and at each step of the take-over: the rerun finishe
   const opened = await vault.openKeys(await loadDevice(a), 'alice-password', await vault.find('field'));
   assert.ok(opened.state.parking && opened.state.disks[0]!.mergingTo, 'the state still says merging');
   assert.ok((await topExtents(chainOf(vault, opened.state, opened.keys, 'disk0'))).length > 0, 'the top still holds the write');
+  // The broker has the check-in: `status` says what is left to do here and the command that does it; `serve` refuses (a write now would be lost with the vault).
+  const pending = await runCarryon(a, ['status']);
+  assert.match(pending.out, /field: checked in \(snapshot [\w-]+\); putting its local copy away was cut off: run `carryon checkin field` to finish it/, pending.out);
+  assert.match(pending.out, /field +checked_in .*NOT yet safe to go offline/, pending.out);
+  await assert.rejects(serveDesktop(env(a), 'field'), (e: unknown) => e instanceof CarryonError && e.code === 'wrong-state' && /carryon checkin field/.test(e.message));
+  // The user checks it out again straight away: the park is finished (the check-in rerun's own steps), and the check-out starts from the parked copy.
+  logs.length = 0;
+  const again = await onTheWire(() => checkout(env(a), 'field'));
+  assert.ok(logs.some((l) => /checked in field \(the check-in had been committed before it was cut off\)/.test(l)), logs.join('\n'));
+  assert.equal(again.result.chunksMoved, 0, `nothing changed on the server since: nothing travels\n${logs.join('\n')}`);
+  assert.equal(again.bytes, 0, 'nothing on the wire');
+  assert.equal(parkedFiles(a).length, 0, 'the parked copy became the check-out');
+  assert.ok((await readDesktop(env(a), 'field')).equals(written), 'the check-out holds what was checked in');
+  assert.ok((await serverDisk('field')).equals(written), 'the check-in was committed once, as written');
+
+  await writeDesktop(env(a), 'field', [{ offset: 9 * CHUNK, data: randomBytes(2000) }]);
+  const written2 = await readDesktop(env(a), 'field');
+  // A check-in cut off before this laptop knew of its commit (state checking_in, no `parking`): a check-out discards nothing and names the command.
+  const v2 = await Vault.open(a);
+  const o2 = await v2.openKeys(await loadDevice(a), 'alice-password', await v2.find('field'));
+  await v2.save({ ...o2.state, state: 'checking_in' }, o2.keys);
+  await assert.rejects(checkout(env(a), 'field'), (e: unknown) => e instanceof CarryonError && e.code === 'wrong-state' && /run `carryon checkin field`/.test(e.message));
+  assert.match((await runCarryon(a, ['status'])).out, /field: a check-in was cut off before its commit was confirmed here: run `carryon checkin field` to finish it/);
+  assert.ok((await readDesktop(env(a), 'field')).equals(written2), 'nothing was discarded');
   // Killed once the parked copy is published, before the vault is erased: the rerun only erases the vault.
   await killedAt('upload-child.js', a, 'field', 'publish');
   assert.equal(readdirSync(join(a, 'desktops')).length, 1, 'the vault is still there');
   assert.equal(parkedFiles(a).length, 1, 'and so is the parked copy');
   await upload(env(a), 'field', 'checkin');
   assert.equal(readdirSync(join(a, 'desktops')).length, 0);
-  assert.ok((await serverDisk('field')).equals(written), 'the check-in was committed once, as written');
+  assert.ok((await serverDisk('field')).equals(written2), 'the check-in was committed once, as written');
 
   await checkout(env(b), 'field');
   await writeDesktop(env(b), 'field', [{ offset: 1 * CHUNK, data: randomBytes(CHUNK) }, { offset: 11 * CHUNK + 4096, data: randomBytes(4096) }, { offset: 30 * CHUNK, data: randomBytes(CHUNK) }]);

@@ -88,6 +88,17 @@ async function parkCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault,
 /** A check-in killed after its commit, while its bases were merged or parked: finishes that, then erases the vault. */
 async function finishParking(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, kind: UploadKind) {
   if (kind !== 'checkin') throw new CarryonError('wrong-state', `${state.name} was checked in already; run \`carryon checkin ${state.name}\` to finish putting its local copy away`);
+  await finishPark(env, device, vault, state, keys);
+  return { snapshotId: state.parking!, changedChunks: 0, chunksSent: 0, bytesSent: 0, replicaKind: null };
+}
+
+/**
+ * The rest of a committed check-in's park (`state.parking`, MACed: saved only once the broker
+ * answered the commit): the merge and the parked copy, then the vault is erased. A check-in's rerun
+ * and a check-out of the same desktop both finish it here.
+ */
+export async function finishPark(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys): Promise<void> {
+  if (!state.parking) throw new CarryonError('wrong-state', `${state.name} has no check-in to finish putting away`);
   const release = await claimOwner(vault, state.desktopId, 'checkin', env.log);
   try {
     if (await parkedFrom(vault, state)) {
@@ -103,7 +114,6 @@ async function finishParking(env: ClientEnv, device: DeviceIdentity, vault: Vaul
   }
   await vault.wipe(state.desktopId);
   env.log(`checked in ${state.name} (the check-in had been committed before it was cut off)`);
-  return { snapshotId: state.parking!, changedChunks: 0, chunksSent: 0, bytesSent: 0, replicaKind: null };
 }
 
 

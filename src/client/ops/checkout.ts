@@ -17,10 +17,11 @@ import { BrokerClient, CheckoutResponse, CheckoutView, JobView } from '../../net
 import { newDesktopKeys, type DesktopKeys } from '../../live/disks/desktop-keys.js';
 import { createMissingLayers, diskDir, socketDir, type DesktopDisk } from '../../live/disks/disks.js';
 import { openDesktopDisks } from '../../live/disks/open.js';
+import { finishPark } from './checkin.js';
 import { clearCheckoutFailure, readCheckoutFailure, recordCheckoutFailure } from './checkout-failure.js';
 import { ChunkFailedAuthentication, fillDirect, readFilled, type BaseSink } from '../../live/fill/fill-direct.js';
 import { mintToken } from '../vault/guards.js';
-import { claimOwner, diskPrefix, specFor } from '../../live/fill/holder.js';
+import { claimOwner, diskPrefix, readOwner, specFor } from '../../live/fill/holder.js';
 import { hostFacts, type DeviceIdentity } from '../vault/home.js';
 import { copySiblingChunks } from '../vault/local-sources.js';
 import { dataBytes, LocalProgressReporter, presentBytes } from '../../live/fill/local-progress.js';
@@ -42,7 +43,9 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
   const vault = await Vault.open(env.home);
   try {
     const entry = await traced('find-entry', () => findEntry(broker, desktopRef));
-    const found = (await traced('vault-list', () => vault.list())).find((s) => s.desktopId === entry.id);
+    let found = (await traced('vault-list', () => vault.list())).find((s) => s.desktopId === entry.id);
+    // A check-in this laptop began and that was cut off: finished here if its commit is known, else left whole.
+    if (found && (found.state === 'checking_in' || found.parking)) found = await finishCutOffCheckin(env, device, vault, found, user);
     let state: DesktopState;
     let keys: DesktopKeys;
     let parked: OpenedParked | null = null;
@@ -159,6 +162,24 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
   } finally {
     await broker.close();
   }
+}
+
+/**
+ * A check-in of this desktop on this laptop that did not finish. Committed (`parking`, in the state
+ * as the vault's MAC vouches for it: saved only once the broker answered the commit), its park is
+ * finished as the check-in's rerun would and the check-out goes on from the parked copy. Otherwise
+ * the commit may or may not have happened: nothing is touched, the rerun of the check-in decides.
+ */
+async function finishCutOffCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault, found: DesktopState, user: string): Promise<undefined> {
+  const rerun = `run \`carryon checkin ${found.name}\` to finish it`;
+  if (found.user !== user) throw new CarryonError('wrong-state', `${found.user}'s check-in of ${found.name} on this laptop did not finish: ${found.user} must ${rerun}`);
+  const holder = await readOwner(vault, found.desktopId);
+  if (holder) throw new CarryonError('disk-busy', `${found.name} is in use by \`carryon ${holder.kind}\` (pid ${holder.pid}): let it finish, then check it out`);
+  const { state, keys } = await vault.openKeys(device, await env.password(), found);
+  if (!state.parking) throw new CarryonError('wrong-state', `a check-in of ${state.name} was cut off before its commit was confirmed here; nothing was discarded: ${rerun}, then check it out`);
+  env.log(`${state.name} was checked in (snapshot ${state.parking}); putting its local copy away first`);
+  await finishPark(env, device, vault, state, keys);
+  return undefined;
 }
 
 /**

@@ -4,7 +4,7 @@ import { CarryonError } from '../../core/errors.js';
 import { effectiveConfig } from '../vault/guards.js';
 import { addChain, StorageDaemon } from '../../disk/storage-daemon.js';
 import { BrokerClient, CheckoutView, JobView } from '../../net/broker-client.js';
-import { finishPendingReuse } from '../vault/parked.js';
+import { finishPendingReuse, unfinishedCheckin } from '../vault/parked.js';
 import { createMissingLayers, diskDir, socketDir } from '../../live/disks/disks.js';
 import { openDesktopDisks, settleLiveLayers } from '../../live/disks/open.js';
 import { claimOwner, diskPrefix, fillDisks, RemoteSource, specFor, type HeldDesktop, type OwnerKind } from '../../live/fill/holder.js';
@@ -31,6 +31,8 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
   env.log(`opening ${found.name}: unlocking its keys…`);
   const unlocked = await unlock(vault, device, await env.password(), found);
   const { keys } = unlocked;
+  // Checked in already (the broker holds the commit) and being put away: what ran now would be lost with the vault.
+  if (unlocked.state.parking) throw new CarryonError('wrong-state', `${found.name} is ${unfinishedCheckin(unlocked.state)!}`);
   // A dry run only prints the command line: the audit must not show it as the desktop having run.
   await recordEvent(env.home, opts.dryRun ? `${kind}-dry-run` : kind, found.desktopId);
   // The broker's config from check-out (MACed), restricted by what the agent learned since.

@@ -141,6 +141,18 @@ export function parkedRefusal(name: string): CarryonError {
 }
 
 /**
+ * A check-in on this laptop that did not finish, in words for `status` and refusals (null if none).
+ * Committed (`parking`, saved once the broker answered the commit): only putting the copy away is
+ * left. Otherwise this laptop does not know whether the broker committed it: the check-in's rerun asks.
+ */
+export function unfinishedCheckin(state: DesktopState): string | null {
+  const rerun = `run \`carryon checkin ${state.name}\` to finish it`;
+  if (state.parking) return `checked in (snapshot ${state.parking}); putting its local copy away was cut off: ${rerun} (\`carryon checkout ${state.name}\` finishes it too, then checks it out again from that copy)`;
+  if (state.state === 'checking_in') return `a check-in was cut off before its commit was confirmed here: ${rerun}`;
+  return null;
+}
+
+/**
  * Crypto-erase of a parked copy (discard, wipe, revocation, policy): the record (its wrap) and
  * each base's LUKS header are overwritten, then the directory goes to the trash.
  */
