@@ -36,6 +36,12 @@ function sampleThreads(into: Map<number, { name: string; seconds: number }>): vo
   }
 }
 
+/** Minor page faults of this process so far (all threads; field 10 of /proc/self/stat). */
+function minorFaults(): number {
+  const stat = readFileSync('/proc/self/stat', 'utf8');
+  return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[7]);
+}
+
 /** Under `perf record --control=fifo:CTL -D -1`, PERF_CTL=CTL: perf samples the check-outs only (not the rig's import). */
 function perfControl(cmd: 'enable' | 'disable'): void {
   if (process.env.PERF_CTL) writeFileSync(process.env.PERF_CTL, `${cmd}\n`);
@@ -61,12 +67,14 @@ async function main(): Promise<void> {
       sampleThreads(before);
       const after = new Map<number, { name: string; seconds: number }>();
       const timer = setInterval(() => sampleThreads(after), 50);
+      const faults0 = minorFaults();
       const l0 = ownCpuSeconds();
       const s0 = rig.transferCpuSeconds();
       perfControl('enable');
       const { seconds } = await timed(() => checkout(env, 'desk'));
       perfControl('disable');
       const l1 = ownCpuSeconds();
+      const faults = minorFaults() - faults0;
       const s1 = rig.transferCpuSeconds();
       clearInterval(timer);
       sampleThreads(after);
@@ -80,7 +88,7 @@ async function main(): Promise<void> {
       const children = l1.children - l0.children;
       const server = s1 - s0;
       const threads = [...byName].sort((a, b) => b[1] - a[1]).map(([n, s]) => `${n} ${s.toFixed(2)}`).join(', ');
-      console.log(`run ${i}: wall ${seconds.toFixed(2)} s; laptop ${(self + children).toFixed(2)} s (process ${self.toFixed(2)} [${threads}], children ${children.toFixed(2)}); server ${server.toFixed(2)} s; total per GiB ${((self + children + server) / sizeGiB).toFixed(2)}`);
+      console.log(`run ${i}: wall ${seconds.toFixed(2)} s; laptop ${(self + children).toFixed(2)} s (process ${self.toFixed(2)} [${threads}], children ${children.toFixed(2)}); server ${server.toFixed(2)} s; ${(faults / 1000).toFixed(0)}k minor faults; total per GiB ${((self + children + server) / sizeGiB).toFixed(2)}`);
     }
   } finally {
     await rig.close();
