@@ -303,22 +303,17 @@ export function liveSection(work: string, sizeGiB: number, bigGiB: number, chang
             if (i < 2) await checkout(env, 'desk');
           }
 
-          // fio through the held clone, without and with replicas back to back, three ways (each
-          // against a fio alone run just before it): interactive replicas (`carryon replicate`, normal
-          // priority, this process), background ones (the agent's: `carryon replicate --background`
-          // in a process of its own at nice 15, the holder folding at its speed limit), and the same
-          // with the transfer server at nice 19 (bench staging: deployed, it runs in the datacenter).
+          // fio through the held clone, without and with replicas back to back: interactive replicas
+          // (`carryon replicate`, normal priority, this process) once, for comparison, and background
+          // ones (the agent's: `carryon replicate --background` in a process of its own at nice 15,
+          // reading the frozen view in its own storage daemon, the holder folding at its speed limit)
+          // in three pairs, each against a fio alone run just before it (the box's speed drifts).
           const envB = await rig.laptop();
           await checkout(envB, 'desk-1');
           const hb = await startHolder(envB, 'desk-1');
           try {
-            const ways: { key: string; label: string; replicate: (e: ClientEnv) => Promise<unknown>; before?: () => void }[] = [
-              { key: 'interactive', label: 'interactive replicas (`carryon replicate`, normal priority)', replicate: (e) => upload(e, 'desk-1', 'replicate') },
-              { key: 'background', label: 'background replicas (the agent\'s: `carryon replicate --background`, nice 15, fold at its speed limit)', replicate: (e) => replicateInBackground(e, 'desk-1') },
-              { key: 'background, transfer server at nice 19', label: 'background replicas, the transfer server at nice 19 (bench staging: deployed, it runs in the datacenter)', replicate: (e) => replicateInBackground(e, 'desk-1'), before: () => rig.reniceTransfers(19) },
-            ];
-            for (const way of ways) {
-              way.before?.();
+            /** fio alone (on an empty top), then fio with replicas back to back. */
+            const fioPair = async (replicate: (e: ClientEnv) => Promise<unknown>) => {
               await upload(envB, 'desk-1', 'replicate'); // folds the writes before: each fio starts on an empty top
               const alone = await cpuDuring(() => fioNbd(hb.uri, 'randwrite', 16, { runtimeS: fioS }));
               await upload(envB, 'desk-1', 'replicate');
@@ -327,18 +322,31 @@ export function liveSection(work: string, sizeGiB: number, bigGiB: number, chang
               const pauses: number[] = [];
               let loopError: unknown = null;
               const loop = (async () => {
-                while (!fioDone) times.push((await timed(() => way.replicate(recordingPauses(envB, pauses)))).seconds);
+                while (!fioDone) times.push((await timed(() => replicate(recordingPauses(envB, pauses)))).seconds);
               })().catch((e: unknown) => (loopError = e));
               const during = await cpuDuring(() => fioNbd(hb.uri, 'randwrite', 16, { runtimeS: fioS }));
               fioDone = true;
               await loop;
               if (loopError) throw loopError;
-              const r = during.value.iops / alone.value.iops;
+              return { alone, during, times, pauses };
+            };
+            const ways: { key: string; label: string; pairs: number; replicate: (e: ClientEnv) => Promise<unknown> }[] = [
+              { key: 'interactive', label: 'interactive replicas (`carryon replicate`, normal priority)', pairs: 1, replicate: (e) => upload(e, 'desk-1', 'replicate') },
+              { key: 'background', label: 'background replicas (the agent\'s: `carryon replicate --background`, nice 15, fold at its speed limit)', pairs: 3, replicate: (e) => replicateInBackground(e, 'desk-1') },
+            ];
+            for (const way of ways) {
+              const pairs: { alone: Awaited<ReturnType<typeof fioPair>>['alone']; during: Awaited<ReturnType<typeof fioPair>>['during']; times: number[]; pauses: number[] }[] = [];
+              for (let p = 0; p < way.pairs; p++) pairs.push(await fioPair(way.replicate));
+              const ratios = pairs.map((x) => x.during.value.iops / x.alone.value.iops);
+              const r = stats(ratios).median;
+              const mid = pairs[ratios.indexOf([...ratios].sort((a, b) => a - b)[Math.floor(ratios.length / 2)]!)]!;
+              const times = pairs.flatMap((x) => x.times);
+              const pauses = pairs.flatMap((x) => x.pauses);
               const target = way.key === 'interactive' ? 'for comparison: the target is the background replica\'s' : `target ≥ 0.7: ${met(r >= 0.7)}`;
               fioRows.push({ section, name: `4 KiB random write IOPS, QD16, through the held disk while ${way.label} run back to back (${sizeGiB} GiB desktop, fio ${fioS} s)`,
-                value: during.value.iops, unit: 'IOPS', runs: 1, spread: 0,
-                peer: { name: 'same fio, same desktop, no replica, just before', value: alone.value.iops, unit: 'IOPS' },
-                note: `${r.toFixed(2)}× (${target}); ${times.length} replicas, median ${stats(times).median.toFixed(1)} s each; p99 ${(during.value.p99Us / 1000).toFixed(1)} ms vs ${(alone.value.p99Us / 1000).toFixed(1)} ms; guest I/O paused per point in time ${pauseRange(pauses)}; CPU meanwhile (${nproc} cores): ${during.cpu} (alone: ${alone.cpu})` });
+                value: mid.during.value.iops, unit: 'IOPS', runs: pairs.length, spread: stats(pairs.map((x) => x.during.value.iops)).spread,
+                peer: { name: 'same fio, same desktop, no replica, just before', value: mid.alone.value.iops, unit: 'IOPS' },
+                note: `${r.toFixed(2)}× (${pairs.length > 1 ? `median of ${pairs.length} back-to-back pairs: ${ratios.map((x) => x.toFixed(2)).join(', ')}; ` : ''}${target}); ${times.length} replicas, median ${stats(times).median.toFixed(1)} s each; p99 ${(mid.during.value.p99Us / 1000).toFixed(1)} ms vs ${(mid.alone.value.p99Us / 1000).toFixed(1)} ms; guest I/O paused per point in time ${pauseRange(pauses)}; CPU meanwhile (${nproc} cores, the median pair): ${mid.during.cpu} (alone: ${mid.alone.cpu})` });
             }
           } finally {
             await hb.stop();

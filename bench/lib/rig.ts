@@ -1,7 +1,5 @@
 import { NODE_FLAGS } from '../../src/cli/node-flags.js';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { readdirSync } from 'node:fs';
-import { setPriority } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { request, type Agent } from 'undici';
@@ -96,16 +94,6 @@ export class Rig {
     const ours = body.servers.filter((x) => x.id.startsWith('bench-transfer'));
     if (ours.length !== this.transfers.length) throw new Error('a bench transfer server is not registered');
     return { bytesIn: ours.reduce((n, s) => n + s.bytesIn, 0), bytesOut: ours.reduce((n, s) => n + s.bytesOut, 0) };
-  }
-
-  /**
-   * Every thread of each transfer server to `nice` (bench staging: deployed, the transfer server
-   * runs in the datacenter, not on the laptop's cores; the rows that do this say so).
-   */
-  reniceTransfers(nice: number): void {
-    for (const t of this.transfers) {
-      for (const tid of readdirSync(`/proc/${t.pid}/task`)) setPriority(Number(tid), nice);
-    }
   }
 
   async close(): Promise<void> {

@@ -173,6 +173,8 @@ test('live replicas of a desktop held by another process: the guest writes on, e
     const third = await upload(env(home), 'live', 'replicate');
     assert.ok(third.bytesSent < 64 * 1024 + (model.writes.length - atPoint) * 5000, `${third.bytesSent} bytes sent for the writes since the last replica`);
     assert.ok((await snapshotDisk('live', third.snapshotId)).equals(model.at(model.writes.length)));
+    // The replicas read the frozen pages in their own storage daemon, not through the holder.
+    assert.deepEqual(logs.filter((l) => l.includes('through the holder')), []);
   } finally {
     await disk.close();
     await stopServe(serve);

@@ -3,7 +3,7 @@ import type { WebSocket } from 'ws';
 import type { BrokerContext } from '../context.js';
 import type { HostCommandRow } from '../hosts/store.js';
 import { HttpError } from '../http.js';
-import { KeyedWaiters } from '../../core/keyed-waiters.js';
+import { KeyedWaiters } from '../keyed-waiters.js';
 
 /**
  * The display relay (issue 26 item 3). A desktop host never listens: when a browser connects to a

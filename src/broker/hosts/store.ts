@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import type { Migration, SqlConn, SqlDb } from '../../sql/driver.js';
-import { KeyedWaiters } from '../../core/keyed-waiters.js';
+import { KeyedWaiters } from '../keyed-waiters.js';
 
 /**
  * Desktop hosts (issue 26): the machines that run desktops online, where each desktop is placed,

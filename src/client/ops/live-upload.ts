@@ -1,10 +1,13 @@
+import { join } from 'node:path';
 import { CarryonError } from '../../core/errors.js';
 import { ControlClient } from '../../live/control.js';
 import { NbdClient } from '../../nbd/client.js';
 import type { BrokerClient } from '../../net/broker-client.js';
 import { changedManifests, type DiskReader } from '../../live/disks/changes.js';
 import { sendChanges } from './send-changes.js';
-import { chainOf, type DesktopDisk } from '../../live/disks/disks.js';
+import { chainOf, socketDir, type DesktopDisk } from '../../live/disks/disks.js';
+import { FrozenLayers } from '../../live/frozen-layers.js';
+import type { FrozenPoint } from '../../live/live-chain.js';
 import { controlKey, liveSocketPath } from '../../live/live-holder.js';
 import type { DesktopKeys } from '../../live/disks/desktop-keys.js';
 import type { ClientEnv } from '../session/session.js';
@@ -12,15 +15,22 @@ import type { DesktopState, Vault } from '../vault/vault.js';
 
 /**
  * A replica of a desktop another process holds and runs: that process freezes a point in time
- * (milliseconds of paused guest I/O), this one reads the frozen pages from its NBD export and
- * sends them as any replica, then tells it to fold them into the base. Whatever fails before the
- * broker's acknowledgement, the frozen layer goes back into the top (abandon): nothing is lost.
+ * (milliseconds of paused guest I/O), this one reads the frozen pages (from its own storage daemon:
+ * frozen-layers.ts; from the holder's NBD export where that cannot open) and sends them as any
+ * replica, then tells the holder to fold them into the base. Whatever fails before the broker's
+ * acknowledgement, the frozen layer goes back into the top (abandon): nothing is lost.
  */
 export async function liveReplicate(o: { env: ClientEnv; broker: BrokerClient; vault: Vault; state: DesktopState; keys: DesktopKeys; background?: boolean }) {
   const { env, broker, vault, state, keys } = o;
   if (state.damaged) throw new CarryonError('base-damaged', `${state.name} is marked damaged since ${state.damaged.at}: ${state.damaged.message}`);
   const control = await ControlClient.connect(await liveSocketPath({ vault, state }), controlKey(keys, state.desktopId));
   const clients: NbdClient[] = [];
+  let frozen: FrozenLayers | null = null;
+  const closeReaders = async () => {
+    for (const c of clients.splice(0)) await c.close().catch(() => undefined);
+    await frozen?.close().catch((err: unknown) => env.log(`the replica's reader did not stop cleanly: ${(err as Error).message}`));
+    frozen = null;
+  };
   try {
     const point = await control.freeze();
     env.log(`replicating ${state.name} while it runs: point in time taken (${point.kind === 'quiesced' ? 'file systems quiesced by the guest agent' : `crash-consistent${point.reason ? `: ${point.reason}` : ''}`}; guest I/O paused ${point.pausedMs.toFixed(1)} ms)`);
@@ -28,21 +38,25 @@ export async function liveReplicate(o: { env: ClientEnv; broker: BrokerClient; v
     let disks: DesktopDisk[];
     try {
       const readers: DiskReader[] = [];
+      frozen = await openFrozen(env, vault, state, keys, point);
       for (const d of point.disks) {
         const entry = state.disks.find((x) => x.name === d.name);
         if (!entry) throw new CarryonError('bad-state', `the running desktop has a disk ${d.name} that the vault does not know`);
         const disk: DesktopDisk = { name: d.name, chain: chainOf(vault, state, keys, d.name), base: await vault.manifest(state.desktopId, d.baseDigest), entry };
-        const top = await NbdClient.connect(point.socketPath, d.exportName);
+        const top = frozen ? await NbdClient.connect(frozen.socketPath, frozen.exportName(d.name)) : await NbdClient.connect(point.socketPath, d.exportName);
         clients.push(top);
         readers.push({ disk, top, extents: d.extents });
       }
       disks = readers.map((r) => r.disk);
       outcome = await sendChanges({ env, broker, vault, state, keys, kind: 'replicate', readers });
     } catch (err) {
+      // Our reader closes before the holder takes the top back down into the frozen layer.
+      await closeReaders();
       await control.abandon(point.id).catch(() => undefined);
       throw err;
     }
-    for (const c of clients.splice(0)) await c.close();
+    // Closed before the fold: nothing of ours has the frozen layer open while the holder commits it.
+    await closeReaders();
     // Acknowledged: the frozen pages are the restore point; the holder folds them into the base.
     const digests = new Map<string, string>();
     for (const m of changedManifests(disks, outcome.changes.changes)) digests.set(m.name, await vault.putManifest(state.desktopId, m.manifest));
@@ -50,7 +64,23 @@ export async function liveReplicate(o: { env: ClientEnv; broker: BrokerClient; v
     await control.fold(point.id, digests, { background: o.background === true });
     return { ...outcome, kind: point.kind, pausedMs: point.pausedMs };
   } finally {
-    for (const c of clients) await c.close().catch(() => undefined);
+    await closeReaders();
     control.close();
+  }
+}
+
+/**
+ * The frozen layers opened by this process, as the vault names them now (the holder recorded each
+ * disk's frozen layer, `under`, before it froze). Null, with a line in the log, where they cannot be
+ * opened here: the holder's own export serves the replica then, as before.
+ */
+async function openFrozen(env: ClientEnv, vault: Vault, before: DesktopState, keys: DesktopKeys, point: FrozenPoint): Promise<FrozenLayers | null> {
+  try {
+    const now = await vault.find(before.desktopId);
+    const layers = point.disks.map((d) => ({ name: d.name, chain: chainOf(vault, now, keys, d.name, 'under') }));
+    return await FrozenLayers.open(join(await socketDir(vault, before.desktopId), `replica-${process.pid}`), layers);
+  } catch (err) {
+    env.log(`reading the frozen pages through the holder (${(err as Error).message})`);
+    return null;
   }
 }

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { KeyedWaiters } from '../../src/core/keyed-waiters.js';
+import { KeyedWaiters } from '../../src/broker/keyed-waiters.js';
 
 const settled = async (p: Promise<void>) => {
   let done = false;
