@@ -71,8 +71,11 @@ async function main(): Promise<void> {
       const l0 = ownCpuSeconds();
       const s0 = rig.transferCpuSeconds();
       perfControl('enable');
+      // Monotonic µs, the clock of `--cpu-prof` timestamps: the check-out's window in such a profile.
+      if (process.env.PROFILE_MARKS) console.log(`mark start ${process.hrtime.bigint() / 1000n}`);
       const { seconds } = await timed(() => checkout(env, 'desk'));
       perfControl('disable');
+      if (process.env.PROFILE_MARKS) console.log(`mark end ${process.hrtime.bigint() / 1000n}`);
       const l1 = ownCpuSeconds();
       const faults = minorFaults() - faults0;
       const s1 = rig.transferCpuSeconds();
