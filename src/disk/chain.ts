@@ -213,9 +213,14 @@ export async function topExtents(chain: Chain): Promise<Range[]> {
   return out;
 }
 
-/** Merges the top into the base and leaves the top empty (offline; idempotent, so a killed merge is simply run again). */
-export async function mergeTop(chain: Chain): Promise<void> {
-  await runOnChain(chain, 'top', false, (t) => ['commit', '-q', ...t]);
+/**
+ * Merges the top into the base and leaves the top empty (offline; idempotent, so a killed merge is
+ * simply run again). `keepTop`: the top is left as it is (`-d`), for a top that is deleted next
+ * (a parked check-in): emptying it punched a hole per written cluster and cost more wall time than
+ * the merge's own writes (4 GiB, 41 MiB of 64 KiB writes: ≈ 1.0–1.6 s → 0.8 s on this box).
+ */
+export async function mergeTop(chain: Chain, opts: { keepTop?: boolean } = {}): Promise<void> {
+  await runOnChain(chain, 'top', false, (t) => ['commit', '-q', ...(opts.keepTop ? ['-d'] : []), ...t]);
 }
 
 /** `qemu-img check` of both layers; leaked clusters (exit 3, left by a kill) are harmless and repaired. */

@@ -23,7 +23,7 @@ export const POWER_ACTIONS = ['powerdown', 'reset', 'suspend', 'resume'] as cons
 export type PowerAction = (typeof POWER_ACTIONS)[number];
 const PointId = z.string().regex(/^[0-9a-f]{16}$/);
 const Request = z.discriminatedUnion('op', [
-  z.object({ op: z.literal('freeze') }).strict(),
+  z.object({ op: z.literal('freeze'), background: z.boolean().optional() }).strict(),
   z.object({ op: z.literal('fold'), id: PointId, digests: z.record(z.string().regex(/^[A-Za-z0-9._-]{1,64}$/), Hex64), background: z.boolean().optional() }).strict(),
   z.object({ op: z.literal('abandon'), id: PointId }).strict(),
   z.object({ op: z.literal('shutdown'), graceMs: z.number().int().min(0).max(3_600_000), force: z.boolean() }).strict(),
@@ -54,7 +54,8 @@ export interface HolderStatus {
 }
 
 export interface ControlHandler {
-  freeze(): Promise<FrozenPoint>;
+  /** `background`: a background replica's, which waits behind a background fold instead of hurrying it. */
+  freeze(opts?: { background?: boolean }): Promise<FrozenPoint>;
   /** `background`: the fold yields to the guest's I/O (a speed limit) until someone waits on the chain. */
   fold(id: string, digests: ReadonlyMap<string, string>, opts?: { background?: boolean }): Promise<void>;
   abandon(id: string): Promise<void>;
@@ -111,7 +112,7 @@ export async function serveControl(socketPath: string, handler: ControlHandler, 
       }
       try {
         if (req.op === 'freeze') {
-          const point = await handler.freeze();
+          const point = await handler.freeze({ background: req.background === true });
           open.add(point.id);
           return answer({ ok: true, point });
         }
@@ -248,8 +249,8 @@ export class ControlClient {
     return a;
   }
 
-  async freeze(): Promise<FrozenPoint> {
-    return FrozenPointSchema.parse((await this.call({ op: 'freeze' })).point);
+  async freeze(opts: { background?: boolean } = {}): Promise<FrozenPoint> {
+    return FrozenPointSchema.parse((await this.call({ op: 'freeze', ...(opts.background ? { background: true } : {}) })).point);
   }
 
   async fold(id: string, digests: ReadonlyMap<string, string>, opts: { background?: boolean } = {}): Promise<void> {

@@ -113,9 +113,14 @@ export class LiveChain {
     return run;
   }
 
-  freeze(): Promise<FrozenPoint> {
-    // Whoever freezes waits behind a background fold: that fold now runs at full speed.
-    void this.hurry();
+  /**
+   * Takes a point in time, after the fold before it. Someone waiting (a check-in, an interactive
+   * replica) hurries a background fold to full speed; a background replica waits behind it at
+   * its pace: nobody waits on it, and a fold hurried at every scheduled replica would take the
+   * holder from the guest exactly when the guest writes the most.
+   */
+  freeze(opts: { background?: boolean } = {}): Promise<FrozenPoint> {
+    if (!opts.background) void this.hurry();
     return this.serial(() => this.freezeNow());
   }
 

@@ -112,12 +112,12 @@ export async function startLiveControl(held: HeldDesktop, host: BlockHost, opts:
   qemuPid = opts.qemuPid ?? null;
   const live = new LiveChain(host, vaultLayers(held), opts.nbd, opts.quiesce);
   const control = await serveControl(await liveSocketPath(held), {
-    async freeze() {
+    async freeze(o) {
       if (held.state.state !== 'checked_out' || held.state.disks.some((d) => !d.complete)) {
         throw new CarryonError('wrong-state', `${held.state.name} is still being checked out: a replica is possible once it is entirely local (\`carryon status\`)`);
       }
       await held.stopChecks();
-      const point = await live.freeze();
+      const point = await live.freeze(o);
       killAt('point-taken');
       opts.log(`replica of ${held.state.name}: point in time taken (${point.kind}, guest I/O paused ${point.pausedMs.toFixed(1)} ms)`);
       return point;

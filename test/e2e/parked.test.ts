@@ -8,7 +8,8 @@ import { after, before, test } from 'node:test';
 import { runAgent } from '../../src/client/agent.js';
 import { loadDevice } from '../../src/client/vault/home.js';
 import { checkout, discardLocal, enroll, exportDisk, release, upload, type ClientEnv } from '../../src/client/ops.js';
-import { createMissingLayers } from '../../src/live/disks/disks.js';
+import { chainOf, createMissingLayers } from '../../src/live/disks/disks.js';
+import { topExtents } from '../../src/disk/chain.js';
 import { eraseParked, listParked } from '../../src/client/vault/parked.js';
 import { Vault } from '../../src/client/vault/vault.js';
 import { serveDesktop } from '../../src/client/ops/serve.js';
@@ -200,6 +201,14 @@ test('kill -9 while parking and at each step of the take-over: the rerun finishe
   await checkout(env(a), 'field');
   await writeDesktop(env(a), 'field', [{ offset: 7 * CHUNK + 512, data: randomBytes(3000) }]);
   const written = await readDesktop(env(a), 'field');
+  // Killed once the top is merged into the base, before the state says so: the top was left as it
+  // was (it goes with the vault; not emptying it saves the merge's wall time), so the rerun merges the same bytes again.
+  await killedAt('upload-child.js', a, 'field', 'merged');
+  assert.equal(parkedFiles(a).length, 0, 'nothing parked yet');
+  const vault = await Vault.open(a);
+  const opened = await vault.openKeys(await loadDevice(a), 'alice-password', await vault.find('field'));
+  assert.ok(opened.state.parking && opened.state.disks[0]!.mergingTo, 'the state still says merging');
+  assert.ok((await topExtents(chainOf(vault, opened.state, opened.keys, 'disk0'))).length > 0, 'the top still holds the write');
   // Killed once the parked copy is published, before the vault is erased: the rerun only erases the vault.
   await killedAt('upload-child.js', a, 'field', 'publish');
   assert.equal(readdirSync(join(a, 'desktops')).length, 1, 'the vault is still there');

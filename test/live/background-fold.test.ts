@@ -83,3 +83,25 @@ test('a background fold runs with the speed limit; a freeze that waits on it lif
   emit({ event: 'BLOCK_JOB_COMPLETED', data: { device: fgCommit.args?.['job-id'] } });
   await fg;
 });
+
+test('a background replica\'s freeze waits behind a background fold at its pace (nothing hurried); a check-in\'s freeze then still hurries it', async () => {
+  const { host, calls, emit } = fakeHost();
+  const chain = new LiveChain(host, fakeLayers(), nbd);
+  const first = await chain.freeze({ background: true });
+  const folding = chain.fold(first.id, new Map([['disk0', 'b'.repeat(64)]]), { background: true });
+  await until(() => calls.some((c) => c.command === 'block-commit'));
+  const jobId = calls.find((c) => c.command === 'block-commit')!.args?.['job-id'];
+  let taken = false;
+  const scheduled = chain.freeze({ background: true }).then((p) => ((taken = true), p));
+  await new Promise((r) => setTimeout(r, 30));
+  assert.equal(calls.some((c) => c.command === 'block-job-set-speed'), false, 'the scheduled replica does not lift the guest\'s share');
+  assert.equal(taken, false, 'it waits for the fold');
+  // A check-in arrives meanwhile: it is in a hurry.
+  const checkin = chain.freeze();
+  await until(() => calls.some((c) => c.command === 'block-job-set-speed'));
+  emit({ event: 'BLOCK_JOB_COMPLETED', data: { device: jobId } });
+  await folding;
+  assert.ok((await scheduled).id);
+  // The point stays open (this fake folds nothing more): the check-in's freeze is told so.
+  await assert.rejects(checkin, /already being taken/);
+});

@@ -32,7 +32,7 @@ export async function liveReplicate(o: { env: ClientEnv; broker: BrokerClient; v
     frozen = null;
   };
   try {
-    const point = await control.freeze();
+    const point = await control.freeze({ background: o.background === true });
     env.log(`replicating ${state.name} while it runs: point in time taken (${point.kind === 'quiesced' ? 'file systems quiesced by the guest agent' : `crash-consistent${point.reason ? `: ${point.reason}` : ''}`}; guest I/O paused ${point.pausedMs.toFixed(1)} ms)`);
     let outcome;
     let disks: DesktopDisk[];

@@ -14,7 +14,9 @@ export async function openDesktopDisks(vault: DesktopRecords, state: DesktopStat
   let current = await settleLiveLayers(vault, state, keys);
   for (const d of current.disks) {
     if (!d.mergingTo) continue;
-    await mergeTop(chainOf(vault, current, keys, d.name));
+    // A parked check-in's top is erased with the vault next: it is not emptied (a rerun merges it again, the same bytes).
+    await mergeTop(chainOf(vault, current, keys, d.name), { keepTop: current.parking !== null });
+    testHooks.afterMerge?.();
     current = { ...current, disks: current.disks.map((x) => (x.name === d.name ? { ...x, baseDigest: d.mergingTo!, mergingTo: null } : x)) };
     // The merged base holds the restore point whose chunk IDs this laptop computed: it is the new reference.
     current = await recordLayers(vault, current, keys, { verifiedBases: true });
@@ -59,3 +61,7 @@ export async function settleLiveLayers(vault: DesktopRecords, state: DesktopStat
   }
   return current;
 }
+
+/** Test-only kill point (CARRYON_TEST_SIGKILL_PARKED=merged, under NODE_ENV=test): after a merge, before the state says so. */
+export const testHooks: { afterMerge?: () => void } = {};
+if (process.env.NODE_ENV === 'test' && process.env.CARRYON_TEST_SIGKILL_PARKED === 'merged') testHooks.afterMerge = () => process.kill(process.pid, 'SIGKILL');
