@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { createCipheriv, randomBytes } from 'node:crypto';
+import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from 'node:crypto';
 import { test } from 'node:test';
 import { BLOB_OVERHEAD, BLOB_VERSION, openBlob, sealChunk } from '../../src/core/chunks/blob.js';
 import { chunkIdToBytes, computeChunkId } from '../../src/core/chunk-id.js';
@@ -34,6 +34,22 @@ test('version 2: a fresh 192-bit salt (so a fresh subkey) per blob, the key gene
     const bad = Buffer.from(a.blob);
     bad[at]! ^= 1;
     assert.throws(() => openBlob(keys, a.id, bad), BlobError, `byte ${at} of the header is authenticated`);
+  }
+});
+
+test('the subkey is HKDF-SHA256 of the data key with the blob\'s salt (what hkdfSync derives): the blob opens with it by hand', () => {
+  const keys = generateLineageKeys();
+  for (const data of [randomBytes(1000), Buffer.alloc(300 * 1024, 7)]) {
+    const { id, blob } = sealChunk(keys, data);
+    const header = blob.subarray(0, 30);
+    const key = Buffer.from(hkdfSync('sha256', keys.dataKey, header.subarray(6), 'carryon-blob:v2', 32));
+    const d = createDecipheriv('aes-256-gcm', key, Buffer.alloc(12));
+    d.setAAD(Buffer.concat([header, chunkIdToBytes(id)]));
+    d.setAuthTag(blob.subarray(blob.length - 16));
+    const body = Buffer.concat([d.update(blob.subarray(30, blob.length - 16)), d.final()]);
+    // Compressed or not (flag bit 0): what came out of GCM is the plaintext or its zstd frame.
+    if (!(blob[1]! & 1)) assert.deepEqual(body, data);
+    else assert.ok(body.length < data.length);
   }
 });
 

@@ -116,6 +116,49 @@ test('through the page cache (a file system that refuses O_DIRECT) the same chun
   await writeAndReadBack('a-cached.qcow2', false);
 });
 
+test('plaintext slots: while every slot is lent out writes still go through (copied or transferred), a slot given back is lent again, a short last chunk may be a slot\'s prefix; QEMU reads it all back', async () => {
+  const chunks = 72;
+  const size = chunks * CHUNK + 100 * 1024;
+  const path = await base('slots.qcow2', size);
+  const w = await openWriter(path, PASS, CHUNK);
+  const want = Buffer.alloc(size);
+  const lent: Buffer[] = [];
+  for (let b = w.spare(); b; b = w.spare()) lent.push(b);
+  assert.ok(lent.length >= 8 && lent.length < chunks, `${lent.length} slots`);
+  assert.equal(new Set(lent.map((b) => b.byteOffset)).size, lent.length, 'no slot lent twice');
+  // Nothing free: a buffer of the caller's own is transferred, as before slots.
+  const own = randomBytes(CHUNK);
+  own.copy(want, 0);
+  await w.write(0, own);
+  // A slot given back (its chunk failed authentication) is the next one lent, old bytes and all.
+  const back = lent.pop()!;
+  w.giveBack(back);
+  const again = w.spare();
+  assert.equal(again?.byteOffset, back.byteOffset);
+  lent.push(again!);
+  assert.equal(w.spare(), null);
+  const writes: Promise<void>[] = [];
+  lent.forEach((slot, i) => {
+    randomFillSync(slot);
+    slot.copy(want, (i + 1) * CHUNK);
+    writes.push(w.write(i + 1, slot));
+  });
+  await Promise.all(writes);
+  // Slots free again: a caller's buffer is copied into one; the short last chunk is a prefix of a lent slot.
+  const copied = randomBytes(CHUNK);
+  copied.copy(want, (chunks - 1) * CHUNK);
+  await w.write(chunks - 1, copied);
+  const last = w.spare()!.subarray(0, 100 * 1024);
+  randomFillSync(last);
+  last.copy(want, chunks * CHUNK);
+  await w.write(chunks, last);
+  await w.persist();
+  await w.close();
+  const seen = qemuRead(path);
+  assert.equal(seen.check, 0);
+  assert.ok(seen.data.equals(want));
+});
+
 test('a kill before persist maps nothing (chunks read as holes); one between the refcount and L2 steps only leaks clusters', async () => {
   const path = await base('b.qcow2', 8 * CHUNK);
   const w = await openWriter(path, PASS, CHUNK);

@@ -98,7 +98,7 @@ export class Qcow2BaseWriter {
           break;
         }
       }
-      const w = new Qcow2BaseWriter(fh, path, new XtsWriters(key, fh.fd, opts.directIo === false ? null : path), clusterSize, diskSize, l1, l1Offset, refTable, refTableOffset, end);
+      const w = new Qcow2BaseWriter(fh, path, new XtsWriters(key, fh.fd, opts.directIo === false ? null : path, clusterSize), clusterSize, diskSize, l1, l1Offset, refTable, refTableOffset, end);
       for (const [rt, b] of blocks) w.refBlocks.set(rt, b);
       key.fill(0);
       return w;
@@ -109,7 +109,7 @@ export class Qcow2BaseWriter {
   }
 
   /**
-   * Encrypts and writes chunk `index` (its buffer moves to a writer thread: the caller must not
+   * Encrypts and writes chunk `index` (its buffer is the writer threads' now: the caller must not
    * use `plain` afterwards); it is mapped (durable) by the next `persist`.
    */
   async write(index: number, plain: Buffer): Promise<void> {
@@ -117,19 +117,19 @@ export class Qcow2BaseWriter {
     if (!Number.isInteger(index) || index < 0 || start >= this.diskSize) throw new DiskError('range', `chunk ${index} lies outside the ${this.diskSize}-byte disk`);
     if (plain.length > this.clusterSize || plain.length !== Math.min(this.clusterSize, this.diskSize - start)) throw new DiskError('range', `chunk ${index} has ${plain.length} bytes`);
     const host = this.placed.get(index) ?? (await this.place(index));
-    // A short last chunk fills its cluster with zeros (what QEMU reads past the disk's end is never used).
-    let data = plain;
-    if (data.length !== this.clusterSize) {
-      data = Buffer.alloc(this.clusterSize);
-      plain.copy(data);
-    }
-    await this.writers.write(data, host);
+    // A short last chunk fills its cluster with zeros (the writers pad it; what QEMU reads past the disk's end is never used).
+    await this.writers.write(plain, host);
     this.ready.set(index, host);
   }
 
-  /** A cluster-sized buffer a finished write handed back, to fill with the next chunk's plaintext; null if none is free. */
+  /** A cluster-sized buffer to open the next chunk's plaintext into (then `write` it, or `giveBack`); null if none is free. */
   spare(): Buffer | null {
     return this.writers.spare();
+  }
+
+  /** A `spare` buffer that will not be written (its chunk failed authentication). */
+  giveBack(buf: Buffer): void {
+    this.writers.giveBack(buf);
   }
 
   /**

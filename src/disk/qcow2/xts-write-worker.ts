@@ -3,19 +3,21 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { XTS_SECTOR, XtsSectors } from './xts.js';
 
 /** Worker: encrypts a cluster (AES-256-XTS, sectors numbered by host offset) and writes it to the image. */
-export interface XtsWriteRequest {
-  seq: number;
-  /** The plaintext, a whole cluster (ownership moves here). */
-  data: ArrayBuffer;
+export type XtsWriteRequest = XtsWriteBody & { seq: number };
+
+export type XtsWriteBody = {
   /** Byte offset in the image file, which also numbers the sectors (QEMU's LUKS in qcow2 uses host offsets). */
   host: number;
-}
+} & (
+  /** The plaintext in slot `slot` of the shared slots, its first `length` bytes (the main thread keeps the slot until the answer). */
+  | { slot: number; length: number }
+  /** The plaintext, a whole cluster (ownership moves here): when every slot was busy. */
+  | { data: ArrayBuffer }
+);
 
 export interface XtsWriteResult {
   seq: number;
   error: { message: string; code?: string } | null;
-  /** The request's buffer, handed back for the next chunk's plaintext (no allocation per chunk). */
-  data: ArrayBuffer;
 }
 
 export interface XtsWriterInit {
@@ -24,6 +26,9 @@ export interface XtsWriterInit {
   fd: number;
   /** The same image opened with O_DIRECT, or null where the file system refuses it. */
   directFd: number | null;
+  /** Plaintext slots shared with the main thread, each `slotSize` bytes. */
+  slots: SharedArrayBuffer;
+  slotSize: number;
 }
 
 const init = workerData as XtsWriterInit;
@@ -32,7 +37,7 @@ const xts = new XtsSectors(Buffer.from(init.key));
 parentPort!.on('message', (req: XtsWriteRequest) => {
   let error: XtsWriteResult['error'] = null;
   try {
-    const plain = Buffer.from(req.data);
+    const plain = 'data' in req ? Buffer.from(req.data) : Buffer.from(init.slots, req.slot * init.slotSize, req.length);
     // The view is page aligned; direct I/O also needs the offset and length in whole pages.
     const sealed = xts.encryptView(plain, req.host / XTS_SECTOR);
     const aligned = plain.length % 4096 === 0 && req.host % 4096 === 0;
@@ -47,5 +52,5 @@ parentPort!.on('message', (req: XtsWriteRequest) => {
   } catch (err) {
     error = { message: (err as Error).message, code: (err as NodeJS.ErrnoException).code };
   }
-  parentPort!.postMessage({ seq: req.seq, error, data: req.data } satisfies XtsWriteResult, [req.data]);
+  parentPort!.postMessage({ seq: req.seq, error } satisfies XtsWriteResult);
 });

@@ -39,6 +39,8 @@ export interface BaseSink {
   write(index: number, plain: Buffer): Promise<void>;
   /** A buffer to open the next chunk into (one an earlier write is done with), or null: saves an allocation per chunk. */
   spare?(): Buffer | null;
+  /** A `spare` buffer that will not be written after all (its chunk failed authentication). */
+  giveBack?(buf: Buffer): void;
   /** Everything written before the call is durable (and mapped) when it resolves. */
   persist(): Promise<unknown>;
   close(): Promise<void>;
@@ -141,20 +143,24 @@ export async function fillDirect(opts: {
           const places = targets.get(id);
           if (!places || seen.has(id)) continue;
           let plain: Buffer;
+          const into = places[0]!.sink.spare?.() ?? undefined;
           try {
             // No second hash of the plaintext: the tag binds it to this ID under the lineage key, and
             // every blob was checked against its ID where it entered the datacenter (import, push).
-            plain = openBlob(opts.keys, id, blob, { checkId: false, into: places[0]!.sink.spare?.() ?? undefined });
+            plain = openBlob(opts.keys, id, blob, { checkId: false, into });
             if (plain.length !== places[0]!.length) throw new Error(`chunk has ${plain.length} bytes, expected ${places[0]!.length}`);
           } catch (err) {
+            if (into) places[0]!.sink.giveBack?.(into);
             failures.set(id, (failures.get(id) ?? 0) + 1);
             if ((failures.get(id) ?? 0) >= 3) throw new ChunkFailedAuthentication(id, (err as Error).message);
             continue;
           }
           seen.add(id);
           // Several writes in flight per stream (the storage daemon encrypts on its thread pool; the file writes overlap).
-          // A sink may take the buffer over: every place but the last gets its own copy.
-          await writes.add(Promise.all(places.map((p, i) => p.sink.write(p.index, i === places.length - 1 ? plain : Buffer.from(plain)))).then(() => {
+          // A sink may take the buffer over: the first place (whose sink lent it) gets it, every other
+          // place its own copy, all made before any write's first await (a sink reads, never changes, what it is given).
+          const copies = places.map((_, i) => (i === 0 ? plain : Buffer.from(plain)));
+          await writes.add(Promise.all(places.map((p, i) => p.sink.write(p.index, copies[i]!))).then(() => {
             for (const p of places) pendingMarks.push({ disk: p.disk, index: p.index });
             sinceFlush += places.length * places[0]!.length;
             maybePersist();
