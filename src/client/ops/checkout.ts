@@ -45,7 +45,10 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
     const entry = await traced('find-entry', () => findEntry(broker, desktopRef));
     let found = (await traced('vault-list', () => vault.list())).find((s) => s.desktopId === entry.id);
     // A check-in this laptop began and that was cut off: finished here if its commit is known, else left whole.
-    if (found && (found.state === 'checking_in' || found.parking)) found = await finishCutOffCheckin(env, device, vault, found, user);
+    if (found && (found.state === 'checking_in' || found.parking)) {
+      await finishCutOffCheckin(env, device, vault, found, user);
+      found = undefined; // its vault is erased: the check-out goes on from the parked copy
+    }
     let state: DesktopState;
     let keys: DesktopKeys;
     let parked: OpenedParked | null = null;
@@ -170,7 +173,7 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
  * finished as the check-in's rerun would and the check-out goes on from the parked copy. Otherwise
  * the commit may or may not have happened: nothing is touched, the rerun of the check-in decides.
  */
-async function finishCutOffCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault, found: DesktopState, user: string): Promise<undefined> {
+async function finishCutOffCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault, found: DesktopState, user: string): Promise<void> {
   const rerun = `run \`carryon checkin ${found.name}\` to finish it`;
   if (found.user !== user) throw new CarryonError('wrong-state', `${found.user}'s check-in of ${found.name} on this laptop did not finish: ${found.user} must ${rerun}`);
   const holder = await readOwner(vault, found.desktopId);
@@ -179,7 +182,6 @@ async function finishCutOffCheckin(env: ClientEnv, device: DeviceIdentity, vault
   if (!state.parking) throw new CarryonError('wrong-state', `a check-in of ${state.name} was cut off before its commit was confirmed here; nothing was discarded: ${rerun}, then check it out`);
   env.log(`${state.name} was checked in (snapshot ${state.parking}); putting its local copy away first`);
   await finishPark(env, device, vault, state, keys);
-  return undefined;
 }
 
 /**
