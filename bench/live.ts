@@ -14,6 +14,7 @@ import { PAGES_ZSTD_LEVEL } from '../src/core/chunks/delta.js';
 import { chainBytesOnDisk, chainFiles, TOP_FILES } from '../src/disk/chain.js';
 import { writeTestImage } from '../src/demo/image.js';
 import { NbdClient } from '../src/nbd/client.js';
+import { recordTrace, takeTrace, type TraceSpan } from '../src/files/trace.js';
 import { writeData } from './checkin.js';
 import { fioNbd } from './disk.js';
 import { MB, settle, stats, timed } from './lib/measure.js';
@@ -122,6 +123,20 @@ interface ReplicaRun {
   seconds: number;
   wire: number;
   compressed: number;
+  /** Phases of this replica (CARRYON_TRACE=1 for the bench: the upload runs in this process). */
+  spans: TraceSpan[];
+}
+
+/** Each phase's median over the runs (a phase met twice in a run counts its sum), small / big, in the order phases begin. */
+function phasesSideBySide(small: ReplicaRun[], big: ReplicaRun[]): string {
+  const perRun = (runs: ReplicaRun[]) => runs.map((r) => r.spans.reduce((m, sp) => m.set(sp.name, (m.get(sp.name) ?? 0) + sp.ms), new Map<string, number>()));
+  const median = (runs: Map<string, number>[], name: string) => {
+    const v = runs.map((m) => m.get(name) ?? 0).sort((a, b) => a - b);
+    return v.length ? v[Math.floor(v.length / 2)]! : 0;
+  };
+  const [s, b] = [perRun(small), perRun(big)];
+  const names = [...new Set([...small, ...big].flatMap((r) => [...r.spans].sort((x, y) => x.startMs - y.startMs).map((sp) => sp.name)))];
+  return names.map((n) => `${n} ${median(s, n).toFixed(0)}/${median(b, n).toFixed(0)}`).join(', ');
 }
 
 /** One change of `changeBytes` through the holder, then a timed live replica; wire bytes from the transfer server. */
@@ -134,10 +149,13 @@ async function changeAndReplicate(rig: Rig, env: ClientEnv, holder: Holder, size
   }
   const before = (await rig.wire()).bytesIn;
   await settle();
-  const { seconds, value } = await timed(() => upload(recordingPauses(env, pauses), 'desk', 'replicate'));
+  recordTrace(true);
+  takeTrace();
+  const { seconds, value } = await timed(() => upload(recordingPauses(env, pauses), 'desk', 'replicate')).finally(() => recordTrace(false));
+  const spans = takeTrace();
   if (value.replicaKind === 'stopped') throw new Error('the replica was not taken live (the holder was not seen)');
   const wire = (await rig.wire()).bytesIn - before;
-  return { seconds, wire, compressed: compressedSize(written) };
+  return { seconds, wire, compressed: compressedSize(written), spans };
 }
 
 /** CPU seconds used so far by this process and each of its descendants, by role (from /proc; 100 ticks a second). */
@@ -305,7 +323,7 @@ export function liveSection(work: string, sizeGiB: number, bigGiB: number, chang
 
           // fio through the held clone, without and with replicas back to back: interactive replicas
           // (`carryon replicate`, normal priority, this process) once, for comparison, and background
-          // ones (the agent's: `carryon replicate --background` in a process of its own at nice 15,
+          // ones (the agent's: `carryon replicate --background` in a process of its own at nice 15 and SCHED_IDLE,
           // reading the frozen view in its own storage daemon, the holder folding at its speed limit)
           // in three pairs, each against a fio alone run just before it (the box's speed drifts).
           const envB = await rig.laptop();
@@ -332,7 +350,7 @@ export function liveSection(work: string, sizeGiB: number, bigGiB: number, chang
             };
             const ways: { key: string; label: string; pairs: number; replicate: (e: ClientEnv) => Promise<unknown> }[] = [
               { key: 'interactive', label: 'interactive replicas (`carryon replicate`, normal priority)', pairs: 1, replicate: (e) => upload(e, 'desk-1', 'replicate') },
-              { key: 'background', label: 'background replicas (the agent\'s: `carryon replicate --background`, nice 15, fold at its speed limit)', pairs: 3, replicate: (e) => replicateInBackground(e, 'desk-1') },
+              { key: 'background', label: 'background replicas (the agent\'s: `carryon replicate --background`, nice 15 and SCHED_IDLE, fold at its speed limit)', pairs: 3, replicate: (e) => replicateInBackground(e, 'desk-1') },
             ];
             for (const way of ways) {
               const pairs: { alone: Awaited<ReturnType<typeof fioPair>>['alone']; during: Awaited<ReturnType<typeof fioPair>>['during']; times: number[]; pauses: number[] }[] = [];
@@ -369,7 +387,7 @@ export function liveSection(work: string, sizeGiB: number, bigGiB: number, chang
       const scaling = t16.median / t4.median;
       rows.push({ section, name: `live replica wall time after ${changeLabel} of 64 KiB writes, ${bigGiB} GiB desktop`, value: t16.median, unit: 's', runs: t16.runs, spread: t16.spread,
         peer: { name: `same writes, ${sizeGiB} GiB desktop`, value: t4.median, unit: 's' },
-        note: `${scaling.toFixed(2)}× (target ≤ 1.2: ${met(scaling <= 1.2)}); ${sizeGiB} GiB spread ${(t4.spread * 100).toFixed(0)}%; guest I/O paused per point in time ${pauseRange(idlePauses)} (no I/O in flight)` });
+        note: `${scaling.toFixed(2)}× (target ≤ 1.2: ${met(scaling <= 1.2)}); ${sizeGiB} GiB spread ${(t4.spread * 100).toFixed(0)}%; guest I/O paused per point in time ${pauseRange(idlePauses)} (no I/O in flight); median phases, ms, ${sizeGiB} / ${bigGiB} GiB: ${phasesSideBySide(replicas.get(sizeGiB)!, replicas.get(bigGiB)!)}` });
       if (chainRow) rows.push(chainRow);
       const o = stats(offToCommit);
       const rt = stats(running);

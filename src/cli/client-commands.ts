@@ -164,7 +164,7 @@ export function registerClientCommands(program: Command): void {
   for (const kind of ['checkin', 'replicate', 'handback'] as const) {
     const c = program.command(`${kind} <desktop>`).description(uploadHelp[kind]);
     if (kind === 'replicate') {
-      c.option('--background', 'low priority (nice 15; a running desktop\'s fold yields to its I/O), as the agent\'s scheduled replicas run');
+      c.option('--background', 'low priority (nice 15 and SCHED_IDLE: CPU the desktop leaves over; a running desktop\'s fold yields to its I/O), as the agent\'s scheduled replicas run');
     }
     if (kind === 'checkin') {
       c.option('--shutdown-timeout <seconds>', 'a running desktop: how long to wait for the guest to shut down after the bulk is sent', '120')
@@ -173,9 +173,9 @@ export function registerClientCommands(program: Command): void {
     c.action(async (desktop: string, o: { shutdownTimeout?: string; force?: boolean; background?: boolean }, cmd: Command) => {
       const secs = Number(o.shutdownTimeout ?? 120);
       if (!Number.isFinite(secs) || secs < 0 || secs > 3600) throw new CarryonError('invalid', `--shutdown-timeout must be seconds between 0 and 3600, not ${o.shutdownTimeout}`);
-      if (o.background) lowerOwnPriority();
+      const lowered = o.background ? lowerOwnPriority() : null;
       await transferCommand(cmd, desktop, (env) => {
-        if (o.background) env.log(`replicating ${desktop} in the background: CPU priority nice ${getPriority()}; a running desktop folds it at its own pace`);
+        if (lowered) env.log(`replicating ${desktop} in the background: CPU priority nice ${getPriority()}${lowered.idle ? ', idle class (SCHED_IDLE)' : ''}; a running desktop folds it at its own pace`);
         return upload(env, desktop, kind, { shutdownGraceMs: secs * 1000, force: o.force === true, background: o.background === true });
       }, (r) => {
         const x = r as { changedChunks: number; chunksSent: number; bytesSent: number; snapshotId: string };

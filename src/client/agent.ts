@@ -13,7 +13,7 @@ import { publicKeyFromBase64 } from '../core/signing.js';
 import { BrokerClient } from '../net/broker-client.js';
 import { brokerEndpoints, hostFacts, loadDevice, type DeviceIdentity } from './vault/home.js';
 import { upload, type ClientEnv } from './ops.js';
-import { replicateInBackground } from './background.js';
+import { BackgroundReplicas, replicateInBackground } from './background.js';
 import { Vault, type DesktopState } from './vault/vault.js';
 import { AgentClockWriter } from './vault/agent-clock.js';
 import { laptopClock } from './vault/laptop-clock.js';
@@ -80,7 +80,7 @@ function glOnce(): Promise<boolean | null> {
   return (glProbe ??= probeVirgl().then((r) => r.ok, () => null));
 }
 
-async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, broker: BrokerClient, clock: AgentClockWriter, updates: AgentUpdateOptions): Promise<{ intervalSec: number; commands: number; online: boolean; update?: UpdateState | 'skipped' }> {
+async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, broker: BrokerClient, clock: AgentClockWriter, updates: AgentUpdateOptions, replicas: BackgroundReplicas): Promise<{ intervalSec: number; commands: number; online: boolean; update?: UpdateState | 'skipped' }> {
   const me = { id: device.info.deviceId!, key: device.privateKey };
   // First, with or without the broker: time this laptop has reached is on record before anything else.
   const recorded = await clock.advance();
@@ -106,6 +106,7 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
         verifyLease(lease, publicKeyFromBase64(device.info.signingPublicKey), { now, deviceId: me.id, desktopId: s.desktopId });
       } catch {
         if (!(await vault.isLocked(s))) {
+          await replicas.stop(s.desktopId);
           await lockDesktop(dir, device.privateKey, { desktopId: s.desktopId, reason: 'expiry', at: new Date().toISOString(), leaseIssuedAt: leaseIssuedAt(lease) });
           await stopOwner(vault, s, env.log, 'lease-expired', env.home);
           env.log(`${s.name}: lease expired without contact; desktop locked`);
@@ -126,6 +127,8 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
     let ok = true;
     let message = '';
     try {
+      // The agent's own replica of that desktop steps aside first (a lock or wipe never waits on it).
+      if (c.desktopId) await replicas.stop(c.desktopId);
       // A wipe reaches parked copies too (kept after a check-in: client/parked.ts), held or not.
       const parkedGone = c.type === 'wipe' && c.desktopId ? await eraseParked(env.home, c.desktopId) : false;
       if (!s && parkedGone) {
@@ -190,11 +193,10 @@ async function oneRound(env: ClientEnv, device: DeviceIdentity, vault: Vault, br
         env.log(`scheduled replication of ${s.name} deferred: \`carryon ${owner.kind}\` is working on it`);
         continue;
       }
-      try {
-        // At low priority, in a process of its own: the desktop in use keeps the laptop's CPU.
-        await replicateInBackground(env, s.desktopId);
-      } catch (err) {
-        env.log(`scheduled replication of ${s.name} failed: ${(err as Error).message}`);
+      // At low priority, in a process of its own: the desktop in use keeps the laptop's CPU. Not
+      // awaited: the next heartbeat (a lock, a wipe) does not wait for it.
+      if (!replicas.start(s.desktopId, s.name, (stop) => replicateInBackground({ ...env, signal: env.signal ? AbortSignal.any([env.signal, stop]) : stop }, s.desktopId))) {
+        env.log(`scheduled replication of ${s.name}: the previous one is still running`);
       }
     }
   }
@@ -243,11 +245,12 @@ export async function runAgent(env: ClientEnv, opts: { once: boolean; signal?: A
   const root = opts.installRoot === undefined ? installRootOf(runningPackageDir()) : opts.installRoot;
   if (root && !existsSync(join(root, 'bin', 'carryon'))) await writeLauncher(root);
   const clock = new AgentClockWriter(env.home, { key: device.privateKey, pub: createPublicKey(device.privateKey), id: device.info.deviceId! }, env.log);
+  const replicas = new BackgroundReplicas(env.log);
   try {
     for (;;) {
       const vault = await Vault.open(env.home);
       let res;
-      res = await oneRound(env, device, vault, broker, clock, opts);
+      res = await oneRound(env, device, vault, broker, clock, opts, replicas);
       // Updated: this process still runs the old code; it ends so that its service starts the launcher (the new version) again.
       if (opts.once || opts.signal?.aborted || res.update === 'done') return res;
       await new Promise<void>((resolve) => {
@@ -257,6 +260,10 @@ export async function runAgent(env: ClientEnv, opts: { once: boolean; signal?: A
       if (opts.signal?.aborted) return res;
     }
   } finally {
+    // `--once` returns when its replicas have (their outcome is that run's); a long-running agent
+    // that ends (stopped, or restarting into an update) stops them: their points go back, nothing lost.
+    if (opts.once) await replicas.drain();
+    else await replicas.stopAll();
     await broker.close();
   }
 }

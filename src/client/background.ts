@@ -1,4 +1,4 @@
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { readdirSync } from 'node:fs';
 import { getPriority, setPriority } from 'node:os';
 import { fileURLToPath } from 'node:url';
@@ -17,9 +17,29 @@ export const BACKGROUND_NICE = 15;
 /**
  * Lowers this process to BACKGROUND_NICE: every thread it has now (on Linux nice is a thread's,
  * and setpriority on the process id reaches the main thread only); threads made later inherit it.
- * Never raises a priority (an unprivileged process could not take it back).
+ * Never raises a priority (an unprivileged process could not take it back). Then, where util-linux's
+ * `chrt` is, every thread goes to SCHED_IDLE as well (see idleScheduling).
  */
-export function lowerOwnPriority(nice = BACKGROUND_NICE): void {
+export function lowerOwnPriority(nice = BACKGROUND_NICE): { idle: boolean } {
+  lowerNice(nice);
+  return { idle: idleScheduling() };
+}
+
+/**
+ * SCHED_IDLE for every thread of this process (inherited by threads and children made later: the
+ * storage daemon that reads the frozen view): nice 15 still takes about a fifth of a 2-core laptop
+ * beside a busy guest, where SCHED_IDLE runs only on what the guest and its holder leave idle (the
+ * batch class of a backup, as `systemd`'s CPUSchedulingPolicy=idle). Not starved: the kernel gives an
+ * idle task a small weight, and a check-in or an interactive replica (normal priority) never waits
+ * on it. False where it could not be set (no chrt, not Linux): nice alone then.
+ */
+function idleScheduling(): boolean {
+  if (process.platform !== 'linux') return false;
+  const r = spawnSync('chrt', ['--all-tasks', '--idle', '--pid', '0', String(process.pid)], { stdio: 'ignore', timeout: 5000 });
+  return r.status === 0;
+}
+
+function lowerNice(nice: number): void {
   let tids: number[];
   try {
     tids = readdirSync('/proc/self/task').map(Number).filter((n) => Number.isInteger(n) && n > 0);
@@ -69,4 +89,49 @@ export async function replicateInBackground(env: ClientEnv, desktopId: string): 
   }).finally(() => env.signal?.removeEventListener('abort', onAbort));
   if (tail) env.log(tail);
   if (code !== 0) throw new CarryonError('replica-failed', `the background replica exited with ${code}`);
+}
+
+/**
+ * The agent's background replicas in flight, one per desktop at most. A replica at the idle CPU
+ * class can take minutes beside a busy guest, so the heartbeat does not wait for it: a lock, a wipe
+ * or an update of the next heartbeat is never held up by it. A command for a desktop stops that
+ * desktop's replica first (`stop`: SIGTERM, its point is put back) and waits for its end.
+ */
+export class BackgroundReplicas {
+  private readonly running = new Map<string, { done: Promise<void>; stop: AbortController }>();
+
+  constructor(private readonly log: (line: string) => void) {}
+
+  has(desktopId: string): boolean {
+    return this.running.has(desktopId);
+  }
+
+  /** Starts `replicate` for `desktopId` unless one is running; its failure is logged with `name`. */
+  start(desktopId: string, name: string, replicate: (signal: AbortSignal) => Promise<void>): boolean {
+    if (this.running.has(desktopId)) return false;
+    const stop = new AbortController();
+    const done = replicate(stop.signal)
+      .catch((err: unknown) => this.log(`scheduled replication of ${name} ${stop.signal.aborted ? 'stopped' : `failed: ${(err as Error).message}`}`))
+      .finally(() => this.running.delete(desktopId));
+    this.running.set(desktopId, { done, stop });
+    return true;
+  }
+
+  /** Stops the replica of `desktopId`, if one runs, and waits for it to end. */
+  async stop(desktopId: string): Promise<void> {
+    const r = this.running.get(desktopId);
+    if (!r) return;
+    r.stop.abort();
+    await r.done;
+  }
+
+  /** Stops every replica in flight and waits for them (the agent ends or restarts into an update). */
+  async stopAll(): Promise<void> {
+    await Promise.all([...this.running.keys()].map((id) => this.stop(id)));
+  }
+
+  /** Waits for every replica in flight (`carryon agent --once`: its replicas are that run's work). */
+  async drain(): Promise<void> {
+    await Promise.all([...this.running.values()].map((r) => r.done));
+  }
 }

@@ -4,7 +4,13 @@
  * recorded and nothing printed; on, each span goes to stderr as `carryon-trace NAME START DUR`
  * (milliseconds since the process started) when it ends, so it never mixes with stdout.
  */
-const enabled = process.env.CARRYON_TRACE === '1';
+const printing = process.env.CARRYON_TRACE === '1';
+let enabled = printing;
+
+/** An in-process bench records spans without the variable (and without printing them): takeTrace reads them. */
+export function recordTrace(on: boolean): void {
+  enabled = printing || on;
+}
 
 export interface TraceSpan { name: string; startMs: number; ms: number }
 
@@ -26,14 +32,14 @@ export function traceSpan(name: string, start: number): void {
   if (!enabled) return;
   const span = { name, startMs: start, ms: performance.now() - start };
   spans.push(span);
-  process.stderr.write(`carryon-trace ${name} ${span.startMs.toFixed(1)} ${span.ms.toFixed(1)}\n`);
+  if (printing) process.stderr.write(`carryon-trace ${name} ${span.startMs.toFixed(1)} ${span.ms.toFixed(1)}\n`);
 }
 
 /** A figure that is not a span (the process's CPU time): printed as a span of that length starting at 0. */
 export function traceValue(name: string, ms: number): void {
   if (!enabled) return;
   spans.push({ name, startMs: 0, ms });
-  process.stderr.write(`carryon-trace ${name} 0 ${ms.toFixed(1)}\n`);
+  if (printing) process.stderr.write(`carryon-trace ${name} 0 ${ms.toFixed(1)}\n`);
 }
 
 /** The spans recorded in this process so far, and forgets them (an in-process bench reads each run's). */

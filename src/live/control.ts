@@ -86,9 +86,41 @@ const noGuest = () => new CarryonError('no-guest', 'this desktop is served (`car
 /** Longest request line accepted (a fold's digests for many disks fit easily). */
 const MAX_LINE = 64 * 1024;
 
-export async function serveControl(socketPath: string, handler: ControlHandler, key: ControlKey, log: (l: string) => void): Promise<{ close(): Promise<void> }> {
+/**
+ * How long a check-in's or an interactive replica's freeze waits for a background replica in flight
+ * to give way (its sender puts its point back and ends) before it is refused.
+ */
+export const GIVE_WAY_WAIT_MS = 60_000;
+
+export async function serveControl(socketPath: string, handler: ControlHandler, key: ControlKey, log: (l: string) => void, opts: { giveWayWaitMs?: number } = {}): Promise<{ close(): Promise<void> }> {
   await rm(socketPath, { force: true });
   const sockets = new Set<Socket>();
+  // Background points open now, each with how to ask its sender to give way (once).
+  const background = new Map<string, () => void>();
+  const giveWayWaitMs = opts.giveWayWaitMs ?? GIVE_WAY_WAIT_MS;
+  /**
+   * A user's freeze (check-in, interactive replica) never fails on the agent's scheduled replica: that
+   * replica's sender is asked to give way (it stops sending and puts its point back: the normal
+   * failure path, so it never reads a layer being changed under it), and the freeze is taken once
+   * the point is gone. A background replica runs at the idle CPU class and can take long beside a
+   * busy guest; the user waits seconds, not for its end. Another user's point is refused as before.
+   */
+  const freezeGivingWay = async (): Promise<FrozenPoint> => {
+    const deadline = Date.now() + giveWayWaitMs;
+    let told = false;
+    for (;;) {
+      try {
+        return await handler.freeze({ background: false });
+      } catch (err) {
+        if (!(err instanceof CarryonError && err.code === 'replica-busy') || background.size === 0) throw err;
+        if (!told) log('a background replica is in flight: asking its sender to give way');
+        told = true;
+        for (const giveWay of background.values()) giveWay();
+        if (Date.now() >= deadline) throw new CarryonError('replica-busy', `a background replica of this desktop is being taken and did not give way within ${Math.round(giveWayWaitMs / 1000)} s: run the same command again in a minute`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    }
+  };
   const server: Server = createServer((sock) => {
     sockets.add(sock);
     const open = new Set<string>();
@@ -112,11 +144,20 @@ export async function serveControl(socketPath: string, handler: ControlHandler, 
       }
       try {
         if (req.op === 'freeze') {
-          const point = await handler.freeze({ background: req.background === true });
+          const point = req.background === true ? await handler.freeze({ background: true }) : await freezeGivingWay();
           open.add(point.id);
+          if (req.background === true) {
+            let asked = false;
+            background.set(point.id, () => {
+              if (!asked) answer({ event: 'give-way', id: point.id });
+              asked = true;
+            });
+          }
           return answer({ ok: true, point });
         }
         if (req.op === 'fold') {
+          // Acknowledged by the broker: the fold goes on (a freeze waiting behind it hurries it).
+          background.delete(req.id);
           open.delete(req.id);
           await handler.fold(req.id, new Map(Object.entries(req.digests)), { background: req.background === true });
           return answer({ ok: true });
@@ -124,6 +165,7 @@ export async function serveControl(socketPath: string, handler: ControlHandler, 
         if (req.op === 'abandon') {
           open.delete(req.id);
           await handler.abandon(req.id);
+          background.delete(req.id);
           return answer({ ok: true });
         }
         if (req.op === 'shutdown') {
@@ -169,6 +211,7 @@ export async function serveControl(socketPath: string, handler: ControlHandler, 
         for (const id of open) {
           log(`the replica's sender went away: putting its point in time back into the desktop's top layer`);
           await handler.abandon(id).catch((err: unknown) => log(`abandoning replica ${id} failed: ${(err as Error).message}`));
+          background.delete(id);
         }
       });
     });
@@ -200,6 +243,7 @@ const StatusSchema = z.object({ kind: z.enum(['run', 'serve']), pid: z.number().
 export class ControlClient {
   private buf = '';
   private waiting: { resolve: (v: Record<string, unknown>) => void; reject: (e: Error) => void }[] = [];
+  private readonly giveWayListeners: ((pointId: string) => void)[] = [];
   private closedErr: Error | null = null;
   private seq = 0;
   private challenge: Promise<string>;
@@ -215,7 +259,13 @@ export class ControlClient {
         const line = this.buf.slice(0, nl);
         this.buf = this.buf.slice(nl + 1);
         try {
-          this.waiting.shift()?.resolve(JSON.parse(line) as Record<string, unknown>);
+          const msg = JSON.parse(line) as Record<string, unknown>;
+          // Not an answer: the holder asks this background replica to give way (serveControl).
+          if (msg.event === 'give-way') {
+            if (typeof msg.id === 'string') for (const l of this.giveWayListeners) l(msg.id);
+            continue;
+          }
+          this.waiting.shift()?.resolve(msg);
         } catch (err) {
           this.waiting.shift()?.reject(err as Error);
         }
@@ -247,6 +297,11 @@ export class ControlClient {
     const a = Answer.parse(await reply);
     if (!a.ok) throw new CarryonError(a.error ?? 'failed', a.message ?? 'the holder refused');
     return a;
+  }
+
+  /** Called when the holder asks this connection's background point to give way to a user's freeze. */
+  onGiveWay(listener: (pointId: string) => void): void {
+    this.giveWayListeners.push(listener);
   }
 
   async freeze(opts: { background?: boolean } = {}): Promise<FrozenPoint> {

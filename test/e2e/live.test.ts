@@ -229,7 +229,26 @@ test('a replica that fails before the broker acknowledges it, or whose sender is
     ({ state } = await vaultState(home, 'live-abandon'));
     assert.deepEqual([state.disks[0]!.top, state.disks[0]!.under], ['top.qcow2', null], 'the killed sender\'s point went back into the top');
     assert.ok((await readAll(disk)).equals(model.at(3)));
+
+    // The agent's background replica in flight (slow link) when the user asks for one: it gives way
+    // (stops, puts its point back), and the user's replica is taken at once and holds every write.
+    const background = spawn(process.execPath, [join(process.cwd(), 'dist', 'src', 'cli', 'main.js'), 'replicate', 'live-abandon', '--background', '--limit-rate', '32k'], {
+      env: { ...process.env, CARRYON_HOME: home, CARRYON_USER: 'alice', CARRYON_PASSWORD: 'alice-password' }, stdio: ['ignore', 'ignore', 'pipe'],
+    });
+    let bgSaid = '';
+    const bgExit = new Promise<number | null>((r) => background.once('exit', r));
+    await new Promise<void>((resolve, reject) => {
+      background.stderr!.setEncoding('utf8').on('data', (d: string) => {
+        bgSaid += d;
+        if (/point in time taken/.test(bgSaid)) resolve();
+      });
+      void bgExit.then(() => reject(new Error(`the background replica ended before its point in time:\n${bgSaid}`)));
+    });
+    const t0 = performance.now();
     const done = await upload(env(home), 'live-abandon', 'replicate');
+    assert.ok(performance.now() - t0 < 30_000, 'the user did not wait for the background replica to end');
+    assert.notEqual(await bgExit, 0);
+    assert.match(bgSaid, /gave way to a check-in or replica asked for meanwhile: nothing is lost/);
     assert.ok((await snapshotDisk('live-abandon', done.snapshotId)).equals(model.at(3)));
     ({ state } = await vaultState(home, 'live-abandon'));
     assert.equal(state.disks[0]!.under, null);

@@ -104,3 +104,60 @@ test('bad control input gets a clear answer; a sender that goes away with a poin
     await server.close();
   }
 });
+
+/** A holder with one point at a time, as LiveChain: a second freeze while one is open is refused. */
+function onePointHolder() {
+  const calls: string[] = [];
+  let open: string | null = null;
+  let n = 0;
+  const handler: ControlHandler = {
+    async freeze(opts) {
+      if (open) throw new CarryonError('replica-busy', 'a replica of this desktop is already being taken');
+      open = `${String(++n).padStart(2, '0')}23456789abcdef`;
+      calls.push(`freeze${opts?.background ? ' background' : ''}`);
+      return { id: open, kind: 'crash-consistent', pausedMs: 1, socketPath: '/x.sock', disks: [] };
+    },
+    async fold(id) { calls.push(`fold ${id}`); open = null; },
+    async abandon(id) { calls.push(`abandon ${id}`); open = null; },
+    async shutdown() { calls.push('shutdown'); },
+    async status() { return { kind: 'serve', pid: process.pid, guestAgent: null, pointOpen: open !== null }; },
+  };
+  return { calls, handler };
+}
+
+test('a user\'s freeze asks a background replica in flight to give way and is taken once its point is back; one that does not give way, or a user\'s point, is refused', async () => {
+  const secret = randomBytes(32);
+  const { calls, handler } = onePointHolder();
+  const path = join(dir, 'c.sock');
+  const server = await serveControl(path, handler, keyOf(secret), () => undefined, { giveWayWaitMs: 1500 });
+  try {
+    // The agent's replica: asked to give way, it puts its point back (what liveReplicate does).
+    const agent = await ControlClient.connect(path, keyOf(secret));
+    const bg = await agent.freeze({ background: true });
+    const asked: string[] = [];
+    agent.onGiveWay((id) => {
+      asked.push(id);
+      void agent.abandon(id);
+    });
+    const user = await ControlClient.connect(path, keyOf(secret));
+    const point = await user.freeze();
+    assert.deepEqual(asked, [bg.id], 'the background sender was asked once');
+    assert.deepEqual(calls.splice(0), ['freeze background', `abandon ${bg.id}`, 'freeze']);
+
+    // A user's point is not the agent's to take: a second user's freeze is refused at once.
+    const other = await ControlClient.connect(path, keyOf(secret));
+    const t0 = Date.now();
+    await assert.rejects(other.freeze(), (e: unknown) => e instanceof CarryonError && e.code === 'replica-busy' && /already being taken/.test(e.message));
+    assert.ok(Date.now() - t0 < 1000, 'no wait for a user\'s point');
+    await user.fold(point.id, new Map());
+    calls.splice(0);
+
+    // A background sender that does not answer: the user's freeze is refused after the wait, with what to do.
+    const deaf = await ControlClient.connect(path, keyOf(secret));
+    await deaf.freeze({ background: true });
+    await assert.rejects(other.freeze(), (e: unknown) => e instanceof CarryonError && e.code === 'replica-busy' && /did not give way within 2 s: run the same command again/.test(e.message));
+    for (const c of [agent, user, other, deaf]) c.close();
+  } finally {
+    await server.close();
+  }
+});

@@ -12,6 +12,7 @@ import { controlKey, liveSocketPath } from '../../live/live-holder.js';
 import type { DesktopKeys } from '../../live/disks/desktop-keys.js';
 import type { ClientEnv } from '../session/session.js';
 import type { DesktopState, Vault } from '../vault/vault.js';
+import { traced } from '../../files/trace.js';
 
 /**
  * A replica of a desktop another process holds and runs: that process freezes a point in time
@@ -23,7 +24,7 @@ import type { DesktopState, Vault } from '../vault/vault.js';
 export async function liveReplicate(o: { env: ClientEnv; broker: BrokerClient; vault: Vault; state: DesktopState; keys: DesktopKeys; background?: boolean }) {
   const { env, broker, vault, state, keys } = o;
   if (state.damaged) throw new CarryonError('base-damaged', `${state.name} is marked damaged since ${state.damaged.at}: ${state.damaged.message}`);
-  const control = await ControlClient.connect(await liveSocketPath({ vault, state }), controlKey(keys, state.desktopId));
+  const control = await traced('live-connect', async () => ControlClient.connect(await liveSocketPath({ vault, state }), controlKey(keys, state.desktopId)));
   const clients: NbdClient[] = [];
   let frozen: FrozenLayers | null = null;
   const closeReaders = async () => {
@@ -31,37 +32,44 @@ export async function liveReplicate(o: { env: ClientEnv; broker: BrokerClient; v
     await frozen?.close().catch((err: unknown) => env.log(`the replica's reader did not stop cleanly: ${(err as Error).message}`));
     frozen = null;
   };
+  // A user's check-in or replica asks a background one to give way (control.ts): it stops sending and puts its point back.
+  const gaveWay = new AbortController();
+  control.onGiveWay(() => gaveWay.abort());
+  const signal = env.signal ? AbortSignal.any([env.signal, gaveWay.signal]) : gaveWay.signal;
   try {
-    const point = await control.freeze({ background: o.background === true });
+    const point = await traced('live-freeze', () => control.freeze({ background: o.background === true }));
     env.log(`replicating ${state.name} while it runs: point in time taken (${point.kind === 'quiesced' ? 'file systems quiesced by the guest agent' : `crash-consistent${point.reason ? `: ${point.reason}` : ''}`}; guest I/O paused ${point.pausedMs.toFixed(1)} ms)`);
     let outcome;
     let disks: DesktopDisk[];
     try {
       const readers: DiskReader[] = [];
-      frozen = await openFrozen(env, vault, state, keys, point);
+      frozen = await traced('live-open-frozen', () => openFrozen(env, vault, state, keys, point));
       for (const d of point.disks) {
         const entry = state.disks.find((x) => x.name === d.name);
         if (!entry) throw new CarryonError('bad-state', `the running desktop has a disk ${d.name} that the vault does not know`);
-        const disk: DesktopDisk = { name: d.name, chain: chainOf(vault, state, keys, d.name), base: await vault.manifest(state.desktopId, d.baseDigest), entry };
+        const disk: DesktopDisk = { name: d.name, chain: chainOf(vault, state, keys, d.name), base: await traced('live-base-manifest', () => vault.manifest(state.desktopId, d.baseDigest)), entry };
         const top = frozen ? await NbdClient.connect(frozen.socketPath, frozen.exportName(d.name)) : await NbdClient.connect(point.socketPath, d.exportName);
         clients.push(top);
         readers.push({ disk, top, extents: d.extents });
       }
       disks = readers.map((r) => r.disk);
-      outcome = await sendChanges({ env, broker, vault, state, keys, kind: 'replicate', readers });
+      outcome = await sendChanges({ env: { ...env, signal }, broker, vault, state, keys, kind: 'replicate', readers });
     } catch (err) {
       // Our reader closes before the holder takes the top back down into the frozen layer.
       await closeReaders();
       await control.abandon(point.id).catch(() => undefined);
+      if (gaveWay.signal.aborted && !env.signal?.aborted) throw new CarryonError('replica-gave-way', `the background replica of ${state.name} gave way to a check-in or replica asked for meanwhile: nothing is lost, the next replica sends these changes`);
       throw err;
     }
     // Closed before the fold: nothing of ours has the frozen layer open while the holder commits it.
-    await closeReaders();
+    await traced('live-close-readers', closeReaders);
     // Acknowledged: the frozen pages are the restore point; the holder folds them into the base.
     const digests = new Map<string, string>();
-    for (const m of changedManifests(disks, outcome.changes.changes)) digests.set(m.name, await vault.putManifest(state.desktopId, m.manifest));
+    await traced('live-put-manifests', async () => {
+      for (const m of changedManifests(disks, outcome.changes.changes)) digests.set(m.name, await vault.putManifest(state.desktopId, m.manifest));
+    });
     // A background replica's fold yields to the guest's I/O; a check-in's bulk folds at full speed.
-    await control.fold(point.id, digests, { background: o.background === true });
+    await traced('live-fold', () => control.fold(point.id, digests, { background: o.background === true }));
     return { ...outcome, kind: point.kind, pausedMs: point.pausedMs };
   } finally {
     await closeReaders();

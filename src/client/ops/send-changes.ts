@@ -13,7 +13,7 @@ import { retryTransfer } from '../session/retry.js';
 import { activeJob, findEntry, renewer, type ClientEnv } from '../session/session.js';
 import { policyBound } from '../session/transfer-rate.js';
 import type { DesktopState, Vault } from '../vault/vault.js';
-import { traced } from '../../files/trace.js';
+import { traceSpan, traced } from '../../files/trace.js';
 
 /** Check-in, replicate, or hand-back (the work of a check-out that ended elsewhere, as a restore point). */
 export type UploadKind = 'checkin' | 'replicate' | 'handback';
@@ -34,7 +34,9 @@ async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: D
   const journal = await traced('journal-open', () => PushJournal.open(o.journalPath));
   try {
     const sent = await traced('push', () => push(pagesSource(touched, keys, journal)));
+    const namedAt = performance.now();
     let changes = namedOutcome(readers, touched, named);
+    traceSpan('named-outcome', namedAt);
     let commit;
     try {
       commit = await traced('commit', () => commitUpload(broker, state, kind, checkpoint, changes.changes, receipts));
@@ -63,7 +65,9 @@ async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: D
  */
 export async function sendChanges(o: { env: ClientEnv; broker: BrokerClient; vault: Vault; state: DesktopState; keys: LineageKeys; kind: UploadKind; readers: DiskReader[]; saveCheckingIn?: (jobId: string) => Promise<void> }) {
   const { env, broker, vault, state, keys, kind, readers } = o;
+  const touchedAt = performance.now();
   const touched = touchedChunks(readers);
+  traceSpan('touched-chunks', touchedAt);
   // The version this upload is based on: how a commit whose answer was lost is recognised.
   const checkpoint = (await traced('find-entry', () => findEntry(broker, state.desktopId))).checkout?.snapshotId ?? null;
   const journalPath = join(vault.desktopDir(state.desktopId), 'pushed-receipts.journal');
