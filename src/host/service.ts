@@ -5,7 +5,7 @@ import { z } from 'zod';
 import { BrokerClient, JobView } from '../net/broker-client.js';
 import { CarryonError } from '../core/errors.js';
 import { decodeLineageKeys } from '../core/keys.js';
-import { decodeManifest, manifestDigest } from '../core/chunks/manifest.js';
+import { decodeManifest, encodedDigest, manifestDigest } from '../core/chunks/manifest.js';
 import { freeDiskBytes } from '../hypervisor/host.js';
 import type { RunningDesktop } from '../hypervisor/launch.js';
 import { pinnedAgent } from '../net/pinned-agent.js';
@@ -160,8 +160,9 @@ export async function startHost(o: HostOptions): Promise<RunningHost> {
     const p = await broker.call('POST', path(`/desktops/${encodeURIComponent(desktopId)}/prepare`), {}, Prepared, headers);
     await settleOffline(desktopId, p.disks.map((d) => d.name));
     const disks: HostDisk[] = p.disks.map((d) => {
-      const manifest = decodeManifest(Buffer.from(d.manifest, 'base64'));
-      if (manifestDigest(manifest) !== d.digest) throw new CarryonError('bad-manifest', `manifest of ${d.name} does not match its digest`);
+      const raw = Buffer.from(d.manifest, 'base64');
+      if (encodedDigest(raw) !== d.digest) throw new CarryonError('bad-manifest', `manifest of ${d.name} does not match its digest`);
+      const manifest = decodeManifest(raw);
       return { name: d.name, dir: hostDiskDir(o.dataDir, desktopId, d.name), chain: hostChain(hostKey, o.dataDir, desktopId, d.name), manifest, digest: d.digest };
     });
     const needs = [];

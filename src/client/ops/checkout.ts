@@ -5,7 +5,7 @@ import { traced } from '../../files/trace.js';
 import { CarryonError } from '../../core/errors.js';
 import { decodeLineageKeys } from '../../core/keys.js';
 import { verifyLease } from '../../core/tokens/lease.js';
-import { decodeManifest, manifestDigest } from '../../core/chunks/manifest.js';
+import { decodeManifest, encodedDigest } from '../../core/chunks/manifest.js';
 import { baseBlockdev, layerSecret } from '../../disk/chain.js';
 import { recordLayers } from '../../live/disks/layer-guard.js';
 import { Qcow2BaseWriter } from '../../disk/qcow2/qcow2-base-writer.js';
@@ -103,8 +103,9 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
         const disks: DesktopState['disks'] = [];
         const manifests = [];
         for (const d of res.disks) {
-          const m = decodeManifest(Buffer.from(d.manifest, 'base64'));
-          if (manifestDigest(m) !== d.digest) throw new CarryonError('bad-manifest', `manifest of ${d.name} does not match its digest`);
+          const raw = Buffer.from(d.manifest, 'base64');
+          if (encodedDigest(raw) !== d.digest) throw new CarryonError('bad-manifest', `manifest of ${d.name} does not match its digest`);
+          const m = decodeManifest(raw);
           await vault.putManifest(entry.id, m);
           manifests.push({ name: d.name, digest: d.digest, manifest: m });
           disks.push({ name: d.name, baseDigest: d.digest, complete: false, mergingTo: null, shapes: { base: null, top: null }, baseVerified: null, topClosed: null, top: 'top.qcow2', under: null });

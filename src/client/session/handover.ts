@@ -3,7 +3,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { decodeManifest, manifestDigest, type Manifest } from '../../core/chunks/manifest.js';
+import { decodeManifest, encodedDigest, type Manifest } from '../../core/chunks/manifest.js';
 import { CarryonError } from '../../core/errors.js';
 import { decodeLineageKeys, deriveDiskSecret } from '../../core/keys.js';
 import { chainFiles, createLayer, eraseChainKeys, layerSecret, type Chain } from '../../disk/chain.js';
@@ -121,8 +121,9 @@ export class HandoverPrefetch {
     await writeFileAtomic(join(dir, MARKER), JSON.stringify({ v: 1, checkoutId: this.o.checkoutId, snapshotId: view.snapshotId, disks: view.disks.map((d) => ({ name: d.name, digest: d.digest })) }));
     const disks: Prepared['disks'] = [];
     for (const d of view.disks) {
-      const manifest = decodeManifest(Buffer.from(d.manifest, 'base64'));
-      if (manifestDigest(manifest) !== d.digest) throw new CarryonError('bad-manifest', `manifest of ${d.name} does not match its digest`);
+      const raw = Buffer.from(d.manifest, 'base64');
+      if (encodedDigest(raw) !== d.digest) throw new CarryonError('bad-manifest', `manifest of ${d.name} does not match its digest`);
+      const manifest = decodeManifest(raw);
       await vault.putManifest(desktopId, manifest);
       // The chain the check-out's state will name (per-layer secrets, top.qcow2): checked again at adoption.
       const chain: Chain = { files: chainFiles(diskDir(vault, desktopId, d.name)), secret: deriveDiskSecret(keys, desktopId, d.name, salt, 'top'), baseSecret: deriveDiskSecret(keys, desktopId, d.name, salt, 'base') };

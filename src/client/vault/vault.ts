@@ -6,7 +6,7 @@ import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
 import { CarryonError, EnvelopeError } from '../../core/errors.js';
 import { SignedLease } from '../../core/tokens/lease.js';
-import { decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../../core/chunks/manifest.js';
+import { decodeManifest, encodedDigest, encodeManifest, type Manifest } from '../../core/chunks/manifest.js';
 import { eraseChainKeys } from '../../disk/chain.js';
 import { openDesktopKeys, recordMac, recordMacOk, sealDesktopKeys, type DesktopKeys } from '../../live/disks/desktop-keys.js';
 import { emptyTrash, isLockedByToken, LEASE, presentationOnly, shred, TOKEN } from './guards.js';
@@ -165,10 +165,11 @@ export class Vault implements DesktopRecords {
   }
 
   async putManifest(desktopId: string, m: Manifest): Promise<string> {
-    const digest = manifestDigest(m);
+    const encoded = encodeManifest(m);
+    const digest = encodedDigest(encoded);
     const dir = join(this.desktopDir(desktopId), 'manifests');
     await mkdir(dir, { recursive: true, mode: 0o700 });
-    await writeFileAtomic(join(dir, digest), encodeManifest(m));
+    await writeFileAtomic(join(dir, digest), encoded);
     return digest;
   }
 
@@ -181,14 +182,13 @@ export class Vault implements DesktopRecords {
     } catch {
       throw new CarryonError('bad-state', `manifest ${digest.slice(0, 12)}… of desktop ${desktopId} is missing from the vault`);
     }
-    let m: Manifest;
+    // The digest names these exact bytes (encodeManifest is canonical): hashed as read, no re-encoding.
+    if (encodedDigest(raw) !== digest) throw new CarryonError('bad-state', `manifest ${digest.slice(0, 12)}… of desktop ${desktopId} is damaged`);
     try {
-      m = decodeManifest(raw);
+      return decodeManifest(raw);
     } catch (err) {
       throw new CarryonError('bad-state', `manifest ${digest.slice(0, 12)}… of desktop ${desktopId} is damaged: ${(err as Error).message}`);
     }
-    if (manifestDigest(m) !== digest) throw new CarryonError('bad-state', `manifest ${digest.slice(0, 12)}… of desktop ${desktopId} is damaged`);
-    return m;
   }
 
   /** Bytes the vault takes: checked-out desktops and parked copies. */
