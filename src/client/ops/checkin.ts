@@ -149,7 +149,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
     if (kind === 'checkin' && (holder?.kind === 'run' || holder?.kind === 'serve')) {
       return await checkinRunning(env, desktopRef, { vault, state, keys, holder: holder.kind, running });
     }
-    const release = await traced('claim-owner', () => claimOwner(vault, state.desktopId, kind === 'handback' ? 'checkin' : kind, env.log));
+    const release = await traced('claim-owner', () => claimOwner(vault, state.desktopId, kind === 'handback' ? 'checkin' : kind, env.log, { background: kind === 'replicate' && running.background === true }));
     let outcome;
     // The owner claim is held, so no run or serve uses the desktop's socket directory: its storage
     // daemon (a process start) comes up while the disks are opened and checked. Without nodes it

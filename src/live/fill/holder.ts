@@ -147,7 +147,8 @@ export async function fillDisks(opts: {
   return { state, complete: results.every(Boolean) };
 }
 
-const Owner = z.object({ pid: z.number().int(), kind: z.enum(['checkout', 'checkin', 'replicate', 'serve', 'run']) });
+/** `background`: the agent's scheduled replica (client/background.ts), which gives way to anyone else. */
+const Owner = z.object({ pid: z.number().int(), kind: z.enum(['checkout', 'checkin', 'replicate', 'serve', 'run']), background: z.boolean().optional() });
 export type OwnerKind = z.infer<typeof Owner>['kind'];
 
 function alive(pid: number): boolean {
@@ -157,6 +158,17 @@ function alive(pid: number): boolean {
   } catch {
     return false;
   }
+}
+
+/** Signals `pid` and waits up to 30 s for it to end. */
+async function stopAndWait(pid: number, signal: NodeJS.Signals, what: string): Promise<void> {
+  try {
+    process.kill(pid, signal);
+  } catch {
+    return; // gone already
+  }
+  for (let i = 0; i < 300 && alive(pid); i++) await new Promise((r) => setTimeout(r, 100));
+  if (alive(pid)) throw new CarryonError('disk-busy', `${what} (pid ${pid}) did not stop within 30 s: run the same command again in a minute`);
 }
 
 /** The live process holding the desktop's disk, if any. */
@@ -179,13 +191,13 @@ function busyAdvice(wanted: OwnerKind, holder: OwnerKind): string {
  * download continues inside the new owner); any other live owner is a clear refusal. QEMU's own
  * image locks remain the last word.
  */
-export async function claimOwner(vault: DesktopRecords, desktopId: string, kind: OwnerKind, log: (l: string) => void): Promise<() => Promise<void>> {
+export async function claimOwner(vault: DesktopRecords, desktopId: string, kind: OwnerKind, log: (l: string) => void, opts: { background?: boolean } = {}): Promise<() => Promise<void>> {
   const file = join(runDir(vault, desktopId), 'owner.json');
   await mkdir(runDir(vault, desktopId), { recursive: true, mode: 0o700 });
   // The claim is written aside first and linked into place: the link is the exclusive create (of two
   // processes starting at once, exactly one becomes the owner), and no one ever reads a half-written claim.
   const mine = `${file}.${process.pid}-${randomBytes(6).toString('hex')}`;
-  await writeFile(mine, JSON.stringify({ pid: process.pid, kind }), { mode: 0o600 });
+  await writeFile(mine, JSON.stringify({ pid: process.pid, kind, ...(opts.background ? { background: true } : {}) }), { mode: 0o600 });
   try {
     for (let attempt = 0; attempt < 5; attempt++) {
       try {
@@ -197,14 +209,17 @@ export async function claimOwner(vault: DesktopRecords, desktopId: string, kind:
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
       }
       const current = await readOwner(vault, desktopId);
-      if (current) {
+      if (current?.background && !opts.background) {
+        // The agent's replica gives way to the user (as a running desktop's does, live/control.ts):
+        // stopped, it sends nothing more and its changes go with the next replica or this command.
+        log(`stopping the agent's background replica (pid ${current.pid}); its changes go with the next one`);
+        await stopAndWait(current.pid, 'SIGTERM', 'the background replica');
+      } else if (current) {
         if (current.kind !== 'checkout' || (kind !== 'run' && kind !== 'serve')) {
           throw new CarryonError('disk-busy', `the desktop is in use by \`carryon ${current.kind}\` (pid ${current.pid}): stop it first${busyAdvice(kind, current.kind)}`);
         }
         log(`pausing the running check-out (pid ${current.pid}); the download continues here`);
-        process.kill(current.pid, 'SIGINT');
-        for (let i = 0; i < 300 && alive(current.pid); i++) await new Promise((r) => setTimeout(r, 100));
-        if (alive(current.pid)) throw new CarryonError('disk-busy', `the check-out (pid ${current.pid}) did not stop within 30 s`);
+        await stopAndWait(current.pid, 'SIGINT', 'the check-out');
       }
       // The owner is gone (finished, or killed with -9): its claim is stale.
       await rm(file, { force: true });
