@@ -177,7 +177,12 @@ async function cpuByRole(): Promise<Map<string, number>> {
   }
   const out = new Map<string, number>();
   const mine = (pid: number): boolean => pid === process.pid || (pid > 1 && procs.has(pid) && mine(procs.get(pid)!.ppid));
-  for (const [pid, p] of procs) if (mine(pid)) out.set(p.role, (out.get(p.role) ?? 0) + p.cpu);
+  // A storage daemon is its parent's: the holder's serves the guest, a sender's reads the frozen view for it.
+  const roleOf = (p: { ppid: number; role: string }) => {
+    const parent = procs.get(p.ppid);
+    return p.role === 'holder (serve)' && parent && parent.role !== 'holder (serve)' ? parent.role : p.role;
+  };
+  for (const [pid, p] of procs) if (mine(pid)) out.set(roleOf(p), (out.get(roleOf(p)) ?? 0) + p.cpu);
   return out;
 }
 
