@@ -1,4 +1,4 @@
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { readdirSync } from 'node:fs';
 import { getPriority, setPriority } from 'node:os';
 import { fileURLToPath } from 'node:url';
@@ -81,7 +81,7 @@ export async function replicateInBackground(env: ClientEnv, desktopId: string): 
   child.stdout.resume();
   child.stdin.on('error', () => undefined);
   child.stdin.end(`${password}\n`);
-  const onAbort = () => child.kill('SIGTERM');
+  const onAbort = () => void stopChild(child, STOP_GRACE_MS);
   env.signal?.addEventListener('abort', onAbort, { once: true });
   const code = await new Promise<number | null>((resolve, reject) => {
     child.once('error', reject);
@@ -89,6 +89,23 @@ export async function replicateInBackground(env: ClientEnv, desktopId: string): 
   }).finally(() => env.signal?.removeEventListener('abort', onAbort));
   if (tail) env.log(tail);
   if (code !== 0) throw new CarryonError('replica-failed', `the background replica exited with ${code}`);
+}
+
+/** How long a stopped background replica may take to put its point back before it is killed. */
+const STOP_GRACE_MS = 10_000;
+
+/**
+ * SIGTERM (the replica stops sending and puts its point back), then SIGKILL after `graceMs`: at the
+ * idle CPU class beside a busy guest even that can wait for CPU, and a lock or a wipe waits on it.
+ * A killed replica is safe: its holder abandons the point when the control connection closes, and a
+ * stopped chain's merge resumes at its next open (the kill tests of e2e/live and e2e/resume).
+ */
+export async function stopChild(child: ChildProcess, graceMs: number): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const ended = new Promise<void>((r) => child.once('exit', () => r()));
+  child.kill('SIGTERM');
+  const timer = setTimeout(() => child.kill('SIGKILL'), graceMs);
+  await ended.finally(() => clearTimeout(timer));
 }
 
 /**

@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { test } from 'node:test';
-import { BackgroundReplicas } from '../../src/client/background.js';
+import { spawn } from 'node:child_process';
+import { BackgroundReplicas, stopChild } from '../../src/client/background.js';
 
 // `carryon replicate --background` (the agent's scheduled replicas: client/background.ts) lowers
 // every thread of its process: on Linux nice is a thread's, and the sender's work runs on several.
@@ -64,4 +65,24 @@ test('the agent\'s replicas in flight: one per desktop, not awaited by the heart
   assert.ok(replicas.start('d3', 'desk-3', async () => { throw new Error('the broker refused'); }));
   await replicas.drain();
   assert.deepEqual(logs.slice(1), ['scheduled replication of desk-3 failed: the broker refused']);
+});
+
+test('a background replica that does not end on SIGTERM is killed after the grace time; one that does is not', async () => {
+  const start = (script: string) => {
+    const child = spawn(process.execPath, ['-e', script], { stdio: ['ignore', 'pipe', 'ignore'] });
+    return new Promise<typeof child>((r) => child.stdout!.once('data', () => r(child)));
+  };
+  const deaf = await start(`process.on('SIGTERM', () => {}); console.log('up'); setInterval(() => {}, 1000);`);
+  const t0 = Date.now();
+  const bounded = new Promise<never>((_, reject) => setTimeout(() => reject(new Error('still running 5 s after the stop')), 5000).unref());
+  try {
+    await Promise.race([stopChild(deaf, 300), bounded]);
+  } finally {
+    deaf.kill('SIGKILL');
+  }
+  assert.equal(deaf.signalCode, 'SIGKILL');
+  assert.ok(Date.now() - t0 >= 250, 'it had its grace time');
+  const polite = await start(`process.on('SIGTERM', () => process.exit(0)); console.log('up'); setInterval(() => {}, 1000);`);
+  await stopChild(polite, 5000);
+  assert.deepEqual([polite.exitCode, polite.signalCode], [0, null]);
 });
