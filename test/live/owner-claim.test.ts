@@ -17,11 +17,11 @@ const vault = { home: dir, desktopDir: (id: string) => join(dir, id) } as unknow
 const holderUrl = new URL('../../src/live/fill/holder.js', import.meta.url).href;
 
 /** Another process holding d1 as `kind`; on SIGTERM it lets go and ends, as a transfer command does. */
-async function otherOwner(kind: string, background: boolean) {
+async function otherOwner(kind: string, background: boolean, deaf = false) {
   const script = `
     import { claimOwner } from ${JSON.stringify(holderUrl)};
     const release = await claimOwner({ home: ${JSON.stringify(dir)}, desktopDir: (id) => ${JSON.stringify(dir)} + '/' + id }, 'd1', ${JSON.stringify(kind)}, () => {}, { background: ${background} });
-    process.on('SIGTERM', async () => { await release(); process.exit(0); });
+    process.on('SIGTERM', async () => { if (${deaf}) return; await release(); process.exit(0); });
     console.log('claimed');
     setInterval(() => {}, 1000);
   `;
@@ -62,5 +62,19 @@ test('a user\'s command stops the agent\'s background replica of a stopped deskt
   } finally {
     first.child.kill('SIGTERM');
     await first.ended;
+  }
+});
+
+test('a background replica that does not end on SIGTERM is killed after 10 s and its claim taken over', async () => {
+  const deaf = await otherOwner('replicate', true, true);
+  try {
+    const t0 = Date.now();
+    const release = await claimOwner(vault, 'd1', 'checkin', () => undefined);
+    assert.ok(Date.now() - t0 >= 9_000, 'it had its grace time');
+    await deaf.ended;
+    assert.equal(deaf.child.signalCode, 'SIGKILL');
+    await release();
+  } finally {
+    deaf.child.kill('SIGKILL');
   }
 });

@@ -160,14 +160,30 @@ function alive(pid: number): boolean {
   }
 }
 
-/** Signals `pid` and waits up to 30 s for it to end. */
-async function stopAndWait(pid: number, signal: NodeJS.Signals, what: string): Promise<void> {
+/**
+ * Signals `pid` and waits up to 30 s for it to end; `killAfterMs`: SIGKILL once that has passed (a
+ * background replica at the idle CPU class may wait long for CPU; killed, it is safe: its push is
+ * journaled and a merge after its commit resumes at the chain's next open).
+ */
+async function stopAndWait(pid: number, signal: NodeJS.Signals, what: string, opts: { killAfterMs?: number } = {}): Promise<void> {
   try {
     process.kill(pid, signal);
   } catch {
     return; // gone already
   }
-  for (let i = 0; i < 300 && alive(pid); i++) await new Promise((r) => setTimeout(r, 100));
+  const started = Date.now();
+  let killed = false;
+  for (let i = 0; i < 300 && alive(pid); i++) {
+    if (!killed && opts.killAfterMs !== undefined && Date.now() - started >= opts.killAfterMs) {
+      killed = true;
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // ended meanwhile
+      }
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
   if (alive(pid)) throw new CarryonError('disk-busy', `${what} (pid ${pid}) did not stop within 30 s: run the same command again in a minute`);
 }
 
@@ -213,7 +229,7 @@ export async function claimOwner(vault: DesktopRecords, desktopId: string, kind:
         // The agent's replica gives way to the user (as a running desktop's does, live/control.ts):
         // stopped, it sends nothing more and its changes go with the next replica or this command.
         log(`stopping the agent's background replica (pid ${current.pid}); its changes go with the next one`);
-        await stopAndWait(current.pid, 'SIGTERM', 'the background replica');
+        await stopAndWait(current.pid, 'SIGTERM', 'the background replica', { killAfterMs: 10_000 });
       } else if (current) {
         if (current.kind !== 'checkout' || (kind !== 'run' && kind !== 'serve')) {
           throw new CarryonError('disk-busy', `the desktop is in use by \`carryon ${current.kind}\` (pid ${current.pid}): stop it first${busyAdvice(kind, current.kind)}`);
