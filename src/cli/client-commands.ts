@@ -53,7 +53,7 @@ function cancelMarker(home: string, desktop: string): string {
   return `${pidFile(home, desktop)}.cancel`;
 }
 
-async function transferCommand(cmd: Command, desktop: string, run: (env: ClientEnv) => Promise<unknown>, human: (r: unknown) => string) {
+async function transferCommand(cmd: Command, desktop: string, run: (env: ClientEnv) => Promise<unknown>, human: (r: unknown) => string, stopped = 'transfer stopped; what arrived is kept — run the same command again to resume') {
   const abort = new AbortController();
   const { env, json, stop } = clientEnv(cmd, abort.signal);
   const pid = pidFile(env.home, desktop);
@@ -75,7 +75,7 @@ async function transferCommand(cmd: Command, desktop: string, run: (env: ClientE
       if (held && held.config.keepLocalCopy !== false && durable) throw new CarryonError('cancelled', `stopped by \`carryon cancel ${desktop}\`: the desktop is unlocked; what arrived stays on this laptop as an encrypted parked copy, so \`carryon checkout ${desktop}\` fetches only the rest (\`carryon discard ${desktop} --yes\` removes it)`);
       throw new CarryonError('cancelled', `stopped by \`carryon cancel ${desktop}\`: what arrived is being removed from this laptop and the desktop unlocked; \`carryon checkout ${desktop}\` starts again from the beginning`);
     }
-    if (abort.signal.aborted) throw new CarryonError('paused', `transfer stopped; what arrived is kept — run the same command again to resume`);
+    if (abort.signal.aborted) throw new CarryonError('paused', stopped);
     throw err;
   } finally {
     process.off('SIGINT', onSignal);
@@ -180,7 +180,7 @@ export function registerClientCommands(program: Command): void {
       }, (r) => {
         const x = r as { changedChunks: number; chunksSent: number; bytesSent: number; snapshotId: string };
         return `${kind}: ${x.changedChunks} changed chunks, ${x.chunksSent} sent (${formatBytes(x.bytesSent)}); snapshot ${x.snapshotId}`;
-      });
+      }, o.background ? `the background replica of ${desktop} was stopped (it gives way to the user's commands, a lock or a wipe): nothing is lost, the next replica sends these changes` : undefined);
     });
   }
   for (const how of ['rollback', 'cancel'] as const) {
