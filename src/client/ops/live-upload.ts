@@ -37,7 +37,9 @@ export async function liveReplicate(o: { env: ClientEnv; broker: BrokerClient; v
   control.onGiveWay(() => gaveWay.abort());
   const signal = env.signal ? AbortSignal.any([env.signal, gaveWay.signal]) : gaveWay.signal;
   try {
-    const point = await traced('live-freeze', () => control.freeze({ background: o.background === true }));
+    // A user's freeze normally answers in milliseconds; longer, an earlier replica is giving way or folding (control.ts, live-chain.ts): say so.
+    const waiting = o.background ? null : setTimeout(() => env.log(`waiting for ${state.name}'s earlier replica (the agent's: it gives way, or its fold finishes at full speed)…`), 1500);
+    const point = await traced('live-freeze', () => control.freeze({ background: o.background === true })).finally(() => waiting && clearTimeout(waiting));
     env.log(`replicating ${state.name} while it runs: point in time taken (${point.kind === 'quiesced' ? 'file systems quiesced by the guest agent' : `crash-consistent${point.reason ? `: ${point.reason}` : ''}`}; guest I/O paused ${point.pausedMs.toFixed(1)} ms)`);
     let outcome;
     let disks: DesktopDisk[];
