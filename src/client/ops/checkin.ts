@@ -86,18 +86,19 @@ async function parkCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault,
 }
 
 /** A check-in killed after its commit, while its bases were merged or parked: finishes that, then erases the vault. */
-async function finishParking(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, kind: UploadKind) {
+async function finishParking(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, wrapKey: WrapKey, kind: UploadKind) {
   if (kind !== 'checkin') throw new CarryonError('wrong-state', `${state.name} was checked in already; run \`carryon checkin ${state.name}\` to finish putting its local copy away`);
-  await finishPark(env, device, vault, state, keys);
+  await finishPark(env, device, vault, state, keys, wrapKey);
   return { snapshotId: state.parking!, changedChunks: 0, chunksSent: 0, bytesSent: 0, replicaKind: null };
 }
 
 /**
  * The rest of a committed check-in's park (`state.parking`, MACed: saved only once the broker
  * answered the commit): the merge and the parked copy, then the vault is erased. A check-in's rerun
- * and a check-out of the same desktop both finish it here.
+ * and a check-out of the same desktop both finish it here. `wrapKey`: the one that just opened the
+ * vault, reused for the parked copy's wrap (no second KDF).
  */
-export async function finishPark(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys): Promise<void> {
+export async function finishPark(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, wrapKey: WrapKey): Promise<void> {
   if (!state.parking) throw new CarryonError('wrong-state', `${state.name} has no check-in to finish putting away`);
   const release = await claimOwner(vault, state.desktopId, 'checkin', env.log);
   try {
@@ -106,7 +107,7 @@ export async function finishPark(env: ClientEnv, device: DeviceIdentity, vault: 
       await stampParked(vault.home, state.desktopId, keys.vaultKey);
     } else {
       const merged = (await openDesktopDisks(vault, state, keys)).state;
-      await parkBases({ vault, device, password: await env.password(), state: merged, keys, how: 'checkin', disks: merged.disks.map((d) => ({ name: d.name, digest: d.baseDigest, known: null })), log: env.log })
+      await parkBases({ vault, device, password: await env.password(), state: merged, keys, how: 'checkin', disks: merged.disks.map((d) => ({ name: d.name, digest: d.baseDigest, known: null })), log: env.log, wrapKey })
         .catch((err: unknown) => env.log(`no parked copy kept of ${state.name}: ${(err as Error).message}`));
     }
   } finally {
@@ -138,7 +139,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
     const keys = opened0.keys;
     const wrapKey = opened0.wrapKey;
     let state = opened0.state;
-    if (state.parking) return await finishParking(env, device, vault, state, keys, kind);
+    if (state.parking) return await finishParking(env, device, vault, state, keys, wrapKey, kind);
     const holder = await readOwner(vault, state.desktopId);
     if (kind === 'replicate' && (holder?.kind === 'run' || holder?.kind === 'serve')) {
       // The desktop runs: the process holding its chain takes the point in time (src/live/).

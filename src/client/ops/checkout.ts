@@ -30,7 +30,7 @@ import { retryTransfer } from '../session/retry.js';
 import { rememberRate, transferLimiter } from '../session/transfer-rate.js';
 import { activeJob, findEntry, onlineSession, pinnedBrokerKey, renewer, type ClientEnv } from '../session/session.js';
 import { Vault, type DesktopState } from '../vault/vault.js';
-import { adoptParked, openOwnParked, parkPolicy, readParked, type OpenedParked } from '../vault/parked.js';
+import { adoptParked, openOwnParked, parkPolicy, readParked, unfinishedCheckin, type OpenedParked } from '../vault/parked.js';
 import { discardLeftover, HandoverPrefetch, HandoverWait, waitForHandover, type Adopted } from '../session/handover.js';
 
 /**
@@ -175,14 +175,13 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
  * the commit may or may not have happened: nothing is touched, the rerun of the check-in decides.
  */
 async function finishCutOffCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault, found: DesktopState, user: string): Promise<void> {
-  const rerun = `run \`carryon checkin ${found.name}\` to finish it`;
-  if (found.user !== user) throw new CarryonError('wrong-state', `${found.user}'s check-in of ${found.name} on this laptop did not finish: ${found.user} must ${rerun}`);
+  if (found.user !== user) throw new CarryonError('wrong-state', `${found.user}'s check-in of ${found.name} on this laptop did not finish: ${found.user} must run \`carryon checkin ${found.name}\` to finish it`);
   const holder = await readOwner(vault, found.desktopId);
   if (holder) throw new CarryonError('disk-busy', `${found.name} is in use by \`carryon ${holder.kind}\` (pid ${holder.pid}): let it finish, then check it out`);
-  const { state, keys } = await vault.openKeys(device, await env.password(), found);
-  if (!state.parking) throw new CarryonError('wrong-state', `a check-in of ${state.name} was cut off before its commit was confirmed here; nothing was discarded: ${rerun}, then check it out`);
+  const { state, keys, wrapKey } = await vault.openKeys(device, await env.password(), found);
+  if (!state.parking) throw new CarryonError('wrong-state', `${state.name}: ${unfinishedCheckin(state)}; nothing was discarded: check it out once that is done`);
   env.log(`${state.name} was checked in (snapshot ${state.parking}); putting its local copy away first`);
-  await finishPark(env, device, vault, state, keys);
+  await finishPark(env, device, vault, state, keys, wrapKey);
 }
 
 /**
