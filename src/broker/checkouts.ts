@@ -259,7 +259,7 @@ export async function forceUnlock(ctx: BrokerContext, admin: string, checkoutId:
  * transfer server names the chunks it rebuilds (each with a push receipt), and the commit carries
  * the changes and their receipts (`commitUpload`).
  */
-export async function beginUpload(ctx: BrokerContext, c: CheckoutRow, kind: 'checkin' | 'replicate'): Promise<{ job: JobView }> {
+export async function beginUpload(ctx: BrokerContext, c: CheckoutRow, kind: 'checkin' | 'replicate', opts: { background?: boolean } = {}): Promise<{ job: JobView }> {
   const user = c.user;
   const desktop = (await ctx.meta.getDesktop(c.desktopId))!;
   if (kind === 'checkin') {
@@ -272,11 +272,12 @@ export async function beginUpload(ctx: BrokerContext, c: CheckoutRow, kind: 'che
   if (c.jobId) await ctx.scheduler.finish(c.jobId, 'cancelled');
   // The ticket's manifests are the checkpoint's: the server serves nothing else as a base.
   const digests = base.disks.map((b) => b.digest);
-  const job = await ctx.scheduler.enqueue({ kind, checkoutId: c.id, desktopId: c.desktopId, manifests: digests, baseManifests: digests, ...(await lineageKeysFor(ctx, desktop)) });
+  const background = kind === 'replicate' && opts.background === true;
+  const job = await ctx.scheduler.enqueue({ kind, checkoutId: c.id, desktopId: c.desktopId, manifests: digests, baseManifests: digests, ...(background ? { background } : {}), ...(await lineageKeysFor(ctx, desktop)) });
   const to = kind === 'checkin' ? 'checking_in' : 'checked_out';
   // Until the commit says otherwise, the upload's result is the checkpoint itself.
   if (!await ctx.meta.transitionCheckout(c.id, [c.state], to, { jobId: job.id, pendingDisks: base.disks })) throw await deny(ctx, user, c.desktopId, kind, 409, 'wrong-state', 'checkout changed meanwhile');
-  await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'transfer-start', outcome: 'ok', detail: `${kind} job ${job.id}` });
+  await ctx.audit({ actor: user, desktopId: c.desktopId, action: 'transfer-start', outcome: 'ok', detail: `${kind} job ${job.id}${background ? ' (background)' : ''}` });
   await auditTicket(ctx, user, c.desktopId, job);
   return { job };
 }

@@ -3,37 +3,42 @@ import type { ChunkId } from '../core/chunk-id.js';
 import { encodeLineageKeys, type LineageKeys } from '../core/keys.js';
 import { WorkerPool } from '../core/worker-pool.js';
 import { namePushed, type Named } from './push-rebuild.js';
-import type { PushCheckReply, PushCheckRequest } from './push-worker.js';
+import type { PushCheckReply, PushCheckRequest, PushWorkerData } from './push-worker.js';
+
+type Pool = WorkerPool<Omit<PushCheckRequest, 'seq'>, PushCheckReply>;
 
 /**
  * The CPU of naming pushed pages (GCM, zstd, applying them to the base, HMAC, sealing the rebuilt
  * chunk, ≈ 1.2 ms per 256 KiB chunk here) on worker threads, so a server with cores
  * to spare checks its check-ins on all of them while the main thread reads the streams and writes
  * the store. With size 0 they run inline. Threads start at the first push.
+ *
+ * Background replicas (the agents' scheduled ones: nobody waits for them) have a lane of their own:
+ * threads at nice 19 in SCHED_IDLE (idle-thread.ts), on every host, so that they never take CPU
+ * from a user's check-out or check-in on this server, nor, where the server shares a machine
+ * with a running guest, from the guest.
  */
 export class PushChecks {
-  private pool: WorkerPool<Omit<PushCheckRequest, 'seq'>, PushCheckReply> | null = null;
+  private pool: Pool | null = null;
+  private idlePool: Pool | null = null;
   private readonly encoded = new WeakMap<LineageKeys, string>();
 
   constructor(private readonly size = defaultSize()) {}
 
   /** Rebuilds a chunk from a pages blob and its base (null: zeros) and names it (push-rebuild `namePushed`). */
-  async name(keys: LineageKeys, pages: Uint8Array, base: { id: ChunkId; blob: Uint8Array } | null, label: string): Promise<Named> {
-    if (this.size === 0) return namePushed(keys, pages, base, label);
+  async name(keys: LineageKeys, pages: Uint8Array, base: { id: ChunkId; blob: Uint8Array } | null, label: string, opts: { background?: boolean } = {}): Promise<Named> {
+    if (this.size === 0 && !opts.background) return namePushed(keys, pages, base, label);
     const payload = copyOf(pages);
     const baseBlob = base ? copyOf(base.blob) : null;
-    const reply = await this.workers().run({ keys: this.encode(keys), id: label, payload, base: base ? { id: base.id, blob: baseBlob! } : undefined }, baseBlob ? [payload, baseBlob] : [payload]);
+    const pool = opts.background ? (this.idlePool ??= newPool({ idle: true }, Math.max(1, this.size))) : (this.pool ??= newPool({}, this.size));
+    const reply = await pool.run({ keys: this.encode(keys), id: label, payload, base: base ? { id: base.id, blob: baseBlob! } : undefined }, baseBlob ? [payload, baseBlob] : [payload]);
     return { id: reply.named ?? null, blob: reply.blob ? Buffer.from(reply.blob) : null };
   }
 
   async close(): Promise<void> {
-    await this.pool?.close();
+    await Promise.all([this.pool?.close(), this.idlePool?.close()]);
     this.pool = null;
-  }
-
-  private workers(): WorkerPool<Omit<PushCheckRequest, 'seq'>, PushCheckReply> {
-    this.pool ??= new WorkerPool(new URL('./push-worker.js', import.meta.url), null, this.size);
-    return this.pool;
+    this.idlePool = null;
   }
 
   private encode(keys: LineageKeys): string {
@@ -41,6 +46,10 @@ export class PushChecks {
     if (!text) this.encoded.set(keys, (text = encodeLineageKeys(keys)));
     return text;
   }
+}
+
+function newPool(data: PushWorkerData, size: number): Pool {
+  return new WorkerPool(new URL('./push-worker.js', import.meta.url), data, size);
 }
 
 /** A copy to transfer: the caller's buffers (a frame being read, a blob a store may cache) stay whole. */

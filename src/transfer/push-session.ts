@@ -102,7 +102,7 @@ export class PushSession {
         if (!blob) return this.rejectTag(frame.tag, `base chunk ${frame.baseId} is not here: send the whole chunk`, 'base-missing');
         base = { id: frame.baseId, blob };
       }
-      named = await this.o.checks.name(scope.keys, frame.payload, base, `#${frame.tag} (pushed pages)`);
+      named = await this.o.checks.name(scope.keys, frame.payload, base, `#${frame.tag} (pushed pages)`, { background: ticket.background === true });
     } catch (err) {
       return this.rejectTag(frame.tag, (err as Error).message);
     }

@@ -1,7 +1,8 @@
-import { parentPort } from 'node:worker_threads';
+import { parentPort, workerData } from 'node:worker_threads';
 import type { ChunkId } from '../core/chunk-id.js';
 import { decodeLineageKeys, type LineageKeys } from '../core/keys.js';
 import { exactBuffer, type PoolReply } from '../core/worker-pool.js';
+import { idleThisThread } from './idle-thread.js';
 import { namePushed } from './push-rebuild.js';
 
 /** Worker: rebuilds a changed chunk from a pages blob and its base, and names and seals it. */
@@ -23,6 +24,13 @@ export interface PushCheckReply extends PoolReply {
   /** The rebuilt chunk's ID (null: zeros). */
   named?: ChunkId | null;
 }
+
+/** What the pool tells its threads: `idle` for the background replicas' lane. */
+export interface PushWorkerData {
+  idle?: boolean;
+}
+
+if ((workerData as PushWorkerData | null)?.idle) idleThisThread();
 
 /** Decoded keys of the jobs seen lately (a few per transfer server at a time). */
 const keyCache = new Map<string, LineageKeys>();

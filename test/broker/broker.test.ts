@@ -128,6 +128,22 @@ test('check-out → transferred → replicate → check-in (foreign chunks refus
   const repc = await http.call('POST', `/v1/checkouts/${id}/replicate/commit`, {}, aliceToken);
   assert.equal(repc.status, 200);
   assert.equal((repc.body.checkout as { state: string }).state, 'checked_out');
+  // The agent's replica says so (the broker queues it behind users' jobs, its ticket has the transfer
+  // server rebuild it in the idle CPU class); a check-in never is one.
+  const bg = await http.call('POST', `/v1/checkouts/${id}/replicate`, { background: true }, aliceToken);
+  assert.equal(bg.status, 200, JSON.stringify(bg.body));
+  /** The ticket's payload (the broker signs it; the transfer server reads it). */
+  const ticketOf = (job: unknown): { background?: boolean } => {
+    const ticket = (job as { transfer?: { ticket: string } }).transfer?.ticket;
+    assert.ok(ticket, 'the job has a slot and a ticket');
+    return JSON.parse(Buffer.from(ticket.split('.')[0]!, 'base64url').toString()) as { background?: boolean };
+  };
+  assert.equal(ticketOf(bg.body.job).background, true);
+  assert.equal(ticketOf(rep.body.job).background, undefined);
+  assert.equal((await http.call('POST', `/v1/checkouts/${id}/replicate/commit`, {}, aliceToken)).status, 200);
+  const startEvents = ((await http.call('GET', '/v1/admin/events?limit=1000', undefined, adminToken)).body.events as { action: string; detail: string | null }[]).filter((e) => e.action === 'transfer-start');
+  assert.ok(startEvents.some((e) => e.detail?.startsWith('replicate job') && e.detail.endsWith('(background)')), 'the audit tells a background replica');
+  assert.deepEqual([(await http.call('POST', `/v1/checkouts/${id}/checkin`, { background: true }, aliceToken)).status], [400]);
 
   // The begin carries no manifests any more (the transfer server names the chunks).
   const withManifests = await http.call('POST', `/v1/checkouts/${id}/checkin`, { disks: body.disks }, aliceToken);

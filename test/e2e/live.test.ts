@@ -381,6 +381,9 @@ test('background replication: the agent replicates a running desktop on the poli
     assert.equal((await runAgent(env(home), { once: true })).online, true);
     // In a process of its own at low priority (client/background.ts): its log, passed on by the agent, says so.
     assert.ok(logs.slice(seen).some((l) => /in the background: CPU priority nice 15/.test(l)), `the scheduled replica ran at nice 15:\n${logs.slice(seen).join('\n')}`);
+    // It told the broker so: queued behind users' jobs, rebuilt on the transfer server in the idle class.
+    const starts = ((await http.call('GET', '/v1/admin/events?desktop=live-agent&limit=1000', undefined, admin)).body.events as { action: string; detail: string | null }[]).filter((e) => e.action === 'transfer-start');
+    assert.ok(starts.some((e) => /^replicate job .* \(background\)$/.test(e.detail ?? '')), `the agent's replica began as a background one: ${JSON.stringify(starts)}`);
     let { state } = await vaultState(home, 'live-agent');
     assert.equal(state.lastReplicaKind, 'crash-consistent');
     const first = await points();

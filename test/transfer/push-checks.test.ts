@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { readdirSync, readFileSync } from 'node:fs';
 import { test } from 'node:test';
 import { openBlob, sealChunk } from '../../src/core/chunks/blob.js';
 import { computeChunkId } from '../../src/core/chunk-id.js';
@@ -10,10 +11,11 @@ import { rawPagesBlob, rleBomb } from '../support/hostile-zstd.js';
 
 const CS = 256 * 1024;
 
-for (const size of [0, 2]) {
-  test(`push checks (${size ? `${size} worker threads` : 'inline'}): pages are rebuilt on their base (or zeros) and named; a hole, an unchanged chunk and forged pages are told apart`, async () => {
+for (const [size, background] of [[0, false], [2, false], [0, true]] as const) {
+  test(`push checks (${background ? 'background lane' : size ? `${size} worker threads` : 'inline'}): pages are rebuilt on their base (or zeros) and named; a hole, an unchanged chunk and forged pages are told apart`, async () => {
     const keys = generateLineageKeys();
-    const checks = new PushChecks(size);
+    const inner = new PushChecks(size);
+    const checks = { name: (...a: Parameters<PushChecks['name']>) => inner.name(a[0], a[1], a[2], a[3], { background }) };
     try {
       const base = randomBytes(CS);
       const b = sealChunk(keys, base);
@@ -51,7 +53,36 @@ for (const size of [0, 2]) {
       await assert.rejects(checks.name(keys, rawPagesBlob(keys, rleBomb({ blocks: 2048 })), null, '#9'), /#9.*\(decompress\): the zstd frame does not declare its size/);
       await assert.rejects(checks.name(keys, rawPagesBlob(keys, rleBomb({ blocks: 2048, declare: 'true' }), b.id), { id: b.id, blob: b.blob }, '#10'), /#10.*\(too-large\)/);
     } finally {
-      await checks.close();
+      await inner.close();
     }
   });
 }
+
+/** Nice (field 19 of stat) and scheduling policy (field 41) of every thread of this process. */
+function threads(only?: number): { nice: number; policy: number }[] {
+  return (only ? [String(only)] : readdirSync('/proc/self/task')).flatMap((t) => {
+    try {
+      const f = readFileSync(`/proc/self/task/${t}/stat`, 'utf8').split(') ')[1]!.split(' ');
+      return [{ nice: Number(f[16]), policy: Number(f[38]) }];
+    } catch {
+      return []; // the thread ended meanwhile
+    }
+  });
+}
+
+test('background replicas are rebuilt on threads at nice 19 in SCHED_IDLE; users\' pushes and the main thread keep their priority', { skip: process.platform !== 'linux' }, async () => {
+  const keys = generateLineageKeys();
+  const checks = new PushChecks(0);
+  try {
+    const pages = sealPages(keys, null, CS, [{ offset: 0, bytes: randomBytes(4096) }]);
+    await checks.name(keys, pages, null, '#1');
+    assert.equal(threads().filter((t) => t.nice === 19).length, 0, 'a user\'s push runs inline at the server\'s priority');
+    await checks.name(keys, pages, null, '#2', { background: true });
+    const idle = threads().filter((t) => t.nice === 19);
+    assert.equal(idle.length, 1, `one background thread at nice 19: ${JSON.stringify(threads())}`);
+    assert.equal(idle[0]!.policy, 5, 'in SCHED_IDLE');
+    assert.equal(threads(process.pid)[0]!.nice, 0, 'the main thread keeps its nice value');
+  } finally {
+    await checks.close();
+  }
+});

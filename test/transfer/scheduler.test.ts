@@ -28,6 +28,8 @@ test('assignment: most free slots first, check-ins ahead of check-outs, FIFO wit
     { jobId: 'o2', serverId: 'b' },
   ]);
   assert.deepEqual(assignJobs([{ id: 'a', slots: 1, active: 1 }], q), []);
+  // The agent's scheduled replica waits behind every job a user waits for.
+  assert.deepEqual(orderQueue([{ id: 'b1', kind: 'replicate' as const, seq: 0, background: true }, ...q]).map((j) => j.id), ['i1', 'r1', 'o1', 'o2', 'b1']);
 });
 
 async function slotsAndQueue(open: () => Promise<SqlDb>): Promise<void> {
@@ -75,6 +77,24 @@ async function slotsAndQueue(open: () => Promise<SqlDb>): Promise<void> {
   const s2 = new Scheduler(await SchedulerStore.open(db), { signingKey: key.privateKey, now: () => clock });
   assert.equal((await s2.overview()).queued.length, 2);
   assert.equal(publicKeyToBase64(key.publicKey).length > 0, true);
+
+  // A background replica (the agent's) queues behind users' jobs; its ticket, and only its, says so
+  // (the transfer server then rebuilds its chunks in the idle CPU class).
+  await s2.registerServer({ id: 'ts2', url: 'https://127.0.0.1:2', fingerprint: 'ee', slots: 1 });
+  const now = await s2.overview();
+  assert.deepEqual([now.active.length, now.queued.length], [1, 1], 'one check-out runs on the new server, one waits');
+  const [first, second] = [now.active[0]!, now.queued[0]!];
+  const bg = await s2.enqueue({ ...req, kind: 'replicate', background: true });
+  const fg = await s2.enqueue({ ...req, kind: 'replicate' });
+  assert.deepEqual([(await s2.get(fg.id))!.queuePosition, (await s2.get(second.id))!.queuePosition, (await s2.get(bg.id))!.queuePosition], [1, 2, 3]);
+  await s2.finish(first.id, 'done');
+  const fgTicket = (await s2.get(fg.id))!.transfer!.ticket;
+  assert.equal(verifyTicket(fgTicket, key.publicKey, { now: clock, serverId: 'ts2' }).background, undefined);
+  await s2.finish(fg.id, 'done');
+  await s2.finish(second.id, 'done');
+  const bgView = (await s2.get(bg.id))!;
+  assert.equal(bgView.state, 'active');
+  assert.equal(verifyTicket(bgView.transfer!.ticket, key.publicKey, { now: clock, serverId: 'ts2' }).background, true);
   await db.close();
 }
 

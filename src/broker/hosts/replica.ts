@@ -36,7 +36,8 @@ export async function beginReplica(ctx: BrokerContext, hostId: string, desktopId
   const base = (await ctx.meta.getSnapshot(p.snapshotId!))!;
   const digests = base.disks.map((d) => d.digest);
   const keyRef = await lineageKeysFor(ctx, desktop);
-  const job = await ctx.scheduler.enqueue({ kind: 'replicate', checkoutId: hostJobOwner(hostId, desktopId), desktopId, manifests: digests, baseManifests: digests, ...keyRef }, 'internal');
+  // Scheduled, nobody waits for it: queued behind users' jobs, rebuilt in the transfer server's idle class.
+  const job = await ctx.scheduler.enqueue({ kind: 'replicate', checkoutId: hostJobOwner(hostId, desktopId), desktopId, manifests: digests, baseManifests: digests, background: true, ...keyRef }, 'internal');
   // Compare-and-set on the placement as read: a handover or stop that came in between wins.
   if (!(await ctx.hosts.transition(desktopId, ['running'], 'running', { jobId: job.id })) || (await ctx.hosts.placement(desktopId))?.snapshotId !== p.snapshotId) {
     await ctx.scheduler.finish(job.id, 'cancelled');

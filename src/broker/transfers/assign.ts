@@ -11,15 +11,17 @@ export interface QueuedJob {
   id: string;
   kind: JobKind;
   seq: number;
+  /** The agent's scheduled replica (a row's 0/1): after every job a user waits for. */
+  background?: boolean | number;
 }
 
-/** Check-ins and replications first (they free locks and protect offline work), then FIFO. */
+/** Check-ins and replications first (they free locks and protect offline work), then FIFO; background replicas after all of them. */
 export function jobPriority(kind: JobKind): number {
   return kind === 'checkout' ? 1 : 0;
 }
 
 export function orderQueue<T extends QueuedJob>(queue: readonly T[]): T[] {
-  return [...queue].sort((a, b) => jobPriority(a.kind) - jobPriority(b.kind) || a.seq - b.seq);
+  return [...queue].sort((a, b) => Number(Boolean(a.background)) - Number(Boolean(b.background)) || jobPriority(a.kind) - jobPriority(b.kind) || a.seq - b.seq);
 }
 
 /** Each job in queue order goes to the server with the most free slots (ties: lowest id). */

@@ -27,15 +27,18 @@ CREATE INDEX transfer_jobs_ended ON transfer_jobs(ended_at);
   },
   // The server set the last gateway config was made for (one row): "out of date" when it differs.
   { version: 3, sql: 'CREATE TABLE gateway_config (id INTEGER PRIMARY KEY, servers_hash TEXT NOT NULL, made_at TEXT NOT NULL);' },
+  // A background replica (the agent's, on schedule): queued after the rest, and its ticket tells
+  // the transfer server to rebuild its chunks in the idle CPU class.
+  { version: 4, sql: 'ALTER TABLE transfer_jobs ADD COLUMN background INTEGER NOT NULL DEFAULT 0;' },
 ];
 
 export interface JobRow {
   seq: number; id: string; kind: JobKind; checkout_id: string; desktop_id: string; manifests: string; wrapped_keys: string;
   key_context: string; state: JobState; server_id: string | null; queued_at: string; paused_at: string | null; ticket_expires_at: string | null;
-  base_manifests: string | null;
+  base_manifests: string | null; background: number;
 }
 export interface ServerRow { id: string; url: string; fingerprint: string; slots: number; last_heartbeat: string; bytes_in: number; bytes_out: number; rate_in: number; rate_out: number }
-export interface QueueEntry { id: string; kind: JobKind; seq: number }
+export interface QueueEntry { id: string; kind: JobKind; seq: number; background: boolean }
 
 const SLOT_STATES = `('active','paused')`;
 const OPEN_STATES = `('queued','active','paused','expired')`;
@@ -46,7 +49,7 @@ function server(r: ServerRow): ServerRow {
   return { ...r, slots: Number(r.slots), bytes_in: Number(r.bytes_in), bytes_out: Number(r.bytes_out), rate_in: Number(r.rate_in), rate_out: Number(r.rate_out) };
 }
 function job(r: JobRow): JobRow {
-  return { ...r, seq: Number(r.seq) };
+  return { ...r, seq: Number(r.seq), background: Number(r.background) };
 }
 
 /** What a sweep needs to know: now, and the cut-offs for dead servers, expired tickets, long pauses. */
@@ -102,9 +105,9 @@ export class SchedulerStore {
   }
 
   async insertJob(id: string, req: JobRequest, at: string): Promise<void> {
-    await this.sql.run(`INSERT INTO transfer_jobs (id, kind, checkout_id, desktop_id, manifests, wrapped_keys, key_context, state, queued_at, base_manifests)
-      VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)`, [id, req.kind, req.checkoutId, req.desktopId, JSON.stringify(req.manifests), req.wrappedKeys, req.keyContext, at,
-      req.baseManifests ? JSON.stringify(req.baseManifests) : null]);
+    await this.sql.run(`INSERT INTO transfer_jobs (id, kind, checkout_id, desktop_id, manifests, wrapped_keys, key_context, state, queued_at, base_manifests, background)
+      VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)`, [id, req.kind, req.checkoutId, req.desktopId, JSON.stringify(req.manifests), req.wrappedKeys, req.keyContext, at,
+      req.baseManifests ? JSON.stringify(req.baseManifests) : null, req.background ? 1 : 0]);
   }
   async job(id: string): Promise<JobRow | undefined> {
     const r = await this.sql.get<JobRow>('SELECT * FROM transfer_jobs WHERE id = ?', [id]);
@@ -144,7 +147,8 @@ export class SchedulerStore {
     return (await this.sql.all<JobRow>(`SELECT * FROM transfer_jobs WHERE state IN ${states} ORDER BY seq`)).map(job);
   }
   async queue(): Promise<QueueEntry[]> {
-    return (await this.sql.all<QueueEntry>("SELECT id, kind, seq FROM transfer_jobs WHERE state = 'queued'")).map((q) => ({ ...q, seq: Number(q.seq) }));
+    return (await this.sql.all<Omit<QueueEntry, 'background'> & { background: number }>("SELECT id, kind, seq, background FROM transfer_jobs WHERE state = 'queued'"))
+      .map((q) => ({ ...q, seq: Number(q.seq), background: Number(q.background) === 1 }));
   }
 
   /**

@@ -205,7 +205,8 @@ export class Scheduler implements TransferScheduler {
         v: 1, jobId: row.id, desktopId: row.desktop_id, checkoutId: row.checkout_id,
         direction: row.kind === 'checkout' ? 'download' : 'upload', manifests: JSON.parse(row.manifests) as string[],
         ...(row.base_manifests ? { baseManifests: JSON.parse(row.base_manifests) as string[] } : {}),
-        wrappedKeys: row.wrapped_keys, keyContext: row.key_context, transferServerId: server.id, maxStreams: this.maxStreams, expiresAt,
+        wrappedKeys: row.wrapped_keys, keyContext: row.key_context, transferServerId: server.id, maxStreams: this.maxStreams,
+        ...(row.background ? { background: true as const } : {}), expiresAt,
       }, this.opts.signingKey);
       // Through the gateway: its address and the server's name; the pin stays the server's own certificate.
       const gateway = audience === 'public' ? this.opts.gateway?.() : undefined;

@@ -32,6 +32,8 @@ export interface JobRequest {
   /** Lineage keys wrapped by the datacenter master key (base64), and the wrap context. */
   wrappedKeys: string;
   keyContext: string;
+  /** A replica nobody waits for (the agent's): queued last, rebuilt on the transfer server in the idle CPU class. */
+  background?: boolean;
 }
 
 export interface TransferScheduler {

@@ -163,7 +163,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
       state = await traced('guard-upload', () => guardUpload(vault, opened.state, keys, env.log));
       daemonHanded = true;
       outcome = await withReaders(vault, state, opened.disks, daemon, (readers) => sendChanges({
-        env, broker, vault, state, keys, kind, readers,
+        env, broker, vault, state, keys, kind, readers, background: kind === 'replicate' && running.background === true,
         saveCheckingIn: kind === 'checkin' ? (jobId) => vault.save({ ...state, state: 'checking_in', jobId }, keys) : undefined,
       }));
       if (kind === 'replicate') {

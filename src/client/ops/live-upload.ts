@@ -55,7 +55,7 @@ export async function liveReplicate(o: { env: ClientEnv; broker: BrokerClient; v
         readers.push({ disk, top, extents: d.extents });
       }
       disks = readers.map((r) => r.disk);
-      outcome = await sendChanges({ env: { ...env, signal }, broker, vault, state, keys, kind: 'replicate', readers });
+      outcome = await sendChanges({ env: { ...env, signal }, broker, vault, state, keys, kind: 'replicate', readers, background: o.background === true });
     } catch (err) {
       // Our reader closes before the holder takes the top back down into the frozen layer.
       await closeReaders();

@@ -63,7 +63,12 @@ async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: D
  * Sends what `readers` hold since their bases and commits it: begin the upload job, push the
  * pages, commit. A check-out that ended meanwhile is recognised (ended-checkout.ts).
  */
-export async function sendChanges(o: { env: ClientEnv; broker: BrokerClient; vault: Vault; state: DesktopState; keys: LineageKeys; kind: UploadKind; readers: DiskReader[]; saveCheckingIn?: (jobId: string) => Promise<void> }) {
+export async function sendChanges(o: {
+  env: ClientEnv; broker: BrokerClient; vault: Vault; state: DesktopState; keys: LineageKeys; kind: UploadKind; readers: DiskReader[];
+  saveCheckingIn?: (jobId: string) => Promise<void>;
+  /** The agent's replica: the broker queues it after users' jobs and the transfer server rebuilds it in the idle CPU class. */
+  background?: boolean;
+}) {
   const { env, broker, vault, state, keys, kind, readers } = o;
   const touchedAt = performance.now();
   const touched = touchedChunks(readers);
@@ -74,7 +79,8 @@ export async function sendChanges(o: { env: ClientEnv; broker: BrokerClient; vau
   let begin;
   try {
     // Repeatable: a second begin (also accepted in checking_in) ends the first one's job and opens another.
-    begin = await traced('begin', () => broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}`, {}, z.object({ job: JobView }), {}, { repeatable: true }));
+    const body = kind === 'replicate' && o.background ? { background: true } : {};
+    begin = await traced('begin', () => broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}`, body, z.object({ job: JobView }), {}, { repeatable: true }));
   } catch (err) {
     // The check-out ended: with this upload (its answer lost), or otherwise (offline work is
     // then never deleted on an ambiguous answer: the user is told how to hand it back).

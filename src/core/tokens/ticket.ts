@@ -18,6 +18,8 @@ export const TicketPayload = z.object({
   keyContext: z.string().min(1),
   transferServerId: z.string().min(1),
   maxStreams: z.number().int().min(1).max(64),
+  /** Upload tickets of a background replica: the server rebuilds its chunks in the idle CPU class. */
+  background: z.literal(true).optional(),
   expiresAt: z.iso.datetime(),
 });
 export type TicketPayload = z.infer<typeof TicketPayload>;

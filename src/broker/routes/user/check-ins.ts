@@ -12,6 +12,8 @@ import { heldCheckout } from './holder-scope.js';
 
 /** Begin: nothing (the transfer server names the chunks; the commit carries the changes). */
 const Begin = z.object({}).strict();
+/** A replica may say it is the agent's (nobody waits for it): queued last, rebuilt in the idle class. */
+const BeginReplica = z.object({ background: z.boolean().optional() }).strict();
 
 /** A laptop's uploads: check-in, replica, and handing back the work of a check-out that ended (holder scope: the caller holds it). */
 export const checkInRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
@@ -19,8 +21,8 @@ export const checkInRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (
     app.post(`/v1/checkouts/:id/${kind}`, async (req) => {
       const c = heldCheckout(req);
       await requireFreshLogin(ctx, userOf(req), c.id, kind);
-      parse(Begin, req.body ?? {});
-      return await beginUpload(ctx, c, kind);
+      const { background } = kind === 'replicate' ? parse(BeginReplica, req.body ?? {}) : parse(Begin, req.body ?? {});
+      return await beginUpload(ctx, c, kind, { background: background === true });
     });
     app.post(`/v1/checkouts/:id/${kind}/commit`, async (req) => {
       const claims = userOf(req);
