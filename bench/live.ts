@@ -158,6 +158,17 @@ async function changeAndReplicate(rig: Rig, env: ClientEnv, holder: Holder, size
   return { seconds, wire, compressed: compressedSize(written), spans };
 }
 
+/** CPU seconds of a process's threads at nice 19. */
+async function idleThreadsCpu(pid: number): Promise<number> {
+  let sum = 0;
+  for (const tid of await readdir(`/proc/${pid}/task`).catch(() => [] as string[])) {
+    const stat = await readFile(`/proc/${pid}/task/${tid}/stat`, 'utf8').catch(() => '');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    if (Number(f[16]) === 19) sum += (Number(f[11]) + Number(f[12])) / 100;
+  }
+  return sum;
+}
+
 /** CPU seconds used so far by this process and each of its descendants, by role (from /proc; 100 ticks a second). */
 async function cpuByRole(): Promise<Map<string, number>> {
   const procs = new Map<number, { ppid: number; cpu: number; role: string }>();
@@ -170,7 +181,14 @@ async function cpuByRole(): Promise<Map<string, number>> {
       const role = cmd.some((a) => a.endsWith('serve-child.js')) ? 'holder (serve)' : cmd.some((a) => a.includes('qemu-storage-daemon')) ? 'holder (serve)'
         : cmd.includes('--background') ? 'background sender'
         : cmd.includes('transfer-server') ? 'transfer server' : cmd[0]?.endsWith('fio') ? 'fio' : 'bench (broker + sender)';
-      procs.set(Number(name), { ppid: Number(f[1]), cpu: (Number(f[11]) + Number(f[12])) / 100, role });
+      let cpu = (Number(f[11]) + Number(f[12])) / 100;
+      if (role === 'transfer server') {
+        // Its background replicas' lane (threads at nice 19, transfer/push-checks.ts) apart from the rest.
+        const idle = await idleThreadsCpu(Number(name));
+        cpu -= idle;
+        procs.set(-Number(name), { ppid: Number(f[1]), cpu: idle, role: 'transfer server (idle lane)' });
+      }
+      procs.set(Number(name), { ppid: Number(f[1]), cpu, role });
     } catch {
       // gone meanwhile
     }
@@ -182,7 +200,7 @@ async function cpuByRole(): Promise<Map<string, number>> {
     const parent = procs.get(p.ppid);
     return p.role === 'holder (serve)' && parent && parent.role !== 'holder (serve)' ? parent.role : p.role;
   };
-  for (const [pid, p] of procs) if (mine(pid)) out.set(roleOf(p), (out.get(roleOf(p)) ?? 0) + p.cpu);
+  for (const [pid, p] of procs) if (mine(Math.abs(pid))) out.set(roleOf(p), (out.get(roleOf(p)) ?? 0) + p.cpu);
   return out;
 }
 

@@ -12,6 +12,7 @@ import { lineageKeysFor } from './desktops/desktops.js';
 import { describePolicySource, effectivePolicy } from './policies.js';
 import type { JobView } from './transfers/types.js';
 import { stillAllowed } from './auth/trust.js';
+import { unlockShare } from './online-unlock.js';
 
 export interface HostFacts {
   cpus: number;
@@ -163,10 +164,12 @@ export async function checkOut(ctx: BrokerContext, user: string, desktop: Deskto
   await auditTicket(ctx, user, desktop.id, job);
   const lease = (await issueLease(ctx, user, device.id))!;
   const keys = await unwrapForUser(ctx, desktop);
+  const row = (await ctx.meta.getCheckout(checkoutId))!;
   return {
-    checkout: checkoutView((await ctx.meta.getCheckout(checkoutId))!),
+    checkout: checkoutView(row),
     lease: lease.lease,
     keys,
+    unlock: unlockShare(ctx.secrets.masterKey, row),
     config,
     policy,
     disks: snapshot.disks.map((d, i) => ({ name: d.name, digest: d.digest, manifest: encodeManifest(manifests[i]!).toString('base64') })),
@@ -198,6 +201,7 @@ async function resumeCheckOut(ctx: BrokerContext, c: CheckoutRow, desktop: Deskt
     checkout: checkoutView((await ctx.meta.getCheckout(c.id))!),
     lease: lease.lease,
     keys: await unwrapForUser(ctx, desktop),
+    unlock: unlockShare(ctx.secrets.masterKey, c),
     config,
     policy,
     disks: snapshot.disks.map((d, i) => ({ name: d.name, digest: d.digest, manifest: encodeManifest(manifests[i]!).toString('base64') })),

@@ -130,8 +130,11 @@ test('CLI: enroll, check-out, write through NBD with qemu-io, check-in killed mi
   await stopChild(ci, 'SIGKILL');
   const held = JSON.parse((await carryon(['status', '--json'])).stdout) as { desktop: string; state: string }[];
   assert.ok(held.some((d) => d.desktop === 'win11' && d.state !== 'parked'), 'killed mid-upload: still checked out');
-  const again = await carryon(['checkin', 'win11', '--json']);
+  // Online, the vault opens with the broker's unlock share, not the password's scrypt (client/vault/online-unlock.ts).
+  const again = await run(process.execPath, [CLI, 'checkin', 'win11', '--json'], { env: { ...cliEnv, CARRYON_TRACE: '1' }, maxBuffer: 16 << 20 });
   assert.ok(JSON.parse(again.stdout).snapshotId);
+  const spans = again.stderr.split('\n').filter((l) => l.startsWith('carryon-trace ')).map((l) => l.split(' ')[1]);
+  assert.ok(spans.includes('vault-keys(online)') && !spans.some((n) => n?.includes('kdf')), `the check-in opened the vault online, no KDF: ${spans.join(' ')}`);
   assert.ok((await serverDisk()).equals(expected), "the server's new snapshot holds the qemu-io write");
 });
 

@@ -12,6 +12,7 @@ import { chainOf, createMissingLayers } from '../../src/live/disks/disks.js';
 import { topExtents } from '../../src/disk/chain.js';
 import { eraseParked, listParked } from '../../src/client/vault/parked.js';
 import { Vault } from '../../src/client/vault/vault.js';
+import { recordTrace, takeTrace } from '../../src/files/trace.js';
 import { serveDesktop } from '../../src/client/ops/serve.js';
 import { CarryonError } from '../../src/core/errors.js';
 import type { RunningBroker } from '../../src/broker/start.js';
@@ -106,8 +107,13 @@ test('after a rollback the next check-out moves nothing; discard, a remote wipe 
   const a = await laptop('laptop-c');
   await checkout(env(a), 'lab');
   await writeDesktop(env(a), 'lab', [{ offset: 3 * CHUNK, data: randomBytes(CHUNK) }]);
-  const rb = await release(env(a), 'lab', 'rollback');
+  recordTrace(true);
+  takeTrace();
+  const rb = await release(env(a), 'lab', 'rollback').finally(() => recordTrace(false));
   assert.equal(rb.parked, true);
+  // Parked without a KDF: the vault opened with the broker's unlock share (asked before the rollback ended the check-out), the park wrap made at check-out.
+  const spans = takeTrace().map((t) => t.name);
+  assert.ok(spans.includes('vault-keys(online)') && !spans.some((n) => n.includes('kdf')), `rolled back and parked with no KDF: ${spans.join(' ')}`);
   const again = await onTheWire(() => checkout(env(a), 'lab'));
   assert.equal(again.result.chunksMoved, 0, 'the checkpoint is all here');
   assert.equal(again.bytes, 0, 'nothing on the wire');

@@ -19,6 +19,7 @@ import type { WrapKey } from '../vault/kdf.js';
 import { onlineSession, type ClientEnv } from '../session/session.js';
 import { sendChanges, type UploadKind } from './send-changes.js';
 import { Vault, type DesktopState } from '../vault/vault.js';
+import { fetchUnlockShare } from '../vault/online-unlock.js';
 import { traced } from '../../files/trace.js';
 
 export type { UploadKind };
@@ -73,7 +74,7 @@ const DEFAULT_SHUTDOWN_GRACE_MS = 120_000;
  * (which then equals the new snapshot; resumed on the rerun if killed: `parking` and `mergingTo`
  * in the MACed state) and the base is parked. The caller erases the vault afterwards.
  */
-async function parkCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, wrapKey: WrapKey, disks: DesktopDisk[], changes: DiskChanges[], snapshotId: string): Promise<boolean> {
+async function parkCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, wrapKey: WrapKey | null, disks: DesktopDisk[], changes: DiskChanges[], snapshotId: string): Promise<boolean> {
   if (!keepsLocalCopy(state)) return false;
   let next: DesktopState = { ...state, state: 'checking_in', parking: snapshotId };
   for (const m of changedManifests(disks, changes)) {
@@ -86,7 +87,7 @@ async function parkCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault,
 }
 
 /** A check-in killed after its commit, while its bases were merged or parked: finishes that, then erases the vault. */
-async function finishParking(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, wrapKey: WrapKey, kind: UploadKind) {
+async function finishParking(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, wrapKey: WrapKey | null, kind: UploadKind) {
   if (kind !== 'checkin') throw new CarryonError('wrong-state', `${state.name} was checked in already; run \`carryon checkin ${state.name}\` to finish putting its local copy away`);
   await finishPark(env, device, vault, state, keys, wrapKey);
   return { snapshotId: state.parking!, changedChunks: 0, chunksSent: 0, bytesSent: 0, replicaKind: null };
@@ -98,7 +99,7 @@ async function finishParking(env: ClientEnv, device: DeviceIdentity, vault: Vaul
  * and a check-out of the same desktop both finish it here. `wrapKey`: the one that just opened the
  * vault, reused for the parked copy's wrap (no second KDF).
  */
-export async function finishPark(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, wrapKey: WrapKey): Promise<void> {
+export async function finishPark(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, wrapKey: WrapKey | null): Promise<void> {
   if (!state.parking) throw new CarryonError('wrong-state', `${state.name} has no check-in to finish putting away`);
   const release = await claimOwner(vault, state.desktopId, 'checkin', env.log);
   try {
@@ -124,18 +125,13 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
   const vault = await traced('vault-open', () => Vault.open(env.home));
   const found = await traced('vault-find', () => vault.find(desktopRef));
   if (found.state === 'transferring') throw new CarryonError('wrong-state', `${found.name} is still being checked out`);
-  // Asked once (a prompt), before the two users of it run side by side.
   const password = await env.password();
-  // The broker's password check (another process's work) and the vault's KDF (the thread pool) side by side.
-  const [session, keysOpened] = await Promise.allSettled([
-    traced('login', () => onlineSession(env, device)),
-    traced('vault-keys(kdf)', () => vault.openKeys(device, password, found)),
-  ]);
-  if (session.status === 'rejected') throw session.reason;
-  const { broker } = session.value;
+  const { broker } = await traced('login', () => onlineSession(env, device));
   try {
-    if (keysOpened.status === 'rejected') throw keysOpened.reason;
-    const opened0 = keysOpened.value;
+    // The broker has just checked the password: its share opens the vault's online wrap, no KDF
+    // (client/vault/online-unlock.ts); where it gives none, the password's wrap (scrypt) opens it.
+    const share = found.keys.online ? await traced('unlock-share', () => fetchUnlockShare(broker, found.checkoutId, env.log)) : null;
+    const opened0 = await vault.openKeys(device, password, found, { unlockShare: share });
     const keys = opened0.keys;
     const wrapKey = opened0.wrapKey;
     let state = opened0.state;

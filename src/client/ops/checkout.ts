@@ -1,6 +1,7 @@
 import { createPublicKey } from 'node:crypto';
 import { join } from 'node:path';
 import { z } from 'zod';
+import { fetchUnlockShare, sealOnlineWrap } from '../vault/online-unlock.js';
 import { traced } from '../../files/trace.js';
 import { CarryonError } from '../../core/errors.js';
 import { decodeLineageKeys } from '../../core/keys.js';
@@ -57,7 +58,8 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       // A check-out that failed for good (a damaged snapshot) would only fail again: say so, fetch nothing.
       const failed = await readCheckoutFailure(vault, found.desktopId);
       if (failed) throw new CarryonError('damaged-snapshot', failed.message);
-      ({ keys, state } = await vault.openKeys(device, await env.password(), found));
+      const share = found.keys.online ? await traced('unlock-share', () => fetchUnlockShare(broker, found!.checkoutId, env.log)) : null;
+      ({ keys, state } = await vault.openKeys(device, await env.password(), found, { unlockShare: share }));
       env.log(`resuming the check-out of ${entry.name}`);
     } else {
       if (found) {
@@ -119,7 +121,10 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
         // What was fetched ahead: kept where its chunk IDs are the checkpoint's, the rest unmapped, all before the state names the checkpoint.
         adopted = early ? await early.adopt(res.keys, manifests, stateWith) : null;
         keys = adopted?.keys ?? newDesktopKeys(decodeLineageKeys(res.keys), brokerKey, createPublicKey(device.privateKey));
-        state = { ...stateWith(adopted?.wrapped ?? await traced('wrap-keys', async () => Vault.wrapKeys(device, await env.password(), keys, entry.id, parked?.wrapKey))), localConfig: await vault.readLocalConfig(entry.id) };
+        const wrapped = adopted?.wrapped ?? await traced('wrap-keys', async () => Vault.wrapKeys(device, await env.password(), keys, entry.id, parked?.wrapKey));
+        // The online wrap (online-unlock.ts): check-in, replicate and a resumed check-out open the vault without the KDF.
+        const online = res.unlock ? await sealOnlineWrap(device, await env.password(), res.unlock, keys, entry.id, res.checkout.id) : undefined;
+        state = { ...stateWith({ ...wrapped, ...(online ? { online } : {}) }), localConfig: await vault.readLocalConfig(entry.id) };
         await traced('vault-save', () => vault.save(state, keys));
         saved = true;
         await early?.adopted();

@@ -8,6 +8,7 @@ import { claimOwner } from '../../live/fill/holder.js';
 import type { DeviceIdentity } from '../vault/home.js';
 import { eraseParked, findParked, keepsLocalCopy, parkBases } from '../vault/parked.js';
 import { onlineSession, type ClientEnv } from '../session/session.js';
+import { fetchUnlockShare } from '../vault/online-unlock.js';
 import { Vault, type DesktopState } from '../vault/vault.js';
 
 /** Rollback (discard offline changes) or cancel (stop a check-out in flight): both unlock. */
@@ -19,9 +20,11 @@ export async function release(env: ClientEnv, desktopRef: string, how: 'rollback
     const owner = await claimOwner(vault, state.desktopId, how === 'cancel' ? 'serve' : 'checkin', env.log);
     let parked = false;
     try {
+      // Asked while the check-out is still open: parking then opens the vault without the KDF (online-unlock.ts).
+      const share = keepsLocalCopy(state) && state.keys.online ? await fetchUnlockShare(broker, state.checkoutId, env.log).catch(() => null) : null;
       await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${how}`, {}, z.object({ checkout: CheckoutView }));
       // The base still equals the checkpoint (rollback), or holds what arrived (cancel): kept as a parked copy where policy allows.
-      parked = await parkReleased(env, device, vault, state, how).catch((err: unknown) => {
+      parked = await parkReleased(env, device, vault, state, how, share).catch((err: unknown) => {
         env.log(`no parked copy kept of ${state.name}: ${(err as Error).message}`);
         return false;
       });
@@ -38,10 +41,10 @@ export async function release(env: ClientEnv, desktopRef: string, how: 'rollback
 }
 
 /** Parks the bases of a released desktop: complete ones whole, a cancelled check-out's with the chunks it made durable. */
-async function parkReleased(env: ClientEnv, device: DeviceIdentity, vault: Vault, found: DesktopState, how: 'rollback' | 'cancel'): Promise<boolean> {
+async function parkReleased(env: ClientEnv, device: DeviceIdentity, vault: Vault, found: DesktopState, how: 'rollback' | 'cancel', unlockShare: string | null): Promise<boolean> {
   if (!keepsLocalCopy(found)) return false;
   const password = await env.password();
-  const opened = await vault.openKeys(device, password, found);
+  const opened = await vault.openKeys(device, password, found, { unlockShare });
   // A replica's merge a kill interrupted is finished first: the base then holds the replica.
   const { state, keys } = opened.state.disks.some((d) => d.mergingTo) ? { state: (await openDesktopDisks(vault, opened.state, opened.keys)).state, keys: opened.keys } : opened;
   const disks = [];

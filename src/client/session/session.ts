@@ -12,6 +12,7 @@ import { LEASE } from '../vault/guards.js';
 import { brokerEndpoints, loadDevice, type DeviceIdentity } from '../vault/home.js';
 import { resetClock } from '../vault/key-release.js';
 import { Vault } from '../vault/vault.js';
+import { fetchUnlockShare } from '../vault/online-unlock.js';
 
 export interface ClientEnv {
   home: string;
@@ -65,7 +66,9 @@ export async function loginOnline(env: ClientEnv): Promise<{ user: string; renew
     const { lease } = await broker.login(user, password, device.info.deviceId!);
     const vault = await Vault.open(env.home);
     for (const s of lease ? await vault.list() : []) {
-      const { keys, state } = await vault.openKeys(device, password, s);
+      // The broker just checked the password: its share opens each vault without the KDF (online-unlock.ts).
+      const share = s.keys.online ? await fetchUnlockShare(broker, s.checkoutId, env.log).catch(() => null) : null;
+      const { keys, state } = await vault.openKeys(device, password, s, { unlockShare: share });
       let issuedAt: string;
       try {
         issuedAt = verifyLease(lease, keys.brokerKey, { now: new Date(), deviceId: device.info.deviceId!, desktopId: s.desktopId }).issuedAt;

@@ -101,6 +101,11 @@ function parkedDir(home: string, desktopId: string): string {
 
 const wrapAad = (desktopId: string) => Buffer.from(`carryon-parked:v1:${desktopId}`);
 
+/** The vault key as a parked record wraps it, under a wrap key (kdf.ts) and its salt. */
+export function sealParkedWrap(key: Buffer, vaultKey: Buffer, desktopId: string): string {
+  return sealEnvelope(key, vaultKey, wrapAad(desktopId)).toString('base64');
+}
+
 function parkedMac(vaultKey: Buffer, desktopId: string, body: string): string {
   const k = Buffer.from(hkdfSync('sha256', vaultKey, Buffer.alloc(0), `carryon-parked-mac:${desktopId}`, 32));
   return createHmac('sha256', k).update(body, 'utf8').digest('hex');
@@ -239,11 +244,13 @@ export async function parkBases(o: { vault: DesktopRecords; device: DeviceIdenti
   await traced('park-erase-old', () => eraseParked(home, state.desktopId));
   const tmp = join(parkedRoot(home), `.${state.desktopId}.${randomBytes(4).toString('hex')}.new`);
   await mkdir(join(tmp, 'manifests'), { recursive: true, mode: 0o700 });
-  const wk = reusableWrapKey(o.wrapKey) ?? await traced('park-wrap(kdf)', () => deriveWrapKey(o.device, o.password, randomBytes(16), vaultScryptN()));
+  // Made at check-out under the vault's own wrap key (no KDF now), else sealed now.
+  const made = state.keys.park ? { salt: state.keys.salt, wrapped: state.keys.park, N: state.keys.N } : null;
+  const wk = made ? null : reusableWrapKey(o.wrapKey) ?? await traced('park-wrap(kdf)', () => deriveWrapKey(o.device, o.password, randomBytes(16), vaultScryptN()));
   const record: ParkedRecord = {
     v: 1, desktopId: state.desktopId, name: state.name, user: state.user, deviceId: leaseDeviceOf(state), fromCheckout: state.checkoutId, how: o.how,
     parkedAt: new Date().toISOString(), vaultSalt: state.keys.salt, layerSecrets: state.layerSecrets,
-    wrap: { salt: wk.salt.toString('base64'), wrapped: sealEnvelope(wk.key, keys.vaultKey, wrapAad(state.desktopId)).toString('base64'), N: wk.N },
+    wrap: made ?? { salt: wk!.salt.toString('base64'), wrapped: sealParkedWrap(wk!.key, keys.vaultKey, state.desktopId), N: wk!.N },
     disks: disks.map(({ name, digest, known, shape }) => ({ name, digest, known, shape, stamp: null })),
   };
   for (const d of disks) {

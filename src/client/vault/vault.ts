@@ -13,7 +13,9 @@ import { emptyTrash, isLockedByToken, LEASE, presentationOnly, shred, TOKEN } fr
 import type { DeviceIdentity } from './home.js';
 import { readJsonFile } from '../../files/json-file.js';
 import { checkStoredCost, deriveWrapKey, reusableWrapKey, vaultScryptN, type WrapKey } from './kdf.js';
-import { findParked, listParked, parkedRefusal } from './parked.js';
+import { findParked, listParked, parkedRefusal, sealParkedWrap } from './parked.js';
+import { openOnlineWrap } from './online-unlock.js';
+import { traced } from '../../files/trace.js';
 import { writeFileAtomic } from '../../files/atomic.js';
 import { DesktopState, type DesktopRecords } from '../../live/disks/state.js';
 
@@ -124,7 +126,10 @@ export class Vault implements DesktopRecords {
   static async wrapKeys(device: DeviceIdentity, password: string, keys: DesktopKeys, desktopId: string, salt: Buffer | WrapKey | null = null): Promise<DesktopState['keys']> {
     const held = salt && !Buffer.isBuffer(salt) ? reusableWrapKey(salt) : null;
     const wk = held ?? await deriveWrapKey(device, password, Buffer.isBuffer(salt) ? salt : randomBytes(16), vaultScryptN());
-    return { salt: wk.salt.toString('base64'), wrapped: sealDesktopKeys(wk.key, keys, desktopId).toString('base64'), N: wk.N };
+    return {
+      salt: wk.salt.toString('base64'), wrapped: sealDesktopKeys(wk.key, keys, desktopId).toString('base64'), N: wk.N,
+      park: sealParkedWrap(wk.key, keys.vaultKey, desktopId),
+    };
   }
 
   /**
@@ -132,18 +137,24 @@ export class Vault implements DesktopRecords {
    * vault key. Policy is not checked here: online operations (check-in, resume) use this, the
    * broker being the authority; offline use goes through unlock() (key-release.ts).
    */
-  async openKeys(device: DeviceIdentity, password: string, found: DesktopState): Promise<{ keys: DesktopKeys; state: DesktopState; wrapKey: WrapKey }> {
+  async openKeys(device: DeviceIdentity, password: string, found: DesktopState, opts: { unlockShare?: string | null } = {}): Promise<{ keys: DesktopKeys; state: DesktopState; wrapKey: WrapKey | null }> {
     const stored = await this.readState(found.desktopId);
     if (!stored) throw new CarryonError('not-held', `desktop ${found.name} is not checked out to this device`);
     const { state } = stored;
-    checkStoredCost(state.keys.N, `the vault of ${state.name}`);
-    const wrapKey = await deriveWrapKey(device, password, Buffer.from(state.keys.salt, 'base64'), state.keys.N);
-    let keys: DesktopKeys;
-    try {
-      keys = openDesktopKeys(wrapKey.key, Buffer.from(state.keys.wrapped, 'base64'), state.desktopId);
-    } catch (err) {
-      if (err instanceof EnvelopeError || err instanceof SyntaxError) throw new CarryonError('vault-locked', 'the vault does not open: wrong password, or this vault belongs to another device');
-      throw err;
+    // Online, the broker's share opens the online wrap (online-unlock.ts): no scrypt. Else, or where it does not open, the password's wrap.
+    let keys = opts.unlockShare && state.keys.online
+      ? await traced('vault-keys(online)', () => openOnlineWrap(device, password, opts.unlockShare!, state.keys.online!, state.desktopId, state.checkoutId))
+      : null;
+    let wrapKey: WrapKey | null = null;
+    if (!keys) {
+      checkStoredCost(state.keys.N, `the vault of ${state.name}`);
+      wrapKey = await traced('vault-keys(kdf)', () => deriveWrapKey(device, password, Buffer.from(state.keys.salt, 'base64'), state.keys.N));
+      try {
+        keys = openDesktopKeys(wrapKey.key, Buffer.from(state.keys.wrapped, 'base64'), state.desktopId);
+      } catch (err) {
+        if (err instanceof EnvelopeError || err instanceof SyntaxError) throw new CarryonError('vault-locked', 'the vault does not open: wrong password, or this vault belongs to another device');
+        throw err;
+      }
     }
     if (!recordMacOk(keys, state.desktopId, 'state', stored.body, stored.mac)) {
       throw new CarryonError('state-tampered', `the state of ${state.name} was altered outside Carryon: refusing to open it (check it in from an unaltered copy, or roll back)`);

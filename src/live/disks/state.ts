@@ -17,7 +17,13 @@ export const DesktopState = z.object({
   checkoutId: z.string(),
   state: z.enum(['transferring', 'checked_out', 'checking_in']),
   jobId: z.string().nullable(),
-  keys: z.object({ salt: z.string(), wrapped: z.string(), N: z.number().int() }),
+  keys: z.object({
+    salt: z.string(), wrapped: z.string(), N: z.number().int(),
+    /** The same keys under the check-out's online unlock share (client/vault/online-unlock.ts); absent in vaults from before it. */
+    online: z.string().optional(),
+    /** The vault key sealed for a parked copy under the password's wrap key and salt, made at check-out so parking needs no KDF. */
+    park: z.string().optional(),
+  }),
   /** The lease that came with the check-out (renewals are in lease.json, signed by the broker). */
   lease: SignedLease,
   config: z.record(z.string(), z.unknown()),

@@ -7,6 +7,7 @@ import { checkoutOutcome } from '../../handback.js';
 import { reportChunkFailure } from '../../desktops/damage.js';
 import { HttpError, parse } from '../../http.js';
 import { requireFreshLogin } from '../../auth/trust.js';
+import { releaseUnlockShare } from '../../online-unlock.js';
 import { userOf } from './user-scope.js';
 import { heldCheckout } from './holder-scope.js';
 
@@ -41,6 +42,8 @@ export const checkoutRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async 
   });
   // A check-out that ended while the laptop held work: what it made (handing the work back: check-ins.ts).
   app.get('/v1/checkouts/:id', async (req) => await checkoutOutcome(ctx, heldCheckout(req)));
+  // The share that opens the vault's online wrap (online-unlock.ts): right after a password check, on the check-out's device.
+  app.post('/v1/checkouts/:id/unlock', async (req) => releaseUnlockShare(ctx, userOf(req), heldCheckout(req)));
   app.post('/v1/checkouts/:id/lease', async (req) => {
     const claims = userOf(req);
     const c = heldCheckout(req);
