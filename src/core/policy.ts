@@ -44,6 +44,14 @@ export const PolicyValues = z.object({
    * lower (client enforces; the value travels MACed in the check-out's state).
    */
   maxTransferRateKBps: z.number().int().min(0).max(100 * 1024 * 1024),
+  /**
+   * Upload rate of the agent's scheduled (background) replicas, KiB/s; 0 = bound only by
+   * maxTransferRateKBps. Default 8 MiB/s, the pace a running desktop's background fold keeps: a
+   * background replica then spreads its reads, sealing and the server's rebuilds over time instead of
+   * taking the guest's CPU in bursts, and never sends faster than the laptop folds. A user's own
+   * replicate and check-in are not bound by it (client enforces, from the state and the heartbeat).
+   */
+  replicationRateKBps: z.number().int().min(0).max(100 * 1024 * 1024),
   /** Users may start and stop the desktop on a datacenter host (`carryon start` / `stop`); admins always may. */
   onlineAllowed: z.boolean(),
   /** After a laptop's check-in the broker starts the desktop on a host by itself (the host pulls only the changed chunks). */
@@ -82,6 +90,7 @@ export const POLICY_DEFAULTS: PolicyValues = {
   requireOnlineReauth: true,
   restoreAllowed: false,
   maxTransferRateKBps: 0,
+  replicationRateKBps: 8 * 1024,
   onlineAllowed: false,
   startOnlineAfterCheckin: false,
   keepLocalCopy: true,

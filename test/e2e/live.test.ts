@@ -406,6 +406,18 @@ test('background replication: the agent replicates a running desktop on the poli
     assert.equal(second.length, 2);
     const newest = second.find((p) => !first.some((f) => f.id === p.id))!;
     assert.ok((await snapshotDisk('live-agent', newest.id)).equals(model.at(2)), 'the replica after the outage holds the write made while the broker was away');
+
+    // The policy's background rate holds (replicationRateKBps, here 128 KiB/s): 1 MiB of incompressible
+    // writes, four 256 KiB pages frames, go in no less than 6 s (the limiter waits before each frame,
+    // so the last one's 2 s are not waited). A lower bound only; unpaced, the whole run takes ≈ 2 s.
+    assert.equal((await http.call('PATCH', '/v1/admin/policies/desktop/live-agent', { replicationRateKBps: 128 }, admin)).status, 200);
+    for (let i = 0; i < 16; i++) await write(5 * MIB + i * 64 * 1024);
+    await vaultUpdate(home, 'live-agent', (s) => ({ ...s, lastReplicationAt: new Date(Date.now() - 120_000).toISOString() }));
+    const paced = performance.now();
+    assert.equal((await runAgent(env(home), { once: true })).online, true);
+    const took = (performance.now() - paced) / 1000;
+    assert.equal((await points()).length, 3, 'the paced replica completed');
+    assert.ok(took >= 5.5, `1 MiB at the policy's 128 KiB/s went in ${took.toFixed(1)} s`);
   } finally {
     await disk.close();
     await stopServe(serve);

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { ValidationError } from '../../src/core/errors.js';
 import { boundedLimiter, effectiveRate, pacing, parseRate, RateLimiter } from '../../src/transfer-client/rate-limit.js';
-import { policyBound } from '../../src/client/session/transfer-rate.js';
+import { backgroundBound, policyBound } from '../../src/client/session/transfer-rate.js';
 import type { DesktopState } from '../../src/client/vault/vault.js';
 
 /** A clock that only moves when the limiter sleeps: the test measures time without waiting. */
@@ -76,4 +76,13 @@ test('limit composition: the user may go below the policy bound, never above it;
   assert.equal(policyBound(state({ maxTransferRateKBps: 256 })), 256 * 1024);
   assert.equal(policyBound(state({ maxTransferRateKBps: 0 })), undefined);
   assert.equal(policyBound(state({})), undefined, 'a check-out from before the policy existed: no bound');
+
+  // A background replica: the policy's background rate (default 8 MiB/s), as the broker says it now, within the bound.
+  assert.equal(backgroundBound(state({})), 8 * 1024 * 1024, 'a check-out from before the key: the default');
+  assert.equal(backgroundBound(state({ replicationRateKBps: 512 })), 512 * 1024);
+  assert.equal(backgroundBound(state({ replicationRateKBps: 512 }), 128), 128 * 1024, 'the broker\'s value now wins over the recorded one');
+  assert.equal(backgroundBound(state({ replicationRateKBps: 512 }), 'fast'), 512 * 1024, 'a malformed answer: the recorded value');
+  assert.equal(backgroundBound(state({ replicationRateKBps: 0 })), undefined, '0: bound only by maxTransferRateKBps');
+  assert.equal(backgroundBound(state({ replicationRateKBps: 0, maxTransferRateKBps: 256 })), 256 * 1024);
+  assert.equal(backgroundBound(state({ replicationRateKBps: 4096, maxTransferRateKBps: 256 }), 8192), 256 * 1024, 'never above maxTransferRateKBps');
 });

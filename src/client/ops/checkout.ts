@@ -2,6 +2,7 @@ import { createPublicKey } from 'node:crypto';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { fetchUnlockShare, sealOnlineWrap } from '../vault/online-unlock.js';
+import { POLICY_DEFAULTS } from '../../core/policy.js';
 import { traced } from '../../files/trace.js';
 import { CarryonError } from '../../core/errors.js';
 import { decodeLineageKeys } from '../../core/keys.js';
@@ -115,7 +116,7 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
         const lockDigest = await mintToken(vault.desktopDir(entry.id));
         const stateWith = (wrapped: DesktopState['keys']): DesktopState => ({
           desktopId: entry.id, name: entry.name, user, checkoutId: res.checkout.id, state: 'transferring', jobId: res.job.id, keys: wrapped, lease: res.lease,
-          config: { ...res.config, exportAllowed: res.policy?.exportAllowed?.value === true, maxTransferRateKBps: Number(res.policy?.maxTransferRateKBps?.value ?? 0), ...parkPolicy(res.policy) }, localConfig: {}, disks,
+          config: { ...res.config, exportAllowed: res.policy?.exportAllowed?.value === true, maxTransferRateKBps: Number(res.policy?.maxTransferRateKBps?.value ?? 0), replicationRateKBps: Number(res.policy?.replicationRateKBps?.value ?? POLICY_DEFAULTS.replicationRateKBps), ...parkPolicy(res.policy) }, localConfig: {}, disks,
           lastReplicationAt: null, lastReplicaKind: null, lockDigest, layerSecrets: 'per-layer', layersOpen: false, damaged: null, parking: null,
         });
         // What was fetched ahead: kept where its chunk IDs are the checkpoint's, the rest unmapped, all before the state names the checkpoint.

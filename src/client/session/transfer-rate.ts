@@ -1,7 +1,8 @@
 import { join } from 'node:path';
 import { z } from 'zod';
 import { writeFileAtomic } from '../../files/atomic.js';
-import { boundedLimiter, RateLimiter } from '../../transfer-client/rate-limit.js';
+import { POLICY_DEFAULTS } from '../../core/policy.js';
+import { boundedLimiter, effectiveRate, RateLimiter } from '../../transfer-client/rate-limit.js';
 import { readJsonFile } from '../../files/json-file.js';
 import type { ClientEnv } from './session.js';
 import type { DesktopState, Vault } from '../vault/vault.js';
@@ -28,6 +29,18 @@ export async function rememberRate(env: ClientEnv, vault: Vault, desktopId: stri
 export function policyBound(state: DesktopState): number | undefined {
   const kbps = Number(state.config.maxTransferRateKBps ?? 0);
   return Number.isFinite(kbps) && kbps > 0 ? kbps * 1024 : undefined;
+}
+
+/**
+ * The bound on a background (scheduled) replica, bytes per second: the policy's
+ * `replicationRateKBps` as the broker says it now (`current`), else as the check-out recorded it,
+ * else the default; always within `maxTransferRateKBps`. Undefined: none.
+ */
+export function backgroundBound(state: DesktopState, current?: unknown): number | undefined {
+  const valid = (v: unknown): v is number => typeof v === 'number' && Number.isInteger(v) && v >= 0;
+  const recorded = state.config.replicationRateKBps;
+  const kbps = valid(current) ? current : valid(recorded) ? recorded : POLICY_DEFAULTS.replicationRateKBps;
+  return effectiveRate(kbps > 0 ? kbps * 1024 : undefined, policyBound(state));
 }
 
 /** The limiter for a transfer of this desktop: this command's, else the remembered one, within the policy's bound. */
