@@ -46,10 +46,10 @@ export const PolicyValues = z.object({
   maxTransferRateKBps: z.number().int().min(0).max(100 * 1024 * 1024),
   /**
    * Upload rate of the agent's scheduled (background) replicas, KiB/s; 0 = bound only by
-   * maxTransferRateKBps. Default 8 MiB/s, the pace a running desktop's background fold keeps: a
-   * background replica then spreads its reads, sealing and the server's rebuilds over time instead of
-   * taking the guest's CPU in bursts, and never sends faster than the laptop folds. A user's own
-   * replicate and check-in are not bound by it (client enforces, from the state and the heartbeat).
+   * maxTransferRateKBps. Default 8 MiB/s, the pace a running desktop's background fold keeps, so a
+   * background replica never sends faster than the laptop folds and leaves the link to the user. A
+   * user's own replicate and check-in are not bound by it (client enforces: the broker's value at
+   * each replica, else the check-out's).
    */
   replicationRateKBps: z.number().int().min(0).max(100 * 1024 * 1024),
   /** Users may start and stop the desktop on a datacenter host (`carryon start` / `stop`); admins always may. */
