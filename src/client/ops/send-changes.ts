@@ -15,6 +15,21 @@ import { backgroundBound, policyBound } from '../session/transfer-rate.js';
 import type { DesktopState, Vault } from '../vault/vault.js';
 import { traceSpan, traced } from '../../files/trace.js';
 
+/**
+ * Begins an upload: a background replica says so (the broker queues it last, the transfer server
+ * rebuilds it in the idle class); a broker from before background jobs refuses that field (400),
+ * and the replica then begins as a user's would rather than not at all.
+ */
+export async function beginAsked<T>(ask: (body: object) => Promise<T>, background: boolean): Promise<T> {
+  if (!background) return ask({});
+  try {
+    return await ask({ background: true });
+  } catch (err) {
+    if (err instanceof BrokerError && err.status === 400) return ask({});
+    throw err;
+  }
+}
+
 /** Check-in, replicate, or hand-back (the work of a check-out that ended elsewhere, as a restore point). */
 export type UploadKind = 'checkin' | 'replicate' | 'handback';
 
@@ -82,8 +97,8 @@ export async function sendChanges(o: {
   let begin;
   try {
     // Repeatable: a second begin (also accepted in checking_in) ends the first one's job and opens another.
-    const body = kind === 'replicate' && o.background ? { background: true } : {};
-    begin = await traced('begin', () => broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}`, body, z.object({ job: JobView }), {}, { repeatable: true }));
+    const ask = (body: object) => broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}`, body, z.object({ job: JobView }), {}, { repeatable: true });
+    begin = await traced('begin', () => beginAsked(ask, kind === 'replicate' && o.background === true));
   } catch (err) {
     // The check-out ended: with this upload (its answer lost), or otherwise (offline work is
     // then never deleted on an ambiguous answer: the user is told how to hand it back).
