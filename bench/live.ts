@@ -171,7 +171,7 @@ async function idleThreadsCpu(pid: number): Promise<number> {
 
 /** CPU seconds used so far by this process and each of its descendants, by role (from /proc; 100 ticks a second). */
 async function cpuByRole(): Promise<Map<string, number>> {
-  const procs = new Map<number, { ppid: number; cpu: number; role: string }>();
+  const procs = new Map<number, { ppid: number; cpu: number; idle: number; role: string }>();
   for (const name of await readdir('/proc')) {
     if (!/^\d+$/.test(name)) continue;
     try {
@@ -181,14 +181,9 @@ async function cpuByRole(): Promise<Map<string, number>> {
       const role = cmd.some((a) => a.endsWith('serve-child.js')) ? 'holder (serve)' : cmd.some((a) => a.includes('qemu-storage-daemon')) ? 'holder (serve)'
         : cmd.includes('--background') ? 'background sender'
         : cmd.includes('transfer-server') ? 'transfer server' : cmd[0]?.endsWith('fio') ? 'fio' : 'bench (broker + sender)';
-      let cpu = (Number(f[11]) + Number(f[12])) / 100;
-      if (role === 'transfer server') {
-        // Its background replicas' lane (threads at nice 19, transfer/push-checks.ts) apart from the rest.
-        const idle = await idleThreadsCpu(Number(name));
-        cpu -= idle;
-        procs.set(-Number(name), { ppid: Number(f[1]), cpu: idle, role: 'transfer server (idle lane)' });
-      }
-      procs.set(Number(name), { ppid: Number(f[1]), cpu, role });
+      // The transfer server's background replicas' lane (threads at nice 19, transfer/push-checks.ts) apart from the rest.
+      const idle = role === 'transfer server' ? await idleThreadsCpu(Number(name)) : 0;
+      procs.set(Number(name), { ppid: Number(f[1]), cpu: (Number(f[11]) + Number(f[12])) / 100 - idle, idle, role });
     } catch {
       // gone meanwhile
     }
@@ -200,7 +195,11 @@ async function cpuByRole(): Promise<Map<string, number>> {
     const parent = procs.get(p.ppid);
     return p.role === 'holder (serve)' && parent && parent.role !== 'holder (serve)' ? parent.role : p.role;
   };
-  for (const [pid, p] of procs) if (mine(Math.abs(pid))) out.set(roleOf(p), (out.get(roleOf(p)) ?? 0) + p.cpu);
+  for (const [pid, p] of procs) {
+    if (!mine(pid)) continue;
+    out.set(roleOf(p), (out.get(roleOf(p)) ?? 0) + p.cpu);
+    if (p.role === 'transfer server') out.set('transfer server (idle lane)', (out.get('transfer server (idle lane)') ?? 0) + p.idle);
+  }
   return out;
 }
 

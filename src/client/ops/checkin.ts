@@ -130,8 +130,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
   try {
     // The broker has just checked the password: its share opens the vault's online wrap, no KDF
     // (client/vault/online-unlock.ts); where it gives none, the password's wrap (scrypt) opens it.
-    const share = found.keys.online ? await traced('unlock-share', () => fetchUnlockShare(broker, found.checkoutId, env.log)) : null;
-    const opened0 = await vault.openKeys(device, password, found, { unlockShare: share });
+    const opened0 = await vault.openKeys(device, password, found, { unlockShare: await fetchUnlockShare(broker, found, env.log) });
     const keys = opened0.keys;
     const wrapKey = opened0.wrapKey;
     let state = opened0.state;

@@ -59,8 +59,7 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       // A check-out that failed for good (a damaged snapshot) would only fail again: say so, fetch nothing.
       const failed = await readCheckoutFailure(vault, found.desktopId);
       if (failed) throw new CarryonError('damaged-snapshot', failed.message);
-      const share = found.keys.online ? await traced('unlock-share', () => fetchUnlockShare(broker, found!.checkoutId, env.log)) : null;
-      ({ keys, state } = await vault.openKeys(device, await env.password(), found, { unlockShare: share }));
+      ({ keys, state } = await vault.openKeys(device, await env.password(), found, { unlockShare: await fetchUnlockShare(broker, found, env.log) }));
       env.log(`resuming the check-out of ${entry.name}`);
     } else {
       if (found) {

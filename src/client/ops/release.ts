@@ -21,7 +21,7 @@ export async function release(env: ClientEnv, desktopRef: string, how: 'rollback
     let parked = false;
     try {
       // Asked while the check-out is still open: parking then opens the vault without the KDF (online-unlock.ts).
-      const share = keepsLocalCopy(state) && state.keys.online ? await fetchUnlockShare(broker, state.checkoutId, env.log).catch(() => null) : null;
+      const share = keepsLocalCopy(state) ? await fetchUnlockShare(broker, state, env.log).catch(() => null) : null;
       await broker.call('POST', `/v1/checkouts/${state.checkoutId}/${how}`, {}, z.object({ checkout: CheckoutView }));
       // The base still equals the checkpoint (rollback), or holds what arrived (cancel): kept as a parked copy where policy allows.
       parked = await parkReleased(env, device, vault, state, how, share).catch((err: unknown) => {

@@ -92,13 +92,14 @@ export async function sendChanges(o: {
   const entry = await traced('find-entry', () => findEntry(broker, state.desktopId));
   const checkpoint = entry.checkout?.snapshotId ?? null;
   // A background replica goes at the policy's background rate as the broker says it now (else as the check-out recorded it).
-  const bound = kind === 'replicate' && o.background ? backgroundBound(state, entry.policy.replicationRateKBps?.value) : policyBound(state);
+  const background = kind === 'replicate' && o.background === true;
+  const bound = background ? backgroundBound(state, entry.policy.replicationRateKBps?.value) : policyBound(state);
   const journalPath = join(vault.desktopDir(state.desktopId), 'pushed-receipts.journal');
   let begin;
   try {
     // Repeatable: a second begin (also accepted in checking_in) ends the first one's job and opens another.
     const ask = (body: object) => broker.call('POST', `/v1/checkouts/${state.checkoutId}/${kind}`, body, z.object({ job: JobView }), {}, { repeatable: true });
-    begin = await traced('begin', () => beginAsked(ask, kind === 'replicate' && o.background === true));
+    begin = await traced('begin', () => beginAsked(ask, background));
   } catch (err) {
     // The check-out ended: with this upload (its answer lost), or otherwise (offline work is
     // then never deleted on an ambiguous answer: the user is told how to hand it back).

@@ -67,7 +67,7 @@ export async function loginOnline(env: ClientEnv): Promise<{ user: string; renew
     const vault = await Vault.open(env.home);
     for (const s of lease ? await vault.list() : []) {
       // The broker just checked the password: its share opens each vault without the KDF (online-unlock.ts).
-      const share = s.keys.online ? await fetchUnlockShare(broker, s.checkoutId, env.log).catch(() => null) : null;
+      const share = await fetchUnlockShare(broker, s, env.log).catch(() => null);
       const { keys, state } = await vault.openKeys(device, password, s, { unlockShare: share });
       let issuedAt: string;
       try {

@@ -4,6 +4,8 @@ import { CarryonError, EnvelopeError } from '../../core/errors.js';
 import { openDesktopKeys, sealDesktopKeys, type DesktopKeys } from '../../live/disks/desktop-keys.js';
 import { BrokerError, type BrokerClient } from '../../net/broker-client.js';
 import type { DeviceIdentity } from './home.js';
+import type { DesktopState } from '../../live/disks/state.js';
+import { traced } from '../../files/trace.js';
 
 /**
  * The vault's online wrap (docs/security.md, "Online unlock"): besides the wrap the password
@@ -39,17 +41,20 @@ export async function openOnlineWrap(device: DeviceIdentity, password: string, s
 }
 
 /**
- * The check-out's share from the broker (the session must come from a password check on this
- * device just now), or null where it is not given (an older broker, a policy's refusal): the
- * password's wrap then opens the vault, as before.
+ * The check-out's share from the broker for a state that has an online wrap (the session must come
+ * from a password check on this device just now), or null where there is none to open or it is not
+ * given (an older broker, a policy's refusal): the password's wrap then opens the vault, as before.
  */
-export async function fetchUnlockShare(broker: BrokerClient, checkoutId: string, log: (line: string) => void): Promise<string | null> {
-  try {
-    const { share } = await broker.call('POST', `/v1/checkouts/${checkoutId}/unlock`, {}, z.object({ share: Share }), {}, { repeatable: true });
-    return share;
-  } catch (err) {
-    if (!(err instanceof BrokerError)) throw err;
-    if (err.status !== 404) log(`the broker did not give the online unlock (${err.message}): opening the vault with the password (a second or so)`);
-    return null;
-  }
+export async function fetchUnlockShare(broker: BrokerClient, state: Pick<DesktopState, 'checkoutId' | 'keys'>, log: (line: string) => void): Promise<string | null> {
+  if (!state.keys.online) return null;
+  return traced('unlock-share', async () => {
+    try {
+      const { share } = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/unlock`, {}, z.object({ share: Share }), {}, { repeatable: true });
+      return share;
+    } catch (err) {
+      if (!(err instanceof BrokerError)) throw err;
+      if (err.status !== 404) log(`the broker did not give the online unlock (${err.message}): opening the vault with the password (a second or so)`);
+      return null;
+    }
+  });
 }
