@@ -372,7 +372,7 @@ export function liveSection(work: string, sizeGiB: number, bigGiB: number, chang
             };
             const ways: { key: string; label: string; pairs: number; replicate: (e: ClientEnv) => Promise<unknown> }[] = [
               { key: 'interactive', label: 'interactive replicas (`carryon replicate`, normal priority)', pairs: 1, replicate: (e) => upload(e, 'desk-1', 'replicate') },
-              { key: 'background', label: 'background replicas (the agent\'s: `carryon replicate --background`, nice 15 and SCHED_IDLE, sent at the policy\'s default background rate of 8 MiB/s, fold at its speed limit)', pairs: 3, replicate: (e) => replicateInBackground(e, 'desk-1') },
+              { key: 'background', label: 'background replicas (the agent\'s: `carryon replicate --background`, nice 15 and SCHED_IDLE, sent at the policy\'s default background rate of 8 MiB/s, each chunk counted as at least 64 KiB, fold at its speed limit)', pairs: 3, replicate: (e) => replicateInBackground(e, 'desk-1') },
             ];
             for (const way of ways) {
               const pairs: { alone: Awaited<ReturnType<typeof fioPair>>['alone']; during: Awaited<ReturnType<typeof fioPair>>['during']; times: number[]; pauses: number[] }[] = [];

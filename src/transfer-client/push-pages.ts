@@ -35,6 +35,12 @@ export interface PushPagesOptions extends Pick<TransferOptions, 'endpoint' | 'st
   named: Map<number, ChunkId | null>;
   /** The push receipt of each chunk named (kept with `named`): the commit must carry them. */
   receipts: Map<ChunkId, string>;
+  /**
+   * The least a frame counts against `rateLimit`, in bytes. The server reads, rebuilds and
+   * rewrites a whole chunk for every frame, however few pages it carries: a background replica's
+   * pace is that work's, not only the wire's (send-changes.ts).
+   */
+  frameCharge?: number;
 }
 
 /** The server's answer to a push: validated, since the names become the laptop's manifest. */
@@ -86,7 +92,7 @@ export async function pushPages(opts: PushPagesOptions, shared?: TransferSession
             }
             const parts = got.parts;
             const size = parts.reduce((s, p) => s + p.length, 0);
-            await opts.rateLimit?.take(size, opts.signal);
+            await opts.rateLimit?.take(Math.max(size, opts.frameCharge ?? 0), opts.signal);
             sent += size;
             yield* parts;
           }

@@ -370,8 +370,8 @@ test('background replication: the agent replicates a running desktop on the poli
   const disk = await NbdClient.connect(serve.socket, 'disk0');
   const points = async () => ((await http.call('GET', '/v1/desktops/live-agent/restore-points', undefined, admin)).body as { restorePoints: { id: string; kind: string }[] }).restorePoints.filter((p) => p.kind === 'replica');
   try {
-    const write = async (offset: number) => {
-      const data = randomBytes(64 * 1024);
+    const write = async (offset: number, size = 64 * 1024) => {
+      const data = randomBytes(size);
       await disk.write(offset, data);
       model.writes.push({ offset, data });
     };
@@ -418,6 +418,18 @@ test('background replication: the agent replicates a running desktop on the poli
     const took = (performance.now() - paced) / 1000;
     assert.equal((await points()).length, 3, 'the paced replica completed');
     assert.ok(took >= 5.5, `1 MiB at the policy's 128 KiB/s went in ${took.toFixed(1)} s`);
+    // Scattered small writes: each frame counts at least a quarter chunk (the server rewrites the whole
+    // chunk for it): 16 pages of 4 KiB in 16 chunks go as 1 MiB would, ≥ 7 s at 128 KiB/s, not ≈ 2 s.
+    const third = await points();
+    for (let i = 0; i < 16; i++) await write(i * 512 * 1024 + 8192, 4096);
+    await vaultUpdate(home, 'live-agent', (s) => ({ ...s, lastReplicationAt: new Date(Date.now() - 120_000).toISOString() }));
+    const scattered = performance.now();
+    assert.equal((await runAgent(env(home), { once: true })).online, true);
+    const tookScattered = (performance.now() - scattered) / 1000;
+    assert.equal((await points()).length, 4, 'the scattered replica completed');
+    assert.ok(tookScattered >= 6.5, `16 scattered 4 KiB pages at the policy's 128 KiB/s went in ${tookScattered.toFixed(1)} s`);
+    const fourth = (await points()).find((p) => !third.some((f) => f.id === p.id))!;
+    assert.ok((await snapshotDisk('live-agent', fourth.id)).equals(model.at(model.writes.length)), 'it holds every write');
   } finally {
     await disk.close();
     await stopServe(serve);

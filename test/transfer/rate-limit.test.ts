@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { ValidationError } from '../../src/core/errors.js';
 import { boundedLimiter, effectiveRate, pacing, parseRate, RateLimiter } from '../../src/transfer-client/rate-limit.js';
-import { backgroundBound, policyBound } from '../../src/client/session/transfer-rate.js';
+import { backgroundBound, backgroundFrameCharge, policyBound } from '../../src/client/session/transfer-rate.js';
 import type { DesktopState } from '../../src/client/vault/vault.js';
 
 /** A clock that only moves when the limiter sleeps: the test measures time without waiting. */
@@ -85,4 +85,8 @@ test('limit composition: the user may go below the policy bound, never above it;
   assert.equal(backgroundBound(state({ replicationRateKBps: 0 })), undefined, '0: bound only by maxTransferRateKBps');
   assert.equal(backgroundBound(state({ replicationRateKBps: 0, maxTransferRateKBps: 256 })), 256 * 1024);
   assert.equal(backgroundBound(state({ replicationRateKBps: 4096, maxTransferRateKBps: 256 }), 8192), 256 * 1024, 'never above maxTransferRateKBps');
+  // Each of its frames counts at least a quarter of the largest disk's chunk.
+  assert.equal(backgroundFrameCharge([256 * 1024]), 64 * 1024);
+  assert.equal(backgroundFrameCharge([64 * 1024, 1024 * 1024]), 256 * 1024);
+  assert.equal(backgroundFrameCharge([]), 0);
 });

@@ -22,6 +22,7 @@ import { FsChunkStore } from '../../src/store/fs-chunk-store.js';
 import { downloadChunks, TransferSession, type TransferEndpoint } from '../../src/transfer-client/client.js';
 import { blobFrame, encodeFrame, endFrame, FRAME_BLOB, FRAME_PAGES, FRAME_ERROR, FrameDecoder, pagesFrameHead } from '../../src/core/chunks/frames.js';
 import { pushPages } from '../../src/transfer-client/push-pages.js';
+import { RateLimiter } from '../../src/transfer-client/rate-limit.js';
 import { startTransferServer, type TransferServer } from '../../src/transfer/server.js';
 import { RemoteCheckpoint } from '../../src/live/fill/remote-checkpoint.js';
 import { rawChunkBlob, rawPagesBlob, rleBomb, seeded } from '../support/hostile-zstd.js';
@@ -202,6 +203,32 @@ test('check-in pages: the server rebuilds and names each chunk; a base outside t
   const none = new Map<number, string | null>();
   await assert.rejects(pushPages({ endpoint, count: items.length, source: source(true), named: none, receipts: new Map() }), /refused .*GCM tag does not verify/);
   assert.equal(none.size, 0);
+});
+
+test('a push counts each frame against its rate limit at least at frameCharge (a background replica pays for the chunk the server rewrites)', async () => {
+  const s = await server('ts-c', 2);
+  const CS = desk.manifest.chunkSize;
+  /** Records what each frame is charged; never waits. */
+  class Recording extends RateLimiter {
+    readonly charged: number[] = [];
+    override async take(bytes: number): Promise<void> {
+      this.charged.push(bytes);
+    }
+  }
+  const page = randomBytes(4096);
+  const source = { async frame(tag: number) {
+    const blob = sealPages(keys, ids[tag]!, CS, [{ offset: 0, bytes: page }]);
+    return { parts: [pagesFrameHead(tag, ids[tag]!, blob.length), blob] };
+  } };
+  const t = signTicket({ v: 1, jobId: 'job-c', desktopId: 'd', checkoutId: 'c-c', direction: 'upload', manifests: [desk.digest], baseManifests: [desk.digest], ...wrapped(master, keys), transferServerId: s.id, maxStreams: 1, expiresAt: new Date(Date.now() + 600_000).toISOString() }, broker.privateKey);
+  const endpoint = { url: s.url, fingerprint: s.fingerprint, ticket: t, maxStreams: 1 };
+  const plain = new Recording(1);
+  await pushPages({ endpoint, count: 3, source, named: new Map(), receipts: new Map(), rateLimit: plain });
+  assert.equal(plain.charged.length, 3);
+  for (const c of plain.charged) assert.ok(c > 4096 && c < 4096 + 200, `a frame of one page is charged its wire bytes (${c})`);
+  const paced = new Recording(1);
+  await pushPages({ endpoint, count: 3, source, named: new Map(), receipts: new Map(), rateLimit: paced, frameCharge: CS / 4 });
+  assert.deepEqual(paced.charged, [CS / 4, CS / 4, CS / 4], 'each small frame counts as a quarter chunk');
 });
 
 test('decompression bombs pushed as pages are refused at once with the reason, memory flat; the honest frame beside them is named; one as a named blob is refused unopened', async () => {

@@ -11,7 +11,7 @@ import { ENDED_CODES, finishEnded } from './ended-checkout.js';
 import { PushJournal } from '../../live/disks/push-journal.js';
 import { retryTransfer } from '../session/retry.js';
 import { activeJob, findEntry, renewer, type ClientEnv } from '../session/session.js';
-import { backgroundBound, policyBound } from '../session/transfer-rate.js';
+import { backgroundBound, backgroundFrameCharge, policyBound } from '../session/transfer-rate.js';
 import type { DesktopState, Vault } from '../vault/vault.js';
 import { traceSpan, traced } from '../../files/trace.js';
 
@@ -38,14 +38,14 @@ export type UploadKind = 'checkin' | 'replicate' | 'handback';
  * not sent again), then commits the names; chunks the commit finds collected meanwhile (pushed a
  * day earlier on a slow link) are sent again, once.
  */
-async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: DesktopState; kind: UploadKind; keys: LineageKeys; readers: DiskReader[]; touched: ChangedChunk[]; checkpoint: string | null; job: JobView; journalPath: string; bound: number | undefined }) {
+async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: DesktopState; kind: UploadKind; keys: LineageKeys; readers: DiskReader[]; touched: ChangedChunk[]; checkpoint: string | null; job: JobView; journalPath: string; bound: number | undefined; frameCharge?: number }) {
   const { env, broker, state, kind, keys, readers, touched, checkpoint, job } = o;
   let endpoint = job.transfer!;
   const named = new Map<number, ChunkId | null>();
   const receipts = new Map<ChunkId, string>();
   // The user's --limit-rate, never above the policy's bound (a background replica's: its own rate too, transfer-rate.ts).
   const rateLimit = boundedLimiter(env.rateLimit, o.bound);
-  const push = (source: PagesSource) => retryTransfer({ what: kind, log: env.log, signal: env.signal, beforeRetry: async () => { endpoint = await renewer(broker, job.id)(); } }, () => pushPages({ endpoint, count: touched.length, source, named, receipts, signal: env.signal, rateLimit, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) }));
+  const push = (source: PagesSource) => retryTransfer({ what: kind, log: env.log, signal: env.signal, beforeRetry: async () => { endpoint = await renewer(broker, job.id)(); } }, () => pushPages({ endpoint, count: touched.length, source, named, receipts, signal: env.signal, rateLimit, frameCharge: o.frameCharge, renew: renewer(broker, job.id), onProgress: (p) => env.onProgress?.(kind, p) }));
   const journal = await traced('journal-open', () => PushJournal.open(o.journalPath));
   try {
     const sent = await traced('push', () => push(pagesSource(touched, keys, journal)));
@@ -94,6 +94,7 @@ export async function sendChanges(o: {
   // A background replica goes at the policy's background rate as the broker says it now (else as the check-out recorded it).
   const background = kind === 'replicate' && o.background === true;
   const bound = background ? backgroundBound(state, entry.policy.replicationRateKBps?.value) : policyBound(state);
+  const frameCharge = background ? backgroundFrameCharge(readers.map((r) => r.disk.base.chunkSize)) : undefined;
   const journalPath = join(vault.desktopDir(state.desktopId), 'pushed-receipts.journal');
   let begin;
   try {
@@ -109,6 +110,6 @@ export async function sendChanges(o: {
   }
   await traced('save-checking-in', async () => o.saveCheckingIn?.(begin.job.id));
   const job = await traced('active-job', () => activeJob(env, broker, begin.job));
-  return { ...(await pushAndCommit({ env, broker, state, kind, keys, readers, touched, checkpoint, job, journalPath, bound })), recovered: false };
+  return { ...(await pushAndCommit({ env, broker, state, kind, keys, readers, touched, checkpoint, job, journalPath, bound, frameCharge })), recovered: false };
 }
 
