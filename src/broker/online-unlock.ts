@@ -36,3 +36,24 @@ export async function releaseUnlockShare(ctx: BrokerContext, claims: SessionClai
   }
   return { share: unlockShare(ctx.secrets.masterKey, c) };
 }
+
+/**
+ * The share a parked copy's online wrap opens with (client/vault/parked.ts): the ended check-out's
+ * own share, given again only in the answer to a new check-out of the same desktop by the same
+ * user on the same device (the parked copy's keys are released by a new check-out's lease, as
+ * they always were; this spares that check-out the password's scrypt). Anything else: none, and a
+ * mismatch (another user's, device's or desktop's check-out, or one still open) is audited.
+ */
+export async function parkedUnlockShare(ctx: BrokerContext, user: string, next: { desktopId: string; deviceId: string }, parkedFrom: string): Promise<string | undefined> {
+  const c = await ctx.meta.getCheckout(parkedFrom);
+  const why = !c ? null
+    : c.desktopId !== next.desktopId || c.user !== user || c.deviceId !== next.deviceId ? 'that check-out is not this user\'s of this desktop on this device'
+    : OPEN_STATES.has(c.state) ? `that check-out is still ${c.state}`
+    : null;
+  if (!c) return undefined;
+  if (why) {
+    await ctx.audit({ actor: user, desktopId: next.desktopId, action: 'online-unlock', outcome: 'denied', detail: `parked copy of checkout ${parkedFrom}: ${why}` });
+    return undefined;
+  }
+  return unlockShare(ctx.secrets.masterKey, c);
+}

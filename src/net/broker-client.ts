@@ -30,6 +30,8 @@ export const CheckoutResponse = z.object({
   keys: z.string(),
   /** The check-out's online unlock share (client/vault/online-unlock.ts); older brokers send none. */
   unlock: z.string().optional(),
+  /** The share that opens the laptop's parked copy's online wrap, when it asked with parkedFrom (client/vault/parked.ts). */
+  parkUnlock: z.string().optional(),
   config: z.object({ vcpus: z.number(), ramMiB: z.number(), usb: z.boolean(), nic: z.string(), disks: z.array(z.object({ name: z.string(), sizeBytes: z.number() })) }).loose(),
   policy: z.record(z.string(), z.object({ value: z.unknown(), source: z.string() })),
   disks: z.array(z.object({ name: z.string(), digest: z.string(), manifest: z.string() })),

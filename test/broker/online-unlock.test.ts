@@ -3,7 +3,7 @@ import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
 import type { BrokerContext } from '../../src/broker/context.js';
 import type { CheckoutRow } from '../../src/broker/db/metadata.js';
-import { releaseUnlockShare, unlockShare, UNLOCK_LOGIN_MAX_AGE_SEC } from '../../src/broker/online-unlock.js';
+import { parkedUnlockShare, releaseUnlockShare, unlockShare, UNLOCK_LOGIN_MAX_AGE_SEC } from '../../src/broker/online-unlock.js';
 
 const masterKey = randomBytes(32);
 const row = (over: Partial<CheckoutRow> = {}): CheckoutRow => ({
@@ -46,4 +46,24 @@ test('the share goes only to a session opened by a password check on the check-o
   await refused({ ...fresh, iat: now() - UNLOCK_LOGIN_MAX_AGE_SEC - 5 }, row(), 'reauth-required');
   await refused(fresh, row(), 'device-revoked', fakeCtx(['dev1']).ctx);
   assert.deepEqual(audit.map((a) => [a.action, a.outcome]), Array(5).fill(['online-unlock', 'denied']));
+});
+
+test('a parked copy\'s share: the ended check-out\'s own, given with a new check-out of that desktop by the same user on the same device; else none, the mismatch audited', async () => {
+  const rows = new Map<string, CheckoutRow>([
+    ['ended', row({ id: 'ended', state: 'checked_in' })],
+    ['cancelled', row({ id: 'cancelled', state: 'cancelled' })],
+    ['open', row({ id: 'open', state: 'checked_out' })],
+    ['bobs', row({ id: 'bobs', user: 'bob', state: 'checked_in' })],
+    ['other-device', row({ id: 'other-device', deviceId: 'dev2', state: 'checked_in' })],
+    ['other-desktop', row({ id: 'other-desktop', desktopId: 'd2', state: 'checked_in' })],
+  ]);
+  const { ctx, audit } = fakeCtx();
+  (ctx.meta as unknown as { getCheckout: (id: string) => Promise<CheckoutRow | null> }).getCheckout = async (id) => rows.get(id) ?? null;
+  const next = { desktopId: 'd1', deviceId: 'dev1' };
+  assert.equal(await parkedUnlockShare(ctx, 'alice', next, 'ended'), unlockShare(masterKey, rows.get('ended')!));
+  assert.equal(await parkedUnlockShare(ctx, 'alice', next, 'cancelled'), unlockShare(masterKey, rows.get('cancelled')!));
+  for (const id of ['open', 'bobs', 'other-device', 'other-desktop']) assert.equal(await parkedUnlockShare(ctx, 'alice', next, id), undefined, id);
+  assert.equal(await parkedUnlockShare(ctx, 'alice', next, 'no-such'), undefined, 'an unknown check-out: none');
+  assert.deepEqual(audit.map((a) => [a.action, a.outcome]), Array(4).fill(['online-unlock', 'denied']));
+  assert.match(audit[0]!.detail!, /parked copy of checkout open: that check-out is still checked_out/);
 });

@@ -10,8 +10,10 @@ import { loadDevice } from '../../src/client/vault/home.js';
 import { checkout, discardLocal, enroll, exportDisk, release, upload, type ClientEnv } from '../../src/client/ops.js';
 import { chainOf, createMissingLayers } from '../../src/live/disks/disks.js';
 import { topExtents } from '../../src/disk/chain.js';
-import { eraseParked, listParked } from '../../src/client/vault/parked.js';
+import { eraseParked, listParked, readParked } from '../../src/client/vault/parked.js';
 import { Vault } from '../../src/client/vault/vault.js';
+import { fetchUnlockShare } from '../../src/client/vault/online-unlock.js';
+import { onlineSession } from '../../src/client/session/session.js';
 import { recordTrace, takeTrace } from '../../src/files/trace.js';
 import { serveDesktop } from '../../src/client/ops/serve.js';
 import { CarryonError } from '../../src/core/errors.js';
@@ -114,7 +116,14 @@ test('after a rollback the next check-out moves nothing; discard, a remote wipe 
   // Parked without a KDF: the vault opened with the broker's unlock share (asked before the rollback ended the check-out), the park wrap made at check-out.
   const spans = takeTrace().map((t) => t.name);
   assert.ok(spans.includes('vault-keys(online)') && !spans.some((n) => n.includes('kdf')), `rolled back and parked with no KDF: ${spans.join(' ')}`);
-  const again = await onTheWire(() => checkout(env(a), 'lab'));
+  assert.ok((await readParked(a, (await listParked(a))[0]!.desktopId))?.online, 'the parked copy has an online wrap (the rollback\'s share)');
+  recordTrace(true);
+  takeTrace();
+  const again = await onTheWire(() => checkout(env(a), 'lab')).finally(() => recordTrace(false));
+  // The parked copy opened with the share the answer brought, the new vault's password wrap derived beside the rest: no KDF on the way.
+  const taken = takeTrace().map((t) => t.name);
+  assert.ok(taken.includes('open-parked(online)') && taken.includes('wrap-keys(beside)') && !taken.some((n) => n.includes('kdf') || n === 'wrap-keys'), `a second check-out without a KDF before the transfer: ${taken.join(' ')}`);
+  assert.ok((await Vault.open(a).then((v) => v.find('lab'))).keys.wrapped, 'the password wrap is kept: it opens offline');
   assert.equal(again.result.chunksMoved, 0, 'the checkpoint is all here');
   assert.equal(again.bytes, 0, 'nothing on the wire');
   assert.ok((await readDesktop(env(a), 'lab')).equals(await serverDisk('lab')), 'the rolled-back copy is the server\'s');
@@ -294,9 +303,15 @@ test('a take-over cut off before the parked base moved, whose parked copy is the
   // The parked copy goes (a wipe, say) and something makes a new, empty base while the take-over's record is still there.
   await eraseParked(a, id);
   const vault = await Vault.open(a);
-  const { state, keys } = await vault.openKeys(await loadDevice(a), 'alice-password', await vault.find('moved'));
+  // Killed before its password wrap was kept (that KDF runs beside the transfer): only the check-out's online share opens it.
+  const found = await vault.find('moved');
+  assert.equal(found.keys.wrapped, undefined);
+  await assert.rejects(vault.openKeys(await loadDevice(a), 'alice-password', found), (e: unknown) => e instanceof CarryonError && e.code === 'vault-incomplete' && /run `carryon checkout moved` again/.test(e.message));
+  const { broker } = await onlineSession(env(a));
+  const { state, keys } = await vault.openKeys(await loadDevice(a), 'alice-password', found, { unlockShare: await fetchUnlockShare(broker, found, () => undefined) }).finally(() => broker.close());
   await (await createMissingLayers(vault, state, keys)).tops;
   const done = await checkout(env(a), 'moved');
+  assert.ok((await vault.find('moved')).keys.wrapped, 'the resumed check-out kept the password wrap');
   assert.equal(done.chunksMoved, 32, 'every chunk is fetched into the new base');
   assert.ok((await readDesktop(env(a), 'moved')).equals(await serverDisk('moved')), 'byte-identical');
   await release(env(a), 'moved', 'rollback');

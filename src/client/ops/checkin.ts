@@ -74,7 +74,7 @@ const DEFAULT_SHUTDOWN_GRACE_MS = 120_000;
  * (which then equals the new snapshot; resumed on the rerun if killed: `parking` and `mergingTo`
  * in the MACed state) and the base is parked. The caller erases the vault afterwards.
  */
-async function parkCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, wrapKey: WrapKey | null, disks: DesktopDisk[], changes: DiskChanges[], snapshotId: string): Promise<boolean> {
+async function parkCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, wrapKey: WrapKey | null, disks: DesktopDisk[], changes: DiskChanges[], snapshotId: string, unlockShare: string | null): Promise<boolean> {
   if (!keepsLocalCopy(state)) return false;
   let next: DesktopState = { ...state, state: 'checking_in', parking: snapshotId };
   for (const m of changedManifests(disks, changes)) {
@@ -83,13 +83,13 @@ async function parkCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault,
   }
   await traced('park-save', () => vault.save(next, keys));
   const merged = (await traced('park-merge', () => openDesktopDisks(vault, next, keys))).state;
-  return parkBases({ vault, device, password: await env.password(), state: merged, keys, how: 'checkin', disks: merged.disks.map((d) => ({ name: d.name, digest: d.baseDigest, known: null })), log: env.log, wrapKey });
+  return parkBases({ vault, device, password: await env.password(), state: merged, keys, how: 'checkin', disks: merged.disks.map((d) => ({ name: d.name, digest: d.baseDigest, known: null })), log: env.log, wrapKey, unlockShare });
 }
 
 /** A check-in killed after its commit, while its bases were merged or parked: finishes that, then erases the vault. */
-async function finishParking(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, wrapKey: WrapKey | null, kind: UploadKind) {
+async function finishParking(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, wrapKey: WrapKey | null, kind: UploadKind, unlockShare: string | null) {
   if (kind !== 'checkin') throw new CarryonError('wrong-state', `${state.name} was checked in already; run \`carryon checkin ${state.name}\` to finish putting its local copy away`);
-  await finishPark(env, device, vault, state, keys, wrapKey);
+  await finishPark(env, device, vault, state, keys, wrapKey, unlockShare);
   return { snapshotId: state.parking!, changedChunks: 0, chunksSent: 0, bytesSent: 0, replicaKind: null };
 }
 
@@ -99,7 +99,7 @@ async function finishParking(env: ClientEnv, device: DeviceIdentity, vault: Vaul
  * and a check-out of the same desktop both finish it here. `wrapKey`: the one that just opened the
  * vault, reused for the parked copy's wrap (no second KDF).
  */
-export async function finishPark(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, wrapKey: WrapKey | null): Promise<void> {
+export async function finishPark(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, wrapKey: WrapKey | null, unlockShare: string | null = null): Promise<void> {
   if (!state.parking) throw new CarryonError('wrong-state', `${state.name} has no check-in to finish putting away`);
   const release = await claimOwner(vault, state.desktopId, 'checkin', env.log);
   try {
@@ -108,7 +108,7 @@ export async function finishPark(env: ClientEnv, device: DeviceIdentity, vault: 
       await stampParked(vault.home, state.desktopId, keys.vaultKey);
     } else {
       const merged = (await openDesktopDisks(vault, state, keys)).state;
-      await parkBases({ vault, device, password: await env.password(), state: merged, keys, how: 'checkin', disks: merged.disks.map((d) => ({ name: d.name, digest: d.baseDigest, known: null })), log: env.log, wrapKey })
+      await parkBases({ vault, device, password: await env.password(), state: merged, keys, how: 'checkin', disks: merged.disks.map((d) => ({ name: d.name, digest: d.baseDigest, known: null })), log: env.log, wrapKey, unlockShare })
         .catch((err: unknown) => env.log(`no parked copy kept of ${state.name}: ${(err as Error).message}`));
     }
   } finally {
@@ -130,11 +130,13 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
   try {
     // The broker has just checked the password: its share opens the vault's online wrap, no KDF
     // (client/vault/online-unlock.ts); where it gives none, the password's wrap (scrypt) opens it.
-    const opened0 = await vault.openKeys(device, password, found, { unlockShare: await fetchUnlockShare(broker, found, env.log) });
+    // The same share seals a parked copy's online wrap, which the next check-out opens without the KDF (parked.ts).
+    const unlockShare = await fetchUnlockShare(broker, found, env.log);
+    const opened0 = await vault.openKeys(device, password, found, { unlockShare });
     const keys = opened0.keys;
     const wrapKey = opened0.wrapKey;
     let state = opened0.state;
-    if (state.parking) return await finishParking(env, device, vault, state, keys, wrapKey, kind);
+    if (state.parking) return await finishParking(env, device, vault, state, keys, wrapKey, kind, unlockShare);
     const holder = await readOwner(vault, state.desktopId);
     if (kind === 'replicate' && (holder?.kind === 'run' || holder?.kind === 'serve')) {
       // The desktop runs: the process holding its chain takes the point in time (src/live/).
@@ -174,7 +176,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
       if (kind === 'checkin') {
         // The laptop keeps the desktop as checked in (policy keepLocalCopy): the next check-out moves only what changed.
         const done = outcome;
-        await traced('park', () => parkCheckin(env, device, vault, state, keys, wrapKey, opened.disks, done.changes.changes, done.commit.snapshotId)).catch((err: unknown) => env.log(`no parked copy kept of ${state.name}: ${(err as Error).message}`));
+        await traced('park', () => parkCheckin(env, device, vault, state, keys, wrapKey, opened.disks, done.changes.changes, done.commit.snapshotId, unlockShare)).catch((err: unknown) => env.log(`no parked copy kept of ${state.name}: ${(err as Error).message}`));
       }
     } finally {
       if (!daemonHanded) await daemon.then((q) => q.stop(), () => undefined);

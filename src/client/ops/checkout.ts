@@ -15,7 +15,7 @@ import { UnsupportedImage } from '../../disk/qcow2/qcow2-format.js';
 import { addLayer, StorageDaemon } from '../../disk/storage-daemon.js';
 import { NbdClient } from '../../nbd/client.js';
 import { TransferSession } from '../../transfer-client/client.js';
-import { BrokerClient, CheckoutResponse, CheckoutView, JobView } from '../../net/broker-client.js';
+import { BrokerClient, BrokerError, CheckoutResponse, CheckoutView, JobView } from '../../net/broker-client.js';
 import { newDesktopKeys, type DesktopKeys } from '../../live/disks/desktop-keys.js';
 import { createMissingLayers, diskDir, socketDir, type DesktopDisk } from '../../live/disks/disks.js';
 import { openDesktopDisks } from '../../live/disks/open.js';
@@ -32,6 +32,7 @@ import { retryTransfer } from '../session/retry.js';
 import { rememberRate, transferLimiter } from '../session/transfer-rate.js';
 import { activeJob, findEntry, onlineSession, pinnedBrokerKey, renewer, type ClientEnv } from '../session/session.js';
 import { Vault, type DesktopState } from '../vault/vault.js';
+import { startWrapKey, type PendingWrapKey } from '../vault/kdf.js';
 import { adoptParked, openOwnParked, parkPolicy, readParked, unfinishedCheckin, type OpenedParked } from '../vault/parked.js';
 import { discardLeftover, HandoverPrefetch, HandoverWait, waitForHandover, type Adopted } from '../session/handover.js';
 
@@ -55,11 +56,15 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
     let keys: DesktopKeys;
     let parked: OpenedParked | null = null;
     let prefetched: { chunks: number; kept: number; dropped: number; completeAfterMs: number | null } | null = null;
+    /** The vault's password wrap while its KDF still runs beside the transfer (kdf.ts `startWrapKey`). */
+    let finishing: PendingWrapKey | null = null;
     if (found && found.state === 'transferring') {
       // A check-out that failed for good (a damaged snapshot) would only fail again: say so, fetch nothing.
       const failed = await readCheckoutFailure(vault, found.desktopId);
       if (failed) throw new CarryonError('damaged-snapshot', failed.message);
       ({ keys, state } = await vault.openKeys(device, await env.password(), found, { unlockShare: await fetchUnlockShare(broker, found, env.log) }));
+      // Cut off before its password wrap was kept: that KDF runs beside the rest of the transfer, under the salt the state names.
+      if (!state.keys.wrapped) finishing = startWrapKey(device, env.password, state.keys);
       env.log(`resuming the check-out of ${entry.name}`);
     } else {
       if (found) {
@@ -67,15 +72,27 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
         env.log(`${entry.name} is already checked out to this device and entirely local`);
         return { desktopId: entry.id, checkoutId: found.checkoutId, chunksMoved: 0, bytesMoved: 0, refetched: 0, reusedChunks: 0, copiedChunks: 0, rejectedLocalChunks: 0, prefetched: null };
       }
-      // A parked copy of this desktop is opened while the broker is asked (its old vault key, not
-      // its disk secret: that needs the lineage keys the answer brings); the new vault's wrap
-      // reuses the key that opened it (one KDF, kdf.ts).
-      const opening = traced('open-parked(kdf)', () => openOwnParked(env.home, entry.id, user, device, env.password));
+      // This user's parked copy of the desktop: one with an online wrap opens with the share the
+      // answer brings for the check-out it came from (no KDF); an older one opens now, while the
+      // broker is asked, and the new vault's wrap reuses the key that opened it (one KDF, kdf.ts).
+      // Otherwise the new vault's password wrap is derived from now on, beside the broker's answer
+      // and the transfer, and only awaited once the desktop is local (the online wrap opens it meanwhile).
+      const own = await readParked(env.home, entry.id).then((r) => (r?.user === user ? r : null), () => null);
+      const parkedFrom = own?.online?.checkoutId;
+      const opening = own && !parkedFrom ? traced('open-parked(kdf)', () => openOwnParked(env.home, entry.id, user, device, env.password)) : null;
+      const pendingWrap = opening ? null : startWrapKey(device, env.password);
       const brokerKey = await traced('broker-key', () => pinnedBrokerKey(broker, device));
       const host = await traced('host-facts', () => hostFacts(env.home));
       // Repeatable: a check-out this device began and that is still transferring is resumed by
       // the broker (same check-out, same job), not refused or started twice (broker/checkouts.ts).
-      const ask = () => broker.call('POST', `/v1/desktops/${entry.id}/checkout`, { deviceId: device.info.deviceId, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes } }, z.union([CheckoutResponse, HandoverWait]), {}, { repeatable: true });
+      let named = parkedFrom;
+      const call = () => broker.call('POST', `/v1/desktops/${entry.id}/checkout`, { deviceId: device.info.deviceId, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes }, ...(named ? { parkedFrom: named } : {}) }, z.union([CheckoutResponse, HandoverWait]), {}, { repeatable: true });
+      // A broker from before parked copies' online wraps refuses the field (400): asked again without it (the parked copy then opens with the password).
+      const ask = () => call().catch((err: unknown) => {
+        if (!named || !(err instanceof BrokerError) || err.status !== 400) throw err;
+        named = undefined;
+        return call();
+      });
       let answer = await traced('checkout-call', ask);
       // A desktop running on a datacenter host: the host shuts it down and sends back what it wrote; then the check-out goes on from that.
       // Meanwhile the snapshot it ran from is fetched (not with a parked copy here: that one already holds most of it).
@@ -94,7 +111,7 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
         throw err;
       }
       const res = answer;
-      parked = await opening;
+      parked = opening ? await opening : parkedFrom ? await traced('open-parked(online)', () => openOwnParked(env.home, entry.id, user, device, env.password, res.parkUnlock)) : null;
       let adopted: Adopted | null = null;
       let saved = false;
       try {
@@ -121,12 +138,16 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
         // What was fetched ahead: kept where its chunk IDs are the checkpoint's, the rest unmapped, all before the state names the checkpoint.
         adopted = early ? await early.adopt(res.keys, manifests, stateWith) : null;
         keys = adopted?.keys ?? newDesktopKeys(decodeLineageKeys(res.keys), brokerKey, createPublicKey(device.privateKey));
-        const wrapped = adopted?.wrapped ?? await traced('wrap-keys', async () => Vault.wrapKeys(device, await env.password(), keys, entry.id, parked?.wrapKey));
+        // Deferred where it can be: a broker that gives the online share (the vault opens with it until the wrap is kept).
+        const defer = !adopted && !parked?.wrapKey && pendingWrap && res.unlock ? pendingWrap : null;
+        const wrapped: DesktopState['keys'] = adopted?.wrapped ?? (defer ? { salt: defer.salt, N: defer.N }
+          : await traced('wrap-keys', async () => Vault.wrapKeys(device, await env.password(), keys, entry.id, parked?.wrapKey ?? (pendingWrap ? await pendingWrap.key : null))));
         // The online wrap (online-unlock.ts): check-in, replicate and a resumed check-out open the vault without the KDF.
         const online = res.unlock ? await sealOnlineWrap(device, await env.password(), res.unlock, keys, entry.id, res.checkout.id) : undefined;
         state = { ...stateWith({ ...wrapped, ...(online ? { online } : {}) }), localConfig: await vault.readLocalConfig(entry.id) };
         await traced('vault-save', () => vault.save(state, keys));
         saved = true;
+        finishing = defer;
         await early?.adopted();
         await traced('reset-clock', () => resetClock(vault, state, keys, lease.issuedAt, device));
         prefetched = adopted ? { chunks: adopted.prefetchedChunks, kept: adopted.keptChunks, dropped: adopted.droppedChunks, completeAfterMs: early!.completeAfterMs } : null;
@@ -142,6 +163,11 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
     // This check-out's --limit-rate stays the desktop's own: `run`, `serve` or a rerun that continue the download keep it.
     await rememberRate(env, vault, state.desktopId);
     let making: Promise<void> = Promise.resolve();
+    const finishWrap = async () => {
+      const pending = finishing;
+      finishing = null;
+      if (pending) await traced('wrap-keys(beside)', async () => vault.addPasswordWrap(device, await env.password(), state.desktopId, keys, pending));
+    };
     try {
       // A parked copy of this desktop (kept by an earlier check-in, rollback or cancel) becomes the base: only what differs travels.
       const reused = await traced('adopt-parked', () => adoptParked({ vault, device, password: env.password, state, keys, log: env.log, opened: parked }));
@@ -151,6 +177,8 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
         throw err instanceof ChunkFailedAuthentication ? await damagedSnapshot(env, vault, broker, state, err) : err;
       });
       await traced('tops-made', () => diskFullIsClear(env.home, () => tops));
+      // Kept before anything says the desktop is local: from here it opens offline.
+      await finishWrap();
       if (!filled.complete) throw new CarryonError('paused', 'check-out stopped; what arrived is kept — run the same command again to resume');
       // Repeatable: a check-out already marked transferred is answered as it is.
       await traced('transferred-call', () => broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }), {}, { repeatable: true }));
@@ -166,6 +194,8 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
     } finally {
       // A top still being made belongs to this run: let it finish (or fail) before anyone else looks.
       await making.catch(() => undefined);
+      // Stopped or failed: the password's wrap is kept all the same, so what arrived opens offline too.
+      await finishWrap().catch((err: unknown) => env.log(`the vault's password wrap was not kept (${(err as Error).message}): run the same command again while online`));
       await release();
     }
   } finally {

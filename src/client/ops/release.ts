@@ -54,7 +54,7 @@ async function parkReleased(env: ClientEnv, device: DeviceIdentity, vault: Vault
     disks.push({ name: d.name, digest: d.baseDigest, known });
   }
   if (disks.length === 0) return false;
-  return parkBases({ vault, device, password, state, keys, how, disks, log: env.log, wrapKey: opened.wrapKey });
+  return parkBases({ vault, device, password, state, keys, how, disks, log: env.log, wrapKey: opened.wrapKey, unlockShare });
 }
 
 /** Removes a desktop's local copy (or its parked copy) after the user said so explicitly. */

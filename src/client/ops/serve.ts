@@ -8,15 +8,37 @@ import { finishPendingReuse, unfinishedCheckin } from '../vault/parked.js';
 import { createMissingLayers, diskDir, socketDir } from '../../live/disks/disks.js';
 import { openDesktopDisks, settleLiveLayers } from '../../live/disks/open.js';
 import { claimOwner, diskPrefix, fillDisks, RemoteSource, specFor, type HeldDesktop, type OwnerKind } from '../../live/fill/holder.js';
-import { loadDevice } from '../vault/home.js';
+import { loadDevice, type DeviceIdentity } from '../vault/home.js';
 import { onlineSession, type ClientEnv } from '../session/session.js';
 import { recordEvent } from '../../live/disks/events.js';
 import { startLiveControl } from '../../live/live-holder.js';
 import { checkLayers, markLayersOpen, recordLayers, verifyInBackground } from '../../live/disks/layer-guard.js';
 import { transferLimiter } from '../session/transfer-rate.js';
 import { Vault, type DesktopState } from '../vault/vault.js';
-import { unlock } from '../vault/key-release.js';
+import { releaseKeys, unlock } from '../vault/key-release.js';
+import { fetchUnlockShare } from '../vault/online-unlock.js';
+import { startWrapKey } from '../vault/kdf.js';
 import { siblingReader } from '../vault/local-sources.js';
+
+/**
+ * A check-out killed before its password wrap was kept (its KDF runs beside the transfer,
+ * checkout.ts) opens with the check-out's online share only; the wrap is made now, so from here
+ * on it opens offline as any other. Offline, the vault says to run the check-out again.
+ */
+async function unlockCutOff(env: ClientEnv, vault: Vault, device: DeviceIdentity, found: DesktopState) {
+  const password = await env.password();
+  const { broker } = await onlineSession(env, device).catch((err: unknown) => {
+    if (!(err instanceof CarryonError) || err.code !== 'offline') throw err; // the broker answered: its own words
+    throw new CarryonError('vault-incomplete', `the check-out of ${found.name} was cut off before its keys were kept for offline use, and the broker cannot be reached (${(err as Error).message}): run \`carryon checkout ${found.name}\` again once online`);
+  });
+  try {
+    const opened = await vault.openKeys(device, password, found, { unlockShare: await fetchUnlockShare(broker, found, env.log) });
+    await vault.addPasswordWrap(device, password, found.desktopId, opened.keys, startWrapKey(device, env.password, opened.state.keys));
+    return await releaseKeys(vault, opened);
+  } finally {
+    await broker.close();
+  }
+}
 
 /**
  * Opens a held desktop for running: the vault refuses a locked desktop or an expired lease before
@@ -29,7 +51,7 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
   const found = await vault.find(desktopRef);
   // Progress lines on stderr: the key derivations below take seconds, and silence reads as a hang.
   env.log(`opening ${found.name}: unlocking its keys…`);
-  const unlocked = await unlock(vault, device, await env.password(), found);
+  const unlocked = found.keys.wrapped ? await unlock(vault, device, await env.password(), found) : await unlockCutOff(env, vault, device, found);
   const { keys } = unlocked;
   // Checked in already (the broker holds the commit) and being put away: what ran now would be lost with the vault.
   if (unlocked.state.parking) throw new CarryonError('wrong-state', `${found.name} is ${unfinishedCheckin(unlocked.state)!}`);

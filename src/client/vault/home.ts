@@ -76,8 +76,20 @@ export async function loadDevice(home: string): Promise<DeviceIdentity> {
   const privateKey = info.secretStorage === 'tpm' && existsSync(join(home, TPM_KEY_PUBLIC))
     ? createPrivateKey({ key: await unsealDeviceKey(home), format: 'der', type: 'pkcs8' })
     : privateKeyFromPem((await readIdentityFile(home, 'device.key')).toString('utf8'));
-  const secret = (password: string) => (info.secretStorage === 'tpm' ? unsealFromTpm(home, password) : readIdentityFile(home, 'device.secret'));
+  const secret = (password: string) => (info.secretStorage === 'tpm' ? oneAtATime(() => unsealFromTpm(home, password)) : readIdentityFile(home, 'device.secret'));
   return { info, privateKey, publicKeyB64: publicKeyToBase64(createPublicKey(privateKey)), secret };
+}
+
+/**
+ * TPM unseals run one after another: a TPM holds only a few transient objects, and side-by-side
+ * tpm2 tool runs (a check-out derives its wrap key beside its online wrap) fail with "out of
+ * memory for object contexts".
+ */
+let tpmTail: Promise<unknown> = Promise.resolve();
+function oneAtATime<T>(fn: () => Promise<T>): Promise<T> {
+  const run = tpmTail.then(fn);
+  tpmTail = run.catch(() => undefined);
+  return run;
 }
 
 /**

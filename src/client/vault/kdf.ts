@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import { CarryonError } from '../../core/errors.js';
 import { deriveDeviceUserKey } from '../../core/keys.js';
 
@@ -48,4 +49,21 @@ export async function deriveWrapKey(device: { secret(password: string): Promise<
 /** `held` when its cost is what a new wrap gets (never a lowered one carried over), else null. */
 export function reusableWrapKey(held: WrapKey | null | undefined, env: NodeJS.ProcessEnv = process.env): WrapKey | null {
   return held && held.N >= vaultScryptN(env) ? held : null;
+}
+
+/**
+ * A wrap key being derived: its salt and cost are known at once (the state keeps them, the layers'
+ * secrets derive from the salt), the key itself a moment later. A check-out starts it before it
+ * asks the broker and awaits it only once the desktop is local, so the KDF runs beside the
+ * transfer instead of before it (the online wrap opens the vault meanwhile).
+ */
+export interface PendingWrapKey { salt: string; N: number; key: Promise<WrapKey> }
+
+/** A fresh salt at today's cost; `salt`/`N`: those a state already names (a resumed check-out's). */
+export function startWrapKey(device: { secret(password: string): Promise<Buffer> }, password: () => Promise<string>, at?: { salt: string; N: number }): PendingWrapKey {
+  const salt = at ? Buffer.from(at.salt, 'base64') : randomBytes(16);
+  const N = at?.N ?? vaultScryptN();
+  const key = (async () => deriveWrapKey(device, await password(), salt, N))();
+  key.catch(() => undefined); // awaited (and reported) by whoever finishes the wrap
+  return { salt: salt.toString('base64'), N, key };
 }

@@ -20,9 +20,19 @@ import { traced } from '../../files/trace.js';
 
 const Share = z.string().refine((s) => Buffer.from(s, 'base64').length === 32 && /^[A-Za-z0-9+/]{43}=$/.test(s), 'an unlock share is 32 bytes in base64');
 
-function onlineKey(deviceSecret: Buffer, share: string, desktopId: string, checkoutId: string): Buffer {
+function onlineKey(deviceSecret: Buffer, share: string, desktopId: string, checkoutId: string, use: 'wrap' | 'parked' = 'wrap'): Buffer {
   if (!Share.safeParse(share).success) throw new CarryonError('bad-response', 'the broker\'s unlock share is malformed');
-  return Buffer.from(hkdfSync('sha256', deviceSecret, Buffer.from(share, 'base64'), `carryon-online-wrap:v1:${desktopId}:${checkoutId}`, 32));
+  const label = use === 'wrap' ? 'carryon-online-wrap:v1' : 'carryon-online-parked:v1';
+  return Buffer.from(hkdfSync('sha256', deviceSecret, Buffer.from(share, 'base64'), `${label}:${desktopId}:${checkoutId}`, 32));
+}
+
+/**
+ * The key of a parked copy's online wrap: this device's secret and the share of the check-out it
+ * was parked from, which the broker gives again only with a new check-out of that desktop by the
+ * same user on this device (broker/online-unlock.ts `parkedUnlockShare`).
+ */
+export async function parkedOnlineKey(device: DeviceIdentity, password: string, share: string, desktopId: string, checkoutId: string): Promise<Buffer> {
+  return onlineKey(await device.secret(password), share, desktopId, checkoutId, 'parked');
 }
 
 /** The keys sealed under the check-out's share (base64), for the state's `keys.online`. */

@@ -26,6 +26,7 @@ import type { DeviceIdentity } from './home.js';
 import { readJsonFile } from '../../files/json-file.js';
 import { checkStoredCost, deriveWrapKey, reusableWrapKey, vaultScryptN, type WrapKey } from './kdf.js';
 import { traced } from '../../files/trace.js';
+import { parkedOnlineKey } from './online-unlock.js';
 import type { DesktopRecords, DesktopState } from '../../live/disks/state.js';
 
 const Hex64 = z.string().regex(/^[0-9a-f]{64}$/);
@@ -82,6 +83,8 @@ const ParkedRecord = z.object({
   layerSecrets: z.enum(['one-per-disk', 'per-layer']),
   /** The old vault key under scrypt(device secret ‖ password, salt). */
   wrap: z.object({ salt: z.string(), wrapped: z.string(), N: z.number().int() }),
+  /** The old vault key under the online key of the check-out it was parked from (online-unlock.ts `parkedOnlineKey`): opened without the KDF at the next check-out. */
+  online: z.object({ checkoutId: z.string(), wrapped: z.string() }).optional(),
   disks: z.array(ParkedDisk),
 });
 export type ParkedRecord = z.infer<typeof ParkedRecord>;
@@ -220,7 +223,7 @@ function statePolicy(state: DesktopState) {
  * erase afterwards (its bases' names are already unlinked then). Returns whether it parked.
  * `wrapKey`: the vault's own, as the caller just derived it to open the vault (kdf.ts).
  */
-export async function parkBases(o: { vault: DesktopRecords; device: DeviceIdentity; password: string; state: DesktopState; keys: DesktopKeys; how: ParkedRecord['how']; disks: { name: string; digest: string; known: number[] | null }[]; log: (l: string) => void; wrapKey?: WrapKey | null }): Promise<boolean> {
+export async function parkBases(o: { vault: DesktopRecords; device: DeviceIdentity; password: string; state: DesktopState; keys: DesktopKeys; how: ParkedRecord['how']; disks: { name: string; digest: string; known: number[] | null }[]; log: (l: string) => void; wrapKey?: WrapKey | null; unlockShare?: string | null }): Promise<boolean> {
   const { vault, state, keys } = o;
   const home = vault.home;
   const policy = statePolicy(state);
@@ -251,6 +254,8 @@ export async function parkBases(o: { vault: DesktopRecords; device: DeviceIdenti
     v: 1, desktopId: state.desktopId, name: state.name, user: state.user, deviceId: leaseDeviceOf(state), fromCheckout: state.checkoutId, how: o.how,
     parkedAt: new Date().toISOString(), vaultSalt: state.keys.salt, layerSecrets: state.layerSecrets,
     wrap: made ?? { salt: wk!.salt.toString('base64'), wrapped: sealParkedWrap(wk!.key, keys.vaultKey, state.desktopId), N: wk!.N },
+    // The check-out's share (given with this command's password check) seals it once more: the next check-out opens it without the KDF.
+    ...(o.unlockShare ? { online: { checkoutId: state.checkoutId, wrapped: sealParkedWrap(await parkedOnlineKey(o.device, o.password, o.unlockShare, state.desktopId, state.checkoutId), keys.vaultKey, state.desktopId) } } : {}),
     disks: disks.map(({ name, digest, known, shape }) => ({ name, digest, known, shape, stamp: null })),
   };
   for (const d of disks) {
@@ -385,7 +390,7 @@ export function parkedUnusable(rec: ParkedRecord, state: DesktopState): string |
  * Opens a parked record with this device and password: its old vault key (unwrapped) and the
  * record as MACed under it. Throws 'vault-locked' (wrong password or device) or 'state-tampered'.
  */
-export async function openParked(home: string, desktopId: string, device: DeviceIdentity, password: string): Promise<OpenedParked> {
+export async function openParked(home: string, desktopId: string, device: DeviceIdentity, password: string, share?: string | null): Promise<OpenedParked> {
   const file = await readJsonFile(join(parkedDir(home, desktopId), 'parked.json'), ParkedFile, { missing: null, damaged: null });
   if (!file) throw new CarryonError('bad-state', 'its record is missing');
   let rec: ParkedRecord;
@@ -395,14 +400,18 @@ export async function openParked(home: string, desktopId: string, device: Device
     throw new CarryonError('bad-state', 'its record is damaged');
   }
   if (rec.desktopId !== desktopId) throw new CarryonError('state-tampered', 'its record names another desktop');
-  checkStoredCost(rec.wrap.N, `the parked copy of ${rec.name}`);
-  const wrapKey = await deriveWrapKey(device, password, Buffer.from(rec.wrap.salt, 'base64'), rec.wrap.N);
-  let oldVaultKey: Buffer;
-  try {
-    oldVaultKey = openEnvelope(wrapKey.key, Buffer.from(rec.wrap.wrapped, 'base64'), wrapAad(desktopId));
-  } catch (err) {
-    if (err instanceof EnvelopeError) throw new CarryonError('vault-locked', 'its wrap does not open with this password and device');
-    throw err;
+  // With the broker's share for the check-out it was parked from: no KDF. Else (or where it does not open) the password's wrap.
+  let oldVaultKey = share && rec.online ? await openOnlineParked(device, password, share, rec, desktopId) : null;
+  let wrapKey: WrapKey | null = null;
+  if (!oldVaultKey) {
+    checkStoredCost(rec.wrap.N, `the parked copy of ${rec.name}`);
+    wrapKey = await traced('parked-keys(kdf)', () => deriveWrapKey(device, password, Buffer.from(rec.wrap.salt, 'base64'), rec.wrap.N));
+    try {
+      oldVaultKey = openEnvelope(wrapKey.key, Buffer.from(rec.wrap.wrapped, 'base64'), wrapAad(desktopId));
+    } catch (err) {
+      if (err instanceof EnvelopeError) throw new CarryonError('vault-locked', 'its wrap does not open with this password and device');
+      throw err;
+    }
   }
   const want = Buffer.from(parkedMac(oldVaultKey, desktopId, file.body), 'hex');
   const got = Buffer.from(/^[0-9a-f]{64}$/.test(file.mac) ? file.mac : '', 'hex');
@@ -410,22 +419,32 @@ export async function openParked(home: string, desktopId: string, device: Device
   return { rec, oldVaultKey, wrapKey };
 }
 
+/** A parked record's online wrap, opened with the share; null where it does not open. */
+async function openOnlineParked(device: DeviceIdentity, password: string, share: string, rec: ParkedRecord, desktopId: string): Promise<Buffer | null> {
+  try {
+    return openEnvelope(await parkedOnlineKey(device, password, share, desktopId, rec.online!.checkoutId), Buffer.from(rec.online!.wrapped, 'base64'), wrapAad(desktopId));
+  } catch (err) {
+    if (err instanceof EnvelopeError || (err instanceof CarryonError && err.code === 'bad-response')) return null;
+    throw err;
+  }
+}
+
 /**
  * A check-out about to wrap its new vault: opens this desktop's parked copy first if it is this
  * user's, so the new wrap reuses the key that opened it (one KDF, kdf.ts). Null when there is none
  * or it does not open (the take-over then decides, as before).
  */
-export async function openOwnParked(home: string, desktopId: string, user: string, device: DeviceIdentity, password: () => Promise<string>): Promise<OpenedParked | null> {
+export async function openOwnParked(home: string, desktopId: string, user: string, device: DeviceIdentity, password: () => Promise<string>, share?: string | null): Promise<OpenedParked | null> {
   try {
     const rec = await readParked(home, desktopId);
-    return rec && rec.user === user ? await openParked(home, desktopId, device, await password()) : null;
+    return rec && rec.user === user ? await openParked(home, desktopId, device, await password(), share) : null;
   } catch {
     return null;
   }
 }
 
-/** An opened parked record; `wrapKey`: what opened it, for the new vault's wrap (kdf.ts). */
-export interface OpenedParked { rec: ParkedRecord; oldVaultKey: Buffer; wrapKey: WrapKey }
+/** An opened parked record; `wrapKey`: what opened it, for the new vault's wrap (kdf.ts); null: the online wrap opened it. */
+export interface OpenedParked { rec: ParkedRecord; oldVaultKey: Buffer; wrapKey: WrapKey | null }
 
 /** A parked copy's manifest, checked against the digest that names it (the record that names the digest is not checked here). */
 export async function readParkedManifest(home: string, desktopId: string, digest: string): Promise<Manifest> {

@@ -12,7 +12,7 @@ import { openDesktopKeys, recordMac, recordMacOk, sealDesktopKeys, type DesktopK
 import { emptyTrash, isLockedByToken, LEASE, presentationOnly, shred, TOKEN } from './guards.js';
 import type { DeviceIdentity } from './home.js';
 import { readJsonFile } from '../../files/json-file.js';
-import { checkStoredCost, deriveWrapKey, reusableWrapKey, vaultScryptN, type WrapKey } from './kdf.js';
+import { checkStoredCost, deriveWrapKey, reusableWrapKey, vaultScryptN, type PendingWrapKey, type WrapKey } from './kdf.js';
 import { findParked, listParked, parkedRefusal, sealParkedWrap } from './parked.js';
 import { openOnlineWrap } from './online-unlock.js';
 import { traced } from '../../files/trace.js';
@@ -88,8 +88,34 @@ export class Vault implements DesktopRecords {
   async save(state: DesktopState, keys: DesktopKeys): Promise<void> {
     const dir = this.desktopDir(state.desktopId);
     await mkdir(dir, { recursive: true, mode: 0o700 });
+    // A state read before the check-out's password wrap was added (addPasswordWrap) keeps it.
+    if (!state.keys.wrapped) state = await this.withStoredWrap(state, keys);
     const body = JSON.stringify(DesktopState.parse(state));
     await writeFileAtomic(join(dir, 'state.json'), JSON.stringify({ v: 2, body, mac: recordMac(keys, state.desktopId, 'state', body) }));
+  }
+
+  /** Adds the password's wrap (its KDF run beside the transfer: kdf.ts `startWrapKey`) to the state as stored now. */
+  async addPasswordWrap(device: DeviceIdentity, password: string, desktopId: string, keys: DesktopKeys, pending: PendingWrapKey): Promise<void> {
+    const wrap = await Vault.wrapKeys(device, password, keys, desktopId, await pending.key);
+    const stored = await this.authenticState(desktopId, keys);
+    if (!stored) throw new CarryonError('not-held', `desktop ${desktopId} is not checked out to this device`);
+    if (stored.keys.salt !== wrap.salt || !wrap.wrapped) throw new Error('the password wrap was made for another salt');
+    await this.save({ ...stored, keys: { ...stored.keys, wrapped: wrap.wrapped, ...(wrap.park ? { park: wrap.park } : {}) } }, keys);
+  }
+
+  private async withStoredWrap(state: DesktopState, keys: DesktopKeys): Promise<DesktopState> {
+    const stored = await this.authenticState(state.desktopId, keys).catch(() => null);
+    const held = stored?.keys;
+    if (!held?.wrapped || held.salt !== state.keys.salt) return state;
+    return { ...state, keys: { ...state.keys, wrapped: held.wrapped, ...(held.park ? { park: held.park } : {}) } };
+  }
+
+  /** The stored state, MAC-checked under `keys`; null when there is none. */
+  private async authenticState(desktopId: string, keys: DesktopKeys): Promise<DesktopState | null> {
+    const stored = await this.readState(desktopId);
+    if (!stored) return null;
+    if (!recordMacOk(keys, desktopId, 'state', stored.body, stored.mac)) throw new CarryonError('state-tampered', `the state of ${stored.state.name} was altered outside Carryon`);
+    return stored.state;
   }
 
   /**
@@ -146,11 +172,14 @@ export class Vault implements DesktopRecords {
       ? await traced('vault-keys(online)', () => openOnlineWrap(device, password, opts.unlockShare!, state.keys.online!, state.desktopId, state.checkoutId))
       : null;
     let wrapKey: WrapKey | null = null;
+    if (!keys && !state.keys.wrapped) {
+      throw new CarryonError('vault-incomplete', `the check-out of ${state.name} was cut off before its keys were kept for offline use: run \`carryon checkout ${state.name}\` again while online`);
+    }
     if (!keys) {
       checkStoredCost(state.keys.N, `the vault of ${state.name}`);
       wrapKey = await traced('vault-keys(kdf)', () => deriveWrapKey(device, password, Buffer.from(state.keys.salt, 'base64'), state.keys.N));
       try {
-        keys = openDesktopKeys(wrapKey.key, Buffer.from(state.keys.wrapped, 'base64'), state.desktopId);
+        keys = openDesktopKeys(wrapKey.key, Buffer.from(state.keys.wrapped!, 'base64'), state.desktopId);
       } catch (err) {
         if (err instanceof EnvelopeError || err instanceof SyntaxError) throw new CarryonError('vault-locked', 'the vault does not open: wrong password, or this vault belongs to another device');
         throw err;

@@ -18,7 +18,13 @@ export const DesktopState = z.object({
   state: z.enum(['transferring', 'checked_out', 'checking_in']),
   jobId: z.string().nullable(),
   keys: z.object({
-    salt: z.string(), wrapped: z.string(), N: z.number().int(),
+    salt: z.string(), N: z.number().int(),
+    /**
+     * The keys under scrypt(device secret ‖ password, salt): what opens the vault offline. Absent
+     * only for a check-out's first moments, while that KDF runs beside the transfer (the online
+     * wrap opens it meanwhile; client/ops/checkout.ts).
+     */
+    wrapped: z.string().optional(),
     /** The same keys under the check-out's online unlock share (client/vault/online-unlock.ts); absent in vaults from before it. */
     online: z.string().optional(),
     /** The vault key sealed for a parked copy under the password's wrap key and salt, made at check-out so parking needs no KDF. */

@@ -7,6 +7,7 @@ import type { DesktopRow } from '../../db/metadata.js';
 import { parse } from '../../http.js';
 import { effectivePolicy } from '../../policies.js';
 import { Host } from './host-facts.js';
+import { parkedUnlockShare } from '../../online-unlock.js';
 import { entitledDesktop } from './desktop-scope.js';
 import { userOf } from './user-scope.js';
 
@@ -38,8 +39,14 @@ export const desktopRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (
 export const desktopCheckoutRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app, { ctx }) => {
   app.post('/v1/desktops/:id/checkout', async (req, reply) => {
     const claims = userOf(req);
-    const body = parse(z.object({ deviceId: z.string().min(1).max(200), host: Host }).strict(), req.body);
-    const answer = await checkOut(ctx, claims.sub, entitledDesktop(req), body);
+    // parkedFrom: the check-out this laptop's parked copy of the desktop came from (its keys' share comes back as parkUnlock).
+    const body = parse(z.object({ deviceId: z.string().min(1).max(200), host: Host, parkedFrom: z.string().min(1).max(200).optional() }).strict(), req.body);
+    const desktop = entitledDesktop(req);
+    const answer = await checkOut(ctx, claims.sub, desktop, body);
+    if (!('handover' in answer) && body.parkedFrom) {
+      const parkUnlock = await parkedUnlockShare(ctx, claims.sub, { desktopId: desktop.id, deviceId: body.deviceId }, body.parkedFrom);
+      if (parkUnlock) return reply.status(201).send({ ...answer, parkUnlock });
+    }
     // 202: a desktop on a host is handed over first; the laptop polls the handover, then asks again.
     return reply.status('handover' in answer ? 202 : 201).send(answer);
   });
