@@ -80,10 +80,10 @@ test('bytes before the sentinel (a stale answer, half a line, binary noise) are 
 
 /** Like the real agent, answers leave in the order asked: `delayMs` of one answer delays all later ones. */
 function inOrder(delayMs: (req: { execute: string }) => number, respond: Respond = agentLike): Respond {
-  let busyUntil = 0;
+  // A queue, as a real agent is: two timers due in the same millisecond (a loaded box) may fire in either order.
+  let tail = Promise.resolve();
   return (req, sock) => {
-    busyUntil = Math.max(Date.now(), busyUntil) + delayMs(req);
-    setTimeout(() => respond(req, sock), busyUntil - Date.now());
+    tail = tail.then(() => new Promise<void>((r) => setTimeout(r, delayMs(req)))).then(() => void respond(req, sock));
   };
 }
 
