@@ -181,7 +181,10 @@ test('a real Linux guest under carryon run: its agent freezes and thaws; three l
     // (quiesced: the frozen ext4 needs no journal replay) and holds every record logged before it.
     for (let i = 1; i <= 3; i++) {
       const logged = lastDurableRecord(serial());
-      const replica = JSON.parse((await carryon(['replicate', 'office', '--json'])).stdout) as { snapshotId: string; replicaKind: string };
+      // A failure says what the holder (`carryon run`) logged: seen once in CI as "the process holding the desktop went away".
+      const replica = JSON.parse((await carryon(['replicate', 'office', '--json']).catch((err: Error) => {
+        throw new Error(`replica ${i}: ${err.message}\ncarryon run (exit ${vm.child.exitCode}) said:\n${vm.stderr().slice(-3000)}`);
+      })).stdout) as { snapshotId: string; replicaKind: string };
       assert.equal(replica.replicaKind, 'quiesced', `replica ${i} froze the guest's file systems`);
       const raw = join(broker.dir, `office-replica-${i}.raw`);
       await exportSnapshot(broker.ctx, 'office', replica.snapshotId, raw);
