@@ -46,11 +46,10 @@ export async function releaseUnlockShare(ctx: BrokerContext, claims: SessionClai
  */
 export async function parkedUnlockShare(ctx: BrokerContext, user: string, next: { desktopId: string; deviceId: string }, parkedFrom: string): Promise<string | undefined> {
   const c = await ctx.meta.getCheckout(parkedFrom);
-  const why = !c ? null
-    : c.desktopId !== next.desktopId || c.user !== user || c.deviceId !== next.deviceId ? 'that check-out is not this user\'s of this desktop on this device'
+  if (!c) return undefined;
+  const why = c.desktopId !== next.desktopId || c.user !== user || c.deviceId !== next.deviceId ? 'that check-out is not this user\'s of this desktop on this device'
     : OPEN_STATES.has(c.state) ? `that check-out is still ${c.state}`
     : null;
-  if (!c) return undefined;
   if (why) {
     await ctx.audit({ actor: user, desktopId: next.desktopId, action: 'online-unlock', outcome: 'denied', detail: `parked copy of checkout ${parkedFrom}: ${why}` });
     return undefined;

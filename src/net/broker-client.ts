@@ -22,6 +22,20 @@ export const JobView = z.object({
 });
 export type JobView = z.infer<typeof JobView>;
 
+/**
+ * Asks with fields only a newer broker reads (`extra`; null: none); one from before them refuses
+ * the body (400: its schemas are strict), and is asked again without them rather than failing.
+ */
+export async function askWithNewerFields<T>(ask: (body: object) => Promise<T>, base: object, extra: object | null): Promise<T> {
+  if (!extra) return ask(base);
+  try {
+    return await ask({ ...base, ...extra });
+  } catch (err) {
+    if (err instanceof BrokerError && err.status === 400) return ask(base);
+    throw err;
+  }
+}
+
 export const CheckoutView = z.object({ id: z.string(), desktopId: z.string(), state: z.string(), snapshotId: z.string(), leaseExpiresAt: z.string() }).loose();
 
 export const CheckoutResponse = z.object({

@@ -15,7 +15,7 @@ import { UnsupportedImage } from '../../disk/qcow2/qcow2-format.js';
 import { addLayer, StorageDaemon } from '../../disk/storage-daemon.js';
 import { NbdClient } from '../../nbd/client.js';
 import { TransferSession } from '../../transfer-client/client.js';
-import { BrokerClient, BrokerError, CheckoutResponse, CheckoutView, JobView } from '../../net/broker-client.js';
+import { askWithNewerFields, BrokerClient, CheckoutResponse, CheckoutView, JobView } from '../../net/broker-client.js';
 import { newDesktopKeys, type DesktopKeys } from '../../live/disks/desktop-keys.js';
 import { createMissingLayers, diskDir, socketDir, type DesktopDisk } from '../../live/disks/disks.js';
 import { openDesktopDisks } from '../../live/disks/open.js';
@@ -85,14 +85,9 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       const host = await traced('host-facts', () => hostFacts(env.home));
       // Repeatable: a check-out this device began and that is still transferring is resumed by
       // the broker (same check-out, same job), not refused or started twice (broker/checkouts.ts).
-      let named = parkedFrom;
-      const call = () => broker.call('POST', `/v1/desktops/${entry.id}/checkout`, { deviceId: device.info.deviceId, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes }, ...(named ? { parkedFrom: named } : {}) }, z.union([CheckoutResponse, HandoverWait]), {}, { repeatable: true });
-      // A broker from before parked copies' online wraps refuses the field (400): asked again without it (the parked copy then opens with the password).
-      const ask = () => call().catch((err: unknown) => {
-        if (!named || !(err instanceof BrokerError) || err.status !== 400) throw err;
-        named = undefined;
-        return call();
-      });
+      // parkedFrom: a broker from before parked copies' online wraps refuses it and is asked without (the parked copy then opens with the password).
+      const ask = () => askWithNewerFields((body) => broker.call('POST', `/v1/desktops/${entry.id}/checkout`, body, z.union([CheckoutResponse, HandoverWait]), {}, { repeatable: true }),
+        { deviceId: device.info.deviceId, host: { os: host.os, cpus: host.cpus, ramBytes: host.ramBytes, freeDiskBytes: host.freeDiskBytes } }, parkedFrom ? { parkedFrom } : null);
       let answer = await traced('checkout-call', ask);
       // A desktop running on a datacenter host: the host shuts it down and sends back what it wrote; then the check-out goes on from that.
       // Meanwhile the snapshot it ran from is fetched (not with a parked copy here: that one already holds most of it).

@@ -4,7 +4,7 @@ import type { ChunkId } from '../../core/chunk-id.js';
 import type { LineageKeys } from '../../core/keys.js';
 import { pushPages, type PagesSource } from '../../transfer-client/push-pages.js';
 import { boundedLimiter } from '../../transfer-client/rate-limit.js';
-import { BrokerError, JobView, type BrokerClient } from '../../net/broker-client.js';
+import { askWithNewerFields, BrokerError, JobView, type BrokerClient } from '../../net/broker-client.js';
 import { namedOutcome, pagesSource, touchedChunks, type ChangedChunk, type DiskReader } from '../../live/disks/changes.js';
 import { commitUpload } from './commit.js';
 import { ENDED_CODES, finishEnded } from './ended-checkout.js';
@@ -17,17 +17,11 @@ import { traceSpan, traced } from '../../files/trace.js';
 
 /**
  * Begins an upload: a background replica says so (the broker queues it last, the transfer server
- * rebuilds it in the idle class); a broker from before background jobs refuses that field (400),
- * and the replica then begins as a user's would rather than not at all.
+ * rebuilds it in the idle class); a broker from before background jobs refuses that field, and the
+ * replica then begins as a user's would rather than not at all.
  */
-export async function beginAsked<T>(ask: (body: object) => Promise<T>, background: boolean): Promise<T> {
-  if (!background) return ask({});
-  try {
-    return await ask({ background: true });
-  } catch (err) {
-    if (err instanceof BrokerError && err.status === 400) return ask({});
-    throw err;
-  }
+export function beginAsked<T>(ask: (body: object) => Promise<T>, background: boolean): Promise<T> {
+  return askWithNewerFields(ask, {}, background ? { background: true } : null);
 }
 
 /** Check-in, replicate, or hand-back (the work of a check-out that ended elsewhere, as a restore point). */

@@ -33,6 +33,11 @@ export { vaultScryptN };
  * the digests), the policy files of guards.ts, and per disk a LUKS-encrypted qcow2 chain
  * (client/disks.ts).
  */
+/** `state` with the password's wrap (and the parked copy's, made with it) of `from`. */
+function withWrapOf(state: DesktopState, from: DesktopState['keys']): DesktopState {
+  return { ...state, keys: { ...state.keys, wrapped: from.wrapped, ...(from.park ? { park: from.park } : {}) } };
+}
+
 export class Vault implements DesktopRecords {
   private constructor(readonly home: string) {}
 
@@ -100,14 +105,12 @@ export class Vault implements DesktopRecords {
     const stored = await this.authenticState(desktopId, keys);
     if (!stored) throw new CarryonError('not-held', `desktop ${desktopId} is not checked out to this device`);
     if (stored.keys.salt !== wrap.salt || !wrap.wrapped) throw new Error('the password wrap was made for another salt');
-    await this.save({ ...stored, keys: { ...stored.keys, wrapped: wrap.wrapped, ...(wrap.park ? { park: wrap.park } : {}) } }, keys);
+    await this.save(withWrapOf(stored, wrap), keys);
   }
 
   private async withStoredWrap(state: DesktopState, keys: DesktopKeys): Promise<DesktopState> {
-    const stored = await this.authenticState(state.desktopId, keys).catch(() => null);
-    const held = stored?.keys;
-    if (!held?.wrapped || held.salt !== state.keys.salt) return state;
-    return { ...state, keys: { ...state.keys, wrapped: held.wrapped, ...(held.park ? { park: held.park } : {}) } };
+    const held = (await this.authenticState(state.desktopId, keys).catch(() => null))?.keys;
+    return held?.wrapped && held.salt === state.keys.salt ? withWrapOf(state, held) : state;
   }
 
   /** The stored state, MAC-checked under `keys`; null when there is none. */
