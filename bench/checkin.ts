@@ -59,7 +59,7 @@ const CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
  * key at its real cost (the bench's lowered CARRYON_SCRYPT_N is not passed on), CARRYON_TRACE=1
  * for the phase breakdown. Wall time from spawn to exit.
  */
-export async function cliRun(env: ClientEnv, args: string[]): Promise<{ seconds: number; spans: TraceSpan[]; stdout: string }> {
+export async function cliRun(env: ClientEnv, args: string[], nodeArgs: string[] = []): Promise<{ seconds: number; spans: TraceSpan[]; stdout: string }> {
   const pw = join(env.home, '..', `${env.home.split('/').pop()}.password`);
   await writeFile(pw, `${await env.password()}\n`, { mode: 0o600 });
   const childEnv: NodeJS.ProcessEnv = { ...process.env, CARRYON_TRACE: '1' };
@@ -67,7 +67,7 @@ export async function cliRun(env: ClientEnv, args: string[]): Promise<{ seconds:
   delete childEnv.CARRYON_INSECURE_TEST_KDF;
   delete childEnv.NODE_ENV;
   const t = process.hrtime.bigint();
-  const child = spawn(process.execPath, [...NODE_FLAGS, CLI, '--home', env.home, '--user', env.user!, '--password-file', pw, '--quiet', ...args], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [...NODE_FLAGS, ...nodeArgs, CLI, '--home', env.home, '--user', env.user!, '--password-file', pw, '--quiet', ...args], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (d: Buffer) => { stdout += d.toString(); });

@@ -34,10 +34,10 @@ export class Rig {
    * at the same time. `slots`: of each transfer server.
    */
   static async start(dir: string, image: string, chunkSize?: number, opts: RigOptions = {}): Promise<Rig> {
-    process.env.CARRYON_SCRYPT_N ??= '16384';
+    process.env.CARRYON_SCRYPT_N ??= '16384'; // the laptop's in-process vault KDF only: the broker hashes passwords at its production cost
     process.env.CARRYON_INSECURE_TEST_KDF ??= '1'; // a lowered cost is refused outside tests
     const dataDir = join(dir, 'server');
-    const broker = await startBroker({ dataDir, database: opts.database, chunkStore: opts.chunkStore, gateway: opts.gateway, embeddedTransferSlots: 0, initAdmin: { name: 'admin', password: 'bench-admin-pw' }, settings: { passwordCostN: 16384 }, importDirs: [dirname(image)] });
+    const broker = await startBroker({ dataDir, database: opts.database, chunkStore: opts.chunkStore, gateway: opts.gateway, embeddedTransferSlots: 0, initAdmin: { name: 'admin', password: 'bench-admin-pw' }, importDirs: [dirname(image)] });
     const slots = opts.slots ?? 4;
     const transfer = await startTransfer(dir, broker, 'bench-transfer', slots, storeFor(dataDir, opts));
     const agent = pinnedAgent(broker.fingerprint);

@@ -220,7 +220,12 @@ export async function topExtents(chain: Chain): Promise<Range[]> {
  * the merge's own writes (4 GiB, 41 MiB of 64 KiB writes: ≈ 1.0–1.6 s → 0.8 s on this box).
  */
 export async function mergeTop(chain: Chain, opts: { keepTop?: boolean } = {}): Promise<void> {
-  await runOnChain(chain, 'top', false, (t) => ['commit', '-q', ...(opts.keepTop ? ['-d'] : []), ...t]);
+  const commit = (cache: string[]) => runOnChain(chain, 'top', false, (t) => ['commit', '-q', ...cache, ...(opts.keepTop ? ['-d'] : []), ...t]);
+  // O_DIRECT (cache=none) halves the merge: 4 GiB, 41 MiB of 64 KiB writes, 0.42 s → 0.23 s here
+  // (through the page cache the kernel spent 0.3 s of system time on it). qemu-img still flushes
+  // at the end, so the merge is as durable. A file system without O_DIRECT refuses the open: the
+  // merge is idempotent, so it simply runs again through the page cache.
+  await commit(['-t', 'none']).catch(() => commit([]));
 }
 
 /** `qemu-img check` of both layers; leaked clusters (exit 3, left by a kill) are harmless and repaired. */

@@ -40,8 +40,8 @@ async function pack(version: string, broken = false, dependencies?: Record<strin
   writeFileSync(join(dir, 'package.json'), JSON.stringify({ ...pkg, version, scripts: {}, ...(dependencies ? { dependencies } : {}) }, null, 2));
   cpSync('dist/src', join(dir, 'dist', 'src'), { recursive: true });
   if (broken) {
-    // A module every command loads (the CLI's client commands import it): the new version cannot start.
-    const loaded = join(dir, 'dist', 'src', 'client', 'vault', 'home.js');
+    // The launcher (one bundle: scripts/bundle-cli.mjs), which every command loads: the new version cannot start.
+    const loaded = join(dir, 'dist', 'src', 'cli', 'main.js');
     assert.ok(existsSync(loaded), `${loaded} moved: break another module the CLI loads`);
     appendFileSync(loaded, "\nthrow new Error('this build is broken');\n");
   }
