@@ -3,7 +3,8 @@ import { open, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { runQemuTool, SECRET_FD_OBJECT, SECRET_FIFO } from '../qemu/qemu-tools.js';
-import { createArgs, createLayerFromTemplate, createWithQemu, luksHeaderRange, type LayerShape } from './layer-template.js';
+import { createArgs, createLayerFromTemplate, createWithQemu, type LayerShape } from './layer-template.js';
+import { luksHeaderRange } from './qcow2/qcow2-format.js';
 import { DiskError } from './block-device.js';
 import type { Range } from '../core/chunks/delta.js';
 

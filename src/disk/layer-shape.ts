@@ -1,6 +1,6 @@
 import { createHash, type Hash } from 'node:crypto';
 import { open, type FileHandle } from 'node:fs/promises';
-import { luksHeaderRange } from './layer-template.js';
+import { luksHeaderRange } from './qcow2/qcow2-format.js';
 import { OFFSET_MASK } from './qcow2/qcow2-format.js';
 
 /**

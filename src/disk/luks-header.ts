@@ -1,4 +1,5 @@
 import { createCipheriv, createDecipheriv, createHash, hash as cryptoHash, pbkdf2Sync, randomBytes, randomUUID } from 'node:crypto';
+import { diffuseSha256 } from './sha256-short.js';
 
 /**
  * Fresh LUKS1 key material for an image whose header layout is already made (by QEMU).
@@ -59,10 +60,11 @@ export function readLuksLayout(header: Buffer): LuksLayout {
   return { keyBytes, hash, slotOffset, stripes };
 }
 
-/** LUKS1's diffuse step: each digest-sized block is hashed with its big-endian index in front. */
-function diffuse(block: Buffer, hash: string): Buffer {
+/** LUKS1's diffuse step: each digest-sized piece of `block` is hashed with its big-endian index in front, into `out`. */
+function diffuse(block: Buffer, out: Buffer, hash: string): void {
+  // QEMU's default hash (every layer Carryon makes): hashed here, not through crypto (sha256-short.ts).
+  if (hash === 'sha256') return diffuseSha256(block, out);
   const digest = digestLength(hash);
-  const out = Buffer.alloc(block.length);
   // One-shot hashes of (counter ‖ piece) in one reused buffer: a Hash object per 32-byte piece was
   // most of a check-out's key-slot work (4000 stripes × 2 pieces per re-keyed layer).
   const input = Buffer.alloc(4 + digest);
@@ -72,7 +74,6 @@ function diffuse(block: Buffer, hash: string): Buffer {
     block.copy(input, 4, at, at + len);
     cryptoHash(hash, input.subarray(0, 4 + len), 'buffer').copy(out, at, 0, len);
   }
-  return out;
 }
 
 const digestLengths = new Map<string, number>();
@@ -85,24 +86,28 @@ function digestLength(hash: string): number {
 /** Anti-forensic split of `key` into `stripes` blocks: all but the last are random. */
 export function afSplit(key: Buffer, stripes: number, hash: string): Buffer {
   const out = randomBytes(key.length * stripes);
-  let d: Buffer = Buffer.alloc(key.length);
+  const d = Buffer.alloc(key.length);
+  const next = Buffer.alloc(key.length);
   for (let i = 0; i < stripes - 1; i++) {
-    const s = out.subarray(i * key.length, (i + 1) * key.length);
-    for (let j = 0; j < key.length; j++) d[j]! ^= s[j]!;
-    d = diffuse(d, hash);
+    const at = i * key.length;
+    for (let j = 0; j < key.length; j++) d[j]! ^= out[at + j]!;
+    diffuse(d, next, hash);
+    next.copy(d);
   }
   const last = out.subarray((stripes - 1) * key.length);
   for (let j = 0; j < key.length; j++) last[j] = d[j]! ^ key[j]!;
   return out;
 }
 
-/** Inverse of afSplit (used by the tests to prove a slot opens to the volume key). */
+/** Inverse of afSplit: the volume key from a slot's (decrypted) key material. */
 export function afMerge(material: Buffer, keyBytes: number, stripes: number, hash: string): Buffer {
-  let d: Buffer = Buffer.alloc(keyBytes);
+  const d = Buffer.alloc(keyBytes);
+  const next = Buffer.alloc(keyBytes);
   for (let i = 0; i < stripes - 1; i++) {
-    const s = material.subarray(i * keyBytes, (i + 1) * keyBytes);
-    for (let j = 0; j < keyBytes; j++) d[j]! ^= s[j]!;
-    d = diffuse(d, hash);
+    const at = i * keyBytes;
+    for (let j = 0; j < keyBytes; j++) d[j]! ^= material[at + j]!;
+    diffuse(d, next, hash);
+    next.copy(d);
   }
   const last = material.subarray((stripes - 1) * keyBytes);
   const key = Buffer.alloc(keyBytes);

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { open, type FileHandle } from 'node:fs/promises';
 import { DiskError } from './block-device.js';
-import { luksHeaderRange } from './layer-template.js';
+import { luksHeaderRange } from './qcow2/qcow2-format.js';
 import { addLuksSlot, keepOnlySlot, LUKS_SLOTS, openAnyLuksSlot, slotActive, slotMaterial } from './luks-header.js';
 
 /**

@@ -5,7 +5,8 @@ import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
-import { createLayerFromTemplate, createWithQemu, ensureTemplate, luksHeaderRange, templatePath } from '../../src/disk/layer-template.js';
+import { createLayerFromTemplate, createWithQemu, ensureTemplate, templatePath } from '../../src/disk/layer-template.js';
+import { luksHeaderRange } from '../../src/disk/qcow2/qcow2-format.js';
 import { SECRET_FD_OBJECT } from '../../src/qemu/qemu-tools.js';
 import { afMerge, afSplit, LuksHeaderError, openLuksSlot, rekeyLuksHeader } from '../../src/disk/luks-header.js';
 import { randomBytes } from 'node:crypto';
@@ -105,6 +106,21 @@ test('templates are made once and checked before use: one with a foreign backing
   await ensureTemplate(templates, shape);
   const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', '-U', path], { encoding: 'utf8' })) as { 'backing-filename'?: string };
   assert.equal(info['backing-filename'], undefined);
+  // Read by Carryon's own header parser (no qemu-img info): each of these is not a base template and is made again.
+  const bad: [string, string][] = [
+    ['unencrypted', 'cluster_size=65536'],
+    ['an external data file', `encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,cluster_size=65536,data_file=${join(dir, 'data.raw')}`],
+    ['another cluster size', 'encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,cluster_size=131072'],
+    ['extended L2 entries (a top\'s)', 'encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,cluster_size=65536,extended_l2=on'],
+  ];
+  for (const [what, options] of bad) {
+    rmSync(path);
+    await createWithQemu(['create', '-q', '-f', 'qcow2', '--object', SECRET_FD_OBJECT('s'), '-o', options, path, '1M'], 'x');
+    await ensureTemplate(templates, shape);
+    const got = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', '-U', path], { encoding: 'utf8' })) as { encrypted?: boolean; 'cluster-size'?: number; 'format-specific'?: { data?: { 'data-file'?: string; 'extended-l2'?: boolean } } };
+    const data = got['format-specific']?.data;
+    assert.ok(got.encrypted === true && got['cluster-size'] === 65536 && data?.['data-file'] === undefined && data?.['extended-l2'] !== true, `a template with ${what} was made again`);
+  }
 });
 
 test('a parked layer changes passphrase in place: the new one added beside the old (both open it in QEMU, same data), then the old one removed', async () => {

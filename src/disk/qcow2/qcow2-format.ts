@@ -1,6 +1,5 @@
-import type { FileHandle } from 'node:fs/promises';
+import { open, type FileHandle } from 'node:fs/promises';
 import { DiskError } from '../block-device.js';
-import { luksHeaderRange } from '../layer-template.js';
 import { openAnyLuksSlot } from '../luks-header.js';
 
 /**
@@ -74,4 +73,45 @@ export async function readWords(fh: FileHandle, at: number, count: number): Prom
   const out = new BigUint64Array(count);
   for (let i = 0; i < count; i++) out[i] = buf.readBigUInt64BE(i * 8);
   return out;
+}
+
+/**
+ * Where qcow2 keeps its LUKS header: the "full disk encryption header pointer" extension. Reads
+ * through `file` when it is an open handle (left open), else opens the path for the read.
+ */
+export async function luksHeaderRange(file: string | FileHandle): Promise<{ offset: number; length: number } | null> {
+  const fh = typeof file === 'string' ? await open(file, 'r') : file;
+  try {
+    const head = Buffer.alloc(64 * 1024);
+    const { bytesRead } = await fh.read(head, 0, head.length, 0);
+    if (bytesRead < 104 || head.readUInt32BE(0) !== 0x514649fb || head.readUInt32BE(4) < 3) return null;
+    let off = head.readUInt32BE(100);
+    while (off + 8 <= bytesRead) {
+      const type = head.readUInt32BE(off);
+      const len = head.readUInt32BE(off + 4);
+      if (type === 0) return null;
+      if (type === 0x0537be77 && len >= 16) return { offset: Number(head.readBigUInt64BE(off + 8)), length: Number(head.readBigUInt64BE(off + 16)) };
+      off += 8 + Math.ceil(len / 8) * 8;
+    }
+    return null;
+  } finally {
+    if (typeof file === 'string') await fh.close();
+  }
+}
+
+/** Incompatible feature bit 4: extended L2 entries (subclusters), which Carryon's tops use. */
+export const EXTENDED_L2 = 1n << 4n;
+
+/** The backing file name the header names (the image has one: `hasBacking`). */
+export async function readBackingName(fh: FileHandle, path: string): Promise<string> {
+  const h = Buffer.alloc(20);
+  await fh.read(h, 0, h.length, 0);
+  const at = Number(h.readBigUInt64BE(8));
+  const length = h.readUInt32BE(16);
+  // QEMU's own bound (1023 bytes); past it the header is not one QEMU wrote.
+  if (length === 0 || length > 1023) throw new UnsupportedImage(`${path}: a backing file name of ${length} bytes`);
+  const name = Buffer.alloc(length);
+  const { bytesRead } = await fh.read(name, 0, length, at);
+  if (bytesRead !== length) throw new UnsupportedImage(`${path}: its backing file name lies past the end of the file`);
+  return name.toString('utf8');
 }

@@ -86,25 +86,21 @@ export async function prepareLayerTemplates(home: string): Promise<void> {
  * tops are returned as one promise, so making them overlaps the download.
  */
 export async function createMissingLayers(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys): Promise<{ tops: Promise<void> }> {
-  const tops: Promise<void>[] = [];
+  const missingTops: (() => Promise<void>)[] = [];
   for (const d of state.disks) {
     const dir = diskDir(vault, state.desktopId, d.name);
     await mkdir(dir, { recursive: true, mode: 0o700 });
     const chain = chainOf(vault, state, keys, d.name);
     const base = await vault.manifest(state.desktopId, d.baseDigest);
-    if (!existsSync(chain.files.top)) tops.push(createLayer(chain, 'top', base.diskSize, base.chunkSize, templatesDir(vault.home)));
+    if (!existsSync(chain.files.top)) missingTops.push(() => createLayer(chain, 'top', base.diskSize, base.chunkSize, templatesDir(vault.home)));
     if (!existsSync(chain.files.base)) {
-      try {
-        if (d.complete) throw new CarryonError('bad-state', `the disk files of ${state.name} are missing; roll back or cancel to start over`);
-        await createLayer(chain, 'base', base.diskSize, base.chunkSize, templatesDir(vault.home));
-      } catch (err) {
-        // Tops already being made finish (or fail) before the caller hears: nothing runs on behind its back.
-        await Promise.allSettled(tops);
-        throw err;
-      }
+      if (d.complete) throw new CarryonError('bad-state', `the disk files of ${state.name} are missing; roll back or cancel to start over`);
+      await createLayer(chain, 'base', base.diskSize, base.chunkSize, templatesDir(vault.home));
     }
   }
-  const all = Promise.all(tops).then(() => undefined);
+  // The tops are made once the bases are (the fill needs only the bases): made beside the bases,
+  // their two qemu-img runs doubled the bases' time on the transfer's path (≈ 90 → 40 ms).
+  const all = Promise.all(missingTops.map((make) => make())).then(() => undefined);
   all.catch(() => undefined); // observed by the caller; never an unhandled rejection meanwhile
   return { tops: all };
 }
