@@ -49,6 +49,14 @@ const keepModuleUrl = {
   },
 };
 
+// What Carryon imports from undici, without its index (fetch, WebSocket, mocks: scripts/undici-slim.cjs).
+const undiciSlim = {
+  name: 'undici-slim',
+  setup(b) {
+    b.onResolve({ filter: /^undici$/ }, () => ({ path: join(root, 'scripts/undici-slim.cjs') }));
+  },
+};
+
 await build({
   entryPoints: [entry],
   outdir: outDir,
@@ -63,5 +71,5 @@ await build({
   // CommonJS packages inside an ES module bundle still call require() for Node's built-ins.
   banner: { js: `${MARK}\nimport { createRequire as __carryonRequire } from 'node:module';\nconst require = __carryonRequire(import.meta.url);` },
   logLevel: 'warning',
-  plugins: [keepModuleUrl],
+  plugins: [keepModuleUrl, undiciSlim],
 });

@@ -259,13 +259,18 @@ export async function parkBases(o: { vault: DesktopRecords; device: DeviceIdenti
     disks: disks.map(({ name, digest, known, shape }) => ({ name, digest, known, shape, stamp: null })),
   };
   for (const d of disks) {
-    await writeFileAtomic(join(tmp, 'manifests', d.digest), encodeManifest(await vault.manifest(state.desktopId, d.digest)));
+    // The vault's own file, linked: content-addressed, written durably when it was put, and checked
+    // against its digest when read back (readParkedManifest); `Vault.wipe` unlinks manifests, never
+    // overwrites them (it shreds the state and token only). Decoding and writing it again cost ≈ 10 ms.
+    await link(join(vault.desktopDir(state.desktopId), 'manifests', d.digest), join(tmp, 'manifests', d.digest))
+      .catch(async () => writeFileAtomic(join(tmp, 'manifests', d.digest), encodeManifest(await vault.manifest(state.desktopId, d.digest))));
     await mkdir(join(tmp, 'disks', d.name), { recursive: true, mode: 0o700 });
     await link(d.base, chainFiles(join(tmp, 'disks', d.name)).base);
   }
   const body = JSON.stringify(record);
   await writeFileAtomic(join(tmp, 'parked.json'), JSON.stringify({ v: 1, body, mac: parkedMac(keys.vaultKey, state.desktopId, body) }));
   await traced('park-publish', async () => {
+    await syncPath(join(tmp, 'manifests'));
     await syncPath(tmp);
     await rename(tmp, final);
     await syncPath(parkedRoot(home));
