@@ -16,7 +16,7 @@ import { controlKey, liveSocketPath } from '../../live/live-holder.js';
 import { ControlClient } from '../../live/control.js';
 import type { DesktopKeys } from '../../live/disks/desktop-keys.js';
 import type { WrapKey } from '../vault/kdf.js';
-import { onlineSession, type ClientEnv } from '../session/session.js';
+import { findEntry, onlineSession, type ClientEnv } from '../session/session.js';
 import { sendChanges, type UploadKind } from './send-changes.js';
 import { Vault, type DesktopState } from '../vault/vault.js';
 import { fetchUnlockShare } from '../vault/online-unlock.js';
@@ -131,6 +131,9 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
     // The broker has just checked the password: its share opens the vault's online wrap, no KDF
     // (client/vault/online-unlock.ts); where it gives none, the password's wrap (scrypt) opens it.
     // The same share seals a parked copy's online wrap, which the next check-out opens without the KDF (parked.ts).
+    // Asked now, answered while the keys open and the layers are checked (sendChanges needs it).
+    const entry = findEntry(broker, found.desktopId);
+    entry.catch(() => undefined);
     const unlockShare = await fetchUnlockShare(broker, found, env.log);
     const opened0 = await vault.openKeys(device, password, found, { unlockShare });
     const keys = opened0.keys;
@@ -160,7 +163,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
       state = await traced('guard-upload', () => guardUpload(vault, opened.state, keys, env.log));
       daemonHanded = true;
       outcome = await withReaders(vault, state, opened.disks, daemon, (readers) => sendChanges({
-        env, broker, vault, state, keys, kind, readers, background: kind === 'replicate' && running.background === true,
+        env, broker, vault, state, keys, kind, readers, background: kind === 'replicate' && running.background === true, entry,
         saveCheckingIn: kind === 'checkin' ? (jobId) => vault.save({ ...state, state: 'checking_in', jobId }, keys) : undefined,
       }));
       if (kind === 'replicate') {

@@ -77,13 +77,15 @@ export async function sendChanges(o: {
   saveCheckingIn?: (jobId: string) => Promise<void>;
   /** The agent's replica: the broker queues it after users' jobs and the transfer server rebuilds it in the idle CPU class. */
   background?: boolean;
+  /** The desktop's entry, asked for by the caller while it did other work (else asked now). */
+  entry?: ReturnType<typeof findEntry>;
 }) {
   const { env, broker, vault, state, keys, kind, readers } = o;
   const touchedAt = performance.now();
   const touched = touchedChunks(readers);
   traceSpan('touched-chunks', touchedAt);
   // The version this upload is based on: how a commit whose answer was lost is recognised.
-  const entry = await traced('find-entry', () => findEntry(broker, state.desktopId));
+  const entry = await traced('find-entry', () => o.entry ?? findEntry(broker, state.desktopId));
   const checkpoint = entry.checkout?.snapshotId ?? null;
   // A background replica goes at the policy's background rate as the broker says it now (else as the check-out recorded it).
   const background = kind === 'replicate' && o.background === true;
