@@ -183,7 +183,7 @@ test('a real Linux guest under carryon run: its agent freezes and thaws; three l
       const logged = lastDurableRecord(serial());
       // A failure says what the holder (`carryon run`) logged: seen once in CI as "the process holding the desktop went away".
       const replica = JSON.parse((await carryon(['replicate', 'office', '--json']).catch((err: Error) => {
-        throw new Error(`replica ${i}: ${err.message}\ncarryon run (exit ${vm.child.exitCode}) said:\n${vm.stderr().slice(-3000)}`);
+        throw new Error(`replica ${i}: ${err.message}\ncarryon run (exit ${vm.child.exitCode}) said:\n${vm.stderr().slice(-3000)}\nthe guest's console (its last lines):\n${serial().slice(-2000)}`);
       })).stdout) as { snapshotId: string; replicaKind: string };
       assert.equal(replica.replicaKind, 'quiesced', `replica ${i} froze the guest's file systems`);
       const raw = join(broker.dir, `office-replica-${i}.raw`);
