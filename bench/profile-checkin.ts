@@ -9,7 +9,8 @@ import { Rig } from './lib/rig.js';
 /**
  * Where a one-chunk `carryon checkin` spends its time (issue 25), not a bench section: one rig, a
  * CLI check-out from the parked copy, one 64 KiB write, a CLI check-in; N rounds, each printed as
- * wall time and its trace's phases. CPU_PROF=DIR: the check-in process writes a V8 CPU profile there.
+ * wall time and its trace's phases (STARTS=1: each with its start, ms from process start). CPU_PROF=DIR:
+ * the check-in process writes a V8 CPU profile there.
  *
  *   node dist/bench/profile-checkin.js [GiB] [rounds]
  */

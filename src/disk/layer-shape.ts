@@ -1,7 +1,6 @@
 import { createHash, type Hash } from 'node:crypto';
 import { open, type FileHandle } from 'node:fs/promises';
-import { luksHeaderRange } from './qcow2/qcow2-format.js';
-import { OFFSET_MASK } from './qcow2/qcow2-format.js';
+import { luksHeaderRange, OFFSET_MASK } from './qcow2/qcow2-format.js';
 
 /**
  * A qcow2 layer's shape: its file size and a SHA-256 over its structure — the header cluster

@@ -80,7 +80,7 @@ async function checkTemplate(path: string, shape: LayerShape): Promise<void> {
   try {
     const h = await readQcow2Header(fh, path); // qcow2 v3 with LUKS, else UnsupportedImage (a DiskError: made again)
     const luks = await luksHeaderRange(fh);
-    const backing = h.hasBacking ? await readBackingName(fh, path) : null;
+    const backing = h.hasBacking ? await readBackingName(fh, path, h) : null;
     // The only incompatible feature a template may use: extended L2 entries, in a top's (no data file, no dirty bit).
     const features = shape.kind === 'top' ? EXTENDED_L2 : 0n;
     const ok = luks !== null && h.clusterSize === shape.clusterSize && h.incompatible === features && h.snapshots === 0 &&

@@ -23,6 +23,8 @@ export interface Qcow2Header {
   clusterSize: number;
   diskSize: number;
   hasBacking: boolean;
+  /** Where the backing file's name lies and its length (both 0 without one). */
+  backingName: { offset: number; length: number };
   l1Size: number;
   l1Offset: number;
   refTableOffset: number;
@@ -43,6 +45,7 @@ export async function readQcow2Header(fh: FileHandle, path: string): Promise<Qco
     clusterSize: 2 ** h.readUInt32BE(20),
     diskSize: Number(h.readBigUInt64BE(24)),
     hasBacking: h.readBigUInt64BE(8) !== 0n,
+    backingName: { offset: Number(h.readBigUInt64BE(8)), length: h.readUInt32BE(16) },
     l1Size: h.readUInt32BE(36),
     l1Offset: Number(h.readBigUInt64BE(40)),
     refTableOffset: Number(h.readBigUInt64BE(48)),
@@ -102,16 +105,13 @@ export async function luksHeaderRange(file: string | FileHandle): Promise<{ offs
 /** Incompatible feature bit 4: extended L2 entries (subclusters), which Carryon's tops use. */
 export const EXTENDED_L2 = 1n << 4n;
 
-/** The backing file name the header names (the image has one: `hasBacking`). */
-export async function readBackingName(fh: FileHandle, path: string): Promise<string> {
-  const h = Buffer.alloc(20);
-  await fh.read(h, 0, h.length, 0);
-  const at = Number(h.readBigUInt64BE(8));
-  const length = h.readUInt32BE(16);
+/** The backing file name header `h` names (the image has one: `hasBacking`). */
+export async function readBackingName(fh: FileHandle, path: string, h: Qcow2Header): Promise<string> {
+  const { offset, length } = h.backingName;
   // QEMU's own bound (1023 bytes); past it the header is not one QEMU wrote.
   if (length === 0 || length > 1023) throw new UnsupportedImage(`${path}: a backing file name of ${length} bytes`);
   const name = Buffer.alloc(length);
-  const { bytesRead } = await fh.read(name, 0, length, at);
+  const { bytesRead } = await fh.read(name, 0, length, offset);
   if (bytesRead !== length) throw new UnsupportedImage(`${path}: its backing file name lies past the end of the file`);
   return name.toString('utf8');
 }
