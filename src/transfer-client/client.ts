@@ -8,7 +8,7 @@ import type { LineageKeys } from '../core/keys.js';
 import { pinnedAgent } from '../net/pinned-agent.js';
 import type { ChunkStore } from '../store/chunk-store.js';
 import type { RateLimiter } from './rate-limit.js';
-import { FRAME_BLOB, FRAME_ERROR, FrameDecoder } from '../core/chunks/frames.js';
+import { FRAME_BLOB, FRAME_DELTA, FRAME_ERROR, FrameDecoder } from '../core/chunks/frames.js';
 
 export interface TransferEndpoint {
   url: string;
@@ -64,6 +64,8 @@ export class TransferFailed extends CarryonError {
 /** A session with one transfer server: the pinned connection pool and the current ticket. */
 export class TransferSession extends EventEmitter {
   private agent: Agent;
+  /** The server refused `have` in a fetch (older than delta records): not sent again. */
+  refusesBases = false;
   constructor(public endpoint: TransferEndpoint, private readonly renew?: () => Promise<TransferEndpoint>) {
     super();
     this.agent = sessionAgent(endpoint);
@@ -104,6 +106,7 @@ export class TransferSession extends EventEmitter {
     if (e.url !== this.endpoint.url || e.fingerprint !== this.endpoint.fingerprint || e.servername !== this.endpoint.servername) {
       await this.agent.close();
       this.agent = sessionAgent(e);
+      this.refusesBases = false;
     }
     this.endpoint = e;
   }
@@ -256,14 +259,30 @@ export async function fetchOne(session: TransferSession, id: ChunkId, keys: Line
 /**
  * Streams the blobs of `ids` (unverified: the caller authenticates each before trusting it). A
  * blob is valid until the caller asks for the next one (the decoder reuses its buffer): copy it to keep it.
+ * With `have` (the chunk the caller holds where it wants each of `ids`, or null), a chunk may come
+ * as a delta record against that base instead (`delta: true`; core/chunks/delta-record.ts).
  */
-export async function* fetchBlobs(session: TransferSession, ids: readonly ChunkId[], signal?: AbortSignal): AsyncGenerator<{ id: ChunkId; blob: Buffer }> {
-  const res = await session.call('/v1/chunks/fetch', JSON.stringify({ ids }), signal);
+export async function* fetchBlobs(session: TransferSession, ids: readonly ChunkId[], signal?: AbortSignal, have?: readonly (ChunkId | null)[]): AsyncGenerator<{ id: ChunkId; blob: Buffer; delta: boolean }> {
+  const withBases = have?.some(Boolean) && !session.refusesBases;
+  const body = (bases: boolean) => JSON.stringify(bases ? { ids, have } : { ids });
+  let res;
+  try {
+    res = await session.call('/v1/chunks/fetch', body(!!withBases), signal);
+  } catch (err) {
+    // A transfer server older than `have` refuses the field (400): asked again without it, and not again.
+    if (!withBases || !(err instanceof TransferFailed) || err.status !== 400 || !err.message.includes('have')) throw err;
+    session.refusesBases = true;
+    res = await session.call('/v1/chunks/fetch', body(false), signal);
+  }
   const decoder = new FrameDecoder({ reuse: true });
   for await (const piece of res.body) {
     for (const frame of decoder.push(piece)) {
       if (frame.type === FRAME_ERROR) throw new TransferFailed(`server could not send chunk ${frame.id}: ${frame.message}`);
-      if (frame.type === FRAME_BLOB) yield { id: frame.id, blob: frame.payload };
+      if (frame.type === FRAME_BLOB) yield { id: frame.id, blob: frame.payload, delta: false };
+      else if (frame.type === FRAME_DELTA) {
+        if (!withBases) throw new TransferFailed(`server sent chunk ${frame.id} as pages though no base was named`);
+        yield { id: frame.id, blob: frame.payload, delta: true };
+      }
     }
   }
   decoder.finish();

@@ -3,6 +3,7 @@ import { pushReceipt, type ReceiptKey } from '../core/tokens/push-receipt.js';
 import type { TicketPayload } from '../core/tokens/ticket.js';
 import { WriteWindow } from '../core/write-window.js';
 import type { ChunkStore } from '../store/chunk-store.js';
+import { deltaRecordId, deltaWorthKeeping, makeDeltaRecord } from '../core/chunks/delta-record.js';
 import { FRAME_END, FRAME_PAGES, FrameDecoder, FrameError, type Frame } from '../core/chunks/frames.js';
 import type { PushChecks } from './push-checks.js';
 import type { JobCounters, Scope } from './scopes.js';
@@ -90,12 +91,17 @@ export class PushSession {
     return task;
   }
 
+  /** A delta record is a cache: one that cannot be stored costs a later check-out bytes, never this push. */
+  private async keepRecord(id: ChunkId, record: Buffer): Promise<void> {
+    await this.o.store.put(deltaRecordId(id), record, { defer: true }).catch(() => undefined);
+  }
+
   /** A pages frame: rebuilt on its base (a checkpoint chunk, or zeros), named here, stored when new. */
   private async name(frame: PagesFrame): Promise<void> {
     const { scope, ticket } = this.o;
     let named;
+    let base: { id: ChunkId; blob: Buffer } | null = null;
     try {
-      let base = null;
       if (frame.baseId) {
         // Only a chunk of the checkout's checkpoint may serve as a base (else: an existence oracle).
         const blob = scope.base.has(frame.baseId) ? await this.o.store.get(frame.baseId) : null;
@@ -107,7 +113,12 @@ export class PushSession {
       return this.rejectTag(frame.tag, (err as Error).message);
     }
     this.o.counters.chunksIn++;
-    if (named.id && named.blob) await this.store(named.id, named.blob);
+    if (named.id && named.blob) {
+      // How Y was made from its base: a laptop still holding the base later fetches these pages instead of Y (delta-record.ts).
+      const record = base && named.id !== base.id && deltaWorthKeeping(frame.payload.length, named.blob.length)
+        ? makeDeltaRecord(scope.keys, base.id, named.id, frame.payload) : null;
+      await Promise.all([this.store(named.id, named.blob), record && this.keepRecord(named.id, record)]);
+    }
     this.result.named.push(named.id
       ? { tag: frame.tag, id: named.id, receipt: pushReceipt(this.o.receipts, { checkoutId: ticket.checkoutId, keyContext: ticket.keyContext, id: named.id }) }
       : { tag: frame.tag, id: null });

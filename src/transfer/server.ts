@@ -10,7 +10,8 @@ import { mapError, parseOrInvalid } from '../net/http-errors.js';
 import { closePromptly } from '../net/close-server.js';
 import { loadOrCreateTls } from '../net/tls-cert.js';
 import { getBlobs, type ChunkStore } from '../store/chunk-store.js';
-import { endFrame, errorFrame, FRAME_BLOB, frameHeader } from '../core/chunks/frames.js';
+import { endFrame, errorFrame, FRAME_BLOB, FRAME_DELTA, frameHeader } from '../core/chunks/frames.js';
+import { deltaRecordBase, deltaRecordId } from '../core/chunks/delta-record.js';
 import { PushChecks } from './push-checks.js';
 import { PushSession } from './push-session.js';
 import { JobScopes, type JobSummary } from './scopes.js';
@@ -61,7 +62,40 @@ export interface TransferServer {
 /** Blobs a fetch reads ahead of what it sends (≤ 8 MiB of 256 KiB chunks). */
 const FETCH_WINDOW = 32;
 
-const IdList = (max: number) => z.object({ ids: z.array(z.string().refine(isChunkId, 'not a chunk ID')).max(max) }).strict();
+const Id = z.string().refine(isChunkId, 'not a chunk ID');
+/** `have[i]`: the chunk the asker holds where it wants `ids[i]` (null: none), so the server may send pages instead. */
+const FetchBody = z.object({ ids: z.array(Id).max(256), have: z.array(Id.nullable()).max(256).optional() }).strict()
+  .refine((b) => !b.have || b.have.length === b.ids.length, 'have must list one entry (or null) per id');
+
+/** What a fetch sends for a chunk: its blob, or the delta record for the base the asker holds; null: not in the store. */
+type Outgoing = { type: typeof FRAME_BLOB | typeof FRAME_DELTA; bytes: Buffer } | Error | null;
+
+/**
+ * Reads one window of a fetch: first the delta records of the chunks whose base the asker holds,
+ * then the blobs of the rest (a record made against another base, or none, means the blob). A
+ * store that cannot read one (truncated pack, bad index) fails that chunk with its reason; the
+ * stream and the other chunks go on (the client may try elsewhere).
+ */
+async function readWindow(store: ChunkStore, ids: ChunkId[] | undefined, bases: ReadonlyMap<ChunkId, ChunkId>): Promise<Map<ChunkId, Outgoing>> {
+  const sends = new Map<ChunkId, Outgoing>();
+  if (!ids) return sends;
+  const read = (list: ChunkId[]) => getBlobs(store, list).catch(() => Promise.all(list.map((id) => store.get(id).catch((err: Error) => new Error(`transfer server store error: ${err.message}`)))));
+  const withBase = ids.filter((id) => bases.has(id));
+  if (withBase.length) {
+    const records = await read(withBase.map(deltaRecordId));
+    withBase.forEach((id, i) => {
+      const r = records[i];
+      if (r && !(r instanceof Error) && deltaRecordBase(r) === bases.get(id)) sends.set(id, { type: FRAME_DELTA, bytes: r });
+    });
+  }
+  const rest = ids.filter((id) => !sends.has(id));
+  const blobs = rest.length ? await read(rest) : [];
+  rest.forEach((id, i) => {
+    const b = blobs[i] ?? null;
+    sends.set(id, b === null || b instanceof Error ? b : { type: FRAME_BLOB, bytes: b });
+  });
+  return sends;
+}
 
 /**
  * Stateless transfer server: trusts a ticket by the broker's signature alone, then serves exactly
@@ -133,9 +167,12 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
 
   app.post('/v1/chunks/fetch', async (req, reply) => {
     const { ticket, scope, js } = await authorize(req, 'download');
-    const { ids } = parseOrInvalid(IdList(256), req.body);
+    const { ids, have } = parseOrInvalid(FetchBody, req.body);
     const release = holdStream(ticket, reply);
     if (!release) return reply;
+    // The base the laptop holds for each wanted chunk (a parked copy's): sent as pages where a record says how.
+    const bases = new Map<ChunkId, ChunkId>();
+    have?.forEach((x, i) => x && x !== ids[i] && bases.set(ids[i]!, x));
     const out = new PassThrough();
     void (async () => {
       try {
@@ -144,13 +181,8 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
         const allowed = ids.filter((id) => scope.allowed.has(id));
         const windows: ChunkId[][] = [];
         for (let i = 0; i < allowed.length; i += FETCH_WINDOW) windows.push(allowed.slice(i, i + FETCH_WINDOW));
-        const blobs = new Map<ChunkId, Buffer | null | Error>();
-        // A store that cannot read one blob (truncated pack, bad index) fails that chunk with its
-        // reason; the stream and the other chunks go on (the client may try elsewhere).
-        const one = (id: ChunkId) => opts.store.get(id).catch((err: Error) => new Error(`transfer server store error: ${err.message}`));
-        const read = (w: number): Promise<(Buffer | null | Error)[]> =>
-          w < windows.length ? getBlobs(opts.store, windows[w]!).catch(() => Promise.all(windows[w]!.map(one))) : Promise.resolve([]);
-        let ahead = read(0);
+        const sends = new Map<ChunkId, Outgoing>();
+        let ahead = readWindow(opts.store, windows[0], bases);
         let w = 0;
         for (const id of ids) {
           if (out.destroyed) break;
@@ -159,18 +191,17 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
           if (!scope.allowed.has(id)) parts = [errorFrame(id, 'not referenced by the ticket')];
           else {
             // The window holding this id's position is at most a few ahead (duplicates may skip some).
-            while (!blobs.has(id) && w < windows.length) {
-              blobs.clear();
-              const got = await ahead;
-              windows[w]!.forEach((x, i) => blobs.set(x, got[i] ?? null));
-              ahead = read(++w);
+            while (!sends.has(id) && w < windows.length) {
+              sends.clear();
+              for (const [x, o] of await ahead) sends.set(x, o);
+              ahead = readWindow(opts.store, windows[++w], bases);
             }
-            const blob = blobs.get(id) ?? null;
-            if (!blob) parts = [errorFrame(id, 'not in store')];
-            else if (blob instanceof Error) parts = [errorFrame(id, blob.message)];
+            const o = sends.get(id) ?? null;
+            if (!o) parts = [errorFrame(id, 'not in store')];
+            else if (o instanceof Error) parts = [errorFrame(id, o.message)];
             else {
-              const sent = opts.tamper ? opts.tamper(id, blob) : blob;
-              parts = [frameHeader(FRAME_BLOB, id, sent.length), sent];
+              const sent = opts.tamper ? opts.tamper(id, o.bytes) : o.bytes;
+              parts = [frameHeader(o.type, id, sent.length), sent];
               js.chunksOut++;
             }
           }

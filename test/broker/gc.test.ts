@@ -7,6 +7,7 @@ import { after, before, describe, test } from 'node:test';
 import { GetObjectCommand, ListObjectsV2Command, PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
 import { freshBucket, swiftStoreUrl, testSwift, type SwiftEndpoint } from '../support/swift.js';
 import { sealChunk } from '../../src/core/chunks/blob.js';
+import { deltaRecordId } from '../../src/core/chunks/delta-record.js';
 import { unwrapLineageKeys, type LineageKeys } from '../../src/core/keys.js';
 import { decodeManifest, referencedChunks } from '../../src/core/chunks/manifest.js';
 import { beginUpload, checkOut, commitUpload, markTransferred, ownedCheckout } from '../../src/broker/checkouts.js';
@@ -254,6 +255,21 @@ for (const kind of ['pack', 's3'] as const) {
       const v = await verifyStore(ctx.meta, ctx.store, ctx.secrets.masterKey);
       assert.equal(v.damagedCount, 0, JSON.stringify(v.damaged.slice(0, 3)));
       assert.deepEqual(v.damagedSnapshots, []);
+    });
+
+    test('a chunk\'s delta record lives exactly as long as the chunk', async () => {
+      const d = await desktop('records', 2);
+      const imported = (await currentChunks('records'))[0]!;
+      await cycle('records', d.keys, { 0: 'new' });
+      const current = (await currentChunks('records'))[0]!;
+      // As a push keeps them (transfer/push-session.ts): beside the chunk each pages frame made.
+      for (const id of [imported, current]) await ctx.store.put(deltaRecordId(id), randomBytes(300), { defer: true });
+      await ctx.store.sync();
+      // Stores mark use in whole seconds: the run's clock is a second and a half on (as above).
+      await collectGarbage(ctx.meta, ctx.store, { keepLast: 1, keepReplicaDays: 0, graceMs: 0 }, () => Date.now() + 1500);
+      assert.equal(await ctx.store.get(imported), null, 'the import is past keepLast: its chunk went');
+      assert.equal(await ctx.store.get(deltaRecordId(imported)), null, 'and its record with it');
+      assert.ok(await ctx.store.get(deltaRecordId(current)), 'a kept chunk keeps its record');
     });
 
     test('verify reports a damaged blob and the snapshots it breaks; --sample reads a share', async () => {

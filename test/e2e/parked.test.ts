@@ -98,10 +98,46 @@ test('check-in parks the desktop; the next check-out on this device moves only t
   const second = await onTheWire(() => checkout(env(a), 'office'));
   assert.equal(second.result.chunksMoved, 3, `only the 3 chunks changed since the parked check-in travel, not the 3 that moved\n${logs.join('\n')}`);
   assert.equal(second.result.copiedChunks, 3, 'the moved ones are copied from their old indexes');
-  assert.ok(second.bytes < 3 * CHUNK + 4096 && second.bytes >= 2 * CHUNK, `${second.bytes} bytes on the wire for 3 chunks`);
+  // Chunk 2 was rewritten whole and travels whole; 9 was a hole (a few KiB of a mostly-zero chunk); 60 changed in one
+  // page of a random chunk the parked copy holds: its delta record (that page) travels, not the chunk (decision 66).
+  assert.ok(second.bytes < CHUNK + 4 * 4096 && second.bytes >= CHUNK, `${second.bytes} bytes on the wire for 3 chunks, one as a page`);
+  assert.ok(logs.some((l) => /2 kept to receive only their changed pages/.test(l)), logs.join('\n'));
   assert.equal(parkedFiles(a).length, 0, 'the parked copy became the check-out');
   assert.ok((await readDesktop(env(a), 'office')).equals(await serverDisk('office')), 'byte-identical to the server');
   await release(env(a), 'office', 'rollback');
+});
+
+test('pages over parked chunks: a check-out killed mid-fill resumes with only pages; `serve` taking one over reads the server\'s bytes, never a kept stale chunk', async () => {
+  await desktop('pages');
+  const a = await laptop('laptop-p');
+  const b = await laptop('laptop-q');
+  await checkout(env(a), 'pages');
+  await release(env(a), 'pages', 'rollback');
+  // Someone else writes one page into each of 10 random chunks (even indexes hold random data) and checks in.
+  const changePages = async () => {
+    await checkout(env(b), 'pages');
+    await writeDesktop(env(b), 'pages', Array.from({ length: 10 }, (_, k) => ({ offset: 2 * k * CHUNK + 8192, data: randomBytes(4096) })));
+    await upload(env(b), 'pages', 'checkin');
+  };
+  await changePages();
+  const wire = broker.transfer!.stats.bytesOut;
+  await killedWith('checkout-child.js', a, 'pages', { CARRYON_TEST_SIGKILL_AFTER_CHUNKS: '4' });
+  logs.length = 0;
+  const rest = await checkout(env(a), 'pages');
+  const moved = broker.transfer!.stats.bytesOut - wire;
+  // Pages the killed run wrote but had not recorded durable are written again over what they left (a mix of old and new chunk: equal outside the pages).
+  assert.ok(rest.chunksMoved > 0 && rest.chunksMoved <= 10, `the rerun fetched what was not durable (${rest.chunksMoved})`);
+  assert.ok(moved < 20 * (4096 + 512), `only pages travelled, before and after the kill: ${moved} bytes for 10 changed pages`);
+  assert.ok((await readDesktop(env(a), 'pages')).equals(await serverDisk('pages')), 'byte-identical after the kill');
+  await release(env(a), 'pages', 'rollback');
+
+  // Killed with stale chunks still mapped for pages: `serve` (the guest's path) must not read them.
+  await changePages();
+  await killedWith('checkout-child.js', a, 'pages', { CARRYON_TEST_SIGKILL_AFTER_CHUNKS: '3' });
+  assert.ok((await readDesktop(env(a), 'pages')).equals(await serverDisk('pages')), 'byte-identical through serve');
+  await checkout(env(a), 'pages');
+  assert.ok((await readDesktop(env(a), 'pages')).equals(await serverDisk('pages')), 'byte-identical once complete');
+  await release(env(a), 'pages', 'rollback');
 });
 
 test('after a rollback the next check-out moves nothing; discard, a remote wipe and revoking the device erase parked copies; keepLocalCopy off keeps none', async () => {
@@ -199,9 +235,15 @@ test('after a rollback the next check-out moves nothing; discard, a remote wipe 
 
 /** Runs a support child (checkout-child or upload-child) for `name` on `home` that kills itself at `point` (parked.ts's test hooks). */
 function killedAt(childFile: string, home: string, name: string, point: string): Promise<void> {
+  return killedWith(childFile, home, name, { CARRYON_TEST_SIGKILL_PARKED: point });
+}
+
+/** The same, killed where `vars` say (any of the test hooks' variables). */
+function killedWith(childFile: string, home: string, name: string, vars: Record<string, string>): Promise<void> {
+  const point = JSON.stringify(vars);
   const child = new URL(`../support/${childFile}`, import.meta.url).pathname;
   return new Promise((resolve, reject) => {
-    const p = spawn(process.execPath, [child, home, 'alice', 'alice-password', name], { env: { ...process.env, CARRYON_TEST_SIGKILL_PARKED: point }, stdio: ['ignore', 'ignore', 'pipe'] });
+    const p = spawn(process.execPath, [child, home, 'alice', 'alice-password', name], { env: { ...process.env, ...vars }, stdio: ['ignore', 'ignore', 'pipe'] });
     let stderr = '';
     p.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
     p.once('error', reject);

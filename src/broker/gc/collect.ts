@@ -1,3 +1,4 @@
+import { deltaRecordId } from '../../core/chunks/delta-record.js';
 import type { ChunkId } from '../../core/chunk-id.js';
 import { decodeManifest, referencedChunks } from '../../core/chunks/manifest.js';
 import { isCollectable, type ChunkStore, type CollectableStore } from '../../store/chunk-store.js';
@@ -100,6 +101,8 @@ async function run(meta: MetadataStore, store: CollectableStore, opts: GcOptions
     if (!raw) throw new HttpError(500, 'manifest-missing', `manifest ${digest} of a kept snapshot is missing: run \`carryon admin verify\`; nothing was swept`);
     for (const id of referencedChunks(decodeManifest(raw))) live.add(id);
   }
+  // A chunk's delta record (how a check-in made it from its base) lives exactly as long as the chunk.
+  for (const id of [...live]) live.add(deltaRecordId(id));
 
   // 3. Sweep.
   const blobs = { total: 0, referenced: 0, swept: 0, sweptBytes: 0, spared: 0 };

@@ -22,6 +22,7 @@ import { openDesktopDisks } from '../../live/disks/open.js';
 import { finishPark } from './checkin.js';
 import { clearCheckoutFailure, readCheckoutFailure, recordCheckoutFailure } from './checkout-failure.js';
 import { ChunkFailedAuthentication, fillDirect, readFilled, type BaseSink } from '../../live/fill/fill-direct.js';
+import { clearDeltaBases, readDeltaBases } from '../../live/fill/delta-bases.js';
 import { mintToken } from '../vault/guards.js';
 import { claimOwner, diskPrefix, readOwner, specFor } from '../../live/fill/holder.js';
 import { hostFacts, type DeviceIdentity } from '../vault/home.js';
@@ -257,7 +258,11 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
       qsd = await StorageDaemon.start(dir);
       sinks = await nbdSinks(qsd, opened.disks, join(dir, 'fill.sock'));
     }
-    const targets = incomplete.map((disk, i) => ({ disk, dir: diskDir(vault, state.desktopId, disk.name), sink: sinks[i]! }));
+    const targets = await Promise.all(incomplete.map(async (disk, i) => {
+      const dir = diskDir(vault, state.desktopId, disk.name);
+      // Chunks a parked base keeps where the checkpoint changed them: only their changed pages travel, where the server knows them.
+      return { disk, dir, sink: sinks[i]!, bases: await readDeltaBases(dir, keys, state.desktopId, disk.name) };
+    }));
     // The desktop's disks already complete count as present (the percentage is of the whole desktop).
     const whole = opened.disks.filter((d) => d.entry.complete).reduce((n, d) => n + dataBytes(d.base), 0);
     reporter = new LocalProgressReporter({ vault, desktopId: state.desktopId, broker, jobId: job.id });
@@ -288,6 +293,7 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
     )));
     const done: DesktopState = { ...opened.state, disks: opened.state.disks.map((d) => ({ ...d, complete: true })) };
     await traced('vault-save', () => vault.save(done, keys));
+    await Promise.all(targets.map((t) => clearDeltaBases(t.dir)));
     return { state: done, complete: true, ...moved, ...local };
   } catch (err) {
     if ((err as CarryonError).code === 'aborted') return { state: opened.state, complete: false, bytesMoved: 0, chunksMoved: 0, copiedChunks: 0, rejectedChunks: 0 };

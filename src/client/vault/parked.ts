@@ -19,6 +19,7 @@ import type { DesktopKeys } from '../../live/disks/desktop-keys.js';
 import { recordMac, recordMacOk } from '../../live/disks/desktop-keys.js';
 import { chainOf, diskDir } from '../../live/disks/disks.js';
 import { readFilled, writeFilled } from '../../live/fill/fill-direct.js';
+import { clearDeltaBases, deltaCandidates, dropDeltaBases, hasDeltaBases, writeDeltaBases } from '../../live/fill/delta-bases.js';
 import { baseFileSource, chunkIndex, copyLocalChunks, type ChunkSource } from '../../live/fill/local-copy.js';
 import { Qcow2BaseWriter } from '../../disk/qcow2/qcow2-base-writer.js';
 import { emptyTrash, shred } from './guards.js';
@@ -374,7 +375,7 @@ export async function adoptParked(o: { vault: DesktopRecords; device: DeviceIden
       await eraseParked(vault.home, state.desktopId);
     }
   }
-  return finishPendingReuse(vault, state, keys, log);
+  return finishPendingReuse(vault, state, keys, log, { keepDeltaBases: true });
 }
 
 /**
@@ -477,16 +478,24 @@ export async function parkedDisk(home: string, opened: { rec: ParkedRecord; oldV
 
 /**
  * A take-over a kill cut short is finished before anything opens the chain (check-out, and
- * `run`/`serve` continuing one): until then the moved base still maps chunks that differ.
+ * `run`/`serve` continuing one): until then the moved base still maps chunks that differ. A
+ * check-out (`keepDeltaBases`) keeps the changed chunks mapped for delta records
+ * (live/fill/delta-bases.ts); for a guest they are unmapped, so that it reads them remotely.
  */
-export async function finishPendingReuse(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, log: (l: string) => void): Promise<Reused> {
+export async function finishPendingReuse(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, log: (l: string) => void, opts: { keepDeltaBases?: boolean } = {}): Promise<Reused> {
   const sum: Reused = { reusedChunks: 0, reusedBytes: 0, copiedChunks: 0, rejectedChunks: 0 };
   for (const d of state.disks) {
-    const r = await finishReuse(vault, state, keys, d.name, log);
+    const r = await finishReuse(vault, state, keys, d.name, log, opts.keepDeltaBases === true);
     sum.reusedChunks += r.chunks;
     sum.reusedBytes += r.bytes;
     sum.copiedChunks += r.copied;
     sum.rejectedChunks += r.rejected;
+    const dir = diskDir(vault, state.desktopId, d.name);
+    if (!opts.keepDeltaBases && hasDeltaBases(dir)) {
+      const { chunkSize } = await vault.manifest(state.desktopId, d.baseDigest);
+      const n = await dropDeltaBases(dir, chainOf(vault, state, keys, d.name).files.base, chunkSize, d.complete);
+      if (n) log(`${n} chunks of disk ${d.name} kept for pages are read remotely instead`);
+    }
   }
   return sum;
 }
@@ -540,7 +549,7 @@ const reusePath = (vault: DesktopRecords, state: DesktopState, disk: string) => 
  * LUKS UUID) has every chunk that differs from the checkpoint unmapped, then only the new
  * passphrase left, then its matching chunks recorded durable.
  */
-async function finishReuse(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, disk: string, log: (l: string) => void): Promise<{ chunks: number; bytes: number; copied: number; rejected: number }> {
+async function finishReuse(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, disk: string, log: (l: string) => void, keepDeltaBases: boolean): Promise<{ chunks: number; bytes: number; copied: number; rejected: number }> {
   const none = { chunks: 0, bytes: 0, copied: 0, rejected: 0 };
   const path = reusePath(vault, state, disk);
   const file = await readJsonFile(path, ReuseFile, { missing: null, damaged: null });
@@ -563,10 +572,13 @@ async function finishReuse(vault: DesktopRecords, state: DesktopState, keys: Des
   // Chunks that moved to another index: copied inside the base while the parked bytes are still mapped.
   const moved = await traced('copy-moved', () => copyMoved({ base, passphrase: layerSecret(chain, 'base'), parked, known: parsed.data.known, next, keep, idKey: keys.idKey, log }));
   for (const i of moved.written) keep.add(i);
+  // Changed chunks stay mapped for the fill to write pages over (listed before anything is unmapped; a rerun lists them again).
+  const deltas = keepDeltaBases ? deltaCandidates(parked, next, parsed.data.known, keep) : new Map<number, string>();
+  if (deltas.size) await writeDeltaBases(dir, keys, state.desktopId, disk, deltas);
   let unmapped: number;
   try {
     // Metadata only (no key, no writer threads): the chunks that differ go, their clusters are freed.
-    unmapped = await traced('unmap-stale', () => unmapChunksExcept(base, next.chunkSize, keep));
+    unmapped = await traced('unmap-stale', () => unmapChunksExcept(base, next.chunkSize, deltas.size ? new Set([...keep, ...deltas.keys()]) : keep));
   } catch (err) {
     if (!(err instanceof UnsupportedImage)) throw err;
     // A base this code cannot unmap in: made fresh instead (erased first).
@@ -574,6 +586,7 @@ async function finishReuse(vault: DesktopRecords, state: DesktopState, keys: Des
     await eraseLayerKeys([base]);
     await rm(base, { force: true });
     await rm(join(dir, 'filled.json'), { force: true });
+    await clearDeltaBases(dir);
     await rm(path, { force: true });
     return none;
   }
@@ -583,7 +596,8 @@ async function finishReuse(vault: DesktopRecords, state: DesktopState, keys: Des
   await rm(path, { force: true });
   const bytes = matched.reduce((n, i) => n + chunkLength(i, next.diskSize, next.chunkSize), 0);
   const copied = moved.written.length ? `, ${moved.written.length} copied from other indexes` : '';
-  log(`reused the parked copy of disk ${disk}: ${matched.length} of ${next.chunks.filter(Boolean).length} chunks already here${copied} (${unmapped} stale ones dropped)`);
+  const kept = deltas.size ? `, ${deltas.size} kept to receive only their changed pages` : '';
+  log(`reused the parked copy of disk ${disk}: ${matched.length} of ${next.chunks.filter(Boolean).length} chunks already here${copied} (${unmapped} stale ones dropped${kept})`);
   return { chunks: matched.length, bytes, copied: moved.written.length, rejected: moved.rejected };
 }
 

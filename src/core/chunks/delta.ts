@@ -53,25 +53,15 @@ function encodeBody(length: number, pieces: readonly Piece[]): Buffer {
   return body;
 }
 
-/**
- * Applies a decrypted body to `base` (read as zeros past its end); throws BlobError naming
- * `label`. With `inPlace` the result is written over `base` when the lengths agree (a caller
- * that owns it saves a chunk-sized allocation and copy).
- */
-function applyBody(body: Buffer, base: Uint8Array, label: string, inPlace = false): Buffer {
+/** A decrypted body's chunk length and pieces (views of the body), checked: in order, disjoint, inside the chunk, nothing left over. */
+function parseBody(body: Buffer, label: string): { length: number; pieces: Piece[] } {
   const bad = (why: string): never => { throw new BlobError(label, 'delta', why); };
   if (body.length < 6) bad('body too short');
   const length = body.readUInt32BE(0);
   const count = body.readUInt16BE(4);
   if (length === 0 || length > MAX_CHUNK_SIZE) bad(`new chunk length ${length}`);
   if (count > MAX_RANGES || body.length < 6 + count * 8) bad(`range table of ${count} entries does not fit`);
-  let out: Buffer;
-  if (inPlace && base.length === length) out = Buffer.from(base.buffer, base.byteOffset, length);
-  else {
-    out = Buffer.allocUnsafe(length);
-    const kept = Buffer.from(base.buffer, base.byteOffset, Math.min(base.length, length)).copy(out);
-    out.fill(0, kept);
-  }
+  const pieces: Piece[] = [];
   let data = 6 + count * 8;
   let prevEnd = 0;
   for (let i = 0; i < count; i++) {
@@ -79,11 +69,29 @@ function applyBody(body: Buffer, base: Uint8Array, label: string, inPlace = fals
     const len = body.readUInt32BE(10 + i * 8);
     if (len === 0 || offset < prevEnd || offset + len > length) bad(`range ${i} (${offset}+${len}) is empty, overlapping or out of bounds`);
     if (data + len > body.length) bad(`range ${i} runs past the data`);
-    body.copy(out, offset, data, data + len);
+    pieces.push({ offset, bytes: body.subarray(data, data + len) });
     data += len;
     prevEnd = offset + len;
   }
   if (data !== body.length) bad(`${body.length - data} bytes after the last range`);
+  return { length, pieces };
+}
+
+/**
+ * Applies a decrypted body to `base` (read as zeros past its end); throws BlobError naming
+ * `label`. With `inPlace` the result is written over `base` when the lengths agree (a caller
+ * that owns it saves a chunk-sized allocation and copy).
+ */
+function applyBody(body: Buffer, base: Uint8Array, label: string, inPlace = false): Buffer {
+  const { length, pieces } = parseBody(body, label);
+  let out: Buffer;
+  if (inPlace && base.length === length) out = Buffer.from(base.buffer, base.byteOffset, length);
+  else {
+    out = Buffer.allocUnsafe(length);
+    const kept = Buffer.from(base.buffer, base.byteOffset, Math.min(base.length, length)).copy(out);
+    out.fill(0, kept);
+  }
+  for (const p of pieces) out.set(p.bytes, p.offset);
   return out;
 }
 
@@ -140,6 +148,14 @@ export function pagesFingerprint(idKey: Uint8Array, baseId: ChunkId | null, leng
 export function openPages(keys: LineageKeys, baseId: ChunkId | null, blob: Uint8Array, basePlain: Uint8Array | null, label: string, inPlace = false): Buffer {
   const body = openBlobEnvelope(keys, blob, FLAG_PAGES, baseBytes(baseId), label, MAX_DELTA_BODY);
   return applyBody(body, basePlain ?? new Uint8Array(0), label, inPlace);
+}
+
+/**
+ * Authenticates a pages blob against its base and returns what it carries without applying it:
+ * the new chunk's length and its pieces (for a holder of the base that writes only those).
+ */
+export function openPagesPieces(keys: LineageKeys, baseId: ChunkId | null, blob: Uint8Array, label: string): { length: number; pieces: Piece[] } {
+  return parseBody(openBlobEnvelope(keys, blob, FLAG_PAGES, baseBytes(baseId), label, MAX_DELTA_BODY), label);
 }
 
 /**

@@ -1,6 +1,7 @@
 import { chunkIdFromBytes, chunkIdToBytes, type ChunkId } from '../chunk-id.js';
 import { BLOB_OVERHEAD, MAX_BLOB_SIZE } from './blob.js';
 import { MAX_DELTA_BODY } from './delta.js';
+import { MAX_DELTA_RECORD } from './delta-record.js';
 import { CarryonError } from '../errors.js';
 
 /** Framed chunk stream: type u8 ‖ id 32 ‖ length u32be ‖ payload. */
@@ -16,12 +17,18 @@ export const FRAME_ERROR = 2;
  * rebuilt chunk in its answer, by tag.
  */
 export const FRAME_PAGES = 4;
+/**
+ * A chunk sent as the pages that make it from a base the receiver said it holds (fetch with
+ * `have`): header ID = the chunk's, payload = a delta record (core/chunks/delta-record.ts).
+ */
+export const FRAME_DELTA = 5;
 const MAX_PAGES_FRAME = 4 + MAX_DELTA_BODY + BLOB_OVERHEAD;
 const HEAD = 1 + 32 + 4;
 const MAX_ERROR_PAYLOAD = 4096;
 
 export type Frame =
   | { type: typeof FRAME_BLOB; id: ChunkId; payload: Buffer }
+  | { type: typeof FRAME_DELTA; id: ChunkId; payload: Buffer }
   | { type: typeof FRAME_PAGES; baseId: ChunkId | null; tag: number; payload: Buffer }
   | { type: typeof FRAME_ERROR; id: ChunkId; message: string }
   | { type: typeof FRAME_END };
@@ -31,6 +38,7 @@ const MAX_PAYLOAD: Record<number, number> = {
   [FRAME_BLOB]: MAX_BLOB_SIZE,
   [FRAME_ERROR]: MAX_ERROR_PAYLOAD,
   [FRAME_PAGES]: MAX_PAGES_FRAME,
+  [FRAME_DELTA]: MAX_DELTA_RECORD,
 };
 const NO_ID = Buffer.alloc(32);
 
@@ -118,7 +126,7 @@ export class FrameDecoder {
         continue;
       }
       const id = chunkIdFromBytes(whole.subarray(1, 33));
-      if (type === FRAME_BLOB) frames.push({ type, id, payload });
+      if (type === FRAME_BLOB || type === FRAME_DELTA) frames.push({ type, id, payload });
       else frames.push({ type: FRAME_ERROR, id, message: payload.toString('utf8') });
     }
     return frames;

@@ -122,6 +122,26 @@ export class Qcow2BaseWriter {
     this.ready.set(index, host);
   }
 
+  /**
+   * Writes pieces of chunk `index` over the bytes it holds (a delta's pages: the rest of the chunk
+   * is the base's, already there). Only for a chunk mapped in this image: an unmapped one would
+   * leave the rest of a fresh cluster unwritten, so that is refused.
+   */
+  async writePieces(index: number, pieces: readonly { offset: number; bytes: Uint8Array }[]): Promise<void> {
+    const start = index * this.clusterSize;
+    if (!Number.isInteger(index) || index < 0 || start >= this.diskSize) throw new DiskError('range', `chunk ${index} lies outside the ${this.diskSize}-byte disk`);
+    let host = this.placed.get(index);
+    if (host === undefined) {
+      const i1 = Math.floor(index / this.l2Entries);
+      if (i1 >= this.l1.length) throw new DiskError('range', `chunk ${index} is past the L1 table`);
+      const entry = (await this.l2Table(i1)).table.readBigUInt64BE((index % this.l2Entries) * 8);
+      if ((entry & OFFSET_MASK) === 0n) throw new DiskError('state', `${this.path}: chunk ${index} is not here to write pages over`);
+      host = await this.place(index);
+    }
+    await this.writers.writePieces(pieces, host);
+    this.ready.set(index, host);
+  }
+
   /** A cluster-sized buffer to open the next chunk's plaintext into (then `write` it, or `giveBack`); null if none is free. */
   spare(): Buffer | null {
     return this.writers.spare();

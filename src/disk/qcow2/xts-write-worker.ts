@@ -11,6 +11,8 @@ export type XtsWriteBody = {
 } & (
   /** The plaintext in slot `slot` of the shared slots, its first `length` bytes (the main thread keeps the slot until the answer). */
   | { slot: number; length: number }
+  /** Pieces of one cluster, each at its own offset in slot `slot` and written at `host` + that offset (a delta's pages). */
+  | { slot: number; pieces: { offset: number; length: number }[] }
   /** The plaintext, a whole cluster (ownership moves here): when every slot was busy. */
   | { data: ArrayBuffer }
 );
@@ -37,20 +39,28 @@ const xts = new XtsSectors(Buffer.from(init.key));
 parentPort!.on('message', (req: XtsWriteRequest) => {
   let error: XtsWriteResult['error'] = null;
   try {
-    const plain = 'data' in req ? Buffer.from(req.data) : Buffer.from(init.slots, req.slot * init.slotSize, req.length);
-    // The view is page aligned; direct I/O also needs the offset and length in whole pages.
-    const sealed = xts.encryptView(plain, req.host / XTS_SECTOR);
-    const aligned = plain.length % 4096 === 0 && req.host % 4096 === 0;
-    // A short write (a disk filling up) is continued, through the page cache (direct I/O needs
-    // aligned offsets): the next write fails with the OS's own error.
-    for (let done = 0; done < sealed.length;) {
-      const fd = aligned && done === 0 ? (init.directFd ?? init.fd) : init.fd;
-      const n = writeSync(fd, sealed, done, sealed.length - done, req.host + done);
-      if (n === 0) throw new Error(`nothing written at ${req.host + done}`);
-      done += n;
+    if ('pieces' in req) {
+      for (const p of req.pieces) write(Buffer.from(init.slots, req.slot * init.slotSize + p.offset, p.length), req.host + p.offset);
+    } else {
+      write('data' in req ? Buffer.from(req.data) : Buffer.from(init.slots, req.slot * init.slotSize, req.length), req.host);
     }
   } catch (err) {
     error = { message: (err as Error).message, code: (err as NodeJS.ErrnoException).code };
   }
   parentPort!.postMessage({ seq: req.seq, error } satisfies XtsWriteResult);
 });
+
+/** Encrypts `plain` (whole sectors) as the sectors at byte `host` of the image and writes it there. */
+function write(plain: Buffer, host: number): void {
+  const sealed = xts.encryptView(plain, host / XTS_SECTOR);
+  // Direct I/O needs the buffer (slots are page aligned), the offset and the length in whole pages.
+  const aligned = plain.length % 4096 === 0 && host % 4096 === 0;
+  // A short write (a disk filling up) is continued, through the page cache (direct I/O needs
+  // aligned offsets): the next write fails with the OS's own error.
+  for (let done = 0; done < sealed.length;) {
+    const fd = aligned && done === 0 ? (init.directFd ?? init.fd) : init.fd;
+    const n = writeSync(fd, sealed, done, sealed.length - done, host + done);
+    if (n === 0) throw new Error(`nothing written at ${host + done}`);
+    done += n;
+  }
+}

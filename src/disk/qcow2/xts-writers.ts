@@ -75,6 +75,33 @@ export class XtsWriters {
   }
 
   /**
+   * Encrypts and writes pieces of one cluster (each at most the cluster, in whole sectors,
+   * disjoint) at byte `host` + each piece's offset: a delta's pages over a cluster that holds the
+   * rest already. The pieces are copied; the caller keeps them.
+   */
+  async writePieces(pieces: readonly { offset: number; bytes: Uint8Array }[], host: number): Promise<void> {
+    for (const p of pieces) {
+      if (p.offset < 0 || p.offset + p.bytes.length > this.clusterSize) throw new RangeError(`piece ${p.offset}+${p.bytes.length} is outside a ${this.clusterSize}-byte cluster`);
+    }
+    const slot = this.free.pop();
+    if (slot === undefined) {
+      // Every slot busy (rare: writes of whole chunks hold them): one piece at a time, each moved to the thread.
+      for (const p of pieces) {
+        const data = exactBuffer(Buffer.from(p.bytes));
+        await this.pool.run({ data, host: host + p.offset }, [data]);
+      }
+      return;
+    }
+    try {
+      const view = this.view(slot);
+      for (const p of pieces) view.set(p.bytes, p.offset);
+      await this.pool.run({ slot, pieces: pieces.map((p) => ({ offset: p.offset, length: p.bytes.length })), host });
+    } finally {
+      this.free.push(slot);
+    }
+  }
+
+  /**
    * A free slot (a cluster-sized view; old contents: overwrite it whole) to open the next chunk's
    * plaintext into, or null when every slot is busy. Pass it to `write`, or back to `giveBack`.
    */

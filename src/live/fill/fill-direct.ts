@@ -1,6 +1,8 @@
 import { join } from 'node:path';
 import { z } from 'zod';
 import { openBlob } from '../../core/chunks/blob.js';
+import type { Piece } from '../../core/chunks/delta.js';
+import { openDeltaRecord } from '../../core/chunks/delta-record.js';
 import type { ChunkId } from '../../core/chunk-id.js';
 import { chunkLength } from '../../core/chunks/chunking.js';
 import { CarryonError } from '../../core/errors.js';
@@ -41,6 +43,11 @@ export interface BaseSink {
   spare?(): Buffer | null;
   /** A `spare` buffer that will not be written after all (its chunk failed authentication). */
   giveBack?(buf: Buffer): void;
+  /**
+   * Writes pieces of chunk `index` over the chunk it holds there (a delta record's pages, plaintext):
+   * only where that chunk is present. A sink without it is never sent deltas.
+   */
+  writePieces?(index: number, pieces: readonly Piece[]): Promise<void>;
   /** Everything written before the call is durable (and mapped) when it resolves. */
   persist(): Promise<unknown>;
   close(): Promise<void>;
@@ -59,14 +66,16 @@ export interface BaseSink {
  */
 export async function fillDirect(opts: {
   /** Only each disk's checkpoint manifest is read (a datacenter host has no vault entry). */
-  disks: { disk: Pick<DesktopDisk, 'base'>; dir: string; sink: BaseSink }[];
+  disks: { disk: Pick<DesktopDisk, 'base'>; dir: string; sink: BaseSink;
+    /** The chunk the base still holds at an index it lacks (a parked copy's): the server may send the pages that differ. */
+    bases?: ReadonlyMap<number, ChunkId> }[];
   session: TransferSession;
   keys: LineageKeys;
   signal?: AbortSignal;
   rateLimit?: RateLimiter;
   onProgress?: (p: Progress) => void;
 }): Promise<{ bytesMoved: number; chunksMoved: number }> {
-  const targets = new Map<ChunkId, { sink: BaseSink; length: number; disk: number; index: number }[]>();
+  const targets = new Map<ChunkId, { sink: BaseSink; length: number; disk: number; index: number; base: ChunkId | null }[]>();
   const sinks = opts.disks.map((d) => d.sink);
   const filled: Set<number>[] = [];
   let total = 0;
@@ -74,7 +83,7 @@ export async function fillDirect(opts: {
   let bytesLocal = 0;
   let bytesTotal = 0;
   // The sinks are the caller's (opened and closed there): a retry goes on with the same ones.
-  for (const [d, { disk, dir, sink }] of opts.disks.entries()) {
+  for (const [d, { disk, dir, sink, bases }] of opts.disks.entries()) {
     const done = await readFilled(dir);
     filled.push(done);
     const m = disk.base;
@@ -84,7 +93,9 @@ export async function fillDirect(opts: {
       bytesTotal += length;
       if (done.has(index)) return void (bytesLocal += length);
       const list = targets.get(id) ?? [];
-      list.push({ sink, length, disk: d, index });
+      // Pages go over a base in whole sectors: not for a chunk whose length is not (the last of an odd-sized disk).
+      const base = sink.writePieces && length % 512 === 0 ? (bases?.get(index) ?? null) : null;
+      list.push({ sink, length, disk: d, index, base });
       targets.set(id, list);
       total++;
     });
@@ -120,6 +131,14 @@ export async function fillDirect(opts: {
   const paced = pacing(opts.rateLimit, opts.disks[0]?.disk.base.chunkSize ?? 256 * 1024, Math.max(1, opts.session.endpoint.maxStreams), 32);
   const batch = paced.batch;
   const failures = new Map<ChunkId, number>();
+  /** Chunks whose delta record failed its check: fetched whole from then on. */
+  const wholeOnly = new Set<ChunkId>();
+  /** The base every place of `id` holds (the same one everywhere), else null: pages only where they fit all. */
+  const deltaBase = (id: ChunkId): ChunkId | null => {
+    const places = targets.get(id);
+    const base = places?.[0]?.base ?? null;
+    return base && !wholeOnly.has(id) && places!.every((p) => p.base === base) ? base : null;
+  };
   const worker = async () => {
     const writes = new WriteWindow(WRITES_PER_STREAM);
     try {
@@ -138,33 +157,55 @@ export async function fillDirect(opts: {
       let queue = want;
       for (let attempt = 0; queue.length; attempt++) {
         const seen = new Set<ChunkId>();
-        for await (const { id, blob } of fetchBlobs(opts.session, queue, opts.signal)) {
+        const have = queue.map(deltaBase);
+        for await (const { id, blob, delta } of fetchBlobs(opts.session, queue, opts.signal, have.some(Boolean) ? have : undefined)) {
           if (stop) return;
           const places = targets.get(id);
           if (!places || seen.has(id)) continue;
-          let plain: Buffer;
-          const into = places[0]!.sink.spare?.() ?? undefined;
-          try {
-            // No second hash of the plaintext: the tag binds it to this ID under the lineage key, and
-            // every blob was checked against its ID where it entered the datacenter (import, push).
-            plain = openBlob(opts.keys, id, blob, { checkId: false, into });
-            if (plain.length !== places[0]!.length) throw new Error(`chunk has ${plain.length} bytes, expected ${places[0]!.length}`);
-          } catch (err) {
-            if (into) places[0]!.sink.giveBack?.(into);
-            failures.set(id, (failures.get(id) ?? 0) + 1);
-            if ((failures.get(id) ?? 0) >= 3) throw new ChunkFailedAuthentication(id, (err as Error).message);
-            continue;
+          if (delta) {
+            // The pages that make this chunk from the base each place holds: authenticated (the record's MAC binds the pair), then written over it.
+            const base = deltaBase(id);
+            let pages: { length: number; pieces: Piece[] };
+            try {
+              if (!base) throw new Error('sent as pages against no base of ours');
+              pages = openDeltaRecord(opts.keys, base, id, blob);
+              if (pages.length !== places[0]!.length) throw new Error(`chunk has ${pages.length} bytes, expected ${places[0]!.length}`);
+            } catch {
+              // A bad record costs bytes, not the check-out: this chunk is asked for whole.
+              wholeOnly.add(id);
+              continue;
+            }
+            seen.add(id);
+            await writes.add(Promise.all(places.map((p) => p.sink.writePieces!(p.index, pages.pieces))).then(() => {
+              for (const p of places) pendingMarks.push({ disk: p.disk, index: p.index });
+              sinceFlush += pages.pieces.reduce((n, p) => n + p.bytes.length, 0) * places.length;
+              maybePersist();
+            }));
+          } else {
+            let plain: Buffer;
+            const into = places[0]!.sink.spare?.() ?? undefined;
+            try {
+              // No second hash of the plaintext: the tag binds it to this ID under the lineage key, and
+              // every blob was checked against its ID where it entered the datacenter (import, push).
+              plain = openBlob(opts.keys, id, blob, { checkId: false, into });
+              if (plain.length !== places[0]!.length) throw new Error(`chunk has ${plain.length} bytes, expected ${places[0]!.length}`);
+            } catch (err) {
+              if (into) places[0]!.sink.giveBack?.(into);
+              failures.set(id, (failures.get(id) ?? 0) + 1);
+              if ((failures.get(id) ?? 0) >= 3) throw new ChunkFailedAuthentication(id, (err as Error).message);
+              continue;
+            }
+            seen.add(id);
+            // Several writes in flight per stream (the storage daemon encrypts on its thread pool; the file writes overlap).
+            // A sink may take the buffer over: the first place (whose sink lent it) gets it, every other
+            // place its own copy, all made before any write's first await (a sink reads, never changes, what it is given).
+            const copies = places.map((_, i) => (i === 0 ? plain : Buffer.from(plain)));
+            await writes.add(Promise.all(places.map((p, i) => p.sink.write(p.index, copies[i]!))).then(() => {
+              for (const p of places) pendingMarks.push({ disk: p.disk, index: p.index });
+              sinceFlush += places.length * places[0]!.length;
+              maybePersist();
+            }));
           }
-          seen.add(id);
-          // Several writes in flight per stream (the storage daemon encrypts on its thread pool; the file writes overlap).
-          // A sink may take the buffer over: the first place (whose sink lent it) gets it, every other
-          // place its own copy, all made before any write's first await (a sink reads, never changes, what it is given).
-          const copies = places.map((_, i) => (i === 0 ? plain : Buffer.from(plain)));
-          await writes.add(Promise.all(places.map((p, i) => p.sink.write(p.index, copies[i]!))).then(() => {
-            for (const p of places) pendingMarks.push({ disk: p.disk, index: p.index });
-            sinceFlush += places.length * places[0]!.length;
-            maybePersist();
-          }));
           await opts.rateLimit?.take(blob.length, opts.signal);
           bytesMoved += blob.length;
           chunksMoved += places.length;

@@ -1,0 +1,78 @@
+import { createHash, createHmac, timingSafeEqual } from 'node:crypto';
+import { chunkIdFromBytes, chunkIdToBytes, type ChunkId } from '../chunk-id.js';
+import { BlobError } from '../errors.js';
+import type { LineageKeys } from '../keys.js';
+import { BLOB_OVERHEAD, MAX_BLOB_SIZE } from './blob.js';
+import { MAX_DELTA_BODY, openPagesPieces, type Piece } from './delta.js';
+
+/**
+ * A delta record: how chunk Y was made from chunk X, kept by the transfer server beside Y so that
+ * a laptop still holding X (a parked copy) fetches only the pages that differ and writes only
+ * those (architecture decision 66). It is the pages blob a check-in sent for Y (sealed by the
+ * laptop under the lineage keys, its AAD binding X), kept as it arrived, plus a MAC the server
+ * adds binding that blob to the pair (X, Y): the blob alone says nothing about Y, so without the
+ * MAC whoever can write the store could pair Y with another valid pages blob against X.
+ *
+ * Record: version u8 ‖ base X (32) ‖ MAC (32) ‖ pages blob. MAC = HMAC-SHA-256(idKey, tag ‖ X ‖
+ * Y ‖ blob length u32 ‖ blob header ‖ GCM tag): GCM already authenticates the blob's bytes under
+ * its key, so its header (salt) and tag stand for them, and the MAC costs no pass over the data.
+ * Stored under `deltaRecordId(Y)`: one record per chunk (the first check-in that made it), found
+ * without an index, and kept by GC exactly as long as Y is.
+ */
+export const DELTA_RECORD_VERSION = 1;
+const HEAD = 1 + 32 + 32;
+/** The blob's header and tag sizes in the version-2 envelope (core/chunks/blob.ts). */
+const BLOB_HEADER = BLOB_OVERHEAD - 16;
+const BLOB_TAG = 16;
+export const MAX_DELTA_RECORD = HEAD + MAX_DELTA_BODY + BLOB_OVERHEAD;
+const ID_TAG = Buffer.from('carryon delta record id v1\0');
+const MAC_TAG = Buffer.from('carryon delta record mac v1\0');
+
+/** Where Y's record is stored: a name no chunk ID takes (chunk IDs are keyed HMACs; this is a tagged hash of one). */
+export function deltaRecordId(newId: ChunkId): ChunkId {
+  return createHash('sha256').update(ID_TAG).update(chunkIdToBytes(newId)).digest('hex');
+}
+
+function recordMac(idKey: Uint8Array, baseId: ChunkId, newId: ChunkId, pages: Uint8Array): Buffer {
+  const len = Buffer.allocUnsafe(4);
+  len.writeUInt32BE(pages.length, 0);
+  return createHmac('sha256', idKey).update(MAC_TAG).update(chunkIdToBytes(baseId)).update(chunkIdToBytes(newId)).update(len)
+    .update(pages.subarray(0, BLOB_HEADER)).update(pages.subarray(pages.length - BLOB_TAG)).digest();
+}
+
+/** The record for Y made by `pages` (a pages blob against X, checked by the caller: it rebuilt Y from it). */
+export function makeDeltaRecord(keys: LineageKeys, baseId: ChunkId, newId: ChunkId, pages: Uint8Array): Buffer {
+  if (pages.length < BLOB_OVERHEAD || pages[0] !== 2) throw new RangeError('a delta record keeps a version-2 pages blob');
+  const out = Buffer.allocUnsafe(HEAD + pages.length);
+  out[0] = DELTA_RECORD_VERSION;
+  chunkIdToBytes(baseId).copy(out, 1);
+  recordMac(keys.idKey, baseId, newId, pages).copy(out, 33);
+  out.set(pages, HEAD);
+  return out;
+}
+
+/** The base a record was made against (unauthenticated: the server's choice whether to send it; the receiver checks). */
+export function deltaRecordBase(record: Uint8Array): ChunkId | null {
+  if (record.length < HEAD + BLOB_OVERHEAD || record.length > MAX_DELTA_RECORD || record[0] !== DELTA_RECORD_VERSION) return null;
+  return chunkIdFromBytes(record.subarray(1, 33));
+}
+
+/**
+ * Authenticates a record for (X → Y) and returns the pages to write over X to make Y: the MAC
+ * (the pair), then GCM (the pages, against X). Throws BlobError naming Y; never returns bad data.
+ */
+export function openDeltaRecord(keys: LineageKeys, baseId: ChunkId, newId: ChunkId, record: Uint8Array): { length: number; pieces: Piece[] } {
+  const bad = (why: string): never => { throw new BlobError(newId, 'delta', why); };
+  if (record.length < HEAD + BLOB_OVERHEAD || record.length > MAX_DELTA_RECORD) bad(`delta record of ${record.length} bytes`);
+  if (record[0] !== DELTA_RECORD_VERSION) bad(`delta record version ${record[0]}`);
+  if (chunkIdFromBytes(record.subarray(1, 33)) !== baseId) bad('delta record made against another chunk');
+  const pages = record.subarray(HEAD);
+  const mac = Buffer.from(record.buffer, record.byteOffset + 33, 32);
+  if (!timingSafeEqual(recordMac(keys.idKey, baseId, newId, pages), mac)) bad('delta record MAC does not verify (not made for this pair, or tampered)');
+  return openPagesPieces(keys, baseId, pages, newId);
+}
+
+/** Whether a record saves enough to be worth keeping: its pages are at most this share of Y's own blob. */
+export function deltaWorthKeeping(pagesLength: number, newBlobLength: number): boolean {
+  return pagesLength + HEAD <= newBlobLength * 0.75 && newBlobLength <= MAX_BLOB_SIZE;
+}

@@ -1,0 +1,82 @@
+import { existsSync } from 'node:fs';
+import { rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { z } from 'zod';
+import type { ChunkId } from '../../core/chunk-id.js';
+import type { Manifest } from '../../core/chunks/manifest.js';
+import { unmapChunksExcept } from '../../disk/qcow2/qcow2-unmap.js';
+import { writeFileAtomic } from '../../files/atomic.js';
+import { readJsonFile } from '../../files/json-file.js';
+import { recordMac, recordMacOk, type DesktopKeys } from '../disks/desktop-keys.js';
+import { readFilled } from './fill-direct.js';
+
+/**
+ * Delta bases: chunks a taken-over parked base keeps mapped at indexes the new checkpoint changed,
+ * so the check-out can ask for the pages that make the new chunk from the old one (a delta record,
+ * core/chunks/delta-record.ts) and write only those over it (architecture decision 66).
+ *
+ * `deltas.json` (MACed under the desktop's keys: a laptop owner who edits it only loses the
+ * saving) lists index → old chunk. Such an index is not in `filled.json`: a check-out that stops
+ * leaves it stale-but-mapped, which only a fill that knows the old chunk may write over. Anything
+ * that opens the chain for a guest (`run`, `serve`: they read missing chunks from a remote backing,
+ * and a mapped stale cluster would hide it) first drops them: `dropDeltaBases` unmaps every index
+ * not filled, then removes the file. Writing pages is idempotent (they overwrite their ranges, and
+ * the old and new chunk agree elsewhere), so a fill cut anywhere is simply run again.
+ */
+const DeltasBody = z.object({ v: z.literal(1), bases: z.array(z.tuple([z.number().int().nonnegative(), z.string().regex(/^[0-9a-f]{64}$/)])) }).strict();
+const DeltasFile = z.object({ body: z.string(), mac: z.string() }).strict();
+const FILE = 'deltas.json';
+const purpose = (disk: string) => `deltas:${disk}`;
+
+/** Indexes where the parked base holds a chunk and the new checkpoint wants another, not kept otherwise: old chunk by index. */
+export function deltaCandidates(parked: Manifest, next: Manifest, known: readonly number[] | null, keep: ReadonlySet<number>): Map<number, ChunkId> {
+  const out = new Map<number, ChunkId>();
+  if (parked.chunkSize !== next.chunkSize) return out;
+  const indexes = known ?? parked.chunks.map((_, i) => i);
+  for (const i of indexes) {
+    const old = parked.chunks[i];
+    const want = next.chunks[i];
+    if (old && want && old !== want && !keep.has(i)) out.set(i, old);
+  }
+  return out;
+}
+
+export async function writeDeltaBases(dir: string, keys: DesktopKeys, desktopId: string, disk: string, bases: ReadonlyMap<number, ChunkId>): Promise<void> {
+  const body = JSON.stringify({ v: 1, bases: [...bases] });
+  await writeFileAtomic(join(dir, FILE), JSON.stringify({ body, mac: recordMac(keys, desktopId, purpose(disk), body) }));
+}
+
+/** The delta bases of a disk still to fill (filled indexes left out); empty when none, or the file is not ours. */
+export async function readDeltaBases(dir: string, keys: DesktopKeys, desktopId: string, disk: string): Promise<Map<number, ChunkId>> {
+  const file = await readJsonFile(join(dir, FILE), DeltasFile, { missing: null, damaged: null });
+  if (!file || !recordMacOk(keys, desktopId, purpose(disk), file.body, file.mac)) return new Map();
+  let parsed;
+  try {
+    parsed = DeltasBody.safeParse(JSON.parse(file.body));
+  } catch {
+    return new Map();
+  }
+  if (!parsed.success) return new Map();
+  const filled = await readFilled(dir);
+  return new Map(parsed.data.bases.filter(([i]) => !filled.has(i)));
+}
+
+export const hasDeltaBases = (dir: string): boolean => existsSync(join(dir, FILE));
+
+/**
+ * Before a guest opens the chain: every index of an incomplete base that is not filled is unmapped
+ * (stale chunks kept for deltas included), then `deltas.json` goes. Nothing to do without the file.
+ */
+export async function dropDeltaBases(dir: string, basePath: string, chunkSize: number, complete: boolean): Promise<number> {
+  const path = join(dir, FILE);
+  // Damaged or not ours, it still says stale chunks may be mapped: they go all the same.
+  if (!hasDeltaBases(dir)) return 0;
+  const unmapped = complete ? 0 : await unmapChunksExcept(basePath, chunkSize, await readFilled(dir));
+  await rm(path, { force: true });
+  return unmapped;
+}
+
+/** A complete base needs no delta bases. */
+export async function clearDeltaBases(dir: string): Promise<void> {
+  await rm(join(dir, FILE), { force: true });
+}

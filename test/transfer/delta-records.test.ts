@@ -1,0 +1,146 @@
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, test } from 'node:test';
+import { request } from 'undici';
+import { openBlob, sealChunk } from '../../src/core/chunks/blob.js';
+import { sealPages, type Piece } from '../../src/core/chunks/delta.js';
+import { deltaRecordBase, deltaRecordId, makeDeltaRecord, openDeltaRecord } from '../../src/core/chunks/delta-record.js';
+import { generateLineageKeys } from '../../src/core/keys.js';
+import { createManifest, encodeManifest, manifestDigest, type Manifest } from '../../src/core/chunks/manifest.js';
+import { generateSigningKey } from '../../src/core/signing.js';
+import { signTicket, type TicketPayload } from '../../src/core/tokens/ticket.js';
+import { pinnedAgent } from '../../src/net/pinned-agent.js';
+import { endFrame, FRAME_BLOB, FRAME_DELTA, FrameDecoder, pagesFrameHead } from '../../src/core/chunks/frames.js';
+import { startTransferServer, type TransferServer } from '../../src/transfer/server.js';
+import { TransferSession } from '../../src/transfer-client/client.js';
+import { fillDirect, type BaseSink } from '../../src/live/fill/fill-direct.js';
+import { makeDesktopStore, wrapped } from './helpers.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'carryon-delta-records-'));
+const servers: TransferServer[] = [];
+after(async () => {
+  await Promise.all(servers.map((s) => s.close()));
+  rmSync(dir, { recursive: true, force: true });
+});
+
+const keys = generateLineageKeys();
+const CS = 64 * 1024;
+
+test('a delta record opens only for its pair (X → Y) and keys; its MAC and its pages are both checked', () => {
+  const x = sealChunk(keys, randomBytes(CS));
+  const pieces: Piece[] = [{ offset: 4096, bytes: randomBytes(4096) }, { offset: 40960, bytes: randomBytes(8192) }];
+  const pages = sealPages(keys, x.id, CS, pieces);
+  const y = sealChunk(keys, randomBytes(CS)).id; // the pair the server named
+  const record = makeDeltaRecord(keys, x.id, y, pages);
+  assert.equal(deltaRecordBase(record), x.id);
+  const opened = openDeltaRecord(keys, x.id, y, record);
+  assert.equal(opened.length, CS);
+  assert.deepEqual(opened.pieces.map((p) => [p.offset, Buffer.from(p.bytes).toString('hex')]), pieces.map((p) => [p.offset, Buffer.from(p.bytes).toString('hex')]));
+  assert.notEqual(deltaRecordId(y), y, 'a record is never stored under a chunk ID');
+  const refused = (fn: () => unknown, why: RegExp) => assert.throws(fn, (e: Error) => why.test(e.message));
+  // Another Y (the store pairing a record with another chunk), another base, other keys.
+  refused(() => openDeltaRecord(keys, x.id, x.id, record), /MAC does not verify/);
+  refused(() => openDeltaRecord(keys, y, y, record), /against another chunk/);
+  refused(() => openDeltaRecord(generateLineageKeys(), x.id, y, record), /MAC does not verify/);
+  // A flipped byte in the MAC, in the pages' ciphertext (GCM), a cut record, a record of another version.
+  for (const at of [40, record.length - 100]) {
+    const bad = Buffer.from(record);
+    bad[at]! ^= 1;
+    refused(() => openDeltaRecord(keys, x.id, y, bad), at === 40 ? /MAC does not verify/ : /GCM tag does not verify/);
+  }
+  refused(() => openDeltaRecord(keys, x.id, y, record.subarray(0, 60)), /delta record of 60 bytes/);
+  const v2 = Buffer.from(record);
+  v2[0] = 2;
+  refused(() => openDeltaRecord(keys, x.id, y, v2), /version 2/);
+  // A blob of pages another base (the MAC binds header and tag; GCM the base): a record of the right pair but the wrong pages fails.
+  const other = makeDeltaRecord(keys, x.id, y, sealPages(keys, y, CS, pieces));
+  refused(() => openDeltaRecord(keys, x.id, y, other), /GCM tag does not verify/);
+});
+
+test('a push keeps a record of each chunk it made from a base; a fetch naming that base gets the pages, any other gets the chunk; a bad record is fetched whole', async () => {
+  const master = randomBytes(32);
+  const broker = generateSigningKey();
+  const ours = await makeDesktopStore(dir, keys, 4);
+  const [x0, x1] = ours.manifest.chunks as string[];
+  let tamper = false;
+  const s = await startTransferServer({
+    id: 'ts-delta', slots: 4, store: ours.store, masterKey: master, brokerPublicKey: broker.publicKey, tlsDir: join(dir, 'tls'),
+    tamper: (_id, blob) => (tamper && blob.length < CS ? Buffer.from(blob).fill(7, blob.length - 20) : blob),
+  });
+  servers.push(s);
+  const agent = pinnedAgent(s.fingerprint);
+  after(() => agent.close());
+  const ticket = (p: Partial<TicketPayload>) => signTicket({
+    v: 1, jobId: 'job', desktopId: 'd', checkoutId: 'c', direction: 'download', manifests: [ours.digest], ...wrapped(master, keys),
+    transferServerId: s.id, maxStreams: 4, expiresAt: new Date(Date.now() + 600_000).toISOString(), ...p,
+  }, broker.privateKey);
+  const post = async (path: string, t: string, body: Buffer | string, type = 'application/json') => {
+    const res = await request(`${s.url}${path}`, { method: 'POST', dispatcher: agent, headers: { authorization: `Ticket ${t}`, 'content-type': type }, body });
+    return { status: res.statusCode, bytes: Buffer.from(await res.body.arrayBuffer()) };
+  };
+
+  // A check-in: one page of chunk 0 (kept as a record), and chunk 1 rewritten whole (no record: it would save nothing).
+  const page: Piece = { offset: 8192, bytes: randomBytes(4096) };
+  const frames = [[0, x0!, [page]], [1, x1!, [{ offset: 0, bytes: randomBytes(CS) }]]] as const;
+  const body = Buffer.concat([...frames.map(([tag, base, pieces]) => {
+    const blob = sealPages(keys, base, CS, pieces);
+    return Buffer.concat([pagesFrameHead(tag, base, blob.length), blob]);
+  }), endFrame()]);
+  const pushed = await post('/v1/chunks/push', ticket({ jobId: 'up', direction: 'upload', baseManifests: [ours.digest] }), body, 'application/octet-stream');
+  assert.equal(pushed.status, 200, pushed.bytes.toString());
+  const named = (JSON.parse(pushed.bytes.toString()) as { named: { tag: number; id: string }[] }).named;
+  const y0 = named.find((n) => n.tag === 0)!.id;
+  const y1 = named.find((n) => n.tag === 1)!.id;
+  assert.ok(await ours.store.get(deltaRecordId(y0)), 'chunk 0 has its record');
+  assert.equal(await ours.store.get(deltaRecordId(y1)), null, 'a whole rewrite has none');
+
+  // The snapshot the check-in made.
+  const next: Manifest = createManifest(CS, 4 * CS, [y0, y1, ...(ours.manifest.chunks.slice(2) as string[])]);
+  const digest = manifestDigest(next);
+  await ours.store.putManifest(digest, encodeManifest(next));
+  const down = ticket({ jobId: 'down', manifests: [digest] });
+  const fetchFrames = async (b: unknown) => {
+    const r = await post('/v1/chunks/fetch', down, JSON.stringify(b));
+    assert.equal(r.status, 200, r.bytes.toString());
+    const dec = new FrameDecoder();
+    return dec.push(r.bytes).filter((f) => f.type === FRAME_BLOB || f.type === FRAME_DELTA).map((f) => [f.type, (f as { id: string }).id]);
+  };
+  assert.deepEqual(await fetchFrames({ ids: [y0, y1], have: [x0, x1] }), [[FRAME_DELTA, y0], [FRAME_BLOB, y1]]);
+  assert.deepEqual(await fetchFrames({ ids: [y0, y1] }), [[FRAME_BLOB, y0], [FRAME_BLOB, y1]], 'no base named: the chunks');
+  assert.deepEqual(await fetchFrames({ ids: [y0], have: [x1] }), [[FRAME_BLOB, y0]], 'another base: the chunk');
+  assert.deepEqual(await fetchFrames({ ids: [y0], have: [null] }), [[FRAME_BLOB, y0]]);
+  const mismatch = await post('/v1/chunks/fetch', down, JSON.stringify({ ids: [y0, y1], have: [x0] }));
+  assert.equal(mismatch.status, 400, 'have must match ids one to one');
+
+  // The laptop's side: a base holding the old chunks at 0 and 1 gets chunk 0's page written over it, chunk 1 whole.
+  const plain = new Map<string, Buffer>([[y0, openBlob(keys, y0, (await ours.store.get(y0))!)], [y1, openBlob(keys, y1, (await ours.store.get(y1))!)]]);
+  const fill = async (label: string) => {
+    const writes: string[] = [];
+    const sink: BaseSink = {
+      write: async (index, p) => void writes.push(`whole ${index} ${p.equals(plain.get(index === 0 ? y0 : y1)!)}`),
+      writePieces: async (index, pieces) => void writes.push(`pages ${index} ${pieces.map((p) => `${p.offset}+${p.bytes.length}`).join(',')}`),
+      persist: async () => undefined,
+      close: async () => undefined,
+    };
+    const d = join(dir, label);
+    mkdirSync(d);
+    const session = new TransferSession({ url: s.url, fingerprint: s.fingerprint, ticket: down, maxStreams: 1 });
+    try {
+      const onlyChanged = { ...next, chunks: [y0, y1, null, null] };
+      const r = await fillDirect({ disks: [{ disk: { base: onlyChanged }, dir: d, sink, bases: new Map([[0, x0!], [1, x1!]]) }], session, keys });
+      return { writes: writes.sort(), ...r };
+    } finally {
+      await session.close();
+    }
+  };
+  const good = await fill('good');
+  assert.deepEqual(good.writes, ['pages 0 8192+4096', 'whole 1 true']);
+  assert.ok(good.bytesMoved < CS + 4096 + 1024, `${good.bytesMoved} bytes: one page and one chunk`);
+  // A record damaged on its way (or in the store): refused, and the chunk asked for again whole.
+  tamper = true;
+  const bad = await fill('bad');
+  assert.deepEqual(bad.writes, ['whole 0 true', 'whole 1 true']);
+});
