@@ -40,7 +40,9 @@ parentPort!.on('message', (req: XtsWriteRequest) => {
   let error: XtsWriteResult['error'] = null;
   try {
     if ('pieces' in req) {
-      for (const p of req.pieces) write(Buffer.from(init.slots, req.slot * init.slotSize + p.offset, p.length), req.host + p.offset);
+      // Through the page cache: a few pages written with O_DIRECT wait for the device (64 KiB: 0.09 ms here, against
+      // 0.02 ms cached) on this one thread; the base writer's fdatasync makes them durable all the same.
+      for (const p of req.pieces) write(Buffer.from(init.slots, req.slot * init.slotSize + p.offset, p.length), req.host + p.offset, false);
     } else {
       write('data' in req ? Buffer.from(req.data) : Buffer.from(init.slots, req.slot * init.slotSize, req.length), req.host);
     }
@@ -51,10 +53,10 @@ parentPort!.on('message', (req: XtsWriteRequest) => {
 });
 
 /** Encrypts `plain` (whole sectors) as the sectors at byte `host` of the image and writes it there. */
-function write(plain: Buffer, host: number): void {
+function write(plain: Buffer, host: number, direct = true): void {
   const sealed = xts.encryptView(plain, host / XTS_SECTOR);
   // Direct I/O needs the buffer (slots are page aligned), the offset and the length in whole pages.
-  const aligned = plain.length % 4096 === 0 && host % 4096 === 0;
+  const aligned = direct && plain.length % 4096 === 0 && host % 4096 === 0;
   // A short write (a disk filling up) is continued, through the page cache (direct I/O needs
   // aligned offsets): the next write fails with the OS's own error.
   for (let done = 0; done < sealed.length;) {
