@@ -6,7 +6,6 @@ import { checkout, release, upload } from '../src/client/ops.js';
 import { writeTestImage } from '../src/demo/image.js';
 import { recordTrace, takeTrace } from '../src/files/trace.js';
 import { changeOnePercent } from './checkin.js';
-import { TL } from '../src/live/fill/fill-direct.js';
 import { settle, timed } from './lib/measure.js';
 import { Rig } from './lib/rig.js';
 
@@ -53,9 +52,7 @@ async function main(): Promise<void> {
       const cpu0 = process.cpuUsage();
       takeTrace();
       recordTrace(true);
-      TL.length = 0;
       const { seconds, value } = await timed(() => checkout(mine, 'desk'));
-      if (process.env.TIMELINE) (await import('node:fs')).writeFileSync(process.env.TIMELINE, TL.join('\n'));
       const spans = takeTrace();
       const serverCpu = rig.transferCpuSeconds() - server0;
       const cpu = process.cpuUsage(cpu0);
