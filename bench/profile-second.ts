@@ -13,7 +13,8 @@ import { Rig } from './lib/rig.js';
  * Where a second check-out (from the parked copy, after 1 % changed on the server) spends its time
  * (issue 25), not a bench section: rounds of another laptop's change and check-in, then this
  * laptop's check-out in-process, printed as wall time, the transfer server's CPU and the trace's
- * phases. CPU_PROF=FILE: a V8 CPU profile of the last round's check-out (this process).
+ * phases. CPU_PROF=FILE: a V8 CPU profile of the last round's check-out (this process). CLONE=1: instead,
+ * the check-out of a clone of the parked desktop (its shared chunks copied from the parked copy).
  *
  *   node dist/bench/profile-second.js [GiB] [rounds]
  */
@@ -29,7 +30,7 @@ async function main(): Promise<void> {
   if (!existsSync(image)) await writeTestImage(image, size, 'mixed');
   const rigDir = join(dir, 'rig-second');
   await rm(rigDir, { recursive: true, force: true });
-  const rig = await Rig.start(rigDir, image);
+  const rig = await Rig.start(rigDir, image, undefined, { desktops: 2 });
   const src = join(dir, 'second-src.raw');
   try {
     const mine = await rig.laptop();
@@ -37,6 +38,29 @@ async function main(): Promise<void> {
     await checkout(mine, 'desk');
     await release(mine, 'desk', 'rollback');
     await writeFile(src, '');
+    if (process.env.CLONE) {
+      // A clone of the parked desktop: what they share is copied from the parked copy.
+      const profile = process.env.CPU_PROF ? new Session() : null;
+      if (profile) {
+        profile.connect();
+        await profile.post('Profiler.enable');
+        await profile.post('Profiler.start');
+      }
+      const cpu0 = process.cpuUsage();
+      takeTrace();
+      recordTrace(true);
+      const { seconds, value } = await timed(() => checkout(mine, 'desk-1'));
+      const spans = takeTrace();
+      recordTrace(false);
+      const cpu = process.cpuUsage(cpu0);
+      if (profile) {
+        const { profile: p } = await profile.post('Profiler.stop');
+        await writeFile(process.env.CPU_PROF!, JSON.stringify(p));
+        profile.disconnect();
+      }
+      console.log(`clone: ${seconds.toFixed(3)} s, ${value.copiedChunks} copied, ${value.chunksMoved} fetched, laptop ${(cpu.user / 1e6).toFixed(2)} user + ${(cpu.system / 1e6).toFixed(2)} system CPU s; ${spans.map((s) => `${s.name} ${s.ms.toFixed(0)}`).join(', ')}`);
+      return;
+    }
     for (let i = 0; i < rounds; i++) {
       await checkout(other, 'desk');
       await changeOnePercent(other, src, size, size / 100, 'random');

@@ -15,6 +15,8 @@ import { XTS_SECTOR, XtsSectors } from './xts.js';
  */
 export class Qcow2BaseReader {
   private readonly l2 = new Map<number, Buffer>();
+  /** Read buffers free for the next read (as many as reads ever ran at once). */
+  private readonly buffers: Buffer[] = [];
 
   private constructor(
     private readonly fh: FileHandle,
@@ -41,10 +43,14 @@ export class Qcow2BaseReader {
     }
   }
 
-  /** Guest bytes [offset, offset + length); unallocated clusters read as zeros. */
-  async read(offset: number, length: number): Promise<Buffer> {
+  /**
+   * Guest bytes [offset, offset + length); unallocated clusters read as zeros. `into` (at least
+   * `length` bytes; a writer's slot): the result is a view of it instead of a new buffer.
+   */
+  async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
     if (offset < 0 || length < 0 || offset + length > this.diskSize) throw new DiskError('range', `${offset}+${length} lies outside the ${this.diskSize}-byte disk`);
-    const out = Buffer.alloc(length);
+    // Every byte is written below: decrypted, or zeros where nothing is allocated.
+    const out = into && into.length >= length ? into.subarray(0, length) : Buffer.allocUnsafe(length);
     for (let done = 0; done < length;) {
       const guest = offset + done;
       const inCluster = guest % this.clusterSize;
@@ -54,10 +60,18 @@ export class Qcow2BaseReader {
         // Whole sectors around the range, decrypted, then the asked part copied out.
         const from = Math.floor(inCluster / XTS_SECTOR) * XTS_SECTOR;
         const to = Math.ceil((inCluster + n) / XTS_SECTOR) * XTS_SECTOR;
-        const cipher = Buffer.alloc(to - from);
-        const { bytesRead } = await this.fh.read(cipher, 0, cipher.length, host + from);
-        if (bytesRead !== cipher.length) throw new DiskError('state', `${this.path}: cluster at ${host} lies past the end of the file`);
-        this.xts.decryptView(cipher, (host + from) / XTS_SECTOR).copy(out, done, inCluster - from, inCluster - from + n);
+        // Cluster-sized buffers kept between reads: a fresh 256 KiB one per read is an mmap, its page faults and a munmap.
+        const whole = this.buffers.pop() ?? Buffer.allocUnsafeSlow(this.clusterSize);
+        try {
+          const cipher = whole.subarray(0, to - from);
+          const { bytesRead } = await this.fh.read(cipher, 0, cipher.length, host + from);
+          if (bytesRead !== cipher.length) throw new DiskError('state', `${this.path}: cluster at ${host} lies past the end of the file`);
+          this.xts.decryptView(cipher, (host + from) / XTS_SECTOR).copy(out, done, inCluster - from, inCluster - from + n);
+        } finally {
+          this.buffers.push(whole);
+        }
+      } else {
+        out.fill(0, done, done + n);
       }
       done += n;
     }

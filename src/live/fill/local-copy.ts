@@ -16,8 +16,8 @@ export interface ChunkSource {
   label: string;
   /** Chunk ID → the indexes of this source that its manifest says hold it. */
   at: Map<ChunkId, number[]>;
-  /** The decrypted guest bytes of chunk `index` (`length` bytes). */
-  read(index: number, length: number): Promise<Buffer>;
+  /** The decrypted guest bytes of chunk `index` (`length` bytes), in `into` when given (a view of it). */
+  read(index: number, length: number, into?: Buffer): Promise<Buffer>;
   /** The same file the copies are written into: an index once written is no longer read as a source. */
   sameFileAsTarget?: boolean;
   close(): Promise<void>;
@@ -44,7 +44,7 @@ export async function baseFileSource(o: { label: string; path: string; passphras
     await reader.close();
     throw new Error(`its disk is ${reader.diskSize} bytes, its manifest says ${o.diskSize}`);
   }
-  return { label: o.label, at: o.at, sameFileAsTarget: o.sameFileAsTarget, read: (index, length) => reader.read(index * o.chunkSize, length), close: () => reader.close() };
+  return { label: o.label, at: o.at, sameFileAsTarget: o.sameFileAsTarget, read: (index, length, into) => reader.read(index * o.chunkSize, length, into), close: () => reader.close() };
 }
 
 /**
@@ -55,6 +55,24 @@ export async function baseFileSource(o: { label: string; path: string; passphras
 const BATCH = 32;
 /** Writes in flight (as a check-out stream keeps two; four here, one reader feeds them all). */
 const WRITES_IN_FLIGHT = 4;
+/**
+ * Reads in flight. One at a time, reads and writes took turns: 12.0 s for a 4 GiB clone's 8192
+ * chunks here (the main thread idle 7.4 s of it), against 6.6 s for fetching them all.
+ */
+const READS_IN_FLIGHT = 4;
+
+/** `fn` over `items`, at most `limit` at once, results in input order. */
+async function inOrder<T, R>(items: readonly T[], limit: number, fn: (item: T) => Promise<R>): Promise<R[]> {
+  const out: R[] = new Array(items.length);
+  let next = 0;
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, async () => {
+    while (next < items.length) {
+      const i = next++;
+      out[i] = await fn(items[i]!);
+    }
+  }));
+  return out;
+}
 
 /**
  * Copies into `sink` every chunk of `target` not in `present` that a source holds: read, checked
@@ -84,35 +102,50 @@ export async function copyLocalChunks(o: {
   });
   const written: number[] = [];
   const overwritten = new Set<number>();
-  // Writes (encrypted and written on the sink's threads) overlap the next reads (decrypted and checked here).
+  // Writes (encrypted and written on the sink's threads) overlap the next batch's reads (decrypted and checked here).
   const writes = new WriteWindow(WRITES_IN_FLIGHT);
   let bytes = 0;
   let rejected = 0;
   const ids = [...need.keys()];
-  for (let b = 0; b < ids.length; b += BATCH) {
-    if (o.signal?.aborted) break;
-    const batch: { places: number[]; plain: Buffer }[] = [];
-    for (const id of ids.slice(b, b + BATCH)) {
-      const places = need.get(id)!;
-      const length = chunkLength(places[0]!, o.target.diskSize, o.target.chunkSize);
-      const plain = await readChecked(o.sources, id, length, overwritten, o.idKey, (why) => {
-        rejected++;
-        o.log(`a local copy of chunk ${id.slice(0, 12)}… was not used (${why}): it is fetched instead`);
-      });
-      if (plain) batch.push({ places, plain });
+  /** The previous batch's writes being handed to the sink: at most two batches of plaintext are held. */
+  let handing: Promise<void> = Promise.resolve();
+  try {
+    for (let b = 0; b < ids.length; b += BATCH) {
+      if (o.signal?.aborted) break;
+      // Several reads at once: each waits on the file system's threads, the checks run here as they land.
+      const batch = (await inOrder(ids.slice(b, b + BATCH), READS_IN_FLIGHT, async (id) => {
+        const places = need.get(id)!;
+        const length = chunkLength(places[0]!, o.target.diskSize, o.target.chunkSize);
+        // Read straight into a buffer of the sink's, where it lends one (the writer threads' slots: no copy there).
+        const into = o.sink.spare?.() ?? undefined;
+        const plain = await readChecked(o.sources, id, length, overwritten, o.idKey, (why) => {
+          rejected++;
+          o.log(`a local copy of chunk ${id.slice(0, 12)}… was not used (${why}): it is fetched instead`);
+        }, into);
+        if (!plain && into) o.sink.giveBack?.(into);
+        return plain ? { places, plain } : null;
+      })).filter((x) => x !== null);
+      await handing;
+      // Marked before any write of the batch lands, and before the next batch reads: never read as a source (it may be half written).
+      for (const { places } of batch) for (const i of places) overwritten.add(i);
+      handing = (async () => {
+        for (const { places, plain } of batch) {
+          // A sink may take the buffer over: every place but the last gets its own copy.
+          for (const [k, i] of places.entries()) {
+            const length = plain.length;
+            await writes.add(o.sink.write(i, k === places.length - 1 ? plain : Buffer.from(plain)).then(() => o.onWritten?.(length)));
+            written.push(i);
+            bytes += plain.length;
+          }
+        }
+      })();
+      // Awaited at the next batch or at the end; until then a failure must not count as unhandled.
+      handing.catch(() => undefined);
     }
-    for (const { places, plain } of batch) {
-      // A sink may take the buffer over: every place but the last gets its own copy.
-      for (const [k, i] of places.entries()) {
-        // Marked before the write lands: later batches never read it as a source (it may be half written).
-        overwritten.add(i);
-        const length = plain.length;
-        await writes.add(o.sink.write(i, k === places.length - 1 ? plain : Buffer.from(plain)).then(() => o.onWritten?.(length)));
-        written.push(i);
-        bytes += plain.length;
-      }
-    }
+  } finally {
+    await handing.catch(() => undefined);
   }
+  await handing;
   await writes.drain();
   return { written, bytes, rejected };
 }
@@ -163,13 +196,13 @@ export class LocalChunkReader {
 const NOTHING_OVERWRITTEN: ReadonlySet<number> = new Set();
 
 /** The first local copy of `id` that reads and checks out, or null (each failure reported once). */
-async function readChecked(sources: ChunkSource[], id: ChunkId, length: number, overwritten: ReadonlySet<number>, idKey: Uint8Array, reject: (why: string) => void): Promise<Buffer | null> {
+async function readChecked(sources: ChunkSource[], id: ChunkId, length: number, overwritten: ReadonlySet<number>, idKey: Uint8Array, reject: (why: string) => void, into?: Buffer): Promise<Buffer | null> {
   for (const s of sources) {
     for (const j of s.at.get(id) ?? []) {
       if (s.sameFileAsTarget && overwritten.has(j)) continue;
       let plain: Buffer;
       try {
-        plain = await s.read(j, length);
+        plain = await s.read(j, length, into);
       } catch (err) {
         reject(`${s.label}, index ${j}: ${(err as Error).message}`);
         continue;
