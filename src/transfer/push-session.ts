@@ -3,7 +3,7 @@ import { pushReceipt, type ReceiptKey } from '../core/tokens/push-receipt.js';
 import type { TicketPayload } from '../core/tokens/ticket.js';
 import { WriteWindow } from '../core/write-window.js';
 import type { ChunkStore } from '../store/chunk-store.js';
-import { deltaRecordId, deltaWorthKeeping, makeDeltaRecord } from '../core/chunks/delta-record.js';
+import { deltaRecordId, deltaWorthKeeping, makeDeltaRecord, ZERO_BASE } from '../core/chunks/delta-record.js';
 import { FRAME_END, FRAME_PAGES, FrameDecoder, FrameError, type Frame } from '../core/chunks/frames.js';
 import type { PushChecks } from './push-checks.js';
 import type { JobCounters, Scope } from './scopes.js';
@@ -115,8 +115,8 @@ export class PushSession {
     this.o.counters.chunksIn++;
     if (named.id && named.blob) {
       // How Y was made from its base: a laptop still holding the base later fetches these pages instead of Y (delta-record.ts).
-      const record = base && named.id !== base.id && deltaWorthKeeping(frame.payload.length, named.blob.length)
-        ? makeDeltaRecord(scope.keys, base.id, named.id, frame.payload) : null;
+      const record = named.id !== base?.id && deltaWorthKeeping(frame.payload.length, named.blob.length)
+        ? makeDeltaRecord(scope.keys, base?.id ?? ZERO_BASE, named.id, frame.payload) : null;
       await Promise.all([this.store(named.id, named.blob), record && this.keepRecord(named.id, record)]);
     }
     this.result.named.push(named.id

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomInt } from 'node:crypto';
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -7,7 +7,7 @@ import { after, test } from 'node:test';
 import { request } from 'undici';
 import { openBlob, sealChunk } from '../../src/core/chunks/blob.js';
 import { sealPages, type Piece } from '../../src/core/chunks/delta.js';
-import { deltaRecordBase, deltaRecordId, makeDeltaRecord, openDeltaRecord } from '../../src/core/chunks/delta-record.js';
+import { deltaRecordBase, deltaRecordId, makeDeltaRecord, openDeltaRecord, ZERO_BASE } from '../../src/core/chunks/delta-record.js';
 import { generateLineageKeys } from '../../src/core/keys.js';
 import { createManifest, encodeManifest, manifestDigest, type Manifest } from '../../src/core/chunks/manifest.js';
 import { generateSigningKey } from '../../src/core/signing.js';
@@ -28,6 +28,13 @@ after(async () => {
 
 const keys = generateLineageKeys();
 const CS = 64 * 1024;
+const WORDS = ['desktop', 'laptop', 'offline', 'check', 'chunk', 'the', 'a', 'of', 'server', 'lease', 'policy', 'user', 'pages', 'zero', 'qemu'];
+/** `n` bytes of text-like data (words of a small vocabulary): what zstd's levels tell apart. */
+function text(n: number): Buffer {
+  let s = '';
+  while (s.length < n) s += `${WORDS[randomInt(WORDS.length)]}${randomInt(8) === 0 ? '\n' : ' '}`;
+  return Buffer.from(s.slice(0, n));
+}
 
 test('a delta record opens only for its pair (X → Y) and keys; its MAC and its pages are both checked', () => {
   const x = sealChunk(keys, randomBytes(CS));
@@ -68,7 +75,8 @@ test('a push keeps a record of each chunk it made from a base; a fetch naming th
   let tamper = false;
   const s = await startTransferServer({
     id: 'ts-delta', slots: 4, store: ours.store, masterKey: master, brokerPublicKey: broker.publicKey, tlsDir: join(dir, 'tls'),
-    tamper: (_id, blob) => (tamper && blob.length < CS ? Buffer.from(blob).fill(7, blob.length - 20) : blob),
+    // Delta records only (version 1; chunk blobs are version 2).
+    tamper: (_id, blob) => (tamper && deltaRecordBase(blob) !== null ? Buffer.from(blob).fill(7, blob.length - 20) : blob),
   });
   servers.push(s);
   const agent = pinnedAgent(s.fingerprint);
@@ -82,9 +90,10 @@ test('a push keeps a record of each chunk it made from a base; a fetch naming th
     return { status: res.statusCode, bytes: Buffer.from(await res.body.arrayBuffer()) };
   };
 
-  // A check-in: one page of chunk 0 (kept as a record), and chunk 1 rewritten whole (no record: it would save nothing).
+  // A check-in: one page of chunk 0 (kept as a record), chunk 1 rewritten whole (no record: it would save nothing),
+  // and four pages of text written where chunk 2 was a hole (kept against zeros: the pages' zstd level 3 beats the chunk's level 1).
   const page: Piece = { offset: 8192, bytes: randomBytes(4096) };
-  const frames = [[0, x0!, [page]], [1, x1!, [{ offset: 0, bytes: randomBytes(CS) }]]] as const;
+  const frames = [[0, x0!, [page]], [1, x1!, [{ offset: 0, bytes: randomBytes(CS) }]], [2, null, [{ offset: 4096, bytes: text(16384) }]]] as const;
   const body = Buffer.concat([...frames.map(([tag, base, pieces]) => {
     const blob = sealPages(keys, base, CS, pieces);
     return Buffer.concat([pagesFrameHead(tag, base, blob.length), blob]);
@@ -94,11 +103,13 @@ test('a push keeps a record of each chunk it made from a base; a fetch naming th
   const named = (JSON.parse(pushed.bytes.toString()) as { named: { tag: number; id: string }[] }).named;
   const y0 = named.find((n) => n.tag === 0)!.id;
   const y1 = named.find((n) => n.tag === 1)!.id;
+  const y2 = named.find((n) => n.tag === 2)!.id;
   assert.ok(await ours.store.get(deltaRecordId(y0)), 'chunk 0 has its record');
   assert.equal(await ours.store.get(deltaRecordId(y1)), null, 'a whole rewrite has none');
+  assert.equal(deltaRecordBase((await ours.store.get(deltaRecordId(y2)))!), ZERO_BASE, 'pages over a hole are kept against zeros');
 
   // The snapshot the check-in made.
-  const next: Manifest = createManifest(CS, 4 * CS, [y0, y1, ...(ours.manifest.chunks.slice(2) as string[])]);
+  const next: Manifest = createManifest(CS, 4 * CS, [y0, y1, y2, ours.manifest.chunks[3]!]);
   const digest = manifestDigest(next);
   await ours.store.putManifest(digest, encodeManifest(next));
   const down = ticket({ jobId: 'down', manifests: [digest] });
@@ -112,15 +123,17 @@ test('a push keeps a record of each chunk it made from a base; a fetch naming th
   assert.deepEqual(await fetchFrames({ ids: [y0, y1] }), [[FRAME_BLOB, y0], [FRAME_BLOB, y1]], 'no base named: the chunks');
   assert.deepEqual(await fetchFrames({ ids: [y0], have: [x1] }), [[FRAME_BLOB, y0]], 'another base: the chunk');
   assert.deepEqual(await fetchFrames({ ids: [y0], have: [null] }), [[FRAME_BLOB, y0]]);
+  assert.deepEqual(await fetchFrames({ ids: [y2], have: [ZERO_BASE] }), [[FRAME_DELTA, y2]], 'a hole here: the pages over zeros');
   const mismatch = await post('/v1/chunks/fetch', down, JSON.stringify({ ids: [y0, y1], have: [x0] }));
   assert.equal(mismatch.status, 400, 'have must match ids one to one');
 
   // The laptop's side: a base holding the old chunks at 0 and 1 gets chunk 0's page written over it, chunk 1 whole.
-  const plain = new Map<string, Buffer>([[y0, openBlob(keys, y0, (await ours.store.get(y0))!)], [y1, openBlob(keys, y1, (await ours.store.get(y1))!)]]);
+  const plain = [y0, y1, y2].map(async (y) => openBlob(keys, y, (await ours.store.get(y))!));
+  const plains = await Promise.all(plain);
   const fill = async (label: string) => {
     const writes: string[] = [];
     const sink: BaseSink = {
-      write: async (index, p) => void writes.push(`whole ${index} ${p.equals(plain.get(index === 0 ? y0 : y1)!)}`),
+      write: async (index, p) => void writes.push(`whole ${index} ${p.equals(plains[index]!)}`),
       writePieces: async (index, pieces) => void writes.push(`pages ${index} ${pieces.map((p) => `${p.offset}+${p.bytes.length}`).join(',')}`),
       persist: async () => undefined,
       close: async () => undefined,
@@ -129,18 +142,18 @@ test('a push keeps a record of each chunk it made from a base; a fetch naming th
     mkdirSync(d);
     const session = new TransferSession({ url: s.url, fingerprint: s.fingerprint, ticket: down, maxStreams: 1 });
     try {
-      const onlyChanged = { ...next, chunks: [y0, y1, null, null] };
-      const r = await fillDirect({ disks: [{ disk: { base: onlyChanged }, dir: d, sink, bases: new Map([[0, x0!], [1, x1!]]) }], session, keys });
+      const onlyChanged = { ...next, chunks: [y0, y1, y2, null] };
+      const r = await fillDirect({ disks: [{ disk: { base: onlyChanged }, dir: d, sink, bases: new Map([[0, x0!], [1, x1!], [2, ZERO_BASE]]) }], session, keys });
       return { writes: writes.sort(), ...r };
     } finally {
       await session.close();
     }
   };
   const good = await fill('good');
-  assert.deepEqual(good.writes, ['pages 0 8192+4096', 'whole 1 true']);
-  assert.ok(good.bytesMoved < CS + 4096 + 1024, `${good.bytesMoved} bytes: one page and one chunk`);
+  assert.deepEqual(good.writes, ['pages 0 8192+4096', 'whole 1 true', 'whole 2 true']);
+  assert.ok(good.bytesMoved < CS + 4096 + 4096 + 1024, `${good.bytesMoved} bytes: a page, four pages of text and one chunk`);
   // A record damaged on its way (or in the store): refused, and the chunk asked for again whole.
   tamper = true;
   const bad = await fill('bad');
-  assert.deepEqual(bad.writes, ['whole 0 true', 'whole 1 true']);
+  assert.deepEqual(bad.writes, ['whole 0 true', 'whole 1 true', 'whole 2 true']);
 });

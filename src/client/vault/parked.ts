@@ -19,7 +19,7 @@ import type { DesktopKeys } from '../../live/disks/desktop-keys.js';
 import { recordMac, recordMacOk } from '../../live/disks/desktop-keys.js';
 import { chainOf, diskDir } from '../../live/disks/disks.js';
 import { readFilled, writeFilled } from '../../live/fill/fill-direct.js';
-import { clearDeltaBases, deltaCandidates, dropDeltaBases, hasDeltaBases, writeDeltaBases } from '../../live/fill/delta-bases.js';
+import { clearDeltaBases, deltaCandidates, dropDeltaBases, hasDeltaBases, keptForPages, writeDeltaBases } from '../../live/fill/delta-bases.js';
 import { baseFileSource, chunkIndex, copyLocalChunks, type ChunkSource } from '../../live/fill/local-copy.js';
 import { Qcow2BaseWriter } from '../../disk/qcow2/qcow2-base-writer.js';
 import { emptyTrash, shred } from './guards.js';
@@ -578,7 +578,7 @@ async function finishReuse(vault: DesktopRecords, state: DesktopState, keys: Des
   let unmapped: number;
   try {
     // Metadata only (no key, no writer threads): the chunks that differ go, their clusters are freed.
-    unmapped = await traced('unmap-stale', () => unmapChunksExcept(base, next.chunkSize, deltas.size ? new Set([...keep, ...deltas.keys()]) : keep));
+    unmapped = await traced('unmap-stale', () => unmapChunksExcept(base, next.chunkSize, deltas.size ? new Set([...keep, ...keptForPages(deltas)]) : keep));
   } catch (err) {
     if (!(err instanceof UnsupportedImage)) throw err;
     // A base this code cannot unmap in: made fresh instead (erased first).
@@ -596,7 +596,7 @@ async function finishReuse(vault: DesktopRecords, state: DesktopState, keys: Des
   await rm(path, { force: true });
   const bytes = matched.reduce((n, i) => n + chunkLength(i, next.diskSize, next.chunkSize), 0);
   const copied = moved.written.length ? `, ${moved.written.length} copied from other indexes` : '';
-  const kept = deltas.size ? `, ${deltas.size} kept to receive only their changed pages` : '';
+  const kept = keptForPages(deltas).length ? `, ${keptForPages(deltas).length} kept to receive only their changed pages` : '';
   log(`reused the parked copy of disk ${disk}: ${matched.length} of ${next.chunks.filter(Boolean).length} chunks already here${copied} (${unmapped} stale ones dropped${kept})`);
   return { chunks: matched.length, bytes, copied: moved.written.length, rejected: moved.rejected };
 }

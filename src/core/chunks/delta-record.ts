@@ -17,9 +17,13 @@ import { MAX_DELTA_BODY, openPagesPieces, type Piece } from './delta.js';
  * Y ‖ blob length u32 ‖ blob header ‖ GCM tag): GCM already authenticates the blob's bytes under
  * its key, so its header (salt) and tag stand for them, and the MAC costs no pass over the data.
  * Stored under `deltaRecordId(Y)`: one record per chunk (the first check-in that made it), found
- * without an index, and kept by GC exactly as long as Y is.
+ * without an index, and kept by GC exactly as long as Y is. Pages written over a hole are kept
+ * against `ZERO_BASE`: a laptop whose copy has a hole there gets them instead of Y's blob (fewer
+ * bytes: pages travel at zstd level 3, rebuilt chunks are sealed at level 1).
  */
 export const DELTA_RECORD_VERSION = 1;
+/** The base of pages written over zeros (a chunk that was a hole): a record against it makes the whole chunk from zeros and the pages. */
+export const ZERO_BASE: ChunkId = '0'.repeat(64);
 const HEAD = 1 + 32 + 32;
 /** The blob's header and tag sizes in the version-2 envelope (core/chunks/blob.ts). */
 const BLOB_HEADER = BLOB_OVERHEAD - 16;
@@ -72,7 +76,10 @@ export function openDeltaRecord(keys: LineageKeys, baseId: ChunkId, newId: Chunk
   return openPagesPieces(keys, baseId, pages, newId);
 }
 
-/** Whether a record saves enough to be worth keeping: its pages are at most this share of Y's own blob. */
+/**
+ * Whether a record is worth keeping: it is smaller than Y's own blob (what it saves a holder of
+ * the base on every check-out; the pages are sealed at zstd level 3, a rebuilt chunk at level 1).
+ */
 export function deltaWorthKeeping(pagesLength: number, newBlobLength: number): boolean {
-  return pagesLength + HEAD <= newBlobLength * 0.75 && newBlobLength <= MAX_BLOB_SIZE;
+  return pagesLength + HEAD < newBlobLength && newBlobLength <= MAX_BLOB_SIZE;
 }

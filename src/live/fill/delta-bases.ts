@@ -3,6 +3,7 @@ import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import type { ChunkId } from '../../core/chunk-id.js';
+import { ZERO_BASE } from '../../core/chunks/delta-record.js';
 import type { Manifest } from '../../core/chunks/manifest.js';
 import { unmapChunksExcept } from '../../disk/qcow2/qcow2-unmap.js';
 import { writeFileAtomic } from '../../files/atomic.js';
@@ -28,18 +29,27 @@ const DeltasFile = z.object({ body: z.string(), mac: z.string() }).strict();
 const FILE = 'deltas.json';
 const purpose = (disk: string) => `deltas:${disk}`;
 
-/** Indexes where the parked base holds a chunk and the new checkpoint wants another, not kept otherwise: old chunk by index. */
+/**
+ * Indexes the new checkpoint changed and nothing else fills, by the chunk the parked base holds
+ * there: its old chunk (kept mapped), or ZERO_BASE where it was a hole (pages over zeros make the
+ * whole chunk, written whole: that needs nothing of the base, so any index the parked copy did not
+ * hold qualifies too).
+ */
 export function deltaCandidates(parked: Manifest, next: Manifest, known: readonly number[] | null, keep: ReadonlySet<number>): Map<number, ChunkId> {
   const out = new Map<number, ChunkId>();
   if (parked.chunkSize !== next.chunkSize) return out;
-  const indexes = known ?? parked.chunks.map((_, i) => i);
-  for (const i of indexes) {
-    const old = parked.chunks[i];
-    const want = next.chunks[i];
-    if (old && want && old !== want && !keep.has(i)) out.set(i, old);
-  }
+  const held = known ? new Set(known) : null;
+  next.chunks.forEach((want, i) => {
+    if (!want || keep.has(i)) return;
+    const old = held && !held.has(i) ? null : (parked.chunks[i] ?? null);
+    if (old === want) return;
+    out.set(i, old ?? ZERO_BASE);
+  });
   return out;
 }
+
+/** Indexes kept mapped for pages (a hole's pages are written whole: nothing to keep). */
+export const keptForPages = (bases: ReadonlyMap<number, ChunkId>): number[] => [...bases].filter(([, b]) => b !== ZERO_BASE).map(([i]) => i);
 
 export async function writeDeltaBases(dir: string, keys: DesktopKeys, desktopId: string, disk: string, bases: ReadonlyMap<number, ChunkId>): Promise<void> {
   const body = JSON.stringify({ v: 1, bases: [...bases] });

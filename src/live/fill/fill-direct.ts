@@ -2,7 +2,7 @@ import { join } from 'node:path';
 import { z } from 'zod';
 import { openBlob } from '../../core/chunks/blob.js';
 import type { Piece } from '../../core/chunks/delta.js';
-import { openDeltaRecord } from '../../core/chunks/delta-record.js';
+import { openDeltaRecord, ZERO_BASE } from '../../core/chunks/delta-record.js';
 import type { ChunkId } from '../../core/chunk-id.js';
 import { chunkLength } from '../../core/chunks/chunking.js';
 import { CarryonError } from '../../core/errors.js';
@@ -93,8 +93,10 @@ export async function fillDirect(opts: {
       bytesTotal += length;
       if (done.has(index)) return void (bytesLocal += length);
       const list = targets.get(id) ?? [];
-      // Pages go over a base in whole sectors: not for a chunk whose length is not (the last of an odd-sized disk).
-      const base = sink.writePieces && length % 512 === 0 ? (bases?.get(index) ?? null) : null;
+      // Pages over a kept chunk go in whole sectors: not for a chunk whose length is not (the last of an odd-sized disk).
+      // Pages over zeros make the whole chunk here: any sink takes that.
+      const held = bases?.get(index) ?? null;
+      const base = held === ZERO_BASE || (sink.writePieces && length % 512 === 0) ? held : null;
       list.push({ sink, length, disk: d, index, base });
       targets.set(id, list);
       total++;
@@ -128,7 +130,7 @@ export async function fillDirect(opts: {
     flushing = persist().catch((error: unknown) => void (stop ??= { error })).finally(() => (flushing = null));
   };
   let next = 0;
-  const paced = pacing(opts.rateLimit, opts.disks[0]?.disk.base.chunkSize ?? 256 * 1024, Math.max(1, opts.session.endpoint.maxStreams), 32);
+  const paced = pacing(opts.rateLimit, opts.disks[0]?.disk.base.chunkSize ?? 256 * 1024, Number(process.env.XSTREAMS) || Math.max(1, opts.session.endpoint.maxStreams), 32);
   const batch = paced.batch;
   const failures = new Map<ChunkId, number>();
   /** Chunks whose delta record failed its check: fetched whole from then on. */
@@ -176,9 +178,13 @@ export async function fillDirect(opts: {
               continue;
             }
             seen.add(id);
-            await writes.add(Promise.all(places.map((p) => p.sink.writePieces!(p.index, pages.pieces))).then(() => {
+            // Over a hole: zeros and the pages are the whole chunk, written as one. Over a kept chunk: the pages alone.
+            const write = base === ZERO_BASE
+              ? (p: (typeof places)[number]) => p.sink.write(p.index, overZeros(p.sink.spare?.() ?? null, pages.length, pages.pieces))
+              : (p: (typeof places)[number]) => p.sink.writePieces!(p.index, pages.pieces);
+            await writes.add(Promise.all(places.map(write)).then(() => {
               for (const p of places) pendingMarks.push({ disk: p.disk, index: p.index });
-              sinceFlush += pages.pieces.reduce((n, p) => n + p.bytes.length, 0) * places.length;
+              sinceFlush += (base === ZERO_BASE ? pages.length : pages.pieces.reduce((n, p) => n + p.bytes.length, 0)) * places.length;
               maybePersist();
             }));
           } else {
@@ -231,6 +237,19 @@ export async function fillDirect(opts: {
   }
   if (stop) throw (stop as { error: unknown }).error;
   return { bytesMoved, chunksMoved };
+}
+
+/** A chunk of `length` bytes made of zeros and `pieces`, in `into` when given (a sink's spare buffer). */
+function overZeros(into: Buffer | null, length: number, pieces: readonly Piece[]): Buffer {
+  const out = into && into.length >= length ? into.subarray(0, length) : Buffer.allocUnsafe(length);
+  let at = 0;
+  for (const p of pieces) {
+    out.fill(0, at, p.offset);
+    out.set(p.bytes, p.offset);
+    at = p.offset + p.bytes.length;
+  }
+  out.fill(0, at);
+  return out;
 }
 
 /**
