@@ -130,7 +130,7 @@ export async function fillDirect(opts: {
     flushing = persist().catch((error: unknown) => void (stop ??= { error })).finally(() => (flushing = null));
   };
   let next = 0;
-  const paced = pacing(opts.rateLimit, opts.disks[0]?.disk.base.chunkSize ?? 256 * 1024, Number(process.env.XSTREAMS) || Math.max(1, opts.session.endpoint.maxStreams), 32);
+  const paced = pacing(opts.rateLimit, opts.disks[0]?.disk.base.chunkSize ?? 256 * 1024, Math.max(1, opts.session.endpoint.maxStreams), 32);
   const batch = paced.batch;
   const failures = new Map<ChunkId, number>();
   /** Chunks whose delta record failed its check: fetched whole from then on. */
