@@ -3,6 +3,7 @@ import { pushReceipt, type ReceiptKey } from '../core/tokens/push-receipt.js';
 import type { TicketPayload } from '../core/tokens/ticket.js';
 import { WriteWindow } from '../core/write-window.js';
 import type { ChunkStore } from '../store/chunk-store.js';
+import type { DeltaKeeper } from './delta-keeper.js';
 import { deltaRecordId, deltaWorthKeeping, makeDeltaRecord, ZERO_BASE } from '../core/chunks/delta-record.js';
 import { FRAME_END, FRAME_PAGES, FrameDecoder, FrameError, type Frame } from '../core/chunks/frames.js';
 import type { PushChecks } from './push-checks.js';
@@ -41,6 +42,8 @@ export class PushSession {
 
   constructor(private readonly o: {
     store: ChunkStore; scope: Scope; ticket: TicketPayload; checks: PushChecks; receipts: ReceiptKey;
+    /** Delta records written after the push answers (a held one is already fetchable here). */
+    deltas: DeltaKeeper;
     /** This job's counters and the server's (bytes in, chunks rejected). */
     counters: JobCounters; stats: { bytesIn: number; blobsRejected: number };
   }) {}
@@ -65,6 +68,7 @@ export class PushSession {
       return this.result;
     } finally {
       await this.window.drain().catch(() => undefined);
+      this.o.deltas.flushSoon();
     }
   }
 
@@ -91,7 +95,7 @@ export class PushSession {
     return task;
   }
 
-  /** A delta record is a cache: one that cannot be stored costs a later check-out bytes, never this push. */
+  /** A delta record the keeper cannot hold: stored with this push's chunks. A cache: one that cannot be stored costs a later check-out bytes, never this push. */
   private async keepRecord(id: ChunkId, record: Buffer): Promise<void> {
     await this.o.store.put(deltaRecordId(id), record, { defer: true }).catch(() => undefined);
   }
@@ -115,8 +119,9 @@ export class PushSession {
     this.o.counters.chunksIn++;
     if (named.id && named.blob) {
       // How Y was made from its base: a laptop still holding the base later fetches these pages instead of Y (delta-record.ts).
-      const record = named.id !== base?.id && deltaWorthKeeping(frame.payload.length, named.blob.length)
-        ? makeDeltaRecord(scope.keys, base?.id ?? ZERO_BASE, named.id, frame.payload) : null;
+      const baseId = base?.id ?? ZERO_BASE;
+      const keep = named.id !== base?.id && deltaWorthKeeping(frame.payload.length, named.blob.length);
+      const record = keep && !this.o.deltas.hold(scope.keys, baseId, named.id, frame.payload) ? makeDeltaRecord(scope.keys, baseId, named.id, frame.payload) : null;
       await Promise.all([this.store(named.id, named.blob), record && this.keepRecord(named.id, record)]);
     }
     this.result.named.push(named.id

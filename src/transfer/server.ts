@@ -14,6 +14,7 @@ import { endFrame, errorFrame, FRAME_BLOB, FRAME_DELTA, frameHeader } from '../c
 import { deltaRecordBase, deltaRecordId } from '../core/chunks/delta-record.js';
 import { PushChecks } from './push-checks.js';
 import { PushSession } from './push-session.js';
+import { DeltaKeeper } from './delta-keeper.js';
 import { JobScopes, type JobSummary } from './scopes.js';
 import { receiptKey } from '../core/tokens/push-receipt.js';
 import { verifyRevocation } from '../core/tokens/revocation.js';
@@ -54,6 +55,8 @@ export interface TransferServer {
   drainSummaries(): JobSummary[];
   /** Evicts jobs whose tickets expired (also done on its own, at most once a second and every 30 s). */
   sweep(): void;
+  /** Resolves once the delta records of pushes answered so far are in the store (tests). */
+  deltasSettled(): Promise<void>;
   /** Per-job state held now: stays flat however many jobs come and go. */
   retained(): { scopes: number; revoked: number; pendingSummaries: number; checkoutSets: number; jobCounters: number; streams: number };
   close(): Promise<void>;
@@ -76,13 +79,17 @@ type Outgoing = { type: typeof FRAME_BLOB | typeof FRAME_DELTA; bytes: Buffer } 
  * store that cannot read one (truncated pack, bad index) fails that chunk with its reason; the
  * stream and the other chunks go on (the client may try elsewhere).
  */
-async function readWindow(store: ChunkStore, ids: ChunkId[] | undefined, bases: ReadonlyMap<ChunkId, ChunkId>): Promise<Map<ChunkId, Outgoing>> {
+async function readWindow(store: ChunkStore, ids: ChunkId[] | undefined, bases: ReadonlyMap<ChunkId, ChunkId>, deltas: DeltaKeeper): Promise<Map<ChunkId, Outgoing>> {
   const sends = new Map<ChunkId, Outgoing>();
   if (!ids) return sends;
   const read = (list: ChunkId[]) => getBlobs(store, list).catch(() => Promise.all(list.map((id) => store.get(id).catch((err: Error) => new Error(`transfer server store error: ${err.message}`)))));
   const withBase = ids.filter((id) => bases.has(id));
   if (withBase.length) {
-    const records = await read(withBase.map(deltaRecordId));
+    const recordIds = withBase.map(deltaRecordId);
+    // Held ones (a push that just answered) first; the store for the rest.
+    const held = recordIds.map((r) => deltas.get(r));
+    const stored = await read(recordIds.filter((_, i) => !held[i]));
+    const records = held.map((h) => h ?? stored.shift() ?? null);
     withBase.forEach((id, i) => {
       const r = records[i];
       if (r && !(r instanceof Error) && deltaRecordBase(r) === bases.get(id)) sends.set(id, { type: FRAME_DELTA, bytes: r });
@@ -111,6 +118,7 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
   const streams = new Map<string, number>();
   const scopes = new JobScopes(opts.store, opts.masterKey, now, (jobId) => stats.perJob.delete(jobId));
   const checks = new PushChecks();
+  const deltas = new DeltaKeeper(opts.store);
   const receipts = receiptKey(opts.masterKey);
   const sweeper = setInterval(() => scopes.sweep(), 30_000);
   sweeper.unref();
@@ -182,7 +190,7 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
         const windows: ChunkId[][] = [];
         for (let i = 0; i < allowed.length; i += FETCH_WINDOW) windows.push(allowed.slice(i, i + FETCH_WINDOW));
         const sends = new Map<ChunkId, Outgoing>();
-        let ahead = readWindow(opts.store, windows[0], bases);
+        let ahead = readWindow(opts.store, windows[0], bases, deltas);
         let w = 0;
         for (const id of ids) {
           if (out.destroyed) break;
@@ -194,7 +202,7 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
             while (!sends.has(id) && w < windows.length) {
               sends.clear();
               for (const [x, o] of await ahead) sends.set(x, o);
-              ahead = readWindow(opts.store, windows[++w], bases);
+              ahead = readWindow(opts.store, windows[++w], bases, deltas);
             }
             const o = sends.get(id) ?? null;
             if (!o) parts = [errorFrame(id, 'not in store')];
@@ -233,7 +241,7 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
     const release = holdStream(ticket, reply);
     if (!release) return reply;
     try {
-      return await new PushSession({ store: opts.store, scope, ticket, checks, receipts, counters: js, stats }).run(req.body as AsyncIterable<Buffer>);
+      return await new PushSession({ store: opts.store, scope, ticket, checks, receipts, deltas, counters: js, stats }).run(req.body as AsyncIterable<Buffer>);
     } finally {
       // Refused before the body's end (a bad frame): the rest is never read, so the connection
       // cannot carry another request; without this a client reusing it waited ≈ 73 s for a reset.
@@ -256,11 +264,13 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
     addRevoked: (ids) => scopes.addRevoked(ids),
     drainSummaries: () => scopes.drainSummaries(),
     sweep: () => scopes.sweep(),
+    deltasSettled: () => deltas.settled(),
     retained: () => ({ ...scopes.sizes(), jobCounters: stats.perJob.size, streams: streams.size }),
     close: async () => {
       clearInterval(sweeper);
       await closePromptly(app);
       await checks.close();
+      await deltas.settled();
     },
   };
 }

@@ -18,6 +18,8 @@ import { startTransferServer, type TransferServer } from '../../src/transfer/ser
 import { TransferSession } from '../../src/transfer-client/client.js';
 import { fillDirect, type BaseSink } from '../../src/live/fill/fill-direct.js';
 import { makeDesktopStore, wrapped } from './helpers.js';
+import { DeltaKeeper } from '../../src/transfer/delta-keeper.js';
+import { FsChunkStore } from '../../src/store/fs-chunk-store.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'carryon-delta-records-'));
 const servers: TransferServer[] = [];
@@ -104,6 +106,8 @@ test('a push keeps a record of each chunk it made from a base; a fetch naming th
   const y0 = named.find((n) => n.tag === 0)!.id;
   const y1 = named.find((n) => n.tag === 1)!.id;
   const y2 = named.find((n) => n.tag === 2)!.id;
+  // The push answered before its records were written (they are a cache); fetches found them meanwhile (below, in the e2e tests).
+  await s.deltasSettled();
   assert.ok(await ours.store.get(deltaRecordId(y0)), 'chunk 0 has its record');
   assert.equal(await ours.store.get(deltaRecordId(y1)), null, 'a whole rewrite has none');
   assert.equal(deltaRecordBase((await ours.store.get(deltaRecordId(y2)))!), ZERO_BASE, 'pages over a hole are kept against zeros');
@@ -156,4 +160,23 @@ test('a push keeps a record of each chunk it made from a base; a fetch naming th
   tamper = true;
   const bad = await fill('bad');
   assert.deepEqual(bad.writes, ['whole 0 true', 'whole 1 true', 'whole 2 true']);
+});
+
+test('the delta keeper serves a record until it is written, writes it once pushes are quiet, and holds no more than its bound', async () => {
+  const store = await FsChunkStore.open(join(dir, 'keeper-store'));
+  const keeper = new DeltaKeeper(store, 50, 6000);
+  const x = sealChunk(keys, randomBytes(CS)).id;
+  const y = sealChunk(keys, randomBytes(CS)).id;
+  const pages = sealPages(keys, x, CS, [{ offset: 0, bytes: randomBytes(4096) }]);
+  assert.equal(keeper.hold(keys, x, y, pages), true);
+  assert.equal(keeper.hold(keys, x, sealChunk(keys, randomBytes(CS)).id, pages), false, 'past its bound the push stores its records itself');
+  const record = keeper.get(deltaRecordId(y))!;
+  assert.equal(openDeltaRecord(keys, x, y, record).pieces.length, 1, 'fetchable before it is in the store');
+  assert.equal(await store.get(deltaRecordId(y)), null);
+  keeper.flushSoon();
+  assert.equal(await store.get(deltaRecordId(y)), null, 'not while pushes may still come');
+  await new Promise((r) => setTimeout(r, 300));
+  await keeper.settled();
+  assert.equal(keeper.get(deltaRecordId(y)), null);
+  assert.ok((await store.get(deltaRecordId(y)))?.equals(record), 'written after the push');
 });
