@@ -40,25 +40,8 @@ async function main(): Promise<void> {
     await writeFile(src, '');
     if (process.env.CLONE) {
       // A clone of the parked desktop: what they share is copied from the parked copy.
-      const profile = process.env.CPU_PROF ? new Session() : null;
-      if (profile) {
-        profile.connect();
-        await profile.post('Profiler.enable');
-        await profile.post('Profiler.start');
-      }
-      const cpu0 = process.cpuUsage();
-      takeTrace();
-      recordTrace(true);
-      const { seconds, value } = await timed(() => checkout(mine, 'desk-1'));
-      const spans = takeTrace();
-      recordTrace(false);
-      const cpu = process.cpuUsage(cpu0);
-      if (profile) {
-        const { profile: p } = await profile.post('Profiler.stop');
-        await writeFile(process.env.CPU_PROF!, JSON.stringify(p));
-        profile.disconnect();
-      }
-      console.log(`clone: ${seconds.toFixed(3)} s, ${value.copiedChunks} copied, ${value.chunksMoved} fetched, laptop ${(cpu.user / 1e6).toFixed(2)} user + ${(cpu.system / 1e6).toFixed(2)} system CPU s; ${spans.map((s) => `${s.name} ${s.ms.toFixed(0)}`).join(', ')}`);
+      const r = await measured(rig, !!process.env.CPU_PROF, () => checkout(mine, 'desk-1'));
+      console.log(`clone: ${r.seconds.toFixed(3)} s, ${r.value.copiedChunks} copied, ${r.value.chunksMoved} fetched, ${r.note}`);
       return;
     }
     for (let i = 0; i < rounds; i++) {
@@ -66,33 +49,40 @@ async function main(): Promise<void> {
       await changeOnePercent(other, src, size, size / 100, 'random');
       await upload(other, 'desk', 'checkin');
       await settle();
-      const profile = process.env.CPU_PROF && i === rounds - 1 ? new Session() : null;
-      if (profile) {
-        profile.connect();
-        await profile.post('Profiler.enable');
-        await profile.post('Profiler.start');
-      }
-      const server0 = rig.transferCpuSeconds();
-      const cpu0 = process.cpuUsage();
-      takeTrace();
-      recordTrace(true);
-      const { seconds, value } = await timed(() => checkout(mine, 'desk'));
-      const spans = takeTrace();
-      const serverCpu = rig.transferCpuSeconds() - server0;
-      const cpu = process.cpuUsage(cpu0);
-      recordTrace(false);
-      if (profile) {
-        const { profile: p } = await profile.post('Profiler.stop');
-        await writeFile(process.env.CPU_PROF!, JSON.stringify(p));
-        profile.disconnect();
-      }
-      console.log(`round ${i}: ${seconds.toFixed(3)} s, ${value.chunksMoved} chunks, laptop ${(cpu.user / 1e6).toFixed(2)} user + ${(cpu.system / 1e6).toFixed(2)} system CPU s, transfer server ${serverCpu.toFixed(2)} CPU s; ${spans.map((s) => `${s.name} ${s.ms.toFixed(0)}`).join(', ')}`);
+      const r = await measured(rig, !!process.env.CPU_PROF && i === rounds - 1, () => checkout(mine, 'desk'));
+      console.log(`round ${i}: ${r.seconds.toFixed(3)} s, ${r.value.chunksMoved} chunks, ${r.note}`);
       await release(mine, 'desk', 'rollback');
     }
   } finally {
     await rig.close();
     await rm(src, { force: true });
   }
+}
+
+/** `fn` timed and traced, with this process's and the transfer server's CPU, and a CPU profile (CPU_PROF) when `profile`. */
+async function measured<T>(rig: Rig, profile: boolean, fn: () => Promise<T>): Promise<{ seconds: number; value: T; note: string }> {
+  const session = profile ? new Session() : null;
+  if (session) {
+    session.connect();
+    await session.post('Profiler.enable');
+    await session.post('Profiler.start');
+  }
+  const server0 = rig.transferCpuSeconds();
+  const cpu0 = process.cpuUsage();
+  takeTrace();
+  recordTrace(true);
+  const { seconds, value } = await timed(fn);
+  const spans = takeTrace();
+  recordTrace(false);
+  const cpu = process.cpuUsage(cpu0);
+  const serverCpu = rig.transferCpuSeconds() - server0;
+  if (session) {
+    const { profile: p } = await session.post('Profiler.stop');
+    await writeFile(process.env.CPU_PROF!, JSON.stringify(p));
+    session.disconnect();
+  }
+  const note = `laptop ${(cpu.user / 1e6).toFixed(2)} user + ${(cpu.system / 1e6).toFixed(2)} system CPU s, transfer server ${serverCpu.toFixed(2)} CPU s; ${spans.map((s) => `${s.name} ${s.ms.toFixed(0)}`).join(', ')}`;
+  return { seconds, value, note };
 }
 
 main().catch((err: unknown) => {
