@@ -4,7 +4,8 @@ import { join } from 'node:path';
 import { z } from 'zod';
 import { runQemuTool, SECRET_FD_OBJECT, SECRET_FIFO } from '../qemu/qemu-tools.js';
 import { createArgs, createLayerFromTemplate, createWithQemu, type LayerShape } from './layer-template.js';
-import { luksHeaderRange } from './qcow2/qcow2-format.js';
+import { luksHeaderRange, UnsupportedImage } from './qcow2/qcow2-format.js';
+import { presentRanges } from './qcow2/qcow2-map.js';
 import { DiskError } from './block-device.js';
 import type { Range } from '../core/chunks/delta.js';
 
@@ -199,10 +200,16 @@ export async function mapChain(chain: Chain, layer: Layer = 'top'): Promise<MapE
 
 /**
  * Byte ranges written since the checkpoint (allocated in the top layer, as data or as zeros),
- * merged and sorted. The top is mapped alone: with the base behind it, qemu-img also walked the
- * base's allocation (on a 16 GiB desktop a JSON six times larger, and a second LUKS open).
+ * merged and sorted: read from the top's own tables (qcow2-map.ts), or from `qemu-img map` of the
+ * top alone for a layer that parser does not take (with the base behind it, qemu-img also walked
+ * the base's allocation: on a 16 GiB desktop a JSON six times larger, and a second LUKS open).
  */
 export async function topExtents(chain: Chain): Promise<Range[]> {
+  try {
+    return await presentRanges(chain.files.top);
+  } catch (err) {
+    if (!(err instanceof UnsupportedImage)) throw err;
+  }
   const out: Range[] = [];
   for (const e of await mapChain(chain, 'top-alone')) {
     if (e.present === undefined) throw new DiskError('state', 'qemu-img map does not say which ranges the top layer holds ("present"): QEMU 6.2 or later is needed');

@@ -145,6 +145,16 @@ export class NbdClient {
     await this.request(CMD.FLUSH, 0, 0);
   }
 
+  /** Zeros `length` bytes at `offset` (the server may punch them: a layer over a backing marks them zero). */
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    await this.request(CMD.WRITE_ZEROES, offset, length);
+  }
+
+  /** Discards `length` bytes at `offset` (a guest's TRIM). */
+  async trim(offset: number, length: number): Promise<void> {
+    await this.request(CMD.TRIM, offset, length);
+  }
+
   async close(): Promise<void> {
     if (!this.failed) {
       this.sock.write(encodeRequest({ type: CMD.DISC, handle: 0n, offset: 0, length: 0 }));
