@@ -3,7 +3,7 @@ import { deltaRecordId, makeDeltaRecord } from '../core/chunks/delta-record.js';
 import type { LineageKeys } from '../core/keys.js';
 import type { ChunkStore } from '../store/chunk-store.js';
 
-interface Held { keys: LineageKeys; baseId: ChunkId; newId: ChunkId; pages: Uint8Array; record?: Buffer }
+interface Held { keys: LineageKeys; baseId: ChunkId; newId: ChunkId; pages: Uint8Array; record?: Buffer; counted: number }
 
 /**
  * The delta records of this server's pushes (core/chunks/delta-record.ts), made and written to
@@ -26,9 +26,11 @@ export class DeltaKeeper {
   hold(keys: LineageKeys, baseId: ChunkId, newId: ChunkId, pages: Uint8Array): boolean {
     const id = deltaRecordId(newId);
     if (this.held.has(id)) return true;
-    if (this.bytes + pages.length > this.maxBytes) return false;
-    this.held.set(id, { keys, baseId, newId, pages });
-    this.bytes += pages.length;
+    // `pages` is a view of what the socket read (not copied: that is the push's time): the memory it keeps alive is counted.
+    const counted = Math.max(pages.length, pages.buffer.byteLength);
+    if (this.bytes + counted > this.maxBytes) return false;
+    this.held.set(id, { keys, baseId, newId, pages, counted });
+    this.bytes += counted;
     return true;
   }
 
@@ -66,7 +68,7 @@ export class DeltaKeeper {
         for (const [id, h] of batch) {
           if (this.held.get(id) === h) {
             this.held.delete(id);
-            this.bytes -= h.pages.length;
+            this.bytes -= h.counted;
           }
         }
       }
