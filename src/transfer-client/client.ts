@@ -8,7 +8,7 @@ import type { LineageKeys } from '../core/keys.js';
 import { pinnedAgent } from '../net/pinned-agent.js';
 import type { ChunkStore } from '../store/chunk-store.js';
 import type { RateLimiter } from './rate-limit.js';
-import { FRAME_BLOB, FRAME_DELTA, FRAME_ERROR, FrameDecoder } from '../core/chunks/frames.js';
+import { FRAME_BLOB, FRAME_DELTA, FRAME_DELTA_CHAIN, FRAME_ERROR, FrameDecoder } from '../core/chunks/frames.js';
 
 export interface TransferEndpoint {
   url: string;
@@ -260,9 +260,9 @@ export async function fetchOne(session: TransferSession, id: ChunkId, keys: Line
  * Streams the blobs of `ids` (unverified: the caller authenticates each before trusting it). A
  * blob is valid until the caller asks for the next one (the decoder reuses its buffer): copy it to keep it.
  * With `have` (the chunk the caller holds where it wants each of `ids`, or null), a chunk may come
- * as a delta record against that base instead (`delta: true`; core/chunks/delta-record.ts).
+ * as a delta record against that base instead, or a chain of them (`delta`; core/chunks/delta-record.ts).
  */
-export async function* fetchBlobs(session: TransferSession, ids: readonly ChunkId[], signal?: AbortSignal, have?: readonly (ChunkId | null)[]): AsyncGenerator<{ id: ChunkId; blob: Buffer; delta: boolean }> {
+export async function* fetchBlobs(session: TransferSession, ids: readonly ChunkId[], signal?: AbortSignal, have?: readonly (ChunkId | null)[]): AsyncGenerator<{ id: ChunkId; blob: Buffer; delta: false | 'record' | 'chain' }> {
   const withBases = have?.some(Boolean) && !session.refusesBases;
   const body = (bases: boolean) => JSON.stringify(bases ? { ids, have } : { ids });
   let res;
@@ -279,9 +279,9 @@ export async function* fetchBlobs(session: TransferSession, ids: readonly ChunkI
     for (const frame of decoder.push(piece)) {
       if (frame.type === FRAME_ERROR) throw new TransferFailed(`server could not send chunk ${frame.id}: ${frame.message}`);
       if (frame.type === FRAME_BLOB) yield { id: frame.id, blob: frame.payload, delta: false };
-      else if (frame.type === FRAME_DELTA) {
+      else if (frame.type === FRAME_DELTA || frame.type === FRAME_DELTA_CHAIN) {
         if (!withBases) throw new TransferFailed(`server sent chunk ${frame.id} as pages though no base was named`);
-        yield { id: frame.id, blob: frame.payload, delta: true };
+        yield { id: frame.id, blob: frame.payload, delta: frame.type === FRAME_DELTA ? 'record' : 'chain' };
       }
     }
   }

@@ -10,8 +10,9 @@ import { mapError, parseOrInvalid } from '../net/http-errors.js';
 import { closePromptly } from '../net/close-server.js';
 import { loadOrCreateTls } from '../net/tls-cert.js';
 import { getBlobs, type ChunkStore } from '../store/chunk-store.js';
-import { endFrame, errorFrame, FRAME_BLOB, FRAME_DELTA, frameHeader } from '../core/chunks/frames.js';
-import { deltaRecordBase, deltaRecordId } from '../core/chunks/delta-record.js';
+import { endFrame, errorFrame, FRAME_BLOB, FRAME_DELTA, FRAME_DELTA_CHAIN, frameHeader } from '../core/chunks/frames.js';
+import { deltaRecordBase, deltaRecordId, encodeDeltaChain, MAX_CHAIN, ZERO_BASE } from '../core/chunks/delta-record.js';
+import { MAX_BLOB_SIZE } from '../core/chunks/blob.js';
 import { PushChecks } from './push-checks.js';
 import { PushSession } from './push-session.js';
 import { DeltaKeeper } from './delta-keeper.js';
@@ -71,11 +72,11 @@ const FetchBody = z.object({ ids: z.array(Id).max(256), have: z.array(Id.nullabl
   .refine((b) => !b.have || b.have.length === b.ids.length, 'have must list one entry (or null) per id');
 
 /** What a fetch sends for a chunk: its blob, or the delta record for the base the asker holds; null: not in the store. */
-type Outgoing = { type: typeof FRAME_BLOB | typeof FRAME_DELTA; bytes: Buffer } | Error | null;
+type Outgoing = { type: typeof FRAME_BLOB | typeof FRAME_DELTA | typeof FRAME_DELTA_CHAIN; bytes: Buffer } | Error | null;
 
 /**
  * Reads one window of a fetch: first the delta records of the chunks whose base the asker holds,
- * then the blobs of the rest (a record made against another base, or none, means the blob). A
+ * then the blobs of the rest (no record, or chain of records, leading to that base means the blob). A
  * store that cannot read one (truncated pack, bad index) fails that chunk with its reason; the
  * stream and the other chunks go on (the client may try elsewhere).
  */
@@ -83,17 +84,30 @@ async function readWindow(store: ChunkStore, ids: ChunkId[] | undefined, bases: 
   const sends = new Map<ChunkId, Outgoing>();
   if (!ids) return sends;
   const read = (list: ChunkId[]) => getBlobs(store, list).catch(() => Promise.all(list.map((id) => store.get(id).catch((err: Error) => new Error(`transfer server store error: ${err.message}`)))));
-  const withBase = ids.filter((id) => bases.has(id));
-  if (withBase.length) {
-    const recordIds = withBase.map(deltaRecordId);
-    // Held ones (a push that just answered) first; the store for the rest.
+  // From each wanted chunk back through its records (at most MAX_CHAIN) to the base the asker holds:
+  // one record (FRAME_DELTA), or a chain for a copy parked further back; the chunk when none leads there
+  // or the chain would outweigh it. Held records (pushes that just answered) first, the store for the rest.
+  let walking = ids.filter((id) => bases.has(id)).map((id) => ({ id, at: id, steps: [] as { newId: ChunkId; record: Buffer }[], bytes: 1 }));
+  for (let depth = 0; depth < MAX_CHAIN && walking.length; depth++) {
+    const recordIds = walking.map((w) => deltaRecordId(w.at));
     const held = recordIds.map((r) => deltas.get(r));
     const stored = await read(recordIds.filter((_, i) => !held[i]));
-    const records = held.map((h) => h ?? stored.shift() ?? null);
-    withBase.forEach((id, i) => {
-      const r = records[i];
-      if (r && !(r instanceof Error) && deltaRecordBase(r) === bases.get(id)) sends.set(id, { type: FRAME_DELTA, bytes: r });
+    const next: typeof walking = [];
+    walking.forEach((w, i) => {
+      const r = held[i] ?? stored.shift() ?? null;
+      const from = r && !(r instanceof Error) ? deltaRecordBase(r) : null;
+      if (!r || r instanceof Error || !from) return;
+      w.steps.unshift({ newId: w.at, record: r });
+      w.bytes += 36 + r.length;
+      if (w.bytes > MAX_BLOB_SIZE) return;
+      if (from === bases.get(w.id)) {
+        sends.set(w.id, w.steps.length === 1 ? { type: FRAME_DELTA, bytes: r } : { type: FRAME_DELTA_CHAIN, bytes: encodeDeltaChain(w.steps) });
+      } else if (from !== ZERO_BASE) {
+        w.at = from;
+        next.push(w);
+      }
     });
+    walking = next;
   }
   const rest = ids.filter((id) => !sends.has(id));
   const blobs = rest.length ? await read(rest) : [];

@@ -7,13 +7,13 @@ import { after, test } from 'node:test';
 import { request } from 'undici';
 import { openBlob, sealChunk } from '../../src/core/chunks/blob.js';
 import { sealPages, type Piece } from '../../src/core/chunks/delta.js';
-import { deltaRecordBase, deltaRecordId, makeDeltaRecord, openDeltaRecord, ZERO_BASE } from '../../src/core/chunks/delta-record.js';
+import { deltaRecordBase, deltaRecordId, encodeDeltaChain, makeDeltaRecord, openDeltaChain, openDeltaRecord, ZERO_BASE } from '../../src/core/chunks/delta-record.js';
 import { generateLineageKeys } from '../../src/core/keys.js';
 import { createManifest, encodeManifest, manifestDigest, type Manifest } from '../../src/core/chunks/manifest.js';
 import { generateSigningKey } from '../../src/core/signing.js';
 import { signTicket, type TicketPayload } from '../../src/core/tokens/ticket.js';
 import { pinnedAgent } from '../../src/net/pinned-agent.js';
-import { endFrame, FRAME_BLOB, FRAME_DELTA, FrameDecoder, pagesFrameHead } from '../../src/core/chunks/frames.js';
+import { endFrame, FRAME_BLOB, FRAME_DELTA, FRAME_DELTA_CHAIN, FrameDecoder, pagesFrameHead } from '../../src/core/chunks/frames.js';
 import { startTransferServer, type TransferServer } from '../../src/transfer/server.js';
 import { TransferSession } from '../../src/transfer-client/client.js';
 import { fillDirect, type BaseSink } from '../../src/live/fill/fill-direct.js';
@@ -69,6 +69,27 @@ test('a delta record opens only for its pair (X → Y) and keys; its MAC and its
   refused(() => openDeltaRecord(keys, x.id, y, other), /GCM tag does not verify/);
 });
 
+test('a chain of records opens only as the links it names, from the base held to the chunk wanted; later pages win', () => {
+  const x = sealChunk(keys, randomBytes(CS)).id;
+  const y1 = sealChunk(keys, randomBytes(CS)).id;
+  const y2 = sealChunk(keys, randomBytes(CS)).id;
+  const a = randomBytes(8192);
+  const b = randomBytes(4096);
+  const r1 = makeDeltaRecord(keys, x, y1, sealPages(keys, x, CS, [{ offset: 4096, bytes: a }]));
+  const r2 = makeDeltaRecord(keys, y1, y2, sealPages(keys, y1, CS, [{ offset: 8192, bytes: b }, { offset: CS - 4096, bytes: b }]));
+  const chain = encodeDeltaChain([{ newId: y1, record: r1 }, { newId: y2, record: r2 }]);
+  const { pieces } = openDeltaChain(keys, x, y2, chain);
+  assert.deepEqual(pieces.map((p) => [p.offset, p.bytes.length]), [[4096, 8192], [CS - 4096, 4096]]);
+  assert.ok(Buffer.from(pieces[0]!.bytes).equals(Buffer.concat([a.subarray(0, 4096), b])), 'the later page over the earlier');
+  const refused = (fn: () => unknown, why: RegExp) => assert.throws(fn, (e: Error) => why.test(e.message));
+  refused(() => openDeltaChain(keys, y1, y2, chain), /against another chunk/);
+  refused(() => openDeltaChain(keys, x, y1, chain), /ends at another chunk/);
+  refused(() => openDeltaChain(keys, x, y2, encodeDeltaChain([{ newId: y2, record: r2 }, { newId: y1, record: r1 }])), /against another chunk/);
+  // A link that names another chunk than its record was made for: its MAC says no.
+  refused(() => openDeltaChain(keys, x, y2, encodeDeltaChain([{ newId: x, record: r1 }, { newId: y2, record: r2 }])), /MAC does not verify/);
+  refused(() => openDeltaChain(keys, x, y2, chain.subarray(0, chain.length - 1)), /cut short/);
+});
+
 test('a push keeps a record of each chunk it made from a base; a fetch naming that base gets the pages, any other gets the chunk; a bad record is fetched whole', async () => {
   const master = randomBytes(32);
   const broker = generateSigningKey();
@@ -121,7 +142,7 @@ test('a push keeps a record of each chunk it made from a base; a fetch naming th
     const r = await post('/v1/chunks/fetch', down, JSON.stringify(b));
     assert.equal(r.status, 200, r.bytes.toString());
     const dec = new FrameDecoder();
-    return dec.push(r.bytes).filter((f) => f.type === FRAME_BLOB || f.type === FRAME_DELTA).map((f) => [f.type, (f as { id: string }).id]);
+    return dec.push(r.bytes).filter((f) => f.type === FRAME_BLOB || f.type === FRAME_DELTA || f.type === FRAME_DELTA_CHAIN).map((f) => [f.type, (f as { id: string }).id]);
   };
   assert.deepEqual(await fetchFrames({ ids: [y0, y1], have: [x0, x1] }), [[FRAME_DELTA, y0], [FRAME_BLOB, y1]]);
   assert.deepEqual(await fetchFrames({ ids: [y0, y1] }), [[FRAME_BLOB, y0], [FRAME_BLOB, y1]], 'no base named: the chunks');
@@ -134,19 +155,20 @@ test('a push keeps a record of each chunk it made from a base; a fetch naming th
   // The laptop's side: a base holding the old chunks at 0 and 1 gets chunk 0's page written over it, chunk 1 whole.
   const plain = [y0, y1, y2].map(async (y) => openBlob(keys, y, (await ours.store.get(y))!));
   const plains = await Promise.all(plain);
-  const fill = async (label: string) => {
+  const fill = async (label: string, chunks = [y0, y1, y2, null], t = down) => {
     const writes: string[] = [];
     const sink: BaseSink = {
       write: async (index, p) => void writes.push(`whole ${index} ${p.equals(plains[index]!)}`),
-      writePieces: async (index, pieces) => void writes.push(`pages ${index} ${pieces.map((p) => `${p.offset}+${p.bytes.length}`).join(',')}`),
+      // Each piece must be the new chunk's bytes at its offset.
+      writePieces: async (index, pieces) => void writes.push(`pages ${index} ${pieces.map((p) => `${p.offset}+${p.bytes.length}${Buffer.from(p.bytes).equals(plains[index]!.subarray(p.offset, p.offset + p.bytes.length)) ? '' : ' WRONG'}`).join(',')}`),
       persist: async () => undefined,
       close: async () => undefined,
     };
     const d = join(dir, label);
     mkdirSync(d);
-    const session = new TransferSession({ url: s.url, fingerprint: s.fingerprint, ticket: down, maxStreams: 1 });
+    const session = new TransferSession({ url: s.url, fingerprint: s.fingerprint, ticket: t, maxStreams: 1 });
     try {
-      const onlyChanged = { ...next, chunks: [y0, y1, y2, null] };
+      const onlyChanged = { ...next, chunks };
       const r = await fillDirect({ disks: [{ disk: { base: onlyChanged }, dir: d, sink, bases: new Map([[0, x0!], [1, x1!], [2, ZERO_BASE]]) }], session, keys });
       return { writes: writes.sort(), ...r };
     } finally {
@@ -156,6 +178,26 @@ test('a push keeps a record of each chunk it made from a base; a fetch naming th
   const good = await fill('good');
   assert.deepEqual(good.writes, ['pages 0 8192+4096', 'whole 1 true', 'whole 2 true']);
   assert.ok(good.bytesMoved < CS + 4096 + 4096 + 1024, `${good.bytesMoved} bytes: a page, four pages of text and one chunk`);
+
+  // A second check-in, from a check-out of that snapshot: two pages of chunk 0 again (one over the page the first wrote).
+  const again = sealPages(keys, y0, CS, [{ offset: 8192, bytes: randomBytes(4096) }, { offset: 32768, bytes: randomBytes(4096) }]);
+  const second = await post('/v1/chunks/push', ticket({ jobId: 'up2', direction: 'upload', manifests: [digest], baseManifests: [digest] }), Buffer.concat([pagesFrameHead(0, y0, again.length), again, endFrame()]), 'application/octet-stream');
+  assert.equal(second.status, 200, second.bytes.toString());
+  const z0 = (JSON.parse(second.bytes.toString()) as { named: { id: string }[] }).named[0]!.id;
+  const later: Manifest = createManifest(CS, 4 * CS, [z0, y1, y2, ours.manifest.chunks[3]!]);
+  await ours.store.putManifest(manifestDigest(later), encodeManifest(later));
+  const down2 = ticket({ jobId: 'down2', manifests: [manifestDigest(later)] });
+  const typesFor = async (have: string) => new FrameDecoder().push((await post('/v1/chunks/fetch', down2, JSON.stringify({ ids: [z0], have: [have] }))).bytes).filter((f) => f.type !== 0).map((f) => f.type);
+  assert.deepEqual(await typesFor(x0!), [FRAME_DELTA_CHAIN], 'a copy two check-ins back gets the chain');
+  assert.deepEqual(await typesFor(y0), [FRAME_DELTA], 'one back, the last record');
+  assert.deepEqual(await typesFor(x1!), [FRAME_BLOB], 'no chain leads from another chunk');
+  // A copy parked two check-ins back: both records' pages, the later over the earlier, written as one set.
+  plains[0] = openBlob(keys, z0, (await ours.store.get(z0))!);
+  const chained = await fill('chain', [z0, null, null, null], down2);
+  assert.deepEqual(chained.writes, ['pages 0 8192+4096,32768+4096']);
+  assert.ok(chained.bytesMoved < 3 * 4096 + 1024, `${chained.bytesMoved} bytes: three pages, not the chunk`);
+  plains[0] = openBlob(keys, y0, (await ours.store.get(y0))!);
+
   // A record damaged on its way (or in the store): refused, and the chunk asked for again whole.
   tamper = true;
   const bad = await fill('bad');

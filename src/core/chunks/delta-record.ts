@@ -3,7 +3,7 @@ import { chunkIdFromBytes, chunkIdToBytes, type ChunkId } from '../chunk-id.js';
 import { BlobError } from '../errors.js';
 import type { LineageKeys } from '../keys.js';
 import { BLOB_OVERHEAD, MAX_BLOB_SIZE } from './blob.js';
-import { MAX_DELTA_BODY, openPagesPieces, type Piece } from './delta.js';
+import { DELTA_PAGE, MAX_DELTA_BODY, openPagesPieces, type Piece } from './delta.js';
 
 /**
  * A delta record: how chunk Y was made from chunk X, kept by the transfer server beside Y so that
@@ -82,4 +82,79 @@ export function openDeltaRecord(keys: LineageKeys, baseId: ChunkId, newId: Chunk
  */
 export function deltaWorthKeeping(pagesLength: number, newBlobLength: number): boolean {
   return pagesLength + HEAD < newBlobLength && newBlobLength <= MAX_BLOB_SIZE;
+}
+
+/**
+ * A chain of records, for a copy parked further back: X → Y1 → … → Y, oldest first, each step's
+ * new chunk named (the MACs bind each pair, so the names are checked, not trusted). Payload:
+ * count u8 ‖ (new ID 32 ‖ record length u32 ‖ record) × count. The receiver writes the pages of
+ * every step, later ones over earlier ones, as one set.
+ */
+export const MAX_CHAIN = 4;
+export const MAX_DELTA_CHAIN = 1 + MAX_CHAIN * 36 + MAX_BLOB_SIZE;
+
+export function encodeDeltaChain(steps: readonly { newId: ChunkId; record: Uint8Array }[]): Buffer {
+  if (steps.length < 2 || steps.length > MAX_CHAIN) throw new RangeError(`a chain of ${steps.length} records`);
+  const out = Buffer.allocUnsafe(1 + steps.reduce((n, st) => n + 36 + st.record.length, 0));
+  out[0] = steps.length;
+  let at = 1;
+  for (const st of steps) {
+    at += chunkIdToBytes(st.newId).copy(out, at);
+    out.writeUInt32BE(st.record.length, at);
+    out.set(st.record, at + 4);
+    at += 4 + st.record.length;
+  }
+  return out;
+}
+
+/** Authenticates every step of a chain from `baseId` to `newId` and returns the pages that make `newId` from `baseId`. */
+export function openDeltaChain(keys: LineageKeys, baseId: ChunkId, newId: ChunkId, payload: Uint8Array): { length: number; pieces: Piece[] } {
+  const bad = (why: string): never => { throw new BlobError(newId, 'delta', why); };
+  const buf = Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength);
+  const count = buf.length > 0 ? buf[0]! : 0;
+  if (count < 2 || count > MAX_CHAIN) bad(`a chain of ${count} records`);
+  let at = 1;
+  let from = baseId;
+  let length = 0;
+  const steps: Piece[][] = [];
+  for (let i = 0; i < count; i++) {
+    if (at + 36 > buf.length) bad('chain cut short');
+    const to = chunkIdFromBytes(buf.subarray(at, at + 32));
+    const len = buf.readUInt32BE(at + 32);
+    if (at + 36 + len > buf.length) bad('chain cut short');
+    const opened = openDeltaRecord(keys, from, to, buf.subarray(at + 36, at + 36 + len));
+    if (i > 0 && opened.length !== length) bad('the chain changes the chunk\'s length');
+    length = opened.length;
+    steps.push(opened.pieces);
+    from = to;
+    at += 36 + len;
+  }
+  if (at !== buf.length) bad(`${buf.length - at} bytes after the chain`);
+  if (from !== newId) bad('the chain ends at another chunk');
+  return { length, pieces: overlay(steps, length) };
+}
+
+/** Pieces of several steps as one set: whole pages, a later step's over an earlier one's, sorted, adjacent ones joined. */
+function overlay(steps: readonly Piece[][], length: number): Piece[] {
+  const pages = new Map<number, Uint8Array>();
+  for (const pieces of steps) {
+    for (const p of pieces) {
+      for (let o = 0; o < p.bytes.length; o += DELTA_PAGE) {
+        // Pages start on page boundaries (pagesByChunk); a piece not on one is kept whole under its offset.
+        pages.set(p.offset + o, p.bytes.subarray(o, Math.min(p.bytes.length, o + DELTA_PAGE)));
+      }
+    }
+  }
+  const runs: { offset: number; end: number; parts: Uint8Array[] }[] = [];
+  for (const offset of [...pages.keys()].sort((a, b) => a - b)) {
+    const bytes = pages.get(offset)!;
+    if (offset + bytes.length > length) throw new BlobError('chain', 'delta', `a page at ${offset} runs past the chunk`);
+    const last = runs[runs.length - 1];
+    if (last && last.end > offset) throw new BlobError('chain', 'delta', `pages at ${last.end} and ${offset} overlap`);
+    if (last && last.end === offset) {
+      last.parts.push(bytes);
+      last.end += bytes.length;
+    } else runs.push({ offset, end: offset + bytes.length, parts: [bytes] });
+  }
+  return runs.map((r) => ({ offset: r.offset, bytes: r.parts.length === 1 ? r.parts[0]! : Buffer.concat(r.parts) }));
 }

@@ -1,7 +1,7 @@
 import { chunkIdFromBytes, chunkIdToBytes, type ChunkId } from '../chunk-id.js';
 import { BLOB_OVERHEAD, MAX_BLOB_SIZE } from './blob.js';
 import { MAX_DELTA_BODY } from './delta.js';
-import { MAX_DELTA_RECORD } from './delta-record.js';
+import { MAX_DELTA_CHAIN, MAX_DELTA_RECORD } from './delta-record.js';
 import { CarryonError } from '../errors.js';
 
 /** Framed chunk stream: type u8 ‖ id 32 ‖ length u32be ‖ payload. */
@@ -22,6 +22,8 @@ export const FRAME_PAGES = 4;
  * `have`): header ID = the chunk's, payload = a delta record (core/chunks/delta-record.ts).
  */
 export const FRAME_DELTA = 5;
+/** The same for a copy parked further back: header ID = the chunk's, payload = a chain of records (delta-record.ts). */
+export const FRAME_DELTA_CHAIN = 6;
 const MAX_PAGES_FRAME = 4 + MAX_DELTA_BODY + BLOB_OVERHEAD;
 const HEAD = 1 + 32 + 4;
 const MAX_ERROR_PAYLOAD = 4096;
@@ -29,6 +31,7 @@ const MAX_ERROR_PAYLOAD = 4096;
 export type Frame =
   | { type: typeof FRAME_BLOB; id: ChunkId; payload: Buffer }
   | { type: typeof FRAME_DELTA; id: ChunkId; payload: Buffer }
+  | { type: typeof FRAME_DELTA_CHAIN; id: ChunkId; payload: Buffer }
   | { type: typeof FRAME_PAGES; baseId: ChunkId | null; tag: number; payload: Buffer }
   | { type: typeof FRAME_ERROR; id: ChunkId; message: string }
   | { type: typeof FRAME_END };
@@ -39,6 +42,7 @@ const MAX_PAYLOAD: Record<number, number> = {
   [FRAME_ERROR]: MAX_ERROR_PAYLOAD,
   [FRAME_PAGES]: MAX_PAGES_FRAME,
   [FRAME_DELTA]: MAX_DELTA_RECORD,
+  [FRAME_DELTA_CHAIN]: MAX_DELTA_CHAIN,
 };
 const NO_ID = Buffer.alloc(32);
 
@@ -126,7 +130,7 @@ export class FrameDecoder {
         continue;
       }
       const id = chunkIdFromBytes(whole.subarray(1, 33));
-      if (type === FRAME_BLOB || type === FRAME_DELTA) frames.push({ type, id, payload });
+      if (type === FRAME_BLOB || type === FRAME_DELTA || type === FRAME_DELTA_CHAIN) frames.push({ type, id, payload });
       else frames.push({ type: FRAME_ERROR, id, message: payload.toString('utf8') });
     }
     return frames;

@@ -2,7 +2,7 @@ import { join } from 'node:path';
 import { z } from 'zod';
 import { openBlob } from '../../core/chunks/blob.js';
 import type { Piece } from '../../core/chunks/delta.js';
-import { openDeltaRecord, ZERO_BASE } from '../../core/chunks/delta-record.js';
+import { openDeltaChain, openDeltaRecord, ZERO_BASE } from '../../core/chunks/delta-record.js';
 import type { ChunkId } from '../../core/chunk-id.js';
 import { chunkLength } from '../../core/chunks/chunking.js';
 import { CarryonError } from '../../core/errors.js';
@@ -165,12 +165,13 @@ export async function fillDirect(opts: {
           const places = targets.get(id);
           if (!places || seen.has(id)) continue;
           if (delta) {
-            // The pages that make this chunk from the base each place holds: authenticated (the record's MAC binds the pair), then written over it.
+            // The pages that make this chunk from the base each place holds (one record, or a chain's pages as one set):
+            // authenticated (each record's MAC binds its pair), then written over it.
             const base = deltaBase(id);
             let pages: { length: number; pieces: Piece[] };
             try {
               if (!base) throw new Error('sent as pages against no base of ours');
-              pages = openDeltaRecord(opts.keys, base, id, blob);
+              pages = delta === 'record' ? openDeltaRecord(opts.keys, base, id, blob) : openDeltaChain(opts.keys, base, id, blob);
               if (pages.length !== places[0]!.length) throw new Error(`chunk has ${pages.length} bytes, expected ${places[0]!.length}`);
             } catch {
               // A bad record costs bytes, not the check-out: this chunk is asked for whole.
