@@ -93,6 +93,8 @@ export class BrokerClient {
   private readonly endpoints: { url: string; fingerprint: string; agent: Agent; refused: string | null }[];
   private current = 0;
   token: string | null = null;
+  /** Unlock shares a login's answer brought, by check-out (taken once). */
+  private readonly unlockShares = new Map<string, string>();
 
   /**
    * `timeouts`: how long a broker may take to accept the connection (default 10 s) and to
@@ -199,11 +201,32 @@ export class BrokerClient {
     return { status: res.statusCode, headers: res.headers, body: res.body };
   }
 
-  async login(username: string, password: string, deviceId?: string) {
+  /**
+   * `unlock`: the check-out whose online unlock share the caller needs next (the broker gives it
+   * with the answer; `takeUnlockShare`). A broker older than that field refuses it before it
+   * checks the password (400): asked again without it.
+   */
+  async login(username: string, password: string, deviceId?: string, unlock?: string) {
+    const Answer = z.object({ token: z.string(), expiresAt: z.string(), user: z.object({ name: z.string(), role: z.string() }).loose(), lease: SignedLease.optional(), unlock: z.object({ checkoutId: z.string(), share: z.string().max(100) }).optional() });
     // Repeatable: a login only issues a token (and a lease); a second one supersedes nothing.
-    const r = await this.call('POST', '/v1/auth/login', { username, password, deviceId }, z.object({ token: z.string(), expiresAt: z.string(), user: z.object({ name: z.string(), role: z.string() }).loose(), lease: SignedLease.optional() }), {}, { repeatable: true });
+    const ask = (withUnlock: boolean) => this.call('POST', '/v1/auth/login', { username, password, deviceId, ...(withUnlock ? { unlock } : {}) }, Answer, {}, { repeatable: true });
+    let r;
+    try {
+      r = await ask(unlock !== undefined);
+    } catch (err) {
+      if (unlock === undefined || !(err instanceof BrokerError) || err.status !== 400 || !err.message.includes('unlock')) throw err;
+      r = await ask(false);
+    }
     this.token = r.token;
+    if (r.unlock) this.unlockShares.set(r.unlock.checkoutId, r.unlock.share);
     return r;
+  }
+
+  /** The unlock share the login's answer brought for `checkoutId` (once), or null. */
+  takeUnlockShare(checkoutId: string): string | null {
+    const share = this.unlockShares.get(checkoutId) ?? null;
+    this.unlockShares.delete(checkoutId);
+    return share;
   }
 
   async close(): Promise<void> {

@@ -5,6 +5,7 @@ import { randomBytes } from 'node:crypto';
 import { appendFileSync, existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
+import { z } from 'zod';
 import { runAgent } from '../../src/client/agent.js';
 import { loadDevice } from '../../src/client/vault/home.js';
 import { checkout, discardLocal, enroll, exportDisk, release, upload, type ClientEnv } from '../../src/client/ops.js';
@@ -138,6 +139,38 @@ test('pages over parked chunks: a check-out killed mid-fill resumes with only pa
   await checkout(env(a), 'pages');
   assert.ok((await readDesktop(env(a), 'pages')).equals(await serverDisk('pages')), 'byte-identical once complete');
   await release(env(a), 'pages', 'rollback');
+});
+
+test('a login naming a check-out brings its unlock share, under the unlock route\'s rules: not to another device\'s session (audited)', async () => {
+  await desktop('lobby');
+  const a = await laptop('laptop-u');
+  const b = await laptop('laptop-w');
+  await checkout(env(a), 'lobby');
+  const found = await (await Vault.open(a)).find('lobby');
+  const { broker } = await onlineSession(env(a), undefined, found.checkoutId);
+  try {
+    const brought = broker.takeUnlockShare(found.checkoutId);
+    const asked = await broker.call('POST', `/v1/checkouts/${found.checkoutId}/unlock`, {}, z.object({ share: z.string() }));
+    assert.ok(brought && brought === asked.share, 'the same share as the unlock route gives');
+    assert.equal(broker.takeUnlockShare(found.checkoutId), null, 'taken once');
+  } finally {
+    await broker.close();
+  }
+  // The same user on another device: no share, and the refusal is in the audit.
+  const { broker: other } = await onlineSession(env(b), undefined, found.checkoutId);
+  await other.close();
+  assert.equal(other.takeUnlockShare(found.checkoutId), null);
+  const events = (await http.call('GET', '/v1/admin/events?limit=10000', undefined, admin)).body.events as { action: string; outcome: string; detail?: string }[];
+  assert.ok(events.some((e) => e.action === 'online-unlock' && e.outcome === 'denied' && /device/.test(e.detail ?? '')), JSON.stringify(events.filter((e) => e.action === "online-unlock")));
+  // A check-in then opens the vault with the share its login brought: no separate round trip.
+  recordTrace(true);
+  try {
+    await upload(env(a), 'lobby', 'checkin');
+  } finally {
+    recordTrace(false);
+  }
+  const spans = takeTrace().map((x) => x.name);
+  assert.ok(spans.includes('vault-keys(online)') && !spans.includes('unlock-share'), spans.join(' '));
 });
 
 test('after a rollback the next check-out moves nothing; discard, a remote wipe and revoking the device erase parked copies; keepLocalCopy off keeps none', async () => {

@@ -2,7 +2,8 @@ import type { FastifyPluginAsync } from 'fastify';
 import { z } from 'zod';
 import { PACKAGE_VERSION } from '../version.js';
 import { publicKeyToBase64 } from '../../core/signing.js';
-import { issueLease } from '../checkouts.js';
+import { issueLease, ownedCheckout } from '../checkouts.js';
+import { releaseUnlockShare } from '../online-unlock.js';
 import type { BrokerContext } from '../context.js';
 import { accountName, authenticate, DirectoryUnavailableError } from '../auth/directory.js';
 import { HttpError, parse } from '../http.js';
@@ -19,7 +20,8 @@ export const openRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app
   app.get('/v1/broker', async () => ({ version: PACKAGE_VERSION, signingPublicKey: publicKeyToBase64(ctx.secrets.signing.publicKey), releasePublicKey: ctx.releases.keyB64 }));
 
   app.post('/v1/auth/login', async (req, reply) => {
-    const body = parse(z.object({ username: z.string().min(1).max(64), password: z.string().min(1).max(1024), deviceId: z.string().max(200).optional() }).strict(), req.body);
+    // `unlock`: a check-out the laptop will open its vault for (online-unlock.ts): its share comes with the answer.
+    const body = parse(z.object({ username: z.string().min(1).max(64), password: z.string().min(1).max(1024), deviceId: z.string().max(200).optional(), unlock: z.string().min(1).max(200).optional() }).strict(), req.body);
     // Failed-login backoff per account (not per spelling) and per source address (src/broker/auth/throttle.ts).
     const name = accountName(ctx.settings.ldap, body.username);
     // The attempt is counted before the password is judged: parallel guesses wait their turn.
@@ -50,7 +52,8 @@ export const openRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app
     }
     const iat = Math.floor(Date.now() / 1000);
     const exp = iat + ctx.settings.sessionTtlSec;
-    const token = issueToken(ctx.secrets.tokenKey, { sub: who.name, role: who.role, exp, iat, dev: body.deviceId });
+    const claims = { sub: who.name, role: who.role, exp, iat, dev: body.deviceId };
+    const token = issueToken(ctx.secrets.tokenKey, claims);
     let lease;
     if (body.deviceId) {
       const device = await ctx.meta.getDevice(body.deviceId);
@@ -58,6 +61,18 @@ export const openRoutes: FastifyPluginAsync<{ ctx: BrokerContext }> = async (app
       if (lease) await ctx.audit({ actor: who.name, action: 'lease-renew', outcome: 'ok', detail: `at login on device ${body.deviceId}` });
     }
     await ctx.audit({ actor: who.name, action: 'login', outcome: 'ok', detail: body.deviceId ? `device ${body.deviceId}` : undefined });
-    return { token, expiresAt: new Date(exp * 1000).toISOString(), user: who, lease };
+    // The same checks as `POST /v1/checkouts/:id/unlock` right after this login (held by this user, open,
+    // on this device, the password just checked): one round trip less for every online command. A
+    // refusal is audited there and answered with no share; the laptop then asks the usual way and is told why.
+    let unlock;
+    if (body.unlock && body.deviceId) {
+      try {
+        const c = await ownedCheckout(ctx, who.name, body.unlock, 'online-unlock');
+        unlock = { checkoutId: c.id, ...(await releaseUnlockShare(ctx, claims, c)) };
+      } catch (err) {
+        if (!(err instanceof HttpError)) throw err;
+      }
+    }
+    return { token, expiresAt: new Date(exp * 1000).toISOString(), user: who, lease, unlock };
   });
 };

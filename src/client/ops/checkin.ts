@@ -126,7 +126,8 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
   const found = await traced('vault-find', () => vault.find(desktopRef));
   if (found.state === 'transferring') throw new CarryonError('wrong-state', `${found.name} is still being checked out`);
   const password = await env.password();
-  const { broker } = await traced('login', () => onlineSession(env, device));
+  // The login's answer brings the check-out's unlock share (one round trip less).
+  const { broker } = await traced('login', () => onlineSession(env, device, found.keys.online ? found.checkoutId : undefined));
   try {
     // The broker has just checked the password: its share opens the vault's online wrap, no KDF
     // (client/vault/online-unlock.ts); where it gives none, the password's wrap (scrypt) opens it.

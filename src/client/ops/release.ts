@@ -13,8 +13,10 @@ import { Vault, type DesktopState } from '../vault/vault.js';
 
 /** Rollback (discard offline changes) or cancel (stop a check-out in flight): both unlock. */
 export async function release(env: ClientEnv, desktopRef: string, how: 'rollback' | 'cancel') {
-  const { broker, device } = await onlineSession(env);
   const vault = await Vault.open(env.home);
+  // The login's answer brings the check-out's unlock share where parking will want it (what `find` refuses, it refuses below, as before).
+  const hint = await vault.find(desktopRef).catch(() => null);
+  const { broker, device } = await onlineSession(env, undefined, hint && keepsLocalCopy(hint) && hint.keys.online ? hint.checkoutId : undefined);
   try {
     const state = await vault.find(desktopRef);
     const owner = await claimOwner(vault, state.desktopId, how === 'cancel' ? 'serve' : 'checkin', env.log);

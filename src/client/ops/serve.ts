@@ -27,7 +27,7 @@ import { siblingReader } from '../vault/local-sources.js';
  */
 async function unlockCutOff(env: ClientEnv, vault: Vault, device: DeviceIdentity, found: DesktopState) {
   const password = await env.password();
-  const { broker } = await onlineSession(env, device).catch((err: unknown) => {
+  const { broker } = await onlineSession(env, device, found.checkoutId).catch((err: unknown) => {
     if (!(err instanceof CarryonError) || err.code !== 'offline') throw err; // the broker answered: its own words
     throw new CarryonError('vault-incomplete', `the check-out of ${found.name} was cut off before its keys were kept for offline use, and the broker cannot be reached (${(err as Error).message}): run \`carryon checkout ${found.name}\` again once online`);
   });

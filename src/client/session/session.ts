@@ -37,13 +37,16 @@ export async function pinnedBrokerKey(broker: BrokerClient, device: DeviceIdenti
   return publicKeyFromBase64(info.signingPublicKey);
 }
 
-/** An online session for `env.user` on this device (always a fresh password check); `loaded`: the device, read already. */
-export async function onlineSession(env: ClientEnv, loaded?: DeviceIdentity): Promise<{ device: DeviceIdentity; broker: BrokerClient; user: string }> {
+/**
+ * An online session for `env.user` on this device (always a fresh password check); `loaded`: the
+ * device, read already; `unlock`: a check-out whose online unlock share the login's answer should bring.
+ */
+export async function onlineSession(env: ClientEnv, loaded?: DeviceIdentity, unlock?: string): Promise<{ device: DeviceIdentity; broker: BrokerClient; user: string }> {
   const device = loaded ?? await loadDevice(env.home);
   const broker = new BrokerClient(brokerEndpoints(device.info), '', env.log);
   const user = env.user ?? (() => { throw new CarryonError('invalid', 'this needs --user (or CARRYON_USER)'); })();
   try {
-    await broker.login(user, await env.password(), device.info.deviceId!);
+    await broker.login(user, await env.password(), device.info.deviceId!, unlock);
   } catch (err) {
     await broker.close();
     throw err;

@@ -57,6 +57,9 @@ export async function openOnlineWrap(device: DeviceIdentity, password: string, s
  */
 export async function fetchUnlockShare(broker: BrokerClient, state: Pick<DesktopState, 'checkoutId' | 'keys'>, log: (line: string) => void): Promise<string | null> {
   if (!state.keys.online) return null;
+  // Brought by the login's answer (onlineSession's `unlock`): no round trip. Checked as an answer would be.
+  const brought = broker.takeUnlockShare(state.checkoutId);
+  if (brought !== null && Share.safeParse(brought).success) return brought;
   return traced('unlock-share', async () => {
     try {
       const { share } = await broker.call('POST', `/v1/checkouts/${state.checkoutId}/unlock`, {}, z.object({ share: Share }), {}, { repeatable: true });
