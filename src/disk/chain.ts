@@ -5,7 +5,7 @@ import { z } from 'zod';
 import { runQemuTool, SECRET_FD_OBJECT, SECRET_FIFO } from '../qemu/qemu-tools.js';
 import { createArgs, createLayerFromTemplate, createWithQemu, type LayerShape } from './layer-template.js';
 import { luksHeaderRange, UnsupportedImage } from './qcow2/qcow2-format.js';
-import { presentRanges } from './qcow2/qcow2-map.js';
+import { appendRange, presentRanges } from './qcow2/qcow2-map.js';
 import { DiskError } from './block-device.js';
 import type { Range } from '../core/chunks/delta.js';
 
@@ -213,10 +213,7 @@ export async function topExtents(chain: Chain): Promise<Range[]> {
   const out: Range[] = [];
   for (const e of await mapChain(chain, 'top-alone')) {
     if (e.present === undefined) throw new DiskError('state', 'qemu-img map does not say which ranges the top layer holds ("present"): QEMU 6.2 or later is needed');
-    if (!e.present) continue;
-    const last = out[out.length - 1];
-    if (last && last.offset + last.length === e.start) last.length += e.length;
-    else out.push({ offset: e.start, length: e.length });
+    if (e.present) appendRange(out, e.start, e.length);
   }
   return out;
 }

@@ -1,4 +1,8 @@
 import { randomBytes } from 'node:crypto';
+import { join } from 'node:path';
+import type { Chain } from '../../src/disk/chain.js';
+import { addChain, StorageDaemon } from '../../src/disk/storage-daemon.js';
+import { NbdClient } from '../../src/nbd/client.js';
 import { sealChunk } from '../../src/core/chunks/blob.js';
 import type { ChunkId } from '../../src/core/chunk-id.js';
 import { isZero, splitChunks } from '../../src/core/chunks/chunking.js';
@@ -34,4 +38,20 @@ export async function importRaw(
   }
   await store.sync();
   return { keys, manifest: createManifest(chunkSize, img.length, ids) };
+}
+
+/** Runs `fn` with an NBD client writing through `chain`'s top (a storage daemon in `dir`, as a guest writes), flushed and stopped after. */
+export async function throughChain(dir: string, chain: Chain, fn: (nbd: NbdClient) => Promise<void>): Promise<void> {
+  const qsd = await StorageDaemon.start(dir);
+  try {
+    await addChain(qsd, { files: chain.files, secretId: 's-top', baseSecretId: 's-base', prefix: 'c' }, chain.secret, chain.baseSecret);
+    const socket = join(dir, 'nbd.sock');
+    await qsd.exportNbd(socket, [{ node: 'c-top', name: 'disk', writable: true }]);
+    const nbd = await NbdClient.connect(socket, 'disk');
+    await fn(nbd);
+    await nbd.flush();
+    await nbd.close();
+  } finally {
+    await qsd.stop();
+  }
 }

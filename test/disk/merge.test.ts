@@ -5,8 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { chainBytesOnDisk, chainFiles, convertChain, createChain, mergeTop, type Chain } from '../../src/disk/chain.js';
-import { addChain, StorageDaemon } from '../../src/disk/storage-daemon.js';
-import { NbdClient } from '../../src/nbd/client.js';
+import { throughChain } from './fixtures.js';
 
 const SIZE = 64 * 1024 * 1024;
 const CHUNK = 256 * 1024;
@@ -15,12 +14,7 @@ const WRITE = 64 * 1024;
 /** Writes `count` 64 KiB blocks of random bytes at scattered offsets through the chain (as a guest does); returns what the disk now holds. */
 async function writeScattered(dir: string, chain: Chain, count: number): Promise<Buffer> {
   const expected = Buffer.alloc(SIZE);
-  const qsd = await StorageDaemon.start(dir);
-  try {
-    await addChain(qsd, { files: chain.files, secretId: 's-top', baseSecretId: 's-base', prefix: 'c' }, chain.secret, chain.baseSecret);
-    const socket = join(dir, 'nbd.sock');
-    await qsd.exportNbd(socket, [{ node: 'c-top', name: 'disk', writable: true }]);
-    const nbd = await NbdClient.connect(socket, 'disk');
+  await throughChain(dir, chain, async (nbd) => {
     for (let i = 0; i < count; i++) {
       // Every other 64 KiB slot of the disk, in a shuffled order: many separate extents, some chunks hit twice.
       const at = ((i * 97) % (SIZE / WRITE / 2)) * 2 * WRITE;
@@ -28,11 +22,7 @@ async function writeScattered(dir: string, chain: Chain, count: number): Promise
       await nbd.write(at, data);
       data.copy(expected, at);
     }
-    await nbd.flush();
-    await nbd.close();
-  } finally {
-    await qsd.stop();
-  }
+  });
   return expected;
 }
 

@@ -5,10 +5,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { chainFiles, createChain, mapChain, topExtents, type Chain } from '../../src/disk/chain.js';
-import { presentRanges } from '../../src/disk/qcow2/qcow2-map.js';
+import { appendRange, presentRanges } from '../../src/disk/qcow2/qcow2-map.js';
 import { UnsupportedImage } from '../../src/disk/qcow2/qcow2-format.js';
-import { addChain, StorageDaemon } from '../../src/disk/storage-daemon.js';
-import { NbdClient } from '../../src/nbd/client.js';
+import { throughChain } from './fixtures.js';
 
 // Not a whole number of clusters: the last one is cut at the disk's end.
 const SIZE = 64 * 1024 * 1024 + 12 * 1024;
@@ -17,12 +16,7 @@ const CHUNK = 256 * 1024;
 /** What `qemu-img map` says the top alone holds, merged as topExtents merges it. */
 async function qemuPresent(chain: Chain): Promise<{ offset: number; length: number }[]> {
   const out: { offset: number; length: number }[] = [];
-  for (const e of await mapChain(chain, 'top-alone')) {
-    if (!e.present) continue;
-    const last = out[out.length - 1];
-    if (last && last.offset + last.length === e.start) last.length += e.length;
-    else out.push({ offset: e.start, length: e.length });
-  }
+  for (const e of await mapChain(chain, 'top-alone')) if (e.present) appendRange(out, e.start, e.length);
   return out;
 }
 
@@ -32,12 +26,7 @@ test('the top\'s own tables say what qemu-img map says it holds: data, zeros wri
     const chain: Chain = { files: chainFiles(dir), secret: randomBytes(32).toString('hex'), baseSecret: randomBytes(32).toString('hex') };
     await createChain(chain, SIZE, CHUNK, process.env.CARRYON_TEMPLATE_DIR);
     assert.deepEqual(await presentRanges(chain.files.top), [], 'a new top holds nothing');
-    const qsd = await StorageDaemon.start(dir);
-    try {
-      await addChain(qsd, { files: chain.files, secretId: 's-top', baseSecretId: 's-base', prefix: 'c' }, chain.secret, chain.baseSecret);
-      const socket = join(dir, 'nbd.sock');
-      await qsd.exportNbd(socket, [{ node: 'c-top', name: 'disk', writable: true }]);
-      const nbd = await NbdClient.connect(socket, 'disk');
+    await throughChain(dir, chain, async (nbd) => {
       await nbd.write(0, randomBytes(4096)); // part of the first cluster
       await nbd.write(3 * CHUNK - 512, randomBytes(8192)); // across a cluster boundary
       for (let i = 0; i < 40; i++) await nbd.write(((i * 7919) % 250) * CHUNK + 65536, randomBytes(65536)); // scattered, some twice
@@ -45,11 +34,7 @@ test('the top\'s own tables say what qemu-img map says it holds: data, zeros wri
       await nbd.write(30 * 1024 * 1024, randomBytes(CHUNK));
       await nbd.trim(30 * 1024 * 1024, CHUNK); // a discard of what the top held
       await nbd.write(SIZE - 4096, randomBytes(4096)); // the last, cut cluster
-      await nbd.flush();
-      await nbd.close();
-    } finally {
-      await qsd.stop();
-    }
+    });
     const ours = await presentRanges(chain.files.top);
     assert.ok(ours.length > 10, `${ours.length} ranges`);
     assert.deepEqual(ours, await qemuPresent(chain));

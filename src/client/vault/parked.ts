@@ -574,11 +574,12 @@ async function finishReuse(vault: DesktopRecords, state: DesktopState, keys: Des
   for (const i of moved.written) keep.add(i);
   // Changed chunks stay mapped for the fill to write pages over (listed before anything is unmapped; a rerun lists them again).
   const deltas = keepDeltaBases ? deltaCandidates(parked, next, parsed.data.known, keep) : new Map<number, string>();
+  const keptMapped = keptForPages(deltas);
   if (deltas.size) await writeDeltaBases(dir, keys, state.desktopId, disk, deltas);
   let unmapped: number;
   try {
     // Metadata only (no key, no writer threads): the chunks that differ go, their clusters are freed.
-    unmapped = await traced('unmap-stale', () => unmapChunksExcept(base, next.chunkSize, deltas.size ? new Set([...keep, ...keptForPages(deltas)]) : keep));
+    unmapped = await traced('unmap-stale', () => unmapChunksExcept(base, next.chunkSize, keptMapped.length ? new Set([...keep, ...keptMapped]) : keep));
   } catch (err) {
     if (!(err instanceof UnsupportedImage)) throw err;
     // A base this code cannot unmap in: made fresh instead (erased first).
@@ -596,7 +597,7 @@ async function finishReuse(vault: DesktopRecords, state: DesktopState, keys: Des
   await rm(path, { force: true });
   const bytes = matched.reduce((n, i) => n + chunkLength(i, next.diskSize, next.chunkSize), 0);
   const copied = moved.written.length ? `, ${moved.written.length} copied from other indexes` : '';
-  const kept = keptForPages(deltas).length ? `, ${keptForPages(deltas).length} kept to receive only their changed pages` : '';
+  const kept = keptMapped.length ? `, ${keptMapped.length} kept to receive only their changed pages` : '';
   log(`reused the parked copy of disk ${disk}: ${matched.length} of ${next.chunks.filter(Boolean).length} chunks already here${copied} (${unmapped} stale ones dropped${kept})`);
   return { chunks: matched.length, bytes, copied: moved.written.length, rejected: moved.rejected };
 }

@@ -81,7 +81,7 @@ export function openDeltaRecord(keys: LineageKeys, baseId: ChunkId, newId: Chunk
  * the base on every check-out; the pages are sealed at zstd level 3, a rebuilt chunk at level 1).
  */
 export function deltaWorthKeeping(pagesLength: number, newBlobLength: number): boolean {
-  return pagesLength + HEAD < newBlobLength && newBlobLength <= MAX_BLOB_SIZE;
+  return pagesLength + HEAD < newBlobLength;
 }
 
 /**

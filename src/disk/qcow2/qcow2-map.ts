@@ -27,11 +27,7 @@ export async function presentRanges(path: string): Promise<{ offset: number; len
     const l1 = await readWords(fh, h.l1Offset, h.l1Size);
     const out: { offset: number; length: number }[] = [];
     const add = (offset: number, length: number) => {
-      if (offset >= h.diskSize) return;
-      length = Math.min(length, h.diskSize - offset);
-      const last = out[out.length - 1];
-      if (last && last.offset + last.length === offset) last.length += length;
-      else out.push({ offset, length });
+      if (offset < h.diskSize) appendRange(out, offset, Math.min(length, h.diskSize - offset));
     };
     const table = Buffer.allocUnsafe(h.clusterSize);
     for (let i1 = 0; i1 < l1.length; i1++) {
@@ -59,4 +55,11 @@ export async function presentRanges(path: string): Promise<{ offset: number; len
   } finally {
     await fh.close();
   }
+}
+
+/** Appends [offset, offset + length) to sorted `out`, joined to the last range where they meet. */
+export function appendRange(out: { offset: number; length: number }[], offset: number, length: number): void {
+  const last = out[out.length - 1];
+  if (last && last.offset + last.length === offset) last.length += length;
+  else out.push({ offset, length });
 }

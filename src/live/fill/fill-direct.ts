@@ -129,6 +129,12 @@ export async function fillDirect(opts: {
     lastFlush = Date.now();
     flushing = persist().catch((error: unknown) => void (stop ??= { error })).finally(() => (flushing = null));
   };
+  /** Once a chunk's writes to every place landed: its marks wait for the next durable group (`bytes` written per place). */
+  const written = (places: readonly { disk: number; index: number }[], writing: Promise<unknown>, bytes: number) => writing.then(() => {
+    for (const p of places) pendingMarks.push({ disk: p.disk, index: p.index });
+    sinceFlush += bytes * places.length;
+    maybePersist();
+  });
   let next = 0;
   const paced = pacing(opts.rateLimit, opts.disks[0]?.disk.base.chunkSize ?? 256 * 1024, Math.max(1, opts.session.endpoint.maxStreams), 32);
   const batch = paced.batch;
@@ -183,11 +189,7 @@ export async function fillDirect(opts: {
             const write = base === ZERO_BASE
               ? (p: (typeof places)[number]) => p.sink.write(p.index, overZeros(p.sink.spare?.() ?? null, pages.length, pages.pieces))
               : (p: (typeof places)[number]) => p.sink.writePieces!(p.index, pages.pieces);
-            await writes.add(Promise.all(places.map(write)).then(() => {
-              for (const p of places) pendingMarks.push({ disk: p.disk, index: p.index });
-              sinceFlush += (base === ZERO_BASE ? pages.length : pages.pieces.reduce((n, p) => n + p.bytes.length, 0)) * places.length;
-              maybePersist();
-            }));
+            await writes.add(written(places, Promise.all(places.map(write)), base === ZERO_BASE ? pages.length : pages.pieces.reduce((n, p) => n + p.bytes.length, 0)));
           } else {
             let plain: Buffer;
             const into = places[0]!.sink.spare?.() ?? undefined;
@@ -207,11 +209,7 @@ export async function fillDirect(opts: {
             // A sink may take the buffer over: the first place (whose sink lent it) gets it, every other
             // place its own copy, all made before any write's first await (a sink reads, never changes, what it is given).
             const copies = places.map((_, i) => (i === 0 ? plain : Buffer.from(plain)));
-            await writes.add(Promise.all(places.map((p, i) => p.sink.write(p.index, copies[i]!))).then(() => {
-              for (const p of places) pendingMarks.push({ disk: p.disk, index: p.index });
-              sinceFlush += places.length * places[0]!.length;
-              maybePersist();
-            }));
+            await writes.add(written(places, Promise.all(places.map((p, i) => p.sink.write(p.index, copies[i]!))), places[0]!.length));
           }
           await opts.rateLimit?.take(blob.length, opts.signal);
           bytesMoved += blob.length;
