@@ -6,6 +6,7 @@ import { runQemuTool, SECRET_FD_OBJECT, SECRET_FIFO } from '../qemu/qemu-tools.j
 import { createArgs, createLayerFromTemplate, createWithQemu, type LayerShape } from './layer-template.js';
 import { luksHeaderRange, UnsupportedImage } from './qcow2/qcow2-format.js';
 import { appendRange, presentRanges } from './qcow2/qcow2-map.js';
+import type { ReadAhead } from '../files/stamped.js';
 import { DiskError } from './block-device.js';
 import type { Range } from '../core/chunks/delta.js';
 
@@ -204,9 +205,9 @@ export async function mapChain(chain: Chain, layer: Layer = 'top'): Promise<MapE
  * top alone for a layer that parser does not take (with the base behind it, qemu-img also walked
  * the base's allocation: on a 16 GiB desktop a JSON six times larger, and a second LUKS open).
  */
-export async function topExtents(chain: Chain): Promise<Range[]> {
+export async function topExtents(chain: Chain, ahead?: ReadAhead): Promise<Range[]> {
   try {
-    return await presentRanges(chain.files.top);
+    return await (ahead ? ahead.get(presentRanges, chain.files.top) : presentRanges(chain.files.top));
   } catch (err) {
     if (!(err instanceof UnsupportedImage)) throw err;
   }

@@ -31,16 +31,41 @@ export async function measureLayer(path: string, opts: { withoutLuks?: boolean }
   const fh = await open(path, 'r');
   try {
     const { size } = await fh.stat();
-    const hash = createHash('sha256');
-    await hashStructure(fh, size, hash, opts.withoutLuks ?? false);
-    return { size, sha256: hash.digest('hex') };
+    // Both digests in one read: a parked base's record (without LUKS) is taken from the same measure.
+    const twin = new TwinHash();
+    await hashStructure(fh, size, twin);
+    const full = { size, sha256: twin.full.digest('hex') };
+    const bare = { size, sha256: twin.bare.digest('hex') };
+    if (opts.withoutLuks) return bare;
+    withoutLuksOf.set(full, bare);
+    return full;
   } finally {
     await fh.close();
   }
 }
 
-async function hashStructure(fh: FileHandle, size: number, hash: Hash, withoutLuks: boolean): Promise<void> {
-  const note = (what: string) => hash.update(`\0${what}\0`);
+const withoutLuksOf = new WeakMap<LayerShapeRecord, LayerShapeRecord>();
+
+/**
+ * The same layer's shape without its LUKS header, measured with `shape` (which this process's
+ * `measureLayer` returned), or undefined: the structure as it was then, not read again.
+ */
+export function shapeWithoutLuks(shape: LayerShapeRecord | null | undefined): LayerShapeRecord | undefined {
+  return shape ? withoutLuksOf.get(shape) : undefined;
+}
+
+/** The two digests of a layer: of its whole structure, and without the LUKS header's bytes. */
+class TwinHash {
+  readonly full: Hash = createHash('sha256');
+  readonly bare: Hash = createHash('sha256');
+  update(data: string | Buffer, fullOnly = false): void {
+    this.full.update(data);
+    if (!fullOnly) this.bare.update(data);
+  }
+}
+
+async function hashStructure(fh: FileHandle, size: number, hash: TwinHash): Promise<void> {
+  const note = (what: string, fullOnly = false) => hash.update(`\0${what}\0`, fullOnly);
   const h = Buffer.alloc(104);
   const { bytesRead } = await fh.read(h, 0, h.length, 0);
   if (bytesRead < h.length || h.readUInt32BE(0) !== 0x514649fb) {
@@ -55,22 +80,23 @@ async function hashStructure(fh: FileHandle, size: number, hash: Hash, withoutLu
     return;
   }
   const clusterSize = 2 ** clusterBits;
+  // The LUKS header's region: its name in both digests, its bytes (or their absence) in the full one only.
   const region = async (what: string, at: number, length: number): Promise<Buffer | null> => {
+    const fullOnly = what === 'luks';
     note(`${what}@${at}+${length}`);
     if (!Number.isSafeInteger(at) || at < 0 || length < 0 || length > MAX_TABLE_BYTES || at + length > size) {
-      note('out-of-bounds');
+      note('out-of-bounds', fullOnly);
       return null;
     }
     const buf = Buffer.alloc(length);
     const got = (await fh.read(buf, 0, length, at)).bytesRead;
-    hash.update(buf.subarray(0, got));
+    hash.update(buf.subarray(0, got), fullOnly);
     return buf;
   };
   // The header cluster holds the header, its extensions and the backing file name.
   await region('header', 0, Math.min(clusterSize, size));
   const luks = await luksHeaderRange(fh).catch(() => null);
-  if (luks && !withoutLuks) await region('luks', luks.offset, luks.length);
-  if (luks && withoutLuks) note(`luks@${luks.offset}+${luks.length}`);
+  if (luks) await region('luks', luks.offset, luks.length);
   const l1 = await region('l1', Number(h.readBigUInt64BE(40)), h.readUInt32BE(36) * 8);
   if (l1) await tablesOf(l1, (at) => region('l2', at, clusterSize));
   const refTable = await region('refcount-table', Number(h.readBigUInt64BE(48)), h.readUInt32BE(56) * clusterSize);

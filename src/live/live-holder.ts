@@ -8,7 +8,7 @@ import { recordMac, recordMacOk, type DesktopKeys } from './disks/desktop-keys.j
 import { LiveChain, type LiveLayers, type Quiesce } from './live-chain.js';
 import { chainOf, diskDir, socketDir, templatesDir } from './disks/disks.js';
 import { diskPrefix } from './fill/holder.js';
-import { fileStamp } from './disks/layer-guard.js';
+import { fileStamp } from '../files/stamped.js';
 import type { HeldDesktop } from './fill/holder.js';
 import type { DesktopState } from './disks/state.js';
 

@@ -7,7 +7,7 @@ import { after, test } from 'node:test';
 import { deriveDiskSecret } from '../../src/core/keys.js';
 import { createLayerFromTemplate } from '../../src/disk/layer-template.js';
 import { measureLayer } from '../../src/disk/layer-shape.js';
-import { Qcow2BaseReader } from '../../src/disk/qcow2/qcow2-base-reader.js';
+import { Qcow2Reader } from '../../src/disk/qcow2/qcow2-reader.js';
 import { Qcow2BaseWriter } from '../../src/disk/qcow2/qcow2-base-writer.js';
 import { XtsSectors } from '../../src/disk/qcow2/xts.js';
 
@@ -58,7 +58,7 @@ test('the base reader reads what the base writer wrote (holes as zeros, unaligne
   await w.close();
   const written = await measureLayer(path);
   assert.notEqual(written.sha256, empty.sha256, 'new L2 entries change the shape');
-  const r = await Qcow2BaseReader.open(path, PASS);
+  const r = await Qcow2Reader.open(path, PASS);
   try {
     assert.ok((await r.read(0, size)).equals(want));
     assert.ok((await r.read(7 * CHUNK - 1000, 3000)).equals(want.subarray(7 * CHUNK - 1000, 7 * CHUNK + 2000)));
@@ -67,7 +67,7 @@ test('the base reader reads what the base writer wrote (holes as zeros, unaligne
     await r.close();
   }
   assert.deepEqual(await measureLayer(path), written, 'reading changes nothing');
-  await assert.rejects(Qcow2BaseReader.open(path, randomBytes(32).toString('base64')), /passphrase does not open/);
+  await assert.rejects(Qcow2Reader.open(path, randomBytes(32).toString('base64')), /passphrase does not open/);
   // An L1 entry is structure.
   const f = readFileSync(path);
   const flipped = Buffer.from(f);

@@ -4,7 +4,8 @@ import { copyFile, mkdtemp, open, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { chainFiles, createChain, mapChain, topExtents, type Chain } from '../../src/disk/chain.js';
+import { chainFiles, createChain, layerSecret, mapChain, topExtents, type Chain } from '../../src/disk/chain.js';
+import { Qcow2Reader } from '../../src/disk/qcow2/qcow2-reader.js';
 import { appendRange, presentRanges } from '../../src/disk/qcow2/qcow2-map.js';
 import { UnsupportedImage } from '../../src/disk/qcow2/qcow2-format.js';
 import { throughChain } from './fixtures.js';
@@ -41,6 +42,27 @@ test('the top\'s own tables say what qemu-img map says it holds: data, zeros wri
     assert.deepEqual(await topExtents(chain), ours);
     assert.equal(ours[ours.length - 1]!.offset + ours[ours.length - 1]!.length, SIZE, 'the last range ends at the disk\'s end');
 
+    // What a check-in reads of the top from Node: every byte it holds, as QEMU reads the chain there.
+    const top = await Qcow2Reader.openTop(chain.files.top, layerSecret(chain, 'top'));
+    try {
+      await throughChain(dir, chain, async (nbd) => {
+        for (const r of ours) {
+          for (let at = r.offset; at < r.offset + r.length; at += 300 * 1024) {
+            const n = Math.min(300 * 1024, r.offset + r.length - at);
+            assert.ok((await top.read(at, n)).equals(await nbd.read(at, n)), `bytes ${at}+${n} as QEMU reads them`);
+          }
+        }
+        // Pieces inside one subcluster, across subclusters and across clusters.
+        for (const [at, n] of [[1000, 2000], [3 * CHUNK - 512, 8192], [3 * CHUNK - 100, 200]] as const) assert.ok((await top.read(at, n)).equals(await nbd.read(at, n)), `${at}+${n}`);
+      });
+      assert.ok((await top.read(20 * 1024 * 1024, 3 * CHUNK)).equals(Buffer.alloc(3 * CHUNK)), 'zeros written read as zeros');
+      // A byte the top leaves to its backing file is not the top's to answer.
+      await assert.rejects(top.read(10 * 1024 * 1024 + 1, 10), /not held by this layer/);
+      await assert.rejects(top.read(4096 - 10, 20), /not held by this layer/, 'a read running past the held bytes is refused whole');
+    } finally {
+      await top.close();
+    }
+
     // An incompatible feature this parser does not know (here: "dirty"): refused, so topExtents asks qemu-img.
     const odd = join(dir, 'odd.qcow2');
     await copyFile(chain.files.top, odd);
@@ -53,6 +75,7 @@ test('the top\'s own tables say what qemu-img map says it holds: data, zeros wri
       await fh.close();
     }
     await assert.rejects(presentRanges(odd), (e: unknown) => e instanceof UnsupportedImage && /incompatible features 0x1/.test((e as Error).message));
+    await assert.rejects(Qcow2Reader.openTop(odd, layerSecret(chain, 'top')), (e: unknown) => e instanceof UnsupportedImage, 'the check-in reads such a top through QEMU');
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

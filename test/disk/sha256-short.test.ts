@@ -2,6 +2,8 @@ import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { test } from 'node:test';
 import { diffuseSha256, sha256Short, SHA256_SHORT_MAX } from '../../src/disk/sha256-short.js';
+import { afChainSha256, afSha256Memory } from '../../src/disk/af-sha256-wasm.js';
+import { afChainJs } from '../../src/disk/luks-header.js';
 
 test('sha256Short equals Node\'s SHA-256 for every length it takes, and refuses longer messages', () => {
   for (let len = 0; len <= SHA256_SHORT_MAX; len++) {
@@ -31,4 +33,18 @@ test('diffuseSha256 is LUKS1\'s diffuse: each 32-byte piece hashed behind its bi
     }
     assert.ok(out.equals(want), `${size}-byte block`);
   }
+});
+
+test('the WebAssembly anti-forensic chain equals the JavaScript one (the SHA-256 diffuse over XORed stripes), and leaves no key material in its memory', () => {
+  for (const stripes of [1, 2, 3, 17, 4000]) {
+    const material = randomBytes(64 * stripes + 32);
+    const fast = afChainSha256(material, stripes);
+    assert.ok(fast, 'WebAssembly is there in every Node this project supports');
+    assert.ok(fast.equals(afChainJs(material, 64, stripes, 'sha256')), `${stripes} stripes`);
+  }
+  assert.throws(() => afChainSha256(Buffer.alloc(64 * 3 - 1), 3), RangeError);
+  const secret = randomBytes(64 * 50);
+  afChainSha256(secret, 50);
+  const mem = Buffer.from(afSha256Memory()!.buffer);
+  for (let at = 0; at + 16 <= secret.length; at += 64) assert.equal(mem.indexOf(secret.subarray(at, at + 16)), -1, `stripe ${at / 64} left in memory`);
 });

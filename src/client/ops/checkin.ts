@@ -1,6 +1,12 @@
 import { join } from 'node:path';
 import { CarryonError } from '../../core/errors.js';
-import { topExtents } from '../../disk/chain.js';
+import { chainFiles, layerSecret, topExtents } from '../../disk/chain.js';
+import { presentRanges } from '../../disk/qcow2/qcow2-map.js';
+import { measureLayer } from '../../disk/layer-shape.js';
+import { ReadAhead } from '../../files/stamped.js';
+import { Qcow2Reader } from '../../disk/qcow2/qcow2-reader.js';
+import { UnsupportedImage } from '../../disk/qcow2/qcow2-format.js';
+import type { Range } from '../../core/chunks/delta.js';
 import { addChain, StorageDaemon } from '../../disk/storage-daemon.js';
 import { NbdClient } from '../../nbd/client.js';
 import { changedManifests, type DiskReader } from '../../live/disks/changes.js';
@@ -8,7 +14,7 @@ import { loadDevice, type DeviceIdentity } from '../vault/home.js';
 import { keepsLocalCopy, parkBases, parkedFrom, stampParked, unlinkVaultBases } from '../vault/parked.js';
 import type { DiskChanges } from '../../live/disks/changes.js';
 import { guardUpload } from '../../live/disks/layer-guard.js';
-import { socketDir, type DesktopDisk } from '../../live/disks/disks.js';
+import { diskDir, socketDir, type DesktopDisk } from '../../live/disks/disks.js';
 import { openDesktopDisks } from '../../live/disks/open.js';
 import { claimOwner, diskPrefix, readOwner, specFor } from '../../live/fill/holder.js';
 import { liveReplicate } from './live-upload.js';
@@ -25,18 +31,37 @@ import { traced } from '../../files/trace.js';
 export type { UploadKind };
 
 /**
- * Opens the chains read-only in a storage daemon for reading the change since the checkpoint:
- * the top layer's extents and the pages they hold. Refused while the desktop runs (its disk is
- * locked by QEMU): shut it down first.
+ * The change since the checkpoint, per disk: the top layer's extents and the bytes it holds.
+ * The stopped tops are read from Node (Qcow2Reader.openTop: no process to start, OpenSSL's XTS);
+ * a top that reader does not know goes through a storage daemon, read-only. The caller holds
+ * the desktop's owner claim, so no run or serve writes the chain meanwhile.
  */
-async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopDisk[], daemon: Promise<StorageDaemon>, fn: (readers: DiskReader[]) => Promise<T>): Promise<T> {
-  // The top layers' maps (one qemu-img each) are read while the daemon starts: the caller holds
-  // the desktop's owner claim, so no run or serve can write the chain meanwhile (and the daemon's
-  // image locks then hold it). The daemon's own errors (a disk in use) come first: they say what to do.
-  const maps = disks.map((d) => traced('map-read', () => topExtents(d.chain)));
+async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopDisk[], ahead: ReadAhead | undefined, fn: (readers: DiskReader[]) => Promise<T>): Promise<T> {
+  const maps = disks.map((d) => traced('map-read', () => topExtents(d.chain, ahead)));
   for (const m of maps) m.catch(() => undefined);
+  const tops: Qcow2Reader[] = [];
+  try {
+    await traced('open-tops', async () => {
+      for (const d of disks) tops.push(await Qcow2Reader.openTop(d.chain.files.top, layerSecret(d.chain, 'top')));
+    });
+  } catch (err) {
+    await Promise.all(tops.map((t) => t.close()));
+    if (!(err instanceof UnsupportedImage)) throw err;
+    return withDaemonReaders(vault, state, disks, maps, fn);
+  }
+  try {
+    const readers: DiskReader[] = [];
+    for (const [i, d] of disks.entries()) readers.push({ disk: d, top: tops[i]!, extents: await maps[i]! });
+    return await fn(readers);
+  } finally {
+    await Promise.all(tops.map((t) => t.close()));
+  }
+}
+
+/** The same through qemu-storage-daemon (an image Qcow2Reader refuses): refused while a QEMU holds the disk. */
+async function withDaemonReaders<T>(vault: Vault, state: DesktopState, disks: DesktopDisk[], maps: Promise<Range[]>[], fn: (readers: DiskReader[]) => Promise<T>): Promise<T> {
   const dir = await socketDir(vault, state.desktopId);
-  const qsd = await daemon;
+  const qsd = await traced('qsd-start', () => StorageDaemon.start(dir));
   const clients: NbdClient[] = [];
   try {
     const socket = join(dir, 'upload.sock');
@@ -74,16 +99,29 @@ const DEFAULT_SHUTDOWN_GRACE_MS = 120_000;
  * (which then equals the new snapshot; resumed on the rerun if killed: `parking` and `mergingTo`
  * in the MACed state) and the base is parked. The caller erases the vault afterwards.
  */
-async function parkCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, wrapKey: WrapKey | null, disks: DesktopDisk[], changes: DiskChanges[], snapshotId: string, unlockShare: string | null): Promise<boolean> {
+async function parkCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, wrapKey: WrapKey | null, disks: DesktopDisk[], changes: DiskChanges[], snapshotId: string, unlockShare: string | null, putAhead: PutAhead | null): Promise<boolean> {
   if (!keepsLocalCopy(state)) return false;
   let next: DesktopState = { ...state, state: 'checking_in', parking: snapshotId };
-  for (const m of changedManifests(disks, changes)) {
-    const digest = await vault.putManifest(state.desktopId, m.manifest);
-    next = { ...next, disks: next.disks.map((d) => (d.name === m.name && d.baseDigest !== digest ? { ...d, mergingTo: digest } : d)) };
+  // Put while the commit was on its way, if the commit recorded those very changes.
+  const put = putAhead?.changes === changes ? await putAhead.digests : await putManifests(vault, state, disks, changes);
+  for (const { name, digest } of put) {
+    next = { ...next, disks: next.disks.map((d) => (d.name === name && d.baseDigest !== digest ? { ...d, mergingTo: digest } : d)) };
   }
   await traced('park-save', () => vault.save(next, keys));
   const merged = (await traced('park-merge', () => openDesktopDisks(vault, next, keys))).state;
   return parkBases({ vault, device, password: await env.password(), state: merged, keys, how: 'checkin', disks: merged.disks.map((d) => ({ name: d.name, digest: d.baseDigest, known: null })), log: env.log, wrapKey, unlockShare });
+}
+
+/** The new bases' manifests, put in the vault (content-addressed: one put for changes the commit then refuses stays unused). */
+async function putManifests(vault: Vault, state: DesktopState, disks: DesktopDisk[], changes: DiskChanges[]): Promise<{ name: string; digest: string }[]> {
+  const out = [];
+  for (const m of changedManifests(disks, changes)) out.push({ name: m.name, digest: await vault.putManifest(state.desktopId, m.manifest) });
+  return out;
+}
+
+interface PutAhead {
+  changes: DiskChanges[];
+  digests: Promise<{ name: string; digest: string }[]>;
 }
 
 /** A check-in killed after its commit, while its bases were merged or parked: finishes that, then erases the vault. */
@@ -119,6 +157,28 @@ export async function finishPark(env: ClientEnv, device: DeviceIdentity, vault: 
 }
 
 
+/**
+ * Work that needs no key, started while the broker checks the password (its scrypt: ≈ 100 ms in
+ * which the laptop only waited): the owner claim, then the layers' shapes (for the guard) and the
+ * tops' maps, each used later only if its file did not change since (ReadAhead). Null where the
+ * desktop runs (the live paths claim nothing here) or a committed check-in's park is to be
+ * finished (that claims on its own).
+ */
+async function beforeKeys(env: ClientEnv, vault: Vault, found: DesktopState, kind: UploadKind, running: RunningCheckin): Promise<{ release: () => Promise<void>; ahead: ReadAhead } | null> {
+  if (found.parking) return null;
+  const holder = await readOwner(vault, found.desktopId);
+  if (holder?.kind === 'run' || holder?.kind === 'serve') return null;
+  const release = await traced('claim-owner', () => claimOwner(vault, found.desktopId, kind === 'handback' ? 'checkin' : kind, env.log, { background: kind === 'replicate' && running.background === true }));
+  const ahead = new ReadAhead();
+  for (const d of found.disks) {
+    const files = chainFiles(diskDir(vault, found.desktopId, d.name), d.top);
+    ahead.start(measureLayer, files.base);
+    ahead.start(measureLayer, files.top);
+    ahead.start(presentRanges, files.top);
+  }
+  return { release, ahead };
+}
+
 /** Check-in, replicate or hand-back: send only the chunks changed since the checkpoint, then commit. */
 export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKind, running: RunningCheckin = {}): Promise<UploadResult> {
   const device = await loadDevice(env.home);
@@ -126,9 +186,17 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
   const found = await traced('vault-find', () => vault.find(desktopRef));
   if (found.state === 'transferring') throw new CarryonError('wrong-state', `${found.name} is still being checked out`);
   const password = await env.password();
+  const early = beforeKeys(env, vault, found, kind, running);
+  early.catch(() => undefined);
   // The login's answer brings the check-out's unlock share (one round trip less).
-  const { broker } = await traced('login', () => onlineSession(env, device, found.keys.online ? found.checkoutId : undefined));
+  const { broker } = await traced('login', () => onlineSession(env, device, found.keys.online ? found.checkoutId : undefined)).catch(async (err: unknown) => {
+    await early.then((e) => e?.release(), () => undefined);
+    throw err;
+  });
+  let claimed: Awaited<typeof early> = null;
   try {
+    // A claim refused (the desktop is busy) is said once the login is done with.
+    claimed = await early;
     // The broker has just checked the password: its share opens the vault's online wrap, no KDF
     // (client/vault/online-unlock.ts); where it gives none, the password's wrap (scrypt) opens it.
     // The same share seals a parked copy's online wrap, which the next check-out opens without the KDF (parked.ts).
@@ -140,8 +208,13 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
     const keys = opened0.keys;
     const wrapKey = opened0.wrapKey;
     let state = opened0.state;
-    if (state.parking) return await finishParking(env, device, vault, state, keys, wrapKey, kind, unlockShare);
-    const holder = await readOwner(vault, state.desktopId);
+    if (state.parking) {
+      await claimed?.release();
+      claimed = null;
+      return await finishParking(env, device, vault, state, keys, wrapKey, kind, unlockShare);
+    }
+    // Claimed ahead: nothing else holds the desktop.
+    const holder = claimed ? null : await readOwner(vault, state.desktopId);
     if (kind === 'replicate' && (holder?.kind === 'run' || holder?.kind === 'serve')) {
       // The desktop runs: the process holding its chain takes the point in time (src/live/).
       const live = await liveReplicate({ env, broker, vault, state, keys, background: running.background === true });
@@ -151,20 +224,22 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
     if (kind === 'checkin' && (holder?.kind === 'run' || holder?.kind === 'serve')) {
       return await checkinRunning(env, desktopRef, { vault, state, keys, holder: holder.kind, running });
     }
-    const release = await traced('claim-owner', () => claimOwner(vault, state.desktopId, kind === 'handback' ? 'checkin' : kind, env.log, { background: kind === 'replicate' && running.background === true }));
+    const ahead = claimed?.ahead;
+    const release = claimed?.release ?? await traced('claim-owner', () => claimOwner(vault, state.desktopId, kind === 'handback' ? 'checkin' : kind, env.log, { background: kind === 'replicate' && running.background === true }));
+    claimed = null; // released below
     let outcome;
-    // The owner claim is held, so no run or serve uses the desktop's socket directory: its storage
-    // daemon (a process start) comes up while the disks are opened and checked. Without nodes it
-    // holds no image, so the checks below see the chain as before.
-    const daemon = traced('qsd-start', async () => StorageDaemon.start(await socketDir(vault, state.desktopId)));
-    daemon.catch(() => undefined);
-    let daemonHanded = false;
     try {
       const opened = await traced('open-disks', () => openDesktopDisks(vault, state, keys));
-      state = await traced('guard-upload', () => guardUpload(vault, opened.state, keys, env.log));
-      daemonHanded = true;
-      outcome = await withReaders(vault, state, opened.disks, daemon, (readers) => sendChanges({
+      state = await traced('guard-upload', () => guardUpload(vault, opened.state, keys, env.log, ahead));
+      let putAhead: PutAhead | null = null;
+      const parking = kind === 'checkin' && keepsLocalCopy(state);
+      outcome = await withReaders(vault, state, opened.disks, ahead, (readers) => sendChanges({
         env, broker, vault, state, keys, kind, readers, background: kind === 'replicate' && running.background === true, entry,
+        onNamed: parking ? (named) => {
+          const digests = putManifests(vault, state, opened.disks, named.changes);
+          digests.catch(() => undefined);
+          putAhead = { changes: named.changes, digests };
+        } : undefined,
         saveCheckingIn: kind === 'checkin' ? (jobId) => vault.save({ ...state, state: 'checking_in', jobId }, keys) : undefined,
       }));
       if (kind === 'replicate') {
@@ -180,10 +255,9 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
       if (kind === 'checkin') {
         // The laptop keeps the desktop as checked in (policy keepLocalCopy): the next check-out moves only what changed.
         const done = outcome;
-        await traced('park', () => parkCheckin(env, device, vault, state, keys, wrapKey, opened.disks, done.changes.changes, done.commit.snapshotId, unlockShare)).catch((err: unknown) => env.log(`no parked copy kept of ${state.name}: ${(err as Error).message}`));
+        await traced('park', () => parkCheckin(env, device, vault, state, keys, wrapKey, opened.disks, done.changes.changes, done.commit.snapshotId, unlockShare, putAhead)).catch((err: unknown) => env.log(`no parked copy kept of ${state.name}: ${(err as Error).message}`));
       }
     } finally {
-      if (!daemonHanded) await daemon.then((q) => q.stop(), () => undefined);
       await traced('release-owner', release);
     }
     const { changes, sent, commit, recovered } = outcome;
@@ -200,6 +274,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
     }
     return { snapshotId: commit.snapshotId, changedChunks: changes.changedChunks, chunksSent: sent.chunksMoved, bytesSent: sent.bytesMoved, replicaKind: kind === 'replicate' ? ('stopped' as const) : null };
   } finally {
+    await claimed?.release();
     await traced('broker-close', () => broker.close());
   }
 }

@@ -9,8 +9,8 @@ import { CarryonError, EnvelopeError } from '../../core/errors.js';
 import { deriveDiskSecret } from '../../core/keys.js';
 import { decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../../core/chunks/manifest.js';
 import { chainBytesOnDisk, chainFiles, eraseChainKeys, eraseLayerKeys, layerSecret } from '../../disk/chain.js';
-import { measureLayer } from '../../disk/layer-shape.js';
-import { fileStamp } from '../../live/disks/layer-guard.js';
+import { measureLayer, shapeWithoutLuks } from '../../disk/layer-shape.js';
+import { fileStamp, sameStamp } from '../../files/stamped.js';
 import { addPassphrase, keepOnlyPassphrase, luksUuid } from '../../disk/luks-rekey.js';
 import { unmapChunksExcept } from '../../disk/qcow2/qcow2-unmap.js';
 import { UnsupportedImage } from '../../disk/qcow2/qcow2-format.js';
@@ -235,7 +235,9 @@ export async function parkBases(o: { vault: DesktopRecords; device: DeviceIdenti
     const base = chainOf(vault, state, keys, d.name).files.base;
     if (!existsSync(base)) continue;
     bytes += (await chainBytesOnDisk({ base, top: '' })).base;
-    disks.push({ ...d, base, shape: await traced('park-shape', () => measureLayer(base, { withoutLuks: true })) });
+    // Measured with the record the merge made of this base (nothing wrote it since), else now.
+    const recorded = shapeWithoutLuks(state.disks.find((x) => x.name === d.name)?.shapes.base);
+    disks.push({ ...d, base, shape: recorded ?? await traced('park-shape', () => measureLayer(base, { withoutLuks: true })) });
   }
   if (disks.length === 0) return false;
   if (policy.maxGiB > 0 && bytes > policy.maxGiB * 1024 ** 3) {
@@ -301,8 +303,6 @@ export async function stampParked(home: string, desktopId: string, vaultKey: Buf
   await writeFileAtomic(join(dir, 'parked.json'), JSON.stringify({ v: 1, body, mac: parkedMac(vaultKey, desktopId, body) }));
 }
 
-const sameStamp = (a: { size: number; mtimeMs: number; ctimeMs: number; ino: number } | null, b: { size: number; mtimeMs: number; ctimeMs: number; ino: number }) =>
-  a !== null && a.size === b.size && a.mtimeMs === b.mtimeMs && a.ctimeMs === b.ctimeMs && a.ino === b.ino;
 
 /** The vault's names of bases now parked (same inode), so erasing the vault leaves them whole. */
 export async function unlinkVaultBases(vault: DesktopRecords, state: DesktopState): Promise<void> {

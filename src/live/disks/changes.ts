@@ -3,7 +3,6 @@ import { chunkLength } from '../../core/chunks/chunking.js';
 import { pagesByChunk, pagesFingerprint, sealPages, type Range } from '../../core/chunks/delta.js';
 import type { LineageKeys } from '../../core/keys.js';
 import { createManifest, type Manifest } from '../../core/chunks/manifest.js';
-import type { NbdClient } from '../../nbd/client.js';
 import { pagesFrameHead } from '../../core/chunks/frames.js';
 import type { PagesSource } from '../../transfer-client/push-pages.js';
 import type { DesktopDisk } from './disks.js';
@@ -12,10 +11,15 @@ import type { PushJournal } from './push-journal.js';
 /** What reading changes needs of a disk: its name and checkpoint manifest (a host's disk is one too, host/send-back.ts). */
 export type ReadDisk = Pick<DesktopDisk, 'name' | 'base'>;
 
-/** One disk as check-in reads it: the chain, through its top export, and the top layer's allocated extents. */
+/** Reads guest bytes the top holds (an NBD export of the chain, or the stopped top read from Node: Qcow2Reader). */
+export interface TopBytes {
+  read(offset: number, length: number): Promise<Buffer>;
+}
+
+/** One disk as check-in reads it: the top layer's bytes and its allocated extents. */
 export interface DiskReader<D extends ReadDisk = DesktopDisk> {
   disk: D;
-  top: NbdClient;
+  top: TopBytes;
   extents: Range[];
 }
 

@@ -1,12 +1,12 @@
-import { stat } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { computeChunkId } from '../../core/chunk-id.js';
 import { CarryonError } from '../../core/errors.js';
 import type { Manifest } from '../../core/chunks/manifest.js';
 import { checkChain, layerSecret, type Chain } from '../../disk/chain.js';
 import { measureLayer, type LayerShapeRecord } from '../../disk/layer-shape.js';
-import { Qcow2BaseReader } from '../../disk/qcow2/qcow2-base-reader.js';
+import { Qcow2Reader } from '../../disk/qcow2/qcow2-reader.js';
 import { QemuToolError } from '../../qemu/qemu-tools.js';
+import { fileStamp, sameStamp, type ReadAhead } from '../../files/stamped.js';
 import type { DesktopKeys } from './desktop-keys.js';
 import { chainOf, recordDiskFailure } from './disks.js';
 import type { DesktopRecords, DesktopState } from './state.js';
@@ -24,14 +24,6 @@ import type { DesktopRecords, DesktopState } from './state.js';
  * cannot match its record, so it is checked with `qemu-img check` and recorded afresh instead.
  */
 
-type FileStamp = NonNullable<DesktopState['disks'][number]['baseVerified']>;
-
-export async function fileStamp(path: string): Promise<FileStamp> {
-  const s = await stat(path);
-  return { size: s.size, mtimeMs: s.mtimeMs, ctimeMs: s.ctimeMs, ino: s.ino };
-}
-
-const sameStamp = (a: FileStamp | null, b: FileStamp) => a !== null && a.size === b.size && a.mtimeMs === b.mtimeMs && a.ctimeMs === b.ctimeMs && a.ino === b.ino;
 
 const WHAT_TO_DO = 'nothing was deleted: put back the files as Carryon left them, or discard this copy (`carryon discard <desktop> --yes`) and check the desktop out again (changes since the last check-in or replica are then lost)';
 
@@ -40,12 +32,15 @@ function damagedError(state: DesktopState): CarryonError {
   return new CarryonError('base-damaged', `${state.name} is marked damaged since ${d.at}: ${d.message}. Its disk is not opened and cannot be checked in; ${WHAT_TO_DO}`);
 }
 
-/** What differs between a layer and its record, or null. A missing file differs from any record. */
-async function layerDiff(path: string, want: LayerShapeRecord | null): Promise<string | null> {
+/**
+ * What differs between a layer and its record, or null. A missing file differs from any record.
+ * `ahead`: the shape may have been measured ahead (used only if the file is unchanged since).
+ */
+async function layerDiff(path: string, want: LayerShapeRecord | null, ahead?: ReadAhead): Promise<string | null> {
   if (!want) return null;
   let got: LayerShapeRecord;
   try {
-    got = await measureLayer(path);
+    got = ahead ? await ahead.get(measureLayer, path) : await measureLayer(path);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 'it is missing';
     throw err;
@@ -65,17 +60,17 @@ function tampered(state: DesktopState, disk: string, layer: 'base' | 'top', why:
  * `qemu-img check` and recorded as it is; the window since the last clean close is not covered.
  * Returns the state with any record it made (saved).
  */
-export async function checkLayers(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, log: (l: string) => void): Promise<DesktopState> {
+export async function checkLayers(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, log: (l: string) => void, ahead?: ReadAhead): Promise<DesktopState> {
   if (state.damaged) throw damagedError(state);
   let next = state;
   for (const d of state.disks) {
     // A merge a kill interrupted changes both layers legitimately: it is finished, then recorded (disks.ts).
     if (d.mergingTo) continue;
     const chain = chainOf(vault, state, keys, d.name);
-    const base = await layerDiff(chain.files.base, d.shapes.base);
+    const base = await layerDiff(chain.files.base, d.shapes.base, ahead);
     if (base) throw tampered(state, d.name, 'base', base);
     if (!state.layersOpen) {
-      const top = await layerDiff(chain.files.top, d.shapes.top);
+      const top = await layerDiff(chain.files.top, d.shapes.top, ahead);
       if (top) throw tampered(state, d.name, 'top', top);
       if (d.shapes.top && d.topClosed && !sameStamp(d.topClosed, await fileStamp(chain.files.top))) {
         // Same structure, other bytes or times: data clusters may have been changed (XTS cannot
@@ -163,7 +158,7 @@ function verifyRate(): number {
  * ID with the checkpoint's. Returns the first mismatch, or null. `rate` throttles (bytes/s).
  */
 export async function findBaseMismatch(chain: Chain, manifest: Manifest, idKey: Uint8Array, opts: { rate?: number; signal?: AbortSignal } = {}): Promise<string | null> {
-  const reader = await Qcow2BaseReader.open(chain.files.base, layerSecret(chain, 'base'));
+  const reader = await Qcow2Reader.open(chain.files.base, layerSecret(chain, 'base'));
   try {
     if (reader.diskSize !== manifest.diskSize) return `the base is ${reader.diskSize} bytes, the checkpoint ${manifest.diskSize}`;
     const started = Date.now();
@@ -239,8 +234,8 @@ export async function verifyBases(vault: DesktopRecords, keys: DesktopKeys, curr
  * not damaged, and each base checked against its checkpoint if its file changed since it was
  * last verified (unthrottled: the user waits).
  */
-export async function guardUpload(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, log: (l: string) => void): Promise<DesktopState> {
-  let s = await checkLayers(vault, state, keys, log);
+export async function guardUpload(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, log: (l: string) => void, ahead?: ReadAhead): Promise<DesktopState> {
+  let s = await checkLayers(vault, state, keys, log, ahead);
   await verifyBases(vault, keys, () => s, (n) => (s = n), { rate: 0 });
   return s;
 }

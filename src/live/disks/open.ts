@@ -4,6 +4,7 @@ import { checkChain, mergeTop } from '../../disk/chain.js';
 import type { DesktopKeys } from './desktop-keys.js';
 import { chainOf, diskDir, type DesktopDisk } from './disks.js';
 import { recordLayers } from './layer-guard.js';
+import { traced } from '../../files/trace.js';
 import type { DesktopRecords, DesktopState } from './state.js';
 
 /**
@@ -15,11 +16,11 @@ export async function openDesktopDisks(vault: DesktopRecords, state: DesktopStat
   for (const d of current.disks) {
     if (!d.mergingTo) continue;
     // A parked check-in's top is erased with the vault next: it is not emptied (a rerun merges it again, the same bytes).
-    await mergeTop(chainOf(vault, current, keys, d.name), { keepTop: current.parking !== null });
+    await traced('merge-commit', () => mergeTop(chainOf(vault, current, keys, d.name), { keepTop: current.parking !== null }));
     testHooks.afterMerge?.();
     current = { ...current, disks: current.disks.map((x) => (x.name === d.name ? { ...x, baseDigest: d.mergingTo!, mergingTo: null } : x)) };
     // The merged base holds the restore point whose chunk IDs this laptop computed: it is the new reference.
-    current = await recordLayers(vault, current, keys, { verifiedBases: true });
+    current = await traced('merge-record', () => recordLayers(vault, current, keys, { verifiedBases: true }));
   }
   const disks: DesktopDisk[] = [];
   for (const entry of current.disks) {

@@ -1,7 +1,7 @@
 import { computeChunkId, type ChunkId } from '../../core/chunk-id.js';
 import { chunkLength } from '../../core/chunks/chunking.js';
 import type { Manifest } from '../../core/chunks/manifest.js';
-import { Qcow2BaseReader } from '../../disk/qcow2/qcow2-base-reader.js';
+import { Qcow2Reader } from '../../disk/qcow2/qcow2-reader.js';
 import { WriteWindow } from '../../core/write-window.js';
 import type { BaseSink } from './fill-direct.js';
 
@@ -39,7 +39,7 @@ export function chunkIndex(m: Manifest, usable: Iterable<number> | null, wanted:
 
 /** A source over a LUKS qcow2 base read by Node (no image lock: every chunk is checked anyway). */
 export async function baseFileSource(o: { label: string; path: string; passphrase: string; diskSize: number; at: Map<ChunkId, number[]>; chunkSize: number; sameFileAsTarget?: boolean }): Promise<ChunkSource> {
-  const reader = await Qcow2BaseReader.open(o.path, o.passphrase);
+  const reader = await Qcow2Reader.open(o.path, o.passphrase);
   if (reader.diskSize !== o.diskSize) {
     await reader.close();
     throw new Error(`its disk is ${reader.diskSize} bytes, its manifest says ${o.diskSize}`);
