@@ -99,29 +99,16 @@ const DEFAULT_SHUTDOWN_GRACE_MS = 120_000;
  * (which then equals the new snapshot; resumed on the rerun if killed: `parking` and `mergingTo`
  * in the MACed state) and the base is parked. The caller erases the vault afterwards.
  */
-async function parkCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, wrapKey: WrapKey | null, disks: DesktopDisk[], changes: DiskChanges[], snapshotId: string, unlockShare: string | null, putAhead: PutAhead | null): Promise<boolean> {
+async function parkCheckin(env: ClientEnv, device: DeviceIdentity, vault: Vault, state: DesktopState, keys: DesktopKeys, wrapKey: WrapKey | null, disks: DesktopDisk[], changes: DiskChanges[], snapshotId: string, unlockShare: string | null): Promise<boolean> {
   if (!keepsLocalCopy(state)) return false;
   let next: DesktopState = { ...state, state: 'checking_in', parking: snapshotId };
-  // Put while the commit was on its way, if the commit recorded those very changes.
-  const put = putAhead?.changes === changes ? await putAhead.digests : await putManifests(vault, state, disks, changes);
-  for (const { name, digest } of put) {
-    next = { ...next, disks: next.disks.map((d) => (d.name === name && d.baseDigest !== digest ? { ...d, mergingTo: digest } : d)) };
+  for (const m of changedManifests(disks, changes)) {
+    const digest = await vault.putManifest(state.desktopId, m.manifest);
+    next = { ...next, disks: next.disks.map((d) => (d.name === m.name && d.baseDigest !== digest ? { ...d, mergingTo: digest } : d)) };
   }
   await traced('park-save', () => vault.save(next, keys));
   const merged = (await traced('park-merge', () => openDesktopDisks(vault, next, keys))).state;
   return parkBases({ vault, device, password: await env.password(), state: merged, keys, how: 'checkin', disks: merged.disks.map((d) => ({ name: d.name, digest: d.baseDigest, known: null })), log: env.log, wrapKey, unlockShare });
-}
-
-/** The new bases' manifests, put in the vault (content-addressed: one put for changes the commit then refuses stays unused). */
-async function putManifests(vault: Vault, state: DesktopState, disks: DesktopDisk[], changes: DiskChanges[]): Promise<{ name: string; digest: string }[]> {
-  const out = [];
-  for (const m of changedManifests(disks, changes)) out.push({ name: m.name, digest: await vault.putManifest(state.desktopId, m.manifest) });
-  return out;
-}
-
-interface PutAhead {
-  changes: DiskChanges[];
-  digests: Promise<{ name: string; digest: string }[]>;
 }
 
 /** A check-in killed after its commit, while its bases were merged or parked: finishes that, then erases the vault. */
@@ -231,15 +218,8 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
     try {
       const opened = await traced('open-disks', () => openDesktopDisks(vault, state, keys));
       state = await traced('guard-upload', () => guardUpload(vault, opened.state, keys, env.log, ahead));
-      let putAhead: PutAhead | null = null;
-      const parking = kind === 'checkin' && keepsLocalCopy(state);
       outcome = await withReaders(vault, state, opened.disks, ahead, (readers) => sendChanges({
         env, broker, vault, state, keys, kind, readers, background: kind === 'replicate' && running.background === true, entry,
-        onNamed: parking ? (named) => {
-          const digests = putManifests(vault, state, opened.disks, named.changes);
-          digests.catch(() => undefined);
-          putAhead = { changes: named.changes, digests };
-        } : undefined,
         saveCheckingIn: kind === 'checkin' ? (jobId) => vault.save({ ...state, state: 'checking_in', jobId }, keys) : undefined,
       }));
       if (kind === 'replicate') {
@@ -255,7 +235,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
       if (kind === 'checkin') {
         // The laptop keeps the desktop as checked in (policy keepLocalCopy): the next check-out moves only what changed.
         const done = outcome;
-        await traced('park', () => parkCheckin(env, device, vault, state, keys, wrapKey, opened.disks, done.changes.changes, done.commit.snapshotId, unlockShare, putAhead)).catch((err: unknown) => env.log(`no parked copy kept of ${state.name}: ${(err as Error).message}`));
+        await traced('park', () => parkCheckin(env, device, vault, state, keys, wrapKey, opened.disks, done.changes.changes, done.commit.snapshotId, unlockShare)).catch((err: unknown) => env.log(`no parked copy kept of ${state.name}: ${(err as Error).message}`));
       }
     } finally {
       await traced('release-owner', release);

@@ -5,7 +5,7 @@ import type { LineageKeys } from '../../core/keys.js';
 import { pushPages, type PagesSource } from '../../transfer-client/push-pages.js';
 import { boundedLimiter } from '../../transfer-client/rate-limit.js';
 import { askWithNewerFields, BrokerError, JobView, type BrokerClient } from '../../net/broker-client.js';
-import { namedOutcome, pagesSource, touchedChunks, type ChangedChunk, type DiskReader, type Outcome } from '../../live/disks/changes.js';
+import { namedOutcome, pagesSource, touchedChunks, type ChangedChunk, type DiskReader } from '../../live/disks/changes.js';
 import { commitUpload } from './commit.js';
 import { ENDED_CODES, finishEnded } from './ended-checkout.js';
 import { PushJournal } from '../../live/disks/push-journal.js';
@@ -32,7 +32,7 @@ export type UploadKind = 'checkin' | 'replicate' | 'handback';
  * not sent again), then commits the names; chunks the commit finds collected meanwhile (pushed a
  * day earlier on a slow link) are sent again, once.
  */
-async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: DesktopState; kind: UploadKind; keys: LineageKeys; readers: DiskReader[]; touched: ChangedChunk[]; checkpoint: string | null; job: JobView; journalPath: string; bound: number | undefined; frameCharge?: number; onNamed?: (changes: Outcome) => void }) {
+async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: DesktopState; kind: UploadKind; keys: LineageKeys; readers: DiskReader[]; touched: ChangedChunk[]; checkpoint: string | null; job: JobView; journalPath: string; bound: number | undefined; frameCharge?: number }) {
   const { env, broker, state, kind, keys, readers, touched, checkpoint, job } = o;
   let endpoint = job.transfer!;
   const named = new Map<number, ChunkId | null>();
@@ -48,10 +48,7 @@ async function pushAndCommit(o: { env: ClientEnv; broker: BrokerClient; state: D
     traceSpan('named-outcome', namedAt);
     let commit;
     try {
-      const committing = traced('commit', () => commitUpload(broker, state, kind, checkpoint, changes.changes, receipts));
-      // The caller's work runs while the request is with the broker.
-      o.onNamed?.(changes);
-      commit = await committing;
+      commit = await traced('commit', () => commitUpload(broker, state, kind, checkpoint, changes.changes, receipts));
     } catch (err) {
       const missing = err instanceof BrokerError && err.code === 'missing-chunks' && Array.isArray(err.body.missing) ? new Set(err.body.missing as unknown[]) : null;
       if (!missing) throw err;
@@ -82,8 +79,6 @@ export async function sendChanges(o: {
   background?: boolean;
   /** The desktop's entry, asked for by the caller while it did other work (else asked now). */
   entry?: ReturnType<typeof findEntry>;
-  /** Told what the commit will record, as it is sent (the caller's work then overlaps the broker's). */
-  onNamed?: (changes: Outcome) => void;
 }) {
   const { env, broker, vault, state, keys, kind, readers } = o;
   const touchedAt = performance.now();
@@ -111,6 +106,6 @@ export async function sendChanges(o: {
   }
   await traced('save-checking-in', async () => o.saveCheckingIn?.(begin.job.id));
   const job = await traced('active-job', () => activeJob(env, broker, begin.job));
-  return { ...(await pushAndCommit({ env, broker, state, kind, keys, readers, touched, checkpoint, job, journalPath, bound, frameCharge, onNamed: o.onNamed })), recovered: false };
+  return { ...(await pushAndCommit({ env, broker, state, kind, keys, readers, touched, checkpoint, job, journalPath, bound, frameCharge })), recovered: false };
 }
 
