@@ -4,14 +4,21 @@
 // modules, zod's 95 ES modules, undici's 100 CommonJS files: resolution, reads, compiles), which
 // was a third of a one-chunk check-in. One bundle with the four packages the CLI loads on every
 // command (zod, undici, commander, cli-progress) starts in ≈ 110 ms less. Servers' and native
-// packages stay as installed (`npm ci`), reached through the lazy imports as before.
+// packages stay as installed (`npm ci`), required where they are used, as before.
+//
+// The bundle is CommonJS (main.cjs), run by a small launcher (main.js) through `vm.Script` with
+// the V8 code cache made here (main.cjs.cache): Node 20 has no compile cache for ES modules, and
+// compiling the launcher's code on every command cost ≈ 25–40 ms. The cache is made by running
+// `carryon --version` with the launcher's own V8 flags (a cache made under other flags is
+// refused by V8, and the bundle is then compiled as usual); it is never written at run time.
 //
 // Only the launcher is bundled: tests and other modules import dist/src as tsc wrote it, and the
 // worker threads (XTS writers, sealers) load their own files. Code that finds files next to its
 // own module (`new URL('./x.js', import.meta.url)`: workers, the print relay, package.json) gets
 // its original module's URL back, so it resolves as before.
+import { execFileSync } from 'node:child_process';
 import { build } from 'esbuild';
-import { readFile, readdir, rm } from 'node:fs/promises';
+import { readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -33,6 +40,7 @@ if (source.includes(MARK)) {
   console.log('bundle-cli: dist/src/cli/main.js is already bundled (run tsc again to rebuild it)');
   process.exit(0);
 }
+// Chunks of the earlier ES module bundle.
 for (const name of await readdir(outDir)) if (name.startsWith(CHUNK_PREFIX)) await rm(join(outDir, name));
 // tsc's map of the unbundled launcher would point stack traces at the wrong lines.
 await rm(`${entry}.map`, { force: true });
@@ -44,7 +52,7 @@ const keepModuleUrl = {
       const text = await readFile(args.path, 'utf8');
       if (!text.includes('import.meta.url')) return { contents: text, loader: 'js' };
       const own = relative(outDir, args.path).split('\\').join('/');
-      return { contents: text.replaceAll('import.meta.url', `new URL(${JSON.stringify(own)}, import.meta.url).href`), loader: 'js' };
+      return { contents: text.replaceAll('import.meta.url', `require('node:url').pathToFileURL(require('node:path').join(__dirname, ${JSON.stringify(own)})).href`), loader: 'js' };
     });
   },
 };
@@ -57,19 +65,56 @@ const undiciSlim = {
   },
 };
 
+const bundle = join(outDir, 'main.cjs');
 await build({
   entryPoints: [entry],
-  outdir: outDir,
+  outfile: bundle,
   allowOverwrite: true,
   bundle: true,
-  splitting: true, // the servers' code (lazy imports) in chunks of their own, loaded only by their commands
-  chunkNames: `${CHUNK_PREFIX}[hash]`,
   platform: 'node',
-  format: 'esm',
+  format: 'cjs',
   target: 'node20',
   external,
-  // CommonJS packages inside an ES module bundle still call require() for Node's built-ins.
-  banner: { js: `${MARK}\nimport { createRequire as __carryonRequire } from 'node:module';\nconst require = __carryonRequire(import.meta.url);` },
   logLevel: 'warning',
   plugins: [keepModuleUrl, undiciSlim],
 });
+
+// The launcher's shebang (its V8 flags: src/cli/node-flags.ts) moves to the launcher; the bundle runs inside a function.
+const shebang = source.split('\n', 1)[0];
+if (!shebang.startsWith('#!')) throw new Error('bundle-cli: dist/src/cli/main.js has no shebang line');
+const flags = shebang.replace(/^#!\/usr\/bin\/env -S node\s*/, '').split(/\s+/).filter(Boolean);
+const code = await readFile(bundle, 'utf8');
+await writeFile(bundle, code.startsWith('#!') ? `//${code}` : code);
+
+await writeFile(entry, `${shebang}
+${MARK} (scripts/bundle-cli.mjs): the CLI is main.cjs, compiled with the V8 code cache made at build time.
+import { readFileSync, writeFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import vm from 'node:vm';
+
+const file = fileURLToPath(new URL('./main.cjs', import.meta.url));
+// The build writes the cache (CARRYON_CODE_CACHE_OUT); a run only reads it. V8 refuses a cache made
+// for other source, flags or V8, and then compiles as usual.
+const out = process.env.CARRYON_CODE_CACHE_OUT;
+let cachedData;
+if (!out) {
+  try {
+    cachedData = readFileSync(\`\${file}.cache\`);
+  } catch {
+    cachedData = undefined;
+  }
+}
+const started = performance.now();
+const script = new vm.Script(\`(function (exports, require, module, __filename, __dirname) {\${readFileSync(file, 'utf8')}\\n})\`, { filename: file, cachedData, importModuleDynamically: vm.constants?.USE_MAIN_CONTEXT_DEFAULT_LOADER });
+// CARRYON_TRACE=1: how long the compile took, named for whether V8 took the cache (test/cli/launcher.test.ts).
+if (process.env.CARRYON_TRACE === '1') process.stderr.write(\`carryon-trace \${cachedData && !script.cachedDataRejected ? 'compile' : 'compile-without-cache'} \${started.toFixed(1)} \${(performance.now() - started).toFixed(1)}\\n\`);
+if (out) process.once('exit', () => writeFileSync(out, script.createCachedData()));
+const module = { exports: {} };
+script.runInThisContext()(module.exports, createRequire(file), module, file, dirname(file));
+`);
+
+// The cache: the launcher's startup (every module's top level, the commands' registration) compiled.
+await rm(`${bundle}.cache`, { force: true });
+execFileSync(process.execPath, [...flags, entry, '--version'], { env: { ...process.env, CARRYON_CODE_CACHE_OUT: `${bundle}.cache` }, stdio: ['ignore', 'ignore', 'inherit'] });

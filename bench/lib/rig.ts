@@ -128,7 +128,9 @@ function storeFor(dataDir: string, opts: RigOptions): string {
 /** `carryon transfer-server` in a process of its own on the broker's store; resolves once it has registered. */
 async function startTransfer(dir: string, broker: RunningBroker, id: string, slots: number, store: string): Promise<ChildProcess> {
   const dataDir = join(dir, 'server');
-  const transfer = spawn(process.execPath, [...NODE_FLAGS, CLI, 'transfer-server', '--broker', broker.url, '--broker-fingerprint', broker.fingerprint,
+  // TRANSFER_CPU_PROF=DIR: each transfer server writes a V8 CPU profile there when it stops (profiling runs only).
+  const prof = process.env.TRANSFER_CPU_PROF ? ['--cpu-prof', `--cpu-prof-dir=${process.env.TRANSFER_CPU_PROF}`] : [];
+  const transfer = spawn(process.execPath, [...NODE_FLAGS, ...prof, CLI, 'transfer-server', '--broker', broker.url, '--broker-fingerprint', broker.fingerprint,
     '--secret-file', join(dataDir, 'transfer.secret'), '--master-key-file', join(dataDir, 'master.key'), '--store', store,
     '--id', id, '--slots', String(slots), '--port', '0', '--tls-dir', join(dir, `${id}-tls`), '--heartbeat-sec', String(HEARTBEAT_SEC)], { stdio: ['ignore', 'pipe', 'pipe'] });
   await new Promise<void>((resolve, reject) => {

@@ -1,18 +1,19 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { test } from 'node:test';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
+import { NODE_FLAGS } from '../../src/cli/node-flags.js';
 
 const run = promisify(execFile);
 const MAIN = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
 const ROOT = fileURLToPath(new URL('../../../', import.meta.url));
 
-/** Every module file the launcher loads for `args`, as paths (a module loader hook records them). */
-async function modulesLoaded(args: string[]): Promise<{ files: string[]; stdout: string }> {
+/** Every module file the launcher loads for `args`, as paths: ES modules (a loader hook) and CommonJS ones (a preload watching `require`). */
+async function modulesLoaded(args: string[], env: NodeJS.ProcessEnv = process.env): Promise<{ files: string[]; stdout: string; stderr: string }> {
   const dir = await mkdtemp(join(tmpdir(), 'carryon-launcher-'));
   try {
     const log = join(dir, 'loaded.txt');
@@ -20,10 +21,12 @@ async function modulesLoaded(args: string[]): Promise<{ files: string[]; stdout:
     await writeFile(hooks, `import { appendFileSync } from 'node:fs';\nexport async function load(url, context, next) { if (url.startsWith('file:')) appendFileSync(${JSON.stringify(log)}, url + '\\n'); return next(url, context); }\n`);
     const register = join(dir, 'register.mjs');
     await writeFile(register, `import { register } from 'node:module';\nregister(${JSON.stringify(pathToFileURL(hooks).href)});\n`);
-    // CommonJS requires inside a package do not pass the ES loader's hook; its entry file does.
-    const { stdout } = await run(process.execPath, ['--import', pathToFileURL(register).href, MAIN, ...args]);
+    // The bundle is CommonJS: what it requires passes Module._load, not the ES loader's hook.
+    const preload = join(dir, 'preload.cjs');
+    await writeFile(preload, `const Module = require('node:module'); const { appendFileSync } = require('node:fs'); const { pathToFileURL } = require('node:url');\nconst load = Module._load; Module._load = function (request, parent, isMain) { try { const f = Module._resolveFilename(request, parent, isMain); if (f.startsWith('/')) appendFileSync(${JSON.stringify(log)}, pathToFileURL(f).href + '\\n'); } catch {} return load.apply(this, arguments); };\n`);
+    const { stdout, stderr } = await run(process.execPath, [...NODE_FLAGS, '--require', preload, '--import', pathToFileURL(register).href, MAIN, ...args], { env });
     const files = (await readFile(log, 'utf8')).split('\n').filter(Boolean).map((u) => fileURLToPath(u));
-    return { files, stdout };
+    return { files, stdout, stderr };
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
@@ -39,5 +42,15 @@ test('the launcher is one bundle: no package the CLI needs on every command is l
   assert.deepEqual(bundled, [], 'zod, undici, commander and cli-progress are in the bundle');
   const ours = files.filter((f) => f.startsWith(join(ROOT, 'dist')));
   assert.ok(ours.includes(MAIN));
-  assert.ok(ours.every((f) => f === MAIN || /\/dist\/src\/cli\/main-chunk-[A-Z0-9]+\.js$/.test(f)), `only the bundle's files: ${ours.filter((f) => f !== MAIN).slice(0, 3).join(', ')}`);
+  assert.deepEqual(ours.filter((f) => f !== MAIN), [], 'only the launcher is loaded as a module (it compiles main.cjs itself)');
+});
+
+test('the launcher compiles the bundle with the code cache made at build time, under the flags it runs with', async () => {
+  const { stderr } = await modulesLoaded(['--version'], { ...process.env, CARRYON_TRACE: '1' });
+  assert.match(stderr, /^carryon-trace compile [\d.]+ [\d.]+$/m, `the cache was not taken: ${stderr}`);
+  // The cache is only ever written by the build.
+  const cache = join(dirname(MAIN), 'main.cjs.cache');
+  const before = await stat(cache);
+  await run(process.execPath, [...NODE_FLAGS, MAIN, '--version']);
+  assert.equal((await stat(cache)).mtimeMs, before.mtimeMs);
 });

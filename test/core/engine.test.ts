@@ -6,7 +6,7 @@ import { computeChunkId, parseChunkId } from '../../src/core/chunk-id.js';
 import { chunkCount, chunkLength, isZero, validateChunkSize } from '../../src/core/chunks/chunking.js';
 import { BlobError, EnvelopeError, ManifestError } from '../../src/core/errors.js';
 import { deriveDeviceUserKey, generateLineageKeys, unwrapLineageKeys, wrapLineageKeys } from '../../src/core/keys.js';
-import { createManifest, decodeManifest, diffManifests, encodeManifest, manifestDigest } from '../../src/core/chunks/manifest.js';
+import { createManifest, decodeManifest, diffManifests, encodeManifest, manifestDigest, withChanges } from '../../src/core/chunks/manifest.js';
 
 const keys = generateLineageKeys();
 
@@ -106,4 +106,16 @@ test('key wrapping binds key and context; device+password keys differ by either'
   assert.notDeepEqual(a, await deriveDeviceUserKey(Buffer.alloc(32, 2), 'pw', salt, params));
   assert.notDeepEqual(a, await deriveDeviceUserKey(Buffer.alloc(32, 1), 'pw2', salt, params));
   assert.deepEqual(a, await deriveDeviceUserKey(Buffer.alloc(32, 1), 'pw', salt, params));
+});
+
+test('a manifest with changes applied: the changed entries checked, the base untouched, the encoding as if made whole', () => {
+  const ids = Array.from({ length: 8 }, () => randomBytes(32).toString('hex'));
+  const base = createManifest(65536, 8 * 65536, ids.map((id, i) => (i % 3 ? id : null)));
+  const next = withChanges(base, [[0, ids[0]!], [4, null], [7, ids[1]!]]);
+  assert.deepEqual(next.chunks, [ids[0], ids[1], ids[2], null, null, ids[5], null, ids[1]]);
+  assert.deepEqual(base.chunks, ids.map((id, i) => (i % 3 ? id : null)), 'the base is not changed');
+  assert.ok(encodeManifest(next).equals(encodeManifest(createManifest(65536, 8 * 65536, next.chunks))));
+  assert.throws(() => withChanges(base, [[8, ids[0]!]]), /outside a manifest of 8/);
+  assert.throws(() => withChanges(base, [[-1, null]]), /outside/);
+  assert.throws(() => withChanges(base, [[1, 'A'.repeat(64)]]), /not a chunk ID/);
 });

@@ -14,7 +14,7 @@ import { loadDevice, type DeviceIdentity } from '../vault/home.js';
 import { keepsLocalCopy, parkBases, parkedFrom, stampParked, unlinkVaultBases } from '../vault/parked.js';
 import type { DiskChanges } from '../../live/disks/changes.js';
 import { guardUpload } from '../../live/disks/layer-guard.js';
-import { diskDir, socketDir, type DesktopDisk } from '../../live/disks/disks.js';
+import { chainOf, diskDir, socketDir, type DesktopDisk } from '../../live/disks/disks.js';
 import { openDesktopDisks } from '../../live/disks/open.js';
 import { claimOwner, diskPrefix, readOwner, specFor } from '../../live/fill/holder.js';
 import { liveReplicate } from './live-upload.js';
@@ -36,25 +36,43 @@ export type { UploadKind };
  * a top that reader does not know goes through a storage daemon, read-only. The caller holds
  * the desktop's owner claim, so no run or serve writes the chain meanwhile.
  */
-async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopDisk[], ahead: ReadAhead | undefined, fn: (readers: DiskReader[]) => Promise<T>): Promise<T> {
+async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopDisk[], ahead: ReadAhead | undefined, early: Promise<OpenedTops | null> | null, fn: (readers: DiskReader[]) => Promise<T>): Promise<T> {
   const maps = disks.map((d) => traced('map-read', () => topExtents(d.chain, ahead)));
   for (const m of maps) m.catch(() => undefined);
-  const tops: Qcow2Reader[] = [];
-  try {
-    await traced('open-tops', async () => {
-      for (const d of disks) tops.push(await Qcow2Reader.openTop(d.chain.files.top, layerSecret(d.chain, 'top')));
-    });
-  } catch (err) {
-    await Promise.all(tops.map((t) => t.close()));
-    if (!(err instanceof UnsupportedImage)) throw err;
-    return withDaemonReaders(vault, state, disks, maps, fn);
+  const want = disks.map((d) => ({ path: d.chain.files.top, secret: layerSecret(d.chain, 'top') }));
+  // Opened ahead (the key slots only) if those were these files; else opened now.
+  let opened = early ? await early.catch(() => null) : null;
+  if (opened && opened.paths.join('\0') !== want.map((w) => w.path).join('\0')) {
+    await Promise.all(opened.readers.map((r) => r.close()));
+    opened = null;
   }
+  opened ??= await traced('open-tops', () => openTops(want));
+  if (!opened) return withDaemonReaders(vault, state, disks, maps, fn);
+  const tops = opened.readers;
   try {
     const readers: DiskReader[] = [];
     for (const [i, d] of disks.entries()) readers.push({ disk: d, top: tops[i]!, extents: await maps[i]! });
     return await fn(readers);
   } finally {
     await Promise.all(tops.map((t) => t.close()));
+  }
+}
+
+interface OpenedTops {
+  paths: string[];
+  readers: Qcow2Reader[];
+}
+
+/** Readers of the tops (their key slots opened, no data read), or null where one is an image Qcow2Reader does not know. */
+async function openTops(tops: { path: string; secret: string }[]): Promise<OpenedTops | null> {
+  const readers: Qcow2Reader[] = [];
+  try {
+    for (const t of tops) readers.push(await Qcow2Reader.openTop(t.path, t.secret));
+    return { paths: tops.map((t) => t.path), readers };
+  } catch (err) {
+    await Promise.all(readers.map((r) => r.close()));
+    if (err instanceof UnsupportedImage) return null;
+    throw err;
   }
 }
 
@@ -158,6 +176,7 @@ async function beforeKeys(env: ClientEnv, vault: Vault, found: DesktopState, kin
   const release = await traced('claim-owner', () => claimOwner(vault, found.desktopId, kind === 'handback' ? 'checkin' : kind, env.log, { background: kind === 'replicate' && running.background === true }));
   const ahead = new ReadAhead();
   for (const d of found.disks) {
+    vault.readManifestAhead(found.desktopId, d.baseDigest);
     const files = chainFiles(diskDir(vault, found.desktopId, d.name), d.top);
     ahead.start(measureLayer, files.base);
     ahead.start(measureLayer, files.top);
@@ -215,10 +234,14 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
     const release = claimed?.release ?? await traced('claim-owner', () => claimOwner(vault, state.desktopId, kind === 'handback' ? 'checkin' : kind, env.log, { background: kind === 'replicate' && running.background === true }));
     claimed = null; // released below
     let outcome;
+    // The tops' key slots open while the disks are opened and checked (no data is read before the guard passed).
+    const settled = state.disks.every((d) => !d.under && !d.mergingTo);
+    const tops = settled ? traced('open-tops', () => openTops(state.disks.map((d) => chainOf(vault, state, keys, d.name)).map((c) => ({ path: c.files.top, secret: layerSecret(c, 'top') })))) : null;
+    tops?.catch(() => undefined);
     try {
       const opened = await traced('open-disks', () => openDesktopDisks(vault, state, keys));
       state = await traced('guard-upload', () => guardUpload(vault, opened.state, keys, env.log, ahead));
-      outcome = await withReaders(vault, state, opened.disks, ahead, (readers) => sendChanges({
+      outcome = await withReaders(vault, state, opened.disks, ahead, tops, (readers) => sendChanges({
         env, broker, vault, state, keys, kind, readers, background: kind === 'replicate' && running.background === true, entry,
         saveCheckingIn: kind === 'checkin' ? (jobId) => vault.save({ ...state, state: 'checking_in', jobId }, keys) : undefined,
       }));
@@ -238,6 +261,8 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
         await traced('park', () => parkCheckin(env, device, vault, state, keys, wrapKey, opened.disks, done.changes.changes, done.commit.snapshotId, unlockShare)).catch((err: unknown) => env.log(`no parked copy kept of ${state.name}: ${(err as Error).message}`));
       }
     } finally {
+      // Readers opened ahead and not used (a refusal before the reads): closing twice is nothing.
+      await tops?.then((o) => Promise.all(o?.readers.map((r) => r.close()) ?? []), () => undefined);
       await traced('release-owner', release);
     }
     const { changes, sent, commit, recovered } = outcome;

@@ -216,8 +216,34 @@ export class Vault implements DesktopRecords {
     return digest;
   }
 
+  /** Manifests read ahead (`readManifestAhead`), each handed out once. */
+  private readonly manifestsAhead = new Map<string, Promise<Manifest>>();
+
+  /**
+   * Starts reading a manifest the command will ask for (a check-in: while the broker checks the
+   * password). Content-addressed and checked against its digest as read, so the bytes are the
+   * ones `manifest` would read; the next `manifest` call for it takes it (its errors surface there).
+   */
+  readManifestAhead(desktopId: string, digest: string): void {
+    const key = `${desktopId}/${digest}`;
+    if (this.manifestsAhead.has(key)) return;
+    const read = this.readManifest(desktopId, digest);
+    read.catch(() => undefined);
+    this.manifestsAhead.set(key, read);
+  }
+
   /** A checkpoint manifest, checked against the digest that names it (which the MACed state pins). */
   async manifest(desktopId: string, digest: string): Promise<Manifest> {
+    const key = `${desktopId}/${digest}`;
+    const ahead = this.manifestsAhead.get(key);
+    if (ahead) {
+      this.manifestsAhead.delete(key);
+      return ahead;
+    }
+    return this.readManifest(desktopId, digest);
+  }
+
+  private async readManifest(desktopId: string, digest: string): Promise<Manifest> {
     if (!/^[0-9a-f]{64}$/.test(digest)) throw new CarryonError('bad-state', `bad manifest digest ${digest}`);
     let raw: Buffer;
     try {

@@ -35,6 +35,20 @@ export function createManifest(chunkSize: number, diskSize: number, chunks?: (Ch
   return { chunkSize, diskSize, chunks: list };
 }
 
+/**
+ * `base` with `changes` applied (index → new ID, null: a hole): only the changed entries are
+ * checked, the rest were when `base` was made or decoded.
+ */
+export function withChanges(base: Manifest, changes: readonly (readonly [number, ChunkId | null])[]): Manifest {
+  const chunks = base.chunks.slice();
+  for (const [index, id] of changes) {
+    if (!Number.isInteger(index) || index < 0 || index >= chunks.length) throw new ValidationError(`chunk ${index} lies outside a manifest of ${chunks.length} entries`);
+    if (id !== null && !isChunkId(id)) throw new ValidationError(`manifest entry is not a chunk ID: ${String(id)}`);
+    chunks[index] = id;
+  }
+  return { chunkSize: base.chunkSize, diskSize: base.diskSize, chunks };
+}
+
 export function encodeManifest(m: Manifest): Buffer {
   const count = m.chunks.length;
   const present = m.chunks.filter((c) => c !== null).length;

@@ -60,6 +60,8 @@ export async function readQcow2Header(fh: FileHandle, path: string): Promise<Qco
 export async function layerVolumeKey(fh: FileHandle, path: string, passphrase: string): Promise<Buffer> {
   const range = await luksHeaderRange(fh);
   if (!range) throw new UnsupportedImage(`${path}: no LUKS header`);
+  // A LUKS1 header with eight slots' key material is ≈ 2 MiB; a header asking for more was not made by QEMU.
+  if (range.length > 16 * 1024 * 1024) throw new DiskError('state', `${path}: a LUKS header of ${range.length} bytes`);
   const luks = Buffer.alloc(range.length);
   await fh.read(luks, 0, luks.length, range.offset);
   // Any active slot: a parked base being re-keyed (client/parked.ts) holds its new passphrase in another slot for a while.

@@ -17,6 +17,9 @@ import { XTS_SECTOR, XtsSectors } from './xts.js';
  *
  * The LUKS data of a qcow2 layer is encrypted by host offset (sector = host offset / 512).
  */
+/** 64 MiB of L1 entries: far above any disk here (a 4 GiB top's L1 has 4). */
+const MAX_L1_ENTRIES = 8 * 1024 * 1024;
+
 export class Qcow2Reader {
   private readonly l2 = new Map<number, Buffer>();
   /** Read buffers free for the next read (as many as reads ever ran at once). */
@@ -64,6 +67,8 @@ export class Qcow2Reader {
         const why = `${path}: incompatible features 0x${h.incompatible.toString(16)}`;
         throw top ? new UnsupportedImage(why) : new DiskError('state', why);
       }
+      // Opened before the layer's shape is checked (a check-in opens its tops' key slots early): an edited header asks for no huge table.
+      if (h.l1Size > MAX_L1_ENTRIES) throw new DiskError('state', `${path}: an L1 table of ${h.l1Size} entries`);
       const key = await layerVolumeKey(fh, path, passphrase);
       const xts = new XtsSectors(key);
       key.fill(0);
@@ -111,9 +116,13 @@ export class Qcow2Reader {
     return out;
   }
 
+  /** Closes the file; again, nothing. */
   async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
     await this.fh.close();
   }
+  private closed = false;
 
   /**
    * From `inCluster` of guest cluster `index`, at most `want` bytes that read alike: from the host

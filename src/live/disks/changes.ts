@@ -2,7 +2,7 @@ import type { ChunkId } from '../../core/chunk-id.js';
 import { chunkLength } from '../../core/chunks/chunking.js';
 import { pagesByChunk, pagesFingerprint, sealPages, type Range } from '../../core/chunks/delta.js';
 import type { LineageKeys } from '../../core/keys.js';
-import { createManifest, type Manifest } from '../../core/chunks/manifest.js';
+import { withChanges, type Manifest } from '../../core/chunks/manifest.js';
 import { pagesFrameHead } from '../../core/chunks/frames.js';
 import type { PagesSource } from '../../transfer-client/push-pages.js';
 import type { DesktopDisk } from './disks.js';
@@ -116,9 +116,5 @@ export function namedOutcome(readers: DiskReader<ReadDisk>[], chunks: readonly C
 
 /** The disks' manifests with `changes` applied: what the broker records (a replica's, the laptop's next base). */
 export function changedManifests(disks: readonly DesktopDisk[], changes: readonly DiskChanges[]): { name: string; manifest: Manifest }[] {
-  return disks.map(({ name, base }) => {
-    const next = base.chunks.slice();
-    for (const [index, id] of changes.find((d) => d.name === name)?.changes ?? []) next[index] = id;
-    return { name, manifest: createManifest(base.chunkSize, base.diskSize, next) };
-  });
+  return disks.map(({ name, base }) => ({ name, manifest: withChanges(base, changes.find((d) => d.name === name)?.changes ?? []) }));
 }

@@ -20,7 +20,7 @@ export async function openDesktopDisks(vault: DesktopRecords, state: DesktopStat
     testHooks.afterMerge?.();
     current = { ...current, disks: current.disks.map((x) => (x.name === d.name ? { ...x, baseDigest: d.mergingTo!, mergingTo: null } : x)) };
     // The merged base holds the restore point whose chunk IDs this laptop computed: it is the new reference.
-    current = await traced('merge-record', () => recordLayers(vault, current, keys, { verifiedBases: true }));
+    current = await traced('merge-record', () => recordLayers(vault, current, keys, { verifiedBases: true, topsGone: current.parking !== null }));
   }
   const disks: DesktopDisk[] = [];
   for (const entry of current.disks) {
