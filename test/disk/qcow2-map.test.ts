@@ -76,6 +76,18 @@ test('the top\'s own tables say what qemu-img map says it holds: data, zeros wri
     }
     await assert.rejects(presentRanges(odd), (e: unknown) => e instanceof UnsupportedImage && /incompatible features 0x1/.test((e as Error).message));
     await assert.rejects(Qcow2Reader.openTop(odd, layerSecret(chain, 'top')), (e: unknown) => e instanceof UnsupportedImage, 'the check-in reads such a top through QEMU');
+    // A header edited to ask for a huge L1 table (the check-in opens its tops before their shape is checked): refused, nothing allocated.
+    const huge = join(dir, 'huge.qcow2');
+    await copyFile(chain.files.top, huge);
+    const hh = await open(huge, 'r+');
+    try {
+      const l1Size = Buffer.alloc(4);
+      l1Size.writeUInt32BE(0xffffffff);
+      await hh.write(l1Size, 0, 4, 36);
+    } finally {
+      await hh.close();
+    }
+    await assert.rejects(Qcow2Reader.openTop(huge, layerSecret(chain, 'top')), /an L1 table of 4294967295 entries/);
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
