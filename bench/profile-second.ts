@@ -13,7 +13,7 @@ import { Rig } from './lib/rig.js';
  * Where a second check-out (from the parked copy, after 1 % changed on the server) spends its time
  * (issue 25), not a bench section: rounds of another laptop's change and check-in, then this
  * laptop's check-out in-process, printed as wall time, the transfer server's CPU and the trace's
- * phases. CPU_PROF=FILE: a V8 CPU profile of the last round's check-out (this process). CLONE=1: instead,
+ * phases (STARTS=1: with their starts). CPU_PROF=FILE: a V8 CPU profile of the last round's check-out (this process). CLONE=1: instead,
  * the check-out of a clone of the parked desktop (its shared chunks copied from the parked copy).
  *
  *   node dist/bench/profile-second.js [GiB] [rounds]
@@ -81,7 +81,10 @@ async function measured<T>(rig: Rig, profile: boolean, fn: () => Promise<T>): Pr
     await writeFile(process.env.CPU_PROF!, JSON.stringify(p));
     session.disconnect();
   }
-  const note = `laptop ${(cpu.user / 1e6).toFixed(2)} user + ${(cpu.system / 1e6).toFixed(2)} system CPU s, transfer server ${serverCpu.toFixed(2)} CPU s; ${spans.map((s) => `${s.name} ${s.ms.toFixed(0)}`).join(', ')}`;
+  // STARTS=1: each span with its start, ms from the check-out's start (overlaps show).
+  const t0 = Math.min(...spans.map((s) => s.startMs));
+  const phases = process.env.STARTS ? [...spans].sort((a, b) => a.startMs - b.startMs).map((s) => `${s.name}@${(s.startMs - t0).toFixed(0)}+${s.ms.toFixed(0)}`) : spans.map((s) => `${s.name} ${s.ms.toFixed(0)}`);
+  const note = `laptop ${(cpu.user / 1e6).toFixed(2)} user + ${(cpu.system / 1e6).toFixed(2)} system CPU s, transfer server ${serverCpu.toFixed(2)} CPU s; ${phases.join(', ')}`;
   return { seconds, value, note };
 }
 

@@ -258,11 +258,11 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
       qsd = await StorageDaemon.start(dir);
       sinks = await nbdSinks(qsd, opened.disks, join(dir, 'fill.sock'));
     }
-    const targets = await Promise.all(incomplete.map(async (disk, i) => {
+    const targets = await traced('read-deltas', () => Promise.all(incomplete.map(async (disk, i) => {
       const dir = diskDir(vault, state.desktopId, disk.name);
       // Chunks a parked base keeps where the checkpoint changed them: only their changed pages travel, where the server knows them.
       return { disk, dir, sink: sinks[i]!, bases: await readDeltaBases(dir, keys, state.desktopId, disk.name) };
-    }));
+    })));
     // The desktop's disks already complete count as present (the percentage is of the whole desktop).
     const whole = opened.disks.filter((d) => d.entry.complete).reduce((n, d) => n + dataBytes(d.base), 0);
     reporter = new LocalProgressReporter({ vault, desktopId: state.desktopId, broker, jobId: job.id });
@@ -270,7 +270,7 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
     // Chunks this laptop holds for clones of the same lineage are copied first: the transfer server sees only the rest.
     // Copying is done work like fetching: every view counts it (and says how much of it was copied here).
     const copied = { copiedChunks: 0, copiedBytes: 0, fetchedChunks: 0 };
-    const present = whole + (await Promise.all(targets.map(async (t) => presentBytes(t.disk.base, await readFilled(t.dir))))).reduce((a, b) => a + b, 0);
+    const present = whole + (await traced('present', () => Promise.all(targets.map(async (t) => presentBytes(t.disk.base, await readFilled(t.dir)))))).reduce((a, b) => a + b, 0);
     const total = whole + targets.reduce((n, t) => n + dataBytes(t.disk.base), 0);
     const local = await traced('copy-siblings', () => copySiblingChunks({ vault, device, password: env.password, state, keys, disks: targets, log: env.log, signal: env.signal, onCopied: (bytes) => {
       copied.copiedChunks++;

@@ -7,7 +7,7 @@ import { chunkLength } from '../../core/chunks/chunking.js';
 import { openEnvelope, sealEnvelope } from '../../core/envelope.js';
 import { CarryonError, EnvelopeError } from '../../core/errors.js';
 import { deriveDiskSecret } from '../../core/keys.js';
-import { decodeManifest, encodeManifest, manifestDigest, type Manifest } from '../../core/chunks/manifest.js';
+import { decodeManifest, encodedDigest, encodeManifest, type Manifest } from '../../core/chunks/manifest.js';
 import { chainBytesOnDisk, chainFiles, eraseChainKeys, eraseLayerKeys, layerSecret } from '../../disk/chain.js';
 import { measureLayer, shapeWithoutLuks } from '../../disk/layer-shape.js';
 import { fileStamp, sameStamp } from '../../files/stamped.js';
@@ -455,8 +455,10 @@ export interface OpenedParked { rec: ParkedRecord; oldVaultKey: Buffer; wrapKey:
 /** A parked copy's manifest, checked against the digest that names it (the record that names the digest is not checked here). */
 export async function readParkedManifest(home: string, desktopId: string, digest: string): Promise<Manifest> {
   if (!/^[0-9a-f]{64}$/.test(digest)) throw new CarryonError('bad-state', `bad manifest digest ${digest}`);
-  const manifest = decodeManifest(await readFile(join(parkedDir(home, desktopId), 'manifests', digest)));
-  if (manifestDigest(manifest) !== digest) throw new CarryonError('state-tampered', `a manifest of the parked copy was altered`);
+  const raw = await readFile(join(parkedDir(home, desktopId), 'manifests', digest));
+  // The digest names these exact bytes (the encoding is canonical): hashed as read.
+  if (encodedDigest(raw) !== digest) throw new CarryonError('state-tampered', `a manifest of the parked copy was altered`);
+  const manifest = decodeManifest(raw);
   return manifest;
 }
 
@@ -519,8 +521,9 @@ async function takeOver(o: { vault: DesktopRecords; device: DeviceIdentity; pass
     if (existsSync(target.files.base)) continue; // made already (this run's own, or one a rerun moved)
     const src = chainFiles(join(dir, 'disks', d.name)).base;
     const raw = await readFile(join(dir, 'manifests', p.digest));
+    // The digest names these exact bytes (the encoding is canonical): hashed as read, not encoded again.
+    if (encodedDigest(raw) !== p.digest) throw new CarryonError('state-tampered', `the manifest of disk ${d.name} was altered`);
     const parked = decodeManifest(raw);
-    if (manifestDigest(parked) !== p.digest) throw new CarryonError('state-tampered', `the manifest of disk ${d.name} was altered`);
     const next = await vault.manifest(state.desktopId, d.baseDigest);
     if (matchingChunks(parked, next, p.known).length === 0 && movedChunks(parked, next, p.known).length === 0) continue;
     // Its structure as parked; its LUKS header is vouched for by the old passphrase opening it (an earlier, cut-off take-over may have added the new one).
@@ -531,7 +534,8 @@ async function takeOver(o: { vault: DesktopRecords; device: DeviceIdentity; pass
     await traced('add-passphrase', () => addPassphrase(src, oldSecret, layerSecret(target, 'base')));
     // Our own write: the stamp follows it (a kill before this line costs the reuse, never trust).
     await traced('stamp-parked', () => stampParked(vault.home, state.desktopId, oldVaultKey, { disk: d.name }));
-    await vault.putManifest(state.desktopId, parked);
+    await vault.putManifest(state.desktopId, raw);
+    vault.offerManifest?.(state.desktopId, p.digest, parked);
     const body = JSON.stringify(Reuse.parse({ v: 1, parkedDigest: p.digest, known: p.known, uuid: await luksUuid(src) }));
     await mkdir(diskDir(vault, state.desktopId, d.name), { recursive: true, mode: 0o700 });
     await writeFileAtomic(reusePath(vault, state, d.name), JSON.stringify({ body, mac: recordMac(keys, state.desktopId, `reuse:${d.name}`, body) }));

@@ -207,8 +207,9 @@ export class Vault implements DesktopRecords {
     return readJsonFile(join(this.desktopDir(state.desktopId), LEASE), SignedLease, { missing: state.lease, damaged: state.lease });
   }
 
-  async putManifest(desktopId: string, m: Manifest): Promise<string> {
-    const encoded = encodeManifest(m);
+  async putManifest(desktopId: string, m: Manifest | Uint8Array): Promise<string> {
+    // Bytes: a manifest as encoded already (a parked copy's, checked against its digest), written as they are.
+    const encoded = m instanceof Uint8Array ? Buffer.from(m.buffer, m.byteOffset, m.byteLength) : encodeManifest(m);
     const digest = encodedDigest(encoded);
     const dir = join(this.desktopDir(desktopId), 'manifests');
     await mkdir(dir, { recursive: true, mode: 0o700 });
@@ -230,6 +231,11 @@ export class Vault implements DesktopRecords {
     const read = this.readManifest(desktopId, digest);
     read.catch(() => undefined);
     this.manifestsAhead.set(key, read);
+  }
+
+  /** A manifest this command holds already, checked against `digest`: the next `manifest` call for it takes it. */
+  offerManifest(desktopId: string, digest: string, m: Manifest): void {
+    this.manifestsAhead.set(`${desktopId}/${digest}`, Promise.resolve(m));
   }
 
   /** A checkpoint manifest, checked against the digest that names it (which the MACed state pins). */

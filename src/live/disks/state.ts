@@ -80,8 +80,10 @@ export interface DesktopRecords {
   readonly home: string;
   desktopDir(desktopId: string): string;
   manifest(desktopId: string, digest: string): Promise<Manifest>;
-  /** Keeps a checkpoint's manifest under its digest (returned). */
-  putManifest(desktopId: string, m: Manifest): Promise<string>;
+  /** Keeps a checkpoint's manifest (or its encoding) under its digest (returned). */
+  putManifest(desktopId: string, m: Manifest | Uint8Array): Promise<string>;
+  /** A manifest the caller holds, checked against `digest`, handed to the next `manifest` call for it (a cache of one read). */
+  offerManifest?(desktopId: string, digest: string, m: Manifest): void;
   /** Stores the record (atomically, authenticated under `keys` where the store does that). */
   save(state: DesktopState, keys: DesktopKeys): Promise<void>;
 }
