@@ -1,3 +1,6 @@
+import { SHA256_H0 as H0, SHA256_K as K } from './sha256-short.js';
+import { name, section, sleb, uleb } from './wasm-bytes.js';
+
 /**
  * LUKS1's anti-forensic chain with SHA-256 as a small WebAssembly module: for a 64-byte key and
  * its stripes, d = diffuse(d ⊕ stripe) over every stripe but the last (cryptsetup's AF_merge and
@@ -25,41 +28,6 @@ const K_AT = 320;
 const D_AT = 576;
 const STRIPES_AT = 1024;
 const KEY_BYTES = 64;
-
-const K = [
-  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-  0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-  0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-  0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-  0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-  0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-  0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
-];
-const H0 = [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19];
-
-function uleb(n: number): number[] {
-  const out: number[] = [];
-  do {
-    let b = n & 0x7f;
-    n >>>= 7;
-    if (n) b |= 0x80;
-    out.push(b);
-  } while (n);
-  return out;
-}
-
-/** Signed LEB128 of a 32-bit value (i32.const takes it signed). */
-function sleb(n: number): number[] {
-  const out: number[] = [];
-  let v = n | 0;
-  for (;;) {
-    const b = v & 0x7f;
-    v >>= 7;
-    if ((v === 0 && (b & 0x40) === 0) || (v === -1 && (b & 0x40) !== 0)) return [...out, b];
-    out.push(b | 0x80);
-  }
-}
 
 const get = (i: number) => [op.localGet, i];
 const set = (i: number) => [op.localSet, i];
@@ -140,14 +108,6 @@ function chainBody(): number[] {
   return [...uleb(fn.length), ...fn];
 }
 
-function name(s: string): number[] {
-  return [...uleb(s.length), ...Buffer.from(s, 'utf8')];
-}
-
-function section(id: number, body: number[]): number[] {
-  return [id, ...uleb(body.length), ...body];
-}
-
 /** The module's bytes: imports memory "m"."mem", exports function "chain". */
 export function afSha256Module(): Uint8Array<ArrayBuffer> {
   return new Uint8Array([
@@ -174,7 +134,7 @@ function afModule(): AfModule | null {
   const memory = new WebAssembly.Memory({ initial: 1 });
   const instance = new WebAssembly.Instance(new WebAssembly.Module(afSha256Module()), { m: { mem: memory } });
   const view = new DataView(memory.buffer);
-  K.forEach((k, i) => view.setUint32(K_AT + 4 * i, k, true));
+  K.forEach((k, i) => view.setInt32(K_AT + 4 * i, k, true));
   made = { memory, chain: instance.exports.chain as AfModule['chain'] };
   return made;
 }

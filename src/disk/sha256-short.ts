@@ -8,7 +8,8 @@
  * test/disk/sha256-short.test.ts compares it with Node's SHA-256 for every length it accepts.
  */
 
-const K = new Int32Array([
+/** The round constants and initial hash value (FIPS 180-4), as signed 32-bit words. */
+export const SHA256_K = new Int32Array([
   0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
   0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
   0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
@@ -18,7 +19,7 @@ const K = new Int32Array([
   0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
   0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
 ]);
-const H0 = new Int32Array([0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19]);
+export const SHA256_H0 = new Int32Array([0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19]);
 const W = new Int32Array(64);
 
 /** Longest message that fits one block with its padding (0x80 and the 64-bit length). */
@@ -67,10 +68,10 @@ function compressInto(out: Uint8Array, outAt: number): void {
     const s1 = ((w2 >>> 17) | (w2 << 15)) ^ ((w2 >>> 19) | (w2 << 13)) ^ (w2 >>> 10);
     W[i] = (W[i - 16]! + s0 + W[i - 7]! + s1) | 0;
   }
-  let a = H0[0]!, b = H0[1]!, c = H0[2]!, d = H0[3]!, e = H0[4]!, f = H0[5]!, g = H0[6]!, h = H0[7]!;
+  let a = SHA256_H0[0]!, b = SHA256_H0[1]!, c = SHA256_H0[2]!, d = SHA256_H0[3]!, e = SHA256_H0[4]!, f = SHA256_H0[5]!, g = SHA256_H0[6]!, h = SHA256_H0[7]!;
   for (let i = 0; i < 64; i++) {
     const s1 = ((e >>> 6) | (e << 26)) ^ ((e >>> 11) | (e << 21)) ^ ((e >>> 25) | (e << 7));
-    const t1 = (h + s1 + ((e & f) ^ (~e & g)) + K[i]! + W[i]!) | 0;
+    const t1 = (h + s1 + ((e & f) ^ (~e & g)) + SHA256_K[i]! + W[i]!) | 0;
     const s0 = ((a >>> 2) | (a << 30)) ^ ((a >>> 13) | (a << 19)) ^ ((a >>> 22) | (a << 10));
     const t2 = (s0 + ((a & b) ^ (a & c) ^ (b & c))) | 0;
     h = g;
@@ -82,14 +83,14 @@ function compressInto(out: Uint8Array, outAt: number): void {
     b = a;
     a = (t1 + t2) | 0;
   }
-  put(out, outAt, H0[0]! + a);
-  put(out, outAt + 4, H0[1]! + b);
-  put(out, outAt + 8, H0[2]! + c);
-  put(out, outAt + 12, H0[3]! + d);
-  put(out, outAt + 16, H0[4]! + e);
-  put(out, outAt + 20, H0[5]! + f);
-  put(out, outAt + 24, H0[6]! + g);
-  put(out, outAt + 28, H0[7]! + h);
+  put(out, outAt, SHA256_H0[0]! + a);
+  put(out, outAt + 4, SHA256_H0[1]! + b);
+  put(out, outAt + 8, SHA256_H0[2]! + c);
+  put(out, outAt + 12, SHA256_H0[3]! + d);
+  put(out, outAt + 16, SHA256_H0[4]! + e);
+  put(out, outAt + 20, SHA256_H0[5]! + f);
+  put(out, outAt + 24, SHA256_H0[6]! + g);
+  put(out, outAt + 28, SHA256_H0[7]! + h);
 }
 
 function put(out: Uint8Array, at: number, v: number): void {

@@ -1,3 +1,5 @@
+import { name, section, uleb } from '../wasm-bytes.js';
+
 /**
  * The XTS tweak arithmetic as a tiny WebAssembly module with 128-bit SIMD: `xorTweaks(t0, src,
  * dst, sectors)` writes dst = src ⊕ T for every 16-byte block of `sectors` 512-byte sectors,
@@ -20,25 +22,6 @@ const simd = {
 } as const;
 /** memarg: alignment hint 2^0 (any address), offset 0. */
 const MEMARG = [0x00, 0x00];
-
-function uleb(n: number): number[] {
-  const out: number[] = [];
-  do {
-    let b = n & 0x7f;
-    n >>>= 7;
-    if (n) b |= 0x80;
-    out.push(b);
-  } while (n);
-  return out;
-}
-
-function name(s: string): number[] {
-  return [...uleb(s.length), ...Buffer.from(s, 'utf8')];
-}
-
-function section(id: number, body: number[]): number[] {
-  return [id, ...uleb(body.length), ...body];
-}
 
 // Parameters 0..3: t0, src, dst, sectors; locals 4: T, 5: mask, 6: blocks left in the sector.
 const [T0, SRC, DST, SECTORS, T, MASK, LEFT] = [0, 1, 2, 3, 4, 5, 6];
