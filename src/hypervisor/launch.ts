@@ -2,7 +2,7 @@ import { createCipheriv, randomBytes } from 'node:crypto';
 import { z } from 'zod';
 import { CarryonError, ValidationError } from '../core/errors.js';
 import { missingTool, spawnWithSecret } from '../qemu/qemu-tools.js';
-import { QmpConnection } from '../qemu/qmp.js';
+import { QmpConnection, type QmpEvent } from '../qemu/qmp.js';
 import type { HostFacts } from './host.js';
 
 /** The offline VM config (from the broker, merged with local settings) as `run` accepts it. */
@@ -216,6 +216,14 @@ export interface RunningDesktop {
   kill(): void;
 }
 
+/** What the holder's log says of QEMU's BLOCK_IO_ERROR event (which layer, which operation, why). */
+export function blockIoErrorLine(e: QmpEvent): string {
+  const d = e.data ?? {};
+  const node = typeof d['node-name'] === 'string' && d['node-name'] ? d['node-name'] : typeof d.device === 'string' ? d.device : 'a disk';
+  const nospace = d.nospace === true ? ', no space left on the host' : '';
+  return `QEMU: a guest ${String(d.operation ?? 'I/O')} on ${node} failed (${String(d.reason ?? 'no reason given')}${nospace}); the guest was told (action: ${String(d.action ?? '?')})`;
+}
+
 /** Spawns QEMU and connects to its QMP socket. The caller flushes its disks after `exited`. */
 export async function launchDesktop(argv: string[], qmpSocket: string, opts: { stdio?: 'inherit' | 'ignore'; masterKey?: Buffer; guestAgentSocket?: string } = {}): Promise<RunningDesktop> {
   // stderr is always captured (and echoed), so a QEMU that dies at start says why.
@@ -240,6 +248,8 @@ export async function launchDesktop(argv: string[], qmpSocket: string, opts: { s
   }
   const conn = qmp;
   exited.finally(() => conn.close()).catch(() => undefined);
+  // A guest read or write the disk chain failed: the guest sees an I/O error, QEMU itself prints nothing.
+  if (opts.stdio !== 'ignore') conn.onEvent('BLOCK_IO_ERROR', (e) => process.stderr.write(`${blockIoErrorLine(e)}\n`));
   const withTimeout = <T>(p: Promise<T>, ms: number) =>
     Promise.race([p, new Promise<never>((_, rej) => setTimeout(() => rej(new Error('QMP timed out')), ms).unref())]);
   let stoppedBy: RunningDesktop['stoppedBy'] = null;

@@ -25,6 +25,7 @@ export class QmpConnection {
   private waiters: { resolve: (msg: Record<string, unknown>) => void; reject: (err: Error) => void }[] = [];
   private events: QmpEvent[] = [];
   private eventWaiters = new Set<() => void>();
+  private readonly listeners: { name: string; fn: (e: QmpEvent) => void }[] = [];
   private closedErr: Error | null = null;
 
   private constructor(private readonly sock: Socket) {
@@ -43,6 +44,7 @@ export class QmpConnection {
           continue; // QEMU only sends JSON; anything else is noise we cannot act on
         }
         if ('event' in msg) {
+          for (const l of this.listeners) if (l.name === msg.event) l.fn(msg as unknown as QmpEvent);
           this.events.push(msg as unknown as QmpEvent);
           if (this.events.length > 1000) this.events.shift();
           for (const w of this.eventWaiters) w();
@@ -91,6 +93,11 @@ export class QmpConnection {
       throw new QmpError(command, e.class ?? 'GenericError', e.desc ?? JSON.stringify(msg.error));
     }
     return msg.return;
+  }
+
+  /** Calls `fn` with every `name` event from now on (as it arrives; `waitEvent` still sees it). */
+  onEvent(name: string, fn: (e: QmpEvent) => void): void {
+    this.listeners.push({ name, fn });
   }
 
   sawEvent(name: string): boolean {
