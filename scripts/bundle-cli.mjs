@@ -10,7 +10,8 @@
 // the V8 code cache made here (main.cjs.cache): Node 20 has no compile cache for ES modules, and
 // compiling the launcher's code on every command cost ≈ 25–40 ms. The cache is made by running
 // `carryon --version` with the launcher's own V8 flags (a cache made under other flags is
-// refused by V8, and the bundle is then compiled as usual); it is never written at run time.
+// refused by V8, and the bundle is then compiled as usual); it is never written at run time. V8
+// compares a cache with its source's length only: the cache file carries the bundle's SHA-256.
 //
 // Only the launcher is bundled: tests and other modules import dist/src as tsc wrote it, and the
 // worker threads (XTS writers, sealers) load their own files. Code that finds files next to its
@@ -88,6 +89,7 @@ await writeFile(bundle, code.startsWith('#!') ? `//${code}` : code);
 
 await writeFile(entry, `${shebang}
 ${MARK} (scripts/bundle-cli.mjs): the CLI is main.cjs, compiled with the V8 code cache made at build time.
+import { createHash } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname } from 'node:path';
@@ -95,22 +97,26 @@ import { fileURLToPath } from 'node:url';
 import vm from 'node:vm';
 
 const file = fileURLToPath(new URL('./main.cjs', import.meta.url));
-// The build writes the cache (CARRYON_CODE_CACHE_OUT); a run only reads it. V8 refuses a cache made
-// for other source, flags or V8, and then compiles as usual.
+const source = readFileSync(file);
+// V8 checks a cache against its source's length only: the cache file starts with the SHA-256 of
+// the bundle it was made from, and is used only for that bundle. The build writes it
+// (CARRYON_CODE_CACHE_OUT); a run only reads it, and V8 still refuses one made for another V8 or flags.
+const digest = createHash('sha256').update(source).digest();
 const out = process.env.CARRYON_CODE_CACHE_OUT;
 let cachedData;
 if (!out) {
   try {
-    cachedData = readFileSync(\`\${file}.cache\`);
+    const cache = readFileSync(\`\${file}.cache\`);
+    if (cache.subarray(0, 32).equals(digest)) cachedData = cache.subarray(32);
   } catch {
     cachedData = undefined;
   }
 }
 const started = performance.now();
-const script = new vm.Script(\`(function (exports, require, module, __filename, __dirname) {\${readFileSync(file, 'utf8')}\\n})\`, { filename: file, cachedData, importModuleDynamically: vm.constants?.USE_MAIN_CONTEXT_DEFAULT_LOADER });
+const script = new vm.Script(\`(function (exports, require, module, __filename, __dirname) {\${source.toString('utf8')}\\n})\`, { filename: file, cachedData, importModuleDynamically: vm.constants?.USE_MAIN_CONTEXT_DEFAULT_LOADER });
 // CARRYON_TRACE=1: how long the compile took, named for whether V8 took the cache (test/cli/launcher.test.ts).
 if (process.env.CARRYON_TRACE === '1') process.stderr.write(\`carryon-trace \${cachedData && !script.cachedDataRejected ? 'compile' : 'compile-without-cache'} \${started.toFixed(1)} \${(performance.now() - started).toFixed(1)}\\n\`);
-if (out) process.once('exit', () => writeFileSync(out, script.createCachedData()));
+if (out) process.once('exit', () => writeFileSync(out, Buffer.concat([digest, script.createCachedData()])));
 const module = { exports: {} };
 script.runInThisContext()(module.exports, createRequire(file), module, file, dirname(file));
 `);

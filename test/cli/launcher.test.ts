@@ -54,3 +54,27 @@ test('the launcher compiles the bundle with the code cache made at build time, u
   await run(process.execPath, [...NODE_FLAGS, MAIN, '--version']);
   assert.equal((await stat(cache)).mtimeMs, before.mtimeMs);
 });
+
+test('a bundle changed since its cache was made (even to the same length, which V8 alone would not notice) is compiled without it', async () => {
+  const cli = dirname(MAIN);
+  const name = `main-copy-${process.pid}`;
+  const launcher = join(cli, `${name}.js`);
+  const bundle = join(cli, `${name}.cjs`);
+  try {
+    await writeFile(launcher, (await readFile(MAIN, 'utf8')).replace("'./main.cjs'", `'./${name}.cjs'`));
+    const code = await readFile(join(cli, 'main.cjs'), 'utf8');
+    await writeFile(bundle, code);
+    await writeFile(`${bundle}.cache`, await readFile(join(cli, 'main.cjs.cache')));
+    const env = { ...process.env, CARRYON_TRACE: '1' };
+    const same = await run(process.execPath, [...NODE_FLAGS, launcher, '--version'], { env });
+    assert.match(same.stderr, /^carryon-trace compile [\d.]+ [\d.]+$/m, 'the same bytes take the cache');
+    // One character of the bundle's first line (a comment) changed: same length, other bytes.
+    assert.ok(code.startsWith('//#!/usr/bin/env'));
+    await writeFile(bundle, code.replace('//#!/usr/bin/env', '//#!/usr/bin/enV'));
+    const changed = await run(process.execPath, [...NODE_FLAGS, launcher, '--version'], { env });
+    assert.match(changed.stderr, /^carryon-trace compile-without-cache [\d.]+ [\d.]+$/m, `a changed bundle is compiled afresh: ${changed.stderr}`);
+    assert.equal(changed.stdout.trim(), same.stdout.trim());
+  } finally {
+    for (const f of [launcher, bundle, `${bundle}.cache`]) await rm(f, { force: true });
+  }
+});
