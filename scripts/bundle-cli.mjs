@@ -19,7 +19,7 @@
 // its original module's URL back, so it resolves as before.
 import { execFileSync } from 'node:child_process';
 import { build } from 'esbuild';
-import { readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { readFile, rm, writeFile } from 'node:fs/promises';
 import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -27,7 +27,6 @@ const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const outDir = join(root, 'dist/src/cli');
 const entry = join(outDir, 'main.js');
 const MARK = '// carryon: bundled launcher';
-const CHUNK_PREFIX = 'main-chunk-';
 const BUNDLED = ['zod', 'undici', 'commander', 'cli-progress'];
 
 const pkg = JSON.parse(await readFile(join(root, 'package.json'), 'utf8'));
@@ -41,8 +40,6 @@ if (source.includes(MARK)) {
   console.log('bundle-cli: dist/src/cli/main.js is already bundled (run tsc again to rebuild it)');
   process.exit(0);
 }
-// Chunks of the earlier ES module bundle.
-for (const name of await readdir(outDir)) if (name.startsWith(CHUNK_PREFIX)) await rm(join(outDir, name));
 // tsc's map of the unbundled launcher would point stack traces at the wrong lines.
 await rm(`${entry}.map`, { force: true });
 

@@ -36,12 +36,12 @@ export type { UploadKind };
  * a top that reader does not know goes through a storage daemon, read-only. The caller holds
  * the desktop's owner claim, so no run or serve writes the chain meanwhile.
  */
-async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopDisk[], ahead: ReadAhead | undefined, early: Promise<OpenedTops | null> | null, fn: (readers: DiskReader[]) => Promise<T>): Promise<T> {
+async function withReaders<T>(vault: Vault, state: DesktopState, disks: DesktopDisk[], ahead: ReadAhead | undefined, opening: Promise<OpenedTops | null> | null, fn: (readers: DiskReader[]) => Promise<T>): Promise<T> {
   const maps = disks.map((d) => traced('map-read', () => topExtents(d.chain, ahead)));
   for (const m of maps) m.catch(() => undefined);
   const want = disks.map((d) => ({ path: d.chain.files.top, secret: layerSecret(d.chain, 'top') }));
   // Opened ahead (the key slots only) if those were these files; else opened now.
-  let opened = early ? await early.catch(() => null) : null;
+  let opened = opening ? await opening.catch(() => null) : null;
   if (opened && opened.paths.join('\0') !== want.map((w) => w.path).join('\0')) {
     await Promise.all(opened.readers.map((r) => r.close()));
     opened = null;
@@ -162,6 +162,11 @@ export async function finishPark(env: ClientEnv, device: DeviceIdentity, vault: 
 }
 
 
+/** The owner claim an upload takes (a hand-back claims as a check-in; the agent's replica as a background one). */
+function claimFor(env: ClientEnv, vault: Vault, desktopId: string, kind: UploadKind, running: RunningCheckin): Promise<() => Promise<void>> {
+  return traced('claim-owner', () => claimOwner(vault, desktopId, kind === 'handback' ? 'checkin' : kind, env.log, { background: kind === 'replicate' && running.background === true }));
+}
+
 /**
  * Work that needs no key, started while the broker checks the password (its scrypt: ≈ 100 ms in
  * which the laptop only waited): the owner claim, then the layers' shapes (for the guard) and the
@@ -173,7 +178,7 @@ async function beforeKeys(env: ClientEnv, vault: Vault, found: DesktopState, kin
   if (found.parking) return null;
   const holder = await readOwner(vault, found.desktopId);
   if (holder?.kind === 'run' || holder?.kind === 'serve') return null;
-  const release = await traced('claim-owner', () => claimOwner(vault, found.desktopId, kind === 'handback' ? 'checkin' : kind, env.log, { background: kind === 'replicate' && running.background === true }));
+  const release = await claimFor(env, vault, found.desktopId, kind, running);
   const ahead = new ReadAhead();
   for (const d of found.disks) {
     vault.readManifestAhead(found.desktopId, d.baseDigest);
@@ -231,7 +236,7 @@ export async function upload(env: ClientEnv, desktopRef: string, kind: UploadKin
       return await checkinRunning(env, desktopRef, { vault, state, keys, holder: holder.kind, running });
     }
     const ahead = claimed?.ahead;
-    const release = claimed?.release ?? await traced('claim-owner', () => claimOwner(vault, state.desktopId, kind === 'handback' ? 'checkin' : kind, env.log, { background: kind === 'replicate' && running.background === true }));
+    const release = claimed?.release ?? await claimFor(env, vault, state.desktopId, kind, running);
     claimed = null; // released below
     let outcome;
     // The tops' key slots open while the disks are opened and checked (no data is read before the guard passed).

@@ -454,12 +454,16 @@ export interface OpenedParked { rec: ParkedRecord; oldVaultKey: Buffer; wrapKey:
 
 /** A parked copy's manifest, checked against the digest that names it (the record that names the digest is not checked here). */
 export async function readParkedManifest(home: string, desktopId: string, digest: string): Promise<Manifest> {
+  return (await readParkedManifestBytes(home, desktopId, digest, 'a manifest of the parked copy')).manifest;
+}
+
+/** The same with the bytes it was decoded from (a take-over stores them as they are). `what` names it in the refusal. */
+async function readParkedManifestBytes(home: string, desktopId: string, digest: string, what: string): Promise<{ raw: Buffer; manifest: Manifest }> {
   if (!/^[0-9a-f]{64}$/.test(digest)) throw new CarryonError('bad-state', `bad manifest digest ${digest}`);
   const raw = await readFile(join(parkedDir(home, desktopId), 'manifests', digest));
-  // The digest names these exact bytes (the encoding is canonical): hashed as read.
-  if (encodedDigest(raw) !== digest) throw new CarryonError('state-tampered', `a manifest of the parked copy was altered`);
-  const manifest = decodeManifest(raw);
-  return manifest;
+  // The digest names these exact bytes (the encoding is canonical): hashed as read, not encoded again.
+  if (encodedDigest(raw) !== digest) throw new CarryonError('state-tampered', `${what} was altered`);
+  return { raw, manifest: decodeManifest(raw) };
 }
 
 /**
@@ -520,10 +524,7 @@ async function takeOver(o: { vault: DesktopRecords; device: DeviceIdentity; pass
     const target = chainOf(vault, state, keys, d.name);
     if (existsSync(target.files.base)) continue; // made already (this run's own, or one a rerun moved)
     const src = chainFiles(join(dir, 'disks', d.name)).base;
-    const raw = await readFile(join(dir, 'manifests', p.digest));
-    // The digest names these exact bytes (the encoding is canonical): hashed as read, not encoded again.
-    if (encodedDigest(raw) !== p.digest) throw new CarryonError('state-tampered', `the manifest of disk ${d.name} was altered`);
-    const parked = decodeManifest(raw);
+    const { raw, manifest: parked } = await readParkedManifestBytes(vault.home, state.desktopId, p.digest, `the manifest of disk ${d.name}`);
     const next = await vault.manifest(state.desktopId, d.baseDigest);
     if (matchingChunks(parked, next, p.known).length === 0 && movedChunks(parked, next, p.known).length === 0) continue;
     // Its structure as parked; its LUKS header is vouched for by the old passphrase opening it (an earlier, cut-off take-over may have added the new one).

@@ -27,6 +27,7 @@ export class Qcow2Reader {
   private readonly entryBytes: number;
   /** The unit of allocation: a subcluster with extended L2, else the cluster. */
   private readonly granule: number;
+  private closed = false;
 
   private constructor(
     private readonly fh: FileHandle,
@@ -122,7 +123,6 @@ export class Qcow2Reader {
     this.closed = true;
     await this.fh.close();
   }
-  private closed = false;
 
   /**
    * From `inCluster` of guest cluster `index`, at most `want` bytes that read alike: from the host

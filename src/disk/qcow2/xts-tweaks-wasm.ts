@@ -82,10 +82,20 @@ export function xtsTweaksModule(): Uint8Array<ArrayBuffer> {
 
 export type XorTweaks = (t0: number, src: number, dst: number, sectors: number) => void;
 
+/** The module compiled once per thread (every key slot opened or written makes an XtsSectors); null without WebAssembly SIMD. */
+let compiled: WebAssembly.Module | null | undefined;
+export function compiledXtsTweaks(): WebAssembly.Module | null {
+  if (compiled === undefined) {
+    const bytes = xtsTweaksModule();
+    compiled = WebAssembly.validate(bytes) ? new WebAssembly.Module(bytes) : null;
+  }
+  return compiled;
+}
+
 /** Instantiates the module over `memory`; null where this runtime lacks WebAssembly SIMD. */
 export function instantiateXtsTweaks(memory: WebAssembly.Memory): XorTweaks | null {
-  const bytes = xtsTweaksModule();
-  if (!WebAssembly.validate(bytes)) return null;
-  const instance = new WebAssembly.Instance(new WebAssembly.Module(bytes), { m: { mem: memory } });
+  const module = compiledXtsTweaks();
+  if (!module) return null;
+  const instance = new WebAssembly.Instance(module, { m: { mem: memory } });
   return instance.exports.xorTweaks as XorTweaks;
 }

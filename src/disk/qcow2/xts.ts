@@ -1,5 +1,5 @@
 import { createCipheriv, createDecipheriv, type Cipher, type Decipher } from 'node:crypto';
-import { instantiateXtsTweaks, xtsTweaksModule, type XorTweaks } from './xts-tweaks-wasm.js';
+import { compiledXtsTweaks, instantiateXtsTweaks, type XorTweaks } from './xts-tweaks-wasm.js';
 
 /** LUKS1 and QEMU encrypt in 512-byte sectors, each its own XTS data unit (IV plain64 = sector number). */
 export const XTS_SECTOR = 512;
@@ -29,7 +29,7 @@ export class XtsSectors {
 
   /** True where this runtime has WebAssembly SIMD (every Node this project supports). */
   static available(): boolean {
-    return WebAssembly.validate(xtsTweaksModule());
+    return compiledXtsTweaks() !== null;
   }
 
   /** `key`: the 64-byte volume key (data key ‖ tweak key, as LUKS and OpenSSL split it). */
