@@ -11,7 +11,8 @@ type Pool = WorkerPool<Omit<PushCheckRequest, 'seq'>, PushCheckReply>;
  * The CPU of naming pushed pages (GCM, zstd, applying them to the base, HMAC, sealing the rebuilt
  * chunk, ≈ 1.2 ms per 256 KiB chunk here) on worker threads, so a server with cores
  * to spare checks its check-ins on all of them while the main thread reads the streams and writes
- * the store. With size 0 they run inline. Threads start at the first push.
+ * the store. With size 0 they run inline. The server starts the threads with itself (`warm`): a
+ * thread's start (≈ 30 ms) is not paid by the first check-in.
  *
  * Background replicas (the agents' scheduled ones: nobody waits for them) have a lane of their own:
  * threads at nice 19 in SCHED_IDLE (idle-thread.ts), on every host, so that they never take CPU
@@ -24,6 +25,11 @@ export class PushChecks {
   private readonly encoded = new WeakMap<LineageKeys, string>();
 
   constructor(private readonly size = defaultSize()) {}
+
+  /** Starts the foreground threads now (idle threads cost memory only). */
+  warm(): void {
+    if (this.size > 0) this.pool ??= newPool({}, this.size);
+  }
 
   /** Rebuilds a chunk from a pages blob and its base (null: zeros) and names it (push-rebuild `namePushed`). */
   async name(keys: LineageKeys, pages: Uint8Array, base: { id: ChunkId; blob: Uint8Array } | null, label: string, opts: { background?: boolean } = {}): Promise<Named> {
@@ -58,14 +64,15 @@ function copyOf(bytes: Uint8Array): ArrayBuffer {
 }
 
 /**
- * A core each for the main thread (TLS, store writes) and the rest of the host, the others for
- * checks (at most 8). None below 4 cores: on this 2-core box, where the laptop and QEMU share the
- * cores, two check threads made the 4 GiB check-in's upload ≈ 0.2 s slower than checking inline
- * (0.94–1.12 s inline, 1.20–1.37 s threaded, 4 runs each, alternating): the copies to and from
- * the threads and their fresh memory cost more than the second core gave. With the host otherwise
- * idle, 640 rebuilds took 0.46–0.61 s on two threads and 0.64–0.70 s on one.
+ * The main thread reads the streams (TLS) and writes the store while threads rebuild and seal:
+ * one thread on a host of two or three cores, one core each for the main thread and the rest of
+ * the host beyond that (at most 8); inline only on a single core. Measured on this 2-core box,
+ * where the laptop's check-in shares the cores: session 9 found two threads ≈ 0.2 s slower than
+ * inline for the 4 GiB check-in after 1 % (the laptop then ran qemu-storage-daemon beside the
+ * push); with the laptop reading its top from Node (decision 68) it is idle half the push, and
+ * one thread took the upload from 850–872 to 759–783 ms, two threads 783.
  */
 function defaultSize(): number {
-  const spare = availableParallelism() - 2;
-  return spare < 2 ? 0 : Math.min(8, spare);
+  const cores = availableParallelism();
+  return cores < 2 ? 0 : Math.min(8, Math.max(1, cores - 2));
 }

@@ -132,6 +132,7 @@ export async function startTransferServer(opts: TransferServerOptions): Promise<
   const streams = new Map<string, number>();
   const scopes = new JobScopes(opts.store, opts.masterKey, now, (jobId) => stats.perJob.delete(jobId));
   const checks = new PushChecks();
+  checks.warm();
   const deltas = new DeltaKeeper(opts.store);
   const receipts = receiptKey(opts.masterKey);
   const sweeper = setInterval(() => scopes.sweep(), 30_000);
