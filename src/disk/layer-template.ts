@@ -28,7 +28,7 @@ export function templatePath(dir: string, shape: LayerShape): string {
 }
 
 export function createArgs(path: string, sizeBytes: number, shape: LayerShape): string[] {
-  const o = ['encrypt.format=luks', `encrypt.key-secret=${SECRET_ID}`, 'encrypt.iter-time=10', `cluster_size=${shape.clusterSize}`, ...(shape.kind === 'top' ? ['extended_l2=on'] : [])].join(',');
+  const o = ['encrypt.format=luks', `encrypt.key-secret=${SECRET_ID}`, 'encrypt.iter-time=10', `cluster_size=${shape.clusterSize}`, 'extended_l2=on'].join(',');
   const args = ['create', '-q', '-f', 'qcow2', '--object', SECRET_FD_OBJECT(SECRET_ID), '-o', o];
   // The top names its base by file name only (relative, so the vault can move as a whole).
   if (shape.kind === 'top') args.push('-u', '-b', 'base.qcow2', '-F', 'qcow2');
@@ -81,9 +81,9 @@ async function checkTemplate(path: string, shape: LayerShape): Promise<void> {
     const h = await readQcow2Header(fh, path); // qcow2 v3 with LUKS, else UnsupportedImage (a DiskError: made again)
     const luks = await luksHeaderRange(fh);
     const backing = h.hasBacking ? await readBackingName(fh, path, h) : null;
-    // The only incompatible feature a template may use: extended L2 entries, in a top's (no data file, no dirty bit).
-    const features = shape.kind === 'top' ? EXTENDED_L2 : 0n;
-    const ok = luks !== null && h.clusterSize === shape.clusterSize && h.incompatible === features && h.snapshots === 0 &&
+    // The only incompatible feature a template may use: extended L2 entries (no data file, no dirty bit). A base
+    // template of before session 13 has none: it is made again (bases already made keep their format).
+    const ok = luks !== null && h.clusterSize === shape.clusterSize && h.incompatible === EXTENDED_L2 && h.snapshots === 0 &&
       (shape.kind === 'top' ? backing === 'base.qcow2' : backing === null);
     if (!ok) throw new DiskError('state', `layer template ${path} is not a ${shape.kind} template: it is made again`);
   } finally {

@@ -6,7 +6,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { DiskError } from '../../src/disk/block-device.js';
-import { createLayerFromTemplate } from '../../src/disk/layer-template.js';
+import { createLayerFromTemplate, createWithQemu } from '../../src/disk/layer-template.js';
+import { SECRET_FD_OBJECT } from '../../src/qemu/qemu-tools.js';
 import { Qcow2BaseWriter } from '../../src/disk/qcow2/qcow2-base-writer.js';
 import { UnsupportedImage } from '../../src/disk/qcow2/qcow2-format.js';
 import { XtsSectors } from '../../src/disk/qcow2/xts.js';
@@ -226,4 +227,80 @@ test('images the writer does not take are refused as unsupported; a wrong passph
   await assert.rejects(w.write(4, randomBytes(CHUNK)), /outside/);
   await assert.rejects(w.write(1, randomBytes(100)), /has 100 bytes/);
   await w.close();
+});
+
+/** `qemu-img map` of the base: per range, whether it holds data or reads as zeros. */
+function qemuMap(path: string): { start: number; length: number; data: boolean; zero: boolean }[] {
+  const json = `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: path }, encrypt: { format: 'luks', 'key-secret': 's' } })}`;
+  const r = spawnSync('qemu-img', ['map', '--output=json', '--object', `secret,id=s,data=${PASS}`, json], { encoding: 'utf8' });
+  assert.equal(r.status, 0, r.stderr);
+  return JSON.parse(r.stdout) as { start: number; length: number; data: boolean; zero: boolean }[];
+}
+
+const dataAt = (map: ReturnType<typeof qemuMap>, offset: number) => map.find((m) => m.start <= offset && offset < m.start + m.length)!;
+
+test('with extended L2 a chunk\'s subclusters of zeros are not written: pages over a hole write those they touch, a whole chunk those with data; later pages into a zero subcluster write it whole; QEMU reads it all back', async () => {
+  const SUB = CHUNK / 32;
+  const path = await base('sub.qcow2', 6 * CHUNK);
+  const want = Buffer.alloc(6 * CHUNK);
+  const w = await openWriter(path, PASS, CHUNK);
+  const pieces = [{ offset: 4096, bytes: randomBytes(4096) }, { offset: 64 * 1024, bytes: randomBytes(64 * 1024) }];
+  for (const p of pieces) Buffer.from(p.bytes).copy(want, CHUNK + p.offset);
+  await w.writeOverZeros(1, CHUNK, pieces);
+  const whole = randomBytes(CHUNK);
+  whole.copy(want, 2 * CHUNK);
+  await w.write(2, whole);
+  // A whole chunk that is mostly zeros (free space in a file system): only its subcluster of data is written.
+  const sparse = Buffer.alloc(CHUNK);
+  randomFillSync(sparse, 5 * SUB, SUB);
+  sparse.copy(want, 3 * CHUNK);
+  await w.write(3, sparse);
+  await w.persist();
+  await w.close();
+  let seen = qemuRead(path);
+  assert.equal(seen.check, 0);
+  assert.ok(seen.data.equals(want));
+  // Only the touched subclusters hold data: the zeros between the pieces were never written.
+  const map = qemuMap(path);
+  assert.equal(dataAt(map, CHUNK).data, true);
+  assert.deepEqual([dataAt(map, CHUNK + SUB), dataAt(map, CHUNK + 32 * 1024)].map((m) => [m.data, m.zero]), [[false, true], [false, true]]);
+  assert.equal(dataAt(map, CHUNK + 64 * 1024).data, true);
+  assert.equal(dataAt(map, CHUNK + 128 * 1024).data, false);
+  assert.deepEqual([dataAt(map, 3 * CHUNK), dataAt(map, 3 * CHUNK + 5 * SUB), dataAt(map, 3 * CHUNK + 6 * SUB)].map((m) => m.data), [false, true, false]);
+
+  // A later run (a second check-out's pages over that chunk): a piece inside a zero subcluster and one inside a written one.
+  const again = await openWriter(path, PASS, CHUNK);
+  const later = [{ offset: 2048, bytes: randomBytes(1024) }, { offset: SUB + 512, bytes: randomBytes(1024) }, { offset: 200 * 1024, bytes: randomBytes(512) }];
+  for (const p of later) Buffer.from(p.bytes).copy(want, CHUNK + p.offset);
+  await again.writePieces(1, later);
+  // Pages over zeros where a chunk was written whole: the chunk is zeros and pages afterwards.
+  const over = [{ offset: 0, bytes: randomBytes(SUB) }];
+  want.fill(0, 2 * CHUNK, 3 * CHUNK);
+  Buffer.from(over[0]!.bytes).copy(want, 2 * CHUNK);
+  await again.writeOverZeros(2, CHUNK, over);
+  const intoSparse = [{ offset: 7 * SUB - 512, bytes: randomBytes(1024) }];
+  Buffer.from(intoSparse[0]!.bytes).copy(want, 3 * CHUNK + 7 * SUB - 512);
+  await again.writePieces(3, intoSparse);
+  await assert.rejects(again.writePieces(4, later), /not here to write pages over/);
+  await again.persist();
+  await again.close();
+  seen = qemuRead(path);
+  assert.equal(seen.check, 0);
+  assert.ok(seen.data.equals(want), 'what QEMU reads is the zeros and pages');
+});
+
+test('a base of before extended L2 takes pages over a hole as the whole chunk; QEMU reads it back', async () => {
+  const path = join(dir, 'plain-l2.qcow2');
+  await createWithQemu(['create', '-q', '-f', 'qcow2', '--object', SECRET_FD_OBJECT('s'), '-o', `encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,cluster_size=${CHUNK}`, path, String(4 * CHUNK)], PASS);
+  const want = Buffer.alloc(4 * CHUNK);
+  const w = await openWriter(path, PASS, CHUNK);
+  const pieces = [{ offset: 8192, bytes: randomBytes(8192) }];
+  Buffer.from(pieces[0]!.bytes).copy(want, 3 * CHUNK + 8192);
+  await w.writeOverZeros(3, CHUNK, pieces);
+  await w.persist();
+  await w.close();
+  const seen = qemuRead(path);
+  assert.equal(seen.check, 0);
+  assert.ok(seen.data.equals(want));
+  assert.equal(dataAt(qemuMap(path), 3 * CHUNK + 128 * 1024).data, true, 'the whole cluster was written');
 });

@@ -1,7 +1,9 @@
 import { endianness } from 'node:os';
 import { open, type FileHandle } from 'node:fs/promises';
 import { DiskError } from '../block-device.js';
-import { COMPRESSED, COPIED, layerVolumeKey, OFFSET_MASK, readQcow2Header, readWords, UnsupportedImage } from './qcow2-format.js';
+import type { Piece } from '../../core/chunks/delta.js';
+import { COMPRESSED, COPIED, EXTENDED_L2, layerVolumeKey, OFFSET_MASK, readQcow2Header, readWords, UnsupportedImage } from './qcow2-format.js';
+import { ALL_ALLOCATED, allocatedOf, bitmapOf, coverSubclusters, SUBCLUSTERS, touchedSubclusters, zerosAndPieces } from './subclusters.js';
 import { XtsSectors } from './xts.js';
 import { XtsWriters } from './xts-writers.js';
 
@@ -16,8 +18,10 @@ import { XtsWriters } from './xts-writers.js';
  * image is new and ours alone.
  *
  * What the image must be (else `open` refuses with 'unsupported' and the caller goes through
- * QEMU): qcow2 v3, LUKS, no backing file, no snapshots, no incompatible feature (dirty, corrupt,
- * external data file, compression type, extended L2), 16-bit refcounts, cluster = chunk.
+ * QEMU): qcow2 v3, LUKS, no backing file, no snapshots, no incompatible feature but extended L2
+ * (not dirty, corrupt, external data file, compression type), 16-bit refcounts, cluster = chunk.
+ * With extended L2 (the bases made since session 13) a chunk made of pages over a hole is written
+ * in the subclusters the pages touch, the others marked as reading zeros (subclusters.ts).
  *
  * Crash safety, QEMU's own ordering (qcow2 "refcounts before L2"): a chunk's data and the
  * refcounts of every cluster allocated are made durable first, then the L2 tables and L1 that
@@ -27,6 +31,9 @@ import { XtsWriters } from './xts-writers.js';
  */
 export class Qcow2BaseWriter {
   private readonly l2Entries: number;
+  /** Bytes per L2 entry: 16 with extended L2 (host offset, then the subclusters' bitmap), else 8. */
+  private readonly entryBytes: number;
+  private readonly subcluster: number;
   private readonly refsPerBlock: number;
   /** Next cluster to allocate: the file only grows (clusters freed by QEMU inside it stay free). */
   private end: number;
@@ -35,8 +42,10 @@ export class Qcow2BaseWriter {
   private readonly refBlocks = new Map<number, { offset: number; block: Buffer }>();
   private readonly dirtyRefBlocks = new Set<number>();
   private refTableDirty = false;
-  /** Chunks written whose mapping is not on disk yet, by index → host offset. */
-  private readonly ready = new Map<number, number>();
+  /** Chunks written whose mapping is not on disk yet, by index → host offset and (extended L2) subcluster bitmap. */
+  private readonly ready = new Map<number, { host: number; bitmap: bigint }>();
+  /** The bitmap each chunk written here will have (extended L2): a later piece over it knows which subclusters hold data. */
+  private readonly bitmaps = new Map<number, bigint>();
   /** Host cluster of each chunk this writer placed (or found), so a rewrite lands in the same place. */
   private readonly placed = new Map<number, number>();
 
@@ -51,8 +60,11 @@ export class Qcow2BaseWriter {
     private readonly refTable: BigUint64Array,
     private readonly refTableOffset: number,
     usedEnd: number,
+    private readonly extended: boolean,
   ) {
-    this.l2Entries = clusterSize / 8;
+    this.entryBytes = extended ? 16 : 8;
+    this.l2Entries = clusterSize / this.entryBytes;
+    this.subcluster = extended ? clusterSize / SUBCLUSTERS : clusterSize;
     this.refsPerBlock = clusterSize / 2;
     this.end = Math.ceil(usedEnd / clusterSize) * clusterSize;
   }
@@ -74,9 +86,10 @@ export class Qcow2BaseWriter {
       if (h.hasBacking) unsupported('it has a backing file');
       if (clusterSize !== chunkSize) unsupported(`cluster size ${clusterSize} is not the chunk size ${chunkSize}`);
       if (h.snapshots !== 0) unsupported('it has internal snapshots');
-      if (h.incompatible !== 0n) unsupported(`incompatible features 0x${h.incompatible.toString(16)}`);
+      if ((h.incompatible & ~EXTENDED_L2) !== 0n) unsupported(`incompatible features 0x${h.incompatible.toString(16)}`);
+      const extended = (h.incompatible & EXTENDED_L2) !== 0n;
       if (h.refcountOrder !== 4) unsupported(`${2 ** h.refcountOrder}-bit refcounts`);
-      if (l1Size * (clusterSize / 8) * clusterSize < diskSize) unsupported('its L1 table does not cover the disk');
+      if (l1Size * (clusterSize / (extended ? 16 : 8)) * clusterSize < diskSize) unsupported('its L1 table does not cover the disk');
       const key = await layerVolumeKey(fh, path, passphrase);
       const l1 = await readWords(fh, l1Offset, l1Size);
       const refTable = await readWords(fh, refTableOffset, (h.refTableClusters * clusterSize) / 8);
@@ -98,7 +111,7 @@ export class Qcow2BaseWriter {
           break;
         }
       }
-      const w = new Qcow2BaseWriter(fh, path, new XtsWriters(key, fh.fd, opts.directIo === false ? null : path, clusterSize), clusterSize, diskSize, l1, l1Offset, refTable, refTableOffset, end);
+      const w = new Qcow2BaseWriter(fh, path, new XtsWriters(key, fh.fd, opts.directIo === false ? null : path, clusterSize, extended ? clusterSize / SUBCLUSTERS : null), clusterSize, diskSize, l1, l1Offset, refTable, refTableOffset, end, extended);
       for (const [rt, b] of blocks) w.refBlocks.set(rt, b);
       key.fill(0);
       return w;
@@ -113,13 +126,36 @@ export class Qcow2BaseWriter {
    * use `plain` afterwards); it is mapped (durable) by the next `persist`.
    */
   async write(index: number, plain: Buffer): Promise<void> {
-    const start = index * this.clusterSize;
-    if (!Number.isInteger(index) || index < 0 || start >= this.diskSize) throw new DiskError('range', `chunk ${index} lies outside the ${this.diskSize}-byte disk`);
-    if (plain.length > this.clusterSize || plain.length !== Math.min(this.clusterSize, this.diskSize - start)) throw new DiskError('range', `chunk ${index} has ${plain.length} bytes`);
+    this.checkChunk(index, plain.length);
     const host = this.placed.get(index) ?? (await this.place(index));
     // A short last chunk fills its cluster with zeros (the writers pad it; what QEMU reads past the disk's end is never used).
-    await this.writers.write(plain, host);
-    this.ready.set(index, host);
+    // With subclusters, those holding only zeros are left unwritten and read as zeros.
+    const written = await this.writers.write(plain, host);
+    this.mark(index, host, written === null ? ALL_ALLOCATED : bitmapOf(written));
+  }
+
+  /**
+   * Writes chunk `index` as zeros with `pieces` over them (a delta record's pages over a hole),
+   * whatever the base held there. With extended L2 only the subclusters the pieces touch are
+   * written (zeros around the pieces within them), the others marked as reading zeros; without,
+   * the whole chunk is written.
+   */
+  async writeOverZeros(index: number, length: number, pieces: readonly Piece[]): Promise<void> {
+    this.checkChunk(index, length);
+    if (!this.extended) {
+      const slot = this.writers.spare();
+      const whole = zerosAndPieces(slot, length, pieces);
+      try {
+        return await this.write(index, whole);
+      } catch (err) {
+        if (slot) this.writers.giveBack(slot);
+        throw err;
+      }
+    }
+    const touched = touchedSubclusters(pieces, this.subcluster);
+    const host = this.placed.get(index) ?? (await this.place(index));
+    if (touched) await this.writers.writePieces(coverSubclusters(pieces, touched, this.subcluster), host);
+    this.mark(index, host, bitmapOf(touched));
   }
 
   /**
@@ -127,19 +163,29 @@ export class Qcow2BaseWriter {
    * is the base's, already there). Only for a chunk mapped in this image: an unmapped one would
    * leave the rest of a fresh cluster unwritten, so that is refused.
    */
-  async writePieces(index: number, pieces: readonly { offset: number; bytes: Uint8Array }[]): Promise<void> {
+  async writePieces(index: number, pieces: readonly Piece[]): Promise<void> {
     const start = index * this.clusterSize;
     if (!Number.isInteger(index) || index < 0 || start >= this.diskSize) throw new DiskError('range', `chunk ${index} lies outside the ${this.diskSize}-byte disk`);
     let host = this.placed.get(index);
-    if (host === undefined) {
-      const i1 = Math.floor(index / this.l2Entries);
-      if (i1 >= this.l1.length) throw new DiskError('range', `chunk ${index} is past the L1 table`);
-      const entry = (await this.l2Table(i1)).table.readBigUInt64BE((index % this.l2Entries) * 8);
-      if ((entry & OFFSET_MASK) === 0n) throw new DiskError('state', `${this.path}: chunk ${index} is not here to write pages over`);
+    let bitmap = this.bitmaps.get(index);
+    if (host === undefined || bitmap === undefined) {
+      const entry = await this.entry(index);
+      if ((entry.word & OFFSET_MASK) === 0n) throw new DiskError('state', `${this.path}: chunk ${index} is not here to write pages over`);
       host = await this.place(index);
+      bitmap = entry.bitmap;
     }
-    await this.writers.writePieces(pieces, host);
-    this.ready.set(index, host);
+    let write = pieces;
+    const allocated = allocatedOf(bitmap);
+    if (this.extended && allocated !== 0xffff_ffff) {
+      // Some subclusters read as zeros (pages written over a hole, or QEMU's own writes): a piece
+      // into one writes it whole, zeros around the piece, since its old bytes are not on disk.
+      const touched = touchedSubclusters(pieces, this.subcluster);
+      const fresh = (touched & ~allocated) >>> 0;
+      if (fresh) write = coverSubclusters(pieces, fresh, this.subcluster);
+      bitmap = bitmapOf(allocated | touched);
+    }
+    await this.writers.writePieces(write, host);
+    this.mark(index, host, bitmap);
   }
 
   /** A cluster-sized buffer to open the next chunk's plaintext into (then `write` it, or `giveBack`); null if none is free. */
@@ -178,10 +224,12 @@ export class Qcow2BaseWriter {
     await this.fh.datasync();
     if (mapped.length === 0) return [];
     const tables = new Set<number>();
-    for (const [index, host] of mapped) {
+    for (const [index, { host, bitmap }] of mapped) {
       const i1 = Math.floor(index / this.l2Entries);
       const t = this.l2.get(i1)!;
-      t.table.writeBigUInt64BE(BigInt(host) | COPIED, (index % this.l2Entries) * 8);
+      const at = (index % this.l2Entries) * this.entryBytes;
+      t.table.writeBigUInt64BE(BigInt(host) | COPIED, at);
+      if (this.extended) t.table.writeBigUInt64BE(bitmap, at + 8);
       tables.add(i1);
     }
     let l1Dirty = false;
@@ -205,12 +253,30 @@ export class Qcow2BaseWriter {
     await this.fh.close();
   }
 
-  /** The host cluster for chunk `index`: where it is mapped already, else a new one at the end. */
-  private async place(index: number): Promise<number> {
+  private checkChunk(index: number, length: number): void {
+    const start = index * this.clusterSize;
+    if (!Number.isInteger(index) || index < 0 || start >= this.diskSize) throw new DiskError('range', `chunk ${index} lies outside the ${this.diskSize}-byte disk`);
+    if (length > this.clusterSize || length !== Math.min(this.clusterSize, this.diskSize - start)) throw new DiskError('range', `chunk ${index} has ${length} bytes`);
+  }
+
+  /** What the next persist maps for chunk `index`. */
+  private mark(index: number, host: number, bitmap: bigint): void {
+    this.ready.set(index, { host, bitmap });
+    this.bitmaps.set(index, bitmap);
+  }
+
+  /** Chunk `index`'s L2 entry as on disk (or read earlier): its first word and its subclusters' bitmap (all allocated without extended L2). */
+  private async entry(index: number): Promise<{ word: bigint; bitmap: bigint }> {
     const i1 = Math.floor(index / this.l2Entries);
     if (i1 >= this.l1.length) throw new DiskError('range', `chunk ${index} is past the L1 table`);
-    const table = await this.l2Table(i1);
-    const entry = table.table.readBigUInt64BE((index % this.l2Entries) * 8);
+    const { table } = await this.l2Table(i1);
+    const at = (index % this.l2Entries) * this.entryBytes;
+    return { word: table.readBigUInt64BE(at), bitmap: this.extended ? table.readBigUInt64BE(at + 8) : ALL_ALLOCATED };
+  }
+
+  /** The host cluster for chunk `index`: where it is mapped already, else a new one at the end. */
+  private async place(index: number): Promise<number> {
+    const entry = (await this.entry(index)).word;
     const offset = Number(entry & OFFSET_MASK);
     let host: number;
     if (offset !== 0) {

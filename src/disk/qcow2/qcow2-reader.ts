@@ -44,7 +44,7 @@ export class Qcow2Reader {
     this.granule = extended ? clusterSize / 32 : clusterSize;
   }
 
-  /** A base layer: no backing file, no incompatible feature. */
+  /** A base layer: no backing file, no incompatible feature but extended L2. */
   static async open(path: string, passphrase: string): Promise<Qcow2Reader> {
     return Qcow2Reader.openLayer(path, passphrase, false);
   }
@@ -63,8 +63,7 @@ export class Qcow2Reader {
     try {
       const h = await readQcow2Header(fh, path);
       if (!top && h.hasBacking) throw new DiskError('state', `${path}: a base layer has no backing file`);
-      const known = top ? EXTENDED_L2 : 0n;
-      if ((h.incompatible & ~known) !== 0n) {
+      if ((h.incompatible & ~EXTENDED_L2) !== 0n) {
         const why = `${path}: incompatible features 0x${h.incompatible.toString(16)}`;
         throw top ? new UnsupportedImage(why) : new DiskError('state', why);
       }

@@ -1,5 +1,5 @@
 import { open } from 'node:fs/promises';
-import { COMPRESSED, COPIED, OFFSET_MASK, readQcow2Header, readWords, UnsupportedImage } from './qcow2-format.js';
+import { COMPRESSED, COPIED, EXTENDED_L2, OFFSET_MASK, readQcow2Header, readWords, UnsupportedImage } from './qcow2-format.js';
 
 /**
  * Unmaps every chunk of a base layer (cluster = chunk) that is not in `keep`, and frees the
@@ -19,9 +19,11 @@ export async function unmapChunksExcept(path: string, chunkSize: number, keep: R
     if (h.hasBacking) throw unsupported('it has a backing file');
     if (h.clusterSize !== chunkSize) throw unsupported(`cluster size ${h.clusterSize} is not the chunk size ${chunkSize}`);
     if (h.snapshots !== 0) throw unsupported('it has internal snapshots');
-    if (h.incompatible !== 0n) throw unsupported(`incompatible features 0x${h.incompatible.toString(16)}`);
+    if ((h.incompatible & ~EXTENDED_L2) !== 0n) throw unsupported(`incompatible features 0x${h.incompatible.toString(16)}`);
     if (h.refcountOrder !== 4) throw unsupported(`${2 ** h.refcountOrder}-bit refcounts`);
-    const entries = h.clusterSize / 8;
+    // Extended L2: 16-byte entries, the second word the subclusters' bitmap (cleared with the first: the chunk reads as a hole).
+    const entryBytes = (h.incompatible & EXTENDED_L2) !== 0n ? 16 : 8;
+    const entries = h.clusterSize / entryBytes;
     const l1 = await readWords(fh, h.l1Offset, h.l1Size);
     const freed: number[] = [];
     let unmapped = 0;
@@ -32,9 +34,10 @@ export async function unmapChunksExcept(path: string, chunkSize: number, keep: R
       await fh.read(table, 0, table.length, at);
       let changed = false;
       for (let j = 0; j < entries; j++) {
-        const e = table.readBigUInt64BE(j * 8);
-        if (e === 0n || keep.has(i1 * entries + j)) continue;
-        table.writeBigUInt64BE(0n, j * 8);
+        const e = table.readBigUInt64BE(j * entryBytes);
+        const bitmap = entryBytes === 16 ? table.readBigUInt64BE(j * entryBytes + 8) : 0n;
+        if ((e === 0n && bitmap === 0n) || keep.has(i1 * entries + j)) continue;
+        table.fill(0, j * entryBytes, (j + 1) * entryBytes);
         changed = true;
         unmapped++;
         const host = Number(e & OFFSET_MASK);

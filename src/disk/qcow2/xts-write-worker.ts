@@ -9,17 +9,22 @@ export type XtsWriteBody = {
   /** Byte offset in the image file, which also numbers the sectors (QEMU's LUKS in qcow2 uses host offsets). */
   host: number;
 } & (
-  /** The plaintext in slot `slot` of the shared slots, its first `length` bytes (the main thread keeps the slot until the answer). */
-  | { slot: number; length: number }
+  /**
+   * The plaintext in slot `slot` of the shared slots, its first `length` bytes (the main thread keeps the slot until the answer).
+   * `subcluster`: subclusters of that many bytes that hold only zeros are not written (the answer's `written` names the others).
+   */
+  | { slot: number; length: number; subcluster?: number }
   /** Pieces of one cluster, each at its own offset in slot `slot` and written at `host` + that offset (a delta's pages). */
   | { slot: number; pieces: { offset: number; length: number }[] }
   /** The plaintext, a whole cluster (ownership moves here): when every slot was busy. */
-  | { data: ArrayBuffer }
+  | { data: ArrayBuffer; subcluster?: number }
 );
 
 export interface XtsWriteResult {
   seq: number;
   error: { message: string; code?: string } | null;
+  /** With `subcluster`: the subclusters written (bit k: subcluster k), the others hold zeros. */
+  written?: number;
 }
 
 export interface XtsWriterInit {
@@ -38,19 +43,46 @@ const xts = new XtsSectors(Buffer.from(init.key));
 
 parentPort!.on('message', (req: XtsWriteRequest) => {
   let error: XtsWriteResult['error'] = null;
+  let written: number | undefined;
   try {
     if ('pieces' in req) {
       // Through the page cache: a few pages written with O_DIRECT wait for the device (64 KiB: 0.09 ms here, against
       // 0.02 ms cached) on this one thread; the base writer's fdatasync makes them durable all the same.
       for (const p of req.pieces) write(Buffer.from(init.slots, req.slot * init.slotSize + p.offset, p.length), req.host + p.offset, false);
     } else {
-      write('data' in req ? Buffer.from(req.data) : Buffer.from(init.slots, req.slot * init.slotSize, req.length), req.host);
+      const plain = 'data' in req ? Buffer.from(req.data) : Buffer.from(init.slots, req.slot * init.slotSize, req.length);
+      if (req.subcluster && plain.length === 32 * req.subcluster) written = writeNonZero(plain, req.host, req.subcluster);
+      else write(plain, req.host);
     }
   } catch (err) {
     error = { message: (err as Error).message, code: (err as NodeJS.ErrnoException).code };
   }
-  parentPort!.postMessage({ seq: req.seq, error } satisfies XtsWriteResult);
+  parentPort!.postMessage({ seq: req.seq, error, written } satisfies XtsWriteResult);
 });
+
+let zeros = Buffer.alloc(0);
+
+/**
+ * Writes the subclusters of `plain` (a cluster) that hold anything but zeros, runs of them at a
+ * time, and answers which: a chunk that is partly zeros (free space inside a file system) costs
+ * its data, not its cluster. The check is a memcmp that stops at the first non-zero byte.
+ */
+function writeNonZero(plain: Buffer, host: number, subcluster: number): number {
+  if (zeros.length !== subcluster) zeros = Buffer.alloc(subcluster);
+  const count = plain.length / subcluster;
+  let mask = 0;
+  let run = -1;
+  for (let k = 0; k <= count; k++) {
+    if (k < count && !zeros.equals(plain.subarray(k * subcluster, (k + 1) * subcluster))) {
+      mask |= 1 << k;
+      if (run < 0) run = k;
+    } else if (run >= 0) {
+      write(plain.subarray(run * subcluster, k * subcluster), host + run * subcluster);
+      run = -1;
+    }
+  }
+  return mask >>> 0;
+}
 
 /** Encrypts `plain` (whole sectors) as the sectors at byte `host` of the image and writes it there. */
 function write(plain: Buffer, host: number, direct = true): void {

@@ -31,9 +31,10 @@ export class XtsWriters {
   /**
    * `key`: the 64-byte XTS volume key; `fd`: the image, open for writing, closed only after
    * `close`; `path`: the same image, opened again for direct I/O (null: page cache only);
-   * `clusterSize`: what each write covers (a shorter buffer is padded with zeros), and the slots' size.
+   * `clusterSize`: what each write covers (a shorter buffer is padded with zeros), and the slots' size;
+   * `subcluster`: an image with extended L2, whose subclusters of zeros `write` leaves unwritten (null: none).
    */
-  constructor(key: Buffer, fd: number, path: string | null, private readonly clusterSize: number, size = Math.min(4, Math.max(1, availableParallelism() - 1))) {
+  constructor(key: Buffer, fd: number, path: string | null, private readonly clusterSize: number, private readonly subcluster: number | null = null, size = Math.min(4, Math.max(1, availableParallelism() - 1))) {
     this.directFd = path === null ? null : openDirect(path);
     const count = Math.max(MIN_SLOTS, Math.min(MAX_SLOTS, Math.floor(SLOT_BYTES / clusterSize)));
     this.slots = new SharedArrayBuffer(count * clusterSize);
@@ -45,9 +46,11 @@ export class XtsWriters {
   /**
    * Encrypts and writes `plain` (at most a cluster; the rest of the cluster is written as zeros)
    * at byte `host`. The caller must not use `plain` afterwards: a slot is reused for the next
-   * chunk, any other buffer may move to the worker.
+   * chunk, any other buffer may move to the worker. With subclusters: resolves with those written
+   * (bit k: subcluster k), the others hold only zeros and were skipped; without, null (all written).
    */
-  async write(plain: Buffer, host: number): Promise<void> {
+  async write(plain: Buffer, host: number): Promise<number | null> {
+    const subcluster = this.subcluster ?? undefined;
     if (plain.length > this.clusterSize) throw new RangeError(`${plain.length} bytes do not fit a ${this.clusterSize}-byte cluster`);
     let slot = this.lentSlotOf(plain);
     if (slot === null) {
@@ -61,13 +64,12 @@ export class XtsWriters {
         plain.copy(whole);
       }
       const data = exactBuffer(whole);
-      await this.pool.run({ data, host }, [data]);
-      return;
+      return (await this.pool.run({ data, host, subcluster }, [data])).written ?? null;
     }
     this.lent.delete(slot);
     if (plain.length !== this.clusterSize) this.view(slot).fill(0, plain.length);
     try {
-      await this.pool.run({ slot, length: this.clusterSize, host });
+      return (await this.pool.run({ slot, length: this.clusterSize, host, subcluster })).written ?? null;
     } finally {
       // Answered (or failed): the thread no longer reads the slot.
       this.free.push(slot);

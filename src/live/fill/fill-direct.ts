@@ -8,6 +8,7 @@ import { chunkLength } from '../../core/chunks/chunking.js';
 import { CarryonError } from '../../core/errors.js';
 import type { LineageKeys } from '../../core/keys.js';
 import { WriteWindow } from '../../core/write-window.js';
+import { zerosAndPieces } from '../../disk/qcow2/subclusters.js';
 import { writeFileAtomic } from '../../files/atomic.js';
 import { fetchBlobs, TransferFailed, type Progress, type TransferSession } from '../../transfer-client/client.js';
 import { pacing, type RateLimiter } from '../../transfer-client/rate-limit.js';
@@ -48,6 +49,11 @@ export interface BaseSink {
    * only where that chunk is present. A sink without it is never sent deltas.
    */
   writePieces?(index: number, pieces: readonly Piece[]): Promise<void>;
+  /**
+   * Writes chunk `index` as zeros with `pieces` over them, whatever it held (pages over a hole):
+   * a sink that can leave the zeros unwritten (qcow2 subclusters). Without it the whole chunk is written.
+   */
+  writeOverZeros?(index: number, length: number, pieces: readonly Piece[]): Promise<void>;
   /** Everything written before the call is durable (and mapped) when it resolves. */
   persist(): Promise<unknown>;
   close(): Promise<void>;
@@ -185,9 +191,11 @@ export async function fillDirect(opts: {
               continue;
             }
             seen.add(id);
-            // Over a hole: zeros and the pages are the whole chunk, written as one. Over a kept chunk: the pages alone.
+            // Over a hole: zeros and the pages are the whole chunk (a sink with subclusters writes only the pages' ones). Over a kept chunk: the pages alone.
             const write = base === ZERO_BASE
-              ? (p: (typeof places)[number]) => p.sink.write(p.index, overZeros(p.sink.spare?.() ?? null, pages.length, pages.pieces))
+              ? (p: (typeof places)[number]) => p.sink.writeOverZeros
+                ? p.sink.writeOverZeros(p.index, pages.length, pages.pieces)
+                : p.sink.write(p.index, zerosAndPieces(p.sink.spare?.() ?? null, pages.length, pages.pieces))
               : (p: (typeof places)[number]) => p.sink.writePieces!(p.index, pages.pieces);
             await writes.add(written(places, Promise.all(places.map(write)), base === ZERO_BASE ? pages.length : pages.pieces.reduce((n, p) => n + p.bytes.length, 0)));
           } else {
@@ -236,19 +244,6 @@ export async function fillDirect(opts: {
   }
   if (stop) throw (stop as { error: unknown }).error;
   return { bytesMoved, chunksMoved };
-}
-
-/** A chunk of `length` bytes made of zeros and `pieces`, in `into` when given (a sink's spare buffer). */
-function overZeros(into: Buffer | null, length: number, pieces: readonly Piece[]): Buffer {
-  const out = into && into.length >= length ? into.subarray(0, length) : Buffer.allocUnsafe(length);
-  let at = 0;
-  for (const p of pieces) {
-    out.fill(0, at, p.offset);
-    out.set(p.bytes, p.offset);
-    at = p.offset + p.bytes.length;
-  }
-  out.fill(0, at);
-  return out;
 }
 
 /**
