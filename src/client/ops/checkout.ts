@@ -242,27 +242,38 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
   const opened = await traced('open-disks', () => openDesktopDisks(vault, state, keys));
   const incomplete = opened.disks.filter((d) => !d.entry.complete);
   if (incomplete.length === 0) return { state: opened.state, complete: true, bytesMoved: 0, chunksMoved: 0, copiedChunks: 0, rejectedChunks: 0 };
-  const job = await traced('active-job', async () => activeJob(env, broker, await broker.call('GET', `/v1/jobs/${state.jobId}`, undefined, JobView)));
-  const session = new TransferSession(job.transfer!, renewer(broker, job.id));
   const dir = await socketDir(vault, state.desktopId);
   let qsd: StorageDaemon | null = null;
   let sinks: BaseSink[] = [];
   let reporter: LocalProgressReporter | null = null;
+  let session: TransferSession | null = null;
   try {
-    try {
-      for (const d of incomplete) sinks.push(await traced('writer-open', () => Qcow2BaseWriter.open(d.chain.files.base, layerSecret(d.chain, 'base'), d.base.chunkSize)));
-    } catch (err) {
-      if (!(err instanceof UnsupportedImage)) throw err;
-      await Promise.all(sinks.splice(0).map((s) => s.close()));
-      env.log(`writing through QEMU: ${err.message}`);
-      qsd = await StorageDaemon.start(dir);
-      sinks = await nbdSinks(qsd, opened.disks, join(dir, 'fill.sock'));
-    }
-    const targets = await traced('read-deltas', () => Promise.all(incomplete.map(async (disk, i) => {
-      const dir = diskDir(vault, state.desktopId, disk.name);
-      // Chunks a parked base keeps where the checkpoint changed them: only their changed pages travel, where the server knows them.
-      return { disk, dir, sink: sinks[i]!, bases: await readDeltaBases(dir, keys, state.desktopId, disk.name) };
-    })));
+    const openSinks = async () => {
+      try {
+        for (const d of incomplete) sinks.push(await traced('writer-open', () => Qcow2BaseWriter.open(d.chain.files.base, layerSecret(d.chain, 'base'), d.base.chunkSize)));
+      } catch (err) {
+        if (!(err instanceof UnsupportedImage)) throw err;
+        await Promise.all(sinks.splice(0).map((s) => s.close()));
+        env.log(`writing through QEMU: ${err.message}`);
+        qsd = await StorageDaemon.start(dir);
+        sinks = await nbdSinks(qsd, opened.disks, join(dir, 'fill.sock'));
+      }
+    };
+    // The broker's answer, the writers (a key slot, the tables, a thread) and the local records are independent: side by side.
+    // Settled all before anything throws: a writer still opening would otherwise outlive the `finally` that closes it.
+    const [job, , records] = await settledAll([
+      traced('active-job', async () => activeJob(env, broker, await broker.call('GET', `/v1/jobs/${state.jobId}`, undefined, JobView))),
+      openSinks(),
+      traced('read-deltas', () => Promise.all(incomplete.map(async (disk) => {
+        const dir = diskDir(vault, state.desktopId, disk.name);
+        const filled = await readFilled(dir);
+        // Chunks a parked base keeps where the checkpoint changed them: only their changed pages travel, where the server knows them.
+        return { dir, filled, bases: await readDeltaBases(dir, keys, state.desktopId, disk.name, filled) };
+      }))),
+    ] as const);
+    const transfer = new TransferSession(job.transfer!, renewer(broker, job.id));
+    session = transfer;
+    const targets = incomplete.map((disk, i) => ({ disk, dir: records[i]!.dir, sink: sinks[i]!, bases: records[i]!.bases }));
     // The desktop's disks already complete count as present (the percentage is of the whole desktop).
     const whole = opened.disks.filter((d) => d.entry.complete).reduce((n, d) => n + dataBytes(d.base), 0);
     reporter = new LocalProgressReporter({ vault, desktopId: state.desktopId, broker, jobId: job.id });
@@ -270,7 +281,7 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
     // Chunks this laptop holds for clones of the same lineage are copied first: the transfer server sees only the rest.
     // Copying is done work like fetching: every view counts it (and says how much of it was copied here).
     const copied = { copiedChunks: 0, copiedBytes: 0, fetchedChunks: 0 };
-    const present = whole + (await traced('present', () => Promise.all(targets.map(async (t) => presentBytes(t.disk.base, await readFilled(t.dir)))))).reduce((a, b) => a + b, 0);
+    const present = whole + records.reduce((n, r, i) => n + presentBytes(incomplete[i]!.base, r.filled), 0);
     const total = whole + targets.reduce((n, t) => n + dataBytes(t.disk.base), 0);
     const local = await traced('copy-siblings', () => copySiblingChunks({ vault, device, password: env.password, state, keys, disks: targets, log: env.log, signal: env.signal, onCopied: (bytes) => {
       copied.copiedChunks++;
@@ -282,8 +293,8 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
     } }));
     const renew = renewer(broker, job.id);
     const rateLimit = await traced('limiter', () => transferLimiter(env, vault, state));
-    const moved = await traced('fetch', () => diskFullIsClear(env.home, () => retryTransfer({ what: 'check-out', log: env.log, signal: env.signal, beforeRetry: async () => session.setEndpoint(await renew()) }, () =>
-      fillDirect({ disks: targets, session, keys, signal: env.signal, rateLimit, onProgress: (p) => {
+    const moved = await traced('fetch', () => diskFullIsClear(env.home, () => retryTransfer({ what: 'check-out', log: env.log, signal: env.signal, beforeRetry: async () => transfer.setEndpoint(await renew()) }, () =>
+      fillDirect({ disks: targets, session: transfer, keys, signal: env.signal, rateLimit, onProgress: (p) => {
         const local = { ...p, bytesLocal: whole + (p.bytesLocal ?? 0), bytesTotal: whole + (p.bytesTotal ?? 0), chunksCopied: copied.copiedChunks };
         env.onProgress?.('check-out', local);
         r.setCounts({ ...copied, fetchedChunks: p.chunksDone });
@@ -302,10 +313,18 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
     await traced('fill-close', async () => {
       await Promise.all(sinks.map((s) => s.close()));
       await qsd?.stop();
-      await session.close();
+      await session?.close();
       await reporter?.settle();
     });
   }
+}
+
+/** Promise.all that lets every promise settle before it throws the first failure (nothing is left running behind a `finally`). */
+async function settledAll<T extends readonly unknown[]>(promises: { [K in keyof T]: Promise<T[K]> }): Promise<T> {
+  const results = await Promise.allSettled(promises);
+  const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) throw failed.reason;
+  return results.map((r) => (r as PromiseFulfilledResult<unknown>).value) as unknown as T;
 }
 
 /** The incomplete bases exported writable by a storage daemon (their tops may still be in the making). */

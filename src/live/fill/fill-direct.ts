@@ -15,7 +15,9 @@ import { pacing, type RateLimiter } from '../../transfer-client/rate-limit.js';
 import type { DesktopDisk } from '../disks/disks.js';
 import { readJsonFile } from '../../files/json-file.js';
 
-const Filled = z.object({ v: z.literal(1), chunks: z.array(z.number().int().nonnegative()) });
+/** Chunk indexes, checked in one pass: a 4 GiB disk lists 16384, which zod's per-element schema took 6–26 ms to check, on every read. */
+const isIndexList = (value: unknown): value is number[] => Array.isArray(value) && value.every((i) => Number.isSafeInteger(i) && i >= 0);
+const Filled = z.object({ v: z.literal(1), chunks: z.custom<number[]>(isIndexList, 'a list of chunk indexes') });
 
 /** Chunk indexes of a base made durable so far (written only after an NBD flush). */
 export async function readFilled(dir: string): Promise<Set<number>> {

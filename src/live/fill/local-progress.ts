@@ -38,9 +38,11 @@ export function presentBelow(m: Manifest, present: ReadonlySet<number>): (offset
   return (offset) => already + missing[offset >= m.diskSize ? m.chunks.length : Math.max(0, Math.floor(offset / m.chunkSize))]!;
 }
 
-/** Data bytes of `m` at the `present` indexes. */
+/** Data bytes of `m` at the `present` indexes (a loop over those only: a second check-out's 16384 were ≈ 11 ms cold through `presentBelow`). */
 export function presentBytes(m: Manifest, present: ReadonlySet<number>): number {
-  return presentBelow(m, present)(0);
+  let n = 0;
+  for (const i of present) if (m.chunks[i]) n += chunkLength(i, m.diskSize, m.chunkSize);
+  return n;
 }
 
 /** What this check-out's work is made of so far: chunks copied on this laptop (and their plaintext bytes) and chunks fetched. */
