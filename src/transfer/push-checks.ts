@@ -32,8 +32,8 @@ export class PushChecks {
   }
 
   /** Rebuilds a chunk from a pages blob and its base (null: zeros) and names it (push-rebuild `namePushed`). */
-  async name(keys: LineageKeys, pages: Uint8Array, base: { id: ChunkId; blob: Uint8Array } | null, label: string, opts: { background?: boolean } = {}): Promise<Named> {
-    if (this.size === 0 && !opts.background) return namePushed(keys, pages, base, label);
+  async name(keys: LineageKeys, pages: Uint8Array, base: { id: ChunkId; blob: Uint8Array } | null, label: string, opts: { background?: boolean; inline?: boolean } = {}): Promise<Named> {
+    if ((this.size === 0 || opts.inline) && !opts.background) return namePushed(keys, pages, base, label);
     const payload = copyOf(pages);
     const baseBlob = base ? copyOf(base.blob) : null;
     const pool = opts.background ? (this.idlePool ??= newPool({ idle: true }, Math.max(1, this.size))) : (this.pool ??= newPool({}, this.size));
