@@ -1,5 +1,6 @@
 import { writeSync } from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
+import { SUBCLUSTERS } from './subclusters.js';
 import { XTS_SECTOR, XtsSectors } from './xts.js';
 
 /** Worker: encrypts a cluster (AES-256-XTS, sectors numbered by host offset) and writes it to the image. */
@@ -51,7 +52,7 @@ parentPort!.on('message', (req: XtsWriteRequest) => {
       for (const p of req.pieces) write(Buffer.from(init.slots, req.slot * init.slotSize + p.offset, p.length), req.host + p.offset, false);
     } else {
       const plain = 'data' in req ? Buffer.from(req.data) : Buffer.from(init.slots, req.slot * init.slotSize, req.length);
-      if (req.subcluster && plain.length === 32 * req.subcluster) written = writeNonZero(plain, req.host, req.subcluster);
+      if (req.subcluster && plain.length === SUBCLUSTERS * req.subcluster) written = writeNonZero(plain, req.host, req.subcluster);
       else write(plain, req.host);
     }
   } catch (err) {
