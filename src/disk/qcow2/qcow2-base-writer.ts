@@ -44,7 +44,11 @@ export class Qcow2BaseWriter {
   private refTableDirty = false;
   /** Chunks written whose mapping is not on disk yet, by index → host offset and (extended L2) subcluster bitmap. */
   private readonly ready = new Map<number, { host: number; bitmap: bigint }>();
-  /** The bitmap each chunk written here will have (extended L2): a later piece over it knows which subclusters hold data. */
+  /**
+   * The bitmap each chunk written here will have (extended L2): a later piece over it knows which
+   * subclusters hold data. Not derivable from `ready` and the tables: `persist` takes the ready
+   * ones before it writes them into the tables, and a piece in between must not pad over them.
+   */
   private readonly bitmaps = new Map<number, bigint>();
   /** Host cluster of each chunk this writer placed (or found), so a rewrite lands in the same place. */
   private readonly placed = new Map<number, number>();
@@ -164,8 +168,7 @@ export class Qcow2BaseWriter {
    * leave the rest of a fresh cluster unwritten, so that is refused.
    */
   async writePieces(index: number, pieces: readonly Piece[]): Promise<void> {
-    const start = index * this.clusterSize;
-    if (!Number.isInteger(index) || index < 0 || start >= this.diskSize) throw new DiskError('range', `chunk ${index} lies outside the ${this.diskSize}-byte disk`);
+    this.checkIndex(index);
     let host = this.placed.get(index);
     let bitmap = this.bitmaps.get(index);
     if (host === undefined || bitmap === undefined) {
@@ -253,10 +256,14 @@ export class Qcow2BaseWriter {
     await this.fh.close();
   }
 
+  private checkIndex(index: number): void {
+    if (!Number.isInteger(index) || index < 0 || index * this.clusterSize >= this.diskSize) throw new DiskError('range', `chunk ${index} lies outside the ${this.diskSize}-byte disk`);
+  }
+
+  /** A whole chunk's `length`: the cluster, or what is left of the disk for the last one. */
   private checkChunk(index: number, length: number): void {
-    const start = index * this.clusterSize;
-    if (!Number.isInteger(index) || index < 0 || start >= this.diskSize) throw new DiskError('range', `chunk ${index} lies outside the ${this.diskSize}-byte disk`);
-    if (length > this.clusterSize || length !== Math.min(this.clusterSize, this.diskSize - start)) throw new DiskError('range', `chunk ${index} has ${length} bytes`);
+    this.checkIndex(index);
+    if (length !== Math.min(this.clusterSize, this.diskSize - index * this.clusterSize)) throw new DiskError('range', `chunk ${index} has ${length} bytes`);
   }
 
   /** What the next persist maps for chunk `index`. */

@@ -56,8 +56,8 @@ export async function writeDeltaBases(dir: string, keys: DesktopKeys, desktopId:
   await writeFileAtomic(join(dir, FILE), JSON.stringify({ body, mac: recordMac(keys, desktopId, purpose(disk), body) }));
 }
 
-/** The delta bases of a disk still to fill (filled indexes left out: `filled`, else read here); empty when none, or the file is not ours. */
-export async function readDeltaBases(dir: string, keys: DesktopKeys, desktopId: string, disk: string, filled?: ReadonlySet<number>): Promise<Map<number, ChunkId>> {
+/** The delta bases of a disk still to fill (the `filled` indexes left out); empty when none, or the file is not ours. */
+export async function readDeltaBases(dir: string, keys: DesktopKeys, desktopId: string, disk: string, filled: ReadonlySet<number>): Promise<Map<number, ChunkId>> {
   const file = await readJsonFile(join(dir, FILE), DeltasFile, { missing: null, damaged: null });
   if (!file || !recordMacOk(keys, desktopId, purpose(disk), file.body, file.mac)) return new Map();
   let parsed;
@@ -67,8 +67,7 @@ export async function readDeltaBases(dir: string, keys: DesktopKeys, desktopId: 
     return new Map();
   }
   if (!parsed.success) return new Map();
-  const done = filled ?? (await readFilled(dir));
-  return new Map(parsed.data.bases.filter(([i]) => !done.has(i)));
+  return new Map(parsed.data.bases.filter(([i]) => !filled.has(i)));
 }
 
 export const hasDeltaBases = (dir: string): boolean => existsSync(join(dir, FILE));
