@@ -27,10 +27,16 @@ async function syncFileSystem(path: string): Promise<boolean> {
  * blob is always whole. Deferred puts are fsynced together at sync() (group commit), which is
  * what makes bulk import fast without ever exposing a half-written blob.
  */
+/** A deferred blob: its temp file, and its write (a sync or a read waits for it: the file may still be growing). */
+interface Deferred {
+  tmp: string;
+  written: Promise<void>;
+}
+
 export class FsChunkStore implements ChunkStore {
-  private readonly pending = new Map<ChunkId, string>();
+  private readonly pending = new Map<ChunkId, Deferred>();
   /** Deferred blobs a sync() is publishing right now (still readable through their temp path). */
-  private readonly syncing = new Map<ChunkId, string>();
+  private readonly syncing = new Map<ChunkId, Deferred>();
   private readonly dirsMade = new Set<string>();
   private readonly manifests: Manifests;
 
@@ -62,7 +68,10 @@ export class FsChunkStore implements ChunkStore {
 
   async get(id: ChunkId): Promise<Buffer | null> {
     parseChunkId(id);
-    const pendingPath = this.pending.get(id) ?? this.syncing.get(id);
+    const deferred = this.pending.get(id) ?? this.syncing.get(id);
+    // A write still in flight is waited for (a failed one left no blob: read on as if absent).
+    if (deferred) await deferred.written.catch(() => undefined);
+    const pendingPath = deferred?.tmp;
     try {
       return await readFile(pendingPath ?? this.blobPath(id));
     } catch (err) {
@@ -78,11 +87,12 @@ export class FsChunkStore implements ChunkStore {
     if (this.pending.has(id) || this.syncing.has(id) || (await exists(this.blobPath(id)))) return false;
     const tmp = join(this.root, 'tmp', `${id}.${randomBytes(6).toString('hex')}`);
     if (opts.defer) {
-      this.pending.set(id, tmp);
+      const entry: Deferred = { tmp, written: writeWhole(tmp, blob, false) };
+      this.pending.set(id, entry);
       try {
-        await writeWhole(tmp, blob, false);
+        await entry.written;
       } catch (err) {
-        this.pending.delete(id);
+        if (this.pending.get(id) === entry) this.pending.delete(id);
         throw err;
       }
       return true;
@@ -101,13 +111,21 @@ export class FsChunkStore implements ChunkStore {
       this.pending.delete(id);
       this.syncing.set(id, tmp);
     }
+    // Another session's put may still be writing its file: waited for; one that failed is not published
+    // (its put threw to its own caller). Found by 10 simultaneous pushes to servers sharing a store.
+    const settled = await Promise.allSettled(batch.map(([, d]) => d.written));
+    const ready = batch.filter(([id], i) => {
+      if (settled[i]!.status === 'fulfilled') return true;
+      this.syncing.delete(id);
+      return false;
+    });
     // Make the temp files durable, then publish them by rename. A large batch costs one
     // syncfs(2) (`sync -f`) instead of thousands of fsyncs; a small one fsyncs file by file.
-    if (batch.length >= SYNCFS_THRESHOLD && (await syncFileSystem(this.root))) {
+    if (ready.length >= SYNCFS_THRESHOLD && (await syncFileSystem(this.root))) {
       // done for every file at once
-    } else await mapLimit(batch, 16, async ([, tmp]) => syncPath(tmp));
+    } else await mapLimit(ready, 16, async ([, d]) => syncPath(d.tmp));
     const dirs = new Set<string>();
-    for (const [id, tmp] of batch) {
+    for (const [id, { tmp }] of ready) {
       const dir = this.blobDir(id);
       await this.ensureDir(dir);
       await rename(tmp, this.blobPath(id));
@@ -120,9 +138,10 @@ export class FsChunkStore implements ChunkStore {
 
   async delete(id: ChunkId): Promise<void> {
     parseChunkId(id);
-    const tmp = this.pending.get(id);
+    const deferred = this.pending.get(id);
     this.pending.delete(id);
-    await rm(tmp ?? this.blobPath(id), { force: true });
+    await deferred?.written.catch(() => undefined);
+    await rm(deferred?.tmp ?? this.blobPath(id), { force: true });
   }
 
   async *list(): AsyncIterable<ChunkId> {
@@ -154,7 +173,7 @@ export class FsChunkStore implements ChunkStore {
     let bytes = 0;
     for await (const id of this.list()) {
       chunks++;
-      bytes += (await stat(this.pending.get(id) ?? this.blobPath(id))).size;
+      bytes += (await stat(this.pending.get(id)?.tmp ?? this.blobPath(id))).size;
     }
     return { chunks, bytes };
   }

@@ -33,6 +33,21 @@ test('fs store: a deferred blob is a file in blobs/ only after sync', async () =
   await s.close();
 });
 
+test('fs store: a sync while another caller\'s deferred put is still writing waits for it, then publishes it whole; a read waits too', async () => {
+  const root = join(dir, 's-race');
+  const s = await FsChunkStore.open(root);
+  const big = Buffer.alloc(16 * 1024 * 1024, 7);
+  // Not awaited: another push session's put, its file still being written when this one syncs.
+  const putting = s.put(id('c'), big, { defer: true });
+  while (!(await s.has(id('c')))) await new Promise((r) => setImmediate(r));
+  const reading = s.get(id('c'));
+  await s.sync();
+  assert.equal(await putting, true);
+  assert.ok((await reading)?.equals(big));
+  assert.ok(existsSync(join(root, 'blobs', 'cc', 'cc', id('c'))));
+  assert.ok((await s.get(id('c')))?.equals(big));
+});
+
 test('fs store: leftover temp files from a crash are removed on open', async () => {
   const root = join(dir, 's2');
   mkdirSync(join(root, 'tmp'), { recursive: true });
