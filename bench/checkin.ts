@@ -52,7 +52,7 @@ export async function changeOnePercent(env: ClientEnv, rawCopy: string, size: nu
   return n * WRITE;
 }
 
-const CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
+const CLI = fileURLToPath(new URL('../src/cli/carryon.cjs', import.meta.url));
 
 /**
  * `carryon ARGS` as a user runs it: a process of its own (the launcher's node flags), the vault

@@ -10,7 +10,7 @@ import { MB, settle, stats } from './lib/measure.js';
 import { Rig } from './lib/rig.js';
 import type { BenchRow, BenchSection } from './types.js';
 
-const CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
+const CLI = fileURLToPath(new URL('../src/cli/carryon.cjs', import.meta.url));
 const COUNTS = [1, 4, 8];
 
 /** Runs a command and resolves with its wall time in seconds (rejects on a non-zero exit). */

@@ -19,7 +19,7 @@
 // its original module's URL back, so it resolves as before.
 import { execFileSync } from 'node:child_process';
 import { build } from 'esbuild';
-import { readFile, rm, writeFile } from 'node:fs/promises';
+import { chmod, readFile, rm, writeFile } from 'node:fs/promises';
 import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -63,6 +63,39 @@ const undiciSlim = {
   },
 };
 
+// Node's own modules that undici loads at its top level and a command uses rarely or never: node:http2
+// (HTTP/2, which Carryon does not speak) and node:http (a default read once per client, the class of
+// a body stream to destroy): ≈ 18 ms of every command's start here. Each edit must find its text:
+// an undici that changed them fails the build instead of bundling unpatched.
+const LAZY_UNDICI = {
+  'lib/dispatcher/client.js': [
+    ["const http = require('node:http')\n", ''],
+    ["const connectH2 = require('./client-h2.js')", "const connectH2 = (client, socket) => require('./client-h2.js')(client, socket)"],
+    [
+      "const getDefaultNodeMaxHeaderSize = http &&\n  http.maxHeaderSize &&\n  Number.isInteger(http.maxHeaderSize) &&\n  http.maxHeaderSize > 0\n  ? () => http.maxHeaderSize\n  : () => { throw new InvalidArgumentError('http module not available or http.maxHeaderSize invalid') }",
+      "const getDefaultNodeMaxHeaderSize = () => {\n  const { maxHeaderSize } = require('node:http')\n  if (Number.isInteger(maxHeaderSize) && maxHeaderSize > 0) return maxHeaderSize\n  throw new InvalidArgumentError('http module not available or http.maxHeaderSize invalid')\n}",
+    ],
+  ],
+  'lib/core/util.js': [
+    ["const { IncomingMessage } = require('node:http')\n", ''],
+    ['if (Object.getPrototypeOf(stream).constructor === IncomingMessage) {', "if (Object.getPrototypeOf(stream).constructor === require('node:http').IncomingMessage) {"],
+  ],
+};
+const undiciLazy = {
+  name: 'undici-lazy',
+  setup(b) {
+    b.onLoad({ filter: /[/\\]node_modules[/\\]undici[/\\]lib[/\\](dispatcher[/\\]client|core[/\\]util)\.js$/ }, async (args) => {
+      const key = args.path.split('\\').join('/').replace(/^.*\/node_modules\/undici\//, '');
+      let text = await readFile(args.path, 'utf8');
+      for (const [from, to] of LAZY_UNDICI[key] ?? []) {
+        if (text.split(from).length !== 2) throw new Error(`bundle-cli: undici's ${key} no longer holds ${JSON.stringify(from.slice(0, 60))} once: review LAZY_UNDICI`);
+        text = text.replace(from, to);
+      }
+      return { contents: text, loader: 'js' };
+    });
+  },
+};
+
 const bundle = join(outDir, 'main.cjs');
 await build({
   entryPoints: [entry],
@@ -71,34 +104,42 @@ await build({
   bundle: true,
   platform: 'node',
   format: 'cjs',
+  charset: 'ascii',
   target: 'node20',
   external,
   logLevel: 'warning',
-  plugins: [keepModuleUrl, undiciSlim],
+  plugins: [keepModuleUrl, undiciSlim, undiciLazy],
 });
 
 // The launcher's shebang (its V8 flags: src/cli/node-flags.ts) moves to the launcher; the bundle runs inside a function.
 const shebang = source.split('\n', 1)[0];
 if (!shebang.startsWith('#!')) throw new Error('bundle-cli: dist/src/cli/main.js has no shebang line');
 const flags = shebang.replace(/^#!\/usr\/bin\/env -S node\s*/, '').split(/\s+/).filter(Boolean);
-const code = await readFile(bundle, 'utf8');
-await writeFile(bundle, code.startsWith('#!') ? `//${code}` : code);
+let code = await readFile(bundle, 'utf8');
+if (code.startsWith('#!')) code = `//${code}`;
+// The launcher reads the bundle as Latin-1, a copy (decoding 2.7 MB as UTF-8 cost ≈ 10 ms more of every
+// start here): it must be ASCII. esbuild escapes non-ASCII in code (charset 'ascii'); what is left is in
+// comments (ours: "≈", "→"; the licences'), which keep a "?" for each such character.
+code = code.replace(/[^\x00-\x7f]/g, '?');
+await writeFile(bundle, code);
 
-await writeFile(entry, `${shebang}
+// The launcher proper is CommonJS (carryon.cjs, the `carryon` bin): an ES module entry costs Node ≈ 10 ms
+// more to start (its loader). main.js, the entry older launchers and scripts name, loads the same one.
+const launcher = join(outDir, 'carryon.cjs');
+await writeFile(launcher, `${shebang}
 ${MARK} (scripts/bundle-cli.mjs): the CLI is main.cjs, compiled with the V8 code cache made at build time.
-import { createHash } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
-import { createRequire } from 'node:module';
-import { dirname } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import vm from 'node:vm';
+'use strict';
+const { createHash } = require('node:crypto');
+const { readFileSync, writeFileSync } = require('node:fs');
+const { join } = require('node:path');
+const vm = require('node:vm');
 
-const file = fileURLToPath(new URL('./main.cjs', import.meta.url));
-const source = readFileSync(file);
+const file = join(__dirname, 'main.cjs');
+const bytes = readFileSync(file);
 // V8 checks a cache against its source's length only: the cache file starts with the SHA-256 of
 // the bundle it was made from, and is used only for that bundle. The build writes it
 // (CARRYON_CODE_CACHE_OUT); a run only reads it, and V8 still refuses one made for another V8 or flags.
-const digest = createHash('sha256').update(source).digest();
+const digest = createHash('sha256').update(bytes).digest();
 const out = process.env.CARRYON_CODE_CACHE_OUT;
 let cachedData;
 if (!out) {
@@ -109,15 +150,24 @@ if (!out) {
     cachedData = undefined;
   }
 }
-const started = performance.now();
-const script = new vm.Script(\`(function (exports, require, module, __filename, __dirname) {\${source.toString('utf8')}\\n})\`, { filename: file, cachedData, importModuleDynamically: vm.constants?.USE_MAIN_CONTEXT_DEFAULT_LOADER });
-// CARRYON_TRACE=1: how long the compile took, named for whether V8 took the cache (test/cli/launcher.test.ts).
-if (process.env.CARRYON_TRACE === '1') process.stderr.write(\`carryon-trace \${cachedData && !script.cachedDataRejected ? 'compile' : 'compile-without-cache'} \${started.toFixed(1)} \${(performance.now() - started).toFixed(1)}\\n\`);
+// CARRYON_TRACE=1: how long the compile took (ms since the process started), named for whether V8 took the cache (test/cli/launcher.test.ts).
+const tracing = process.env.CARRYON_TRACE === '1';
+const started = tracing ? process.uptime() * 1000 : 0;
+// The build made the bundle ASCII: Latin-1 is the same text, read without UTF-8's decoding.
+const script = new vm.Script(\`(function (exports, require, module, __filename, __dirname) {\${bytes.toString('latin1')}\\n})\`, { filename: file, cachedData, importModuleDynamically: vm.constants?.USE_MAIN_CONTEXT_DEFAULT_LOADER });
+if (tracing) process.stderr.write(\`carryon-trace \${cachedData && !script.cachedDataRejected ? 'compile' : 'compile-without-cache'} \${started.toFixed(1)} \${(process.uptime() * 1000 - started).toFixed(1)}\\n\`);
 if (out) process.once('exit', () => writeFileSync(out, Buffer.concat([digest, script.createCachedData()])));
-const module = { exports: {} };
-script.runInThisContext()(module.exports, createRequire(file), module, file, dirname(file));
+const bundled = { exports: {} };
+script.runInThisContext()(bundled.exports, require('node:module').createRequire(file), bundled, file, __dirname);
 `);
+await writeFile(entry, `${shebang}
+${MARK}: the CLI is carryon.cjs (scripts/bundle-cli.mjs); this entry, for whatever names main.js, runs it.
+import { createRequire } from 'node:module';
+
+createRequire(import.meta.url)('./carryon.cjs');
+`);
+for (const f of [launcher, entry]) await chmod(f, 0o755);
 
 // The cache: the launcher's startup (every module's top level, the commands' registration) compiled.
 await rm(`${bundle}.cache`, { force: true });
-execFileSync(process.execPath, [...flags, entry, '--version'], { env: { ...process.env, CARRYON_CODE_CACHE_OUT: `${bundle}.cache` }, stdio: ['ignore', 'ignore', 'inherit'] });
+execFileSync(process.execPath, [...flags, launcher, '--version'], { env: { ...process.env, CARRYON_CODE_CACHE_OUT: `${bundle}.cache` }, stdio: ['ignore', 'ignore', 'inherit'] });

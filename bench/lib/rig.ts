@@ -10,7 +10,7 @@ import { pinnedAgent } from '../../src/net/pinned-agent.js';
 import { processCpuSeconds } from './measure.js';
 
 const HEARTBEAT_SEC = 1;
-const CLI = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
+const CLI = fileURLToPath(new URL('../../src/cli/carryon.cjs', import.meta.url));
 
 /**
  * A broker on 127.0.0.1 with one user and one desktop, and its transfer server in a process of

@@ -248,7 +248,7 @@ async function markFailed(root: string, version: string, why: string): Promise<v
 export async function writeLauncher(root: string): Promise<void> {
   const path = join(root, 'bin', 'carryon');
   await mkdir(dirname(path), { recursive: true });
-  const text = `#!/bin/sh\n# Carryon launcher: runs the version \`current\` points at (client updates switch it).\nroot="$(dirname "$(dirname "$(readlink -f "$0")")")"\nexec "\${CARRYON_NODE:-${process.execPath}}" "$root/current/package/dist/src/cli/main.js" "$@"\n`;
+  const text = `#!/bin/sh\n# Carryon launcher: runs the version \`current\` points at (client updates switch it).\nroot="$(dirname "$(dirname "$(readlink -f "$0")")")"\ncli="$root/current/package/dist/src/cli"\n# carryon.cjs starts faster; a version built before it has main.js only.\n[ -f "$cli/carryon.cjs" ] && exec "\${CARRYON_NODE:-${process.execPath}}" "$cli/carryon.cjs" "$@"\nexec "\${CARRYON_NODE:-${process.execPath}}" "$cli/main.js" "$@"\n`;
   await writeFile(`${path}.tmp`, text, { mode: 0o755 });
   await chmod(`${path}.tmp`, 0o755);
   await rename(`${path}.tmp`, path);

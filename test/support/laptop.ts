@@ -50,7 +50,7 @@ export async function readDesktop(env: ClientEnv, ref: string, disk = 'disk0'): 
 /** Runs the `carryon` CLI as alice on `home` in a process of its own: its exit code and all it printed. */
 export function runCarryon(home: string, args: string[], extraEnv: Record<string, string> = {}): Promise<{ code: number | null; out: string }> {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, [join(process.cwd(), 'dist', 'src', 'cli', 'main.js'), ...args], {
+    const child = spawn(process.execPath, [join(process.cwd(), 'dist', 'src', 'cli', 'carryon.cjs'), ...args], {
       env: { ...process.env, ...extraEnv, CARRYON_HOME: home, CARRYON_USER: 'alice', CARRYON_PASSWORD: 'alice-password' }, stdio: ['ignore', 'pipe', 'pipe'],
     });
     let out = '';
