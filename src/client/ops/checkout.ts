@@ -121,7 +121,9 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
           const raw = Buffer.from(d.manifest, 'base64');
           if (encodedDigest(raw) !== d.digest) throw new CarryonError('bad-manifest', `manifest of ${d.name} does not match its digest`);
           const m = decodeManifest(raw);
-          await vault.putManifest(entry.id, m);
+          // Stored as the broker sent them (the bytes its digest names), not encoded again.
+          await vault.putManifest(entry.id, raw);
+          vault.offerManifest(entry.id, d.digest, m);
           manifests.push({ name: d.name, digest: d.digest, manifest: m });
           disks.push({ name: d.name, baseDigest: d.digest, complete: false, mergingTo: null, shapes: { base: null, top: null }, baseVerified: null, topClosed: null, top: 'top.qcow2', under: null });
         }

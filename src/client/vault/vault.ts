@@ -207,13 +207,18 @@ export class Vault implements DesktopRecords {
     return readJsonFile(join(this.desktopDir(state.desktopId), LEASE), SignedLease, { missing: state.lease, damaged: state.lease });
   }
 
+  /**
+   * Writes a manifest (named by its digest). Bytes: one encoded already (the broker's, a parked
+   * copy's, checked against their digest), written as they are. A decoded one is also offered to
+   * this command's next read of it (`manifest`): manifests are never changed in place once made.
+   */
   async putManifest(desktopId: string, m: Manifest | Uint8Array): Promise<string> {
-    // Bytes: a manifest as encoded already (a parked copy's, checked against its digest), written as they are.
     const encoded = m instanceof Uint8Array ? Buffer.from(m.buffer, m.byteOffset, m.byteLength) : encodeManifest(m);
     const digest = encodedDigest(encoded);
     const dir = join(this.desktopDir(desktopId), 'manifests');
     await mkdir(dir, { recursive: true, mode: 0o700 });
     await writeFileAtomic(join(dir, digest), encoded);
+    if (!(m instanceof Uint8Array)) this.offerManifest(desktopId, digest, m);
     return digest;
   }
 
