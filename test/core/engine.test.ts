@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { test } from 'node:test';
 import { BLOB_OVERHEAD, MAX_BLOB_SIZE, openBlob, sealChunk } from '../../src/core/chunks/blob.js';
 import { computeChunkId, parseChunkId } from '../../src/core/chunk-id.js';
@@ -85,6 +85,15 @@ test('manifest encode/decode, corruption detected, diff', () => {
     assert.throws(() => decodeManifest(bad), ManifestError);
   }
   assert.throws(() => createManifest(65536, 65536 * 3, [null]), /needs 3 entries/);
+  // Well-formed checksums over bad bodies: IDs cut short, bytes after the last ID.
+  const resealed = (body: Buffer) => Buffer.concat([body, createHash('sha256').update(body).digest()]);
+  const body = enc.subarray(0, enc.length - 32);
+  assert.throws(() => decodeManifest(resealed(body.subarray(0, body.length - 1))), /truncated/);
+  assert.throws(() => decodeManifest(resealed(Buffer.concat([body, Buffer.alloc(1)]))), /trailing/);
+  // Encoding checks each entry (a manifest made without createManifest): not hex, one digit short, not a string.
+  for (const bad of ['g'.repeat(64), ids[0]!.slice(1), `${ids[0]!.slice(0, 63)}-`, 42]) {
+    assert.throws(() => encodeManifest({ chunkSize: 65536, diskSize: 65536, chunks: [bad as string] }), /not a chunk ID/, String(bad));
+  }
   const next = createManifest(65536, 6 * 65536, [ids[0]!, ids[2]!, ids[1]!, null, null, ids[3]!]);
   assert.deepEqual(diffManifests(m, next), [
     { index: 1, from: null, to: ids[2] },

@@ -60,12 +60,14 @@ export function encodeManifest(m: Manifest): Buffer {
   out.writeBigUInt64BE(BigInt(m.diskSize), 12);
   out.writeUInt32BE(count, 20);
   let idOff = FIXED + bitmapLen;
-  // Hex straight into the buffer (no Buffer per ID: a 16 GiB disk has 65,536), each ID checked first.
+  // Hex straight into the buffer (no Buffer per ID: a 16 GiB disk has 65,536). Each ID is checked by
+  // its writing: 64 characters that all decode (Node stops at the first that is not hex). A regular
+  // expression per ID cost ≈ 4 ms of a 4 GiB disk's manifest, run cold in every command that puts one.
   for (let i = 0; i < count; i++) {
     const id = m.chunks[i];
     if (id === null || id === undefined) continue;
+    if (typeof id !== 'string' || id.length !== CHUNK_ID_BYTES * 2 || out.write(id, idOff, CHUNK_ID_BYTES, 'hex') !== CHUNK_ID_BYTES) parseChunkId(id);
     out[FIXED + (i >> 3)]! |= 1 << (i & 7);
-    out.write(parseChunkId(id), idOff, CHUNK_ID_BYTES, 'hex');
     idOff += CHUNK_ID_BYTES;
   }
   createHash('sha256').update(out.subarray(0, idOff)).digest().copy(out, idOff);
@@ -95,14 +97,19 @@ export function decodeManifest(buf: Uint8Array): Manifest {
   const bitmapLen = Math.ceil(count / 8);
   if (body.length < FIXED + bitmapLen) throw new ManifestError('manifest bitmap is truncated');
   const chunks = new Array<ChunkId | null>(count).fill(null);
-  let idOff = FIXED + bitmapLen;
-  for (let i = 0; i < count; i++) {
+  const idsAt = FIXED + bitmapLen;
+  let present = 0;
+  for (let i = 0; i < count; i++) if ((b[FIXED + (i >> 3)]! & (1 << (i & 7))) !== 0) present++;
+  if (idsAt + present * CHUNK_ID_BYTES > body.length) throw new ManifestError('manifest IDs are truncated');
+  if (idsAt + present * CHUNK_ID_BYTES !== body.length) throw new ManifestError('manifest has trailing bytes');
+  // All IDs as one hex string, each entry a slice of it (one conversion, not one per ID).
+  const hex = body.toString('hex', idsAt);
+  const width = CHUNK_ID_BYTES * 2;
+  for (let i = 0, at = 0; i < count; i++) {
     if ((b[FIXED + (i >> 3)]! & (1 << (i & 7))) === 0) continue;
-    if (idOff + CHUNK_ID_BYTES > body.length) throw new ManifestError('manifest IDs are truncated');
-    chunks[i] = b.toString('hex', idOff, idOff + CHUNK_ID_BYTES);
-    idOff += CHUNK_ID_BYTES;
+    chunks[i] = hex.slice(at, at + width);
+    at += width;
   }
-  if (idOff !== body.length) throw new ManifestError('manifest has trailing bytes');
   return { chunkSize, diskSize, chunks };
 }
 
