@@ -111,7 +111,8 @@ test('templates are made once and checked before use: one with a foreign backing
     ['unencrypted', 'cluster_size=65536'],
     ['an external data file', `encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,cluster_size=65536,data_file=${join(dir, 'data.raw')}`],
     ['another cluster size', 'encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,cluster_size=131072'],
-    ['no extended L2 entries (a base template of before session 13)', 'encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,cluster_size=65536'],
+    // Session 13's base template: QEMU 7.2 aborts copy-on-read over subclusters (layer-template.ts).
+    ['extended L2 entries (a base template of session 13)', 'encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,cluster_size=65536,extended_l2=on'],
   ];
   for (const [what, options] of bad) {
     rmSync(path);
@@ -119,7 +120,7 @@ test('templates are made once and checked before use: one with a foreign backing
     await ensureTemplate(templates, shape);
     const got = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', '-U', path], { encoding: 'utf8' })) as { encrypted?: boolean; 'cluster-size'?: number; 'format-specific'?: { data?: { 'data-file'?: string; 'extended-l2'?: boolean } } };
     const data = got['format-specific']?.data;
-    assert.ok(got.encrypted === true && got['cluster-size'] === 65536 && data?.['data-file'] === undefined && data?.['extended-l2'] === true, `a template with ${what} was made again`);
+    assert.ok(got.encrypted === true && got['cluster-size'] === 65536 && data?.['data-file'] === undefined && data?.['extended-l2'] === false, `a template with ${what} was made again`);
   }
 });
 

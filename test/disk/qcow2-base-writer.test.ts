@@ -239,9 +239,16 @@ function qemuMap(path: string): { start: number; length: number; data: boolean; 
 
 const dataAt = (map: ReturnType<typeof qemuMap>, offset: number) => map.find((m) => m.start <= offset && offset < m.start + m.length)!;
 
-test('with extended L2 a chunk\'s subclusters of zeros are not written: pages over a hole write those they touch, a whole chunk those with data; later pages into a zero subcluster write it whole; QEMU reads it all back', async () => {
+/** A base with extended L2 entries, as session 13 made them (bases are made without since: layer-template.ts). */
+async function subclusteredBase(name: string, size: number): Promise<string> {
+  const path = join(dir, name);
+  await createWithQemu(['create', '-q', '-f', 'qcow2', '--object', SECRET_FD_OBJECT('s'), '-o', `encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,cluster_size=${CHUNK},extended_l2=on`, path, String(size)], PASS);
+  return path;
+}
+
+test('a base with extended L2 (session 13\'s): a chunk\'s subclusters of zeros are not written: pages over a hole write those they touch, a whole chunk those with data; later pages into a zero subcluster write it whole; QEMU reads it all back', async () => {
   const SUB = CHUNK / 32;
-  const path = await base('sub.qcow2', 6 * CHUNK);
+  const path = await subclusteredBase('sub.qcow2', 6 * CHUNK);
   const want = Buffer.alloc(6 * CHUNK);
   const w = await openWriter(path, PASS, CHUNK);
   const pieces = [{ offset: 4096, bytes: randomBytes(4096) }, { offset: 64 * 1024, bytes: randomBytes(64 * 1024) }];
@@ -289,9 +296,8 @@ test('with extended L2 a chunk\'s subclusters of zeros are not written: pages ov
   assert.ok(seen.data.equals(want), 'what QEMU reads is the zeros and pages');
 });
 
-test('a base of before extended L2 takes pages over a hole as the whole chunk; QEMU reads it back', async () => {
-  const path = join(dir, 'plain-l2.qcow2');
-  await createWithQemu(['create', '-q', '-f', 'qcow2', '--object', SECRET_FD_OBJECT('s'), '-o', `encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,cluster_size=${CHUNK}`, path, String(4 * CHUNK)], PASS);
+test('a base as made now (no extended L2, as before session 13) takes pages over a hole as the whole chunk; QEMU reads it back', async () => {
+  const path = await base('plain-l2.qcow2', 4 * CHUNK);
   const want = Buffer.alloc(4 * CHUNK);
   const w = await openWriter(path, PASS, CHUNK);
   const pieces = [{ offset: 8192, bytes: randomBytes(8192) }];

@@ -2,7 +2,7 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { appendFileSync, existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { appendFileSync, closeSync, existsSync, openSync, readdirSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { z } from 'zod';
@@ -455,4 +455,39 @@ test('a clone of a desktop this laptop holds (checked out or parked) moves nothi
   assert.equal(locked.result.chunksMoved, 32, logs.join('\n'));
   assert.ok(logs.some((l) => /gold \(checked out\) is not read for this check-out \(gold is locked/.test(l)), logs.join('\n'));
   assert.ok((await readDesktop(env(h), 'gold-5')).equals(await serverDisk('gold-5')), 'byte-identical to the server');
+});
+
+/** Sets extended L2 (incompatible feature bit 4) in a qcow2 header, as session 13's bases had it. */
+function markSubclusters(path: string): void {
+  const fd = openSync(path, 'r+');
+  try {
+    const word = Buffer.alloc(8);
+    readSync(fd, word, 0, 8, 72);
+    word[7]! |= 0x10;
+    writeSync(fd, word, 0, 8, 72);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+test('a base with subclusters (an earlier version made them; QEMU aborts copy-on-read over them) is not taken over from a parked copy, and `serve` does not start a desktop still arriving into one', async () => {
+  await desktop('older');
+  const a = await laptop('laptop-s');
+  await checkout(env(a), 'older');
+  await upload(env(a), 'older', 'checkin');
+  assert.equal(parkedFiles(a).length, 1);
+  markSubclusters(join(a, 'parked', parkedFiles(a)[0]!, 'disks', 'disk0', 'base.qcow2'));
+  logs.length = 0;
+  const again = await onTheWire(() => checkout(env(a), 'older'));
+  assert.ok(logs.some((l) => /the parked copy of older cannot be used \(the base of disk disk0 has subclusters/.test(l)), logs.join('\n'));
+  assert.equal(again.result.chunksMoved, 32, 'everything fetched again');
+  assert.ok((await readDesktop(env(a), 'older')).equals(await serverDisk('older')), 'byte-identical to the server');
+
+  // A check-out cut off while arriving into such a base (one session 13 began): serve says what to do instead.
+  await desktop('older-2');
+  await killedWith('checkout-child.js', a, 'older-2', { CARRYON_TEST_SIGKILL_AFTER_CHUNKS: '4' });
+  const vault = await Vault.open(a);
+  markSubclusters(join(vault.desktopDir((await vault.find('older-2')).desktopId), 'disks', 'disk0', 'base.qcow2'));
+  const refusal = await serveDesktop(env(a), 'older-2').then(async (served) => served.close().then(() => 'served'), (e: unknown) => e);
+  assert.ok(refusal instanceof CarryonError && refusal.code === 'wrong-state' && /still arriving into a base made by an earlier version .*run `carryon checkout older-2` to finish the download first/.test(refusal.message), String(refusal));
 });

@@ -1,6 +1,7 @@
 import { join } from 'node:path';
 import { z } from 'zod';
 import { CarryonError } from '../../core/errors.js';
+import { copyOnReadSafe } from '../../disk/layer-template.js';
 import { effectiveConfig } from '../vault/guards.js';
 import { addChain, StorageDaemon } from '../../disk/storage-daemon.js';
 import { BrokerClient, CheckoutView, JobView } from '../../net/broker-client.js';
@@ -74,6 +75,11 @@ export async function holdDesktop(env: ClientEnv, desktopRef: string, kind: Owne
     let remote: RemoteSource | null = null;
     if (opened.disks.some((d) => !d.entry.complete)) {
       if (!opened.state.jobId) throw new CarryonError('wrong-state', 'the check-out has no transfer job; run `carryon checkout` again');
+      // QEMU fills what is still arriving by copy-on-read, which aborts over a base with subclusters (layer-template.ts).
+      for (const d of opened.disks) {
+        if (d.entry.complete || await copyOnReadSafe(d.chain.files.base)) continue;
+        throw new CarryonError('wrong-state', `${found.name} is still arriving into a base made by an earlier version (disk ${d.name}, with subclusters), which QEMU cannot fill while the desktop reads it: run \`carryon checkout ${found.name}\` to finish the download first`);
+      }
       broker = (await onlineSession(env)).broker;
       const b = broker;
       const jobId = opened.state.jobId;

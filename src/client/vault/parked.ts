@@ -6,6 +6,7 @@ import { z } from 'zod';
 import { chunkLength } from '../../core/chunks/chunking.js';
 import { openEnvelope, sealEnvelope } from '../../core/envelope.js';
 import { CarryonError, EnvelopeError } from '../../core/errors.js';
+import { copyOnReadSafe } from '../../disk/layer-template.js';
 import { deriveDiskSecret } from '../../core/keys.js';
 import { decodeManifest, encodedDigest, encodeManifest, type Manifest } from '../../core/chunks/manifest.js';
 import { chainBytesOnDisk, chainFiles, eraseChainKeys, eraseLayerKeys, layerSecret } from '../../disk/chain.js';
@@ -517,6 +518,11 @@ async function takeOver(o: { vault: DesktopRecords; device: DeviceIdentity; pass
   const opened = o.opened ?? await traced('open-parked(kdf)', async () => openParked(vault.home, state.desktopId, o.device, await o.password()));
   const oldVaultKey = opened.oldVaultKey;
   rec = opened.rec;
+  // Before anything moves: a base QEMU could not fill by copy-on-read (a VM started while the rest arrives) is not taken.
+  for (const p of rec.disks) {
+    const src = chainFiles(join(dir, 'disks', p.name)).base;
+    if (existsSync(src) && !(await copyOnReadSafe(src))) throw new CarryonError('unsupported', `the base of disk ${p.name} has subclusters (made by an earlier version), which QEMU cannot fill while the desktop reads it`);
+  }
   const salt = Buffer.from(rec.vaultSalt, 'base64');
   for (const d of state.disks) {
     const p = rec.disks.find((x) => x.name === d.name);
