@@ -141,6 +141,9 @@ test('a parked layer changes passphrase in place: the new one added beside the o
   }
   await keepOnlyPassphrase(path, 'new-secret');
   assert.notEqual(qemuOpen(path, 'old-secret', ['read 0 4k']).status, 0, 'the old passphrase no longer opens it');
+  // A rerun once the old slot is gone (one slot, the new passphrase's): a no-op, not a refusal.
+  await addPassphrase(path, 'old-secret', 'new-secret');
+  await assert.rejects(addPassphrase(path, 'wrong-secret', 'other-secret'), /does not open/);
   const r = qemuOpen(path, 'new-secret', ['read -P 0x5a 0 256k']);
   assert.equal(r.status, 0, r.stderr);
   assert.doesNotMatch(r.stdout, /Pattern verification failed/);
