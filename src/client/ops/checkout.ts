@@ -17,7 +17,9 @@ import { NbdClient } from '../../nbd/client.js';
 import { TransferSession } from '../../transfer-client/client.js';
 import { askWithNewerFields, BrokerClient, CheckoutResponse, CheckoutView, JobView } from '../../net/broker-client.js';
 import { newDesktopKeys, type DesktopKeys } from '../../live/disks/desktop-keys.js';
-import { createMissingLayers, diskDir, socketDir, type DesktopDisk } from '../../live/disks/disks.js';
+import { chainOf, createMissingLayers, diskDir, socketDir, type DesktopDisk } from '../../live/disks/disks.js';
+import { measureLayer } from '../../disk/layer-shape.js';
+import { ReadAhead } from '../../files/stamped.js';
 import { openDesktopDisks } from '../../live/disks/open.js';
 import { finishPark } from './checkin.js';
 import { clearCheckoutFailure, readCheckoutFailure, recordCheckoutFailure } from './checkout-failure.js';
@@ -178,6 +180,13 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       // Kept before anything says the desktop is local: from here it opens offline.
       await finishWrap();
       if (!filled.complete) throw new CarryonError('paused', 'check-out stopped; what arrived is kept — run the same command again to resume');
+      // The layers' shapes are measured while the broker records the transfer (used below only if no file changed since).
+      const shapes = new ReadAhead();
+      for (const d of filled.state.disks) {
+        const { files } = chainOf(vault, filled.state, keys, d.name);
+        shapes.start(measureLayer, files.top);
+        if (d.complete) shapes.start(measureLayer, files.base);
+      }
       // Repeatable: a check-out already marked transferred is answered as it is.
       await traced('transferred-call', () => broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }), {}, { repeatable: true }));
       // The bases were written here from chunks checked against their IDs: their shapes and stamps are the reference from now on.
@@ -185,7 +194,7 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       const copiedChunks = reused.copiedChunks + filled.copiedChunks;
       // Copied chunks were checked against their IDs like fetched ones.
       // Chunks fetched ahead during a handover were checked against their IDs like the others.
-      await traced('record-layers', () => recordLayers(vault, { ...filled.state, state: 'checked_out', jobId: null }, keys, { verifiedBases: filled.bytesMoved > 0 || reused.reusedChunks > 0 || copiedChunks > 0 || (prefetched?.kept ?? 0) > 0 }));
+      await traced('record-layers', () => recordLayers(vault, { ...filled.state, state: 'checked_out', jobId: null }, keys, { verifiedBases: filled.bytesMoved > 0 || reused.reusedChunks > 0 || copiedChunks > 0 || (prefetched?.kept ?? 0) > 0, ahead: shapes }));
       await clearCheckoutFailure(vault, state.desktopId);
       env.log(`${entry.name} is local (${filled.bytesMoved} bytes pulled); safe to go offline`);
       return { desktopId: entry.id, checkoutId: state.checkoutId, chunksMoved: filled.chunksMoved, bytesMoved: filled.bytesMoved, refetched: 0, reusedChunks: reused.reusedChunks, copiedChunks, rejectedLocalChunks: reused.rejectedChunks + filled.rejectedChunks, prefetched };

@@ -112,13 +112,15 @@ export async function markLayersOpen(vault: DesktopRecords, state: DesktopState,
  * At a clean close (nothing holds the chain any more): records every layer's shape and clears
  * `layersOpen`. `verifiedBases`: bases just written from verified chunks (check-out, a merge).
  */
-export async function recordLayers(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, opts: { verifiedBases?: boolean; topsGone?: boolean } = {}): Promise<DesktopState> {
+export async function recordLayers(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys, opts: { verifiedBases?: boolean; topsGone?: boolean; ahead?: ReadAhead } = {}): Promise<DesktopState> {
   const disks = [];
+  // `ahead`: shapes measured while the caller waited on something else, used only if the file is unchanged since.
+  const measure = (path: string) => (opts.ahead ? opts.ahead.get(measureLayer, path) : measureLayer(path));
   for (const d of state.disks) {
     const { files } = chainOf(vault, state, keys, d.name);
     // `topsGone`: a parked check-in's tops, merged and erased with the vault next: nothing opens them again.
-    const top = opts.topsGone ? null : await measureLayer(files.top).catch(() => null);
-    const base = d.complete ? await measureLayer(files.base).catch(() => null) : null;
+    const top = opts.topsGone ? null : await measure(files.top).catch(() => null);
+    const base = d.complete ? await measure(files.base).catch(() => null) : null;
     const baseVerified = opts.verifiedBases && base ? await fileStamp(files.base) : d.baseVerified;
     const topClosed = top ? await fileStamp(files.top) : null;
     disks.push({ ...d, shapes: { base, top }, baseVerified, topClosed });
