@@ -12,9 +12,9 @@ import type { Range } from '../core/chunks/delta.js';
 
 /**
  * The laptop's live disk: a qcow2 chain encrypted with LUKS (AES-256-XTS), run by QEMU's own
- * block layer. `base` holds the checkpoint (check-out fills it; its subclusters of zeros are not
- * written); `top` holds every write since the last check-in or replica, with extended L2 (a 4 KiB
- * write allocates subclusters, not a whole cluster). Top's allocated extents are the dirty set.
+ * block layer. `base` holds the checkpoint (check-out fills it; no subclusters: see
+ * layer-template.ts); `top` holds every write since the last check-in or replica, with extended L2
+ * (a 4 KiB write allocates subclusters, not a whole cluster). Top's allocated extents are the dirty set.
  */
 export interface ChainFiles {
   base: string;

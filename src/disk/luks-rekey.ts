@@ -33,7 +33,7 @@ export async function addPassphrase(path: string, current: string, next: string)
     // Each try is a slot's anti-forensic merge (≈ 10 ms cold). A parked layer has one slot, the
     // current passphrase's; `next` is there already only after a rerun (two slots, or one once
     // the old one was removed): tried first only when two are active, else only if `current` fails.
-    const active = Array.from({ length: LUKS_SLOTS }, (_, s) => s).filter((s) => slotActive(luks, s)).length;
+    const active = activeSlots(luks).length;
     if (active > 1 && openAnyLuksSlot(luks, Buffer.from(next, 'utf8'))) return;
     const opened = openAnyLuksSlot(luks, Buffer.from(current, 'utf8'));
     if (!opened) {
@@ -55,6 +55,9 @@ export async function addPassphrase(path: string, current: string, next: string)
   }
 }
 
+/** The key slots in use. */
+const activeSlots = (luks: Buffer): number[] => Array.from({ length: LUKS_SLOTS }, (_, s) => s).filter((s) => slotActive(luks, s));
+
 /** Leaves only the slot `keep` opens; the others' material is overwritten. Throws when `keep` does not open it. */
 export async function keepOnlyPassphrase(path: string, keep: string): Promise<void> {
   const fh = await open(path, 'r+');
@@ -63,7 +66,7 @@ export async function keepOnlyPassphrase(path: string, keep: string): Promise<vo
     const opened = openAnyLuksSlot(luks, Buffer.from(keep, 'utf8'));
     if (!opened) throw new DiskError('state', `${path}: the passphrase does not open its LUKS header`);
     opened.key.fill(0);
-    const others = Array.from({ length: LUKS_SLOTS }, (_, s) => s).filter((s) => s !== opened.slot && slotActive(luks, s));
+    const others = activeSlots(luks).filter((s) => s !== opened.slot);
     if (others.length === 0) return;
     const header = keepOnlySlot(luks, opened.slot);
     await fh.write(header, 0, header.length, at);

@@ -9,7 +9,7 @@ import { decodeLineageKeys } from '../../core/keys.js';
 import { verifyLease } from '../../core/tokens/lease.js';
 import { decodeManifest, encodedDigest } from '../../core/chunks/manifest.js';
 import { baseBlockdev, layerSecret } from '../../disk/chain.js';
-import { recordLayers } from '../../live/disks/layer-guard.js';
+import { measureLayersAhead, recordLayers } from '../../live/disks/layer-guard.js';
 import { Qcow2BaseWriter } from '../../disk/qcow2/qcow2-base-writer.js';
 import { UnsupportedImage } from '../../disk/qcow2/qcow2-format.js';
 import { addLayer, StorageDaemon } from '../../disk/storage-daemon.js';
@@ -17,9 +17,7 @@ import { NbdClient } from '../../nbd/client.js';
 import { TransferSession } from '../../transfer-client/client.js';
 import { askWithNewerFields, BrokerClient, CheckoutResponse, CheckoutView, JobView } from '../../net/broker-client.js';
 import { newDesktopKeys, type DesktopKeys } from '../../live/disks/desktop-keys.js';
-import { chainOf, createMissingLayers, diskDir, socketDir, type DesktopDisk } from '../../live/disks/disks.js';
-import { measureLayer } from '../../disk/layer-shape.js';
-import { ReadAhead } from '../../files/stamped.js';
+import { createMissingLayers, diskDir, socketDir, type DesktopDisk } from '../../live/disks/disks.js';
 import { openDesktopDisks } from '../../live/disks/open.js';
 import { finishPark } from './checkin.js';
 import { clearCheckoutFailure, readCheckoutFailure, recordCheckoutFailure } from './checkout-failure.js';
@@ -181,12 +179,7 @@ export async function checkout(env: ClientEnv, desktopRef: string) {
       await finishWrap();
       if (!filled.complete) throw new CarryonError('paused', 'check-out stopped; what arrived is kept — run the same command again to resume');
       // The layers' shapes are measured while the broker records the transfer (used below only if no file changed since).
-      const shapes = new ReadAhead();
-      for (const d of filled.state.disks) {
-        const { files } = chainOf(vault, filled.state, keys, d.name);
-        shapes.start(measureLayer, files.top);
-        if (d.complete) shapes.start(measureLayer, files.base);
-      }
+      const shapes = measureLayersAhead(vault, filled.state, keys);
       // Repeatable: a check-out already marked transferred is answered as it is.
       await traced('transferred-call', () => broker.call('POST', `/v1/checkouts/${state.checkoutId}/transferred`, {}, z.object({ checkout: CheckoutView }), {}, { repeatable: true }));
       // The bases were written here from chunks checked against their IDs: their shapes and stamps are the reference from now on.

@@ -20,8 +20,9 @@ import { XtsWriters } from './xts-writers.js';
  * What the image must be (else `open` refuses with 'unsupported' and the caller goes through
  * QEMU): qcow2 v3, LUKS, no backing file, no snapshots, no incompatible feature but extended L2
  * (not dirty, corrupt, external data file, compression type), 16-bit refcounts, cluster = chunk.
- * With extended L2 (the bases made since session 13) a chunk made of pages over a hole is written
- * in the subclusters the pages touch, the others marked as reading zeros (subclusters.ts).
+ * With extended L2 (session 13's bases; bases are made without since: layer-template.ts) a chunk
+ * made of pages over a hole is written in the subclusters the pages touch, the others marked as
+ * reading zeros (subclusters.ts).
  *
  * Crash safety, QEMU's own ordering (qcow2 "refcounts before L2"): a chunk's data and the
  * refcounts of every cluster allocated are made durable first, then the L2 tables and L1 that

@@ -104,7 +104,7 @@ export async function luksHeaderRange(file: string | FileHandle): Promise<{ offs
   }
 }
 
-/** Incompatible feature bit 4: extended L2 entries (subclusters), which Carryon's tops use, and its bases since session 13. */
+/** Incompatible feature bit 4: extended L2 entries (subclusters), which Carryon's tops use (and session 13's bases did). */
 export const EXTENDED_L2 = 1n << 4n;
 
 /** The backing file name header `h` names (the image has one: `hasBacking`). */

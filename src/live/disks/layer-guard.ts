@@ -6,7 +6,7 @@ import { checkChain, layerSecret, type Chain } from '../../disk/chain.js';
 import { measureLayer, type LayerShapeRecord } from '../../disk/layer-shape.js';
 import { Qcow2Reader } from '../../disk/qcow2/qcow2-reader.js';
 import { QemuToolError } from '../../qemu/qemu-tools.js';
-import { fileStamp, sameStamp, type ReadAhead } from '../../files/stamped.js';
+import { fileStamp, ReadAhead, sameStamp } from '../../files/stamped.js';
 import type { DesktopKeys } from './desktop-keys.js';
 import { chainOf, recordDiskFailure } from './disks.js';
 import type { DesktopRecords, DesktopState } from './state.js';
@@ -106,6 +106,20 @@ export async function markLayersOpen(vault: DesktopRecords, state: DesktopState,
   const next = { ...state, layersOpen: true };
   await vault.save(next, keys);
   return next;
+}
+
+/**
+ * Starts measuring the layers `recordLayers` will record (every top; complete bases), for a caller
+ * that waits on something else first; each is used only if its file is unchanged since.
+ */
+export function measureLayersAhead(vault: DesktopRecords, state: DesktopState, keys: DesktopKeys): ReadAhead {
+  const ahead = new ReadAhead();
+  for (const d of state.disks) {
+    const { files } = chainOf(vault, state, keys, d.name);
+    ahead.start(measureLayer, files.top);
+    if (d.complete) ahead.start(measureLayer, files.base);
+  }
+  return ahead;
 }
 
 /**
