@@ -78,7 +78,8 @@ const LAZY_UNDICI = {
   ],
   'lib/core/util.js': [
     ["const { IncomingMessage } = require('node:http')\n", ''],
-    ['if (Object.getPrototypeOf(stream).constructor === IncomingMessage) {', "if (Object.getPrototypeOf(stream).constructor === require('node:http').IncomingMessage) {"],
+    // Every response body's end comes here: node:http is loaded only for a stream that may be one of its own.
+    ['if (Object.getPrototypeOf(stream).constructor === IncomingMessage) {', "if (Object.getPrototypeOf(stream).constructor?.name === 'IncomingMessage' && Object.getPrototypeOf(stream).constructor === require('node:http').IncomingMessage) {"],
   ],
 };
 const undiciLazy = {

@@ -1,6 +1,7 @@
 #!/usr/bin/env -S node --max-semi-space-size=32 --heap-growing-percent=200
 // The flag: see node-flags.ts (keep the two in step).
 import { Command } from 'commander';
+import { z } from 'zod';
 import { registerServerCommands } from './server-commands.js';
 import { registerTransferCommands } from './transfer-commands.js';
 import { registerHostCommands } from './host-commands.js';
@@ -25,6 +26,12 @@ process.stdout.on('error', (err: NodeJS.ErrnoException) => {
   if (err.code !== 'EPIPE') throw err;
   process.exit(process.exitCode ?? 0);
 });
+
+// zod compiles each object schema into a function on its first parse (`new Function`), which pays
+// off over thousands of parses: a one-shot command parses each schema a few times, and compiling
+// cost ≈ 10 ms of every start. The long-running processes keep it.
+const LONG_RUNNING = new Set(['server', 'transfer-server', 'agent', 'serve', 'run', 'host']);
+if (!LONG_RUNNING.has(process.argv.slice(2).find((a) => !a.startsWith('-')) ?? '')) z.config({ jitless: true });
 
 const program = new Command();
 program.name('carryon').description('Offline desktops: check out, run offline, check in.').version(PACKAGE_VERSION);

@@ -1,6 +1,6 @@
 import { createHash, type Hash } from 'node:crypto';
 import { open, type FileHandle } from 'node:fs/promises';
-import { luksHeaderRange, OFFSET_MASK } from './qcow2/qcow2-format.js';
+import { luksHeaderRange, nonZeroEntries, OFFSET_MASK } from './qcow2/qcow2-format.js';
 
 /**
  * A qcow2 layer's shape: its file size and a SHA-256 over its structure — the header cluster
@@ -106,8 +106,8 @@ async function hashStructure(fh: FileHandle, size: number, hash: TwinHash): Prom
 
 /** Each table a table of 64-bit entries points to, in order. */
 async function tablesOf(table: Buffer, read: (at: number) => Promise<unknown>): Promise<void> {
-  for (let i = 0; i + 8 <= table.length; i += 8) {
-    const at = Number(table.readBigUInt64BE(i) & OFFSET_MASK);
+  for (const i of nonZeroEntries(table, 8)) {
+    const at = Number(table.readBigUInt64BE(i * 8) & OFFSET_MASK);
     if (at !== 0) await read(at);
   }
 }

@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import { chainFiles, createChain, layerSecret, mapChain, topExtents, type Chain } from '../../src/disk/chain.js';
 import { Qcow2Reader } from '../../src/disk/qcow2/qcow2-reader.js';
 import { appendRange, presentRanges } from '../../src/disk/qcow2/qcow2-map.js';
-import { UnsupportedImage } from '../../src/disk/qcow2/qcow2-format.js';
+import { nonZeroEntries, UnsupportedImage } from '../../src/disk/qcow2/qcow2-format.js';
 import { throughChain } from './fixtures.js';
 
 // Not a whole number of clusters: the last one is cut at the disk's end.
@@ -90,5 +90,19 @@ test('the top\'s own tables say what qemu-img map says it holds: data, zeros wri
     await assert.rejects(Qcow2Reader.openTop(huge, layerSecret(chain, 'top')), /an L1 table of 4294967295 entries/);
   } finally {
     await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('nonZeroEntries finds every entry with a bit set: either word of a 16-byte entry, across 4 KiB runs, in a table of odd length', () => {
+  for (const entryBytes of [8, 16] as const) {
+    const table = Buffer.alloc(3 * 4096 + 2 * entryBytes);
+    const want: number[] = [];
+    // The first entry, one at each 4 KiB edge, one in the last short run; a lone low bit in each of a 16-byte entry's words.
+    for (const [entry, byte] of [[0, entryBytes - 1], [4096 / entryBytes - 1, 0], [4096 / entryBytes, entryBytes - 1], [2 * 4096 / entryBytes + 3, 7], [3 * 4096 / entryBytes + 1, entryBytes === 16 ? 8 : 3]] as const) {
+      table[entry * entryBytes + byte] = 1;
+      want.push(entry);
+    }
+    assert.deepEqual(nonZeroEntries(table, entryBytes), want, `${entryBytes}-byte entries`);
+    assert.deepEqual(nonZeroEntries(Buffer.alloc(8192), entryBytes), [], 'an empty table');
   }
 });

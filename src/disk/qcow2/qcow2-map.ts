@@ -1,5 +1,5 @@
 import { open } from 'node:fs/promises';
-import { COMPRESSED, COPIED, EXTENDED_L2, OFFSET_MASK, readQcow2Header, readWords, UnsupportedImage } from './qcow2-format.js';
+import { COMPRESSED, COPIED, EXTENDED_L2, OFFSET_MASK, readQcow2Header, readWords, UnsupportedImage, nonZeroEntries } from './qcow2-format.js';
 
 /**
  * The guest byte ranges a qcow2 layer holds itself (data, zeros it wrote, compressed clusters),
@@ -35,7 +35,7 @@ export async function presentRanges(path: string): Promise<{ offset: number; len
       if (at === 0) continue;
       const { bytesRead } = await fh.read(table, 0, table.length, at);
       if (bytesRead !== table.length) throw new UnsupportedImage(`${path}: L2 table ${i1} lies past the end of the file`);
-      for (let j = 0; j < perTable; j++) {
+      for (const j of nonZeroEntries(table, entry)) {
         const cluster = (i1 * perTable + j) * h.clusterSize;
         if (cluster >= h.diskSize) break;
         const word = table.readBigUInt64BE(j * entry);

@@ -1,5 +1,5 @@
 import { open } from 'node:fs/promises';
-import { COMPRESSED, COPIED, EXTENDED_L2, OFFSET_MASK, readQcow2Header, readWords, UnsupportedImage } from './qcow2-format.js';
+import { COMPRESSED, COPIED, EXTENDED_L2, OFFSET_MASK, readQcow2Header, readWords, UnsupportedImage, nonZeroEntries } from './qcow2-format.js';
 
 /**
  * Unmaps every chunk of a base layer (cluster = chunk) that is not in `keep`, and frees the
@@ -33,7 +33,7 @@ export async function unmapChunksExcept(path: string, chunkSize: number, keep: R
       const table = Buffer.alloc(h.clusterSize);
       await fh.read(table, 0, table.length, at);
       let changed = false;
-      for (let j = 0; j < entries; j++) {
+      for (const j of nonZeroEntries(table, entryBytes)) {
         const e = table.readBigUInt64BE(j * entryBytes);
         const bitmap = entryBytes === 16 ? table.readBigUInt64BE(j * entryBytes + 8) : 0n;
         if ((e === 0n && bitmap === 0n) || keep.has(i1 * entries + j)) continue;
