@@ -26,7 +26,7 @@ import { clearDeltaBases, readDeltaBases } from '../../live/fill/delta-bases.js'
 import { mintToken } from '../vault/guards.js';
 import { claimOwner, diskPrefix, readOwner, specFor } from '../../live/fill/holder.js';
 import { hostFacts, type DeviceIdentity } from '../vault/home.js';
-import { copySiblingChunks } from '../vault/local-sources.js';
+import { closeSiblingCopies, copySiblingChunks, findSiblingCopies, type SiblingCopies } from '../vault/local-sources.js';
 import { dataBytes, LocalProgressReporter, presentBytes } from '../../live/fill/local-progress.js';
 import { resetClock } from '../vault/key-release.js';
 import { retryTransfer } from '../session/retry.js';
@@ -251,6 +251,7 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
   let sinks: BaseSink[] = [];
   let reporter: LocalProgressReporter | null = null;
   let session: TransferSession | null = null;
+  let found: SiblingCopies | null = null;
   try {
     const openSinks = async () => {
       try {
@@ -263,9 +264,12 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
         sinks = await nbdSinks(qsd, opened.disks, join(dir, 'fill.sock'));
       }
     };
-    // The broker's answer, the writers (a key slot, the tables, a thread) and the local records are independent: side by side.
-    // Settled all before anything throws: a writer still opening would otherwise outlive the `finally` that closes it.
-    const [job, , records] = await settledAll([
+    // The broker's answer, the writers (a key slot, the tables, a thread), the local records and the
+    // sibling copies this laptop holds are independent: side by side. Settled all before anything
+    // throws: a writer still opening would otherwise outlive the `finally` that closes it.
+    const siblings = traced('sibling-sources', () => findSiblingCopies({ vault, device, password: env.password, state, keys, log: env.log,
+      disks: incomplete.map((disk) => ({ disk, dir: diskDir(vault, state.desktopId, disk.name) })) }));
+    const [job, , records, siblingCopies] = await settledAll([
       traced('active-job', async () => activeJob(env, broker, await broker.call('GET', `/v1/jobs/${state.jobId}`, undefined, JobView))),
       openSinks(),
       traced('read-deltas', () => Promise.all(incomplete.map(async (disk) => {
@@ -274,7 +278,12 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
         // Chunks a parked base keeps where the checkpoint changed them: only their changed pages travel, where the server knows them.
         return { dir, filled, bases: await readDeltaBases(dir, keys, state.desktopId, disk.name, filled) };
       }))),
-    ] as const);
+      siblings,
+    ] as const).catch(async (err: unknown) => {
+      await siblings.then(closeSiblingCopies, () => undefined);
+      throw err;
+    });
+    found = siblingCopies;
     const transfer = new TransferSession(job.transfer!, renewer(broker, job.id));
     session = transfer;
     const targets = incomplete.map((disk, i) => ({ disk, dir: records[i]!.dir, sink: sinks[i]!, bases: records[i]!.bases }));
@@ -287,14 +296,14 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
     const copied = { copiedChunks: 0, copiedBytes: 0, fetchedChunks: 0 };
     const present = whole + records.reduce((n, r, i) => n + presentBytes(incomplete[i]!.base, r.filled), 0);
     const total = whole + targets.reduce((n, t) => n + dataBytes(t.disk.base), 0);
-    const local = await traced('copy-siblings', () => copySiblingChunks({ vault, device, password: env.password, state, keys, disks: targets, log: env.log, signal: env.signal, onCopied: (bytes) => {
+    const local = !siblingCopies ? { copiedChunks: 0, rejectedChunks: 0 } : await traced('copy-siblings', () => copySiblingChunks({ keys, disks: targets, log: env.log, signal: env.signal, onCopied: (bytes) => {
       copied.copiedChunks++;
       copied.copiedBytes += bytes;
       const p = { bytesDone: 0, chunksDone: 0, chunksTotal: 0, rate: 0, etaSeconds: null, bytesLocal: present + copied.copiedBytes, bytesTotal: total, chunksCopied: copied.copiedChunks };
       env.onProgress?.('check-out', p);
       r.setCounts(copied);
       r.update(p.bytesLocal, p.bytesTotal, 0);
-    } }));
+    } }, siblingCopies));
     const renew = renewer(broker, job.id);
     const rateLimit = await traced('limiter', () => transferLimiter(env, vault, state));
     const moved = await traced('fetch', () => diskFullIsClear(env.home, () => retryTransfer({ what: 'check-out', log: env.log, signal: env.signal, beforeRetry: async () => transfer.setEndpoint(await renew()) }, () =>
@@ -315,6 +324,7 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
     throw err;
   } finally {
     await traced('fill-close', async () => {
+      await closeSiblingCopies(found);
       await Promise.all(sinks.map((s) => s.close()));
       await qsd?.stop();
       await session?.close();

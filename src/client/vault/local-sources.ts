@@ -27,21 +27,35 @@ import type { DesktopState, Vault } from './vault.js';
  * ID this check-out's checkpoint names (local-copy.ts): the user receives no byte the checkpoint they
  * are entitled to does not hold. Anything else is fetched. Nothing here writes to a sibling.
  */
-export async function copySiblingChunks(o: {
+export async function findSiblingCopies(o: {
   vault: Vault; device: DeviceIdentity; password: () => Promise<string>; state: DesktopState; keys: DesktopKeys;
-  disks: { disk: Pick<DesktopDisk, 'base'>; dir: string; sink: BaseSink }[]; log: (l: string) => void; signal?: AbortSignal;
-  /** Each chunk written: its plaintext bytes (the progress every view shows counts it as done). */
-  onCopied?: (bytes: number) => void;
-}): Promise<{ copiedChunks: number; rejectedChunks: number }> {
+  disks: { disk: Pick<DesktopDisk, 'base'>; dir: string }[]; log: (l: string) => void;
+}): Promise<SiblingCopies | null> {
   const present = await Promise.all(o.disks.map((d) => readFilled(d.dir)));
   const wanted = new Set<ChunkId>();
   o.disks.forEach(({ disk }, d) => disk.base.chunks.forEach((id, i) => id && !present[d]!.has(i) && wanted.add(id)));
-  if (wanted.size === 0) return { copiedChunks: 0, rejectedChunks: 0 };
+  if (wanted.size === 0) return null;
   const sources = await siblingSources({ ...o, wanted });
+  return sources.length ? { present, sources } : null;
+}
+
+/** Sibling copies that hold chunks a check-out still needs (open: `copySiblingChunks` or `closeSiblingCopies` closes them), and what each disk held when they were found. */
+export interface SiblingCopies {
+  present: Set<number>[];
+  sources: ChunkSource[];
+}
+
+/** Copies what `found` holds into the disks' bases (the same disks, in the same order, it was found for), then closes its sources. */
+export async function copySiblingChunks(o: {
+  keys: DesktopKeys; disks: { disk: Pick<DesktopDisk, 'base'>; dir: string; sink: BaseSink }[]; log: (l: string) => void; signal?: AbortSignal;
+  /** Each chunk written: its plaintext bytes (the progress every view shows counts it as done). */
+  onCopied?: (bytes: number) => void;
+}, found: SiblingCopies): Promise<{ copiedChunks: number; rejectedChunks: number }> {
+  const { present } = found;
+  const sources = [...found.sources];
   let copiedChunks = 0;
   let rejectedChunks = 0;
   try {
-    if (sources.length === 0) return { copiedChunks, rejectedChunks };
     for (const [d, { disk, dir, sink }] of o.disks.entries()) {
       const r = await copyLocalChunks({ target: disk.base, present: present[d]!, sources, sink, idKey: o.keys.idKey, log: o.log, signal: o.signal, onWritten: o.onCopied });
       if (r.written.length === 0) continue;
@@ -54,8 +68,13 @@ export async function copySiblingChunks(o: {
     if (copiedChunks > 0) o.log(`copied ${copiedChunks} chunks from this laptop's copies of ${sources.map((s) => s.label).join(', ')} (same lineage), instead of fetching them`);
     return { copiedChunks, rejectedChunks };
   } finally {
-    for (const s of sources) await s.close().catch(() => undefined);
+    await closeSiblingCopies(found);
   }
+}
+
+/** Closes the sources `found` still holds open (once: a second call finds none). */
+export async function closeSiblingCopies(found: SiblingCopies | null): Promise<void> {
+  for (const s of found?.sources.splice(0) ?? []) await s.close().catch(() => undefined);
 }
 
 /**
