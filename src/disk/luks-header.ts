@@ -218,9 +218,12 @@ export function openLuksSlotAt(header: Buffer, slot: number, passphrase: Buffer)
   return digest.equals(header.subarray(112, 132)) ? key : null;
 }
 
-/** The first active slot `passphrase` opens: its number and the volume key, or null. */
-export function openAnyLuksSlot(header: Buffer, passphrase: Buffer): { slot: number; key: Buffer } | null {
-  for (let slot = 0; slot < SLOTS; slot++) {
+/** The first active slot `passphrase` opens (from the highest with `from: 'last'`): its number and the volume key, or null. */
+export function openAnyLuksSlot(header: Buffer, passphrase: Buffer, from: 'first' | 'last' = 'first'): { slot: number; key: Buffer } | null {
+  // Each active slot tried costs its key derivation and anti-forensic merge: a caller that knows
+  // its passphrase is in the last slot added (the highest) starts there.
+  for (let i = 0; i < SLOTS; i++) {
+    const slot = from === 'first' ? i : SLOTS - 1 - i;
     const key = openLuksSlotAt(header, slot, passphrase);
     if (key) return { slot, key };
   }

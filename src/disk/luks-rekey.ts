@@ -34,7 +34,7 @@ export async function addPassphrase(path: string, current: string, next: string)
     // current passphrase's; `next` is there already only after a rerun (two slots, or one once
     // the old one was removed): tried first only when two are active, else only if `current` fails.
     const active = activeSlots(luks).length;
-    if (active > 1 && openAnyLuksSlot(luks, Buffer.from(next, 'utf8'))) return;
+    if (active > 1 && openAnyLuksSlot(luks, Buffer.from(next, 'utf8'), 'last')) return;
     const opened = openAnyLuksSlot(luks, Buffer.from(current, 'utf8'));
     if (!opened) {
       if (active === 1 && openAnyLuksSlot(luks, Buffer.from(next, 'utf8'))) return;
@@ -63,7 +63,8 @@ export async function keepOnlyPassphrase(path: string, keep: string): Promise<vo
   const fh = await open(path, 'r+');
   try {
     const { at, luks } = await readHeader(fh, path);
-    const opened = openAnyLuksSlot(luks, Buffer.from(keep, 'utf8'));
+    // The passphrase kept is the one a take-over added (a higher slot than the parked one's).
+    const opened = openAnyLuksSlot(luks, Buffer.from(keep, 'utf8'), 'last');
     if (!opened) throw new DiskError('state', `${path}: the passphrase does not open its LUKS header`);
     opened.key.fill(0);
     const others = activeSlots(luks).filter((s) => s !== opened.slot);
