@@ -218,12 +218,15 @@ export function openLuksSlotAt(header: Buffer, slot: number, passphrase: Buffer)
   return digest.equals(header.subarray(112, 132)) ? key : null;
 }
 
-/** The first active slot `passphrase` opens (from the highest with `from: 'last'`): its number and the volume key, or null. */
-export function openAnyLuksSlot(header: Buffer, passphrase: Buffer, from: 'first' | 'last' = 'first'): { slot: number; key: Buffer } | null {
-  // Each active slot tried costs its key derivation and anti-forensic merge: a caller that knows
-  // its passphrase is in the last slot added (the highest) starts there.
-  for (let i = 0; i < SLOTS; i++) {
-    const slot = from === 'first' ? i : SLOTS - 1 - i;
+/**
+ * The first active slot `passphrase` opens: its number and the volume key, or null. Each active
+ * slot tried costs its key derivation and anti-forensic merge: a caller that knows which slot
+ * should open names it as `first`.
+ */
+export function openAnyLuksSlot(header: Buffer, passphrase: Buffer, first?: number): { slot: number; key: Buffer } | null {
+  const order = first === undefined || first < 0 || first >= SLOTS ? [] : [first];
+  for (let slot = 0; slot < SLOTS; slot++) if (slot !== first) order.push(slot);
+  for (const slot of order) {
     const key = openLuksSlotAt(header, slot, passphrase);
     if (key) return { slot, key };
   }

@@ -154,3 +154,21 @@ test('a parked layer changes passphrase in place: the new one added beside the o
   assert.equal(qemuOpen(path, 'third-secret', ['read -P 0x5a 0 256k']).status, 0);
   assert.notEqual(qemuOpen(path, 'new-secret', ['read 0 4k']).status, 0);
 });
+
+test('each hand-over puts the new passphrase in the slot after the old one (cyclically among 0-5), so its later steps know which slot to open first', async () => {
+  const { addedSlot, addPassphrase, keepOnlyPassphrase } = await import('../../src/disk/luks-rekey.js');
+  const { slotActive } = await import('../../src/disk/luks-header.js');
+  const path = join(dir, 'cycled.qcow2');
+  await createLayerFromTemplate(join(dir, 'cycle-templates'), { kind: 'base', clusterSize: 256 * 1024 }, path, 4 << 20, 'secret-0');
+  const active = async () => { const { header } = await headerOf(path); return [...Array(8).keys()].filter((s) => slotActive(header, s)); };
+  assert.deepEqual(await active(), [0]);
+  // Seven hand-overs: 0 → 1 → … → 5 → 0 → 1, the added slot named by addedSlot while both are active.
+  for (let i = 1; i <= 7; i++) {
+    await addPassphrase(path, `secret-${i - 1}`, `secret-${i}`);
+    const want = i % 6;
+    assert.equal(addedSlot((await headerOf(path)).header), want, `hand-over ${i}`);
+    await keepOnlyPassphrase(path, `secret-${i}`);
+    assert.deepEqual(await active(), [want], `hand-over ${i}: only the new passphrase's slot is left`);
+  }
+  assert.equal(qemuOpen(path, 'secret-7', ['read 0 4k']).status, 0);
+});
