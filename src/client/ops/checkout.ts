@@ -251,7 +251,7 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
   let sinks: BaseSink[] = [];
   let reporter: LocalProgressReporter | null = null;
   let session: TransferSession | null = null;
-  let found: SiblingCopies | null = null;
+  let siblings: Promise<SiblingCopies | null> | null = null;
   try {
     const openSinks = async () => {
       try {
@@ -267,23 +267,19 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
     // The broker's answer, the writers (a key slot, the tables, a thread), the local records and the
     // sibling copies this laptop holds are independent: side by side. Settled all before anything
     // throws: a writer still opening would otherwise outlive the `finally` that closes it.
-    const siblings = traced('sibling-sources', () => findSiblingCopies({ vault, device, password: env.password, state, keys, log: env.log,
-      disks: incomplete.map((disk) => ({ disk, dir: diskDir(vault, state.desktopId, disk.name) })) }));
+    // Each disk's chunks already durable, read once for both the delta bases and the sibling copies.
+    const held = Promise.all(incomplete.map(async (disk) => {
+      const dir = diskDir(vault, state.desktopId, disk.name);
+      return { disk, dir, filled: await readFilled(dir) };
+    }));
+    siblings = traced('sibling-sources', async () => findSiblingCopies({ vault, device, password: env.password, state, keys, log: env.log, disks: await held }));
     const [job, , records, siblingCopies] = await settledAll([
       traced('active-job', async () => activeJob(env, broker, await broker.call('GET', `/v1/jobs/${state.jobId}`, undefined, JobView))),
       openSinks(),
-      traced('read-deltas', () => Promise.all(incomplete.map(async (disk) => {
-        const dir = diskDir(vault, state.desktopId, disk.name);
-        const filled = await readFilled(dir);
-        // Chunks a parked base keeps where the checkpoint changed them: only their changed pages travel, where the server knows them.
-        return { dir, filled, bases: await readDeltaBases(dir, keys, state.desktopId, disk.name, filled) };
-      }))),
+      // Chunks a parked base keeps where the checkpoint changed them: only their changed pages travel, where the server knows them.
+      traced('read-deltas', async () => Promise.all((await held).map(async ({ disk, dir, filled }) => ({ dir, filled, bases: await readDeltaBases(dir, keys, state.desktopId, disk.name, filled) })))),
       siblings,
-    ] as const).catch(async (err: unknown) => {
-      await siblings.then(closeSiblingCopies, () => undefined);
-      throw err;
-    });
-    found = siblingCopies;
+    ] as const);
     const transfer = new TransferSession(job.transfer!, renewer(broker, job.id));
     session = transfer;
     const targets = incomplete.map((disk, i) => ({ disk, dir: records[i]!.dir, sink: sinks[i]!, bases: records[i]!.bases }));
@@ -324,7 +320,7 @@ async function fillFromBroker(env: ClientEnv, vault: Vault, broker: BrokerClient
     throw err;
   } finally {
     await traced('fill-close', async () => {
-      await closeSiblingCopies(found);
+      await siblings?.then(closeSiblingCopies, () => undefined);
       await Promise.all(sinks.map((s) => s.close()));
       await qsd?.stop();
       await session?.close();

@@ -29,9 +29,10 @@ import type { DesktopState, Vault } from './vault.js';
  */
 export async function findSiblingCopies(o: {
   vault: Vault; device: DeviceIdentity; password: () => Promise<string>; state: DesktopState; keys: DesktopKeys;
-  disks: { disk: Pick<DesktopDisk, 'base'>; dir: string }[]; log: (l: string) => void;
+  /** Each disk and the chunk indexes it holds durable already (`readFilled`). */
+  disks: { disk: Pick<DesktopDisk, 'base'>; filled: Set<number> }[]; log: (l: string) => void;
 }): Promise<SiblingCopies | null> {
-  const present = await Promise.all(o.disks.map((d) => readFilled(d.dir)));
+  const present = o.disks.map((d) => d.filled);
   const wanted = new Set<ChunkId>();
   o.disks.forEach(({ disk }, d) => disk.base.chunks.forEach((id, i) => id && !present[d]!.has(i) && wanted.add(id)));
   if (wanted.size === 0) return null;
@@ -51,8 +52,7 @@ export async function copySiblingChunks(o: {
   /** Each chunk written: its plaintext bytes (the progress every view shows counts it as done). */
   onCopied?: (bytes: number) => void;
 }, found: SiblingCopies): Promise<{ copiedChunks: number; rejectedChunks: number }> {
-  const { present } = found;
-  const sources = [...found.sources];
+  const { present, sources } = found;
   let copiedChunks = 0;
   let rejectedChunks = 0;
   try {
