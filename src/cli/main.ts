@@ -31,9 +31,13 @@ process.stdout.on('error', (err: NodeJS.ErrnoException) => {
 // off over thousands of parses: a one-shot command parses each schema a few times, and compiling
 // cost ≈ 10 ms of every start. The long-running processes keep it.
 const LONG_RUNNING = new Set(['server', 'transfer-server', 'agent', 'serve', 'run', 'host']);
-if (!LONG_RUNNING.has(process.argv.slice(2).find((a) => !a.startsWith('-')) ?? '')) z.config({ jitless: true });
 
 const program = new Command();
+program.hook('preAction', (_program, action) => {
+  let top: Command = action;
+  while (top.parent && top.parent !== program) top = top.parent;
+  if (!LONG_RUNNING.has(top.name())) z.config({ jitless: true });
+});
 program.name('carryon').description('Offline desktops: check out, run offline, check in.').version(PACKAGE_VERSION);
 program.showHelpAfterError();
 
