@@ -67,7 +67,10 @@ export async function cliRun(env: ClientEnv, args: string[], nodeArgs: string[] 
   delete childEnv.CARRYON_INSECURE_TEST_KDF;
   delete childEnv.NODE_ENV;
   const t = process.hrtime.bigint();
-  const child = spawn(process.execPath, [...NODE_FLAGS, ...nodeArgs, CLI, '--home', env.home, '--user', env.user!, '--password-file', pw, '--quiet', ...args], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+  const argv = [...NODE_FLAGS, ...nodeArgs, CLI, '--home', env.home, '--user', env.user!, '--password-file', pw, '--quiet', ...args];
+  // PERF_OUT=FILE: a check-out's page faults recorded with their call stacks (bench/profile-second.ts, CLI=1).
+  const perf = process.env.PERF_OUT && args[0] === 'checkout' ? ['record', '-q', '-g', '-e', 'page-faults', '-o', process.env.PERF_OUT, '--', process.execPath] : null;
+  const child = spawn(perf ? 'perf' : process.execPath, perf ? [...perf, '--perf-basic-prof', ...argv] : argv, { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (d: Buffer) => { stdout += d.toString(); });

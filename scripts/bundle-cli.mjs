@@ -115,7 +115,11 @@ await build({
 // The launcher's shebang (its V8 flags: src/cli/node-flags.ts) moves to the launcher; the bundle runs inside a function.
 const shebang = source.split('\n', 1)[0];
 if (!shebang.startsWith('#!')) throw new Error('bundle-cli: dist/src/cli/main.js has no shebang line');
-const flags = shebang.replace(/^#!\/usr\/bin\/env -S node\s*/, '').split(/\s+/).filter(Boolean);
+// `#!/usr/bin/env -S NAME=value … node FLAG …`: the environment, then Node's flags.
+const launch = /^#!\/usr\/bin\/env -S ((?:[A-Z_]+=\S+\s+)*)node\s*(.*)$/.exec(shebang);
+if (!launch) throw new Error(`bundle-cli: unexpected shebang ${shebang}`);
+const launchEnv = Object.fromEntries(launch[1].split(/\s+/).filter(Boolean).map((a) => [a.slice(0, a.indexOf('=')), a.slice(a.indexOf('=') + 1)]));
+const flags = launch[2].split(/\s+/).filter(Boolean);
 let code = await readFile(bundle, 'utf8');
 if (code.startsWith('#!')) code = `//${code}`;
 // The launcher reads the bundle as Latin-1, a copy (decoding 2.7 MB as UTF-8 cost ≈ 10 ms more of every
@@ -171,4 +175,4 @@ for (const f of [launcher, entry]) await chmod(f, 0o755);
 
 // The cache: the launcher's startup (every module's top level, the commands' registration) compiled.
 await rm(`${bundle}.cache`, { force: true });
-execFileSync(process.execPath, [...flags, launcher, '--version'], { env: { ...process.env, CARRYON_CODE_CACHE_OUT: `${bundle}.cache` }, stdio: ['ignore', 'ignore', 'inherit'] });
+execFileSync(process.execPath, [...flags, launcher, '--version'], { env: { ...process.env, ...launchEnv, CARRYON_CODE_CACHE_OUT: `${bundle}.cache` }, stdio: ['ignore', 'ignore', 'inherit'] });

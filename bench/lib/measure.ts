@@ -3,7 +3,18 @@ import { createCipheriv, createDecipheriv, createHmac, randomBytes } from 'node:
 import { createReadStream, readFileSync } from 'node:fs';
 import { promisify } from 'node:util';
 
-export const run = promisify(execFile);
+const execFileAsync = promisify(execFile);
+
+/**
+ * A command as a stock system runs it: peers (rsync, cp, qemu-nbd, fio…) and tools without the
+ * malloc tunables Carryon's launcher gives its own processes (src/cli/node-flags.ts), which the
+ * bench process carries for the Carryon processes it starts.
+ */
+export const run: typeof execFileAsync = ((file: string, args?: readonly string[] | null, opts?: object) => {
+  const env = { ...process.env };
+  delete env.GLIBC_TUNABLES;
+  return execFileAsync(file, args ?? [], { ...opts, env: { ...env, ...(opts as { env?: NodeJS.ProcessEnv } | undefined)?.env } });
+}) as typeof execFileAsync;
 
 export interface Stats {
   median: number;

@@ -13,9 +13,12 @@ import type { XtsWriteBody, XtsWriteResult, XtsWriterInit } from './xts-write-wo
  * check-out already carries TLS, GCM and zstd; moving the XTS and the writes off it lets the
  * transfer use a second core.
  *
- * Plaintext reaches the threads through slots of one SharedArrayBuffer, shared once at start: a
- * chunk's plaintext is opened straight into a slot (`spare`), the request names the slot, and the
- * slot is free again when the thread answers. Before, each chunk's buffer was transferred there
+ * Plaintext reaches the threads through slots, each a SharedArrayBuffer: a chunk's plaintext is
+ * opened straight into a slot (`spare`), the request carries the slot (shared, not copied), and
+ * the slot is free again when the thread answers. Slots are made as writes in flight need them,
+ * not all at start: a fresh page costs a fault on first touch (≈ 11 µs each on this project's
+ * VMs, where freed pages go back to the host), and 16 MiB of slots zeroed at open cost ≈ 45 ms
+ * while a second check-out, a few chunks in flight, used a handful. Before, each chunk's buffer was transferred there
  * and back (detached, re-attached and accounted on each isolate): the per-byte path took ≈ 24 %
  * more CPU (bench/profile-datapath.ts). A buffer that is no slot of ours (a copy for a second
  * disk) is copied into a free slot, or, when every slot is busy, transferred as before.
@@ -23,7 +26,10 @@ import type { XtsWriteBody, XtsWriteResult, XtsWriterInit } from './xts-write-wo
 export class XtsWriters {
   private readonly pool: WorkerPool<XtsWriteBody, XtsWriteResult>;
   private readonly directFd: number | null;
-  private readonly slots: SharedArrayBuffer;
+  /** Slots made so far (at most `maxSlots`), and the index of each. */
+  private readonly slots: SharedArrayBuffer[] = [];
+  private readonly slotIndex = new Map<SharedArrayBuffer, number>();
+  private readonly maxSlots: number;
   private readonly free: number[] = [];
   /** Slots handed out by `spare` and not yet written or given back. */
   private readonly lent = new Set<number>();
@@ -36,10 +42,8 @@ export class XtsWriters {
    */
   constructor(key: Buffer, fd: number, path: string | null, private readonly clusterSize: number, private readonly subcluster: number | null = null, size = Math.min(4, Math.max(1, availableParallelism() - 1))) {
     this.directFd = path === null ? null : openDirect(path);
-    const count = Math.max(MIN_SLOTS, Math.min(MAX_SLOTS, Math.floor(SLOT_BYTES / clusterSize)));
-    this.slots = new SharedArrayBuffer(count * clusterSize);
-    for (let i = count - 1; i >= 0; i--) this.free.push(i);
-    const init: XtsWriterInit = { key: new Uint8Array(key), fd, directFd: this.directFd, slots: this.slots, slotSize: clusterSize };
+    this.maxSlots = Math.max(MIN_SLOTS, Math.min(MAX_SLOTS, Math.floor(SLOT_BYTES / clusterSize)));
+    const init: XtsWriterInit = { key: new Uint8Array(key), fd, directFd: this.directFd };
     this.pool = new WorkerPool(new URL('./xts-write-worker.js', import.meta.url), init, size);
   }
 
@@ -54,7 +58,7 @@ export class XtsWriters {
     if (plain.length > this.clusterSize) throw new RangeError(`${plain.length} bytes do not fit a ${this.clusterSize}-byte cluster`);
     let slot = this.lentSlotOf(plain);
     if (slot === null) {
-      slot = this.free.pop() ?? null;
+      slot = this.take();
       if (slot !== null) plain.copy(this.view(slot));
     }
     if (slot === null) {
@@ -69,7 +73,7 @@ export class XtsWriters {
     this.lent.delete(slot);
     if (plain.length !== this.clusterSize) this.view(slot).fill(0, plain.length);
     try {
-      return (await this.pool.run({ slot, length: this.clusterSize, host, subcluster })).written ?? null;
+      return (await this.pool.run({ slot: this.slots[slot]!, length: this.clusterSize, host, subcluster })).written ?? null;
     } finally {
       // Answered (or failed): the thread no longer reads the slot.
       this.free.push(slot);
@@ -85,8 +89,8 @@ export class XtsWriters {
     for (const p of pieces) {
       if (p.offset < 0 || p.offset + p.bytes.length > this.clusterSize) throw new RangeError(`piece ${p.offset}+${p.bytes.length} is outside a ${this.clusterSize}-byte cluster`);
     }
-    const slot = this.free.pop();
-    if (slot === undefined) {
+    const slot = this.take();
+    if (slot === null) {
       // Every slot busy (rare: writes of whole chunks hold them): one piece at a time, each moved to the thread.
       for (const p of pieces) {
         const data = exactBuffer(Buffer.from(p.bytes));
@@ -97,7 +101,7 @@ export class XtsWriters {
     try {
       const view = this.view(slot);
       for (const p of pieces) view.set(p.bytes, p.offset);
-      await this.pool.run({ slot, pieces: pieces.map((p) => ({ offset: p.offset, length: p.bytes.length })), host });
+      await this.pool.run({ slot: this.slots[slot]!, pieces: pieces.map((p) => ({ offset: p.offset, length: p.bytes.length })), host });
     } finally {
       this.free.push(slot);
     }
@@ -108,8 +112,8 @@ export class XtsWriters {
    * plaintext into, or null when every slot is busy. Pass it to `write`, or back to `giveBack`.
    */
   spare(): Buffer | null {
-    const slot = this.free.pop();
-    if (slot === undefined) return null;
+    const slot = this.take();
+    if (slot === null) return null;
     this.lent.add(slot);
     return this.view(slot);
   }
@@ -128,15 +132,26 @@ export class XtsWriters {
     if (this.directFd !== null) closeSync(this.directFd);
   }
 
+  /** A free slot: the one freed last (its pages are touched already), else a new one while fewer than `maxSlots` exist. */
+  private take(): number | null {
+    const slot = this.free.pop();
+    if (slot !== undefined) return slot;
+    if (this.slots.length >= this.maxSlots) return null;
+    const made = new SharedArrayBuffer(this.clusterSize);
+    this.slotIndex.set(made, this.slots.length);
+    this.slots.push(made);
+    return this.slots.length - 1;
+  }
+
   private view(slot: number): Buffer {
-    return Buffer.from(this.slots, slot * this.clusterSize, this.clusterSize);
+    return Buffer.from(this.slots[slot]!);
   }
 
   /** The slot `buf` is a view of (from its start: `spare`'s buffer or a prefix of it), if `spare` lent it out. */
   private lentSlotOf(buf: Buffer): number | null {
-    if (buf.buffer !== this.slots || buf.byteOffset % this.clusterSize !== 0) return null;
-    const slot = buf.byteOffset / this.clusterSize;
-    return this.lent.has(slot) ? slot : null;
+    if (buf.byteOffset !== 0 || !(buf.buffer instanceof SharedArrayBuffer)) return null;
+    const slot = this.slotIndex.get(buf.buffer);
+    return slot !== undefined && this.lent.has(slot) ? slot : null;
   }
 }
 
