@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { release, type ClientEnv } from '../src/client/ops.js';
 import { writeTestImage } from '../src/demo/image.js';
-import { MB, settle, stats } from './lib/measure.js';
+import { MB, peerEnv, settle, stats } from './lib/measure.js';
 import { Rig } from './lib/rig.js';
 import type { BenchRow, BenchSection } from './types.js';
 
@@ -70,7 +70,7 @@ export function concurrentSection(work: string, sizeMiB: number): BenchSection {
             await settle();
             const theirs = await batch(laptops.map((_, i) => async () => {
               const dst = join(work, `rsync-concurrent-${i}.raw`);
-              return timedProcess('rsync', [image, dst]);
+              return timedProcess('rsync', [image, dst], peerEnv());
             }));
             for (let i = 0; i < n; i++) await rm(join(work, `rsync-concurrent-${i}.raw`), { force: true });
             const per = stats(ours.each);

@@ -15,6 +15,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { QemuSecrets } from '../test/support/qemu-secret.js';
+import { peerEnv } from './lib/measure.js';
 import type { BenchRow } from './types.js';
 
 const run = promisify(execFile);
@@ -139,7 +140,7 @@ export async function serveLuksQcow2(image: string, socket: string, opts: ServeO
         '--persistent', '--shared=16', '--export-name', name,
         '--socket', socket,
       ],
-      { stdio: ['ignore', 'ignore', 'pipe'] },
+      { stdio: ['ignore', 'ignore', 'pipe'], env: peerEnv() },
     );
     child.stderr!.on('data', (b: Buffer) => err.push(b));
     const spawned = child;

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { checkout, release, upload } from '../src/client/ops.js';
 import { writeTestImage } from '../src/demo/image.js';
 import { changeOnePercent } from './checkin.js';
-import { MB, run, settle, timed } from './lib/measure.js';
+import { MB, peerEnv, run, settle, timed } from './lib/measure.js';
 import { freePort } from '../test/support/ports.js';
 import { Rig } from './lib/rig.js';
 import type { BenchRow } from './types.js';
@@ -46,7 +46,7 @@ async function rsyncDaemon(dir: string): Promise<{ url: string; stop: () => Prom
   const port = await freePort();
   const conf = join(dir, '..', 'rsyncd.conf');
   await writeFile(conf, `[m]\n  path = ${dir}\n  read only = false\n  use chroot = false\n  uid = 0\n  gid = 0\n`);
-  const daemon: ChildProcess = spawn('rsync', ['--daemon', '--no-detach', `--config=${conf}`, `--port=${port}`, '--address=127.0.0.1'], { stdio: 'ignore' });
+  const daemon: ChildProcess = spawn('rsync', ['--daemon', '--no-detach', `--config=${conf}`, `--port=${port}`, '--address=127.0.0.1'], { stdio: 'ignore', env: peerEnv() });
   for (let i = 0; i < 100; i++) {
     if (await run('rsync', [`rsync://127.0.0.1:${port}/`]).then(() => true, () => false)) break;
     await new Promise((r) => setTimeout(r, 50));

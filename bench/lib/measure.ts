@@ -10,11 +10,15 @@ const execFileAsync = promisify(execFile);
  * malloc tunables Carryon's launcher gives its own processes (src/cli/node-flags.ts), which the
  * bench process carries for the Carryon processes it starts.
  */
-export const run: typeof execFileAsync = ((file: string, args?: readonly string[] | null, opts?: object) => {
+export const run: typeof execFileAsync = ((file: string, args?: readonly string[] | null, opts?: object) =>
+  execFileAsync(file, args ?? [], { ...opts, env: { ...peerEnv(), ...(opts as { env?: NodeJS.ProcessEnv } | undefined)?.env } })) as typeof execFileAsync;
+
+/** This process's environment less what Carryon's launcher adds: for peers spawned directly. */
+export function peerEnv(): NodeJS.ProcessEnv {
   const env = { ...process.env };
   delete env.GLIBC_TUNABLES;
-  return execFileAsync(file, args ?? [], { ...opts, env: { ...env, ...(opts as { env?: NodeJS.ProcessEnv } | undefined)?.env } });
-}) as typeof execFileAsync;
+  return env;
+}
 
 export interface Stats {
   median: number;

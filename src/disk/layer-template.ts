@@ -145,11 +145,49 @@ export async function createLayerFromTemplate(templates: string, shape: LayerSha
   try {
     await copyFile(template, tmp);
     await rekeyImage(tmp, Buffer.from(secret, 'utf8'));
-    // Opened without its backing: the top's base may not exist yet.
-    const filename = `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: tmp }, encrypt: { format: 'luks', 'key-secret': SECRET_ID }, backing: null })}`;
-    await runQemuTool('qemu-img', ['resize', '-q', '--object', SECRET_FD_OBJECT(SECRET_ID), filename, String(sizeBytes)], { secret });
+    if (!(await growEmptyLayer(tmp, sizeBytes))) {
+      // Opened without its backing: the top's base may not exist yet.
+      const filename = `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: tmp }, encrypt: { format: 'luks', 'key-secret': SECRET_ID }, backing: null })}`;
+      await runQemuTool('qemu-img', ['resize', '-q', '--object', SECRET_FD_OBJECT(SECRET_ID), filename, String(sizeBytes)], { secret });
+    }
     await rename(tmp, path);
   } finally {
     await rm(tmp, { force: true });
+  }
+}
+
+/**
+ * Grows an empty qcow2 layer (a fresh template copy: no cluster mapped) to `sizeBytes` as
+ * `qemu-img resize` does, from Node: the header's size, and the L1 table's length where the
+ * cluster QEMU allocated for it already has room for the new entries (zeros: nothing mapped).
+ * False, with the file untouched, for anything else: the caller runs qemu-img.
+ *
+ * Why: qemu-img resize (a process, its LUKS key slot opened, plus the FIFO for its secret) cost
+ * ≈ 100 ms of CPU per layer here, on the two cores a check-out's transfer is using.
+ */
+export async function growEmptyLayer(path: string, sizeBytes: number): Promise<boolean> {
+  const fh = await open(path, 'r+');
+  try {
+    const h = await readQcow2Header(fh, path);
+    if (!Number.isSafeInteger(sizeBytes) || sizeBytes % 512 !== 0 || sizeBytes < h.diskSize || h.snapshots !== 0) return false;
+    if (h.l1Offset % h.clusterSize !== 0) return false;
+    const entryBytes = (h.incompatible & EXTENDED_L2) !== 0n ? 16 : 8;
+    const perL1Entry = (h.clusterSize / entryBytes) * h.clusterSize;
+    const l1Size = Math.ceil(sizeBytes / perL1Entry);
+    // QEMU allocates whole clusters for L1 (at least one): the first is ours to use, no refcount to change.
+    if (l1Size * 8 > h.clusterSize) return false;
+    const l1 = Buffer.alloc(Math.max(l1Size, h.l1Size) * 8);
+    const { bytesRead } = await fh.read(l1, 0, l1.length, h.l1Offset);
+    if (bytesRead !== l1.length || l1.some((b) => b !== 0)) return false;
+    const fields = Buffer.alloc(16);
+    fields.writeBigUInt64BE(BigInt(sizeBytes), 0); // size (offset 24)
+    fields.writeUInt32BE(2, 8); // crypt_method: LUKS, as readQcow2Header checked (offset 32)
+    fields.writeUInt32BE(Math.max(l1Size, h.l1Size), 12); // l1_size (offset 36)
+    const { bytesWritten } = await fh.write(fields, 0, fields.length, 24);
+    if (bytesWritten !== fields.length) throw new DiskError('io', `${path}: short write of the qcow2 header`);
+    await fh.datasync();
+    return true;
+  } finally {
+    await fh.close();
   }
 }
