@@ -3,7 +3,7 @@ import { randomBytes } from 'node:crypto';
 import { open, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { NODE_FLAGS } from '../src/cli/node-flags.js';
+import { NODE_FLAGS } from '../src/core/runtime/node-flags.js';
 import { parseTrace, type TraceSpan } from '../src/files/trace.js';
 import { checkout, release, upload, type ClientEnv } from '../src/client/ops.js';
 import { serveDesktop } from '../src/client/ops/serve.js';

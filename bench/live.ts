@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { availableParallelism } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { compress } from 'zstd-napi';
-import { NODE_FLAGS } from '../src/cli/node-flags.js';
+import { NODE_FLAGS } from '../src/core/runtime/node-flags.js';
 import { checkout, upload, type ClientEnv } from '../src/client/ops.js';
 import { serveDesktop } from '../src/client/ops/serve.js';
 import { replicateInBackground } from '../src/client/background.js';

@@ -112,7 +112,7 @@ await build({
   plugins: [keepModuleUrl, undiciSlim, undiciLazy],
 });
 
-// The launcher's shebang (its V8 flags: src/cli/node-flags.ts) moves to the launcher; the bundle runs inside a function.
+// The launcher's shebang (its V8 flags: src/core/runtime/node-flags.ts) moves to the launcher; the bundle runs inside a function.
 const shebang = source.split('\n', 1)[0];
 if (!shebang.startsWith('#!')) throw new Error('bundle-cli: dist/src/cli/main.js has no shebang line');
 // `#!/usr/bin/env -S NAME=value … node FLAG …`: the environment, then Node's flags.

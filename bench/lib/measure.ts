@@ -7,7 +7,7 @@ const execFileAsync = promisify(execFile);
 
 /**
  * A command as a stock system runs it: peers (rsync, cp, qemu-nbd, fio…) and tools without the
- * malloc tunables Carryon's launcher gives its own processes (src/cli/node-flags.ts), which the
+ * malloc tunables Carryon's launcher gives its own processes (src/core/runtime/node-flags.ts), which the
  * bench process carries for the Carryon processes it starts.
  */
 export const run: typeof execFileAsync = ((file: string, args?: readonly string[] | null, opts?: object) =>

@@ -1,5 +1,5 @@
 #!/usr/bin/env -S GLIBC_TUNABLES=glibc.malloc.hugetlb=1 node --max-semi-space-size=32 --heap-growing-percent=200
-// The environment and flags: see node-flags.ts (keep the two in step).
+// The environment and flags: see core/runtime/node-flags.ts (keep the two in step).
 import { Command } from 'commander';
 import { z } from 'zod';
 import { registerServerCommands } from './server-commands.js';

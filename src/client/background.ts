@@ -56,7 +56,7 @@ function lowerNice(nice: number): void {
 }
 
 const CLI = fileURLToPath(new URL('../cli/carryon.cjs', import.meta.url));
-/** The agent's own heap flags (cli/node-flags.ts, set by its launcher) go to the replica too. */
+/** The agent's own heap flags (core/runtime/node-flags.ts, set by its launcher) go to the replica too. */
 const heapFlags = () => process.execArgv.filter((a) => /^--(max-semi-space-size|heap-growing-percent)=/.test(a));
 
 /**

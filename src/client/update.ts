@@ -7,7 +7,7 @@ import { pipeline } from 'node:stream/promises';
 import { fileURLToPath } from 'node:url';
 import { isDeepStrictEqual } from 'node:util';
 import { z } from 'zod';
-import { NODE_ENV_ASSIGNMENTS, NODE_FLAGS } from '../cli/node-flags.js';
+import { NODE_ENV_ASSIGNMENTS, NODE_FLAGS } from '../core/runtime/node-flags.js';
 import { PACKAGE_VERSION } from '../core/version.js';
 import { CarryonError } from '../core/errors.js';
 import { compareVersions, MAX_BUNDLE_BYTES, ReleaseSignature, sha256File, verifyRelease, type ReleaseManifest } from '../core/tokens/release.js';

@@ -6,7 +6,7 @@ import { dirname, join } from 'node:path';
 import { test } from 'node:test';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
-import { NODE_FLAGS } from '../../src/cli/node-flags.js';
+import { NODE_FLAGS } from '../../src/core/runtime/node-flags.js';
 
 const run = promisify(execFile);
 /** The `carryon` bin (package.json); main.js, the entry older launchers name, runs it. */

@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { test } from 'node:test';
-import { NODE_ENV_ASSIGNMENTS, NODE_FLAGS } from '../../src/cli/node-flags.js';
+import { NODE_ENV_ASSIGNMENTS, NODE_FLAGS } from '../../src/core/runtime/node-flags.js';
 import { writeLauncher } from '../../src/client/update.js';
 
 test('the carryon launcher starts Node with the same V8 flags the bench and the spawned servers use', () => {
