@@ -7,7 +7,7 @@ import { pipeline } from 'node:stream/promises';
 import { fileURLToPath } from 'node:url';
 import { isDeepStrictEqual } from 'node:util';
 import { z } from 'zod';
-import { NODE_ENV_ASSIGNMENTS, NODE_FLAGS } from '../core/runtime/node-flags.js';
+import { LAUNCHER_ENV_ASSIGNMENTS, NODE_FLAGS } from '../core/runtime/node-flags.js';
 import { PACKAGE_VERSION } from '../core/version.js';
 import { CarryonError } from '../core/errors.js';
 import { compareVersions, MAX_BUNDLE_BYTES, ReleaseSignature, sha256File, verifyRelease, type ReleaseManifest } from '../core/tokens/release.js';
@@ -250,7 +250,7 @@ export async function writeLauncher(root: string): Promise<void> {
   const path = join(root, 'bin', 'carryon');
   await mkdir(dirname(path), { recursive: true });
   // The environment and V8 flags the CLI's own shebang sets (node-flags.ts): this script starts Node itself.
-  const node = `env ${NODE_ENV_ASSIGNMENTS.join(' ')} "\${CARRYON_NODE:-${process.execPath}}" ${NODE_FLAGS.join(' ')}`;
+  const node = `env ${LAUNCHER_ENV_ASSIGNMENTS.join(' ')} "\${CARRYON_NODE:-${process.execPath}}" ${NODE_FLAGS.join(' ')}`;
   const text = `#!/bin/sh\n# Carryon launcher: runs the version \`current\` points at (client updates switch it).\nroot="$(dirname "$(dirname "$(readlink -f "$0")")")"\ncli="$root/current/package/dist/src/cli"\n# carryon.cjs starts faster; a version built before it has main.js only.\n[ -f "$cli/carryon.cjs" ] && exec ${node} "$cli/carryon.cjs" "$@"\nexec ${node} "$cli/main.js" "$@"\n`;
   await writeFile(`${path}.tmp`, text, { mode: 0o755 });
   await chmod(`${path}.tmp`, 0o755);

@@ -3,7 +3,7 @@ import { copyFile, mkdir, open, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { DiskError } from './block-device.js';
 import { rekeyLuksHeader } from './luks-header.js';
-import { EXTENDED_L2, luksHeaderRange, readBackingName, readQcow2Header } from './qcow2/qcow2-format.js';
+import { EXTENDED_L2, l2EntryBytes, luksHeaderRange, readBackingName, readQcow2Header } from './qcow2/qcow2-format.js';
 import { runQemuTool, SECRET_FD_OBJECT } from '../qemu/qemu-tools.js';
 
 /**
@@ -171,8 +171,7 @@ export async function growEmptyLayer(path: string, sizeBytes: number): Promise<b
     const h = await readQcow2Header(fh, path);
     if (!Number.isSafeInteger(sizeBytes) || sizeBytes % 512 !== 0 || sizeBytes < h.diskSize || h.snapshots !== 0) return false;
     if (h.l1Offset % h.clusterSize !== 0) return false;
-    const entryBytes = (h.incompatible & EXTENDED_L2) !== 0n ? 16 : 8;
-    const perL1Entry = (h.clusterSize / entryBytes) * h.clusterSize;
+    const perL1Entry = (h.clusterSize / l2EntryBytes(h)) * h.clusterSize;
     const l1Size = Math.ceil(sizeBytes / perL1Entry);
     // QEMU allocates whole clusters for L1 (at least one): the first is ours to use, no refcount to change.
     if (l1Size * 8 > h.clusterSize) return false;

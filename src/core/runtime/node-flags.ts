@@ -30,7 +30,7 @@ export const NODE_FLAGS = ['--max-semi-space-size=32', '--heap-growing-percent=2
  * runs). glibc ignores tunables it does not know (before 2.35) and other C libraries ignore the
  * variable; a GLIBC_TUNABLES the user set is replaced.
  */
-export const NODE_ENV = { GLIBC_TUNABLES: 'glibc.malloc.hugetlb=1' } as const;
+export const LAUNCHER_ENV = { GLIBC_TUNABLES: 'glibc.malloc.hugetlb=1' } as const;
 
-/** `NAME=value …` as the launcher's shebang and the npm scripts write NODE_ENV. */
-export const NODE_ENV_ASSIGNMENTS = Object.entries(NODE_ENV).map(([k, v]) => `${k}=${v}`);
+/** `NAME=value …` as the launcher's shebang and the npm scripts write LAUNCHER_ENV (not to be confused with the NODE_ENV variable). */
+export const LAUNCHER_ENV_ASSIGNMENTS = Object.entries(LAUNCHER_ENV).map(([k, v]) => `${k}=${v}`);

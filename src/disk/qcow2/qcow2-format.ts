@@ -34,6 +34,11 @@ export interface Qcow2Header {
   refcountOrder: number;
 }
 
+/** Bytes per L2 entry: 16 with extended L2 (host offset, then the subclusters' bitmap), else 8. */
+export function l2EntryBytes(h: Pick<Qcow2Header, 'incompatible'>): 8 | 16 {
+  return (h.incompatible & EXTENDED_L2) !== 0n ? 16 : 8;
+}
+
 /** Reads and checks the header: qcow2 v3, LUKS-encrypted (anything else is unsupported). */
 export async function readQcow2Header(fh: FileHandle, path: string): Promise<Qcow2Header> {
   const h = Buffer.alloc(104);

@@ -1,5 +1,5 @@
 import { open } from 'node:fs/promises';
-import { COMPRESSED, COPIED, EXTENDED_L2, OFFSET_MASK, readQcow2Header, readWords, UnsupportedImage, nonZeroEntries } from './qcow2-format.js';
+import { COMPRESSED, COPIED, EXTENDED_L2, l2EntryBytes, OFFSET_MASK, readQcow2Header, readWords, UnsupportedImage, nonZeroEntries } from './qcow2-format.js';
 
 /**
  * The guest byte ranges a qcow2 layer holds itself (data, zeros it wrote, compressed clusters),
@@ -21,7 +21,7 @@ export async function presentRanges(path: string): Promise<{ offset: number; len
     if (h.snapshots !== 0) throw new UnsupportedImage(`${path}: it has internal snapshots`);
     // Extended L2 (the tops'): 16-byte entries, each cluster in 32 subclusters with an "allocated" and a "reads as zeros" bit.
     const extended = (h.incompatible & EXTENDED_L2) !== 0n;
-    const entry = extended ? 16 : 8;
+    const entry = l2EntryBytes(h);
     const perTable = h.clusterSize / entry;
     const sub = extended ? h.clusterSize / 32 : h.clusterSize;
     const l1 = await readWords(fh, h.l1Offset, h.l1Size);

@@ -18,21 +18,20 @@ import type { XtsWriteBody, XtsWriteResult, XtsWriterInit } from './xts-write-wo
  * the slot is free again when the thread answers. Slots are made as writes in flight need them,
  * not all at start: a fresh page costs a fault on first touch (≈ 11 µs each on this project's
  * VMs, where freed pages go back to the host), and 16 MiB of slots zeroed at open cost ≈ 45 ms
- * while a second check-out, a few chunks in flight, used a handful. Before, each chunk's buffer was transferred there
- * and back (detached, re-attached and accounted on each isolate): the per-byte path took ≈ 24 %
+ * while a second check-out, a few chunks in flight, used a handful. Before slots, each chunk's
+ * buffer was transferred there and back (detached, re-attached and accounted on each isolate): the per-byte path took ≈ 24 %
  * more CPU (bench/profile-datapath.ts). A buffer that is no slot of ours (a copy for a second
  * disk) is copied into a free slot, or, when every slot is busy, transferred as before.
  */
 export class XtsWriters {
   private readonly pool: WorkerPool<XtsWriteBody, XtsWriteResult>;
   private readonly directFd: number | null;
-  /** Slots made so far (at most `maxSlots`), and the index of each. */
-  private readonly slots: SharedArrayBuffer[] = [];
-  private readonly slotIndex = new Map<SharedArrayBuffer, number>();
+  /** Slots made so far (at most `maxSlots`); free ones, the one freed last at the end. */
+  private made = 0;
   private readonly maxSlots: number;
-  private readonly free: number[] = [];
+  private readonly free: SharedArrayBuffer[] = [];
   /** Slots handed out by `spare` and not yet written or given back. */
-  private readonly lent = new Set<number>();
+  private readonly lent = new Set<SharedArrayBuffer>();
 
   /**
    * `key`: the 64-byte XTS volume key; `fd`: the image, open for writing, closed only after
@@ -73,7 +72,7 @@ export class XtsWriters {
     this.lent.delete(slot);
     if (plain.length !== this.clusterSize) this.view(slot).fill(0, plain.length);
     try {
-      return (await this.pool.run({ slot: this.slots[slot]!, length: this.clusterSize, host, subcluster })).written ?? null;
+      return (await this.pool.run({ slot, length: this.clusterSize, host, subcluster })).written ?? null;
     } finally {
       // Answered (or failed): the thread no longer reads the slot.
       this.free.push(slot);
@@ -101,7 +100,7 @@ export class XtsWriters {
     try {
       const view = this.view(slot);
       for (const p of pieces) view.set(p.bytes, p.offset);
-      await this.pool.run({ slot: this.slots[slot]!, pieces: pieces.map((p) => ({ offset: p.offset, length: p.bytes.length })), host });
+      await this.pool.run({ slot, pieces: pieces.map((p) => ({ offset: p.offset, length: p.bytes.length })), host });
     } finally {
       this.free.push(slot);
     }
@@ -133,25 +132,22 @@ export class XtsWriters {
   }
 
   /** A free slot: the one freed last (its pages are touched already), else a new one while fewer than `maxSlots` exist. */
-  private take(): number | null {
+  private take(): SharedArrayBuffer | null {
     const slot = this.free.pop();
     if (slot !== undefined) return slot;
-    if (this.slots.length >= this.maxSlots) return null;
-    const made = new SharedArrayBuffer(this.clusterSize);
-    this.slotIndex.set(made, this.slots.length);
-    this.slots.push(made);
-    return this.slots.length - 1;
+    if (this.made >= this.maxSlots) return null;
+    this.made++;
+    return new SharedArrayBuffer(this.clusterSize);
   }
 
-  private view(slot: number): Buffer {
-    return Buffer.from(this.slots[slot]!);
+  private view(slot: SharedArrayBuffer): Buffer {
+    return Buffer.from(slot);
   }
 
   /** The slot `buf` is a view of (from its start: `spare`'s buffer or a prefix of it), if `spare` lent it out. */
-  private lentSlotOf(buf: Buffer): number | null {
-    if (buf.byteOffset !== 0 || !(buf.buffer instanceof SharedArrayBuffer)) return null;
-    const slot = this.slotIndex.get(buf.buffer);
-    return slot !== undefined && this.lent.has(slot) ? slot : null;
+  private lentSlotOf(buf: Buffer): SharedArrayBuffer | null {
+    const slot = buf.buffer;
+    return buf.byteOffset === 0 && slot instanceof SharedArrayBuffer && this.lent.has(slot) ? slot : null;
   }
 }
 
